@@ -1,0 +1,1 @@
+//! Trace collection from MoE models. Filled by the collector issue.

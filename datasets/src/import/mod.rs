@@ -1,0 +1,239 @@
+//! Importers for the routing formats real engines emit, with format auto-detection.
+//!
+//! | format | `--from` | source |
+//! |---|---|---|
+//! | route_trace v1 CSV | `route-csv` | llama.cpp-based engines |
+//! | warp JSONL | `warp` | one line per decode step, ids sorted |
+//! | RouterTrace v2 JSON | `router-trace-v2` | transformers capture with prompt spans |
+//! | interchange JSONL | `jsonl` | moecast's own export |
+//! | hook JSONL | `hook-jsonl` | vLLM / HF forward hooks, one line per (token, layer) |
+
+mod hook_jsonl;
+mod route_csv;
+mod router_trace_v2;
+mod warp;
+
+use std::collections::HashSet;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Result, TraceError};
+use crate::trace::{RoutingTrace, TraceMeta};
+
+/// The importable formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImportFormat {
+    RouteCsv,
+    Warp,
+    RouterTraceV2,
+    Jsonl,
+    HookJsonl,
+}
+
+impl ImportFormat {
+    /// All formats with their `--from` names.
+    pub const ALL: [(ImportFormat, &'static str); 5] = [
+        (ImportFormat::RouteCsv, "route-csv"),
+        (ImportFormat::Warp, "warp"),
+        (ImportFormat::RouterTraceV2, "router-trace-v2"),
+        (ImportFormat::Jsonl, "jsonl"),
+        (ImportFormat::HookJsonl, "hook-jsonl"),
+    ];
+
+    /// The `--from` name.
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(f, _)| *f == self)
+            .map(|(_, n)| *n)
+            .unwrap_or("?")
+    }
+
+    /// Parses a `--from` name.
+    pub fn parse(name: &str) -> Option<ImportFormat> {
+        Self::ALL.iter().find(|(_, n)| *n == name).map(|(f, _)| *f)
+    }
+
+    /// Guesses the format of `path` from its first bytes.
+    pub fn detect(path: &Path) -> Result<ImportFormat> {
+        let mut head = Vec::with_capacity(8192);
+        std::fs::File::open(path)
+            .and_then(|f| f.take(8192).read_to_end(&mut head))
+            .map_err(|e| TraceError::io(path, e))?;
+        let text = String::from_utf8_lossy(&head);
+        let text = text.trim_start();
+        if text.is_empty() {
+            return Err(TraceError::format(path, "empty file"));
+        }
+        if text.starts_with("# route_trace") || text.starts_with("turn,phase") {
+            return Ok(ImportFormat::RouteCsv);
+        }
+        let first_line = text.lines().next().unwrap_or("");
+        if let Ok(serde_json::Value::Object(obj)) = serde_json::from_str(first_line) {
+            if obj.contains_key("meta") {
+                return Ok(ImportFormat::Jsonl);
+            }
+            if obj.contains_key("tok") && obj.contains_key("layers") {
+                return Ok(ImportFormat::Warp);
+            }
+            if obj.contains_key("layer") && obj.contains_key("experts") {
+                return Ok(ImportFormat::HookJsonl);
+            }
+            if obj.contains_key("selections") {
+                return Ok(ImportFormat::RouterTraceV2);
+            }
+        }
+        if text.starts_with('{') && text.contains("\"selections\"")
+            || text.contains("\"expertsPerLayer\"")
+        {
+            return Ok(ImportFormat::RouterTraceV2);
+        }
+        let names: Vec<&str> = Self::ALL.iter().map(|(_, n)| *n).collect();
+        Err(TraceError::format(
+            path,
+            format!(
+                "cannot detect the trace format; pass --from with one of: {}",
+                names.join(", ")
+            ),
+        ))
+    }
+}
+
+/// What the user can tell an importer that the file itself may not say.
+#[derive(Debug, Clone, Default)]
+pub struct ImportOptions {
+    /// Model name to record (default: from the file, else its stem).
+    pub model: Option<String>,
+    /// Experts per layer, for formats that do not record it (default: largest id + 1).
+    pub n_experts: Option<u32>,
+}
+
+/// A finished import: the trace and notes for the user (inferred fields, sidecars).
+#[derive(Debug)]
+pub struct Imported {
+    pub trace: RoutingTrace,
+    pub notes: Vec<String>,
+}
+
+/// Imports one or more files (each in `format`, or auto-detected) into one trace.
+/// Files must describe the same model shape; clashing sequence names are prefixed with
+/// the file stem.
+pub fn import(inputs: &[PathBuf], format: Option<ImportFormat>, opts: &ImportOptions) -> Result<Imported> {
+    let mut parts = Vec::new();
+    let mut notes = Vec::new();
+    for path in inputs {
+        let fmt = match format {
+            Some(f) => f,
+            None => {
+                let f = ImportFormat::detect(path)?;
+                notes.push(format!("{}: detected format {}", path.display(), f.name()));
+                f
+            }
+        };
+        let part = import_one(path, fmt, opts)?;
+        notes.extend(part.notes);
+        parts.push((path.clone(), part.trace));
+    }
+    let trace = concat(parts)?;
+    Ok(Imported { trace, notes })
+}
+
+fn import_one(path: &Path, format: ImportFormat, opts: &ImportOptions) -> Result<Imported> {
+    let mut imported = match format {
+        ImportFormat::RouteCsv => route_csv::import(path)?,
+        ImportFormat::Warp => warp::import(path, opts)?,
+        ImportFormat::RouterTraceV2 => router_trace_v2::import(path)?,
+        ImportFormat::HookJsonl => hook_jsonl::import(path, opts)?,
+        ImportFormat::Jsonl => Imported {
+            trace: crate::jsonl::read_jsonl(path)?,
+            notes: Vec::new(),
+        },
+    };
+    if let Some(m) = &opts.model {
+        imported.trace.meta.model = m.clone();
+    }
+    Ok(imported)
+}
+
+/// File stem of `path`, used as a default model or sequence name.
+pub(crate) fn stem(path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "trace".into())
+}
+
+/// The expert count to record: the user's, else the largest id seen + 1 (with a note).
+pub(crate) fn resolve_n_experts(
+    path: &Path,
+    given: Option<u32>,
+    max_id: Option<u32>,
+    notes: &mut Vec<String>,
+) -> Result<u32> {
+    match (given, max_id) {
+        (Some(e), _) => Ok(e),
+        (None, Some(m)) => {
+            notes.push(format!(
+                "{}: the format does not record the expert count; using the largest id + 1 = {} (pass --n-experts to set it)",
+                path.display(),
+                m + 1
+            ));
+            Ok(m + 1)
+        }
+        (None, None) => Err(TraceError::format(path, "no routing found")),
+    }
+}
+
+fn same_shape(a: &TraceMeta, b: &TraceMeta) -> bool {
+    a.n_layers == b.n_layers
+        && a.moe_layers == b.moe_layers
+        && a.n_experts == b.n_experts
+        && a.top_k == b.top_k
+}
+
+fn concat(parts: Vec<(PathBuf, RoutingTrace)>) -> Result<RoutingTrace> {
+    let mut iter = parts.into_iter();
+    let (_, mut out) = iter
+        .next()
+        .ok_or_else(|| TraceError::Invalid("no input files".into()))?;
+    let mut names: HashSet<String> = out.seq_names.iter().cloned().collect();
+    for (path, t) in iter {
+        if !same_shape(&out.meta, &t.meta) {
+            return Err(TraceError::format(
+                &path,
+                format!(
+                    "model shape differs from the first input (layers {}, MoE layers {:?}, E {}, k {} vs layers {}, MoE layers {:?}, E {}, k {})",
+                    t.meta.n_layers, t.meta.moe_layers, t.meta.n_experts, t.meta.top_k,
+                    out.meta.n_layers, out.meta.moe_layers, out.meta.n_experts, out.meta.top_k
+                ),
+            ));
+        }
+        out.meta.ranked &= t.meta.ranked;
+        let base = out.seq_names.len() as u32;
+        for name in &t.seq_names {
+            let mut n = name.clone();
+            if names.contains(&n) {
+                n = format!("{}:{name}", stem(&path));
+            }
+            names.insert(n.clone());
+            out.seq_names.push(n);
+        }
+        out.seq.extend(t.seq.iter().map(|s| s + base));
+        out.pos.extend(&t.pos);
+        out.token.extend(&t.token);
+        out.phase.extend(&t.phase);
+        out.experts.extend(&t.experts);
+        let k = out.meta.top_k as usize;
+        out.weights = match (out.weights.take(), t.weights) {
+            (None, None) => None,
+            (a, b) => {
+                let n_before = out.experts.len() - t.experts.len();
+                let mut w = a.unwrap_or_else(|| vec![f32::NAN; n_before]);
+                w.extend(b.unwrap_or_else(|| vec![f32::NAN; t.experts.len()]));
+                debug_assert_eq!(w.len() % k, 0);
+                Some(w)
+            }
+        };
+    }
+    out.validate()?;
+    Ok(out)
+}

@@ -1,0 +1,519 @@
+//! The routing-trace data model.
+//!
+//! A trace is a sequence of tokens; each token has, for every MoE layer of the model,
+//! the router's top-k expert ids (in rank order when the source records it) and their
+//! router weights when known, or "not computed". In memory and on disk the routing is
+//! stored column-wise: one flat `u16` array of `n_tokens x n_moe_layers x top_k` expert
+//! ids and a parallel `f32` array of weights, so any token's routing is a slice.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TraceError};
+
+/// Expert id marking a layer that was not computed for a token (all `k` slots hold it).
+pub const NOT_COMPUTED: u16 = u16::MAX;
+/// Token id marking an unknown token.
+pub const UNKNOWN_TOKEN: u32 = u32::MAX;
+
+/// What the trace is of: the model, its MoE shape and where the routing came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TraceMeta {
+    /// Model name or path as the source gave it.
+    pub model: String,
+    /// Architecture family (`qwen3_moe`, `mixtral`, `gpt-oss`, ...), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub architecture: Option<String>,
+    /// Number of transformer layers of the model (dense and MoE).
+    pub n_layers: u32,
+    /// Model layer index of each MoE layer, ascending. Routing is stored in this order.
+    pub moe_layers: Vec<u32>,
+    /// Routed experts per MoE layer.
+    pub n_experts: u32,
+    /// Experts chosen per token and MoE layer.
+    pub top_k: u32,
+    /// Always-active shared experts per MoE layer (not part of the routing).
+    #[serde(default)]
+    pub n_shared_experts: u32,
+    /// Engine or format the routing came from (`moecast`, `route_trace_v1`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// Tokenizer the token ids refer to, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<String>,
+    /// True when each top-k list is in rank order (highest router weight first); false
+    /// when the source only recorded the set (ids sorted ascending).
+    #[serde(default = "default_true")]
+    pub ranked: bool,
+    /// Bytes of one expert's weights, per MoE layer, when the source reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expert_bytes: Option<Vec<u64>>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl TraceMeta {
+    /// Number of MoE layers.
+    pub fn n_moe(&self) -> usize {
+        self.moe_layers.len()
+    }
+
+    /// Expert-id slots per token: `n_moe_layers x top_k`.
+    pub fn slots_per_token(&self) -> usize {
+        self.moe_layers.len() * self.top_k as usize
+    }
+
+    /// Checks the metadata's own invariants.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(TraceError::Invalid(m));
+        if self.moe_layers.is_empty() {
+            return bad("meta: moe_layers is empty".into());
+        }
+        if self.n_experts == 0 || self.n_experts >= NOT_COMPUTED as u32 {
+            return bad(format!(
+                "meta: n_experts = {} (must be 1..{})",
+                self.n_experts, NOT_COMPUTED
+            ));
+        }
+        if self.top_k == 0 || self.top_k > self.n_experts {
+            return bad(format!(
+                "meta: top_k = {} (must be 1..=n_experts = {})",
+                self.top_k, self.n_experts
+            ));
+        }
+        if self.moe_layers.windows(2).any(|w| w[0] >= w[1]) {
+            return bad("meta: moe_layers must be strictly ascending".into());
+        }
+        if let Some(&last) = self.moe_layers.last() {
+            if last >= self.n_layers {
+                return bad(format!(
+                    "meta: MoE layer {last} is not below n_layers = {}",
+                    self.n_layers
+                ));
+            }
+        }
+        if let Some(b) = &self.expert_bytes {
+            if b.len() != self.moe_layers.len() {
+                return bad(format!(
+                    "meta: expert_bytes has {} entries for {} MoE layers",
+                    b.len(),
+                    self.moe_layers.len()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether a token was part of the prompt or generated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    Prefill,
+    Decode,
+}
+
+impl Phase {
+    /// The on-disk byte code: 0 prefill, 1 decode.
+    pub fn code(self) -> u8 {
+        match self {
+            Phase::Prefill => 0,
+            Phase::Decode => 1,
+        }
+    }
+
+    /// Decodes [`Phase::code`].
+    pub fn from_code(c: u8) -> Option<Phase> {
+        match c {
+            0 => Some(Phase::Prefill),
+            1 => Some(Phase::Decode),
+            _ => None,
+        }
+    }
+
+    /// `"prefill"` or `"decode"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Prefill => "prefill",
+            Phase::Decode => "decode",
+        }
+    }
+
+    /// Parses `"prefill"` / `"decode"`.
+    pub fn parse(s: &str) -> Option<Phase> {
+        match s {
+            "prefill" => Some(Phase::Prefill),
+            "decode" => Some(Phase::Decode),
+            _ => None,
+        }
+    }
+}
+
+/// One token's routing as an owned record: the unit importers produce and the
+/// interchange JSONL line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// Sequence (prompt / request) name.
+    pub seq: String,
+    /// Position of the token in its sequence.
+    pub pos: u32,
+    /// Prefill or decode.
+    pub phase: Phase,
+    /// Token id, when known.
+    pub token: Option<u32>,
+    /// Per MoE layer: top-k expert ids (rank order when the trace is ranked) or `None`
+    /// when the layer was not computed for this token.
+    pub experts: Vec<Option<Vec<u32>>>,
+    /// Per MoE layer: router weights aligned with `experts`, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights: Option<Vec<Option<Vec<f32>>>>,
+}
+
+/// A borrowed, column-wise view of a trace: what every algorithm reads. Both the
+/// in-memory [`RoutingTrace`] and the memory-mapped [`crate::MappedTrace`] hand it out
+/// without copying.
+#[derive(Debug, Clone, Copy)]
+pub struct TraceView<'a> {
+    pub meta: &'a TraceMeta,
+    /// Sequence names, indexed by `seq`.
+    pub seq_names: &'a [String],
+    /// Sequence index of each token.
+    pub seq: &'a [u32],
+    /// Position of each token in its sequence.
+    pub pos: &'a [u32],
+    /// Token id of each token ([`UNKNOWN_TOKEN`] when unknown).
+    pub token: &'a [u32],
+    /// [`Phase::code`] of each token.
+    pub phase: &'a [u8],
+    /// `n_tokens x n_moe x top_k` expert ids ([`NOT_COMPUTED`] for missing layers).
+    pub experts: &'a [u16],
+    /// Router weights parallel to `experts` (NaN where unknown), if the trace has any.
+    pub weights: Option<&'a [f32]>,
+}
+
+impl<'a> TraceView<'a> {
+    /// Number of tokens.
+    pub fn n_tokens(&self) -> usize {
+        self.seq.len()
+    }
+
+    /// Top-k ids of token `t` at MoE layer index `m`, or `None` when not computed.
+    #[inline]
+    pub fn layer(&self, t: usize, m: usize) -> Option<&'a [u16]> {
+        let k = self.meta.top_k as usize;
+        let start = (t * self.meta.n_moe() + m) * k;
+        let ids = &self.experts[start..start + k];
+        (ids[0] != NOT_COMPUTED).then_some(ids)
+    }
+
+    /// Router weights of token `t` at MoE layer index `m`, when recorded.
+    pub fn layer_weights(&self, t: usize, m: usize) -> Option<&'a [f32]> {
+        let k = self.meta.top_k as usize;
+        let start = (t * self.meta.n_moe() + m) * k;
+        let w = &self.weights?[start..start + k];
+        (!w[0].is_nan()).then_some(w)
+    }
+
+    /// Token ranges `[start, end)` of each sequence, in trace order.
+    pub fn sequence_ranges(&self) -> Vec<std::ops::Range<usize>> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        for t in 1..=self.seq.len() {
+            if t == self.seq.len() || self.seq[t] != self.seq[start] {
+                out.push(start..t);
+                start = t;
+            }
+        }
+        out
+    }
+
+    /// The owned record of token `t`.
+    pub fn record(&self, t: usize) -> TokenRecord {
+        let n_moe = self.meta.n_moe();
+        let experts = (0..n_moe)
+            .map(|m| self.layer(t, m).map(|ids| ids.iter().map(|&e| e as u32).collect()))
+            .collect();
+        let weights = self.weights.map(|_| {
+            (0..n_moe)
+                .map(|m| self.layer_weights(t, m).map(|w| w.to_vec()))
+                .collect()
+        });
+        TokenRecord {
+            seq: self.seq_names[self.seq[t] as usize].clone(),
+            pos: self.pos[t],
+            phase: Phase::from_code(self.phase[t]).unwrap_or(Phase::Decode),
+            token: (self.token[t] != UNKNOWN_TOKEN).then_some(self.token[t]),
+            experts,
+            weights,
+        }
+    }
+
+    /// Copies the view into an owned trace.
+    pub fn to_owned_trace(&self) -> RoutingTrace {
+        RoutingTrace {
+            meta: self.meta.clone(),
+            seq_names: self.seq_names.to_vec(),
+            seq: self.seq.to_vec(),
+            pos: self.pos.to_vec(),
+            token: self.token.to_vec(),
+            phase: self.phase.to_vec(),
+            experts: self.experts.to_vec(),
+            weights: self.weights.map(<[f32]>::to_vec),
+        }
+    }
+}
+
+/// An owned routing trace, stored column-wise (see the module docs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoutingTrace {
+    pub meta: TraceMeta,
+    pub seq_names: Vec<String>,
+    pub seq: Vec<u32>,
+    pub pos: Vec<u32>,
+    pub token: Vec<u32>,
+    pub phase: Vec<u8>,
+    pub experts: Vec<u16>,
+    pub weights: Option<Vec<f32>>,
+}
+
+impl RoutingTrace {
+    /// Borrowed view of the whole trace.
+    pub fn view(&self) -> TraceView<'_> {
+        TraceView {
+            meta: &self.meta,
+            seq_names: &self.seq_names,
+            seq: &self.seq,
+            pos: &self.pos,
+            token: &self.token,
+            phase: &self.phase,
+            experts: &self.experts,
+            weights: self.weights.as_deref(),
+        }
+    }
+
+    /// Number of tokens.
+    pub fn n_tokens(&self) -> usize {
+        self.seq.len()
+    }
+
+    /// Checks every invariant of a trace: meta, column lengths, ids in range and
+    /// distinct within a top-k, sequences contiguous with increasing positions.
+    /// Readers of untrusted files call it; the error names the token.
+    pub fn validate(&self) -> Result<()> {
+        self.meta.validate()?;
+        let n = self.n_tokens();
+        let slots = self.meta.slots_per_token();
+        let bad = |m: String| Err(TraceError::Invalid(m));
+        if self.pos.len() != n || self.token.len() != n || self.phase.len() != n {
+            return bad("column lengths differ".into());
+        }
+        if self.experts.len() != n * slots {
+            return bad(format!(
+                "experts has {} ids, expected {n} tokens x {slots}",
+                self.experts.len()
+            ));
+        }
+        if let Some(w) = &self.weights {
+            if w.len() != self.experts.len() {
+                return bad("weights and experts differ in length".into());
+            }
+        }
+        let view = self.view();
+        let mut seen_seq = vec![false; self.seq_names.len()];
+        for t in 0..n {
+            let s = self.seq[t] as usize;
+            if s >= self.seq_names.len() {
+                return bad(format!("token {t}: sequence index {s} out of range"));
+            }
+            let continues = t > 0 && self.seq[t - 1] as usize == s;
+            if !continues {
+                if seen_seq[s] {
+                    return bad(format!(
+                        "token {t}: sequence '{}' is not contiguous",
+                        self.seq_names[s]
+                    ));
+                }
+                seen_seq[s] = true;
+            } else if self.pos[t] <= self.pos[t - 1] {
+                return bad(format!(
+                    "token {t}: position {} does not follow {} in sequence '{}'",
+                    self.pos[t],
+                    self.pos[t - 1],
+                    self.seq_names[s]
+                ));
+            }
+            if Phase::from_code(self.phase[t]).is_none() {
+                return bad(format!("token {t}: phase code {}", self.phase[t]));
+            }
+            let k = self.meta.top_k as usize;
+            for m in 0..self.meta.n_moe() {
+                let raw = &self.experts[(t * self.meta.n_moe() + m) * k..][..k];
+                if raw[0] == NOT_COMPUTED {
+                    if raw.iter().any(|&e| e != NOT_COMPUTED) {
+                        return bad(format!("token {t}, MoE layer {m}: partly computed"));
+                    }
+                    continue;
+                }
+                let ids: Vec<u32> = raw.iter().map(|&e| e as u32).collect();
+                let w = view.layer_weights(t, m);
+                check_topk(&self.meta, &ids, w)
+                    .map_err(|e| TraceError::Invalid(format!("token {t}, MoE layer {m}: {e}")))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks one layer's top-k list against the meta: exactly `k` ids, each below
+/// `n_experts`, no id twice, weights (if any) aligned and finite. The message is meant
+/// to be prefixed with the file and line by the caller.
+pub fn check_topk(meta: &TraceMeta, ids: &[u32], weights: Option<&[f32]>) -> Result<(), String> {
+    if ids.len() != meta.top_k as usize {
+        return Err(format!(
+            "expected top_k = {} expert ids, found {}",
+            meta.top_k,
+            ids.len()
+        ));
+    }
+    for (i, &e) in ids.iter().enumerate() {
+        if e >= meta.n_experts {
+            return Err(format!(
+                "expert id {e} is not below n_experts = {}",
+                meta.n_experts
+            ));
+        }
+        if ids[..i].contains(&e) {
+            return Err(format!("expert id {e} appears twice in one top-k"));
+        }
+    }
+    if let Some(w) = weights {
+        if w.len() != ids.len() {
+            return Err(format!("{} weights for {} expert ids", w.len(), ids.len()));
+        }
+        if let Some(x) = w.iter().find(|x| !x.is_finite()) {
+            return Err(format!("router weight {x} is not finite"));
+        }
+    }
+    Ok(())
+}
+
+/// Builds a [`RoutingTrace`] token by token, validating each record as it comes. The
+/// error string is meant to be wrapped with the file and line by the importer.
+#[derive(Debug)]
+pub struct TraceBuilder {
+    trace: RoutingTrace,
+    has_weights: bool,
+    seq_index: std::collections::HashMap<String, u32>,
+}
+
+impl TraceBuilder {
+    /// Starts an empty trace; `with_weights` reserves the weight column.
+    pub fn new(meta: TraceMeta, with_weights: bool) -> Result<Self> {
+        meta.validate()?;
+        Ok(TraceBuilder {
+            trace: RoutingTrace {
+                meta,
+                seq_names: Vec::new(),
+                seq: Vec::new(),
+                pos: Vec::new(),
+                token: Vec::new(),
+                phase: Vec::new(),
+                experts: Vec::new(),
+                weights: with_weights.then(Vec::new),
+            },
+            has_weights: with_weights,
+            seq_index: Default::default(),
+        })
+    }
+
+    /// The meta the trace is built for.
+    pub fn meta(&self) -> &TraceMeta {
+        &self.trace.meta
+    }
+
+    /// Number of tokens pushed so far.
+    pub fn n_tokens(&self) -> usize {
+        self.trace.n_tokens()
+    }
+
+    /// Appends one token. Sequences must be contiguous and positions increasing.
+    pub fn push(&mut self, rec: &TokenRecord) -> Result<(), String> {
+        let meta = &self.trace.meta;
+        let n_moe = meta.n_moe();
+        let k = meta.top_k as usize;
+        if rec.experts.len() != n_moe {
+            return Err(format!(
+                "{} expert lists for {n_moe} MoE layers",
+                rec.experts.len()
+            ));
+        }
+        if let Some(w) = &rec.weights {
+            if w.len() != n_moe {
+                return Err(format!("{} weight lists for {n_moe} MoE layers", w.len()));
+            }
+        }
+        for (m, ids) in rec.experts.iter().enumerate() {
+            let w = rec
+                .weights
+                .as_ref()
+                .and_then(|w| w[m].as_deref());
+            match ids {
+                Some(ids) => check_topk(meta, ids, w)
+                    .map_err(|e| format!("MoE layer {} (index {m}): {e}", meta.moe_layers[m]))?,
+                None if w.is_some() => {
+                    return Err(format!("MoE layer index {m}: weights without experts"))
+                }
+                None => {}
+            }
+        }
+        let next_index = self.trace.seq_names.len() as u32;
+        let s = *self.seq_index.entry(rec.seq.clone()).or_insert(next_index);
+        let t = &mut self.trace;
+        if s == next_index {
+            t.seq_names.push(rec.seq.clone());
+        } else if t.seq.last() != Some(&s) {
+            return Err(format!(
+                "sequence '{}' resumes after another sequence (sequences must be contiguous)",
+                rec.seq
+            ));
+        } else if t.pos.last().is_some_and(|&p| rec.pos <= p) {
+            return Err(format!(
+                "position {} of sequence '{}' does not follow position {}",
+                rec.pos,
+                rec.seq,
+                t.pos.last().copied().unwrap_or(0)
+            ));
+        }
+        if rec.token == Some(UNKNOWN_TOKEN) {
+            return Err(format!("token id {UNKNOWN_TOKEN} is reserved for unknown"));
+        }
+        t.seq.push(s);
+        t.pos.push(rec.pos);
+        t.token.push(rec.token.unwrap_or(UNKNOWN_TOKEN));
+        t.phase.push(rec.phase.code());
+        for (m, ids) in rec.experts.iter().enumerate() {
+            match ids {
+                Some(ids) => t.experts.extend(ids.iter().map(|&e| e as u16)),
+                None => t.experts.extend(std::iter::repeat_n(NOT_COMPUTED, k)),
+            }
+            if self.has_weights {
+                let w = rec.weights.as_ref().and_then(|w| w[m].as_deref());
+                let col = t.weights.get_or_insert_with(Vec::new);
+                match w {
+                    Some(w) => col.extend_from_slice(w),
+                    None => col.extend(std::iter::repeat_n(f32::NAN, k)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Finishes the trace; an empty trace is an error.
+    pub fn finish(self) -> Result<RoutingTrace, String> {
+        if self.trace.n_tokens() == 0 {
+            return Err("no tokens".into());
+        }
+        Ok(self.trace)
+    }
+}

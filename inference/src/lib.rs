@@ -1,0 +1,1 @@
+//! MoE runtime and expert cache. Filled by the runtime and cache issues.

@@ -1,0 +1,1 @@
+//! Expert-activation predictor. The model and its training arrive with the predictor issue.
