@@ -12,7 +12,11 @@ use datasets::synth::{synthetic_trace, SynthConfig};
 use datasets::{open_trace, save_trace, TraceFormat};
 
 #[derive(Parser)]
-#[command(name = "moecast", version, about = "Predict which experts an MoE model will activate, and use it to run MoE models with a bounded expert cache")]
+#[command(
+    name = "moecast",
+    version,
+    about = "Predict which experts an MoE model will activate, and use it to run MoE models with a bounded expert cache"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -217,7 +221,12 @@ fn import(a: ImportArgs) -> Result<()> {
 fn convert(a: ConvertArgs) -> Result<()> {
     let trace = open_trace(&a.input)?.into_owned();
     save_trace(&trace, &a.output, a.format.map(Into::into))?;
-    println!("{} -> {} ({} tokens)", a.input.display(), a.output.display(), trace.n_tokens());
+    println!(
+        "{} -> {} ({} tokens)",
+        a.input.display(),
+        a.output.display(),
+        trace.n_tokens()
+    );
     Ok(())
 }
 
@@ -242,11 +251,18 @@ fn info(a: InfoArgs) -> Result<()> {
     let opened = open_trace(&a.input)?;
     let view = opened.view();
     println!("{}", serde_json::to_string_pretty(view.meta)?);
-    println!("tokens: {}  sequences: {}", view.n_tokens(), view.seq_names.len());
+    println!(
+        "tokens: {}  sequences: {}",
+        view.n_tokens(),
+        view.seq_names.len()
+    );
     if let datasets::OpenedTrace::Mapped(m) = &opened {
         println!("binary form, {} bytes:", m.file_len());
         for s in m.sections() {
-            println!("  {:<8} {:>4} x {:>10} at {}", s.name, s.dtype, s.len, s.offset);
+            println!(
+                "  {:<8} {:>4} x {:>10} at {}",
+                s.name, s.dtype, s.len, s.offset
+            );
         }
     }
     Ok(())
@@ -294,6 +310,10 @@ fn synth(a: SynthArgs) -> Result<()> {
     }
     let trace = synthetic_trace(&cfg);
     save_trace(&trace, &a.output, None)?;
-    println!("wrote {} synthetic tokens to {}", trace.n_tokens(), a.output.display());
+    println!(
+        "wrote {} synthetic tokens to {}",
+        trace.n_tokens(),
+        a.output.display()
+    );
     Ok(())
 }

@@ -42,13 +42,21 @@ fn import_convert_export_stats_pipeline() {
     ok(&["trace", "convert", &bin, "-o", &pq]);
     let back = tmp(&dir, "back.mctrace");
     ok(&["trace", "convert", &pq, "-o", &back]);
-    assert_eq!(std::fs::read(&bin).unwrap(), std::fs::read(&back).unwrap(), "binary -> parquet -> binary is byte-identical");
+    assert_eq!(
+        std::fs::read(&bin).unwrap(),
+        std::fs::read(&back).unwrap(),
+        "binary -> parquet -> binary is byte-identical"
+    );
 
     let jsonl = ok(&["trace", "export", &pq]);
     let lines: Vec<&str> = jsonl.lines().collect();
     assert_eq!(lines.len(), 6, "meta + 5 tokens");
     assert!(lines[0].starts_with("{\"meta\":"));
-    assert!(lines[1].contains("\"experts\":[[3,5],[0,7],null]"), "{}", lines[1]);
+    assert!(
+        lines[1].contains("\"experts\":[[3,5],[0,7],null]"),
+        "{}",
+        lines[1]
+    );
     let out = tmp(&dir, "e.jsonl");
     ok(&["trace", "export", &bin, "-o", &out]);
     assert_eq!(std::fs::read_to_string(&out).unwrap(), jsonl);
@@ -65,7 +73,10 @@ fn import_convert_export_stats_pipeline() {
     assert!(plots.join("lru_hit_rate.png").exists());
 
     let info = ok(&["trace", "info", &bin]);
-    assert!(info.contains("\"architecture\": \"qwen3moe\"") && info.contains("experts"), "{info}");
+    assert!(
+        info.contains("\"architecture\": \"qwen3moe\"") && info.contains("experts"),
+        "{info}"
+    );
 }
 
 #[test]
@@ -79,16 +90,28 @@ fn malformed_input_fails_cleanly_and_leaves_no_output() {
     let out = moecast(&["trace", "import", bad.to_str().unwrap(), "-o", &out_path]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("bad.route.csv:33:") && err.contains("expert id 99"), "{err}");
+    assert!(
+        err.contains("bad.route.csv:33:") && err.contains("expert id 99"),
+        "{err}"
+    );
     assert!(!Path::new(&out_path).exists());
-    let leftovers: Vec<PathBuf> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).collect();
+    let leftovers: Vec<PathBuf> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     assert_eq!(leftovers, vec![bad], "no temporary files left behind");
 
     let not_trace = moecast(&["trace", "stats", &fixture("small.route.csv")]);
     assert!(!not_trace.status.success());
     assert!(String::from_utf8_lossy(&not_trace.stderr).contains("trace import"));
 
-    let cap = moecast(&["trace", "stats", &fixture("small.moecast.jsonl"), "--lru-capacity", "9"]);
+    let cap = moecast(&[
+        "trace",
+        "stats",
+        &fixture("small.moecast.jsonl"),
+        "--lru-capacity",
+        "9",
+    ]);
     assert!(String::from_utf8_lossy(&cap.stderr).contains("--lru-capacity 9 must be in 1..=8"));
 }
 
@@ -97,21 +120,71 @@ fn explicit_format_and_multiple_inputs() {
     let dir = tempfile::tempdir().unwrap();
     let out = tmp(&dir, "w.jsonl");
     let said = ok(&[
-        "trace", "import", "--from", "warp", "--n-experts", "64", &fixture("small.warp.jsonl"),
-        &fixture("small.warp.jsonl"), "-o", &out,
+        "trace",
+        "import",
+        "--from",
+        "warp",
+        "--n-experts",
+        "64",
+        &fixture("small.warp.jsonl"),
+        &fixture("small.warp.jsonl"),
+        "-o",
+        &out,
     ]);
-    assert!(said.contains("6 tokens in 2 sequences") && said.contains("x 64 experts"), "{said}");
-    let wrong = moecast(&["trace", "import", "--from", "route-csv", &fixture("small.warp.jsonl"), "-o", &out]);
+    assert!(
+        said.contains("6 tokens in 2 sequences") && said.contains("x 64 experts"),
+        "{said}"
+    );
+    let wrong = moecast(&[
+        "trace",
+        "import",
+        "--from",
+        "route-csv",
+        &fixture("small.warp.jsonl"),
+        "-o",
+        &out,
+    ]);
     assert!(!wrong.status.success());
 }
 
 #[test]
 fn synth_is_deterministic_per_seed() {
     let dir = tempfile::tempdir().unwrap();
-    let (a, b, c) = (tmp(&dir, "a.mctrace"), tmp(&dir, "b.mctrace"), tmp(&dir, "c.mctrace"));
-    ok(&["trace", "synth", "-o", &a, "--seed", "5", "--sequences", "2"]);
-    ok(&["trace", "synth", "-o", &b, "--seed", "5", "--sequences", "2"]);
-    ok(&["trace", "synth", "-o", &c, "--seed", "6", "--sequences", "2"]);
+    let (a, b, c) = (
+        tmp(&dir, "a.mctrace"),
+        tmp(&dir, "b.mctrace"),
+        tmp(&dir, "c.mctrace"),
+    );
+    ok(&[
+        "trace",
+        "synth",
+        "-o",
+        &a,
+        "--seed",
+        "5",
+        "--sequences",
+        "2",
+    ]);
+    ok(&[
+        "trace",
+        "synth",
+        "-o",
+        &b,
+        "--seed",
+        "5",
+        "--sequences",
+        "2",
+    ]);
+    ok(&[
+        "trace",
+        "synth",
+        "-o",
+        &c,
+        "--seed",
+        "6",
+        "--sequences",
+        "2",
+    ]);
     assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
     assert_ne!(std::fs::read(&a).unwrap(), std::fs::read(&c).unwrap());
 }

@@ -74,14 +74,39 @@ fn align_up(x: u64) -> u64 {
 /// Writes `trace` to `path` in the binary form (atomically).
 pub fn write_binary(trace: &RoutingTrace, path: &Path) -> Result<()> {
     let mut arrays: Vec<(&str, &str, &[u8], u64)> = vec![
-        ("seq", u32::DTYPE, bytemuck::cast_slice(&trace.seq), trace.seq.len() as u64),
-        ("pos", u32::DTYPE, bytemuck::cast_slice(&trace.pos), trace.pos.len() as u64),
-        ("token", u32::DTYPE, bytemuck::cast_slice(&trace.token), trace.token.len() as u64),
+        (
+            "seq",
+            u32::DTYPE,
+            bytemuck::cast_slice(&trace.seq),
+            trace.seq.len() as u64,
+        ),
+        (
+            "pos",
+            u32::DTYPE,
+            bytemuck::cast_slice(&trace.pos),
+            trace.pos.len() as u64,
+        ),
+        (
+            "token",
+            u32::DTYPE,
+            bytemuck::cast_slice(&trace.token),
+            trace.token.len() as u64,
+        ),
         ("phase", u8::DTYPE, &trace.phase, trace.phase.len() as u64),
-        ("experts", u16::DTYPE, bytemuck::cast_slice(&trace.experts), trace.experts.len() as u64),
+        (
+            "experts",
+            u16::DTYPE,
+            bytemuck::cast_slice(&trace.experts),
+            trace.experts.len() as u64,
+        ),
     ];
     if let Some(w) = &trace.weights {
-        arrays.push(("weights", f32::DTYPE, bytemuck::cast_slice(w), w.len() as u64));
+        arrays.push((
+            "weights",
+            f32::DTYPE,
+            bytemuck::cast_slice(w),
+            w.len() as u64,
+        ));
     }
     let mut header = Header {
         version: VERSION,
@@ -118,11 +143,13 @@ pub fn write_binary(trace: &RoutingTrace, path: &Path) -> Result<()> {
     write_atomic(path, |w| {
         let io = |e| TraceError::io(path, e);
         w.write_all(MAGIC).map_err(io)?;
-        w.write_all(&(json.len() as u64).to_le_bytes()).map_err(io)?;
+        w.write_all(&(json.len() as u64).to_le_bytes())
+            .map_err(io)?;
         w.write_all(&json).map_err(io)?;
         let mut at = 16 + json.len() as u64;
         for ((_, _, bytes, _), s) in arrays.iter().zip(&header.sections) {
-            w.write_all(&vec![0u8; (s.offset - at) as usize]).map_err(io)?;
+            w.write_all(&vec![0u8; (s.offset - at) as usize])
+                .map_err(io)?;
             w.write_all(bytes).map_err(io)?;
             at = s.offset + bytes.len() as u64;
         }
@@ -144,7 +171,10 @@ impl MappedTrace {
     /// Maps `path` and checks its structure.
     pub fn open(path: &Path) -> Result<MappedTrace> {
         if cfg!(target_endian = "big") {
-            return Err(TraceError::format(path, "the binary form is little-endian only"));
+            return Err(TraceError::format(
+                path,
+                "the binary form is little-endian only",
+            ));
         }
         let file = File::open(path).map_err(|e| TraceError::io(path, e))?;
         // SAFETY: the map is read-only; a file truncated underneath us by another
@@ -173,8 +203,12 @@ impl MappedTrace {
                 "f16" => 2,
                 other => return Err(fmt(format!("section {}: unknown dtype {other}", s.name))),
             };
-            let end = s.len.checked_mul(elem).and_then(|b| b.checked_add(s.offset));
-            if s.offset % ALIGN != 0 || s.offset < hend || end.is_none_or(|e| e > map.len() as u64) {
+            let end = s
+                .len
+                .checked_mul(elem)
+                .and_then(|b| b.checked_add(s.offset));
+            if s.offset % ALIGN != 0 || s.offset < hend || end.is_none_or(|e| e > map.len() as u64)
+            {
                 return Err(fmt(format!(
                     "truncated or corrupt: section '{}' ({} x {}) at offset {} does not fit in {} bytes",
                     s.name, s.len, s.dtype, s.offset, map.len()
@@ -208,7 +242,10 @@ impl MappedTrace {
 
     fn required<T: SectionType>(&self, name: &str, len: usize) -> Result<&[T]> {
         let s = self.section::<T>(name).ok_or_else(|| {
-            TraceError::format(&self.path, format!("missing section '{name}' ({})", T::DTYPE))
+            TraceError::format(
+                &self.path,
+                format!("missing section '{name}' ({})", T::DTYPE),
+            )
         })?;
         if s.len() != len {
             return Err(TraceError::format(
@@ -240,7 +277,10 @@ impl MappedTrace {
             return Err(fmt(format!("token {t}: bad phase code {}", phase[t])));
         }
         let e_max = meta.n_experts as u16;
-        if let Some(i) = experts.iter().position(|&e| e >= e_max && e != NOT_COMPUTED) {
+        if let Some(i) = experts
+            .iter()
+            .position(|&e| e >= e_max && e != NOT_COMPUTED)
+        {
             return Err(fmt(format!(
                 "token {}: expert id {} is not below n_experts = {}",
                 i / meta.slots_per_token().max(1),

@@ -35,7 +35,11 @@ pub fn read_jsonl(path: &Path) -> Result<RoutingTrace> {
         match &mut builder {
             None => {
                 let head: MetaLine = serde_json::from_str(&line).map_err(|e| {
-                    TraceError::parse(path, lineno, format!("expected the meta line {{\"meta\": {{...}}}}: {e}"))
+                    TraceError::parse(
+                        path,
+                        lineno,
+                        format!("expected the meta line {{\"meta\": {{...}}}}: {e}"),
+                    )
                 })?;
                 head.meta
                     .validate()
@@ -68,14 +72,13 @@ pub fn read_jsonl(path: &Path) -> Result<RoutingTrace> {
                         "\"weights\" must be given on every line or on none",
                     ));
                 }
-                b.push(&rec).map_err(|e| TraceError::parse(path, lineno, e))?;
+                b.push(&rec)
+                    .map_err(|e| TraceError::parse(path, lineno, e))?;
             }
         }
     }
     let builder = builder.ok_or_else(|| TraceError::format(path, "empty file"))?;
-    builder
-        .finish()
-        .map_err(|e| TraceError::format(path, e))
+    builder.finish().map_err(|e| TraceError::format(path, e))
 }
 
 fn parse_record(path: &Path, lineno: usize, line: &str) -> Result<TokenRecord> {

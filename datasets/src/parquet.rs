@@ -43,8 +43,12 @@ pub fn write_parquet(trace: &RoutingTrace, path: &Path) -> Result<()> {
     let mut phase = Vec::with_capacity(rows);
     let mut token = Vec::with_capacity(rows);
     let mut layer = Vec::with_capacity(rows);
-    let mut experts =
-        ListPrimitiveChunkedBuilder::<UInt16Type>::new("experts".into(), rows, rows * k, DataType::UInt16);
+    let mut experts = ListPrimitiveChunkedBuilder::<UInt16Type>::new(
+        "experts".into(),
+        rows,
+        rows * k,
+        DataType::UInt16,
+    );
     let mut weights = ListPrimitiveChunkedBuilder::<Float32Type>::new(
         "weights".into(),
         rows,
@@ -53,7 +57,9 @@ pub fn write_parquet(trace: &RoutingTrace, path: &Path) -> Result<()> {
     );
     for t in 0..trace.n_tokens() {
         let name = trace.seq_names[trace.seq[t] as usize].as_str();
-        let ph = Phase::from_code(trace.phase[t]).unwrap_or(Phase::Decode).as_str();
+        let ph = Phase::from_code(trace.phase[t])
+            .unwrap_or(Phase::Decode)
+            .as_str();
         let tok = (trace.token[t] != UNKNOWN_TOKEN).then_some(trace.token[t]);
         for (m, &l) in meta.moe_layers.iter().enumerate() {
             seq.push(name);
@@ -100,13 +106,21 @@ pub fn read_parquet(path: &Path) -> Result<RoutingTrace> {
     let fmt = |m: String| TraceError::format(path, m);
     let file = File::open(path).map_err(|e| TraceError::io(path, e))?;
     let mut reader = ParquetReader::new(file);
-    let kv = reader.get_metadata().map_err(pe)?.key_value_metadata().clone();
+    let kv = reader
+        .get_metadata()
+        .map_err(pe)?
+        .key_value_metadata()
+        .clone();
     let meta_json = kv
         .iter()
         .flatten()
         .find(|kv| kv.key == META_KEY)
         .and_then(|kv| kv.value.clone())
-        .ok_or_else(|| fmt(format!("no '{META_KEY}' entry in the Parquet key-value metadata")))?;
+        .ok_or_else(|| {
+            fmt(format!(
+                "no '{META_KEY}' entry in the Parquet key-value metadata"
+            ))
+        })?;
     let meta: TraceMeta = serde_json::from_str(&meta_json)
         .map_err(|e| fmt(format!("bad '{META_KEY}' metadata: {e}")))?;
     meta.validate().map_err(|e| fmt(e.to_string()))?;
@@ -135,7 +149,9 @@ pub fn read_parquet(path: &Path) -> Result<RoutingTrace> {
     let k = meta.top_k as usize;
     let rows = df.height();
     if rows % n_moe != 0 {
-        return Err(fmt(format!("{rows} rows is not a multiple of {n_moe} MoE layers")));
+        return Err(fmt(format!(
+            "{rows} rows is not a multiple of {n_moe} MoE layers"
+        )));
     }
     let n = rows / n_moe;
     let (e_off, e_val, e_valid) = flat_list::<UInt16Type>(&experts).map_err(pe)?;
@@ -164,7 +180,10 @@ pub fn read_parquet(path: &Path) -> Result<RoutingTrace> {
         let m = r % n_moe;
         let want_layer = trace.meta.moe_layers[m];
         if layer.get(r) != Some(want_layer) {
-            return Err(row_err(r, format!("expected layer {want_layer}, found {:?}", layer.get(r))));
+            return Err(row_err(
+                r,
+                format!("expected layer {want_layer}, found {:?}", layer.get(r)),
+            ));
         }
         if m == 0 {
             let name = seq.get(r).ok_or_else(|| row_err(r, "seq is null".into()))?;
@@ -175,18 +194,22 @@ pub fn read_parquet(path: &Path) -> Result<RoutingTrace> {
                 trace.seq_names.push(name.to_string());
             }
             trace.seq.push(trace.seq_names.len() as u32 - 1);
-            trace.pos.push(pos.get(r).ok_or_else(|| row_err(r, "pos is null".into()))?);
+            trace
+                .pos
+                .push(pos.get(r).ok_or_else(|| row_err(r, "pos is null".into()))?);
             trace.token.push(token.get(r).unwrap_or(UNKNOWN_TOKEN));
-            let ph = phase
-                .get(r)
-                .and_then(Phase::parse)
-                .ok_or_else(|| row_err(r, format!("phase {:?} is not prefill/decode", phase.get(r))))?;
+            let ph = phase.get(r).and_then(Phase::parse).ok_or_else(|| {
+                row_err(r, format!("phase {:?} is not prefill/decode", phase.get(r)))
+            })?;
             trace.phase.push(ph.code());
         }
         let (s, e) = (e_off[r] as usize, e_off[r + 1] as usize);
         if e_valid(r) {
             if e - s != k {
-                return Err(row_err(r, format!("{} experts, expected top_k = {k}", e - s)));
+                return Err(row_err(
+                    r,
+                    format!("{} experts, expected top_k = {k}", e - s),
+                ));
             }
             trace.experts.extend_from_slice(&e_val[s..e]);
         } else {
@@ -204,9 +227,7 @@ pub fn read_parquet(path: &Path) -> Result<RoutingTrace> {
             }
         }
     }
-    trace
-        .validate()
-        .map_err(|e| fmt(e.to_string()))?;
+    trace.validate().map_err(|e| fmt(e.to_string()))?;
     Ok(trace)
 }
 

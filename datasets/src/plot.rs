@@ -42,7 +42,8 @@ fn render(path: &Path, draw: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
         .tempfile_in(dir)
         .map_err(|e| TraceError::io(path, e))?;
     draw(tmp.path())?;
-    tmp.persist(path).map_err(|e| TraceError::io(path, e.error))?;
+    tmp.persist(path)
+        .map_err(|e| TraceError::io(path, e.error))?;
     Ok(())
 }
 
@@ -84,14 +85,22 @@ pub fn line_chart(
         for (i, s) in series.iter().enumerate() {
             let color = Palette99::pick(i).to_rgba();
             chart
-                .draw_series(LineSeries::new(s.points.iter().copied(), color.stroke_width(2)))
+                .draw_series(LineSeries::new(
+                    s.points.iter().copied(),
+                    color.stroke_width(2),
+                ))
                 .map_err(|e| plot_err(path, e))?
                 .label(s.name)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+                });
         }
         if let Some((name, y)) = reference {
             chart
-                .draw_series(LineSeries::new(vec![(x0, y), (x1, y)], BLACK.stroke_width(1)))
+                .draw_series(LineSeries::new(
+                    vec![(x0, y), (x1, y)],
+                    BLACK.stroke_width(1),
+                ))
                 .map_err(|e| plot_err(path, e))?
                 .label(name)
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLACK));
@@ -144,12 +153,18 @@ pub fn bar_chart(
         let color = Palette99::pick(0).to_rgba();
         chart
             .draw_series(bars.iter().enumerate().map(|(i, b)| {
-                Rectangle::new([(i as f64 + 0.1, 0.0), (i as f64 + 0.9, b.1)], color.filled())
+                Rectangle::new(
+                    [(i as f64 + 0.1, 0.0), (i as f64 + 0.9, b.1)],
+                    color.filled(),
+                )
             }))
             .map_err(|e| plot_err(path, e))?;
         if let Some((name, y)) = reference {
             chart
-                .draw_series(LineSeries::new(vec![(0.0, y), (n as f64, y)], BLACK.stroke_width(2)))
+                .draw_series(LineSeries::new(
+                    vec![(0.0, y), (n as f64, y)],
+                    BLACK.stroke_width(2),
+                ))
                 .map_err(|e| plot_err(path, e))?
                 .label(name)
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLACK));
@@ -165,7 +180,14 @@ pub fn bar_chart(
 }
 
 /// A heatmap of an `n x n` row-major matrix with values in [0, max].
-pub fn heatmap(path: &Path, title: &str, x_label: &str, y_label: &str, n: usize, values: &[f64]) -> Result<()> {
+pub fn heatmap(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    n: usize,
+    values: &[f64],
+) -> Result<()> {
     render(path, |tmp| {
         let root = BitMapBackend::new(tmp, (720, 720)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| plot_err(path, e))?;
@@ -189,7 +211,10 @@ pub fn heatmap(path: &Path, title: &str, x_label: &str, y_label: &str, n: usize,
                 let (i, j) = (idx / n, idx % n);
                 let v = (values[idx] / max).clamp(0.0, 1.0);
                 let shade = (255.0 * (1.0 - v)) as u8;
-                Rectangle::new([(j, i), (j + 1, i + 1)], RGBColor(shade, shade, 255).filled())
+                Rectangle::new(
+                    [(j, i), (j + 1, i + 1)],
+                    RGBColor(shade, shade, 255).filled(),
+                )
             }))
             .map_err(|e| plot_err(path, e))?;
         root.present().map_err(|e| plot_err(path, e))
@@ -197,7 +222,9 @@ pub fn heatmap(path: &Path, title: &str, x_label: &str, y_label: &str, n: usize,
 }
 
 fn bounds(values: impl Iterator<Item = f64>) -> (f64, f64) {
-    let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
+    let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+        (a.min(v), b.max(v))
+    });
     if lo.is_finite() && hi > lo {
         (lo, hi)
     } else if lo.is_finite() {
@@ -212,7 +239,11 @@ pub fn plot_stats(stats: &TraceStats, dir: &Path) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).map_err(|e| TraceError::io(dir, e))?;
     let mut written = Vec::new();
     let layer_bars = |f: &dyn Fn(&crate::stats::LayerStats) -> Option<f64>| -> Vec<(String, f64)> {
-        stats.layers.iter().map(|l| (l.layer.to_string(), f(l).unwrap_or(0.0))).collect()
+        stats
+            .layers
+            .iter()
+            .map(|l| (l.layer.to_string(), f(l).unwrap_or(0.0)))
+            .collect()
     };
     let p = dir.join("overlap_per_layer.png");
     bar_chart(
@@ -240,14 +271,21 @@ pub fn plot_stats(stats: &TraceStats, dir: &Path) -> Result<Vec<PathBuf>> {
         .reuse_distance
         .iter()
         .map(|b| {
-            let label = if b.lo == b.hi { b.lo.to_string() } else { format!("{}-{}", b.lo, b.hi) };
+            let label = if b.lo == b.hi {
+                b.lo.to_string()
+            } else {
+                format!("{}-{}", b.lo, b.hi)
+            };
             (label, b.count as f64)
         })
         .collect();
     bars.push(("cold".into(), stats.cold_accesses as f64));
     bar_chart(
         &p,
-        &format!("{}: reuse distance (distinct experts in between)", stats.model),
+        &format!(
+            "{}: reuse distance (distinct experts in between)",
+            stats.model
+        ),
         "reuse distance",
         "accesses",
         &bars,
@@ -255,7 +293,11 @@ pub fn plot_stats(stats: &TraceStats, dir: &Path) -> Result<Vec<PathBuf>> {
     )?;
     written.push(p);
     let p = dir.join("lru_hit_rate.png");
-    let curve: Vec<(f64, f64)> = stats.lru_curve.iter().map(|&(c, h)| (c as f64, h)).collect();
+    let curve: Vec<(f64, f64)> = stats
+        .lru_curve
+        .iter()
+        .map(|&(c, h)| (c as f64, h))
+        .collect();
     line_chart(
         &p,
         &format!("{}: per-layer LRU hit rate vs capacity", stats.model),
@@ -272,7 +314,10 @@ pub fn plot_stats(stats: &TraceStats, dir: &Path) -> Result<Vec<PathBuf>> {
         let p = dir.join("coactivation.png");
         heatmap(
             &p,
-            &format!("P(expert j at layer {} | expert i at layer {})", c.to_layer, c.from_layer),
+            &format!(
+                "P(expert j at layer {} | expert i at layer {})",
+                c.to_layer, c.from_layer
+            ),
             &format!("j (layer {})", c.to_layer),
             &format!("i (layer {})", c.from_layer),
             stats.n_experts as usize,

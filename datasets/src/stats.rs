@@ -177,8 +177,18 @@ pub fn compute(view: &TraceView<'_>, lru_capacities: &[u32]) -> TraceStats {
         }
         let u = &usage[m * e..(m + 1) * e];
         let total: u64 = u.iter().sum();
-        let (top_expert, &top) = u.iter().enumerate().max_by_key(|(_, c)| **c).unwrap_or((0, &0));
-        let share = |c: u64| if total == 0 { 0.0 } else { c as f64 / total as f64 };
+        let (top_expert, &top) = u
+            .iter()
+            .enumerate()
+            .max_by_key(|(_, c)| **c)
+            .unwrap_or((0, &0));
+        let share = |c: u64| {
+            if total == 0 {
+                0.0
+            } else {
+                c as f64 / total as f64
+            }
+        };
         let entropy_bits = u
             .iter()
             .filter(|&&c| c > 0)
@@ -215,12 +225,17 @@ pub fn compute(view: &TraceView<'_>, lru_capacities: &[u32]) -> TraceStats {
         random_overlap: k as f64 / e as f64,
         overlap: (pairs > 0).then(|| overlap_sum.iter().sum::<f64>() / pairs as f64),
         lru_capacities: lru_capacities.to_vec(),
-        lru_hit_rate: lru_capacities.iter().map(|&c| hit_rate(&all_hist, c)).collect(),
+        lru_hit_rate: lru_capacities
+            .iter()
+            .map(|&c| hit_rate(&all_hist, c))
+            .collect(),
         reuse_distance: reuse_buckets(&all_hist[..e], e as u32),
         cold_accesses: all_hist[e],
         layers,
         coactivation,
-        lru_curve: (1..=meta.n_experts).map(|c| (c, hit_rate(&all_hist, c))).collect(),
+        lru_curve: (1..=meta.n_experts)
+            .map(|c| (c, hit_rate(&all_hist, c)))
+            .collect(),
         first_coactivation_matrix: first_matrix,
     }
 }
@@ -277,8 +292,13 @@ fn coactivation(view: &TraceView<'_>) -> (Vec<Coactivation>, Option<Vec<f64>>) {
                         *s += c;
                     }
                 }
-                order.select_nth_unstable_by(k - 1, |&x, &y| scores[y].cmp(&scores[x]).then(x.cmp(&y)));
-                hits += order[..k].iter().filter(|&&j| b.contains(&(j as u16))).count() as u64;
+                order.select_nth_unstable_by(k - 1, |&x, &y| {
+                    scores[y].cmp(&scores[x]).then(x.cmp(&y))
+                });
+                hits += order[..k]
+                    .iter()
+                    .filter(|&&j| b.contains(&(j as u16)))
+                    .count() as u64;
                 total += k as u64;
             }
         }
@@ -288,7 +308,12 @@ fn coactivation(view: &TraceView<'_>) -> (Vec<Coactivation>, Option<Vec<f64>>) {
             .filter(|(_, &c)| c > 0)
             .map(|(idx, &c)| {
                 let (i, j) = (idx / e, idx % e);
-                (i as u32, j as u32, c, c as f64 / from_count[i].max(1) as f64)
+                (
+                    i as u32,
+                    j as u32,
+                    c,
+                    c as f64 / from_count[i].max(1) as f64,
+                )
             })
             .collect();
         pairs.sort_by(|x, y| y.2.cmp(&x.2).then((x.0, x.1).cmp(&(y.0, y.1))));
@@ -306,7 +331,11 @@ fn coactivation(view: &TraceView<'_>) -> (Vec<Coactivation>, Option<Vec<f64>>) {
             from_layer: meta.moe_layers[m],
             to_layer: meta.moe_layers[m + 1],
             top_pairs: pairs,
-            topk_recall: if total == 0 { 0.0 } else { hits as f64 / total as f64 },
+            topk_recall: if total == 0 {
+                0.0
+            } else {
+                hits as f64 / total as f64
+            },
         });
     }
     (out, first)
@@ -330,7 +359,11 @@ pub fn render_table(s: &TraceStats) -> String {
         if s.ranked { "ranked" } else { "unranked sets" },
         if s.has_weights { ", with weights" } else { "" }
     );
-    let _ = writeln!(o, "computed     {} of (token, layer) cells", pct(s.computed_share));
+    let _ = writeln!(
+        o,
+        "computed     {} of (token, layer) cells",
+        pct(s.computed_share)
+    );
     let _ = writeln!(
         o,
         "overlap      {} adjacent-token (random baseline k/E = {:.3})",
@@ -338,23 +371,47 @@ pub fn render_table(s: &TraceStats) -> String {
         s.random_overlap
     );
     for (c, h) in s.lru_capacities.iter().zip(&s.lru_hit_rate) {
-        let _ = writeln!(o, "LRU          {} hit rate with {c} experts per layer", pct(*h));
+        let _ = writeln!(
+            o,
+            "LRU          {} hit rate with {c} experts per layer",
+            pct(*h)
+        );
     }
     let _ = writeln!(o, "\nreuse distance (distinct experts in between)   count");
     for b in &s.reuse_distance {
-        let label = if b.lo == b.hi { format!("{}", b.lo) } else { format!("{}-{}", b.lo, b.hi) };
+        let label = if b.lo == b.hi {
+            format!("{}", b.lo)
+        } else {
+            format!("{}-{}", b.lo, b.hi)
+        };
         let _ = writeln!(o, "  {label:<44} {}", b.count);
     }
-    let _ = writeln!(o, "  {:<44} {}", "cold (first use in sequence)", s.cold_accesses);
-    let caps: Vec<String> = s.lru_capacities.iter().map(|c| format!("LRU@{c}")).collect();
+    let _ = writeln!(
+        o,
+        "  {:<44} {}",
+        "cold (first use in sequence)", s.cold_accesses
+    );
+    let caps: Vec<String> = s
+        .lru_capacities
+        .iter()
+        .map(|c| format!("LRU@{c}"))
+        .collect();
     let _ = writeln!(
         o,
         "\nlayer  top expert  top share  min share  entropy(bits)  overlap  {}  next-layer co-act recall",
         caps.join("  ")
     );
     for (i, l) in s.layers.iter().enumerate() {
-        let lru: Vec<String> = l.lru_hit_rate.iter().zip(&caps).map(|(h, c)| format!("{:>w$}", pct(*h), w = c.len())).collect();
-        let coact = s.coactivation.get(i).map_or("-".into(), |c| format!("{:.3}", c.topk_recall));
+        let lru: Vec<String> = l
+            .lru_hit_rate
+            .iter()
+            .zip(&caps)
+            .map(|(h, c)| format!("{:>w$}", pct(*h), w = c.len()))
+            .collect();
+        let coact = s
+            .coactivation
+            .get(i)
+            .map_or("-".into(), |c| format!("{:.3}", c.topk_recall));
         let _ = writeln!(
             o,
             "{:>5}  {:>10}  {:>9}  {:>9}  {:>13.2}  {:>7}  {}  {:>8}",

@@ -58,7 +58,9 @@ pub fn synthetic_trace(cfg: &SynthConfig) -> RoutingTrace {
         ranked: true,
         expert_bytes: None,
     };
-    let popularity: Vec<f64> = (0..e).map(|i| 1.0 / ((i + 1) as f64).powf(cfg.zipf)).collect();
+    let popularity: Vec<f64> = (0..e)
+        .map(|i| 1.0 / ((i + 1) as f64).powf(cfg.zipf))
+        .collect();
     let total: f64 = popularity.iter().sum();
     let perms: Vec<Vec<u32>> = (0..nl)
         .map(|_| {
@@ -83,8 +85,8 @@ pub fn synthetic_trace(cfg: &SynthConfig) -> RoutingTrace {
         for pos in 0..cfg.tokens_per_sequence {
             let mut experts = Vec::with_capacity(nl);
             let mut weights = Vec::with_capacity(nl);
-            for l in 0..nl {
-                let mut ids: Vec<u32> = prev[l]
+            for (l, prev_ids) in prev.iter_mut().enumerate() {
+                let mut ids: Vec<u32> = prev_ids
                     .iter()
                     .copied()
                     .filter(|_| rng.random::<f64>() < cfg.stickiness)
@@ -100,14 +102,18 @@ pub fn synthetic_trace(cfg: &SynthConfig) -> RoutingTrace {
                 w.sort_by(|a, b| b.total_cmp(a));
                 let sum: f32 = w.iter().sum();
                 w.iter_mut().for_each(|x| *x /= sum);
-                prev[l] = ids.clone();
+                *prev_ids = ids.clone();
                 experts.push(Some(ids));
                 weights.push(Some(w));
             }
             let rec = TokenRecord {
                 seq: format!("seq{s:03}"),
                 pos: pos as u32,
-                phase: if pos < cfg.tokens_per_sequence / 4 { Phase::Prefill } else { Phase::Decode },
+                phase: if pos < cfg.tokens_per_sequence / 4 {
+                    Phase::Prefill
+                } else {
+                    Phase::Decode
+                },
                 token: Some(rng.random_range(0..32_000)),
                 experts,
                 weights: Some(weights),

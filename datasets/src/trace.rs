@@ -232,7 +232,10 @@ impl<'a> TraceView<'a> {
     pub fn record(&self, t: usize) -> TokenRecord {
         let n_moe = self.meta.n_moe();
         let experts = (0..n_moe)
-            .map(|m| self.layer(t, m).map(|ids| ids.iter().map(|&e| e as u32).collect()))
+            .map(|m| {
+                self.layer(t, m)
+                    .map(|ids| ids.iter().map(|&e| e as u32).collect())
+            })
             .collect();
         let weights = self.weights.map(|_| {
             (0..n_moe)
@@ -454,10 +457,7 @@ impl TraceBuilder {
             }
         }
         for (m, ids) in rec.experts.iter().enumerate() {
-            let w = rec
-                .weights
-                .as_ref()
-                .and_then(|w| w[m].as_deref());
+            let w = rec.weights.as_ref().and_then(|w| w[m].as_deref());
             match ids {
                 Some(ids) => check_topk(meta, ids, w)
                     .map_err(|e| format!("MoE layer {} (index {m}): {e}", meta.moe_layers[m]))?,

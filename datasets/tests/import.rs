@@ -6,7 +6,9 @@ use datasets::import::{import, ImportFormat, ImportOptions};
 use datasets::{Phase, RoutingTrace, TraceError};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 fn import_file(path: &Path, fmt: Option<ImportFormat>) -> Result<RoutingTrace, TraceError> {
@@ -15,7 +17,9 @@ fn import_file(path: &Path, fmt: Option<ImportFormat>) -> Result<RoutingTrace, T
 
 fn experts(t: &RoutingTrace, tok: usize) -> Vec<Option<Vec<u16>>> {
     let v = t.view();
-    (0..t.meta.n_moe()).map(|m| v.layer(tok, m).map(<[u16]>::to_vec)).collect()
+    (0..t.meta.n_moe())
+        .map(|m| v.layer(tok, m).map(<[u16]>::to_vec))
+        .collect()
 }
 
 #[test]
@@ -29,9 +33,18 @@ fn route_csv_groups_rows_into_tokens_and_sequences() {
     assert_eq!(t.pos, vec![0, 1, 2, 3, 4]);
     assert_eq!(t.phase, vec![0, 0, 0, 1, 1]);
     // Prefill rows are layer-major; the last layer is only computed for the last prompt token.
-    assert_eq!(experts(&t, 0), vec![Some(vec![3, 5]), Some(vec![0, 7]), None]);
-    assert_eq!(experts(&t, 2), vec![Some(vec![2, 3]), Some(vec![6, 7]), Some(vec![4, 1])]);
-    assert_eq!(experts(&t, 4), vec![Some(vec![2, 3]), Some(vec![6, 1]), Some(vec![0, 4])]);
+    assert_eq!(
+        experts(&t, 0),
+        vec![Some(vec![3, 5]), Some(vec![0, 7]), None]
+    );
+    assert_eq!(
+        experts(&t, 2),
+        vec![Some(vec![2, 3]), Some(vec![6, 7]), Some(vec![4, 1])]
+    );
+    assert_eq!(
+        experts(&t, 4),
+        vec![Some(vec![2, 3]), Some(vec![6, 1]), Some(vec![0, 4])]
+    );
     let v = t.view();
     assert_eq!(v.layer_weights(2, 2), Some(&[0.9f32, 0.1][..]));
     assert_eq!(v.layer_weights(0, 2), None);
@@ -49,7 +62,10 @@ fn warp_jsonl_is_one_unranked_sequence() {
     let given = import(
         &[fixture("small.warp.jsonl")],
         None,
-        &ImportOptions { n_experts: Some(64), model: Some("olmoe".into()) },
+        &ImportOptions {
+            n_experts: Some(64),
+            model: Some("olmoe".into()),
+        },
     )
     .unwrap();
     assert_eq!(given.trace.meta.n_experts, 64);
@@ -58,8 +74,16 @@ fn warp_jsonl_is_one_unranked_sequence() {
 
 #[test]
 fn router_trace_v2_uses_the_sidecar_spans_and_layer_map() {
-    let imported = import(&[fixture("router_trace/trace.v2.json")], None, &ImportOptions::default()).unwrap();
-    assert!(imported.notes.iter().any(|n| n.contains("capture-metadata.json")));
+    let imported = import(
+        &[fixture("router_trace/trace.v2.json")],
+        None,
+        &ImportOptions::default(),
+    )
+    .unwrap();
+    assert!(imported
+        .notes
+        .iter()
+        .any(|n| n.contains("capture-metadata.json")));
     let t = imported.trace;
     assert_eq!(t.meta.model, "test/switch-tiny");
     assert_eq!(t.meta.moe_layers, vec![1, 3]);
@@ -113,14 +137,20 @@ fn detection_picks_each_format() {
         ("router_trace/trace.v2.json", ImportFormat::RouterTraceV2),
     ];
     for (file, want) in cases {
-        assert_eq!(ImportFormat::detect(&fixture(file)).unwrap(), want, "{file}");
+        assert_eq!(
+            ImportFormat::detect(&fixture(file)).unwrap(),
+            want,
+            "{file}"
+        );
     }
 }
 
 #[test]
 fn several_files_concatenate_with_distinct_sequence_names() {
     let p = fixture("small.warp.jsonl");
-    let t = import(&[p.clone(), p], None, &ImportOptions::default()).unwrap().trace;
+    let t = import(&[p.clone(), p], None, &ImportOptions::default())
+        .unwrap()
+        .trace;
     assert_eq!(t.n_tokens(), 6);
     assert_eq!(t.seq_names, vec!["small.warp", "small.warp:small.warp"]);
 }
@@ -130,7 +160,9 @@ fn import_err(name: &str, content: &str, fmt: Option<ImportFormat>) -> String {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join(name);
     std::fs::write(&p, content).unwrap();
-    let err = import_file(&p, fmt).expect_err("malformed input must fail").to_string();
+    let err = import_file(&p, fmt)
+        .expect_err("malformed input must fail")
+        .to_string();
     assert!(err.contains(name), "error must name the file: {err}");
     err
 }
@@ -146,14 +178,24 @@ fn malformed_route_csv_names_file_and_line() {
     let e = import_err("bad.csv", &csv_with("0,1,5,0,0,x,0.5,0,1000\n"), None);
     assert!(e.contains(":33:") && e.contains("expert 'x'"), "{e}");
     let e = import_err("bad.csv", &csv_with("0,1,5,0,0,8,0.5,0,1000\n"), None);
-    assert!(e.contains(":33:") && e.contains("not below n_expert = 8"), "{e}");
-    let e = import_err("bad.csv", &csv_with("0,1,5,0,0,3,0.5,0,1000\n0,1,5,0,1,3,0.5,0,1000\n"), None);
+    assert!(
+        e.contains(":33:") && e.contains("not below n_expert = 8"),
+        "{e}"
+    );
+    let e = import_err(
+        "bad.csv",
+        &csv_with("0,1,5,0,0,3,0.5,0,1000\n0,1,5,0,1,3,0.5,0,1000\n"),
+        None,
+    );
     assert!(e.contains(":34:") && e.contains("twice"), "{e}");
     let e = import_err("bad.csv", &csv_with("0,1,5,0,2,3,0.5,0,1000\n"), None);
     assert!(e.contains(":33:") && e.contains("wrong k"), "{e}");
     // A truncated file: the last token's layer has only one of its k = 2 rows.
     let e = import_err("bad.csv", &csv_with("0,1,5,0,0,3,0.5,0,1000\n"), None);
-    assert!(e.contains(":33:") && e.contains("1 of n_expert_used = 2"), "{e}");
+    assert!(
+        e.contains(":33:") && e.contains("1 of n_expert_used = 2"),
+        "{e}"
+    );
     // A row cut in the middle.
     let e = import_err("bad.csv", &csv_with("0,1,5,0\n"), None);
     assert!(e.contains(":33:"), "{e}");
@@ -163,15 +205,30 @@ fn malformed_route_csv_names_file_and_line() {
 
 #[test]
 fn malformed_jsonl_formats_name_file_and_line() {
-    let e = import_err("w.jsonl", "{\"tok\": 1, \"layers\": [[0, 3], [2, 5]]}\n{\"tok\": 2, \"layers\": [[3, 3], [2, 5]]}\n", None);
+    let e = import_err(
+        "w.jsonl",
+        "{\"tok\": 1, \"layers\": [[0, 3], [2, 5]]}\n{\"tok\": 2, \"layers\": [[3, 3], [2, 5]]}\n",
+        None,
+    );
     assert!(e.contains(":2:") && e.contains("twice"), "{e}");
-    let e = import_err("w.jsonl", "{\"tok\": 1, \"layers\": [[0, 3], [2, 5]]}\n{\"tok\": 2, \"layers\": [[3], [2, 5]]}\n", None);
+    let e = import_err(
+        "w.jsonl",
+        "{\"tok\": 1, \"layers\": [[0, 3], [2, 5]]}\n{\"tok\": 2, \"layers\": [[3], [2, 5]]}\n",
+        None,
+    );
     assert!(e.contains(":2:") && e.contains("top_k = 2"), "{e}");
-    let e = import_err("w.jsonl", "{\"tok\": 1, \"layers\": [[0, 3], [2, 5]]}\n{\"tok\": 2, \"lay", Some(ImportFormat::Warp));
+    let e = import_err(
+        "w.jsonl",
+        "{\"tok\": 1, \"layers\": [[0, 3], [2, 5]]}\n{\"tok\": 2, \"lay",
+        Some(ImportFormat::Warp),
+    );
     assert!(e.contains(":2:"), "truncated line: {e}");
     let meta = "{\"meta\": {\"model\": \"m\", \"n_layers\": 2, \"moe_layers\": [0, 1], \"n_experts\": 4, \"top_k\": 2}}\n";
     let e = import_err("o.jsonl", &format!("{meta}{{\"seq\": \"a\", \"pos\": 0, \"phase\": \"decode\", \"token\": 1, \"experts\": [[0, 4], [1, 2]]}}\n"), None);
-    assert!(e.contains(":2:") && e.contains("not below n_experts = 4"), "{e}");
+    assert!(
+        e.contains(":2:") && e.contains("not below n_experts = 4"),
+        "{e}"
+    );
     let e = import_err("o.jsonl", &format!("{meta}{{\"seq\": \"a\", \"pos\": 0, \"phase\": \"think\", \"token\": 1, \"experts\": [[0, 1], [1, 2]]}}\n"), None);
     assert!(e.contains(":2:") && e.contains("think"), "{e}");
     let e = import_err("h.jsonl", "{\"layer\": 0, \"experts\": [1, 2], \"token_idx\": 0}\n{\"layer\": 0, \"experts\": [1, 2], \"token_idx\": 0}\n", None);

@@ -17,12 +17,15 @@ fn shared() -> PathBuf {
 /// Reads "Name 0.123" figures from the README's "Reference figures" paragraph.
 fn reference(readme: &str, name: &str) -> f64 {
     let section = &readme[readme.find("Reference figures").expect("reference section")..];
-    let at = section.find(&format!("{name} ")).unwrap_or_else(|| panic!("no figure for {name}"));
+    let at = section
+        .find(&format!("{name} "))
+        .unwrap_or_else(|| panic!("no figure for {name}"));
     let num: String = section[at + name.len() + 1..]
         .chars()
         .take_while(|c| c.is_ascii_digit() || *c == '.')
         .collect();
-    num.parse().unwrap_or_else(|_| panic!("bad figure for {name}: {num}"))
+    num.parse()
+        .unwrap_or_else(|_| panic!("bad figure for {name}: {num}"))
 }
 
 fn overlap_of(files: &[PathBuf]) -> f64 {
@@ -40,9 +43,18 @@ fn real_traces_match_the_reference_overlaps() {
     let readme = std::fs::read_to_string(root.join("README.md")).expect("../shared/README.md");
     let traces = root.join("traces");
     let cases = [
-        ("Qwen", "qwen3-30b-a3b_gemma4-26b_gptoss-120b/qwen.route.csv"),
-        ("Gemma", "qwen3-30b-a3b_gemma4-26b_gptoss-120b/gemma.route.csv"),
-        ("gpt-oss", "qwen3-30b-a3b_gemma4-26b_gptoss-120b/gptoss.route.csv"),
+        (
+            "Qwen",
+            "qwen3-30b-a3b_gemma4-26b_gptoss-120b/qwen.route.csv",
+        ),
+        (
+            "Gemma",
+            "qwen3-30b-a3b_gemma4-26b_gptoss-120b/gemma.route.csv",
+        ),
+        (
+            "gpt-oss",
+            "qwen3-30b-a3b_gemma4-26b_gptoss-120b/gptoss.route.csv",
+        ),
         ("OLMoE", "olmoe-1b-7b_kimi-linear-48b/trace_olmoe_299.jsonl"),
         ("Kimi", "olmoe-1b-7b_kimi-linear-48b/trace_kimi_300.jsonl"),
         ("Switch", "switch-base-8/router-trace.v2.json"),
@@ -51,7 +63,10 @@ fn real_traces_match_the_reference_overlaps() {
         let got = overlap_of(&[traces.join(file)]);
         let want = reference(&readme, name);
         println!("{name:<8} overlap {got:.4} (reference {want})");
-        assert!((got - want).abs() < 5e-4, "{name}: {got:.4} vs reference {want}");
+        assert!(
+            (got - want).abs() < 5e-4,
+            "{name}: {got:.4} vs reference {want}"
+        );
     }
     // Switch without its sidecar: one sequence, reference "0.182 as one sequence".
     let dir = tempfile::tempdir().unwrap();
@@ -59,8 +74,17 @@ fn real_traces_match_the_reference_overlaps() {
     std::fs::copy(traces.join("switch-base-8/router-trace.v2.json"), &lone).unwrap();
     let got = overlap_of(&[lone]);
     let at = readme.find("as one sequence").expect("one-sequence figure");
-    let want: f64 = readme[..at].trim_end().rsplit(['(', ' ']).next().unwrap().parse().unwrap();
-    assert!((got - want).abs() < 5e-4, "Switch as one sequence: {got:.4} vs {want}");
+    let want: f64 = readme[..at]
+        .trim_end()
+        .rsplit(['(', ' '])
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (got - want).abs() < 5e-4,
+        "Switch as one sequence: {got:.4} vs {want}"
+    );
 }
 
 #[test]
@@ -73,7 +97,9 @@ fn every_shared_trace_imports_and_round_trips() {
             let p = entry.unwrap().path();
             if p.is_dir() {
                 stack.push(p);
-            } else if !["LICENSE", "capture-metadata.json"].contains(&p.file_name().unwrap().to_str().unwrap()) {
+            } else if !["LICENSE", "capture-metadata.json"]
+                .contains(&p.file_name().unwrap().to_str().unwrap())
+            {
                 files.push(p);
             }
         }
@@ -81,7 +107,9 @@ fn every_shared_trace_imports_and_round_trips() {
     assert!(files.len() >= 6, "found {files:?}");
     let dir = tempfile::tempdir().unwrap();
     for f in files {
-        let t = import(&[f.clone()], None, &ImportOptions::default()).unwrap().trace;
+        let t = import(std::slice::from_ref(&f), None, &ImportOptions::default())
+            .unwrap()
+            .trace;
         for ext in ["mctrace", "parquet"] {
             let out = dir.path().join(format!("t.{ext}"));
             datasets::save_trace(&t, &out, None).unwrap();

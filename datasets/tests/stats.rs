@@ -9,7 +9,9 @@ use datasets::synth::{synthetic_trace, SynthConfig};
 use datasets::TraceView;
 
 fn fixture_trace(name: &str) -> datasets::RoutingTrace {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
     import(&[p], None, &ImportOptions::default()).unwrap().trace
 }
 
@@ -20,7 +22,11 @@ fn overlap_matches_the_hand_computed_value() {
     // decode  L0: 2/2;      L1: 1/2;      L2: 2/2      -> 5 / 7
     let t = fixture_trace("small.route.csv");
     let s = compute(&t.view(), &[2]);
-    assert!((s.overlap.unwrap() - 5.0 / 7.0).abs() < 1e-12, "{:?}", s.overlap);
+    assert!(
+        (s.overlap.unwrap() - 5.0 / 7.0).abs() < 1e-12,
+        "{:?}",
+        s.overlap
+    );
     assert_eq!(s.layers[2].overlap_pairs, 1);
     assert_eq!(s.layers[2].overlap, Some(1.0));
     assert_eq!(s.layers[0].overlap_pairs, 3);
@@ -34,7 +40,9 @@ fn brute_force_lru(view: &TraceView<'_>, m: usize, cap: usize) -> (u64, u64) {
     for r in view.sequence_ranges() {
         let mut cache: VecDeque<u16> = VecDeque::new();
         for t in r {
-            let Some(ids) = view.layer(t, m) else { continue };
+            let Some(ids) = view.layer(t, m) else {
+                continue;
+            };
             for &e in ids {
                 total += 1;
                 if let Some(i) = cache.iter().position(|&x| x == e) {
@@ -52,7 +60,12 @@ fn brute_force_lru(view: &TraceView<'_>, m: usize, cap: usize) -> (u64, u64) {
 
 #[test]
 fn lru_hit_rates_match_a_direct_simulation() {
-    let t = synthetic_trace(&SynthConfig { sequences: 4, tokens_per_sequence: 60, seed: 3, ..Default::default() });
+    let t = synthetic_trace(&SynthConfig {
+        sequences: 4,
+        tokens_per_sequence: 60,
+        seed: 3,
+        ..Default::default()
+    });
     let caps = [1, 4, 7, 16, 32];
     let s = compute(&t.view(), &caps);
     let v = t.view();
@@ -60,7 +73,10 @@ fn lru_hit_rates_match_a_direct_simulation() {
     for m in 0..t.meta.n_moe() {
         for (ci, &c) in caps.iter().enumerate() {
             let (h, n) = brute_force_lru(&v, m, c as usize);
-            assert!((s.layers[m].lru_hit_rate[ci] - h as f64 / n as f64).abs() < 1e-12, "layer {m} cap {c}");
+            assert!(
+                (s.layers[m].lru_hit_rate[ci] - h as f64 / n as f64).abs() < 1e-12,
+                "layer {m} cap {c}"
+            );
             if c == 7 {
                 all_h += h;
                 all_t += n;
@@ -94,9 +110,19 @@ fn popularity_and_entropy() {
 
 #[test]
 fn more_locality_gives_more_overlap_and_hits() {
-    let base = SynthConfig { sequences: 4, tokens_per_sequence: 100, ..Default::default() };
-    let lo = synthetic_trace(&SynthConfig { stickiness: 0.0, ..base.clone() });
-    let hi = synthetic_trace(&SynthConfig { stickiness: 0.8, ..base });
+    let base = SynthConfig {
+        sequences: 4,
+        tokens_per_sequence: 100,
+        ..Default::default()
+    };
+    let lo = synthetic_trace(&SynthConfig {
+        stickiness: 0.0,
+        ..base.clone()
+    });
+    let hi = synthetic_trace(&SynthConfig {
+        stickiness: 0.8,
+        ..base
+    });
     let (a, b) = (compute(&lo.view(), &[8]), compute(&hi.view(), &[8]));
     assert!(b.overlap.unwrap() > a.overlap.unwrap() + 0.3);
     assert!(b.lru_hit_rate[0] > a.lru_hit_rate[0]);

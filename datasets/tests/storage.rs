@@ -9,14 +9,20 @@ use datasets::{
 fn assert_same(a: &RoutingTrace, b: &RoutingTrace) {
     assert_eq!(a.meta, b.meta);
     assert_eq!(a.seq_names, b.seq_names);
-    assert_eq!((&a.seq, &a.pos, &a.token, &a.phase), (&b.seq, &b.pos, &b.token, &b.phase));
+    assert_eq!(
+        (&a.seq, &a.pos, &a.token, &a.phase),
+        (&b.seq, &b.pos, &b.token, &b.phase)
+    );
     assert_eq!(a.experts, b.experts);
     match (&a.weights, &b.weights) {
         (None, None) => {}
         (Some(x), Some(y)) => {
             assert_eq!(x.len(), y.len());
             for (p, q) in x.iter().zip(y) {
-                assert!(p.to_bits() == q.to_bits() || (p.is_nan() && q.is_nan()), "{p} vs {q}");
+                assert!(
+                    p.to_bits() == q.to_bits() || (p.is_nan() && q.is_nan()),
+                    "{p} vs {q}"
+                );
             }
         }
         _ => panic!("weights present on one side only"),
@@ -40,14 +46,32 @@ fn awkward_trace() -> RoutingTrace {
     };
     let mut b = TraceBuilder::new(meta, true).unwrap();
     let recs = [
-        ("s1", 0, Phase::Prefill, Some(5), [Some(vec![0, 299, 7]), None, Some(vec![1, 2, 3])], true),
-        ("s1", 1, Phase::Decode, None, [Some(vec![7, 0, 1]), Some(vec![4, 5, 6]), None], false),
+        (
+            "s1",
+            0,
+            Phase::Prefill,
+            Some(5),
+            [Some(vec![0, 299, 7]), None, Some(vec![1, 2, 3])],
+            true,
+        ),
+        (
+            "s1",
+            1,
+            Phase::Decode,
+            None,
+            [Some(vec![7, 0, 1]), Some(vec![4, 5, 6]), None],
+            false,
+        ),
         ("s2", 10, Phase::Decode, Some(0), [None, None, None], false),
     ];
     for (seq, pos, phase, token, experts, with_w) in recs {
         let weights = experts
             .iter()
-            .map(|e| e.as_ref().filter(|_| with_w).map(|_| vec![0.5f32, 0.3, 0.2]))
+            .map(|e| {
+                e.as_ref()
+                    .filter(|_| with_w)
+                    .map(|_| vec![0.5f32, 0.3, 0.2])
+            })
             .collect();
         b.push(&TokenRecord {
             seq: seq.into(),
@@ -72,7 +96,11 @@ fn round_trip(trace: &RoutingTrace, ext: &str) {
 
 #[test]
 fn every_form_round_trips_losslessly() {
-    let synth = synthetic_trace(&SynthConfig { sequences: 3, tokens_per_sequence: 40, ..Default::default() });
+    let synth = synthetic_trace(&SynthConfig {
+        sequences: 3,
+        tokens_per_sequence: 40,
+        ..Default::default()
+    });
     for trace in [synth, awkward_trace()] {
         for ext in ["mctrace", "parquet", "jsonl"] {
             round_trip(&trace, ext);
@@ -119,11 +147,19 @@ fn corrupt_binary_files_are_rejected_with_the_file_name() {
     let e = MappedTrace::open(&cut).unwrap_err().to_string();
     assert!(e.contains("cut.mctrace") && e.contains("truncated"), "{e}");
     std::fs::write(&cut, &bytes[..12]).unwrap();
-    assert!(MappedTrace::open(&cut).unwrap_err().to_string().contains("bad magic"));
+    assert!(MappedTrace::open(&cut)
+        .unwrap_err()
+        .to_string()
+        .contains("bad magic"));
     // An out-of-range expert id inside the experts section.
     let mut bad = bytes.clone();
     let m = MappedTrace::open(&p).unwrap();
-    let off = m.sections().iter().find(|s| s.name == "experts").unwrap().offset as usize;
+    let off = m
+        .sections()
+        .iter()
+        .find(|s| s.name == "experts")
+        .unwrap()
+        .offset as usize;
     bad[off..off + 2].copy_from_slice(&500u16.to_le_bytes());
     std::fs::write(&cut, &bad).unwrap();
     let e = MappedTrace::open(&cut).unwrap_err().to_string();
@@ -139,7 +175,11 @@ fn a_failed_write_leaves_no_file() {
     assert!(!p.exists());
     let missing_dir = dir.path().join("nope/t.mctrace");
     assert!(save_trace(&trace, &missing_dir, None).is_err());
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "no temp files left");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "no temp files left"
+    );
 }
 
 #[test]
@@ -149,11 +189,19 @@ fn parquet_keeps_the_documented_schema() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("t.parquet");
     save_trace(&trace, &p, None).unwrap();
-    let df = ParquetReader::new(std::fs::File::open(&p).unwrap()).finish().unwrap();
+    let df = ParquetReader::new(std::fs::File::open(&p).unwrap())
+        .finish()
+        .unwrap();
     assert_eq!(df.height(), 3 * 3, "one row per (token, MoE layer)");
     let names: Vec<&str> = df.get_column_names().iter().map(|s| s.as_str()).collect();
-    assert_eq!(names, ["seq", "pos", "phase", "token", "layer", "experts", "weights"]);
-    assert_eq!(df.column("experts").unwrap().dtype(), &DataType::List(Box::new(DataType::UInt16)));
+    assert_eq!(
+        names,
+        ["seq", "pos", "phase", "token", "layer", "experts", "weights"]
+    );
+    assert_eq!(
+        df.column("experts").unwrap().dtype(),
+        &DataType::List(Box::new(DataType::UInt16))
+    );
     assert_eq!(df.column("experts").unwrap().null_count(), 5);
     assert_eq!(df.column("token").unwrap().null_count(), 3);
 }

@@ -38,11 +38,17 @@ fn seq_name(v: &Value) -> String {
     }
 }
 
+/// One (token, layer) row: its line, expert ids and gating probabilities.
+struct LayerRow {
+    line: usize,
+    ids: Vec<u32>,
+    probs: Option<Vec<f32>>,
+}
+
 struct TokenAcc {
     token: Option<u32>,
     phase: Option<Phase>,
-    /// layer -> (line, ids, probs)
-    layers: BTreeMap<u32, (usize, Vec<u32>, Option<Vec<f32>>)>,
+    layers: BTreeMap<u32, LayerRow>,
 }
 
 pub(super) fn import(path: &Path, opts: &ImportOptions) -> Result<Imported> {
@@ -60,19 +66,32 @@ pub(super) fn import(path: &Path, opts: &ImportOptions) -> Result<Imported> {
             continue;
         }
         let row: Row = serde_json::from_str(line).map_err(|e| {
-            TraceError::parse(path, lineno, format!("expected {{\"layer\", \"experts\", \"token_idx\", ...}}: {e}"))
+            TraceError::parse(
+                path,
+                lineno,
+                format!("expected {{\"layer\", \"experts\", \"token_idx\", ...}}: {e}"),
+            )
         })?;
         let err = |m: String| TraceError::parse(path, lineno, m);
         let want_k = *k.get_or_insert(row.experts.len());
         if row.experts.len() != want_k || want_k == 0 {
-            return Err(err(format!("{} experts, but the first row had k = {want_k} (wrong k)", row.experts.len())));
+            return Err(err(format!(
+                "{} experts, but the first row had k = {want_k} (wrong k)",
+                row.experts.len()
+            )));
         }
         if *with_probs.get_or_insert(row.gating_probs.is_some()) != row.gating_probs.is_some() {
-            return Err(err("\"gating_probs\" must be on every row or on none".into()));
+            return Err(err(
+                "\"gating_probs\" must be on every row or on none".into()
+            ));
         }
         if let Some(p) = &row.gating_probs {
             if p.len() != row.experts.len() {
-                return Err(err(format!("{} gating_probs for {} experts", p.len(), row.experts.len())));
+                return Err(err(format!(
+                    "{} gating_probs for {} experts",
+                    p.len(),
+                    row.experts.len()
+                )));
             }
         }
         max_id = max_id.max(row.experts.iter().copied().max());
@@ -98,7 +117,14 @@ pub(super) fn import(path: &Path, opts: &ImportOptions) -> Result<Imported> {
             )));
         }
         all_layers.insert(row.layer);
-        acc.layers.insert(row.layer, (lineno, row.experts, row.gating_probs));
+        acc.layers.insert(
+            row.layer,
+            LayerRow {
+                line: lineno,
+                ids: row.experts,
+                probs: row.gating_probs,
+            },
+        );
     }
     if seq_order.is_empty() {
         return Err(TraceError::format(path, "empty file"));
@@ -108,7 +134,10 @@ pub(super) fn import(path: &Path, opts: &ImportOptions) -> Result<Imported> {
     let moe_layers: Vec<u32> = all_layers.into_iter().collect();
     let ranked = with_probs == Some(true);
     if !ranked {
-        notes.push(format!("{}: no gating_probs; expert lists kept as given, marked unranked", path.display()));
+        notes.push(format!(
+            "{}: no gating_probs; expert lists kept as given, marked unranked",
+            path.display()
+        ));
     }
     let meta = TraceMeta {
         model: stem(path),
@@ -123,8 +152,8 @@ pub(super) fn import(path: &Path, opts: &ImportOptions) -> Result<Imported> {
         ranked,
         expert_bytes: None,
     };
-    let mut builder = TraceBuilder::new(meta, ranked)
-        .map_err(|e| TraceError::format(path, e.to_string()))?;
+    let mut builder =
+        TraceBuilder::new(meta, ranked).map_err(|e| TraceError::format(path, e.to_string()))?;
     for name in &seq_order {
         for (&pos, acc) in &seqs[name] {
             let mut experts = Vec::with_capacity(moe_layers.len());
@@ -136,11 +165,17 @@ pub(super) fn import(path: &Path, opts: &ImportOptions) -> Result<Imported> {
                         experts.push(None);
                         weights.push(None);
                     }
-                    Some((ln, ids, probs)) => {
-                        line = *ln;
-                        let mut pairs: Vec<(u32, f32)> = ids
+                    Some(row) => {
+                        line = row.line;
+                        let mut pairs: Vec<(u32, f32)> = row
+                            .ids
                             .iter()
-                            .zip(probs.iter().flatten().chain(std::iter::repeat(&f32::NAN)))
+                            .zip(
+                                row.probs
+                                    .iter()
+                                    .flatten()
+                                    .chain(std::iter::repeat(&f32::NAN)),
+                            )
                             .map(|(&e, &p)| (e, p))
                             .collect();
                         if ranked {

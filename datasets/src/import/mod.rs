@@ -118,7 +118,11 @@ pub struct Imported {
 /// Imports one or more files (each in `format`, or auto-detected) into one trace.
 /// Files must describe the same model shape; clashing sequence names are prefixed with
 /// the file stem.
-pub fn import(inputs: &[PathBuf], format: Option<ImportFormat>, opts: &ImportOptions) -> Result<Imported> {
+pub fn import(
+    inputs: &[PathBuf],
+    format: Option<ImportFormat>,
+    opts: &ImportOptions,
+) -> Result<Imported> {
     let mut parts = Vec::new();
     let mut notes = Vec::new();
     for path in inputs {

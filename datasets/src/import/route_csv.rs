@@ -81,7 +81,10 @@ pub(super) fn import(path: &Path) -> Result<Imported> {
     }
     let h = parse_header(path, &text)?;
     let missing = |what: &str| {
-        TraceError::format(path, format!("header lacks '# ... {what}=N' (route_trace v1 comment header)"))
+        TraceError::format(
+            path,
+            format!("header lacks '# ... {what}=N' (route_trace v1 comment header)"),
+        )
     };
     let n_layer = h.n_layer.ok_or_else(|| missing("n_layer"))?;
     let n_expert = h.n_expert.ok_or_else(|| missing("n_expert"))?;
@@ -120,7 +123,13 @@ pub(super) fn import(path: &Path) -> Result<Imported> {
     let col = |name: &str| headers.iter().position(|h| h == name);
     let need = |name: &str| {
         col(name).ok_or_else(|| {
-            TraceError::format(path, format!("CSV header lacks column '{name}' (found: {})", headers.iter().collect::<Vec<_>>().join(",")))
+            TraceError::format(
+                path,
+                format!(
+                    "CSV header lacks column '{name}' (found: {})",
+                    headers.iter().collect::<Vec<_>>().join(",")
+                ),
+            )
         })
     };
     let (c_turn, c_phase, c_step, c_layer, c_slot, c_expert) = (
@@ -155,7 +164,9 @@ pub(super) fn import(path: &Path) -> Result<Imported> {
         let turn = field(c_turn, "turn")? as u32;
         let phase = field(c_phase, "phase")?;
         if phase > 1 {
-            return Err(err(format!("phase {phase} (expected 0 = prefill or 1 = decode)")));
+            return Err(err(format!(
+                "phase {phase} (expected 0 = prefill or 1 = decode)"
+            )));
         }
         let step = field(c_step, "step")? as u32;
         let layer = field(c_layer, "layer")? as usize;
@@ -172,13 +183,19 @@ pub(super) fn import(path: &Path) -> Result<Imported> {
             None => f32::NAN,
         };
         if layer >= nl {
-            return Err(err(format!("layer {layer} is not below n_layer = {n_layer}")));
+            return Err(err(format!(
+                "layer {layer} is not below n_layer = {n_layer}"
+            )));
         }
         if slot >= kk {
-            return Err(err(format!("slot {slot} is not below n_expert_used = {k} (wrong k)")));
+            return Err(err(format!(
+                "slot {slot} is not below n_expert_used = {k} (wrong k)"
+            )));
         }
         if expert >= n_expert as u64 {
-            return Err(err(format!("expert id {expert} is not below n_expert = {n_expert}")));
+            return Err(err(format!(
+                "expert id {expert} is not below n_expert = {n_expert}"
+            )));
         }
         let key = (turn, phase as u8, step);
         let ti = *index.entry(key).or_insert_with(|| {
@@ -216,7 +233,11 @@ pub(super) fn import(path: &Path) -> Result<Imported> {
     let mut builder = TraceBuilder::new(meta, c_weight.is_some())?;
     for acc in &tokens {
         let (turn, phase, step) = acc.key;
-        let phase = if phase == 0 { Phase::Prefill } else { Phase::Decode };
+        let phase = if phase == 0 {
+            Phase::Prefill
+        } else {
+            Phase::Decode
+        };
         let mut experts = Vec::with_capacity(nl);
         let mut weights = Vec::with_capacity(nl);
         for l in 0..nl {
@@ -251,9 +272,7 @@ pub(super) fn import(path: &Path) -> Result<Imported> {
             .push(&rec)
             .map_err(|e| TraceError::parse(path, line, e))?;
     }
-    let trace = builder
-        .finish()
-        .map_err(|e| TraceError::format(path, e))?;
+    let trace = builder.finish().map_err(|e| TraceError::format(path, e))?;
     Ok(Imported {
         trace,
         notes: Vec::new(),

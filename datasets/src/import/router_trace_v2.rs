@@ -54,14 +54,20 @@ pub(super) fn import(path: &Path) -> Result<Imported> {
     if rt.selections.len() != rt.tokens {
         return Err(TraceError::format(
             path,
-            format!("\"tokens\" says {} but \"selections\" has {} entries", rt.tokens, rt.selections.len()),
+            format!(
+                "\"tokens\" says {} but \"selections\" has {} entries",
+                rt.tokens,
+                rt.selections.len()
+            ),
         ));
     }
     let mut notes = Vec::new();
     let sidecar_path = path.with_file_name(SIDECAR);
     let sidecar: Option<CaptureMetadata> = if sidecar_path.exists() {
-        let s = std::fs::read_to_string(&sidecar_path).map_err(|e| TraceError::io(&sidecar_path, e))?;
-        let m: CaptureMetadata = serde_json::from_str(&s).map_err(|e| json_err(&sidecar_path, e))?;
+        let s =
+            std::fs::read_to_string(&sidecar_path).map_err(|e| TraceError::io(&sidecar_path, e))?;
+        let m: CaptureMetadata =
+            serde_json::from_str(&s).map_err(|e| json_err(&sidecar_path, e))?;
         notes.push(format!(
             "{}: using sidecar {} ({} prompt spans as sequences)",
             path.display(),
@@ -105,8 +111,8 @@ pub(super) fn import(path: &Path) -> Result<Imported> {
         ranked: true,
         expert_bytes: None,
     };
-    let mut builder = TraceBuilder::new(meta, false)
-        .map_err(|e| TraceError::format(path, e.to_string()))?;
+    let mut builder =
+        TraceBuilder::new(meta, false).map_err(|e| TraceError::format(path, e.to_string()))?;
     let spans: Vec<(String, usize, usize)> = match &sidecar {
         Some(s) if !s.prompt_spans.is_empty() => s
             .prompt_spans
@@ -129,7 +135,11 @@ pub(super) fn import(path: &Path) -> Result<Imported> {
             if layers.len() != rt.layers {
                 return Err(TraceError::format(
                     path,
-                    format!("selections[{t}] has {} layers, expected {}", layers.len(), rt.layers),
+                    format!(
+                        "selections[{t}] has {} layers, expected {}",
+                        layers.len(),
+                        rt.layers
+                    ),
                 ));
             }
             let rec = TokenRecord {

@@ -23,7 +23,11 @@ pub(super) fn import(path: &Path, opts: &ImportOptions) -> Result<Imported> {
             continue;
         }
         let row: Line = serde_json::from_str(line).map_err(|e| {
-            TraceError::parse(path, i + 1, format!("expected {{\"tok\": N, \"layers\": [[ids]...]}}: {e}"))
+            TraceError::parse(
+                path,
+                i + 1,
+                format!("expected {{\"tok\": N, \"layers\": [[ids]...]}}: {e}"),
+            )
         })?;
         rows.push((i + 1, row));
     }
@@ -33,9 +37,17 @@ pub(super) fn import(path: &Path, opts: &ImportOptions) -> Result<Imported> {
     let n_moe = first.layers.len();
     let k = first.layers.first().map_or(0, Vec::len);
     if n_moe == 0 || k == 0 {
-        return Err(TraceError::parse(path, rows[0].0, "no layers or empty top-k"));
+        return Err(TraceError::parse(
+            path,
+            rows[0].0,
+            "no layers or empty top-k",
+        ));
     }
-    let max_id = rows.iter().flat_map(|(_, r)| r.layers.iter().flatten()).copied().max();
+    let max_id = rows
+        .iter()
+        .flat_map(|(_, r)| r.layers.iter().flatten())
+        .copied()
+        .max();
     let mut notes = Vec::new();
     let n_experts = resolve_n_experts(path, opts.n_experts, max_id, &mut notes)?;
     notes.push(format!(
@@ -55,8 +67,8 @@ pub(super) fn import(path: &Path, opts: &ImportOptions) -> Result<Imported> {
         ranked: false,
         expert_bytes: None,
     };
-    let mut builder = TraceBuilder::new(meta, false)
-        .map_err(|e| TraceError::format(path, e.to_string()))?;
+    let mut builder =
+        TraceBuilder::new(meta, false).map_err(|e| TraceError::format(path, e.to_string()))?;
     let seq = stem(path);
     for (line, row) in rows {
         let rec = TokenRecord {

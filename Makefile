@@ -1,0 +1,50 @@
+# moecast — see README.md. `make demo` runs the main pipeline, `make test` the tests.
+CARGO  ?= cargo
+BIN    := target/release/moecast
+SHARED ?= $(abspath ../shared)
+DEMO   := runs/demo
+
+.PHONY: all build demo test test-real bench fmt lint clean
+
+all: build
+
+build:
+	$(CARGO) build --release
+
+# The main job on the embedded default. Until the shipped demo model lands, the
+# embedded default is moecast's seeded synthetic trace generator.
+demo: build
+	mkdir -p $(DEMO)
+	$(BIN) trace synth -o $(DEMO)/synthetic.mctrace --layers 16 --experts 64 --top-k 4 --sequences 32 --tokens 256 --stickiness 0.35 --seed 0
+	$(BIN) trace convert $(DEMO)/synthetic.mctrace -o $(DEMO)/synthetic.parquet
+	$(BIN) trace import datasets/tests/fixtures/small.route.csv -o $(DEMO)/small-route.mctrace
+	$(BIN) trace stats $(DEMO)/synthetic.mctrace --plot $(DEMO)/plots
+	@echo "demo outputs in $(DEMO)/ (charts in $(DEMO)/plots/)"
+
+test:
+	$(CARGO) test --workspace
+
+# Real routing traces from ../shared (not needed by the product; CI runs this when present).
+test-real:
+	@test -d $(SHARED)/traces || { echo "test-real needs $(SHARED)/traces"; exit 1; }
+	MOECAST_SHARED=$(SHARED) $(CARGO) test -p datasets --test real_traces -- --ignored --nocapture
+	$(CARGO) build
+	@set -e; for f in $$(find $(SHARED)/traces -type f ! -name LICENSE ! -name capture-metadata.json | sort); do \
+	  out=$$(mktemp -d)/t.mctrace; \
+	  target/debug/moecast trace import "$$f" -o "$$out" 2>/dev/null; \
+	  printf '%-40s ' "$$(basename $$f)"; target/debug/moecast trace stats "$$out" | grep '^overlap'; \
+	done
+
+bench:
+	$(CARGO) bench -p datasets --bench trace_io
+
+fmt:
+	$(CARGO) fmt --all
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+clean:
+	rm -rf runs
+	$(CARGO) clean
