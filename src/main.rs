@@ -109,6 +109,7 @@ struct ConvertArgs {
     /// Output trace; the form is taken from the extension unless --format.
     #[arg(short, long)]
     output: PathBuf,
+    /// Output form (overrides the extension).
     #[arg(long, value_enum)]
     format: Option<StoreFormat>,
 }
@@ -117,6 +118,7 @@ struct ConvertArgs {
 struct ExportArgs {
     /// Input trace.
     input: PathBuf,
+    /// Output form.
     #[arg(long, value_enum, default_value = "jsonl")]
     format: StoreFormat,
     /// Output file (default: stdout, JSONL only).
@@ -126,11 +128,13 @@ struct ExportArgs {
 
 #[derive(Args)]
 struct InfoArgs {
+    /// Trace (.mctrace, .parquet or .jsonl).
     input: PathBuf,
 }
 
 #[derive(Args)]
 struct StatsArgs {
+    /// Trace (.mctrace, .parquet or .jsonl).
     input: PathBuf,
     /// Print JSON instead of the table.
     #[arg(long)]
@@ -145,21 +149,28 @@ struct StatsArgs {
 
 #[derive(Args)]
 struct SynthArgs {
+    /// Output trace: .mctrace, .parquet or .jsonl.
     #[arg(short, long)]
     output: PathBuf,
+    /// MoE layers.
     #[arg(long, default_value_t = 8)]
     layers: u32,
+    /// Experts per layer.
     #[arg(long, default_value_t = 32)]
     experts: u32,
+    /// Experts chosen per token and layer.
     #[arg(long, default_value_t = 4)]
     top_k: u32,
+    /// Number of sequences.
     #[arg(long, default_value_t = 16)]
     sequences: usize,
+    /// Tokens per sequence.
     #[arg(long, default_value_t = 128)]
     tokens: usize,
     /// Probability that an expert of the previous token is kept.
     #[arg(long, default_value_t = 0.3)]
     stickiness: f64,
+    /// Random seed (same seed, same trace).
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
