@@ -29,10 +29,10 @@ test-real:
 	@test -d $(SHARED)/traces || { echo "test-real needs $(SHARED)/traces"; exit 1; }
 	MOECAST_SHARED=$(SHARED) $(CARGO) test -p datasets --test real_traces -- --ignored --nocapture
 	$(CARGO) build
-	@set -e; for f in $$(find $(SHARED)/traces -type f ! -name LICENSE ! -name capture-metadata.json | sort); do \
-	  out=$$(mktemp -d)/t.mctrace; \
-	  target/debug/moecast trace import "$$f" -o "$$out" 2>/dev/null; \
-	  printf '%-40s ' "$$(basename $$f)"; target/debug/moecast trace stats "$$out" | grep '^overlap'; \
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	for f in $$(find $(SHARED)/traces -type f ! -name LICENSE ! -name capture-metadata.json | sort); do \
+	  target/debug/moecast trace import "$$f" -o "$$tmp/t.mctrace" >/dev/null 2>&1; \
+	  printf '%-24s ' "$$(basename $$f)"; target/debug/moecast trace stats "$$tmp/t.mctrace" | grep '^overlap'; \
 	done
 
 bench:

@@ -32,15 +32,7 @@ fn plot_err(path: &Path, e: impl std::fmt::Display) -> TraceError {
 /// Renders into a temporary PNG beside `path`, then renames it into place.
 fn render(path: &Path, draw: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     register_font();
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let tmp = tempfile::Builder::new()
-        .prefix(".moecast-")
-        .suffix(".png")
-        .tempfile_in(dir)
-        .map_err(|e| TraceError::io(path, e))?;
+    let tmp = crate::store::temp_beside(path)?;
     draw(tmp.path())?;
     tmp.persist(path)
         .map_err(|e| TraceError::io(path, e.error))?;

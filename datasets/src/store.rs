@@ -130,15 +130,7 @@ pub fn write_atomic<F>(path: &Path, body: F) -> Result<()>
 where
     F: FnOnce(&mut BufWriter<File>) -> Result<()>,
 {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let tmp = tempfile::Builder::new()
-        .prefix(".moecast-")
-        .suffix(".tmp")
-        .tempfile_in(dir)
-        .map_err(|e| TraceError::io(path, e))?;
+    let tmp = temp_beside(path)?;
     let file = tmp.reopen().map_err(|e| TraceError::io(path, e))?;
     let mut w = BufWriter::new(file);
     body(&mut w)?;
@@ -147,4 +139,23 @@ where
     tmp.persist(path)
         .map_err(|e| TraceError::io(path, e.error))?;
     Ok(())
+}
+
+/// A temporary file in the folder of `path` (so it can be renamed onto `path`), removed
+/// when dropped unless persisted. It keeps `path`'s extension, for writers that pick
+/// the encoding from it.
+pub fn temp_beside(path: &Path) -> Result<tempfile::NamedTempFile> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let suffix = match path.extension() {
+        Some(ext) => format!(".tmp.{}", ext.to_string_lossy()),
+        None => ".tmp".to_string(),
+    };
+    tempfile::Builder::new()
+        .prefix(".moecast-")
+        .suffix(&suffix)
+        .tempfile_in(dir)
+        .map_err(|e| TraceError::io(path, e))
 }
