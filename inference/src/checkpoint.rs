@@ -1,0 +1,188 @@
+//! A Hugging Face checkpoint directory as published: `config.json`, the weights in
+//! `model.safetensors` or in shards listed by `model.safetensors.index.json`, and
+//! `tokenizer.json`. Weight files are memory-mapped; a tensor is decoded (f32, f16 or
+//! bf16 to f32) only when asked for, so experts can be read one by one.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype, Metadata, SafeTensors};
+use serde::Deserialize;
+
+use crate::error::{ModelError, Result};
+
+/// One memory-mapped `.safetensors` file and its parsed header.
+struct WeightFile {
+    path: PathBuf,
+    map: Mmap,
+    header_len: usize,
+    metadata: Metadata,
+}
+
+/// A tensor's raw description: where it lives and what it holds.
+#[derive(Debug, Clone)]
+pub struct TensorRef {
+    pub file: PathBuf,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    /// Byte range inside the file.
+    pub offset: usize,
+    pub len: usize,
+}
+
+/// An opened checkpoint directory.
+pub struct Checkpoint {
+    dir: PathBuf,
+    config_text: String,
+    files: Vec<WeightFile>,
+    /// Tensor name -> index into `files`.
+    index: HashMap<String, usize>,
+}
+
+#[derive(Deserialize)]
+struct ShardIndex {
+    weight_map: HashMap<String, String>,
+}
+
+impl Checkpoint {
+    /// Opens `dir`: reads `config.json` and maps every weight file.
+    pub fn open(dir: &Path) -> Result<Checkpoint> {
+        if !dir.is_dir() {
+            return Err(ModelError::file(dir, "not a checkpoint directory"));
+        }
+        let config_path = dir.join("config.json");
+        let config_text =
+            std::fs::read_to_string(&config_path).map_err(|e| ModelError::io(&config_path, e))?;
+        let single = dir.join("model.safetensors");
+        let index_path = dir.join("model.safetensors.index.json");
+        let shard_names: Vec<String> = if single.exists() {
+            vec!["model.safetensors".into()]
+        } else if index_path.exists() {
+            let text =
+                std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
+            let idx: ShardIndex = serde_json::from_str(&text)
+                .map_err(|e| ModelError::file(&index_path, format!("bad shard index: {e}")))?;
+            let mut names: Vec<String> = idx.weight_map.into_values().collect();
+            names.sort();
+            names.dedup();
+            names
+        } else {
+            return Err(ModelError::file(
+                dir,
+                "no model.safetensors or model.safetensors.index.json",
+            ));
+        };
+        let mut files = Vec::new();
+        let mut index = HashMap::new();
+        for name in shard_names {
+            let path = dir.join(&name);
+            let file = File::open(&path).map_err(|e| ModelError::io(&path, e))?;
+            // SAFETY: read-only map of a file we do not modify.
+            let map = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(&path, e))?;
+            let (header_len, metadata) = SafeTensors::read_metadata(&map)
+                .map_err(|e| ModelError::file(&path, format!("bad safetensors file: {e:?}")))?;
+            let data_len = map.len() - 8 - header_len;
+            for (tensor, info) in metadata.tensors() {
+                if info.data_offsets.1 > data_len {
+                    return Err(ModelError::file(
+                        &path,
+                        format!("truncated: tensor {tensor} ends past the end of the file"),
+                    ));
+                }
+                index.insert(tensor, files.len());
+            }
+            files.push(WeightFile {
+                path,
+                map,
+                header_len,
+                metadata,
+            });
+        }
+        Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+            config_text,
+            files,
+            index,
+        })
+    }
+
+    /// The checkpoint directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Path of `config.json`.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("config.json")
+    }
+
+    /// Deserialises `config.json` into `T`, naming the file on error.
+    pub fn config<T: for<'de> Deserialize<'de>>(&self) -> Result<T> {
+        serde_json::from_str(&self.config_text)
+            .map_err(|e| ModelError::file(&self.config_path(), format!("bad config: {e}")))
+    }
+
+    /// Whether a tensor of that name exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// Where tensor `name` lives.
+    pub fn tensor_ref(&self, name: &str) -> Result<TensorRef> {
+        let &fi = self
+            .index
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                dir: self.dir.clone(),
+                name: name.to_string(),
+            })?;
+        let f = &self.files[fi];
+        let info = f.metadata.info(name).expect("indexed tensor has info");
+        let start = 8 + f.header_len + info.data_offsets.0;
+        Ok(TensorRef {
+            file: f.path.clone(),
+            dtype: info.dtype,
+            shape: info.shape.clone(),
+            offset: start,
+            len: info.data_offsets.1 - info.data_offsets.0,
+        })
+    }
+
+    /// Tensor `name` decoded to f32, checked against `shape`.
+    pub fn tensor_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let r = self.tensor_ref(name)?;
+        if r.shape != shape {
+            return Err(ModelError::Shape {
+                file: r.file,
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found: r.shape,
+            });
+        }
+        let f = &self.files[self.index[name]];
+        decode_f32(&f.map[r.offset..r.offset + r.len], r.dtype)
+            .map_err(|m| ModelError::file(&r.file, format!("tensor {name}: {m}")))
+    }
+}
+
+/// Decodes little-endian f32 / f16 / bf16 bytes to f32.
+pub fn decode_f32(bytes: &[u8], dtype: Dtype) -> std::result::Result<Vec<f32>, String> {
+    let out = match dtype {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        other => return Err(format!("dtype {other:?} is not supported (f32, f16, bf16)")),
+    };
+    Ok(out)
+}

@@ -1,0 +1,50 @@
+//! Errors of the runtime. Each names the file and, for weights, the tensor.
+
+use std::path::{Path, PathBuf};
+
+/// Result alias for this crate.
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;
+
+/// What went wrong loading or running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file is malformed or unusable.
+    #[error("{}: {msg}", path.display())]
+    File { path: PathBuf, msg: String },
+    /// A weight the architecture needs is absent.
+    #[error("{}: missing tensor {name}", dir.display())]
+    MissingTensor { dir: PathBuf, name: String },
+    /// A weight has the wrong shape for the config.
+    #[error("{}: tensor {name} has shape {found:?}, expected {expected:?} from config.json", file.display())]
+    Shape {
+        file: PathBuf,
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    /// Bad input to a running model (token id out of range, empty prompt).
+    #[error("{0}")]
+    Input(String),
+}
+
+impl ModelError {
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    pub fn file(path: &Path, msg: impl Into<String>) -> Self {
+        ModelError::File {
+            path: path.to_path_buf(),
+            msg: msg.into(),
+        }
+    }
+}

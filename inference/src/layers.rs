@@ -1,0 +1,244 @@
+//! Building blocks shared by the architecture files: linear maps loaded from
+//! checkpoints, RMSNorm, rotary position embeddings, causal attention with a KV cache,
+//! and the SwiGLU feed-forward every expert uses.
+
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::{Device, Tensor, TensorData};
+
+use crate::checkpoint::Checkpoint;
+use crate::error::Result;
+
+/// `y = x W^T + b` with `W` stored as Hugging Face does (`[out, in]`).
+#[derive(Debug, Clone)]
+pub struct Dense {
+    /// Transposed weight, `[in, out]`.
+    pub weight: Tensor<2>,
+    pub bias: Option<Tensor<1>>,
+}
+
+impl Dense {
+    /// Loads `{name}.weight` (`[out, in]`) and `{name}.bias` if the checkpoint has one.
+    pub fn load(
+        ck: &Checkpoint,
+        name: &str,
+        out: usize,
+        inp: usize,
+        device: &Device,
+    ) -> Result<Dense> {
+        let w = ck.tensor_f32(&format!("{name}.weight"), &[out, inp])?;
+        let weight = Tensor::<2>::from_data(TensorData::new(w, [out, inp]), device).transpose();
+        let bias_name = format!("{name}.bias");
+        let bias = if ck.contains(&bias_name) {
+            let b = ck.tensor_f32(&bias_name, &[out])?;
+            Some(Tensor::<1>::from_data(TensorData::new(b, [out]), device))
+        } else {
+            None
+        };
+        Ok(Dense { weight, bias })
+    }
+
+    /// `x`: `[T, in]` -> `[T, out]`.
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        let y = x.matmul(self.weight.clone());
+        match &self.bias {
+            Some(b) => y + b.clone().unsqueeze_dim(0),
+            None => y,
+        }
+    }
+}
+
+/// Loads a 1-D tensor.
+pub fn load_vector(ck: &Checkpoint, name: &str, len: usize, device: &Device) -> Result<Tensor<1>> {
+    let v = ck.tensor_f32(name, &[len])?;
+    Ok(Tensor::<1>::from_data(TensorData::new(v, [len]), device))
+}
+
+/// RMSNorm: `x / sqrt(mean(x^2) + eps) * w` over the last dimension.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    pub weight: Tensor<1>,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn load(
+        ck: &Checkpoint,
+        name: &str,
+        len: usize,
+        eps: f64,
+        device: &Device,
+    ) -> Result<RmsNorm> {
+        Ok(RmsNorm {
+            weight: load_vector(ck, &format!("{name}.weight"), len, device)?,
+            eps,
+        })
+    }
+
+    /// Normalises the last dimension of a rank-`D` tensor.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let var = x.clone().powi_scalar(2).mean_dim(D - 1);
+        let w = self.weight.clone().unsqueeze::<D>();
+        x * (var + self.eps).sqrt().recip() * w
+    }
+}
+
+/// Rotary position embedding (the "rotate half" form of Llama and its descendants).
+#[derive(Debug, Clone)]
+pub struct Rope {
+    pub head_dim: usize,
+    pub theta: f64,
+}
+
+impl Rope {
+    /// `cos`, `sin` of shape `[1, T, head_dim]` for positions `start..start + T`.
+    pub fn tables(&self, start: usize, t: usize, device: &Device) -> (Tensor<3>, Tensor<3>) {
+        let half = self.head_dim / 2;
+        let mut cos = Vec::with_capacity(t * self.head_dim);
+        let mut sin = Vec::with_capacity(t * self.head_dim);
+        for p in start..start + t {
+            let row: Vec<f64> = (0..half)
+                .map(|i| p as f64 * self.theta.powf(-(2.0 * i as f64) / self.head_dim as f64))
+                .collect();
+            for _ in 0..2 {
+                cos.extend(row.iter().map(|a| a.cos() as f32));
+                sin.extend(row.iter().map(|a| a.sin() as f32));
+            }
+        }
+        let shape = [1, t, self.head_dim];
+        (
+            Tensor::<3>::from_data(TensorData::new(cos, shape), device),
+            Tensor::<3>::from_data(TensorData::new(sin, shape), device),
+        )
+    }
+}
+
+/// Applies rotary embeddings to `x`: `[heads, T, head_dim]`.
+pub fn apply_rope(x: Tensor<3>, cos: &Tensor<3>, sin: &Tensor<3>) -> Tensor<3> {
+    let [h, t, d] = x.dims();
+    let x1 = x.clone().slice([0..h, 0..t, 0..d / 2]);
+    let x2 = x.clone().slice([0..h, 0..t, d / 2..d]);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 2);
+    x * cos.clone() + rotated * sin.clone()
+}
+
+/// Keys and values of the tokens seen so far, per layer: `[kv_heads, S, head_dim]`.
+#[derive(Debug, Default, Clone)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor<3>, Tensor<3>)>>,
+}
+
+impl KvCache {
+    /// An empty cache for `n_layers` layers.
+    pub fn new(n_layers: usize) -> KvCache {
+        KvCache {
+            layers: vec![None; n_layers],
+        }
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map_or(0, |(k, _)| k.dims()[1])
+    }
+
+    /// True before the first forward.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends `k`, `v` of layer `l` and returns the full keys and values.
+    pub fn append(&mut self, l: usize, k: Tensor<3>, v: Tensor<3>) -> (Tensor<3>, Tensor<3>) {
+        let (k, v) = match self.layers[l].take() {
+            Some((pk, pv)) => (Tensor::cat(vec![pk, k], 1), Tensor::cat(vec![pv, v], 1)),
+            None => (k, v),
+        };
+        self.layers[l] = Some((k.clone(), v.clone()));
+        (k, v)
+    }
+}
+
+/// Additive causal mask `[1, T, S]` for `T` new queries after `past` cached positions
+/// (0 where key `j <= past + i`, `-inf` after), optionally limited to a sliding window.
+pub fn causal_mask(t: usize, past: usize, window: Option<usize>, device: &Device) -> Tensor<3> {
+    let s = past + t;
+    let mut m = vec![0f32; t * s];
+    for i in 0..t {
+        let q = past + i;
+        for j in 0..s {
+            let future = j > q;
+            let too_old = window.is_some_and(|w| q >= w && j <= q - w);
+            if future || too_old {
+                m[i * s + j] = f32::NEG_INFINITY;
+            }
+        }
+    }
+    Tensor::<3>::from_data(TensorData::new(m, [1, t, s]), device)
+}
+
+/// Scaled dot-product attention with grouped KV heads.
+/// `q`: `[heads, T, d]`, `k`/`v`: `[kv_heads, S, d]`, `mask`: `[1, T, S]` -> `[T, heads * d]`.
+pub fn attention(
+    q: Tensor<3>,
+    k: Tensor<3>,
+    v: Tensor<3>,
+    mask: Tensor<3>,
+    scale: f64,
+) -> Tensor<2> {
+    let [h, t, d] = q.dims();
+    let [kvh, s, _] = k.dims();
+    let rep = h / kvh;
+    let expand = |x: Tensor<3>| -> Tensor<3> {
+        if rep == 1 {
+            x
+        } else {
+            x.unsqueeze_dim::<4>(1)
+                .repeat_dim(1, rep)
+                .reshape([h, s, d])
+        }
+    };
+    let (k, v) = (expand(k), expand(v));
+    let scores = q.matmul(k.swap_dims(1, 2)) * scale + mask;
+    let probs = softmax(scores, 2);
+    probs.matmul(v).swap_dims(0, 1).reshape([t, h * d])
+}
+
+/// A SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`. Every expert is one.
+#[derive(Debug, Clone)]
+pub struct SwiGlu {
+    pub gate: Dense,
+    pub up: Dense,
+    pub down: Dense,
+}
+
+impl SwiGlu {
+    /// Loads three projections by their full tensor-name prefixes.
+    pub fn load(
+        ck: &Checkpoint,
+        names: [&str; 3],
+        hidden: usize,
+        inter: usize,
+        device: &Device,
+    ) -> Result<SwiGlu> {
+        Ok(SwiGlu {
+            gate: Dense::load(ck, names[0], inter, hidden, device)?,
+            up: Dense::load(ck, names[1], inter, hidden, device)?,
+            down: Dense::load(ck, names[2], hidden, inter, device)?,
+        })
+    }
+
+    /// `x`: `[T, hidden]` -> `[T, hidden]`.
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        let g = silu(self.gate.forward(x.clone()));
+        self.down.forward(g * self.up.forward(x))
+    }
+}
+
+/// Copies a tensor's values to a `Vec<f32>`.
+pub fn to_vec<const D: usize>(x: Tensor<D>) -> Vec<f32> {
+    x.into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .expect("f32 tensor data")
+}

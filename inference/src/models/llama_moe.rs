@@ -1,0 +1,401 @@
+//! Llama-style decoders with sparse MoE feed-forwards: Mixtral, Qwen2-MoE, Qwen3-MoE
+//! and OLMoE. Per layer:
+//!
+//! ```text
+//! h = x + o_proj(attn(rope(norm_q(q_proj(n))), rope(norm_k(k_proj(n))), v_proj(n)))   n = rms_norm(x)
+//! y = h + ffn(rms_norm(h))        ffn = sparse MoE (router softmax, top-k) or dense SwiGLU
+//! ```
+//!
+//! Differences, all read from `config.json`: Mixtral names its MoE tensors
+//! `block_sparse_moe.*` with `w1/w3/w2` experts and always renormalises the top-k
+//! weights; Qwen2-MoE adds a shared expert scaled by `sigmoid(shared_expert_gate(x))`
+//! and has q/k/v biases; Qwen3-MoE normalises q and k per head (`q_norm`, `k_norm` of
+//! size head_dim) and may keep some layers dense (`mlp_only_layers`,
+//! `decoder_sparse_step`); OLMoE normalises q and k over the whole projection and may
+//! clip q/k/v (`clip_qkv`).
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use serde::Deserialize;
+
+use crate::checkpoint::Checkpoint;
+use crate::error::{ModelError, Result};
+use crate::layers::{apply_rope, attention, causal_mask, Dense, KvCache, RmsNorm, Rope, SwiGlu};
+use crate::moe::{SharedExpert, SparseMoe};
+use crate::routing::{RouterScoring, RoutingObserver};
+
+/// Which member of the family, from `model_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    Mixtral,
+    Qwen2Moe,
+    Qwen3Moe,
+    Olmoe,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct RopeParameters {
+    rope_theta: Option<f64>,
+}
+
+/// The `config.json` fields this family reads.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    #[serde(default)]
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default)]
+    rope_theta: Option<f64>,
+    #[serde(default)]
+    rope_parameters: Option<RopeParameters>,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Mixtral's expert count.
+    #[serde(default)]
+    num_local_experts: Option<usize>,
+    /// Qwen / OLMoE expert count.
+    #[serde(default)]
+    num_experts: Option<usize>,
+    pub num_experts_per_tok: usize,
+    #[serde(default)]
+    pub norm_topk_prob: Option<bool>,
+    #[serde(default)]
+    pub moe_intermediate_size: Option<usize>,
+    #[serde(default)]
+    pub shared_expert_intermediate_size: Option<usize>,
+    #[serde(default)]
+    pub mlp_only_layers: Vec<usize>,
+    #[serde(default)]
+    pub decoder_sparse_step: Option<usize>,
+    #[serde(default)]
+    pub clip_qkv: Option<f64>,
+}
+
+fn default_eps() -> f64 {
+    1e-6
+}
+
+impl Config {
+    pub fn variant(&self) -> Option<Variant> {
+        match self.model_type.as_str() {
+            "mixtral" => Some(Variant::Mixtral),
+            "qwen2_moe" => Some(Variant::Qwen2Moe),
+            "qwen3_moe" => Some(Variant::Qwen3Moe),
+            "olmoe" => Some(Variant::Olmoe),
+            _ => None,
+        }
+    }
+
+    pub fn n_experts(&self) -> usize {
+        self.num_local_experts.or(self.num_experts).unwrap_or(0)
+    }
+
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    pub fn rope_theta(&self) -> f64 {
+        self.rope_theta
+            .or(self.rope_parameters.as_ref().and_then(|r| r.rope_theta))
+            .unwrap_or(10_000.0)
+    }
+
+    /// Whether model layer `l` has a sparse MoE block (else a dense SwiGLU).
+    pub fn is_moe_layer(&self, l: usize) -> bool {
+        let step = self.decoder_sparse_step.unwrap_or(1).max(1);
+        self.n_experts() > 0 && !self.mlp_only_layers.contains(&l) && (l + 1) % step == 0
+    }
+
+    fn norm_topk(&self, v: Variant) -> bool {
+        match v {
+            Variant::Mixtral => true,
+            _ => self.norm_topk_prob.unwrap_or(false),
+        }
+    }
+}
+
+/// How q and k are normalised before RoPE.
+#[derive(Debug, Clone)]
+enum QkNorm {
+    None,
+    /// Qwen3: per head, over head_dim.
+    PerHead(RmsNorm, RmsNorm),
+    /// OLMoE: over the whole projection.
+    Full(RmsNorm, RmsNorm),
+}
+
+#[derive(Debug, Clone)]
+enum Ffn {
+    Dense(SwiGlu),
+    Sparse(SparseMoe),
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    input_norm: RmsNorm,
+    post_norm: RmsNorm,
+    q: Dense,
+    k: Dense,
+    v: Dense,
+    o: Dense,
+    qk_norm: QkNorm,
+    ffn: Ffn,
+}
+
+/// A loaded model of this family.
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub config: Config,
+    pub variant: Variant,
+    embed: Tensor<2>,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    lm_head: Dense,
+    rope: Rope,
+}
+
+impl Model {
+    /// Loads the weights of `ck` (whose config is `config`) onto `device`.
+    pub fn load(ck: &Checkpoint, config: Config, device: &Device) -> Result<Model> {
+        let variant = config.variant().ok_or_else(|| {
+            ModelError::file(
+                &ck.config_path(),
+                format!(
+                    "model_type {} is not in the Llama-MoE family",
+                    config.model_type
+                ),
+            )
+        })?;
+        let c = &config;
+        let (h, hd, nh, nkv, eps) = (
+            c.hidden_size,
+            c.head_dim(),
+            c.num_attention_heads,
+            c.kv_heads(),
+            c.rms_norm_eps,
+        );
+        let emb = ck.tensor_f32("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let embed = Tensor::<2>::from_data(TensorData::new(emb, [c.vocab_size, h]), device);
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for l in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let attn = format!("{p}.self_attn");
+            let qk_norm = match variant {
+                Variant::Qwen3Moe => QkNorm::PerHead(
+                    RmsNorm::load(ck, &format!("{attn}.q_norm"), hd, eps, device)?,
+                    RmsNorm::load(ck, &format!("{attn}.k_norm"), hd, eps, device)?,
+                ),
+                Variant::Olmoe => QkNorm::Full(
+                    RmsNorm::load(ck, &format!("{attn}.q_norm"), nh * hd, eps, device)?,
+                    RmsNorm::load(ck, &format!("{attn}.k_norm"), nkv * hd, eps, device)?,
+                ),
+                _ => QkNorm::None,
+            };
+            let ffn = if c.is_moe_layer(l) {
+                Ffn::Sparse(load_moe(ck, c, variant, l, device)?)
+            } else {
+                let m = format!("{p}.mlp");
+                Ffn::Dense(SwiGlu::load(
+                    ck,
+                    [
+                        &format!("{m}.gate_proj"),
+                        &format!("{m}.up_proj"),
+                        &format!("{m}.down_proj"),
+                    ],
+                    h,
+                    c.intermediate_size,
+                    device,
+                )?)
+            };
+            layers.push(Layer {
+                input_norm: RmsNorm::load(ck, &format!("{p}.input_layernorm"), h, eps, device)?,
+                post_norm: RmsNorm::load(
+                    ck,
+                    &format!("{p}.post_attention_layernorm"),
+                    h,
+                    eps,
+                    device,
+                )?,
+                q: Dense::load(ck, &format!("{attn}.q_proj"), nh * hd, h, device)?,
+                k: Dense::load(ck, &format!("{attn}.k_proj"), nkv * hd, h, device)?,
+                v: Dense::load(ck, &format!("{attn}.v_proj"), nkv * hd, h, device)?,
+                o: Dense::load(ck, &format!("{attn}.o_proj"), h, nh * hd, device)?,
+                qk_norm,
+                ffn,
+            });
+        }
+        let lm_head = if c.tie_word_embeddings && !ck.contains("lm_head.weight") {
+            Dense {
+                weight: embed.clone().transpose(),
+                bias: None,
+            }
+        } else {
+            Dense::load(ck, "lm_head", c.vocab_size, h, device)?
+        };
+        Ok(Model {
+            norm: RmsNorm::load(ck, "model.norm", h, eps, device)?,
+            rope: Rope {
+                head_dim: hd,
+                theta: c.rope_theta(),
+            },
+            variant,
+            embed,
+            layers,
+            lm_head,
+            config,
+        })
+    }
+
+    /// Model layer indices that have sparse MoE blocks.
+    pub fn moe_layers(&self) -> Vec<usize> {
+        (0..self.layers.len())
+            .filter(|&l| self.config.is_moe_layer(l))
+            .collect()
+    }
+
+    /// Runs `tokens` after the positions already in `cache`; returns logits `[T, vocab]`.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        observer: &mut dyn RoutingObserver,
+    ) -> Tensor<2> {
+        let device = self.embed.device();
+        let t = tokens.len();
+        let past = cache.len();
+        let c = &self.config;
+        let (nh, nkv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
+        let ids: Vec<i64> = tokens.iter().map(|&x| x as i64).collect();
+        let ids = Tensor::<1, Int>::from_data(TensorData::new(ids, [t]), &device);
+        let mut x = self.embed.clone().select(0, ids);
+        let (cos, sin) = self.rope.tables(past, t, &device);
+        let mask = causal_mask(t, past, None, &device);
+        let scale = 1.0 / (hd as f64).sqrt();
+        for (l, layer) in self.layers.iter().enumerate() {
+            let n = layer.input_norm.forward(x.clone());
+            let (mut q, mut k, mut v) = (
+                layer.q.forward(n.clone()),
+                layer.k.forward(n.clone()),
+                layer.v.forward(n),
+            );
+            if let QkNorm::Full(qn, kn) = &layer.qk_norm {
+                q = qn.forward(q);
+                k = kn.forward(k);
+            }
+            if let Some(clip) = c.clip_qkv {
+                q = q.clamp(-clip, clip);
+                k = k.clamp(-clip, clip);
+                v = v.clamp(-clip, clip);
+            }
+            let heads = |x: Tensor<2>, n: usize| x.reshape([t, n, hd]).swap_dims(0, 1);
+            let (mut q, mut k, v) = (heads(q, nh), heads(k, nkv), heads(v, nkv));
+            if let QkNorm::PerHead(qn, kn) = &layer.qk_norm {
+                q = qn.forward(q);
+                k = kn.forward(k);
+            }
+            let q = apply_rope(q, &cos, &sin);
+            let k = apply_rope(k, &cos, &sin);
+            let (k, v) = cache.append(l, k, v);
+            let a = attention(q, k, v, mask.clone(), scale);
+            let h = x + layer.o.forward(a);
+            let n = layer.post_norm.forward(h.clone());
+            let f = match &layer.ffn {
+                Ffn::Dense(mlp) => mlp.forward(n),
+                Ffn::Sparse(moe) => moe.forward(n, past, observer),
+            };
+            x = h + f;
+        }
+        self.lm_head.forward(self.norm.forward(x))
+    }
+}
+
+fn load_moe(
+    ck: &Checkpoint,
+    c: &Config,
+    variant: Variant,
+    l: usize,
+    device: &Device,
+) -> Result<SparseMoe> {
+    let h = c.hidden_size;
+    let e = c.n_experts();
+    let (block, names): (String, [&str; 3]) = match variant {
+        Variant::Mixtral => (
+            format!("model.layers.{l}.block_sparse_moe"),
+            ["w1", "w3", "w2"],
+        ),
+        _ => (
+            format!("model.layers.{l}.mlp"),
+            ["gate_proj", "up_proj", "down_proj"],
+        ),
+    };
+    let inter = match variant {
+        Variant::Mixtral | Variant::Olmoe => c.intermediate_size,
+        _ => c.moe_intermediate_size.unwrap_or(c.intermediate_size),
+    };
+    let experts = (0..e)
+        .map(|i| {
+            let p = format!("{block}.experts.{i}");
+            SwiGlu::load(
+                ck,
+                [
+                    &format!("{p}.{}", names[0]),
+                    &format!("{p}.{}", names[1]),
+                    &format!("{p}.{}", names[2]),
+                ],
+                h,
+                inter,
+                device,
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let shared = match (variant, c.shared_expert_intermediate_size) {
+        (Variant::Qwen2Moe, Some(si)) if si > 0 => {
+            let p = format!("{block}.shared_expert");
+            Some(SharedExpert {
+                mlp: SwiGlu::load(
+                    ck,
+                    [
+                        &format!("{p}.gate_proj"),
+                        &format!("{p}.up_proj"),
+                        &format!("{p}.down_proj"),
+                    ],
+                    h,
+                    si,
+                    device,
+                )?,
+                gate: Some(Dense::load(
+                    ck,
+                    &format!("{block}.shared_expert_gate"),
+                    1,
+                    h,
+                    device,
+                )?),
+            })
+        }
+        _ => None,
+    };
+    Ok(SparseMoe {
+        layer: l,
+        router: Dense::load(ck, &format!("{block}.gate"), e, h, device)?,
+        scoring: RouterScoring::SoftmaxTopK {
+            norm_topk_prob: c.norm_topk(variant),
+        },
+        top_k: c.num_experts_per_tok,
+        experts,
+        shared,
+    })
+}

@@ -1,0 +1,129 @@
+//! Architecture families, one file each, behind one [`MoeModel`].
+
+pub mod llama_moe;
+
+use burn::tensor::{Device, Tensor};
+use serde::Deserialize;
+
+use crate::checkpoint::Checkpoint;
+use crate::error::{ModelError, Result};
+use crate::layers::KvCache;
+use crate::routing::RoutingObserver;
+
+/// The `config.json` fields read before the architecture is known.
+#[derive(Deserialize)]
+struct Probe {
+    #[serde(default)]
+    model_type: Option<String>,
+    #[serde(default)]
+    architectures: Vec<String>,
+}
+
+/// Architectures the runtime loads, as (`model_type`, `architectures[0]`).
+pub const SUPPORTED: &[(&str, &str)] = &[
+    ("mixtral", "MixtralForCausalLM"),
+    ("qwen2_moe", "Qwen2MoeForCausalLM"),
+    ("qwen3_moe", "Qwen3MoeForCausalLM"),
+    ("olmoe", "OlmoeForCausalLM"),
+];
+
+/// A loaded MoE language model of any supported architecture.
+#[derive(Debug, Clone)]
+pub enum MoeModel {
+    LlamaMoe(llama_moe::Model),
+}
+
+/// Shape facts every caller needs (trace meta, cache sizing).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelShape {
+    pub model_type: String,
+    pub n_layers: usize,
+    pub moe_layers: Vec<usize>,
+    pub n_experts: usize,
+    pub top_k: usize,
+    pub n_shared_experts: usize,
+    pub vocab_size: usize,
+}
+
+impl MoeModel {
+    /// Loads the checkpoint in `dir` onto `device`.
+    pub fn load(ck: &Checkpoint, device: &Device) -> Result<MoeModel> {
+        let probe: Probe = ck.config()?;
+        let model_type = probe
+            .model_type
+            .or_else(|| {
+                probe.architectures.first().and_then(|a| {
+                    SUPPORTED
+                        .iter()
+                        .find(|(_, arch)| arch == a)
+                        .map(|(mt, _)| mt.to_string())
+                })
+            })
+            .ok_or_else(|| {
+                ModelError::file(
+                    &ck.config_path(),
+                    "config has neither model_type nor a known architectures entry",
+                )
+            })?;
+        match model_type.as_str() {
+            "mixtral" | "qwen2_moe" | "qwen3_moe" | "olmoe" => Ok(MoeModel::LlamaMoe(
+                llama_moe::Model::load(ck, ck.config()?, device)?,
+            )),
+            other => {
+                let names: Vec<&str> = SUPPORTED.iter().map(|(_, a)| *a).collect();
+                Err(ModelError::file(
+                    &ck.config_path(),
+                    format!(
+                        "architecture '{other}' is not supported (supported: {})",
+                        names.join(", ")
+                    ),
+                ))
+            }
+        }
+    }
+
+    /// The model's shape.
+    pub fn shape(&self) -> ModelShape {
+        match self {
+            MoeModel::LlamaMoe(m) => ModelShape {
+                model_type: m.config.model_type.clone(),
+                n_layers: m.config.num_hidden_layers,
+                moe_layers: m.moe_layers(),
+                n_experts: m.config.n_experts(),
+                top_k: m.config.num_experts_per_tok,
+                n_shared_experts: usize::from(
+                    m.config
+                        .shared_expert_intermediate_size
+                        .is_some_and(|s| s > 0),
+                ),
+                vocab_size: m.config.vocab_size,
+            },
+        }
+    }
+
+    /// Runs `tokens` after what `cache` holds; logits `[T, vocab]`.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        observer: &mut dyn RoutingObserver,
+    ) -> Result<Tensor<2>> {
+        let vocab = self.shape().vocab_size;
+        if tokens.is_empty() {
+            return Err(ModelError::Input("empty input".into()));
+        }
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(ModelError::Input(format!(
+                "token id {t} is not below vocab_size = {vocab}"
+            )));
+        }
+        Ok(match self {
+            MoeModel::LlamaMoe(m) => m.forward(tokens, cache, observer),
+        })
+    }
+
+    /// A fresh KV cache for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.shape().n_layers)
+    }
+}

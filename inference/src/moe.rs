@@ -1,0 +1,84 @@
+//! The sparse MoE feed-forward block: a router, routed experts addressable one by one
+//! as (layer, expert id), and optional shared experts.
+
+use burn::tensor::activation::sigmoid;
+use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
+
+use crate::layers::{to_vec, Dense, SwiGlu};
+use crate::routing::{RouteDecision, RouterScoring, RoutingObserver};
+
+/// Always-active experts beside the routed ones, optionally scaled by a sigmoid gate
+/// (Qwen2-MoE's `shared_expert_gate`).
+#[derive(Debug, Clone)]
+pub struct SharedExpert {
+    pub mlp: SwiGlu,
+    pub gate: Option<Dense>,
+}
+
+/// One MoE layer.
+#[derive(Debug, Clone)]
+pub struct SparseMoe {
+    /// Model layer index, reported to the observer.
+    pub layer: usize,
+    pub router: Dense,
+    pub scoring: RouterScoring,
+    pub top_k: usize,
+    pub experts: Vec<SwiGlu>,
+    pub shared: Option<SharedExpert>,
+}
+
+impl SparseMoe {
+    /// `x`: `[T, hidden]` for positions `first_pos..`; reports the routing and returns
+    /// the block's output.
+    pub fn forward(
+        &self,
+        x: Tensor<2>,
+        first_pos: usize,
+        observer: &mut dyn RoutingObserver,
+    ) -> Tensor<2> {
+        let [t, hidden] = x.dims();
+        let device = x.device();
+        let logits = to_vec(self.router.forward(x.clone()));
+        let e = self.experts.len();
+        let decisions: Vec<RouteDecision> = logits
+            .chunks_exact(e)
+            .map(|row| self.scoring.route(row, self.top_k))
+            .collect();
+        observer.on_routing(self.layer, first_pos, &decisions);
+        let mut out = self.combine(x.clone(), &decisions, &device);
+        if let Some(shared) = &self.shared {
+            let mut s = shared.mlp.forward(x.clone());
+            if let Some(g) = &shared.gate {
+                s = s * sigmoid(g.forward(x));
+            }
+            out = out + s;
+        }
+        debug_assert_eq!(out.dims(), [t, hidden]);
+        out
+    }
+
+    /// Runs each chosen expert on its tokens and sums the weighted outputs.
+    fn combine(&self, x: Tensor<2>, decisions: &[RouteDecision], device: &Device) -> Tensor<2> {
+        let [t, hidden] = x.dims();
+        let mut per_expert: Vec<(Vec<i64>, Vec<f32>)> =
+            vec![(Vec::new(), Vec::new()); self.experts.len()];
+        for (tok, d) in decisions.iter().enumerate() {
+            for (&id, &w) in d.ids.iter().zip(&d.weights) {
+                per_expert[id as usize].0.push(tok as i64);
+                per_expert[id as usize].1.push(w);
+            }
+        }
+        let mut out = Tensor::<2>::zeros([t, hidden], device);
+        for (id, (tokens, weights)) in per_expert.into_iter().enumerate() {
+            if tokens.is_empty() {
+                continue;
+            }
+            let n = tokens.len();
+            let idx = Tensor::<1, Int>::from_data(TensorData::new(tokens, [n]), device);
+            let w = Tensor::<2>::from_data(TensorData::new(weights, [n, 1]), device);
+            let y = self.experts[id].forward(x.clone().select(0, idx.clone())) * w;
+            out = out.select_assign(0, idx, y, IndexingUpdateOp::Add);
+        }
+        out
+    }
+}

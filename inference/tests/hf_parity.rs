@@ -1,0 +1,194 @@
+//! The runtime against Hugging Face transformers: tiny random checkpoints of every
+//! supported architecture, with routing and logits recorded by `tools/hf_fixtures.py`.
+//! Top-k expert ids must match exactly, weights and logits to 1e-4.
+
+use std::path::{Path, PathBuf};
+
+use inference::generate::{generate, Sampling};
+use inference::tokenizer::TextTokenizer;
+use inference::{Checkpoint, MoeModel, RouteDecision, RoutingObserver};
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct Expected {
+    moe_layers: Vec<usize>,
+    prompts: Vec<Case>,
+}
+
+#[derive(Deserialize)]
+struct Case {
+    name: String,
+    text: Option<String>,
+    #[serde(default)]
+    add_special_tokens: bool,
+    input_ids: Vec<u32>,
+    prefill: Prefill,
+    prefill_logits: Vec<f32>,
+    decode: Vec<Step>,
+    generated_ids: Vec<u32>,
+}
+
+#[derive(Deserialize)]
+struct Prefill {
+    /// [token][moe layer][k]
+    topk_ids: Vec<Vec<Vec<u32>>>,
+    topk_weights: Vec<Vec<Vec<f32>>>,
+}
+
+#[derive(Deserialize)]
+struct Step {
+    position: usize,
+    input_id: u32,
+    topk_ids: Vec<Vec<u32>>,
+    topk_weights: Vec<Vec<f32>>,
+    logits_top_ids: Vec<usize>,
+    logits_top_values: Vec<f32>,
+}
+
+/// Records (position, layer) -> decision.
+#[derive(Default)]
+struct Recorder {
+    seen: std::collections::BTreeMap<(usize, usize), RouteDecision>,
+}
+
+impl RoutingObserver for Recorder {
+    fn on_routing(&mut self, layer: usize, first_pos: usize, decisions: &[RouteDecision]) {
+        for (i, d) in decisions.iter().enumerate() {
+            self.seen.insert((first_pos + i, layer), d.clone());
+        }
+    }
+}
+
+fn fixture(arch: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/hf")
+        .join(arch)
+}
+
+fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: length");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!((x - y).abs() <= tol, "{what}[{i}]: {x} vs {y}");
+    }
+}
+
+fn check_arch(arch: &str) {
+    let dir = fixture(arch);
+    let expected: Expected =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let ck = Checkpoint::open(&dir).unwrap();
+    let device = inference::device::BackendKind::Flex.device();
+    let model = MoeModel::load(&ck, &device).unwrap();
+    assert_eq!(
+        model.shape().moe_layers,
+        expected.moe_layers,
+        "{arch}: MoE layers"
+    );
+    let tok = TextTokenizer::load(&dir).unwrap();
+    for case in &expected.prompts {
+        let what = format!("{arch}/{}", case.name);
+        if let Some(text) = &case.text {
+            let ids = tok
+                .encode(text, case.add_special_tokens, model.shape().vocab_size)
+                .unwrap();
+            assert_eq!(ids, case.input_ids, "{what}: tokenizer");
+        }
+        let mut rec = Recorder::default();
+        let gen = generate(
+            &model,
+            &case.input_ids,
+            case.decode.len(),
+            &Sampling::Greedy,
+            None,
+            &mut rec,
+        )
+        .unwrap();
+        assert_eq!(gen.generated, case.generated_ids, "{what}: greedy tokens");
+        close(
+            &gen.step_logits[0],
+            &case.prefill_logits,
+            1e-4,
+            &format!("{what} prefill logits"),
+        );
+        for (t, (ids, ws)) in case
+            .prefill
+            .topk_ids
+            .iter()
+            .zip(&case.prefill.topk_weights)
+            .enumerate()
+        {
+            for (m, &layer) in expected.moe_layers.iter().enumerate() {
+                let d = &rec.seen[&(t, layer)];
+                assert_eq!(d.ids, ids[m], "{what}: prefill token {t} layer {layer} ids");
+                close(
+                    &d.weights,
+                    &ws[m],
+                    1e-4,
+                    &format!("{what} prefill token {t} layer {layer} weights"),
+                );
+            }
+        }
+        for (s, step) in case.decode.iter().enumerate() {
+            assert_eq!(gen.generated[s], step.input_id);
+            for (m, &layer) in expected.moe_layers.iter().enumerate() {
+                let d = &rec.seen[&(step.position, layer)];
+                assert_eq!(
+                    d.ids, step.topk_ids[m],
+                    "{what}: decode step {s} layer {layer} ids"
+                );
+                close(
+                    &d.weights,
+                    &step.topk_weights[m],
+                    1e-4,
+                    &format!("{what} decode {s} layer {layer} weights"),
+                );
+            }
+            let logits = &gen.step_logits[s + 1];
+            let got: Vec<f32> = step.logits_top_ids.iter().map(|&i| logits[i]).collect();
+            close(
+                &got,
+                &step.logits_top_values,
+                1e-4,
+                &format!("{what} decode {s} logits"),
+            );
+        }
+        // Decode with the KV cache routes exactly like one full forward of the sequence.
+        let mut full_seq = case.input_ids.clone();
+        full_seq.extend(&gen.generated);
+        let mut full = Recorder::default();
+        model
+            .forward(&full_seq, &mut model.new_cache(), &mut full)
+            .unwrap();
+        for (key, d) in &rec.seen {
+            assert_eq!(
+                full.seen[key].ids, d.ids,
+                "{what}: cached vs full routing at {key:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn mixtral_matches_transformers() {
+    check_arch("mixtral");
+}
+
+#[test]
+fn qwen2_moe_matches_transformers() {
+    check_arch("qwen2_moe");
+}
+
+#[test]
+fn qwen3_moe_matches_transformers() {
+    check_arch("qwen3_moe");
+}
+
+#[test]
+fn qwen3_moe_sharded_bf16_matches_transformers() {
+    check_arch("qwen3_moe_sharded_bf16");
+}
+
+#[test]
+fn olmoe_matches_transformers() {
+    check_arch("olmoe");
+}

@@ -1,0 +1,905 @@
+#!/usr/bin/env python3
+"""Build tiny, randomly initialised Hugging Face MoE checkpoints + reference outputs.
+
+Usage:  python3 tools/hf_fixtures.py [--out inference/tests/fixtures/hf]
+
+For every architecture below this writes ``<out>/<arch>/`` containing
+``config.json`` / ``generation_config.json`` (as ``save_pretrained`` writes them),
+``model.safetensors`` (f32, published on-disk tensor layout), ``tokenizer.json`` +
+``tokenizer_config.json`` (tiny byte-level BPE trained on CORPUS below) and
+``expected.json`` (token ids, per-token routing, logits, greedy decode).
+``qwen3_moe_sharded_bf16/`` is the qwen3_moe model cast to bf16 and saved as 2 shards
++ ``model.safetensors.index.json``; its expected outputs come from loading that bf16
+checkpoint and running it upcast to f32 (``.float()``).
+
+Everything is computed on CPU, f32, eager attention, eager experts, 1 thread,
+deterministic algorithms; seeds are searched deterministically, so reruns are
+byte-identical.  Nothing is downloaded.
+
+ROUTER HOOKS (transformers 5.24).  A forward hook sits on the router module of every
+MoE layer; the module returns ``(router_logits, weights, indices)`` and ``weights`` is
+exactly what multiplies each expert's output in ``<Arch>Experts.forward``.  We store
+ids/weights re-sorted by weight, descending (stable), so ``topk_ids[r]`` has the r-th
+largest weight.  Each hook output is also re-derived from router_logits by an
+independent reference (``_reference_route``) and must match; that reference gives the
+score gaps behind ``min_topk_gap``.
+
+* mixtral     -- ``model.layers.{l}.mlp.gate`` (MixtralTopKRouter; on disk
+  ``block_sparse_moe.gate``). p = softmax(x W^T) in f32; ids = top-k of p; weights =
+  p[ids] / sum(p[ids]) (always renormalised).
+* qwen2_moe   -- ``model.layers.{l}.mlp.gate`` (Qwen2MoeTopKRouter). p = softmax(logits);
+  ids = top-k(p); weights = p[ids] (norm_topk_prob=False: NOT renormalised).  Routed
+  experts only; the block also adds sigmoid(shared_expert_gate(x)) * shared_expert(x),
+  which is not part of the recorded weights.
+* qwen3_moe   -- ``model.layers.{l}.mlp.gate`` (Qwen3MoeTopKRouter). As qwen2_moe but
+  norm_topk_prob=True: weights = p[ids] / sum(p[ids]).  No shared expert.  Layer 1 is a
+  dense Qwen3MoeMLP (mlp_only_layers=[1]), so moe_layers=[0, 2].
+* olmoe       -- ``model.layers.{l}.mlp.gate`` (OlmoeTopKRouter). softmax -> top-k,
+  norm_topk_prob=False: weights = p[ids] (not renormalised).
+* deepseek_v2 -- ``model.layers.{l}.mlp.gate`` (DeepseekV2TopkRouter), layer 0 dense
+  (first_k_dense_replace=1).  p = softmax(logits) f32; topk_method=group_limited_greedy
+  (n_group=2 x 4 experts, topk_group=1, so the limit bites): group score = max p within
+  each contiguous group, keep the topk_group best groups, zero the rest, ids = top-k of
+  masked p; weights = p[ids] * routed_scaling_factor
+  (NO renormalisation: transformers' V2 router ignores norm_topk_prob, which is False
+  anyway).  Plus n_shared_experts shared experts (one MLP of width
+  n_shared*moe_intermediate_size, ungated).
+* deepseek_v3 -- ``model.layers.{l}.mlp.gate`` (DeepseekV3TopkRouter), layer 0 dense.
+  s = sigmoid(logits) f32; choice = s + e_score_correction_bias (random, non-zero);
+  n_group=4 x 2 experts, topk_group=2, top-k 3;
+  group score = sum of top-2 choice scores in each group; keep topk_group groups
+  (others -> -inf); ids = top-k of choice; weights = s[ids] (UNBIASED) /
+  (sum(s[ids]) + 1e-20) * routed_scaling_factor.  Ranking below is by these weights,
+  which can differ from the ranking by biased choice score.  Plus a shared expert.
+* gpt_oss     -- ``model.layers.{l}.mlp.router`` (GptOssTopKRouter). logits = x W^T + b;
+  ids = top-k of logits; weights = softmax over the k selected logits only.
+
+min_topk_gap: smallest, over every token / MoE layer / case (prefill and decode), of
+the gap between the k-th and (k+1)-th selection score (softmax prob for
+mixtral/qwen*/olmoe/deepseek_v2, raw logit for gpt_oss, biased sigmoid score for
+deepseek_v3) and, for group-limited routers, also between the topk_group-th and
+(topk_group+1)-th group score.  Seeds are advanced until it is > GAP_MIN and the greedy
+argmax margins are > GAP_MIN too.
+
+ON-DISK LAYOUT (written by transformers' own save_pretrained, which reverses its
+load-time expert fusion; check_layout() asserts it and the directory is reloaded with
+AutoModelForCausalLM.from_pretrained and must give identical weights and logits):
+* mixtral: model.layers.{l}.block_sparse_moe.gate.weight [E, H],
+  ...block_sparse_moe.experts.{e}.w1/w3 [I, H] (gate/up), w2 [H, I] (down).
+* qwen2_moe / qwen3_moe / olmoe / deepseek_v2 / deepseek_v3: model.layers.{l}.mlp.gate.weight
+  [E, H]; ...mlp.experts.{e}.gate_proj/up_proj [I, H], down_proj [H, I]; qwen2_moe adds
+  mlp.shared_expert.{gate,up,down}_proj + mlp.shared_expert_gate.weight [1, H]; deepseek
+  adds mlp.shared_experts.* and (v3) mlp.gate.e_score_correction_bias [E]; dense layers
+  are mlp.{gate,up,down}_proj.
+* gpt_oss: the unquantised (bf16-style) form of openai/gpt-oss: mlp.router.weight [E, H] +
+  .bias [E]; mlp.experts.gate_up_proj [E, H, 2I] + gate_up_proj_bias [E, 2I];
+  mlp.experts.down_proj [E, I, H] + down_proj_bias [E, H]; self_attn.sinks [heads].
+  (The hub release stores the expert matrices as MXFP4 *_blocks/*_scales, which
+  transformers' mxfp4 integration dequantises and transposes into exactly this layout.)
+All tensors f32 except qwen3_moe_sharded_bf16.  After the standard init, norm weights are
+re-drawn as 1 + 0.1 N(0,1) and all biases / sinks as N(0, initializer_range)
+(e_score_correction_bias: N(0, 0.1)) so that none of them is a no-op.
+
+Other arch notes useful to a reimplementation:
+* config.json uses transformers-5 names (``rope_parameters`` instead of rope_theta /
+  rope_scaling; qwen3_moe writes ``num_local_experts`` (alias of num_experts)).
+* deepseek_v2 applies RoPE to *interleaved* pairs (complex view); deepseek_v3 too
+  (rope_interleave=true).  The others use rotate_half (gpt_oss: first/second half).
+* gpt_oss keeps its default YaRN rope (factor 32, original_max_position_embeddings
+  4096, beta_fast 32, beta_slow 1, truncate false), as published; cos/sin carry the YaRN
+  attention factor.  Sliding layers attend to keys with q - k < sliding_window (window
+  includes the current token).  Attention sinks: one logit per head appended to the
+  softmax, then dropped.  Experts: gate = gate_up[..., ::2], up = gate_up[..., 1::2]
+  (interleaved), clamp(gate, max=7), clamp(up, -7, 7), out = (up + 1) * gate *
+  sigmoid(1.702 gate); weights stored as x @ W ([E, hidden, 2*inter], [E, inter, hidden]).
+* Decode ignores EOS: always DECODE_STEPS forward passes.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+
+import torch
+
+import safetensors
+import tokenizers
+import transformers
+from safetensors import safe_open
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoConfig, AutoModelForCausalLM
+
+GAP_MIN = 1e-3
+DECODE_STEPS = 16
+LOGITS_TOPN = 16
+VOCAB = 272
+MAX_SEEDS = 400
+
+SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>"]  # ids 0, 1, 2
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+
+CORPUS = [
+    "Mixture of experts models route every token to a few experts.",
+    "The router picks the top experts and mixes their outputs with weights.",
+    "A tiny model with random weights still routes tokens in a stable way.",
+    "Shared experts see every token, routed experts only see some tokens.",
+    "Sliding window attention looks back a fixed number of tokens.",
+    "The cache keeps keys and values so decoding one token is cheap.",
+    "Experts, routers, tokens, weights, layers and logits.",
+    "Rust should reproduce these numbers to within a small tolerance.",
+]
+TEXT_PROMPT = "The router picks experts for every token."
+IDS_PROMPT = [17, 250, 3, 99, 141, 64, 200, 5, 77, 123, 31, 266, 45, 88, 180, 9]
+
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=24,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    initializer_range=0.2,
+    tie_word_embeddings=False,
+    bos_token_id=BOS_ID,
+    eos_token_id=EOS_ID,
+    pad_token_id=PAD_ID,
+)
+
+ARCHS = {
+    "mixtral": dict(
+        add_bos=True,
+        config=dict(
+            num_hidden_layers=3,
+            intermediate_size=8,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            sliding_window=None,
+        ),
+    ),
+    "qwen2_moe": dict(
+        add_bos=False,
+        config=dict(
+            num_hidden_layers=3,
+            intermediate_size=16,
+            moe_intermediate_size=8,
+            shared_expert_intermediate_size=16,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            qkv_bias=True,
+            use_sliding_window=False,
+        ),
+    ),
+    "qwen3_moe": dict(
+        add_bos=False,
+        config=dict(
+            num_hidden_layers=3,
+            head_dim=8,  # != hidden/heads, like the published Qwen3 MoE models
+            intermediate_size=16,
+            moe_intermediate_size=8,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[1],
+            use_sliding_window=False,
+        ),
+    ),
+    "olmoe": dict(
+        add_bos=False,
+        config=dict(
+            num_hidden_layers=3,
+            num_key_value_heads=4,  # MHA like the OLMoE release (q_norm/k_norm span all heads)
+            intermediate_size=8,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+        ),
+    ),
+    "deepseek_v2": dict(
+        add_bos=True,
+        config=dict(
+            num_hidden_layers=3,
+            num_key_value_heads=4,
+            intermediate_size=16,
+            moe_intermediate_size=8,
+            n_routed_experts=8,
+            n_shared_experts=2,
+            num_experts_per_tok=2,
+            first_k_dense_replace=1,
+            topk_method="group_limited_greedy",
+            n_group=2,  # 2 groups of 4 experts, keep 1 group: the limit really changes the choice
+            topk_group=1,
+            routed_scaling_factor=1.5,
+            norm_topk_prob=False,
+            q_lora_rank=None,  # V2-Lite style plain q_proj
+            kv_lora_rank=16,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=8,
+            v_head_dim=8,
+        ),
+    ),
+    "deepseek_v3": dict(
+        add_bos=True,
+        config=dict(
+            num_hidden_layers=3,
+            num_key_value_heads=4,
+            intermediate_size=16,
+            moe_intermediate_size=8,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            num_experts_per_tok=3,
+            first_k_dense_replace=1,
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            q_lora_rank=24,
+            kv_lora_rank=16,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=8,
+            v_head_dim=8,
+            num_nextn_predict_layers=0,
+        ),
+    ),
+    "gpt_oss": dict(
+        add_bos=False,
+        # re-drawn after init: larger sinks so they matter, larger gate_up so that the
+        # swiglu clamp (limit 7) is actually hit by some activations
+        std_override={"self_attn.sinks": 1.0, "mlp.experts.gate_up_proj": 0.5},
+        config=dict(
+            num_hidden_layers=4,
+            head_dim=8,  # != hidden/heads, like the published gpt-oss
+            intermediate_size=8,
+            num_local_experts=8,
+            num_experts_per_tok=3,
+            sliding_window=6,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+            max_position_embeddings=131072,  # default; YaRN rope kept as published
+            attention_bias=True,
+        ),
+    ),
+}
+
+
+# ----------------------------------------------------------------------------- utils
+
+
+def setup_torch():
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    torch.set_default_dtype(torch.float32)
+
+
+def r7(x):
+    """Round to 7 significant digits (JSON friendly)."""
+    if isinstance(x, (list, tuple)):
+        return [r7(v) for v in x]
+    return float(f"{float(x):.7g}")
+
+
+def _fmt(obj, ind=0):
+    """JSON with dicts / lists-of-dicts indented and lists of numbers kept on one line."""
+    pad = " " * ind
+    if isinstance(obj, dict):
+        if not obj:
+            return "{}"
+        items = [f'{pad} {json.dumps(k)}: {_fmt(v, ind + 1)}' for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    if isinstance(obj, list) and any(isinstance(v, dict) for v in obj):
+        items = [pad + " " + _fmt(v, ind + 1) for v in obj]
+        return "[\n" + ",\n".join(items) + "\n" + pad + "]"
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def dump_json(path, obj):
+    with open(path, "w") as f:
+        f.write(_fmt(obj))
+        f.write("\n")
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def build_tokenizer(add_bos):
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<|bos|> $A", pair="<|bos|> $A <|bos|> $B:1", special_tokens=[("<|bos|>", BOS_ID)]
+        )
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    assert tok.token_to_id("<|bos|>") == BOS_ID and tok.token_to_id("<|eos|>") == EOS_ID
+    assert tok.get_vocab_size() <= VOCAB
+    return tok
+
+
+def save_tokenizer(tok, add_bos, d):
+    tok.save(os.path.join(d, "tokenizer.json"))
+    dump_json(
+        os.path.join(d, "tokenizer_config.json"),
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": "<|bos|>",
+            "eos_token": "<|eos|>",
+            "pad_token": "<|pad|>",
+            "add_bos_token": add_bos,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": 128,
+        },
+    )
+
+
+# ----------------------------------------------------------------------------- model build
+
+
+def make_config(arch):
+    kw = dict(COMMON)
+    kw.update(ARCHS[arch]["config"])
+    cfg = AutoConfig.for_model(arch, **kw)
+    cfg.architectures = [MODEL_CLASS[arch]]
+    return cfg
+
+
+ROUTER_DOC = {
+    "mixtral": "model.layers.{l}.mlp.gate (MixtralTopKRouter; on disk block_sparse_moe.gate): softmax(logits) -> "
+    "top-k -> renormalise to sum 1",
+    "qwen2_moe": "model.layers.{l}.mlp.gate (Qwen2MoeTopKRouter): softmax(logits) -> top-k probs, not renormalised "
+    "(norm_topk_prob=false); shared expert added separately with sigmoid(shared_expert_gate(x))",
+    "qwen3_moe": "model.layers.{l}.mlp.gate (Qwen3MoeTopKRouter): softmax(logits) -> top-k -> renormalise "
+    "(norm_topk_prob=true)",
+    "olmoe": "model.layers.{l}.mlp.gate (OlmoeTopKRouter): softmax(logits) -> top-k probs, not renormalised",
+    "deepseek_v2": "model.layers.{l}.mlp.gate (DeepseekV2TopkRouter): p=softmax(logits); group_limited_greedy "
+    "(group score = max p per group, keep topk_group groups); weights = p[ids] * routed_scaling_factor",
+    "deepseek_v3": "model.layers.{l}.mlp.gate (DeepseekV3TopkRouter): s=sigmoid(logits); choice=s+"
+    "e_score_correction_bias; group score = sum of top-2 choice per group, keep topk_group groups; ids = top-k "
+    "choice; weights = s[ids]/(sum+1e-20) * routed_scaling_factor",
+    "gpt_oss": "model.layers.{l}.mlp.router (GptOssTopKRouter): logits = xW^T+b; ids = top-k logits; weights = "
+    "softmax over the k selected logits",
+}
+
+MODEL_CLASS = {
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
+    "deepseek_v2": "DeepseekV2ForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+    "gpt_oss": "GptOssForCausalLM",
+}
+
+LOAD_KW = dict(attn_implementation="eager", experts_implementation="eager")
+
+
+@torch.no_grad()
+def build_model(arch, seed):
+    cfg = make_config(arch)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, **LOAD_KW)
+    # _init_weights leaves norms at 1 and biases / sinks / correction biases at 0;
+    # randomise them so a reimplementation that ignores one of them fails the test.
+    g = torch.Generator().manual_seed(seed + 1_000_003)
+    std = cfg.initializer_range
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        if not p.is_floating_point() or "inv_freq" in name:
+            continue
+        if torch.all(p == 1):
+            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+        elif torch.all(p == 0):
+            s = 0.1 if "e_score_correction_bias" in name else std
+            p.copy_(s * torch.randn(p.shape, generator=g))
+    for name, p in model.named_parameters():
+        for suffix, s in ARCHS[arch].get("std_override", {}).items():
+            if name.endswith(suffix):
+                p.copy_(s * torch.randn(p.shape, generator=g))
+    model.eval()
+    return model
+
+
+# ----------------------------------------------------------------------------- routing
+
+
+def find_routers(model):
+    out = []
+    for l, layer in enumerate(model.model.layers):
+        for attr in ("gate", "router"):
+            m = getattr(layer.mlp, attr, None)
+            if m is not None and type(m).__name__.lower().endswith("topkrouter"):
+                out.append((l, m))
+    return out
+
+
+def _kth_gap(scores, k):
+    """gap between k-th and (k+1)-th largest per row (inf where fewer than k+1 finite)."""
+    s = torch.sort(scores, dim=-1, descending=True).values
+    a, b = s[:, k - 1], s[:, k]
+    gap = a - b
+    return torch.where(torch.isfinite(b), gap, torch.full_like(gap, float("inf")))
+
+
+def _n_diff(a, b):
+    return int((torch.sort(a, -1).values != torch.sort(b, -1).values).any(-1).sum())
+
+
+def _v3_select(s, bias, ng, tg, k):
+    choice = s + bias
+    gs = choice.view(s.shape[0], ng, -1).topk(2, dim=-1).values.sum(-1)
+    gsel = torch.topk(gs, tg, dim=-1).indices
+    gmask = torch.zeros_like(gs).scatter_(1, gsel, 1.0).bool()
+    mask = gmask.repeat_interleave(s.shape[1] // ng, dim=1)
+    return torch.topk(choice.masked_fill(~mask, float("-inf")), k, dim=-1).indices
+
+
+def _reference_route(arch, mod, logits):
+    """Independent re-derivation of (ids set, weights by id, gaps) from router logits."""
+    logits = logits.float()
+    k = mod.top_k
+    gaps = []
+    changed = {}
+    if arch in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"):
+        p = torch.softmax(logits, dim=-1)
+        ids = torch.topk(p, k, dim=-1).indices
+        w = p.gather(1, ids)
+        norm = arch == "mixtral" or mod.norm_topk_prob
+        if norm:
+            w = w / w.sum(-1, keepdim=True)
+        gaps.append(_kth_gap(p, k))
+    elif arch == "gpt_oss":
+        ids = torch.topk(logits, k, dim=-1).indices
+        w = torch.softmax(logits.gather(1, ids), dim=-1)
+        gaps.append(_kth_gap(logits, k))
+    elif arch == "deepseek_v2":
+        p = torch.softmax(logits, dim=-1)
+        ng, tg = mod.num_group, mod.topk_group
+        gs = p.view(p.shape[0], ng, -1).max(-1).values
+        gsel = torch.topk(gs, tg, dim=-1).indices
+        gmask = torch.zeros_like(gs).scatter_(1, gsel, 1.0).bool()
+        mask = gmask.repeat_interleave(p.shape[1] // ng, dim=1)
+        masked = p.masked_fill(~mask, 0.0)
+        ids = torch.topk(masked, k, dim=-1).indices
+        w = p.gather(1, ids) * mod.routed_scaling_factor
+        gaps += [_kth_gap(gs, tg), _kth_gap(masked, k)]
+        changed["group_limit"] = _n_diff(torch.topk(p, k, dim=-1).indices, ids)
+    elif arch == "deepseek_v3":
+        s = torch.sigmoid(logits)
+        choice = s + mod.e_score_correction_bias.float()
+        ng, tg = mod.num_group, mod.topk_group
+        gs = choice.view(s.shape[0], ng, -1).topk(2, dim=-1).values.sum(-1)
+        gsel = torch.topk(gs, tg, dim=-1).indices
+        gmask = torch.zeros_like(gs).scatter_(1, gsel, 1.0).bool()
+        mask = gmask.repeat_interleave(s.shape[1] // ng, dim=1)
+        masked = choice.masked_fill(~mask, float("-inf"))
+        ids = torch.topk(masked, k, dim=-1).indices
+        w = s.gather(1, ids)
+        w = w / (w.sum(-1, keepdim=True) + 1e-20) * mod.routed_scaling_factor
+        gaps += [_kth_gap(gs, tg), _kth_gap(masked, k)]
+        # informational: how often the correction bias / the group limit change the selected set
+        changed["bias"] = _n_diff(_v3_select(s, torch.zeros_like(choice[0]), ng, tg, k), ids)
+        changed["group_limit"] = _n_diff(torch.topk(choice, k, dim=-1).indices, ids)
+    else:
+        raise ValueError(arch)
+    gap = torch.stack(gaps, 0).min(0).values
+    return ids, w, gap, changed
+
+
+class RouteRecorder:
+    def __init__(self, arch, model):
+        self.arch = arch
+        self.routers = find_routers(model)
+        self.moe_layers = [l for l, _ in self.routers]
+        self.calls = []  # list of dict layer -> (ids[T,k], w[T,k])
+        self.min_gap = float("inf")
+        self.changed = {}
+        self.decisions = 0
+        self._cur = None
+        self.handles = [m.register_forward_hook(self._hook(l)) for l, m in self.routers]
+
+    def start(self):
+        self._cur = {}
+
+    def stop(self):
+        assert sorted(self._cur) == self.moe_layers, (sorted(self._cur), self.moe_layers)
+        self.calls.append(self._cur)
+        self._cur = None
+        return self.calls[-1]
+
+    def _hook(self, layer):
+        def fn(mod, inputs, output):
+            logits, weights, ids = output
+            weights = weights.detach().float().reshape(-1, mod.top_k)
+            ids = ids.detach().reshape(-1, mod.top_k)
+            order = torch.sort(weights, dim=-1, descending=True, stable=True).indices
+            ids_s, w_s = ids.gather(1, order), weights.gather(1, order)
+            # independent check of the documented semantics
+            rid, rw, gap, changed = _reference_route(self.arch, mod, logits.detach().reshape(ids.shape[0], -1))
+            assert torch.equal(torch.sort(rid, -1).values, torch.sort(ids, -1).values), (self.arch, layer)
+            rorder = torch.sort(rw, dim=-1, descending=True, stable=True).indices
+            assert torch.allclose(rw.gather(1, rorder), w_s, rtol=1e-6, atol=1e-7), (self.arch, layer)
+            self.min_gap = min(self.min_gap, float(gap.min()))
+            if self._cur is not None:
+                self.decisions += ids.shape[0]
+                for kk, v in changed.items():
+                    self.changed[kk] = self.changed.get(kk, 0) + v
+                assert layer not in self._cur
+                self._cur[layer] = (ids_s.tolist(), w_s.tolist())
+
+        return fn
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def _cache_of(out):
+    c = getattr(out, "cache", None)
+    return c if c is not None else getattr(out, "past_key_values", None)
+
+
+@torch.no_grad()
+def run_case(model, rec, input_ids):
+    """Prefill + greedy decode with the KV cache; returns a dict and the min argmax margin."""
+    ids = torch.tensor([input_ids], dtype=torch.long)
+    rec.start()
+    out = model(input_ids=ids, use_cache=True)
+    call = rec.stop()
+    T = len(input_ids)
+    layers = rec.moe_layers
+    prefill = {
+        "topk_ids": [[call[l][0][t] for l in layers] for t in range(T)],
+        "topk_weights": [[r7(call[l][1][t]) for l in layers] for t in range(T)],
+    }
+    last = out.logits[0, -1].float()
+    prefill_logits = last.clone()
+    margins = []
+
+    def margin(v):
+        s = torch.topk(v, 2).values
+        return float(s[0] - s[1])
+
+    margins.append(margin(last))
+    cache = _cache_of(out)
+    generated = [int(torch.argmax(last))]
+    steps = []
+    seq = list(input_ids)
+    for i in range(DECODE_STEPS):
+        tok = generated[-1]
+        seq.append(tok)
+        rec.start()
+        out = model(input_ids=torch.tensor([[tok]]), cache=cache, use_cache=True)
+        call = rec.stop()
+        cache = _cache_of(out)
+        lg = out.logits[0, -1].float()
+        # cross-check the cached step against an uncached forward over the whole sequence
+        full = model(input_ids=torch.tensor([seq]), use_cache=False).logits[0, -1].float()
+        diff = float((full - lg).abs().max())
+        assert diff < 1e-4, ("cache mismatch", i, diff)
+        margins.append(margin(lg))
+        top = torch.topk(lg, LOGITS_TOPN)
+        nxt = int(torch.argmax(lg))
+        steps.append(
+            {
+                "step": i,
+                "position": len(seq) - 1,
+                "input_id": tok,
+                "topk_ids": [call[l][0][0] for l in layers],
+                "topk_weights": [r7(call[l][1][0]) for l in layers],
+                "logits_top_ids": top.indices.tolist(),
+                "logits_top_values": r7(top.values.tolist()),
+                "argmax": nxt,
+            }
+        )
+        if i + 1 < DECODE_STEPS:
+            generated.append(nxt)
+    # the uncached cross-check forwards also fired the hooks (for gaps only); drop nothing.
+    res = {
+        "input_ids": list(input_ids),
+        "prefill": prefill,
+        "prefill_logits": r7(prefill_logits.tolist()),
+        "decode": steps,
+        "generated_ids": generated,
+    }
+    return res, min(margins)
+
+
+def check_generate(model, input_ids, generated):
+    """model.generate must agree with the manual loop (EOS disabled)."""
+    gc = transformers.GenerationConfig(
+        do_sample=False, max_new_tokens=len(generated), eos_token_id=None, pad_token_id=PAD_ID
+    )
+    ids = torch.tensor([input_ids])
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = None
+    try:
+        out = model.generate(ids, generation_config=gc)
+    finally:
+        model.generation_config.eos_token_id = saved
+    got = out[0, len(input_ids):].tolist()
+    assert got == generated, ("generate mismatch", got, generated)
+
+
+def run_all(arch, model, cases):
+    rec = RouteRecorder(arch, model)
+    results, margins = [], []
+    for c in cases:
+        r, m = run_case(model, rec, c["input_ids"])
+        entry = dict(c)
+        entry.update(r)
+        results.append(entry)
+        margins.append(m)
+    rec.remove()
+    stats = {"routing_decisions": rec.decisions}
+    stats.update({f"selection_changed_by_{k}": v for k, v in sorted(rec.changed.items())})
+    return results, rec.moe_layers, rec.min_gap, min(margins), stats
+
+
+@torch.no_grad()
+def logits_of(model, cases):
+    return [model(input_ids=torch.tensor([c["input_ids"]]), use_cache=False).logits.float() for c in cases]
+
+
+# ----------------------------------------------------------------------------- layout checks
+
+
+def check_layout(arch, d, cfg):
+    files = sorted(f for f in os.listdir(d) if f.endswith(".safetensors"))
+    keys = {}
+    for f in files:
+        with safe_open(os.path.join(d, f), "pt") as sf:
+            for k in sf.keys():
+                keys[k] = tuple(sf.get_slice(k).get_shape())
+    E = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None) or cfg.n_routed_experts
+    if arch == "mixtral":
+        l = 0
+        for e in range(E):
+            for w in ("w1", "w2", "w3"):
+                assert f"model.layers.{l}.block_sparse_moe.experts.{e}.{w}.weight" in keys
+        assert f"model.layers.{l}.block_sparse_moe.gate.weight" in keys
+    elif arch == "gpt_oss":
+        for s in ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"):
+            assert f"model.layers.0.mlp.experts.{s}" in keys
+        assert keys["model.layers.0.mlp.experts.gate_up_proj"] == (E, cfg.hidden_size, 2 * cfg.intermediate_size)
+        assert keys["model.layers.0.mlp.experts.down_proj"] == (E, cfg.intermediate_size, cfg.hidden_size)
+        for s in ("mlp.router.weight", "mlp.router.bias", "self_attn.sinks"):
+            assert f"model.layers.0.{s}" in keys
+    else:
+        l = next(i for i in range(cfg.num_hidden_layers) if f"model.layers.{i}.mlp.gate.weight" in keys)
+        for e in range(E):
+            for w in ("gate_proj", "up_proj", "down_proj"):
+                assert f"model.layers.{l}.mlp.experts.{e}.{w}.weight" in keys, (arch, l, e, w)
+        assert not any("gate_up_proj" in k for k in keys), arch
+        if arch == "deepseek_v3":
+            assert f"model.layers.{l}.mlp.gate.e_score_correction_bias" in keys
+    return files, keys
+
+
+@torch.no_grad()
+def gpt_oss_checks(model, cases):
+    """The sliding window and the swiglu clamp must both influence the outputs."""
+    hits, total = 0, 0
+    lim = model.config.swiglu_limit
+    handles = []
+
+    def hook(mod, inputs, output):
+        nonlocal hits, total
+        x = inputs[0]
+        gu = x @ mod.gate_up_proj + mod.gate_up_proj_bias[:, None, :]  # all experts, all tokens
+        g, u = gu[..., ::2], gu[..., 1::2]
+        hits += int((g > lim).sum() + (u.abs() > lim).sum())
+        total += gu.numel()
+
+    for layer in model.model.layers:
+        handles.append(layer.mlp.experts.register_forward_hook(hook))
+    ref = logits_of(model, cases)
+    for h in handles:
+        h.remove()
+    assert hits > 0, "swiglu clamp never active"
+    window = model.config.sliding_window
+    assert max(len(c["input_ids"]) for c in cases) > window
+    model.config.sliding_window = 10_000
+    for layer in model.model.layers:
+        if layer.self_attn.sliding_window is not None:
+            layer.self_attn.sliding_window = 10_000
+    try:
+        wide = logits_of(model, cases)
+    finally:
+        model.config.sliding_window = window
+        for layer in model.model.layers:
+            if layer.self_attn.sliding_window is not None:
+                layer.self_attn.sliding_window = window
+    d = max(float((a - b).abs().max()) for a, b in zip(ref, wide))
+    assert d > 1e-2, ("sliding window has no effect", d)
+    assert all(torch.equal(a, b) for a, b in zip(ref, logits_of(model, cases)))
+    return {
+        "swiglu_clamp_hits_all_experts_prefill": hits,
+        "swiglu_clamp_elements_all_experts_prefill": total,
+        "max_logit_change_if_no_sliding_window": r7(d),
+    }
+
+
+def sha(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def prompts_for(tok, add_bos):
+    enc = tok.encode(TEXT_PROMPT, add_special_tokens=add_bos)
+    return [
+        {
+            "name": "text",
+            "text": TEXT_PROMPT,
+            "add_special_tokens": add_bos,
+            "input_ids": enc.ids,
+        },
+        {"name": "ids", "text": None, "add_special_tokens": False, "input_ids": list(IDS_PROMPT)},
+    ]
+
+
+def header(arch, cfg, seed, moe_layers, gap, margin, dtype_desc, stats, extra=None):
+    h = {
+        "arch": arch,
+        "model_class": MODEL_CLASS[arch],
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+        "tokenizers_version": tokenizers.__version__,
+        "safetensors_version": safetensors.__version__,
+        "dtype": "float32",
+        "weights_dtype": dtype_desc,
+        "seed": seed,
+        "attn_implementation": "eager",
+        "experts_implementation": "eager",
+        "moe_layers": moe_layers,
+        "num_experts_per_tok": cfg.num_experts_per_tok,
+        "min_topk_gap": r7(gap),
+        "min_argmax_logit_margin": r7(margin),
+        "decode_steps": DECODE_STEPS,
+        "logits_top_n": LOGITS_TOPN,
+        "layout": (
+            "prefill.topk_ids/topk_weights: [token][i][rank] for model layer moe_layers[i], ranks sorted by "
+            "weight descending; weights are exactly what multiplies each routed expert output. "
+            "prefill_logits: full-vocab logits of the last prompt position. decode[s]: input_id at position, "
+            "routing [i][rank] for that token, top logits_top_n logits (ids/values, descending) and argmax. "
+            "generated_ids[0] = argmax(prefill_logits), generated_ids[s+1] = decode[s].argmax; decode[s].input_id "
+            "= generated_ids[s]. EOS is ignored. Floats rounded to 7 significant digits."
+        ),
+    }
+    h["router"] = ROUTER_DOC[arch]
+    h["stats"] = stats
+    if extra:
+        h.update(extra)
+    return h
+
+
+def build_arch(arch, out_root):
+    add_bos = ARCHS[arch]["add_bos"]
+    tok = build_tokenizer(add_bos)
+    cases = prompts_for(tok, add_bos)
+    assert all(max(c["input_ids"]) < VOCAB for c in cases)
+
+    base = 1000 * (list(ARCHS).index(arch) + 1)
+    for seed in range(base, base + MAX_SEEDS):
+        model = build_model(arch, seed)
+        results, moe_layers, gap, margin, stats = run_all(arch, model, cases)
+        if gap > GAP_MIN and margin > GAP_MIN:
+            break
+    else:
+        raise RuntimeError(f"{arch}: no seed with gaps > {GAP_MIN}")
+    cfg = model.config
+    print(f"[{arch}] seed={seed} min_topk_gap={gap:.4g} argmax_margin={margin:.4g} moe_layers={moe_layers}")
+    for c, r in zip(cases, results):
+        check_generate(model, c["input_ids"], r["generated_ids"])
+
+    d = os.path.join(out_root, arch)
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d)
+    model.save_pretrained(d)
+    files, _ = check_layout(arch, d, cfg)
+    assert files == ["model.safetensors"], files
+
+    # reload from disk: identical parameters and identical logits
+    ref = logits_of(model, cases)
+    re = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, **LOAD_KW).eval()
+    sd0, sd1 = model.state_dict(), re.state_dict()
+    assert sorted(sd0) == sorted(sd1)
+    for k in sd0:
+        assert torch.equal(sd0[k], sd1[k]), (arch, k)
+    for a, b in zip(ref, logits_of(re, cases)):
+        assert torch.equal(a, b), arch
+
+    save_tokenizer(tok, add_bos, d)
+    chk = transformers.AutoTokenizer.from_pretrained(d)
+    assert chk(TEXT_PROMPT)["input_ids"] == cases[0]["input_ids"], (arch, chk(TEXT_PROMPT)["input_ids"])
+
+    if arch == "gpt_oss":
+        stats.update(gpt_oss_checks(model, cases))
+    exp = header(arch, cfg, seed, moe_layers, gap, margin, "float32", stats)
+    exp["prompts"] = results
+    dump_json(os.path.join(d, "expected.json"), exp)
+
+    if arch == "qwen3_moe":
+        build_sharded_bf16(model, tok, add_bos, cases, seed, out_root)
+    return model
+
+
+def build_sharded_bf16(model, tok, add_bos, cases, seed, out_root):
+    arch = "qwen3_moe"
+    d = os.path.join(out_root, "qwen3_moe_sharded_bf16")
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d)
+    bf = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32, **LOAD_KW)
+    bf.load_state_dict(model.state_dict())
+    bf = bf.to(torch.bfloat16).eval()
+    total = sum(t.numel() * t.element_size() for t in bf.state_dict().values())
+    bf.save_pretrained(d, max_shard_size=total // 2 + 4096)
+    files, _ = check_layout(arch, d, model.config)
+    assert files == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"], files
+    assert os.path.exists(os.path.join(d, "model.safetensors.index.json"))
+    cfgj = json.load(open(os.path.join(d, "config.json")))
+    assert cfgj.get("dtype") == "bfloat16", cfgj.get("dtype")
+
+    # expected: load the bf16 checkpoint, upcast to f32, run in f32
+    m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16, **LOAD_KW).eval()
+    for k, v in m.state_dict().items():
+        assert v.dtype == torch.bfloat16, k
+        assert torch.equal(v, bf.state_dict()[k]), k
+    m = m.float()
+    results, moe_layers, gap, margin, stats = run_all(arch, m, cases)
+    print(f"[qwen3_moe_sharded_bf16] min_topk_gap={gap:.4g} argmax_margin={margin:.4g}")
+    assert gap > GAP_MIN and margin > GAP_MIN, "bf16 variant has near-ties; pick another qwen3 seed"
+    for c, r in zip(cases, results):
+        check_generate(m, c["input_ids"], r["generated_ids"])
+    save_tokenizer(tok, add_bos, d)
+    exp = header(
+        arch,
+        m.config,
+        seed,
+        moe_layers,
+        gap,
+        margin,
+        "bfloat16 (upcast to float32 before running)",
+        stats,
+        {"variant": "qwen3_moe_sharded_bf16"},
+    )
+    exp["prompts"] = results
+    dump_json(os.path.join(d, "expected.json"), exp)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ap.add_argument("--out", default=os.path.join(repo, "inference", "tests", "fixtures", "hf"))
+    ap.add_argument("--arch", action="append", help="only build these (default: all)")
+    args = ap.parse_args()
+    setup_torch()
+    transformers.logging.set_verbosity_error()
+    os.makedirs(args.out, exist_ok=True)
+    for arch in args.arch or list(ARCHS):
+        build_arch(arch, args.out)
+    total = 0
+    for root, _, fs in sorted(os.walk(args.out)):
+        for f in sorted(fs):
+            p = os.path.join(root, f)
+            total += os.path.getsize(p)
+            print(f"{os.path.getsize(p):>9}  {sha(p)}  {os.path.relpath(p, args.out)}")
+    print(f"{total:>9}  total")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
