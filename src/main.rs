@@ -27,6 +27,40 @@ enum Command {
     /// Routing traces: import, convert, export, inspect, statistics.
     #[command(subcommand)]
     Trace(TraceCommand),
+    /// Run an MoE checkpoint over prompts and record its routing as a trace.
+    Collect(CollectArgs),
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["prompts", "token_ids"])))]
+struct CollectArgs {
+    /// Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// Prompt file: .txt (one prompt per line) or .jsonl ({"text": ...} or {"token_ids": [...]}).
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    /// One prompt given as comma-separated token ids, e.g. "1,2,3".
+    #[arg(long)]
+    token_ids: Option<String>,
+    /// Tokens to generate after each prompt.
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 means greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Seed of the sampler (prompt i uses seed + i).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Add the tokenizer's special tokens (BOS) to text prompts.
+    #[arg(long)]
+    add_special_tokens: bool,
+    /// Compute backend: flex (default) or ndarray.
+    #[arg(long, default_value = "flex")]
+    device: String,
+    /// Output trace: .mctrace, .parquet or .jsonl.
+    #[arg(short, long)]
+    output: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -181,9 +215,22 @@ fn main() {
         if e.chain().any(is_broken_pipe) {
             std::process::exit(0);
         }
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", describe(&e));
         std::process::exit(1);
     }
+}
+
+/// The error and those of its causes whose text the message does not already hold
+/// (library errors embed their source's text).
+fn describe(e: &anyhow::Error) -> String {
+    let mut msg = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !msg.contains(&c) {
+            msg = format!("{msg}: {c}");
+        }
+    }
+    msg
 }
 
 fn is_broken_pipe(e: &(dyn std::error::Error + 'static)) -> bool {
@@ -201,6 +248,7 @@ fn run(cli: Cli) -> Result<()> {
             TraceCommand::Stats(a) => trace_stats(a),
             TraceCommand::Synth(a) => synth(a),
         },
+        Command::Collect(a) => collect(a),
     }
 }
 
@@ -325,6 +373,51 @@ fn synth(a: SynthArgs) -> Result<()> {
         "wrote {} synthetic tokens to {}",
         trace.n_tokens(),
         a.output.display()
+    );
+    Ok(())
+}
+
+fn collect(a: CollectArgs) -> Result<()> {
+    let prompts = match (&a.prompts, &a.token_ids) {
+        (Some(p), _) => collector::read_prompts(p)?,
+        (None, Some(ids)) => vec![collector::parse_token_ids(ids).map_err(anyhow::Error::msg)?],
+        (None, None) => bail!("pass --prompts FILE or --token-ids IDS"),
+    };
+    if datasets::TraceFormat::from_extension(&a.output).is_none() {
+        bail!("{}: use the extension .mctrace, .parquet or .jsonl", a.output.display());
+    }
+    let backend = a.device.parse().map_err(anyhow::Error::msg)?;
+    let sampling = if a.temperature > 0.0 {
+        inference::generate::Sampling::Temperature {
+            temperature: a.temperature,
+            seed: a.seed,
+        }
+    } else {
+        inference::generate::Sampling::Greedy
+    };
+    let cfg = collector::CollectConfig {
+        model_dir: a.model,
+        prompts,
+        max_new_tokens: a.max_new_tokens,
+        sampling,
+        backend,
+        add_special_tokens: a.add_special_tokens,
+        output: a.output,
+    };
+    eprintln!(
+        "collecting {} prompts; finished sequences stream to {} until done",
+        cfg.prompts.len(),
+        collector::journal_path(&cfg.output).display()
+    );
+    let s = collector::collect(&cfg)?;
+    println!(
+        "collected {} sequences ({} prefill + {} decode tokens) in {:.2}s, {:.1} tokens/s -> {}",
+        s.sequences,
+        s.prefill_tokens,
+        s.decode_tokens,
+        s.seconds,
+        s.tokens_per_second(),
+        cfg.output.display()
     );
     Ok(())
 }

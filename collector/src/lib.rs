@@ -1,1 +1,219 @@
-//! Trace collection from MoE models. Filled by the collector issue.
+//! Trace collection: runs an MoE checkpoint over prompts (prefill + decode) with the
+//! native runtime and records every MoE layer's routing as a [`datasets::RoutingTrace`].
+//!
+//! Sequences are streamed to a journal (`OUT.partial.jsonl`, interchange JSONL) as each
+//! finishes, so a crash or Ctrl-C keeps every finished sequence readable; on success
+//! the journal is converted to `OUT` atomically and removed.
+
+mod prompts;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use datasets::{Phase, TokenRecord, TraceMeta};
+use indicatif::{ProgressBar, ProgressStyle};
+use inference::generate::{generate, Sampling};
+use inference::tokenizer::TextTokenizer;
+use inference::{Checkpoint, MoeModel, RouteDecision, RoutingObserver};
+
+pub use prompts::{parse_token_ids, read_prompts, Prompt};
+
+/// Errors of a collection run.
+#[derive(Debug, thiserror::Error)]
+pub enum CollectError {
+    #[error(transparent)]
+    Model(#[from] inference::ModelError),
+    #[error(transparent)]
+    Trace(#[from] datasets::TraceError),
+    #[error("{}: {msg}", path.display())]
+    Input { path: PathBuf, msg: String },
+    #[error("prompt '{name}': {source}")]
+    Prompt {
+        name: String,
+        #[source]
+        source: inference::ModelError,
+    },
+}
+
+/// What to collect.
+#[derive(Debug, Clone)]
+pub struct CollectConfig {
+    pub model_dir: PathBuf,
+    pub prompts: Vec<Prompt>,
+    pub max_new_tokens: usize,
+    pub sampling: Sampling,
+    pub backend: inference::device::BackendKind,
+    /// Add the tokenizer's special tokens (BOS) to text prompts.
+    pub add_special_tokens: bool,
+    pub output: PathBuf,
+}
+
+/// What a collection run did.
+#[derive(Debug, Clone)]
+pub struct CollectSummary {
+    pub sequences: usize,
+    pub prefill_tokens: usize,
+    pub decode_tokens: usize,
+    pub seconds: f64,
+}
+
+impl CollectSummary {
+    /// Forwarded tokens per second.
+    pub fn tokens_per_second(&self) -> f64 {
+        (self.prefill_tokens + self.decode_tokens) as f64 / self.seconds.max(1e-9)
+    }
+}
+
+/// Records each (position, model layer) decision of one sequence.
+#[derive(Default)]
+struct SequenceRecorder {
+    seen: BTreeMap<(usize, usize), RouteDecision>,
+}
+
+impl RoutingObserver for SequenceRecorder {
+    fn on_routing(&mut self, layer: usize, first_pos: usize, decisions: &[RouteDecision]) {
+        for (i, d) in decisions.iter().enumerate() {
+            self.seen.insert((first_pos + i, layer), d.clone());
+        }
+    }
+}
+
+/// Path of the journal kept beside `output` while collecting.
+pub fn journal_path(output: &Path) -> PathBuf {
+    let mut name = output.file_name().unwrap_or_default().to_os_string();
+    name.push(".partial.jsonl");
+    output.with_file_name(name)
+}
+
+/// The trace meta of a loaded model.
+pub fn trace_meta(model_dir: &Path, model: &MoeModel) -> TraceMeta {
+    let s = model.shape();
+    TraceMeta {
+        model: model_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| model_dir.display().to_string()),
+        architecture: Some(s.model_type.clone()),
+        n_layers: s.n_layers as u32,
+        moe_layers: s.moe_layers.iter().map(|&l| l as u32).collect(),
+        n_experts: s.n_experts as u32,
+        top_k: s.top_k as u32,
+        n_shared_experts: s.n_shared_experts as u32,
+        source: Some("moecast collect".into()),
+        tokenizer: model_dir
+            .join("tokenizer.json")
+            .exists()
+            .then(|| format!("{}/tokenizer.json", model_dir.display())),
+        ranked: true,
+        expert_bytes: None,
+    }
+}
+
+/// Runs every prompt and writes the trace to `cfg.output`.
+pub fn collect(cfg: &CollectConfig) -> Result<CollectSummary, CollectError> {
+    let start = Instant::now();
+    let ck = Checkpoint::open(&cfg.model_dir)?;
+    let model = MoeModel::load(&ck, &cfg.backend.device())?;
+    let needs_tokenizer = cfg.prompts.iter().any(|p| matches!(p, Prompt::Text { .. }));
+    let tokenizer = if needs_tokenizer {
+        Some(TextTokenizer::load(&cfg.model_dir)?)
+    } else {
+        None
+    };
+    let meta = trace_meta(&cfg.model_dir, &model);
+    let journal = journal_path(&cfg.output);
+    let file = File::create(&journal).map_err(|e| datasets::TraceError::io(&journal, e))?;
+    let mut w = BufWriter::new(file);
+    let io = |e: std::io::Error| datasets::TraceError::io(&journal, e);
+    serde_json::to_writer(&mut w, &serde_json::json!({ "meta": meta })).map_err(|e| io(e.into()))?;
+    w.write_all(b"\n").map_err(io)?;
+    w.flush().map_err(io)?;
+
+    let mut summary = CollectSummary {
+        sequences: 0,
+        prefill_tokens: 0,
+        decode_tokens: 0,
+        seconds: 0.0,
+    };
+    let run = run_prompts(cfg, &model, tokenizer.as_ref(), &mut w, &journal, &mut summary, start);
+    drop(w);
+    if let Err(e) = run {
+        if summary.sequences == 0 {
+            let _ = std::fs::remove_file(&journal);
+        }
+        return Err(e);
+    }
+    let trace = datasets::jsonl::read_jsonl(&journal)?;
+    datasets::save_trace(&trace, &cfg.output, None)?;
+    std::fs::remove_file(&journal).map_err(|e| datasets::TraceError::io(&journal, e))?;
+    summary.seconds = start.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+/// Runs the prompts one by one, appending each finished sequence to the journal.
+fn run_prompts(
+    cfg: &CollectConfig,
+    model: &MoeModel,
+    tokenizer: Option<&TextTokenizer>,
+    w: &mut BufWriter<File>,
+    journal: &Path,
+    summary: &mut CollectSummary,
+    start: Instant,
+) -> Result<(), CollectError> {
+    let shape = model.shape();
+    let io = |e: std::io::Error| datasets::TraceError::io(journal, e);
+    let bar = ProgressBar::new(cfg.prompts.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} sequences  {msg}  [{elapsed_precise}]")
+            .expect("static template"),
+    );
+    for (i, prompt) in cfg.prompts.iter().enumerate() {
+        let ids = match prompt {
+            Prompt::Ids { ids, .. } => ids.clone(),
+            Prompt::Text { text, .. } => tokenizer
+                .expect("loaded for text prompts")
+                .encode(text, cfg.add_special_tokens, shape.vocab_size)?,
+        };
+        let sampling = match &cfg.sampling {
+            Sampling::Temperature { temperature, seed } => Sampling::Temperature {
+                temperature: *temperature,
+                seed: seed.wrapping_add(i as u64),
+            },
+            greedy => greedy.clone(),
+        };
+        let mut rec = SequenceRecorder::default();
+        let gen = generate(model, &ids, cfg.max_new_tokens, &sampling, None, &mut rec).map_err(|source| {
+            CollectError::Prompt {
+                name: prompt.name().to_string(),
+                source,
+            }
+        })?;
+        let all: Vec<u32> = gen.prompt.iter().chain(&gen.generated).copied().collect();
+        for (pos, &token) in all.iter().enumerate() {
+            let decisions: Vec<Option<&RouteDecision>> =
+                shape.moe_layers.iter().map(|&l| rec.seen.get(&(pos, l))).collect();
+            let record = TokenRecord {
+                seq: prompt.name().to_string(),
+                pos: pos as u32,
+                phase: if pos < gen.prompt.len() { Phase::Prefill } else { Phase::Decode },
+                token: Some(token),
+                experts: decisions.iter().map(|d| d.map(|d| d.ids.clone())).collect(),
+                weights: Some(decisions.iter().map(|d| d.map(|d| d.weights.clone())).collect()),
+            };
+            serde_json::to_writer(&mut *w, &record).map_err(|e| io(e.into()))?;
+            w.write_all(b"\n").map_err(io)?;
+        }
+        w.flush().map_err(io)?;
+        summary.sequences += 1;
+        summary.prefill_tokens += gen.prompt.len();
+        summary.decode_tokens += gen.generated.len();
+        summary.seconds = start.elapsed().as_secs_f64();
+        bar.set_message(format!("{:.0} tokens/s", summary.tokens_per_second()));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(())
+}

@@ -8,7 +8,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
-use safetensors::tensor::{Dtype, Metadata, SafeTensors};
+use safetensors::tensor::{Dtype, Metadata, SafeTensorError, SafeTensors};
 use serde::Deserialize;
 
 use crate::error::{ModelError, Result};
@@ -53,6 +53,9 @@ impl Checkpoint {
             return Err(ModelError::file(dir, "not a checkpoint directory"));
         }
         let config_path = dir.join("config.json");
+        if !config_path.exists() {
+            return Err(ModelError::file(dir, "no config.json: not a Hugging Face checkpoint directory"));
+        }
         let config_text =
             std::fs::read_to_string(&config_path).map_err(|e| ModelError::io(&config_path, e))?;
         let single = dir.join("model.safetensors");
@@ -81,8 +84,15 @@ impl Checkpoint {
             let file = File::open(&path).map_err(|e| ModelError::io(&path, e))?;
             // SAFETY: read-only map of a file we do not modify.
             let map = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(&path, e))?;
-            let (header_len, metadata) = SafeTensors::read_metadata(&map)
-                .map_err(|e| ModelError::file(&path, format!("bad safetensors file: {e:?}")))?;
+            let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(|e| {
+                let msg = match e {
+                    SafeTensorError::MetadataIncompleteBuffer => {
+                        "truncated: the data ends before the tensors its header lists".to_string()
+                    }
+                    other => format!("bad safetensors file: {other:?}"),
+                };
+                ModelError::file(&path, msg)
+            })?;
             let data_len = map.len() - 8 - header_len;
             for (tensor, info) in metadata.tensors() {
                 if info.data_offsets.1 > data_len {
@@ -163,6 +173,33 @@ impl Checkpoint {
         }
         let f = &self.files[self.index[name]];
         decode_f32(&f.map[r.offset..r.offset + r.len], r.dtype)
+            .map_err(|m| ModelError::file(&r.file, format!("tensor {name}: {m}")))
+    }
+
+    /// The `i`-th slab along dimension 0 of tensor `name` (full shape `shape`), decoded to
+    /// f32: `shape[1..]` values. Only that slab's bytes are read, so one expert of a
+    /// fused `[experts, ...]` tensor can be loaded (or reloaded) on its own.
+    pub fn tensor_f32_slab(&self, name: &str, shape: &[usize], i: usize) -> Result<Vec<f32>> {
+        let r = self.tensor_ref(name)?;
+        if r.shape != shape {
+            return Err(ModelError::Shape {
+                file: r.file,
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found: r.shape,
+            });
+        }
+        let n0 = shape.first().copied().unwrap_or(0);
+        if i >= n0 {
+            return Err(ModelError::file(
+                &r.file,
+                format!("tensor {name}: slab {i} out of range (dimension 0 is {n0})"),
+            ));
+        }
+        let slab = r.len / n0;
+        let f = &self.files[self.index[name]];
+        let start = r.offset + i * slab;
+        decode_f32(&f.map[start..start + slab], r.dtype)
             .map_err(|m| ModelError::file(&r.file, format!("tensor {name}: {m}")))
     }
 }
