@@ -37,6 +37,7 @@ test-real:
 
 bench:
 	$(CARGO) bench -p datasets --bench trace_io
+	RAYON_NUM_THREADS=1 $(CARGO) bench -p collector --bench collect
 
 fmt:
 	$(CARGO) fmt --all

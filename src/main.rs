@@ -384,7 +384,10 @@ fn collect(a: CollectArgs) -> Result<()> {
         (None, None) => bail!("pass --prompts FILE or --token-ids IDS"),
     };
     if datasets::TraceFormat::from_extension(&a.output).is_none() {
-        bail!("{}: use the extension .mctrace, .parquet or .jsonl", a.output.display());
+        bail!(
+            "{}: use the extension .mctrace, .parquet or .jsonl",
+            a.output.display()
+        );
     }
     let backend = a.device.parse().map_err(anyhow::Error::msg)?;
     let sampling = if a.temperature > 0.0 {

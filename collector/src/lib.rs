@@ -128,7 +128,8 @@ pub fn collect(cfg: &CollectConfig) -> Result<CollectSummary, CollectError> {
     let file = File::create(&journal).map_err(|e| datasets::TraceError::io(&journal, e))?;
     let mut w = BufWriter::new(file);
     let io = |e: std::io::Error| datasets::TraceError::io(&journal, e);
-    serde_json::to_writer(&mut w, &serde_json::json!({ "meta": meta })).map_err(|e| io(e.into()))?;
+    serde_json::to_writer(&mut w, &serde_json::json!({ "meta": meta }))
+        .map_err(|e| io(e.into()))?;
     w.write_all(b"\n").map_err(io)?;
     w.flush().map_err(io)?;
 
@@ -138,7 +139,15 @@ pub fn collect(cfg: &CollectConfig) -> Result<CollectSummary, CollectError> {
         decode_tokens: 0,
         seconds: 0.0,
     };
-    let run = run_prompts(cfg, &model, tokenizer.as_ref(), &mut w, &journal, &mut summary, start);
+    let run = run_prompts(
+        cfg,
+        &model,
+        tokenizer.as_ref(),
+        &mut w,
+        &journal,
+        &mut summary,
+        start,
+    );
     drop(w);
     if let Err(e) = run {
         if summary.sequences == 0 {
@@ -173,9 +182,11 @@ fn run_prompts(
     for (i, prompt) in cfg.prompts.iter().enumerate() {
         let ids = match prompt {
             Prompt::Ids { ids, .. } => ids.clone(),
-            Prompt::Text { text, .. } => tokenizer
-                .expect("loaded for text prompts")
-                .encode(text, cfg.add_special_tokens, shape.vocab_size)?,
+            Prompt::Text { text, .. } => tokenizer.expect("loaded for text prompts").encode(
+                text,
+                cfg.add_special_tokens,
+                shape.vocab_size,
+            )?,
         };
         let sampling = match &cfg.sampling {
             Sampling::Temperature { temperature, seed } => Sampling::Temperature {
@@ -185,23 +196,35 @@ fn run_prompts(
             greedy => greedy.clone(),
         };
         let mut rec = SequenceRecorder::default();
-        let gen = generate(model, &ids, cfg.max_new_tokens, &sampling, None, &mut rec).map_err(|source| {
-            CollectError::Prompt {
+        let gen = generate(model, &ids, cfg.max_new_tokens, &sampling, None, &mut rec).map_err(
+            |source| CollectError::Prompt {
                 name: prompt.name().to_string(),
                 source,
-            }
-        })?;
+            },
+        )?;
         let all: Vec<u32> = gen.prompt.iter().chain(&gen.generated).copied().collect();
         for (pos, &token) in all.iter().enumerate() {
-            let decisions: Vec<Option<&RouteDecision>> =
-                shape.moe_layers.iter().map(|&l| rec.seen.get(&(pos, l))).collect();
+            let decisions: Vec<Option<&RouteDecision>> = shape
+                .moe_layers
+                .iter()
+                .map(|&l| rec.seen.get(&(pos, l)))
+                .collect();
             let record = TokenRecord {
                 seq: prompt.name().to_string(),
                 pos: pos as u32,
-                phase: if pos < gen.prompt.len() { Phase::Prefill } else { Phase::Decode },
+                phase: if pos < gen.prompt.len() {
+                    Phase::Prefill
+                } else {
+                    Phase::Decode
+                },
                 token: Some(token),
                 experts: decisions.iter().map(|d| d.map(|d| d.ids.clone())).collect(),
-                weights: Some(decisions.iter().map(|d| d.map(|d| d.weights.clone())).collect()),
+                weights: Some(
+                    decisions
+                        .iter()
+                        .map(|d| d.map(|d| d.weights.clone()))
+                        .collect(),
+                ),
             };
             serde_json::to_writer(&mut *w, &record).map_err(|e| io(e.into()))?;
             w.write_all(b"\n").map_err(io)?;

@@ -57,7 +57,8 @@ pub fn read_prompts(path: &Path) -> Result<Vec<Prompt>, CollectError> {
             });
             continue;
         }
-        let l: Line = serde_json::from_str(line).map_err(|e| err(format!("line {}: {e}", i + 1)))?;
+        let l: Line =
+            serde_json::from_str(line).map_err(|e| err(format!("line {}: {e}", i + 1)))?;
         let name = match (l.id, l.domain) {
             (Some(serde_json::Value::String(s)), _) => s,
             (Some(v), _) => v.to_string(),
@@ -67,7 +68,12 @@ pub fn read_prompts(path: &Path) -> Result<Vec<Prompt>, CollectError> {
         out.push(match (l.text, l.token_ids) {
             (Some(text), None) => Prompt::Text { name, text },
             (None, Some(ids)) if !ids.is_empty() => Prompt::Ids { name, ids },
-            _ => return Err(err(format!("line {}: give exactly one of \"text\" and a non-empty \"token_ids\"", i + 1))),
+            _ => {
+                return Err(err(format!(
+                    "line {}: give exactly one of \"text\" and a non-empty \"token_ids\"",
+                    i + 1
+                )))
+            }
         });
     }
     if out.is_empty() {
@@ -80,7 +86,11 @@ pub fn read_prompts(path: &Path) -> Result<Vec<Prompt>, CollectError> {
 pub fn parse_token_ids(s: &str) -> Result<Prompt, String> {
     let ids = s
         .split(',')
-        .map(|x| x.trim().parse::<u32>().map_err(|_| format!("'{x}' is not a token id")))
+        .map(|x| {
+            x.trim()
+                .parse::<u32>()
+                .map_err(|_| format!("'{x}' is not a token id"))
+        })
         .collect::<Result<Vec<u32>, String>>()?;
     Ok(Prompt::Ids {
         name: "ids".into(),

@@ -7,7 +7,9 @@ use collector::{collect, journal_path, CollectConfig, Prompt};
 use inference::generate::Sampling;
 
 fn fixture(arch: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../inference/tests/fixtures/hf").join(arch)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../inference/tests/fixtures/hf")
+        .join(arch)
 }
 
 fn config(arch: &str, prompts: Vec<Prompt>, output: PathBuf) -> CollectConfig {
@@ -24,16 +26,25 @@ fn config(arch: &str, prompts: Vec<Prompt>, output: PathBuf) -> CollectConfig {
 
 #[test]
 fn collected_trace_matches_transformers_routing() {
-    let expected: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("olmoe").join("expected.json")).unwrap()).unwrap();
+    let expected: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("olmoe").join("expected.json")).unwrap(),
+    )
+    .unwrap();
     let case = &expected["prompts"][0];
     let text = case["text"].as_str().unwrap().to_string();
-    let ids: Vec<u32> = serde_json::from_value(expected["prompts"][1]["input_ids"].clone()).unwrap();
+    let ids: Vec<u32> =
+        serde_json::from_value(expected["prompts"][1]["input_ids"].clone()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("t.mctrace");
     let prompts = vec![
-        Prompt::Text { name: "text".into(), text },
-        Prompt::Ids { name: "ids".into(), ids: ids.clone() },
+        Prompt::Text {
+            name: "text".into(),
+            text,
+        },
+        Prompt::Ids {
+            name: "ids".into(),
+            ids: ids.clone(),
+        },
     ];
     let s = collect(&config("olmoe", prompts, out.clone())).unwrap();
     assert_eq!(s.sequences, 2);
@@ -47,7 +58,8 @@ fn collected_trace_matches_transformers_routing() {
     let n_prompt = case["input_ids"].as_array().unwrap().len();
     for t in 0..n_prompt {
         for m in 0..trace.meta.n_moe() {
-            let want: Vec<u16> = serde_json::from_value(case["prefill"]["topk_ids"][t][m].clone()).unwrap();
+            let want: Vec<u16> =
+                serde_json::from_value(case["prefill"]["topk_ids"][t][m].clone()).unwrap();
             assert_eq!(v.layer(t, m).unwrap(), &want[..], "token {t} layer {m}");
         }
     }
@@ -65,12 +77,18 @@ fn collected_trace_matches_transformers_routing() {
 #[test]
 fn seeded_sampling_is_deterministic() {
     let dir = tempfile::tempdir().unwrap();
-    let prompts = vec![Prompt::Ids { name: "a".into(), ids: vec![5, 6, 7] }];
+    let prompts = vec![Prompt::Ids {
+        name: "a".into(),
+        ids: vec![5, 6, 7],
+    }];
     let mut outs = Vec::new();
     for (i, seed) in [3u64, 3, 4].iter().enumerate() {
         let out = dir.path().join(format!("{i}.jsonl"));
         let mut cfg = config("mixtral", prompts.clone(), out.clone());
-        cfg.sampling = Sampling::Temperature { temperature: 1.5, seed: *seed };
+        cfg.sampling = Sampling::Temperature {
+            temperature: 1.5,
+            seed: *seed,
+        };
         collect(&cfg).unwrap();
         outs.push(datasets::load_trace(&out).unwrap().token);
     }
@@ -82,8 +100,13 @@ fn seeded_sampling_is_deterministic() {
 fn a_failing_prompt_leaves_no_output() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("t.mctrace");
-    let prompts = vec![Prompt::Ids { name: "bad".into(), ids: vec![1, 100_000] }];
-    let e = collect(&config("qwen3_moe", prompts, out.clone())).unwrap_err().to_string();
+    let prompts = vec![Prompt::Ids {
+        name: "bad".into(),
+        ids: vec![1, 100_000],
+    }];
+    let e = collect(&config("qwen3_moe", prompts, out.clone()))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("prompt 'bad'") && e.contains("100000"), "{e}");
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
@@ -93,8 +116,14 @@ fn finished_sequences_survive_a_later_failure() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("t.mctrace");
     let prompts = vec![
-        Prompt::Ids { name: "good".into(), ids: vec![5, 6, 7] },
-        Prompt::Ids { name: "bad".into(), ids: vec![100_000] },
+        Prompt::Ids {
+            name: "good".into(),
+            ids: vec![5, 6, 7],
+        },
+        Prompt::Ids {
+            name: "bad".into(),
+            ids: vec![100_000],
+        },
     ];
     assert!(collect(&config("qwen3_moe", prompts, out.clone())).is_err());
     assert!(!out.exists());

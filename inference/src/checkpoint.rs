@@ -54,7 +54,10 @@ impl Checkpoint {
         }
         let config_path = dir.join("config.json");
         if !config_path.exists() {
-            return Err(ModelError::file(dir, "no config.json: not a Hugging Face checkpoint directory"));
+            return Err(ModelError::file(
+                dir,
+                "no config.json: not a Hugging Face checkpoint directory",
+            ));
         }
         let config_text =
             std::fs::read_to_string(&config_path).map_err(|e| ModelError::io(&config_path, e))?;

@@ -2,7 +2,7 @@
 //! checkpoints, RMSNorm, rotary position embeddings, causal attention with a KV cache,
 //! and the SwiGLU feed-forward every expert uses.
 
-use burn::tensor::activation::{silu, softmax};
+use burn::tensor::activation::{sigmoid, silu, softmax};
 use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::checkpoint::Checkpoint;
@@ -178,7 +178,8 @@ pub fn causal_mask(t: usize, past: usize, window: Option<usize>, device: &Device
 }
 
 /// Scaled dot-product attention with grouped KV heads.
-/// `q`: `[heads, T, d]`, `k`/`v`: `[kv_heads, S, d]`, `mask`: `[1, T, S]` -> `[T, heads * d]`.
+/// `q`: `[heads, T, d]`, `k`: `[kv_heads, S, d]`, `v`: `[kv_heads, S, dv]`, `mask`:
+/// `[1, T, S]` -> `[T, heads * dv]`.
 pub fn attention(
     q: Tensor<3>,
     k: Tensor<3>,
@@ -186,10 +187,26 @@ pub fn attention(
     mask: Tensor<3>,
     scale: f64,
 ) -> Tensor<2> {
-    let [h, t, d] = q.dims();
+    attention_with_sinks(q, k, v, mask, scale, None)
+}
+
+/// [`attention`] with optional attention sinks (GPT-OSS): one logit per head, `[heads]`,
+/// that joins every softmax row as an extra key and is then dropped, so the weights of
+/// the real keys sum to less than one.
+pub fn attention_with_sinks(
+    q: Tensor<3>,
+    k: Tensor<3>,
+    v: Tensor<3>,
+    mask: Tensor<3>,
+    scale: f64,
+    sinks: Option<&Tensor<1>>,
+) -> Tensor<2> {
+    let [h, t, _] = q.dims();
     let [kvh, s, _] = k.dims();
+    let dv = v.dims()[2];
     let rep = h / kvh;
     let expand = |x: Tensor<3>| -> Tensor<3> {
+        let [_, s, d] = x.dims();
         if rep == 1 {
             x
         } else {
@@ -200,20 +217,37 @@ pub fn attention(
     };
     let (k, v) = (expand(k), expand(v));
     let scores = q.matmul(k.swap_dims(1, 2)) * scale + mask;
-    let probs = softmax(scores, 2);
-    probs.matmul(v).swap_dims(0, 1).reshape([t, h * d])
+    let probs = match sinks {
+        None => softmax(scores, 2),
+        Some(sinks) => {
+            let sink = sinks.clone().reshape([h, 1, 1]).repeat_dim(1, t);
+            softmax(Tensor::cat(vec![scores, sink], 2), 2).slice([0..h, 0..t, 0..s])
+        }
+    };
+    probs.matmul(v).swap_dims(0, 1).reshape([t, h * dv])
 }
 
-/// A SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`. Every expert is one.
+/// The gated activation of a [`SwiGlu`]: how `gate(x)` and `up(x)` are combined.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum GluActivation {
+    /// `silu(gate) * up` (Llama, Mixtral, Qwen, OLMoE, DeepSeek).
+    Silu,
+    /// GPT-OSS: `g = min(gate, limit)`, `u = clamp(up, -limit, limit)`,
+    /// `(u + 1) * g * sigmoid(alpha * g)`.
+    ClampedSwish { alpha: f64, limit: f64 },
+}
+
+/// A gated feed-forward: `down(act(gate(x), up(x)))`. Every expert is one.
 #[derive(Debug, Clone)]
 pub struct SwiGlu {
     pub gate: Dense,
     pub up: Dense,
     pub down: Dense,
+    pub act: GluActivation,
 }
 
 impl SwiGlu {
-    /// Loads three projections by their full tensor-name prefixes.
+    /// Loads three projections by their full tensor-name prefixes (SiLU activation).
     pub fn load(
         ck: &Checkpoint,
         names: [&str; 3],
@@ -225,13 +259,24 @@ impl SwiGlu {
             gate: Dense::load(ck, names[0], inter, hidden, device)?,
             up: Dense::load(ck, names[1], inter, hidden, device)?,
             down: Dense::load(ck, names[2], hidden, inter, device)?,
+            act: GluActivation::Silu,
         })
     }
 
     /// `x`: `[T, hidden]` -> `[T, hidden]`.
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        let g = silu(self.gate.forward(x.clone()));
-        self.down.forward(g * self.up.forward(x))
+        let g = self.gate.forward(x.clone());
+        let u = self.up.forward(x);
+        let a = match self.act {
+            GluActivation::Silu => silu(g) * u,
+            GluActivation::ClampedSwish { alpha, limit } => {
+                let g = g.clamp_max(limit);
+                let u = u.clamp(-limit, limit);
+                let glu = g.clone() * sigmoid(g * alpha);
+                (u + 1.0) * glu
+            }
+        };
+        self.down.forward(a)
     }
 }
 

@@ -9,6 +9,7 @@ pub mod generate;
 pub mod layers;
 pub mod models;
 pub mod moe;
+pub mod rope;
 pub mod routing;
 pub mod tokenizer;
 

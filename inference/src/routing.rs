@@ -10,6 +10,67 @@ pub enum RouterScoring {
     /// softmax over all experts, take the k largest; optionally renormalise them to sum
     /// to 1 (Mixtral always, Qwen2/3-MoE and OLMoE per `norm_topk_prob`).
     SoftmaxTopK { norm_topk_prob: bool },
+    /// The general form: `s = score(logits)`; experts are chosen by `s + selection_bias`,
+    /// optionally only inside the best `topk_group` of `n_group` contiguous expert groups;
+    /// the chosen experts' weights come from the unbiased `s`, are post-processed by
+    /// `weights` and multiplied by `scaling`. Ids are reported largest weight first
+    /// (ties keep the selection order). DeepSeek-V2/V3 and GPT-OSS are instances; see
+    /// [`RouterScoring::deepseek_v2`], [`RouterScoring::deepseek_v3`],
+    /// [`RouterScoring::gpt_oss`].
+    Scored {
+        /// Logits -> scores.
+        score: ScoreFn,
+        /// Added to the scores for selection only (DeepSeek-V3 `e_score_correction_bias`).
+        selection_bias: Option<Vec<f32>>,
+        /// Group-limited selection, if any.
+        groups: Option<GroupLimit>,
+        /// Chosen scores -> weights.
+        weights: TopKWeights,
+        /// Final multiplier (`routed_scaling_factor`).
+        scaling: f32,
+    },
+}
+
+/// How router logits become per-expert scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScoreFn {
+    /// softmax over all experts.
+    Softmax,
+    /// elementwise sigmoid.
+    Sigmoid,
+    /// the logits themselves.
+    Logits,
+}
+
+/// How a group of experts is scored for group-limited routing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupScore {
+    /// the largest selection score in the group (DeepSeek-V2 `group_limited_greedy`).
+    Max,
+    /// the sum of the two largest selection scores in the group (DeepSeek-V3).
+    SumTop2,
+}
+
+/// Restricts the choice to the best `topk_group` of `n_group` contiguous, equal groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupLimit {
+    /// Number of groups (`n_group`); experts `[g * E / n_group, (g + 1) * E / n_group)`.
+    pub n_group: usize,
+    /// Groups kept (`topk_group`).
+    pub topk_group: usize,
+    /// How a group is scored.
+    pub score: GroupScore,
+}
+
+/// What the chosen experts' scores become before `scaling`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopKWeights {
+    /// the scores as they are.
+    Scores,
+    /// divided by their sum (+1e-20).
+    Renormalise,
+    /// softmax over the chosen scores only (GPT-OSS, whose scores are logits).
+    SoftmaxOfSelected,
 }
 
 /// The routing of one token at one MoE layer: ids in rank order and their weights.
@@ -48,6 +109,61 @@ fn softmax(x: &[f32]) -> Vec<f32> {
 }
 
 impl RouterScoring {
+    /// DeepSeek-V2: softmax; with `n_group` > 1 `group_limited_greedy` (group score = its
+    /// largest probability); weights = probabilities * `scaling`, never renormalised
+    /// (transformers' V2 router ignores `norm_topk_prob`).
+    pub fn deepseek_v2(n_group: usize, topk_group: usize, scaling: f32) -> RouterScoring {
+        RouterScoring::Scored {
+            score: ScoreFn::Softmax,
+            selection_bias: None,
+            groups: (n_group > 1).then_some(GroupLimit {
+                n_group,
+                topk_group,
+                score: GroupScore::Max,
+            }),
+            weights: TopKWeights::Scores,
+            scaling,
+        }
+    }
+
+    /// DeepSeek-V3: sigmoid; selection by sigmoid + `bias` inside the best `topk_group`
+    /// groups (group score = sum of its two best); weights = unbiased sigmoid,
+    /// renormalised if `norm_topk_prob`, times `scaling`.
+    pub fn deepseek_v3(
+        bias: Option<Vec<f32>>,
+        n_group: usize,
+        topk_group: usize,
+        norm_topk_prob: bool,
+        scaling: f32,
+    ) -> RouterScoring {
+        RouterScoring::Scored {
+            score: ScoreFn::Sigmoid,
+            selection_bias: bias,
+            groups: (n_group > 1).then_some(GroupLimit {
+                n_group,
+                topk_group,
+                score: GroupScore::SumTop2,
+            }),
+            weights: if norm_topk_prob {
+                TopKWeights::Renormalise
+            } else {
+                TopKWeights::Scores
+            },
+            scaling,
+        }
+    }
+
+    /// GPT-OSS: top-k of the logits, softmax over those k.
+    pub fn gpt_oss() -> RouterScoring {
+        RouterScoring::Scored {
+            score: ScoreFn::Logits,
+            selection_bias: None,
+            groups: None,
+            weights: TopKWeights::SoftmaxOfSelected,
+            scaling: 1.0,
+        }
+    }
+
     /// Chooses the experts of one token from its router logits.
     pub fn route(&self, logits: &[f32], k: usize) -> RouteDecision {
         match self {
@@ -64,6 +180,66 @@ impl RouterScoring {
                     weights,
                 }
             }
+            RouterScoring::Scored {
+                score,
+                selection_bias,
+                groups,
+                weights,
+                scaling,
+            } => {
+                let s = match score {
+                    ScoreFn::Softmax => softmax(logits),
+                    ScoreFn::Sigmoid => logits.iter().map(|&x| 1.0 / (1.0 + (-x).exp())).collect(),
+                    ScoreFn::Logits => logits.to_vec(),
+                };
+                let mut choice = match selection_bias {
+                    Some(b) => s.iter().zip(b).map(|(x, b)| x + b).collect(),
+                    None => s.clone(),
+                };
+                if let Some(g) = groups {
+                    limit_to_groups(&mut choice, g);
+                }
+                let ids = top_k(&choice, k);
+                let mut w: Vec<f32> = ids.iter().map(|&i| s[i]).collect();
+                match weights {
+                    TopKWeights::Scores => {}
+                    TopKWeights::Renormalise => {
+                        let sum = w.iter().sum::<f32>() + 1e-20;
+                        w.iter_mut().for_each(|x| *x /= sum);
+                    }
+                    TopKWeights::SoftmaxOfSelected => w = softmax(&w),
+                }
+                w.iter_mut().for_each(|x| *x *= scaling);
+                // largest weight first; the stable sort keeps the selection order on ties
+                let mut order: Vec<usize> = (0..ids.len()).collect();
+                order.sort_by(|&a, &b| w[b].total_cmp(&w[a]));
+                RouteDecision {
+                    ids: order.iter().map(|&r| ids[r] as u32).collect(),
+                    weights: order.iter().map(|&r| w[r]).collect(),
+                }
+            }
+        }
+    }
+}
+
+/// Sets the scores outside the best `topk_group` groups to `-inf`.
+fn limit_to_groups(choice: &mut [f32], g: &GroupLimit) {
+    let size = choice.len() / g.n_group.max(1);
+    if size == 0 || g.topk_group >= g.n_group {
+        return;
+    }
+    let group_scores: Vec<f32> = choice
+        .chunks(size)
+        .take(g.n_group)
+        .map(|c| match g.score {
+            GroupScore::Max => c.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+            GroupScore::SumTop2 => top_k(c, 2).iter().map(|&i| c[i]).sum(),
+        })
+        .collect();
+    let kept = top_k(&group_scores, g.topk_group);
+    for (gi, chunk) in choice.chunks_mut(size).enumerate() {
+        if !kept.contains(&gi) {
+            chunk.iter_mut().for_each(|x| *x = f32::NEG_INFINITY);
         }
     }
 }
@@ -87,5 +263,53 @@ mod tests {
         }
         .route(&[0.0, 2.0, 1.0, -1.0], 2);
         assert!(raw.weights.iter().sum::<f32>() < 0.99);
+    }
+
+    #[test]
+    fn deepseek_v2_group_limit_changes_the_choice() {
+        // groups {0,1} and {2,3}; group 1 holds the single best expert but group 0 is
+        // kept by max: p = softmax(l); best p is expert 0 -> group 0 kept, so the
+        // second choice is expert 1 although expert 2 scores higher.
+        let logits = [3.0, 0.0, 2.0, 1.9];
+        let r = RouterScoring::deepseek_v2(2, 1, 1.5);
+        let d = r.route(&logits, 2);
+        assert_eq!(d.ids, vec![0, 1]);
+        let p = softmax(&logits);
+        assert!((d.weights[0] - 1.5 * p[0]).abs() < 1e-6);
+        assert!((d.weights[1] - 1.5 * p[1]).abs() < 1e-6);
+        // without the limit (one group) it is the plain top-2
+        assert_eq!(
+            RouterScoring::deepseek_v2(1, 1, 1.0).route(&logits, 2).ids,
+            vec![0, 2]
+        );
+    }
+
+    #[test]
+    fn deepseek_v3_bias_selects_and_weights_rank() {
+        // the bias makes expert 3 win the selection, but its unbiased score is the
+        // lowest of the chosen, so it is reported last.
+        let logits = [1.0, 0.5, -2.0, -1.0];
+        let bias = vec![0.0, 0.0, 0.0, 2.0];
+        let r = RouterScoring::deepseek_v3(Some(bias), 2, 2, true, 2.5);
+        let d = r.route(&logits, 2);
+        assert_eq!(d.ids, vec![0, 3]);
+        let sg = |x: f32| 1.0 / (1.0 + (-x).exp());
+        let (a, b) = (sg(1.0), sg(-1.0));
+        assert!((d.weights[0] - 2.5 * a / (a + b)).abs() < 1e-6);
+        assert!((d.weights[1] - 2.5 * b / (a + b)).abs() < 1e-6);
+        // group score = sum of the top two: group {2,3} = sg(-2)+sg(-1)+2 wins alone
+        let g = RouterScoring::deepseek_v3(Some(vec![0.0, 0.0, 0.0, 2.0]), 2, 1, false, 1.0);
+        let d = g.route(&logits, 2);
+        assert_eq!(d.ids, vec![3, 2]);
+        assert!((d.weights[0] - sg(-1.0)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn gpt_oss_softmax_over_selected_logits() {
+        let d = RouterScoring::gpt_oss().route(&[0.0, 2.0, 1.0, -1.0], 2);
+        assert_eq!(d.ids, vec![1, 2]);
+        let e = 1f32.exp();
+        assert!((d.weights[0] - e / (e + 1.0)).abs() < 1e-6);
+        assert!((d.weights.iter().sum::<f32>() - 1.0).abs() < 1e-6);
     }
 }

@@ -6,7 +6,9 @@ use inference::tokenizer::TextTokenizer;
 use inference::{Checkpoint, MoeModel};
 
 fn copy_fixture(arch: &str) -> (tempfile::TempDir, PathBuf) {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf").join(arch);
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/hf")
+        .join(arch);
     let dir = tempfile::tempdir().unwrap();
     let dst = dir.path().join(arch);
     std::fs::create_dir(&dst).unwrap();
@@ -27,7 +29,8 @@ fn load_err(dir: &Path) -> String {
 
 fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
     let p = dir.join("config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     f(&mut v);
     std::fs::write(p, v.to_string()).unwrap();
 }
@@ -37,13 +40,19 @@ fn unknown_or_missing_architecture() {
     let (_t, dir) = copy_fixture("qwen3_moe");
     edit_config(&dir, |v| v["model_type"] = "jamba".into());
     let e = load_err(&dir);
-    assert!(e.contains("config.json") && e.contains("'jamba' is not supported"), "{e}");
+    assert!(
+        e.contains("config.json") && e.contains("'jamba' is not supported"),
+        "{e}"
+    );
     edit_config(&dir, |v| {
         v.as_object_mut().unwrap().remove("model_type");
         v["architectures"] = serde_json::json!(["SomethingElse"]);
     });
     let e = load_err(&dir);
-    assert!(e.contains("neither model_type nor a known architectures"), "{e}");
+    assert!(
+        e.contains("neither model_type nor a known architectures"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -51,7 +60,12 @@ fn wrong_shape_names_tensor_and_file() {
     let (_t, dir) = copy_fixture("qwen3_moe");
     edit_config(&dir, |v| v["moe_intermediate_size"] = 9.into());
     let e = load_err(&dir);
-    assert!(e.contains("model.safetensors") && e.contains("experts.0.gate_proj.weight") && e.contains("expected [9,"), "{e}");
+    assert!(
+        e.contains("model.safetensors")
+            && e.contains("experts.0.gate_proj.weight")
+            && e.contains("expected [9,"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -68,7 +82,10 @@ fn missing_tensor_is_named() {
     let out = safetensors::serialize(kept, None).unwrap();
     std::fs::write(&path, out).unwrap();
     let e = load_err(&dir);
-    assert!(e.contains("missing tensor model.layers.0.mlp.experts.3.up_proj.weight"), "{e}");
+    assert!(
+        e.contains("missing tensor model.layers.0.mlp.experts.3.up_proj.weight"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -78,10 +95,16 @@ fn truncated_safetensors_is_rejected() {
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
     let e = load_err(&dir);
-    assert!(e.contains("model.safetensors") && e.contains("truncated"), "{e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains("truncated"),
+        "{e}"
+    );
     std::fs::write(&path, &bytes[..5]).unwrap();
     let e = load_err(&dir);
-    assert!(e.contains("model.safetensors") && e.contains("bad safetensors"), "{e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains("bad safetensors"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -99,8 +122,14 @@ fn missing_weights_and_sharded_index() {
 fn tokenizer_mismatch_is_reported() {
     let (_t, dir) = copy_fixture("qwen3_moe");
     let tok = TextTokenizer::load(&dir).unwrap();
-    let e = tok.encode("The router picks experts.", false, 10).unwrap_err().to_string();
-    assert!(e.contains("tokenizer.json") && e.contains("tokenizer mismatch"), "{e}");
+    let e = tok
+        .encode("The router picks experts.", false, 10)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("tokenizer.json") && e.contains("tokenizer mismatch"),
+        "{e}"
+    );
     std::fs::remove_file(dir.join("tokenizer.json")).unwrap();
     assert!(TextTokenizer::load(&dir).is_err());
 }

@@ -192,3 +192,18 @@ fn qwen3_moe_sharded_bf16_matches_transformers() {
 fn olmoe_matches_transformers() {
     check_arch("olmoe");
 }
+
+#[test]
+fn deepseek_v2_matches_transformers() {
+    check_arch("deepseek_v2");
+}
+
+#[test]
+fn deepseek_v3_matches_transformers() {
+    check_arch("deepseek_v3");
+}
+
+#[test]
+fn gpt_oss_matches_transformers() {
+    check_arch("gpt_oss");
+}

@@ -117,7 +117,7 @@ impl Config {
     /// Whether model layer `l` has a sparse MoE block (else a dense SwiGLU).
     pub fn is_moe_layer(&self, l: usize) -> bool {
         let step = self.decoder_sparse_step.unwrap_or(1).max(1);
-        self.n_experts() > 0 && !self.mlp_only_layers.contains(&l) && (l + 1) % step == 0
+        self.n_experts() > 0 && !self.mlp_only_layers.contains(&l) && (l + 1).is_multiple_of(step)
     }
 
     fn norm_topk(&self, v: Variant) -> bool {
@@ -140,8 +140,8 @@ enum QkNorm {
 
 #[derive(Debug, Clone)]
 enum Ffn {
-    Dense(SwiGlu),
-    Sparse(SparseMoe),
+    Dense(Box<SwiGlu>),
+    Sparse(Box<SparseMoe>),
 }
 
 #[derive(Debug, Clone)]
@@ -206,10 +206,10 @@ impl Model {
                 _ => QkNorm::None,
             };
             let ffn = if c.is_moe_layer(l) {
-                Ffn::Sparse(load_moe(ck, c, variant, l, device)?)
+                Ffn::Sparse(Box::new(load_moe(ck, c, variant, l, device)?))
             } else {
                 let m = format!("{p}.mlp");
-                Ffn::Dense(SwiGlu::load(
+                Ffn::Dense(Box::new(SwiGlu::load(
                     ck,
                     [
                         &format!("{m}.gate_proj"),
@@ -219,7 +219,7 @@ impl Model {
                     h,
                     c.intermediate_size,
                     device,
-                )?)
+                )?))
             };
             layers.push(Layer {
                 input_norm: RmsNorm::load(ck, &format!("{p}.input_layernorm"), h, eps, device)?,

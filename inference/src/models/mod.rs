@@ -1,5 +1,7 @@
 //! Architecture families, one file each, behind one [`MoeModel`].
 
+pub mod deepseek;
+pub mod gpt_oss;
 pub mod llama_moe;
 
 use burn::tensor::{Device, Tensor};
@@ -25,12 +27,20 @@ pub const SUPPORTED: &[(&str, &str)] = &[
     ("qwen2_moe", "Qwen2MoeForCausalLM"),
     ("qwen3_moe", "Qwen3MoeForCausalLM"),
     ("olmoe", "OlmoeForCausalLM"),
+    ("deepseek_v2", "DeepseekV2ForCausalLM"),
+    ("deepseek_v3", "DeepseekV3ForCausalLM"),
+    ("gpt_oss", "GptOssForCausalLM"),
 ];
 
 /// A loaded MoE language model of any supported architecture.
 #[derive(Debug, Clone)]
 pub enum MoeModel {
+    /// Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE.
     LlamaMoe(llama_moe::Model),
+    /// DeepSeek-V2 and DeepSeek-V3.
+    Deepseek(deepseek::Model),
+    /// GPT-OSS.
+    GptOss(gpt_oss::Model),
 }
 
 /// Shape facts every caller needs (trace meta, cache sizing).
@@ -69,6 +79,16 @@ impl MoeModel {
             "mixtral" | "qwen2_moe" | "qwen3_moe" | "olmoe" => Ok(MoeModel::LlamaMoe(
                 llama_moe::Model::load(ck, ck.config()?, device)?,
             )),
+            "deepseek_v2" | "deepseek_v3" => Ok(MoeModel::Deepseek(deepseek::Model::load(
+                ck,
+                ck.config()?,
+                device,
+            )?)),
+            "gpt_oss" => Ok(MoeModel::GptOss(gpt_oss::Model::load(
+                ck,
+                ck.config()?,
+                device,
+            )?)),
             other => {
                 let names: Vec<&str> = SUPPORTED.iter().map(|(_, a)| *a).collect();
                 Err(ModelError::file(
@@ -98,6 +118,24 @@ impl MoeModel {
                 ),
                 vocab_size: m.config.vocab_size,
             },
+            MoeModel::Deepseek(m) => ModelShape {
+                model_type: m.config.model_type.clone(),
+                n_layers: m.config.num_hidden_layers,
+                moe_layers: m.moe_layers(),
+                n_experts: m.config.n_routed_experts,
+                top_k: m.config.num_experts_per_tok,
+                n_shared_experts: m.config.shared_experts(m.variant),
+                vocab_size: m.config.vocab_size,
+            },
+            MoeModel::GptOss(m) => ModelShape {
+                model_type: m.config.model_type.clone(),
+                n_layers: m.config.num_hidden_layers,
+                moe_layers: m.moe_layers(),
+                n_experts: m.config.num_local_experts,
+                top_k: m.config.num_experts_per_tok,
+                n_shared_experts: 0,
+                vocab_size: m.config.vocab_size,
+            },
         }
     }
 
@@ -119,6 +157,8 @@ impl MoeModel {
         }
         Ok(match self {
             MoeModel::LlamaMoe(m) => m.forward(tokens, cache, observer),
+            MoeModel::Deepseek(m) => m.forward(tokens, cache, observer),
+            MoeModel::GptOss(m) => m.forward(tokens, cache, observer),
         })
     }
 
