@@ -12,14 +12,18 @@ build:
 	$(CARGO) build --release
 
 # The main job on the embedded default. Until the shipped demo model lands, the
-# embedded default is moecast's seeded synthetic trace generator.
+# embedded default is moecast's seeded synthetic trace generator, plus trace collection
+# with the native runtime from a tiny random test checkpoint.
 demo: build
 	mkdir -p $(DEMO)
 	$(BIN) trace synth -o $(DEMO)/synthetic.mctrace --layers 16 --experts 64 --top-k 4 --sequences 32 --tokens 256 --stickiness 0.35 --seed 0
 	$(BIN) trace convert $(DEMO)/synthetic.mctrace -o $(DEMO)/synthetic.parquet
 	$(BIN) trace import datasets/tests/fixtures/small.route.csv -o $(DEMO)/small-route.mctrace
 	$(BIN) trace stats $(DEMO)/synthetic.mctrace --plot $(DEMO)/plots
-	@echo "demo outputs in $(DEMO)/ (charts in $(DEMO)/plots/)"
+	# The native runtime on a tiny random Qwen3-MoE test checkpoint (routing without structure).
+	$(BIN) collect --model inference/tests/fixtures/hf/qwen3_moe --prompts prompts/demo.txt --max-new-tokens 16 -o $(DEMO)/fixture-qwen3moe.mctrace
+	$(BIN) trace stats $(DEMO)/fixture-qwen3moe.mctrace --plot $(DEMO)/plots-fixture-qwen3moe
+	@echo "demo outputs in $(DEMO)/ (charts in $(DEMO)/plots*/)"
 
 test:
 	$(CARGO) test --workspace

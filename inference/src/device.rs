@@ -12,6 +12,9 @@ pub enum BackendKind {
     Flex,
     /// burn-ndarray (deprecated upstream in favour of flex; kept for comparison).
     Ndarray,
+    /// burn-wgpu on the default GPU adapter (builds with the `wgpu` feature).
+    #[cfg(feature = "wgpu")]
+    Wgpu,
 }
 
 impl FromStr for BackendKind {
@@ -21,10 +24,13 @@ impl FromStr for BackendKind {
         match s {
             "flex" | "cpu" => Ok(BackendKind::Flex),
             "ndarray" => Ok(BackendKind::Ndarray),
-            "wgpu" => {
-                Err("this build has no wgpu backend yet; use --device flex or ndarray".into())
-            }
-            other => Err(format!("unknown device '{other}' (flex, ndarray)")),
+            #[cfg(feature = "wgpu")]
+            "wgpu" => Ok(BackendKind::Wgpu),
+            #[cfg(not(feature = "wgpu"))]
+            "wgpu" => Err("this build has no GPU backend: rebuild with `cargo build --release --features wgpu` \
+                 (needs a Vulkan, Metal or DX12 driver; Mesa's lavapipe works on CPU-only machines)"
+                .into()),
+            other => Err(format!("unknown device '{other}' (flex, ndarray, wgpu)")),
         }
     }
 }
@@ -36,6 +42,8 @@ impl BackendKind {
         match self {
             BackendKind::Flex => Device::flex(),
             BackendKind::Ndarray => Device::ndarray(),
+            #[cfg(feature = "wgpu")]
+            BackendKind::Wgpu => Device::wgpu(burn::tensor::DeviceKind::DefaultDevice),
         }
     }
 }
