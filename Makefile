@@ -4,7 +4,7 @@ BIN    := target/release/moecast
 SHARED ?= $(abspath ../shared)
 DEMO   := runs/demo
 
-.PHONY: all build demo test test-real bench fmt lint clean
+.PHONY: all build demo test test-real test-wgpu bench fmt lint clean
 
 all: build
 
@@ -38,6 +38,13 @@ test-real:
 	  target/debug/moecast trace import "$$f" -o "$$tmp/t.mctrace" >/dev/null 2>&1; \
 	  printf '%-24s ' "$$(basename $$f)"; target/debug/moecast trace stats "$$tmp/t.mctrace" | grep '^overlap'; \
 	done
+
+# The runtime's transformers-parity tests on burn-wgpu. Without a GPU, Mesa's lavapipe
+# (apt-get install mesa-vulkan-drivers libvulkan1) runs them on the CPU.
+test-wgpu:
+	mkdir -p $${XDG_RUNTIME_DIR:-/tmp/moecast-xdg}
+	XDG_RUNTIME_DIR=$${XDG_RUNTIME_DIR:-/tmp/moecast-xdg} MOECAST_TEST_DEVICE=wgpu \
+	  $(CARGO) test -p inference --features wgpu --test hf_parity
 
 bench:
 	$(CARGO) bench -p datasets --bench trace_io

@@ -82,3 +82,25 @@ impl SparseMoe {
         out
     }
 }
+
+/// A decoder layer's feed-forward: a dense SwiGLU or a sparse MoE block.
+#[derive(Debug, Clone)]
+pub enum FeedForward {
+    Dense(Box<SwiGlu>),
+    Sparse(Box<SparseMoe>),
+}
+
+impl FeedForward {
+    /// `x`: `[T, hidden]` at positions `first_pos..`; MoE blocks report their routing.
+    pub fn forward(
+        &self,
+        x: Tensor<2>,
+        first_pos: usize,
+        observer: &mut dyn RoutingObserver,
+    ) -> Tensor<2> {
+        match self {
+            FeedForward::Dense(mlp) => mlp.forward(x),
+            FeedForward::Sparse(moe) => moe.forward(x, first_pos, observer),
+        }
+    }
+}

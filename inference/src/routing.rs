@@ -4,31 +4,26 @@
 //! The selection runs on the host in f32 on the router logits `[T, E]` the model
 //! computed, so the chosen ids and their order are exactly reproducible.
 
-/// How a router turns logits into the top-k experts and their weights.
+/// How a router turns logits into the top-k experts and their weights, in one general
+/// form: `s = score(logits)`; experts are chosen by `s + selection_bias`, optionally only
+/// inside the best `topk_group` of `n_group` contiguous expert groups; the chosen
+/// experts' weights come from the unbiased `s`, are post-processed by `weights` and
+/// multiplied by `scaling`. Ids are reported largest weight first (ties keep the
+/// selection order). Every supported architecture is an instance: see
+/// [`RouterScoring::softmax_topk`], [`RouterScoring::deepseek_v2`],
+/// [`RouterScoring::deepseek_v3`], [`RouterScoring::gpt_oss`].
 #[derive(Debug, Clone, PartialEq)]
-pub enum RouterScoring {
-    /// softmax over all experts, take the k largest; optionally renormalise them to sum
-    /// to 1 (Mixtral always, Qwen2/3-MoE and OLMoE per `norm_topk_prob`).
-    SoftmaxTopK { norm_topk_prob: bool },
-    /// The general form: `s = score(logits)`; experts are chosen by `s + selection_bias`,
-    /// optionally only inside the best `topk_group` of `n_group` contiguous expert groups;
-    /// the chosen experts' weights come from the unbiased `s`, are post-processed by
-    /// `weights` and multiplied by `scaling`. Ids are reported largest weight first
-    /// (ties keep the selection order). DeepSeek-V2/V3 and GPT-OSS are instances; see
-    /// [`RouterScoring::deepseek_v2`], [`RouterScoring::deepseek_v3`],
-    /// [`RouterScoring::gpt_oss`].
-    Scored {
-        /// Logits -> scores.
-        score: ScoreFn,
-        /// Added to the scores for selection only (DeepSeek-V3 `e_score_correction_bias`).
-        selection_bias: Option<Vec<f32>>,
-        /// Group-limited selection, if any.
-        groups: Option<GroupLimit>,
-        /// Chosen scores -> weights.
-        weights: TopKWeights,
-        /// Final multiplier (`routed_scaling_factor`).
-        scaling: f32,
-    },
+pub struct RouterScoring {
+    /// Logits -> scores.
+    pub score: ScoreFn,
+    /// Added to the scores for selection only (DeepSeek-V3 `e_score_correction_bias`).
+    pub selection_bias: Option<Vec<f32>>,
+    /// Group-limited selection, if any.
+    pub groups: Option<GroupLimit>,
+    /// Chosen scores -> weights.
+    pub weights: TopKWeights,
+    /// Final multiplier (`routed_scaling_factor`).
+    pub scaling: f32,
 }
 
 /// How router logits become per-expert scores.
@@ -109,11 +104,27 @@ fn softmax(x: &[f32]) -> Vec<f32> {
 }
 
 impl RouterScoring {
+    /// Mixtral, Qwen2/3-MoE, OLMoE: softmax over all experts, the k largest, optionally
+    /// renormalised to sum to 1 (Mixtral always, the others per `norm_topk_prob`).
+    pub fn softmax_topk(norm_topk_prob: bool) -> RouterScoring {
+        RouterScoring {
+            score: ScoreFn::Softmax,
+            selection_bias: None,
+            groups: None,
+            weights: if norm_topk_prob {
+                TopKWeights::Renormalise
+            } else {
+                TopKWeights::Scores
+            },
+            scaling: 1.0,
+        }
+    }
+
     /// DeepSeek-V2: softmax; with `n_group` > 1 `group_limited_greedy` (group score = its
     /// largest probability); weights = probabilities * `scaling`, never renormalised
     /// (transformers' V2 router ignores `norm_topk_prob`).
     pub fn deepseek_v2(n_group: usize, topk_group: usize, scaling: f32) -> RouterScoring {
-        RouterScoring::Scored {
+        RouterScoring {
             score: ScoreFn::Softmax,
             selection_bias: None,
             groups: (n_group > 1).then_some(GroupLimit {
@@ -136,7 +147,7 @@ impl RouterScoring {
         norm_topk_prob: bool,
         scaling: f32,
     ) -> RouterScoring {
-        RouterScoring::Scored {
+        RouterScoring {
             score: ScoreFn::Sigmoid,
             selection_bias: bias,
             groups: (n_group > 1).then_some(GroupLimit {
@@ -155,7 +166,7 @@ impl RouterScoring {
 
     /// GPT-OSS: top-k of the logits, softmax over those k.
     pub fn gpt_oss() -> RouterScoring {
-        RouterScoring::Scored {
+        RouterScoring {
             score: ScoreFn::Logits,
             selection_bias: None,
             groups: None,
@@ -166,58 +177,35 @@ impl RouterScoring {
 
     /// Chooses the experts of one token from its router logits.
     pub fn route(&self, logits: &[f32], k: usize) -> RouteDecision {
-        match self {
-            RouterScoring::SoftmaxTopK { norm_topk_prob } => {
-                let probs = softmax(logits);
-                let ids = top_k(&probs, k);
-                let mut weights: Vec<f32> = ids.iter().map(|&i| probs[i]).collect();
-                if *norm_topk_prob {
-                    let s: f32 = weights.iter().sum();
-                    weights.iter_mut().for_each(|w| *w /= s);
-                }
-                RouteDecision {
-                    ids: ids.into_iter().map(|i| i as u32).collect(),
-                    weights,
-                }
+        let s = match self.score {
+            ScoreFn::Softmax => softmax(logits),
+            ScoreFn::Sigmoid => logits.iter().map(|&x| 1.0 / (1.0 + (-x).exp())).collect(),
+            ScoreFn::Logits => logits.to_vec(),
+        };
+        let mut choice = match &self.selection_bias {
+            Some(b) => s.iter().zip(b).map(|(x, b)| x + b).collect(),
+            None => s.clone(),
+        };
+        if let Some(g) = &self.groups {
+            limit_to_groups(&mut choice, g);
+        }
+        let ids = top_k(&choice, k);
+        let mut w: Vec<f32> = ids.iter().map(|&i| s[i]).collect();
+        match self.weights {
+            TopKWeights::Scores => {}
+            TopKWeights::Renormalise => {
+                let sum = w.iter().sum::<f32>() + 1e-20;
+                w.iter_mut().for_each(|x| *x /= sum);
             }
-            RouterScoring::Scored {
-                score,
-                selection_bias,
-                groups,
-                weights,
-                scaling,
-            } => {
-                let s = match score {
-                    ScoreFn::Softmax => softmax(logits),
-                    ScoreFn::Sigmoid => logits.iter().map(|&x| 1.0 / (1.0 + (-x).exp())).collect(),
-                    ScoreFn::Logits => logits.to_vec(),
-                };
-                let mut choice = match selection_bias {
-                    Some(b) => s.iter().zip(b).map(|(x, b)| x + b).collect(),
-                    None => s.clone(),
-                };
-                if let Some(g) = groups {
-                    limit_to_groups(&mut choice, g);
-                }
-                let ids = top_k(&choice, k);
-                let mut w: Vec<f32> = ids.iter().map(|&i| s[i]).collect();
-                match weights {
-                    TopKWeights::Scores => {}
-                    TopKWeights::Renormalise => {
-                        let sum = w.iter().sum::<f32>() + 1e-20;
-                        w.iter_mut().for_each(|x| *x /= sum);
-                    }
-                    TopKWeights::SoftmaxOfSelected => w = softmax(&w),
-                }
-                w.iter_mut().for_each(|x| *x *= scaling);
-                // largest weight first; the stable sort keeps the selection order on ties
-                let mut order: Vec<usize> = (0..ids.len()).collect();
-                order.sort_by(|&a, &b| w[b].total_cmp(&w[a]));
-                RouteDecision {
-                    ids: order.iter().map(|&r| ids[r] as u32).collect(),
-                    weights: order.iter().map(|&r| w[r]).collect(),
-                }
-            }
+            TopKWeights::SoftmaxOfSelected => w = softmax(&w),
+        }
+        w.iter_mut().for_each(|x| *x *= self.scaling);
+        // largest weight first; the stable sort keeps the selection order on ties
+        let mut order: Vec<usize> = (0..ids.len()).collect();
+        order.sort_by(|&a, &b| w[b].total_cmp(&w[a]));
+        RouteDecision {
+            ids: order.iter().map(|&r| ids[r] as u32).collect(),
+            weights: order.iter().map(|&r| w[r]).collect(),
         }
     }
 }
@@ -250,18 +238,13 @@ mod tests {
 
     #[test]
     fn softmax_top_k_ranks_and_normalises() {
-        let r = RouterScoring::SoftmaxTopK {
-            norm_topk_prob: true,
-        };
+        let r = RouterScoring::softmax_topk(true);
         let d = r.route(&[0.0, 2.0, 1.0, -1.0], 2);
         assert_eq!(d.ids, vec![1, 2]);
         let e = 1f32.exp();
         assert!((d.weights[0] - e / (e + 1.0)).abs() < 1e-6);
         assert!((d.weights.iter().sum::<f32>() - 1.0).abs() < 1e-6);
-        let raw = RouterScoring::SoftmaxTopK {
-            norm_topk_prob: false,
-        }
-        .route(&[0.0, 2.0, 1.0, -1.0], 2);
+        let raw = RouterScoring::softmax_topk(false).route(&[0.0, 2.0, 1.0, -1.0], 2);
         assert!(raw.weights.iter().sum::<f32>() < 0.99);
     }
 

@@ -59,6 +59,16 @@ impl RoutingObserver for Recorder {
     }
 }
 
+/// The backend under test: `MOECAST_TEST_DEVICE` (flex, ndarray, wgpu), flex by default.
+fn test_backend() -> inference::device::BackendKind {
+    std::env::var("MOECAST_TEST_DEVICE")
+        .map(|d| {
+            d.parse()
+                .unwrap_or_else(|e| panic!("MOECAST_TEST_DEVICE: {e}"))
+        })
+        .unwrap_or_default()
+}
+
 fn fixture(arch: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/hf")
@@ -77,7 +87,7 @@ fn check_arch(arch: &str) {
     let expected: Expected =
         serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     let ck = Checkpoint::open(&dir).unwrap();
-    let device = inference::device::BackendKind::Flex.device();
+    let device = test_backend().device();
     let model = MoeModel::load(&ck, &device).unwrap();
     assert_eq!(
         model.shape().moe_layers,

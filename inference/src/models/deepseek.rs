@@ -24,7 +24,7 @@ use serde::Deserialize;
 use crate::checkpoint::Checkpoint;
 use crate::error::{ModelError, Result};
 use crate::layers::{apply_rope, attention, causal_mask, Dense, KvCache, RmsNorm, SwiGlu};
-use crate::moe::{SharedExpert, SparseMoe};
+use crate::moe::{FeedForward, SharedExpert, SparseMoe};
 use crate::rope::{deinterleave, yarn_mscale, RopeParameters, RotaryEmbedding};
 use crate::routing::{RouterScoring, RoutingObserver};
 
@@ -171,10 +171,7 @@ impl Config {
         if self.num_attention_heads == 0 || !self.qk_rope_head_dim.is_multiple_of(2) {
             return Err("num_attention_heads must be > 0 and qk_rope_head_dim even".into());
         }
-        if let RouterScoring::Scored {
-            groups: Some(g), ..
-        } = self.scoring(v, None)
-        {
+        if let Some(g) = self.scoring(v, None).groups {
             let size = e.checked_div(g.n_group).unwrap_or(0);
             if g.n_group == 0 || !e.is_multiple_of(g.n_group) || g.topk_group == 0 {
                 return Err(format!(
@@ -197,12 +194,6 @@ impl Config {
 }
 
 #[derive(Debug, Clone)]
-enum Ffn {
-    Dense(Box<SwiGlu>),
-    Sparse(Box<SparseMoe>),
-}
-
-#[derive(Debug, Clone)]
 struct Layer {
     input_norm: RmsNorm,
     post_norm: RmsNorm,
@@ -214,7 +205,7 @@ struct Layer {
     kv_norm: RmsNorm,
     kv_b: Dense,
     o: Dense,
-    ffn: Ffn,
+    ffn: FeedForward,
 }
 
 /// A loaded DeepSeek-V2 / V3 model.
@@ -285,9 +276,9 @@ impl Model {
                 ),
             };
             let ffn = if c.is_moe_layer(l) {
-                Ffn::Sparse(Box::new(load_moe(ck, c, variant, l, device)?))
+                FeedForward::Sparse(Box::new(load_moe(ck, c, variant, l, device)?))
             } else {
-                Ffn::Dense(Box::new(mlp(
+                FeedForward::Dense(Box::new(mlp(
                     ck,
                     &format!("{p}.mlp"),
                     h,
@@ -420,10 +411,7 @@ impl Model {
             let a = attention(q, k, v, mask.clone(), scale);
             let h = x + layer.o.forward(a);
             let n = layer.post_norm.forward(h.clone());
-            let f = match &layer.ffn {
-                Ffn::Dense(m) => m.forward(n),
-                Ffn::Sparse(moe) => moe.forward(n, past, observer),
-            };
+            let f = layer.ffn.forward(n, past, observer);
             x = h + f;
         }
         self.lm_head.forward(self.norm.forward(x))

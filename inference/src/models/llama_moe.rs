@@ -20,7 +20,7 @@ use serde::Deserialize;
 use crate::checkpoint::Checkpoint;
 use crate::error::{ModelError, Result};
 use crate::layers::{apply_rope, attention, causal_mask, Dense, KvCache, RmsNorm, Rope, SwiGlu};
-use crate::moe::{SharedExpert, SparseMoe};
+use crate::moe::{FeedForward, SharedExpert, SparseMoe};
 use crate::routing::{RouterScoring, RoutingObserver};
 
 /// Which member of the family, from `model_type`.
@@ -139,12 +139,6 @@ enum QkNorm {
 }
 
 #[derive(Debug, Clone)]
-enum Ffn {
-    Dense(Box<SwiGlu>),
-    Sparse(Box<SparseMoe>),
-}
-
-#[derive(Debug, Clone)]
 struct Layer {
     input_norm: RmsNorm,
     post_norm: RmsNorm,
@@ -153,7 +147,7 @@ struct Layer {
     v: Dense,
     o: Dense,
     qk_norm: QkNorm,
-    ffn: Ffn,
+    ffn: FeedForward,
 }
 
 /// A loaded model of this family.
@@ -206,10 +200,10 @@ impl Model {
                 _ => QkNorm::None,
             };
             let ffn = if c.is_moe_layer(l) {
-                Ffn::Sparse(Box::new(load_moe(ck, c, variant, l, device)?))
+                FeedForward::Sparse(Box::new(load_moe(ck, c, variant, l, device)?))
             } else {
                 let m = format!("{p}.mlp");
-                Ffn::Dense(Box::new(SwiGlu::load(
+                FeedForward::Dense(Box::new(SwiGlu::load(
                     ck,
                     [
                         &format!("{m}.gate_proj"),
@@ -313,10 +307,7 @@ impl Model {
             let a = attention(q, k, v, mask.clone(), scale);
             let h = x + layer.o.forward(a);
             let n = layer.post_norm.forward(h.clone());
-            let f = match &layer.ffn {
-                Ffn::Dense(mlp) => mlp.forward(n),
-                Ffn::Sparse(moe) => moe.forward(n, past, observer),
-            };
+            let f = layer.ffn.forward(n, past, observer);
             x = h + f;
         }
         self.lm_head.forward(self.norm.forward(x))
@@ -391,9 +382,7 @@ fn load_moe(
     Ok(SparseMoe {
         layer: l,
         router: Dense::load(ck, &format!("{block}.gate"), e, h, device)?,
-        scoring: RouterScoring::SoftmaxTopK {
-            norm_topk_prob: c.norm_topk(variant),
-        },
+        scoring: RouterScoring::softmax_topk(c.norm_topk(variant)),
         top_k: c.num_experts_per_tok,
         experts,
         shared,
