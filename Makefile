@@ -1,6 +1,8 @@
 # moecast — see README.md. `make demo` runs the main pipeline, `make test` the tests.
 CARGO  ?= cargo
-BIN    := target/release/moecast
+TARGET := $(or $(CARGO_TARGET_DIR),target)
+BIN    := $(TARGET)/release/moecast
+DBG    := $(TARGET)/debug/moecast
 SHARED ?= $(abspath ../shared)
 DEMO   := runs/demo
 
@@ -35,8 +37,8 @@ test-real:
 	$(CARGO) build
 	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
 	for f in $$(find $(SHARED)/traces -type f ! -name LICENSE ! -name capture-metadata.json | sort); do \
-	  target/debug/moecast trace import "$$f" -o "$$tmp/t.mctrace" >/dev/null 2>&1; \
-	  printf '%-24s ' "$$(basename $$f)"; target/debug/moecast trace stats "$$tmp/t.mctrace" | grep '^overlap'; \
+	  $(DBG) trace import "$$f" -o "$$tmp/t.mctrace" >/dev/null 2>&1; \
+	  printf '%-24s ' "$$(basename $$f)"; $(DBG) trace stats "$$tmp/t.mctrace" | grep '^overlap'; \
 	done
 
 # The runtime's transformers-parity tests on burn-wgpu. Without a GPU, Mesa's lavapipe
