@@ -33,7 +33,7 @@ test:
 # Real routing traces from ../shared (not needed by the product; CI runs this when present).
 test-real:
 	@test -d $(SHARED)/traces || { echo "test-real needs $(SHARED)/traces"; exit 1; }
-	MOECAST_SHARED=$(SHARED) $(CARGO) test -p datasets --test real_traces -- --ignored --nocapture
+	MOECAST_SHARED=$(SHARED) $(CARGO) test --workspace --test real_traces -- --ignored --nocapture
 	$(CARGO) build
 	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
 	for f in $$(find $(SHARED)/traces -type f ! -name LICENSE ! -name capture-metadata.json | sort); do \
@@ -46,7 +46,7 @@ test-real:
 test-wgpu:
 	mkdir -p $${XDG_RUNTIME_DIR:-/tmp/moecast-xdg}
 	XDG_RUNTIME_DIR=$${XDG_RUNTIME_DIR:-/tmp/moecast-xdg} MOECAST_TEST_DEVICE=wgpu \
-	  $(CARGO) test -p inference --features wgpu --test hf_parity
+	  $(CARGO) test --workspace --features wgpu --test hf_parity
 
 bench:
 	$(CARGO) bench -p datasets --bench trace_io
