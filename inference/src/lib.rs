@@ -11,6 +11,7 @@ pub mod models;
 pub mod moe;
 pub mod rope;
 pub mod routing;
+pub mod tinymoe;
 pub mod tokenizer;
 
 pub use checkpoint::Checkpoint;
