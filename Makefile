@@ -13,19 +13,20 @@ all: build
 build:
 	$(CARGO) build --release
 
-# The main job on the embedded default. Until the shipped demo model lands, the
-# embedded default is moecast's seeded synthetic trace generator, plus trace collection
-# with the native runtime from a tiny random test checkpoint.
-demo: build
+# The main job on the embedded default: the shipped tiny MoE (checkpoints/tiny-moe) runs
+# over the demo prompts with seeded sampling; its routing trace, statistics and charts
+# land in runs/demo/. Later stages (training, evaluation, simulation) extend this pipeline.
+# It uses the debug build (shared with `make test`), which builds in a fraction of the
+# release build's time on small machines; `make build` gives the optimised binary.
+MODEL  := checkpoints/tiny-moe
+demo:
+	$(CARGO) build
 	mkdir -p $(DEMO)
-	$(BIN) trace synth -o $(DEMO)/synthetic.mctrace --layers 16 --experts 64 --top-k 4 --sequences 32 --tokens 256 --stickiness 0.35 --seed 0
-	$(BIN) trace convert $(DEMO)/synthetic.mctrace -o $(DEMO)/synthetic.parquet
-	$(BIN) trace import datasets/tests/fixtures/small.route.csv -o $(DEMO)/small-route.mctrace
-	$(BIN) trace stats $(DEMO)/synthetic.mctrace --plot $(DEMO)/plots
-	# The native runtime on a tiny random Qwen3-MoE test checkpoint (routing without structure).
-	$(BIN) collect --model inference/tests/fixtures/hf/qwen3_moe --prompts prompts/demo.txt --max-new-tokens 16 -o $(DEMO)/fixture-qwen3moe.mctrace
-	$(BIN) trace stats $(DEMO)/fixture-qwen3moe.mctrace --plot $(DEMO)/plots-fixture-qwen3moe
-	@echo "demo outputs in $(DEMO)/ (charts in $(DEMO)/plots*/)"
+	$(DBG) collect --model $(MODEL) --prompts prompts/demo.txt --max-new-tokens 96 --temperature 0.8 --seed 0 -o $(DEMO)/tiny-moe.mctrace
+	$(DBG) trace convert $(DEMO)/tiny-moe.mctrace -o $(DEMO)/tiny-moe.parquet
+	$(DBG) trace stats $(DEMO)/tiny-moe.mctrace --plot $(DEMO)/plots
+	$(DBG) trace stats $(DEMO)/tiny-moe.mctrace --json > $(DEMO)/stats.json
+	@echo "demo outputs in $(DEMO)/: tiny-moe.mctrace, tiny-moe.parquet, stats.json, plots/"
 
 test:
 	$(CARGO) test --workspace
