@@ -165,33 +165,15 @@ impl Checkpoint {
 
     /// Tensor `name` decoded to f32, checked against `shape`.
     pub fn tensor_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let r = self.tensor_ref(name)?;
-        if r.shape != shape {
-            return Err(ModelError::Shape {
-                file: r.file,
-                name: name.to_string(),
-                expected: shape.to_vec(),
-                found: r.shape,
-            });
-        }
-        let f = &self.files[self.index[name]];
-        decode_f32(&f.map[r.offset..r.offset + r.len], r.dtype)
-            .map_err(|m| ModelError::file(&r.file, format!("tensor {name}: {m}")))
+        let r = self.checked_ref(name, shape)?;
+        self.decode(name, &r, r.offset, r.len)
     }
 
     /// The `i`-th slab along dimension 0 of tensor `name` (full shape `shape`), decoded to
     /// f32: `shape[1..]` values. Only that slab's bytes are read, so one expert of a
     /// fused `[experts, ...]` tensor can be loaded (or reloaded) on its own.
     pub fn tensor_f32_slab(&self, name: &str, shape: &[usize], i: usize) -> Result<Vec<f32>> {
-        let r = self.tensor_ref(name)?;
-        if r.shape != shape {
-            return Err(ModelError::Shape {
-                file: r.file,
-                name: name.to_string(),
-                expected: shape.to_vec(),
-                found: r.shape,
-            });
-        }
+        let r = self.checked_ref(name, shape)?;
         let n0 = shape.first().copied().unwrap_or(0);
         if i >= n0 {
             return Err(ModelError::file(
@@ -200,9 +182,27 @@ impl Checkpoint {
             ));
         }
         let slab = r.len / n0;
+        self.decode(name, &r, r.offset + i * slab, slab)
+    }
+
+    /// [`Checkpoint::tensor_ref`], checked against the shape the config implies.
+    fn checked_ref(&self, name: &str, shape: &[usize]) -> Result<TensorRef> {
+        let r = self.tensor_ref(name)?;
+        if r.shape != shape {
+            return Err(ModelError::Shape {
+                file: r.file,
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found: r.shape,
+            });
+        }
+        Ok(r)
+    }
+
+    /// Decodes `len` bytes at `start` of the file holding tensor `name`.
+    fn decode(&self, name: &str, r: &TensorRef, start: usize, len: usize) -> Result<Vec<f32>> {
         let f = &self.files[self.index[name]];
-        let start = r.offset + i * slab;
-        decode_f32(&f.map[start..start + slab], r.dtype)
+        decode_f32(&f.map[start..start + len], r.dtype)
             .map_err(|m| ModelError::file(&r.file, format!("tensor {name}: {m}")))
     }
 }
