@@ -3,7 +3,7 @@
 //! and the SwiGLU feed-forward every expert uses.
 
 use burn::tensor::activation::{sigmoid, silu, softmax};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::Result;
@@ -37,6 +37,26 @@ impl Dense {
         Ok(Dense { weight, bias })
     }
 
+    /// The output projection `lm_head`, or the transposed embedding table `embed`
+    /// (`[vocab, hidden]`) when the config ties them and the checkpoint has no
+    /// `lm_head.weight`.
+    pub fn load_lm_head(
+        ck: &Checkpoint,
+        embed: &Tensor<2>,
+        tie_word_embeddings: bool,
+        device: &Device,
+    ) -> Result<Dense> {
+        let [vocab, hidden] = embed.dims();
+        if tie_word_embeddings && !ck.contains("lm_head.weight") {
+            Ok(Dense {
+                weight: embed.clone().transpose(),
+                bias: None,
+            })
+        } else {
+            Dense::load(ck, "lm_head", vocab, hidden, device)
+        }
+    }
+
     /// `x`: `[T, in]` -> `[T, out]`.
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
         let y = x.matmul(self.weight.clone());
@@ -45,6 +65,13 @@ impl Dense {
             None => y,
         }
     }
+}
+
+/// Rows of the embedding table `embed` (`[vocab, hidden]`) for `tokens`: `[T, hidden]`.
+pub fn embed_tokens(embed: &Tensor<2>, tokens: &[u32]) -> Tensor<2> {
+    let ids: Vec<i64> = tokens.iter().map(|&x| x as i64).collect();
+    let ids = Tensor::<1, Int>::from_data(TensorData::new(ids, [tokens.len()]), &embed.device());
+    embed.clone().select(0, ids)
 }
 
 /// Loads a 1-D tensor.

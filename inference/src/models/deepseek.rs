@@ -18,12 +18,14 @@
 //! scaled by `routed_scaling_factor`; V3 sigmoid + `e_score_correction_bias`, groups
 //! scored by their two best, weights renormalised (`norm_topk_prob`) and scaled.
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 use serde::Deserialize;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{ModelError, Result};
-use crate::layers::{apply_rope, attention, causal_mask, Dense, KvCache, RmsNorm, SwiGlu};
+use crate::layers::{
+    apply_rope, attention, causal_mask, embed_tokens, Dense, KvCache, RmsNorm, SwiGlu,
+};
 use crate::moe::{FeedForward, SharedExpert, SparseMoe};
 use crate::rope::{deinterleave, yarn_mscale, RopeParameters, RotaryEmbedding};
 use crate::routing::{RouterScoring, RoutingObserver};
@@ -316,14 +318,7 @@ impl Model {
                 ffn,
             });
         }
-        let lm_head = if c.tie_word_embeddings && !ck.contains("lm_head.weight") {
-            Dense {
-                weight: embed.clone().transpose(),
-                bias: None,
-            }
-        } else {
-            Dense::load(ck, "lm_head", c.vocab_size, h, device)?
-        };
+        let lm_head = Dense::load_lm_head(ck, &embed, c.tie_word_embeddings, device)?;
         Ok(Model {
             norm: RmsNorm::load(ck, "model.norm", h, eps, device)?,
             rope,
@@ -368,9 +363,7 @@ impl Model {
             c.v_head_dim,
         );
         let (qk, rank) = (nope + rd, c.kv_lora_rank);
-        let ids: Vec<i64> = tokens.iter().map(|&x| x as i64).collect();
-        let ids = Tensor::<1, Int>::from_data(TensorData::new(ids, [t]), &device);
-        let mut x = self.embed.clone().select(0, ids);
+        let mut x = embed_tokens(&self.embed, tokens);
         let (cos, sin) = self.rope.tables(past, t, &device);
         let mask = causal_mask(t, past, None, &device);
         let scale = c.softmax_scale();

@@ -16,14 +16,14 @@
 //! ([`load_expert`]) into its own [`SwiGlu`] with the clamped activation
 //! `(clamp(up, ±limit) + 1) * g * sigmoid(alpha * g)`, `g = min(gate, limit)`.
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 use serde::Deserialize;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{ModelError, Result};
 use crate::layers::{
-    apply_rope, attention_with_sinks, causal_mask, load_vector, Dense, GluActivation, KvCache,
-    RmsNorm, SwiGlu,
+    apply_rope, attention_with_sinks, causal_mask, embed_tokens, load_vector, Dense, GluActivation,
+    KvCache, RmsNorm, SwiGlu,
 };
 use crate::moe::SparseMoe;
 use crate::rope::{RopeParameters, RotaryEmbedding};
@@ -279,14 +279,7 @@ impl Model {
                 moe,
             });
         }
-        let lm_head = if c.tie_word_embeddings && !ck.contains("lm_head.weight") {
-            Dense {
-                weight: embed.clone().transpose(),
-                bias: None,
-            }
-        } else {
-            Dense::load(ck, "lm_head", c.vocab_size, h, device)?
-        };
+        let lm_head = Dense::load_lm_head(ck, &embed, c.tie_word_embeddings, device)?;
         Ok(Model {
             norm: RmsNorm::load(ck, "model.norm", h, eps, device)?,
             rope,
@@ -314,9 +307,7 @@ impl Model {
         let past = cache.len();
         let c = &self.config;
         let (nh, nkv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
-        let ids: Vec<i64> = tokens.iter().map(|&x| x as i64).collect();
-        let ids = Tensor::<1, Int>::from_data(TensorData::new(ids, [t]), &device);
-        let mut x = self.embed.clone().select(0, ids);
+        let mut x = embed_tokens(&self.embed, tokens);
         let (cos, sin) = self.rope.tables(past, t, &device);
         let full_mask = causal_mask(t, past, None, &device);
         let sliding_mask = causal_mask(t, past, c.sliding_window, &device);

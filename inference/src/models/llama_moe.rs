@@ -14,12 +14,14 @@
 //! `decoder_sparse_step`); OLMoE normalises q and k over the whole projection and may
 //! clip q/k/v (`clip_qkv`).
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 use serde::Deserialize;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{ModelError, Result};
-use crate::layers::{apply_rope, attention, causal_mask, Dense, KvCache, RmsNorm, Rope, SwiGlu};
+use crate::layers::{
+    apply_rope, attention, causal_mask, embed_tokens, Dense, KvCache, RmsNorm, Rope, SwiGlu,
+};
 use crate::moe::{FeedForward, SharedExpert, SparseMoe};
 use crate::routing::{RouterScoring, RoutingObserver};
 
@@ -232,14 +234,7 @@ impl Model {
                 ffn,
             });
         }
-        let lm_head = if c.tie_word_embeddings && !ck.contains("lm_head.weight") {
-            Dense {
-                weight: embed.clone().transpose(),
-                bias: None,
-            }
-        } else {
-            Dense::load(ck, "lm_head", c.vocab_size, h, device)?
-        };
+        let lm_head = Dense::load_lm_head(ck, &embed, c.tie_word_embeddings, device)?;
         Ok(Model {
             norm: RmsNorm::load(ck, "model.norm", h, eps, device)?,
             rope: Rope {
@@ -273,9 +268,7 @@ impl Model {
         let past = cache.len();
         let c = &self.config;
         let (nh, nkv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
-        let ids: Vec<i64> = tokens.iter().map(|&x| x as i64).collect();
-        let ids = Tensor::<1, Int>::from_data(TensorData::new(ids, [t]), &device);
-        let mut x = self.embed.clone().select(0, ids);
+        let mut x = embed_tokens(&self.embed, tokens);
         let (cos, sin) = self.rope.tables(past, t, &device);
         let mask = causal_mask(t, past, None, &device);
         let scale = 1.0 / (hd as f64).sqrt();
