@@ -13,20 +13,27 @@ all: build
 build:
 	$(CARGO) build --release
 
-# The main job on the embedded default: the shipped tiny MoE (checkpoints/tiny-moe) runs
-# over the demo prompts with seeded sampling; its routing trace, statistics and charts
-# land in runs/demo/. Later stages (training, evaluation, simulation) extend this pipeline.
-# It uses the debug build (shared with `make test`), which builds in a fraction of the
-# release build's time on small machines; `make build` gives the optimised binary.
+# The main job on the embedded default. The shipped tiny MoE (checkpoints/tiny-moe) runs
+# over the demo prompts (8 seeded samples each) and, separately, over held-out prompts;
+# its routing traces, statistics and charts land in runs/demo/. Then two expert
+# predictors are trained on the demo-prompt traces (next-token and cross-layer
+# lookahead) and evaluated against the baselines on the held-out traces (other prompts).
+# It uses the debug build shared with `make test` (tensor kernels are optimised even
+# there, see Cargo.toml); `make build` gives the fully optimised binary.
 MODEL  := checkpoints/tiny-moe
 demo:
 	$(CARGO) build
-	mkdir -p $(DEMO)
-	$(DBG) collect --model $(MODEL) --prompts prompts/demo.txt --max-new-tokens 96 --temperature 0.8 --seed 0 -o $(DEMO)/tiny-moe.mctrace
+	rm -rf $(DEMO) && mkdir -p $(DEMO)
+	$(DBG) collect --model $(MODEL) --prompts prompts/demo.txt --samples 8 --max-new-tokens 100 --temperature 0.8 --seed 0 -o $(DEMO)/tiny-moe.mctrace
+	$(DBG) collect --model $(MODEL) --prompts prompts/heldout.txt --samples 4 --max-new-tokens 100 --temperature 0.8 --seed 1000 -o $(DEMO)/heldout.mctrace
 	$(DBG) trace convert $(DEMO)/tiny-moe.mctrace -o $(DEMO)/tiny-moe.parquet
 	$(DBG) trace stats $(DEMO)/tiny-moe.mctrace --plot $(DEMO)/plots
 	$(DBG) trace stats $(DEMO)/tiny-moe.mctrace --json > $(DEMO)/stats.json
-	@echo "demo outputs in $(DEMO)/: tiny-moe.mctrace, tiny-moe.parquet, stats.json, plots/"
+	$(DBG) train --trace $(DEMO)/tiny-moe.mctrace --task next-token --lr 5e-3 --test-fraction 0 -o $(DEMO)/predictor-next-token
+	$(DBG) eval --predictor $(DEMO)/predictor-next-token --trace $(DEMO)/heldout.mctrace --json $(DEMO)/eval-next-token.json --plot $(DEMO)/plots
+	$(DBG) train --trace $(DEMO)/tiny-moe.mctrace --task lookahead --lr 5e-3 --test-fraction 0 -o $(DEMO)/predictor-lookahead
+	$(DBG) eval --predictor $(DEMO)/predictor-lookahead --trace $(DEMO)/heldout.mctrace --json $(DEMO)/eval-lookahead.json --plot $(DEMO)/plots
+	@echo "demo outputs in $(DEMO)/: traces (.mctrace, .parquet), stats.json, predictor-*/, eval-*.json, plots/"
 
 test:
 	$(CARGO) test --workspace
@@ -52,6 +59,8 @@ test-wgpu:
 bench:
 	$(CARGO) bench -p datasets --bench trace_io
 	RAYON_NUM_THREADS=1 $(CARGO) bench -p collector --bench collect
+	$(CARGO) bench -p predictor --bench predictor -- train
+	RAYON_NUM_THREADS=1 $(CARGO) bench -p predictor --bench predictor -- latency
 
 fmt:
 	$(CARGO) fmt --all

@@ -38,6 +38,7 @@ fn main() {
             prompts: prompts.clone(),
             max_new_tokens: NEW,
             sampling: Sampling::Greedy,
+            samples: 1,
             backend,
             add_special_tokens: false,
             output: dir.path().join("t.mctrace"),

@@ -45,6 +45,9 @@ pub struct CollectConfig {
     pub prompts: Vec<Prompt>,
     pub max_new_tokens: usize,
     pub sampling: Sampling,
+    /// Sequences sampled per prompt (at least 1). With more than one, sequence `j` of a
+    /// prompt is named `NAME#sJ`; every sequence gets its own sampler seed.
+    pub samples: usize,
     pub backend: inference::device::BackendKind,
     /// Add the tokenizer's special tokens (BOS) to text prompts.
     pub add_special_tokens: bool,
@@ -174,12 +177,23 @@ fn run_prompts(
 ) -> Result<(), CollectError> {
     let shape = model.shape();
     let io = |e: std::io::Error| datasets::TraceError::io(journal, e);
-    let bar = ProgressBar::new(cfg.prompts.len() as u64);
+    let samples = cfg.samples.max(1);
+    let bar = ProgressBar::new((cfg.prompts.len() * samples) as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} sequences  {msg}  [{elapsed_precise}]")
             .expect("static template"),
     );
-    for (i, prompt) in cfg.prompts.iter().enumerate() {
+    let runs = cfg
+        .prompts
+        .iter()
+        .flat_map(|p| (0..samples).map(move |j| (p, j)))
+        .enumerate();
+    for (i, (prompt, j)) in runs {
+        let seq_name = if samples > 1 {
+            format!("{}#s{j}", prompt.name())
+        } else {
+            prompt.name().to_string()
+        };
         let ids = match prompt {
             Prompt::Ids { ids, .. } => ids.clone(),
             Prompt::Text { text, .. } => tokenizer.expect("loaded for text prompts").encode(
@@ -210,7 +224,7 @@ fn run_prompts(
                 .map(|&l| rec.seen.get(&(pos, l)))
                 .collect();
             let record = TokenRecord {
-                seq: prompt.name().to_string(),
+                seq: seq_name.clone(),
                 pos: pos as u32,
                 phase: if pos < gen.prompt.len() {
                     Phase::Prefill

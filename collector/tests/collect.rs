@@ -18,6 +18,7 @@ fn config(arch: &str, prompts: Vec<Prompt>, output: PathBuf) -> CollectConfig {
         prompts,
         max_new_tokens: 16,
         sampling: Sampling::Greedy,
+        samples: 1,
         backend: Default::default(),
         add_special_tokens: false,
         output,

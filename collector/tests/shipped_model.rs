@@ -25,6 +25,7 @@ fn shipped_tiny_moe_routes_like_a_real_model() {
         prompts: read_prompts(&root().join("prompts/heldout.txt")).unwrap(),
         max_new_tokens: 32,
         sampling: Sampling::Greedy,
+        samples: 1,
         backend: Default::default(),
         add_special_tokens: false,
         output: out.clone(),

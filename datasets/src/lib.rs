@@ -5,6 +5,7 @@
 
 pub mod binary;
 pub mod error;
+pub mod examples;
 pub mod import;
 pub mod jsonl;
 pub mod parquet;

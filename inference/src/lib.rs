@@ -3,7 +3,7 @@
 //! KV cache, and reports every MoE layer's routing to an observer.
 
 pub mod checkpoint;
-pub mod device;
+pub use predictor::device;
 pub mod error;
 pub mod generate;
 pub mod layers;

@@ -1,1 +1,30 @@
-//! Expert-activation predictor. The model and its training arrive with the predictor issue.
+//! Learned expert-activation prediction: a small causal transformer (Burn) trained on
+//! routing traces to forecast which experts the next token, or the next layers of the
+//! current token, will use.
+//!
+//! - [`config`]: the predictor's shape and task; [`model`]: the network and its loss;
+//! - [`train`]: AdamW, early stopping on validation F1, resumable checkpoints;
+//! - [`eval`] and [`metrics`]: precision / recall / F1 and the papers' figures, next to
+//!   the [`baselines`];
+//! - [`card`]: the self-describing checkpoint directory; [`serve`]: incremental online
+//!   prediction for a runtime.
+
+pub mod baselines;
+pub mod card;
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod eval;
+pub mod metrics;
+pub mod model;
+pub mod serve;
+pub mod state;
+pub mod train;
+
+pub use card::{LoadedPredictor, PredictorCard, PredictorDir};
+pub use config::{PredictorConfig, Query, Task};
+pub use error::{PredictorError, Result};
+pub use eval::{evaluate, EvalOptions, EvalReport};
+pub use model::ExpertPredictor;
+pub use serve::{ExpertForecast, OnlinePredictor};
+pub use train::{train, TrainOptions, TrainSettings, TrainSummary};

@@ -1,0 +1,202 @@
+//! Training-free baselines, fitted on the training split and stored beside the model:
+//!
+//! - **previous-token reuse**: token `t` uses the experts token `t-1` used at the same
+//!   layer (the first token of a sequence falls back to frequency);
+//! - **per-layer frequency**: the `k` experts most often chosen at that layer;
+//! - **cross-layer co-activation** (lookahead): experts of layer `l+h` scored by how
+//!   often each co-occurred, in the same token, with the experts chosen at layer `l`.
+//!
+//! Every ranking is completed with the frequency order, so budgets above `k` work.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use datasets::examples::RoutingShape;
+use datasets::TraceView;
+use safetensors::tensor::{Dtype, TensorView};
+
+use crate::error::{PredictorError, Result};
+
+/// Counts fitted on training sequences.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BaselineStats {
+    pub shape: RoutingShape,
+    /// Co-activation horizons stored (`1..=horizon`).
+    pub horizon: usize,
+    /// `[n_moe, n_experts]`: how often each expert was chosen.
+    pub frequency: Vec<f32>,
+    /// `[horizon, n_moe, n_experts, n_experts]`: `[h-1][l][a][b]` counts tokens choosing
+    /// `a` at layer `l` and `b` at layer `l + h`.
+    pub coactivation: Vec<f32>,
+    /// Per layer, experts by falling frequency.
+    frequency_order: Vec<Vec<u16>>,
+}
+
+impl BaselineStats {
+    /// Empty counts.
+    pub fn new(shape: RoutingShape, horizon: usize) -> Self {
+        let (m, e) = (shape.n_moe, shape.n_experts);
+        let mut s = BaselineStats {
+            shape,
+            horizon,
+            frequency: vec![0.0; m * e],
+            coactivation: vec![0.0; horizon * m * e * e],
+            frequency_order: Vec::new(),
+        };
+        s.refresh_order();
+        s
+    }
+
+    /// Counts the tokens `tokens` of `view`.
+    pub fn add_tokens(&mut self, view: &TraceView<'_>, tokens: std::ops::Range<usize>) {
+        let (m, e) = (self.shape.n_moe, self.shape.n_experts);
+        for t in tokens {
+            for l in 0..m {
+                let Some(src) = view.layer(t, l) else {
+                    continue;
+                };
+                for &a in src {
+                    self.frequency[l * e + a as usize] += 1.0;
+                }
+                for h in 1..=self.horizon.min(m - 1 - l) {
+                    let Some(dst) = view.layer(t, l + h) else {
+                        continue;
+                    };
+                    let base = ((h - 1) * m + l) * e * e;
+                    for &a in src {
+                        for &b in dst {
+                            self.coactivation[base + a as usize * e + b as usize] += 1.0;
+                        }
+                    }
+                }
+            }
+        }
+        self.refresh_order();
+    }
+
+    fn refresh_order(&mut self) {
+        let e = self.shape.n_experts;
+        self.frequency_order = (0..self.shape.n_moe)
+            .map(|l| {
+                let mut out = Vec::new();
+                crate::metrics::rank_top(&self.frequency[l * e..(l + 1) * e], e, &mut out);
+                out
+            })
+            .collect();
+    }
+
+    /// Appends experts in frequency order of `layer` not yet in `out`, up to `n`.
+    fn complete(&self, layer: usize, n: usize, out: &mut Vec<u16>) {
+        for &x in &self.frequency_order[layer] {
+            if out.len() >= n {
+                break;
+            }
+            if !out.contains(&x) {
+                out.push(x);
+            }
+        }
+    }
+
+    /// Frequency ranking of `layer`, `n` long.
+    pub fn rank_frequency(&self, layer: usize, n: usize, out: &mut Vec<u16>) {
+        out.clear();
+        self.complete(layer, n, out);
+    }
+
+    /// Previous-token ranking: `prev` (token `t-1`'s set at `layer`, if any) first.
+    pub fn rank_previous(&self, layer: usize, prev: Option<&[u16]>, n: usize, out: &mut Vec<u16>) {
+        out.clear();
+        if let Some(p) = prev {
+            out.extend_from_slice(&p[..p.len().min(n)]);
+        }
+        self.complete(layer, n, out);
+    }
+
+    /// Co-activation ranking of layer `src + h` given the set `given` at layer `src`.
+    pub fn rank_coactivation(
+        &self,
+        src: usize,
+        h: usize,
+        given: &[u16],
+        n: usize,
+        out: &mut Vec<u16>,
+    ) {
+        let (m, e) = (self.shape.n_moe, self.shape.n_experts);
+        let base = ((h - 1) * m + src) * e * e;
+        let mut scores = vec![0f32; e];
+        for &a in given {
+            let row = &self.coactivation[base + a as usize * e..base + (a as usize + 1) * e];
+            for (s, c) in scores.iter_mut().zip(row) {
+                *s += c;
+            }
+        }
+        // Frequency breaks ties between equal co-activation counts.
+        let freq = &self.frequency[(src + h) * e..(src + h + 1) * e];
+        let total: f32 = freq.iter().sum::<f32>().max(1.0);
+        for (s, f) in scores.iter_mut().zip(freq) {
+            *s += f / total * 1e-3;
+        }
+        crate::metrics::rank_top(&scores, n, out);
+    }
+
+    /// Writes the counts as safetensors (`frequency`, `coactivation`).
+    pub fn to_safetensors(&self) -> Result<Vec<u8>> {
+        let (m, e, d) = (self.shape.n_moe, self.shape.n_experts, self.horizon);
+        let f = bytes_of(&self.frequency);
+        let c = bytes_of(&self.coactivation);
+        let views = [
+            ("frequency", TensorView::new(Dtype::F32, vec![m, e], &f)),
+            (
+                "coactivation",
+                TensorView::new(Dtype::F32, vec![d, m, e, e], &c),
+            ),
+        ];
+        let views: Vec<(&str, TensorView<'_>)> = views
+            .into_iter()
+            .map(|(n, v)| v.map(|v| (n, v)))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| PredictorError::Invalid(format!("baseline tensors: {e}")))?;
+        safetensors::serialize(views, None)
+            .map_err(|e| PredictorError::Invalid(format!("baseline tensors: {e}")))
+    }
+
+    /// Reads counts written by [`Self::to_safetensors`].
+    pub fn from_safetensors(bytes: &[u8], shape: RoutingShape, path: &Path) -> Result<Self> {
+        let bad = |msg: String| PredictorError::file(path, msg);
+        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
+        let mut tensors = HashMap::new();
+        for name in ["frequency", "coactivation"] {
+            let t = st.tensor(name).map_err(|e| bad(format!("{name}: {e}")))?;
+            if t.dtype() != Dtype::F32 {
+                return Err(bad(format!("{name}: expected F32, found {:?}", t.dtype())));
+            }
+            let v: Vec<f32> = t
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            tensors.insert(name, (t.shape().to_vec(), v));
+        }
+        let (fs, frequency) = tensors.remove("frequency").expect("read above");
+        let (cs, coactivation) = tensors.remove("coactivation").expect("read above");
+        let (m, e) = (shape.n_moe, shape.n_experts);
+        if fs != [m, e] || cs.len() != 4 || cs[1..] != [m, e, e] {
+            return Err(bad(format!(
+                "shapes {fs:?} / {cs:?} do not match {m} layers x {e} experts"
+            )));
+        }
+        let mut s = BaselineStats {
+            shape,
+            horizon: cs[0],
+            frequency,
+            coactivation,
+            frequency_order: Vec::new(),
+        };
+        s.refresh_order();
+        Ok(s)
+    }
+}
+
+fn bytes_of(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}

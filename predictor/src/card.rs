@@ -1,0 +1,184 @@
+//! A predictor checkpoint directory: self-describing, loadable without autodiff.
+//!
+//! ```text
+//! OUT/predictor.json        what it is: config, task, the trace meta it was trained for,
+//!                           training settings, history, validation metrics
+//! OUT/model.bpk             the best weights (burnpack)
+//! OUT/baselines.safetensors baseline counts fitted on the same training split
+//! OUT/train-state/          resumable training checkpoints
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+use burn::tensor::Device;
+use datasets::TraceMeta;
+use serde::{Deserialize, Serialize};
+
+use crate::baselines::BaselineStats;
+use crate::config::PredictorConfig;
+use crate::error::{PredictorError, Result};
+use crate::eval::EvalReport;
+use crate::model::ExpertPredictor;
+use crate::state::{load_module, save_module, write_atomic};
+use crate::train::{EpochRecord, TrainProgress, TrainSettings};
+
+/// Format tag of `predictor.json`.
+pub const FORMAT: &str = "moecast-predictor/1";
+
+/// The contents of `predictor.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PredictorCard {
+    pub format: String,
+    pub config: PredictorConfig,
+    /// Metadata of the (first) training trace: the model the predictor is for.
+    pub trace_meta: TraceMeta,
+    pub traces: Vec<PathBuf>,
+    pub split: datasets::examples::SplitConfig,
+    pub settings: TrainSettings,
+    pub n_params: usize,
+    pub epochs: usize,
+    pub best_epoch: Option<usize>,
+    /// True when training stopped (early stopping or the epoch limit).
+    pub finished: bool,
+    pub training_seconds: f64,
+    pub history: Vec<EpochRecord>,
+    /// Validation report of the best epoch.
+    pub validation: Option<EvalReport>,
+}
+
+impl PredictorCard {
+    /// The card of a run in progress.
+    pub fn new(
+        p: &TrainProgress,
+        trace_meta: TraceMeta,
+        validation: Option<&EvalReport>,
+        model: &ExpertPredictor,
+    ) -> Self {
+        PredictorCard {
+            format: FORMAT.into(),
+            config: p.config.clone(),
+            trace_meta,
+            traces: p.traces.clone(),
+            split: p.split,
+            settings: p.settings.clone(),
+            n_params: model.num_params(),
+            epochs: p.history.len(),
+            best_epoch: p.best_epoch,
+            finished: p.finished,
+            training_seconds: p.elapsed_s,
+            history: p.history.clone(),
+            validation: validation.cloned(),
+        }
+    }
+}
+
+/// Paths of a predictor directory.
+#[derive(Debug, Clone)]
+pub struct PredictorDir {
+    dir: PathBuf,
+}
+
+impl PredictorDir {
+    pub fn new(dir: PathBuf) -> Self {
+        PredictorDir { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn card_file(&self) -> PathBuf {
+        self.dir.join("predictor.json")
+    }
+
+    pub fn model_file(&self) -> PathBuf {
+        self.dir.join("model.bpk")
+    }
+
+    pub fn baselines_file(&self) -> PathBuf {
+        self.dir.join("baselines.safetensors")
+    }
+
+    pub fn train_state(&self) -> PathBuf {
+        self.dir.join("train-state")
+    }
+
+    pub fn write_card(&self, card: &PredictorCard) -> Result<()> {
+        let json = serde_json::to_string_pretty(card)
+            .map_err(|e| PredictorError::Invalid(format!("predictor card: {e}")))?;
+        write_atomic(&self.card_file(), json.as_bytes())
+    }
+
+    pub fn read_card(&self) -> Result<PredictorCard> {
+        let path = self.card_file();
+        if !path.exists() {
+            return Err(PredictorError::file(
+                &self.dir,
+                "not a predictor checkpoint (no predictor.json; train one with `moecast train`)",
+            ));
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| PredictorError::io(&path, e))?;
+        let card: PredictorCard = serde_json::from_str(&text)
+            .map_err(|e| PredictorError::file(&path, format!("malformed predictor card: {e}")))?;
+        if card.format != FORMAT {
+            return Err(PredictorError::file(
+                &path,
+                format!("format '{}' is not {FORMAT}", card.format),
+            ));
+        }
+        card.config
+            .validate()
+            .map_err(|m| PredictorError::file(&path, m))?;
+        Ok(card)
+    }
+
+    pub fn write_model(&self, model: &ExpertPredictor) -> Result<()> {
+        save_module(model, &self.model_file())
+    }
+
+    pub fn write_baselines(&self, stats: &BaselineStats) -> Result<()> {
+        write_atomic(&self.baselines_file(), &stats.to_safetensors()?)
+    }
+
+    pub fn read_baselines(&self, card: &PredictorCard) -> Result<BaselineStats> {
+        let path = self.baselines_file();
+        let bytes = std::fs::read(&path).map_err(|e| PredictorError::io(&path, e))?;
+        BaselineStats::from_safetensors(&bytes, card.config.routing, &path)
+    }
+}
+
+/// A predictor loaded for inference (no autodiff) with its card and baselines.
+pub struct LoadedPredictor {
+    pub card: PredictorCard,
+    pub model: ExpertPredictor,
+    pub baselines: Option<BaselineStats>,
+    pub device: Device,
+}
+
+impl LoadedPredictor {
+    /// Loads `dir` onto `device`.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let pd = PredictorDir::new(dir.to_path_buf());
+        let card = pd.read_card()?;
+        let model_file = pd.model_file();
+        if !model_file.exists() {
+            return Err(PredictorError::file(
+                dir,
+                "has no model.bpk yet (training has not finished an epoch)",
+            ));
+        }
+        let model = load_module(ExpertPredictor::new(&card.config, device), &model_file)?;
+        let baselines = if pd.baselines_file().exists() {
+            Some(pd.read_baselines(&card)?)
+        } else {
+            None
+        };
+        Ok(LoadedPredictor {
+            card,
+            model,
+            baselines,
+            device: device.clone(),
+        })
+    }
+}

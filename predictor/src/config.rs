@@ -1,0 +1,150 @@
+//! The predictor's shape and the forecasting task it is trained for.
+
+use burn::config::Config;
+use datasets::examples::RoutingShape;
+use serde::{Deserialize, Serialize};
+
+/// What the predictor forecasts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Task {
+    /// Every MoE layer of token `t`, from the ids of tokens `<= t` and the routing of
+    /// tokens `< t`.
+    NextToken,
+    /// Layers `l+1 ..= l+D` of token `t`, additionally given its layers `0..=l`.
+    Lookahead,
+}
+
+impl Task {
+    /// The name used on the command line and in reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Task::NextToken => "next-token",
+            Task::Lookahead => "lookahead",
+        }
+    }
+
+    /// The queries this task asks, as (known layers of the current token, layers to
+    /// predict after them) pairs.
+    pub fn queries(self, n_moe: usize, horizon: usize) -> Vec<Query> {
+        match self {
+            Task::NextToken => vec![Query {
+                known: 0,
+                horizon: n_moe,
+            }],
+            Task::Lookahead => (1..n_moe)
+                .map(|known| Query {
+                    known,
+                    horizon: horizon.min(n_moe - known),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl std::str::FromStr for Task {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "next-token" => Ok(Task::NextToken),
+            "lookahead" => Ok(Task::Lookahead),
+            other => Err(format!("unknown task '{other}' (next-token, lookahead)")),
+        }
+    }
+}
+
+/// One forecast: the first `known` MoE layers of the current token are given, layers
+/// `known .. known + horizon` are predicted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Query {
+    pub known: usize,
+    pub horizon: usize,
+}
+
+/// Shape of the predictor transformer and what it is built for.
+#[derive(Config, Debug, PartialEq)]
+pub struct PredictorConfig {
+    /// Routing shape of the traces (MoE layers, experts, top-k).
+    pub routing: RoutingShape,
+    /// The task.
+    pub task: Task,
+    /// Layers predicted ahead for [`Task::Lookahead`].
+    #[config(default = 3)]
+    pub horizon: usize,
+    /// Residual width.
+    #[config(default = 128)]
+    pub d_model: usize,
+    /// Transformer blocks.
+    #[config(default = 3)]
+    pub n_layers: usize,
+    /// Attention heads (divides `d_model`).
+    #[config(default = 4)]
+    pub n_heads: usize,
+    /// Feed-forward width as a multiple of `d_model`.
+    #[config(default = 4)]
+    pub ffn_mult: usize,
+    /// Tokens of context (the training window and the serving attention window).
+    #[config(default = 128)]
+    pub context: usize,
+    /// Token-id embedding rows (ids are folded modulo this; one more row for unknown).
+    #[config(default = 8192)]
+    pub token_buckets: usize,
+    /// Dropout probability during training (off by default: it costs a fifth of the
+    /// step time on CPU, where Burn draws its masks with a serial generator).
+    #[config(default = 0.0)]
+    pub dropout: f64,
+}
+
+impl PredictorConfig {
+    /// Checks the shape's invariants; the message names the offending option.
+    pub fn validate(&self) -> Result<(), String> {
+        let r = &self.routing;
+        if r.n_moe == 0 || r.n_experts == 0 || r.top_k == 0 || r.top_k > r.n_experts {
+            return Err(format!("unusable routing shape {r:?}"));
+        }
+        if self.task == Task::Lookahead && r.n_moe < 2 {
+            return Err("lookahead needs at least 2 MoE layers".into());
+        }
+        if self.horizon == 0 {
+            return Err("--horizon must be at least 1".into());
+        }
+        if self.d_model == 0 || self.n_heads == 0 || self.d_model % self.n_heads != 0 {
+            return Err(format!(
+                "--d-model ({}) must be a positive multiple of --heads ({})",
+                self.d_model, self.n_heads
+            ));
+        }
+        if self.n_layers == 0 || self.ffn_mult == 0 || self.token_buckets == 0 {
+            return Err(
+                "--layers, the feed-forward multiple and token buckets must be positive".into(),
+            );
+        }
+        if self.context < 2 {
+            return Err("--context must be at least 2".into());
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(format!("--dropout {} must be in [0, 1)", self.dropout));
+        }
+        Ok(())
+    }
+
+    /// The queries of this predictor's task (what it is evaluated on).
+    pub fn queries(&self) -> Vec<Query> {
+        self.task.queries(self.routing.n_moe, self.horizon)
+    }
+
+    /// The queries it is trained on: a lookahead predictor also learns the next-token
+    /// query (no layer known), which teaches its backbone the token-to-routing map and
+    /// lets one checkpoint serve both forecasts.
+    pub fn training_queries(&self) -> Vec<Query> {
+        let mut q = self.queries();
+        if self.task == Task::Lookahead {
+            q.insert(
+                0,
+                Task::NextToken.queries(self.routing.n_moe, self.horizon)[0],
+            );
+        }
+        q
+    }
+}

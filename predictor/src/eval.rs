@@ -1,0 +1,366 @@
+//! Evaluation of a predictor and the baselines on the same (token, layer) targets.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use datasets::examples::{ExampleSet, Split, Window};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+use crate::baselines::BaselineStats;
+use crate::config::{Query, Task};
+use crate::error::{PredictorError, Result};
+use crate::metrics::{rank_top, LayerCounts, SetMetrics};
+use crate::model::{BatchTensors, ExpertPredictor};
+
+/// A method's figures for one forecast group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupReport {
+    /// Overall figures (micro over tokens x target layers).
+    pub overall: SetMetrics,
+    /// Per target MoE layer (`None` where the group has no target at that layer).
+    pub per_layer: Vec<Option<SetMetrics>>,
+}
+
+/// One method (the predictor or a baseline) over all groups.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MethodReport {
+    pub method: String,
+    /// Parallel to [`EvalReport::groups`].
+    pub groups: Vec<GroupReport>,
+}
+
+/// Everything `moecast eval` reports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalReport {
+    pub task: Task,
+    /// Forecast groups: `next token`, or `+1`, `+2`, ... layers ahead.
+    pub groups: Vec<String>,
+    /// Prefetch budget `B` of `recall_at_budget`, experts per layer.
+    pub budget: usize,
+    pub top_k: usize,
+    pub n_experts: usize,
+    /// Traces and split evaluated.
+    pub traces: Vec<PathBuf>,
+    pub split: Split,
+    pub sequences: usize,
+    pub tokens: usize,
+    pub methods: Vec<MethodReport>,
+}
+
+impl EvalReport {
+    /// The report of `method`, if present.
+    pub fn method(&self, method: &str) -> Option<&MethodReport> {
+        self.methods.iter().find(|m| m.method == method)
+    }
+}
+
+/// Options of [`evaluate`].
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    /// Windows per forward pass.
+    pub batch_size: usize,
+    /// Prefetch budget for recall@B (default `2k`).
+    pub budget: Option<usize>,
+    /// Also score the baselines.
+    pub baselines: bool,
+    pub progress: bool,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        EvalOptions {
+            batch_size: 16,
+            budget: None,
+            baselines: true,
+            progress: false,
+        }
+    }
+}
+
+/// Forecast group of a query offset: `hh`-th predicted layer of a lookahead query is
+/// group `hh`; next-token has one group.
+fn group_names(task: Task, horizon: usize, n_moe: usize) -> Vec<String> {
+    match task {
+        Task::NextToken => vec!["next token".into()],
+        Task::Lookahead => (1..=horizon.min(n_moe - 1))
+            .map(|h| format!("+{h} layer"))
+            .collect(),
+    }
+}
+
+/// Evaluates `model` (and the baselines fitted in `stats`) on the `split` sequences of
+/// `set`.
+pub fn evaluate(
+    model: &ExpertPredictor,
+    stats: Option<&BaselineStats>,
+    set: &ExampleSet,
+    split: Split,
+    device: &Device,
+    opts: &EvalOptions,
+) -> Result<EvalReport> {
+    let cfg = &model.config;
+    let shape = cfg.routing;
+    let (m, e, k) = (shape.n_moe, shape.n_experts, shape.top_k);
+    let budget = opts.budget.unwrap_or(2 * k).clamp(k, e);
+    let queries = cfg.queries();
+    let groups = group_names(cfg.task, cfg.horizon, m);
+    let windows = set.windows(split, cfg.context);
+    if windows.is_empty() {
+        return Err(PredictorError::Invalid(format!(
+            "no {split:?} sequences to evaluate"
+        )));
+    }
+    let mut names = vec!["predictor".to_string()];
+    if opts.baselines && stats.is_some() {
+        names.extend(["previous-token".to_string(), "frequency".to_string()]);
+        if cfg.task == Task::Lookahead {
+            names.push("co-activation".to_string());
+        }
+    }
+    let mut counts: Vec<Vec<LayerCounts>> = names
+        .iter()
+        .map(|_| {
+            groups
+                .iter()
+                .map(|_| LayerCounts::new(m, e, k, budget))
+                .collect()
+        })
+        .collect();
+    let bar = progress_bar(opts.progress, windows.len());
+    let mut ranking = Vec::new();
+    for chunk in windows.chunks(opts.batch_size.max(1)) {
+        let batch = set.batch(chunk, cfg.token_buckets);
+        let bt = BatchTensors::new(&batch, shape, device);
+        let logits = model.forward_queries(&bt, &queries);
+        for (q, z) in queries.iter().zip(logits) {
+            let z: Vec<f32> = z
+                .try_into_vec_as::<f32>()
+                .map_err(|e| PredictorError::Invalid(format!("reading logits: {e:?}")))?;
+            score_query(
+                &z,
+                *q,
+                &batch,
+                chunk,
+                set,
+                stats,
+                &mut counts,
+                &mut ranking,
+                budget,
+                m,
+                e,
+            );
+        }
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    let methods = names
+        .into_iter()
+        .zip(counts)
+        .map(|(method, per_group)| MethodReport {
+            method,
+            groups: per_group.iter().map(group_report).collect(),
+        })
+        .collect();
+    let seqs: Vec<_> = set.split(split).collect();
+    Ok(EvalReport {
+        task: cfg.task,
+        groups,
+        budget,
+        top_k: k,
+        n_experts: e,
+        traces: set.paths().to_vec(),
+        split,
+        sequences: seqs.len(),
+        tokens: seqs.iter().map(|s| s.tokens.len()).sum(),
+        methods,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn score_query(
+    z: &[f32],
+    q: Query,
+    batch: &datasets::examples::WindowBatch,
+    windows: &[Window],
+    set: &ExampleSet,
+    stats: Option<&BaselineStats>,
+    counts: &mut [Vec<LayerCounts>],
+    ranking: &mut Vec<u16>,
+    budget: usize,
+    m: usize,
+    e: usize,
+) {
+    let width = q.horizon * e;
+    for (row, &t) in batch.token_index.iter().enumerate() {
+        if t == usize::MAX {
+            continue;
+        }
+        let view = set.view(windows[row / batch.len].trace);
+        for hh in 0..q.horizon {
+            let layer = q.known + hh;
+            if batch.target_mask[row * m + layer] == 0.0 {
+                continue;
+            }
+            let Some(truth) = view.layer(t, layer) else {
+                continue;
+            };
+            let group = if q.known == 0 { 0 } else { hh };
+            rank_top(
+                &z[row * width + hh * e..row * width + (hh + 1) * e],
+                budget,
+                ranking,
+            );
+            counts[0][group].add(layer, ranking, truth);
+            let Some(st) = stats else { continue };
+            if counts.len() == 1 {
+                continue;
+            }
+            let prev = (t > 0 && view.seq[t - 1] == view.seq[t])
+                .then(|| view.layer(t - 1, layer))
+                .flatten();
+            st.rank_previous(layer, prev, budget, ranking);
+            counts[1][group].add(layer, ranking, truth);
+            st.rank_frequency(layer, budget, ranking);
+            counts[2][group].add(layer, ranking, truth);
+            if counts.len() > 3 {
+                let src = q.known - 1;
+                match view.layer(t, src) {
+                    Some(given) => st.rank_coactivation(src, layer - src, given, budget, ranking),
+                    None => st.rank_frequency(layer, budget, ranking),
+                }
+                counts[3][group].add(layer, ranking, truth);
+            }
+        }
+    }
+}
+
+fn group_report(c: &LayerCounts) -> GroupReport {
+    GroupReport {
+        overall: c.total().summary(),
+        per_layer: c
+            .layers
+            .iter()
+            .map(|l| (l.sets > 0).then(|| l.summary()))
+            .collect(),
+    }
+}
+
+fn progress_bar(show: bool, len: usize) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let b = ProgressBar::new(len as u64);
+    b.set_style(
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] {pos}/{len} windows (eta {eta})",
+        )
+        .expect("valid progress template")
+        .progress_chars("=> "),
+    );
+    b
+}
+
+/// The report as text: one table of overall figures per group, then F1 per layer.
+pub fn render_table(r: &EvalReport) -> String {
+    let mut s = String::new();
+    for (gi, g) in r.groups.iter().enumerate() {
+        s += &format!(
+            "{} ({}, top-{} of {}, {} sequences, {} tokens)\n",
+            g,
+            r.task.as_str(),
+            r.top_k,
+            r.n_experts,
+            r.sequences,
+            r.tokens
+        );
+        s += &format!(
+            "  {:<16} {:>7} {:>9} {:>7} {:>7} {:>9} {:>9} {:>9}\n",
+            "method",
+            "F1",
+            "precision",
+            "recall",
+            "exact",
+            format!("recall@{}", r.budget),
+            "elem-acc",
+            "macro-F1"
+        );
+        for mr in &r.methods {
+            let o = &mr.groups[gi].overall;
+            s += &format!(
+                "  {:<16} {:>7.4} {:>9.4} {:>7.4} {:>7.4} {:>9.4} {:>9.4} {:>9.4}\n",
+                mr.method,
+                o.f1,
+                o.precision,
+                o.recall,
+                o.exact_set_accuracy,
+                o.recall_at_budget,
+                o.elementwise_accuracy,
+                o.macro_f1
+            );
+        }
+        s += &format!("  F1 per layer ({g}):\n  {:<6}", "layer");
+        for mr in &r.methods {
+            s += &format!(" {:>16}", mr.method);
+        }
+        s += "\n";
+        let n_layers = r.methods[0].groups[gi].per_layer.len();
+        for l in 0..n_layers {
+            if r.methods[0].groups[gi].per_layer[l].is_none() {
+                continue;
+            }
+            s += &format!("  {l:<6}");
+            for mr in &r.methods {
+                let f = mr.groups[gi].per_layer[l].map_or(f64::NAN, |x| x.f1);
+                s += &format!(" {f:>16.4}");
+            }
+            s += "\n";
+        }
+        s += "\n";
+    }
+    s
+}
+
+/// Writes one PNG per group: F1 per target layer for every method. Returns the files.
+pub fn plot_f1(r: &EvalReport, dir: &Path) -> Result<Vec<PathBuf>> {
+    use datasets::plot::{line_chart, Series};
+    std::fs::create_dir_all(dir).map_err(|e| PredictorError::io(dir, e))?;
+    let mut files = Vec::new();
+    for (gi, g) in r.groups.iter().enumerate() {
+        let series_data: Vec<(String, Vec<(f64, f64)>)> = r
+            .methods
+            .iter()
+            .map(|mr| {
+                let pts = mr.groups[gi]
+                    .per_layer
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(l, x)| x.map(|x| (l as f64, x.f1)))
+                    .collect();
+                (mr.method.clone(), pts)
+            })
+            .collect();
+        let series: Vec<Series<'_>> = series_data
+            .iter()
+            .map(|(name, pts)| Series {
+                name,
+                points: pts.clone(),
+            })
+            .collect();
+        let slug: String = g
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        let path = dir.join(format!("f1_per_layer_{}_{}.png", r.task.as_str(), slug));
+        line_chart(
+            &path,
+            &format!("Top-{} F1 per MoE layer ({g})", r.top_k),
+            "MoE layer",
+            "F1",
+            &series,
+            None,
+        )?;
+        files.push(path);
+    }
+    Ok(files)
+}

@@ -1,0 +1,381 @@
+//! The expert predictor: a small causal transformer over tokens, read by a per-query
+//! head.
+//!
+//! Backbone input at position `t`: `embed(token_t) + R_ctx · routing_{t-1}`, where
+//! `routing` is the multi-hot `(layer, expert)` vector of a token. Pre-LayerNorm
+//! blocks with ALiBi attention (a per-head linear recency bias, Press et al. 2022: no
+//! position embeddings, so the serving cache can slide past the training context).
+//!
+//! Head, for a query "the first `κ` layers of token `t` are known, predict layers
+//! `κ .. κ+D`": `u = h_t + Σ_{j<κ} R_q[j] · routing_t[j] + layer_embed(κ)`,
+//! `u += MLP(LN(u))`, logits of layer `j` = `LN(u) · W_out[j] + b[j]`.
+//! Next-token prediction is the query `κ = 0, D = n_moe`.
+
+use burn::module::{Module, Param};
+use burn::nn::{
+    Dropout, DropoutConfig, Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear,
+    LinearConfig,
+};
+use burn::tensor::activation::silu;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
+
+use datasets::examples::{RoutingShape, WindowBatch};
+
+use crate::config::{PredictorConfig, Query};
+
+/// One pre-LayerNorm transformer block.
+#[derive(Module, Debug)]
+pub struct Block {
+    pub attn_norm: LayerNorm,
+    /// `[d, 3d]`: queries, keys, values.
+    pub qkv: Linear,
+    pub attn_out: Linear,
+    pub ffn_norm: LayerNorm,
+    pub ffn_in: Linear,
+    pub ffn_out: Linear,
+    pub dropout: Dropout,
+}
+
+/// Keys and values of one block for the positions seen so far (serving).
+#[derive(Debug, Clone)]
+pub struct BlockCache {
+    /// `[1, heads, len, head_dim]`.
+    pub k: Tensor<4>,
+    /// `[1, heads, len, head_dim]`.
+    pub v: Tensor<4>,
+}
+
+/// The whole predictor.
+#[derive(Module, Debug)]
+pub struct ExpertPredictor {
+    /// `[token_buckets + 1, d]`.
+    pub token_embed: Embedding,
+    /// `[n_moe * n_experts, d]`: routing of the previous token.
+    pub context_routing: Linear,
+    pub blocks: Vec<Block>,
+    pub final_norm: LayerNorm,
+    /// `[n_moe, n_experts, d]`: known layers of the current token.
+    pub query_routing: Param<Tensor<3>>,
+    /// `[n_moe, d]`: which layer the forecast starts at.
+    pub query_layer: Embedding,
+    pub head_norm: LayerNorm,
+    pub head_in: Linear,
+    pub head_out: Linear,
+    pub out_norm: LayerNorm,
+    /// `[d, n_moe * n_experts]`: per-layer output weights, layer-major columns.
+    pub output: Linear,
+    #[module(skip)]
+    pub config: PredictorConfig,
+}
+
+/// ALiBi slopes of `heads` heads: `2^(-8 (h+1) / heads)`.
+fn alibi_slopes(heads: usize) -> Vec<f32> {
+    (0..heads)
+        .map(|h| 2f32.powf(-8.0 * (h + 1) as f32 / heads as f32))
+        .collect()
+}
+
+impl Block {
+    fn new(c: &PredictorConfig, device: &Device) -> Self {
+        let d = c.d_model;
+        Block {
+            attn_norm: LayerNormConfig::new(d).init(device),
+            qkv: LinearConfig::new(d, 3 * d).init(device),
+            attn_out: LinearConfig::new(d, d).init(device),
+            ffn_norm: LayerNormConfig::new(d).init(device),
+            ffn_in: LinearConfig::new(d, c.ffn_mult * d).init(device),
+            ffn_out: LinearConfig::new(c.ffn_mult * d, d).init(device),
+            dropout: DropoutConfig::new(c.dropout).init(),
+        }
+    }
+
+    /// `x`: `[b, s, d]`; `bias`: `[1, heads, s, s_kv]` ALiBi plus `-inf` on masked keys.
+    /// With a cache, keys and values of `x` are appended to it first (and the oldest
+    /// dropped beyond `window`).
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        heads: usize,
+        bias: Tensor<4>,
+        cache: Option<&mut BlockCache>,
+        window: usize,
+    ) -> Tensor<3> {
+        let [b, s, d] = x.dims();
+        let hd = d / heads;
+        let qkv = self.qkv.forward(self.attn_norm.forward(x.clone()));
+        let split = |i: usize| {
+            qkv.clone()
+                .narrow(2, i * d, d)
+                .reshape([b, s, heads, hd])
+                .swap_dims(1, 2)
+        };
+        let (q, mut k, mut v) = (split(0), split(1), split(2));
+        if let Some(c) = cache {
+            k = Tensor::cat(vec![c.k.clone(), k], 2);
+            v = Tensor::cat(vec![c.v.clone(), v], 2);
+            let len = k.dims()[2];
+            if len > window {
+                k = k.narrow(2, len - window, window);
+                v = v.narrow(2, len - window, window);
+            }
+            c.k = k.clone();
+            c.v = v.clone();
+        }
+        let s_kv = k.dims()[2];
+        let y = attention(
+            q,
+            k,
+            v,
+            None,
+            Some(bias.expand([b, heads, s, s_kv])),
+            AttentionModuleOptions::default(),
+        )
+        .swap_dims(1, 2)
+        .reshape([b, s, d]);
+        let x = x + self.dropout.forward(self.attn_out.forward(y));
+        let f = self
+            .ffn_out
+            .forward(silu(self.ffn_in.forward(self.ffn_norm.forward(x.clone()))));
+        x + self.dropout.forward(f)
+    }
+}
+
+impl ExpertPredictor {
+    /// A freshly initialised predictor on `device` (seed the device for determinism).
+    pub fn new(config: &PredictorConfig, device: &Device) -> Self {
+        let (d, r) = (config.d_model, config.routing);
+        let width = r.width();
+        let scale = (1.0 / (r.top_k as f64 * r.n_moe as f64)).sqrt();
+        ExpertPredictor {
+            token_embed: EmbeddingConfig::new(config.token_buckets + 1, d).init(device),
+            context_routing: LinearConfig::new(width, d).with_bias(false).init(device),
+            blocks: (0..config.n_layers)
+                .map(|_| Block::new(config, device))
+                .collect(),
+            final_norm: LayerNormConfig::new(d).init(device),
+            query_routing: Param::from_tensor(Tensor::random(
+                [r.n_moe, r.n_experts, d],
+                Distribution::Normal(0.0, scale),
+                device,
+            )),
+            query_layer: EmbeddingConfig::new(r.n_moe, d).init(device),
+            head_norm: LayerNormConfig::new(d).init(device),
+            head_in: LinearConfig::new(d, 2 * d).init(device),
+            head_out: LinearConfig::new(2 * d, d).init(device),
+            out_norm: LayerNormConfig::new(d).init(device),
+            output: LinearConfig::new(d, width).init(device),
+            config: config.clone(),
+        }
+    }
+
+    /// ALiBi bias for queries at positions `q_start..q_start+s` over keys
+    /// `0..s_kv` (key `j` at position `j`), `-inf` on future keys: `[1, heads, s, s_kv]`.
+    fn attention_bias(&self, s: usize, s_kv: usize, q_start: usize, device: &Device) -> Tensor<4> {
+        let slopes = alibi_slopes(self.config.n_heads);
+        let mut data = Vec::with_capacity(slopes.len() * s * s_kv);
+        for slope in &slopes {
+            for i in 0..s {
+                let qi = q_start + i;
+                for j in 0..s_kv {
+                    data.push(if j > qi {
+                        f32::NEG_INFINITY
+                    } else {
+                        -slope * (qi - j) as f32
+                    });
+                }
+            }
+        }
+        Tensor::from_data(TensorData::new(data, [1, slopes.len(), s, s_kv]), device)
+    }
+
+    /// Backbone over whole windows: `tokens` `[b, s]`, `prev_routing` `[b, s, width]`
+    /// -> `[b, s, d]`.
+    pub fn encode(&self, tokens: Tensor<2, Int>, prev_routing: Tensor<3>) -> Tensor<3> {
+        let [_, s] = tokens.dims();
+        let device = tokens.device();
+        let mut x = self.token_embed.forward(tokens) + self.context_routing.forward(prev_routing);
+        let bias = self.attention_bias(s, s, 0, &device);
+        for block in &self.blocks {
+            x = block.forward(x, self.config.n_heads, bias.clone(), None, s);
+        }
+        self.final_norm.forward(x)
+    }
+
+    /// Backbone for one new position with cached keys and values: `token` `[1, 1]`,
+    /// `prev_routing` `[1, 1, width]` -> `[1, 1, d]`.
+    pub fn encode_step(
+        &self,
+        token: Tensor<2, Int>,
+        prev_routing: Tensor<3>,
+        caches: &mut [BlockCache],
+    ) -> Tensor<3> {
+        let device = token.device();
+        let window = self.config.context;
+        let mut x = self.token_embed.forward(token) + self.context_routing.forward(prev_routing);
+        let cached = caches.first().map_or(0, |c| c.k.dims()[2]);
+        let s_kv = (cached + 1).min(window);
+        let bias = self.attention_bias(1, s_kv, s_kv - 1, &device);
+        for (block, cache) in self.blocks.iter().zip(caches.iter_mut()) {
+            x = block.forward(x, self.config.n_heads, bias.clone(), Some(cache), window);
+        }
+        self.final_norm.forward(x)
+    }
+
+    /// Empty caches for [`Self::encode_step`].
+    pub fn empty_caches(&self, device: &Device) -> Vec<BlockCache> {
+        let hd = self.config.d_model / self.config.n_heads;
+        let empty = Tensor::<4>::zeros([1, self.config.n_heads, 0, hd], device);
+        (0..self.config.n_layers)
+            .map(|_| BlockCache {
+                k: empty.clone(),
+                v: empty.clone(),
+            })
+            .collect()
+    }
+
+    /// Per-layer contributions of the current token's routing to a query, summed over
+    /// layers `< κ` for every `κ` in `0..n_moe`: `routing` `[n, width]` -> `[n_moe, n, d]`
+    /// (entry `κ` holds the sum over the first `κ` layers).
+    pub fn known_prefix(&self, routing: Tensor<2>) -> Tensor<3> {
+        let r = self.config.routing;
+        let [n, _] = routing.dims();
+        let per_layer = routing
+            .reshape([n, r.n_moe, r.n_experts])
+            .swap_dims(0, 1)
+            .matmul(self.query_routing.val());
+        let inclusive = per_layer.cumsum(0);
+        let zeros = Tensor::<3>::zeros([1, n, self.config.d_model], &inclusive.device());
+        Tensor::cat(vec![zeros, inclusive.narrow(0, 0, r.n_moe - 1)], 0)
+    }
+
+    /// Logits of one query for `n` positions: `h` `[n, d]`, `prefix` `[n, d]` (the
+    /// query's entry of [`Self::known_prefix`]) -> `[n, horizon * n_experts]`, layer-major.
+    pub fn query_logits(&self, h: Tensor<2>, prefix: Tensor<2>, query: Query) -> Tensor<2> {
+        let e = self.config.routing.n_experts;
+        let device = h.device();
+        let layer =
+            Tensor::<2, Int>::from_data(TensorData::new(vec![query.known as i64], [1, 1]), &device);
+        let layer_vec = self
+            .query_layer
+            .forward(layer)
+            .reshape([1, self.config.d_model]);
+        let u = h + prefix + layer_vec;
+        let u = u.clone()
+            + self
+                .head_out
+                .forward(silu(self.head_in.forward(self.head_norm.forward(u))));
+        let u = self.out_norm.forward(u);
+        let cols = query.known * e..(query.known + query.horizon) * e;
+        let w = self
+            .output
+            .weight
+            .val()
+            .slice([0..self.config.d_model, cols.clone()]);
+        let mut out = u.matmul(w);
+        if let Some(b) = &self.output.bias {
+            out = out + b.val().slice([cols]).unsqueeze_dim(0);
+        }
+        out
+    }
+}
+
+/// Binary cross-entropy with logits, `pos_weight` on the positive class, averaged over
+/// the entries where `mask` is 1: `-(w y log σ(z) + (1-y) log(1-σ(z)))`.
+pub fn masked_bce(
+    logits: Tensor<2>,
+    targets: Tensor<2>,
+    mask: Tensor<2>,
+    pos_weight: f64,
+) -> Tensor<1> {
+    use burn::tensor::activation::log_sigmoid;
+    let log_p = log_sigmoid(logits.clone());
+    let log_not_p = log_p.clone() - logits;
+    let loss = targets.clone() * log_p * (-pos_weight) - (targets.neg() + 1.0) * log_not_p;
+    let denom = mask.clone().sum().clamp_min(1.0);
+    (loss * mask).sum() / denom
+}
+
+/// One [`WindowBatch`] as tensors, positions flattened to rows.
+pub struct BatchTensors {
+    /// `[b, s]` token buckets.
+    pub tokens: Tensor<2, Int>,
+    /// `[b, s, width]` routing of the previous token.
+    pub prev_routing: Tensor<3>,
+    /// `[b*s, width]` routing of the token (targets, and the known layers of queries).
+    pub routing: Tensor<2>,
+    /// `[b*s, n_moe]` 1 where the layer is a target.
+    pub mask: Tensor<2>,
+}
+
+impl BatchTensors {
+    /// Uploads `batch` to `device`.
+    pub fn new(batch: &WindowBatch, routing: RoutingShape, device: &Device) -> Self {
+        let (b, s, w) = (batch.batch, batch.len, routing.width());
+        BatchTensors {
+            tokens: Tensor::from_data(TensorData::new(batch.tokens.clone(), [b, s]), device),
+            prev_routing: Tensor::from_data(
+                TensorData::new(batch.prev_routing.clone(), [b, s, w]),
+                device,
+            ),
+            routing: Tensor::from_data(TensorData::new(batch.routing.clone(), [b * s, w]), device),
+            mask: Tensor::from_data(
+                TensorData::new(batch.target_mask.clone(), [b * s, routing.n_moe]),
+                device,
+            ),
+        }
+    }
+
+    /// Targets and mask of `query`, `[b*s, horizon * n_experts]` each.
+    pub fn targets(&self, query: Query, n_experts: usize) -> (Tensor<2>, Tensor<2>) {
+        let [n, _] = self.routing.dims();
+        let y = self
+            .routing
+            .clone()
+            .narrow(1, query.known * n_experts, query.horizon * n_experts);
+        let m = self
+            .mask
+            .clone()
+            .narrow(1, query.known, query.horizon)
+            .unsqueeze_dim::<3>(2)
+            .expand([n, query.horizon, n_experts])
+            .reshape([n, query.horizon * n_experts]);
+        (y, m)
+    }
+}
+
+impl ExpertPredictor {
+    /// Logits of every query for every position of the batch, `[b*s, horizon * E]` each.
+    pub fn forward_queries(&self, bt: &BatchTensors, queries: &[Query]) -> Vec<Tensor<2>> {
+        let [n, _] = bt.routing.dims();
+        let d = self.config.d_model;
+        let h = self
+            .encode(bt.tokens.clone(), bt.prev_routing.clone())
+            .reshape([n, d]);
+        let prefix = self.known_prefix(bt.routing.clone());
+        queries
+            .iter()
+            .map(|q| {
+                let p = prefix.clone().narrow(0, q.known, 1).reshape([n, d]);
+                self.query_logits(h.clone(), p, *q)
+            })
+            .collect()
+    }
+
+    /// Mean masked BCE over `queries` (see [`masked_bce`]).
+    pub fn loss(&self, bt: &BatchTensors, queries: &[Query], pos_weight: f64) -> Tensor<1> {
+        let e = self.config.routing.n_experts;
+        let logits = self.forward_queries(bt, queries);
+        let mut total: Option<Tensor<1>> = None;
+        for (q, z) in queries.iter().zip(logits) {
+            let (y, m) = bt.targets(*q, e);
+            let l = masked_bce(z, y, m, pos_weight);
+            total = Some(match total {
+                Some(t) => t + l,
+                None => l,
+            });
+        }
+        total.expect("at least one query") / queries.len() as f64
+    }
+}

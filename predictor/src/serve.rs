@@ -1,0 +1,209 @@
+//! Online prediction inside a runtime: load once, then per token
+//!
+//! 1. `predict_next(token)` once the token is sampled: every layer's experts, before
+//!    the model runs it (its id and all earlier routing are the inputs);
+//! 2. `predict_lookahead(known)` while it runs: layers after the `known` ones;
+//! 3. `observe(token, routing)` when its routing is complete.
+//!
+//! Each token costs one backbone step with cached keys and values (a sliding window of
+//! `context` tokens); nothing is re-encoded.
+
+use burn::tensor::{Int, Tensor, TensorData};
+use datasets::examples::token_bucket;
+
+use crate::card::LoadedPredictor;
+use crate::config::{Query, Task};
+use crate::error::{PredictorError, Result};
+use crate::metrics::rank_top;
+use crate::model::BlockCache;
+
+/// Predicted probabilities for a run of consecutive MoE layers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExpertForecast {
+    /// First MoE layer covered.
+    pub first_layer: usize,
+    pub n_experts: usize,
+    pub top_k: usize,
+    /// `[layers, n_experts]` probabilities (sigmoid of the logits).
+    pub probs: Vec<f32>,
+}
+
+impl ExpertForecast {
+    /// Layers covered.
+    pub fn n_layers(&self) -> usize {
+        self.probs.len() / self.n_experts
+    }
+
+    /// Probabilities of MoE layer `layer` (absolute index).
+    pub fn layer(&self, layer: usize) -> &[f32] {
+        let i = layer - self.first_layer;
+        &self.probs[i * self.n_experts..(i + 1) * self.n_experts]
+    }
+
+    /// The `n` most likely experts of `layer`, best first.
+    pub fn top(&self, layer: usize, n: usize) -> Vec<u16> {
+        let mut out = Vec::new();
+        rank_top(self.layer(layer), n, &mut out);
+        out
+    }
+}
+
+/// A predictor with incremental state for one sequence.
+pub struct OnlinePredictor {
+    p: LoadedPredictor,
+    caches: Vec<BlockCache>,
+    /// Multi-hot routing of the last observed token (zeros at sequence start).
+    prev_routing: Vec<f32>,
+    /// Backbone output for the token being processed, and its id.
+    current: Option<(u32, Tensor<2>)>,
+}
+
+impl OnlinePredictor {
+    /// Wraps a loaded predictor; starts an empty sequence.
+    pub fn new(p: LoadedPredictor) -> Self {
+        let caches = p.model.empty_caches(&p.device);
+        let width = p.card.config.routing.width();
+        OnlinePredictor {
+            p,
+            caches,
+            prev_routing: vec![0.0; width],
+            current: None,
+        }
+    }
+
+    /// The loaded predictor.
+    pub fn predictor(&self) -> &LoadedPredictor {
+        &self.p
+    }
+
+    /// Starts a new sequence.
+    pub fn reset(&mut self) {
+        self.caches = self.p.model.empty_caches(&self.p.device);
+        self.prev_routing.iter_mut().for_each(|x| *x = 0.0);
+        self.current = None;
+    }
+
+    /// Runs the backbone for `token` (once per token).
+    fn step(&mut self, token: u32) -> Tensor<2> {
+        if let Some((t, h)) = &self.current {
+            if *t == token {
+                return h.clone();
+            }
+        }
+        let cfg = &self.p.card.config;
+        let dev = &self.p.device;
+        let tok = Tensor::<2, Int>::from_data(
+            TensorData::new(vec![token_bucket(token, cfg.token_buckets)], [1, 1]),
+            dev,
+        );
+        let prev = Tensor::<3>::from_data(
+            TensorData::new(self.prev_routing.clone(), [1, 1, cfg.routing.width()]),
+            dev,
+        );
+        let h = self
+            .p
+            .model
+            .encode_step(tok, prev, &mut self.caches)
+            .reshape([1, cfg.d_model]);
+        self.current = Some((token, h.clone()));
+        h
+    }
+
+    fn run_query(&mut self, token: u32, known: &[&[u16]], query: Query) -> Result<ExpertForecast> {
+        let r = self.p.card.config.routing;
+        let h = self.step(token);
+        let dev = &self.p.device;
+        let mut row = vec![0f32; r.width()];
+        for (l, ids) in known.iter().enumerate() {
+            for &e in ids.iter() {
+                if e as usize >= r.n_experts {
+                    return Err(PredictorError::Invalid(format!(
+                        "expert {e} at layer {l} is out of range (n_experts = {})",
+                        r.n_experts
+                    )));
+                }
+                row[l * r.n_experts + e as usize] = 1.0;
+            }
+        }
+        let prefix = self
+            .p
+            .model
+            .known_prefix(Tensor::from_data(TensorData::new(row, [1, r.width()]), dev))
+            .narrow(0, query.known, 1)
+            .reshape([1, self.p.card.config.d_model]);
+        let logits = self.p.model.query_logits(h, prefix, query);
+        let probs = burn::tensor::activation::sigmoid(logits)
+            .try_into_vec_as::<f32>()
+            .map_err(|e| PredictorError::Invalid(format!("reading predictions: {e:?}")))?;
+        Ok(ExpertForecast {
+            first_layer: query.known,
+            n_experts: r.n_experts,
+            top_k: r.top_k,
+            probs,
+        })
+    }
+
+    /// Every MoE layer of the next token, whose id is `token` (both tasks train this
+    /// query).
+    pub fn predict_next(&mut self, token: u32) -> Result<ExpertForecast> {
+        let cfg = &self.p.card.config;
+        let q = Query {
+            known: 0,
+            horizon: cfg.routing.n_moe,
+        };
+        self.run_query(token, &[], q)
+    }
+
+    /// Layers after `known` (the current token's routing of layers `0..known.len()`)
+    /// for the token `token`. Lookahead predictors.
+    pub fn predict_lookahead(&mut self, token: u32, known: &[&[u16]]) -> Result<ExpertForecast> {
+        let cfg = &self.p.card.config;
+        if cfg.task != Task::Lookahead {
+            return Err(PredictorError::Invalid(format!(
+                "this predictor was trained for {}, not lookahead",
+                cfg.task.as_str()
+            )));
+        }
+        let n_moe = cfg.routing.n_moe;
+        if known.is_empty() || known.len() >= n_moe {
+            return Err(PredictorError::Invalid(format!(
+                "lookahead needs 1..{} known layers, got {}",
+                n_moe - 1,
+                known.len()
+            )));
+        }
+        let q = Query {
+            known: known.len(),
+            horizon: cfg.horizon.min(n_moe - known.len()),
+        };
+        self.run_query(token, known, q)
+    }
+
+    /// Records the completed token `token` with its routing (per MoE layer, `None`
+    /// when not computed); the next prediction conditions on it.
+    pub fn observe(&mut self, token: u32, routing: &[Option<&[u16]>]) -> Result<()> {
+        let r = self.p.card.config.routing;
+        if routing.len() != r.n_moe {
+            return Err(PredictorError::Invalid(format!(
+                "routing has {} layers, the predictor expects {}",
+                routing.len(),
+                r.n_moe
+            )));
+        }
+        self.step(token);
+        self.current = None;
+        self.prev_routing.iter_mut().for_each(|x| *x = 0.0);
+        for (l, ids) in routing.iter().enumerate() {
+            for &e in ids.iter().flat_map(|x| x.iter()) {
+                if e as usize >= r.n_experts {
+                    return Err(PredictorError::Invalid(format!(
+                        "expert {e} at layer {l} is out of range (n_experts = {})",
+                        r.n_experts
+                    )));
+                }
+                self.prev_routing[l * r.n_experts + e as usize] = 1.0;
+            }
+        }
+        Ok(())
+    }
+}

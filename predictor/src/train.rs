@@ -1,0 +1,445 @@
+//! Training: AdamW with linear warmup and cosine decay, masked BCE, validation F1 after
+//! every epoch with early stopping, resumable checkpoints in `OUT/train-state/`
+//! (every epoch and every `checkpoint_every` steps), the best model in `OUT/model.bpk`.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use burn::grad_clipping::GradientClippingConfig;
+use burn::module::Module;
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use datasets::examples::{ExampleSet, Split, SplitConfig, Window};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::rngs::StdRng;
+use rand::seq::{IndexedRandom, SliceRandom};
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+use crate::baselines::BaselineStats;
+use crate::card::{PredictorCard, PredictorDir};
+use crate::config::{PredictorConfig, Query};
+use crate::device::BackendKind;
+use crate::error::{PredictorError, Result};
+use crate::eval::{evaluate, EvalOptions, EvalReport};
+use crate::model::{BatchTensors, ExpertPredictor};
+use crate::state::CheckpointDir;
+
+/// Optimisation settings (recorded in the checkpoint).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainSettings {
+    /// Windows per step.
+    pub batch_size: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Final learning rate as a share of the peak (cosine decay).
+    pub min_lr_ratio: f64,
+    /// Linear warmup steps.
+    pub warmup_steps: usize,
+    pub weight_decay: f64,
+    /// Per-parameter gradient norm clip.
+    pub grad_clip: f64,
+    /// Upper bound on epochs.
+    pub max_epochs: usize,
+    /// Stop after this many epochs without a better validation F1.
+    pub patience: usize,
+    /// Weight of the positive (expert chosen) class in the BCE.
+    pub pos_weight: f64,
+    /// Lookahead queries sampled per step (all when there are fewer).
+    pub queries_per_batch: usize,
+    /// Save a resumable checkpoint every this many steps (and after every epoch).
+    pub checkpoint_every: usize,
+    /// Seed of initialisation, dropout, shuffling and query sampling.
+    pub seed: u64,
+}
+
+impl Default for TrainSettings {
+    fn default() -> Self {
+        TrainSettings {
+            batch_size: 16,
+            lr: 2e-3,
+            min_lr_ratio: 0.1,
+            warmup_steps: 100,
+            weight_decay: 0.01,
+            grad_clip: 1.0,
+            max_epochs: 30,
+            patience: 4,
+            pos_weight: 1.0,
+            queries_per_batch: 8,
+            checkpoint_every: 500,
+            seed: 0,
+        }
+    }
+}
+
+/// Everything [`train`] needs.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    pub traces: Vec<PathBuf>,
+    pub config: PredictorConfig,
+    pub split: SplitConfig,
+    pub settings: TrainSettings,
+    pub backend: BackendKind,
+    /// Output directory (`checkpoints/NAME`).
+    pub out: PathBuf,
+    pub progress: bool,
+    /// Stop after this many steps in this invocation (checkpointed; rerun to resume).
+    pub run_steps: Option<u64>,
+}
+
+/// One finished epoch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    pub epoch: usize,
+    pub train_loss: f64,
+    /// Validation F1 (micro over all forecast groups).
+    pub val_f1: f64,
+    pub seconds: f64,
+    /// Target tokens per second of training.
+    pub examples_per_s: f64,
+}
+
+/// The resumable part of a run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainProgress {
+    pub config: PredictorConfig,
+    pub traces: Vec<PathBuf>,
+    pub split: SplitConfig,
+    pub settings: TrainSettings,
+    /// Epoch in progress (0-based) and steps of it already done.
+    pub epoch: usize,
+    pub step_in_epoch: usize,
+    pub best_f1: f64,
+    pub best_epoch: Option<usize>,
+    pub epochs_since_best: usize,
+    pub finished: bool,
+    pub history: Vec<EpochRecord>,
+    pub elapsed_s: f64,
+    /// Training loss sum and count of the epoch in progress.
+    pub epoch_loss: (f64, usize),
+    pub epoch_examples: u64,
+}
+
+/// What a [`train`] call did.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub start_step: u64,
+    pub end_step: u64,
+    pub finished: bool,
+    pub best_f1: f64,
+    pub history: Vec<EpochRecord>,
+    /// Validation report of the best epoch (when finished).
+    pub validation: Option<EvalReport>,
+}
+
+fn lr_at(s: &TrainSettings, step: u64, total: u64) -> f64 {
+    let warm = s.warmup_steps as u64;
+    if step < warm {
+        return s.lr * (step + 1) as f64 / warm as f64;
+    }
+    let span = total.saturating_sub(warm).max(1) as f64;
+    let p = ((step - warm) as f64 / span).min(1.0);
+    let cos = 0.5 * (1.0 + (std::f64::consts::PI * p).cos());
+    s.lr * (s.min_lr_ratio + (1.0 - s.min_lr_ratio) * cos)
+}
+
+fn optimizer(s: &TrainSettings) -> ModuleOptimizer {
+    AdamWConfig::new()
+        .with_weight_decay(s.weight_decay as f32)
+        .with_grad_clipping(Some(GradientClippingConfig::Norm(s.grad_clip as f32)))
+        .init()
+}
+
+/// The shuffled windows of an epoch (the same on resume).
+fn epoch_order(windows: &[Window], seed: u64, epoch: usize) -> Vec<Window> {
+    let mut w = windows.to_vec();
+    w.shuffle(&mut StdRng::seed_from_u64(
+        seed ^ (0x9e37_79b9 * (epoch as u64 + 1)),
+    ));
+    w
+}
+
+fn validate_opts(o: &TrainOptions) -> Result<()> {
+    o.config.validate().map_err(PredictorError::Invalid)?;
+    let s = &o.settings;
+    if s.batch_size == 0 || s.max_epochs == 0 || s.queries_per_batch == 0 || s.checkpoint_every == 0
+    {
+        return Err(PredictorError::Invalid(
+            "batch size, epochs, queries per batch and checkpoint interval must be positive".into(),
+        ));
+    }
+    if !(s.lr > 0.0 && s.pos_weight > 0.0) {
+        return Err(PredictorError::Invalid(
+            "--lr and --pos-weight must be positive".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Trains (or resumes) a predictor on the train split of `opts.traces`.
+pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
+    validate_opts(opts)?;
+    let set = ExampleSet::open(&opts.traces, &opts.split)?;
+    opts.config
+        .routing
+        .check(set.meta(), &opts.traces[0])
+        .map_err(PredictorError::from)?;
+    let dir = PredictorDir::new(opts.out.clone());
+    std::fs::create_dir_all(&opts.out).map_err(|e| PredictorError::io(&opts.out, e))?;
+    let ckpt = CheckpointDir::new(dir.train_state());
+    let cfg = &opts.config;
+    let st = &opts.settings;
+    let train_windows = set.windows(Split::Train, cfg.context);
+    if set.split_tokens(Split::Validation) == 0 {
+        return Err(PredictorError::Invalid(
+            "the validation split is empty".into(),
+        ));
+    }
+
+    let mut stats = BaselineStats::new(
+        cfg.routing,
+        cfg.horizon.min(cfg.routing.n_moe.saturating_sub(1)).max(1),
+    );
+    for s in set.split(Split::Train) {
+        stats.add_tokens(&set.view(s.trace), s.tokens.clone());
+    }
+    dir.write_baselines(&stats)?;
+
+    let device = opts.backend.device();
+    device.seed(st.seed);
+    let ad = device.clone().autodiff();
+    let resumed: Option<(u64, TrainProgress)> = ckpt.load_state()?;
+    let (mut step, mut model, mut optim, mut prog) = match resumed {
+        Some((step, p)) => {
+            check_same_run(&p, opts, &ckpt)?;
+            let mut p = p;
+            (p.settings.max_epochs, p.settings.patience) = (st.max_epochs, st.patience);
+            p.settings.checkpoint_every = st.checkpoint_every;
+            p.finished = p.epochs_since_best >= st.patience || p.epoch >= st.max_epochs;
+            let model = ckpt.load_model(step, ExpertPredictor::new(cfg, &ad))?;
+            let optim = ckpt.load_optim(step, optimizer(&p.settings))?;
+            (step, model, optim, p)
+        }
+        None => {
+            let p = TrainProgress {
+                config: cfg.clone(),
+                traces: opts.traces.clone(),
+                split: opts.split,
+                settings: st.clone(),
+                epoch: 0,
+                step_in_epoch: 0,
+                best_f1: -1.0,
+                best_epoch: None,
+                epochs_since_best: 0,
+                finished: false,
+                history: Vec::new(),
+                elapsed_s: 0.0,
+                epoch_loss: (0.0, 0),
+                epoch_examples: 0,
+            };
+            (0, ExpertPredictor::new(cfg, &ad), optimizer(st), p)
+        }
+    };
+    let start_step = step;
+    let per_epoch = train_windows.len().div_ceil(st.batch_size).max(1);
+    let total_steps = (per_epoch * st.max_epochs) as u64;
+    let stop = opts.run_steps.map(|r| start_step + r);
+    let queries = cfg.training_queries();
+    let bar = train_bar(opts.progress, total_steps, step);
+    let say = |line: String| {
+        if opts.progress {
+            bar.println(line)
+        } else {
+            eprintln!("{line}")
+        }
+    };
+    if start_step > 0 && !prog.finished {
+        say(format!(
+            "resuming at epoch {} step {}",
+            prog.epoch + 1,
+            prog.step_in_epoch
+        ));
+    }
+    let eval_opts = EvalOptions {
+        batch_size: st.batch_size,
+        baselines: false,
+        ..EvalOptions::default()
+    };
+    let mut validation = None;
+    while !prog.finished && stop.is_none_or(|s| step < s) {
+        let order = epoch_order(&train_windows, st.seed, prog.epoch);
+        let batches: Vec<&[Window]> = order.chunks(st.batch_size).collect();
+        let epoch_start = Instant::now();
+        let mut epoch_secs = 0.0;
+        while prog.step_in_epoch < batches.len() && stop.is_none_or(|s| step < s) {
+            let t0 = Instant::now();
+            let batch = set.batch(batches[prog.step_in_epoch], cfg.token_buckets);
+            let targets: u64 = batch
+                .target_mask
+                .chunks(cfg.routing.n_moe)
+                .filter(|m| m.iter().any(|&x| x > 0.0))
+                .count() as u64;
+            let bt = BatchTensors::new(&batch, cfg.routing, &ad);
+            let qs = sample_queries(&queries, st, step);
+            let loss = model.loss(&bt, &qs, st.pos_weight);
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            let lr = lr_at(st, step, total_steps);
+            model = optim.step(lr, model, grads);
+            let l = loss.into_scalar::<f32>() as f64;
+            if !l.is_finite() {
+                return Err(PredictorError::Invalid(format!(
+                    "training diverged at step {step} (loss {l}); lower --lr"
+                )));
+            }
+            let dt = t0.elapsed().as_secs_f64();
+            epoch_secs += dt;
+            step += 1;
+            prog.step_in_epoch += 1;
+            prog.elapsed_s += dt;
+            prog.epoch_loss.0 += l;
+            prog.epoch_loss.1 += 1;
+            prog.epoch_examples += targets;
+            bar.set_position(step);
+            bar.set_message(format!(
+                "epoch {} loss {l:.4} lr {lr:.1e} {:.0} ex/s best val F1 {:.4}",
+                prog.epoch + 1,
+                targets as f64 / dt,
+                prog.best_f1.max(0.0)
+            ));
+            if step.is_multiple_of(st.checkpoint_every as u64) && prog.step_in_epoch < batches.len()
+            {
+                ckpt.save(step, &model, &optim, &prog)?;
+            }
+        }
+        if prog.step_in_epoch < batches.len() {
+            ckpt.save(step, &model, &optim, &prog)?;
+            break;
+        }
+        let report = evaluate(
+            &model.valid(),
+            None,
+            &set,
+            Split::Validation,
+            &device,
+            &eval_opts,
+        )?;
+        let f1 = micro_f1(&report);
+        let rec = EpochRecord {
+            epoch: prog.epoch + 1,
+            train_loss: prog.epoch_loss.0 / prog.epoch_loss.1.max(1) as f64,
+            val_f1: f1,
+            seconds: epoch_start.elapsed().as_secs_f64().max(epoch_secs),
+            examples_per_s: prog.epoch_examples as f64 / epoch_secs.max(1e-9),
+        };
+        say(format!(
+            "epoch {:>3}  train loss {:.4}  val F1 {:.4}  {:.0} ex/s",
+            rec.epoch, rec.train_loss, rec.val_f1, rec.examples_per_s
+        ));
+        prog.history.push(rec);
+        if f1 > prog.best_f1 {
+            prog.best_f1 = f1;
+            prog.best_epoch = Some(prog.epoch + 1);
+            prog.epochs_since_best = 0;
+            dir.write_model(&model.valid())?;
+            validation = Some(report);
+        } else {
+            prog.epochs_since_best += 1;
+        }
+        prog.epoch += 1;
+        prog.step_in_epoch = 0;
+        prog.epoch_loss = (0.0, 0);
+        prog.epoch_examples = 0;
+        if prog.epochs_since_best >= st.patience || prog.epoch >= st.max_epochs {
+            prog.finished = true;
+        }
+        dir.write_card(&PredictorCard::new(
+            &prog,
+            set.meta().clone(),
+            validation.as_ref(),
+            &model,
+        ))?;
+        ckpt.save(step, &model, &optim, &prog)?;
+    }
+    bar.finish_and_clear();
+    if prog.finished && validation.is_none() {
+        validation = dir.read_card().ok().and_then(|c| c.validation);
+    }
+    Ok(TrainSummary {
+        start_step,
+        end_step: step,
+        finished: prog.finished,
+        best_f1: prog.best_f1,
+        history: prog.history,
+        validation,
+    })
+}
+
+/// Micro-averaged F1 over all groups of the predictor.
+pub fn micro_f1(r: &EvalReport) -> f64 {
+    let p = &r.methods[0];
+    let (mut num, mut den) = (0.0, 0.0);
+    for g in &p.groups {
+        num += g.overall.f1 * g.overall.sets as f64;
+        den += g.overall.sets as f64;
+    }
+    if den == 0.0 {
+        0.0
+    } else {
+        num / den
+    }
+}
+
+fn sample_queries(all: &[Query], st: &TrainSettings, step: u64) -> Vec<Query> {
+    if all.len() <= st.queries_per_batch {
+        return all.to_vec();
+    }
+    let mut rng = StdRng::seed_from_u64(st.seed.wrapping_mul(31).wrapping_add(step));
+    all.choose_multiple(&mut rng, st.queries_per_batch)
+        .copied()
+        .collect()
+}
+
+fn train_bar(show: bool, total: u64, pos: u64) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let b = ProgressBar::new(total);
+    b.set_style(
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] step {pos}/{len} {msg} (eta {eta})",
+        )
+        .expect("valid progress template")
+        .progress_chars("=> "),
+    );
+    b.set_position(pos);
+    b
+}
+
+/// A checkpoint in `OUT` must come from the same run.
+fn check_same_run(p: &TrainProgress, o: &TrainOptions, ckpt: &CheckpointDir) -> Result<()> {
+    let mut diffs = Vec::new();
+    if p.config != o.config {
+        diffs.push("predictor shape or task");
+    }
+    if p.traces != o.traces {
+        diffs.push("trace files");
+    }
+    if p.split != o.split {
+        diffs.push("split");
+    }
+    let (mut a, mut b) = (p.settings.clone(), o.settings.clone());
+    (a.max_epochs, a.patience, a.checkpoint_every) = (0, 0, 0);
+    (b.max_epochs, b.patience, b.checkpoint_every) = (0, 0, 0);
+    if a != b {
+        diffs.push("optimiser settings");
+    }
+    if diffs.is_empty() {
+        return Ok(());
+    }
+    Err(PredictorError::file(
+        ckpt.path(),
+        format!(
+            "holds a checkpoint of a different run ({}); use another -o or remove the folder",
+            diffs.join(", ")
+        ),
+    ))
+}

@@ -1,0 +1,287 @@
+//! The predictor end to end on traces with a known rule: it must learn what the rule
+//! makes predictable (and the baselines cannot), resume exactly, serve incrementally
+//! what it computes in batch, and refuse inputs that do not fit.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::activation::sigmoid;
+use datasets::examples::{ExampleSet, RoutingShape, Split, SplitConfig};
+use datasets::{save_trace, Phase, TokenRecord, TraceBuilder, TraceFormat, TraceMeta};
+use predictor::device::BackendKind;
+use predictor::model::BatchTensors;
+use predictor::{
+    evaluate, EvalOptions, LoadedPredictor, OnlinePredictor, PredictorConfig, Task, TrainOptions,
+    TrainSettings,
+};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const E: u32 = 8;
+const LAYERS: u32 = 4;
+
+/// Next-token rule: token `x` uses experts `{x, x+3} mod E` at layer `m`, shifted by
+/// `m`. Lookahead rule: layer 0 is random; layer `m+1` is layer `m` shifted by `m+1`.
+fn rule_trace(path: &Path, rule: Task, seqs: usize, len: usize, seed: u64) -> PathBuf {
+    let meta = TraceMeta {
+        model: "rule".into(),
+        architecture: None,
+        n_layers: LAYERS,
+        moe_layers: (0..LAYERS).collect(),
+        n_experts: E,
+        top_k: 2,
+        n_shared_experts: 0,
+        source: None,
+        tokenizer: None,
+        ranked: false,
+        expert_bytes: None,
+    };
+    let mut b = TraceBuilder::new(meta, false).unwrap();
+    let mut rng = StdRng::seed_from_u64(seed);
+    for s in 0..seqs {
+        for pos in 0..len {
+            let token: u32 = rng.random_range(0..40);
+            let mut layers = Vec::new();
+            let first = rng.random_range(0..E);
+            for m in 0..LAYERS {
+                let base = match rule {
+                    Task::NextToken => token + m,
+                    Task::Lookahead => first + m * (m + 1) / 2,
+                };
+                let mut set = vec![base % E, (base + 3) % E];
+                set.sort();
+                layers.push(Some(set));
+            }
+            b.push(&TokenRecord {
+                seq: format!("s{s}"),
+                pos: pos as u32,
+                phase: Phase::Decode,
+                token: Some(token),
+                experts: layers,
+                weights: None,
+            })
+            .unwrap();
+        }
+    }
+    save_trace(&b.finish().unwrap(), path, Some(TraceFormat::Binary)).unwrap();
+    path.to_path_buf()
+}
+
+fn options(trace: PathBuf, task: Task, out: PathBuf, epochs: usize) -> TrainOptions {
+    let shape = RoutingShape {
+        n_moe: LAYERS as usize,
+        n_experts: E as usize,
+        top_k: 2,
+    };
+    TrainOptions {
+        traces: vec![trace],
+        config: PredictorConfig::new(shape, task)
+            .with_d_model(32)
+            .with_n_layers(1)
+            .with_n_heads(2)
+            .with_context(16)
+            .with_token_buckets(64)
+            .with_dropout(0.0),
+        split: SplitConfig {
+            validation: 0.15,
+            test: 0.15,
+            seed: 1,
+        },
+        settings: TrainSettings {
+            batch_size: 8,
+            lr: 1e-2,
+            warmup_steps: 10,
+            max_epochs: epochs,
+            patience: epochs,
+            checkpoint_every: 7,
+            ..TrainSettings::default()
+        },
+        backend: BackendKind::Flex,
+        out,
+        progress: false,
+        run_steps: None,
+    }
+}
+
+fn f1_of(r: &predictor::EvalReport, method: &str, group: usize) -> f64 {
+    r.method(method).unwrap().groups[group].overall.f1
+}
+
+fn eval_test_split(dir: &Path, trace: &Path) -> predictor::EvalReport {
+    let dev = BackendKind::Flex.device();
+    let p = LoadedPredictor::load(dir, &dev).unwrap();
+    let set = ExampleSet::open(&[trace.to_path_buf()], &p.card.split).unwrap();
+    evaluate(
+        &p.model,
+        p.baselines.as_ref(),
+        &set,
+        Split::Test,
+        &dev,
+        &EvalOptions::default(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn learns_token_rule_the_baselines_miss() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = rule_trace(&dir.path().join("t.mctrace"), Task::NextToken, 40, 24, 0);
+    let out = dir.path().join("nt");
+    let s = predictor::train(&options(trace.clone(), Task::NextToken, out.clone(), 12)).unwrap();
+    assert!(s.finished);
+    let r = eval_test_split(&out, &trace);
+    let (p, prev, freq) = (
+        f1_of(&r, "predictor", 0),
+        f1_of(&r, "previous-token", 0),
+        f1_of(&r, "frequency", 0),
+    );
+    assert!(p > 0.9, "predictor F1 {p}");
+    assert!(prev < 0.5 && freq < 0.5, "baselines {prev} {freq}");
+    let o = r.method("predictor").unwrap().groups[0].overall;
+    // top-k sets of equal size: precision = recall = F1.
+    assert!((o.precision - o.recall).abs() < 1e-12 && (o.f1 - o.recall).abs() < 1e-12);
+    assert_eq!(
+        r.methods.len(),
+        3,
+        "next-token has no co-activation baseline"
+    );
+}
+
+#[test]
+fn lookahead_learns_the_layer_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = rule_trace(&dir.path().join("t.mctrace"), Task::Lookahead, 40, 24, 1);
+    let out = dir.path().join("la");
+    predictor::train(&options(trace.clone(), Task::Lookahead, out.clone(), 12)).unwrap();
+    let r = eval_test_split(&out, &trace);
+    assert_eq!(r.groups, ["+1 layer", "+2 layer", "+3 layer"]);
+    let p = f1_of(&r, "predictor", 0);
+    assert!(p > 0.9, "+1 layer F1 {p}");
+    assert!(
+        f1_of(&r, "co-activation", 0) > 0.9,
+        "the rule is pure co-activation"
+    );
+    assert!(f1_of(&r, "frequency", 0) < 0.5);
+    // +3 targets exist only for layer 3 (known = 1).
+    let g3 = &r.method("predictor").unwrap().groups[2];
+    assert!(g3.per_layer[..3].iter().all(Option::is_none) && g3.per_layer[3].is_some());
+}
+
+#[test]
+fn resumed_training_matches_an_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = rule_trace(&dir.path().join("t.mctrace"), Task::NextToken, 20, 24, 2);
+    let full = options(trace.clone(), Task::NextToken, dir.path().join("full"), 3);
+    let a = predictor::train(&full).unwrap();
+    let mut part = options(trace, Task::NextToken, dir.path().join("part"), 3);
+    part.run_steps = Some(5);
+    let first = predictor::train(&part).unwrap();
+    assert!(!first.finished && first.end_step == 5);
+    part.run_steps = None;
+    let b = predictor::train(&part).unwrap();
+    assert!(b.finished && b.start_step == 5 && b.end_step == a.end_step);
+    let f1 = |s: &predictor::TrainSummary| s.history.iter().map(|h| h.val_f1).collect::<Vec<_>>();
+    assert_eq!(f1(&a), f1(&b));
+    // A different run into the same folder is refused.
+    let mut other = part.clone();
+    other.settings.lr = 0.5;
+    let err = predictor::train(&other).err().unwrap().to_string();
+    assert!(err.contains("different run"), "{err}");
+}
+
+#[test]
+fn online_predictions_equal_the_batched_forward() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = rule_trace(&dir.path().join("t.mctrace"), Task::Lookahead, 20, 12, 3);
+    for task in [Task::NextToken, Task::Lookahead] {
+        let out = dir.path().join(task.as_str());
+        predictor::train(&options(trace.clone(), task, out.clone(), 1)).unwrap();
+        let dev = BackendKind::Flex.device();
+        let loaded = LoadedPredictor::load(&out, &dev).unwrap();
+        let set = ExampleSet::open_for_test(&[trace.clone()], None).unwrap();
+        let windows = set.windows(Split::Test, 16);
+        let w = windows[0];
+        assert_eq!((w.start, w.first_target), (0, 0));
+        let batch = set.batch(&[w], loaded.card.config.token_buckets);
+        let bt = BatchTensors::new(&batch, loaded.card.config.routing, &dev);
+        let queries = loaded.card.config.queries();
+        let batched: Vec<Vec<f32>> = loaded
+            .model
+            .forward_queries(&bt, &queries)
+            .into_iter()
+            .map(|z| sigmoid(z).try_into_vec_as::<f32>().unwrap())
+            .collect();
+        let view = set.view(0);
+        let mut online = OnlinePredictor::new(loaded);
+        for t in 0..w.len {
+            let token = view.token[t];
+            let layers: Vec<&[u16]> = (0..LAYERS as usize)
+                .map(|m| view.layer(t, m).unwrap())
+                .collect();
+            for (qi, q) in queries.iter().enumerate() {
+                let f = match task {
+                    Task::NextToken => online.predict_next(token).unwrap(),
+                    Task::Lookahead => online.predict_lookahead(token, &layers[..q.known]).unwrap(),
+                };
+                let width = q.horizon * E as usize;
+                let want = &batched[qi][t * width..(t + 1) * width];
+                for (a, b) in f.probs.iter().zip(want) {
+                    assert!(
+                        (a - b).abs() < 1e-4,
+                        "{task:?} token {t} query {q:?}: {a} vs {b}"
+                    );
+                }
+            }
+            let routing: Vec<Option<&[u16]>> = layers.iter().map(|l| Some(*l)).collect();
+            online.observe(token, &routing).unwrap();
+        }
+    }
+}
+
+#[test]
+fn bad_inputs_are_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = BackendKind::Flex.device();
+    let err = LoadedPredictor::load(dir.path(), &dev)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("predictor.json"), "{err}");
+    std::fs::write(dir.path().join("predictor.json"), "{ not json").unwrap();
+    let err = LoadedPredictor::load(dir.path(), &dev)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("predictor.json") && err.contains("malformed"),
+        "{err}"
+    );
+
+    let trace = rule_trace(&dir.path().join("t.mctrace"), Task::NextToken, 20, 10, 4);
+    let out = dir.path().join("p");
+    let mut o = options(trace, Task::NextToken, out.clone(), 1);
+    o.config.d_model = 30;
+    o.config.n_heads = 4;
+    let err = predictor::train(&o).err().unwrap().to_string();
+    assert!(err.contains("--d-model"), "{err}");
+    o.config.d_model = 32;
+    predictor::train(&o).unwrap();
+    let p = LoadedPredictor::load(&out, &dev).unwrap();
+    let synth = datasets::synth::synthetic_trace(&datasets::synth::SynthConfig::default());
+    let other = dir.path().join("other.mctrace");
+    save_trace(&synth, &other, Some(TraceFormat::Binary)).unwrap();
+    let err = ExampleSet::open_for_test(&[other], Some(p.card.config.routing))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("other.mctrace") && err.contains("does not match"),
+        "{err}"
+    );
+    let mut online = OnlinePredictor::new(p);
+    let err = online.observe(1, &[None]).err().unwrap().to_string();
+    assert!(err.contains("layers"), "{err}");
+    assert!(
+        online.predict_lookahead(1, &[&[0, 1]]).is_err(),
+        "next-token predictor"
+    );
+}

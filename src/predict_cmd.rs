@@ -1,0 +1,267 @@
+//! `moecast train` and `moecast eval`: the expert predictor.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use datasets::examples::{ExampleSet, Split, SplitConfig};
+use predictor::{
+    eval, EvalOptions, LoadedPredictor, PredictorConfig, Task, TrainOptions, TrainSettings,
+};
+
+#[derive(Args)]
+pub(crate) struct TrainArgs {
+    /// Training traces (any storage form; .mctrace is memory-mapped). Sequences are split
+    /// into train / validation / test by sequence.
+    #[arg(long, num_args = 1.., required = true)]
+    trace: Vec<PathBuf>,
+    /// next-token: all layers of the next token; lookahead: the next --horizon layers of
+    /// the current token given its earlier layers.
+    #[arg(long, default_value = "next-token")]
+    task: Task,
+    /// Output directory (e.g. checkpoints/NAME); rerunning resumes its checkpoint.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Layers predicted ahead (lookahead).
+    #[arg(long, default_value_t = 3)]
+    horizon: usize,
+    /// Residual width of the predictor.
+    #[arg(long, default_value_t = 128)]
+    d_model: usize,
+    /// Transformer blocks.
+    #[arg(long, default_value_t = 3)]
+    layers: usize,
+    /// Attention heads.
+    #[arg(long, default_value_t = 4)]
+    heads: usize,
+    /// Tokens of context.
+    #[arg(long, default_value_t = 128)]
+    context: usize,
+    /// Token-id embedding rows (ids are folded modulo this).
+    #[arg(long, default_value_t = 8192)]
+    token_buckets: usize,
+    /// Dropout probability during training.
+    #[arg(long, default_value_t = 0.0)]
+    dropout: f64,
+    /// Windows of --context tokens per step.
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Peak learning rate (AdamW, linear warmup, cosine decay).
+    #[arg(long, default_value_t = 2e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f64,
+    #[arg(long, default_value_t = 100)]
+    warmup_steps: usize,
+    /// Most epochs.
+    #[arg(long, default_value_t = 30)]
+    epochs: usize,
+    /// Early stopping: epochs without a better validation F1.
+    #[arg(long, default_value_t = 4)]
+    patience: usize,
+    /// BCE weight of the positive class (an expert that is chosen).
+    #[arg(long, default_value_t = 1.0)]
+    pos_weight: f64,
+    /// Lookahead queries (known-layer counts) sampled per step.
+    #[arg(long, default_value_t = 8)]
+    queries_per_batch: usize,
+    /// Share of sequences for validation (early stopping).
+    #[arg(long, default_value_t = 0.1)]
+    val_fraction: f64,
+    /// Share of sequences held out for `eval --split test` (0 when testing on other traces).
+    #[arg(long, default_value_t = 0.1)]
+    test_fraction: f64,
+    /// Save a resumable checkpoint every this many steps (and after every epoch).
+    #[arg(long, default_value_t = 500)]
+    checkpoint_every: usize,
+    /// Stop after this many steps (checkpointed; rerun the same command to resume).
+    #[arg(long)]
+    run_steps: Option<u64>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Backend: flex (CPU, default), ndarray (CPU), wgpu (GPU; `--features wgpu` builds).
+    #[arg(long, default_value = "flex")]
+    device: String,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+pub(crate) fn train(a: TrainArgs) -> Result<()> {
+    let first = a.trace.first().context("give at least one --trace")?;
+    let meta = datasets::open_trace(first)?.view().meta.clone();
+    let config = PredictorConfig::new(datasets::examples::RoutingShape::of(&meta), a.task)
+        .with_horizon(a.horizon)
+        .with_d_model(a.d_model)
+        .with_n_layers(a.layers)
+        .with_n_heads(a.heads)
+        .with_context(a.context)
+        .with_token_buckets(a.token_buckets)
+        .with_dropout(a.dropout);
+    let opts = TrainOptions {
+        traces: a.trace,
+        config,
+        split: SplitConfig {
+            validation: a.val_fraction,
+            test: a.test_fraction,
+            seed: a.seed,
+        },
+        settings: TrainSettings {
+            batch_size: a.batch_size,
+            lr: a.lr,
+            weight_decay: a.weight_decay,
+            warmup_steps: a.warmup_steps,
+            max_epochs: a.epochs,
+            patience: a.patience,
+            pos_weight: a.pos_weight,
+            queries_per_batch: a.queries_per_batch,
+            checkpoint_every: a.checkpoint_every,
+            seed: a.seed,
+            ..TrainSettings::default()
+        },
+        backend: a.device.parse().map_err(anyhow::Error::msg)?,
+        out: a.output,
+        progress: !a.quiet,
+        run_steps: a.run_steps,
+    };
+    let s = predictor::train(&opts)?;
+    if !s.finished {
+        println!(
+            "stopped at step {} (epoch {}); rerun the same command to resume from {}",
+            s.end_step,
+            s.history.len() + 1,
+            opts.out.join("train-state").display()
+        );
+        return Ok(());
+    }
+    let best = s
+        .history
+        .iter()
+        .max_by(|x, y| x.val_f1.total_cmp(&y.val_f1));
+    if let Some(b) = best {
+        println!(
+            "trained {} epochs; best validation F1 {:.4} at epoch {} ({:.0} examples/s) -> {}",
+            s.history.len(),
+            b.val_f1,
+            b.epoch,
+            b.examples_per_s,
+            opts.out.display()
+        );
+    }
+    if let Some(r) = &s.validation {
+        print!("{}", eval::render_table(r));
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SplitArg {
+    /// Every sequence of the given traces.
+    All,
+    /// The test split the predictor recorded for its own training traces.
+    Test,
+}
+
+#[derive(Args)]
+pub(crate) struct EvalArgs {
+    /// Predictor directory written by `moecast train`.
+    #[arg(long)]
+    predictor: PathBuf,
+    /// Traces to evaluate on (default with --split test: the training traces).
+    #[arg(long, num_args = 1..)]
+    trace: Vec<PathBuf>,
+    /// Which sequences: all of --trace, or the predictor's own test split.
+    #[arg(long, value_enum, default_value = "all")]
+    split: SplitArg,
+    /// Prefetch budget B for recall@B, experts per layer (default 2 x top-k).
+    #[arg(long)]
+    budget: Option<usize>,
+    /// Write the full report (per layer, every method) as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write F1-per-layer charts (PNG) into this directory.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Skip the baselines.
+    #[arg(long)]
+    no_baselines: bool,
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    #[arg(long, default_value = "flex")]
+    device: String,
+    #[arg(long)]
+    quiet: bool,
+}
+
+pub(crate) fn eval(a: EvalArgs) -> Result<()> {
+    let backend: predictor::device::BackendKind = a.device.parse().map_err(anyhow::Error::msg)?;
+    let device = backend.device();
+    let p = LoadedPredictor::load(&a.predictor, &device)?;
+    let shape = p.card.config.routing;
+    let (set, split) = match a.split {
+        SplitArg::All => {
+            if a.trace.is_empty() {
+                bail!("give --trace FILE... (or --split test for the predictor's own test split)");
+            }
+            for t in &a.trace {
+                if p.card.traces.iter().any(|c| same_file(c, t)) {
+                    eprintln!(
+                        "note: {} was used for training; its training sequences are part of \
+                         this evaluation (use --split test for its held-out sequences)",
+                        t.display()
+                    );
+                }
+            }
+            (
+                ExampleSet::open_for_test(&a.trace, Some(shape))?,
+                Split::Test,
+            )
+        }
+        SplitArg::Test => {
+            let traces = if a.trace.is_empty() {
+                p.card.traces.clone()
+            } else {
+                a.trace.clone()
+            };
+            let set = ExampleSet::open(&traces, &p.card.split)?;
+            if set.split_tokens(Split::Test) == 0 {
+                bail!("the predictor was trained with --test-fraction 0: no test split; pass --split all --trace TEST");
+            }
+            (set, Split::Test)
+        }
+    };
+    shape.check(set.meta(), &set.paths()[0])?;
+    if p.card.trace_meta.model != set.meta().model {
+        eprintln!(
+            "note: the predictor was trained on traces of '{}', these are of '{}'",
+            p.card.trace_meta.model,
+            set.meta().model
+        );
+    }
+    let opts = EvalOptions {
+        batch_size: a.batch_size,
+        budget: a.budget,
+        baselines: !a.no_baselines,
+        progress: !a.quiet,
+    };
+    let report = predictor::evaluate(&p.model, p.baselines.as_ref(), &set, split, &device, &opts)?;
+    print!("{}", eval::render_table(&report));
+    if let Some(path) = &a.json {
+        let json = serde_json::to_string_pretty(&report)?;
+        predictor::state::write_atomic(path, json.as_bytes())?;
+        eprintln!("report -> {}", path.display());
+    }
+    if let Some(dir) = &a.plot {
+        for f in eval::plot_f1(&report, dir)? {
+            eprintln!("plot -> {}", f.display());
+        }
+    }
+    Ok(())
+}
+
+fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    }
+}

@@ -1,0 +1,295 @@
+//! `moecast trace ...`: import, convert, export, inspect, statistics, synthesis.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand, ValueEnum};
+use datasets::import::{ImportFormat, ImportOptions};
+use datasets::stats;
+use datasets::synth::{synthetic_trace, SynthConfig};
+use datasets::{open_trace, save_trace, TraceFormat};
+
+#[derive(Subcommand)]
+pub(crate) enum TraceCommand {
+    /// Import traces emitted by an engine (format auto-detected unless --from).
+    Import(ImportArgs),
+    /// Convert a trace between .mctrace, .parquet and .jsonl (by output extension).
+    Convert(ConvertArgs),
+    /// Export a trace as interchange JSONL (stdout unless -o) or another form.
+    Export(ExportArgs),
+    /// Print a trace's metadata and storage layout.
+    Info(InfoArgs),
+    /// Trace statistics: popularity, overlap, reuse distance, co-activation, LRU hit rate.
+    Stats(StatsArgs),
+    /// Generate a seeded synthetic trace with tunable locality.
+    Synth(SynthArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum FromFormat {
+    RouteCsv,
+    Warp,
+    RouterTraceV2,
+    Jsonl,
+    HookJsonl,
+}
+
+impl From<FromFormat> for ImportFormat {
+    fn from(f: FromFormat) -> Self {
+        match f {
+            FromFormat::RouteCsv => ImportFormat::RouteCsv,
+            FromFormat::Warp => ImportFormat::Warp,
+            FromFormat::RouterTraceV2 => ImportFormat::RouterTraceV2,
+            FromFormat::Jsonl => ImportFormat::Jsonl,
+            FromFormat::HookJsonl => ImportFormat::HookJsonl,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum StoreFormat {
+    Binary,
+    Parquet,
+    Jsonl,
+}
+
+impl From<StoreFormat> for TraceFormat {
+    fn from(f: StoreFormat) -> Self {
+        match f {
+            StoreFormat::Binary => TraceFormat::Binary,
+            StoreFormat::Parquet => TraceFormat::Parquet,
+            StoreFormat::Jsonl => TraceFormat::Jsonl,
+        }
+    }
+}
+
+#[derive(Args)]
+pub(crate) struct ImportArgs {
+    /// Input files; several files become one trace (same model shape required).
+    #[arg(required = true)]
+    inputs: Vec<PathBuf>,
+    /// Input format (default: detected from the content).
+    #[arg(long, value_enum)]
+    from: Option<FromFormat>,
+    /// Output trace: .mctrace, .parquet or .jsonl.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Model name to record instead of the one found in the input.
+    #[arg(long)]
+    model: Option<String>,
+    /// Experts per layer, for formats that do not record it.
+    #[arg(long)]
+    n_experts: Option<u32>,
+}
+
+#[derive(Args)]
+pub(crate) struct ConvertArgs {
+    /// Input trace (.mctrace, .parquet or .jsonl; detected from content).
+    input: PathBuf,
+    /// Output trace; the form is taken from the extension unless --format.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Output form (overrides the extension).
+    #[arg(long, value_enum)]
+    format: Option<StoreFormat>,
+}
+
+#[derive(Args)]
+pub(crate) struct ExportArgs {
+    /// Input trace.
+    input: PathBuf,
+    /// Output form.
+    #[arg(long, value_enum, default_value = "jsonl")]
+    format: StoreFormat,
+    /// Output file (default: stdout, JSONL only).
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub(crate) struct InfoArgs {
+    /// Trace (.mctrace, .parquet or .jsonl).
+    input: PathBuf,
+}
+
+#[derive(Args)]
+pub(crate) struct StatsArgs {
+    /// Trace (.mctrace, .parquet or .jsonl).
+    input: PathBuf,
+    /// Print JSON instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Write PNG charts into this folder.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// LRU capacities in experts per layer (default: 10% and 25% of the experts).
+    #[arg(long, value_delimiter = ',')]
+    lru_capacity: Vec<u32>,
+}
+
+#[derive(Args)]
+pub(crate) struct SynthArgs {
+    /// Output trace: .mctrace, .parquet or .jsonl.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// MoE layers.
+    #[arg(long, default_value_t = 8)]
+    layers: u32,
+    /// Experts per layer.
+    #[arg(long, default_value_t = 32)]
+    experts: u32,
+    /// Experts chosen per token and layer.
+    #[arg(long, default_value_t = 4)]
+    top_k: u32,
+    /// Number of sequences.
+    #[arg(long, default_value_t = 16)]
+    sequences: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 128)]
+    tokens: usize,
+    /// Probability that an expert of the previous token is kept.
+    #[arg(long, default_value_t = 0.3)]
+    stickiness: f64,
+    /// Random seed (same seed, same trace).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+/// Runs one `trace` subcommand.
+pub(crate) fn run(cmd: TraceCommand) -> Result<()> {
+    match cmd {
+        TraceCommand::Import(a) => import(a),
+        TraceCommand::Convert(a) => convert(a),
+        TraceCommand::Export(a) => export(a),
+        TraceCommand::Info(a) => info(a),
+        TraceCommand::Stats(a) => trace_stats(a),
+        TraceCommand::Synth(a) => synth(a),
+    }
+}
+
+fn import(a: ImportArgs) -> Result<()> {
+    let opts = ImportOptions {
+        model: a.model,
+        n_experts: a.n_experts,
+    };
+    let start = Instant::now();
+    let imported = datasets::import::import(&a.inputs, a.from.map(Into::into), &opts)?;
+    for note in &imported.notes {
+        eprintln!("note: {note}");
+    }
+    save_trace(&imported.trace, &a.output, None)?;
+    let t = &imported.trace;
+    println!(
+        "imported {} tokens in {} sequences ({} MoE layers x {} experts, top-{}) -> {} in {:.3}s",
+        t.n_tokens(),
+        t.seq_names.len(),
+        t.meta.n_moe(),
+        t.meta.n_experts,
+        t.meta.top_k,
+        a.output.display(),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn convert(a: ConvertArgs) -> Result<()> {
+    let trace = open_trace(&a.input)?.into_owned();
+    save_trace(&trace, &a.output, a.format.map(Into::into))?;
+    println!(
+        "{} -> {} ({} tokens)",
+        a.input.display(),
+        a.output.display(),
+        trace.n_tokens()
+    );
+    Ok(())
+}
+
+fn export(a: ExportArgs) -> Result<()> {
+    let trace = open_trace(&a.input)?.into_owned();
+    match a.output {
+        Some(out) => save_trace(&trace, &out, Some(a.format.into()))?,
+        None => {
+            if !matches!(a.format, StoreFormat::Jsonl) {
+                bail!("only JSONL can go to stdout; pass -o FILE for binary or Parquet");
+            }
+            let stdout = std::io::stdout();
+            let mut w = std::io::BufWriter::new(stdout.lock());
+            datasets::jsonl::write_jsonl(&trace, &mut w)?;
+            w.flush().context("writing to stdout")?;
+        }
+    }
+    Ok(())
+}
+
+fn info(a: InfoArgs) -> Result<()> {
+    let opened = open_trace(&a.input)?;
+    let view = opened.view();
+    println!("{}", serde_json::to_string_pretty(view.meta)?);
+    println!(
+        "tokens: {}  sequences: {}",
+        view.n_tokens(),
+        view.seq_names.len()
+    );
+    if let datasets::OpenedTrace::Mapped(m) = &opened {
+        println!("binary form, {} bytes:", m.file_len());
+        for s in m.sections() {
+            println!(
+                "  {:<8} {:>4} x {:>10} at {}",
+                s.name, s.dtype, s.len, s.offset
+            );
+        }
+    }
+    Ok(())
+}
+
+fn trace_stats(a: StatsArgs) -> Result<()> {
+    let opened = open_trace(&a.input)?;
+    let view = opened.view();
+    let caps = if a.lru_capacity.is_empty() {
+        stats::default_lru_capacities(view.meta.n_experts, view.meta.top_k)
+    } else {
+        a.lru_capacity.clone()
+    };
+    if let Some(&c) = caps.iter().find(|&&c| c == 0 || c > view.meta.n_experts) {
+        bail!("--lru-capacity {c} must be in 1..={}", view.meta.n_experts);
+    }
+    let s = stats::compute(&view, &caps);
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        print!("{}", stats::render_table(&s));
+    }
+    if let Some(dir) = a.plot {
+        let files = datasets::plot::plot_stats(&s, &dir)?;
+        for f in files {
+            eprintln!("wrote {}", f.display());
+        }
+    }
+    Ok(())
+}
+
+fn synth(a: SynthArgs) -> Result<()> {
+    let cfg = SynthConfig {
+        n_layers: a.layers,
+        n_experts: a.experts,
+        top_k: a.top_k,
+        sequences: a.sequences,
+        tokens_per_sequence: a.tokens,
+        stickiness: a.stickiness,
+        seed: a.seed,
+        ..SynthConfig::default()
+    };
+    if a.top_k == 0 || a.top_k > a.experts || a.tokens == 0 || a.sequences == 0 {
+        bail!("need 1 <= --top-k <= --experts and at least one sequence and token");
+    }
+    let trace = synthetic_trace(&cfg);
+    save_trace(&trace, &a.output, None)?;
+    println!(
+        "wrote {} synthetic tokens to {}",
+        trace.n_tokens(),
+        a.output.display()
+    );
+    Ok(())
+}
