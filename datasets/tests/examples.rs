@@ -93,7 +93,7 @@ fn windows_make_every_token_a_target_once() {
 fn batch_rows_match_the_trace() {
     let dir = tempfile::tempdir().unwrap();
     let a = write_synth(dir.path(), "a.mctrace", 3, 30, 4);
-    let set = ExampleSet::open_for_test(&[a.clone()], None).unwrap();
+    let set = ExampleSet::open_for_test(std::slice::from_ref(&a), None).unwrap();
     let shape = set.shape();
     assert_eq!(
         shape,

@@ -109,7 +109,7 @@ impl PredictorConfig {
         if self.horizon == 0 {
             return Err("--horizon must be at least 1".into());
         }
-        if self.d_model == 0 || self.n_heads == 0 || self.d_model % self.n_heads != 0 {
+        if self.d_model == 0 || self.n_heads == 0 || !self.d_model.is_multiple_of(self.n_heads) {
             return Err(format!(
                 "--d-model ({}) must be a positive multiple of --heads ({})",
                 self.d_model, self.n_heads

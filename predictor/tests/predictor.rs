@@ -197,7 +197,7 @@ fn online_predictions_equal_the_batched_forward() {
         predictor::train(&options(trace.clone(), task, out.clone(), 1)).unwrap();
         let dev = BackendKind::Flex.device();
         let loaded = LoadedPredictor::load(&out, &dev).unwrap();
-        let set = ExampleSet::open_for_test(&[trace.clone()], None).unwrap();
+        let set = ExampleSet::open_for_test(std::slice::from_ref(&trace), None).unwrap();
         let windows = set.windows(Split::Test, 16);
         let w = windows[0];
         assert_eq!((w.start, w.first_target), (0, 0));
