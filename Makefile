@@ -29,9 +29,9 @@ demo:
 	$(DBG) trace convert $(DEMO)/tiny-moe.mctrace -o $(DEMO)/tiny-moe.parquet
 	$(DBG) trace stats $(DEMO)/tiny-moe.mctrace --plot $(DEMO)/plots
 	$(DBG) trace stats $(DEMO)/tiny-moe.mctrace --json > $(DEMO)/stats.json
-	$(DBG) train --trace $(DEMO)/tiny-moe.mctrace --task next-token --lr 5e-3 --test-fraction 0 -o $(DEMO)/predictor-next-token
+	$(DBG) train --trace $(DEMO)/tiny-moe.mctrace --task next-token --test-fraction 0 -o $(DEMO)/predictor-next-token
 	$(DBG) eval --predictor $(DEMO)/predictor-next-token --trace $(DEMO)/heldout.mctrace --json $(DEMO)/eval-next-token.json --plot $(DEMO)/plots
-	$(DBG) train --trace $(DEMO)/tiny-moe.mctrace --task lookahead --lr 5e-3 --test-fraction 0 -o $(DEMO)/predictor-lookahead
+	$(DBG) train --trace $(DEMO)/tiny-moe.mctrace --task lookahead --test-fraction 0 -o $(DEMO)/predictor-lookahead
 	$(DBG) eval --predictor $(DEMO)/predictor-lookahead --trace $(DEMO)/heldout.mctrace --json $(DEMO)/eval-lookahead.json --plot $(DEMO)/plots
 	@echo "demo outputs in $(DEMO)/: traces (.mctrace, .parquet), stats.json, predictor-*/, eval-*.json, plots/"
 

@@ -47,7 +47,7 @@ pub(crate) struct TrainArgs {
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
     /// Peak learning rate (AdamW, linear warmup, cosine decay).
-    #[arg(long, default_value_t = 2e-3)]
+    #[arg(long, default_value_t = 5e-3)]
     lr: f64,
     #[arg(long, default_value_t = 0.01)]
     weight_decay: f64,
@@ -77,6 +77,7 @@ pub(crate) struct TrainArgs {
     /// Stop after this many steps (checkpointed; rerun the same command to resume).
     #[arg(long)]
     run_steps: Option<u64>,
+    /// Seed of the split, initialisation and batch order.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Backend: flex (CPU, default), ndarray (CPU), wgpu (GPU; `--features wgpu` builds).
@@ -185,10 +186,13 @@ pub(crate) struct EvalArgs {
     /// Skip the baselines.
     #[arg(long)]
     no_baselines: bool,
+    /// Windows per forward pass.
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
+    /// Backend: flex (CPU, default), ndarray (CPU), wgpu (GPU; `--features wgpu` builds).
     #[arg(long, default_value = "flex")]
     device: String,
+    /// No progress bar.
     #[arg(long)]
     quiet: bool,
 }

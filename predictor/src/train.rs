@@ -56,7 +56,7 @@ impl Default for TrainSettings {
     fn default() -> Self {
         TrainSettings {
             batch_size: 16,
-            lr: 2e-3,
+            lr: 5e-3,
             min_lr_ratio: 0.1,
             warmup_steps: 100,
             weight_decay: 0.01,
