@@ -18,9 +18,14 @@ build:
 # its routing traces, statistics and charts land in runs/demo/. Then two expert
 # predictors are trained on the demo-prompt traces (next-token and cross-layer
 # lookahead) and evaluated against the baselines on the held-out traces (other prompts).
+# Last, the held-out trace is replayed through an expert cache with each eviction policy
+# and prefetcher (timing-honest), and a sweep over cache sizes is plotted.
 # It uses the debug build shared with `make test` (tensor kernels are optimised even
 # there, see Cargo.toml); `make build` gives the fully optimised binary.
 MODEL  := checkpoints/tiny-moe
+# Cache simulation of the demo model: one expert is 3 x 128 x 128 bf16 weights (96 KiB),
+# moved over a 16 GB/s host-to-device link; 30 us of compute per layer.
+SIM    := --expert-bytes 98304 --bandwidth 16 --compute-us-per-layer 30
 demo:
 	$(CARGO) build
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
@@ -33,7 +38,9 @@ demo:
 	$(DBG) eval --predictor $(DEMO)/predictor-next-token --trace $(DEMO)/heldout.mctrace --json $(DEMO)/eval-next-token.json --plot $(DEMO)/plots
 	$(DBG) train --trace $(DEMO)/tiny-moe.mctrace --task lookahead --test-fraction 0 -o $(DEMO)/predictor-lookahead
 	$(DBG) eval --predictor $(DEMO)/predictor-lookahead --trace $(DEMO)/heldout.mctrace --json $(DEMO)/eval-lookahead.json --plot $(DEMO)/plots
-	@echo "demo outputs in $(DEMO)/: traces (.mctrace, .parquet), stats.json, predictor-*/, eval-*.json, plots/"
+	$(DBG) simulate --trace $(DEMO)/heldout.mctrace --predictor $(DEMO)/predictor-lookahead $(SIM) --cache 10%,25% --policy lru,lfu,belady --prefetch none,previous,coactivation,activation,learned,oracle --json $(DEMO)/simulate.json
+	$(DBG) simulate --trace $(DEMO)/heldout.mctrace --predictor $(DEMO)/predictor-lookahead $(SIM) --sweep --policy lru,belady --prefetch none,learned,oracle --plot $(DEMO)/plots > $(DEMO)/sweep.txt
+	@echo "demo outputs in $(DEMO)/: traces (.mctrace, .parquet), stats.json, predictor-*/, eval-*.json, simulate.json, sweep.txt, plots/"
 
 test:
 	$(CARGO) test --workspace
@@ -61,6 +68,7 @@ bench:
 	RAYON_NUM_THREADS=1 $(CARGO) bench -p collector --bench collect
 	$(CARGO) bench -p predictor --bench predictor -- train
 	RAYON_NUM_THREADS=1 $(CARGO) bench -p predictor --bench predictor -- latency
+	$(CARGO) bench -p inference --bench simulate
 
 fmt:
 	$(CARGO) fmt --all

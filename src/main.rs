@@ -2,6 +2,7 @@
 
 mod model_cmd;
 mod predict_cmd;
+mod sim_cmd;
 mod trace_cmd;
 
 use anyhow::Result;
@@ -33,6 +34,8 @@ enum Command {
     Train(Box<TrainArgs>),
     /// Evaluate a predictor and the baselines on traces: precision, recall, F1.
     Eval(EvalArgs),
+    /// Replay a trace through an expert cache with prefetching: hit rate, stall, tokens/s.
+    Simulate(Box<sim_cmd::SimulateArgs>),
     /// Train a tiny MoE language model and write it as a Hugging Face checkpoint.
     #[command(subcommand)]
     Tinymoe(TinymoeCommand),
@@ -74,5 +77,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Tinymoe(TinymoeCommand::Train(a)) => model_cmd::tinymoe_train(*a),
         Command::Train(a) => predict_cmd::train(*a),
         Command::Eval(a) => predict_cmd::eval(a),
+        Command::Simulate(a) => sim_cmd::simulate_cmd(*a),
     }
 }

@@ -327,3 +327,109 @@ fn train_then_eval_a_predictor() {
         "{err}"
     );
 }
+
+#[test]
+fn simulate_policies_and_prefetchers() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = tmp(&dir, "t.mctrace");
+    ok(&[
+        "trace",
+        "synth",
+        "-o",
+        &trace,
+        "--layers",
+        "4",
+        "--experts",
+        "16",
+        "--top-k",
+        "2",
+        "--sequences",
+        "4",
+    ]);
+    let json = tmp(&dir, "sim.json");
+    let table = ok(&[
+        "simulate",
+        "--trace",
+        &trace,
+        "--expert-bytes",
+        "10000",
+        "--cache",
+        "10%,32",
+        "--policy",
+        "lru,belady",
+        "--prefetch",
+        "none,previous,activation,oracle",
+        "--json",
+        &json,
+    ]);
+    assert_eq!(
+        table
+            .lines()
+            .filter(|l| l.contains("lru") || l.contains("belady"))
+            .count(),
+        2 * 2 * 4,
+        "{table}"
+    );
+    assert!(
+        table.contains("untimed hit") && table.contains("10%=6") && table.contains("32=32"),
+        "{table}"
+    );
+    let rows: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 16);
+    for r in rows.as_array().unwrap() {
+        let (h, u) = (
+            r["hit_rate"].as_f64().unwrap(),
+            r["untimed_hit_rate"].as_f64().unwrap(),
+        );
+        assert!(
+            (0.0..=1.0).contains(&h) && u + 1e-12 >= h,
+            "untimed prefetch is never later: {r}"
+        );
+    }
+    let fail = |args: &[&str], want: &str| {
+        let out = moecast(args);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(
+            !out.status.success() && err.contains(want),
+            "{args:?}: {err}"
+        );
+    };
+    fail(&["simulate", "--trace", &trace], "--expert-bytes");
+    fail(
+        &[
+            "simulate",
+            "--trace",
+            &trace,
+            "--expert-bytes",
+            "1",
+            "--prefetch",
+            "learned",
+        ],
+        "--predictor",
+    );
+    fail(
+        &[
+            "simulate",
+            "--trace",
+            &trace,
+            "--expert-bytes",
+            "1",
+            "--cache",
+            "0%",
+        ],
+        "cache size",
+    );
+    fail(
+        &[
+            "simulate",
+            "--trace",
+            &trace,
+            "--expert-bytes",
+            "1",
+            "--policy",
+            "mru",
+        ],
+        "mru",
+    );
+}

@@ -2,6 +2,7 @@
 //! Burn model whose experts stay addressable one by one, runs prefill and decode with a
 //! KV cache, and reports every MoE layer's routing to an observer.
 
+pub mod cache;
 pub mod checkpoint;
 pub use predictor::device;
 pub mod error;
@@ -9,8 +10,10 @@ pub mod generate;
 pub mod layers;
 pub mod models;
 pub mod moe;
+pub mod prefetch;
 pub mod rope;
 pub mod routing;
+pub mod simulate;
 pub mod tinymoe;
 pub mod tokenizer;
 

@@ -1,0 +1,268 @@
+//! `ExpertCache`: the bounded set of experts resident in fast memory.
+//!
+//! Experts are numbered `layer * n_experts + expert`. Capacity is a number of experts,
+//! either one pool for all layers or the same share for every layer. Every eviction
+//! policy is "evict the resident expert with the smallest key", with the key kept in a
+//! heap that is updated lazily (stale entries are skipped when popped):
+//!
+//! - **LRU**: key = time of the last use;
+//! - **LFU**: key = exponentially decayed use count, `log Σ_i exp(λ t_i)` over the use
+//!   times `t_i` (all counts decay at the same rate, so the order is time-independent
+//!   and a key only changes when its expert is used; `λ = 0` is plain LFU), ties broken
+//!   by recency;
+//! - **Belady / OPT**: key = minus the time of the next use (the expert needed furthest
+//!   in the future goes first); the caller supplies next-use times from the known
+//!   future, which makes it the bound of any demand-paging policy.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+/// Which resident expert to drop.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum EvictionPolicy {
+    Lru,
+    /// Decay rate `λ` per access tick (0 = plain LFU).
+    Lfu {
+        decay: f64,
+    },
+    Belady,
+}
+
+impl std::str::FromStr for EvictionPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "lru" => Ok(EvictionPolicy::Lru),
+            "lfu" => Ok(EvictionPolicy::Lfu { decay: 0.0 }),
+            "belady" | "opt" => Ok(EvictionPolicy::Belady),
+            _ => match s.strip_prefix("lfu:") {
+                Some(d) => d
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|d| *d >= 0.0 && d.is_finite())
+                    .map(|decay| EvictionPolicy::Lfu { decay })
+                    .ok_or_else(|| format!("bad LFU decay in '{s}' (lfu:RATE, RATE >= 0)")),
+                None => Err(format!(
+                    "unknown eviction policy '{s}' (lru, lfu, lfu:DECAY, belady)"
+                )),
+            },
+        }
+    }
+}
+
+/// What [`ExpertCache::insert`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Insertion {
+    /// Inserted, evicting this expert if the pool was full.
+    Done { evicted: Option<usize> },
+    /// Not inserted: every eviction candidate is pinned.
+    AllPinned,
+}
+
+/// One pool for all layers, or an equal share per layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheScope {
+    Global,
+    PerLayer,
+}
+
+/// A total-ordered f64 for heap keys.
+#[derive(Debug, Clone, Copy)]
+struct Key(f64, u64);
+
+impl PartialEq for Key {
+    fn eq(&self, o: &Self) -> bool {
+        self.cmp(o).is_eq()
+    }
+}
+
+impl Eq for Key {}
+
+impl PartialOrd for Key {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+
+impl Ord for Key {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&o.0).then(self.1.cmp(&o.1))
+    }
+}
+
+/// One eviction pool.
+#[derive(Debug, Clone)]
+struct Pool {
+    capacity: usize,
+    len: usize,
+    heap: BinaryHeap<Reverse<(Key, u32, u32)>>,
+}
+
+/// The resident set of experts.
+#[derive(Debug, Clone)]
+pub struct ExpertCache {
+    policy: EvictionPolicy,
+    n_experts: usize,
+    scope: CacheScope,
+    pools: Vec<Pool>,
+    resident: Vec<bool>,
+    /// Current key and its version per expert.
+    key: Vec<Key>,
+    version: Vec<u32>,
+    tick: u64,
+}
+
+impl ExpertCache {
+    /// A cache of `capacity` experts over `n_layers x n_experts` (per layer: `capacity`
+    /// is split evenly, at least one each).
+    pub fn new(
+        policy: EvictionPolicy,
+        scope: CacheScope,
+        capacity: usize,
+        n_layers: usize,
+        n_experts: usize,
+    ) -> Self {
+        let pools = match scope {
+            CacheScope::Global => vec![capacity],
+            CacheScope::PerLayer => {
+                let base = capacity / n_layers;
+                let extra = capacity % n_layers;
+                (0..n_layers)
+                    .map(|l| (base + usize::from(l < extra)).max(1))
+                    .collect()
+            }
+        };
+        let total = n_layers * n_experts;
+        ExpertCache {
+            policy,
+            n_experts,
+            scope,
+            pools: pools
+                .into_iter()
+                .map(|capacity| Pool {
+                    capacity: capacity.max(1),
+                    len: 0,
+                    heap: BinaryHeap::new(),
+                })
+                .collect(),
+            resident: vec![false; total],
+            key: vec![Key(f64::NEG_INFINITY, 0); total],
+            version: vec![0; total],
+            tick: 0,
+        }
+    }
+
+    /// Experts the cache can hold in all.
+    pub fn capacity(&self) -> usize {
+        self.pools.iter().map(|p| p.capacity).sum()
+    }
+
+    /// Whether expert `id` is resident.
+    #[inline]
+    pub fn contains(&self, id: usize) -> bool {
+        self.resident[id]
+    }
+
+    fn pool_of(&self, id: usize) -> usize {
+        match self.scope {
+            CacheScope::Global => 0,
+            CacheScope::PerLayer => id / self.n_experts,
+        }
+    }
+
+    fn set_key(&mut self, id: usize, key: Key) {
+        self.key[id] = key;
+        self.version[id] = self.version[id].wrapping_add(1);
+        let p = self.pool_of(id);
+        self.pools[p]
+            .heap
+            .push(Reverse((key, id as u32, self.version[id])));
+        if self.pools[p].heap.len() > 8 * self.pools[p].capacity + 64 {
+            self.compact(p);
+        }
+    }
+
+    fn compact(&mut self, p: usize) {
+        let heap = std::mem::take(&mut self.pools[p].heap);
+        self.pools[p].heap = heap
+            .into_iter()
+            .filter(|Reverse((_, id, v))| {
+                let i = *id as usize;
+                self.resident[i] && self.version[i] == *v
+            })
+            .collect();
+    }
+
+    /// Records a use of `id` (resident or just inserted). `next_use` is the time of its
+    /// next use (Belady only; `u64::MAX` when never).
+    pub fn touch(&mut self, id: usize, next_use: u64) {
+        self.tick += 1;
+        let key = match self.policy {
+            EvictionPolicy::Lru => Key(self.tick as f64, self.tick),
+            EvictionPolicy::Lfu { decay } => {
+                let add = decay * self.tick as f64;
+                let old = self.key[id].0;
+                let k = if old == f64::NEG_INFINITY {
+                    add
+                } else {
+                    let m = old.max(add);
+                    m + ((old - m).exp() + (add - m).exp()).ln()
+                };
+                Key(k, self.tick)
+            }
+            EvictionPolicy::Belady => Key(-(next_use as f64), self.tick),
+        };
+        self.set_key(id, key);
+    }
+
+    /// Inserts `id` (not resident), evicting per the policy unless one of `pinned` would
+    /// go (see [`Insertion`]).
+    /// The inserted expert counts as used now (`next_use` as in [`Self::touch`]).
+    pub fn insert(&mut self, id: usize, next_use: u64, pinned: &[usize]) -> Insertion {
+        debug_assert!(!self.resident[id]);
+        let p = self.pool_of(id);
+        let mut evicted = None;
+        if self.pools[p].len >= self.pools[p].capacity {
+            let mut skipped = Vec::new();
+            loop {
+                let Some(Reverse(entry)) = self.pools[p].heap.pop() else {
+                    for e in skipped {
+                        self.pools[p].heap.push(e);
+                    }
+                    return Insertion::AllPinned;
+                };
+                let (_, vid, v) = entry;
+                let vi = vid as usize;
+                if !self.resident[vi] || self.version[vi] != v {
+                    continue;
+                }
+                if pinned.contains(&vi) {
+                    skipped.push(Reverse(entry));
+                    continue;
+                }
+                self.resident[vi] = false;
+                self.pools[p].len -= 1;
+                evicted = Some(vi);
+                break;
+            }
+            for e in skipped {
+                self.pools[p].heap.push(e);
+            }
+        }
+        self.resident[id] = true;
+        self.pools[p].len += 1;
+        if matches!(self.policy, EvictionPolicy::Lfu { .. }) {
+            self.key[id] = Key(f64::NEG_INFINITY, 0);
+        }
+        self.touch(id, next_use);
+        Insertion::Done { evicted }
+    }
+
+    /// Resident experts, ascending.
+    pub fn resident(&self) -> Vec<usize> {
+        (0..self.resident.len())
+            .filter(|&i| self.resident[i])
+            .collect()
+    }
+}

@@ -1,0 +1,207 @@
+//! Prefetch plans (see [`crate::simulate::PrefetchPlan`]) from the prefetchers users
+//! compare. Each builder uses only what exists at the moment its prefetch is issued,
+//! except the oracle, which reads the future on purpose: it is the physical limit.
+//!
+//! - `oracle`: the true experts of the next layer, one layer ahead;
+//! - `previous`: at a token's start, every layer's experts of the previous token;
+//! - `coactivation`: after layer `l`, the experts of layers `l+1..l+D` that most often
+//!   co-occurred with layer `l`'s choice (counts fitted on training traces);
+//! - `activation`: MoE-Infinity-like, activation-aware: after layer `l`, the experts of
+//!   layers `l+1..l+D` this request has used most so far (counts decayed per token);
+//! - `learned`: the trained predictor: at a token's start (its id is known) every layer
+//!   it forecasts; for lookahead predictors also after each layer, layers `l+1..l+D`.
+
+use datasets::TraceView;
+use predictor::baselines::BaselineStats;
+use predictor::{OnlinePredictor, Task};
+
+use crate::simulate::PrefetchPlan;
+
+/// Which prefetcher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefetchKind {
+    None,
+    Oracle,
+    Previous,
+    Coactivation,
+    Activation,
+    Learned,
+}
+
+impl PrefetchKind {
+    /// All kinds, in report order.
+    pub const ALL: [PrefetchKind; 6] = [
+        PrefetchKind::None,
+        PrefetchKind::Previous,
+        PrefetchKind::Coactivation,
+        PrefetchKind::Activation,
+        PrefetchKind::Learned,
+        PrefetchKind::Oracle,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PrefetchKind::None => "none",
+            PrefetchKind::Oracle => "oracle",
+            PrefetchKind::Previous => "previous",
+            PrefetchKind::Coactivation => "coactivation",
+            PrefetchKind::Activation => "activation",
+            PrefetchKind::Learned => "learned",
+        }
+    }
+}
+
+impl std::str::FromStr for PrefetchKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        PrefetchKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| {
+                format!("unknown prefetcher '{s}' (none, previous, coactivation, activation, learned, oracle)")
+            })
+    }
+}
+
+fn push_layer(out: &mut Vec<u32>, layer: usize, e: usize, experts: &[u16]) {
+    out.extend(experts.iter().map(|&x| (layer * e + x as usize) as u32));
+}
+
+/// The oracle: one layer ahead, the true experts (the next token's layer 0 at its start).
+pub fn oracle(view: &TraceView<'_>, seqs: &[std::ops::Range<usize>]) -> PrefetchPlan {
+    let (m, e) = (view.meta.n_moe(), view.meta.n_experts as usize);
+    let mut plan = PrefetchPlan::empty("oracle", view.n_tokens(), m);
+    for r in seqs {
+        for t in r.clone() {
+            for next in 0..m {
+                if let Some(ids) = view.layer(t, next) {
+                    push_layer(plan.at_mut(t, next), next, e, ids);
+                }
+            }
+        }
+    }
+    plan
+}
+
+/// Previous-token reuse: at a token's start, every layer's experts of the token before.
+pub fn previous(view: &TraceView<'_>, seqs: &[std::ops::Range<usize>]) -> PrefetchPlan {
+    let (m, e) = (view.meta.n_moe(), view.meta.n_experts as usize);
+    let mut plan = PrefetchPlan::empty("previous", view.n_tokens(), m);
+    for r in seqs {
+        for t in r.start + 1..r.end {
+            let out = plan.at_mut(t, 0);
+            for l in 0..m {
+                if let Some(ids) = view.layer(t - 1, l) {
+                    push_layer(out, l, e, ids);
+                }
+            }
+        }
+    }
+    plan
+}
+
+/// Cross-layer co-activation: after layer `l`, the top `budget` experts of layers
+/// `l+1..=l+horizon` given layer `l`'s choice.
+pub fn coactivation(
+    view: &TraceView<'_>,
+    seqs: &[std::ops::Range<usize>],
+    stats: &BaselineStats,
+    budget: usize,
+    horizon: usize,
+) -> PrefetchPlan {
+    let (m, e) = (view.meta.n_moe(), view.meta.n_experts as usize);
+    let mut plan = PrefetchPlan::empty("coactivation", view.n_tokens(), m);
+    let mut ranking = Vec::new();
+    for r in seqs {
+        for t in r.clone() {
+            for l in 0..m {
+                let Some(given) = view.layer(t, l) else {
+                    continue;
+                };
+                for h in 1..=horizon.min(stats.horizon).min(m - 1 - l) {
+                    stats.rank_coactivation(l, h, given, budget, &mut ranking);
+                    push_layer(plan.at_mut(t, l + 1), l + h, e, &ranking);
+                }
+            }
+        }
+    }
+    plan
+}
+
+/// Activation-aware (MoE-Infinity-like): after layer `l` (and at a token's start for the
+/// first layers), the experts of the coming layers this request has used most, with
+/// counts decayed by `decay` per token.
+pub fn activation(
+    view: &TraceView<'_>,
+    seqs: &[std::ops::Range<usize>],
+    budget: usize,
+    horizon: usize,
+    decay: f32,
+) -> PrefetchPlan {
+    let (m, e) = (view.meta.n_moe(), view.meta.n_experts as usize);
+    let mut plan = PrefetchPlan::empty("activation", view.n_tokens(), m);
+    let mut counts = vec![0f32; m * e];
+    let mut ranking = Vec::new();
+    for r in seqs {
+        counts.iter_mut().for_each(|c| *c = 0.0);
+        for t in r.clone() {
+            for slot in 0..=m {
+                if slot > 0 {
+                    if let Some(ids) = view.layer(t, slot - 1) {
+                        for &x in ids {
+                            counts[(slot - 1) * e + x as usize] += 1.0;
+                        }
+                    }
+                }
+                let first = if slot == 0 { 0 } else { slot };
+                for layer in first..(slot + horizon).min(m) {
+                    let row = &counts[layer * e..(layer + 1) * e];
+                    if row.iter().all(|&c| c == 0.0) {
+                        continue;
+                    }
+                    predictor::metrics::rank_top(row, budget, &mut ranking);
+                    push_layer(plan.at_mut(t, slot), layer, e, &ranking);
+                }
+            }
+            counts.iter_mut().for_each(|c| *c *= decay);
+        }
+    }
+    plan
+}
+
+/// The learned predictor: next-token forecasts at a token's start (all layers), and for
+/// lookahead predictors after each layer (layers `l+1..l+D`); `budget` experts per layer.
+pub fn learned(
+    view: &TraceView<'_>,
+    seqs: &[std::ops::Range<usize>],
+    online: &mut OnlinePredictor,
+    budget: usize,
+) -> Result<PrefetchPlan, predictor::PredictorError> {
+    let (m, e) = (view.meta.n_moe(), view.meta.n_experts as usize);
+    let task = online.predictor().card.config.task;
+    let mut plan = PrefetchPlan::empty("learned", view.n_tokens(), m);
+    for r in seqs {
+        online.reset();
+        for t in r.clone() {
+            let token = view.token[t];
+            let f = online.predict_next(token)?;
+            for l in 0..m {
+                push_layer(plan.at_mut(t, 0), l, e, &f.top(l, budget));
+            }
+            let layers: Vec<Option<&[u16]>> = (0..m).map(|l| view.layer(t, l)).collect();
+            if task == Task::Lookahead {
+                for known in 1..m {
+                    let given: Option<Vec<&[u16]>> = layers[..known].iter().copied().collect();
+                    let Some(given) = given else { continue };
+                    let f = online.predict_lookahead(token, &given)?;
+                    for l in f.first_layer..f.first_layer + f.n_layers() {
+                        push_layer(plan.at_mut(t, known), l, e, &f.top(l, budget));
+                    }
+                }
+            }
+            online.observe(token, &layers)?;
+        }
+    }
+    Ok(plan)
+}

@@ -1,0 +1,213 @@
+//! The expert cache and the trace-driven simulator, against direct computations.
+
+use datasets::stats;
+use datasets::synth::{synthetic_trace, SynthConfig};
+use inference::cache::{CacheScope, EvictionPolicy, ExpertCache, Insertion};
+use inference::prefetch;
+use inference::simulate::{simulate, PrefetchPlan, SimConfig};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Hits of a textbook LRU (a recency-ordered vector).
+fn naive_lru(accesses: &[usize], capacity: usize) -> u64 {
+    let mut order: Vec<usize> = Vec::new();
+    let mut hits = 0;
+    for &a in accesses {
+        if let Some(i) = order.iter().position(|&x| x == a) {
+            hits += 1;
+            order.remove(i);
+        } else if order.len() == capacity {
+            order.remove(0);
+        }
+        order.push(a);
+    }
+    hits
+}
+
+/// Hits of Belady's OPT by direct look-ahead.
+fn naive_opt(accesses: &[usize], capacity: usize) -> u64 {
+    let mut set: Vec<usize> = Vec::new();
+    let mut hits = 0;
+    for (i, &a) in accesses.iter().enumerate() {
+        if set.contains(&a) {
+            hits += 1;
+            continue;
+        }
+        if set.len() == capacity {
+            let next = |x: usize| {
+                accesses[i + 1..]
+                    .iter()
+                    .position(|&y| y == x)
+                    .unwrap_or(usize::MAX)
+            };
+            let (victim, _) = set
+                .iter()
+                .enumerate()
+                .max_by_key(|(_, &x)| next(x))
+                .expect("full");
+            set.remove(victim);
+        }
+        set.push(a);
+    }
+    hits
+}
+
+fn run(policy: EvictionPolicy, accesses: &[usize], capacity: usize, n: usize) -> u64 {
+    let mut c = ExpertCache::new(policy, CacheScope::Global, capacity, 1, n);
+    let mut hits = 0;
+    for (i, &a) in accesses.iter().enumerate() {
+        let next = accesses[i + 1..]
+            .iter()
+            .position(|&y| y == a)
+            .map_or(u64::MAX, |p| (i + 1 + p) as u64);
+        if c.contains(a) {
+            hits += 1;
+            c.touch(a, next);
+        } else {
+            assert!(matches!(c.insert(a, next, &[]), Insertion::Done { .. }));
+        }
+        assert!(c.resident().len() <= capacity);
+    }
+    hits
+}
+
+#[test]
+fn lru_and_belady_match_direct_implementations() {
+    let mut rng = StdRng::seed_from_u64(0);
+    for trial in 0..20 {
+        let n = 8 + trial % 5;
+        let accesses: Vec<usize> = (0..400)
+            .map(|_| {
+                // Skewed: low ids are hot.
+                let r: f64 = rng.random();
+                ((r * r) * n as f64) as usize
+            })
+            .collect();
+        for capacity in [1, 2, 3, 5] {
+            let lru = run(EvictionPolicy::Lru, &accesses, capacity, n);
+            assert_eq!(
+                lru,
+                naive_lru(&accesses, capacity),
+                "trial {trial} cap {capacity}"
+            );
+            let opt = run(EvictionPolicy::Belady, &accesses, capacity, n);
+            assert_eq!(
+                opt,
+                naive_opt(&accesses, capacity),
+                "trial {trial} cap {capacity}"
+            );
+            let lfu = run(EvictionPolicy::Lfu { decay: 0.0 }, &accesses, capacity, n);
+            assert!(opt >= lru && opt >= lfu, "OPT bounds demand paging");
+        }
+    }
+}
+
+#[test]
+fn lfu_keeps_the_frequent_and_decay_forgets() {
+    // a is used 5 times, then b and c alternate: plain LFU keeps a; with strong decay a
+    // is forgotten and the recent pair stays.
+    let (a, b, c) = (0usize, 1, 2);
+    let mut acc = vec![a; 5];
+    for _ in 0..6 {
+        acc.extend([b, c]);
+    }
+    let plain = run(EvictionPolicy::Lfu { decay: 0.0 }, &acc, 2, 3);
+    let decayed = run(EvictionPolicy::Lfu { decay: 2.0 }, &acc, 2, 3);
+    assert_eq!(plain, 4, "a stays; b/c evict each other");
+    assert!(decayed > plain, "{decayed} vs {plain}");
+    assert!("lfu:0.5".parse::<EvictionPolicy>().is_ok());
+    assert!("lfu:-1".parse::<EvictionPolicy>().is_err());
+    assert!("mru".parse::<EvictionPolicy>().is_err());
+}
+
+fn one_sequence_trace() -> datasets::RoutingTrace {
+    synthetic_trace(&SynthConfig {
+        n_layers: 4,
+        n_experts: 16,
+        top_k: 2,
+        sequences: 1,
+        tokens_per_sequence: 400,
+        stickiness: 0.5,
+        ..SynthConfig::default()
+    })
+}
+
+fn config(capacity: usize, per_layer: bool, policy: &str, untimed: bool) -> SimConfig {
+    SimConfig {
+        capacity,
+        per_layer,
+        policy: policy.into(),
+        bandwidth_gbps: 10.0,
+        expert_bytes: 1e4,
+        compute_us_per_layer: 5.0,
+        untimed,
+    }
+}
+
+#[test]
+fn simulated_lru_matches_the_trace_statistics() {
+    let trace = one_sequence_trace();
+    let view = trace.view();
+    let seqs = view.sequence_ranges();
+    let s = stats::compute(&view, &[2, 4, 8]);
+    let plan = PrefetchPlan::empty("none", view.n_tokens(), 4);
+    for (i, per_layer_cap) in [2usize, 4, 8].into_iter().enumerate() {
+        let r = simulate(
+            &view,
+            &seqs,
+            &plan,
+            &config(per_layer_cap * 4, true, "lru", false),
+        )
+        .unwrap();
+        assert!(
+            (r.hit_rate() - s.lru_hit_rate[i]).abs() < 1e-9,
+            "capacity {per_layer_cap}: {} vs {}",
+            r.hit_rate(),
+            s.lru_hit_rate[i]
+        );
+        assert_eq!(r.hits + r.late + r.misses, r.accesses);
+        assert_eq!(r.late, 0, "no prefetches, nothing in flight when needed");
+        // Every miss is a demand transfer of 1 us; a layer waits for its misses in turn
+        // (the link is idle when a layer starts: 5 us of compute per layer).
+        assert!((r.bytes_demand - r.misses as f64 * 1e4).abs() < 1e-6);
+        assert!(
+            (r.stall_us - r.misses as f64).abs() < 1e-6,
+            "{} vs {}",
+            r.stall_us,
+            r.misses
+        );
+    }
+}
+
+#[test]
+fn prefetch_timing_is_honest() {
+    let trace = one_sequence_trace();
+    let view = trace.view();
+    let seqs = view.sequence_ranges();
+    let oracle = prefetch::oracle(&view, &seqs);
+    // Untimed, the oracle's experts are in place at every lookup.
+    let u = simulate(&view, &seqs, &oracle, &config(16, false, "lru", true)).unwrap();
+    assert_eq!(u.hits, u.accesses, "{u:?}");
+    // Timed, one layer of compute (5 us) covers the transfers of layers 1..: layer 0's
+    // prefetch is issued at the token's start with no lead, so it is late or a miss.
+    let t = simulate(&view, &seqs, &oracle, &config(16, false, "lru", false)).unwrap();
+    assert!(t.hits < t.accesses && t.late > 0);
+    assert!(t.hit_rate() > 0.7, "{}", t.hit_rate());
+    // A slow link (transfer 10x a layer's compute) leaves the one-layer oracle late.
+    let mut slow = config(16, false, "lru", false);
+    slow.bandwidth_gbps = 0.2;
+    let s = simulate(&view, &seqs, &oracle, &slow).unwrap();
+    assert!(
+        s.hit_rate() < t.hit_rate() && s.late > t.late && s.stall_us > t.stall_us,
+        "slow {s:?}\nfast {t:?}"
+    );
+    // Demand paging: OPT bounds LRU and LFU.
+    let none = PrefetchPlan::empty("none", view.n_tokens(), 4);
+    let opt = simulate(&view, &seqs, &none, &config(8, false, "belady", false)).unwrap();
+    let lru = simulate(&view, &seqs, &none, &config(8, false, "lru", false)).unwrap();
+    let lfu = simulate(&view, &seqs, &none, &config(8, false, "lfu", false)).unwrap();
+    assert!(opt.hits >= lru.hits && opt.hits >= lfu.hits);
+    assert!(opt.tokens_per_s() >= lru.tokens_per_s());
+    let err = simulate(&view, &seqs, &none, &config(0, false, "lru", false)).unwrap_err();
+    assert!(err.contains("capacity"), "{err}");
+}

@@ -1,0 +1,263 @@
+//! `moecast simulate`: trace-driven expert-cache simulation.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use datasets::open_trace;
+use inference::prefetch::{self, PrefetchKind};
+use inference::simulate::{simulate, PrefetchPlan, SimConfig, SimReport};
+use predictor::baselines::BaselineStats;
+use predictor::{LoadedPredictor, OnlinePredictor};
+
+#[derive(Args)]
+pub(crate) struct SimulateArgs {
+    /// Trace to replay (any storage form).
+    #[arg(long)]
+    trace: PathBuf,
+    /// Cache sizes: N experts or P% of all experts, comma-separated (e.g. 10%,25%).
+    #[arg(long, default_value = "10%", value_delimiter = ',')]
+    cache: Vec<String>,
+    /// Sweep cache sizes 5%, 10%, ..., 50% (overrides --cache) and plot hit rate vs size.
+    #[arg(long)]
+    sweep: bool,
+    /// Eviction policies: lru, lfu, lfu:DECAY, belady; comma-separated.
+    #[arg(long, default_value = "lru", value_delimiter = ',')]
+    policy: Vec<String>,
+    /// Prefetchers: none, previous, coactivation, activation, learned, oracle; comma-separated.
+    #[arg(long, default_value = "none", value_delimiter = ',')]
+    prefetch: Vec<String>,
+    /// Predictor directory (learned prefetch; its training baselines feed coactivation).
+    #[arg(long)]
+    predictor: Option<PathBuf>,
+    /// Experts prefetched per predicted layer and event (default top-k).
+    #[arg(long)]
+    budget: Option<usize>,
+    /// Layers ahead for coactivation and activation prefetch.
+    #[arg(long, default_value_t = 3)]
+    horizon: usize,
+    /// One equal share of the cache per layer instead of one pool.
+    #[arg(long)]
+    per_layer: bool,
+    /// Link bandwidth for expert transfers, GB/s.
+    #[arg(long, default_value_t = 3.0)]
+    bandwidth: f64,
+    /// Bytes of one expert (default: the trace's expert_bytes).
+    #[arg(long)]
+    expert_bytes: Option<f64>,
+    /// Compute time of one layer, microseconds.
+    #[arg(long, default_value_t = 30.0)]
+    compute_us_per_layer: f64,
+    /// Write every result as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write the hit-rate-vs-cache-size chart (PNG) into this directory.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+}
+
+fn parse_size(s: &str, total: usize) -> Result<usize> {
+    let n = match s.strip_suffix('%') {
+        Some(p) => {
+            let p: f64 = p.parse().with_context(|| format!("bad cache size '{s}'"))?;
+            if !(p > 0.0 && p <= 100.0) {
+                bail!("cache size '{s}' must be in (0, 100]%");
+            }
+            ((total as f64 * p / 100.0).round() as usize).max(1)
+        }
+        None => s
+            .parse()
+            .with_context(|| format!("bad cache size '{s}' (N or P%)"))?,
+    };
+    if n == 0 {
+        bail!("cache size '{s}' must be at least one expert");
+    }
+    Ok(n.min(total))
+}
+
+pub(crate) fn simulate_cmd(a: SimulateArgs) -> Result<()> {
+    let opened = open_trace(&a.trace)?;
+    let view = opened.view();
+    let meta = view.meta;
+    let (m, e, k) = (meta.n_moe(), meta.n_experts as usize, meta.top_k as usize);
+    let total = m * e;
+    let expert_bytes = match (a.expert_bytes, &meta.expert_bytes) {
+        (Some(b), _) => b,
+        (None, Some(v)) if !v.is_empty() => v.iter().sum::<u64>() as f64 / v.len() as f64,
+        _ => bail!(
+            "{}: the trace does not record expert sizes; pass --expert-bytes B",
+            a.trace.display()
+        ),
+    };
+    if a.bandwidth.is_nan()
+        || a.bandwidth <= 0.0
+        || a.compute_us_per_layer.is_nan()
+        || a.compute_us_per_layer < 0.0
+    {
+        bail!("--bandwidth must be positive and --compute-us-per-layer not negative");
+    }
+    let budget = a.budget.unwrap_or(k);
+    let seqs = view.sequence_ranges();
+    let kinds: Vec<PrefetchKind> = a
+        .prefetch
+        .iter()
+        .map(|s| s.parse().map_err(anyhow::Error::msg))
+        .collect::<Result<_>>()?;
+    let loaded = match &a.predictor {
+        Some(dir) => Some(LoadedPredictor::load(
+            dir,
+            &predictor::device::BackendKind::Flex.device(),
+        )?),
+        None => None,
+    };
+    if let Some(p) = &loaded {
+        p.card.config.routing.check(meta, &a.trace)?;
+    }
+    let mut plans: Vec<PrefetchPlan> = Vec::new();
+    for kind in &kinds {
+        let plan = match kind {
+            PrefetchKind::None => PrefetchPlan::empty("none", view.n_tokens(), m),
+            PrefetchKind::Oracle => prefetch::oracle(&view, &seqs),
+            PrefetchKind::Previous => prefetch::previous(&view, &seqs),
+            PrefetchKind::Activation => prefetch::activation(&view, &seqs, budget, a.horizon, 0.9),
+            PrefetchKind::Coactivation => {
+                let stats = match loaded.as_ref().and_then(|p| p.baselines.clone()) {
+                    Some(s) => s,
+                    None => {
+                        eprintln!("note: no --predictor: co-activation counts are fitted on this trace itself (in-sample)");
+                        let mut s =
+                            BaselineStats::new(predictor_shape(meta), a.horizon.min(m - 1).max(1));
+                        for r in &seqs {
+                            s.add_tokens(&view, r.clone());
+                        }
+                        s
+                    }
+                };
+                prefetch::coactivation(&view, &seqs, &stats, budget, a.horizon)
+            }
+            PrefetchKind::Learned => {
+                let p = loaded
+                    .as_ref()
+                    .context("--prefetch learned needs --predictor DIR")?;
+                let mut online = OnlinePredictor::new(LoadedPredictor::load(
+                    a.predictor.as_ref().expect("checked"),
+                    &p.device,
+                )?);
+                prefetch::learned(&view, &seqs, &mut online, budget)?
+            }
+        };
+        plans.push(plan);
+    }
+    let sizes: Vec<String> = if a.sweep {
+        (1..=10).map(|i| format!("{}%", i * 5)).collect()
+    } else {
+        a.cache.clone()
+    };
+    let mut results: Vec<(String, SimReport, SimReport)> = Vec::new();
+    println!(
+        "{} tokens, {} MoE layers x {} experts (top-{k}); expert {:.0} bytes over {} GB/s = {:.1} us, compute {} us/layer, prefetch budget {budget}/layer",
+        view.n_tokens(), m, e, expert_bytes, a.bandwidth, expert_bytes / (a.bandwidth * 1e3), a.compute_us_per_layer
+    );
+    println!(
+        "{:>8} {:>7} {:<13} {:>8} {:>8} {:>9} {:>10} {:>9} {:>9} {:>12}",
+        "cache",
+        "policy",
+        "prefetch",
+        "hit",
+        "late",
+        "stall/tok",
+        "tokens/s",
+        "MB moved",
+        "useful",
+        "untimed hit"
+    );
+    for size in &sizes {
+        let capacity = parse_size(size, total)?;
+        for policy in &a.policy {
+            for plan in &plans {
+                let cfg = SimConfig {
+                    capacity,
+                    per_layer: a.per_layer,
+                    policy: policy.clone(),
+                    bandwidth_gbps: a.bandwidth,
+                    expert_bytes,
+                    compute_us_per_layer: a.compute_us_per_layer,
+                    untimed: false,
+                };
+                let r = simulate(&view, &seqs, plan, &cfg).map_err(anyhow::Error::msg)?;
+                let u = simulate(
+                    &view,
+                    &seqs,
+                    plan,
+                    &SimConfig {
+                        untimed: true,
+                        ..cfg
+                    },
+                )
+                .map_err(anyhow::Error::msg)?;
+                println!(
+                    "{:>8} {:>7} {:<13} {:>7.1}% {:>7.1}% {:>7.1}us {:>10.0} {:>9.1} {:>8.1}% {:>11.1}%",
+                    format!("{size}={capacity}"),
+                    policy,
+                    plan.name,
+                    100.0 * r.hit_rate(),
+                    100.0 * r.late as f64 / r.accesses.max(1) as f64,
+                    r.stall_us_per_token(),
+                    r.tokens_per_s(),
+                    (r.bytes_demand + r.bytes_prefetch) / 1e6,
+                    100.0 * r.useful_prefetches as f64 / r.prefetches.max(1) as f64,
+                    100.0 * u.hit_rate()
+                );
+                results.push((size.clone(), r, u));
+            }
+        }
+    }
+    if let Some(path) = &a.json {
+        let rows: Vec<serde_json::Value> = results
+            .iter()
+            .map(|(size, r, u)| {
+                serde_json::json!({
+                    "cache": size, "timed": r, "untimed": u,
+                    "hit_rate": r.hit_rate(), "untimed_hit_rate": u.hit_rate(),
+                    "tokens_per_s": r.tokens_per_s(), "stall_us_per_token": r.stall_us_per_token(),
+                })
+            })
+            .collect();
+        predictor::state::write_atomic(path, serde_json::to_string_pretty(&rows)?.as_bytes())?;
+        eprintln!("results -> {}", path.display());
+    }
+    if let Some(dir) = &a.plot {
+        std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
+        let mut series_data: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+        for (_, r, _) in &results {
+            let name = format!("{} + {}", r.policy, r.prefetch);
+            let x = 100.0 * r.capacity as f64 / total as f64;
+            match series_data.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, pts)) => pts.push((x, 100.0 * r.hit_rate())),
+                None => series_data.push((name, vec![(x, 100.0 * r.hit_rate())])),
+            }
+        }
+        let series: Vec<datasets::plot::Series<'_>> = series_data
+            .iter()
+            .map(|(n, p)| datasets::plot::Series {
+                name: n,
+                points: p.clone(),
+            })
+            .collect();
+        let path = dir.join("hit_rate_vs_cache.png");
+        datasets::plot::line_chart(
+            &path,
+            "Expert-cache hit rate (timing-honest)",
+            "cache size (% of all experts)",
+            "hit rate (%)",
+            &series,
+            None,
+        )?;
+        eprintln!("plot -> {}", path.display());
+    }
+    Ok(())
+}
+
+fn predictor_shape(meta: &datasets::TraceMeta) -> datasets::examples::RoutingShape {
+    datasets::examples::RoutingShape::of(meta)
+}
