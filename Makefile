@@ -48,7 +48,7 @@ test:
 # Real routing traces from ../shared (not needed by the product; CI runs this when present).
 test-real:
 	@test -d $(SHARED)/traces || { echo "test-real needs $(SHARED)/traces"; exit 1; }
-	MOECAST_SHARED=$(SHARED) $(CARGO) test --workspace --test real_traces -- --ignored --nocapture
+	MOECAST_SHARED=$(SHARED) $(CARGO) test --workspace --test real_traces --test real_sim -- --ignored --nocapture
 	$(CARGO) build
 	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
 	for f in $$(find $(SHARED)/traces -type f ! -name LICENSE ! -name capture-metadata.json | sort); do \
