@@ -23,9 +23,9 @@ build:
 # It uses the debug build shared with `make test` (tensor kernels are optimised even
 # there, see Cargo.toml); `make build` gives the fully optimised binary.
 MODEL  := checkpoints/tiny-moe
-# Cache simulation of the demo model: one expert is 3 x 128 x 128 bf16 weights (96 KiB),
-# moved over a 16 GB/s host-to-device link; 30 us of compute per layer.
-SIM    := --expert-bytes 98304 --bandwidth 16 --compute-us-per-layer 30
+# Cache simulation of the demo model: experts of 3 x 128 x 128 bf16 weights (96 KiB, as the
+# trace records from the checkpoint) move over a 16 GB/s link; 30 us of compute per layer.
+SIM    := --bandwidth 16 --compute-us-per-layer 30
 demo:
 	$(CARGO) build
 	rm -rf $(DEMO) && mkdir -p $(DEMO)

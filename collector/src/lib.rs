@@ -92,8 +92,13 @@ pub fn journal_path(output: &Path) -> PathBuf {
 }
 
 /// The trace meta of a loaded model.
-pub fn trace_meta(model_dir: &Path, model: &MoeModel) -> TraceMeta {
+pub fn trace_meta(model_dir: &Path, model: &MoeModel, ck: &Checkpoint) -> TraceMeta {
     let s = model.shape();
+    let expert_bytes: Option<Vec<u64>> = s
+        .moe_layers
+        .iter()
+        .map(|&l| ck.expert_bytes(l, s.n_experts))
+        .collect();
     TraceMeta {
         model: model_dir
             .file_name()
@@ -111,7 +116,7 @@ pub fn trace_meta(model_dir: &Path, model: &MoeModel) -> TraceMeta {
             .exists()
             .then(|| format!("{}/tokenizer.json", model_dir.display())),
         ranked: true,
-        expert_bytes: None,
+        expert_bytes,
     }
 }
 
@@ -126,7 +131,7 @@ pub fn collect(cfg: &CollectConfig) -> Result<CollectSummary, CollectError> {
     } else {
         None
     };
-    let meta = trace_meta(&cfg.model_dir, &model);
+    let meta = trace_meta(&cfg.model_dir, &model, &ck);
     let journal = journal_path(&cfg.output);
     let file = File::create(&journal).map_err(|e| datasets::TraceError::io(&journal, e))?;
     let mut w = BufWriter::new(file);

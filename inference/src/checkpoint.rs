@@ -163,6 +163,37 @@ impl Checkpoint {
         })
     }
 
+    /// Bytes of one routed expert of model layer `layer`, as stored: the tensors named
+    /// `...layers.{layer}....experts.0....` (one tensor per expert), plus a 1/`n_experts`
+    /// share of fused `...experts.NAME` tensors (all experts in one). `None` when the
+    /// layer has no expert tensors.
+    pub fn expert_bytes(&self, layer: usize, n_experts: usize) -> Option<u64> {
+        let marker = format!("layers.{layer}.");
+        let mut total = 0u64;
+        for name in self.index.keys() {
+            let Some(at) = name.find(&marker) else {
+                continue;
+            };
+            if at > 0 && !name[..at].ends_with('.') {
+                continue;
+            }
+            let rest = &name[at + marker.len()..];
+            let Some(e) = rest.find(".experts.") else {
+                continue;
+            };
+            let after = &rest[e + ".experts.".len()..];
+            let len = self.tensor_ref(name).ok()?.len as u64;
+            if let Some(tail) = after.strip_prefix("0.") {
+                if !tail.is_empty() {
+                    total += len;
+                }
+            } else if !after.starts_with(|c: char| c.is_ascii_digit()) {
+                total += len / n_experts.max(1) as u64;
+            }
+        }
+        (total > 0).then_some(total)
+    }
+
     /// Tensor `name` decoded to f32, checked against `shape`.
     pub fn tensor_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let r = self.checked_ref(name, shape)?;
