@@ -56,12 +56,12 @@ test-real:
 	  printf '%-24s ' "$$(basename $$f)"; $(DBG) trace stats "$$tmp/t.mctrace" | grep '^overlap'; \
 	done
 
-# The runtime's transformers-parity tests on burn-wgpu. Without a GPU, Mesa's lavapipe
+# The runtime's transformers-parity tests and the predictor's tests on burn-wgpu. Without a GPU, Mesa's lavapipe
 # (apt-get install mesa-vulkan-drivers libvulkan1) runs them on the CPU.
 test-wgpu:
 	mkdir -p $${XDG_RUNTIME_DIR:-/tmp/moecast-xdg}
 	XDG_RUNTIME_DIR=$${XDG_RUNTIME_DIR:-/tmp/moecast-xdg} MOECAST_TEST_DEVICE=wgpu \
-	  $(CARGO) test --workspace --features wgpu --test hf_parity
+	  $(CARGO) test --workspace --features wgpu --test hf_parity --test predictor
 
 bench:
 	$(CARGO) bench -p datasets --bench trace_io

@@ -61,12 +61,7 @@ impl RoutingObserver for Recorder {
 
 /// The backend under test: `MOECAST_TEST_DEVICE` (flex, ndarray, wgpu), flex by default.
 fn test_backend() -> inference::device::BackendKind {
-    std::env::var("MOECAST_TEST_DEVICE")
-        .map(|d| {
-            d.parse()
-                .unwrap_or_else(|e| panic!("MOECAST_TEST_DEVICE: {e}"))
-        })
-        .unwrap_or_default()
+    inference::device::BackendKind::from_test_env()
 }
 
 fn fixture(arch: &str) -> PathBuf {

@@ -36,6 +36,17 @@ impl FromStr for BackendKind {
 }
 
 impl BackendKind {
+    /// The backend named by the environment variable `MOECAST_TEST_DEVICE` (flex when
+    /// unset): how the test suites pick the backend they run on.
+    pub fn from_test_env() -> Self {
+        match std::env::var("MOECAST_TEST_DEVICE") {
+            Ok(d) => d
+                .parse()
+                .unwrap_or_else(|e| panic!("MOECAST_TEST_DEVICE: {e}")),
+            Err(_) => BackendKind::default(),
+        }
+    }
+
     /// The Burn device for this backend.
     #[allow(deprecated)]
     pub fn device(self) -> Device {

@@ -95,7 +95,7 @@ fn options(trace: PathBuf, task: Task, out: PathBuf, epochs: usize) -> TrainOpti
             checkpoint_every: 7,
             ..TrainSettings::default()
         },
-        backend: BackendKind::Flex,
+        backend: BackendKind::from_test_env(),
         out,
         progress: false,
         run_steps: None,
@@ -107,7 +107,7 @@ fn f1_of(r: &predictor::EvalReport, method: &str, group: usize) -> f64 {
 }
 
 fn eval_test_split(dir: &Path, trace: &Path) -> predictor::EvalReport {
-    let dev = BackendKind::Flex.device();
+    let dev = BackendKind::from_test_env().device();
     let p = LoadedPredictor::load(dir, &dev).unwrap();
     let set = ExampleSet::open(&[trace.to_path_buf()], &p.card.split).unwrap();
     evaluate(
@@ -195,7 +195,7 @@ fn online_predictions_equal_the_batched_forward() {
     for task in [Task::NextToken, Task::Lookahead] {
         let out = dir.path().join(task.as_str());
         predictor::train(&options(trace.clone(), task, out.clone(), 1)).unwrap();
-        let dev = BackendKind::Flex.device();
+        let dev = BackendKind::from_test_env().device();
         let loaded = LoadedPredictor::load(&out, &dev).unwrap();
         let set = ExampleSet::open_for_test(std::slice::from_ref(&trace), None).unwrap();
         let windows = set.windows(Split::Test, 16);
@@ -240,7 +240,7 @@ fn online_predictions_equal_the_batched_forward() {
 #[test]
 fn bad_inputs_are_refused_clearly() {
     let dir = tempfile::tempdir().unwrap();
-    let dev = BackendKind::Flex.device();
+    let dev = BackendKind::from_test_env().device();
     let err = LoadedPredictor::load(dir.path(), &dev)
         .err()
         .unwrap()
