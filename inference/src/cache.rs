@@ -3,7 +3,8 @@
 //! Experts are numbered `layer * n_experts + expert`. Capacity is a number of experts,
 //! either one pool for all layers or the same share for every layer. Every eviction
 //! policy is "evict the resident expert with the smallest key", with the key kept in a
-//! heap that is updated lazily (stale entries are skipped when popped):
+//! min-queue that is updated lazily (stale entries are skipped when popped). LRU keys
+//! only grow, so its queue is a plain FIFO; the others use a binary heap:
 //!
 //! - **LRU**: key = time of the last use;
 //! - **LFU**: key = exponentially decayed use count, `log Σ_i exp(λ t_i)` over the use
@@ -91,12 +92,60 @@ impl Ord for Key {
     }
 }
 
+/// Entry of a key queue: (key, expert, version).
+type Entry = (Key, u32, u32);
+
+/// A min-queue of keys: a FIFO when keys arrive in increasing order (LRU), else a heap.
+#[derive(Debug, Clone)]
+enum KeyQueue {
+    Fifo(std::collections::VecDeque<Entry>),
+    Heap(BinaryHeap<Reverse<Entry>>),
+}
+
+impl KeyQueue {
+    fn push(&mut self, e: Entry) {
+        match self {
+            KeyQueue::Fifo(q) => q.push_back(e),
+            KeyQueue::Heap(h) => h.push(Reverse(e)),
+        }
+    }
+
+    fn pop(&mut self) -> Option<Entry> {
+        match self {
+            KeyQueue::Fifo(q) => q.pop_front(),
+            KeyQueue::Heap(h) => h.pop().map(|Reverse(e)| e),
+        }
+    }
+
+    /// Puts back entries popped in order (smallest first).
+    fn restore(&mut self, popped: Vec<Entry>) {
+        match self {
+            KeyQueue::Fifo(q) => popped.into_iter().rev().for_each(|e| q.push_front(e)),
+            KeyQueue::Heap(h) => popped.into_iter().for_each(|e| h.push(Reverse(e))),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            KeyQueue::Fifo(q) => q.len(),
+            KeyQueue::Heap(h) => h.len(),
+        }
+    }
+
+    fn retain(&mut self, keep: impl Fn(&Entry) -> bool) {
+        match self {
+            KeyQueue::Fifo(q) => q.retain(|e| keep(e)),
+            KeyQueue::Heap(h) => h.retain(|Reverse(e)| keep(e)),
+        }
+    }
+}
+
 /// One eviction pool.
 #[derive(Debug, Clone)]
 struct Pool {
     capacity: usize,
     len: usize,
-    heap: BinaryHeap<Reverse<(Key, u32, u32)>>,
+    keys: KeyQueue,
 }
 
 /// The resident set of experts.
@@ -143,7 +192,10 @@ impl ExpertCache {
                 .map(|capacity| Pool {
                     capacity: capacity.max(1),
                     len: 0,
-                    heap: BinaryHeap::new(),
+                    keys: match policy {
+                        EvictionPolicy::Lru => KeyQueue::Fifo(Default::default()),
+                        _ => KeyQueue::Heap(BinaryHeap::new()),
+                    },
                 })
                 .collect(),
             resident: vec![false; total],
@@ -175,23 +227,18 @@ impl ExpertCache {
         self.key[id] = key;
         self.version[id] = self.version[id].wrapping_add(1);
         let p = self.pool_of(id);
-        self.pools[p]
-            .heap
-            .push(Reverse((key, id as u32, self.version[id])));
-        if self.pools[p].heap.len() > 8 * self.pools[p].capacity + 64 {
+        self.pools[p].keys.push((key, id as u32, self.version[id]));
+        if self.pools[p].keys.len() > 8 * self.pools[p].capacity + 64 {
             self.compact(p);
         }
     }
 
     fn compact(&mut self, p: usize) {
-        let heap = std::mem::take(&mut self.pools[p].heap);
-        self.pools[p].heap = heap
-            .into_iter()
-            .filter(|Reverse((_, id, v))| {
-                let i = *id as usize;
-                self.resident[i] && self.version[i] == *v
-            })
-            .collect();
+        let (resident, version) = (&self.resident, &self.version);
+        self.pools[p].keys.retain(|&(_, id, v)| {
+            let i = id as usize;
+            resident[i] && version[i] == v
+        });
     }
 
     /// Records a use of `id` (resident or just inserted). `next_use` is the time of its
@@ -226,10 +273,8 @@ impl ExpertCache {
         if self.pools[p].len >= self.pools[p].capacity {
             let mut skipped = Vec::new();
             loop {
-                let Some(Reverse(entry)) = self.pools[p].heap.pop() else {
-                    for e in skipped {
-                        self.pools[p].heap.push(e);
-                    }
+                let Some(entry) = self.pools[p].keys.pop() else {
+                    self.pools[p].keys.restore(skipped);
                     return Insertion::AllPinned;
                 };
                 let (_, vid, v) = entry;
@@ -238,7 +283,7 @@ impl ExpertCache {
                     continue;
                 }
                 if pinned.contains(&vi) {
-                    skipped.push(Reverse(entry));
+                    skipped.push(entry);
                     continue;
                 }
                 self.resident[vi] = false;
@@ -246,9 +291,7 @@ impl ExpertCache {
                 evicted = Some(vi);
                 break;
             }
-            for e in skipped {
-                self.pools[p].heap.push(e);
-            }
+            self.pools[p].keys.restore(skipped);
         }
         self.resident[id] = true;
         self.pools[p].len += 1;
