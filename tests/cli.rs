@@ -216,7 +216,7 @@ fn train_then_eval_a_predictor() {
         ]);
     }
     let ckpt = tmp(&dir, "pred");
-    let said = ok(&[
+    let train_args = [
         "train",
         "--trace",
         &train,
@@ -235,7 +235,8 @@ fn train_then_eval_a_predictor() {
         "--epochs",
         "2",
         "--quiet",
-    ]);
+    ];
+    let said = ok(&train_args);
     assert!(
         said.contains("best validation F1") && said.contains("+1 layer"),
         "{said}"
@@ -249,26 +250,7 @@ fn train_then_eval_a_predictor() {
         assert!(dir.path().join("pred").join(f).exists(), "{f}");
     }
     // Rerunning a finished run does not train again.
-    let again = ok(&[
-        "train",
-        "--trace",
-        &train,
-        "--task",
-        "lookahead",
-        "-o",
-        &ckpt,
-        "--d-model",
-        "32",
-        "--layers",
-        "1",
-        "--heads",
-        "2",
-        "--context",
-        "16",
-        "--epochs",
-        "2",
-        "--quiet",
-    ]);
+    let again = ok(&train_args);
     assert!(again.contains("trained 2 epochs"), "{again}");
     let json = tmp(&dir, "eval.json");
     let plots = tmp(&dir, "plots");
