@@ -31,6 +31,9 @@ pub enum ModelError {
     /// Bad input to a running model (token id out of range, empty prompt).
     #[error("{0}")]
     Input(String),
+    /// Saving or loading a training record failed.
+    #[error(transparent)]
+    Record(#[from] predictor::PredictorError),
 }
 
 impl ModelError {

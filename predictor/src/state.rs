@@ -58,6 +58,42 @@ pub fn load_module<M: Module>(module: M, path: &Path) -> Result<M> {
         .map_err(|e| PredictorError::file(path, format!("does not fit this model: {e}")))
 }
 
+/// Saves an optimizer's state (burnpack) atomically.
+pub fn save_optim(optim: &ModuleOptimizer, path: &Path) -> Result<()> {
+    let tmp = tmp_name(path);
+    optim
+        .save(&tmp)
+        .map_err(|e| PredictorError::file(&tmp, e.to_string()))?;
+    sync(&tmp)?;
+    fs::rename(&tmp, path).map_err(|e| PredictorError::io(path, e))
+}
+
+/// Loads an optimizer state saved by [`save_optim`] into `optim` (built for the loaded
+/// model: its parameter groups name the loaded parameter ids).
+pub fn load_optim(optim: ModuleOptimizer, path: &Path) -> Result<ModuleOptimizer> {
+    optim
+        .from_bytes(read_bytes(path)?)
+        .map_err(|e| PredictorError::file(path, e.to_string()))
+}
+
+/// Removes `prefix-*.bpk` / `.tmp` records in `dir` except those in `keep`.
+pub fn remove_old_records(dir: &Path, prefixes: &[&str], keep: &[PathBuf]) {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            let ours = prefixes.iter().any(|pre| name.starts_with(pre))
+                && (name.ends_with(".bpk") || name.ends_with(".tmp"));
+            if ours && !keep.contains(&p) {
+                let _ = fs::remove_file(&p);
+            }
+        }
+    }
+}
+
+/// The whole file in memory. Burn's file loaders read tensors lazily by path, and a
+/// parameter that gets no gradient would still point at a record file the next
+/// checkpoint deletes.
 fn read_bytes(path: &Path) -> Result<Bytes> {
     let v = fs::read(path).map_err(|e| PredictorError::io(path, e))?;
     Ok(Bytes::from_bytes_vec(v))
@@ -102,27 +138,11 @@ impl CheckpointDir {
         fs::create_dir_all(&self.dir).map_err(|e| PredictorError::io(&self.dir, e))?;
         let (mf, of) = (self.model_file(step), self.optim_file(step));
         save_module(model, &mf)?;
-        let tmp = tmp_name(&of);
-        optim
-            .save(&tmp)
-            .map_err(|e| PredictorError::file(&tmp, e.to_string()))?;
-        sync(&tmp)?;
-        fs::rename(&tmp, &of).map_err(|e| PredictorError::io(&of, e))?;
+        save_optim(optim, &of)?;
         let json = serde_json::to_string_pretty(&Stepped { step, state })
             .map_err(|e| PredictorError::Invalid(format!("training state: {e}")))?;
         write_atomic(&self.state_file(), json.as_bytes())?;
-        let keep = [mf, of];
-        if let Ok(entries) = fs::read_dir(&self.dir) {
-            for e in entries.flatten() {
-                let p = e.path();
-                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                let ours = (name.starts_with("model-") || name.starts_with("optim-"))
-                    && (name.ends_with(".bpk") || name.ends_with(".tmp"));
-                if ours && !keep.contains(&p) {
-                    let _ = fs::remove_file(&p);
-                }
-            }
-        }
+        remove_old_records(&self.dir, &["model-", "optim-"], &[mf, of]);
         Ok(())
     }
 
@@ -145,10 +165,7 @@ impl CheckpointDir {
 
     /// Loads the optimizer record of `step` into `optim` (built for the loaded model).
     pub fn load_optim(&self, step: u64, optim: ModuleOptimizer) -> Result<ModuleOptimizer> {
-        let of = self.optim_file(step);
-        optim
-            .from_bytes(read_bytes(&of)?)
-            .map_err(|e| PredictorError::file(&of, e.to_string()))
+        load_optim(optim, &self.optim_file(step))
     }
 }
 

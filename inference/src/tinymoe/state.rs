@@ -1,15 +1,16 @@
 //! Resumable training state in `OUT/train-state/`: the model and optimizer records
 //! (burnpack, named by step), the tokenizer, and `state.json`, which names the step and
-//! is replaced last. Every file is written to a temporary name and renamed, so a crash
-//! or Ctrl-C at any moment leaves the previous checkpoint intact.
+//! is replaced last. Every file is written to a temporary name and renamed (the helpers
+//! of [`predictor::state`]), so a crash or Ctrl-C at any moment leaves the previous
+//! checkpoint intact.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use burn::module::Module;
 use burn::optim::ModuleOptimizer;
-use burn::store::ModuleRecord;
-use burn::tensor::Bytes;
+use predictor::state::{
+    load_module, load_optim, remove_old_records, save_module, save_optim, write_atomic,
+};
 use serde::{Deserialize, Serialize};
 
 use super::model::TinyMoe;
@@ -65,30 +66,6 @@ fn optim_file(dir: &Path, step: usize) -> PathBuf {
     dir.join(format!("optim-{step:08}.bpk"))
 }
 
-fn record_err(path: &Path, e: impl std::fmt::Display) -> ModelError {
-    ModelError::file(path, e.to_string())
-}
-
-/// Writes `bytes` to `path` through a temporary file and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = tmp_name(path);
-    fs::write(&tmp, bytes).map_err(|e| ModelError::io(&tmp, e))?;
-    sync(&tmp)?;
-    fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
-}
-
-fn tmp_name(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".tmp");
-    path.with_file_name(name)
-}
-
-fn sync(path: &Path) -> Result<()> {
-    fs::File::open(path)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| ModelError::io(path, e))
-}
-
 /// Saves the model, the optimizer and `state` (step `state.step`), then removes older
 /// records. `tokenizer_json` is written once, when the folder has none.
 pub fn save(
@@ -105,33 +82,12 @@ pub fn save(
         write_atomic(&tok, tokenizer_json.as_bytes())?;
     }
     let (mf, of) = (model_file(&dir, state.step), optim_file(&dir, state.step));
-    let tmp = tmp_name(&mf);
-    model
-        .clone()
-        .into_record()
-        .save(&tmp)
-        .map_err(|e| record_err(&tmp, e))?;
-    sync(&tmp)?;
-    fs::rename(&tmp, &mf).map_err(|e| ModelError::io(&mf, e))?;
-    let tmp = tmp_name(&of);
-    optim.save(&tmp).map_err(|e| record_err(&tmp, e))?;
-    sync(&tmp)?;
-    fs::rename(&tmp, &of).map_err(|e| ModelError::io(&of, e))?;
+    save_module(model, &mf)?;
+    save_optim(optim, &of)?;
     let json = serde_json::to_string_pretty(state).expect("state serialises");
     write_atomic(&dir.join("state.json"), json.as_bytes())?;
     // Older records are garbage once state.json names the new step.
-    let keep = [mf, of];
-    if let Ok(entries) = fs::read_dir(&dir) {
-        for e in entries.flatten() {
-            let p = e.path();
-            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            let ours = (name.starts_with("model-") || name.starts_with("optim-"))
-                && (name.ends_with(".bpk") || name.ends_with(".tmp"));
-            if ours && !keep.contains(&p) {
-                let _ = fs::remove_file(&p);
-            }
-        }
-    }
+    remove_old_records(&dir, &["model-", "optim-"], &[mf, of]);
     Ok(())
 }
 
@@ -149,11 +105,10 @@ pub fn load_state(out: &Path) -> Result<Option<TrainState>> {
 
 /// Loads the model record of `state.step` into `model` (parameter ids included).
 pub fn load_model_record(out: &Path, state: &TrainState, model: TinyMoe) -> Result<TinyMoe> {
-    let mf = model_file(&state_dir(out), state.step);
-    let record = ModuleRecord::from_bytes(read_bytes(&mf)?).map_err(|e| record_err(&mf, e))?;
-    model
-        .try_load_record(record)
-        .map_err(|e| record_err(&mf, e))
+    Ok(load_module(
+        model,
+        &model_file(&state_dir(out), state.step),
+    )?)
 }
 
 /// Loads the optimizer record of `state.step` into `optim`, which must have been built
@@ -163,18 +118,7 @@ pub fn load_optim_record(
     state: &TrainState,
     optim: ModuleOptimizer,
 ) -> Result<ModuleOptimizer> {
-    let of = optim_file(&state_dir(out), state.step);
-    optim
-        .from_bytes(read_bytes(&of)?)
-        .map_err(|e| record_err(&of, e))
-}
-
-/// The whole file in memory. Burn's file loaders read tensors lazily by path, and a
-/// parameter that gets no gradient (an unused expert) would still point at a record file
-/// the next checkpoint deletes.
-fn read_bytes(path: &Path) -> Result<Bytes> {
-    let v = fs::read(path).map_err(|e| ModelError::io(path, e))?;
-    Ok(Bytes::from_bytes_vec(v))
+    Ok(load_optim(optim, &optim_file(&state_dir(out), state.step))?)
 }
 
 /// Loads the model saved in `out`'s training state onto `device` (for inspection and
