@@ -378,40 +378,20 @@ fn simulate_policies_and_prefetchers() {
         );
     };
     fail(&["simulate", "--trace", &trace], "--expert-bytes");
-    fail(
-        &[
-            "simulate",
-            "--trace",
-            &trace,
-            "--expert-bytes",
-            "1",
-            "--prefetch",
-            "learned",
-        ],
-        "--predictor",
-    );
-    fail(
-        &[
-            "simulate",
-            "--trace",
-            &trace,
-            "--expert-bytes",
-            "1",
-            "--cache",
-            "0%",
-        ],
-        "cache size",
-    );
-    fail(
-        &[
-            "simulate",
-            "--trace",
-            &trace,
-            "--expert-bytes",
-            "1",
-            "--policy",
-            "mru",
-        ],
-        "mru",
-    );
+    let sim = |extra: &[&str]| -> Vec<String> {
+        ["simulate", "--trace", &trace, "--expert-bytes", "1"]
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect()
+    };
+    for (extra, want) in [
+        (&["--prefetch", "learned"][..], "--predictor"),
+        (&["--cache", "0%"][..], "cache size"),
+        (&["--policy", "mru"][..], "mru"),
+    ] {
+        let args = sim(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        fail(&args, want);
+    }
 }
