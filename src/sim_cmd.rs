@@ -113,6 +113,8 @@ pub(crate) fn simulate_cmd(a: SimulateArgs) -> Result<()> {
     if let Some(p) = &loaded {
         p.card.config.routing.check(meta, &a.trace)?;
     }
+    // Loaded once: its baselines feed co-activation, the model feeds learned prefetch.
+    let mut online = loaded.map(OnlinePredictor::new);
     let mut plans: Vec<PrefetchPlan> = Vec::new();
     for kind in &kinds {
         let plan = match kind {
@@ -121,12 +123,17 @@ pub(crate) fn simulate_cmd(a: SimulateArgs) -> Result<()> {
             PrefetchKind::Previous => prefetch::previous(&view, &seqs),
             PrefetchKind::Activation => prefetch::activation(&view, &seqs, budget, a.horizon, 0.9),
             PrefetchKind::Coactivation => {
-                let stats = match loaded.as_ref().and_then(|p| p.baselines.clone()) {
+                let fitted = online
+                    .as_ref()
+                    .and_then(|o| o.predictor().baselines.clone());
+                let stats = match fitted {
                     Some(s) => s,
                     None => {
                         eprintln!("note: no --predictor: co-activation counts are fitted on this trace itself (in-sample)");
-                        let mut s =
-                            BaselineStats::new(predictor_shape(meta), a.horizon.min(m - 1).max(1));
+                        let mut s = BaselineStats::new(
+                            datasets::examples::RoutingShape::of(meta),
+                            a.horizon.min(m - 1).max(1),
+                        );
                         for r in &seqs {
                             s.add_tokens(&view, r.clone());
                         }
@@ -136,14 +143,10 @@ pub(crate) fn simulate_cmd(a: SimulateArgs) -> Result<()> {
                 prefetch::coactivation(&view, &seqs, &stats, budget, a.horizon)
             }
             PrefetchKind::Learned => {
-                let p = loaded
-                    .as_ref()
+                let o = online
+                    .as_mut()
                     .context("--prefetch learned needs --predictor DIR")?;
-                let mut online = OnlinePredictor::new(LoadedPredictor::load(
-                    a.predictor.as_ref().expect("checked"),
-                    &p.device,
-                )?);
-                prefetch::learned(&view, &seqs, &mut online, budget)?
+                prefetch::learned(&view, &seqs, o, budget)?
             }
         };
         plans.push(plan);
@@ -256,8 +259,4 @@ pub(crate) fn simulate_cmd(a: SimulateArgs) -> Result<()> {
         eprintln!("plot -> {}", path.display());
     }
     Ok(())
-}
-
-fn predictor_shape(meta: &datasets::TraceMeta) -> datasets::examples::RoutingShape {
-    datasets::examples::RoutingShape::of(meta)
 }
