@@ -14,14 +14,17 @@ build:
 	$(CARGO) build --release
 
 # The main job on the embedded default. The shipped tiny MoE (checkpoints/tiny-moe) runs
-# over the demo prompts (8 seeded samples each) and, separately, over held-out prompts;
-# its routing traces, statistics and charts land in runs/demo/. Then two expert
-# predictors are trained on the demo-prompt traces (next-token and cross-layer
-# lookahead) and evaluated against the baselines on the held-out traces (other prompts).
-# Last, the held-out trace is replayed through an expert cache with each eviction policy
-# and prefetcher (timing-honest), and a sweep over cache sizes is plotted.
+# over the demo prompts (6 seeded samples each) and, separately, over held-out prompts;
+# its routing traces, statistics and charts land in runs/demo/. Then an expert predictor
+# is trained on the demo-prompt traces (lookahead: it answers both the next-token and
+# the cross-layer forecasts) and evaluated against the baselines on the held-out traces.
+# Then the model generates the held-out prompts with its experts offloaded to disk (25%
+# resident, learned prefetch), and last the held-out trace is replayed through an expert
+# cache with each eviction policy and prefetcher (timing-honest, the policy table) and a
+# sweep over cache sizes is plotted.
 # It uses the debug build shared with `make test` (tensor kernels are optimised even
-# there, see Cargo.toml); `make build` gives the fully optimised binary.
+# there, see Cargo.toml), so a fresh clone finishes in under 10 minutes on 2 cores;
+# `make bench` measures speed with the optimised build.
 MODEL  := checkpoints/tiny-moe
 # Cache simulation of the demo model: experts of 3 x 128 x 128 bf16 weights (96 KiB, as the
 # trace records from the checkpoint) move over a 16 GB/s link; 30 us of compute per layer.
@@ -29,18 +32,17 @@ SIM    := --bandwidth 16 --compute-us-per-layer 30
 demo:
 	$(CARGO) build
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
-	$(DBG) collect --model $(MODEL) --prompts prompts/demo.txt --samples 8 --max-new-tokens 100 --temperature 0.8 --seed 0 -o $(DEMO)/tiny-moe.mctrace
+	$(DBG) collect --model $(MODEL) --prompts prompts/demo.txt --samples 6 --max-new-tokens 100 --temperature 0.8 --seed 0 -o $(DEMO)/tiny-moe.mctrace
 	$(DBG) collect --model $(MODEL) --prompts prompts/heldout.txt --samples 4 --max-new-tokens 100 --temperature 0.8 --seed 1000 -o $(DEMO)/heldout.mctrace
 	$(DBG) trace convert $(DEMO)/tiny-moe.mctrace -o $(DEMO)/tiny-moe.parquet
 	$(DBG) trace stats $(DEMO)/tiny-moe.mctrace --plot $(DEMO)/plots
 	$(DBG) trace stats $(DEMO)/tiny-moe.mctrace --json > $(DEMO)/stats.json
-	$(DBG) train --trace $(DEMO)/tiny-moe.mctrace --task next-token --test-fraction 0 -o $(DEMO)/predictor-next-token
-	$(DBG) eval --predictor $(DEMO)/predictor-next-token --trace $(DEMO)/heldout.mctrace --json $(DEMO)/eval-next-token.json --plot $(DEMO)/plots
-	$(DBG) train --trace $(DEMO)/tiny-moe.mctrace --task lookahead --test-fraction 0 -o $(DEMO)/predictor-lookahead
-	$(DBG) eval --predictor $(DEMO)/predictor-lookahead --trace $(DEMO)/heldout.mctrace --json $(DEMO)/eval-lookahead.json --plot $(DEMO)/plots
-	$(DBG) simulate --trace $(DEMO)/heldout.mctrace --predictor $(DEMO)/predictor-lookahead $(SIM) --cache 10%,25% --policy lru,lfu,belady --prefetch none,previous,coactivation,activation,learned,oracle --json $(DEMO)/simulate.json
-	$(DBG) simulate --trace $(DEMO)/heldout.mctrace --predictor $(DEMO)/predictor-lookahead $(SIM) --sweep --policy lru,belady --prefetch none,learned,oracle --plot $(DEMO)/plots > $(DEMO)/sweep.txt
-	@echo "demo outputs in $(DEMO)/: traces (.mctrace, .parquet), stats.json, predictor-*/, eval-*.json, simulate.json, sweep.txt, plots/"
+	$(DBG) train --trace $(DEMO)/tiny-moe.mctrace --task lookahead --test-fraction 0 --epochs 15 --batch-size 4 --warmup-steps 50 -o $(DEMO)/predictor
+	$(DBG) eval --predictor $(DEMO)/predictor --trace $(DEMO)/heldout.mctrace --json $(DEMO)/eval.json --plot $(DEMO)/plots
+	$(DBG) run --model $(MODEL) --prompts prompts/heldout.txt --max-new-tokens 32 --expert-cache 25% --predictor $(DEMO)/predictor --json $(DEMO)/run.json
+	$(DBG) simulate --trace $(DEMO)/heldout.mctrace --predictor $(DEMO)/predictor $(SIM) --cache 10%,25% --policy lru,lfu,belady --prefetch none,previous,coactivation,activation,learned,oracle --json $(DEMO)/simulate.json
+	$(DBG) simulate --trace $(DEMO)/heldout.mctrace --predictor $(DEMO)/predictor $(SIM) --sweep --policy lru,belady --prefetch none,learned,oracle --plot $(DEMO)/plots > $(DEMO)/sweep.txt
+	@echo "demo outputs in $(DEMO)/: traces (.mctrace, .parquet), stats.json, predictor/, eval.json, simulate.json, sweep.txt, run.json, plots/"
 
 test:
 	$(CARGO) test --workspace
@@ -69,6 +71,7 @@ bench:
 	$(CARGO) bench -p predictor --bench predictor -- train
 	RAYON_NUM_THREADS=1 $(CARGO) bench -p predictor --bench predictor -- latency
 	$(CARGO) bench -p inference --bench simulate
+	$(CARGO) bench -p collector --bench engine
 
 fmt:
 	$(CARGO) fmt --all

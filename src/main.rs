@@ -2,6 +2,7 @@
 
 mod model_cmd;
 mod predict_cmd;
+mod run_cmd;
 mod sim_cmd;
 mod trace_cmd;
 
@@ -36,6 +37,9 @@ enum Command {
     Eval(EvalArgs),
     /// Replay a trace through an expert cache with prefetching: hit rate, stall, tokens/s.
     Simulate(Box<sim_cmd::SimulateArgs>),
+    /// Generate with experts offloaded to disk: bounded expert cache, learned prefetch,
+    /// cache-aware routing; reports tokens/s, hit rate and stall time.
+    Run(Box<run_cmd::RunArgs>),
     /// Train a tiny MoE language model and write it as a Hugging Face checkpoint.
     #[command(subcommand)]
     Tinymoe(TinymoeCommand),
@@ -78,5 +82,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => predict_cmd::train(*a),
         Command::Eval(a) => predict_cmd::eval(a),
         Command::Simulate(a) => sim_cmd::simulate_cmd(*a),
+        Command::Run(a) => run_cmd::run(*a),
     }
 }

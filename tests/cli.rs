@@ -281,8 +281,8 @@ fn train_then_eval_a_predictor() {
     assert_eq!(report["task"], "lookahead");
     assert_eq!(
         report["groups"].as_array().unwrap().len(),
-        2,
-        "3 layers: +1 and +2"
+        3,
+        "3 layers: next token, +1 and +2"
     );
     let f1 = report["methods"][0]["groups"][0]["overall"]["f1"]
         .as_f64()
@@ -394,4 +394,133 @@ fn simulate_policies_and_prefetchers() {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         fail(&args, want);
     }
+}
+
+#[test]
+fn run_offloads_experts_with_learned_prefetch() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let model = root.join("checkpoints/tiny-moe").display().to_string();
+    let prompts = root.join("prompts/demo.txt").display().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let trace = tmp(&dir, "t.mctrace");
+    ok(&[
+        "collect",
+        "--model",
+        &model,
+        "--prompts",
+        &prompts,
+        "--max-new-tokens",
+        "24",
+        "-o",
+        &trace,
+    ]);
+    let pred = tmp(&dir, "pred");
+    ok(&[
+        "train",
+        "--trace",
+        &trace,
+        "--task",
+        "next-token",
+        "-o",
+        &pred,
+        "--d-model",
+        "32",
+        "--layers",
+        "1",
+        "--heads",
+        "2",
+        "--context",
+        "32",
+        "--epochs",
+        "2",
+        "--quiet",
+    ]);
+    let json = tmp(&dir, "run.json");
+    let said = ok(&[
+        "run",
+        "--model",
+        &model,
+        "--prompt",
+        "Once upon a time",
+        "--max-new-tokens",
+        "16",
+        "--expert-cache",
+        "20%",
+        "--predictor",
+        &pred,
+        "--json",
+        &json,
+    ]);
+    assert!(said.contains("identical to the engine's: yes"), "{said}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let r = &v["report"];
+    let n = |k: &str| r[k].as_u64().unwrap();
+    assert_eq!(n("decode_tokens"), 16);
+    assert_eq!(n("accesses"), 16 * 6 * 2);
+    assert_eq!(n("hits") + n("late") + n("misses"), n("accesses"));
+    assert_eq!(n("capacity"), 19, "20% of 96 experts");
+    assert!(
+        n("prefetches") > 0 && n("useful_prefetches") <= n("prefetch_reads"),
+        "{r}"
+    );
+    assert_eq!(v["generated"][0].as_array().unwrap().len(), 16);
+
+    let fail = |args: &[&str], want: &str| {
+        let out = moecast(args);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(
+            !out.status.success() && err.contains(want),
+            "{args:?}: {err}"
+        );
+    };
+    let base = ["run", "--model", &model, "--prompt", "x"];
+    let with = |extra: &[&str]| -> Vec<String> {
+        base.iter().chain(extra).map(|s| s.to_string()).collect()
+    };
+    let other = tmp(&dir, "other.mctrace");
+    ok(&[
+        "trace",
+        "synth",
+        "-o",
+        &other,
+        "--layers",
+        "3",
+        "--experts",
+        "8",
+    ]);
+    let other_pred = tmp(&dir, "other-pred");
+    ok(&[
+        "train",
+        "--trace",
+        &other,
+        "-o",
+        &other_pred,
+        "--d-model",
+        "16",
+        "--layers",
+        "1",
+        "--heads",
+        "2",
+        "--context",
+        "8",
+        "--epochs",
+        "1",
+        "--quiet",
+    ]);
+    for (extra, want) in [
+        (&["--expert-cache", "0"][..], "cache size"),
+        (&["--expert-cache", "150%"][..], "percentage"),
+        (&["--policy", "belady"][..], "belady"),
+        (&["--predictor", &other_pred][..], "the model has 6 x 16"),
+        (&["--predictor", &tmp(&dir, "nope")][..], "predictor.json"),
+    ] {
+        let args = with(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        fail(&args, want);
+    }
+    fail(
+        &["run", "--model", &tmp(&dir, "nope"), "--prompt", "x"],
+        "nope",
+    );
 }

@@ -5,6 +5,7 @@
 //! finishes, so a crash or Ctrl-C keeps every finished sequence readable; on success
 //! the journal is converted to `OUT` atomically and removed.
 
+mod offload;
 mod prompts;
 
 use std::collections::BTreeMap;
@@ -19,6 +20,7 @@ use inference::generate::{generate, Sampling};
 use inference::tokenizer::TextTokenizer;
 use inference::{Checkpoint, MoeModel, RouteDecision, RoutingObserver};
 
+pub use offload::{run_offloaded, CacheSize, OffloadRun, OffloadRunConfig};
 pub use prompts::{parse_token_ids, read_prompts, Prompt};
 
 /// Errors of a collection run.
@@ -199,14 +201,7 @@ fn run_prompts(
         } else {
             prompt.name().to_string()
         };
-        let ids = match prompt {
-            Prompt::Ids { ids, .. } => ids.clone(),
-            Prompt::Text { text, .. } => tokenizer.expect("loaded for text prompts").encode(
-                text,
-                cfg.add_special_tokens,
-                shape.vocab_size,
-            )?,
-        };
+        let ids = prompt.token_ids(tokenizer, cfg.add_special_tokens, shape.vocab_size)?;
         let sampling = match &cfg.sampling {
             Sampling::Temperature { temperature, seed } => Sampling::Temperature {
                 temperature: *temperature,

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use inference::tokenizer::TextTokenizer;
 use serde::Deserialize;
 
 use crate::CollectError;
@@ -19,6 +20,22 @@ impl Prompt {
     pub fn name(&self) -> &str {
         match self {
             Prompt::Text { name, .. } | Prompt::Ids { name, .. } => name,
+        }
+    }
+
+    /// The prompt's token ids (text is encoded with `tokenizer`, which text prompts need).
+    pub fn token_ids(
+        &self,
+        tokenizer: Option<&TextTokenizer>,
+        add_special_tokens: bool,
+        vocab_size: usize,
+    ) -> Result<Vec<u32>, inference::ModelError> {
+        match (self, tokenizer) {
+            (Prompt::Ids { ids, .. }, _) => Ok(ids.clone()),
+            (Prompt::Text { text, .. }, Some(t)) => t.encode(text, add_special_tokens, vocab_size),
+            (Prompt::Text { name, .. }, None) => Err(inference::ModelError::Input(format!(
+                "prompt '{name}' is text but the model has no tokenizer.json"
+            ))),
         }
     }
 }

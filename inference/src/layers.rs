@@ -26,15 +26,27 @@ impl Dense {
         device: &Device,
     ) -> Result<Dense> {
         let w = ck.tensor_f32(&format!("{name}.weight"), &[out, inp])?;
-        let weight = Tensor::<2>::from_data(TensorData::new(w, [out, inp]), device).transpose();
         let bias_name = format!("{name}.bias");
         let bias = if ck.contains(&bias_name) {
-            let b = ck.tensor_f32(&bias_name, &[out])?;
-            Some(Tensor::<1>::from_data(TensorData::new(b, [out]), device))
+            Some(ck.tensor_f32(&bias_name, &[out])?)
         } else {
             None
         };
-        Ok(Dense { weight, bias })
+        Ok(Dense::from_f32(w, bias, out, inp, device))
+    }
+
+    /// From a Hugging Face weight `[out, in]` (row-major values) and optional bias.
+    pub fn from_f32(
+        w: Vec<f32>,
+        bias: Option<Vec<f32>>,
+        out: usize,
+        inp: usize,
+        device: &Device,
+    ) -> Dense {
+        Dense {
+            weight: Tensor::<2>::from_data(TensorData::new(w, [out, inp]), device).transpose(),
+            bias: bias.map(|b| Tensor::<1>::from_data(TensorData::new(b, [out]), device)),
+        }
     }
 
     /// The output projection `lm_head`, or the transposed embedding table `embed`

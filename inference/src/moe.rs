@@ -23,7 +23,12 @@ pub struct SparseMoe {
     pub router: Dense,
     pub scoring: RouterScoring,
     pub top_k: usize,
+    /// Routed experts in memory; empty once offloaded (the observer supplies them).
     pub experts: Vec<SwiGlu>,
+    /// Checkpoint tensor names of each routed expert's `[gate, up, down]` projections
+    /// (without `.weight`), so an offloading runtime can read one expert from disk;
+    /// empty where the checkpoint fuses all experts into one tensor (GPT-OSS).
+    pub expert_tensors: Vec<[String; 3]>,
     pub shared: Option<SharedExpert>,
 }
 
@@ -39,13 +44,23 @@ impl SparseMoe {
         let [t, hidden] = x.dims();
         let device = x.device();
         let logits = to_vec(self.router.forward(x.clone()));
-        let e = self.experts.len();
-        let decisions: Vec<RouteDecision> = logits
-            .chunks_exact(e)
-            .map(|row| self.scoring.route(row, self.top_k))
-            .collect();
+        let e = self.n_experts();
+        let route = |bonus: Option<&[f32]>| -> Vec<RouteDecision> {
+            logits
+                .chunks_exact(e)
+                .map(|row| self.scoring.route_with_bonus(row, self.top_k, bonus))
+                .collect()
+        };
+        let decisions = match observer.selection_bonus(self.layer) {
+            Some(bonus) => {
+                let chosen = route(Some(&bonus));
+                observer.on_rerouted(self.layer, &route(None), &chosen);
+                chosen
+            }
+            None => route(None),
+        };
         observer.on_routing(self.layer, first_pos, &decisions);
-        let mut out = self.combine(x.clone(), &decisions, &device);
+        let mut out = self.combine(x.clone(), &decisions, &device, observer);
         if let Some(shared) = &self.shared {
             let mut s = shared.mlp.forward(x.clone());
             if let Some(g) = &shared.gate {
@@ -57,11 +72,28 @@ impl SparseMoe {
         out
     }
 
+    /// Number of routed experts (the router's outputs).
+    pub fn n_experts(&self) -> usize {
+        self.router.weight.dims()[1]
+    }
+
+    /// Drops the routed experts' weights from memory; from now on the observer's
+    /// [`RoutingObserver::expert`] supplies them.
+    pub fn offload_experts(&mut self) {
+        self.experts = Vec::new();
+    }
+
     /// Runs each chosen expert on its tokens and sums the weighted outputs.
-    fn combine(&self, x: Tensor<2>, decisions: &[RouteDecision], device: &Device) -> Tensor<2> {
+    fn combine(
+        &self,
+        x: Tensor<2>,
+        decisions: &[RouteDecision],
+        device: &Device,
+        observer: &mut dyn RoutingObserver,
+    ) -> Tensor<2> {
         let [t, hidden] = x.dims();
         let mut per_expert: Vec<(Vec<i64>, Vec<f32>)> =
-            vec![(Vec::new(), Vec::new()); self.experts.len()];
+            vec![(Vec::new(), Vec::new()); self.n_experts()];
         for (tok, d) in decisions.iter().enumerate() {
             for (&id, &w) in d.ids.iter().zip(&d.weights) {
                 per_expert[id as usize].0.push(tok as i64);
@@ -76,7 +108,19 @@ impl SparseMoe {
             let n = tokens.len();
             let idx = Tensor::<1, Int>::from_data(TensorData::new(tokens, [n]), device);
             let w = Tensor::<2>::from_data(TensorData::new(weights, [n, 1]), device);
-            let y = self.experts[id].forward(x.clone().select(0, idx.clone())) * w;
+            let input = x.clone().select(0, idx.clone());
+            let y = match self.experts.get(id) {
+                Some(expert) => expert.forward(input),
+                None => observer
+                    .expert(self.layer, id)
+                    .unwrap_or_else(|| {
+                        panic!(
+                            "layer {}: expert {id} is offloaded and the observer cannot supply it",
+                            self.layer
+                        )
+                    })
+                    .forward(input),
+            } * w;
             out = out.select_assign(0, idx, y, IndexingUpdateOp::Add);
         }
         out
@@ -91,6 +135,14 @@ pub enum FeedForward {
 }
 
 impl FeedForward {
+    /// The MoE block, if this is one.
+    pub fn sparse_mut(&mut self) -> Option<&mut SparseMoe> {
+        match self {
+            FeedForward::Dense(_) => None,
+            FeedForward::Sparse(moe) => Some(moe),
+        }
+    }
+
     /// `x`: `[T, hidden]` at positions `first_pos..`; MoE blocks report their routing.
     pub fn forward(
         &self,

@@ -75,10 +75,36 @@ pub struct RouteDecision {
     pub weights: Vec<f32>,
 }
 
-/// Receives the routing of every MoE layer as the model computes it.
+/// Receives the routing of every MoE layer as the model computes it, and may steer it:
+/// an offloading runtime biases the choice towards resident experts and supplies the
+/// weights of experts the model does not hold in memory.
 pub trait RoutingObserver {
     /// `layer` is the model layer index; `first_pos` the position of `decisions[0]`.
     fn on_routing(&mut self, layer: usize, first_pos: usize, decisions: &[RouteDecision]);
+
+    /// A forward of `tokens` at positions `first_pos..` begins.
+    fn on_forward(&mut self, _first_pos: usize, _tokens: &[u32]) {}
+
+    /// The forward finished; an error here fails it (its output is discarded).
+    fn on_forward_done(&mut self) -> crate::error::Result<()> {
+        Ok(())
+    }
+
+    /// Added to the selection scores of `layer`'s experts before the top-k (cache-aware
+    /// routing); the weights still come from the unbiased scores. `None`: unmodified.
+    fn selection_bonus(&mut self, _layer: usize) -> Option<Vec<f32>> {
+        None
+    }
+
+    /// Called when a selection bonus was given: the routing without it (`plain`) and the
+    /// routing used (`chosen`), token by token.
+    fn on_rerouted(&mut self, _layer: usize, _plain: &[RouteDecision], _chosen: &[RouteDecision]) {}
+
+    /// The weights of routed expert `id` of `layer` when the model holds none in memory
+    /// (experts offloaded); `None` when this observer cannot supply them.
+    fn expert(&mut self, _layer: usize, _id: usize) -> Option<crate::layers::SwiGlu> {
+        None
+    }
 }
 
 /// An observer that ignores everything.
@@ -177,6 +203,17 @@ impl RouterScoring {
 
     /// Chooses the experts of one token from its router logits.
     pub fn route(&self, logits: &[f32], k: usize) -> RouteDecision {
+        self.route_with_bonus(logits, k, None)
+    }
+
+    /// [`RouterScoring::route`] with `bonus[e]` added to expert `e`'s selection score
+    /// (not to its weight): cache-aware routing prefers resident experts this way.
+    pub fn route_with_bonus(
+        &self,
+        logits: &[f32],
+        k: usize,
+        bonus: Option<&[f32]>,
+    ) -> RouteDecision {
         let s = match self.score {
             ScoreFn::Softmax => softmax(logits),
             ScoreFn::Sigmoid => logits.iter().map(|&x| 1.0 / (1.0 + (-x).exp())).collect(),
@@ -188,6 +225,9 @@ impl RouterScoring {
         };
         if let Some(g) = &self.groups {
             limit_to_groups(&mut choice, g);
+        }
+        if let Some(b) = bonus {
+            choice.iter_mut().zip(b).for_each(|(c, b)| *c += b);
         }
         let ids = top_k(&choice, k);
         let mut w: Vec<f32> = ids.iter().map(|&i| s[i]).collect();

@@ -78,15 +78,14 @@ impl Default for EvalOptions {
     }
 }
 
-/// Forecast group of a query offset: `hh`-th predicted layer of a lookahead query is
-/// group `hh`; next-token has one group.
+/// Forecast groups: `next token` (the query with no layer known, which lookahead
+/// predictors are also trained on), then for lookahead the `hh`-th predicted layer.
 fn group_names(task: Task, horizon: usize, n_moe: usize) -> Vec<String> {
-    match task {
-        Task::NextToken => vec!["next token".into()],
-        Task::Lookahead => (1..=horizon.min(n_moe - 1))
-            .map(|h| format!("+{h} layer"))
-            .collect(),
+    let mut g = vec!["next token".to_string()];
+    if task == Task::Lookahead {
+        g.extend((1..=horizon.min(n_moe - 1)).map(|h| format!("+{h} layer")));
     }
+    g
 }
 
 /// Evaluates `model` (and the baselines fitted in `stats`) on the `split` sequences of
@@ -103,7 +102,7 @@ pub fn evaluate(
     let shape = cfg.routing;
     let (m, e, k) = (shape.n_moe, shape.n_experts, shape.top_k);
     let budget = opts.budget.unwrap_or(2 * k).clamp(k, e);
-    let queries = cfg.queries();
+    let queries = cfg.training_queries();
     let groups = group_names(cfg.task, cfg.horizon, m);
     let windows = set.windows(split, cfg.context);
     if windows.is_empty() {
@@ -205,7 +204,7 @@ fn score_query(
             let Some(truth) = view.layer(t, layer) else {
                 continue;
             };
-            let group = if q.known == 0 { 0 } else { hh };
+            let group = if q.known == 0 { 0 } else { hh + 1 };
             rank_top(
                 &z[row * width + hh * e..row * width + (hh + 1) * e],
                 budget,
@@ -223,7 +222,8 @@ fn score_query(
             counts[1][group].add(layer, ranking, truth);
             st.rank_frequency(layer, budget, ranking);
             counts[2][group].add(layer, ranking, truth);
-            if counts.len() > 3 {
+            // Co-activation needs a known layer of the current token.
+            if counts.len() > 3 && q.known > 0 {
                 let src = q.known - 1;
                 match view.layer(t, src) {
                     Some(given) => st.rank_coactivation(src, layer - src, given, budget, ranking),
@@ -285,7 +285,12 @@ pub fn render_table(r: &EvalReport) -> String {
             "elem-acc",
             "macro-F1"
         );
-        for mr in &r.methods {
+        let shown: Vec<&MethodReport> = r
+            .methods
+            .iter()
+            .filter(|mr| mr.groups[gi].overall.sets > 0)
+            .collect();
+        for mr in &shown {
             let o = &mr.groups[gi].overall;
             s += &format!(
                 "  {:<16} {:>7.4} {:>9.4} {:>7.4} {:>7.4} {:>9.4} {:>9.4} {:>9.4}\n",
@@ -300,7 +305,7 @@ pub fn render_table(r: &EvalReport) -> String {
             );
         }
         s += &format!("  F1 per layer ({g}):\n  {:<6}", "layer");
-        for mr in &r.methods {
+        for mr in &shown {
             s += &format!(" {:>16}", mr.method);
         }
         s += "\n";
@@ -310,7 +315,7 @@ pub fn render_table(r: &EvalReport) -> String {
                 continue;
             }
             s += &format!("  {l:<6}");
-            for mr in &r.methods {
+            for mr in &shown {
                 let f = mr.groups[gi].per_layer[l].map_or(f64::NAN, |x| x.f1);
                 s += &format!(" {f:>16.4}");
             }
@@ -330,6 +335,7 @@ pub fn plot_f1(r: &EvalReport, dir: &Path) -> Result<Vec<PathBuf>> {
         let series_data: Vec<(String, Vec<(f64, f64)>)> = r
             .methods
             .iter()
+            .filter(|mr| mr.groups[gi].overall.sets > 0)
             .map(|mr| {
                 let pts = mr.groups[gi]
                     .per_layer

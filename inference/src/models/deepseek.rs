@@ -237,6 +237,14 @@ fn mlp(ck: &Checkpoint, p: &str, h: usize, inter: usize, device: &Device) -> Res
 }
 
 impl Model {
+    /// The sparse MoE blocks, in layer order.
+    pub fn sparse_layers_mut(&mut self) -> Vec<&mut SparseMoe> {
+        self.layers
+            .iter_mut()
+            .filter_map(|l| l.ffn.sparse_mut())
+            .collect()
+    }
+
     /// Loads the weights of `ck` (whose config is `config`) onto `device`.
     pub fn load(ck: &Checkpoint, config: Config, device: &Device) -> Result<Model> {
         let bad = |msg: String| ModelError::file(&ck.config_path(), msg);
@@ -420,6 +428,9 @@ fn load_moe(
 ) -> Result<SparseMoe> {
     let (h, e) = (c.hidden_size, c.n_routed_experts);
     let block = format!("model.layers.{l}.mlp");
+    let expert_tensors: Vec<[String; 3]> = (0..e)
+        .map(|i| ["gate_proj", "up_proj", "down_proj"].map(|n| format!("{block}.experts.{i}.{n}")))
+        .collect();
     let experts = (0..e)
         .map(|i| {
             mlp(
@@ -458,6 +469,7 @@ fn load_moe(
         scoring: c.scoring(variant, bias),
         top_k: c.num_experts_per_tok,
         experts,
+        expert_tensors,
         shared,
     })
 }

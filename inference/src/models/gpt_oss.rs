@@ -224,6 +224,11 @@ pub fn load_expert(
 }
 
 impl Model {
+    /// The sparse MoE blocks, in layer order.
+    pub fn sparse_layers_mut(&mut self) -> Vec<&mut SparseMoe> {
+        self.layers.iter_mut().map(|l| &mut l.moe).collect()
+    }
+
     /// Loads the weights of `ck` (whose config is `config`) onto `device`.
     pub fn load(ck: &Checkpoint, config: Config, device: &Device) -> Result<Model> {
         let bad = |msg: String| ModelError::file(&ck.config_path(), msg);
@@ -259,6 +264,7 @@ impl Model {
                 scoring: RouterScoring::gpt_oss(),
                 top_k: c.num_experts_per_tok,
                 experts,
+                expert_tensors: Vec::new(),
                 shared: None,
             };
             layers.push(Layer {

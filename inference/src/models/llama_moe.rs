@@ -165,6 +165,14 @@ pub struct Model {
 }
 
 impl Model {
+    /// The sparse MoE blocks, in layer order.
+    pub fn sparse_layers_mut(&mut self) -> Vec<&mut SparseMoe> {
+        self.layers
+            .iter_mut()
+            .filter_map(|l| l.ffn.sparse_mut())
+            .collect()
+    }
+
     /// Loads the weights of `ck` (whose config is `config`) onto `device`.
     pub fn load(ck: &Checkpoint, config: Config, device: &Device) -> Result<Model> {
         let variant = config.variant().ok_or_else(|| {
@@ -330,21 +338,12 @@ fn load_moe(
         Variant::Mixtral | Variant::Olmoe => c.intermediate_size,
         _ => c.moe_intermediate_size.unwrap_or(c.intermediate_size),
     };
-    let experts = (0..e)
-        .map(|i| {
-            let p = format!("{block}.experts.{i}");
-            SwiGlu::load(
-                ck,
-                [
-                    &format!("{p}.{}", names[0]),
-                    &format!("{p}.{}", names[1]),
-                    &format!("{p}.{}", names[2]),
-                ],
-                h,
-                inter,
-                device,
-            )
-        })
+    let expert_tensors: Vec<[String; 3]> = (0..e)
+        .map(|i| names.map(|n| format!("{block}.experts.{i}.{n}")))
+        .collect();
+    let experts = expert_tensors
+        .iter()
+        .map(|[g, u, d]| SwiGlu::load(ck, [g, u, d], h, inter, device))
         .collect::<Result<Vec<_>>>()?;
     let shared = match (variant, c.shared_expert_intermediate_size) {
         (Variant::Qwen2Moe, Some(si)) if si > 0 => {
@@ -378,6 +377,7 @@ fn load_moe(
         scoring: RouterScoring::softmax_topk(c.norm_topk(variant)),
         top_k: c.num_experts_per_tok,
         experts,
+        expert_tensors,
         shared,
     })
 }

@@ -155,11 +155,23 @@ impl MoeModel {
                 "token id {t} is not below vocab_size = {vocab}"
             )));
         }
-        Ok(match self {
+        observer.on_forward(cache.len(), tokens);
+        let logits = match self {
             MoeModel::LlamaMoe(m) => m.forward(tokens, cache, observer),
             MoeModel::Deepseek(m) => m.forward(tokens, cache, observer),
             MoeModel::GptOss(m) => m.forward(tokens, cache, observer),
-        })
+        };
+        observer.on_forward_done()?;
+        Ok(logits)
+    }
+
+    /// The sparse MoE blocks, in layer order (an offloading runtime drops their experts).
+    pub fn sparse_layers_mut(&mut self) -> Vec<&mut crate::moe::SparseMoe> {
+        match self {
+            MoeModel::LlamaMoe(m) => m.sparse_layers_mut(),
+            MoeModel::Deepseek(m) => m.sparse_layers_mut(),
+            MoeModel::GptOss(m) => m.sparse_layers_mut(),
+        }
     }
 
     /// A fresh KV cache for this model.

@@ -1,0 +1,242 @@
+//! Runs prompts through the offloading engine ([`inference::engine`]): experts read from
+//! disk into a bounded cache, optional learned prefetch and cache-aware routing. The
+//! same prompts also run with every expert in memory, to check that the engine (without
+//! cache-aware routing) generates exactly the same tokens and to time the difference.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use inference::cache::EvictionPolicy;
+use inference::engine::quality::{compare_routing, RoutingQuality};
+use inference::engine::{EngineConfig, EngineReport, OffloadEngine};
+use inference::generate::{generate, Sampling};
+use inference::tokenizer::TextTokenizer;
+use inference::{Checkpoint, MoeModel};
+use predictor::{LoadedPredictor, OnlinePredictor};
+
+use crate::{CollectError, Prompt};
+
+/// Resident experts: a count, or a share of all routed experts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum CacheSize {
+    Experts(usize),
+    Fraction(f64),
+}
+
+impl std::str::FromStr for CacheSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(p) = s.strip_suffix('%') {
+            match p.trim().parse::<f64>() {
+                Ok(p) if p > 0.0 && p <= 100.0 => Ok(CacheSize::Fraction(p / 100.0)),
+                _ => Err(format!("cache size '{s}' must be a percentage in (0, 100]")),
+            }
+        } else {
+            match s.trim().parse::<usize>() {
+                Ok(n) if n > 0 => Ok(CacheSize::Experts(n)),
+                _ => Err(format!("cache size '{s}' must be N (experts, >= 1) or P%")),
+            }
+        }
+    }
+}
+
+impl CacheSize {
+    /// Experts, out of `total`.
+    pub fn experts(self, total: usize) -> usize {
+        match self {
+            CacheSize::Experts(n) => n.min(total),
+            CacheSize::Fraction(f) => ((f * total as f64).round() as usize).clamp(1, total),
+        }
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct OffloadRunConfig {
+    pub model_dir: PathBuf,
+    pub prompts: Vec<Prompt>,
+    pub max_new_tokens: usize,
+    pub sampling: Sampling,
+    pub backend: inference::device::BackendKind,
+    pub add_special_tokens: bool,
+    pub cache: CacheSize,
+    pub policy: EvictionPolicy,
+    /// A trained predictor directory: learned prefetch.
+    pub predictor: Option<PathBuf>,
+    /// Experts prefetched per forecast layer (default: top-k).
+    pub budget: Option<usize>,
+    /// With a lookahead predictor, also forecast the next layers after each layer.
+    pub layer_forecasts: bool,
+    /// Cache-aware routing margin; 0 = off.
+    pub routing_margin: f32,
+    pub loader_threads: usize,
+    /// Also run every prompt with all experts in memory (identity check, reference speed).
+    pub compare_in_memory: bool,
+    /// Held-out text prompts for the cache-aware routing quality check.
+    pub quality: Vec<Prompt>,
+}
+
+/// What a run produced and measured.
+#[derive(Debug, Clone)]
+pub struct OffloadRun {
+    pub report: EngineReport,
+    /// Generated token ids per prompt, and their text when a tokenizer exists.
+    pub generated: Vec<Vec<u32>>,
+    pub texts: Vec<Option<String>>,
+    /// With `compare_in_memory`: whether every prompt generated the same tokens, and the
+    /// in-memory decode throughput.
+    pub identical: Option<bool>,
+    pub in_memory_tokens_per_s: Option<f64>,
+    pub quality: Option<RoutingQuality>,
+}
+
+/// Loads the model, offloads its experts and generates every prompt through the engine.
+pub fn run_offloaded(cfg: &OffloadRunConfig) -> Result<OffloadRun, CollectError> {
+    let device = cfg.backend.device();
+    let ck = Checkpoint::open(&cfg.model_dir)?;
+    let reference = MoeModel::load(&ck, &device)?;
+    let shape = reference.shape();
+    let total = shape.moe_layers.len() * shape.n_experts;
+    let needs_tokenizer = cfg
+        .prompts
+        .iter()
+        .chain(&cfg.quality)
+        .any(|p| matches!(p, Prompt::Text { .. }));
+    let tokenizer = if needs_tokenizer || cfg.model_dir.join("tokenizer.json").exists() {
+        Some(TextTokenizer::load(&cfg.model_dir)?)
+    } else {
+        None
+    };
+    let ids = |prompts: &[Prompt]| -> Result<Vec<Vec<u32>>, CollectError> {
+        prompts
+            .iter()
+            .map(|p| {
+                p.token_ids(tokenizer.as_ref(), cfg.add_special_tokens, shape.vocab_size)
+                    .map_err(|source| CollectError::Prompt {
+                        name: p.name().to_string(),
+                        source,
+                    })
+            })
+            .collect()
+    };
+    let prompts = ids(&cfg.prompts)?;
+    let online = match &cfg.predictor {
+        Some(dir) => Some(OnlinePredictor::new(
+            LoadedPredictor::load(dir, &device).map_err(inference::ModelError::from)?,
+        )),
+        None => None,
+    };
+    let engine_cfg = EngineConfig {
+        capacity: cfg.cache.experts(total),
+        policy: cfg.policy,
+        budget: cfg.budget.unwrap_or(shape.top_k),
+        layer_forecasts: cfg.layer_forecasts,
+        routing_margin: cfg.routing_margin,
+        loader_threads: cfg.loader_threads,
+    };
+    let mut offloaded = reference.clone();
+    let mut engine = OffloadEngine::new(&ck, &mut offloaded, engine_cfg, online, &device)?;
+
+    let bar = ProgressBar::new(prompts.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} prompts  {msg}  [{elapsed_precise}]")
+            .expect("static template"),
+    );
+    let mut generated = Vec::new();
+    for (p, prompt) in cfg.prompts.iter().zip(&prompts) {
+        engine.new_request();
+        let g = generate(
+            &offloaded,
+            prompt,
+            cfg.max_new_tokens,
+            &cfg.sampling,
+            None,
+            &mut engine,
+        )
+        .map_err(|source| CollectError::Prompt {
+            name: p.name().to_string(),
+            source,
+        })?;
+        generated.push(g.generated);
+        let r = engine.report();
+        bar.set_message(format!(
+            "{:.1} tokens/s, hit rate {:.1}%",
+            r.tokens_per_s(),
+            100.0 * r.hit_rate()
+        ));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let report = engine.report().clone();
+
+    let (mut identical, mut in_memory_tokens_per_s) = (None, None);
+    if cfg.compare_in_memory {
+        let (mut same, mut decode_s, mut decode_tokens) = (true, 0f64, 0usize);
+        for (prompt, out) in prompts.iter().zip(&generated) {
+            let mut timer = DecodeTimer::default();
+            let g = generate(
+                &reference,
+                prompt,
+                cfg.max_new_tokens,
+                &cfg.sampling,
+                None,
+                &mut timer,
+            )?;
+            same &= g.generated == *out;
+            decode_s += timer.decode_s;
+            decode_tokens += timer.decode_tokens;
+        }
+        identical = Some(same);
+        in_memory_tokens_per_s = Some(decode_tokens as f64 / decode_s.max(1e-12));
+    }
+    let quality = if cfg.quality.is_empty() {
+        None
+    } else {
+        Some(compare_routing(
+            &reference,
+            &offloaded,
+            &mut engine,
+            &ids(&cfg.quality)?,
+        )?)
+    };
+    let texts = generated
+        .iter()
+        .map(|g| tokenizer.as_ref().and_then(|t| t.decode(g).ok()))
+        .collect();
+    Ok(OffloadRun {
+        report,
+        generated,
+        texts,
+        identical,
+        in_memory_tokens_per_s,
+        quality,
+    })
+}
+
+/// Times the decode steps of an in-memory run (same accounting as the engine's).
+#[derive(Default)]
+struct DecodeTimer {
+    started: Option<Instant>,
+    decoding: bool,
+    decode_s: f64,
+    decode_tokens: usize,
+}
+
+impl inference::RoutingObserver for DecodeTimer {
+    fn on_routing(&mut self, _: usize, _: usize, _: &[inference::RouteDecision]) {}
+
+    fn on_forward(&mut self, first_pos: usize, tokens: &[u32]) {
+        self.decoding = first_pos > 0 && tokens.len() == 1;
+        self.started = Some(Instant::now());
+    }
+
+    fn on_forward_done(&mut self) -> inference::Result<()> {
+        if let (true, Some(t)) = (self.decoding, self.started) {
+            self.decode_s += t.elapsed().as_secs_f64();
+            self.decode_tokens += 1;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,482 @@
+//! The offloading engine: every non-expert weight stays in memory; routed experts live
+//! on disk and are read on demand into a bounded set of resident experts (the
+//! [`ExpertCache`] decides which go), with prefetching on background threads while the
+//! current layer computes, and optional cache-aware routing.
+//!
+//! It is a [`RoutingObserver`] of a model whose experts were offloaded
+//! ([`OffloadEngine::new`] drops them): the model calls it at each forward, at each MoE
+//! layer's routing, and for each expert it needs, so [`crate::generate::generate`] runs
+//! unchanged. Per decode step:
+//!
+//! 1. at the token's start, a learned predictor (if any) forecasts every layer's experts
+//!    of this token from its id and history; the `budget` best per layer are queued;
+//! 2. at layer `l`, the router's experts are looked up: resident (**hit**), still being
+//!    read (**late**: the layer waits) or absent (**miss**: read on demand, ahead of the
+//!    queued prefetches); with `layer_forecasts`, a lookahead predictor then forecasts
+//!    layers `l+1..l+D` from the layers routed so far;
+//! 3. after the forward the predictor observes the token's routing.
+//!
+//! Cache-aware routing adds `margin` to the selection score of every expert that is
+//! resident or arriving, so a cached expert replaces an uncached choice whose score is
+//! within `margin` of it; weights come from the unbiased scores.
+//!
+//! Hit rates and stall times count decode steps only; the prompt is run as one batch.
+
+pub mod quality;
+pub mod store;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use burn::tensor::Device;
+use predictor::{OnlinePredictor, Task};
+use serde::{Deserialize, Serialize};
+
+use crate::cache::{CacheScope, EvictionPolicy, ExpertCache, Insertion};
+use crate::checkpoint::Checkpoint;
+use crate::error::{ModelError, Result};
+use crate::layers::SwiGlu;
+use crate::models::MoeModel;
+use crate::routing::{RouteDecision, RoutingObserver};
+pub use store::{ExpertLoader, ExpertStore, Loaded};
+
+/// How the engine runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineConfig {
+    /// Resident experts, all MoE layers together.
+    pub capacity: usize,
+    /// LRU or LFU (Belady needs the future: simulator only).
+    pub policy: EvictionPolicy,
+    /// Experts prefetched per forecast layer.
+    pub budget: usize,
+    /// With a lookahead predictor, also forecast layers `l+1..l+D` after each layer
+    /// (one more predictor query per layer on the decode thread).
+    pub layer_forecasts: bool,
+    /// Cache-aware routing margin in router-score units; 0 = off.
+    pub routing_margin: f32,
+    /// Background reader threads.
+    pub loader_threads: usize,
+}
+
+/// What a run measured.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EngineReport {
+    pub policy: String,
+    pub prefetch: String,
+    pub capacity: usize,
+    pub total_experts: usize,
+    pub routing_margin: f32,
+    pub prompt_tokens: u64,
+    pub decode_tokens: u64,
+    pub prefill_s: f64,
+    pub decode_s: f64,
+    /// Expert lookups in decode steps (token x layer x k).
+    pub accesses: u64,
+    pub hits: u64,
+    pub late: u64,
+    pub misses: u64,
+    /// Decode time spent waiting for expert reads.
+    pub stall_s: f64,
+    pub prefetches: u64,
+    /// Prefetched experts used before eviction.
+    pub useful_prefetches: u64,
+    /// Reads finished, and bytes read, on demand and for prefetches (prompt included).
+    pub demand_reads: u64,
+    pub prefetch_reads: u64,
+    pub bytes_demand: u64,
+    pub bytes_prefetch: u64,
+    /// Reads that arrived after their expert had been evicted.
+    pub wasted_reads: u64,
+    /// Seconds the loader threads spent reading (they overlap compute).
+    pub read_s: f64,
+    /// (token, layer) routings where cache-aware routing changed the expert set, of all.
+    pub rerouted: u64,
+    pub routings: u64,
+}
+
+impl EngineReport {
+    /// Hits over decode lookups.
+    pub fn hit_rate(&self) -> f64 {
+        self.hits as f64 / self.accesses.max(1) as f64
+    }
+
+    /// Decode throughput.
+    pub fn tokens_per_s(&self) -> f64 {
+        self.decode_tokens as f64 / self.decode_s.max(1e-12)
+    }
+
+    /// Mean decode stall per token, milliseconds.
+    pub fn stall_ms_per_token(&self) -> f64 {
+        self.stall_s * 1e3 / self.decode_tokens.max(1) as f64
+    }
+}
+
+/// The runtime state; see the module docs.
+pub struct OffloadEngine {
+    cfg: EngineConfig,
+    store: Arc<ExpertStore>,
+    loader: ExpertLoader,
+    cache: ExpertCache,
+    resident: HashMap<usize, SwiGlu>,
+    /// Reads queued or running, and whether they were demand reads.
+    in_flight: HashMap<usize, bool>,
+    unused_prefetch: HashSet<usize>,
+    /// Model layer -> MoE index.
+    moe_index: HashMap<usize, usize>,
+    n_experts: usize,
+    predictor: Option<OnlinePredictor>,
+    tokens: Vec<u32>,
+    /// This forward's routing per MoE index.
+    routing: Vec<Vec<RouteDecision>>,
+    decoding: bool,
+    started: Instant,
+    pinned: Vec<usize>,
+    error: Option<ModelError>,
+    report: EngineReport,
+}
+
+impl OffloadEngine {
+    /// Drops `model`'s routed experts from memory and serves them from `ck`'s files.
+    /// `predictor` (optional) must forecast this model's routing.
+    pub fn new(
+        ck: &Checkpoint,
+        model: &mut MoeModel,
+        cfg: EngineConfig,
+        predictor: Option<OnlinePredictor>,
+        device: &Device,
+    ) -> Result<OffloadEngine> {
+        if cfg.policy == EvictionPolicy::Belady {
+            return Err(ModelError::Input(
+                "belady needs the future routing: use it in `moecast simulate`, not in the engine"
+                    .into(),
+            ));
+        }
+        let shape = model.shape();
+        let (m, e) = (shape.moe_layers.len(), shape.n_experts);
+        if let Some(p) = &predictor {
+            let r = p.predictor().card.config.routing;
+            if (r.n_moe, r.n_experts, r.top_k) != (m, e, shape.top_k) {
+                return Err(ModelError::Input(format!(
+                    "the predictor forecasts {} MoE layers x {} experts (top-{}), the model has {m} x {e} (top-{})",
+                    r.n_moe, r.n_experts, r.top_k, shape.top_k
+                )));
+            }
+        }
+        if cfg.capacity == 0 {
+            return Err(ModelError::Input(
+                "the expert cache needs at least one slot".into(),
+            ));
+        }
+        let mut layers = model.sparse_layers_mut();
+        let store = Arc::new(ExpertStore::open(ck, &layers, device)?);
+        for moe in layers.iter_mut() {
+            moe.offload_experts();
+        }
+        let capacity = cfg.capacity.min(m * e);
+        let loader = ExpertLoader::start(store.clone(), cfg.loader_threads);
+        let report = EngineReport {
+            policy: policy_name(cfg.policy),
+            prefetch: match &predictor {
+                Some(p)
+                    if cfg.layer_forecasts && p.predictor().card.config.task == Task::Lookahead =>
+                {
+                    "learned (next token + layer lookahead)".into()
+                }
+                Some(_) => "learned (next token)".into(),
+                None => "none".into(),
+            },
+            capacity,
+            total_experts: m * e,
+            routing_margin: cfg.routing_margin,
+            ..EngineReport::default()
+        };
+        Ok(OffloadEngine {
+            cache: ExpertCache::new(cfg.policy, CacheScope::Global, capacity, m, e),
+            cfg,
+            store,
+            loader,
+            resident: HashMap::new(),
+            in_flight: HashMap::new(),
+            unused_prefetch: HashSet::new(),
+            moe_index: shape
+                .moe_layers
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (l, i))
+                .collect(),
+            n_experts: e,
+            predictor,
+            tokens: Vec::new(),
+            routing: vec![Vec::new(); m],
+            decoding: false,
+            started: Instant::now(),
+            pinned: Vec::new(),
+            error: None,
+            report,
+        })
+    }
+
+    /// What has been measured so far.
+    pub fn report(&self) -> &EngineReport {
+        &self.report
+    }
+
+    /// Forgets the request's history (KV cache and predictor state start over); the
+    /// resident experts stay, as in a server between requests.
+    pub fn new_request(&mut self) {
+        if let Some(p) = &mut self.predictor {
+            p.reset();
+        }
+    }
+
+    fn n_moe(&self) -> usize {
+        self.routing.len()
+    }
+
+    /// Takes finished reads without waiting.
+    fn drain(&mut self) {
+        while let Some(l) = self.loader.poll() {
+            self.arrive(l);
+        }
+    }
+
+    fn arrive(&mut self, l: Loaded) {
+        let demand = self.in_flight.remove(&l.id).unwrap_or(true);
+        self.report.read_s += l.read_time.as_secs_f64();
+        if demand {
+            self.report.demand_reads += 1;
+            self.report.bytes_demand += l.bytes;
+        } else {
+            self.report.prefetch_reads += 1;
+            self.report.bytes_prefetch += l.bytes;
+        }
+        match l.expert {
+            Err(e) => {
+                self.error.get_or_insert(e);
+            }
+            Ok(expert) if self.cache.contains(l.id) => {
+                if !demand {
+                    self.unused_prefetch.insert(l.id);
+                }
+                self.resident.insert(l.id, expert);
+            }
+            Ok(_) => self.report.wasted_reads += 1,
+        }
+    }
+
+    fn evict(&mut self, id: usize) {
+        self.resident.remove(&id);
+        self.unused_prefetch.remove(&id);
+        if self.in_flight.contains_key(&id) && self.loader.cancel(id) {
+            self.in_flight.remove(&id);
+        }
+    }
+
+    /// Makes `id` resident or arriving; a demand read jumps the prefetch queue.
+    fn admit(&mut self, id: usize, demand: bool) {
+        if self.cache.contains(id) {
+            // A use; a prefetch of a resident expert only keeps it (pinned) for now.
+            if demand {
+                self.cache.touch(id, 0);
+            }
+        } else {
+            let mut ins = self.cache.insert(id, 0, &self.pinned);
+            if ins == Insertion::AllPinned {
+                if !demand {
+                    return;
+                }
+                ins = self.cache.insert(id, 0, &[]);
+            }
+            if let Insertion::Done { evicted: Some(v) } = ins {
+                self.evict(v);
+            }
+            if !demand {
+                self.report.prefetches += 1;
+            }
+        }
+        self.pinned.push(id);
+        match self.in_flight.get(&id) {
+            Some(_) if demand => self.loader.promote(id),
+            Some(_) => {}
+            None if self.resident.contains_key(&id) => {}
+            None => {
+                self.loader.request(id, demand);
+                self.in_flight.insert(id, demand);
+            }
+        }
+    }
+
+    fn prefetch_forecast(&mut self, f: &predictor::ExpertForecast) {
+        for l in f.first_layer..f.first_layer + f.n_layers() {
+            for x in f.top(l, self.cfg.budget) {
+                self.admit(l * self.n_experts + x as usize, false);
+            }
+        }
+    }
+
+    fn fail(&mut self, e: impl Into<ModelError>) {
+        self.error.get_or_insert(e.into());
+    }
+}
+
+fn policy_name(p: EvictionPolicy) -> String {
+    match p {
+        EvictionPolicy::Lru => "lru".into(),
+        EvictionPolicy::Lfu { decay: 0.0 } => "lfu".into(),
+        EvictionPolicy::Lfu { decay } => format!("lfu:{decay}"),
+        EvictionPolicy::Belady => "belady".into(),
+    }
+}
+
+impl RoutingObserver for OffloadEngine {
+    fn on_forward(&mut self, first_pos: usize, tokens: &[u32]) {
+        self.tokens = tokens.to_vec();
+        self.routing.iter_mut().for_each(Vec::clear);
+        self.decoding = first_pos > 0 && tokens.len() == 1;
+        self.started = Instant::now();
+        self.pinned.clear();
+        self.drain();
+        if !self.decoding {
+            return;
+        }
+        if let Some(p) = &mut self.predictor {
+            match p.predict_next(tokens[0]) {
+                Ok(f) => self.prefetch_forecast(&f),
+                Err(e) => self.fail(e),
+            }
+        }
+    }
+
+    fn on_routing(&mut self, layer: usize, _first_pos: usize, decisions: &[RouteDecision]) {
+        let Some(&m) = self.moe_index.get(&layer) else {
+            return;
+        };
+        self.routing[m] = decisions.to_vec();
+        self.drain();
+        self.pinned.clear();
+        let mut needed: Vec<usize> = decisions
+            .iter()
+            .flat_map(|d| d.ids.iter().map(|&x| m * self.n_experts + x as usize))
+            .collect();
+        needed.sort_unstable();
+        needed.dedup();
+        for &id in &needed {
+            if self.decoding {
+                self.report.accesses += 1;
+                if self.resident.contains_key(&id) {
+                    self.report.hits += 1;
+                } else if self.in_flight.contains_key(&id) {
+                    self.report.late += 1;
+                } else {
+                    self.report.misses += 1;
+                }
+            }
+            self.admit(id, true);
+        }
+        if !self.decoding || !self.cfg.layer_forecasts || m + 1 >= self.n_moe() {
+            return;
+        }
+        let Some(p) = &mut self.predictor else {
+            return;
+        };
+        if p.predictor().card.config.task != Task::Lookahead {
+            return;
+        }
+        let known: Vec<Vec<u16>> = self.routing[..=m]
+            .iter()
+            .map(|d| d[0].ids.iter().map(|&x| x as u16).collect())
+            .collect();
+        let known: Vec<&[u16]> = known.iter().map(Vec::as_slice).collect();
+        match p.predict_lookahead(self.tokens[0], &known) {
+            Ok(f) => self.prefetch_forecast(&f),
+            Err(e) => self.fail(e),
+        }
+    }
+
+    fn selection_bonus(&mut self, layer: usize) -> Option<Vec<f32>> {
+        if self.cfg.routing_margin <= 0.0 {
+            return None;
+        }
+        let &m = self.moe_index.get(&layer)?;
+        self.drain();
+        Some(
+            (0..self.n_experts)
+                .map(|x| {
+                    if self.cache.contains(m * self.n_experts + x) {
+                        self.cfg.routing_margin
+                    } else {
+                        0.0
+                    }
+                })
+                .collect(),
+        )
+    }
+
+    fn on_rerouted(&mut self, _layer: usize, plain: &[RouteDecision], chosen: &[RouteDecision]) {
+        let set = |d: &RouteDecision| {
+            let mut v = d.ids.clone();
+            v.sort_unstable();
+            v
+        };
+        self.report.routings += plain.len() as u64;
+        self.report.rerouted += plain
+            .iter()
+            .zip(chosen)
+            .filter(|(a, b)| set(a) != set(b))
+            .count() as u64;
+    }
+
+    fn expert(&mut self, layer: usize, x: usize) -> Option<SwiGlu> {
+        let id = self.moe_index.get(&layer)? * self.n_experts + x;
+        let waited = Instant::now();
+        loop {
+            if let Some(expert) = self.resident.get(&id) {
+                let expert = expert.clone();
+                if self.unused_prefetch.remove(&id) {
+                    self.report.useful_prefetches += 1;
+                }
+                if self.decoding {
+                    self.report.stall_s += waited.elapsed().as_secs_f64();
+                }
+                return Some(expert);
+            }
+            if self.error.is_some() {
+                return Some(self.store.placeholder(id));
+            }
+            if !self.in_flight.contains_key(&id) {
+                self.admit(id, true);
+            }
+            match self.loader.wait() {
+                Some(l) => self.arrive(l),
+                None => self.fail(ModelError::Input("the expert loader stopped".into())),
+            }
+        }
+    }
+
+    fn on_forward_done(&mut self) -> Result<()> {
+        if let Some(e) = self.error.take() {
+            return Err(e);
+        }
+        let elapsed = self.started.elapsed().as_secs_f64();
+        if self.decoding {
+            self.report.decode_tokens += 1;
+            self.report.decode_s += elapsed;
+        } else {
+            self.report.prompt_tokens += self.tokens.len() as u64;
+            self.report.prefill_s += elapsed;
+        }
+        if let Some(p) = &mut self.predictor {
+            for (i, &tok) in self.tokens.iter().enumerate() {
+                let ids: Vec<Option<Vec<u16>>> = self
+                    .routing
+                    .iter()
+                    .map(|d| d.get(i).map(|d| d.ids.iter().map(|&x| x as u16).collect()))
+                    .collect();
+                let ids: Vec<Option<&[u16]>> = ids.iter().map(|x| x.as_deref()).collect();
+                p.observe(tok, &ids)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,194 @@
+//! `moecast run`: generation through the offloading engine.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::Args;
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "prompts"])))]
+pub(crate) struct RunArgs {
+    /// Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// One prompt (text).
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Prompt file: .txt (one per line) or .jsonl, as for `collect`.
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    /// Resident experts: N, or P% of all routed experts.
+    #[arg(long, default_value = "25%")]
+    expert_cache: String,
+    /// Eviction policy: lru, lfu or lfu:DECAY.
+    #[arg(long, default_value = "lru")]
+    policy: String,
+    /// Trained predictor directory (`moecast train -o DIR`): learned prefetch.
+    #[arg(long)]
+    predictor: Option<PathBuf>,
+    /// Experts prefetched per forecast layer (default: top-k).
+    #[arg(long)]
+    prefetch_budget: Option<usize>,
+    /// With a lookahead predictor, also forecast the next layers after each layer (more
+    /// hits, one predictor query per layer on the decode thread).
+    #[arg(long)]
+    layer_forecasts: bool,
+    /// Cache-aware routing: prefer a resident expert whose router score is within MARGIN
+    /// of a chosen one (softmax-probability units for softmax routers). Off by default.
+    #[arg(long, default_value_t = 0.0)]
+    cache_aware_routing: f32,
+    /// Held-out text (one sequence per line) on which cache-aware routing's quality cost is
+    /// measured: next-token agreement and perplexity against unmodified routing.
+    #[arg(long)]
+    quality: Option<PathBuf>,
+    /// Tokens to generate per prompt.
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 means greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Background threads reading experts from disk.
+    #[arg(long, default_value_t = 2)]
+    loader_threads: usize,
+    /// Skip the all-in-memory reference run (identity check and reference speed).
+    #[arg(long)]
+    no_compare: bool,
+    /// Print each generated text.
+    #[arg(long)]
+    show_text: bool,
+    /// Compute backend: flex (default) or ndarray.
+    #[arg(long, default_value = "flex")]
+    device: String,
+    /// Also write the measurements as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+pub(crate) fn run(a: RunArgs) -> Result<()> {
+    let prompts = match (&a.prompt, &a.prompts) {
+        (Some(text), _) => vec![collector::Prompt::Text {
+            name: "prompt".into(),
+            text: text.clone(),
+        }],
+        (None, Some(p)) => collector::read_prompts(p)?,
+        (None, None) => bail!("pass --prompt TEXT or --prompts FILE"),
+    };
+    let quality = match &a.quality {
+        Some(p) => collector::read_prompts(p)?,
+        None => Vec::new(),
+    };
+    if a.quality.is_some() && a.cache_aware_routing <= 0.0 {
+        eprintln!(
+            "note: --quality without --cache-aware-routing compares unmodified routing with itself"
+        );
+    }
+    let sampling = if a.temperature > 0.0 {
+        inference::generate::Sampling::Temperature {
+            temperature: a.temperature,
+            seed: a.seed,
+        }
+    } else {
+        inference::generate::Sampling::Greedy
+    };
+    let cfg = collector::OffloadRunConfig {
+        model_dir: a.model,
+        prompts,
+        max_new_tokens: a.max_new_tokens,
+        sampling,
+        backend: a.device.parse().map_err(anyhow::Error::msg)?,
+        add_special_tokens: false,
+        cache: a.expert_cache.parse().map_err(anyhow::Error::msg)?,
+        policy: a.policy.parse().map_err(anyhow::Error::msg)?,
+        predictor: a.predictor,
+        budget: a.prefetch_budget,
+        layer_forecasts: a.layer_forecasts,
+        routing_margin: a.cache_aware_routing,
+        loader_threads: a.loader_threads,
+        compare_in_memory: !a.no_compare,
+        quality,
+    };
+    let out = collector::run_offloaded(&cfg)?;
+    if a.show_text {
+        for (p, t) in cfg.prompts.iter().zip(&out.texts) {
+            println!(
+                "[{}] {}",
+                p.name(),
+                t.as_deref().unwrap_or("(no tokenizer)")
+            );
+        }
+    }
+    let r = &out.report;
+    let mb = |b: u64| b as f64 / 1e6;
+    println!(
+        "{} prompts: {} prompt + {} decode tokens; cache {} of {} experts, policy {}, prefetch {}",
+        cfg.prompts.len(),
+        r.prompt_tokens,
+        r.decode_tokens,
+        r.capacity,
+        r.total_experts,
+        r.policy,
+        r.prefetch
+    );
+    println!(
+        "decode: {:.1} tokens/s, hit rate {:.1}% ({} hits, {} late, {} misses of {} lookups), stall {:.2} ms/token ({:.2} s)",
+        r.tokens_per_s(),
+        100.0 * r.hit_rate(),
+        r.hits,
+        r.late,
+        r.misses,
+        r.accesses,
+        r.stall_ms_per_token(),
+        r.stall_s
+    );
+    println!(
+        "reads from disk (page cache dropped): {} on demand ({:.1} MB), {} prefetched ({:.1} MB, {} used, {} evicted unused on arrival); loader busy {:.2} s",
+        r.demand_reads,
+        mb(r.bytes_demand),
+        r.prefetch_reads,
+        mb(r.bytes_prefetch),
+        r.useful_prefetches,
+        r.wasted_reads,
+        r.read_s
+    );
+    if r.routings > 0 {
+        println!(
+            "cache-aware routing (margin {}): changed {} of {} token-layer routings ({:.1}%)",
+            r.routing_margin,
+            r.rerouted,
+            r.routings,
+            100.0 * r.rerouted as f64 / r.routings as f64
+        );
+    }
+    if let (Some(same), Some(tps)) = (out.identical, out.in_memory_tokens_per_s) {
+        println!(
+            "all experts in memory: {tps:.1} tokens/s; generated tokens identical to the engine's: {}",
+            if same { "yes" } else { "no" }
+        );
+    }
+    if let Some(q) = &out.quality {
+        println!(
+            "quality on {} held-out positions: next-token agreement {:.2}%, perplexity {:.3} -> {:.3} ({:+.2}%)",
+            q.positions,
+            100.0 * q.agreement,
+            q.perplexity_reference,
+            q.perplexity_engine,
+            q.perplexity_delta_pct()
+        );
+    }
+    if let Some(path) = &a.json {
+        let json = serde_json::json!({
+            "report": r,
+            "tokens_per_s": r.tokens_per_s(),
+            "hit_rate": r.hit_rate(),
+            "identical_to_in_memory": out.identical,
+            "in_memory_tokens_per_s": out.in_memory_tokens_per_s,
+            "quality": out.quality,
+            "generated": out.generated,
+        });
+        predictor::state::write_atomic(path, serde_json::to_string_pretty(&json)?.as_bytes())?;
+    }
+    Ok(())
+}
