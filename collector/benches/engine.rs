@@ -1,8 +1,8 @@
 //! `make bench`: the offloading engine on the shipped demo model. Collects a training
-//! trace (demo prompts), trains a lookahead predictor (the demo's settings), then generates the held-out prompts
+//! trace (demo prompts), trains the demo's lookahead predictor and a small next-token one, then generates the held-out prompts
 //! with 10% and 25% of the experts resident, read from disk on demand (LRU, LFU) or
-//! prefetched by the predictor, and with cache-aware routing. Each configuration runs 3
-//! times; the median decode tokens/s is reported with hit rate and stall.
+//! prefetched by the predictor, and with cache-aware routing. Each configuration runs 5
+//! times (interleaved); the median decode tokens/s is reported with hit rate and stall.
 
 use std::path::Path;
 
@@ -10,8 +10,11 @@ use collector::{collect, read_prompts, run_offloaded, CacheSize, CollectConfig, 
 use datasets::examples::{RoutingShape, SplitConfig};
 use inference::cache::EvictionPolicy;
 use inference::device::BackendKind;
+use inference::engine::EngineReport;
 use inference::generate::Sampling;
 use predictor::{PredictorConfig, Task, TrainOptions, TrainSettings};
+
+const REPS: usize = 5;
 
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -32,72 +35,84 @@ fn main() {
         output: trace.clone(),
     })
     .expect("collect");
-    let pred = dir.path().join("predictor");
     let shape = RoutingShape {
         n_moe: 6,
         n_experts: 16,
         top_k: 2,
     };
-    predictor::train(&TrainOptions {
-        traces: vec![trace],
-        config: PredictorConfig::new(shape, Task::Lookahead),
-        split: SplitConfig {
-            validation: 0.1,
-            test: 0.0,
-            seed: 0,
-        },
-        settings: TrainSettings {
-            max_epochs: 15,
-            batch_size: 4,
-            warmup_steps: 50,
-            ..TrainSettings::default()
-        },
-        backend: BackendKind::Flex,
-        out: pred.clone(),
-        progress: false,
-        run_steps: None,
-    })
-    .expect("train");
+    // The demo's lookahead predictor (default size), and a small next-token one whose
+    // decode step costs less on the decode thread.
+    let big = dir.path().join("predictor-lookahead");
+    let small = dir.path().join("predictor-small");
+    let small_config = PredictorConfig::new(shape, Task::NextToken)
+        .with_d_model(64)
+        .with_n_layers(2)
+        .with_n_heads(2);
+    for (out, config) in [
+        (&big, PredictorConfig::new(shape, Task::Lookahead)),
+        (&small, small_config),
+    ] {
+        predictor::train(&TrainOptions {
+            traces: vec![trace.clone()],
+            config,
+            split: SplitConfig {
+                validation: 0.1,
+                test: 0.0,
+                seed: 0,
+            },
+            settings: TrainSettings {
+                max_epochs: 15,
+                batch_size: 4,
+                warmup_steps: 50,
+                ..TrainSettings::default()
+            },
+            backend: BackendKind::Flex,
+            out: out.clone(),
+            progress: false,
+            run_steps: None,
+        })
+        .expect("train");
+    }
 
     let heldout = read_prompts(&root.join("prompts/heldout.txt")).expect("held-out prompts");
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into());
     println!(
-        "offloading engine: tiny-moe (96 experts of 98 KB, bf16 on disk), {} held-out prompts x 32 greedy tokens, 2 loader threads, CPU threads {threads}; median of 3",
+        "offloading engine: tiny-moe (96 experts of 98 KB, bf16 on disk), {} held-out prompts x 32 greedy tokens, 2 loader threads, CPU threads {threads}; median of {REPS}",
         heldout.len()
     );
     println!(
         "  {:<5} {:<44} {:>9} {:>6} {:>6} {:>11} {:>10}",
         "cache", "configuration", "tokens/s", "hit", "late", "stall/token", "vs LRU"
     );
+    let configs = [
+        ("LRU, on demand", "lru", None, false, 0.0),
+        ("LFU, on demand", "lfu", None, false, 0.0),
+        (
+            "LRU + learned (small, next token)",
+            "lru",
+            Some(&small),
+            false,
+            0.0,
+        ),
+        (
+            "LRU + learned (default, next token + layers)",
+            "lru",
+            Some(&big),
+            true,
+            0.0,
+        ),
+        (
+            "LRU + learned (small) + cache-aware 0.05",
+            "lru",
+            Some(&small),
+            false,
+            0.05,
+        ),
+    ];
     for cache in ["10%", "25%"] {
-        let mut lru = 0.0;
-        let configs: [(&str, &str, bool, bool, f32); 5] = [
-            ("LRU, on demand", "lru", false, false, 0.0),
-            ("LFU, on demand", "lfu", false, false, 0.0),
-            (
-                "LRU + learned prefetch (next token)",
-                "lru",
-                true,
-                false,
-                0.0,
-            ),
-            (
-                "LRU + learned prefetch (+ layer lookahead)",
-                "lru",
-                true,
-                true,
-                0.0,
-            ),
-            (
-                "LRU + learned + cache-aware routing 0.05",
-                "lru",
-                true,
-                false,
-                0.05,
-            ),
-        ];
-        for (name, policy, learned, layers, margin) in configs {
-            let cfg = OffloadRunConfig {
+        let cfgs: Vec<OffloadRunConfig> = configs
+            .iter()
+            .map(|&(_, policy, pred, layers, margin)| OffloadRunConfig {
                 model_dir: model.clone(),
                 prompts: heldout.clone(),
                 max_new_tokens: 32,
@@ -106,20 +121,27 @@ fn main() {
                 add_special_tokens: false,
                 cache: cache.parse::<CacheSize>().expect("cache size"),
                 policy: policy.parse::<EvictionPolicy>().expect("policy"),
-                predictor: learned.then(|| pred.clone()),
+                predictor: pred.cloned(),
                 budget: None,
                 layer_forecasts: layers,
                 routing_margin: margin,
                 loader_threads: 2,
                 compare_in_memory: false,
                 quality: Vec::new(),
-            };
-            let mut runs: Vec<_> = (0..3)
-                .map(|_| run_offloaded(&cfg).expect("run").report)
-                .collect();
-            runs.sort_by(|a, b| a.tokens_per_s().total_cmp(&b.tokens_per_s()));
-            let r = &runs[1];
-            if name.starts_with("LRU, on demand") {
+            })
+            .collect();
+        // Repetitions interleave the configurations, so drift of the machine hits all alike.
+        let mut runs: Vec<Vec<EngineReport>> = vec![Vec::new(); cfgs.len()];
+        for _ in 0..REPS {
+            for (cfg, out) in cfgs.iter().zip(runs.iter_mut()) {
+                out.push(run_offloaded(cfg).expect("run").report);
+            }
+        }
+        let mut lru = 0.0;
+        for ((name, ..), mut reps) in configs.iter().zip(runs) {
+            reps.sort_by(|a, b| a.tokens_per_s().total_cmp(&b.tokens_per_s()));
+            let r = &reps[REPS / 2];
+            if lru == 0.0 {
                 lru = r.tokens_per_s();
             }
             println!(
