@@ -32,6 +32,10 @@ pub(crate) struct CollectArgs {
     /// Add the tokenizer's special tokens (BOS) to text prompts.
     #[arg(long)]
     add_special_tokens: bool,
+    /// Also record each MoE layer's router input (the normalised hidden state its gate
+    /// reads; f16 in .mctrace, float lists in .parquet/.jsonl).
+    #[arg(long)]
+    hidden_states: bool,
     /// Compute backend: flex (default) or ndarray.
     #[arg(long, default_value = "flex")]
     device: String,
@@ -69,6 +73,7 @@ pub(crate) fn collect(a: CollectArgs) -> Result<()> {
         samples: a.samples,
         backend,
         add_special_tokens: a.add_special_tokens,
+        router_inputs: a.hidden_states,
         output: a.output,
     };
     eprintln!(

@@ -235,9 +235,18 @@ fn info(a: InfoArgs) -> Result<()> {
     if let datasets::OpenedTrace::Mapped(m) = &opened {
         println!("binary form, {} bytes:", m.file_len());
         for s in m.sections() {
+            let elem = match s.dtype.as_str() {
+                "u8" => 1,
+                "u16" | "f16" => 2,
+                _ => 4,
+            };
             println!(
-                "  {:<8} {:>4} x {:>10} at {}",
-                s.name, s.dtype, s.len, s.offset
+                "  {:<13} {:>4} x {:>10} at {:>10}  ({:.2} MB)",
+                s.name,
+                s.dtype,
+                s.len,
+                s.offset,
+                (s.len * elem) as f64 / 1e6
             );
         }
     }

@@ -41,6 +41,7 @@ fn main() {
             samples: 1,
             backend,
             add_special_tokens: false,
+            router_inputs: false,
             output: dir.path().join("t.mctrace"),
         };
         collect(&cfg).expect("warm-up");

@@ -32,6 +32,7 @@ fn main() {
         samples: 6,
         backend: BackendKind::Flex,
         add_special_tokens: false,
+        router_inputs: false,
         output: trace.clone(),
     })
     .expect("collect");

@@ -53,6 +53,8 @@ pub struct CollectConfig {
     pub backend: inference::device::BackendKind,
     /// Add the tokenizer's special tokens (BOS) to text prompts.
     pub add_special_tokens: bool,
+    /// Also record each MoE layer's router input (the vector its gate reads), stored f16.
+    pub router_inputs: bool,
     pub output: PathBuf,
 }
 
@@ -72,16 +74,30 @@ impl CollectSummary {
     }
 }
 
-/// Records each (position, model layer) decision of one sequence.
+/// Records each (position, model layer) decision of one sequence, and the router
+/// inputs when `inputs` is set.
 #[derive(Default)]
 struct SequenceRecorder {
     seen: BTreeMap<(usize, usize), RouteDecision>,
+    inputs: Option<BTreeMap<(usize, usize), Vec<f32>>>,
 }
 
 impl RoutingObserver for SequenceRecorder {
     fn on_routing(&mut self, layer: usize, first_pos: usize, decisions: &[RouteDecision]) {
         for (i, d) in decisions.iter().enumerate() {
             self.seen.insert((first_pos + i, layer), d.clone());
+        }
+    }
+
+    fn wants_router_inputs(&self) -> bool {
+        self.inputs.is_some()
+    }
+
+    fn on_router_inputs(&mut self, layer: usize, first_pos: usize, inputs: &[f32], hidden: usize) {
+        if let Some(map) = &mut self.inputs {
+            for (i, row) in inputs.chunks_exact(hidden).enumerate() {
+                map.insert((first_pos + i, layer), row.to_vec());
+            }
         }
     }
 }
@@ -93,8 +109,13 @@ pub fn journal_path(output: &Path) -> PathBuf {
     output.with_file_name(name)
 }
 
-/// The trace meta of a loaded model.
-pub fn trace_meta(model_dir: &Path, model: &MoeModel, ck: &Checkpoint) -> TraceMeta {
+/// The trace meta of a loaded model (`router_inputs`: the trace will carry them).
+pub fn trace_meta(
+    model_dir: &Path,
+    model: &MoeModel,
+    ck: &Checkpoint,
+    router_inputs: bool,
+) -> TraceMeta {
     let s = model.shape();
     let expert_bytes: Option<Vec<u64>> = s
         .moe_layers
@@ -119,6 +140,7 @@ pub fn trace_meta(model_dir: &Path, model: &MoeModel, ck: &Checkpoint) -> TraceM
             .then(|| format!("{}/tokenizer.json", model_dir.display())),
         ranked: true,
         expert_bytes,
+        router_input_dim: router_inputs.then_some(s.hidden_size as u32),
     }
 }
 
@@ -133,7 +155,7 @@ pub fn collect(cfg: &CollectConfig) -> Result<CollectSummary, CollectError> {
     } else {
         None
     };
-    let meta = trace_meta(&cfg.model_dir, &model, &ck);
+    let meta = trace_meta(&cfg.model_dir, &model, &ck, cfg.router_inputs);
     let journal = journal_path(&cfg.output);
     let file = File::create(&journal).map_err(|e| datasets::TraceError::io(&journal, e))?;
     let mut w = BufWriter::new(file);
@@ -209,7 +231,10 @@ fn run_prompts(
             },
             greedy => greedy.clone(),
         };
-        let mut rec = SequenceRecorder::default();
+        let mut rec = SequenceRecorder {
+            inputs: cfg.router_inputs.then(BTreeMap::new),
+            ..SequenceRecorder::default()
+        };
         let gen = generate(model, &ids, cfg.max_new_tokens, &sampling, None, &mut rec).map_err(
             |source| CollectError::Prompt {
                 name: prompt.name().to_string(),
@@ -223,6 +248,13 @@ fn run_prompts(
                 .iter()
                 .map(|&l| rec.seen.get(&(pos, l)))
                 .collect();
+            let router_inputs = rec.inputs.as_ref().map(|map| {
+                shape
+                    .moe_layers
+                    .iter()
+                    .map(|&l| map.get(&(pos, l)).cloned())
+                    .collect()
+            });
             let record = TokenRecord {
                 seq: seq_name.clone(),
                 pos: pos as u32,
@@ -239,6 +271,7 @@ fn run_prompts(
                         .map(|d| d.map(|d| d.weights.clone()))
                         .collect(),
                 ),
+                router_inputs,
             };
             serde_json::to_writer(&mut *w, &record).map_err(|e| io(e.into()))?;
             w.write_all(b"\n").map_err(io)?;

@@ -21,6 +21,7 @@ fn config(arch: &str, prompts: Vec<Prompt>, output: PathBuf) -> CollectConfig {
         samples: 1,
         backend: Default::default(),
         add_special_tokens: false,
+        router_inputs: false,
         output,
     }
 }

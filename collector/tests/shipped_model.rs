@@ -28,6 +28,7 @@ fn shipped_tiny_moe_routes_like_a_real_model() {
         samples: 1,
         backend: Default::default(),
         add_special_tokens: false,
+        router_inputs: false,
         output: out.clone(),
     };
     let summary = collect(&cfg).unwrap();

@@ -12,8 +12,9 @@
 //!
 //! Each entry of `sections` is `{"name", "dtype", "offset", "len"}` (`len` in elements).
 //! Sections of a trace: `seq` u32, `pos` u32, `token` u32, `phase` u8, `experts` u16
-//! (`n_tokens x n_moe x top_k`), optional `weights` f32 (same shape). Readers ignore
-//! sections they do not know, so later data (hidden states) can be added beside.
+//! (`n_tokens x n_moe x top_k`), optional `weights` f32 (same shape), optional
+//! `router_inputs` f16 (`n_tokens x n_moe x meta.router_input_dim`: the vector each MoE
+//! layer's gate read). Readers ignore sections they do not know.
 
 use std::fs::File;
 use std::io::Write;
@@ -30,6 +31,8 @@ use crate::trace::{RoutingTrace, TraceMeta, TraceView, NOT_COMPUTED};
 pub const MAGIC: &[u8; 8] = b"MOECTRC1";
 const ALIGN: u64 = 64;
 const VERSION: u32 = 1;
+/// Section of the router inputs: f16, `n_tokens x n_moe x meta.router_input_dim`.
+const ROUTER_INPUTS: &str = "router_inputs";
 
 /// One typed array in the file.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -106,6 +109,14 @@ pub fn write_binary(trace: &RoutingTrace, path: &Path) -> Result<()> {
             f32::DTYPE,
             bytemuck::cast_slice(w),
             w.len() as u64,
+        ));
+    }
+    if let Some(x) = &trace.router_inputs {
+        arrays.push((
+            ROUTER_INPUTS,
+            "f16",
+            bytemuck::cast_slice(x),
+            x.len() as u64,
         ));
     }
     let mut header = Header {
@@ -235,6 +246,16 @@ impl MappedTrace {
         bytemuck::try_cast_slice(bytes).ok()
     }
 
+    /// The router inputs (f16 bits), if the file has them.
+    pub fn router_inputs(&self) -> Option<&[u16]> {
+        let s = self
+            .header
+            .sections
+            .iter()
+            .find(|s| s.name == ROUTER_INPUTS && s.dtype == "f16")?;
+        bytemuck::try_cast_slice(&self.map[s.offset as usize..][..s.len as usize * 2]).ok()
+    }
+
     /// The sections listed in the header.
     pub fn sections(&self) -> &[Section] {
         &self.header.sections
@@ -269,6 +290,18 @@ impl MappedTrace {
             self.required::<f32>("weights", slots)?;
         }
         let fmt = |m: String| TraceError::format(&self.path, m);
+        if let Some(x) = self.router_inputs() {
+            let d = meta.router_input_dim.ok_or_else(|| {
+                fmt("router inputs present but meta.router_input_dim is missing".into())
+            })? as usize;
+            if x.len() != n * meta.n_moe() * d {
+                return Err(fmt(format!(
+                    "section '{ROUTER_INPUTS}' has {} values, expected {n} tokens x {} MoE layers x {d}",
+                    x.len(),
+                    meta.n_moe()
+                )));
+            }
+        }
         let n_seq = self.header.sequences.len() as u32;
         if let Some(t) = seq.iter().position(|&s| s >= n_seq) {
             return Err(fmt(format!("token {t}: sequence index out of range")));
@@ -304,6 +337,7 @@ impl MappedTrace {
             phase: &self.section::<u8>("phase").unwrap_or(&[])[..n],
             experts: self.section::<u16>("experts").unwrap_or(&[]),
             weights: self.section::<f32>("weights"),
+            router_inputs: self.router_inputs(),
         }
     }
 

@@ -11,6 +11,7 @@
 //! | `layer` | uint32 | model layer index of this MoE layer |
 //! | `experts` | list<uint16>, nullable | top-k ids in rank order; null = not computed |
 //! | `weights` | list<float32>, nullable | router weights (column present only if recorded) |
+//! | `router_input` | list<float32>, nullable | the vector the layer's gate read (present only if recorded; stored f16 in `.mctrace`) |
 //!
 //! The [`TraceMeta`] is stored as JSON in the file's key-value metadata under
 //! `moecast.meta` (`pyarrow.parquet.read_schema(f).metadata[b"moecast.meta"]`).
@@ -55,6 +56,17 @@ pub fn write_parquet(trace: &RoutingTrace, path: &Path) -> Result<()> {
         rows * k,
         DataType::Float32,
     );
+    let dim = meta.router_input_dim.unwrap_or(0) as usize;
+    let mut inputs = ListPrimitiveChunkedBuilder::<Float32Type>::new(
+        "router_input".into(),
+        rows,
+        if trace.router_inputs.is_some() {
+            rows * dim
+        } else {
+            0
+        },
+        DataType::Float32,
+    );
     for t in 0..trace.n_tokens() {
         let name = trace.seq_names[trace.seq[t] as usize].as_str();
         let ph = Phase::from_code(trace.phase[t])
@@ -69,6 +81,9 @@ pub fn write_parquet(trace: &RoutingTrace, path: &Path) -> Result<()> {
             layer.push(l);
             experts.append_opt_slice(view.layer(t, m));
             weights.append_opt_slice(view.layer_weights(t, m));
+            if trace.router_inputs.is_some() {
+                inputs.append_opt_slice(view.router_input_f32(t, m).as_deref());
+            }
         }
     }
     let mut columns = vec![
@@ -81,6 +96,9 @@ pub fn write_parquet(trace: &RoutingTrace, path: &Path) -> Result<()> {
     ];
     if trace.weights.is_some() {
         columns.push(weights.finish().into_column());
+    }
+    if trace.router_inputs.is_some() {
+        columns.push(inputs.finish().into_column());
     }
     let mut df = DataFrame::new(rows, columns).map_err(pe)?;
     let meta_json = serde_json::to_string(meta).map_err(|e| TraceError::Invalid(e.to_string()))?;
@@ -145,6 +163,18 @@ pub fn read_parquet(path: &Path) -> Result<RoutingTrace> {
     } else {
         None
     };
+    let inputs = match (df.column("router_input").is_ok(), meta.router_input_dim) {
+        (true, Some(_)) => Some(col(
+            "router_input",
+            DataType::List(Box::new(DataType::Float32)),
+        )?),
+        (true, None) => {
+            return Err(fmt(
+                "column 'router_input' without router_input_dim in the meta".into(),
+            ))
+        }
+        (false, _) => None,
+    };
     let n_moe = meta.n_moe();
     let k = meta.top_k as usize;
     let rows = df.height();
@@ -159,6 +189,11 @@ pub fn read_parquet(path: &Path) -> Result<RoutingTrace> {
         Some(w) => Some(flat_list::<Float32Type>(w).map_err(pe)?),
         None => None,
     };
+    let x_flat = match &inputs {
+        Some(x) => Some(flat_list::<Float32Type>(x).map_err(pe)?),
+        None => None,
+    };
+    let dim = meta.router_input_dim.unwrap_or(0) as usize;
     let seq = seq.str().map_err(pe)?;
     let phase = phase.str().map_err(pe)?;
     let pos = pos.u32().map_err(pe)?;
@@ -166,6 +201,7 @@ pub fn read_parquet(path: &Path) -> Result<RoutingTrace> {
     let layer = layer.u32().map_err(pe)?;
 
     let mut trace = RoutingTrace {
+        router_inputs: x_flat.as_ref().map(|_| Vec::with_capacity(n * n_moe * dim)),
         meta,
         seq_names: Vec::new(),
         seq: Vec::with_capacity(n),
@@ -224,6 +260,24 @@ pub fn read_parquet(path: &Path) -> Result<RoutingTrace> {
                 out.extend_from_slice(&w_val[ws..we]);
             } else {
                 out.extend(std::iter::repeat_n(f32::NAN, k));
+            }
+        }
+        if let (Some(out), Some((x_off, x_val, x_valid))) = (&mut trace.router_inputs, &x_flat) {
+            let (xs, xe) = (x_off[r] as usize, x_off[r + 1] as usize);
+            if x_valid(r) && e_valid(r) {
+                if xe - xs != dim {
+                    return Err(row_err(
+                        r,
+                        format!("router input of {} values, expected {dim}", xe - xs),
+                    ));
+                }
+                out.extend(
+                    x_val[xs..xe]
+                        .iter()
+                        .map(|&v| half::f16::from_f32(v).to_bits()),
+                );
+            } else {
+                out.extend(std::iter::repeat_n(0u16, dim));
             }
         }
     }

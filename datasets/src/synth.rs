@@ -46,6 +46,7 @@ pub fn synthetic_trace(cfg: &SynthConfig) -> RoutingTrace {
     let k = cfg.top_k as usize;
     let nl = cfg.n_layers as usize;
     let meta = TraceMeta {
+        router_input_dim: None,
         model: format!("synthetic-seed{}", cfg.seed),
         architecture: Some("synthetic".into()),
         n_layers: cfg.n_layers,
@@ -107,6 +108,7 @@ pub fn synthetic_trace(cfg: &SynthConfig) -> RoutingTrace {
                 weights.push(Some(w));
             }
             let rec = TokenRecord {
+                router_inputs: None,
                 seq: format!("seq{s:03}"),
                 pos: pos as u32,
                 phase: if pos < cfg.tokens_per_sequence / 4 {

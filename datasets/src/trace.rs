@@ -47,6 +47,10 @@ pub struct TraceMeta {
     /// Bytes of one expert's weights, per MoE layer, when the source reports it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expert_bytes: Option<Vec<u64>>,
+    /// Width of the recorded router inputs (the normalised hidden state each MoE layer's
+    /// gate reads), when the trace carries them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router_input_dim: Option<u32>,
 }
 
 fn default_true() -> bool {
@@ -168,6 +172,10 @@ pub struct TokenRecord {
     /// Per MoE layer: router weights aligned with `experts`, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weights: Option<Vec<Option<Vec<f32>>>>,
+    /// Per MoE layer: the router's input vector (`router_input_dim` values), when the
+    /// trace carries router inputs and the layer was computed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router_inputs: Option<Vec<Option<Vec<f32>>>>,
 }
 
 /// A borrowed, column-wise view of a trace: what every algorithm reads. Both the
@@ -190,6 +198,9 @@ pub struct TraceView<'a> {
     pub experts: &'a [u16],
     /// Router weights parallel to `experts` (NaN where unknown), if the trace has any.
     pub weights: Option<&'a [f32]>,
+    /// `n_tokens x n_moe x router_input_dim` router inputs as f16 bits (zeros for layers
+    /// not computed), if the trace has them.
+    pub router_inputs: Option<&'a [u16]>,
 }
 
 impl<'a> TraceView<'a> {
@@ -213,6 +224,24 @@ impl<'a> TraceView<'a> {
         let start = (t * self.meta.n_moe() + m) * k;
         let w = &self.weights?[start..start + k];
         (!w[0].is_nan()).then_some(w)
+    }
+
+    /// The router input of token `t` at MoE layer index `m` (f16 bits), when recorded
+    /// and the layer was computed.
+    pub fn router_input(&self, t: usize, m: usize) -> Option<&'a [u16]> {
+        let d = self.meta.router_input_dim? as usize;
+        self.layer(t, m)?;
+        let start = (t * self.meta.n_moe() + m) * d;
+        self.router_inputs.map(|x| &x[start..start + d])
+    }
+
+    /// [`TraceView::router_input`] as f32 values.
+    pub fn router_input_f32(&self, t: usize, m: usize) -> Option<Vec<f32>> {
+        self.router_input(t, m).map(|x| {
+            x.iter()
+                .map(|&b| half::f16::from_bits(b).to_f32())
+                .collect()
+        })
     }
 
     /// Token ranges `[start, end)` of each sequence, in trace order.
@@ -242,6 +271,9 @@ impl<'a> TraceView<'a> {
                 .map(|m| self.layer_weights(t, m).map(|w| w.to_vec()))
                 .collect()
         });
+        let router_inputs = self
+            .router_inputs
+            .map(|_| (0..n_moe).map(|m| self.router_input_f32(t, m)).collect());
         TokenRecord {
             seq: self.seq_names[self.seq[t] as usize].clone(),
             pos: self.pos[t],
@@ -249,6 +281,7 @@ impl<'a> TraceView<'a> {
             token: (self.token[t] != UNKNOWN_TOKEN).then_some(self.token[t]),
             experts,
             weights,
+            router_inputs,
         }
     }
 
@@ -263,6 +296,7 @@ impl<'a> TraceView<'a> {
             phase: self.phase.to_vec(),
             experts: self.experts.to_vec(),
             weights: self.weights.map(<[f32]>::to_vec),
+            router_inputs: self.router_inputs.map(<[u16]>::to_vec),
         }
     }
 }
@@ -278,6 +312,8 @@ pub struct RoutingTrace {
     pub phase: Vec<u8>,
     pub experts: Vec<u16>,
     pub weights: Option<Vec<f32>>,
+    /// f16 bits, `n_tokens x n_moe x router_input_dim` (see [`TraceView::router_inputs`]).
+    pub router_inputs: Option<Vec<u16>>,
 }
 
 impl RoutingTrace {
@@ -292,6 +328,7 @@ impl RoutingTrace {
             phase: &self.phase,
             experts: &self.experts,
             weights: self.weights.as_deref(),
+            router_inputs: self.router_inputs.as_deref(),
         }
     }
 
@@ -321,6 +358,17 @@ impl RoutingTrace {
             if w.len() != self.experts.len() {
                 return bad("weights and experts differ in length".into());
             }
+        }
+        match (&self.router_inputs, self.meta.router_input_dim) {
+            (Some(x), Some(d)) if x.len() != n * self.meta.n_moe() * d as usize => {
+                return bad(format!(
+                    "router inputs hold {} values, expected {n} tokens x {} MoE layers x {d}",
+                    x.len(),
+                    self.meta.n_moe()
+                ));
+            }
+            (Some(_), None) => return bad("router inputs without meta.router_input_dim".into()),
+            _ => {}
         }
         let view = self.view();
         let mut seen_seq = vec![false; self.seq_names.len()];
@@ -414,6 +462,7 @@ impl TraceBuilder {
     /// Starts an empty trace; `with_weights` reserves the weight column.
     pub fn new(meta: TraceMeta, with_weights: bool) -> Result<Self> {
         meta.validate()?;
+        let meta_has_inputs = meta.router_input_dim.is_some();
         Ok(TraceBuilder {
             trace: RoutingTrace {
                 meta,
@@ -424,6 +473,7 @@ impl TraceBuilder {
                 phase: Vec::new(),
                 experts: Vec::new(),
                 weights: with_weights.then(Vec::new),
+                router_inputs: meta_has_inputs.then(Vec::new),
             },
             has_weights: with_weights,
             seq_index: Default::default(),
@@ -454,6 +504,31 @@ impl TraceBuilder {
         if let Some(w) = &rec.weights {
             if w.len() != n_moe {
                 return Err(format!("{} weight lists for {n_moe} MoE layers", w.len()));
+            }
+        }
+        if let Some(x) = &rec.router_inputs {
+            let Some(d) = meta.router_input_dim else {
+                return Err("router inputs in a trace whose meta has no router_input_dim".into());
+            };
+            if x.len() != n_moe {
+                return Err(format!(
+                    "{} router-input lists for {n_moe} MoE layers",
+                    x.len()
+                ));
+            }
+            for (m, v) in x.iter().enumerate() {
+                match v {
+                    Some(v) if v.len() != d as usize => {
+                        return Err(format!(
+                            "MoE layer index {m}: router input has {} values, expected {d}",
+                            v.len()
+                        ))
+                    }
+                    Some(_) if rec.experts[m].is_none() => {
+                        return Err(format!("MoE layer index {m}: router input without experts"))
+                    }
+                    _ => {}
+                }
             }
         }
         for (m, ids) in rec.experts.iter().enumerate() {
@@ -503,6 +578,12 @@ impl TraceBuilder {
                 match w {
                     Some(w) => col.extend_from_slice(w),
                     None => col.extend(std::iter::repeat_n(f32::NAN, k)),
+                }
+            }
+            if let (Some(col), Some(d)) = (&mut t.router_inputs, t.meta.router_input_dim) {
+                match rec.router_inputs.as_ref().and_then(|x| x[m].as_deref()) {
+                    Some(v) => col.extend(v.iter().map(|&x| half::f16::from_f32(x).to_bits())),
+                    None => col.extend(std::iter::repeat_n(0u16, d as usize)),
                 }
             }
         }

@@ -43,6 +43,9 @@ impl SparseMoe {
     ) -> Tensor<2> {
         let [t, hidden] = x.dims();
         let device = x.device();
+        if observer.wants_router_inputs() {
+            observer.on_router_inputs(self.layer, first_pos, &to_vec(x.clone()), hidden);
+        }
         let logits = to_vec(self.router.forward(x.clone()));
         let e = self.n_experts();
         let route = |bonus: Option<&[f32]>| -> Vec<RouteDecision> {

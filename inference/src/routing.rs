@@ -82,6 +82,23 @@ pub trait RoutingObserver {
     /// `layer` is the model layer index; `first_pos` the position of `decisions[0]`.
     fn on_routing(&mut self, layer: usize, first_pos: usize, decisions: &[RouteDecision]);
 
+    /// Whether [`RoutingObserver::on_router_inputs`] should be called (copying the
+    /// router inputs to the host costs time).
+    fn wants_router_inputs(&self) -> bool {
+        false
+    }
+
+    /// The vectors `layer`'s gate read, `[T, hidden]` row-major, for positions
+    /// `first_pos..`.
+    fn on_router_inputs(
+        &mut self,
+        _layer: usize,
+        _first_pos: usize,
+        _inputs: &[f32],
+        _hidden: usize,
+    ) {
+    }
+
     /// A forward of `tokens` at positions `first_pos..` begins.
     fn on_forward(&mut self, _first_pos: usize, _tokens: &[u32]) {}
 

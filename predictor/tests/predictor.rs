@@ -23,6 +23,7 @@ const LAYERS: u32 = 4;
 /// `m`. Lookahead rule: layer 0 is random; layer `m+1` is layer `m` shifted by `m+1`.
 fn rule_trace(path: &Path, rule: Task, seqs: usize, len: usize, seed: u64) -> PathBuf {
     let meta = TraceMeta {
+        router_input_dim: None,
         model: "rule".into(),
         architecture: None,
         n_layers: LAYERS,
@@ -52,6 +53,7 @@ fn rule_trace(path: &Path, rule: Task, seqs: usize, len: usize, seed: u64) -> Pa
                 layers.push(Some(set));
             }
             b.push(&TokenRecord {
+                router_inputs: None,
                 seq: format!("s{s}"),
                 pos: pos as u32,
                 phase: Phase::Decode,

@@ -140,6 +140,7 @@ pub(super) fn import(path: &Path, opts: &ImportOptions) -> Result<Imported> {
         ));
     }
     let meta = TraceMeta {
+        router_input_dim: None,
         model: stem(path),
         architecture: None,
         n_layers: moe_layers.last().map_or(0, |l| l + 1),
@@ -187,6 +188,7 @@ pub(super) fn import(path: &Path, opts: &ImportOptions) -> Result<Imported> {
                 }
             }
             let rec = TokenRecord {
+                router_inputs: None,
                 seq: name.clone(),
                 pos,
                 phase: acc.phase.unwrap_or(Phase::Decode),

@@ -93,6 +93,7 @@ pub(super) fn import(path: &Path) -> Result<Imported> {
         .map(|l| h.expert_bytes.get(&l).copied())
         .collect::<Option<Vec<u64>>>();
     let meta = TraceMeta {
+        router_input_dim: None,
         model: h
             .model
             .as_deref()
@@ -260,6 +261,7 @@ pub(super) fn import(path: &Path) -> Result<Imported> {
             }
         }
         let rec = TokenRecord {
+            router_inputs: None,
             seq: format!("turn{turn}-{}", phase.as_str()),
             pos: step,
             phase,

@@ -99,6 +99,7 @@ pub(super) fn import(path: &Path) -> Result<Imported> {
         .map(str::to_string)
         .unwrap_or_else(|| stem(path));
     let meta = TraceMeta {
+        router_input_dim: None,
         model,
         architecture: None,
         n_layers,
@@ -143,6 +144,7 @@ pub(super) fn import(path: &Path) -> Result<Imported> {
                 ));
             }
             let rec = TokenRecord {
+                router_inputs: None,
                 seq: id.clone(),
                 pos: (t - start) as u32,
                 phase: Phase::Prefill,

@@ -55,6 +55,7 @@ pub(super) fn import(path: &Path, opts: &ImportOptions) -> Result<Imported> {
         path.display()
     ));
     let meta = TraceMeta {
+        router_input_dim: None,
         model: stem(path),
         architecture: None,
         n_layers: n_moe as u32,
@@ -72,6 +73,7 @@ pub(super) fn import(path: &Path, opts: &ImportOptions) -> Result<Imported> {
     let seq = stem(path);
     for (line, row) in rows {
         let rec = TokenRecord {
+            router_inputs: None,
             seq: seq.clone(),
             pos: row.tok,
             phase: Phase::Decode,

@@ -53,6 +53,8 @@ pub struct ModelShape {
     pub top_k: usize,
     pub n_shared_experts: usize,
     pub vocab_size: usize,
+    /// Residual width: the length of each MoE layer's router input.
+    pub hidden_size: usize,
 }
 
 impl MoeModel {
@@ -117,6 +119,7 @@ impl MoeModel {
                         .is_some_and(|s| s > 0),
                 ),
                 vocab_size: m.config.vocab_size,
+                hidden_size: m.config.hidden_size,
             },
             MoeModel::Deepseek(m) => ModelShape {
                 model_type: m.config.model_type.clone(),
@@ -126,6 +129,7 @@ impl MoeModel {
                 top_k: m.config.num_experts_per_tok,
                 n_shared_experts: m.config.shared_experts(m.variant),
                 vocab_size: m.config.vocab_size,
+                hidden_size: m.config.hidden_size,
             },
             MoeModel::GptOss(m) => ModelShape {
                 model_type: m.config.model_type.clone(),
@@ -135,6 +139,7 @@ impl MoeModel {
                 top_k: m.config.num_experts_per_tok,
                 n_shared_experts: 0,
                 vocab_size: m.config.vocab_size,
+                hidden_size: m.config.hidden_size,
             },
         }
     }
