@@ -25,6 +25,11 @@ pub(crate) struct TrainArgs {
     /// Layers predicted ahead (lookahead).
     #[arg(long, default_value_t = 3)]
     horizon: usize,
+    /// What lookahead queries read of the current token's routed layers: ids, hidden
+    /// (the last routed layer's router input; traces from `collect --hidden-states`) or
+    /// ids+hidden.
+    #[arg(long, default_value = "ids")]
+    features: predictor::config::Features,
     /// Residual width of the predictor.
     #[arg(long, default_value_t = 128)]
     d_model: usize,
@@ -98,7 +103,9 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
         .with_n_heads(a.heads)
         .with_context(a.context)
         .with_token_buckets(a.token_buckets)
-        .with_dropout(a.dropout);
+        .with_dropout(a.dropout)
+        .with_features(a.features)
+        .with_router_input_dim(meta.router_input_dim.unwrap_or(0) as usize);
     let opts = TrainOptions {
         traces: a.trace,
         config,
@@ -186,6 +193,11 @@ pub(crate) struct EvalArgs {
     /// Skip the baselines.
     #[arg(long)]
     no_baselines: bool,
+    /// The MoE checkpoint the traces come from: adds the cross-layer gate baseline (its
+    /// gate of layer l+h applied to layer l's router input; traces from
+    /// `collect --hidden-states`).
+    #[arg(long)]
+    model: Option<PathBuf>,
     /// Windows per forward pass.
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
@@ -242,10 +254,25 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
             set.meta().model
         );
     }
+    let gate = match &a.model {
+        Some(dir) => {
+            let g = inference::gate::GateForecaster::open(dir)?;
+            let meta = set.meta();
+            g.check(meta.n_moe(), meta.n_experts as usize, meta.router_input_dim)
+                .with_context(|| format!("{}", set.paths()[0].display()))?;
+            let g = std::sync::Arc::new(g);
+            Some(predictor::GateBaseline {
+                name: "cross-layer gate".into(),
+                scores: std::sync::Arc::new(move |target, x| g.scores(target, x)),
+            })
+        }
+        None => None,
+    };
     let opts = EvalOptions {
         batch_size: a.batch_size,
         budget: a.budget,
         baselines: !a.no_baselines,
+        gate,
         progress: !a.quiet,
     };
     let report = predictor::evaluate(&p.model, p.baselines.as_ref(), &set, split, &device, &opts)?;

@@ -148,6 +148,9 @@ pub struct WindowBatch {
     pub token_index: Vec<usize>,
     /// `[batch]` trace index of each window.
     pub trace: Vec<usize>,
+    /// `[batch, len, n_moe, router_input_dim]` router inputs (zeros where not recorded),
+    /// when asked for.
+    pub router_inputs: Option<Vec<f32>>,
 }
 
 /// Maps a token id to one of `buckets` embedding rows; unknown ids get row `buckets`.
@@ -335,6 +338,16 @@ impl ExampleSet {
     /// Copies the rows of `windows` into a [`WindowBatch`]; token ids are folded into
     /// `token_buckets` rows.
     pub fn batch(&self, windows: &[Window], token_buckets: usize) -> WindowBatch {
+        self.batch_with(windows, token_buckets, None)
+    }
+
+    /// [`ExampleSet::batch`], also copying `input_dim`-wide router inputs when given.
+    pub fn batch_with(
+        &self,
+        windows: &[Window],
+        token_buckets: usize,
+        input_dim: Option<usize>,
+    ) -> WindowBatch {
         let width = self.shape.width();
         let n_moe = self.shape.n_moe;
         let b = windows.len();
@@ -348,6 +361,7 @@ impl ExampleSet {
             target_mask: vec![0.0; b * len * n_moe],
             token_index: vec![usize::MAX; b * len],
             trace: windows.iter().map(|w| w.trace).collect(),
+            router_inputs: input_dim.map(|d| vec![0.0; b * len * n_moe * d]),
         };
         let mut computed = vec![false; n_moe];
         for (wi, w) in windows.iter().enumerate() {
@@ -363,6 +377,16 @@ impl ExampleSet {
                 }
                 let dst = &mut out.routing[row * width..(row + 1) * width];
                 multi_hot(&view, t, dst, &mut computed);
+                if let (Some(x), Some(d)) = (&mut out.router_inputs, input_dim) {
+                    for m in 0..n_moe {
+                        if let Some(v) = view.router_input(t, m) {
+                            let dst = &mut x[(row * n_moe + m) * d..][..d];
+                            for (o, &bits) in dst.iter_mut().zip(v) {
+                                *o = half::f16::from_bits(bits).to_f32();
+                            }
+                        }
+                    }
+                }
                 if i >= w.first_target {
                     for (m, &c) in computed.iter().enumerate() {
                         out.target_mask[row * n_moe + m] = if c { 1.0 } else { 0.0 };

@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub use predictor::device;
 pub mod engine;
 pub mod error;
+pub mod gate;
 pub mod generate;
 pub mod layers;
 pub mod models;

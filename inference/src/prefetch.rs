@@ -194,7 +194,8 @@ pub fn learned(
                 for known in 1..m {
                     let given: Option<Vec<&[u16]>> = layers[..known].iter().copied().collect();
                     let Some(given) = given else { continue };
-                    let f = online.predict_lookahead(token, &given)?;
+                    let x = view.router_input_f32(t, known - 1);
+                    let f = online.predict_lookahead_with_input(token, &given, x.as_deref())?;
                     for l in f.first_layer..f.first_layer + f.n_layers() {
                         push_layer(plan.at_mut(t, known), l, e, &f.top(l, budget));
                     }

@@ -218,6 +218,34 @@ impl RouterScoring {
         }
     }
 
+    /// Logits -> per-expert scores (the weights' source).
+    fn scores(&self, logits: &[f32]) -> Vec<f32> {
+        match self.score {
+            ScoreFn::Softmax => softmax(logits),
+            ScoreFn::Sigmoid => logits.iter().map(|&x| 1.0 / (1.0 + (-x).exp())).collect(),
+            ScoreFn::Logits => logits.to_vec(),
+        }
+    }
+
+    /// Scores -> what the top-k is taken over: bias added, experts outside the kept
+    /// groups at `-inf`.
+    fn selection(&self, s: &[f32]) -> Vec<f32> {
+        let mut choice: Vec<f32> = match &self.selection_bias {
+            Some(b) => s.iter().zip(b).map(|(x, b)| x + b).collect(),
+            None => s.to_vec(),
+        };
+        if let Some(g) = &self.groups {
+            limit_to_groups(&mut choice, g);
+        }
+        choice
+    }
+
+    /// The scores the router ranks experts by, from its logits (ranking them gives the
+    /// router's own top-k first): the basis of gate-based forecasts.
+    pub fn selection_scores(&self, logits: &[f32]) -> Vec<f32> {
+        self.selection(&self.scores(logits))
+    }
+
     /// Chooses the experts of one token from its router logits.
     pub fn route(&self, logits: &[f32], k: usize) -> RouteDecision {
         self.route_with_bonus(logits, k, None)
@@ -231,18 +259,8 @@ impl RouterScoring {
         k: usize,
         bonus: Option<&[f32]>,
     ) -> RouteDecision {
-        let s = match self.score {
-            ScoreFn::Softmax => softmax(logits),
-            ScoreFn::Sigmoid => logits.iter().map(|&x| 1.0 / (1.0 + (-x).exp())).collect(),
-            ScoreFn::Logits => logits.to_vec(),
-        };
-        let mut choice = match &self.selection_bias {
-            Some(b) => s.iter().zip(b).map(|(x, b)| x + b).collect(),
-            None => s.clone(),
-        };
-        if let Some(g) = &self.groups {
-            limit_to_groups(&mut choice, g);
-        }
+        let s = self.scores(logits);
+        let mut choice = self.selection(&s);
         if let Some(b) = bonus {
             choice.iter_mut().zip(b).for_each(|(c, b)| *c += b);
         }

@@ -54,6 +54,54 @@ impl std::str::FromStr for Task {
     }
 }
 
+/// What a lookahead query reads about the current token's layers already routed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Features {
+    /// Their expert ids.
+    Ids,
+    /// The last routed layer's router input (the hidden state its gate read).
+    Hidden,
+    /// Both.
+    IdsHidden,
+}
+
+impl Features {
+    /// The name used on the command line and in reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Features::Ids => "ids",
+            Features::Hidden => "hidden",
+            Features::IdsHidden => "ids+hidden",
+        }
+    }
+
+    /// Whether the known layers' expert ids are read.
+    pub fn ids(self) -> bool {
+        self != Features::Hidden
+    }
+
+    /// Whether router inputs are read.
+    pub fn hidden(self) -> bool {
+        self != Features::Ids
+    }
+}
+
+impl std::str::FromStr for Features {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "ids" => Ok(Features::Ids),
+            "hidden" => Ok(Features::Hidden),
+            "ids+hidden" => Ok(Features::IdsHidden),
+            other => Err(format!(
+                "unknown features '{other}' (ids, hidden, ids+hidden)"
+            )),
+        }
+    }
+}
+
 /// One forecast: the first `known` MoE layers of the current token are given, layers
 /// `known .. known + horizon` are predicted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,6 +142,12 @@ pub struct PredictorConfig {
     /// step time on CPU, where Burn draws its masks with a serial generator).
     #[config(default = 0.0)]
     pub dropout: f64,
+    /// What lookahead queries read about the current token's routed layers.
+    #[config(default = "Features::Ids")]
+    pub features: Features,
+    /// Width of the traces' router inputs (needed when `features` reads them).
+    #[config(default = 0)]
+    pub router_input_dim: usize,
 }
 
 impl PredictorConfig {
@@ -122,6 +176,12 @@ impl PredictorConfig {
         }
         if self.context < 2 {
             return Err("--context must be at least 2".into());
+        }
+        if self.features.hidden() && self.router_input_dim == 0 {
+            return Err(format!(
+                "--features {} needs traces with router inputs (collect --hidden-states)",
+                self.features.as_str()
+            ));
         }
         if !(0.0..1.0).contains(&self.dropout) {
             return Err(format!("--dropout {} must be in [0, 1)", self.dropout));

@@ -1,6 +1,7 @@
 //! Evaluation of a predictor and the baselines on the same (token, layer) targets.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use burn::tensor::Device;
 use datasets::examples::{ExampleSet, Split, Window};
@@ -55,6 +56,23 @@ impl EvalReport {
     }
 }
 
+/// A training-free forecaster that reads router inputs: `scores(target, x)` ranks MoE
+/// layer `target`'s experts given the router input `x` of an earlier layer of the same
+/// token (the model's own gate of `target` applied to `x`: the cross-layer gate).
+#[derive(Clone)]
+pub struct GateBaseline {
+    pub name: String,
+    pub scores: Arc<dyn Fn(usize, &[f32]) -> Vec<f32> + Send + Sync>,
+}
+
+impl std::fmt::Debug for GateBaseline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GateBaseline")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
 /// Options of [`evaluate`].
 #[derive(Debug, Clone)]
 pub struct EvalOptions {
@@ -64,6 +82,9 @@ pub struct EvalOptions {
     pub budget: Option<usize>,
     /// Also score the baselines.
     pub baselines: bool,
+    /// Also score a gate-based baseline on the lookahead groups (needs traces with router
+    /// inputs): the forecast of layer `l + h` reads the last known layer's router input.
+    pub gate: Option<GateBaseline>,
     pub progress: bool,
 }
 
@@ -73,6 +94,7 @@ impl Default for EvalOptions {
             batch_size: 16,
             budget: None,
             baselines: true,
+            gate: None,
             progress: false,
         }
     }
@@ -104,19 +126,29 @@ pub fn evaluate(
     let budget = opts.budget.unwrap_or(2 * k).clamp(k, e);
     let queries = cfg.training_queries();
     let groups = group_names(cfg.task, cfg.horizon, m);
+    crate::train::check_router_inputs(cfg, set)?;
     let windows = set.windows(split, cfg.context);
     if windows.is_empty() {
         return Err(PredictorError::Invalid(format!(
             "no {split:?} sequences to evaluate"
         )));
     }
+    // The statistics baselines take method slots 1.. in this order.
+    let stats = stats.filter(|_| opts.baselines);
     let mut names = vec!["predictor".to_string()];
-    if opts.baselines && stats.is_some() {
+    if stats.is_some() {
         names.extend(["previous-token".to_string(), "frequency".to_string()]);
         if cfg.task == Task::Lookahead {
             names.push("co-activation".to_string());
         }
     }
+    let gate = match &opts.gate {
+        Some(g) if cfg.task == Task::Lookahead => {
+            names.push(g.name.clone());
+            Some((names.len() - 1, g))
+        }
+        _ => None,
+    };
     let mut counts: Vec<Vec<LayerCounts>> = names
         .iter()
         .map(|_| {
@@ -129,7 +161,11 @@ pub fn evaluate(
     let bar = progress_bar(opts.progress, windows.len());
     let mut ranking = Vec::new();
     for chunk in windows.chunks(opts.batch_size.max(1)) {
-        let batch = set.batch(chunk, cfg.token_buckets);
+        let batch = set.batch_with(
+            chunk,
+            cfg.token_buckets,
+            cfg.features.hidden().then_some(cfg.router_input_dim),
+        );
         let bt = BatchTensors::new(&batch, shape, device);
         let logits = model.forward_queries(&bt, &queries);
         for (q, z) in queries.iter().zip(logits) {
@@ -143,6 +179,7 @@ pub fn evaluate(
                 chunk,
                 set,
                 stats,
+                gate,
                 &mut counts,
                 &mut ranking,
                 budget,
@@ -184,6 +221,7 @@ fn score_query(
     windows: &[Window],
     set: &ExampleSet,
     stats: Option<&BaselineStats>,
+    gate: Option<(usize, &GateBaseline)>,
     counts: &mut [Vec<LayerCounts>],
     ranking: &mut Vec<u16>,
     budget: usize,
@@ -211,10 +249,13 @@ fn score_query(
                 ranking,
             );
             counts[0][group].add(layer, ranking, truth);
-            let Some(st) = stats else { continue };
-            if counts.len() == 1 {
-                continue;
+            if let (Some((gi, g)), true) = (gate, q.known > 0) {
+                if let Some(x) = view.router_input_f32(t, q.known - 1) {
+                    rank_top(&(g.scores)(layer, &x), budget, ranking);
+                    counts[gi][group].add(layer, ranking, truth);
+                }
             }
+            let Some(st) = stats else { continue };
             let prev = (t > 0 && view.seq[t - 1] == view.seq[t])
                 .then(|| view.layer(t - 1, layer))
                 .flatten();
@@ -223,7 +264,7 @@ fn score_query(
             st.rank_frequency(layer, budget, ranking);
             counts[2][group].add(layer, ranking, truth);
             // Co-activation needs a known layer of the current token.
-            if counts.len() > 3 && q.known > 0 {
+            if q.known > 0 {
                 let src = q.known - 1;
                 match view.layer(t, src) {
                     Some(given) => st.rank_coactivation(src, layer - src, given, budget, ranking),

@@ -22,9 +22,9 @@ pub mod state;
 pub mod train;
 
 pub use card::{LoadedPredictor, PredictorCard, PredictorDir};
-pub use config::{PredictorConfig, Query, Task};
+pub use config::{Features, PredictorConfig, Query, Task};
 pub use error::{PredictorError, Result};
-pub use eval::{evaluate, EvalOptions, EvalReport};
+pub use eval::{evaluate, EvalOptions, EvalReport, GateBaseline};
 pub use model::ExpertPredictor;
 pub use serve::{ExpertForecast, OnlinePredictor};
 pub use train::{train, TrainOptions, TrainSettings, TrainSummary};

@@ -66,6 +66,10 @@ pub struct ExpertPredictor {
     pub out_norm: LayerNorm,
     /// `[d, n_moe * n_experts]`: per-layer output weights, layer-major columns.
     pub output: Linear,
+    /// Router input -> query contribution (`router_input_dim -> d -> d`, SiLU), when the
+    /// features read router inputs.
+    pub hidden_in: Option<Linear>,
+    pub hidden_out: Option<Linear>,
     #[module(skip)]
     pub config: PredictorConfig,
 }
@@ -166,6 +170,14 @@ impl ExpertPredictor {
             head_out: LinearConfig::new(2 * d, d).init(device),
             out_norm: LayerNormConfig::new(d).init(device),
             output: LinearConfig::new(d, width).init(device),
+            hidden_in: config
+                .features
+                .hidden()
+                .then(|| LinearConfig::new(config.router_input_dim, d).init(device)),
+            hidden_out: config
+                .features
+                .hidden()
+                .then(|| LinearConfig::new(d, d).init(device)),
             config: config.clone(),
         }
     }
@@ -250,6 +262,25 @@ impl ExpertPredictor {
         Tensor::cat(vec![zeros, inclusive.narrow(0, 0, r.n_moe - 1)], 0)
     }
 
+    /// The query contribution of router inputs `x` `[n, router_input_dim]` (zero when
+    /// the features do not read them).
+    pub fn hidden_prefix(&self, x: Tensor<2>) -> Option<Tensor<2>> {
+        let (i, o) = (self.hidden_in.as_ref()?, self.hidden_out.as_ref()?);
+        Some(o.forward(silu(i.forward(x))))
+    }
+
+    /// The query input of the known layers: the ids prefix (`ids`, the query's entry of
+    /// [`Self::known_prefix`]) and/or the last known layer's router input `x`, as the
+    /// features say.
+    pub fn query_prefix(&self, ids: Tensor<2>, x: Option<Tensor<2>>) -> Tensor<2> {
+        let f = self.config.features;
+        let base = if f.ids() { ids } else { ids.zeros_like() };
+        match x.and_then(|x| self.hidden_prefix(x)) {
+            Some(h) => base + h,
+            None => base,
+        }
+    }
+
     /// Logits of one query for `n` positions: `h` `[n, d]`, `prefix` `[n, d]` (the
     /// query's entry of [`Self::known_prefix`]) -> `[n, horizon * n_experts]`, layer-major.
     pub fn query_logits(&self, h: Tensor<2>, prefix: Tensor<2>, query: Query) -> Tensor<2> {
@@ -307,6 +338,8 @@ pub struct BatchTensors {
     pub routing: Tensor<2>,
     /// `[b*s, n_moe]` 1 where the layer is a target.
     pub mask: Tensor<2>,
+    /// `[n_moe, b*s, router_input_dim]` router inputs, when the batch has them.
+    pub router_inputs: Option<Tensor<3>>,
 }
 
 impl BatchTensors {
@@ -324,6 +357,14 @@ impl BatchTensors {
                 TensorData::new(batch.target_mask.clone(), [b * s, routing.n_moe]),
                 device,
             ),
+            router_inputs: batch.router_inputs.as_ref().map(|x| {
+                let dim = x.len() / (b * s * routing.n_moe).max(1);
+                Tensor::<3>::from_data(
+                    TensorData::new(x.clone(), [b * s, routing.n_moe, dim]),
+                    device,
+                )
+                .swap_dims(0, 1)
+            }),
         }
     }
 
@@ -357,8 +398,15 @@ impl ExpertPredictor {
         queries
             .iter()
             .map(|q| {
-                let p = prefix.clone().narrow(0, q.known, 1).reshape([n, d]);
-                self.query_logits(h.clone(), p, *q)
+                let ids = prefix.clone().narrow(0, q.known, 1).reshape([n, d]);
+                let x = match (&bt.router_inputs, q.known) {
+                    (Some(x), known) if known > 0 => {
+                        let dim = x.dims()[2];
+                        Some(x.clone().narrow(0, known - 1, 1).reshape([n, dim]))
+                    }
+                    _ => None,
+                };
+                self.query_logits(h.clone(), self.query_prefix(ids, x), *q)
             })
             .collect()
     }

@@ -109,7 +109,13 @@ impl OnlinePredictor {
         h
     }
 
-    fn run_query(&mut self, token: u32, known: &[&[u16]], query: Query) -> Result<ExpertForecast> {
+    fn run_query(
+        &mut self,
+        token: u32,
+        known: &[&[u16]],
+        router_input: Option<&[f32]>,
+        query: Query,
+    ) -> Result<ExpertForecast> {
         let r = self.p.card.config.routing;
         let h = self.step(token);
         let dev = &self.p.device;
@@ -125,12 +131,15 @@ impl OnlinePredictor {
                 row[l * r.n_experts + e as usize] = 1.0;
             }
         }
-        let prefix = self
+        let ids = self
             .p
             .model
             .known_prefix(Tensor::from_data(TensorData::new(row, [1, r.width()]), dev))
             .narrow(0, query.known, 1)
             .reshape([1, self.p.card.config.d_model]);
+        let x = router_input
+            .map(|x| Tensor::<2>::from_data(TensorData::new(x.to_vec(), [1, x.len()]), dev));
+        let prefix = self.p.model.query_prefix(ids, x);
         let logits = self.p.model.query_logits(h, prefix, query);
         let probs = burn::tensor::activation::sigmoid(logits)
             .try_into_vec_as::<f32>()
@@ -151,13 +160,42 @@ impl OnlinePredictor {
             known: 0,
             horizon: cfg.routing.n_moe,
         };
-        self.run_query(token, &[], q)
+        self.run_query(token, &[], None, q)
     }
 
     /// Layers after `known` (the current token's routing of layers `0..known.len()`)
     /// for the token `token`. Lookahead predictors.
     pub fn predict_lookahead(&mut self, token: u32, known: &[&[u16]]) -> Result<ExpertForecast> {
+        self.predict_lookahead_with_input(token, known, None)
+    }
+
+    /// [`OnlinePredictor::predict_lookahead`] given also the last known layer's router
+    /// input (required by predictors trained with hidden-state features).
+    pub fn predict_lookahead_with_input(
+        &mut self,
+        token: u32,
+        known: &[&[u16]],
+        router_input: Option<&[f32]>,
+    ) -> Result<ExpertForecast> {
         let cfg = &self.p.card.config;
+        if cfg.features.hidden() {
+            match router_input {
+                Some(x) if x.len() == cfg.router_input_dim => {}
+                Some(x) => {
+                    return Err(PredictorError::Invalid(format!(
+                        "router input has {} values, the predictor reads {}",
+                        x.len(),
+                        cfg.router_input_dim
+                    )))
+                }
+                None => {
+                    return Err(PredictorError::Invalid(format!(
+                        "this predictor reads router inputs (--features {}): pass the last known layer's",
+                        cfg.features.as_str()
+                    )))
+                }
+            }
+        }
         if cfg.task != Task::Lookahead {
             return Err(PredictorError::Invalid(format!(
                 "this predictor was trained for {}, not lookahead",
@@ -176,7 +214,8 @@ impl OnlinePredictor {
             known: known.len(),
             horizon: cfg.horizon.min(n_moe - known.len()),
         };
-        self.run_query(token, known, q)
+        let x = router_input.filter(|_| cfg.features.hidden());
+        self.run_query(token, known, x, q)
     }
 
     /// Records the completed token `token` with its routing (per MoE layer, `None`

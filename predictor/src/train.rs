@@ -183,6 +183,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         .routing
         .check(set.meta(), &opts.traces[0])
         .map_err(PredictorError::from)?;
+    check_router_inputs(&opts.config, &set)?;
     let dir = PredictorDir::new(opts.out.clone());
     std::fs::create_dir_all(&opts.out).map_err(|e| PredictorError::io(&opts.out, e))?;
     let ckpt = CheckpointDir::new(dir.train_state());
@@ -272,7 +273,11 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         let mut epoch_secs = 0.0;
         while prog.step_in_epoch < batches.len() && stop.is_none_or(|s| step < s) {
             let t0 = Instant::now();
-            let batch = set.batch(batches[prog.step_in_epoch], cfg.token_buckets);
+            let batch = set.batch_with(
+                batches[prog.step_in_epoch],
+                cfg.token_buckets,
+                cfg.features.hidden().then_some(cfg.router_input_dim),
+            );
             let targets: u64 = batch
                 .target_mask
                 .chunks(cfg.routing.n_moe)
@@ -374,6 +379,28 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
 }
 
 /// Micro-averaged F1 over all groups of the predictor.
+/// Predictors that read router inputs need them, of their width, in every trace.
+pub fn check_router_inputs(cfg: &crate::PredictorConfig, set: &ExampleSet) -> Result<()> {
+    if !cfg.features.hidden() {
+        return Ok(());
+    }
+    for (i, path) in set.paths().iter().enumerate() {
+        let dim = set.view(i).meta.router_input_dim;
+        if dim != Some(cfg.router_input_dim as u32) {
+            return Err(PredictorError::file(
+                path,
+                format!(
+                    "the predictor reads router inputs of {} values (--features {}), this trace has {}",
+                    cfg.router_input_dim,
+                    cfg.features.as_str(),
+                    dim.map_or("none (collect with --hidden-states)".to_string(), |d| d.to_string())
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 pub fn micro_f1(r: &EvalReport) -> f64 {
     let p = &r.methods[0];
     let (mut num, mut den) = (0.0, 0.0);

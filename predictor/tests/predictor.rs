@@ -10,8 +10,8 @@ use datasets::{save_trace, Phase, TokenRecord, TraceBuilder, TraceFormat, TraceM
 use predictor::device::BackendKind;
 use predictor::model::BatchTensors;
 use predictor::{
-    evaluate, EvalOptions, LoadedPredictor, OnlinePredictor, PredictorConfig, Task, TrainOptions,
-    TrainSettings,
+    evaluate, EvalOptions, Features, LoadedPredictor, OnlinePredictor, PredictorConfig, Task,
+    TrainOptions, TrainSettings,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -289,5 +289,136 @@ fn bad_inputs_are_refused_clearly() {
     assert!(
         online.predict_lookahead(1, &[&[0, 1]]).is_err(),
         "next-token predictor"
+    );
+}
+
+const DIM: usize = 8;
+
+/// Hidden-state rule: every layer's experts are random, and layer `m`'s router input is
+/// a one-hot of layer `m + 1`'s first expert (plus noise): only the router input tells
+/// what comes next.
+fn hidden_rule_trace(path: &Path, seqs: usize, len: usize, seed: u64) -> PathBuf {
+    let meta = TraceMeta {
+        router_input_dim: Some(DIM as u32),
+        model: "hidden-rule".into(),
+        architecture: None,
+        n_layers: LAYERS,
+        moe_layers: (0..LAYERS).collect(),
+        n_experts: E,
+        top_k: 2,
+        n_shared_experts: 0,
+        source: None,
+        tokenizer: None,
+        ranked: false,
+        expert_bytes: None,
+    };
+    let mut b = TraceBuilder::new(meta, false).unwrap();
+    let mut rng = StdRng::seed_from_u64(seed);
+    for s in 0..seqs {
+        for pos in 0..len {
+            let firsts: Vec<u32> = (0..LAYERS).map(|_| rng.random_range(0..E)).collect();
+            let mut layers = Vec::new();
+            let mut inputs = Vec::new();
+            for m in 0..LAYERS as usize {
+                let mut set = vec![firsts[m], (firsts[m] + 3) % E];
+                set.sort();
+                layers.push(Some(set));
+                let mut x: Vec<f32> = (0..DIM).map(|_| rng.random_range(-0.1..0.1)).collect();
+                if let Some(&next) = firsts.get(m + 1) {
+                    x[next as usize] += 1.0;
+                }
+                inputs.push(Some(x));
+            }
+            b.push(&TokenRecord {
+                seq: format!("s{s}"),
+                pos: pos as u32,
+                phase: Phase::Decode,
+                token: Some(rng.random_range(0..40)),
+                experts: layers,
+                weights: None,
+                router_inputs: Some(inputs),
+            })
+            .unwrap();
+        }
+    }
+    save_trace(&b.finish().unwrap(), path, Some(TraceFormat::Binary)).unwrap();
+    path.to_path_buf()
+}
+
+#[test]
+fn hidden_features_learn_what_expert_ids_cannot() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = hidden_rule_trace(&dir.path().join("h.mctrace"), 40, 24, 4);
+    let mut f1 = Vec::new();
+    for features in [Features::Ids, Features::Hidden] {
+        let out = dir.path().join(features.as_str());
+        let mut o = options(trace.clone(), Task::Lookahead, out.clone(), 10);
+        o.config = o.config.with_features(features).with_router_input_dim(DIM);
+        predictor::train(&o).unwrap();
+        let r = eval_test_split(&out, &trace);
+        f1.push((f1_of(&r, "predictor", 1), f1_of(&r, "predictor", 2)));
+    }
+    let ((ids1, _), (hid1, hid2)) = (f1[0], f1[1]);
+    assert!(hid1 > 0.9, "hidden +1 layer F1 {hid1}");
+    assert!(ids1 < 0.5, "ids cannot know the next layer: {ids1}");
+    assert!(hid2 < 0.5, "+2 layers is not in the input: {hid2}");
+
+    // Online forecasts with router inputs equal the batched forward.
+    let out = dir.path().join(Features::Hidden.as_str());
+    let dev = BackendKind::from_test_env().device();
+    let loaded = LoadedPredictor::load(&out, &dev).unwrap();
+    let set = ExampleSet::open_for_test(std::slice::from_ref(&trace), None).unwrap();
+    let w = set.windows(Split::Test, 16)[0];
+    let batch = set.batch_with(&[w], loaded.card.config.token_buckets, Some(DIM));
+    let bt = BatchTensors::new(&batch, loaded.card.config.routing, &dev);
+    let queries = loaded.card.config.queries();
+    let batched: Vec<Vec<f32>> = loaded
+        .model
+        .forward_queries(&bt, &queries)
+        .into_iter()
+        .map(|z| sigmoid(z).try_into_vec_as::<f32>().unwrap())
+        .collect();
+    let view = set.view(0);
+    let mut online = OnlinePredictor::new(loaded);
+    for t in 0..w.len {
+        let token = view.token[t];
+        let layers: Vec<&[u16]> = (0..LAYERS as usize)
+            .map(|m| view.layer(t, m).unwrap())
+            .collect();
+        for (qi, q) in queries.iter().enumerate() {
+            let x = view.router_input_f32(t, q.known - 1).unwrap();
+            assert!(
+                online.predict_lookahead(token, &layers[..q.known]).is_err(),
+                "input required"
+            );
+            let f = online
+                .predict_lookahead_with_input(token, &layers[..q.known], Some(&x))
+                .unwrap();
+            let width = q.horizon * E as usize;
+            let want = &batched[qi][t * width..(t + 1) * width];
+            for (a, b) in f.probs.iter().zip(want) {
+                assert!((a - b).abs() < 1e-4, "token {t} query {q:?}: {a} vs {b}");
+            }
+        }
+        let routing: Vec<Option<&[u16]>> = layers.iter().map(|l| Some(*l)).collect();
+        online.observe(token, &routing).unwrap();
+    }
+    // A trace without router inputs is refused by name.
+    let plain = rule_trace(
+        &dir.path().join("plain.mctrace"),
+        Task::Lookahead,
+        10,
+        12,
+        5,
+    );
+    let mut o = options(plain, Task::Lookahead, dir.path().join("x"), 1);
+    o.config = o
+        .config
+        .with_features(Features::Hidden)
+        .with_router_input_dim(DIM);
+    let err = predictor::train(&o).unwrap_err().to_string();
+    assert!(
+        err.contains("plain.mctrace") && err.contains("--hidden-states"),
+        "{err}"
     );
 }

@@ -132,6 +132,9 @@ pub struct OffloadEngine {
     decoding: bool,
     started: Instant,
     pinned: Vec<usize>,
+    /// The router input of the layer being routed (single-token steps), for predictors
+    /// that read it.
+    router_input: Option<Vec<f32>>,
     error: Option<ModelError>,
     report: EngineReport,
 }
@@ -212,6 +215,7 @@ impl OffloadEngine {
             decoding: false,
             started: Instant::now(),
             pinned: Vec::new(),
+            router_input: None,
             error: None,
             report,
         })
@@ -388,10 +392,30 @@ impl RoutingObserver for OffloadEngine {
             .map(|d| d[0].ids.iter().map(|&x| x as u16).collect())
             .collect();
         let known: Vec<&[u16]> = known.iter().map(Vec::as_slice).collect();
-        match p.predict_lookahead(self.tokens[0], &known) {
+        let x = self.router_input.take();
+        match p.predict_lookahead_with_input(self.tokens[0], &known, x.as_deref()) {
             Ok(f) => self.prefetch_forecast(&f),
             Err(e) => self.fail(e),
         }
+    }
+
+    fn wants_router_inputs(&self) -> bool {
+        self.decoding
+            && self.cfg.layer_forecasts
+            && self
+                .predictor
+                .as_ref()
+                .is_some_and(|p| p.predictor().card.config.features.hidden())
+    }
+
+    fn on_router_inputs(
+        &mut self,
+        _layer: usize,
+        _first_pos: usize,
+        inputs: &[f32],
+        _hidden: usize,
+    ) {
+        self.router_input = Some(inputs.to_vec());
     }
 
     fn selection_bonus(&mut self, layer: usize) -> Option<Vec<f32>> {
