@@ -24,12 +24,16 @@ pub(crate) struct SimulateArgs {
     /// Eviction policies: lru, lfu, lfu:DECAY, belady; comma-separated.
     #[arg(long, default_value = "lru", value_delimiter = ',')]
     policy: Vec<String>,
-    /// Prefetchers: none, previous, coactivation, activation, learned, oracle; comma-separated.
+    /// Prefetchers: none, previous, coactivation, activation, gate, learned, oracle; comma-separated.
     #[arg(long, default_value = "none", value_delimiter = ',')]
     prefetch: Vec<String>,
     /// Predictor directory (learned prefetch; its training baselines feed coactivation).
     #[arg(long)]
     predictor: Option<PathBuf>,
+    /// The MoE checkpoint the trace comes from (gate prefetch: its gates applied to the
+    /// trace's router inputs).
+    #[arg(long)]
+    model: Option<PathBuf>,
     /// Experts prefetched per predicted layer and event (default top-k).
     #[arg(long)]
     budget: Option<usize>,
@@ -141,6 +145,15 @@ pub(crate) fn simulate_cmd(a: SimulateArgs) -> Result<()> {
                     }
                 };
                 prefetch::coactivation(&view, &seqs, &stats, budget, a.horizon)
+            }
+            PrefetchKind::Gate => {
+                let dir = a.model.as_ref().context(
+                    "--prefetch gate needs --model DIR (the checkpoint the trace comes from)",
+                )?;
+                let g = inference::gate::GateForecaster::open(dir)?;
+                g.check(m, meta.n_experts as usize, meta.router_input_dim)
+                    .with_context(|| a.trace.display().to_string())?;
+                prefetch::gate(&view, &seqs, &|t, x| g.scores(t, x), budget, a.horizon)
             }
             PrefetchKind::Learned => {
                 let o = online

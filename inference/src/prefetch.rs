@@ -8,6 +8,8 @@
 //!   co-occurred with layer `l`'s choice (counts fitted on training traces);
 //! - `activation`: MoE-Infinity-like, activation-aware: after layer `l`, the experts of
 //!   layers `l+1..l+D` this request has used most so far (counts decayed per token);
+//! - `gate`: the cross-layer gate: after layer `l`, the model's gates of layers
+//!   `l+1..l+D` applied to layer `l`'s router input (traces with router inputs);
 //! - `learned`: the trained predictor: at a token's start (its id is known) every layer
 //!   it forecasts; for lookahead predictors also after each layer, layers `l+1..l+D`.
 
@@ -25,16 +27,18 @@ pub enum PrefetchKind {
     Previous,
     Coactivation,
     Activation,
+    Gate,
     Learned,
 }
 
 impl PrefetchKind {
     /// All kinds, in report order.
-    pub const ALL: [PrefetchKind; 6] = [
+    pub const ALL: [PrefetchKind; 7] = [
         PrefetchKind::None,
         PrefetchKind::Previous,
         PrefetchKind::Coactivation,
         PrefetchKind::Activation,
+        PrefetchKind::Gate,
         PrefetchKind::Learned,
         PrefetchKind::Oracle,
     ];
@@ -46,6 +50,7 @@ impl PrefetchKind {
             PrefetchKind::Previous => "previous",
             PrefetchKind::Coactivation => "coactivation",
             PrefetchKind::Activation => "activation",
+            PrefetchKind::Gate => "gate",
             PrefetchKind::Learned => "learned",
         }
     }
@@ -59,7 +64,7 @@ impl std::str::FromStr for PrefetchKind {
             .into_iter()
             .find(|k| k.as_str() == s)
             .ok_or_else(|| {
-                format!("unknown prefetcher '{s}' (none, previous, coactivation, activation, learned, oracle)")
+                format!("unknown prefetcher '{s}' (none, previous, coactivation, activation, gate, learned, oracle)")
             })
     }
 }
@@ -165,6 +170,35 @@ pub fn activation(
                 }
             }
             counts.iter_mut().for_each(|c| *c *= decay);
+        }
+    }
+    plan
+}
+
+/// The cross-layer gate: after layer `l`, the top `budget` experts of layers
+/// `l+1..=l+horizon` by `scores(target, x_l)` (the model's gate of `target` applied to
+/// layer `l`'s router input, see [`crate::gate::GateForecaster`]).
+pub fn gate(
+    view: &TraceView<'_>,
+    seqs: &[std::ops::Range<usize>],
+    scores: &dyn Fn(usize, &[f32]) -> Vec<f32>,
+    budget: usize,
+    horizon: usize,
+) -> PrefetchPlan {
+    let (m, e) = (view.meta.n_moe(), view.meta.n_experts as usize);
+    let mut plan = PrefetchPlan::empty("gate", view.n_tokens(), m);
+    let mut ranking = Vec::new();
+    for r in seqs {
+        for t in r.clone() {
+            for l in 0..m {
+                let Some(x) = view.router_input_f32(t, l) else {
+                    continue;
+                };
+                for target in l + 1..(l + 1 + horizon).min(m) {
+                    predictor::metrics::rank_top(&scores(target, &x), budget, &mut ranking);
+                    push_layer(plan.at_mut(t, l + 1), target, e, &ranking);
+                }
+            }
         }
     }
     plan

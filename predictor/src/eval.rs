@@ -56,13 +56,16 @@ impl EvalReport {
     }
 }
 
+/// Selection scores of MoE layer `target`'s experts given a router input.
+pub type GateScores = dyn Fn(usize, &[f32]) -> Vec<f32> + Send + Sync;
+
 /// A training-free forecaster that reads router inputs: `scores(target, x)` ranks MoE
 /// layer `target`'s experts given the router input `x` of an earlier layer of the same
 /// token (the model's own gate of `target` applied to `x`: the cross-layer gate).
 #[derive(Clone)]
 pub struct GateBaseline {
     pub name: String,
-    pub scores: Arc<dyn Fn(usize, &[f32]) -> Vec<f32> + Send + Sync>,
+    pub scores: Arc<GateScores>,
 }
 
 impl std::fmt::Debug for GateBaseline {
