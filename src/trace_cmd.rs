@@ -34,6 +34,9 @@ pub(crate) enum FromFormat {
     RouterTraceV2,
     Jsonl,
     HookJsonl,
+    Vllm,
+    Sglang,
+    Megatron,
 }
 
 impl From<FromFormat> for ImportFormat {
@@ -44,6 +47,9 @@ impl From<FromFormat> for ImportFormat {
             FromFormat::RouterTraceV2 => ImportFormat::RouterTraceV2,
             FromFormat::Jsonl => ImportFormat::Jsonl,
             FromFormat::HookJsonl => ImportFormat::HookJsonl,
+            FromFormat::Vllm => ImportFormat::Vllm,
+            FromFormat::Sglang => ImportFormat::Sglang,
+            FromFormat::Megatron => ImportFormat::Megatron,
         }
     }
 }
@@ -67,7 +73,8 @@ impl From<StoreFormat> for TraceFormat {
 
 #[derive(Args)]
 pub(crate) struct ImportArgs {
-    /// Input files; several files become one trace (same model shape required).
+    /// Input files or directories (a Megatron --moe-routing-trace-path directory, or a
+    /// directory of saved responses); several become one trace (same model shape).
     #[arg(required = true)]
     inputs: Vec<PathBuf>,
     /// Input format (default: detected from the content).
@@ -82,6 +89,12 @@ pub(crate) struct ImportArgs {
     /// Experts per layer, for formats that do not record it.
     #[arg(long)]
     n_experts: Option<u32>,
+    /// Experts per token, for formats that do not record it (SGLang).
+    #[arg(long)]
+    top_k: Option<u32>,
+    /// Megatron: number of the first layer (0: hook path, default; 1: inference path).
+    #[arg(long)]
+    layer_base: Option<u32>,
 }
 
 #[derive(Args)]
@@ -173,6 +186,8 @@ fn import(a: ImportArgs) -> Result<()> {
     let opts = ImportOptions {
         model: a.model,
         n_experts: a.n_experts,
+        top_k: a.top_k,
+        layer_base: a.layer_base,
     };
     let start = Instant::now();
     let imported = datasets::import::import(&a.inputs, a.from.map(Into::into), &opts)?;

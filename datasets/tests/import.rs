@@ -65,6 +65,7 @@ fn warp_jsonl_is_one_unranked_sequence() {
         &ImportOptions {
             n_experts: Some(64),
             model: Some("olmoe".into()),
+            ..ImportOptions::default()
         },
     )
     .unwrap();

@@ -7,10 +7,18 @@
 //! | RouterTrace v2 JSON | `router-trace-v2` | transformers capture with prompt spans |
 //! | interchange JSONL | `jsonl` | moecast's own export |
 //! | hook JSONL | `hook-jsonl` | vLLM / HF forward hooks, one line per (token, layer) |
+//! | vLLM returned routing | `vllm` | completion responses (base64 `.npy` or nested lists), `.npy` arrays |
+//! | SGLang returned routing | `sglang` | `meta_info.routed_experts` (base64 raw int32) |
+//! | Megatron-LM router trace | `megatron` | a `--moe-routing-trace-path` directory (all ranks) |
+//!
+//! A directory input is a Megatron trace directory, or else a directory of files (saved
+//! responses, one request each), imported in name order.
 
 mod hook_jsonl;
+mod megatron;
 mod route_csv;
 mod router_trace_v2;
+mod serving;
 mod warp;
 
 use std::collections::HashSet;
@@ -28,16 +36,22 @@ pub enum ImportFormat {
     RouterTraceV2,
     Jsonl,
     HookJsonl,
+    Vllm,
+    Sglang,
+    Megatron,
 }
 
 impl ImportFormat {
     /// All formats with their `--from` names.
-    pub const ALL: [(ImportFormat, &'static str); 5] = [
+    pub const ALL: [(ImportFormat, &'static str); 8] = [
         (ImportFormat::RouteCsv, "route-csv"),
         (ImportFormat::Warp, "warp"),
         (ImportFormat::RouterTraceV2, "router-trace-v2"),
         (ImportFormat::Jsonl, "jsonl"),
         (ImportFormat::HookJsonl, "hook-jsonl"),
+        (ImportFormat::Vllm, "vllm"),
+        (ImportFormat::Sglang, "sglang"),
+        (ImportFormat::Megatron, "megatron"),
     ];
 
     /// The `--from` name.
@@ -56,6 +70,9 @@ impl ImportFormat {
 
     /// Guesses the format of `path` from its first bytes.
     pub fn detect(path: &Path) -> Result<ImportFormat> {
+        if path.is_dir() && megatron::is_trace_dir(path) {
+            return Ok(ImportFormat::Megatron);
+        }
         let mut head = Vec::with_capacity(8192);
         std::fs::File::open(path)
             .and_then(|f| f.take(8192).read_to_end(&mut head))
@@ -64,6 +81,13 @@ impl ImportFormat {
         let text = text.trim_start();
         if text.is_empty() {
             return Err(TraceError::format(path, "empty file"));
+        }
+        if serving::sniff(&head, text) {
+            return Ok(if text.contains("\"meta_info\"") {
+                ImportFormat::Sglang
+            } else {
+                ImportFormat::Vllm
+            });
         }
         if text.starts_with("# route_trace") || text.starts_with("turn,phase") {
             return Ok(ImportFormat::RouteCsv);
@@ -106,6 +130,11 @@ pub struct ImportOptions {
     pub model: Option<String>,
     /// Experts per layer, for formats that do not record it (default: largest id + 1).
     pub n_experts: Option<u32>,
+    /// Experts per token, for formats that do not record it (SGLang).
+    pub top_k: Option<u32>,
+    /// Number of the first layer in Megatron traces (0: the hook path, default; 1: the
+    /// inference path's `layer_number`).
+    pub layer_base: Option<u32>,
 }
 
 /// A finished import: the trace and notes for the user (inferred fields, sidecars).
@@ -125,7 +154,28 @@ pub fn import(
 ) -> Result<Imported> {
     let mut parts = Vec::new();
     let mut notes = Vec::new();
+    let mut files = Vec::new();
     for path in inputs {
+        let megatron = format.map_or_else(
+            || megatron::is_trace_dir(path),
+            |f| f == ImportFormat::Megatron,
+        );
+        if path.is_dir() && !megatron {
+            let mut inner: Vec<PathBuf> = std::fs::read_dir(path)
+                .map_err(|e| TraceError::io(path, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_file())
+                .collect();
+            inner.sort();
+            if inner.is_empty() {
+                return Err(TraceError::format(path, "empty directory"));
+            }
+            files.extend(inner);
+        } else {
+            files.push(path.clone());
+        }
+    }
+    for path in &files {
         let fmt = match format {
             Some(f) => f,
             None => {
@@ -148,6 +198,8 @@ fn import_one(path: &Path, format: ImportFormat, opts: &ImportOptions) -> Result
         ImportFormat::Warp => warp::import(path, opts)?,
         ImportFormat::RouterTraceV2 => router_trace_v2::import(path)?,
         ImportFormat::HookJsonl => hook_jsonl::import(path, opts)?,
+        ImportFormat::Vllm | ImportFormat::Sglang => serving::import(path, opts)?,
+        ImportFormat::Megatron => megatron::import(path, opts)?,
         ImportFormat::Jsonl => Imported {
             trace: crate::jsonl::read_jsonl(path)?,
             notes: Vec::new(),
@@ -227,6 +279,16 @@ fn concat(parts: Vec<(PathBuf, RoutingTrace)>) -> Result<RoutingTrace> {
         out.phase.extend(&t.phase);
         out.experts.extend(&t.experts);
         let k = out.meta.top_k as usize;
+        out.router_inputs = match (out.router_inputs.take(), t.router_inputs) {
+            (Some(mut a), Some(b)) if out.meta.router_input_dim == t.meta.router_input_dim => {
+                a.extend(b);
+                Some(a)
+            }
+            _ => {
+                out.meta.router_input_dim = None;
+                None
+            }
+        };
         out.weights = match (out.weights.take(), t.weights) {
             (None, None) => None,
             (a, b) => {
