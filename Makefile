@@ -6,7 +6,7 @@ DBG    := $(TARGET)/debug/moecast
 SHARED ?= $(abspath ../shared)
 DEMO   := runs/demo
 
-.PHONY: all build demo demo-hidden test test-real test-wgpu bench fmt lint clean
+.PHONY: all build demo demo-hidden test test-real test-wgpu test-hook bench fmt lint clean
 
 all: build
 
@@ -82,6 +82,13 @@ test-wgpu:
 	mkdir -p $${XDG_RUNTIME_DIR:-/tmp/moecast-xdg}
 	XDG_RUNTIME_DIR=$${XDG_RUNTIME_DIR:-/tmp/moecast-xdg} MOECAST_TEST_DEVICE=wgpu \
 	  $(CARGO) test --workspace --features wgpu --test hf_parity --test predictor
+
+# The transformers hook (collector/python/moecast_hook.py) against `moecast collect` on
+# every fixture architecture; needs torch and transformers (pip install torch
+# transformers), so it is not part of `make test`.
+test-hook:
+	$(CARGO) build
+	python3 tools/test_hook.py $(DBG)
 
 bench:
 	$(CARGO) bench -p datasets --bench trace_io
