@@ -36,6 +36,9 @@ pub(crate) struct CollectArgs {
     /// reads; f16 in .mctrace, float lists in .parquet/.jsonl).
     #[arg(long)]
     hidden_states: bool,
+    /// Also record each MoE layer's router logits over all experts (f32).
+    #[arg(long)]
+    router_logits: bool,
     /// Compute backend: flex (default) or ndarray.
     #[arg(long, default_value = "flex")]
     device: String,
@@ -74,6 +77,7 @@ pub(crate) fn collect(a: CollectArgs) -> Result<()> {
         backend,
         add_special_tokens: a.add_special_tokens,
         router_inputs: a.hidden_states,
+        router_logits: a.router_logits,
         output: a.output,
     };
     eprintln!(

@@ -16,8 +16,9 @@ Layouts (read from the engines' sources, see README "Importing from engines"):
   (prompt + output - 1, num_hidden_layers * top_k).
 - Megatron-LM (`--moe-routing-trace-path`): router_trace_rank{N}.jsonl, one line per
   (step, block, layer) with `top_indices` [num_tokens][topk] (ids ascending), and
-  hidden_states_rank{N}.bin (bf16 [num_tokens, hidden] at `hs_offset`). Two tensor-parallel
-  ranks write identical records.
+  hidden_states_rank{N}.bin (bf16 [num_tokens, hidden] at `hs_offset`) and
+  logits_rank{N}.bin (bf16 [num_tokens, num_experts] at `logit_offset`). Two
+  tensor-parallel ranks write identical records.
 
 Run: python3 tools/engine_fixtures.py  (needs numpy)
 """
@@ -103,21 +104,29 @@ os.makedirs(mdir, exist_ok=True)
 r = routing(6)
 hs = rng.standard_normal((len(MOE), 6, HIDDEN)).astype(np.float32)
 bf16 = (hs.view(np.uint32) >> 16).astype(np.uint16)  # truncation to bf16
+lg = rng.standard_normal((len(MOE), 6, E)).astype(np.float32)
+lg16 = (lg.view(np.uint32) >> 16).astype(np.uint16)
 for rank in (0, 1):
-    offset = 0
+    offset = loffset = 0
     with open(os.path.join(mdir, f"router_trace_rank{rank}.jsonl"), "w") as lines, \
-            open(os.path.join(mdir, f"hidden_states_rank{rank}.bin"), "wb") as side:
+            open(os.path.join(mdir, f"hidden_states_rank{rank}.bin"), "wb") as side, \
+            open(os.path.join(mdir, f"logits_rank{rank}.bin"), "wb") as lside:
         for m, l in enumerate(MOE):
             top = [sorted(r[t][m]) for t in range(6)]
-            data = bf16[m].tobytes()
+            data, ldata = bf16[m].tobytes(), lg16[m].tobytes()
             side.write(data)
+            lside.write(ldata)
             lines.write(json.dumps({"step": 1, "stage": "pre_dispatch", "block": "decoder", "layer": l,
                                     "rank": rank, "num_tokens": 6, "topk": K, "top_indices": top,
-                                    "hs_offset": offset, "hs_bytes": len(data), "hs_shape": [6, HIDDEN]}) + "\n")
+                                    "hs_offset": offset, "hs_bytes": len(data), "hs_shape": [6, HIDDEN],
+                                    "logit_offset": loffset, "logit_bytes": len(ldata),
+                                    "logit_shape": [6, E]}) + "\n")
             offset += len(data)
+            loffset += len(ldata)
 expected["sequences"]["megatron"] = {"tokens": None, "prompt_len": None,
                                      "routing": [[sorted(x) for x in per] for per in r],
-                                     "router_inputs_bf16": bf16.transpose(1, 0, 2).tolist()}
+                                     "router_inputs_bf16": bf16.transpose(1, 0, 2).tolist(),
+                                     "router_logits_bf16": lg16.transpose(1, 0, 2).tolist()}
 
 with open(os.path.join(OUT, "expected.json"), "w") as f:
     json.dump(expected, f, indent=1)

@@ -34,6 +34,7 @@ fn main() {
     let mut best = 0f64;
     for backend in [BackendKind::Flex, BackendKind::Ndarray] {
         let cfg = CollectConfig {
+            router_logits: false,
             model_dir: model.clone(),
             prompts: prompts.clone(),
             max_new_tokens: NEW,

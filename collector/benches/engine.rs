@@ -22,6 +22,7 @@ fn main() {
     let dir = tempfile::tempdir().expect("temp dir");
     let trace = dir.path().join("demo.mctrace");
     collect(&CollectConfig {
+        router_logits: false,
         model_dir: model.clone(),
         prompts: read_prompts(&root.join("prompts/demo.txt")).expect("demo prompts"),
         max_new_tokens: 100,

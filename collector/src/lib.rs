@@ -55,6 +55,8 @@ pub struct CollectConfig {
     pub add_special_tokens: bool,
     /// Also record each MoE layer's router input (the vector its gate reads), stored f16.
     pub router_inputs: bool,
+    /// Also record each MoE layer's router logits over all experts.
+    pub router_logits: bool,
     pub output: PathBuf,
 }
 
@@ -80,6 +82,7 @@ impl CollectSummary {
 struct SequenceRecorder {
     seen: BTreeMap<(usize, usize), RouteDecision>,
     inputs: Option<BTreeMap<(usize, usize), Vec<f32>>>,
+    logits: Option<BTreeMap<(usize, usize), Vec<f32>>>,
 }
 
 impl RoutingObserver for SequenceRecorder {
@@ -91,6 +94,24 @@ impl RoutingObserver for SequenceRecorder {
 
     fn wants_router_inputs(&self) -> bool {
         self.inputs.is_some()
+    }
+
+    fn wants_router_logits(&self) -> bool {
+        self.logits.is_some()
+    }
+
+    fn on_router_logits(
+        &mut self,
+        layer: usize,
+        first_pos: usize,
+        logits: &[f32],
+        n_experts: usize,
+    ) {
+        if let Some(map) = &mut self.logits {
+            for (i, row) in logits.chunks_exact(n_experts).enumerate() {
+                map.insert((first_pos + i, layer), row.to_vec());
+            }
+        }
     }
 
     fn on_router_inputs(&mut self, layer: usize, first_pos: usize, inputs: &[f32], hidden: usize) {
@@ -109,12 +130,14 @@ pub fn journal_path(output: &Path) -> PathBuf {
     output.with_file_name(name)
 }
 
-/// The trace meta of a loaded model (`router_inputs`: the trace will carry them).
+/// The trace meta of a loaded model (`router_inputs`, `router_logits`: the trace will
+/// carry them).
 pub fn trace_meta(
     model_dir: &Path,
     model: &MoeModel,
     ck: &Checkpoint,
     router_inputs: bool,
+    router_logits: bool,
 ) -> TraceMeta {
     let s = model.shape();
     let expert_bytes: Option<Vec<u64>> = s
@@ -141,6 +164,7 @@ pub fn trace_meta(
         ranked: true,
         expert_bytes,
         router_input_dim: router_inputs.then_some(s.hidden_size as u32),
+        router_logits,
     }
 }
 
@@ -155,7 +179,13 @@ pub fn collect(cfg: &CollectConfig) -> Result<CollectSummary, CollectError> {
     } else {
         None
     };
-    let meta = trace_meta(&cfg.model_dir, &model, &ck, cfg.router_inputs);
+    let meta = trace_meta(
+        &cfg.model_dir,
+        &model,
+        &ck,
+        cfg.router_inputs,
+        cfg.router_logits,
+    );
     let journal = journal_path(&cfg.output);
     let file = File::create(&journal).map_err(|e| datasets::TraceError::io(&journal, e))?;
     let mut w = BufWriter::new(file);
@@ -233,6 +263,7 @@ fn run_prompts(
         };
         let mut rec = SequenceRecorder {
             inputs: cfg.router_inputs.then(BTreeMap::new),
+            logits: cfg.router_logits.then(BTreeMap::new),
             ..SequenceRecorder::default()
         };
         let gen = generate(model, &ids, cfg.max_new_tokens, &sampling, None, &mut rec).map_err(
@@ -255,7 +286,15 @@ fn run_prompts(
                     .map(|&l| map.get(&(pos, l)).cloned())
                     .collect()
             });
+            let router_logits = rec.logits.as_ref().map(|map| {
+                shape
+                    .moe_layers
+                    .iter()
+                    .map(|&l| map.get(&(pos, l)).cloned())
+                    .collect()
+            });
             let record = TokenRecord {
+                router_logits,
                 seq: seq_name.clone(),
                 pos: pos as u32,
                 phase: if pos < gen.prompt.len() {

@@ -14,6 +14,7 @@ fn fixture(arch: &str) -> PathBuf {
 
 fn config(arch: &str, prompts: Vec<Prompt>, output: PathBuf) -> CollectConfig {
     CollectConfig {
+        router_logits: false,
         model_dir: fixture(arch),
         prompts,
         max_new_tokens: 16,

@@ -1,7 +1,7 @@
-//! `collect --hidden-states`: each MoE layer's router input is captured and stored beside
-//! the routing, and applying the layer's gate to the stored (f16) input reproduces the
-//! recorded top-k for every token and layer. The inputs survive conversion to Parquet
-//! and JSONL and back.
+//! `collect --hidden-states --router-logits`: each MoE layer's router input and logits
+//! are captured and stored beside the routing; applying the layer's gate to the stored
+//! (f16) input reproduces the recorded top-k for every token and layer, and so do the
+//! stored logits. Both survive conversion to Parquet and JSONL and back.
 
 use std::path::{Path, PathBuf};
 
@@ -35,6 +35,7 @@ fn collect_with_inputs(model_dir: &Path, out: &Path) {
         backend: Default::default(),
         add_special_tokens: false,
         router_inputs: true,
+        router_logits: true,
         output: out.to_path_buf(),
     })
     .unwrap();
@@ -87,6 +88,16 @@ fn the_gate_applied_to_the_stored_input_reproduces_the_routing() {
                     "{}: token {t}, MoE layer {m}",
                     model_dir.display()
                 );
+                // The recorded logits route exactly, and match the gate on the f16 input.
+                let recorded = view.router_logits(t, m).expect("router logits recorded");
+                assert_eq!(
+                    scoring.route(recorded, *k).ids,
+                    want,
+                    "token {t}, MoE layer {m}"
+                );
+                for (a, b) in recorded.iter().zip(&logits) {
+                    assert!((a - b).abs() < 1e-2 * a.abs().max(1.0), "logit {a} vs {b}");
+                }
                 checked += 1;
             }
         }
@@ -109,6 +120,7 @@ fn router_inputs_survive_parquet_and_jsonl() {
         save_trace(&trace, &path, Some(fmt)).unwrap();
         let back = load_trace(&path).unwrap();
         assert_eq!(back.router_inputs, trace.router_inputs, "{name}");
+        assert_eq!(back.router_logits, trace.router_logits, "{name}");
         assert_eq!(back.meta, trace.meta, "{name}");
         assert_eq!(back.experts, trace.experts, "{name}");
     }

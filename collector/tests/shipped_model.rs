@@ -21,6 +21,7 @@ fn shipped_tiny_moe_routes_like_a_real_model() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("heldout.mctrace");
     let cfg = CollectConfig {
+        router_logits: false,
         model_dir: model.clone(),
         prompts: read_prompts(&root().join("prompts/heldout.txt")).unwrap(),
         max_new_tokens: 32,

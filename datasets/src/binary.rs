@@ -14,7 +14,8 @@
 //! Sections of a trace: `seq` u32, `pos` u32, `token` u32, `phase` u8, `experts` u16
 //! (`n_tokens x n_moe x top_k`), optional `weights` f32 (same shape), optional
 //! `router_inputs` f16 (`n_tokens x n_moe x meta.router_input_dim`: the vector each MoE
-//! layer's gate read). Readers ignore sections they do not know.
+//! layer's gate read), optional `router_logits` f32 (`n_tokens x n_moe x n_experts`).
+//! Readers ignore sections they do not know.
 
 use std::fs::File;
 use std::io::Write;
@@ -33,6 +34,8 @@ const ALIGN: u64 = 64;
 const VERSION: u32 = 1;
 /// Section of the router inputs: f16, `n_tokens x n_moe x meta.router_input_dim`.
 const ROUTER_INPUTS: &str = "router_inputs";
+/// Section of the router logits: f32, `n_tokens x n_moe x n_experts`.
+const ROUTER_LOGITS: &str = "router_logits";
 
 /// One typed array in the file.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -109,6 +112,14 @@ pub fn write_binary(trace: &RoutingTrace, path: &Path) -> Result<()> {
             f32::DTYPE,
             bytemuck::cast_slice(w),
             w.len() as u64,
+        ));
+    }
+    if let Some(x) = &trace.router_logits {
+        arrays.push((
+            ROUTER_LOGITS,
+            f32::DTYPE,
+            bytemuck::cast_slice(x),
+            x.len() as u64,
         ));
     }
     if let Some(x) = &trace.router_inputs {
@@ -290,6 +301,17 @@ impl MappedTrace {
             self.required::<f32>("weights", slots)?;
         }
         let fmt = |m: String| TraceError::format(&self.path, m);
+        match (self.section::<f32>(ROUTER_LOGITS), meta.router_logits) {
+            (Some(_), true) => {
+                self.required::<f32>(ROUTER_LOGITS, n * meta.n_moe() * meta.n_experts as usize)?;
+            }
+            (None, false) => {}
+            _ => {
+                return Err(fmt(
+                    "section 'router_logits' and meta.router_logits disagree".into(),
+                ))
+            }
+        }
         if let Some(x) = self.router_inputs() {
             let d = meta.router_input_dim.ok_or_else(|| {
                 fmt("router inputs present but meta.router_input_dim is missing".into())
@@ -338,6 +360,7 @@ impl MappedTrace {
             experts: self.section::<u16>("experts").unwrap_or(&[]),
             weights: self.section::<f32>("weights"),
             router_inputs: self.router_inputs(),
+            router_logits: self.section::<f32>(ROUTER_LOGITS),
         }
     }
 

@@ -4,6 +4,7 @@
 //! interchange JSONL, importers for the formats real engines emit, and trace statistics.
 
 pub mod binary;
+mod builder;
 pub mod error;
 pub mod examples;
 pub mod import;

@@ -11,6 +11,7 @@
 //! | `layer` | uint32 | model layer index of this MoE layer |
 //! | `experts` | list<uint16>, nullable | top-k ids in rank order; null = not computed |
 //! | `weights` | list<float32>, nullable | router weights (column present only if recorded) |
+//! | `router_logits` | list<float32>, nullable | the layer's logits over all experts (present only if recorded) |
 //! | `router_input` | list<float32>, nullable | the vector the layer's gate read (present only if recorded; stored f16 in `.mctrace`) |
 //!
 //! The [`TraceMeta`] is stored as JSON in the file's key-value metadata under
@@ -67,6 +68,17 @@ pub fn write_parquet(trace: &RoutingTrace, path: &Path) -> Result<()> {
         },
         DataType::Float32,
     );
+    let e = meta.n_experts as usize;
+    let mut logits = ListPrimitiveChunkedBuilder::<Float32Type>::new(
+        "router_logits".into(),
+        rows,
+        if trace.router_logits.is_some() {
+            rows * e
+        } else {
+            0
+        },
+        DataType::Float32,
+    );
     for t in 0..trace.n_tokens() {
         let name = trace.seq_names[trace.seq[t] as usize].as_str();
         let ph = Phase::from_code(trace.phase[t])
@@ -84,6 +96,9 @@ pub fn write_parquet(trace: &RoutingTrace, path: &Path) -> Result<()> {
             if trace.router_inputs.is_some() {
                 inputs.append_opt_slice(view.router_input_f32(t, m).as_deref());
             }
+            if trace.router_logits.is_some() {
+                logits.append_opt_slice(view.router_logits(t, m));
+            }
         }
     }
     let mut columns = vec![
@@ -99,6 +114,9 @@ pub fn write_parquet(trace: &RoutingTrace, path: &Path) -> Result<()> {
     }
     if trace.router_inputs.is_some() {
         columns.push(inputs.finish().into_column());
+    }
+    if trace.router_logits.is_some() {
+        columns.push(logits.finish().into_column());
     }
     let mut df = DataFrame::new(rows, columns).map_err(pe)?;
     let meta_json = serde_json::to_string(meta).map_err(|e| TraceError::Invalid(e.to_string()))?;
@@ -175,6 +193,18 @@ pub fn read_parquet(path: &Path) -> Result<RoutingTrace> {
         }
         (false, _) => None,
     };
+    let logits = match (df.column("router_logits").is_ok(), meta.router_logits) {
+        (true, true) => Some(col(
+            "router_logits",
+            DataType::List(Box::new(DataType::Float32)),
+        )?),
+        (false, false) => None,
+        _ => {
+            return Err(fmt(
+                "column 'router_logits' and meta.router_logits disagree".into(),
+            ))
+        }
+    };
     let n_moe = meta.n_moe();
     let k = meta.top_k as usize;
     let rows = df.height();
@@ -193,6 +223,11 @@ pub fn read_parquet(path: &Path) -> Result<RoutingTrace> {
         Some(x) => Some(flat_list::<Float32Type>(x).map_err(pe)?),
         None => None,
     };
+    let l_flat = match &logits {
+        Some(x) => Some(flat_list::<Float32Type>(x).map_err(pe)?),
+        None => None,
+    };
+    let n_e = meta.n_experts as usize;
     let dim = meta.router_input_dim.unwrap_or(0) as usize;
     let seq = seq.str().map_err(pe)?;
     let phase = phase.str().map_err(pe)?;
@@ -202,6 +237,7 @@ pub fn read_parquet(path: &Path) -> Result<RoutingTrace> {
 
     let mut trace = RoutingTrace {
         router_inputs: x_flat.as_ref().map(|_| Vec::with_capacity(n * n_moe * dim)),
+        router_logits: l_flat.as_ref().map(|_| Vec::with_capacity(n * n_moe * n_e)),
         meta,
         seq_names: Vec::new(),
         seq: Vec::with_capacity(n),
@@ -260,6 +296,20 @@ pub fn read_parquet(path: &Path) -> Result<RoutingTrace> {
                 out.extend_from_slice(&w_val[ws..we]);
             } else {
                 out.extend(std::iter::repeat_n(f32::NAN, k));
+            }
+        }
+        if let (Some(out), Some((l_off, l_val, l_valid))) = (&mut trace.router_logits, &l_flat) {
+            let (ls, le) = (l_off[r] as usize, l_off[r + 1] as usize);
+            if l_valid(r) && e_valid(r) {
+                if le - ls != n_e {
+                    return Err(row_err(
+                        r,
+                        format!("{} router logits, expected {n_e}", le - ls),
+                    ));
+                }
+                out.extend_from_slice(&l_val[ls..le]);
+            } else {
+                out.extend(std::iter::repeat_n(f32::NAN, n_e));
             }
         }
         if let (Some(out), Some((x_off, x_val, x_valid))) = (&mut trace.router_inputs, &x_flat) {

@@ -46,6 +46,7 @@ pub fn synthetic_trace(cfg: &SynthConfig) -> RoutingTrace {
     let k = cfg.top_k as usize;
     let nl = cfg.n_layers as usize;
     let meta = TraceMeta {
+        router_logits: false,
         router_input_dim: None,
         model: format!("synthetic-seed{}", cfg.seed),
         architecture: Some("synthetic".into()),
@@ -108,6 +109,7 @@ pub fn synthetic_trace(cfg: &SynthConfig) -> RoutingTrace {
                 weights.push(Some(w));
             }
             let rec = TokenRecord {
+                router_logits: None,
                 router_inputs: None,
                 seq: format!("seq{s:03}"),
                 pos: pos as u32,

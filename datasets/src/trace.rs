@@ -8,6 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::builder::TraceBuilder;
 use crate::error::{Result, TraceError};
 
 /// Expert id marking a layer that was not computed for a token (all `k` slots hold it).
@@ -51,6 +52,10 @@ pub struct TraceMeta {
     /// gate reads), when the trace carries them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub router_input_dim: Option<u32>,
+    /// Whether the trace carries each computed layer's full router logits (`n_experts`
+    /// values).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub router_logits: bool,
 }
 
 fn default_true() -> bool {
@@ -176,6 +181,9 @@ pub struct TokenRecord {
     /// trace carries router inputs and the layer was computed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub router_inputs: Option<Vec<Option<Vec<f32>>>>,
+    /// Per MoE layer: the router's logits over all experts, when the trace carries them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router_logits: Option<Vec<Option<Vec<f32>>>>,
 }
 
 /// A borrowed, column-wise view of a trace: what every algorithm reads. Both the
@@ -201,6 +209,9 @@ pub struct TraceView<'a> {
     /// `n_tokens x n_moe x router_input_dim` router inputs as f16 bits (zeros for layers
     /// not computed), if the trace has them.
     pub router_inputs: Option<&'a [u16]>,
+    /// `n_tokens x n_moe x n_experts` router logits (NaN for layers not computed), if the
+    /// trace has them.
+    pub router_logits: Option<&'a [f32]>,
 }
 
 impl<'a> TraceView<'a> {
@@ -244,6 +255,14 @@ impl<'a> TraceView<'a> {
         })
     }
 
+    /// The router logits of token `t` at MoE layer index `m`, when recorded and computed.
+    pub fn router_logits(&self, t: usize, m: usize) -> Option<&'a [f32]> {
+        self.layer(t, m)?;
+        let e = self.meta.n_experts as usize;
+        let start = (t * self.meta.n_moe() + m) * e;
+        self.router_logits.map(|x| &x[start..start + e])
+    }
+
     /// Token ranges `[start, end)` of each sequence, in trace order.
     pub fn sequence_ranges(&self) -> Vec<std::ops::Range<usize>> {
         let mut out = Vec::new();
@@ -274,7 +293,13 @@ impl<'a> TraceView<'a> {
         let router_inputs = self
             .router_inputs
             .map(|_| (0..n_moe).map(|m| self.router_input_f32(t, m)).collect());
+        let router_logits = self.router_logits.map(|_| {
+            (0..n_moe)
+                .map(|m| self.router_logits(t, m).map(<[f32]>::to_vec))
+                .collect()
+        });
         TokenRecord {
+            router_logits,
             seq: self.seq_names[self.seq[t] as usize].clone(),
             pos: self.pos[t],
             phase: Phase::from_code(self.phase[t]).unwrap_or(Phase::Decode),
@@ -297,6 +322,7 @@ impl<'a> TraceView<'a> {
             experts: self.experts.to_vec(),
             weights: self.weights.map(<[f32]>::to_vec),
             router_inputs: self.router_inputs.map(<[u16]>::to_vec),
+            router_logits: self.router_logits.map(<[f32]>::to_vec),
         }
     }
 }
@@ -314,6 +340,8 @@ pub struct RoutingTrace {
     pub weights: Option<Vec<f32>>,
     /// f16 bits, `n_tokens x n_moe x router_input_dim` (see [`TraceView::router_inputs`]).
     pub router_inputs: Option<Vec<u16>>,
+    /// `n_tokens x n_moe x n_experts` (see [`TraceView::router_logits`]).
+    pub router_logits: Option<Vec<f32>>,
 }
 
 impl RoutingTrace {
@@ -329,6 +357,7 @@ impl RoutingTrace {
             experts: &self.experts,
             weights: self.weights.as_deref(),
             router_inputs: self.router_inputs.as_deref(),
+            router_logits: self.router_logits.as_deref(),
         }
     }
 
@@ -368,6 +397,19 @@ impl RoutingTrace {
                 ));
             }
             (Some(_), None) => return bad("router inputs without meta.router_input_dim".into()),
+            _ => {}
+        }
+        let want = n * self.meta.n_moe() * self.meta.n_experts as usize;
+        match (&self.router_logits, self.meta.router_logits) {
+            (Some(x), true) if x.len() != want => {
+                return bad(format!(
+                    "router logits hold {} values, expected {want}",
+                    x.len()
+                ));
+            }
+            (Some(_), false) | (None, true) => {
+                return bad("router logits and meta.router_logits disagree".into());
+            }
             _ => {}
         }
         let view = self.view();
@@ -447,154 +489,4 @@ pub fn check_topk(meta: &TraceMeta, ids: &[u32], weights: Option<&[f32]>) -> Res
         }
     }
     Ok(())
-}
-
-/// Builds a [`RoutingTrace`] token by token, validating each record as it comes. The
-/// error string is meant to be wrapped with the file and line by the importer.
-#[derive(Debug)]
-pub struct TraceBuilder {
-    trace: RoutingTrace,
-    has_weights: bool,
-    seq_index: std::collections::HashMap<String, u32>,
-}
-
-impl TraceBuilder {
-    /// Starts an empty trace; `with_weights` reserves the weight column.
-    pub fn new(meta: TraceMeta, with_weights: bool) -> Result<Self> {
-        meta.validate()?;
-        let meta_has_inputs = meta.router_input_dim.is_some();
-        Ok(TraceBuilder {
-            trace: RoutingTrace {
-                meta,
-                seq_names: Vec::new(),
-                seq: Vec::new(),
-                pos: Vec::new(),
-                token: Vec::new(),
-                phase: Vec::new(),
-                experts: Vec::new(),
-                weights: with_weights.then(Vec::new),
-                router_inputs: meta_has_inputs.then(Vec::new),
-            },
-            has_weights: with_weights,
-            seq_index: Default::default(),
-        })
-    }
-
-    /// The meta the trace is built for.
-    pub fn meta(&self) -> &TraceMeta {
-        &self.trace.meta
-    }
-
-    /// Number of tokens pushed so far.
-    pub fn n_tokens(&self) -> usize {
-        self.trace.n_tokens()
-    }
-
-    /// Appends one token. Sequences must be contiguous and positions increasing.
-    pub fn push(&mut self, rec: &TokenRecord) -> Result<(), String> {
-        let meta = &self.trace.meta;
-        let n_moe = meta.n_moe();
-        let k = meta.top_k as usize;
-        if rec.experts.len() != n_moe {
-            return Err(format!(
-                "{} expert lists for {n_moe} MoE layers",
-                rec.experts.len()
-            ));
-        }
-        if let Some(w) = &rec.weights {
-            if w.len() != n_moe {
-                return Err(format!("{} weight lists for {n_moe} MoE layers", w.len()));
-            }
-        }
-        if let Some(x) = &rec.router_inputs {
-            let Some(d) = meta.router_input_dim else {
-                return Err("router inputs in a trace whose meta has no router_input_dim".into());
-            };
-            if x.len() != n_moe {
-                return Err(format!(
-                    "{} router-input lists for {n_moe} MoE layers",
-                    x.len()
-                ));
-            }
-            for (m, v) in x.iter().enumerate() {
-                match v {
-                    Some(v) if v.len() != d as usize => {
-                        return Err(format!(
-                            "MoE layer index {m}: router input has {} values, expected {d}",
-                            v.len()
-                        ))
-                    }
-                    Some(_) if rec.experts[m].is_none() => {
-                        return Err(format!("MoE layer index {m}: router input without experts"))
-                    }
-                    _ => {}
-                }
-            }
-        }
-        for (m, ids) in rec.experts.iter().enumerate() {
-            let w = rec.weights.as_ref().and_then(|w| w[m].as_deref());
-            match ids {
-                Some(ids) => check_topk(meta, ids, w)
-                    .map_err(|e| format!("MoE layer {} (index {m}): {e}", meta.moe_layers[m]))?,
-                None if w.is_some() => {
-                    return Err(format!("MoE layer index {m}: weights without experts"))
-                }
-                None => {}
-            }
-        }
-        let next_index = self.trace.seq_names.len() as u32;
-        let s = *self.seq_index.entry(rec.seq.clone()).or_insert(next_index);
-        let t = &mut self.trace;
-        if s == next_index {
-            t.seq_names.push(rec.seq.clone());
-        } else if t.seq.last() != Some(&s) {
-            return Err(format!(
-                "sequence '{}' resumes after another sequence (sequences must be contiguous)",
-                rec.seq
-            ));
-        } else if t.pos.last().is_some_and(|&p| rec.pos <= p) {
-            return Err(format!(
-                "position {} of sequence '{}' does not follow position {}",
-                rec.pos,
-                rec.seq,
-                t.pos.last().copied().unwrap_or(0)
-            ));
-        }
-        if rec.token == Some(UNKNOWN_TOKEN) {
-            return Err(format!("token id {UNKNOWN_TOKEN} is reserved for unknown"));
-        }
-        t.seq.push(s);
-        t.pos.push(rec.pos);
-        t.token.push(rec.token.unwrap_or(UNKNOWN_TOKEN));
-        t.phase.push(rec.phase.code());
-        for (m, ids) in rec.experts.iter().enumerate() {
-            match ids {
-                Some(ids) => t.experts.extend(ids.iter().map(|&e| e as u16)),
-                None => t.experts.extend(std::iter::repeat_n(NOT_COMPUTED, k)),
-            }
-            if self.has_weights {
-                let w = rec.weights.as_ref().and_then(|w| w[m].as_deref());
-                let col = t.weights.get_or_insert_with(Vec::new);
-                match w {
-                    Some(w) => col.extend_from_slice(w),
-                    None => col.extend(std::iter::repeat_n(f32::NAN, k)),
-                }
-            }
-            if let (Some(col), Some(d)) = (&mut t.router_inputs, t.meta.router_input_dim) {
-                match rec.router_inputs.as_ref().and_then(|x| x[m].as_deref()) {
-                    Some(v) => col.extend(v.iter().map(|&x| half::f16::from_f32(x).to_bits())),
-                    None => col.extend(std::iter::repeat_n(0u16, d as usize)),
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Finishes the trace; an empty trace is an error.
-    pub fn finish(self) -> Result<RoutingTrace, String> {
-        if self.trace.n_tokens() == 0 {
-            return Err("no tokens".into());
-        }
-        Ok(self.trace)
-    }
 }

@@ -138,6 +138,23 @@ fn megatron_ranks_merge_and_hidden_states_become_router_inputs() {
     let mut renamed = t.clone();
     renamed.seq_names = vec!["megatron".into()];
     check(&renamed, &["megatron"]);
+    // Router logits: bf16 from the logits sidecar, exact in f32.
+    let exp_logits = expected()["sequences"]["megatron"]["router_logits_bf16"].clone();
+    for (tok, layers) in exp_logits.as_array().unwrap().iter().enumerate() {
+        for (m, bits) in layers.as_array().unwrap().iter().enumerate() {
+            let want: Vec<f32> = bits
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| half::bf16::from_bits(b.as_u64().unwrap() as u16).to_f32())
+                .collect();
+            assert_eq!(
+                t.view().router_logits(tok, m).unwrap(),
+                &want[..],
+                "token {tok} layer {m}"
+            );
+        }
+    }
     // Router inputs: bf16 from the sidecar, stored f16.
     let exp = expected();
     let rows = exp["sequences"]["megatron"]["router_inputs_bf16"]
@@ -252,6 +269,7 @@ fn malformed_engine_files_are_refused_by_name() {
         m.join("router_trace_rank0.jsonl"),
     )
     .unwrap();
+    std::fs::copy(src.join("logits_rank0.bin"), m.join("logits_rank0.bin")).unwrap();
     let side = std::fs::read(src.join("hidden_states_rank0.bin")).unwrap();
     std::fs::write(m.join("hidden_states_rank0.bin"), &side[..side.len() / 2]).unwrap();
     let err = import(std::slice::from_ref(&m), None, &opts())

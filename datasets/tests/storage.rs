@@ -32,6 +32,7 @@ fn assert_same(a: &RoutingTrace, b: &RoutingTrace) {
 /// A trace with every special case: missing layers, unknown tokens, missing weights.
 fn awkward_trace() -> RoutingTrace {
     let meta = TraceMeta {
+        router_logits: false,
         router_input_dim: None,
         model: "awkward".into(),
         architecture: Some("mixtral".into()),
@@ -75,6 +76,7 @@ fn awkward_trace() -> RoutingTrace {
             })
             .collect();
         b.push(&TokenRecord {
+            router_logits: None,
             router_inputs: None,
             seq: seq.into(),
             pos,

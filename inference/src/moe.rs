@@ -48,6 +48,9 @@ impl SparseMoe {
         }
         let logits = to_vec(self.router.forward(x.clone()));
         let e = self.n_experts();
+        if observer.wants_router_logits() {
+            observer.on_router_logits(self.layer, first_pos, &logits, e);
+        }
         let route = |bonus: Option<&[f32]>| -> Vec<RouteDecision> {
             logits
                 .chunks_exact(e)

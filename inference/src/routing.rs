@@ -99,6 +99,22 @@ pub trait RoutingObserver {
     ) {
     }
 
+    /// Whether [`RoutingObserver::on_router_logits`] should be called.
+    fn wants_router_logits(&self) -> bool {
+        false
+    }
+
+    /// `layer`'s router logits over all experts, `[T, n_experts]` row-major, for
+    /// positions `first_pos..`.
+    fn on_router_logits(
+        &mut self,
+        _layer: usize,
+        _first_pos: usize,
+        _logits: &[f32],
+        _n_experts: usize,
+    ) {
+    }
+
     /// A forward of `tokens` at positions `first_pos..` begins.
     fn on_forward(&mut self, _first_pos: usize, _tokens: &[u32]) {}
 

@@ -23,6 +23,7 @@ const LAYERS: u32 = 4;
 /// `m`. Lookahead rule: layer 0 is random; layer `m+1` is layer `m` shifted by `m+1`.
 fn rule_trace(path: &Path, rule: Task, seqs: usize, len: usize, seed: u64) -> PathBuf {
     let meta = TraceMeta {
+        router_logits: false,
         router_input_dim: None,
         model: "rule".into(),
         architecture: None,
@@ -53,6 +54,7 @@ fn rule_trace(path: &Path, rule: Task, seqs: usize, len: usize, seed: u64) -> Pa
                 layers.push(Some(set));
             }
             b.push(&TokenRecord {
+                router_logits: None,
                 router_inputs: None,
                 seq: format!("s{s}"),
                 pos: pos as u32,
@@ -299,6 +301,7 @@ const DIM: usize = 8;
 /// what comes next.
 fn hidden_rule_trace(path: &Path, seqs: usize, len: usize, seed: u64) -> PathBuf {
     let meta = TraceMeta {
+        router_logits: false,
         router_input_dim: Some(DIM as u32),
         model: "hidden-rule".into(),
         architecture: None,
@@ -330,6 +333,7 @@ fn hidden_rule_trace(path: &Path, seqs: usize, len: usize, seed: u64) -> PathBuf
                 inputs.push(Some(x));
             }
             b.push(&TokenRecord {
+                router_logits: None,
                 seq: format!("s{s}"),
                 pos: pos as u32,
                 phase: Phase::Decode,

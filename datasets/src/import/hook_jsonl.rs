@@ -140,6 +140,7 @@ pub(super) fn import(path: &Path, opts: &ImportOptions) -> Result<Imported> {
         ));
     }
     let meta = TraceMeta {
+        router_logits: false,
         router_input_dim: None,
         model: stem(path),
         architecture: None,
@@ -188,6 +189,7 @@ pub(super) fn import(path: &Path, opts: &ImportOptions) -> Result<Imported> {
                 }
             }
             let rec = TokenRecord {
+                router_logits: None,
                 router_inputs: None,
                 seq: name.clone(),
                 pos,

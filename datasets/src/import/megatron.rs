@@ -3,7 +3,9 @@
 //! one line per (step, block, layer) with `top_indices` `[num_tokens][topk]` (ids sorted
 //! ascending on the hook path), and optionally `hidden_states_rank{N}.bin`, the router
 //! inputs as bf16 `[num_tokens, hidden]` at the line's `hs_offset` (`hs_bytes`,
-//! `hs_shape`), imported as the trace's router inputs.
+//! `hs_shape`), imported as the trace's router inputs, and `logits_rank{N}.bin`, the
+//! router logits as bf16 `[num_tokens, num_experts]` at `logit_offset` (`logit_bytes`,
+//! `logit_shape`), imported as the trace's router logits.
 //!
 //! Ranks are merged: a rank whose records repeat another rank's exactly (tensor-parallel
 //! twins see the same tokens) is dropped; the others hold different tokens (sequence or
@@ -38,6 +40,27 @@ struct Line {
     hs_bytes: Option<u64>,
     #[serde(default)]
     hs_shape: Option<Vec<usize>>,
+    #[serde(default)]
+    logit_offset: Option<u64>,
+    #[serde(default)]
+    logit_bytes: Option<u64>,
+    #[serde(default)]
+    logit_shape: Option<Vec<usize>>,
+}
+
+impl Line {
+    /// Where this record's rows sit in the hidden-state (`logits` false) or logits sidecar.
+    fn sidecar(&self, logits: bool) -> Option<(u64, u64, &[usize])> {
+        if logits {
+            Some((
+                self.logit_offset?,
+                self.logit_bytes?,
+                self.logit_shape.as_deref()?,
+            ))
+        } else {
+            Some((self.hs_offset?, self.hs_bytes?, self.hs_shape.as_deref()?))
+        }
+    }
 }
 
 struct Record {
@@ -119,41 +142,63 @@ fn read_rank(rank: u32, path: &Path) -> Result<RankFile> {
     })
 }
 
-/// Router inputs of one record from the rank's sidecar: `[num_tokens][hidden]`.
-fn hidden_rows(
-    side: &[u8],
-    side_path: &Path,
-    rf: &RankFile,
-    r: &Record,
-) -> Result<Option<Vec<Vec<f32>>>> {
-    let (Some(off), Some(len), Some(shape)) = (r.l.hs_offset, r.l.hs_bytes, &r.l.hs_shape) else {
-        return Ok(None);
-    };
-    let at = |m: String| TraceError::parse(&rf.path, r.line, m);
-    if shape.len() != 2 || shape[0] != r.l.num_tokens || len as usize != shape[0] * shape[1] * 2 {
-        return Err(at(format!(
-            "hs_shape {shape:?} / hs_bytes {len} do not fit {} tokens of bf16",
-            r.l.num_tokens
-        )));
+/// A rank's bf16 sidecar file: hidden states (router inputs) or router logits.
+struct Sidecar {
+    path: PathBuf,
+    bytes: Vec<u8>,
+    logits: bool,
+}
+
+impl Sidecar {
+    /// Reads `{stem}_rank{N}.bin` beside the rank's JSONL when `on`.
+    fn open(rf: &RankFile, stem: &str, logits: bool, on: bool) -> Result<Sidecar> {
+        let path = rf
+            .path
+            .with_file_name(format!("{stem}_rank{}.bin", rf.rank));
+        let bytes = if on {
+            std::fs::read(&path).map_err(|e| TraceError::io(&path, e))?
+        } else {
+            Vec::new()
+        };
+        Ok(Sidecar {
+            path,
+            bytes,
+            logits,
+        })
     }
-    let end = off
-        .checked_add(len)
-        .filter(|&e| e as usize <= side.len())
-        .ok_or_else(|| {
-            at(format!(
-            "hidden states at bytes {off}..{} are past the end of {} ({} bytes): truncated sidecar",
-            off + len,
-            side_path.display(),
-            side.len()
+
+    /// Record `r`'s rows `[num_tokens][width]`.
+    fn rows(&self, rf: &RankFile, r: &Record) -> Result<Option<Vec<Vec<f32>>>> {
+        let Some((off, len, shape)) = r.l.sidecar(self.logits) else {
+            return Ok(None);
+        };
+        let at = |m: String| TraceError::parse(&rf.path, r.line, m);
+        if shape.len() != 2 || shape[0] != r.l.num_tokens || len as usize != shape[0] * shape[1] * 2
+        {
+            return Err(at(format!(
+                "sidecar shape {shape:?} / {len} bytes do not fit {} tokens of bf16",
+                r.l.num_tokens
+            )));
+        }
+        let end = off
+            .checked_add(len)
+            .filter(|&e| e as usize <= self.bytes.len())
+            .ok_or_else(|| {
+                at(format!(
+                    "rows at bytes {off}..{} are past the end of {} ({} bytes): truncated sidecar",
+                    off + len,
+                    self.path.display(),
+                    self.bytes.len()
+                ))
+            })?;
+        let vals: Vec<f32> = self.bytes[off as usize..end as usize]
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect();
+        Ok(Some(
+            vals.chunks_exact(shape[1]).map(<[f32]>::to_vec).collect(),
         ))
-        })?;
-    let vals: Vec<f32> = side[off as usize..end as usize]
-        .chunks_exact(2)
-        .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-        .collect();
-    Ok(Some(
-        vals.chunks_exact(shape[1]).map(<[f32]>::to_vec).collect(),
-    ))
+    }
 }
 
 /// Imports the trace directory `dir`.
@@ -228,10 +273,11 @@ pub(super) fn import(dir: &Path, opts: &ImportOptions) -> Result<Imported> {
         },
         moe_layers
     ));
-    let with_inputs = hidden.is_some()
-        && kept
-            .iter()
-            .all(|rf| rf.records.iter().all(|r| r.l.hs_offset.is_some()));
+    let all = |logits: bool| {
+        kept.iter()
+            .all(|rf| rf.records.iter().all(|r| r.l.sidecar(logits).is_some()))
+    };
+    let (with_inputs, with_logits) = (hidden.is_some() && all(false), all(true));
     let n_experts = resolve_n_experts(dir, opts.n_experts, max_id, &mut notes)?;
     let meta = TraceMeta {
         model: opts.model.clone().unwrap_or_else(|| super::stem(dir)),
@@ -250,18 +296,13 @@ pub(super) fn import(dir: &Path, opts: &ImportOptions) -> Result<Imported> {
         } else {
             None
         },
+        router_logits: with_logits,
     };
     let mut b =
         TraceBuilder::new(meta, false).map_err(|e| TraceError::format(dir, e.to_string()))?;
     for rf in &kept {
-        let side_path = rf
-            .path
-            .with_file_name(format!("hidden_states_rank{}.bin", rf.rank));
-        let side = if with_inputs {
-            std::fs::read(&side_path).map_err(|e| TraceError::io(&side_path, e))?
-        } else {
-            Vec::new()
-        };
+        let hidden_side = Sidecar::open(rf, "hidden_states", false, with_inputs)?;
+        let logit_side = Sidecar::open(rf, "logits", true, with_logits)?;
         // (step, microbatch) -> layer -> record, in file order.
         let mut seqs: BTreeMap<(u64, usize), BTreeMap<u32, &Record>> = BTreeMap::new();
         let mut seen: BTreeMap<(u64, u32), usize> = BTreeMap::new();
@@ -284,25 +325,32 @@ pub(super) fn import(dir: &Path, opts: &ImportOptions) -> Result<Imported> {
                     ),
                 ));
             }
-            let mut inputs: BTreeMap<u32, Vec<Vec<f32>>> = BTreeMap::new();
-            if with_inputs {
-                for (&l, r) in per_layer {
-                    if let Some(rows) = hidden_rows(&side, &side_path, rf, r)? {
+            let (mut inputs, mut logits) = (BTreeMap::new(), BTreeMap::new());
+            for (&l, r) in per_layer {
+                if with_inputs {
+                    if let Some(rows) = hidden_side.rows(rf, r)? {
                         inputs.insert(l, rows);
                     }
                 }
+                if with_logits {
+                    if let Some(rows) = logit_side.rows(rf, r)? {
+                        logits.insert(l, rows);
+                    }
+                }
             }
+            let at = |map: &BTreeMap<u32, Vec<Vec<f32>>>, t: usize| -> Vec<Option<Vec<f32>>> {
+                moe_layers
+                    .iter()
+                    .map(|l| map.get(l).map(|x| x[t].clone()))
+                    .collect()
+            };
             for t in 0..n {
                 let experts = moe_layers
                     .iter()
                     .map(|l| per_layer.get(l).map(|r| r.l.top_indices[t].clone()))
                     .collect();
-                let router_inputs = with_inputs.then(|| {
-                    moe_layers
-                        .iter()
-                        .map(|l| inputs.get(l).map(|x| x[t].clone()))
-                        .collect()
-                });
+                let router_inputs = with_inputs.then(|| at(&inputs, t));
+                let router_logits = with_logits.then(|| at(&logits, t));
                 let rec = TokenRecord {
                     seq: format!("rank{}/step{step}/mb{mb}", rf.rank),
                     pos: t as u32,
@@ -311,6 +359,7 @@ pub(super) fn import(dir: &Path, opts: &ImportOptions) -> Result<Imported> {
                     experts,
                     weights: None,
                     router_inputs,
+                    router_logits,
                 };
                 b.push(&rec).map_err(|e| {
                     TraceError::parse(&rf.path, first.line, format!("token {t}: {e}"))

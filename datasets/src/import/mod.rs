@@ -279,6 +279,16 @@ fn concat(parts: Vec<(PathBuf, RoutingTrace)>) -> Result<RoutingTrace> {
         out.phase.extend(&t.phase);
         out.experts.extend(&t.experts);
         let k = out.meta.top_k as usize;
+        out.router_logits = match (out.router_logits.take(), t.router_logits) {
+            (Some(mut a), Some(b)) => {
+                a.extend(b);
+                Some(a)
+            }
+            _ => {
+                out.meta.router_logits = false;
+                None
+            }
+        };
         out.router_inputs = match (out.router_inputs.take(), t.router_inputs) {
             (Some(mut a), Some(b)) if out.meta.router_input_dim == t.meta.router_input_dim => {
                 a.extend(b);

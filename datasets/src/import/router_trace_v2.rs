@@ -99,6 +99,7 @@ pub(super) fn import(path: &Path) -> Result<Imported> {
         .map(str::to_string)
         .unwrap_or_else(|| stem(path));
     let meta = TraceMeta {
+        router_logits: false,
         router_input_dim: None,
         model,
         architecture: None,
@@ -144,6 +145,7 @@ pub(super) fn import(path: &Path) -> Result<Imported> {
                 ));
             }
             let rec = TokenRecord {
+                router_logits: None,
                 router_inputs: None,
                 seq: id.clone(),
                 pos: (t - start) as u32,

@@ -328,6 +328,7 @@ pub(super) fn import(path: &Path, opts: &ImportOptions) -> Result<Imported> {
         .filter(|&m| m >= 0);
     let n_experts = resolve_n_experts(path, opts.n_experts, max_id.map(|m| m as u32), &mut notes)?;
     let meta = TraceMeta {
+        router_logits: false,
         model: stem(path),
         architecture: None,
         n_layers: layers as u32,
@@ -359,6 +360,7 @@ pub(super) fn import(path: &Path, opts: &ImportOptions) -> Result<Imported> {
                 }
             }
             let rec = TokenRecord {
+                router_logits: None,
                 seq: g.name.clone(),
                 pos: t as u32,
                 phase: match g.prompt_len {

@@ -55,6 +55,7 @@ pub(super) fn import(path: &Path, opts: &ImportOptions) -> Result<Imported> {
         path.display()
     ));
     let meta = TraceMeta {
+        router_logits: false,
         router_input_dim: None,
         model: stem(path),
         architecture: None,
@@ -73,6 +74,7 @@ pub(super) fn import(path: &Path, opts: &ImportOptions) -> Result<Imported> {
     let seq = stem(path);
     for (line, row) in rows {
         let rec = TokenRecord {
+            router_logits: None,
             router_inputs: None,
             seq: seq.clone(),
             pos: row.tok,
