@@ -524,3 +524,165 @@ fn run_offloads_experts_with_learned_prefetch() {
         "nope",
     );
 }
+
+#[test]
+fn router_inputs_feed_the_cross_layer_gate_in_eval_and_simulate() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let model = root.join("checkpoints/tiny-moe").display().to_string();
+    let prompts = root.join("prompts/heldout.txt").display().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let (trace, plain) = (tmp(&dir, "h.mctrace"), tmp(&dir, "p.mctrace"));
+    ok(&[
+        "collect",
+        "--model",
+        &model,
+        "--prompts",
+        &prompts,
+        "--max-new-tokens",
+        "24",
+        "--hidden-states",
+        "-o",
+        &trace,
+    ]);
+    ok(&[
+        "collect",
+        "--model",
+        &model,
+        "--prompts",
+        &prompts,
+        "--max-new-tokens",
+        "4",
+        "-o",
+        &plain,
+    ]);
+    let json = tmp(&dir, "sim.json");
+    let table = ok(&[
+        "simulate",
+        "--trace",
+        &trace,
+        "--model",
+        &model,
+        "--cache",
+        "25%",
+        "--prefetch",
+        "none,gate",
+        "--bandwidth",
+        "16",
+        "--json",
+        &json,
+    ]);
+    assert!(table.contains(" gate "), "{table}");
+    let rows: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let hit = |p: &str| {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["timed"]["prefetch"] == p)
+            .unwrap()["hit_rate"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(
+        hit("gate") > hit("none") + 0.1,
+        "gate {} none {}",
+        hit("gate"),
+        hit("none")
+    );
+
+    let pred = tmp(&dir, "pred");
+    ok(&[
+        "train",
+        "--trace",
+        &trace,
+        "--task",
+        "lookahead",
+        "--features",
+        "hidden",
+        "-o",
+        &pred,
+        "--d-model",
+        "32",
+        "--layers",
+        "1",
+        "--heads",
+        "2",
+        "--context",
+        "32",
+        "--epochs",
+        "1",
+        "--quiet",
+    ]);
+    let said = ok(&[
+        "eval",
+        "--predictor",
+        &pred,
+        "--trace",
+        &trace,
+        "--model",
+        &model,
+        "--quiet",
+    ]);
+    assert!(said.contains("cross-layer gate"), "{said}");
+    // The engine feeds the router input of each layer to such a predictor.
+    let said = ok(&[
+        "run",
+        "--model",
+        &model,
+        "--prompt",
+        "Once upon a time",
+        "--max-new-tokens",
+        "8",
+        "--predictor",
+        &pred,
+        "--layer-forecasts",
+    ]);
+    assert!(
+        said.contains("next token + layer lookahead")
+            && said.contains("identical to the engine's: yes"),
+        "{said}"
+    );
+
+    let fail = |args: &[&str], want: &str| {
+        let out = moecast(args);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(
+            !out.status.success() && err.contains(want),
+            "{args:?}: {err}"
+        );
+    };
+    fail(
+        &["simulate", "--trace", &trace, "--prefetch", "gate"],
+        "--model",
+    );
+    fail(
+        &[
+            "simulate",
+            "--trace",
+            &plain,
+            "--model",
+            &model,
+            "--prefetch",
+            "gate",
+        ],
+        "--hidden-states",
+    );
+    fail(
+        &["eval", "--predictor", &pred, "--trace", &plain],
+        "--hidden-states",
+    );
+    fail(
+        &[
+            "train",
+            "--trace",
+            &plain,
+            "--task",
+            "lookahead",
+            "--features",
+            "hidden",
+            "-o",
+            &tmp(&dir, "x"),
+        ],
+        "--hidden-states",
+    );
+}
