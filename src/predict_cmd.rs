@@ -254,25 +254,16 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
             set.meta().model
         );
     }
-    let gate = match &a.model {
-        Some(dir) => {
-            let g = inference::gate::GateForecaster::open(dir)?;
-            let meta = set.meta();
-            g.check(meta.n_moe(), meta.n_experts as usize, meta.router_input_dim)
-                .with_context(|| format!("{}", set.paths()[0].display()))?;
-            let g = std::sync::Arc::new(g);
-            Some(predictor::GateBaseline {
-                name: "cross-layer gate".into(),
-                scores: std::sync::Arc::new(move |target, x| g.scores(target, x)),
-            })
-        }
-        None => None,
+    let (gate, early) = match &a.model {
+        Some(dir) => gate_baselines(dir, &set)?,
+        None => (None, None),
     };
     let opts = EvalOptions {
         batch_size: a.batch_size,
         budget: a.budget,
         baselines: !a.no_baselines,
         gate,
+        early,
         progress: !a.quiet,
     };
     let report = predictor::evaluate(&p.model, p.baselines.as_ref(), &set, split, &device, &opts)?;
@@ -288,6 +279,43 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The model's gates as baselines: the cross-layer gate (when the traces carry router
+/// inputs) and the pre-attention gate (replaying the traces' token ids through the model).
+fn gate_baselines(
+    dir: &std::path::Path,
+    set: &ExampleSet,
+) -> Result<(
+    Option<predictor::GateBaseline>,
+    Option<predictor::EarlyScores>,
+)> {
+    let ck = inference::Checkpoint::open(dir)?;
+    let mut model = inference::MoeModel::load(&ck, &Default::default())?;
+    let meta = set.meta();
+    let g = inference::gate::GateForecaster::new(&mut model);
+    let gate = match g.check(meta.n_moe(), meta.n_experts as usize, meta.router_input_dim) {
+        Ok(()) => {
+            let g = std::sync::Arc::new(g);
+            Some(predictor::GateBaseline {
+                name: "cross-layer gate".into(),
+                scores: std::sync::Arc::new(move |target, x| g.scores(target, x)),
+            })
+        }
+        Err(e) => {
+            eprintln!("note: no cross-layer gate baseline: {e}");
+            None
+        }
+    };
+    let per_trace = (0..set.paths().len())
+        .map(|i| inference::gate::pre_attention_logits(&model, &set.view(i)))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .with_context(|| format!("{}", set.paths()[0].display()))?;
+    let early = predictor::EarlyScores {
+        name: "pre-attention gate".into(),
+        per_trace,
+    };
+    Ok((gate, Some(early)))
 }
 
 fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {

@@ -622,8 +622,23 @@ fn router_inputs_feed_the_cross_layer_gate_in_eval_and_simulate() {
         "--model",
         &model,
         "--quiet",
+        "--json",
+        &json,
     ]);
     assert!(said.contains("cross-layer gate"), "{said}");
+    // The pre-attention gate forecasts one block ahead: the +1 group only.
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let pre = report["methods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["method"] == "pre-attention gate")
+        .expect("pre-attention gate scored");
+    let sets = |g: usize| pre["groups"][g]["overall"]["sets"].as_u64().unwrap();
+    assert!(sets(1) > 0 && sets(0) == 0 && sets(2) == 0, "{pre}");
+    let f1 = pre["groups"][1]["overall"]["f1"].as_f64().unwrap();
+    assert!(f1 > 0.3 && f1 <= 1.0, "pre-attention gate F1 {f1}");
     // The engine feeds the router input of each layer to such a predictor.
     let said = ok(&[
         "run",

@@ -89,3 +89,79 @@ impl GateForecaster {
         scoring.selection_scores(&logits)
     }
 }
+
+/// Collects the pre-attention gate's logits of every MoE layer, `[T, n_experts]` rows.
+struct PreAttention {
+    moe_index: std::collections::HashMap<usize, usize>,
+    n_experts: usize,
+    /// `[position][moe index]` logits of the sequence being replayed.
+    rows: Vec<Vec<Option<Vec<f32>>>>,
+}
+
+impl crate::routing::RoutingObserver for PreAttention {
+    fn on_routing(&mut self, _: usize, _: usize, _: &[crate::routing::RouteDecision]) {}
+
+    fn wants_pre_attention_logits(&self) -> bool {
+        true
+    }
+
+    fn on_pre_attention_logits(
+        &mut self,
+        layer: usize,
+        first_pos: usize,
+        logits: &[f32],
+        e: usize,
+    ) {
+        let Some(&m) = self.moe_index.get(&layer) else {
+            return;
+        };
+        for (i, row) in logits.chunks_exact(e).enumerate() {
+            self.rows[first_pos + i][m] = Some(row.to_vec());
+        }
+    }
+}
+
+/// The pre-attention gate over a trace: every sequence whose token ids are known is run
+/// through `model` (teacher-forced, one batch), and MoE layer `l`'s router is applied to
+/// the layer's input before attention (normalised by the layer's pre-MoE norm). Returns
+/// `n_tokens x n_moe x n_experts` logits, NaN where a sequence has unknown tokens.
+pub fn pre_attention_logits(model: &MoeModel, view: &datasets::TraceView<'_>) -> Result<Vec<f32>> {
+    let shape = model.shape();
+    let (m, e) = (view.meta.n_moe(), view.meta.n_experts as usize);
+    if shape
+        .moe_layers
+        .iter()
+        .map(|&l| l as u32)
+        .collect::<Vec<_>>()
+        != view.meta.moe_layers
+        || shape.n_experts != e
+    {
+        return Err(ModelError::Input(format!(
+            "the model's MoE layers {:?} x {} experts do not match the trace's {:?} x {e}",
+            shape.moe_layers, shape.n_experts, view.meta.moe_layers
+        )));
+    }
+    let mut out = vec![f32::NAN; view.n_tokens() * m * e];
+    let mut obs = PreAttention {
+        moe_index: shape.moe_index(),
+        n_experts: e,
+        rows: Vec::new(),
+    };
+    for r in view.sequence_ranges() {
+        let tokens = &view.token[r.clone()];
+        if tokens.contains(&datasets::UNKNOWN_TOKEN) {
+            continue;
+        }
+        obs.rows = vec![vec![None; m]; tokens.len()];
+        model.forward(tokens, &mut model.new_cache(), &mut obs)?;
+        for (i, per) in obs.rows.iter().enumerate() {
+            for (l, row) in per.iter().enumerate() {
+                if let Some(row) = row {
+                    let at = ((r.start + i) * m + l) * obs.n_experts;
+                    out[at..at + e].copy_from_slice(row);
+                }
+            }
+        }
+    }
+    Ok(out)
+}

@@ -83,6 +83,18 @@ impl SparseMoe {
         self.router.weight.dims()[1]
     }
 
+    /// Reports the router applied to `normed` (the layer's input before attention, put
+    /// through the norm that feeds this block) to the observer.
+    pub fn report_pre_attention(
+        &self,
+        normed: Tensor<2>,
+        first_pos: usize,
+        observer: &mut dyn RoutingObserver,
+    ) {
+        let logits = to_vec(self.router.forward(normed));
+        observer.on_pre_attention_logits(self.layer, first_pos, &logits, self.n_experts());
+    }
+
     /// Drops the routed experts' weights from memory; from now on the observer's
     /// [`RoutingObserver::expert`] supplies them.
     pub fn offload_experts(&mut self) {
@@ -142,6 +154,14 @@ pub enum FeedForward {
 
 impl FeedForward {
     /// The MoE block, if this is one.
+    pub fn sparse(&self) -> Option<&SparseMoe> {
+        match self {
+            FeedForward::Dense(_) => None,
+            FeedForward::Sparse(moe) => Some(moe),
+        }
+    }
+
+    /// The MoE block, if this is one (mutable).
     pub fn sparse_mut(&mut self) -> Option<&mut SparseMoe> {
         match self {
             FeedForward::Dense(_) => None,

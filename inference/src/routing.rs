@@ -115,6 +115,23 @@ pub trait RoutingObserver {
     ) {
     }
 
+    /// Whether [`RoutingObserver::on_pre_attention_logits`] should be called.
+    fn wants_pre_attention_logits(&self) -> bool {
+        false
+    }
+
+    /// `layer`'s router applied to the layer's input before attention (normalised by the
+    /// layer's own pre-MoE norm), `[T, n_experts]`: the pre-attention gate, available one
+    /// attention block before the true routing.
+    fn on_pre_attention_logits(
+        &mut self,
+        _layer: usize,
+        _first_pos: usize,
+        _logits: &[f32],
+        _n_experts: usize,
+    ) {
+    }
+
     /// A forward of `tokens` at positions `first_pos..` begins.
     fn on_forward(&mut self, _first_pos: usize, _tokens: &[u32]) {}
 

@@ -76,6 +76,15 @@ impl std::fmt::Debug for GateBaseline {
     }
 }
 
+/// Precomputed forecasts of a layer's experts made one attention block early (the
+/// pre-attention gate): per trace of the set, `n_tokens x n_moe x n_experts` scores (NaN
+/// where absent). Scored on the `+1 layer` group only.
+#[derive(Debug, Clone)]
+pub struct EarlyScores {
+    pub name: String,
+    pub per_trace: Vec<Vec<f32>>,
+}
+
 /// Options of [`evaluate`].
 #[derive(Debug, Clone)]
 pub struct EvalOptions {
@@ -88,6 +97,8 @@ pub struct EvalOptions {
     /// Also score a gate-based baseline on the lookahead groups (needs traces with router
     /// inputs): the forecast of layer `l + h` reads the last known layer's router input.
     pub gate: Option<GateBaseline>,
+    /// Also score one-block-early forecasts (the pre-attention gate) on `+1 layer`.
+    pub early: Option<EarlyScores>,
     pub progress: bool,
 }
 
@@ -98,6 +109,7 @@ impl Default for EvalOptions {
             budget: None,
             baselines: true,
             gate: None,
+            early: None,
             progress: false,
         }
     }
@@ -152,6 +164,13 @@ pub fn evaluate(
         }
         _ => None,
     };
+    let early = match &opts.early {
+        Some(g) if cfg.task == Task::Lookahead => {
+            names.push(g.name.clone());
+            Some((names.len() - 1, g))
+        }
+        _ => None,
+    };
     let mut counts: Vec<Vec<LayerCounts>> = names
         .iter()
         .map(|_| {
@@ -182,7 +201,7 @@ pub fn evaluate(
                 chunk,
                 set,
                 stats,
-                gate,
+                GateMethods { gate, early },
                 &mut counts,
                 &mut ranking,
                 budget,
@@ -216,6 +235,13 @@ pub fn evaluate(
     })
 }
 
+/// The gate baselines being scored, with their method slots.
+#[derive(Clone, Copy)]
+struct GateMethods<'a> {
+    gate: Option<(usize, &'a GateBaseline)>,
+    early: Option<(usize, &'a EarlyScores)>,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn score_query(
     z: &[f32],
@@ -224,7 +250,7 @@ fn score_query(
     windows: &[Window],
     set: &ExampleSet,
     stats: Option<&BaselineStats>,
-    gate: Option<(usize, &GateBaseline)>,
+    extra: GateMethods<'_>,
     counts: &mut [Vec<LayerCounts>],
     ranking: &mut Vec<u16>,
     budget: usize,
@@ -252,10 +278,18 @@ fn score_query(
                 ranking,
             );
             counts[0][group].add(layer, ranking, truth);
-            if let (Some((gi, g)), true) = (gate, q.known > 0) {
+            if let (Some((gi, g)), true) = (extra.gate, q.known > 0) {
                 if let Some(x) = view.router_input_f32(t, q.known - 1) {
                     rank_top(&(g.scores)(layer, &x), budget, ranking);
                     counts[gi][group].add(layer, ranking, truth);
+                }
+            }
+            if let (Some((ei, es)), true) = (extra.early, q.known > 0 && hh == 0) {
+                let scores =
+                    &es.per_trace[windows[row / batch.len].trace][(t * m + layer) * e..][..e];
+                if !scores[0].is_nan() {
+                    rank_top(scores, budget, ranking);
+                    counts[ei][group].add(layer, ranking, truth);
                 }
             }
             let Some(st) = stats else { continue };
@@ -319,7 +353,7 @@ pub fn render_table(r: &EvalReport) -> String {
             r.tokens
         );
         s += &format!(
-            "  {:<16} {:>7} {:>9} {:>7} {:>7} {:>9} {:>9} {:>9}\n",
+            "  {:<18} {:>7} {:>9} {:>7} {:>7} {:>9} {:>9} {:>9}\n",
             "method",
             "F1",
             "precision",
@@ -337,7 +371,7 @@ pub fn render_table(r: &EvalReport) -> String {
         for mr in &shown {
             let o = &mr.groups[gi].overall;
             s += &format!(
-                "  {:<16} {:>7.4} {:>9.4} {:>7.4} {:>7.4} {:>9.4} {:>9.4} {:>9.4}\n",
+                "  {:<18} {:>7.4} {:>9.4} {:>7.4} {:>7.4} {:>9.4} {:>9.4} {:>9.4}\n",
                 mr.method,
                 o.f1,
                 o.precision,
@@ -350,7 +384,7 @@ pub fn render_table(r: &EvalReport) -> String {
         }
         s += &format!("  F1 per layer ({g}):\n  {:<6}", "layer");
         for mr in &shown {
-            s += &format!(" {:>16}", mr.method);
+            s += &format!(" {:>18}", mr.method);
         }
         s += "\n";
         let n_layers = r.methods[0].groups[gi].per_layer.len();
@@ -361,7 +395,7 @@ pub fn render_table(r: &EvalReport) -> String {
             s += &format!("  {l:<6}");
             for mr in &shown {
                 let f = mr.groups[gi].per_layer[l].map_or(f64::NAN, |x| x.f1);
-                s += &format!(" {f:>16.4}");
+                s += &format!(" {f:>18.4}");
             }
             s += "\n";
         }

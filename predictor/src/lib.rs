@@ -24,7 +24,7 @@ pub mod train;
 pub use card::{LoadedPredictor, PredictorCard, PredictorDir};
 pub use config::{Features, PredictorConfig, Query, Task};
 pub use error::{PredictorError, Result};
-pub use eval::{evaluate, EvalOptions, EvalReport, GateBaseline};
+pub use eval::{evaluate, EarlyScores, EvalOptions, EvalReport, GateBaseline};
 pub use model::ExpertPredictor;
 pub use serve::{ExpertForecast, OnlinePredictor};
 pub use train::{train, TrainOptions, TrainSettings, TrainSummary};

@@ -202,12 +202,7 @@ impl OffloadEngine {
             resident: HashMap::new(),
             in_flight: HashMap::new(),
             unused_prefetch: HashSet::new(),
-            moe_index: shape
-                .moe_layers
-                .iter()
-                .enumerate()
-                .map(|(i, &l)| (l, i))
-                .collect(),
+            moe_index: shape.moe_index(),
             n_experts: e,
             predictor,
             tokens: Vec::new(),

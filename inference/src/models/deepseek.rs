@@ -384,6 +384,11 @@ impl Model {
             apply_rope(x, &cos, &sin)
         };
         for (l, layer) in self.layers.iter().enumerate() {
+            if observer.wants_pre_attention_logits() {
+                if let Some(moe) = layer.ffn.sparse() {
+                    moe.report_pre_attention(layer.post_norm.forward(x.clone()), past, observer);
+                }
+            }
             let n = layer.input_norm.forward(x.clone());
             let q = match &layer.q_a {
                 None => layer.q.forward(n.clone()),

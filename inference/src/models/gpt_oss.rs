@@ -319,6 +319,11 @@ impl Model {
         let sliding_mask = causal_mask(t, past, c.sliding_window, &device);
         let scale = 1.0 / (hd as f64).sqrt();
         for (l, layer) in self.layers.iter().enumerate() {
+            if observer.wants_pre_attention_logits() {
+                if let Some(moe) = Some(&layer.moe) {
+                    moe.report_pre_attention(layer.post_norm.forward(x.clone()), past, observer);
+                }
+            }
             let n = layer.input_norm.forward(x.clone());
             let heads = |x: Tensor<2>, n: usize| x.reshape([t, n, hd]).swap_dims(0, 1);
             let q = apply_rope(heads(layer.q.forward(n.clone()), nh), &cos, &sin);

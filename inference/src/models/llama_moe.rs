@@ -281,6 +281,11 @@ impl Model {
         let mask = causal_mask(t, past, None, &device);
         let scale = 1.0 / (hd as f64).sqrt();
         for (l, layer) in self.layers.iter().enumerate() {
+            if observer.wants_pre_attention_logits() {
+                if let Some(moe) = layer.ffn.sparse() {
+                    moe.report_pre_attention(layer.post_norm.forward(x.clone()), past, observer);
+                }
+            }
             let n = layer.input_norm.forward(x.clone());
             let (mut q, mut k, mut v) = (
                 layer.q.forward(n.clone()),

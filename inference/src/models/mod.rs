@@ -57,6 +57,17 @@ pub struct ModelShape {
     pub hidden_size: usize,
 }
 
+impl ModelShape {
+    /// Model layer index -> MoE index (position in `moe_layers`).
+    pub fn moe_index(&self) -> std::collections::HashMap<usize, usize> {
+        self.moe_layers
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (l, i))
+            .collect()
+    }
+}
+
 impl MoeModel {
     /// Loads the checkpoint in `dir` onto `device`.
     pub fn load(ck: &Checkpoint, device: &Device) -> Result<MoeModel> {
