@@ -60,14 +60,7 @@ pub(crate) fn collect(a: CollectArgs) -> Result<()> {
         );
     }
     let backend = a.device.parse().map_err(anyhow::Error::msg)?;
-    let sampling = if a.temperature > 0.0 {
-        inference::generate::Sampling::Temperature {
-            temperature: a.temperature,
-            seed: a.seed,
-        }
-    } else {
-        inference::generate::Sampling::Greedy
-    };
+    let sampling = inference::generate::Sampling::from_temperature(a.temperature, a.seed);
     let cfg = collector::CollectConfig {
         model_dir: a.model,
         prompts,

@@ -85,14 +85,7 @@ pub(crate) fn run(a: RunArgs) -> Result<()> {
             "note: --quality without --cache-aware-routing compares unmodified routing with itself"
         );
     }
-    let sampling = if a.temperature > 0.0 {
-        inference::generate::Sampling::Temperature {
-            temperature: a.temperature,
-            seed: a.seed,
-        }
-    } else {
-        inference::generate::Sampling::Greedy
-    };
+    let sampling = inference::generate::Sampling::from_temperature(a.temperature, a.seed);
     let cfg = collector::OffloadRunConfig {
         model_dir: a.model,
         prompts,

@@ -228,7 +228,7 @@ impl inference::RoutingObserver for DecodeTimer {
     fn on_routing(&mut self, _: usize, _: usize, _: &[inference::RouteDecision]) {}
 
     fn on_forward(&mut self, first_pos: usize, tokens: &[u32]) {
-        self.decoding = first_pos > 0 && tokens.len() == 1;
+        self.decoding = inference::generate::is_decode_step(first_pos, tokens.len());
         self.started = Some(Instant::now());
     }
 

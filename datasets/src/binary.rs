@@ -248,23 +248,23 @@ impl MappedTrace {
 
     /// The typed contents of section `name`, if present with element type `T`.
     pub fn section<T: SectionType>(&self, name: &str) -> Option<&[T]> {
+        self.section_as(name, T::DTYPE)
+    }
+
+    /// Section `name` stored with dtype tag `dtype`, read as elements of type `T`.
+    fn section_as<T: bytemuck::Pod>(&self, name: &str, dtype: &str) -> Option<&[T]> {
         let s = self
             .header
             .sections
             .iter()
-            .find(|s| s.name == name && s.dtype == T::DTYPE)?;
+            .find(|s| s.name == name && s.dtype == dtype)?;
         let bytes = &self.map[s.offset as usize..][..s.len as usize * std::mem::size_of::<T>()];
         bytemuck::try_cast_slice(bytes).ok()
     }
 
     /// The router inputs (f16 bits), if the file has them.
     pub fn router_inputs(&self) -> Option<&[u16]> {
-        let s = self
-            .header
-            .sections
-            .iter()
-            .find(|s| s.name == ROUTER_INPUTS && s.dtype == "f16")?;
-        bytemuck::try_cast_slice(&self.map[s.offset as usize..][..s.len as usize * 2]).ok()
+        self.section_as(ROUTER_INPUTS, "f16")
     }
 
     /// The sections listed in the header.

@@ -287,47 +287,23 @@ pub fn read_parquet(path: &Path) -> Result<RoutingTrace> {
         } else {
             trace.experts.extend(std::iter::repeat_n(NOT_COMPUTED, k));
         }
-        if let (Some(out), Some((w_off, w_val, w_valid))) = (&mut trace.weights, &w_flat) {
-            let (ws, we) = (w_off[r] as usize, w_off[r + 1] as usize);
-            if w_valid(r) && e_valid(r) {
-                if we - ws != k {
-                    return Err(row_err(r, format!("{} weights, expected {k}", we - ws)));
-                }
-                out.extend_from_slice(&w_val[ws..we]);
-            } else {
-                out.extend(std::iter::repeat_n(f32::NAN, k));
+        let computed = e_valid(r);
+        if let (Some(out), Some(w)) = (&mut trace.weights, &w_flat) {
+            match list_row(w, r, computed, k, "weights").map_err(|m| row_err(r, m))? {
+                Some(v) => out.extend_from_slice(v),
+                None => out.extend(std::iter::repeat_n(f32::NAN, k)),
             }
         }
-        if let (Some(out), Some((l_off, l_val, l_valid))) = (&mut trace.router_logits, &l_flat) {
-            let (ls, le) = (l_off[r] as usize, l_off[r + 1] as usize);
-            if l_valid(r) && e_valid(r) {
-                if le - ls != n_e {
-                    return Err(row_err(
-                        r,
-                        format!("{} router logits, expected {n_e}", le - ls),
-                    ));
-                }
-                out.extend_from_slice(&l_val[ls..le]);
-            } else {
-                out.extend(std::iter::repeat_n(f32::NAN, n_e));
+        if let (Some(out), Some(l)) = (&mut trace.router_logits, &l_flat) {
+            match list_row(l, r, computed, n_e, "router logits").map_err(|m| row_err(r, m))? {
+                Some(v) => out.extend_from_slice(v),
+                None => out.extend(std::iter::repeat_n(f32::NAN, n_e)),
             }
         }
-        if let (Some(out), Some((x_off, x_val, x_valid))) = (&mut trace.router_inputs, &x_flat) {
-            let (xs, xe) = (x_off[r] as usize, x_off[r + 1] as usize);
-            if x_valid(r) && e_valid(r) {
-                if xe - xs != dim {
-                    return Err(row_err(
-                        r,
-                        format!("router input of {} values, expected {dim}", xe - xs),
-                    ));
-                }
-                out.extend(
-                    x_val[xs..xe]
-                        .iter()
-                        .map(|&v| half::f16::from_f32(v).to_bits()),
-                );
-            } else {
-                out.extend(std::iter::repeat_n(0u16, dim));
+        if let (Some(out), Some(x)) = (&mut trace.router_inputs, &x_flat) {
+            match list_row(x, r, computed, dim, "router input values").map_err(|m| row_err(r, m))? {
+                Some(v) => out.extend(v.iter().map(|&v| half::f16::from_f32(v).to_bits())),
+                None => out.extend(std::iter::repeat_n(0u16, dim)),
             }
         }
     }
@@ -336,6 +312,26 @@ pub fn read_parquet(path: &Path) -> Result<RoutingTrace> {
 }
 
 type FlatList<T> = (Vec<i64>, Vec<T>, Box<dyn Fn(usize) -> bool>);
+
+/// Row `r` of a flattened list column, when the row is not null and its layer was
+/// computed; it must hold `want` values (`what` names them in the error).
+fn list_row<'a, T>(
+    list: &'a FlatList<T>,
+    r: usize,
+    computed: bool,
+    want: usize,
+    what: &str,
+) -> std::result::Result<Option<&'a [T]>, String> {
+    let (offsets, values, valid) = list;
+    if !(computed && valid(r)) {
+        return Ok(None);
+    }
+    let (s, e) = (offsets[r] as usize, offsets[r + 1] as usize);
+    if e - s != want {
+        return Err(format!("{} {what}, expected {want}", e - s));
+    }
+    Ok(Some(&values[s..e]))
+}
 
 /// Offsets, values and row validity of a list column, flattened into one chunk.
 fn flat_list<T>(s: &Series) -> PolarsResult<FlatList<T::Native>>

@@ -25,6 +25,15 @@ fn opts() -> ImportOptions {
     }
 }
 
+/// A JSON list of bf16 bit patterns as f32 values.
+fn bf16_values(bits: &Value) -> Vec<f32> {
+    bits.as_array()
+        .unwrap()
+        .iter()
+        .map(|b| half::bf16::from_bits(b.as_u64().unwrap() as u16).to_f32())
+        .collect()
+}
+
 /// Checks every sequence of `trace` named in `expected.json` against its routing.
 fn check(trace: &RoutingTrace, names: &[&str]) {
     let exp = expected();
@@ -142,12 +151,7 @@ fn megatron_ranks_merge_and_hidden_states_become_router_inputs() {
     let exp_logits = expected()["sequences"]["megatron"]["router_logits_bf16"].clone();
     for (tok, layers) in exp_logits.as_array().unwrap().iter().enumerate() {
         for (m, bits) in layers.as_array().unwrap().iter().enumerate() {
-            let want: Vec<f32> = bits
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|b| half::bf16::from_bits(b.as_u64().unwrap() as u16).to_f32())
-                .collect();
+            let want = bf16_values(bits);
             assert_eq!(
                 t.view().router_logits(tok, m).unwrap(),
                 &want[..],
@@ -164,12 +168,7 @@ fn megatron_ranks_merge_and_hidden_states_become_router_inputs() {
     assert_eq!(view.meta.router_input_dim, Some(8));
     for (tok, layers) in rows.iter().enumerate() {
         for (m, bits) in layers.as_array().unwrap().iter().enumerate() {
-            let want: Vec<f32> = bits
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|b| half::bf16::from_bits(b.as_u64().unwrap() as u16).to_f32())
-                .collect();
+            let want = bf16_values(bits);
             let got = view.router_input_f32(tok, m).unwrap();
             for (g, w) in got.iter().zip(&want) {
                 assert!(

@@ -41,11 +41,6 @@ impl GateForecaster {
         Ok(GateForecaster::new(&mut model))
     }
 
-    /// Router input width.
-    pub fn hidden(&self) -> usize {
-        self.hidden
-    }
-
     /// Number of MoE layers.
     pub fn n_moe(&self) -> usize {
         self.gates.len()

@@ -17,6 +17,24 @@ pub enum Sampling {
     Temperature { temperature: f32, seed: u64 },
 }
 
+impl Sampling {
+    /// The command-line convention: temperature 0 (or below) means greedy.
+    pub fn from_temperature(temperature: f32, seed: u64) -> Sampling {
+        if temperature > 0.0 {
+            Sampling::Temperature { temperature, seed }
+        } else {
+            Sampling::Greedy
+        }
+    }
+}
+
+/// Whether a forward of `n_tokens` at positions `first_pos..` is a decode step (one new
+/// token after the prompt) rather than the prompt's prefill: how the engine and its
+/// reference split their timings and counters.
+pub fn is_decode_step(first_pos: usize, n_tokens: usize) -> bool {
+    first_pos > 0 && n_tokens == 1
+}
+
 /// Picks a token from `logits`.
 pub fn sample(logits: &[f32], rng: Option<(&mut StdRng, f32)>) -> u32 {
     match rng {

@@ -10,8 +10,8 @@ use datasets::{save_trace, Phase, TokenRecord, TraceBuilder, TraceFormat, TraceM
 use predictor::device::BackendKind;
 use predictor::model::BatchTensors;
 use predictor::{
-    evaluate, EvalOptions, Features, LoadedPredictor, OnlinePredictor, PredictorConfig, Task,
-    TrainOptions, TrainSettings,
+    evaluate, EvalOptions, ExpertForecast, Features, LoadedPredictor, OnlinePredictor,
+    PredictorConfig, Query, Task, TrainOptions, TrainSettings,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -203,45 +203,63 @@ fn online_predictions_equal_the_batched_forward() {
     for task in [Task::NextToken, Task::Lookahead] {
         let out = dir.path().join(task.as_str());
         predictor::train(&options(trace.clone(), task, out.clone(), 1)).unwrap();
-        let dev = BackendKind::from_test_env().device();
-        let loaded = LoadedPredictor::load(&out, &dev).unwrap();
-        let set = ExampleSet::open_for_test(std::slice::from_ref(&trace), None).unwrap();
-        let windows = set.windows(Split::Test, 16);
-        let w = windows[0];
-        assert_eq!((w.start, w.first_target), (0, 0));
-        let batch = set.batch(&[w], loaded.card.config.token_buckets);
-        let bt = BatchTensors::new(&batch, loaded.card.config.routing, &dev);
-        let queries = loaded.card.config.queries();
-        let batched: Vec<Vec<f32>> = loaded
-            .model
-            .forward_queries(&bt, &queries)
-            .into_iter()
-            .map(|z| sigmoid(z).try_into_vec_as::<f32>().unwrap())
-            .collect();
-        let view = set.view(0);
-        let mut online = OnlinePredictor::new(loaded);
-        for t in 0..w.len {
-            let token = view.token[t];
-            let layers: Vec<&[u16]> = (0..LAYERS as usize)
-                .map(|m| view.layer(t, m).unwrap())
-                .collect();
-            for (qi, q) in queries.iter().enumerate() {
-                let f = match task {
-                    Task::NextToken => online.predict_next(token).unwrap(),
-                    Task::Lookahead => online.predict_lookahead(token, &layers[..q.known]).unwrap(),
-                };
-                let width = q.horizon * E as usize;
-                let want = &batched[qi][t * width..(t + 1) * width];
-                for (a, b) in f.probs.iter().zip(want) {
-                    assert!(
-                        (a - b).abs() < 1e-4,
-                        "{task:?} token {t} query {q:?}: {a} vs {b}"
-                    );
-                }
+        assert_online_matches_batched(&out, &trace, None, |online, _, t, token, layers, q| {
+            match task {
+                Task::NextToken => online.predict_next(token),
+                Task::Lookahead => online.predict_lookahead(token, &layers[..q.known]),
             }
-            let routing: Vec<Option<&[u16]>> = layers.iter().map(|l| Some(*l)).collect();
-            online.observe(token, &routing).unwrap();
+            .unwrap_or_else(|e| panic!("{task:?} token {t}: {e}"))
+        });
+    }
+}
+
+/// Checks that the forecasts `forecast` makes online (token by token, observing each
+/// token's routing after it) equal the batched forward over the first test window of
+/// `trace`, to 1e-4 (`input_dim`: batch the router inputs too).
+fn assert_online_matches_batched(
+    dir: &Path,
+    trace: &Path,
+    input_dim: Option<usize>,
+    mut forecast: impl FnMut(
+        &mut OnlinePredictor,
+        &datasets::TraceView<'_>,
+        usize,
+        u32,
+        &[&[u16]],
+        Query,
+    ) -> ExpertForecast,
+) {
+    let dev = BackendKind::from_test_env().device();
+    let loaded = LoadedPredictor::load(dir, &dev).unwrap();
+    let set = ExampleSet::open_for_test(&[trace.to_path_buf()], None).unwrap();
+    let w = set.windows(Split::Test, 16)[0];
+    assert_eq!((w.start, w.first_target), (0, 0));
+    let batch = set.batch_with(&[w], loaded.card.config.token_buckets, input_dim);
+    let bt = BatchTensors::new(&batch, loaded.card.config.routing, &dev);
+    let queries = loaded.card.config.queries();
+    let batched: Vec<Vec<f32>> = loaded
+        .model
+        .forward_queries(&bt, &queries)
+        .into_iter()
+        .map(|z| sigmoid(z).try_into_vec_as::<f32>().unwrap())
+        .collect();
+    let view = set.view(0);
+    let mut online = OnlinePredictor::new(loaded);
+    for t in 0..w.len {
+        let token = view.token[t];
+        let layers: Vec<&[u16]> = (0..LAYERS as usize)
+            .map(|m| view.layer(t, m).unwrap())
+            .collect();
+        for (qi, q) in queries.iter().enumerate() {
+            let f = forecast(&mut online, &view, t, token, &layers, *q);
+            let width = q.horizon * E as usize;
+            let want = &batched[qi][t * width..(t + 1) * width];
+            for (a, b) in f.probs.iter().zip(want) {
+                assert!((a - b).abs() < 1e-4, "token {t} query {q:?}: {a} vs {b}");
+            }
         }
+        let routing: Vec<Option<&[u16]>> = layers.iter().map(|l| Some(*l)).collect();
+        online.observe(token, &routing).unwrap();
     }
 }
 
@@ -369,44 +387,22 @@ fn hidden_features_learn_what_expert_ids_cannot() {
 
     // Online forecasts with router inputs equal the batched forward.
     let out = dir.path().join(Features::Hidden.as_str());
-    let dev = BackendKind::from_test_env().device();
-    let loaded = LoadedPredictor::load(&out, &dev).unwrap();
-    let set = ExampleSet::open_for_test(std::slice::from_ref(&trace), None).unwrap();
-    let w = set.windows(Split::Test, 16)[0];
-    let batch = set.batch_with(&[w], loaded.card.config.token_buckets, Some(DIM));
-    let bt = BatchTensors::new(&batch, loaded.card.config.routing, &dev);
-    let queries = loaded.card.config.queries();
-    let batched: Vec<Vec<f32>> = loaded
-        .model
-        .forward_queries(&bt, &queries)
-        .into_iter()
-        .map(|z| sigmoid(z).try_into_vec_as::<f32>().unwrap())
-        .collect();
-    let view = set.view(0);
-    let mut online = OnlinePredictor::new(loaded);
-    for t in 0..w.len {
-        let token = view.token[t];
-        let layers: Vec<&[u16]> = (0..LAYERS as usize)
-            .map(|m| view.layer(t, m).unwrap())
-            .collect();
-        for (qi, q) in queries.iter().enumerate() {
-            let x = view.router_input_f32(t, q.known - 1).unwrap();
+    assert_online_matches_batched(
+        &out,
+        &trace,
+        Some(DIM),
+        |online, view, t, token, layers, q| {
+            let known = &layers[..q.known];
             assert!(
-                online.predict_lookahead(token, &layers[..q.known]).is_err(),
+                online.predict_lookahead(token, known).is_err(),
                 "input required"
             );
-            let f = online
-                .predict_lookahead_with_input(token, &layers[..q.known], Some(&x))
-                .unwrap();
-            let width = q.horizon * E as usize;
-            let want = &batched[qi][t * width..(t + 1) * width];
-            for (a, b) in f.probs.iter().zip(want) {
-                assert!((a - b).abs() < 1e-4, "token {t} query {q:?}: {a} vs {b}");
-            }
-        }
-        let routing: Vec<Option<&[u16]>> = layers.iter().map(|l| Some(*l)).collect();
-        online.observe(token, &routing).unwrap();
-    }
+            let x = view.router_input_f32(t, q.known - 1).unwrap();
+            online
+                .predict_lookahead_with_input(token, known, Some(&x))
+                .unwrap()
+        },
+    );
     // A trace without router inputs is refused by name.
     let plain = rule_trace(
         &dir.path().join("plain.mctrace"),

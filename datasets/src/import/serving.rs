@@ -54,38 +54,26 @@ pub(super) fn sniff(head: &[u8], text: &str) -> bool {
         || text.contains("\"prompt_routed_experts\"")
 }
 
+/// The array's values, of element type `T`, widened to i64.
+fn widen<T: npyz::Deserialize + Into<i64>>(
+    npy: npyz::NpyFile<&[u8]>,
+    what: &str,
+) -> std::result::Result<Vec<i64>, String> {
+    let values = npy.into_vec::<T>().map_err(|e| format!("{what}: {e}"))?;
+    Ok(values.into_iter().map(Into::into).collect())
+}
+
 fn npy_grid(bytes: &[u8], what: &str) -> std::result::Result<(Vec<usize>, Vec<i64>), String> {
     let npy = npyz::NpyFile::new(bytes).map_err(|e| format!("{what}: not a .npy array: {e}"))?;
     let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
-    let bad = |e: std::io::Error| format!("{what}: {e}");
     let dtype = npy.dtype();
     let descr = dtype.descr();
     let ids: Vec<i64> = match descr.trim_matches('\'') {
-        "|u1" => npy
-            .into_vec::<u8>()
-            .map_err(bad)?
-            .into_iter()
-            .map(i64::from)
-            .collect(),
-        "<u2" => npy
-            .into_vec::<u16>()
-            .map_err(bad)?
-            .into_iter()
-            .map(i64::from)
-            .collect(),
-        "<i2" => npy
-            .into_vec::<i16>()
-            .map_err(bad)?
-            .into_iter()
-            .map(i64::from)
-            .collect(),
-        "<i4" => npy
-            .into_vec::<i32>()
-            .map_err(bad)?
-            .into_iter()
-            .map(i64::from)
-            .collect(),
-        "<i8" => npy.into_vec::<i64>().map_err(bad)?,
+        "|u1" => widen::<u8>(npy, what)?,
+        "<u2" => widen::<u16>(npy, what)?,
+        "<i2" => widen::<i16>(npy, what)?,
+        "<i4" => widen::<i32>(npy, what)?,
+        "<i8" => widen::<i64>(npy, what)?,
         other => {
             return Err(format!(
                 "{what}: dtype {other} is not an integer type moecast reads (u1, u2, i2, i4, i8)"

@@ -332,7 +332,7 @@ impl RoutingObserver for OffloadEngine {
     fn on_forward(&mut self, first_pos: usize, tokens: &[u32]) {
         self.tokens = tokens.to_vec();
         self.routing.iter_mut().for_each(Vec::clear);
-        self.decoding = first_pos > 0 && tokens.len() == 1;
+        self.decoding = crate::generate::is_decode_step(first_pos, tokens.len());
         self.started = Instant::now();
         self.pinned.clear();
         self.drain();

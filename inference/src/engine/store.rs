@@ -114,16 +114,6 @@ impl ExpertStore {
         })
     }
 
-    /// Number of addressable experts (all MoE layers).
-    pub fn len(&self) -> usize {
-        self.experts.len()
-    }
-
-    /// Whether the store holds no expert.
-    pub fn is_empty(&self) -> bool {
-        self.experts.is_empty()
-    }
-
     /// Bytes of expert `id` as stored.
     pub fn expert_bytes(&self, id: usize) -> u64 {
         self.bytes[id]
