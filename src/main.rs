@@ -1,5 +1,6 @@
 //! The `moecast` command line: parses arguments and calls the library crates.
 
+mod inputs;
 mod model_cmd;
 mod predict_cmd;
 mod run_cmd;

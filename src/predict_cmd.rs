@@ -95,7 +95,8 @@ pub(crate) struct TrainArgs {
 
 pub(crate) fn train(a: TrainArgs) -> Result<()> {
     let first = a.trace.first().context("give at least one --trace")?;
-    let meta = datasets::open_trace(first)?.view().meta.clone();
+    let meta = crate::inputs::trace_meta(first)?;
+    crate::inputs::trace_files(&a.trace)?;
     let config = PredictorConfig::new(datasets::examples::RoutingShape::of(&meta), a.task)
         .with_horizon(a.horizon)
         .with_d_model(a.d_model)
@@ -214,6 +215,7 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
     let device = backend.device();
     let p = LoadedPredictor::load(&a.predictor, &device)?;
     let shape = p.card.config.routing;
+    crate::inputs::trace_files(&a.trace)?;
     let (set, split) = match a.split {
         SplitArg::All => {
             if a.trace.is_empty() {

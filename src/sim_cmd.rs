@@ -80,9 +80,11 @@ fn parse_size(s: &str, total: usize) -> Result<usize> {
 }
 
 pub(crate) fn simulate_cmd(a: SimulateArgs) -> Result<()> {
-    let opened = open_trace(&a.trace)?;
-    let view = opened.view();
-    let meta = view.meta;
+    // A dataset is replayed one memory-mapped shard at a time, each from a cold cache.
+    let pieces = crate::inputs::trace_files(std::slice::from_ref(&a.trace))?;
+    let first = open_trace(&pieces[0])?;
+    let meta = first.view().meta.clone();
+    drop(first);
     let (m, e, k) = (meta.n_moe(), meta.n_experts as usize, meta.top_k as usize);
     let total = m * e;
     let expert_bytes = match (a.expert_bytes, &meta.expert_bytes) {
@@ -101,7 +103,6 @@ pub(crate) fn simulate_cmd(a: SimulateArgs) -> Result<()> {
         bail!("--bandwidth must be positive and --compute-us-per-layer not negative");
     }
     let budget = a.budget.unwrap_or(k);
-    let seqs = view.sequence_ranges();
     let kinds: Vec<PrefetchKind> = a
         .prefetch
         .iter()
@@ -115,64 +116,138 @@ pub(crate) fn simulate_cmd(a: SimulateArgs) -> Result<()> {
         None => None,
     };
     if let Some(p) = &loaded {
-        p.card.config.routing.check(meta, &a.trace)?;
+        p.card.config.routing.check(&meta, &a.trace)?;
     }
     // Loaded once: its baselines feed co-activation, the model feeds learned prefetch.
     let mut online = loaded.map(OnlinePredictor::new);
-    let mut plans: Vec<PrefetchPlan> = Vec::new();
-    for kind in &kinds {
-        let plan = match kind {
-            PrefetchKind::None => PrefetchPlan::empty("none", view.n_tokens(), m),
-            PrefetchKind::Oracle => prefetch::oracle(&view, &seqs),
-            PrefetchKind::Previous => prefetch::previous(&view, &seqs),
-            PrefetchKind::Activation => prefetch::activation(&view, &seqs, budget, a.horizon, 0.9),
-            PrefetchKind::Coactivation => {
-                let fitted = online
-                    .as_ref()
-                    .and_then(|o| o.predictor().baselines.clone());
-                let stats = match fitted {
-                    Some(s) => s,
-                    None => {
-                        eprintln!("note: no --predictor: co-activation counts are fitted on this trace itself (in-sample)");
-                        let mut s = BaselineStats::new(
-                            datasets::examples::RoutingShape::of(meta),
-                            a.horizon.min(m - 1).max(1),
-                        );
-                        for r in &seqs {
-                            s.add_tokens(&view, r.clone());
-                        }
-                        s
-                    }
-                };
-                prefetch::coactivation(&view, &seqs, &stats, budget, a.horizon)
-            }
-            PrefetchKind::Gate => {
-                let dir = a.model.as_ref().context(
-                    "--prefetch gate needs --model DIR (the checkpoint the trace comes from)",
-                )?;
-                let g = inference::gate::GateForecaster::open(dir)?;
-                g.check(m, meta.n_experts as usize, meta.router_input_dim)
-                    .with_context(|| a.trace.display().to_string())?;
-                prefetch::gate(&view, &seqs, &|t, x| g.scores(t, x), budget, a.horizon)
-            }
-            PrefetchKind::Learned => {
-                let o = online
-                    .as_mut()
-                    .context("--prefetch learned needs --predictor DIR")?;
-                prefetch::learned(&view, &seqs, o, budget)?
-            }
-        };
-        plans.push(plan);
+    let gate = match kinds.contains(&PrefetchKind::Gate) {
+        true => {
+            let dir = a.model.as_ref().context(
+                "--prefetch gate needs --model DIR (the checkpoint the trace comes from)",
+            )?;
+            let g = inference::gate::GateForecaster::open(dir)?;
+            g.check(m, e, meta.router_input_dim)
+                .with_context(|| a.trace.display().to_string())?;
+            Some(g)
+        }
+        false => None,
+    };
+    if kinds.contains(&PrefetchKind::Learned) && online.is_none() {
+        bail!("--prefetch learned needs --predictor DIR");
     }
     let sizes: Vec<String> = if a.sweep {
         (1..=10).map(|i| format!("{}%", i * 5)).collect()
     } else {
         a.cache.clone()
     };
+    let capacities = sizes
+        .iter()
+        .map(|s| parse_size(s, total))
+        .collect::<Result<Vec<_>>>()?;
+    let fitted = online
+        .as_ref()
+        .and_then(|o| o.predictor().baselines.clone());
+    if kinds.contains(&PrefetchKind::Coactivation) && fitted.is_none() {
+        eprintln!("note: no --predictor: co-activation counts are fitted on this trace itself (in-sample)");
+    }
+    let bar = crate::inputs::bar(pieces.len(), "parts");
+    // results[i]: (size, timed, untimed) in size x policy x plan order, summed over pieces.
     let mut results: Vec<(String, SimReport, SimReport)> = Vec::new();
+    let mut tokens = 0;
+    for piece in &pieces {
+        let opened = open_trace(piece)?;
+        let view = opened.view();
+        if !view.meta.same_shape(&meta) {
+            bail!(
+                "{}: model shape differs from the first part",
+                piece.display()
+            );
+        }
+        tokens += view.n_tokens();
+        let seqs = view.sequence_ranges();
+        let mut plans: Vec<PrefetchPlan> = Vec::new();
+        for kind in &kinds {
+            let plan = match kind {
+                PrefetchKind::None => PrefetchPlan::empty("none", view.n_tokens(), m),
+                PrefetchKind::Oracle => prefetch::oracle(&view, &seqs),
+                PrefetchKind::Previous => prefetch::previous(&view, &seqs),
+                PrefetchKind::Activation => {
+                    prefetch::activation(&view, &seqs, budget, a.horizon, 0.9)
+                }
+                PrefetchKind::Coactivation => {
+                    let stats = match &fitted {
+                        Some(s) => s.clone(),
+                        None => {
+                            let mut s = BaselineStats::new(
+                                datasets::examples::RoutingShape::of(&meta),
+                                a.horizon.min(m - 1).max(1),
+                            );
+                            for r in &seqs {
+                                s.add_tokens(&view, r.clone());
+                            }
+                            s
+                        }
+                    };
+                    prefetch::coactivation(&view, &seqs, &stats, budget, a.horizon)
+                }
+                PrefetchKind::Gate => {
+                    let g = gate.as_ref().context("gate forecaster")?;
+                    prefetch::gate(&view, &seqs, &|t, x| g.scores(t, x), budget, a.horizon)
+                }
+                PrefetchKind::Learned => {
+                    let o = online.as_mut().context("learned predictor")?;
+                    prefetch::learned(&view, &seqs, o, budget)?
+                }
+            };
+            plans.push(plan);
+        }
+        let mut i = 0;
+        for (size, &capacity) in sizes.iter().zip(&capacities) {
+            for policy in &a.policy {
+                for plan in &plans {
+                    let cfg = SimConfig {
+                        capacity,
+                        per_layer: a.per_layer,
+                        policy: policy.clone(),
+                        bandwidth_gbps: a.bandwidth,
+                        expert_bytes,
+                        compute_us_per_layer: a.compute_us_per_layer,
+                        untimed: false,
+                    };
+                    let r = simulate(&view, &seqs, plan, &cfg).map_err(anyhow::Error::msg)?;
+                    let u = simulate(
+                        &view,
+                        &seqs,
+                        plan,
+                        &SimConfig {
+                            untimed: true,
+                            ..cfg
+                        },
+                    )
+                    .map_err(anyhow::Error::msg)?;
+                    match results.get_mut(i) {
+                        Some((_, rt, ut)) => {
+                            rt.merge(&r);
+                            ut.merge(&u);
+                        }
+                        None => results.push((size.clone(), r, u)),
+                    }
+                    i += 1;
+                }
+            }
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    if pieces.len() > 1 {
+        println!(
+            "{} parts, each replayed from a cold cache (sums below)",
+            pieces.len()
+        );
+    }
     println!(
         "{} tokens, {} MoE layers x {} experts (top-{k}); expert {:.0} bytes over {} GB/s = {:.1} us, compute {} us/layer, prefetch budget {budget}/layer",
-        view.n_tokens(), m, e, expert_bytes, a.bandwidth, expert_bytes / (a.bandwidth * 1e3), a.compute_us_per_layer
+        tokens, m, e, expert_bytes, a.bandwidth, expert_bytes / (a.bandwidth * 1e3), a.compute_us_per_layer
     );
     println!(
         "{:>8} {:>7} {:<13} {:>8} {:>8} {:>9} {:>10} {:>9} {:>9} {:>12}",
@@ -187,46 +262,20 @@ pub(crate) fn simulate_cmd(a: SimulateArgs) -> Result<()> {
         "useful",
         "untimed hit"
     );
-    for size in &sizes {
-        let capacity = parse_size(size, total)?;
-        for policy in &a.policy {
-            for plan in &plans {
-                let cfg = SimConfig {
-                    capacity,
-                    per_layer: a.per_layer,
-                    policy: policy.clone(),
-                    bandwidth_gbps: a.bandwidth,
-                    expert_bytes,
-                    compute_us_per_layer: a.compute_us_per_layer,
-                    untimed: false,
-                };
-                let r = simulate(&view, &seqs, plan, &cfg).map_err(anyhow::Error::msg)?;
-                let u = simulate(
-                    &view,
-                    &seqs,
-                    plan,
-                    &SimConfig {
-                        untimed: true,
-                        ..cfg
-                    },
-                )
-                .map_err(anyhow::Error::msg)?;
-                println!(
-                    "{:>8} {:>7} {:<13} {:>7.1}% {:>7.1}% {:>7.1}us {:>10.0} {:>9.1} {:>8.1}% {:>11.1}%",
-                    format!("{size}={capacity}"),
-                    policy,
-                    plan.name,
-                    100.0 * r.hit_rate(),
-                    100.0 * r.late as f64 / r.accesses.max(1) as f64,
-                    r.stall_us_per_token(),
-                    r.tokens_per_s(),
-                    (r.bytes_demand + r.bytes_prefetch) / 1e6,
-                    100.0 * r.useful_prefetches as f64 / r.prefetches.max(1) as f64,
-                    100.0 * u.hit_rate()
-                );
-                results.push((size.clone(), r, u));
-            }
-        }
+    for (size, r, u) in &results {
+        println!(
+            "{:>8} {:>7} {:<13} {:>7.1}% {:>7.1}% {:>7.1}us {:>10.0} {:>9.1} {:>8.1}% {:>11.1}%",
+            format!("{size}={}", r.capacity),
+            r.policy,
+            r.prefetch,
+            100.0 * r.hit_rate(),
+            100.0 * r.late as f64 / r.accesses.max(1) as f64,
+            r.stall_us_per_token(),
+            r.tokens_per_s(),
+            (r.bytes_demand + r.bytes_prefetch) / 1e6,
+            100.0 * r.useful_prefetches as f64 / r.prefetches.max(1) as f64,
+            100.0 * u.hit_rate()
+        );
     }
     if let Some(path) = &a.json {
         let rows: Vec<serde_json::Value> = results

@@ -1,7 +1,7 @@
 //! `moecast trace ...`: import, convert, export, inspect, statistics, synthesis.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -9,7 +9,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use datasets::import::{ImportFormat, ImportOptions};
 use datasets::stats;
 use datasets::synth::{synthetic_trace, SynthConfig};
-use datasets::{open_trace, save_trace, TraceFormat};
+use datasets::{open_trace, save_trace, DatasetWriter, TraceDataset, TraceFormat};
 
 #[derive(Subcommand)]
 pub(crate) enum TraceCommand {
@@ -80,9 +80,15 @@ pub(crate) struct ImportArgs {
     /// Input format (default: detected from the content).
     #[arg(long, value_enum)]
     from: Option<FromFormat>,
-    /// Output trace: .mctrace, .parquet or .jsonl.
+    /// Output trace: .mctrace, .parquet or .jsonl; or a folder (ending in '/', or
+    /// existing) to add the import to as a hive-partitioned Parquet dataset
+    /// (DIR/model=M/source=S/part-N.parquet), one input file in memory at a time.
     #[arg(short, long)]
     output: PathBuf,
+    /// Dataset output: at most this many (token, MoE layer) rows per Parquet part
+    /// (whole sequences; a longer sequence gets a part of its own).
+    #[arg(long, default_value_t = datasets::dataset::DEFAULT_PART_ROWS)]
+    part_rows: usize,
     /// Model name to record instead of the one found in the input.
     #[arg(long)]
     model: Option<String>,
@@ -95,6 +101,10 @@ pub(crate) struct ImportArgs {
     /// Megatron: number of the first layer (0: hook path, default; 1: inference path).
     #[arg(long)]
     layer_base: Option<u32>,
+    /// vLLM / SGLang: model layer numbers of the MoE layers (e.g. 3-60 or 1,3,5-7), for
+    /// arrays whose layer axis holds only the MoE layers (default: numbered 0..).
+    #[arg(long, value_parser = datasets::import::parse_layer_list)]
+    moe_layers: Option<std::vec::Vec<u32>>,
 }
 
 #[derive(Args)]
@@ -123,13 +133,14 @@ pub(crate) struct ExportArgs {
 
 #[derive(Args)]
 pub(crate) struct InfoArgs {
-    /// Trace (.mctrace, .parquet or .jsonl).
+    /// Trace (.mctrace, .parquet or .jsonl) or dataset folder.
     input: PathBuf,
 }
 
 #[derive(Args)]
 pub(crate) struct StatsArgs {
-    /// Trace (.mctrace, .parquet or .jsonl).
+    /// Trace (.mctrace, .parquet or .jsonl), or a dataset folder (streamed one
+    /// memory-mapped part at a time).
     input: PathBuf,
     /// Print JSON instead of the table.
     #[arg(long)]
@@ -188,12 +199,15 @@ fn import(a: ImportArgs) -> Result<()> {
         n_experts: a.n_experts,
         top_k: a.top_k,
         layer_base: a.layer_base,
+        moe_layers: a.moe_layers,
     };
     let start = Instant::now();
-    let imported = datasets::import::import(&a.inputs, a.from.map(Into::into), &opts)?;
-    for note in &imported.notes {
-        eprintln!("note: {note}");
+    let format = a.from.map(Into::into);
+    if a.output.as_os_str().to_string_lossy().ends_with('/') || a.output.is_dir() {
+        return import_dataset(&a.inputs, format, &opts, &a.output, a.part_rows, start);
     }
+    let imported = datasets::import::import(&a.inputs, format, &opts)?;
+    print_notes(&imported.notes);
     save_trace(&imported.trace, &a.output, None)?;
     let t = &imported.trace;
     println!(
@@ -207,6 +221,61 @@ fn import(a: ImportArgs) -> Result<()> {
         start.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+fn import_dataset(
+    inputs: &[PathBuf],
+    format: Option<ImportFormat>,
+    opts: &ImportOptions,
+    root: &Path,
+    part_rows: usize,
+    start: Instant,
+) -> Result<()> {
+    let files = datasets::import::input_files(inputs, format)?;
+    let mut writer = DatasetWriter::create(root, part_rows)?;
+    let bar = crate::inputs::bar(files.len(), "files");
+    let notes =
+        datasets::import::import_to_dataset(&files, format, opts, &mut writer, |done, _| {
+            bar.set_position(done as u64)
+        })?;
+    bar.finish_and_clear();
+    print_notes(&notes);
+    let (tokens, sequences) = (writer.tokens, writer.sequences);
+    let partitions: Vec<String> = writer
+        .partitions()
+        .iter()
+        .map(|p| root.join(p).display().to_string())
+        .collect();
+    let parts = writer.finish()?;
+    println!(
+        "imported {tokens} tokens in {sequences} sequences from {} files -> {} part(s) in {} in {:.3}s",
+        files.len(),
+        parts.len(),
+        partitions.join(", "),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Prints importer notes; notes repeated for many files are printed once with a count.
+fn print_notes(notes: &[String]) {
+    let mut seen: Vec<(String, &String, usize)> = Vec::new();
+    for note in notes {
+        let tail = note
+            .split_once(": ")
+            .map_or(note.as_str(), |(_, t)| t)
+            .to_string();
+        match seen.iter_mut().find(|(t, _, _)| *t == tail) {
+            Some((_, _, n)) => *n += 1,
+            None => seen.push((tail, note, 1)),
+        }
+    }
+    for (_, first, n) in seen {
+        match n {
+            1 => eprintln!("note: {first}"),
+            _ => eprintln!("note: {first} (and {} more files)", n - 1),
+        }
+    }
 }
 
 fn convert(a: ConvertArgs) -> Result<()> {
@@ -239,6 +308,20 @@ fn export(a: ExportArgs) -> Result<()> {
 }
 
 fn info(a: InfoArgs) -> Result<()> {
+    if a.input.is_dir() {
+        let ds = TraceDataset::open(&a.input)?;
+        println!("{}", serde_json::to_string_pretty(ds.meta())?);
+        println!(
+            "dataset: {} parts, {} rows (token x MoE layer)",
+            ds.parts().len(),
+            ds.rows().iter().sum::<usize>()
+        );
+        for (p, n) in ds.parts().iter().zip(ds.rows()) {
+            let rel = p.strip_prefix(ds.root()).unwrap_or(p);
+            println!("  {:<60} {n:>10} rows", rel.display());
+        }
+        return Ok(());
+    }
     let opened = open_trace(&a.input)?;
     let view = opened.view();
     println!("{}", serde_json::to_string_pretty(view.meta)?);
@@ -269,17 +352,27 @@ fn info(a: InfoArgs) -> Result<()> {
 }
 
 fn trace_stats(a: StatsArgs) -> Result<()> {
-    let opened = open_trace(&a.input)?;
-    let view = opened.view();
+    let meta = crate::inputs::trace_meta(&a.input)?;
     let caps = if a.lru_capacity.is_empty() {
-        stats::default_lru_capacities(view.meta.n_experts, view.meta.top_k)
+        stats::default_lru_capacities(meta.n_experts, meta.top_k)
     } else {
         a.lru_capacity.clone()
     };
-    if let Some(&c) = caps.iter().find(|&&c| c == 0 || c > view.meta.n_experts) {
-        bail!("--lru-capacity {c} must be in 1..={}", view.meta.n_experts);
+    if let Some(&c) = caps.iter().find(|&&c| c == 0 || c > meta.n_experts) {
+        bail!("--lru-capacity {c} must be in 1..={}", meta.n_experts);
     }
-    let s = stats::compute(&view, &caps);
+    let s = if a.input.is_dir() {
+        let ds = TraceDataset::open(&a.input)?;
+        let bar = crate::inputs::bar(ds.parts().len(), "part passes");
+        let s = ds.stats(&caps, |done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64)
+        })?;
+        bar.finish_and_clear();
+        s
+    } else {
+        stats::compute(&open_trace(&a.input)?.view(), &caps)
+    };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&s)?);
     } else {

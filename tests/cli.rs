@@ -701,3 +701,91 @@ fn router_inputs_feed_the_cross_layer_gate_in_eval_and_simulate() {
         "--hidden-states",
     );
 }
+
+#[test]
+fn import_into_a_partitioned_dataset_then_stats_and_simulate_stream_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp(&dir, "a.jsonl"), tmp(&dir, "b.jsonl"));
+    ok(&[
+        "trace",
+        "synth",
+        "-o",
+        &a,
+        "--sequences",
+        "12",
+        "--tokens",
+        "40",
+        "--seed",
+        "1",
+    ]);
+    ok(&[
+        "trace",
+        "synth",
+        "-o",
+        &b,
+        "--sequences",
+        "3",
+        "--tokens",
+        "40",
+        "--seed",
+        "2",
+    ]);
+    let root = format!("{}/", tmp(&dir, "ds"));
+    let said = ok(&[
+        "trace",
+        "import",
+        &a,
+        &b,
+        "--model",
+        "org/m",
+        "-o",
+        &root,
+        "--part-rows",
+        "1000",
+    ]);
+    assert!(
+        said.contains("imported 600 tokens in 15 sequences from 2 files -> 5 part(s)"),
+        "{said}"
+    );
+    let partition = dir.path().join("ds/model=org%2Fm/source=moecast%20synth");
+    assert!(partition.join("part-00004.parquet").is_file(), "{said}");
+    let info = ok(&["trace", "info", &root]);
+    assert!(info.contains("dataset: 5 parts, 4800 rows"), "{info}");
+
+    // The same inputs as one file: identical statistics.
+    let one = tmp(&dir, "one.mctrace");
+    ok(&["trace", "import", &a, &b, "--model", "org/m", "-o", &one]);
+    assert_eq!(
+        ok(&["trace", "stats", &root, "--json"]),
+        ok(&["trace", "stats", &one, "--json"])
+    );
+    let sim = ok(&[
+        "simulate",
+        "--trace",
+        &root,
+        "--expert-bytes",
+        "1000",
+        "--policy",
+        "lru,belady",
+        "--prefetch",
+        "none,oracle",
+    ]);
+    assert!(
+        sim.contains("5 parts, each replayed from a cold cache"),
+        "{sim}"
+    );
+    assert!(sim.contains("600 tokens, 8 MoE layers"), "{sim}");
+    assert_eq!(
+        sim.lines().filter(|l| l.contains("10%=")).count(),
+        4,
+        "{sim}"
+    );
+
+    // A second model in the same root: reading the root is refused, the partition works.
+    ok(&["trace", "import", &a, "-o", &root]);
+    let out = moecast(&["trace", "stats", &root]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("open one model=... folder"), "{err}");
+    ok(&["trace", "stats", &partition.display().to_string()]);
+}

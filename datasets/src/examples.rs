@@ -186,7 +186,8 @@ pub struct ExampleSet {
 }
 
 impl ExampleSet {
-    /// Opens `paths` (memory-mapped when binary), checks they share one routing shape
+    /// Opens `paths` (memory-mapped when binary; a dataset folder as its parts'
+    /// memory-mapped shards), checks they share one routing shape
     /// and splits their sequences with `split`.
     pub fn open(paths: &[PathBuf], split: &SplitConfig) -> Result<Self> {
         let mut set = Self::open_all(paths, None)?;
@@ -204,6 +205,7 @@ impl ExampleSet {
         if paths.is_empty() {
             return Err(TraceError::Invalid("no trace files given".into()));
         }
+        let paths = crate::dataset::expand_paths(paths)?;
         let mut traces = Vec::new();
         let mut sequences = Vec::new();
         let mut shape = shape;
@@ -226,7 +228,7 @@ impl ExampleSet {
             traces.push(tr);
         }
         Ok(ExampleSet {
-            paths: paths.to_vec(),
+            paths,
             traces,
             shape: shape.expect("at least one trace"),
             sequences,
@@ -275,7 +277,7 @@ impl ExampleSet {
         self.shape
     }
 
-    /// The trace files, in order.
+    /// The trace files, in order (a dataset folder's shards in its place).
     pub fn paths(&self) -> &[PathBuf] {
         &self.paths
     }

@@ -5,6 +5,7 @@
 
 pub mod binary;
 mod builder;
+pub mod dataset;
 pub mod error;
 pub mod examples;
 pub mod import;
@@ -17,6 +18,7 @@ pub mod synth;
 pub mod trace;
 
 pub use binary::MappedTrace;
+pub use dataset::{DatasetWriter, TraceDataset};
 pub use error::{Result, TraceError};
 pub use store::{load_trace, open_trace, save_trace, OpenedTrace, TraceFormat};
 pub use trace::{

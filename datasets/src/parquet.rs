@@ -132,22 +132,20 @@ pub fn write_parquet(trace: &RoutingTrace, path: &Path) -> Result<()> {
     })
 }
 
-/// Reads a Parquet trace written by [`write_parquet`] (or by any tool that keeps its
-/// schema and metadata), validating every row.
-pub fn read_parquet(path: &Path) -> Result<RoutingTrace> {
-    let pe = |e: PolarsError| TraceError::Polars {
+/// Reads only the footer of a Parquet trace: its [`TraceMeta`] and number of rows.
+pub fn read_parquet_meta(path: &Path) -> Result<(TraceMeta, usize)> {
+    let file = File::open(path).map_err(|e| TraceError::io(path, e))?;
+    footer_meta(&mut ParquetReader::new(file), path)
+}
+
+fn footer_meta(reader: &mut ParquetReader<File>, path: &Path) -> Result<(TraceMeta, usize)> {
+    let fmt = |m: String| TraceError::format(path, m);
+    let footer = reader.get_metadata().map_err(|e| TraceError::Polars {
         path: path.to_path_buf(),
         source: e,
-    };
-    let fmt = |m: String| TraceError::format(path, m);
-    let file = File::open(path).map_err(|e| TraceError::io(path, e))?;
-    let mut reader = ParquetReader::new(file);
-    let kv = reader
-        .get_metadata()
-        .map_err(pe)?
+    })?;
+    let meta_json = footer
         .key_value_metadata()
-        .clone();
-    let meta_json = kv
         .iter()
         .flatten()
         .find(|kv| kv.key == META_KEY)
@@ -160,6 +158,20 @@ pub fn read_parquet(path: &Path) -> Result<RoutingTrace> {
     let meta: TraceMeta = serde_json::from_str(&meta_json)
         .map_err(|e| fmt(format!("bad '{META_KEY}' metadata: {e}")))?;
     meta.validate().map_err(|e| fmt(e.to_string()))?;
+    Ok((meta, footer.num_rows))
+}
+
+/// Reads a Parquet trace written by [`write_parquet`] (or by any tool that keeps its
+/// schema and metadata), validating every row.
+pub fn read_parquet(path: &Path) -> Result<RoutingTrace> {
+    let pe = |e: PolarsError| TraceError::Polars {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    let fmt = |m: String| TraceError::format(path, m);
+    let file = File::open(path).map_err(|e| TraceError::io(path, e))?;
+    let mut reader = ParquetReader::new(file);
+    let (meta, _) = footer_meta(&mut reader, path)?;
     let df = reader.finish().map_err(pe)?;
 
     let col = |name: &str, dtype: DataType| -> Result<Series> {

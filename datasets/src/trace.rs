@@ -73,6 +73,14 @@ impl TraceMeta {
         self.moe_layers.len() * self.top_k as usize
     }
 
+    /// Whether `other` describes the same routing shape (layers, MoE layers, E, k).
+    pub fn same_shape(&self, other: &TraceMeta) -> bool {
+        self.n_layers == other.n_layers
+            && self.moe_layers == other.moe_layers
+            && self.n_experts == other.n_experts
+            && self.top_k == other.top_k
+    }
+
     /// Checks the metadata's own invariants.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(TraceError::Invalid(m));
@@ -261,6 +269,29 @@ impl<'a> TraceView<'a> {
         let e = self.meta.n_experts as usize;
         let start = (t * self.meta.n_moe() + m) * e;
         self.router_logits.map(|x| &x[start..start + e])
+    }
+
+    /// The tokens `range` as a view of their own (sequence names stay shared).
+    pub fn tokens(&self, range: std::ops::Range<usize>) -> TraceView<'a> {
+        let n_moe = self.meta.n_moe();
+        let per_token = |w: usize| range.start * n_moe * w..range.end * n_moe * w;
+        let k = self.meta.top_k as usize;
+        TraceView {
+            meta: self.meta,
+            seq_names: self.seq_names,
+            seq: &self.seq[range.clone()],
+            pos: &self.pos[range.clone()],
+            token: &self.token[range.clone()],
+            phase: &self.phase[range.clone()],
+            experts: &self.experts[per_token(k)],
+            weights: self.weights.map(|w| &w[per_token(k)]),
+            router_inputs: self
+                .router_inputs
+                .map(|x| &x[per_token(self.meta.router_input_dim.unwrap_or(0) as usize)]),
+            router_logits: self
+                .router_logits
+                .map(|x| &x[per_token(self.meta.n_experts as usize)]),
+        }
     }
 
     /// Token ranges `[start, end)` of each sequence, in trace order.

@@ -117,6 +117,49 @@ fn vllm_responses_in_every_layout() {
 }
 
 #[test]
+fn moe_layers_number_a_moe_only_axis_and_pick_layers_of_a_full_one() {
+    let with = |layers: &str| ImportOptions {
+        moe_layers: Some(datasets::import::parse_layer_list(layers).unwrap()),
+        ..opts()
+    };
+    // MoE-only axis (3 entries) numbered as the model's layers 1..=3.
+    let split = fixtures().join("vllm_split.json");
+    let t = import(std::slice::from_ref(&split), None, &with("1-3"))
+        .unwrap()
+        .trace;
+    assert_eq!(
+        (t.meta.moe_layers.clone(), t.meta.n_layers),
+        (vec![1, 2, 3], 4)
+    );
+    check(&t, &["vllm_split"]);
+    // Every-layer axis (4 entries): the list picks the MoE layers, no zero test needed.
+    let full = fixtures().join("vllm_response.json");
+    let t = import(std::slice::from_ref(&full), None, &with("1,2,3")).unwrap();
+    assert_eq!(t.trace.meta.moe_layers, vec![1, 2, 3]);
+    assert!(
+        !t.notes.iter().any(|n| n.contains("dense")),
+        "{:?}",
+        t.notes
+    );
+    check(&t.trace, &["vllm_response#c0", "vllm_response#c1"]);
+    // The response names its model.
+    assert_eq!(t.trace.meta.model, "tiny");
+    // A list that fits neither layout is refused with both counts.
+    let err = import(&[full], None, &with("3-9")).unwrap_err().to_string();
+    assert!(
+        err.contains("vllm_response.json") && err.contains("layer axis has 4"),
+        "{err}"
+    );
+    for bad in ["3-1", "1,1", "x", "", "2,1"] {
+        assert!(datasets::import::parse_layer_list(bad).is_err(), "{bad}");
+    }
+    assert_eq!(
+        datasets::import::parse_layer_list("0, 2-4,7").unwrap(),
+        vec![0, 2, 3, 4, 7]
+    );
+}
+
+#[test]
 fn sglang_response_needs_top_k_and_imports_exactly() {
     let path = fixtures().join("sglang_response.json");
     assert_eq!(ImportFormat::detect(&path).unwrap(), ImportFormat::Sglang);

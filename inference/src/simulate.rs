@@ -106,6 +106,21 @@ impl SimReport {
     pub fn stall_us_per_token(&self) -> f64 {
         self.stall_us / self.tokens.max(1) as f64
     }
+
+    /// Adds the counters of `other` (another piece of the same configuration).
+    pub fn merge(&mut self, other: &SimReport) {
+        self.tokens += other.tokens;
+        self.accesses += other.accesses;
+        self.hits += other.hits;
+        self.late += other.late;
+        self.misses += other.misses;
+        self.prefetches += other.prefetches;
+        self.useful_prefetches += other.useful_prefetches;
+        self.bytes_demand += other.bytes_demand;
+        self.bytes_prefetch += other.bytes_prefetch;
+        self.stall_us += other.stall_us;
+        self.compute_us += other.compute_us;
+    }
 }
 
 /// For Belady: the access positions of every expert, and a cursor per expert.

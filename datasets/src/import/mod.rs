@@ -26,7 +26,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Result, TraceError};
-use crate::trace::{RoutingTrace, TraceMeta};
+use crate::trace::RoutingTrace;
 
 /// The importable formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,6 +135,35 @@ pub struct ImportOptions {
     /// Number of the first layer in Megatron traces (0: the hook path, default; 1: the
     /// inference path's `layer_number`).
     pub layer_base: Option<u32>,
+    /// Model layer numbers of the MoE layers, for vLLM / SGLang arrays whose layer axis
+    /// holds only the MoE layers (or, with every layer on the axis, which are MoE).
+    pub moe_layers: Option<Vec<u32>>,
+}
+
+/// Parses a layer list such as `3-60` or `1,3,5-7` (ascending, no repeats).
+pub fn parse_layer_list(s: &str) -> std::result::Result<Vec<u32>, String> {
+    let mut out: Vec<u32> = Vec::new();
+    for item in s.split(',').map(str::trim).filter(|x| !x.is_empty()) {
+        let num = |x: &str| {
+            x.trim()
+                .parse::<u32>()
+                .map_err(|_| format!("'{x}' in layer list '{s}' is not a layer number"))
+        };
+        let (lo, hi) = match item.split_once('-') {
+            Some((a, b)) => (num(a)?, num(b)?),
+            None => (num(item)?, num(item)?),
+        };
+        if lo > hi || out.last().is_some_and(|&last| lo <= last) {
+            return Err(format!(
+                "layer list '{s}' must be ascending without repeats"
+            ));
+        }
+        out.extend(lo..=hi);
+    }
+    if out.is_empty() {
+        return Err("empty layer list".into());
+    }
+    Ok(out)
 }
 
 /// A finished import: the trace and notes for the user (inferred fields, sidecars).
@@ -154,6 +183,44 @@ pub fn import(
 ) -> Result<Imported> {
     let mut parts = Vec::new();
     let mut notes = Vec::new();
+    for path in input_files(inputs, format)? {
+        let part = import_file(&path, format, opts)?;
+        notes.extend(part.notes);
+        parts.push((path, part.trace));
+    }
+    let trace = concat(parts)?;
+    Ok(Imported { trace, notes })
+}
+
+/// Imports the files one at a time into a dataset (memory holds one input file and one
+/// part), all into the partition of the first file's model (or `opts.model`) and
+/// source; `progress(done, total)` is called after each file. Returns the notes.
+pub fn import_to_dataset(
+    inputs: &[PathBuf],
+    format: Option<ImportFormat>,
+    opts: &ImportOptions,
+    writer: &mut crate::dataset::DatasetWriter,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Vec<String>> {
+    let files = input_files(inputs, format)?;
+    let mut notes = Vec::new();
+    // Like `import`, one import is one model: the first file's name, unless given.
+    let mut opts = opts.clone();
+    for (i, path) in files.iter().enumerate() {
+        let mut part = import_file(path, format, &opts)?;
+        notes.append(&mut part.notes);
+        if opts.model.is_none() {
+            opts.model = Some(part.trace.meta.model.clone());
+        }
+        writer.push(part.trace, path)?;
+        progress(i + 1, files.len());
+    }
+    Ok(notes)
+}
+
+/// The files to import: the inputs, with each directory that is not a Megatron trace
+/// directory replaced by its files in name order.
+pub fn input_files(inputs: &[PathBuf], format: Option<ImportFormat>) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for path in inputs {
         let megatron = format.map_or_else(
@@ -175,21 +242,28 @@ pub fn import(
             files.push(path.clone());
         }
     }
-    for path in &files {
-        let fmt = match format {
-            Some(f) => f,
-            None => {
-                let f = ImportFormat::detect(path)?;
-                notes.push(format!("{}: detected format {}", path.display(), f.name()));
-                f
-            }
-        };
-        let part = import_one(path, fmt, opts)?;
-        notes.extend(part.notes);
-        parts.push((path.clone(), part.trace));
-    }
-    let trace = concat(parts)?;
-    Ok(Imported { trace, notes })
+    Ok(files)
+}
+
+/// Imports one file in `format`, or in the format detected from its content (noted).
+pub fn import_file(
+    path: &Path,
+    format: Option<ImportFormat>,
+    opts: &ImportOptions,
+) -> Result<Imported> {
+    let (fmt, note) = match format {
+        Some(f) => (f, None),
+        None => {
+            let f = ImportFormat::detect(path)?;
+            (
+                f,
+                Some(format!("{}: detected format {}", path.display(), f.name())),
+            )
+        }
+    };
+    let mut imported = import_one(path, fmt, opts)?;
+    imported.notes.splice(0..0, note);
+    Ok(imported)
 }
 
 fn import_one(path: &Path, format: ImportFormat, opts: &ImportOptions) -> Result<Imported> {
@@ -239,21 +313,16 @@ pub(crate) fn resolve_n_experts(
     }
 }
 
-fn same_shape(a: &TraceMeta, b: &TraceMeta) -> bool {
-    a.n_layers == b.n_layers
-        && a.moe_layers == b.moe_layers
-        && a.n_experts == b.n_experts
-        && a.top_k == b.top_k
-}
-
-fn concat(parts: Vec<(PathBuf, RoutingTrace)>) -> Result<RoutingTrace> {
+/// Concatenates traces of one model shape (the first error names the file that
+/// differs); clashing sequence names are prefixed with the file stem.
+pub(crate) fn concat(parts: Vec<(PathBuf, RoutingTrace)>) -> Result<RoutingTrace> {
     let mut iter = parts.into_iter();
     let (_, mut out) = iter
         .next()
         .ok_or_else(|| TraceError::Invalid("no input files".into()))?;
     let mut names: HashSet<String> = out.seq_names.iter().cloned().collect();
     for (path, t) in iter {
-        if !same_shape(&out.meta, &t.meta) {
+        if !out.meta.same_shape(&t.meta) {
             return Err(TraceError::format(
                 &path,
                 format!(

@@ -14,7 +14,9 @@
 //!
 //! The layer axis covers every hidden layer (dense layers are never written and read as
 //! all zeros: such layers are dropped and the rest are the MoE layers) or only the MoE
-//! layers. `-1` marks a position whose routing was not computed (prefix cache): the token
+//! layers (numbered 0.. unless `--moe-layers` gives their model layer numbers; with the
+//! every-layer layout `--moe-layers` picks the MoE layers instead of the zero test).
+//! The model name is the response's `model` field, else the file stem. `-1` marks a position whose routing was not computed (prefix cache): the token
 //! is kept with that layer not computed.
 
 use std::path::Path;
@@ -169,18 +171,23 @@ fn u32_list(v: Option<&Value>) -> Option<Vec<u32>> {
 }
 
 /// The requests in one file.
-fn grids(path: &Path, opts: &ImportOptions) -> std::result::Result<Vec<Grid>, String> {
+/// The requests of a file, the model its response names (if any) and the engine.
+fn grids(
+    path: &Path,
+    opts: &ImportOptions,
+) -> std::result::Result<(Vec<Grid>, Option<String>, &'static str), String> {
     let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
     let name = stem(path);
     if bytes.starts_with(NPY_MAGIC) {
         let (shape, ids) = npy_grid(&bytes, "array")?;
-        return Ok(vec![grid(name, shape, ids)?]);
+        return Ok((vec![grid(name, shape, ids)?], None, "vllm"));
     }
     let v: Value = serde_json::from_slice(&bytes).map_err(|e| format!("not JSON: {e}"))?;
     if v.is_array() {
         let (shape, ids) = array(&v, "array")?;
-        return Ok(vec![grid(name, shape, ids)?]);
+        return Ok((vec![grid(name, shape, ids)?], None, "vllm"));
     }
+    let model = v.get("model").and_then(Value::as_str).map(str::to_string);
     if let Some(choices) = v.get("choices").and_then(Value::as_array) {
         let mut out = Vec::new();
         let prompt_ids = u32_list(v.get("prompt_token_ids"));
@@ -221,7 +228,7 @@ fn grids(path: &Path, opts: &ImportOptions) -> std::result::Result<Vec<Grid>, St
         if out.is_empty() {
             return Err("no choice has routed_experts (was the server started with --enable-return-routed-experts?)".into());
         }
-        return Ok(out);
+        return Ok((out, model, "vllm"));
     }
     if let Some(meta) = v
         .get("meta_info")
@@ -272,7 +279,7 @@ fn grids(path: &Path, opts: &ImportOptions) -> std::result::Result<Vec<Grid>, St
         let layers = ids.len() / (rows * k);
         let mut g = grid(name, vec![rows, layers, k], ids)?;
         g.prompt_len = count("prompt_tokens");
-        return Ok(vec![g]);
+        return Ok((vec![g], model, "sglang"));
     }
     Err("no routed_experts (vLLM choices[i].routed_experts, SGLang meta_info.routed_experts) and not a [tokens][layers][k] array".into())
 }
@@ -280,7 +287,7 @@ fn grids(path: &Path, opts: &ImportOptions) -> std::result::Result<Vec<Grid>, St
 /// Imports one response / array file.
 pub(super) fn import(path: &Path, opts: &ImportOptions) -> Result<Imported> {
     let fail = |m: String| TraceError::format(path, m);
-    let grids = grids(path, opts).map_err(fail)?;
+    let (grids, model, engine) = grids(path, opts).map_err(fail)?;
     let (layers, k) = (grids[0].layers, grids[0].k);
     if let Some(g) = grids.iter().find(|g| (g.layers, g.k) != (layers, k)) {
         return Err(fail(format!(
@@ -288,26 +295,45 @@ pub(super) fn import(path: &Path, opts: &ImportOptions) -> Result<Imported> {
             g.name, g.layers, g.k
         )));
     }
-    // A layer that is all zeros in every computed row (k > 1 ids cannot all be 0) is a
-    // dense layer the engine never wrote.
-    let dense: Vec<bool> = (0..layers)
-        .map(|l| {
-            k > 1
-                && grids
-                    .iter()
-                    .all(|g| (0..g.tokens).all(|t| g.row(t, l).iter().all(|&x| x == 0 || x == -1)))
-        })
-        .collect();
-    let moe_layers: Vec<u32> = (0..layers as u32).filter(|&l| !dense[l as usize]).collect();
     let mut notes = Vec::new();
-    if moe_layers.len() < layers {
-        notes.push(format!(
-            "{}: layers {:?} are all zeros (dense layers the engine leaves unwritten): MoE layers {:?}",
-            path.display(),
-            (0..layers).filter(|&l| dense[l]).collect::<Vec<_>>(),
-            moe_layers
-        ));
-    }
+    // Model layer number of each MoE layer, and its index on the array's layer axis.
+    let (moe_layers, axis): (Vec<u32>, Vec<usize>) = match &opts.moe_layers {
+        Some(list) if list.len() == layers => (list.clone(), (0..layers).collect()),
+        Some(list) if list.iter().all(|&l| (l as usize) < layers) => {
+            (list.clone(), list.iter().map(|&l| l as usize).collect())
+        }
+        Some(list) => {
+            return Err(fail(format!(
+                "--moe-layers names {} layers (up to {}), the array's layer axis has {layers}: give one number per entry of the axis (MoE-only layout) or layers below {layers} (every-layer layout)",
+                list.len(),
+                list.iter().max().copied().unwrap_or(0)
+            )))
+        }
+        None => {
+            // A layer that is all zeros in every computed row (k > 1 ids cannot all be
+            // 0) is a dense layer the engine never wrote.
+            let dense: Vec<bool> = (0..layers)
+                .map(|l| {
+                    k > 1
+                        && grids.iter().all(|g| {
+                            (0..g.tokens).all(|t| g.row(t, l).iter().all(|&x| x == 0 || x == -1))
+                        })
+                })
+                .collect();
+            let moe: Vec<u32> = (0..layers as u32).filter(|&l| !dense[l as usize]).collect();
+            if moe.len() < layers {
+                notes.push(format!(
+                    "{}: layers {:?} are all zeros (dense layers the engine leaves unwritten): MoE layers {:?}",
+                    path.display(),
+                    (0..layers).filter(|&l| dense[l]).collect::<Vec<_>>(),
+                    moe
+                ));
+            }
+            let axis = moe.iter().map(|&l| l as usize).collect();
+            (moe, axis)
+        }
+    };
+    let n_layers = (layers as u32).max(moe_layers.iter().max().map_or(0, |m| m + 1));
     let max_id = grids
         .iter()
         .flat_map(|g| g.ids.iter())
@@ -317,14 +343,14 @@ pub(super) fn import(path: &Path, opts: &ImportOptions) -> Result<Imported> {
     let n_experts = resolve_n_experts(path, opts.n_experts, max_id.map(|m| m as u32), &mut notes)?;
     let meta = TraceMeta {
         router_logits: false,
-        model: stem(path),
+        model: model.unwrap_or_else(|| stem(path)),
         architecture: None,
-        n_layers: layers as u32,
+        n_layers,
         moe_layers: moe_layers.clone(),
         n_experts,
         top_k: k as u32,
         n_shared_experts: 0,
-        source: Some("engine-returned routing".into()),
+        source: Some(engine.into()),
         tokenizer: None,
         ranked: true,
         expert_bytes: None,
@@ -334,8 +360,8 @@ pub(super) fn import(path: &Path, opts: &ImportOptions) -> Result<Imported> {
     for g in &grids {
         for t in 0..g.tokens {
             let mut experts = Vec::with_capacity(moe_layers.len());
-            for &l in &moe_layers {
-                let ids = g.row(t, l as usize);
+            for (&l, &a) in moe_layers.iter().zip(&axis) {
+                let ids = g.row(t, a);
                 if ids.iter().all(|&x| x == -1) {
                     experts.push(None);
                 } else if let Some(&x) = ids.iter().find(|&&x| x < 0) {

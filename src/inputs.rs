@@ -1,0 +1,44 @@
+//! Trace inputs on the command line: single files, or dataset folders expanded into
+//! their memory-mapped shards (converted once, with a progress bar).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use datasets::TraceDataset;
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// A progress bar over `len` items named `unit` (hidden when stderr is not a terminal).
+pub(crate) fn bar(len: usize, unit: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len as u64);
+    let template = format!("{{bar:30}} {{pos}}/{{len}} {unit}  [{{elapsed_precise}}]");
+    if let Ok(style) = ProgressStyle::with_template(&template) {
+        bar.set_style(style);
+    }
+    bar
+}
+
+/// The trace files of `paths`: files as given, each dataset folder replaced by its
+/// parts' memory-mapped shards (written when missing or stale).
+pub(crate) fn trace_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let ds = TraceDataset::open(p)?;
+            let bar = bar(ds.parts().len(), "parts mapped");
+            out.extend(ds.shards(|done, _| bar.set_position(done as u64))?);
+            bar.finish_and_clear();
+        } else {
+            out.push(p.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// The metadata of a trace file or dataset folder.
+pub(crate) fn trace_meta(path: &Path) -> Result<datasets::TraceMeta> {
+    Ok(if path.is_dir() {
+        TraceDataset::open(path)?.meta().clone()
+    } else {
+        datasets::open_trace(path)?.view().meta.clone()
+    })
+}
