@@ -36,6 +36,8 @@ pub(crate) enum FromFormat {
     HookJsonl,
     Vllm,
     Sglang,
+    /// SGLang expert-distribution recorder dumps (`per_token` `.pt`, one per rank).
+    SglangDump,
     Megatron,
 }
 
@@ -49,6 +51,7 @@ impl From<FromFormat> for ImportFormat {
             FromFormat::HookJsonl => ImportFormat::HookJsonl,
             FromFormat::Vllm => ImportFormat::Vllm,
             FromFormat::Sglang => ImportFormat::Sglang,
+            FromFormat::SglangDump => ImportFormat::SglangDump,
             FromFormat::Megatron => ImportFormat::Megatron,
         }
     }

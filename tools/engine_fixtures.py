@@ -20,7 +20,9 @@ Layouts (read from the engines' sources, see README "Importing from engines"):
   logits_rank{N}.bin (bf16 [num_tokens, num_experts] at `logit_offset`). Two
   tensor-parallel ranks write identical records.
 
-Run: python3 tools/engine_fixtures.py  (needs numpy)
+- SGLang expert-distribution recorder (`per_token`): `torch.save` dumps, one per rank.
+
+Run: python3 tools/engine_fixtures.py  (needs numpy and torch)
 """
 import base64
 import io
@@ -127,6 +129,73 @@ expected["sequences"]["megatron"] = {"tokens": None, "prompt_len": None,
                                      "routing": [[sorted(x) for x in per] for per in r],
                                      "router_inputs_bf16": bf16.transpose(1, 0, 2).tolist(),
                                      "router_logits_bf16": lg16.transpose(1, 0, 2).tolist()}
+
+# SGLang expert-distribution recorder, `per_token` mode (torch.save dump per rank):
+# records of forward passes with input_ids / positions / extend_seq_lens and
+# topk_ids_of_layer [layers, tokens, 8] of PHYSICAL ids (-1 = unused slot; the dense
+# layer 0 is never written), plus last_physical_to_logical_map [layers, physical]
+# (logical experts 0..3 have a second replica at physical 16..19). Ranks 0 and 1 are
+# tensor-parallel twins. The schedule: A and B prefill together, decode twice, C
+# prefills in two chunks, all three decode, D prefills from a cached prefix (position
+# 3), B finishes, then a MIXED pass holds A's decode token and E's prefill.
+import torch  # noqa: E402  (only this fixture needs torch)
+
+SLOTS, PHYS = 8, E + 4
+phys_to_log = list(range(E)) + [0, 1, 2, 3]
+schedule = [
+    (1, [("A", 0, 5), ("B", 0, 5)]),
+    (2, [("A", 5, 1), ("B", 5, 1)]),
+    (2, [("A", 6, 1), ("B", 6, 1)]),
+    (1, [("C", 0, 4)]),
+    (1, [("C", 4, 2)]),
+    (2, [("A", 7, 1), ("B", 7, 1), ("C", 6, 1)]),
+    (1, [("D", 3, 4)]),
+    (2, [("A", 8, 1), ("C", 7, 1), ("D", 7, 1)]),
+    (3, [("A", 9, 1), ("E", 0, 3)]),
+]
+order = ["A", "B", "C", "D", "E"]
+seqs = {name: {"positions": [], "tokens": [], "phases": [], "routing": []} for name in order}
+records = []
+for fp, (mode, segs) in enumerate(schedule):
+    ids, pos, lens, rows = [], [], [], []
+    for name, start, n in segs:
+        lens.append(n)
+        for p in range(start, start + n):
+            tok = 100 * (order.index(name) + 1) + p
+            r = routing(1)[0]
+            phys = []
+            for per in r:
+                phys.append([x + E if x < 4 and rng.random() < 0.5 else x for x in per])
+            ids.append(tok)
+            pos.append(p)
+            rows.append(phys)
+            s = seqs[name]
+            decode = mode == 2 or (mode == 3 and n == 1)
+            s["positions"].append(p)
+            s["tokens"].append(tok)
+            s["phases"].append("decode" if decode else "prefill")
+            s["routing"].append(r)
+    topk = torch.full((LAYERS, len(ids), SLOTS), -1, dtype=torch.int32)
+    for t, phys in enumerate(rows):
+        for m, l in enumerate(MOE):
+            topk[l, t, :K] = torch.tensor(phys[m], dtype=torch.int32)
+    count = torch.zeros((LAYERS, PHYS), dtype=torch.int32)
+    records.append(dict(forward_pass_id=fp, input_ids=ids, positions=pos,
+                        extend_seq_lens=None if mode == 2 else lens, forward_mode=mode,
+                        topk_ids_of_layer=topk, misc_objects=[], global_physical_count=count))
+sdir = os.path.join(OUT, "sglang_dump")
+os.makedirs(sdir, exist_ok=True)
+pmap = torch.tensor([phys_to_log] * LAYERS, dtype=torch.int64)
+for rank in (0, 1):
+    recs = [dict(r, rank=rank, gatherer_key="primary") for r in records]
+    torch.save(dict(records=recs, last_physical_to_logical_map=pmap),
+               os.path.join(sdir, f"expert_distribution_recorder_1700000000.5_{rank}.pt"))
+expected["sglang_dump"] = {f"rank0/req{i}": seqs[name] for i, name in enumerate(order)}
+# Bad dumps: a physical id beyond the map, and a torch file that is no dump.
+bad = dict(records[0], rank=0, topk_ids_of_layer=records[0]["topk_ids_of_layer"].clone())
+bad["topk_ids_of_layer"][1, 0, 0] = PHYS + 5
+torch.save(dict(records=[bad], last_physical_to_logical_map=pmap), os.path.join(OUT, "sglang_bad_physical.pt"))
+torch.save(dict(weights=torch.zeros(3)), os.path.join(OUT, "sglang_not_a_dump.pt"))
 
 with open(os.path.join(OUT, "expected.json"), "w") as f:
     json.dump(expected, f, indent=1)

@@ -160,6 +160,105 @@ fn moe_layers_number_a_moe_only_axis_and_pick_layers_of_a_full_one() {
 }
 
 #[test]
+fn sglang_dump_ranks_merge_and_requests_are_rebuilt_from_positions() {
+    let dir = fixtures().join("sglang_dump");
+    assert_eq!(
+        ImportFormat::detect(&dir).unwrap(),
+        ImportFormat::SglangDump
+    );
+    let imported = import(std::slice::from_ref(&dir), None, &ImportOptions::default()).unwrap();
+    let t = &imported.trace;
+    assert!(
+        imported
+            .notes
+            .iter()
+            .any(|n| n.contains("9 records repeat another rank")),
+        "{:?}",
+        imported.notes
+    );
+    // Dense layer 0 dropped; physical replicas 16..19 mapped back to logical 0..3.
+    assert_eq!(
+        (t.meta.moe_layers.clone(), t.meta.n_layers),
+        (vec![1, 2, 3], 4)
+    );
+    assert_eq!((t.meta.n_experts, t.meta.top_k), (16, 2));
+    let exp = expected();
+    let want = exp["sglang_dump"].as_object().unwrap();
+    assert_eq!(t.seq_names.len(), want.len());
+    let view = t.view();
+    for (name, range) in view.seq_names.iter().zip(view.sequence_ranges()) {
+        let e = &want[name.as_str()];
+        let ints = |k: &str| -> Vec<u64> {
+            e[k].as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap())
+                .collect()
+        };
+        let positions: Vec<u64> = range.clone().map(|i| view.pos[i] as u64).collect();
+        assert_eq!(positions, ints("positions"), "{name}");
+        let tokens: Vec<u64> = range.clone().map(|i| view.token[i] as u64).collect();
+        assert_eq!(tokens, ints("tokens"), "{name}");
+        for (i, t) in range.clone().enumerate() {
+            let phase = if e["phases"][i] == "decode" { 1 } else { 0 };
+            assert_eq!(view.phase[t], phase, "{name}: phase of token {i}");
+            for m in 0..3 {
+                let ids: Vec<u16> = e["routing"][i][m]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_u64().unwrap() as u16)
+                    .collect();
+                assert_eq!(
+                    view.layer(t, m).unwrap(),
+                    &ids[..],
+                    "{name}: token {i}, MoE layer {m}"
+                );
+            }
+        }
+    }
+    // One rank's file alone gives the same trace without the twin note.
+    let one = dir.join("expert_distribution_recorder_1700000000.5_0.pt");
+    assert_eq!(
+        ImportFormat::detect(&one).unwrap(),
+        ImportFormat::SglangDump
+    );
+    let single = import(&[one], None, &ImportOptions::default()).unwrap();
+    assert_eq!(single.trace.experts, t.experts);
+    assert!(!single.notes.iter().any(|n| n.contains("twins")));
+}
+
+#[test]
+fn bad_sglang_dumps_are_refused_by_name() {
+    let fmt = Some(ImportFormat::SglangDump);
+    let err = |path: PathBuf| {
+        import(&[path], fmt, &ImportOptions::default())
+            .unwrap_err()
+            .to_string()
+    };
+    let e = err(fixtures().join("sglang_bad_physical.pt"));
+    assert!(
+        e.contains("sglang_bad_physical.pt")
+            && e.contains("record 0")
+            && e.contains("physical expert 25"),
+        "{e}"
+    );
+    let e = err(fixtures().join("sglang_not_a_dump.pt"));
+    assert!(
+        e.contains("sglang_not_a_dump.pt") && e.contains("no 'records' list"),
+        "{e}"
+    );
+    // A truncated archive.
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixtures().join("sglang_dump/expert_distribution_recorder_1700000000.5_0.pt");
+    let bytes = std::fs::read(src).unwrap();
+    let cut = dir.path().join("expert_distribution_recorder_cut_0.pt");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let e = err(cut);
+    assert!(e.contains("expert_distribution_recorder_cut_0.pt"), "{e}");
+}
+
+#[test]
 fn sglang_response_needs_top_k_and_imports_exactly() {
     let path = fixtures().join("sglang_response.json");
     assert_eq!(ImportFormat::detect(&path).unwrap(), ImportFormat::Sglang);

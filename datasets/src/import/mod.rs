@@ -9,16 +9,19 @@
 //! | hook JSONL | `hook-jsonl` | vLLM / HF forward hooks, one line per (token, layer) |
 //! | vLLM returned routing | `vllm` | completion responses (base64 `.npy` or nested lists), `.npy` arrays |
 //! | SGLang returned routing | `sglang` | `meta_info.routed_experts` (base64 raw int32) |
+//! | SGLang expert-distribution dump | `sglang-dump` | `per_token` recorder `.pt` files (a file, or a directory of ranks) |
 //! | Megatron-LM router trace | `megatron` | a `--moe-routing-trace-path` directory (all ranks) |
 //!
-//! A directory input is a Megatron trace directory, or else a directory of files (saved
-//! responses, one request each), imported in name order.
+//! A directory input is a Megatron trace directory or a directory of SGLang dumps (all
+//! ranks merged), or else a directory of files (saved responses, one request each),
+//! imported in name order.
 
 mod hook_jsonl;
 mod megatron;
 mod route_csv;
 mod router_trace_v2;
 mod serving;
+mod sglang_dump;
 mod warp;
 
 use std::collections::HashSet;
@@ -38,12 +41,13 @@ pub enum ImportFormat {
     HookJsonl,
     Vllm,
     Sglang,
+    SglangDump,
     Megatron,
 }
 
 impl ImportFormat {
     /// All formats with their `--from` names.
-    pub const ALL: [(ImportFormat, &'static str); 8] = [
+    pub const ALL: [(ImportFormat, &'static str); 9] = [
         (ImportFormat::RouteCsv, "route-csv"),
         (ImportFormat::Warp, "warp"),
         (ImportFormat::RouterTraceV2, "router-trace-v2"),
@@ -51,6 +55,7 @@ impl ImportFormat {
         (ImportFormat::HookJsonl, "hook-jsonl"),
         (ImportFormat::Vllm, "vllm"),
         (ImportFormat::Sglang, "sglang"),
+        (ImportFormat::SglangDump, "sglang-dump"),
         (ImportFormat::Megatron, "megatron"),
     ];
 
@@ -73,6 +78,9 @@ impl ImportFormat {
         if path.is_dir() && megatron::is_trace_dir(path) {
             return Ok(ImportFormat::Megatron);
         }
+        if path.is_dir() && !sglang_dump::dump_files(path).is_empty() {
+            return Ok(ImportFormat::SglangDump);
+        }
         let mut head = Vec::with_capacity(8192);
         std::fs::File::open(path)
             .and_then(|f| f.take(8192).read_to_end(&mut head))
@@ -81,6 +89,9 @@ impl ImportFormat {
         let text = text.trim_start();
         if text.is_empty() {
             return Err(TraceError::format(path, "empty file"));
+        }
+        if sglang_dump::sniff(&head) {
+            return Ok(ImportFormat::SglangDump);
         }
         if serving::sniff(&head, text) {
             return Ok(if text.contains("\"meta_info\"") {
@@ -223,11 +234,12 @@ pub fn import_to_dataset(
 pub fn input_files(inputs: &[PathBuf], format: Option<ImportFormat>) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for path in inputs {
-        let megatron = format.map_or_else(
-            || megatron::is_trace_dir(path),
-            |f| f == ImportFormat::Megatron,
+        // Directories whose files make one trace together (ranks of one job).
+        let merged = format.map_or_else(
+            || megatron::is_trace_dir(path) || !sglang_dump::dump_files(path).is_empty(),
+            |f| matches!(f, ImportFormat::Megatron | ImportFormat::SglangDump),
         );
-        if path.is_dir() && !megatron {
+        if path.is_dir() && !merged {
             let mut inner: Vec<PathBuf> = std::fs::read_dir(path)
                 .map_err(|e| TraceError::io(path, e))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
@@ -274,6 +286,7 @@ fn import_one(path: &Path, format: ImportFormat, opts: &ImportOptions) -> Result
         ImportFormat::HookJsonl => hook_jsonl::import(path, opts)?,
         ImportFormat::Vllm | ImportFormat::Sglang => serving::import(path, opts)?,
         ImportFormat::Megatron => megatron::import(path, opts)?,
+        ImportFormat::SglangDump => sglang_dump::import(path, opts)?,
         ImportFormat::Jsonl => Imported {
             trace: crate::jsonl::read_jsonl(path)?,
             notes: Vec::new(),
