@@ -781,6 +781,30 @@ fn import_into_a_partitioned_dataset_then_stats_and_simulate_stream_it() {
         "{sim}"
     );
 
+    // Training and evaluation read the dataset like any trace (its memory-mapped shards).
+    let ckpt = tmp(&dir, "pred");
+    let said = ok(&[
+        "train",
+        "--trace",
+        &root,
+        "-o",
+        &ckpt,
+        "--d-model",
+        "16",
+        "--layers",
+        "1",
+        "--heads",
+        "2",
+        "--epochs",
+        "1",
+        "--quiet",
+    ]);
+    assert!(said.contains("trained 1 epochs"), "{said}");
+    let card = std::fs::read_to_string(Path::new(&ckpt).join("predictor.json")).unwrap();
+    assert!(card.contains("ds/"), "the card names the dataset: {card}");
+    let report = ok(&["eval", "--predictor", &ckpt, "--split", "test", "--quiet"]);
+    assert!(report.contains("F1"), "{report}");
+
     // A second model in the same root: reading the root is refused, the partition works.
     ok(&["trace", "import", &a, "-o", &root]);
     let out = moecast(&["trace", "stats", &root]);
