@@ -813,3 +813,18 @@ fn import_into_a_partitioned_dataset_then_stats_and_simulate_stream_it() {
     assert!(err.contains("open one model=... folder"), "{err}");
     ok(&["trace", "stats", &partition.display().to_string()]);
 }
+
+#[test]
+fn an_imported_engine_trace_trains_and_evaluates() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = format!("{}/", tmp(&dir, "ds"));
+    let said = ok(&["trace", "import", &fixture("engines/sglang_dump"), "-o", &ds]);
+    assert!(said.contains("imported 34 tokens in 5 sequences"), "{said}");
+    let ckpt = tmp(&dir, "pred");
+    ok(&[
+        "train", "--trace", &ds, "-o", &ckpt, "--d-model", "16", "--layers", "1", "--heads", "2",
+        "--epochs", "1", "--val-fraction", "0.2", "--test-fraction", "0.2", "--quiet",
+    ]);
+    let report = ok(&["eval", "--predictor", &ckpt, "--split", "test", "--quiet"]);
+    assert!(report.contains("1 sequences, 8 tokens"), "{report}");
+}
