@@ -48,7 +48,9 @@ demo:
 # take past 10 minutes): the same collection with each MoE layer's router input
 # (--hidden-states), one lookahead predictor per feature set, each evaluated with the
 # cross-layer gate baseline (the model's own gates), and the cache simulation with the
-# gate and the hidden-state predictor as prefetchers. About 5 minutes after the build.
+# gate and the hidden-state predictor as prefetchers, then again with a third of each
+# layer's time spent in attention before it routes, where the pre-attention gate can
+# prefetch. About 5 minutes after the build.
 HID    := runs/demo-hidden
 demo-hidden:
 	$(CARGO) build
@@ -61,6 +63,7 @@ demo-hidden:
 	  $(DBG) eval --predictor $(HID)/predictor-$$f --trace $(HID)/heldout.mctrace --model $(MODEL) --quiet --json $(HID)/eval-$$f.json --plot $(HID)/plots-$$f || exit 1; \
 	done
 	$(DBG) simulate --trace $(HID)/heldout.mctrace --predictor $(HID)/predictor-hidden --model $(MODEL) $(SIM) --cache 10%,25% --policy lru,belady --prefetch none,coactivation,gate,learned,oracle --json $(HID)/simulate.json
+	$(DBG) simulate --trace $(HID)/heldout.mctrace --predictor $(HID)/predictor-hidden --model $(MODEL) --bandwidth 16 --compute-us-per-layer 20 --attention-us-per-layer 10 --cache 10%,25% --policy lru --prefetch none,gate,pre-attention,learned,gate+pre-attention,learned+pre-attention,oracle --json $(HID)/simulate-attention.json
 
 test:
 	$(CARGO) test --workspace

@@ -33,6 +33,10 @@ pub(crate) struct RunArgs {
     /// hits, one predictor query per layer on the decode thread).
     #[arg(long)]
     layer_forecasts: bool,
+    /// Prefetch each layer's pre-attention-gate experts (the layer's gate on its input
+    /// before attention) at the layer's start, to arrive while attention runs.
+    #[arg(long)]
+    pre_attention: bool,
     /// Cache-aware routing: prefer a resident expert whose router score is within MARGIN
     /// of a chosen one (softmax-probability units for softmax routers). Off by default.
     #[arg(long, default_value_t = 0.0)]
@@ -98,6 +102,7 @@ pub(crate) fn run(a: RunArgs) -> Result<()> {
         predictor: a.predictor,
         budget: a.prefetch_budget,
         layer_forecasts: a.layer_forecasts,
+        pre_attention: a.pre_attention,
         routing_margin: a.cache_aware_routing,
         loader_threads: a.loader_threads,
         compare_in_memory: !a.no_compare,

@@ -31,7 +31,7 @@ pub(crate) struct SimulateArgs {
     #[arg(long)]
     predictor: Option<PathBuf>,
     /// The MoE checkpoint the trace comes from (gate prefetch: its gates applied to the
-    /// trace's router inputs).
+    /// trace's router inputs; pre-attention prefetch: the model replays the token ids).
     #[arg(long)]
     model: Option<PathBuf>,
     /// Experts prefetched per predicted layer and event (default top-k).
@@ -49,9 +49,13 @@ pub(crate) struct SimulateArgs {
     /// Bytes of one expert (default: the trace's expert_bytes).
     #[arg(long)]
     expert_bytes: Option<f64>,
-    /// Compute time of one layer, microseconds.
+    /// Compute time of one layer's experts (after it routes), microseconds.
     #[arg(long, default_value_t = 30.0)]
     compute_us_per_layer: f64,
+    /// Attention time of one layer (before it routes), microseconds; 0 lumps a layer's
+    /// time after its routing. Pre-attention prefetches have this long to land.
+    #[arg(long, default_value_t = 0.0)]
+    attention_us_per_layer: f64,
     /// Write every result as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -97,17 +101,28 @@ pub(crate) fn simulate_cmd(a: SimulateArgs) -> Result<()> {
     };
     if a.bandwidth.is_nan()
         || a.bandwidth <= 0.0
-        || a.compute_us_per_layer.is_nan()
-        || a.compute_us_per_layer < 0.0
+        || !(a.compute_us_per_layer >= 0.0)
+        || !(a.attention_us_per_layer >= 0.0)
     {
-        bail!("--bandwidth must be positive and --compute-us-per-layer not negative");
+        bail!("--bandwidth must be positive, --compute-us-per-layer and --attention-us-per-layer not negative");
     }
     let budget = a.budget.unwrap_or(k);
-    let kinds: Vec<PrefetchKind> = a
+    // Each --prefetch entry is a prefetcher or a union such as learned+pre-attention.
+    let combos: Vec<Vec<PrefetchKind>> = a
         .prefetch
         .iter()
-        .map(|s| s.parse().map_err(anyhow::Error::msg))
+        .map(|s| {
+            s.split('+')
+                .map(|k| k.parse().map_err(anyhow::Error::msg))
+                .collect::<Result<_>>()
+        })
         .collect::<Result<_>>()?;
+    let mut kinds: Vec<PrefetchKind> = Vec::new();
+    for k in combos.iter().flatten() {
+        if !kinds.contains(k) {
+            kinds.push(*k);
+        }
+    }
     let loaded = match &a.predictor {
         Some(dir) => Some(LoadedPredictor::load(
             dir,
@@ -120,17 +135,27 @@ pub(crate) fn simulate_cmd(a: SimulateArgs) -> Result<()> {
     }
     // Loaded once: its baselines feed co-activation, the model feeds learned prefetch.
     let mut online = loaded.map(OnlinePredictor::new);
-    let gate = match kinds.contains(&PrefetchKind::Gate) {
-        true => {
-            let dir = a.model.as_ref().context(
-                "--prefetch gate needs --model DIR (the checkpoint the trace comes from)",
-            )?;
-            let g = inference::gate::GateForecaster::open(dir)?;
+    let needs_model = kinds
+        .iter()
+        .any(|k| matches!(k, PrefetchKind::Gate | PrefetchKind::PreAttention));
+    let mut model = match (needs_model, &a.model) {
+        (false, _) => None,
+        (true, None) => bail!(
+            "--prefetch gate and pre-attention need --model DIR (the checkpoint the trace comes from)"
+        ),
+        (true, Some(dir)) => Some(inference::MoeModel::load(
+            &inference::Checkpoint::open(dir)?,
+            &Default::default(),
+        )?),
+    };
+    let gate = match (kinds.contains(&PrefetchKind::Gate), model.as_mut()) {
+        (true, Some(model)) => {
+            let g = inference::gate::GateForecaster::new(model);
             g.check(m, e, meta.router_input_dim)
                 .with_context(|| a.trace.display().to_string())?;
             Some(g)
         }
-        false => None,
+        _ => None,
     };
     if kinds.contains(&PrefetchKind::Learned) && online.is_none() {
         bail!("--prefetch learned needs --predictor DIR");
@@ -194,6 +219,12 @@ pub(crate) fn simulate_cmd(a: SimulateArgs) -> Result<()> {
                     let g = gate.as_ref().context("gate forecaster")?;
                     prefetch::gate(&view, &seqs, &|t, x| g.scores(t, x), budget, a.horizon)
                 }
+                PrefetchKind::PreAttention => {
+                    let model = model.as_ref().context("model")?;
+                    let logits = inference::gate::pre_attention_logits(model, &view)
+                        .with_context(|| piece.display().to_string())?;
+                    prefetch::pre_attention(&view, &seqs, &logits, budget)
+                }
                 PrefetchKind::Learned => {
                     let o = online.as_mut().context("learned predictor")?;
                     prefetch::learned(&view, &seqs, o, budget)?
@@ -201,6 +232,16 @@ pub(crate) fn simulate_cmd(a: SimulateArgs) -> Result<()> {
             };
             plans.push(plan);
         }
+        let plans: Vec<PrefetchPlan> = combos
+            .iter()
+            .map(|combo| {
+                let parts: Vec<&PrefetchPlan> = combo
+                    .iter()
+                    .filter_map(|k| kinds.iter().position(|x| x == k).map(|i| &plans[i]))
+                    .collect();
+                PrefetchPlan::union(&parts)
+            })
+            .collect();
         let mut i = 0;
         for (size, &capacity) in sizes.iter().zip(&capacities) {
             for policy in &a.policy {
@@ -212,6 +253,7 @@ pub(crate) fn simulate_cmd(a: SimulateArgs) -> Result<()> {
                         bandwidth_gbps: a.bandwidth,
                         expert_bytes,
                         compute_us_per_layer: a.compute_us_per_layer,
+                        attention_us_per_layer: a.attention_us_per_layer,
                         untimed: false,
                     };
                     let r = simulate(&view, &seqs, plan, &cfg).map_err(anyhow::Error::msg)?;
@@ -246,11 +288,18 @@ pub(crate) fn simulate_cmd(a: SimulateArgs) -> Result<()> {
         );
     }
     println!(
-        "{} tokens, {} MoE layers x {} experts (top-{k}); expert {:.0} bytes over {} GB/s = {:.1} us, compute {} us/layer, prefetch budget {budget}/layer",
-        tokens, m, e, expert_bytes, a.bandwidth, expert_bytes / (a.bandwidth * 1e3), a.compute_us_per_layer
+        "{} tokens, {} MoE layers x {} experts (top-{k}); expert {:.0} bytes over {} GB/s = {:.1} us, compute {} us/layer{}, prefetch budget {budget}/layer",
+        tokens, m, e, expert_bytes, a.bandwidth, expert_bytes / (a.bandwidth * 1e3), a.compute_us_per_layer,
+        if a.attention_us_per_layer > 0.0 { format!(" after {} us of attention", a.attention_us_per_layer) } else { String::new() }
     );
+    let w = results
+        .iter()
+        .map(|(_, r, _)| r.prefetch.len())
+        .max()
+        .unwrap_or(0)
+        .max(13);
     println!(
-        "{:>8} {:>7} {:<13} {:>8} {:>8} {:>9} {:>10} {:>9} {:>9} {:>12}",
+        "{:>8} {:>7} {:<w$} {:>8} {:>8} {:>9} {:>10} {:>9} {:>9} {:>12}",
         "cache",
         "policy",
         "prefetch",
@@ -264,7 +313,7 @@ pub(crate) fn simulate_cmd(a: SimulateArgs) -> Result<()> {
     );
     for (size, r, u) in &results {
         println!(
-            "{:>8} {:>7} {:<13} {:>7.1}% {:>7.1}% {:>7.1}us {:>10.0} {:>9.1} {:>8.1}% {:>11.1}%",
+            "{:>8} {:>7} {:<w$} {:>7.1}% {:>7.1}% {:>7.1}us {:>10.0} {:>9.1} {:>8.1}% {:>11.1}%",
             format!("{size}={}", r.capacity),
             r.policy,
             r.prefetch,

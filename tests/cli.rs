@@ -589,6 +589,49 @@ fn router_inputs_feed_the_cross_layer_gate_in_eval_and_simulate() {
         hit("gate"),
         hit("none")
     );
+    // With attention time before each layer's routing, the pre-attention gate prefetches
+    // at the layer's start; alone and in union with the cross-layer gate.
+    ok(&[
+        "simulate",
+        "--trace",
+        &trace,
+        "--model",
+        &model,
+        "--cache",
+        "25%",
+        "--prefetch",
+        "none,pre-attention,gate+pre-attention",
+        "--bandwidth",
+        "16",
+        "--compute-us-per-layer",
+        "20",
+        "--attention-us-per-layer",
+        "10",
+        "--json",
+        &json,
+    ]);
+    let rows: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let hit = |p: &str| {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["timed"]["prefetch"] == p)
+            .unwrap()["hit_rate"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(hit("pre-attention") > hit("none") + 0.1, "{rows}");
+    assert!(
+        hit("gate+pre-attention") >= hit("pre-attention") - 0.02,
+        "{rows}"
+    );
+    let out = moecast(&["simulate", "--trace", &trace, "--prefetch", "pre-attention"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("need --model DIR"),
+        "{err}"
+    );
 
     let pred = tmp(&dir, "pred");
     ok(&[
@@ -818,12 +861,34 @@ fn import_into_a_partitioned_dataset_then_stats_and_simulate_stream_it() {
 fn an_imported_engine_trace_trains_and_evaluates() {
     let dir = tempfile::tempdir().unwrap();
     let ds = format!("{}/", tmp(&dir, "ds"));
-    let said = ok(&["trace", "import", &fixture("engines/sglang_dump"), "-o", &ds]);
+    let said = ok(&[
+        "trace",
+        "import",
+        &fixture("engines/sglang_dump"),
+        "-o",
+        &ds,
+    ]);
     assert!(said.contains("imported 34 tokens in 5 sequences"), "{said}");
     let ckpt = tmp(&dir, "pred");
     ok(&[
-        "train", "--trace", &ds, "-o", &ckpt, "--d-model", "16", "--layers", "1", "--heads", "2",
-        "--epochs", "1", "--val-fraction", "0.2", "--test-fraction", "0.2", "--quiet",
+        "train",
+        "--trace",
+        &ds,
+        "-o",
+        &ckpt,
+        "--d-model",
+        "16",
+        "--layers",
+        "1",
+        "--heads",
+        "2",
+        "--epochs",
+        "1",
+        "--val-fraction",
+        "0.2",
+        "--test-fraction",
+        "0.2",
+        "--quiet",
     ]);
     let report = ok(&["eval", "--predictor", &ckpt, "--split", "test", "--quiet"]);
     assert!(report.contains("1 sequences, 8 tokens"), "{report}");

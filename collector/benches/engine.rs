@@ -86,13 +86,15 @@ fn main() {
         "  {:<5} {:<44} {:>9} {:>6} {:>6} {:>11} {:>10}",
         "cache", "configuration", "tokens/s", "hit", "late", "stall/token", "vs LRU"
     );
+    // (name, policy, predictor, layer forecasts, pre-attention gate, cache-aware margin)
     let configs = [
-        ("LRU, on demand", "lru", None, false, 0.0),
-        ("LFU, on demand", "lfu", None, false, 0.0),
+        ("LRU, on demand", "lru", None, false, false, 0.0),
+        ("LFU, on demand", "lfu", None, false, false, 0.0),
         (
             "LRU + learned (small, next token)",
             "lru",
             Some(&small),
+            false,
             false,
             0.0,
         ),
@@ -101,6 +103,16 @@ fn main() {
             "lru",
             Some(&big),
             true,
+            false,
+            0.0,
+        ),
+        ("LRU + pre-attention gate", "lru", None, false, true, 0.0),
+        (
+            "LRU + learned (small) + pre-attention gate",
+            "lru",
+            Some(&small),
+            false,
+            true,
             0.0,
         ),
         (
@@ -108,13 +120,14 @@ fn main() {
             "lru",
             Some(&small),
             false,
+            false,
             0.05,
         ),
     ];
     for cache in ["10%", "25%"] {
         let cfgs: Vec<OffloadRunConfig> = configs
             .iter()
-            .map(|&(_, policy, pred, layers, margin)| OffloadRunConfig {
+            .map(|&(_, policy, pred, layers, pre, margin)| OffloadRunConfig {
                 model_dir: model.clone(),
                 prompts: heldout.clone(),
                 max_new_tokens: 32,
@@ -126,6 +139,7 @@ fn main() {
                 predictor: pred.cloned(),
                 budget: None,
                 layer_forecasts: layers,
+                pre_attention: pre,
                 routing_margin: margin,
                 loader_threads: 2,
                 compare_in_memory: false,
@@ -170,6 +184,7 @@ fn main() {
         predictor: None,
         budget: None,
         layer_forecasts: false,
+        pre_attention: false,
         routing_margin: 0.0,
         loader_threads: 2,
         compare_in_memory: true,

@@ -69,6 +69,8 @@ pub struct OffloadRunConfig {
     pub budget: Option<usize>,
     /// With a lookahead predictor, also forecast the next layers after each layer.
     pub layer_forecasts: bool,
+    /// Prefetch each layer's pre-attention-gate experts at the layer's start.
+    pub pre_attention: bool,
     /// Cache-aware routing margin; 0 = off.
     pub routing_margin: f32,
     pub loader_threads: usize,
@@ -95,9 +97,22 @@ pub struct OffloadRun {
 /// Loads the model, offloads its experts and generates every prompt through the engine.
 pub fn run_offloaded(cfg: &OffloadRunConfig) -> Result<OffloadRun, CollectError> {
     let device = cfg.backend.device();
-    let ck = Checkpoint::open(&cfg.model_dir)?;
-    let reference = MoeModel::load(&ck, &device)?;
-    let shape = reference.shape();
+    let mut ck = Checkpoint::open(&cfg.model_dir)?;
+    // The all-in-memory model is loaded only when something compares against it;
+    // otherwise the routed experts never leave the disk except through the engine.
+    let reference = if cfg.compare_in_memory || !cfg.quality.is_empty() {
+        Some(MoeModel::load(&ck, &device)?)
+    } else {
+        None
+    };
+    let mut offloaded = match &reference {
+        Some(r) => r.clone(),
+        None => {
+            ck.skip_routed_experts();
+            MoeModel::load(&ck, &device)?
+        }
+    };
+    let shape = offloaded.shape();
     let total = shape.moe_layers.len() * shape.n_experts;
     let needs_tokenizer = cfg
         .prompts
@@ -133,10 +148,10 @@ pub fn run_offloaded(cfg: &OffloadRunConfig) -> Result<OffloadRun, CollectError>
         policy: cfg.policy,
         budget: cfg.budget.unwrap_or(shape.top_k),
         layer_forecasts: cfg.layer_forecasts,
+        pre_attention: cfg.pre_attention,
         routing_margin: cfg.routing_margin,
         loader_threads: cfg.loader_threads,
     };
-    let mut offloaded = reference.clone();
     let mut engine = OffloadEngine::new(&ck, &mut offloaded, engine_cfg, online, &device)?;
 
     let bar = ProgressBar::new(prompts.len() as u64);
@@ -172,7 +187,7 @@ pub fn run_offloaded(cfg: &OffloadRunConfig) -> Result<OffloadRun, CollectError>
     let report = engine.report().clone();
 
     let (mut identical, mut in_memory_tokens_per_s) = (None, None);
-    if cfg.compare_in_memory {
+    if let (true, Some(reference)) = (cfg.compare_in_memory, &reference) {
         let (mut same, mut decode_s, mut decode_tokens) = (true, 0f64, 0usize);
         for (prompt, out) in prompts.iter().zip(&generated) {
             let mut timer = DecodeTimer::default();
@@ -191,15 +206,14 @@ pub fn run_offloaded(cfg: &OffloadRunConfig) -> Result<OffloadRun, CollectError>
         identical = Some(same);
         in_memory_tokens_per_s = Some(decode_tokens as f64 / decode_s.max(1e-12));
     }
-    let quality = if cfg.quality.is_empty() {
-        None
-    } else {
-        Some(compare_routing(
-            &reference,
+    let quality = match (&reference, cfg.quality.is_empty()) {
+        (Some(reference), false) => Some(compare_routing(
+            reference,
             &offloaded,
             &mut engine,
             &ids(&cfg.quality)?,
-        )?)
+        )?),
+        _ => None,
     };
     let texts = generated
         .iter()

@@ -32,6 +32,7 @@ fn main() {
             bandwidth_gbps: 16.0,
             expert_bytes: 9.4e6,
             compute_us_per_layer: 100.0,
+            attention_us_per_layer: 0.0,
             untimed: false,
         };
         let t0 = Instant::now();

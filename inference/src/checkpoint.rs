@@ -39,6 +39,9 @@ pub struct Checkpoint {
     files: Vec<WeightFile>,
     /// Tensor name -> index into `files`.
     index: HashMap<String, usize>,
+    /// Whether model loaders read the routed experts' weights (see
+    /// [`Checkpoint::skip_routed_experts`]).
+    routed_experts: bool,
 }
 
 #[derive(Deserialize)]
@@ -118,7 +121,20 @@ impl Checkpoint {
             config_text,
             files,
             index,
+            routed_experts: true,
         })
+    }
+
+    /// Makes model loaders leave the routed experts of per-expert checkpoints on disk
+    /// (their `SparseMoe::experts` stay empty): for an offloading runtime, which reads
+    /// them one at a time. Fused-expert checkpoints (GPT-OSS) still load them.
+    pub fn skip_routed_experts(&mut self) {
+        self.routed_experts = false;
+    }
+
+    /// Whether model loaders read the routed experts.
+    pub fn loads_routed_experts(&self) -> bool {
+        self.routed_experts
     }
 
     /// The checkpoint directory.

@@ -10,6 +10,8 @@
 //!   layers `l+1..l+D` this request has used most so far (counts decayed per token);
 //! - `gate`: the cross-layer gate: after layer `l`, the model's gates of layers
 //!   `l+1..l+D` applied to layer `l`'s router input (traces with router inputs);
+//! - `pre-attention`: at layer `l`'s start, before its attention, layer `l`'s gate
+//!   applied to the layer's input (the model replays the trace's token ids);
 //! - `learned`: the trained predictor: at a token's start (its id is known) every layer
 //!   it forecasts; for lookahead predictors also after each layer, layers `l+1..l+D`.
 
@@ -28,17 +30,19 @@ pub enum PrefetchKind {
     Coactivation,
     Activation,
     Gate,
+    PreAttention,
     Learned,
 }
 
 impl PrefetchKind {
     /// All kinds, in report order.
-    pub const ALL: [PrefetchKind; 7] = [
+    pub const ALL: [PrefetchKind; 8] = [
         PrefetchKind::None,
         PrefetchKind::Previous,
         PrefetchKind::Coactivation,
         PrefetchKind::Activation,
         PrefetchKind::Gate,
+        PrefetchKind::PreAttention,
         PrefetchKind::Learned,
         PrefetchKind::Oracle,
     ];
@@ -51,6 +55,7 @@ impl PrefetchKind {
             PrefetchKind::Coactivation => "coactivation",
             PrefetchKind::Activation => "activation",
             PrefetchKind::Gate => "gate",
+            PrefetchKind::PreAttention => "pre-attention",
             PrefetchKind::Learned => "learned",
         }
     }
@@ -64,7 +69,7 @@ impl std::str::FromStr for PrefetchKind {
             .into_iter()
             .find(|k| k.as_str() == s)
             .ok_or_else(|| {
-                format!("unknown prefetcher '{s}' (none, previous, coactivation, activation, gate, learned, oracle)")
+                format!("unknown prefetcher '{s}' (none, previous, coactivation, activation, gate, pre-attention, learned, oracle)")
             })
     }
 }
@@ -198,6 +203,33 @@ pub fn gate(
                     predictor::metrics::rank_top(&scores(target, &x), budget, &mut ranking);
                     push_layer(plan.at_mut(t, l + 1), target, e, &ranking);
                 }
+            }
+        }
+    }
+    plan
+}
+
+/// The pre-attention gate: at layer `l`'s start, before its attention, the top `budget`
+/// experts of layer `l` by `logits` (`n_tokens x n_moe x n_experts`, NaN where unknown;
+/// see [`crate::gate::pre_attention_logits`]).
+pub fn pre_attention(
+    view: &TraceView<'_>,
+    seqs: &[std::ops::Range<usize>],
+    logits: &[f32],
+    budget: usize,
+) -> PrefetchPlan {
+    let (m, e) = (view.meta.n_moe(), view.meta.n_experts as usize);
+    let mut plan = PrefetchPlan::empty("pre-attention", view.n_tokens(), m);
+    let mut ranking = Vec::new();
+    for r in seqs {
+        for t in r.clone() {
+            for l in 0..m {
+                let row = &logits[(t * m + l) * e..(t * m + l + 1) * e];
+                if row[0].is_nan() {
+                    continue;
+                }
+                predictor::metrics::rank_top(row, budget, &mut ranking);
+                push_layer(plan.before_attention_mut(t, l), l, e, &ranking);
             }
         }
     }

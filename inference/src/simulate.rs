@@ -6,11 +6,14 @@
 //! other is a **miss** and is fetched on demand. Transfers share one link and take
 //! `expert_bytes / bandwidth` each; prefetches go in the order they were issued, and a
 //! demand fetch goes ahead of every prefetch that has not started yet (the one on the
-//! link finishes first). Then the layer computes for `compute_us_per_layer`.
+//! link finishes first). Then the layer's experts compute for `compute_us_per_layer`.
+//! With `attention_us_per_layer` > 0 each layer first runs attention for that long
+//! before it routes (the lookup); 0 (the default) lumps all of a layer's time after it.
 //!
 //! Prefetches come from a [`PrefetchPlan`]: for every token, a list of experts to fetch
-//! at its start (when its id is known and the previous token's routing is complete) and
-//! after each layer has routed. A plan may only use what exists at that moment; the
+//! at its start (when its id is known and the previous token's routing is complete),
+//! at each layer's start, before its attention (what reads the layer's input, such as
+//! the pre-attention gate), and after each layer has routed. A plan may only use what exists at that moment; the
 //! builders here keep to that, except the oracle, which is labelled as such. The
 //! "untimed" mode makes every transfer instantaneous: a prefetch is in place right before
 //! its lookup, as MoE-Beyond's hit rates assume. It is reported separately.
@@ -21,13 +24,17 @@ use serde::{Deserialize, Serialize};
 use crate::cache::{CacheScope, EvictionPolicy, ExpertCache, Insertion};
 
 /// Experts to fetch per token and moment: slot 0 is the token's start, slot `l + 1`
-/// follows layer `l`'s routing. Ids are `layer * n_experts + expert`, best first.
+/// follows layer `l`'s routing; optionally also at each layer's start, before its
+/// attention. Ids are `layer * n_experts + expert`, best first.
 #[derive(Debug, Clone, Default)]
 pub struct PrefetchPlan {
     pub name: String,
     pub n_moe: usize,
     /// `[token * (n_moe + 1) + slot]`.
     pub events: Vec<Vec<u32>>,
+    /// `[token * n_moe + layer]`: issued when layer `layer` starts, before its attention
+    /// (absent when the plan issues nothing then).
+    pub before_attention: Option<Vec<Vec<u32>>>,
 }
 
 impl PrefetchPlan {
@@ -37,7 +44,69 @@ impl PrefetchPlan {
             name: name.into(),
             n_moe,
             events: vec![Vec::new(); n_tokens * (n_moe + 1)],
+            before_attention: None,
         }
+    }
+
+    /// The union of `plans` (of the same trace): each event issues the experts of every
+    /// plan, in plan order, each once. Named `a+b`.
+    pub fn union(plans: &[&PrefetchPlan]) -> PrefetchPlan {
+        let Some(first) = plans.first() else {
+            return PrefetchPlan::default();
+        };
+        if plans.len() == 1 {
+            return (*first).clone();
+        }
+        let merge = |lists: Vec<&Vec<u32>>| {
+            let mut out: Vec<u32> = Vec::new();
+            for x in lists.into_iter().flatten() {
+                if !out.contains(x) {
+                    out.push(*x);
+                }
+            }
+            out
+        };
+        let events = (0..first.events.len())
+            .map(|i| merge(plans.iter().map(|p| &p.events[i]).collect()))
+            .collect();
+        let before_attention = plans.iter().any(|p| p.before_attention.is_some()).then(|| {
+            let n = first.events.len() / (first.n_moe + 1) * first.n_moe;
+            (0..n)
+                .map(|i| {
+                    merge(
+                        plans
+                            .iter()
+                            .filter_map(|p| p.before_attention.as_ref().map(|b| &b[i]))
+                            .collect(),
+                    )
+                })
+                .collect()
+        });
+        PrefetchPlan {
+            name: plans
+                .iter()
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>()
+                .join("+"),
+            n_moe: first.n_moe,
+            events,
+            before_attention,
+        }
+    }
+
+    /// Mutable list of token `t` at the start of layer `layer`, before its attention.
+    pub fn before_attention_mut(&mut self, t: usize, layer: usize) -> &mut Vec<u32> {
+        let n = self.events.len() / (self.n_moe + 1) * self.n_moe;
+        let lists = self
+            .before_attention
+            .get_or_insert_with(|| vec![Vec::new(); n]);
+        &mut lists[t * self.n_moe + layer]
+    }
+
+    fn before_attention(&self, t: usize, layer: usize) -> &[u32] {
+        self.before_attention
+            .as_ref()
+            .map_or(&[], |lists| &lists[t * self.n_moe + layer])
     }
 
     /// The list of token `t` at `slot`.
@@ -63,8 +132,11 @@ pub struct SimConfig {
     pub bandwidth_gbps: f64,
     /// Bytes of one expert.
     pub expert_bytes: f64,
-    /// Compute time of one layer, microseconds.
+    /// Compute time of one layer's experts (after routing), microseconds.
     pub compute_us_per_layer: f64,
+    /// Attention time of one layer (before routing), microseconds.
+    #[serde(default)]
+    pub attention_us_per_layer: f64,
     /// Transfers take no time (MoE-Beyond's untimed hit rate).
     pub untimed: bool,
 }
@@ -166,6 +238,119 @@ impl FutureUses {
     }
 }
 
+/// The moving parts of one simulation.
+struct Sim<'p> {
+    cache: ExpertCache,
+    future: Option<FutureUses>,
+    xfer: f64,
+    expert_bytes: f64,
+    ready: Vec<f64>,
+    unused_prefetch: Vec<bool>,
+    /// End of the last queued transfer, and of the last demand transfer.
+    link_free: f64,
+    demand_free: f64,
+    /// Queued prefetches as (expert, generation of its `ready` entry).
+    pending: std::collections::VecDeque<(usize, u32)>,
+    generation: Vec<u32>,
+    now: f64,
+    /// Experts that must stay for the current event.
+    pinned: Vec<usize>,
+    plan: &'p PrefetchPlan,
+    r: SimReport,
+}
+
+impl Sim<'_> {
+    /// Looks up the experts `ids` of layer `l`; waits for those not ready.
+    fn lookup(&mut self, l: usize, e: usize, ids: &[u16]) {
+        self.pinned.clear();
+        let now = self.now;
+        let mut wait_until = now;
+        for &x in ids {
+            let id = l * e + x as usize;
+            self.r.accesses += 1;
+            self.pinned.push(id);
+            let next = self.future.as_mut().map_or(0, |f| f.advance(id));
+            if self.cache.contains(id) {
+                if self.unused_prefetch[id] {
+                    self.unused_prefetch[id] = false;
+                    self.r.useful_prefetches += 1;
+                }
+                if self.ready[id] <= now {
+                    self.r.hits += 1;
+                } else {
+                    self.r.late += 1;
+                    wait_until = wait_until.max(self.ready[id]);
+                }
+                self.cache.touch(id, next);
+                continue;
+            }
+            self.r.misses += 1;
+            if let Insertion::Done { evicted: Some(v) } = self.cache.insert(id, next, &self.pinned)
+            {
+                self.unused_prefetch[v] = false;
+            }
+            // Finished prefetches leave the queue; the one on the link completes; the
+            // demand fetch goes before the rest.
+            let (ready, generation, xfer) = (&mut self.ready, &self.generation, self.xfer);
+            self.pending
+                .retain(|&(p, g)| generation[p] == g && ready[p] > now);
+            let start = match self.pending.front() {
+                Some(&(p, _)) if ready[p] - xfer <= now => ready[p],
+                _ => now,
+            }
+            .max(self.demand_free);
+            for &(p, _) in self.pending.iter() {
+                if ready[p] - xfer >= start {
+                    ready[p] += xfer;
+                }
+            }
+            self.generation[id] = self.generation[id].wrapping_add(1);
+            ready[id] = start + xfer;
+            self.demand_free = ready[id];
+            self.link_free = self.link_free.max(now) + xfer;
+            self.r.bytes_demand += self.expert_bytes;
+            wait_until = wait_until.max(ready[id]);
+        }
+        self.r.stall_us += wait_until - now;
+        self.now = wait_until;
+    }
+
+    /// Queues prefetches of `ids` (a planned expert already resident stays pinned).
+    fn prefetch(&mut self, ids: &[u32]) {
+        let n_ids = self.ready.len();
+        for &pid in ids {
+            let id = pid as usize;
+            if id >= n_ids {
+                continue;
+            }
+            if self.cache.contains(id) {
+                self.pinned.push(id);
+                continue;
+            }
+            let next = self.future.as_ref().map_or(0, |f| f.next(id));
+            match self.cache.insert(id, next, &self.pinned) {
+                Insertion::Done { evicted: Some(v) } => self.unused_prefetch[v] = false,
+                Insertion::Done { evicted: None } => {}
+                Insertion::AllPinned => continue,
+            }
+            self.unused_prefetch[id] = true;
+            self.pinned.push(id);
+            let start = self.now.max(self.link_free);
+            self.ready[id] = start + self.xfer;
+            self.link_free = self.ready[id];
+            self.generation[id] = self.generation[id].wrapping_add(1);
+            self.pending.push_back((id, self.generation[id]));
+            self.r.prefetches += 1;
+            self.r.bytes_prefetch += self.expert_bytes;
+        }
+    }
+
+    fn compute(&mut self, us: f64) {
+        self.now += us;
+        self.r.compute_us += us;
+    }
+}
+
 /// Runs the tokens `sequences` of `view` through a cache with `plan`'s prefetches.
 pub fn simulate(
     view: &TraceView<'_>,
@@ -184,126 +369,54 @@ pub fn simulate(
     } else {
         CacheScope::Global
     };
-    let mut cache = ExpertCache::new(policy, scope, cfg.capacity, m, e);
-    // Next-use times only matter to Belady.
-    let mut future =
-        (policy == EvictionPolicy::Belady).then(|| FutureUses::new(view, sequences, n_ids));
-    let xfer = if cfg.untimed {
-        0.0
-    } else {
-        cfg.expert_bytes / (cfg.bandwidth_gbps * 1e3)
-    };
-    let mut ready = vec![0f64; n_ids];
-    let mut unused_prefetch = vec![false; n_ids];
-    // End of the last queued transfer, and of the last demand transfer.
-    let mut link_free = 0f64;
-    let mut demand_free = 0f64;
-    // Queued prefetches as (expert, generation of its `ready` entry).
-    let mut pending: std::collections::VecDeque<(usize, u32)> = std::collections::VecDeque::new();
-    let mut generation = vec![0u32; n_ids];
-    let mut now = 0f64;
-    let mut r = SimReport {
+    let cache = ExpertCache::new(policy, scope, cfg.capacity, m, e);
+    let r = SimReport {
         policy: cfg.policy.clone(),
         prefetch: plan.name.clone(),
         capacity: cache.capacity(),
         untimed: cfg.untimed,
         ..SimReport::default()
     };
-    let mut pinned: Vec<usize> = Vec::with_capacity(16);
+    let mut sim = Sim {
+        cache,
+        // Next-use times only matter to Belady.
+        future: (policy == EvictionPolicy::Belady).then(|| FutureUses::new(view, sequences, n_ids)),
+        xfer: if cfg.untimed {
+            0.0
+        } else {
+            cfg.expert_bytes / (cfg.bandwidth_gbps * 1e3)
+        },
+        expert_bytes: cfg.expert_bytes,
+        ready: vec![0.0; n_ids],
+        unused_prefetch: vec![false; n_ids],
+        link_free: 0.0,
+        demand_free: 0.0,
+        pending: std::collections::VecDeque::new(),
+        generation: vec![0; n_ids],
+        now: 0.0,
+        pinned: Vec::with_capacity(16),
+        plan,
+        r,
+    };
     for seq in sequences {
         for t in seq.clone() {
-            r.tokens += 1;
-            for slot in 0..=m {
-                if slot > 0 {
-                    let l = slot - 1;
-                    pinned.clear();
-                    let Some(ids) = view.layer(t, l) else {
-                        continue;
-                    };
-                    let mut wait_until = now;
-                    for &x in ids {
-                        let id = l * e + x as usize;
-                        r.accesses += 1;
-                        pinned.push(id);
-                        let next = future.as_mut().map_or(0, |f| f.advance(id));
-                        if cache.contains(id) {
-                            if unused_prefetch[id] {
-                                unused_prefetch[id] = false;
-                                r.useful_prefetches += 1;
-                            }
-                            if ready[id] <= now {
-                                r.hits += 1;
-                            } else {
-                                r.late += 1;
-                                wait_until = wait_until.max(ready[id]);
-                            }
-                            cache.touch(id, next);
-                        } else {
-                            r.misses += 1;
-                            if let Insertion::Done { evicted: Some(v) } =
-                                cache.insert(id, next, &pinned)
-                            {
-                                unused_prefetch[v] = false;
-                            }
-                            // Finished prefetches leave the queue; the one on the link
-                            // completes; the demand fetch goes before the rest.
-                            pending.retain(|&(p, g)| generation[p] == g && ready[p] > now);
-                            let start = match pending.front() {
-                                Some(&(p, _)) if ready[p] - xfer <= now => ready[p],
-                                _ => now,
-                            }
-                            .max(demand_free);
-                            for &(p, _) in pending.iter() {
-                                if ready[p] - xfer >= start {
-                                    ready[p] += xfer;
-                                }
-                            }
-                            generation[id] = generation[id].wrapping_add(1);
-                            ready[id] = start + xfer;
-                            demand_free = ready[id];
-                            link_free = link_free.max(now) + xfer;
-                            r.bytes_demand += cfg.expert_bytes;
-                            wait_until = wait_until.max(ready[id]);
-                        }
-                    }
-                    r.stall_us += wait_until - now;
-                    now = wait_until;
+            sim.r.tokens += 1;
+            sim.pinned.clear();
+            sim.prefetch(sim.plan.at(t, 0));
+            for l in 0..m {
+                let Some(ids) = view.layer(t, l) else {
+                    continue;
+                };
+                if cfg.attention_us_per_layer > 0.0 || sim.plan.before_attention.is_some() {
+                    sim.pinned.clear();
+                    sim.prefetch(sim.plan.before_attention(t, l));
+                    sim.compute(cfg.attention_us_per_layer);
                 }
-                if slot == 0 {
-                    pinned.clear();
-                }
-                for &pid in plan.at(t, slot) {
-                    let id = pid as usize;
-                    if id >= n_ids {
-                        continue;
-                    }
-                    // A planned expert that is already resident stays for this event.
-                    if cache.contains(id) {
-                        pinned.push(id);
-                        continue;
-                    }
-                    let next = future.as_ref().map_or(0, |f| f.next(id));
-                    match cache.insert(id, next, &pinned) {
-                        Insertion::Done { evicted: Some(v) } => unused_prefetch[v] = false,
-                        Insertion::Done { evicted: None } => {}
-                        Insertion::AllPinned => continue,
-                    }
-                    unused_prefetch[id] = true;
-                    pinned.push(id);
-                    let start = now.max(link_free);
-                    ready[id] = start + xfer;
-                    link_free = ready[id];
-                    generation[id] = generation[id].wrapping_add(1);
-                    pending.push_back((id, generation[id]));
-                    r.prefetches += 1;
-                    r.bytes_prefetch += cfg.expert_bytes;
-                }
-                if slot > 0 {
-                    now += cfg.compute_us_per_layer;
-                    r.compute_us += cfg.compute_us_per_layer;
-                }
+                sim.lookup(l, e, ids);
+                sim.prefetch(sim.plan.at(t, l + 1));
+                sim.compute(cfg.compute_us_per_layer);
             }
         }
     }
-    Ok(r)
+    Ok(sim.r)
 }

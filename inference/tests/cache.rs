@@ -140,6 +140,7 @@ fn config(capacity: usize, per_layer: bool, policy: &str, untimed: bool) -> SimC
         bandwidth_gbps: 10.0,
         expert_bytes: 1e4,
         compute_us_per_layer: 5.0,
+        attention_us_per_layer: 0.0,
         untimed,
     }
 }
@@ -210,4 +211,56 @@ fn prefetch_timing_is_honest() {
     assert!(opt.tokens_per_s() >= lru.tokens_per_s());
     let err = simulate(&view, &seqs, &none, &config(0, false, "lru", false)).unwrap_err();
     assert!(err.contains("capacity"), "{err}");
+}
+
+#[test]
+fn prefetches_before_attention_land_while_attention_runs() {
+    let trace = one_sequence_trace();
+    let view = trace.view();
+    let seqs = view.sequence_ranges();
+    let (m, e) = (view.meta.n_moe(), view.meta.n_experts as usize);
+    // Each layer's true experts, issued at the layer's start (an exact pre-attention gate).
+    let mut exact = PrefetchPlan::empty("exact", view.n_tokens(), m);
+    for t in 0..view.n_tokens() {
+        for l in 0..m {
+            let ids: Vec<u32> = view
+                .layer(t, l)
+                .unwrap()
+                .iter()
+                .map(|&x| (l * e + x as usize) as u32)
+                .collect();
+            exact.before_attention_mut(t, l).extend(ids);
+        }
+    }
+    // Transfers take 1 us each (k per layer): without attention time every expert not
+    // already resident is late (none is missed), with attention covering them every
+    // lookup hits.
+    let k = view.meta.top_k as f64;
+    let no_attention = simulate(&view, &seqs, &exact, &config(16, false, "lru", false)).unwrap();
+    assert_eq!(no_attention.misses, 0, "{no_attention:?}");
+    assert!(no_attention.late > 0 && no_attention.late == no_attention.prefetches);
+    let mut cfg = config(16, false, "lru", false);
+    cfg.attention_us_per_layer = k;
+    let covered = simulate(&view, &seqs, &exact, &cfg).unwrap();
+    assert_eq!(covered.hits, covered.accesses, "{covered:?}");
+    assert_eq!(covered.stall_us, 0.0);
+    // Attention time counts as compute; with no prefetch it changes nothing else.
+    let none = PrefetchPlan::empty("none", view.n_tokens(), m);
+    let plain = simulate(&view, &seqs, &none, &config(16, false, "lru", false)).unwrap();
+    let with_attention = simulate(&view, &seqs, &none, &cfg).unwrap();
+    assert_eq!(
+        (with_attention.hits, with_attention.misses),
+        (plain.hits, plain.misses)
+    );
+    let layers = (view.n_tokens() * m) as f64;
+    assert!((with_attention.compute_us - plain.compute_us - k * layers).abs() < 1e-6);
+
+    // A union issues both plans' experts, each once.
+    let oracle = prefetch::oracle(&view, &seqs);
+    let both = PrefetchPlan::union(&[&oracle, &exact, &oracle]);
+    assert_eq!(both.name, "oracle+exact+oracle");
+    assert_eq!(both.events, oracle.events);
+    assert_eq!(both.before_attention, exact.before_attention);
+    let r = simulate(&view, &seqs, &both, &cfg).unwrap();
+    assert_eq!(r.hits, r.accesses);
 }

@@ -28,6 +28,7 @@ fn config(capacity: usize, policy: EvictionPolicy, margin: f32) -> EngineConfig 
         policy,
         budget: 2,
         layer_forecasts: false,
+        pre_attention: false,
         routing_margin: margin,
         loader_threads: 2,
     }
@@ -241,4 +242,84 @@ fn a_truncated_weight_file_fails_the_forward_naming_it() {
     )
     .expect_err("reads past the end fail");
     assert!(err.to_string().contains("model.safetensors"), "{err}");
+}
+
+#[test]
+fn pre_attention_prefetch_finds_experts_before_routing_and_changes_no_token() {
+    // The shipped demo model: a trained router, unlike the random fixtures, so the gate on
+    // the layer's input before attention says much about the routing after it.
+    let (ck, reference) = load(&root().join("checkpoints/tiny-moe"));
+    let shape = reference.shape();
+    let total = shape.moe_layers.len() * shape.n_experts;
+    let device = inference::device::BackendKind::from_test_env().device();
+    let mut found = Vec::new();
+    for pre_attention in [false, true] {
+        let mut model = reference.clone();
+        let cfg = EngineConfig {
+            pre_attention,
+            ..config(total / 10, EvictionPolicy::Lru, 0.0)
+        };
+        let mut engine = OffloadEngine::new(&ck, &mut model, cfg, None, &device).unwrap();
+        for salt in 0..3 {
+            let p = prompt(shape.vocab_size, 5, salt);
+            let want =
+                generate(&reference, &p, 12, &Sampling::Greedy, None, &mut NoObserver).unwrap();
+            engine.new_request();
+            let got = generate(&model, &p, 12, &Sampling::Greedy, None, &mut engine).unwrap();
+            assert_eq!(
+                got.generated, want.generated,
+                "pre-attention {pre_attention}"
+            );
+            assert_eq!(got.step_logits, want.step_logits);
+        }
+        let r = engine.report().clone();
+        assert_eq!(r.hits + r.late + r.misses, r.accesses);
+        if pre_attention {
+            assert!(
+                r.prefetches > 0 && r.prefetch.contains("pre-attention"),
+                "{r:?}"
+            );
+        } else {
+            assert_eq!(r.prefetches, 0);
+        }
+        found.push(r.hits + r.late);
+    }
+    assert!(
+        found[1] > found[0],
+        "prefetched experts are resident or arriving at routing: {found:?}"
+    );
+}
+
+#[test]
+fn a_model_loaded_without_routed_experts_runs_the_same_through_the_engine() {
+    for name in ["mixtral", "deepseek_v3"] {
+        let dir = fixture(name);
+        let (ck, reference) = load(&dir);
+        let device = inference::device::BackendKind::from_test_env().device();
+        let mut light_ck = Checkpoint::open(&dir).unwrap();
+        light_ck.skip_routed_experts();
+        let mut model = MoeModel::load(&light_ck, &device).unwrap();
+        assert!(
+            model
+                .sparse_layers_mut()
+                .iter()
+                .all(|m| m.experts.is_empty()),
+            "{name}: no routed expert in memory"
+        );
+        let shape = reference.shape();
+        let mut engine = OffloadEngine::new(
+            &ck,
+            &mut model,
+            config(3, EvictionPolicy::Lru, 0.0),
+            None,
+            &device,
+        )
+        .unwrap();
+        let p = prompt(shape.vocab_size, 5, 1);
+        let want = generate(&reference, &p, 8, &Sampling::Greedy, None, &mut NoObserver).unwrap();
+        engine.new_request();
+        let got = generate(&model, &p, 8, &Sampling::Greedy, None, &mut engine).unwrap();
+        assert_eq!(got.generated, want.generated, "{name}");
+        assert_eq!(got.step_logits, want.step_logits, "{name}");
+    }
 }

@@ -25,6 +25,7 @@ fn cfg(capacity: usize, per_layer: bool, policy: &str, bytes: f64) -> SimConfig 
         bandwidth_gbps: 16.0,
         expert_bytes: bytes,
         compute_us_per_layer: 100.0,
+        attention_us_per_layer: 0.0,
         untimed: false,
     }
 }

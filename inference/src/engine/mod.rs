@@ -10,11 +10,14 @@
 //!
 //! 1. at the token's start, a learned predictor (if any) forecasts every layer's experts
 //!    of this token from its id and history; the `budget` best per layer are queued;
-//! 2. at layer `l`, the router's experts are looked up: resident (**hit**), still being
+//! 2. with `pre_attention`, at layer `l`'s start the layer's gate is applied to the
+//!    layer's input (before attention; the pre-attention gate) and its `budget` best
+//!    experts are queued, to arrive while attention runs;
+//! 3. at layer `l`, the router's experts are looked up: resident (**hit**), still being
 //!    read (**late**: the layer waits) or absent (**miss**: read on demand, ahead of the
 //!    queued prefetches); with `layer_forecasts`, a lookahead predictor then forecasts
 //!    layers `l+1..l+D` from the layers routed so far;
-//! 3. after the forward the predictor observes the token's routing.
+//! 4. after the forward the predictor observes the token's routing.
 //!
 //! Cache-aware routing adds `margin` to the selection score of every expert that is
 //! resident or arriving, so a cached expert replaces an uncached choice whose score is
@@ -53,6 +56,8 @@ pub struct EngineConfig {
     /// With a lookahead predictor, also forecast layers `l+1..l+D` after each layer
     /// (one more predictor query per layer on the decode thread).
     pub layer_forecasts: bool,
+    /// Prefetch each layer's pre-attention-gate experts at the layer's start.
+    pub pre_attention: bool,
     /// Cache-aware routing margin in router-score units; 0 = off.
     pub routing_margin: f32,
     /// Background reader threads.
@@ -178,16 +183,20 @@ impl OffloadEngine {
         }
         let capacity = cfg.capacity.min(m * e);
         let loader = ExpertLoader::start(store.clone(), cfg.loader_threads);
+        let learned = match &predictor {
+            Some(p) if cfg.layer_forecasts && p.predictor().card.config.task == Task::Lookahead => {
+                Some("learned (next token + layer lookahead)")
+            }
+            Some(_) => Some("learned (next token)"),
+            None => None,
+        };
         let report = EngineReport {
             policy: policy_name(cfg.policy),
-            prefetch: match &predictor {
-                Some(p)
-                    if cfg.layer_forecasts && p.predictor().card.config.task == Task::Lookahead =>
-                {
-                    "learned (next token + layer lookahead)".into()
-                }
-                Some(_) => "learned (next token)".into(),
-                None => "none".into(),
+            prefetch: match (learned, cfg.pre_attention) {
+                (Some(l), true) => format!("{l} + pre-attention gate"),
+                (Some(l), false) => l.into(),
+                (None, true) => "pre-attention gate".into(),
+                (None, false) => "none".into(),
             },
             capacity,
             total_experts: m * e,
@@ -411,6 +420,28 @@ impl RoutingObserver for OffloadEngine {
         _hidden: usize,
     ) {
         self.router_input = Some(inputs.to_vec());
+    }
+
+    fn wants_pre_attention_logits(&self) -> bool {
+        self.decoding && self.cfg.pre_attention
+    }
+
+    fn on_pre_attention_logits(
+        &mut self,
+        layer: usize,
+        _first_pos: usize,
+        logits: &[f32],
+        e: usize,
+    ) {
+        let Some(&m) = self.moe_index.get(&layer) else {
+            return;
+        };
+        self.drain();
+        let mut ranking = Vec::new();
+        predictor::metrics::rank_top(&logits[..e], self.cfg.budget, &mut ranking);
+        for x in ranking {
+            self.admit(m * self.n_experts + x as usize, false);
+        }
     }
 
     fn selection_bonus(&mut self, layer: usize) -> Option<Vec<f32>> {

@@ -437,6 +437,7 @@ fn load_moe(
         .map(|i| ["gate_proj", "up_proj", "down_proj"].map(|n| format!("{block}.experts.{i}.{n}")))
         .collect();
     let experts = (0..e)
+        .filter(|_| ck.loads_routed_experts())
         .map(|i| {
             mlp(
                 ck,

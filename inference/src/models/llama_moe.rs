@@ -348,6 +348,7 @@ fn load_moe(
         .collect();
     let experts = expert_tensors
         .iter()
+        .filter(|_| ck.loads_routed_experts())
         .map(|[g, u, d]| SwiGlu::load(ck, [g, u, d], h, inter, device))
         .collect::<Result<Vec<_>>>()?;
     let shared = match (variant, c.shared_expert_intermediate_size) {
