@@ -99,10 +99,11 @@ pub(crate) fn simulate_cmd(a: SimulateArgs) -> Result<()> {
             a.trace.display()
         ),
     };
+    let non_negative = |x: f64| x >= 0.0;
     if a.bandwidth.is_nan()
         || a.bandwidth <= 0.0
-        || !(a.compute_us_per_layer >= 0.0)
-        || !(a.attention_us_per_layer >= 0.0)
+        || !non_negative(a.compute_us_per_layer)
+        || !non_negative(a.attention_us_per_layer)
     {
         bail!("--bandwidth must be positive, --compute-us-per-layer and --attention-us-per-layer not negative");
     }

@@ -192,7 +192,7 @@ pub fn run_offloaded(cfg: &OffloadRunConfig) -> Result<OffloadRun, CollectError>
         for (prompt, out) in prompts.iter().zip(&generated) {
             let mut timer = DecodeTimer::default();
             let g = generate(
-                &reference,
+                reference,
                 prompt,
                 cfg.max_new_tokens,
                 &cfg.sampling,

@@ -134,7 +134,7 @@ fn streamed_statistics_equal_the_whole_trace() {
         assert!(shard.starts_with(p.parent().unwrap().join(".moecast-shards")));
         assert_eq!(load_trace(&shard).unwrap(), load_trace(p).unwrap());
     }
-    let set = ExampleSet::open_for_test(&[root.clone()], None).unwrap();
+    let set = ExampleSet::open_for_test(std::slice::from_ref(&root), None).unwrap();
     assert_eq!(set.split_tokens(Split::Test), t.n_tokens());
     assert_eq!(set.paths().len(), parts.len());
 }

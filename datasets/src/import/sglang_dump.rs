@@ -85,11 +85,11 @@ fn int(v: Option<&PickleValue>) -> Option<i64> {
     }
 }
 
+/// An integer tensor's shape and values.
+type IntTensor = (Vec<usize>, Vec<i64>);
+
 /// Reads an integer tensor as i64 values with its shape.
-fn int_tensor(
-    reader: &PytorchReader,
-    name: &str,
-) -> std::result::Result<(Vec<usize>, Vec<i64>), String> {
+fn int_tensor(reader: &PytorchReader, name: &str) -> std::result::Result<IntTensor, String> {
     let t = reader
         .get(name)
         .ok_or_else(|| format!("no tensor '{name}'"))?;
@@ -117,7 +117,7 @@ fn int_tensor(
 }
 
 /// Reads every record of one dump file, and its physical-to-logical map.
-fn read_dump(path: &Path) -> Result<(Vec<Pass>, Option<(Vec<usize>, Vec<i64>)>)> {
+fn read_dump(path: &Path) -> Result<(Vec<Pass>, Option<IntTensor>)> {
     let fail = |m: String| TraceError::format(path, m);
     let pe = |e: pytorch_reader::PytorchError| fail(format!("not a readable torch.save file: {e}"));
     let tree = PytorchReader::read_pickle_data(path, None).map_err(pe)?;
