@@ -217,3 +217,33 @@ fn a_failed_import_leaves_the_dataset_as_it_was() {
     assert!(std::fs::read_dir(&root).unwrap().next().is_none());
     assert!(TraceDataset::open(&root).is_err());
 }
+
+#[test]
+fn binary_and_parquet_traces_join_a_dataset_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = trace(11, 6, "m");
+    let (bin, pq) = (dir.path().join("t.mctrace"), dir.path().join("u.parquet"));
+    datasets::save_trace(&t, &bin, None).unwrap();
+    let mut u = trace(12, 3, "m");
+    u.seq_names = u.seq_names.iter().map(|n| format!("u-{n}")).collect();
+    datasets::save_trace(&u, &pq, None).unwrap();
+    let root = dir.path().join("ds");
+    let mut w = DatasetWriter::create(&root, 100_000).unwrap();
+    // Detected from their first bytes, like every other format.
+    import_to_dataset(
+        &[bin.clone(), pq.clone()],
+        None,
+        &ImportOptions::default(),
+        &mut w,
+        |_, _| {},
+    )
+    .unwrap();
+    let parts = w.finish().unwrap();
+    assert_eq!(parts.len(), 1);
+    let back = load_trace(&parts[0]).unwrap();
+    assert_eq!(back.n_tokens(), t.n_tokens() + u.n_tokens());
+    assert_eq!(
+        tokens_of(&parts),
+        [tokens_of(&[bin]), tokens_of(&[pq])].concat()
+    );
+}

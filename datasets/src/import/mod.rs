@@ -5,7 +5,7 @@
 //! | route_trace v1 CSV | `route-csv` | llama.cpp-based engines |
 //! | warp JSONL | `warp` | one line per decode step, ids sorted |
 //! | RouterTrace v2 JSON | `router-trace-v2` | transformers capture with prompt spans |
-//! | interchange JSONL | `jsonl` | moecast's own export |
+//! | interchange JSONL | `jsonl` | moecast's own export (also `.mctrace` / `.parquet` traces) |
 //! | hook JSONL | `hook-jsonl` | vLLM / HF forward hooks, one line per (token, layer) |
 //! | vLLM returned routing | `vllm` | completion responses (base64 `.npy` or nested lists), `.npy` arrays |
 //! | SGLang returned routing | `sglang` | `meta_info.routed_experts` (base64 raw int32) |
@@ -92,6 +92,12 @@ impl ImportFormat {
         }
         if sglang_dump::sniff(&head) {
             return Ok(ImportFormat::SglangDump);
+        }
+        if matches!(
+            crate::store::TraceFormat::sniff(path)?,
+            Some(crate::store::TraceFormat::Binary | crate::store::TraceFormat::Parquet)
+        ) {
+            return Ok(ImportFormat::Jsonl);
         }
         if serving::sniff(&head, text) {
             return Ok(if text.contains("\"meta_info\"") {
@@ -267,9 +273,13 @@ pub fn import_file(
         Some(f) => (f, None),
         None => {
             let f = ImportFormat::detect(path)?;
+            let name = match f {
+                ImportFormat::Jsonl => "jsonl (a moecast trace)",
+                other => other.name(),
+            };
             (
                 f,
-                Some(format!("{}: detected format {}", path.display(), f.name())),
+                Some(format!("{}: detected format {name}", path.display())),
             )
         }
     };
@@ -288,7 +298,12 @@ fn import_one(path: &Path, format: ImportFormat, opts: &ImportOptions) -> Result
         ImportFormat::Megatron => megatron::import(path, opts)?,
         ImportFormat::SglangDump => sglang_dump::import(path, opts)?,
         ImportFormat::Jsonl => Imported {
-            trace: crate::jsonl::read_jsonl(path)?,
+            trace: match crate::store::TraceFormat::sniff(path)? {
+                Some(crate::store::TraceFormat::Binary | crate::store::TraceFormat::Parquet) => {
+                    crate::store::load_trace(path)?
+                }
+                _ => crate::jsonl::read_jsonl(path)?,
+            },
             notes: Vec::new(),
         },
     };
