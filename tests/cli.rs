@@ -862,7 +862,7 @@ fn an_imported_engine_trace_trains_and_evaluates() {
         "-o",
         &ds,
     ]);
-    assert!(said.contains("imported 34 tokens in 5 sequences"), "{said}");
+    assert!(said.contains("imported 36 tokens in 6 sequences"), "{said}");
     let ckpt = tmp(&dir, "pred");
     ok(&[
         "train",
@@ -885,5 +885,8 @@ fn an_imported_engine_trace_trains_and_evaluates() {
         "--quiet",
     ]);
     let report = ok(&["eval", "--predictor", &ckpt, "--split", "test", "--quiet"]);
-    assert!(report.contains("1 sequences, 8 tokens"), "{report}");
+    assert!(
+        report.contains("next token (next-token, top-2 of 16, 1 sequences"),
+        "{report}"
+    );
 }

@@ -137,7 +137,8 @@ expected["sequences"]["megatron"] = {"tokens": None, "prompt_len": None,
 # (logical experts 0..3 have a second replica at physical 16..19). Ranks 0 and 1 are
 # tensor-parallel twins. The schedule: A and B prefill together, decode twice, C
 # prefills in two chunks, all three decode, D prefills from a cached prefix (position
-# 3), B finishes, then a MIXED pass holds A's decode token and E's prefill.
+# 3), B finishes, then a MIXED pass holds A's decode token and E's prefill, and F
+# prefills from a cached prefix at position 8, where finished B would have gone on.
 import torch  # noqa: E402  (only this fixture needs torch)
 
 SLOTS, PHYS = 8, E + 4
@@ -152,8 +153,9 @@ schedule = [
     (1, [("D", 3, 4)]),
     (2, [("A", 8, 1), ("C", 7, 1), ("D", 7, 1)]),
     (3, [("A", 9, 1), ("E", 0, 3)]),
+    (1, [("F", 8, 2)]),
 ]
-order = ["A", "B", "C", "D", "E"]
+order = ["A", "B", "C", "D", "E", "F"]
 seqs = {name: {"positions": [], "tokens": [], "phases": [], "routing": []} for name in order}
 records = []
 for fp, (mode, segs) in enumerate(schedule):

@@ -172,7 +172,7 @@ fn sglang_dump_ranks_merge_and_requests_are_rebuilt_from_positions() {
         imported
             .notes
             .iter()
-            .any(|n| n.contains("9 records repeat another rank")),
+            .any(|n| n.contains("10 records repeat another rank")),
         "{:?}",
         imported.notes
     );

@@ -13,9 +13,10 @@
 //! The records do not name requests. Sequences are rebuilt per rank by position
 //! continuity in batch order: a pass's segment (an extend chunk, or one decode token)
 //! continues the first open sequence, in the running batch's order, whose next position
-//! is the segment's first; otherwise it starts a new sequence (`rank{r}/req{n}`). SGLang
-//! keeps the running batch in order, so this is exact unless two requests sit at the
-//! same position and the earlier of them finishes first. Records that another rank
+//! is the segment's first; otherwise it starts a new sequence (`rank{r}/req{n}`). A
+//! decoding request missing from a decode pass has finished and takes no more tokens.
+//! SGLang keeps the running batch in order, so this is exact unless two requests sit at
+//! the same position and the earlier of them finishes first. Records that another rank
 //! wrote identically (tensor-parallel twins) are dropped.
 
 use std::collections::HashMap;
@@ -410,6 +411,18 @@ pub(super) fn import(path: &Path, opts: &ImportOptions) -> Result<Imported> {
             if !next.contains(&r) {
                 next.push(r);
             }
+        }
+        // Every running request decodes in a decode (or mixed) pass: one that was
+        // decoding and is missing has finished, and must not take a later request's
+        // segment that happens to start at its next position.
+        if matches!(p.mode, 2 | 3) {
+            next.retain(|&r| {
+                seen_now.contains(&r)
+                    || requests[r]
+                        .tokens
+                        .last()
+                        .is_some_and(|&(_, _, phase)| phase == Phase::Prefill)
+            });
         }
         open = next;
     }
