@@ -350,29 +350,28 @@ impl TraceDataset {
         if is_fresh(&beside, part) {
             return Ok(beside);
         }
+        let abs = std::fs::canonicalize(part).map_err(|e| TraceError::io(part, e))?;
+        let key = abs
+            .to_string_lossy()
+            .bytes()
+            .fold(0xcbf29ce484222325u64, |h, b| {
+                (h ^ b as u64).wrapping_mul(0x100000001b3)
+            });
+        let elsewhere = std::env::temp_dir()
+            .join("moecast-shards")
+            .join(format!("{key:016x}-{stem}.mctrace"));
+        if is_fresh(&elsewhere, part) {
+            return Ok(elsewhere);
+        }
         let trace = read_parquet(part)?;
         let dir = beside.parent().unwrap_or(Path::new("."));
-        let shard = if std::fs::create_dir_all(dir).is_ok()
-            && binary::write_binary(&trace, &beside).is_ok()
-        {
-            beside
-        } else {
-            let abs = std::fs::canonicalize(part).map_err(|e| TraceError::io(part, e))?;
-            let key = abs
-                .to_string_lossy()
-                .bytes()
-                .fold(0xcbf29ce484222325u64, |h, b| {
-                    (h ^ b as u64).wrapping_mul(0x100000001b3)
-                });
-            let tmp = std::env::temp_dir().join("moecast-shards");
-            std::fs::create_dir_all(&tmp).map_err(|e| TraceError::io(&tmp, e))?;
-            let path = tmp.join(format!("{key:016x}-{stem}.mctrace"));
-            if !is_fresh(&path, part) {
-                binary::write_binary(&trace, &path)?;
-            }
-            path
-        };
-        Ok(shard)
+        if std::fs::create_dir_all(dir).is_ok() && binary::write_binary(&trace, &beside).is_ok() {
+            return Ok(beside);
+        }
+        let dir = elsewhere.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(|e| TraceError::io(dir, e))?;
+        binary::write_binary(&trace, &elsewhere)?;
+        Ok(elsewhere)
     }
 
     /// Every part's shard, converting those that are missing; `progress(done, total)`

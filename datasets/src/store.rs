@@ -89,6 +89,13 @@ impl OpenedTrace {
 /// Opens a trace in any storage form (detected from its content): `.mctrace` files are
 /// memory-mapped, Parquet and JSONL are read into memory.
 pub fn open_trace(path: &Path) -> Result<OpenedTrace> {
+    if path.is_dir() {
+        return Err(TraceError::format(
+            path,
+            "is a folder: `trace stats`, `trace info`, `simulate`, `train` and `eval` read \
+             dataset folders; this command takes one trace file (for example one part)",
+        ));
+    }
     match TraceFormat::sniff(path)? {
         Some(TraceFormat::Binary) => Ok(OpenedTrace::Mapped(binary::MappedTrace::open(path)?)),
         Some(TraceFormat::Parquet) => Ok(OpenedTrace::Owned(parquet::read_parquet(path)?)),
