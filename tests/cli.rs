@@ -28,6 +28,28 @@ fn fixture(name: &str) -> String {
         .to_string()
 }
 
+/// Trains a one-epoch, one-block predictor on `trace` into `out`.
+fn train_tiny(trace: &str, out: &str, extra: &[&str]) -> String {
+    let mut args = vec![
+        "train",
+        "--trace",
+        trace,
+        "-o",
+        out,
+        "--d-model",
+        "16",
+        "--layers",
+        "1",
+        "--heads",
+        "2",
+        "--epochs",
+        "1",
+        "--quiet",
+    ];
+    args.extend_from_slice(extra);
+    ok(&args)
+}
+
 /// The timed hit rate of `prefetch` in a `simulate --json` file.
 fn sim_hit_rate(json: &str, prefetch: &str) -> f64 {
     let rows: serde_json::Value =
@@ -503,24 +525,7 @@ fn run_offloads_experts_with_learned_prefetch() {
         "8",
     ]);
     let other_pred = tmp(&dir, "other-pred");
-    ok(&[
-        "train",
-        "--trace",
-        &other,
-        "-o",
-        &other_pred,
-        "--d-model",
-        "16",
-        "--layers",
-        "1",
-        "--heads",
-        "2",
-        "--context",
-        "8",
-        "--epochs",
-        "1",
-        "--quiet",
-    ]);
+    train_tiny(&other, &other_pred, &["--context", "8"]);
     for (extra, want) in [
         (&["--expert-cache", "0"][..], "cache size"),
         (&["--expert-cache", "150%"][..], "percentage"),
@@ -569,21 +574,26 @@ fn router_inputs_feed_the_cross_layer_gate_in_eval_and_simulate() {
         &plain,
     ]);
     let json = tmp(&dir, "sim.json");
-    let table = ok(&[
-        "simulate",
-        "--trace",
-        &trace,
-        "--model",
-        &model,
-        "--cache",
-        "25%",
-        "--prefetch",
-        "none,gate",
-        "--bandwidth",
-        "16",
-        "--json",
-        &json,
-    ]);
+    let simulate = |prefetch: &str, timing: &[&str]| {
+        let mut args = vec![
+            "simulate",
+            "--trace",
+            &trace,
+            "--model",
+            &model,
+            "--cache",
+            "25%",
+            "--prefetch",
+            prefetch,
+            "--bandwidth",
+            "16",
+            "--json",
+            &json,
+        ];
+        args.extend_from_slice(timing);
+        ok(&args)
+    };
+    let table = simulate("none,gate", &[]);
     assert!(table.contains(" gate "), "{table}");
     let hit = |p: &str| sim_hit_rate(&json, p);
     assert!(
@@ -594,25 +604,15 @@ fn router_inputs_feed_the_cross_layer_gate_in_eval_and_simulate() {
     );
     // With attention time before each layer's routing, the pre-attention gate prefetches
     // at the layer's start; alone and in union with the cross-layer gate.
-    ok(&[
-        "simulate",
-        "--trace",
-        &trace,
-        "--model",
-        &model,
-        "--cache",
-        "25%",
-        "--prefetch",
+    simulate(
         "none,pre-attention,gate+pre-attention",
-        "--bandwidth",
-        "16",
-        "--compute-us-per-layer",
-        "20",
-        "--attention-us-per-layer",
-        "10",
-        "--json",
-        &json,
-    ]);
+        &[
+            "--compute-us-per-layer",
+            "20",
+            "--attention-us-per-layer",
+            "10",
+        ],
+    );
     assert!(
         hit("pre-attention") > hit("none") + 0.1,
         "{} vs {}",
@@ -820,22 +820,7 @@ fn import_into_a_partitioned_dataset_then_stats_and_simulate_stream_it() {
 
     // Training and evaluation read the dataset like any trace (its memory-mapped shards).
     let ckpt = tmp(&dir, "pred");
-    let said = ok(&[
-        "train",
-        "--trace",
-        &root,
-        "-o",
-        &ckpt,
-        "--d-model",
-        "16",
-        "--layers",
-        "1",
-        "--heads",
-        "2",
-        "--epochs",
-        "1",
-        "--quiet",
-    ]);
+    let said = train_tiny(&root, &ckpt, &[]);
     assert!(said.contains("trained 1 epochs"), "{said}");
     let card = std::fs::read_to_string(Path::new(&ckpt).join("predictor.json")).unwrap();
     assert!(card.contains("ds/"), "the card names the dataset: {card}");
@@ -864,26 +849,11 @@ fn an_imported_engine_trace_trains_and_evaluates() {
     ]);
     assert!(said.contains("imported 36 tokens in 6 sequences"), "{said}");
     let ckpt = tmp(&dir, "pred");
-    ok(&[
-        "train",
-        "--trace",
+    train_tiny(
         &ds,
-        "-o",
         &ckpt,
-        "--d-model",
-        "16",
-        "--layers",
-        "1",
-        "--heads",
-        "2",
-        "--epochs",
-        "1",
-        "--val-fraction",
-        "0.2",
-        "--test-fraction",
-        "0.2",
-        "--quiet",
-    ]);
+        &["--val-fraction", "0.2", "--test-fraction", "0.2"],
+    );
     let report = ok(&["eval", "--predictor", &ckpt, "--split", "test", "--quiet"]);
     assert!(
         report.contains("next token (next-token, top-2 of 16, 1 sequences"),
