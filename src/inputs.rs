@@ -20,18 +20,13 @@ pub(crate) fn bar(len: usize, unit: &str) -> ProgressBar {
 /// The trace files of `paths`: files as given, each dataset folder replaced by its
 /// parts' memory-mapped shards (written when missing or stale).
 pub(crate) fn trace_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    for p in paths {
-        if p.is_dir() {
-            let ds = TraceDataset::open(p)?;
-            let bar = bar(ds.parts().len(), "parts mapped");
-            out.extend(ds.shards(|done, _| bar.set_position(done as u64))?);
-            bar.finish_and_clear();
-        } else {
-            out.push(p.clone());
-        }
-    }
-    Ok(out)
+    let bar = bar(0, "parts mapped");
+    let files = datasets::dataset::expand_paths(paths, |_, done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64)
+    })?;
+    bar.finish_and_clear();
+    Ok(files)
 }
 
 /// The metadata of a trace file or dataset folder.

@@ -234,11 +234,13 @@ fn import_dataset(
     part_rows: usize,
     start: Instant,
 ) -> Result<()> {
-    let files = datasets::import::input_files(inputs, format)?;
     let mut writer = DatasetWriter::create(root, part_rows)?;
-    let bar = crate::inputs::bar(files.len(), "files");
+    let bar = crate::inputs::bar(0, "files");
+    let mut files = 0;
     let notes =
-        datasets::import::import_to_dataset(&files, format, opts, &mut writer, |done, _| {
+        datasets::import::import_to_dataset(inputs, format, opts, &mut writer, |done, total| {
+            files = total;
+            bar.set_length(total as u64);
             bar.set_position(done as u64)
         })?;
     bar.finish_and_clear();
@@ -251,8 +253,7 @@ fn import_dataset(
         .collect();
     let parts = writer.finish()?;
     println!(
-        "imported {tokens} tokens in {sequences} sequences from {} files -> {} part(s) in {} in {:.3}s",
-        files.len(),
+        "imported {tokens} tokens in {sequences} sequences from {files} files -> {} part(s) in {} in {:.3}s",
         parts.len(),
         partitions.join(", "),
         start.elapsed().as_secs_f64()

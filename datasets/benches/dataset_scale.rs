@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use base64::Engine;
-use datasets::import::{import_to_dataset, input_files, ImportFormat, ImportOptions};
+use datasets::import::{import_to_dataset, ImportFormat, ImportOptions};
 use datasets::synth::{synthetic_trace, SynthConfig};
 use datasets::{DatasetWriter, TraceDataset};
 use npyz::WriterBuilder;
@@ -87,11 +87,17 @@ fn child(phase: &str, input: &Path, dataset: &Path) {
     let start = Instant::now();
     match phase {
         "import" => {
-            let files = input_files(&[input.to_path_buf()], Some(ImportFormat::Vllm)).unwrap();
             let mut w =
                 DatasetWriter::create(dataset, datasets::dataset::DEFAULT_PART_ROWS).unwrap();
             let opts = ImportOptions::default();
-            import_to_dataset(&files, Some(ImportFormat::Vllm), &opts, &mut w, |_, _| {}).unwrap();
+            import_to_dataset(
+                &[input.to_path_buf()],
+                Some(ImportFormat::Vllm),
+                &opts,
+                &mut w,
+                |_, _| {},
+            )
+            .unwrap();
             w.finish().unwrap();
         }
         "stats" => {

@@ -207,7 +207,7 @@ impl Partition {
         let dir = root.join(&rel);
         let mut next_part = 0;
         if dir.is_dir() {
-            for existing in part_files(&dir)? {
+            for existing in collect_parts(&dir)? {
                 let (m, _) = read_parquet_meta(&existing)?;
                 if !m.same_shape(meta) {
                     return Err(TraceError::format(
@@ -254,17 +254,6 @@ fn part_number(path: &Path) -> Option<usize> {
         .ok()
 }
 
-/// The `.parquet` files directly in `dir`, sorted.
-fn part_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| TraceError::io(dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "parquet"))
-        .collect();
-    out.sort();
-    Ok(out)
-}
-
 /// A dataset opened for reading: its parts (every `.parquet` file below the root,
 /// hidden and `_` folders skipped, in path order) and their shared shape.
 #[derive(Debug, Clone)]
@@ -276,11 +265,6 @@ pub struct TraceDataset {
 }
 
 impl TraceDataset {
-    /// Whether `path` is a folder holding Parquet parts (at any depth).
-    pub fn is_dataset(path: &Path) -> bool {
-        path.is_dir() && collect_parts(path).is_ok_and(|p| !p.is_empty())
-    }
-
     /// Opens the dataset at `root`, reading only the parts' footers. All parts must
     /// share one model shape: a root holding several models is refused with the
     /// partition to point at instead.
@@ -413,12 +397,16 @@ impl TraceDataset {
 }
 
 /// `paths` with every dataset folder replaced by its parts' shards (see
-/// [`TraceDataset::shard`]); files stay as they are.
-pub fn expand_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+/// [`TraceDataset::shard`]); files stay as they are. `progress(folder, done, total)` is
+/// called after each shard of a folder.
+pub fn expand_paths(
+    paths: &[PathBuf],
+    mut progress: impl FnMut(&Path, usize, usize),
+) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for p in paths {
         if p.is_dir() {
-            out.extend(TraceDataset::open(p)?.shards(|_, _| {})?);
+            out.extend(TraceDataset::open(p)?.shards(|done, total| progress(p, done, total))?);
         } else {
             out.push(p.clone());
         }

@@ -205,7 +205,7 @@ impl ExampleSet {
         if paths.is_empty() {
             return Err(TraceError::Invalid("no trace files given".into()));
         }
-        let paths = crate::dataset::expand_paths(paths)?;
+        let paths = crate::dataset::expand_paths(paths, |_, _, _| {})?;
         let mut traces = Vec::new();
         let mut sequences = Vec::new();
         let mut shape = shape;

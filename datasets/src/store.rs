@@ -36,8 +36,12 @@ impl TraceFormat {
         let mut head = [0u8; 8];
         let mut f = File::open(path).map_err(|e| TraceError::io(path, e))?;
         let n = read_up_to(&mut f, &mut head).map_err(|e| TraceError::io(path, e))?;
-        let head = &head[..n];
-        Ok(if head.starts_with(binary::MAGIC) {
+        Ok(TraceFormat::of_head(&head[..n]))
+    }
+
+    /// Picks the format from a file's first bytes (at least 8 of them).
+    pub fn of_head(head: &[u8]) -> Option<TraceFormat> {
+        if head.starts_with(binary::MAGIC) {
             Some(TraceFormat::Binary)
         } else if head.starts_with(b"PAR1") {
             Some(TraceFormat::Parquet)
@@ -45,7 +49,7 @@ impl TraceFormat {
             Some(TraceFormat::Jsonl)
         } else {
             None
-        })
+        }
     }
 }
 

@@ -407,11 +407,9 @@ pub fn simulate(
                 let Some(ids) = view.layer(t, l) else {
                     continue;
                 };
-                if cfg.attention_us_per_layer > 0.0 || sim.plan.before_attention.is_some() {
-                    sim.pinned.clear();
-                    sim.prefetch(sim.plan.before_attention(t, l));
-                    sim.compute(cfg.attention_us_per_layer);
-                }
+                sim.pinned.clear();
+                sim.prefetch(sim.plan.before_attention(t, l));
+                sim.compute(cfg.attention_us_per_layer);
                 sim.lookup(l, e, ids);
                 sim.prefetch(sim.plan.at(t, l + 1));
                 sim.compute(cfg.compute_us_per_layer);

@@ -94,7 +94,7 @@ impl ImportFormat {
             return Ok(ImportFormat::SglangDump);
         }
         if matches!(
-            crate::store::TraceFormat::sniff(path)?,
+            crate::store::TraceFormat::of_head(&head),
             Some(crate::store::TraceFormat::Binary | crate::store::TraceFormat::Parquet)
         ) {
             return Ok(ImportFormat::Jsonl);
@@ -237,7 +237,7 @@ pub fn import_to_dataset(
 
 /// The files to import: the inputs, with each directory that is not a Megatron trace
 /// directory replaced by its files in name order.
-pub fn input_files(inputs: &[PathBuf], format: Option<ImportFormat>) -> Result<Vec<PathBuf>> {
+fn input_files(inputs: &[PathBuf], format: Option<ImportFormat>) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for path in inputs {
         // Directories whose files make one trace together (ranks of one job).

@@ -16,8 +16,9 @@
 //! all zeros: such layers are dropped and the rest are the MoE layers) or only the MoE
 //! layers (numbered 0.. unless `--moe-layers` gives their model layer numbers; with the
 //! every-layer layout `--moe-layers` picks the MoE layers instead of the zero test).
-//! The model name is the response's `model` field, else the file stem. `-1` marks a position whose routing was not computed (prefix cache): the token
-//! is kept with that layer not computed.
+//! The model name is the response's `model` field, else the file stem. `-1` marks a
+//! position whose routing was not computed (prefix cache): the token is kept with that
+//! layer not computed.
 
 use std::path::Path;
 
@@ -170,7 +171,6 @@ fn u32_list(v: Option<&Value>) -> Option<Vec<u32>> {
         .collect()
 }
 
-/// The requests in one file.
 /// The requests of a file, the model its response names (if any) and the engine.
 fn grids(
     path: &Path,

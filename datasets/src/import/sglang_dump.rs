@@ -278,6 +278,16 @@ pub(super) fn import(path: &Path, opts: &ImportOptions) -> Result<Imported> {
             ));
         }
     }
+    if let Some((mf, shape, _)) = &map {
+        if shape.len() != 2 || shape[0] != layers {
+            return Err(TraceError::format(
+                mf,
+                format!(
+                    "last_physical_to_logical_map has shape {shape:?}, expected [{layers}, physical]"
+                ),
+            ));
+        }
+    }
     // Dense layers: never routed; top-k: the used slots of a routed row.
     let routed: Vec<bool> = (0..layers)
         .map(|l| {
@@ -320,10 +330,7 @@ pub(super) fn import(path: &Path, opts: &ImportOptions) -> Result<Imported> {
         let bad = |m: String| record_error(p, format!("token {t}, layer {l}: {m}"));
         match &map {
             None => Ok(phys as u32),
-            Some((mf, shape, values)) => {
-                if shape.len() != 2 || shape[0] != layers {
-                    return Err(TraceError::format(mf, format!("last_physical_to_logical_map has shape {shape:?}, expected [{layers}, physical]")));
-                }
+            Some((_, shape, values)) => {
                 if phys as usize >= shape[1] {
                     return Err(bad(format!(
                         "physical expert {phys} >= {} in the map",
