@@ -53,6 +53,8 @@ pub fn partition_value(s: &str) -> String {
 /// error, Ctrl-C) leaves the dataset as it was.
 pub struct DatasetWriter {
     root: PathBuf,
+    /// Whether `create` made the root folder (removed again if nothing lands in it).
+    created_root: bool,
     part_rows: usize,
     staging: tempfile::TempDir,
     partitions: Vec<Partition>,
@@ -87,6 +89,7 @@ impl DatasetWriter {
                 "is a file; a dataset output is a folder (end the path with '/')",
             ));
         }
+        let created_root = !root.exists();
         std::fs::create_dir_all(root).map_err(|e| TraceError::io(root, e))?;
         let staging = tempfile::Builder::new()
             .prefix(".moecast-staging-")
@@ -94,6 +97,7 @@ impl DatasetWriter {
             .map_err(|e| TraceError::io(root, e))?;
         Ok(DatasetWriter {
             root: root.to_path_buf(),
+            created_root,
             part_rows,
             staging,
             partitions: Vec::new(),
@@ -197,6 +201,17 @@ impl DatasetWriter {
             }
         }
         Ok(out)
+    }
+}
+
+impl Drop for DatasetWriter {
+    /// Removes the staging folder, and the root when this writer made it and it stayed
+    /// empty (a failed first import leaves nothing behind).
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(self.staging.path());
+        if self.created_root {
+            let _ = std::fs::remove_dir(&self.root);
+        }
     }
 }
 
