@@ -14,10 +14,12 @@ build:
 	$(CARGO) build --release
 
 # The main job on the embedded default. The shipped tiny MoE (checkpoints/tiny-moe) runs
-# over the demo prompts (6 seeded samples each) and, separately, over held-out prompts;
-# its routing traces, statistics and charts land in runs/demo/. Then an expert predictor
-# is trained on the demo-prompt traces (lookahead: it answers both the next-token and
-# the cross-layer forecasts) and evaluated against the baselines on the held-out traces.
+# over the demo prompts (6 seeded samples each) and, separately, over held-out prompts,
+# recording each MoE layer's router input too; its routing traces, statistics and charts
+# land in runs/demo/. Then an expert predictor is trained on the demo-prompt traces
+# (lookahead, reading the last routed layer's router input: it answers both the
+# next-token and the cross-layer forecasts) and evaluated on the held-out traces against
+# the baselines, the model's own cross-layer gate and the pre-attention gate among them.
 # Then the model generates the held-out prompts with its experts offloaded to disk (25%
 # resident, learned prefetch), and last the held-out trace is replayed through an expert
 # cache with each eviction policy and prefetcher (timing-honest, the policy table) and a
@@ -32,25 +34,27 @@ SIM    := --bandwidth 16 --compute-us-per-layer 30
 demo:
 	$(CARGO) build
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
-	$(DBG) collect --model $(MODEL) --prompts prompts/demo.txt --samples 6 --max-new-tokens 100 --temperature 0.8 --seed 0 -o $(DEMO)/tiny-moe.mctrace
-	$(DBG) collect --model $(MODEL) --prompts prompts/heldout.txt --samples 4 --max-new-tokens 100 --temperature 0.8 --seed 1000 -o $(DEMO)/heldout.mctrace
+	$(DBG) collect --model $(MODEL) --prompts prompts/demo.txt --samples 6 --max-new-tokens 100 --temperature 0.8 --seed 0 --hidden-states -o $(DEMO)/tiny-moe.mctrace
+	$(DBG) collect --model $(MODEL) --prompts prompts/heldout.txt --samples 4 --max-new-tokens 100 --temperature 0.8 --seed 1000 --hidden-states -o $(DEMO)/heldout.mctrace
 	$(DBG) trace convert $(DEMO)/tiny-moe.mctrace -o $(DEMO)/tiny-moe.parquet
 	$(DBG) trace stats $(DEMO)/tiny-moe.mctrace --plot $(DEMO)/plots
 	$(DBG) trace stats $(DEMO)/tiny-moe.mctrace --json > $(DEMO)/stats.json
-	$(DBG) train --trace $(DEMO)/tiny-moe.mctrace --task lookahead --test-fraction 0 --epochs 15 --batch-size 4 --warmup-steps 50 -o $(DEMO)/predictor
-	$(DBG) eval --predictor $(DEMO)/predictor --trace $(DEMO)/heldout.mctrace --json $(DEMO)/eval.json --plot $(DEMO)/plots
+	$(DBG) train --trace $(DEMO)/tiny-moe.mctrace --task lookahead --features hidden --dropout 0.2 --test-fraction 0 --epochs 12 --batch-size 4 --warmup-steps 50 -o $(DEMO)/predictor
+	$(DBG) eval --predictor $(DEMO)/predictor --trace $(DEMO)/heldout.mctrace --model $(MODEL) --json $(DEMO)/eval.json --plot $(DEMO)/plots
 	$(DBG) run --model $(MODEL) --prompts prompts/heldout.txt --max-new-tokens 32 --expert-cache 25% --predictor $(DEMO)/predictor --json $(DEMO)/run.json
-	$(DBG) simulate --trace $(DEMO)/heldout.mctrace --predictor $(DEMO)/predictor $(SIM) --cache 10%,25% --policy lru,lfu,belady --prefetch none,previous,coactivation,activation,learned,oracle --json $(DEMO)/simulate.json
+	$(DBG) simulate --trace $(DEMO)/heldout.mctrace --predictor $(DEMO)/predictor --model $(MODEL) $(SIM) --cache 10%,25% --policy lru,lfu,belady --prefetch none,previous,coactivation,activation,gate,learned,oracle --json $(DEMO)/simulate.json
 	$(DBG) simulate --trace $(DEMO)/heldout.mctrace --predictor $(DEMO)/predictor $(SIM) --sweep --policy lru,belady --prefetch none,learned,oracle --plot $(DEMO)/plots > $(DEMO)/sweep.txt
 	@echo "demo outputs in $(DEMO)/: traces (.mctrace, .parquet), stats.json, predictor/, eval.json, simulate.json, sweep.txt, run.json, plots/"
 
-# Activation-aware prediction on the demo model (not part of `make demo`, which it would
-# take past 10 minutes): the same collection with each MoE layer's router input
-# (--hidden-states), one lookahead predictor per feature set, each evaluated with the
+# Activation-aware prediction on the demo model, all feature sets (`make demo` trains only
+# the hidden-state one): the same collection as the demo's (--hidden-states), one
+# lookahead predictor per feature set (dropout 0.2 where router inputs are read; it
+# costs the ids-only predictor 3 points), each evaluated with the
 # cross-layer gate baseline (the model's own gates), and the cache simulation with the
 # gate and the hidden-state predictor as prefetchers, then again with a third of each
 # layer's time spent in attention before it routes, where the pre-attention gate can
-# prefetch. About 5 minutes after the build.
+# prefetch, and last with 4 experts prefetched per predicted layer. About 6 minutes after
+# the build.
 HID    := runs/demo-hidden
 demo-hidden:
 	$(CARGO) build
@@ -58,12 +62,13 @@ demo-hidden:
 	$(DBG) collect --model $(MODEL) --prompts prompts/demo.txt --samples 6 --max-new-tokens 100 --temperature 0.8 --seed 0 --hidden-states -o $(HID)/tiny-moe.mctrace
 	$(DBG) collect --model $(MODEL) --prompts prompts/heldout.txt --samples 4 --max-new-tokens 100 --temperature 0.8 --seed 1000 --hidden-states -o $(HID)/heldout.mctrace
 	$(DBG) trace info $(HID)/tiny-moe.mctrace | tail -8
-	for f in ids hidden ids+hidden; do \
-	  $(DBG) train --trace $(HID)/tiny-moe.mctrace --task lookahead --features $$f --test-fraction 0 --epochs 15 --batch-size 4 --warmup-steps 50 --quiet -o $(HID)/predictor-$$f && \
+	for fd in ids:0 hidden:0.2 ids+hidden:0.2; do f=$${fd%:*}; \
+	  $(DBG) train --trace $(HID)/tiny-moe.mctrace --task lookahead --features $$f --dropout $${fd#*:} --test-fraction 0 --epochs 12 --batch-size 4 --warmup-steps 50 --quiet -o $(HID)/predictor-$$f && \
 	  $(DBG) eval --predictor $(HID)/predictor-$$f --trace $(HID)/heldout.mctrace --model $(MODEL) --quiet --json $(HID)/eval-$$f.json --plot $(HID)/plots-$$f || exit 1; \
 	done
 	$(DBG) simulate --trace $(HID)/heldout.mctrace --predictor $(HID)/predictor-hidden --model $(MODEL) $(SIM) --cache 10%,25% --policy lru,belady --prefetch none,coactivation,gate,learned,oracle --json $(HID)/simulate.json
 	$(DBG) simulate --trace $(HID)/heldout.mctrace --predictor $(HID)/predictor-hidden --model $(MODEL) --bandwidth 16 --compute-us-per-layer 20 --attention-us-per-layer 10 --cache 10%,25% --policy lru --prefetch none,gate,pre-attention,learned,gate+pre-attention,learned+pre-attention,oracle --json $(HID)/simulate-attention.json
+	$(DBG) simulate --trace $(HID)/heldout.mctrace --predictor $(HID)/predictor-hidden --model $(MODEL) $(SIM) --budget 4 --cache 10%,25% --policy lru --prefetch gate,learned,oracle --json $(HID)/simulate-budget4.json
 
 test:
 	$(CARGO) test --workspace

@@ -45,6 +45,9 @@ pub(crate) struct TrainArgs {
     /// Token-id embedding rows (ids are folded modulo this).
     #[arg(long, default_value_t = 8192)]
     token_buckets: usize,
+    /// Hidden width of the router-input map (hidden features).
+    #[arg(long, default_value_t = 512)]
+    hidden_width: usize,
     /// Dropout probability during training.
     #[arg(long, default_value_t = 0.0)]
     dropout: f64,
@@ -105,6 +108,7 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
         .with_context(a.context)
         .with_token_buckets(a.token_buckets)
         .with_dropout(a.dropout)
+        .with_hidden_width(a.hidden_width)
         .with_features(a.features)
         .with_router_input_dim(meta.router_input_dim.unwrap_or(0) as usize);
     let opts = TrainOptions {

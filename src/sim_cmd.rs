@@ -10,6 +10,13 @@ use inference::simulate::{simulate, PrefetchPlan, SimConfig, SimReport};
 use predictor::baselines::BaselineStats;
 use predictor::{LoadedPredictor, OnlinePredictor};
 
+/// Order of queued prefetches on the link.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum LinkOrder {
+    Issue,
+    Deadline,
+}
+
 #[derive(Args)]
 pub(crate) struct SimulateArgs {
     /// Trace to replay (any storage form).
@@ -56,6 +63,10 @@ pub(crate) struct SimulateArgs {
     /// time after its routing. Pre-attention prefetches have this long to land.
     #[arg(long, default_value_t = 0.0)]
     attention_us_per_layer: f64,
+    /// Order of queued prefetches on the link: `deadline` (the layer that needs them
+    /// soonest first) or `issue` (first issued, first sent).
+    #[arg(long, value_enum, default_value_t = LinkOrder::Deadline)]
+    link_order: LinkOrder,
     /// Write every result as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -256,6 +267,7 @@ pub(crate) fn simulate_cmd(a: SimulateArgs) -> Result<()> {
                         compute_us_per_layer: a.compute_us_per_layer,
                         attention_us_per_layer: a.attention_us_per_layer,
                         untimed: false,
+                        deadline_order: a.link_order == LinkOrder::Deadline,
                     };
                     let r = simulate(&view, &seqs, plan, &cfg).map_err(anyhow::Error::msg)?;
                     let u = simulate(
@@ -289,9 +301,10 @@ pub(crate) fn simulate_cmd(a: SimulateArgs) -> Result<()> {
         );
     }
     println!(
-        "{} tokens, {} MoE layers x {} experts (top-{k}); expert {:.0} bytes over {} GB/s = {:.1} us, compute {} us/layer{}, prefetch budget {budget}/layer",
+        "{} tokens, {} MoE layers x {} experts (top-{k}); expert {:.0} bytes over {} GB/s = {:.1} us, compute {} us/layer{}, prefetch budget {budget}/layer{}",
         tokens, m, e, expert_bytes, a.bandwidth, expert_bytes / (a.bandwidth * 1e3), a.compute_us_per_layer,
-        if a.attention_us_per_layer > 0.0 { format!(" after {} us of attention", a.attention_us_per_layer) } else { String::new() }
+        if a.attention_us_per_layer > 0.0 { format!(" after {} us of attention", a.attention_us_per_layer) } else { String::new() },
+        if a.link_order == LinkOrder::Issue { ", sent in the order issued" } else { "" }
     );
     let w = results
         .iter()

@@ -34,6 +34,7 @@ fn main() {
             compute_us_per_layer: 100.0,
             attention_us_per_layer: 0.0,
             untimed: false,
+            deadline_order: false,
         };
         let t0 = Instant::now();
         let r = simulate(&view, &seqs, &plan, &cfg).expect("simulate");

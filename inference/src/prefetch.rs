@@ -13,7 +13,8 @@
 //! - `pre-attention`: at layer `l`'s start, before its attention, layer `l`'s gate
 //!   applied to the layer's input (the model replays the trace's token ids);
 //! - `learned`: the trained predictor: at a token's start (its id is known) every layer
-//!   it forecasts; for lookahead predictors also after each layer, layers `l+1..l+D`.
+//!   (a lookahead predictor: layer 0); for lookahead predictors also after each layer,
+//!   layers `l+1..l+D`.
 
 use datasets::TraceView;
 use predictor::baselines::BaselineStats;
@@ -236,8 +237,9 @@ pub fn pre_attention(
     plan
 }
 
-/// The learned predictor: next-token forecasts at a token's start (all layers), and for
-/// lookahead predictors after each layer (layers `l+1..l+D`); `budget` experts per layer.
+/// The learned predictor: next-token forecasts at a token's start (all layers; layer 0
+/// only for lookahead predictors), and for lookahead predictors after each layer (layers
+/// `l+1..l+D`); `budget` experts per layer.
 pub fn learned(
     view: &TraceView<'_>,
     seqs: &[std::ops::Range<usize>],
@@ -252,7 +254,10 @@ pub fn learned(
         for t in r.clone() {
             let token = view.token[t];
             let f = online.predict_next(token)?;
-            for l in 0..m {
+            // A lookahead predictor forecasts layers 1.. again, better informed, after
+            // the layers before them: at the token's start only layer 0 is worth a read.
+            let upto = if task == Task::Lookahead { 1 } else { m };
+            for l in 0..upto {
                 push_layer(plan.at_mut(t, 0), l, e, &f.top(l, budget));
             }
             let layers: Vec<Option<&[u16]>> = (0..m).map(|l| view.layer(t, l)).collect();

@@ -4,7 +4,8 @@
 //! router's experts are looked up; a resident expert whose transfer has finished is a
 //! **hit**; one still in flight is a **late prefetch** (the layer waits for it); any
 //! other is a **miss** and is fetched on demand. Transfers share one link and take
-//! `expert_bytes / bandwidth` each; prefetches go in the order they were issued, and a
+//! `expert_bytes / bandwidth` each; prefetches go in the order they were issued (or, with
+//! `deadline_order`, earliest deadline first: the layer that needs them soonest), and a
 //! demand fetch goes ahead of every prefetch that has not started yet (the one on the
 //! link finishes first). Then the layer's experts compute for `compute_us_per_layer`.
 //! With `attention_us_per_layer` > 0 each layer first runs attention for that long
@@ -139,6 +140,10 @@ pub struct SimConfig {
     pub attention_us_per_layer: f64,
     /// Transfers take no time (MoE-Beyond's untimed hit rate).
     pub untimed: bool,
+    /// Queued prefetches go earliest deadline first (the layer that needs them soonest)
+    /// instead of in the order they were issued.
+    #[serde(default)]
+    pub deadline_order: bool,
 }
 
 /// What one simulation measured.
@@ -255,6 +260,11 @@ struct Sim<'p> {
     now: f64,
     /// Experts that must stay for the current event.
     pinned: Vec<usize>,
+    /// The next layer of the current token to look up (prefetch deadlines).
+    layer: usize,
+    n_experts: usize,
+    n_moe: usize,
+    deadline_order: bool,
     plan: &'p PrefetchPlan,
     r: SimReport,
 }
@@ -343,6 +353,49 @@ impl Sim<'_> {
             self.r.prefetches += 1;
             self.r.bytes_prefetch += self.expert_bytes;
         }
+        if self.deadline_order {
+            self.reorder();
+        }
+    }
+
+    /// Earliest deadline first: the queued prefetches that have not started go in the
+    /// order of the layer that needs them (this token's coming layers first, layers it
+    /// has passed last), back to back after the transfers already on the link.
+    fn reorder(&mut self) {
+        let (now, xfer, e, m, layer) =
+            (self.now, self.xfer, self.n_experts, self.n_moe, self.layer);
+        let (ready, generation) = (&mut self.ready, &self.generation);
+        self.pending
+            .retain(|&(p, g)| generation[p] == g && ready[p] > now);
+        let started = self
+            .pending
+            .iter()
+            .take_while(|&&(p, _)| ready[p] - xfer < now)
+            .count();
+        let mut start = self
+            .pending
+            .iter()
+            .take(started)
+            .map(|&(p, _)| ready[p])
+            .fold(now.max(self.demand_free), f64::max);
+        let mut waiting: Vec<(usize, u32)> = self.pending.drain(started..).collect();
+        if waiting.is_empty() {
+            return;
+        }
+        waiting.sort_by_key(|&(p, _)| {
+            let l = p / e;
+            if l >= layer {
+                l
+            } else {
+                l + m
+            }
+        });
+        for &(p, _) in &waiting {
+            start += xfer;
+            ready[p] = start;
+        }
+        self.link_free = start;
+        self.pending.extend(waiting);
     }
 
     fn compute(&mut self, us: f64) {
@@ -395,6 +448,10 @@ pub fn simulate(
         generation: vec![0; n_ids],
         now: 0.0,
         pinned: Vec::with_capacity(16),
+        layer: 0,
+        n_experts: e,
+        n_moe: m,
+        deadline_order: cfg.deadline_order,
         plan,
         r,
     };
@@ -402,15 +459,18 @@ pub fn simulate(
         for t in seq.clone() {
             sim.r.tokens += 1;
             sim.pinned.clear();
+            sim.layer = 0;
             sim.prefetch(sim.plan.at(t, 0));
             for l in 0..m {
                 let Some(ids) = view.layer(t, l) else {
                     continue;
                 };
                 sim.pinned.clear();
+                sim.layer = l;
                 sim.prefetch(sim.plan.before_attention(t, l));
                 sim.compute(cfg.attention_us_per_layer);
                 sim.lookup(l, e, ids);
+                sim.layer = l + 1;
                 sim.prefetch(sim.plan.at(t, l + 1));
                 sim.compute(cfg.compute_us_per_layer);
             }

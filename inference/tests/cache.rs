@@ -142,6 +142,7 @@ fn config(capacity: usize, per_layer: bool, policy: &str, untimed: bool) -> SimC
         compute_us_per_layer: 5.0,
         attention_us_per_layer: 0.0,
         untimed,
+        deadline_order: false,
     }
 }
 
@@ -263,4 +264,48 @@ fn prefetches_before_attention_land_while_attention_runs() {
     assert_eq!(both.before_attention, exact.before_attention);
     let r = simulate(&view, &seqs, &both, &cfg).unwrap();
     assert_eq!(r.hits, r.accesses);
+}
+
+#[test]
+fn deadline_order_sends_the_nearest_layer_first() {
+    let trace = one_sequence_trace();
+    let view = trace.view();
+    let seqs = view.sequence_ranges();
+    let (m, e) = (view.meta.n_moe(), view.meta.n_experts as usize);
+    // At each token's start, the true experts of layers m-1, ..., 1: farthest first.
+    let mut reversed = PrefetchPlan::empty("reversed", view.n_tokens(), m);
+    for t in 0..view.n_tokens() {
+        for l in (1..m).rev() {
+            let ids = view.layer(t, l).unwrap().iter();
+            let ids: Vec<u32> = ids.map(|&x| (l * e + x as usize) as u32).collect();
+            reversed.at_mut(t, 0).extend(ids);
+        }
+    }
+    let mut issue = config(16, false, "lru", false);
+    issue.compute_us_per_layer = 3.0;
+    let deadline = SimConfig {
+        deadline_order: true,
+        ..issue.clone()
+    };
+    // Issue order: layer 1's experts wait behind the later layers' (up to 6 us of 1 us
+    // transfers, and layer 0's demand fetches; 3 us of compute per layer): late. Deadline order: sent
+    // first, in place.
+    let fifo = simulate(&view, &seqs, &reversed, &issue).unwrap();
+    let edf = simulate(&view, &seqs, &reversed, &deadline).unwrap();
+    assert!(fifo.late > 0, "{fifo:?}");
+    assert!(
+        edf.late < fifo.late && edf.hits > fifo.hits,
+        "{edf:?}\n{fifo:?}"
+    );
+    assert!(edf.stall_us < fifo.stall_us);
+    assert_eq!(
+        (edf.prefetches, edf.bytes_prefetch),
+        (fifo.prefetches, fifo.bytes_prefetch)
+    );
+    // A plan that already issues nearest-first is simulated identically in both orders.
+    let oracle = prefetch::oracle(&view, &seqs);
+    assert_eq!(
+        simulate(&view, &seqs, &oracle, &issue).unwrap(),
+        simulate(&view, &seqs, &oracle, &deadline).unwrap()
+    );
 }

@@ -27,6 +27,7 @@ fn cfg(capacity: usize, per_layer: bool, policy: &str, bytes: f64) -> SimConfig 
         compute_us_per_layer: 100.0,
         attention_us_per_layer: 0.0,
         untimed: false,
+        deadline_order: false,
     }
 }
 

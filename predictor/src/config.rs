@@ -148,6 +148,9 @@ pub struct PredictorConfig {
     /// Width of the traces' router inputs (needed when `features` reads them).
     #[config(default = 0)]
     pub router_input_dim: usize,
+    /// Hidden width of the router-input map (`router_input_dim -> hidden_width -> d`).
+    #[config(default = 512)]
+    pub hidden_width: usize,
 }
 
 impl PredictorConfig {
@@ -182,6 +185,9 @@ impl PredictorConfig {
                 "--features {} needs traces with router inputs (collect --hidden-states)",
                 self.features.as_str()
             ));
+        }
+        if self.features.hidden() && self.hidden_width == 0 {
+            return Err("--hidden-width must be positive".into());
         }
         if !(0.0..1.0).contains(&self.dropout) {
             return Err(format!("--dropout {} must be in [0, 1)", self.dropout));

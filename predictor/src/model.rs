@@ -66,9 +66,12 @@ pub struct ExpertPredictor {
     pub out_norm: LayerNorm,
     /// `[d, n_moe * n_experts]`: per-layer output weights, layer-major columns.
     pub output: Linear,
-    /// Router input -> query contribution (`router_input_dim -> d -> d`, SiLU), when the
-    /// features read router inputs.
+    /// Router input -> query contribution (`router_input_dim -> w -> d`, SiLU, with a
+    /// learned bias per source layer before the SiLU), when the features read router
+    /// inputs.
     pub hidden_in: Option<Linear>,
+    /// `[n_moe, w]`: which layer the router input comes from.
+    pub hidden_layer: Option<Embedding>,
     pub hidden_out: Option<Linear>,
     #[module(skip)]
     pub config: PredictorConfig,
@@ -170,14 +173,17 @@ impl ExpertPredictor {
             head_out: LinearConfig::new(2 * d, d).init(device),
             out_norm: LayerNormConfig::new(d).init(device),
             output: LinearConfig::new(d, width).init(device),
-            hidden_in: config
+            hidden_in: config.features.hidden().then(|| {
+                LinearConfig::new(config.router_input_dim, config.hidden_width).init(device)
+            }),
+            hidden_layer: config
                 .features
                 .hidden()
-                .then(|| LinearConfig::new(config.router_input_dim, d).init(device)),
+                .then(|| EmbeddingConfig::new(r.n_moe, config.hidden_width).init(device)),
             hidden_out: config
                 .features
                 .hidden()
-                .then(|| LinearConfig::new(d, d).init(device)),
+                .then(|| LinearConfig::new(config.hidden_width, d).init(device)),
             config: config.clone(),
         }
     }
@@ -262,20 +268,28 @@ impl ExpertPredictor {
         Tensor::cat(vec![zeros, inclusive.narrow(0, 0, r.n_moe - 1)], 0)
     }
 
-    /// The query contribution of router inputs `x` `[n, router_input_dim]` (zero when
-    /// the features do not read them).
-    pub fn hidden_prefix(&self, x: Tensor<2>) -> Option<Tensor<2>> {
+    /// The query contribution of router inputs `x` `[n, router_input_dim]` of MoE layer
+    /// `layer` (none when the features do not read them).
+    pub fn hidden_prefix(&self, x: Tensor<2>, layer: usize) -> Option<Tensor<2>> {
         let (i, o) = (self.hidden_in.as_ref()?, self.hidden_out.as_ref()?);
-        Some(o.forward(silu(i.forward(x))))
+        let mut z = i.forward(x);
+        if let Some(emb) = &self.hidden_layer {
+            let device = z.device();
+            let id =
+                Tensor::<2, Int>::from_data(TensorData::new(vec![layer as i64], [1, 1]), &device);
+            z = z + emb.forward(id).reshape([1, self.config.hidden_width]);
+        }
+        Some(o.forward(silu(z)))
     }
 
     /// The query input of the known layers: the ids prefix (`ids`, the query's entry of
-    /// [`Self::known_prefix`]) and/or the last known layer's router input `x`, as the
-    /// features say.
-    pub fn query_prefix(&self, ids: Tensor<2>, x: Option<Tensor<2>>) -> Tensor<2> {
+    /// [`Self::known_prefix`]) and/or the router input `x` of the last known layer
+    /// (`query.known - 1`), as the features say.
+    pub fn query_prefix(&self, ids: Tensor<2>, x: Option<Tensor<2>>, query: Query) -> Tensor<2> {
         let f = self.config.features;
         let base = if f.ids() { ids } else { ids.zeros_like() };
-        match x.and_then(|x| self.hidden_prefix(x)) {
+        let layer = query.known.saturating_sub(1);
+        match x.and_then(|x| self.hidden_prefix(x, layer)) {
             Some(h) => base + h,
             None => base,
         }
@@ -406,7 +420,7 @@ impl ExpertPredictor {
                     }
                     _ => None,
                 };
-                self.query_logits(h.clone(), self.query_prefix(ids, x), *q)
+                self.query_logits(h.clone(), self.query_prefix(ids, x, *q), *q)
             })
             .collect()
     }

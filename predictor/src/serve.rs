@@ -139,7 +139,7 @@ impl OnlinePredictor {
             .reshape([1, self.p.card.config.d_model]);
         let x = router_input
             .map(|x| Tensor::<2>::from_data(TensorData::new(x.to_vec(), [1, x.len()]), dev));
-        let prefix = self.p.model.query_prefix(ids, x);
+        let prefix = self.p.model.query_prefix(ids, x, query);
         let logits = self.p.model.query_logits(h, prefix, query);
         let probs = burn::tensor::activation::sigmoid(logits)
             .try_into_vec_as::<f32>()

@@ -421,4 +421,13 @@ fn hidden_features_learn_what_expert_ids_cannot() {
         err.contains("plain.mctrace") && err.contains("--hidden-states"),
         "{err}"
     );
+    // A router-input map of width 0 is refused by its option's name.
+    let mut o = options(trace, Task::Lookahead, dir.path().join("w0"), 1);
+    o.config = o
+        .config
+        .with_features(Features::Hidden)
+        .with_router_input_dim(DIM)
+        .with_hidden_width(0);
+    let err = predictor::train(&o).unwrap_err().to_string();
+    assert!(err.contains("--hidden-width"), "{err}");
 }

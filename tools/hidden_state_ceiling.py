@@ -1,0 +1,74 @@
+"""How much of layer l+1's routing a plain MLP can read from layer l's router input.
+
+A reference point for `moecast train --features hidden`, outside moecast: one MLP per
+layer pair (router input of layer l -> 512 -> 512 -> experts of layer l+1, SiLU, BCE,
+AdamW 1e-3, 40 epochs) trained on one trace and scored on another by top-k recall
+(= active-class F1 with equal set sizes). Needs torch and duckdb
+(`pip install torch duckdb`); the traces come from `moecast collect --hidden-states`
+converted to Parquet:
+
+    moecast trace convert runs/demo/tiny-moe.mctrace -o /tmp/train.parquet
+    moecast trace convert runs/demo/heldout.mctrace -o /tmp/heldout.parquet
+    python3 tools/hidden_state_ceiling.py /tmp/train.parquet /tmp/heldout.parquet
+"""
+
+import sys
+
+import duckdb
+import numpy as np
+import torch
+from torch import nn
+
+
+def load(path):
+    """Router inputs [tokens, layers, dim] and experts [tokens, layers, k]."""
+    rows = duckdb.sql(
+        f"select seq, pos, layer, experts, router_input from '{path}' order by seq, pos, layer"
+    ).fetchall()
+    n_layers = max(r[2] for r in rows) + 1
+    tokens = {}
+    for seq, pos, layer, experts, x in rows:
+        tokens.setdefault((seq, pos), [None] * n_layers)[layer] = (experts, x)
+    h = np.array([[np.asarray(c[1], np.float32) for c in t] for t in tokens.values()])
+    e = np.array([[c[0] for c in t] for t in tokens.values()])
+    return h, e
+
+
+def multi_hot(experts, n_experts):
+    y = np.zeros((len(experts), n_experts), np.float32)
+    np.put_along_axis(y, experts.astype(np.int64), 1.0, axis=1)
+    return torch.tensor(y)
+
+
+def main():
+    torch.manual_seed(0)
+    (h_tr, e_tr), (h_te, e_te) = load(sys.argv[1]), load(sys.argv[2])
+    n_layers, dim = h_tr.shape[1], h_tr.shape[2]
+    n_experts = int(max(e_tr.max(), e_te.max())) + 1
+    k = e_tr.shape[2]
+    hits = total = 0
+    for l in range(n_layers - 1):
+        x_tr, y_tr = torch.tensor(h_tr[:, l]), multi_hot(e_tr[:, l + 1], n_experts)
+        x_te, y_te = torch.tensor(h_te[:, l]), multi_hot(e_te[:, l + 1], n_experts)
+        mlp = nn.Sequential(
+            nn.Linear(dim, 512), nn.SiLU(), nn.Linear(512, 512), nn.SiLU(), nn.Linear(512, n_experts)
+        )
+        opt = torch.optim.AdamW(mlp.parameters(), 1e-3, weight_decay=1e-2)
+        for _ in range(40):
+            perm = torch.randperm(len(x_tr))
+            for i in range(0, len(x_tr), 128):
+                idx = perm[i : i + 128]
+                loss = nn.functional.binary_cross_entropy_with_logits(mlp(x_tr[idx]), y_tr[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        with torch.no_grad():
+            top = mlp(x_te).topk(k, dim=1).indices
+            h = y_te.gather(1, top).sum().item()
+        print(f"layer {l} -> {l + 1}: top-{k} recall {h / y_te.sum().item():.3f}", flush=True)
+        hits, total = hits + h, total + y_te.sum().item()
+    print(f"+1 layer, all layers: top-{k} recall {hits / total:.3f}")
+
+
+if __name__ == "__main__":
+    main()
