@@ -25,7 +25,10 @@ build:
 # cache with each eviction policy and prefetcher (timing-honest, the policy table) and a
 # sweep over cache sizes is plotted.
 # It uses the debug build shared with `make test` (tensor kernels are optimised even
-# there, see Cargo.toml), so a fresh clone finishes in under 10 minutes on 2 cores;
+# there, see Cargo.toml), and steps that each use one core run side by side (the two
+# collections; training beside the statistics; the sweep beside the policy table, their
+# output shown after), so a fresh clone finishes in under 10 minutes on 2 cores. For the
+# time budget the predictor is narrower and trains shorter than `make demo-hidden`'s;
 # `make bench` measures speed with the optimised build.
 MODEL  := checkpoints/tiny-moe
 # Cache simulation of the demo model: experts of 3 x 128 x 128 bf16 weights (96 KiB, as the
@@ -34,22 +37,25 @@ SIM    := --bandwidth 16 --compute-us-per-layer 30
 demo:
 	$(CARGO) build
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
-	$(DBG) collect --model $(MODEL) --prompts prompts/demo.txt --samples 6 --max-new-tokens 100 --temperature 0.8 --seed 0 --hidden-states -o $(DEMO)/tiny-moe.mctrace
-	$(DBG) collect --model $(MODEL) --prompts prompts/heldout.txt --samples 4 --max-new-tokens 100 --temperature 0.8 --seed 1000 --hidden-states -o $(DEMO)/heldout.mctrace
-	$(DBG) trace convert $(DEMO)/tiny-moe.mctrace -o $(DEMO)/tiny-moe.parquet
-	$(DBG) trace stats $(DEMO)/tiny-moe.mctrace --plot $(DEMO)/plots
-	$(DBG) trace stats $(DEMO)/tiny-moe.mctrace --json > $(DEMO)/stats.json
-	$(DBG) train --trace $(DEMO)/tiny-moe.mctrace --task lookahead --features hidden --dropout 0.2 --test-fraction 0 --epochs 12 --batch-size 4 --warmup-steps 50 -o $(DEMO)/predictor
+	$(DBG) collect --model $(MODEL) --prompts prompts/heldout.txt --samples 4 --max-new-tokens 100 --temperature 0.8 --seed 1000 --hidden-states -o $(DEMO)/heldout.mctrace > $(DEMO)/collect-heldout.log 2>&1 & pid=$$!; \
+	$(DBG) collect --model $(MODEL) --prompts prompts/demo.txt --samples 6 --max-new-tokens 100 --temperature 0.8 --seed 0 --hidden-states -o $(DEMO)/tiny-moe.mctrace; st=$$?; \
+	wait $$pid; st2=$$?; cat $(DEMO)/collect-heldout.log; test $$st = 0 && test $$st2 = 0
+	$(DBG) train --trace $(DEMO)/tiny-moe.mctrace --task lookahead --features hidden --hidden-width 256 --dropout 0.2 --test-fraction 0 --epochs 10 --batch-size 4 --warmup-steps 50 -o $(DEMO)/predictor > $(DEMO)/train.log 2>&1 & pid=$$!; \
+	$(DBG) trace convert $(DEMO)/tiny-moe.mctrace -o $(DEMO)/tiny-moe.parquet && \
+	$(DBG) trace stats $(DEMO)/tiny-moe.mctrace --plot $(DEMO)/plots && \
+	$(DBG) trace stats $(DEMO)/tiny-moe.mctrace --json > $(DEMO)/stats.json; st=$$?; \
+	wait $$pid; st2=$$?; cat $(DEMO)/train.log; test $$st = 0 && test $$st2 = 0
 	$(DBG) eval --predictor $(DEMO)/predictor --trace $(DEMO)/heldout.mctrace --model $(MODEL) --json $(DEMO)/eval.json --plot $(DEMO)/plots
 	$(DBG) run --model $(MODEL) --prompts prompts/heldout.txt --max-new-tokens 32 --expert-cache 25% --predictor $(DEMO)/predictor --json $(DEMO)/run.json
-	$(DBG) simulate --trace $(DEMO)/heldout.mctrace --predictor $(DEMO)/predictor --model $(MODEL) $(SIM) --cache 10%,25% --policy lru,lfu,belady --prefetch none,previous,coactivation,activation,gate,learned,oracle --json $(DEMO)/simulate.json
-	$(DBG) simulate --trace $(DEMO)/heldout.mctrace --predictor $(DEMO)/predictor $(SIM) --sweep --policy lru,belady --prefetch none,learned,oracle --plot $(DEMO)/plots > $(DEMO)/sweep.txt
+	$(DBG) simulate --trace $(DEMO)/heldout.mctrace --predictor $(DEMO)/predictor $(SIM) --sweep --policy lru,belady --prefetch none,learned,oracle --plot $(DEMO)/plots > $(DEMO)/sweep.txt 2> $(DEMO)/sweep.log & pid=$$!; \
+	$(DBG) simulate --trace $(DEMO)/heldout.mctrace --predictor $(DEMO)/predictor --model $(MODEL) $(SIM) --cache 10%,25% --policy lru,lfu,belady --prefetch none,previous,coactivation,activation,gate,learned,oracle --json $(DEMO)/simulate.json; st=$$?; \
+	wait $$pid; st2=$$?; cat $(DEMO)/sweep.log; test $$st = 0 && test $$st2 = 0
 	@echo "demo outputs in $(DEMO)/: traces (.mctrace, .parquet), stats.json, predictor/, eval.json, simulate.json, sweep.txt, run.json, plots/"
 
 # Activation-aware prediction on the demo model, all feature sets (`make demo` trains only
 # the hidden-state one): the same collection as the demo's (--hidden-states), one
 # lookahead predictor per feature set (dropout 0.2 where router inputs are read; it
-# costs the ids-only predictor 3 points), each evaluated with the
+# costs the ids-only predictor 1.5 points), each evaluated with the
 # cross-layer gate baseline (the model's own gates), and the cache simulation with the
 # gate and the hidden-state predictor as prefetchers, then again with a third of each
 # layer's time spent in attention before it routes, where the pre-attention gate can
