@@ -263,7 +263,6 @@ struct Sim<'p> {
     /// The next layer of the current token to look up (prefetch deadlines).
     layer: usize,
     n_experts: usize,
-    n_moe: usize,
     deadline_order: bool,
     plan: &'p PrefetchPlan,
     r: SimReport,
@@ -301,9 +300,8 @@ impl Sim<'_> {
             }
             // Finished prefetches leave the queue; the one on the link completes; the
             // demand fetch goes before the rest.
-            let (ready, generation, xfer) = (&mut self.ready, &self.generation, self.xfer);
-            self.pending
-                .retain(|&(p, g)| generation[p] == g && ready[p] > now);
+            self.drop_finished();
+            let (ready, xfer) = (&mut self.ready, self.xfer);
             let start = match self.pending.front() {
                 Some(&(p, _)) if ready[p] - xfer <= now => ready[p],
                 _ => now,
@@ -362,11 +360,9 @@ impl Sim<'_> {
     /// order of the layer that needs them (this token's coming layers first, layers it
     /// has passed last), back to back after the transfers already on the link.
     fn reorder(&mut self) {
-        let (now, xfer, e, m, layer) =
-            (self.now, self.xfer, self.n_experts, self.n_moe, self.layer);
-        let (ready, generation) = (&mut self.ready, &self.generation);
-        self.pending
-            .retain(|&(p, g)| generation[p] == g && ready[p] > now);
+        self.drop_finished();
+        let (now, xfer, e, layer) = (self.now, self.xfer, self.n_experts, self.layer);
+        let ready = &mut self.ready;
         let started = self
             .pending
             .iter()
@@ -382,20 +378,20 @@ impl Sim<'_> {
         if waiting.is_empty() {
             return;
         }
-        waiting.sort_by_key(|&(p, _)| {
-            let l = p / e;
-            if l >= layer {
-                l
-            } else {
-                l + m
-            }
-        });
+        waiting.sort_by_key(|&(p, _)| (p / e < layer, p / e));
         for &(p, _) in &waiting {
             start += xfer;
             ready[p] = start;
         }
         self.link_free = start;
         self.pending.extend(waiting);
+    }
+
+    /// Forgets queued prefetches that have finished or whose expert was re-fetched.
+    fn drop_finished(&mut self) {
+        let (now, ready, generation) = (self.now, &self.ready, &self.generation);
+        self.pending
+            .retain(|&(p, g)| generation[p] == g && ready[p] > now);
     }
 
     fn compute(&mut self, us: f64) {
@@ -450,7 +446,6 @@ pub fn simulate(
         pinned: Vec::with_capacity(16),
         layer: 0,
         n_experts: e,
-        n_moe: m,
         deadline_order: cfg.deadline_order,
         plan,
         r,

@@ -288,8 +288,8 @@ fn deadline_order_sends_the_nearest_layer_first() {
         ..issue.clone()
     };
     // Issue order: layer 1's experts wait behind the later layers' (up to 6 us of 1 us
-    // transfers, and layer 0's demand fetches; 3 us of compute per layer): late. Deadline order: sent
-    // first, in place.
+    // transfers, and layer 0's demand fetches; 3 us of compute per layer): late.
+    // Deadline order: sent first, in place.
     let fifo = simulate(&view, &seqs, &reversed, &issue).unwrap();
     let edf = simulate(&view, &seqs, &reversed, &deadline).unwrap();
     assert!(fifo.late > 0, "{fifo:?}");
