@@ -59,8 +59,8 @@ demo:
 # cross-layer gate baseline (the model's own gates), and the cache simulation with the
 # gate and the hidden-state predictor as prefetchers, then again with a third of each
 # layer's time spent in attention before it routes, where the pre-attention gate can
-# prefetch, and last with 4 experts prefetched per predicted layer. About 6 minutes after
-# the build.
+# prefetch, and last with 4 experts prefetched per predicted layer (both timings). About
+# 6 minutes after the build.
 HID    := runs/demo-hidden
 demo-hidden:
 	$(CARGO) build
@@ -75,6 +75,7 @@ demo-hidden:
 	$(DBG) simulate --trace $(HID)/heldout.mctrace --predictor $(HID)/predictor-hidden --model $(MODEL) $(SIM) --cache 10%,25% --policy lru,belady --prefetch none,coactivation,gate,learned,oracle --json $(HID)/simulate.json
 	$(DBG) simulate --trace $(HID)/heldout.mctrace --predictor $(HID)/predictor-hidden --model $(MODEL) --bandwidth 16 --compute-us-per-layer 20 --attention-us-per-layer 10 --cache 10%,25% --policy lru --prefetch none,gate,pre-attention,learned,gate+pre-attention,learned+pre-attention,oracle --json $(HID)/simulate-attention.json
 	$(DBG) simulate --trace $(HID)/heldout.mctrace --predictor $(HID)/predictor-hidden --model $(MODEL) $(SIM) --budget 4 --cache 10%,25% --policy lru --prefetch gate,learned,oracle --json $(HID)/simulate-budget4.json
+	$(DBG) simulate --trace $(HID)/heldout.mctrace --predictor $(HID)/predictor-hidden --model $(MODEL) --bandwidth 16 --compute-us-per-layer 20 --attention-us-per-layer 10 --budget 4 --cache 10%,25% --policy lru --prefetch learned,learned+pre-attention,oracle --json $(HID)/simulate-attention-budget4.json
 
 test:
 	$(CARGO) test --workspace
