@@ -51,6 +51,10 @@ pub(crate) struct TrainArgs {
     /// Dropout probability during training.
     #[arg(long, default_value_t = 0.0)]
     dropout: f64,
+    /// Probability of hiding a position's token id in training; above 0 the runtime
+    /// also forecasts the next token's first layer before its id is sampled.
+    #[arg(long, default_value_t = 0.0)]
+    token_dropout: f64,
     /// Windows of --context tokens per step.
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
@@ -108,6 +112,7 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
         .with_context(a.context)
         .with_token_buckets(a.token_buckets)
         .with_dropout(a.dropout)
+        .with_token_dropout(a.token_dropout)
         .with_hidden_width(a.hidden_width)
         .with_features(a.features)
         .with_router_input_dim(meta.router_input_dim.unwrap_or(0) as usize);

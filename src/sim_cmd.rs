@@ -44,7 +44,8 @@ pub(crate) struct SimulateArgs {
     /// Experts prefetched per predicted layer and event (default top-k).
     #[arg(long)]
     budget: Option<usize>,
-    /// Layers ahead for coactivation and activation prefetch.
+    /// Layers ahead for the coactivation, activation, gate and learned prefetchers
+    /// (learned: at most the predictor's own horizon).
     #[arg(long, default_value_t = 3)]
     horizon: usize,
     /// One equal share of the cache per layer instead of one pool.
@@ -239,7 +240,7 @@ pub(crate) fn simulate_cmd(a: SimulateArgs) -> Result<()> {
                 }
                 PrefetchKind::Learned => {
                     let o = online.as_mut().context("learned predictor")?;
-                    prefetch::learned(&view, &seqs, o, budget)?
+                    prefetch::learned(&view, &seqs, o, budget, a.horizon)?
                 }
             };
             plans.push(plan);

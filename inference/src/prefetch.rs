@@ -14,7 +14,8 @@
 //!   applied to the layer's input (the model replays the trace's token ids);
 //! - `learned`: the trained predictor: at a token's start (its id is known) every layer
 //!   (a lookahead predictor: layer 0); for lookahead predictors also after each layer,
-//!   layers `l+1..l+D`.
+//!   layers `l+1..l+D`; for predictors trained with token-id dropout also after a
+//!   token's last layer, the next token's layer 0 before its id is sampled.
 
 use datasets::TraceView;
 use predictor::baselines::BaselineStats;
@@ -239,15 +240,18 @@ pub fn pre_attention(
 
 /// The learned predictor: next-token forecasts at a token's start (all layers; layer 0
 /// only for lookahead predictors), and for lookahead predictors after each layer (layers
-/// `l+1..l+D`); `budget` experts per layer.
+/// `l+1..l+D`, `D` at most `horizon`); with token-id dropout also the next token's layer 0 after the last
+/// layer (id not yet sampled); `budget` experts per layer.
 pub fn learned(
     view: &TraceView<'_>,
     seqs: &[std::ops::Range<usize>],
     online: &mut OnlinePredictor,
     budget: usize,
+    horizon: usize,
 ) -> Result<PrefetchPlan, predictor::PredictorError> {
     let (m, e) = (view.meta.n_moe(), view.meta.n_experts as usize);
     let task = online.predictor().card.config.task;
+    let before_id = online.predictor().card.config.token_dropout > 0.0;
     let mut plan = PrefetchPlan::empty("learned", view.n_tokens(), m);
     for r in seqs {
         online.reset();
@@ -267,12 +271,16 @@ pub fn learned(
                     let Some(given) = given else { continue };
                     let x = view.router_input_f32(t, known - 1);
                     let f = online.predict_lookahead_with_input(token, &given, x.as_deref())?;
-                    for l in f.first_layer..f.first_layer + f.n_layers() {
+                    for l in f.first_layer..f.first_layer + f.n_layers().min(horizon) {
                         push_layer(plan.at_mut(t, known), l, e, &f.top(l, budget));
                     }
                 }
             }
             online.observe(token, &layers)?;
+            if before_id && t + 1 < r.end {
+                let f = online.predict_next_unknown()?;
+                push_layer(plan.at_mut(t, m), 0, e, &f.top(0, budget));
+            }
         }
     }
     Ok(plan)

@@ -166,6 +166,24 @@ pub struct SimReport {
     pub bytes_prefetch: f64,
     pub stall_us: f64,
     pub compute_us: f64,
+    /// Per MoE layer: hits, late and misses (where the misses are).
+    #[serde(default)]
+    pub per_layer: Vec<LayerOutcomes>,
+}
+
+/// Lookup outcomes at one MoE layer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct LayerOutcomes {
+    pub hits: u64,
+    pub late: u64,
+    pub misses: u64,
+}
+
+impl LayerOutcomes {
+    /// Hits over lookups.
+    pub fn hit_rate(&self) -> f64 {
+        self.hits as f64 / (self.hits + self.late + self.misses).max(1) as f64
+    }
 }
 
 impl SimReport {
@@ -197,6 +215,15 @@ impl SimReport {
         self.bytes_prefetch += other.bytes_prefetch;
         self.stall_us += other.stall_us;
         self.compute_us += other.compute_us;
+        if self.per_layer.len() < other.per_layer.len() {
+            self.per_layer
+                .resize(other.per_layer.len(), LayerOutcomes::default());
+        }
+        for (a, b) in self.per_layer.iter_mut().zip(&other.per_layer) {
+            a.hits += b.hits;
+            a.late += b.late;
+            a.misses += b.misses;
+        }
     }
 }
 
@@ -286,14 +313,17 @@ impl Sim<'_> {
                 }
                 if self.ready[id] <= now {
                     self.r.hits += 1;
+                    self.r.per_layer[l].hits += 1;
                 } else {
                     self.r.late += 1;
+                    self.r.per_layer[l].late += 1;
                     wait_until = wait_until.max(self.ready[id]);
                 }
                 self.cache.touch(id, next);
                 continue;
             }
             self.r.misses += 1;
+            self.r.per_layer[l].misses += 1;
             if let Insertion::Done { evicted: Some(v) } = self.cache.insert(id, next, &self.pinned)
             {
                 self.unused_prefetch[v] = false;
@@ -424,6 +454,7 @@ pub fn simulate(
         prefetch: plan.name.clone(),
         capacity: cache.capacity(),
         untimed: cfg.untimed,
+        per_layer: vec![LayerOutcomes::default(); m],
         ..SimReport::default()
     };
     let mut sim = Sim {

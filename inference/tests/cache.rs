@@ -194,6 +194,16 @@ fn prefetch_timing_is_honest() {
     // prefetch is issued at the token's start with no lead, so it is late or a miss.
     let t = simulate(&view, &seqs, &oracle, &config(16, false, "lru", false)).unwrap();
     assert!(t.hits < t.accesses && t.late > 0);
+    // Per layer: the outcomes add up, and only layer 0 is late.
+    assert_eq!(t.per_layer.len(), 4);
+    let sum = |f: fn(&inference::simulate::LayerOutcomes) -> u64| -> u64 {
+        t.per_layer.iter().map(f).sum()
+    };
+    assert_eq!(
+        (sum(|l| l.hits), sum(|l| l.late), sum(|l| l.misses)),
+        (t.hits, t.late, t.misses)
+    );
+    assert!(t.per_layer[0].late > 0 && t.per_layer[1..].iter().all(|l| l.late == 0));
     assert!(t.hit_rate() > 0.7, "{}", t.hit_rate());
     // A slow link (transfer 10x a layer's compute) leaves the one-layer oracle late.
     let mut slow = config(16, false, "lru", false);
@@ -308,4 +318,74 @@ fn deadline_order_sends_the_nearest_layer_first() {
         simulate(&view, &seqs, &oracle, &issue).unwrap(),
         simulate(&view, &seqs, &oracle, &deadline).unwrap()
     );
+}
+
+#[test]
+fn learned_plan_forecasts_the_next_token_before_its_id_only_when_trained_to() {
+    use datasets::examples::{RoutingShape, SplitConfig};
+    use predictor::device::BackendKind;
+    use predictor::{LoadedPredictor, OnlinePredictor, PredictorConfig, Task, TrainOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let trace = synthetic_trace(&SynthConfig {
+        n_layers: 4,
+        n_experts: 16,
+        top_k: 2,
+        sequences: 3,
+        tokens_per_sequence: 24,
+        ..SynthConfig::default()
+    });
+    let path = dir.path().join("t.mctrace");
+    datasets::save_trace(&trace, &path, Some(datasets::TraceFormat::Binary)).unwrap();
+    let view = trace.view();
+    let seqs = view.sequence_ranges();
+    for token_dropout in [0.0, 0.2] {
+        let out = dir.path().join(format!("p{token_dropout}"));
+        let shape = RoutingShape::of(&view.meta);
+        let config = PredictorConfig::new(shape, Task::Lookahead)
+            .with_d_model(16)
+            .with_n_layers(1)
+            .with_n_heads(2)
+            .with_context(16)
+            .with_token_buckets(64)
+            .with_token_dropout(token_dropout);
+        predictor::train(&TrainOptions {
+            traces: vec![path.clone()],
+            config,
+            split: SplitConfig {
+                validation: 0.3,
+                test: 0.0,
+                seed: 0,
+            },
+            settings: predictor::TrainSettings {
+                max_epochs: 1,
+                ..Default::default()
+            },
+            backend: BackendKind::from_test_env(),
+            out: out.clone(),
+            progress: false,
+            run_steps: None,
+        })
+        .unwrap();
+        let dev = BackendKind::from_test_env().device();
+        let mut online = OnlinePredictor::new(LoadedPredictor::load(&out, &dev).unwrap());
+        let plan = prefetch::learned(&view, &seqs, &mut online, 3, 1).unwrap();
+        for r in &seqs {
+            for t in r.clone() {
+                // After the last layer: the next token's layer 0, never past the sequence.
+                let after = plan.at(t, 4);
+                let want = if token_dropout > 0.0 && t + 1 < r.end {
+                    3
+                } else {
+                    0
+                };
+                assert_eq!(after.len(), want, "token {t}: {after:?}");
+                assert!(after.iter().all(|&id| (id as usize) < 16), "layer 0 only");
+                // Horizon 1: after layer l, only layer l + 1.
+                for slot in 1..4 {
+                    let ids = plan.at(t, slot);
+                    assert!(ids.len() == 3 && ids.iter().all(|&id| id as usize / 16 == slot));
+                }
+            }
+        }
+    }
 }

@@ -26,6 +26,10 @@ use crate::train::{EpochRecord, TrainProgress, TrainSettings};
 /// Format tag of `predictor.json`.
 pub const FORMAT: &str = "moecast-predictor/1";
 
+/// Config fields added after cards were first written, with the value that keeps an
+/// older card's behaviour (filled in when a card lacks them).
+const CONFIG_ADDITIONS: &[(&str, f64)] = &[("token_dropout", 0.0)];
+
 /// The contents of `predictor.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PredictorCard {
@@ -119,8 +123,18 @@ impl PredictorDir {
             ));
         }
         let text = std::fs::read_to_string(&path).map_err(|e| PredictorError::io(&path, e))?;
-        let card: PredictorCard = serde_json::from_str(&text)
-            .map_err(|e| PredictorError::file(&path, format!("malformed predictor card: {e}")))?;
+        let malformed = |e: serde_json::Error| {
+            PredictorError::file(&path, format!("malformed predictor card: {e}"))
+        };
+        let mut value: serde_json::Value = serde_json::from_str(&text).map_err(malformed)?;
+        if let Some(config) = value.get_mut("config").and_then(|c| c.as_object_mut()) {
+            for (field, old_behaviour) in CONFIG_ADDITIONS {
+                config
+                    .entry(*field)
+                    .or_insert_with(|| serde_json::json!(old_behaviour));
+            }
+        }
+        let card: PredictorCard = serde_json::from_value(value).map_err(malformed)?;
         if card.format != FORMAT {
             return Err(PredictorError::file(
                 &path,

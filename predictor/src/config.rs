@@ -151,6 +151,11 @@ pub struct PredictorConfig {
     /// Hidden width of the router-input map (`router_input_dim -> hidden_width -> d`).
     #[config(default = 512)]
     pub hidden_width: usize,
+    /// Probability that training hides a position's token id (the unknown embedding
+    /// row takes its place). Above 0 the predictor also forecasts a token whose id is
+    /// not sampled yet, which the runtime asks after the previous token's last layer.
+    #[config(default = 0.0)]
+    pub token_dropout: f64,
 }
 
 impl PredictorConfig {
@@ -191,6 +196,12 @@ impl PredictorConfig {
         }
         if !(0.0..1.0).contains(&self.dropout) {
             return Err(format!("--dropout {} must be in [0, 1)", self.dropout));
+        }
+        if !(0.0..1.0).contains(&self.token_dropout) {
+            return Err(format!(
+                "--token-dropout {} must be in [0, 1)",
+                self.token_dropout
+            ));
         }
         Ok(())
     }

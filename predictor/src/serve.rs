@@ -3,7 +3,9 @@
 //! 1. `predict_next(token)` once the token is sampled: every layer's experts, before
 //!    the model runs it (its id and all earlier routing are the inputs);
 //! 2. `predict_lookahead(known)` while it runs: layers after the `known` ones;
-//! 3. `observe(token, routing)` when its routing is complete.
+//! 3. `observe(token, routing)` when its routing is complete;
+//! 4. `predict_next_unknown()` before the next token is sampled (predictors trained
+//!    with token-id dropout).
 //!
 //! Each token costs one backbone step with cached keys and values (a sliding window of
 //! `context` tokens); nothing is re-encoded.
@@ -116,8 +118,19 @@ impl OnlinePredictor {
         router_input: Option<&[f32]>,
         query: Query,
     ) -> Result<ExpertForecast> {
-        let r = self.p.card.config.routing;
         let h = self.step(token);
+        self.forecast(h, known, router_input, query)
+    }
+
+    /// Reads `query` off the backbone output `h` of the token being forecast.
+    fn forecast(
+        &self,
+        h: Tensor<2>,
+        known: &[&[u16]],
+        router_input: Option<&[f32]>,
+        query: Query,
+    ) -> Result<ExpertForecast> {
+        let r = self.p.card.config.routing;
         let dev = &self.p.device;
         let mut row = vec![0f32; r.width()];
         for (l, ids) in known.iter().enumerate() {
@@ -161,6 +174,43 @@ impl OnlinePredictor {
             horizon: cfg.routing.n_moe,
         };
         self.run_query(token, &[], None, q)
+    }
+
+    /// Every MoE layer of the token after the last observed one, before its id is
+    /// sampled (the unknown embedding row stands in for it; nothing is cached, so the
+    /// real id is read by [`OnlinePredictor::predict_next`] as usual). Meaningful for
+    /// predictors trained with token-id dropout
+    /// ([`crate::config::PredictorConfig::token_dropout`]).
+    pub fn predict_next_unknown(&mut self) -> Result<ExpertForecast> {
+        let cfg = &self.p.card.config;
+        if cfg.token_dropout <= 0.0 {
+            return Err(PredictorError::Invalid(
+                "this predictor was trained without --token-dropout: it cannot forecast a token before its id".into(),
+            ));
+        }
+        let (n_moe, buckets, width, d) = (
+            cfg.routing.n_moe,
+            cfg.token_buckets,
+            cfg.routing.width(),
+            cfg.d_model,
+        );
+        let dev = &self.p.device;
+        let tok = Tensor::<2, Int>::from_data(TensorData::new(vec![buckets as i64], [1, 1]), dev);
+        let prev = Tensor::<3>::from_data(
+            TensorData::new(self.prev_routing.clone(), [1, 1, width]),
+            dev,
+        );
+        let mut caches = self.caches.clone();
+        let h = self
+            .p
+            .model
+            .encode_step(tok, prev, &mut caches)
+            .reshape([1, d]);
+        let q = Query {
+            known: 0,
+            horizon: n_moe,
+        };
+        self.forecast(h, &[], None, q)
     }
 
     /// Layers after `known` (the current token's routing of layers `0..known.len()`)

@@ -12,7 +12,7 @@ use datasets::examples::{ExampleSet, Split, SplitConfig, Window};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::seq::{IndexedRandom, SliceRandom};
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::baselines::BaselineStats;
@@ -273,11 +273,12 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         let mut epoch_secs = 0.0;
         while prog.step_in_epoch < batches.len() && stop.is_none_or(|s| step < s) {
             let t0 = Instant::now();
-            let batch = set.batch_with(
+            let mut batch = set.batch_with(
                 batches[prog.step_in_epoch],
                 cfg.token_buckets,
                 cfg.features.hidden().then_some(cfg.router_input_dim),
             );
+            hide_token_ids(&mut batch.tokens, cfg, st.seed, step);
             let targets: u64 = batch
                 .target_mask
                 .chunks(cfg.routing.n_moe)
@@ -412,6 +413,22 @@ pub fn micro_f1(r: &EvalReport) -> f64 {
         0.0
     } else {
         num / den
+    }
+}
+
+/// Token-id dropout: each position's id becomes the unknown row with probability
+/// `token_dropout` (seeded per step), so the predictor learns to forecast a token whose
+/// id is not sampled yet.
+fn hide_token_ids(tokens: &mut [i64], cfg: &PredictorConfig, seed: u64, step: u64) {
+    if cfg.token_dropout <= 0.0 {
+        return;
+    }
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x7f4a_7c15_u64.wrapping_mul(step + 1));
+    let unknown = cfg.token_buckets as i64;
+    for t in tokens.iter_mut() {
+        if rng.random_bool(cfg.token_dropout) {
+            *t = unknown;
+        }
     }
 }
 

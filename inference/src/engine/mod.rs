@@ -17,7 +17,9 @@
 //!    read (**late**: the layer waits) or absent (**miss**: read on demand, ahead of the
 //!    queued prefetches); with `layer_forecasts`, a lookahead predictor then forecasts
 //!    layers `l+1..l+D` from the layers routed so far;
-//! 4. after the forward the predictor observes the token's routing.
+//! 4. after the forward the predictor observes the token's routing; one trained with
+//!    token-id dropout then forecasts the next token's layer 0 before its id is sampled,
+//!    and those `budget` experts are queued.
 //!
 //! Cache-aware routing adds `margin` to the selection score of every expert that is
 //! resident or arriving, so a cached expert replaces an uncached choice whose score is
@@ -525,6 +527,12 @@ impl RoutingObserver for OffloadEngine {
                     .collect();
                 let ids: Vec<Option<&[u16]>> = ids.iter().map(|x| x.as_deref()).collect();
                 p.observe(tok, &ids)?;
+            }
+            if p.predictor().card.config.token_dropout > 0.0 {
+                let f = p.predict_next_unknown()?;
+                for x in f.top(0, self.cfg.budget) {
+                    self.admit(x as usize, false);
+                }
             }
         }
         Ok(())
