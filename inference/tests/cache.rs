@@ -340,7 +340,7 @@ fn learned_plan_forecasts_the_next_token_before_its_id_only_when_trained_to() {
     let seqs = view.sequence_ranges();
     for token_dropout in [0.0, 0.2] {
         let out = dir.path().join(format!("p{token_dropout}"));
-        let shape = RoutingShape::of(&view.meta);
+        let shape = RoutingShape::of(view.meta);
         let config = PredictorConfig::new(shape, Task::Lookahead)
             .with_d_model(16)
             .with_n_layers(1)

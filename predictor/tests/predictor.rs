@@ -204,9 +204,9 @@ fn online_predictions_equal_the_batched_forward() {
         let out = dir.path().join(task.as_str());
         predictor::train(&options(trace.clone(), task, out.clone(), 1)).unwrap();
         assert_online_matches_batched(&out, &trace, None, |online, _, t, token, layers, q| {
-            match task {
-                Task::NextToken => online.predict_next(token),
-                Task::Lookahead => online.predict_lookahead(token, &layers[..q.known]),
+            match q.known {
+                0 => online.predict_next(token),
+                known => online.predict_lookahead(token, &layers[..known]),
             }
             .unwrap_or_else(|e| panic!("{task:?} token {t}: {e}"))
         });
@@ -215,7 +215,8 @@ fn online_predictions_equal_the_batched_forward() {
 
 /// Checks that the forecasts `forecast` makes online (token by token, observing each
 /// token's routing after it) equal the batched forward over the first test window of
-/// `trace`, to 1e-4 (`input_dim`: batch the router inputs too).
+/// `trace` for every query trained (next token first), to 1e-4 (`input_dim`: batch the
+/// router inputs too).
 fn assert_online_matches_batched(
     dir: &Path,
     trace: &Path,
@@ -236,7 +237,7 @@ fn assert_online_matches_batched(
     assert_eq!((w.start, w.first_target), (0, 0));
     let batch = set.batch_with(&[w], loaded.card.config.token_buckets, input_dim);
     let bt = BatchTensors::new(&batch, loaded.card.config.routing, &dev);
-    let queries = loaded.card.config.queries();
+    let queries = loaded.card.config.training_queries();
     let batched: Vec<Vec<f32>> = loaded
         .model
         .forward_queries(&bt, &queries)
@@ -375,7 +376,11 @@ fn hidden_features_learn_what_expert_ids_cannot() {
     for features in [Features::Ids, Features::Hidden] {
         let out = dir.path().join(features.as_str());
         let mut o = options(trace.clone(), Task::Lookahead, out.clone(), 10);
-        o.config = o.config.with_features(features).with_router_input_dim(DIM);
+        o.config = o
+            .config
+            .with_features(features)
+            .with_router_input_dim(DIM)
+            .with_token_dropout(0.2);
         predictor::train(&o).unwrap();
         let r = eval_test_split(&out, &trace);
         f1.push((f1_of(&r, "predictor", 1), f1_of(&r, "predictor", 2)));
@@ -392,6 +397,9 @@ fn hidden_features_learn_what_expert_ids_cannot() {
         &trace,
         Some(DIM),
         |online, view, t, token, layers, q| {
+            if q.known == 0 {
+                return online.predict_next(token).unwrap();
+            }
             let known = &layers[..q.known];
             assert!(
                 online.predict_lookahead(token, known).is_err(),
@@ -403,6 +411,9 @@ fn hidden_features_learn_what_expert_ids_cannot() {
                 .unwrap()
         },
     );
+    // Trained with token-id dropout, the forecast before the id equals the batched
+    // forward with that position's id hidden.
+    assert_unknown_id_matches_batched(&out, &trace);
     // A trace without router inputs is refused by name.
     let plain = rule_trace(
         &dir.path().join("plain.mctrace"),
@@ -510,7 +521,7 @@ fn token_dropout_forecasts_the_next_token_before_its_id() {
     o.config = o.config.with_token_dropout(0.3);
     predictor::train(&o).unwrap();
     let p = LoadedPredictor::load(&out, &dev).unwrap();
-    let set = ExampleSet::open(&[trace.clone()], &p.card.split).unwrap();
+    let set = ExampleSet::open(std::slice::from_ref(&trace), &p.card.split).unwrap();
     let view = set.view(0);
     let mut peeking = OnlinePredictor::new(p);
     let mut plain = OnlinePredictor::new(LoadedPredictor::load(&out, &dev).unwrap());
@@ -525,8 +536,8 @@ fn token_dropout_forecasts_the_next_token_before_its_id() {
             if t > s.tokens.start {
                 // The forecast before the id names the chain's next experts ...
                 let f = peeking.predict_next_unknown().unwrap();
-                for l in 0..LAYERS as usize {
-                    found += f.top(l, 2).iter().filter(|x| layers[l].contains(x)).count();
+                for (l, truth) in layers.iter().enumerate() {
+                    found += f.top(l, 2).iter().filter(|x| truth.contains(x)).count();
                     total += 2;
                 }
             }
@@ -541,4 +552,40 @@ fn token_dropout_forecasts_the_next_token_before_its_id() {
     }
     let recall = found as f64 / total as f64;
     assert!(recall > 0.75, "recall before the id {recall}");
+}
+
+/// Checks [`OnlinePredictor::predict_next_unknown`] at every position of the first test
+/// window of `trace` against the batched forward with that position's id hidden.
+fn assert_unknown_id_matches_batched(dir: &Path, trace: &Path) {
+    let dev = BackendKind::from_test_env().device();
+    let loaded = LoadedPredictor::load(dir, &dev).unwrap();
+    let c = loaded.card.config.clone();
+    let set = ExampleSet::open_for_test(&[trace.to_path_buf()], None).unwrap();
+    let w = set.windows(Split::Test, 16)[0];
+    let view = set.view(0);
+    let q = Query {
+        known: 0,
+        horizon: LAYERS as usize,
+    };
+    let batched: Vec<Vec<f32>> = (0..w.len)
+        .map(|t| {
+            let mut batch = set.batch_with(&[w], c.token_buckets, Some(c.router_input_dim));
+            batch.tokens[t] = c.token_buckets as i64;
+            let bt = BatchTensors::new(&batch, c.routing, &dev);
+            let z = loaded.model.forward_queries(&bt, &[q]).remove(0);
+            let width = LAYERS as usize * E as usize;
+            sigmoid(z.narrow(0, t, 1).reshape([width]))
+                .try_into_vec_as::<f32>()
+                .unwrap()
+        })
+        .collect();
+    let mut online = OnlinePredictor::new(loaded);
+    for (t, want) in batched.iter().enumerate() {
+        let f = online.predict_next_unknown().unwrap();
+        for (a, b) in f.probs.iter().zip(want) {
+            assert!((a - b).abs() < 1e-4, "token {t} before its id: {a} vs {b}");
+        }
+        let layers: Vec<Option<&[u16]>> = (0..LAYERS as usize).map(|m| view.layer(t, m)).collect();
+        online.observe(view.token[t], &layers).unwrap();
+    }
 }
