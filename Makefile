@@ -25,11 +25,13 @@ build:
 # cache with each eviction policy and prefetcher (timing-honest, the policy table) and a
 # sweep over cache sizes is plotted.
 # It uses the debug build shared with `make test` (tensor kernels are optimised even
-# there, see Cargo.toml), and steps that each use one core run side by side (the two
-# collections; training beside the statistics; the sweep beside the policy table, their
-# output shown after), so a fresh clone finishes in under 10 minutes on 2 cores. For the
-# time budget the predictor is narrower and trains shorter than `make demo-hidden`'s;
-# `make bench` measures speed with the optimised build.
+# there, see Cargo.toml), and steps that each use one core run side by side
+# (tools/side_by_side.sh: the two collections; training beside the statistics; the sweep
+# beside the policy table, their output shown after), so a fresh clone finishes in under
+# 10 minutes on 2 cores. For the time budget the predictor is narrower and trains
+# shorter than `make demo-hidden`'s; `make bench` measures speed with the optimised build.
+# Training hides 10% of the token ids (--token-dropout), so the predictor also forecasts
+# each next token's first layer before its id is sampled.
 MODEL  := checkpoints/tiny-moe
 # Cache simulation of the demo model: experts of 3 x 128 x 128 bf16 weights (96 KiB, as the
 # trace records from the checkpoint) move over a 16 GB/s link; 30 us of compute per layer.
@@ -37,19 +39,17 @@ SIM    := --bandwidth 16 --compute-us-per-layer 30
 demo:
 	$(CARGO) build
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
-	$(DBG) collect --model $(MODEL) --prompts prompts/heldout.txt --samples 4 --max-new-tokens 100 --temperature 0.8 --seed 1000 --hidden-states -o $(DEMO)/heldout.mctrace > $(DEMO)/collect-heldout.log 2>&1 & pid=$$!; \
-	$(DBG) collect --model $(MODEL) --prompts prompts/demo.txt --samples 6 --max-new-tokens 100 --temperature 0.8 --seed 0 --hidden-states -o $(DEMO)/tiny-moe.mctrace; st=$$?; \
-	wait $$pid; st2=$$?; cat $(DEMO)/collect-heldout.log; test $$st = 0 && test $$st2 = 0
-	$(DBG) train --trace $(DEMO)/tiny-moe.mctrace --task lookahead --features hidden --hidden-width 256 --dropout 0.2 --test-fraction 0 --epochs 10 --batch-size 4 --warmup-steps 50 -o $(DEMO)/predictor > $(DEMO)/train.log 2>&1 & pid=$$!; \
-	$(DBG) trace convert $(DEMO)/tiny-moe.mctrace -o $(DEMO)/tiny-moe.parquet && \
-	$(DBG) trace stats $(DEMO)/tiny-moe.mctrace --plot $(DEMO)/plots && \
-	$(DBG) trace stats $(DEMO)/tiny-moe.mctrace --json > $(DEMO)/stats.json; st=$$?; \
-	wait $$pid; st2=$$?; cat $(DEMO)/train.log; test $$st = 0 && test $$st2 = 0
+	tools/side_by_side.sh $(DEMO)/collect-heldout.log \
+	  "$(DBG) collect --model $(MODEL) --prompts prompts/heldout.txt --samples 4 --max-new-tokens 100 --temperature 0.8 --seed 1000 --hidden-states -o $(DEMO)/heldout.mctrace" \
+	  "$(DBG) collect --model $(MODEL) --prompts prompts/demo.txt --samples 6 --max-new-tokens 100 --temperature 0.8 --seed 0 --hidden-states -o $(DEMO)/tiny-moe.mctrace"
+	tools/side_by_side.sh $(DEMO)/train.log \
+	  "$(DBG) train --trace $(DEMO)/tiny-moe.mctrace --task lookahead --features hidden --hidden-width 256 --dropout 0.2 --token-dropout 0.1 --test-fraction 0 --epochs 10 --batch-size 4 --warmup-steps 50 -o $(DEMO)/predictor" \
+	  "$(DBG) trace convert $(DEMO)/tiny-moe.mctrace -o $(DEMO)/tiny-moe.parquet && $(DBG) trace stats $(DEMO)/tiny-moe.mctrace --plot $(DEMO)/plots && $(DBG) trace stats $(DEMO)/tiny-moe.mctrace --json > $(DEMO)/stats.json"
 	$(DBG) eval --predictor $(DEMO)/predictor --trace $(DEMO)/heldout.mctrace --model $(MODEL) --json $(DEMO)/eval.json --plot $(DEMO)/plots
 	$(DBG) run --model $(MODEL) --prompts prompts/heldout.txt --max-new-tokens 32 --expert-cache 25% --predictor $(DEMO)/predictor --json $(DEMO)/run.json
-	$(DBG) simulate --trace $(DEMO)/heldout.mctrace --predictor $(DEMO)/predictor $(SIM) --sweep --policy lru,belady --prefetch none,learned,oracle --plot $(DEMO)/plots > $(DEMO)/sweep.txt 2> $(DEMO)/sweep.log & pid=$$!; \
-	$(DBG) simulate --trace $(DEMO)/heldout.mctrace --predictor $(DEMO)/predictor --model $(MODEL) $(SIM) --cache 10%,25% --policy lru,lfu,belady --prefetch none,previous,coactivation,activation,gate,learned,oracle --json $(DEMO)/simulate.json; st=$$?; \
-	wait $$pid; st2=$$?; cat $(DEMO)/sweep.log; test $$st = 0 && test $$st2 = 0
+	tools/side_by_side.sh $(DEMO)/sweep.log \
+	  "$(DBG) simulate --trace $(DEMO)/heldout.mctrace --predictor $(DEMO)/predictor $(SIM) --sweep --policy lru,belady --prefetch none,learned,oracle --plot $(DEMO)/plots > $(DEMO)/sweep.txt" \
+	  "$(DBG) simulate --trace $(DEMO)/heldout.mctrace --predictor $(DEMO)/predictor --model $(MODEL) $(SIM) --cache 10%,25% --policy lru,lfu,belady --prefetch none,previous,coactivation,activation,gate,learned,oracle --json $(DEMO)/simulate.json"
 	@echo "demo outputs in $(DEMO)/: traces (.mctrace, .parquet), stats.json, predictor/, eval.json, simulate.json, sweep.txt, run.json, plots/"
 
 # Activation-aware prediction on the demo model, all feature sets (`make demo` trains only
@@ -59,8 +59,10 @@ demo:
 # cross-layer gate baseline (the model's own gates), and the cache simulation with the
 # gate and the hidden-state predictor as prefetchers, then again with a third of each
 # layer's time spent in attention before it routes, where the pre-attention gate can
-# prefetch, and last with 4 experts prefetched per predicted layer (both timings). About
-# 6 minutes after the build.
+# prefetch, and last with 4 experts prefetched per predicted layer, for the next layer
+# only (--horizon 1: at that budget the next layer's reads fill the link and a 10%
+# cache), both timings. Every predictor hides 10% of the token ids in training, so it
+# also forecasts each next token's layer 0 before the id. About 6 minutes after the build.
 HID    := runs/demo-hidden
 demo-hidden:
 	$(CARGO) build
@@ -69,13 +71,13 @@ demo-hidden:
 	$(DBG) collect --model $(MODEL) --prompts prompts/heldout.txt --samples 4 --max-new-tokens 100 --temperature 0.8 --seed 1000 --hidden-states -o $(HID)/heldout.mctrace
 	$(DBG) trace info $(HID)/tiny-moe.mctrace | tail -8
 	for fd in ids:0 hidden:0.2 ids+hidden:0.2; do f=$${fd%:*}; \
-	  $(DBG) train --trace $(HID)/tiny-moe.mctrace --task lookahead --features $$f --dropout $${fd#*:} --test-fraction 0 --epochs 12 --batch-size 4 --warmup-steps 50 --quiet -o $(HID)/predictor-$$f && \
+	  $(DBG) train --trace $(HID)/tiny-moe.mctrace --task lookahead --features $$f --dropout $${fd#*:} --token-dropout 0.1 --test-fraction 0 --epochs 12 --batch-size 4 --warmup-steps 50 --quiet -o $(HID)/predictor-$$f && \
 	  $(DBG) eval --predictor $(HID)/predictor-$$f --trace $(HID)/heldout.mctrace --model $(MODEL) --quiet --json $(HID)/eval-$$f.json --plot $(HID)/plots-$$f || exit 1; \
 	done
 	$(DBG) simulate --trace $(HID)/heldout.mctrace --predictor $(HID)/predictor-hidden --model $(MODEL) $(SIM) --cache 10%,25% --policy lru,belady --prefetch none,coactivation,gate,learned,oracle --json $(HID)/simulate.json
 	$(DBG) simulate --trace $(HID)/heldout.mctrace --predictor $(HID)/predictor-hidden --model $(MODEL) --bandwidth 16 --compute-us-per-layer 20 --attention-us-per-layer 10 --cache 10%,25% --policy lru --prefetch none,gate,pre-attention,learned,gate+pre-attention,learned+pre-attention,oracle --json $(HID)/simulate-attention.json
-	$(DBG) simulate --trace $(HID)/heldout.mctrace --predictor $(HID)/predictor-hidden --model $(MODEL) $(SIM) --budget 4 --cache 10%,25% --policy lru --prefetch gate,learned,oracle --json $(HID)/simulate-budget4.json
-	$(DBG) simulate --trace $(HID)/heldout.mctrace --predictor $(HID)/predictor-hidden --model $(MODEL) --bandwidth 16 --compute-us-per-layer 20 --attention-us-per-layer 10 --budget 4 --cache 10%,25% --policy lru --prefetch learned,learned+pre-attention,oracle --json $(HID)/simulate-attention-budget4.json
+	$(DBG) simulate --trace $(HID)/heldout.mctrace --predictor $(HID)/predictor-hidden --model $(MODEL) $(SIM) --budget 4 --horizon 1 --cache 10%,25% --policy lru --prefetch gate,learned,oracle --json $(HID)/simulate-budget4.json
+	$(DBG) simulate --trace $(HID)/heldout.mctrace --predictor $(HID)/predictor-hidden --model $(MODEL) --bandwidth 16 --compute-us-per-layer 20 --attention-us-per-layer 10 --budget 4 --horizon 1 --cache 10%,25% --policy lru --prefetch learned,learned+pre-attention,oracle --json $(HID)/simulate-attention-budget4.json
 
 test:
 	$(CARGO) test --workspace

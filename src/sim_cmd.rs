@@ -342,11 +342,18 @@ pub(crate) fn simulate_cmd(a: SimulateArgs) -> Result<()> {
         );
     }
     if let Some(path) = &a.json {
+        let settings = serde_json::json!({
+            "bandwidth_gbps": a.bandwidth, "expert_bytes": expert_bytes,
+            "compute_us_per_layer": a.compute_us_per_layer,
+            "attention_us_per_layer": a.attention_us_per_layer,
+            "link_order": if a.link_order == LinkOrder::Issue { "issue" } else { "deadline" },
+            "budget": budget, "horizon": a.horizon, "per_layer_cache": a.per_layer,
+        });
         let rows: Vec<serde_json::Value> = results
             .iter()
             .map(|(size, r, u)| {
                 serde_json::json!({
-                    "cache": size, "timed": r, "untimed": u,
+                    "cache": size, "settings": settings, "timed": r, "untimed": u,
                     "hit_rate": r.hit_rate(), "untimed_hit_rate": u.hit_rate(),
                     "tokens_per_s": r.tokens_per_s(), "stall_us_per_token": r.stall_us_per_token(),
                 })

@@ -403,6 +403,13 @@ fn simulate_policies_and_prefetchers() {
             (0.0..=1.0).contains(&h) && u + 1e-12 >= h,
             "untimed prefetch is never later: {r}"
         );
+        // The settings it ran with, and where the hits are, layer by layer.
+        assert_eq!(r["settings"]["expert_bytes"], 10000.0, "{r}");
+        assert_eq!(r["settings"]["link_order"], "deadline", "{r}");
+        let layers = r["timed"]["per_layer"].as_array().unwrap();
+        let hits: u64 = layers.iter().map(|l| l["hits"].as_u64().unwrap()).sum();
+        assert_eq!(layers.len(), 4, "{r}");
+        assert_eq!(hits, r["timed"]["hits"].as_u64().unwrap(), "{r}");
     }
     let fail = |args: &[&str], want: &str| {
         let out = moecast(args);

@@ -2,7 +2,8 @@
 //! compare. Each builder uses only what exists at the moment its prefetch is issued,
 //! except the oracle, which reads the future on purpose: it is the physical limit.
 //!
-//! - `oracle`: the true experts of the next layer, one layer ahead;
+//! - `oracle`: the true experts of the next layer, one layer ahead (a token's layer 0
+//!   after the previous token's last layer);
 //! - `previous`: at a token's start, every layer's experts of the previous token;
 //! - `coactivation`: after layer `l`, the experts of layers `l+1..l+D` that most often
 //!   co-occurred with layer `l`'s choice (counts fitted on training traces);
@@ -80,7 +81,8 @@ fn push_layer(out: &mut Vec<u32>, layer: usize, e: usize, experts: &[u16]) {
     out.extend(experts.iter().map(|&x| (layer * e + x as usize) as u32));
 }
 
-/// The oracle: one layer ahead, the true experts (the next token's layer 0 at its start).
+/// The oracle: one layer ahead, the true experts (a token's layer 0 after the previous
+/// token's last layer; at a sequence's start, at the token's start).
 pub fn oracle(view: &TraceView<'_>, seqs: &[std::ops::Range<usize>]) -> PrefetchPlan {
     let (m, e) = (view.meta.n_moe(), view.meta.n_experts as usize);
     let mut plan = PrefetchPlan::empty("oracle", view.n_tokens(), m);
@@ -88,7 +90,11 @@ pub fn oracle(view: &TraceView<'_>, seqs: &[std::ops::Range<usize>]) -> Prefetch
         for t in r.clone() {
             for next in 0..m {
                 if let Some(ids) = view.layer(t, next) {
-                    push_layer(plan.at_mut(t, next), next, e, ids);
+                    let at = match (next, t > r.start) {
+                        (0, true) => plan.at_mut(t - 1, m),
+                        _ => plan.at_mut(t, next),
+                    };
+                    push_layer(at, next, e, ids);
                 }
             }
         }
