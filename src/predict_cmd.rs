@@ -277,7 +277,12 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
         early,
         progress: !a.quiet,
     };
-    let report = predictor::evaluate(&p.model, p.baselines.as_ref(), &set, split, &device, &opts)?;
+    let mut report =
+        predictor::evaluate(&p.model, p.baselines.as_ref(), &set, split, &device, &opts)?;
+    if p.card.config.token_dropout > 0.0 {
+        let mut online = predictor::OnlinePredictor::new(p);
+        eval::score_before_id(&mut report, &mut online, &set, split)?;
+    }
     print!("{}", eval::render_table(&report));
     if let Some(path) = &a.json {
         let json = serde_json::to_string_pretty(&report)?;

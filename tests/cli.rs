@@ -672,6 +672,8 @@ fn router_inputs_feed_the_cross_layer_gate_in_eval_and_simulate() {
         &json,
     ]);
     assert!(said.contains("cross-layer gate"), "{said}");
+    // Trained with token-id dropout: the forecast before the id is scored too.
+    assert!(said.contains("next token, before its id"), "{said}");
     // The pre-attention gate forecasts one block ahead: the +1 group only.
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();

@@ -235,6 +235,63 @@ pub fn evaluate(
     })
 }
 
+/// Name of the group [`score_before_id`] adds.
+pub const BEFORE_ID_GROUP: &str = "next token, before its id";
+
+/// Adds the group [`BEFORE_ID_GROUP`] to `report`: every layer of each token of the
+/// `split` sequences (after the first), forecast by `online` after the previous token
+/// and before the token's id ([`OnlinePredictor::predict_next_unknown`], predictors
+/// trained with token-id dropout), streamed token by token as a runtime asks it, beside
+/// the baselines that never read the id (previous-token reuse, frequency).
+pub fn score_before_id(
+    report: &mut EvalReport,
+    online: &mut crate::OnlinePredictor,
+    set: &ExampleSet,
+    split: Split,
+) -> Result<()> {
+    let shape = online.predictor().card.config.routing;
+    let (m, e, k) = (shape.n_moe, shape.n_experts, shape.top_k);
+    let stats = online.predictor().baselines.clone();
+    let mut counts: Vec<LayerCounts> = report
+        .methods
+        .iter()
+        .map(|_| LayerCounts::new(m, e, k, report.budget))
+        .collect();
+    let slot = |name: &str| report.methods.iter().position(|mr| mr.method == name);
+    let (previous, frequency) = (slot("previous-token"), slot("frequency"));
+    let mut ranking = Vec::new();
+    for seq in set.split(split) {
+        let view = set.view(seq.trace);
+        online.reset();
+        for t in seq.tokens.clone() {
+            let layers: Vec<Option<&[u16]>> = (0..m).map(|l| view.layer(t, l)).collect();
+            if t > seq.tokens.start {
+                let f = online.predict_next_unknown()?;
+                for (l, truth) in layers.iter().enumerate() {
+                    let Some(truth) = truth else { continue };
+                    rank_top(f.layer(l), report.budget, &mut ranking);
+                    counts[0].add(l, &ranking, truth);
+                    let Some(st) = &stats else { continue };
+                    if let Some(i) = previous {
+                        st.rank_previous(l, view.layer(t - 1, l), report.budget, &mut ranking);
+                        counts[i].add(l, &ranking, truth);
+                    }
+                    if let Some(i) = frequency {
+                        st.rank_frequency(l, report.budget, &mut ranking);
+                        counts[i].add(l, &ranking, truth);
+                    }
+                }
+            }
+            online.observe(view.token[t], &layers)?;
+        }
+    }
+    report.groups.push(BEFORE_ID_GROUP.into());
+    for (mr, c) in report.methods.iter_mut().zip(&counts) {
+        mr.groups.push(group_report(c));
+    }
+    Ok(())
+}
+
 /// The gate baselines being scored, with their method slots.
 #[derive(Clone, Copy)]
 struct GateMethods<'a> {

@@ -552,6 +552,17 @@ fn token_dropout_forecasts_the_next_token_before_its_id() {
     }
     let recall = found as f64 / total as f64;
     assert!(recall > 0.75, "recall before the id {recall}");
+
+    // `eval` scores the same forecasts as a group of their own, beside the baselines
+    // that never read the id.
+    let mut report = eval_test_split(&out, &trace);
+    let mut online = OnlinePredictor::new(LoadedPredictor::load(&out, &dev).unwrap());
+    predictor::eval::score_before_id(&mut report, &mut online, &set, Split::Test).unwrap();
+    let g = report.groups.len() - 1;
+    assert_eq!(report.groups[g], predictor::eval::BEFORE_ID_GROUP);
+    let f1 = f1_of(&report, "predictor", g);
+    assert!((f1 - recall).abs() < 1e-9, "eval {f1} vs by hand {recall}");
+    assert!(f1_of(&report, "previous-token", g) < 0.5);
 }
 
 /// Checks [`OnlinePredictor::predict_next_unknown`] at every position of the first test
