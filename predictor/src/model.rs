@@ -66,15 +66,40 @@ pub struct ExpertPredictor {
     pub out_norm: LayerNorm,
     /// `[d, n_moe * n_experts]`: per-layer output weights, layer-major columns.
     pub output: Linear,
-    /// Router input -> query contribution (`router_input_dim -> w -> d`, SiLU, with a
-    /// learned bias per source layer before the SiLU), when the features read router
-    /// inputs.
-    pub hidden_in: Option<Linear>,
-    /// `[n_moe, w]`: which layer the router input comes from.
-    pub hidden_layer: Option<Embedding>,
-    pub hidden_out: Option<Linear>,
+    /// Router input -> query contribution, when the features read router inputs.
+    pub router_input_map: Option<RouterInputMap>,
     #[module(skip)]
     pub config: PredictorConfig,
+}
+
+/// A router input's contribution to a query: `router_input_dim -> w -> d`, SiLU, with a
+/// learned bias per source layer before the SiLU.
+#[derive(Module, Debug)]
+pub struct RouterInputMap {
+    pub input: Linear,
+    /// `[n_moe, w]`: which layer the router input comes from.
+    pub layer: Embedding,
+    pub output: Linear,
+}
+
+impl RouterInputMap {
+    fn new(c: &PredictorConfig, device: &Device) -> Self {
+        RouterInputMap {
+            input: LinearConfig::new(c.router_input_dim, c.hidden_width).init(device),
+            layer: EmbeddingConfig::new(c.routing.n_moe, c.hidden_width).init(device),
+            output: LinearConfig::new(c.hidden_width, c.d_model).init(device),
+        }
+    }
+
+    /// `x` `[n, router_input_dim]` of MoE layer `layer` -> `[n, d]`.
+    fn forward(&self, x: Tensor<2>, layer: usize) -> Tensor<2> {
+        let z = self.input.forward(x);
+        let id =
+            Tensor::<2, Int>::from_data(TensorData::new(vec![layer as i64], [1, 1]), &z.device());
+        let [_, w] = z.dims();
+        let bias = self.layer.forward(id).reshape([1, w]);
+        self.output.forward(silu(z + bias))
+    }
 }
 
 /// ALiBi slopes of `heads` heads: `2^(-8 (h+1) / heads)`.
@@ -173,17 +198,10 @@ impl ExpertPredictor {
             head_out: LinearConfig::new(2 * d, d).init(device),
             out_norm: LayerNormConfig::new(d).init(device),
             output: LinearConfig::new(d, width).init(device),
-            hidden_in: config.features.hidden().then(|| {
-                LinearConfig::new(config.router_input_dim, config.hidden_width).init(device)
-            }),
-            hidden_layer: config
+            router_input_map: config
                 .features
                 .hidden()
-                .then(|| EmbeddingConfig::new(r.n_moe, config.hidden_width).init(device)),
-            hidden_out: config
-                .features
-                .hidden()
-                .then(|| LinearConfig::new(config.hidden_width, d).init(device)),
+                .then(|| RouterInputMap::new(config, device)),
             config: config.clone(),
         }
     }
@@ -271,15 +289,7 @@ impl ExpertPredictor {
     /// The query contribution of router inputs `x` `[n, router_input_dim]` of MoE layer
     /// `layer` (none when the features do not read them).
     pub fn hidden_prefix(&self, x: Tensor<2>, layer: usize) -> Option<Tensor<2>> {
-        let (i, o) = (self.hidden_in.as_ref()?, self.hidden_out.as_ref()?);
-        let mut z = i.forward(x);
-        if let Some(emb) = &self.hidden_layer {
-            let device = z.device();
-            let id =
-                Tensor::<2, Int>::from_data(TensorData::new(vec![layer as i64], [1, 1]), &device);
-            z = z + emb.forward(id).reshape([1, self.config.hidden_width]);
-        }
-        Some(o.forward(silu(z)))
+        Some(self.router_input_map.as_ref()?.forward(x, layer))
     }
 
     /// The query input of the known layers: the ids prefix (`ids`, the query's entry of
