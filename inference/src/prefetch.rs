@@ -246,8 +246,8 @@ pub fn pre_attention(
 
 /// The learned predictor: next-token forecasts at a token's start (all layers; layer 0
 /// only for lookahead predictors), and for lookahead predictors after each layer (layers
-/// `l+1..l+D`, `D` at most `horizon`); with token-id dropout also the next token's layer 0 after the last
-/// layer (id not yet sampled); `budget` experts per layer.
+/// `l+1..l+D`, `D` at most `horizon`); with token-id dropout also the next token's
+/// layer 0 after the last layer (id not yet sampled); `budget` experts per layer.
 pub fn learned(
     view: &TraceView<'_>,
     seqs: &[std::ops::Range<usize>],

@@ -19,13 +19,12 @@ use rand::{Rng, SeedableRng};
 const E: u32 = 8;
 const LAYERS: u32 = 4;
 
-/// Next-token rule: token `x` uses experts `{x, x+3} mod E` at layer `m`, shifted by
-/// `m`. Lookahead rule: layer 0 is random; layer `m+1` is layer `m` shifted by `m+1`.
-fn rule_trace(path: &Path, rule: Task, seqs: usize, len: usize, seed: u64) -> PathBuf {
-    let meta = TraceMeta {
+/// Trace metadata of the rule traces: `LAYERS` MoE layers of `E` experts, top-2.
+fn rule_meta(model: &str, router_input_dim: Option<u32>) -> TraceMeta {
+    TraceMeta {
         router_logits: false,
-        router_input_dim: None,
-        model: "rule".into(),
+        router_input_dim,
+        model: model.into(),
         architecture: None,
         n_layers: LAYERS,
         moe_layers: (0..LAYERS).collect(),
@@ -36,8 +35,13 @@ fn rule_trace(path: &Path, rule: Task, seqs: usize, len: usize, seed: u64) -> Pa
         tokenizer: None,
         ranked: false,
         expert_bytes: None,
-    };
-    let mut b = TraceBuilder::new(meta, false).unwrap();
+    }
+}
+
+/// Next-token rule: token `x` uses experts `{x, x+3} mod E` at layer `m`, shifted by
+/// `m`. Lookahead rule: layer 0 is random; layer `m+1` is layer `m` shifted by `m+1`.
+fn rule_trace(path: &Path, rule: Task, seqs: usize, len: usize, seed: u64) -> PathBuf {
+    let mut b = TraceBuilder::new(rule_meta("rule", None), false).unwrap();
     let mut rng = StdRng::seed_from_u64(seed);
     for s in 0..seqs {
         for pos in 0..len {
@@ -319,22 +323,7 @@ const DIM: usize = 8;
 /// a one-hot of layer `m + 1`'s first expert (plus noise): only the router input tells
 /// what comes next.
 fn hidden_rule_trace(path: &Path, seqs: usize, len: usize, seed: u64) -> PathBuf {
-    let meta = TraceMeta {
-        router_logits: false,
-        router_input_dim: Some(DIM as u32),
-        model: "hidden-rule".into(),
-        architecture: None,
-        n_layers: LAYERS,
-        moe_layers: (0..LAYERS).collect(),
-        n_experts: E,
-        top_k: 2,
-        n_shared_experts: 0,
-        source: None,
-        tokenizer: None,
-        ranked: false,
-        expert_bytes: None,
-    };
-    let mut b = TraceBuilder::new(meta, false).unwrap();
+    let mut b = TraceBuilder::new(rule_meta("hidden-rule", Some(DIM as u32)), false).unwrap();
     let mut rng = StdRng::seed_from_u64(seed);
     for s in 0..seqs {
         for pos in 0..len {
@@ -449,22 +438,7 @@ fn hidden_features_learn_what_expert_ids_cannot() {
 /// unknown row), one trained to do without them reads the chain from the routing before
 /// the id is sampled (about 0.85 is possible).
 fn chain_trace(path: &Path, seqs: usize, len: usize, seed: u64) -> PathBuf {
-    let meta = TraceMeta {
-        router_logits: false,
-        router_input_dim: None,
-        model: "chain".into(),
-        architecture: None,
-        n_layers: LAYERS,
-        moe_layers: (0..LAYERS).collect(),
-        n_experts: E,
-        top_k: 2,
-        n_shared_experts: 0,
-        source: None,
-        tokenizer: None,
-        ranked: false,
-        expert_bytes: None,
-    };
-    let mut b = TraceBuilder::new(meta, false).unwrap();
+    let mut b = TraceBuilder::new(rule_meta("chain", None), false).unwrap();
     let mut rng = StdRng::seed_from_u64(seed);
     for s in 0..seqs {
         let mut first = rng.random_range(0..E);
