@@ -95,10 +95,13 @@ test-real:
 
 # The runtime's transformers-parity tests and the predictor's tests on burn-wgpu. Without a GPU, Mesa's lavapipe
 # (apt-get install mesa-vulkan-drivers libvulkan1) runs them on the CPU.
+# One test at a time: burn-cubecl's seed is process-wide (cubek::random::seed ignores the
+# device), so tests training side by side would draw from each other's generator and the
+# resume-equals-uninterrupted test could not hold.
 test-wgpu:
 	mkdir -p $${XDG_RUNTIME_DIR:-/tmp/moecast-xdg}
 	XDG_RUNTIME_DIR=$${XDG_RUNTIME_DIR:-/tmp/moecast-xdg} MOECAST_TEST_DEVICE=wgpu \
-	  $(CARGO) test --workspace --features wgpu --test hf_parity --test predictor
+	  $(CARGO) test --workspace --features wgpu --test hf_parity --test predictor -- --test-threads=1
 
 # The transformers hook (collector/python/moecast_hook.py) against `moecast collect` on
 # every fixture architecture; needs torch and transformers (pip install torch
