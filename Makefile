@@ -26,9 +26,9 @@ build:
 # sweep over cache sizes is plotted.
 # It uses the debug build shared with `make test` (tensor kernels are optimised even
 # there, see Cargo.toml), and steps that each use one core run side by side
-# (tools/side_by_side.sh: the two collections; training beside the statistics; the sweep
-# beside the policy table, their output shown after), so a fresh clone finishes in under
-# 10 minutes on 2 cores. For the time budget the predictor is narrower and trains
+# (tools/side_by_side.sh: the two collections; training beside the statistics; the
+# engine run beside the evaluation; the sweep beside the policy table, their output shown
+# after), so a fresh clone finishes in under 10 minutes on 2 cores. For the time budget the predictor is narrower and trains
 # shorter than `make demo-hidden`'s; `make bench` measures speed with the optimised build.
 # Training hides 10% of the token ids (--token-dropout), so the predictor also forecasts
 # each next token's first layer before its id is sampled.
@@ -45,8 +45,9 @@ demo:
 	tools/side_by_side.sh $(DEMO)/train.log \
 	  "$(DBG) train --trace $(DEMO)/tiny-moe.mctrace --task lookahead --features hidden --hidden-width 256 --dropout 0.2 --token-dropout 0.1 --test-fraction 0 --epochs 10 --batch-size 4 --warmup-steps 50 -o $(DEMO)/predictor" \
 	  "$(DBG) trace convert $(DEMO)/tiny-moe.mctrace -o $(DEMO)/tiny-moe.parquet && $(DBG) trace stats $(DEMO)/tiny-moe.mctrace --plot $(DEMO)/plots && $(DBG) trace stats $(DEMO)/tiny-moe.mctrace --json > $(DEMO)/stats.json"
-	$(DBG) eval --predictor $(DEMO)/predictor --trace $(DEMO)/heldout.mctrace --model $(MODEL) --json $(DEMO)/eval.json --plot $(DEMO)/plots
-	$(DBG) run --model $(MODEL) --prompts prompts/heldout.txt --max-new-tokens 32 --expert-cache 25% --predictor $(DEMO)/predictor --json $(DEMO)/run.json
+	tools/side_by_side.sh $(DEMO)/run.log \
+	  "$(DBG) run --model $(MODEL) --prompts prompts/heldout.txt --max-new-tokens 32 --expert-cache 25% --predictor $(DEMO)/predictor --json $(DEMO)/run.json" \
+	  "$(DBG) eval --predictor $(DEMO)/predictor --trace $(DEMO)/heldout.mctrace --model $(MODEL) --json $(DEMO)/eval.json --plot $(DEMO)/plots"
 	tools/side_by_side.sh $(DEMO)/sweep.log \
 	  "$(DBG) simulate --trace $(DEMO)/heldout.mctrace --predictor $(DEMO)/predictor $(SIM) --sweep --policy lru,belady --prefetch none,learned,oracle --plot $(DEMO)/plots > $(DEMO)/sweep.txt" \
 	  "$(DBG) simulate --trace $(DEMO)/heldout.mctrace --predictor $(DEMO)/predictor --model $(MODEL) $(SIM) --cache 10%,25% --policy lru,lfu,belady --prefetch none,previous,coactivation,activation,gate,learned,oracle --json $(DEMO)/simulate.json"
