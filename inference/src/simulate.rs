@@ -179,13 +179,6 @@ pub struct LayerOutcomes {
     pub misses: u64,
 }
 
-impl LayerOutcomes {
-    /// Hits over lookups.
-    pub fn hit_rate(&self) -> f64 {
-        self.hits as f64 / (self.hits + self.late + self.misses).max(1) as f64
-    }
-}
-
 impl SimReport {
     /// Hits over accesses (late prefetches are not hits).
     pub fn hit_rate(&self) -> f64 {

@@ -224,23 +224,24 @@ fn prefetch_timing_is_honest() {
     assert!(err.contains("capacity"), "{err}");
 }
 
+/// The plan ids (`layer * n_experts + expert`) of token `t`'s true experts at layer `l`.
+fn true_ids(view: &datasets::TraceView<'_>, t: usize, l: usize) -> Vec<u32> {
+    let e = view.meta.n_experts as usize;
+    let ids = view.layer(t, l).expect("every layer computed");
+    ids.iter().map(|&x| (l * e + x as usize) as u32).collect()
+}
+
 #[test]
 fn prefetches_before_attention_land_while_attention_runs() {
     let trace = one_sequence_trace();
     let view = trace.view();
     let seqs = view.sequence_ranges();
-    let (m, e) = (view.meta.n_moe(), view.meta.n_experts as usize);
+    let m = view.meta.n_moe();
     // Each layer's true experts, issued at the layer's start (an exact pre-attention gate).
     let mut exact = PrefetchPlan::empty("exact", view.n_tokens(), m);
     for t in 0..view.n_tokens() {
         for l in 0..m {
-            let ids: Vec<u32> = view
-                .layer(t, l)
-                .unwrap()
-                .iter()
-                .map(|&x| (l * e + x as usize) as u32)
-                .collect();
-            exact.before_attention_mut(t, l).extend(ids);
+            exact.before_attention_mut(t, l).extend(true_ids(&view, t, l));
         }
     }
     // Transfers take 1 us each (k per layer): without attention time every expert not
@@ -281,14 +282,12 @@ fn deadline_order_sends_the_nearest_layer_first() {
     let trace = one_sequence_trace();
     let view = trace.view();
     let seqs = view.sequence_ranges();
-    let (m, e) = (view.meta.n_moe(), view.meta.n_experts as usize);
+    let m = view.meta.n_moe();
     // At each token's start, the true experts of layers m-1, ..., 1: farthest first.
     let mut reversed = PrefetchPlan::empty("reversed", view.n_tokens(), m);
     for t in 0..view.n_tokens() {
         for l in (1..m).rev() {
-            let ids = view.layer(t, l).unwrap().iter();
-            let ids: Vec<u32> = ids.map(|&x| (l * e + x as usize) as u32).collect();
-            reversed.at_mut(t, 0).extend(ids);
+            reversed.at_mut(t, 0).extend(true_ids(&view, t, l));
         }
     }
     let mut issue = config(16, false, "lru", false);

@@ -92,23 +92,30 @@ impl OnlinePredictor {
                 return h.clone();
             }
         }
+        let mut caches = std::mem::take(&mut self.caches);
+        let h = self.encode(
+            token_bucket(token, self.p.card.config.token_buckets),
+            &mut caches,
+        );
+        self.caches = caches;
+        self.current = Some((token, h.clone()));
+        h
+    }
+
+    /// The backbone output for a position with token bucket `bucket` after the observed
+    /// tokens, appending its keys and values to `caches`.
+    fn encode(&self, bucket: i64, caches: &mut [BlockCache]) -> Tensor<2> {
         let cfg = &self.p.card.config;
         let dev = &self.p.device;
-        let tok = Tensor::<2, Int>::from_data(
-            TensorData::new(vec![token_bucket(token, cfg.token_buckets)], [1, 1]),
-            dev,
-        );
+        let tok = Tensor::<2, Int>::from_data(TensorData::new(vec![bucket], [1, 1]), dev);
         let prev = Tensor::<3>::from_data(
             TensorData::new(self.prev_routing.clone(), [1, 1, cfg.routing.width()]),
             dev,
         );
-        let h = self
-            .p
+        self.p
             .model
-            .encode_step(tok, prev, &mut self.caches)
-            .reshape([1, cfg.d_model]);
-        self.current = Some((token, h.clone()));
-        h
+            .encode_step(tok, prev, caches)
+            .reshape([1, cfg.d_model])
     }
 
     fn run_query(
@@ -181,31 +188,19 @@ impl OnlinePredictor {
     /// real id is read by [`OnlinePredictor::predict_next`] as usual). Meaningful for
     /// predictors trained with token-id dropout
     /// ([`crate::config::PredictorConfig::token_dropout`]).
-    pub fn predict_next_unknown(&mut self) -> Result<ExpertForecast> {
+    pub fn predict_next_unknown(&self) -> Result<ExpertForecast> {
         let cfg = &self.p.card.config;
         if cfg.token_dropout <= 0.0 {
             return Err(PredictorError::Invalid(
                 "this predictor was trained without --token-dropout: it cannot forecast a token before its id".into(),
             ));
         }
-        let (n_moe, buckets, width, d) = (
-            cfg.routing.n_moe,
-            cfg.token_buckets,
-            cfg.routing.width(),
-            cfg.d_model,
-        );
-        let dev = &self.p.device;
-        let tok = Tensor::<2, Int>::from_data(TensorData::new(vec![buckets as i64], [1, 1]), dev);
-        let prev = Tensor::<3>::from_data(
-            TensorData::new(self.prev_routing.clone(), [1, 1, width]),
-            dev,
-        );
+        let n_moe = cfg.routing.n_moe;
         let mut caches = self.caches.clone();
-        let h = self
-            .p
-            .model
-            .encode_step(tok, prev, &mut caches)
-            .reshape([1, d]);
+        let h = self.encode(
+            token_bucket(datasets::UNKNOWN_TOKEN, cfg.token_buckets),
+            &mut caches,
+        );
         let q = Query {
             known: 0,
             horizon: n_moe,

@@ -424,7 +424,7 @@ fn hide_token_ids(tokens: &mut [i64], cfg: &PredictorConfig, seed: u64, step: u6
         return;
     }
     let mut rng = StdRng::seed_from_u64(seed ^ 0x7f4a_7c15_u64.wrapping_mul(step + 1));
-    let unknown = cfg.token_buckets as i64;
+    let unknown = datasets::examples::token_bucket(datasets::UNKNOWN_TOKEN, cfg.token_buckets);
     for t in tokens.iter_mut() {
         if rng.random_bool(cfg.token_dropout) {
             *t = unknown;
