@@ -28,10 +28,10 @@ pub(crate) struct SimulateArgs {
     /// Sweep cache sizes 5%, 10%, ..., 50% (overrides --cache) and plot hit rate vs size.
     #[arg(long)]
     sweep: bool,
-    /// Eviction policies: lru, lfu, lfu:DECAY, belady; comma-separated.
+    /// Eviction policies: lru, lfu, lfu:DECAY, next-use, belady; comma-separated.
     #[arg(long, default_value = "lru", value_delimiter = ',')]
     policy: Vec<String>,
-    /// Prefetchers: none, previous, coactivation, activation, gate, learned, oracle; comma-separated.
+    /// Prefetchers: none, previous, coactivation, activation, gate, pre-attention, lens, learned, oracle; comma-separated (a+b: both).
     #[arg(long, default_value = "none", value_delimiter = ',')]
     prefetch: Vec<String>,
     /// Predictor directory (learned prefetch; its training baselines feed coactivation).
@@ -148,13 +148,16 @@ pub(crate) fn simulate_cmd(a: SimulateArgs) -> Result<()> {
     }
     // Loaded once: its baselines feed co-activation, the model feeds learned prefetch.
     let mut online = loaded.map(OnlinePredictor::new);
-    let needs_model = kinds
-        .iter()
-        .any(|k| matches!(k, PrefetchKind::Gate | PrefetchKind::PreAttention));
+    let needs_model = kinds.iter().any(|k| {
+        matches!(
+            k,
+            PrefetchKind::Gate | PrefetchKind::PreAttention | PrefetchKind::Lens
+        )
+    });
     let mut model = match (needs_model, &a.model) {
         (false, _) => None,
         (true, None) => bail!(
-            "--prefetch gate and pre-attention need --model DIR (the checkpoint the trace comes from)"
+            "--prefetch gate, pre-attention and lens need --model DIR (the checkpoint the trace comes from)"
         ),
         (true, Some(dir)) => Some(inference::MoeModel::load(
             &inference::Checkpoint::open(dir)?,
@@ -164,6 +167,15 @@ pub(crate) fn simulate_cmd(a: SimulateArgs) -> Result<()> {
     let gate = match (kinds.contains(&PrefetchKind::Gate), model.as_mut()) {
         (true, Some(model)) => {
             let g = inference::gate::GateForecaster::new(model);
+            g.check(m, e, meta.router_input_dim)
+                .with_context(|| a.trace.display().to_string())?;
+            Some(g)
+        }
+        _ => None,
+    };
+    let lens = match (kinds.contains(&PrefetchKind::Lens), model.as_ref()) {
+        (true, Some(model)) => {
+            let g = inference::gate::NextTokenGate::new(model)?;
             g.check(m, e, meta.router_input_dim)
                 .with_context(|| a.trace.display().to_string())?;
             Some(g)
@@ -237,6 +249,10 @@ pub(crate) fn simulate_cmd(a: SimulateArgs) -> Result<()> {
                     let logits = inference::gate::pre_attention_logits(model, &view)
                         .with_context(|| piece.display().to_string())?;
                     prefetch::pre_attention(&view, &seqs, &logits, budget)
+                }
+                PrefetchKind::Lens => {
+                    let g = lens.as_ref().context("next-token gate")?;
+                    prefetch::lens(&view, &seqs, g, budget)
                 }
                 PrefetchKind::Learned => {
                     let o = online.as_mut().context("learned predictor")?;

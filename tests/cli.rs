@@ -373,7 +373,7 @@ fn simulate_policies_and_prefetchers() {
         "--cache",
         "10%,32",
         "--policy",
-        "lru,belady",
+        "lru,next-use,belady",
         "--prefetch",
         "none,previous,activation,oracle",
         "--json",
@@ -382,9 +382,9 @@ fn simulate_policies_and_prefetchers() {
     assert_eq!(
         table
             .lines()
-            .filter(|l| l.contains("lru") || l.contains("belady"))
+            .filter(|l| ["lru", "next-use", "belady"].iter().any(|p| l.contains(p)))
             .count(),
-        2 * 2 * 4,
+        2 * 3 * 4,
         "{table}"
     );
     assert!(
@@ -393,7 +393,7 @@ fn simulate_policies_and_prefetchers() {
     );
     let rows: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    assert_eq!(rows.as_array().unwrap().len(), 16);
+    assert_eq!(rows.as_array().unwrap().len(), 24);
     for r in rows.as_array().unwrap() {
         let (h, u) = (
             r["hit_rate"].as_f64().unwrap(),
@@ -608,6 +608,26 @@ fn router_inputs_feed_the_cross_layer_gate_in_eval_and_simulate() {
         "gate {} none {}",
         hit("gate"),
         hit("none")
+    );
+    // The logit lens forecasts each next token's layer 0 after the token before it.
+    simulate("none,lens", &[]);
+    let rows: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let layer0 = |p: &str| {
+        let row = rows
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["timed"]["prefetch"] == p);
+        let l = &row.unwrap()["timed"]["per_layer"][0];
+        let n = |k: &str| l[k].as_f64().unwrap();
+        n("hits") / (n("hits") + n("late") + n("misses"))
+    };
+    assert!(
+        layer0("lens") > layer0("none") + 0.2,
+        "layer 0: lens {} none {}",
+        layer0("lens"),
+        layer0("none")
     );
     // With attention time before each layer's routing, the pre-attention gate prefetches
     // at the layer's start; alone and in union with the cross-layer gate.

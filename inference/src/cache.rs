@@ -14,6 +14,11 @@
 //! - **Belady / OPT**: key = minus the time of the next use (the expert needed furthest
 //!   in the future goes first); the caller supplies next-use times from the known
 //!   future, which makes it the bound of any demand-paging policy.
+//! - **next-use**: Belady with the future estimated ([`NextUseForecast`]): key = minus
+//!   the expected time of the next use. It knows that every layer comes round once per
+//!   token, so, unlike LRU, it does not evict the experts of the layer that is about to
+//!   run for those of the layer that just ran. The caller reports each layer's routing
+//!   ([`ExpertCache::visit`]) and each prefetch's target ([`ExpertCache::expect`]).
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -27,6 +32,8 @@ pub enum EvictionPolicy {
         decay: f64,
     },
     Belady,
+    /// Belady with the next use estimated from the layer cycle and past reuse gaps.
+    NextUse,
 }
 
 impl std::str::FromStr for EvictionPolicy {
@@ -37,6 +44,7 @@ impl std::str::FromStr for EvictionPolicy {
             "lru" => Ok(EvictionPolicy::Lru),
             "lfu" => Ok(EvictionPolicy::Lfu { decay: 0.0 }),
             "belady" | "opt" => Ok(EvictionPolicy::Belady),
+            "next-use" => Ok(EvictionPolicy::NextUse),
             _ => match s.strip_prefix("lfu:") {
                 Some(d) => d
                     .parse::<f64>()
@@ -45,7 +53,7 @@ impl std::str::FromStr for EvictionPolicy {
                     .map(|decay| EvictionPolicy::Lfu { decay })
                     .ok_or_else(|| format!("bad LFU decay in '{s}' (lfu:RATE, RATE >= 0)")),
                 None => Err(format!(
-                    "unknown eviction policy '{s}' (lru, lfu, lfu:DECAY, belady)"
+                    "unknown eviction policy '{s}' (lru, lfu, lfu:DECAY, belady, next-use)"
                 )),
             },
         }
@@ -160,6 +168,8 @@ pub struct ExpertCache {
     key: Vec<Key>,
     version: Vec<u32>,
     tick: u64,
+    /// Next-use estimates (next-use policy only).
+    forecast: Option<NextUseForecast>,
 }
 
 impl ExpertCache {
@@ -202,6 +212,8 @@ impl ExpertCache {
             key: vec![Key(f64::NEG_INFINITY, 0); total],
             version: vec![0; total],
             tick: 0,
+            forecast: (policy == EvictionPolicy::NextUse)
+                .then(|| NextUseForecast::new(n_layers, n_experts)),
         }
     }
 
@@ -244,6 +256,11 @@ impl ExpertCache {
     /// Records a use of `id` (resident or just inserted). `next_use` is the time of its
     /// next use (Belady only; `u64::MAX` when never).
     pub fn touch(&mut self, id: usize, next_use: u64) {
+        let next_use = self.forecast.as_ref().map_or(next_use, |f| f.next_use(id));
+        self.rekey(id, next_use);
+    }
+
+    fn rekey(&mut self, id: usize, next_use: u64) {
         self.tick += 1;
         let key = match self.policy {
             EvictionPolicy::Lru => Key(self.tick as f64, self.tick),
@@ -258,9 +275,35 @@ impl ExpertCache {
                 };
                 Key(k, self.tick)
             }
-            EvictionPolicy::Belady => Key(-(next_use as f64), self.tick),
+            EvictionPolicy::Belady | EvictionPolicy::NextUse => Key(-(next_use as f64), self.tick),
         };
         self.set_key(id, key);
+    }
+
+    /// Reports that MoE layer `layer` routed to `used` (call before their lookups). Only
+    /// the next-use policy listens: it learns the reuse gaps, and the layer's resident
+    /// experts, used or not, are now expected at a later visit.
+    pub fn visit(&mut self, layer: usize, used: &[usize]) {
+        let Some(f) = self.forecast.as_mut() else {
+            return;
+        };
+        f.visit(layer, used);
+        let e = self.n_experts;
+        for id in layer * e..(layer + 1) * e {
+            if self.resident[id] {
+                self.touch(id, 0);
+            }
+        }
+    }
+
+    /// Reports that resident `id` was prefetched for the coming visit of its layer. Only
+    /// the next-use policy listens: it expects the expert then.
+    pub fn expect(&mut self, id: usize) {
+        if let Some(next_use) = self.forecast.as_ref().map(|f| f.prefetched(id)) {
+            if self.resident[id] {
+                self.rekey(id, next_use);
+            }
+        }
     }
 
     /// Inserts `id` (not resident), evicting per the policy unless one of `pinned` would
@@ -307,5 +350,105 @@ impl ExpertCache {
         (0..self.resident.len())
             .filter(|&i| self.resident[i])
             .collect()
+    }
+}
+
+/// Estimated next use of every expert, for [`EvictionPolicy::NextUse`], in units of
+/// 1/1000 layer step (a step is one layer visit: one MoE layer of one token; a layer
+/// comes round every `n_layers` steps). Per layer it counts the gaps, in visits of the
+/// layer, between an expert's consecutive uses; an expert idle for `a` visits (never
+/// used: since the start) is expected back after the mean of the gaps longer than `a`,
+/// minus `a` (the mean residual life); when no gap that long was seen, after another
+/// `a` visits or one mean gap, whichever is longer (none seen at all: `n_experts`
+/// visits). A prefetched expert is expected at the coming visit of its layer.
+#[derive(Debug, Clone)]
+pub struct NextUseForecast {
+    n_layers: usize,
+    n_experts: usize,
+    /// Layer visits so far, and the layer of the latest.
+    step: u64,
+    layer: usize,
+    /// Per expert: the layer visit of its last use (`None`: never used).
+    last_use: Vec<Option<u32>>,
+    visits: Vec<u32>,
+    /// Per layer, the count of each gap 1..=MAX_GAP (longer ones count as MAX_GAP).
+    gaps: Vec<Vec<u32>>,
+    /// Per layer and `a`: the count and the sum of the gaps longer than `a`.
+    longer: Vec<Vec<(f64, f64)>>,
+}
+
+impl NextUseForecast {
+    const UNIT: f64 = 1000.0;
+    const MAX_GAP: usize = 256;
+
+    /// For `n_layers x n_experts` experts.
+    pub fn new(n_layers: usize, n_experts: usize) -> Self {
+        NextUseForecast {
+            n_layers,
+            n_experts,
+            step: 0,
+            layer: n_layers.saturating_sub(1),
+            last_use: vec![None; n_layers * n_experts],
+            visits: vec![0; n_layers],
+            gaps: vec![vec![0; Self::MAX_GAP + 1]; n_layers],
+            longer: vec![vec![(0.0, 0.0); Self::MAX_GAP + 1]; n_layers],
+        }
+    }
+
+    /// Records a visit of `layer` that used the experts `used`.
+    pub fn visit(&mut self, layer: usize, used: &[usize]) {
+        let v = self.visits[layer];
+        let mut counted = false;
+        for &id in used {
+            if let Some(last) = self.last_use[id] {
+                if last < v {
+                    self.gaps[layer][((v - last) as usize).min(Self::MAX_GAP)] += 1;
+                    counted = true;
+                }
+            }
+            self.last_use[id] = Some(v);
+        }
+        self.visits[layer] += 1;
+        self.step += 1;
+        self.layer = layer;
+        if counted {
+            let (gaps, longer) = (&self.gaps[layer], &mut self.longer[layer]);
+            let mut acc = (0.0, 0.0);
+            for a in (0..=Self::MAX_GAP).rev() {
+                longer[a] = acc;
+                acc.0 += gaps[a] as f64;
+                acc.1 += (a as f64) * gaps[a] as f64;
+            }
+        }
+    }
+
+    /// Estimated next use of `id`, as of its layer's latest visit.
+    pub fn next_use(&self, id: usize) -> u64 {
+        let l = id / self.n_experts;
+        let v = self.visits[l];
+        let idle = match self.last_use[id] {
+            Some(last) => v.saturating_sub(last + 1),
+            None => v,
+        } as usize;
+        let all = self.longer[l][0];
+        let visits = match self.longer[l].get(idle) {
+            Some(&(n, sum)) if n > 0.0 => sum / n - idle as f64,
+            _ if all.0 > 0.0 => (all.1 / all.0).max(idle as f64),
+            _ => self.n_experts as f64,
+        };
+        // The layer's latest visit was this many steps ago.
+        let since = (self.layer + self.n_layers - l) % self.n_layers;
+        self.at(visits * self.n_layers as f64 - since as f64)
+    }
+
+    /// The next use of `id` prefetched now: the coming visit of its layer.
+    pub fn prefetched(&self, id: usize) -> u64 {
+        let l = id / self.n_experts;
+        let ahead = (l + self.n_layers - self.layer - 1) % self.n_layers + 1;
+        self.at(ahead as f64)
+    }
+
+    fn at(&self, steps_ahead: f64) -> u64 {
+        ((self.step as f64 + steps_ahead.max(0.0)) * Self::UNIT) as u64
     }
 }

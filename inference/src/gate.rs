@@ -2,9 +2,15 @@
 //! to layer `l`'s router input (the cross-layer gate, as FATE does for `h = 1`). The
 //! residual stream changes little from one layer to the next, so a later gate read on an
 //! earlier input ranks that later layer's experts well, one or more layers ahead.
+//! [`NextTokenGate`] crosses the token boundary the same way: the LM head read at the
+//! last MoE layer's router input forecasts the next token, hence its first layer's
+//! experts, before the token is sampled.
+
+use burn::tensor::activation::softmax;
+use burn::tensor::{Tensor, TensorData};
 
 use crate::error::{ModelError, Result};
-use crate::layers::to_vec;
+use crate::layers::{to_vec, Dense};
 use crate::models::MoeModel;
 use crate::routing::RouterScoring;
 
@@ -48,24 +54,10 @@ impl GateForecaster {
 
     /// Checks that a trace's shape fits these gates.
     pub fn check(&self, n_moe: usize, n_experts: usize, input_dim: Option<u32>) -> Result<()> {
-        if (n_moe, n_experts) != (self.n_moe(), self.n_experts) {
-            return Err(ModelError::Input(format!(
-                "the model has {} MoE layers x {} experts, the trace {n_moe} x {n_experts}",
-                self.n_moe(),
-                self.n_experts
-            )));
-        }
-        match input_dim {
-            Some(d) if d as usize == self.hidden => Ok(()),
-            Some(d) => Err(ModelError::Input(format!(
-                "the trace's router inputs have {d} values, the model's gates read {}",
-                self.hidden
-            ))),
-            None => Err(ModelError::Input(
-                "the trace has no router inputs: collect it with `moecast collect --hidden-states`"
-                    .into(),
-            )),
-        }
+        check_trace(
+            (self.n_moe(), self.n_experts, self.hidden),
+            (n_moe, n_experts, input_dim),
+        )
     }
 
     /// Selection scores of MoE layer `target`'s experts for router input `x` (of any
@@ -82,6 +74,144 @@ impl GateForecaster {
                 .for_each(|(l, &wij)| *l += xi * wij);
         }
         scoring.selection_scores(&logits)
+    }
+}
+
+/// The next token's first-MoE-layer experts, forecast before its id exists. The logit
+/// lens: the last MoE layer's router input `x = norm_r(h)` is mapped back to the final
+/// norm's output, `norm_f(h) = x ⊙ w_f / w_r` (both are RMS norms of the same `h`), and
+/// the LM head turns it into a distribution `P(c)` over the next token; it misses only
+/// the last MoE block's output and any layer after it. Each candidate `c` routes, at the
+/// first MoE layer, like the layer's gate applied to its normalised embedding (its
+/// routing before attention; exact for the pre-attention gate of a first layer at
+/// decoder layer 0). Expert `e`'s score is `Σ_c P(c) [e ∈ topk(c)]`: the expected share
+/// of the next token's top-k it takes.
+#[derive(Debug, Clone)]
+pub struct NextTokenGate {
+    /// `w_f / w_r` per hidden unit (0 where `w_r` is 0).
+    rescale: Tensor<1>,
+    lm_head: Dense,
+    /// `[vocab, n_experts]`: 1 where the expert is among the candidate's top-k.
+    first_layer: Tensor<2>,
+    n_moe: usize,
+    hidden: usize,
+    n_experts: usize,
+}
+
+impl NextTokenGate {
+    /// Vocabulary rows per batch while the first layer's table is built.
+    const CHUNK: usize = 4096;
+
+    /// Reads the lens weights of `model` and tabulates every token's first-layer experts.
+    pub fn new(model: &MoeModel) -> Result<NextTokenGate> {
+        let shape = model.shape();
+        let parts = model.lens_parts();
+        let (Some(first), Some(last)) = (parts.first_moe, parts.router_norms.last()) else {
+            return Err(ModelError::Input("the model has no MoE layer".into()));
+        };
+        let (w_f, w_r) = (
+            to_vec(parts.final_norm.weight.clone()),
+            to_vec(last.weight.clone()),
+        );
+        let rescale: Vec<f32> = w_f
+            .iter()
+            .zip(&w_r)
+            .map(|(&f, &r)| if r == 0.0 { 0.0 } else { f / r })
+            .collect();
+        let device = parts.embed.device();
+        let [vocab, hidden] = parts.embed.dims();
+        let (e, k) = (shape.n_experts, shape.top_k);
+        let norm = parts.router_norms[0];
+        let mut table = vec![0f32; vocab * e];
+        let mut ranking = Vec::new();
+        for start in (0..vocab).step_by(Self::CHUNK) {
+            let end = (start + Self::CHUNK).min(vocab);
+            let x = norm.forward(parts.embed.clone().slice([start..end, 0..hidden]));
+            let logits = to_vec(first.router.forward(x));
+            for (i, row) in logits.chunks_exact(e).enumerate() {
+                predictor::metrics::rank_top(&first.scoring.selection_scores(row), k, &mut ranking);
+                for &x in &ranking {
+                    table[(start + i) * e + x as usize] = 1.0;
+                }
+            }
+        }
+        Ok(NextTokenGate {
+            rescale: Tensor::<1>::from_data(TensorData::new(rescale, [hidden]), &device),
+            lm_head: parts.lm_head.clone(),
+            first_layer: Tensor::<2>::from_data(TensorData::new(table, [vocab, e]), &device),
+            n_moe: parts.router_norms.len(),
+            hidden,
+            n_experts: e,
+        })
+    }
+
+    /// Scores of the first MoE layer's experts for the next token of each of `xs`, the
+    /// last MoE layer's router inputs (`[T, hidden]` row-major); `[T, n_experts]`.
+    pub fn scores(&self, xs: &[f32]) -> Vec<f32> {
+        match self.lens(xs) {
+            Some(p) => to_vec(p.matmul(self.first_layer.clone())),
+            None => Vec::new(),
+        }
+    }
+
+    /// The lens's next-token distribution for each of `xs`; `[T, vocab]`.
+    pub fn next_token_probs(&self, xs: &[f32]) -> Vec<f32> {
+        self.lens(xs).map(to_vec).unwrap_or_default()
+    }
+
+    /// The first MoE layer's experts of `token` (its routing before attention), ascending.
+    pub fn first_layer_experts(&self, token: u32) -> Vec<u16> {
+        let t = token as usize;
+        let row = to_vec(
+            self.first_layer
+                .clone()
+                .slice([t..t + 1, 0..self.n_experts]),
+        );
+        (0..self.n_experts as u16)
+            .filter(|&x| row[x as usize] > 0.0)
+            .collect()
+    }
+
+    fn lens(&self, xs: &[f32]) -> Option<Tensor<2>> {
+        let t = xs.len() / self.hidden;
+        if t == 0 {
+            return None;
+        }
+        let device = self.rescale.device();
+        let x = Tensor::<2>::from_data(
+            TensorData::new(xs[..t * self.hidden].to_vec(), [t, self.hidden]),
+            &device,
+        );
+        let x = x * self.rescale.clone().unsqueeze::<2>();
+        Some(softmax(self.lm_head.forward(x), 1))
+    }
+
+    /// Checks that a trace's shape fits this model.
+    pub fn check(&self, n_moe: usize, n_experts: usize, input_dim: Option<u32>) -> Result<()> {
+        check_trace(
+            (self.n_moe, self.n_experts, self.hidden),
+            (n_moe, n_experts, input_dim),
+        )
+    }
+}
+
+/// Checks a trace's (MoE layers, experts, router input width) against a model's.
+fn check_trace(model: (usize, usize, usize), trace: (usize, usize, Option<u32>)) -> Result<()> {
+    let ((m, e, hidden), (n_moe, n_experts, input_dim)) = (model, trace);
+    if (n_moe, n_experts) != (m, e) {
+        return Err(ModelError::Input(format!(
+            "the model has {m} MoE layers x {e} experts, the trace {n_moe} x {n_experts}"
+        )));
+    }
+    match input_dim {
+        Some(d) if d as usize == hidden => Ok(()),
+        Some(d) => Err(ModelError::Input(format!(
+            "the trace's router inputs have {d} values, the model's gates read {hidden}"
+        ))),
+        None => Err(ModelError::Input(
+            "the trace has no router inputs: collect it with `moecast collect --hidden-states`"
+                .into(),
+        )),
     }
 }
 

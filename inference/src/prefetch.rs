@@ -13,6 +13,9 @@
 //!   `l+1..l+D` applied to layer `l`'s router input (traces with router inputs);
 //! - `pre-attention`: at layer `l`'s start, before its attention, layer `l`'s gate
 //!   applied to the layer's input (the model replays the trace's token ids);
+//! - `lens`: after a token's last MoE layer, the next token's layer-0 experts from the
+//!   model's LM head read at that layer's router input (the logit lens, see
+//!   [`crate::gate::NextTokenGate`]), before the next token is sampled;
 //! - `learned`: the trained predictor: at a token's start (its id is known) every layer
 //!   (a lookahead predictor: layer 0); for lookahead predictors also after each layer,
 //!   layers `l+1..l+D`; for predictors trained with token-id dropout also after a
@@ -22,6 +25,7 @@ use datasets::TraceView;
 use predictor::baselines::BaselineStats;
 use predictor::{OnlinePredictor, Task};
 
+use crate::gate::NextTokenGate;
 use crate::simulate::PrefetchPlan;
 
 /// Which prefetcher.
@@ -34,18 +38,20 @@ pub enum PrefetchKind {
     Activation,
     Gate,
     PreAttention,
+    Lens,
     Learned,
 }
 
 impl PrefetchKind {
     /// All kinds, in report order.
-    pub const ALL: [PrefetchKind; 8] = [
+    pub const ALL: [PrefetchKind; 9] = [
         PrefetchKind::None,
         PrefetchKind::Previous,
         PrefetchKind::Coactivation,
         PrefetchKind::Activation,
         PrefetchKind::Gate,
         PrefetchKind::PreAttention,
+        PrefetchKind::Lens,
         PrefetchKind::Learned,
         PrefetchKind::Oracle,
     ];
@@ -59,6 +65,7 @@ impl PrefetchKind {
             PrefetchKind::Activation => "activation",
             PrefetchKind::Gate => "gate",
             PrefetchKind::PreAttention => "pre-attention",
+            PrefetchKind::Lens => "lens",
             PrefetchKind::Learned => "learned",
         }
     }
@@ -72,7 +79,7 @@ impl std::str::FromStr for PrefetchKind {
             .into_iter()
             .find(|k| k.as_str() == s)
             .ok_or_else(|| {
-                format!("unknown prefetcher '{s}' (none, previous, coactivation, activation, gate, pre-attention, learned, oracle)")
+                format!("unknown prefetcher '{s}' (none, previous, coactivation, activation, gate, pre-attention, lens, learned, oracle)")
             })
     }
 }
@@ -238,6 +245,33 @@ pub fn pre_attention(
                 }
                 predictor::metrics::rank_top(row, budget, &mut ranking);
                 push_layer(plan.before_attention_mut(t, l), l, e, &ranking);
+            }
+        }
+    }
+    plan
+}
+
+/// The logit-lens gate: after token `t`'s last MoE layer, the top `budget` experts of
+/// token `t + 1`'s layer 0 by `gate`'s scores of `t`'s last router input.
+pub fn lens(
+    view: &TraceView<'_>,
+    seqs: &[std::ops::Range<usize>],
+    gate: &NextTokenGate,
+    budget: usize,
+) -> PrefetchPlan {
+    let (m, e) = (view.meta.n_moe(), view.meta.n_experts as usize);
+    let mut plan = PrefetchPlan::empty("lens", view.n_tokens(), m);
+    let mut ranking = Vec::new();
+    for r in seqs {
+        let inputs: Vec<(usize, Vec<f32>)> = (r.start..r.end.saturating_sub(1))
+            .filter_map(|t| view.router_input_f32(t, m - 1).map(|x| (t, x)))
+            .collect();
+        for batch in inputs.chunks(256) {
+            let xs: Vec<f32> = batch.iter().flat_map(|(_, x)| x.iter().copied()).collect();
+            let scores = gate.scores(&xs);
+            for ((t, _), row) in batch.iter().zip(scores.chunks_exact(e)) {
+                predictor::metrics::rank_top(row, budget, &mut ranking);
+                push_layer(plan.at_mut(*t, m), 0, e, &ranking);
             }
         }
     }

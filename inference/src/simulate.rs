@@ -127,7 +127,7 @@ pub struct SimConfig {
     /// Resident experts in all layers together.
     pub capacity: usize,
     pub per_layer: bool,
-    /// `lru`, `lfu`, `lfu:DECAY` or `belady`.
+    /// `lru`, `lfu`, `lfu:DECAY`, `next-use` or `belady`.
     pub policy: String,
     /// Link bandwidth, GB/s.
     pub bandwidth_gbps: f64,
@@ -294,6 +294,8 @@ impl Sim<'_> {
         self.pinned.clear();
         let now = self.now;
         let mut wait_until = now;
+        let used: Vec<usize> = ids.iter().map(|&x| l * e + x as usize).collect();
+        self.cache.visit(l, &used);
         for &x in ids {
             let id = l * e + x as usize;
             self.r.accesses += 1;
@@ -355,6 +357,7 @@ impl Sim<'_> {
                 continue;
             }
             if self.cache.contains(id) {
+                self.cache.expect(id);
                 self.pinned.push(id);
                 continue;
             }
@@ -364,6 +367,7 @@ impl Sim<'_> {
                 Insertion::Done { evicted: None } => {}
                 Insertion::AllPinned => continue,
             }
+            self.cache.expect(id);
             self.unused_prefetch[id] = true;
             self.pinned.push(id);
             let start = self.now.max(self.link_free);

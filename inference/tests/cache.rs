@@ -2,7 +2,7 @@
 
 use datasets::stats;
 use datasets::synth::{synthetic_trace, SynthConfig};
-use inference::cache::{CacheScope, EvictionPolicy, ExpertCache, Insertion};
+use inference::cache::{CacheScope, EvictionPolicy, ExpertCache, Insertion, NextUseForecast};
 use inference::prefetch;
 use inference::simulate::{simulate, PrefetchPlan, SimConfig};
 use rand::rngs::StdRng;
@@ -118,6 +118,81 @@ fn lfu_keeps_the_frequent_and_decay_forgets() {
     assert!("lfu:0.5".parse::<EvictionPolicy>().is_ok());
     assert!("lfu:-1".parse::<EvictionPolicy>().is_err());
     assert!("mru".parse::<EvictionPolicy>().is_err());
+}
+
+#[test]
+fn next_use_forecast_is_the_mean_residual_life_of_the_reuse_gaps() {
+    // One layer of 4 experts: expert 0 used at visits 0, 1, 3 (gaps 1 and 2), expert 1
+    // at visit 2; after 4 visits (4 steps, 1000 units each):
+    let mut f = NextUseForecast::new(1, 4);
+    for used in [[0usize], [0], [1], [0]] {
+        f.visit(0, &used);
+    }
+    assert_eq!(
+        f.next_use(0),
+        5500,
+        "idle 0: mean gap (1 + 2) / 2 = 1.5 visits"
+    );
+    assert_eq!(
+        f.next_use(1),
+        5000,
+        "idle 1: gaps > 1 are {{2}}: 2 - 1 = 1 visit"
+    );
+    assert_eq!(
+        f.next_use(2),
+        8000,
+        "never used in 4 visits: 4 more (> mean gap)"
+    );
+    assert_eq!(f.prefetched(3), 5000, "prefetched: the coming visit");
+    // Three layers of 2 experts (ids layer * 2 + expert); visits 0, 1, 2, then 0 again.
+    let mut f = NextUseForecast::new(3, 2);
+    for (l, used) in [(0, 0usize), (1, 2), (2, 4), (0, 0)] {
+        f.visit(l, &[used]);
+    }
+    assert_eq!(f.next_use(0), 7000, "layer 0 just ran: 1 visit = 3 steps");
+    assert_eq!(
+        f.next_use(2),
+        8000,
+        "layer 1 has no gaps yet: 2 visits (6 steps) from its visit 2 steps ago"
+    );
+    assert_eq!(f.prefetched(2), 5000, "layer 1 is next");
+    assert_eq!(f.prefetched(0), 7000, "layer 0 comes round in 3 steps");
+}
+
+#[test]
+fn next_use_keeps_the_coming_layers_where_lru_thrashes() {
+    // 4 layers that each use experts 0 and 1 every token: 8 experts in a cycle, 6 slots.
+    let (m, n, tokens) = (4usize, 4usize, 50);
+    let accesses: Vec<usize> = (0..tokens * m)
+        .flat_map(|v| {
+            let l = v % m;
+            [l * n, l * n + 1]
+        })
+        .collect();
+    let play = |policy: EvictionPolicy| {
+        let mut c = ExpertCache::new(policy, CacheScope::Global, 6, m, n);
+        let mut hits = 0;
+        for pair in accesses.chunks(2) {
+            c.visit(pair[0] / n, pair);
+            for &a in pair {
+                if c.contains(a) {
+                    hits += 1;
+                    c.touch(a, 0);
+                } else {
+                    assert!(matches!(c.insert(a, 0, pair), Insertion::Done { .. }));
+                }
+            }
+        }
+        hits
+    };
+    let opt = naive_opt(&accesses, 6);
+    assert_eq!(play(EvictionPolicy::Lru), 0, "LRU evicts what comes next");
+    let next_use = play(EvictionPolicy::NextUse);
+    assert!(
+        next_use as f64 >= 0.9 * opt as f64,
+        "next-use {next_use} hits vs OPT {opt}"
+    );
+    assert!("next-use".parse::<EvictionPolicy>() == Ok(EvictionPolicy::NextUse));
 }
 
 fn one_sequence_trace() -> datasets::RoutingTrace {
@@ -241,7 +316,9 @@ fn prefetches_before_attention_land_while_attention_runs() {
     let mut exact = PrefetchPlan::empty("exact", view.n_tokens(), m);
     for t in 0..view.n_tokens() {
         for l in 0..m {
-            exact.before_attention_mut(t, l).extend(true_ids(&view, t, l));
+            exact
+                .before_attention_mut(t, l)
+                .extend(true_ids(&view, t, l));
         }
     }
     // Transfers take 1 us each (k per layer): without attention time every expert not

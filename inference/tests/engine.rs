@@ -62,6 +62,7 @@ fn offloaded_generation_is_identical_and_counters_add_up() {
         for (capacity, policy) in [
             (2, EvictionPolicy::Lru),
             (3, EvictionPolicy::Lfu { decay: 0.01 }),
+            (3, EvictionPolicy::NextUse),
         ] {
             let mut model = reference.clone();
             let device = inference::device::BackendKind::from_test_env().device();

@@ -482,7 +482,7 @@ fn token_dropout_forecasts_the_next_token_before_its_id() {
     // Without token-id dropout the unknown row is untrained: refused by name.
     let plain = dir.path().join("plain");
     predictor::train(&options(trace.clone(), Task::NextToken, plain.clone(), 1)).unwrap();
-    let mut online = OnlinePredictor::new(LoadedPredictor::load(&plain, &dev).unwrap());
+    let online = OnlinePredictor::new(LoadedPredictor::load(&plain, &dev).unwrap());
     let err = online.predict_next_unknown().unwrap_err().to_string();
     assert!(err.contains("--token-dropout"), "{err}");
     let mut o = options(trace.clone(), Task::NextToken, dir.path().join("bad"), 1);

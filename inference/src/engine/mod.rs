@@ -51,7 +51,7 @@ pub use store::{ExpertLoader, ExpertStore, Loaded};
 pub struct EngineConfig {
     /// Resident experts, all MoE layers together.
     pub capacity: usize,
-    /// LRU or LFU (Belady needs the future: simulator only).
+    /// LRU, LFU or next-use (Belady needs the future: simulator only).
     pub policy: EvictionPolicy,
     /// Experts prefetched per forecast layer.
     pub budget: usize,
@@ -286,9 +286,12 @@ impl OffloadEngine {
     /// Makes `id` resident or arriving; a demand read jumps the prefetch queue.
     fn admit(&mut self, id: usize, demand: bool) {
         if self.cache.contains(id) {
-            // A use; a prefetch of a resident expert only keeps it (pinned) for now.
+            // A use; a prefetch of a resident expert keeps it (pinned) for now and tells
+            // the policy when it is expected.
             if demand {
                 self.cache.touch(id, 0);
+            } else {
+                self.cache.expect(id);
             }
         } else {
             let mut ins = self.cache.insert(id, 0, &self.pinned);
@@ -302,6 +305,7 @@ impl OffloadEngine {
                 self.evict(v);
             }
             if !demand {
+                self.cache.expect(id);
                 self.report.prefetches += 1;
             }
         }
@@ -336,6 +340,7 @@ fn policy_name(p: EvictionPolicy) -> String {
         EvictionPolicy::Lfu { decay: 0.0 } => "lfu".into(),
         EvictionPolicy::Lfu { decay } => format!("lfu:{decay}"),
         EvictionPolicy::Belady => "belady".into(),
+        EvictionPolicy::NextUse => "next-use".into(),
     }
 }
 
@@ -371,6 +376,7 @@ impl RoutingObserver for OffloadEngine {
             .collect();
         needed.sort_unstable();
         needed.dedup();
+        self.cache.visit(m, &needed);
         for &id in &needed {
             if self.decoding {
                 self.report.accesses += 1;

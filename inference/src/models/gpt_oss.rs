@@ -229,6 +229,17 @@ impl Model {
         self.layers.iter_mut().map(|l| &mut l.moe).collect()
     }
 
+    /// The weights the logit lens reads.
+    pub fn lens_parts(&self) -> super::LensParts<'_> {
+        super::LensParts {
+            embed: &self.embed,
+            final_norm: &self.norm,
+            lm_head: &self.lm_head,
+            router_norms: self.layers.iter().map(|l| &l.post_norm).collect(),
+            first_moe: self.layers.first().map(|l| &l.moe),
+        }
+    }
+
     /// Loads the weights of `ck` (whose config is `config`) onto `device`.
     pub fn load(ck: &Checkpoint, config: Config, device: &Device) -> Result<Model> {
         let bad = |msg: String| ModelError::file(&ck.config_path(), msg);

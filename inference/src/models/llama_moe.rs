@@ -173,6 +173,22 @@ impl Model {
             .collect()
     }
 
+    /// The weights the logit lens reads.
+    pub fn lens_parts(&self) -> super::LensParts<'_> {
+        let moe: Vec<_> = self
+            .layers
+            .iter()
+            .filter_map(|l| l.ffn.sparse().map(|moe| (&l.post_norm, moe)))
+            .collect();
+        super::LensParts {
+            embed: &self.embed,
+            final_norm: &self.norm,
+            lm_head: &self.lm_head,
+            router_norms: moe.iter().map(|(n, _)| *n).collect(),
+            first_moe: moe.first().map(|(_, moe)| *moe),
+        }
+    }
+
     /// Loads the weights of `ck` (whose config is `config`) onto `device`.
     pub fn load(ck: &Checkpoint, config: Config, device: &Device) -> Result<Model> {
         let variant = config.variant().ok_or_else(|| {

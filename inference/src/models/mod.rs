@@ -43,6 +43,17 @@ pub enum MoeModel {
     GptOss(gpt_oss::Model),
 }
 
+/// The weights the logit lens reads (see [`crate::gate::NextTokenGate`]).
+pub struct LensParts<'a> {
+    pub embed: &'a Tensor<2>,
+    pub final_norm: &'a crate::layers::RmsNorm,
+    pub lm_head: &'a crate::layers::Dense,
+    /// Each MoE layer's router norm (the router reads its output), in layer order.
+    pub router_norms: Vec<&'a crate::layers::RmsNorm>,
+    /// The first MoE block (none in a model without one).
+    pub first_moe: Option<&'a crate::moe::SparseMoe>,
+}
+
 /// Shape facts every caller needs (trace meta, cache sizing).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelShape {
@@ -187,6 +198,15 @@ impl MoeModel {
             MoeModel::LlamaMoe(m) => m.sparse_layers_mut(),
             MoeModel::Deepseek(m) => m.sparse_layers_mut(),
             MoeModel::GptOss(m) => m.sparse_layers_mut(),
+        }
+    }
+
+    /// The embedding, final norm, LM head and router norms.
+    pub fn lens_parts(&self) -> LensParts<'_> {
+        match self {
+            MoeModel::LlamaMoe(m) => m.lens_parts(),
+            MoeModel::Deepseek(m) => m.lens_parts(),
+            MoeModel::GptOss(m) => m.lens_parts(),
         }
     }
 

@@ -1,0 +1,158 @@
+//! Forecasts from the model's own weights: the next-token gate (logit lens) maps the last
+//! MoE layer's router input to exactly the LM head's distribution on the same residual,
+//! tabulates each token's first-layer routing exactly as the pre-attention gate computes
+//! it, and on the trained demo model forecasts the generated next token.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::activation::softmax;
+use burn::tensor::{Tensor, TensorData};
+use inference::gate::NextTokenGate;
+use inference::generate::{generate, Sampling};
+use inference::layers::to_vec;
+use inference::routing::{top_k, RouteDecision, RoutingObserver};
+use inference::{Checkpoint, MoeModel};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn load(dir: &Path) -> MoeModel {
+    let ck = Checkpoint::open(dir).unwrap();
+    MoeModel::load(&ck, &Default::default()).unwrap()
+}
+
+/// Records the pre-attention logits of model layer `layer` and the last position's
+/// router input of model layer `last`, per forward.
+struct Capture {
+    layer: usize,
+    last: usize,
+    pre_attention: Vec<Vec<f32>>,
+    last_inputs: Vec<Vec<f32>>,
+}
+
+impl RoutingObserver for Capture {
+    fn on_routing(&mut self, _: usize, _: usize, _: &[RouteDecision]) {}
+
+    fn wants_pre_attention_logits(&self) -> bool {
+        true
+    }
+
+    fn on_pre_attention_logits(&mut self, layer: usize, _: usize, logits: &[f32], e: usize) {
+        if layer == self.layer {
+            self.pre_attention
+                .extend(logits.chunks_exact(e).map(<[f32]>::to_vec));
+        }
+    }
+
+    fn wants_router_inputs(&self) -> bool {
+        true
+    }
+
+    fn on_router_inputs(&mut self, layer: usize, _: usize, inputs: &[f32], hidden: usize) {
+        if layer == self.last {
+            self.last_inputs
+                .push(inputs[inputs.len() - hidden..].to_vec());
+        }
+    }
+}
+
+fn capture(model: &MoeModel, prompt: &[u32], n: usize) -> (Capture, Vec<u32>) {
+    let shape = model.shape();
+    let mut obs = Capture {
+        layer: shape.moe_layers[0],
+        last: *shape.moe_layers.last().unwrap(),
+        pre_attention: Vec::new(),
+        last_inputs: Vec::new(),
+    };
+    let g = generate(model, prompt, n, &Sampling::Greedy, None, &mut obs).unwrap();
+    (obs, g.generated)
+}
+
+#[test]
+fn next_token_gate_tabulates_the_first_layers_pre_attention_routing() {
+    let fixtures = root().join("inference/tests/fixtures/hf");
+    // Models whose first MoE layer is decoder layer 0 (its input is the embedding).
+    for dir in [fixtures.join("qwen3_moe"), fixtures.join("mixtral")] {
+        let mut model = load(&dir);
+        let gate = NextTokenGate::new(&model).unwrap();
+        let shape = model.shape();
+        let prompt: Vec<u32> = (0..9)
+            .map(|i| (i * 37 + 5) as u32 % shape.vocab_size as u32)
+            .collect();
+        let (obs, generated) = capture(&model, &prompt, 6);
+        let tokens: Vec<u32> = prompt.iter().chain(&generated).copied().collect();
+        let scoring = model.sparse_layers_mut()[0].scoring.clone();
+        assert_eq!(obs.pre_attention.len(), tokens.len(), "{}", dir.display());
+        for (tok, logits) in tokens.iter().zip(&obs.pre_attention) {
+            let mut want: Vec<u16> = top_k(&scoring.selection_scores(logits), shape.top_k)
+                .into_iter()
+                .map(|x| x as u16)
+                .collect();
+            want.sort_unstable();
+            assert_eq!(
+                gate.first_layer_experts(*tok),
+                want,
+                "{} token {tok}",
+                dir.display()
+            );
+        }
+        // The lens of norm_r(h) is the LM head's distribution on norm_f(h), for any h.
+        let parts = model.lens_parts();
+        let h: Vec<f32> = (0..3 * shape.hidden_size)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * (1 + i % 5) as f32)
+            .collect();
+        let h = Tensor::<2>::from_data(
+            TensorData::new(h, [3, shape.hidden_size]),
+            &Default::default(),
+        );
+        let x = to_vec(parts.router_norms.last().unwrap().forward(h.clone()));
+        let want = to_vec(softmax(
+            parts.lm_head.forward(parts.final_norm.forward(h)),
+            1,
+        ));
+        let got = gate.next_token_probs(&x);
+        assert_eq!(got.len(), want.len());
+        for (a, b) in got.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+        // Each candidate holds top_k experts, so the scores share out top_k.
+        let xs: Vec<f32> = obs.last_inputs.concat();
+        let scores = gate.scores(&xs);
+        for row in scores.chunks_exact(shape.n_experts) {
+            let sum: f32 = row.iter().sum();
+            assert!((sum - shape.top_k as f32).abs() < 1e-3, "{sum}");
+        }
+    }
+}
+
+#[test]
+fn the_logit_lens_of_the_demo_model_forecasts_its_next_token() {
+    let model = load(&root().join("checkpoints/tiny-moe"));
+    let gate = NextTokenGate::new(&model).unwrap();
+    let vocab = model.shape().vocab_size;
+    let mut agree = 0;
+    let mut total = 0;
+    for prompt in [
+        [0u32, 199, 432, 337, 451],
+        [0, 266, 478, 1995, 451],
+        [0, 14, 199, 2, 41],
+    ] {
+        let (obs, generated) = capture(&model, &prompt, 24);
+        // Forward j's last router input precedes generated token j.
+        for (x, &next) in obs.last_inputs.iter().zip(&generated) {
+            let p = gate.next_token_probs(x);
+            assert_eq!(p.len(), vocab);
+            assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-3);
+            let best = (0..vocab).max_by(|&a, &b| p[a].total_cmp(&p[b])).unwrap();
+            agree += usize::from(best as u32 == next);
+            total += 1;
+        }
+    }
+    let rate = agree as f64 / total as f64;
+    eprintln!("lens top-1 = greedy next token: {agree}/{total}");
+    assert!(
+        rate > 0.3,
+        "lens top-1 agrees with the greedy token {agree}/{total}"
+    );
+}
