@@ -37,6 +37,10 @@ pub(crate) struct RunArgs {
     /// before attention) at the layer's start, to arrive while attention runs.
     #[arg(long)]
     pre_attention: bool,
+    /// After each token's last MoE layer routes, prefetch the next token's first-layer
+    /// experts forecast by the logit lens (the LM head read at that layer's router input).
+    #[arg(long)]
+    lens: bool,
     /// Cache-aware routing: prefer a resident expert whose router score is within MARGIN
     /// of a chosen one (softmax-probability units for softmax routers). Off by default.
     #[arg(long, default_value_t = 0.0)]
@@ -103,6 +107,7 @@ pub(crate) fn run(a: RunArgs) -> Result<()> {
         budget: a.prefetch_budget,
         layer_forecasts: a.layer_forecasts,
         pre_attention: a.pre_attention,
+        lens: a.lens,
         routing_margin: a.cache_aware_routing,
         loader_threads: a.loader_threads,
         compare_in_memory: !a.no_compare,

@@ -71,6 +71,8 @@ pub struct OffloadRunConfig {
     pub layer_forecasts: bool,
     /// Prefetch each layer's pre-attention-gate experts at the layer's start.
     pub pre_attention: bool,
+    /// Prefetch the next token's first-layer experts forecast by the logit lens.
+    pub lens: bool,
     /// Cache-aware routing margin; 0 = off.
     pub routing_margin: f32,
     pub loader_threads: usize,
@@ -149,6 +151,7 @@ pub fn run_offloaded(cfg: &OffloadRunConfig) -> Result<OffloadRun, CollectError>
         budget: cfg.budget.unwrap_or(shape.top_k),
         layer_forecasts: cfg.layer_forecasts,
         pre_attention: cfg.pre_attention,
+        lens: cfg.lens,
         routing_margin: cfg.routing_margin,
         loader_threads: cfg.loader_threads,
     };

@@ -29,6 +29,7 @@ fn config(capacity: usize, policy: EvictionPolicy, margin: f32) -> EngineConfig 
         budget: 2,
         layer_forecasts: false,
         pre_attention: false,
+        lens: false,
         routing_margin: margin,
         loader_threads: 2,
     }
@@ -246,18 +247,20 @@ fn a_truncated_weight_file_fails_the_forward_naming_it() {
 }
 
 #[test]
-fn pre_attention_prefetch_finds_experts_before_routing_and_changes_no_token() {
-    // The shipped demo model: a trained router, unlike the random fixtures, so the gate on
-    // the layer's input before attention says much about the routing after it.
+fn gate_prefetches_find_experts_before_routing_and_change_no_token() {
+    // The shipped demo model: a trained router and LM head, unlike the random fixtures, so
+    // the gate on the layer's input before attention says much about the routing after it,
+    // and the logit lens about the next token's first layer.
     let (ck, reference) = load(&root().join("checkpoints/tiny-moe"));
     let shape = reference.shape();
     let total = shape.moe_layers.len() * shape.n_experts;
     let device = inference::device::BackendKind::from_test_env().device();
     let mut found = Vec::new();
-    for pre_attention in [false, true] {
+    for (pre_attention, lens) in [(false, false), (true, false), (false, true)] {
         let mut model = reference.clone();
         let cfg = EngineConfig {
             pre_attention,
+            lens,
             ..config(total / 10, EvictionPolicy::Lru, 0.0)
         };
         let mut engine = OffloadEngine::new(&ck, &mut model, cfg, None, &device).unwrap();
@@ -269,24 +272,23 @@ fn pre_attention_prefetch_finds_experts_before_routing_and_changes_no_token() {
             let got = generate(&model, &p, 12, &Sampling::Greedy, None, &mut engine).unwrap();
             assert_eq!(
                 got.generated, want.generated,
-                "pre-attention {pre_attention}"
+                "pre-attention {pre_attention}, lens {lens}"
             );
             assert_eq!(got.step_logits, want.step_logits);
         }
         let r = engine.report().clone();
         assert_eq!(r.hits + r.late + r.misses, r.accesses);
-        if pre_attention {
-            assert!(
-                r.prefetches > 0 && r.prefetch.contains("pre-attention"),
-                "{r:?}"
-            );
-        } else {
-            assert_eq!(r.prefetches, 0);
-        }
+        let name = match (pre_attention, lens) {
+            (true, _) => "pre-attention gate",
+            (_, true) => "logit lens",
+            _ => "none",
+        };
+        assert_eq!(r.prefetch, name);
+        assert_eq!(r.prefetches > 0, pre_attention || lens, "{r:?}");
         found.push(r.hits + r.late);
     }
     assert!(
-        found[1] > found[0],
+        found[1] > found[0] && found[2] > found[0],
         "prefetched experts are resident or arriving at routing: {found:?}"
     );
 }

@@ -39,6 +39,7 @@ use predictor::{OnlinePredictor, Task};
 use serde::{Deserialize, Serialize};
 
 use crate::cache::{CacheScope, EvictionPolicy, ExpertCache, Insertion};
+use crate::gate::NextTokenGate;
 use crate::checkpoint::Checkpoint;
 use crate::error::{ModelError, Result};
 use crate::layers::SwiGlu;
@@ -60,6 +61,9 @@ pub struct EngineConfig {
     pub layer_forecasts: bool,
     /// Prefetch each layer's pre-attention-gate experts at the layer's start.
     pub pre_attention: bool,
+    /// After each decode step's last MoE layer routes, prefetch the next token's
+    /// first-layer experts forecast by the logit lens ([`NextTokenGate`]).
+    pub lens: bool,
     /// Cache-aware routing margin in router-score units; 0 = off.
     pub routing_margin: f32,
     /// Background reader threads.
@@ -142,6 +146,8 @@ pub struct OffloadEngine {
     /// The router input of the layer being routed (single-token steps), for predictors
     /// that read it.
     router_input: Option<Vec<f32>>,
+    /// The logit lens (with `lens`).
+    lens: Option<NextTokenGate>,
     error: Option<ModelError>,
     report: EngineReport,
 }
@@ -178,6 +184,11 @@ impl OffloadEngine {
                 "the expert cache needs at least one slot".into(),
             ));
         }
+        let lens = if cfg.lens {
+            Some(NextTokenGate::new(model)?)
+        } else {
+            None
+        };
         let mut layers = model.sparse_layers_mut();
         let store = Arc::new(ExpertStore::open(ck, &layers, device)?);
         for moe in layers.iter_mut() {
@@ -194,11 +205,20 @@ impl OffloadEngine {
         };
         let report = EngineReport {
             policy: policy_name(cfg.policy),
-            prefetch: match (learned, cfg.pre_attention) {
-                (Some(l), true) => format!("{l} + pre-attention gate"),
-                (Some(l), false) => l.into(),
-                (None, true) => "pre-attention gate".into(),
-                (None, false) => "none".into(),
+            prefetch: {
+                let parts: Vec<&str> = [
+                    (learned.is_some(), learned.unwrap_or_default()),
+                    (cfg.pre_attention, "pre-attention gate"),
+                    (cfg.lens, "logit lens"),
+                ]
+                .into_iter()
+                .filter_map(|(on, name)| on.then_some(name))
+                .collect();
+                if parts.is_empty() {
+                    "none".into()
+                } else {
+                    parts.join(" + ")
+                }
             },
             capacity,
             total_experts: m * e,
@@ -222,6 +242,7 @@ impl OffloadEngine {
             started: Instant::now(),
             pinned: Vec::new(),
             router_input: None,
+            lens,
             error: None,
             report,
         })
@@ -413,20 +434,34 @@ impl RoutingObserver for OffloadEngine {
 
     fn wants_router_inputs(&self) -> bool {
         self.decoding
-            && self.cfg.layer_forecasts
-            && self
-                .predictor
-                .as_ref()
-                .is_some_and(|p| p.predictor().card.config.features.hidden())
+            && (self.lens.is_some()
+                || self.cfg.layer_forecasts
+                    && self
+                        .predictor
+                        .as_ref()
+                        .is_some_and(|p| p.predictor().card.config.features.hidden()))
     }
 
     fn on_router_inputs(
         &mut self,
-        _layer: usize,
+        layer: usize,
         _first_pos: usize,
         inputs: &[f32],
         _hidden: usize,
     ) {
+        let last = self.moe_index.get(&layer) == Some(&(self.n_moe() - 1));
+        let scores = match (last, &self.lens) {
+            (true, Some(lens)) => Some(lens.scores(inputs)),
+            _ => None,
+        };
+        if let Some(scores) = scores {
+            self.drain();
+            let mut ranking = Vec::new();
+            predictor::metrics::rank_top(&scores, self.cfg.budget, &mut ranking);
+            for x in ranking {
+                self.admit(x as usize, false);
+            }
+        }
         self.router_input = Some(inputs.to_vec());
     }
 
