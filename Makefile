@@ -31,7 +31,8 @@ build:
 # after), so a fresh clone finishes in under 10 minutes on 2 cores. For the time budget the predictor is narrower and trains
 # shorter than `make demo-hidden`'s; `make bench` measures speed with the optimised build.
 # Training hides 10% of the token ids (--token-dropout), so the predictor also forecasts
-# each next token's first layer before its id is sampled.
+# each next token's first layer before its id is sampled. The engine run evicts by
+# estimated next use and adds the logit lens's forecast of each next token's first layer.
 MODEL  := checkpoints/tiny-moe
 # Cache simulation of the demo model: experts of 3 x 128 x 128 bf16 weights (96 KiB, as the
 # trace records from the checkpoint) move over a 16 GB/s link; 30 us of compute per layer.
@@ -46,11 +47,11 @@ demo:
 	  "$(DBG) train --trace $(DEMO)/tiny-moe.mctrace --task lookahead --features hidden --hidden-width 256 --dropout 0.2 --token-dropout 0.1 --test-fraction 0 --epochs 10 --batch-size 4 --warmup-steps 50 -o $(DEMO)/predictor" \
 	  "$(DBG) trace convert $(DEMO)/tiny-moe.mctrace -o $(DEMO)/tiny-moe.parquet && $(DBG) trace stats $(DEMO)/tiny-moe.mctrace --plot $(DEMO)/plots && $(DBG) trace stats $(DEMO)/tiny-moe.mctrace --json > $(DEMO)/stats.json"
 	tools/side_by_side.sh $(DEMO)/run.log \
-	  "$(DBG) run --model $(MODEL) --prompts prompts/heldout.txt --max-new-tokens 32 --expert-cache 25% --predictor $(DEMO)/predictor --json $(DEMO)/run.json" \
+	  "$(DBG) run --model $(MODEL) --prompts prompts/heldout.txt --max-new-tokens 32 --expert-cache 25% --policy next-use --predictor $(DEMO)/predictor --lens --json $(DEMO)/run.json" \
 	  "$(DBG) eval --predictor $(DEMO)/predictor --trace $(DEMO)/heldout.mctrace --model $(MODEL) --json $(DEMO)/eval.json --plot $(DEMO)/plots"
 	tools/side_by_side.sh $(DEMO)/sweep.log \
 	  "$(DBG) simulate --trace $(DEMO)/heldout.mctrace --predictor $(DEMO)/predictor $(SIM) --sweep --policy lru,belady --prefetch none,learned,oracle --plot $(DEMO)/plots > $(DEMO)/sweep.txt" \
-	  "$(DBG) simulate --trace $(DEMO)/heldout.mctrace --predictor $(DEMO)/predictor --model $(MODEL) $(SIM) --cache 10%,25% --policy lru,lfu,belady --prefetch none,previous,coactivation,activation,gate,learned,oracle --json $(DEMO)/simulate.json"
+	  "$(DBG) simulate --trace $(DEMO)/heldout.mctrace --predictor $(DEMO)/predictor --model $(MODEL) $(SIM) --cache 10%,25% --policy lru,lfu,next-use,belady --prefetch none,previous,coactivation,activation,gate,lens,learned,lens+learned,oracle --json $(DEMO)/simulate.json"
 	@echo "demo outputs in $(DEMO)/: traces (.mctrace, .parquet), stats.json, predictor/, eval.json, simulate.json, sweep.txt, run.json, plots/"
 
 # Activation-aware prediction on the demo model, all feature sets (`make demo` trains only
@@ -63,7 +64,9 @@ demo:
 # prefetch, and last with 4 experts prefetched per predicted layer, for the next layer
 # only (--horizon 1: at that budget the next layer's reads fill the link and a 10%
 # cache), both timings. Every predictor hides 10% of the token ids in training, so it
-# also forecasts each next token's layer 0 before the id. About 6 minutes after the build.
+# also forecasts each next token's layer 0 before the id; the logit lens (lens+learned)
+# forecasts it from the model's LM head. Each simulation runs with LRU and with next-use
+# eviction. About 6 minutes after the build.
 HID    := runs/demo-hidden
 demo-hidden:
 	$(CARGO) build
@@ -75,10 +78,10 @@ demo-hidden:
 	  $(DBG) train --trace $(HID)/tiny-moe.mctrace --task lookahead --features $$f --dropout $${fd#*:} --token-dropout 0.1 --test-fraction 0 --epochs 12 --batch-size 4 --warmup-steps 50 --quiet -o $(HID)/predictor-$$f && \
 	  $(DBG) eval --predictor $(HID)/predictor-$$f --trace $(HID)/heldout.mctrace --model $(MODEL) --quiet --json $(HID)/eval-$$f.json --plot $(HID)/plots-$$f || exit 1; \
 	done
-	$(DBG) simulate --trace $(HID)/heldout.mctrace --predictor $(HID)/predictor-hidden --model $(MODEL) $(SIM) --cache 10%,25% --policy lru,belady --prefetch none,coactivation,gate,learned,oracle --json $(HID)/simulate.json
-	$(DBG) simulate --trace $(HID)/heldout.mctrace --predictor $(HID)/predictor-hidden --model $(MODEL) --bandwidth 16 --compute-us-per-layer 20 --attention-us-per-layer 10 --cache 10%,25% --policy lru --prefetch none,gate,pre-attention,learned,gate+pre-attention,learned+pre-attention,oracle --json $(HID)/simulate-attention.json
-	$(DBG) simulate --trace $(HID)/heldout.mctrace --predictor $(HID)/predictor-hidden --model $(MODEL) $(SIM) --budget 4 --horizon 1 --cache 10%,25% --policy lru --prefetch gate,learned,oracle --json $(HID)/simulate-budget4.json
-	$(DBG) simulate --trace $(HID)/heldout.mctrace --predictor $(HID)/predictor-hidden --model $(MODEL) --bandwidth 16 --compute-us-per-layer 20 --attention-us-per-layer 10 --budget 4 --horizon 1 --cache 10%,25% --policy lru --prefetch learned,learned+pre-attention,oracle --json $(HID)/simulate-attention-budget4.json
+	$(DBG) simulate --trace $(HID)/heldout.mctrace --predictor $(HID)/predictor-hidden --model $(MODEL) $(SIM) --cache 10%,25% --policy lru,next-use,belady --prefetch none,coactivation,gate,learned,lens+learned,oracle --json $(HID)/simulate.json
+	$(DBG) simulate --trace $(HID)/heldout.mctrace --predictor $(HID)/predictor-hidden --model $(MODEL) --bandwidth 16 --compute-us-per-layer 20 --attention-us-per-layer 10 --cache 10%,25% --policy lru,next-use --prefetch none,gate,pre-attention,learned,gate+pre-attention,learned+pre-attention,lens+learned,oracle --json $(HID)/simulate-attention.json
+	$(DBG) simulate --trace $(HID)/heldout.mctrace --predictor $(HID)/predictor-hidden --model $(MODEL) $(SIM) --budget 4 --horizon 1 --cache 10%,25% --policy lru,next-use --prefetch gate,learned,lens+learned,oracle --json $(HID)/simulate-budget4.json
+	$(DBG) simulate --trace $(HID)/heldout.mctrace --predictor $(HID)/predictor-hidden --model $(MODEL) --bandwidth 16 --compute-us-per-layer 20 --attention-us-per-layer 10 --budget 4 --horizon 1 --cache 10%,25% --policy lru,next-use --prefetch learned,learned+pre-attention,lens+learned,oracle --json $(HID)/simulate-attention-budget4.json
 
 test:
 	$(CARGO) test --workspace

@@ -39,9 +39,9 @@ use predictor::{OnlinePredictor, Task};
 use serde::{Deserialize, Serialize};
 
 use crate::cache::{CacheScope, EvictionPolicy, ExpertCache, Insertion};
-use crate::gate::NextTokenGate;
 use crate::checkpoint::Checkpoint;
 use crate::error::{ModelError, Result};
+use crate::gate::NextTokenGate;
 use crate::layers::SwiGlu;
 use crate::models::MoeModel;
 use crate::routing::{RouteDecision, RoutingObserver};
