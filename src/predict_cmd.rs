@@ -265,9 +265,9 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
             set.meta().model
         );
     }
-    let (gate, early) = match &a.model {
+    let (gate, early, before_id) = match &a.model {
         Some(dir) => gate_baselines(dir, &set)?,
-        None => (None, None),
+        None => (None, None, None),
     };
     let opts = EvalOptions {
         batch_size: a.batch_size,
@@ -275,13 +275,20 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
         baselines: !a.no_baselines,
         gate,
         early,
+        before_id,
         progress: !a.quiet,
     };
     let mut report =
         predictor::evaluate(&p.model, p.baselines.as_ref(), &set, split, &device, &opts)?;
     if p.card.config.token_dropout > 0.0 {
         let mut online = predictor::OnlinePredictor::new(p);
-        eval::score_before_id(&mut report, &mut online, &set, split)?;
+        eval::score_before_id(
+            &mut report,
+            &mut online,
+            &set,
+            split,
+            opts.before_id.as_ref(),
+        )?;
     }
     print!("{}", eval::render_table(&report));
     if let Some(path) = &a.json {
@@ -297,13 +304,15 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-/// The model's gates as baselines: the cross-layer gate (when the traces carry router
-/// inputs) and the pre-attention gate (replaying the traces' token ids through the model).
+/// The model's own forecasts as baselines: the cross-layer gate (when the traces carry
+/// router inputs), the pre-attention gate, and the logit lens's forecast of each token's
+/// first layer before its id (router inputs too).
 fn gate_baselines(
     dir: &std::path::Path,
     set: &ExampleSet,
 ) -> Result<(
     Option<predictor::GateBaseline>,
+    Option<predictor::EarlyScores>,
     Option<predictor::EarlyScores>,
 )> {
     let ck = inference::Checkpoint::open(dir)?;
@@ -331,7 +340,17 @@ fn gate_baselines(
         name: "pre-attention gate".into(),
         per_trace,
     };
-    Ok((gate, Some(early)))
+    let lens = inference::gate::NextTokenGate::new(&model)?;
+    let before_id = match lens.check(meta.n_moe(), meta.n_experts as usize, meta.router_input_dim) {
+        Ok(()) => Some(predictor::EarlyScores {
+            name: "lens (layer 0)".into(),
+            per_trace: (0..set.paths().len())
+                .map(|i| lens.first_layer_before_id(&set.view(i)))
+                .collect(),
+        }),
+        Err(_) => None,
+    };
+    Ok((gate, Some(early), before_id))
 }
 
 fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {

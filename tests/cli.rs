@@ -707,6 +707,29 @@ fn router_inputs_feed_the_cross_layer_gate_in_eval_and_simulate() {
     assert!(sets(1) > 0 && sets(0) == 0 && sets(2) == 0, "{pre}");
     let f1 = pre["groups"][1]["overall"]["f1"].as_f64().unwrap();
     assert!(f1 > 0.3 && f1 <= 1.0, "pre-attention gate F1 {f1}");
+    // The logit lens forecasts the first layer before the id: that group, layer 0 only,
+    // and well above frequency there (the demo model's LM head knows the next token).
+    let method = |name: &str| {
+        report["methods"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["method"] == name)
+            .unwrap_or_else(|| panic!("{name} scored"))
+            .clone()
+    };
+    let (lens, freq) = (method("lens (layer 0)"), method("frequency"));
+    let before = report["groups"].as_array().unwrap().len() - 1;
+    let layer0 =
+        |m: &serde_json::Value| m["groups"][before]["per_layer"][0]["f1"].as_f64().unwrap();
+    assert!(lens["groups"][before]["per_layer"][1].is_null(), "{lens}");
+    assert_eq!(lens["groups"][0]["overall"]["sets"], 0, "{lens}");
+    assert!(
+        layer0(&lens) > layer0(&freq) + 0.1,
+        "lens {} frequency {}",
+        layer0(&lens),
+        layer0(&freq)
+    );
     // The engine feeds the router input of each layer to such a predictor, and (trained
     // with token-id dropout) it forecasts each next token's layer 0 before the id.
     let said = ok(&[

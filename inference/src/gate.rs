@@ -154,6 +154,26 @@ impl NextTokenGate {
         }
     }
 
+    /// Scores of each token's first-layer experts made before its id, from the token
+    /// before it, over a trace: `n_tokens x n_experts`, NaN where the token starts a
+    /// sequence or the token before has no router input at the last MoE layer.
+    pub fn first_layer_before_id(&self, view: &datasets::TraceView<'_>) -> Vec<f32> {
+        let (m, e) = (view.meta.n_moe(), self.n_experts);
+        let mut out = vec![f32::NAN; view.n_tokens() * e];
+        for r in view.sequence_ranges() {
+            let inputs: Vec<(usize, Vec<f32>)> = (r.start..r.end.saturating_sub(1))
+                .filter_map(|t| view.router_input_f32(t, m - 1).map(|x| (t + 1, x)))
+                .collect();
+            for batch in inputs.chunks(256) {
+                let xs: Vec<f32> = batch.iter().flat_map(|(_, x)| x.iter().copied()).collect();
+                for ((t, _), row) in batch.iter().zip(self.scores(&xs).chunks_exact(e)) {
+                    out[t * e..(t + 1) * e].copy_from_slice(row);
+                }
+            }
+        }
+        out
+    }
+
     /// The lens's next-token distribution for each of `xs`; `[T, vocab]`.
     pub fn next_token_probs(&self, xs: &[f32]) -> Vec<f32> {
         self.lens(xs).map(to_vec).unwrap_or_default()

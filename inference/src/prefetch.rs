@@ -261,17 +261,14 @@ pub fn lens(
 ) -> PrefetchPlan {
     let (m, e) = (view.meta.n_moe(), view.meta.n_experts as usize);
     let mut plan = PrefetchPlan::empty("lens", view.n_tokens(), m);
+    let scores = gate.first_layer_before_id(view);
     let mut ranking = Vec::new();
     for r in seqs {
-        let inputs: Vec<(usize, Vec<f32>)> = (r.start..r.end.saturating_sub(1))
-            .filter_map(|t| view.router_input_f32(t, m - 1).map(|x| (t, x)))
-            .collect();
-        for batch in inputs.chunks(256) {
-            let xs: Vec<f32> = batch.iter().flat_map(|(_, x)| x.iter().copied()).collect();
-            let scores = gate.scores(&xs);
-            for ((t, _), row) in batch.iter().zip(scores.chunks_exact(e)) {
+        for t in r.start + 1..r.end {
+            let row = &scores[t * e..(t + 1) * e];
+            if !row[0].is_nan() {
                 predictor::metrics::rank_top(row, budget, &mut ranking);
-                push_layer(plan.at_mut(*t, m), 0, e, &ranking);
+                push_layer(plan.at_mut(t - 1, m), 0, e, &ranking);
             }
         }
     }

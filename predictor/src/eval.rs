@@ -76,9 +76,11 @@ impl std::fmt::Debug for GateBaseline {
     }
 }
 
-/// Precomputed forecasts of a layer's experts made one attention block early (the
-/// pre-attention gate): per trace of the set, `n_tokens x n_moe x n_experts` scores (NaN
-/// where absent). Scored on the `+1 layer` group only.
+/// Precomputed forecasts from outside the predictor, per trace of the set, NaN where
+/// absent: a layer's experts made one attention block early (the pre-attention gate,
+/// `n_tokens x n_moe x n_experts` scores, scored on the `+1 layer` group), or each
+/// token's first MoE layer made before its id (the logit lens, `n_tokens x n_experts`,
+/// scored on the `next token, before its id` group).
 #[derive(Debug, Clone)]
 pub struct EarlyScores {
     pub name: String,
@@ -99,6 +101,10 @@ pub struct EvalOptions {
     pub gate: Option<GateBaseline>,
     /// Also score one-block-early forecasts (the pre-attention gate) on `+1 layer`.
     pub early: Option<EarlyScores>,
+    /// Also score forecasts of the first MoE layer before the token's id (the logit
+    /// lens) on the `next token, before its id` group (predictors trained with token-id
+    /// dropout, which have that group).
+    pub before_id: Option<EarlyScores>,
     pub progress: bool,
 }
 
@@ -110,6 +116,7 @@ impl Default for EvalOptions {
             baselines: true,
             gate: None,
             early: None,
+            before_id: None,
             progress: false,
         }
     }
@@ -171,6 +178,9 @@ pub fn evaluate(
         }
         _ => None,
     };
+    if let (Some(g), true) = (&opts.before_id, cfg.token_dropout > 0.0) {
+        names.push(g.name.clone());
+    }
     let mut counts: Vec<Vec<LayerCounts>> = names
         .iter()
         .map(|_| {
@@ -242,12 +252,15 @@ pub const BEFORE_ID_GROUP: &str = "next token, before its id";
 /// `split` sequences (after the first), forecast by `online` after the previous token
 /// and before the token's id ([`OnlinePredictor::predict_next_unknown`], predictors
 /// trained with token-id dropout), streamed token by token as a runtime asks it, beside
-/// the baselines that never read the id (previous-token reuse, frequency).
+/// the baselines that never read the id (previous-token reuse, frequency) and, if given
+/// (and registered by [`evaluate`] through [`EvalOptions::before_id`]), `first_layer`'s
+/// forecasts of the first MoE layer.
 pub fn score_before_id(
     report: &mut EvalReport,
     online: &mut crate::OnlinePredictor,
     set: &ExampleSet,
     split: Split,
+    first_layer: Option<&EarlyScores>,
 ) -> Result<()> {
     let shape = online.predictor().card.config.routing;
     let (m, e, k) = (shape.n_moe, shape.n_experts, shape.top_k);
@@ -259,12 +272,20 @@ pub fn score_before_id(
         .collect();
     let slot = |name: &str| report.methods.iter().position(|mr| mr.method == name);
     let (previous, frequency) = (slot("previous-token"), slot("frequency"));
+    let lens = first_layer.and_then(|g| slot(&g.name).map(|i| (i, g)));
     let mut ranking = Vec::new();
     for seq in set.split(split) {
         let view = set.view(seq.trace);
         online.reset();
         for t in seq.tokens.clone() {
             let layers: Vec<Option<&[u16]>> = (0..m).map(|l| view.layer(t, l)).collect();
+            if let (Some((i, g)), true, Some(truth)) = (lens, t > seq.tokens.start, layers[0]) {
+                let row = &g.per_trace[seq.trace][t * e..(t + 1) * e];
+                if !row[0].is_nan() {
+                    rank_top(row, report.budget, &mut ranking);
+                    counts[i].add(0, &ranking, truth);
+                }
+            }
             if t > seq.tokens.start {
                 let f = online.predict_next_unknown()?;
                 for (l, truth) in layers.iter().enumerate() {
@@ -451,8 +472,8 @@ pub fn render_table(r: &EvalReport) -> String {
             }
             s += &format!("  {l:<6}");
             for mr in &shown {
-                let f = mr.groups[gi].per_layer[l].map_or(f64::NAN, |x| x.f1);
-                s += &format!(" {f:>18.4}");
+                let f = mr.groups[gi].per_layer[l].map_or("-".into(), |x| format!("{:.4}", x.f1));
+                s += &format!(" {f:>18}");
             }
             s += "\n";
         }
