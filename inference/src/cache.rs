@@ -281,16 +281,24 @@ impl ExpertCache {
     }
 
     /// Reports that MoE layer `layer` routed to `used` (call before their lookups). Only
-    /// the next-use policy listens: it learns the reuse gaps, and the layer's resident
-    /// experts, used or not, are now expected at a later visit.
+    /// the next-use policy listens: it learns the reuse gaps; the layer's resident experts
+    /// in `used` are needed now (their lookups then re-key them), the others are expected
+    /// at a later visit.
     pub fn visit(&mut self, layer: usize, used: &[usize]) {
         let Some(f) = self.forecast.as_mut() else {
             return;
         };
+        debug_assert!(used.iter().all(|&id| id / self.n_experts == layer));
         f.visit(layer, used);
+        let now = f.now();
         let e = self.n_experts;
         for id in layer * e..(layer + 1) * e {
-            if self.resident[id] {
+            if !self.resident[id] {
+                continue;
+            }
+            if used.contains(&id) {
+                self.rekey(id, now);
+            } else {
                 self.touch(id, 0);
             }
         }
@@ -439,6 +447,11 @@ impl NextUseForecast {
         // The layer's latest visit was this many steps ago.
         let since = (self.layer + self.n_layers - l) % self.n_layers;
         self.at(visits * self.n_layers as f64 - since as f64)
+    }
+
+    /// The current step: the next use of an expert needed now.
+    pub fn now(&self) -> u64 {
+        self.at(0.0)
     }
 
     /// The next use of `id` prefetched now: the coming visit of its layer.

@@ -123,14 +123,12 @@ impl NextTokenGate {
         let (e, k) = (shape.n_experts, shape.top_k);
         let norm = parts.router_norms[0];
         let mut table = vec![0f32; vocab * e];
-        let mut ranking = Vec::new();
         for start in (0..vocab).step_by(Self::CHUNK) {
             let end = (start + Self::CHUNK).min(vocab);
             let x = norm.forward(parts.embed.clone().slice([start..end, 0..hidden]));
             let logits = to_vec(first.router.forward(x));
             for (i, row) in logits.chunks_exact(e).enumerate() {
-                predictor::metrics::rank_top(&first.scoring.selection_scores(row), k, &mut ranking);
-                for &x in &ranking {
+                for x in first.scoring.route(row, k).ids {
                     table[(start + i) * e + x as usize] = 1.0;
                 }
             }
@@ -179,9 +177,13 @@ impl NextTokenGate {
         self.lens(xs).map(to_vec).unwrap_or_default()
     }
 
-    /// The first MoE layer's experts of `token` (its routing before attention), ascending.
+    /// The first MoE layer's experts of `token` (its routing before attention), ascending
+    /// (none for a token outside the vocabulary).
     pub fn first_layer_experts(&self, token: u32) -> Vec<u16> {
         let t = token as usize;
+        if t >= self.first_layer.dims()[0] {
+            return Vec::new();
+        }
         let row = to_vec(
             self.first_layer
                 .clone()

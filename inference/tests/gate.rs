@@ -1,7 +1,8 @@
 //! Forecasts from the model's own weights: the next-token gate (logit lens) maps the last
-//! MoE layer's router input to exactly the LM head's distribution on the same residual,
-//! tabulates each token's first-layer routing exactly as the pre-attention gate computes
-//! it, and on the trained demo model forecasts the generated next token.
+//! MoE layer's router input to exactly the LM head's distribution on the same residual
+//! (every architecture), tabulates each token's first-layer routing exactly as the
+//! pre-attention gate computes it (models whose first MoE layer is decoder layer 0), and
+//! on the trained demo model forecasts the generated next token.
 
 use std::path::{Path, PathBuf};
 
@@ -70,59 +71,65 @@ fn capture(model: &MoeModel, prompt: &[u32], n: usize) -> (Capture, Vec<u32>) {
 }
 
 #[test]
-fn next_token_gate_tabulates_the_first_layers_pre_attention_routing() {
+fn the_lens_is_the_lm_head_on_the_same_residual_for_every_architecture() {
+    // For any residual h, the lens of the last router norm's output is the LM head's
+    // distribution on the final norm's output.
     let fixtures = root().join("inference/tests/fixtures/hf");
-    // Models whose first MoE layer is decoder layer 0 (its input is the embedding).
-    for dir in [fixtures.join("qwen3_moe"), fixtures.join("mixtral")] {
-        let mut model = load(&dir);
+    for name in [
+        "qwen3_moe",
+        "mixtral",
+        "qwen2_moe",
+        "olmoe",
+        "deepseek_v2",
+        "deepseek_v3",
+        "gpt_oss",
+    ] {
+        let model = load(&fixtures.join(name));
         let gate = NextTokenGate::new(&model).unwrap();
-        let shape = model.shape();
-        let prompt: Vec<u32> = (0..9)
-            .map(|i| (i * 37 + 5) as u32 % shape.vocab_size as u32)
-            .collect();
-        let (obs, generated) = capture(&model, &prompt, 6);
-        let tokens: Vec<u32> = prompt.iter().chain(&generated).copied().collect();
-        let scoring = model.sparse_layers_mut()[0].scoring.clone();
-        assert_eq!(obs.pre_attention.len(), tokens.len(), "{}", dir.display());
-        for (tok, logits) in tokens.iter().zip(&obs.pre_attention) {
-            let mut want: Vec<u16> = top_k(&scoring.selection_scores(logits), shape.top_k)
-                .into_iter()
-                .map(|x| x as u16)
-                .collect();
-            want.sort_unstable();
-            assert_eq!(
-                gate.first_layer_experts(*tok),
-                want,
-                "{} token {tok}",
-                dir.display()
-            );
-        }
-        // The lens of norm_r(h) is the LM head's distribution on norm_f(h), for any h.
+        let hidden = model.shape().hidden_size;
         let parts = model.lens_parts();
-        let h: Vec<f32> = (0..3 * shape.hidden_size)
+        let h: Vec<f32> = (0..3 * hidden)
             .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * (1 + i % 5) as f32)
             .collect();
-        let h = Tensor::<2>::from_data(
-            TensorData::new(h, [3, shape.hidden_size]),
-            &Default::default(),
-        );
+        let h = Tensor::<2>::from_data(TensorData::new(h, [3, hidden]), &Default::default());
         let x = to_vec(parts.router_norms.last().unwrap().forward(h.clone()));
         let want = to_vec(softmax(
             parts.lm_head.forward(parts.final_norm.forward(h)),
             1,
         ));
         let got = gate.next_token_probs(&x);
-        assert_eq!(got.len(), want.len());
+        assert_eq!(got.len(), want.len(), "{name}");
         for (a, b) in got.iter().zip(&want) {
-            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+            assert!((a - b).abs() < 1e-5, "{name}: {a} vs {b}");
         }
-        // Each candidate holds top_k experts, so the scores share out top_k.
-        let xs: Vec<f32> = obs.last_inputs.concat();
-        let scores = gate.scores(&xs);
-        for row in scores.chunks_exact(shape.n_experts) {
-            let sum: f32 = row.iter().sum();
-            assert!((sum - shape.top_k as f32).abs() < 1e-3, "{sum}");
+    }
+}
+
+#[test]
+fn next_token_gate_tabulates_the_first_layers_pre_attention_routing() {
+    let fixtures = root().join("inference/tests/fixtures/hf");
+    // Models whose first MoE layer is decoder layer 0 (its input is the embedding).
+    for name in ["qwen3_moe", "mixtral", "qwen2_moe", "olmoe", "gpt_oss"] {
+        let mut model = load(&fixtures.join(name));
+        let gate = NextTokenGate::new(&model).unwrap();
+        let shape = model.shape();
+        assert_eq!(shape.moe_layers[0], 0, "{name}");
+        let prompt: Vec<u32> = (0..9)
+            .map(|i| (i * 37 + 5) as u32 % shape.vocab_size as u32)
+            .collect();
+        let (obs, generated) = capture(&model, &prompt, 6);
+        let tokens: Vec<u32> = prompt.iter().chain(&generated).copied().collect();
+        let scoring = model.sparse_layers_mut()[0].scoring.clone();
+        assert_eq!(obs.pre_attention.len(), tokens.len(), "{name}");
+        for (tok, logits) in tokens.iter().zip(&obs.pre_attention) {
+            let mut want: Vec<u16> = top_k(&scoring.selection_scores(logits), shape.top_k)
+                .into_iter()
+                .map(|x| x as u16)
+                .collect();
+            want.sort_unstable();
+            assert_eq!(gate.first_layer_experts(*tok), want, "{name} token {tok}");
         }
+        assert!(gate.first_layer_experts(shape.vocab_size as u32).is_empty());
     }
 }
 

@@ -17,9 +17,11 @@
 //!    read (**late**: the layer waits) or absent (**miss**: read on demand, ahead of the
 //!    queued prefetches); with `layer_forecasts`, a lookahead predictor then forecasts
 //!    layers `l+1..l+D` from the layers routed so far;
-//! 4. after the forward the predictor observes the token's routing; one trained with
-//!    token-id dropout then forecasts the next token's layer 0 before its id is sampled,
-//!    and those `budget` experts are queued.
+//! 4. once the last MoE layer has routed (before its experts run), with `lens` the logit
+//!    lens forecasts the next token's layer 0 from that layer's router input, and the
+//!    predictor observes the token's routing; one trained with token-id dropout then
+//!    forecasts the next token's layer 0 before its id is sampled; the `budget` best of
+//!    each are queued.
 //!
 //! Cache-aware routing adds `margin` to the selection score of every expert that is
 //! resident or arriving, so a cached expert replaces an uncached choice whose score is
@@ -28,6 +30,7 @@
 //! Hit rates and stall times count decode steps only; the prompt is run as one batch.
 
 pub mod quality;
+mod report;
 pub mod store;
 
 use std::collections::{HashMap, HashSet};
@@ -36,7 +39,6 @@ use std::time::Instant;
 
 use burn::tensor::Device;
 use predictor::{OnlinePredictor, Task};
-use serde::{Deserialize, Serialize};
 
 use crate::cache::{CacheScope, EvictionPolicy, ExpertCache, Insertion};
 use crate::checkpoint::Checkpoint;
@@ -45,6 +47,7 @@ use crate::gate::NextTokenGate;
 use crate::layers::SwiGlu;
 use crate::models::MoeModel;
 use crate::routing::{RouteDecision, RoutingObserver};
+pub use report::EngineReport;
 pub use store::{ExpertLoader, ExpertStore, Loaded};
 
 /// How the engine runs.
@@ -68,59 +71,6 @@ pub struct EngineConfig {
     pub routing_margin: f32,
     /// Background reader threads.
     pub loader_threads: usize,
-}
-
-/// What a run measured.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct EngineReport {
-    pub policy: String,
-    pub prefetch: String,
-    pub capacity: usize,
-    pub total_experts: usize,
-    pub routing_margin: f32,
-    pub prompt_tokens: u64,
-    pub decode_tokens: u64,
-    pub prefill_s: f64,
-    pub decode_s: f64,
-    /// Expert lookups in decode steps (token x layer x k).
-    pub accesses: u64,
-    pub hits: u64,
-    pub late: u64,
-    pub misses: u64,
-    /// Decode time spent waiting for expert reads.
-    pub stall_s: f64,
-    pub prefetches: u64,
-    /// Prefetched experts used before eviction.
-    pub useful_prefetches: u64,
-    /// Reads finished, and bytes read, on demand and for prefetches (prompt included).
-    pub demand_reads: u64,
-    pub prefetch_reads: u64,
-    pub bytes_demand: u64,
-    pub bytes_prefetch: u64,
-    /// Reads that arrived after their expert had been evicted.
-    pub wasted_reads: u64,
-    /// Seconds the loader threads spent reading (they overlap compute).
-    pub read_s: f64,
-    /// (token, layer) routings where cache-aware routing changed the expert set, of all.
-    pub rerouted: u64,
-    pub routings: u64,
-}
-
-impl EngineReport {
-    /// Hits over decode lookups.
-    pub fn hit_rate(&self) -> f64 {
-        self.hits as f64 / self.accesses.max(1) as f64
-    }
-
-    /// Decode throughput.
-    pub fn tokens_per_s(&self) -> f64 {
-        self.decode_tokens as f64 / self.decode_s.max(1e-12)
-    }
-
-    /// Mean decode stall per token, milliseconds.
-    pub fn stall_ms_per_token(&self) -> f64 {
-        self.stall_s * 1e3 / self.decode_tokens.max(1) as f64
-    }
 }
 
 /// The runtime state; see the module docs.
@@ -148,6 +98,8 @@ pub struct OffloadEngine {
     router_input: Option<Vec<f32>>,
     /// The logit lens (with `lens`).
     lens: Option<NextTokenGate>,
+    /// Whether this forward's tokens went to the predictor yet.
+    observed: bool,
     error: Option<ModelError>,
     report: EngineReport,
 }
@@ -243,6 +195,7 @@ impl OffloadEngine {
             pinned: Vec::new(),
             router_input: None,
             lens,
+            observed: false,
             error: None,
             report,
         })
@@ -344,10 +297,40 @@ impl OffloadEngine {
 
     fn prefetch_forecast(&mut self, f: &predictor::ExpertForecast) {
         for l in f.first_layer..f.first_layer + f.n_layers() {
-            for x in f.top(l, self.cfg.budget) {
-                self.admit(l * self.n_experts + x as usize, false);
-            }
+            self.prefetch_top(l, f.layer(l));
         }
+    }
+
+    /// Queues the `budget` best experts of MoE layer `m` by `scores`.
+    fn prefetch_top(&mut self, m: usize, scores: &[f32]) {
+        let mut ranking = Vec::new();
+        predictor::metrics::rank_top(scores, self.cfg.budget, &mut ranking);
+        for x in ranking {
+            self.admit(m * self.n_experts + x as usize, false);
+        }
+    }
+
+    /// Feeds this forward's tokens and routing to the predictor; one trained with
+    /// token-id dropout then forecasts the next token's layer 0 before its id, queued.
+    fn observe_forward(&mut self) -> Result<()> {
+        self.observed = true;
+        let Some(p) = &mut self.predictor else {
+            return Ok(());
+        };
+        for (i, &tok) in self.tokens.iter().enumerate() {
+            let ids: Vec<Option<Vec<u16>>> = self
+                .routing
+                .iter()
+                .map(|d| d.get(i).map(|d| d.ids.iter().map(|&x| x as u16).collect()))
+                .collect();
+            let ids: Vec<Option<&[u16]>> = ids.iter().map(|x| x.as_deref()).collect();
+            p.observe(tok, &ids)?;
+        }
+        if p.predictor().card.config.token_dropout > 0.0 {
+            let f = p.predict_next_unknown()?;
+            self.prefetch_top(0, f.layer(0));
+        }
+        Ok(())
     }
 
     fn fail(&mut self, e: impl Into<ModelError>) {
@@ -371,6 +354,7 @@ impl RoutingObserver for OffloadEngine {
         self.routing.iter_mut().for_each(Vec::clear);
         self.decoding = crate::generate::is_decode_step(first_pos, tokens.len());
         self.started = Instant::now();
+        self.observed = false;
         self.pinned.clear();
         self.drain();
         if !self.decoding {
@@ -397,7 +381,10 @@ impl RoutingObserver for OffloadEngine {
             .collect();
         needed.sort_unstable();
         needed.dedup();
-        self.cache.visit(m, &needed);
+        // The prompt's batch is not one visit: only decode steps feed the reuse gaps.
+        if self.decoding {
+            self.cache.visit(m, &needed);
+        }
         for &id in &needed {
             if self.decoding {
                 self.report.accesses += 1;
@@ -410,6 +397,19 @@ impl RoutingObserver for OffloadEngine {
                 }
             }
             self.admit(id, true);
+        }
+        if self.decoding && m + 1 == self.n_moe() {
+            // The token's routing is complete: the forecasts of the next token's layer 0
+            // (the logit lens, then the predictor's before the id) get the last layer's
+            // compute as lead time.
+            if let (Some(lens), Some(x)) = (&self.lens, &self.router_input) {
+                let scores = lens.scores(x);
+                let last = scores.len().saturating_sub(self.n_experts);
+                self.prefetch_top(0, &scores[last..]);
+            }
+            if let Err(e) = self.observe_forward() {
+                self.fail(e);
+            }
         }
         if !self.decoding || !self.cfg.layer_forecasts || m + 1 >= self.n_moe() {
             return;
@@ -444,24 +444,11 @@ impl RoutingObserver for OffloadEngine {
 
     fn on_router_inputs(
         &mut self,
-        layer: usize,
+        _layer: usize,
         _first_pos: usize,
         inputs: &[f32],
         _hidden: usize,
     ) {
-        let last = self.moe_index.get(&layer) == Some(&(self.n_moe() - 1));
-        let scores = match (last, &self.lens) {
-            (true, Some(lens)) => Some(lens.scores(inputs)),
-            _ => None,
-        };
-        if let Some(scores) = scores {
-            self.drain();
-            let mut ranking = Vec::new();
-            predictor::metrics::rank_top(&scores, self.cfg.budget, &mut ranking);
-            for x in ranking {
-                self.admit(x as usize, false);
-            }
-        }
         self.router_input = Some(inputs.to_vec());
     }
 
@@ -480,11 +467,7 @@ impl RoutingObserver for OffloadEngine {
             return;
         };
         self.drain();
-        let mut ranking = Vec::new();
-        predictor::metrics::rank_top(&logits[..e], self.cfg.budget, &mut ranking);
-        for x in ranking {
-            self.admit(m * self.n_experts + x as usize, false);
-        }
+        self.prefetch_top(m, &logits[..e]);
     }
 
     fn selection_bonus(&mut self, layer: usize) -> Option<Vec<f32>> {
@@ -559,22 +542,8 @@ impl RoutingObserver for OffloadEngine {
             self.report.prompt_tokens += self.tokens.len() as u64;
             self.report.prefill_s += elapsed;
         }
-        if let Some(p) = &mut self.predictor {
-            for (i, &tok) in self.tokens.iter().enumerate() {
-                let ids: Vec<Option<Vec<u16>>> = self
-                    .routing
-                    .iter()
-                    .map(|d| d.get(i).map(|d| d.ids.iter().map(|&x| x as u16).collect()))
-                    .collect();
-                let ids: Vec<Option<&[u16]>> = ids.iter().map(|x| x.as_deref()).collect();
-                p.observe(tok, &ids)?;
-            }
-            if p.predictor().card.config.token_dropout > 0.0 {
-                let f = p.predict_next_unknown()?;
-                for x in f.top(0, self.cfg.budget) {
-                    self.admit(x as usize, false);
-                }
-            }
+        if !self.observed {
+            self.observe_forward()?;
         }
         Ok(())
     }

@@ -231,13 +231,12 @@ impl Model {
 
     /// The weights the logit lens reads.
     pub fn lens_parts(&self) -> super::LensParts<'_> {
-        super::LensParts {
-            embed: &self.embed,
-            final_norm: &self.norm,
-            lm_head: &self.lm_head,
-            router_norms: self.layers.iter().map(|l| &l.post_norm).collect(),
-            first_moe: self.layers.first().map(|l| &l.moe),
-        }
+        super::LensParts::new(
+            &self.embed,
+            &self.norm,
+            &self.lm_head,
+            self.layers.iter().map(|l| (&l.post_norm, Some(&l.moe))),
+        )
     }
 
     /// Loads the weights of `ck` (whose config is `config`) onto `device`.

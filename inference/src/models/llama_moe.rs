@@ -175,18 +175,12 @@ impl Model {
 
     /// The weights the logit lens reads.
     pub fn lens_parts(&self) -> super::LensParts<'_> {
-        let moe: Vec<_> = self
-            .layers
-            .iter()
-            .filter_map(|l| l.ffn.sparse().map(|moe| (&l.post_norm, moe)))
-            .collect();
-        super::LensParts {
-            embed: &self.embed,
-            final_norm: &self.norm,
-            lm_head: &self.lm_head,
-            router_norms: moe.iter().map(|(n, _)| *n).collect(),
-            first_moe: moe.first().map(|(_, moe)| *moe),
-        }
+        super::LensParts::new(
+            &self.embed,
+            &self.norm,
+            &self.lm_head,
+            self.layers.iter().map(|l| (&l.post_norm, l.ffn.sparse())),
+        )
     }
 
     /// Loads the weights of `ck` (whose config is `config`) onto `device`.

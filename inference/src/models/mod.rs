@@ -54,6 +54,33 @@ pub struct LensParts<'a> {
     pub first_moe: Option<&'a crate::moe::SparseMoe>,
 }
 
+impl<'a> LensParts<'a> {
+    /// From a model's embedding, final norm and LM head, and per decoder layer its
+    /// pre-MoE norm and MoE block (none for a dense layer).
+    pub fn new(
+        embed: &'a Tensor<2>,
+        final_norm: &'a crate::layers::RmsNorm,
+        lm_head: &'a crate::layers::Dense,
+        layers: impl Iterator<
+            Item = (
+                &'a crate::layers::RmsNorm,
+                Option<&'a crate::moe::SparseMoe>,
+            ),
+        >,
+    ) -> Self {
+        let moe: Vec<_> = layers
+            .filter_map(|(norm, moe)| moe.map(|moe| (norm, moe)))
+            .collect();
+        LensParts {
+            embed,
+            final_norm,
+            lm_head,
+            router_norms: moe.iter().map(|&(n, _)| n).collect(),
+            first_moe: moe.first().map(|&(_, moe)| moe),
+        }
+    }
+}
+
 /// Shape facts every caller needs (trace meta, cache sizing).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelShape {

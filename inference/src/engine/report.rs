@@ -1,0 +1,56 @@
+//! [`EngineReport`]: what a run of the offloading engine measured.
+
+use serde::{Deserialize, Serialize};
+
+/// What a run measured.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EngineReport {
+    pub policy: String,
+    pub prefetch: String,
+    pub capacity: usize,
+    pub total_experts: usize,
+    pub routing_margin: f32,
+    pub prompt_tokens: u64,
+    pub decode_tokens: u64,
+    pub prefill_s: f64,
+    pub decode_s: f64,
+    /// Expert lookups in decode steps (token x layer x k).
+    pub accesses: u64,
+    pub hits: u64,
+    pub late: u64,
+    pub misses: u64,
+    /// Decode time spent waiting for expert reads.
+    pub stall_s: f64,
+    pub prefetches: u64,
+    /// Prefetched experts used before eviction.
+    pub useful_prefetches: u64,
+    /// Reads finished, and bytes read, on demand and for prefetches (prompt included).
+    pub demand_reads: u64,
+    pub prefetch_reads: u64,
+    pub bytes_demand: u64,
+    pub bytes_prefetch: u64,
+    /// Reads that arrived after their expert had been evicted.
+    pub wasted_reads: u64,
+    /// Seconds the loader threads spent reading (they overlap compute).
+    pub read_s: f64,
+    /// (token, layer) routings where cache-aware routing changed the expert set, of all.
+    pub rerouted: u64,
+    pub routings: u64,
+}
+
+impl EngineReport {
+    /// Hits over decode lookups.
+    pub fn hit_rate(&self) -> f64 {
+        self.hits as f64 / self.accesses.max(1) as f64
+    }
+
+    /// Decode throughput.
+    pub fn tokens_per_s(&self) -> f64 {
+        self.decode_tokens as f64 / self.decode_s.max(1e-12)
+    }
+
+    /// Mean decode stall per token, milliseconds.
+    pub fn stall_ms_per_token(&self) -> f64 {
+        self.stall_s * 1e3 / self.decode_tokens.max(1) as f64
+    }
+}
