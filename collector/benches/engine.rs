@@ -86,14 +86,26 @@ fn main() {
         "  {:<5} {:<44} {:>9} {:>6} {:>6} {:>11} {:>10}",
         "cache", "configuration", "tokens/s", "hit", "late", "stall/token", "vs LRU"
     );
-    // (name, policy, predictor, layer forecasts, pre-attention gate, cache-aware margin)
+    // (name, policy, predictor, layer forecasts, pre-attention gate, logit lens,
+    // cache-aware margin)
+    let small = Some(&small);
     let configs = [
-        ("LRU, on demand", "lru", None, false, false, 0.0),
-        ("LFU, on demand", "lfu", None, false, false, 0.0),
+        ("LRU, on demand", "lru", None, false, false, false, 0.0),
+        ("LFU, on demand", "lfu", None, false, false, false, 0.0),
+        (
+            "next-use, on demand",
+            "next-use",
+            None,
+            false,
+            false,
+            false,
+            0.0,
+        ),
         (
             "LRU + learned (small, next token)",
             "lru",
-            Some(&small),
+            small,
+            false,
             false,
             false,
             0.0,
@@ -104,13 +116,41 @@ fn main() {
             Some(&big),
             true,
             false,
+            false,
             0.0,
         ),
-        ("LRU + pre-attention gate", "lru", None, false, true, 0.0),
+        (
+            "LRU + pre-attention gate",
+            "lru",
+            None,
+            false,
+            true,
+            false,
+            0.0,
+        ),
         (
             "LRU + learned (small) + pre-attention gate",
             "lru",
-            Some(&small),
+            small,
+            false,
+            true,
+            false,
+            0.0,
+        ),
+        (
+            "next-use + learned (small)",
+            "next-use",
+            small,
+            false,
+            false,
+            false,
+            0.0,
+        ),
+        (
+            "next-use + learned (small) + lens",
+            "next-use",
+            small,
+            false,
             false,
             true,
             0.0,
@@ -118,7 +158,8 @@ fn main() {
         (
             "LRU + learned (small) + cache-aware 0.05",
             "lru",
-            Some(&small),
+            small,
+            false,
             false,
             false,
             0.05,
@@ -127,25 +168,27 @@ fn main() {
     for cache in ["10%", "25%"] {
         let cfgs: Vec<OffloadRunConfig> = configs
             .iter()
-            .map(|&(_, policy, pred, layers, pre, margin)| OffloadRunConfig {
-                model_dir: model.clone(),
-                prompts: heldout.clone(),
-                max_new_tokens: 32,
-                sampling: Sampling::Greedy,
-                backend: BackendKind::Flex,
-                add_special_tokens: false,
-                cache: cache.parse::<CacheSize>().expect("cache size"),
-                policy: policy.parse::<EvictionPolicy>().expect("policy"),
-                predictor: pred.cloned(),
-                budget: None,
-                layer_forecasts: layers,
-                pre_attention: pre,
-                lens: false,
-                routing_margin: margin,
-                loader_threads: 2,
-                compare_in_memory: false,
-                quality: Vec::new(),
-            })
+            .map(
+                |&(_, policy, pred, layers, pre, lens, margin)| OffloadRunConfig {
+                    model_dir: model.clone(),
+                    prompts: heldout.clone(),
+                    max_new_tokens: 32,
+                    sampling: Sampling::Greedy,
+                    backend: BackendKind::Flex,
+                    add_special_tokens: false,
+                    cache: cache.parse::<CacheSize>().expect("cache size"),
+                    policy: policy.parse::<EvictionPolicy>().expect("policy"),
+                    predictor: pred.cloned(),
+                    budget: None,
+                    layer_forecasts: layers,
+                    pre_attention: pre,
+                    lens,
+                    routing_margin: margin,
+                    loader_threads: 2,
+                    compare_in_memory: false,
+                    quality: Vec::new(),
+                },
+            )
             .collect();
         // Repetitions interleave the configurations, so drift of the machine hits all alike.
         let mut runs: Vec<Vec<EngineReport>> = vec![Vec::new(); cfgs.len()];
