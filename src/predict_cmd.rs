@@ -203,9 +203,10 @@ pub(crate) struct EvalArgs {
     /// Skip the baselines.
     #[arg(long)]
     no_baselines: bool,
-    /// The MoE checkpoint the traces come from: adds the cross-layer gate baseline (its
-    /// gate of layer l+h applied to layer l's router input; traces from
-    /// `collect --hidden-states`).
+    /// The MoE checkpoint the traces come from: adds its own forecasts as baselines: the
+    /// cross-layer gate (its gate of layer l+h applied to layer l's router input; traces
+    /// from `collect --hidden-states`), the pre-attention gate, and the logit lens's
+    /// forecast of the first layer before the token's id (router inputs too).
     #[arg(long)]
     model: Option<PathBuf>,
     /// Windows per forward pass.
