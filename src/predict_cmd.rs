@@ -267,7 +267,7 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
         );
     }
     let (gate, early, before_id) = match &a.model {
-        Some(dir) => gate_baselines(dir, &set)?,
+        Some(dir) => gate_baselines(dir, &set, p.card.config.token_dropout > 0.0)?,
         None => (None, None, None),
     };
     let opts = EvalOptions {
@@ -306,11 +306,13 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
 }
 
 /// The model's own forecasts as baselines: the cross-layer gate (when the traces carry
-/// router inputs), the pre-attention gate, and the logit lens's forecast of each token's
+/// router inputs), the pre-attention gate, and, with `before_id` (a predictor that has
+/// the group `next token, before its id`), the logit lens's forecast of each token's
 /// first layer before its id (router inputs too).
 fn gate_baselines(
     dir: &std::path::Path,
     set: &ExampleSet,
+    before_id: bool,
 ) -> Result<(
     Option<predictor::GateBaseline>,
     Option<predictor::EarlyScores>,
@@ -320,7 +322,8 @@ fn gate_baselines(
     let mut model = inference::MoeModel::load(&ck, &Default::default())?;
     let meta = set.meta();
     let g = inference::gate::GateForecaster::new(&mut model);
-    let gate = match g.check(meta.n_moe(), meta.n_experts as usize, meta.router_input_dim) {
+    let inputs_fit = g.check(meta.n_moe(), meta.n_experts as usize, meta.router_input_dim);
+    let gate = match &inputs_fit {
         Ok(()) => {
             let g = std::sync::Arc::new(g);
             Some(predictor::GateBaseline {
@@ -341,15 +344,17 @@ fn gate_baselines(
         name: "pre-attention gate".into(),
         per_trace,
     };
-    let lens = inference::gate::NextTokenGate::new(&model)?;
-    let before_id = match lens.check(meta.n_moe(), meta.n_experts as usize, meta.router_input_dim) {
-        Ok(()) => Some(predictor::EarlyScores {
+    // The lens reads the same router inputs as the cross-layer gate.
+    let before_id = if before_id && inputs_fit.is_ok() {
+        let lens = inference::gate::NextTokenGate::new(&model)?;
+        Some(predictor::EarlyScores {
             name: "lens (layer 0)".into(),
             per_trace: (0..set.paths().len())
                 .map(|i| lens.first_layer_before_id(&set.view(i)))
                 .collect(),
-        }),
-        Err(_) => None,
+        })
+    } else {
+        None
     };
     Ok((gate, Some(early), before_id))
 }

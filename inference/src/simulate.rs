@@ -296,8 +296,7 @@ impl Sim<'_> {
         let mut wait_until = now;
         let used: Vec<usize> = ids.iter().map(|&x| l * e + x as usize).collect();
         self.cache.visit(l, &used);
-        for &x in ids {
-            let id = l * e + x as usize;
+        for id in used {
             self.r.accesses += 1;
             self.pinned.push(id);
             let next = self.future.as_mut().map_or(0, |f| f.advance(id));
