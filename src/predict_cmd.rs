@@ -206,7 +206,8 @@ pub(crate) struct EvalArgs {
     /// The MoE checkpoint the traces come from: adds its own forecasts as baselines: the
     /// cross-layer gate (its gate of layer l+h applied to layer l's router input; traces
     /// from `collect --hidden-states`), the pre-attention gate, and the logit lens's
-    /// forecast of the first layer before the token's id (router inputs too).
+    /// forecast of the first layer before the token's id (router inputs too; refined by
+    /// the predictor's per-token layer-0 counts).
     #[arg(long)]
     model: Option<PathBuf>,
     /// Windows per forward pass.
@@ -267,7 +268,12 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
         );
     }
     let (gate, early, before_id) = match &a.model {
-        Some(dir) => gate_baselines(dir, &set, p.card.config.token_dropout > 0.0)?,
+        Some(dir) => gate_baselines(
+            dir,
+            &set,
+            p.card.config.token_dropout > 0.0,
+            p.baselines.as_ref(),
+        )?,
         None => (None, None, None),
     };
     let opts = EvalOptions {
@@ -308,11 +314,13 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
 /// The model's own forecasts as baselines: the cross-layer gate (when the traces carry
 /// router inputs), the pre-attention gate, and, with `before_id` (a predictor that has
 /// the group `next token, before its id`), the logit lens's forecast of each token's
-/// first layer before its id (router inputs too).
+/// first layer before its id (router inputs too; its table refined by the predictor's
+/// per-token first-layer counts `counts`, when it has them).
 fn gate_baselines(
     dir: &std::path::Path,
     set: &ExampleSet,
     before_id: bool,
+    counts: Option<&predictor::baselines::BaselineStats>,
 ) -> Result<(
     Option<predictor::GateBaseline>,
     Option<predictor::EarlyScores>,
@@ -346,7 +354,10 @@ fn gate_baselines(
     };
     // The lens reads the same router inputs as the cross-layer gate.
     let before_id = if before_id && inputs_fit.is_ok() {
-        let lens = inference::gate::NextTokenGate::new(&model)?;
+        let mut lens = inference::gate::NextTokenGate::new(&model)?;
+        if let Some(stats) = counts {
+            lens.refine_first_layer(stats);
+        }
         Some(predictor::EarlyScores {
             name: "lens (layer 0)".into(),
             per_trace: (0..set.paths().len())

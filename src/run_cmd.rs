@@ -38,7 +38,9 @@ pub(crate) struct RunArgs {
     #[arg(long)]
     pre_attention: bool,
     /// After each token's last MoE layer routes, prefetch the next token's first-layer
-    /// experts forecast by the logit lens (the LM head read at that layer's router input).
+    /// experts forecast by the logit lens (the LM head read at that layer's router input;
+    /// with --predictor, its candidates' layer-0 routing refined by the predictor's
+    /// per-token counts).
     #[arg(long)]
     lens: bool,
     /// Cache-aware routing: prefer a resident expert whose router score is within MARGIN

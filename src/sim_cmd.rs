@@ -34,7 +34,8 @@ pub(crate) struct SimulateArgs {
     /// Prefetchers: none, previous, coactivation, activation, gate, pre-attention, lens, learned, oracle; comma-separated (a+b: both).
     #[arg(long, default_value = "none", value_delimiter = ',')]
     prefetch: Vec<String>,
-    /// Predictor directory (learned prefetch; its training baselines feed coactivation).
+    /// Predictor directory (learned prefetch; its training baselines feed coactivation,
+    /// and its per-token first-layer counts refine the lens).
     #[arg(long)]
     predictor: Option<PathBuf>,
     /// The MoE checkpoint the trace comes from (gate prefetch: its gates applied to the
@@ -176,9 +177,15 @@ pub(crate) fn simulate_cmd(a: SimulateArgs) -> Result<()> {
     };
     let lens = match (kinds.contains(&PrefetchKind::Lens), model.as_ref()) {
         (true, Some(model)) => {
-            let g = inference::gate::NextTokenGate::new(model)?;
+            let mut g = inference::gate::NextTokenGate::new(model)?;
             g.check(m, e, meta.router_input_dim)
                 .with_context(|| a.trace.display().to_string())?;
+            if let Some(stats) = online
+                .as_ref()
+                .and_then(|o| o.predictor().baselines.as_ref())
+            {
+                g.refine_first_layer(stats);
+            }
             Some(g)
         }
         _ => None,

@@ -8,6 +8,7 @@
 
 use burn::tensor::activation::softmax;
 use burn::tensor::{Tensor, TensorData};
+use predictor::baselines::BaselineStats;
 
 use crate::error::{ModelError, Result};
 use crate::layers::{to_vec, Dense};
@@ -85,14 +86,17 @@ impl GateForecaster {
 /// first MoE layer, like the layer's gate applied to its normalised embedding (its
 /// routing before attention; exact for the pre-attention gate of a first layer at
 /// decoder layer 0). Expert `e`'s score is `Σ_c P(c) [e ∈ topk(c)]`: the expected share
-/// of the next token's top-k it takes.
+/// of the next token's top-k it takes. Routing observed for a candidate in training
+/// traces can replace the indicator by its observed share ([`Self::refine_first_layer`]).
 #[derive(Debug, Clone)]
 pub struct NextTokenGate {
     /// `w_f / w_r` per hidden unit (0 where `w_r` is 0).
     rescale: Tensor<1>,
     lm_head: Dense,
-    /// `[vocab, n_experts]`: 1 where the expert is among the candidate's top-k.
+    /// `[vocab, n_experts]`: 1 where the expert is among the candidate's top-k (see
+    /// [`Self::refine_first_layer`] for observed rows).
     first_layer: Tensor<2>,
+    top_k: usize,
     n_moe: usize,
     hidden: usize,
     n_experts: usize,
@@ -137,6 +141,7 @@ impl NextTokenGate {
             rescale: Tensor::<1>::from_data(TensorData::new(rescale, [hidden]), &device),
             lm_head: parts.lm_head.clone(),
             first_layer: Tensor::<2>::from_data(TensorData::new(table, [vocab, e]), &device),
+            top_k: k,
             n_moe: parts.router_norms.len(),
             hidden,
             n_experts: e,
@@ -172,26 +177,57 @@ impl NextTokenGate {
         out
     }
 
+    /// Refines the candidates' first-layer rows with observed routing: `stats` counts,
+    /// per token id, how often each first-layer expert was chosen for it (a predictor's
+    /// training traces, [`BaselineStats::first_layer_by_token`]). A counted token's row
+    /// becomes `(counts + g) / (n + 1)`, `g` its gate row and `n` its occurrences: the
+    /// gate's routing before attention weighs as one observation, and the row still sums
+    /// to k (its expected share of the next token's top-k).
+    pub fn refine_first_layer(&mut self, stats: &BaselineStats) {
+        let (e, k) = (self.n_experts, self.top_k as f32);
+        let mut table = to_vec(self.first_layer.clone());
+        let vocab = table.len() / e;
+        for (&token, c) in &stats.first_layer_by_token {
+            let t = token as usize;
+            if t >= vocab || c.len() != e {
+                continue;
+            }
+            let n = c.iter().sum::<f32>() / k;
+            for (g, &ci) in table[t * e..(t + 1) * e].iter_mut().zip(c) {
+                *g = (ci + *g) / (n + 1.0);
+            }
+        }
+        let dims = self.first_layer.dims();
+        self.first_layer =
+            Tensor::<2>::from_data(TensorData::new(table, dims), &self.first_layer.device());
+    }
+
     /// The lens's next-token distribution for each of `xs`; `[T, vocab]`.
     pub fn next_token_probs(&self, xs: &[f32]) -> Vec<f32> {
         self.lens(xs).map(to_vec).unwrap_or_default()
     }
 
-    /// The first MoE layer's experts of `token` (its routing before attention), ascending
-    /// (none for a token outside the vocabulary).
+    /// The first MoE layer's experts of `token`: those its row scores above 0 (the
+    /// gate's top-k before attention, ascending, and any observed ones after
+    /// [`Self::refine_first_layer`]); none for a token outside the vocabulary.
     pub fn first_layer_experts(&self, token: u32) -> Vec<u16> {
-        let t = token as usize;
-        if t >= self.first_layer.dims()[0] {
-            return Vec::new();
-        }
-        let row = to_vec(
-            self.first_layer
-                .clone()
-                .slice([t..t + 1, 0..self.n_experts]),
-        );
-        (0..self.n_experts as u16)
+        let row = self.first_layer_row(token).unwrap_or_default();
+        (0..row.len() as u16)
             .filter(|&x| row[x as usize] > 0.0)
             .collect()
+    }
+
+    /// `token`'s row of the first-layer table (`[n_experts]`, summing to k), if it is in
+    /// the vocabulary.
+    pub fn first_layer_row(&self, token: u32) -> Option<Vec<f32>> {
+        let t = token as usize;
+        (t < self.first_layer.dims()[0]).then(|| {
+            to_vec(
+                self.first_layer
+                    .clone()
+                    .slice([t..t + 1, 0..self.n_experts]),
+            )
+        })
     }
 
     fn lens(&self, xs: &[f32]) -> Option<Tensor<2>> {

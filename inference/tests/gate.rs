@@ -8,11 +8,13 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::activation::softmax;
 use burn::tensor::{Tensor, TensorData};
+use datasets::examples::RoutingShape;
 use inference::gate::NextTokenGate;
 use inference::generate::{generate, Sampling};
 use inference::layers::to_vec;
 use inference::routing::{top_k, RouteDecision, RoutingObserver};
 use inference::{Checkpoint, MoeModel};
+use predictor::baselines::BaselineStats;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -162,4 +164,55 @@ fn the_logit_lens_of_the_demo_model_forecasts_its_next_token() {
         rate > 0.3,
         "lens top-1 agrees with the greedy token {agree}/{total}"
     );
+}
+
+#[test]
+fn observed_first_layer_counts_refine_the_lens_table() {
+    let model = load(&root().join("inference/tests/fixtures/hf/qwen3_moe"));
+    let mut gate = NextTokenGate::new(&model).unwrap();
+    let shape = model.shape();
+    let (e, k, vocab) = (shape.n_experts, shape.top_k, shape.vocab_size);
+    let (token, other) = (5u32, 6u32);
+    let gate_row = gate.first_layer_row(token).unwrap();
+    let other_row = gate.first_layer_row(other).unwrap();
+    // Three observations of `token`, each choosing k experts the gate did not.
+    let mut counts = vec![0f32; e];
+    for x in (0..e).filter(|&x| gate_row[x] == 0.0).take(k) {
+        counts[x] = 3.0;
+    }
+    let routing = RoutingShape {
+        n_moe: shape.moe_layers.len(),
+        n_experts: e,
+        top_k: k,
+    };
+    let mut stats = BaselineStats::new(routing, 1);
+    stats.first_layer_by_token.insert(token, counts.clone());
+    stats
+        .first_layer_by_token
+        .insert(vocab as u32 + 3, vec![1.0; e]);
+    let x: Vec<f32> = (0..2 * shape.hidden_size)
+        .map(|i| ((i * 7919 % 23) as f32 - 11.0) / 5.0)
+        .collect();
+    let probs = gate.next_token_probs(&x);
+    gate.refine_first_layer(&stats);
+    let row = gate.first_layer_row(token).unwrap();
+    for (i, r) in row.iter().enumerate() {
+        assert!(
+            (r - (counts[i] + gate_row[i]) / 4.0).abs() < 1e-6,
+            "expert {i}: {r}"
+        );
+    }
+    assert!((row.iter().sum::<f32>() - k as f32).abs() < 1e-5);
+    assert_eq!(gate.first_layer_row(other).unwrap(), other_row);
+    // The scores are the next-token distribution over the refined rows.
+    let scores = gate.scores(&x);
+    let rows: Vec<Vec<f32>> = (0..vocab as u32)
+        .map(|c| gate.first_layer_row(c).unwrap())
+        .collect();
+    for (p, s) in probs.chunks_exact(vocab).zip(scores.chunks_exact(e)) {
+        for (i, &si) in s.iter().enumerate() {
+            let want: f32 = p.iter().zip(&rows).map(|(pc, r)| pc * r[i]).sum();
+            assert!((si - want).abs() < 1e-5, "expert {i}: {si} vs {want}");
+        }
+    }
 }

@@ -7,8 +7,11 @@
 //!   often each co-occurred, in the same token, with the experts chosen at layer `l`.
 //!
 //! Every ranking is completed with the frequency order, so budgets above `k` work.
+//!
+//! Beside them, per token id, how often each expert of the first MoE layer was chosen
+//! for that token (the runtime's logit lens refines its table of candidates with it).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use datasets::examples::RoutingShape;
@@ -28,6 +31,9 @@ pub struct BaselineStats {
     /// `[horizon, n_moe, n_experts, n_experts]`: `[h-1][l][a][b]` counts tokens choosing
     /// `a` at layer `l` and `b` at layer `l + h`.
     pub coactivation: Vec<f32>,
+    /// Token id -> `[n_experts]`: how often each first-MoE-layer expert was chosen for
+    /// that token (tokens with unknown ids are not counted).
+    pub first_layer_by_token: BTreeMap<u32, Vec<f32>>,
     /// Per layer, experts by falling frequency.
     frequency_order: Vec<Vec<u16>>,
 }
@@ -41,6 +47,7 @@ impl BaselineStats {
             horizon,
             frequency: vec![0.0; m * e],
             coactivation: vec![0.0; horizon * m * e * e],
+            first_layer_by_token: BTreeMap::new(),
             frequency_order: Vec::new(),
         };
         s.refresh_order();
@@ -51,6 +58,17 @@ impl BaselineStats {
     pub fn add_tokens(&mut self, view: &TraceView<'_>, tokens: std::ops::Range<usize>) {
         let (m, e) = (self.shape.n_moe, self.shape.n_experts);
         for t in tokens {
+            if let (Some(first), token) = (view.layer(t, 0), view.token[t]) {
+                if token != datasets::UNKNOWN_TOKEN {
+                    let row = self
+                        .first_layer_by_token
+                        .entry(token)
+                        .or_insert_with(|| vec![0.0; e]);
+                    for &x in first {
+                        row[x as usize] += 1.0;
+                    }
+                }
+            }
             for l in 0..m {
                 let Some(src) = view.layer(t, l) else {
                     continue;
@@ -139,16 +157,39 @@ impl BaselineStats {
         crate::metrics::rank_top(&scores, n, out);
     }
 
-    /// Writes the counts as safetensors (`frequency`, `coactivation`).
+    /// Writes the counts as safetensors (`frequency`, `coactivation`, and the per-token
+    /// first-layer counts as `first_layer_tokens` `[n]` u32 with `first_layer_counts`
+    /// `[n, n_experts]`).
     pub fn to_safetensors(&self) -> Result<Vec<u8>> {
         let (m, e, d) = (self.shape.n_moe, self.shape.n_experts, self.horizon);
         let f = bytes_of(&self.frequency);
         let c = bytes_of(&self.coactivation);
+        let n = self.first_layer_by_token.len();
+        let ids: Vec<u8> = self
+            .first_layer_by_token
+            .keys()
+            .flat_map(|t| t.to_le_bytes())
+            .collect();
+        let counts: Vec<f32> = self
+            .first_layer_by_token
+            .values()
+            .flatten()
+            .copied()
+            .collect();
+        let counts = bytes_of(&counts);
         let views = [
             ("frequency", TensorView::new(Dtype::F32, vec![m, e], &f)),
             (
                 "coactivation",
                 TensorView::new(Dtype::F32, vec![d, m, e, e], &c),
+            ),
+            (
+                "first_layer_tokens",
+                TensorView::new(Dtype::U32, vec![n], &ids),
+            ),
+            (
+                "first_layer_counts",
+                TensorView::new(Dtype::F32, vec![n, e], &counts),
             ),
         ];
         let views: Vec<(&str, TensorView<'_>)> = views
@@ -160,23 +201,37 @@ impl BaselineStats {
             .map_err(|e| PredictorError::Invalid(format!("baseline tensors: {e}")))
     }
 
-    /// Reads counts written by [`Self::to_safetensors`].
+    /// Reads counts written by [`Self::to_safetensors`] (files written before the
+    /// per-token first-layer counts existed read with none).
     pub fn from_safetensors(bytes: &[u8], shape: RoutingShape, path: &Path) -> Result<Self> {
         let bad = |msg: String| PredictorError::file(path, msg);
         let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
+        let names = st.names();
+        let has_tokens = names.contains(&"first_layer_tokens");
         let mut tensors = HashMap::new();
-        for name in ["frequency", "coactivation"] {
-            let t = st.tensor(name).map_err(|e| bad(format!("{name}: {e}")))?;
-            if t.dtype() != Dtype::F32 {
-                return Err(bad(format!("{name}: expected F32, found {:?}", t.dtype())));
+        for (name, dtype) in [
+            ("frequency", Dtype::F32),
+            ("coactivation", Dtype::F32),
+            ("first_layer_tokens", Dtype::U32),
+            ("first_layer_counts", Dtype::F32),
+        ] {
+            if !has_tokens && name.starts_with("first_layer") {
+                continue;
             }
-            let v: Vec<f32> = t
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            tensors.insert(name, (t.shape().to_vec(), v));
+            let t = st.tensor(name).map_err(|e| bad(format!("{name}: {e}")))?;
+            if t.dtype() != dtype {
+                return Err(bad(format!(
+                    "{name}: expected {dtype:?}, found {:?}",
+                    t.dtype()
+                )));
+            }
+            tensors.insert(name, (t.shape().to_vec(), t.data().to_vec()));
         }
+        let f32s = |b: Vec<u8>| -> Vec<f32> {
+            b.chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect()
+        };
         let (fs, frequency) = tensors.remove("frequency").expect("read above");
         let (cs, coactivation) = tensors.remove("coactivation").expect("read above");
         let (m, e) = (shape.n_moe, shape.n_experts);
@@ -185,11 +240,30 @@ impl BaselineStats {
                 "shapes {fs:?} / {cs:?} do not match {m} layers x {e} experts"
             )));
         }
+        let mut first_layer_by_token = BTreeMap::new();
+        if let (Some((ts, ids)), Some((ns, counts))) = (
+            tensors.remove("first_layer_tokens"),
+            tensors.remove("first_layer_counts"),
+        ) {
+            if ts.len() != 1 || ns != [ts[0], e] {
+                return Err(bad(format!(
+                    "first_layer_tokens {ts:?} / first_layer_counts {ns:?}: expected [n] and [n, {e}]"
+                )));
+            }
+            let counts = f32s(counts);
+            for (id, row) in ids.chunks_exact(4).zip(counts.chunks_exact(e)) {
+                first_layer_by_token.insert(
+                    u32::from_le_bytes([id[0], id[1], id[2], id[3]]),
+                    row.to_vec(),
+                );
+            }
+        }
         let mut s = BaselineStats {
             shape,
             horizon: cs[0],
-            frequency,
-            coactivation,
+            frequency: f32s(frequency),
+            coactivation: f32s(coactivation),
+            first_layer_by_token,
             frequency_order: Vec::new(),
         };
         s.refresh_order();
@@ -199,4 +273,58 @@ impl BaselineStats {
 
 fn bytes_of(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape() -> RoutingShape {
+        RoutingShape {
+            n_moe: 2,
+            n_experts: 4,
+            top_k: 2,
+        }
+    }
+
+    #[test]
+    fn per_token_counts_round_trip_and_older_files_read_without_them() {
+        let path = Path::new("baselines.safetensors");
+        let mut s = BaselineStats::new(shape(), 1);
+        s.first_layer_by_token.insert(7, vec![2.0, 0.0, 2.0, 0.0]);
+        s.first_layer_by_token
+            .insert(90_000, vec![0.0, 1.0, 0.0, 1.0]);
+        let back = BaselineStats::from_safetensors(&s.to_safetensors().unwrap(), shape(), path);
+        assert_eq!(back.unwrap(), s);
+        // A file written before the per-token counts existed.
+        let (f, c) = (bytes_of(&s.frequency), bytes_of(&s.coactivation));
+        let old = safetensors::serialize(
+            [
+                (
+                    "frequency",
+                    TensorView::new(Dtype::F32, vec![2, 4], &f).unwrap(),
+                ),
+                (
+                    "coactivation",
+                    TensorView::new(Dtype::F32, vec![1, 2, 4, 4], &c).unwrap(),
+                ),
+            ],
+            None,
+        )
+        .unwrap();
+        let back = BaselineStats::from_safetensors(&old, shape(), path).unwrap();
+        assert!(back.first_layer_by_token.is_empty());
+        // A file of another expert count is refused, naming the file; so is a cut one.
+        let wide = RoutingShape {
+            n_experts: 8,
+            ..shape()
+        };
+        let mut w = BaselineStats::new(wide, 1);
+        w.first_layer_by_token.insert(1, vec![1.0; 8]);
+        let mut bytes = w.to_safetensors().unwrap();
+        let err = BaselineStats::from_safetensors(&bytes, shape(), path).unwrap_err();
+        assert!(err.to_string().contains("baselines.safetensors"), "{err}");
+        bytes.truncate(bytes.len() / 2);
+        assert!(BaselineStats::from_safetensors(&bytes, shape(), path).is_err());
+    }
 }

@@ -144,6 +144,25 @@ fn learns_token_rule_the_baselines_miss() {
     );
     assert!(p > 0.9, "predictor F1 {p}");
     assert!(prev < 0.5 && freq < 0.5, "baselines {prev} {freq}");
+    // Beside the baselines, each token id's first-layer experts are counted (read back
+    // from the predictor's directory): only the rule's two, equally often, and every
+    // training token once.
+    let dev = BackendKind::from_test_env().device();
+    let stats = LoadedPredictor::load(&out, &dev)
+        .unwrap()
+        .baselines
+        .unwrap();
+    assert!(stats.first_layer_by_token.len() > 20);
+    for (&tok, row) in &stats.first_layer_by_token {
+        let want = [(tok % E) as usize, ((tok + 3) % E) as usize];
+        for (x, &c) in row.iter().enumerate() {
+            assert_eq!(c > 0.0, want.contains(&x), "token {tok} expert {x}: {c}");
+        }
+        assert_eq!(row[want[0]], row[want[1]], "token {tok}");
+    }
+    let counted: f32 = stats.first_layer_by_token.values().flatten().sum();
+    let layer0: f32 = stats.frequency[..E as usize].iter().sum();
+    assert_eq!(counted, layer0);
     let o = r.method("predictor").unwrap().groups[0].overall;
     // top-k sets of equal size: precision = recall = F1.
     assert!((o.precision - o.recall).abs() < 1e-12 && (o.f1 - o.recall).abs() < 1e-12);

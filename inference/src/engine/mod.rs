@@ -137,7 +137,14 @@ impl OffloadEngine {
             ));
         }
         let lens = if cfg.lens {
-            Some(NextTokenGate::new(model)?)
+            let mut g = NextTokenGate::new(model)?;
+            if let Some(stats) = predictor
+                .as_ref()
+                .and_then(|p| p.predictor().baselines.as_ref())
+            {
+                g.refine_first_layer(stats);
+            }
+            Some(g)
         } else {
             None
         };
