@@ -92,7 +92,7 @@ impl RoutingObserver for SequenceRecorder {
         }
     }
 
-    fn wants_router_inputs(&self) -> bool {
+    fn wants_router_inputs(&self, _layer: usize) -> bool {
         self.inputs.is_some()
     }
 

@@ -43,7 +43,7 @@ impl SparseMoe {
     ) -> Tensor<2> {
         let [t, hidden] = x.dims();
         let device = x.device();
-        if observer.wants_router_inputs() {
+        if observer.wants_router_inputs(self.layer) {
             observer.on_router_inputs(self.layer, first_pos, &to_vec(x.clone()), hidden);
         }
         let logits = to_vec(self.router.forward(x.clone()));

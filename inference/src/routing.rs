@@ -82,9 +82,9 @@ pub trait RoutingObserver {
     /// `layer` is the model layer index; `first_pos` the position of `decisions[0]`.
     fn on_routing(&mut self, layer: usize, first_pos: usize, decisions: &[RouteDecision]);
 
-    /// Whether [`RoutingObserver::on_router_inputs`] should be called (copying the
-    /// router inputs to the host costs time).
-    fn wants_router_inputs(&self) -> bool {
+    /// Whether [`RoutingObserver::on_router_inputs`] should be called for model layer
+    /// `layer` (copying the router inputs to the host costs time).
+    fn wants_router_inputs(&self, _layer: usize) -> bool {
         false
     }
 

@@ -48,8 +48,8 @@ impl RoutingObserver for Capture {
         }
     }
 
-    fn wants_router_inputs(&self) -> bool {
-        true
+    fn wants_router_inputs(&self, layer: usize) -> bool {
+        layer == self.last
     }
 
     fn on_router_inputs(&mut self, layer: usize, _: usize, inputs: &[f32], hidden: usize) {

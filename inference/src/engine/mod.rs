@@ -439,9 +439,12 @@ impl RoutingObserver for OffloadEngine {
         }
     }
 
-    fn wants_router_inputs(&self) -> bool {
+    /// The lens reads the last MoE layer's router input; a lookahead predictor with
+    /// hidden features every layer's.
+    fn wants_router_inputs(&self, layer: usize) -> bool {
+        let last = self.moe_index.get(&layer) == Some(&(self.n_moe() - 1));
         self.decoding
-            && (self.lens.is_some()
+            && (self.lens.is_some() && last
                 || self.cfg.layer_forecasts
                     && self
                         .predictor
