@@ -67,7 +67,8 @@ demo:
 # only (--horizon 1: at that budget the next layer's reads fill the link and a 10%
 # cache), both timings. Every predictor hides 10% of the token ids in training, so it
 # also forecasts each next token's layer 0 before the id; the logit lens (lens+learned)
-# forecasts it from the model's LM head. Each simulation runs with LRU and with next-use
+# forecasts it from the model's LM head, its candidates' layer-0 routing refined by the
+# per-token counts of the predictor's training traces. Each simulation runs with LRU and with next-use
 # eviction. About 9 minutes after the build.
 HID    := runs/demo-hidden
 demo-hidden:

@@ -274,7 +274,7 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
             p.card.config.token_dropout > 0.0,
             p.baselines.as_ref(),
         )?,
-        None => (None, None, None),
+        None => (None, None, Vec::new()),
     };
     let opts = EvalOptions {
         batch_size: a.batch_size,
@@ -289,13 +289,7 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
         predictor::evaluate(&p.model, p.baselines.as_ref(), &set, split, &device, &opts)?;
     if p.card.config.token_dropout > 0.0 {
         let mut online = predictor::OnlinePredictor::new(p);
-        eval::score_before_id(
-            &mut report,
-            &mut online,
-            &set,
-            split,
-            opts.before_id.as_ref(),
-        )?;
+        eval::score_before_id(&mut report, &mut online, &set, split, &opts.before_id)?;
     }
     print!("{}", eval::render_table(&report));
     if let Some(path) = &a.json {
@@ -324,7 +318,7 @@ fn gate_baselines(
 ) -> Result<(
     Option<predictor::GateBaseline>,
     Option<predictor::EarlyScores>,
-    Option<predictor::EarlyScores>,
+    Vec<predictor::EarlyScores>,
 )> {
     let ck = inference::Checkpoint::open(dir)?;
     let mut model = inference::MoeModel::load(&ck, &Default::default())?;
@@ -352,22 +346,29 @@ fn gate_baselines(
         name: "pre-attention gate".into(),
         per_trace,
     };
-    // The lens reads the same router inputs as the cross-layer gate.
-    let before_id = if before_id && inputs_fit.is_ok() {
-        let mut lens = inference::gate::NextTokenGate::new(&model)?;
-        if let Some(stats) = counts {
-            lens.refine_first_layer(stats);
+    // The lens reads the same router inputs as the cross-layer gate: with the gate's
+    // table of candidates, and refined by the predictor's per-token counts if it has them.
+    let mut before = Vec::new();
+    if before_id && inputs_fit.is_ok() {
+        let lens = inference::gate::NextTokenGate::new(&model)?;
+        let refined = match counts {
+            Some(c) => Some(lens.clone().with_counts(Some(c))?),
+            None => None,
+        };
+        for (name, g) in [
+            ("lens (layer 0)", Some(&lens)),
+            ("lens + counts (layer 0)", refined.as_ref()),
+        ] {
+            let Some(g) = g else { continue };
+            before.push(predictor::EarlyScores {
+                name: name.into(),
+                per_trace: (0..set.paths().len())
+                    .map(|i| g.first_layer_before_id(&set.view(i)))
+                    .collect(),
+            });
         }
-        Some(predictor::EarlyScores {
-            name: "lens (layer 0)".into(),
-            per_trace: (0..set.paths().len())
-                .map(|i| lens.first_layer_before_id(&set.view(i)))
-                .collect(),
-        })
-    } else {
-        None
-    };
-    Ok((gate, Some(early), before_id))
+    }
+    Ok((gate, Some(early), before))
 }
 
 fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {

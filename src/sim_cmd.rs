@@ -177,16 +177,13 @@ pub(crate) fn simulate_cmd(a: SimulateArgs) -> Result<()> {
     };
     let lens = match (kinds.contains(&PrefetchKind::Lens), model.as_ref()) {
         (true, Some(model)) => {
-            let mut g = inference::gate::NextTokenGate::new(model)?;
+            let g = inference::gate::NextTokenGate::new(model)?;
             g.check(m, e, meta.router_input_dim)
                 .with_context(|| a.trace.display().to_string())?;
-            if let Some(stats) = online
+            let counts = online
                 .as_ref()
-                .and_then(|o| o.predictor().baselines.as_ref())
-            {
-                g.refine_first_layer(stats);
-            }
-            Some(g)
+                .and_then(|o| o.predictor().baselines.as_ref());
+            Some(g.with_counts(counts)?)
         }
         _ => None,
     };

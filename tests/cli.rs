@@ -730,6 +730,9 @@ fn router_inputs_feed_the_cross_layer_gate_in_eval_and_simulate() {
         layer0(&lens),
         layer0(&freq)
     );
+    // Refined by the predictor's per-token counts, the lens is scored beside it.
+    let counted = method("lens + counts (layer 0)");
+    assert!(layer0(&counted) > layer0(&freq) + 0.1, "{counted}");
     // The engine feeds the router input of each layer to such a predictor, and (trained
     // with token-id dropout) it forecasts each next token's layer 0 before the id.
     let said = ok(&[

@@ -87,14 +87,14 @@ impl GateForecaster {
 /// routing before attention; exact for the pre-attention gate of a first layer at
 /// decoder layer 0). Expert `e`'s score is `Σ_c P(c) [e ∈ topk(c)]`: the expected share
 /// of the next token's top-k it takes. Routing observed for a candidate in training
-/// traces can replace the indicator by its observed share ([`Self::refine_first_layer`]).
+/// traces can replace the indicator by its observed share ([`Self::with_counts`]).
 #[derive(Debug, Clone)]
 pub struct NextTokenGate {
     /// `w_f / w_r` per hidden unit (0 where `w_r` is 0).
     rescale: Tensor<1>,
     lm_head: Dense,
     /// `[vocab, n_experts]`: 1 where the expert is among the candidate's top-k (see
-    /// [`Self::refine_first_layer`] for observed rows).
+    /// [`Self::with_counts`] for observed rows).
     first_layer: Tensor<2>,
     top_k: usize,
     n_moe: usize,
@@ -177,22 +177,33 @@ impl NextTokenGate {
         out
     }
 
-    /// Refines the candidates' first-layer rows with observed routing: `stats` counts,
-    /// per token id, how often each first-layer expert was chosen for it (a predictor's
-    /// training traces, [`BaselineStats::first_layer_by_token`]). A counted token's row
-    /// becomes `(counts + g) / (n + 1)`, `g` its gate row and `n` its occurrences: the
-    /// gate's routing before attention weighs as one observation, and the row still sums
-    /// to k (its expected share of the next token's top-k).
-    pub fn refine_first_layer(&mut self, stats: &BaselineStats) {
-        let (e, k) = (self.n_experts, self.top_k as f32);
+    /// This lens with its candidates' first-layer rows refined by observed routing,
+    /// if `stats` is given: `stats` counts, per token id, how often each first-layer
+    /// expert was chosen for it (a predictor's training traces,
+    /// [`BaselineStats::first_layer_by_token`]). A counted token's row becomes
+    /// `(counts + g) / (n + 1)`, `g` its gate row and `n` its occurrences: the gate's
+    /// routing before attention weighs as one observation, and the row still sums to k
+    /// (its expected share of the next token's top-k). Ids outside the vocabulary are
+    /// skipped; counts of another expert count or top-k are refused.
+    pub fn with_counts(mut self, stats: Option<&BaselineStats>) -> Result<NextTokenGate> {
+        let Some(stats) = stats else {
+            return Ok(self);
+        };
+        let (e, k) = (self.n_experts, self.top_k);
+        if (stats.shape.n_experts, stats.shape.top_k) != (e, k) {
+            return Err(ModelError::Input(format!(
+                "the predictor's per-token counts are of {} experts (top-{}), the model routes top-{k} of {e}",
+                stats.shape.n_experts, stats.shape.top_k
+            )));
+        }
         let mut table = to_vec(self.first_layer.clone());
         let vocab = table.len() / e;
         for (&token, c) in &stats.first_layer_by_token {
             let t = token as usize;
-            if t >= vocab || c.len() != e {
+            if t >= vocab {
                 continue;
             }
-            let n = c.iter().sum::<f32>() / k;
+            let n = c.iter().sum::<f32>() / k as f32;
             for (g, &ci) in table[t * e..(t + 1) * e].iter_mut().zip(c) {
                 *g = (ci + *g) / (n + 1.0);
             }
@@ -200,6 +211,7 @@ impl NextTokenGate {
         let dims = self.first_layer.dims();
         self.first_layer =
             Tensor::<2>::from_data(TensorData::new(table, dims), &self.first_layer.device());
+        Ok(self)
     }
 
     /// The lens's next-token distribution for each of `xs`; `[T, vocab]`.
@@ -209,7 +221,7 @@ impl NextTokenGate {
 
     /// The first MoE layer's experts of `token`: those its row scores above 0 (the
     /// gate's top-k before attention, ascending, and any observed ones after
-    /// [`Self::refine_first_layer`]); none for a token outside the vocabulary.
+    /// [`Self::with_counts`]); none for a token outside the vocabulary.
     pub fn first_layer_experts(&self, token: u32) -> Vec<u16> {
         let row = self.first_layer_row(token).unwrap_or_default();
         (0..row.len() as u16)

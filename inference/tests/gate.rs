@@ -169,7 +169,7 @@ fn the_logit_lens_of_the_demo_model_forecasts_its_next_token() {
 #[test]
 fn observed_first_layer_counts_refine_the_lens_table() {
     let model = load(&root().join("inference/tests/fixtures/hf/qwen3_moe"));
-    let mut gate = NextTokenGate::new(&model).unwrap();
+    let gate = NextTokenGate::new(&model).unwrap();
     let shape = model.shape();
     let (e, k, vocab) = (shape.n_experts, shape.top_k, shape.vocab_size);
     let (token, other) = (5u32, 6u32);
@@ -194,7 +194,16 @@ fn observed_first_layer_counts_refine_the_lens_table() {
         .map(|i| ((i * 7919 % 23) as f32 - 11.0) / 5.0)
         .collect();
     let probs = gate.next_token_probs(&x);
-    gate.refine_first_layer(&stats);
+    let other_k = BaselineStats::new(
+        RoutingShape {
+            top_k: k + 1,
+            ..routing
+        },
+        1,
+    );
+    let err = gate.clone().with_counts(Some(&other_k)).unwrap_err();
+    assert!(err.to_string().contains("top-"), "{err}");
+    let gate = gate.with_counts(Some(&stats)).unwrap();
     let row = gate.first_layer_row(token).unwrap();
     for (i, r) in row.iter().enumerate() {
         assert!(

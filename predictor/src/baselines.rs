@@ -208,6 +208,11 @@ impl BaselineStats {
         let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
         let names = st.names();
         let has_tokens = names.contains(&"first_layer_tokens");
+        if has_tokens != names.contains(&"first_layer_counts") {
+            return Err(bad(
+                "first_layer_tokens and first_layer_counts come together: one is missing".into(),
+            ));
+        }
         let mut tensors = HashMap::new();
         for (name, dtype) in [
             ("frequency", Dtype::F32),
@@ -252,10 +257,15 @@ impl BaselineStats {
             }
             let counts = f32s(counts);
             for (id, row) in ids.chunks_exact(4).zip(counts.chunks_exact(e)) {
-                first_layer_by_token.insert(
-                    u32::from_le_bytes([id[0], id[1], id[2], id[3]]),
-                    row.to_vec(),
-                );
+                let token = u32::from_le_bytes([id[0], id[1], id[2], id[3]]);
+                if let Some(c) = row.iter().find(|c| !c.is_finite() || **c < 0.0) {
+                    return Err(bad(format!(
+                        "first_layer_counts of token {token}: {c} is not a count"
+                    )));
+                }
+                if first_layer_by_token.insert(token, row.to_vec()).is_some() {
+                    return Err(bad(format!("first_layer_tokens: token {token} twice")));
+                }
             }
         }
         let mut s = BaselineStats {
@@ -278,6 +288,7 @@ fn bytes_of(v: &[f32]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use datasets::{Phase, TokenRecord, TraceBuilder, TraceMeta};
 
     fn shape() -> RoutingShape {
         RoutingShape {
@@ -287,44 +298,112 @@ mod tests {
         }
     }
 
+    fn read(bytes: &[u8]) -> Result<BaselineStats> {
+        BaselineStats::from_safetensors(bytes, shape(), Path::new("baselines.safetensors"))
+    }
+
+    /// Safetensors of `s`'s counts with the per-token tensors `tokens` and `counts`.
+    fn file(s: &BaselineStats, tokens: Option<&[u32]>, counts: Option<(&[f32], usize)>) -> Vec<u8> {
+        let (f, c) = (bytes_of(&s.frequency), bytes_of(&s.coactivation));
+        let ids: Vec<u8> = tokens
+            .unwrap_or(&[])
+            .iter()
+            .flat_map(|t| t.to_le_bytes())
+            .collect();
+        let rows = counts.map(|(c, _)| bytes_of(c)).unwrap_or_default();
+        let mut views = vec![
+            (
+                "frequency",
+                TensorView::new(Dtype::F32, vec![2, 4], &f).unwrap(),
+            ),
+            (
+                "coactivation",
+                TensorView::new(Dtype::F32, vec![1, 2, 4, 4], &c).unwrap(),
+            ),
+        ];
+        if let Some(t) = tokens {
+            views.push((
+                "first_layer_tokens",
+                TensorView::new(Dtype::U32, vec![t.len()], &ids).unwrap(),
+            ));
+        }
+        if let Some((c, width)) = counts {
+            let shape = vec![c.len() / width, width];
+            views.push((
+                "first_layer_counts",
+                TensorView::new(Dtype::F32, shape, &rows).unwrap(),
+            ));
+        }
+        safetensors::serialize(views, None).unwrap()
+    }
+
     #[test]
-    fn per_token_counts_round_trip_and_older_files_read_without_them() {
-        let path = Path::new("baselines.safetensors");
+    fn per_token_counts_round_trip_and_bad_files_are_refused_by_name() {
         let mut s = BaselineStats::new(shape(), 1);
         s.first_layer_by_token.insert(7, vec![2.0, 0.0, 2.0, 0.0]);
         s.first_layer_by_token
             .insert(90_000, vec![0.0, 1.0, 0.0, 1.0]);
-        let back = BaselineStats::from_safetensors(&s.to_safetensors().unwrap(), shape(), path);
-        assert_eq!(back.unwrap(), s);
+        assert_eq!(read(&s.to_safetensors().unwrap()).unwrap(), s);
         // A file written before the per-token counts existed.
-        let (f, c) = (bytes_of(&s.frequency), bytes_of(&s.coactivation));
-        let old = safetensors::serialize(
-            [
-                (
-                    "frequency",
-                    TensorView::new(Dtype::F32, vec![2, 4], &f).unwrap(),
-                ),
-                (
-                    "coactivation",
-                    TensorView::new(Dtype::F32, vec![1, 2, 4, 4], &c).unwrap(),
-                ),
-            ],
-            None,
-        )
-        .unwrap();
-        let back = BaselineStats::from_safetensors(&old, shape(), path).unwrap();
-        assert!(back.first_layer_by_token.is_empty());
-        // A file of another expert count is refused, naming the file; so is a cut one.
-        let wide = RoutingShape {
-            n_experts: 8,
-            ..shape()
+        assert!(read(&file(&s, None, None))
+            .unwrap()
+            .first_layer_by_token
+            .is_empty());
+        let refused = [
+            file(&s, Some(&[7]), None),
+            file(&s, None, Some((&[1.0; 4], 4))),
+            file(&s, Some(&[7]), Some((&[1.0; 8], 8))),
+            file(&s, Some(&[7, 7]), Some((&[1.0; 8], 4))),
+            file(&s, Some(&[7]), Some((&[1.0, -1.0, 0.0, 0.0], 4))),
+            file(&s, Some(&[7]), Some((&[1.0, f32::NAN, 0.0, 0.0], 4))),
+            s.to_safetensors().unwrap()[..100].to_vec(),
+        ];
+        for bytes in refused {
+            let err = read(&bytes).unwrap_err().to_string();
+            assert!(err.contains("baselines.safetensors"), "{err}");
+        }
+    }
+
+    #[test]
+    fn first_layer_counts_skip_unknown_token_ids() {
+        let meta = TraceMeta {
+            router_logits: false,
+            router_input_dim: None,
+            model: "m".into(),
+            architecture: None,
+            n_layers: 2,
+            moe_layers: vec![0, 1],
+            n_experts: 4,
+            top_k: 2,
+            n_shared_experts: 0,
+            source: None,
+            tokenizer: None,
+            ranked: false,
+            expert_bytes: None,
         };
-        let mut w = BaselineStats::new(wide, 1);
-        w.first_layer_by_token.insert(1, vec![1.0; 8]);
-        let mut bytes = w.to_safetensors().unwrap();
-        let err = BaselineStats::from_safetensors(&bytes, shape(), path).unwrap_err();
-        assert!(err.to_string().contains("baselines.safetensors"), "{err}");
-        bytes.truncate(bytes.len() / 2);
-        assert!(BaselineStats::from_safetensors(&bytes, shape(), path).is_err());
+        let mut b = TraceBuilder::new(meta, false).unwrap();
+        for (pos, token) in [Some(3), None, Some(3), Some(5)].into_iter().enumerate() {
+            b.push(&TokenRecord {
+                router_logits: None,
+                router_inputs: None,
+                seq: "s".into(),
+                pos: pos as u32,
+                phase: Phase::Decode,
+                token,
+                experts: vec![
+                    Some(vec![pos as u32 % 4, 3 - pos as u32 % 4]),
+                    Some(vec![0, 1]),
+                ],
+                weights: None,
+            })
+            .unwrap();
+        }
+        let trace = b.finish().unwrap();
+        let mut s = BaselineStats::new(shape(), 1);
+        s.add_tokens(&trace.view(), 0..4);
+        let want: BTreeMap<u32, Vec<f32>> =
+            [(3, vec![1.0, 1.0, 1.0, 1.0]), (5, vec![1.0, 0.0, 0.0, 1.0])].into();
+        assert_eq!(s.first_layer_by_token, want);
+        assert_eq!(s.frequency[..4].iter().sum::<f32>(), 8.0);
     }
 }

@@ -102,9 +102,9 @@ pub struct EvalOptions {
     /// Also score one-block-early forecasts (the pre-attention gate) on `+1 layer`.
     pub early: Option<EarlyScores>,
     /// Also score forecasts of the first MoE layer before the token's id (the logit
-    /// lens) on the `next token, before its id` group (predictors trained with token-id
-    /// dropout, which have that group).
-    pub before_id: Option<EarlyScores>,
+    /// lens, with and without observed counts) on the `next token, before its id` group
+    /// (predictors trained with token-id dropout, which have that group).
+    pub before_id: Vec<EarlyScores>,
     pub progress: bool,
 }
 
@@ -116,7 +116,7 @@ impl Default for EvalOptions {
             baselines: true,
             gate: None,
             early: None,
-            before_id: None,
+            before_id: Vec::new(),
             progress: false,
         }
     }
@@ -178,8 +178,8 @@ pub fn evaluate(
         }
         _ => None,
     };
-    if let (Some(g), true) = (&opts.before_id, cfg.token_dropout > 0.0) {
-        names.push(g.name.clone());
+    if cfg.token_dropout > 0.0 {
+        names.extend(opts.before_id.iter().map(|g| g.name.clone()));
     }
     let mut counts: Vec<Vec<LayerCounts>> = names
         .iter()
@@ -253,14 +253,14 @@ pub const BEFORE_ID_GROUP: &str = "next token, before its id";
 /// and before the token's id ([`OnlinePredictor::predict_next_unknown`], predictors
 /// trained with token-id dropout), streamed token by token as a runtime asks it, beside
 /// the baselines that never read the id (previous-token reuse, frequency) and, if given
-/// (and registered by [`evaluate`] through [`EvalOptions::before_id`]), `first_layer`'s
-/// forecasts of the first MoE layer.
+/// (and registered by [`evaluate`] through [`EvalOptions::before_id`]), the
+/// `first_layer` forecasts of the first MoE layer.
 pub fn score_before_id(
     report: &mut EvalReport,
     online: &mut crate::OnlinePredictor,
     set: &ExampleSet,
     split: Split,
-    first_layer: Option<&EarlyScores>,
+    first_layer: &[EarlyScores],
 ) -> Result<()> {
     let shape = online.predictor().card.config.routing;
     let (m, e, k) = (shape.n_moe, shape.n_experts, shape.top_k);
@@ -272,14 +272,20 @@ pub fn score_before_id(
         .collect();
     let slot = |name: &str| report.methods.iter().position(|mr| mr.method == name);
     let (previous, frequency) = (slot("previous-token"), slot("frequency"));
-    let lens = first_layer.and_then(|g| slot(&g.name).map(|i| (i, g)));
+    let lenses: Vec<(usize, &EarlyScores)> = first_layer
+        .iter()
+        .filter_map(|g| slot(&g.name).map(|i| (i, g)))
+        .collect();
     let mut ranking = Vec::new();
     for seq in set.split(split) {
         let view = set.view(seq.trace);
         online.reset();
         for t in seq.tokens.clone() {
             let layers: Vec<Option<&[u16]>> = (0..m).map(|l| view.layer(t, l)).collect();
-            if let (Some((i, g)), true, Some(truth)) = (lens, t > seq.tokens.start, layers[0]) {
+            for &(i, g) in &lenses {
+                let (true, Some(truth)) = (t > seq.tokens.start, layers[0]) else {
+                    continue;
+                };
                 let row = &g.per_trace[seq.trace][t * e..(t + 1) * e];
                 if !row[0].is_nan() {
                     rank_top(row, report.budget, &mut ranking);
@@ -430,8 +436,19 @@ pub fn render_table(r: &EvalReport) -> String {
             r.sequences,
             r.tokens
         );
+        let shown: Vec<&MethodReport> = r
+            .methods
+            .iter()
+            .filter(|mr| mr.groups[gi].overall.sets > 0)
+            .collect();
+        let w = shown
+            .iter()
+            .map(|mr| mr.method.len())
+            .max()
+            .unwrap_or(0)
+            .max(18);
         s += &format!(
-            "  {:<18} {:>7} {:>9} {:>7} {:>7} {:>9} {:>9} {:>9}\n",
+            "  {:<w$} {:>7} {:>9} {:>7} {:>7} {:>9} {:>9} {:>9}\n",
             "method",
             "F1",
             "precision",
@@ -441,15 +458,10 @@ pub fn render_table(r: &EvalReport) -> String {
             "elem-acc",
             "macro-F1"
         );
-        let shown: Vec<&MethodReport> = r
-            .methods
-            .iter()
-            .filter(|mr| mr.groups[gi].overall.sets > 0)
-            .collect();
         for mr in &shown {
             let o = &mr.groups[gi].overall;
             s += &format!(
-                "  {:<18} {:>7.4} {:>9.4} {:>7.4} {:>7.4} {:>9.4} {:>9.4} {:>9.4}\n",
+                "  {:<w$} {:>7.4} {:>9.4} {:>7.4} {:>7.4} {:>9.4} {:>9.4} {:>9.4}\n",
                 mr.method,
                 o.f1,
                 o.precision,
@@ -462,7 +474,7 @@ pub fn render_table(r: &EvalReport) -> String {
         }
         s += &format!("  F1 per layer ({g}):\n  {:<6}", "layer");
         for mr in &shown {
-            s += &format!(" {:>18}", mr.method);
+            s += &format!(" {:>w$}", mr.method);
         }
         s += "\n";
         let n_layers = r.methods[0].groups[gi].per_layer.len();
@@ -473,7 +485,7 @@ pub fn render_table(r: &EvalReport) -> String {
             s += &format!("  {l:<6}");
             for mr in &shown {
                 let f = mr.groups[gi].per_layer[l].map_or("-".into(), |x| format!("{:.4}", x.f1));
-                s += &format!(" {f:>18}");
+                s += &format!(" {f:>w$}");
             }
             s += "\n";
         }

@@ -550,7 +550,7 @@ fn token_dropout_forecasts_the_next_token_before_its_id() {
     // that never read the id.
     let mut report = eval_test_split(&out, &trace);
     let mut online = OnlinePredictor::new(LoadedPredictor::load(&out, &dev).unwrap());
-    predictor::eval::score_before_id(&mut report, &mut online, &set, Split::Test, None).unwrap();
+    predictor::eval::score_before_id(&mut report, &mut online, &set, Split::Test, &[]).unwrap();
     let g = report.groups.len() - 1;
     assert_eq!(report.groups[g], predictor::eval::BEFORE_ID_GROUP);
     let f1 = f1_of(&report, "predictor", g);

@@ -137,14 +137,10 @@ impl OffloadEngine {
             ));
         }
         let lens = if cfg.lens {
-            let mut g = NextTokenGate::new(model)?;
-            if let Some(stats) = predictor
+            let counts = predictor
                 .as_ref()
-                .and_then(|p| p.predictor().baselines.as_ref())
-            {
-                g.refine_first_layer(stats);
-            }
-            Some(g)
+                .and_then(|p| p.predictor().baselines.as_ref());
+            Some(NextTokenGate::new(model)?.with_counts(counts)?)
         } else {
             None
         };
