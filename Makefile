@@ -69,7 +69,7 @@ demo:
 # also forecasts each next token's layer 0 before the id; the logit lens (lens+learned)
 # forecasts it from the model's LM head, its candidates' layer-0 routing refined by the
 # per-token counts of the predictor's training traces. Each simulation runs with LRU and with next-use
-# eviction. About 9 minutes after the build.
+# eviction. 8-10 minutes after the build.
 HID    := runs/demo-hidden
 demo-hidden:
 	$(CARGO) build
