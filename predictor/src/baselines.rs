@@ -288,7 +288,6 @@ fn bytes_of(v: &[f32]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use datasets::{Phase, TokenRecord, TraceBuilder, TraceMeta};
 
     fn shape() -> RoutingShape {
         RoutingShape {
@@ -366,44 +365,32 @@ mod tests {
 
     #[test]
     fn first_layer_counts_skip_unknown_token_ids() {
-        let meta = TraceMeta {
-            router_logits: false,
-            router_input_dim: None,
-            model: "m".into(),
-            architecture: None,
+        use datasets::synth::{synthetic_trace, SynthConfig};
+        let mut trace = synthetic_trace(&SynthConfig {
             n_layers: 2,
-            moe_layers: vec![0, 1],
             n_experts: 4,
             top_k: 2,
-            n_shared_experts: 0,
-            source: None,
-            tokenizer: None,
-            ranked: false,
-            expert_bytes: None,
-        };
-        let mut b = TraceBuilder::new(meta, false).unwrap();
-        for (pos, token) in [Some(3), None, Some(3), Some(5)].into_iter().enumerate() {
-            b.push(&TokenRecord {
-                router_logits: None,
-                router_inputs: None,
-                seq: "s".into(),
-                pos: pos as u32,
-                phase: Phase::Decode,
-                token,
-                experts: vec![
-                    Some(vec![pos as u32 % 4, 3 - pos as u32 % 4]),
-                    Some(vec![0, 1]),
-                ],
-                weights: None,
-            })
-            .unwrap();
+            sequences: 2,
+            tokens_per_sequence: 20,
+            ..SynthConfig::default()
+        });
+        let n = trace.n_tokens();
+        for t in (0..n).step_by(3) {
+            trace.token[t] = datasets::UNKNOWN_TOKEN;
         }
-        let trace = b.finish().unwrap();
         let mut s = BaselineStats::new(shape(), 1);
-        s.add_tokens(&trace.view(), 0..4);
-        let want: BTreeMap<u32, Vec<f32>> =
-            [(3, vec![1.0, 1.0, 1.0, 1.0]), (5, vec![1.0, 0.0, 0.0, 1.0])].into();
+        s.add_tokens(&trace.view(), 0..n);
+        let view = trace.view();
+        let mut want: BTreeMap<u32, Vec<f32>> = BTreeMap::new();
+        for t in (0..n).filter(|t| t % 3 != 0) {
+            let row = want.entry(view.token[t]).or_insert_with(|| vec![0.0; 4]);
+            for &x in view.layer(t, 0).unwrap() {
+                row[x as usize] += 1.0;
+            }
+        }
+        assert!(!want.contains_key(&datasets::UNKNOWN_TOKEN));
         assert_eq!(s.first_layer_by_token, want);
-        assert_eq!(s.frequency[..4].iter().sum::<f32>(), 8.0);
+        // The frequency baseline still counts every token.
+        assert_eq!(s.frequency[..4].iter().sum::<f32>(), 2.0 * n as f32);
     }
 }
