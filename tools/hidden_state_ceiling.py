@@ -10,6 +10,9 @@ converted to Parquet:
     moecast trace convert runs/demo/tiny-moe.mctrace -o /tmp/train.parquet
     moecast trace convert runs/demo/heldout.mctrace -o /tmp/heldout.parquet
     python3 tools/hidden_state_ceiling.py /tmp/train.parquet /tmp/heldout.parquet
+
+On the demo's 6-sample trace it reaches 0.804 at +1; on `make demo-hidden`'s 12-sample
+trace (runs/demo-hidden/tiny-moe.mctrace, same held-out trace) 0.814.
 """
 
 import sys
