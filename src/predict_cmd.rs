@@ -351,15 +351,11 @@ fn gate_baselines(
     let mut before = Vec::new();
     if before_id && inputs_fit.is_ok() {
         let lens = inference::gate::NextTokenGate::new(&model)?;
-        let refined = match counts {
-            Some(c) => Some(lens.clone().with_counts(Some(c))?),
-            None => None,
-        };
-        for (name, g) in [
-            ("lens (layer 0)", Some(&lens)),
-            ("lens + counts (layer 0)", refined.as_ref()),
-        ] {
-            let Some(g) = g else { continue };
+        let mut lenses = vec![("lens (layer 0)", lens.clone())];
+        if counts.is_some() {
+            lenses.push(("lens + counts (layer 0)", lens.with_counts(counts)?));
+        }
+        for (name, g) in lenses {
             before.push(predictor::EarlyScores {
                 name: name.into(),
                 per_trace: (0..set.paths().len())

@@ -282,17 +282,14 @@ pub fn score_before_id(
         online.reset();
         for t in seq.tokens.clone() {
             let layers: Vec<Option<&[u16]>> = (0..m).map(|l| view.layer(t, l)).collect();
-            for &(i, g) in &lenses {
-                let (true, Some(truth)) = (t > seq.tokens.start, layers[0]) else {
-                    continue;
-                };
-                let row = &g.per_trace[seq.trace][t * e..(t + 1) * e];
-                if !row[0].is_nan() {
-                    rank_top(row, report.budget, &mut ranking);
-                    counts[i].add(0, &ranking, truth);
-                }
-            }
             if t > seq.tokens.start {
+                for &(i, g) in &lenses {
+                    let row = &g.per_trace[seq.trace][t * e..(t + 1) * e];
+                    if let (Some(truth), false) = (layers[0], row[0].is_nan()) {
+                        rank_top(row, report.budget, &mut ranking);
+                        counts[i].add(0, &ranking, truth);
+                    }
+                }
                 let f = online.predict_next_unknown()?;
                 for (l, truth) in layers.iter().enumerate() {
                     let Some(truth) = truth else { continue };
