@@ -351,17 +351,25 @@ fn gate_baselines(
     let mut before = Vec::new();
     if before_id && inputs_fit.is_ok() {
         let lens = inference::gate::NextTokenGate::new(&model)?;
-        let mut lenses = vec![("lens (layer 0)", lens.clone())];
+        let mut names = vec!["lens (layer 0)"];
+        let mut refined = Vec::new();
         if counts.is_some() {
-            lenses.push(("lens + counts (layer 0)", lens.with_counts(counts)?));
+            names.push("lens + counts (layer 0)");
+            refined.push(lens.clone().with_counts(counts)?);
         }
-        for (name, g) in lenses {
-            before.push(predictor::EarlyScores {
+        let refined: Vec<&inference::gate::NextTokenGate> = refined.iter().collect();
+        before = names
+            .iter()
+            .map(|&name| predictor::EarlyScores {
                 name: name.into(),
-                per_trace: (0..set.paths().len())
-                    .map(|i| g.first_layer_before_id(&set.view(i)))
-                    .collect(),
-            });
+                per_trace: Vec::new(),
+            })
+            .collect();
+        for i in 0..set.paths().len() {
+            let scores = lens.first_layer_before_id_with(&refined, &set.view(i));
+            for (b, s) in before.iter_mut().zip(scores) {
+                b.per_trace.push(s);
+            }
         }
     }
     Ok((gate, Some(early), before))

@@ -379,10 +379,9 @@ pub struct NextUseForecast {
     /// Per expert: the layer visit of its last use (`None`: never used).
     last_use: Vec<Option<u32>>,
     visits: Vec<u32>,
-    /// Per layer, the count of each gap 1..=MAX_GAP (longer ones count as MAX_GAP).
-    gaps: Vec<Vec<u32>>,
-    /// Per layer and `a`: the count and the sum of the gaps longer than `a`.
-    longer: Vec<Vec<(f64, f64)>>,
+    /// Per layer and `a`: the count and the sum of the gaps seen longer than `a`
+    /// (gaps longer than MAX_GAP count as MAX_GAP).
+    longer: Vec<Vec<(u64, u64)>>,
 }
 
 impl NextUseForecast {
@@ -398,20 +397,21 @@ impl NextUseForecast {
             layer: n_layers.saturating_sub(1),
             last_use: vec![None; n_layers * n_experts],
             visits: vec![0; n_layers],
-            gaps: vec![vec![0; Self::MAX_GAP + 1]; n_layers],
-            longer: vec![vec![(0.0, 0.0); Self::MAX_GAP + 1]; n_layers],
+            longer: vec![vec![(0, 0); Self::MAX_GAP + 1]; n_layers],
         }
     }
 
     /// Records a visit of `layer` that used the experts `used`.
     pub fn visit(&mut self, layer: usize, used: &[usize]) {
         let v = self.visits[layer];
-        let mut counted = false;
         for &id in used {
             if let Some(last) = self.last_use[id] {
                 if last < v {
-                    self.gaps[layer][((v - last) as usize).min(Self::MAX_GAP)] += 1;
-                    counted = true;
+                    let gap = ((v - last) as usize).min(Self::MAX_GAP);
+                    for longer in &mut self.longer[layer][..gap] {
+                        longer.0 += 1;
+                        longer.1 += gap as u64;
+                    }
                 }
             }
             self.last_use[id] = Some(v);
@@ -419,15 +419,6 @@ impl NextUseForecast {
         self.visits[layer] += 1;
         self.step += 1;
         self.layer = layer;
-        if counted {
-            let (gaps, longer) = (&self.gaps[layer], &mut self.longer[layer]);
-            let mut acc = (0.0, 0.0);
-            for a in (0..=Self::MAX_GAP).rev() {
-                longer[a] = acc;
-                acc.0 += gaps[a] as f64;
-                acc.1 += (a as f64) * gaps[a] as f64;
-            }
-        }
     }
 
     /// Estimated next use of `id`, as of its layer's latest visit.
@@ -440,8 +431,8 @@ impl NextUseForecast {
         } as usize;
         let all = self.longer[l][0];
         let visits = match self.longer[l].get(idle) {
-            Some(&(n, sum)) if n > 0.0 => sum / n - idle as f64,
-            _ if all.0 > 0.0 => (all.1 / all.0).max(idle as f64),
+            Some(&(n, sum)) if n > 0 => sum as f64 / n as f64 - idle as f64,
+            _ if all.0 > 0 => (all.1 as f64 / all.0 as f64).max(idle as f64),
             _ => self.n_experts as f64,
         };
         // The layer's latest visit was this many steps ago.

@@ -161,16 +161,35 @@ impl NextTokenGate {
     /// before it, over a trace: `n_tokens x n_experts`, NaN where the token starts a
     /// sequence or the token before has no router input at the last MoE layer.
     pub fn first_layer_before_id(&self, view: &datasets::TraceView<'_>) -> Vec<f32> {
+        self.first_layer_before_id_with(&[], view).remove(0)
+    }
+
+    /// [`Self::first_layer_before_id`] of this lens and of each of `refined` (this lens
+    /// after [`Self::with_counts`]: the same LM head, other tables), in that order; the
+    /// lens's next-token distribution is computed once for all of them.
+    pub fn first_layer_before_id_with(
+        &self,
+        refined: &[&NextTokenGate],
+        view: &datasets::TraceView<'_>,
+    ) -> Vec<Vec<f32>> {
         let (m, e) = (view.meta.n_moe(), self.n_experts);
-        let mut out = vec![f32::NAN; view.n_tokens() * e];
+        let tables: Vec<&Tensor<2>> = std::iter::once(self)
+            .chain(refined.iter().copied())
+            .map(|g| &g.first_layer)
+            .collect();
+        let mut out = vec![vec![f32::NAN; view.n_tokens() * e]; tables.len()];
         for r in view.sequence_ranges() {
             let inputs: Vec<(usize, Vec<f32>)> = (r.start..r.end.saturating_sub(1))
                 .filter_map(|t| view.router_input_f32(t, m - 1).map(|x| (t + 1, x)))
                 .collect();
             for batch in inputs.chunks(256) {
                 let xs: Vec<f32> = batch.iter().flat_map(|(_, x)| x.iter().copied()).collect();
-                for ((t, _), row) in batch.iter().zip(self.scores(&xs).chunks_exact(e)) {
-                    out[t * e..(t + 1) * e].copy_from_slice(row);
+                let Some(p) = self.lens(&xs) else { continue };
+                for (table, out) in tables.iter().zip(&mut out) {
+                    let scores = to_vec(p.clone().matmul((*table).clone()));
+                    for ((t, _), row) in batch.iter().zip(scores.chunks_exact(e)) {
+                        out[t * e..(t + 1) * e].copy_from_slice(row);
+                    }
                 }
             }
         }

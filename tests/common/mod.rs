@@ -1,0 +1,69 @@
+//! Helpers shared by the CLI tests: run the `moecast` binary, find fixtures.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+pub fn moecast(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_moecast"))
+        .args(args)
+        .output()
+        .expect("run moecast")
+}
+
+pub fn ok(args: &[&str]) -> String {
+    let out = moecast(args);
+    assert!(
+        out.status.success(),
+        "moecast {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+pub fn fixture(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("datasets/tests/fixtures")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+/// Trains a one-epoch, one-block predictor on `trace` into `out`.
+pub fn train_tiny(trace: &str, out: &str, extra: &[&str]) -> String {
+    let mut args = vec![
+        "train",
+        "--trace",
+        trace,
+        "-o",
+        out,
+        "--d-model",
+        "16",
+        "--layers",
+        "1",
+        "--heads",
+        "2",
+        "--epochs",
+        "1",
+        "--quiet",
+    ];
+    args.extend_from_slice(extra);
+    ok(&args)
+}
+
+/// The timed hit rate of `prefetch` in a `simulate --json` file.
+pub fn sim_hit_rate(json: &str, prefetch: &str) -> f64 {
+    let rows: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    rows.as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["timed"]["prefetch"] == prefetch)
+        .unwrap()["hit_rate"]
+        .as_f64()
+        .unwrap()
+}
+
+pub fn tmp(dir: &tempfile::TempDir, name: &str) -> String {
+    dir.path().join(name).display().to_string()
+}
