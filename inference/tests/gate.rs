@@ -1,8 +1,9 @@
 //! Forecasts from the model's own weights: the next-token gate (logit lens) maps the last
 //! MoE layer's router input to exactly the LM head's distribution on the same residual
 //! (every architecture), tabulates each token's first-layer routing exactly as the
-//! pre-attention gate computes it (models whose first MoE layer is decoder layer 0), and
-//! on the trained demo model forecasts the generated next token.
+//! pre-attention gate computes it (models whose first MoE layer is decoder layer 0),
+//! scores a trace's tokens from the token before with each of its tables, and on the
+//! trained demo model forecasts the generated next token.
 
 use std::path::{Path, PathBuf};
 
@@ -222,6 +223,98 @@ fn observed_first_layer_counts_refine_the_lens_table() {
         for (i, &si) in s.iter().enumerate() {
             let want: f32 = p.iter().zip(&rows).map(|(pc, r)| pc * r[i]).sum();
             assert!((si - want).abs() < 1e-5, "expert {i}: {si} vs {want}");
+        }
+    }
+}
+
+#[test]
+fn the_lens_scores_a_trace_from_each_token_before_with_every_table() {
+    let model = load(&root().join("inference/tests/fixtures/hf/qwen3_moe"));
+    let shape = model.shape();
+    let (e, k, d, m) = (
+        shape.n_experts,
+        shape.top_k,
+        shape.hidden_size,
+        shape.moe_layers.len(),
+    );
+    let plain = NextTokenGate::new(&model).unwrap();
+    let routing = RoutingShape {
+        n_moe: m,
+        n_experts: e,
+        top_k: k,
+    };
+    let mut stats = BaselineStats::new(routing, 1);
+    let mut counts = vec![0f32; e];
+    counts[..k].fill(2.0);
+    for token in 0..shape.vocab_size as u32 {
+        stats.first_layer_by_token.insert(token, counts.clone());
+    }
+    let refined = plain.clone().with_counts(Some(&stats)).unwrap();
+    // Two sequences of 4 and 3 tokens; the last MoE layer's router input of the third
+    // token is missing (layer not computed).
+    let meta = datasets::TraceMeta {
+        model: "qwen3_moe".into(),
+        architecture: Some("qwen3_moe".into()),
+        n_layers: shape.n_layers as u32,
+        moe_layers: shape.moe_layers.iter().map(|&l| l as u32).collect(),
+        n_experts: e as u32,
+        top_k: k as u32,
+        n_shared_experts: 0,
+        source: None,
+        tokenizer: None,
+        ranked: true,
+        expert_bytes: None,
+        router_input_dim: Some(d as u32),
+        router_logits: false,
+    };
+    let mut b = datasets::TraceBuilder::new(meta, false).unwrap();
+    let input = |t: usize| -> Vec<f32> {
+        (0..d)
+            .map(|i| (((i + 3) * (t + 7) * 7919 % 41) as f32 - 20.0) / 9.0)
+            .collect()
+    };
+    for t in 0..7usize {
+        let missing = t == 2;
+        let experts = (0..m)
+            .map(|l| (!(missing && l == m - 1)).then(|| (0..k as u32).collect()))
+            .collect();
+        let inputs = (0..m)
+            .map(|l| (!(missing && l == m - 1)).then(|| input(t)))
+            .collect();
+        b.push(&datasets::TokenRecord {
+            seq: if t < 4 { "a" } else { "b" }.into(),
+            pos: if t < 4 { t } else { t - 4 } as u32,
+            phase: datasets::Phase::Decode,
+            token: Some(t as u32),
+            experts,
+            weights: None,
+            router_inputs: Some(inputs),
+            router_logits: None,
+        })
+        .unwrap();
+    }
+    let trace = b.finish().unwrap();
+    let view = trace.view();
+    let both = plain.first_layer_before_id_with(&[&refined], &view);
+    assert_eq!(both.len(), 2);
+    assert_ne!(both[0], both[1], "the refined table changes the scores");
+    // Token t is scored from token t-1's input, by each lens's own table; NaN at a
+    // sequence start and after the token without an input.
+    for (lens, scores) in [&plain, &refined].into_iter().zip(&both) {
+        for t in 0..7usize {
+            let row = &scores[t * e..(t + 1) * e];
+            if [0, 3, 4].contains(&t) {
+                assert!(row.iter().all(|x| x.is_nan()), "token {t}: {row:?}");
+                continue;
+            }
+            // The input as the trace stores it (f16).
+            let x: Vec<f32> = input(t - 1)
+                .iter()
+                .map(|&v| half::f16::from_f32(v).to_f32())
+                .collect();
+            for (a, b) in row.iter().zip(lens.scores(&x)) {
+                assert!((a - b).abs() < 1e-5, "token {t}: {a} vs {b}");
+            }
         }
     }
 }
