@@ -351,22 +351,20 @@ fn gate_baselines(
     let mut before = Vec::new();
     if before_id && inputs_fit.is_ok() {
         let lens = inference::gate::NextTokenGate::new(&model)?;
-        let mut names = vec!["lens (layer 0)"];
-        let mut refined = Vec::new();
-        if counts.is_some() {
-            names.push("lens + counts (layer 0)");
-            refined.push(lens.clone().with_counts(counts)?);
-        }
-        let refined: Vec<&inference::gate::NextTokenGate> = refined.iter().collect();
-        before = names
-            .iter()
-            .map(|&name| predictor::EarlyScores {
+        let refined = match counts {
+            Some(_) => vec![("lens + counts (layer 0)", lens.clone().with_counts(counts)?)],
+            None => Vec::new(),
+        };
+        before = std::iter::once("lens (layer 0)")
+            .chain(refined.iter().map(|(name, _)| *name))
+            .map(|name| predictor::EarlyScores {
                 name: name.into(),
                 per_trace: Vec::new(),
             })
             .collect();
+        let gates: Vec<&inference::gate::NextTokenGate> = refined.iter().map(|(_, g)| g).collect();
         for i in 0..set.paths().len() {
-            let scores = lens.first_layer_before_id_with(&refined, &set.view(i));
+            let scores = lens.first_layer_before_id_with(&gates, &set.view(i));
             for (b, s) in before.iter_mut().zip(scores) {
                 b.per_trace.push(s);
             }

@@ -6,26 +6,33 @@
 #
 #   tools/deeper_model.sh [SHARED] [OUT]     (defaults: ../shared, runs/deep16)
 #
-# About 32 minutes of training on 2 cores (resumable: rerun after an interruption, or
+# About 31 minutes of training on 2 cores (resumable: rerun after an interruption, or
 # with the model already trained it only re-exports it), then about 15 minutes.
-# Uses the release build (`cargo build --release`).
+# Uses the release build (`cargo build --release`; MOECAST=path/to/moecast skips it).
 set -euo pipefail
-SHARED=${1:-../shared}
-OUT=${2:-runs/deep16}
-BIN=${MOECAST:-${CARGO_TARGET_DIR:-target}/release/moecast}
-[ -d "$SHARED/corpora" ] || { echo "no corpora in $SHARED/corpora" >&2; exit 1; }
-cargo build --release
-mkdir -p "$OUT"
+shopt -s nullglob
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+SHARED=$(cd "${1:-$ROOT/../shared}" 2>/dev/null && pwd) || { echo "no folder ${1:-$ROOT/../shared}" >&2; exit 1; }
+mkdir -p "${2:-$ROOT/runs/deep16}"
+OUT=$(cd "${2:-$ROOT/runs/deep16}" && pwd)
+cd "$ROOT"
+CORPORA=("$SHARED"/corpora/*.txt "$SHARED"/corpora/*.jsonl)
+[ ${#CORPORA[@]} -gt 0 ] || { echo "no .txt or .jsonl corpora in $SHARED/corpora" >&2; exit 1; }
+if [ -z "${MOECAST:-}" ]; then
+  cargo build --release
+  MOECAST=${CARGO_TARGET_DIR:-target}/release/moecast
+fi
+BIN=$MOECAST
 
-"$BIN" tinymoe train --corpus "$SHARED"/corpora/*.txt "$SHARED"/corpora/*.jsonl \
+"$BIN" tinymoe train --corpus "${CORPORA[@]}" \
   --steps 2000 --layers 16 --aux-loss-coef 0.08 --seed 0 -o "$OUT/model"
 "$BIN" collect --model "$OUT/model" --prompts prompts/demo.txt --samples 6 --max-new-tokens 100 \
   --temperature 0.8 --seed 0 --hidden-states -o "$OUT/train.mctrace"
 "$BIN" collect --model "$OUT/model" --prompts prompts/heldout.txt --samples 4 --max-new-tokens 100 \
   --temperature 0.8 --seed 1000 --hidden-states -o "$OUT/heldout.mctrace"
 
-# `make demo`'s predictor settings, then wider and longer, with every known-layer count
-# in each step (the default samples 8 of the 16).
+# `make demo`'s predictor settings, then wider (the default width, 512) and longer, with
+# every known-layer count in each step (the default samples 8 of the 16).
 TRAIN=(train --trace "$OUT/train.mctrace" --task lookahead --features hidden --dropout 0.2
   --token-dropout 0.1 --test-fraction 0 --batch-size 4 --warmup-steps 50 --quiet)
 "$BIN" "${TRAIN[@]}" --hidden-width 256 --epochs 10 -o "$OUT/predictor-demo"
@@ -33,8 +40,8 @@ TRAIN=(train --trace "$OUT/train.mctrace" --task lookahead --features hidden --d
 for p in demo wide; do
   "$BIN" eval --predictor "$OUT/predictor-$p" --trace "$OUT/heldout.mctrace" --model "$OUT/model" \
     --quiet --json "$OUT/eval-$p.json" > "$OUT/eval-$p.txt"
-  echo "== predictor-$p, +1 layer"
-  grep -A7 '^+1 layer' "$OUT/eval-$p.txt"
+  echo "== predictor-$p, +1 layer (all horizons: $OUT/eval-$p.txt)"
+  grep -A7 '^+1 layer' "$OUT/eval-$p.txt" || true
 done
 
 if python3 -c 'import torch, duckdb' 2>/dev/null; then

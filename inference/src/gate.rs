@@ -165,14 +165,22 @@ impl NextTokenGate {
     }
 
     /// [`Self::first_layer_before_id`] of this lens and of each of `refined` (this lens
-    /// after [`Self::with_counts`]: the same LM head, other tables), in that order; the
-    /// lens's next-token distribution is computed once for all of them.
+    /// after [`Self::with_counts`]: only their tables are read, under this lens's LM
+    /// head), in that order; the next-token distribution is computed once for all.
+    /// Panics if a table's shape differs from this lens's.
     pub fn first_layer_before_id_with(
         &self,
         refined: &[&NextTokenGate],
         view: &datasets::TraceView<'_>,
     ) -> Vec<Vec<f32>> {
         let (m, e) = (view.meta.n_moe(), self.n_experts);
+        for g in refined {
+            assert_eq!(
+                g.first_layer.dims(),
+                self.first_layer.dims(),
+                "a refined lens of another model"
+            );
+        }
         let tables: Vec<&Tensor<2>> = std::iter::once(self)
             .chain(refined.iter().copied())
             .map(|g| &g.first_layer)

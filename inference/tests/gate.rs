@@ -297,7 +297,13 @@ fn the_lens_scores_a_trace_from_each_token_before_with_every_table() {
     let view = trace.view();
     let both = plain.first_layer_before_id_with(&[&refined], &view);
     assert_eq!(both.len(), 2);
-    assert_ne!(both[0], both[1], "the refined table changes the scores");
+    assert!(
+        both[0]
+            .iter()
+            .zip(&both[1])
+            .any(|(a, b)| (a - b).abs() > 1e-3),
+        "the refined table changes the scores"
+    );
     // Token t is scored from token t-1's input, by each lens's own table; NaN at a
     // sequence start and after the token without an input.
     for (lens, scores) in [&plain, &refined].into_iter().zip(&both) {
