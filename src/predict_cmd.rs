@@ -104,6 +104,13 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
     let first = a.trace.first().context("give at least one --trace")?;
     let meta = crate::inputs::trace_meta(first)?;
     crate::inputs::trace_files(&a.trace)?;
+    if a.features.hidden() && meta.router_input_dim.is_none() {
+        bail!(
+            "{}: --features {} reads router inputs and this trace has none (collect it with --hidden-states)",
+            first.display(),
+            a.features.as_str()
+        );
+    }
     let config = PredictorConfig::new(datasets::examples::RoutingShape::of(&meta), a.task)
         .with_horizon(a.horizon)
         .with_d_model(a.d_model)

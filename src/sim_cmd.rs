@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use datasets::open_trace;
 use inference::prefetch::{self, PrefetchKind};
@@ -217,6 +217,13 @@ pub(crate) fn simulate_cmd(a: SimulateArgs) -> Result<()> {
                 "{}: model shape differs from the first part",
                 piece.display()
             );
+        }
+        if let (true, Some(o)) = (kinds.contains(&PrefetchKind::Learned), &online) {
+            o.predictor()
+                .card
+                .config
+                .check_router_input_dim(view.meta.router_input_dim)
+                .map_err(|e| anyhow!("{}: {e}", piece.display()))?;
         }
         tokens += view.n_tokens();
         let seqs = view.sequence_ranges();

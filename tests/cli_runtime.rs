@@ -454,6 +454,18 @@ fn router_inputs_feed_the_cross_layer_gate_in_eval_and_simulate() {
             "-o",
             &tmp(&dir, "x"),
         ],
-        "--hidden-states",
+        "p.mctrace: --features hidden reads router inputs",
+    );
+    fail(
+        &[
+            "simulate",
+            "--trace",
+            &plain,
+            "--predictor",
+            &pred,
+            "--prefetch",
+            "learned",
+        ],
+        "p.mctrace: the predictor reads router inputs",
     );
 }

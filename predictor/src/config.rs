@@ -206,6 +206,21 @@ impl PredictorConfig {
         Ok(())
     }
 
+    /// Whether a trace whose router inputs have `dim` values (`None`: not recorded) can
+    /// feed this predictor; the message says what is missing.
+    pub fn check_router_input_dim(&self, dim: Option<u32>) -> Result<(), String> {
+        if !self.features.hidden() || dim == Some(self.router_input_dim as u32) {
+            return Ok(());
+        }
+        Err(format!(
+            "the predictor reads router inputs of {} values (--features {}), this trace has {}",
+            self.router_input_dim,
+            self.features.as_str(),
+            dim.map_or("none (collect with --hidden-states)".to_string(), |d| d
+                .to_string())
+        ))
+    }
+
     /// The queries of this predictor's task (what it is evaluated on).
     pub fn queries(&self) -> Vec<Query> {
         self.task.queries(self.routing.n_moe, self.horizon)

@@ -379,29 +379,16 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     })
 }
 
-/// Micro-averaged F1 over all groups of the predictor.
 /// Predictors that read router inputs need them, of their width, in every trace.
 pub fn check_router_inputs(cfg: &crate::PredictorConfig, set: &ExampleSet) -> Result<()> {
-    if !cfg.features.hidden() {
-        return Ok(());
-    }
     for (i, path) in set.paths().iter().enumerate() {
-        let dim = set.view(i).meta.router_input_dim;
-        if dim != Some(cfg.router_input_dim as u32) {
-            return Err(PredictorError::file(
-                path,
-                format!(
-                    "the predictor reads router inputs of {} values (--features {}), this trace has {}",
-                    cfg.router_input_dim,
-                    cfg.features.as_str(),
-                    dim.map_or("none (collect with --hidden-states)".to_string(), |d| d.to_string())
-                ),
-            ));
-        }
+        cfg.check_router_input_dim(set.view(i).meta.router_input_dim)
+            .map_err(|e| PredictorError::file(path, e))?;
     }
     Ok(())
 }
 
+/// Micro-averaged F1 over all groups of the predictor.
 pub fn micro_f1(r: &EvalReport) -> f64 {
     let p = &r.methods[0];
     let (mut num, mut den) = (0.0, 0.0);
