@@ -299,6 +299,18 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
         eval::score_before_id(&mut report, &mut online, &set, split, &opts.before_id)?;
     }
     print!("{}", eval::render_table(&report));
+    let lost: Vec<String> = report
+        .groups_lost_to("cross-layer gate")
+        .iter()
+        .map(|(group, gate, ours)| format!("{group} (F1 {gate:.4} against {ours:.4})"))
+        .collect();
+    if !lost.is_empty() {
+        eprintln!(
+            "note: the model's cross-layer gate beats the predictor at {}; a wider predictor \
+             trained for more epochs may not (README, \"A deeper model\")",
+            lost.join(", ")
+        );
+    }
     if let Some(path) = &a.json {
         let json = serde_json::to_string_pretty(&report)?;
         predictor::state::write_atomic(path, json.as_bytes())?;

@@ -340,7 +340,7 @@ fn router_inputs_feed_the_cross_layer_gate_in_eval_and_simulate() {
         "1",
         "--quiet",
     ]);
-    let said = ok(&[
+    let out = moecast(&[
         "eval",
         "--predictor",
         &pred,
@@ -352,12 +352,31 @@ fn router_inputs_feed_the_cross_layer_gate_in_eval_and_simulate() {
         "--json",
         &json,
     ]);
+    let (said, notes) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{notes}");
     assert!(said.contains("cross-layer gate"), "{said}");
     // Trained with token-id dropout: the forecast before the id is scored too.
     assert!(said.contains("next token, before its id"), "{said}");
-    // The pre-attention gate forecasts one block ahead: the +1 group only.
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    // Eval says at which horizons the model's own gate beats the predictor, and only those.
+    let f1 = |m: usize, g: usize| report["methods"][m]["groups"][g]["overall"]["f1"].as_f64();
+    let gate = report["methods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|m| m["method"] == "cross-layer gate")
+        .expect("cross-layer gate scored");
+    for (g, name) in report["groups"].as_array().unwrap().iter().enumerate() {
+        let lost =
+            report["methods"][gate]["groups"][g]["overall"]["sets"] != 0 && f1(gate, g) > f1(0, g);
+        let named = format!("{} (F1", name.as_str().unwrap());
+        assert_eq!(notes.contains(&named), lost, "group {name}: {notes}");
+    }
+    // The pre-attention gate forecasts one block ahead: the +1 group only.
     let pre = report["methods"]
         .as_array()
         .unwrap()

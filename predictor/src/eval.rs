@@ -54,6 +54,20 @@ impl EvalReport {
     pub fn method(&self, method: &str) -> Option<&MethodReport> {
         self.methods.iter().find(|m| m.method == method)
     }
+
+    /// The forecast groups where `baseline` scores a higher F1 than the predictor (the
+    /// first method): `(group, baseline F1, predictor F1)`, groups it was scored on only.
+    pub fn groups_lost_to(&self, baseline: &str) -> Vec<(String, f64, f64)> {
+        let (Some(pred), Some(base)) = (self.methods.first(), self.method(baseline)) else {
+            return Vec::new();
+        };
+        self.groups
+            .iter()
+            .zip(pred.groups.iter().zip(&base.groups))
+            .filter(|(_, (p, b))| b.overall.sets > 0 && b.overall.f1 > p.overall.f1)
+            .map(|(g, (p, b))| (g.clone(), b.overall.f1, p.overall.f1))
+            .collect()
+    }
 }
 
 /// Selection scores of MoE layer `target`'s experts given a router input.
@@ -534,4 +548,60 @@ pub fn plot_f1(r: &EvalReport, dir: &Path) -> Result<Vec<PathBuf>> {
         files.push(path);
     }
     Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group(sets: u64, f1: f64) -> GroupReport {
+        let m = SetMetrics {
+            sets,
+            precision: f1,
+            recall: f1,
+            f1,
+            exact_set_accuracy: 0.0,
+            recall_at_budget: f1,
+            elementwise_accuracy: 0.0,
+            macro_f1: 0.0,
+        };
+        GroupReport {
+            overall: m,
+            per_layer: vec![Some(m)],
+        }
+    }
+
+    #[test]
+    fn a_baseline_wins_only_the_groups_it_scores_higher_on() {
+        let method = |name: &str, groups: Vec<GroupReport>| MethodReport {
+            method: name.into(),
+            groups,
+        };
+        let report = EvalReport {
+            task: Task::Lookahead,
+            groups: vec!["next token".into(), "+1 layer".into(), "+2 layers".into()],
+            budget: 4,
+            top_k: 2,
+            n_experts: 16,
+            traces: Vec::new(),
+            split: Split::Test,
+            sequences: 1,
+            tokens: 10,
+            methods: vec![
+                method(
+                    "predictor",
+                    vec![group(10, 0.5), group(10, 0.8), group(10, 0.7)],
+                ),
+                method(
+                    "cross-layer gate",
+                    vec![group(0, 0.0), group(10, 0.8), group(10, 0.75)],
+                ),
+            ],
+        };
+        assert_eq!(
+            report.groups_lost_to("cross-layer gate"),
+            vec![("+2 layers".to_string(), 0.75, 0.7)]
+        );
+        assert!(report.groups_lost_to("pre-attention gate").is_empty());
+    }
 }
