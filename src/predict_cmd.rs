@@ -341,9 +341,13 @@ fn gate_baselines(
 )> {
     let ck = inference::Checkpoint::open(dir)?;
     let mut model = inference::MoeModel::load(&ck, &Default::default())?;
-    let meta = set.meta();
     let g = inference::gate::GateForecaster::new(&mut model);
-    let inputs_fit = g.check(meta.n_moe(), meta.n_experts as usize, meta.router_input_dim);
+    // The gate and the lens need router inputs of the gates' width in every trace.
+    let inputs_fit = (0..set.paths().len()).try_for_each(|i| {
+        let meta = &set.view(i).meta;
+        g.check(meta.n_moe(), meta.n_experts as usize, meta.router_input_dim)
+            .map_err(|e| format!("{}: {e}", set.paths()[i].display()))
+    });
     let gate = match &inputs_fit {
         Ok(()) => {
             let g = std::sync::Arc::new(g);

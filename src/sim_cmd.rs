@@ -167,19 +167,12 @@ pub(crate) fn simulate_cmd(a: SimulateArgs) -> Result<()> {
         )?),
     };
     let gate = match (kinds.contains(&PrefetchKind::Gate), model.as_mut()) {
-        (true, Some(model)) => {
-            let g = inference::gate::GateForecaster::new(model);
-            g.check(m, e, meta.router_input_dim)
-                .with_context(|| a.trace.display().to_string())?;
-            Some(g)
-        }
+        (true, Some(model)) => Some(inference::gate::GateForecaster::new(model)),
         _ => None,
     };
     let lens = match (kinds.contains(&PrefetchKind::Lens), model.as_ref()) {
         (true, Some(model)) => {
             let g = inference::gate::NextTokenGate::new(model)?;
-            g.check(m, e, meta.router_input_dim)
-                .with_context(|| a.trace.display().to_string())?;
             let counts = online
                 .as_ref()
                 .and_then(|o| o.predictor().baselines.as_ref());
@@ -218,12 +211,22 @@ pub(crate) fn simulate_cmd(a: SimulateArgs) -> Result<()> {
                 piece.display()
             );
         }
+        // Every part must carry the router inputs its readers need, of their width.
+        let dim = view.meta.router_input_dim;
         if let (true, Some(o)) = (kinds.contains(&PrefetchKind::Learned), &online) {
             o.predictor()
                 .card
                 .config
-                .check_router_input_dim(view.meta.router_input_dim)
+                .check_router_input_dim(dim)
                 .map_err(|e| anyhow!("{}: {e}", piece.display()))?;
+        }
+        if let Some(g) = &gate {
+            g.check(m, e, dim)
+                .with_context(|| piece.display().to_string())?;
+        }
+        if let Some(g) = &lens {
+            g.check(m, e, dim)
+                .with_context(|| piece.display().to_string())?;
         }
         tokens += view.n_tokens();
         let seqs = view.sequence_ranges();

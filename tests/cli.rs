@@ -215,6 +215,13 @@ fn import_into_a_partitioned_dataset_then_stats_and_simulate_stream_it() {
     // The same inputs as one file: identical statistics.
     let one = tmp(&dir, "one.mctrace");
     ok(&["trace", "import", &a, &b, "--model", "org/m", "-o", &one]);
+    // A moecast trace imports as itself, and the note names its storage form.
+    let out = moecast(&["trace", "import", &one, "-o", &tmp(&dir, "again.jsonl")]);
+    let note = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && note.contains("detected format a moecast trace (.mctrace)"),
+        "{note}"
+    );
     assert_eq!(
         ok(&["trace", "stats", &root, "--json"]),
         ok(&["trace", "stats", &one, "--json"])

@@ -487,4 +487,30 @@ fn router_inputs_feed_the_cross_layer_gate_in_eval_and_simulate() {
         ],
         "p.mctrace: the predictor reads router inputs",
     );
+    // A predictor of expert ids evaluates on both traces; the gate, which needs router
+    // inputs in every trace, is left out with a note naming the one without them.
+    let ids = tmp(&dir, "ids");
+    train_tiny(&trace, &ids, &["--task", "lookahead"]);
+    let out = moecast(&[
+        "eval",
+        "--predictor",
+        &ids,
+        "--trace",
+        &trace,
+        &plain,
+        "--model",
+        &model,
+        "--quiet",
+    ]);
+    let (said, notes) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{notes}");
+    assert!(
+        notes.contains("no cross-layer gate baseline: ")
+            && notes.contains("p.mctrace: the trace has no router inputs"),
+        "{notes}"
+    );
+    assert!(!said.contains("cross-layer gate"), "{said}");
 }

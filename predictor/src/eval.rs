@@ -594,7 +594,7 @@ mod tests {
                 ),
                 method(
                     "cross-layer gate",
-                    vec![group(0, 0.0), group(10, 0.8), group(10, 0.75)],
+                    vec![group(0, 0.9), group(10, 0.8), group(10, 0.75)],
                 ),
             ],
         };

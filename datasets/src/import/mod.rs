@@ -274,7 +274,11 @@ pub fn import_file(
         None => {
             let f = ImportFormat::detect(path)?;
             let name = match f {
-                ImportFormat::Jsonl => "jsonl (a moecast trace)",
+                ImportFormat::Jsonl => match crate::store::TraceFormat::sniff(path)? {
+                    Some(crate::store::TraceFormat::Binary) => "a moecast trace (.mctrace)",
+                    Some(crate::store::TraceFormat::Parquet) => "a moecast trace (Parquet)",
+                    _ => "jsonl (a moecast trace)",
+                },
                 other => other.name(),
             };
             (
