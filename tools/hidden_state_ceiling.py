@@ -43,28 +43,35 @@ def multi_hot(experts, n_experts):
     return torch.tensor(y)
 
 
+def fit_mlp(x, y):
+    """One MLP (x's width -> 512 -> 512 -> y's width, SiLU) fitted to multi-hot targets y
+    by BCE: AdamW 1e-3, weight decay 1e-2, 40 epochs of batches of 128 (the caller seeds)."""
+    mlp = nn.Sequential(
+        nn.Linear(x.shape[1], 512), nn.SiLU(), nn.Linear(512, 512), nn.SiLU(), nn.Linear(512, y.shape[1])
+    )
+    opt = torch.optim.AdamW(mlp.parameters(), 1e-3, weight_decay=1e-2)
+    for _ in range(40):
+        perm = torch.randperm(len(x))
+        for i in range(0, len(x), 128):
+            idx = perm[i : i + 128]
+            loss = nn.functional.binary_cross_entropy_with_logits(mlp(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return mlp
+
+
 def main():
     torch.manual_seed(0)
     (h_tr, e_tr), (h_te, e_te) = load(sys.argv[1]), load(sys.argv[2])
-    n_layers, dim = h_tr.shape[1], h_tr.shape[2]
+    n_layers = h_tr.shape[1]
     n_experts = int(max(e_tr.max(), e_te.max())) + 1
     k = e_tr.shape[2]
     hits = total = 0
     for l in range(n_layers - 1):
         x_tr, y_tr = torch.tensor(h_tr[:, l]), multi_hot(e_tr[:, l + 1], n_experts)
         x_te, y_te = torch.tensor(h_te[:, l]), multi_hot(e_te[:, l + 1], n_experts)
-        mlp = nn.Sequential(
-            nn.Linear(dim, 512), nn.SiLU(), nn.Linear(512, 512), nn.SiLU(), nn.Linear(512, n_experts)
-        )
-        opt = torch.optim.AdamW(mlp.parameters(), 1e-3, weight_decay=1e-2)
-        for _ in range(40):
-            perm = torch.randperm(len(x_tr))
-            for i in range(0, len(x_tr), 128):
-                idx = perm[i : i + 128]
-                loss = nn.functional.binary_cross_entropy_with_logits(mlp(x_tr[idx]), y_tr[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+        mlp = fit_mlp(x_tr, y_tr)
         with torch.no_grad():
             top = mlp(x_te).topk(k, dim=1).indices
             h = y_te.gather(1, top).sum().item()

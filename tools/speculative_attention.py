@@ -35,6 +35,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 from transformers.models.qwen3_moe.modeling_qwen3_moe import apply_rotary_pos_emb
 
+from hidden_state_ceiling import fit_mlp
+
 
 def load_sequences(path):
     """Token ids per sequence and the recorded experts [tokens, layers, k], in order."""
@@ -164,21 +166,9 @@ def recall(pred, truth):
 
 
 def mlp_recall(x_tr, y_tr, x_te, y_te, n_experts):
-    """Recall of one MLP (dim -> 512 -> 512 -> experts, as hidden_state_ceiling.py)."""
+    """Recall of one MLP fitted as `hidden_state_ceiling.py` fits its own."""
     torch.manual_seed(0)
-    mlp = nn.Sequential(
-        nn.Linear(x_tr.shape[1], 512), nn.SiLU(), nn.Linear(512, 512), nn.SiLU(), nn.Linear(512, n_experts)
-    )
-    opt = torch.optim.AdamW(mlp.parameters(), 1e-3, weight_decay=1e-2)
-    target = torch.zeros(len(y_tr), n_experts).scatter_(1, y_tr, 1.0)
-    for _ in range(40):
-        perm = torch.randperm(len(x_tr))
-        for i in range(0, len(x_tr), 128):
-            idx = perm[i : i + 128]
-            loss = nn.functional.binary_cross_entropy_with_logits(mlp(x_tr[idx]), target[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    mlp = fit_mlp(x_tr, torch.zeros(len(y_tr), n_experts).scatter_(1, y_tr, 1.0))
     with torch.no_grad():
         return recall(mlp(x_te).topk(y_te.shape[1], -1).indices, y_te)
 
