@@ -340,7 +340,7 @@ fn router_inputs_feed_the_cross_layer_gate_in_eval_and_simulate() {
         "1",
         "--quiet",
     ]);
-    let out = moecast(&[
+    let (said, notes) = ok_with_notes(&[
         "eval",
         "--predictor",
         &pred,
@@ -352,11 +352,6 @@ fn router_inputs_feed_the_cross_layer_gate_in_eval_and_simulate() {
         "--json",
         &json,
     ]);
-    let (said, notes) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(out.status.success(), "{notes}");
     assert!(said.contains("cross-layer gate"), "{said}");
     // Trained with token-id dropout: the forecast before the id is scored too.
     assert!(said.contains("next token, before its id"), "{said}");
@@ -491,7 +486,7 @@ fn router_inputs_feed_the_cross_layer_gate_in_eval_and_simulate() {
     // inputs in every trace, is left out with a note naming the one without them.
     let ids = tmp(&dir, "ids");
     train_tiny(&trace, &ids, &["--task", "lookahead"]);
-    let out = moecast(&[
+    let (said, notes) = ok_with_notes(&[
         "eval",
         "--predictor",
         &ids,
@@ -502,11 +497,6 @@ fn router_inputs_feed_the_cross_layer_gate_in_eval_and_simulate() {
         &model,
         "--quiet",
     ]);
-    let (said, notes) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(out.status.success(), "{notes}");
     assert!(
         notes.contains("no cross-layer gate baseline: ")
             && notes.contains("p.mctrace: the trace has no router inputs"),

@@ -11,14 +11,17 @@ pub fn moecast(args: &[&str]) -> Output {
         .expect("run moecast")
 }
 
+/// Runs `moecast args`, requires success, and returns its stdout.
 pub fn ok(args: &[&str]) -> String {
+    ok_with_notes(args).0
+}
+
+/// Runs `moecast args`, requires success, and returns its stdout and its stderr (notes).
+pub fn ok_with_notes(args: &[&str]) -> (String, String) {
     let out = moecast(args);
-    assert!(
-        out.status.success(),
-        "moecast {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    let notes = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "moecast {args:?} failed:\n{notes}");
+    (String::from_utf8(out.stdout).unwrap(), notes)
 }
 
 pub fn fixture(name: &str) -> String {
