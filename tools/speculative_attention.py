@@ -40,9 +40,12 @@ from hidden_state_ceiling import fit_mlp
 
 def load_sequences(path):
     """Token ids per sequence and the recorded experts [tokens, layers, k], in order."""
-    rows = duckdb.sql(
-        f"select seq, pos, layer, token, experts from '{path}' order by seq, pos, layer"
-    ).fetchall()
+    try:
+        rows = duckdb.sql(
+            f"select seq, pos, layer, token, experts from '{path}' order by seq, pos, layer"
+        ).fetchall()
+    except duckdb.Error as e:
+        sys.exit(f"{path}: not a moecast Parquet trace ({e})")
     seqs = {}
     for seq, pos, layer, token, experts in rows:
         if token is None:
