@@ -74,14 +74,23 @@ pub(crate) fn collect(a: CollectArgs) -> Result<()> {
         output: a.output,
     };
     eprintln!(
-        "collecting {} prompts x {} samples; finished sequences stream to {} until done",
+        "collecting {} prompts x {} samples; finished sequences stream to {} until done \
+         (after an interruption, the same command resumes it)",
         cfg.prompts.len(),
         cfg.samples.max(1),
         collector::journal_path(&cfg.output).display()
     );
     let s = collector::collect(&cfg)?;
+    let kept = if s.resumed_sequences > 0 {
+        format!(
+            "; {} of the sequences ({} tokens) kept from the interrupted run's journal",
+            s.resumed_sequences, s.resumed_tokens
+        )
+    } else {
+        String::new()
+    };
     println!(
-        "collected {} sequences ({} prefill + {} decode tokens) in {:.2}s, {:.1} tokens/s -> {}",
+        "collected {} sequences ({} prefill + {} decode tokens) in {:.2}s, {:.1} tokens/s -> {}{kept}",
         s.sequences,
         s.prefill_tokens,
         s.decode_tokens,

@@ -2,9 +2,11 @@
 //! native runtime and records every MoE layer's routing as a [`datasets::RoutingTrace`].
 //!
 //! Sequences are streamed to a journal (`OUT.partial.jsonl`, interchange JSONL) as each
-//! finishes, so a crash or Ctrl-C keeps every finished sequence readable; on success
-//! the journal is converted to `OUT` atomically and removed.
+//! finishes, so a crash or Ctrl-C loses at most the sequence being collected: the same
+//! command resumes the journal. On success the journal is converted to `OUT` atomically
+//! and removed.
 
+mod journal;
 mod offload;
 mod prompts;
 
@@ -63,16 +65,22 @@ pub struct CollectConfig {
 /// What a collection run did.
 #[derive(Debug, Clone)]
 pub struct CollectSummary {
+    /// Sequences in the trace, those kept from an interrupted run's journal included.
     pub sequences: usize,
     pub prefill_tokens: usize,
     pub decode_tokens: usize,
+    /// Sequences kept from the journal of an interrupted run (not collected again).
+    pub resumed_sequences: usize,
+    /// Tokens of those sequences.
+    pub resumed_tokens: usize,
     pub seconds: f64,
 }
 
 impl CollectSummary {
-    /// Forwarded tokens per second.
+    /// Tokens forwarded by this run per second (kept ones not counted).
     pub fn tokens_per_second(&self) -> f64 {
-        (self.prefill_tokens + self.decode_tokens) as f64 / self.seconds.max(1e-9)
+        (self.prefill_tokens + self.decode_tokens - self.resumed_tokens) as f64
+            / self.seconds.max(1e-9)
     }
 }
 
@@ -187,22 +195,34 @@ pub fn collect(cfg: &CollectConfig) -> Result<CollectSummary, CollectError> {
         cfg.router_logits,
     );
     let journal = journal_path(&cfg.output);
-    let file = File::create(&journal).map_err(|e| datasets::TraceError::io(&journal, e))?;
-    let mut w = BufWriter::new(file);
-    let io = |e: std::io::Error| datasets::TraceError::io(&journal, e);
-    serde_json::to_writer(&mut w, &serde_json::json!({ "meta": meta }))
-        .map_err(|e| io(e.into()))?;
-    w.write_all(b"\n").map_err(io)?;
-    w.flush().map_err(io)?;
+    let runs = sequence_runs(cfg);
+    let vocab_size = model.shape().vocab_size;
+    let (mut w, resumed) = journal::open(
+        &journal,
+        &meta,
+        &journal::RunSettings::of(cfg),
+        runs.len(),
+        |i| {
+            let ids = cfg.prompts[runs[i].0].token_ids(
+                tokenizer.as_ref(),
+                cfg.add_special_tokens,
+                vocab_size,
+            )?;
+            Ok((runs[i].1.clone(), ids))
+        },
+    )?;
 
     let mut summary = CollectSummary {
-        sequences: 0,
-        prefill_tokens: 0,
-        decode_tokens: 0,
+        sequences: resumed.sequences,
+        prefill_tokens: resumed.prefill_tokens,
+        decode_tokens: resumed.decode_tokens,
+        resumed_sequences: resumed.sequences,
+        resumed_tokens: resumed.prefill_tokens + resumed.decode_tokens,
         seconds: 0.0,
     };
     let run = run_prompts(
         cfg,
+        &runs,
         &model,
         tokenizer.as_ref(),
         &mut w,
@@ -224,9 +244,32 @@ pub fn collect(cfg: &CollectConfig) -> Result<CollectSummary, CollectError> {
     Ok(summary)
 }
 
-/// Runs the prompts one by one, appending each finished sequence to the journal.
+/// Every sequence of a run in order: its prompt's index and its name (`NAME#sJ` with
+/// more than one sample per prompt).
+fn sequence_runs(cfg: &CollectConfig) -> Vec<(usize, String)> {
+    let samples = cfg.samples.max(1);
+    cfg.prompts
+        .iter()
+        .enumerate()
+        .flat_map(|(p, prompt)| {
+            (0..samples).map(move |j| {
+                let name = if samples > 1 {
+                    format!("{}#s{j}", prompt.name())
+                } else {
+                    prompt.name().to_string()
+                };
+                (p, name)
+            })
+        })
+        .collect()
+}
+
+/// Runs the sequences one by one after those the journal kept, appending each finished
+/// one to the journal. Sequence `i` samples with seed `seed + i`.
+#[allow(clippy::too_many_arguments)]
 fn run_prompts(
     cfg: &CollectConfig,
+    runs: &[(usize, String)],
     model: &MoeModel,
     tokenizer: Option<&TextTokenizer>,
     w: &mut BufWriter<File>,
@@ -236,23 +279,15 @@ fn run_prompts(
 ) -> Result<(), CollectError> {
     let shape = model.shape();
     let io = |e: std::io::Error| datasets::TraceError::io(journal, e);
-    let samples = cfg.samples.max(1);
-    let bar = ProgressBar::new((cfg.prompts.len() * samples) as u64);
+    let bar = ProgressBar::new(runs.len() as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} sequences  {msg}  [{elapsed_precise}]")
             .expect("static template"),
     );
-    let runs = cfg
-        .prompts
-        .iter()
-        .flat_map(|p| (0..samples).map(move |j| (p, j)))
-        .enumerate();
-    for (i, (prompt, j)) in runs {
-        let seq_name = if samples > 1 {
-            format!("{}#s{j}", prompt.name())
-        } else {
-            prompt.name().to_string()
-        };
+    bar.set_position(summary.resumed_sequences as u64);
+    for (i, (p, seq_name)) in runs.iter().enumerate().skip(summary.resumed_sequences) {
+        let prompt = &cfg.prompts[*p];
+        let seq_name = seq_name.clone();
         let ids = prompt.token_ids(tokenizer, cfg.add_special_tokens, shape.vocab_size)?;
         let sampling = match &cfg.sampling {
             Sampling::Temperature { temperature, seed } => Sampling::Temperature {

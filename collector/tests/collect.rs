@@ -134,3 +134,131 @@ fn finished_sequences_survive_a_later_failure() {
     assert_eq!(kept.seq_names, vec!["good"]);
     assert_eq!(kept.n_tokens(), 3 + 16);
 }
+
+fn sampled(prompts: Vec<Prompt>, output: PathBuf, seed: u64) -> CollectConfig {
+    let mut cfg = config("qwen3_moe", prompts, output);
+    cfg.sampling = Sampling::Temperature {
+        temperature: 1.5,
+        seed,
+    };
+    cfg.samples = 2;
+    cfg
+}
+
+fn id_prompts(names: &[&str]) -> Vec<Prompt> {
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| Prompt::Ids {
+            name: n.to_string(),
+            ids: vec![5 + i as u32, 6, 7],
+        })
+        .collect()
+}
+
+#[test]
+fn an_interrupted_collection_resumes_to_the_uninterrupted_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let whole = dir.path().join("whole.jsonl");
+    collect(&sampled(id_prompts(&["a", "b", "c"]), whole.clone(), 9)).unwrap();
+    let want = std::fs::read_to_string(&whole).unwrap();
+
+    // A run that stops at its fifth sequence (c#s0) keeps a#s0..b#s1 in its journal.
+    let out = dir.path().join("t.jsonl");
+    let mut failing = id_prompts(&["a", "b", "c"]);
+    failing[2] = Prompt::Ids {
+        name: "c".into(),
+        ids: vec![100_000],
+    };
+    assert!(collect(&sampled(failing, out.clone(), 9)).is_err());
+    let journal = journal_path(&out);
+    let kept = datasets::load_trace(&journal).unwrap();
+    assert_eq!(kept.seq_names, vec!["a#s0", "a#s1", "b#s0", "b#s1"]);
+
+    // Cut it as a kill would: inside b#s1's lines, mid-line.
+    let text = std::fs::read_to_string(&journal).unwrap();
+    let b1 = text.find("\"seq\":\"b#s1\"").unwrap();
+    let cut = b1 + text[b1..].find('\n').unwrap() + 1 + 20;
+    std::fs::write(&journal, &text.as_bytes()[..cut]).unwrap();
+
+    let s = collect(&sampled(id_prompts(&["a", "b", "c"]), out.clone(), 9)).unwrap();
+    assert_eq!(s.sequences, 6);
+    // The cut b#s1 is collected again, the three before it are kept.
+    assert_eq!(s.resumed_sequences, 3);
+    let ranges = datasets::load_trace(&whole)
+        .unwrap()
+        .view()
+        .sequence_ranges();
+    assert_eq!(s.resumed_tokens, ranges[3].start);
+    assert!(!journal.exists(), "journal removed on success");
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), want);
+}
+
+#[test]
+fn a_journal_of_other_settings_or_prompts_is_refused_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("t.mctrace");
+    let mut failing = id_prompts(&["a", "b", "c"]);
+    failing[2] = Prompt::Ids {
+        name: "c".into(),
+        ids: vec![100_000],
+    };
+    assert!(collect(&sampled(failing, out.clone(), 9)).is_err());
+    let journal = journal_path(&out);
+    let before = std::fs::read(&journal).unwrap();
+
+    let mut hidden = sampled(id_prompts(&["a", "b", "c"]), out.clone(), 9);
+    hidden.router_inputs = true;
+    let mut renamed = id_prompts(&["a", "x", "c"]);
+    renamed[0] = Prompt::Ids {
+        name: "a".into(),
+        ids: vec![9, 9],
+    };
+    let cases = [
+        (
+            sampled(id_prompts(&["a", "b", "c"]), out.clone(), 10),
+            "--seed: 9 in the journal, 10 in this run",
+        ),
+        (
+            hidden,
+            "router_input_dim: null in the journal, 24 in this run",
+        ),
+        (
+            sampled(id_prompts(&["a", "b"]), out.clone(), 9),
+            "prompts: 3 in the journal, 2 in this run",
+        ),
+        (
+            sampled(renamed, out.clone(), 9),
+            "sequence 'a#s0' was collected from another prompt",
+        ),
+        (
+            sampled(id_prompts(&["x", "b", "c"]), out.clone(), 9),
+            "its sequence 1 is 'a#s0' where this run's is 'x#s0'",
+        ),
+    ];
+    for (cfg, want) in cases {
+        let e = collect(&cfg).unwrap_err().to_string();
+        assert!(
+            e.contains(&journal.display().to_string()) && e.contains(want),
+            "{e}"
+        );
+        assert!(e.contains("delete it to start afresh"), "{e}");
+        assert_eq!(
+            std::fs::read(&journal).unwrap(),
+            before,
+            "journal left as it was"
+        );
+    }
+
+    let mut lines: Vec<String> = String::from_utf8(before)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    lines[3] = "{\"seq\": oops}".into();
+    std::fs::write(&journal, lines.join("\n") + "\n").unwrap();
+    let e = collect(&sampled(id_prompts(&["a", "b", "c"]), out.clone(), 9))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("line 4:"), "{e}");
+}

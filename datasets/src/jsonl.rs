@@ -4,6 +4,9 @@
 //! {"meta": {"model": "m", "n_layers": 4, "moe_layers": [1, 3], "n_experts": 8, "top_k": 2}}
 //! {"seq": "a", "pos": 0, "phase": "prefill", "token": 17, "experts": [[3, 5], null], "weights": [[0.6, 0.4], null]}
 //! ```
+//!
+//! The journal `moecast collect` streams sequences to has a `"collect"` object (its run
+//! settings) beside `"meta"` on the first line, which readers ignore.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
@@ -18,6 +21,9 @@ use crate::trace::{RoutingTrace, TokenRecord, TraceBuilder, TraceMeta};
 #[serde(deny_unknown_fields)]
 struct MetaLine {
     meta: TraceMeta,
+    /// The settings of the `moecast collect` run whose journal this is; readers ignore it.
+    #[serde(default, skip_serializing, rename = "collect")]
+    _collect: Option<serde::de::IgnoredAny>,
 }
 
 /// Reads an interchange JSONL file, validating every line.
@@ -93,6 +99,7 @@ pub fn write_jsonl<W: Write>(trace: &RoutingTrace, out: &mut W) -> Result<()> {
     };
     let meta = MetaLine {
         meta: trace.meta.clone(),
+        _collect: None,
     };
     serde_json::to_writer(&mut *out, &meta).map_err(|e| io(e.into()))?;
     out.write_all(b"\n").map_err(io)?;

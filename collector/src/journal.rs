@@ -1,0 +1,267 @@
+//! The collection journal, `OUT.partial.jsonl`: interchange JSONL whose meta line also
+//! holds the settings of the run that writes it, with each finished sequence appended
+//! as it ends. A rerun of the same command resumes it: the sequences it holds are kept,
+//! except the last, which an interruption may have cut short and which is collected
+//! again (every sequence's sampler seed depends only on its place in the run, so the
+//! result equals an uninterrupted run). A journal of other settings is refused.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, BufWriter, Seek, SeekFrom, Write};
+use std::path::Path;
+
+use datasets::{Phase, TraceMeta};
+use inference::generate::Sampling;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::{CollectConfig, CollectError};
+
+/// The settings of a collection run that decide its sequences (the model's are in the
+/// trace meta); a journal resumes only under equal settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct RunSettings {
+    prompts: usize,
+    samples: usize,
+    max_new_tokens: usize,
+    temperature: f32,
+    seed: Option<u64>,
+    add_special_tokens: bool,
+}
+
+impl RunSettings {
+    pub(crate) fn of(cfg: &CollectConfig) -> RunSettings {
+        let (temperature, seed) = match cfg.sampling {
+            Sampling::Greedy => (0.0, None),
+            Sampling::Temperature { temperature, seed } => (temperature, Some(seed)),
+        };
+        RunSettings {
+            prompts: cfg.prompts.len(),
+            samples: cfg.samples.max(1),
+            max_new_tokens: cfg.max_new_tokens,
+            temperature,
+            seed,
+            add_special_tokens: cfg.add_special_tokens,
+        }
+    }
+
+    /// Each setting that differs, as "FLAG: JOURNAL in the journal, RUN in this run".
+    fn differences(&self, journal: &RunSettings) -> Vec<String> {
+        let seed = |s: Option<u64>| s.map_or("none (greedy)".to_string(), |s| s.to_string());
+        let pairs = [
+            (
+                "prompts",
+                journal.prompts.to_string(),
+                self.prompts.to_string(),
+            ),
+            (
+                "--samples",
+                journal.samples.to_string(),
+                self.samples.to_string(),
+            ),
+            (
+                "--max-new-tokens",
+                journal.max_new_tokens.to_string(),
+                self.max_new_tokens.to_string(),
+            ),
+            (
+                "--temperature",
+                journal.temperature.to_string(),
+                self.temperature.to_string(),
+            ),
+            ("--seed", seed(journal.seed), seed(self.seed)),
+            (
+                "--add-special-tokens",
+                journal.add_special_tokens.to_string(),
+                self.add_special_tokens.to_string(),
+            ),
+        ];
+        pairs
+            .into_iter()
+            .filter(|(_, j, r)| j != r)
+            .map(|(flag, j, r)| format!("{flag}: {j} in the journal, {r} in this run"))
+            .collect()
+    }
+}
+
+/// The journal's first line.
+#[derive(Serialize, Deserialize)]
+struct Head {
+    meta: Value,
+    #[serde(default)]
+    collect: Option<RunSettings>,
+}
+
+/// The fields of a token line that resuming reads.
+#[derive(Deserialize)]
+struct RecordHead {
+    seq: String,
+    phase: Phase,
+    token: Option<u32>,
+}
+
+/// One sequence found in a journal.
+struct JournalSequence {
+    name: String,
+    /// Byte offset of its first line.
+    start: u64,
+    prompt: Vec<Option<u32>>,
+    decode_tokens: usize,
+}
+
+/// What a journal of an interrupted run gave back.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Resumed {
+    /// Finished sequences kept: the first ones of the run.
+    pub sequences: usize,
+    pub prefill_tokens: usize,
+    pub decode_tokens: usize,
+}
+
+/// Opens the journal at `path` for appending. Where none is (or only a cut-short meta
+/// line), a new one is started; where one of the same meta and settings is, it is cut
+/// after its last sequence but one and those sequences are kept. `expected(i)` gives run
+/// `i`'s sequence name and prompt token ids, which each kept sequence must match.
+pub(crate) fn open(
+    path: &Path,
+    meta: &TraceMeta,
+    settings: &RunSettings,
+    runs: usize,
+    expected: impl Fn(usize) -> Result<(String, Vec<u32>), CollectError>,
+) -> Result<(BufWriter<File>, Resumed), CollectError> {
+    let io = |e: std::io::Error| CollectError::Trace(datasets::TraceError::io(path, e));
+    let fail = |msg: String| CollectError::Input {
+        path: path.to_path_buf(),
+        msg: format!("{msg}; delete it to start afresh"),
+    };
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return start(path, meta, settings),
+        Err(e) => return Err(io(e)),
+    };
+    let mut reader = BufReader::new(file);
+    let mut line = Vec::new();
+    if reader.read_until(b'\n', &mut line).map_err(io)? == 0 || !line.ends_with(b"\n") {
+        return start(path, meta, settings);
+    }
+    let head: Head = serde_json::from_slice(&line)
+        .map_err(|e| fail(format!("line 1: not a collection journal's meta line: {e}")))?;
+    let journal_settings = head.collect.ok_or_else(|| {
+        fail("line 1: not a collection journal (no run settings beside the meta)".into())
+    })?;
+    let run_meta = serde_json::to_value(meta).expect("trace meta serialises");
+    let mut diffs = meta_differences(&head.meta, &run_meta);
+    diffs.extend(settings.differences(&journal_settings));
+    if !diffs.is_empty() {
+        return Err(fail(format!(
+            "left by an interrupted collection with other settings ({}); rerun with the journal's settings to resume it",
+            diffs.join("; ")
+        )));
+    }
+    let mut offset = line.len() as u64;
+    let mut found: Vec<JournalSequence> = Vec::new();
+    let mut lineno = 1;
+    loop {
+        line.clear();
+        let n = reader.read_until(b'\n', &mut line).map_err(io)?;
+        if n == 0 || !line.ends_with(b"\n") {
+            break;
+        }
+        lineno += 1;
+        let rec: RecordHead =
+            serde_json::from_slice(&line).map_err(|e| fail(format!("line {lineno}: {e}")))?;
+        if found.last().is_none_or(|s| s.name != rec.seq) {
+            if found.iter().any(|s| s.name == rec.seq) {
+                return Err(fail(format!(
+                    "line {lineno}: sequence '{}' appears twice",
+                    rec.seq
+                )));
+            }
+            found.push(JournalSequence {
+                name: rec.seq,
+                start: offset,
+                prompt: Vec::new(),
+                decode_tokens: 0,
+            });
+        }
+        let s = found.last_mut().expect("pushed above");
+        match rec.phase {
+            Phase::Prefill => s.prompt.push(rec.token),
+            Phase::Decode => s.decode_tokens += 1,
+        }
+        offset += n as u64;
+    }
+    // The last sequence may have been cut short: it is collected again.
+    let Some(last) = found.pop() else {
+        return start(path, meta, settings);
+    };
+    if found.len() > runs {
+        return Err(fail(format!(
+            "it holds {} sequences, more than this run's {runs}",
+            found.len() + 1
+        )));
+    }
+    let mut resumed = Resumed::default();
+    for (i, s) in found.iter().enumerate() {
+        let (name, ids) = expected(i)?;
+        if s.name != name {
+            return Err(fail(format!(
+                "its sequence {} is '{}' where this run's is '{name}' (another prompt file?)",
+                i + 1,
+                s.name
+            )));
+        }
+        if s.prompt.iter().copied().ne(ids.iter().map(|&t| Some(t))) {
+            return Err(fail(format!(
+                "sequence '{name}' was collected from another prompt than this run's (the prompt file changed?)"
+            )));
+        }
+        resumed.sequences += 1;
+        resumed.prefill_tokens += s.prompt.len();
+        resumed.decode_tokens += s.decode_tokens;
+    }
+    drop(reader);
+    let mut file = OpenOptions::new().write(true).open(path).map_err(io)?;
+    file.set_len(last.start).map_err(io)?;
+    file.seek(SeekFrom::End(0)).map_err(io)?;
+    Ok((BufWriter::new(file), resumed))
+}
+
+/// Starts a new journal: the meta line with the run's settings.
+fn start(
+    path: &Path,
+    meta: &TraceMeta,
+    settings: &RunSettings,
+) -> Result<(BufWriter<File>, Resumed), CollectError> {
+    let io = |e: std::io::Error| CollectError::Trace(datasets::TraceError::io(path, e));
+    let mut w = BufWriter::new(File::create(path).map_err(io)?);
+    let head = Head {
+        meta: serde_json::to_value(meta).expect("trace meta serialises"),
+        collect: Some(settings.clone()),
+    };
+    serde_json::to_writer(&mut w, &head).map_err(|e| io(e.into()))?;
+    w.write_all(b"\n").map_err(io)?;
+    w.flush().map_err(io)?;
+    Ok((w, Resumed::default()))
+}
+
+/// Each top-level meta field that differs, as "FIELD: JOURNAL in the journal, RUN in
+/// this run". The tokenizer's path is left out: it only says where the model folder was
+/// given from.
+fn meta_differences(journal: &Value, run: &Value) -> Vec<String> {
+    let (Some(j), Some(r)) = (journal.as_object(), run.as_object()) else {
+        return vec!["the meta line is not an object".into()];
+    };
+    let mut keys: Vec<&String> = j.keys().chain(r.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| k.as_str() != "tokenizer")
+        .filter_map(|k| {
+            let (a, b) = (
+                j.get(k).unwrap_or(&Value::Null),
+                r.get(k).unwrap_or(&Value::Null),
+            );
+            (a != b).then(|| format!("{k}: {a} in the journal, {b} in this run"))
+        })
+        .collect()
+}
