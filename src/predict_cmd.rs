@@ -27,7 +27,7 @@ pub(crate) struct TrainArgs {
     horizon: usize,
     /// What lookahead queries read of the current token's routed layers: ids, hidden
     /// (the last routed layer's router input; traces from `collect --hidden-states`) or
-    /// ids+hidden.
+    /// ids+hidden. `--task next-token` reads none of them: ids only.
     #[arg(long, default_value = "ids")]
     features: predictor::config::Features,
     /// Residual width of the predictor.
@@ -104,6 +104,9 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
     let first = a.trace.first().context("give at least one --trace")?;
     let meta = crate::inputs::trace_meta(first)?;
     crate::inputs::trace_files(&a.trace)?;
+    a.task
+        .check_features(a.features)
+        .map_err(anyhow::Error::msg)?;
     if a.features.hidden() && meta.router_input_dim.is_none() {
         bail!(
             "{}: --features {} reads router inputs and this trace has none (collect it with --hidden-states)",

@@ -115,6 +115,22 @@ fn train_then_eval_a_predictor() {
         !out.status.success() && err.contains("predictor.json"),
         "{err}"
     );
+    let out = moecast(&[
+        "train",
+        "--trace",
+        &train,
+        "--task",
+        "next-token",
+        "--features",
+        "hidden",
+        "-o",
+        &ckpt,
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--task next-token has none"),
+        "{err}"
+    );
     let other = tmp(&dir, "other.mctrace");
     ok(&["trace", "synth", "-o", &other, "--layers", "4"]);
     let out = moecast(&["eval", "--predictor", &ckpt, "--trace", &other]);

@@ -42,6 +42,20 @@ impl Task {
     }
 }
 
+impl Task {
+    /// Whether this task's queries can read `features`: the next-token forecast knows
+    /// none of the token's routed layers, so only lookahead reads router inputs.
+    pub fn check_features(self, features: Features) -> Result<(), String> {
+        if self == Task::NextToken && features != Features::Ids {
+            return Err(format!(
+                "--features {} is what a lookahead query reads about the token's routed layers, and --task next-token has none; use --task lookahead (it also answers the next-token forecast) or --features ids",
+                features.as_str()
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl std::str::FromStr for Task {
     type Err = String;
 
@@ -185,6 +199,7 @@ impl PredictorConfig {
         if self.context < 2 {
             return Err("--context must be at least 2".into());
         }
+        self.task.check_features(self.features)?;
         if self.features.hidden() && self.router_input_dim == 0 {
             return Err(format!(
                 "--features {} needs traces with router inputs (collect --hidden-states)",
