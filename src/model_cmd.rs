@@ -26,7 +26,7 @@ pub(crate) struct CollectArgs {
     /// Sampling temperature; 0 means greedy.
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
-    /// Seed of the sampler (prompt i uses seed + i).
+    /// Seed of the sampler (sequence i uses seed + i).
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Add the tokenizer's special tokens (BOS) to text prompts.

@@ -3,8 +3,10 @@
 //! as it ends. A rerun of the same command resumes it: the sequences it holds are kept,
 //! except the last, which an interruption may have cut short and which is collected
 //! again (every sequence's sampler seed depends only on its place in the run, so the
-//! result equals an uninterrupted run). A journal of other settings is refused.
+//! result equals an uninterrupted run). A journal of other settings with sequences to
+//! keep is refused; one with none to keep is started afresh.
 
+use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, BufWriter, Seek, SeekFrom, Write};
 use std::path::Path;
@@ -16,10 +18,13 @@ use serde_json::Value;
 
 use crate::{CollectConfig, CollectError};
 
-/// The settings of a collection run that decide its sequences (the model's are in the
-/// trace meta); a journal resumes only under equal settings.
+/// The settings of a collection run that decide its sequences (the model's shape is in
+/// the trace meta); a journal resumes only under equal settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct RunSettings {
+    /// The model folder, canonicalised (the meta records only its name).
+    model: String,
+    device: String,
     prompts: usize,
     samples: usize,
     max_new_tokens: usize,
@@ -29,12 +34,16 @@ pub(crate) struct RunSettings {
 }
 
 impl RunSettings {
+    /// The settings of the run `cfg` describes.
     pub(crate) fn of(cfg: &CollectConfig) -> RunSettings {
         let (temperature, seed) = match cfg.sampling {
             Sampling::Greedy => (0.0, None),
             Sampling::Temperature { temperature, seed } => (temperature, Some(seed)),
         };
+        let model = std::fs::canonicalize(&cfg.model_dir).unwrap_or_else(|_| cfg.model_dir.clone());
         RunSettings {
+            model: model.display().to_string(),
+            device: format!("{:?}", cfg.backend).to_lowercase(),
             prompts: cfg.prompts.len(),
             samples: cfg.samples.max(1),
             max_new_tokens: cfg.max_new_tokens,
@@ -48,6 +57,8 @@ impl RunSettings {
     fn differences(&self, journal: &RunSettings) -> Vec<String> {
         let seed = |s: Option<u64>| s.map_or("none (greedy)".to_string(), |s| s.to_string());
         let pairs = [
+            ("--model", journal.model.clone(), self.model.clone()),
+            ("--device", journal.device.clone(), self.device.clone()),
             (
                 "prompts",
                 journal.prompts.to_string(),
@@ -113,12 +124,14 @@ struct JournalSequence {
 pub(crate) struct Resumed {
     /// Finished sequences kept: the first ones of the run.
     pub sequences: usize,
+    /// Their prompt tokens.
     pub prefill_tokens: usize,
+    /// Their generated tokens.
     pub decode_tokens: usize,
 }
 
-/// Opens the journal at `path` for appending. Where none is (or only a cut-short meta
-/// line), a new one is started; where one of the same meta and settings is, it is cut
+/// Opens the journal at `path` for appending. Where none is, or one with no sequence to
+/// keep, a new one is started; where one of the same meta and settings is, it is cut
 /// after its last sequence but one and those sequences are kept. `expected(i)` gives run
 /// `i`'s sequence name and prompt token ids, which each kept sequence must match.
 pub(crate) fn open(
@@ -145,8 +158,20 @@ pub(crate) fn open(
     }
     let head: Head = serde_json::from_slice(&line)
         .map_err(|e| fail(format!("line 1: not a collection journal's meta line: {e}")))?;
+    let found = scan(&mut reader, line.len() as u64, &fail)?;
+    drop(reader);
+    // The last sequence may have been cut short: it is collected again. With nothing
+    // else to keep, the journal is started afresh whatever its settings.
+    let (kept, cut_at) = match found.split_last() {
+        Some((last, kept)) if !kept.is_empty() => (kept, last.start),
+        _ => return start(path, meta, settings),
+    };
     let journal_settings = head.collect.ok_or_else(|| {
-        fail("line 1: not a collection journal (no run settings beside the meta)".into())
+        fail(
+            "line 1: written by an older moecast, which did not record its settings \
+             (`moecast trace convert` it to keep its sequences)"
+                .into(),
+        )
     })?;
     let run_meta = serde_json::to_value(meta).expect("trace meta serialises");
     let mut diffs = meta_differences(&head.meta, &run_meta);
@@ -157,51 +182,14 @@ pub(crate) fn open(
             diffs.join("; ")
         )));
     }
-    let mut offset = line.len() as u64;
-    let mut found: Vec<JournalSequence> = Vec::new();
-    let mut lineno = 1;
-    loop {
-        line.clear();
-        let n = reader.read_until(b'\n', &mut line).map_err(io)?;
-        if n == 0 || !line.ends_with(b"\n") {
-            break;
-        }
-        lineno += 1;
-        let rec: RecordHead =
-            serde_json::from_slice(&line).map_err(|e| fail(format!("line {lineno}: {e}")))?;
-        if found.last().is_none_or(|s| s.name != rec.seq) {
-            if found.iter().any(|s| s.name == rec.seq) {
-                return Err(fail(format!(
-                    "line {lineno}: sequence '{}' appears twice",
-                    rec.seq
-                )));
-            }
-            found.push(JournalSequence {
-                name: rec.seq,
-                start: offset,
-                prompt: Vec::new(),
-                decode_tokens: 0,
-            });
-        }
-        let s = found.last_mut().expect("pushed above");
-        match rec.phase {
-            Phase::Prefill => s.prompt.push(rec.token),
-            Phase::Decode => s.decode_tokens += 1,
-        }
-        offset += n as u64;
-    }
-    // The last sequence may have been cut short: it is collected again.
-    let Some(last) = found.pop() else {
-        return start(path, meta, settings);
-    };
-    if found.len() > runs {
+    if kept.len() >= runs {
         return Err(fail(format!(
             "it holds {} sequences, more than this run's {runs}",
-            found.len() + 1
+            found.len()
         )));
     }
     let mut resumed = Resumed::default();
-    for (i, s) in found.iter().enumerate() {
+    for (i, s) in kept.iter().enumerate() {
         let (name, ids) = expected(i)?;
         if s.name != name {
             return Err(fail(format!(
@@ -219,11 +207,58 @@ pub(crate) fn open(
         resumed.prefill_tokens += s.prompt.len();
         resumed.decode_tokens += s.decode_tokens;
     }
-    drop(reader);
     let mut file = OpenOptions::new().write(true).open(path).map_err(io)?;
-    file.set_len(last.start).map_err(io)?;
+    file.set_len(cut_at).map_err(io)?;
     file.seek(SeekFrom::End(0)).map_err(io)?;
     Ok((BufWriter::new(file), resumed))
+}
+
+/// The sequences of the token lines after the meta line (which ends at byte `offset`),
+/// in order; a last line without its newline (cut by an interruption) is left out.
+fn scan(
+    reader: &mut impl BufRead,
+    mut offset: u64,
+    fail: &impl Fn(String) -> CollectError,
+) -> Result<Vec<JournalSequence>, CollectError> {
+    let mut found: Vec<JournalSequence> = Vec::new();
+    let mut names = HashSet::new();
+    let mut line = Vec::new();
+    for lineno in 2.. {
+        line.clear();
+        let n = reader
+            .read_until(b'\n', &mut line)
+            .map_err(|e| fail(format!("line {lineno}: {e}")))?;
+        if n == 0 || !line.ends_with(b"\n") {
+            break;
+        }
+        let start = offset;
+        offset += n as u64;
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let rec: RecordHead =
+            serde_json::from_slice(&line).map_err(|e| fail(format!("line {lineno}: {e}")))?;
+        if found.last().is_none_or(|s| s.name != rec.seq) {
+            if !names.insert(rec.seq.clone()) {
+                return Err(fail(format!(
+                    "line {lineno}: sequence '{}' appears twice",
+                    rec.seq
+                )));
+            }
+            found.push(JournalSequence {
+                name: rec.seq,
+                start,
+                prompt: Vec::new(),
+                decode_tokens: 0,
+            });
+        }
+        let s = found.last_mut().expect("pushed above");
+        match rec.phase {
+            Phase::Prefill => s.prompt.push(rec.token),
+            Phase::Decode => s.decode_tokens += 1,
+        }
+    }
+    Ok(found)
 }
 
 /// Starts a new journal: the meta line with the run's settings.
@@ -245,8 +280,8 @@ fn start(
 }
 
 /// Each top-level meta field that differs, as "FIELD: JOURNAL in the journal, RUN in
-/// this run". The tokenizer's path is left out: it only says where the model folder was
-/// given from.
+/// this run" (long values only as "FIELD differs"). The tokenizer's path is left out:
+/// it only says how the model folder was spelt, which the settings compare resolved.
 fn meta_differences(journal: &Value, run: &Value) -> Vec<String> {
     let (Some(j), Some(r)) = (journal.as_object(), run.as_object()) else {
         return vec!["the meta line is not an object".into()];
@@ -257,11 +292,20 @@ fn meta_differences(journal: &Value, run: &Value) -> Vec<String> {
     keys.into_iter()
         .filter(|k| k.as_str() != "tokenizer")
         .filter_map(|k| {
-            let (a, b) = (
-                j.get(k).unwrap_or(&Value::Null),
-                r.get(k).unwrap_or(&Value::Null),
-            );
-            (a != b).then(|| format!("{k}: {a} in the journal, {b} in this run"))
+            let a = j.get(k).unwrap_or(&Value::Null).to_string();
+            let b = r.get(k).unwrap_or(&Value::Null).to_string();
+            let name = match k.as_str() {
+                "router_input_dim" => "--hidden-states (router_input_dim)",
+                "router_logits" => "--router-logits",
+                other => other,
+            };
+            if a == b {
+                None
+            } else if a.len() + b.len() > 80 {
+                Some(format!("{name} differs"))
+            } else {
+                Some(format!("{name}: {a} in the journal, {b} in this run"))
+            }
         })
         .collect()
 }

@@ -79,7 +79,7 @@ pub struct CollectSummary {
 impl CollectSummary {
     /// Tokens forwarded by this run per second (kept ones not counted).
     pub fn tokens_per_second(&self) -> f64 {
-        (self.prefill_tokens + self.decode_tokens - self.resumed_tokens) as f64
+        (self.prefill_tokens + self.decode_tokens).saturating_sub(self.resumed_tokens) as f64
             / self.seconds.max(1e-9)
     }
 }

@@ -175,23 +175,34 @@ fn an_interrupted_collection_resumes_to_the_uninterrupted_trace() {
     let kept = datasets::load_trace(&journal).unwrap();
     assert_eq!(kept.seq_names, vec!["a#s0", "a#s1", "b#s0", "b#s1"]);
 
-    // Cut it as a kill would: inside b#s1's lines, mid-line.
     let text = std::fs::read_to_string(&journal).unwrap();
     let b1 = text.find("\"seq\":\"b#s1\"").unwrap();
-    let cut = b1 + text[b1..].find('\n').unwrap() + 1 + 20;
-    std::fs::write(&journal, &text.as_bytes()[..cut]).unwrap();
-
-    let s = collect(&sampled(id_prompts(&["a", "b", "c"]), out.clone(), 9)).unwrap();
-    assert_eq!(s.sequences, 6);
-    // The cut b#s1 is collected again, the three before it are kept.
-    assert_eq!(s.resumed_sequences, 3);
+    let b1_second_line = b1 + text[b1..].find('\n').unwrap() + 1;
     let ranges = datasets::load_trace(&whole)
         .unwrap()
         .view()
         .sequence_ranges();
-    assert_eq!(s.resumed_tokens, ranges[3].start);
-    assert!(!journal.exists(), "journal removed on success");
-    assert_eq!(std::fs::read_to_string(&out).unwrap(), want);
+    // Cut it as a kill would: inside b#s1's lines, mid-line and at a line's end.
+    for cut in [b1_second_line + 20, b1_second_line] {
+        std::fs::write(&journal, &text.as_bytes()[..cut]).unwrap();
+        let s = collect(&sampled(id_prompts(&["a", "b", "c"]), out.clone(), 9)).unwrap();
+        assert_eq!(s.sequences, 6);
+        // The cut b#s1 is collected again, the three before it are kept.
+        assert_eq!(s.resumed_sequences, 3);
+        assert_eq!(s.resumed_tokens, ranges[3].start);
+        assert!(!journal.exists(), "journal removed on success");
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), want);
+    }
+
+    // A journal with nothing to keep (its only sequence may be cut) starts afresh,
+    // whatever its settings.
+    let a1 = text.find("\"seq\":\"a#s1\"").unwrap();
+    let a1_line = text[..a1].rfind('\n').unwrap() + 1;
+    std::fs::write(&journal, &text.as_bytes()[..a1_line]).unwrap();
+    let mut greedy = config("qwen3_moe", id_prompts(&["a"]), out.clone());
+    greedy.max_new_tokens = 4;
+    let s = collect(&greedy).unwrap();
+    assert_eq!((s.sequences, s.resumed_sequences), (1, 0));
 }
 
 #[test]
@@ -209,6 +220,12 @@ fn a_journal_of_other_settings_or_prompts_is_refused_and_kept() {
 
     let mut hidden = sampled(id_prompts(&["a", "b", "c"]), out.clone(), 9);
     hidden.router_inputs = true;
+    let mut longer = sampled(id_prompts(&["a", "b", "c"]), out.clone(), 9);
+    longer.max_new_tokens = 17;
+    let mut one_sample = sampled(id_prompts(&["a", "b", "c"]), out.clone(), 9);
+    one_sample.samples = 1;
+    let mut ndarray = sampled(id_prompts(&["a", "b", "c"]), out.clone(), 9);
+    ndarray.backend = "ndarray".parse().unwrap();
     let mut renamed = id_prompts(&["a", "x", "c"]);
     renamed[0] = Prompt::Ids {
         name: "a".into(),
@@ -221,7 +238,16 @@ fn a_journal_of_other_settings_or_prompts_is_refused_and_kept() {
         ),
         (
             hidden,
-            "router_input_dim: null in the journal, 24 in this run",
+            "--hidden-states (router_input_dim): null in the journal, 24 in this run",
+        ),
+        (
+            longer,
+            "--max-new-tokens: 16 in the journal, 17 in this run",
+        ),
+        (one_sample, "--samples: 2 in the journal, 1 in this run"),
+        (
+            ndarray,
+            "--device: flex in the journal, ndarray in this run",
         ),
         (
             sampled(id_prompts(&["a", "b"]), out.clone(), 9),

@@ -40,9 +40,7 @@ impl Task {
                 .collect(),
         }
     }
-}
 
-impl Task {
     /// Whether this task's queries can read `features`: the next-token forecast knows
     /// none of the token's routed layers, so only lookahead reads router inputs.
     pub fn check_features(self, features: Features) -> Result<(), String> {
@@ -199,7 +197,6 @@ impl PredictorConfig {
         if self.context < 2 {
             return Err("--context must be at least 2".into());
         }
-        self.task.check_features(self.features)?;
         if self.features.hidden() && self.router_input_dim == 0 {
             return Err(format!(
                 "--features {} needs traces with router inputs (collect --hidden-states)",
@@ -253,5 +250,32 @@ impl PredictorConfig {
             );
         }
         q
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_token_training_refuses_router_inputs_but_older_cards_still_load() {
+        let shape = RoutingShape {
+            n_moe: 4,
+            n_experts: 8,
+            top_k: 2,
+        };
+        let card = PredictorConfig::new(shape, Task::NextToken)
+            .with_features(Features::Hidden)
+            .with_router_input_dim(16);
+        assert_eq!(card.validate(), Ok(()), "a saved card of this kind loads");
+        let e = Task::NextToken
+            .check_features(Features::IdsHidden)
+            .unwrap_err();
+        assert!(
+            e.contains("--features ids+hidden") && e.contains("--task lookahead"),
+            "{e}"
+        );
+        assert_eq!(Task::NextToken.check_features(Features::Ids), Ok(()));
+        assert_eq!(Task::Lookahead.check_features(Features::Hidden), Ok(()));
     }
 }

@@ -160,6 +160,10 @@ fn epoch_order(windows: &[Window], seed: u64, epoch: usize) -> Vec<Window> {
 
 fn validate_opts(o: &TrainOptions) -> Result<()> {
     o.config.validate().map_err(PredictorError::Invalid)?;
+    o.config
+        .task
+        .check_features(o.config.features)
+        .map_err(PredictorError::Invalid)?;
     let s = &o.settings;
     if s.batch_size == 0 || s.max_epochs == 0 || s.queries_per_batch == 0 || s.checkpoint_every == 0
     {
