@@ -55,36 +55,21 @@ impl RunSettings {
 
     /// Each setting that differs, as "FLAG: JOURNAL in the journal, RUN in this run".
     fn differences(&self, journal: &RunSettings) -> Vec<String> {
-        let seed = |s: Option<u64>| s.map_or("none (greedy)".to_string(), |s| s.to_string());
+        let pair =
+            |flag, value: &dyn Fn(&RunSettings) -> String| (flag, value(journal), value(self));
         let pairs = [
-            ("--model", journal.model.clone(), self.model.clone()),
-            ("--device", journal.device.clone(), self.device.clone()),
-            (
-                "prompts",
-                journal.prompts.to_string(),
-                self.prompts.to_string(),
-            ),
-            (
-                "--samples",
-                journal.samples.to_string(),
-                self.samples.to_string(),
-            ),
-            (
-                "--max-new-tokens",
-                journal.max_new_tokens.to_string(),
-                self.max_new_tokens.to_string(),
-            ),
-            (
-                "--temperature",
-                journal.temperature.to_string(),
-                self.temperature.to_string(),
-            ),
-            ("--seed", seed(journal.seed), seed(self.seed)),
-            (
-                "--add-special-tokens",
-                journal.add_special_tokens.to_string(),
-                self.add_special_tokens.to_string(),
-            ),
+            pair("--model", &|s| s.model.clone()),
+            pair("--device", &|s| s.device.clone()),
+            pair("prompts", &|s| s.prompts.to_string()),
+            pair("--samples", &|s| s.samples.to_string()),
+            pair("--max-new-tokens", &|s| s.max_new_tokens.to_string()),
+            pair("--temperature", &|s| s.temperature.to_string()),
+            pair("--seed", &|s| {
+                s.seed.map_or("none (greedy)".into(), |s| s.to_string())
+            }),
+            pair("--add-special-tokens", &|s| {
+                s.add_special_tokens.to_string()
+            }),
         ];
         pairs
             .into_iter()

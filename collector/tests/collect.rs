@@ -156,6 +156,18 @@ fn id_prompts(names: &[&str]) -> Vec<Prompt> {
         .collect()
 }
 
+/// The journal of a run of prompts a, b, c (2 samples each, seed 9) that fails at its
+/// fifth sequence (c#s0), keeping a#s0..b#s1.
+fn interrupted_journal(out: &Path) -> PathBuf {
+    let mut failing = id_prompts(&["a", "b", "c"]);
+    failing[2] = Prompt::Ids {
+        name: "c".into(),
+        ids: vec![100_000],
+    };
+    assert!(collect(&sampled(failing, out.to_path_buf(), 9)).is_err());
+    journal_path(out)
+}
+
 #[test]
 fn an_interrupted_collection_resumes_to_the_uninterrupted_trace() {
     let dir = tempfile::tempdir().unwrap();
@@ -163,15 +175,8 @@ fn an_interrupted_collection_resumes_to_the_uninterrupted_trace() {
     collect(&sampled(id_prompts(&["a", "b", "c"]), whole.clone(), 9)).unwrap();
     let want = std::fs::read_to_string(&whole).unwrap();
 
-    // A run that stops at its fifth sequence (c#s0) keeps a#s0..b#s1 in its journal.
     let out = dir.path().join("t.jsonl");
-    let mut failing = id_prompts(&["a", "b", "c"]);
-    failing[2] = Prompt::Ids {
-        name: "c".into(),
-        ids: vec![100_000],
-    };
-    assert!(collect(&sampled(failing, out.clone(), 9)).is_err());
-    let journal = journal_path(&out);
+    let journal = interrupted_journal(&out);
     let kept = datasets::load_trace(&journal).unwrap();
     assert_eq!(kept.seq_names, vec!["a#s0", "a#s1", "b#s0", "b#s1"]);
 
@@ -209,13 +214,7 @@ fn an_interrupted_collection_resumes_to_the_uninterrupted_trace() {
 fn a_journal_of_other_settings_or_prompts_is_refused_and_kept() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("t.mctrace");
-    let mut failing = id_prompts(&["a", "b", "c"]);
-    failing[2] = Prompt::Ids {
-        name: "c".into(),
-        ids: vec![100_000],
-    };
-    assert!(collect(&sampled(failing, out.clone(), 9)).is_err());
-    let journal = journal_path(&out);
+    let journal = interrupted_journal(&out);
     let before = std::fs::read(&journal).unwrap();
 
     let mut hidden = sampled(id_prompts(&["a", "b", "c"]), out.clone(), 9);
