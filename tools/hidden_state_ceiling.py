@@ -13,18 +13,33 @@ converted to Parquet:
 
 On the demo's 6-sample trace it reaches 0.804 at +1; on `make demo-hidden`'s 12-sample
 trace (runs/demo-hidden/tiny-moe.mctrace, same held-out trace) 0.814.
+
+`.mctrace` traces are read directly (memory-mapped, no duckdb needed), which is what
+large traces want; several training traces may be given before the held-out one:
+
+    python3 tools/hidden_state_ceiling.py TRAIN.mctrace [MORE.mctrace ...] HELDOUT.mctrace [--steps N]
+
+`--steps N` fits each MLP by N AdamW steps on batches of 256 drawn with replacement,
+learning rate 1e-3 decayed to 0 by a cosine, instead of 40 epochs: the same budget
+for any trace size (tools/corpus_predictor.sh uses 20000).
 """
 
+import argparse
+import json
 import sys
 
-import duckdb
 import numpy as np
 import torch
 from torch import nn
 
 
 def load(path):
-    """Router inputs [tokens, layers, dim] and experts [tokens, layers, k]."""
+    """Router inputs [tokens, layers, dim] (f32) and experts [tokens, layers, k], from a
+    `.mctrace` or a Parquet trace."""
+    if str(path).endswith(".mctrace"):
+        return load_mctrace(path)
+    import duckdb
+
     rows = duckdb.sql(
         f"select seq, pos, layer, experts, router_input from '{path}' order by seq, pos, layer"
     ).fetchall()
@@ -37,19 +52,51 @@ def load(path):
     return h, e
 
 
+def load_mctrace(path):
+    """`load` for the binary form: the header names each section's offset (see
+    datasets/src/binary.rs); `experts` is u16 and `router_inputs` f16."""
+    with open(path, "rb") as f:
+        if f.read(8) != b"MOECTRC1":
+            sys.exit(f"{path}: not a .mctrace file")
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    meta, n = header["meta"], header["n_tokens"]
+    layers, k, dim = len(meta["moe_layers"]), meta["top_k"], meta.get("router_input_dim")
+    if not dim:
+        sys.exit(f"{path}: the trace has no router inputs (collect it with --hidden-states)")
+    sections = {s["name"]: s for s in header["sections"]}
+
+    def section(name, dtype, width):
+        s = sections[name]
+        return np.memmap(path, dtype, "r", offset=s["offset"], shape=(n, layers, width))
+
+    return np.asarray(section("router_inputs", "<f2", dim), np.float32), np.asarray(section("experts", "<u2", k))
+
+
 def multi_hot(experts, n_experts):
     y = np.zeros((len(experts), n_experts), np.float32)
     np.put_along_axis(y, experts.astype(np.int64), 1.0, axis=1)
     return torch.tensor(y)
 
 
-def fit_mlp(x, y):
+def fit_mlp(x, y, steps=None):
     """One MLP (x's width -> 512 -> 512 -> y's width, SiLU) fitted to multi-hot targets y
-    by BCE: AdamW 1e-3, weight decay 1e-2, 40 epochs of batches of 128 (the caller seeds)."""
+    by BCE: AdamW 1e-3, weight decay 1e-2, 40 epochs of batches of 128, or with `steps`
+    that many steps on batches of 256 drawn with replacement under a cosine decay (the
+    caller seeds)."""
     mlp = nn.Sequential(
         nn.Linear(x.shape[1], 512), nn.SiLU(), nn.Linear(512, 512), nn.SiLU(), nn.Linear(512, y.shape[1])
     )
     opt = torch.optim.AdamW(mlp.parameters(), 1e-3, weight_decay=1e-2)
+    if steps is not None:
+        decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+        for _ in range(steps):
+            idx = torch.randint(0, len(x), (256,))
+            loss = nn.functional.binary_cross_entropy_with_logits(mlp(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            decay.step()
+        return mlp
     for _ in range(40):
         perm = torch.randperm(len(x))
         for i in range(0, len(x), 128):
@@ -62,8 +109,20 @@ def fit_mlp(x, y):
 
 
 def main():
+    args = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    args.add_argument("traces", nargs="+", help="training traces, then the held-out trace")
+    args.add_argument("--steps", type=int, help="fit each MLP by this many steps (see above)")
+    args = args.parse_args()
+    if len(args.traces) < 2:
+        sys.exit("give one or more training traces and then the held-out trace")
     torch.manual_seed(0)
-    (h_tr, e_tr), (h_te, e_te) = load(sys.argv[1]), load(sys.argv[2])
+    train = [load(p) for p in args.traces[:-1]]
+    for p, t in zip(args.traces[1:-1], train[1:]):
+        if t[0].shape[1:] != train[0][0].shape[1:] or t[1].shape[1:] != train[0][1].shape[1:]:
+            sys.exit(f"{p}: another routing shape than {args.traces[0]}")
+    h_tr, e_tr = np.concatenate([t[0] for t in train]), np.concatenate([t[1] for t in train])
+    h_te, e_te = load(args.traces[-1])
+    print(f"{len(h_tr)} training tokens, {len(h_te)} held out", flush=True)
     n_layers = h_tr.shape[1]
     n_experts = int(max(e_tr.max(), e_te.max())) + 1
     k = e_tr.shape[2]
@@ -71,7 +130,7 @@ def main():
     for l in range(n_layers - 1):
         x_tr, y_tr = torch.tensor(h_tr[:, l]), multi_hot(e_tr[:, l + 1], n_experts)
         x_te, y_te = torch.tensor(h_te[:, l]), multi_hot(e_te[:, l + 1], n_experts)
-        mlp = fit_mlp(x_tr, y_tr)
+        mlp = fit_mlp(x_tr, y_tr, args.steps)
         with torch.no_grad():
             top = mlp(x_te).topk(k, dim=1).indices
             h = y_te.gather(1, top).sum().item()
