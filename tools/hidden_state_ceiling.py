@@ -87,24 +87,25 @@ def fit_mlp(x, y, steps=None):
         nn.Linear(x.shape[1], 512), nn.SiLU(), nn.Linear(512, 512), nn.SiLU(), nn.Linear(512, y.shape[1])
     )
     opt = torch.optim.AdamW(mlp.parameters(), 1e-3, weight_decay=1e-2)
-    if steps is not None:
-        decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-        for _ in range(steps):
-            idx = torch.randint(0, len(x), (256,))
-            loss = nn.functional.binary_cross_entropy_with_logits(mlp(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if steps is not None else None
+
+    def batches():
+        if steps is not None:
+            for _ in range(steps):
+                yield torch.randint(0, len(x), (256,))
+            return
+        for _ in range(40):
+            perm = torch.randperm(len(x))
+            for i in range(0, len(x), 128):
+                yield perm[i : i + 128]
+
+    for idx in batches():
+        loss = nn.functional.binary_cross_entropy_with_logits(mlp(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if decay is not None:
             decay.step()
-        return mlp
-    for _ in range(40):
-        perm = torch.randperm(len(x))
-        for i in range(0, len(x), 128):
-            idx = perm[i : i + 128]
-            loss = nn.functional.binary_cross_entropy_with_logits(mlp(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
     return mlp
 
 
