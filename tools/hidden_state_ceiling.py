@@ -40,9 +40,12 @@ def load(path):
         return load_mctrace(path)
     import duckdb
 
-    rows = duckdb.sql(
-        f"select seq, pos, layer, experts, router_input from '{path}' order by seq, pos, layer"
-    ).fetchall()
+    try:
+        rows = duckdb.sql(
+            f"select seq, pos, layer, experts, router_input from '{path}' order by seq, pos, layer"
+        ).fetchall()
+    except duckdb.Error as e:
+        sys.exit(f"{path}: not a moecast Parquet trace with router inputs ({e})")
     n_layers = max(r[2] for r in rows) + 1
     tokens = {}
     for seq, pos, layer, experts, x in rows:
