@@ -51,7 +51,7 @@ demo:
 	  "$(DBG) eval --predictor $(DEMO)/predictor --trace $(DEMO)/heldout.mctrace --model $(MODEL) --json $(DEMO)/eval.json --plot $(DEMO)/plots"
 	tools/side_by_side.sh $(DEMO)/sweep.log \
 	  "$(DBG) simulate --trace $(DEMO)/heldout.mctrace --predictor $(DEMO)/predictor $(SIM) --sweep --policy lru,belady --prefetch none,learned,oracle --plot $(DEMO)/plots > $(DEMO)/sweep.txt" \
-	  "$(DBG) simulate --trace $(DEMO)/heldout.mctrace --predictor $(DEMO)/predictor --model $(MODEL) $(SIM) --cache 10%,25% --policy lru,lfu,next-use,belady --prefetch none,previous,coactivation,activation,gate,lens,learned,lens+learned,oracle --json $(DEMO)/simulate.json"
+	  "$(DBG) simulate --trace $(DEMO)/heldout.mctrace --predictor $(DEMO)/predictor --model $(MODEL) $(SIM) --cache 10%,25% --policy lru,lfu,next-use,belady --prefetch none,previous,token,coactivation,activation,gate,lens,learned,lens+learned,oracle --json $(DEMO)/simulate.json"
 	@echo "demo outputs in $(DEMO)/: traces (.mctrace, .parquet), stats.json, predictor/, eval.json, simulate.json, sweep.txt, run.json, plots/"
 
 # Activation-aware prediction on the demo model, all feature sets (`make demo` trains only

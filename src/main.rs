@@ -36,6 +36,10 @@ enum Command {
     Train(Box<TrainArgs>),
     /// Evaluate a predictor and the baselines on traces: precision, recall, F1.
     Eval(EvalArgs),
+    /// Build a predictor for a model shape (no trace needed) and print its parameter
+    /// count and memory, e.g. for Qwen3-30B-A3B: --moe-layers 48 --experts 128 --top-k 8
+    /// --vocab 151936.
+    PredictorSize(predict_cmd::SizeArgs),
     /// Replay a trace through an expert cache with prefetching: hit rate, stall, tokens/s.
     Simulate(Box<sim_cmd::SimulateArgs>),
     /// Generate with experts offloaded to disk: bounded expert cache, learned prefetch,
@@ -82,6 +86,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Tinymoe(TinymoeCommand::Train(a)) => model_cmd::tinymoe_train(*a),
         Command::Train(a) => predict_cmd::train(*a),
         Command::Eval(a) => predict_cmd::eval(a),
+        Command::PredictorSize(a) => predict_cmd::size(a),
         Command::Simulate(a) => sim_cmd::simulate_cmd(*a),
         Command::Run(a) => run_cmd::run(*a),
     }

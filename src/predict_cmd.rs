@@ -42,9 +42,14 @@ pub(crate) struct TrainArgs {
     /// Tokens of context.
     #[arg(long, default_value_t = 128)]
     context: usize,
-    /// Token-id embedding rows (ids are folded modulo this).
-    #[arg(long, default_value_t = 8192)]
-    token_buckets: usize,
+    /// Token-id embedding rows (ids are folded modulo this). Default: the largest token
+    /// id of the training traces + 1, so no two ids share a row (the card says how many
+    /// seen ids share one when you set fewer).
+    #[arg(long)]
+    token_buckets: Option<usize>,
+    /// Leave out the count prior path (the token table's log-odds added to the logits).
+    #[arg(long)]
+    no_token_prior: bool,
     /// Hidden width of the router-input map (hidden features).
     #[arg(long, default_value_t = 512)]
     hidden_width: usize,
@@ -120,7 +125,8 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
         .with_n_layers(a.layers)
         .with_n_heads(a.heads)
         .with_context(a.context)
-        .with_token_buckets(a.token_buckets)
+        .with_token_buckets(a.token_buckets.unwrap_or(0))
+        .with_token_prior(!a.no_token_prior)
         .with_dropout(a.dropout)
         .with_token_dropout(a.token_dropout)
         .with_hidden_width(a.hidden_width)
@@ -179,6 +185,67 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
     if let Some(r) = &s.validation {
         print!("{}", eval::render_table(r));
     }
+    Ok(())
+}
+
+#[derive(Args)]
+pub(crate) struct SizeArgs {
+    /// MoE layers of the model.
+    #[arg(long)]
+    moe_layers: usize,
+    /// Routed experts per MoE layer.
+    #[arg(long)]
+    experts: usize,
+    /// Experts chosen per token.
+    #[arg(long)]
+    top_k: usize,
+    /// Token ids (the tokenizer's vocabulary): one embedding row each.
+    #[arg(long)]
+    vocab: usize,
+    /// next-token or lookahead.
+    #[arg(long, default_value = "lookahead")]
+    task: Task,
+    /// Residual width, as for `train`.
+    #[arg(long, default_value_t = 128)]
+    d_model: usize,
+    /// Transformer blocks, as for `train`.
+    #[arg(long, default_value_t = 3)]
+    layers: usize,
+}
+
+pub(crate) fn size(a: SizeArgs) -> Result<()> {
+    let shape = datasets::examples::RoutingShape {
+        n_moe: a.moe_layers,
+        n_experts: a.experts,
+        top_k: a.top_k,
+    };
+    let config = PredictorConfig::new(shape, a.task)
+        .with_d_model(a.d_model)
+        .with_n_layers(a.layers)
+        .with_token_buckets(a.vocab);
+    let f = predictor::model::Footprint::of(&config).map_err(anyhow::Error::msg)?;
+    println!(
+        "{} predictor for {} MoE layers x {} experts (top-{}), {} token ids, d_model {}, {} blocks:",
+        a.task.as_str(),
+        a.moe_layers,
+        a.experts,
+        a.top_k,
+        a.vocab,
+        a.d_model,
+        a.layers
+    );
+    println!(
+        "  {} parameters ({} in the token embedding, {} in the output layer): {:.1} MB of f32 weights",
+        f.params,
+        f.token_embedding,
+        f.output,
+        f.params as f64 * 4.0 / 1e6
+    );
+    println!(
+        "  token table (prior and baseline): 8 bytes per counted (id, layer, expert), at most \
+         tokens x layers x top-k = {} bytes per million training tokens",
+        8 * a.moe_layers * a.top_k * 1_000_000
+    );
     Ok(())
 }
 
@@ -302,16 +369,9 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
         eval::score_before_id(&mut report, &mut online, &set, split, &opts.before_id)?;
     }
     print!("{}", eval::render_table(&report));
-    let lost: Vec<String> = report
-        .groups_lost_to("cross-layer gate")
-        .iter()
-        .map(|(group, gate, ours)| format!("{group} (F1 {gate:.4} against {ours:.4})"))
-        .collect();
-    if !lost.is_empty() {
+    for (baseline, group, theirs, ours) in report.baseline_wins() {
         eprintln!(
-            "note: the model's cross-layer gate beats the predictor at {}; a wider predictor \
-             trained for more epochs may not (README, \"A deeper model\")",
-            lost.join(", ")
+            "note: the {baseline} baseline beats the predictor at {group} (F1 {theirs:.4} against {ours:.4})"
         );
     }
     if let Some(path) = &a.json {

@@ -26,6 +26,11 @@ pub(crate) struct RunArgs {
     /// Trained predictor directory (`moecast train -o DIR`): learned prefetch.
     #[arg(long)]
     predictor: Option<PathBuf>,
+    /// A predictor directory whose token table (its training traces' per-token-id expert
+    /// counts) prefetches, at each token's start, every layer's most frequent experts for
+    /// that id. Alone or beside --predictor (both prefetch).
+    #[arg(long)]
+    token_table: Option<PathBuf>,
     /// Experts prefetched per forecast layer (default: top-k).
     #[arg(long)]
     prefetch_budget: Option<usize>,
@@ -106,6 +111,7 @@ pub(crate) fn run(a: RunArgs) -> Result<()> {
         cache: a.expert_cache.parse().map_err(anyhow::Error::msg)?,
         policy: a.policy.parse().map_err(anyhow::Error::msg)?,
         predictor: a.predictor,
+        token_table: a.token_table,
         budget: a.prefetch_budget,
         layer_forecasts: a.layer_forecasts,
         pre_attention: a.pre_attention,

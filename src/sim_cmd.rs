@@ -31,11 +31,11 @@ pub(crate) struct SimulateArgs {
     /// Eviction policies: lru, lfu, lfu:DECAY, next-use, belady; comma-separated.
     #[arg(long, default_value = "lru", value_delimiter = ',')]
     policy: Vec<String>,
-    /// Prefetchers: none, previous, coactivation, activation, gate, pre-attention, lens, learned, oracle; comma-separated (a+b: both).
+    /// Prefetchers: none, previous, token, coactivation, activation, gate, pre-attention, lens, learned, oracle; comma-separated (a+b: both).
     #[arg(long, default_value = "none", value_delimiter = ',')]
     prefetch: Vec<String>,
-    /// Predictor directory (learned prefetch; its training baselines feed coactivation,
-    /// and its per-token first-layer counts refine the lens).
+    /// Predictor directory (learned prefetch; its training baselines feed token and
+    /// coactivation, and its per-token first-layer counts refine the lens).
     #[arg(long)]
     predictor: Option<PathBuf>,
     /// The MoE checkpoint the trace comes from (gate prefetch: its gates applied to the
@@ -76,6 +76,33 @@ pub(crate) struct SimulateArgs {
     /// Write the hit-rate-vs-cache-size chart (PNG) into this directory.
     #[arg(long)]
     plot: Option<PathBuf>,
+}
+
+/// The predictor's training counts, or counts fitted on the replayed trace itself (also
+/// when the token table is needed and the predictor's counts predate it).
+fn counts_for(
+    fitted: &Option<BaselineStats>,
+    view: &datasets::TraceView<'_>,
+    seqs: &[std::ops::Range<usize>],
+    horizon: usize,
+    token_table: bool,
+) -> BaselineStats {
+    match fitted {
+        Some(s) if s.has_token_table() || !token_table => return s.clone(),
+        Some(_) => eprintln!(
+            "note: the predictor's baselines have no token table (trained before it): fitted on this trace itself (in-sample)"
+        ),
+        None => {}
+    }
+    let m = view.meta.n_moe();
+    let mut s = BaselineStats::new(
+        datasets::examples::RoutingShape::of(view.meta),
+        horizon.min(m - 1).max(1),
+    );
+    for r in seqs {
+        s.add_tokens(view, r.clone());
+    }
+    s
 }
 
 fn parse_size(s: &str, total: usize) -> Result<usize> {
@@ -195,8 +222,9 @@ pub(crate) fn simulate_cmd(a: SimulateArgs) -> Result<()> {
     let fitted = online
         .as_ref()
         .and_then(|o| o.predictor().baselines.clone());
-    if kinds.contains(&PrefetchKind::Coactivation) && fitted.is_none() {
-        eprintln!("note: no --predictor: co-activation counts are fitted on this trace itself (in-sample)");
+    let counted = [PrefetchKind::Coactivation, PrefetchKind::Token];
+    if counted.iter().any(|k| kinds.contains(k)) && fitted.is_none() {
+        eprintln!("note: no --predictor: token-table and co-activation counts are fitted on this trace itself (in-sample)");
     }
     let bar = crate::inputs::bar(pieces.len(), "parts");
     // results[i]: (size, timed, untimed) in size x policy x plan order, summed over pieces.
@@ -240,20 +268,12 @@ pub(crate) fn simulate_cmd(a: SimulateArgs) -> Result<()> {
                     prefetch::activation(&view, &seqs, budget, a.horizon, 0.9)
                 }
                 PrefetchKind::Coactivation => {
-                    let stats = match &fitted {
-                        Some(s) => s.clone(),
-                        None => {
-                            let mut s = BaselineStats::new(
-                                datasets::examples::RoutingShape::of(&meta),
-                                a.horizon.min(m - 1).max(1),
-                            );
-                            for r in &seqs {
-                                s.add_tokens(&view, r.clone());
-                            }
-                            s
-                        }
-                    };
+                    let stats = counts_for(&fitted, &view, &seqs, a.horizon, false);
                     prefetch::coactivation(&view, &seqs, &stats, budget, a.horizon)
+                }
+                PrefetchKind::Token => {
+                    let stats = counts_for(&fitted, &view, &seqs, a.horizon, true);
+                    prefetch::token(&view, &seqs, &stats, budget, a.horizon)
                 }
                 PrefetchKind::Gate => {
                     let g = gate.as_ref().context("gate forecaster")?;

@@ -368,7 +368,10 @@ fn router_inputs_feed_the_cross_layer_gate_in_eval_and_simulate() {
     for (g, name) in report["groups"].as_array().unwrap().iter().enumerate() {
         let lost =
             report["methods"][gate]["groups"][g]["overall"]["sets"] != 0 && f1(gate, g) > f1(0, g);
-        let named = format!("{} (F1", name.as_str().unwrap());
+        let named = format!(
+            "cross-layer gate baseline beats the predictor at {} (F1",
+            name.as_str().unwrap()
+        );
         assert_eq!(notes.contains(&named), lost, "group {name}: {notes}");
     }
     // The pre-attention gate forecasts one block ahead: the +1 group only.

@@ -65,6 +65,8 @@ pub struct OffloadRunConfig {
     pub policy: EvictionPolicy,
     /// A trained predictor directory: learned prefetch.
     pub predictor: Option<PathBuf>,
+    /// A predictor directory whose token table prefetches at each token's start.
+    pub token_table: Option<PathBuf>,
     /// Experts prefetched per forecast layer (default: top-k).
     pub budget: Option<usize>,
     /// With a lookahead predictor, also forecast the next layers after each layer.
@@ -154,6 +156,10 @@ pub fn run_offloaded(cfg: &OffloadRunConfig) -> Result<OffloadRun, CollectError>
         lens: cfg.lens,
         routing_margin: cfg.routing_margin,
         loader_threads: cfg.loader_threads,
+        token_table: match &cfg.token_table {
+            Some(dir) => Some(token_table(dir)?),
+            None => None,
+        },
     };
     let mut engine = OffloadEngine::new(&ck, &mut offloaded, engine_cfg, online, &device)?;
 
@@ -230,6 +236,23 @@ pub fn run_offloaded(cfg: &OffloadRunConfig) -> Result<OffloadRun, CollectError>
         in_memory_tokens_per_s,
         quality,
     })
+}
+
+/// The token-table counts of the predictor directory `dir`.
+fn token_table(dir: &std::path::Path) -> Result<predictor::baselines::BaselineStats, CollectError> {
+    let pd = predictor::PredictorDir::new(dir.to_path_buf());
+    let stats = pd
+        .read_card()
+        .and_then(|card| pd.read_baselines(&card))
+        .map_err(inference::ModelError::from)?;
+    if !stats.has_token_table() {
+        return Err(inference::ModelError::Input(format!(
+            "{}: its baselines have no token table (trained before it); retrain the predictor",
+            pd.baselines_file().display()
+        ))
+        .into());
+    }
+    Ok(stats)
 }
 
 /// Times the decode steps of an in-memory run (same accounting as the engine's).

@@ -39,13 +39,8 @@ impl Default for SynthConfig {
     }
 }
 
-/// Generates a synthetic trace (all layers MoE, ranked, with weights).
-pub fn synthetic_trace(cfg: &SynthConfig) -> RoutingTrace {
-    let mut rng = StdRng::seed_from_u64(cfg.seed);
-    let e = cfg.n_experts as usize;
-    let k = cfg.top_k as usize;
-    let nl = cfg.n_layers as usize;
-    let meta = TraceMeta {
+fn synthetic_meta(cfg: &SynthConfig) -> TraceMeta {
+    TraceMeta {
         router_logits: false,
         router_input_dim: None,
         model: format!("synthetic-seed{}", cfg.seed),
@@ -59,7 +54,16 @@ pub fn synthetic_trace(cfg: &SynthConfig) -> RoutingTrace {
         tokenizer: None,
         ranked: true,
         expert_bytes: None,
-    };
+    }
+}
+
+/// Generates a synthetic trace (all layers MoE, ranked, with weights).
+pub fn synthetic_trace(cfg: &SynthConfig) -> RoutingTrace {
+    let mut rng = StdRng::seed_from_u64(cfg.seed);
+    let e = cfg.n_experts as usize;
+    let k = cfg.top_k as usize;
+    let nl = cfg.n_layers as usize;
+    let meta = synthetic_meta(cfg);
     let popularity: Vec<f64> = (0..e)
         .map(|i| 1.0 / ((i + 1) as f64).powf(cfg.zipf))
         .collect();
@@ -121,6 +125,61 @@ pub fn synthetic_trace(cfg: &SynthConfig) -> RoutingTrace {
                 token: Some(rng.random_range(0..32_000)),
                 experts,
                 weights: Some(weights),
+            };
+            builder.push(&rec).expect("synthetic record is valid");
+        }
+    }
+    builder.finish().expect("at least one token")
+}
+
+/// A trace whose routing depends on the token id *and* on the previous token's routing:
+/// at each layer the first `ceil(k/2)` experts are a fixed function of the id (ids drawn
+/// uniformly from `0..vocab`), the rest a fixed function of the previous token's
+/// id-chosen experts at that layer (random at a sequence's start). A per-token-id table
+/// finds the first half; only a model that also reads the previous token's routing finds
+/// the rest. `stickiness` and `zipf` are not used.
+pub fn token_routed_trace(cfg: &SynthConfig, vocab: u32) -> RoutingTrace {
+    let mut rng = StdRng::seed_from_u64(cfg.seed);
+    let (e, k, nl) = (cfg.n_experts, cfg.top_k as usize, cfg.n_layers as usize);
+    let from_id = k.div_ceil(2);
+    let mut builder =
+        TraceBuilder::new(synthetic_meta(cfg), true).expect("synthetic meta is valid");
+    let distinct = |mut ids: Vec<u32>, mut x: u32| {
+        while ids.contains(&x) {
+            x = (x + 1) % e;
+        }
+        ids.push(x);
+        ids
+    };
+    for s in 0..cfg.sequences {
+        let mut prev: Vec<Vec<u32>> = (0..nl)
+            .map(|_| (0..from_id).map(|_| rng.random_range(0..e)).collect())
+            .collect();
+        for pos in 0..cfg.tokens_per_sequence {
+            let token = rng.random_range(0..vocab.max(1));
+            let mut experts = Vec::with_capacity(nl);
+            for (l, prev_ids) in prev.iter_mut().enumerate() {
+                let l = l as u32;
+                let mut ids = Vec::with_capacity(k);
+                for j in 0..from_id as u32 {
+                    ids = distinct(ids, (token * 7 + l * 13 + j * 5) % e);
+                }
+                for j in 0..(k - from_id) {
+                    let p = prev_ids[j % prev_ids.len()];
+                    ids = distinct(ids, (p * 5 + 3 + l + j as u32) % e);
+                }
+                *prev_ids = ids[..from_id].to_vec();
+                experts.push(Some(ids));
+            }
+            let rec = TokenRecord {
+                router_logits: None,
+                router_inputs: None,
+                seq: format!("seq{s:03}"),
+                pos: pos as u32,
+                phase: Phase::Decode,
+                token: Some(token),
+                experts,
+                weights: None,
             };
             builder.push(&rec).expect("synthetic record is valid");
         }

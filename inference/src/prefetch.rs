@@ -5,6 +5,9 @@
 //! - `oracle`: the true experts of the next layer, one layer ahead (a token's layer 0
 //!   after the previous token's last layer);
 //! - `previous`: at a token's start, every layer's experts of the previous token;
+//! - `token`: the token table (per token id, each layer's most frequent experts in the
+//!   training traces): at a token's start (its id is known) layers `0..D`, then after
+//!   layer `l` layer `l+D`, so every layer is asked for `D` layers ahead;
 //! - `coactivation`: after layer `l`, the experts of layers `l+1..l+D` that most often
 //!   co-occurred with layer `l`'s choice (counts fitted on training traces);
 //! - `activation`: MoE-Infinity-like, activation-aware: after layer `l`, the experts of
@@ -34,6 +37,7 @@ pub enum PrefetchKind {
     None,
     Oracle,
     Previous,
+    Token,
     Coactivation,
     Activation,
     Gate,
@@ -44,9 +48,10 @@ pub enum PrefetchKind {
 
 impl PrefetchKind {
     /// All kinds, in report order.
-    pub const ALL: [PrefetchKind; 9] = [
+    pub const ALL: [PrefetchKind; 10] = [
         PrefetchKind::None,
         PrefetchKind::Previous,
+        PrefetchKind::Token,
         PrefetchKind::Coactivation,
         PrefetchKind::Activation,
         PrefetchKind::Gate,
@@ -61,6 +66,7 @@ impl PrefetchKind {
             PrefetchKind::None => "none",
             PrefetchKind::Oracle => "oracle",
             PrefetchKind::Previous => "previous",
+            PrefetchKind::Token => "token",
             PrefetchKind::Coactivation => "coactivation",
             PrefetchKind::Activation => "activation",
             PrefetchKind::Gate => "gate",
@@ -79,7 +85,7 @@ impl std::str::FromStr for PrefetchKind {
             .into_iter()
             .find(|k| k.as_str() == s)
             .ok_or_else(|| {
-                format!("unknown prefetcher '{s}' (none, previous, coactivation, activation, gate, pre-attention, lens, learned, oracle)")
+                format!("unknown prefetcher '{s}' (none, previous, token, coactivation, activation, gate, pre-attention, lens, learned, oracle)")
             })
     }
 }
@@ -120,6 +126,33 @@ pub fn previous(view: &TraceView<'_>, seqs: &[std::ops::Range<usize>]) -> Prefet
                 if let Some(ids) = view.layer(t - 1, l) {
                     push_layer(out, l, e, ids);
                 }
+            }
+        }
+    }
+    plan
+}
+
+/// The token table: at a token's start layers `0..horizon`, after layer `l` layer
+/// `l + horizon`; the top `budget` experts of the token id's counts (unknown ids: the
+/// layer's frequency).
+pub fn token(
+    view: &TraceView<'_>,
+    seqs: &[std::ops::Range<usize>],
+    stats: &BaselineStats,
+    budget: usize,
+    horizon: usize,
+) -> PrefetchPlan {
+    let (m, e) = (view.meta.n_moe(), view.meta.n_experts as usize);
+    let horizon = horizon.max(1);
+    let mut plan = PrefetchPlan::empty("token", view.n_tokens(), m);
+    let mut ranking = Vec::new();
+    for r in seqs {
+        for t in r.clone() {
+            let id = (view.token[t] != datasets::UNKNOWN_TOKEN).then_some(view.token[t]);
+            for layer in 0..m {
+                stats.rank_token(layer, id, budget, &mut ranking);
+                let slot = layer.saturating_sub(horizon - 1);
+                push_layer(plan.at_mut(t, slot), layer, e, &ranking);
             }
         }
     }

@@ -32,6 +32,7 @@ fn config(capacity: usize, policy: EvictionPolicy, margin: f32) -> EngineConfig 
         lens: false,
         routing_margin: margin,
         loader_threads: 2,
+        token_table: None,
     }
 }
 

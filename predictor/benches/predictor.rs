@@ -4,6 +4,9 @@
 //!   predictor on the demo model's routing shape (6 MoE layers x 16 experts, top-2),
 //!   for both tasks, and the same model in PyTorch on the same CPU when torch is
 //!   installed (`tools/bench_predictor_torch.py`);
+//! - `scale`: `predictor::train` itself (validation, export and checkpoints included)
+//!   for 3 epochs on a 512 k-token synthetic trace, each epoch's steps per second: a
+//!   training that slows down after its first epoch shows here;
 //! - `latency`: one decode step of [`OnlinePredictor`] with its incremental state
 //!   (predict, then observe), run with `RAYON_NUM_THREADS=1` for one core.
 
@@ -201,6 +204,63 @@ fn bench_latency(trace: &Path, dir: &Path) {
     }
 }
 
+fn bench_scale(dir: &Path) {
+    let trace = dir.join("scale.mctrace");
+    let t = synthetic_trace(&SynthConfig {
+        n_layers: 6,
+        n_experts: 16,
+        top_k: 2,
+        sequences: 4000,
+        tokens_per_sequence: 128,
+        stickiness: 0.3,
+        zipf: 0.8,
+        seed: 1,
+    });
+    save_trace(&t, &trace, Some(TraceFormat::Binary)).expect("write synthetic trace");
+    let set = ExampleSet::open_for_test(&[trace.clone()], None).expect("open");
+    let opts = TrainOptions {
+        traces: vec![trace],
+        config: PredictorConfig::new(set.shape(), Task::Lookahead),
+        split: SplitConfig {
+            validation: 0.02,
+            test: 0.0,
+            seed: 0,
+        },
+        settings: TrainSettings {
+            max_epochs: 3,
+            patience: 3,
+            ..TrainSettings::default()
+        },
+        backend: BackendKind::Flex,
+        out: dir.join("scale-predictor"),
+        progress: false,
+        run_steps: None,
+    };
+    let steps_per_epoch = set
+        .windows(Split::Test, opts.config.context)
+        .len()
+        .div_ceil(opts.settings.batch_size) as f64
+        * 0.98;
+    println!(
+        "predictor training at scale: {} tokens, default lookahead predictor, 3 epochs, \
+         about {steps_per_epoch:.0} steps per epoch, CPU threads {}",
+        set.split_tokens(Split::Test),
+        threads()
+    );
+    let s = predictor::train(&opts).expect("train at scale");
+    let first = s.history.first().map_or(0.0, |e| e.steps_per_s);
+    for e in &s.history {
+        println!(
+            "  epoch {}: {:.2} steps/s ({:.0} examples/s; {:.0} s with validation), {:.2}x epoch 1",
+            e.epoch,
+            e.steps_per_s,
+            e.examples_per_s,
+            e.seconds,
+            e.steps_per_s / first
+        );
+    }
+}
+
 fn main() {
     let dir = tempfile::tempdir().expect("temp dir");
     let trace = dir.path().join("synth.mctrace");
@@ -212,6 +272,9 @@ fn main() {
     let all = which.is_empty();
     if all || which.iter().any(|w| w == "train") {
         bench_train(&trace);
+    }
+    if all || which.iter().any(|w| w == "scale") {
+        bench_scale(dir.path());
     }
     if all || which.iter().any(|w| w == "latency") {
         bench_latency(&trace, dir.path());

@@ -6,6 +6,12 @@
 //! - **cross-layer co-activation** (lookahead): experts of layer `l+h` scored by how
 //!   often each co-occurred, in the same token, with the experts chosen at layer `l`.
 //!
+//! - **token table**: per token id, the experts that id chose most often at that layer
+//!   (see [`crate::token_table`]; unseen ids back off to frequency);
+//! - **token + co-activation** (lookahead): the token table and co-activation together,
+//!   as a naive-Bayes sum of smoothed log-odds:
+//!   `logit q_token + logit q_coact - logit q_frequency`.
+//!
 //! Every ranking is completed with the frequency order, so budgets above `k` work.
 //!
 //! Beside them, per token id, how often each expert of the first MoE layer was chosen
@@ -19,6 +25,7 @@ use datasets::TraceView;
 use safetensors::tensor::{Dtype, TensorView};
 
 use crate::error::{PredictorError, Result};
+use crate::token_table::{log_odds, FlatTokenTable, TokenTable, PSEUDO_COUNT};
 
 /// Counts fitted on training sequences.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,8 +41,12 @@ pub struct BaselineStats {
     /// Token id -> `[n_experts]`: how often each first-MoE-layer expert was chosen for
     /// that token (tokens with unknown ids are not counted).
     pub first_layer_by_token: BTreeMap<u32, Vec<f32>>,
+    /// Per token id and layer, expert counts (`None` in files written before it).
+    pub token_table: Option<TokenTable>,
     /// Per layer, experts by falling frequency.
     frequency_order: Vec<Vec<u16>>,
+    /// `[n_moe, n_experts]`: each layer's share of choices (sums to 1 per layer).
+    shares: Vec<f32>,
 }
 
 impl BaselineStats {
@@ -48,7 +59,9 @@ impl BaselineStats {
             frequency: vec![0.0; m * e],
             coactivation: vec![0.0; horizon * m * e * e],
             first_layer_by_token: BTreeMap::new(),
+            token_table: Some(TokenTable::new(shape)),
             frequency_order: Vec::new(),
+            shares: Vec::new(),
         };
         s.refresh_order();
         s
@@ -73,6 +86,12 @@ impl BaselineStats {
                 let Some(src) = view.layer(t, l) else {
                     continue;
                 };
+                if let (Some(table), true) = (
+                    &mut self.token_table,
+                    view.token[t] != datasets::UNKNOWN_TOKEN,
+                ) {
+                    table.add(view.token[t], l, src);
+                }
                 for &a in src {
                     self.frequency[l * e + a as usize] += 1.0;
                 }
@@ -101,6 +120,139 @@ impl BaselineStats {
                 out
             })
             .collect();
+        self.shares = self
+            .frequency
+            .chunks(e)
+            .flat_map(|row| {
+                let total = row.iter().sum::<f32>();
+                row.iter().map(move |&c| {
+                    if total > 0.0 {
+                        c / total
+                    } else {
+                        1.0 / e as f32
+                    }
+                })
+            })
+            .collect();
+    }
+
+    /// Layer `layer`'s share of choices per expert.
+    pub fn share(&self, layer: usize) -> &[f32] {
+        let e = self.shape.n_experts;
+        &self.shares[layer * e..(layer + 1) * e]
+    }
+
+    /// Whether the token table is there (files written before it have none).
+    pub fn has_token_table(&self) -> bool {
+        self.token_table.is_some()
+    }
+
+    /// Token-table ranking of `layer` for id `token` (`None`: unknown id), `n` long:
+    /// by the id's count, ties by the layer's frequency, then by the lower expert id; the
+    /// frequency order when the id backs off (see [`crate::token_table`]).
+    pub fn rank_token(&self, layer: usize, token: Option<u32>, n: usize, out: &mut Vec<u16>) {
+        let mut counts = vec![0f32; self.shape.n_experts];
+        let known = self
+            .token_table
+            .as_ref()
+            .is_some_and(|t| t.rank_counts(token, layer, &mut counts));
+        if !known {
+            self.rank_frequency(layer, n, out);
+            return;
+        }
+        let share = self.share(layer);
+        out.clear();
+        out.extend(0..self.shape.n_experts as u16);
+        out.sort_by(|&a, &b| {
+            let (a, b) = (a as usize, b as usize);
+            counts[b]
+                .total_cmp(&counts[a])
+                .then(share[b].total_cmp(&share[a]))
+                .then(a.cmp(&b))
+        });
+        out.truncate(n.min(self.shape.n_experts));
+    }
+
+    /// Log-odds that each expert of `layer` is chosen by a token of id `token` (`None`:
+    /// unknown), smoothed towards the layer's frequency; `exclude` is taken out of the
+    /// id's counts (leave-one-out for a training token).
+    pub fn token_log_odds(
+        &self,
+        token: Option<u32>,
+        layer: usize,
+        exclude: Option<&[u16]>,
+        out: &mut [f32],
+    ) {
+        let share = self.share(layer);
+        match &self.token_table {
+            Some(t) => t.log_odds(token, layer, exclude, share, out),
+            None => {
+                let k = self.shape.top_k as f32;
+                for (o, f) in out.iter_mut().zip(share) {
+                    *o = log_odds(k * f);
+                }
+            }
+        }
+    }
+
+    /// Log-odds that each expert of layer `src + h` is chosen given the set `given` at
+    /// layer `src`: the mean over `a` in `given` of `(C[a][b] + α k f(b)) / (N(a) + α)`.
+    pub fn coactivation_log_odds(&self, src: usize, h: usize, given: &[u16], out: &mut [f32]) {
+        let (m, e) = (self.shape.n_moe, self.shape.n_experts);
+        let k = self.shape.top_k as f32;
+        let base = ((h - 1) * m + src) * e * e;
+        let share = self.share(src + h);
+        out.iter_mut().for_each(|o| *o = 0.0);
+        for &a in given {
+            let n_a = self.frequency[src * e + a as usize];
+            let row = &self.coactivation[base + a as usize * e..base + (a as usize + 1) * e];
+            for ((o, c), f) in out.iter_mut().zip(row).zip(share) {
+                *o += (c + PSEUDO_COUNT * k * f) / (n_a + PSEUDO_COUNT);
+            }
+        }
+        let n = given.len().max(1) as f32;
+        for (o, f) in out.iter_mut().zip(share) {
+            *o = if given.is_empty() {
+                log_odds(k * f)
+            } else {
+                log_odds(*o / n)
+            };
+        }
+    }
+
+    /// The combined count forecast of layer `src + h` for a token of id `token` whose
+    /// layer `src` chose `given`: `logit q_token + logit q_coact - logit q_frequency`.
+    pub fn combined_log_odds(
+        &self,
+        src: usize,
+        h: usize,
+        given: &[u16],
+        token: Option<u32>,
+        exclude: Option<&[u16]>,
+        out: &mut [f32],
+    ) {
+        let k = self.shape.top_k as f32;
+        let mut co = vec![0f32; out.len()];
+        self.coactivation_log_odds(src, h, given, &mut co);
+        self.token_log_odds(token, src + h, exclude, out);
+        for ((o, c), f) in out.iter_mut().zip(&co).zip(self.share(src + h)) {
+            *o += c - log_odds(k * f);
+        }
+    }
+
+    /// Ranking of the combined count forecast (see [`Self::combined_log_odds`]).
+    pub fn rank_combined(
+        &self,
+        src: usize,
+        h: usize,
+        given: &[u16],
+        token: Option<u32>,
+        n: usize,
+        out: &mut Vec<u16>,
+    ) {
+        let mut scores = vec![0f32; self.shape.n_experts];
+        self.combined_log_odds(src, h, given, token, None, &mut scores);
+        crate::metrics::rank_top(&scores, n, out);
     }
 
     /// Appends experts in frequency order of `layer` not yet in `out`, up to `n`.
@@ -157,44 +309,69 @@ impl BaselineStats {
         crate::metrics::rank_top(&scores, n, out);
     }
 
-    /// Writes the counts as safetensors (`frequency`, `coactivation`, and the per-token
+    /// Writes the counts as safetensors (`frequency`, `coactivation`, the per-token
     /// first-layer counts as `first_layer_tokens` `[n]` u32 with `first_layer_counts`
-    /// `[n, n_experts]`).
+    /// `[n, n_experts]`, and the token table as `token_ids` `[n]` u32, `token_row_start`
+    /// `[n + 1]` u32, `token_layers` / `token_experts` `[nnz]` u16 and `token_counts`
+    /// `[nnz]` f32, see [`TokenTable::flatten`]).
     pub fn to_safetensors(&self) -> Result<Vec<u8>> {
         let (m, e, d) = (self.shape.n_moe, self.shape.n_experts, self.horizon);
-        let f = bytes_of(&self.frequency);
-        let c = bytes_of(&self.coactivation);
         let n = self.first_layer_by_token.len();
-        let ids: Vec<u8> = self
-            .first_layer_by_token
-            .keys()
-            .flat_map(|t| t.to_le_bytes())
-            .collect();
+        let ids: Vec<u32> = self.first_layer_by_token.keys().copied().collect();
         let counts: Vec<f32> = self
             .first_layer_by_token
             .values()
             .flatten()
             .copied()
             .collect();
-        let counts = bytes_of(&counts);
-        let views = [
-            ("frequency", TensorView::new(Dtype::F32, vec![m, e], &f)),
+        let mut tensors: Vec<(&str, Dtype, Vec<usize>, Vec<u8>)> = vec![
+            (
+                "frequency",
+                Dtype::F32,
+                vec![m, e],
+                bytes_of(&self.frequency),
+            ),
             (
                 "coactivation",
-                TensorView::new(Dtype::F32, vec![d, m, e, e], &c),
+                Dtype::F32,
+                vec![d, m, e, e],
+                bytes_of(&self.coactivation),
             ),
-            (
-                "first_layer_tokens",
-                TensorView::new(Dtype::U32, vec![n], &ids),
-            ),
+            ("first_layer_tokens", Dtype::U32, vec![n], u32_bytes(&ids)),
             (
                 "first_layer_counts",
-                TensorView::new(Dtype::F32, vec![n, e], &counts),
+                Dtype::F32,
+                vec![n, e],
+                bytes_of(&counts),
             ),
         ];
-        let views: Vec<(&str, TensorView<'_>)> = views
-            .into_iter()
-            .map(|(n, v)| v.map(|v| (n, v)))
+        if let Some(t) = &self.token_table {
+            let f = t.flatten();
+            let u16s = |v: &[u16]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+            let nnz = f.counts.len();
+            tensors.extend([
+                (
+                    "token_ids",
+                    Dtype::U32,
+                    vec![f.ids.len()],
+                    u32_bytes(&f.ids),
+                ),
+                (
+                    "token_row_start",
+                    Dtype::U32,
+                    vec![f.row_start.len()],
+                    u32_bytes(&f.row_start),
+                ),
+                ("token_layers", Dtype::U16, vec![nnz], u16s(&f.layers)),
+                ("token_experts", Dtype::U16, vec![nnz], u16s(&f.experts)),
+                ("token_counts", Dtype::F32, vec![nnz], bytes_of(&f.counts)),
+            ]);
+        }
+        let views: Vec<(&str, TensorView<'_>)> = tensors
+            .iter()
+            .map(|(name, dtype, shape, bytes)| {
+                TensorView::new(*dtype, shape.clone(), bytes).map(|v| (*name, v))
+            })
             .collect::<std::result::Result<_, _>>()
             .map_err(|e| PredictorError::Invalid(format!("baseline tensors: {e}")))?;
         safetensors::serialize(views, None)
@@ -202,16 +379,29 @@ impl BaselineStats {
     }
 
     /// Reads counts written by [`Self::to_safetensors`] (files written before the
-    /// per-token first-layer counts existed read with none).
+    /// per-token first-layer counts or the token table existed read without them).
     pub fn from_safetensors(bytes: &[u8], shape: RoutingShape, path: &Path) -> Result<Self> {
         let bad = |msg: String| PredictorError::file(path, msg);
         let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
         let names = st.names();
-        let has_tokens = names.contains(&"first_layer_tokens");
-        if has_tokens != names.contains(&"first_layer_counts") {
-            return Err(bad(
-                "first_layer_tokens and first_layer_counts come together: one is missing".into(),
-            ));
+        let groups: [&[&str]; 2] = [
+            &["first_layer_tokens", "first_layer_counts"],
+            &[
+                "token_ids",
+                "token_row_start",
+                "token_layers",
+                "token_experts",
+                "token_counts",
+            ],
+        ];
+        for g in groups {
+            let present = g.iter().filter(|n| names.contains(n)).count();
+            if present != 0 && present != g.len() {
+                return Err(bad(format!(
+                    "{} come together: some are missing",
+                    g.join(", ")
+                )));
+            }
         }
         let mut tensors = HashMap::new();
         for (name, dtype) in [
@@ -219,8 +409,13 @@ impl BaselineStats {
             ("coactivation", Dtype::F32),
             ("first_layer_tokens", Dtype::U32),
             ("first_layer_counts", Dtype::F32),
+            ("token_ids", Dtype::U32),
+            ("token_row_start", Dtype::U32),
+            ("token_layers", Dtype::U16),
+            ("token_experts", Dtype::U16),
+            ("token_counts", Dtype::F32),
         ] {
-            if !has_tokens && name.starts_with("first_layer") {
+            if name != "frequency" && name != "coactivation" && !names.contains(&name) {
                 continue;
             }
             let t = st.tensor(name).map_err(|e| bad(format!("{name}: {e}")))?;
@@ -268,13 +463,35 @@ impl BaselineStats {
                 }
             }
         }
+        let token_table = match tensors.remove("token_ids") {
+            None => None,
+            Some((_, ids)) => {
+                let mut take =
+                    |name: &str| tensors.remove(name).map(|(_, b)| b).unwrap_or_default();
+                let u16s = |b: Vec<u8>| -> Vec<u16> {
+                    b.chunks_exact(2)
+                        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                        .collect()
+                };
+                let flat = FlatTokenTable {
+                    ids: u32s(ids),
+                    row_start: u32s(take("token_row_start")),
+                    layers: u16s(take("token_layers")),
+                    experts: u16s(take("token_experts")),
+                    counts: f32s(take("token_counts")),
+                };
+                Some(TokenTable::from_flat(shape, &flat).map_err(bad)?)
+            }
+        };
         let mut s = BaselineStats {
             shape,
             horizon: cs[0],
             frequency: f32s(frequency),
             coactivation: f32s(coactivation),
             first_layer_by_token,
+            token_table,
             frequency_order: Vec::new(),
+            shares: Vec::new(),
         };
         s.refresh_order();
         Ok(s)
@@ -283,6 +500,16 @@ impl BaselineStats {
 
 fn bytes_of(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn u32_bytes(v: &[u32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn u32s(b: Vec<u8>) -> Vec<u32> {
+    b.chunks_exact(4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
 }
 
 #[cfg(test)]

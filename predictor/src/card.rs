@@ -28,7 +28,12 @@ pub const FORMAT: &str = "moecast-predictor/1";
 
 /// Config fields added after cards were first written, with the value that keeps an
 /// older card's behaviour (filled in when a card lacks them).
-const CONFIG_ADDITIONS: &[(&str, f64)] = &[("token_dropout", 0.0)];
+fn config_additions() -> [(&'static str, serde_json::Value); 2] {
+    [
+        ("token_dropout", serde_json::json!(0.0)),
+        ("token_prior", serde_json::json!(false)),
+    ]
+}
 
 /// The contents of `predictor.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -49,6 +54,37 @@ pub struct PredictorCard {
     pub history: Vec<EpochRecord>,
     /// Validation report of the best epoch.
     pub validation: Option<EvalReport>,
+    /// How the training split's token ids map onto embedding rows (cards written before
+    /// it have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<TokenIdUse>,
+}
+
+/// Token ids of the training split against the embedding rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenIdUse {
+    /// Distinct ids seen.
+    pub seen: usize,
+    /// Embedding rows (ids are folded modulo this).
+    pub buckets: usize,
+    /// Seen ids whose row is shared with another seen id.
+    pub sharing_a_row: usize,
+}
+
+impl TokenIdUse {
+    /// The use of `buckets` rows by the ids counted in `stats`' token table.
+    pub fn of(stats: &BaselineStats, buckets: usize) -> Option<Self> {
+        let table = stats.token_table.as_ref()?;
+        let mut per_row = std::collections::HashMap::<usize, usize>::new();
+        for &id in table.rows.keys() {
+            *per_row.entry(id as usize % buckets.max(1)).or_default() += 1;
+        }
+        Some(TokenIdUse {
+            seen: table.rows.len(),
+            buckets,
+            sharing_a_row: per_row.values().filter(|&&n| n > 1).sum(),
+        })
+    }
 }
 
 impl PredictorCard {
@@ -58,6 +94,7 @@ impl PredictorCard {
         trace_meta: TraceMeta,
         validation: Option<&EvalReport>,
         model: &ExpertPredictor,
+        token_ids: Option<TokenIdUse>,
     ) -> Self {
         PredictorCard {
             format: FORMAT.into(),
@@ -73,6 +110,7 @@ impl PredictorCard {
             training_seconds: p.elapsed_s,
             history: p.history.clone(),
             validation: validation.cloned(),
+            token_ids,
         }
     }
 }
@@ -128,10 +166,8 @@ impl PredictorDir {
         };
         let mut value: serde_json::Value = serde_json::from_str(&text).map_err(malformed)?;
         if let Some(config) = value.get_mut("config").and_then(|c| c.as_object_mut()) {
-            for (field, old_behaviour) in CONFIG_ADDITIONS {
-                config
-                    .entry(*field)
-                    .or_insert_with(|| serde_json::json!(old_behaviour));
+            for (field, old_behaviour) in config_additions() {
+                config.entry(field).or_insert(old_behaviour);
             }
         }
         let card: PredictorCard = serde_json::from_value(value).map_err(malformed)?;
@@ -185,6 +221,11 @@ impl LoadedPredictor {
         let model = load_module(ExpertPredictor::new(&card.config, device), &model_file)?;
         let baselines = if pd.baselines_file().exists() {
             Some(pd.read_baselines(&card)?)
+        } else if card.config.token_prior {
+            return Err(PredictorError::file(
+                &pd.baselines_file(),
+                "missing: this predictor adds the token table's prior, which is stored there",
+            ));
         } else {
             None
         };

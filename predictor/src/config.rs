@@ -168,6 +168,12 @@ pub struct PredictorConfig {
     /// not sampled yet, which the runtime asks after the previous token's last layer.
     #[config(default = 0.0)]
     pub token_dropout: f64,
+    /// Add the count prior (the token table's, and for lookahead queries the combined
+    /// count forecast's, log-odds; see [`crate::prior`]) to the logits with a learned
+    /// per-layer scale: the predictor starts as the token table and learns what context
+    /// adds.
+    #[config(default = true)]
+    pub token_prior: bool,
 }
 
 impl PredictorConfig {

@@ -57,6 +57,9 @@ impl EvalReport {
 
     /// The forecast groups where `baseline` scores a higher F1 than the predictor (the
     /// first method): `(group, baseline F1, predictor F1)`, groups it was scored on only.
+    /// The predictor's F1 is taken over the layers the baseline was scored on (a
+    /// first-layer forecast is compared with the predictor's first layer); with sets of
+    /// `k` on both sides that is the set-weighted mean of the per-layer F1.
     pub fn groups_lost_to(&self, baseline: &str) -> Vec<(String, f64, f64)> {
         let (Some(pred), Some(base)) = (self.methods.first(), self.method(baseline)) else {
             return Vec::new();
@@ -64,9 +67,48 @@ impl EvalReport {
         self.groups
             .iter()
             .zip(pred.groups.iter().zip(&base.groups))
-            .filter(|(_, (p, b))| b.overall.sets > 0 && b.overall.f1 > p.overall.f1)
-            .map(|(g, (p, b))| (g.clone(), b.overall.f1, p.overall.f1))
+            .filter(|(_, (_, b))| b.overall.sets > 0)
+            .map(|(g, (p, b))| (g.clone(), b.overall.f1, f1_on_layers_of(p, b)))
+            .filter(|(_, theirs, ours)| theirs > ours)
             .collect()
+    }
+}
+
+impl EvalReport {
+    /// Every (baseline, group) where a baseline scores a higher F1 than the predictor:
+    /// `(baseline, group, baseline F1, predictor F1)`.
+    pub fn baseline_wins(&self) -> Vec<(String, String, f64, f64)> {
+        self.methods
+            .iter()
+            .skip(1)
+            .flat_map(|m| {
+                self.groups_lost_to(&m.method)
+                    .into_iter()
+                    .map(|(g, b, p)| (m.method.clone(), g, b, p))
+            })
+            .collect()
+    }
+}
+
+/// The F1 of `ours` over the layers `theirs` was scored on (all of `ours` when the
+/// coverage is the same).
+fn f1_on_layers_of(ours: &GroupReport, theirs: &GroupReport) -> f64 {
+    let covered =
+        |g: &GroupReport| -> Vec<bool> { g.per_layer.iter().map(|x| x.is_some()).collect() };
+    if covered(ours) == covered(theirs) {
+        return ours.overall.f1;
+    }
+    let (mut num, mut den) = (0.0, 0.0);
+    for (o, t) in ours.per_layer.iter().zip(&theirs.per_layer) {
+        if let (Some(o), Some(_)) = (o, t) {
+            num += o.f1 * o.sets as f64;
+            den += o.sets as f64;
+        }
+    }
+    if den == 0.0 {
+        ours.overall.f1
+    } else {
+        num / den
     }
 }
 
@@ -169,15 +211,10 @@ pub fn evaluate(
             "no {split:?} sequences to evaluate"
         )));
     }
-    // The statistics baselines take method slots 1.. in this order.
+    let prior_stats = stats;
     let stats = stats.filter(|_| opts.baselines);
     let mut names = vec!["predictor".to_string()];
-    if stats.is_some() {
-        names.extend(["previous-token".to_string(), "frequency".to_string()]);
-        if cfg.task == Task::Lookahead {
-            names.push("co-activation".to_string());
-        }
-    }
+    let slots = stats.map(|st| StatSlots::register(st, cfg.task, &mut names));
     let gate = match &opts.gate {
         Some(g) if cfg.task == Task::Lookahead => {
             names.push(g.name.clone());
@@ -212,7 +249,14 @@ pub fn evaluate(
             cfg.token_buckets,
             cfg.features.hidden().then_some(cfg.router_input_dim),
         );
-        let bt = BatchTensors::new(&batch, shape, device);
+        let bt = BatchTensors::new(&batch, shape, device).with_priors(
+            model,
+            prior_stats,
+            set,
+            &batch,
+            &queries,
+            false,
+        )?;
         let logits = model.forward_queries(&bt, &queries);
         for (q, z) in queries.iter().zip(logits) {
             let z: Vec<f32> = z
@@ -224,7 +268,7 @@ pub fn evaluate(
                 &batch,
                 chunk,
                 set,
-                stats,
+                stats.zip(slots),
                 GateMethods { gate, early },
                 &mut counts,
                 &mut ranking,
@@ -330,6 +374,41 @@ pub fn score_before_id(
     Ok(())
 }
 
+/// Method slots of the count baselines.
+#[derive(Clone, Copy)]
+struct StatSlots {
+    previous: usize,
+    frequency: usize,
+    coactivation: Option<usize>,
+    token: Option<usize>,
+    combined: Option<usize>,
+}
+
+impl StatSlots {
+    /// Appends the count baselines' names to `names`: previous-token, frequency, then
+    /// (lookahead) co-activation, then the token table (when the counts have one) and
+    /// (lookahead) token + co-activation.
+    fn register(st: &BaselineStats, task: Task, names: &mut Vec<String>) -> StatSlots {
+        let mut add = |name: &str| {
+            names.push(name.to_string());
+            names.len() - 1
+        };
+        let lookahead = task == Task::Lookahead;
+        let previous = add("previous-token");
+        let frequency = add("frequency");
+        let coactivation = lookahead.then(|| add("co-activation"));
+        let token = st.has_token_table().then(|| add("token table"));
+        let combined = (lookahead && st.has_token_table()).then(|| add("token + co-activation"));
+        StatSlots {
+            previous,
+            frequency,
+            coactivation,
+            token,
+            combined,
+        }
+    }
+}
+
 /// The gate baselines being scored, with their method slots.
 #[derive(Clone, Copy)]
 struct GateMethods<'a> {
@@ -344,7 +423,7 @@ fn score_query(
     batch: &datasets::examples::WindowBatch,
     windows: &[Window],
     set: &ExampleSet,
-    stats: Option<&BaselineStats>,
+    stats: Option<(&BaselineStats, StatSlots)>,
     extra: GateMethods<'_>,
     counts: &mut [Vec<LayerCounts>],
     ranking: &mut Vec<u16>,
@@ -387,22 +466,37 @@ fn score_query(
                     counts[ei][group].add(layer, ranking, truth);
                 }
             }
-            let Some(st) = stats else { continue };
+            let Some((st, slots)) = stats else { continue };
             let prev = (t > 0 && view.seq[t - 1] == view.seq[t])
                 .then(|| view.layer(t - 1, layer))
                 .flatten();
             st.rank_previous(layer, prev, budget, ranking);
-            counts[1][group].add(layer, ranking, truth);
+            counts[slots.previous][group].add(layer, ranking, truth);
             st.rank_frequency(layer, budget, ranking);
-            counts[2][group].add(layer, ranking, truth);
+            counts[slots.frequency][group].add(layer, ranking, truth);
+            let token = (view.token[t] != datasets::UNKNOWN_TOKEN).then_some(view.token[t]);
+            if let Some(i) = slots.token {
+                st.rank_token(layer, token, budget, ranking);
+                counts[i][group].add(layer, ranking, truth);
+            }
             // Co-activation needs a known layer of the current token.
             if q.known > 0 {
                 let src = q.known - 1;
-                match view.layer(t, src) {
-                    Some(given) => st.rank_coactivation(src, layer - src, given, budget, ranking),
-                    None => st.rank_frequency(layer, budget, ranking),
+                let given = view.layer(t, src);
+                if let Some(i) = slots.coactivation {
+                    match given {
+                        Some(g) => st.rank_coactivation(src, layer - src, g, budget, ranking),
+                        None => st.rank_frequency(layer, budget, ranking),
+                    }
+                    counts[i][group].add(layer, ranking, truth);
                 }
-                counts[3][group].add(layer, ranking, truth);
+                if let Some(i) = slots.combined {
+                    match given {
+                        Some(g) => st.rank_combined(src, layer - src, g, token, budget, ranking),
+                        None => st.rank_token(layer, token, budget, ranking),
+                    }
+                    counts[i][group].add(layer, ranking, truth);
+                }
             }
         }
     }

@@ -17,8 +17,10 @@ pub mod error;
 pub mod eval;
 pub mod metrics;
 pub mod model;
+pub mod prior;
 pub mod serve;
 pub mod state;
+pub mod token_table;
 pub mod train;
 
 pub use card::{LoadedPredictor, PredictorCard, PredictorDir};

@@ -13,8 +13,8 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{
-    Dropout, DropoutConfig, Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear,
-    LinearConfig,
+    Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig,
+    Linear, LinearConfig,
 };
 use burn::tensor::activation::silu;
 use burn::tensor::module::attention;
@@ -68,6 +68,8 @@ pub struct ExpertPredictor {
     pub output: Linear,
     /// Router input -> query contribution, when the features read router inputs.
     pub router_input_map: Option<RouterInputMap>,
+    /// `[n_moe]`: weight of the count prior per target layer (with `token_prior`).
+    pub prior_scale: Option<Param<Tensor<1>>>,
     #[module(skip)]
     pub config: PredictorConfig,
 }
@@ -197,7 +199,18 @@ impl ExpertPredictor {
             head_in: LinearConfig::new(d, 2 * d).init(device),
             head_out: LinearConfig::new(2 * d, d).init(device),
             out_norm: LayerNormConfig::new(d).init(device),
-            output: LinearConfig::new(d, width).init(device),
+            // With the prior path the context's logits start at zero: the untrained
+            // predictor ranks exactly as its count prior.
+            output: if config.token_prior {
+                LinearConfig::new(d, width)
+                    .with_initializer(Initializer::Zeros)
+                    .init(device)
+            } else {
+                LinearConfig::new(d, width).init(device)
+            },
+            prior_scale: config
+                .token_prior
+                .then(|| Param::from_tensor(Tensor::ones([r.n_moe], device))),
             router_input_map: config
                 .features
                 .hidden()
@@ -306,8 +319,16 @@ impl ExpertPredictor {
     }
 
     /// Logits of one query for `n` positions: `h` `[n, d]`, `prefix` `[n, d]` (the
-    /// query's entry of [`Self::known_prefix`]) -> `[n, horizon * n_experts]`, layer-major.
-    pub fn query_logits(&self, h: Tensor<2>, prefix: Tensor<2>, query: Query) -> Tensor<2> {
+    /// query's entry of [`Self::known_prefix`]), `prior` `[n, horizon * n_experts]` the
+    /// count prior (see [`crate::prior`]; predictors with `token_prior`) ->
+    /// `[n, horizon * n_experts]`, layer-major.
+    pub fn query_logits(
+        &self,
+        h: Tensor<2>,
+        prefix: Tensor<2>,
+        prior: Option<Tensor<2>>,
+        query: Query,
+    ) -> Tensor<2> {
         let e = self.config.routing.n_experts;
         let device = h.device();
         let layer =
@@ -332,7 +353,39 @@ impl ExpertPredictor {
         if let Some(b) = &self.output.bias {
             out = out + b.val().slice([cols]).unsqueeze_dim(0);
         }
+        if let (Some(scale), Some(prior)) = (&self.prior_scale, prior) {
+            let s = scale
+                .val()
+                .narrow(0, query.known, query.horizon)
+                .reshape([1, query.horizon, 1])
+                .expand([1, query.horizon, e])
+                .reshape([1, query.horizon * e]);
+            out = out + prior * s;
+        }
         out
+    }
+}
+
+/// Parameter counts of a predictor of some configuration, measured by building it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Footprint {
+    pub params: usize,
+    /// Of which the token-id embedding.
+    pub token_embedding: usize,
+    /// Of which the output layer (`d x n_moe * n_experts` and its bias).
+    pub output: usize,
+}
+
+impl Footprint {
+    /// Builds `config`'s predictor on the CPU and counts its parameters.
+    pub fn of(config: &PredictorConfig) -> Result<Self, String> {
+        config.validate()?;
+        let model = ExpertPredictor::new(config, &burn::tensor::Device::flex());
+        Ok(Footprint {
+            params: model.num_params(),
+            token_embedding: model.token_embed.num_params(),
+            output: model.output.num_params(),
+        })
     }
 }
 
@@ -364,6 +417,9 @@ pub struct BatchTensors {
     pub mask: Tensor<2>,
     /// `[n_moe, b*s, router_input_dim]` router inputs, when the batch has them.
     pub router_inputs: Option<Tensor<3>>,
+    /// Count priors of the queries the batch is run with, `[b*s, horizon * E]` each
+    /// (empty for predictors without the prior path), see [`crate::prior`].
+    pub priors: Vec<Tensor<2>>,
 }
 
 impl BatchTensors {
@@ -389,7 +445,43 @@ impl BatchTensors {
                 )
                 .swap_dims(0, 1)
             }),
+            priors: Vec::new(),
         }
+    }
+
+    /// Adds the count priors of `queries` (see [`crate::prior::batch_priors`]) when
+    /// `model` has the prior path.
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_priors(
+        mut self,
+        model: &ExpertPredictor,
+        stats: Option<&crate::baselines::BaselineStats>,
+        set: &datasets::examples::ExampleSet,
+        batch: &WindowBatch,
+        queries: &[Query],
+        leave_one_out: bool,
+    ) -> crate::Result<Self> {
+        let cfg = &model.config;
+        if !cfg.token_prior {
+            return Ok(self);
+        }
+        let stats = stats.ok_or_else(|| {
+            crate::PredictorError::Invalid(
+                "this predictor adds the token table's prior: its baselines.safetensors is needed"
+                    .into(),
+            )
+        })?;
+        let device = self.routing.device();
+        let [n, _] = self.routing.dims();
+        let e = cfg.routing.n_experts;
+        let unknown = datasets::examples::token_bucket(datasets::UNKNOWN_TOKEN, cfg.token_buckets);
+        let priors = crate::prior::batch_priors(stats, set, batch, queries, leave_one_out, unknown);
+        self.priors = queries
+            .iter()
+            .zip(priors)
+            .map(|(q, p)| Tensor::from_data(TensorData::new(p, [n, q.horizon * e]), &device))
+            .collect();
+        Ok(self)
     }
 
     /// Targets and mask of `query`, `[b*s, horizon * n_experts]` each.
@@ -421,7 +513,8 @@ impl ExpertPredictor {
         let prefix = self.known_prefix(bt.routing.clone());
         queries
             .iter()
-            .map(|q| {
+            .enumerate()
+            .map(|(i, q)| {
                 let ids = prefix.clone().narrow(0, q.known, 1).reshape([n, d]);
                 let x = match (&bt.router_inputs, q.known) {
                     (Some(x), known) if known > 0 => {
@@ -430,7 +523,8 @@ impl ExpertPredictor {
                     }
                     _ => None,
                 };
-                self.query_logits(h.clone(), self.query_prefix(ids, x, *q), *q)
+                let prior = bt.priors.get(i).cloned();
+                self.query_logits(h.clone(), self.query_prefix(ids, x, *q), prior, *q)
             })
             .collect()
     }

@@ -126,12 +126,42 @@ impl OnlinePredictor {
         query: Query,
     ) -> Result<ExpertForecast> {
         let h = self.step(token);
-        self.forecast(h, known, router_input, query)
+        self.forecast(Some(token), h, known, router_input, query)
+    }
+
+    /// The count prior of `query` for the token `token` (`None`: id not known yet) whose
+    /// layers `known` are routed, when the predictor has the prior path.
+    fn prior(
+        &self,
+        token: Option<u32>,
+        known: &[&[u16]],
+        query: Query,
+    ) -> Result<Option<Tensor<2>>> {
+        let cfg = &self.p.card.config;
+        if !cfg.token_prior {
+            return Ok(None);
+        }
+        let stats = self.p.baselines.as_ref().ok_or_else(|| {
+            PredictorError::Invalid(
+                "this predictor adds the token table's prior: its baselines.safetensors is missing"
+                    .into(),
+            )
+        })?;
+        let e = cfg.routing.n_experts;
+        let layers: Vec<Option<&[u16]>> = known.iter().map(|x| Some(*x)).collect();
+        let mut out = vec![0f32; query.horizon * e];
+        let token = token.filter(|&t| t != datasets::UNKNOWN_TOKEN);
+        crate::prior::query_prior(stats, token, &layers, query, false, &mut out);
+        Ok(Some(Tensor::from_data(
+            TensorData::new(out, [1, query.horizon * e]),
+            &self.p.device,
+        )))
     }
 
     /// Reads `query` off the backbone output `h` of the token being forecast.
     fn forecast(
         &self,
+        token: Option<u32>,
         h: Tensor<2>,
         known: &[&[u16]],
         router_input: Option<&[f32]>,
@@ -160,7 +190,8 @@ impl OnlinePredictor {
         let x = router_input
             .map(|x| Tensor::<2>::from_data(TensorData::new(x.to_vec(), [1, x.len()]), dev));
         let prefix = self.p.model.query_prefix(ids, x, query);
-        let logits = self.p.model.query_logits(h, prefix, query);
+        let prior = self.prior(token, known, query)?;
+        let logits = self.p.model.query_logits(h, prefix, prior, query);
         let probs = burn::tensor::activation::sigmoid(logits)
             .try_into_vec_as::<f32>()
             .map_err(|e| PredictorError::Invalid(format!("reading predictions: {e:?}")))?;
@@ -205,7 +236,7 @@ impl OnlinePredictor {
             known: 0,
             horizon: n_moe,
         };
-        self.forecast(h, &[], None, q)
+        self.forecast(None, h, &[], None, q)
     }
 
     /// Layers after `known` (the current token's routing of layers `0..known.len()`)

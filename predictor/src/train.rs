@@ -96,6 +96,9 @@ pub struct EpochRecord {
     pub seconds: f64,
     /// Target tokens per second of training.
     pub examples_per_s: f64,
+    /// Optimiser steps per second (step time only).
+    #[serde(default)]
+    pub steps_per_s: f64,
 }
 
 /// The resumable part of a run.
@@ -131,8 +134,21 @@ pub struct TrainSummary {
     pub validation: Option<EvalReport>,
 }
 
+/// Warm-up steps actually used: the setting, but at most a tenth of the run, so a run of
+/// a few dozen steps (a trace of a few thousand tokens) is not all warm-up.
+fn warmup_steps(s: &TrainSettings, total: u64) -> u64 {
+    (s.warmup_steps as u64).min((total / 10).max(1))
+}
+
+/// Early stopping waits for `patience` validations without a better F1, and never
+/// stops before the warm-up is over and a fifth of the planned steps are done.
+fn should_stop(p: &TrainProgress, s: &TrainSettings, step: u64, total: u64) -> bool {
+    let min_steps = warmup_steps(s, total).max(total / 5);
+    p.epoch >= s.max_epochs || (p.epochs_since_best >= s.patience && step >= min_steps)
+}
+
 fn lr_at(s: &TrainSettings, step: u64, total: u64) -> f64 {
-    let warm = s.warmup_steps as u64;
+    let warm = warmup_steps(s, total);
     if step < warm {
         return s.lr * (step + 1) as f64 / warm as f64;
     }
@@ -181,8 +197,13 @@ fn validate_opts(o: &TrainOptions) -> Result<()> {
 
 /// Trains (or resumes) a predictor on the train split of `opts.traces`.
 pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
-    validate_opts(opts)?;
     let set = ExampleSet::open(&opts.traces, &opts.split)?;
+    let mut resolved = opts.clone();
+    if resolved.config.token_buckets == 0 {
+        resolved.config.token_buckets = auto_token_buckets(&set);
+    }
+    let opts = &resolved;
+    validate_opts(opts)?;
     opts.config
         .routing
         .check(set.meta(), &opts.traces[0])
@@ -219,7 +240,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             let mut p = p;
             (p.settings.max_epochs, p.settings.patience) = (st.max_epochs, st.patience);
             p.settings.checkpoint_every = st.checkpoint_every;
-            p.finished = p.epochs_since_best >= st.patience || p.epoch >= st.max_epochs;
+            let total = (train_windows.len().div_ceil(st.batch_size).max(1) * st.max_epochs) as u64;
+            p.finished = should_stop(&p, st, step, total);
             let model = ckpt.load_model(step, ExpertPredictor::new(cfg, &ad))?;
             let optim = ckpt.load_optim(step, optimizer(&p.settings))?;
             (step, model, optim, p)
@@ -270,6 +292,33 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         ..EvalOptions::default()
     };
     let mut validation = None;
+    if step == 0 && prog.best_epoch.is_none() && cfg.token_dropout == 0.0 {
+        // The untrained predictor is the first candidate: with the prior path it ranks as
+        // the count baselines, so training can only keep or improve on them. Not with
+        // token-id dropout: validation does not score the forecast before the id, which
+        // only training teaches.
+        let report = evaluate(
+            &model.valid(),
+            Some(&stats),
+            &set,
+            Split::Validation,
+            &device,
+            &eval_opts,
+        )?;
+        prog.best_f1 = micro_f1(&report);
+        prog.best_epoch = Some(0);
+        say(format!(
+            "epoch   0  (untrained{})  val F1 {:.4}",
+            if cfg.token_prior {
+                ": the count prior"
+            } else {
+                ""
+            },
+            prog.best_f1
+        ));
+        dir.write_model(&model.valid())?;
+        validation = Some(report);
+    }
     while !prog.finished && stop.is_none_or(|s| step < s) {
         let order = epoch_order(&train_windows, st.seed, prog.epoch);
         let batches: Vec<&[Window]> = order.chunks(st.batch_size).collect();
@@ -288,8 +337,15 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                 .chunks(cfg.routing.n_moe)
                 .filter(|m| m.iter().any(|&x| x > 0.0))
                 .count() as u64;
-            let bt = BatchTensors::new(&batch, cfg.routing, &ad);
             let qs = sample_queries(&queries, st, step);
+            let bt = BatchTensors::new(&batch, cfg.routing, &ad).with_priors(
+                &model,
+                Some(&stats),
+                &set,
+                &batch,
+                &qs,
+                true,
+            )?;
             let loss = model.loss(&bt, &qs, st.pos_weight);
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             let lr = lr_at(st, step, total_steps);
@@ -326,7 +382,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         }
         let report = evaluate(
             &model.valid(),
-            None,
+            Some(&stats),
             &set,
             Split::Validation,
             &device,
@@ -339,13 +395,17 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             val_f1: f1,
             seconds: epoch_start.elapsed().as_secs_f64().max(epoch_secs),
             examples_per_s: prog.epoch_examples as f64 / epoch_secs.max(1e-9),
+            steps_per_s: prog.epoch_loss.1 as f64 / epoch_secs.max(1e-9),
         };
         say(format!(
-            "epoch {:>3}  train loss {:.4}  val F1 {:.4}  {:.0} ex/s",
-            rec.epoch, rec.train_loss, rec.val_f1, rec.examples_per_s
+            "epoch {:>3}  train loss {:.4}  val F1 {:.4}  {:.0} ex/s  {:.2} steps/s",
+            rec.epoch, rec.train_loss, rec.val_f1, rec.examples_per_s, rec.steps_per_s
         ));
         prog.history.push(rec);
-        if f1 > prog.best_f1 {
+        // Ties go to the later epoch: a count prior can saturate validation F1 from the
+        // first epoch while training still improves what F1 does not score (the
+        // forecast before the id, the calibration of the probabilities).
+        if f1 >= prog.best_f1 {
             prog.best_f1 = f1;
             prog.best_epoch = Some(prog.epoch + 1);
             prog.epochs_since_best = 0;
@@ -358,7 +418,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         prog.step_in_epoch = 0;
         prog.epoch_loss = (0.0, 0);
         prog.epoch_examples = 0;
-        if prog.epochs_since_best >= st.patience || prog.epoch >= st.max_epochs {
+        if should_stop(&prog, st, step, total_steps) {
             prog.finished = true;
         }
         dir.write_card(&PredictorCard::new(
@@ -366,6 +426,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             set.meta().clone(),
             validation.as_ref(),
             &model,
+            crate::card::TokenIdUse::of(&stats, cfg.token_buckets),
         ))?;
         ckpt.save(step, &model, &optim, &prog)?;
     }
@@ -381,6 +442,16 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         history: prog.history,
         validation,
     })
+}
+
+/// Token-id embedding rows when none are asked for: the largest id in the traces + 1,
+/// so no two ids share a row.
+pub fn auto_token_buckets(set: &ExampleSet) -> usize {
+    (0..set.paths().len())
+        .flat_map(|i| set.view(i).token.iter().copied())
+        .filter(|&t| t != datasets::UNKNOWN_TOKEN)
+        .max()
+        .map_or(1, |m| m as usize + 1)
 }
 
 /// Predictors that read router inputs need them, of their width, in every trace.

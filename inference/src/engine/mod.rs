@@ -10,6 +10,8 @@
 //!
 //! 1. at the token's start, a learned predictor (if any) forecasts every layer's experts
 //!    of this token from its id and history; the `budget` best per layer are queued;
+//!    with a token table, every layer's `budget` most frequent experts for the token's id
+//!    are queued too;
 //! 2. with `pre_attention`, at layer `l`'s start the layer's gate is applied to the
 //!    layer's input (before attention; the pre-attention gate) and its `budget` best
 //!    experts are queued, to arrive while attention runs;
@@ -71,6 +73,9 @@ pub struct EngineConfig {
     pub routing_margin: f32,
     /// Background reader threads.
     pub loader_threads: usize,
+    /// Counts with a token table: at each decode step's start, every layer's `budget`
+    /// most frequent experts for the token's id are prefetched.
+    pub token_table: Option<predictor::baselines::BaselineStats>,
 }
 
 /// The runtime state; see the module docs.
@@ -163,6 +168,7 @@ impl OffloadEngine {
             prefetch: {
                 let parts: Vec<&str> = [
                     (learned.is_some(), learned.unwrap_or_default()),
+                    (cfg.token_table.is_some(), "token table"),
                     (cfg.pre_attention, "pre-attention gate"),
                     (cfg.lens, "logit lens"),
                 ]
@@ -362,6 +368,18 @@ impl RoutingObserver for OffloadEngine {
         self.drain();
         if !self.decoding {
             return;
+        }
+        if let Some(st) = &self.cfg.token_table {
+            let id = (tokens[0] != datasets::UNKNOWN_TOKEN).then_some(tokens[0]);
+            let mut wanted = Vec::new();
+            let mut ranking = Vec::new();
+            for m in 0..self.n_moe() {
+                st.rank_token(m, id, self.cfg.budget, &mut ranking);
+                wanted.extend(ranking.iter().map(|&x| m * self.n_experts + x as usize));
+            }
+            for id in wanted {
+                self.admit(id, false);
+            }
         }
         if let Some(p) = &mut self.predictor {
             match p.predict_next(tokens[0]) {
