@@ -123,6 +123,7 @@ bench:
 	RAYON_NUM_THREADS=1 $(CARGO) bench -p collector --bench collect
 	$(CARGO) bench -p predictor --bench predictor -- train
 	RAYON_NUM_THREADS=1 $(CARGO) bench -p predictor --bench predictor -- latency
+	$(CARGO) bench -p predictor --bench predictor -- scale
 	$(CARGO) bench -p inference --bench simulate
 	$(CARGO) bench -p collector --bench engine
 

@@ -242,9 +242,15 @@ pub(crate) fn size(a: SizeArgs) -> Result<()> {
         f.params as f64 * 4.0 / 1e6
     );
     println!(
-        "  token table (prior and baseline): 8 bytes per counted (id, layer, expert), at most \
-         tokens x layers x top-k = {} bytes per million training tokens",
-        8 * a.moe_layers * a.top_k * 1_000_000
+        "  training holds about 4x that (weights, gradients, two AdamW moments): {:.0} MB",
+        f.params as f64 * 16.0 / 1e6
+    );
+    println!(
+        "  token table (prior and baseline, stored sparsely): 8 bytes per counted (id, layer, expert); \
+         at most {:.1} MB per frequent id (layers x experts) and {:.0} MB per million training tokens \
+         (layers x top-k per token, if every token were a new id)",
+        (a.moe_layers * a.experts * 8) as f64 / 1e6,
+        (a.moe_layers * a.top_k * 8) as f64
     );
     Ok(())
 }

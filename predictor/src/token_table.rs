@@ -23,7 +23,7 @@ pub const MIN_COUNT: f32 = 1.0;
 pub const PSEUDO_COUNT: f32 = 1.0;
 
 /// Probabilities are clamped to `[P_MIN, 1 - P_MIN]` before taking log-odds.
-const P_MIN: f32 = 1e-4;
+const P_MIN: f32 = 1e-6;
 
 /// One counted (layer, expert) of an id.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -374,6 +374,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             if step.is_multiple_of(st.checkpoint_every as u64) && prog.step_in_epoch < batches.len()
             {
                 ckpt.save(step, &model, &optim, &prog)?;
+                model = fresh_leaves(model);
             }
         }
         if prog.step_in_epoch < batches.len() {
@@ -429,6 +430,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             crate::card::TokenIdUse::of(&stats, cfg.token_buckets),
         ))?;
         ckpt.save(step, &model, &optim, &prog)?;
+        model = fresh_leaves(model);
     }
     bar.finish_and_clear();
     if prog.finished && validation.is_none() {
@@ -476,6 +478,15 @@ pub fn micro_f1(r: &EvalReport) -> f64 {
     } else {
         num / den
     }
+}
+
+/// The same weights as new autodiff leaves (parameter ids, and so the optimiser state,
+/// kept). Called after every validation, export and checkpoint: whatever those left
+/// attached to the parameters' old graph nodes can no longer keep a graph alive, whose
+/// sweep after every backward pass (burn-autodiff's orphan cleanup) would otherwise grow
+/// with the run.
+fn fresh_leaves(model: ExpertPredictor) -> ExpertPredictor {
+    model.valid().train()
 }
 
 /// Token-id dropout: each position's id becomes the unknown row with probability

@@ -219,3 +219,44 @@ fn default_training_on_a_small_trace_is_never_below_the_count_baselines() {
         assert!(p >= b - 0.005, "predictor {p} vs {baseline} {b}");
     }
 }
+
+#[test]
+fn the_untrained_predictor_ranks_as_the_count_baselines() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = saved(&synth(12, 40, 40, 8), &dir.path().join("t.mctrace"));
+    let set = ExampleSet::open(&[trace], &SplitConfig::default()).unwrap();
+    let shape = set.shape();
+    let mut stats = BaselineStats::new(shape, 2);
+    for s in set.split(Split::Train) {
+        stats.add_tokens(&set.view(s.trace), s.tokens.clone());
+    }
+    let dev = BackendKind::from_test_env().device();
+    let config = PredictorConfig::new(shape, Task::Lookahead)
+        .with_horizon(2)
+        .with_d_model(32)
+        .with_n_layers(1)
+        .with_n_heads(2)
+        .with_token_buckets(64);
+    let model = predictor::ExpertPredictor::new(&config, &dev);
+    let r = evaluate(
+        &model,
+        Some(&stats),
+        &set,
+        Split::Validation,
+        &dev,
+        &EvalOptions::default(),
+    )
+    .unwrap();
+    let pred = r.method("predictor").unwrap();
+    let by = |name: &str, g: usize| r.method(name).unwrap().groups[g].overall;
+    // Next token: the token table, set for set; lookahead: token + co-activation.
+    assert_eq!(pred.groups[0].overall, by("token table", 0));
+    for g in 1..r.groups.len() {
+        assert_eq!(
+            pred.groups[g].overall,
+            by("token + co-activation", g),
+            "{}",
+            r.groups[g]
+        );
+    }
+}
