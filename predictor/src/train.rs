@@ -291,20 +291,23 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         baselines: false,
         ..EvalOptions::default()
     };
+    let validate = |m: &ExpertPredictor| {
+        evaluate(
+            &m.valid(),
+            Some(&stats),
+            &set,
+            Split::Validation,
+            &device,
+            &eval_opts,
+        )
+    };
     let mut validation = None;
     if step == 0 && prog.best_epoch.is_none() && cfg.token_dropout == 0.0 {
         // The untrained predictor is the first candidate: with the prior path it ranks as
         // the count baselines, so training can only keep or improve on them. Not with
         // token-id dropout: validation does not score the forecast before the id, which
         // only training teaches.
-        let report = evaluate(
-            &model.valid(),
-            Some(&stats),
-            &set,
-            Split::Validation,
-            &device,
-            &eval_opts,
-        )?;
+        let report = validate(&model)?;
         prog.best_f1 = micro_f1(&report);
         prog.best_epoch = Some(0);
         say(format!(
@@ -381,14 +384,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             ckpt.save(step, &model, &optim, &prog)?;
             break;
         }
-        let report = evaluate(
-            &model.valid(),
-            Some(&stats),
-            &set,
-            Split::Validation,
-            &device,
-            &eval_opts,
-        )?;
+        let report = validate(&model)?;
         let f1 = micro_f1(&report);
         let rec = EpochRecord {
             epoch: prog.epoch + 1,

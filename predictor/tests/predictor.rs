@@ -2,7 +2,11 @@
 //! makes predictable (and the baselines cannot), resume exactly, serve incrementally
 //! what it computes in batch, and refuse inputs that do not fit.
 
+mod common;
+
 use std::path::{Path, PathBuf};
+
+use common::eval_test_split;
 
 use burn::tensor::activation::sigmoid;
 use datasets::examples::{ExampleSet, RoutingShape, Split, SplitConfig};
@@ -10,8 +14,8 @@ use datasets::{save_trace, Phase, TokenRecord, TraceBuilder, TraceFormat, TraceM
 use predictor::device::BackendKind;
 use predictor::model::BatchTensors;
 use predictor::{
-    evaluate, EvalOptions, ExpertForecast, Features, LoadedPredictor, OnlinePredictor,
-    PredictorConfig, Query, Task, TrainOptions, TrainSettings,
+    ExpertForecast, Features, LoadedPredictor, OnlinePredictor, PredictorConfig, Query, Task,
+    TrainOptions, TrainSettings,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -112,21 +116,6 @@ fn options(trace: PathBuf, task: Task, out: PathBuf, epochs: usize) -> TrainOpti
 
 fn f1_of(r: &predictor::EvalReport, method: &str, group: usize) -> f64 {
     r.method(method).unwrap().groups[group].overall.f1
-}
-
-fn eval_test_split(dir: &Path, trace: &Path) -> predictor::EvalReport {
-    let dev = BackendKind::from_test_env().device();
-    let p = LoadedPredictor::load(dir, &dev).unwrap();
-    let set = ExampleSet::open(&[trace.to_path_buf()], &p.card.split).unwrap();
-    evaluate(
-        &p.model,
-        p.baselines.as_ref(),
-        &set,
-        Split::Test,
-        &dev,
-        &EvalOptions::default(),
-    )
-    .unwrap()
 }
 
 #[test]

@@ -3,9 +3,12 @@
 //! save/load, backs off for unseen ids, and the predictor that contains it never falls
 //! below it and beats it where the previous token's routing adds information.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use common::eval_test_split;
 use datasets::examples::{ExampleSet, RoutingShape, Split, SplitConfig};
 use datasets::synth::{token_routed_trace, SynthConfig};
 use datasets::{save_trace, TraceFormat};
@@ -140,21 +143,6 @@ fn train_options(trace: PathBuf, out: PathBuf, config: PredictorConfig) -> Train
     }
 }
 
-fn test_report(dir: &Path, trace: &Path) -> predictor::EvalReport {
-    let dev = BackendKind::from_test_env().device();
-    let p = LoadedPredictor::load(dir, &dev).unwrap();
-    let set = ExampleSet::open(&[trace.to_path_buf()], &p.card.split).unwrap();
-    evaluate(
-        &p.model,
-        p.baselines.as_ref(),
-        &set,
-        Split::Test,
-        &dev,
-        &EvalOptions::default(),
-    )
-    .unwrap()
-}
-
 fn f1(r: &predictor::EvalReport, method: &str) -> f64 {
     r.method(method).unwrap().groups[0].overall.f1
 }
@@ -179,7 +167,7 @@ fn predictor_beats_the_table_where_the_previous_routing_adds_information() {
     opts.settings.warmup_steps = 20;
     let s = predictor::train(&opts).unwrap();
     assert!(s.finished);
-    let r = test_report(&opts.out, &trace);
+    let r = eval_test_split(&opts.out, &trace);
     let (p, table, prev) = (
         f1(&r, "predictor"),
         f1(&r, "token table"),
@@ -212,7 +200,7 @@ fn default_training_on_a_small_trace_is_never_below_the_count_baselines() {
     );
     let s = predictor::train(&opts).unwrap();
     assert!(s.finished);
-    let r = test_report(&opts.out, &trace);
+    let r = eval_test_split(&opts.out, &trace);
     let p = f1(&r, "predictor");
     for baseline in ["token table", "frequency", "previous-token"] {
         let b = f1(&r, baseline);
