@@ -6,7 +6,7 @@ DBG    := $(TARGET)/debug/moecast
 SHARED ?= $(abspath ../shared)
 DEMO   := runs/demo
 
-.PHONY: all build demo demo-hidden test test-real test-wgpu test-hook bench fmt lint clean
+.PHONY: all build demo demo-hidden test test-ffi header test-real test-wgpu test-hook bench fmt lint clean
 
 all: build
 
@@ -87,7 +87,17 @@ demo-hidden:
 	$(DBG) simulate --trace $(HID)/heldout.mctrace --predictor $(HID)/predictor-hidden --model $(MODEL) --bandwidth 16 --compute-us-per-layer 20 --attention-us-per-layer 10 --budget 4 --horizon 1 --cache 10%,25% --policy lru,next-use --prefetch learned,learned+pre-attention,lens+learned,oracle --json $(HID)/simulate-attention-budget4.json
 
 test:
-	$(CARGO) test --workspace
+	$(CARGO) test --workspace --exclude moecast-ffi
+
+# The C ABI (ffi/, libmoecast + ffi/include/moecast.h): the committed header is
+# cbindgen's output of the source, a C program built with the system cc replays a trace
+# through the library and must print what the Rust serving path forecasts, and bad
+# arguments are error codes. `make header` rewrites the header after an API change.
+test-ffi:
+	$(CARGO) test --workspace --test c_abi
+
+header:
+	MOECAST_WRITE_HEADER=1 $(CARGO) test --workspace --test c_abi committed_header
 
 # Real routing traces from ../shared (not needed by the product; CI runs this when present).
 test-real:

@@ -199,6 +199,7 @@ impl PredictorDir {
 }
 
 /// A predictor loaded for inference (no autodiff) with its card and baselines.
+#[derive(Clone)]
 pub struct LoadedPredictor {
     pub card: PredictorCard,
     pub model: ExpertPredictor,

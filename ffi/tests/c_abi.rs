@@ -1,0 +1,254 @@
+//! The C ABI against the Rust serving path: the committed header is what cbindgen makes
+//! of the source; a C program built with the system compiler replays a trace through
+//! the library and prints exactly the forecasts `OnlinePredictor` makes; bad arguments
+//! are error codes with a message, never undefined behaviour.
+
+use std::ffi::{CStr, CString};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use datasets::examples::{RoutingShape, SplitConfig};
+use datasets::synth::{token_routed_trace, SynthConfig};
+use datasets::{save_trace, TraceFormat};
+use moecast::*;
+use predictor::device::BackendKind;
+use predictor::{LoadedPredictor, OnlinePredictor, PredictorConfig, Task, TrainOptions};
+
+const BUDGET: usize = 3;
+
+fn manifest() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn committed_header_is_what_cbindgen_generates() {
+    let config = cbindgen::Config::from_file(manifest().join("cbindgen.toml")).unwrap();
+    let mut generated = Vec::new();
+    cbindgen::Builder::new()
+        .with_config(config)
+        .with_src(manifest().join("src/lib.rs"))
+        .generate()
+        .expect("cbindgen parses ffi/src/lib.rs")
+        .write(&mut generated);
+    let header = manifest().join("include/moecast.h");
+    if std::env::var_os("MOECAST_WRITE_HEADER").is_some() {
+        std::fs::write(&header, &generated).unwrap();
+    }
+    let committed = std::fs::read(&header).unwrap_or_default();
+    assert!(
+        committed == generated,
+        "ffi/include/moecast.h is stale: run `make header` and commit it"
+    );
+}
+
+/// A small lookahead predictor trained on a synthetic trace, and the trace.
+fn trained(dir: &Path) -> (PathBuf, datasets::RoutingTrace) {
+    let trace = token_routed_trace(
+        &SynthConfig {
+            n_layers: 4,
+            n_experts: 8,
+            top_k: 2,
+            sequences: 12,
+            tokens_per_sequence: 20,
+            seed: 4,
+            ..SynthConfig::default()
+        },
+        30,
+    );
+    let path = dir.join("t.mctrace");
+    save_trace(&trace, &path, Some(TraceFormat::Binary)).unwrap();
+    let shape = RoutingShape::of(&trace.meta);
+    let out = dir.join("predictor");
+    let mut opts = TrainOptions {
+        traces: vec![path],
+        config: PredictorConfig::new(shape, Task::Lookahead)
+            .with_horizon(2)
+            .with_d_model(16)
+            .with_n_layers(1)
+            .with_n_heads(2)
+            .with_context(16),
+        split: SplitConfig::default(),
+        settings: Default::default(),
+        backend: BackendKind::from_test_env(),
+        out: out.clone(),
+        progress: false,
+        run_steps: None,
+    };
+    opts.settings.max_epochs = 2;
+    predictor::train(&opts).unwrap();
+    (out, trace)
+}
+
+/// The C program's input for `trace`, and the lines it must print, made with
+/// `OnlinePredictor` the way a Rust runtime would call it.
+fn replay_in_rust(dir: &Path, trace: &datasets::RoutingTrace) -> (String, String) {
+    let view = trace.view();
+    let m = view.meta.n_moe();
+    let loaded = LoadedPredictor::load(dir, &BackendKind::Flex.device()).unwrap();
+    let horizon = loaded.card.config.horizon.min(m - 1);
+    let mut online = OnlinePredictor::new(loaded);
+    let (mut input, mut want) = (String::new(), String::new());
+    for seq in view.sequence_ranges() {
+        input += "S\n";
+        online.reset();
+        for t in seq {
+            let token = view.token[t];
+            let layers: Vec<&[u16]> = (0..m).map(|l| view.layer(t, l).unwrap()).collect();
+            let ids: Vec<String> = layers
+                .iter()
+                .flat_map(|l| l.iter())
+                .map(|x| x.to_string())
+                .collect();
+            writeln!(input, "T {token} {}", ids.join(" ")).unwrap();
+            let f = online.predict_next(token).unwrap();
+            let top: Vec<u16> = (0..m).flat_map(|l| f.top(l, BUDGET)).collect();
+            line(&mut want, "N", token, &top);
+            for known in 1..m {
+                let f = online.predict_lookahead(token, &layers[..known]).unwrap();
+                let mut top: Vec<u16> = (known..known + f.n_layers())
+                    .flat_map(|l| f.top(l, BUDGET))
+                    .collect();
+                top.resize(horizon * BUDGET, u16::MAX);
+                line(&mut want, "L", known as u32, &top);
+            }
+            let routing: Vec<Option<&[u16]>> = layers.iter().map(|l| Some(*l)).collect();
+            online.observe(token, &routing).unwrap();
+        }
+    }
+    (input, want)
+}
+
+fn line(out: &mut String, tag: &str, n: u32, ids: &[u16]) {
+    write!(out, "{tag} {n}:").unwrap();
+    for x in ids {
+        write!(out, " {x}").unwrap();
+    }
+    out.push('\n');
+}
+
+/// The folder holding `libmoecast`: beside the test binary (`target/<profile>/deps/`,
+/// where `cargo test` leaves it) or one level up (`cargo build`).
+fn library_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let deps = exe.parent().unwrap().to_path_buf();
+    let up = deps.parent().unwrap().to_path_buf();
+    [deps, up]
+        .into_iter()
+        .find(|d| d.join("libmoecast.so").exists())
+        .expect("libmoecast.so built beside the tests")
+}
+
+#[test]
+fn a_c_program_replays_a_trace_as_the_rust_serving_path_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let (predictor_dir, trace) = trained(dir.path());
+    let (input, want) = replay_in_rust(&predictor_dir, &trace);
+    let input_file = dir.path().join("routing.txt");
+    std::fs::write(&input_file, input).unwrap();
+    let exe = dir.path().join("replay");
+    let lib = library_dir();
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let built = Command::new(&cc)
+        .args(["-std=c99", "-Wall", "-Werror", "-I"])
+        .arg(manifest().join("include"))
+        .arg(manifest().join("tests/replay.c"))
+        .arg("-L")
+        .arg(&lib)
+        .arg(format!("-Wl,-rpath,{}", lib.display()))
+        .args(["-lmoecast", "-o"])
+        .arg(&exe)
+        .output()
+        .unwrap_or_else(|e| panic!("{cc}: {e}"));
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let ran = Command::new(&exe)
+        .arg(&predictor_dir)
+        .arg(&input_file)
+        .arg(BUDGET.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        ran.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ran.stderr)
+    );
+    let got = String::from_utf8(ran.stdout).unwrap();
+    assert_eq!(got.lines().count(), want.lines().count());
+    assert!(got == want, "the C replay differs from OnlinePredictor");
+}
+
+fn last_error() -> String {
+    // SAFETY: the library returns a NUL-terminated string valid until the next call.
+    unsafe { CStr::from_ptr(mc_last_error()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[test]
+fn bad_arguments_are_error_codes_with_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let (predictor_dir, _) = trained(dir.path());
+    let path = CString::new(predictor_dir.to_str().unwrap()).unwrap();
+    // SAFETY: every pointer below is either null on purpose or valid.
+    unsafe {
+        let mut p = std::ptr::null_mut();
+        assert_eq!(mc_predictor_open(std::ptr::null(), &mut p), MC_ERR_NULL);
+        assert!(last_error().contains("dir"), "{}", last_error());
+        let missing = CString::new(dir.path().join("nope").to_str().unwrap()).unwrap();
+        assert_eq!(mc_predictor_open(missing.as_ptr(), &mut p), MC_ERR_OPEN);
+        assert!(last_error().contains("nope"), "{}", last_error());
+        assert_eq!(mc_predictor_open(path.as_ptr(), &mut p), MC_OK);
+        let (mut m, mut e, mut k, mut h) = (0, 0, 0, 0);
+        assert_eq!(mc_predictor_shape(p, &mut m, &mut e, &mut k, &mut h), MC_OK);
+        assert_eq!((m, e, k, h), (4, 8, 2, 2));
+        assert_eq!(
+            mc_predictor_shape(p, &mut m, std::ptr::null_mut(), &mut k, &mut h),
+            MC_ERR_NULL
+        );
+        let mut s = std::ptr::null_mut();
+        assert_eq!(mc_session_new(p, &mut s), MC_OK);
+        let mut out = vec![0u16; 4 * 8];
+        assert_eq!(
+            mc_session_predict_next(s, 5, 0, out.as_mut_ptr()),
+            MC_ERR_ARG
+        );
+        assert_eq!(
+            mc_session_predict_next(s, 5, 9, out.as_mut_ptr()),
+            MC_ERR_ARG
+        );
+        assert!(last_error().contains("budget 9"), "{}", last_error());
+        assert_eq!(
+            mc_session_predict_next(s, 5, 2, std::ptr::null_mut()),
+            MC_ERR_NULL
+        );
+        assert_eq!(mc_session_predict_next(s, 5, 2, out.as_mut_ptr()), MC_OK);
+        // An expert id out of range, a known-layer count out of range, a null session.
+        let bad = [1u16, 2, 99, 3, 0, 1, 2, 3];
+        assert_eq!(mc_session_observe(s, 5, bad.as_ptr()), MC_ERR_ARG);
+        assert!(last_error().contains("expert 99"), "{}", last_error());
+        assert_eq!(
+            mc_session_predict_lookahead(s, 5, 4, bad.as_ptr(), 2, out.as_mut_ptr()),
+            MC_ERR_ARG
+        );
+        assert_eq!(
+            mc_session_observe(std::ptr::null_mut(), 5, bad.as_ptr()),
+            MC_ERR_NULL
+        );
+        let good = [1u16, 2, 3, 4, 0, 1, 2, 3];
+        assert_eq!(mc_session_observe(s, 5, good.as_ptr()), MC_OK);
+        // Without --token-dropout there is no forecast before the id: refused by name.
+        assert_eq!(
+            mc_session_predict_next_unknown(s, 2, out.as_mut_ptr()),
+            MC_ERR_PREDICT
+        );
+        assert!(last_error().contains("--token-dropout"), "{}", last_error());
+        mc_session_free(s);
+        mc_predictor_free(p);
+        mc_session_free(std::ptr::null_mut());
+        mc_predictor_free(std::ptr::null_mut());
+    }
+}
