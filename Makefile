@@ -6,7 +6,7 @@ DBG    := $(TARGET)/debug/moecast
 SHARED ?= $(abspath ../shared)
 DEMO   := runs/demo
 
-.PHONY: all build demo demo-hidden test test-ffi header test-real test-wgpu test-hook bench fmt lint clean
+.PHONY: all build build-debug demo demo-hidden test test-ffi test-python header test-real test-wgpu test-hook bench fmt lint clean
 
 all: build
 
@@ -87,7 +87,7 @@ demo-hidden:
 	$(DBG) simulate --trace $(HID)/heldout.mctrace --predictor $(HID)/predictor-hidden --model $(MODEL) --bandwidth 16 --compute-us-per-layer 20 --attention-us-per-layer 10 --budget 4 --horizon 1 --cache 10%,25% --policy lru,next-use --prefetch learned,learned+pre-attention,lens+learned,oracle --json $(HID)/simulate-attention-budget4.json
 
 test:
-	$(CARGO) test --workspace --exclude moecast-ffi
+	$(CARGO) test --workspace --exclude moecast-ffi --exclude moecast-python
 
 # The C ABI (ffi/, libmoecast + ffi/include/moecast.h): the committed header is
 # cbindgen's output of the source, a C program built with the system cc replays a trace
@@ -95,6 +95,16 @@ test:
 # arguments are error codes. `make header` rewrites the header after an API change.
 test-ffi:
 	$(CARGO) test --workspace --test c_abi
+
+# The Python package (python/, PyO3 + maturin): pip installs it from this clone (a dev
+# build sharing target/ with `make test`), then pytest replays a trace of the shipped
+# model through moecast.Predictor and checks its F1 equals `moecast eval`'s.
+test-python: build-debug
+	python3 -m pip install -q ./python pytest
+	MOECAST_BIN=$(abspath $(DBG)) python3 -m pytest -q python/tests
+
+build-debug:
+	$(CARGO) build
 
 header:
 	MOECAST_WRITE_HEADER=1 $(CARGO) test --workspace --test c_abi committed_header

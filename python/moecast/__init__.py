@@ -1,0 +1,112 @@
+"""moecast: expert forecasts for Mixture-of-Experts runtimes.
+
+    import moecast
+    p = moecast.Predictor("checkpoints/NAME")   # .n_moe_layers .n_experts .top_k .horizon
+    s = p.session()
+    top = s.predict_next(token)                   # np.uint16 [n_moe_layers, budget]
+    ahead = s.predict_lookahead(token, experts_so_far)   # [horizon, budget]
+    s.observe(token, experts)                     # experts: ints [n_moe_layers, top_k]
+    t = moecast.read_trace("x.mctrace")           # dict of numpy arrays
+
+`budget` (experts per layer) defaults to top_k. Rows past the last MoE layer are
+0xFFFF. Errors raise `moecast.MoecastError` with the library's message. A Predictor and
+its sessions belong to the thread that made them.
+"""
+
+import numpy as np
+
+from ._moecast import MoecastError
+from ._moecast import Predictor as _Predictor
+from ._moecast import read_trace_flat as _read_trace_flat
+
+__all__ = ["MoecastError", "Predictor", "Session", "read_trace", "NOT_COMPUTED"]
+
+#: Expert id of a layer that was not computed (in traces) / a forecast row past the
+#: last layer.
+NOT_COMPUTED = 0xFFFF
+
+
+def _ids(experts, rows, top_k, what):
+    a = np.asarray(experts)
+    if a.size and (a.min() < 0 or a.max() > 0xFFFF):
+        raise MoecastError(f"{what}: expert ids must be in 0..65535")
+    a = np.ascontiguousarray(a, dtype=np.uint16).reshape(-1)
+    if a.size != rows * top_k:
+        raise MoecastError(f"{what}: {a.size} ids, expected {rows} layers x top-{top_k}")
+    return a
+
+
+class Session:
+    """One sequence's incremental state (see `Predictor.session`)."""
+
+    def __init__(self, predictor, inner):
+        self._p = predictor
+        self._s = inner
+
+    def reset(self):
+        """Starts a new sequence."""
+        self._s.reset()
+
+    def predict_next(self, token, budget=None):
+        """Every MoE layer of the token just sampled: uint16 [n_moe_layers, budget]."""
+        b = budget or self._p.top_k
+        return self._s.predict_next(int(token), b).reshape(self._p.n_moe_layers, b)
+
+    def predict_next_unknown(self, budget=None):
+        """Every layer of the next token before its id is sampled (predictors trained
+        with --token-dropout): uint16 [n_moe_layers, budget]."""
+        b = budget or self._p.top_k
+        return self._s.predict_next_unknown(b).reshape(self._p.n_moe_layers, b)
+
+    def predict_lookahead(self, token, experts_so_far, budget=None, router_input=None):
+        """The next `horizon` layers after the routed ones (`experts_so_far`:
+        [known, top_k]): uint16 [horizon, budget], 0xFFFF past the last layer."""
+        b = budget or self._p.top_k
+        so_far = np.asarray(experts_so_far)
+        known = so_far.shape[0] if so_far.ndim == 2 else so_far.size // self._p.top_k
+        ids = _ids(so_far, known, self._p.top_k, "experts_so_far")
+        x = None
+        if router_input is not None:
+            x = np.ascontiguousarray(router_input, dtype=np.float32).reshape(-1)
+        out = self._s.predict_lookahead(int(token), known, ids, b, x)
+        return out.reshape(self._p.horizon, b)
+
+    def observe(self, token, experts):
+        """The token's full routing ([n_moe_layers, top_k]); advances the session."""
+        ids = _ids(experts, self._p.n_moe_layers, self._p.top_k, "experts")
+        self._s.observe(int(token), ids)
+
+
+class Predictor:
+    """A predictor trained by `moecast train` (its directory)."""
+
+    def __init__(self, path):
+        self._p = _Predictor(str(path))
+        self.n_moe_layers = self._p.n_moe_layers
+        self.n_experts = self._p.n_experts
+        self.top_k = self._p.top_k
+        self.horizon = self._p.horizon
+        self.router_input_dim = self._p.router_input_dim
+
+    def session(self):
+        """A new session: one sequence's incremental state."""
+        return Session(self, self._p.session())
+
+
+def read_trace(path):
+    """A moecast trace (.mctrace, .parquet, .jsonl) as a dict of numpy arrays:
+    seq [tokens] (index into seq_names), pos, token (0xFFFFFFFF unknown),
+    experts [tokens, layers, top_k] (0xFFFF: layer not computed), and when recorded
+    weights [tokens, layers, top_k], router_inputs [tokens, layers, dim],
+    router_logits [tokens, layers, n_experts]; plus n_moe_layers, n_experts, top_k,
+    model, seq_names."""
+    d = _read_trace_flat(str(path))
+    n, m, k = len(d["seq"]), d["n_moe_layers"], d["top_k"]
+    d["experts"] = d["experts"].reshape(n, m, k)
+    if "weights" in d:
+        d["weights"] = d["weights"].reshape(n, m, k)
+    if "router_inputs" in d:
+        d["router_inputs"] = d["router_inputs"].reshape(n, m, d["router_input_dim"])
+    if "router_logits" in d:
+        d["router_logits"] = d["router_logits"].reshape(n, m, d["n_experts"])
+    return d

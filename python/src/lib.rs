@@ -1,0 +1,246 @@
+//! Python bindings (PyO3) of the moecast predictor: `moecast.Predictor`, its sessions,
+//! and `moecast.read_trace`. The Python package (`python/moecast/__init__.py`) wraps
+//! these with numpy conversions; errors raise `moecast.MoecastError` with the Rust
+//! message.
+
+use std::path::PathBuf;
+
+use numpy::{PyArray1, PyReadonlyArray1};
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use predictor::device::BackendKind;
+use predictor::{ExpertForecast, LoadedPredictor, OnlinePredictor, Task};
+
+pyo3::create_exception!(_moecast, MoecastError, PyException);
+
+fn err(e: impl std::fmt::Display) -> PyErr {
+    MoecastError::new_err(e.to_string())
+}
+
+/// A predictor loaded from a directory written by `moecast train`.
+#[pyclass(unsendable, module = "moecast._moecast")]
+struct Predictor {
+    /// Boxed: burn's types ask for 64-byte alignment, more than Python's allocator
+    /// gives an object.
+    loaded: Box<LoadedPredictor>,
+}
+
+#[pymethods]
+impl Predictor {
+    #[new]
+    fn new(dir: PathBuf) -> PyResult<Self> {
+        let loaded = LoadedPredictor::load(&dir, &BackendKind::Flex.device()).map_err(err)?;
+        Ok(Predictor {
+            loaded: Box::new(loaded),
+        })
+    }
+
+    #[getter]
+    fn n_moe_layers(&self) -> usize {
+        self.loaded.card.config.routing.n_moe
+    }
+
+    #[getter]
+    fn n_experts(&self) -> usize {
+        self.loaded.card.config.routing.n_experts
+    }
+
+    #[getter]
+    fn top_k(&self) -> usize {
+        self.loaded.card.config.routing.top_k
+    }
+
+    /// Layers a lookahead forecast covers (0 for next-token predictors).
+    #[getter]
+    fn horizon(&self) -> usize {
+        let c = &self.loaded.card.config;
+        match c.task {
+            Task::Lookahead => c.horizon.min(c.routing.n_moe - 1),
+            Task::NextToken => 0,
+        }
+    }
+
+    /// Width of the router input lookahead forecasts read (0: none).
+    #[getter]
+    fn router_input_dim(&self) -> usize {
+        let c = &self.loaded.card.config;
+        if c.features.hidden() {
+            c.router_input_dim
+        } else {
+            0
+        }
+    }
+
+    /// A new session: one sequence's incremental state.
+    fn session(&self) -> Session {
+        Session {
+            online: Box::new(OnlinePredictor::new((*self.loaded).clone())),
+        }
+    }
+}
+
+/// One sequence's incremental state.
+#[pyclass(unsendable, module = "moecast._moecast")]
+struct Session {
+    /// Boxed for the same reason as [`Predictor::loaded`].
+    online: Box<OnlinePredictor>,
+}
+
+/// The `budget` best experts of each of `rows` layers of `f` (0xFFFF past its layers).
+fn top(f: &ExpertForecast, budget: usize, rows: usize) -> Vec<u16> {
+    let mut out = vec![u16::MAX; rows * budget];
+    for (i, l) in (f.first_layer..f.first_layer + f.n_layers().min(rows)).enumerate() {
+        out[i * budget..(i + 1) * budget].copy_from_slice(&f.top(l, budget));
+    }
+    out
+}
+
+impl Session {
+    fn budget(&self, budget: Option<usize>) -> PyResult<usize> {
+        let r = self.online.predictor().card.config.routing;
+        let b = budget.unwrap_or(r.top_k);
+        if b == 0 || b > r.n_experts {
+            return Err(err(format!("budget {b} is outside 1..={}", r.n_experts)));
+        }
+        Ok(b)
+    }
+
+    fn layers<'a>(&self, experts: &'a [u16], layers: usize) -> PyResult<Vec<&'a [u16]>> {
+        let r = self.online.predictor().card.config.routing;
+        if experts.len() != layers * r.top_k {
+            return Err(err(format!(
+                "experts has {} values, expected {layers} layers x top-{}",
+                experts.len(),
+                r.top_k
+            )));
+        }
+        if let Some(x) = experts.iter().find(|&&x| x as usize >= r.n_experts) {
+            return Err(err(format!("expert {x} is outside 0..{}", r.n_experts)));
+        }
+        Ok(experts.chunks(r.top_k).collect())
+    }
+}
+
+#[pymethods]
+impl Session {
+    /// Starts a new sequence.
+    fn reset(&mut self) {
+        self.online.reset();
+    }
+
+    /// Flat `[n_moe_layers * budget]` forecast of every layer of the token `token`.
+    #[pyo3(signature = (token, budget=None))]
+    fn predict_next<'py>(
+        &mut self,
+        py: Python<'py>,
+        token: u32,
+        budget: Option<usize>,
+    ) -> PyResult<Bound<'py, PyArray1<u16>>> {
+        let b = self.budget(budget)?;
+        let m = self.online.predictor().card.config.routing.n_moe;
+        let f = self.online.predict_next(token).map_err(err)?;
+        Ok(PyArray1::from_vec(py, top(&f, b, m)))
+    }
+
+    /// Flat forecast of every layer of the next token before its id is sampled.
+    #[pyo3(signature = (budget=None))]
+    fn predict_next_unknown<'py>(
+        &mut self,
+        py: Python<'py>,
+        budget: Option<usize>,
+    ) -> PyResult<Bound<'py, PyArray1<u16>>> {
+        let b = self.budget(budget)?;
+        let m = self.online.predictor().card.config.routing.n_moe;
+        let f = self.online.predict_next_unknown().map_err(err)?;
+        Ok(PyArray1::from_vec(py, top(&f, b, m)))
+    }
+
+    /// Flat `[horizon * budget]` forecast of the layers after the `known` routed ones
+    /// (`experts`: `known * top_k` ids), 0xFFFF past the last layer.
+    #[pyo3(signature = (token, known, experts, budget=None, router_input=None))]
+    fn predict_lookahead<'py>(
+        &mut self,
+        py: Python<'py>,
+        token: u32,
+        known: usize,
+        experts: PyReadonlyArray1<'py, u16>,
+        budget: Option<usize>,
+        router_input: Option<PyReadonlyArray1<'py, f32>>,
+    ) -> PyResult<Bound<'py, PyArray1<u16>>> {
+        let b = self.budget(budget)?;
+        let c = self.online.predictor().card.config.clone();
+        if c.task != Task::Lookahead {
+            return Err(err(
+                "this predictor was trained for next-token forecasts, not lookahead",
+            ));
+        }
+        let m = c.routing.n_moe;
+        if known == 0 || known >= m {
+            return Err(err(format!("known {known} is outside 1..{m}")));
+        }
+        let experts = experts.as_slice().map_err(err)?;
+        let given = self.layers(experts, known)?;
+        let x = match &router_input {
+            Some(x) => Some(x.as_slice().map_err(err)?),
+            None => None,
+        };
+        let horizon = c.horizon.min(m - 1);
+        let f = self
+            .online
+            .predict_lookahead_with_input(token, &given, x)
+            .map_err(err)?;
+        Ok(PyArray1::from_vec(py, top(&f, b, horizon)))
+    }
+
+    /// The token's full routing (`n_moe_layers * top_k` ids); advances the session.
+    fn observe(&mut self, token: u32, experts: PyReadonlyArray1<'_, u16>) -> PyResult<()> {
+        let m = self.online.predictor().card.config.routing.n_moe;
+        let experts = experts.as_slice().map_err(err)?;
+        let layers: Vec<Option<&[u16]>> = self.layers(experts, m)?.into_iter().map(Some).collect();
+        self.online.observe(token, &layers).map_err(err)
+    }
+}
+
+/// A trace file (`.mctrace`, `.parquet`, `.jsonl`, a dataset folder's part) as flat
+/// arrays plus its shape; `moecast.read_trace` reshapes them.
+#[pyfunction]
+fn read_trace_flat<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>> {
+    let opened = datasets::open_trace(&path).map_err(err)?;
+    let v = opened.view();
+    let d = PyDict::new(py);
+    d.set_item("n_moe_layers", v.meta.n_moe())?;
+    d.set_item("n_experts", v.meta.n_experts)?;
+    d.set_item("top_k", v.meta.top_k)?;
+    d.set_item("model", v.meta.model.clone())?;
+    d.set_item("seq_names", v.seq_names.to_vec())?;
+    d.set_item("seq", PyArray1::from_slice(py, v.seq))?;
+    d.set_item("pos", PyArray1::from_slice(py, v.pos))?;
+    d.set_item("token", PyArray1::from_slice(py, v.token))?;
+    d.set_item("experts", PyArray1::from_slice(py, v.experts))?;
+    if let Some(w) = v.weights {
+        d.set_item("weights", PyArray1::from_slice(py, w))?;
+    }
+    if let (Some(x), Some(dim)) = (v.router_inputs, v.meta.router_input_dim) {
+        let f: Vec<f32> = x
+            .iter()
+            .map(|&b| half::f16::from_bits(b).to_f32())
+            .collect();
+        d.set_item("router_inputs", PyArray1::from_vec(py, f))?;
+        d.set_item("router_input_dim", dim)?;
+    }
+    if let Some(l) = v.router_logits {
+        d.set_item("router_logits", PyArray1::from_slice(py, l))?;
+    }
+    Ok(d)
+}
+
+#[pymodule]
+fn _moecast(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Predictor>()?;
+    m.add_class::<Session>()?;
+    m.add_function(wrap_pyfunction!(read_trace_flat, m)?)?;
+    m.add("MoecastError", m.py().get_type::<MoecastError>())?;
+    Ok(())
+}

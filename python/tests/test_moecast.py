@@ -1,0 +1,118 @@
+"""The Python package against the Rust paths: a trace of the shipped model replayed
+through moecast.Predictor gives exactly the next-token and lookahead F1 that
+`moecast eval` reports for the same predictor and trace; read_trace returns the trace's
+arrays; bad input raises MoecastError.
+
+Needs the `moecast` binary (MOECAST_BIN, default target/debug/moecast) and
+`pip install ./python`; `make test-python` does both.
+"""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import moecast
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = os.environ.get("MOECAST_BIN", str(ROOT / "target" / "debug" / "moecast"))
+
+
+def run(*args):
+    subprocess.run([BIN, *map(str, args)], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A short trace of the shipped tiny MoE, a small lookahead predictor trained on it,
+    and `moecast eval`'s report of that predictor on that trace."""
+    d = tmp_path_factory.mktemp("moecast")
+    prompts = d / "prompts.txt"
+    prompts.write_text(
+        "Once upon a time there was a little robot\n"
+        "def fibonacci(n):\n"
+        "The theorem states that every bounded sequence\n"
+        "In 1905 the physicist published\n"
+    )
+    trace = d / "t.mctrace"
+    run("collect", "--model", ROOT / "checkpoints" / "tiny-moe", "--prompts", prompts,
+        "--samples", "3", "--max-new-tokens", "40", "--temperature", "0.8", "-o", trace)
+    out = d / "predictor"
+    run("train", "--trace", trace, "--task", "lookahead", "--horizon", "2", "--d-model", "32",
+        "--layers", "1", "--heads", "2", "--epochs", "2", "--batch-size", "4",
+        "--val-fraction", "0.2", "--test-fraction", "0", "--quiet", "-o", out)
+    report = d / "eval.json"
+    run("eval", "--predictor", out, "--trace", trace, "--quiet", "--no-baselines",
+        "--json", report)
+    return trace, out, json.loads(report.read_text())
+
+
+def test_replayed_f1_equals_moecast_eval(trained):
+    trace, out, report = trained
+    p = moecast.Predictor(out)
+    t = moecast.read_trace(trace)
+    m, k = p.n_moe_layers, p.top_k
+    assert (m, k, p.horizon) == (t["n_moe_layers"], t["top_k"], 2)
+    groups = report["groups"]
+    hits = {g: 0 for g in groups}
+    sets = {g: 0 for g in groups}
+    s = p.session()
+    for seq in np.unique(t["seq"]):
+        s.reset()
+        for i in np.flatnonzero(t["seq"] == seq):
+            token, experts = int(t["token"][i]), t["experts"][i]
+            top = s.predict_next(token)
+            assert top.shape == (m, k) and top.dtype == np.uint16
+            for layer in range(m):
+                hits["next token"] += len(set(top[layer]) & set(experts[layer]))
+                sets["next token"] += 1
+            for known in range(1, m):
+                ahead = s.predict_lookahead(token, experts[:known])
+                assert ahead.shape == (p.horizon, k)
+                for h in range(min(p.horizon, m - known)):
+                    g = f"+{h + 1} layer"
+                    hits[g] += len(set(ahead[h]) & set(experts[known + h]))
+                    sets[g] += 1
+            s.observe(token, experts)
+    for gi, g in enumerate(groups):
+        want = report["methods"][0]["groups"][gi]["overall"]
+        assert sets[g] == want["sets"], g
+        f1 = hits[g] / (k * sets[g])
+        assert abs(f1 - want["f1"]) < 1e-6, (g, f1, want["f1"])
+
+
+def test_read_trace_gives_the_trace_arrays(trained):
+    trace, _, _ = trained
+    t = moecast.read_trace(trace)
+    n = len(t["seq"])
+    assert t["experts"].shape == (n, t["n_moe_layers"], t["top_k"])
+    assert t["experts"].dtype == np.uint16 and t["token"].dtype == np.uint32
+    assert t["weights"].shape == t["experts"].shape
+    assert len(t["seq_names"]) == 12 and n > 12 * 40
+    assert (t["experts"] < t["n_experts"]).all()
+    # Positions restart at every sequence.
+    starts = np.flatnonzero(np.diff(t["seq"], prepend=-1))
+    assert (t["pos"][starts] == 0).all()
+
+
+def test_bad_input_raises_moecast_error(trained, tmp_path):
+    _, out, _ = trained
+    with pytest.raises(moecast.MoecastError, match="predictor.json"):
+        moecast.Predictor(tmp_path)
+    with pytest.raises(moecast.MoecastError):
+        moecast.read_trace(tmp_path / "missing.mctrace")
+    p = moecast.Predictor(out)
+    s = p.session()
+    with pytest.raises(moecast.MoecastError, match="budget"):
+        s.predict_next(3, budget=p.n_experts + 1)
+    bad = np.zeros((p.n_moe_layers, p.top_k), dtype=np.int64)
+    bad[1, 0] = p.n_experts
+    with pytest.raises(moecast.MoecastError, match="expert"):
+        s.observe(3, bad)
+    with pytest.raises(moecast.MoecastError, match="ids"):
+        s.observe(3, bad[:2])
+    with pytest.raises(moecast.MoecastError, match="token-dropout"):
+        s.predict_next_unknown()
