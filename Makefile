@@ -6,7 +6,7 @@ DBG    := $(TARGET)/debug/moecast
 SHARED ?= $(abspath ../shared)
 DEMO   := runs/demo
 
-.PHONY: all build build-debug demo demo-hidden test test-ffi test-python header test-real test-wgpu test-hook bench fmt lint clean
+.PHONY: all build demo demo-hidden test test-ffi test-python header test-real test-wgpu test-hook bench fmt lint clean
 
 all: build
 
@@ -86,8 +86,11 @@ demo-hidden:
 	$(DBG) simulate --trace $(HID)/heldout.mctrace --predictor $(HID)/predictor-hidden --model $(MODEL) $(SIM) --budget 4 --horizon 1 --cache 10%,25% --policy lru,next-use --prefetch gate,learned,lens+learned,oracle --json $(HID)/simulate-budget4.json
 	$(DBG) simulate --trace $(HID)/heldout.mctrace --predictor $(HID)/predictor-hidden --model $(MODEL) --bandwidth 16 --compute-us-per-layer 20 --attention-us-per-layer 10 --budget 4 --horizon 1 --cache 10%,25% --policy lru,next-use --prefetch learned,learned+pre-attention,lens+learned,oracle --json $(HID)/simulate-attention-budget4.json
 
+# Every test target builds with the same package set (--workspace), so Cargo resolves
+# one set of features and builds the dependencies once (a narrower set, e.g. -p or
+# --exclude, rebuilds burn and polars).
 test:
-	$(CARGO) test --workspace --exclude moecast-ffi --exclude moecast-python
+	$(CARGO) test --workspace
 
 # The C ABI (ffi/, libmoecast + ffi/include/moecast.h): the committed header is
 # cbindgen's output of the source, a C program built with the system cc replays a trace
@@ -99,12 +102,10 @@ test-ffi:
 # The Python package (python/, PyO3 + maturin): pip installs it from this clone (a dev
 # build sharing target/ with `make test`), then pytest replays a trace of the shipped
 # model through moecast.Predictor and checks its F1 equals `moecast eval`'s.
-test-python: build-debug
+test-python:
+	$(CARGO) test --workspace --no-run
 	python3 -m pip install -q ./python pytest
 	MOECAST_BIN=$(abspath $(DBG)) python3 -m pytest -q python/tests
-
-build-debug:
-	$(CARGO) build
 
 header:
 	MOECAST_WRITE_HEADER=1 $(CARGO) test --workspace --test c_abi committed_header
@@ -113,7 +114,7 @@ header:
 test-real:
 	@test -d $(SHARED)/traces || { echo "test-real needs $(SHARED)/traces"; exit 1; }
 	MOECAST_SHARED=$(SHARED) $(CARGO) test --workspace --test real_traces --test real_sim -- --ignored --nocapture
-	$(CARGO) build
+	$(CARGO) test --workspace --no-run
 	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
 	for f in $$(find $(SHARED)/traces -type f ! -name LICENSE ! -name capture-metadata.json | sort); do \
 	  $(DBG) trace import "$$f" -o "$$tmp/t.mctrace" >/dev/null 2>&1; \
