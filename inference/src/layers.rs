@@ -121,36 +121,6 @@ impl RmsNorm {
     }
 }
 
-/// Rotary position embedding (the "rotate half" form of Llama and its descendants).
-#[derive(Debug, Clone)]
-pub struct Rope {
-    pub head_dim: usize,
-    pub theta: f64,
-}
-
-impl Rope {
-    /// `cos`, `sin` of shape `[1, T, head_dim]` for positions `start..start + T`.
-    pub fn tables(&self, start: usize, t: usize, device: &Device) -> (Tensor<3>, Tensor<3>) {
-        let half = self.head_dim / 2;
-        let mut cos = Vec::with_capacity(t * self.head_dim);
-        let mut sin = Vec::with_capacity(t * self.head_dim);
-        for p in start..start + t {
-            let row: Vec<f64> = (0..half)
-                .map(|i| p as f64 * self.theta.powf(-(2.0 * i as f64) / self.head_dim as f64))
-                .collect();
-            for _ in 0..2 {
-                cos.extend(row.iter().map(|a| a.cos() as f32));
-                sin.extend(row.iter().map(|a| a.sin() as f32));
-            }
-        }
-        let shape = [1, t, self.head_dim];
-        (
-            Tensor::<3>::from_data(TensorData::new(cos, shape), device),
-            Tensor::<3>::from_data(TensorData::new(sin, shape), device),
-        )
-    }
-}
-
 /// Applies rotary embeddings to `x`: `[heads, T, head_dim]`.
 pub fn apply_rope(x: Tensor<3>, cos: &Tensor<3>, sin: &Tensor<3>) -> Tensor<3> {
     let [h, t, d] = x.dims();

@@ -133,3 +133,71 @@ fn tokenizer_mismatch_is_reported() {
     std::fs::remove_file(dir.join("tokenizer.json")).unwrap();
     assert!(TextTokenizer::load(&dir).is_err());
 }
+
+/// Logits of a fixed 40-token prompt.
+fn logits(dir: &Path) -> Vec<f32> {
+    let device = inference::device::BackendKind::Flex.device();
+    let model = MoeModel::load(&Checkpoint::open(dir).unwrap(), &device).unwrap();
+    let tokens: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % 60).collect();
+    let mut cache = model.new_cache();
+    model
+        .forward(&tokens, &mut cache, &mut inference::routing::NoObserver)
+        .unwrap()
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn rope_scaling_is_honoured_on_the_llama_family_or_refused_by_name() {
+    for arch in ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"] {
+        let (_t, dir) = copy_fixture(arch);
+        let plain = logits(&dir);
+        let theta = |v: &serde_json::Value| v["rope_parameters"]["rope_theta"].clone();
+        // Scaling the positions changes the model's output (it was silently ignored).
+        for scaling in [
+            serde_json::json!({"rope_type": "linear", "factor": 4.0}),
+            serde_json::json!({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}),
+            serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+        ] {
+            edit_config(&dir, |v| {
+                let mut p = scaling.clone();
+                p["rope_theta"] = theta(v);
+                v["rope_parameters"] = p;
+            });
+            let scaled = logits(&dir);
+            let diff = plain
+                .iter()
+                .zip(&scaled)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(diff > 1e-3, "{arch} {scaling}: logits unchanged ({diff})");
+        }
+        // The older spelling (`rope_scaling` beside `rope_theta`) is read too.
+        edit_config(&dir, |v| {
+            let t = theta(v);
+            v.as_object_mut().unwrap().remove("rope_parameters");
+            v["rope_theta"] = t;
+            v["rope_scaling"] = serde_json::json!({"type": "linear", "factor": 4.0});
+        });
+        let legacy = logits(&dir);
+        edit_config(&dir, |v| {
+            v["rope_scaling"] = serde_json::Value::Null;
+        });
+        assert_eq!(
+            logits(&dir),
+            plain,
+            "{arch}: rope_theta alone is plain RoPE"
+        );
+        assert_ne!(legacy, plain, "{arch}: rope_scaling ignored");
+        edit_config(&dir, |v| {
+            v["rope_scaling"] = serde_json::json!({"rope_type": "longrope", "factor": 4.0});
+        });
+        let e = load_err(&dir);
+        assert!(
+            e.contains("config.json") && e.contains("rope_scaling") && e.contains("'longrope'"),
+            "{e}"
+        );
+    }
+}

@@ -20,9 +20,10 @@ use serde::Deserialize;
 use crate::checkpoint::Checkpoint;
 use crate::error::{ModelError, Result};
 use crate::layers::{
-    apply_rope, attention, causal_mask, embed_tokens, Dense, KvCache, RmsNorm, Rope, SwiGlu,
+    apply_rope, attention, causal_mask, embed_tokens, Dense, KvCache, RmsNorm, SwiGlu,
 };
 use crate::moe::{FeedForward, SharedExpert, SparseMoe};
+use crate::rope::{RopeParameters, RotaryEmbedding};
 use crate::routing::{RouterScoring, RoutingObserver};
 
 /// Which member of the family, from `model_type`.
@@ -32,11 +33,6 @@ pub enum Variant {
     Qwen2Moe,
     Qwen3Moe,
     Olmoe,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-struct RopeParameters {
-    rope_theta: Option<f64>,
 }
 
 /// The `config.json` fields this family reads.
@@ -57,8 +53,14 @@ pub struct Config {
     pub rms_norm_eps: f64,
     #[serde(default)]
     rope_theta: Option<f64>,
+    /// transformers 5 spelling: theta, type and scaling together.
     #[serde(default)]
     rope_parameters: Option<RopeParameters>,
+    /// Older spelling of the scaling (`rope_theta` beside it).
+    #[serde(default)]
+    rope_scaling: Option<RopeParameters>,
+    #[serde(default = "default_max_positions")]
+    pub max_position_embeddings: usize,
     #[serde(default)]
     pub tie_word_embeddings: bool,
     /// Mixtral's expert count.
@@ -86,6 +88,10 @@ fn default_eps() -> f64 {
     1e-6
 }
 
+fn default_max_positions() -> usize {
+    4096
+}
+
 impl Config {
     pub fn variant(&self) -> Option<Variant> {
         match self.model_type.as_str() {
@@ -110,10 +116,17 @@ impl Config {
             .unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 
-    pub fn rope_theta(&self) -> f64 {
-        self.rope_theta
-            .or(self.rope_parameters.as_ref().and_then(|r| r.rope_theta))
-            .unwrap_or(10_000.0)
+    /// The rotary embedding `rope_parameters` / `rope_scaling` describe (every type
+    /// transformers gives these architectures but `longrope`, refused by name).
+    pub fn rope(&self) -> std::result::Result<RotaryEmbedding, String> {
+        let params = self.rope_parameters.as_ref().or(self.rope_scaling.as_ref());
+        RotaryEmbedding::from_config(
+            params,
+            self.rope_theta,
+            10_000.0,
+            self.head_dim(),
+            self.max_position_embeddings,
+        )
     }
 
     /// Whether model layer `l` has a sparse MoE block (else a dense SwiGLU).
@@ -161,7 +174,7 @@ pub struct Model {
     layers: Vec<Layer>,
     norm: RmsNorm,
     lm_head: Dense,
-    rope: Rope,
+    rope: RotaryEmbedding,
 }
 
 impl Model {
@@ -195,6 +208,12 @@ impl Model {
             )
         })?;
         let c = &config;
+        let rope = c.rope().map_err(|e| {
+            ModelError::file(
+                &ck.config_path(),
+                format!("rope_parameters / rope_scaling: {e}"),
+            )
+        })?;
         let (h, hd, nh, nkv, eps) = (
             c.hidden_size,
             c.head_dim(),
@@ -255,10 +274,7 @@ impl Model {
         let lm_head = Dense::load_lm_head(ck, &embed, c.tie_word_embeddings, device)?;
         Ok(Model {
             norm: RmsNorm::load(ck, "model.norm", h, eps, device)?,
-            rope: Rope {
-                head_dim: hd,
-                theta: c.rope_theta(),
-            },
+            rope,
             variant,
             embed,
             layers,

@@ -16,7 +16,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::TinyMoeConfig;
-use crate::layers::{causal_mask, to_vec, Rope};
+use crate::layers::{causal_mask, to_vec};
+use crate::rope::RotaryEmbedding;
 use crate::routing::RouterScoring;
 
 /// One SwiGLU expert: `down(silu(gate(x)) * up(x))`.
@@ -192,10 +193,8 @@ impl TinyMoe {
         let idx: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
         let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [n]), &device);
         let mut x = self.embed.val().select(0, idx);
-        let rope = Rope {
-            head_dim: hd,
-            theta: c.rope_theta,
-        };
+        let rope = RotaryEmbedding::from_config(None, Some(c.rope_theta), c.rope_theta, hd, seq)
+            .expect("plain RoPE of a validated head dimension");
         let (cos, sin) = rope.tables(0, seq, &device);
         let (cos, sin) = (cos.unsqueeze::<4>(), sin.unsqueeze::<4>());
         let mask = causal_mask(seq, 0, None, &device).unsqueeze::<4>();
