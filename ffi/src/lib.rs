@@ -268,6 +268,25 @@ fn check_budget(p: &LoadedPredictor, budget: u32) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Writes the all-layer forecast `forecast` makes of session `s` into `out`
+/// (`n_moe_layers * budget` values).
+fn next_forecast(
+    s: *mut mc_session,
+    budget: u32,
+    out: *mut u16,
+    forecast: impl FnOnce(&mut OnlinePredictor) -> predictor::Result<ExpertForecast>,
+) -> c_int {
+    guard(|| {
+        let s = non_null_mut(s, "s")?;
+        check_budget(s.online.predictor(), budget)?;
+        let m = s.online.predictor().card.config.routing.n_moe;
+        let out = slice_mut(out, m * budget as usize, "out")?;
+        let f = forecast(&mut s.online).or_else(|e| fail(MC_ERR_PREDICT, e.to_string()))?;
+        write_top(&f, budget, m, out);
+        Ok(())
+    })
+}
+
 /// Every MoE layer of the token just sampled, id `token`:
 /// `out[n_moe_layers * budget]`, each layer's `budget` most likely experts, best first.
 ///
@@ -280,18 +299,7 @@ pub unsafe extern "C" fn mc_session_predict_next(
     budget: u32,
     out: *mut u16,
 ) -> c_int {
-    guard(|| {
-        let s = non_null_mut(s, "s")?;
-        check_budget(s.online.predictor(), budget)?;
-        let m = s.online.predictor().card.config.routing.n_moe;
-        let out = slice_mut(out, m * budget as usize, "out")?;
-        let f = s
-            .online
-            .predict_next(token)
-            .or_else(|e| fail(MC_ERR_PREDICT, e.to_string()))?;
-        write_top(&f, budget, m, out);
-        Ok(())
-    })
+    next_forecast(s, budget, out, |o| o.predict_next(token))
 }
 
 /// Every MoE layer of the token after the last observed one, before its id is sampled
@@ -305,18 +313,7 @@ pub unsafe extern "C" fn mc_session_predict_next_unknown(
     budget: u32,
     out: *mut u16,
 ) -> c_int {
-    guard(|| {
-        let s = non_null_mut(s, "s")?;
-        check_budget(s.online.predictor(), budget)?;
-        let m = s.online.predictor().card.config.routing.n_moe;
-        let out = slice_mut(out, m * budget as usize, "out")?;
-        let f = s
-            .online
-            .predict_next_unknown()
-            .or_else(|e| fail(MC_ERR_PREDICT, e.to_string()))?;
-        write_top(&f, budget, m, out);
-        Ok(())
-    })
+    next_forecast(s, budget, out, |o| o.predict_next_unknown())
 }
 
 /// The routing `experts[layers * top_k]` as per-layer slices, ids checked.

@@ -217,7 +217,7 @@ fn bench_scale(dir: &Path) {
         seed: 1,
     });
     save_trace(&t, &trace, Some(TraceFormat::Binary)).expect("write synthetic trace");
-    let set = ExampleSet::open_for_test(&[trace.clone()], None).expect("open");
+    let set = ExampleSet::open_for_test(std::slice::from_ref(&trace), None).expect("open");
     let opts = TrainOptions {
         traces: vec![trace],
         config: PredictorConfig::new(set.shape(), Task::Lookahead),

@@ -1,6 +1,6 @@
 //! Evaluation of a predictor and the baselines on the same (token, layer) targets.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use burn::tensor::Device;
@@ -13,6 +13,7 @@ use crate::config::{Query, Task};
 use crate::error::{PredictorError, Result};
 use crate::metrics::{rank_top, LayerCounts, SetMetrics};
 use crate::model::{BatchTensors, ExpertPredictor};
+pub use crate::report::{plot_f1, render_table};
 
 /// A method's figures for one forecast group.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -526,122 +527,6 @@ fn progress_bar(show: bool, len: usize) -> ProgressBar {
         .progress_chars("=> "),
     );
     b
-}
-
-/// The report as text: one table of overall figures per group, then F1 per layer.
-pub fn render_table(r: &EvalReport) -> String {
-    let mut s = String::new();
-    for (gi, g) in r.groups.iter().enumerate() {
-        s += &format!(
-            "{} ({}, top-{} of {}, {} sequences, {} tokens)\n",
-            g,
-            r.task.as_str(),
-            r.top_k,
-            r.n_experts,
-            r.sequences,
-            r.tokens
-        );
-        let shown: Vec<&MethodReport> = r
-            .methods
-            .iter()
-            .filter(|mr| mr.groups[gi].overall.sets > 0)
-            .collect();
-        let w = shown
-            .iter()
-            .map(|mr| mr.method.len())
-            .max()
-            .unwrap_or(0)
-            .max(18);
-        s += &format!(
-            "  {:<w$} {:>7} {:>9} {:>7} {:>7} {:>9} {:>9} {:>9}\n",
-            "method",
-            "F1",
-            "precision",
-            "recall",
-            "exact",
-            format!("recall@{}", r.budget),
-            "elem-acc",
-            "macro-F1"
-        );
-        for mr in &shown {
-            let o = &mr.groups[gi].overall;
-            s += &format!(
-                "  {:<w$} {:>7.4} {:>9.4} {:>7.4} {:>7.4} {:>9.4} {:>9.4} {:>9.4}\n",
-                mr.method,
-                o.f1,
-                o.precision,
-                o.recall,
-                o.exact_set_accuracy,
-                o.recall_at_budget,
-                o.elementwise_accuracy,
-                o.macro_f1
-            );
-        }
-        s += &format!("  F1 per layer ({g}):\n  {:<6}", "layer");
-        for mr in &shown {
-            s += &format!(" {:>w$}", mr.method);
-        }
-        s += "\n";
-        let n_layers = r.methods[0].groups[gi].per_layer.len();
-        for l in 0..n_layers {
-            if r.methods[0].groups[gi].per_layer[l].is_none() {
-                continue;
-            }
-            s += &format!("  {l:<6}");
-            for mr in &shown {
-                let f = mr.groups[gi].per_layer[l].map_or("-".into(), |x| format!("{:.4}", x.f1));
-                s += &format!(" {f:>w$}");
-            }
-            s += "\n";
-        }
-        s += "\n";
-    }
-    s
-}
-
-/// Writes one PNG per group: F1 per target layer for every method. Returns the files.
-pub fn plot_f1(r: &EvalReport, dir: &Path) -> Result<Vec<PathBuf>> {
-    use datasets::plot::{line_chart, Series};
-    std::fs::create_dir_all(dir).map_err(|e| PredictorError::io(dir, e))?;
-    let mut files = Vec::new();
-    for (gi, g) in r.groups.iter().enumerate() {
-        let series_data: Vec<(String, Vec<(f64, f64)>)> = r
-            .methods
-            .iter()
-            .filter(|mr| mr.groups[gi].overall.sets > 0)
-            .map(|mr| {
-                let pts = mr.groups[gi]
-                    .per_layer
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(l, x)| x.map(|x| (l as f64, x.f1)))
-                    .collect();
-                (mr.method.clone(), pts)
-            })
-            .collect();
-        let series: Vec<Series<'_>> = series_data
-            .iter()
-            .map(|(name, pts)| Series {
-                name,
-                points: pts.clone(),
-            })
-            .collect();
-        let slug: String = g
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-            .collect();
-        let path = dir.join(format!("f1_per_layer_{}_{}.png", r.task.as_str(), slug));
-        line_chart(
-            &path,
-            &format!("Top-{} F1 per MoE layer ({g})", r.top_k),
-            "MoE layer",
-            "F1",
-            &series,
-            None,
-        )?;
-        files.push(path);
-    }
-    Ok(files)
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ pub mod eval;
 pub mod metrics;
 pub mod model;
 pub mod prior;
+pub mod report;
 pub mod serve;
 pub mod state;
 pub mod token_table;

@@ -48,12 +48,12 @@ fn token_table_is_a_direct_count_ranked_as_documented() {
     let mut direct: BTreeMap<(u32, usize), Vec<f32>> = BTreeMap::new();
     let mut layer_counts = vec![vec![0f32; 16]; 4];
     for t in 0..n {
-        for l in 0..4 {
+        for (l, counts) in layer_counts.iter_mut().enumerate() {
             for &x in view.layer(t, l).unwrap() {
                 direct
                     .entry((view.token[t], l))
                     .or_insert_with(|| vec![0.0; 16])[x as usize] += 1.0;
-                layer_counts[l][x as usize] += 1.0;
+                counts[x as usize] += 1.0;
             }
         }
     }
