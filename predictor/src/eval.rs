@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::baselines::BaselineStats;
 use crate::config::{Query, Task};
 use crate::error::{PredictorError, Result};
-use crate::metrics::{rank_top, LayerCounts, SetMetrics};
+use crate::metrics::{rank_top, Calibration, CalibrationCounts, LayerCounts, SetMetrics};
 use crate::model::{BatchTensors, ExpertPredictor};
 pub use crate::report::{plot_f1, render_table};
 
@@ -20,6 +20,9 @@ pub use crate::report::{plot_f1, render_table};
 pub struct GroupReport {
     /// Overall figures (micro over tokens x target layers).
     pub overall: SetMetrics,
+    /// Reliability of the predicted probabilities (the predictor only; baselines rank).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<Calibration>,
     /// Per target MoE layer (`None` where the group has no target at that layer).
     pub per_layer: Vec<Option<SetMetrics>>,
 }
@@ -242,6 +245,7 @@ pub fn evaluate(
                 .collect()
         })
         .collect();
+    let mut calibration = vec![CalibrationCounts::default(); groups.len()];
     let bar = progress_bar(opts.progress, windows.len());
     let mut ranking = Vec::new();
     for chunk in windows.chunks(opts.batch_size.max(1)) {
@@ -272,6 +276,7 @@ pub fn evaluate(
                 stats.zip(slots),
                 GateMethods { gate, early },
                 &mut counts,
+                &mut calibration,
                 &mut ranking,
                 budget,
                 m,
@@ -281,7 +286,7 @@ pub fn evaluate(
         bar.inc(chunk.len() as u64);
     }
     bar.finish_and_clear();
-    let methods = names
+    let mut methods: Vec<MethodReport> = names
         .into_iter()
         .zip(counts)
         .map(|(method, per_group)| MethodReport {
@@ -289,6 +294,9 @@ pub fn evaluate(
             groups: per_group.iter().map(group_report).collect(),
         })
         .collect();
+    for (g, c) in methods[0].groups.iter_mut().zip(&calibration) {
+        g.calibration = Some(c.summary());
+    }
     let seqs: Vec<_> = set.split(split).collect();
     Ok(EvalReport {
         task: cfg.task,
@@ -335,6 +343,7 @@ pub fn score_before_id(
         .iter()
         .filter_map(|g| slot(&g.name).map(|i| (i, g)))
         .collect();
+    let mut calibration = CalibrationCounts::default();
     let mut ranking = Vec::new();
     for seq in set.split(split) {
         let view = set.view(seq.trace);
@@ -354,6 +363,7 @@ pub fn score_before_id(
                     let Some(truth) = truth else { continue };
                     rank_top(f.layer(l), report.budget, &mut ranking);
                     counts[0].add(l, &ranking, truth);
+                    calibration.add(f.layer(l), truth);
                     let Some(st) = &stats else { continue };
                     if let Some(i) = previous {
                         st.rank_previous(l, view.layer(t - 1, l), report.budget, &mut ranking);
@@ -371,6 +381,9 @@ pub fn score_before_id(
     report.groups.push(BEFORE_ID_GROUP.into());
     for (mr, c) in report.methods.iter_mut().zip(&counts) {
         mr.groups.push(group_report(c));
+    }
+    if let Some(g) = report.methods[0].groups.last_mut() {
+        g.calibration = Some(calibration.summary());
     }
     Ok(())
 }
@@ -427,6 +440,7 @@ fn score_query(
     stats: Option<(&BaselineStats, StatSlots)>,
     extra: GateMethods<'_>,
     counts: &mut [Vec<LayerCounts>],
+    calibration: &mut [CalibrationCounts],
     ranking: &mut Vec<u16>,
     budget: usize,
     m: usize,
@@ -447,11 +461,10 @@ fn score_query(
                 continue;
             };
             let group = if q.known == 0 { 0 } else { hh + 1 };
-            rank_top(
-                &z[row * width + hh * e..row * width + (hh + 1) * e],
-                budget,
-                ranking,
-            );
+            let logits = &z[row * width + hh * e..row * width + (hh + 1) * e];
+            rank_top(logits, budget, ranking);
+            let probs: Vec<f32> = logits.iter().map(|&x| 1.0 / (1.0 + (-x).exp())).collect();
+            calibration[group].add(&probs, truth);
             counts[0][group].add(layer, ranking, truth);
             if let (Some((gi, g)), true) = (extra.gate, q.known > 0) {
                 if let Some(x) = view.router_input_f32(t, q.known - 1) {
@@ -506,6 +519,7 @@ fn score_query(
 fn group_report(c: &LayerCounts) -> GroupReport {
     GroupReport {
         overall: c.total().summary(),
+        calibration: None,
         per_layer: c
             .layers
             .iter()
@@ -545,6 +559,7 @@ mod tests {
             macro_f1: 0.0,
         };
         GroupReport {
+            calibration: None,
             overall: m,
             per_layer: vec![Some(m)],
         }

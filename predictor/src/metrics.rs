@@ -159,9 +159,96 @@ pub fn rank_top(scores: &[f32], n: usize, out: &mut Vec<u16>) {
     out.sort_by(cmp);
 }
 
+/// Bins of predicted probability in a reliability curve.
+pub const CALIBRATION_BINS: usize = 10;
+
+/// One bin of a reliability curve: the (token, layer, expert) decisions whose predicted
+/// probability fell in `[lo, hi)`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ReliabilityBin {
+    pub lo: f64,
+    pub hi: f64,
+    pub count: u64,
+    /// Mean predicted probability of the bin's decisions.
+    pub mean_prob: f64,
+    /// Share of them whose expert was chosen.
+    pub frequency: f64,
+}
+
+/// How well predicted probabilities match observed frequencies.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Calibration {
+    pub bins: Vec<ReliabilityBin>,
+    /// Expected calibration error: `sum_b (n_b / N) |frequency_b - mean_prob_b|`.
+    pub ece: f64,
+}
+
+/// Running sums of a reliability curve.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CalibrationCounts {
+    count: [u64; CALIBRATION_BINS],
+    sum_p: [f64; CALIBRATION_BINS],
+    chosen: [u64; CALIBRATION_BINS],
+}
+
+impl CalibrationCounts {
+    /// Adds one (token, layer): `probs` of every expert, `truth` the chosen ones.
+    pub fn add(&mut self, probs: &[f32], truth: &[u16]) {
+        for (x, &p) in probs.iter().enumerate() {
+            let b = ((p as f64 * CALIBRATION_BINS as f64) as usize).min(CALIBRATION_BINS - 1);
+            self.count[b] += 1;
+            self.sum_p[b] += p as f64;
+            self.chosen[b] += truth.contains(&(x as u16)) as u64;
+        }
+    }
+
+    /// The reliability curve (empty bins left out) and its expected calibration error.
+    pub fn summary(&self) -> Calibration {
+        let total = self.count.iter().sum::<u64>().max(1) as f64;
+        let w = 1.0 / CALIBRATION_BINS as f64;
+        let bins: Vec<ReliabilityBin> = (0..CALIBRATION_BINS)
+            .filter(|&b| self.count[b] > 0)
+            .map(|b| {
+                let n = self.count[b] as f64;
+                ReliabilityBin {
+                    lo: b as f64 * w,
+                    hi: (b + 1) as f64 * w,
+                    count: self.count[b],
+                    mean_prob: self.sum_p[b] / n,
+                    frequency: self.chosen[b] as f64 / n,
+                }
+            })
+            .collect();
+        let ece = bins
+            .iter()
+            .map(|b| b.count as f64 / total * (b.frequency - b.mean_prob).abs())
+            .sum();
+        Calibration { bins, ece }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn calibration_bins_and_ece_follow_their_definitions() {
+        let mut c = CalibrationCounts::default();
+        // Two (token, layer) pairs of 4 experts: 0.95 for a chosen expert (bin 9); 0.15
+        // for three unchosen experts and one chosen (bin 1); 0.55 for one chosen and one
+        // unchosen (bin 5).
+        c.add(&[0.95, 0.15, 0.15, 0.55], &[0, 3]);
+        c.add(&[0.95, 0.15, 0.55, 0.15], &[0, 1]);
+        let s = c.summary();
+        let bin = |lo: f64| *s.bins.iter().find(|b| (b.lo - lo).abs() < 1e-9).unwrap();
+        assert_eq!(s.bins.len(), 3);
+        let (b1, b5, b9) = (bin(0.1), bin(0.5), bin(0.9));
+        assert_eq!((b1.count, b5.count, b9.count), (4, 2, 2));
+        assert!((b1.mean_prob - 0.15).abs() < 1e-6 && (b1.frequency - 0.25).abs() < 1e-12);
+        assert_eq!((b5.frequency, b9.frequency), (0.5, 1.0));
+        let want = (4.0 * 0.1 + 2.0 * 0.05 + 2.0 * 0.05) / 8.0;
+        assert!((s.ece - want).abs() < 1e-6, "{} vs {want}", s.ece);
+    }
     use rand::rngs::StdRng;
     use rand::seq::SliceRandom;
     use rand::{Rng, SeedableRng};

@@ -72,12 +72,25 @@ pub fn render_table(r: &EvalReport) -> String {
             }
             s += "\n";
         }
+        if let Some(c) = &r.methods[0].groups[gi].calibration {
+            s += &format!(
+                "  calibration of the predictor's probabilities ({g}): expected calibration error {:.4}\n  {:<12} {:>10} {:>9} {:>9}\n",
+                c.ece, "probability", "decisions", "mean p", "observed"
+            );
+            for b in &c.bins {
+                s += &format!(
+                    "  [{:.1}, {:.1})   {:>10} {:>9.4} {:>9.4}\n",
+                    b.lo, b.hi, b.count, b.mean_prob, b.frequency
+                );
+            }
+        }
         s += "\n";
     }
     s
 }
 
-/// Writes one PNG per group: F1 per target layer for every method. Returns the files.
+/// Writes one PNG per group (F1 per target layer for every method) and the reliability
+/// curve of the predictor's probabilities. Returns the files.
 pub fn plot_f1(r: &EvalReport, dir: &Path) -> Result<Vec<PathBuf>> {
     use datasets::plot::{line_chart, Series};
     std::fs::create_dir_all(dir).map_err(|e| PredictorError::io(dir, e))?;
@@ -114,6 +127,39 @@ pub fn plot_f1(r: &EvalReport, dir: &Path) -> Result<Vec<PathBuf>> {
             &format!("Top-{} F1 per MoE layer ({g})", r.top_k),
             "MoE layer",
             "F1",
+            &series,
+            None,
+        )?;
+        files.push(path);
+    }
+    let curves: Vec<(String, Vec<(f64, f64)>)> = r
+        .groups
+        .iter()
+        .zip(&r.methods[0].groups)
+        .filter_map(|(g, gr)| {
+            let c = gr.calibration.as_ref()?;
+            let pts = c.bins.iter().map(|b| (b.mean_prob, b.frequency)).collect();
+            Some((format!("{g} (ECE {:.3})", c.ece), pts))
+        })
+        .collect();
+    if !curves.is_empty() {
+        let mut series: Vec<Series<'_>> = curves
+            .iter()
+            .map(|(name, pts)| Series {
+                name,
+                points: pts.clone(),
+            })
+            .collect();
+        series.push(Series {
+            name: "perfectly calibrated",
+            points: vec![(0.0, 0.0), (1.0, 1.0)],
+        });
+        let path = dir.join(format!("reliability_{}.png", r.task.as_str()));
+        line_chart(
+            &path,
+            "Reliability of the predictor's probabilities",
+            "predicted probability",
+            "observed frequency",
             &series,
             None,
         )?;

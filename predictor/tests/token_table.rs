@@ -174,6 +174,24 @@ fn predictor_beats_the_table_where_the_previous_routing_adds_information() {
         f1(&r, "previous-token"),
     );
     assert!(p > table + 0.1, "predictor {p} vs token table {table}");
+    // The predictor's probabilities come with their reliability curve: every
+    // (token, layer, expert) decision in one bin, the error a weighted mean gap.
+    let g = &r.method("predictor").unwrap().groups[0];
+    let c = g
+        .calibration
+        .as_ref()
+        .expect("calibration of the predictor");
+    let decisions: u64 = c.bins.iter().map(|b| b.count).sum();
+    assert_eq!(decisions, g.overall.sets * 16);
+    let ece: f64 = c
+        .bins
+        .iter()
+        .map(|b| b.count as f64 / decisions as f64 * (b.frequency - b.mean_prob).abs())
+        .sum();
+    assert!((ece - c.ece).abs() < 1e-9 && c.ece < 0.5, "{c:?}");
+    assert!(r.method("token table").unwrap().groups[0]
+        .calibration
+        .is_none());
     assert!(table > prev, "token table {table} vs previous-token {prev}");
     // Without training, the predictor is the table: its step-0 candidate was recorded.
     let card = LoadedPredictor::load(&opts.out, &BackendKind::from_test_env().device())
