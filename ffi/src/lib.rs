@@ -53,6 +53,15 @@ pub struct mc_session {
     online: OnlinePredictor,
 }
 
+/// The thread rules the header states, checked by the compiler: a predictor may be
+/// shared by threads, a session moved to another thread.
+const _: () = {
+    const fn shareable<T: Send + Sync>() {}
+    const fn movable<T: Send>() {}
+    shareable::<mc_predictor>();
+    movable::<mc_session>();
+};
+
 thread_local! {
     static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
 }
