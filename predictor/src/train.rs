@@ -140,11 +140,21 @@ fn warmup_steps(s: &TrainSettings, total: u64) -> u64 {
     (s.warmup_steps as u64).min((total / 10).max(1))
 }
 
-/// Early stopping waits for `patience` validations without a better F1, and never
-/// stops before the warm-up is over and a fifth of the planned steps are done.
+/// Optimiser steps early stopping waits without a better validation F1, at least, however
+/// short the epochs.
+const PATIENCE_MIN_STEPS: u64 = 100;
+
+/// Early stopping waits for `patience` validations without a better F1 that span at
+/// least [`PATIENCE_MIN_STEPS`] steps (an epoch of a small trace is a couple of steps),
+/// and never stops before the warm-up is over and a fifth of the planned steps are done.
 fn should_stop(p: &TrainProgress, s: &TrainSettings, step: u64, total: u64) -> bool {
     let min_steps = warmup_steps(s, total).max(total / 5);
-    p.epoch >= s.max_epochs || (p.epochs_since_best >= s.patience && step >= min_steps)
+    let per_epoch = total / s.max_epochs.max(1) as u64;
+    let waited = p.epochs_since_best as u64 * per_epoch;
+    p.epoch >= s.max_epochs
+        || (p.epochs_since_best >= s.patience
+            && waited >= PATIENCE_MIN_STEPS
+            && step >= min_steps)
 }
 
 fn lr_at(s: &TrainSettings, step: u64, total: u64) -> f64 {
