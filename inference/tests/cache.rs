@@ -492,3 +492,54 @@ fn learned_plan_forecasts_the_next_token_before_its_id_only_when_trained_to() {
         }
     }
 }
+
+#[test]
+fn token_prefetch_asks_each_layer_horizon_layers_ahead_from_the_token_table() {
+    let trace = datasets::synth::token_routed_trace(
+        &SynthConfig {
+            n_layers: 4,
+            n_experts: 16,
+            top_k: 2,
+            sequences: 6,
+            tokens_per_sequence: 40,
+            seed: 9,
+            ..SynthConfig::default()
+        },
+        20,
+    );
+    let view = trace.view();
+    let seqs = view.sequence_ranges();
+    let (m, e) = (view.meta.n_moe(), view.meta.n_experts as usize);
+    let mut stats = predictor::baselines::BaselineStats::new(
+        datasets::examples::RoutingShape::of(view.meta),
+        1,
+    );
+    for r in &seqs {
+        stats.add_tokens(&view, r.clone());
+    }
+    let horizon = 2;
+    let plan = prefetch::token(&view, &seqs, &stats, 2, horizon);
+    let mut ranking = Vec::new();
+    for t in 0..view.n_tokens() {
+        let mut want: Vec<Vec<u32>> = vec![Vec::new(); m + 1];
+        for l in 0..m {
+            stats.rank_token(l, Some(view.token[t]), 2, &mut ranking);
+            // Layers 0..horizon at the token's start, layer l after layer l - horizon.
+            let slot = (l + 1).saturating_sub(horizon);
+            want[slot].extend(ranking.iter().map(|&x| (l * e + x as usize) as u32));
+        }
+        for (slot, w) in want.iter().enumerate() {
+            assert_eq!(plan.at(t, slot), &w[..], "token {t} slot {slot}");
+        }
+    }
+    // The id fixes one of each layer's two experts: the table's prefetches hit where
+    // demand paging alone cannot.
+    let none = PrefetchPlan::empty("none", view.n_tokens(), m);
+    let cfg = config(16, false, "lru", false);
+    let plain = simulate(&view, &seqs, &none, &cfg).unwrap();
+    let token = simulate(&view, &seqs, &plan, &cfg).unwrap();
+    assert!(
+        token.hits > plain.hits + plain.accesses / 5,
+        "{token:?} vs {plain:?}"
+    );
+}

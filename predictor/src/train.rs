@@ -152,9 +152,7 @@ fn should_stop(p: &TrainProgress, s: &TrainSettings, step: u64, total: u64) -> b
     let per_epoch = total / s.max_epochs.max(1) as u64;
     let waited = p.epochs_since_best as u64 * per_epoch;
     p.epoch >= s.max_epochs
-        || (p.epochs_since_best >= s.patience
-            && waited >= PATIENCE_MIN_STEPS
-            && step >= min_steps)
+        || (p.epochs_since_best >= s.patience && waited >= PATIENCE_MIN_STEPS && step >= min_steps)
 }
 
 fn lr_at(s: &TrainSettings, step: u64, total: u64) -> f64 {
