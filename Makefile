@@ -28,7 +28,7 @@ build:
 # there, see Cargo.toml), and steps that each use one core run side by side
 # (tools/side_by_side.sh: the two collections; training beside the statistics; the
 # engine run beside the evaluation; the sweep beside the policy table, their output shown
-# after), so a fresh clone finishes in under 10 minutes on 2 cores. For the time budget the predictor is narrower and trains
+# after), to keep a fresh clone near its 10-minute budget on 2 cores (docs/results.md has the measured time). For the time budget the predictor is narrower and trains
 # shorter than `make demo-hidden`'s; `make bench` measures speed with the optimised build.
 # Training hides 10% of the token ids (--token-dropout), so the predictor also forecasts
 # each next token's first layer before its id is sampled. The engine run evicts by
