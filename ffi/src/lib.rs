@@ -181,10 +181,7 @@ pub unsafe extern "C" fn mc_predictor_shape(
 ) -> c_int {
     guard(|| {
         let c = &non_null(p, "p")?.loaded.card.config;
-        let horizon_value = match c.task {
-            Task::Lookahead => c.horizon.min(c.routing.n_moe - 1),
-            Task::NextToken => 0,
-        };
+        let horizon_value = c.lookahead_horizon();
         for (ptr, value, name) in [
             (n_moe_layers, c.routing.n_moe, "n_moe_layers"),
             (n_experts, c.routing.n_experts, "n_experts"),
@@ -259,16 +256,6 @@ pub unsafe extern "C" fn mc_session_reset(s: *mut mc_session) -> c_int {
     })
 }
 
-/// Writes the `budget` most likely experts of each layer of `f`, best first, into
-/// `out` (`rows` layers of `budget`; layers `f` lacks are filled with 0xFFFF).
-fn write_top(f: &ExpertForecast, budget: u32, rows: usize, out: &mut [u16]) {
-    let b = budget as usize;
-    out.fill(u16::MAX);
-    for (i, layer) in (f.first_layer..f.first_layer + f.n_layers().min(rows)).enumerate() {
-        out[i * b..(i + 1) * b].copy_from_slice(&f.top(layer, b));
-    }
-}
-
 fn check_budget(p: &LoadedPredictor, budget: u32) -> Result<(), Failure> {
     let e = p.card.config.routing.n_experts;
     if budget == 0 || budget as usize > e {
@@ -291,7 +278,7 @@ fn next_forecast(
         let m = s.online.predictor().card.config.routing.n_moe;
         let out = slice_mut(out, m * budget as usize, "out")?;
         let f = forecast(&mut s.online).or_else(|e| fail(MC_ERR_PREDICT, e.to_string()))?;
-        write_top(&f, budget, m, out);
+        out.copy_from_slice(&f.top_rows(budget as usize, m));
         Ok(())
     })
 }
@@ -415,7 +402,7 @@ pub unsafe extern "C" fn mc_session_predict_lookahead_input(
         if known == 0 || known >= m {
             return fail(MC_ERR_ARG, format!("known {known} is outside 1..{m}"));
         }
-        let horizon = c.horizon.min(m - 1);
+        let horizon = c.lookahead_horizon();
         let experts = slice(experts, known * k, "experts")?;
         let given = layers_of(p, experts, known)?;
         let x = slice(router_input, input_len, "router_input")?;
@@ -424,7 +411,7 @@ pub unsafe extern "C" fn mc_session_predict_lookahead_input(
             .online
             .predict_lookahead_with_input(token, &given, (!x.is_empty()).then_some(x))
             .or_else(|e| fail(MC_ERR_PREDICT, e.to_string()))?;
-        write_top(&f, budget, horizon, out);
+        out.copy_from_slice(&f.top_rows(budget as usize, horizon));
         Ok(())
     })
 }

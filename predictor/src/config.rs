@@ -239,6 +239,14 @@ impl PredictorConfig {
         ))
     }
 
+    /// Layers one lookahead forecast covers (0 for next-token predictors).
+    pub fn lookahead_horizon(&self) -> usize {
+        match self.task {
+            Task::Lookahead => self.horizon.min(self.routing.n_moe - 1),
+            Task::NextToken => 0,
+        }
+    }
+
     /// The queries of this predictor's task (what it is evaluated on).
     pub fn queries(&self) -> Vec<Query> {
         self.task.queries(self.routing.n_moe, self.horizon)

@@ -48,6 +48,18 @@ impl ExpertForecast {
         rank_top(self.layer(layer), n, &mut out);
         out
     }
+
+    /// The `n` most likely experts of each of `rows` layers from the first covered,
+    /// flat and best first; rows past the covered layers are `u16::MAX` (what the C and
+    /// Python bindings return).
+    pub fn top_rows(&self, n: usize, rows: usize) -> Vec<u16> {
+        let mut out = vec![u16::MAX; rows * n];
+        let layers = self.first_layer..self.first_layer + self.n_layers().min(rows);
+        for (i, layer) in layers.enumerate() {
+            out[i * n..(i + 1) * n].copy_from_slice(&self.top(layer, n));
+        }
+        out
+    }
 }
 
 /// A predictor with incremental state for one sequence.

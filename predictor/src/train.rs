@@ -241,6 +241,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let device = opts.backend.device();
     device.seed(st.seed);
     let ad = device.clone().autodiff();
+    let per_epoch = train_windows.len().div_ceil(st.batch_size).max(1);
+    let total_steps = (per_epoch * st.max_epochs) as u64;
+    let token_ids = crate::card::TokenIdUse::of(&stats, cfg.token_buckets);
     let resumed: Option<(u64, TrainProgress)> = ckpt.load_state()?;
     let (mut step, mut model, mut optim, mut prog) = match resumed {
         Some((step, p)) => {
@@ -248,8 +251,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             let mut p = p;
             (p.settings.max_epochs, p.settings.patience) = (st.max_epochs, st.patience);
             p.settings.checkpoint_every = st.checkpoint_every;
-            let total = (train_windows.len().div_ceil(st.batch_size).max(1) * st.max_epochs) as u64;
-            p.finished = should_stop(&p, st, step, total);
+            p.finished = should_stop(&p, st, step, total_steps);
             let model = ckpt.load_model(step, ExpertPredictor::new(cfg, &ad))?;
             let optim = ckpt.load_optim(step, optimizer(&p.settings))?;
             (step, model, optim, p)
@@ -275,8 +277,6 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         }
     };
     let start_step = step;
-    let per_epoch = train_windows.len().div_ceil(st.batch_size).max(1);
-    let total_steps = (per_epoch * st.max_epochs) as u64;
     let stop = opts.run_steps.map(|r| start_step + r);
     let queries = cfg.training_queries();
     let bar = train_bar(opts.progress, total_steps, step);
@@ -431,7 +431,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             set.meta().clone(),
             validation.as_ref(),
             &model,
-            crate::card::TokenIdUse::of(&stats, cfg.token_buckets),
+            token_ids,
         ))?;
         ckpt.save(step, &model, &optim, &prog)?;
         model = fresh_leaves(model);

@@ -11,7 +11,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use predictor::device::BackendKind;
-use predictor::{ExpertForecast, LoadedPredictor, OnlinePredictor, Task};
+use predictor::{LoadedPredictor, OnlinePredictor, Task};
 
 pyo3::create_exception!(_moecast, MoecastError, PyException);
 
@@ -55,11 +55,7 @@ impl Predictor {
     /// Layers a lookahead forecast covers (0 for next-token predictors).
     #[getter]
     fn horizon(&self) -> usize {
-        let c = &self.loaded.card.config;
-        match c.task {
-            Task::Lookahead => c.horizon.min(c.routing.n_moe - 1),
-            Task::NextToken => 0,
-        }
+        self.loaded.card.config.lookahead_horizon()
     }
 
     /// Width of the router input lookahead forecasts read (0: none).
@@ -86,15 +82,6 @@ impl Predictor {
 struct Session {
     /// Boxed for the same reason as [`Predictor::loaded`].
     online: Box<OnlinePredictor>,
-}
-
-/// The `budget` best experts of each of `rows` layers of `f` (0xFFFF past its layers).
-fn top(f: &ExpertForecast, budget: usize, rows: usize) -> Vec<u16> {
-    let mut out = vec![u16::MAX; rows * budget];
-    for (i, l) in (f.first_layer..f.first_layer + f.n_layers().min(rows)).enumerate() {
-        out[i * budget..(i + 1) * budget].copy_from_slice(&f.top(l, budget));
-    }
-    out
 }
 
 impl Session {
@@ -141,7 +128,7 @@ impl Session {
         let b = self.budget(budget)?;
         let m = self.online.predictor().card.config.routing.n_moe;
         let f = self.online.predict_next(token).map_err(err)?;
-        Ok(PyArray1::from_vec(py, top(&f, b, m)))
+        Ok(PyArray1::from_vec(py, f.top_rows(b, m)))
     }
 
     /// Flat forecast of every layer of the next token before its id is sampled.
@@ -154,7 +141,7 @@ impl Session {
         let b = self.budget(budget)?;
         let m = self.online.predictor().card.config.routing.n_moe;
         let f = self.online.predict_next_unknown().map_err(err)?;
-        Ok(PyArray1::from_vec(py, top(&f, b, m)))
+        Ok(PyArray1::from_vec(py, f.top_rows(b, m)))
     }
 
     /// Flat `[horizon * budget]` forecast of the layers after the `known` routed ones
@@ -186,12 +173,12 @@ impl Session {
             Some(x) => Some(x.as_slice().map_err(err)?),
             None => None,
         };
-        let horizon = c.horizon.min(m - 1);
+        let horizon = c.lookahead_horizon();
         let f = self
             .online
             .predict_lookahead_with_input(token, &given, x)
             .map_err(err)?;
-        Ok(PyArray1::from_vec(py, top(&f, b, horizon)))
+        Ok(PyArray1::from_vec(py, f.top_rows(b, horizon)))
     }
 
     /// The token's full routing (`n_moe_layers * top_k` ids); advances the session.
