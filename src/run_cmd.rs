@@ -31,9 +31,12 @@ pub(crate) struct RunArgs {
     /// that id. Alone or beside --predictor (both prefetch).
     #[arg(long)]
     token_table: Option<PathBuf>,
-    /// Experts prefetched per forecast layer (default: top-k).
-    #[arg(long)]
-    prefetch_budget: Option<usize>,
+    /// Prefetch budget: `auto` (planned against the measured link: each forecast expert
+    /// is read only when its calibrated probability pays for the read, queued reads of a
+    /// layer that routed elsewhere are cancelled) or N (the best N experts of every
+    /// forecast layer).
+    #[arg(long, default_value = "auto")]
+    prefetch_budget: String,
     /// With a lookahead predictor, also forecast the next layers after each layer (more
     /// hits, one predictor query per layer on the decode thread).
     #[arg(long)]
@@ -112,7 +115,12 @@ pub(crate) fn run(a: RunArgs) -> Result<()> {
         policy: a.policy.parse().map_err(anyhow::Error::msg)?,
         predictor: a.predictor,
         token_table: a.token_table,
-        budget: a.prefetch_budget,
+        budget: match a.prefetch_budget.as_str() {
+            "auto" => None,
+            n => Some(n.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(|| {
+                anyhow::anyhow!("bad --prefetch-budget '{n}' (auto or a positive number)")
+            })?),
+        },
         layer_forecasts: a.layer_forecasts,
         pre_attention: a.pre_attention,
         lens: a.lens,
@@ -134,15 +142,22 @@ pub(crate) fn run(a: RunArgs) -> Result<()> {
     let r = &out.report;
     let mb = |b: u64| b as f64 / 1e6;
     println!(
-        "{} prompts: {} prompt + {} decode tokens; cache {} of {} experts, policy {}, prefetch {}",
+        "{} prompts: {} prompt + {} decode tokens; cache {} of {} experts, policy {}, prefetch {} (budget {})",
         cfg.prompts.len(),
         r.prompt_tokens,
         r.decode_tokens,
         r.capacity,
         r.total_experts,
         r.policy,
-        r.prefetch
+        r.prefetch,
+        r.budget
     );
+    if let Some(c) = &r.planner {
+        println!(
+            "planner: {} candidates offered, {} read, {} would land too late, {} not worth their read, {} cancelled (their layer routed elsewhere)",
+            c.offered, c.issued, c.late, c.not_worth, c.cancelled
+        );
+    }
     println!(
         "decode: {:.1} tokens/s, hit rate {:.1}% ({} hits, {} late, {} misses of {} lookups), stall {:.2} ms/token ({:.2} s)",
         r.tokens_per_s(),

@@ -43,9 +43,16 @@ pub(crate) struct SimulateArgs {
     /// lens prefetch: its LM head read at the last MoE layer's router input).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Experts prefetched per predicted layer and event (default top-k).
-    #[arg(long)]
-    budget: Option<usize>,
+    /// Prefetch budgets, comma-separated: `auto` (the planner: each forecast expert is
+    /// read only when it pays against the link, from its calibrated probability, its
+    /// deadline and the link's queue; reads go in --chunk-bytes chunks behind demand
+    /// reads) or N (the best N experts of every predicted layer at every event).
+    #[arg(long, default_value = "auto", value_delimiter = ',')]
+    budget: Vec<String>,
+    /// Planned prefetch reads go in chunks of this many bytes; a demand read waits at
+    /// most for the chunk on the link.
+    #[arg(long, default_value_t = 1048576.0)]
+    chunk_bytes: f64,
     /// Layers ahead for the coactivation, activation, gate and learned prefetchers
     /// (learned: at most the predictor's own horizon).
     #[arg(long, default_value_t = 3)]
@@ -148,7 +155,30 @@ pub(crate) fn simulate_cmd(a: SimulateArgs) -> Result<()> {
     {
         bail!("--bandwidth must be positive, --compute-us-per-layer and --attention-us-per-layer not negative");
     }
-    let budget = a.budget.unwrap_or(k);
+    // None: planned (auto).
+    let budgets: Vec<Option<usize>> = a
+        .budget
+        .iter()
+        .map(|b| match b.as_str() {
+            "auto" => Ok(None),
+            n => n
+                .parse::<usize>()
+                .ok()
+                .filter(|&n| n > 0)
+                .map(Some)
+                .ok_or_else(|| anyhow!("bad --budget '{b}' (auto or a positive number)")),
+        })
+        .collect::<Result<_>>()?;
+    if !(a.chunk_bytes > 0.0) {
+        bail!("--chunk-bytes must be positive");
+    }
+    // The planner picks from twice top-k candidates per layer.
+    let budget = budgets
+        .iter()
+        .map(|b| b.unwrap_or(2 * k))
+        .max()
+        .unwrap_or(k)
+        .min(e);
     // Each --prefetch entry is a prefetcher or a union such as learned+pre-attention.
     let combos: Vec<Vec<PrefetchKind>> = a
         .prefetch
@@ -296,20 +326,32 @@ pub(crate) fn simulate_cmd(a: SimulateArgs) -> Result<()> {
             };
             plans.push(plan);
         }
-        let plans: Vec<PrefetchPlan> = combos
-            .iter()
-            .map(|combo| {
-                let parts: Vec<&PrefetchPlan> = combo
-                    .iter()
-                    .filter_map(|k| kinds.iter().position(|x| x == k).map(|i| &plans[i]))
-                    .collect();
-                PrefetchPlan::union(&parts)
-            })
-            .collect();
+        // Each prefetcher at each budget (none and the oracle once: they have none).
+        let mut plans_at: Vec<(PrefetchPlan, Option<usize>, bool)> = Vec::new();
+        for combo in &combos {
+            let parts: Vec<&PrefetchPlan> = combo
+                .iter()
+                .filter_map(|k| kinds.iter().position(|x| x == k).map(|i| &plans[i]))
+                .collect();
+            let plan = PrefetchPlan::union(&parts);
+            if combo
+                .iter()
+                .all(|k| matches!(k, PrefetchKind::None | PrefetchKind::Oracle))
+            {
+                plans_at.push((plan, None, false));
+                continue;
+            }
+            for b in &budgets {
+                match b {
+                    Some(n) => plans_at.push((plan.truncated(*n, e), Some(*n), false)),
+                    None => plans_at.push((plan.clone(), None, true)),
+                }
+            }
+        }
         let mut i = 0;
         for (size, &capacity) in sizes.iter().zip(&capacities) {
             for policy in &a.policy {
-                for plan in &plans {
+                for (plan, fixed, planned) in &plans_at {
                     let cfg = SimConfig {
                         capacity,
                         per_layer: a.per_layer,
@@ -320,18 +362,30 @@ pub(crate) fn simulate_cmd(a: SimulateArgs) -> Result<()> {
                         attention_us_per_layer: a.attention_us_per_layer,
                         untimed: false,
                         deadline_order: a.link_order == LinkOrder::Deadline,
+                        chunk_bytes: if *planned { a.chunk_bytes } else { 0.0 },
+                        planned: *planned,
                     };
-                    let r = simulate(&view, &seqs, plan, &cfg).map_err(anyhow::Error::msg)?;
+                    let label = match (fixed, planned) {
+                        (Some(n), _) => n.to_string(),
+                        (None, true) => "auto".to_string(),
+                        (None, false) => "-".to_string(),
+                    };
+                    let mut r = simulate(&view, &seqs, plan, &cfg).map_err(anyhow::Error::msg)?;
+                    r.budget = label.clone();
                     let u = simulate(
                         &view,
                         &seqs,
                         plan,
+                        // Untimed there is no link to plan against: every candidate is read.
                         &SimConfig {
                             untimed: true,
+                            planned: false,
+                            chunk_bytes: 0.0,
                             ..cfg
                         },
                     )
                     .map_err(anyhow::Error::msg)?;
+                    let u = SimReport { budget: label, ..u };
                     match results.get_mut(i) {
                         Some((_, rt, ut)) => {
                             rt.merge(&r);
@@ -353,10 +407,14 @@ pub(crate) fn simulate_cmd(a: SimulateArgs) -> Result<()> {
         );
     }
     println!(
-        "{} tokens, {} MoE layers x {} experts (top-{k}); expert {:.0} bytes over {} GB/s = {:.1} us, compute {} us/layer{}, prefetch budget {budget}/layer{}",
+        "{} tokens, {} MoE layers x {} experts (top-{k}); expert {:.0} bytes over {} GB/s = {:.1} us, compute {} us/layer{}{}",
         tokens, m, e, expert_bytes, a.bandwidth, expert_bytes / (a.bandwidth * 1e3), a.compute_us_per_layer,
         if a.attention_us_per_layer > 0.0 { format!(" after {} us of attention", a.attention_us_per_layer) } else { String::new() },
         if a.link_order == LinkOrder::Issue { ", sent in the order issued" } else { "" }
+    );
+    println!(
+        "budget N: the best N experts of every forecast layer at every event; auto: planned against the link (from {budget} candidates per layer, {:.0}-byte chunks, losers cancelled); untimed: every candidate read instantly",
+        a.chunk_bytes
     );
     let w = results
         .iter()
@@ -365,10 +423,11 @@ pub(crate) fn simulate_cmd(a: SimulateArgs) -> Result<()> {
         .unwrap_or(0)
         .max(13);
     println!(
-        "{:>8} {:>7} {:<w$} {:>8} {:>8} {:>9} {:>10} {:>9} {:>9} {:>12}",
+        "{:>8} {:>7} {:<w$} {:>6} {:>8} {:>8} {:>9} {:>10} {:>9} {:>9} {:>12}",
         "cache",
         "policy",
         "prefetch",
+        "budget",
         "hit",
         "late",
         "stall/tok",
@@ -379,10 +438,11 @@ pub(crate) fn simulate_cmd(a: SimulateArgs) -> Result<()> {
     );
     for (size, r, u) in &results {
         println!(
-            "{:>8} {:>7} {:<w$} {:>7.1}% {:>7.1}% {:>7.1}us {:>10.0} {:>9.1} {:>8.1}% {:>11.1}%",
+            "{:>8} {:>7} {:<w$} {:>6} {:>7.1}% {:>7.1}% {:>7.1}us {:>10.0} {:>9.1} {:>8.1}% {:>11.1}%",
             format!("{size}={}", r.capacity),
             r.policy,
             r.prefetch,
+            r.budget,
             100.0 * r.hit_rate(),
             100.0 * r.late as f64 / r.accesses.max(1) as f64,
             r.stall_us_per_token(),
@@ -398,7 +458,7 @@ pub(crate) fn simulate_cmd(a: SimulateArgs) -> Result<()> {
             "compute_us_per_layer": a.compute_us_per_layer,
             "attention_us_per_layer": a.attention_us_per_layer,
             "link_order": if a.link_order == LinkOrder::Issue { "issue" } else { "deadline" },
-            "budget": budget, "horizon": a.horizon, "per_layer_cache": a.per_layer,
+            "budgets": a.budget, "chunk_bytes": a.chunk_bytes, "candidates_per_layer": budget, "horizon": a.horizon, "per_layer_cache": a.per_layer,
         });
         let rows: Vec<serde_json::Value> = results
             .iter()
@@ -417,7 +477,10 @@ pub(crate) fn simulate_cmd(a: SimulateArgs) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
         let mut series_data: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
         for (_, r, _) in &results {
-            let name = format!("{} + {}", r.policy, r.prefetch);
+            let name = match r.budget.as_str() {
+                "-" => format!("{} + {}", r.policy, r.prefetch),
+                b => format!("{} + {} ({b})", r.policy, r.prefetch),
+            };
             let x = 100.0 * r.capacity as f64 / total as f64;
             match series_data.iter_mut().find(|(n, _)| *n == name) {
                 Some((_, pts)) => pts.push((x, 100.0 * r.hit_rate())),

@@ -60,10 +60,14 @@ fn simulate_policies_and_prefetchers() {
             r["hit_rate"].as_f64().unwrap(),
             r["untimed_hit_rate"].as_f64().unwrap(),
         );
+        // A fixed plan read instantly is never later; a planned row's untimed figure
+        // reads every candidate, which can pollute the cache more than the planner.
+        let planned = r["timed"]["budget"] == "auto";
         assert!(
-            (0.0..=1.0).contains(&h) && u + 1e-12 >= h,
+            (0.0..=1.0).contains(&h) && (planned || u + 1e-12 >= h),
             "untimed prefetch is never later: {r}"
         );
+        assert_eq!(planned, !r["timed"]["planner"].is_null(), "{r}");
         // The settings it ran with, and where the hits are, layer by layer.
         assert_eq!(r["settings"]["expert_bytes"], 10000.0, "{r}");
         assert_eq!(r["settings"]["link_order"], "deadline", "{r}");

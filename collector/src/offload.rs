@@ -67,7 +67,8 @@ pub struct OffloadRunConfig {
     pub predictor: Option<PathBuf>,
     /// A predictor directory whose token table prefetches at each token's start.
     pub token_table: Option<PathBuf>,
-    /// Experts prefetched per forecast layer (default: top-k).
+    /// Experts prefetched per forecast layer; `None`: planned against the measured link
+    /// (twice top-k candidates per layer, each read only when it pays).
     pub budget: Option<usize>,
     /// With a lookahead predictor, also forecast the next layers after each layer.
     pub layer_forecasts: bool,
@@ -150,7 +151,8 @@ pub fn run_offloaded(cfg: &OffloadRunConfig) -> Result<OffloadRun, CollectError>
     let engine_cfg = EngineConfig {
         capacity: cfg.cache.experts(total),
         policy: cfg.policy,
-        budget: cfg.budget.unwrap_or(shape.top_k),
+        budget: cfg.budget.unwrap_or(2 * shape.top_k),
+        planned: cfg.budget.is_none(),
         layer_forecasts: cfg.layer_forecasts,
         pre_attention: cfg.pre_attention,
         lens: cfg.lens,

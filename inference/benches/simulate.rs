@@ -35,6 +35,8 @@ fn main() {
             attention_us_per_layer: 0.0,
             untimed: false,
             deadline_order: false,
+            chunk_bytes: 0.0,
+            planned: false,
         };
         let t0 = Instant::now();
         let r = simulate(&view, &seqs, &plan, &cfg).expect("simulate");

@@ -353,6 +353,41 @@ impl ExpertCache {
         Insertion::Done { evicted }
     }
 
+    /// The expert that inserting `id` would evict: `Some(None)` when a slot is free,
+    /// `None` when every candidate is in `pinned`.
+    pub fn victim(&mut self, id: usize, pinned: &[usize]) -> Option<Option<usize>> {
+        let p = self.pool_of(id);
+        if self.pools[p].len < self.pools[p].capacity {
+            return Some(None);
+        }
+        let mut skipped = Vec::new();
+        let mut found = None;
+        while let Some(entry) = self.pools[p].keys.pop() {
+            let (_, vid, v) = entry;
+            let vi = vid as usize;
+            if !self.resident[vi] || self.version[vi] != v {
+                continue;
+            }
+            skipped.push(entry);
+            if !pinned.contains(&vi) {
+                found = Some(vi);
+                break;
+            }
+        }
+        self.pools[p].keys.restore(skipped);
+        found.map(Some)
+    }
+
+    /// Drops resident `id` (a cancelled prefetch).
+    pub fn remove(&mut self, id: usize) {
+        if self.resident[id] {
+            self.resident[id] = false;
+            self.version[id] = self.version[id].wrapping_add(1);
+            let p = self.pool_of(id);
+            self.pools[p].len -= 1;
+        }
+    }
+
     /// Resident experts, ascending.
     pub fn resident(&self) -> Vec<usize> {
         (0..self.resident.len())

@@ -15,6 +15,7 @@ pub mod generate;
 pub mod layers;
 pub mod models;
 pub mod moe;
+pub mod planner;
 pub mod prefetch;
 pub mod rope;
 pub mod routing;

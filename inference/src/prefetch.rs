@@ -319,7 +319,7 @@ pub fn learned(
     budget: usize,
     horizon: usize,
 ) -> Result<PrefetchPlan, predictor::PredictorError> {
-    let (m, e) = (view.meta.n_moe(), view.meta.n_experts as usize);
+    let m = view.meta.n_moe();
     let task = online.predictor().card.config.task;
     let before_id = online.predictor().card.config.token_dropout > 0.0;
     let mut plan = PrefetchPlan::empty("learned", view.n_tokens(), m);
@@ -332,7 +332,7 @@ pub fn learned(
             // the layers before them: at the token's start only layer 0 is worth a read.
             let upto = if task == Task::Lookahead { 1 } else { m };
             for l in 0..upto {
-                push_layer(plan.at_mut(t, 0), l, e, &f.top(l, budget));
+                push_forecast(&mut plan, t, 0, &f, l, budget);
             }
             let layers: Vec<Option<&[u16]>> = (0..m).map(|l| view.layer(t, l)).collect();
             if task == Task::Lookahead {
@@ -342,16 +342,36 @@ pub fn learned(
                     let x = view.router_input_f32(t, known - 1);
                     let f = online.predict_lookahead_with_input(token, &given, x.as_deref())?;
                     for l in f.first_layer..f.first_layer + f.n_layers().min(horizon) {
-                        push_layer(plan.at_mut(t, known), l, e, &f.top(l, budget));
+                        push_forecast(&mut plan, t, known, &f, l, budget);
                     }
                 }
             }
             online.observe(token, &layers)?;
             if before_id && t + 1 < r.end {
                 let f = online.predict_next_unknown()?;
-                push_layer(plan.at_mut(t, m), 0, e, &f.top(0, budget));
+                push_forecast(&mut plan, t, m, &f, 0, budget);
             }
         }
     }
     Ok(plan)
+}
+
+/// The `budget` most likely experts of `layer` in `f`, with their probabilities, onto
+/// token `t`'s list at `slot`.
+fn push_forecast(
+    plan: &mut PrefetchPlan,
+    t: usize,
+    slot: usize,
+    f: &predictor::ExpertForecast,
+    layer: usize,
+    budget: usize,
+) {
+    let probs = f.layer(layer);
+    let top = f.top(layer, budget);
+    let ids: Vec<u32> = top
+        .iter()
+        .map(|&x| (layer * f.n_experts + x as usize) as u32)
+        .collect();
+    let ps: Vec<f32> = top.iter().map(|&x| probs[x as usize]).collect();
+    plan.push_scored(t, slot, &ids, &ps);
 }

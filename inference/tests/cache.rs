@@ -245,6 +245,8 @@ fn config(capacity: usize, per_layer: bool, policy: &str, untimed: bool) -> SimC
         attention_us_per_layer: 0.0,
         untimed,
         deadline_order: false,
+        chunk_bytes: 0.0,
+        planned: false,
     }
 }
 

@@ -27,6 +27,7 @@ fn config(capacity: usize, policy: EvictionPolicy, margin: f32) -> EngineConfig 
         capacity,
         policy,
         budget: 2,
+        planned: false,
         layer_forecasts: false,
         pre_attention: false,
         lens: false,

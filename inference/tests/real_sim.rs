@@ -28,6 +28,8 @@ fn cfg(capacity: usize, per_layer: bool, policy: &str, bytes: f64) -> SimConfig 
         attention_us_per_layer: 0.0,
         untimed: false,
         deadline_order: false,
+        chunk_bytes: 0.0,
+        planned: false,
     }
 }
 

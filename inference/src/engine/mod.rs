@@ -31,6 +31,7 @@
 //!
 //! Hit rates and stall times count decode steps only; the prompt is run as one batch.
 
+mod planned;
 pub mod quality;
 mod report;
 pub mod store;
@@ -59,8 +60,13 @@ pub struct EngineConfig {
     pub capacity: usize,
     /// LRU, LFU or next-use (Belady needs the future: simulator only).
     pub policy: EvictionPolicy,
-    /// Experts prefetched per forecast layer.
+    /// Experts prefetched per forecast layer; with `planned`, candidates per forecast
+    /// layer offered to the planner.
     pub budget: usize,
+    /// Plan prefetches against the measured link ([`crate::planner::PrefetchPlanner`]):
+    /// a candidate is read only when it pays, and queued reads for a layer that routed
+    /// elsewhere are cancelled.
+    pub planned: bool,
     /// With a lookahead predictor, also forecast layers `l+1..l+D` after each layer
     /// (one more predictor query per layer on the decode thread).
     pub layer_forecasts: bool,
@@ -107,6 +113,9 @@ pub struct OffloadEngine {
     observed: bool,
     error: Option<ModelError>,
     report: EngineReport,
+    planner: Option<planned::EnginePlanner>,
+    /// Planned prefetches and the decode step they were read for.
+    planned_for: HashMap<usize, u64>,
 }
 
 impl OffloadEngine {
@@ -181,11 +190,19 @@ impl OffloadEngine {
                     parts.join(" + ")
                 }
             },
+            budget: if cfg.planned {
+                "auto".into()
+            } else {
+                cfg.budget.to_string()
+            },
             capacity,
             total_experts: m * e,
             routing_margin: cfg.routing_margin,
             ..EngineReport::default()
         };
+        let planner = cfg
+            .planned
+            .then(|| planned::EnginePlanner::new(shape.top_k, e, m, cfg.loader_threads));
         Ok(OffloadEngine {
             cache: ExpertCache::new(cfg.policy, CacheScope::Global, capacity, m, e),
             cfg,
@@ -207,6 +224,8 @@ impl OffloadEngine {
             observed: false,
             error: None,
             report,
+            planner,
+            planned_for: HashMap::new(),
         })
     }
 
@@ -237,6 +256,9 @@ impl OffloadEngine {
     fn arrive(&mut self, l: Loaded) {
         let demand = self.in_flight.remove(&l.id).unwrap_or(true);
         self.report.read_s += l.read_time.as_secs_f64();
+        if let Some(p) = &mut self.planner {
+            p.read_done(l.read_time.as_secs_f64());
+        }
         if demand {
             self.report.demand_reads += 1;
             self.report.bytes_demand += l.bytes;
@@ -306,15 +328,23 @@ impl OffloadEngine {
 
     fn prefetch_forecast(&mut self, f: &predictor::ExpertForecast) {
         for l in f.first_layer..f.first_layer + f.n_layers() {
-            self.prefetch_top(l, f.layer(l));
+            self.prefetch_top(l, f.layer(l), true);
         }
     }
 
-    /// Queues the `budget` best experts of MoE layer `m` by `scores`.
-    fn prefetch_top(&mut self, m: usize, scores: &[f32]) {
+    /// Queues the `budget` best experts of MoE layer `m` by `scores` (`probs`: they
+    /// are probabilities); planned, offers them to the planner.
+    fn prefetch_top(&mut self, m: usize, scores: &[f32], probs: bool) {
         let mut ranking = Vec::new();
         predictor::metrics::rank_top(scores, self.cfg.budget, &mut ranking);
-        for x in ranking {
+        self.prefetch_ranked(m, &ranking, probs.then_some(scores));
+    }
+
+    fn prefetch_ranked(&mut self, m: usize, ranking: &[u16], probs: Option<&[f32]>) {
+        if self.planner.is_some() {
+            return self.offer_planned(m, ranking, probs);
+        }
+        for &x in ranking {
             self.admit(m * self.n_experts + x as usize, false);
         }
     }
@@ -337,7 +367,7 @@ impl OffloadEngine {
         }
         if p.predictor().card.config.token_dropout > 0.0 {
             let f = p.predict_next_unknown()?;
-            self.prefetch_top(0, f.layer(0));
+            self.prefetch_top(0, f.layer(0), true);
         }
         Ok(())
     }
@@ -369,17 +399,17 @@ impl RoutingObserver for OffloadEngine {
         if !self.decoding {
             return;
         }
-        if let Some(st) = &self.cfg.token_table {
+        if let Some(p) = &mut self.planner {
+            p.token_started();
+        }
+        if let Some(st) = self.cfg.token_table.take() {
             let id = (tokens[0] != datasets::UNKNOWN_TOKEN).then_some(tokens[0]);
-            let mut wanted = Vec::new();
             let mut ranking = Vec::new();
             for m in 0..self.n_moe() {
                 st.rank_token(m, id, self.cfg.budget, &mut ranking);
-                wanted.extend(ranking.iter().map(|&x| m * self.n_experts + x as usize));
+                self.prefetch_ranked(m, &ranking, None);
             }
-            for id in wanted {
-                self.admit(id, false);
-            }
+            self.cfg.token_table = Some(st);
         }
         if let Some(p) = &mut self.predictor {
             match p.predict_next(tokens[0]) {
@@ -406,6 +436,7 @@ impl RoutingObserver for OffloadEngine {
         if self.decoding {
             self.cache.visit(m, &needed);
         }
+        let mut misses = 0;
         for &id in &needed {
             if self.decoding {
                 self.report.accesses += 1;
@@ -415,9 +446,13 @@ impl RoutingObserver for OffloadEngine {
                     self.report.late += 1;
                 } else {
                     self.report.misses += 1;
+                    misses += 1;
                 }
             }
             self.admit(id, true);
+        }
+        if self.decoding {
+            self.planned_routing(m, &needed, misses);
         }
         if self.decoding && m + 1 == self.n_moe() {
             // The token's routing is complete: the forecasts of the next token's layer 0
@@ -426,7 +461,7 @@ impl RoutingObserver for OffloadEngine {
             if let (Some(lens), Some(x)) = (&self.lens, &self.router_input) {
                 let scores = lens.scores(x);
                 let last = scores.len().saturating_sub(self.n_experts);
-                self.prefetch_top(0, &scores[last..]);
+                self.prefetch_top(0, &scores[last..], false);
             }
             if let Err(e) = self.observe_forward() {
                 self.fail(e);
@@ -491,7 +526,7 @@ impl RoutingObserver for OffloadEngine {
             return;
         };
         self.drain();
-        self.prefetch_top(m, &logits[..e]);
+        self.prefetch_top(m, &logits[..e], false);
     }
 
     fn selection_bonus(&mut self, layer: usize) -> Option<Vec<f32>> {

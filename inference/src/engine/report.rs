@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 pub struct EngineReport {
     pub policy: String,
     pub prefetch: String,
+    /// Experts per forecast layer, or `auto` (the planner).
+    #[serde(default)]
+    pub budget: String,
     pub capacity: usize,
     pub total_experts: usize,
     pub routing_margin: f32,
@@ -36,6 +39,9 @@ pub struct EngineReport {
     /// (token, layer) routings where cache-aware routing changed the expert set, of all.
     pub rerouted: u64,
     pub routings: u64,
+    /// The planner's decisions (planned prefetch only).
+    #[serde(default)]
+    pub planner: Option<crate::planner::PlannerCounts>,
 }
 
 impl EngineReport {

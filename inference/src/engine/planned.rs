@@ -1,0 +1,206 @@
+//! Planned prefetch in the engine: the simulator's [`PrefetchPlanner`], fed with the
+//! engine's measured timings (read time per expert, time between lookups), the loader's
+//! queue and each layer's routing.
+
+use std::time::Instant;
+
+use crate::planner::{Candidate, LinkState, PlannerSettings, PrefetchPlanner, Verdict};
+
+use super::OffloadEngine;
+
+/// Weight of the newest measurement in the running timings.
+const RATE: f64 = 0.1;
+
+/// The planner and the clocks it plans with.
+pub(super) struct EnginePlanner {
+    pub(super) planner: PrefetchPlanner,
+    clock: Instant,
+    /// Running means, microseconds: one expert read, one layer (lookup to lookup), and
+    /// a token's start to its first lookup.
+    read_us: Option<f64>,
+    period_us: Option<f64>,
+    first_lookup_us: Option<f64>,
+    token_start: f64,
+    last_lookup: Option<f64>,
+    /// The next MoE layer to route, and the token count (cancellation).
+    pub(super) next_layer: usize,
+    pub(super) token: u64,
+    threads: f64,
+}
+
+fn ema(old: Option<f64>, x: f64) -> Option<f64> {
+    Some(old.map_or(x, |o| o + RATE * (x - o)))
+}
+
+impl EnginePlanner {
+    pub(super) fn new(top_k: usize, n_experts: usize, n_moe: usize, threads: usize) -> Self {
+        EnginePlanner {
+            planner: PrefetchPlanner::new(PlannerSettings {
+                read_us: 0.0,
+                chunk_us: 0.0,
+                layer_period_us: 0.0,
+                top_k,
+                n_experts,
+                n_moe,
+            }),
+            clock: Instant::now(),
+            read_us: None,
+            period_us: None,
+            first_lookup_us: None,
+            token_start: 0.0,
+            last_lookup: None,
+            next_layer: 0,
+            token: 0,
+            threads: threads.max(1) as f64,
+        }
+    }
+
+    fn now(&self) -> f64 {
+        self.clock.elapsed().as_secs_f64() * 1e6
+    }
+
+    /// A decode step starts.
+    pub(super) fn token_started(&mut self) {
+        self.token_start = self.now();
+        self.last_lookup = None;
+        self.next_layer = 0;
+        self.token += 1;
+    }
+
+    /// MoE layer `m` routed now.
+    pub(super) fn routed(&mut self, m: usize) {
+        let now = self.now();
+        match self.last_lookup {
+            Some(t) => self.period_us = ema(self.period_us, now - t),
+            None => self.first_lookup_us = ema(self.first_lookup_us, now - self.token_start),
+        }
+        self.last_lookup = Some(now);
+        self.next_layer = m + 1;
+    }
+
+    /// A read took `seconds`.
+    pub(super) fn read_done(&mut self, seconds: f64) {
+        self.read_us = ema(self.read_us, seconds * 1e6);
+    }
+
+    /// Layers between the next lookup and `m`'s (the next token's, past the last).
+    pub(super) fn layers_ahead(&self, m: usize, n_moe: usize) -> usize {
+        if m >= self.next_layer {
+            m - self.next_layer
+        } else {
+            m + n_moe - self.next_layer
+        }
+    }
+
+    /// The link as measured: `queued` reads ahead on the loader's threads.
+    fn link(&mut self, queued: usize) -> LinkState {
+        let now = self.now();
+        let read = self.read_us.unwrap_or(0.0);
+        let period = self.period_us.unwrap_or(0.0);
+        // Reads are whole experts; a demand read waits for one only when every loader
+        // thread is busy: on average a read's share of the threads.
+        let s = PlannerSettings {
+            read_us: read,
+            chunk_us: read / self.threads,
+            layer_period_us: period,
+            ..*self.planner.settings()
+        };
+        self.planner.set_settings(s);
+        let next_lookup = match self.last_lookup {
+            Some(t) => t + period,
+            None => self.token_start + self.first_lookup_us.unwrap_or(0.0),
+        }
+        .max(now);
+        LinkState {
+            now,
+            link_free: now + queued as f64 * read / self.threads,
+            next_lookup,
+        }
+    }
+}
+
+impl OffloadEngine {
+    /// Offers MoE layer `m`'s `ranking` (best first; `probs`: the forecaster's
+    /// probabilities by expert, if it has them) to the planner; queues what pays.
+    pub(super) fn offer_planned(&mut self, m: usize, ranking: &[u16], probs: Option<&[f32]>) {
+        let Some(mut plan) = self.planner.take() else {
+            return;
+        };
+        let (n, e) = (self.n_moe(), self.n_experts);
+        let ahead = plan.layers_ahead(m, n);
+        let mut offered: Vec<(f64, Candidate)> = ranking
+            .iter()
+            .enumerate()
+            .map(|(rank, &x)| {
+                let c = Candidate {
+                    id: (m * e + x as usize) as u32,
+                    layers_ahead: ahead,
+                    prob: probs.map_or(f32::NAN, |p| p[x as usize]),
+                    rank,
+                };
+                plan.planner.note_offered(&c);
+                (plan.planner.calibrated(&c), c)
+            })
+            .collect();
+        offered.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let mut queued = self.in_flight.len();
+        for (_, c) in offered {
+            let id = c.id as usize;
+            if self.cache.contains(id) {
+                self.admit(id, false);
+                continue;
+            }
+            let (victim, background) = match self.cache.victim(id, &self.pinned) {
+                None => continue,
+                Some(None) => (0.0, None),
+                Some(Some(v)) => {
+                    let (p, bg) = plan
+                        .planner
+                        .victim_probability(v as u32, plan.layers_ahead(v / e, n));
+                    (p, bg.then_some(v as u32))
+                }
+            };
+            let link = plan.link(queued);
+            if plan.planner.judge(&c, &link, victim) == Verdict::Issue {
+                self.admit(id, false);
+                let token = plan.token + u64::from(m < plan.next_layer);
+                self.planned_for.insert(id, token);
+                queued += 1;
+                if let Some(v) = background {
+                    plan.planner.note_evicted(v);
+                }
+            }
+        }
+        self.planner = Some(plan);
+    }
+
+    /// MoE layer `m` routed to `needed` with `misses` demand reads: the planner learns,
+    /// and queued reads planned for this token's layer `m` that it did not need go.
+    pub(super) fn planned_routing(&mut self, m: usize, needed: &[usize], misses: usize) {
+        let Some(mut plan) = self.planner.take() else {
+            return;
+        };
+        plan.routed(m);
+        plan.planner.observe_layer(m, needed, misses);
+        let e = self.n_experts;
+        let losers: Vec<usize> = self
+            .planned_for
+            .iter()
+            .filter(|&(&id, &tok)| tok == plan.token && id / e == m && !needed.contains(&id))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in losers {
+            self.planned_for.remove(&id);
+            if self.in_flight.get(&id) == Some(&false) && self.loader.cancel(id) {
+                self.in_flight.remove(&id);
+                self.cache.remove(id);
+                self.unused_prefetch.remove(&id);
+                self.report.prefetches -= 1;
+                plan.planner.counts.cancelled += 1;
+            }
+        }
+        self.planned_for.retain(|_, &mut tok| tok >= plan.token);
+        self.report.planner = Some(plan.planner.counts);
+        self.planner = Some(plan);
+    }
+}

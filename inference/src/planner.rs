@@ -1,0 +1,330 @@
+//! Bandwidth-aware prefetch planning: which forecast experts are worth a read now.
+//!
+//! Prefetching adds no bandwidth: a read that is wrong, late, or in the way of a demand
+//! read makes decoding slower than fetching on demand. The planner admits a forecast
+//! expert only when the read pays for itself, judged per candidate from
+//!
+//! - its **calibrated probability** `p` of being used at its layer: the forecaster's own
+//!   probability (or, when it gives none, its rank) mapped through a reliability
+//!   histogram the planner keeps online from every layer's routing once it is known;
+//! - its **deadline**: the estimated lookup time of its layer, `layers_ahead` layer
+//!   periods (attention + expert compute) after the next lookup. The read is queued
+//!   behind the link's current work and behind the demand reads expected at the lookups
+//!   before it lands (the running mean of misses per lookup); if it would land after the
+//!   deadline it is not issued (the horizon adapts: a far layer has time, a near one
+//!   may not);
+//! - its **cost**: prefetch reads go in chunks and a demand read waits at most for the
+//!   chunk on the link, so a read spanning `s` lookups delays demand reads by at most
+//!   `s` chunks, each with the running share of lookups that miss; and the expert the
+//!   cache would evict for it is lost with the probability that it is needed before the
+//!   cache would have dropped it anyway (about one insertion later): its own forecast
+//!   when its layer comes before then, else the share of experts evicted for
+//!   prefetches that were needed again in that time, learned as it goes.
+//!
+//! A candidate is issued when `p * read > p_victim * read + delay`, best first; every
+//! admitted read moves the link's end, so the budget per layer follows from the
+//! bandwidth, the compute time and the forecast's confidence. The simulator and the
+//! engine share this type; each tells it the link's state and each layer's routing.
+
+use std::collections::HashMap;
+
+/// Timings the planner plans against (microseconds).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PlannerSettings {
+    /// Time to read one expert over the link.
+    pub read_us: f64,
+    /// Time of one prefetch chunk (a demand read waits at most this long).
+    pub chunk_us: f64,
+    /// One layer's attention + expert compute: the time between two lookups.
+    pub layer_period_us: f64,
+    /// Routed experts per token and layer, and experts per layer.
+    pub top_k: usize,
+    pub n_experts: usize,
+    pub n_moe: usize,
+}
+
+/// One forecast expert offered to the planner.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Candidate {
+    /// `layer * n_experts + expert`.
+    pub id: u32,
+    /// Lookups between the next one and the one that uses it (0: the next lookup).
+    pub layers_ahead: usize,
+    /// The forecaster's probability (NaN when it ranks only).
+    pub prob: f32,
+    /// Position in its layer's list, best first.
+    pub rank: usize,
+}
+
+/// The link and clock as the caller sees them when it offers candidates.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LinkState {
+    pub now: f64,
+    /// When the reads already queued (demand and prefetch) finish.
+    pub link_free: f64,
+    /// Estimated time of the next lookup (a layer's routing).
+    pub next_lookup: f64,
+}
+
+/// Why a candidate was or was not read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Issue,
+    /// It would land no earlier than a demand read issued at its layer's lookup.
+    Late,
+    /// Its expected saving is below its cost.
+    NotWorth,
+}
+
+/// What the planner decided, summed over a run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PlannerCounts {
+    pub offered: u64,
+    pub issued: u64,
+    pub late: u64,
+    pub not_worth: u64,
+    /// Queued reads cancelled because their layer routed elsewhere.
+    pub cancelled: u64,
+}
+
+const PROB_BINS: usize = 20;
+const RANK_BINS: usize = 32;
+/// Pseudo-observations behind each bin's prior (the forecaster's own probability, or
+/// 1/2 for a rank).
+const PRIOR_WEIGHT: f64 = 4.0;
+/// Weight of the newest lookup in the running miss statistics.
+const RATE: f64 = 0.02;
+
+/// The planner: settings, its reliability histogram and link statistics.
+#[derive(Debug, Clone)]
+pub struct PrefetchPlanner {
+    settings: PlannerSettings,
+    /// Per bin: (used, offered) counts, probability bins then rank bins.
+    bins: Vec<(f64, f64)>,
+    /// Candidates offered since their layer last routed: id -> bin.
+    pending: HashMap<u32, usize>,
+    /// Running mean of demand reads per lookup, and share of lookups with one.
+    misses_per_lookup: f64,
+    miss_share: f64,
+    /// Experts evicted for prefetches while in no forecast, with the lookup count then;
+    /// and (needed again within a token's lookups, evicted) counts.
+    evicted: HashMap<u32, u64>,
+    regret: (f64, f64),
+    lookups: u64,
+    /// MoE layers per token (the longest an evicted expert is watched).
+    n_moe: usize,
+    /// Running mean of cache insertions (demand and prefetch reads) per lookup, and the
+    /// prefetches issued since the last lookup.
+    insertions_per_lookup: f64,
+    issued_since: u64,
+    pub counts: PlannerCounts,
+}
+
+impl PrefetchPlanner {
+    /// A planner with prior beliefs: the forecaster is calibrated, a quarter of lookups
+    /// miss once.
+    pub fn new(settings: PlannerSettings) -> Self {
+        let mut bins = Vec::with_capacity(PROB_BINS + RANK_BINS);
+        for b in 0..PROB_BINS {
+            let centre = (b as f64 + 0.5) / PROB_BINS as f64;
+            bins.push((centre * PRIOR_WEIGHT, PRIOR_WEIGHT));
+        }
+        for _ in 0..RANK_BINS {
+            bins.push((0.5 * PRIOR_WEIGHT, PRIOR_WEIGHT));
+        }
+        PrefetchPlanner {
+            settings,
+            bins,
+            pending: HashMap::new(),
+            misses_per_lookup: 0.25,
+            miss_share: 0.25,
+            evicted: HashMap::new(),
+            regret: (
+                PRIOR_WEIGHT * settings.top_k as f64 / settings.n_experts.max(1) as f64,
+                PRIOR_WEIGHT,
+            ),
+            lookups: 0,
+            n_moe: settings.n_moe.max(1),
+            insertions_per_lookup: 1.0,
+            issued_since: 0,
+            counts: PlannerCounts::default(),
+        }
+    }
+
+    pub fn settings(&self) -> &PlannerSettings {
+        &self.settings
+    }
+
+    /// New timings (a runtime that measures them as it goes).
+    pub fn set_settings(&mut self, settings: PlannerSettings) {
+        self.settings = settings;
+    }
+
+    fn bin(c: &Candidate) -> usize {
+        if c.prob.is_finite() {
+            ((c.prob.clamp(0.0, 1.0) as f64 * PROB_BINS as f64) as usize).min(PROB_BINS - 1)
+        } else {
+            PROB_BINS + c.rank.min(RANK_BINS - 1)
+        }
+    }
+
+    /// The calibrated probability that `c` is used at its layer.
+    pub fn calibrated(&self, c: &Candidate) -> f64 {
+        let (used, offered) = self.bins[Self::bin(c)];
+        used / offered
+    }
+
+    /// The calibrated probability of an expert offered since its layer last routed
+    /// (`None` when it was not).
+    pub fn offered_probability(&self, id: u32) -> Option<f64> {
+        self.pending
+            .get(&id)
+            .map(|&b| self.bins[b].0 / self.bins[b].1)
+    }
+
+    /// Lookups an expert the cache evicts now would have stayed anyway: about one
+    /// insertion, at the running insertion rate (at least 1, at most a token).
+    pub fn survival_lookups(&self) -> usize {
+        (1.0 / self.insertions_per_lookup.max(1e-3))
+            .ceil()
+            .clamp(1.0, self.n_moe as f64) as usize
+    }
+
+    /// The probability that evicting resident `id`, whose layer comes `layers_ahead`
+    /// lookups from now, costs a read: its forecast when it is offered and its layer
+    /// comes before it would have left anyway, else the learned background; and
+    /// whether it is the background (then [`Self::note_evicted`] when it goes).
+    pub fn victim_probability(&self, id: u32, layers_ahead: usize) -> (f64, bool) {
+        match self.offered_probability(id) {
+            Some(p) if layers_ahead < self.survival_lookups() => (p, false),
+            _ => (self.background_probability(), true),
+        }
+    }
+
+    /// The probability that a resident expert in no current forecast is needed before
+    /// the cache would have dropped it anyway: learned from the experts evicted for
+    /// prefetches (the share needed again before the cache's next insertion, in
+    /// lookups at the running insertion rate), starting from the share of a layer's
+    /// experts each token uses.
+    pub fn background_probability(&self) -> f64 {
+        self.regret.0 / self.regret.1
+    }
+
+    /// Expert `id`, in no forecast, was evicted for a prefetch: watch whether it is
+    /// needed again soon.
+    pub fn note_evicted(&mut self, id: u32) {
+        self.evicted.insert(id, self.lookups);
+    }
+
+    /// Records that `c` was offered (its layer's routing will update the histogram).
+    pub fn note_offered(&mut self, c: &Candidate) {
+        self.counts.offered += 1;
+        self.pending.insert(c.id, Self::bin(c));
+    }
+
+    /// When a read of `c` issued now would land, with the demand reads expected at the
+    /// lookups before its own going first; and how many lookups it spans.
+    fn landing(&self, c: &Candidate, link: &LinkState, deadline: f64) -> (f64, usize) {
+        let s = &self.settings;
+        let start = link.now.max(link.link_free);
+        let mut end = start + s.read_us;
+        let mut spans = 0;
+        let mut lookup = link.next_lookup;
+        while lookup < end && spans <= c.layers_ahead + 1 {
+            if lookup >= start && lookup < deadline {
+                end += self.misses_per_lookup * s.read_us;
+            }
+            spans += 1;
+            lookup += s.layer_period_us.max(1e-9);
+        }
+        (end, spans)
+    }
+
+    /// Whether reading `c` now pays: `victim` is the probability that the expert the
+    /// cache would evict for it is needed (0 when a slot is free).
+    pub fn judge(&mut self, c: &Candidate, link: &LinkState, victim: f64) -> Verdict {
+        let s = self.settings;
+        let deadline = link.next_lookup + c.layers_ahead as f64 * s.layer_period_us;
+        let (landing, spans) = self.landing(c, link, deadline);
+        // A read that lands `late` after its lookup still saves the rest of a demand
+        // read issued then; one that lands no earlier than that saves nothing.
+        let saving = (deadline + s.read_us - landing).min(s.read_us);
+        let late = if s.read_us > 0.0 {
+            saving <= 0.0
+        } else {
+            landing > deadline
+        };
+        let verdict = if late {
+            Verdict::Late
+        } else {
+            let p = self.calibrated(c);
+            let delay = spans as f64 * self.miss_share * s.chunk_us.min(s.read_us);
+            // Untimed (reads take no time), only the probabilities count.
+            let (gain, cost) = if s.read_us > 0.0 {
+                (p * saving, victim * s.read_us + delay)
+            } else {
+                (p, victim)
+            };
+            if gain > cost {
+                Verdict::Issue
+            } else {
+                Verdict::NotWorth
+            }
+        };
+        match verdict {
+            Verdict::Issue => {
+                self.counts.issued += 1;
+                self.issued_since += 1;
+            }
+            Verdict::Late => self.counts.late += 1,
+            Verdict::NotWorth => self.counts.not_worth += 1,
+        }
+        verdict
+    }
+
+    /// Layer `layer` routed to `used` (ids) with `demand_reads` misses: the histogram
+    /// learns from every candidate offered for it, the link statistics from the misses.
+    pub fn observe_layer(&mut self, layer: usize, used: &[usize], demand_reads: usize) {
+        let e = self.settings.n_experts;
+        let bins = &mut self.bins;
+        self.pending.retain(|&id, &mut b| {
+            if id as usize / e != layer {
+                return true;
+            }
+            bins[b].0 += f64::from(u8::from(used.contains(&(id as usize))));
+            bins[b].1 += 1.0;
+            false
+        });
+        self.lookups += 1;
+        let inserted = demand_reads as f64 + self.issued_since as f64;
+        self.issued_since = 0;
+        self.insertions_per_lookup += RATE * (inserted - self.insertions_per_lookup);
+        // An expert evicted for a prefetch would have gone anyway at about the next
+        // insertion into the cache: it is regretted if needed before then.
+        let window = self.survival_lookups() as u64;
+        let lookups = self.lookups;
+        let regret = &mut self.regret;
+        self.evicted.retain(|&id, &mut at| {
+            let needed = used.contains(&(id as usize));
+            let expired = lookups - at > window;
+            if needed || expired {
+                regret.0 += f64::from(u8::from(needed));
+                regret.1 += 1.0;
+            }
+            !(needed || expired)
+        });
+        self.misses_per_lookup += RATE * (demand_reads as f64 - self.misses_per_lookup);
+        self.miss_share += RATE * (f64::from(u8::from(demand_reads > 0)) - self.miss_share);
+    }
+
+    /// The reliability the planner learned: per probability bin with observations beyond
+    /// its prior, (bin centre, observed share used, observations).
+    pub fn reliability(&self) -> Vec<(f64, f64, f64)> {
+        self.bins[..PROB_BINS]
+            .iter()
+            .enumerate()
+            .filter(|(_, &(_, n))| n > PRIOR_WEIGHT)
+            .map(|(b, &(u, n))| ((b as f64 + 0.5) / PROB_BINS as f64, u / n, n - PRIOR_WEIGHT))
+            .collect()
+    }
+}
