@@ -295,6 +295,48 @@ fn gate_prefetches_find_experts_before_routing_and_change_no_token() {
     );
 }
 
+/// Planned prefetch in the engine: the planner reads the gate's candidates it judges
+/// worth a read against the measured reads and layer times; outputs stay identical and
+/// the report says what it decided.
+#[test]
+fn planned_prefetch_in_the_engine_changes_no_token_and_reports_its_decisions() {
+    let (ck, reference) = load(&root().join("checkpoints/tiny-moe"));
+    let shape = reference.shape();
+    let total = shape.moe_layers.len() * shape.n_experts;
+    let device = inference::device::BackendKind::from_test_env().device();
+    let mut found = Vec::new();
+    for (pre_attention, planned) in [(false, false), (true, true)] {
+        let mut model = reference.clone();
+        let cfg = EngineConfig {
+            pre_attention,
+            planned,
+            budget: 4,
+            ..config(total / 4, EvictionPolicy::Lru, 0.0)
+        };
+        let mut engine = OffloadEngine::new(&ck, &mut model, cfg, None, &device).unwrap();
+        for salt in 0..3 {
+            let p = prompt(shape.vocab_size, 5, salt);
+            let want =
+                generate(&reference, &p, 16, &Sampling::Greedy, None, &mut NoObserver).unwrap();
+            engine.new_request();
+            let got = generate(&model, &p, 16, &Sampling::Greedy, None, &mut engine).unwrap();
+            assert_eq!(got.generated, want.generated, "planned {planned}");
+        }
+        let r = engine.report().clone();
+        assert_eq!(r.hits + r.late + r.misses, r.accesses);
+        assert_eq!(r.budget, if planned { "auto" } else { "4" });
+        assert_eq!(r.planner.is_some(), planned, "{r:?}");
+        if let Some(c) = r.planner {
+            assert!(c.issued > 0 && c.issued < c.offered, "{c:?}");
+            // Candidates already resident are offered but not judged.
+            assert!(c.offered >= c.issued + c.late + c.not_worth, "{c:?}");
+            assert!(r.prefetches <= c.issued, "{r:?}");
+        }
+        found.push(r.hits + r.late);
+    }
+    assert!(found[1] > found[0], "planned gate prefetches find experts: {found:?}");
+}
+
 #[test]
 fn a_model_loaded_without_routed_experts_runs_the_same_through_the_engine() {
     for name in ["mixtral", "deepseek_v3"] {
