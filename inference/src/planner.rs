@@ -21,6 +21,13 @@
 //!   when its layer comes before then, else the share of experts evicted for
 //!   prefetches that were needed again in that time, learned as it goes.
 //!
+//! A candidate not worth a read now is offered again at the next moment (after the
+//! next layer routes) while its layer is still ahead: a read that would sit in the way
+//! of this layer's demand reads may pay once they are done.
+//!
+//! A read for a layer further ahead than a cache entry lives (capacity over the running
+//! insertions per lookup) would be evicted before its use and is not issued.
+//!
 //! A candidate is issued when `p * read > p_victim * read + delay`, best first; every
 //! admitted read moves the link's end, so the budget per layer follows from the
 //! bandwidth, the compute time and the forecast's confidence. The simulator and the
@@ -41,6 +48,9 @@ pub struct PlannerSettings {
     pub top_k: usize,
     pub n_experts: usize,
     pub n_moe: usize,
+    /// Experts the cache holds (a read for a layer further ahead than an entry lives is
+    /// evicted before its use).
+    pub capacity: usize,
 }
 
 /// One forecast expert offered to the planner.
@@ -113,6 +123,9 @@ pub struct PrefetchPlanner {
     lookups: u64,
     /// MoE layers per token (the longest an evicted expert is watched).
     n_moe: usize,
+    /// Candidates not worth a read when offered, with the token they are for: judged
+    /// again at the next moment while their layer is still ahead.
+    deferred: Vec<(Candidate, u64)>,
     /// Running mean of cache insertions (demand and prefetch reads) per lookup, and the
     /// prefetches issued since the last lookup.
     insertions_per_lookup: f64,
@@ -145,6 +158,7 @@ impl PrefetchPlanner {
             ),
             lookups: 0,
             n_moe: settings.n_moe.max(1),
+            deferred: Vec::new(),
             insertions_per_lookup: 1.0,
             issued_since: 0,
             counts: PlannerCounts::default(),
@@ -185,18 +199,18 @@ impl PrefetchPlanner {
     /// Lookups an expert the cache evicts now would have stayed anyway: about one
     /// insertion, at the running insertion rate (at least 1, at most a token).
     pub fn survival_lookups(&self) -> usize {
-        (1.0 / self.insertions_per_lookup.max(1e-3))
+        (1.0 / self.misses_per_lookup.max(1e-3))
             .ceil()
             .clamp(1.0, self.n_moe as f64) as usize
     }
 
-    /// The probability that evicting resident `id`, whose layer comes `layers_ahead`
-    /// lookups from now, costs a read: its forecast when it is offered and its layer
-    /// comes before it would have left anyway, else the learned background; and
-    /// whether it is the background (then [`Self::note_evicted`] when it goes).
-    pub fn victim_probability(&self, id: u32, layers_ahead: usize) -> (f64, bool) {
+    /// The probability that evicting resident `id` costs a read: its forecast when it
+    /// is offered (a read is never swapped for a less likely one), else the learned
+    /// background; and whether it is the background (then [`Self::note_evicted`] when
+    /// it goes).
+    pub fn victim_probability(&self, id: u32) -> (f64, bool) {
         match self.offered_probability(id) {
-            Some(p) if layers_ahead < self.survival_lookups() => (p, false),
+            Some(p) => (p, false),
             _ => (self.background_probability(), true),
         }
     }
@@ -220,6 +234,31 @@ impl PrefetchPlanner {
     pub fn note_offered(&mut self, c: &Candidate) {
         self.counts.offered += 1;
         self.pending.insert(c.id, Self::bin(c));
+    }
+
+    /// Keeps `c` (for decode step `token`), judged not worth a read now, to be offered
+    /// again at the next moment.
+    pub fn defer(&mut self, c: Candidate, token: u64) {
+        if !self.deferred.iter().any(|(d, _)| d.id == c.id) {
+            self.deferred.push((c, token));
+        }
+    }
+
+    /// The deferred candidates whose layer is still ahead of decode step `token`'s
+    /// layer `next_layer`, with their distance updated; the rest are dropped.
+    pub fn take_deferred(&mut self, token: u64, next_layer: usize) -> Vec<Candidate> {
+        let (e, m) = (self.settings.n_experts.max(1), self.n_moe as i64);
+        self.deferred
+            .drain(..)
+            .filter_map(|(mut c, t)| {
+                let layer = (c.id as usize / e) as i64;
+                let ahead = (t as i64 - token as i64) * m + layer - next_layer as i64;
+                (ahead >= 0).then(|| {
+                    c.layers_ahead = ahead as usize;
+                    c
+                })
+            })
+            .collect()
     }
 
     /// When a read of `c` issued now would land, with the demand reads expected at the
@@ -254,8 +293,12 @@ impl PrefetchPlanner {
         } else {
             landing > deadline
         };
+        // An entry lives about capacity / insertions-per-lookup lookups.
+        let lifetime = s.capacity as f64 / self.insertions_per_lookup.max(1e-3);
         let verdict = if late {
             Verdict::Late
+        } else if c.layers_ahead as f64 + 1.0 > lifetime {
+            Verdict::NotWorth
         } else {
             let p = self.calibrated(c);
             let delay = spans as f64 * self.miss_share * s.chunk_us.min(s.read_us);

@@ -334,7 +334,10 @@ fn planned_prefetch_in_the_engine_changes_no_token_and_reports_its_decisions() {
         }
         found.push(r.hits + r.late);
     }
-    assert!(found[1] > found[0], "planned gate prefetches find experts: {found:?}");
+    assert!(
+        found[1] > found[0],
+        "planned gate prefetches find experts: {found:?}"
+    );
 }
 
 #[test]

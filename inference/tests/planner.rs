@@ -234,6 +234,7 @@ fn settings() -> PlannerSettings {
         top_k: 2,
         n_experts: 16,
         n_moe: 4,
+        capacity: 16,
     }
 }
 

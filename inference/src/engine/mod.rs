@@ -202,7 +202,7 @@ impl OffloadEngine {
         };
         let planner = cfg
             .planned
-            .then(|| planned::EnginePlanner::new(shape.top_k, e, m, cfg.loader_threads));
+            .then(|| planned::EnginePlanner::new(shape.top_k, e, m, capacity, cfg.loader_threads));
         Ok(OffloadEngine {
             cache: ExpertCache::new(cfg.policy, CacheScope::Global, capacity, m, e),
             cfg,

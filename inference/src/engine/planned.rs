@@ -33,7 +33,13 @@ fn ema(old: Option<f64>, x: f64) -> Option<f64> {
 }
 
 impl EnginePlanner {
-    pub(super) fn new(top_k: usize, n_experts: usize, n_moe: usize, threads: usize) -> Self {
+    pub(super) fn new(
+        top_k: usize,
+        n_experts: usize,
+        n_moe: usize,
+        capacity: usize,
+        threads: usize,
+    ) -> Self {
         EnginePlanner {
             planner: PrefetchPlanner::new(PlannerSettings {
                 read_us: 0.0,
@@ -42,6 +48,7 @@ impl EnginePlanner {
                 top_k,
                 n_experts,
                 n_moe,
+                capacity,
             }),
             clock: Instant::now(),
             read_us: None,
@@ -154,9 +161,7 @@ impl OffloadEngine {
                 None => continue,
                 Some(None) => (0.0, None),
                 Some(Some(v)) => {
-                    let (p, bg) = plan
-                        .planner
-                        .victim_probability(v as u32, plan.layers_ahead(v / e, n));
+                    let (p, bg) = plan.planner.victim_probability(v as u32);
                     (p, bg.then_some(v as u32))
                 }
             };

@@ -381,6 +381,12 @@ impl Sim {
             planner.note_offered(&c);
             offered.push((planner.calibrated(&c), c));
         }
+        // Candidates not worth a read at an earlier moment are judged again now.
+        for c in planner.take_deferred(self.token as u64, self.layer) {
+            if !offered.iter().any(|(_, o)| o.id == c.id) {
+                offered.push((planner.calibrated(&c), c));
+            }
+        }
         offered.sort_by(|a, b| {
             b.0.total_cmp(&a.0)
                 .then(a.1.layers_ahead.cmp(&b.1.layers_ahead))
@@ -414,7 +420,7 @@ impl Sim {
             let (victim, background) = match self.cache.victim(id, &self.pinned) {
                 None => continue,
                 Some(None) => (0.0, None),
-                Some(Some(v)) => match planner.victim_probability(v as u32, self.target(v).0) {
+                Some(Some(v)) => match planner.victim_probability(v as u32) {
                     (p, false) => (p, None),
                     (p, true) => (p, Some(v as u32)),
                 },
@@ -425,7 +431,12 @@ impl Sim {
                 link_free: busy[ahead],
                 next_lookup,
             };
-            if planner.judge(&c, &link, victim) == Verdict::Issue {
+            let verdict = planner.judge(&c, &link, victim);
+            if verdict == Verdict::NotWorth {
+                let (_, token) = self.target(id);
+                planner.defer(c, token as u64);
+            }
+            if verdict == Verdict::Issue {
                 let token = self.target(id).1;
                 self.prefetch(id, token);
                 if let Some(v) = background {
@@ -520,6 +531,11 @@ pub fn simulate(
         CacheScope::Global
     };
     let cache = ExpertCache::new(policy, scope, cfg.capacity, m, e);
+    // A per-layer cache gives each layer its share.
+    let cache_capacity = match scope {
+        CacheScope::Global => cache.capacity(),
+        CacheScope::PerLayer => (cache.capacity() / m).max(1) * m,
+    };
     let xfer = if cfg.untimed {
         0.0
     } else {
@@ -535,6 +551,7 @@ pub fn simulate(
             top_k: view.meta.top_k as usize,
             n_experts: e,
             n_moe: m,
+            capacity: cache_capacity,
         })
     });
     let r = SimReport {
