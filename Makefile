@@ -21,9 +21,10 @@ build:
 # next-token and the cross-layer forecasts) and evaluated on the held-out traces against
 # the baselines, the model's own cross-layer gate and the pre-attention gate among them.
 # Then the model generates the held-out prompts with its experts offloaded to disk (25%
-# resident, learned prefetch), and last the held-out trace is replayed through an expert
-# cache with each eviction policy and prefetcher (timing-honest, the policy table) and a
-# sweep over cache sizes is plotted.
+# resident, learned prefetch planned against the measured reads), and last the held-out
+# trace is replayed through an expert cache with each eviction policy and prefetcher
+# (timing-honest, the policy table: planned prefetch beside a fixed budget), again at a
+# production expert size, and a sweep over cache sizes is plotted.
 # It uses the debug build shared with `make test` (tensor kernels are optimised even
 # there, see Cargo.toml), and steps that each use one core run side by side
 # (tools/side_by_side.sh: the two collections; training beside the statistics; the
@@ -37,6 +38,10 @@ MODEL  := checkpoints/tiny-moe
 # Cache simulation of the demo model: experts of 3 x 128 x 128 bf16 weights (96 KiB, as the
 # trace records from the checkpoint) move over a 16 GB/s link; 30 us of compute per layer.
 SIM    := --bandwidth 16 --compute-us-per-layer 30
+# The same routing at a production model's expert size (the 17.3 MB experts of the
+# prefetch issue, over 25 GB/s, 300 us of compute per layer): fixed budgets make decoding
+# slower than demand paging there; the planner (--budget auto) does not.
+PROD   := --expert-bytes 17300000 --bandwidth 25 --compute-us-per-layer 300
 demo:
 	$(CARGO) build
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
@@ -50,9 +55,9 @@ demo:
 	  "$(DBG) run --model $(MODEL) --prompts prompts/heldout.txt --max-new-tokens 32 --expert-cache 25% --policy next-use --predictor $(DEMO)/predictor --lens --json $(DEMO)/run.json" \
 	  "$(DBG) eval --predictor $(DEMO)/predictor --trace $(DEMO)/heldout.mctrace --model $(MODEL) --json $(DEMO)/eval.json --plot $(DEMO)/plots"
 	tools/side_by_side.sh $(DEMO)/sweep.log \
-	  "$(DBG) simulate --trace $(DEMO)/heldout.mctrace --predictor $(DEMO)/predictor $(SIM) --sweep --policy lru,belady --prefetch none,learned,oracle --plot $(DEMO)/plots > $(DEMO)/sweep.txt" \
-	  "$(DBG) simulate --trace $(DEMO)/heldout.mctrace --predictor $(DEMO)/predictor --model $(MODEL) $(SIM) --cache 10%,25% --policy lru,lfu,next-use,belady --prefetch none,previous,token,coactivation,activation,gate,lens,learned,lens+learned,oracle --json $(DEMO)/simulate.json"
-	@echo "demo outputs in $(DEMO)/: traces (.mctrace, .parquet), stats.json, predictor/, eval.json, simulate.json, sweep.txt, run.json, plots/"
+	  "$(DBG) simulate --trace $(DEMO)/heldout.mctrace --predictor $(DEMO)/predictor $(SIM) --sweep --policy lru,belady --prefetch none,learned,oracle --plot $(DEMO)/plots > $(DEMO)/sweep.txt && $(DBG) simulate --trace $(DEMO)/heldout.mctrace --predictor $(DEMO)/predictor $(PROD) --cache 10%,25% --policy lru,next-use --prefetch none,token,learned,oracle --budget auto,2,4 --json $(DEMO)/simulate-production.json" \
+	  "$(DBG) simulate --trace $(DEMO)/heldout.mctrace --predictor $(DEMO)/predictor --model $(MODEL) $(SIM) --cache 10%,25% --policy lru,lfu,next-use,belady --prefetch none,previous,token,coactivation,activation,gate,lens,learned,lens+learned,oracle --budget auto,2 --json $(DEMO)/simulate.json"
+	@echo "demo outputs in $(DEMO)/: traces (.mctrace, .parquet), stats.json, predictor/, eval.json, simulate.json, simulate-production.json, sweep.txt, run.json, plots/"
 
 # Activation-aware prediction on the demo model, all feature sets (`make demo` trains only
 # the hidden-state one): the demo's collection with twice the samples per prompt (12:
@@ -147,6 +152,8 @@ bench:
 	$(CARGO) bench -p predictor --bench predictor -- scale
 	$(CARGO) bench -p inference --bench simulate
 	$(CARGO) bench -p collector --bench engine
+	$(CARGO) build --release
+	tools/replay_bench.sh $(BIN)
 
 fmt:
 	$(CARGO) fmt --all

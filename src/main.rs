@@ -10,7 +10,7 @@ mod trace_cmd;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use model_cmd::{CollectArgs, TinymoeCommand};
+use model_cmd::{CheckpointCommand, CollectArgs, TinymoeCommand};
 use predict_cmd::{EvalArgs, TrainArgs};
 use trace_cmd::TraceCommand;
 
@@ -48,6 +48,9 @@ enum Command {
     /// Train a tiny MoE language model and write it as a Hugging Face checkpoint.
     #[command(subcommand)]
     Tinymoe(TinymoeCommand),
+    /// Make checkpoints: `synth` writes one with random weights at a production shape.
+    #[command(subcommand)]
+    Checkpoint(CheckpointCommand),
 }
 
 fn main() {
@@ -89,5 +92,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::PredictorSize(a) => predict_cmd::size(a),
         Command::Simulate(a) => sim_cmd::simulate_cmd(*a),
         Command::Run(a) => run_cmd::run(*a),
+        Command::Checkpoint(CheckpointCommand::Synth(a)) => model_cmd::checkpoint_synth(a),
     }
 }

@@ -102,6 +102,87 @@ pub(crate) fn collect(a: CollectArgs) -> Result<()> {
 }
 
 #[derive(Subcommand)]
+pub(crate) enum CheckpointCommand {
+    /// Write a Qwen3-MoE checkpoint with seeded random weights at a published model's
+    /// shape (its layers, experts or top-k may be changed), e.g. to replay a trace with
+    /// real expert sizes: `moecast checkpoint synth --layers 6 --experts 16 --top-k 2
+    /// --vocab 4096 -o DIR` has Qwen3-30B-A3B's 2048 x 768 experts (9.4 MB each).
+    Synth(SynthArgs),
+}
+
+#[derive(Args)]
+pub(crate) struct SynthArgs {
+    /// The published shape to start from.
+    #[arg(long, default_value = "qwen3-30b-a3b")]
+    like: String,
+    /// Decoder layers (all MoE).
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Routed experts per layer.
+    #[arg(long)]
+    experts: Option<usize>,
+    /// Experts chosen per token.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Vocabulary (embedding rows).
+    #[arg(long)]
+    vocab: Option<usize>,
+    /// Residual width (the experts' input and output).
+    #[arg(long)]
+    hidden: Option<usize>,
+    /// Hidden width of one expert.
+    #[arg(long)]
+    moe_intermediate: Option<usize>,
+    /// Seed of the weights.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output folder.
+    #[arg(short, long)]
+    output: PathBuf,
+}
+
+pub(crate) fn checkpoint_synth(a: SynthArgs) -> Result<()> {
+    let mut c = inference::synth_checkpoint::preset(&a.like)
+        .ok_or_else(|| anyhow::anyhow!("unknown shape '{}' (qwen3-30b-a3b)", a.like))?;
+    c.num_layers = a.layers.unwrap_or(c.num_layers);
+    c.num_experts = a.experts.unwrap_or(c.num_experts);
+    c.top_k = a.top_k.unwrap_or(c.top_k);
+    c.vocab_size = a.vocab.unwrap_or(c.vocab_size);
+    c.hidden_size = a.hidden.unwrap_or(c.hidden_size);
+    c.moe_intermediate_size = a.moe_intermediate.unwrap_or(c.moe_intermediate_size);
+    let sizes = [
+        c.num_layers,
+        c.num_experts,
+        c.top_k,
+        c.vocab_size,
+        c.hidden_size,
+        c.moe_intermediate_size,
+    ];
+    if sizes.contains(&0) {
+        bail!("--layers, --experts, --top-k, --vocab, --hidden and --moe-intermediate must be positive");
+    }
+    let expert = inference::synth_checkpoint::expert_bytes(&c);
+    eprintln!(
+        "writing {} layers x {} experts (top-{}) of {} x {} ({:.1} MB each, {:.2} GB of experts) to {}",
+        c.num_layers,
+        c.num_experts,
+        c.top_k,
+        c.hidden_size,
+        c.moe_intermediate_size,
+        expert as f64 / 1e6,
+        (expert * (c.num_layers * c.num_experts) as u64) as f64 / 1e9,
+        a.output.display()
+    );
+    let bytes = inference::synth_checkpoint::write_synthetic_checkpoint(&a.output, &c, a.seed)?;
+    println!(
+        "{}: {:.2} GB, experts of {expert} bytes",
+        a.output.display(),
+        bytes as f64 / 1e9
+    );
+    Ok(())
+}
+
+#[derive(Subcommand)]
 pub(crate) enum TinymoeCommand {
     /// Train a small Qwen3-MoE on text / .jsonl files; resumes from OUT/train-state/.
     Train(Box<TinymoeTrainArgs>),

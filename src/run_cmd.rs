@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 
 #[derive(Args)]
-#[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "prompts"])))]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "prompts", "replay"])))]
 pub(crate) struct RunArgs {
     /// Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json).
     #[arg(long)]
@@ -17,6 +17,15 @@ pub(crate) struct RunArgs {
     /// Prompt file: .txt (one per line) or .jsonl, as for `collect`.
     #[arg(long)]
     prompts: Option<PathBuf>,
+    /// Instead of prompts: replay a recorded trace (any storage form). The model
+    /// computes every token of its sequences, each MoE layer's routing forced to the
+    /// recorded experts, so the engine is measured with that routing at this
+    /// checkpoint's expert size (see `moecast checkpoint synth`).
+    #[arg(long)]
+    replay: Option<PathBuf>,
+    /// With --replay: at most this many tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    replay_tokens: usize,
     /// Resident experts: N, or P% of all routed experts.
     #[arg(long, default_value = "25%")]
     expert_cache: String,
@@ -92,7 +101,8 @@ pub(crate) fn run(a: RunArgs) -> Result<()> {
             text: text.clone(),
         }],
         (None, Some(p)) => collector::read_prompts(p)?,
-        (None, None) => bail!("pass --prompt TEXT or --prompts FILE"),
+        (None, None) if a.replay.is_some() => Vec::new(),
+        (None, None) => bail!("pass --prompt TEXT, --prompts FILE or --replay TRACE"),
     };
     let quality = match &a.quality {
         Some(p) => collector::read_prompts(p)?,
@@ -128,6 +138,8 @@ pub(crate) fn run(a: RunArgs) -> Result<()> {
         loader_threads: a.loader_threads,
         compare_in_memory: !a.no_compare,
         quality,
+        replay: a.replay.clone(),
+        replay_tokens: a.replay_tokens,
     };
     let out = collector::run_offloaded(&cfg)?;
     if a.show_text {
@@ -141,9 +153,23 @@ pub(crate) fn run(a: RunArgs) -> Result<()> {
     }
     let r = &out.report;
     let mb = |b: u64| b as f64 / 1e6;
+    let what = match &out.replay {
+        Some(s) => {
+            for n in &s.notes {
+                eprintln!("note: {n}");
+            }
+            if s.unforced > 0 {
+                eprintln!(
+                    "warning: {} routings could not be forced to the trace",
+                    s.unforced
+                );
+            }
+            format!("replayed {} sequences ({} tokens)", s.sequences, s.tokens)
+        }
+        None => format!("{} prompts", cfg.prompts.len()),
+    };
     println!(
-        "{} prompts: {} prompt + {} decode tokens; cache {} of {} experts, policy {}, prefetch {} (budget {})",
-        cfg.prompts.len(),
+        "{what}: {} prompt + {} decode tokens; cache {} of {} experts, policy {}, prefetch {} (budget {})",
         r.prompt_tokens,
         r.decode_tokens,
         r.capacity,

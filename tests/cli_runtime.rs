@@ -511,3 +511,94 @@ fn router_inputs_feed_the_cross_layer_gate_in_eval_and_simulate() {
     );
     assert!(!said.contains("cross-layer gate"), "{said}");
 }
+
+/// `run --replay`: a recorded trace through the engine on a synthetic checkpoint of its
+/// shape, every routing forced to the trace; a trace of another shape is refused by name.
+#[test]
+fn run_replays_a_trace_on_a_synthetic_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = tmp(&dir, "ckpt");
+    let made = ok(&[
+        "checkpoint",
+        "synth",
+        "--layers",
+        "4",
+        "--experts",
+        "16",
+        "--top-k",
+        "2",
+        "--vocab",
+        "256",
+        "--hidden",
+        "64",
+        "--moe-intermediate",
+        "32",
+        "-o",
+        &ckpt,
+    ]);
+    assert!(made.contains("experts of 12288 bytes"), "{made}");
+    let trace = tmp(&dir, "t.mctrace");
+    ok(&[
+        "trace",
+        "synth",
+        "-o",
+        &trace,
+        "--layers",
+        "4",
+        "--experts",
+        "16",
+        "--top-k",
+        "2",
+        "--sequences",
+        "2",
+    ]);
+    let json = tmp(&dir, "run.json");
+    let (out, notes) = ok_with_notes(&[
+        "run",
+        "--model",
+        &ckpt,
+        "--replay",
+        &trace,
+        "--replay-tokens",
+        "60",
+        "--expert-cache",
+        "25%",
+        "--json",
+        &json,
+    ]);
+    assert!(
+        out.contains("replayed") && out.contains("(60 tokens)"),
+        "{out}"
+    );
+    assert!(!notes.contains("could not be forced"), "{notes}");
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let r = &run["report"];
+    // Every decode step looked up the trace's 4 layers x top-2.
+    let steps = r["decode_tokens"].as_u64().unwrap();
+    assert!(steps >= 58, "{r}");
+    assert_eq!(r["accesses"].as_u64().unwrap(), steps * 8, "{r}");
+    assert_eq!(r["budget"], "-", "{r}");
+
+    let other = tmp(&dir, "other.mctrace");
+    ok(&[
+        "trace",
+        "synth",
+        "-o",
+        &other,
+        "--layers",
+        "4",
+        "--experts",
+        "8",
+        "--top-k",
+        "2",
+    ]);
+    let out = moecast(&["run", "--model", &ckpt, "--replay", &other]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("other.mctrace")
+            && err.contains("top-2 of 8 experts"),
+        "{err}"
+    );
+}

@@ -9,6 +9,7 @@
 mod journal;
 mod offload;
 mod prompts;
+mod replay;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -24,6 +25,7 @@ use inference::{Checkpoint, MoeModel, RouteDecision, RoutingObserver};
 
 pub use offload::{run_offloaded, CacheSize, OffloadRun, OffloadRunConfig};
 pub use prompts::{parse_token_ids, read_prompts, Prompt};
+pub use replay::ReplaySummary;
 
 /// Errors of a collection run.
 #[derive(Debug, thiserror::Error)]

@@ -83,6 +83,11 @@ pub struct OffloadRunConfig {
     pub compare_in_memory: bool,
     /// Held-out text prompts for the cache-aware routing quality check.
     pub quality: Vec<Prompt>,
+    /// Instead of generating the prompts: replay this trace's sequences, each token's
+    /// routing forced to the recorded experts (the model computes everything else).
+    pub replay: Option<PathBuf>,
+    /// With `replay`: at most this many tokens (0: all).
+    pub replay_tokens: usize,
 }
 
 /// What a run produced and measured.
@@ -97,6 +102,8 @@ pub struct OffloadRun {
     pub identical: Option<bool>,
     pub in_memory_tokens_per_s: Option<f64>,
     pub quality: Option<RoutingQuality>,
+    /// What a replay ran (with `replay`).
+    pub replay: Option<crate::replay::ReplaySummary>,
 }
 
 /// Loads the model, offloads its experts and generates every prompt through the engine.
@@ -105,7 +112,8 @@ pub fn run_offloaded(cfg: &OffloadRunConfig) -> Result<OffloadRun, CollectError>
     let mut ck = Checkpoint::open(&cfg.model_dir)?;
     // The all-in-memory model is loaded only when something compares against it;
     // otherwise the routed experts never leave the disk except through the engine.
-    let reference = if cfg.compare_in_memory || !cfg.quality.is_empty() {
+    let compare = cfg.replay.is_none() && (cfg.compare_in_memory || !cfg.quality.is_empty());
+    let reference = if compare {
         Some(MoeModel::load(&ck, &device)?)
     } else {
         None
@@ -164,6 +172,19 @@ pub fn run_offloaded(cfg: &OffloadRunConfig) -> Result<OffloadRun, CollectError>
         },
     };
     let mut engine = OffloadEngine::new(&ck, &mut offloaded, engine_cfg, online, &device)?;
+    if let Some(path) = &cfg.replay {
+        let summary =
+            crate::replay::replay_trace(path, &offloaded, &mut engine, cfg.replay_tokens)?;
+        return Ok(OffloadRun {
+            report: engine.report().clone(),
+            generated: Vec::new(),
+            texts: Vec::new(),
+            identical: None,
+            in_memory_tokens_per_s: None,
+            quality: None,
+            replay: Some(summary),
+        });
+    }
 
     let bar = ProgressBar::new(prompts.len() as u64);
     bar.set_style(
@@ -237,6 +258,7 @@ pub fn run_offloaded(cfg: &OffloadRunConfig) -> Result<OffloadRun, CollectError>
         identical,
         in_memory_tokens_per_s,
         quality,
+        replay: None,
     })
 }
 

@@ -134,9 +134,11 @@ pub fn save_trace(trace: &RoutingTrace, path: &Path, format: Option<TraceFormat>
     }
 }
 
-/// Writes `path` atomically: `body` writes into a temporary file in the same folder,
-/// which is renamed over `path` only when `body` and the flush succeed. On error,
-/// nothing is left at `path` and the temporary file is removed.
+/// Writes `path` atomically and durably: `body` writes into a temporary file in the same
+/// folder, which is flushed, synced to disk (fsync) and renamed over `path` only when
+/// `body` succeeded. On error, nothing is left at `path` and the temporary file is
+/// removed. The one atomic writer of the workspace (the predictor's and the tiny-MoE
+/// trainer's state files go through it too).
 pub fn write_atomic<F>(path: &Path, body: F) -> Result<()>
 where
     F: FnOnce(&mut BufWriter<File>) -> Result<()>,
@@ -146,6 +148,9 @@ where
     let mut w = BufWriter::new(file);
     body(&mut w)?;
     w.flush().map_err(|e| TraceError::io(path, e))?;
+    w.get_ref()
+        .sync_all()
+        .map_err(|e| TraceError::io(path, e))?;
     drop(w);
     tmp.persist(path)
         .map_err(|e| TraceError::io(path, e.error))?;

@@ -20,6 +20,7 @@ pub mod prefetch;
 pub mod rope;
 pub mod routing;
 pub mod simulate;
+pub mod synth_checkpoint;
 pub mod tinymoe;
 pub mod tokenizer;
 

@@ -324,7 +324,8 @@ fn planned_prefetch_in_the_engine_changes_no_token_and_reports_its_decisions() {
         }
         let r = engine.report().clone();
         assert_eq!(r.hits + r.late + r.misses, r.accesses);
-        assert_eq!(r.budget, if planned { "auto" } else { "4" });
+        // Without a prefetcher there is no budget.
+        assert_eq!(r.budget, if planned { "auto" } else { "-" });
         assert_eq!(r.planner.is_some(), planned, "{r:?}");
         if let Some(c) = r.planner {
             assert!(c.issued > 0 && c.issued < c.offered, "{c:?}");

@@ -45,11 +45,11 @@ fn noisy_plan(
                     };
                     let mut ids: Vec<u32> = truth
                         .iter()
-                        .filter(|_| rng.gen_bool(recall))
+                        .filter(|_| rng.random_bool(recall))
                         .map(|&x| (layer * e + x as usize) as u32)
                         .collect();
                     for _ in 0..wrong {
-                        let x = rng.gen_range(0..e);
+                        let x = rng.random_range(0..e);
                         let id = (layer * e + x) as u32;
                         if !ids.contains(&id) && !truth.contains(&(x as u16)) {
                             ids.push(id);
@@ -65,27 +65,27 @@ fn noisy_plan(
 }
 
 fn config(rng: &mut StdRng, total: usize) -> SimConfig {
-    let compute = rng.gen_range(1.0..50.0);
-    let attention = if rng.gen_bool(0.5) {
-        rng.gen_range(0.0..10.0)
+    let compute = rng.random_range(1.0..50.0);
+    let attention = if rng.random_bool(0.5) {
+        rng.random_range(0.0..10.0)
     } else {
         0.0
     };
     let bandwidth = 10.0;
     // One read takes from a tenth of a layer to five layers.
-    let read_us = (compute + attention) * rng.gen_range(0.1..5.0);
+    let read_us = (compute + attention) * rng.random_range(0.1..5.0);
     let expert_bytes = read_us * bandwidth * 1e3;
     SimConfig {
-        capacity: ((total as f64 * rng.gen_range(0.08..0.5)) as usize).max(1),
-        per_layer: rng.gen_bool(0.2),
-        policy: ["lru", "lfu", "next-use"][rng.gen_range(0..3)].into(),
+        capacity: ((total as f64 * rng.random_range(0.08..0.5)) as usize).max(1),
+        per_layer: rng.random_bool(0.2),
+        policy: ["lru", "lfu", "next-use"][rng.random_range(0..3)].into(),
         bandwidth_gbps: bandwidth,
         expert_bytes,
         compute_us_per_layer: compute,
         attention_us_per_layer: attention,
         untimed: false,
-        deadline_order: rng.gen_bool(0.7),
-        chunk_bytes: expert_bytes * rng.gen_range(0.02..0.5),
+        deadline_order: rng.random_bool(0.7),
+        chunk_bytes: expert_bytes * rng.random_range(0.02..0.5),
         planned: true,
     }
 }
@@ -105,13 +105,13 @@ fn the_planner_never_delays_a_demand_read_beyond_one_chunk_and_never_loses_to_de
     for seed in 0..24u64 {
         let mut rng = StdRng::seed_from_u64(seed);
         let trace = synthetic_trace(&SynthConfig {
-            n_layers: rng.gen_range(2..7),
-            n_experts: rng.gen_range(8..33),
-            top_k: rng.gen_range(1..4),
+            n_layers: rng.random_range(2..7),
+            n_experts: rng.random_range(8..33),
+            top_k: rng.random_range(1..4),
             sequences: 2,
             tokens_per_sequence: 150,
-            stickiness: rng.gen_range(0.0..0.6),
-            zipf: rng.gen_range(0.0..1.2),
+            stickiness: rng.random_range(0.0..0.6),
+            zipf: rng.random_range(0.0..1.2),
             seed,
         });
         let view = trace.view();
@@ -120,10 +120,10 @@ fn the_planner_never_delays_a_demand_read_beyond_one_chunk_and_never_loses_to_de
         let cfg = config(&mut rng, total);
         let plan = noisy_plan(
             &view,
-            rng.gen_range(0.2..1.0),
-            rng.gen_range(0..6),
-            rng.gen_range(0.05..0.95),
-            rng.gen_range(1..4),
+            rng.random_range(0.2..1.0),
+            rng.random_range(0..6),
+            rng.random_range(0.05..0.95),
+            rng.random_range(1..4),
             seed,
         );
         let planned = simulate(&view, &seqs, &plan, &cfg).unwrap();

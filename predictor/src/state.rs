@@ -17,10 +17,12 @@ use crate::error::{PredictorError, Result};
 
 /// Writes `bytes` to `path` through a temporary file, fsync and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = tmp_name(path);
-    fs::write(&tmp, bytes).map_err(|e| PredictorError::io(&tmp, e))?;
-    sync(&tmp)?;
-    fs::rename(&tmp, path).map_err(|e| PredictorError::io(path, e))
+    use std::io::Write;
+    datasets::store::write_atomic(path, |w| {
+        w.write_all(bytes)
+            .map_err(|e| datasets::TraceError::io(path, e))
+    })?;
+    Ok(())
 }
 
 /// `path` with `.tmp` appended to its file name.

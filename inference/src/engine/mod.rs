@@ -33,6 +33,7 @@
 
 mod planned;
 pub mod quality;
+pub mod replay;
 mod report;
 pub mod store;
 
@@ -164,7 +165,8 @@ impl OffloadEngine {
             moe.offload_experts();
         }
         let capacity = cfg.capacity.min(m * e);
-        let loader = ExpertLoader::start(store.clone(), cfg.loader_threads);
+        // Planned, one loader thread is kept for demand reads.
+        let loader = ExpertLoader::start(store.clone(), cfg.loader_threads, cfg.planned);
         let learned = match &predictor {
             Some(p) if cfg.layer_forecasts && p.predictor().card.config.task == Task::Lookahead => {
                 Some("learned (next token + layer lookahead)")
@@ -190,18 +192,20 @@ impl OffloadEngine {
                     parts.join(" + ")
                 }
             },
-            budget: if cfg.planned {
-                "auto".into()
-            } else {
-                cfg.budget.to_string()
+            budget: match (
+                learned.is_some() || cfg.token_table.is_some() || cfg.pre_attention || cfg.lens,
+                cfg.planned,
+            ) {
+                (false, _) => "-".into(),
+                (true, true) => "auto".into(),
+                (true, false) => cfg.budget.to_string(),
             },
             capacity,
             total_experts: m * e,
             routing_margin: cfg.routing_margin,
             ..EngineReport::default()
         };
-        let planner = cfg
-            .planned
+        let planner = (cfg.planned && report.budget == "auto")
             .then(|| planned::EnginePlanner::new(shape.top_k, e, m, capacity, cfg.loader_threads));
         Ok(OffloadEngine {
             cache: ExpertCache::new(cfg.policy, CacheScope::Global, capacity, m, e),

@@ -104,11 +104,11 @@ impl EnginePlanner {
         let now = self.now();
         let read = self.read_us.unwrap_or(0.0);
         let period = self.period_us.unwrap_or(0.0);
-        // Reads are whole experts; a demand read waits for one only when every loader
-        // thread is busy: on average a read's share of the threads.
+        // One loader thread is kept for demand reads (with two or more): a demand read
+        // never waits for a prefetch; with one thread it waits for the read on it.
         let s = PlannerSettings {
             read_us: read,
-            chunk_us: read / self.threads,
+            chunk_us: if self.threads > 1.0 { 0.0 } else { read },
             layer_period_us: period,
             ..*self.planner.settings()
         };
@@ -120,7 +120,7 @@ impl EnginePlanner {
         .max(now);
         LinkState {
             now,
-            link_free: now + queued as f64 * read / self.threads,
+            link_free: now + queued as f64 * read / (self.threads - 1.0).max(1.0),
             next_lookup,
         }
     }

@@ -194,6 +194,9 @@ struct Queue {
     demand: VecDeque<usize>,
     prefetch: VecDeque<usize>,
     closed: bool,
+    /// Threads reading a prefetch now, and how many may.
+    prefetching: usize,
+    prefetch_threads: usize,
 }
 
 /// Background threads that read experts from an [`ExpertStore`].
@@ -204,11 +207,28 @@ pub struct ExpertLoader {
 }
 
 impl ExpertLoader {
-    /// Starts `threads` loader threads over `store`.
-    pub fn start(store: Arc<ExpertStore>, threads: usize) -> ExpertLoader {
-        let queue = Arc::new((Mutex::new(Queue::default()), Condvar::new()));
+    /// Starts `threads` loader threads over `store`. With `reserve_for_demand` (and two
+    /// threads or more) one thread never reads a prefetch, so a demand read never waits
+    /// for one to finish.
+    pub fn start(
+        store: Arc<ExpertStore>,
+        threads: usize,
+        reserve_for_demand: bool,
+    ) -> ExpertLoader {
+        let threads = threads.max(1);
+        let queue = Arc::new((
+            Mutex::new(Queue {
+                prefetch_threads: if reserve_for_demand && threads > 1 {
+                    threads - 1
+                } else {
+                    threads
+                },
+                ..Queue::default()
+            }),
+            Condvar::new(),
+        ));
         let (tx, results) = channel();
-        let threads = (0..threads.max(1))
+        let threads = (0..threads)
             .map(|_| {
                 let (queue, store, tx): (_, _, Sender<Loaded>) =
                     (queue.clone(), store.clone(), tx.clone());
@@ -231,7 +251,8 @@ impl ExpertLoader {
         } else {
             q.prefetch.push_back(id);
         }
-        cv.notify_one();
+        // A waiting thread may be the one kept for demand reads.
+        cv.notify_all();
     }
 
     /// Moves a queued prefetch of `id` to the demand queue (no-op once its read started).
@@ -242,6 +263,7 @@ impl ExpertLoader {
         q.prefetch.retain(|&x| x != id);
         if q.prefetch.len() != before {
             q.demand.push_back(id);
+            self.queue.1.notify_all();
         }
     }
 
@@ -281,21 +303,32 @@ impl Drop for ExpertLoader {
 fn worker(queue: &(Mutex<Queue>, Condvar), store: &ExpertStore, tx: &Sender<Loaded>) {
     let mut buf = Vec::new();
     loop {
-        let id = {
+        let (id, demand) = {
             let (lock, cv) = queue;
             let mut q = lock.lock().expect("loader queue");
             loop {
                 if q.closed {
                     return;
                 }
-                if let Some(id) = q.demand.pop_front().or_else(|| q.prefetch.pop_front()) {
-                    break id;
+                if let Some(id) = q.demand.pop_front() {
+                    break (id, true);
+                }
+                if q.prefetching < q.prefetch_threads {
+                    if let Some(id) = q.prefetch.pop_front() {
+                        q.prefetching += 1;
+                        break (id, false);
+                    }
                 }
                 q = cv.wait(q).expect("loader queue");
             }
         };
         let t0 = Instant::now();
         let expert = store.read(id, &mut buf);
+        if !demand {
+            let (lock, cv) = queue;
+            lock.lock().expect("loader queue").prefetching -= 1;
+            cv.notify_all();
+        }
         let loaded = Loaded {
             id,
             expert,

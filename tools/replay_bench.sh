@@ -1,0 +1,34 @@
+#!/bin/sh
+# `make bench`'s engine replay at a production expert size: `make demo`'s held-out trace
+# (the shipped model's routing, 6 MoE layers x 16 experts, top-2) replayed through the
+# offloading engine on a synthetic checkpoint with Qwen3-30B-A3B's experts (2048 x 768,
+# bf16: 9.4 MB each; random weights, the published layout), experts read from disk with
+# the page cache dropped. Demand paging (LRU, next-use), the token table and `make
+# demo`'s predictor at a fixed budget (top-2) and planned (auto), at 10% and 25% of the
+# experts resident. Usage: tools/replay_bench.sh [BIN] [TOKENS]
+set -e
+BIN=${1:-target/release/moecast}
+TOKENS=${2:-400}
+DEMO=runs/demo
+OUT=runs/bench/replay
+if [ ! -f $DEMO/heldout.mctrace ] || [ ! -f $DEMO/predictor/predictor.json ]; then
+  echo "the replay bench needs make demo's held-out trace and predictor in $DEMO (run make demo)"
+  exit 1
+fi
+mkdir -p $OUT
+if [ ! -f $OUT/ckpt/config.json ]; then
+  $BIN checkpoint synth --layers 6 --experts 16 --top-k 2 --vocab 4096 -o $OUT/ckpt
+fi
+echo "replaying $TOKENS tokens of $DEMO/heldout.mctrace at 9.4 MB per expert (page cache dropped)"
+for cache in 10% 25%; do
+  for mode in lru next-use token:2 token:auto learned:2 learned:auto; do
+    case $mode in
+      lru|next-use) args="--policy $mode" ;;
+      token:*) args="--policy next-use --token-table $DEMO/predictor --prefetch-budget ${mode#token:}" ;;
+      learned:*) args="--policy next-use --predictor $DEMO/predictor --prefetch-budget ${mode#learned:}" ;;
+    esac
+    line=$($BIN run --model $OUT/ckpt --replay $DEMO/heldout.mctrace --replay-tokens $TOKENS \
+      --expert-cache $cache $args 2>/dev/null | grep '^decode:')
+    printf '%-4s %-13s %s\n' "$cache" "$mode" "$line"
+  done
+done
