@@ -9,29 +9,29 @@
 //!   histogram the planner keeps online from every layer's routing once it is known;
 //! - its **deadline**: the estimated lookup time of its layer, `layers_ahead` layer
 //!   periods (attention + expert compute) after the next lookup. The read is queued
-//!   behind the link's current work and behind the demand reads expected at the lookups
-//!   before it lands (the running mean of misses per lookup); if it would land after the
-//!   deadline it is not issued (the horizon adapts: a far layer has time, a near one
-//!   may not);
+//!   behind the link's work that goes before it and behind the demand reads expected at
+//!   the lookups before its own (the running mean of misses per lookup). A read that
+//!   lands after its lookup still saves the rest of the demand read issued then; one
+//!   that would land no earlier than that is `Late` and not issued (the horizon adapts:
+//!   a far layer has time, a near one may not);
 //! - its **cost**: prefetch reads go in chunks and a demand read waits at most for the
 //!   chunk on the link, so a read spanning `s` lookups delays demand reads by at most
-//!   `s` chunks, each with the running share of lookups that miss; and the expert the
-//!   cache would evict for it is lost with the probability that it is needed before the
-//!   cache would have dropped it anyway (about one insertion later): its own forecast
-//!   when its layer comes before then, else the share of experts evicted for
-//!   prefetches that were needed again in that time, learned as it goes.
+//!   `s` chunks, each weighted by the running share of lookups that miss; and the expert
+//!   the cache would evict for it is lost with the probability that it is needed: its
+//!   own calibrated probability when it is a forecast candidate (a read is never swapped
+//!   for a less likely one), else the share of experts evicted for prefetches that were
+//!   needed again before the cache would have dropped them anyway (about one demand
+//!   insertion later), learned as it goes.
 //!
-//! A candidate not worth a read now is offered again at the next moment (after the
-//! next layer routes) while its layer is still ahead: a read that would sit in the way
-//! of this layer's demand reads may pay once they are done.
-//!
-//! A read for a layer further ahead than a cache entry lives (capacity over the running
-//! insertions per lookup) would be evicted before its use and is not issued.
-//!
-//! A candidate is issued when `p * read > p_victim * read + delay`, best first; every
+//! A candidate is issued when `p * saving > p_victim * read + delay`, best first; every
 //! admitted read moves the link's end, so the budget per layer follows from the
-//! bandwidth, the compute time and the forecast's confidence. The simulator and the
-//! engine share this type; each tells it the link's state and each layer's routing.
+//! bandwidth, the compute time and the forecast's confidence. A read for a layer further
+//! ahead than a cache entry lives (capacity over the running insertions per lookup)
+//! would be evicted before its use and is not issued. A candidate not worth a read now
+//! is offered again at the next moment while its layer is still ahead: a read that would
+//! sit in the way of this layer's demand reads may pay once they are done. The
+//! simulator and the engine share this type; each tells it the link's state and each
+//! layer's routing.
 
 use std::collections::HashMap;
 
@@ -197,7 +197,7 @@ impl PrefetchPlanner {
     }
 
     /// Lookups an expert the cache evicts now would have stayed anyway: about one
-    /// insertion, at the running insertion rate (at least 1, at most a token).
+    /// demand insertion, at the running miss rate (at least 1, at most a token).
     pub fn survival_lookups(&self) -> usize {
         (1.0 / self.misses_per_lookup.max(1e-3))
             .ceil()

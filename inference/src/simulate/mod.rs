@@ -24,8 +24,11 @@
 //! "untimed" mode makes every transfer instantaneous: a prefetch is in place right before
 //! its lookup, as MoE-Beyond's hit rates assume. It is reported separately.
 
+mod future;
 mod plan;
 mod report;
+
+use future::FutureUses;
 
 pub use plan::PrefetchPlan;
 pub use report::{LayerOutcomes, SimReport};
@@ -71,49 +74,6 @@ pub struct SimConfig {
     /// cancelled. Off: every planned expert is read.
     #[serde(default)]
     pub planned: bool,
-}
-
-/// For Belady: the access positions of every expert, and a cursor per expert.
-struct FutureUses {
-    positions: Vec<Vec<u64>>,
-    cursor: Vec<usize>,
-}
-
-impl FutureUses {
-    fn new(view: &TraceView<'_>, tokens: &[std::ops::Range<usize>], n_ids: usize) -> Self {
-        let (m, e) = (view.meta.n_moe(), view.meta.n_experts as usize);
-        let mut positions = vec![Vec::new(); n_ids];
-        let mut n = 0u64;
-        for r in tokens {
-            for t in r.clone() {
-                for l in 0..m {
-                    if let Some(ids) = view.layer(t, l) {
-                        for &x in ids {
-                            positions[l * e + x as usize].push(n);
-                            n += 1;
-                        }
-                    }
-                }
-            }
-        }
-        FutureUses {
-            positions,
-            cursor: vec![0; n_ids],
-        }
-    }
-
-    /// Consumes the current use of `id`; returns its next use.
-    fn advance(&mut self, id: usize) -> u64 {
-        self.cursor[id] += 1;
-        self.next(id)
-    }
-
-    fn next(&self, id: usize) -> u64 {
-        self.positions[id]
-            .get(self.cursor[id])
-            .copied()
-            .unwrap_or(u64::MAX)
-    }
 }
 
 /// A read on the link or queued for it.
