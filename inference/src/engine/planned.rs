@@ -104,11 +104,12 @@ impl EnginePlanner {
         let now = self.now();
         let read = self.read_us.unwrap_or(0.0);
         let period = self.period_us.unwrap_or(0.0);
-        // One loader thread is kept for demand reads (with two or more): a demand read
-        // never waits for a prefetch; with one thread it waits for the read on it.
+        // One loader thread is kept for demand reads (with two or more), so a demand
+        // read never queues behind a prefetch, but the two share the disk: a demand read
+        // during a prefetch takes longer by about the prefetch's share of the threads.
         let s = PlannerSettings {
             read_us: read,
-            chunk_us: if self.threads > 1.0 { 0.0 } else { read },
+            chunk_us: read / self.threads,
             layer_period_us: period,
             ..*self.planner.settings()
         };
