@@ -169,7 +169,7 @@ pub(crate) fn simulate_cmd(a: SimulateArgs) -> Result<()> {
                 .ok_or_else(|| anyhow!("bad --budget '{b}' (auto or a positive number)")),
         })
         .collect::<Result<_>>()?;
-    if !(a.chunk_bytes > 0.0) {
+    if a.chunk_bytes.is_nan() || a.chunk_bytes <= 0.0 {
         bail!("--chunk-bytes must be positive");
     }
     // The planner picks from twice top-k candidates per layer.

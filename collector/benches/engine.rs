@@ -188,6 +188,8 @@ fn main() {
                     loader_threads: 2,
                     compare_in_memory: false,
                     quality: Vec::new(),
+                    replay: None,
+                    replay_tokens: 0,
                 },
             )
             .collect();
@@ -236,6 +238,8 @@ fn main() {
         loader_threads: 2,
         compare_in_memory: true,
         quality: Vec::new(),
+        replay: None,
+        replay_tokens: 0,
     };
     let r = run_offloaded(&cfg).expect("run");
     println!(

@@ -107,7 +107,10 @@ impl Random {
 /// (`config.json`, `model.safetensors`); files are written beside and renamed into
 /// place. Returns the bytes written.
 pub fn write_synthetic_checkpoint(out: &Path, c: &TinyMoeConfig, seed: u64) -> Result<u64> {
-    if c.num_heads % c.num_kv_heads.max(1) != 0 || c.head_dim % 2 != 0 || c.top_k > c.num_experts {
+    if !c.num_heads.is_multiple_of(c.num_kv_heads.max(1))
+        || !c.head_dim.is_multiple_of(2)
+        || c.top_k > c.num_experts
+    {
         return Err(ModelError::Input(format!(
             "synthetic checkpoint: {} heads must be a multiple of {} key/value heads, head_dim {} even, top-k {} at most {} experts",
             c.num_heads, c.num_kv_heads, c.head_dim, c.top_k, c.num_experts
@@ -130,7 +133,7 @@ pub fn write_synthetic_checkpoint(out: &Path, c: &TinyMoeConfig, seed: u64) -> R
         offset += n;
     }
     let mut head = serde_json::to_vec(&header).expect("header serialises");
-    while head.len() % 8 != 0 {
+    while !head.len().is_multiple_of(8) {
         head.push(b' ');
     }
     let tmp = out.join("model.safetensors.partial");

@@ -482,7 +482,7 @@ pub fn simulate(
     if cfg.capacity == 0 {
         return Err("cache capacity must be at least one expert".into());
     }
-    if !(cfg.chunk_bytes >= 0.0) {
+    if cfg.chunk_bytes.is_nan() || cfg.chunk_bytes < 0.0 {
         return Err("prefetch chunk size must not be negative".into());
     }
     let scope = if cfg.per_layer {
