@@ -5,10 +5,13 @@
 # bf16: 9.4 MB each; random weights, the published layout), experts read from disk with
 # the page cache dropped. Demand paging (LRU, next-use), the token table and `make
 # demo`'s predictor at a fixed budget (top-2) and planned (auto), at 10% and 25% of the
-# experts resident. Usage: tools/replay_bench.sh [BIN] [TOKENS]
+# experts resident. The modes run interleaved, REPEATS rounds, so a drifting disk speed
+# touches them alike; the summary gives each mode's mean decode tokens/s and its ratio
+# to next-use demand paging. Usage: tools/replay_bench.sh [BIN] [TOKENS] [REPEATS]
 set -e
 BIN=${1:-target/release/moecast}
-TOKENS=${2:-400}
+TOKENS=${2:-300}
+REPEATS=${3:-2}
 DEMO=runs/demo
 OUT=runs/bench/replay
 if [ ! -f $DEMO/heldout.mctrace ] || [ ! -f $DEMO/predictor/predictor.json ]; then
@@ -19,16 +22,28 @@ mkdir -p $OUT
 if [ ! -f $OUT/ckpt/config.json ]; then
   $BIN checkpoint synth --layers 6 --experts 16 --top-k 2 --vocab 4096 -o $OUT/ckpt
 fi
-echo "replaying $TOKENS tokens of $DEMO/heldout.mctrace at 9.4 MB per expert (page cache dropped)"
-for cache in 10% 25%; do
-  for mode in lru next-use token:2 token:auto learned:2 learned:auto; do
-    case $mode in
-      lru|next-use) args="--policy $mode" ;;
-      token:*) args="--policy next-use --token-table $DEMO/predictor --prefetch-budget ${mode#token:}" ;;
-      learned:*) args="--policy next-use --predictor $DEMO/predictor --prefetch-budget ${mode#learned:}" ;;
-    esac
-    line=$($BIN run --model $OUT/ckpt --replay $DEMO/heldout.mctrace --replay-tokens $TOKENS \
-      --expert-cache $cache $args 2>/dev/null | grep '^decode:')
-    printf '%-4s %-13s %s\n' "$cache" "$mode" "$line"
+echo "replaying $TOKENS tokens of $DEMO/heldout.mctrace at 9.4 MB per expert (page cache dropped), $REPEATS interleaved rounds"
+results=$OUT/results.txt
+: > $results
+round=1
+while [ $round -le $REPEATS ]; do
+  for cache in 10% 25%; do
+    for mode in lru next-use token:2 token:auto learned:2 learned:auto; do
+      case $mode in
+        lru|next-use) args="--policy $mode" ;;
+        token:*) args="--policy next-use --token-table $DEMO/predictor --prefetch-budget ${mode#token:}" ;;
+        learned:*) args="--policy next-use --predictor $DEMO/predictor --prefetch-budget ${mode#learned:}" ;;
+      esac
+      line=$($BIN run --model $OUT/ckpt --replay $DEMO/heldout.mctrace --replay-tokens $TOKENS \
+        --expert-cache $cache $args 2>/dev/null | grep '^decode:')
+      printf 'round %s %-4s %-13s %s\n' "$round" "$cache" "$mode" "$line"
+      echo "$cache $mode $(echo "$line" | awk '{print $2}')" >> $results
+    done
   done
+  round=$((round + 1))
 done
+echo "mean decode tokens/s over $REPEATS rounds (ratio to next-use demand paging):"
+awk '{ s[$1" "$2] += $3; n[$1" "$2]++ } END {
+  for (k in s) { split(k, p, " "); m[k] = s[k] / n[k]; if (p[2] == "next-use") base[p[1]] = m[k] }
+  for (k in s) { split(k, p, " "); printf "%-4s %-13s %6.2f  %.2fx\n", p[1], p[2], m[k], m[k] / base[p[1]] }
+}' $results | sort

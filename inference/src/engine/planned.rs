@@ -105,11 +105,12 @@ impl EnginePlanner {
         let read = self.read_us.unwrap_or(0.0);
         let period = self.period_us.unwrap_or(0.0);
         // One loader thread is kept for demand reads (with two or more), so a demand
-        // read never queues behind a prefetch, but the two share the disk: a demand read
-        // during a prefetch takes longer by about the prefetch's share of the threads.
+        // read never queues behind a prefetch; but the two share the disk's bandwidth:
+        // every byte a prefetch reads while demand reads run delays them, up to a whole
+        // read's worth.
         let s = PlannerSettings {
             read_us: read,
-            chunk_us: read / self.threads,
+            chunk_us: read,
             layer_period_us: period,
             ..*self.planner.settings()
         };
