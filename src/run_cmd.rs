@@ -125,12 +125,10 @@ pub(crate) fn run(a: RunArgs) -> Result<()> {
         policy: a.policy.parse().map_err(anyhow::Error::msg)?,
         predictor: a.predictor,
         token_table: a.token_table,
-        budget: match a.prefetch_budget.as_str() {
-            "auto" => None,
-            n => Some(n.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(|| {
-                anyhow::anyhow!("bad --prefetch-budget '{n}' (auto or a positive number)")
-            })?),
-        },
+        budget: a
+            .prefetch_budget
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--prefetch-budget: {e}"))?,
         layer_forecasts: a.layer_forecasts,
         pre_attention: a.pre_attention,
         lens: a.lens,

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use datasets::open_trace;
+use inference::planner::PrefetchBudget;
 use inference::prefetch::{self, PrefetchKind};
 use inference::simulate::{simulate, PrefetchPlan, SimConfig, SimReport};
 use predictor::baselines::BaselineStats;
@@ -155,19 +156,10 @@ pub(crate) fn simulate_cmd(a: SimulateArgs) -> Result<()> {
     {
         bail!("--bandwidth must be positive, --compute-us-per-layer and --attention-us-per-layer not negative");
     }
-    // None: planned (auto).
-    let budgets: Vec<Option<usize>> = a
+    let budgets: Vec<PrefetchBudget> = a
         .budget
         .iter()
-        .map(|b| match b.as_str() {
-            "auto" => Ok(None),
-            n => n
-                .parse::<usize>()
-                .ok()
-                .filter(|&n| n > 0)
-                .map(Some)
-                .ok_or_else(|| anyhow!("bad --budget '{b}' (auto or a positive number)")),
-        })
+        .map(|b| b.parse().map_err(|e| anyhow!("--budget: {e}")))
         .collect::<Result<_>>()?;
     if a.chunk_bytes.is_nan() || a.chunk_bytes <= 0.0 {
         bail!("--chunk-bytes must be positive");
@@ -175,7 +167,10 @@ pub(crate) fn simulate_cmd(a: SimulateArgs) -> Result<()> {
     // The planner picks from twice top-k candidates per layer.
     let budget = budgets
         .iter()
-        .map(|b| b.unwrap_or(2 * k))
+        .map(|b| match b {
+            PrefetchBudget::Auto => 2 * k,
+            PrefetchBudget::PerLayer(n) => *n,
+        })
         .max()
         .unwrap_or(k)
         .min(e);
@@ -327,7 +322,7 @@ pub(crate) fn simulate_cmd(a: SimulateArgs) -> Result<()> {
             plans.push(plan);
         }
         // Each prefetcher at each budget (none and the oracle once: they have none).
-        let mut plans_at: Vec<(PrefetchPlan, Option<usize>, bool)> = Vec::new();
+        let mut plans_at: Vec<(PrefetchPlan, Option<PrefetchBudget>)> = Vec::new();
         for combo in &combos {
             let parts: Vec<&PrefetchPlan> = combo
                 .iter()
@@ -338,20 +333,21 @@ pub(crate) fn simulate_cmd(a: SimulateArgs) -> Result<()> {
                 .iter()
                 .all(|k| matches!(k, PrefetchKind::None | PrefetchKind::Oracle))
             {
-                plans_at.push((plan, None, false));
+                plans_at.push((plan, None));
                 continue;
             }
-            for b in &budgets {
+            for &b in &budgets {
                 match b {
-                    Some(n) => plans_at.push((plan.truncated(*n, e), Some(*n), false)),
-                    None => plans_at.push((plan.clone(), None, true)),
+                    PrefetchBudget::PerLayer(n) => plans_at.push((plan.truncated(n, e), Some(b))),
+                    PrefetchBudget::Auto => plans_at.push((plan.clone(), Some(b))),
                 }
             }
         }
         let mut i = 0;
         for (size, &capacity) in sizes.iter().zip(&capacities) {
             for policy in &a.policy {
-                for (plan, fixed, planned) in &plans_at {
+                for (plan, budget) in &plans_at {
+                    let planned = *budget == Some(PrefetchBudget::Auto);
                     let cfg = SimConfig {
                         capacity,
                         per_layer: a.per_layer,
@@ -362,14 +358,10 @@ pub(crate) fn simulate_cmd(a: SimulateArgs) -> Result<()> {
                         attention_us_per_layer: a.attention_us_per_layer,
                         untimed: false,
                         deadline_order: a.link_order == LinkOrder::Deadline,
-                        chunk_bytes: if *planned { a.chunk_bytes } else { 0.0 },
-                        planned: *planned,
+                        chunk_bytes: if planned { a.chunk_bytes } else { 0.0 },
+                        planned,
                     };
-                    let label = match (fixed, planned) {
-                        (Some(n), _) => n.to_string(),
-                        (None, true) => "auto".to_string(),
-                        (None, false) => "-".to_string(),
-                    };
+                    let label = budget.map_or("-".to_string(), |b| b.to_string());
                     let mut r = simulate(&view, &seqs, plan, &cfg).map_err(anyhow::Error::msg)?;
                     r.budget = label.clone();
                     let u = simulate(

@@ -11,6 +11,7 @@ use inference::cache::EvictionPolicy;
 use inference::engine::quality::{compare_routing, RoutingQuality};
 use inference::engine::{EngineConfig, EngineReport, OffloadEngine};
 use inference::generate::{generate, Sampling};
+use inference::planner::PrefetchBudget;
 use inference::tokenizer::TextTokenizer;
 use inference::{Checkpoint, MoeModel};
 use predictor::{LoadedPredictor, OnlinePredictor};
@@ -67,9 +68,9 @@ pub struct OffloadRunConfig {
     pub predictor: Option<PathBuf>,
     /// A predictor directory whose token table prefetches at each token's start.
     pub token_table: Option<PathBuf>,
-    /// Experts prefetched per forecast layer; `None`: planned against the measured link
-    /// (twice top-k candidates per layer, each read only when it pays).
-    pub budget: Option<usize>,
+    /// Experts prefetched per forecast layer, or `Auto`: planned against the measured
+    /// link (twice top-k candidates per layer, each read only when it pays).
+    pub budget: PrefetchBudget,
     /// With a lookahead predictor, also forecast the next layers after each layer.
     pub layer_forecasts: bool,
     /// Prefetch each layer's pre-attention-gate experts at the layer's start.
@@ -159,8 +160,11 @@ pub fn run_offloaded(cfg: &OffloadRunConfig) -> Result<OffloadRun, CollectError>
     let engine_cfg = EngineConfig {
         capacity: cfg.cache.experts(total),
         policy: cfg.policy,
-        budget: cfg.budget.unwrap_or(2 * shape.top_k),
-        planned: cfg.budget.is_none(),
+        budget: match cfg.budget {
+            PrefetchBudget::Auto => 2 * shape.top_k,
+            PrefetchBudget::PerLayer(n) => n,
+        },
+        planned: cfg.budget == PrefetchBudget::Auto,
         layer_forecasts: cfg.layer_forecasts,
         pre_attention: cfg.pre_attention,
         lens: cfg.lens,

@@ -35,6 +35,49 @@
 
 use std::collections::HashMap;
 
+/// How many of a forecaster's experts are read: the best `n` of every forecast layer at
+/// every moment, or what the planner judges worth a read (`auto`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefetchBudget {
+    Auto,
+    PerLayer(usize),
+}
+
+impl std::str::FromStr for PrefetchBudget {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(PrefetchBudget::Auto),
+            n => n
+                .parse::<usize>()
+                .ok()
+                .filter(|&n| n > 0)
+                .map(PrefetchBudget::PerLayer)
+                .ok_or_else(|| format!("bad prefetch budget '{s}' (auto or a positive number)")),
+        }
+    }
+}
+
+impl std::fmt::Display for PrefetchBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PrefetchBudget::Auto => f.write_str("auto"),
+            PrefetchBudget::PerLayer(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// Lookups between the next one (layer `next_layer` of the current token) and MoE layer
+/// `layer`'s, and whether that lookup is the next token's (`layer` was passed).
+pub fn lookups_until(layer: usize, next_layer: usize, n_moe: usize) -> (usize, bool) {
+    if layer >= next_layer {
+        (layer - next_layer, false)
+    } else {
+        (layer + n_moe - next_layer, true)
+    }
+}
+
 /// Timings the planner plans against (microseconds).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PlannerSettings {
@@ -343,7 +386,7 @@ impl PrefetchPlanner {
         self.issued_since = 0;
         self.insertions_per_lookup += RATE * (inserted - self.insertions_per_lookup);
         // An expert evicted for a prefetch would have gone anyway at about the next
-        // insertion into the cache: it is regretted if needed before then.
+        // demand insertion: it is regretted if needed before then.
         let window = self.survival_lookups() as u64;
         let lookups = self.lookups;
         let regret = &mut self.regret;
@@ -358,16 +401,5 @@ impl PrefetchPlanner {
         });
         self.misses_per_lookup += RATE * (demand_reads as f64 - self.misses_per_lookup);
         self.miss_share += RATE * (f64::from(u8::from(demand_reads > 0)) - self.miss_share);
-    }
-
-    /// The reliability the planner learned: per probability bin with observations beyond
-    /// its prior, (bin centre, observed share used, observations).
-    pub fn reliability(&self) -> Vec<(f64, f64, f64)> {
-        self.bins[..PROB_BINS]
-            .iter()
-            .enumerate()
-            .filter(|(_, &(_, n))| n > PRIOR_WEIGHT)
-            .map(|(b, &(u, n))| ((b as f64 + 0.5) / PROB_BINS as f64, u / n, n - PRIOR_WEIGHT))
-            .collect()
     }
 }

@@ -4,7 +4,9 @@
 
 use std::time::Instant;
 
-use crate::planner::{Candidate, LinkState, PlannerSettings, PrefetchPlanner, Verdict};
+use crate::planner::{
+    lookups_until, Candidate, LinkState, PlannerSettings, PrefetchPlanner, Verdict,
+};
 
 use super::OffloadEngine;
 
@@ -90,16 +92,14 @@ impl EnginePlanner {
         self.read_us = ema(self.read_us, seconds * 1e6);
     }
 
-    /// Layers between the next lookup and `m`'s (the next token's, past the last).
-    pub(super) fn layers_ahead(&self, m: usize, n_moe: usize) -> usize {
-        if m >= self.next_layer {
-            m - self.next_layer
-        } else {
-            m + n_moe - self.next_layer
-        }
+    /// How much one more queued prefetch moves the end of the loader's queue: a read's
+    /// time over the threads that read prefetches (all but the one kept for demand).
+    fn queued_read_us(&self) -> f64 {
+        self.read_us.unwrap_or(0.0) / (self.threads - 1.0).max(1.0)
     }
 
-    /// The link as measured: `queued` reads ahead on the loader's threads.
+    /// The link as measured, with `queued` reads ahead on the loader's threads; the
+    /// planner's timings are brought up to date.
     fn link(&mut self, queued: usize) -> LinkState {
         let now = self.now();
         let read = self.read_us.unwrap_or(0.0);
@@ -122,7 +122,7 @@ impl EnginePlanner {
         .max(now);
         LinkState {
             now,
-            link_free: now + queued as f64 * read / (self.threads - 1.0).max(1.0),
+            link_free: now + queued as f64 * self.queued_read_us(),
             next_lookup,
         }
     }
@@ -136,7 +136,8 @@ impl OffloadEngine {
             return;
         };
         let (n, e) = (self.n_moe(), self.n_experts);
-        let ahead = plan.layers_ahead(m, n);
+        let (ahead, next_token) = lookups_until(m, plan.next_layer, n);
+        let token = plan.token + u64::from(next_token);
         let mut offered: Vec<(f64, Candidate)> = ranking
             .iter()
             .enumerate()
@@ -152,7 +153,7 @@ impl OffloadEngine {
             })
             .collect();
         offered.sort_by(|a, b| b.0.total_cmp(&a.0));
-        let mut queued = self.in_flight.len();
+        let mut link = plan.link(self.in_flight.len());
         for (_, c) in offered {
             let id = c.id as usize;
             if self.cache.contains(id) {
@@ -167,12 +168,10 @@ impl OffloadEngine {
                     (p, bg.then_some(v as u32))
                 }
             };
-            let link = plan.link(queued);
             if plan.planner.judge(&c, &link, victim) == Verdict::Issue {
                 self.admit(id, false);
-                let token = plan.token + u64::from(m < plan.next_layer);
                 self.planned_for.insert(id, token);
-                queued += 1;
+                link.link_free += plan.queued_read_us();
                 if let Some(v) = background {
                     plan.planner.note_evicted(v);
                 }

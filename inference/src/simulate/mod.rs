@@ -14,14 +14,15 @@
 //! Prefetches come from a [`PrefetchPlan`]: for every token, a list of experts to fetch
 //! at its start (when its id is known and the previous token's routing is complete),
 //! at each layer's start, before its attention (what reads the layer's input, such as
-//! the pre-attention gate), and after each layer has routed. A plan may only use what exists at that moment; the
-//! builders here keep to that, except the oracle, which is labelled as such. The
+//! the pre-attention gate), and after each layer has routed. A plan may only use what
+//! exists at that moment; the builders here keep to that, except the oracle, which is
+//! labelled as such.
+//!
 //! With `planned`, the [`PrefetchPlanner`] judges every expert of the plan against the
 //! link (see there); prefetch reads then go in `chunk_bytes` chunks, so a demand read
 //! waits at most one chunk, and a queued read whose layer routed without it is
 //! cancelled. A queued prefetch of an expert its layer now needs becomes a demand read.
-//! The
-//! "untimed" mode makes every transfer instantaneous: a prefetch is in place right before
+//! The "untimed" mode makes every transfer instantaneous: a prefetch is in place right before
 //! its lookup, as MoE-Beyond's hit rates assume. It is reported separately.
 
 mod future;
@@ -39,7 +40,9 @@ use datasets::TraceView;
 use serde::{Deserialize, Serialize};
 
 use crate::cache::{CacheScope, EvictionPolicy, ExpertCache, Insertion};
-use crate::planner::{Candidate, LinkState, PlannerSettings, PrefetchPlanner, Verdict};
+use crate::planner::{
+    lookups_until, Candidate, LinkState, PlannerSettings, PrefetchPlanner, Verdict,
+};
 
 /// Cache and timing parameters of one simulation.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -86,6 +89,13 @@ struct Transfer {
     end: f64,
     /// The token it was read for (planned reads; `usize::MAX` otherwise).
     token: usize,
+}
+
+impl Transfer {
+    /// When the chunk on the link at `now` ends (`chunk`: its duration).
+    fn chunk_end(&self, now: f64, chunk: f64) -> f64 {
+        (self.start + ((now - self.start) / chunk).ceil() * chunk).min(self.end)
+    }
 }
 
 /// The moving parts of one simulation.
@@ -199,9 +209,7 @@ impl Sim {
         if let Some(f) = self.pending.front_mut().filter(|f| f.start <= now) {
             // A read this lookup needs is not interrupted.
             let cut = match self.chunk_us {
-                Some(c) if c > 0.0 && !needed.contains(&f.id) => {
-                    (f.start + ((now - f.start) / c).ceil() * c).min(f.end)
-                }
+                Some(c) if c > 0.0 && !needed.contains(&f.id) => f.chunk_end(now, c),
                 _ => f.end,
             };
             start = start.max(cut);
@@ -255,8 +263,7 @@ impl Sim {
             .front_mut()
             .filter(|f| f.start <= now && loses(f))
         {
-            let c = self.chunk_us.unwrap_or(self.xfer).max(1e-12);
-            let cut = (f.start + ((now - f.start) / c).ceil() * c).min(f.end);
+            let cut = f.chunk_end(now, self.chunk_us.unwrap_or(self.xfer).max(1e-12));
             // It keeps the link until `cut`, then is gone.
             lost.push((f.id, (f.end - cut) / self.xfer.max(1e-12)));
             f.end = cut;
@@ -288,12 +295,8 @@ impl Sim {
 
     /// The layer of a forecast expert relative to the next lookup, and its token.
     fn target(&self, id: usize) -> (usize, usize) {
-        let l = id / self.n_experts;
-        if l >= self.layer {
-            (l - self.layer, self.token)
-        } else {
-            (l + self.n_moe - self.layer, self.token + 1)
-        }
+        let (ahead, next_token) = lookups_until(id / self.n_experts, self.layer, self.n_moe);
+        (ahead, self.token + usize::from(next_token))
     }
 
     /// One prefetch moment: the plan's `ids` (with `probs`, if it has them), the next
@@ -391,13 +394,12 @@ impl Sim {
                 link_free: busy[ahead],
                 next_lookup,
             };
+            let token = self.target(id).1;
             let verdict = planner.judge(&c, &link, victim);
             if verdict == Verdict::NotWorth {
-                let (_, token) = self.target(id);
                 planner.defer(c, token as u64);
             }
             if verdict == Verdict::Issue {
-                let token = self.target(id).1;
                 self.prefetch(id, token);
                 if let Some(v) = background {
                     planner.note_evicted(v);
@@ -491,11 +493,6 @@ pub fn simulate(
         CacheScope::Global
     };
     let cache = ExpertCache::new(policy, scope, cfg.capacity, m, e);
-    // A per-layer cache gives each layer its share.
-    let cache_capacity = match scope {
-        CacheScope::Global => cache.capacity(),
-        CacheScope::PerLayer => (cache.capacity() / m).max(1) * m,
-    };
     let xfer = if cfg.untimed {
         0.0
     } else {
@@ -511,7 +508,7 @@ pub fn simulate(
             top_k: view.meta.top_k as usize,
             n_experts: e,
             n_moe: m,
-            capacity: cache_capacity,
+            capacity: cache.capacity(),
         })
     });
     let r = SimReport {
