@@ -6,7 +6,7 @@ DBG    := $(TARGET)/debug/moecast
 SHARED ?= $(abspath ../shared)
 DEMO   := runs/demo
 
-.PHONY: all build demo demo-hidden test test-ffi test-python header test-real test-wgpu test-hook bench fmt lint clean
+.PHONY: all build demo demo-hidden llamacpp llamacpp-bench test test-ffi test-python test-llamacpp header test-real test-wgpu test-hook bench fmt lint clean
 
 all: build
 
@@ -58,6 +58,47 @@ demo:
 	  "$(DBG) simulate --trace $(DEMO)/heldout.mctrace --predictor $(DEMO)/predictor $(SIM) --sweep --policy lru,belady --prefetch none,learned,oracle --plot $(DEMO)/plots > $(DEMO)/sweep.txt && $(DBG) simulate --trace $(DEMO)/heldout.mctrace --predictor $(DEMO)/predictor $(PROD) --cache 10%,25% --policy lru,next-use --prefetch none,token,learned,oracle --budget auto,2,4 --json $(DEMO)/simulate-production.json" \
 	  "$(DBG) simulate --trace $(DEMO)/heldout.mctrace --predictor $(DEMO)/predictor --model $(MODEL) $(SIM) --cache 10%,25% --policy lru,lfu,next-use,belady --prefetch none,previous,token,coactivation,activation,gate,lens,learned,lens+learned,oracle --budget auto,2 --json $(DEMO)/simulate.json"
 	@echo "demo outputs in $(DEMO)/: traces (.mctrace, .parquet), stats.json, predictor/, eval.json, simulate.json, simulate-production.json, sweep.txt, run.json, plots/"
+
+# The shipped model in llama.cpp, end to end (runs/llamacpp/, about 6 minutes after the
+# builds): export to GGUF (f32, f16), routing parity against `moecast collect` on the same
+# token ids, routing collected from llama.cpp (with router inputs) over the demo and
+# held-out prompts as `make demo` collects them, a predictor trained and evaluated on it,
+# then decoding inside llama.cpp with 10% and 25% of the experts resident in the page
+# cache, without and with the predictor staging experts (3 alternating rounds each).
+LLAMA    := runs/llamacpp
+LLAMA_PY := python3 llamacpp/moecast_llamacpp.py
+LLAMA_RUN := --prompts prompts/heldout.txt --max-new-tokens 32 --temperature 0.8 --seed 1000 --rounds 3
+llamacpp:
+	$(CARGO) build
+	python3 -m pip install -q $(LLAMA_PIP) ./python
+	rm -rf $(LLAMA) && mkdir -p $(LLAMA)
+	python3 llamacpp/export_gguf.py --model $(MODEL) -o $(LLAMA)/tiny-moe.f32.gguf
+	python3 llamacpp/export_gguf.py --model $(MODEL) --dtype f16 -o $(LLAMA)/tiny-moe.f16.gguf
+	$(DBG) collect --model $(MODEL) --prompts prompts/heldout.txt --max-new-tokens 32 --hidden-states -o $(LLAMA)/moecast-heldout.jsonl
+	python3 llamacpp/parity.py --reference $(LLAMA)/moecast-heldout.jsonl --model $(LLAMA)/tiny-moe.f32.gguf --json $(LLAMA)/parity-f32.json
+	python3 llamacpp/parity.py --reference $(LLAMA)/moecast-heldout.jsonl --model $(LLAMA)/tiny-moe.f16.gguf --json $(LLAMA)/parity-f16.json
+	$(LLAMA_PY) collect --model $(LLAMA)/tiny-moe.f32.gguf --prompts prompts/demo.txt --samples 6 --max-new-tokens 100 --temperature 0.8 --seed 0 --router-inputs --quiet -o $(LLAMA)/train.jsonl
+	$(LLAMA_PY) collect --model $(LLAMA)/tiny-moe.f32.gguf --prompts prompts/heldout.txt --samples 4 --max-new-tokens 100 --temperature 0.8 --seed 1000 --router-inputs --quiet -o $(LLAMA)/heldout.jsonl
+	$(DBG) trace convert $(LLAMA)/train.jsonl -o $(LLAMA)/train.mctrace
+	$(DBG) trace convert $(LLAMA)/heldout.jsonl -o $(LLAMA)/heldout.mctrace
+	$(DBG) train --trace $(LLAMA)/train.mctrace --task lookahead --features hidden --hidden-width 256 --dropout 0.2 --token-dropout 0.1 --test-fraction 0 --epochs 10 --batch-size 4 --warmup-steps 50 -o $(LLAMA)/predictor
+	$(DBG) eval --predictor $(LLAMA)/predictor --trace $(LLAMA)/heldout.mctrace --json $(LLAMA)/eval.json
+	$(DBG) train --trace $(LLAMA)/train.mctrace --task lookahead --token-dropout 0.1 --test-fraction 0 --epochs 10 --batch-size 4 --warmup-steps 50 --quiet -o $(LLAMA)/predictor-ids
+	$(LLAMA_PY) prefetch --model $(LLAMA)/tiny-moe.f32.gguf --predictor $(LLAMA)/predictor --resident 10% $(LLAMA_RUN) --json $(LLAMA)/prefetch-10.json
+	$(LLAMA_PY) prefetch --model $(LLAMA)/tiny-moe.f32.gguf --predictor $(LLAMA)/predictor --resident 25% $(LLAMA_RUN) --json $(LLAMA)/prefetch-25.json
+
+# The same decoding at a production expert size (after `make llamacpp`): a Qwen3-MoE with
+# Qwen3-30B-A3B's 2048 x 768 experts (9.4 MB each at f16) but the demo's 6 layers x 16
+# experts and random weights, its routing forced to llama.cpp's held-out trace of the demo
+# model (so the ids-only predictor's forecasts apply), experts read from the GGUF file.
+llamacpp-bench:
+	@test -f $(LLAMA)/heldout.mctrace || { echo "run make llamacpp first"; exit 1; }
+	$(DBG) checkpoint synth --layers 6 --experts 16 --top-k 2 --vocab 4096 -o $(LLAMA)/synth
+	python3 llamacpp/export_gguf.py --model $(LLAMA)/synth --tokenizer $(MODEL) --dtype f16 -o $(LLAMA)/synth.f16.gguf
+	rm -rf $(LLAMA)/synth
+	for r in 10 25 100; do $(LLAMA_PY) prefetch --model $(LLAMA)/synth.f16.gguf --replay $(LLAMA)/heldout.mctrace \
+	  --replay-tokens 200 --predictor $(LLAMA)/predictor-ids --resident $$r% --threads 2 --rounds 3 \
+	  --json $(LLAMA)/bench-$$r.json || exit 1; done
 
 # Activation-aware prediction on the demo model, all feature sets (`make demo` trains only
 # the hidden-state one): the demo's collection with twice the samples per prompt (12:
@@ -111,6 +152,19 @@ test-python:
 	$(CARGO) test --workspace --no-run
 	python3 -m pip install -q ./python pytest
 	MOECAST_BIN=$(abspath $(DBG)) python3 -m pytest -q python/tests
+
+# llama.cpp through llama-cpp-python (llamacpp/): pip builds llama.cpp from its source the
+# first time (about 5 minutes on 2 cores; pip keeps the wheel for the next run). pytest
+# exports the shipped model to GGUF (f32 and f16), checks llama.cpp tokenizes the
+# held-out prompts as moecast does and routes their token ids as `moecast collect` does
+# (>= 99% of top-k sets at f32; router inputs too), and that a predictor trained on
+# llama.cpp's own routing, staging experts inside llama.cpp's eval callback, raises the
+# share of experts resident when used.
+LLAMA_PIP := llama-cpp-python==0.3.36 gguf==0.19.0 pytest
+test-llamacpp:
+	$(CARGO) test --workspace --no-run
+	python3 -m pip install -q $(LLAMA_PIP) ./python
+	MOECAST_BIN=$(abspath $(DBG)) python3 -m pytest -q -s llamacpp/tests
 
 header:
 	MOECAST_WRITE_HEADER=1 $(CARGO) test --workspace --test c_abi committed_header

@@ -1,0 +1,165 @@
+"""moecast with llama.cpp (llama-cpp-python): the shipped model exported to GGUF loads in
+llama.cpp, tokenizes like moecast, routes like `moecast collect` on the same token ids,
+its routing collected from llama.cpp trains a predictor, and that predictor's staging
+raises the share of experts resident when llama.cpp uses them.
+
+Needs llama-cpp-python, gguf, numpy, moecast's Python package and the `moecast` binary
+(MOECAST_BIN, default target/debug/moecast); `make test-llamacpp` provides them all.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "llamacpp"))
+BIN = os.environ.get("MOECAST_BIN", str(ROOT / "target" / "debug" / "moecast"))
+MODEL = ROOT / "checkpoints" / "tiny-moe"
+HELDOUT = ROOT / "prompts" / "heldout.txt"
+
+import export_gguf  # noqa: E402
+import moecast_llamacpp as mcl  # noqa: E402
+import parity  # noqa: E402
+
+
+def run(*args):
+    return subprocess.run([BIN, *map(str, args)], check=True, capture_output=True, text=True).stdout
+
+
+def tool(script, *args):
+    return subprocess.run([sys.executable, str(ROOT / "llamacpp" / script), *map(str, args)],
+                          check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    d = tmp_path_factory.mktemp("llamacpp")
+    for dtype in ("f32", "f16"):
+        export_gguf.export(str(MODEL), str(d / f"tiny.{dtype}.gguf"), dtype)
+    # moecast's own routing of the held-out prompts, greedy
+    run("collect", "--model", MODEL, "--prompts", HELDOUT, "--max-new-tokens", "32", "--hidden-states",
+        "-o", d / "ref.jsonl")
+    parity.prompts_from_trace(str(d / "ref.jsonl"), str(d / "ref-ids.jsonl"))
+    return d
+
+
+def test_export_refuses_fields_llama_cpp_would_ignore(tmp_path):
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    for f in MODEL.iterdir():
+        (ck / f.name).symlink_to(f)
+    cfg = json.loads((MODEL / "config.json").read_text())
+    cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+    (ck / "config.json").unlink()
+    (ck / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(export_gguf.ExportError, match="rope_scaling"):
+        export_gguf.export(str(ck), str(tmp_path / "x.gguf"))
+    assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "x.gguf.partial").exists()
+
+
+def test_tokenizer_matches_moecast(work):
+    """The GGUF's tokenizer (llama.cpp's BPE) gives the prompt ids moecast's tokenizer gave."""
+    _, ref = parity.read_jsonl(str(work / "ref.jsonl"))
+    prompt_ids = {}
+    for r in ref:
+        if r["phase"] == "prefill":
+            prompt_ids.setdefault(r["seq"], []).append(r["token"])
+    model = mcl.LlamaCppModel(str(work / "tiny.f32.gguf"))
+    try:
+        ours = mcl.read_prompts(str(HELDOUT), model)
+    finally:
+        model.close()
+    assert len(ours) == len(prompt_ids)
+    for (name, ids), (ref_name, ref_ids) in zip(ours, prompt_ids.items()):
+        assert ids == ref_ids, f"prompt {ref_name}: llama.cpp {ids} vs moecast {ref_ids}"
+
+
+@pytest.mark.parametrize("dtype,floor", [("f32", 0.99), ("f16", 0.90)])
+def test_routing_parity_with_moecast_collect(work, dtype, floor):
+    """On the same token ids, llama.cpp's top-k sets equal moecast collect's."""
+    out = work / f"llama.{dtype}.jsonl"
+    tool("moecast_llamacpp.py", "collect", "--model", work / f"tiny.{dtype}.gguf",
+         "--prompts", work / "ref-ids.jsonl", "--max-new-tokens", "0", "--router-inputs", "--quiet", "-o", out)
+    meta, _ = parity.read_jsonl(str(out))
+    assert meta["source"] == "llama.cpp" and meta["top_k"] == 2 and meta["n_experts"] == 16
+    c = parity.compare(str(work / "ref.jsonl"), str(out))
+    share = c["same_set"] / c["cells"]
+    print(f"\nparity {dtype}: {c['same_set']}/{c['cells']} top-k sets equal ({100 * share:.2f}%), "
+          f"{c['same_order']} in the same order, router inputs within {c['router_input_rel_err']:.1e}")
+    _, ref = parity.read_jsonl(str(work / "ref.jsonl"))
+    assert c["cells"] == sum(sum(e is not None for e in r["experts"]) for r in ref)
+    assert share >= floor
+    assert c["router_input_rel_err"] < 5e-3  # the reference stores router inputs in 16 bits
+
+
+def test_collect_names_the_bad_prompt(work, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"token_ids": [1, 2, 3]}\n{"token_ids": [1, 999999]}\n')
+    p = subprocess.run([sys.executable, str(ROOT / "llamacpp" / "moecast_llamacpp.py"), "collect",
+                        "--model", str(work / "tiny.f32.gguf"), "--prompts", str(bad), "-o",
+                        str(tmp_path / "o.jsonl")], capture_output=True, text=True)
+    assert p.returncode == 1
+    assert "bad.jsonl:2" in p.stderr and "999999" in p.stderr
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_predictor_from_llama_cpp_routing_stages_experts(work):
+    """Collect from llama.cpp, convert, train, then decode with a quarter of the experts
+    resident: the predictor's staging must raise the share resident when used."""
+    trace = work / "train.jsonl"
+    tool("moecast_llamacpp.py", "collect", "--model", work / "tiny.f32.gguf", "--prompts",
+         ROOT / "prompts" / "demo.txt", "--samples", "3", "--max-new-tokens", "48",
+         "--temperature", "0.8", "--quiet", "-o", trace)
+    run("trace", "convert", trace, "-o", work / "train.mctrace")
+    run("train", "--trace", work / "train.mctrace", "--task", "lookahead", "--horizon", "2",
+        "--epochs", "3", "--batch-size", "4", "--test-fraction", "0", "--quiet", "-o", work / "predictor")
+    report = work / "prefetch.json"
+    out = tool("moecast_llamacpp.py", "prefetch", "--model", work / "tiny.f32.gguf", "--prompts", HELDOUT,
+               "--predictor", work / "predictor", "--resident", "25%", "--max-new-tokens", "24",
+               "--json", report)
+    print("\n" + out)
+    modes = json.loads(report.read_text())["modes"]
+    base, pred = modes["on-demand"], modes["predictor"]
+    assert base["decode_steps"] == pred["decode_steps"] > 0
+    assert base["bytes_staged"] == 0 and pred["bytes_staged"] > 0
+    assert pred["resident_when_used"] > base["resident_when_used"] + 0.10
+    assert pred["bytes_demand"] < base["bytes_demand"]
+    # the same through a replayed trace: llama.cpp's own routing forced back onto it
+    tool("moecast_llamacpp.py", "prefetch", "--model", work / "tiny.f32.gguf", "--replay", work / "train.mctrace",
+         "--replay-tokens", "150", "--predictor", work / "predictor", "--resident", "25%", "--json", report)
+    modes = json.loads(report.read_text())["modes"]
+    assert modes["on-demand"]["decode_steps"] == modes["predictor"]["decode_steps"] == 150
+    assert modes["predictor"]["resident_when_used"] > modes["on-demand"]["resident_when_used"]
+
+
+def test_forced_routing_is_what_llama_cpp_computes(work):
+    """Replay forces each layer's top-k through the eval callback: llama.cpp's weights are
+    the router's renormalised probabilities of the forced experts, and the output moves."""
+    model = mcl.LlamaCppModel(str(work / "tiny.f32.gguf"), router_logits=True)
+    try:
+        tokens = [432, 17, 99, 5, 260]
+        free = model.decode(tokens, 0, all_logits=True)
+        free_logits = model.last_logits()
+        rng = np.random.default_rng(0)
+        forced = [np.stack([rng.choice(16, 2, replace=False) for _ in tokens]) for _ in range(6)]
+        model.force = lambda i, n: forced[i][:n]
+        model.clear()
+        out = model.decode(tokens, 0, all_logits=True)
+        forced_logits = model.last_logits()
+        model.force = None
+    finally:
+        model.close()
+    for i in range(6):
+        assert (out["topk"][i] == forced[i]).all()
+        logits = out["logits"][i]
+        p = np.exp(logits - logits.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        chosen = np.take_along_axis(p, forced[i], axis=1)
+        np.testing.assert_allclose(out["weights"][i], chosen / chosen.sum(axis=1, keepdims=True), rtol=1e-4)
+    assert not (free["topk"][5] == forced[5]).all()
+    assert not np.allclose(free_logits, forced_logits, atol=1e-3)
