@@ -28,6 +28,7 @@
 mod future;
 mod plan;
 mod report;
+pub mod study;
 
 use future::FutureUses;
 
