@@ -79,19 +79,26 @@ class ExpertResidency:
         self.capacity = capacity
         self.slots = staging_slots
         self.staging = OrderedDict()  # staged, not used yet; oldest first
+        if not experts.page_aligned:
+            raise LlamaCppError(
+                f"{experts.path}: expert slices do not start and end on page boundaries, so one expert cannot "
+                "be dropped without its neighbour; export with llamacpp/export_gguf.py (4096-byte alignment)")
         self.mapping = FileMapping(experts.path)
         self.fd = os.open(experts.path, os.O_RDONLY)
         self.libc = _Libc()
         self.lru = OrderedDict()  # (moe index, expert) used; least recently used first
         self.uses = self.resident_uses = 0
         self.bytes_staged = self.bytes_wasted = self.bytes_demand = 0
-        self.staged = self.staged_used = 0
+        self.staged = self.staged_used = self.late = 0
         # A fault reads only its own page: without both, this kernel's read-around (up to a
         # 2 MB folio per fault, seen on Linux 6.18 / ext4) loads a dozen neighbouring
         # experts with every miss, and no expert-sized residency could be kept.
         for _, n, lo in self.mapping.segments:
             self.libc.madvise(lo, n, _MADV_RANDOM)
-            self.libc.madvise(lo, n, _MADV_NOHUGEPAGE)
+            try:  # kernels without transparent huge pages refuse it and need it not
+                self.libc.madvise(lo, n, _MADV_NOHUGEPAGE)
+            except LlamaCppError:
+                pass
 
     def close(self):
         os.close(self.fd)
@@ -113,6 +120,11 @@ class ExpertResidency:
         os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
         self.lru.clear()
         self.staging.clear()
+        held = sum(self.is_resident((i, e)) for i in range(len(self.ex.moe_layers)) for e in range(self.ex.n_experts))
+        if held:
+            raise LlamaCppError(
+                f"{self.ex.path}: {held} experts stayed in memory after the file was dropped from the page cache "
+                "(a tmpfs such as /dev/shm keeps them): put the GGUF on a disk-backed file system")
 
     def _drop(self, key):
         for off, n in self._ranges(key):
@@ -143,7 +155,8 @@ class ExpertResidency:
             resident = self.is_resident(key)
             if not resident:
                 self._read(key)
-            if self.staging.pop(key, None) is not None:
+            staged = self.staging.pop(key, None) is not None
+            if staged:
                 self.staged_used += 1
             self.lru.pop(key, None)
             self.lru[key] = True
@@ -151,6 +164,8 @@ class ExpertResidency:
                 self.uses += 1
                 if resident:
                     self.resident_uses += 1
+                elif staged:  # its read was issued early but has not landed: not read twice
+                    self.late += 1
                 else:
                     self.bytes_demand += self._bytes(key)
         self._evict(set(keys))
@@ -187,6 +202,7 @@ class ExpertResidency:
         return {
             "routed_uses": self.uses,
             "resident_when_used": self.resident_uses / max(self.uses, 1),
+            "late_staged": self.late / max(self.uses, 1),
             "bytes_demand": self.bytes_demand,
             "bytes_staged": self.bytes_staged,
             "bytes_wasted": self.bytes_wasted,
@@ -210,15 +226,22 @@ def decode_with_residency(model, prompts, capacity, max_new_tokens, predictor=No
     session = predictor.session() if predictor is not None else None
     horizon = min(horizon or predictor.horizon, predictor.horizon) if predictor is not None else 0
     budget = budget or (predictor.top_k if predictor is not None else 0)
-    # the forecast for the layers ahead, and as many again still to be used
-    res = ExpertResidency(model.experts, capacity, min(2 * budget * max(horizon, 1), capacity - 1) if session else 0)
+    top_k = model.experts.top_k
+    if capacity < top_k:
+        raise LlamaCppError(f"a resident set of {capacity} experts cannot hold one layer's top-{top_k}")
+    # the forecast for the layers ahead, and as many again still to be used; what demand
+    # paging keeps never shrinks below one layer's experts
+    slots = min(2 * budget * max(horizon, 1), capacity - top_k) if session else 0
+    if session is not None and slots < 1:
+        raise LlamaCppError(f"a resident set of {capacity} experts leaves no room to stage beside a layer's top-{top_k}")
+    res = ExpertResidency(model.experts, capacity, slots)
     reads_inputs = bool(predictor is not None and predictor.router_input_dim)
     if reads_inputs and not model.router_inputs:
         raise LlamaCppError("this predictor reads router inputs: load the model with router_inputs=True")
-    state = {"token": None, "so_far": [], "count": False, "forced": None}
+    state = {"token": None, "so_far": [], "count": False, "forced": None, "prefill": False}
 
     def routed(i, ids):
-        if ids.shape[0] != 1:  # the prompt's batch: every row's experts ran
+        if state["prefill"]:  # the prompt's batch: every row's experts ran
             res.use(i, np.unique(ids), count=False)
             return
         res.use(i, ids[0], count=state["count"])
@@ -250,8 +273,9 @@ def decode_with_residency(model, prompts, capacity, max_new_tokens, predictor=No
             for seq, (_, prompt) in enumerate(prompts):
                 rng = np.random.default_rng(seed + seq)
                 model.clear()
-                state.update(token=None, so_far=[], count=False)
+                state.update(token=None, so_far=[], count=False, prefill=True)
                 routing = model.decode(prompt, 0, all_logits=True)
+                state["prefill"] = False
                 if session is not None:
                     session.reset()
                     for pos, tok in enumerate(prompt):

@@ -8,14 +8,16 @@ tokenizer included.
 
 Needs numpy and the ``gguf`` package (llama.cpp's own GGUF writer, pip install gguf); no
 torch. Matrices are written in ``--dtype`` (f32: bf16 checkpoints convert exactly; f16;
-bf16), norms always in f32, as llama.cpp's converter does. Tensor data is aligned to the
-page size, so each expert's slice of ``ffn_{gate,up,down}_exps`` starts on a page of its
-own (the prefetcher stages experts by byte range).
+bf16), norms and the router always in f32, as llama.cpp's converter does. Tensor data
+is aligned to 4096 bytes, so each expert's slice of ``ffn_{gate,up,down}_exps`` starts on
+a page of its own when its size is a multiple of 4096 (the prefetcher, which stages and
+drops experts by byte range, checks).
 
 A config field llama.cpp's ``qwen3moe`` graph does not implement is refused by name
-(``rope_scaling``, ``norm_topk_prob: false``, ``mlp_only_layers``, ``decoder_sparse_step``,
-``use_sliding_window``, ``attention_bias``), as is a tokenizer other than byte-level BPE
-with the GPT-2 split.
+(``rope_scaling``, ``norm_topk_prob`` not true, ``mlp_only_layers``, ``decoder_sparse_step``,
+``use_sliding_window``, ``attention_bias``, ``hidden_act`` other than SiLU), as is a
+tokenizer other than byte-level BPE with the GPT-2 split. The checkpoint is read into
+memory as float32 (four times a bf16 checkpoint's size).
 """
 
 import argparse
@@ -91,12 +93,13 @@ def check_config(cfg, cfg_path):
         ("rope_scaling", cfg.get("rope_scaling") not in (None, {}), "RoPE scaling is not exported"),
         ("rope_parameters", (cfg.get("rope_parameters") or {}).get("rope_type", "default") != "default",
          "RoPE scaling is not exported"),
-        ("norm_topk_prob", cfg.get("norm_topk_prob", True) is not True,
+        ("norm_topk_prob", cfg.get("norm_topk_prob") is not True,
          "llama.cpp's qwen3moe always renormalises the top-k weights"),
         ("mlp_only_layers", bool(cfg.get("mlp_only_layers")), "dense layers are not in llama.cpp's qwen3moe"),
         ("decoder_sparse_step", cfg.get("decoder_sparse_step", 1) != 1, "every layer must be MoE"),
         ("use_sliding_window", bool(cfg.get("use_sliding_window")), "sliding-window attention"),
         ("attention_bias", bool(cfg.get("attention_bias")), "attention biases"),
+        ("hidden_act", cfg.get("hidden_act", "silu") != "silu", "llama.cpp's qwen3moe experts use SiLU"),
     ]
     for field, bad, why in refuse:
         if bad:
@@ -107,9 +110,12 @@ def experts_of(tensors, layer, n_experts):
     """Stacked (gate, up, down) expert weights of one layer: [E, ff, d], [E, ff, d], [E, d, ff]."""
     p = f"model.layers.{layer}.mlp.experts"
     if f"{p}.gate_up_proj" in tensors:
-        gu = tensors[f"{p}.gate_up_proj"]
+        gu, down = tensors[f"{p}.gate_up_proj"], tensors.get(f"{p}.down_proj")
+        if gu.ndim != 3 or gu.shape[0] != n_experts or gu.shape[1] % 2 or down is None:
+            raise ExportError(f"layer {layer}: fused experts gate_up_proj {list(gu.shape)} is not "
+                              f"[{n_experts}, 2 x intermediate, hidden] with a down_proj beside it")
         ff = gu.shape[-2] // 2
-        return gu[:, :ff, :], gu[:, ff:, :], tensors[f"{p}.down_proj"]
+        return gu[:, :ff, :], gu[:, ff:, :], down
     try:
         stack = lambda w: np.stack([tensors[f"{p}.{e}.{w}.weight"] for e in range(n_experts)])
         return stack("gate_proj"), stack("up_proj"), stack("down_proj")
@@ -184,7 +190,8 @@ def export(model_dir, out_path, dtype="f32", tokenizer_dir=None):
     w.add_head_count_kv(int(cfg["num_key_value_heads"]))
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
-    w.add_rope_freq_base(float(cfg.get("rope_theta", 10000.0)))
+    theta = (cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0))
+    w.add_rope_freq_base(float(theta))
     w.add_layer_norm_rms_eps(float(cfg["rms_norm_eps"]))
     w.add_expert_count(n_experts)
     w.add_expert_used_count(int(cfg["num_experts_per_tok"]))
@@ -255,7 +262,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     try:
         export(args.model, args.output, args.dtype, args.tokenizer)
-    except ExportError as e:
+    except (ExportError, OSError) as e:
+        if os.path.exists(args.output + ".partial"):
+            os.unlink(args.output + ".partial")
         print(f"error: {e}", file=sys.stderr)
         return 1
     size = os.path.getsize(args.output)

@@ -128,6 +128,8 @@ class GgufExperts:
                     per[e].append((int(t.data_offset) + e * size, size))
             self.ranges[l] = per
         self.expert_bytes = [sum(n for _, n in self.ranges[l][0]) for l in self.moe_layers]
+        self.page_aligned = all(off % 4096 == 0 and n % 4096 == 0
+                                for per in self.ranges.values() for r in per for off, n in r)
         tensors = r = None  # the reader's own mapping of the file must not keep pages in memory
 
 
@@ -156,15 +158,21 @@ class LlamaCppModel:
         llama_cpp.llama_log_set(_QUIET, ctypes.c_void_p())
         llama_cpp.llama_backend_init()
         mp = llama_cpp.llama_model_default_params()
-        mp.use_mmap = True
+        # Weights stay in the memory-mapped file, on the CPU, in the file's own layout
+        # (no repacking into other buffers): what the residency of experts is read from.
+        mp.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP
+        mp.n_gpu_layers = 0
+        mp.use_extra_bufts = False
+        _LOG.clear()
         self.model = llama_cpp.llama_model_load_from_file(path.encode(), mp)
         if not self.model:
-            raise LlamaCppError(f"{path}: llama.cpp could not load the model")
+            why = f": {_LOG[-1].strip()}" if _LOG else ""
+            raise LlamaCppError(f"{path}: llama.cpp could not load the model{why}")
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_embd = llama_cpp.llama_model_n_embd(self.model)
         cp = llama_cpp.llama_context_default_params()
-        self.n_ctx = n_ctx or llama_cpp.llama_model_n_ctx_train(self.model)
+        self.n_ctx = n_ctx or min(llama_cpp.llama_model_n_ctx_train(self.model), 4096)
         cp.n_ctx = cp.n_batch = cp.n_ubatch = self.n_ctx
         cp.n_threads = cp.n_threads_batch = threads
         self._cb = llama_cpp.ggml_backend_sched_eval_callback(self._callback)
@@ -263,8 +271,10 @@ class LlamaCppModel:
         self.error = None
         rc = lc.llama_decode(self.ctx, b)
         rows, self.rows = self.rows, None
-        if self.error is not None:
+        if isinstance(self.error, LlamaCppError):
             raise self.error
+        if self.error is not None:
+            raise LlamaCppError(f"in llama.cpp's eval callback: {type(self.error).__name__}: {self.error}") from self.error
         if rc != 0:
             raise LlamaCppError(f"llama_decode returned {rc}")
         return {k: [np.concatenate(v) if v else None for v in per] for k, per in rows.items()}
@@ -277,15 +287,25 @@ class LlamaCppModel:
         self.lc.llama_memory_clear(self.lc.llama_get_memory(self.ctx), True)
 
 
+_LOG = []  # llama.cpp's last warnings and errors, for messages
+
+
 @ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
 def _QUIET(level, text, user):
-    if level >= 4 and os.environ.get("MOECAST_LLAMA_LOG"):  # ERROR and above when asked
-        sys.stderr.write(text.decode(errors="replace"))
+    if level >= 3:  # WARN and ERROR
+        _LOG.append(text.decode(errors="replace"))
+        del _LOG[:-8]
+        if os.environ.get("MOECAST_LLAMA_LOG"):
+            sys.stderr.write(_LOG[-1])
+
+
+_PROMPT_KEYS = {"id", "name", "text", "prompt", "token_ids", "domain"}
 
 
 def read_prompts(path, model, add_special=False):
     """[(name, token ids)] of a .txt (one prompt per line) or .jsonl prompt file (objects
-    with "text"/"prompt" or "token_ids", optionally "id"), as `moecast collect` reads them."""
+    with exactly one of "text"/"prompt" and "token_ids", optionally "id"/"name" and
+    "domain"), named as `moecast collect` names them; errors name the file and line."""
     out = []
     try:
         f = open(path)
@@ -296,29 +316,43 @@ def read_prompts(path, model, add_special=False):
             line = line.rstrip("\n")
             if not line.strip():
                 continue
-            name = f"p{len(out)}"
+            where = f"{path}:{lineno}"
+            name = f"p{len(out):03}"
             if path.endswith(".jsonl"):
                 try:
                     obj = json.loads(line)
                 except ValueError as e:
-                    raise LlamaCppError(f"{path}:{lineno}: not JSON: {e}") from None
-                name = str(obj.get("id", name))
-                if "token_ids" in obj:
-                    ids = obj["token_ids"]
+                    raise LlamaCppError(f"{where}: not JSON: {e}") from None
+                if not isinstance(obj, dict):
+                    raise LlamaCppError(f"{where}: expected a JSON object")
+                unknown = set(obj) - _PROMPT_KEYS
+                if unknown:
+                    raise LlamaCppError(f"{where}: unknown field {sorted(unknown)[0]!r}")
+                given = obj.get("id", obj.get("name"))
+                if given is not None:
+                    name = given if isinstance(given, str) else json.dumps(given)
+                elif obj.get("domain"):
+                    name = f"{name}-{obj['domain']}"
+                text = obj.get("text", obj.get("prompt"))
+                ids = obj.get("token_ids")
+                if (text is None) == (ids is None):
+                    raise LlamaCppError(f"{where}: give exactly one of \"text\" and a non-empty \"token_ids\"")
+                if ids is not None:
                     if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
-                        raise LlamaCppError(f"{path}:{lineno}: token_ids must be a list of integers")
+                        raise LlamaCppError(f"{where}: token_ids must be a list of integers")
                     bad = [i for i in ids if not 0 <= i < model.n_vocab]
                     if bad:
-                        raise LlamaCppError(f"{path}:{lineno}: token id {bad[0]} outside the vocabulary ({model.n_vocab})")
+                        raise LlamaCppError(f"{where}: token id {bad[0]} outside the vocabulary ({model.n_vocab})")
+                elif not isinstance(text, str):
+                    raise LlamaCppError(f"{where}: \"text\" must be a string")
                 else:
-                    text = obj.get("text", obj.get("prompt"))
-                    if not isinstance(text, str):
-                        raise LlamaCppError(f"{path}:{lineno}: needs \"text\", \"prompt\" or \"token_ids\"")
                     ids = model.tokenize(text, add_special)
             else:
                 ids = model.tokenize(line, add_special)
             if not ids:
-                raise LlamaCppError(f"{path}:{lineno}: the prompt has no tokens")
+                raise LlamaCppError(f"{where}: the prompt has no tokens")
+            if len(ids) > model.n_ctx:
+                raise LlamaCppError(f"{where}: {len(ids)} tokens exceed the context ({model.n_ctx}; --ctx)")
             out.append((name, ids))
     if not out:
         raise LlamaCppError(f"{path}: no prompts")
@@ -337,7 +371,7 @@ def sample(logits, temperature, rng):
 
 
 def collect(model, prompts, out_path, max_new_tokens=32, samples=1, temperature=0.0, seed=0,
-            ignore_eos=False, progress=None):
+            stop_at_eos=False, progress=None):
     """Runs every prompt in llama.cpp (prompt in one batch, then one token per step) and
     writes each forwarded token's routing as interchange JSONL, atomically. Returns the
     number of tokens written."""
@@ -358,6 +392,19 @@ def collect(model, prompts, out_path, max_new_tokens=32, samples=1, temperature=
     if model.router_inputs:
         meta["router_input_dim"] = model.n_embd
     tmp = out_path + ".partial"
+    try:
+        written = _write_collection(model, prompts, tmp, meta, max_new_tokens, samples, temperature, seed,
+                                    stop_at_eos, progress)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    os.replace(tmp, out_path)
+    return written
+
+
+def _write_collection(model, prompts, tmp, meta, max_new_tokens, samples, temperature, seed, stop_at_eos,
+                      progress):
     written = 0
     with open(tmp, "w") as f:
         f.write(json.dumps({"meta": meta}) + "\n")
@@ -367,7 +414,7 @@ def collect(model, prompts, out_path, max_new_tokens=32, samples=1, temperature=
                 seq = f"{name}#s{s}" if samples > 1 else name
                 rng = np.random.default_rng(seed + seq_index)
                 seq_index += 1
-                tokens, routing = generate(model, ids, max_new_tokens, temperature, rng, ignore_eos)
+                tokens, routing = generate(model, ids, max_new_tokens, temperature, rng, stop_at_eos)
                 for pos in range(len(routing)):
                     ids_row, w_row, logit_row, input_row = routing[pos]
                     rec = {
@@ -388,14 +435,14 @@ def collect(model, prompts, out_path, max_new_tokens=32, samples=1, temperature=
                     progress(seq, len(tokens))
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, out_path)
     return written
 
 
-def generate(model, prompt, max_new_tokens, temperature, rng, ignore_eos):
+def generate(model, prompt, max_new_tokens, temperature, rng, stop_at_eos):
     """(tokens, routing per forwarded position: (ids, weights, logits, router inputs), each
     per layer). The prompt runs as one batch with every row's output kept (so the last
-    layer routes every prompt token); the last sampled token is not forwarded."""
+    layer routes every prompt token); every sampled token is forwarded, as `moecast
+    collect` does, so the last one has its routing too."""
     model.clear()
     tokens = list(prompt)
     per_pos = []
@@ -409,12 +456,14 @@ def generate(model, prompt, max_new_tokens, temperature, rng, ignore_eos):
                             row("inputs") if model.router_inputs else None))
 
     take(model.decode(prompt, 0, all_logits=True), len(prompt))
-    for step in range(max_new_tokens):
+    for _ in range(max_new_tokens):
+        if len(tokens) >= model.n_ctx:
+            break
         nxt = sample(model.last_logits(), temperature, rng)
         tokens.append(nxt)
-        if step == max_new_tokens - 1 or (model.is_eog(nxt) and not ignore_eos) or len(tokens) >= model.n_ctx:
-            break
         take(model.decode([nxt], len(tokens) - 1, all_logits=False), 1)
+        if stop_at_eos and model.is_eog(nxt):
+            break
     return tokens, per_pos
 
 
@@ -453,7 +502,7 @@ def cmd_collect(args):
 
     t0 = time.perf_counter()
     n = collect(model, prompts, args.output, args.max_new_tokens, args.samples, args.temperature,
-                args.seed, args.ignore_eos, progress if not args.quiet else None)
+                args.seed, args.stop_at_eos, progress if not args.quiet else None)
     dt = time.perf_counter() - t0
     print(f"collected {total} sequences ({n} routed tokens) in {dt:.2f}s from llama.cpp -> {args.output}")
     model.close()
@@ -469,7 +518,7 @@ def cmd_prefetch(args):
         try:
             predictor = moecast.Predictor(args.predictor)
         except moecast.MoecastError as e:
-            raise LlamaCppError(f"{args.predictor}: {e}") from None
+            raise LlamaCppError(str(e)) from None
     model = LlamaCppModel(args.model, n_ctx=args.ctx, threads=args.threads,
                           router_inputs=bool(predictor and predictor.router_input_dim))
     ex = model.experts
@@ -488,11 +537,21 @@ def cmd_prefetch(args):
     else:
         raise LlamaCppError("prefetch needs --prompts or --replay")
     if predictor is not None:
-        if (predictor.n_moe_layers, predictor.n_experts) != (len(ex.moe_layers), ex.n_experts):
+        if (predictor.n_moe_layers, predictor.n_experts, predictor.top_k) != (len(ex.moe_layers), ex.n_experts,
+                                                                              ex.top_k):
             raise LlamaCppError(
                 f"{args.predictor}: predictor shape {predictor.n_moe_layers} layers x {predictor.n_experts} "
-                f"experts does not match {args.model} ({len(ex.moe_layers)} x {ex.n_experts})"
+                f"experts, top-{predictor.top_k}, does not match {args.model} ({len(ex.moe_layers)} x "
+                f"{ex.n_experts}, top-{ex.top_k})"
             )
+    for flag, value in (("--rounds", args.rounds), ("--budget", args.budget), ("--horizon", args.horizon)):
+        if value < 1:
+            raise LlamaCppError(f"{flag} must be at least 1")
+    if args.max_new_tokens < 1 and replay is None:
+        raise LlamaCppError("--max-new-tokens must be at least 1")
+    if predictor is not None and predictor.router_input_dim and predictor.router_input_dim != model.n_embd:
+        raise LlamaCppError(f"{args.predictor}: reads router inputs of width {predictor.router_input_dim}, "
+                            f"{args.model}'s are {model.n_embd}")
     modes = [("on-demand", None)] + ([("predictor", predictor)] if predictor else [])
     runs = {name: [] for name, _ in modes}
     for r in range(args.rounds):
@@ -541,14 +600,15 @@ def main(argv=None):
                        help=".txt (one per line) or .jsonl (text/prompt/token_ids)")
         p.add_argument("--max-new-tokens", type=int, default=32)
         p.add_argument("--threads", type=int, default=1)
-        p.add_argument("--ctx", type=int, default=0, help="context length (default: the model's)")
+        p.add_argument("--ctx", type=int, default=0, help="context length (default: the model's, at most 4096)")
         p.add_argument("--add-special-tokens", action="store_true", help="let the tokenizer add BOS")
         p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
         p.add_argument("--seed", type=int, default=0, help="sequence i samples with seed + i")
     c = sub.choices["collect"]
     c.add_argument("-o", "--output", required=True, help="interchange JSONL to write")
     c.add_argument("--samples", type=int, default=1, help="sampled sequences per prompt")
-    c.add_argument("--ignore-eos", action="store_true")
+    c.add_argument("--stop-at-eos", action="store_true", help="end a sequence at an end-of-generation token "
+                   "(moecast collect does not)")
     c.add_argument("--router-logits", action="store_true", help="record ffn_moe_logits-N too")
     c.add_argument("--router-inputs", action="store_true", help="record each router's input (ffn_norm-N) too")
     c.add_argument("--quiet", action="store_true")

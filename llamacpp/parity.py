@@ -77,6 +77,9 @@ def compare(ref_path, ours_path):
                 scale = max(max(abs(v) for v in x), 1e-12)
                 err = max(abs(u - v) for u, v in zip(x, y)) / scale
                 input_err = err if input_err is None else max(input_err, err)
+    if cells == 0:
+        raise ValueError(f"{ref_path} and {ours_path} share no routed (sequence, position, layer) cell: "
+                         "do their sequence names match?")
     return {"cells": cells, "same_set": same_set, "same_order": same_order, "mismatches": mismatches,
             "router_input_rel_err": input_err}
 
@@ -93,15 +96,17 @@ def main(argv=None):
         ap.error("give --model or --llamacpp")
     try:
         ours = args.llamacpp
+        tmp = tempfile.TemporaryDirectory()
         if args.model:
-            tmp = tempfile.mkdtemp()
-            ids = os.path.join(tmp, "ids.jsonl")
+            ids = os.path.join(tmp.name, "ids.jsonl")
             prompts_from_trace(args.reference, ids)
             meta, _ = read_jsonl(args.reference)
             model = mcl.LlamaCppModel(args.model, router_inputs=bool(meta.get("router_input_dim")))
-            ours = args.output or os.path.join(tmp, "llamacpp.jsonl")
-            mcl.collect(model, mcl.read_prompts(ids, model), ours, max_new_tokens=0)
-            model.close()
+            ours = args.output or os.path.join(tmp.name, "llamacpp.jsonl")
+            try:
+                mcl.collect(model, mcl.read_prompts(ids, model), ours, max_new_tokens=0)
+            finally:
+                model.close()
         c = compare(args.reference, ours)
     except (OSError, ValueError, mcl.LlamaCppError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -115,8 +120,9 @@ def main(argv=None):
     for seq, pos, layer, a, b in c["mismatches"][:10]:
         print(f"  {seq} position {pos} layer {layer}: moecast {a}, llama.cpp {b}")
     if args.json:
-        with open(args.json, "w") as f:
+        with open(args.json + ".partial", "w") as f:
             json.dump(c, f)
+        os.replace(args.json + ".partial", args.json)
     return 0
 
 

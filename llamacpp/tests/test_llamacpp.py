@@ -48,16 +48,24 @@ def work(tmp_path_factory):
     return d
 
 
-def test_export_refuses_fields_llama_cpp_would_ignore(tmp_path):
+@pytest.mark.parametrize("field,value", [
+    ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}),
+    ("norm_topk_prob", None),  # transformers' default is false: llama.cpp would renormalise
+    ("hidden_act", "gelu"),
+])
+def test_export_refuses_fields_llama_cpp_would_compute_differently(tmp_path, field, value):
     ck = tmp_path / "ck"
     ck.mkdir()
     for f in MODEL.iterdir():
         (ck / f.name).symlink_to(f)
     cfg = json.loads((MODEL / "config.json").read_text())
-    cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+    if value is None:
+        del cfg[field]
+    else:
+        cfg[field] = value
     (ck / "config.json").unlink()
     (ck / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(export_gguf.ExportError, match="rope_scaling"):
+    with pytest.raises(export_gguf.ExportError, match=field):
         export_gguf.export(str(ck), str(tmp_path / "x.gguf"))
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "x.gguf.partial").exists()
 
@@ -95,6 +103,28 @@ def test_routing_parity_with_moecast_collect(work, dtype, floor):
     assert c["cells"] == sum(sum(e is not None for e in r["experts"]) for r in ref)
     assert share >= floor
     assert c["router_input_rel_err"] < 5e-3  # the reference stores router inputs in 16 bits
+
+
+def test_parity_refuses_traces_with_nothing_in_common(work, tmp_path):
+    renamed = tmp_path / "renamed.jsonl"
+    lines = (work / "ref.jsonl").read_text().splitlines()
+    out = [lines[0]] + [json.dumps(dict(json.loads(l), seq="x" + json.loads(l)["seq"])) for l in lines[1:]]
+    renamed.write_text("\n".join(out) + "\n")
+    with pytest.raises(ValueError, match="share no routed"):
+        parity.compare(str(work / "ref.jsonl"), str(renamed))
+
+
+def test_prefetch_refuses_bad_settings(work, tmp_path):
+    one = tmp_path / "one.jsonl"
+    one.write_text('{"token_ids": [5]}\n')
+    for args, message in (
+        (["--rounds", "0"], "--rounds must be at least 1"),
+        (["--resident", "1"], "cannot hold one layer's top-2"),
+    ):
+        p = subprocess.run([sys.executable, str(ROOT / "llamacpp" / "moecast_llamacpp.py"), "prefetch",
+                            "--model", str(work / "tiny.f32.gguf"), "--prompts", str(one), *args],
+                           capture_output=True, text=True)
+        assert p.returncode == 1 and message in p.stderr, (args, p.stderr)
 
 
 def test_collect_names_the_bad_prompt(work, tmp_path):
@@ -135,6 +165,16 @@ def test_predictor_from_llama_cpp_routing_stages_experts(work):
     modes = json.loads(report.read_text())["modes"]
     assert modes["on-demand"]["decode_steps"] == modes["predictor"]["decode_steps"] == 150
     assert modes["predictor"]["resident_when_used"] > modes["on-demand"]["resident_when_used"]
+    # a one-token prompt is a prompt (its batch has one row), not a decode step
+    one = work / "one.jsonl"
+    one.write_text('{"token_ids": [5]}\n')
+    tool("moecast_llamacpp.py", "prefetch", "--model", work / "tiny.f32.gguf", "--prompts", one,
+         "--predictor", work / "predictor", "--max-new-tokens", "8", "--json", report)
+    assert 1 <= json.loads(report.read_text())["modes"]["predictor"]["decode_steps"] <= 7
+    p = subprocess.run([sys.executable, str(ROOT / "llamacpp" / "moecast_llamacpp.py"), "prefetch", "--model",
+                        str(work / "tiny.f32.gguf"), "--prompts", str(one), "--predictor", str(work / "predictor"),
+                        "--resident", "2"], capture_output=True, text=True)
+    assert p.returncode == 1 and "no room to stage" in p.stderr, p.stderr
 
 
 def test_forced_routing_is_what_llama_cpp_computes(work):
