@@ -68,14 +68,17 @@ def read_safetensors(path):
     return out
 
 
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{path}: {e}") from None
+
+
 def load_checkpoint(model_dir):
     """(config dict, {tensor name: float32 array}) of a checkpoint directory."""
-    cfg_path = os.path.join(model_dir, "config.json")
-    try:
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ExportError(f"{cfg_path}: {e}") from None
+    cfg = read_json(os.path.join(model_dir, "config.json"))
     files = sorted(p for p in os.listdir(model_dir) if p.endswith(".safetensors"))
     if not files:
         raise ExportError(f"{model_dir}: no .safetensors files")
@@ -126,11 +129,7 @@ def experts_of(tensors, layer, n_experts):
 def vocab_of(model_dir, cfg):
     """(tokens, token types, merges, add_bos) from tokenizer.json / tokenizer_config.json."""
     path = os.path.join(model_dir, "tokenizer.json")
-    try:
-        with open(path) as f:
-            tok = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ExportError(f"{path}: {e}") from None
+    tok = read_json(path)
     model = tok.get("model") or {}
     if model.get("type") != "BPE":
         raise ExportError(f"{path}: model.type {model.get('type')!r}: only byte-level BPE is exported")
@@ -155,8 +154,7 @@ def vocab_of(model_dir, cfg):
     add_bos = False
     tc = os.path.join(model_dir, "tokenizer_config.json")
     if os.path.exists(tc):
-        with open(tc) as f:
-            add_bos = bool(json.load(f).get("add_bos_token", False))
+        add_bos = bool(read_json(tc).get("add_bos_token", False))
     return tokens, types, merges, add_bos
 
 
