@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use datasets::examples::{ExampleSet, Split, SplitConfig};
+use datasets::examples::{Split, SplitConfig};
 use predictor::{
     eval, EvalOptions, LoadedPredictor, PredictorConfig, Task, TrainOptions, TrainSettings,
 };
@@ -255,7 +255,7 @@ pub(crate) fn size(a: SizeArgs) -> Result<()> {
     Ok(())
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum SplitArg {
     /// Every sequence of the given traces.
     All,
@@ -308,71 +308,52 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
     let backend: predictor::device::BackendKind = a.device.parse().map_err(anyhow::Error::msg)?;
     let device = backend.device();
     let p = LoadedPredictor::load(&a.predictor, &device)?;
-    let shape = p.card.config.routing;
     crate::inputs::trace_files(&a.trace)?;
-    let (set, split) = match a.split {
-        SplitArg::All => {
-            if a.trace.is_empty() {
-                bail!("give --trace FILE... (or --split test for the predictor's own test split)");
-            }
-            for t in &a.trace {
-                if p.card.traces.iter().any(|c| same_file(c, t)) {
-                    eprintln!(
-                        "note: {} was used for training; its training sequences are part of \
-                         this evaluation (use --split test for its held-out sequences)",
-                        t.display()
-                    );
-                }
-            }
-            (
-                ExampleSet::open_for_test(&a.trace, Some(shape))?,
-                Split::Test,
-            )
-        }
-        SplitArg::Test => {
-            let traces = if a.trace.is_empty() {
-                p.card.traces.clone()
-            } else {
-                a.trace.clone()
-            };
-            let set = ExampleSet::open(&traces, &p.card.split)?;
-            if set.split_tokens(Split::Test) == 0 {
-                bail!("the predictor was trained with --test-fraction 0: no test split; pass --split all --trace TEST");
-            }
-            (set, Split::Test)
-        }
-    };
-    shape.check(set.meta(), &set.paths()[0])?;
-    if p.card.trace_meta.model != set.meta().model {
-        eprintln!(
-            "note: the predictor was trained on traces of '{}', these are of '{}'",
-            p.card.trace_meta.model,
-            set.meta().model
-        );
-    }
-    let (gate, early, before_id) = match &a.model {
-        Some(dir) => gate_baselines(
+    let (set, mut notes) =
+        predictor::card::evaluation_set(&p.card, &a.trace, a.split == SplitArg::All)?;
+    let before_id = p.card.config.token_dropout > 0.0;
+    let model = match &a.model {
+        Some(dir) => Some(inference::gate::model_baselines(
             dir,
             &set,
-            p.card.config.token_dropout > 0.0,
+            before_id,
             p.baselines.as_ref(),
-        )?,
-        None => (None, None, Vec::new()),
+        )?),
+        None => None,
     };
-    let opts = EvalOptions {
+    let base = EvalOptions {
         batch_size: a.batch_size,
         budget: a.budget,
         baselines: !a.no_baselines,
-        gate,
-        early,
-        before_id,
         progress: !a.quiet,
+        ..Default::default()
     };
-    let mut report =
-        predictor::evaluate(&p.model, p.baselines.as_ref(), &set, split, &device, &opts)?;
-    if p.card.config.token_dropout > 0.0 {
+    let opts = match model {
+        Some(m) => {
+            notes.extend(m.notes);
+            EvalOptions {
+                gate: m.gate,
+                early: Some(m.early),
+                before_id: m.before_id,
+                ..base
+            }
+        }
+        None => base,
+    };
+    for note in &notes {
+        eprintln!("note: {note}");
+    }
+    let mut report = predictor::evaluate(
+        &p.model,
+        p.baselines.as_ref(),
+        &set,
+        Split::Test,
+        &device,
+        &opts,
+    )?;
+    if before_id {
         let mut online = predictor::OnlinePredictor::new(p);
-        eval::score_before_id(&mut report, &mut online, &set, split, &opts.before_id)?;
+        eval::score_before_id(&mut report, &mut online, &set, Split::Test, &opts.before_id)?;
     }
     print!("{}", eval::render_table(&report));
     for (baseline, group, theirs, ours) in report.baseline_wins() {
@@ -391,83 +372,4 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// The model's own forecasts as baselines: the cross-layer gate (when the traces carry
-/// router inputs), the pre-attention gate, and, with `before_id` (a predictor that has
-/// the group `next token, before its id`), the logit lens's forecast of each token's
-/// first layer before its id (router inputs too; its table refined by the predictor's
-/// per-token first-layer counts `counts`, when it has them).
-fn gate_baselines(
-    dir: &std::path::Path,
-    set: &ExampleSet,
-    before_id: bool,
-    counts: Option<&predictor::baselines::BaselineStats>,
-) -> Result<(
-    Option<predictor::GateBaseline>,
-    Option<predictor::EarlyScores>,
-    Vec<predictor::EarlyScores>,
-)> {
-    let ck = inference::Checkpoint::open(dir)?;
-    let mut model = inference::MoeModel::load(&ck, &Default::default())?;
-    let g = inference::gate::GateForecaster::new(&mut model);
-    // The gate and the lens need router inputs of the gates' width in every trace.
-    let inputs_fit = (0..set.paths().len()).try_for_each(|i| {
-        let meta = &set.view(i).meta;
-        g.check(meta.n_moe(), meta.n_experts as usize, meta.router_input_dim)
-            .map_err(|e| format!("{}: {e}", set.paths()[i].display()))
-    });
-    let gate = match &inputs_fit {
-        Ok(()) => {
-            let g = std::sync::Arc::new(g);
-            Some(predictor::GateBaseline {
-                name: "cross-layer gate".into(),
-                scores: std::sync::Arc::new(move |target, x| g.scores(target, x)),
-            })
-        }
-        Err(e) => {
-            eprintln!("note: no cross-layer gate baseline: {e}");
-            None
-        }
-    };
-    let per_trace = (0..set.paths().len())
-        .map(|i| inference::gate::pre_attention_logits(&model, &set.view(i)))
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .with_context(|| format!("{}", set.paths()[0].display()))?;
-    let early = predictor::EarlyScores {
-        name: "pre-attention gate".into(),
-        per_trace,
-    };
-    // The lens reads the same router inputs as the cross-layer gate: with the gate's
-    // table of candidates, and refined by the predictor's per-token counts if it has them.
-    let mut before = Vec::new();
-    if before_id && inputs_fit.is_ok() {
-        let lens = inference::gate::NextTokenGate::new(&model)?;
-        let refined = match counts {
-            Some(_) => vec![("lens + counts (layer 0)", lens.clone().with_counts(counts)?)],
-            None => Vec::new(),
-        };
-        before = std::iter::once("lens (layer 0)")
-            .chain(refined.iter().map(|(name, _)| *name))
-            .map(|name| predictor::EarlyScores {
-                name: name.into(),
-                per_trace: Vec::new(),
-            })
-            .collect();
-        let gates: Vec<&inference::gate::NextTokenGate> = refined.iter().map(|(_, g)| g).collect();
-        for i in 0..set.paths().len() {
-            let scores = lens.first_layer_before_id_with(&gates, &set.view(i));
-            for (b, s) in before.iter_mut().zip(scores) {
-                b.per_trace.push(s);
-            }
-        }
-    }
-    Ok((gate, Some(early), before))
-}
-
-fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => a == b,
-    }
 }

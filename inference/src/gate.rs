@@ -387,3 +387,88 @@ pub fn pre_attention_logits(model: &MoeModel, view: &datasets::TraceView<'_>) ->
     }
     Ok(out)
 }
+
+/// The model's own forecasts as `moecast eval` baselines, and notes on what is missing.
+pub struct ModelBaselines {
+    /// The cross-layer gate (when every trace carries router inputs of the gates' width).
+    pub gate: Option<predictor::GateBaseline>,
+    /// The pre-attention gate.
+    pub early: predictor::EarlyScores,
+    /// The logit lens's forecast of each token's first layer before its id (and refined
+    /// by the predictor's per-token counts), for predictors that forecast before the id.
+    pub before_id: Vec<predictor::EarlyScores>,
+    pub notes: Vec<String>,
+}
+
+/// Loads the checkpoint at `dir` and scores `set` with its gates; `before_id` adds the
+/// logit lens (router inputs too), refined by `counts` when given.
+pub fn model_baselines(
+    dir: &std::path::Path,
+    set: &datasets::examples::ExampleSet,
+    before_id: bool,
+    counts: Option<&BaselineStats>,
+) -> Result<ModelBaselines> {
+    let ck = crate::Checkpoint::open(dir)?;
+    let mut model = MoeModel::load(&ck, &Default::default())?;
+    let g = GateForecaster::new(&mut model);
+    let mut notes = Vec::new();
+    // The gate and the lens need router inputs of the gates' width in every trace.
+    let inputs_fit = (0..set.paths().len()).try_for_each(|i| {
+        let meta = &set.view(i).meta;
+        g.check(meta.n_moe(), meta.n_experts as usize, meta.router_input_dim)
+            .map_err(|e| format!("{}: {e}", set.paths()[i].display()))
+    });
+    let gate = match &inputs_fit {
+        Ok(()) => {
+            let g = std::sync::Arc::new(g);
+            Some(predictor::GateBaseline {
+                name: "cross-layer gate".into(),
+                scores: std::sync::Arc::new(move |target, x| g.scores(target, x)),
+            })
+        }
+        Err(e) => {
+            notes.push(format!("no cross-layer gate baseline: {e}"));
+            None
+        }
+    };
+    let per_trace = (0..set.paths().len())
+        .map(|i| {
+            pre_attention_logits(&model, &set.view(i))
+                .map_err(|e| ModelError::file(&set.paths()[i], e.to_string()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let early = predictor::EarlyScores {
+        name: "pre-attention gate".into(),
+        per_trace,
+    };
+    // The lens reads the same router inputs as the cross-layer gate: with the gate's
+    // table of candidates, and refined by the predictor's per-token counts if it has them.
+    let mut before = Vec::new();
+    if before_id && inputs_fit.is_ok() {
+        let lens = NextTokenGate::new(&model)?;
+        let refined = match counts {
+            Some(_) => vec![("lens + counts (layer 0)", lens.clone().with_counts(counts)?)],
+            None => Vec::new(),
+        };
+        before = std::iter::once("lens (layer 0)")
+            .chain(refined.iter().map(|(name, _)| *name))
+            .map(|name| predictor::EarlyScores {
+                name: name.into(),
+                per_trace: Vec::new(),
+            })
+            .collect();
+        let gates: Vec<&NextTokenGate> = refined.iter().map(|(_, g)| g).collect();
+        for i in 0..set.paths().len() {
+            let scores = lens.first_layer_before_id_with(&gates, &set.view(i));
+            for (b, s) in before.iter_mut().zip(scores) {
+                b.per_trace.push(s);
+            }
+        }
+    }
+    Ok(ModelBaselines {
+        gate,
+        early,
+        before_id: before,
+        notes,
+    })
+}

@@ -238,3 +238,59 @@ impl LoadedPredictor {
         })
     }
 }
+
+/// The examples `moecast eval` scores: with `all`, every sequence of `traces` (notes say
+/// which of them the predictor was trained on); else the predictor's own held-out test
+/// split of `traces` (default: its training traces). Returns the set and those notes.
+pub fn evaluation_set(
+    card: &PredictorCard,
+    traces: &[PathBuf],
+    all: bool,
+) -> Result<(datasets::examples::ExampleSet, Vec<String>)> {
+    use datasets::examples::{ExampleSet, Split};
+    let same_file =
+        |a: &std::path::Path, b: &std::path::Path| match (a.canonicalize(), b.canonicalize()) {
+            (Ok(x), Ok(y)) => x == y,
+            _ => a == b,
+        };
+    let mut notes = Vec::new();
+    let set = if all {
+        if traces.is_empty() {
+            return Err(PredictorError::Invalid(
+                "give --trace FILE... (or --split test for the predictor's own test split)".into(),
+            ));
+        }
+        for t in traces {
+            if card.traces.iter().any(|c| same_file(c, t)) {
+                notes.push(format!(
+                    "{} was used for training; its training sequences are part of this evaluation \
+                     (use --split test for its held-out sequences)",
+                    t.display()
+                ));
+            }
+        }
+        ExampleSet::open_for_test(traces, Some(card.config.routing))?
+    } else {
+        let traces = if traces.is_empty() {
+            &card.traces[..]
+        } else {
+            traces
+        };
+        let set = ExampleSet::open(traces, &card.split)?;
+        if set.split_tokens(Split::Test) == 0 {
+            return Err(PredictorError::Invalid(
+                "the predictor was trained with --test-fraction 0: no test split; pass --split all --trace TEST".into(),
+            ));
+        }
+        set
+    };
+    card.config.routing.check(set.meta(), &set.paths()[0])?;
+    if card.trace_meta.model != set.meta().model {
+        notes.push(format!(
+            "the predictor was trained on traces of '{}', these are of '{}'",
+            card.trace_meta.model,
+            set.meta().model
+        ));
+    }
+    Ok((set, notes))
+}
