@@ -159,32 +159,7 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
         run_steps: a.run_steps,
     };
     let s = predictor::train(&opts)?;
-    if !s.finished {
-        println!(
-            "stopped at step {} (epoch {}); rerun the same command to resume from {}",
-            s.end_step,
-            s.history.len() + 1,
-            opts.out.join("train-state").display()
-        );
-        return Ok(());
-    }
-    let best = s
-        .history
-        .iter()
-        .max_by(|x, y| x.val_f1.total_cmp(&y.val_f1));
-    if let Some(b) = best {
-        println!(
-            "trained {} epochs; best validation F1 {:.4} at epoch {} ({:.0} examples/s) -> {}",
-            s.history.len(),
-            b.val_f1,
-            b.epoch,
-            b.examples_per_s,
-            opts.out.display()
-        );
-    }
-    if let Some(r) = &s.validation {
-        print!("{}", eval::render_table(r));
-    }
+    print!("{}", s.describe(&opts.out));
     Ok(())
 }
 
@@ -224,34 +199,7 @@ pub(crate) fn size(a: SizeArgs) -> Result<()> {
         .with_n_layers(a.layers)
         .with_token_buckets(a.vocab);
     let f = predictor::model::Footprint::of(&config).map_err(anyhow::Error::msg)?;
-    println!(
-        "{} predictor for {} MoE layers x {} experts (top-{}), {} token ids, d_model {}, {} blocks:",
-        a.task.as_str(),
-        a.moe_layers,
-        a.experts,
-        a.top_k,
-        a.vocab,
-        a.d_model,
-        a.layers
-    );
-    println!(
-        "  {} parameters ({} in the token embedding, {} in the output layer): {:.1} MB of f32 weights",
-        f.params,
-        f.token_embedding,
-        f.output,
-        f.params as f64 * 4.0 / 1e6
-    );
-    println!(
-        "  training holds about 4x that (weights, gradients, two AdamW moments): {:.0} MB",
-        f.params as f64 * 16.0 / 1e6
-    );
-    println!(
-        "  token table (prior and baseline, stored sparsely): 8 bytes per counted (id, layer, expert); \
-         at most {:.1} MB per frequent id (layers x experts) and {:.0} MB per million training tokens \
-         (layers x top-k per token, if every token were a new id)",
-        (a.moe_layers * a.experts * 8) as f64 / 1e6,
-        (a.moe_layers * a.top_k * 8) as f64
-    );
+    print!("{}", f.describe(&config, a.vocab));
     Ok(())
 }
 

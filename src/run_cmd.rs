@@ -149,96 +149,13 @@ pub(crate) fn run(a: RunArgs) -> Result<()> {
             );
         }
     }
-    let r = &out.report;
-    let mb = |b: u64| b as f64 / 1e6;
-    let what = match &out.replay {
-        Some(s) => {
-            for n in &s.notes {
-                eprintln!("note: {n}");
-            }
-            if s.unforced > 0 {
-                eprintln!(
-                    "warning: {} routings could not be forced to the trace",
-                    s.unforced
-                );
-            }
-            format!("replayed {} sequences ({} tokens)", s.sequences, s.tokens)
-        }
-        None => format!("{} prompts", cfg.prompts.len()),
-    };
-    println!(
-        "{what}: {} prompt + {} decode tokens; cache {} of {} experts, policy {}, prefetch {} (budget {})",
-        r.prompt_tokens,
-        r.decode_tokens,
-        r.capacity,
-        r.total_experts,
-        r.policy,
-        r.prefetch,
-        r.budget
-    );
-    if let Some(c) = &r.planner {
-        println!(
-            "planner: {} candidates offered, {} read, {} would land too late, {} not worth their read, {} cancelled (their layer routed elsewhere)",
-            c.offered, c.issued, c.late, c.not_worth, c.cancelled
-        );
+    for note in out.notes() {
+        eprintln!("{note}");
     }
-    println!(
-        "decode: {:.1} tokens/s, hit rate {:.1}% ({} hits, {} late, {} misses of {} lookups), stall {:.2} ms/token ({:.2} s)",
-        r.tokens_per_s(),
-        100.0 * r.hit_rate(),
-        r.hits,
-        r.late,
-        r.misses,
-        r.accesses,
-        r.stall_ms_per_token(),
-        r.stall_s
-    );
-    println!(
-        "reads from disk (page cache dropped): {} on demand ({:.1} MB), {} prefetched ({:.1} MB, {} used, {} evicted unused on arrival); loader busy {:.2} s",
-        r.demand_reads,
-        mb(r.bytes_demand),
-        r.prefetch_reads,
-        mb(r.bytes_prefetch),
-        r.useful_prefetches,
-        r.wasted_reads,
-        r.read_s
-    );
-    if r.routings > 0 {
-        println!(
-            "cache-aware routing (margin {}): changed {} of {} token-layer routings ({:.1}%)",
-            r.routing_margin,
-            r.rerouted,
-            r.routings,
-            100.0 * r.rerouted as f64 / r.routings as f64
-        );
-    }
-    if let (Some(same), Some(tps)) = (out.identical, out.in_memory_tokens_per_s) {
-        println!(
-            "all experts in memory: {tps:.1} tokens/s; generated tokens identical to the engine's: {}",
-            if same { "yes" } else { "no" }
-        );
-    }
-    if let Some(q) = &out.quality {
-        println!(
-            "quality on {} held-out positions: next-token agreement {:.2}%, perplexity {:.3} -> {:.3} ({:+.2}%)",
-            q.positions,
-            100.0 * q.agreement,
-            q.perplexity_reference,
-            q.perplexity_engine,
-            q.perplexity_delta_pct()
-        );
-    }
+    print!("{}", out.summary(cfg.prompts.len()));
     if let Some(path) = &a.json {
-        let json = serde_json::json!({
-            "report": r,
-            "tokens_per_s": r.tokens_per_s(),
-            "hit_rate": r.hit_rate(),
-            "identical_to_in_memory": out.identical,
-            "in_memory_tokens_per_s": out.in_memory_tokens_per_s,
-            "quality": out.quality,
-            "generated": out.generated,
-        });
-        predictor::state::write_atomic(path, serde_json::to_string_pretty(&json)?.as_bytes())?;
+        let json = serde_json::to_string_pretty(&out.to_json())?;
+        predictor::state::write_atomic(path, json.as_bytes())?;
     }
     Ok(())
 }

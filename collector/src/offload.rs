@@ -308,3 +308,88 @@ impl inference::RoutingObserver for DecodeTimer {
         Ok(())
     }
 }
+
+impl OffloadRun {
+    /// Notes and warnings for the user (what a replay could not force).
+    pub fn notes(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(s) = &self.replay {
+            out.extend(s.notes.iter().map(|n| format!("note: {n}")));
+            if s.unforced > 0 {
+                out.push(format!(
+                    "warning: {} routings could not be forced to the trace",
+                    s.unforced
+                ));
+            }
+        }
+        out
+    }
+
+    /// The run's measurements as `moecast run` prints them (`prompts`: how many were run).
+    pub fn summary(&self, prompts: usize) -> String {
+        let r = &self.report;
+        let mb = |b: u64| b as f64 / 1e6;
+        let what = match &self.replay {
+            Some(s) => format!("replayed {} sequences ({} tokens)", s.sequences, s.tokens),
+            None => format!("{prompts} prompts"),
+        };
+        let mut out = format!(
+            "{what}: {} prompt + {} decode tokens; cache {} of {} experts, policy {}, prefetch {} (budget {})\n",
+            r.prompt_tokens, r.decode_tokens, r.capacity, r.total_experts, r.policy, r.prefetch, r.budget
+        );
+        if let Some(c) = &r.planner {
+            out += &format!(
+                "planner: {} candidates offered, {} read, {} would land too late, {} not worth their read, {} cancelled (their layer routed elsewhere)\n",
+                c.offered, c.issued, c.late, c.not_worth, c.cancelled
+            );
+        }
+        out += &format!(
+            "decode: {:.1} tokens/s, hit rate {:.1}% ({} hits, {} late, {} misses of {} lookups), stall {:.2} ms/token ({:.2} s)\n",
+            r.tokens_per_s(), 100.0 * r.hit_rate(), r.hits, r.late, r.misses, r.accesses, r.stall_ms_per_token(), r.stall_s
+        );
+        out += &format!(
+            "reads from disk (page cache dropped): {} on demand ({:.1} MB), {} prefetched ({:.1} MB, {} used, {} evicted unused on arrival); loader busy {:.2} s\n",
+            r.demand_reads, mb(r.bytes_demand), r.prefetch_reads, mb(r.bytes_prefetch), r.useful_prefetches, r.wasted_reads, r.read_s
+        );
+        if r.routings > 0 {
+            out += &format!(
+                "cache-aware routing (margin {}): changed {} of {} token-layer routings ({:.1}%)\n",
+                r.routing_margin,
+                r.rerouted,
+                r.routings,
+                100.0 * r.rerouted as f64 / r.routings as f64
+            );
+        }
+        if let (Some(same), Some(tps)) = (self.identical, self.in_memory_tokens_per_s) {
+            out += &format!(
+                "all experts in memory: {tps:.1} tokens/s; generated tokens identical to the engine's: {}\n",
+                if same { "yes" } else { "no" }
+            );
+        }
+        if let Some(q) = &self.quality {
+            out += &format!(
+                "quality on {} held-out positions: next-token agreement {:.2}%, perplexity {:.3} -> {:.3} ({:+.2}%)\n",
+                q.positions,
+                100.0 * q.agreement,
+                q.perplexity_reference,
+                q.perplexity_engine,
+                q.perplexity_delta_pct()
+            );
+        }
+        out
+    }
+
+    /// The measurements as `--json` writes them.
+    pub fn to_json(&self) -> serde_json::Value {
+        let r = &self.report;
+        serde_json::json!({
+            "report": r,
+            "tokens_per_s": r.tokens_per_s(),
+            "hit_rate": r.hit_rate(),
+            "identical_to_in_memory": self.identical,
+            "in_memory_tokens_per_s": self.in_memory_tokens_per_s,
+            "quality": self.quality,
+            "generated": self.generated,
+        })
+    }
+}

@@ -2,7 +2,7 @@
 //! every epoch with early stopping, resumable checkpoints in `OUT/train-state/`
 //! (every epoch and every `checkpoint_every` steps), the best model in `OUT/model.bpk`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::grad_clipping::GradientClippingConfig;
@@ -132,6 +132,40 @@ pub struct TrainSummary {
     pub history: Vec<EpochRecord>,
     /// Validation report of the best epoch (when finished).
     pub validation: Option<EvalReport>,
+}
+
+impl TrainSummary {
+    /// What `moecast train` prints at the end: how to resume an interrupted run, or the
+    /// best epoch and its validation table. `out` is the predictor directory.
+    pub fn describe(&self, out: &Path) -> String {
+        if !self.finished {
+            return format!(
+                "stopped at step {} (epoch {}); rerun the same command to resume from {}\n",
+                self.end_step,
+                self.history.len() + 1,
+                out.join("train-state").display()
+            );
+        }
+        let mut text = String::new();
+        if let Some(b) = self
+            .history
+            .iter()
+            .max_by(|x, y| x.val_f1.total_cmp(&y.val_f1))
+        {
+            text += &format!(
+                "trained {} epochs; best validation F1 {:.4} at epoch {} ({:.0} examples/s) -> {}\n",
+                self.history.len(),
+                b.val_f1,
+                b.epoch,
+                b.examples_per_s,
+                out.display()
+            );
+        }
+        if let Some(r) = &self.validation {
+            text += &crate::eval::render_table(r);
+        }
+        text
+    }
 }
 
 /// Warm-up steps actually used: the setting, but at most a tenth of the run, so a run of
