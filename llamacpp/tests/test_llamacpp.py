@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -37,15 +38,22 @@ def tool(script, *args):
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    d = tmp_path_factory.mktemp("llamacpp")
+def work():
+    # Beside the clone rather than in the temporary directory: residency is read from the
+    # page cache, which a tmpfs /tmp would not let go of.
+    (ROOT / "runs").mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=ROOT / "runs", prefix="test-llamacpp-") as tmp:
+        yield from _work(Path(tmp))
+
+
+def _work(d):
     for dtype in ("f32", "f16"):
         export_gguf.export(str(MODEL), str(d / f"tiny.{dtype}.gguf"), dtype)
     # moecast's own routing of the held-out prompts, greedy
     run("collect", "--model", MODEL, "--prompts", HELDOUT, "--max-new-tokens", "32", "--hidden-states",
         "-o", d / "ref.jsonl")
     parity.prompts_from_trace(str(d / "ref.jsonl"), str(d / "ref-ids.jsonl"))
-    return d
+    yield d
 
 
 @pytest.mark.parametrize("field,value", [
