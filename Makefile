@@ -164,7 +164,17 @@ LLAMA_PIP := llama-cpp-python==0.3.36 gguf==0.19.0 pytest
 test-llamacpp:
 	$(CARGO) test --workspace --no-run
 	python3 -m pip install -q $(LLAMA_PIP) ./python
-	MOECAST_BIN=$(abspath $(DBG)) python3 -m pytest -q -s llamacpp/tests
+	$(MAKE) --no-print-directory $(TARGET)/moecast_prefetch
+	MOECAST_BIN=$(abspath $(DBG)) MOECAST_PREFETCH_C=$(abspath $(TARGET))/moecast_prefetch python3 -m pytest -q -s llamacpp/tests
+
+# The same prefetch harness in C (llamacpp/moecast_prefetch.c): llama.cpp from the wheel
+# (its libllama and headers), the predictor through libmoecast's C ABI; no Python in the
+# eval callback.
+LLAMA_SP = $(shell python3 -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+$(TARGET)/moecast_prefetch: llamacpp/moecast_prefetch.c ffi/include/moecast.h
+	$(CARGO) build --workspace
+	cc -O2 -Wall -o $@ $< -I$(LLAMA_SP)/include -Iffi/include -L$(LLAMA_SP)/llama_cpp/lib -L$(TARGET)/debug \
+	  -lllama -lggml -lggml-base -lmoecast -Wl,-rpath,$(LLAMA_SP)/llama_cpp/lib -Wl,-rpath,$(abspath $(TARGET))/debug
 
 header:
 	MOECAST_WRITE_HEADER=1 $(CARGO) test --workspace --test c_abi committed_header

@@ -211,3 +211,18 @@ def test_forced_routing_is_what_llama_cpp_computes(work):
         np.testing.assert_allclose(out["weights"][i], chosen / chosen.sum(axis=1, keepdims=True), rtol=1e-4)
     assert not (free["topk"][5] == forced[5]).all()
     assert not np.allclose(free_logits, forced_logits, atol=1e-3)
+
+
+@pytest.mark.skipif(not os.environ.get("MOECAST_PREFETCH_C"), reason="make test-llamacpp builds the C harness")
+def test_c_harness_stages_from_the_c_abi(work):
+    """llamacpp/moecast_prefetch.c: llama.cpp and libmoecast from C, no Python in the
+    callback; the predictor (trained by the test above) must raise residency there too."""
+    if not (work / "predictor").exists():
+        pytest.skip("needs the predictor trained by test_predictor_from_llama_cpp_routing_stages_experts")
+    out = subprocess.run([os.environ["MOECAST_PREFETCH_C"], str(work / "tiny.f32.gguf"), str(HELDOUT),
+                          str(work / "predictor"), "25", "24", "1"], check=True, capture_output=True, text=True).stdout
+    print("\n" + out)
+    rows = {l.split()[0]: l.split() for l in out.splitlines() if l.startswith(("on-demand", "predictor"))}
+    resident = {m: float(r[1].rstrip("%")) for m, r in rows.items()}
+    demand = {m: float(r[2]) for m, r in rows.items()}
+    assert resident["predictor"] > resident["on-demand"] and demand["predictor"] < 0.8 * demand["on-demand"]
