@@ -174,7 +174,7 @@ LLAMA_SP = $(shell python3 -c "import sysconfig; print(sysconfig.get_paths()['pu
 $(TARGET)/moecast_prefetch: llamacpp/moecast_prefetch.c ffi/include/moecast.h
 	$(CARGO) build --workspace
 	cc -O2 -Wall -o $@ $< -I$(LLAMA_SP)/include -Iffi/include -L$(LLAMA_SP)/llama_cpp/lib -L$(TARGET)/debug \
-	  -lllama -lggml -lggml-base -lmoecast -Wl,-rpath,$(LLAMA_SP)/llama_cpp/lib -Wl,-rpath,$(abspath $(TARGET))/debug
+	  -lllama -lggml -lggml-base -lmoecast -lpthread -Wl,-rpath,$(LLAMA_SP)/llama_cpp/lib -Wl,-rpath,$(abspath $(TARGET))/debug
 
 header:
 	MOECAST_WRITE_HEADER=1 $(CARGO) test --workspace --test c_abi committed_header

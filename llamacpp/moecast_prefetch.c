@@ -5,7 +5,9 @@
  *
  * Greedy decoding of every prompt (one per line), on demand and, with a predictor (an
  * ids-only moecast predictor, through libmoecast's C ABI), with the forecast experts
- * staged. llama.cpp memory-maps the GGUF; the page cache is the fast memory, a set of
+ * staged. The predictor runs on a thread of its own that owns the session: the eval
+ * callback only queues "layers 0..l routed" and returns, so forecasts overlap
+ * llama.cpp's compute on the second core (a forecast is dropped when two wait). llama.cpp memory-maps the GGUF; the page cache is the fast memory, a set of
  * `resident%` of the experts is kept (least recently used out), staged experts wait in
  * slots of their own (2 x 1 per layer, one layer ahead), residency is read with mincore
  * when a layer routes (before its experts run), missing experts are read whole. Prints
@@ -13,6 +15,7 @@
  * Linux only. Build: make llamacpp-c (links the wheel's libllama and libmoecast). */
 #define _GNU_SOURCE
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -211,13 +214,94 @@ static void residency_init(Residency *r, Experts *ex, int capacity, int slots) {
             if (is_resident(r, l, e)) die(ex->path, "experts stay in memory after the drop (a tmpfs?)");
 }
 
+/* ---- the prefetcher: a thread that owns the predictor session, so its forecasts run on
+ * the second core while llama.cpp computes, and stages what they name ---- */
+enum { JOB_RESET, JOB_OBSERVE, JOB_NEXT, JOB_AHEAD };
+typedef struct {
+    int type, known;
+    uint32_t token;
+    uint16_t routed[MAX_LAYERS * MAX_K];
+} Job;
+#define RING 256
+typedef struct {
+    pthread_t thread;
+    pthread_mutex_t mu;
+    pthread_cond_t work, idle;
+    Job ring[RING];
+    int head, count, busy, stop, error;
+    char message[512]; /* mc_last_error() is per thread: the worker's, kept for main */
+    struct mc_session *session;
+    Residency *res;
+    pthread_mutex_t *res_mu;
+} Prefetcher;
+
+static void run_job(Prefetcher *w, const Job *j) {
+    uint16_t ahead[MAX_LAYERS];
+    int n_moe = w->res->ex->n_moe, rc = 0, layer = -1;
+    switch (j->type) {
+    case JOB_RESET: rc = mc_session_reset(w->session); break;
+    case JOB_OBSERVE: rc = mc_session_observe(w->session, j->token, j->routed); break;
+    case JOB_NEXT: rc = mc_session_predict_next(w->session, j->token, 1, ahead), layer = 0; break;
+    case JOB_AHEAD: rc = mc_session_predict_lookahead(w->session, j->token, (uint32_t)j->known, j->routed, 1, ahead), layer = j->known; break;
+    }
+    if (rc) {
+        if (!w->error) snprintf(w->message, sizeof w->message, "%s", mc_last_error());
+        w->error = 1;
+        return;
+    }
+    if (layer >= 0 && layer < n_moe && ahead[0] != 0xFFFF) {
+        pthread_mutex_lock(w->res_mu);
+        stage_expert(w->res, layer, ahead[0]);
+        pthread_mutex_unlock(w->res_mu);
+    }
+}
+
+static void *worker_main(void *arg) {
+    Prefetcher *w = arg;
+    static Job job;
+    pthread_mutex_lock(&w->mu);
+    for (;;) {
+        while (!w->count && !w->stop) pthread_cond_wait(&w->work, &w->mu);
+        if (!w->count) break;
+        job = w->ring[w->head];
+        w->head = (w->head + 1) % RING, w->count--, w->busy = 1;
+        pthread_mutex_unlock(&w->mu);
+        run_job(w, &job);
+        pthread_mutex_lock(&w->mu);
+        w->busy = 0;
+        pthread_cond_broadcast(&w->idle);
+    }
+    pthread_mutex_unlock(&w->mu);
+    return NULL;
+}
+
+/* Queues a job; a forecast is dropped when two jobs already wait (it would land late). */
+static void post(Prefetcher *w, int type, uint32_t token, int known, const uint16_t *routed, int n) {
+    pthread_mutex_lock(&w->mu);
+    if ((type == JOB_NEXT || type == JOB_AHEAD) && w->count >= 2) { pthread_mutex_unlock(&w->mu); return; }
+    while (w->count == RING) pthread_cond_wait(&w->idle, &w->mu);
+    Job *j = &w->ring[(w->head + w->count) % RING];
+    j->type = type, j->token = token, j->known = known;
+    if (n) memcpy(j->routed, routed, (size_t)n * sizeof(uint16_t));
+    w->count++;
+    pthread_cond_signal(&w->work);
+    pthread_mutex_unlock(&w->mu);
+}
+
+static void flush(Prefetcher *w) {
+    pthread_mutex_lock(&w->mu);
+    while (w->count || w->busy) pthread_cond_wait(&w->idle, &w->mu);
+    pthread_mutex_unlock(&w->mu);
+}
+
 /* ---- the eval callback ---- */
 typedef struct {
     Residency *res;
-    struct mc_session *session;
+    Prefetcher *session; /* NULL: on demand */
+    pthread_mutex_t res_mu;
     uint32_t token;
     int prefill, count, known;
-    uint16_t routed[MAX_LAYERS * MAX_K], ahead[MAX_LAYERS * 8];
+    uint16_t routed[MAX_LAYERS * MAX_K];
     uint16_t *prefill_ids; /* [row][layer][k] of the prompt's batch, for the session */
     int prefill_rows;
     int error;
@@ -248,17 +332,18 @@ static bool callback(struct ggml_tensor *t, bool ask, void *user) {
         }
         int use[MAX_K];
         for (int j = 0; j < k; j++) use[j] = ids[j], h->routed[layer * k + j] = (uint16_t)ids[j];
+        pthread_mutex_lock(&h->res_mu);
         use_experts(h->res, layer, use, k, h->count);
+        pthread_mutex_unlock(&h->res_mu);
         h->known = layer + 1;
-        if (h->session && layer + 1 < ex->n_moe) {
-            if (mc_session_predict_lookahead(h->session, h->token, (uint32_t)(layer + 1), h->routed, 1, h->ahead)) {
-                h->error = 2;
-                return true;
-            }
-            if (h->ahead[0] != 0xFFFF) stage_expert(h->res, layer + 1, h->ahead[0]);
-        }
+        if (h->session && layer + 1 < ex->n_moe)
+            post(h->session, JOB_AHEAD, h->token, layer + 1, h->routed, (layer + 1) * k);
     }
-    if (h->prefill) use_experts(h->res, layer, seen, n_seen, 0);
+    if (h->prefill) {
+        pthread_mutex_lock(&h->res_mu);
+        use_experts(h->res, layer, seen, n_seen, 0);
+        pthread_mutex_unlock(&h->res_mu);
+    }
     return true;
 }
 
@@ -347,12 +432,23 @@ int main(int argc, char **argv) {
             memset(&h, 0, sizeof h);
             h.res = &res;
             h.prefill_ids = prefill_ids;
-            if (mode && mc_session_new(pred, &h.session)) die(pred_dir, mc_last_error());
+            pthread_mutex_init(&h.res_mu, NULL);
+            static Prefetcher w;
+            if (mode) {
+                memset(&w, 0, sizeof w);
+                if (mc_session_new(pred, &w.session)) die(pred_dir, mc_last_error());
+                w.res = &res, w.res_mu = &h.res_mu;
+                pthread_mutex_init(&w.mu, NULL);
+                pthread_cond_init(&w.work, NULL);
+                pthread_cond_init(&w.idle, NULL);
+                if (pthread_create(&w.thread, NULL, worker_main, &w)) die("prefetcher", "cannot start its thread");
+                h.session = &w;
+            }
             double decode_s = 0;
             long steps = 0;
             for (int p = 0; p < n_prompts; p++) {
                 llama_memory_clear(llama_get_memory(ctx), true);
-                if (h.session) mc_session_reset(h.session);
+                if (h.session) post(h.session, JOB_RESET, 0, 0, NULL, 0);
                 batch.n_tokens = lens[p];
                 for (int i = 0; i < lens[p]; i++) {
                     batch.token[i] = prompts[p][i], batch.pos[i] = i, batch.n_seq_id[i] = 1;
@@ -362,8 +458,8 @@ int main(int argc, char **argv) {
                 if (llama_decode(ctx, batch)) die(model_path, "llama_decode failed");
                 h.prefill = 0;
                 for (int i = 0; h.session && i < lens[p]; i++)
-                    if (mc_session_observe(h.session, (uint32_t)prompts[p][i], h.prefill_ids + (size_t)i * ex.n_moe * ex.top_k))
-                        die(pred_dir, mc_last_error());
+                    post(h.session, JOB_OBSERVE, (uint32_t)prompts[p][i], 0, h.prefill_ids + (size_t)i * ex.n_moe * ex.top_k,
+                         ex.n_moe * ex.top_k);
                 int pos = lens[p];
                 for (int step = 0; step < new_tokens - 1 && pos < n_ctx; step++) {
                     const float *logits = llama_get_logits_ith(ctx, -1);
@@ -373,20 +469,26 @@ int main(int argc, char **argv) {
                     if (llama_vocab_is_eog(vocab, next)) break;
                     double t0 = now();
                     h.token = (uint32_t)next, h.count = 1, h.known = 0;
-                    if (h.session) {
-                        if (mc_session_predict_next(h.session, h.token, 1, h.ahead)) die(pred_dir, mc_last_error());
-                        stage_expert(&res, 0, h.ahead[0]);
-                    }
+                    if (h.session) post(h.session, JOB_NEXT, h.token, 0, NULL, 0);
                     batch.n_tokens = 1;
                     batch.token[0] = next, batch.pos[0] = pos++, batch.n_seq_id[0] = 1, batch.seq_id[0][0] = 0, batch.logits[0] = 1;
                     if (llama_decode(ctx, batch) || h.error) die(model_path, "decode or eval callback failed");
-                    if (h.session && h.known == ex.n_moe && mc_session_observe(h.session, h.token, h.routed))
-                        die(pred_dir, mc_last_error());
+                    if (h.session && h.known == ex.n_moe)
+                        post(h.session, JOB_OBSERVE, h.token, 0, h.routed, ex.n_moe * ex.top_k);
                     decode_s += now() - t0;
                     steps++;
                 }
             }
-            if (h.session) mc_session_free(h.session);
+            if (h.session) {
+                flush(&w);
+                pthread_mutex_lock(&w.mu);
+                w.stop = 1;
+                pthread_cond_signal(&w.work);
+                pthread_mutex_unlock(&w.mu);
+                pthread_join(w.thread, NULL);
+                if (w.error) die(pred_dir, w.message);
+                mc_session_free(w.session);
+            }
             close(res.fd);
             free(res.used_age);
             free(res.staged_age);
