@@ -59,7 +59,7 @@ demo:
 	  "$(DBG) simulate --trace $(DEMO)/heldout.mctrace --predictor $(DEMO)/predictor --model $(MODEL) $(SIM) --cache 10%,25% --policy lru,lfu,next-use,belady --prefetch none,previous,token,coactivation,activation,gate,lens,learned,lens+learned,oracle --budget auto,2 --json $(DEMO)/simulate.json"
 	@echo "demo outputs in $(DEMO)/: traces (.mctrace, .parquet), stats.json, predictor/, eval.json, simulate.json, simulate-production.json, sweep.txt, run.json, plots/"
 
-# The shipped model in llama.cpp, end to end (runs/llamacpp/, about 6 minutes after the
+# The shipped model in llama.cpp, end to end (runs/llamacpp/, about 3 minutes after the
 # builds): export to GGUF (f32, f16), routing parity against `moecast collect` on the same
 # token ids, routing collected from llama.cpp (with router inputs) over the demo and
 # held-out prompts as `make demo` collects them, a predictor trained and evaluated on it,
