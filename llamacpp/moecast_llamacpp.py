@@ -79,8 +79,6 @@ def _ggml():
 
     libggml.ggml_get_name.argtypes = [ctypes.c_void_p]
     libggml.ggml_get_name.restype = ctypes.c_char_p
-    libggml.ggml_backend_buffer_is_host.argtypes = [ctypes.c_void_p]
-    libggml.ggml_backend_buffer_is_host.restype = ctypes.c_bool
     libggml.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
     libggml.ggml_backend_tensor_get.restype = None
     libggml.ggml_backend_tensor_set.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]

@@ -23,6 +23,41 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
+/// Resident experts: a count, or a share of all routed experts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum CacheSize {
+    Experts(usize),
+    Fraction(f64),
+}
+
+impl std::str::FromStr for CacheSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(p) = s.strip_suffix('%') {
+            match p.trim().parse::<f64>() {
+                Ok(p) if p > 0.0 && p <= 100.0 => Ok(CacheSize::Fraction(p / 100.0)),
+                _ => Err(format!("cache size '{s}' must be a percentage in (0, 100]")),
+            }
+        } else {
+            match s.trim().parse::<usize>() {
+                Ok(n) if n > 0 => Ok(CacheSize::Experts(n)),
+                _ => Err(format!("cache size '{s}' must be N (experts, >= 1) or P%")),
+            }
+        }
+    }
+}
+
+impl CacheSize {
+    /// Experts, out of `total`.
+    pub fn experts(self, total: usize) -> usize {
+        match self {
+            CacheSize::Experts(n) => n.min(total),
+            CacheSize::Fraction(f) => ((f * total as f64).round() as usize).clamp(1, total),
+        }
+    }
+}
+
 /// Which resident expert to drop.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum EvictionPolicy {

@@ -11,6 +11,7 @@ use predictor::{LoadedPredictor, OnlinePredictor};
 use super::{simulate, PrefetchPlan, SimConfig, SimReport};
 
 mod output;
+use crate::cache::CacheSize;
 use crate::gate::{GateForecaster, NextTokenGate};
 use crate::planner::PrefetchBudget;
 use crate::prefetch::{self, PrefetchKind};
@@ -93,27 +94,6 @@ pub struct Study {
     pub candidates: usize,
     /// Remarks for the user (in-sample counts and the like).
     pub notes: Vec<String>,
-}
-
-fn parse_size(s: &str, total: usize) -> Result<usize, StudyError> {
-    let n = match s.strip_suffix('%') {
-        Some(p) => {
-            let p: f64 = p
-                .parse()
-                .map_err(|_| bad(format!("bad cache size '{s}'")))?;
-            if !(p > 0.0 && p <= 100.0) {
-                return Err(bad(format!("cache size '{s}' must be in (0, 100]%")));
-            }
-            ((total as f64 * p / 100.0).round() as usize).max(1)
-        }
-        None => s
-            .parse()
-            .map_err(|_| bad(format!("bad cache size '{s}' (N or P%)")))?,
-    };
-    if n == 0 {
-        return Err(bad(format!("cache size '{s}' must be at least one expert")));
-    }
-    Ok(n.min(total))
 }
 
 /// The predictor's training counts, or counts fitted on the replayed trace itself (also
@@ -373,8 +353,8 @@ pub fn run_study(
     };
     let capacities = sizes
         .iter()
-        .map(|c| parse_size(c, total))
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|c| Ok(c.parse::<CacheSize>().map_err(bad)?.experts(total)))
+        .collect::<Result<Vec<_>, StudyError>>()?;
     let mut notes = Vec::new();
     let counted = [PrefetchKind::Coactivation, PrefetchKind::Token];
     if counted.iter().any(|k| kinds.contains(k)) && forecasters.fitted.is_none() {
