@@ -528,8 +528,8 @@ def cmd_prefetch(args):
 
         try:
             replay = moecast.read_trace(args.replay)
-        except moecast.MoecastError as e:
-            raise LlamaCppError(f"{args.replay}: {e}") from None
+        except moecast.MoecastError as e:  # its message names the file
+            raise LlamaCppError(str(e)) from None
     elif args.prompts:
         prompts = read_prompts(args.prompts, model, args.add_special_tokens)
     else:

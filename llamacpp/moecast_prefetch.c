@@ -399,12 +399,13 @@ int main(int argc, char **argv) {
     if (!pf) die(prompts_path, "cannot open");
     static llama_token prompts[1024][512];
     int lens[1024], n_prompts = 0;
-    char line[65536];
-    while (n_prompts < 1024 && fgets(line, sizeof line, pf)) {
+    char line[65536], where[4200];
+    for (int lineno = 1; n_prompts < 1024 && fgets(line, sizeof line, pf); lineno++) {
         line[strcspn(line, "\n")] = 0;
         if (!line[0]) continue;
         int n = llama_tokenize(vocab, line, (int)strlen(line), prompts[n_prompts], 512, false, true);
-        if (n <= 0 || n + new_tokens > n_ctx) die(prompts_path, "a prompt is empty or too long for the context");
+        snprintf(where, sizeof where, "%s:%d", prompts_path, lineno);
+        if (n <= 0 || n + new_tokens > n_ctx) die(where, "the prompt has no tokens or, with new_tokens, exceeds the context (512 tokens at most)");
         lens[n_prompts++] = n;
     }
     fclose(pf);

@@ -21,9 +21,16 @@ import moecast_llamacpp as mcl
 
 
 def read_jsonl(path):
+    """(meta, records) of an interchange JSONL trace; errors name the file and line."""
+    lines = []
     with open(path) as f:
-        lines = [json.loads(l) for l in f if l.strip()]
-    if not lines or "meta" not in lines[0]:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    lines.append(json.loads(line))
+                except ValueError as e:
+                    raise ValueError(f"{path}:{lineno}: not JSON: {e}") from None
+    if not lines or not isinstance(lines[0], dict) or "meta" not in lines[0]:
         raise ValueError(f"{path}: the first line is not a meta line")
     return lines[0]["meta"], lines[1:]
 
