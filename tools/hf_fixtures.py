@@ -11,6 +11,9 @@ For every architecture below this writes ``<out>/<arch>/`` containing
 ``qwen3_moe_sharded_bf16/`` is the qwen3_moe model cast to bf16 and saved as 2 shards
 + ``model.safetensors.index.json``; its expected outputs come from loading that bf16
 checkpoint and running it upcast to f32 (``.float()``).
+``<arch>_rope_linear/`` and ``<arch>_rope_yarn/`` (mixtral, qwen2_moe, qwen3_moe, olmoe)
+are the same shapes with ``rope_parameters`` scaled (linear x4; YaRN x4 over an original
+context of 16 positions), each with its own seed and expected outputs.
 
 Everything is computed on CPU, f32, eager attention, eager experts, 1 thread,
 deterministic algorithms; seeds are searched deterministically, so reruns are
@@ -346,10 +349,33 @@ def save_tokenizer(tok, add_bos, d):
 # ----------------------------------------------------------------------------- model build
 
 
-def make_config(arch):
+# RoPE-scaled variants of the Llama-family architectures: the same model shape with
+# ``rope_parameters`` set as users set them for long context (linear interpolation, YaRN).
+# Fixture sequences are short (< 40 positions), so YaRN's original context is set to 16
+# positions: its ramp then changes the frequencies the fixtures exercise, and its
+# attention factor (0.1 ln(factor) + 1) scales every logit.
+ROPE_SCALING = {
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+}
+VARIANTS = {
+    f"{arch}_rope_{kind}": (arch, kind)
+    for arch in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+    for kind in ROPE_SCALING
+}
+
+
+def make_config(arch, rope=None):
     kw = dict(COMMON)
     kw.update(ARCHS[arch]["config"])
     cfg = AutoConfig.for_model(arch, **kw)
+    if rope is not None:
+        params = dict(cfg.rope_parameters)
+        params.update(ROPE_SCALING[rope])
+        cfg.rope_parameters = params
+        if getattr(cfg, "head_dim", None) is None:
+            # transformers' YaRN reads config.head_dim, which Mixtral leaves unset
+            cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
     cfg.architectures = [MODEL_CLASS[arch]]
     return cfg
 
@@ -385,8 +411,8 @@ LOAD_KW = dict(attn_implementation="eager", experts_implementation="eager")
 
 
 @torch.no_grad()
-def build_model(arch, seed):
-    cfg = make_config(arch)
+def build_model(arch, seed, rope=None):
+    cfg = make_config(arch, rope)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, **LOAD_KW)
     # _init_weights leaves norms at 1 and biases / sinks / correction biases at 0;
@@ -787,26 +813,33 @@ def header(arch, cfg, seed, moe_layers, gap, margin, dtype_desc, stats, extra=No
     return h
 
 
-def build_arch(arch, out_root):
+def build_arch(name, out_root):
+    """Builds fixture ``name``: an architecture of ARCHS or a RoPE-scaled VARIANTS entry."""
+    arch, rope = VARIANTS.get(name, (name, None))
     add_bos = ARCHS[arch]["add_bos"]
     tok = build_tokenizer(add_bos)
     cases = prompts_for(tok, add_bos)
     assert all(max(c["input_ids"]) < VOCAB for c in cases)
 
-    base = 1000 * (list(ARCHS).index(arch) + 1)
+    if rope is None:
+        base = 1000 * (list(ARCHS).index(arch) + 1)
+    else:
+        base = 100_000 + 1000 * list(VARIANTS).index(name)
     for seed in range(base, base + MAX_SEEDS):
-        model = build_model(arch, seed)
+        model = build_model(arch, seed, rope)
         results, moe_layers, gap, margin, stats = run_all(arch, model, cases)
         if gap > GAP_MIN and margin > GAP_MIN:
             break
     else:
-        raise RuntimeError(f"{arch}: no seed with gaps > {GAP_MIN}")
+        raise RuntimeError(f"{name}: no seed with gaps > {GAP_MIN}")
     cfg = model.config
-    print(f"[{arch}] seed={seed} min_topk_gap={gap:.4g} argmax_margin={margin:.4g} moe_layers={moe_layers}")
+    if rope is not None:
+        assert cfg.rope_parameters["rope_type"] == rope, cfg.rope_parameters
+    print(f"[{name}] seed={seed} min_topk_gap={gap:.4g} argmax_margin={margin:.4g} moe_layers={moe_layers}")
     for c, r in zip(cases, results):
         check_generate(model, c["input_ids"], r["generated_ids"])
 
-    d = os.path.join(out_root, arch)
+    d = os.path.join(out_root, name)
     shutil.rmtree(d, ignore_errors=True)
     os.makedirs(d)
     model.save_pretrained(d)
@@ -829,11 +862,12 @@ def build_arch(arch, out_root):
 
     if arch == "gpt_oss":
         stats.update(gpt_oss_checks(model, cases))
-    exp = header(arch, cfg, seed, moe_layers, gap, margin, "float32", stats)
+    extra = None if rope is None else {"variant": name, "rope_parameters": cfg.rope_parameters}
+    exp = header(arch, cfg, seed, moe_layers, gap, margin, "float32", stats, extra)
     exp["prompts"] = results
     dump_json(os.path.join(d, "expected.json"), exp)
 
-    if arch == "qwen3_moe":
+    if name == "qwen3_moe":
         build_sharded_bf16(model, tok, add_bos, cases, seed, out_root)
     return model
 
@@ -885,13 +919,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ap.add_argument("--out", default=os.path.join(repo, "inference", "tests", "fixtures", "hf"))
-    ap.add_argument("--arch", action="append", help="only build these (default: all)")
+    ap.add_argument("--arch", action="append", help="only build these fixtures (default: all, RoPE variants included)")
     args = ap.parse_args()
     setup_torch()
     transformers.logging.set_verbosity_error()
     os.makedirs(args.out, exist_ok=True)
-    for arch in args.arch or list(ARCHS):
-        build_arch(arch, args.out)
+    for name in args.arch or list(ARCHS) + list(VARIANTS):
+        build_arch(name, args.out)
     total = 0
     for root, _, fs in sorted(os.walk(args.out)):
         for f in sorted(fs):

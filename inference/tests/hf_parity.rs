@@ -212,3 +212,70 @@ fn deepseek_v3_matches_transformers() {
 fn gpt_oss_matches_transformers() {
     check_arch("gpt_oss");
 }
+
+/// The Llama family with `rope_parameters` scaled as users scale them for long context
+/// (linear interpolation and YaRN, factor 4; `tools/hf_fixtures.py`'s VARIANTS).
+#[test]
+fn llama_family_with_scaled_rope_matches_transformers() {
+    for arch in ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"] {
+        for kind in ["linear", "yarn"] {
+            check_arch(&format!("{arch}_rope_{kind}"));
+        }
+    }
+}
+
+/// The scaled fixtures exercise their scaling: the same checkpoint read with plain RoPE
+/// (its `rope_parameters` reset to the default type) routes differently somewhere.
+#[test]
+fn scaled_rope_fixtures_differ_from_plain_rope() {
+    for arch in ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"] {
+        for kind in ["linear", "yarn"] {
+            let name = format!("{arch}_rope_{kind}");
+            let src = fixture(&name);
+            let tmp = tempfile::tempdir().unwrap();
+            for f in std::fs::read_dir(&src).unwrap() {
+                let f = f.unwrap().path();
+                std::fs::copy(&f, tmp.path().join(f.file_name().unwrap())).unwrap();
+            }
+            let cfg_path = tmp.path().join("config.json");
+            let mut cfg: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+            let theta = cfg["rope_parameters"]["rope_theta"].clone();
+            cfg["rope_parameters"] =
+                serde_json::json!({"rope_type": "default", "rope_theta": theta});
+            std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+
+            let expected: Expected =
+                serde_json::from_str(&std::fs::read_to_string(src.join("expected.json")).unwrap())
+                    .unwrap();
+            let model = MoeModel::load(
+                &Checkpoint::open(tmp.path()).unwrap(),
+                &test_backend().device(),
+            )
+            .unwrap();
+            let mut differing = 0;
+            for case in &expected.prompts {
+                let mut rec = Recorder::default();
+                let gen = generate(
+                    &model,
+                    &case.input_ids,
+                    case.decode.len(),
+                    &Sampling::Greedy,
+                    None,
+                    &mut rec,
+                )
+                .unwrap();
+                differing += usize::from(gen.generated != case.generated_ids);
+                for (t, ids) in case.prefill.topk_ids.iter().enumerate() {
+                    for (m, &layer) in expected.moe_layers.iter().enumerate() {
+                        differing += usize::from(rec.seen[&(t, layer)].ids != ids[m]);
+                    }
+                }
+            }
+            assert!(
+                differing > 0,
+                "{name}: plain RoPE routes exactly like {kind} scaling"
+            );
+        }
+    }
+}
