@@ -200,12 +200,16 @@ test-wgpu:
 	XDG_RUNTIME_DIR=$${XDG_RUNTIME_DIR:-/tmp/moecast-xdg} MOECAST_TEST_DEVICE=wgpu \
 	  $(CARGO) test --workspace --features wgpu --test hf_parity --test predictor -- --test-threads=1
 
-# The transformers hook (collector/python/moecast_hook.py) against `moecast collect` on
-# every fixture architecture; needs torch and transformers (pip install torch
-# transformers), so it is not part of `make test`.
+# The transformers hook (collector/python/moecast_hook.py): its recorder against `moecast
+# collect` on every fixture architecture, and its prefetch mode (ExpertOffloader: experts
+# on a slow tier, staged by moecast.Predictor) on the fixtures. pip installs torch and
+# transformers (the versions the fixtures were made with; about 5 GB with torch's CUDA
+# libraries, which PyPI's Linux wheel requires even on CPU) and the moecast package.
 test-hook:
 	$(CARGO) build
+	python3 -m pip install -q "torch==2.15.*" "transformers==5.24.*" safetensors tokenizers pytest ./python
 	python3 tools/test_hook.py $(DBG)
+	MOECAST_BIN=$(abspath $(DBG)) python3 -m pytest -q collector/python/tests
 
 bench:
 	$(CARGO) bench -p datasets --bench trace_io
@@ -214,8 +218,8 @@ bench:
 	$(CARGO) bench -p predictor --bench predictor -- train
 	RAYON_NUM_THREADS=1 $(CARGO) bench -p predictor --bench predictor -- latency
 	$(CARGO) bench -p predictor --bench predictor -- scale
-	$(CARGO) bench -p inference --bench simulate
-	$(CARGO) bench -p collector --bench engine
+	$(CARGO) bench -p offload --bench simulate
+	$(CARGO) bench -p offload --bench engine
 	$(CARGO) build --release
 	tools/replay_bench.sh $(BIN)
 

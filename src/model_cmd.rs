@@ -142,7 +142,7 @@ pub(crate) struct SynthArgs {
 }
 
 pub(crate) fn checkpoint_synth(a: SynthArgs) -> Result<()> {
-    let mut c = inference::synth_checkpoint::preset(&a.like)
+    let mut c = tinymoe::synth::preset(&a.like)
         .ok_or_else(|| anyhow::anyhow!("unknown shape '{}' (qwen3-30b-a3b)", a.like))?;
     c.num_layers = a.layers.unwrap_or(c.num_layers);
     c.num_experts = a.experts.unwrap_or(c.num_experts);
@@ -161,7 +161,7 @@ pub(crate) fn checkpoint_synth(a: SynthArgs) -> Result<()> {
     if sizes.contains(&0) {
         bail!("--layers, --experts, --top-k, --vocab, --hidden and --moe-intermediate must be positive");
     }
-    let expert = inference::synth_checkpoint::expert_bytes(&c);
+    let expert = tinymoe::synth::expert_bytes(&c);
     eprintln!(
         "writing {} layers x {} experts (top-{}) of {} x {} ({:.1} MB each, {:.2} GB of experts) to {}",
         c.num_layers,
@@ -173,7 +173,7 @@ pub(crate) fn checkpoint_synth(a: SynthArgs) -> Result<()> {
         (expert * (c.num_layers * c.num_experts) as u64) as f64 / 1e9,
         a.output.display()
     );
-    let bytes = inference::synth_checkpoint::write_synthetic_checkpoint(&a.output, &c, a.seed)?;
+    let bytes = tinymoe::synth::write_synthetic_checkpoint(&a.output, &c, a.seed)?;
     println!(
         "{}: {:.2} GB, experts of {expert} bytes",
         a.output.display(),
@@ -280,7 +280,7 @@ pub(crate) struct TinymoeTrainArgs {
 }
 
 pub(crate) fn tinymoe_train(a: TinymoeTrainArgs) -> Result<()> {
-    use inference::tinymoe::{TinyMoeConfig, TrainOptions};
+    use tinymoe::{TinyMoeConfig, TrainOptions};
     let model = TinyMoeConfig {
         vocab_size: a.vocab,
         hidden_size: a.hidden,
@@ -323,7 +323,7 @@ pub(crate) fn tinymoe_train(a: TinymoeTrainArgs) -> Result<()> {
         opts.batch_size,
         opts.model.context
     );
-    let s = inference::tinymoe::train(&opts)?;
+    let s = tinymoe::train(&opts)?;
     println!(
         "trained steps {}..{} in {:.1}s ({:.3} s/step)",
         s.start_step,

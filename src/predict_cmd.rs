@@ -261,7 +261,7 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
         predictor::card::evaluation_set(&p.card, &a.trace, a.split == SplitArg::All)?;
     let before_id = p.card.config.token_dropout > 0.0;
     let model = match &a.model {
-        Some(dir) => Some(inference::gate::model_baselines(
+        Some(dir) => Some(offload::gate::model_baselines(
             dir,
             &set,
             before_id,

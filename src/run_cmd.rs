@@ -114,7 +114,7 @@ pub(crate) fn run(a: RunArgs) -> Result<()> {
         );
     }
     let sampling = inference::generate::Sampling::from_temperature(a.temperature, a.seed);
-    let cfg = collector::OffloadRunConfig {
+    let cfg = offload::OffloadRunConfig {
         model_dir: a.model,
         prompts,
         max_new_tokens: a.max_new_tokens,
@@ -139,7 +139,7 @@ pub(crate) fn run(a: RunArgs) -> Result<()> {
         replay: a.replay.clone(),
         replay_tokens: a.replay_tokens,
     };
-    let out = collector::run_offloaded(&cfg)?;
+    let out = offload::run_offloaded(&cfg)?;
     if a.show_text {
         for (p, t) in cfg.prompts.iter().zip(&out.texts) {
             println!(

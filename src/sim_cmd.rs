@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use inference::simulate::study::{run_study, StudySettings};
+use offload::simulate::study::{run_study, StudySettings};
 
 /// Order of queued prefetches on the link.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

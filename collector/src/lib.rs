@@ -7,9 +7,6 @@
 //! and removed.
 
 mod journal;
-mod offload;
-mod prompts;
-mod replay;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -23,9 +20,7 @@ use inference::generate::{generate, Sampling};
 use inference::tokenizer::TextTokenizer;
 use inference::{Checkpoint, MoeModel, RouteDecision, RoutingObserver};
 
-pub use offload::{run_offloaded, CacheSize, OffloadRun, OffloadRunConfig};
-pub use prompts::{parse_token_ids, read_prompts, Prompt};
-pub use replay::ReplaySummary;
+pub use inference::prompts::{parse_token_ids, read_prompts, Prompt};
 
 /// Errors of a collection run.
 #[derive(Debug, thiserror::Error)]

@@ -31,9 +31,10 @@ pub enum ModelError {
     /// Bad input to a running model (token id out of range, empty prompt).
     #[error("{0}")]
     Input(String),
-    /// Saving or loading a training record failed.
+    /// Something driving the model through its observer hooks failed (an expert
+    /// cache reading weights, a predictor forecasting); its error, unchanged.
     #[error(transparent)]
-    Record(#[from] predictor::PredictorError),
+    Observer(Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl ModelError {
@@ -42,6 +43,11 @@ impl ModelError {
             path: path.to_path_buf(),
             source,
         }
+    }
+
+    /// Wraps the error of an observer (see [`ModelError::Observer`]).
+    pub fn observer(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        ModelError::Observer(Box::new(e))
     }
 
     pub fn file(path: &Path, msg: impl Into<String>) -> Self {

@@ -12,11 +12,12 @@
 pub mod baselines;
 pub mod card;
 pub mod config;
-pub mod device;
+pub use backend as device;
 pub mod error;
 pub mod eval;
 pub mod metrics;
 pub mod model;
+pub mod optim;
 pub mod prior;
 pub mod report;
 pub mod serve;

@@ -5,7 +5,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::grad_clipping::GradientClippingConfig;
 use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use datasets::examples::{ExampleSet, Split, SplitConfig, Window};
@@ -22,6 +21,7 @@ use crate::device::BackendKind;
 use crate::error::{PredictorError, Result};
 use crate::eval::{evaluate, EvalOptions, EvalReport};
 use crate::model::{BatchTensors, ExpertPredictor};
+use crate::optim::{clip_global_norm, WarmupCosine};
 use crate::state::CheckpointDir;
 
 /// Optimisation settings (recorded in the checkpoint).
@@ -36,7 +36,7 @@ pub struct TrainSettings {
     /// Linear warmup steps.
     pub warmup_steps: usize,
     pub weight_decay: f64,
-    /// Per-parameter gradient norm clip.
+    /// Gradient clipping: the global L2 norm over every parameter (0: none).
     pub grad_clip: f64,
     /// Upper bound on epochs.
     pub max_epochs: usize,
@@ -189,21 +189,18 @@ fn should_stop(p: &TrainProgress, s: &TrainSettings, step: u64, total: u64) -> b
         || (p.epochs_since_best >= s.patience && waited >= PATIENCE_MIN_STEPS && step >= min_steps)
 }
 
-fn lr_at(s: &TrainSettings, step: u64, total: u64) -> f64 {
-    let warm = warmup_steps(s, total);
-    if step < warm {
-        return s.lr * (step + 1) as f64 / warm as f64;
+fn schedule(s: &TrainSettings, total: u64) -> WarmupCosine {
+    WarmupCosine {
+        lr: s.lr,
+        min_lr_ratio: s.min_lr_ratio,
+        warmup: warmup_steps(s, total),
+        total,
     }
-    let span = total.saturating_sub(warm).max(1) as f64;
-    let p = ((step - warm) as f64 / span).min(1.0);
-    let cos = 0.5 * (1.0 + (std::f64::consts::PI * p).cos());
-    s.lr * (s.min_lr_ratio + (1.0 - s.min_lr_ratio) * cos)
 }
 
 fn optimizer(s: &TrainSettings) -> ModuleOptimizer {
     AdamWConfig::new()
         .with_weight_decay(s.weight_decay as f32)
-        .with_grad_clipping(Some(GradientClippingConfig::Norm(s.grad_clip as f32)))
         .init()
 }
 
@@ -392,8 +389,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                 true,
             )?;
             let loss = model.loss(&bt, &qs, st.pos_weight);
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            let lr = lr_at(st, step, total_steps);
+            let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+            clip_global_norm(&model, &mut grads, st.grad_clip);
+            let lr = schedule(st, total_steps).lr_at(step);
             model = optim.step(lr, model, grads);
             let l = loss.into_scalar::<f32>() as f64;
             if !l.is_finite() {

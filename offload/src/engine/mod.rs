@@ -1,0 +1,613 @@
+//! The offloading engine: every non-expert weight stays in memory; routed experts live
+//! on disk and are read on demand into a bounded set of resident experts (the
+//! [`ExpertCache`] decides which go), with prefetching on background threads while the
+//! current layer computes, and optional cache-aware routing.
+//!
+//! It is a [`RoutingObserver`] of a model whose experts were offloaded
+//! ([`OffloadEngine::new`] drops them): the model calls it at each forward, at each MoE
+//! layer's routing, and for each expert it needs, so [`inference::generate::generate`] runs
+//! unchanged. Per decode step:
+//!
+//! 1. at the token's start, a learned predictor (if any) forecasts every layer's experts
+//!    of this token from its id and history; the `budget` best per layer are queued;
+//!    with a token table, every layer's `budget` most frequent experts for the token's id
+//!    are queued too;
+//! 2. with `pre_attention`, at layer `l`'s start the layer's gate is applied to the
+//!    layer's input (before attention; the pre-attention gate) and its `budget` best
+//!    experts are queued, to arrive while attention runs;
+//! 3. at layer `l`, the router's experts are looked up: resident (**hit**), still being
+//!    read (**late**: the layer waits) or absent (**miss**: read on demand, ahead of the
+//!    queued prefetches); with `layer_forecasts`, a lookahead predictor then forecasts
+//!    layers `l+1..l+D` from the layers routed so far;
+//! 4. once the last MoE layer has routed (before its experts run), with `lens` the logit
+//!    lens forecasts the next token's layer 0 from that layer's router input, and the
+//!    predictor observes the token's routing; one trained with token-id dropout then
+//!    forecasts the next token's layer 0 before its id is sampled; the `budget` best of
+//!    each are queued.
+//!
+//! Cache-aware routing adds `margin` to the selection score of every expert that is
+//! resident or arriving, so a cached expert replaces an uncached choice whose score is
+//! within `margin` of it; weights come from the unbiased scores.
+//!
+//! Hit rates and stall times count decode steps only; the prompt is run as one batch.
+
+mod planned;
+pub mod quality;
+pub mod replay;
+mod report;
+pub mod store;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use burn::tensor::Device;
+use predictor::{OnlinePredictor, Task};
+
+use crate::cache::{CacheScope, EvictionPolicy, ExpertCache, Insertion};
+use crate::gate::NextTokenGate;
+use inference::checkpoint::Checkpoint;
+use inference::error::{ModelError, Result};
+use inference::layers::SwiGlu;
+use inference::models::MoeModel;
+use inference::routing::{RouteDecision, RoutingObserver};
+pub use report::EngineReport;
+pub use store::{ExpertLoader, ExpertStore, Loaded};
+
+/// How the engine runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineConfig {
+    /// Resident experts, all MoE layers together.
+    pub capacity: usize,
+    /// LRU, LFU or next-use (Belady needs the future: simulator only).
+    pub policy: EvictionPolicy,
+    /// Experts prefetched per forecast layer; with `planned`, candidates per forecast
+    /// layer offered to the planner.
+    pub budget: usize,
+    /// Plan prefetches against the measured link ([`crate::planner::PrefetchPlanner`]):
+    /// a candidate is read only when it pays, and queued reads for a layer that routed
+    /// elsewhere are cancelled.
+    pub planned: bool,
+    /// With a lookahead predictor, also forecast layers `l+1..l+D` after each layer
+    /// (one more predictor query per layer on the decode thread).
+    pub layer_forecasts: bool,
+    /// Prefetch each layer's pre-attention-gate experts at the layer's start.
+    pub pre_attention: bool,
+    /// After each decode step's last MoE layer routes, prefetch the next token's
+    /// first-layer experts forecast by the logit lens ([`NextTokenGate`]).
+    pub lens: bool,
+    /// Cache-aware routing margin in router-score units; 0 = off.
+    pub routing_margin: f32,
+    /// Background reader threads.
+    pub loader_threads: usize,
+    /// Counts with a token table: at each decode step's start, every layer's `budget`
+    /// most frequent experts for the token's id are prefetched.
+    pub token_table: Option<predictor::baselines::BaselineStats>,
+}
+
+/// The runtime state; see the module docs.
+pub struct OffloadEngine {
+    cfg: EngineConfig,
+    store: Arc<ExpertStore>,
+    loader: ExpertLoader,
+    cache: ExpertCache,
+    resident: HashMap<usize, SwiGlu>,
+    /// Reads queued or running, and whether they were demand reads.
+    in_flight: HashMap<usize, bool>,
+    unused_prefetch: HashSet<usize>,
+    /// Model layer -> MoE index.
+    moe_index: HashMap<usize, usize>,
+    n_experts: usize,
+    predictor: Option<OnlinePredictor>,
+    tokens: Vec<u32>,
+    /// This forward's routing per MoE index.
+    routing: Vec<Vec<RouteDecision>>,
+    decoding: bool,
+    started: Instant,
+    pinned: Vec<usize>,
+    /// The router input of the layer being routed (single-token steps), for predictors
+    /// that read it.
+    router_input: Option<Vec<f32>>,
+    /// The logit lens (with `lens`).
+    lens: Option<NextTokenGate>,
+    /// Whether this forward's tokens went to the predictor yet.
+    observed: bool,
+    error: Option<ModelError>,
+    report: EngineReport,
+    planner: Option<planned::EnginePlanner>,
+    /// Planned prefetches and the decode step they were read for.
+    planned_for: HashMap<usize, u64>,
+}
+
+impl OffloadEngine {
+    /// Drops `model`'s routed experts from memory and serves them from `ck`'s files.
+    /// `predictor` (optional) must forecast this model's routing.
+    pub fn new(
+        ck: &Checkpoint,
+        model: &mut MoeModel,
+        cfg: EngineConfig,
+        predictor: Option<OnlinePredictor>,
+        device: &Device,
+    ) -> Result<OffloadEngine> {
+        if cfg.policy == EvictionPolicy::Belady {
+            return Err(ModelError::Input(
+                "belady needs the future routing: use it in `moecast simulate`, not in the engine"
+                    .into(),
+            ));
+        }
+        let shape = model.shape();
+        let (m, e) = (shape.moe_layers.len(), shape.n_experts);
+        if let Some(p) = &predictor {
+            let r = p.predictor().card.config.routing;
+            if (r.n_moe, r.n_experts, r.top_k) != (m, e, shape.top_k) {
+                return Err(ModelError::Input(format!(
+                    "the predictor forecasts {} MoE layers x {} experts (top-{}), the model has {m} x {e} (top-{})",
+                    r.n_moe, r.n_experts, r.top_k, shape.top_k
+                )));
+            }
+        }
+        if cfg.capacity == 0 {
+            return Err(ModelError::Input(
+                "the expert cache needs at least one slot".into(),
+            ));
+        }
+        let lens = if cfg.lens {
+            let counts = predictor
+                .as_ref()
+                .and_then(|p| p.predictor().baselines.as_ref());
+            Some(NextTokenGate::new(model)?.with_counts(counts)?)
+        } else {
+            None
+        };
+        let mut layers = model.sparse_layers_mut();
+        let store = Arc::new(ExpertStore::open(ck, &layers, device)?);
+        for moe in layers.iter_mut() {
+            moe.offload_experts();
+        }
+        let capacity = cfg.capacity.min(m * e);
+        // Planned, one loader thread is kept for demand reads.
+        let loader = ExpertLoader::start(store.clone(), cfg.loader_threads, cfg.planned);
+        let learned = match &predictor {
+            Some(p) if cfg.layer_forecasts && p.predictor().card.config.task == Task::Lookahead => {
+                Some("learned (next token + layer lookahead)")
+            }
+            Some(_) => Some("learned (next token)"),
+            None => None,
+        };
+        let report = EngineReport {
+            policy: policy_name(cfg.policy),
+            prefetch: {
+                let parts: Vec<&str> = [
+                    (learned.is_some(), learned.unwrap_or_default()),
+                    (cfg.token_table.is_some(), "token table"),
+                    (cfg.pre_attention, "pre-attention gate"),
+                    (cfg.lens, "logit lens"),
+                ]
+                .into_iter()
+                .filter_map(|(on, name)| on.then_some(name))
+                .collect();
+                if parts.is_empty() {
+                    "none".into()
+                } else {
+                    parts.join(" + ")
+                }
+            },
+            budget: match (
+                learned.is_some() || cfg.token_table.is_some() || cfg.pre_attention || cfg.lens,
+                cfg.planned,
+            ) {
+                (false, _) => "-".into(),
+                (true, true) => "auto".into(),
+                (true, false) => cfg.budget.to_string(),
+            },
+            capacity,
+            total_experts: m * e,
+            routing_margin: cfg.routing_margin,
+            ..EngineReport::default()
+        };
+        let planner = (cfg.planned && report.budget == "auto")
+            .then(|| planned::EnginePlanner::new(shape.top_k, e, m, capacity, cfg.loader_threads));
+        Ok(OffloadEngine {
+            cache: ExpertCache::new(cfg.policy, CacheScope::Global, capacity, m, e),
+            cfg,
+            store,
+            loader,
+            resident: HashMap::new(),
+            in_flight: HashMap::new(),
+            unused_prefetch: HashSet::new(),
+            moe_index: shape.moe_index(),
+            n_experts: e,
+            predictor,
+            tokens: Vec::new(),
+            routing: vec![Vec::new(); m],
+            decoding: false,
+            started: Instant::now(),
+            pinned: Vec::new(),
+            router_input: None,
+            lens,
+            observed: false,
+            error: None,
+            report,
+            planner,
+            planned_for: HashMap::new(),
+        })
+    }
+
+    /// What has been measured so far.
+    pub fn report(&self) -> &EngineReport {
+        &self.report
+    }
+
+    /// Forgets the request's history (KV cache and predictor state start over); the
+    /// resident experts stay, as in a server between requests.
+    pub fn new_request(&mut self) {
+        if let Some(p) = &mut self.predictor {
+            p.reset();
+        }
+    }
+
+    fn n_moe(&self) -> usize {
+        self.routing.len()
+    }
+
+    /// Takes finished reads without waiting.
+    fn drain(&mut self) {
+        while let Some(l) = self.loader.poll() {
+            self.arrive(l);
+        }
+    }
+
+    fn arrive(&mut self, l: Loaded) {
+        let demand = self.in_flight.remove(&l.id).unwrap_or(true);
+        self.report.read_s += l.read_time.as_secs_f64();
+        if let Some(p) = &mut self.planner {
+            p.read_done(l.read_time.as_secs_f64());
+        }
+        if demand {
+            self.report.demand_reads += 1;
+            self.report.bytes_demand += l.bytes;
+        } else {
+            self.report.prefetch_reads += 1;
+            self.report.bytes_prefetch += l.bytes;
+        }
+        match l.expert {
+            Err(e) => {
+                self.error.get_or_insert(e);
+            }
+            Ok(expert) if self.cache.contains(l.id) => {
+                if !demand {
+                    self.unused_prefetch.insert(l.id);
+                }
+                self.resident.insert(l.id, expert);
+            }
+            Ok(_) => self.report.wasted_reads += 1,
+        }
+    }
+
+    fn evict(&mut self, id: usize) {
+        self.resident.remove(&id);
+        self.unused_prefetch.remove(&id);
+        if self.in_flight.contains_key(&id) && self.loader.cancel(id) {
+            self.in_flight.remove(&id);
+        }
+    }
+
+    /// Makes `id` resident or arriving; a demand read jumps the prefetch queue.
+    fn admit(&mut self, id: usize, demand: bool) {
+        if self.cache.contains(id) {
+            // A use; a prefetch of a resident expert keeps it (pinned) for now and tells
+            // the policy when it is expected.
+            if demand {
+                self.cache.touch(id, 0);
+            } else {
+                self.cache.expect(id);
+            }
+        } else {
+            let mut ins = self.cache.insert(id, 0, &self.pinned);
+            if ins == Insertion::AllPinned {
+                if !demand {
+                    return;
+                }
+                ins = self.cache.insert(id, 0, &[]);
+            }
+            if let Insertion::Done { evicted: Some(v) } = ins {
+                self.evict(v);
+            }
+            if !demand {
+                self.cache.expect(id);
+                self.report.prefetches += 1;
+            }
+        }
+        self.pinned.push(id);
+        match self.in_flight.get(&id) {
+            Some(_) if demand => self.loader.promote(id),
+            Some(_) => {}
+            None if self.resident.contains_key(&id) => {}
+            None => {
+                self.loader.request(id, demand);
+                self.in_flight.insert(id, demand);
+            }
+        }
+    }
+
+    fn prefetch_forecast(&mut self, f: &predictor::ExpertForecast) {
+        for l in f.first_layer..f.first_layer + f.n_layers() {
+            self.prefetch_top(l, f.layer(l), true);
+        }
+    }
+
+    /// Queues the `budget` best experts of MoE layer `m` by `scores` (`probs`: they
+    /// are probabilities); planned, offers them to the planner.
+    fn prefetch_top(&mut self, m: usize, scores: &[f32], probs: bool) {
+        let mut ranking = Vec::new();
+        predictor::metrics::rank_top(scores, self.cfg.budget, &mut ranking);
+        self.prefetch_ranked(m, &ranking, probs.then_some(scores));
+    }
+
+    fn prefetch_ranked(&mut self, m: usize, ranking: &[u16], probs: Option<&[f32]>) {
+        if self.planner.is_some() {
+            return self.offer_planned(m, ranking, probs);
+        }
+        for &x in ranking {
+            self.admit(m * self.n_experts + x as usize, false);
+        }
+    }
+
+    /// Feeds this forward's tokens and routing to the predictor; one trained with
+    /// token-id dropout then forecasts the next token's layer 0 before its id, queued.
+    fn observe_forward(&mut self) -> Result<()> {
+        self.observed = true;
+        let Some(p) = &mut self.predictor else {
+            return Ok(());
+        };
+        for (i, &tok) in self.tokens.iter().enumerate() {
+            let ids: Vec<Option<Vec<u16>>> = self
+                .routing
+                .iter()
+                .map(|d| d.get(i).map(|d| d.ids.iter().map(|&x| x as u16).collect()))
+                .collect();
+            let ids: Vec<Option<&[u16]>> = ids.iter().map(|x| x.as_deref()).collect();
+            p.observe(tok, &ids).map_err(ModelError::observer)?;
+        }
+        if p.predictor().card.config.token_dropout > 0.0 {
+            let f = p.predict_next_unknown().map_err(ModelError::observer)?;
+            self.prefetch_top(0, f.layer(0), true);
+        }
+        Ok(())
+    }
+
+    fn fail(&mut self, e: impl Into<ModelError>) {
+        self.error.get_or_insert(e.into());
+    }
+}
+
+fn policy_name(p: EvictionPolicy) -> String {
+    match p {
+        EvictionPolicy::Lru => "lru".into(),
+        EvictionPolicy::Lfu { decay: 0.0 } => "lfu".into(),
+        EvictionPolicy::Lfu { decay } => format!("lfu:{decay}"),
+        EvictionPolicy::Belady => "belady".into(),
+        EvictionPolicy::NextUse => "next-use".into(),
+    }
+}
+
+impl RoutingObserver for OffloadEngine {
+    fn on_forward(&mut self, first_pos: usize, tokens: &[u32]) {
+        self.tokens = tokens.to_vec();
+        self.routing.iter_mut().for_each(Vec::clear);
+        self.decoding = inference::generate::is_decode_step(first_pos, tokens.len());
+        self.started = Instant::now();
+        self.observed = false;
+        self.pinned.clear();
+        self.drain();
+        if !self.decoding {
+            return;
+        }
+        if let Some(p) = &mut self.planner {
+            p.token_started();
+        }
+        if let Some(st) = self.cfg.token_table.take() {
+            let id = (tokens[0] != datasets::UNKNOWN_TOKEN).then_some(tokens[0]);
+            let mut ranking = Vec::new();
+            for m in 0..self.n_moe() {
+                st.rank_token(m, id, self.cfg.budget, &mut ranking);
+                self.prefetch_ranked(m, &ranking, None);
+            }
+            self.cfg.token_table = Some(st);
+        }
+        if let Some(p) = &mut self.predictor {
+            match p.predict_next(tokens[0]) {
+                Ok(f) => self.prefetch_forecast(&f),
+                Err(e) => self.fail(ModelError::observer(e)),
+            }
+        }
+    }
+
+    fn on_routing(&mut self, layer: usize, _first_pos: usize, decisions: &[RouteDecision]) {
+        let Some(&m) = self.moe_index.get(&layer) else {
+            return;
+        };
+        self.routing[m] = decisions.to_vec();
+        self.drain();
+        self.pinned.clear();
+        let mut needed: Vec<usize> = decisions
+            .iter()
+            .flat_map(|d| d.ids.iter().map(|&x| m * self.n_experts + x as usize))
+            .collect();
+        needed.sort_unstable();
+        needed.dedup();
+        // The prompt's batch is not one visit: only decode steps feed the reuse gaps.
+        if self.decoding {
+            self.cache.visit(m, &needed);
+        }
+        let mut misses = 0;
+        for &id in &needed {
+            if self.decoding {
+                self.report.accesses += 1;
+                if self.resident.contains_key(&id) {
+                    self.report.hits += 1;
+                } else if self.in_flight.contains_key(&id) {
+                    self.report.late += 1;
+                } else {
+                    self.report.misses += 1;
+                    misses += 1;
+                }
+            }
+            self.admit(id, true);
+        }
+        if self.decoding {
+            self.planned_routing(m, &needed, misses);
+        }
+        if self.decoding && m + 1 == self.n_moe() {
+            // The token's routing is complete: the forecasts of the next token's layer 0
+            // (the logit lens, then the predictor's before the id) get the last layer's
+            // compute as lead time.
+            if let (Some(lens), Some(x)) = (&self.lens, &self.router_input) {
+                let scores = lens.scores(x);
+                let last = scores.len().saturating_sub(self.n_experts);
+                self.prefetch_top(0, &scores[last..], false);
+            }
+            if let Err(e) = self.observe_forward() {
+                self.fail(e);
+            }
+        }
+        if !self.decoding || !self.cfg.layer_forecasts || m + 1 >= self.n_moe() {
+            return;
+        }
+        let Some(p) = &mut self.predictor else {
+            return;
+        };
+        if p.predictor().card.config.task != Task::Lookahead {
+            return;
+        }
+        let known: Vec<Vec<u16>> = self.routing[..=m]
+            .iter()
+            .map(|d| d[0].ids.iter().map(|&x| x as u16).collect())
+            .collect();
+        let known: Vec<&[u16]> = known.iter().map(Vec::as_slice).collect();
+        let x = self.router_input.take();
+        match p.predict_lookahead_with_input(self.tokens[0], &known, x.as_deref()) {
+            Ok(f) => self.prefetch_forecast(&f),
+            Err(e) => self.fail(ModelError::observer(e)),
+        }
+    }
+
+    /// The lens reads the last MoE layer's router input; a lookahead predictor with
+    /// hidden features every layer's.
+    fn wants_router_inputs(&self, layer: usize) -> bool {
+        let last = self.moe_index.get(&layer) == Some(&(self.n_moe() - 1));
+        self.decoding
+            && (self.lens.is_some() && last
+                || self.cfg.layer_forecasts
+                    && self
+                        .predictor
+                        .as_ref()
+                        .is_some_and(|p| p.predictor().card.config.features.hidden()))
+    }
+
+    fn on_router_inputs(
+        &mut self,
+        _layer: usize,
+        _first_pos: usize,
+        inputs: &[f32],
+        _hidden: usize,
+    ) {
+        self.router_input = Some(inputs.to_vec());
+    }
+
+    fn wants_pre_attention_logits(&self) -> bool {
+        self.decoding && self.cfg.pre_attention
+    }
+
+    fn on_pre_attention_logits(
+        &mut self,
+        layer: usize,
+        _first_pos: usize,
+        logits: &[f32],
+        e: usize,
+    ) {
+        let Some(&m) = self.moe_index.get(&layer) else {
+            return;
+        };
+        self.drain();
+        self.prefetch_top(m, &logits[..e], false);
+    }
+
+    fn selection_bonus(&mut self, layer: usize) -> Option<Vec<f32>> {
+        if self.cfg.routing_margin <= 0.0 {
+            return None;
+        }
+        let &m = self.moe_index.get(&layer)?;
+        self.drain();
+        Some(
+            (0..self.n_experts)
+                .map(|x| {
+                    if self.cache.contains(m * self.n_experts + x) {
+                        self.cfg.routing_margin
+                    } else {
+                        0.0
+                    }
+                })
+                .collect(),
+        )
+    }
+
+    fn on_rerouted(&mut self, _layer: usize, plain: &[RouteDecision], chosen: &[RouteDecision]) {
+        let set = |d: &RouteDecision| {
+            let mut v = d.ids.clone();
+            v.sort_unstable();
+            v
+        };
+        self.report.routings += plain.len() as u64;
+        self.report.rerouted += plain
+            .iter()
+            .zip(chosen)
+            .filter(|(a, b)| set(a) != set(b))
+            .count() as u64;
+    }
+
+    fn expert(&mut self, layer: usize, x: usize) -> Option<SwiGlu> {
+        let id = self.moe_index.get(&layer)? * self.n_experts + x;
+        let waited = Instant::now();
+        loop {
+            if let Some(expert) = self.resident.get(&id) {
+                let expert = expert.clone();
+                if self.unused_prefetch.remove(&id) {
+                    self.report.useful_prefetches += 1;
+                }
+                if self.decoding {
+                    self.report.stall_s += waited.elapsed().as_secs_f64();
+                }
+                return Some(expert);
+            }
+            if self.error.is_some() {
+                return Some(self.store.placeholder(id));
+            }
+            if !self.in_flight.contains_key(&id) {
+                self.admit(id, true);
+            }
+            match self.loader.wait() {
+                Some(l) => self.arrive(l),
+                None => self.fail(ModelError::Input("the expert loader stopped".into())),
+            }
+        }
+    }
+
+    fn on_forward_done(&mut self) -> Result<()> {
+        if let Some(e) = self.error.take() {
+            return Err(e);
+        }
+        let elapsed = self.started.elapsed().as_secs_f64();
+        if self.decoding {
+            self.report.decode_tokens += 1;
+            self.report.decode_s += elapsed;
+        } else {
+            self.report.prompt_tokens += self.tokens.len() as u64;
+            self.report.prefill_s += elapsed;
+        }
+        if !self.observed {
+            self.observe_forward()?;
+        }
+        Ok(())
+    }
+}

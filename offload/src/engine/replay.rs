@@ -1,0 +1,133 @@
+//! Trace-driven runs: the model computes every token of a recorded sequence for real
+//! (attention, routers, experts through the engine's cache and disk reads) while each
+//! MoE layer's choice is forced to the recorded experts, so the engine is measured with
+//! a real model's routing at whatever shape the checkpoint has.
+
+use std::collections::HashMap;
+
+use inference::error::Result;
+use inference::layers::SwiGlu;
+use inference::models::MoeModel;
+use inference::routing::{RouteDecision, RoutingObserver};
+
+/// Wraps an observer (the engine): forwards every hook, and makes each MoE layer choose
+/// the experts in `forced` (a selection bonus large enough to beat any score; the
+/// weights still come from the router's own scores).
+pub struct ForcedRouting<'a> {
+    inner: &'a mut dyn RoutingObserver,
+    moe_index: HashMap<usize, usize>,
+    n_experts: usize,
+    /// Per MoE layer, the experts the current token must route to (`None`: its own).
+    pub forced: Vec<Option<Vec<u16>>>,
+    /// Routings that differ from the forced set (a forced id beyond the router's
+    /// range, or a group limit that excludes it).
+    pub mismatches: u64,
+}
+
+impl<'a> ForcedRouting<'a> {
+    pub fn new(model: &MoeModel, inner: &'a mut dyn RoutingObserver) -> Self {
+        let shape = model.shape();
+        ForcedRouting {
+            inner,
+            moe_index: shape.moe_index(),
+            n_experts: shape.n_experts,
+            forced: vec![None; shape.moe_layers.len()],
+            mismatches: 0,
+        }
+    }
+
+    fn forced_at(&self, layer: usize) -> Option<&Vec<u16>> {
+        self.moe_index
+            .get(&layer)
+            .and_then(|&m| self.forced.get(m))
+            .and_then(Option::as_ref)
+    }
+}
+
+impl RoutingObserver for ForcedRouting<'_> {
+    fn on_routing(&mut self, layer: usize, first_pos: usize, decisions: &[RouteDecision]) {
+        if let Some(want) = self.forced_at(layer) {
+            let mut want: Vec<u32> = want.iter().map(|&x| u32::from(x)).collect();
+            want.sort_unstable();
+            for d in decisions {
+                let mut got = d.ids.clone();
+                got.sort_unstable();
+                self.mismatches += u64::from(got != want);
+            }
+        }
+        self.inner.on_routing(layer, first_pos, decisions);
+    }
+
+    fn wants_router_inputs(&self, layer: usize) -> bool {
+        self.inner.wants_router_inputs(layer)
+    }
+
+    fn on_router_inputs(&mut self, layer: usize, first_pos: usize, inputs: &[f32], hidden: usize) {
+        self.inner
+            .on_router_inputs(layer, first_pos, inputs, hidden);
+    }
+
+    fn wants_router_logits(&self) -> bool {
+        self.inner.wants_router_logits()
+    }
+
+    fn on_router_logits(&mut self, layer: usize, first_pos: usize, logits: &[f32], e: usize) {
+        self.inner.on_router_logits(layer, first_pos, logits, e);
+    }
+
+    fn wants_pre_attention_logits(&self) -> bool {
+        self.inner.wants_pre_attention_logits()
+    }
+
+    fn on_pre_attention_logits(
+        &mut self,
+        layer: usize,
+        first_pos: usize,
+        logits: &[f32],
+        e: usize,
+    ) {
+        self.inner
+            .on_pre_attention_logits(layer, first_pos, logits, e);
+    }
+
+    fn on_forward(&mut self, first_pos: usize, tokens: &[u32]) {
+        self.inner.on_forward(first_pos, tokens);
+    }
+
+    fn on_forward_done(&mut self) -> Result<()> {
+        self.inner.on_forward_done()
+    }
+
+    fn selection_bonus(&mut self, layer: usize) -> Option<Vec<f32>> {
+        let want = self.forced_at(layer)?;
+        let mut bonus = vec![0.0; self.n_experts];
+        for &x in want {
+            if let Some(b) = bonus.get_mut(x as usize) {
+                *b = 1e9;
+            }
+        }
+        Some(bonus)
+    }
+
+    fn expert(&mut self, layer: usize, id: usize) -> Option<SwiGlu> {
+        self.inner.expert(layer, id)
+    }
+}
+
+/// Runs `tokens` (one sequence) through `model` one token per forward, from an empty KV
+/// cache, with token `t`'s routing forced to `experts[t]` (per MoE layer; `None`: the
+/// router's own choice). Returns the routings that could not be forced.
+pub fn replay_sequence(
+    model: &MoeModel,
+    tokens: &[u32],
+    experts: &[Vec<Option<Vec<u16>>>],
+    observer: &mut dyn RoutingObserver,
+) -> Result<u64> {
+    let mut cache = model.new_cache();
+    let mut forced = ForcedRouting::new(model, observer);
+    for (&tok, want) in tokens.iter().zip(experts) {
+        forced.forced.clone_from(want);
+        model.forward(&[tok], &mut cache, &mut forced)?;
+    }
+    Ok(forced.mismatches)
+}

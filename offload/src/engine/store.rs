@@ -1,0 +1,342 @@
+//! Expert weights on disk: each routed expert's three projections are read from the
+//! checkpoint's safetensors file with positioned reads (never memory-mapped), on a pool
+//! of background loader threads. Demand reads go ahead of queued prefetches. After each
+//! read the file range is dropped from the OS page cache (`posix_fadvise DONTNEED` on
+//! Linux), so every load is a real read from the device, as an expert that does not fit
+//! in memory would be.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use burn::tensor::Device;
+
+use inference::checkpoint::{decode_f32, Checkpoint, TensorRef};
+use inference::error::{ModelError, Result};
+use inference::layers::{Dense, GluActivation, SwiGlu};
+use inference::moe::SparseMoe;
+
+/// Where one projection of one expert lives on disk.
+#[derive(Debug, Clone)]
+struct Part {
+    file: usize,
+    weight: TensorRef,
+    bias: Option<TensorRef>,
+}
+
+/// Every routed expert's location, addressed as `moe_index * n_experts + expert`.
+#[derive(Debug)]
+pub struct ExpertStore {
+    paths: Vec<PathBuf>,
+    files: Vec<File>,
+    /// `[gate, up, down]` per expert.
+    experts: Vec<[Part; 3]>,
+    act: Vec<GluActivation>,
+    /// Bytes of each expert as stored.
+    bytes: Vec<u64>,
+    device: Device,
+}
+
+impl ExpertStore {
+    /// Locates every expert of `layers` (the model's MoE blocks, in order) in `ck`.
+    pub fn open(
+        ck: &Checkpoint,
+        layers: &[&mut SparseMoe],
+        device: &Device,
+    ) -> Result<ExpertStore> {
+        let mut paths: Vec<PathBuf> = Vec::new();
+        let mut experts = Vec::new();
+        let mut act = Vec::new();
+        let mut bytes = Vec::new();
+        for moe in layers {
+            if moe.expert_tensors.is_empty() {
+                return Err(ModelError::file(
+                    ck.dir(),
+                    "this architecture stores all experts of a layer in one fused tensor; the offloading engine reads per-expert tensors (Mixtral, Qwen-MoE, OLMoE, DeepSeek)",
+                ));
+            }
+            let a = moe.experts.first().map_or(GluActivation::Silu, |x| x.act);
+            for names in &moe.expert_tensors {
+                let mut parts = Vec::with_capacity(3);
+                let mut size = 0u64;
+                for name in names {
+                    let weight = ck.tensor_ref(&format!("{name}.weight"))?;
+                    let bias_name = format!("{name}.bias");
+                    let bias = if ck.contains(&bias_name) {
+                        Some(ck.tensor_ref(&bias_name)?)
+                    } else {
+                        None
+                    };
+                    if weight.shape.len() != 2 {
+                        return Err(ModelError::file(
+                            &weight.file,
+                            format!(
+                                "tensor {name}.weight: expected 2 dimensions, found {:?}",
+                                weight.shape
+                            ),
+                        ));
+                    }
+                    size += (weight.len + bias.as_ref().map_or(0, |b| b.len)) as u64;
+                    let file = match paths.iter().position(|p| *p == weight.file) {
+                        Some(i) => i,
+                        None => {
+                            paths.push(weight.file.clone());
+                            paths.len() - 1
+                        }
+                    };
+                    parts.push(Part { file, weight, bias });
+                }
+                let parts: [Part; 3] = parts.try_into().expect("three projections");
+                experts.push(parts);
+                act.push(a);
+                bytes.push(size);
+            }
+        }
+        let files = paths
+            .iter()
+            .map(|p| File::open(p).map_err(|e| ModelError::io(p, e)))
+            .collect::<Result<Vec<_>>>()?;
+        for f in &files {
+            drop_cached(f, 0, 0);
+        }
+        Ok(ExpertStore {
+            paths,
+            files,
+            experts,
+            act,
+            bytes,
+            device: device.clone(),
+        })
+    }
+
+    /// Bytes of expert `id` as stored.
+    pub fn expert_bytes(&self, id: usize) -> u64 {
+        self.bytes[id]
+    }
+
+    /// Reads expert `id` from disk into `buf` (reused) and builds its projections.
+    pub fn read(&self, id: usize, buf: &mut Vec<u8>) -> Result<SwiGlu> {
+        let mut dense = Vec::with_capacity(3);
+        for part in &self.experts[id] {
+            let w = self.read_tensor(part.file, &part.weight, buf)?;
+            let b = match &part.bias {
+                Some(r) => Some(self.read_tensor(part.file, r, buf)?),
+                None => None,
+            };
+            let (out, inp) = (part.weight.shape[0], part.weight.shape[1]);
+            dense.push(Dense::from_f32(w, b, out, inp, &self.device));
+        }
+        let [gate, up, down]: [Dense; 3] = dense.try_into().expect("three projections");
+        Ok(SwiGlu {
+            gate,
+            up,
+            down,
+            act: self.act[id],
+        })
+    }
+
+    /// An all-zero stand-in for expert `id`, used only to finish a forward whose output
+    /// is discarded because a read failed.
+    pub fn placeholder(&self, id: usize) -> SwiGlu {
+        let zero = |p: &Part| {
+            let (out, inp) = (p.weight.shape[0], p.weight.shape[1]);
+            Dense::from_f32(vec![0.0; out * inp], None, out, inp, &self.device)
+        };
+        let [g, u, d] = &self.experts[id];
+        SwiGlu {
+            gate: zero(g),
+            up: zero(u),
+            down: zero(d),
+            act: self.act[id],
+        }
+    }
+
+    fn read_tensor(&self, file: usize, r: &TensorRef, buf: &mut Vec<u8>) -> Result<Vec<f32>> {
+        let path = &self.paths[file];
+        buf.resize(r.len, 0);
+        self.files[file]
+            .read_exact_at(buf, r.offset as u64)
+            .map_err(|e| ModelError::io(path, e))?;
+        drop_cached(&self.files[file], r.offset as i64, r.len as i64);
+        decode_f32(buf, r.dtype).map_err(|m| ModelError::file(path, m))
+    }
+}
+
+/// Drops a file range (`len` 0: to the end) from the page cache so the next read of it
+/// goes to the device.
+#[cfg(target_os = "linux")]
+fn drop_cached(f: &File, offset: i64, len: i64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid open descriptor; the call only advises the kernel.
+    unsafe {
+        libc::posix_fadvise(f.as_raw_fd(), offset, len, libc::POSIX_FADV_DONTNEED);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn drop_cached(_: &File, _: i64, _: i64) {}
+
+/// One finished load.
+pub struct Loaded {
+    pub id: usize,
+    pub expert: Result<SwiGlu>,
+    pub bytes: u64,
+    pub read_time: Duration,
+}
+
+#[derive(Default)]
+struct Queue {
+    demand: VecDeque<usize>,
+    prefetch: VecDeque<usize>,
+    closed: bool,
+    /// Threads reading a prefetch now, and how many may.
+    prefetching: usize,
+    prefetch_threads: usize,
+}
+
+/// Background threads that read experts from an [`ExpertStore`].
+pub struct ExpertLoader {
+    queue: Arc<(Mutex<Queue>, Condvar)>,
+    results: Receiver<Loaded>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl ExpertLoader {
+    /// Starts `threads` loader threads over `store`. With `reserve_for_demand` (and two
+    /// threads or more) one thread never reads a prefetch, so a demand read never waits
+    /// for one to finish.
+    pub fn start(
+        store: Arc<ExpertStore>,
+        threads: usize,
+        reserve_for_demand: bool,
+    ) -> ExpertLoader {
+        let threads = threads.max(1);
+        let queue = Arc::new((
+            Mutex::new(Queue {
+                prefetch_threads: if reserve_for_demand && threads > 1 {
+                    threads - 1
+                } else {
+                    threads
+                },
+                ..Queue::default()
+            }),
+            Condvar::new(),
+        ));
+        let (tx, results) = channel();
+        let threads = (0..threads)
+            .map(|_| {
+                let (queue, store, tx): (_, _, Sender<Loaded>) =
+                    (queue.clone(), store.clone(), tx.clone());
+                std::thread::spawn(move || worker(&queue, &store, &tx))
+            })
+            .collect();
+        ExpertLoader {
+            queue,
+            results,
+            threads,
+        }
+    }
+
+    /// Queues a read of expert `id`: demand reads go before every queued prefetch.
+    pub fn request(&self, id: usize, demand: bool) {
+        let (lock, cv) = &*self.queue;
+        let mut q = lock.lock().expect("loader queue");
+        if demand {
+            q.demand.push_back(id);
+        } else {
+            q.prefetch.push_back(id);
+        }
+        // A waiting thread may be the one kept for demand reads.
+        cv.notify_all();
+    }
+
+    /// Moves a queued prefetch of `id` to the demand queue (no-op once its read started).
+    pub fn promote(&self, id: usize) {
+        let (lock, _) = &*self.queue;
+        let mut q = lock.lock().expect("loader queue");
+        let before = q.prefetch.len();
+        q.prefetch.retain(|&x| x != id);
+        if q.prefetch.len() != before {
+            q.demand.push_back(id);
+            self.queue.1.notify_all();
+        }
+    }
+
+    /// Removes a queued prefetch of `id` that has not started; whether it was queued.
+    pub fn cancel(&self, id: usize) -> bool {
+        let (lock, _) = &*self.queue;
+        let mut q = lock.lock().expect("loader queue");
+        let before = q.prefetch.len();
+        q.prefetch.retain(|&x| x != id);
+        q.prefetch.len() != before
+    }
+
+    /// The next finished load, waiting for one.
+    pub fn wait(&self) -> Option<Loaded> {
+        self.results.recv().ok()
+    }
+
+    /// A finished load if one is ready.
+    pub fn poll(&self) -> Option<Loaded> {
+        self.results.try_recv().ok()
+    }
+}
+
+impl Drop for ExpertLoader {
+    fn drop(&mut self) {
+        let (lock, cv) = &*self.queue;
+        if let Ok(mut q) = lock.lock() {
+            q.closed = true;
+        }
+        cv.notify_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn worker(queue: &(Mutex<Queue>, Condvar), store: &ExpertStore, tx: &Sender<Loaded>) {
+    let mut buf = Vec::new();
+    loop {
+        let (id, demand) = {
+            let (lock, cv) = queue;
+            let mut q = lock.lock().expect("loader queue");
+            loop {
+                if q.closed {
+                    return;
+                }
+                if let Some(id) = q.demand.pop_front() {
+                    break (id, true);
+                }
+                if q.prefetching < q.prefetch_threads {
+                    if let Some(id) = q.prefetch.pop_front() {
+                        q.prefetching += 1;
+                        break (id, false);
+                    }
+                }
+                q = cv.wait(q).expect("loader queue");
+            }
+        };
+        let t0 = Instant::now();
+        let expert = store.read(id, &mut buf);
+        if !demand {
+            let (lock, cv) = queue;
+            lock.lock().expect("loader queue").prefetching -= 1;
+            cv.notify_all();
+        }
+        let loaded = Loaded {
+            id,
+            expert,
+            bytes: store.expert_bytes(id),
+            read_time: t0.elapsed(),
+        };
+        if tx.send(loaded).is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! `moecast run --replay`: the engine over a recorded trace's sequences, each token's
+//! routing forced to the recorded experts (see [`crate::engine::replay`]).
+
+use std::path::Path;
+
+use crate::engine::replay::replay_sequence;
+use crate::engine::OffloadEngine;
+use datasets::open_trace;
+use indicatif::ProgressBar;
+use inference::MoeModel;
+
+use crate::OffloadError;
+
+/// What a replay ran: sequences, tokens, routings that could not be forced, and the
+/// notes a user should see (layers cut, token ids folded).
+#[derive(Debug, Clone, Default)]
+pub struct ReplaySummary {
+    pub sequences: usize,
+    pub tokens: usize,
+    pub unforced: u64,
+    pub notes: Vec<String>,
+}
+
+/// One sequence: token ids and, per token, each MoE layer's recorded experts.
+type Sequence = (Vec<u32>, Vec<Vec<Option<Vec<u16>>>>);
+
+/// Reads `path`'s sequences for `model`: the trace must route over the model's experts
+/// with its top-k; a trace with more MoE layers is replayed over the model's first ones
+/// (said in the notes); token ids beyond the model's vocabulary are folded into it.
+/// At most `max_tokens` tokens in all (0: every token).
+fn sequences(
+    path: &Path,
+    model: &MoeModel,
+    max_tokens: usize,
+    notes: &mut Vec<String>,
+) -> Result<Vec<Sequence>, OffloadError> {
+    let shape = model.shape();
+    let opened = open_trace(path)?;
+    let view = opened.view();
+    let bad = |msg: String| OffloadError::Input {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let (m, e, k) = (shape.moe_layers.len(), shape.n_experts, shape.top_k);
+    if view.meta.n_experts as usize != e || view.meta.top_k as usize != k {
+        return Err(bad(format!(
+            "the trace routes top-{} of {} experts, the model top-{k} of {e}: replay needs the same (make a checkpoint of that shape: `moecast checkpoint synth`)",
+            view.meta.top_k, view.meta.n_experts
+        )));
+    }
+    if view.meta.n_moe() < m {
+        return Err(bad(format!(
+            "the trace has {} MoE layers, the model {m}: replay needs at least as many",
+            view.meta.n_moe()
+        )));
+    }
+    if view.meta.n_moe() > m {
+        notes.push(format!(
+            "the trace has {} MoE layers; its first {m} are replayed (the model's)",
+            view.meta.n_moe()
+        ));
+    }
+    let folded = view
+        .token
+        .iter()
+        .filter(|&&t| t as usize >= shape.vocab_size)
+        .count();
+    if folded > 0 {
+        notes.push(format!(
+            "{folded} token ids beyond the model's vocabulary ({}) folded into it",
+            shape.vocab_size
+        ));
+    }
+    let mut out = Vec::new();
+    let mut left = if max_tokens == 0 {
+        usize::MAX
+    } else {
+        max_tokens
+    };
+    for r in view.sequence_ranges() {
+        if left == 0 {
+            break;
+        }
+        let end = r.end.min(r.start + left);
+        left -= end - r.start;
+        let tokens = (r.start..end)
+            .map(|t| view.token[t] % shape.vocab_size as u32)
+            .collect();
+        let experts = (r.start..end)
+            .map(|t| {
+                (0..m)
+                    .map(|l| view.layer(t, l).map(<[u16]>::to_vec))
+                    .collect()
+            })
+            .collect();
+        out.push((tokens, experts));
+    }
+    Ok(out)
+}
+
+/// Replays `path` through `engine` (which `model`'s experts were offloaded to).
+pub fn replay_trace(
+    path: &Path,
+    model: &MoeModel,
+    engine: &mut OffloadEngine,
+    max_tokens: usize,
+) -> Result<ReplaySummary, OffloadError> {
+    let mut summary = ReplaySummary::default();
+    let seqs = sequences(path, model, max_tokens, &mut summary.notes)?;
+    let bar = ProgressBar::new(seqs.iter().map(|s| s.0.len() as u64).sum());
+    for (i, (tokens, experts)) in seqs.iter().enumerate() {
+        engine.new_request();
+        summary.unforced += replay_sequence(model, tokens, experts, engine).map_err(|source| {
+            OffloadError::Prompt {
+                name: format!("{} sequence {i}", path.display()),
+                source,
+            }
+        })?;
+        summary.sequences += 1;
+        summary.tokens += tokens.len();
+        bar.inc(tokens.len() as u64);
+    }
+    bar.finish_and_clear();
+    Ok(summary)
+}

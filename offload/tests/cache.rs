@@ -1,0 +1,547 @@
+//! The expert cache and the trace-driven simulator, against direct computations.
+
+use datasets::stats;
+use datasets::synth::{synthetic_trace, SynthConfig};
+use offload::cache::{CacheScope, EvictionPolicy, ExpertCache, Insertion, NextUseForecast};
+use offload::prefetch;
+use offload::simulate::{simulate, PrefetchPlan, SimConfig};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Hits of a textbook LRU (a recency-ordered vector).
+fn naive_lru(accesses: &[usize], capacity: usize) -> u64 {
+    let mut order: Vec<usize> = Vec::new();
+    let mut hits = 0;
+    for &a in accesses {
+        if let Some(i) = order.iter().position(|&x| x == a) {
+            hits += 1;
+            order.remove(i);
+        } else if order.len() == capacity {
+            order.remove(0);
+        }
+        order.push(a);
+    }
+    hits
+}
+
+/// Hits of Belady's OPT by direct look-ahead.
+fn naive_opt(accesses: &[usize], capacity: usize) -> u64 {
+    let mut set: Vec<usize> = Vec::new();
+    let mut hits = 0;
+    for (i, &a) in accesses.iter().enumerate() {
+        if set.contains(&a) {
+            hits += 1;
+            continue;
+        }
+        if set.len() == capacity {
+            let next = |x: usize| {
+                accesses[i + 1..]
+                    .iter()
+                    .position(|&y| y == x)
+                    .unwrap_or(usize::MAX)
+            };
+            let (victim, _) = set
+                .iter()
+                .enumerate()
+                .max_by_key(|(_, &x)| next(x))
+                .expect("full");
+            set.remove(victim);
+        }
+        set.push(a);
+    }
+    hits
+}
+
+fn run(policy: EvictionPolicy, accesses: &[usize], capacity: usize, n: usize) -> u64 {
+    let mut c = ExpertCache::new(policy, CacheScope::Global, capacity, 1, n);
+    let mut hits = 0;
+    for (i, &a) in accesses.iter().enumerate() {
+        let next = accesses[i + 1..]
+            .iter()
+            .position(|&y| y == a)
+            .map_or(u64::MAX, |p| (i + 1 + p) as u64);
+        if c.contains(a) {
+            hits += 1;
+            c.touch(a, next);
+        } else {
+            assert!(matches!(c.insert(a, next, &[]), Insertion::Done { .. }));
+        }
+        assert!(c.resident().len() <= capacity);
+    }
+    hits
+}
+
+#[test]
+fn lru_and_belady_match_direct_implementations() {
+    let mut rng = StdRng::seed_from_u64(0);
+    for trial in 0..20 {
+        let n = 8 + trial % 5;
+        let accesses: Vec<usize> = (0..400)
+            .map(|_| {
+                // Skewed: low ids are hot.
+                let r: f64 = rng.random();
+                ((r * r) * n as f64) as usize
+            })
+            .collect();
+        for capacity in [1, 2, 3, 5] {
+            let lru = run(EvictionPolicy::Lru, &accesses, capacity, n);
+            assert_eq!(
+                lru,
+                naive_lru(&accesses, capacity),
+                "trial {trial} cap {capacity}"
+            );
+            let opt = run(EvictionPolicy::Belady, &accesses, capacity, n);
+            assert_eq!(
+                opt,
+                naive_opt(&accesses, capacity),
+                "trial {trial} cap {capacity}"
+            );
+            let lfu = run(EvictionPolicy::Lfu { decay: 0.0 }, &accesses, capacity, n);
+            assert!(opt >= lru && opt >= lfu, "OPT bounds demand paging");
+        }
+    }
+}
+
+#[test]
+fn lfu_keeps_the_frequent_and_decay_forgets() {
+    // a is used 5 times, then b and c alternate: plain LFU keeps a; with strong decay a
+    // is forgotten and the recent pair stays.
+    let (a, b, c) = (0usize, 1, 2);
+    let mut acc = vec![a; 5];
+    for _ in 0..6 {
+        acc.extend([b, c]);
+    }
+    let plain = run(EvictionPolicy::Lfu { decay: 0.0 }, &acc, 2, 3);
+    let decayed = run(EvictionPolicy::Lfu { decay: 2.0 }, &acc, 2, 3);
+    assert_eq!(plain, 4, "a stays; b/c evict each other");
+    assert!(decayed > plain, "{decayed} vs {plain}");
+    assert!("lfu:0.5".parse::<EvictionPolicy>().is_ok());
+    assert!("lfu:-1".parse::<EvictionPolicy>().is_err());
+    assert!("mru".parse::<EvictionPolicy>().is_err());
+}
+
+#[test]
+fn next_use_forecast_is_the_mean_residual_life_of_the_reuse_gaps() {
+    // One layer of 4 experts: expert 0 used at visits 0, 1, 3 (gaps 1 and 2), expert 1
+    // at visit 2; after 4 visits (4 steps, 1000 units each):
+    let mut f = NextUseForecast::new(1, 4);
+    for used in [[0usize], [0], [1], [0]] {
+        f.visit(0, &used);
+    }
+    assert_eq!(
+        f.next_use(0),
+        5500,
+        "idle 0: mean gap (1 + 2) / 2 = 1.5 visits"
+    );
+    assert_eq!(
+        f.next_use(1),
+        5000,
+        "idle 1: gaps > 1 are {{2}}: 2 - 1 = 1 visit"
+    );
+    assert_eq!(
+        f.next_use(2),
+        8000,
+        "never used in 4 visits: 4 more (> mean gap)"
+    );
+    assert_eq!(f.prefetched(3), 5000, "prefetched: the coming visit");
+    // Three layers of 2 experts (ids layer * 2 + expert); visits 0, 1, 2, then 0 again.
+    let mut f = NextUseForecast::new(3, 2);
+    for (l, used) in [(0, 0usize), (1, 2), (2, 4), (0, 0)] {
+        f.visit(l, &[used]);
+    }
+    assert_eq!(f.next_use(0), 7000, "layer 0 just ran: 1 visit = 3 steps");
+    assert_eq!(
+        f.next_use(2),
+        8000,
+        "layer 1 has no gaps yet: 2 visits (6 steps) from its visit 2 steps ago"
+    );
+    assert_eq!(f.prefetched(2), 5000, "layer 1 is next");
+    assert_eq!(f.prefetched(0), 7000, "layer 0 comes round in 3 steps");
+}
+
+#[test]
+fn next_use_keeps_the_coming_layers_where_lru_thrashes() {
+    // 4 layers that each use experts 0 and 1 every token: 8 experts in a cycle, 6 slots.
+    let (m, n, tokens) = (4usize, 4usize, 50);
+    let accesses: Vec<usize> = (0..tokens * m)
+        .flat_map(|v| {
+            let l = v % m;
+            [l * n, l * n + 1]
+        })
+        .collect();
+    let play = |policy: EvictionPolicy| {
+        let mut c = ExpertCache::new(policy, CacheScope::Global, 6, m, n);
+        let mut hits = 0;
+        for pair in accesses.chunks(2) {
+            c.visit(pair[0] / n, pair);
+            for &a in pair {
+                if c.contains(a) {
+                    hits += 1;
+                    c.touch(a, 0);
+                } else {
+                    assert!(matches!(c.insert(a, 0, pair), Insertion::Done { .. }));
+                }
+            }
+        }
+        hits
+    };
+    let opt = naive_opt(&accesses, 6);
+    assert_eq!(play(EvictionPolicy::Lru), 0, "LRU evicts what comes next");
+    let next_use = play(EvictionPolicy::NextUse);
+    assert!(
+        next_use as f64 >= 0.9 * opt as f64,
+        "next-use {next_use} hits vs OPT {opt}"
+    );
+    assert!("next-use".parse::<EvictionPolicy>() == Ok(EvictionPolicy::NextUse));
+}
+
+#[test]
+fn next_use_keeps_a_layers_experts_through_its_lookups() {
+    // 2 layers that each use experts 0 and 1 every token, 3 slots; the callers pin each
+    // expert as they look it up, so a miss on the first must not evict the second.
+    let (m, n) = (2usize, 2usize);
+    let mut c = ExpertCache::new(EvictionPolicy::NextUse, CacheScope::Global, 3, m, n);
+    let (mut hits, mut accesses) = (0, 0);
+    for v in 0..400 {
+        let l = v % m;
+        let used = [l * n, l * n + 1];
+        c.visit(l, &used);
+        let mut pinned = Vec::new();
+        for a in used {
+            pinned.push(a);
+            accesses += 1;
+            if c.contains(a) {
+                hits += 1;
+                c.touch(a, 0);
+            } else {
+                assert!(matches!(c.insert(a, 0, &pinned), Insertion::Done { .. }));
+            }
+        }
+    }
+    // OPT keeps 2 of the 4 experts and cycles the third slot: half the accesses hit.
+    assert!(hits * 100 >= accesses * 45, "{hits} of {accesses}");
+}
+
+fn one_sequence_trace() -> datasets::RoutingTrace {
+    synthetic_trace(&SynthConfig {
+        n_layers: 4,
+        n_experts: 16,
+        top_k: 2,
+        sequences: 1,
+        tokens_per_sequence: 400,
+        stickiness: 0.5,
+        ..SynthConfig::default()
+    })
+}
+
+fn config(capacity: usize, per_layer: bool, policy: &str, untimed: bool) -> SimConfig {
+    SimConfig {
+        capacity,
+        per_layer,
+        policy: policy.into(),
+        bandwidth_gbps: 10.0,
+        expert_bytes: 1e4,
+        compute_us_per_layer: 5.0,
+        attention_us_per_layer: 0.0,
+        untimed,
+        deadline_order: false,
+        chunk_bytes: 0.0,
+        planned: false,
+    }
+}
+
+#[test]
+fn simulated_lru_matches_the_trace_statistics() {
+    let trace = one_sequence_trace();
+    let view = trace.view();
+    let seqs = view.sequence_ranges();
+    let s = stats::compute(&view, &[2, 4, 8]);
+    let plan = PrefetchPlan::empty("none", view.n_tokens(), 4);
+    for (i, per_layer_cap) in [2usize, 4, 8].into_iter().enumerate() {
+        let r = simulate(
+            &view,
+            &seqs,
+            &plan,
+            &config(per_layer_cap * 4, true, "lru", false),
+        )
+        .unwrap();
+        assert!(
+            (r.hit_rate() - s.lru_hit_rate[i]).abs() < 1e-9,
+            "capacity {per_layer_cap}: {} vs {}",
+            r.hit_rate(),
+            s.lru_hit_rate[i]
+        );
+        assert_eq!(r.hits + r.late + r.misses, r.accesses);
+        assert_eq!(r.late, 0, "no prefetches, nothing in flight when needed");
+        // Every miss is a demand transfer of 1 us; a layer waits for its misses in turn
+        // (the link is idle when a layer starts: 5 us of compute per layer).
+        assert!((r.bytes_demand - r.misses as f64 * 1e4).abs() < 1e-6);
+        assert!(
+            (r.stall_us - r.misses as f64).abs() < 1e-6,
+            "{} vs {}",
+            r.stall_us,
+            r.misses
+        );
+    }
+}
+
+#[test]
+fn prefetch_timing_is_honest() {
+    let trace = one_sequence_trace();
+    let view = trace.view();
+    let seqs = view.sequence_ranges();
+    let oracle = prefetch::oracle(&view, &seqs);
+    // Untimed, the oracle's experts are in place at every lookup.
+    let u = simulate(&view, &seqs, &oracle, &config(16, false, "lru", true)).unwrap();
+    assert_eq!(u.hits, u.accesses, "{u:?}");
+    // Timed, one layer of compute (5 us) covers every transfer but those of the
+    // sequence's first token's layer 0, issued at its start with no lead: late.
+    let t = simulate(&view, &seqs, &oracle, &config(16, false, "lru", false)).unwrap();
+    assert_eq!((t.late, t.misses), (2, 0), "{t:?}");
+    // Per layer: the outcomes add up, and only layer 0 is late.
+    assert_eq!(t.per_layer.len(), 4);
+    let sum = |f: fn(&offload::simulate::LayerOutcomes) -> u64| -> u64 {
+        t.per_layer.iter().map(f).sum()
+    };
+    assert_eq!(
+        (sum(|l| l.hits), sum(|l| l.late), sum(|l| l.misses)),
+        (t.hits, t.late, t.misses)
+    );
+    assert!(t.per_layer[0].late > 0 && t.per_layer[1..].iter().all(|l| l.late == 0));
+    assert!(t.hit_rate() > 0.7, "{}", t.hit_rate());
+    // A slow link (transfer 10x a layer's compute) leaves the one-layer oracle late.
+    let mut slow = config(16, false, "lru", false);
+    slow.bandwidth_gbps = 0.2;
+    let s = simulate(&view, &seqs, &oracle, &slow).unwrap();
+    assert!(
+        s.hit_rate() < t.hit_rate() && s.late > t.late && s.stall_us > t.stall_us,
+        "slow {s:?}\nfast {t:?}"
+    );
+    // Demand paging: OPT bounds LRU and LFU.
+    let none = PrefetchPlan::empty("none", view.n_tokens(), 4);
+    let opt = simulate(&view, &seqs, &none, &config(8, false, "belady", false)).unwrap();
+    let lru = simulate(&view, &seqs, &none, &config(8, false, "lru", false)).unwrap();
+    let lfu = simulate(&view, &seqs, &none, &config(8, false, "lfu", false)).unwrap();
+    assert!(opt.hits >= lru.hits && opt.hits >= lfu.hits);
+    assert!(opt.tokens_per_s() >= lru.tokens_per_s());
+    let err = simulate(&view, &seqs, &none, &config(0, false, "lru", false)).unwrap_err();
+    assert!(err.contains("capacity"), "{err}");
+}
+
+/// The plan ids (`layer * n_experts + expert`) of token `t`'s true experts at layer `l`.
+fn true_ids(view: &datasets::TraceView<'_>, t: usize, l: usize) -> Vec<u32> {
+    let e = view.meta.n_experts as usize;
+    let ids = view.layer(t, l).expect("every layer computed");
+    ids.iter().map(|&x| (l * e + x as usize) as u32).collect()
+}
+
+#[test]
+fn prefetches_before_attention_land_while_attention_runs() {
+    let trace = one_sequence_trace();
+    let view = trace.view();
+    let seqs = view.sequence_ranges();
+    let m = view.meta.n_moe();
+    // Each layer's true experts, issued at the layer's start (an exact pre-attention gate).
+    let mut exact = PrefetchPlan::empty("exact", view.n_tokens(), m);
+    for t in 0..view.n_tokens() {
+        for l in 0..m {
+            exact
+                .before_attention_mut(t, l)
+                .extend(true_ids(&view, t, l));
+        }
+    }
+    // Transfers take 1 us each (k per layer): without attention time every expert not
+    // already resident is late (none is missed), with attention covering them every
+    // lookup hits.
+    let k = view.meta.top_k as f64;
+    let no_attention = simulate(&view, &seqs, &exact, &config(16, false, "lru", false)).unwrap();
+    assert_eq!(no_attention.misses, 0, "{no_attention:?}");
+    assert!(no_attention.late > 0 && no_attention.late == no_attention.prefetches);
+    let mut cfg = config(16, false, "lru", false);
+    cfg.attention_us_per_layer = k;
+    let covered = simulate(&view, &seqs, &exact, &cfg).unwrap();
+    assert_eq!(covered.hits, covered.accesses, "{covered:?}");
+    assert_eq!(covered.stall_us, 0.0);
+    // Attention time counts as compute; with no prefetch it changes nothing else.
+    let none = PrefetchPlan::empty("none", view.n_tokens(), m);
+    let plain = simulate(&view, &seqs, &none, &config(16, false, "lru", false)).unwrap();
+    let with_attention = simulate(&view, &seqs, &none, &cfg).unwrap();
+    assert_eq!(
+        (with_attention.hits, with_attention.misses),
+        (plain.hits, plain.misses)
+    );
+    let layers = (view.n_tokens() * m) as f64;
+    assert!((with_attention.compute_us - plain.compute_us - k * layers).abs() < 1e-6);
+
+    // A union issues both plans' experts, each once.
+    let oracle = prefetch::oracle(&view, &seqs);
+    let both = PrefetchPlan::union(&[&oracle, &exact, &oracle]);
+    assert_eq!(both.name, "oracle+exact+oracle");
+    assert_eq!(both.events, oracle.events);
+    assert_eq!(both.before_attention, exact.before_attention);
+    let r = simulate(&view, &seqs, &both, &cfg).unwrap();
+    assert_eq!(r.hits, r.accesses);
+}
+
+#[test]
+fn deadline_order_sends_the_nearest_layer_first() {
+    let trace = one_sequence_trace();
+    let view = trace.view();
+    let seqs = view.sequence_ranges();
+    let m = view.meta.n_moe();
+    // At each token's start, the true experts of layers m-1, ..., 1: farthest first.
+    let mut reversed = PrefetchPlan::empty("reversed", view.n_tokens(), m);
+    for t in 0..view.n_tokens() {
+        for l in (1..m).rev() {
+            reversed.at_mut(t, 0).extend(true_ids(&view, t, l));
+        }
+    }
+    let mut issue = config(16, false, "lru", false);
+    issue.compute_us_per_layer = 3.0;
+    let deadline = SimConfig {
+        deadline_order: true,
+        ..issue.clone()
+    };
+    // Issue order: layer 1's experts wait behind the later layers' (up to 6 us of 1 us
+    // transfers, and layer 0's demand fetches; 3 us of compute per layer): late.
+    // Deadline order: sent first, in place.
+    let fifo = simulate(&view, &seqs, &reversed, &issue).unwrap();
+    let edf = simulate(&view, &seqs, &reversed, &deadline).unwrap();
+    assert!(fifo.late > 0, "{fifo:?}");
+    assert!(
+        edf.late < fifo.late && edf.hits > fifo.hits,
+        "{edf:?}\n{fifo:?}"
+    );
+    assert!(edf.stall_us < fifo.stall_us);
+    assert_eq!(
+        (edf.prefetches, edf.bytes_prefetch),
+        (fifo.prefetches, fifo.bytes_prefetch)
+    );
+    // A plan that already issues nearest-first is simulated identically in both orders.
+    let oracle = prefetch::oracle(&view, &seqs);
+    assert_eq!(
+        simulate(&view, &seqs, &oracle, &issue).unwrap(),
+        simulate(&view, &seqs, &oracle, &deadline).unwrap()
+    );
+}
+
+#[test]
+fn learned_plan_forecasts_the_next_token_before_its_id_only_when_trained_to() {
+    use datasets::examples::{RoutingShape, SplitConfig};
+    use predictor::device::BackendKind;
+    use predictor::{LoadedPredictor, OnlinePredictor, PredictorConfig, Task, TrainOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let trace = synthetic_trace(&SynthConfig {
+        n_layers: 4,
+        n_experts: 16,
+        top_k: 2,
+        sequences: 3,
+        tokens_per_sequence: 24,
+        ..SynthConfig::default()
+    });
+    let path = dir.path().join("t.mctrace");
+    datasets::save_trace(&trace, &path, Some(datasets::TraceFormat::Binary)).unwrap();
+    let view = trace.view();
+    let seqs = view.sequence_ranges();
+    for token_dropout in [0.0, 0.2] {
+        let out = dir.path().join(format!("p{token_dropout}"));
+        let shape = RoutingShape::of(view.meta);
+        let config = PredictorConfig::new(shape, Task::Lookahead)
+            .with_d_model(16)
+            .with_n_layers(1)
+            .with_n_heads(2)
+            .with_context(16)
+            .with_token_buckets(64)
+            .with_token_dropout(token_dropout);
+        predictor::train(&TrainOptions {
+            traces: vec![path.clone()],
+            config,
+            split: SplitConfig {
+                validation: 0.3,
+                test: 0.0,
+                seed: 0,
+            },
+            settings: predictor::TrainSettings {
+                max_epochs: 1,
+                ..Default::default()
+            },
+            backend: BackendKind::from_test_env(),
+            out: out.clone(),
+            progress: false,
+            run_steps: None,
+        })
+        .unwrap();
+        let dev = BackendKind::from_test_env().device();
+        let mut online = OnlinePredictor::new(LoadedPredictor::load(&out, &dev).unwrap());
+        let plan = prefetch::learned(&view, &seqs, &mut online, 3, 1).unwrap();
+        for r in &seqs {
+            for t in r.clone() {
+                // After the last layer: the next token's layer 0, never past the sequence.
+                let after = plan.at(t, 4);
+                let want = if token_dropout > 0.0 && t + 1 < r.end {
+                    3
+                } else {
+                    0
+                };
+                assert_eq!(after.len(), want, "token {t}: {after:?}");
+                assert!(after.iter().all(|&id| (id as usize) < 16), "layer 0 only");
+                // Horizon 1: after layer l, only layer l + 1.
+                for slot in 1..4 {
+                    let ids = plan.at(t, slot);
+                    assert!(ids.len() == 3 && ids.iter().all(|&id| id as usize / 16 == slot));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn token_prefetch_asks_each_layer_horizon_layers_ahead_from_the_token_table() {
+    let trace = datasets::synth::token_routed_trace(
+        &SynthConfig {
+            n_layers: 4,
+            n_experts: 16,
+            top_k: 2,
+            sequences: 6,
+            tokens_per_sequence: 40,
+            seed: 9,
+            ..SynthConfig::default()
+        },
+        20,
+    );
+    let view = trace.view();
+    let seqs = view.sequence_ranges();
+    let (m, e) = (view.meta.n_moe(), view.meta.n_experts as usize);
+    let mut stats = predictor::baselines::BaselineStats::new(
+        datasets::examples::RoutingShape::of(view.meta),
+        1,
+    );
+    for r in &seqs {
+        stats.add_tokens(&view, r.clone());
+    }
+    let horizon = 2;
+    let plan = prefetch::token(&view, &seqs, &stats, 2, horizon);
+    let mut ranking = Vec::new();
+    for t in 0..view.n_tokens() {
+        let mut want: Vec<Vec<u32>> = vec![Vec::new(); m + 1];
+        for l in 0..m {
+            stats.rank_token(l, Some(view.token[t]), 2, &mut ranking);
+            // Layers 0..horizon at the token's start, layer l after layer l - horizon.
+            let slot = (l + 1).saturating_sub(horizon);
+            want[slot].extend(ranking.iter().map(|&x| (l * e + x as usize) as u32));
+        }
+        for (slot, w) in want.iter().enumerate() {
+            assert_eq!(plan.at(t, slot), &w[..], "token {t} slot {slot}");
+        }
+    }
+    // The id fixes one of each layer's two experts: the table's prefetches hit where
+    // demand paging alone cannot.
+    let none = PrefetchPlan::empty("none", view.n_tokens(), m);
+    let cfg = config(16, false, "lru", false);
+    let plain = simulate(&view, &seqs, &none, &cfg).unwrap();
+    let token = simulate(&view, &seqs, &plan, &cfg).unwrap();
+    assert!(
+        token.hits > plain.hits + plain.accesses / 5,
+        "{token:?} vs {plain:?}"
+    );
+}

@@ -1,0 +1,239 @@
+//! Cache simulation of the real routing traces in `../shared/traces` (run by
+//! `make test-real`, ignored otherwise): the simulator's LRU hit rate, one sequence at a
+//! time with a per-layer cache, must equal the LRU figure that `trace stats` derives
+//! independently from reuse distances; then the history-based policies are swept at 10%
+//! and 25% of the experts and printed.
+
+use std::path::{Path, PathBuf};
+
+use datasets::import::{import, ImportOptions};
+use datasets::stats::compute;
+use offload::prefetch;
+use offload::simulate::{simulate, PrefetchPlan, SimConfig};
+
+fn shared() -> PathBuf {
+    std::env::var_os("MOECAST_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"))
+}
+
+fn cfg(capacity: usize, per_layer: bool, policy: &str, bytes: f64) -> SimConfig {
+    SimConfig {
+        capacity,
+        per_layer,
+        policy: policy.into(),
+        bandwidth_gbps: 16.0,
+        expert_bytes: bytes,
+        compute_us_per_layer: 100.0,
+        attention_us_per_layer: 0.0,
+        untimed: false,
+        deadline_order: false,
+        chunk_bytes: 0.0,
+        planned: false,
+    }
+}
+
+#[test]
+#[ignore = "needs ../shared/traces; run with `make test-real`"]
+fn real_traces_lru_matches_statistics_and_policies_sweep() {
+    let traces = shared().join("traces");
+    let cases = [
+        (
+            "Qwen3-30B-A3B",
+            "qwen3-30b-a3b_gemma4-26b_gptoss-120b/qwen.route.csv",
+        ),
+        (
+            "Gemma-4-26B",
+            "qwen3-30b-a3b_gemma4-26b_gptoss-120b/gemma.route.csv",
+        ),
+        (
+            "gpt-oss-120b",
+            "qwen3-30b-a3b_gemma4-26b_gptoss-120b/gptoss.route.csv",
+        ),
+        ("OLMoE", "olmoe-1b-7b_kimi-linear-48b/trace_olmoe_299.jsonl"),
+        (
+            "Kimi-Linear",
+            "olmoe-1b-7b_kimi-linear-48b/trace_kimi_300.jsonl",
+        ),
+        ("Switch", "switch-base-8/router-trace.v2.json"),
+    ];
+    println!(
+        "{:<14} {:>6} {:>8} {:>8} {:>9} {:>8} {:>10} {:>10}",
+        "trace", "cache", "LRU", "LFU", "next-use", "Belady", "LRU+prev", "LRU+activ"
+    );
+    for (name, file) in cases {
+        let t = import(&[traces.join(file)], None, &ImportOptions::default())
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+            .trace;
+        let view = t.view();
+        let (m, e, k) = (t.meta.n_moe(), t.meta.n_experts as usize, t.meta.top_k);
+        let caps = [k, 2 * k];
+        let stats = compute(&view, &caps);
+        let seqs = view.sequence_ranges();
+        let none = PrefetchPlan::empty("none", view.n_tokens(), m);
+        for (i, &c) in caps.iter().enumerate() {
+            let (mut hits, mut acc) = (0u64, 0u64);
+            for s in &seqs {
+                let r = simulate(
+                    &view,
+                    std::slice::from_ref(s),
+                    &none,
+                    &cfg(c as usize * m, true, "lru", 1e6),
+                )
+                .unwrap();
+                hits += r.hits;
+                acc += r.accesses;
+            }
+            let sim = hits as f64 / acc as f64;
+            assert!(
+                (sim - stats.lru_hit_rate[i]).abs() < 1e-9,
+                "{name} LRU@{c}: simulator {sim} vs statistics {}",
+                stats.lru_hit_rate[i]
+            );
+        }
+        let bytes = t
+            .meta
+            .expert_bytes
+            .as_ref()
+            .map_or(1e6, |v| v.iter().sum::<u64>() as f64 / v.len() as f64);
+        let prev = prefetch::previous(&view, &seqs);
+        let activ = prefetch::activation(&view, &seqs, k as usize, 3, 0.9);
+        for share in [0.10, 0.25] {
+            let cap = ((m * e) as f64 * share).round().max(1.0) as usize;
+            let hit = |plan: &PrefetchPlan, policy: &str| {
+                simulate(&view, &seqs, plan, &cfg(cap, false, policy, bytes))
+                    .unwrap()
+                    .hit_rate()
+            };
+            let (lru, lfu, opt) = (hit(&none, "lru"), hit(&none, "lfu"), hit(&none, "belady"));
+            let next_use = hit(&none, "next-use");
+            assert!(
+                [lru, lfu, next_use].iter().all(|&h| opt + 1e-12 >= h),
+                "{name}: OPT bounds demand paging"
+            );
+            println!(
+                "{name:<14} {:>5.0}% {:>7.1}% {:>7.1}% {:>8.1}% {:>7.1}% {:>9.1}% {:>9.1}%",
+                share * 100.0,
+                100.0 * lru,
+                100.0 * lfu,
+                100.0 * next_use,
+                100.0 * opt,
+                100.0 * hit(&prev, "lru"),
+                100.0 * hit(&activ, "lru")
+            );
+        }
+    }
+}
+
+/// Planned prefetch on the real traces at their recorded expert sizes (OLMoE: its bf16
+/// expert, 3 x 2048 x 1024), 25 GB/s and 300 us of compute per layer: never slower than
+/// fetching on demand with the same policy, printed beside the best on-demand policy,
+/// fixed-budget prefetch and the oracle. The counts behind `token` and `coactivation`
+/// are fitted on the trace itself (the traces are a few hundred tokens): an in-sample
+/// forecaster, which is what the planner's guarantee has to hold for.
+#[test]
+#[ignore = "needs ../shared/traces; run with `make test-real`"]
+fn planned_prefetch_is_never_slower_than_demand_paging_on_real_traces() {
+    use datasets::examples::RoutingShape;
+    use predictor::baselines::BaselineStats;
+    let traces = shared().join("traces");
+    let cases = [
+        (
+            "Qwen3-30B-A3B",
+            "qwen3-30b-a3b_gemma4-26b_gptoss-120b/qwen.route.csv",
+            None,
+        ),
+        (
+            "Gemma-4-26B",
+            "qwen3-30b-a3b_gemma4-26b_gptoss-120b/gemma.route.csv",
+            None,
+        ),
+        (
+            "gpt-oss-120b",
+            "qwen3-30b-a3b_gemma4-26b_gptoss-120b/gptoss.route.csv",
+            None,
+        ),
+        (
+            "OLMoE",
+            "olmoe-1b-7b_kimi-linear-48b/trace_olmoe_299.jsonl",
+            Some(3.0 * 2048.0 * 1024.0 * 2.0),
+        ),
+    ];
+    println!(
+        "{:<14} {:>5} {:<13} {:>9} {:>9} {:>9} {:>8} {:>10}",
+        "trace", "cache", "prefetch", "on-demand", "fixed", "planned", "oracle", "gap closed"
+    );
+    for (name, file, size) in cases {
+        let t = import(&[traces.join(file)], None, &ImportOptions::default())
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+            .trace;
+        let view = t.view();
+        let (m, e, k) = (
+            t.meta.n_moe(),
+            t.meta.n_experts as usize,
+            t.meta.top_k as usize,
+        );
+        let bytes = size.unwrap_or_else(|| {
+            let v = t.meta.expert_bytes.as_ref().expect("recorded expert sizes");
+            v.iter().sum::<u64>() as f64 / v.len() as f64
+        });
+        let seqs = view.sequence_ranges();
+        let mut stats = BaselineStats::new(RoutingShape::of(&t.meta), 3.min(m - 1).max(1));
+        for r in &seqs {
+            stats.add_tokens(&view, r.clone());
+        }
+        let none = PrefetchPlan::empty("none", view.n_tokens(), m);
+        let oracle = prefetch::oracle(&view, &seqs);
+        let plans = [
+            prefetch::previous(&view, &seqs),
+            prefetch::token(&view, &seqs, &stats, 2 * k, 3),
+            prefetch::coactivation(&view, &seqs, &stats, 2 * k, 3),
+        ];
+        for share in [0.10, 0.25] {
+            let cap = ((m * e) as f64 * share).round().max(1.0) as usize;
+            let run = |plan: &PrefetchPlan, policy: &str, planned: bool| {
+                let c = SimConfig {
+                    bandwidth_gbps: 25.0,
+                    compute_us_per_layer: 300.0,
+                    deadline_order: true,
+                    chunk_bytes: if planned { 1048576.0 } else { 0.0 },
+                    planned,
+                    ..cfg(cap, false, policy, bytes)
+                };
+                simulate(&view, &seqs, plan, &c).unwrap().tokens_per_s()
+            };
+            let best_demand = ["lru", "lfu", "next-use"]
+                .iter()
+                .map(|p| run(&none, p, false))
+                .fold(0.0, f64::max);
+            for policy in ["lru", "next-use"] {
+                let demand = run(&none, policy, false);
+                let best_oracle = run(&oracle, policy, false);
+                for plan in &plans {
+                    let planned = run(plan, policy, true);
+                    let fixed = run(&plan.truncated(k, e), policy, false);
+                    assert!(
+                        planned >= demand * 0.995,
+                        "{name} {policy} {share}: planned {} {planned:.1} tokens/s < on demand {demand:.1}",
+                        plan.name
+                    );
+                    let gap = best_oracle - best_demand;
+                    println!(
+                        "{name:<14} {:>4.0}% {:<13} {:>9.1} {:>9.1} {:>9.1} {:>8.1} {:>9}",
+                        share * 100.0,
+                        format!("{policy}+{}", plan.name),
+                        best_demand,
+                        fixed,
+                        planned,
+                        best_oracle,
+                        if gap > 0.1 * best_demand {
+                            format!("{:.0}%", 100.0 * (planned - best_demand) / gap)
+                        } else {
+                            "-".into()
+                        }
+                    );
+                }
+            }
+        }
+    }
+}

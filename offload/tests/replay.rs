@@ -1,0 +1,128 @@
+//! Trace replay through the engine on a synthetic checkpoint: the checkpoint loads with
+//! the shape asked for, every routing is forced to the recorded experts, and the engine
+//! counts exactly the recorded lookups.
+
+use inference::routing::{RouteDecision, RoutingObserver};
+use inference::{Checkpoint, MoeModel};
+use offload::cache::EvictionPolicy;
+use offload::engine::replay::replay_sequence;
+use offload::engine::{EngineConfig, OffloadEngine};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tinymoe::synth::{expert_bytes, write_synthetic_checkpoint};
+use tinymoe::TinyMoeConfig;
+
+fn shape() -> TinyMoeConfig {
+    TinyMoeConfig {
+        vocab_size: 64,
+        hidden_size: 32,
+        num_layers: 3,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 8,
+        num_experts: 8,
+        top_k: 2,
+        moe_intermediate_size: 16,
+        context: 64,
+        rope_theta: 1e4,
+        rms_norm_eps: 1e-6,
+        tie_embeddings: false,
+    }
+}
+
+/// Records every routing it sees.
+#[derive(Default)]
+struct Recorder(Vec<(usize, Vec<u32>)>);
+
+impl RoutingObserver for Recorder {
+    fn on_routing(&mut self, layer: usize, _: usize, d: &[RouteDecision]) {
+        let mut ids = d[0].ids.clone();
+        ids.sort_unstable();
+        self.0.push((layer, ids));
+    }
+}
+
+/// `n` tokens' recorded experts: distinct random ids per layer, sorted.
+fn recorded(rng: &mut StdRng, n: usize, c: &TinyMoeConfig) -> Vec<Vec<Option<Vec<u16>>>> {
+    (0..n)
+        .map(|_| {
+            (0..c.num_layers)
+                .map(|_| {
+                    let mut ids: Vec<u16> = Vec::new();
+                    while ids.len() < c.top_k {
+                        let x = rng.random_range(0..c.num_experts as u16);
+                        if !ids.contains(&x) {
+                            ids.push(x);
+                        }
+                    }
+                    ids.sort_unstable();
+                    Some(ids)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn replay_forces_the_recorded_routing_through_the_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = shape();
+    let written = write_synthetic_checkpoint(dir.path(), &c, 7).unwrap();
+    let per_expert = expert_bytes(&c);
+    assert!(written > per_expert * (c.num_layers * c.num_experts) as u64);
+    let device = inference::device::BackendKind::from_test_env().device();
+    let mut ck = Checkpoint::open(dir.path()).unwrap();
+    let model = MoeModel::load(&ck, &device).unwrap();
+    let s = model.shape();
+    assert_eq!(
+        (s.moe_layers.len(), s.n_experts, s.top_k, s.vocab_size),
+        (3, 8, 2, 64)
+    );
+
+    let mut rng = StdRng::seed_from_u64(1);
+    let tokens: Vec<u32> = (0..12).map(|_| rng.random_range(0..64)).collect();
+    let experts = recorded(&mut rng, tokens.len(), &c);
+    // With every expert in memory: each routing is the recorded one.
+    let mut seen = Recorder::default();
+    assert_eq!(
+        replay_sequence(&model, &tokens, &experts, &mut seen).unwrap(),
+        0
+    );
+    let want: Vec<(usize, Vec<u32>)> = experts
+        .iter()
+        .flat_map(|layers| {
+            layers
+                .iter()
+                .enumerate()
+                .map(|(l, ids)| (l, ids.as_ref().unwrap().iter().map(|&x| x as u32).collect()))
+        })
+        .collect();
+    assert_eq!(seen.0, want);
+
+    // Through the engine (experts on disk): the decode steps' lookups are the recorded
+    // ones, and the same experts leave the disk.
+    ck.skip_routed_experts();
+    let mut offloaded = MoeModel::load(&ck, &device).unwrap();
+    let cfg = EngineConfig {
+        capacity: 6,
+        policy: EvictionPolicy::Lru,
+        budget: 2,
+        planned: false,
+        layer_forecasts: false,
+        pre_attention: false,
+        lens: false,
+        routing_margin: 0.0,
+        loader_threads: 2,
+        token_table: None,
+    };
+    let mut engine = OffloadEngine::new(&ck, &mut offloaded, cfg, None, &device).unwrap();
+    assert_eq!(
+        replay_sequence(&offloaded, &tokens, &experts, &mut engine).unwrap(),
+        0
+    );
+    let r = engine.report().clone();
+    assert_eq!(r.decode_tokens, tokens.len() as u64 - 1);
+    assert_eq!(r.accesses, (tokens.len() as u64 - 1) * 3 * 2, "{r:?}");
+    assert_eq!(r.hits + r.late + r.misses, r.accesses);
+    assert_eq!(r.bytes_demand, r.demand_reads * per_expert, "{r:?}");
+}
