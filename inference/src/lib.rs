@@ -6,6 +6,7 @@
 
 pub use backend as device;
 pub mod checkpoint;
+pub mod decoder;
 pub mod error;
 pub mod generate;
 pub mod layers;

@@ -4,6 +4,7 @@
 use burn::tensor::activation::sigmoid;
 use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
 
+use crate::error::{ModelError, Result};
 use crate::layers::{to_vec, Dense, SwiGlu};
 use crate::routing::{RouteDecision, RouterScoring, RoutingObserver};
 
@@ -40,7 +41,7 @@ impl SparseMoe {
         x: Tensor<2>,
         first_pos: usize,
         observer: &mut dyn RoutingObserver,
-    ) -> Tensor<2> {
+    ) -> Result<Tensor<2>> {
         let [t, hidden] = x.dims();
         let device = x.device();
         if observer.wants_router_inputs(self.layer) {
@@ -57,16 +58,21 @@ impl SparseMoe {
                 .map(|row| self.scoring.route_with_bonus(row, self.top_k, bonus))
                 .collect()
         };
-        let decisions = match observer.selection_bonus(self.layer) {
+        let bonus = observer
+            .policy()
+            .and_then(|p| p.selection_bonus(self.layer));
+        let decisions = match bonus {
             Some(bonus) => {
-                let chosen = route(Some(&bonus));
-                observer.on_rerouted(self.layer, &route(None), &chosen);
+                let (chosen, plain) = (route(Some(&bonus)), route(None));
+                if let Some(p) = observer.policy() {
+                    p.on_rerouted(self.layer, &plain, &chosen);
+                }
                 chosen
             }
             None => route(None),
         };
         observer.on_routing(self.layer, first_pos, &decisions);
-        let mut out = self.combine(x.clone(), &decisions, &device, observer);
+        let mut out = self.combine(x.clone(), &decisions, &device, observer)?;
         if let Some(shared) = &self.shared {
             let mut s = shared.mlp.forward(x.clone());
             if let Some(g) = &shared.gate {
@@ -75,7 +81,7 @@ impl SparseMoe {
             out = out + s;
         }
         debug_assert_eq!(out.dims(), [t, hidden]);
-        out
+        Ok(out)
     }
 
     /// Number of routed experts (the router's outputs).
@@ -96,7 +102,7 @@ impl SparseMoe {
     }
 
     /// Drops the routed experts' weights from memory; from now on the observer's
-    /// [`RoutingObserver::expert`] supplies them.
+    /// [`crate::routing::ExpertSource`] supplies them.
     pub fn offload_experts(&mut self) {
         self.experts = Vec::new();
     }
@@ -108,7 +114,7 @@ impl SparseMoe {
         decisions: &[RouteDecision],
         device: &Device,
         observer: &mut dyn RoutingObserver,
-    ) -> Tensor<2> {
+    ) -> Result<Tensor<2>> {
         let [t, hidden] = x.dims();
         let mut per_expert: Vec<(Vec<i64>, Vec<f32>)> =
             vec![(Vec::new(), Vec::new()); self.n_experts()];
@@ -130,18 +136,19 @@ impl SparseMoe {
             let y = match self.experts.get(id) {
                 Some(expert) => expert.forward(input),
                 None => observer
-                    .expert(self.layer, id)
-                    .unwrap_or_else(|| {
-                        panic!(
-                            "layer {}: expert {id} is offloaded and the observer cannot supply it",
+                    .expert_source()
+                    .ok_or_else(|| {
+                        ModelError::Input(format!(
+                            "layer {}: expert {id} is offloaded and nothing supplies its weights",
                             self.layer
-                        )
-                    })
+                        ))
+                    })?
+                    .expert(self.layer, id)?
                     .forward(input),
             } * w;
             out = out.select_assign(0, idx, y, IndexingUpdateOp::Add);
         }
-        out
+        Ok(out)
     }
 }
 
@@ -175,9 +182,9 @@ impl FeedForward {
         x: Tensor<2>,
         first_pos: usize,
         observer: &mut dyn RoutingObserver,
-    ) -> Tensor<2> {
+    ) -> Result<Tensor<2>> {
         match self {
-            FeedForward::Dense(mlp) => mlp.forward(x),
+            FeedForward::Dense(mlp) => Ok(mlp.forward(x)),
             FeedForward::Sparse(moe) => moe.forward(x, first_pos, observer),
         }
     }

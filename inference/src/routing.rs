@@ -75,9 +75,12 @@ pub struct RouteDecision {
     pub weights: Vec<f32>,
 }
 
-/// Receives the routing of every MoE layer as the model computes it, and may steer it:
-/// an offloading runtime biases the choice towards resident experts and supplies the
-/// weights of experts the model does not hold in memory.
+/// Receives what the model computes, read only: every MoE layer's routing and, when
+/// asked for, router inputs, router logits and pre-attention logits. Steering the model
+/// is left to the two other roles an observer may also play, each its own trait: a
+/// [`RoutingPolicy`] (cache-aware routing) and an [`ExpertSource`] (the weights of
+/// offloaded experts), which the model asks for through [`RoutingObserver::policy`] and
+/// [`RoutingObserver::expert_source`].
 pub trait RoutingObserver {
     /// `layer` is the model layer index; `first_pos` the position of `decisions[0]`.
     fn on_routing(&mut self, layer: usize, first_pos: usize, decisions: &[RouteDecision]);
@@ -140,21 +143,35 @@ pub trait RoutingObserver {
         Ok(())
     }
 
-    /// Added to the selection scores of `layer`'s experts before the top-k (cache-aware
-    /// routing); the weights still come from the unbiased scores. `None`: unmodified.
-    fn selection_bonus(&mut self, _layer: usize) -> Option<Vec<f32>> {
+    /// The routing policy applied with this observer, if any (none: the router's own
+    /// choice).
+    fn policy(&mut self) -> Option<&mut dyn RoutingPolicy> {
         None
     }
+
+    /// Where the weights of offloaded experts come from, if this observer supplies them.
+    fn expert_source(&mut self) -> Option<&mut dyn ExpertSource> {
+        None
+    }
+}
+
+/// Steers routing: cache-aware routing biases the choice towards resident experts.
+pub trait RoutingPolicy {
+    /// Added to the selection scores of `layer`'s experts before the top-k; the weights
+    /// still come from the unbiased scores. `None`: unmodified.
+    fn selection_bonus(&mut self, layer: usize) -> Option<Vec<f32>>;
 
     /// Called when a selection bonus was given: the routing without it (`plain`) and the
     /// routing used (`chosen`), token by token.
     fn on_rerouted(&mut self, _layer: usize, _plain: &[RouteDecision], _chosen: &[RouteDecision]) {}
+}
 
-    /// The weights of routed expert `id` of `layer` when the model holds none in memory
-    /// (experts offloaded); `None` when this observer cannot supply them.
-    fn expert(&mut self, _layer: usize, _id: usize) -> Option<crate::layers::SwiGlu> {
-        None
-    }
+/// Supplies the weights of routed experts a model does not hold in memory (offloaded
+/// with [`crate::moe::SparseMoe::offload_experts`]).
+pub trait ExpertSource {
+    /// The weights of expert `id` of model layer `layer`; an error (a failed read, named
+    /// with its file) fails the forward.
+    fn expert(&mut self, layer: usize, id: usize) -> crate::error::Result<crate::layers::SwiGlu>;
 }
 
 /// An observer that ignores everything.

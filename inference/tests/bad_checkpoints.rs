@@ -201,3 +201,28 @@ fn rope_scaling_is_honoured_on_the_llama_family_or_refused_by_name() {
         );
     }
 }
+
+/// A model whose routed experts were dropped from memory, run without an expert source,
+/// fails the forward with an error naming the layer and expert (no panic).
+#[test]
+fn offloaded_experts_without_a_source_are_an_error() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/qwen3_moe");
+    let ck = inference::Checkpoint::open(&dir).unwrap();
+    let device = inference::device::BackendKind::from_test_env().device();
+    let mut model = inference::MoeModel::load(&ck, &device).unwrap();
+    for moe in model.sparse_layers_mut() {
+        moe.offload_experts();
+    }
+    let err = model
+        .forward(
+            &[3, 4, 5],
+            &mut model.new_cache(),
+            &mut inference::routing::NoObserver,
+        )
+        .expect_err("no weights for the routed experts");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("layer 0") && msg.contains("offloaded"),
+        "{msg}"
+    );
+}

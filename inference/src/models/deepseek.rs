@@ -22,6 +22,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use serde::Deserialize;
 
 use crate::checkpoint::Checkpoint;
+use crate::decoder::DecoderLayer;
 use crate::error::{ModelError, Result};
 use crate::layers::{
     apply_rope, attention, causal_mask, embed_tokens, Dense, KvCache, RmsNorm, SwiGlu,
@@ -195,10 +196,10 @@ impl Config {
     }
 }
 
+/// Multi-head latent attention (MLA): keys and values from a compressed latent, which
+/// is what the KV cache holds, plus a decoupled RoPE key shared by all heads.
 #[derive(Debug, Clone)]
-struct Layer {
-    input_norm: RmsNorm,
-    post_norm: RmsNorm,
+struct Attention {
     /// `q_a_proj` + `q_a_layernorm` when `q_lora_rank` is set.
     q_a: Option<(Dense, RmsNorm)>,
     /// `q_proj`, or `q_b_proj` after `q_a`.
@@ -207,8 +208,9 @@ struct Layer {
     kv_norm: RmsNorm,
     kv_b: Dense,
     o: Dense,
-    ffn: FeedForward,
 }
+
+type Layer = DecoderLayer<Attention>;
 
 /// A loaded DeepSeek-V2 / V3 model.
 #[derive(Debug, Clone)]
@@ -315,24 +317,32 @@ impl Model {
                     eps,
                     device,
                 )?,
-                q_a,
-                q,
-                kv_a: Dense::load(
-                    ck,
-                    &format!("{attn}.kv_a_proj_with_mqa"),
-                    rank + c.qk_rope_head_dim,
-                    h,
-                    device,
-                )?,
-                kv_norm: RmsNorm::load(ck, &format!("{attn}.kv_a_layernorm"), rank, eps, device)?,
-                kv_b: Dense::load(
-                    ck,
-                    &format!("{attn}.kv_b_proj"),
-                    nh * (c.qk_nope_head_dim + c.v_head_dim),
-                    rank,
-                    device,
-                )?,
-                o: Dense::load(ck, &format!("{attn}.o_proj"), h, nh * c.v_head_dim, device)?,
+                attention: Attention {
+                    q_a,
+                    q,
+                    kv_a: Dense::load(
+                        ck,
+                        &format!("{attn}.kv_a_proj_with_mqa"),
+                        rank + c.qk_rope_head_dim,
+                        h,
+                        device,
+                    )?,
+                    kv_norm: RmsNorm::load(
+                        ck,
+                        &format!("{attn}.kv_a_layernorm"),
+                        rank,
+                        eps,
+                        device,
+                    )?,
+                    kv_b: Dense::load(
+                        ck,
+                        &format!("{attn}.kv_b_proj"),
+                        nh * (c.qk_nope_head_dim + c.v_head_dim),
+                        rank,
+                        device,
+                    )?,
+                    o: Dense::load(ck, &format!("{attn}.o_proj"), h, nh * c.v_head_dim, device)?,
+                },
                 ffn,
             });
         }
@@ -369,7 +379,7 @@ impl Model {
         tokens: &[u32],
         cache: &mut KvCache,
         observer: &mut dyn RoutingObserver,
-    ) -> Tensor<2> {
+    ) -> Result<Tensor<2>> {
         let device = self.embed.device();
         let t = tokens.len();
         let past = cache.len();
@@ -394,43 +404,35 @@ impl Model {
             apply_rope(x, &cos, &sin)
         };
         for (l, layer) in self.layers.iter().enumerate() {
-            if observer.wants_pre_attention_logits() {
-                if let Some(moe) = layer.ffn.sparse() {
-                    moe.report_pre_attention(layer.post_norm.forward(x.clone()), past, observer);
-                }
-            }
-            let n = layer.input_norm.forward(x.clone());
-            let q = match &layer.q_a {
-                None => layer.q.forward(n.clone()),
-                Some((a, norm)) => layer.q.forward(norm.forward(a.forward(n.clone()))),
-            };
-            let q = q.reshape([t, nh, qk]).swap_dims(0, 1);
-            let q_nope = q.clone().slice([0..nh, 0..t, 0..nope]);
-            let q_pe = rot(q.slice([0..nh, 0..t, nope..qk]));
-            let ckv = layer.kv_a.forward(n);
-            let latent = layer
-                .kv_norm
-                .forward(ckv.clone().slice([0..t, 0..rank]))
-                .unsqueeze_dim::<3>(0);
-            let k_pe = rot(ckv.slice([0..t, rank..rank + rd]).unsqueeze_dim::<3>(0));
-            let (latent, k_pe) = cache.append(l, latent, k_pe);
-            let s = latent.dims()[1];
-            let kv = layer
-                .kv_b
-                .forward(latent.reshape([s, rank]))
-                .reshape([s, nh, nope + vd])
-                .swap_dims(0, 1);
-            let k_nope = kv.clone().slice([0..nh, 0..s, 0..nope]);
-            let v = kv.slice([0..nh, 0..s, nope..nope + vd]);
-            let k = Tensor::cat(vec![k_nope, k_pe.repeat_dim(0, nh)], 2);
-            let q = Tensor::cat(vec![q_nope, q_pe], 2);
-            let a = attention(q, k, v, mask.clone(), scale);
-            let h = x + layer.o.forward(a);
-            let n = layer.post_norm.forward(h.clone());
-            let f = layer.ffn.forward(n, past, observer);
-            x = h + f;
+            x = layer.forward(x, past, observer, |layer, n| {
+                let q = match &layer.q_a {
+                    None => layer.q.forward(n.clone()),
+                    Some((a, norm)) => layer.q.forward(norm.forward(a.forward(n.clone()))),
+                };
+                let q = q.reshape([t, nh, qk]).swap_dims(0, 1);
+                let q_nope = q.clone().slice([0..nh, 0..t, 0..nope]);
+                let q_pe = rot(q.slice([0..nh, 0..t, nope..qk]));
+                let ckv = layer.kv_a.forward(n);
+                let latent = layer
+                    .kv_norm
+                    .forward(ckv.clone().slice([0..t, 0..rank]))
+                    .unsqueeze_dim::<3>(0);
+                let k_pe = rot(ckv.slice([0..t, rank..rank + rd]).unsqueeze_dim::<3>(0));
+                let (latent, k_pe) = cache.append(l, latent, k_pe);
+                let s = latent.dims()[1];
+                let kv = layer
+                    .kv_b
+                    .forward(latent.reshape([s, rank]))
+                    .reshape([s, nh, nope + vd])
+                    .swap_dims(0, 1);
+                let k_nope = kv.clone().slice([0..nh, 0..s, 0..nope]);
+                let v = kv.slice([0..nh, 0..s, nope..nope + vd]);
+                let k = Tensor::cat(vec![k_nope, k_pe.repeat_dim(0, nh)], 2);
+                let q = Tensor::cat(vec![q_nope, q_pe], 2);
+                layer.o.forward(attention(q, k, v, mask.clone(), scale))
+            })?;
         }
-        self.lm_head.forward(self.norm.forward(x))
+        Ok(self.lm_head.forward(self.norm.forward(x)))
     }
 }
 

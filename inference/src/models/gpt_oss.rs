@@ -20,12 +20,13 @@ use burn::tensor::{Device, Tensor, TensorData};
 use serde::Deserialize;
 
 use crate::checkpoint::Checkpoint;
+use crate::decoder::DecoderLayer;
 use crate::error::{ModelError, Result};
 use crate::layers::{
     apply_rope, attention_with_sinks, causal_mask, embed_tokens, load_vector, Dense, GluActivation,
     KvCache, RmsNorm, SwiGlu,
 };
-use crate::moe::SparseMoe;
+use crate::moe::{FeedForward, SparseMoe};
 use crate::rope::{RopeParameters, RotaryEmbedding};
 use crate::routing::{RouterScoring, RoutingObserver};
 
@@ -156,18 +157,19 @@ impl Config {
     }
 }
 
+/// Grouped-query attention with a learned sink logit per head, over a sliding window on
+/// the layers that have one.
 #[derive(Debug, Clone)]
-struct Layer {
-    input_norm: RmsNorm,
-    post_norm: RmsNorm,
+struct Attention {
     q: Dense,
     k: Dense,
     v: Dense,
     o: Dense,
     sinks: Tensor<1>,
     window: Option<usize>,
-    moe: SparseMoe,
 }
+
+type Layer = DecoderLayer<Attention>;
 
 /// A loaded GPT-OSS model.
 #[derive(Debug, Clone)]
@@ -226,7 +228,10 @@ pub fn load_expert(
 impl Model {
     /// The sparse MoE blocks, in layer order.
     pub fn sparse_layers_mut(&mut self) -> Vec<&mut SparseMoe> {
-        self.layers.iter_mut().map(|l| &mut l.moe).collect()
+        self.layers
+            .iter_mut()
+            .filter_map(|l| l.ffn.sparse_mut())
+            .collect()
     }
 
     /// The weights the logit lens reads.
@@ -235,7 +240,7 @@ impl Model {
             &self.embed,
             &self.norm,
             &self.lm_head,
-            self.layers.iter().map(|l| (&l.post_norm, Some(&l.moe))),
+            self.layers.iter().map(|l| (&l.post_norm, l.ffn.sparse())),
         )
     }
 
@@ -286,13 +291,15 @@ impl Model {
                     eps,
                     device,
                 )?,
-                q: Dense::load(ck, &format!("{attn}.q_proj"), nh * hd, h, device)?,
-                k: Dense::load(ck, &format!("{attn}.k_proj"), nkv * hd, h, device)?,
-                v: Dense::load(ck, &format!("{attn}.v_proj"), nkv * hd, h, device)?,
-                o: Dense::load(ck, &format!("{attn}.o_proj"), h, nh * hd, device)?,
-                sinks: load_vector(ck, &format!("{attn}.sinks"), nh, device)?,
-                window: c.window(l),
-                moe,
+                attention: Attention {
+                    q: Dense::load(ck, &format!("{attn}.q_proj"), nh * hd, h, device)?,
+                    k: Dense::load(ck, &format!("{attn}.k_proj"), nkv * hd, h, device)?,
+                    v: Dense::load(ck, &format!("{attn}.v_proj"), nkv * hd, h, device)?,
+                    o: Dense::load(ck, &format!("{attn}.o_proj"), h, nh * hd, device)?,
+                    sinks: load_vector(ck, &format!("{attn}.sinks"), nh, device)?,
+                    window: c.window(l),
+                },
+                ffn: FeedForward::Sparse(Box::new(moe)),
             });
         }
         let lm_head = Dense::load_lm_head(ck, &embed, c.tie_word_embeddings, device)?;
@@ -317,7 +324,7 @@ impl Model {
         tokens: &[u32],
         cache: &mut KvCache,
         observer: &mut dyn RoutingObserver,
-    ) -> Tensor<2> {
+    ) -> Result<Tensor<2>> {
         let device = self.embed.device();
         let t = tokens.len();
         let past = cache.len();
@@ -329,26 +336,26 @@ impl Model {
         let sliding_mask = causal_mask(t, past, c.sliding_window, &device);
         let scale = 1.0 / (hd as f64).sqrt();
         for (l, layer) in self.layers.iter().enumerate() {
-            if observer.wants_pre_attention_logits() {
-                if let Some(moe) = Some(&layer.moe) {
-                    moe.report_pre_attention(layer.post_norm.forward(x.clone()), past, observer);
-                }
-            }
-            let n = layer.input_norm.forward(x.clone());
-            let heads = |x: Tensor<2>, n: usize| x.reshape([t, n, hd]).swap_dims(0, 1);
-            let q = apply_rope(heads(layer.q.forward(n.clone()), nh), &cos, &sin);
-            let k = apply_rope(heads(layer.k.forward(n.clone()), nkv), &cos, &sin);
-            let v = heads(layer.v.forward(n), nkv);
-            let (k, v) = cache.append(l, k, v);
-            let mask = match layer.window {
-                Some(_) => sliding_mask.clone(),
-                None => full_mask.clone(),
-            };
-            let a = attention_with_sinks(q, k, v, mask, scale, Some(&layer.sinks));
-            let h = x + layer.o.forward(a);
-            let n = layer.post_norm.forward(h.clone());
-            x = h + layer.moe.forward(n, past, observer);
+            x = layer.forward(x, past, observer, |layer, n| {
+                let heads = |x: Tensor<2>, n: usize| x.reshape([t, n, hd]).swap_dims(0, 1);
+                let q = apply_rope(heads(layer.q.forward(n.clone()), nh), &cos, &sin);
+                let k = apply_rope(heads(layer.k.forward(n.clone()), nkv), &cos, &sin);
+                let v = heads(layer.v.forward(n), nkv);
+                let (k, v) = cache.append(l, k, v);
+                let mask = match layer.window {
+                    Some(_) => sliding_mask.clone(),
+                    None => full_mask.clone(),
+                };
+                layer.o.forward(attention_with_sinks(
+                    q,
+                    k,
+                    v,
+                    mask,
+                    scale,
+                    Some(&layer.sinks),
+                ))
+            })?;
         }
-        self.lm_head.forward(self.norm.forward(x))
+        Ok(self.lm_head.forward(self.norm.forward(x)))
     }
 }

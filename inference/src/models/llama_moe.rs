@@ -18,6 +18,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use serde::Deserialize;
 
 use crate::checkpoint::Checkpoint;
+use crate::decoder::DecoderLayer;
 use crate::error::{ModelError, Result};
 use crate::layers::{
     apply_rope, attention, causal_mask, embed_tokens, Dense, KvCache, RmsNorm, SwiGlu,
@@ -153,17 +154,17 @@ enum QkNorm {
     Full(RmsNorm, RmsNorm),
 }
 
+/// Grouped-query attention with optional q/k norms and q/k/v clipping.
 #[derive(Debug, Clone)]
-struct Layer {
-    input_norm: RmsNorm,
-    post_norm: RmsNorm,
+struct Attention {
     q: Dense,
     k: Dense,
     v: Dense,
     o: Dense,
     qk_norm: QkNorm,
-    ffn: FeedForward,
 }
+
+type Layer = DecoderLayer<Attention>;
 
 /// A loaded model of this family.
 #[derive(Debug, Clone)]
@@ -263,11 +264,13 @@ impl Model {
                     eps,
                     device,
                 )?,
-                q: Dense::load(ck, &format!("{attn}.q_proj"), nh * hd, h, device)?,
-                k: Dense::load(ck, &format!("{attn}.k_proj"), nkv * hd, h, device)?,
-                v: Dense::load(ck, &format!("{attn}.v_proj"), nkv * hd, h, device)?,
-                o: Dense::load(ck, &format!("{attn}.o_proj"), h, nh * hd, device)?,
-                qk_norm,
+                attention: Attention {
+                    q: Dense::load(ck, &format!("{attn}.q_proj"), nh * hd, h, device)?,
+                    k: Dense::load(ck, &format!("{attn}.k_proj"), nkv * hd, h, device)?,
+                    v: Dense::load(ck, &format!("{attn}.v_proj"), nkv * hd, h, device)?,
+                    o: Dense::load(ck, &format!("{attn}.o_proj"), h, nh * hd, device)?,
+                    qk_norm,
+                },
                 ffn,
             });
         }
@@ -296,7 +299,7 @@ impl Model {
         tokens: &[u32],
         cache: &mut KvCache,
         observer: &mut dyn RoutingObserver,
-    ) -> Tensor<2> {
+    ) -> Result<Tensor<2>> {
         let device = self.embed.device();
         let t = tokens.len();
         let past = cache.len();
@@ -307,42 +310,34 @@ impl Model {
         let mask = causal_mask(t, past, None, &device);
         let scale = 1.0 / (hd as f64).sqrt();
         for (l, layer) in self.layers.iter().enumerate() {
-            if observer.wants_pre_attention_logits() {
-                if let Some(moe) = layer.ffn.sparse() {
-                    moe.report_pre_attention(layer.post_norm.forward(x.clone()), past, observer);
+            x = layer.forward(x, past, observer, |layer, n| {
+                let (mut q, mut k, mut v) = (
+                    layer.q.forward(n.clone()),
+                    layer.k.forward(n.clone()),
+                    layer.v.forward(n),
+                );
+                if let QkNorm::Full(qn, kn) = &layer.qk_norm {
+                    q = qn.forward(q);
+                    k = kn.forward(k);
                 }
-            }
-            let n = layer.input_norm.forward(x.clone());
-            let (mut q, mut k, mut v) = (
-                layer.q.forward(n.clone()),
-                layer.k.forward(n.clone()),
-                layer.v.forward(n),
-            );
-            if let QkNorm::Full(qn, kn) = &layer.qk_norm {
-                q = qn.forward(q);
-                k = kn.forward(k);
-            }
-            if let Some(clip) = c.clip_qkv {
-                q = q.clamp(-clip, clip);
-                k = k.clamp(-clip, clip);
-                v = v.clamp(-clip, clip);
-            }
-            let heads = |x: Tensor<2>, n: usize| x.reshape([t, n, hd]).swap_dims(0, 1);
-            let (mut q, mut k, v) = (heads(q, nh), heads(k, nkv), heads(v, nkv));
-            if let QkNorm::PerHead(qn, kn) = &layer.qk_norm {
-                q = qn.forward(q);
-                k = kn.forward(k);
-            }
-            let q = apply_rope(q, &cos, &sin);
-            let k = apply_rope(k, &cos, &sin);
-            let (k, v) = cache.append(l, k, v);
-            let a = attention(q, k, v, mask.clone(), scale);
-            let h = x + layer.o.forward(a);
-            let n = layer.post_norm.forward(h.clone());
-            let f = layer.ffn.forward(n, past, observer);
-            x = h + f;
+                if let Some(clip) = c.clip_qkv {
+                    q = q.clamp(-clip, clip);
+                    k = k.clamp(-clip, clip);
+                    v = v.clamp(-clip, clip);
+                }
+                let heads = |x: Tensor<2>, n: usize| x.reshape([t, n, hd]).swap_dims(0, 1);
+                let (mut q, mut k, v) = (heads(q, nh), heads(k, nkv), heads(v, nkv));
+                if let QkNorm::PerHead(qn, kn) = &layer.qk_norm {
+                    q = qn.forward(q);
+                    k = kn.forward(k);
+                }
+                let q = apply_rope(q, &cos, &sin);
+                let k = apply_rope(k, &cos, &sin);
+                let (k, v) = cache.append(l, k, v);
+                layer.o.forward(attention(q, k, v, mask.clone(), scale))
+            })?;
         }
-        self.lm_head.forward(self.norm.forward(x))
+        Ok(self.lm_head.forward(self.norm.forward(x)))
     }
 }
 

@@ -43,7 +43,7 @@ pub enum MoeModel {
     GptOss(gpt_oss::Model),
 }
 
-/// The weights the logit lens reads (see [`crate::gate::NextTokenGate`]).
+/// The weights the logit lens reads (see `offload::gate::NextTokenGate`).
 pub struct LensParts<'a> {
     pub embed: &'a Tensor<2>,
     pub final_norm: &'a crate::layers::RmsNorm,
@@ -215,7 +215,10 @@ impl MoeModel {
             MoeModel::Deepseek(m) => m.forward(tokens, cache, observer),
             MoeModel::GptOss(m) => m.forward(tokens, cache, observer),
         };
-        observer.on_forward_done()?;
+        // The observer hears the forward end even when it failed.
+        let done = observer.on_forward_done();
+        let logits = logits?;
+        done?;
         Ok(logits)
     }
 

@@ -50,7 +50,7 @@ use inference::checkpoint::Checkpoint;
 use inference::error::{ModelError, Result};
 use inference::layers::SwiGlu;
 use inference::models::MoeModel;
-use inference::routing::{RouteDecision, RoutingObserver};
+use inference::routing::{ExpertSource, RouteDecision, RoutingObserver, RoutingPolicy};
 pub use report::EngineReport;
 pub use store::{ExpertLoader, ExpertStore, Loaded};
 
@@ -88,7 +88,6 @@ pub struct EngineConfig {
 /// The runtime state; see the module docs.
 pub struct OffloadEngine {
     cfg: EngineConfig,
-    store: Arc<ExpertStore>,
     loader: ExpertLoader,
     cache: ExpertCache,
     resident: HashMap<usize, SwiGlu>,
@@ -166,7 +165,7 @@ impl OffloadEngine {
         }
         let capacity = cfg.capacity.min(m * e);
         // Planned, one loader thread is kept for demand reads.
-        let loader = ExpertLoader::start(store.clone(), cfg.loader_threads, cfg.planned);
+        let loader = ExpertLoader::start(store, cfg.loader_threads, cfg.planned);
         let learned = match &predictor {
             Some(p) if cfg.layer_forecasts && p.predictor().card.config.task == Task::Lookahead => {
                 Some("learned (next token + layer lookahead)")
@@ -210,7 +209,6 @@ impl OffloadEngine {
         Ok(OffloadEngine {
             cache: ExpertCache::new(cfg.policy, CacheScope::Global, capacity, m, e),
             cfg,
-            store,
             loader,
             resident: HashMap::new(),
             in_flight: HashMap::new(),
@@ -533,6 +531,35 @@ impl RoutingObserver for OffloadEngine {
         self.prefetch_top(m, &logits[..e], false);
     }
 
+    fn policy(&mut self) -> Option<&mut dyn RoutingPolicy> {
+        Some(self)
+    }
+
+    fn expert_source(&mut self) -> Option<&mut dyn ExpertSource> {
+        Some(self)
+    }
+
+    fn on_forward_done(&mut self) -> Result<()> {
+        if let Some(e) = self.error.take() {
+            return Err(e);
+        }
+        let elapsed = self.started.elapsed().as_secs_f64();
+        if self.decoding {
+            self.report.decode_tokens += 1;
+            self.report.decode_s += elapsed;
+        } else {
+            self.report.prompt_tokens += self.tokens.len() as u64;
+            self.report.prefill_s += elapsed;
+        }
+        if !self.observed {
+            self.observe_forward()?;
+        }
+        Ok(())
+    }
+}
+
+/// Cache-aware routing: resident experts get `routing_margin` added to their scores.
+impl RoutingPolicy for OffloadEngine {
     fn selection_bonus(&mut self, layer: usize) -> Option<Vec<f32>> {
         if self.cfg.routing_margin <= 0.0 {
             return None;
@@ -565,9 +592,17 @@ impl RoutingObserver for OffloadEngine {
             .filter(|(a, b)| set(a) != set(b))
             .count() as u64;
     }
+}
 
-    fn expert(&mut self, layer: usize, x: usize) -> Option<SwiGlu> {
-        let id = self.moe_index.get(&layer)? * self.n_experts + x;
+/// Experts come from the cache, read from disk on a miss (waiting for a read already
+/// queued); a failed read fails the forward with the file's name.
+impl ExpertSource for OffloadEngine {
+    fn expert(&mut self, layer: usize, x: usize) -> Result<SwiGlu> {
+        let &m = self
+            .moe_index
+            .get(&layer)
+            .ok_or_else(|| ModelError::Input(format!("layer {layer} has no MoE block")))?;
+        let id = m * self.n_experts + x;
         let waited = Instant::now();
         loop {
             if let Some(expert) = self.resident.get(&id) {
@@ -578,36 +613,18 @@ impl RoutingObserver for OffloadEngine {
                 if self.decoding {
                     self.report.stall_s += waited.elapsed().as_secs_f64();
                 }
-                return Some(expert);
+                return Ok(expert);
             }
-            if self.error.is_some() {
-                return Some(self.store.placeholder(id));
+            if let Some(e) = self.error.take() {
+                return Err(e);
             }
             if !self.in_flight.contains_key(&id) {
                 self.admit(id, true);
             }
             match self.loader.wait() {
                 Some(l) => self.arrive(l),
-                None => self.fail(ModelError::Input("the expert loader stopped".into())),
+                None => return Err(ModelError::Input("the expert loader stopped".into())),
             }
         }
-    }
-
-    fn on_forward_done(&mut self) -> Result<()> {
-        if let Some(e) = self.error.take() {
-            return Err(e);
-        }
-        let elapsed = self.started.elapsed().as_secs_f64();
-        if self.decoding {
-            self.report.decode_tokens += 1;
-            self.report.decode_s += elapsed;
-        } else {
-            self.report.prompt_tokens += self.tokens.len() as u64;
-            self.report.prefill_s += elapsed;
-        }
-        if !self.observed {
-            self.observe_forward()?;
-        }
-        Ok(())
     }
 }

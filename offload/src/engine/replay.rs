@@ -6,9 +6,8 @@
 use std::collections::HashMap;
 
 use inference::error::Result;
-use inference::layers::SwiGlu;
 use inference::models::MoeModel;
-use inference::routing::{RouteDecision, RoutingObserver};
+use inference::routing::{ExpertSource, RouteDecision, RoutingObserver, RoutingPolicy};
 
 /// Wraps an observer (the engine): forwards every hook, and makes each MoE layer choose
 /// the experts in `forced` (a selection bonus large enough to beat any score; the
@@ -98,6 +97,17 @@ impl RoutingObserver for ForcedRouting<'_> {
         self.inner.on_forward_done()
     }
 
+    fn policy(&mut self) -> Option<&mut dyn RoutingPolicy> {
+        Some(self)
+    }
+
+    fn expert_source(&mut self) -> Option<&mut dyn ExpertSource> {
+        self.inner.expert_source()
+    }
+}
+
+/// Forcing: the recorded experts get a bonus no router score can beat.
+impl RoutingPolicy for ForcedRouting<'_> {
     fn selection_bonus(&mut self, layer: usize) -> Option<Vec<f32>> {
         let want = self.forced_at(layer)?;
         let mut bonus = vec![0.0; self.n_experts];
@@ -107,10 +117,6 @@ impl RoutingObserver for ForcedRouting<'_> {
             }
         }
         Some(bonus)
-    }
-
-    fn expert(&mut self, layer: usize, id: usize) -> Option<SwiGlu> {
-        self.inner.expert(layer, id)
     }
 }
 

@@ -140,22 +140,6 @@ impl ExpertStore {
         })
     }
 
-    /// An all-zero stand-in for expert `id`, used only to finish a forward whose output
-    /// is discarded because a read failed.
-    pub fn placeholder(&self, id: usize) -> SwiGlu {
-        let zero = |p: &Part| {
-            let (out, inp) = (p.weight.shape[0], p.weight.shape[1]);
-            Dense::from_f32(vec![0.0; out * inp], None, out, inp, &self.device)
-        };
-        let [g, u, d] = &self.experts[id];
-        SwiGlu {
-            gate: zero(g),
-            up: zero(u),
-            down: zero(d),
-            act: self.act[id],
-        }
-    }
-
     fn read_tensor(&self, file: usize, r: &TensorRef, buf: &mut Vec<u8>) -> Result<Vec<f32>> {
         let path = &self.paths[file];
         buf.resize(r.len, 0);
