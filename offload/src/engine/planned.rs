@@ -136,8 +136,7 @@ impl OffloadEngine {
             return;
         };
         let (n, e) = (self.n_moe(), self.n_experts);
-        let (ahead, next_token) = lookups_until(m, plan.next_layer, n);
-        let token = plan.token + u64::from(next_token);
+        let (ahead, _) = lookups_until(m, plan.next_layer, n);
         let mut offered: Vec<(f64, Candidate)> = ranking
             .iter()
             .enumerate()
@@ -152,7 +151,17 @@ impl OffloadEngine {
                 (plan.planner.calibrated(&c), c)
             })
             .collect();
-        offered.sort_by(|a, b| b.0.total_cmp(&a.0));
+        // Candidates not worth a read at an earlier moment are judged again now, while
+        // their layer is ahead (the simulator does the same).
+        for c in plan.planner.take_deferred(plan.token, plan.next_layer) {
+            if !offered.iter().any(|(_, o)| o.id == c.id) {
+                offered.push((plan.planner.calibrated(&c), c));
+            }
+        }
+        offered.sort_by(|a, b| {
+            b.0.total_cmp(&a.0)
+                .then(a.1.layers_ahead.cmp(&b.1.layers_ahead))
+        });
         let mut link = plan.link(self.in_flight.len());
         for (_, c) in offered {
             let id = c.id as usize;
@@ -168,9 +177,15 @@ impl OffloadEngine {
                     (p, bg.then_some(v as u32))
                 }
             };
-            if plan.planner.judge(&c, &link, victim) == Verdict::Issue {
+            // The decode step whose routing reads it (this one or the next).
+            let target = plan.token + ((c.layers_ahead + plan.next_layer) / n) as u64;
+            let verdict = plan.planner.judge(&c, &link, victim);
+            if verdict == Verdict::NotWorth {
+                plan.planner.defer(c, target);
+            }
+            if verdict == Verdict::Issue {
                 self.admit(id, false);
-                self.planned_for.insert(id, token);
+                self.planned_for.insert(id, target);
                 link.link_free += plan.queued_read_us();
                 if let Some(v) = background {
                     plan.planner.note_evicted(v);
