@@ -39,7 +39,7 @@ pub(crate) struct CollectArgs {
     /// Also record each MoE layer's router logits over all experts (f32).
     #[arg(long)]
     router_logits: bool,
-    /// Compute backend: flex (default) or ndarray.
+    /// Compute backend: flex (default), ndarray (`--features ndarray` builds).
     #[arg(long, default_value = "flex")]
     device: String,
     /// Output trace: .mctrace, .parquet or .jsonl.

@@ -10,7 +10,9 @@ pub enum BackendKind {
     /// burn-flex, Burn's CPU backend (the default).
     #[default]
     Flex,
-    /// burn-ndarray (deprecated upstream in favour of flex; kept for comparison).
+    /// burn-ndarray (deprecated upstream in favour of flex; kept for comparison; builds
+    /// with the `ndarray` feature).
+    #[cfg(feature = "ndarray")]
     Ndarray,
     /// burn-wgpu on the default GPU adapter (builds with the `wgpu` feature).
     #[cfg(feature = "wgpu")]
@@ -23,7 +25,12 @@ impl FromStr for BackendKind {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "flex" | "cpu" => Ok(BackendKind::Flex),
+            #[cfg(feature = "ndarray")]
             "ndarray" => Ok(BackendKind::Ndarray),
+            #[cfg(not(feature = "ndarray"))]
+            "ndarray" => Err("this build has no ndarray backend (deprecated upstream; flex is faster): \
+                 rebuild with `cargo build --release --features ndarray`"
+                .into()),
             #[cfg(feature = "wgpu")]
             "wgpu" => Ok(BackendKind::Wgpu),
             #[cfg(not(feature = "wgpu"))]
@@ -52,6 +59,7 @@ impl BackendKind {
     pub fn device(self) -> Device {
         match self {
             BackendKind::Flex => Device::flex(),
+            #[cfg(feature = "ndarray")]
             BackendKind::Ndarray => Device::ndarray(),
             #[cfg(feature = "wgpu")]
             BackendKind::Wgpu => Device::wgpu(burn::tensor::DeviceKind::DefaultDevice),

@@ -32,7 +32,12 @@ fn main() {
         model.display()
     );
     let mut best = 0f64;
-    for backend in [BackendKind::Flex, BackendKind::Ndarray] {
+    // burn-ndarray too when built (`--features backend/ndarray`).
+    let backends: Vec<BackendKind> = ["flex", "ndarray"]
+        .iter()
+        .filter_map(|b| b.parse().ok())
+        .collect();
+    for backend in backends {
         let cfg = CollectConfig {
             router_logits: false,
             model_dir: model.clone(),
