@@ -127,9 +127,11 @@ pub(crate) fn open(
     expected: impl Fn(usize) -> Result<(String, Vec<u32>), CollectError>,
 ) -> Result<(BufWriter<File>, Resumed), CollectError> {
     let io = |e: std::io::Error| CollectError::Trace(datasets::TraceError::io(path, e));
-    let fail = |msg: String| CollectError::Input {
-        path: path.to_path_buf(),
-        msg: format!("{msg}; delete it to start afresh"),
+    let fail = |msg: String| {
+        CollectError::Model(inference::ModelError::file(
+            path,
+            format!("{msg}; delete it to start afresh"),
+        ))
     };
     let file = match File::open(path) {
         Ok(f) => f,

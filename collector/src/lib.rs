@@ -29,14 +29,6 @@ pub enum CollectError {
     Model(#[from] inference::ModelError),
     #[error(transparent)]
     Trace(#[from] datasets::TraceError),
-    #[error("{}: {msg}", path.display())]
-    Input { path: PathBuf, msg: String },
-    #[error("prompt '{name}': {source}")]
-    Prompt {
-        name: String,
-        #[source]
-        source: inference::ModelError,
-    },
 }
 
 /// What to collect.
@@ -298,12 +290,8 @@ fn run_prompts(
             logits: cfg.router_logits.then(BTreeMap::new),
             ..SequenceRecorder::default()
         };
-        let gen = generate(model, &ids, cfg.max_new_tokens, &sampling, None, &mut rec).map_err(
-            |source| CollectError::Prompt {
-                name: prompt.name().to_string(),
-                source,
-            },
-        )?;
+        let gen = generate(model, &ids, cfg.max_new_tokens, &sampling, None, &mut rec)
+            .map_err(|source| inference::ModelError::in_prompt(prompt.name(), source))?;
         let all: Vec<u32> = gen.prompt.iter().chain(&gen.generated).copied().collect();
         for (pos, &token) in all.iter().enumerate() {
             let decisions: Vec<Option<&RouteDecision>> = shape

@@ -31,6 +31,13 @@ pub enum ModelError {
     /// Bad input to a running model (token id out of range, empty prompt).
     #[error("{0}")]
     Input(String),
+    /// Running one prompt (or one recorded sequence) failed.
+    #[error("prompt '{name}': {source}")]
+    Prompt {
+        name: String,
+        #[source]
+        source: Box<ModelError>,
+    },
     /// Something driving the model through its observer hooks failed (an expert
     /// cache reading weights, a predictor forecasting); its error, unchanged.
     #[error(transparent)]
@@ -42,6 +49,14 @@ impl ModelError {
         ModelError::Io {
             path: path.to_path_buf(),
             source,
+        }
+    }
+
+    /// `source`, raised while running the prompt (or sequence) `name`.
+    pub fn in_prompt(name: impl Into<String>, source: ModelError) -> Self {
+        ModelError::Prompt {
+            name: name.into(),
+            source: Box::new(source),
         }
     }
 

@@ -13,8 +13,6 @@ pub mod replay;
 pub mod run;
 pub mod simulate;
 
-use std::path::PathBuf;
-
 pub use cache::CacheSize;
 pub use replay::ReplaySummary;
 pub use run::{run_offloaded, OffloadRun, OffloadRunConfig};
@@ -28,13 +26,4 @@ pub enum OffloadError {
     Predictor(#[from] predictor::PredictorError),
     #[error(transparent)]
     Trace(#[from] datasets::TraceError),
-    /// A file is malformed or unusable.
-    #[error("{}: {msg}", path.display())]
-    Input { path: PathBuf, msg: String },
-    #[error("prompt '{name}': {source}")]
-    Prompt {
-        name: String,
-        #[source]
-        source: inference::ModelError,
-    },
 }

@@ -9,6 +9,8 @@ use datasets::open_trace;
 use indicatif::ProgressBar;
 use inference::MoeModel;
 
+use inference::ModelError;
+
 use crate::OffloadError;
 
 /// What a replay ran: sequences, tokens, routings that could not be forced, and the
@@ -37,10 +39,7 @@ fn sequences(
     let shape = model.shape();
     let opened = open_trace(path)?;
     let view = opened.view();
-    let bad = |msg: String| OffloadError::Input {
-        path: path.to_path_buf(),
-        msg,
-    };
+    let bad = |msg: String| OffloadError::Model(ModelError::file(path, msg));
     let (m, e, k) = (shape.moe_layers.len(), shape.n_experts, shape.top_k);
     if view.meta.n_experts as usize != e || view.meta.top_k as usize != k {
         return Err(bad(format!(
@@ -111,10 +110,7 @@ pub fn replay_trace(
     for (i, (tokens, experts)) in seqs.iter().enumerate() {
         engine.new_request();
         summary.unforced += replay_sequence(model, tokens, experts, engine).map_err(|source| {
-            OffloadError::Prompt {
-                name: format!("{} sequence {i}", path.display()),
-                source,
-            }
+            ModelError::in_prompt(format!("{} sequence {i}", path.display()), source)
         })?;
         summary.sequences += 1;
         summary.tokens += tokens.len();

@@ -13,7 +13,7 @@ use crate::planner::PrefetchBudget;
 use indicatif::{ProgressBar, ProgressStyle};
 use inference::generate::{generate, Sampling};
 use inference::tokenizer::TextTokenizer;
-use inference::{Checkpoint, MoeModel};
+use inference::{Checkpoint, ModelError, MoeModel};
 use predictor::{LoadedPredictor, OnlinePredictor};
 
 use inference::prompts::Prompt;
@@ -111,10 +111,7 @@ pub fn run_offloaded(cfg: &OffloadRunConfig) -> Result<OffloadRun, OffloadError>
             .iter()
             .map(|p| {
                 p.token_ids(tokenizer.as_ref(), cfg.add_special_tokens, shape.vocab_size)
-                    .map_err(|source| OffloadError::Prompt {
-                        name: p.name().to_string(),
-                        source,
-                    })
+                    .map_err(|source| ModelError::in_prompt(p.name(), source).into())
             })
             .collect()
     };
@@ -172,10 +169,7 @@ pub fn run_offloaded(cfg: &OffloadRunConfig) -> Result<OffloadRun, OffloadError>
             None,
             &mut engine,
         )
-        .map_err(|source| OffloadError::Prompt {
-            name: p.name().to_string(),
-            source,
-        })?;
+        .map_err(|source| ModelError::in_prompt(p.name(), source))?;
         generated.push(g.generated);
         let r = engine.report();
         bar.set_message(format!(
