@@ -70,6 +70,21 @@ fn fixture(arch: &str) -> PathBuf {
         .join(arch)
 }
 
+/// The case's prompt and greedy decode, with every routing recorded.
+fn greedy(model: &MoeModel, case: &Case) -> (inference::generate::Generation, Recorder) {
+    let mut rec = Recorder::default();
+    let gen = generate(
+        model,
+        &case.input_ids,
+        case.decode.len(),
+        &Sampling::Greedy,
+        None,
+        &mut rec,
+    )
+    .unwrap();
+    (gen, rec)
+}
+
 fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {
     assert_eq!(a.len(), b.len(), "{what}: length");
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
@@ -98,16 +113,7 @@ fn check_arch(arch: &str) {
                 .unwrap();
             assert_eq!(ids, case.input_ids, "{what}: tokenizer");
         }
-        let mut rec = Recorder::default();
-        let gen = generate(
-            &model,
-            &case.input_ids,
-            case.decode.len(),
-            &Sampling::Greedy,
-            None,
-            &mut rec,
-        )
-        .unwrap();
+        let (gen, rec) = greedy(&model, case);
         assert_eq!(gen.generated, case.generated_ids, "{what}: greedy tokens");
         close(
             &gen.step_logits[0],
@@ -255,16 +261,7 @@ fn scaled_rope_fixtures_differ_from_plain_rope() {
             .unwrap();
             let mut differing = 0;
             for case in &expected.prompts {
-                let mut rec = Recorder::default();
-                let gen = generate(
-                    &model,
-                    &case.input_ids,
-                    case.decode.len(),
-                    &Sampling::Greedy,
-                    None,
-                    &mut rec,
-                )
-                .unwrap();
+                let (gen, rec) = greedy(&model, case);
                 differing += usize::from(gen.generated != case.generated_ids);
                 for (t, ids) in case.prefill.topk_ids.iter().enumerate() {
                     for (m, &layer) in expected.moe_layers.iter().enumerate() {
