@@ -289,7 +289,7 @@ impl PrefetchPlanner {
 
     /// The deferred candidates whose layer is still ahead of decode step `token`'s
     /// layer `next_layer`, with their distance updated; the rest are dropped.
-    pub fn take_deferred(&mut self, token: u64, next_layer: usize) -> Vec<Candidate> {
+    fn take_deferred(&mut self, token: u64, next_layer: usize) -> Vec<Candidate> {
         let (e, m) = (self.settings.n_experts.max(1), self.n_moe as i64);
         self.deferred
             .drain(..)
@@ -302,6 +302,27 @@ impl PrefetchPlanner {
                 })
             })
             .collect()
+    }
+
+    /// Adds to `offered` (calibrated probability, candidate) the deferred candidates still
+    /// ahead of decode step `token`'s layer `next_layer` that it does not hold, judged
+    /// again at this moment, and orders them all best first: higher probability, then
+    /// the nearer layer.
+    pub fn merge_deferred(
+        &mut self,
+        offered: &mut Vec<(f64, Candidate)>,
+        token: u64,
+        next_layer: usize,
+    ) {
+        for c in self.take_deferred(token, next_layer) {
+            if !offered.iter().any(|(_, o)| o.id == c.id) {
+                offered.push((self.calibrated(&c), c));
+            }
+        }
+        offered.sort_by(|a, b| {
+            b.0.total_cmp(&a.0)
+                .then(a.1.layers_ahead.cmp(&b.1.layers_ahead))
+        });
     }
 
     /// When a read of `c` issued now would land, with the demand reads expected at the

@@ -152,16 +152,9 @@ impl OffloadEngine {
             })
             .collect();
         // Candidates not worth a read at an earlier moment are judged again now, while
-        // their layer is ahead (the simulator does the same).
-        for c in plan.planner.take_deferred(plan.token, plan.next_layer) {
-            if !offered.iter().any(|(_, o)| o.id == c.id) {
-                offered.push((plan.planner.calibrated(&c), c));
-            }
-        }
-        offered.sort_by(|a, b| {
-            b.0.total_cmp(&a.0)
-                .then(a.1.layers_ahead.cmp(&b.1.layers_ahead))
-        });
+        // their layer is ahead (as in the simulator).
+        plan.planner
+            .merge_deferred(&mut offered, plan.token, plan.next_layer);
         let mut link = plan.link(self.in_flight.len());
         for (_, c) in offered {
             let id = c.id as usize;

@@ -346,15 +346,7 @@ impl Sim {
             offered.push((planner.calibrated(&c), c));
         }
         // Candidates not worth a read at an earlier moment are judged again now.
-        for c in planner.take_deferred(self.token as u64, self.layer) {
-            if !offered.iter().any(|(_, o)| o.id == c.id) {
-                offered.push((planner.calibrated(&c), c));
-            }
-        }
-        offered.sort_by(|a, b| {
-            b.0.total_cmp(&a.0)
-                .then(a.1.layers_ahead.cmp(&b.1.layers_ahead))
-        });
+        planner.merge_deferred(&mut offered, self.token as u64, self.layer);
         // When the link is free for a read `a` layers ahead: after the demand reads, the
         // read on the link and the queued reads that go before it (earliest deadline
         // first: those for layers up to `a`; in issue order: all).
