@@ -385,10 +385,12 @@ def collect(model, prompts, out_path, max_new_tokens=32, samples=1, temperature=
         "source": "llama.cpp",
         "ranked": True,
         "expert_bytes": ex.expert_bytes,
-        "router_logits": bool(model.router_logits),
+        "channels": [],
     }
     if model.router_inputs:
-        meta["router_input_dim"] = model.n_embd
+        meta["channels"].append({"name": "router_inputs", "dtype": "f16", "width": model.n_embd})
+    if model.router_logits:
+        meta["channels"].append({"name": "router_logits", "dtype": "f32", "width": ex.n_experts})
     tmp = out_path + ".partial"
     try:
         written = _write_collection(model, prompts, tmp, meta, max_new_tokens, samples, temperature, seed,

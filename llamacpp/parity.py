@@ -91,6 +91,12 @@ def compare(ref_path, ours_path):
             "router_input_rel_err": input_err}
 
 
+def _has_router_inputs(meta):
+    """Whether a trace meta lists router inputs (as a channel, or in the older spelling)."""
+    return bool(meta.get("router_input_dim")) or any(
+        c.get("name") == "router_inputs" for c in meta.get("channels", []))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="top-k set parity of llama.cpp's routing against a moecast trace")
     ap.add_argument("--reference", required=True, help="moecast collect's trace, interchange JSONL")
@@ -108,7 +114,7 @@ def main(argv=None):
             ids = os.path.join(tmp.name, "ids.jsonl")
             prompts_from_trace(args.reference, ids)
             meta, _ = read_jsonl(args.reference)
-            model = mcl.LlamaCppModel(args.model, router_inputs=bool(meta.get("router_input_dim")))
+            model = mcl.LlamaCppModel(args.model, router_inputs=_has_router_inputs(meta))
             ours = args.output or os.path.join(tmp.name, "llamacpp.jsonl")
             try:
                 mcl.collect(model, mcl.read_prompts(ids, model), ours, max_new_tokens=0)

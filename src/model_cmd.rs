@@ -39,6 +39,10 @@ pub(crate) struct CollectArgs {
     /// Also record each MoE layer's router logits over all experts (f32).
     #[arg(long)]
     router_logits: bool,
+    /// Also record each MoE layer's gate applied to the hidden state before the layer's
+    /// attention (the pre-attention predictor's signal; f32 over all experts).
+    #[arg(long)]
+    pre_attention_logits: bool,
     /// Compute backend: flex (default), ndarray (`--features ndarray` builds).
     #[arg(long, default_value = "flex")]
     device: String,
@@ -69,8 +73,15 @@ pub(crate) fn collect(a: CollectArgs) -> Result<()> {
         samples: a.samples,
         backend,
         add_special_tokens: a.add_special_tokens,
-        router_inputs: a.hidden_states,
-        router_logits: a.router_logits,
+        channels: [
+            (a.hidden_states, "router_inputs"),
+            (a.router_logits, "router_logits"),
+            (a.pre_attention_logits, "pre_attention_logits"),
+        ]
+        .into_iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, name)| name.to_string())
+        .collect(),
         output: a.output,
     };
     eprintln!(

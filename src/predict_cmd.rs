@@ -112,7 +112,7 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
     a.task
         .check_features(a.features)
         .map_err(anyhow::Error::msg)?;
-    if a.features.hidden() && meta.router_input_dim.is_none() {
+    if a.features.hidden() && meta.router_input_dim().is_none() {
         bail!(
             "{}: --features {} reads router inputs and this trace has none (collect it with --hidden-states)",
             first.display(),
@@ -131,7 +131,7 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
         .with_token_dropout(a.token_dropout)
         .with_hidden_width(a.hidden_width)
         .with_features(a.features)
-        .with_router_input_dim(meta.router_input_dim.unwrap_or(0) as usize);
+        .with_router_input_dim(meta.router_input_dim().unwrap_or(0) as usize);
     let opts = TrainOptions {
         traces: a.trace,
         config,

@@ -63,7 +63,9 @@ def load_mctrace(path):
             sys.exit(f"{path}: not a .mctrace file")
         header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
     meta, n = header["meta"], header["n_tokens"]
-    layers, k, dim = len(meta["moe_layers"]), meta["top_k"], meta.get("router_input_dim")
+    layers, k = len(meta["moe_layers"]), meta["top_k"]
+    dim = next((c["width"] for c in meta.get("channels", []) if c["name"] == "router_inputs"),
+               meta.get("router_input_dim"))
     if not dim:
         sys.exit(f"{path}: the trace has no router inputs (collect it with --hidden-states)")
     sections = {s["name"]: s for s in header["sections"]}

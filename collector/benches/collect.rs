@@ -39,7 +39,6 @@ fn main() {
         .collect();
     for backend in backends {
         let cfg = CollectConfig {
-            router_logits: false,
             model_dir: model.clone(),
             prompts: prompts.clone(),
             max_new_tokens: NEW,
@@ -47,7 +46,7 @@ fn main() {
             samples: 1,
             backend,
             add_special_tokens: false,
-            router_inputs: false,
+            channels: Vec::new(),
             output: dir.path().join("t.mctrace"),
         };
         collect(&cfg).expect("warm-up");

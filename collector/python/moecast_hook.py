@@ -164,7 +164,7 @@ class RoutingRecorder:
             "ranked": True,
         }
         if self.router_inputs:
-            meta["router_input_dim"] = self.hidden
+            meta["channels"] = [{"name": "router_inputs", "dtype": "f16", "width": self.hidden}]
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
             f.write(json.dumps({"meta": meta}) + "\n")

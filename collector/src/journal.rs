@@ -11,7 +11,8 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, BufWriter, Seek, SeekFrom, Write};
 use std::path::Path;
 
-use datasets::{Phase, TraceMeta};
+use datasets::channel::{PRE_ATTENTION_LOGITS, ROUTER_INPUTS, ROUTER_LOGITS};
+use datasets::{Channel, Phase, TraceMeta};
 use inference::generate::Sampling;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -267,32 +268,65 @@ fn start(
 }
 
 /// Each top-level meta field that differs, as "FIELD: JOURNAL in the journal, RUN in
-/// this run" (long values only as "FIELD differs"). The tokenizer's path is left out:
-/// it only says how the model folder was spelt, which the settings compare resolved.
+/// this run" (long values only as "FIELD differs"), channels one by one under their
+/// `collect` flag. The tokenizer's path is left out: it only says how the model folder
+/// was spelt, which the settings compare resolved. A journal's meta is read the way
+/// trace files are (older spellings of channels included).
 fn meta_differences(journal: &Value, run: &Value) -> Vec<String> {
+    let journal = serde_json::from_value::<TraceMeta>(journal.clone())
+        .ok()
+        .and_then(|m| serde_json::to_value(m).ok())
+        .unwrap_or_else(|| journal.clone());
     let (Some(j), Some(r)) = (journal.as_object(), run.as_object()) else {
         return vec!["the meta line is not an object".into()];
     };
     let mut keys: Vec<&String> = j.keys().chain(r.keys()).collect();
     keys.sort();
     keys.dedup();
-    keys.into_iter()
-        .filter(|k| k.as_str() != "tokenizer")
+    let mut diffs: Vec<String> = keys
+        .into_iter()
+        .filter(|k| k.as_str() != "tokenizer" && k.as_str() != "channels")
         .filter_map(|k| {
             let a = j.get(k).unwrap_or(&Value::Null).to_string();
             let b = r.get(k).unwrap_or(&Value::Null).to_string();
-            let name = match k.as_str() {
-                "router_input_dim" => "--hidden-states (router_input_dim)",
-                "router_logits" => "--router-logits",
-                other => other,
-            };
             if a == b {
                 None
             } else if a.len() + b.len() > 80 {
-                Some(format!("{name} differs"))
+                Some(format!("{k} differs"))
             } else {
-                Some(format!("{name}: {a} in the journal, {b} in this run"))
+                Some(format!("{k}: {a} in the journal, {b} in this run"))
             }
         })
-        .collect()
+        .collect();
+    let channels = |o: &serde_json::Map<String, Value>| -> Vec<Channel> {
+        o.get("channels")
+            .and_then(|c| serde_json::from_value(c.clone()).ok())
+            .unwrap_or_default()
+    };
+    let (jc, rc) = (channels(j), channels(r));
+    let mut names: Vec<&str> = jc.iter().chain(&rc).map(|c| c.name.as_str()).collect();
+    names.sort();
+    names.dedup();
+    let shape = |cs: &[Channel], name: &str| {
+        cs.iter()
+            .find(|c| c.name == name)
+            .map_or("absent".to_string(), |c| {
+                format!("{} x {}", c.dtype.as_str(), c.width)
+            })
+    };
+    for name in names {
+        let (a, b) = (shape(&jc, name), shape(&rc, name));
+        if a != b {
+            let flag = match name {
+                ROUTER_INPUTS => "--hidden-states",
+                ROUTER_LOGITS => "--router-logits",
+                PRE_ATTENTION_LOGITS => "--pre-attention-logits",
+                _ => "channels",
+            };
+            diffs.push(format!(
+                "{flag} (channel {name}): {a} in the journal, {b} in this run"
+            ));
+        }
+    }
+    diffs
 }

@@ -14,7 +14,8 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use datasets::{Phase, TokenRecord, TraceMeta};
+use datasets::channel::{PRE_ATTENTION_LOGITS, ROUTER_INPUTS, ROUTER_LOGITS};
+use datasets::{Channel, Phase, TokenRecord, TraceMeta};
 use indicatif::{ProgressBar, ProgressStyle};
 use inference::generate::{generate, Sampling};
 use inference::tokenizer::TextTokenizer;
@@ -29,6 +30,9 @@ pub enum CollectError {
     Model(#[from] inference::ModelError),
     #[error(transparent)]
     Trace(#[from] datasets::TraceError),
+    /// A channel that cannot be recorded was asked for.
+    #[error("{0}")]
+    Channel(String),
 }
 
 /// What to collect.
@@ -44,10 +48,8 @@ pub struct CollectConfig {
     pub backend: inference::device::BackendKind,
     /// Add the tokenizer's special tokens (BOS) to text prompts.
     pub add_special_tokens: bool,
-    /// Also record each MoE layer's router input (the vector its gate reads), stored f16.
-    pub router_inputs: bool,
-    /// Also record each MoE layer's router logits over all experts.
-    pub router_logits: bool,
+    /// Channels to record beside the routing (see [`RECORDABLE`]).
+    pub channels: Vec<String>,
     pub output: PathBuf,
 }
 
@@ -73,13 +75,45 @@ impl CollectSummary {
     }
 }
 
-/// Records each (position, model layer) decision of one sequence, and the router
-/// inputs when `inputs` is set.
+/// The channels `moecast collect` can record, with the runtime's report each comes
+/// from: the router's input (f16), its logits, and the pre-attention gate's logits.
+pub const RECORDABLE: [&str; 3] = [ROUTER_INPUTS, ROUTER_LOGITS, PRE_ATTENTION_LOGITS];
+
+/// One recorded channel: its values per (position, model layer).
+type ChannelRows = BTreeMap<(usize, usize), Vec<f32>>;
+
+/// Records each (position, model layer) decision of one sequence, and the rows of each
+/// channel in `channels` (keyed by channel name).
 #[derive(Default)]
 struct SequenceRecorder {
     seen: BTreeMap<(usize, usize), RouteDecision>,
-    inputs: Option<BTreeMap<(usize, usize), Vec<f32>>>,
-    logits: Option<BTreeMap<(usize, usize), Vec<f32>>>,
+    channels: BTreeMap<&'static str, ChannelRows>,
+}
+
+impl SequenceRecorder {
+    fn new(channels: &[String]) -> Self {
+        SequenceRecorder {
+            channels: RECORDABLE
+                .iter()
+                .filter(|c| channels.iter().any(|n| n == *c))
+                .map(|&c| (c, ChannelRows::new()))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn wants(&self, channel: &str) -> bool {
+        self.channels.contains_key(channel)
+    }
+
+    /// Stores `[T, width]` rows of `channel` for `layer` at positions `first_pos..`.
+    fn store(&mut self, channel: &str, layer: usize, first_pos: usize, rows: &[f32], width: usize) {
+        if let Some(map) = self.channels.get_mut(channel) {
+            for (i, row) in rows.chunks_exact(width).enumerate() {
+                map.insert((first_pos + i, layer), row.to_vec());
+            }
+        }
+    }
 }
 
 impl RoutingObserver for SequenceRecorder {
@@ -90,33 +124,33 @@ impl RoutingObserver for SequenceRecorder {
     }
 
     fn wants_router_inputs(&self, _layer: usize) -> bool {
-        self.inputs.is_some()
+        self.wants(ROUTER_INPUTS)
+    }
+
+    fn on_router_inputs(&mut self, layer: usize, first_pos: usize, inputs: &[f32], hidden: usize) {
+        self.store(ROUTER_INPUTS, layer, first_pos, inputs, hidden);
     }
 
     fn wants_router_logits(&self) -> bool {
-        self.logits.is_some()
+        self.wants(ROUTER_LOGITS)
     }
 
-    fn on_router_logits(
+    fn on_router_logits(&mut self, layer: usize, first_pos: usize, logits: &[f32], e: usize) {
+        self.store(ROUTER_LOGITS, layer, first_pos, logits, e);
+    }
+
+    fn wants_pre_attention_logits(&self) -> bool {
+        self.wants(PRE_ATTENTION_LOGITS)
+    }
+
+    fn on_pre_attention_logits(
         &mut self,
         layer: usize,
         first_pos: usize,
         logits: &[f32],
-        n_experts: usize,
+        e: usize,
     ) {
-        if let Some(map) = &mut self.logits {
-            for (i, row) in logits.chunks_exact(n_experts).enumerate() {
-                map.insert((first_pos + i, layer), row.to_vec());
-            }
-        }
-    }
-
-    fn on_router_inputs(&mut self, layer: usize, first_pos: usize, inputs: &[f32], hidden: usize) {
-        if let Some(map) = &mut self.inputs {
-            for (i, row) in inputs.chunks_exact(hidden).enumerate() {
-                map.insert((first_pos + i, layer), row.to_vec());
-            }
-        }
+        self.store(PRE_ATTENTION_LOGITS, layer, first_pos, logits, e);
     }
 }
 
@@ -127,14 +161,23 @@ pub fn journal_path(output: &Path) -> PathBuf {
     output.with_file_name(name)
 }
 
-/// The trace meta of a loaded model (`router_inputs`, `router_logits`: the trace will
-/// carry them).
+/// The channel `name` (one of [`RECORDABLE`]) sized for a model of `shape`.
+pub fn recordable_channel(name: &str, shape: &inference::ModelShape) -> Option<Channel> {
+    match name {
+        ROUTER_INPUTS => Some(Channel::router_inputs(shape.hidden_size as u32)),
+        ROUTER_LOGITS => Some(Channel::router_logits(shape.n_experts as u32)),
+        PRE_ATTENTION_LOGITS => Some(Channel::pre_attention_logits(shape.n_experts as u32)),
+        _ => None,
+    }
+}
+
+/// The trace meta of a loaded model, carrying the [`RECORDABLE`] channels named in
+/// `channels` (in that order).
 pub fn trace_meta(
     model_dir: &Path,
     model: &MoeModel,
     ck: &Checkpoint,
-    router_inputs: bool,
-    router_logits: bool,
+    channels: &[String],
 ) -> TraceMeta {
     let s = model.shape();
     let expert_bytes: Option<Vec<u64>> = s
@@ -160,8 +203,11 @@ pub fn trace_meta(
             .then(|| format!("{}/tokenizer.json", model_dir.display())),
         ranked: true,
         expert_bytes,
-        router_input_dim: router_inputs.then_some(s.hidden_size as u32),
-        router_logits,
+        channels: RECORDABLE
+            .iter()
+            .filter(|c| channels.iter().any(|n| n == *c))
+            .filter_map(|c| recordable_channel(c, &s))
+            .collect(),
     }
 }
 
@@ -176,13 +222,17 @@ pub fn collect(cfg: &CollectConfig) -> Result<CollectSummary, CollectError> {
     } else {
         None
     };
-    let meta = trace_meta(
-        &cfg.model_dir,
-        &model,
-        &ck,
-        cfg.router_inputs,
-        cfg.router_logits,
-    );
+    if let Some(c) = cfg
+        .channels
+        .iter()
+        .find(|c| !RECORDABLE.contains(&c.as_str()))
+    {
+        return Err(CollectError::Channel(format!(
+            "cannot record channel '{c}' (recordable: {})",
+            RECORDABLE.join(", ")
+        )));
+    }
+    let meta = trace_meta(&cfg.model_dir, &model, &ck, &cfg.channels);
     let journal = journal_path(&cfg.output);
     let runs = sequence_runs(cfg);
     let vocab_size = model.shape().vocab_size;
@@ -285,11 +335,7 @@ fn run_prompts(
             },
             greedy => greedy.clone(),
         };
-        let mut rec = SequenceRecorder {
-            inputs: cfg.router_inputs.then(BTreeMap::new),
-            logits: cfg.router_logits.then(BTreeMap::new),
-            ..SequenceRecorder::default()
-        };
+        let mut rec = SequenceRecorder::new(&cfg.channels);
         let gen = generate(model, &ids, cfg.max_new_tokens, &sampling, None, &mut rec)
             .map_err(|source| inference::ModelError::in_prompt(prompt.name(), source))?;
         let all: Vec<u32> = gen.prompt.iter().chain(&gen.generated).copied().collect();
@@ -299,22 +345,19 @@ fn run_prompts(
                 .iter()
                 .map(|&l| rec.seen.get(&(pos, l)))
                 .collect();
-            let router_inputs = rec.inputs.as_ref().map(|map| {
-                shape
-                    .moe_layers
-                    .iter()
-                    .map(|&l| map.get(&(pos, l)).cloned())
-                    .collect()
-            });
-            let router_logits = rec.logits.as_ref().map(|map| {
-                shape
-                    .moe_layers
-                    .iter()
-                    .map(|&l| map.get(&(pos, l)).cloned())
-                    .collect()
-            });
+            let channels = rec
+                .channels
+                .iter()
+                .map(|(&name, map)| {
+                    let values = shape
+                        .moe_layers
+                        .iter()
+                        .map(|&l| map.get(&(pos, l)).cloned())
+                        .collect();
+                    (name.to_string(), values)
+                })
+                .collect();
             let record = TokenRecord {
-                router_logits,
                 seq: seq_name.clone(),
                 pos: pos as u32,
                 phase: if pos < gen.prompt.len() {
@@ -330,7 +373,7 @@ fn run_prompts(
                         .map(|d| d.map(|d| d.weights.clone()))
                         .collect(),
                 ),
-                router_inputs,
+                channels,
             };
             serde_json::to_writer(&mut *w, &record).map_err(|e| io(e.into()))?;
             w.write_all(b"\n").map_err(io)?;

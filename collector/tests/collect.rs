@@ -14,7 +14,6 @@ fn fixture(arch: &str) -> PathBuf {
 
 fn config(arch: &str, prompts: Vec<Prompt>, output: PathBuf) -> CollectConfig {
     CollectConfig {
-        router_logits: false,
         model_dir: fixture(arch),
         prompts,
         max_new_tokens: 16,
@@ -22,7 +21,7 @@ fn config(arch: &str, prompts: Vec<Prompt>, output: PathBuf) -> CollectConfig {
         samples: 1,
         backend: Default::default(),
         add_special_tokens: false,
-        router_inputs: false,
+        channels: Vec::new(),
         output,
     }
 }
@@ -218,7 +217,7 @@ fn a_journal_of_other_settings_or_prompts_is_refused_and_kept() {
     let before = std::fs::read(&journal).unwrap();
 
     let mut hidden = sampled(id_prompts(&["a", "b", "c"]), out.clone(), 9);
-    hidden.router_inputs = true;
+    hidden.channels = vec!["router_inputs".into()];
     let mut longer = sampled(id_prompts(&["a", "b", "c"]), out.clone(), 9);
     longer.max_new_tokens = 17;
     let mut one_sample = sampled(id_prompts(&["a", "b", "c"]), out.clone(), 9);
@@ -235,7 +234,7 @@ fn a_journal_of_other_settings_or_prompts_is_refused_and_kept() {
         ),
         (
             hidden,
-            "--hidden-states (router_input_dim): null in the journal, 24 in this run",
+            "--hidden-states (channel router_inputs): absent in the journal, f16 x 24 in this run",
         ),
         (
             longer,

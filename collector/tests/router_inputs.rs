@@ -1,7 +1,8 @@
-//! `collect --hidden-states --router-logits`: each MoE layer's router input and logits
+//! `collect --hidden-states --router-logits --pre-attention-logits`: each MoE layer's router input and logits
 //! are captured and stored beside the routing; applying the layer's gate to the stored
 //! (f16) input reproduces the recorded top-k for every token and layer, and so do the
-//! stored logits. Both survive conversion to Parquet and JSONL and back.
+//! stored logits. They and the pre-attention logits survive conversion to Parquet and
+//! JSONL and back.
 
 use std::path::{Path, PathBuf};
 
@@ -34,8 +35,11 @@ fn collect_with_inputs(model_dir: &Path, out: &Path) {
         samples: 1,
         backend: Default::default(),
         add_special_tokens: false,
-        router_inputs: true,
-        router_logits: true,
+        channels: vec![
+            "router_inputs".into(),
+            "router_logits".into(),
+            "pre_attention_logits".into(),
+        ],
         output: out.to_path_buf(),
     })
     .unwrap();
@@ -58,7 +62,7 @@ fn the_gate_applied_to_the_stored_input_reproduces_the_routing() {
         let ck = Checkpoint::open(&model_dir).unwrap();
         let mut model = MoeModel::load(&ck, &Default::default()).unwrap();
         let shape = model.shape();
-        assert_eq!(view.meta.router_input_dim, Some(shape.hidden_size as u32));
+        assert_eq!(view.meta.router_input_dim(), Some(shape.hidden_size as u32));
         let gates: Vec<_> = model
             .sparse_layers_mut()
             .into_iter()
@@ -111,7 +115,16 @@ fn router_inputs_survive_parquet_and_jsonl() {
     let bin = dir.path().join("t.mctrace");
     collect_with_inputs(&root().join("inference/tests/fixtures/hf/qwen3_moe"), &bin);
     let trace = load_trace(&bin).unwrap();
-    assert!(trace.router_inputs.is_some());
+    let names: Vec<&str> = trace
+        .meta
+        .channels
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(
+        names,
+        ["router_inputs", "router_logits", "pre_attention_logits"]
+    );
     for (name, fmt) in [
         ("t.parquet", TraceFormat::Parquet),
         ("t.jsonl", TraceFormat::Jsonl),
@@ -119,8 +132,7 @@ fn router_inputs_survive_parquet_and_jsonl() {
         let path = dir.path().join(name);
         save_trace(&trace, &path, Some(fmt)).unwrap();
         let back = load_trace(&path).unwrap();
-        assert_eq!(back.router_inputs, trace.router_inputs, "{name}");
-        assert_eq!(back.router_logits, trace.router_logits, "{name}");
+        assert_eq!(back.channels, trace.channels, "{name}");
         assert_eq!(back.meta, trace.meta, "{name}");
         assert_eq!(back.experts, trace.experts, "{name}");
     }
@@ -134,7 +146,8 @@ fn router_inputs_survive_parquet_and_jsonl() {
     std::fs::write(&bad, lines.join("\n")).unwrap();
     let err = load_trace(&bad).unwrap_err().to_string();
     assert!(
-        err.contains("bad.jsonl:3:") && err.contains("router input has 23 values"),
+        err.contains("bad.jsonl:3:")
+            && err.contains("MoE layer index 0: 23 'router_inputs' values, expected 24"),
         "{err}"
     );
 }

@@ -21,7 +21,6 @@ fn shipped_tiny_moe_routes_like_a_real_model() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("heldout.mctrace");
     let cfg = CollectConfig {
-        router_logits: false,
         model_dir: model.clone(),
         prompts: read_prompts(&root().join("prompts/heldout.txt")).unwrap(),
         max_new_tokens: 32,
@@ -29,7 +28,7 @@ fn shipped_tiny_moe_routes_like_a_real_model() {
         samples: 1,
         backend: Default::default(),
         add_special_tokens: false,
-        router_inputs: false,
+        channels: Vec::new(),
         output: out.clone(),
     };
     let summary = collect(&cfg).unwrap();

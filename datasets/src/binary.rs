@@ -12,10 +12,11 @@
 //!
 //! Each entry of `sections` is `{"name", "dtype", "offset", "len"}` (`len` in elements).
 //! Sections of a trace: `seq` u32, `pos` u32, `token` u32, `phase` u8, `experts` u16
-//! (`n_tokens x n_moe x top_k`), optional `weights` f32 (same shape), optional
-//! `router_inputs` f16 (`n_tokens x n_moe x meta.router_input_dim`: the vector each MoE
-//! layer's gate read), optional `router_logits` f32 (`n_tokens x n_moe x n_experts`).
-//! Readers ignore sections they do not know.
+//! (`n_tokens x n_moe x top_k`), optional `weights` f32 (same shape), and one section
+//! per channel of `meta.channels`, named after it, of its dtype (`f16` / `f32`) and
+//! `n_tokens x n_moe x width` values (see [`crate::channel`]; for example
+//! `router_inputs` f16, the vector each MoE layer's gate read). Readers ignore sections
+//! they do not know.
 
 use std::fs::File;
 use std::io::Write;
@@ -24,6 +25,7 @@ use std::path::{Path, PathBuf};
 use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
 
+use crate::channel::{ChannelColumns, ChannelDtype, ChannelSlice};
 use crate::error::{Result, TraceError};
 use crate::store::write_atomic;
 use crate::trace::{RoutingTrace, TraceMeta, TraceView, NOT_COMPUTED};
@@ -32,10 +34,6 @@ use crate::trace::{RoutingTrace, TraceMeta, TraceView, NOT_COMPUTED};
 pub const MAGIC: &[u8; 8] = b"MOECTRC1";
 const ALIGN: u64 = 64;
 const VERSION: u32 = 1;
-/// Section of the router inputs: f16, `n_tokens x n_moe x meta.router_input_dim`.
-const ROUTER_INPUTS: &str = "router_inputs";
-/// Section of the router logits: f32, `n_tokens x n_moe x n_experts`.
-const ROUTER_LOGITS: &str = "router_logits";
 
 /// One typed array in the file.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -114,21 +112,9 @@ pub fn write_binary(trace: &RoutingTrace, path: &Path) -> Result<()> {
             w.len() as u64,
         ));
     }
-    if let Some(x) = &trace.router_logits {
-        arrays.push((
-            ROUTER_LOGITS,
-            f32::DTYPE,
-            bytemuck::cast_slice(x),
-            x.len() as u64,
-        ));
-    }
-    if let Some(x) = &trace.router_inputs {
-        arrays.push((
-            ROUTER_INPUTS,
-            "f16",
-            bytemuck::cast_slice(x),
-            x.len() as u64,
-        ));
+    for (c, x) in trace.meta.channels.iter().zip(&trace.channels) {
+        let x = x.as_slice();
+        arrays.push((&c.name, c.dtype.as_str(), x.as_bytes(), x.len() as u64));
     }
     let mut header = Header {
         version: VERSION,
@@ -262,9 +248,14 @@ impl MappedTrace {
         bytemuck::try_cast_slice(bytes).ok()
     }
 
-    /// The router inputs (f16 bits), if the file has them.
-    pub fn router_inputs(&self) -> Option<&[u16]> {
-        self.section_as(ROUTER_INPUTS, "f16")
+    /// The column of channel `meta.channels[c]`, if its section is present with the
+    /// channel's dtype.
+    fn channel_section(&self, c: usize) -> Option<ChannelSlice<'_>> {
+        let ch = self.header.meta.channels.get(c)?;
+        Some(match ch.dtype {
+            ChannelDtype::F16 => ChannelSlice::F16(self.section_as(&ch.name, "f16")?),
+            ChannelDtype::F32 => ChannelSlice::F32(self.section_as(&ch.name, "f32")?),
+        })
     }
 
     /// The sections listed in the header.
@@ -301,27 +292,27 @@ impl MappedTrace {
             self.required::<f32>("weights", slots)?;
         }
         let fmt = |m: String| TraceError::format(&self.path, m);
-        match (self.section::<f32>(ROUTER_LOGITS), meta.router_logits) {
-            (Some(_), true) => {
-                self.required::<f32>(ROUTER_LOGITS, n * meta.n_moe() * meta.n_experts as usize)?;
-            }
-            (None, false) => {}
-            _ => {
-                return Err(fmt(
-                    "section 'router_logits' and meta.router_logits disagree".into(),
-                ))
-            }
-        }
-        if let Some(x) = self.router_inputs() {
-            let d = meta.router_input_dim.ok_or_else(|| {
-                fmt("router inputs present but meta.router_input_dim is missing".into())
-            })? as usize;
-            if x.len() != n * meta.n_moe() * d {
-                return Err(fmt(format!(
-                    "section '{ROUTER_INPUTS}' has {} values, expected {n} tokens x {} MoE layers x {d}",
-                    x.len(),
-                    meta.n_moe()
-                )));
+        for (c, ch) in meta.channels.iter().enumerate() {
+            let want = n * meta.n_moe() * ch.width as usize;
+            match self.channel_section(c) {
+                Some(x) if x.len() == want => {}
+                Some(x) => {
+                    return Err(fmt(format!(
+                        "section '{}' has {} values, expected {n} tokens x {} MoE layers x {}",
+                        ch.name,
+                        x.len(),
+                        meta.n_moe(),
+                        ch.width
+                    )))
+                }
+                None => {
+                    return Err(fmt(format!(
+                        "meta lists channel {} but section '{}' ({}) is missing",
+                        ch.describe(),
+                        ch.name,
+                        ch.dtype.as_str()
+                    )))
+                }
             }
         }
         let n_seq = self.header.sequences.len() as u32;
@@ -359,8 +350,9 @@ impl MappedTrace {
             phase: &self.section::<u8>("phase").unwrap_or(&[])[..n],
             experts: self.section::<u16>("experts").unwrap_or(&[]),
             weights: self.section::<f32>("weights"),
-            router_inputs: self.router_inputs(),
-            router_logits: self.section::<f32>(ROUTER_LOGITS),
+            channels: ChannelColumns::collect(
+                (0..self.header.meta.channels.len()).map(|c| self.channel_section(c)),
+            ),
         }
     }
 

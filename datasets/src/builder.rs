@@ -1,6 +1,7 @@
 //! [`TraceBuilder`]: a [`RoutingTrace`] assembled token by token, each record validated
 //! as it comes (importers and the collector build traces this way).
 
+use crate::channel::ChannelValues;
 use crate::error::Result;
 use crate::trace::{check_topk, RoutingTrace, TokenRecord, TraceMeta, NOT_COMPUTED, UNKNOWN_TOKEN};
 
@@ -17,9 +18,14 @@ impl TraceBuilder {
     /// Starts an empty trace; `with_weights` reserves the weight column.
     pub fn new(meta: TraceMeta, with_weights: bool) -> Result<Self> {
         meta.validate()?;
-        let (inputs, logits) = (meta.router_input_dim.is_some(), meta.router_logits);
+        let channels = meta
+            .channels
+            .iter()
+            .map(|c| ChannelValues::with_capacity(c.dtype, 0))
+            .collect();
         Ok(TraceBuilder {
             trace: RoutingTrace {
+                channels,
                 meta,
                 seq_names: Vec::new(),
                 seq: Vec::new(),
@@ -28,8 +34,6 @@ impl TraceBuilder {
                 phase: Vec::new(),
                 experts: Vec::new(),
                 weights: with_weights.then(Vec::new),
-                router_inputs: inputs.then(Vec::new),
-                router_logits: logits.then(Vec::new),
             },
             has_weights: with_weights,
             seq_index: Default::default(),
@@ -62,50 +66,33 @@ impl TraceBuilder {
                 return Err(format!("{} weight lists for {n_moe} MoE layers", w.len()));
             }
         }
-        if let Some(x) = &rec.router_inputs {
-            let Some(d) = meta.router_input_dim else {
-                return Err("router inputs in a trace whose meta has no router_input_dim".into());
+        for (name, x) in &rec.channels {
+            let Some(c) = meta.channel(name) else {
+                let known: Vec<&str> = meta.channels.iter().map(|c| c.name.as_str()).collect();
+                return Err(format!(
+                    "'{name}' holds per-layer vectors but the meta has no channel '{name}' (meta.channels: [{}])",
+                    known.join(", ")
+                ));
             };
             if x.len() != n_moe {
-                return Err(format!(
-                    "{} router-input lists for {n_moe} MoE layers",
-                    x.len()
-                ));
+                return Err(format!("{} '{name}' lists for {n_moe} MoE layers", x.len()));
             }
             for (m, v) in x.iter().enumerate() {
                 match v {
-                    Some(v) if v.len() != d as usize => {
+                    Some(v) if v.len() != c.width as usize => {
                         return Err(format!(
-                            "MoE layer index {m}: router input has {} values, expected {d}",
-                            v.len()
+                            "MoE layer index {m}: {} '{name}' values, expected {}",
+                            v.len(),
+                            c.width
                         ))
                     }
                     Some(_) if rec.experts[m].is_none() => {
-                        return Err(format!("MoE layer index {m}: router input without experts"))
+                        return Err(format!(
+                            "MoE layer index {m}: '{name}' values for a layer without experts"
+                        ))
                     }
                     _ => {}
                 }
-            }
-        }
-        if let Some(x) = &rec.router_logits {
-            if !meta.router_logits {
-                return Err("router logits in a trace whose meta has no router_logits".into());
-            }
-            if x.len() != n_moe {
-                return Err(format!(
-                    "{} router-logit lists for {n_moe} MoE layers",
-                    x.len()
-                ));
-            }
-            if let Some((m, v)) = x.iter().enumerate().find(|(_, v)| {
-                v.as_ref()
-                    .is_some_and(|v| v.len() != meta.n_experts as usize)
-            }) {
-                return Err(format!(
-                    "MoE layer index {m}: {} router logits, expected n_experts = {}",
-                    v.as_ref().map_or(0, Vec::len),
-                    meta.n_experts
-                ));
             }
         }
         for (m, ids) in rec.experts.iter().enumerate() {
@@ -157,18 +144,11 @@ impl TraceBuilder {
                     None => col.extend(std::iter::repeat_n(f32::NAN, k)),
                 }
             }
-            if let Some(col) = &mut t.router_logits {
-                let e = t.meta.n_experts as usize;
-                match rec.router_logits.as_ref().and_then(|x| x[m].as_deref()) {
-                    Some(v) if ids.is_some() => col.extend_from_slice(v),
-                    _ => col.extend(std::iter::repeat_n(f32::NAN, e)),
-                }
-            }
-            if let (Some(col), Some(d)) = (&mut t.router_inputs, t.meta.router_input_dim) {
-                match rec.router_inputs.as_ref().and_then(|x| x[m].as_deref()) {
-                    Some(v) => col.extend(v.iter().map(|&x| half::f16::from_f32(x).to_bits())),
-                    None => col.extend(std::iter::repeat_n(0u16, d as usize)),
-                }
+        }
+        for (c, col) in t.meta.channels.iter().zip(&mut t.channels) {
+            let values = rec.channels.get(&c.name);
+            for m in 0..n_moe {
+                col.push(values.and_then(|x| x[m].as_deref()), c.width as usize);
             }
         }
         Ok(())

@@ -5,6 +5,7 @@
 
 pub mod binary;
 mod builder;
+pub mod channel;
 pub mod dataset;
 pub mod error;
 pub mod examples;
@@ -18,6 +19,7 @@ pub mod synth;
 pub mod trace;
 
 pub use binary::MappedTrace;
+pub use channel::{Channel, ChannelDtype, ChannelSlice, ChannelValues};
 pub use dataset::{DatasetWriter, TraceDataset};
 pub use error::{Result, TraceError};
 pub use store::{load_trace, open_trace, save_trace, OpenedTrace, TraceFormat};

@@ -11,8 +11,10 @@
 //! | `layer` | uint32 | model layer index of this MoE layer |
 //! | `experts` | list<uint16>, nullable | top-k ids in rank order; null = not computed |
 //! | `weights` | list<float32>, nullable | router weights (column present only if recorded) |
-//! | `router_logits` | list<float32>, nullable | the layer's logits over all experts (present only if recorded) |
-//! | `router_input` | list<float32>, nullable | the vector the layer's gate read (present only if recorded; stored f16 in `.mctrace`) |
+//! | *channel name* | list<float32>, nullable | one column per channel of `meta.channels` (see [`crate::channel`]): `router_inputs` the vector the layer's gate read (stored f16 in `.mctrace`), `router_logits` the layer's logits over all experts, ... |
+//!
+//! Files written before channels named the router-input column `router_input`; it is
+//! read as the `router_inputs` channel.
 //!
 //! The [`TraceMeta`] is stored as JSON in the file's key-value metadata under
 //! `moecast.meta` (`pyarrow.parquet.read_schema(f).metadata[b"moecast.meta"]`).
@@ -22,6 +24,7 @@ use std::path::Path;
 
 use polars::prelude::*;
 
+use crate::channel::{ChannelValues, ROUTER_INPUTS};
 use crate::error::{Result, TraceError};
 use crate::store::write_atomic;
 use crate::trace::{Phase, RoutingTrace, TraceMeta, NOT_COMPUTED, UNKNOWN_TOKEN};
@@ -57,28 +60,18 @@ pub fn write_parquet(trace: &RoutingTrace, path: &Path) -> Result<()> {
         rows * k,
         DataType::Float32,
     );
-    let dim = meta.router_input_dim.unwrap_or(0) as usize;
-    let mut inputs = ListPrimitiveChunkedBuilder::<Float32Type>::new(
-        "router_input".into(),
-        rows,
-        if trace.router_inputs.is_some() {
-            rows * dim
-        } else {
-            0
-        },
-        DataType::Float32,
-    );
-    let e = meta.n_experts as usize;
-    let mut logits = ListPrimitiveChunkedBuilder::<Float32Type>::new(
-        "router_logits".into(),
-        rows,
-        if trace.router_logits.is_some() {
-            rows * e
-        } else {
-            0
-        },
-        DataType::Float32,
-    );
+    let mut channels: Vec<_> = meta
+        .channels
+        .iter()
+        .map(|c| {
+            ListPrimitiveChunkedBuilder::<Float32Type>::new(
+                c.name.as_str().into(),
+                rows,
+                rows * c.width as usize,
+                DataType::Float32,
+            )
+        })
+        .collect();
     for t in 0..trace.n_tokens() {
         let name = trace.seq_names[trace.seq[t] as usize].as_str();
         let ph = Phase::from_code(trace.phase[t])
@@ -93,11 +86,8 @@ pub fn write_parquet(trace: &RoutingTrace, path: &Path) -> Result<()> {
             layer.push(l);
             experts.append_opt_slice(view.layer(t, m));
             weights.append_opt_slice(view.layer_weights(t, m));
-            if trace.router_inputs.is_some() {
-                inputs.append_opt_slice(view.router_input_f32(t, m).as_deref());
-            }
-            if trace.router_logits.is_some() {
-                logits.append_opt_slice(view.router_logits(t, m));
+            for (c, col) in channels.iter_mut().enumerate() {
+                col.append_opt_slice(view.channel(c, t, m).map(|v| v.to_f32()).as_deref());
             }
         }
     }
@@ -112,12 +102,7 @@ pub fn write_parquet(trace: &RoutingTrace, path: &Path) -> Result<()> {
     if trace.weights.is_some() {
         columns.push(weights.finish().into_column());
     }
-    if trace.router_inputs.is_some() {
-        columns.push(inputs.finish().into_column());
-    }
-    if trace.router_logits.is_some() {
-        columns.push(logits.finish().into_column());
-    }
+    columns.extend(channels.iter_mut().map(|c| c.finish().into_column()));
     let mut df = DataFrame::new(rows, columns).map_err(pe)?;
     let meta_json = serde_json::to_string(meta).map_err(|e| TraceError::Invalid(e.to_string()))?;
     write_atomic(path, |w| {
@@ -193,30 +178,23 @@ pub fn read_parquet(path: &Path) -> Result<RoutingTrace> {
     } else {
         None
     };
-    let inputs = match (df.column("router_input").is_ok(), meta.router_input_dim) {
-        (true, Some(_)) => Some(col(
-            "router_input",
-            DataType::List(Box::new(DataType::Float32)),
-        )?),
-        (true, None) => {
-            return Err(fmt(
-                "column 'router_input' without router_input_dim in the meta".into(),
-            ))
-        }
-        (false, _) => None,
-    };
-    let logits = match (df.column("router_logits").is_ok(), meta.router_logits) {
-        (true, true) => Some(col(
-            "router_logits",
-            DataType::List(Box::new(DataType::Float32)),
-        )?),
-        (false, false) => None,
-        _ => {
-            return Err(fmt(
-                "column 'router_logits' and meta.router_logits disagree".into(),
-            ))
-        }
-    };
+    let channel_cols = meta
+        .channels
+        .iter()
+        .map(|c| {
+            let legacy =
+                (c.name == ROUTER_INPUTS && df.column(&c.name).is_err()).then_some("router_input");
+            let name = legacy.unwrap_or(&c.name);
+            if df.column(name).is_err() {
+                return Err(fmt(format!(
+                    "meta lists channel {} but column '{}' is missing",
+                    c.describe(),
+                    c.name
+                )));
+            }
+            col(name, DataType::List(Box::new(DataType::Float32)))
+        })
+        .collect::<Result<Vec<_>>>()?;
     let n_moe = meta.n_moe();
     let k = meta.top_k as usize;
     let rows = df.height();
@@ -231,16 +209,10 @@ pub fn read_parquet(path: &Path) -> Result<RoutingTrace> {
         Some(w) => Some(flat_list::<Float32Type>(w).map_err(pe)?),
         None => None,
     };
-    let x_flat = match &inputs {
-        Some(x) => Some(flat_list::<Float32Type>(x).map_err(pe)?),
-        None => None,
-    };
-    let l_flat = match &logits {
-        Some(x) => Some(flat_list::<Float32Type>(x).map_err(pe)?),
-        None => None,
-    };
-    let n_e = meta.n_experts as usize;
-    let dim = meta.router_input_dim.unwrap_or(0) as usize;
+    let c_flat = channel_cols
+        .iter()
+        .map(|x| flat_list::<Float32Type>(x).map_err(pe))
+        .collect::<Result<Vec<_>>>()?;
     let seq = seq.str().map_err(pe)?;
     let phase = phase.str().map_err(pe)?;
     let pos = pos.u32().map_err(pe)?;
@@ -248,8 +220,11 @@ pub fn read_parquet(path: &Path) -> Result<RoutingTrace> {
     let layer = layer.u32().map_err(pe)?;
 
     let mut trace = RoutingTrace {
-        router_inputs: x_flat.as_ref().map(|_| Vec::with_capacity(n * n_moe * dim)),
-        router_logits: l_flat.as_ref().map(|_| Vec::with_capacity(n * n_moe * n_e)),
+        channels: meta
+            .channels
+            .iter()
+            .map(|c| ChannelValues::with_capacity(c.dtype, n * n_moe * c.width as usize))
+            .collect(),
         meta,
         seq_names: Vec::new(),
         seq: Vec::with_capacity(n),
@@ -306,17 +281,17 @@ pub fn read_parquet(path: &Path) -> Result<RoutingTrace> {
                 None => out.extend(std::iter::repeat_n(f32::NAN, k)),
             }
         }
-        if let (Some(out), Some(l)) = (&mut trace.router_logits, &l_flat) {
-            match list_row(l, r, computed, n_e, "router logits").map_err(|m| row_err(r, m))? {
-                Some(v) => out.extend_from_slice(v),
-                None => out.extend(std::iter::repeat_n(f32::NAN, n_e)),
-            }
-        }
-        if let (Some(out), Some(x)) = (&mut trace.router_inputs, &x_flat) {
-            match list_row(x, r, computed, dim, "router input values").map_err(|m| row_err(r, m))? {
-                Some(v) => out.extend(v.iter().map(|&v| half::f16::from_f32(v).to_bits())),
-                None => out.extend(std::iter::repeat_n(0u16, dim)),
-            }
+        for ((ch, out), x) in trace
+            .meta
+            .channels
+            .iter()
+            .zip(&mut trace.channels)
+            .zip(&c_flat)
+        {
+            let w = ch.width as usize;
+            let v = list_row(x, r, computed, w, &format!("'{}' values", ch.name))
+                .map_err(|m| row_err(r, m))?;
+            out.push(v, w);
         }
     }
     trace.validate().map_err(|e| fmt(e.to_string()))?;

@@ -41,8 +41,7 @@ impl Default for SynthConfig {
 
 fn synthetic_meta(cfg: &SynthConfig) -> TraceMeta {
     TraceMeta {
-        router_logits: false,
-        router_input_dim: None,
+        channels: Vec::new(),
         model: format!("synthetic-seed{}", cfg.seed),
         architecture: Some("synthetic".into()),
         n_layers: cfg.n_layers,
@@ -113,8 +112,7 @@ pub fn synthetic_trace(cfg: &SynthConfig) -> RoutingTrace {
                 weights.push(Some(w));
             }
             let rec = TokenRecord {
-                router_logits: None,
-                router_inputs: None,
+                channels: Default::default(),
                 seq: format!("seq{s:03}"),
                 pos: pos as u32,
                 phase: if pos < cfg.tokens_per_sequence / 4 {
@@ -172,8 +170,7 @@ pub fn token_routed_trace(cfg: &SynthConfig, vocab: u32) -> RoutingTrace {
                 experts.push(Some(ids));
             }
             let rec = TokenRecord {
-                router_logits: None,
-                router_inputs: None,
+                channels: Default::default(),
                 seq: format!("seq{s:03}"),
                 pos: pos as u32,
                 phase: Phase::Decode,

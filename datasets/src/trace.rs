@@ -6,9 +6,15 @@
 //! stored column-wise: one flat `u16` array of `n_tokens x n_moe_layers x top_k` expert
 //! ids and a parallel `f32` array of weights, so any token's routing is a slice.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 pub use crate::builder::TraceBuilder;
+use crate::channel::{
+    validate_channels, Channel, ChannelColumns, ChannelRecord, ChannelSlice, ChannelValues,
+    ROUTER_INPUTS, ROUTER_LOGITS,
+};
 use crate::error::{Result, TraceError};
 
 /// Expert id marking a layer that was not computed for a token (all `k` slots hold it).
@@ -16,8 +22,10 @@ pub const NOT_COMPUTED: u16 = u16::MAX;
 /// Token id marking an unknown token.
 pub const UNKNOWN_TOKEN: u32 = u32::MAX;
 
-/// What the trace is of: the model, its MoE shape and where the routing came from.
+/// What the trace is of: the model, its MoE shape, where the routing came from and the
+/// per-(token, layer) vectors it carries besides.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(from = "TraceMetaRepr")]
 pub struct TraceMeta {
     /// Model name or path as the source gave it.
     pub model: String,
@@ -48,18 +56,73 @@ pub struct TraceMeta {
     /// Bytes of one expert's weights, per MoE layer, when the source reports it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expert_bytes: Option<Vec<u64>>,
-    /// Width of the recorded router inputs (the normalised hidden state each MoE layer's
-    /// gate reads), when the trace carries them.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub router_input_dim: Option<u32>,
-    /// Whether the trace carries each computed layer's full router logits (`n_experts`
-    /// values).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub router_logits: bool,
+    /// The per-(token, MoE layer) vectors the trace carries (router inputs, router
+    /// logits, ...; see [`crate::channel`]), in storage order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub channels: Vec<Channel>,
 }
 
 fn default_true() -> bool {
     true
+}
+
+/// [`TraceMeta`] as files spell it: today's fields plus the two that described router
+/// inputs and logits before channels (`router_input_dim`, `router_logits`), read into
+/// channels so older files keep loading.
+#[derive(Deserialize)]
+struct TraceMetaRepr {
+    model: String,
+    #[serde(default)]
+    architecture: Option<String>,
+    n_layers: u32,
+    moe_layers: Vec<u32>,
+    n_experts: u32,
+    top_k: u32,
+    #[serde(default)]
+    n_shared_experts: u32,
+    #[serde(default)]
+    source: Option<String>,
+    #[serde(default)]
+    tokenizer: Option<String>,
+    #[serde(default = "default_true")]
+    ranked: bool,
+    #[serde(default)]
+    expert_bytes: Option<Vec<u64>>,
+    #[serde(default)]
+    channels: Vec<Channel>,
+    #[serde(default)]
+    router_input_dim: Option<u32>,
+    #[serde(default)]
+    router_logits: bool,
+}
+
+impl From<TraceMetaRepr> for TraceMeta {
+    fn from(r: TraceMetaRepr) -> TraceMeta {
+        let mut channels = r.channels;
+        let legacy = [
+            r.router_input_dim.map(Channel::router_inputs),
+            r.router_logits.then(|| Channel::router_logits(r.n_experts)),
+        ];
+        for c in legacy.into_iter().flatten() {
+            if !channels.iter().any(|o| o.name == c.name) {
+                channels.push(c);
+            }
+        }
+        TraceMeta {
+            model: r.model,
+            architecture: r.architecture,
+            n_layers: r.n_layers,
+            moe_layers: r.moe_layers,
+            n_experts: r.n_experts,
+            top_k: r.top_k,
+            n_shared_experts: r.n_shared_experts,
+            source: r.source,
+            tokenizer: r.tokenizer,
+            ranked: r.ranked,
+            expert_bytes: r.expert_bytes,
+            channels,
+        }
+    }
 }
 
 impl TraceMeta {
@@ -71,6 +134,21 @@ impl TraceMeta {
     /// Expert-id slots per token: `n_moe_layers x top_k`.
     pub fn slots_per_token(&self) -> usize {
         self.moe_layers.len() * self.top_k as usize
+    }
+
+    /// Index of channel `name` in [`TraceMeta::channels`].
+    pub fn channel_index(&self, name: &str) -> Option<usize> {
+        self.channels.iter().position(|c| c.name == name)
+    }
+
+    /// Channel `name`, when the trace carries it.
+    pub fn channel(&self, name: &str) -> Option<&Channel> {
+        self.channels.iter().find(|c| c.name == name)
+    }
+
+    /// Width of the router-input channel, when the trace carries router inputs.
+    pub fn router_input_dim(&self) -> Option<u32> {
+        self.channel(ROUTER_INPUTS).map(|c| c.width)
     }
 
     /// Whether `other` describes the same routing shape (layers, MoE layers, E, k).
@@ -119,7 +197,8 @@ impl TraceMeta {
                 ));
             }
         }
-        Ok(())
+        validate_channels(&self.channels, self.n_experts)
+            .map_err(|e| TraceError::Invalid(format!("meta: {e}")))
     }
 }
 
@@ -168,8 +247,9 @@ impl Phase {
 }
 
 /// One token's routing as an owned record: the unit importers produce and the
-/// interchange JSONL line.
+/// interchange JSONL line (each channel is a field named after it).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "TokenRecordRepr")]
 pub struct TokenRecord {
     /// Sequence (prompt / request) name.
     pub seq: String,
@@ -185,13 +265,79 @@ pub struct TokenRecord {
     /// Per MoE layer: router weights aligned with `experts`, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weights: Option<Vec<Option<Vec<f32>>>>,
-    /// Per MoE layer: the router's input vector (`router_input_dim` values), when the
-    /// trace carries router inputs and the layer was computed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub router_inputs: Option<Vec<Option<Vec<f32>>>>,
-    /// Per MoE layer: the router's logits over all experts, when the trace carries them.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub router_logits: Option<Vec<Option<Vec<f32>>>>,
+    /// Per channel name (see [`crate::channel`]): the token's vector at each MoE layer,
+    /// `None` where the layer was not computed or not recorded.
+    #[serde(flatten)]
+    pub channels: BTreeMap<String, ChannelRecord>,
+}
+
+/// [`TokenRecord`] as a JSONL line spells it: each field it does not know that holds a
+/// list is a channel (one list of numbers or `null` per MoE layer; `null` inside a list
+/// is NaN, which is how JSON writes it); other unknown fields are ignored.
+#[derive(Deserialize)]
+struct TokenRecordRepr {
+    seq: String,
+    pos: u32,
+    phase: Phase,
+    #[serde(default)]
+    token: Option<u32>,
+    experts: Vec<Option<Vec<u32>>>,
+    #[serde(default)]
+    weights: Option<Vec<Option<Vec<f32>>>>,
+    #[serde(flatten)]
+    other: BTreeMap<String, serde_json::Value>,
+}
+
+impl TryFrom<TokenRecordRepr> for TokenRecord {
+    type Error = String;
+
+    fn try_from(r: TokenRecordRepr) -> std::result::Result<TokenRecord, String> {
+        let mut channels = BTreeMap::new();
+        for (name, value) in r.other {
+            if let serde_json::Value::Array(layers) = value {
+                let record = channel_record(&name, layers)?;
+                channels.insert(name, record);
+            }
+        }
+        Ok(TokenRecord {
+            seq: r.seq,
+            pos: r.pos,
+            phase: r.phase,
+            token: r.token,
+            experts: r.experts,
+            weights: r.weights,
+            channels,
+        })
+    }
+}
+
+/// One channel field of a JSONL line: per MoE layer a list of numbers (`null` = NaN) or
+/// `null`.
+fn channel_record(
+    name: &str,
+    layers: Vec<serde_json::Value>,
+) -> std::result::Result<ChannelRecord, String> {
+    use serde_json::Value;
+    let bad = |m: usize, what: &Value| {
+        format!("'{name}', MoE layer index {m}: expected a list of numbers or null, found {what}")
+    };
+    layers
+        .into_iter()
+        .enumerate()
+        .map(|(m, cell)| match cell {
+            Value::Null => Ok(None),
+            Value::Array(xs) => xs
+                .iter()
+                .map(|x| match x {
+                    Value::Null => Ok(f32::NAN),
+                    Value::Number(n) => n.as_f64().map(|f| f as f32).ok_or_else(|| bad(m, x)),
+                    other => Err(bad(m, other)),
+                })
+                .collect::<std::result::Result<Vec<f32>, String>>()
+                .map(Some),
+            other => Err(bad(m, &other)),
+        })
+        .collect()
 }
 
 /// A borrowed, column-wise view of a trace: what every algorithm reads. Both the
@@ -214,12 +360,9 @@ pub struct TraceView<'a> {
     pub experts: &'a [u16],
     /// Router weights parallel to `experts` (NaN where unknown), if the trace has any.
     pub weights: Option<&'a [f32]>,
-    /// `n_tokens x n_moe x router_input_dim` router inputs as f16 bits (zeros for layers
-    /// not computed), if the trace has them.
-    pub router_inputs: Option<&'a [u16]>,
-    /// `n_tokens x n_moe x n_experts` router logits (NaN for layers not computed), if the
-    /// trace has them.
-    pub router_logits: Option<&'a [f32]>,
+    /// The channel columns (`n_tokens x n_moe x width` each), in the order of
+    /// `meta.channels`.
+    pub channels: ChannelColumns<'a>,
 }
 
 impl<'a> TraceView<'a> {
@@ -245,30 +388,54 @@ impl<'a> TraceView<'a> {
         (!w[0].is_nan()).then_some(w)
     }
 
+    /// Channel `c`'s values (`meta.channels[c]`) of token `t` at MoE layer index `m`,
+    /// when stored and the layer was computed.
+    pub fn channel(&self, c: usize, t: usize, m: usize) -> Option<ChannelSlice<'a>> {
+        self.layer(t, m)?;
+        let w = self.meta.channels.get(c)?.width as usize;
+        let start = (t * self.meta.n_moe() + m) * w;
+        Some(self.channels.get(c)?.slice(start..start + w))
+    }
+
+    /// The whole column of channel `name`, when the trace carries it.
+    pub fn channel_column(&self, name: &str) -> Option<ChannelSlice<'a>> {
+        self.channels.get(self.meta.channel_index(name)?)
+    }
+
+    /// Channel `name`'s values of token `t` at MoE layer index `m` as f32.
+    pub fn channel_f32(&self, name: &str, t: usize, m: usize) -> Option<Vec<f32>> {
+        self.channel(self.meta.channel_index(name)?, t, m)
+            .map(|v| v.to_f32())
+    }
+
+    /// The router-input column (f16 bits, `n_tokens x n_moe x router_input_dim`).
+    pub fn router_inputs(&self) -> Option<&'a [u16]> {
+        match self.channel_column(ROUTER_INPUTS)? {
+            ChannelSlice::F16(x) => Some(x),
+            ChannelSlice::F32(_) => None,
+        }
+    }
+
     /// The router input of token `t` at MoE layer index `m` (f16 bits), when recorded
     /// and the layer was computed.
     pub fn router_input(&self, t: usize, m: usize) -> Option<&'a [u16]> {
-        let d = self.meta.router_input_dim? as usize;
-        self.layer(t, m)?;
-        let start = (t * self.meta.n_moe() + m) * d;
-        self.router_inputs.map(|x| &x[start..start + d])
+        match self.channel(self.meta.channel_index(ROUTER_INPUTS)?, t, m)? {
+            ChannelSlice::F16(x) => Some(x),
+            ChannelSlice::F32(_) => None,
+        }
     }
 
     /// [`TraceView::router_input`] as f32 values.
     pub fn router_input_f32(&self, t: usize, m: usize) -> Option<Vec<f32>> {
-        self.router_input(t, m).map(|x| {
-            x.iter()
-                .map(|&b| half::f16::from_bits(b).to_f32())
-                .collect()
-        })
+        self.channel_f32(ROUTER_INPUTS, t, m)
     }
 
     /// The router logits of token `t` at MoE layer index `m`, when recorded and computed.
     pub fn router_logits(&self, t: usize, m: usize) -> Option<&'a [f32]> {
-        self.layer(t, m)?;
-        let e = self.meta.n_experts as usize;
-        let start = (t * self.meta.n_moe() + m) * e;
-        self.router_logits.map(|x| &x[start..start + e])
+        match self.channel(self.meta.channel_index(ROUTER_LOGITS)?, t, m)? {
+            ChannelSlice::F32(x) => Some(x),
+            ChannelSlice::F16(_) => None,
+        }
     }
 
     /// The tokens `range` as a view of their own (sequence names stay shared).
@@ -285,12 +452,9 @@ impl<'a> TraceView<'a> {
             phase: &self.phase[range.clone()],
             experts: &self.experts[per_token(k)],
             weights: self.weights.map(|w| &w[per_token(k)]),
-            router_inputs: self
-                .router_inputs
-                .map(|x| &x[per_token(self.meta.router_input_dim.unwrap_or(0) as usize)]),
-            router_logits: self
-                .router_logits
-                .map(|x| &x[per_token(self.meta.n_experts as usize)]),
+            channels: self
+                .channels
+                .map(|c, x| x.slice(per_token(self.meta.channels[c].width as usize))),
         }
     }
 
@@ -321,23 +485,23 @@ impl<'a> TraceView<'a> {
                 .map(|m| self.layer_weights(t, m).map(|w| w.to_vec()))
                 .collect()
         });
-        let router_inputs = self
-            .router_inputs
-            .map(|_| (0..n_moe).map(|m| self.router_input_f32(t, m)).collect());
-        let router_logits = self.router_logits.map(|_| {
-            (0..n_moe)
-                .map(|m| self.router_logits(t, m).map(<[f32]>::to_vec))
-                .collect()
-        });
+        let channels = (0..self.meta.channels.len())
+            .filter(|&c| self.channels.get(c).is_some())
+            .map(|c| {
+                let values = (0..n_moe)
+                    .map(|m| self.channel(c, t, m).map(|v| v.to_f32()))
+                    .collect();
+                (self.meta.channels[c].name.clone(), values)
+            })
+            .collect();
         TokenRecord {
-            router_logits,
             seq: self.seq_names[self.seq[t] as usize].clone(),
             pos: self.pos[t],
             phase: Phase::from_code(self.phase[t]).unwrap_or(Phase::Decode),
             token: (self.token[t] != UNKNOWN_TOKEN).then_some(self.token[t]),
             experts,
             weights,
-            router_inputs,
+            channels,
         }
     }
 
@@ -352,8 +516,9 @@ impl<'a> TraceView<'a> {
             phase: self.phase.to_vec(),
             experts: self.experts.to_vec(),
             weights: self.weights.map(<[f32]>::to_vec),
-            router_inputs: self.router_inputs.map(<[u16]>::to_vec),
-            router_logits: self.router_logits.map(<[f32]>::to_vec),
+            channels: (0..self.meta.channels.len())
+                .filter_map(|c| self.channels.get(c).map(|x| x.to_values()))
+                .collect(),
         }
     }
 }
@@ -369,10 +534,8 @@ pub struct RoutingTrace {
     pub phase: Vec<u8>,
     pub experts: Vec<u16>,
     pub weights: Option<Vec<f32>>,
-    /// f16 bits, `n_tokens x n_moe x router_input_dim` (see [`TraceView::router_inputs`]).
-    pub router_inputs: Option<Vec<u16>>,
-    /// `n_tokens x n_moe x n_experts` (see [`TraceView::router_logits`]).
-    pub router_logits: Option<Vec<f32>>,
+    /// One column per `meta.channels` entry, in that order (`n_tokens x n_moe x width`).
+    pub channels: Vec<ChannelValues>,
 }
 
 impl RoutingTrace {
@@ -387,8 +550,7 @@ impl RoutingTrace {
             phase: &self.phase,
             experts: &self.experts,
             weights: self.weights.as_deref(),
-            router_inputs: self.router_inputs.as_deref(),
-            router_logits: self.router_logits.as_deref(),
+            channels: ChannelColumns::collect(self.channels.iter().map(|c| Some(c.as_slice()))),
         }
     }
 
@@ -419,29 +581,25 @@ impl RoutingTrace {
                 return bad("weights and experts differ in length".into());
             }
         }
-        match (&self.router_inputs, self.meta.router_input_dim) {
-            (Some(x), Some(d)) if x.len() != n * self.meta.n_moe() * d as usize => {
-                return bad(format!(
-                    "router inputs hold {} values, expected {n} tokens x {} MoE layers x {d}",
-                    x.len(),
-                    self.meta.n_moe()
-                ));
-            }
-            (Some(_), None) => return bad("router inputs without meta.router_input_dim".into()),
-            _ => {}
+        if self.channels.len() != self.meta.channels.len() {
+            return bad(format!(
+                "{} channel columns for {} channels in the meta",
+                self.channels.len(),
+                self.meta.channels.len()
+            ));
         }
-        let want = n * self.meta.n_moe() * self.meta.n_experts as usize;
-        match (&self.router_logits, self.meta.router_logits) {
-            (Some(x), true) if x.len() != want => {
+        for (c, x) in self.meta.channels.iter().zip(&self.channels) {
+            let want = n * self.meta.n_moe() * c.width as usize;
+            if x.as_slice().dtype() != c.dtype || x.len() != want {
                 return bad(format!(
-                    "router logits hold {} values, expected {want}",
-                    x.len()
+                    "channel {} holds {} {} values, expected {n} tokens x {} MoE layers x {}",
+                    c.name,
+                    x.len(),
+                    x.as_slice().dtype().as_str(),
+                    self.meta.n_moe(),
+                    c.width
                 ));
             }
-            (Some(_), false) | (None, true) => {
-                return bad("router logits and meta.router_logits disagree".into());
-            }
-            _ => {}
         }
         let view = self.view();
         let mut seen_seq = vec![false; self.seq_names.len()];

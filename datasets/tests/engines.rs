@@ -307,7 +307,7 @@ fn megatron_ranks_merge_and_hidden_states_become_router_inputs() {
         .as_array()
         .unwrap();
     let view = t.view();
-    assert_eq!(view.meta.router_input_dim, Some(8));
+    assert_eq!(view.meta.router_input_dim(), Some(8));
     for (tok, layers) in rows.iter().enumerate() {
         for (m, bits) in layers.as_array().unwrap().iter().enumerate() {
             let want = bf16_values(bits);

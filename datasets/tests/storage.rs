@@ -32,8 +32,7 @@ fn assert_same(a: &RoutingTrace, b: &RoutingTrace) {
 /// A trace with every special case: missing layers, unknown tokens, missing weights.
 fn awkward_trace() -> RoutingTrace {
     let meta = TraceMeta {
-        router_logits: false,
-        router_input_dim: None,
+        channels: Vec::new(),
         model: "awkward".into(),
         architecture: Some("mixtral".into()),
         n_layers: 5,
@@ -76,8 +75,7 @@ fn awkward_trace() -> RoutingTrace {
             })
             .collect();
         b.push(&TokenRecord {
-            router_logits: None,
-            router_inputs: None,
+            channels: Default::default(),
             seq: seq.into(),
             pos,
             phase,

@@ -23,7 +23,6 @@ fn main() {
     let dir = tempfile::tempdir().expect("temp dir");
     let trace = dir.path().join("demo.mctrace");
     collect(&CollectConfig {
-        router_logits: false,
         model_dir: model.clone(),
         prompts: read_prompts(&root.join("prompts/demo.txt")).expect("demo prompts"),
         max_new_tokens: 100,
@@ -34,7 +33,7 @@ fn main() {
         samples: 6,
         backend: BackendKind::Flex,
         add_special_tokens: false,
-        router_inputs: false,
+        channels: Vec::new(),
         output: trace.clone(),
     })
     .expect("collect");

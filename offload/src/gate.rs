@@ -415,8 +415,12 @@ pub fn model_baselines(
     // The gate and the lens need router inputs of the gates' width in every trace.
     let inputs_fit = (0..set.paths().len()).try_for_each(|i| {
         let meta = &set.view(i).meta;
-        g.check(meta.n_moe(), meta.n_experts as usize, meta.router_input_dim)
-            .map_err(|e| format!("{}: {e}", set.paths()[i].display()))
+        g.check(
+            meta.n_moe(),
+            meta.n_experts as usize,
+            meta.router_input_dim(),
+        )
+        .map_err(|e| format!("{}: {e}", set.paths()[i].display()))
     });
     let gate = match &inputs_fit {
         Ok(()) => {

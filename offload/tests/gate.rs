@@ -264,8 +264,7 @@ fn the_lens_scores_a_trace_from_each_token_before_with_every_table() {
         tokenizer: None,
         ranked: true,
         expert_bytes: None,
-        router_input_dim: Some(d as u32),
-        router_logits: false,
+        channels: vec![datasets::Channel::router_inputs(d as u32)],
     };
     let mut b = datasets::TraceBuilder::new(meta, false).unwrap();
     let input = |t: usize| -> Vec<f32> {
@@ -288,8 +287,7 @@ fn the_lens_scores_a_trace_from_each_token_before_with_every_table() {
             token: Some(t as u32),
             experts,
             weights: None,
-            router_inputs: Some(inputs),
-            router_logits: None,
+            channels: [("router_inputs".to_string(), inputs)].into(),
         })
         .unwrap();
     }

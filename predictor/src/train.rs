@@ -495,7 +495,7 @@ pub fn auto_token_buckets(set: &ExampleSet) -> usize {
 /// Predictors that read router inputs need them, of their width, in every trace.
 pub fn check_router_inputs(cfg: &crate::PredictorConfig, set: &ExampleSet) -> Result<()> {
     for (i, path) in set.paths().iter().enumerate() {
-        cfg.check_router_input_dim(set.view(i).meta.router_input_dim)
+        cfg.check_router_input_dim(set.view(i).meta.router_input_dim())
             .map_err(|e| PredictorError::file(path, e))?;
     }
     Ok(())

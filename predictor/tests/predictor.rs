@@ -26,8 +26,10 @@ const LAYERS: u32 = 4;
 /// Trace metadata of the rule traces: `LAYERS` MoE layers of `E` experts, top-2.
 fn rule_meta(model: &str, router_input_dim: Option<u32>) -> TraceMeta {
     TraceMeta {
-        router_logits: false,
-        router_input_dim,
+        channels: router_input_dim
+            .map(datasets::Channel::router_inputs)
+            .into_iter()
+            .collect(),
         model: model.into(),
         architecture: None,
         n_layers: LAYERS,
@@ -62,8 +64,7 @@ fn rule_trace(path: &Path, rule: Task, seqs: usize, len: usize, seed: u64) -> Pa
                 layers.push(Some(set));
             }
             b.push(&TokenRecord {
-                router_logits: None,
-                router_inputs: None,
+                channels: Default::default(),
                 seq: format!("s{s}"),
                 pos: pos as u32,
                 phase: Phase::Decode,
@@ -359,14 +360,13 @@ fn hidden_rule_trace(path: &Path, seqs: usize, len: usize, seed: u64) -> PathBuf
                 inputs.push(Some(x));
             }
             b.push(&TokenRecord {
-                router_logits: None,
                 seq: format!("s{s}"),
                 pos: pos as u32,
                 phase: Phase::Decode,
                 token: Some(rng.random_range(0..40)),
                 experts: layers,
                 weights: None,
-                router_inputs: Some(inputs),
+                channels: [("router_inputs".to_string(), inputs)].into(),
             })
             .unwrap();
         }
@@ -470,8 +470,7 @@ fn chain_trace(path: &Path, seqs: usize, len: usize, seed: u64) -> PathBuf {
                 })
                 .collect();
             b.push(&TokenRecord {
-                router_logits: None,
-                router_inputs: None,
+                channels: Default::default(),
                 seq: format!("s{s}"),
                 pos: pos as u32,
                 phase: Phase::Decode,

@@ -97,16 +97,15 @@ def read_trace(path):
     """A moecast trace (.mctrace, .parquet, .jsonl) as a dict of numpy arrays:
     seq [tokens] (index into seq_names), pos, token (0xFFFFFFFF unknown),
     experts [tokens, layers, top_k] (0xFFFF: layer not computed), and when recorded
-    weights [tokens, layers, top_k], router_inputs [tokens, layers, dim],
-    router_logits [tokens, layers, n_experts]; plus n_moe_layers, n_experts, top_k,
-    model, seq_names."""
+    weights [tokens, layers, top_k] and each channel the trace carries as
+    [tokens, layers, width] float32 under its name (router_inputs, router_logits,
+    pre_attention_logits, ...; "channels" maps each name to its width); plus
+    n_moe_layers, n_experts, top_k, model, seq_names."""
     d = _read_trace_flat(str(path))
     n, m, k = len(d["seq"]), d["n_moe_layers"], d["top_k"]
     d["experts"] = d["experts"].reshape(n, m, k)
     if "weights" in d:
         d["weights"] = d["weights"].reshape(n, m, k)
-    if "router_inputs" in d:
-        d["router_inputs"] = d["router_inputs"].reshape(n, m, d["router_input_dim"])
-    if "router_logits" in d:
-        d["router_logits"] = d["router_logits"].reshape(n, m, d["n_experts"])
+    for name, width in d["channels"].items():
+        d[name] = d[name].reshape(n, m, width)
     return d

@@ -209,17 +209,14 @@ fn read_trace_flat<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, P
     if let Some(w) = v.weights {
         d.set_item("weights", PyArray1::from_slice(py, w))?;
     }
-    if let (Some(x), Some(dim)) = (v.router_inputs, v.meta.router_input_dim) {
-        let f: Vec<f32> = x
-            .iter()
-            .map(|&b| half::f16::from_bits(b).to_f32())
-            .collect();
-        d.set_item("router_inputs", PyArray1::from_vec(py, f))?;
-        d.set_item("router_input_dim", dim)?;
+    let widths = PyDict::new(py);
+    for (c, ch) in v.meta.channels.iter().enumerate() {
+        if let Some(x) = v.channels.get(c) {
+            d.set_item(ch.name.as_str(), PyArray1::from_vec(py, x.to_f32()))?;
+            widths.set_item(ch.name.as_str(), ch.width)?;
+        }
     }
-    if let Some(l) = v.router_logits {
-        d.set_item("router_logits", PyArray1::from_slice(py, l))?;
-    }
+    d.set_item("channels", widths)?;
     Ok(d)
 }
 

@@ -140,8 +140,7 @@ pub(super) fn import(path: &Path, opts: &ImportOptions) -> Result<Imported> {
         ));
     }
     let meta = TraceMeta {
-        router_logits: false,
-        router_input_dim: None,
+        channels: Vec::new(),
         model: stem(path),
         architecture: None,
         n_layers: moe_layers.last().map_or(0, |l| l + 1),
@@ -189,8 +188,7 @@ pub(super) fn import(path: &Path, opts: &ImportOptions) -> Result<Imported> {
                 }
             }
             let rec = TokenRecord {
-                router_logits: None,
-                router_inputs: None,
+                channels: Default::default(),
                 seq: name.clone(),
                 pos,
                 phase: acc.phase.unwrap_or(Phase::Decode),

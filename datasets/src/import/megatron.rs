@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::{resolve_n_experts, ImportOptions, Imported};
+use crate::channel::{Channel, ROUTER_INPUTS, ROUTER_LOGITS};
 use crate::error::{Result, TraceError};
 use crate::trace::{Phase, TokenRecord, TraceBuilder, TraceMeta};
 
@@ -291,12 +292,15 @@ pub(super) fn import(dir: &Path, opts: &ImportOptions) -> Result<Imported> {
         tokenizer: None,
         ranked: false,
         expert_bytes: None,
-        router_input_dim: if with_inputs {
-            hidden.map(|h| h as u32)
-        } else {
-            None
-        },
-        router_logits: with_logits,
+        channels: [
+            hidden
+                .filter(|_| with_inputs)
+                .map(|h| Channel::router_inputs(h as u32)),
+            with_logits.then(|| Channel::router_logits(n_experts)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
     };
     let mut b =
         TraceBuilder::new(meta, false).map_err(|e| TraceError::format(dir, e.to_string()))?;
@@ -349,8 +353,13 @@ pub(super) fn import(dir: &Path, opts: &ImportOptions) -> Result<Imported> {
                     .iter()
                     .map(|l| per_layer.get(l).map(|r| r.l.top_indices[t].clone()))
                     .collect();
-                let router_inputs = with_inputs.then(|| at(&inputs, t));
-                let router_logits = with_logits.then(|| at(&logits, t));
+                let mut channels = BTreeMap::new();
+                if with_inputs {
+                    channels.insert(ROUTER_INPUTS.to_string(), at(&inputs, t));
+                }
+                if with_logits {
+                    channels.insert(ROUTER_LOGITS.to_string(), at(&logits, t));
+                }
                 let rec = TokenRecord {
                     seq: format!("rank{}/step{step}/mb{mb}", rf.rank),
                     pos: t as u32,
@@ -358,8 +367,7 @@ pub(super) fn import(dir: &Path, opts: &ImportOptions) -> Result<Imported> {
                     token: None,
                     experts,
                     weights: None,
-                    router_inputs,
-                    router_logits,
+                    channels,
                 };
                 b.push(&rec).map_err(|e| {
                     TraceError::parse(&rf.path, first.line, format!("token {t}: {e}"))

@@ -380,26 +380,19 @@ pub(crate) fn concat(parts: Vec<(PathBuf, RoutingTrace)>) -> Result<RoutingTrace
         out.phase.extend(&t.phase);
         out.experts.extend(&t.experts);
         let k = out.meta.top_k as usize;
-        out.router_logits = match (out.router_logits.take(), t.router_logits) {
-            (Some(mut a), Some(b)) => {
-                a.extend(b);
-                Some(a)
+        // Channels both traces carry alike are kept, the others dropped.
+        let (mut channels, mut values) = (Vec::new(), Vec::new());
+        let theirs: Vec<_> = t.meta.channels.iter().zip(t.channels).collect();
+        for (c, mut a) in out.meta.channels.drain(..).zip(out.channels.drain(..)) {
+            if let Some((_, b)) = theirs.iter().find(|(o, _)| **o == c) {
+                if a.append(b) {
+                    channels.push(c);
+                    values.push(a);
+                }
             }
-            _ => {
-                out.meta.router_logits = false;
-                None
-            }
-        };
-        out.router_inputs = match (out.router_inputs.take(), t.router_inputs) {
-            (Some(mut a), Some(b)) if out.meta.router_input_dim == t.meta.router_input_dim => {
-                a.extend(b);
-                Some(a)
-            }
-            _ => {
-                out.meta.router_input_dim = None;
-                None
-            }
-        };
+        }
+        out.meta.channels = channels;
+        out.channels = values;
         out.weights = match (out.weights.take(), t.weights) {
             (None, None) => None,
             (a, b) => {

@@ -93,8 +93,7 @@ pub(super) fn import(path: &Path) -> Result<Imported> {
         .map(|l| h.expert_bytes.get(&l).copied())
         .collect::<Option<Vec<u64>>>();
     let meta = TraceMeta {
-        router_logits: false,
-        router_input_dim: None,
+        channels: Vec::new(),
         model: h
             .model
             .as_deref()
@@ -262,8 +261,7 @@ pub(super) fn import(path: &Path) -> Result<Imported> {
             }
         }
         let rec = TokenRecord {
-            router_logits: None,
-            router_inputs: None,
+            channels: Default::default(),
             seq: format!("turn{turn}-{}", phase.as_str()),
             pos: step,
             phase,

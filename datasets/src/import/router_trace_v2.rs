@@ -99,8 +99,7 @@ pub(super) fn import(path: &Path) -> Result<Imported> {
         .map(str::to_string)
         .unwrap_or_else(|| stem(path));
     let meta = TraceMeta {
-        router_logits: false,
-        router_input_dim: None,
+        channels: Vec::new(),
         model,
         architecture: None,
         n_layers,
@@ -145,8 +144,7 @@ pub(super) fn import(path: &Path) -> Result<Imported> {
                 ));
             }
             let rec = TokenRecord {
-                router_logits: None,
-                router_inputs: None,
+                channels: Default::default(),
                 seq: id.clone(),
                 pos: (t - start) as u32,
                 phase: Phase::Prefill,

@@ -342,7 +342,6 @@ pub(super) fn import(path: &Path, opts: &ImportOptions) -> Result<Imported> {
         .filter(|&m| m >= 0);
     let n_experts = resolve_n_experts(path, opts.n_experts, max_id.map(|m| m as u32), &mut notes)?;
     let meta = TraceMeta {
-        router_logits: false,
         model: model.unwrap_or_else(|| stem(path)),
         architecture: None,
         n_layers,
@@ -354,7 +353,7 @@ pub(super) fn import(path: &Path, opts: &ImportOptions) -> Result<Imported> {
         tokenizer: None,
         ranked: true,
         expert_bytes: None,
-        router_input_dim: None,
+        channels: Vec::new(),
     };
     let mut b = TraceBuilder::new(meta, false).map_err(|e| fail(e.to_string()))?;
     for g in &grids {
@@ -374,7 +373,6 @@ pub(super) fn import(path: &Path, opts: &ImportOptions) -> Result<Imported> {
                 }
             }
             let rec = TokenRecord {
-                router_logits: None,
                 seq: g.name.clone(),
                 pos: t as u32,
                 phase: match g.prompt_len {
@@ -385,7 +383,7 @@ pub(super) fn import(path: &Path, opts: &ImportOptions) -> Result<Imported> {
                 token: g.token_ids.as_ref().map(|v| v[t]),
                 experts,
                 weights: None,
-                router_inputs: None,
+                channels: Default::default(),
             };
             b.push(&rec)
                 .map_err(|e| fail(format!("{}: token {t}: {e}", g.name)))?;

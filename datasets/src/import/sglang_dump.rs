@@ -485,8 +485,7 @@ pub(super) fn import(path: &Path, opts: &ImportOptions) -> Result<Imported> {
                 token: u32::try_from(p.input_ids[t]).ok(),
                 experts,
                 weights: None,
-                router_inputs: None,
-                router_logits: None,
+                channels: Default::default(),
             });
         }
     }
@@ -496,8 +495,7 @@ pub(super) fn import(path: &Path, opts: &ImportOptions) -> Result<Imported> {
         (None, None) => max_logical + 1,
     };
     let meta = TraceMeta {
-        router_logits: false,
-        router_input_dim: None,
+        channels: Vec::new(),
         model: stem(path),
         architecture: None,
         n_layers,

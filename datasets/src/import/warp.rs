@@ -55,8 +55,7 @@ pub(super) fn import(path: &Path, opts: &ImportOptions) -> Result<Imported> {
         path.display()
     ));
     let meta = TraceMeta {
-        router_logits: false,
-        router_input_dim: None,
+        channels: Vec::new(),
         model: stem(path),
         architecture: None,
         n_layers: n_moe as u32,
@@ -74,8 +73,7 @@ pub(super) fn import(path: &Path, opts: &ImportOptions) -> Result<Imported> {
     let seq = stem(path);
     for (line, row) in rows {
         let rec = TokenRecord {
-            router_logits: None,
-            router_inputs: None,
+            channels: Default::default(),
             seq: seq.clone(),
             pos: row.tok,
             phase: Phase::Decode,

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use datasets::channel::{ChannelSlice, PRE_ATTENTION_LOGITS};
 use datasets::{open_trace, TraceView};
 use predictor::baselines::BaselineStats;
 use predictor::{LoadedPredictor, OnlinePredictor};
@@ -154,17 +155,19 @@ impl Forecasters {
             p.card.config.routing.check(meta, &s.trace)?;
         }
         let online = loaded.map(OnlinePredictor::new);
-        let needs_model = kinds.iter().any(|k| {
-            matches!(
-                k,
-                PrefetchKind::Gate | PrefetchKind::PreAttention | PrefetchKind::Lens
-            )
+        // Pre-attention logits recorded in the trace (`collect --pre-attention-logits`)
+        // stand in for the model.
+        let recorded_pre_attention = meta.channel(PRE_ATTENTION_LOGITS).is_some();
+        let needs_model = kinds.iter().any(|k| match k {
+            PrefetchKind::Gate | PrefetchKind::Lens => true,
+            PrefetchKind::PreAttention => !recorded_pre_attention,
+            _ => false,
         });
         let mut model = match (needs_model, &s.model) {
             (false, _) => None,
             (true, None) => {
                 return Err(bad(
-                    "--prefetch gate, pre-attention and lens need --model DIR (the checkpoint the trace comes from)",
+                    "--prefetch gate, pre-attention and lens need --model DIR (the checkpoint the trace comes from; pre-attention also runs on a trace collected with --pre-attention-logits)",
                 ))
             }
             (true, Some(dir)) => Some(inference::MoeModel::load(&inference::Checkpoint::open(dir)?, &Default::default())?),
@@ -207,7 +210,7 @@ impl Forecasters {
         kinds: &[PrefetchKind],
     ) -> Result<(), StudyError> {
         let (m, e) = (view.meta.n_moe(), view.meta.n_experts as usize);
-        let dim = view.meta.router_input_dim;
+        let dim = view.meta.router_input_dim();
         let named = |msg: String| bad(format!("{}: {msg}", part.display()));
         if let (true, Some(o)) = (kinds.contains(&PrefetchKind::Learned), &self.online) {
             o.predictor()
@@ -255,12 +258,17 @@ impl Forecasters {
                     .ok_or_else(|| missing("gate forecaster"))?;
                 prefetch::gate(view, seqs, &|t, x| g.scores(t, x), budget, horizon)
             }
-            PrefetchKind::PreAttention => {
-                let model = self.model.as_ref().ok_or_else(|| missing("model"))?;
-                let logits = crate::gate::pre_attention_logits(model, view)
-                    .map_err(|e| bad(format!("{}: {e}", part.display())))?;
-                prefetch::pre_attention(view, seqs, &logits, budget)
-            }
+            PrefetchKind::PreAttention => match view.channel_column(PRE_ATTENTION_LOGITS) {
+                Some(ChannelSlice::F32(logits)) => {
+                    prefetch::pre_attention(view, seqs, logits, budget)
+                }
+                _ => {
+                    let model = self.model.as_ref().ok_or_else(|| missing("model"))?;
+                    let logits = crate::gate::pre_attention_logits(model, view)
+                        .map_err(|e| bad(format!("{}: {e}", part.display())))?;
+                    prefetch::pre_attention(view, seqs, &logits, budget)
+                }
+            },
             PrefetchKind::Lens => {
                 let g = self
                     .lens
