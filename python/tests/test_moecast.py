@@ -98,6 +98,19 @@ def test_read_trace_gives_the_trace_arrays(trained):
     assert (t["pos"][starts] == 0).all()
 
 
+def test_read_trace_gives_each_channel(tmp_path):
+    """Channels recorded by `collect` come back as [tokens, layers, width] arrays."""
+    trace = tmp_path / "c.parquet"
+    run("collect", "--model", ROOT / "checkpoints" / "tiny-moe", "--token-ids", "5,17,42,99",
+        "--max-new-tokens", "6", "--hidden-states", "--pre-attention-logits", "-o", trace)
+    t = moecast.read_trace(trace)
+    n, m, e = len(t["seq"]), t["n_moe_layers"], t["n_experts"]
+    assert set(t["channels"]) == {"router_inputs", "pre_attention_logits"}
+    assert t["pre_attention_logits"].shape == (n, m, e)
+    assert t["router_inputs"].shape == (n, m, t["channels"]["router_inputs"])
+    assert np.isfinite(t["pre_attention_logits"]).all() and np.abs(t["router_inputs"]).sum() > 0
+
+
 def test_bad_input_raises_moecast_error(trained, tmp_path):
     _, out, _ = trained
     with pytest.raises(moecast.MoecastError, match="predictor.json"):
