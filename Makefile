@@ -219,7 +219,8 @@ bench:
 	$(CARGO) bench -p datasets --bench trace_io
 	$(CARGO) bench -p datasets --bench dataset_scale
 	RAYON_NUM_THREADS=1 $(CARGO) bench -p collector --bench collect
-	$(CARGO) bench -p predictor --bench predictor -- train
+	RAYON_NUM_THREADS=1 $(CARGO) bench -p predictor --bench predictor -- train
+	RAYON_NUM_THREADS=2 $(CARGO) bench -p predictor --bench predictor -- train
 	RAYON_NUM_THREADS=1 $(CARGO) bench -p predictor --bench predictor -- latency
 	$(CARGO) bench -p predictor --bench predictor -- scale
 	$(CARGO) bench -p offload --bench simulate

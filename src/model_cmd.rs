@@ -43,7 +43,7 @@ pub(crate) struct CollectArgs {
     /// attention (the pre-attention predictor's signal; f32 over all experts).
     #[arg(long)]
     pre_attention_logits: bool,
-    /// Compute backend: flex (default), ndarray (`--features ndarray` builds).
+    /// Compute backend: flex (default), ndarray (`--features ndarray` builds), wgpu, cuda / cuda:N (`--features wgpu` / `cuda` builds).
     #[arg(long, default_value = "flex")]
     device: String,
     /// Output trace: .mctrace, .parquet or .jsonl.

@@ -97,7 +97,7 @@ pub(crate) struct TrainArgs {
     /// Seed of the split, initialisation and batch order.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Backend: flex (CPU, default), ndarray (CPU; `--features ndarray` builds), wgpu (GPU; `--features wgpu` builds).
+    /// Backend: flex (CPU, default), ndarray (CPU; `--features ndarray` builds), wgpu (GPU; `--features wgpu` builds), cuda / cuda:N (NVIDIA; `--features cuda` builds).
     #[arg(long, default_value = "flex")]
     device: String,
     /// No progress bar.
@@ -244,7 +244,7 @@ pub(crate) struct EvalArgs {
     /// Windows per forward pass.
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
-    /// Backend: flex (CPU, default), ndarray (CPU; `--features ndarray` builds), wgpu (GPU; `--features wgpu` builds).
+    /// Backend: flex (CPU, default), ndarray (CPU; `--features ndarray` builds), wgpu (GPU; `--features wgpu` builds), cuda / cuda:N (NVIDIA; `--features cuda` builds).
     #[arg(long, default_value = "flex")]
     device: String,
     /// No progress bar.

@@ -86,7 +86,7 @@ pub(crate) struct RunArgs {
     /// Print each generated text.
     #[arg(long)]
     show_text: bool,
-    /// Compute backend: flex (default), ndarray (`--features ndarray` builds).
+    /// Compute backend: flex (default), ndarray (`--features ndarray` builds), wgpu, cuda / cuda:N (`--features wgpu` / `cuda` builds).
     #[arg(long, default_value = "flex")]
     device: String,
     /// Also write the measurements as JSON.

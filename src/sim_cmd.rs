@@ -35,7 +35,8 @@ pub(crate) struct SimulateArgs {
     #[arg(long)]
     predictor: Option<PathBuf>,
     /// The MoE checkpoint the trace comes from (gate prefetch: its gates applied to the
-    /// trace's router inputs; pre-attention prefetch: the model replays the token ids;
+    /// trace's router inputs; pre-attention prefetch: the model replays the token ids,
+    /// unless the trace was collected with --pre-attention-logits;
     /// lens prefetch: its LM head read at the last MoE layer's router input).
     #[arg(long)]
     model: Option<PathBuf>,

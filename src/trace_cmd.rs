@@ -343,7 +343,7 @@ fn info(a: InfoArgs) -> Result<()> {
                 _ => 4,
             };
             println!(
-                "  {:<13} {:>4} x {:>10} at {:>10}  ({:.2} MB)",
+                "  {:<20} {:>4} x {:>10} at {:>10}  ({:.2} MB)",
                 s.name,
                 s.dtype,
                 s.len,

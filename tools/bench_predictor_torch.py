@@ -7,7 +7,8 @@ Same architecture as predictor/src/model.rs: token embedding + linear embedding 
 previous token's multi-hot routing, pre-LayerNorm blocks with ALiBi causal attention and
 a SiLU feed-forward, and the per-query head (known-layer prefix, layer embedding, MLP,
 per-layer output columns); masked BCE with logits; AdamW with per-parameter gradient
-norm clipping. Random multi-hot batches of the same shape as the Rust benchmark.
+norm clipping. Random multi-hot batches of the same shape as the Rust benchmark, on the
+CPU or (`--device cuda`) an NVIDIA GPU.
 
 Prints one line: `torch examples/s: X` (examples = target tokens).
 """
@@ -60,10 +61,10 @@ class ExpertPredictor(nn.Module):
         self.out_norm = nn.LayerNorm(d)
         self.output = nn.Linear(d, width)
 
-    def alibi(self, s):
-        slopes = torch.tensor([2 ** (-8 * (h + 1) / self.heads) for h in range(self.heads)])
-        i = torch.arange(s)[:, None]
-        j = torch.arange(s)[None, :]
+    def alibi(self, s, device):
+        slopes = torch.tensor([2 ** (-8 * (h + 1) / self.heads) for h in range(self.heads)], device=device)
+        i = torch.arange(s, device=device)[:, None]
+        j = torch.arange(s, device=device)[None, :]
         dist = (i - j).float()
         bias = -slopes[:, None, None] * dist
         return bias.masked_fill(j > i, float("-inf"))[None]
@@ -72,12 +73,12 @@ class ExpertPredictor(nn.Module):
         b, s = tokens.shape
         n = b * s
         x = self.token_embed(tokens) + self.context_routing(prev_routing)
-        bias = self.alibi(s)
+        bias = self.alibi(s, tokens.device)
         for blk in self.blocks:
             x = blk(x, bias)
         h = self.final_norm(x).reshape(n, self.d)
         per_layer = torch.einsum("nme,med->mnd", routing.reshape(n, self.n_moe, self.n_experts), self.query_routing)
-        prefix = torch.cat([torch.zeros(1, n, self.d), per_layer.cumsum(0)[:-1]], 0)
+        prefix = torch.cat([torch.zeros(1, n, self.d, device=tokens.device), per_layer.cumsum(0)[:-1]], 0)
         outs = []
         for known, horizon in queries:
             u = h + prefix[known] + self.query_layer.weight[known]
@@ -89,7 +90,8 @@ class ExpertPredictor(nn.Module):
 
 
 def masked_bce(z, y, m, pos_weight):
-    loss = F.binary_cross_entropy_with_logits(z, y, reduction="none", pos_weight=torch.tensor(pos_weight))
+    loss = F.binary_cross_entropy_with_logits(z, y, reduction="none",
+                                              pos_weight=torch.tensor(pos_weight, device=z.device))
     return (loss * m).sum() / m.sum().clamp_min(1.0)
 
 
@@ -109,11 +111,13 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     a = ap.parse_args()
+    dev = torch.device(a.device)
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    m = ExpertPredictor(a.n_moe, a.n_experts, a.d_model, a.layers, a.heads, 4, a.buckets, a.dropout)
+    m = ExpertPredictor(a.n_moe, a.n_experts, a.d_model, a.layers, a.heads, 4, a.buckets, a.dropout).to(dev)
     opt = torch.optim.AdamW(m.parameters(), lr=2e-3, weight_decay=0.01)
     if a.task == "next-token":
         queries = [(0, a.n_moe)]
@@ -123,12 +127,16 @@ def main():
 
     def multi_hot():
         idx = torch.rand(b * s, a.n_moe, a.n_experts).topk(a.top_k, dim=2).indices
-        return torch.zeros(b * s, a.n_moe, a.n_experts).scatter_(2, idx, 1.0).reshape(b * s, width)
+        return torch.zeros(b * s, a.n_moe, a.n_experts).scatter_(2, idx, 1.0).reshape(b * s, width).to(dev)
 
     routing = multi_hot()
     prev = multi_hot().reshape(b, s, width)
-    tokens = torch.randint(0, a.buckets, (b, s))
-    mask = torch.ones(b * s, a.n_moe)
+    tokens = torch.randint(0, a.buckets, (b, s)).to(dev)
+    mask = torch.ones(b * s, a.n_moe, device=dev)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
 
     def step():
         outs = m(tokens, prev, routing, queries)
@@ -146,11 +154,14 @@ def main():
 
     for _ in range(3):
         step()
+    sync()
     t0 = time.perf_counter()
     for _ in range(a.steps):
         step()
+    sync()
     dt = time.perf_counter() - t0
-    print(f"torch examples/s: {a.steps * b * s / dt:.1f}  ({dt / a.steps * 1e3:.1f} ms/step, {torch.get_num_threads()} threads, torch {torch.__version__})")
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch examples/s: {a.steps * b * s / dt:.1f}  ({dt / a.steps * 1e3:.1f} ms/step, batch {b}, {where}, torch {torch.__version__})")
 
 
 if __name__ == "__main__":

@@ -40,9 +40,12 @@ def load(path):
         return load_mctrace(path)
     import duckdb
 
+    # The router-input channel's column (`router_input` in files written before channels).
     try:
+        columns = [c[0] for c in duckdb.sql(f"describe select * from '{path}'").fetchall()]
+        column = "router_inputs" if "router_inputs" in columns else "router_input"
         rows = duckdb.sql(
-            f"select seq, pos, layer, experts, router_input from '{path}' order by seq, pos, layer"
+            f"select seq, pos, layer, experts, {column} from '{path}' order by seq, pos, layer"
         ).fetchall()
     except duckdb.Error as e:
         sys.exit(f"{path}: not a moecast Parquet trace with router inputs ({e})")

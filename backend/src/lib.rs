@@ -17,6 +17,9 @@ pub enum BackendKind {
     /// burn-wgpu on the default GPU adapter (builds with the `wgpu` feature).
     #[cfg(feature = "wgpu")]
     Wgpu,
+    /// burn-cuda (CubeCL) on NVIDIA GPU `index` (builds with the `cuda` feature).
+    #[cfg(feature = "cuda")]
+    Cuda(usize),
 }
 
 impl FromStr for BackendKind {
@@ -37,7 +40,22 @@ impl FromStr for BackendKind {
             "wgpu" => Err("this build has no GPU backend: rebuild with `cargo build --release --features wgpu` \
                  (needs a Vulkan, Metal or DX12 driver; Mesa's lavapipe works on CPU-only machines)"
                 .into()),
-            other => Err(format!("unknown device '{other}' (flex, ndarray, wgpu)")),
+            #[cfg(feature = "cuda")]
+            "cuda" => Ok(BackendKind::Cuda(0)),
+            #[cfg(feature = "cuda")]
+            cuda if cuda.starts_with("cuda:") => cuda["cuda:".len()..]
+                .parse()
+                .map(BackendKind::Cuda)
+                .map_err(|_| format!("device '{cuda}': expected cuda or cuda:N (N the GPU index)")),
+            #[cfg(not(feature = "cuda"))]
+            cuda if cuda == "cuda" || cuda.starts_with("cuda:") => Err(
+                "this build has no CUDA backend: rebuild with `cargo build --release --features cuda` \
+                 (needs an NVIDIA driver and NVRTC at run time; tools/gpu_check.sh does it all)"
+                    .into(),
+            ),
+            other => Err(format!(
+                "unknown device '{other}' (flex, ndarray, wgpu, cuda, cuda:N)"
+            )),
         }
     }
 }
@@ -63,6 +81,8 @@ impl BackendKind {
             BackendKind::Ndarray => Device::ndarray(),
             #[cfg(feature = "wgpu")]
             BackendKind::Wgpu => Device::wgpu(burn::tensor::DeviceKind::DefaultDevice),
+            #[cfg(feature = "cuda")]
+            BackendKind::Cuda(index) => Device::cuda(index),
         }
     }
 }

@@ -21,9 +21,24 @@ pub const ROUTER_LOGITS: &str = "router_logits";
 /// pre-attention predictor's signal), f32 (`n_experts` wide).
 pub const PRE_ATTENTION_LOGITS: &str = "pre_attention_logits";
 
-/// Names a channel may not take: the trace's own columns and sections.
+/// Names a channel may not take: the trace's own columns and sections, and the keys
+/// the Python `read_trace` returns beside the channels.
 const RESERVED: &[&str] = &[
-    "seq", "pos", "token", "phase", "layer", "experts", "weights", "meta",
+    "seq",
+    "pos",
+    "token",
+    "phase",
+    "layer",
+    "experts",
+    "weights",
+    "meta",
+    "channels",
+    "model",
+    "n_moe_layers",
+    "n_experts",
+    "top_k",
+    "seq_names",
+    "router_input_dim",
 ];
 
 /// Element type of a channel's values.

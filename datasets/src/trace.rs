@@ -271,9 +271,10 @@ pub struct TokenRecord {
     pub channels: BTreeMap<String, ChannelRecord>,
 }
 
-/// [`TokenRecord`] as a JSONL line spells it: each field it does not know that holds a
-/// list is a channel (one list of numbers or `null` per MoE layer; `null` inside a list
-/// is NaN, which is how JSON writes it); other unknown fields are ignored.
+/// [`TokenRecord`] as a JSONL line spells it: each field it does not know that is shaped
+/// like a channel (a non-empty list whose items are lists or `null`, one per MoE layer;
+/// `null` inside an item is NaN, which is how JSON writes it) is a channel, which the
+/// trace's meta must then list; other unknown fields are ignored.
 #[derive(Deserialize)]
 struct TokenRecordRepr {
     seq: String,
@@ -295,8 +296,12 @@ impl TryFrom<TokenRecordRepr> for TokenRecord {
         let mut channels = BTreeMap::new();
         for (name, value) in r.other {
             if let serde_json::Value::Array(layers) = value {
-                let record = channel_record(&name, layers)?;
-                channels.insert(name, record);
+                let per_layer =
+                    !layers.is_empty() && layers.iter().all(|c| c.is_null() || c.is_array());
+                if per_layer {
+                    let record = channel_record(&name, layers)?;
+                    channels.insert(name, record);
+                }
             }
         }
         Ok(TokenRecord {
@@ -452,9 +457,11 @@ impl<'a> TraceView<'a> {
             phase: &self.phase[range.clone()],
             experts: &self.experts[per_token(k)],
             weights: self.weights.map(|w| &w[per_token(k)]),
-            channels: self
-                .channels
-                .map(|c, x| x.slice(per_token(self.meta.channels[c].width as usize))),
+            channels: self.channels.map(|c, x| {
+                x.slice(per_token(
+                    self.meta.channels.get(c).map_or(0, |ch| ch.width) as usize,
+                ))
+            }),
         }
     }
 
@@ -516,8 +523,27 @@ impl<'a> TraceView<'a> {
             phase: self.phase.to_vec(),
             experts: self.experts.to_vec(),
             weights: self.weights.map(<[f32]>::to_vec),
-            channels: (0..self.meta.channels.len())
-                .filter_map(|c| self.channels.get(c).map(|x| x.to_values()))
+            // A column the view lacks becomes fill values, so columns stay aligned
+            // with `meta.channels`.
+            channels: self
+                .meta
+                .channels
+                .iter()
+                .enumerate()
+                .map(|(c, ch)| match self.channels.get(c) {
+                    Some(x) => x.to_values(),
+                    None => {
+                        let w = ch.width as usize;
+                        let mut v = ChannelValues::with_capacity(
+                            ch.dtype,
+                            self.n_tokens() * self.meta.n_moe() * w,
+                        );
+                        for _ in 0..self.n_tokens() * self.meta.n_moe() {
+                            v.push(None, w);
+                        }
+                        v
+                    }
+                })
                 .collect(),
         }
     }

@@ -317,3 +317,29 @@ fn bad_channel_data_is_refused_by_name() {
         "{err}"
     );
 }
+
+#[test]
+fn unknown_jsonl_fields_that_are_not_per_layer_vectors_are_ignored() {
+    let trace = trace_with(vec![Channel::router_logits(E)]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.jsonl");
+    save_trace(&trace, &path, Some(TraceFormat::Jsonl)).unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<String> = text
+        .lines()
+        .enumerate()
+        .map(|(i, l)| {
+            if i == 0 {
+                return l.to_string();
+            }
+            let mut rec: serde_json::Value = serde_json::from_str(l).unwrap();
+            rec["text_ids"] = serde_json::json!([1, 2, 3]);
+            rec["note"] = "free text".into();
+            rec["empty"] = serde_json::json!([]);
+            rec.to_string()
+        })
+        .collect();
+    std::fs::write(&path, lines.join("\n")).unwrap();
+    let back = load_trace(&path).unwrap();
+    assert_same_channels(&trace, &back, "extra fields");
+}

@@ -2,8 +2,10 @@
 //!
 //! - `train`: training throughput (target tokens per second) of the default-size
 //!   predictor on the demo model's routing shape (6 MoE layers x 16 experts, top-2),
-//!   for both tasks, and the same model in PyTorch on the same CPU when torch is
-//!   installed (`tools/bench_predictor_torch.py`);
+//!   for both tasks at batch 16 and 64, on every CPU backend built (or
+//!   `MOECAST_BENCH_DEVICE`), beside the same model in PyTorch on the same CPU (or GPU)
+//!   when torch is installed (`tools/bench_predictor_torch.py`), with the ratio; `make
+//!   bench` runs it at 1 and 2 threads;
 //! - `scale`: `predictor::train` itself (validation, export and checkpoints included)
 //!   for 3 epochs on a 512 k-token synthetic trace, each epoch's steps per second: a
 //!   training that slows down after its first epoch shows here;
@@ -48,62 +50,110 @@ fn threads() -> String {
     })
 }
 
+/// The backends the training comparison runs: `MOECAST_BENCH_DEVICE` when set (`cuda`,
+/// `wgpu`, ...: `tools/gpu_check.sh`), else every CPU backend this build has.
+fn bench_backends() -> Vec<(String, BackendKind)> {
+    match std::env::var("MOECAST_BENCH_DEVICE") {
+        Ok(d) => {
+            let kind = d
+                .parse()
+                .unwrap_or_else(|e| panic!("MOECAST_BENCH_DEVICE: {e}"));
+            vec![(d, kind)]
+        }
+        Err(_) => ["flex", "ndarray"]
+            .iter()
+            .filter_map(|b| Some((b.to_string(), b.parse().ok()?)))
+            .collect(),
+    }
+}
+
+/// Training examples (target tokens) per second of the default predictor on `kind`,
+/// `steps` timed steps of `batch` windows after 2 warm-up steps, counting the training
+/// step alone as the PyTorch script does (it reuses one random batch); and the time spent
+/// building the batches (host work) relative to the steps'.
+fn burn_train_rate(
+    set: &ExampleSet,
+    task: Task,
+    kind: BackendKind,
+    batch: usize,
+    steps: usize,
+) -> (f64, f64) {
+    let shape = set.shape();
+    let config = PredictorConfig::new(shape, task);
+    let device = kind.device();
+    device.seed(0);
+    let ad = device.autodiff();
+    let mut model = ExpertPredictor::new(&config, &ad);
+    let mut optim = AdamWConfig::new().init();
+    let windows = set.windows(Split::Train, config.context);
+    let queries = config.queries();
+    let (mut examples, mut elapsed, mut building) = (0usize, 0.0, 0.0);
+    for (i, chunk) in windows.chunks(batch).cycle().take(steps + 2).enumerate() {
+        let t_batch = Instant::now();
+        let b = set.batch(chunk, config.token_buckets);
+        let bt = BatchTensors::new(&b, shape, &ad);
+        let built = t_batch.elapsed().as_secs_f64();
+        let t0 = Instant::now();
+        let loss = model.loss(&bt, &queries, 1.0);
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(2e-3, model, grads);
+        let _ = loss.into_scalar::<f32>();
+        if i >= 2 {
+            elapsed += t0.elapsed().as_secs_f64();
+            building += built;
+            examples += b.token_index.iter().filter(|&&t| t != usize::MAX).count();
+        }
+    }
+    (examples as f64 / elapsed, building / elapsed)
+}
+
 fn bench_train(trace: &Path) {
     let set = ExampleSet::open(&[trace.to_path_buf()], &SplitConfig::default()).expect("open");
     let shape = set.shape();
+    let threads = threads();
     println!(
         "predictor training throughput: default size (d_model 128, 3 blocks, 4 heads, context 128), \
-         batch 16 windows, {} MoE layers x {} experts, CPU threads {}",
-        shape.n_moe,
-        shape.n_experts,
-        threads()
+         {} MoE layers x {} experts, CPU threads {threads}; examples = target tokens",
+        shape.n_moe, shape.n_experts,
     );
-    for task in [Task::NextToken, Task::Lookahead] {
-        let config = PredictorConfig::new(shape, task);
-        let device = BackendKind::Flex.device();
-        device.seed(0);
-        let ad = device.autodiff();
-        let mut model = ExpertPredictor::new(&config, &ad);
-        let mut optim = AdamWConfig::new().init();
-        let windows = set.windows(Split::Train, config.context);
-        let queries = config.queries();
-        let mut examples = 0usize;
-        let mut elapsed = 0.0;
-        for (i, chunk) in windows.chunks(16).cycle().take(STEPS + 3).enumerate() {
-            let t0 = Instant::now();
-            let batch = set.batch(chunk, config.token_buckets);
-            let bt = BatchTensors::new(&batch, shape, &ad);
-            let loss = model.loss(&bt, &queries, 1.0);
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            model = optim.step(2e-3, model, grads);
-            let _ = loss.into_scalar::<f32>();
-            if i >= 3 {
-                elapsed += t0.elapsed().as_secs_f64();
-                examples += batch
-                    .token_index
-                    .iter()
-                    .filter(|&&t| t != usize::MAX)
-                    .count();
+    let backends = bench_backends();
+    let torch_device = if backends.iter().any(|(n, _)| n.starts_with("cuda")) {
+        "cuda"
+    } else {
+        "cpu"
+    };
+    for batch in [16, 64] {
+        // About the same number of examples at either batch size.
+        let steps = (STEPS * 16 / batch).max(5);
+        for task in [Task::NextToken, Task::Lookahead] {
+            let torch = torch_rate(task, &threads, batch, steps, torch_device);
+            for (name, kind) in &backends {
+                let (rate, building) = burn_train_rate(&set, task, *kind, batch, steps);
+                let ratio = torch.as_ref().map_or(
+                    "(PyTorch not found: python3 with torch)".into(),
+                    |(t, _)| format!("pytorch {t:>7.0}  -> Burn / PyTorch = {:.2}", rate / t),
+                );
+                println!(
+                    "  {:<10} batch {batch:>2}, {threads} threads: burn-{name} {rate:>7.0} examples/s, {ratio} \
+                     (building the batches: +{:.0}%)",
+                    task.as_str(),
+                    building * 100.0
+                );
             }
-        }
-        let burn_rate = examples as f64 / elapsed;
-        println!(
-            "  {:<10} burn-flex: {burn_rate:>8.0} examples/s ({:.1} ms/step)",
-            task.as_str(),
-            elapsed / STEPS as f64 * 1e3
-        );
-        match torch_rate(task, &threads()) {
-            Some((rate, line)) => println!(
-                "  {:<10} pytorch:   {rate:>8.0} examples/s  -> Burn / PyTorch = {:.2}  [{line}]",
-                task.as_str(),
-                burn_rate / rate
-            ),
-            None => println!("  (PyTorch comparison skipped: python3 with torch not found)"),
+            if let Some((_, line)) = torch {
+                println!("             [{line}]");
+            }
         }
     }
 }
 
-fn torch_rate(task: Task, threads: &str) -> Option<(f64, String)> {
+fn torch_rate(
+    task: Task,
+    threads: &str,
+    batch: usize,
+    steps: usize,
+    device: &str,
+) -> Option<(f64, String)> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/bench_predictor_torch.py");
     let out = Command::new("python3")
         .arg(script)
@@ -112,8 +162,12 @@ fn torch_rate(task: Task, threads: &str) -> Option<(f64, String)> {
             task.as_str(),
             "--threads",
             threads,
+            "--batch",
+            &batch.to_string(),
             "--steps",
-            &STEPS.to_string(),
+            &steps.to_string(),
+            "--device",
+            device,
         ])
         .output()
         .ok()?;

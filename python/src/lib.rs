@@ -217,6 +217,9 @@ fn read_trace_flat<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, P
         }
     }
     d.set_item("channels", widths)?;
+    if let Some(dim) = v.meta.router_input_dim() {
+        d.set_item("router_input_dim", dim)?;
+    }
     Ok(d)
 }
 

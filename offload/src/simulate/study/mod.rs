@@ -225,6 +225,14 @@ impl Forecasters {
         if let Some(g) = &self.lens {
             g.check(m, e, dim).map_err(|err| named(err.to_string()))?;
         }
+        if kinds.contains(&PrefetchKind::PreAttention)
+            && self.model.is_none()
+            && view.meta.channel(PRE_ATTENTION_LOGITS).is_none()
+        {
+            return Err(named(
+                "no pre_attention_logits channel (the first part has one): give --model DIR or collect every part with --pre-attention-logits".into(),
+            ));
+        }
         Ok(())
     }
 
