@@ -7,8 +7,10 @@
 #      on the same GPU (`bench_predictor_torch.py --device cuda`), batch 16 and 64, both
 #      tasks, with the ratio.
 # Needs: an NVIDIA driver (nvidia-smi), Rust, and NVRTC (the CUDA toolkit, or the
-# nvidia-cuda-nvrtc wheel that pip's torch brings); PyTorch with CUDA for step 3 (skipped
-# with a note when absent). Usage: tools/gpu_check.sh [GPU_INDEX]
+# nvidia-cuda-nvrtc wheel that pip's torch brings); PyTorch with CUDA for step 3 (Burn's
+# figures alone without it). The first build downloads Tracel's LLVM bundle from GitHub
+# (cubecl-cuda's PTX backend; cached in ~/.local/share/tracel/), so the machine needs
+# network access then, or that cache copied in. Usage: tools/gpu_check.sh [GPU_INDEX]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 gpu="${1:-0}"

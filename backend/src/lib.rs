@@ -86,3 +86,26 @@ impl BackendKind {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::BackendKind;
+
+    #[test]
+    fn devices_are_parsed_and_unbuilt_ones_refused_naming_the_feature() {
+        assert_eq!("flex".parse::<BackendKind>(), Ok(BackendKind::Flex));
+        assert_eq!("cpu".parse::<BackendKind>(), Ok(BackendKind::Flex));
+        #[cfg(not(feature = "cuda"))]
+        for d in ["cuda", "cuda:1"] {
+            let e = d.parse::<BackendKind>().unwrap_err();
+            assert!(e.contains("--features cuda"), "{e}");
+        }
+        #[cfg(feature = "cuda")]
+        {
+            assert_eq!("cuda:1".parse::<BackendKind>(), Ok(BackendKind::Cuda(1)));
+            assert!("cuda:x".parse::<BackendKind>().is_err());
+        }
+        let e = "tpu".parse::<BackendKind>().unwrap_err();
+        assert!(e.contains("unknown device 'tpu'"), "{e}");
+    }
+}
