@@ -10,6 +10,12 @@ mod trace_cmd;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+/// mimalloc keeps freed memory for reuse: Burn's large intermediate tensors otherwise go
+/// back to the OS (glibc's mmap threshold) and are page-faulted in again every training
+/// step, which cost a third to a half of predictor training throughput (`make bench`).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use model_cmd::{CheckpointCommand, CollectArgs, TinymoeCommand};
 use predict_cmd::{EvalArgs, TrainArgs};
 use trace_cmd::TraceCommand;

@@ -28,6 +28,10 @@ use predictor::{
 
 const STEPS: usize = 20;
 
+/// The allocator the `moecast` binary uses (see src/main.rs).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn synth(path: &Path) {
     let t = synthetic_trace(&SynthConfig {
         n_layers: 6,

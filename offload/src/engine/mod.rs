@@ -52,7 +52,7 @@ use inference::layers::SwiGlu;
 use inference::models::MoeModel;
 use inference::routing::{ExpertSource, RouteDecision, RoutingObserver, RoutingPolicy};
 pub use report::EngineReport;
-pub use store::{ExpertLoader, ExpertStore, Loaded};
+pub use store::{ExpertLoader, ExpertStore, Loaded, READ_CHUNK};
 
 /// How the engine runs.
 #[derive(Debug, Clone, PartialEq)]
@@ -164,6 +164,12 @@ impl OffloadEngine {
             moe.offload_experts();
         }
         let capacity = cfg.capacity.min(m * e);
+        // A prefetch delays a demand read by at most the chunk it is reading.
+        let mean_bytes = (0..m * e)
+            .map(|id| store.expert_bytes(id) as f64)
+            .sum::<f64>()
+            / (m * e).max(1) as f64;
+        let chunk_share = (READ_CHUNK as f64 / mean_bytes.max(1.0)).min(1.0);
         // Planned, one loader thread is kept for demand reads.
         let loader = ExpertLoader::start(store, cfg.loader_threads, cfg.planned);
         let learned = match &predictor {
@@ -204,8 +210,16 @@ impl OffloadEngine {
             routing_margin: cfg.routing_margin,
             ..EngineReport::default()
         };
-        let planner = (cfg.planned && report.budget == "auto")
-            .then(|| planned::EnginePlanner::new(shape.top_k, e, m, capacity, cfg.loader_threads));
+        let planner = (cfg.planned && report.budget == "auto").then(|| {
+            planned::EnginePlanner::new(
+                shape.top_k,
+                e,
+                m,
+                capacity,
+                cfg.loader_threads,
+                chunk_share,
+            )
+        });
         Ok(OffloadEngine {
             cache: ExpertCache::new(cfg.policy, CacheScope::Global, capacity, m, e),
             cfg,
@@ -259,7 +273,7 @@ impl OffloadEngine {
         let demand = self.in_flight.remove(&l.id).unwrap_or(true);
         self.report.read_s += l.read_time.as_secs_f64();
         if let Some(p) = &mut self.planner {
-            p.read_done(l.read_time.as_secs_f64());
+            p.read_done(l.read_time.as_secs_f64(), l.demand);
         }
         if demand {
             self.report.demand_reads += 1;

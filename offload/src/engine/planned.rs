@@ -28,6 +28,8 @@ pub(super) struct EnginePlanner {
     pub(super) next_layer: usize,
     pub(super) token: u64,
     threads: f64,
+    /// The share of a read a demand read can wait for (one chunk of a prefetch).
+    chunk_share: f64,
 }
 
 fn ema(old: Option<f64>, x: f64) -> Option<f64> {
@@ -41,6 +43,7 @@ impl EnginePlanner {
         n_moe: usize,
         capacity: usize,
         threads: usize,
+        chunk_share: f64,
     ) -> Self {
         EnginePlanner {
             planner: PrefetchPlanner::new(PlannerSettings {
@@ -61,6 +64,7 @@ impl EnginePlanner {
             next_layer: 0,
             token: 0,
             threads: threads.max(1) as f64,
+            chunk_share: chunk_share.clamp(0.0, 1.0),
         }
     }
 
@@ -87,9 +91,12 @@ impl EnginePlanner {
         self.next_layer = m + 1;
     }
 
-    /// A read took `seconds`.
-    pub(super) fn read_done(&mut self, seconds: f64) {
-        self.read_us = ema(self.read_us, seconds * 1e6);
+    /// A read took `seconds`. Demand reads measure the device; a prefetch's time includes
+    /// its pauses for demand reads, so it only stands in until a demand read is timed.
+    pub(super) fn read_done(&mut self, seconds: f64, demand: bool) {
+        if demand || self.read_us.is_none() {
+            self.read_us = ema(self.read_us, seconds * 1e6);
+        }
     }
 
     /// How much one more queued prefetch moves the end of the loader's queue: a read's
@@ -105,12 +112,11 @@ impl EnginePlanner {
         let read = self.read_us.unwrap_or(0.0);
         let period = self.period_us.unwrap_or(0.0);
         // One loader thread is kept for demand reads (with two or more), so a demand
-        // read never queues behind a prefetch; but the two share the disk's bandwidth:
-        // every byte a prefetch reads while demand reads run delays them, up to a whole
-        // read's worth.
+        // read never queues behind a prefetch, and a prefetch pauses between chunks
+        // while one runs: they share the disk for at most one chunk.
         let s = PlannerSettings {
             read_us: read,
-            chunk_us: read,
+            chunk_us: read * self.chunk_share,
             layer_period_us: period,
             ..*self.planner.settings()
         };

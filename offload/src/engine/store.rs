@@ -1,7 +1,10 @@
 //! Expert weights on disk: each routed expert's three projections are read from the
 //! checkpoint's safetensors file with positioned reads (never memory-mapped), on a pool
-//! of background loader threads. Demand reads go ahead of queued prefetches. After each
-//! read the file range is dropped from the OS page cache (`posix_fadvise DONTNEED` on
+//! of background loader threads. Demand reads go ahead of queued prefetches, and a
+//! prefetch already reading pauses between chunks of [`READ_CHUNK`] bytes while a demand
+//! read is in flight, so a demand read shares the device with at most one chunk of
+//! prefetch (the simulator's link model). After each read the file range is dropped
+//! from the OS page cache (`posix_fadvise DONTNEED` on
 //! Linux), so every load is a real read from the device, as an expert that does not fit
 //! in memory would be.
 
@@ -20,6 +23,9 @@ use inference::checkpoint::{decode_f32, Checkpoint, TensorRef};
 use inference::error::{ModelError, Result};
 use inference::layers::{Dense, GluActivation, SwiGlu};
 use inference::moe::SparseMoe;
+
+/// Bytes a prefetch reads between checks for demand reads in flight.
+pub const READ_CHUNK: usize = 1 << 20;
 
 /// Where one projection of one expert lives on disk.
 #[derive(Debug, Clone)]
@@ -121,11 +127,22 @@ impl ExpertStore {
 
     /// Reads expert `id` from disk into `buf` (reused) and builds its projections.
     pub fn read(&self, id: usize, buf: &mut Vec<u8>) -> Result<SwiGlu> {
+        self.read_chunked(id, buf, &|| {})
+    }
+
+    /// [`ExpertStore::read`], calling `before_chunk` before each [`READ_CHUNK`] bytes
+    /// (where a prefetch waits for demand reads in flight).
+    fn read_chunked(
+        &self,
+        id: usize,
+        buf: &mut Vec<u8>,
+        before_chunk: &dyn Fn(),
+    ) -> Result<SwiGlu> {
         let mut dense = Vec::with_capacity(3);
         for part in &self.experts[id] {
-            let w = self.read_tensor(part.file, &part.weight, buf)?;
+            let w = self.read_tensor(part.file, &part.weight, buf, before_chunk)?;
             let b = match &part.bias {
-                Some(r) => Some(self.read_tensor(part.file, r, buf)?),
+                Some(r) => Some(self.read_tensor(part.file, r, buf, before_chunk)?),
                 None => None,
             };
             let (out, inp) = (part.weight.shape[0], part.weight.shape[1]);
@@ -140,12 +157,21 @@ impl ExpertStore {
         })
     }
 
-    fn read_tensor(&self, file: usize, r: &TensorRef, buf: &mut Vec<u8>) -> Result<Vec<f32>> {
+    fn read_tensor(
+        &self,
+        file: usize,
+        r: &TensorRef,
+        buf: &mut Vec<u8>,
+        before_chunk: &dyn Fn(),
+    ) -> Result<Vec<f32>> {
         let path = &self.paths[file];
         buf.resize(r.len, 0);
-        self.files[file]
-            .read_exact_at(buf, r.offset as u64)
-            .map_err(|e| ModelError::io(path, e))?;
+        for (i, chunk) in buf.chunks_mut(READ_CHUNK).enumerate() {
+            before_chunk();
+            self.files[file]
+                .read_exact_at(chunk, (r.offset + i * READ_CHUNK) as u64)
+                .map_err(|e| ModelError::io(path, e))?;
+        }
         drop_cached(&self.files[file], r.offset as i64, r.len as i64);
         decode_f32(buf, r.dtype).map_err(|m| ModelError::file(path, m))
     }
@@ -170,7 +196,10 @@ pub struct Loaded {
     pub id: usize,
     pub expert: Result<SwiGlu>,
     pub bytes: u64,
+    /// From the read's start to its end (a prefetch's includes its pauses).
     pub read_time: Duration,
+    /// Read as a demand read (never paused).
+    pub demand: bool,
 }
 
 #[derive(Default)]
@@ -181,6 +210,8 @@ struct Queue {
     /// Threads reading a prefetch now, and how many may.
     prefetching: usize,
     prefetch_threads: usize,
+    /// Demand reads in flight (prefetches pause between chunks while there are any).
+    demand_reading: usize,
 }
 
 /// Background threads that read experts from an [`ExpertStore`].
@@ -295,6 +326,7 @@ fn worker(queue: &(Mutex<Queue>, Condvar), store: &ExpertStore, tx: &Sender<Load
                     return;
                 }
                 if let Some(id) = q.demand.pop_front() {
+                    q.demand_reading += 1;
                     break (id, true);
                 }
                 if q.prefetching < q.prefetch_threads {
@@ -307,17 +339,32 @@ fn worker(queue: &(Mutex<Queue>, Condvar), store: &ExpertStore, tx: &Sender<Load
             }
         };
         let t0 = Instant::now();
-        let expert = store.read(id, &mut buf);
-        if !demand {
-            let (lock, cv) = queue;
-            lock.lock().expect("loader queue").prefetching -= 1;
-            cv.notify_all();
+        let (lock, cv) = queue;
+        let expert = if demand {
+            store.read(id, &mut buf)
+        } else {
+            store.read_chunked(id, &mut buf, &|| {
+                let mut q = lock.lock().expect("loader queue");
+                while q.demand_reading > 0 && !q.closed {
+                    q = cv.wait(q).expect("loader queue");
+                }
+            })
+        };
+        {
+            let mut q = lock.lock().expect("loader queue");
+            if demand {
+                q.demand_reading -= 1;
+            } else {
+                q.prefetching -= 1;
+            }
         }
+        cv.notify_all();
         let loaded = Loaded {
             id,
             expert,
             bytes: store.expert_bytes(id),
             read_time: t0.elapsed(),
+            demand,
         };
         if tx.send(loaded).is_err() {
             return;
