@@ -46,6 +46,11 @@ pub(crate) struct RunArgs {
     /// forecast layer).
     #[arg(long, default_value = "auto")]
     prefetch_budget: String,
+    /// With `--prefetch-budget auto`, do not measure decode steps with and without
+    /// planned prefetch (the guard keeps the faster: windows of 8 steps, the other
+    /// setting measured again every 6th window).
+    #[arg(long)]
+    no_prefetch_guard: bool,
     /// With a lookahead predictor, also forecast the next layers after each layer (more
     /// hits, one predictor query per layer on the decode thread).
     #[arg(long)]
@@ -129,6 +134,7 @@ pub(crate) fn run(a: RunArgs) -> Result<()> {
             .prefetch_budget
             .parse()
             .map_err(|e| anyhow::anyhow!("--prefetch-budget: {e}"))?,
+        prefetch_guard: !a.no_prefetch_guard,
         layer_forecasts: a.layer_forecasts,
         pre_attention: a.pre_attention,
         lens: a.lens,

@@ -39,6 +39,9 @@ pub struct OffloadRunConfig {
     /// Experts prefetched per forecast layer, or `Auto`: planned against the measured
     /// link (twice top-k candidates per layer, each read only when it pays).
     pub budget: PrefetchBudget,
+    /// With `Auto`: measure decode steps with and without planned prefetch and keep the
+    /// faster ([`crate::engine::PrefetchGuard`]).
+    pub prefetch_guard: bool,
     /// With a lookahead predictor, also forecast the next layers after each layer.
     pub layer_forecasts: bool,
     /// Prefetch each layer's pre-attention-gate experts at the layer's start.
@@ -128,6 +131,7 @@ pub fn run_offloaded(cfg: &OffloadRunConfig) -> Result<OffloadRun, OffloadError>
             PrefetchBudget::PerLayer(n) => n,
         },
         planned: cfg.budget == PrefetchBudget::Auto,
+        prefetch_guard: cfg.prefetch_guard,
         layer_forecasts: cfg.layer_forecasts,
         pre_attention: cfg.pre_attention,
         lens: cfg.lens,
@@ -298,6 +302,12 @@ impl OffloadRun {
             out += &format!(
                 "planner: {} candidates offered, {} read, {} would land too late, {} not worth their read, {} cancelled (their layer routed elsewhere)\n",
                 c.offered, c.issued, c.late, c.not_worth, c.cancelled
+            );
+        }
+        if r.prefetch_off_tokens > 0 {
+            out += &format!(
+                "prefetch guard: {} of {} decode steps without prefetch (measured not to pay, or measuring that)\n",
+                r.prefetch_off_tokens, r.decode_tokens
             );
         }
         out += &format!(

@@ -26,6 +26,7 @@ fn config(capacity: usize, policy: EvictionPolicy, margin: f32) -> EngineConfig 
         policy,
         budget: 2,
         planned: false,
+        prefetch_guard: false,
         layer_forecasts: false,
         pre_attention: false,
         lens: false,

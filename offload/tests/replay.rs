@@ -108,6 +108,7 @@ fn replay_forces_the_recorded_routing_through_the_engine() {
         policy: EvictionPolicy::Lru,
         budget: 2,
         planned: false,
+        prefetch_guard: false,
         layer_forecasts: false,
         pre_attention: false,
         lens: false,

@@ -31,6 +31,7 @@
 //!
 //! Hit rates and stall times count decode steps only; the prompt is run as one batch.
 
+mod guard;
 mod planned;
 pub mod quality;
 pub mod replay;
@@ -46,6 +47,7 @@ use predictor::{OnlinePredictor, Task};
 
 use crate::cache::{CacheScope, EvictionPolicy, ExpertCache, Insertion};
 use crate::gate::NextTokenGate;
+pub use guard::PrefetchGuard;
 use inference::checkpoint::Checkpoint;
 use inference::error::{ModelError, Result};
 use inference::layers::SwiGlu;
@@ -53,6 +55,11 @@ use inference::models::MoeModel;
 use inference::routing::{ExpertSource, RouteDecision, RoutingObserver, RoutingPolicy};
 pub use report::EngineReport;
 pub use store::{ExpertLoader, ExpertStore, Loaded, READ_CHUNK};
+
+/// Decode steps per window of the prefetch guard, and how often it measures the setting
+/// it does not use (every this many windows).
+const GUARD_WINDOW: usize = 8;
+const GUARD_EXPLORE_EVERY: usize = 6;
 
 /// How the engine runs.
 #[derive(Debug, Clone, PartialEq)]
@@ -68,6 +75,9 @@ pub struct EngineConfig {
     /// a candidate is read only when it pays, and queued reads for a layer that routed
     /// elsewhere are cancelled.
     pub planned: bool,
+    /// Planned: run windows of decode steps with and without prefetch and keep the
+    /// faster ([`PrefetchGuard`]).
+    pub prefetch_guard: bool,
     /// With a lookahead predictor, also forecast layers `l+1..l+D` after each layer
     /// (one more predictor query per layer on the decode thread).
     pub layer_forecasts: bool,
@@ -114,6 +124,8 @@ pub struct OffloadEngine {
     error: Option<ModelError>,
     report: EngineReport,
     planner: Option<planned::EnginePlanner>,
+    /// Whether this decode step prefetches (planned, with the guard).
+    guard: Option<PrefetchGuard>,
     /// Planned prefetches and the decode step they were read for.
     planned_for: HashMap<usize, u64>,
 }
@@ -220,6 +232,8 @@ impl OffloadEngine {
                 chunk_share,
             )
         });
+        let guard = (cfg.prefetch_guard && planner.is_some())
+            .then(|| PrefetchGuard::new(GUARD_WINDOW, GUARD_EXPLORE_EVERY));
         Ok(OffloadEngine {
             cache: ExpertCache::new(cfg.policy, CacheScope::Global, capacity, m, e),
             cfg,
@@ -240,6 +254,7 @@ impl OffloadEngine {
             observed: false,
             error: None,
             report,
+            guard,
             planner,
             planned_for: HashMap::new(),
         })
@@ -357,6 +372,9 @@ impl OffloadEngine {
     }
 
     fn prefetch_ranked(&mut self, m: usize, ranking: &[u16], probs: Option<&[f32]>) {
+        if self.guard.as_ref().is_some_and(|g| !g.enabled()) {
+            return;
+        }
         if self.planner.is_some() {
             return self.offer_planned(m, ranking, probs);
         }
@@ -561,6 +579,10 @@ impl RoutingObserver for OffloadEngine {
         if self.decoding {
             self.report.decode_tokens += 1;
             self.report.decode_s += elapsed;
+            if let Some(g) = &mut self.guard {
+                g.step_done(elapsed);
+                self.report.prefetch_off_tokens = g.steps_off;
+            }
         } else {
             self.report.prompt_tokens += self.tokens.len() as u64;
             self.report.prefill_s += elapsed;

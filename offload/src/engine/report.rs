@@ -39,6 +39,10 @@ pub struct EngineReport {
     /// (token, layer) routings where cache-aware routing changed the expert set, of all.
     pub rerouted: u64,
     pub routings: u64,
+    /// Decode steps the prefetch guard ran without prefetch (it measured prefetch not to
+    /// pay, or was measuring that).
+    #[serde(default)]
+    pub prefetch_off_tokens: u64,
     /// The planner's decisions (planned prefetch only).
     #[serde(default)]
     pub planner: Option<crate::planner::PlannerCounts>,
