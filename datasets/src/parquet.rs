@@ -9,9 +9,9 @@
 //! | `phase` | string | `prefill` / `decode` |
 //! | `token` | uint32, nullable | token id |
 //! | `layer` | uint32 | model layer index of this MoE layer |
-//! | `experts` | list<uint16>, nullable | top-k ids in rank order; null = not computed |
-//! | `weights` | list<float32>, nullable | router weights (column present only if recorded) |
-//! | *channel name* | list<float32>, nullable | one column per channel of `meta.channels` (see [`crate::channel`]): `router_inputs` the vector the layer's gate read (stored f16 in `.mctrace`), `router_logits` the layer's logits over all experts, ... |
+//! | `experts` | `list<uint16>`, nullable | top-k ids in rank order; null = not computed |
+//! | `weights` | `list<float32>`, nullable | router weights (column present only if recorded) |
+//! | *channel name* | `list<float32>`, nullable | one column per channel of `meta.channels` (see [`crate::channel`]): `router_inputs` the vector the layer's gate read (stored f16 in `.mctrace`), `router_logits` the layer's logits over all experts, ... |
 //!
 //! Files written before channels named the router-input column `router_input`; it is
 //! read as the `router_inputs` channel.
