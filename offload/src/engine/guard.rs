@@ -31,6 +31,10 @@ pub struct PrefetchGuard {
 const RATE: f64 = 0.5;
 /// Longest wait, in windows, before the setting not in use is measured again.
 pub const MAX_EXPLORE_INTERVAL: usize = 32;
+/// Prefetch (the configured setting) stays on unless steps without it are faster by
+/// more than this share: step times of a few milliseconds differ by that much between
+/// windows on their own.
+pub const MARGIN: f64 = 0.02;
 
 impl PrefetchGuard {
     /// Windows of `window` decode steps; the setting not in use is measured again after
@@ -78,7 +82,7 @@ impl PrefetchGuard {
             [None, _] => false,
             [_, None] => true,
             [Some(off), Some(on)] => {
-                let best = on < off;
+                let best = on < off * (1.0 + MARGIN);
                 if self.exploring {
                     // The explored setting lost again: wait longer before the next try.
                     self.interval = if best != self.on {
@@ -121,6 +125,13 @@ mod tests {
         assert!(on <= 8 + 8 * 4, "{on}");
         assert!(on >= 8 + 8, "the slower setting is measured again: {on}");
         assert_eq!(g.steps_off as usize, 480 - on);
+    }
+
+    #[test]
+    fn prefetch_within_the_margin_of_none_stays_on() {
+        let mut g = PrefetchGuard::new(8, 6);
+        let on = run(&mut g, 480, 0.101, 0.100);
+        assert!(on >= 480 - 8 - 480 / 6 - 8, "{on}");
     }
 
     #[test]
