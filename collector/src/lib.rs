@@ -87,16 +87,16 @@ type ChannelRows = BTreeMap<(usize, usize), Vec<f32>>;
 #[derive(Default)]
 struct SequenceRecorder {
     seen: BTreeMap<(usize, usize), RouteDecision>,
-    channels: BTreeMap<&'static str, ChannelRows>,
+    channels: BTreeMap<String, ChannelRows>,
 }
 
 impl SequenceRecorder {
+    /// A recorder of `channels` (names from [`RECORDABLE`]).
     fn new(channels: &[String]) -> Self {
         SequenceRecorder {
-            channels: RECORDABLE
+            channels: channels
                 .iter()
-                .filter(|c| channels.iter().any(|n| n == *c))
-                .map(|&c| (c, ChannelRows::new()))
+                .map(|c| (c.clone(), ChannelRows::new()))
                 .collect(),
             ..Default::default()
         }
@@ -214,14 +214,6 @@ pub fn trace_meta(
 /// Runs every prompt and writes the trace to `cfg.output`.
 pub fn collect(cfg: &CollectConfig) -> Result<CollectSummary, CollectError> {
     let start = Instant::now();
-    let ck = Checkpoint::open(&cfg.model_dir)?;
-    let model = MoeModel::load(&ck, &cfg.backend.device())?;
-    let needs_tokenizer = cfg.prompts.iter().any(|p| matches!(p, Prompt::Text { .. }));
-    let tokenizer = if needs_tokenizer {
-        Some(TextTokenizer::load(&cfg.model_dir)?)
-    } else {
-        None
-    };
     if let Some(c) = cfg
         .channels
         .iter()
@@ -232,6 +224,14 @@ pub fn collect(cfg: &CollectConfig) -> Result<CollectSummary, CollectError> {
             RECORDABLE.join(", ")
         )));
     }
+    let ck = Checkpoint::open(&cfg.model_dir)?;
+    let model = MoeModel::load(&ck, &cfg.backend.device())?;
+    let needs_tokenizer = cfg.prompts.iter().any(|p| matches!(p, Prompt::Text { .. }));
+    let tokenizer = if needs_tokenizer {
+        Some(TextTokenizer::load(&cfg.model_dir)?)
+    } else {
+        None
+    };
     let meta = trace_meta(&cfg.model_dir, &model, &ck, &cfg.channels);
     let journal = journal_path(&cfg.output);
     let runs = sequence_runs(cfg);
@@ -348,13 +348,13 @@ fn run_prompts(
             let channels = rec
                 .channels
                 .iter()
-                .map(|(&name, map)| {
+                .map(|(name, map)| {
                     let values = shape
                         .moe_layers
                         .iter()
                         .map(|&l| map.get(&(pos, l)).cloned())
                         .collect();
-                    (name.to_string(), values)
+                    (name.clone(), values)
                 })
                 .collect();
             let record = TokenRecord {

@@ -187,6 +187,14 @@ impl ChannelValues {
         }
     }
 
+    /// A column of `len` fill values (0 for f16, NaN for f32).
+    pub fn filled(dtype: ChannelDtype, len: usize) -> ChannelValues {
+        match dtype {
+            ChannelDtype::F16 => ChannelValues::F16(vec![0; len]),
+            ChannelDtype::F32 => ChannelValues::F32(vec![f32::NAN; len]),
+        }
+    }
+
     /// Appends `other`'s values; false (nothing appended) when the dtypes differ.
     pub fn append(&mut self, other: &ChannelValues) -> bool {
         match (self, other) {
@@ -243,6 +251,22 @@ impl<'a> ChannelSlice<'a> {
         match self {
             ChannelSlice::F16(_) => ChannelDtype::F16,
             ChannelSlice::F32(_) => ChannelDtype::F32,
+        }
+    }
+
+    /// The f16 bits, when the values are f16.
+    pub fn as_f16(&self) -> Option<&'a [u16]> {
+        match *self {
+            ChannelSlice::F16(v) => Some(v),
+            ChannelSlice::F32(_) => None,
+        }
+    }
+
+    /// The values, when they are f32.
+    pub fn as_f32(&self) -> Option<&'a [f32]> {
+        match *self {
+            ChannelSlice::F32(v) => Some(v),
+            ChannelSlice::F16(_) => None,
         }
     }
 

@@ -24,7 +24,7 @@ use std::path::Path;
 
 use polars::prelude::*;
 
-use crate::channel::{ChannelValues, ROUTER_INPUTS};
+use crate::channel::{ChannelSlice, ChannelValues, ROUTER_INPUTS};
 use crate::error::{Result, TraceError};
 use crate::store::write_atomic;
 use crate::trace::{Phase, RoutingTrace, TraceMeta, NOT_COMPUTED, UNKNOWN_TOKEN};
@@ -87,7 +87,11 @@ pub fn write_parquet(trace: &RoutingTrace, path: &Path) -> Result<()> {
             experts.append_opt_slice(view.layer(t, m));
             weights.append_opt_slice(view.layer_weights(t, m));
             for (c, col) in channels.iter_mut().enumerate() {
-                col.append_opt_slice(view.channel(c, t, m).map(|v| v.to_f32()).as_deref());
+                match view.channel(c, t, m) {
+                    Some(ChannelSlice::F32(v)) => col.append_slice(v),
+                    Some(v) => col.append_slice(&v.to_f32()),
+                    None => col.append_opt_slice(None),
+                }
             }
         }
     }
@@ -235,6 +239,12 @@ pub fn read_parquet(path: &Path) -> Result<RoutingTrace> {
         weights: w_flat.as_ref().map(|_| Vec::with_capacity(n * n_moe * k)),
     };
     let row_err = |r: usize, m: String| fmt(format!("row {r}: {m}"));
+    let channel_what: Vec<String> = trace
+        .meta
+        .channels
+        .iter()
+        .map(|ch| format!("'{}' values", ch.name))
+        .collect();
     for r in 0..rows {
         let m = r % n_moe;
         let want_layer = trace.meta.moe_layers[m];
@@ -281,16 +291,16 @@ pub fn read_parquet(path: &Path) -> Result<RoutingTrace> {
                 None => out.extend(std::iter::repeat_n(f32::NAN, k)),
             }
         }
-        for ((ch, out), x) in trace
+        for (((ch, out), x), what) in trace
             .meta
             .channels
             .iter()
             .zip(&mut trace.channels)
             .zip(&c_flat)
+            .zip(&channel_what)
         {
             let w = ch.width as usize;
-            let v = list_row(x, r, computed, w, &format!("'{}' values", ch.name))
-                .map_err(|m| row_err(r, m))?;
+            let v = list_row(x, r, computed, w, what).map_err(|m| row_err(r, m))?;
             out.push(v, w);
         }
     }

@@ -87,19 +87,14 @@ impl<'a> TraceView<'a> {
 
     /// The router-input column (f16 bits, `n_tokens x n_moe x router_input_dim`).
     pub fn router_inputs(&self) -> Option<&'a [u16]> {
-        match self.channel_column(ROUTER_INPUTS)? {
-            ChannelSlice::F16(x) => Some(x),
-            ChannelSlice::F32(_) => None,
-        }
+        self.channel_column(ROUTER_INPUTS)?.as_f16()
     }
 
     /// The router input of token `t` at MoE layer index `m` (f16 bits), when recorded
     /// and the layer was computed.
     pub fn router_input(&self, t: usize, m: usize) -> Option<&'a [u16]> {
-        match self.channel(self.meta.channel_index(ROUTER_INPUTS)?, t, m)? {
-            ChannelSlice::F16(x) => Some(x),
-            ChannelSlice::F32(_) => None,
-        }
+        self.channel(self.meta.channel_index(ROUTER_INPUTS)?, t, m)?
+            .as_f16()
     }
 
     /// [`TraceView::router_input`] as f32 values.
@@ -109,10 +104,8 @@ impl<'a> TraceView<'a> {
 
     /// The router logits of token `t` at MoE layer index `m`, when recorded and computed.
     pub fn router_logits(&self, t: usize, m: usize) -> Option<&'a [f32]> {
-        match self.channel(self.meta.channel_index(ROUTER_LOGITS)?, t, m)? {
-            ChannelSlice::F32(x) => Some(x),
-            ChannelSlice::F16(_) => None,
-        }
+        self.channel(self.meta.channel_index(ROUTER_LOGITS)?, t, m)?
+            .as_f32()
     }
 
     /// The tokens `range` as a view of their own (sequence names stay shared).
@@ -204,17 +197,10 @@ impl<'a> TraceView<'a> {
                 .enumerate()
                 .map(|(c, ch)| match self.channels.get(c) {
                     Some(x) => x.to_values(),
-                    None => {
-                        let w = ch.width as usize;
-                        let mut v = ChannelValues::with_capacity(
-                            ch.dtype,
-                            self.n_tokens() * self.meta.n_moe() * w,
-                        );
-                        for _ in 0..self.n_tokens() * self.meta.n_moe() {
-                            v.push(None, w);
-                        }
-                        v
-                    }
+                    None => ChannelValues::filled(
+                        ch.dtype,
+                        self.n_tokens() * self.meta.n_moe() * ch.width as usize,
+                    ),
                 })
                 .collect(),
         }

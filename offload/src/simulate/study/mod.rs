@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use datasets::channel::{ChannelSlice, PRE_ATTENTION_LOGITS};
+use datasets::channel::PRE_ATTENTION_LOGITS;
 use datasets::{open_trace, TraceView};
 use predictor::baselines::BaselineStats;
 use predictor::{LoadedPredictor, OnlinePredictor};
@@ -266,11 +266,12 @@ impl Forecasters {
                     .ok_or_else(|| missing("gate forecaster"))?;
                 prefetch::gate(view, seqs, &|t, x| g.scores(t, x), budget, horizon)
             }
-            PrefetchKind::PreAttention => match view.channel_column(PRE_ATTENTION_LOGITS) {
-                Some(ChannelSlice::F32(logits)) => {
-                    prefetch::pre_attention(view, seqs, logits, budget)
-                }
-                _ => {
+            PrefetchKind::PreAttention => match view
+                .channel_column(PRE_ATTENTION_LOGITS)
+                .and_then(|c| c.as_f32())
+            {
+                Some(logits) => prefetch::pre_attention(view, seqs, logits, budget),
+                None => {
                     let model = self.model.as_ref().ok_or_else(|| missing("model"))?;
                     let logits = crate::gate::pre_attention_logits(model, view)
                         .map_err(|e| bad(format!("{}: {e}", part.display())))?;
