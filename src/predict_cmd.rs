@@ -97,6 +97,11 @@ pub(crate) struct TrainArgs {
     /// Seed of the split, initialisation and batch order.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Data-parallel shards per step: the batch's windows split over this many CPU
+    /// threads, gradients summed (0: one per thread, `RAYON_NUM_THREADS`; 1 on a GPU).
+    /// Kept by the checkpoint; a run repeats exactly for the same count.
+    #[arg(long, default_value_t = 0)]
+    shards: usize,
     /// Backend: flex (CPU, default), ndarray (CPU; `--features ndarray` builds), wgpu (GPU; `--features wgpu` builds), cuda / cuda:N (NVIDIA; `--features cuda` builds).
     #[arg(long, default_value = "flex")]
     device: String,
@@ -151,6 +156,7 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
             queries_per_batch: a.queries_per_batch,
             checkpoint_every: a.checkpoint_every,
             seed: a.seed,
+            shards: a.shards,
             ..TrainSettings::default()
         },
         backend: a.device.parse().map_err(anyhow::Error::msg)?,

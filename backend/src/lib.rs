@@ -72,6 +72,17 @@ impl BackendKind {
         }
     }
 
+    /// Whether the backend computes on the CPU, with rayon's threads.
+    pub fn is_cpu(self) -> bool {
+        match self {
+            BackendKind::Flex => true,
+            #[cfg(feature = "ndarray")]
+            BackendKind::Ndarray => true,
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+
     /// The Burn device for this backend.
     #[allow(deprecated)]
     pub fn device(self) -> Device {

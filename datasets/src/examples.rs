@@ -153,6 +153,41 @@ pub struct WindowBatch {
     pub router_inputs: Option<Vec<f32>>,
 }
 
+impl WindowBatch {
+    /// The batch cut into at most `parts` consecutive groups of windows, as equal as
+    /// possible (the first ones one window longer), each padded to the same `len`: the
+    /// shards of a data-parallel training step.
+    pub fn split(&self, parts: usize) -> Vec<WindowBatch> {
+        let parts = parts.clamp(1, self.batch.max(1));
+        let rows = |v: &[f32]| v.len() / (self.batch * self.len).max(1);
+        let (w, m) = (rows(&self.routing), rows(&self.target_mask));
+        let d = self.router_inputs.as_deref().map(rows);
+        let mut out = Vec::with_capacity(parts);
+        let mut first = 0;
+        for p in 0..parts {
+            let n = self.batch / parts + usize::from(p < self.batch % parts);
+            let (a, b) = (first * self.len, (first + n) * self.len);
+            out.push(WindowBatch {
+                batch: n,
+                len: self.len,
+                tokens: self.tokens[a..b].to_vec(),
+                prev_routing: self.prev_routing[a * w..b * w].to_vec(),
+                routing: self.routing[a * w..b * w].to_vec(),
+                target_mask: self.target_mask[a * m..b * m].to_vec(),
+                token_index: self.token_index[a..b].to_vec(),
+                trace: self.trace[first..first + n].to_vec(),
+                router_inputs: self
+                    .router_inputs
+                    .as_ref()
+                    .zip(d)
+                    .map(|(x, d)| x[a * d..b * d].to_vec()),
+            });
+            first += n;
+        }
+        out
+    }
+}
+
 /// Maps a token id to one of `buckets` embedding rows; unknown ids get row `buckets`.
 pub fn token_bucket(token: u32, buckets: usize) -> i64 {
     if token == UNKNOWN_TOKEN {

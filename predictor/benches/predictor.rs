@@ -16,12 +16,13 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use burn::optim::{AdamWConfig, GradientsParams};
+use burn::optim::AdamWConfig;
 use datasets::examples::{ExampleSet, Split, SplitConfig};
 use datasets::synth::{synthetic_trace, SynthConfig};
 use datasets::{save_trace, TraceFormat};
 use predictor::device::BackendKind;
 use predictor::model::{BatchTensors, ExpertPredictor};
+use predictor::step::{loss_and_gradients, query_denominators, resolve_shards};
 use predictor::{
     LoadedPredictor, OnlinePredictor, PredictorConfig, Task, TrainOptions, TrainSettings,
 };
@@ -81,6 +82,7 @@ fn burn_train_rate(
     kind: BackendKind,
     batch: usize,
     steps: usize,
+    shards: usize,
 ) -> (f64, f64) {
     let shape = set.shape();
     let config = PredictorConfig::new(shape, task);
@@ -95,13 +97,16 @@ fn burn_train_rate(
     for (i, chunk) in windows.chunks(batch).cycle().take(steps + 2).enumerate() {
         let t_batch = Instant::now();
         let b = set.batch(chunk, config.token_buckets);
-        let bt = BatchTensors::new(&b, shape, &ad);
+        let denominators = query_denominators(&b, &queries, shape);
+        let bts: Vec<BatchTensors> = b
+            .split(shards)
+            .iter()
+            .map(|s| BatchTensors::new(s, shape, &ad))
+            .collect();
         let built = t_batch.elapsed().as_secs_f64();
         let t0 = Instant::now();
-        let loss = model.loss(&bt, &queries, 1.0);
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let (_, grads) = loss_and_gradients(&model, &bts, &queries, 1.0, &denominators);
         model = optim.step(2e-3, model, grads);
-        let _ = loss.into_scalar::<f32>();
         if i >= 2 {
             elapsed += t0.elapsed().as_secs_f64();
             building += built;
@@ -132,17 +137,24 @@ fn bench_train(trace: &Path) {
         for task in [Task::NextToken, Task::Lookahead] {
             let torch = torch_rate(task, &threads, batch, steps, torch_device);
             for (name, kind) in &backends {
-                let (rate, building) = burn_train_rate(&set, task, *kind, batch, steps);
-                let ratio = torch.as_ref().map_or(
-                    "(PyTorch not found: python3 with torch)".into(),
-                    |(t, _)| format!("pytorch {t:>7.0}  -> Burn / PyTorch = {:.2}", rate / t),
-                );
-                println!(
-                    "  {:<10} batch {batch:>2}, {threads} threads: burn-{name} {rate:>7.0} examples/s, {ratio} \
-                     (building the batches: +{:.0}%)",
-                    task.as_str(),
-                    building * 100.0
-                );
+                let auto = resolve_shards(0, *kind, batch);
+                let mut shard_counts = vec![auto];
+                if auto > 1 {
+                    shard_counts.push(1);
+                }
+                for shards in shard_counts {
+                    let (rate, building) = burn_train_rate(&set, task, *kind, batch, steps, shards);
+                    let ratio = torch.as_ref().map_or(
+                        "(PyTorch not found: python3 with torch)".into(),
+                        |(t, _)| format!("pytorch {t:>7.0}  -> Burn / PyTorch = {:.2}", rate / t),
+                    );
+                    println!(
+                        "  {:<10} batch {batch:>2}, {threads} threads: burn-{name} {shards} shard(s) {rate:>7.0} \
+                         examples/s, {ratio} (building the batches: +{:.0}%)",
+                        task.as_str(),
+                        building * 100.0
+                    );
+                }
             }
             if let Some((_, line)) = torch {
                 println!("             [{line}]");

@@ -3,7 +3,8 @@
 //! current token, will use.
 //!
 //! - [`config`]: the predictor's shape and task; [`model`]: the network and its loss;
-//! - [`train`]: AdamW, early stopping on validation F1, resumable checkpoints;
+//! - [`train`]: AdamW, early stopping on validation F1, resumable checkpoints; [`step`]:
+//!   one data-parallel training step;
 //! - [`eval`] and [`metrics`]: precision / recall / F1 and the papers' figures, next to
 //!   the [`baselines`];
 //! - [`card`]: the self-describing checkpoint directory; [`serve`]: incremental online
@@ -15,6 +16,7 @@ pub mod config;
 pub use backend as device;
 pub mod error;
 pub mod eval;
+pub mod fused;
 pub mod metrics;
 pub mod model;
 pub mod optim;
@@ -22,6 +24,7 @@ pub mod prior;
 pub mod report;
 pub mod serve;
 pub mod state;
+pub mod step;
 pub mod token_table;
 pub mod train;
 

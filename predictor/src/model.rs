@@ -16,14 +16,12 @@ use burn::nn::{
     Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig,
     Linear, LinearConfig,
 };
-use burn::tensor::activation::silu;
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 
 use datasets::examples::{RoutingShape, WindowBatch};
 
 use crate::config::{PredictorConfig, Query};
+use crate::fused::{self, layer_norm, silu, LAYER_NORM_EPS};
 
 /// One pre-LayerNorm transformer block.
 #[derive(Module, Debug)]
@@ -115,10 +113,14 @@ impl Block {
     fn new(c: &PredictorConfig, device: &Device) -> Self {
         let d = c.d_model;
         Block {
-            attn_norm: LayerNormConfig::new(d).init(device),
+            attn_norm: LayerNormConfig::new(d)
+                .with_epsilon(LAYER_NORM_EPS)
+                .init(device),
             qkv: LinearConfig::new(d, 3 * d).init(device),
             attn_out: LinearConfig::new(d, d).init(device),
-            ffn_norm: LayerNormConfig::new(d).init(device),
+            ffn_norm: LayerNormConfig::new(d)
+                .with_epsilon(LAYER_NORM_EPS)
+                .init(device),
             ffn_in: LinearConfig::new(d, c.ffn_mult * d).init(device),
             ffn_out: LinearConfig::new(c.ffn_mult * d, d).init(device),
             dropout: DropoutConfig::new(c.dropout).init(),
@@ -138,7 +140,7 @@ impl Block {
     ) -> Tensor<3> {
         let [b, s, d] = x.dims();
         let hd = d / heads;
-        let qkv = self.qkv.forward(self.attn_norm.forward(x.clone()));
+        let qkv = self.qkv.forward(layer_norm(&self.attn_norm, x.clone()));
         let split = |i: usize| {
             qkv.clone()
                 .narrow(2, i * d, d)
@@ -157,21 +159,13 @@ impl Block {
             c.k = k.clone();
             c.v = v.clone();
         }
-        let s_kv = k.dims()[2];
-        let y = attention(
-            q,
-            k,
-            v,
-            None,
-            Some(bias.expand([b, heads, s, s_kv])),
-            AttentionModuleOptions::default(),
-        )
-        .swap_dims(1, 2)
-        .reshape([b, s, d]);
+        let y = fused::attention(q, k, v, bias)
+            .swap_dims(1, 2)
+            .reshape([b, s, d]);
         let x = x + self.dropout.forward(self.attn_out.forward(y));
-        let f = self
-            .ffn_out
-            .forward(silu(self.ffn_in.forward(self.ffn_norm.forward(x.clone()))));
+        let f = self.ffn_out.forward(silu(
+            self.ffn_in.forward(layer_norm(&self.ffn_norm, x.clone())),
+        ));
         x + self.dropout.forward(f)
     }
 }
@@ -188,17 +182,23 @@ impl ExpertPredictor {
             blocks: (0..config.n_layers)
                 .map(|_| Block::new(config, device))
                 .collect(),
-            final_norm: LayerNormConfig::new(d).init(device),
+            final_norm: LayerNormConfig::new(d)
+                .with_epsilon(LAYER_NORM_EPS)
+                .init(device),
             query_routing: Param::from_tensor(Tensor::random(
                 [r.n_moe, r.n_experts, d],
                 Distribution::Normal(0.0, scale),
                 device,
             )),
             query_layer: EmbeddingConfig::new(r.n_moe, d).init(device),
-            head_norm: LayerNormConfig::new(d).init(device),
+            head_norm: LayerNormConfig::new(d)
+                .with_epsilon(LAYER_NORM_EPS)
+                .init(device),
             head_in: LinearConfig::new(d, 2 * d).init(device),
             head_out: LinearConfig::new(2 * d, d).init(device),
-            out_norm: LayerNormConfig::new(d).init(device),
+            out_norm: LayerNormConfig::new(d)
+                .with_epsilon(LAYER_NORM_EPS)
+                .init(device),
             // With the prior path the context's logits start at zero: the untrained
             // predictor ranks exactly as its count prior.
             output: if config.token_prior {
@@ -249,7 +249,7 @@ impl ExpertPredictor {
         for block in &self.blocks {
             x = block.forward(x, self.config.n_heads, bias.clone(), None, s);
         }
-        self.final_norm.forward(x)
+        layer_norm(&self.final_norm, x)
     }
 
     /// Backbone for one new position with cached keys and values: `token` `[1, 1]`,
@@ -269,7 +269,7 @@ impl ExpertPredictor {
         for (block, cache) in self.blocks.iter().zip(caches.iter_mut()) {
             x = block.forward(x, self.config.n_heads, bias.clone(), Some(cache), window);
         }
-        self.final_norm.forward(x)
+        layer_norm(&self.final_norm, x)
     }
 
     /// Empty caches for [`Self::encode_step`].
@@ -341,8 +341,8 @@ impl ExpertPredictor {
         let u = u.clone()
             + self
                 .head_out
-                .forward(silu(self.head_in.forward(self.head_norm.forward(u))));
-        let u = self.out_norm.forward(u);
+                .forward(silu(self.head_in.forward(layer_norm(&self.head_norm, u))));
+        let u = layer_norm(&self.out_norm, u);
         let cols = query.known * e..(query.known + query.horizon) * e;
         let w = self
             .output
@@ -416,20 +416,25 @@ impl Footprint {
     }
 }
 
-/// Binary cross-entropy with logits, `pos_weight` on the positive class, averaged over
-/// the entries where `mask` is 1: `-(w y log σ(z) + (1-y) log(1-σ(z)))`.
+/// Binary cross-entropy with logits, `pos_weight` on the positive class, summed over
+/// the entries where `mask` is 1 and divided by `denominator`, or by their count when it
+/// is `None` (the mean): `-(w y log σ(z) + (1-y) log(1-σ(z)))`.
 pub fn masked_bce(
     logits: Tensor<2>,
     targets: Tensor<2>,
     mask: Tensor<2>,
     pos_weight: f64,
+    denominator: Option<f64>,
 ) -> Tensor<1> {
     use burn::tensor::activation::log_sigmoid;
     let log_p = log_sigmoid(logits.clone());
     let log_not_p = log_p.clone() - logits;
     let loss = targets.clone() * log_p * (-pos_weight) - (targets.neg() + 1.0) * log_not_p;
-    let denom = mask.clone().sum().clamp_min(1.0);
-    (loss * mask).sum() / denom
+    let sum = (loss * mask.clone()).sum();
+    match denominator {
+        Some(d) => sum / d.max(1.0),
+        None => sum / mask.sum().clamp_min(1.0),
+    }
 }
 
 /// One [`WindowBatch`] as tensors, positions flattened to rows.
@@ -556,14 +561,23 @@ impl ExpertPredictor {
             .collect()
     }
 
-    /// Mean masked BCE over `queries` (see [`masked_bce`]).
-    pub fn loss(&self, bt: &BatchTensors, queries: &[Query], pos_weight: f64) -> Tensor<1> {
+    /// Mean masked BCE over `queries` (see [`masked_bce`]). With `denominators` (one
+    /// per query: its target count in the whole batch, see
+    /// [`crate::step::query_denominators`]) `bt` may be one shard of a batch: the
+    /// shards' losses then add up to the batch's.
+    pub fn loss(
+        &self,
+        bt: &BatchTensors,
+        queries: &[Query],
+        pos_weight: f64,
+        denominators: Option<&[f64]>,
+    ) -> Tensor<1> {
         let e = self.config.routing.n_experts;
         let logits = self.forward_queries(bt, queries);
         let mut total: Option<Tensor<1>> = None;
-        for (q, z) in queries.iter().zip(logits) {
+        for (i, (q, z)) in queries.iter().zip(logits).enumerate() {
             let (y, m) = bt.targets(*q, e);
-            let l = masked_bce(z, y, m, pos_weight);
+            let l = masked_bce(z, y, m, pos_weight, denominators.map(|d| d[i]));
             total = Some(match total {
                 Some(t) => t + l,
                 None => l,

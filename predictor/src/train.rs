@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::optim::{AdamWConfig, ModuleOptimizer};
 use datasets::examples::{ExampleSet, Split, SplitConfig, Window};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
@@ -23,6 +23,7 @@ use crate::eval::{evaluate, EvalOptions, EvalReport};
 use crate::model::{BatchTensors, ExpertPredictor};
 use crate::optim::{clip_global_norm, WarmupCosine};
 use crate::state::CheckpointDir;
+use crate::step::{loss_and_gradients, query_denominators, resolve_shards};
 
 /// Optimisation settings (recorded in the checkpoint).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -50,6 +51,16 @@ pub struct TrainSettings {
     pub checkpoint_every: usize,
     /// Seed of initialisation, dropout, shuffling and query sampling.
     pub seed: u64,
+    /// Data-parallel shards per step (see [`crate::step`]); 0: one per CPU thread (1 on
+    /// a GPU), resolved when the run starts and kept by its checkpoint. A run repeats
+    /// exactly for the same shard count.
+    #[serde(default = "one_shard")]
+    pub shards: usize,
+}
+
+/// Checkpoints written before shards existed ran one.
+fn one_shard() -> usize {
+    1
 }
 
 impl Default for TrainSettings {
@@ -67,6 +78,7 @@ impl Default for TrainSettings {
             queries_per_batch: 8,
             checkpoint_every: 500,
             seed: 0,
+            shards: 0,
         }
     }
 }
@@ -241,6 +253,11 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     if resolved.config.token_buckets == 0 {
         resolved.config.token_buckets = auto_token_buckets(&set);
     }
+    let auto_shards = resolved.settings.shards == 0;
+    if auto_shards {
+        let (kind, batch) = (resolved.backend, resolved.settings.batch_size);
+        resolved.settings.shards = resolve_shards(0, kind, batch);
+    }
     let opts = &resolved;
     validate_opts(opts)?;
     opts.config
@@ -278,7 +295,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let resumed: Option<(u64, TrainProgress)> = ckpt.load_state()?;
     let (mut step, mut model, mut optim, mut prog) = match resumed {
         Some((step, p)) => {
-            check_same_run(&p, opts, &ckpt)?;
+            check_same_run(&p, opts, auto_shards, &ckpt)?;
             let mut p = p;
             (p.settings.max_epochs, p.settings.patience) = (st.max_epochs, st.patience);
             p.settings.checkpoint_every = st.checkpoint_every;
@@ -318,6 +335,12 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             eprintln!("{line}")
         }
     };
+    if !prog.finished && prog.settings.shards > 1 {
+        say(format!(
+            "data-parallel: each step in {} shards of the batch, one per thread (--shards)",
+            prog.settings.shards
+        ));
+    }
     if start_step > 0 && !prog.finished {
         say(format!(
             "resuming at epoch {} step {}",
@@ -380,20 +403,26 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                 .filter(|m| m.iter().any(|&x| x > 0.0))
                 .count() as u64;
             let qs = sample_queries(&queries, st, step);
-            let bt = BatchTensors::new(&batch, cfg.routing, &ad).with_priors(
-                &model,
-                Some(&stats),
-                &set,
-                &batch,
-                &qs,
-                true,
-            )?;
-            let loss = model.loss(&bt, &qs, st.pos_weight);
-            let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+            let denominators = query_denominators(&batch, &qs, cfg.routing);
+            let shards = batch
+                .split(prog.settings.shards)
+                .iter()
+                .map(|b| {
+                    BatchTensors::new(b, cfg.routing, &ad).with_priors(
+                        &model,
+                        Some(&stats),
+                        &set,
+                        b,
+                        &qs,
+                        true,
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let (l, mut grads) =
+                loss_and_gradients(&model, &shards, &qs, st.pos_weight, &denominators);
             clip_global_norm(&model, &mut grads, st.grad_clip);
             let lr = schedule(st, total_steps).lr_at(step);
             model = optim.step(lr, model, grads);
-            let l = loss.into_scalar::<f32>() as f64;
             if !l.is_finite() {
                 return Err(PredictorError::Invalid(format!(
                     "training diverged at step {step} (loss {l}); lower --lr"
@@ -568,7 +597,14 @@ fn train_bar(show: bool, total: u64, pos: u64) -> ProgressBar {
 }
 
 /// A checkpoint in `OUT` must come from the same run.
-fn check_same_run(p: &TrainProgress, o: &TrainOptions, ckpt: &CheckpointDir) -> Result<()> {
+/// Whether the checkpoint in `ckpt` is of the run `o` asks for; with `auto_shards` (the
+/// shard count not given) the checkpoint's shard count is kept.
+fn check_same_run(
+    p: &TrainProgress,
+    o: &TrainOptions,
+    auto_shards: bool,
+    ckpt: &CheckpointDir,
+) -> Result<()> {
     let mut diffs = Vec::new();
     if p.config != o.config {
         diffs.push("predictor shape or task");
@@ -582,6 +618,9 @@ fn check_same_run(p: &TrainProgress, o: &TrainOptions, ckpt: &CheckpointDir) -> 
     let (mut a, mut b) = (p.settings.clone(), o.settings.clone());
     (a.max_epochs, a.patience, a.checkpoint_every) = (0, 0, 0);
     (b.max_epochs, b.patience, b.checkpoint_every) = (0, 0, 0);
+    if auto_shards {
+        b.shards = a.shards;
+    }
     if a != b {
         diffs.push("optimiser settings");
     }

@@ -208,6 +208,78 @@ fn resumed_training_matches_an_uninterrupted_run() {
     other.settings.lr = 0.5;
     let err = predictor::train(&other).err().unwrap().to_string();
     assert!(err.contains("different run"), "{err}");
+    // So is another shard count, while leaving it to the default resumes with the
+    // checkpoint's.
+    let mut other = part.clone();
+    other.settings.shards = 5;
+    let err = predictor::train(&other).err().unwrap().to_string();
+    assert!(err.contains("different run"), "{err}");
+}
+
+/// A data-parallel step over shards of a batch gives the loss and gradients of the whole
+/// batch in one piece (within float rounding), for every shard count.
+#[test]
+fn sharded_steps_equal_the_whole_batch() {
+    use burn::tensor::Tensor;
+    use predictor::model::ExpertPredictor;
+    use predictor::step::{loss_and_gradients, query_denominators};
+    let dir = tempfile::tempdir().unwrap();
+    let trace = rule_trace(&dir.path().join("t.mctrace"), Task::Lookahead, 20, 24, 4);
+    let opts = options(trace.clone(), Task::Lookahead, dir.path().join("p"), 1);
+    let set = ExampleSet::open(&[trace], &opts.split).unwrap();
+    // Without the count prior the output layer starts random, so every weight has a
+    // gradient from the first step.
+    let cfg = opts.config.with_token_prior(false);
+    let ad = opts.backend.device().autodiff();
+    ad.seed(3);
+    let model = ExpertPredictor::new(&cfg, &ad);
+    let windows = set.windows(Split::Train, cfg.context);
+    assert!(windows.len() >= 7, "{} windows", windows.len());
+    let batch = set.batch(&windows[..7], cfg.token_buckets);
+    let queries = cfg.training_queries();
+    let denominators = query_denominators(&batch, &queries, cfg.routing);
+    let step = |shards: usize| {
+        let parts = batch.split(shards);
+        assert_eq!(parts.len(), shards);
+        assert_eq!(parts.iter().map(|p| p.batch).sum::<usize>(), 7);
+        let bts: Vec<BatchTensors> = parts
+            .iter()
+            .map(|p| BatchTensors::new(p, cfg.routing, &ad))
+            .collect();
+        loss_and_gradients(&model, &bts, &queries, 1.5, &denominators)
+    };
+    let (loss, grads) = step(1);
+    let params = [
+        ("qkv", model.blocks[0].qkv.weight.id),
+        ("ffn_in", model.blocks[0].ffn_in.weight.id),
+        ("output", model.output.weight.id),
+        ("context_routing", model.context_routing.weight.id),
+        ("token_embed", model.token_embed.weight.id),
+    ];
+    let values = |g: &burn::optim::GradientsParams, id| -> Vec<f32> {
+        let t: Tensor<2> = g.get(id).expect("a gradient");
+        t.into_data().try_to_vec().unwrap()
+    };
+    for shards in [2, 3, 7] {
+        let (l, g) = step(shards);
+        assert!(
+            (l - loss).abs() < 1e-5 * loss.abs(),
+            "{shards} shards: loss {l} vs {loss}"
+        );
+        for (name, id) in params {
+            let (a, b) = (values(&grads, id), values(&g, id));
+            let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
+            assert!(scale > 0.0, "{name}: no gradient");
+            let diff = a
+                .iter()
+                .zip(&b)
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(
+                diff <= 1e-4 * scale,
+                "{shards} shards, {name}: differs by {diff} (scale {scale})"
+            );
+        }
+    }
 }
 
 #[test]
