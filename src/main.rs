@@ -10,11 +10,11 @@ mod trace_cmd;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-/// mimalloc keeps freed memory for reuse: Burn's large intermediate tensors otherwise go
-/// back to the OS (glibc's mmap threshold) and are page-faulted in again every training
-/// step, which cost a third to a half of predictor training throughput (`make bench`).
+/// mimalloc, keeping freed memory for reuse (see [`backend::allocator`]): Burn's large
+/// intermediate tensors otherwise go back to the OS and are page-faulted in again every
+/// training step.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: backend::allocator::Allocator = backend::allocator::Allocator;
 
 use model_cmd::{CheckpointCommand, CollectArgs, TinymoeCommand};
 use predict_cmd::{EvalArgs, TrainArgs};
@@ -60,6 +60,7 @@ enum Command {
 }
 
 fn main() {
+    backend::allocator::retain_freed_memory();
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         if e.chain().any(is_broken_pipe) {

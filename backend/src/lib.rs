@@ -1,4 +1,7 @@
-//! Choosing the Burn backend at run time.
+//! Choosing the Burn backend at run time, and the allocator the binaries use
+//! ([`allocator`]).
+
+pub mod allocator;
 
 use std::str::FromStr;
 

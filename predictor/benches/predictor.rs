@@ -31,7 +31,7 @@ const STEPS: usize = 20;
 
 /// The allocator the `moecast` binary uses (see src/main.rs).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: predictor::device::allocator::Allocator = predictor::device::allocator::Allocator;
 
 fn synth(path: &Path) {
     let t = synthetic_trace(&SynthConfig {
@@ -332,6 +332,7 @@ fn bench_scale(dir: &Path) {
 }
 
 fn main() {
+    predictor::device::allocator::retain_freed_memory();
     let dir = tempfile::tempdir().expect("temp dir");
     let trace = dir.path().join("synth.mctrace");
     synth(&trace);

@@ -328,11 +328,12 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let stop = opts.run_steps.map(|r| start_step + r);
     let queries = cfg.training_queries();
     let bar = train_bar(opts.progress, total_steps, step);
+    // Above a drawn bar, or as plain lines when there is none (not a terminal).
     let say = |line: String| {
-        if opts.progress {
-            bar.println(line)
-        } else {
+        if bar.is_hidden() {
             eprintln!("{line}")
+        } else {
+            bar.println(line)
         }
     };
     if !prog.finished && prog.settings.shards > 1 {

@@ -78,28 +78,25 @@ with_simd!(silu_grad_rows(x: &[f32], g: &[f32], out: &mut [f32]) {
 });
 
 with_simd!(softmax_row(x: &[f32], bias: &[f32], out: &mut [f32]) {
-    let mut max = f32::NEG_INFINITY;
     for (o, (&v, &b)) in out.iter_mut().zip(x.iter().zip(bias)) {
         *o = v + b;
-        max = max.max(*o);
     }
+    let max = lanes(out, f32::NEG_INFINITY, |m, v| m.max(v), f32::max);
     if max == f32::NEG_INFINITY {
         out.iter_mut().for_each(|o| *o = 0.0);
         return;
     }
-    let mut sum = 0.0;
     for o in out.iter_mut() {
         *o = exp(*o - max);
-        sum += *o;
     }
-    let inv = 1.0 / sum;
+    let inv = 1.0 / lanes(out, 0.0, |s, v| s + v, |a, b| a + b);
     for o in out.iter_mut() {
         *o *= inv;
     }
 });
 
 with_simd!(softmax_grad_row(p: &[f32], g: &[f32], out: &mut [f32]) {
-    let dot: f32 = p.iter().zip(g).map(|(a, b)| a * b).sum();
+    let dot = lanes_zip(p, g, |a, b| a * b);
     for ((o, &a), &b) in out.iter_mut().zip(p).zip(g) {
         *o = a * (b - dot);
     }
@@ -108,15 +105,14 @@ with_simd!(softmax_grad_row(p: &[f32], g: &[f32], out: &mut [f32]) {
 with_simd!(layer_norm_grad_row(x: &[f32], gamma: &[f32], g: &[f32], eps: f32, out: &mut [f32]) {
     let (mean, inv) = moments(x, eps);
     let n = x.len() as f32;
-    let (mut a, mut b) = (0.0f32, 0.0f32);
-    for ((&v, &w), &d) in x.iter().zip(gamma).zip(g) {
-        let gy = d * w;
-        a += gy;
-        b += gy * (v - mean) * inv;
+    // `out` holds γg until the last pass.
+    for ((o, &w), &d) in out.iter_mut().zip(gamma).zip(g) {
+        *o = w * d;
     }
-    let (a, b) = (a / n, b / n);
-    for (((o, &v), &w), &d) in out.iter_mut().zip(x).zip(gamma).zip(g) {
-        *o = inv * (d * w - a - (v - mean) * inv * b);
+    let a = lanes(out, 0.0, |s, v| s + v, |p, q| p + q) / n;
+    let b = lanes_zip(out, x, |gy, v| gy * (v - mean)) * inv / n;
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = inv * (*o - a - (v - mean) * inv * b);
     }
 });
 
@@ -131,9 +127,54 @@ with_simd!(layer_norm_gamma_row(x: &[f32], g: &[f32], eps: f32, acc: &mut [f32])
 #[inline(always)]
 fn moments(x: &[f32], eps: f32) -> (f32, f32) {
     let n = x.len() as f32;
-    let mean = x.iter().sum::<f32>() / n;
-    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    let mean = lanes(x, 0.0, |s, v| s + v, |a, b| a + b) / n;
+    let var = lanes(x, 0.0, |s, v| s + (v - mean) * (v - mean), |a, b| a + b) / n;
     (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// Width of the reductions below.
+const LANES: usize = 16;
+
+/// `x` folded by `step` in [`LANES`] independent accumulators, then combined: a
+/// reduction the compiler vectorises (one running value is a chain of dependent
+/// operations, 4 cycles per element).
+#[inline(always)]
+fn lanes(
+    x: &[f32],
+    init: f32,
+    step: impl Fn(f32, f32) -> f32,
+    join: impl Fn(f32, f32) -> f32,
+) -> f32 {
+    let mut acc = [init; LANES];
+    let mut tail = x.chunks_exact(LANES);
+    for c in &mut tail {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = step(*a, v);
+        }
+    }
+    let rest = tail.remainder().iter().fold(init, |a, &v| step(a, v));
+    acc.into_iter().fold(rest, join)
+}
+
+/// `Σ f(a_i, b_i)` in [`LANES`] independent accumulators.
+#[inline(always)]
+fn lanes_zip(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f32; LANES];
+    let (mut ca, mut cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for ((s, &u), &v) in acc.iter_mut().zip(x).zip(y) {
+            *s += f(u, v);
+        }
+    }
+    let rest: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(&u, &v)| f(u, v))
+        .sum();
+    acc.iter().sum::<f32>() + rest
 }
 
 /// Elements per call of the vectorised loops (SiLU).
