@@ -204,7 +204,7 @@ pub(crate) fn size(a: SizeArgs) -> Result<()> {
         .with_d_model(a.d_model)
         .with_n_layers(a.layers)
         .with_token_buckets(a.vocab);
-    let f = predictor::model::Footprint::of(&config).map_err(anyhow::Error::msg)?;
+    let f = predictor::config::Footprint::of(&config).map_err(anyhow::Error::msg)?;
     print!("{}", f.describe(&config, a.vocab));
     Ok(())
 }

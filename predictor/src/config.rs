@@ -1,6 +1,7 @@
 //! The predictor's shape and the forecasting task it is trained for.
 
 use burn::config::Config;
+use burn::module::Module;
 use datasets::examples::RoutingShape;
 use serde::{Deserialize, Serialize};
 
@@ -264,6 +265,56 @@ impl PredictorConfig {
             );
         }
         q
+    }
+}
+
+/// Parameter counts of a predictor of some configuration, measured by building it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Footprint {
+    pub params: usize,
+    /// Of which the token-id embedding.
+    pub token_embedding: usize,
+    /// Of which the output layer (`d x n_moe * n_experts` and its bias).
+    pub output: usize,
+}
+
+impl Footprint {
+    /// What `moecast predictor-size` prints for `config` with `vocab` token ids.
+    pub fn describe(&self, config: &PredictorConfig, vocab: usize) -> String {
+        let r = &config.routing;
+        format!(
+            "{} predictor for {} MoE layers x {} experts (top-{}), {} token ids, d_model {}, {} blocks:\n\
+             \x20 {} parameters ({} in the token embedding, {} in the output layer): {:.1} MB of f32 weights\n\
+             \x20 training holds about 4x that (weights, gradients, two AdamW moments): {:.0} MB\n\
+             \x20 token table (prior and baseline, stored sparsely): 8 bytes per counted (id, layer, expert); \
+             at most {:.1} MB per frequent id (layers x experts) and {:.0} MB per million training tokens \
+             (layers x top-k per token, if every token were a new id)\n",
+            config.task.as_str(),
+            r.n_moe,
+            r.n_experts,
+            r.top_k,
+            vocab,
+            config.d_model,
+            config.n_layers,
+            self.params,
+            self.token_embedding,
+            self.output,
+            self.params as f64 * 4.0 / 1e6,
+            self.params as f64 * 16.0 / 1e6,
+            (r.n_moe * r.n_experts * 8) as f64 / 1e6,
+            (r.n_moe * r.top_k * 8) as f64
+        )
+    }
+
+    /// Builds `config`'s predictor on the CPU and counts its parameters.
+    pub fn of(config: &PredictorConfig) -> Result<Self, String> {
+        config.validate()?;
+        let model = crate::model::ExpertPredictor::new(config, &burn::tensor::Device::flex());
+        Ok(Footprint {
+            params: model.num_params(),
+            token_embedding: model.token_embed.num_params(),
+            output: model.output.num_params(),
+        })
     }
 }
 

@@ -17,6 +17,8 @@ use burn::nn::{
     Linear, LinearConfig,
 };
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 use datasets::examples::{RoutingShape, WindowBatch};
 
@@ -137,6 +139,7 @@ impl Block {
         bias: Tensor<4>,
         cache: Option<&mut BlockCache>,
         window: usize,
+        dropout_seed: Option<u64>,
     ) -> Tensor<3> {
         let [b, s, d] = x.dims();
         let hd = d / heads;
@@ -162,11 +165,12 @@ impl Block {
         let y = fused::attention(q, k, v, bias)
             .swap_dims(1, 2)
             .reshape([b, s, d]);
-        let x = x + self.dropout.forward(self.attn_out.forward(y));
+        let attn = self.attn_out.forward(y);
+        let x = x + dropout(&self.dropout, attn, dropout_seed.map(|s| mix(s, 1)));
         let f = self.ffn_out.forward(silu(
             self.ffn_in.forward(layer_norm(&self.ffn_norm, x.clone())),
         ));
-        x + self.dropout.forward(f)
+        x + dropout(&self.dropout, f, dropout_seed.map(|s| mix(s, 2)))
     }
 }
 
@@ -240,14 +244,21 @@ impl ExpertPredictor {
     }
 
     /// Backbone over whole windows: `tokens` `[b, s]`, `prev_routing` `[b, s, width]`
-    /// -> `[b, s, d]`.
-    pub fn encode(&self, tokens: Tensor<2, Int>, prev_routing: Tensor<3>) -> Tensor<3> {
+    /// -> `[b, s, d]`; dropout masks (in training) drawn from `dropout_seed` (see
+    /// [`dropout`]).
+    pub fn encode(
+        &self,
+        tokens: Tensor<2, Int>,
+        prev_routing: Tensor<3>,
+        dropout_seed: Option<u64>,
+    ) -> Tensor<3> {
         let [_, s] = tokens.dims();
         let device = tokens.device();
         let mut x = self.token_embed.forward(tokens) + self.context_routing.forward(prev_routing);
         let bias = self.attention_bias(s, s, 0, &device);
-        for block in &self.blocks {
-            x = block.forward(x, self.config.n_heads, bias.clone(), None, s);
+        for (i, block) in self.blocks.iter().enumerate() {
+            let seed = dropout_seed.map(|d| mix(d, 16 + i as u64));
+            x = block.forward(x, self.config.n_heads, bias.clone(), None, s, seed);
         }
         layer_norm(&self.final_norm, x)
     }
@@ -267,7 +278,14 @@ impl ExpertPredictor {
         let s_kv = (cached + 1).min(window);
         let bias = self.attention_bias(1, s_kv, s_kv - 1, &device);
         for (block, cache) in self.blocks.iter().zip(caches.iter_mut()) {
-            x = block.forward(x, self.config.n_heads, bias.clone(), Some(cache), window);
+            x = block.forward(
+                x,
+                self.config.n_heads,
+                bias.clone(),
+                Some(cache),
+                window,
+                None,
+            );
         }
         layer_norm(&self.final_norm, x)
     }
@@ -366,54 +384,39 @@ impl ExpertPredictor {
     }
 }
 
-/// Parameter counts of a predictor of some configuration, measured by building it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Footprint {
-    pub params: usize,
-    /// Of which the token-id embedding.
-    pub token_embedding: usize,
-    /// Of which the output layer (`d x n_moe * n_experts` and its bias).
-    pub output: usize,
+/// `layer` (dropout) in training, with its mask drawn on the host from `seed`, when
+/// given: a data-parallel step's shards then draw the same masks whatever order their
+/// threads run in (Burn's `Dropout` draws from the device's one generator, shared by
+/// the threads). Without a seed, `layer.forward`.
+pub fn dropout<const D: usize>(layer: &Dropout, x: Tensor<D>, seed: Option<u64>) -> Tensor<D> {
+    let Some(seed) = seed else {
+        return layer.forward(x);
+    };
+    if layer.prob <= 0.0 || !x.device().is_autodiff() {
+        return x;
+    }
+    let keep = 1.0 - layer.prob;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let shape = x.shape();
+    let mask: Vec<f32> = (0..shape.num_elements())
+        .map(|_| {
+            if rng.random_bool(keep) {
+                (1.0 / keep) as f32
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let device = x.device();
+    x * Tensor::from_data(TensorData::new(mask, shape), &device)
 }
 
-impl Footprint {
-    /// What `moecast predictor-size` prints for `config` with `vocab` token ids.
-    pub fn describe(&self, config: &PredictorConfig, vocab: usize) -> String {
-        let r = &config.routing;
-        format!(
-            "{} predictor for {} MoE layers x {} experts (top-{}), {} token ids, d_model {}, {} blocks:\n\
-             \x20 {} parameters ({} in the token embedding, {} in the output layer): {:.1} MB of f32 weights\n\
-             \x20 training holds about 4x that (weights, gradients, two AdamW moments): {:.0} MB\n\
-             \x20 token table (prior and baseline, stored sparsely): 8 bytes per counted (id, layer, expert); \
-             at most {:.1} MB per frequent id (layers x experts) and {:.0} MB per million training tokens \
-             (layers x top-k per token, if every token were a new id)\n",
-            config.task.as_str(),
-            r.n_moe,
-            r.n_experts,
-            r.top_k,
-            vocab,
-            config.d_model,
-            config.n_layers,
-            self.params,
-            self.token_embedding,
-            self.output,
-            self.params as f64 * 4.0 / 1e6,
-            self.params as f64 * 16.0 / 1e6,
-            (r.n_moe * r.n_experts * 8) as f64 / 1e6,
-            (r.n_moe * r.top_k * 8) as f64
-        )
-    }
-
-    /// Builds `config`'s predictor on the CPU and counts its parameters.
-    pub fn of(config: &PredictorConfig) -> Result<Self, String> {
-        config.validate()?;
-        let model = ExpertPredictor::new(config, &burn::tensor::Device::flex());
-        Ok(Footprint {
-            params: model.num_params(),
-            token_embedding: model.token_embed.num_params(),
-            output: model.output.num_params(),
-        })
-    }
+/// A seed derived from `seed` for use `site` (SplitMix64's finaliser).
+pub fn mix(seed: u64, site: u64) -> u64 {
+    let mut z = seed ^ site.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// Binary cross-entropy with logits, `pos_weight` on the positive class, summed over
@@ -452,6 +455,8 @@ pub struct BatchTensors {
     /// Count priors of the queries the batch is run with, `[b*s, horizon * E]` each
     /// (empty for predictors without the prior path), see [`crate::prior`].
     pub priors: Vec<Tensor<2>>,
+    /// Seed of the dropout masks (see [`dropout`]); `None`: Burn's device generator.
+    pub dropout_seed: Option<u64>,
 }
 
 impl BatchTensors {
@@ -478,7 +483,14 @@ impl BatchTensors {
                 .swap_dims(0, 1)
             }),
             priors: Vec::new(),
+            dropout_seed: None,
         }
+    }
+
+    /// Draws this batch's dropout masks from `seed` (see [`dropout`]).
+    pub fn with_dropout_seed(mut self, seed: u64) -> Self {
+        self.dropout_seed = Some(seed);
+        self
     }
 
     /// Adds the count priors of `queries` (see [`crate::prior::batch_priors`]) when
@@ -540,7 +552,7 @@ impl ExpertPredictor {
         let [n, _] = bt.routing.dims();
         let d = self.config.d_model;
         let h = self
-            .encode(bt.tokens.clone(), bt.prev_routing.clone())
+            .encode(bt.tokens.clone(), bt.prev_routing.clone(), bt.dropout_seed)
             .reshape([n, d]);
         let prefix = self.known_prefix(bt.routing.clone());
         queries

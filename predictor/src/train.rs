@@ -20,7 +20,7 @@ use crate::config::{PredictorConfig, Query};
 use crate::device::BackendKind;
 use crate::error::{PredictorError, Result};
 use crate::eval::{evaluate, EvalOptions, EvalReport};
-use crate::model::{BatchTensors, ExpertPredictor};
+use crate::model::{mix, BatchTensors, ExpertPredictor};
 use crate::optim::{clip_global_norm, WarmupCosine};
 use crate::state::CheckpointDir;
 use crate::step::{loss_and_gradients, query_denominators, resolve_shards};
@@ -408,15 +408,11 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             let shards = batch
                 .split(prog.settings.shards)
                 .iter()
-                .map(|b| {
-                    BatchTensors::new(b, cfg.routing, &ad).with_priors(
-                        &model,
-                        Some(&stats),
-                        &set,
-                        b,
-                        &qs,
-                        true,
-                    )
+                .enumerate()
+                .map(|(i, b)| {
+                    BatchTensors::new(b, cfg.routing, &ad)
+                        .with_dropout_seed(mix(st.seed, step * 64 + i as u64))
+                        .with_priors(&model, Some(&stats), &set, b, &qs, true)
                 })
                 .collect::<Result<Vec<_>>>()?;
             let (l, mut grads) =

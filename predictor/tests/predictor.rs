@@ -216,6 +216,25 @@ fn resumed_training_matches_an_uninterrupted_run() {
     assert!(err.contains("different run"), "{err}");
 }
 
+/// Dropout masks come from seeds per step and shard, not from the device's generator
+/// the shards' threads share: two runs with dropout and 3 shards are identical.
+#[test]
+fn training_with_dropout_repeats_exactly_over_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = rule_trace(&dir.path().join("t.mctrace"), Task::NextToken, 20, 24, 5);
+    let run = |name: &str| {
+        let mut o = options(trace.clone(), Task::NextToken, dir.path().join(name), 2);
+        o.config = o.config.with_dropout(0.3);
+        o.settings.shards = 3;
+        let summary = predictor::train(&o).unwrap();
+        let epochs = summary.history.iter();
+        epochs.map(|h| (h.train_loss, h.val_f1)).collect::<Vec<_>>()
+    };
+    let first = run("a");
+    assert_eq!(first.len(), 2);
+    assert_eq!(first, run("b"));
+}
+
 /// A data-parallel step over shards of a batch gives the loss and gradients of the whole
 /// batch in one piece (within float rounding), for every shard count.
 #[test]
