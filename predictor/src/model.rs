@@ -17,8 +17,6 @@ use burn::nn::{
     Linear, LinearConfig,
 };
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 
 use datasets::examples::{RoutingShape, WindowBatch};
 
@@ -396,12 +394,14 @@ pub fn dropout<const D: usize>(layer: &Dropout, x: Tensor<D>, seed: Option<u64>)
         return x;
     }
     let keep = 1.0 - layer.prob;
-    let mut rng = StdRng::seed_from_u64(seed);
+    // Element `i` is kept when the top 53 bits of `mix(seed, i)` fall below `keep`.
+    let threshold = (keep * (1u64 << 53) as f64) as u64;
+    let scale = (1.0 / keep) as f32;
     let shape = x.shape();
-    let mask: Vec<f32> = (0..shape.num_elements())
-        .map(|_| {
-            if rng.random_bool(keep) {
-                (1.0 / keep) as f32
+    let mask: Vec<f32> = (0..shape.num_elements() as u64)
+        .map(|i| {
+            if mix(seed, i) >> 11 < threshold {
+                scale
             } else {
                 0.0
             }
