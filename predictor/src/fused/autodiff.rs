@@ -11,32 +11,23 @@ use burn::tensor::Shape;
 
 use super::FusedOps;
 
+/// The backward pass of SiLU (from its input) or softmax (from its output): one kernel
+/// of the saved tensor and the incoming gradient.
 #[derive(Debug)]
-struct SiluBackward;
-
-impl<B: Backend + FusedOps> Backward<B, 1> for SiluBackward {
-    /// The input.
-    type State = B::FloatTensorPrimitive;
-
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let x = ops.state;
-        unary::<B, _>(ops.parents, ops.node, grads, |g| {
-            B::fused_silu_backward(x, g)
-        });
-    }
+enum UnaryBackward {
+    Silu,
+    Softmax,
 }
 
-#[derive(Debug)]
-struct SoftmaxBackward;
-
-impl<B: Backend + FusedOps> Backward<B, 1> for SoftmaxBackward {
-    /// The output.
+impl<B: Backend + FusedOps> Backward<B, 1> for UnaryBackward {
+    /// SiLU's input or softmax's output.
     type State = B::FloatTensorPrimitive;
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let p = ops.state;
-        unary::<B, _>(ops.parents, ops.node, grads, |g| {
-            B::fused_softmax_backward(p, g)
+        let saved = ops.state;
+        unary::<B, _>(ops.parents, ops.node, grads, |g| match self {
+            UnaryBackward::Silu => B::fused_silu_backward(saved, g),
+            UnaryBackward::Softmax => B::fused_softmax_backward(saved, g),
         });
     }
 }
@@ -71,7 +62,7 @@ impl<B: Backend + FusedOps> Backward<B, 3> for LayerNormBackward {
 
 impl<B: Backend + FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
     fn fused_silu(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        match SiluBackward
+        match UnaryBackward::Silu
             .prepare::<C>([x.node()])
             .compute_bound()
             .stateful()
@@ -92,7 +83,7 @@ impl<B: Backend + FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
 
     fn fused_softmax_bias(x: FloatTensor<Self>, bias: FloatTensor<Self>) -> FloatTensor<Self> {
         let bias = bias.into_primitive();
-        match SoftmaxBackward
+        match UnaryBackward::Softmax
             .prepare::<C>([x.node()])
             .compute_bound()
             .stateful()
