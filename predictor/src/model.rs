@@ -255,7 +255,7 @@ impl ExpertPredictor {
         let mut x = self.token_embed.forward(tokens) + self.context_routing.forward(prev_routing);
         let bias = self.attention_bias(s, s, 0, &device);
         for (i, block) in self.blocks.iter().enumerate() {
-            let seed = dropout_seed.map(|d| mix(d, 16 + i as u64));
+            let seed = dropout_seed.map(|d| mix(d, i as u64));
             x = block.forward(x, self.config.n_heads, bias.clone(), None, s, seed);
         }
         layer_norm(&self.final_norm, x)

@@ -411,7 +411,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                 .enumerate()
                 .map(|(i, b)| {
                     BatchTensors::new(b, cfg.routing, &ad)
-                        .with_dropout_seed(mix(st.seed, step * 64 + i as u64))
+                        .with_dropout_seed(mix(mix(st.seed, step), i as u64))
                         .with_priors(&model, Some(&stats), &set, b, &qs, true)
                 })
                 .collect::<Result<Vec<_>>>()?;
