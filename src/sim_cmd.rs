@@ -27,11 +27,13 @@ pub(crate) struct SimulateArgs {
     /// Eviction policies: lru, lfu, lfu:DECAY, next-use, belady; comma-separated.
     #[arg(long, default_value = "lru", value_delimiter = ',')]
     policy: Vec<String>,
-    /// Prefetchers: none, previous, token, coactivation, activation, gate, pre-attention, lens, learned, oracle; comma-separated (a+b: both).
+    /// Prefetchers: none, previous, token, coactivation, blend, activation, gate, pre-attention, lens, learned, oracle; comma-separated (a+b: both).
+    /// blend: co-activation, the last tokens' experts and the request's use weighed by
+    /// a logistic model learned while decoding (no trained predictor needed).
     #[arg(long, default_value = "none", value_delimiter = ',')]
     prefetch: Vec<String>,
-    /// Predictor directory (learned prefetch; its training baselines feed token and
-    /// coactivation, and its per-token first-layer counts refine the lens).
+    /// Predictor directory (learned prefetch; its training baselines feed token,
+    /// coactivation and blend, and its per-token first-layer counts refine the lens).
     #[arg(long)]
     predictor: Option<PathBuf>,
     /// The MoE checkpoint the trace comes from (gate prefetch: its gates applied to the
@@ -50,7 +52,7 @@ pub(crate) struct SimulateArgs {
     /// most for the chunk on the link.
     #[arg(long, default_value_t = 1048576.0)]
     chunk_bytes: f64,
-    /// Layers ahead for the coactivation, activation, gate and learned prefetchers
+    /// Layers ahead for the coactivation, blend, activation, gate and learned prefetchers
     /// (learned: at most the predictor's own horizon).
     #[arg(long, default_value_t = 3)]
     horizon: usize,

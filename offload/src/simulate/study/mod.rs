@@ -255,6 +255,10 @@ impl Forecasters {
                 let stats = counts_for(&self.fitted, view, seqs, horizon, false, notes);
                 prefetch::coactivation(view, seqs, &stats, budget, horizon)
             }
+            PrefetchKind::Blend => {
+                let stats = counts_for(&self.fitted, view, seqs, horizon, false, notes);
+                prefetch::blend(view, seqs, &stats, budget, horizon).0
+            }
             PrefetchKind::Token => {
                 let stats = counts_for(&self.fitted, view, seqs, horizon, true, notes);
                 prefetch::token(view, seqs, &stats, budget, horizon)
@@ -373,9 +377,13 @@ pub fn run_study(
         .map(|c| Ok(c.parse::<CacheSize>().map_err(bad)?.experts(total)))
         .collect::<Result<Vec<_>, StudyError>>()?;
     let mut notes = Vec::new();
-    let counted = [PrefetchKind::Coactivation, PrefetchKind::Token];
+    let counted = [
+        PrefetchKind::Coactivation,
+        PrefetchKind::Blend,
+        PrefetchKind::Token,
+    ];
     if counted.iter().any(|k| kinds.contains(k)) && forecasters.fitted.is_none() {
-        notes.push("no --predictor: token-table and co-activation counts are fitted on this trace itself (in-sample)".into());
+        notes.push("no --predictor: token-table and co-activation counts (and the blend's) are fitted on this trace itself (in-sample)".into());
     }
     let mut rows: Vec<StudyRow> = Vec::new();
     let mut tokens = 0;

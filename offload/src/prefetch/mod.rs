@@ -10,6 +10,9 @@
 //!   layer `l` layer `l+D`, so every layer is asked for `D` layers ahead;
 //! - `coactivation`: after layer `l`, the experts of layers `l+1..l+D` that most often
 //!   co-occurred with layer `l`'s choice (counts fitted on training traces);
+//! - `blend`: after layer `l`, layers `l+1..l+D` by an online logistic blend of
+//!   co-activation counts, the last two tokens' experts and the request's use, learned
+//!   while decoding (see [`blend`]);
 //! - `activation`: MoE-Infinity-like, activation-aware: after layer `l`, the experts of
 //!   layers `l+1..l+D` this request has used most so far (counts decayed per token);
 //! - `gate`: the cross-layer gate: after layer `l`, the model's gates of layers
@@ -31,6 +34,9 @@ use predictor::{OnlinePredictor, Task};
 use crate::gate::NextTokenGate;
 use crate::simulate::PrefetchPlan;
 
+mod blend;
+pub use blend::{blend, OnlineBlend};
+
 /// Which prefetcher.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PrefetchKind {
@@ -39,6 +45,7 @@ pub enum PrefetchKind {
     Previous,
     Token,
     Coactivation,
+    Blend,
     Activation,
     Gate,
     PreAttention,
@@ -48,11 +55,12 @@ pub enum PrefetchKind {
 
 impl PrefetchKind {
     /// All kinds, in report order.
-    pub const ALL: [PrefetchKind; 10] = [
+    pub const ALL: [PrefetchKind; 11] = [
         PrefetchKind::None,
         PrefetchKind::Previous,
         PrefetchKind::Token,
         PrefetchKind::Coactivation,
+        PrefetchKind::Blend,
         PrefetchKind::Activation,
         PrefetchKind::Gate,
         PrefetchKind::PreAttention,
@@ -68,6 +76,7 @@ impl PrefetchKind {
             PrefetchKind::Previous => "previous",
             PrefetchKind::Token => "token",
             PrefetchKind::Coactivation => "coactivation",
+            PrefetchKind::Blend => "blend",
             PrefetchKind::Activation => "activation",
             PrefetchKind::Gate => "gate",
             PrefetchKind::PreAttention => "pre-attention",
@@ -85,7 +94,7 @@ impl std::str::FromStr for PrefetchKind {
             .into_iter()
             .find(|k| k.as_str() == s)
             .ok_or_else(|| {
-                format!("unknown prefetcher '{s}' (none, previous, token, coactivation, activation, gate, pre-attention, lens, learned, oracle)")
+                format!("unknown prefetcher '{s}' (none, previous, token, coactivation, blend, activation, gate, pre-attention, lens, learned, oracle)")
             })
     }
 }
