@@ -3,10 +3,10 @@
 # (the shipped model's routing, 6 MoE layers x 16 experts, top-2) replayed through the
 # offloading engine on a synthetic checkpoint with Qwen3-30B-A3B's experts (2048 x 768,
 # bf16: 9.4 MB each; random weights, the published layout), experts read from disk with
-# the page cache dropped. Demand paging (LRU, next-use), the token table and `make
-# demo`'s predictor at a fixed budget (top-2) and planned (auto), at 10% and 25% of the
-# experts resident. The modes run interleaved, REPEATS rounds, so a drifting disk speed
-# touches them alike; the summary gives each mode's mean decode tokens/s and its ratio
+# direct I/O (or, where the file system refuses it, with the page cache dropped).
+# Demand paging (LRU, next-use), the token table and `make demo`'s predictor at a fixed
+# budget (top-2) and planned (auto), at 10% and 25% of the experts resident. The modes
+# run interleaved, REPEATS rounds, so a drifting disk speed touches them alike; the summary gives each mode's mean decode tokens/s and its ratio
 # to next-use demand paging. Usage: tools/replay_bench.sh [BIN] [TOKENS] [REPEATS]
 set -e
 BIN=${1:-target/release/moecast}
@@ -22,7 +22,7 @@ mkdir -p $OUT
 if [ ! -f $OUT/ckpt/config.json ]; then
   $BIN checkpoint synth --layers 6 --experts 16 --top-k 2 --vocab 4096 -o $OUT/ckpt
 fi
-echo "replaying $TOKENS tokens of $DEMO/heldout.mctrace at 9.4 MB per expert (page cache dropped), $REPEATS interleaved rounds"
+echo "replaying $TOKENS tokens of $DEMO/heldout.mctrace at 9.4 MB per expert (read from disk, no page cache), $REPEATS interleaved rounds"
 results=$OUT/results.txt
 : > $results
 round=1

@@ -182,6 +182,7 @@ impl OffloadEngine {
             .sum::<f64>()
             / (m * e).max(1) as f64;
         let chunk_share = (READ_CHUNK as f64 / mean_bytes.max(1.0)).min(1.0);
+        let direct_io = store.direct_io();
         // Planned, one loader thread is kept for demand reads.
         let loader = ExpertLoader::start(store, cfg.loader_threads, cfg.planned);
         let learned = match &predictor {
@@ -192,6 +193,7 @@ impl OffloadEngine {
             None => None,
         };
         let report = EngineReport {
+            direct_io,
             policy: policy_name(cfg.policy),
             prefetch: {
                 let parts: Vec<&str> = [
@@ -371,8 +373,15 @@ impl OffloadEngine {
         self.prefetch_ranked(m, &ranking, probs.then_some(scores));
     }
 
+    /// Whether this decode step prefetches: always, unless the guard measured that it
+    /// does not pay. When it does not, no forecast is computed either (the predictor
+    /// still observes each token, so its history stays whole).
+    fn prefetching(&self) -> bool {
+        self.guard.as_ref().is_none_or(PrefetchGuard::enabled)
+    }
+
     fn prefetch_ranked(&mut self, m: usize, ranking: &[u16], probs: Option<&[f32]>) {
-        if self.guard.as_ref().is_some_and(|g| !g.enabled()) {
+        if !self.prefetching() {
             return;
         }
         if self.planner.is_some() {
@@ -399,7 +408,8 @@ impl OffloadEngine {
             let ids: Vec<Option<&[u16]>> = ids.iter().map(|x| x.as_deref()).collect();
             p.observe(tok, &ids).map_err(ModelError::observer)?;
         }
-        if p.predictor().card.config.token_dropout > 0.0 {
+        if p.predictor().card.config.token_dropout > 0.0 && self.prefetching() {
+            let p = self.predictor.as_mut().expect("checked above");
             let f = p.predict_next_unknown().map_err(ModelError::observer)?;
             self.prefetch_top(0, f.layer(0), true);
         }
@@ -435,6 +445,9 @@ impl RoutingObserver for OffloadEngine {
         }
         if let Some(p) = &mut self.planner {
             p.token_started();
+        }
+        if !self.prefetching() {
+            return;
         }
         if let Some(st) = self.cfg.token_table.take() {
             let id = (tokens[0] != datasets::UNKNOWN_TOKEN).then_some(tokens[0]);
@@ -492,7 +505,9 @@ impl RoutingObserver for OffloadEngine {
             // The token's routing is complete: the forecasts of the next token's layer 0
             // (the logit lens, then the predictor's before the id) get the last layer's
             // compute as lead time.
-            if let (Some(lens), Some(x)) = (&self.lens, &self.router_input) {
+            if let (Some(lens), Some(x), true) =
+                (&self.lens, &self.router_input, self.prefetching())
+            {
                 let scores = lens.scores(x);
                 let last = scores.len().saturating_sub(self.n_experts);
                 self.prefetch_top(0, &scores[last..], false);
@@ -501,7 +516,11 @@ impl RoutingObserver for OffloadEngine {
                 self.fail(e);
             }
         }
-        if !self.decoding || !self.cfg.layer_forecasts || m + 1 >= self.n_moe() {
+        if !self.decoding
+            || !self.cfg.layer_forecasts
+            || m + 1 >= self.n_moe()
+            || !self.prefetching()
+        {
             return;
         }
         let Some(p) = &mut self.predictor else {
@@ -527,6 +546,7 @@ impl RoutingObserver for OffloadEngine {
     fn wants_router_inputs(&self, layer: usize) -> bool {
         let last = self.moe_index.get(&layer) == Some(&(self.n_moe() - 1));
         self.decoding
+            && self.prefetching()
             && (self.lens.is_some() && last
                 || self.cfg.layer_forecasts
                     && self

@@ -46,6 +46,9 @@ pub struct EngineReport {
     /// The planner's decisions (planned prefetch only).
     #[serde(default)]
     pub planner: Option<crate::planner::PlannerCounts>,
+    /// Experts were read with direct I/O (else buffered, dropped from the page cache).
+    #[serde(default)]
+    pub direct_io: bool,
 }
 
 impl EngineReport {

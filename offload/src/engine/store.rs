@@ -3,15 +3,17 @@
 //! of background loader threads. Demand reads go ahead of queued prefetches, and a
 //! prefetch already reading pauses between chunks of [`READ_CHUNK`] bytes while a demand
 //! read is in flight, so a demand read shares the device with at most one chunk of
-//! prefetch (the simulator's link model). After each read the file range is dropped
-//! from the OS page cache (`posix_fadvise DONTNEED` on
-//! Linux), so every load is a real read from the device, as an expert that does not fit
-//! in memory would be.
+//! prefetch (the simulator's link model). Every load is a real read from the device, as
+//! an expert that does not fit in memory would be: on Linux the files are read with
+//! direct I/O (`O_DIRECT`: no page cache, no kernel copy; aligned reads into an aligned
+//! buffer), and where the file system refuses it, with buffered reads whose range is
+//! dropped from the page cache after each read (`posix_fadvise DONTNEED`).
 
 use std::collections::VecDeque;
 use std::fs::File;
+use std::io;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -27,6 +29,18 @@ use inference::moe::SparseMoe;
 /// Bytes a prefetch reads between checks for demand reads in flight.
 pub const READ_CHUNK: usize = 1 << 20;
 
+/// Alignment of direct reads' offsets, lengths and buffers (a multiple of the logical
+/// block size of common devices, 512 or 4096 bytes).
+const DIRECT_ALIGN: usize = 4096;
+
+/// A checkpoint file, open for buffered reads and, where the file system allows it, for
+/// direct reads.
+#[derive(Debug)]
+struct ExpertFile {
+    buffered: File,
+    direct: Option<File>,
+}
+
 /// Where one projection of one expert lives on disk.
 #[derive(Debug, Clone)]
 struct Part {
@@ -39,7 +53,7 @@ struct Part {
 #[derive(Debug)]
 pub struct ExpertStore {
     paths: Vec<PathBuf>,
-    files: Vec<File>,
+    files: Vec<ExpertFile>,
     /// `[gate, up, down]` per expert.
     experts: Vec<[Part; 3]>,
     act: Vec<GluActivation>,
@@ -105,11 +119,15 @@ impl ExpertStore {
         }
         let files = paths
             .iter()
-            .map(|p| File::open(p).map_err(|e| ModelError::io(p, e)))
+            .map(|p| {
+                let buffered = File::open(p).map_err(|e| ModelError::io(p, e))?;
+                drop_cached(&buffered, 0, 0);
+                Ok(ExpertFile {
+                    buffered,
+                    direct: open_direct(p),
+                })
+            })
             .collect::<Result<Vec<_>>>()?;
-        for f in &files {
-            drop_cached(f, 0, 0);
-        }
         Ok(ExpertStore {
             paths,
             files,
@@ -165,16 +183,95 @@ impl ExpertStore {
         before_chunk: &dyn Fn(),
     ) -> Result<Vec<f32>> {
         let path = &self.paths[file];
-        buf.resize(r.len, 0);
-        for (i, chunk) in buf.chunks_mut(READ_CHUNK).enumerate() {
-            before_chunk();
-            self.files[file]
-                .read_exact_at(chunk, (r.offset + i * READ_CHUNK) as u64)
-                .map_err(|e| ModelError::io(path, e))?;
-        }
-        drop_cached(&self.files[file], r.offset as i64, r.len as i64);
-        decode_f32(buf, r.dtype).map_err(|m| ModelError::file(path, m))
+        let f = &self.files[file];
+        let direct = match &f.direct {
+            Some(d) => match read_direct(d, r.offset, r.len, buf, before_chunk) {
+                Ok(at) => Some(at),
+                // The file system took O_DIRECT at open but not these reads.
+                Err(e) if e.kind() == io::ErrorKind::InvalidInput => None,
+                Err(e) => return Err(ModelError::io(path, e)),
+            },
+            None => None,
+        };
+        let at = match direct {
+            Some(at) => at,
+            None => {
+                read_buffered(&f.buffered, r.offset, r.len, buf, before_chunk)
+                    .map_err(|e| ModelError::io(path, e))?;
+                0
+            }
+        };
+        decode_f32(&buf[at..at + r.len], r.dtype).map_err(|m| ModelError::file(path, m))
     }
+
+    /// Whether every checkpoint file is read with direct I/O.
+    pub fn direct_io(&self) -> bool {
+        self.files.iter().all(|f| f.direct.is_some())
+    }
+}
+
+/// Reads `len` bytes at `offset` into `buf` in [`READ_CHUNK`] chunks, then drops the
+/// range from the page cache.
+fn read_buffered(
+    f: &File,
+    offset: usize,
+    len: usize,
+    buf: &mut Vec<u8>,
+    before_chunk: &dyn Fn(),
+) -> io::Result<()> {
+    buf.resize(len, 0);
+    for (i, chunk) in buf.chunks_mut(READ_CHUNK).enumerate() {
+        before_chunk();
+        f.read_exact_at(chunk, (offset + i * READ_CHUNK) as u64)?;
+    }
+    drop_cached(f, offset as i64, len as i64);
+    Ok(())
+}
+
+/// Reads `len` bytes at `offset` of a file opened with `O_DIRECT` into `buf`: the
+/// aligned range around them, in [`READ_CHUNK`] chunks, into an aligned window of
+/// `buf`. Returns where the bytes start in `buf`.
+fn read_direct(
+    f: &File,
+    offset: usize,
+    len: usize,
+    buf: &mut Vec<u8>,
+    before_chunk: &dyn Fn(),
+) -> io::Result<usize> {
+    let start = offset / DIRECT_ALIGN * DIRECT_ALIGN;
+    let end = (offset + len).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+    buf.resize(end - start + DIRECT_ALIGN, 0);
+    let pad = buf.as_ptr().align_offset(DIRECT_ALIGN);
+    let window = &mut buf[pad..pad + end - start];
+    let need = offset + len - start;
+    let mut done = 0;
+    while done < need {
+        before_chunk();
+        let n = (window.len() - done).min(READ_CHUNK);
+        // A short read happens only at the end of the file; a read after one would be
+        // misaligned, which the kernel refuses (InvalidInput: read buffered instead).
+        match f.read_at(&mut window[done..done + n], (start + done) as u64)? {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            got => done += got,
+        }
+    }
+    Ok(pad + offset - start)
+}
+
+/// Opens `p` for direct reads, or `None` where the file system refuses `O_DIRECT`.
+#[cfg(target_os = "linux")]
+fn open_direct(p: &Path) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(p)
+        .ok()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn open_direct(_: &Path) -> Option<File> {
+    None
 }
 
 /// Drops a file range (`len` 0: to the end) from the page cache so the next read of it
@@ -369,5 +466,53 @@ fn worker(queue: &(Mutex<Queue>, Condvar), store: &ExpertStore, tx: &Sender<Load
         if tx.send(loaded).is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Direct and buffered reads return the same bytes for ranges that start and end off
+    /// the alignment, span chunks, and run to the file's unaligned end.
+    #[test]
+    fn direct_reads_match_buffered_reads_at_any_offset() {
+        let dir = std::env::temp_dir().join(format!("moecast-direct-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bytes.bin");
+        let size = 3 * READ_CHUNK + 12_345;
+        let bytes: Vec<u8> = (0..size).map(|i| (i * 7 + i / 4093) as u8).collect();
+        std::fs::write(&path, &bytes).unwrap();
+        let buffered = File::open(&path).unwrap();
+        let direct = open_direct(&path);
+        let mut buf = Vec::new();
+        let chunks = std::cell::Cell::new(0);
+        let count = || chunks.set(chunks.get() + 1);
+        for (offset, len) in [
+            (0, 10),
+            (1, DIRECT_ALIGN),
+            (4095, READ_CHUNK + 3),
+            (READ_CHUNK - 17, 2 * READ_CHUNK),
+            (size - 5000, 5000),
+            (0, size),
+        ] {
+            read_buffered(&buffered, offset, len, &mut buf, &count).unwrap();
+            assert_eq!(
+                &buf[..len],
+                &bytes[offset..offset + len],
+                "buffered {offset}+{len}"
+            );
+            if let Some(d) = &direct {
+                chunks.set(0);
+                let at = read_direct(d, offset, len, &mut buf, &count).unwrap();
+                assert_eq!(
+                    &buf[at..at + len],
+                    &bytes[offset..offset + len],
+                    "direct {offset}+{len}"
+                );
+                assert!(chunks.get() >= len / READ_CHUNK, "a pause point per chunk");
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
