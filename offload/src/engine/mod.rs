@@ -375,7 +375,8 @@ impl OffloadEngine {
 
     /// Whether this decode step prefetches: always, unless the guard measured that it
     /// does not pay. When it does not, no forecast is computed either (the predictor
-    /// still observes each token, so its history stays whole).
+    /// still observes each token, so its history stays whole). The forecasts of the next
+    /// token's layer 0 made at a step's end follow this step's setting.
     fn prefetching(&self) -> bool {
         self.guard.as_ref().is_none_or(PrefetchGuard::enabled)
     }
@@ -566,7 +567,7 @@ impl RoutingObserver for OffloadEngine {
     }
 
     fn wants_pre_attention_logits(&self) -> bool {
-        self.decoding && self.cfg.pre_attention
+        self.decoding && self.cfg.pre_attention && self.prefetching()
     }
 
     fn on_pre_attention_logits(

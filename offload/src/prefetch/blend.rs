@@ -13,8 +13,9 @@
 //! One weight vector per distance `h`, starting as the co-activation forecast alone,
 //! is fitted by online logistic regression: once a token's layers have routed, every
 //! scored expert is a labelled example. Forecasts for a token use only weights fitted on
-//! the tokens before it, so the plan never reads the future. The sigmoid of the score
-//! is the forecast probability the planner calibrates.
+//! the tokens before it. The sigmoid of the score is the forecast probability the
+//! planner calibrates. The counts are fixed: the predictor's training traces', or, for
+//! a trace replayed without one, the trace's own (in-sample, as for co-activation).
 
 use datasets::TraceView;
 use predictor::baselines::BaselineStats;
