@@ -397,6 +397,7 @@ impl OffloadEngine {
     /// token-id dropout then forecasts the next token's layer 0 before its id, queued.
     fn observe_forward(&mut self) -> Result<()> {
         self.observed = true;
+        let prefetching = self.prefetching();
         let Some(p) = &mut self.predictor else {
             return Ok(());
         };
@@ -409,8 +410,7 @@ impl OffloadEngine {
             let ids: Vec<Option<&[u16]>> = ids.iter().map(|x| x.as_deref()).collect();
             p.observe(tok, &ids).map_err(ModelError::observer)?;
         }
-        if p.predictor().card.config.token_dropout > 0.0 && self.prefetching() {
-            let p = self.predictor.as_mut().expect("checked above");
+        if p.predictor().card.config.token_dropout > 0.0 && prefetching {
             let f = p.predict_next_unknown().map_err(ModelError::observer)?;
             self.prefetch_top(0, f.layer(0), true);
         }

@@ -190,27 +190,26 @@ impl ExpertStore {
     ) -> Result<Vec<f32>> {
         let path = &self.paths[file];
         let f = &self.files[file];
-        let direct = match &f.direct {
-            Some(d) if f.direct_ok.load(Ordering::Relaxed) => {
-                match read_direct(d, r.offset, r.len, buf, before_chunk) {
-                    Ok(at) => Some(at),
-                    // The file system took O_DIRECT at open but not its reads.
-                    Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
-                        f.direct_ok.store(false, Ordering::Relaxed);
-                        None
-                    }
-                    Err(e) => return Err(ModelError::io(path, e)),
+        let mut at = None;
+        if let Some(d) = f
+            .direct
+            .as_ref()
+            .filter(|_| f.direct_ok.load(Ordering::Relaxed))
+        {
+            match read_direct(d, r.offset, r.len, buf, before_chunk) {
+                Ok(start) => at = Some(start),
+                // The file system took O_DIRECT at open but not its reads.
+                Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+                    f.direct_ok.store(false, Ordering::Relaxed)
                 }
+                Err(e) => return Err(ModelError::io(path, e)),
             }
-            _ => None,
-        };
-        let at = match direct {
-            Some(at) => at,
-            None => {
-                read_buffered(&f.buffered, r.offset, r.len, buf, before_chunk)
-                    .map_err(|e| ModelError::io(path, e))?;
-                0
-            }
+        }
+        let at = match at {
+            Some(start) => start,
+            None => read_buffered(&f.buffered, r.offset, r.len, buf, before_chunk)
+                .map(|()| 0)
+                .map_err(|e| ModelError::io(path, e))?,
         };
         decode_f32(&buf[at..at + r.len], r.dtype).map_err(|m| ModelError::file(path, m))
     }

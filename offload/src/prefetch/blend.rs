@@ -90,7 +90,8 @@ pub fn blend(
     let (mut near, mut far) = (vec![0f32; e], vec![0f32; e]);
     let mut request_use = vec![0f32; m * e];
     let mut examples: Vec<(usize, usize, u16, [f32; FEATURES])> = Vec::new();
-    let mut scored: Vec<(f32, u16)> = Vec::with_capacity(e);
+    let mut scores: Vec<f32> = Vec::with_capacity(e);
+    let mut ranking = Vec::with_capacity(e);
     for r in seqs {
         request_use.iter_mut().for_each(|c| *c = 0.0);
         for t in r.clone() {
@@ -113,7 +114,7 @@ pub fn blend(
                         stats.coactivation_log_odds(l - 1, h + 1, g, &mut far);
                     }
                     let (prev, prev2) = (before(1, target), before(2, target));
-                    scored.clear();
+                    scores.clear();
                     for x in 0..e {
                         let f = [
                             near[x],
@@ -123,16 +124,18 @@ pub fn blend(
                             request_use[target * e + x].ln_1p(),
                             1.0,
                         ];
-                        scored.push((model.score(h, &f), x as u16));
+                        scores.push(model.score(h, &f));
                         examples.push((h, target, x as u16, f));
                     }
-                    scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-                    let top = &scored[..budget.min(e)];
-                    let ids: Vec<u32> = top
+                    predictor::metrics::rank_top(&scores, budget, &mut ranking);
+                    let ids: Vec<u32> = ranking
                         .iter()
-                        .map(|&(_, x)| (target * e + x as usize) as u32)
+                        .map(|&x| (target * e + x as usize) as u32)
                         .collect();
-                    let ps: Vec<f32> = top.iter().map(|&(z, _)| sigmoid(z)).collect();
+                    let ps: Vec<f32> = ranking
+                        .iter()
+                        .map(|&x| sigmoid(scores[x as usize]))
+                        .collect();
                     plan.push_scored(t, l + 1, &ids, &ps);
                 }
             }
