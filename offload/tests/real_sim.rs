@@ -128,15 +128,17 @@ fn real_traces_lru_matches_statistics_and_policies_sweep() {
 /// Planned prefetch on the real traces at their recorded expert sizes (OLMoE: its bf16
 /// expert, 3 x 2048 x 1024), 25 GB/s and 300 us of compute per layer: never slower than
 /// fetching on demand with the same policy, printed beside the best on-demand policy,
-/// fixed-budget prefetch and the oracle. The counts behind `token`, `coactivation` and
-/// `blend` are fitted on the trace itself (the traces are a few hundred tokens): an
-/// in-sample forecaster, which is what the planner's guarantee has to hold for. The
-/// blend's weights are learned online, from the tokens before each forecast.
+/// fixed-budget prefetch and the oracle. No predictor exists for these models: the
+/// counts behind `token`, `coactivation` and `blend` are fitted twice. **In sample**, on
+/// the whole trace (a few hundred to 1,500 tokens), which is what the planner's
+/// guarantee has to hold for, and where the online blend must close half the gap to the
+/// oracle (the prefetch issue's target); and **held out**, on the first half of each
+/// sequence with the second half replayed, which is what a model whose counts come from
+/// other text would see (printed, and never slower either). The blend's weights are
+/// learned online, from the tokens before each forecast.
 #[test]
 #[ignore = "needs ../shared/traces; run with `make test-real`"]
 fn planned_prefetch_is_never_slower_than_demand_paging_on_real_traces() {
-    use datasets::examples::RoutingShape;
-    use predictor::baselines::BaselineStats;
     let traces = shared().join("traces");
     let cases = [
         (
@@ -160,102 +162,140 @@ fn planned_prefetch_is_never_slower_than_demand_paging_on_real_traces() {
             Some(3.0 * 2048.0 * 1024.0 * 2.0),
         ),
     ];
-    println!(
-        "{:<14} {:>5} {:<13} {:>9} {:>9} {:>9} {:>8} {:>10}",
-        "trace", "cache", "prefetch", "on-demand", "fixed", "planned", "oracle", "gap closed"
-    );
-    for (name, file, size) in cases {
-        let t = import(&[traces.join(file)], None, &ImportOptions::default())
-            .unwrap_or_else(|e| panic!("{name}: {e}"))
-            .trace;
-        let view = t.view();
-        let (m, e, k) = (
-            t.meta.n_moe(),
-            t.meta.n_experts as usize,
-            t.meta.top_k as usize,
-        );
-        let bytes = size.unwrap_or_else(|| {
-            let v = t.meta.expert_bytes.as_ref().expect("recorded expert sizes");
-            v.iter().sum::<u64>() as f64 / v.len() as f64
-        });
-        let seqs = view.sequence_ranges();
-        let mut stats = BaselineStats::new(RoutingShape::of(&t.meta), 3.min(m - 1).max(1));
-        for r in &seqs {
-            stats.add_tokens(&view, r.clone());
-        }
-        let none = PrefetchPlan::empty("none", view.n_tokens(), m);
-        let oracle = prefetch::oracle(&view, &seqs);
-        let plans = [
-            prefetch::previous(&view, &seqs),
-            prefetch::token(&view, &seqs, &stats, 2 * k, 3),
-            prefetch::coactivation(&view, &seqs, &stats, 2 * k, 3),
-            prefetch::blend(&view, &seqs, &stats, 2 * k, 3).0,
-        ];
-        for share in [0.10, 0.25] {
-            let cap = ((m * e) as f64 * share).round().max(1.0) as usize;
-            let run = |plan: &PrefetchPlan, policy: &str, planned: bool| {
-                let c = SimConfig {
-                    bandwidth_gbps: 25.0,
-                    compute_us_per_layer: 300.0,
-                    deadline_order: true,
-                    chunk_bytes: if planned { 1048576.0 } else { 0.0 },
-                    planned,
-                    ..cfg(cap, false, policy, bytes)
-                };
-                simulate(&view, &seqs, plan, &c).unwrap().tokens_per_s()
-            };
-            let best_demand = ["lru", "lfu", "next-use"]
-                .iter()
-                .map(|p| run(&none, p, false))
-                .fold(0.0, f64::max);
-            let closed = |tokens_per_s: f64, oracle: f64| {
-                let gap = oracle - best_demand;
-                if gap > 0.1 * best_demand {
-                    format!("{:.0}%", 100.0 * (tokens_per_s - best_demand) / gap)
-                } else {
-                    "-".into()
-                }
-            };
-            // Per prefetcher, the better of the two policies (fixed, planned).
-            let mut best = vec![(0.0f64, 0.0f64); plans.len()];
-            let mut best_oracle = 0.0f64;
-            for policy in ["lru", "next-use"] {
-                let demand = run(&none, policy, false);
-                let oracle_tps = run(&oracle, policy, false);
-                best_oracle = best_oracle.max(oracle_tps);
-                for (plan, b) in plans.iter().zip(best.iter_mut()) {
-                    let planned = run(plan, policy, true);
-                    let fixed = run(&plan.truncated(k, e), policy, false);
-                    assert!(
-                        planned >= demand * 0.995,
-                        "{name} {policy} {share}: planned {} {planned:.1} tokens/s < on demand {demand:.1}",
-                        plan.name
-                    );
-                    *b = (b.0.max(fixed), b.1.max(planned));
-                    println!(
-                        "{name:<14} {:>4.0}% {:<13} {:>9.1} {:>9.1} {:>9.1} {:>8.1} {:>9}",
-                        share * 100.0,
-                        format!("{policy}+{}", plan.name),
-                        best_demand,
-                        fixed,
-                        planned,
-                        oracle_tps,
-                        closed(planned, oracle_tps)
-                    );
-                }
+    for held_out in [false, true] {
+        println!(
+            "counts fitted {}",
+            if held_out {
+                "on the first half of each sequence, the second half replayed (held out)"
+            } else {
+                "on the whole trace, the whole trace replayed (in sample)"
             }
-            for (plan, &(fixed, planned)) in plans.iter().zip(&best) {
-                println!(
-                    "{name:<14} {:>4.0}% {:<13} {:>9.1} {:>9.1} {:>9.1} {:>8.1} {:>9}",
-                    share * 100.0,
-                    format!("best+{}", plan.name),
-                    best_demand,
-                    fixed,
-                    planned,
-                    best_oracle,
-                    closed(planned, best_oracle)
-                );
+        );
+        println!(
+            "{:<14} {:>5} {:<13} {:>9} {:>9} {:>9} {:>8} {:>10}",
+            "trace", "cache", "prefetch", "on-demand", "fixed", "planned", "oracle", "gap closed"
+        );
+        for (name, file, size) in cases {
+            let t = import(&[traces.join(file)], None, &ImportOptions::default())
+                .unwrap_or_else(|e| panic!("{name}: {e}"))
+                .trace;
+            let bytes = size.unwrap_or_else(|| {
+                let v = t.meta.expert_bytes.as_ref().expect("recorded expert sizes");
+                v.iter().sum::<u64>() as f64 / v.len() as f64
+            });
+            for (share, closed) in planned_prefetch_table(name, &t, bytes, held_out) {
+                if !held_out {
+                    assert!(
+                        closed.is_none_or(|c| c >= 0.5),
+                        "{name} {share}: the blend closes {closed:?} of the gap to the oracle"
+                    );
+                }
             }
         }
     }
+}
+
+/// One trace's rows of the planned-prefetch table, for caches of 10% and 25%: asserts
+/// planned >= on demand per policy and returns, per cache share, the share of the gap
+/// between the best on-demand policy and the oracle that the planned blend closes (`None`
+/// where that gap is under 10%).
+fn planned_prefetch_table(
+    name: &str,
+    t: &datasets::RoutingTrace,
+    bytes: f64,
+    held_out: bool,
+) -> Vec<(f64, Option<f64>)> {
+    use datasets::examples::RoutingShape;
+    use predictor::baselines::BaselineStats;
+    let view = t.view();
+    let (m, e, k) = (
+        t.meta.n_moe(),
+        t.meta.n_experts as usize,
+        t.meta.top_k as usize,
+    );
+    let mut stats = BaselineStats::new(RoutingShape::of(&t.meta), 3.min(m - 1).max(1));
+    let mut seqs = Vec::new();
+    for r in view.sequence_ranges() {
+        let mid = if held_out {
+            r.start + r.len() / 2
+        } else {
+            r.end
+        };
+        stats.add_tokens(&view, r.start..mid);
+        seqs.push(if held_out { mid..r.end } else { r });
+    }
+    let none = PrefetchPlan::empty("none", view.n_tokens(), m);
+    let oracle = prefetch::oracle(&view, &seqs);
+    let plans = [
+        prefetch::previous(&view, &seqs),
+        prefetch::token(&view, &seqs, &stats, 2 * k, 3),
+        prefetch::coactivation(&view, &seqs, &stats, 2 * k, 3),
+        prefetch::blend(&view, &seqs, &stats, 2 * k, 3).0,
+    ];
+    let mut blend_closed = Vec::new();
+    for share in [0.10, 0.25] {
+        let cap = ((m * e) as f64 * share).round().max(1.0) as usize;
+        let run = |plan: &PrefetchPlan, policy: &str, planned: bool| {
+            let c = SimConfig {
+                bandwidth_gbps: 25.0,
+                compute_us_per_layer: 300.0,
+                deadline_order: true,
+                chunk_bytes: if planned { 1048576.0 } else { 0.0 },
+                planned,
+                ..cfg(cap, false, policy, bytes)
+            };
+            simulate(&view, &seqs, plan, &c).unwrap().tokens_per_s()
+        };
+        let best_demand = ["lru", "lfu", "next-use"]
+            .iter()
+            .map(|p| run(&none, p, false))
+            .fold(0.0, f64::max);
+        let closed = |tokens_per_s: f64, oracle: f64| {
+            let gap = oracle - best_demand;
+            (gap > 0.1 * best_demand).then(|| (tokens_per_s - best_demand) / gap)
+        };
+        let shown = |c: Option<f64>| c.map_or("-".into(), |c| format!("{:.0}%", 100.0 * c));
+        // Per prefetcher, the better of the two policies (fixed, planned).
+        let mut best = vec![(0.0f64, 0.0f64); plans.len()];
+        let mut best_oracle = 0.0f64;
+        for policy in ["lru", "next-use"] {
+            let demand = run(&none, policy, false);
+            let oracle_tps = run(&oracle, policy, false);
+            best_oracle = best_oracle.max(oracle_tps);
+            for (plan, b) in plans.iter().zip(best.iter_mut()) {
+                let planned = run(plan, policy, true);
+                let fixed = run(&plan.truncated(k, e), policy, false);
+                assert!(
+                    planned >= demand * 0.995,
+                    "{name} {policy} {share} (held out: {held_out}): planned {} {planned:.1} tokens/s < on demand {demand:.1}",
+                    plan.name
+                );
+                *b = (b.0.max(fixed), b.1.max(planned));
+                println!(
+                    "{name:<14} {:>4.0}% {:<13} {:>9.1} {:>9.1} {:>9.1} {:>8.1} {:>9}",
+                    share * 100.0,
+                    format!("{policy}+{}", plan.name),
+                    best_demand,
+                    fixed,
+                    planned,
+                    oracle_tps,
+                    shown(closed(planned, oracle_tps))
+                );
+            }
+        }
+        for (plan, &(fixed, planned)) in plans.iter().zip(&best) {
+            println!(
+                "{name:<14} {:>4.0}% {:<13} {:>9.1} {:>9.1} {:>9.1} {:>8.1} {:>9}",
+                share * 100.0,
+                format!("best+{}", plan.name),
+                best_demand,
+                fixed,
+                planned,
+                best_oracle,
+                shown(closed(planned, best_oracle))
+            );
+        }
+        blend_closed.push((share, closed(best[3].1, best_oracle)));
+    }
+    blend_closed
 }

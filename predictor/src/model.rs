@@ -261,8 +261,10 @@ impl ExpertPredictor {
         layer_norm(&self.final_norm, x)
     }
 
-    /// Backbone for one new position with cached keys and values: `token` `[1, 1]`,
-    /// `prev_routing` `[1, 1, width]` -> `[1, 1, d]`.
+    /// Backbone for new positions after the cached keys and values: `token` `[1, s]`,
+    /// `prev_routing` `[1, s, width]` -> `[1, s, d]`, their keys and values appended to
+    /// `caches`. One position at a time slides the attention window; several at once
+    /// must fit in it with the cached ones (their queries see every cached key).
     pub fn encode_step(
         &self,
         token: Tensor<2, Int>,
@@ -271,10 +273,15 @@ impl ExpertPredictor {
     ) -> Tensor<3> {
         let device = token.device();
         let window = self.config.context;
+        let s = token.dims()[1];
         let mut x = self.token_embed.forward(token) + self.context_routing.forward(prev_routing);
         let cached = caches.first().map_or(0, |c| c.k.dims()[2]);
-        let s_kv = (cached + 1).min(window);
-        let bias = self.attention_bias(1, s_kv, s_kv - 1, &device);
+        debug_assert!(
+            s == 1 || cached + s <= window,
+            "{s} positions after {cached}"
+        );
+        let s_kv = (cached + s).min(window);
+        let bias = self.attention_bias(s, s_kv, s_kv - s, &device);
         for (block, cache) in self.blocks.iter().zip(caches.iter_mut()) {
             x = block.forward(
                 x,

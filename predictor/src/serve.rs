@@ -8,7 +8,14 @@
 //!    with token-id dropout).
 //!
 //! Each token costs one backbone step with cached keys and values (a sliding window of
-//! `context` tokens); nothing is re-encoded.
+//! `context` tokens), run when a forecast first needs it: a runtime that forecasts only
+//! some tokens (the engine's prefetch guard switches forecasting off where it does not
+//! pay) observes the others for free. Up to [`SEQUENTIAL_CATCH_UP`] tokens observed
+//! without a forecast are encoded one by one at the next forecast, exactly as if each had
+//! been encoded when observed; more are encoded as one batch over the last `context`
+//! tokens, the window starting afresh (as the predictor was trained).
+
+use std::collections::VecDeque;
 
 use burn::tensor::{Int, Tensor, TensorData};
 use datasets::examples::token_bucket;
@@ -62,6 +69,10 @@ impl ExpertForecast {
     }
 }
 
+/// Tokens observed without a forecast that are encoded one by one at the next forecast;
+/// more are encoded as one window from scratch.
+pub const SEQUENTIAL_CATCH_UP: usize = 8;
+
 /// A predictor with incremental state for one sequence.
 pub struct OnlinePredictor {
     p: LoadedPredictor,
@@ -70,6 +81,11 @@ pub struct OnlinePredictor {
     prev_routing: Vec<f32>,
     /// Backbone output for the token being processed, and its id.
     current: Option<(u32, Tensor<2>)>,
+    /// Backbone inputs of the last `context` positions (token bucket, the previous
+    /// token's multi-hot routing), oldest first.
+    recent: VecDeque<(i64, Vec<f32>)>,
+    /// How many of the newest in `recent` are not in `caches` yet.
+    pending: usize,
 }
 
 impl OnlinePredictor {
@@ -82,6 +98,8 @@ impl OnlinePredictor {
             caches,
             prev_routing: vec![0.0; width],
             current: None,
+            recent: VecDeque::new(),
+            pending: 0,
         }
     }
 
@@ -95,6 +113,37 @@ impl OnlinePredictor {
         self.caches = self.p.model.empty_caches(&self.p.device);
         self.prev_routing.iter_mut().for_each(|x| *x = 0.0);
         self.current = None;
+        self.recent.clear();
+        self.pending = 0;
+    }
+
+    /// Remembers the inputs of a new position (`pending`: not encoded yet).
+    fn remember(&mut self, bucket: i64, pending: bool) {
+        self.recent.push_back((bucket, self.prev_routing.clone()));
+        if self.recent.len() > self.p.card.config.context {
+            self.recent.pop_front();
+        }
+        self.pending = (self.pending + pending as usize).min(self.recent.len());
+    }
+
+    /// Encodes the positions observed since the last forecast.
+    fn catch_up(&mut self) {
+        if self.pending == 0 {
+            return;
+        }
+        let mut caches = std::mem::take(&mut self.caches);
+        if self.pending > SEQUENTIAL_CATCH_UP {
+            caches = self.p.model.empty_caches(&self.p.device);
+            let buckets = self.recent.iter().map(|(b, _)| *b).collect();
+            let rows = self.recent.iter().flat_map(|(_, r)| r.iter().copied());
+            self.encode(buckets, rows.collect(), &mut caches);
+        } else {
+            for (b, r) in self.recent.range(self.recent.len() - self.pending..) {
+                self.encode(vec![*b], r.clone(), &mut caches);
+            }
+        }
+        self.caches = caches;
+        self.pending = 0;
     }
 
     /// Runs the backbone for `token` (once per token).
@@ -104,29 +153,29 @@ impl OnlinePredictor {
                 return h.clone();
             }
         }
+        self.catch_up();
+        let bucket = token_bucket(token, self.p.card.config.token_buckets);
         let mut caches = std::mem::take(&mut self.caches);
-        let h = self.encode(
-            token_bucket(token, self.p.card.config.token_buckets),
-            &mut caches,
-        );
+        let h = self.encode(vec![bucket], self.prev_routing.clone(), &mut caches);
         self.caches = caches;
+        self.remember(bucket, false);
         self.current = Some((token, h.clone()));
         h
     }
 
-    /// The backbone output for a position with token bucket `bucket` after the observed
-    /// tokens, appending its keys and values to `caches`.
-    fn encode(&self, bucket: i64, caches: &mut [BlockCache]) -> Tensor<2> {
+    /// The backbone output `[1, d]` of the last of the positions with token buckets
+    /// `buckets` and previous-token routing `rows` (`[positions, width]`, flat) after
+    /// the cached ones, appending their keys and values to `caches`.
+    fn encode(&self, buckets: Vec<i64>, rows: Vec<f32>, caches: &mut [BlockCache]) -> Tensor<2> {
         let cfg = &self.p.card.config;
         let dev = &self.p.device;
-        let tok = Tensor::<2, Int>::from_data(TensorData::new(vec![bucket], [1, 1]), dev);
-        let prev = Tensor::<3>::from_data(
-            TensorData::new(self.prev_routing.clone(), [1, 1, cfg.routing.width()]),
-            dev,
-        );
+        let s = buckets.len();
+        let tok = Tensor::<2, Int>::from_data(TensorData::new(buckets, [1, s]), dev);
+        let prev = Tensor::<3>::from_data(TensorData::new(rows, [1, s, cfg.routing.width()]), dev);
         self.p
             .model
             .encode_step(tok, prev, caches)
+            .narrow(1, s - 1, 1)
             .reshape([1, cfg.d_model])
     }
 
@@ -231,7 +280,7 @@ impl OnlinePredictor {
     /// real id is read by [`OnlinePredictor::predict_next`] as usual). Meaningful for
     /// predictors trained with token-id dropout
     /// ([`crate::config::PredictorConfig::token_dropout`]).
-    pub fn predict_next_unknown(&self) -> Result<ExpertForecast> {
+    pub fn predict_next_unknown(&mut self) -> Result<ExpertForecast> {
         let cfg = &self.p.card.config;
         if cfg.token_dropout <= 0.0 {
             return Err(PredictorError::Invalid(
@@ -239,11 +288,10 @@ impl OnlinePredictor {
             ));
         }
         let n_moe = cfg.routing.n_moe;
+        let bucket = token_bucket(datasets::UNKNOWN_TOKEN, cfg.token_buckets);
+        self.catch_up();
         let mut caches = self.caches.clone();
-        let h = self.encode(
-            token_bucket(datasets::UNKNOWN_TOKEN, cfg.token_buckets),
-            &mut caches,
-        );
+        let h = self.encode(vec![bucket], self.prev_routing.clone(), &mut caches);
         let q = Query {
             known: 0,
             horizon: n_moe,
@@ -317,7 +365,10 @@ impl OnlinePredictor {
                 r.n_moe
             )));
         }
-        self.step(token);
+        if !matches!(&self.current, Some((t, _)) if *t == token) {
+            let bucket = token_bucket(token, self.p.card.config.token_buckets);
+            self.remember(bucket, true);
+        }
         self.current = None;
         self.prev_routing.iter_mut().for_each(|x| *x = 0.0);
         for (l, ids) in routing.iter().enumerate() {

@@ -8,6 +8,9 @@
 //!   `l - 1`'s choice two or more layers ahead (counts, see [`BaselineStats`]);
 //! - whether the previous token, and the one before, used `x` at `T`;
 //! - how much this request has used `x` at `T` (counts decayed per token);
+//! - the log-odds of `x`'s share of layer `T`'s choices (with a negative weight it
+//!   turns the two co-activation terms into a naive-Bayes combination: each conditional
+//!   over the prior, counted once);
 //! - a bias.
 //!
 //! One weight vector per distance `h`, starting as the co-activation forecast alone,
@@ -19,13 +22,14 @@
 
 use datasets::TraceView;
 use predictor::baselines::BaselineStats;
+use predictor::token_table::log_odds;
 
 use crate::simulate::PrefetchPlan;
 
-const FEATURES: usize = 6;
+const FEATURES: usize = 7;
 
 /// Learning rate and per-token decay of the request's use counts (settled on the real
-/// traces of `../shared`: gap closed within 1 point for learning rates 0.01-0.05 and
+/// traces of `../shared`: gap closed within 3 points for learning rates 0.01-0.05 and
 /// decays 0.7-0.9).
 const LEARNING_RATE: f32 = 0.02;
 const USE_DECAY: f32 = 0.9;
@@ -59,7 +63,7 @@ impl OnlineBlend {
     }
 
     /// The weights learned for distance `h` (co-activation given layer `l`, given layer
-    /// `l - 1`, previous token, the token before, request use, bias).
+    /// `l - 1`, previous token, the token before, request use, the expert's share, bias).
     pub fn weights(&self, h: usize) -> &[f32; FEATURES] {
         &self.weights[h]
     }
@@ -87,7 +91,8 @@ pub fn blend(
     let horizon = horizon.min(stats.horizon).max(1);
     let mut model = OnlineBlend::new(horizon);
     let mut plan = PrefetchPlan::empty("blend", view.n_tokens(), m);
-    let (mut near, mut far) = (vec![0f32; e], vec![0f32; e]);
+    let (mut near, mut far, mut marginal) = (vec![0f32; e], vec![0f32; e], vec![0f32; e]);
+    let k = view.meta.top_k as f32;
     let mut request_use = vec![0f32; m * e];
     let mut examples: Vec<(usize, usize, u16, [f32; FEATURES])> = Vec::new();
     let mut scores: Vec<f32> = Vec::with_capacity(e);
@@ -114,6 +119,9 @@ pub fn blend(
                         stats.coactivation_log_odds(l - 1, h + 1, g, &mut far);
                     }
                     let (prev, prev2) = (before(1, target), before(2, target));
+                    for (v, f) in marginal.iter_mut().zip(stats.share(target)) {
+                        *v = log_odds(k * f);
+                    }
                     scores.clear();
                     for x in 0..e {
                         let f = [
@@ -122,6 +130,7 @@ pub fn blend(
                             used_by(prev, x),
                             used_by(prev2, x),
                             request_use[target * e + x].ln_1p(),
+                            marginal[x],
                             1.0,
                         ];
                         scores.push(model.score(h, &f));
