@@ -17,8 +17,9 @@
 //! is fitted by online logistic regression: once a token's layers have routed, every
 //! scored expert is a labelled example. Forecasts for a token use only weights fitted on
 //! the tokens before it. The sigmoid of the score is the forecast probability the
-//! planner calibrates. The counts are fixed: the predictor's training traces', or, for
-//! a trace replayed without one, the trace's own (in-sample, as for co-activation).
+//! planner calibrates. The counts start as the predictor's training traces', or, for a
+//! trace replayed without one, the trace's own (in-sample, as for co-activation); each
+//! token is added to them once it has routed, so they follow the text being decoded.
 
 use datasets::TraceView;
 use predictor::baselines::BaselineStats;
@@ -90,6 +91,7 @@ pub fn blend(
     let (m, e) = (view.meta.n_moe(), view.meta.n_experts as usize);
     let horizon = horizon.min(stats.horizon).max(1);
     let mut model = OnlineBlend::new(horizon);
+    let mut counts = stats.clone();
     let mut plan = PrefetchPlan::empty("blend", view.n_tokens(), m);
     let (mut near, mut far, mut marginal) = (vec![0f32; e], vec![0f32; e], vec![0f32; e]);
     let k = view.meta.top_k as f32;
@@ -113,13 +115,13 @@ pub fn blend(
                 let earlier = l.checked_sub(1).and_then(|p| view.layer(t, p));
                 for h in 1..=horizon.min(m - 1 - l) {
                     let target = l + h;
-                    stats.coactivation_log_odds(l, h, given, &mut near);
+                    counts.coactivation_log_odds(l, h, given, &mut near);
                     far.iter_mut().for_each(|v| *v = 0.0);
-                    if let Some(g) = earlier.filter(|_| h < stats.horizon) {
-                        stats.coactivation_log_odds(l - 1, h + 1, g, &mut far);
+                    if let Some(g) = earlier.filter(|_| h < counts.horizon) {
+                        counts.coactivation_log_odds(l - 1, h + 1, g, &mut far);
                     }
                     let (prev, prev2) = (before(1, target), before(2, target));
-                    for (v, f) in marginal.iter_mut().zip(stats.share(target)) {
+                    for (v, f) in marginal.iter_mut().zip(counts.share(target)) {
                         *v = log_odds(k * f);
                     }
                     scores.clear();
@@ -153,6 +155,7 @@ pub fn blend(
                     model.learn(*h, f, routed.contains(x));
                 }
             }
+            counts.add_tokens(view, t..t + 1);
             request_use.iter_mut().for_each(|c| *c *= USE_DECAY);
             for l in 0..m {
                 for &x in view.layer(t, l).unwrap_or(&[]) {
