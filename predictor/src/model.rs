@@ -276,9 +276,9 @@ impl ExpertPredictor {
         let s = token.dims()[1];
         let mut x = self.token_embed.forward(token) + self.context_routing.forward(prev_routing);
         let cached = caches.first().map_or(0, |c| c.k.dims()[2]);
-        debug_assert!(
+        assert!(
             s == 1 || cached + s <= window,
-            "{s} positions after {cached}"
+            "{s} new positions after {cached} cached exceed the window of {window}"
         );
         let s_kv = (cached + s).min(window);
         let bias = self.attention_bias(s, s_kv, s_kv - s, &device);

@@ -11,9 +11,10 @@
 //! `context` tokens), run when a forecast first needs it: a runtime that forecasts only
 //! some tokens (the engine's prefetch guard switches forecasting off where it does not
 //! pay) observes the others for free. Up to [`SEQUENTIAL_CATCH_UP`] tokens observed
-//! without a forecast are encoded one by one at the next forecast, exactly as if each had
-//! been encoded when observed; more are encoded as one batch over the last `context`
-//! tokens, the window starting afresh (as the predictor was trained).
+//! without a forecast (and no more than `context`) are encoded one by one at the next
+//! forecast, exactly as if each had been encoded when observed; more are encoded as one
+//! batch over the last `context` tokens, the window starting afresh (as the predictor
+//! was trained).
 
 use std::collections::VecDeque;
 
@@ -84,7 +85,8 @@ pub struct OnlinePredictor {
     /// Backbone inputs of the last `context` positions (token bucket, the previous
     /// token's multi-hot routing), oldest first.
     recent: VecDeque<(i64, Vec<f32>)>,
-    /// How many of the newest in `recent` are not in `caches` yet.
+    /// Positions observed since the last encoding (the newest of `recent`, or more than it
+    /// holds when the window slid past some).
     pending: usize,
 }
 
@@ -123,7 +125,7 @@ impl OnlinePredictor {
         if self.recent.len() > self.p.card.config.context {
             self.recent.pop_front();
         }
-        self.pending = (self.pending + pending as usize).min(self.recent.len());
+        self.pending = self.pending.saturating_add(pending as usize);
     }
 
     /// Encodes the positions observed since the last forecast.
@@ -132,7 +134,8 @@ impl OnlinePredictor {
             return;
         }
         let mut caches = std::mem::take(&mut self.caches);
-        if self.pending > SEQUENTIAL_CATCH_UP {
+        // More pending than `recent` holds: the oldest inputs are gone, start afresh.
+        if self.pending > SEQUENTIAL_CATCH_UP || self.pending > self.recent.len() {
             caches = self.p.model.empty_caches(&self.p.device);
             let buckets = self.recent.iter().map(|(b, _)| *b).collect();
             let rows = self.recent.iter().flat_map(|(_, r)| r.iter().copied());

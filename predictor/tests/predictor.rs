@@ -322,8 +322,45 @@ fn online_predictions_equal_the_batched_forward() {
         };
         assert_online_matches_batched(&out, &trace, None, &|_| true, &mut forecast);
         // Tokens observed without a forecast are encoded at the next one: 3 one by one
-        // (token 3), then 11 as one window from scratch (token 15).
+        // (token 3), then, 11 pending, the window's 15 from scratch (token 15).
         assert_online_matches_batched(&out, &trace, None, &|t| t == 3 || t == 15, &mut forecast);
+    }
+}
+
+#[test]
+fn lazy_observation_equals_encoding_every_token_past_the_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = rule_trace(&dir.path().join("t.mctrace"), Task::NextToken, 6, 40, 5);
+    let dev = BackendKind::from_test_env().device();
+    for context in [16, 4] {
+        let out = dir.path().join(format!("c{context}"));
+        let mut o = options(trace.clone(), Task::NextToken, out.clone(), 1);
+        o.config = o.config.with_context(context);
+        predictor::train(&o).unwrap();
+        let set = ExampleSet::open(std::slice::from_ref(&trace), &o.split).unwrap();
+        let view = set.view(0);
+        let mut every = OnlinePredictor::new(LoadedPredictor::load(&out, &dev).unwrap());
+        let mut lazy = OnlinePredictor::new(LoadedPredictor::load(&out, &dev).unwrap());
+        let r = view.sequence_ranges()[0].clone();
+        assert!(r.len() > 2 * context);
+        for t in r {
+            let token = view.token[t];
+            let a = every.predict_next(token).unwrap();
+            // Three tokens observed between forecasts: encoded one by one, exactly.
+            if t % 4 == 3 {
+                let b = lazy.predict_next(token).unwrap();
+                for (x, y) in a.probs.iter().zip(&b.probs) {
+                    assert!(
+                        (x - y).abs() < 1e-5,
+                        "context {context}, token {t}: {x} vs {y}"
+                    );
+                }
+            }
+            let layers: Vec<Option<&[u16]>> =
+                (0..LAYERS as usize).map(|m| view.layer(t, m)).collect();
+            every.observe(token, &layers).unwrap();
+            lazy.observe(token, &layers).unwrap();
+        }
     }
 }
 
