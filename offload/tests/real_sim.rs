@@ -356,7 +356,13 @@ fn planned_prefetch_table(
             let gap = oracle - best_demand;
             (gap > 0.1 * best_demand).then(|| (tokens_per_s - best_demand) / gap)
         };
-        let shown = |c: Option<f64>| c.map_or("-".into(), |c| format!("{:.0}%", 100.0 * c));
+        let row = |label: String, fixed: f64, planned: f64, oracle: f64| {
+            let gap = closed(planned, oracle).map_or("-".into(), |c| format!("{:.0}%", 100.0 * c));
+            println!(
+                "{name:<14} {:>4.0}% {label:<13} {best_demand:>9.1} {fixed:>9.1} {planned:>9.1} {oracle:>8.1} {gap:>9}",
+                share * 100.0
+            );
+        };
         // Per prefetcher, the better of the two policies (fixed, planned).
         let mut best = vec![(0.0f64, 0.0f64); plans.len()];
         let mut best_oracle = 0.0f64;
@@ -373,29 +379,16 @@ fn planned_prefetch_table(
                     plan.name
                 );
                 *b = (b.0.max(fixed), b.1.max(planned));
-                println!(
-                    "{name:<14} {:>4.0}% {:<13} {:>9.1} {:>9.1} {:>9.1} {:>8.1} {:>9}",
-                    share * 100.0,
+                row(
                     format!("{policy}+{}", plan.name),
-                    best_demand,
                     fixed,
                     planned,
                     oracle_tps,
-                    shown(closed(planned, oracle_tps))
                 );
             }
         }
         for (plan, &(fixed, planned)) in plans.iter().zip(&best) {
-            println!(
-                "{name:<14} {:>4.0}% {:<13} {:>9.1} {:>9.1} {:>9.1} {:>8.1} {:>9}",
-                share * 100.0,
-                format!("best+{}", plan.name),
-                best_demand,
-                fixed,
-                planned,
-                best_oracle,
-                shown(closed(planned, best_oracle))
-            );
+            row(format!("best+{}", plan.name), fixed, planned, best_oracle);
         }
         out.push((
             share,
