@@ -194,6 +194,10 @@ fn halves(view: &datasets::TraceView<'_>) -> (Vec<Range<usize>>, Vec<Range<usize
 fn planned_prefetch_is_never_slower_than_demand_paging_on_real_traces() {
     use datasets::examples::RoutingShape;
     use predictor::baselines::BaselineStats;
+    let cases: Vec<_> = PLANNED_CASES
+        .iter()
+        .map(|&(name, file, size)| (name, planned_case(name, file, size)))
+        .collect();
     for held_out in [false, true] {
         println!(
             "counts fitted {}",
@@ -203,8 +207,8 @@ fn planned_prefetch_is_never_slower_than_demand_paging_on_real_traces() {
                 "on the whole trace, the whole trace replayed (in sample)"
             }
         );
-        for (name, file, size) in PLANNED_CASES {
-            let (t, bytes) = planned_case(name, file, size);
+        for (name, (t, bytes)) in &cases {
+            let (name, bytes) = (*name, *bytes);
             let view = t.view();
             let (m, k) = (t.meta.n_moe(), t.meta.top_k as usize);
             let (fit, replay) = if held_out {

@@ -149,12 +149,18 @@ impl OnlinePredictor {
         self.pending = 0;
     }
 
+    /// The backbone output of `token` when it is the position encoded last.
+    fn encoded(&self, token: u32) -> Option<&Tensor<2>> {
+        self.current
+            .as_ref()
+            .filter(|(t, _)| *t == token)
+            .map(|(_, h)| h)
+    }
+
     /// Runs the backbone for `token` (once per token).
     fn step(&mut self, token: u32) -> Tensor<2> {
-        if let Some((t, h)) = &self.current {
-            if *t == token {
-                return h.clone();
-            }
+        if let Some(h) = self.encoded(token) {
+            return h.clone();
         }
         self.catch_up();
         let bucket = token_bucket(token, self.p.card.config.token_buckets);
@@ -368,7 +374,7 @@ impl OnlinePredictor {
                 r.n_moe
             )));
         }
-        if !matches!(&self.current, Some((t, _)) if *t == token) {
+        if self.encoded(token).is_none() {
             let bucket = token_bucket(token, self.p.card.config.token_buckets);
             self.remember(bucket, true);
         }

@@ -232,10 +232,7 @@ fn read_buffered(
     before_chunk: &dyn Fn(),
 ) -> io::Result<()> {
     buf.resize(len, 0);
-    for (i, chunk) in buf.chunks_mut(READ_CHUNK).enumerate() {
-        before_chunk();
-        f.read_exact_at(chunk, (offset + i * READ_CHUNK) as u64)?;
-    }
+    read_chunks(f, buf, offset, len, before_chunk)?;
     drop_cached(f, offset as i64, len as i64);
     Ok(())
 }
@@ -254,22 +251,40 @@ fn read_direct(
     let end = (offset + len).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
     buf.resize(end - start + DIRECT_ALIGN, 0);
     let pad = buf.as_ptr().align_offset(DIRECT_ALIGN);
-    let window = &mut buf[pad..pad + end - start];
-    let need = offset + len - start;
+    // A short direct read happens only at the end of the file; a read after one would
+    // be misaligned, which the kernel refuses (InvalidInput: read buffered instead).
+    read_chunks(
+        f,
+        &mut buf[pad..pad + end - start],
+        start,
+        offset + len - start,
+        before_chunk,
+    )?;
+    Ok(pad + offset - start)
+}
+
+/// Reads at least `need` bytes of `window` from file offset `at` in chunks of up to
+/// [`READ_CHUNK`] bytes (each up to the window's end, so an aligned window keeps direct
+/// reads aligned), calling `before_chunk` before each; interrupted reads are retried.
+fn read_chunks(
+    f: &File,
+    window: &mut [u8],
+    at: usize,
+    need: usize,
+    before_chunk: &dyn Fn(),
+) -> io::Result<()> {
     let mut done = 0;
     while done < need {
         before_chunk();
         let n = (window.len() - done).min(READ_CHUNK);
-        // A short read happens only at the end of the file; a read after one would be
-        // misaligned, which the kernel refuses (InvalidInput: read buffered instead).
-        match f.read_at(&mut window[done..done + n], (start + done) as u64) {
+        match f.read_at(&mut window[done..done + n], (at + done) as u64) {
             Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
             Ok(got) => done += got,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }
-    Ok(pad + offset - start)
+    Ok(())
 }
 
 /// Opens `p` for direct reads, or `None` where the file system refuses `O_DIRECT`.

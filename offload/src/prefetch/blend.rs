@@ -93,7 +93,9 @@ pub fn blend(
     let mut model = OnlineBlend::new(horizon);
     let mut counts = stats.clone();
     let mut plan = PrefetchPlan::empty("blend", view.n_tokens(), m);
-    let (mut near, mut far, mut marginal) = (vec![0f32; e], vec![0f32; e], vec![0f32; e]);
+    let (mut near, mut far) = (vec![0f32; e], vec![0f32; e]);
+    // Each layer's share log-odds by expert, from the counts as they stand at a token.
+    let mut marginal = vec![0f32; m * e];
     let k = view.meta.top_k as f32;
     let mut request_use = vec![0f32; m * e];
     let mut examples: Vec<(usize, usize, u16, [f32; FEATURES])> = Vec::new();
@@ -108,6 +110,11 @@ pub fn blend(
                     .then(|| view.layer(t - back, layer))
                     .flatten()
             };
+            for (l, row) in marginal.chunks_mut(e).enumerate() {
+                for (v, f) in row.iter_mut().zip(counts.share(l)) {
+                    *v = log_odds(k * f);
+                }
+            }
             for l in 0..m {
                 let Some(given) = view.layer(t, l) else {
                     continue;
@@ -121,9 +128,6 @@ pub fn blend(
                         counts.coactivation_log_odds(l - 1, h + 1, g, &mut far);
                     }
                     let (prev, prev2) = (before(1, target), before(2, target));
-                    for (v, f) in marginal.iter_mut().zip(counts.share(target)) {
-                        *v = log_odds(k * f);
-                    }
                     scores.clear();
                     for x in 0..e {
                         let f = [
@@ -132,7 +136,7 @@ pub fn blend(
                             used_by(prev, x),
                             used_by(prev2, x),
                             request_use[target * e + x].ln_1p(),
-                            marginal[x],
+                            marginal[target * e + x],
                             1.0,
                         ];
                         scores.push(model.score(h, &f));
