@@ -40,6 +40,14 @@ pub(crate) struct RunArgs {
     /// that id. Alone or beside --predictor (both prefetch).
     #[arg(long)]
     token_table: Option<PathBuf>,
+    /// The online blend, for models without a trained predictor: after each layer
+    /// routes, the next layers' experts are forecast from co-activation counts, the last
+    /// two tokens' experts and the request's use, weighed by a logistic model that learns
+    /// while decoding. Its counts start as those of PATH: a predictor directory, or a
+    /// trace (counts fitted on all of it); they then take in every routed token. Alone or
+    /// beside --predictor / --token-table (all prefetch).
+    #[arg(long, value_name = "PATH")]
+    blend: Option<PathBuf>,
     /// Prefetch budget: `auto` (planned against the measured link: each forecast expert
     /// is read only when its calibrated probability pays for the read, queued reads of a
     /// layer that routed elsewhere are cancelled) or N (the best N experts of every
@@ -131,6 +139,7 @@ pub(crate) fn run(a: RunArgs) -> Result<()> {
         policy: a.policy.parse().map_err(anyhow::Error::msg)?,
         predictor: a.predictor,
         token_table: a.token_table,
+        blend: a.blend,
         budget: a
             .prefetch_budget
             .parse()

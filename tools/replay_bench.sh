@@ -5,7 +5,8 @@
 # bf16: 9.4 MB each; random weights, the published layout), experts read from disk with
 # direct I/O (or, where the file system refuses it, with the page cache dropped).
 # Demand paging (LRU, next-use), the token table and `make demo`'s predictor at a fixed
-# budget (top-2) and planned (auto), at 10% and 25% of the experts resident. The modes
+# budget (top-2) and planned (auto), and the online blend (started from the predictor's
+# training counts) planned, at 10% and 25% of the experts resident. The modes
 # run interleaved, REPEATS rounds, so a drifting disk speed touches them alike; the summary gives each mode's mean decode tokens/s and its ratio
 # to next-use demand paging. Usage: tools/replay_bench.sh [BIN] [TOKENS] [REPEATS]
 set -e
@@ -28,11 +29,12 @@ results=$OUT/results.txt
 round=1
 while [ $round -le $REPEATS ]; do
   for cache in 10% 25%; do
-    for mode in lru next-use token:2 token:auto learned:2 learned:auto; do
+    for mode in lru next-use token:2 token:auto learned:2 learned:auto blend:auto; do
       case $mode in
         lru|next-use) args="--policy $mode" ;;
         token:*) args="--policy next-use --token-table $DEMO/predictor --prefetch-budget ${mode#token:}" ;;
         learned:*) args="--policy next-use --predictor $DEMO/predictor --prefetch-budget ${mode#learned:}" ;;
+        blend:*) args="--policy next-use --blend $DEMO/predictor --prefetch-budget ${mode#blend:}" ;;
       esac
       line=$($BIN run --model $OUT/ckpt --replay $DEMO/heldout.mctrace --replay-tokens $TOKENS \
         --expert-cache $cache $args 2>/dev/null | grep '^decode:')

@@ -3,7 +3,7 @@
 //! same prompts also run with every expert in memory, to check that the engine (without
 //! cache-aware routing) generates exactly the same tokens and to time the difference.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::cache::EvictionPolicy;
@@ -14,6 +14,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use inference::generate::{generate, Sampling};
 use inference::tokenizer::TextTokenizer;
 use inference::{Checkpoint, ModelError, MoeModel};
+use predictor::baselines::BaselineStats;
 use predictor::{LoadedPredictor, OnlinePredictor};
 
 use inference::prompts::Prompt;
@@ -36,6 +37,8 @@ pub struct OffloadRunConfig {
     pub predictor: Option<PathBuf>,
     /// A predictor directory whose token table prefetches at each token's start.
     pub token_table: Option<PathBuf>,
+    /// A predictor directory or a trace whose counts start the online blend.
+    pub blend: Option<PathBuf>,
     /// Experts prefetched per forecast layer, or `Auto`: planned against the measured
     /// link (twice top-k candidates per layer, each read only when it pays).
     pub budget: PrefetchBudget,
@@ -141,6 +144,10 @@ pub fn run_offloaded(cfg: &OffloadRunConfig) -> Result<OffloadRun, OffloadError>
             Some(dir) => Some(token_table(dir)?),
             None => None,
         },
+        blend: match &cfg.blend {
+            Some(path) => Some(blend_counts(path, &shape)?),
+            None => None,
+        },
     };
     let mut engine = OffloadEngine::new(&ck, &mut offloaded, engine_cfg, online, &device)?;
     if let Some(path) = &cfg.replay {
@@ -230,18 +237,59 @@ pub fn run_offloaded(cfg: &OffloadRunConfig) -> Result<OffloadRun, OffloadError>
     })
 }
 
-/// The token-table counts of the predictor directory `dir`.
-fn token_table(dir: &std::path::Path) -> Result<predictor::baselines::BaselineStats, OffloadError> {
+/// The counts stored beside the predictor in directory `dir`.
+fn stored_counts(dir: &Path) -> Result<BaselineStats, OffloadError> {
     let pd = predictor::PredictorDir::new(dir.to_path_buf());
-    let stats = pd.read_card().and_then(|card| pd.read_baselines(&card))?;
+    Ok(pd.read_card().and_then(|card| pd.read_baselines(&card))?)
+}
+
+/// The token-table counts of the predictor directory `dir`.
+fn token_table(dir: &Path) -> Result<BaselineStats, OffloadError> {
+    let stats = stored_counts(dir)?;
     if !stats.has_token_table() {
+        let file = predictor::PredictorDir::new(dir.to_path_buf()).baselines_file();
         return Err(inference::ModelError::Input(format!(
             "{}: its baselines have no token table (trained before it); retrain the predictor",
-            pd.baselines_file().display()
+            file.display()
         ))
         .into());
     }
     Ok(stats)
+}
+
+/// The counts that start the online blend: a predictor directory's, or counts fitted
+/// on every sequence of a trace (any storage form); they must be of `model`'s routing.
+fn blend_counts(path: &Path, model: &inference::ModelShape) -> Result<BaselineStats, OffloadError> {
+    let counts = if path.is_dir() {
+        stored_counts(path)?
+    } else {
+        let opened = datasets::open_trace(path)?;
+        let view = opened.view();
+        let m = view.meta.n_moe();
+        let mut counts = BaselineStats::new(
+            datasets::examples::RoutingShape::of(view.meta),
+            crate::prefetch::OnlineBlend::HORIZON
+                .min(m.saturating_sub(1))
+                .max(1),
+        );
+        for r in view.sequence_ranges() {
+            counts.add_tokens(&view, r);
+        }
+        counts
+    };
+    let s = counts.shape;
+    let (m, e, k) = (model.moe_layers.len(), model.n_experts, model.top_k);
+    if (s.n_moe, s.n_experts, s.top_k) != (m, e, k) {
+        return Err(ModelError::file(
+            path,
+            format!(
+                "--blend: its counts are of {} MoE layers x {} experts (top-{}), the model has {m} x {e} (top-{k})",
+                s.n_moe, s.n_experts, s.top_k
+            ),
+        )
+        .into());
+    }
+    Ok(counts)
 }
 
 /// Times the decode steps of an in-memory run (same accounting as the engine's).

@@ -5,12 +5,15 @@
 
 use std::path::{Path, PathBuf};
 
+use datasets::examples::RoutingShape;
 use inference::generate::{generate, Sampling};
 use inference::routing::NoObserver;
+use inference::RouteDecision;
 use inference::{Checkpoint, MoeModel};
 use offload::cache::EvictionPolicy;
 use offload::engine::quality::compare_routing;
 use offload::engine::{EngineConfig, OffloadEngine};
+use predictor::baselines::BaselineStats;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -33,6 +36,7 @@ fn config(capacity: usize, policy: EvictionPolicy, margin: f32) -> EngineConfig 
         routing_margin: margin,
         loader_threads: 2,
         token_table: None,
+        blend: None,
     }
 }
 
@@ -338,6 +342,118 @@ fn planned_prefetch_in_the_engine_changes_no_token_and_reports_its_decisions() {
         found[1] > found[0],
         "planned gate prefetches find experts: {found:?}"
     );
+}
+
+/// Each position's routing per MoE layer, as the model computes it.
+struct RoutingRecorder {
+    moe_index: std::collections::HashMap<usize, usize>,
+    routing: Vec<Vec<Option<Vec<u16>>>>,
+}
+
+impl inference::RoutingObserver for RoutingRecorder {
+    fn on_routing(&mut self, layer: usize, first_pos: usize, decisions: &[RouteDecision]) {
+        let Some(&m) = self.moe_index.get(&layer) else {
+            return;
+        };
+        let n = self.moe_index.len();
+        for (i, d) in decisions.iter().enumerate() {
+            let pos = first_pos + i;
+            if self.routing.len() <= pos {
+                self.routing.resize(pos + 1, vec![None; n]);
+            }
+            self.routing[pos][m] = Some(d.ids.iter().map(|&x| x as u16).collect());
+        }
+    }
+}
+
+/// The online blend in the engine: counts of the model's own routing on other prompts
+/// start it; it forecasts the next layers after each layer routes, finds experts before
+/// their routing and changes no token.
+#[test]
+fn the_online_blend_in_the_engine_finds_experts_and_changes_no_token() {
+    let (ck, reference) = load(&root().join("checkpoints/tiny-moe"));
+    let shape = reference.shape();
+    let total = shape.moe_layers.len() * shape.n_experts;
+    let device = inference::device::BackendKind::from_test_env().device();
+    let mut counts = BaselineStats::new(
+        RoutingShape {
+            n_moe: shape.moe_layers.len(),
+            n_experts: shape.n_experts,
+            top_k: shape.top_k,
+        },
+        2,
+    );
+    for salt in 10..16 {
+        let mut rec = RoutingRecorder {
+            moe_index: shape.moe_index(),
+            routing: Vec::new(),
+        };
+        let p = prompt(shape.vocab_size, 5, salt);
+        let g = generate(&reference, &p, 24, &Sampling::Greedy, None, &mut rec).unwrap();
+        let ids: Vec<u32> = p.iter().chain(&g.generated).copied().collect();
+        for (tok, layers) in ids.iter().zip(&rec.routing) {
+            let layers: Vec<Option<&[u16]>> = layers.iter().map(|x| x.as_deref()).collect();
+            counts.add_routing(*tok, &layers);
+        }
+    }
+    let mut found = Vec::new();
+    for blend in [None, Some(counts)] {
+        let mut model = reference.clone();
+        let cfg = EngineConfig {
+            blend: blend.clone(),
+            ..config(total / 4, EvictionPolicy::Lru, 0.0)
+        };
+        let mut engine = OffloadEngine::new(&ck, &mut model, cfg, None, &device).unwrap();
+        for salt in 0..3 {
+            let p = prompt(shape.vocab_size, 5, salt);
+            let want =
+                generate(&reference, &p, 16, &Sampling::Greedy, None, &mut NoObserver).unwrap();
+            engine.new_request();
+            let got = generate(&model, &p, 16, &Sampling::Greedy, None, &mut engine).unwrap();
+            assert_eq!(got.generated, want.generated, "blend {}", blend.is_some());
+        }
+        let r = engine.report().clone();
+        assert_eq!(r.hits + r.late + r.misses, r.accesses);
+        assert_eq!(
+            r.prefetch,
+            if blend.is_some() {
+                "online blend"
+            } else {
+                "none"
+            }
+        );
+        assert_eq!(r.prefetches > 0, blend.is_some(), "{r:?}");
+        found.push(r.hits + r.late);
+    }
+    assert!(
+        found[1] > found[0],
+        "blend prefetches are resident or arriving at routing: {found:?}"
+    );
+}
+
+/// The blend's counts must be of the model's routing shape.
+#[test]
+fn blend_counts_of_another_shape_are_refused() {
+    let (ck, reference) = load(&root().join("checkpoints/tiny-moe"));
+    let shape = reference.shape();
+    let counts = BaselineStats::new(
+        RoutingShape {
+            n_moe: shape.moe_layers.len() + 1,
+            n_experts: shape.n_experts,
+            top_k: shape.top_k,
+        },
+        2,
+    );
+    let mut model = reference.clone();
+    let cfg = EngineConfig {
+        blend: Some(counts),
+        ..config(8, EvictionPolicy::Lru, 0.0)
+    };
+    let device = inference::device::BackendKind::from_test_env().device();
+    let err = OffloadEngine::new(&ck, &mut model, cfg, None, &device)
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("blend's counts"), "{err}");
 }
 
 #[test]

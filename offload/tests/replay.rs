@@ -115,6 +115,7 @@ fn replay_forces_the_recorded_routing_through_the_engine() {
         routing_margin: 0.0,
         loader_threads: 2,
         token_table: None,
+        blend: None,
     };
     let mut engine = OffloadEngine::new(&ck, &mut offloaded, cfg, None, &device).unwrap();
     assert_eq!(

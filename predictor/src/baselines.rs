@@ -66,46 +66,57 @@ impl BaselineStats {
 
     /// Counts the tokens `tokens` of `view`.
     pub fn add_tokens(&mut self, view: &TraceView<'_>, tokens: std::ops::Range<usize>) {
-        let (m, e) = (self.shape.n_moe, self.shape.n_experts);
+        let m = self.shape.n_moe;
+        let mut layers = Vec::with_capacity(m);
         for t in tokens {
-            if let (Some(first), token) = (view.layer(t, 0), view.token[t]) {
-                if token != datasets::UNKNOWN_TOKEN {
-                    let row = self
-                        .first_layer_by_token
-                        .entry(token)
-                        .or_insert_with(|| vec![0.0; e]);
-                    for &x in first {
-                        row[x as usize] += 1.0;
-                    }
-                }
+            layers.clear();
+            layers.extend((0..m).map(|l| view.layer(t, l)));
+            self.count_token(view.token[t], &layers);
+        }
+        self.refresh_order();
+    }
+
+    /// Counts one token's routing: `token` is its id (or [`datasets::UNKNOWN_TOKEN`]),
+    /// `layers` each MoE layer's experts (`None`: not recorded).
+    pub fn add_routing(&mut self, token: u32, layers: &[Option<&[u16]>]) {
+        self.count_token(token, layers);
+        self.refresh_order();
+    }
+
+    fn count_token(&mut self, token: u32, layers: &[Option<&[u16]>]) {
+        let (m, e) = (self.shape.n_moe, self.shape.n_experts);
+        let known = token != datasets::UNKNOWN_TOKEN;
+        if let Some(Some(first)) = layers.first().filter(|_| known) {
+            let row = self
+                .first_layer_by_token
+                .entry(token)
+                .or_insert_with(|| vec![0.0; e]);
+            for &x in *first {
+                row[x as usize] += 1.0;
             }
-            for l in 0..m {
-                let Some(src) = view.layer(t, l) else {
+        }
+        for l in 0..m.min(layers.len()) {
+            let Some(src) = layers[l] else {
+                continue;
+            };
+            if let (Some(table), true) = (&mut self.token_table, known) {
+                table.add(token, l, src);
+            }
+            for &a in src {
+                self.frequency[l * e + a as usize] += 1.0;
+            }
+            for h in 1..=self.horizon.min(m - 1 - l) {
+                let Some(dst) = layers.get(l + h).copied().flatten() else {
                     continue;
                 };
-                if let (Some(table), true) = (
-                    &mut self.token_table,
-                    view.token[t] != datasets::UNKNOWN_TOKEN,
-                ) {
-                    table.add(view.token[t], l, src);
-                }
+                let base = ((h - 1) * m + l) * e * e;
                 for &a in src {
-                    self.frequency[l * e + a as usize] += 1.0;
-                }
-                for h in 1..=self.horizon.min(m - 1 - l) {
-                    let Some(dst) = view.layer(t, l + h) else {
-                        continue;
-                    };
-                    let base = ((h - 1) * m + l) * e * e;
-                    for &a in src {
-                        for &b in dst {
-                            self.coactivation[base + a as usize * e + b as usize] += 1.0;
-                        }
+                    for &b in dst {
+                        self.coactivation[base + a as usize * e + b as usize] += 1.0;
                     }
                 }
             }
         }
-        self.refresh_order();
     }
 
     fn refresh_order(&mut self) {

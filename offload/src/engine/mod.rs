@@ -19,6 +19,8 @@
 //!    read (**late**: the layer waits) or absent (**miss**: read on demand, ahead of the
 //!    queued prefetches); with `layer_forecasts`, a lookahead predictor then forecasts
 //!    layers `l+1..l+D` from the layers routed so far;
+//!    with an online blend ([`crate::prefetch::OnlineBlend`]), it forecasts layers
+//!    `l+1..l+D` from the counts, the last tokens and the request's use;
 //! 4. once the last MoE layer has routed (before its experts run), with `lens` the logit
 //!    lens forecasts the next token's layer 0 from that layer's router input, and the
 //!    predictor observes the token's routing; one trained with token-id dropout then
@@ -31,11 +33,13 @@
 //!
 //! Hit rates and stall times count decode steps only; the prompt is run as one batch.
 
+mod forecast;
 mod guard;
 mod planned;
 pub mod quality;
 pub mod replay;
 mod report;
+mod source;
 pub mod store;
 
 use std::collections::{HashMap, HashSet};
@@ -47,6 +51,7 @@ use predictor::{OnlinePredictor, Task};
 
 use crate::cache::{CacheScope, EvictionPolicy, ExpertCache, Insertion};
 use crate::gate::NextTokenGate;
+use crate::prefetch::OnlineBlend;
 pub use guard::PrefetchGuard;
 use inference::checkpoint::Checkpoint;
 use inference::error::{ModelError, Result};
@@ -93,6 +98,10 @@ pub struct EngineConfig {
     /// Counts with a token table: at each decode step's start, every layer's `budget`
     /// most frequent experts for the token's id are prefetched.
     pub token_table: Option<predictor::baselines::BaselineStats>,
+    /// Counts that start an online blend: after each layer routes, the experts it
+    /// forecasts for the next [`OnlineBlend::HORIZON`] layers are prefetched (the engine
+    /// takes the counts; the config it keeps has `None` here).
+    pub blend: Option<predictor::baselines::BaselineStats>,
 }
 
 /// The runtime state; see the module docs.
@@ -108,6 +117,8 @@ pub struct OffloadEngine {
     moe_index: HashMap<usize, usize>,
     n_experts: usize,
     predictor: Option<OnlinePredictor>,
+    /// The online blend (with `blend` counts).
+    blend: Option<OnlineBlend>,
     tokens: Vec<u32>,
     /// This forward's routing per MoE index.
     routing: Vec<Vec<RouteDecision>>,
@@ -136,7 +147,7 @@ impl OffloadEngine {
     pub fn new(
         ck: &Checkpoint,
         model: &mut MoeModel,
-        cfg: EngineConfig,
+        mut cfg: EngineConfig,
         predictor: Option<OnlinePredictor>,
         device: &Device,
     ) -> Result<OffloadEngine> {
@@ -154,6 +165,15 @@ impl OffloadEngine {
                 return Err(ModelError::Input(format!(
                     "the predictor forecasts {} MoE layers x {} experts (top-{}), the model has {m} x {e} (top-{})",
                     r.n_moe, r.n_experts, r.top_k, shape.top_k
+                )));
+            }
+        }
+        if let Some(c) = &cfg.blend {
+            let s = c.shape;
+            if (s.n_moe, s.n_experts, s.top_k) != (m, e, shape.top_k) {
+                return Err(ModelError::Input(format!(
+                    "the blend's counts are of {} MoE layers x {} experts (top-{}), the model has {m} x {e} (top-{})",
+                    s.n_moe, s.n_experts, s.top_k, shape.top_k
                 )));
             }
         }
@@ -199,6 +219,7 @@ impl OffloadEngine {
                 let parts: Vec<&str> = [
                     (learned.is_some(), learned.unwrap_or_default()),
                     (cfg.token_table.is_some(), "token table"),
+                    (cfg.blend.is_some(), "online blend"),
                     (cfg.pre_attention, "pre-attention gate"),
                     (cfg.lens, "logit lens"),
                 ]
@@ -212,7 +233,11 @@ impl OffloadEngine {
                 }
             },
             budget: match (
-                learned.is_some() || cfg.token_table.is_some() || cfg.pre_attention || cfg.lens,
+                learned.is_some()
+                    || cfg.token_table.is_some()
+                    || cfg.blend.is_some()
+                    || cfg.pre_attention
+                    || cfg.lens,
                 cfg.planned,
             ) {
                 (false, _) => "-".into(),
@@ -236,7 +261,12 @@ impl OffloadEngine {
         });
         let guard = (cfg.prefetch_guard && planner.is_some())
             .then(|| PrefetchGuard::new(GUARD_WINDOW, GUARD_EXPLORE_EVERY));
+        let blend = cfg
+            .blend
+            .take()
+            .map(|c| OnlineBlend::new(c, OnlineBlend::HORIZON));
         Ok(OffloadEngine {
+            blend,
             cache: ExpertCache::new(cfg.policy, CacheScope::Global, capacity, m, e),
             cfg,
             loader,
@@ -267,11 +297,15 @@ impl OffloadEngine {
         &self.report
     }
 
-    /// Forgets the request's history (KV cache and predictor state start over); the
-    /// resident experts stay, as in a server between requests.
+    /// Forgets the request's history (KV cache, the predictor's and the blend's recent
+    /// tokens start over; the blend keeps its weights and counts); the resident experts
+    /// stay, as in a server between requests.
     pub fn new_request(&mut self) {
         if let Some(p) = &mut self.predictor {
             p.reset();
+        }
+        if let Some(b) = &mut self.blend {
+            b.start_request();
         }
     }
 
@@ -359,64 +393,6 @@ impl OffloadEngine {
         }
     }
 
-    fn prefetch_forecast(&mut self, f: &predictor::ExpertForecast) {
-        for l in f.first_layer..f.first_layer + f.n_layers() {
-            self.prefetch_top(l, f.layer(l), true);
-        }
-    }
-
-    /// Queues the `budget` best experts of MoE layer `m` by `scores` (`probs`: they
-    /// are probabilities); planned, offers them to the planner.
-    fn prefetch_top(&mut self, m: usize, scores: &[f32], probs: bool) {
-        let mut ranking = Vec::new();
-        predictor::metrics::rank_top(scores, self.cfg.budget, &mut ranking);
-        self.prefetch_ranked(m, &ranking, probs.then_some(scores));
-    }
-
-    /// Whether this decode step prefetches: always, unless the guard measured that it
-    /// does not pay. When it does not, no forecast is computed either (the predictor
-    /// still observes each token, so its history stays whole). The forecasts of the next
-    /// token's layer 0 made at a step's end follow this step's setting.
-    fn prefetching(&self) -> bool {
-        self.guard.as_ref().is_none_or(PrefetchGuard::enabled)
-    }
-
-    fn prefetch_ranked(&mut self, m: usize, ranking: &[u16], probs: Option<&[f32]>) {
-        if !self.prefetching() {
-            return;
-        }
-        if self.planner.is_some() {
-            return self.offer_planned(m, ranking, probs);
-        }
-        for &x in ranking {
-            self.admit(m * self.n_experts + x as usize, false);
-        }
-    }
-
-    /// Feeds this forward's tokens and routing to the predictor; one trained with
-    /// token-id dropout then forecasts the next token's layer 0 before its id, queued.
-    fn observe_forward(&mut self) -> Result<()> {
-        self.observed = true;
-        let prefetching = self.prefetching();
-        let Some(p) = &mut self.predictor else {
-            return Ok(());
-        };
-        for (i, &tok) in self.tokens.iter().enumerate() {
-            let ids: Vec<Option<Vec<u16>>> = self
-                .routing
-                .iter()
-                .map(|d| d.get(i).map(|d| d.ids.iter().map(|&x| x as u16).collect()))
-                .collect();
-            let ids: Vec<Option<&[u16]>> = ids.iter().map(|x| x.as_deref()).collect();
-            p.observe(tok, &ids).map_err(ModelError::observer)?;
-        }
-        if p.predictor().card.config.token_dropout > 0.0 && prefetching {
-            let f = p.predict_next_unknown().map_err(ModelError::observer)?;
-            self.prefetch_top(0, f.layer(0), true);
-        }
-        Ok(())
-    }
-
     fn fail(&mut self, e: impl Into<ModelError>) {
         self.error.get_or_insert(e.into());
     }
@@ -501,6 +477,9 @@ impl RoutingObserver for OffloadEngine {
         }
         if self.decoding {
             self.planned_routing(m, &needed, misses);
+            if m + 1 < self.n_moe() && self.prefetching() {
+                self.blend_forecast(m);
+            }
         }
         if self.decoding && m + 1 == self.n_moe() {
             // The token's routing is complete: the forecasts of the next token's layer 0
@@ -517,28 +496,8 @@ impl RoutingObserver for OffloadEngine {
                 self.fail(e);
             }
         }
-        if !self.decoding
-            || !self.cfg.layer_forecasts
-            || m + 1 >= self.n_moe()
-            || !self.prefetching()
-        {
-            return;
-        }
-        let Some(p) = &mut self.predictor else {
-            return;
-        };
-        if p.predictor().card.config.task != Task::Lookahead {
-            return;
-        }
-        let known: Vec<Vec<u16>> = self.routing[..=m]
-            .iter()
-            .map(|d| d[0].ids.iter().map(|&x| x as u16).collect())
-            .collect();
-        let known: Vec<&[u16]> = known.iter().map(Vec::as_slice).collect();
-        let x = self.router_input.take();
-        match p.predict_lookahead_with_input(self.tokens[0], &known, x.as_deref()) {
-            Ok(f) => self.prefetch_forecast(&f),
-            Err(e) => self.fail(ModelError::observer(e)),
+        if self.decoding {
+            self.predictor_layer_forecast(m);
         }
     }
 
@@ -611,77 +570,7 @@ impl RoutingObserver for OffloadEngine {
         if !self.observed {
             self.observe_forward()?;
         }
+        self.blend_observe();
         Ok(())
-    }
-}
-
-/// Cache-aware routing: resident experts get `routing_margin` added to their scores.
-impl RoutingPolicy for OffloadEngine {
-    fn selection_bonus(&mut self, layer: usize) -> Option<Vec<f32>> {
-        if self.cfg.routing_margin <= 0.0 {
-            return None;
-        }
-        let &m = self.moe_index.get(&layer)?;
-        self.drain();
-        Some(
-            (0..self.n_experts)
-                .map(|x| {
-                    if self.cache.contains(m * self.n_experts + x) {
-                        self.cfg.routing_margin
-                    } else {
-                        0.0
-                    }
-                })
-                .collect(),
-        )
-    }
-
-    fn on_rerouted(&mut self, _layer: usize, plain: &[RouteDecision], chosen: &[RouteDecision]) {
-        let set = |d: &RouteDecision| {
-            let mut v = d.ids.clone();
-            v.sort_unstable();
-            v
-        };
-        self.report.routings += plain.len() as u64;
-        self.report.rerouted += plain
-            .iter()
-            .zip(chosen)
-            .filter(|(a, b)| set(a) != set(b))
-            .count() as u64;
-    }
-}
-
-/// Experts come from the cache, read from disk on a miss (waiting for a read already
-/// queued); a failed read fails the forward with the file's name.
-impl ExpertSource for OffloadEngine {
-    fn expert(&mut self, layer: usize, x: usize) -> Result<SwiGlu> {
-        let &m = self
-            .moe_index
-            .get(&layer)
-            .ok_or_else(|| ModelError::Input(format!("layer {layer} has no MoE block")))?;
-        let id = m * self.n_experts + x;
-        let waited = Instant::now();
-        loop {
-            if let Some(expert) = self.resident.get(&id) {
-                let expert = expert.clone();
-                if self.unused_prefetch.remove(&id) {
-                    self.report.useful_prefetches += 1;
-                }
-                if self.decoding {
-                    self.report.stall_s += waited.elapsed().as_secs_f64();
-                }
-                return Ok(expert);
-            }
-            if let Some(e) = self.error.take() {
-                return Err(e);
-            }
-            if !self.in_flight.contains_key(&id) {
-                self.admit(id, true);
-            }
-            match self.loader.wait() {
-                Some(l) => self.arrive(l),
-                None => return Err(ModelError::Input("the expert loader stopped".into())),
-            }
-        }
     }
 }

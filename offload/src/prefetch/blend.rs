@@ -20,6 +20,10 @@
 //! planner calibrates. The counts start as the predictor's training traces', or, for a
 //! trace replayed without one, the trace's own (in-sample, as for co-activation); each
 //! token is added to them once it has routed, so they follow the text being decoded.
+//!
+//! [`OnlineBlend`] is the forecaster itself, fed one layer at a time: the simulator's
+//! [`blend`] plan replays a trace through it, and the offloading engine runs it live
+//! (`moecast run --blend`).
 
 use datasets::TraceView;
 use predictor::baselines::BaselineStats;
@@ -35,19 +39,175 @@ const FEATURES: usize = 7;
 const LEARNING_RATE: f32 = 0.02;
 const USE_DECAY: f32 = 0.9;
 
-/// The online logistic blend's state: one weight vector per forecast distance.
-#[derive(Debug, Clone)]
+/// An expert scored at some distance, remembered until its layer routes.
+#[derive(Clone)]
+struct Example {
+    h: usize,
+    target: usize,
+    expert: u16,
+    features: [f32; FEATURES],
+}
+
+/// The online blend: its weights (one vector per forecast distance), the counts it
+/// reads, and the request's recent routing.
+#[derive(Clone)]
 pub struct OnlineBlend {
     weights: Vec<[f32; FEATURES]>,
+    horizon: usize,
+    counts: BaselineStats,
+    /// Each layer's share log-odds by expert, from the counts as they stand.
+    marginal: Vec<f32>,
+    /// The request's use of each expert, decayed per token.
+    request_use: Vec<f32>,
+    /// The last two tokens' experts per layer, newest first.
+    history: [Vec<Option<Vec<u16>>>; 2],
+    /// This token's scored experts, learned from once the token has routed.
+    examples: Vec<Example>,
+    near: Vec<f32>,
+    far: Vec<f32>,
+}
+
+impl std::fmt::Debug for OnlineBlend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OnlineBlend")
+            .field("horizon", &self.horizon)
+            .field("weights", &self.weights)
+            .finish_non_exhaustive()
+    }
 }
 
 impl OnlineBlend {
-    /// Weights for distances `1..=horizon`, starting as the co-activation forecast.
-    pub fn new(horizon: usize) -> Self {
+    /// Layers ahead the engine's blend forecasts (`simulate` takes `--horizon`).
+    pub const HORIZON: usize = 3;
+
+    /// A blend over `counts` (they then take in every routed token), forecasting up to
+    /// `horizon` layers ahead (at most the counts' horizon); its weights start as the
+    /// co-activation forecast.
+    pub fn new(counts: BaselineStats, horizon: usize) -> Self {
+        let (m, e) = (counts.shape.n_moe, counts.shape.n_experts);
+        let horizon = horizon.min(counts.horizon).max(1);
         let mut start = [0.0; FEATURES];
         start[0] = 1.0;
-        OnlineBlend {
+        let mut blend = OnlineBlend {
             weights: vec![start; horizon + 1],
+            horizon,
+            counts,
+            marginal: vec![0.0; m * e],
+            request_use: vec![0.0; m * e],
+            history: [vec![None; m], vec![None; m]],
+            examples: Vec::new(),
+            near: vec![0.0; e],
+            far: vec![0.0; e],
+        };
+        blend.refresh_marginal();
+        blend
+    }
+
+    /// Layers forecast ahead of the last routed one.
+    pub fn horizon(&self) -> usize {
+        self.horizon
+    }
+
+    /// A new request: its use counts and recent tokens start empty; weights and counts
+    /// stay.
+    pub fn start_request(&mut self) {
+        self.request_use.iter_mut().for_each(|c| *c = 0.0);
+        self.history.iter_mut().flatten().for_each(|x| *x = None);
+        self.examples.clear();
+    }
+
+    /// Layer `l` of the current token routed to `given` (`earlier`: the token's layer
+    /// `l - 1`): calls `out(target, scores)` for each layer `target = l + 1 ..= l +
+    /// horizon` of the model, `scores` by expert (log-odds; [`OnlineBlend::probability`]
+    /// of each is the forecast probability).
+    pub fn forecast(
+        &mut self,
+        l: usize,
+        given: &[u16],
+        earlier: Option<&[u16]>,
+        mut out: impl FnMut(usize, &[f32]),
+    ) {
+        let (m, e) = (self.counts.shape.n_moe, self.counts.shape.n_experts);
+        if l == 0 {
+            // A token's first forecast: those of a token that never finished routing (a
+            // failed forward) are dropped.
+            self.examples.clear();
+        }
+        let mut scores = Vec::with_capacity(e);
+        for h in 1..=self.horizon.min(m.saturating_sub(l + 1)) {
+            let target = l + h;
+            self.counts
+                .coactivation_log_odds(l, h, given, &mut self.near);
+            self.far.iter_mut().for_each(|v| *v = 0.0);
+            if let Some(g) = earlier.filter(|_| h < self.counts.horizon && l > 0) {
+                self.counts
+                    .coactivation_log_odds(l - 1, h + 1, g, &mut self.far);
+            }
+            let (prev, prev2) = (
+                self.history[0][target].as_deref(),
+                self.history[1][target].as_deref(),
+            );
+            scores.clear();
+            for x in 0..e {
+                let features = [
+                    self.near[x],
+                    self.far[x],
+                    used_by(prev, x),
+                    used_by(prev2, x),
+                    self.request_use[target * e + x].ln_1p(),
+                    self.marginal[target * e + x],
+                    1.0,
+                ];
+                scores.push(self.score(h, &features));
+                self.examples.push(Example {
+                    h,
+                    target,
+                    expert: x as u16,
+                    features,
+                });
+            }
+            out(target, &scores);
+        }
+    }
+
+    /// The current token's routing is complete (`token`: its id, or
+    /// [`datasets::UNKNOWN_TOKEN`]; `layers`: each MoE layer's experts, `None` where not
+    /// known; entries beyond the model's layers are ignored): the blend learns from this
+    /// token's forecasts, and the counts, the request's use and the recent tokens take
+    /// it in.
+    pub fn token_routed(&mut self, token: u32, layers: &[Option<&[u16]>]) {
+        let (m, e) = (self.counts.shape.n_moe, self.counts.shape.n_experts);
+        let layers = &layers[..layers.len().min(m)];
+        let routed = |l: usize| layers.get(l).copied().flatten();
+        let examples = std::mem::take(&mut self.examples);
+        for ex in &examples {
+            if let Some(ids) = routed(ex.target) {
+                self.learn(ex.h, &ex.features, ids.contains(&ex.expert));
+            }
+        }
+        self.examples = examples;
+        self.examples.clear();
+        self.counts.add_routing(token, layers);
+        self.refresh_marginal();
+        self.request_use.iter_mut().for_each(|c| *c *= USE_DECAY);
+        for (l, ids) in layers.iter().enumerate() {
+            for &x in ids.unwrap_or(&[]) {
+                self.request_use[l * e + x as usize] += 1.0;
+            }
+        }
+        self.history.swap(0, 1);
+        for (l, slot) in self.history[0].iter_mut().enumerate() {
+            *slot = routed(l).map(<[u16]>::to_vec);
+        }
+    }
+
+    fn refresh_marginal(&mut self) {
+        let e = self.counts.shape.n_experts;
+        let k = self.counts.shape.top_k as f32;
+        for (l, row) in self.marginal.chunks_mut(e).enumerate() {
+            for (v, f) in row.iter_mut().zip(self.counts.share(l)) {
+                *v = log_odds(k * f);
+            }
         }
     }
 
@@ -57,10 +217,15 @@ impl OnlineBlend {
 
     /// One step of logistic regression on an example at distance `h`.
     fn learn(&mut self, h: usize, f: &[f32; FEATURES], used: bool) {
-        let g = sigmoid(self.score(h, f)) - used as u8 as f32;
+        let g = Self::probability(self.score(h, f)) - used as u8 as f32;
         for (w, x) in self.weights[h].iter_mut().zip(f) {
             *w -= LEARNING_RATE * g * x;
         }
+    }
+
+    /// The forecast probability of a score (its sigmoid).
+    pub fn probability(score: f32) -> f32 {
+        1.0 / (1.0 + (-score).exp())
     }
 
     /// The weights learned for distance `h` (co-activation given layer `l`, given layer
@@ -68,10 +233,6 @@ impl OnlineBlend {
     pub fn weights(&self, h: usize) -> &[f32; FEATURES] {
         &self.weights[h]
     }
-}
-
-fn sigmoid(z: f32) -> f32 {
-    1.0 / (1.0 + (-z).exp())
 }
 
 fn used_by(set: Option<&[u16]>, x: usize) -> f32 {
@@ -89,83 +250,34 @@ pub fn blend(
     horizon: usize,
 ) -> (PrefetchPlan, OnlineBlend) {
     let (m, e) = (view.meta.n_moe(), view.meta.n_experts as usize);
-    let horizon = horizon.min(stats.horizon).max(1);
-    let mut model = OnlineBlend::new(horizon);
-    let mut counts = stats.clone();
+    let mut model = OnlineBlend::new(stats.clone(), horizon);
     let mut plan = PrefetchPlan::empty("blend", view.n_tokens(), m);
-    let (mut near, mut far) = (vec![0f32; e], vec![0f32; e]);
-    // Each layer's share log-odds by expert, from the counts as they stand at a token.
-    let mut marginal = vec![0f32; m * e];
-    let k = view.meta.top_k as f32;
-    let mut request_use = vec![0f32; m * e];
-    let mut examples: Vec<(usize, usize, u16, [f32; FEATURES])> = Vec::new();
-    let mut scores: Vec<f32> = Vec::with_capacity(e);
     let mut ranking = Vec::with_capacity(e);
+    let mut layers = Vec::with_capacity(m);
     for r in seqs {
-        request_use.iter_mut().for_each(|c| *c = 0.0);
+        model.start_request();
         for t in r.clone() {
-            examples.clear();
-            let before = |back: usize, layer: usize| {
-                (t >= r.start + back)
-                    .then(|| view.layer(t - back, layer))
-                    .flatten()
-            };
-            for (l, row) in marginal.chunks_mut(e).enumerate() {
-                for (v, f) in row.iter_mut().zip(counts.share(l)) {
-                    *v = log_odds(k * f);
-                }
-            }
             for l in 0..m {
                 let Some(given) = view.layer(t, l) else {
                     continue;
                 };
                 let earlier = l.checked_sub(1).and_then(|p| view.layer(t, p));
-                for h in 1..=horizon.min(m - 1 - l) {
-                    let target = l + h;
-                    counts.coactivation_log_odds(l, h, given, &mut near);
-                    far.iter_mut().for_each(|v| *v = 0.0);
-                    if let Some(g) = earlier.filter(|_| h < counts.horizon) {
-                        counts.coactivation_log_odds(l - 1, h + 1, g, &mut far);
-                    }
-                    let (prev, prev2) = (before(1, target), before(2, target));
-                    scores.clear();
-                    for x in 0..e {
-                        let f = [
-                            near[x],
-                            far[x],
-                            used_by(prev, x),
-                            used_by(prev2, x),
-                            request_use[target * e + x].ln_1p(),
-                            marginal[target * e + x],
-                            1.0,
-                        ];
-                        scores.push(model.score(h, &f));
-                        examples.push((h, target, x as u16, f));
-                    }
-                    predictor::metrics::rank_top(&scores, budget, &mut ranking);
+                model.forecast(l, given, earlier, |target, scores| {
+                    predictor::metrics::rank_top(scores, budget, &mut ranking);
                     let ids: Vec<u32> = ranking
                         .iter()
                         .map(|&x| (target * e + x as usize) as u32)
                         .collect();
                     let ps: Vec<f32> = ranking
                         .iter()
-                        .map(|&x| sigmoid(scores[x as usize]))
+                        .map(|&x| OnlineBlend::probability(scores[x as usize]))
                         .collect();
                     plan.push_scored(t, l + 1, &ids, &ps);
-                }
+                });
             }
-            for (h, target, x, f) in &examples {
-                if let Some(routed) = view.layer(t, *target) {
-                    model.learn(*h, f, routed.contains(x));
-                }
-            }
-            counts.add_tokens(view, t..t + 1);
-            request_use.iter_mut().for_each(|c| *c *= USE_DECAY);
-            for l in 0..m {
-                for &x in view.layer(t, l).unwrap_or(&[]) {
-                    request_use[l * e + x as usize] += 1.0;
-                }
-            }
+            layers.clear();
+            layers.extend((0..m).map(|l| view.layer(t, l)));
+            model.token_routed(view.token[t], &layers);
         }
     }
     (plan, model)
