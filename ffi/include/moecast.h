@@ -7,6 +7,10 @@
  * mc_session_observe with its full routing. Every function returns MC_OK (0) or a
  * negative MC_ERR_* code; mc_last_error() holds the message (per thread). A predictor
  * may be shared by threads; a session is used by one thread at a time.
+ *
+ * Without a trained predictor: mc_blend_open on a predictor directory or a trace, then
+ * per token mc_blend_forecast after each routed layer and mc_blend_observe with the
+ * token's full routing (one thread at a time per blend).
  */
 
 #ifndef MOECAST_H
@@ -50,6 +54,14 @@
  * inconsistent: free it.
  */
 #define MC_ERR_PANIC -5
+
+/**
+ * An online blend: a training-free forecaster of the next layers' experts (co-activation
+ * counts, the last two tokens' experts and the request's use, weighed by a logistic
+ * model that learns while the model decodes). One per stream of requests, used by one
+ * thread at a time.
+ */
+typedef struct mc_blend mc_blend;
 
 /**
  * A loaded predictor checkpoint (immutable; shareable across threads).
@@ -193,6 +205,75 @@ int mc_session_predict_lookahead_input(struct mc_session *s,
  * `s` is a live session; `experts` holds `n_moe_layers * top_k` values.
  */
 int mc_session_observe(struct mc_session *s, uint32_t token, const uint16_t *experts);
+
+/**
+ * Opens an online blend into `*out`; its counts start as those of `path`: a predictor
+ * directory (the counts stored beside the predictor) or a trace in any storage form
+ * (counts fitted on all of it).
+ *
+ * # Safety
+ * `path` is a NUL-terminated path; `out` points to writable storage for a pointer.
+ */
+int mc_blend_open(const char *path, struct mc_blend **out);
+
+/**
+ * Frees a blend (null is ignored).
+ *
+ * # Safety
+ * `b` comes from `mc_blend_open` and is not used afterwards.
+ */
+void mc_blend_free(struct mc_blend *b);
+
+/**
+ * The blend's shape: MoE layers, experts per layer, experts routed per token, and the
+ * layers each forecast covers.
+ *
+ * # Safety
+ * Every pointer is valid (none may be null).
+ */
+int mc_blend_shape(const struct mc_blend *b,
+                   uint32_t *n_moe_layers,
+                   uint32_t *n_experts,
+                   uint32_t *top_k,
+                   uint32_t *horizon);
+
+/**
+ * A new request: the blend forgets its recent tokens and the request's use (its
+ * weights and counts stay).
+ *
+ * # Safety
+ * `b` is a live blend.
+ */
+int mc_blend_reset(struct mc_blend *b);
+
+/**
+ * Layer `layer` of the current token routed to `experts[top_k]` (`earlier[top_k]`: the
+ * token's layer `layer - 1`, or null): `out[horizon * budget]`, the `budget` most likely
+ * experts of layers `layer + 1 .. layer + horizon`, best first, and, unless `probs` is
+ * null, their forecast probabilities in `probs[horizon * budget]`. Layers past the last
+ * MoE layer are filled with 0xFFFF (probability 0).
+ *
+ * # Safety
+ * `b` is a live blend; `experts` (and `earlier` unless null) hold `top_k` values; `out`
+ * (and `probs` unless null) have room for `horizon * budget`.
+ */
+int mc_blend_forecast(struct mc_blend *b,
+                      uint32_t layer,
+                      const uint16_t *experts,
+                      const uint16_t *earlier,
+                      uint32_t budget,
+                      uint16_t *out,
+                      float *probs);
+
+/**
+ * The current token's full routing, `experts[n_moe_layers * top_k]`: the blend learns
+ * from its forecasts of this token and counts it; the next forecast is of the next
+ * token. `token` is its id (0xFFFFFFFF if unknown).
+ *
+ * # Safety
+ * `b` is a live blend; `experts` holds `n_moe_layers * top_k` values.
+ */
+int mc_blend_observe(struct mc_blend *b, uint32_t token, const uint16_t *experts);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -10,6 +10,10 @@
 //!    (lookahead predictors): the next `horizon` layers;
 //! 3. `mc_session_observe` with the token's full routing, which advances the session.
 //!
+//! Without a trained predictor, an online blend (`mc_blend_open` on a predictor
+//! directory or a trace) forecasts the next layers after each routed layer
+//! (`mc_blend_forecast`) and learns from each token's routing (`mc_blend_observe`).
+//!
 //! Every function returns [`MC_OK`] (0) or a negative `MC_ERR_*` code; the message of
 //! the last error on the calling thread is `mc_last_error()`. Null pointers, sizes that
 //! do not fit and expert ids out of range are errors, never undefined behaviour, and a
@@ -17,9 +21,12 @@
 //!
 //! Threads: an `mc_predictor` is immutable once open and may be shared by any number of
 //! threads (each making its own sessions); an `mc_session` belongs to one thread at a
-//! time.
+//! time; an `mc_blend` too.
 
 #![allow(non_camel_case_types)]
+
+mod blend;
+pub use blend::*;
 
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, CStr, CString};

@@ -252,3 +252,102 @@ fn bad_arguments_are_error_codes_with_messages() {
         mc_predictor_free(std::ptr::null_mut());
     }
 }
+
+/// The blend through the C ABI, opened on a trace, forecasts what `OnlineBlend` over the
+/// same counts forecasts, token by token; bad arguments are error codes.
+#[test]
+fn the_blend_through_the_c_abi_forecasts_as_online_blend_does() {
+    use predictor::blend::{load_counts, OnlineBlend};
+    let dir = tempfile::tempdir().unwrap();
+    let (_, trace) = trained(dir.path());
+    let path = dir.path().join("t.mctrace");
+    let view = trace.view();
+    let (m, k) = (view.meta.n_moe(), view.meta.top_k as usize);
+    let mut rust = OnlineBlend::new(load_counts(&path, m).unwrap(), OnlineBlend::HORIZON);
+    let h = rust.horizon();
+    let c_path = CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: every pointer below is either null on purpose or valid.
+    unsafe {
+        let mut b = std::ptr::null_mut();
+        assert_eq!(mc_blend_open(c_path.as_ptr(), &mut b), MC_OK);
+        let (mut mm, mut e, mut kk, mut hh) = (0, 0, 0, 0);
+        assert_eq!(mc_blend_shape(b, &mut mm, &mut e, &mut kk, &mut hh), MC_OK);
+        assert_eq!((mm, e, kk, hh), (4, 8, 2, h as u32));
+        let (mut out, mut probs) = (vec![0u16; h * BUDGET], vec![0f32; h * BUDGET]);
+        let mut ranking = Vec::new();
+        let mut compared = 0;
+        for seq in view.sequence_ranges() {
+            assert_eq!(mc_blend_reset(b), MC_OK);
+            rust.start_request();
+            for t in seq {
+                let layers: Vec<&[u16]> = (0..m).map(|l| view.layer(t, l).unwrap()).collect();
+                for l in 0..m - 1 {
+                    let earlier = if l == 0 {
+                        std::ptr::null()
+                    } else {
+                        layers[l - 1].as_ptr()
+                    };
+                    let code = mc_blend_forecast(
+                        b,
+                        l as u32,
+                        layers[l].as_ptr(),
+                        earlier,
+                        BUDGET as u32,
+                        out.as_mut_ptr(),
+                        probs.as_mut_ptr(),
+                    );
+                    assert_eq!(code, MC_OK, "{}", last_error());
+                    let mut want = vec![u16::MAX; h * BUDGET];
+                    let earlier = l.checked_sub(1).map(|p| layers[p]);
+                    rust.forecast(l, layers[l], earlier, |target, scores| {
+                        predictor::metrics::rank_top(scores, BUDGET, &mut ranking);
+                        let row = (target - l - 1) * BUDGET;
+                        want[row..row + BUDGET].copy_from_slice(&ranking);
+                    });
+                    assert_eq!(out, want, "token {t}, layer {l}");
+                    assert!(probs.iter().all(|p| (0.0..=1.0).contains(p)));
+                    compared += 1;
+                }
+                let flat: Vec<u16> = layers.concat();
+                assert_eq!(mc_blend_observe(b, view.token[t], flat.as_ptr()), MC_OK);
+                let routed: Vec<Option<&[u16]>> = layers.iter().map(|l| Some(*l)).collect();
+                rust.token_routed(view.token[t], &routed);
+            }
+        }
+        assert!(compared > 100);
+        // Bad arguments: a layer past the last, budget 0, an expert out of range, nulls.
+        let ids = [1u16, 2];
+        let bad = [1u16, 99];
+        let forecast = |layer, ids: &[u16], budget| {
+            mc_blend_forecast(
+                b,
+                layer,
+                ids.as_ptr(),
+                std::ptr::null(),
+                budget,
+                out.as_ptr() as *mut u16,
+                std::ptr::null_mut(),
+            )
+        };
+        assert_eq!(forecast(4, &ids, 2), MC_ERR_ARG);
+        assert!(last_error().contains("layer 4"), "{}", last_error());
+        assert_eq!(forecast(0, &ids, 0), MC_ERR_ARG);
+        assert_eq!(forecast(0, &bad, 2), MC_ERR_ARG);
+        assert!(last_error().contains("expert 99"), "{}", last_error());
+        assert_eq!(forecast(0, &ids, 2), MC_OK);
+        let short = vec![0u16; k * m - 1];
+        let mut routing = short.clone();
+        routing.push(99);
+        assert_eq!(mc_blend_observe(b, 3, routing.as_ptr()), MC_ERR_ARG);
+        assert_eq!(mc_blend_observe(b, 3, std::ptr::null()), MC_ERR_NULL);
+        assert_eq!(
+            mc_blend_observe(std::ptr::null_mut(), 3, short.as_ptr()),
+            MC_ERR_NULL
+        );
+        let missing = CString::new(dir.path().join("nope.mctrace").to_str().unwrap()).unwrap();
+        let mut other = std::ptr::null_mut();
+        assert_eq!(mc_blend_open(missing.as_ptr(), &mut other), MC_ERR_OPEN);
+        assert!(last_error().contains("nope.mctrace"), "{}", last_error());
+        mc_blend_free(b);
+    }
+}

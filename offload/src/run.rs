@@ -257,28 +257,11 @@ fn token_table(dir: &Path) -> Result<BaselineStats, OffloadError> {
     Ok(stats)
 }
 
-/// The counts that start the online blend: a predictor directory's, or counts fitted
-/// on every sequence of a trace (any storage form; one of more MoE layers is counted
-/// over the model's first ones); they must be of `model`'s routing.
+/// The counts that start the online blend ([`predictor::blend::load_counts`]); they must
+/// be of `model`'s routing.
 fn blend_counts(path: &Path, model: &inference::ModelShape) -> Result<BaselineStats, OffloadError> {
     let (m, e, k) = (model.moe_layers.len(), model.n_experts, model.top_k);
-    let counts = if path.is_dir() {
-        stored_counts(path)?
-    } else {
-        let opened = datasets::open_trace(path)?;
-        let view = opened.view();
-        let mut shape = datasets::examples::RoutingShape::of(view.meta);
-        // A trace of more MoE layers counts over the model's first ones, as a replay
-        // of it runs.
-        shape.n_moe = shape.n_moe.min(m);
-        let horizon = crate::prefetch::OnlineBlend::HORIZON;
-        let mut counts =
-            BaselineStats::new(shape, horizon.min(shape.n_moe.saturating_sub(1)).max(1));
-        for r in view.sequence_ranges() {
-            counts.add_tokens(&view, r);
-        }
-        counts
-    };
+    let counts = predictor::blend::load_counts(path, m)?;
     let s = counts.shape;
     if (s.n_moe, s.n_experts, s.top_k) != (m, e, k) {
         return Err(ModelError::file(

@@ -8,9 +8,12 @@
 //! - [`eval`] and [`metrics`]: precision / recall / F1 and the papers' figures, next to
 //!   the [`baselines`];
 //! - [`card`]: the self-describing checkpoint directory; [`serve`]: incremental online
-//!   prediction for a runtime.
+//!   prediction for a runtime;
+//! - [`blend`]: the online blend, a training-free forecaster of the next layers that
+//!   learns its weights while the model decodes.
 
 pub mod baselines;
+pub mod blend;
 pub mod card;
 pub mod config;
 pub use backend as device;

@@ -8,6 +8,10 @@
     s.observe(token, experts)                     # experts: ints [n_moe_layers, top_k]
     t = moecast.read_trace("x.mctrace")           # dict of numpy arrays
 
+    b = moecast.Blend("train.mctrace")            # no trained predictor: counts of a
+    ids, probs = b.forecast(layer, experts)       # trace or a predictor directory;
+    b.observe(token, experts)                     # [horizon, budget] after each layer
+
 `budget` (experts per layer) defaults to top_k. Rows past the last MoE layer are
 0xFFFF. Errors raise `moecast.MoecastError` with the library's message. A Predictor and
 its sessions belong to the thread that made them.
@@ -15,11 +19,12 @@ its sessions belong to the thread that made them.
 
 import numpy as np
 
+from ._moecast import Blend as _Blend
 from ._moecast import MoecastError
 from ._moecast import Predictor as _Predictor
 from ._moecast import read_trace_flat as _read_trace_flat
 
-__all__ = ["MoecastError", "Predictor", "Session", "read_trace", "NOT_COMPUTED"]
+__all__ = ["Blend", "MoecastError", "Predictor", "Session", "read_trace", "NOT_COMPUTED"]
 
 #: Expert id of a layer that was not computed (in traces) / a forecast row past the
 #: last layer.
@@ -91,6 +96,38 @@ class Predictor:
     def session(self):
         """A new session: one sequence's incremental state."""
         return Session(self, self._p.session())
+
+
+class Blend:
+    """The online blend, for models without a trained predictor: after each routed layer
+    it forecasts the next `horizon` layers from co-activation counts (those of `path`: a
+    trace, or a predictor directory), the last two tokens' experts and the request's use,
+    weighed by a logistic model that learns from every token `observe` is given."""
+
+    def __init__(self, path):
+        self._b = _Blend(str(path))
+        self.n_moe_layers = self._b.n_moe_layers
+        self.n_experts = self._b.n_experts
+        self.top_k = self._b.top_k
+        self.horizon = self._b.horizon
+
+    def reset(self):
+        """A new request: its recent tokens and use are forgotten."""
+        self._b.reset()
+
+    def forecast(self, layer, experts, earlier=None, budget=None):
+        """Layer `layer` of the current token routed to `experts` (top_k ids; `earlier`:
+        its layer `layer - 1`): (uint16 [horizon, budget] ids of layers layer+1.., best
+        first, 0xFFFF past the last layer; float32 [horizon, budget] probabilities)."""
+        b = budget or self.top_k
+        ids = _ids(experts, 1, self.top_k, "experts")
+        prev = None if earlier is None else _ids(earlier, 1, self.top_k, "earlier")
+        out, probs = self._b.forecast(int(layer), ids, prev, b)
+        return out.reshape(self.horizon, b), probs.reshape(self.horizon, b)
+
+    def observe(self, token, experts):
+        """The token's full routing ([n_moe_layers, top_k]); token 0xFFFFFFFF if unknown."""
+        self._b.observe(int(token), _ids(experts, self.n_moe_layers, self.top_k, "experts"))
 
 
 def read_trace(path):

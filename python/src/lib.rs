@@ -1,5 +1,5 @@
 //! Python bindings (PyO3) of the moecast predictor: `moecast.Predictor`, its sessions,
-//! and `moecast.read_trace`. The Python package (`python/moecast/__init__.py`) wraps
+//! the online blend `moecast.Blend`, and `moecast.read_trace`. The Python package (`python/moecast/__init__.py`) wraps
 //! these with numpy conversions; errors raise `moecast.MoecastError` with the Rust
 //! message.
 
@@ -10,6 +10,8 @@ use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
+use datasets::examples::RoutingShape;
+use predictor::blend::OnlineBlend;
 use predictor::device::BackendKind;
 use predictor::{LoadedPredictor, OnlinePredictor, Task};
 
@@ -190,6 +192,121 @@ impl Session {
     }
 }
 
+/// The online blend: forecasts of the next layers from counts (a predictor directory's
+/// or a trace's) and the request's recent routing, weighed by a logistic model that
+/// learns while the model decodes.
+#[pyclass(unsendable, module = "moecast._moecast")]
+struct Blend {
+    blend: Box<OnlineBlend>,
+    shape: RoutingShape,
+}
+
+impl Blend {
+    fn ids<'a>(&self, experts: &'a [u16], layers: usize, what: &str) -> PyResult<&'a [u16]> {
+        let (e, k) = (self.shape.n_experts, self.shape.top_k);
+        if experts.len() != layers * k {
+            return Err(err(format!(
+                "{what} has {} values, expected {layers} layers x top-{k}",
+                experts.len()
+            )));
+        }
+        if let Some(x) = experts.iter().find(|&&x| x as usize >= e) {
+            return Err(err(format!("{what}: expert {x} is outside 0..{e}")));
+        }
+        Ok(experts)
+    }
+}
+
+#[pymethods]
+impl Blend {
+    #[new]
+    fn new(path: PathBuf) -> PyResult<Self> {
+        let counts = predictor::blend::load_counts(&path, usize::MAX).map_err(err)?;
+        let shape = counts.shape;
+        Ok(Blend {
+            blend: Box::new(OnlineBlend::new(counts, OnlineBlend::HORIZON)),
+            shape,
+        })
+    }
+
+    #[getter]
+    fn n_moe_layers(&self) -> usize {
+        self.shape.n_moe
+    }
+
+    #[getter]
+    fn n_experts(&self) -> usize {
+        self.shape.n_experts
+    }
+
+    #[getter]
+    fn top_k(&self) -> usize {
+        self.shape.top_k
+    }
+
+    /// Layers each forecast covers.
+    #[getter]
+    fn horizon(&self) -> usize {
+        self.blend.horizon()
+    }
+
+    /// A new request: recent tokens and the request's use are forgotten.
+    fn reset(&mut self) {
+        self.blend.start_request();
+    }
+
+    /// After layer `layer` routed to `experts` (`earlier`: layer `layer - 1`): flat
+    /// `[horizon * budget]` ids of layers `layer + 1 ..`, best first (0xFFFF past the
+    /// last layer), and their probabilities.
+    #[pyo3(signature = (layer, experts, earlier=None, budget=None))]
+    #[allow(clippy::type_complexity)]
+    fn forecast<'py>(
+        &mut self,
+        py: Python<'py>,
+        layer: usize,
+        experts: PyReadonlyArray1<'py, u16>,
+        earlier: Option<PyReadonlyArray1<'py, u16>>,
+        budget: Option<usize>,
+    ) -> PyResult<(Bound<'py, PyArray1<u16>>, Bound<'py, PyArray1<f32>>)> {
+        let (m, e) = (self.shape.n_moe, self.shape.n_experts);
+        let b = budget.unwrap_or(self.shape.top_k);
+        if b == 0 || b > e {
+            return Err(err(format!("budget {b} is outside 1..={e}")));
+        }
+        if layer >= m {
+            return Err(err(format!("layer {layer} is outside 0..{m}")));
+        }
+        let given = self.ids(experts.as_slice().map_err(err)?, 1, "experts")?;
+        let earlier = match (&earlier, layer) {
+            (Some(x), 1..) => Some(self.ids(x.as_slice().map_err(err)?, 1, "earlier")?),
+            _ => None,
+        };
+        let h = self.blend.horizon();
+        let (mut ids, mut probs) = (vec![u16::MAX; h * b], vec![0f32; h * b]);
+        let mut ranking = Vec::with_capacity(b);
+        self.blend
+            .forecast(layer, given, earlier, |target, scores| {
+                predictor::metrics::rank_top(scores, b, &mut ranking);
+                let row = (target - layer - 1) * b;
+                for (i, &x) in ranking.iter().enumerate() {
+                    ids[row + i] = x;
+                    probs[row + i] = OnlineBlend::probability(scores[x as usize]);
+                }
+            });
+        Ok((PyArray1::from_vec(py, ids), PyArray1::from_vec(py, probs)))
+    }
+
+    /// The token's full routing (`n_moe_layers * top_k` ids): the blend learns from
+    /// its forecasts of this token and counts it.
+    fn observe(&mut self, token: u32, experts: PyReadonlyArray1<'_, u16>) -> PyResult<()> {
+        let (m, k) = (self.shape.n_moe, self.shape.top_k);
+        let experts = self.ids(experts.as_slice().map_err(err)?, m, "experts")?;
+        let layers: Vec<Option<&[u16]>> = experts.chunks(k).map(Some).collect();
+        self.blend.token_routed(token, &layers);
+        Ok(())
+    }
+}
+
 /// A trace file (`.mctrace`, `.parquet`, `.jsonl`, a dataset folder's part) as flat
 /// arrays plus its shape; `moecast.read_trace` reshapes them.
 #[pyfunction]
@@ -227,6 +344,7 @@ fn read_trace_flat<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, P
 fn _moecast(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Predictor>()?;
     m.add_class::<Session>()?;
+    m.add_class::<Blend>()?;
     m.add_function(wrap_pyfunction!(read_trace_flat, m)?)?;
     m.add("MoecastError", m.py().get_type::<MoecastError>())?;
     Ok(())

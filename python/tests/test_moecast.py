@@ -129,3 +129,44 @@ def test_bad_input_raises_moecast_error(trained, tmp_path):
         s.observe(3, bad[:2])
     with pytest.raises(moecast.MoecastError, match="token-dropout"):
         s.predict_next_unknown()
+
+
+def test_blend_learns_the_routing_better_than_layer_frequency(trained):
+    """moecast.Blend replayed over the trace: its next-layer forecasts hit more of the
+    routed experts than each layer's most frequent ones; from a trace or the predictor's
+    directory alike; bad input raises MoecastError."""
+    trace, out, _ = trained
+    t = moecast.read_trace(trace)
+    b = moecast.Blend(trace)
+    m, k = b.n_moe_layers, b.top_k
+    assert (m, b.n_experts, k) == (t["n_moe_layers"], t["n_experts"], t["top_k"])
+    assert b.horizon >= 1
+    experts = t["experts"]
+    counts = np.zeros((m, b.n_experts))
+    for layer in range(m):
+        np.add.at(counts[layer], experts[:, layer].reshape(-1), 1)
+    frequent = np.argsort(-counts, axis=1, kind="stable")[:, :k]
+    hits = {"blend": 0, "frequency": 0}
+    total = 0
+    for s in range(len(t["seq_names"])):
+        b.reset()
+        for i in np.flatnonzero(t["seq"] == s):
+            routing = experts[i]
+            for layer in range(m - 1):
+                earlier = routing[layer - 1] if layer else None
+                ids, probs = b.forecast(layer, routing[layer], earlier)
+                assert ids.shape == (b.horizon, k) and probs.shape == (b.horizon, k)
+                assert ((probs >= 0) & (probs <= 1)).all()
+                hits["blend"] += len(set(ids[0]) & set(routing[layer + 1]))
+                hits["frequency"] += len(set(frequent[layer + 1]) & set(routing[layer + 1]))
+                total += k
+            b.observe(t["token"][i], routing)
+    assert hits["blend"] > hits["frequency"] * 1.2, (hits, total)
+    from_dir = moecast.Blend(out)
+    assert (from_dir.n_moe_layers, from_dir.top_k) == (m, k)
+    with pytest.raises(moecast.MoecastError, match="expert 99"):
+        b.forecast(0, [1, 99])
+    with pytest.raises(moecast.MoecastError, match="layer"):
+        b.forecast(m, [1, 2])
+    with pytest.raises(moecast.MoecastError, match="nope"):
+        moecast.Blend(out / "nope.mctrace")

@@ -1,0 +1,205 @@
+//! The online blend through the C ABI: `mc_blend_open`, `mc_blend_forecast` after each
+//! routed layer, `mc_blend_observe` with each token's routing.
+
+use std::ffi::{c_char, c_int, CStr};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+
+use datasets::examples::RoutingShape;
+use predictor::blend::OnlineBlend;
+
+use crate::{
+    fail, guard, non_null, non_null_mut, slice, slice_mut, Failure, MC_ERR_ARG, MC_ERR_OPEN,
+};
+
+/// An online blend: a training-free forecaster of the next layers' experts (co-activation
+/// counts, the last two tokens' experts and the request's use, weighed by a logistic
+/// model that learns while the model decodes). One per stream of requests, used by one
+/// thread at a time.
+pub struct mc_blend {
+    blend: OnlineBlend,
+    shape: RoutingShape,
+}
+
+const _: () = {
+    const fn movable<T: Send>() {}
+    movable::<mc_blend>();
+};
+
+/// Opens an online blend into `*out`; its counts start as those of `path`: a predictor
+/// directory (the counts stored beside the predictor) or a trace in any storage form
+/// (counts fitted on all of it).
+///
+/// # Safety
+/// `path` is a NUL-terminated path; `out` points to writable storage for a pointer.
+#[no_mangle]
+pub unsafe extern "C" fn mc_blend_open(path: *const c_char, out: *mut *mut mc_blend) -> c_int {
+    guard(|| {
+        let out = non_null_mut(out, "out")?;
+        let path = non_null(path, "path")?;
+        // SAFETY: `path` is NUL-terminated (documented).
+        let path = unsafe { CStr::from_ptr(path) }
+            .to_str()
+            .or_else(|_| fail(MC_ERR_ARG, "path is not UTF-8"))?;
+        let counts = predictor::blend::load_counts(Path::new(path), usize::MAX)
+            .or_else(|e| fail(MC_ERR_OPEN, e.to_string()))?;
+        let shape = counts.shape;
+        let blend = OnlineBlend::new(counts, OnlineBlend::HORIZON);
+        *out = Box::into_raw(Box::new(mc_blend { blend, shape }));
+        Ok(())
+    })
+}
+
+/// Frees a blend (null is ignored).
+///
+/// # Safety
+/// `b` comes from `mc_blend_open` and is not used afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn mc_blend_free(b: *mut mc_blend) {
+    if !b.is_null() {
+        // SAFETY: `b` was made by `Box::into_raw` in `mc_blend_open`.
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(b) })));
+    }
+}
+
+/// The blend's shape: MoE layers, experts per layer, experts routed per token, and the
+/// layers each forecast covers.
+///
+/// # Safety
+/// Every pointer is valid (none may be null).
+#[no_mangle]
+pub unsafe extern "C" fn mc_blend_shape(
+    b: *const mc_blend,
+    n_moe_layers: *mut u32,
+    n_experts: *mut u32,
+    top_k: *mut u32,
+    horizon: *mut u32,
+) -> c_int {
+    guard(|| {
+        let b = non_null(b, "b")?;
+        for (ptr, value, name) in [
+            (n_moe_layers, b.shape.n_moe, "n_moe_layers"),
+            (n_experts, b.shape.n_experts, "n_experts"),
+            (top_k, b.shape.top_k, "top_k"),
+            (horizon, b.blend.horizon(), "horizon"),
+        ] {
+            *non_null_mut(ptr, name)? = value as u32;
+        }
+        Ok(())
+    })
+}
+
+/// A new request: the blend forgets its recent tokens and the request's use (its
+/// weights and counts stay).
+///
+/// # Safety
+/// `b` is a live blend.
+#[no_mangle]
+pub unsafe extern "C" fn mc_blend_reset(b: *mut mc_blend) -> c_int {
+    guard(|| {
+        non_null_mut(b, "b")?.blend.start_request();
+        Ok(())
+    })
+}
+
+/// `ids` checked against `n_experts`, named `what` in the message.
+fn expert_ids<'a>(ids: &'a [u16], n_experts: usize, what: &str) -> Result<&'a [u16], Failure> {
+    match ids.iter().find(|&&x| x as usize >= n_experts) {
+        Some(x) => fail(
+            MC_ERR_ARG,
+            format!("expert {x} in {what} is outside 0..{n_experts}"),
+        ),
+        None => Ok(ids),
+    }
+}
+
+/// Layer `layer` of the current token routed to `experts[top_k]` (`earlier[top_k]`: the
+/// token's layer `layer - 1`, or null): `out[horizon * budget]`, the `budget` most likely
+/// experts of layers `layer + 1 .. layer + horizon`, best first, and, unless `probs` is
+/// null, their forecast probabilities in `probs[horizon * budget]`. Layers past the last
+/// MoE layer are filled with 0xFFFF (probability 0).
+///
+/// # Safety
+/// `b` is a live blend; `experts` (and `earlier` unless null) hold `top_k` values; `out`
+/// (and `probs` unless null) have room for `horizon * budget`.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn mc_blend_forecast(
+    b: *mut mc_blend,
+    layer: u32,
+    experts: *const u16,
+    earlier: *const u16,
+    budget: u32,
+    out: *mut u16,
+    probs: *mut f32,
+) -> c_int {
+    guard(|| {
+        let b = non_null_mut(b, "b")?;
+        let RoutingShape {
+            n_moe: m,
+            n_experts: e,
+            top_k: k,
+        } = b.shape;
+        let (l, budget) = (layer as usize, budget as usize);
+        if l >= m {
+            return fail(MC_ERR_ARG, format!("layer {l} is outside 0..{m}"));
+        }
+        if budget == 0 || budget > e {
+            return fail(MC_ERR_ARG, format!("budget {budget} is outside 1..={e}"));
+        }
+        let given = expert_ids(slice(experts, k, "experts")?, e, "experts")?;
+        let earlier = match (earlier.is_null(), l) {
+            (true, _) | (_, 0) => None,
+            _ => Some(expert_ids(slice(earlier, k, "earlier")?, e, "earlier")?),
+        };
+        let h = b.blend.horizon();
+        let out = slice_mut(out, h * budget, "out")?;
+        let mut probs = if probs.is_null() {
+            None
+        } else {
+            Some(slice_mut(probs, h * budget, "probs")?)
+        };
+        out.fill(u16::MAX);
+        if let Some(p) = probs.as_deref_mut() {
+            p.fill(0.0);
+        }
+        let mut ranking = Vec::with_capacity(budget);
+        b.blend.forecast(l, given, earlier, |target, scores| {
+            predictor::metrics::rank_top(scores, budget, &mut ranking);
+            let row = (target - l - 1) * budget;
+            for (i, &x) in ranking.iter().enumerate() {
+                out[row + i] = x;
+                if let Some(p) = probs.as_deref_mut() {
+                    p[row + i] = OnlineBlend::probability(scores[x as usize]);
+                }
+            }
+        });
+        Ok(())
+    })
+}
+
+/// The current token's full routing, `experts[n_moe_layers * top_k]`: the blend learns
+/// from its forecasts of this token and counts it; the next forecast is of the next
+/// token. `token` is its id (0xFFFFFFFF if unknown).
+///
+/// # Safety
+/// `b` is a live blend; `experts` holds `n_moe_layers * top_k` values.
+#[no_mangle]
+pub unsafe extern "C" fn mc_blend_observe(
+    b: *mut mc_blend,
+    token: u32,
+    experts: *const u16,
+) -> c_int {
+    guard(|| {
+        let b = non_null_mut(b, "b")?;
+        let RoutingShape {
+            n_moe: m,
+            n_experts: e,
+            top_k: k,
+        } = b.shape;
+        let experts = expert_ids(slice(experts, m * k, "experts")?, e, "experts")?;
+        let layers: Vec<Option<&[u16]>> = experts.chunks(k).map(Some).collect();
+        b.blend.token_routed(token, &layers);
+        Ok(())
+    })
+}

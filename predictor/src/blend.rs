@@ -1,0 +1,263 @@
+//! The online blend: cheap forecasts of the coming layers weighed by a logistic model
+//! that learns while the model decodes, for models without a trained predictor.
+//!
+//! After layer `l` of a token routes, each expert `x` of each layer `T = l + h`
+//! (`h = 1..=horizon`) is scored from features that exist at that moment:
+//!
+//! - the co-activation log-odds of `x` at `T` given layer `l`'s choice, and given layer
+//!   `l - 1`'s choice two or more layers ahead (counts, see [`BaselineStats`]);
+//! - whether the previous token, and the one before, used `x` at `T`;
+//! - how much this request has used `x` at `T` (counts decayed per token);
+//! - the log-odds of `x`'s share of layer `T`'s choices (with a negative weight it
+//!   turns the two co-activation terms into a naive-Bayes combination: each conditional
+//!   over the prior, counted once);
+//! - a bias.
+//!
+//! One weight vector per distance `h`, starting as the co-activation forecast alone,
+//! is fitted by online logistic regression: once a token's layers have routed, every
+//! scored expert is a labelled example. Forecasts for a token use only weights fitted on
+//! the tokens before it. The sigmoid of the score is the forecast probability the
+//! planner calibrates. The counts start as the predictor's training traces', or, for a
+//! trace replayed without one, the trace's own (in-sample, as for co-activation); each
+//! token is added to them once it has routed, so they follow the text being decoded.
+//!
+//! [`OnlineBlend`] is the forecaster itself, fed one layer at a time: the simulator's
+//! blend plan replays a trace through it, the offloading engine runs it live (`moecast
+//! run --blend`), and the C and Python bindings serve it to other runtimes.
+
+use std::path::Path;
+
+use crate::baselines::BaselineStats;
+use crate::token_table::log_odds;
+use crate::{PredictorDir, Result};
+
+const FEATURES: usize = 7;
+
+/// Learning rate and per-token decay of the request's use counts (settled on the real
+/// traces of `../shared`: gap closed within 3 points for learning rates 0.01-0.05 and
+/// decays 0.7-0.9).
+const LEARNING_RATE: f32 = 0.02;
+const USE_DECAY: f32 = 0.9;
+
+/// An expert scored at some distance, remembered until its layer routes.
+#[derive(Clone)]
+struct Example {
+    h: usize,
+    target: usize,
+    expert: u16,
+    features: [f32; FEATURES],
+}
+
+/// The online blend: its weights (one vector per forecast distance), the counts it
+/// reads, and the request's recent routing.
+#[derive(Clone)]
+pub struct OnlineBlend {
+    weights: Vec<[f32; FEATURES]>,
+    horizon: usize,
+    counts: BaselineStats,
+    /// Each layer's share log-odds by expert, from the counts as they stand.
+    marginal: Vec<f32>,
+    /// The request's use of each expert, decayed per token.
+    request_use: Vec<f32>,
+    /// The last two tokens' experts per layer, newest first.
+    history: [Vec<Option<Vec<u16>>>; 2],
+    /// This token's scored experts, learned from once the token has routed.
+    examples: Vec<Example>,
+    near: Vec<f32>,
+    far: Vec<f32>,
+}
+
+impl std::fmt::Debug for OnlineBlend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OnlineBlend")
+            .field("horizon", &self.horizon)
+            .field("weights", &self.weights)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OnlineBlend {
+    /// Layers ahead the engine's blend forecasts (`simulate` takes `--horizon`).
+    pub const HORIZON: usize = 3;
+
+    /// A blend over `counts` (they then take in every routed token), forecasting up to
+    /// `horizon` layers ahead (at most the counts' horizon); its weights start as the
+    /// co-activation forecast.
+    pub fn new(counts: BaselineStats, horizon: usize) -> Self {
+        let (m, e) = (counts.shape.n_moe, counts.shape.n_experts);
+        let horizon = horizon.min(counts.horizon).max(1);
+        let mut start = [0.0; FEATURES];
+        start[0] = 1.0;
+        let mut blend = OnlineBlend {
+            weights: vec![start; horizon + 1],
+            horizon,
+            counts,
+            marginal: vec![0.0; m * e],
+            request_use: vec![0.0; m * e],
+            history: [vec![None; m], vec![None; m]],
+            examples: Vec::new(),
+            near: vec![0.0; e],
+            far: vec![0.0; e],
+        };
+        blend.refresh_marginal();
+        blend
+    }
+
+    /// Layers forecast ahead of the last routed one.
+    pub fn horizon(&self) -> usize {
+        self.horizon
+    }
+
+    /// A new request: its use counts and recent tokens start empty; weights and counts
+    /// stay.
+    pub fn start_request(&mut self) {
+        self.request_use.iter_mut().for_each(|c| *c = 0.0);
+        self.history.iter_mut().flatten().for_each(|x| *x = None);
+        self.examples.clear();
+    }
+
+    /// Layer `l` of the current token routed to `given` (`earlier`: the token's layer
+    /// `l - 1`): calls `out(target, scores)` for each layer `target = l + 1 ..= l +
+    /// horizon` of the model, `scores` by expert (log-odds; [`OnlineBlend::probability`]
+    /// of each is the forecast probability).
+    pub fn forecast(
+        &mut self,
+        l: usize,
+        given: &[u16],
+        earlier: Option<&[u16]>,
+        mut out: impl FnMut(usize, &[f32]),
+    ) {
+        let (m, e) = (self.counts.shape.n_moe, self.counts.shape.n_experts);
+        if l == 0 {
+            // A token's first forecast: those of a token that never finished routing (a
+            // failed forward) are dropped.
+            self.examples.clear();
+        }
+        let mut scores = Vec::with_capacity(e);
+        for h in 1..=self.horizon.min(m.saturating_sub(l + 1)) {
+            let target = l + h;
+            self.counts
+                .coactivation_log_odds(l, h, given, &mut self.near);
+            self.far.iter_mut().for_each(|v| *v = 0.0);
+            if let Some(g) = earlier.filter(|_| h < self.counts.horizon && l > 0) {
+                self.counts
+                    .coactivation_log_odds(l - 1, h + 1, g, &mut self.far);
+            }
+            let (prev, prev2) = (
+                self.history[0][target].as_deref(),
+                self.history[1][target].as_deref(),
+            );
+            scores.clear();
+            for x in 0..e {
+                let features = [
+                    self.near[x],
+                    self.far[x],
+                    used_by(prev, x),
+                    used_by(prev2, x),
+                    self.request_use[target * e + x].ln_1p(),
+                    self.marginal[target * e + x],
+                    1.0,
+                ];
+                scores.push(self.score(h, &features));
+                self.examples.push(Example {
+                    h,
+                    target,
+                    expert: x as u16,
+                    features,
+                });
+            }
+            out(target, &scores);
+        }
+    }
+
+    /// The current token's routing is complete (`token`: its id, or
+    /// [`datasets::UNKNOWN_TOKEN`]; `layers`: each MoE layer's experts, `None` where not
+    /// known; entries beyond the model's layers are ignored): the blend learns from this
+    /// token's forecasts, and the counts, the request's use and the recent tokens take
+    /// it in.
+    pub fn token_routed(&mut self, token: u32, layers: &[Option<&[u16]>]) {
+        let (m, e) = (self.counts.shape.n_moe, self.counts.shape.n_experts);
+        let layers = &layers[..layers.len().min(m)];
+        let routed = |l: usize| layers.get(l).copied().flatten();
+        let examples = std::mem::take(&mut self.examples);
+        for ex in &examples {
+            if let Some(ids) = routed(ex.target) {
+                self.learn(ex.h, &ex.features, ids.contains(&ex.expert));
+            }
+        }
+        self.examples = examples;
+        self.examples.clear();
+        self.counts.add_routing(token, layers);
+        self.refresh_marginal();
+        self.request_use.iter_mut().for_each(|c| *c *= USE_DECAY);
+        for (l, ids) in layers.iter().enumerate() {
+            for &x in ids.unwrap_or(&[]) {
+                self.request_use[l * e + x as usize] += 1.0;
+            }
+        }
+        self.history.swap(0, 1);
+        for (l, slot) in self.history[0].iter_mut().enumerate() {
+            *slot = routed(l).map(<[u16]>::to_vec);
+        }
+    }
+
+    fn refresh_marginal(&mut self) {
+        let e = self.counts.shape.n_experts;
+        let k = self.counts.shape.top_k as f32;
+        for (l, row) in self.marginal.chunks_mut(e).enumerate() {
+            for (v, f) in row.iter_mut().zip(self.counts.share(l)) {
+                *v = log_odds(k * f);
+            }
+        }
+    }
+
+    fn score(&self, h: usize, f: &[f32; FEATURES]) -> f32 {
+        f.iter().zip(&self.weights[h]).map(|(a, b)| a * b).sum()
+    }
+
+    /// One step of logistic regression on an example at distance `h`.
+    fn learn(&mut self, h: usize, f: &[f32; FEATURES], used: bool) {
+        let g = Self::probability(self.score(h, f)) - used as u8 as f32;
+        for (w, x) in self.weights[h].iter_mut().zip(f) {
+            *w -= LEARNING_RATE * g * x;
+        }
+    }
+
+    /// The forecast probability of a score (its sigmoid).
+    pub fn probability(score: f32) -> f32 {
+        1.0 / (1.0 + (-score).exp())
+    }
+
+    /// The weights learned for distance `h` (co-activation given layer `l`, given layer
+    /// `l - 1`, previous token, the token before, request use, the expert's share, bias).
+    pub fn weights(&self, h: usize) -> &[f32; FEATURES] {
+        &self.weights[h]
+    }
+}
+
+fn used_by(set: Option<&[u16]>, x: usize) -> f32 {
+    set.map_or(0.0, |s| s.contains(&(x as u16)) as u8 as f32)
+}
+
+/// The counts that start a blend: those stored beside the predictor in directory
+/// `path`, or counts fitted on every sequence of the trace `path` (any storage form;
+/// one of more than `max_moe_layers` MoE layers is counted over its first ones), with
+/// co-activation up to [`OnlineBlend::HORIZON`] layers ahead.
+pub fn load_counts(path: &Path, max_moe_layers: usize) -> Result<BaselineStats> {
+    if path.is_dir() {
+        let pd = PredictorDir::new(path.to_path_buf());
+        return pd.read_card().and_then(|card| pd.read_baselines(&card));
+    }
+    let opened = datasets::open_trace(path)?;
+    let view = opened.view();
+    let mut shape = datasets::examples::RoutingShape::of(view.meta);
+    shape.n_moe = shape.n_moe.min(max_moe_layers.max(1));
+    let horizon = OnlineBlend::HORIZON
+        .min(shape.n_moe.saturating_sub(1))
+        .max(1);
+    let mut counts = BaselineStats::new(shape, horizon);
+    for r in view.sequence_ranges() {
+        counts.add_tokens(&view, r);
+    }
+    Ok(counts)
+}
