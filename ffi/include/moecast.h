@@ -253,9 +253,13 @@ int mc_blend_reset(struct mc_blend *b);
  * null, their forecast probabilities in `probs[horizon * budget]`. Layers past the last
  * MoE layer are filled with 0xFFFF (probability 0).
  *
+ * Call it at most once per layer of a token (each call's forecasts are learned from
+ * when the token is observed). `earlier` is not read at layer 0.
+ *
  * # Safety
  * `b` is a live blend; `experts` (and `earlier` unless null) hold `top_k` values; `out`
- * (and `probs` unless null) have room for `horizon * budget`.
+ * (and `probs` unless null) have room for `horizon * budget`; `out`, `probs`, `experts`
+ * and `earlier` do not overlap.
  */
 int mc_blend_forecast(struct mc_blend *b,
                       uint32_t layer,

@@ -1,15 +1,15 @@
 //! The online blend through the C ABI: `mc_blend_open`, `mc_blend_forecast` after each
 //! routed layer, `mc_blend_observe` with each token's routing.
 
-use std::ffi::{c_char, c_int, CStr};
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::ffi::{c_char, c_int};
 use std::path::Path;
 
 use datasets::examples::RoutingShape;
 use predictor::blend::OnlineBlend;
 
 use crate::{
-    fail, guard, non_null, non_null_mut, slice, slice_mut, Failure, MC_ERR_ARG, MC_ERR_OPEN,
+    c_str, fail, free_box, guard, non_null, non_null_mut, slice, slice_mut, write_shape, Failure,
+    MC_ERR_ARG, MC_ERR_OPEN,
 };
 
 /// An online blend: a training-free forecaster of the next layers' experts (co-activation
@@ -19,6 +19,13 @@ use crate::{
 pub struct mc_blend {
     blend: OnlineBlend,
     shape: RoutingShape,
+}
+
+impl mc_blend {
+    /// MoE layers, experts per layer, experts routed per token.
+    fn dims(&self) -> (usize, usize, usize) {
+        (self.shape.n_moe, self.shape.n_experts, self.shape.top_k)
+    }
 }
 
 const _: () = {
@@ -36,11 +43,7 @@ const _: () = {
 pub unsafe extern "C" fn mc_blend_open(path: *const c_char, out: *mut *mut mc_blend) -> c_int {
     guard(|| {
         let out = non_null_mut(out, "out")?;
-        let path = non_null(path, "path")?;
-        // SAFETY: `path` is NUL-terminated (documented).
-        let path = unsafe { CStr::from_ptr(path) }
-            .to_str()
-            .or_else(|_| fail(MC_ERR_ARG, "path is not UTF-8"))?;
+        let path = c_str(path, "path")?;
         let counts = predictor::blend::load_counts(Path::new(path), usize::MAX)
             .or_else(|e| fail(MC_ERR_OPEN, e.to_string()))?;
         let shape = counts.shape;
@@ -56,10 +59,8 @@ pub unsafe extern "C" fn mc_blend_open(path: *const c_char, out: *mut *mut mc_bl
 /// `b` comes from `mc_blend_open` and is not used afterwards.
 #[no_mangle]
 pub unsafe extern "C" fn mc_blend_free(b: *mut mc_blend) {
-    if !b.is_null() {
-        // SAFETY: `b` was made by `Box::into_raw` in `mc_blend_open`.
-        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(b) })));
-    }
+    // SAFETY: `b` was made by `mc_blend_open` (documented).
+    unsafe { free_box(b) }
 }
 
 /// The blend's shape: MoE layers, experts per layer, experts routed per token, and the
@@ -77,15 +78,12 @@ pub unsafe extern "C" fn mc_blend_shape(
 ) -> c_int {
     guard(|| {
         let b = non_null(b, "b")?;
-        for (ptr, value, name) in [
+        write_shape([
             (n_moe_layers, b.shape.n_moe, "n_moe_layers"),
             (n_experts, b.shape.n_experts, "n_experts"),
             (top_k, b.shape.top_k, "top_k"),
             (horizon, b.blend.horizon(), "horizon"),
-        ] {
-            *non_null_mut(ptr, name)? = value as u32;
-        }
-        Ok(())
+        ])
     })
 }
 
@@ -119,9 +117,13 @@ fn expert_ids<'a>(ids: &'a [u16], n_experts: usize, what: &str) -> Result<&'a [u
 /// null, their forecast probabilities in `probs[horizon * budget]`. Layers past the last
 /// MoE layer are filled with 0xFFFF (probability 0).
 ///
+/// Call it at most once per layer of a token (each call's forecasts are learned from
+/// when the token is observed). `earlier` is not read at layer 0.
+///
 /// # Safety
 /// `b` is a live blend; `experts` (and `earlier` unless null) hold `top_k` values; `out`
-/// (and `probs` unless null) have room for `horizon * budget`.
+/// (and `probs` unless null) have room for `horizon * budget`; `out`, `probs`, `experts`
+/// and `earlier` do not overlap.
 #[no_mangle]
 #[allow(clippy::too_many_arguments)]
 pub unsafe extern "C" fn mc_blend_forecast(
@@ -135,11 +137,7 @@ pub unsafe extern "C" fn mc_blend_forecast(
 ) -> c_int {
     guard(|| {
         let b = non_null_mut(b, "b")?;
-        let RoutingShape {
-            n_moe: m,
-            n_experts: e,
-            top_k: k,
-        } = b.shape;
+        let (m, e, k) = b.dims();
         let (l, budget) = (layer as usize, budget as usize);
         if l >= m {
             return fail(MC_ERR_ARG, format!("layer {l} is outside 0..{m}"));
@@ -192,11 +190,7 @@ pub unsafe extern "C" fn mc_blend_observe(
 ) -> c_int {
     guard(|| {
         let b = non_null_mut(b, "b")?;
-        let RoutingShape {
-            n_moe: m,
-            n_experts: e,
-            top_k: k,
-        } = b.shape;
+        let (m, e, k) = b.dims();
         let experts = expert_ids(slice(experts, m * k, "experts")?, e, "experts")?;
         let layers: Vec<Option<&[u16]>> = experts.chunks(k).map(Some).collect();
         b.blend.token_routed(token, &layers);

@@ -131,6 +131,38 @@ fn slice_mut<'a, T>(p: *mut T, len: usize, name: &str) -> Result<&'a mut [T], Fa
     Ok(unsafe { std::slice::from_raw_parts_mut(p, len) })
 }
 
+/// The NUL-terminated UTF-8 string at `p`, named `name` in errors.
+fn c_str<'a>(p: *const c_char, name: &str) -> Result<&'a str, Failure> {
+    if p.is_null() {
+        return fail(MC_ERR_NULL, format!("{name} is null"));
+    }
+    // SAFETY: not null, and the header documents that `p` is NUL-terminated.
+    unsafe { CStr::from_ptr(p) }
+        .to_str()
+        .or_else(|_| fail(MC_ERR_ARG, format!("{name} is not UTF-8")))
+}
+
+/// Frees an object this library returned (null is ignored); a panic in its drop stays
+/// inside.
+///
+/// # Safety
+/// `p` is null or was made by `Box::into_raw` here, and is not used afterwards.
+unsafe fn free_box<T>(p: *mut T) {
+    if !p.is_null() {
+        // SAFETY: documented above.
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(p) })));
+    }
+}
+
+/// Writes a shape's four values (MoE layers, experts, top-k, horizon) through their
+/// pointers, each named in the error if null.
+fn write_shape(values: [(*mut u32, usize, &str); 4]) -> Result<(), Failure> {
+    for (ptr, value, name) in values {
+        *non_null_mut(ptr, name)? = value as u32;
+    }
+    Ok(())
+}
+
 /// The message of the last error on this thread ("" if none); valid until the next
 /// call into the library on this thread.
 #[no_mangle]
@@ -149,11 +181,7 @@ pub unsafe extern "C" fn mc_predictor_open(
 ) -> c_int {
     guard(|| {
         let out = non_null_mut(out, "out")?;
-        let dir = non_null(dir, "dir")?;
-        // SAFETY: `dir` is NUL-terminated (documented).
-        let dir = unsafe { CStr::from_ptr(dir) }
-            .to_str()
-            .or_else(|_| fail(MC_ERR_ARG, "dir is not UTF-8"))?;
+        let dir = c_str(dir, "dir")?;
         let loaded = LoadedPredictor::load(Path::new(dir), &BackendKind::Flex.device())
             .or_else(|e| fail(MC_ERR_OPEN, e.to_string()))?;
         *out = Box::into_raw(Box::new(mc_predictor { loaded }));
@@ -167,10 +195,8 @@ pub unsafe extern "C" fn mc_predictor_open(
 /// `p` comes from `mc_predictor_open` and is not used afterwards.
 #[no_mangle]
 pub unsafe extern "C" fn mc_predictor_free(p: *mut mc_predictor) {
-    if !p.is_null() {
-        // SAFETY: `p` was made by `Box::into_raw` in `mc_predictor_open`.
-        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(p) })));
-    }
+    // SAFETY: `p` was made by `mc_predictor_open` (documented).
+    unsafe { free_box(p) }
 }
 
 /// The predictor's shape: MoE layers, experts per layer, experts routed per token, and
@@ -188,16 +214,12 @@ pub unsafe extern "C" fn mc_predictor_shape(
 ) -> c_int {
     guard(|| {
         let c = &non_null(p, "p")?.loaded.card.config;
-        let horizon_value = c.lookahead_horizon();
-        for (ptr, value, name) in [
+        write_shape([
             (n_moe_layers, c.routing.n_moe, "n_moe_layers"),
             (n_experts, c.routing.n_experts, "n_experts"),
             (top_k, c.routing.top_k, "top_k"),
-            (horizon, horizon_value, "horizon"),
-        ] {
-            *non_null_mut(ptr, name)? = value as u32;
-        }
-        Ok(())
+            (horizon, c.lookahead_horizon(), "horizon"),
+        ])
     })
 }
 
@@ -245,10 +267,8 @@ pub unsafe extern "C" fn mc_session_new(
 /// `s` comes from `mc_session_new` and is not used afterwards.
 #[no_mangle]
 pub unsafe extern "C" fn mc_session_free(s: *mut mc_session) {
-    if !s.is_null() {
-        // SAFETY: `s` was made by `Box::into_raw` in `mc_session_new`.
-        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(s) })));
-    }
+    // SAFETY: `s` was made by `mc_session_new` (documented).
+    unsafe { free_box(s) }
 }
 
 /// Starts a new sequence in session `s`.

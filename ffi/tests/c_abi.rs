@@ -298,14 +298,22 @@ fn the_blend_through_the_c_abi_forecasts_as_online_blend_does() {
                     );
                     assert_eq!(code, MC_OK, "{}", last_error());
                     let mut want = vec![u16::MAX; h * BUDGET];
+                    let mut want_probs = vec![0f32; h * BUDGET];
                     let earlier = l.checked_sub(1).map(|p| layers[p]);
                     rust.forecast(l, layers[l], earlier, |target, scores| {
                         predictor::metrics::rank_top(scores, BUDGET, &mut ranking);
                         let row = (target - l - 1) * BUDGET;
                         want[row..row + BUDGET].copy_from_slice(&ranking);
+                        for (i, &x) in ranking.iter().enumerate() {
+                            want_probs[row + i] = OnlineBlend::probability(scores[x as usize]);
+                        }
                     });
                     assert_eq!(out, want, "token {t}, layer {l}");
-                    assert!(probs.iter().all(|p| (0.0..=1.0).contains(p)));
+                    assert_eq!(probs, want_probs, "token {t}, layer {l}");
+                    // Best first.
+                    for row in probs.chunks(BUDGET) {
+                        assert!(row.windows(2).all(|w| w[0] >= w[1]), "{row:?}");
+                    }
                     compared += 1;
                 }
                 let flat: Vec<u16> = layers.concat();
@@ -318,6 +326,7 @@ fn the_blend_through_the_c_abi_forecasts_as_online_blend_does() {
         // Bad arguments: a layer past the last, budget 0, an expert out of range, nulls.
         let ids = [1u16, 2];
         let bad = [1u16, 99];
+        let out_ptr = out.as_mut_ptr();
         let forecast = |layer, ids: &[u16], budget| {
             mc_blend_forecast(
                 b,
@@ -325,13 +334,18 @@ fn the_blend_through_the_c_abi_forecasts_as_online_blend_does() {
                 ids.as_ptr(),
                 std::ptr::null(),
                 budget,
-                out.as_ptr() as *mut u16,
+                out_ptr,
                 std::ptr::null_mut(),
             )
         };
         assert_eq!(forecast(4, &ids, 2), MC_ERR_ARG);
         assert!(last_error().contains("layer 4"), "{}", last_error());
         assert_eq!(forecast(0, &ids, 0), MC_ERR_ARG);
+        assert_eq!(forecast(0, &ids, 9), MC_ERR_ARG);
+        assert!(last_error().contains("budget 9"), "{}", last_error());
+        // The last layer has no layer after it: every row is 0xFFFF.
+        assert_eq!(forecast(3, &ids, 2), MC_OK);
+        assert!(out[..h * 2].iter().all(|&x| x == u16::MAX));
         assert_eq!(forecast(0, &bad, 2), MC_ERR_ARG);
         assert!(last_error().contains("expert 99"), "{}", last_error());
         assert_eq!(forecast(0, &ids, 2), MC_OK);

@@ -53,6 +53,28 @@ fn prompt(vocab: usize, n: usize, salt: usize) -> Vec<u32> {
         .collect()
 }
 
+/// Generates `prompts` prompts of 5 tokens greedily, `n` new tokens each, through
+/// `engine` (a new request each) and asserts the tokens and logits equal the in-memory
+/// `reference`'s.
+fn generates_as_in_memory(
+    reference: &MoeModel,
+    model: &MoeModel,
+    engine: &mut OffloadEngine,
+    prompts: std::ops::Range<usize>,
+    n: usize,
+    what: &str,
+) {
+    let vocab = reference.shape().vocab_size;
+    for salt in prompts {
+        let p = prompt(vocab, 5, salt);
+        let want = generate(reference, &p, n, &Sampling::Greedy, None, &mut NoObserver).unwrap();
+        engine.new_request();
+        let got = generate(model, &p, n, &Sampling::Greedy, None, engine).unwrap();
+        assert_eq!(got.generated, want.generated, "{what}: tokens differ");
+        assert_eq!(got.step_logits, want.step_logits, "{what}: logits differ");
+    }
+}
+
 #[test]
 fn offloaded_generation_is_identical_and_counters_add_up() {
     for name in [
@@ -80,15 +102,7 @@ fn offloaded_generation_is_identical_and_counters_add_up() {
                 &device,
             )
             .unwrap();
-            for salt in 0..2 {
-                let p = prompt(shape.vocab_size, 5, salt);
-                let want =
-                    generate(&reference, &p, 12, &Sampling::Greedy, None, &mut NoObserver).unwrap();
-                engine.new_request();
-                let got = generate(&model, &p, 12, &Sampling::Greedy, None, &mut engine).unwrap();
-                assert_eq!(got.generated, want.generated, "{name}: tokens differ");
-                assert_eq!(got.step_logits, want.step_logits, "{name}: logits differ");
-            }
+            generates_as_in_memory(&reference, &model, &mut engine, 0..2, 12, name);
             let r = engine.report();
             assert_eq!(r.decode_tokens, 24, "{name}");
             assert_eq!(
@@ -269,18 +283,8 @@ fn gate_prefetches_find_experts_before_routing_and_change_no_token() {
             ..config(total / 10, EvictionPolicy::Lru, 0.0)
         };
         let mut engine = OffloadEngine::new(&ck, &mut model, cfg, None, &device).unwrap();
-        for salt in 0..3 {
-            let p = prompt(shape.vocab_size, 5, salt);
-            let want =
-                generate(&reference, &p, 12, &Sampling::Greedy, None, &mut NoObserver).unwrap();
-            engine.new_request();
-            let got = generate(&model, &p, 12, &Sampling::Greedy, None, &mut engine).unwrap();
-            assert_eq!(
-                got.generated, want.generated,
-                "pre-attention {pre_attention}, lens {lens}"
-            );
-            assert_eq!(got.step_logits, want.step_logits);
-        }
+        let what = format!("pre-attention {pre_attention}, lens {lens}");
+        generates_as_in_memory(&reference, &model, &mut engine, 0..3, 12, &what);
         let r = engine.report().clone();
         assert_eq!(r.hits + r.late + r.misses, r.accesses);
         let name = match (pre_attention, lens) {
@@ -317,14 +321,8 @@ fn planned_prefetch_in_the_engine_changes_no_token_and_reports_its_decisions() {
             ..config(total / 4, EvictionPolicy::Lru, 0.0)
         };
         let mut engine = OffloadEngine::new(&ck, &mut model, cfg, None, &device).unwrap();
-        for salt in 0..3 {
-            let p = prompt(shape.vocab_size, 5, salt);
-            let want =
-                generate(&reference, &p, 16, &Sampling::Greedy, None, &mut NoObserver).unwrap();
-            engine.new_request();
-            let got = generate(&model, &p, 16, &Sampling::Greedy, None, &mut engine).unwrap();
-            assert_eq!(got.generated, want.generated, "planned {planned}");
-        }
+        let what = format!("planned {planned}");
+        generates_as_in_memory(&reference, &model, &mut engine, 0..3, 16, &what);
         let r = engine.report().clone();
         assert_eq!(r.hits + r.late + r.misses, r.accesses);
         // Without a prefetcher there is no budget.
@@ -404,14 +402,8 @@ fn the_online_blend_in_the_engine_finds_experts_and_changes_no_token() {
             ..config(total / 4, EvictionPolicy::Lru, 0.0)
         };
         let mut engine = OffloadEngine::new(&ck, &mut model, cfg, None, &device).unwrap();
-        for salt in 0..3 {
-            let p = prompt(shape.vocab_size, 5, salt);
-            let want =
-                generate(&reference, &p, 16, &Sampling::Greedy, None, &mut NoObserver).unwrap();
-            engine.new_request();
-            let got = generate(&model, &p, 16, &Sampling::Greedy, None, &mut engine).unwrap();
-            assert_eq!(got.generated, want.generated, "blend {}", blend.is_some());
-        }
+        let what = format!("blend {}", blend.is_some());
+        generates_as_in_memory(&reference, &model, &mut engine, 0..3, 16, &what);
         let r = engine.report().clone();
         assert_eq!(r.hits + r.late + r.misses, r.accesses);
         assert_eq!(

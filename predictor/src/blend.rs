@@ -65,6 +65,8 @@ pub struct OnlineBlend {
     examples: Vec<Example>,
     near: Vec<f32>,
     far: Vec<f32>,
+    /// One layer's scores, reused.
+    scores: Vec<f32>,
 }
 
 impl std::fmt::Debug for OnlineBlend {
@@ -86,6 +88,11 @@ impl OnlineBlend {
     pub fn new(counts: BaselineStats, horizon: usize) -> Self {
         let (m, e) = (counts.shape.n_moe, counts.shape.n_experts);
         let horizon = horizon.min(counts.horizon).max(1);
+        // The blend reads co-activation and shares only: per-token-id counts would grow
+        // with every id it is shown.
+        let mut counts = counts;
+        counts.token_table = None;
+        counts.first_layer_by_token.clear();
         let mut start = [0.0; FEATURES];
         start[0] = 1.0;
         let mut blend = OnlineBlend {
@@ -98,6 +105,7 @@ impl OnlineBlend {
             examples: Vec::new(),
             near: vec![0.0; e],
             far: vec![0.0; e],
+            scores: Vec::with_capacity(e),
         };
         blend.refresh_marginal();
         blend
@@ -133,7 +141,7 @@ impl OnlineBlend {
             // failed forward) are dropped.
             self.examples.clear();
         }
-        let mut scores = Vec::with_capacity(e);
+        let mut scores = std::mem::take(&mut self.scores);
         for h in 1..=self.horizon.min(m.saturating_sub(l + 1)) {
             let target = l + h;
             self.counts
@@ -168,14 +176,15 @@ impl OnlineBlend {
             }
             out(target, &scores);
         }
+        self.scores = scores;
     }
 
-    /// The current token's routing is complete (`token`: its id, or
-    /// [`datasets::UNKNOWN_TOKEN`]; `layers`: each MoE layer's experts, `None` where not
-    /// known; entries beyond the model's layers are ignored): the blend learns from this
-    /// token's forecasts, and the counts, the request's use and the recent tokens take
-    /// it in.
-    pub fn token_routed(&mut self, token: u32, layers: &[Option<&[u16]>]) {
+    /// The current token's routing is complete (`layers`: each MoE layer's experts,
+    /// `None` where not known; entries beyond the model's layers are ignored): the blend
+    /// learns from this token's forecasts (call [`OnlineBlend::forecast`] at most once per
+    /// layer and token), and the counts, the request's use and the recent tokens take it
+    /// in. The token's id is not read (the blend keeps no per-id counts).
+    pub fn token_routed(&mut self, _token: u32, layers: &[Option<&[u16]>]) {
         let (m, e) = (self.counts.shape.n_moe, self.counts.shape.n_experts);
         let layers = &layers[..layers.len().min(m)];
         let routed = |l: usize| layers.get(l).copied().flatten();
@@ -187,7 +196,7 @@ impl OnlineBlend {
         }
         self.examples = examples;
         self.examples.clear();
-        self.counts.add_routing(token, layers);
+        self.counts.add_routing(datasets::UNKNOWN_TOKEN, layers);
         self.refresh_marginal();
         self.request_use.iter_mut().for_each(|c| *c *= USE_DECAY);
         for (l, ids) in layers.iter().enumerate() {
@@ -197,7 +206,13 @@ impl OnlineBlend {
         }
         self.history.swap(0, 1);
         for (l, slot) in self.history[0].iter_mut().enumerate() {
-            *slot = routed(l).map(<[u16]>::to_vec);
+            match (slot.as_mut(), routed(l)) {
+                (Some(v), Some(ids)) => {
+                    v.clear();
+                    v.extend_from_slice(ids);
+                }
+                (_, ids) => *slot = ids.map(<[u16]>::to_vec),
+            }
         }
     }
 

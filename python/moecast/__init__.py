@@ -14,7 +14,7 @@
 
 `budget` (experts per layer) defaults to top_k. Rows past the last MoE layer are
 0xFFFF. Errors raise `moecast.MoecastError` with the library's message. A Predictor and
-its sessions belong to the thread that made them.
+its sessions, and a Blend, belong to the thread that made them.
 """
 
 import numpy as np
@@ -119,7 +119,7 @@ class Blend:
         """Layer `layer` of the current token routed to `experts` (top_k ids; `earlier`:
         its layer `layer - 1`): (uint16 [horizon, budget] ids of layers layer+1.., best
         first, 0xFFFF past the last layer; float32 [horizon, budget] probabilities)."""
-        b = budget or self.top_k
+        b = self.top_k if budget is None else budget
         ids = _ids(experts, 1, self.top_k, "experts")
         prev = None if earlier is None else _ids(earlier, 1, self.top_k, "earlier")
         out, probs = self._b.forecast(int(layer), ids, prev, b)

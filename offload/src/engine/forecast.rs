@@ -3,6 +3,7 @@
 //! blend's forecasts after each layer.
 
 use inference::error::{ModelError, Result};
+use inference::routing::RouteDecision;
 use predictor::Task;
 
 use super::{OffloadEngine, PrefetchGuard};
@@ -83,11 +84,7 @@ impl OffloadEngine {
             return;
         };
         for (i, &tok) in self.tokens.iter().enumerate() {
-            let ids: Vec<Option<Vec<u16>>> = self
-                .routing
-                .iter()
-                .map(|d| d.get(i).map(|d| d.ids.iter().map(|&x| x as u16).collect()))
-                .collect();
+            let ids = token_routing(&self.routing, i);
             let ids: Vec<Option<&[u16]>> = ids.iter().map(|x| x.as_deref()).collect();
             blend.token_routed(tok, &ids);
         }
@@ -126,11 +123,7 @@ impl OffloadEngine {
             return Ok(());
         };
         for (i, &tok) in self.tokens.iter().enumerate() {
-            let ids: Vec<Option<Vec<u16>>> = self
-                .routing
-                .iter()
-                .map(|d| d.get(i).map(|d| d.ids.iter().map(|&x| x as u16).collect()))
-                .collect();
+            let ids = token_routing(&self.routing, i);
             let ids: Vec<Option<&[u16]>> = ids.iter().map(|x| x.as_deref()).collect();
             p.observe(tok, &ids).map_err(ModelError::observer)?;
         }
@@ -140,4 +133,12 @@ impl OffloadEngine {
         }
         Ok(())
     }
+}
+
+/// This forward's `i`-th token's experts per MoE layer (`None`: not routed).
+fn token_routing(routing: &[Vec<RouteDecision>], i: usize) -> Vec<Option<Vec<u16>>> {
+    routing
+        .iter()
+        .map(|d| d.get(i).map(|d| d.ids.iter().map(|&x| x as u16).collect()))
+        .collect()
 }

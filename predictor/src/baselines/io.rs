@@ -137,7 +137,7 @@ impl BaselineStats {
         let (fs, frequency) = tensors.remove("frequency").expect("read above");
         let (cs, coactivation) = tensors.remove("coactivation").expect("read above");
         let (m, e) = (shape.n_moe, shape.n_experts);
-        if fs != [m, e] || cs.len() != 4 || cs[1..] != [m, e, e] {
+        if fs != [m, e] || cs.len() != 4 || cs[0] == 0 || cs[1..] != [m, e, e] {
             return Err(bad(format!(
                 "shapes {fs:?} / {cs:?} do not match {m} layers x {e} experts"
             )));
