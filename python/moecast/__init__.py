@@ -120,6 +120,8 @@ class Blend:
         its layer `layer - 1`): (uint16 [horizon, budget] ids of layers layer+1.., best
         first, 0xFFFF past the last layer; float32 [horizon, budget] probabilities)."""
         b = self.top_k if budget is None else budget
+        if layer < 0 or b < 0:
+            raise MoecastError(f"layer {layer} and budget {b} must not be negative")
         ids = _ids(experts, 1, self.top_k, "experts")
         prev = None if earlier is None else _ids(earlier, 1, self.top_k, "earlier")
         out, probs = self._b.forecast(int(layer), ids, prev, b)
@@ -127,6 +129,8 @@ class Blend:
 
     def observe(self, token, experts):
         """The token's full routing ([n_moe_layers, top_k]); token 0xFFFFFFFF if unknown."""
+        if not 0 <= token <= 0xFFFFFFFF:
+            raise MoecastError(f"token {token} is outside 0..0xFFFFFFFF")
         self._b.observe(int(token), _ids(experts, self.n_moe_layers, self.top_k, "experts"))
 
 

@@ -168,5 +168,11 @@ def test_blend_learns_the_routing_better_than_layer_frequency(trained):
         b.forecast(0, [1, 99])
     with pytest.raises(moecast.MoecastError, match="layer"):
         b.forecast(m, [1, 2])
+    with pytest.raises(moecast.MoecastError, match="layer -1"):
+        b.forecast(-1, [1, 2])
+    with pytest.raises(moecast.MoecastError, match="budget 0"):
+        b.forecast(0, [1, 2], budget=0)
+    with pytest.raises(moecast.MoecastError, match="token -3"):
+        b.observe(-3, experts[0])
     with pytest.raises(moecast.MoecastError, match="nope"):
         moecast.Blend(out / "nope.mctrace")
