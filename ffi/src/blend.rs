@@ -8,8 +8,8 @@ use datasets::examples::RoutingShape;
 use predictor::blend::OnlineBlend;
 
 use crate::{
-    c_str, fail, free_box, guard, non_null, non_null_mut, slice, slice_mut, write_shape, Failure,
-    MC_ERR_ARG, MC_ERR_OPEN,
+    c_str, checked_experts, fail, free_box, guard, non_null, non_null_mut, slice, slice_mut,
+    write_shape, MC_ERR_ARG, MC_ERR_OPEN,
 };
 
 /// An online blend: a training-free forecaster of the next layers' experts (co-activation
@@ -100,17 +100,6 @@ pub unsafe extern "C" fn mc_blend_reset(b: *mut mc_blend) -> c_int {
     })
 }
 
-/// `ids` checked against `n_experts`, named `what` in the message.
-fn expert_ids<'a>(ids: &'a [u16], n_experts: usize, what: &str) -> Result<&'a [u16], Failure> {
-    match ids.iter().find(|&&x| x as usize >= n_experts) {
-        Some(x) => fail(
-            MC_ERR_ARG,
-            format!("expert {x} in {what} is outside 0..{n_experts}"),
-        ),
-        None => Ok(ids),
-    }
-}
-
 /// Layer `layer` of the current token routed to `experts[top_k]` (`earlier[top_k]`: the
 /// token's layer `layer - 1`, or null): `out[horizon * budget]`, the `budget` most likely
 /// experts of layers `layer + 1 .. layer + horizon`, best first, and, unless `probs` is
@@ -145,33 +134,24 @@ pub unsafe extern "C" fn mc_blend_forecast(
         if budget == 0 || budget > e {
             return fail(MC_ERR_ARG, format!("budget {budget} is outside 1..={e}"));
         }
-        let given = expert_ids(slice(experts, k, "experts")?, e, "experts")?;
+        let given = checked_experts(slice(experts, k, "experts")?, e, k, "experts")?;
         let earlier = match (earlier.is_null(), l) {
             (true, _) | (_, 0) => None,
-            _ => Some(expert_ids(slice(earlier, k, "earlier")?, e, "earlier")?),
+            _ => Some(checked_experts(
+                slice(earlier, k, "earlier")?,
+                e,
+                k,
+                "earlier",
+            )?),
         };
         let h = b.blend.horizon();
         let out = slice_mut(out, h * budget, "out")?;
-        let mut probs = if probs.is_null() {
+        let probs = if probs.is_null() {
             None
         } else {
             Some(slice_mut(probs, h * budget, "probs")?)
         };
-        out.fill(u16::MAX);
-        if let Some(p) = probs.as_deref_mut() {
-            p.fill(0.0);
-        }
-        let mut ranking = Vec::with_capacity(budget);
-        b.blend.forecast(l, given, earlier, |target, scores| {
-            predictor::metrics::rank_top(scores, budget, &mut ranking);
-            let row = (target - l - 1) * budget;
-            for (i, &x) in ranking.iter().enumerate() {
-                out[row + i] = x;
-                if let Some(p) = probs.as_deref_mut() {
-                    p[row + i] = OnlineBlend::probability(scores[x as usize]);
-                }
-            }
-        });
+        b.blend.forecast_top(l, given, earlier, budget, out, probs);
         Ok(())
     })
 }
@@ -191,7 +171,7 @@ pub unsafe extern "C" fn mc_blend_observe(
     guard(|| {
         let b = non_null_mut(b, "b")?;
         let (m, e, k) = b.dims();
-        let experts = expert_ids(slice(experts, m * k, "experts")?, e, "experts")?;
+        let experts = checked_experts(slice(experts, m * k, "experts")?, e, k, "experts")?;
         let layers: Vec<Option<&[u16]>> = experts.chunks(k).map(Some).collect();
         b.blend.token_routed(token, &layers);
         Ok(())

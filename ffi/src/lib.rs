@@ -346,21 +346,32 @@ fn layers_of<'a>(
     layers: usize,
 ) -> Result<Vec<&'a [u16]>, Failure> {
     let r = p.card.config.routing;
-    if let Some((i, x)) = experts
+    let experts = checked_experts(experts, r.n_experts, r.top_k, "experts")?;
+    Ok(experts.chunks(r.top_k).take(layers).collect())
+}
+
+/// `ids` (`top_k` per layer) with every expert below `n_experts`; the first that is not
+/// is named with its layer and `what` in the error.
+fn checked_experts<'a>(
+    ids: &'a [u16],
+    n_experts: usize,
+    top_k: usize,
+    what: &str,
+) -> Result<&'a [u16], Failure> {
+    match ids
         .iter()
         .enumerate()
-        .find(|(_, &x)| x as usize >= r.n_experts)
+        .find(|(_, &x)| x as usize >= n_experts)
     {
-        return fail(
+        Some((i, x)) => fail(
             MC_ERR_ARG,
             format!(
-                "expert {x} at layer {} is outside 0..{}",
-                i / r.top_k,
-                r.n_experts
+                "expert {x} at layer {} of {what} is outside 0..{n_experts}",
+                i / top_k.max(1)
             ),
-        );
+        ),
+        None => Ok(ids),
     }
-    Ok(experts.chunks(r.top_k).take(layers).collect())
 }
 
 /// Lookahead after layers `0..known` of token `token` routed (`experts[known * top_k]`,

@@ -237,20 +237,14 @@ pub fn run_offloaded(cfg: &OffloadRunConfig) -> Result<OffloadRun, OffloadError>
     })
 }
 
-/// The counts stored beside the predictor in directory `dir`.
-fn stored_counts(dir: &Path) -> Result<BaselineStats, OffloadError> {
-    let pd = predictor::PredictorDir::new(dir.to_path_buf());
-    Ok(pd.read_card().and_then(|card| pd.read_baselines(&card))?)
-}
-
 /// The token-table counts of the predictor directory `dir`.
 fn token_table(dir: &Path) -> Result<BaselineStats, OffloadError> {
-    let stats = stored_counts(dir)?;
+    let pd = predictor::PredictorDir::new(dir.to_path_buf());
+    let stats = pd.read_counts()?;
     if !stats.has_token_table() {
-        let file = predictor::PredictorDir::new(dir.to_path_buf()).baselines_file();
         return Err(inference::ModelError::Input(format!(
             "{}: its baselines have no token table (trained before it); retrain the predictor",
-            file.display()
+            pd.baselines_file().display()
         ))
         .into());
     }
@@ -260,18 +254,9 @@ fn token_table(dir: &Path) -> Result<BaselineStats, OffloadError> {
 /// The counts that start the online blend ([`predictor::blend::load_counts`]); they must
 /// be of `model`'s routing.
 fn blend_counts(path: &Path, model: &inference::ModelShape) -> Result<BaselineStats, OffloadError> {
-    let (m, e, k) = (model.moe_layers.len(), model.n_experts, model.top_k);
-    let counts = predictor::blend::load_counts(path, m)?;
-    let s = counts.shape;
-    if (s.n_moe, s.n_experts, s.top_k) != (m, e, k) {
-        return Err(ModelError::file(
-            path,
-            format!(
-                "--blend: its counts are of {} MoE layers x {} experts (top-{}), the model has {m} x {e} (top-{k})",
-                s.n_moe, s.n_experts, s.top_k
-            ),
-        )
-        .into());
+    let counts = predictor::blend::load_counts(path, model.moe_layers.len())?;
+    if let Some(d) = crate::engine::routing_mismatch(counts.shape, model) {
+        return Err(ModelError::file(path, format!("--blend: its counts are of {d}")).into());
     }
     Ok(counts)
 }

@@ -65,8 +65,9 @@ pub struct OnlineBlend {
     examples: Vec<Example>,
     near: Vec<f32>,
     far: Vec<f32>,
-    /// One layer's scores, reused.
+    /// One layer's scores and ranking, reused.
     scores: Vec<f32>,
+    ranking: Vec<u16>,
 }
 
 impl std::fmt::Debug for OnlineBlend {
@@ -106,6 +107,7 @@ impl OnlineBlend {
             near: vec![0.0; e],
             far: vec![0.0; e],
             scores: Vec::with_capacity(e),
+            ranking: Vec::with_capacity(e),
         };
         blend.refresh_marginal();
         blend
@@ -177,6 +179,37 @@ impl OnlineBlend {
             out(target, &scores);
         }
         self.scores = scores;
+    }
+
+    /// [`OnlineBlend::forecast`] as flat rows, one per layer ahead: `ids[horizon * budget]`
+    /// gets each layer's `budget` best experts by score, best first, and `probs` (if
+    /// given, as long) their probabilities; rows past the last MoE layer are 0xFFFF (and
+    /// probability 0).
+    pub fn forecast_top(
+        &mut self,
+        l: usize,
+        given: &[u16],
+        earlier: Option<&[u16]>,
+        budget: usize,
+        ids: &mut [u16],
+        mut probs: Option<&mut [f32]>,
+    ) {
+        ids.fill(u16::MAX);
+        if let Some(p) = probs.as_deref_mut() {
+            p.fill(0.0);
+        }
+        let mut ranking = std::mem::take(&mut self.ranking);
+        self.forecast(l, given, earlier, |target, scores| {
+            crate::metrics::rank_top(scores, budget, &mut ranking);
+            let row = (target - l - 1) * budget;
+            for (i, &x) in ranking.iter().enumerate() {
+                ids[row + i] = x;
+                if let Some(p) = probs.as_deref_mut() {
+                    p[row + i] = Self::probability(scores[x as usize]);
+                }
+            }
+        });
+        self.ranking = ranking;
     }
 
     /// The current token's routing is complete (`layers`: each MoE layer's experts,
@@ -260,8 +293,7 @@ fn used_by(set: Option<&[u16]>, x: usize) -> f32 {
 /// co-activation up to [`OnlineBlend::HORIZON`] layers ahead.
 pub fn load_counts(path: &Path, max_moe_layers: usize) -> Result<BaselineStats> {
     if path.is_dir() {
-        let pd = PredictorDir::new(path.to_path_buf());
-        return pd.read_card().and_then(|card| pd.read_baselines(&card));
+        return PredictorDir::new(path.to_path_buf()).read_counts();
     }
     let opened = datasets::open_trace(path)?;
     let view = opened.view();

@@ -191,6 +191,12 @@ impl PredictorDir {
         write_atomic(&self.baselines_file(), &stats.to_safetensors()?)
     }
 
+    /// The counts stored beside the predictor, read with the shape its card gives.
+    pub fn read_counts(&self) -> Result<BaselineStats> {
+        let card = self.read_card()?;
+        self.read_baselines(&card)
+    }
+
     pub fn read_baselines(&self, card: &PredictorCard) -> Result<BaselineStats> {
         let path = self.baselines_file();
         let bytes = std::fs::read(&path).map_err(|e| PredictorError::io(&path, e))?;

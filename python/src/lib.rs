@@ -98,18 +98,30 @@ impl Session {
 
     fn layers<'a>(&self, experts: &'a [u16], layers: usize) -> PyResult<Vec<&'a [u16]>> {
         let r = self.online.predictor().card.config.routing;
-        if experts.len() != layers * r.top_k {
-            return Err(err(format!(
-                "experts has {} values, expected {layers} layers x top-{}",
-                experts.len(),
-                r.top_k
-            )));
-        }
-        if let Some(x) = experts.iter().find(|&&x| x as usize >= r.n_experts) {
-            return Err(err(format!("expert {x} is outside 0..{}", r.n_experts)));
-        }
+        let experts = checked_experts(experts, layers, r, "experts")?;
         Ok(experts.chunks(r.top_k).collect())
     }
+}
+
+/// `experts`, `layers` layers of `top_k` ids each, every id below `n_experts`; errors
+/// name `what`.
+fn checked_experts<'a>(
+    experts: &'a [u16],
+    layers: usize,
+    shape: RoutingShape,
+    what: &str,
+) -> PyResult<&'a [u16]> {
+    let (e, k) = (shape.n_experts, shape.top_k);
+    if experts.len() != layers * k {
+        return Err(err(format!(
+            "{what} has {} values, expected {layers} layers x top-{k}",
+            experts.len()
+        )));
+    }
+    if let Some(x) = experts.iter().find(|&&x| x as usize >= e) {
+        return Err(err(format!("{what}: expert {x} is outside 0..{e}")));
+    }
+    Ok(experts)
 }
 
 #[pymethods]
@@ -201,22 +213,6 @@ struct Blend {
     shape: RoutingShape,
 }
 
-impl Blend {
-    fn ids<'a>(&self, experts: &'a [u16], layers: usize, what: &str) -> PyResult<&'a [u16]> {
-        let (e, k) = (self.shape.n_experts, self.shape.top_k);
-        if experts.len() != layers * k {
-            return Err(err(format!(
-                "{what} has {} values, expected {layers} layers x top-{k}",
-                experts.len()
-            )));
-        }
-        if let Some(x) = experts.iter().find(|&&x| x as usize >= e) {
-            return Err(err(format!("{what}: expert {x} is outside 0..{e}")));
-        }
-        Ok(experts)
-    }
-}
-
 #[pymethods]
 impl Blend {
     #[new]
@@ -276,23 +272,20 @@ impl Blend {
         if layer >= m {
             return Err(err(format!("layer {layer} is outside 0..{m}")));
         }
-        let given = self.ids(experts.as_slice().map_err(err)?, 1, "experts")?;
+        let given = checked_experts(experts.as_slice().map_err(err)?, 1, self.shape, "experts")?;
         let earlier = match (&earlier, layer) {
-            (Some(x), 1..) => Some(self.ids(x.as_slice().map_err(err)?, 1, "earlier")?),
+            (Some(x), 1..) => Some(checked_experts(
+                x.as_slice().map_err(err)?,
+                1,
+                self.shape,
+                "earlier",
+            )?),
             _ => None,
         };
         let h = self.blend.horizon();
         let (mut ids, mut probs) = (vec![u16::MAX; h * b], vec![0f32; h * b]);
-        let mut ranking = Vec::with_capacity(b);
         self.blend
-            .forecast(layer, given, earlier, |target, scores| {
-                predictor::metrics::rank_top(scores, b, &mut ranking);
-                let row = (target - layer - 1) * b;
-                for (i, &x) in ranking.iter().enumerate() {
-                    ids[row + i] = x;
-                    probs[row + i] = OnlineBlend::probability(scores[x as usize]);
-                }
-            });
+            .forecast_top(layer, given, earlier, b, &mut ids, Some(&mut probs));
         Ok((PyArray1::from_vec(py, ids), PyArray1::from_vec(py, probs)))
     }
 
@@ -300,7 +293,7 @@ impl Blend {
     /// its forecasts of this token and counts it.
     fn observe(&mut self, token: u32, experts: PyReadonlyArray1<'_, u16>) -> PyResult<()> {
         let (m, k) = (self.shape.n_moe, self.shape.top_k);
-        let experts = self.ids(experts.as_slice().map_err(err)?, m, "experts")?;
+        let experts = checked_experts(experts.as_slice().map_err(err)?, m, self.shape, "experts")?;
         let layers: Vec<Option<&[u16]>> = experts.chunks(k).map(Some).collect();
         self.blend.token_routed(token, &layers);
         Ok(())

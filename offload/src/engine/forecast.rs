@@ -51,11 +51,7 @@ impl OffloadEngine {
         let Some(blend) = &mut self.blend else {
             return;
         };
-        let ids = |m: usize| -> Option<Vec<u16>> {
-            self.routing[m]
-                .first()
-                .map(|d| d.ids.iter().map(|&x| x as u16).collect())
-        };
+        let ids = |m: usize| self.routing[m].first().map(expert_ids);
         let Some(given) = ids(m) else {
             return;
         };
@@ -104,7 +100,7 @@ impl OffloadEngine {
         }
         let known: Vec<Vec<u16>> = self.routing[..=m]
             .iter()
-            .map(|d| d[0].ids.iter().map(|&x| x as u16).collect())
+            .map(|d| expert_ids(&d[0]))
             .collect();
         let known: Vec<&[u16]> = known.iter().map(Vec::as_slice).collect();
         let x = self.router_input.take();
@@ -137,8 +133,10 @@ impl OffloadEngine {
 
 /// This forward's `i`-th token's experts per MoE layer (`None`: not routed).
 fn token_routing(routing: &[Vec<RouteDecision>], i: usize) -> Vec<Option<Vec<u16>>> {
-    routing
-        .iter()
-        .map(|d| d.get(i).map(|d| d.ids.iter().map(|&x| x as u16).collect()))
-        .collect()
+    routing.iter().map(|d| d.get(i).map(expert_ids)).collect()
+}
+
+/// A routing decision's experts as the forecasters take them.
+fn expert_ids(d: &RouteDecision) -> Vec<u16> {
+    d.ids.iter().map(|&x| x as u16).collect()
 }

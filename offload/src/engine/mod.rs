@@ -159,23 +159,18 @@ impl OffloadEngine {
         }
         let shape = model.shape();
         let (m, e) = (shape.moe_layers.len(), shape.n_experts);
-        if let Some(p) = &predictor {
-            let r = p.predictor().card.config.routing;
-            if (r.n_moe, r.n_experts, r.top_k) != (m, e, shape.top_k) {
-                return Err(ModelError::Input(format!(
-                    "the predictor forecasts {} MoE layers x {} experts (top-{}), the model has {m} x {e} (top-{})",
-                    r.n_moe, r.n_experts, r.top_k, shape.top_k
-                )));
-            }
+        if let Some(d) = predictor
+            .as_ref()
+            .and_then(|p| routing_mismatch(p.predictor().card.config.routing, &shape))
+        {
+            return Err(ModelError::Input(format!("the predictor forecasts {d}")));
         }
-        if let Some(c) = &cfg.blend {
-            let s = c.shape;
-            if (s.n_moe, s.n_experts, s.top_k) != (m, e, shape.top_k) {
-                return Err(ModelError::Input(format!(
-                    "the blend's counts are of {} MoE layers x {} experts (top-{}), the model has {m} x {e} (top-{})",
-                    s.n_moe, s.n_experts, s.top_k, shape.top_k
-                )));
-            }
+        if let Some(d) = cfg
+            .blend
+            .as_ref()
+            .and_then(|c| routing_mismatch(c.shape, &shape))
+        {
+            return Err(ModelError::Input(format!("the blend's counts are of {d}")));
         }
         if cfg.capacity == 0 {
             return Err(ModelError::Input(
@@ -396,6 +391,21 @@ impl OffloadEngine {
     fn fail(&mut self, e: impl Into<ModelError>) {
         self.error.get_or_insert(e.into());
     }
+}
+
+/// Where the routing `of` forecasts or counts is not `model`'s: "L MoE layers x E
+/// experts (top-K), the model has ...".
+pub(crate) fn routing_mismatch(
+    of: datasets::examples::RoutingShape,
+    model: &inference::ModelShape,
+) -> Option<String> {
+    let (m, e, k) = (model.moe_layers.len(), model.n_experts, model.top_k);
+    ((of.n_moe, of.n_experts, of.top_k) != (m, e, k)).then(|| {
+        format!(
+            "{} MoE layers x {} experts (top-{}), the model has {m} x {e} (top-{k})",
+            of.n_moe, of.n_experts, of.top_k
+        )
+    })
 }
 
 fn policy_name(p: EvictionPolicy) -> String {
