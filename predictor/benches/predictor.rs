@@ -87,9 +87,8 @@ fn burn_train_rate(
     let shape = set.shape();
     let config = PredictorConfig::new(shape, task);
     let device = kind.device();
-    device.seed(0);
     let ad = device.autodiff();
-    let mut model = ExpertPredictor::new(&config, &ad);
+    let mut model = ExpertPredictor::new(&config, &ad, 0);
     let mut optim = AdamWConfig::new().init();
     let windows = set.windows(Split::Train, config.context);
     let queries = config.queries();

@@ -11,7 +11,7 @@
 //! `u += MLP(LN(u))`, logits of layer `j` = `LN(u) · W_out[j] + b[j]`.
 //! Next-token prediction is the query `κ = 0, D = n_moe`.
 
-use burn::module::{Module, Param};
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::{
     Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig,
     Linear, LinearConfig,
@@ -172,9 +172,35 @@ impl Block {
     }
 }
 
+/// Draws every lazily initialised parameter it visits.
+struct DrawNow;
+
+impl ModuleVisitor for DrawNow {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let _ = param.base();
+    }
+}
+
 impl ExpertPredictor {
-    /// A freshly initialised predictor on `device` (seed the device for determinism).
-    pub fn new(config: &PredictorConfig, device: &Device) -> Self {
+    /// A freshly initialised predictor on `device`, its weights drawn from `seed`.
+    ///
+    /// Burn's CPU backends draw from one process-wide generator, so seeding it and
+    /// drawing hold a lock: predictors built at once on several threads (two training
+    /// runs in one process, or tests) get the weights each would get alone.
+    pub fn new(config: &PredictorConfig, device: &Device, seed: u64) -> Self {
+        static SEEDED_INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _drawing = SEEDED_INIT
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        device.seed(seed);
+        let model = Self::draw(config, device);
+        // Burn draws a parameter lazily, at its first use: draw them all now, in field
+        // order, while the generator is ours.
+        model.visit(&mut DrawNow);
+        model
+    }
+
+    fn draw(config: &PredictorConfig, device: &Device) -> Self {
         let (d, r) = (config.d_model, config.routing);
         let width = r.width();
         let scale = (1.0 / (r.top_k as f64 * r.n_moe as f64)).sqrt();

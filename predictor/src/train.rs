@@ -287,7 +287,6 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     dir.write_baselines(&stats)?;
 
     let device = opts.backend.device();
-    device.seed(st.seed);
     let ad = device.clone().autodiff();
     let per_epoch = train_windows.len().div_ceil(st.batch_size).max(1);
     let total_steps = (per_epoch * st.max_epochs) as u64;
@@ -300,7 +299,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             (p.settings.max_epochs, p.settings.patience) = (st.max_epochs, st.patience);
             p.settings.checkpoint_every = st.checkpoint_every;
             p.finished = should_stop(&p, st, step, total_steps);
-            let model = ckpt.load_model(step, ExpertPredictor::new(cfg, &ad))?;
+            let model = ckpt.load_model(step, ExpertPredictor::new(cfg, &ad, st.seed))?;
             let optim = ckpt.load_optim(step, optimizer(&p.settings))?;
             (step, model, optim, p)
         }
@@ -321,7 +320,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                 epoch_loss: (0.0, 0),
                 epoch_examples: 0,
             };
-            (0, ExpertPredictor::new(cfg, &ad), optimizer(st), p)
+            (0, ExpertPredictor::new(cfg, &ad, st.seed), optimizer(st), p)
         }
     };
     let start_step = step;

@@ -235,6 +235,48 @@ fn training_with_dropout_repeats_exactly_over_shards() {
     assert_eq!(first, run("b"));
 }
 
+/// Burn's CPU generator is one per process: predictors built on several threads at once
+/// (training runs or tests side by side) still get the weights of their own seed.
+#[test]
+fn predictors_built_at_once_get_the_weights_of_their_seed() {
+    use predictor::model::ExpertPredictor;
+    let shape = RoutingShape {
+        n_moe: 4,
+        n_experts: 16,
+        top_k: 2,
+    };
+    let cfg = PredictorConfig::new(shape, Task::Lookahead).with_d_model(32);
+    let device = burn::tensor::Device::flex();
+    let weights = |seed: u64| {
+        let m = ExpertPredictor::new(&cfg, &device, seed);
+        let last = m
+            .head_out
+            .weight
+            .val()
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        (
+            m.query_routing
+                .val()
+                .into_data()
+                .try_to_vec::<f32>()
+                .unwrap(),
+            last,
+        )
+    };
+    let alone = [weights(1), weights(2)];
+    assert_ne!(alone[0], alone[1]);
+    std::thread::scope(|s| {
+        let builds: Vec<_> = (0..8u64)
+            .map(|i| (i, s.spawn(move || weights(1 + i % 2))))
+            .collect();
+        for (i, b) in builds {
+            assert!(b.join().unwrap() == alone[(i % 2) as usize], "build {i}");
+        }
+    });
+}
+
 /// A data-parallel step over shards of a batch gives the loss and gradients of the whole
 /// batch in one piece (within float rounding), for every shard count.
 #[test]
@@ -250,8 +292,7 @@ fn sharded_steps_equal_the_whole_batch() {
     // gradient from the first step.
     let cfg = opts.config.with_token_prior(false);
     let ad = opts.backend.device().autodiff();
-    ad.seed(3);
-    let model = ExpertPredictor::new(&cfg, &ad);
+    let model = ExpertPredictor::new(&cfg, &ad, 3);
     let windows = set.windows(Split::Train, cfg.context);
     assert!(windows.len() >= 7, "{} windows", windows.len());
     let batch = set.batch(&windows[..7], cfg.token_buckets);

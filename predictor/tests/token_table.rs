@@ -243,7 +243,7 @@ fn the_untrained_predictor_ranks_as_the_count_baselines() {
         .with_n_layers(1)
         .with_n_heads(2)
         .with_token_buckets(64);
-    let model = predictor::ExpertPredictor::new(&config, &dev);
+    let model = predictor::ExpertPredictor::new(&config, &dev, 0);
     let r = evaluate(
         &model,
         Some(&stats),
