@@ -80,7 +80,10 @@ impl BaselineStats {
     /// `layers` each MoE layer's experts (`None`: not recorded).
     pub fn add_routing(&mut self, token: u32, layers: &[Option<&[u16]>]) {
         self.count_token(token, layers);
-        self.refresh_order();
+        let m = self.shape.n_moe.min(layers.len());
+        for l in (0..m).filter(|&l| layers[l].is_some()) {
+            self.refresh_layer(l);
+        }
     }
 
     fn count_token(&mut self, token: u32, layers: &[Option<&[u16]>]) {
@@ -120,28 +123,27 @@ impl BaselineStats {
     }
 
     fn refresh_order(&mut self) {
+        let (m, e) = (self.shape.n_moe, self.shape.n_experts);
+        self.frequency_order.resize(m, Vec::new());
+        self.shares.resize(m * e, 0.0);
+        for l in 0..m {
+            self.refresh_layer(l);
+        }
+    }
+
+    /// Layer `l`'s frequency order and shares, from its counts.
+    fn refresh_layer(&mut self, l: usize) {
         let e = self.shape.n_experts;
-        self.frequency_order = (0..self.shape.n_moe)
-            .map(|l| {
-                let mut out = Vec::new();
-                crate::metrics::rank_top(&self.frequency[l * e..(l + 1) * e], e, &mut out);
-                out
-            })
-            .collect();
-        self.shares = self
-            .frequency
-            .chunks(e)
-            .flat_map(|row| {
-                let total = row.iter().sum::<f32>();
-                row.iter().map(move |&c| {
-                    if total > 0.0 {
-                        c / total
-                    } else {
-                        1.0 / e as f32
-                    }
-                })
-            })
-            .collect();
+        let row = &self.frequency[l * e..(l + 1) * e];
+        crate::metrics::rank_top(row, e, &mut self.frequency_order[l]);
+        let total = row.iter().sum::<f32>();
+        for (share, &c) in self.shares[l * e..(l + 1) * e].iter_mut().zip(row) {
+            *share = if total > 0.0 {
+                c / total
+            } else {
+                1.0 / e as f32
+            };
+        }
     }
 
     /// Layer `layer`'s share of choices per expert.

@@ -109,7 +109,7 @@ impl OnlineBlend {
             scores: Vec::with_capacity(e),
             ranking: Vec::with_capacity(e),
         };
-        blend.refresh_marginal();
+        (0..m).for_each(|l| blend.refresh_marginal(l));
         blend
     }
 
@@ -230,7 +230,9 @@ impl OnlineBlend {
         self.examples = examples;
         self.examples.clear();
         self.counts.add_routing(datasets::UNKNOWN_TOKEN, layers);
-        self.refresh_marginal();
+        for l in (0..layers.len()).filter(|&l| layers[l].is_some()) {
+            self.refresh_marginal(l);
+        }
         self.request_use.iter_mut().for_each(|c| *c *= USE_DECAY);
         for (l, ids) in layers.iter().enumerate() {
             for &x in ids.unwrap_or(&[]) {
@@ -249,13 +251,15 @@ impl OnlineBlend {
         }
     }
 
-    fn refresh_marginal(&mut self) {
+    /// Layer `l`'s share log-odds, from the counts as they stand.
+    fn refresh_marginal(&mut self, l: usize) {
         let e = self.counts.shape.n_experts;
         let k = self.counts.shape.top_k as f32;
-        for (l, row) in self.marginal.chunks_mut(e).enumerate() {
-            for (v, f) in row.iter_mut().zip(self.counts.share(l)) {
-                *v = log_odds(k * f);
-            }
+        for (v, f) in self.marginal[l * e..(l + 1) * e]
+            .iter_mut()
+            .zip(self.counts.share(l))
+        {
+            *v = log_odds(k * f);
         }
     }
 
