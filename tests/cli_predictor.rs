@@ -33,6 +33,8 @@ fn train_then_eval_a_predictor() {
     let ckpt = tmp(&dir, "pred");
     let train_args = [
         "train",
+        "--shards",
+        "2",
         "--trace",
         &train,
         "--task",

@@ -124,6 +124,8 @@ fn run_offloads_experts_with_learned_prefetch() {
     let pred = tmp(&dir, "pred");
     ok(&[
         "train",
+        "--shards",
+        "2",
         "--trace",
         &trace,
         "--task",
@@ -155,6 +157,10 @@ fn run_offloads_experts_with_learned_prefetch() {
         "20%",
         "--predictor",
         &pred,
+        // A fixed budget: the planner's reads depend on measured timings, and the
+        // guard switches prefetch off for some steps.
+        "--prefetch-budget",
+        "2",
         "--json",
         &json,
     ]);
@@ -322,6 +328,8 @@ fn router_inputs_feed_the_cross_layer_gate_in_eval_and_simulate() {
     let pred = tmp(&dir, "pred");
     ok(&[
         "train",
+        "--shards",
+        "2",
         "--trace",
         &trace,
         "--task",
@@ -466,6 +474,8 @@ fn router_inputs_feed_the_cross_layer_gate_in_eval_and_simulate() {
     fail(
         &[
             "train",
+            "--shards",
+            "2",
             "--trace",
             &plain,
             "--task",

@@ -147,10 +147,18 @@ fn stale_shards_are_rewritten() {
     let parts = import(&[f1], &root, 10_000).unwrap();
     let ds = TraceDataset::open(&root).unwrap();
     let shard = ds.shard(0).unwrap();
-    // Replace the part with another trace, newer than the shard.
-    std::thread::sleep(std::time::Duration::from_millis(20));
+    // Replace the part with another trace, newer than the shard (its time set past
+    // the shard's, whatever the file system's timestamp resolution).
     let other = trace(5, 2, "m");
     datasets::save_trace(&other, &parts[0], None).unwrap();
+    let later =
+        std::fs::metadata(&shard).unwrap().modified().unwrap() + std::time::Duration::from_secs(10);
+    std::fs::File::options()
+        .write(true)
+        .open(&parts[0])
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
     let again = TraceDataset::open(&root).unwrap().shard(0).unwrap();
     assert_eq!(again, shard);
     assert_eq!(load_trace(&again).unwrap().n_tokens(), other.n_tokens());

@@ -69,7 +69,10 @@ fn trained(dir: &Path) -> (PathBuf, datasets::RoutingTrace) {
             .with_n_heads(2)
             .with_context(16),
         split: SplitConfig::default(),
-        settings: Default::default(),
+        settings: predictor::TrainSettings {
+            shards: 2,
+            ..Default::default()
+        },
         backend: BackendKind::from_test_env(),
         out: out.clone(),
         progress: false,

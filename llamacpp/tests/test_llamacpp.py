@@ -154,7 +154,7 @@ def test_predictor_from_llama_cpp_routing_stages_experts(work):
          ROOT / "prompts" / "demo.txt", "--samples", "3", "--max-new-tokens", "48",
          "--temperature", "0.8", "--quiet", "-o", trace)
     run("trace", "convert", trace, "-o", work / "train.mctrace")
-    run("train", "--trace", work / "train.mctrace", "--task", "lookahead", "--horizon", "2",
+    run("train", "--shards", "2", "--trace", work / "train.mctrace", "--task", "lookahead", "--horizon", "2",
         "--epochs", "3", "--batch-size", "4", "--test-fraction", "0", "--quiet", "-o", work / "predictor")
     report = work / "prefetch.json"
     out = tool("moecast_llamacpp.py", "prefetch", "--model", work / "tiny.f32.gguf", "--prompts", HELDOUT,

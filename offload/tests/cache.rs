@@ -463,6 +463,7 @@ fn learned_plan_forecasts_the_next_token_before_its_id_only_when_trained_to() {
             },
             settings: predictor::TrainSettings {
                 max_epochs: 1,
+                shards: 2,
                 ..Default::default()
             },
             backend: BackendKind::from_test_env(),

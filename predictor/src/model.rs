@@ -172,6 +172,19 @@ impl Block {
     }
 }
 
+/// Runs `draw` with `device`'s generator seeded with `seed` and held: Burn's CPU
+/// backends draw from one process-wide generator, so without the lock predictors or
+/// tensors drawn at once on several threads (two training runs in one process, or
+/// tests) would not get the values each would get alone.
+pub fn seeded<T>(device: &Device, seed: u64, draw: impl FnOnce() -> T) -> T {
+    static GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _held = GENERATOR
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    device.seed(seed);
+    draw()
+}
+
 /// Draws every lazily initialised parameter it visits.
 struct DrawNow;
 
@@ -182,22 +195,16 @@ impl ModuleVisitor for DrawNow {
 }
 
 impl ExpertPredictor {
-    /// A freshly initialised predictor on `device`, its weights drawn from `seed`.
-    ///
-    /// Burn's CPU backends draw from one process-wide generator, so seeding it and
-    /// drawing hold a lock: predictors built at once on several threads (two training
-    /// runs in one process, or tests) get the weights each would get alone.
+    /// A freshly initialised predictor on `device`, its weights drawn from `seed`
+    /// (see [`seeded`]).
     pub fn new(config: &PredictorConfig, device: &Device, seed: u64) -> Self {
-        static SEEDED_INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let _drawing = SEEDED_INIT
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        device.seed(seed);
-        let model = Self::draw(config, device);
-        // Burn draws a parameter lazily, at its first use: draw them all now, in field
-        // order, while the generator is ours.
-        model.visit(&mut DrawNow);
-        model
+        seeded(device, seed, || {
+            let model = Self::draw(config, device);
+            // Burn draws a parameter lazily, at its first use: draw them all now, in
+            // field order, while the generator is ours.
+            model.visit(&mut DrawNow);
+            model
+        })
     }
 
     fn draw(config: &PredictorConfig, device: &Device) -> Self {

@@ -106,6 +106,9 @@ fn options(trace: PathBuf, task: Task, out: PathBuf, epochs: usize) -> TrainOpti
             max_epochs: epochs,
             patience: epochs,
             checkpoint_every: 7,
+            // Pinned: the default (one shard per thread) would make the trained
+            // weights, and the thresholds on them, depend on the machine's cores.
+            shards: 2,
             ..TrainSettings::default()
         },
         backend: BackendKind::from_test_env(),

@@ -41,7 +41,7 @@ def trained(tmp_path_factory):
     run("collect", "--model", ROOT / "checkpoints" / "tiny-moe", "--prompts", prompts,
         "--samples", "3", "--max-new-tokens", "40", "--temperature", "0.8", "-o", trace)
     out = d / "predictor"
-    run("train", "--trace", trace, "--task", "lookahead", "--horizon", "2", "--d-model", "32",
+    run("train", "--shards", "2", "--trace", trace, "--task", "lookahead", "--horizon", "2", "--d-model", "32",
         "--layers", "1", "--heads", "2", "--epochs", "2", "--batch-size", "4",
         "--val-fraction", "0.2", "--test-fraction", "0", "--quiet", "-o", out)
     report = d / "eval.json"

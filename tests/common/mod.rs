@@ -48,6 +48,8 @@ pub fn train_tiny(trace: &str, out: &str, extra: &[&str]) -> String {
         "2",
         "--epochs",
         "1",
+        "--shards",
+        "2",
         "--quiet",
     ];
     args.extend_from_slice(extra);

@@ -90,7 +90,7 @@ def predictors(tmp_path_factory):
         run("collect", "--model", FIXTURES / arch, "--prompts", ROOT / "prompts" / "demo.txt", "--samples", "4",
             "--temperature", "1.0", "--max-new-tokens", "32", "-o", trace)
         out[arch] = d / f"{arch}-predictor"
-        run("train", "--trace", trace, "--task", "lookahead", "--d-model", "32", "--layers", "1", "--heads", "2",
+        run("train", "--shards", "2", "--trace", trace, "--task", "lookahead", "--d-model", "32", "--layers", "1", "--heads", "2",
             "--context", "32", "--epochs", "5", "--seed", "0", "--quiet", "-o", out[arch])
     return out
 

@@ -2,6 +2,7 @@
 
 use super::kernels::exp;
 use super::*;
+use crate::model::seeded;
 use burn::tensor::{Distribution, TensorData};
 
 fn close(a: Tensor<4>, b: Tensor<4>, tol: f32, what: &str) {
@@ -41,9 +42,12 @@ fn exp_is_within_a_few_ulp() {
 #[test]
 fn fused_ops_match_burn_forward_and_backward() {
     let device = Device::flex().autodiff();
-    device.seed(5);
-    let x = Tensor::<4>::random([2, 3, 5, 7], Distribution::Normal(0.0, 4.0), &device);
-    let w = Tensor::<4>::random([2, 3, 5, 7], Distribution::Normal(0.0, 1.0), &device);
+    let (x, w) = seeded(&device, 5, || {
+        (
+            Tensor::<4>::random([2, 3, 5, 7], Distribution::Normal(0.0, 4.0), &device),
+            Tensor::<4>::random([2, 3, 5, 7], Distribution::Normal(0.0, 1.0), &device),
+        )
+    });
     let mut bias: Vec<f32> = (0..3 * 5 * 7).map(|i| (i % 5) as f32 * -0.3).collect();
     bias[8] = f32::NEG_INFINITY;
     bias[7..14].iter_mut().for_each(|b| *b = f32::NEG_INFINITY);
@@ -75,12 +79,13 @@ fn fused_ops_match_burn_forward_and_backward() {
 #[test]
 fn fused_attention_matches_burn() {
     let device = Device::flex().autodiff();
-    device.seed(6);
-    let qkv: Vec<Tensor<4>> = (0..3)
-        .map(|_| {
-            Tensor::random([2, 4, 6, 8], Distribution::Normal(0.0, 1.0), &device).require_grad()
-        })
-        .collect();
+    let qkv: Vec<Tensor<4>> = seeded(&device, 6, || {
+        (0..3)
+            .map(|_| {
+                Tensor::random([2, 4, 6, 8], Distribution::Normal(0.0, 1.0), &device).require_grad()
+            })
+            .collect()
+    });
     let bias: Vec<f32> = (0..4 * 36)
         .map(|i| {
             let (q, k) = ((i / 6) % 6, i % 6);
@@ -122,22 +127,19 @@ fn fused_layer_norm_matches_burn() {
     use burn::module::Param;
     use burn::nn::LayerNormConfig;
     let device = Device::flex().autodiff();
-    device.seed(7);
     let mut norm = LayerNormConfig::new(24)
         .with_epsilon(LAYER_NORM_EPS)
         .init(&device);
-    norm.gamma = Param::from_tensor(Tensor::random(
-        [24],
-        Distribution::Normal(1.0, 0.5),
-        &device,
-    ));
-    norm.beta = Some(Param::from_tensor(Tensor::random(
-        [24],
-        Distribution::Normal(0.0, 0.5),
-        &device,
-    )));
-    let x = Tensor::<4>::random([2, 3, 5, 24], Distribution::Normal(0.5, 3.0), &device);
-    let w = Tensor::<4>::random([2, 3, 5, 24], Distribution::Normal(0.0, 1.0), &device);
+    let (gamma, beta, x, w) = seeded(&device, 7, || {
+        (
+            Tensor::random([24], Distribution::Normal(1.0, 0.5), &device),
+            Tensor::random([24], Distribution::Normal(0.0, 0.5), &device),
+            Tensor::<4>::random([2, 3, 5, 24], Distribution::Normal(0.5, 3.0), &device),
+            Tensor::<4>::random([2, 3, 5, 24], Distribution::Normal(0.0, 1.0), &device),
+        )
+    });
+    norm.gamma = Param::from_tensor(gamma);
+    norm.beta = Some(Param::from_tensor(beta));
     let run = |fused: bool| {
         let x = x.clone().require_grad();
         let y = if fused {
