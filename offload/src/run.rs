@@ -336,6 +336,12 @@ impl OffloadRun {
             if r.direct_io { "direct I/O" } else { "page cache dropped" },
             r.demand_reads, mb(r.bytes_demand), r.prefetch_reads, mb(r.bytes_prefetch), r.useful_prefetches, r.wasted_reads, r.read_s
         );
+        if r.wasted_demand_reads > 0 {
+            out += &format!(
+                "{} demand reads arrived after their expert was evicted (read again)\n",
+                r.wasted_demand_reads
+            );
+        }
         if r.routings > 0 {
             out += &format!(
                 "cache-aware routing (margin {}): changed {} of {} token-layer routings ({:.1}%)\n",

@@ -302,6 +302,28 @@ fn gate_prefetches_find_experts_before_routing_and_change_no_token() {
     );
 }
 
+/// A layer whose prompt needs more experts than the cache holds reads each once, in the
+/// order the forward uses them: no demand read is evicted while in flight (to be read
+/// again), with or without prefetch.
+#[test]
+fn a_layer_needing_more_experts_than_the_cache_holds_reads_each_once() {
+    let (ck, reference) = load(&root().join("checkpoints/tiny-moe"));
+    let device = inference::device::BackendKind::from_test_env().device();
+    for budget in [0, 2] {
+        let mut model = reference.clone();
+        let cfg = EngineConfig {
+            pre_attention: budget > 0,
+            budget,
+            ..config(4, EvictionPolicy::Lru, 0.0)
+        };
+        let mut engine = OffloadEngine::new(&ck, &mut model, cfg, None, &device).unwrap();
+        generates_as_in_memory(&reference, &model, &mut engine, 0..3, 4, "cache of 4");
+        let r = engine.report();
+        assert_eq!(r.wasted_demand_reads, 0, "{r:?}");
+        assert_eq!(r.hits + r.late + r.misses, r.accesses);
+    }
+}
+
 /// Planned prefetch in the engine: the planner reads the gate's candidates it judges
 /// worth a read against the measured reads and layer times; outputs stay identical and
 /// the report says what it decided.

@@ -338,6 +338,7 @@ impl OffloadEngine {
                 }
                 self.resident.insert(l.id, expert);
             }
+            Ok(_) if demand => self.report.wasted_demand_reads += 1,
             Ok(_) => self.report.wasted_reads += 1,
         }
     }
@@ -470,8 +471,13 @@ impl RoutingObserver for OffloadEngine {
         if self.decoding {
             self.cache.visit(m, &needed);
         }
+        // A layer may need more experts than the cache holds (a prompt's batch, a small
+        // cache): only the first the forward runs (in ascending id order) are read now;
+        // admitting the rest would evict experts whose reads are still in flight. Each of
+        // the rest is read when the forward reaches it.
+        let ahead = self.cache.capacity();
         let mut misses = 0;
-        for &id in &needed {
+        for (i, &id) in needed.iter().enumerate() {
             if self.decoding {
                 self.report.accesses += 1;
                 if self.resident.contains_key(&id) {
@@ -483,7 +489,9 @@ impl RoutingObserver for OffloadEngine {
                     misses += 1;
                 }
             }
-            self.admit(id, true);
+            if i < ahead {
+                self.admit(id, true);
+            }
         }
         if self.decoding {
             self.planned_routing(m, &needed, misses);

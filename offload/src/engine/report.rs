@@ -32,8 +32,12 @@ pub struct EngineReport {
     pub prefetch_reads: u64,
     pub bytes_demand: u64,
     pub bytes_prefetch: u64,
-    /// Reads that arrived after their expert had been evicted.
+    /// Prefetch reads that arrived after their expert had been evicted.
     pub wasted_reads: u64,
+    /// Demand reads that arrived after their expert had been evicted (read again when
+    /// the forward reached it).
+    #[serde(default)]
+    pub wasted_demand_reads: u64,
     /// Seconds the loader threads spent reading (they overlap compute).
     pub read_s: f64,
     /// (token, layer) routings where cache-aware routing changed the expert set, of all.
