@@ -70,7 +70,9 @@ impl ExpertSource for OffloadEngine {
             if let Some(e) = self.error.take() {
                 return Err(e);
             }
-            if !self.in_flight.contains_key(&id) {
+            // Not in flight, or in flight but evicted meanwhile (a read past those the
+            // layer read ahead): admitting it keeps a read already running.
+            if !self.in_flight.contains_key(&id) || !self.cache.contains(id) {
                 self.admit(id, true);
             }
             match self.loader.wait() {
