@@ -225,7 +225,7 @@ impl LoadedPredictor {
                 "has no model.bpk yet (training has not finished an epoch)",
             ));
         }
-        let model = load_module(ExpertPredictor::new(&card.config, device, 0), &model_file)?;
+        let model = load_module(ExpertPredictor::to_load(&card.config, device), &model_file)?;
         let baselines = if pd.baselines_file().exists() {
             Some(pd.read_baselines(&card)?)
         } else if card.config.token_prior {

@@ -309,7 +309,7 @@ impl Footprint {
     /// Builds `config`'s predictor on the CPU and counts its parameters.
     pub fn of(config: &PredictorConfig) -> Result<Self, String> {
         config.validate()?;
-        let model = crate::model::ExpertPredictor::new(config, &burn::tensor::Device::flex(), 0);
+        let model = crate::model::ExpertPredictor::to_load(config, &burn::tensor::Device::flex());
         Ok(Footprint {
             params: model.num_params(),
             token_embedding: model.token_embed.num_params(),

@@ -207,6 +207,13 @@ impl ExpertPredictor {
         })
     }
 
+    /// The predictor's structure on `device`, for loading trained weights into or
+    /// counting its parameters: Burn draws a parameter only at its first use, and
+    /// loading a record replaces them undrawn, so none is drawn.
+    pub fn to_load(config: &PredictorConfig, device: &Device) -> Self {
+        Self::draw(config, device)
+    }
+
     fn draw(config: &PredictorConfig, device: &Device) -> Self {
         let (d, r) = (config.d_model, config.routing);
         let width = r.width();

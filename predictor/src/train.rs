@@ -299,7 +299,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             (p.settings.max_epochs, p.settings.patience) = (st.max_epochs, st.patience);
             p.settings.checkpoint_every = st.checkpoint_every;
             p.finished = should_stop(&p, st, step, total_steps);
-            let model = ckpt.load_model(step, ExpertPredictor::new(cfg, &ad, st.seed))?;
+            let model = ckpt.load_model(step, ExpertPredictor::to_load(cfg, &ad))?;
             let optim = ckpt.load_optim(step, optimizer(&p.settings))?;
             (step, model, optim, p)
         }
