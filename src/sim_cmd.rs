@@ -52,7 +52,7 @@ pub(crate) struct SimulateArgs {
     /// most for the chunk on the link.
     #[arg(long, default_value_t = 1048576.0)]
     chunk_bytes: f64,
-    /// Layers ahead for the coactivation, blend, activation, gate and learned prefetchers
+    /// Layers ahead for the coactivation, blend, activation, gate, learned and oracle prefetchers
     /// (learned: at most the predictor's own horizon).
     #[arg(long, default_value_t = 3)]
     horizon: usize,

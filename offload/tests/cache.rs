@@ -285,12 +285,56 @@ fn simulated_lru_matches_the_trace_statistics() {
     }
 }
 
+/// The oracle reads `horizon` layers ahead: a layer's experts are issued once the layer
+/// `horizon` positions earlier in the sequence (counting across tokens) has routed, or
+/// at the sequence's start; on a link slower than a layer's compute the longer lead
+/// stalls less.
+#[test]
+fn the_oracle_reads_its_horizon_ahead() {
+    let trace = one_sequence_trace();
+    let view = trace.view();
+    let seqs = view.sequence_ranges();
+    let (m, e, start) = (4, 16, seqs[0].start);
+    for horizon in [1, 2, 5] {
+        let plan = prefetch::oracle(&view, &seqs, horizon);
+        for t in seqs[0].clone() {
+            for l in 0..m {
+                let g = (t - start) * m + l;
+                let (at, slot) = match g.checked_sub(horizon) {
+                    None => (start, 0),
+                    Some(p) => (start + p / m, p % m + 1),
+                };
+                for &x in view.layer(t, l).unwrap() {
+                    let id = (l * e + x as usize) as u32;
+                    assert!(
+                        plan.at(at, slot).contains(&id),
+                        "horizon {horizon}: token {t} layer {l} expert {x} not at ({at}, {slot})"
+                    );
+                }
+            }
+        }
+        let issued: usize = (0..view.n_tokens())
+            .flat_map(|t| (0..=m).map(move |s| (t, s)))
+            .map(|(t, s)| plan.at(t, s).len())
+            .sum();
+        assert_eq!(issued, view.n_tokens() * m * 2, "horizon {horizon}");
+    }
+    let mut slow = config(16, false, "next-use", false);
+    slow.bandwidth_gbps = 0.5;
+    let stall = |h| {
+        simulate(&view, &seqs, &prefetch::oracle(&view, &seqs, h), &slow)
+            .unwrap()
+            .stall_us
+    };
+    assert!(stall(3) < stall(1), "{} vs {}", stall(3), stall(1));
+}
+
 #[test]
 fn prefetch_timing_is_honest() {
     let trace = one_sequence_trace();
     let view = trace.view();
     let seqs = view.sequence_ranges();
-    let oracle = prefetch::oracle(&view, &seqs);
+    let oracle = prefetch::oracle(&view, &seqs, 1);
     // Untimed, the oracle's experts are in place at every lookup.
     let u = simulate(&view, &seqs, &oracle, &config(16, false, "lru", true)).unwrap();
     assert_eq!(u.hits, u.accesses, "{u:?}");
@@ -374,7 +418,7 @@ fn prefetches_before_attention_land_while_attention_runs() {
     assert!((with_attention.compute_us - plain.compute_us - k * layers).abs() < 1e-6);
 
     // A union issues both plans' experts, each once.
-    let oracle = prefetch::oracle(&view, &seqs);
+    let oracle = prefetch::oracle(&view, &seqs, 1);
     let both = PrefetchPlan::union(&[&oracle, &exact, &oracle]);
     assert_eq!(both.name, "oracle+exact+oracle");
     assert_eq!(both.events, oracle.events);
@@ -418,7 +462,7 @@ fn deadline_order_sends_the_nearest_layer_first() {
         (fifo.prefetches, fifo.bytes_prefetch)
     );
     // A plan that already issues nearest-first is simulated identically in both orders.
-    let oracle = prefetch::oracle(&view, &seqs);
+    let oracle = prefetch::oracle(&view, &seqs, 1);
     assert_eq!(
         simulate(&view, &seqs, &oracle, &issue).unwrap(),
         simulate(&view, &seqs, &oracle, &deadline).unwrap()

@@ -1,9 +1,8 @@
 //! Prefetch plans (see [`crate::simulate::PrefetchPlan`]) from the prefetchers users
 //! compare. Each builder uses only what exists at the moment its prefetch is issued,
-//! except the oracle, which reads the future on purpose: it is the physical limit.
+//! except the oracle, which reads the future on purpose: it is the limit at the same lead.
 //!
-//! - `oracle`: the true experts of the next layer, one layer ahead (a token's layer 0
-//!   after the previous token's last layer);
+//! - `oracle`: the true experts, `D` layers ahead (counting on into the next token);
 //! - `previous`: at a token's start, every layer's experts of the previous token;
 //! - `token`: the token table (per token id, each layer's most frequent experts in the
 //!   training traces): at a token's start (its id is known) layers `0..D`, then after
@@ -103,20 +102,28 @@ fn push_layer(out: &mut Vec<u32>, layer: usize, e: usize, experts: &[u16]) {
     out.extend(experts.iter().map(|&x| (layer * e + x as usize) as u32));
 }
 
-/// The oracle: one layer ahead, the true experts (a token's layer 0 after the previous
-/// token's last layer; at a sequence's start, at the token's start).
-pub fn oracle(view: &TraceView<'_>, seqs: &[std::ops::Range<usize>]) -> PrefetchPlan {
+/// The oracle: the true experts, read `horizon` layers ahead (the layer `horizon`
+/// positions later in the sequence, counting on into the next token; those within
+/// `horizon` of a sequence's start at its first token's start). Forecasters get the
+/// same lead: one layer ahead the oracle can be slower than a forecaster reading three.
+pub fn oracle(
+    view: &TraceView<'_>,
+    seqs: &[std::ops::Range<usize>],
+    horizon: usize,
+) -> PrefetchPlan {
     let (m, e) = (view.meta.n_moe(), view.meta.n_experts as usize);
+    let horizon = horizon.max(1);
     let mut plan = PrefetchPlan::empty("oracle", view.n_tokens(), m);
     for r in seqs {
         for t in r.clone() {
-            for next in 0..m {
-                if let Some(ids) = view.layer(t, next) {
-                    let at = match (next, t > r.start) {
-                        (0, true) => plan.at_mut(t - 1, m),
-                        _ => plan.at_mut(t, next),
+            for layer in 0..m {
+                if let Some(ids) = view.layer(t, layer) {
+                    let at = match ((t - r.start) * m + layer).checked_sub(horizon) {
+                        None => plan.at_mut(r.start, 0),
+                        // After that position's layer has routed.
+                        Some(p) => plan.at_mut(r.start + p / m, p % m + 1),
                     };
-                    push_layer(at, next, e, ids);
+                    push_layer(at, layer, e, ids);
                 }
             }
         }

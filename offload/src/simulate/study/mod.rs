@@ -248,7 +248,7 @@ impl Forecasters {
         let missing = |what: &str| bad(format!("no {what} loaded"));
         Ok(match kind {
             PrefetchKind::None => PrefetchPlan::empty("none", view.n_tokens(), view.meta.n_moe()),
-            PrefetchKind::Oracle => prefetch::oracle(view, seqs),
+            PrefetchKind::Oracle => prefetch::oracle(view, seqs, horizon),
             PrefetchKind::Previous => prefetch::previous(view, seqs),
             PrefetchKind::Activation => prefetch::activation(view, seqs, budget, horizon, 0.9),
             PrefetchKind::Coactivation => {
