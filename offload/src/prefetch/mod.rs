@@ -2,7 +2,8 @@
 //! compare. Each builder uses only what exists at the moment its prefetch is issued,
 //! except the oracle, which reads the future on purpose: it is the limit at the same lead.
 //!
-//! - `oracle`: the true experts, `D` layers ahead (counting on into the next token);
+//! - `oracle`: the true experts, `D` layers ahead (counting on into the next token;
+//!   `moecast simulate` reports the fastest of the leads `1..=D`);
 //! - `previous`: at a token's start, every layer's experts of the previous token;
 //! - `token`: the token table (per token id, each layer's most frequent experts in the
 //!   training traces): at a token's start (its id is known) layers `0..D`, then after
