@@ -590,3 +590,66 @@ fn token_prefetch_asks_each_layer_horizon_layers_ahead_from_the_token_table() {
         "{token:?} vs {plain:?}"
     );
 }
+
+/// `moecast simulate`'s oracle row is the fastest of its leads, one to `--horizon`
+/// layers ahead (a long lead can crowd a small cache, a short one arrive late).
+#[test]
+fn the_study_reports_the_oracle_at_its_fastest_lead() {
+    use offload::simulate::study::{run_study, StudySettings};
+    let trace = one_sequence_trace();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.mctrace");
+    datasets::binary::write_binary(&trace, &path).unwrap();
+    let settings = StudySettings {
+        trace: path.clone(),
+        parts: vec![path],
+        cache: vec!["10%".into(), "50%".into()],
+        sweep: false,
+        policy: vec!["lru".into(), "next-use".into()],
+        prefetch: vec!["oracle".into()],
+        predictor: None,
+        model: None,
+        budget: vec!["2".into()],
+        chunk_bytes: 1048576.0,
+        horizon: 3,
+        per_layer: false,
+        bandwidth: 0.5,
+        expert_bytes: Some(1e4),
+        compute_us_per_layer: 5.0,
+        attention_us_per_layer: 0.0,
+        deadline_order: true,
+    };
+    let study = run_study(&settings, |_, _| {}).unwrap();
+    assert_eq!(study.rows.len(), 4);
+    let view = trace.view();
+    let seqs = view.sequence_ranges();
+    let mut shorter_wins = false;
+    for row in &study.rows {
+        let r = &row.timed;
+        let config = SimConfig {
+            capacity: r.capacity,
+            policy: r.policy.clone(),
+            bandwidth_gbps: 0.5,
+            deadline_order: true,
+            ..config(r.capacity, false, &r.policy, false)
+        };
+        let by_lead: Vec<f64> = (1..=3)
+            .map(|h| {
+                simulate(&view, &seqs, &prefetch::oracle(&view, &seqs, h), &config)
+                    .unwrap()
+                    .tokens_per_s()
+            })
+            .collect();
+        let fastest = by_lead.iter().copied().fold(0.0, f64::max);
+        assert_eq!(
+            r.tokens_per_s(),
+            fastest,
+            "{} {}: {by_lead:?}",
+            row.cache,
+            r.policy
+        );
+        shorter_wins |= by_lead[2] < fastest;
+    }
+    // Somewhere a lead shorter than the horizon is the fastest: the choice matters.
+    assert!(shorter_wins, "the longest lead was always fastest");
+}
