@@ -107,13 +107,15 @@ fn push_layer(out: &mut Vec<u32>, layer: usize, e: usize, experts: &[u16]) {
 /// positions later in the sequence, counting on into the next token; those within
 /// `horizon` of a sequence's start at its first token's start). Forecasters get the
 /// same lead: one layer ahead the oracle can be slower than a forecaster reading three.
+/// The lead is at most one token (`n_moe` layers).
 pub fn oracle(
     view: &TraceView<'_>,
     seqs: &[std::ops::Range<usize>],
     horizon: usize,
 ) -> PrefetchPlan {
     let (m, e) = (view.meta.n_moe(), view.meta.n_experts as usize);
-    let horizon = horizon.max(1);
+    // At most one token ahead: the simulator's deadlines look no further.
+    let horizon = horizon.clamp(1, m);
     let mut plan = PrefetchPlan::empty("oracle", view.n_tokens(), m);
     for r in seqs {
         for t in r.clone() {
