@@ -23,7 +23,7 @@ impl Study {
             if s.deadline_order { "" } else { ", sent in the order issued" }
         );
         out += &format!(
-            "budget N: the best N experts of every forecast layer at every event; auto: planned against the link (from {} candidates per layer, {:.0}-byte chunks, losers cancelled); untimed: every candidate read instantly; forecasts read up to {} layers ahead, the oracle at its fastest lead up to that\n",
+            "budget N: the best N experts of every forecast layer at every event; auto: planned against the link (from {} candidates per layer, {:.0}-byte chunks, losers cancelled); untimed: every candidate read instantly; forecasts read up to {} layers ahead, the oracle at its fastest lead up to that (per part)\n",
             self.candidates, s.chunk_bytes, s.horizon
         );
         let w = self
