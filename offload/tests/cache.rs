@@ -626,13 +626,9 @@ fn the_study_reports_the_oracle_at_its_fastest_lead() {
     let mut shorter_wins = false;
     for row in &study.rows {
         let r = &row.timed;
-        let config = SimConfig {
-            capacity: r.capacity,
-            policy: r.policy.clone(),
-            bandwidth_gbps: 0.5,
-            deadline_order: true,
-            ..config(r.capacity, false, &r.policy, false)
-        };
+        let mut config = config(r.capacity, false, &r.policy, false);
+        config.bandwidth_gbps = 0.5;
+        config.deadline_order = true;
         let by_lead: Vec<f64> = (1..=3)
             .map(|h| {
                 simulate(&view, &seqs, &prefetch::oracle(&view, &seqs, h), &config)

@@ -322,8 +322,7 @@ fn learned_prefetch_on_held_out_real_routing() {
 /// `seqs`, for caches of 10% and 25%: asserts planned >= on demand per policy and
 /// returns, per cache share, the share of the gap between the best on-demand policy and
 /// the oracle (the fastest of reading one to three layers ahead, as far as the plans
-/// read) that each plan closes planned
-/// (`None` where that gap is under 10%).
+/// read) that each plan closes planned (`None` where that gap is under 10%).
 fn planned_prefetch_table(
     name: &str,
     view: &datasets::TraceView<'_>,

@@ -403,14 +403,15 @@ pub fn run_study(
         for &kind in &kinds {
             plans.push(forecasters.plan(kind, part, &view, &seqs, &mut notes)?);
         }
-        // The oracle alone also reads with every shorter lead, and the fastest counts: on
-        // a small cache a long lead crowds out experts still needed.
-        let shorter_leads: Vec<PrefetchPlan> = match kinds.contains(&PrefetchKind::Oracle) {
-            true => (1..s.horizon)
-                .map(|h| prefetch::oracle(&view, &seqs, h))
-                .collect(),
-            false => Vec::new(),
-        };
+        // The oracle's own row also reads with every shorter lead, and the fastest counts:
+        // on a small cache a long lead crowds out experts still needed.
+        let shorter_leads: Vec<PrefetchPlan> =
+            match combos.iter().any(|c| c == &[PrefetchKind::Oracle]) {
+                true => (1..s.horizon)
+                    .map(|h| prefetch::oracle(&view, &seqs, h))
+                    .collect(),
+                false => Vec::new(),
+            };
         let plans_at = plans_at_budgets(&combos, &kinds, &plans, &shorter_leads, &budgets, e);
         let mut i = 0;
         for (size, &capacity) in sizes.iter().zip(&capacities) {
