@@ -407,7 +407,7 @@ pub fn run_study(
         // on a small cache a long lead crowds out experts still needed.
         let shorter_leads: Vec<PrefetchPlan> =
             match combos.iter().any(|c| c == &[PrefetchKind::Oracle]) {
-                true => (1..s.horizon)
+                true => (1..s.horizon.min(m))
                     .map(|h| prefetch::oracle(&view, &seqs, h))
                     .collect(),
                 false => Vec::new(),
