@@ -26,6 +26,12 @@ pub(crate) struct RunArgs {
     /// With --replay: at most this many tokens (0: all).
     #[arg(long, default_value_t = 0)]
     replay_tokens: usize,
+    /// With --replay: the oracle prefetcher, which reads each layer's recorded experts
+    /// LEAD layers before it routes (counting on into the next token; at most one token),
+    /// in full and unplanned. Not a forecaster: the bound the others are measured
+    /// against (as `simulate --prefetch oracle`).
+    #[arg(long, value_name = "LEAD", requires = "replay")]
+    oracle_prefetch: Option<usize>,
     /// Resident experts: N, or P% of all routed experts.
     #[arg(long, default_value = "25%")]
     expert_cache: String,
@@ -56,7 +62,7 @@ pub(crate) struct RunArgs {
     prefetch_budget: String,
     /// With `--prefetch-budget auto`, do not measure decode steps with and without
     /// planned prefetch (the guard keeps prefetch on unless steps without it are more
-    /// than 2% faster, in windows of 8 steps; the setting not in use is measured again
+    /// than 2% faster, in windows of 8 steps after a first one that fills the cache; the setting not in use is measured again
     /// after 6 windows, the wait doubling each time it loses again).
     #[arg(long)]
     no_prefetch_guard: bool,
@@ -154,6 +160,7 @@ pub(crate) fn run(a: RunArgs) -> Result<()> {
         quality,
         replay: a.replay.clone(),
         replay_tokens: a.replay_tokens,
+        oracle_lead: a.oracle_prefetch,
     };
     let out = offload::run_offloaded(&cfg)?;
     if a.show_text {

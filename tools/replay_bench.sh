@@ -6,9 +6,12 @@
 # direct I/O (or, where the file system refuses it, with the page cache dropped).
 # Demand paging (LRU, next-use), the token table and `make demo`'s predictor at a fixed
 # budget (top-2) and planned (auto), and the online blend (started from the predictor's
-# training counts) planned, at 10% and 25% of the experts resident. The modes
-# run interleaved, REPEATS rounds, so a drifting disk speed touches them alike; the summary gives each mode's mean decode tokens/s and its ratio
-# to next-use demand paging. Usage: tools/replay_bench.sh [BIN] [TOKENS] [REPEATS]
+# training counts) planned, and the oracle (the recorded experts read 1 or 3 layers
+# ahead), at 10% and 25% of the experts resident. The modes run interleaved, REPEATS
+# rounds, so a drifting disk speed touches them alike; the summary gives each mode's
+# mean decode tokens/s, its ratio to next-use demand paging, and the share of the gap
+# between the better demand paging and the faster oracle it closes.
+# Usage: tools/replay_bench.sh [BIN] [TOKENS] [REPEATS]
 set -e
 BIN=${1:-target/release/moecast}
 TOKENS=${2:-300}
@@ -29,12 +32,13 @@ results=$OUT/results.txt
 round=1
 while [ $round -le $REPEATS ]; do
   for cache in 10% 25%; do
-    for mode in lru next-use token:2 token:auto learned:2 learned:auto blend:auto; do
+    for mode in lru next-use token:2 token:auto learned:2 learned:auto blend:auto oracle:1 oracle:3; do
       case $mode in
         lru|next-use) args="--policy $mode" ;;
         token:*) args="--policy next-use --token-table $DEMO/predictor --prefetch-budget ${mode#token:}" ;;
         learned:*) args="--policy next-use --predictor $DEMO/predictor --prefetch-budget ${mode#learned:}" ;;
         blend:*) args="--policy next-use --blend $DEMO/predictor --prefetch-budget ${mode#blend:}" ;;
+        oracle:*) args="--policy next-use --oracle-prefetch ${mode#oracle:}" ;;
       esac
       line=$($BIN run --model $OUT/ckpt --replay $DEMO/heldout.mctrace --replay-tokens $TOKENS \
         --expert-cache $cache $args 2>/dev/null | grep '^decode:')
@@ -44,8 +48,17 @@ while [ $round -le $REPEATS ]; do
   done
   round=$((round + 1))
 done
-echo "mean decode tokens/s over $REPEATS rounds (ratio to next-use demand paging):"
+echo "mean decode tokens/s over $REPEATS rounds (ratio to next-use demand paging; gap closed between the better demand paging and the faster oracle):"
 awk '{ s[$1" "$2] += $3; n[$1" "$2]++ } END {
-  for (k in s) { split(k, p, " "); m[k] = s[k] / n[k]; if (p[2] == "next-use") base[p[1]] = m[k] }
-  for (k in s) { split(k, p, " "); printf "%-4s %-13s %6.2f  %.2fx\n", p[1], p[2], m[k], m[k] / base[p[1]] }
+  for (k in s) {
+    split(k, p, " "); m[k] = s[k] / n[k]
+    if (p[2] == "next-use") base[p[1]] = m[k]
+    if ((p[2] == "lru" || p[2] == "next-use") && m[k] > demand[p[1]]) demand[p[1]] = m[k]
+    if (p[2] ~ /^oracle/ && m[k] > oracle[p[1]]) oracle[p[1]] = m[k]
+  }
+  for (k in s) {
+    split(k, p, " "); gap = oracle[p[1]] - demand[p[1]]
+    closed = (gap > 0 && p[2] !~ /^oracle/) ? sprintf("%5.0f%%", 100 * (m[k] - demand[p[1]]) / gap) : "     -"
+    printf "%-4s %-13s %6.2f  %.2fx  %s\n", p[1], p[2], m[k], m[k] / base[p[1]], closed
+  }
 }' $results | sort

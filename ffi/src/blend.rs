@@ -102,9 +102,10 @@ pub unsafe extern "C" fn mc_blend_reset(b: *mut mc_blend) -> c_int {
 
 /// Layer `layer` of the current token routed to `experts[top_k]` (`earlier[top_k]`: the
 /// token's layer `layer - 1`, or null): `out[horizon * budget]`, the `budget` most likely
-/// experts of layers `layer + 1 .. layer + horizon`, best first, and, unless `probs` is
-/// null, their forecast probabilities in `probs[horizon * budget]`. Layers past the last
-/// MoE layer are filled with 0xFFFF (probability 0).
+/// experts of the `horizon` layers after it, best first, and, unless `probs` is null,
+/// their forecast probabilities in `probs[horizon * budget]`. Row `i` is layer
+/// `layer + 1 + i`, or, past the last MoE layer, the next token's layer
+/// `layer + 1 + i - n_moe_layers` (forecast before its id is known).
 ///
 /// Call it at most once per layer of a token (each call's forecasts are learned from
 /// when the token is observed). `earlier` is not read at layer 0.

@@ -284,7 +284,7 @@ fn the_blend_through_the_c_abi_forecasts_as_online_blend_does() {
             rust.start_request();
             for t in seq {
                 let layers: Vec<&[u16]> = (0..m).map(|l| view.layer(t, l).unwrap()).collect();
-                for l in 0..m - 1 {
+                for l in 0..m {
                     let earlier = if l == 0 {
                         std::ptr::null()
                     } else {
@@ -305,7 +305,8 @@ fn the_blend_through_the_c_abi_forecasts_as_online_blend_does() {
                     let earlier = l.checked_sub(1).map(|p| layers[p]);
                     rust.forecast(l, layers[l], earlier, |target, scores| {
                         predictor::metrics::rank_top(scores, BUDGET, &mut ranking);
-                        let row = (target - l - 1) * BUDGET;
+                        // Past the last layer, the next token's.
+                        let row = (target + m - l - 1) % m * BUDGET;
                         want[row..row + BUDGET].copy_from_slice(&ranking);
                         for (i, &x) in ranking.iter().enumerate() {
                             want_probs[row + i] = OnlineBlend::probability(scores[x as usize]);
@@ -346,9 +347,9 @@ fn the_blend_through_the_c_abi_forecasts_as_online_blend_does() {
         assert_eq!(forecast(0, &ids, 0), MC_ERR_ARG);
         assert_eq!(forecast(0, &ids, 9), MC_ERR_ARG);
         assert!(last_error().contains("budget 9"), "{}", last_error());
-        // The last layer has no layer after it: every row is 0xFFFF.
+        // After the last layer the rows are the next token's first layers.
         assert_eq!(forecast(3, &ids, 2), MC_OK);
-        assert!(out[..h * 2].iter().all(|&x| x == u16::MAX));
+        assert!(out[..h * 2].iter().all(|&x| u32::from(x) < e));
         assert_eq!(forecast(0, &bad, 2), MC_ERR_ARG);
         assert!(last_error().contains("expert 99"), "{}", last_error());
         assert_eq!(forecast(0, &ids, 2), MC_OK);

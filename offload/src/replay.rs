@@ -109,6 +109,7 @@ pub fn replay_trace(
     let bar = ProgressBar::new(seqs.iter().map(|s| s.0.len() as u64).sum());
     for (i, (tokens, experts)) in seqs.iter().enumerate() {
         engine.new_request();
+        engine.replay_routing(experts);
         summary.unforced += replay_sequence(model, tokens, experts, engine).map_err(|source| {
             ModelError::in_prompt(format!("{} sequence {i}", path.display()), source)
         })?;

@@ -63,6 +63,9 @@ pub struct OffloadRunConfig {
     pub replay: Option<PathBuf>,
     /// With `replay`: at most this many tokens (0: all).
     pub replay_tokens: usize,
+    /// With `replay`: the oracle prefetcher, reading the recorded experts this many
+    /// layers ahead (the bound on what any forecaster can gain).
+    pub oracle_lead: Option<usize>,
 }
 
 /// What a run produced and measured.
@@ -83,6 +86,12 @@ pub struct OffloadRun {
 
 /// Loads the model, offloads its experts and generates every prompt through the engine.
 pub fn run_offloaded(cfg: &OffloadRunConfig) -> Result<OffloadRun, OffloadError> {
+    if cfg.oracle_lead.is_some() && cfg.replay.is_none() {
+        return Err(ModelError::Input(
+            "the oracle prefetcher reads a recorded trace's routing: it needs --replay".into(),
+        )
+        .into());
+    }
     let device = cfg.backend.device();
     let mut ck = Checkpoint::open(&cfg.model_dir)?;
     // The all-in-memory model is loaded only when something compares against it;
@@ -148,6 +157,7 @@ pub fn run_offloaded(cfg: &OffloadRunConfig) -> Result<OffloadRun, OffloadError>
             Some(path) => Some(blend_counts(path, &shape)?),
             None => None,
         },
+        oracle_lead: cfg.oracle_lead,
     };
     let mut engine = OffloadEngine::new(&ck, &mut offloaded, engine_cfg, online, &device)?;
     if let Some(path) = &cfg.replay {

@@ -69,7 +69,7 @@ fn blend_learns_previous_token_reuse_that_coactivation_cannot_see() {
         p_blend > p_co + 0.2,
         "blend {p_blend:.3} against co-activation {p_co:.3}"
     );
-    let w = model.weights(1);
+    let w = model.weights(1, false);
     assert!(w[2] > 1.0, "weight on the previous token's experts: {w:?}");
     let probs = blend.probs.as_ref().expect("the blend gives probabilities");
     assert!(probs.iter().flatten().all(|p| (0.0..=1.0).contains(p)));
@@ -93,4 +93,43 @@ fn blend_forecasts_a_token_only_from_the_tokens_before_it() {
     }
     // The tokens after the cut were forecast, with weights learned from the first half.
     assert!((half.end..whole.end).any(|t| !full.at(t, 1).is_empty()));
+}
+
+#[test]
+fn blend_forecasts_the_next_tokens_first_layer_after_the_last() {
+    // Sticky routing: the token before says most about a token's first layer, and the
+    // blend forecasts it once the last layer has routed, before the next token's id.
+    let trace = sticky_trace();
+    let view = trace.view();
+    let seqs = view.sequence_ranges();
+    let stats = fitted(&view, &seqs);
+    let (plan, model) = prefetch::blend(&view, &seqs, &stats, 2, 1);
+    let (m, e) = (view.meta.n_moe(), view.meta.n_experts as usize);
+    let (mut used, mut listed) = (0usize, 0usize);
+    for r in &seqs {
+        for t in r.start + r.len() / 2..r.end - 1 {
+            let ids = plan.at(t, m);
+            assert_eq!(ids.len(), 2, "token {t}: the next token's layer 0");
+            assert!(
+                ids.iter().all(|&id| (id as usize) < e),
+                "{ids:?}: layer 0 only"
+            );
+            let routed = view.layer(t + 1, 0).expect("every layer routed");
+            listed += ids.len();
+            used += ids
+                .iter()
+                .filter(|&&id| routed.contains(&(id as u16)))
+                .count();
+        }
+    }
+    let precision = used as f64 / listed as f64;
+    assert!(
+        precision > 0.5,
+        "next token's layer 0: precision {precision:.3}"
+    );
+    let w = model.weights(1, true);
+    assert!(
+        w[2] > 1.0,
+        "weight on this token's experts for the next: {w:?}"
+    );
 }

@@ -37,6 +37,7 @@ fn config(capacity: usize, policy: EvictionPolicy, margin: f32) -> EngineConfig 
         loader_threads: 2,
         token_table: None,
         blend: None,
+        oracle_lead: None,
     }
 }
 

@@ -365,7 +365,7 @@ fn planned_prefetch_table(
             (gap > 0.1 * best_demand).then(|| (tokens_per_s - best_demand) / gap)
         };
         let row = |label: String, fixed: f64, planned: f64, oracle: f64| {
-            let gap = closed(planned, oracle).map_or("-".into(), |c| format!("{:.0}%", 100.0 * c));
+            let gap = closed(planned, oracle).map_or("-".into(), |c| format!("{:.1}%", 100.0 * c));
             println!(
                 "{name:<14} {:>4.0}% {label:<13} {best_demand:>9.1} {fixed:>9.1} {planned:>9.1} {oracle:>8.1} {gap:>9}",
                 share * 100.0

@@ -116,6 +116,7 @@ fn replay_forces_the_recorded_routing_through_the_engine() {
         loader_threads: 2,
         token_table: None,
         blend: None,
+        oracle_lead: None,
     };
     let mut engine = OffloadEngine::new(&ck, &mut offloaded, cfg, None, &device).unwrap();
     assert_eq!(
@@ -127,4 +128,54 @@ fn replay_forces_the_recorded_routing_through_the_engine() {
     assert_eq!(r.accesses, (tokens.len() as u64 - 1) * 3 * 2, "{r:?}");
     assert_eq!(r.hits + r.late + r.misses, r.accesses);
     assert_eq!(r.bytes_demand, r.demand_reads * per_expert, "{r:?}");
+}
+
+/// The oracle prefetcher of a replay reads every recorded expert before its layer routes:
+/// no decode lookup misses, where demand paging misses.
+#[test]
+fn the_replay_oracle_reads_each_recorded_expert_ahead() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = shape();
+    write_synthetic_checkpoint(dir.path(), &c, 7).unwrap();
+    let device = inference::device::BackendKind::from_test_env().device();
+    let mut ck = Checkpoint::open(dir.path()).unwrap();
+    ck.skip_routed_experts();
+    let mut rng = StdRng::seed_from_u64(2);
+    let tokens: Vec<u32> = (0..16).map(|_| rng.random_range(0..64)).collect();
+    let experts = recorded(&mut rng, tokens.len(), &c);
+    let run = |oracle_lead: Option<usize>| {
+        let mut offloaded = MoeModel::load(&ck, &device).unwrap();
+        let cfg = EngineConfig {
+            capacity: 12,
+            policy: EvictionPolicy::NextUse,
+            budget: 2,
+            planned: false,
+            prefetch_guard: false,
+            layer_forecasts: false,
+            pre_attention: false,
+            lens: false,
+            routing_margin: 0.0,
+            loader_threads: 2,
+            token_table: None,
+            blend: None,
+            oracle_lead,
+        };
+        let mut engine = OffloadEngine::new(&ck, &mut offloaded, cfg, None, &device).unwrap();
+        engine.new_request();
+        engine.replay_routing(&experts);
+        replay_sequence(&offloaded, &tokens, &experts, &mut engine).unwrap();
+        engine.report().clone()
+    };
+    let demand = run(None);
+    assert!(demand.misses > 0, "{demand:?}");
+    for lead in [1, 2, 3] {
+        let r = run(Some(lead));
+        assert_eq!(r.accesses, demand.accesses);
+        assert_eq!(r.misses, 0, "lead {lead}: {r:?}");
+        assert!(
+            r.prefetches > 0 && r.useful_prefetches > 0,
+            "lead {lead}: {r:?}"
+        );
+        assert!(r.prefetch.contains("oracle"), "{}", r.prefetch);
+    }
 }

@@ -1,21 +1,28 @@
 //! The online blend: cheap forecasts of the coming layers weighed by a logistic model
 //! that learns while the model decodes, for models without a trained predictor.
 //!
-//! After layer `l` of a token routes, each expert `x` of each layer `T = l + h`
-//! (`h = 1..=horizon`) is scored from features that exist at that moment:
+//! After layer `l` of a token routes, each expert `x` of each layer `h = 1..=horizon`
+//! positions later is scored: layer `T = l + h` of this token, or, past the last MoE
+//! layer, layer `T = l + h - n_moe` of the next token (its id is not needed, so the
+//! next token's first layers are forecast while this one finishes). The features exist
+//! at that moment:
 //!
 //! - the co-activation log-odds of `x` at `T` given layer `l`'s choice, and given layer
-//!   `l - 1`'s choice two or more layers ahead (counts, see [`BaselineStats`]);
-//! - whether the previous token, and the one before, used `x` at `T`;
+//!   `l - 1`'s choice two or more layers ahead (counts, see [`BaselineStats`]; zero for
+//!   the next token's layers, which the counts do not pair across tokens);
+//! - whether the previous token, and the one before, used `x` at `T` (for the next
+//!   token's layers: this token and the one before);
 //! - how much this request has used `x` at `T` (counts decayed per token);
 //! - the log-odds of `x`'s share of layer `T`'s choices (with a negative weight it
 //!   turns the two co-activation terms into a naive-Bayes combination: each conditional
 //!   over the prior, counted once);
 //! - a bias.
 //!
-//! One weight vector per distance `h`, starting as the co-activation forecast alone,
-//! is fitted by online logistic regression: once a token's layers have routed, every
-//! scored expert is a labelled example. Forecasts for a token use only weights fitted on
+//! One weight vector per distance `h` and per kind of target (this token's layers, the
+//! next token's), starting as the co-activation forecast alone (the next token's: its
+//! previous-token reuse and the expert's share), is fitted by online logistic
+//! regression: once a token's layers have routed, every expert scored for them is a
+//! labelled example. Forecasts for a token use only weights fitted on
 //! the tokens before it. The sigmoid of the score is the forecast probability the
 //! planner calibrates. The counts start as the predictor's training traces', or, for a
 //! trace replayed without one, the trace's own (in-sample, as for co-activation); each
@@ -42,16 +49,20 @@ const USE_DECAY: f32 = 0.9;
 /// An expert scored at some distance, remembered until its layer routes.
 #[derive(Clone)]
 struct Example {
-    h: usize,
+    /// Index of the weight vector it was scored with.
+    w: usize,
+    /// Whether its layer is the next token's.
+    next: bool,
     target: usize,
     expert: u16,
     features: [f32; FEATURES],
 }
 
-/// The online blend: its weights (one vector per forecast distance), the counts it
-/// reads, and the request's recent routing.
+/// The online blend: its weights (one vector per forecast distance and kind of target),
+/// the counts it reads, and the request's recent routing.
 #[derive(Clone)]
 pub struct OnlineBlend {
+    /// This token's layers at distances `0..=horizon`, then the next token's.
     weights: Vec<[f32; FEATURES]>,
     horizon: usize,
     counts: BaselineStats,
@@ -61,8 +72,13 @@ pub struct OnlineBlend {
     request_use: Vec<f32>,
     /// The last two tokens' experts per layer, newest first.
     history: [Vec<Option<Vec<u16>>>; 2],
-    /// This token's scored experts, learned from once the token has routed.
+    /// The current token's layers routed so far (given to `forecast`).
+    current: Vec<Option<Vec<u16>>>,
+    /// Experts scored during this token's forward (for it and for the next token),
+    /// learned from once their token has routed.
     examples: Vec<Example>,
+    /// Experts the previous token scored for this one.
+    carried: Vec<Example>,
     near: Vec<f32>,
     far: Vec<f32>,
     /// One layer's scores and ranking, reused.
@@ -94,16 +110,22 @@ impl OnlineBlend {
         let mut counts = counts;
         counts.token_table = None;
         counts.first_layer_by_token.clear();
-        let mut start = [0.0; FEATURES];
-        start[0] = 1.0;
+        let mut this_token = [0.0; FEATURES];
+        this_token[0] = 1.0;
+        let mut next_token = [0.0; FEATURES];
+        next_token[2] = 1.0;
+        next_token[5] = 1.0;
+        let weights = [vec![this_token; horizon + 1], vec![next_token; horizon + 1]].concat();
         let mut blend = OnlineBlend {
-            weights: vec![start; horizon + 1],
+            weights,
             horizon,
             counts,
             marginal: vec![0.0; m * e],
             request_use: vec![0.0; m * e],
             history: [vec![None; m], vec![None; m]],
+            current: vec![None; m],
             examples: Vec::new(),
+            carried: Vec::new(),
             near: vec![0.0; e],
             far: vec![0.0; e],
             scores: Vec::with_capacity(e),
@@ -123,13 +145,16 @@ impl OnlineBlend {
     pub fn start_request(&mut self) {
         self.request_use.iter_mut().for_each(|c| *c = 0.0);
         self.history.iter_mut().flatten().for_each(|x| *x = None);
+        self.current.iter_mut().for_each(|x| *x = None);
         self.examples.clear();
+        self.carried.clear();
     }
 
     /// Layer `l` of the current token routed to `given` (`earlier`: the token's layer
-    /// `l - 1`): calls `out(target, scores)` for each layer `target = l + 1 ..= l +
-    /// horizon` of the model, `scores` by expert (log-odds; [`OnlineBlend::probability`]
-    /// of each is the forecast probability).
+    /// `l - 1`): calls `out(target, scores)` for each of the `horizon` layers after it,
+    /// `scores` by expert (log-odds; [`OnlineBlend::probability`] of each is the
+    /// forecast probability). `target` is a MoE layer: `l + h`, or, past the model's
+    /// last MoE layer, the next token's layer `l + h - n_moe` (then `target <= l`).
     pub fn forecast(
         &mut self,
         l: usize,
@@ -138,25 +163,42 @@ impl OnlineBlend {
         mut out: impl FnMut(usize, &[f32]),
     ) {
         let (m, e) = (self.counts.shape.n_moe, self.counts.shape.n_experts);
+        if l >= m {
+            return;
+        }
         if l == 0 {
             // A token's first forecast: those of a token that never finished routing (a
             // failed forward) are dropped.
             self.examples.clear();
+            self.current.iter_mut().for_each(|x| *x = None);
         }
+        self.current[l] = Some(given.to_vec());
         let mut scores = std::mem::take(&mut self.scores);
-        for h in 1..=self.horizon.min(m.saturating_sub(l + 1)) {
-            let target = l + h;
-            self.counts
-                .coactivation_log_odds(l, h, given, &mut self.near);
+        for h in 1..=self.horizon.min(m) {
+            let next = l + h >= m;
+            let target = (l + h) % m;
+            let w = h + next as usize * (self.horizon + 1);
+            self.near.iter_mut().for_each(|v| *v = 0.0);
             self.far.iter_mut().for_each(|v| *v = 0.0);
-            if let Some(g) = earlier.filter(|_| h < self.counts.horizon && l > 0) {
+            if !next {
                 self.counts
-                    .coactivation_log_odds(l - 1, h + 1, g, &mut self.far);
+                    .coactivation_log_odds(l, h, given, &mut self.near);
+                if let Some(g) = earlier.filter(|_| h < self.counts.horizon && l > 0) {
+                    self.counts
+                        .coactivation_log_odds(l - 1, h + 1, g, &mut self.far);
+                }
             }
-            let (prev, prev2) = (
-                self.history[0][target].as_deref(),
-                self.history[1][target].as_deref(),
-            );
+            let (prev, prev2) = if next {
+                (
+                    self.current[target].as_deref(),
+                    self.history[0][target].as_deref(),
+                )
+            } else {
+                (
+                    self.history[0][target].as_deref(),
+                    self.history[1][target].as_deref(),
+                )
+            };
             scores.clear();
             for x in 0..e {
                 let features = [
@@ -168,9 +210,10 @@ impl OnlineBlend {
                     self.marginal[target * e + x],
                     1.0,
                 ];
-                scores.push(self.score(h, &features));
+                scores.push(self.score(w, &features));
                 self.examples.push(Example {
-                    h,
+                    w,
+                    next,
                     target,
                     expert: x as u16,
                     features,
@@ -183,8 +226,9 @@ impl OnlineBlend {
 
     /// [`OnlineBlend::forecast`] as flat rows, one per layer ahead: `ids[horizon * budget]`
     /// gets each layer's `budget` best experts by score, best first, and `probs` (if
-    /// given, as long) their probabilities; rows past the last MoE layer are 0xFFFF (and
-    /// probability 0).
+    /// given, as long) their probabilities. Row `i` is layer `l + 1 + i`, or, past the
+    /// last MoE layer, the next token's layer `l + 1 + i - n_moe`; rows beyond one token
+    /// ahead (a horizon above the MoE layers) are 0xFFFF (and probability 0).
     pub fn forecast_top(
         &mut self,
         l: usize,
@@ -198,10 +242,12 @@ impl OnlineBlend {
         if let Some(p) = probs.as_deref_mut() {
             p.fill(0.0);
         }
+        let m = self.counts.shape.n_moe;
         let mut ranking = std::mem::take(&mut self.ranking);
         self.forecast(l, given, earlier, |target, scores| {
             crate::metrics::rank_top(scores, budget, &mut ranking);
-            let row = (target - l - 1) * budget;
+            let ahead = if target > l { target } else { target + m };
+            let row = (ahead - l - 1) * budget;
             for (i, &x) in ranking.iter().enumerate() {
                 ids[row + i] = x;
                 if let Some(p) = probs.as_deref_mut() {
@@ -221,14 +267,19 @@ impl OnlineBlend {
         let (m, e) = (self.counts.shape.n_moe, self.counts.shape.n_experts);
         let layers = &layers[..layers.len().min(m)];
         let routed = |l: usize| layers.get(l).copied().flatten();
-        let examples = std::mem::take(&mut self.examples);
-        for ex in &examples {
+        let mut examples = std::mem::take(&mut self.examples);
+        let carried = std::mem::take(&mut self.carried);
+        for ex in carried.iter().chain(examples.iter().filter(|x| !x.next)) {
             if let Some(ids) = routed(ex.target) {
-                self.learn(ex.h, &ex.features, ids.contains(&ex.expert));
+                self.learn(ex.w, &ex.features, ids.contains(&ex.expert));
             }
         }
+        // The next token's examples wait for its routing.
+        self.carried = carried;
+        self.carried.clear();
+        self.carried.extend(examples.drain(..).filter(|x| x.next));
         self.examples = examples;
-        self.examples.clear();
+        self.current.iter_mut().for_each(|x| *x = None);
         self.counts.add_routing(datasets::UNKNOWN_TOKEN, layers);
         for l in (0..layers.len()).filter(|&l| layers[l].is_some()) {
             self.refresh_marginal(l);
@@ -263,14 +314,14 @@ impl OnlineBlend {
         }
     }
 
-    fn score(&self, h: usize, f: &[f32; FEATURES]) -> f32 {
-        f.iter().zip(&self.weights[h]).map(|(a, b)| a * b).sum()
+    fn score(&self, w: usize, f: &[f32; FEATURES]) -> f32 {
+        f.iter().zip(&self.weights[w]).map(|(a, b)| a * b).sum()
     }
 
-    /// One step of logistic regression on an example at distance `h`.
-    fn learn(&mut self, h: usize, f: &[f32; FEATURES], used: bool) {
-        let g = Self::probability(self.score(h, f)) - used as u8 as f32;
-        for (w, x) in self.weights[h].iter_mut().zip(f) {
+    /// One step of logistic regression on an example scored with weight vector `v`.
+    fn learn(&mut self, v: usize, f: &[f32; FEATURES], used: bool) {
+        let g = Self::probability(self.score(v, f)) - used as u8 as f32;
+        for (w, x) in self.weights[v].iter_mut().zip(f) {
             *w -= LEARNING_RATE * g * x;
         }
     }
@@ -281,9 +332,10 @@ impl OnlineBlend {
     }
 
     /// The weights learned for distance `h` (co-activation given layer `l`, given layer
-    /// `l - 1`, previous token, the token before, request use, the expert's share, bias).
-    pub fn weights(&self, h: usize) -> &[f32; FEATURES] {
-        &self.weights[h]
+    /// `l - 1`, previous token, the token before, request use, the expert's share, bias)
+    /// for this token's layers, or (`next_token`) for the next token's.
+    pub fn weights(&self, h: usize, next_token: bool) -> &[f32; FEATURES] {
+        &self.weights[h + next_token as usize * (self.horizon + 1)]
     }
 }
 

@@ -117,8 +117,9 @@ class Blend:
 
     def forecast(self, layer, experts, earlier=None, budget=None):
         """Layer `layer` of the current token routed to `experts` (top_k ids; `earlier`:
-        its layer `layer - 1`): (uint16 [horizon, budget] ids of layers layer+1.., best
-        first, 0xFFFF past the last layer; float32 [horizon, budget] probabilities)."""
+        its layer `layer - 1`): (uint16 [horizon, budget] ids of the layers after it,
+        best first, past the last MoE layer the next token's first layers; float32
+        [horizon, budget] probabilities)."""
         b = self.top_k if budget is None else budget
         if layer < 0 or b < 0:
             raise MoecastError(f"layer {layer} and budget {b} must not be negative")

@@ -252,8 +252,8 @@ impl Blend {
     }
 
     /// After layer `layer` routed to `experts` (`earlier`: layer `layer - 1`): flat
-    /// `[horizon * budget]` ids of layers `layer + 1 ..`, best first (0xFFFF past the
-    /// last layer), and their probabilities.
+    /// `[horizon * budget]` ids of the layers after it, best first (past the last MoE
+    /// layer the next token's first layers), and their probabilities.
     #[pyo3(signature = (layer, experts, earlier=None, budget=None))]
     #[allow(clippy::type_complexity)]
     fn forecast<'py>(

@@ -19,8 +19,9 @@
 //!    read (**late**: the layer waits) or absent (**miss**: read on demand, ahead of the
 //!    queued prefetches); with `layer_forecasts`, a lookahead predictor then forecasts
 //!    layers `l+1..l+D` from the layers routed so far;
-//!    with an online blend ([`crate::prefetch::OnlineBlend`]), it forecasts layers
-//!    `l+1..l+D` from the counts, the last tokens and the request's use;
+//!    with an online blend ([`crate::prefetch::OnlineBlend`]), it forecasts the `D`
+//!    layers after `l` (past the last MoE layer, the next token's first ones) from the
+//!    counts, the last tokens and the request's use;
 //! 4. once the last MoE layer has routed (before its experts run), with `lens` the logit
 //!    lens forecasts the next token's layer 0 from that layer's router input, and the
 //!    predictor observes the token's routing; one trained with token-id dropout then
@@ -102,6 +103,10 @@ pub struct EngineConfig {
     /// forecasts for the next [`OnlineBlend::HORIZON`] layers are prefetched (the engine
     /// takes the counts; the config it keeps has `None` here).
     pub blend: Option<predictor::baselines::BaselineStats>,
+    /// Replay only: the oracle prefetcher, reading each layer's recorded experts this
+    /// many layers ahead (counting on into the next token; at most one token), the
+    /// bound the forecasters are measured against ([`OffloadEngine::replay_routing`]).
+    pub oracle_lead: Option<usize>,
 }
 
 /// The runtime state; see the module docs.
@@ -139,6 +144,11 @@ pub struct OffloadEngine {
     guard: Option<PrefetchGuard>,
     /// Planned prefetches and the decode step they were read for.
     planned_for: HashMap<usize, u64>,
+    /// With `oracle_lead`: the replayed sequence's routing, this decode step's position
+    /// in it, and the first layer position (`token * n_moe + layer`) not yet read.
+    future: Vec<Vec<Option<Vec<u16>>>>,
+    position: usize,
+    oracle_next: usize,
 }
 
 impl OffloadEngine {
@@ -217,6 +227,7 @@ impl OffloadEngine {
                     (cfg.blend.is_some(), "online blend"),
                     (cfg.pre_attention, "pre-attention gate"),
                     (cfg.lens, "logit lens"),
+                    (cfg.oracle_lead.is_some(), "oracle (recorded experts)"),
                 ]
                 .into_iter()
                 .filter_map(|(on, name)| on.then_some(name))
@@ -284,6 +295,9 @@ impl OffloadEngine {
             guard,
             planner,
             planned_for: HashMap::new(),
+            future: Vec::new(),
+            position: 0,
+            oracle_next: 0,
         })
     }
 
@@ -302,6 +316,40 @@ impl OffloadEngine {
         if let Some(b) = &mut self.blend {
             b.start_request();
         }
+        self.future.clear();
+        self.oracle_next = 0;
+    }
+
+    /// Replay: the routing of the sequence about to run, token by token (per MoE layer),
+    /// read by the oracle prefetcher (with `oracle_lead`; call after
+    /// [`OffloadEngine::new_request`]).
+    pub fn replay_routing(&mut self, experts: &[Vec<Option<Vec<u16>>>]) {
+        if self.cfg.oracle_lead.is_some() {
+            self.future = experts.to_vec();
+        }
+    }
+
+    /// The oracle reads every recorded layer up to position `until` (`token * n_moe +
+    /// layer`, at most one token past this decode step's current position) it has not
+    /// read yet: after layer `l` routes, the one `lead` layers on; at a sequence's first
+    /// decode step, its first `lead` layers.
+    fn oracle_prefetch(&mut self, layer_done: Option<usize>) {
+        let Some(lead) = self.cfg.oracle_lead else {
+            return;
+        };
+        let n = self.n_moe();
+        let lead = lead.clamp(1, n);
+        let here = self.position * n + layer_done.map_or(0, |l| l + 1);
+        let until = (here + lead).min(self.future.len() * n);
+        let from = self.oracle_next.max(self.position * n);
+        for p in from..until {
+            if let Some(ids) = self.future[p / n][p % n].clone() {
+                for x in ids {
+                    self.admit((p % n) * self.n_experts + x as usize, false);
+                }
+            }
+        }
+        self.oracle_next = self.oracle_next.max(until);
     }
 
     fn n_moe(&self) -> usize {
@@ -424,6 +472,7 @@ impl RoutingObserver for OffloadEngine {
         self.tokens = tokens.to_vec();
         self.routing.iter_mut().for_each(Vec::clear);
         self.decoding = inference::generate::is_decode_step(first_pos, tokens.len());
+        self.position = first_pos;
         self.started = Instant::now();
         self.observed = false;
         self.pinned.clear();
@@ -437,6 +486,7 @@ impl RoutingObserver for OffloadEngine {
         if !self.prefetching() {
             return;
         }
+        self.oracle_prefetch(None);
         if let Some(st) = self.cfg.token_table.take() {
             let id = (tokens[0] != datasets::UNKNOWN_TOKEN).then_some(tokens[0]);
             let mut ranking = Vec::new();
@@ -495,8 +545,9 @@ impl RoutingObserver for OffloadEngine {
         }
         if self.decoding {
             self.planned_routing(m, &needed, misses);
-            if m + 1 < self.n_moe() && self.prefetching() {
+            if self.prefetching() {
                 self.blend_forecast(m);
+                self.oracle_prefetch(Some(m));
             }
         }
         if self.decoding && m + 1 == self.n_moe() {

@@ -7,8 +7,9 @@ pub use predictor::blend::OnlineBlend;
 
 use crate::simulate::PrefetchPlan;
 
-/// The blend's plan: after layer `l`, the top `budget` experts of layers
-/// `l+1..=l+horizon` by the online blend, with their probabilities. Returns the plan
+/// The blend's plan: after layer `l`, the top `budget` experts of the `horizon` layers
+/// after it (past the last MoE layer, the next token's first ones) by the online blend,
+/// with their probabilities. Returns the plan
 /// and the blend as it ended (its weights say what it learned).
 pub fn blend(
     view: &TraceView<'_>,
