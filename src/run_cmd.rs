@@ -62,8 +62,9 @@ pub(crate) struct RunArgs {
     prefetch_budget: String,
     /// With `--prefetch-budget auto`, do not measure decode steps with and without
     /// planned prefetch (the guard keeps prefetch on unless steps without it are more
-    /// than 2% faster, in windows of 8 steps after a first one that fills the cache; the setting not in use is measured again
-    /// after 6 windows, the wait doubling each time it loses again).
+    /// than 2% faster, in windows of 8 steps after a first one that fills the cache;
+    /// the setting not in use is measured again after 6 windows, the wait doubling each
+    /// time it loses again).
     #[arg(long)]
     no_prefetch_guard: bool,
     /// With a lookahead predictor, also forecast the next layers after each layer (more

@@ -25,19 +25,8 @@ fn fixture(name: &str) -> PathBuf {
 
 fn config(capacity: usize, policy: EvictionPolicy, margin: f32) -> EngineConfig {
     EngineConfig {
-        capacity,
-        policy,
-        budget: 2,
-        planned: false,
-        prefetch_guard: false,
-        layer_forecasts: false,
-        pre_attention: false,
-        lens: false,
         routing_margin: margin,
-        loader_threads: 2,
-        token_table: None,
-        blend: None,
-        oracle_lead: None,
+        ..EngineConfig::demand_paging(capacity, policy)
     }
 }
 

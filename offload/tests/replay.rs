@@ -63,30 +63,6 @@ fn recorded(rng: &mut StdRng, n: usize, c: &TinyMoeConfig) -> Vec<Vec<Option<Vec
         .collect()
 }
 
-/// The engine with `capacity` experts, fixed-budget prefetch and no forecaster (the
-/// oracle with `oracle_lead`).
-fn engine_config(
-    capacity: usize,
-    policy: EvictionPolicy,
-    oracle_lead: Option<usize>,
-) -> EngineConfig {
-    EngineConfig {
-        capacity,
-        policy,
-        budget: 2,
-        planned: false,
-        prefetch_guard: false,
-        layer_forecasts: false,
-        pre_attention: false,
-        lens: false,
-        routing_margin: 0.0,
-        loader_threads: 2,
-        token_table: None,
-        blend: None,
-        oracle_lead,
-    }
-}
-
 #[test]
 fn replay_forces_the_recorded_routing_through_the_engine() {
     let dir = tempfile::tempdir().unwrap();
@@ -127,7 +103,7 @@ fn replay_forces_the_recorded_routing_through_the_engine() {
     // ones, and the same experts leave the disk.
     ck.skip_routed_experts();
     let mut offloaded = MoeModel::load(&ck, &device).unwrap();
-    let cfg = engine_config(6, EvictionPolicy::Lru, None);
+    let cfg = EngineConfig::demand_paging(6, EvictionPolicy::Lru);
     let mut engine = OffloadEngine::new(&ck, &mut offloaded, cfg, None, &device).unwrap();
     assert_eq!(
         replay_sequence(&offloaded, &tokens, &experts, &mut engine).unwrap(),
@@ -155,7 +131,10 @@ fn the_replay_oracle_reads_each_recorded_expert_ahead() {
     let experts = recorded(&mut rng, tokens.len(), &c);
     let run = |oracle_lead: Option<usize>| {
         let mut offloaded = MoeModel::load(&ck, &device).unwrap();
-        let cfg = engine_config(12, EvictionPolicy::NextUse, oracle_lead);
+        let cfg = EngineConfig {
+            oracle_lead,
+            ..EngineConfig::demand_paging(12, EvictionPolicy::NextUse)
+        };
         let mut engine = OffloadEngine::new(&ck, &mut offloaded, cfg, None, &device).unwrap();
         engine.new_request();
         engine.replay_routing(&experts);

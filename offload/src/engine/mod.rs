@@ -109,6 +109,28 @@ pub struct EngineConfig {
     pub oracle_lead: Option<usize>,
 }
 
+impl EngineConfig {
+    /// Demand paging: `capacity` experts evicted by `policy`, no forecaster, no
+    /// cache-aware routing, two loader threads (set the other fields to add them).
+    pub fn demand_paging(capacity: usize, policy: EvictionPolicy) -> EngineConfig {
+        EngineConfig {
+            capacity,
+            policy,
+            budget: 2,
+            planned: false,
+            prefetch_guard: false,
+            layer_forecasts: false,
+            pre_attention: false,
+            lens: false,
+            routing_margin: 0.0,
+            loader_threads: 2,
+            token_table: None,
+            blend: None,
+            oracle_lead: None,
+        }
+    }
+}
+
 /// The runtime state; see the module docs.
 pub struct OffloadEngine {
     cfg: EngineConfig,
@@ -342,13 +364,13 @@ impl OffloadEngine {
         let here = self.position * n + layer_done.map_or(0, |l| l + 1);
         let until = (here + lead).min(self.future.len() * n);
         let from = self.oracle_next.max(self.position * n);
+        let future = std::mem::take(&mut self.future);
         for p in from..until {
-            if let Some(ids) = self.future[p / n][p % n].clone() {
-                for x in ids {
-                    self.admit((p % n) * self.n_experts + x as usize, false);
-                }
+            for &x in future[p / n][p % n].iter().flatten() {
+                self.admit((p % n) * self.n_experts + x as usize, false);
             }
         }
+        self.future = future;
         self.oracle_next = self.oracle_next.max(until);
     }
 
