@@ -612,3 +612,102 @@ fn run_replays_a_trace_on_a_synthetic_checkpoint() {
         "{err}"
     );
 }
+
+/// `run --replay` of a trace with router inputs gives the recorded ones to the
+/// forecasters: a predictor reading the tiny model's 128-wide hidden states forecasts the
+/// next layers on a 64-wide synthetic checkpoint; the logit lens, which reads them with
+/// the checkpoint's own gate, is refused by name.
+#[test]
+fn run_replay_feeds_the_recorded_router_inputs() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let model = root.join("checkpoints/tiny-moe").display().to_string();
+    let prompts = root.join("prompts/heldout.txt").display().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let trace = tmp(&dir, "h.mctrace");
+    ok(&[
+        "collect",
+        "--model",
+        &model,
+        "--prompts",
+        &prompts,
+        "--max-new-tokens",
+        "16",
+        "--hidden-states",
+        "-o",
+        &trace,
+    ]);
+    let pred = tmp(&dir, "pred");
+    train_tiny(
+        &trace,
+        &pred,
+        &[
+            "--task",
+            "lookahead",
+            "--features",
+            "hidden",
+            "--test-fraction",
+            "0",
+        ],
+    );
+    let ckpt = tmp(&dir, "ckpt");
+    ok(&[
+        "checkpoint",
+        "synth",
+        "--layers",
+        "6",
+        "--experts",
+        "16",
+        "--top-k",
+        "2",
+        "--vocab",
+        "512",
+        "--hidden",
+        "64",
+        "--moe-intermediate",
+        "32",
+        "-o",
+        &ckpt,
+    ]);
+    let json = tmp(&dir, "run.json");
+    let (out, notes) = ok_with_notes(&[
+        "run",
+        "--model",
+        &ckpt,
+        "--replay",
+        &trace,
+        "--replay-tokens",
+        "40",
+        "--expert-cache",
+        "25%",
+        "--predictor",
+        &pred,
+        "--layer-forecasts",
+        "--prefetch-budget",
+        "2",
+        "--json",
+        &json,
+    ]);
+    let said = format!("{out}{notes}");
+    assert!(
+        said.contains("recorded router inputs (width 128)"),
+        "{said}"
+    );
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let r = &run["report"];
+    assert!(
+        r["prefetch"].as_str().unwrap().contains("layer lookahead"),
+        "{r}"
+    );
+    assert!(r["prefetches"].as_u64().unwrap() > 0, "{r}");
+
+    let out = moecast(&["run", "--model", &ckpt, "--replay", &trace, "--lens"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("h.mctrace")
+            && err.contains("--lens")
+            && err.contains("width 128"),
+        "{err}"
+    );
+}

@@ -5,9 +5,11 @@
 # bf16: 9.4 MB each; random weights, the published layout), experts read from disk with
 # direct I/O (or, where the file system refuses it, with the page cache dropped).
 # Demand paging (LRU, next-use), the token table and `make demo`'s predictor at a fixed
-# budget (top-2) and planned (auto), and the online blend (started from the predictor's
-# training counts) planned, and the oracle (the recorded experts read 1 or 3 layers
-# ahead), at 10% and 25% of the experts resident. The modes run interleaved, REPEATS
+# budget (top-2) and planned (auto), the predictor also forecasting the next layers after
+# each layer (`layers`: it reads the trace's recorded router inputs, as the replay gives
+# them), the online blend (started from the predictor's training counts) planned, and
+# the oracle (the recorded experts read 1 or 3 layers ahead), at 10% and 25% of the
+# experts resident. The modes run interleaved, REPEATS
 # rounds, so a drifting disk speed touches them alike; the summary gives each mode's
 # mean decode tokens/s, its ratio to next-use demand paging, and the share of the gap
 # between the better demand paging and the faster oracle it closes.
@@ -32,11 +34,12 @@ results=$OUT/results.txt
 round=1
 while [ $round -le $REPEATS ]; do
   for cache in 10% 25%; do
-    for mode in lru next-use token:2 token:auto learned:2 learned:auto blend:auto oracle:1 oracle:3; do
+    for mode in lru next-use token:2 token:auto learned:2 learned:auto layers:2 layers:auto blend:auto oracle:1 oracle:3; do
       case $mode in
         lru|next-use) args="--policy $mode" ;;
         token:*) args="--policy next-use --token-table $DEMO/predictor --prefetch-budget ${mode#token:}" ;;
         learned:*) args="--policy next-use --predictor $DEMO/predictor --prefetch-budget ${mode#learned:}" ;;
+        layers:*) args="--policy next-use --predictor $DEMO/predictor --layer-forecasts --prefetch-budget ${mode#layers:}" ;;
         blend:*) args="--policy next-use --blend $DEMO/predictor --prefetch-budget ${mode#blend:}" ;;
         oracle:*) args="--policy next-use --oracle-prefetch ${mode#oracle:}" ;;
       esac

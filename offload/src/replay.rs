@@ -23,17 +23,25 @@ pub struct ReplaySummary {
     pub notes: Vec<String>,
 }
 
-/// One sequence: token ids and, per token, each MoE layer's recorded experts.
-type Sequence = (Vec<u32>, Vec<Vec<Option<Vec<u16>>>>);
+/// One recorded sequence: token ids and, per token, each MoE layer's experts and (where
+/// the trace has them; else empty) router inputs.
+struct Sequence {
+    tokens: Vec<u32>,
+    experts: Vec<Vec<Option<Vec<u16>>>>,
+    router_inputs: Vec<Vec<Option<Vec<f32>>>>,
+}
 
 /// Reads `path`'s sequences for `model`: the trace must route over the model's experts
 /// with its top-k; a trace with more MoE layers is replayed over the model's first ones
 /// (said in the notes); token ids beyond the model's vocabulary are folded into it.
-/// At most `max_tokens` tokens in all (0: every token).
+/// At most `max_tokens` tokens in all (0: every token). Recorded router inputs are read
+/// (said in the notes) unless the trace has none; `lens`: the run's logit lens reads
+/// them with the model's own gate, so they must be the model's width.
 fn sequences(
     path: &Path,
     model: &MoeModel,
     max_tokens: usize,
+    lens: bool,
     notes: &mut Vec<String>,
 ) -> Result<Vec<Sequence>, OffloadError> {
     let shape = model.shape();
@@ -70,6 +78,19 @@ fn sequences(
             shape.vocab_size
         ));
     }
+    let inputs = view.meta.router_input_dim();
+    match inputs {
+        Some(d) if lens && d as usize != shape.hidden_size => {
+            return Err(bad(format!(
+                "the trace records router inputs of width {d}, which the replay gives to the engine, and the logit lens (--lens) reads them with the model's gate of width {}: replay without --lens",
+                shape.hidden_size
+            )))
+        }
+        Some(d) => notes.push(format!(
+            "forecasters read the trace's recorded router inputs (width {d}), not the checkpoint's"
+        )),
+        None => {}
+    }
     let mut out = Vec::new();
     let mut left = if max_tokens == 0 {
         usize::MAX
@@ -92,7 +113,17 @@ fn sequences(
                     .collect()
             })
             .collect();
-        out.push((tokens, experts));
+        let router_inputs = match inputs {
+            Some(_) => (r.start..end)
+                .map(|t| (0..m).map(|l| view.router_input_f32(t, l)).collect())
+                .collect(),
+            None => Vec::new(),
+        };
+        out.push(Sequence {
+            tokens,
+            experts,
+            router_inputs,
+        });
     }
     Ok(out)
 }
@@ -105,17 +136,19 @@ pub fn replay_trace(
     max_tokens: usize,
 ) -> Result<ReplaySummary, OffloadError> {
     let mut summary = ReplaySummary::default();
-    let seqs = sequences(path, model, max_tokens, &mut summary.notes)?;
-    let bar = ProgressBar::new(seqs.iter().map(|s| s.0.len() as u64).sum());
-    for (i, (tokens, experts)) in seqs.iter().enumerate() {
+    let lens = engine.config().lens;
+    let seqs = sequences(path, model, max_tokens, lens, &mut summary.notes)?;
+    let bar = ProgressBar::new(seqs.iter().map(|s| s.tokens.len() as u64).sum());
+    for (i, s) in seqs.iter().enumerate() {
         engine.new_request();
-        engine.replay_routing(experts);
-        summary.unforced += replay_sequence(model, tokens, experts, engine).map_err(|source| {
-            ModelError::in_prompt(format!("{} sequence {i}", path.display()), source)
-        })?;
+        engine.replay_routing(&s.experts);
+        summary.unforced += replay_sequence(model, &s.tokens, &s.experts, &s.router_inputs, engine)
+            .map_err(|source| {
+                ModelError::in_prompt(format!("{} sequence {i}", path.display()), source)
+            })?;
         summary.sequences += 1;
-        summary.tokens += tokens.len();
-        bar.inc(tokens.len() as u64);
+        summary.tokens += s.tokens.len();
+        bar.inc(s.tokens.len() as u64);
     }
     bar.finish_and_clear();
     Ok(summary)

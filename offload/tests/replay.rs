@@ -85,7 +85,7 @@ fn replay_forces_the_recorded_routing_through_the_engine() {
     // With every expert in memory: each routing is the recorded one.
     let mut seen = Recorder::default();
     assert_eq!(
-        replay_sequence(&model, &tokens, &experts, &mut seen).unwrap(),
+        replay_sequence(&model, &tokens, &experts, &[], &mut seen).unwrap(),
         0
     );
     let want: Vec<(usize, Vec<u32>)> = experts
@@ -106,7 +106,7 @@ fn replay_forces_the_recorded_routing_through_the_engine() {
     let cfg = EngineConfig::demand_paging(6, EvictionPolicy::Lru);
     let mut engine = OffloadEngine::new(&ck, &mut offloaded, cfg, None, &device).unwrap();
     assert_eq!(
-        replay_sequence(&offloaded, &tokens, &experts, &mut engine).unwrap(),
+        replay_sequence(&offloaded, &tokens, &experts, &[], &mut engine).unwrap(),
         0
     );
     let r = engine.report().clone();
@@ -138,7 +138,7 @@ fn the_replay_oracle_reads_each_recorded_expert_ahead() {
         let mut engine = OffloadEngine::new(&ck, &mut offloaded, cfg, None, &device).unwrap();
         engine.new_request();
         engine.replay_routing(&experts);
-        replay_sequence(&offloaded, &tokens, &experts, &mut engine).unwrap();
+        replay_sequence(&offloaded, &tokens, &experts, &[], &mut engine).unwrap();
         engine.report().clone()
     };
     let demand = run(None);
@@ -152,5 +152,56 @@ fn the_replay_oracle_reads_each_recorded_expert_ahead() {
             "lead {lead}: {r:?}"
         );
         assert!(r.prefetch.contains("oracle"), "{}", r.prefetch);
+    }
+}
+
+/// Records the router inputs it is given, per layer, and wants them at every layer.
+#[derive(Default)]
+struct InputRecorder(Vec<(usize, Vec<f32>)>);
+
+impl RoutingObserver for InputRecorder {
+    fn on_routing(&mut self, _: usize, _: usize, _: &[RouteDecision]) {}
+
+    fn wants_router_inputs(&self, _: usize) -> bool {
+        true
+    }
+
+    fn on_router_inputs(&mut self, layer: usize, _: usize, inputs: &[f32], hidden: usize) {
+        assert_eq!(inputs.len(), hidden);
+        self.0.push((layer, inputs.to_vec()));
+    }
+}
+
+/// A replay with recorded router inputs gives the observer the recorded ones, whatever
+/// their width, where a token has them; the model's own elsewhere.
+#[test]
+fn replay_gives_the_recorded_router_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = shape();
+    write_synthetic_checkpoint(dir.path(), &c, 7).unwrap();
+    let device = inference::device::BackendKind::from_test_env().device();
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    let model = MoeModel::load(&ck, &device).unwrap();
+    let mut rng = StdRng::seed_from_u64(3);
+    let tokens: Vec<u32> = (0..4).map(|_| rng.random_range(0..64)).collect();
+    let experts = recorded(&mut rng, tokens.len(), &c);
+    // Width 5 (the recorded model's), layer 1 of token 2 not recorded; token 3 has none.
+    let inputs: Vec<Vec<Option<Vec<f32>>>> = (0..3)
+        .map(|t| {
+            (0..c.num_layers)
+                .map(|l| (t != 2 || l != 1).then(|| vec![(10 * t + l) as f32; 5]))
+                .collect()
+        })
+        .collect();
+    let mut seen = InputRecorder::default();
+    replay_sequence(&model, &tokens, &experts, &inputs, &mut seen).unwrap();
+    assert_eq!(seen.0.len(), tokens.len() * c.num_layers);
+    for (i, (layer, x)) in seen.0.iter().enumerate() {
+        let (t, l) = (i / c.num_layers, i % c.num_layers);
+        assert_eq!(*layer, l);
+        match inputs.get(t).and_then(|r| r[l].as_ref()) {
+            Some(want) => assert_eq!(x, want, "token {t} layer {l}"),
+            None => assert_eq!(x.len(), c.hidden_size, "token {t} layer {l}: the model's"),
+        }
     }
 }

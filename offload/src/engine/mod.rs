@@ -3,7 +3,7 @@
 //! [`ExpertCache`] decides which go), with prefetching on background threads while the
 //! current layer computes, and optional cache-aware routing.
 //!
-//! It is a [`RoutingObserver`] of a model whose experts were offloaded
+//! It is a [`RoutingObserver`](inference::routing::RoutingObserver) of a model whose experts were offloaded
 //! ([`OffloadEngine::new`] drops them): the model calls it at each forward, at each MoE
 //! layer's routing, and for each expert it needs, so [`inference::generate::generate`] runs
 //! unchanged. Per decode step:
@@ -36,6 +36,7 @@
 
 mod forecast;
 mod guard;
+mod observer;
 mod planned;
 pub mod quality;
 pub mod replay;
@@ -58,9 +59,9 @@ use inference::checkpoint::Checkpoint;
 use inference::error::{ModelError, Result};
 use inference::layers::SwiGlu;
 use inference::models::MoeModel;
-use inference::routing::{ExpertSource, RouteDecision, RoutingObserver, RoutingPolicy};
+use inference::routing::RouteDecision;
 pub use report::EngineReport;
-pub use store::{ExpertLoader, ExpertStore, Loaded, READ_CHUNK};
+pub use store::{ExpertLoader, ExpertStore, LinkUse, Loaded, READ_CHUNK};
 
 /// Decode steps per window of the prefetch guard, and how often it measures the setting
 /// it does not use (every this many windows).
@@ -137,8 +138,8 @@ pub struct OffloadEngine {
     loader: ExpertLoader,
     cache: ExpertCache,
     resident: HashMap<usize, SwiGlu>,
-    /// Reads queued or running, and whether they were demand reads.
-    in_flight: HashMap<usize, bool>,
+    /// Reads queued or running.
+    in_flight: HashMap<usize, InFlight>,
     unused_prefetch: HashSet<usize>,
     /// Model layer -> MoE index.
     moe_index: HashMap<usize, usize>,
@@ -150,6 +151,10 @@ pub struct OffloadEngine {
     /// This forward's routing per MoE index.
     routing: Vec<Vec<RouteDecision>>,
     decoding: bool,
+    /// Forwards run (the decode step count, for deadlines), and the next MoE layer this
+    /// forward routes.
+    step: u64,
+    next_layer: usize,
     started: Instant,
     pinned: Vec<usize>,
     /// The router input of the layer being routed (single-token steps), for predictors
@@ -277,16 +282,8 @@ impl OffloadEngine {
             routing_margin: cfg.routing_margin,
             ..EngineReport::default()
         };
-        let planner = (cfg.planned && report.budget == "auto").then(|| {
-            planned::EnginePlanner::new(
-                shape.top_k,
-                e,
-                m,
-                capacity,
-                cfg.loader_threads,
-                chunk_share,
-            )
-        });
+        let planner = (cfg.planned && report.budget == "auto")
+            .then(|| planned::EnginePlanner::new(shape.top_k, e, m, capacity, chunk_share));
         let guard = (cfg.prefetch_guard && planner.is_some())
             .then(|| PrefetchGuard::new(GUARD_WINDOW, GUARD_EXPLORE_EVERY));
         let blend = cfg
@@ -307,6 +304,8 @@ impl OffloadEngine {
             tokens: Vec::new(),
             routing: vec![Vec::new(); m],
             decoding: false,
+            step: 0,
+            next_layer: 0,
             started: Instant::now(),
             pinned: Vec::new(),
             router_input: None,
@@ -321,6 +320,11 @@ impl OffloadEngine {
             position: 0,
             oracle_next: 0,
         })
+    }
+
+    /// How it runs.
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
     }
 
     /// What has been measured so far.
@@ -386,10 +390,10 @@ impl OffloadEngine {
     }
 
     fn arrive(&mut self, l: Loaded) {
-        let demand = self.in_flight.remove(&l.id).unwrap_or(true);
+        let demand = self.in_flight.remove(&l.id).is_none_or(|r| r.demand);
         self.report.read_s += l.read_time.as_secs_f64();
         if let Some(p) = &mut self.planner {
-            p.read_done(l.read_time.as_secs_f64(), l.demand);
+            p.read_done(l.read_time.as_secs_f64(), self.loader.link_use());
         }
         if demand {
             self.report.demand_reads += 1;
@@ -453,15 +457,31 @@ impl OffloadEngine {
             Some(_) => {}
             None if self.resident.contains_key(&id) => {}
             None => {
-                self.loader.request(id, demand);
-                self.in_flight.insert(id, demand);
+                let deadline = self.deadline(id / self.n_experts);
+                self.loader.request(id, demand, deadline);
+                self.in_flight.insert(id, InFlight { demand, deadline });
             }
         }
+    }
+
+    /// The position of MoE layer `m`'s next lookup, `step * n_moe + m`: this forward's
+    /// if it has not routed yet, else the next one's.
+    fn deadline(&self, m: usize) -> u64 {
+        let step = self.step + u64::from(m < self.next_layer);
+        step * self.n_moe() as u64 + m as u64
     }
 
     fn fail(&mut self, e: impl Into<ModelError>) {
         self.error.get_or_insert(e.into());
     }
+}
+
+/// A read queued or running: a demand read or a prefetch, and its lookup's position
+/// ([`OffloadEngine::deadline`]).
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    demand: bool,
+    deadline: u64,
 }
 
 /// Where the routing `of` forecasts or counts is not `model`'s: "L MoE layers x E
@@ -486,182 +506,5 @@ fn policy_name(p: EvictionPolicy) -> String {
         EvictionPolicy::Lfu { decay } => format!("lfu:{decay}"),
         EvictionPolicy::Belady => "belady".into(),
         EvictionPolicy::NextUse => "next-use".into(),
-    }
-}
-
-impl RoutingObserver for OffloadEngine {
-    fn on_forward(&mut self, first_pos: usize, tokens: &[u32]) {
-        self.tokens = tokens.to_vec();
-        self.routing.iter_mut().for_each(Vec::clear);
-        self.decoding = inference::generate::is_decode_step(first_pos, tokens.len());
-        self.position = first_pos;
-        self.started = Instant::now();
-        self.observed = false;
-        self.pinned.clear();
-        self.drain();
-        if !self.decoding {
-            return;
-        }
-        if let Some(p) = &mut self.planner {
-            p.token_started();
-        }
-        if !self.prefetching() {
-            return;
-        }
-        self.oracle_prefetch(None);
-        if let Some(st) = self.cfg.token_table.take() {
-            let id = (tokens[0] != datasets::UNKNOWN_TOKEN).then_some(tokens[0]);
-            let mut ranking = Vec::new();
-            for m in 0..self.n_moe() {
-                st.rank_token(m, id, self.cfg.budget, &mut ranking);
-                self.prefetch_ranked(m, &ranking, None);
-            }
-            self.cfg.token_table = Some(st);
-        }
-        if let Some(p) = &mut self.predictor {
-            match p.predict_next(tokens[0]) {
-                Ok(f) => self.prefetch_forecast(&f),
-                Err(e) => self.fail(ModelError::observer(e)),
-            }
-        }
-    }
-
-    fn on_routing(&mut self, layer: usize, _first_pos: usize, decisions: &[RouteDecision]) {
-        let Some(&m) = self.moe_index.get(&layer) else {
-            return;
-        };
-        self.routing[m] = decisions.to_vec();
-        self.drain();
-        self.pinned.clear();
-        let mut needed: Vec<usize> = decisions
-            .iter()
-            .flat_map(|d| d.ids.iter().map(|&x| m * self.n_experts + x as usize))
-            .collect();
-        needed.sort_unstable();
-        needed.dedup();
-        // The prompt's batch is not one visit: only decode steps feed the reuse gaps.
-        if self.decoding {
-            self.cache.visit(m, &needed);
-        }
-        // A layer may need more experts than the cache holds (a prompt's batch, a small
-        // cache): only the first the forward runs (in ascending id order) are read now;
-        // admitting the rest would evict experts whose reads are still in flight. Each of
-        // the rest is read when the forward reaches it.
-        let ahead = self.cache.capacity();
-        let mut misses = 0;
-        for (i, &id) in needed.iter().enumerate() {
-            if self.decoding {
-                self.report.accesses += 1;
-                if self.resident.contains_key(&id) {
-                    self.report.hits += 1;
-                } else if self.in_flight.contains_key(&id) {
-                    self.report.late += 1;
-                } else {
-                    self.report.misses += 1;
-                    misses += 1;
-                }
-            }
-            if i < ahead {
-                self.admit(id, true);
-            }
-        }
-        if self.decoding {
-            self.planned_routing(m, &needed, misses);
-            if self.prefetching() {
-                self.blend_forecast(m);
-                self.oracle_prefetch(Some(m));
-            }
-        }
-        if self.decoding && m + 1 == self.n_moe() {
-            // The token's routing is complete: the forecasts of the next token's layer 0
-            // (the logit lens, then the predictor's before the id) get the last layer's
-            // compute as lead time.
-            if let (Some(lens), Some(x), true) =
-                (&self.lens, &self.router_input, self.prefetching())
-            {
-                let scores = lens.scores(x);
-                let last = scores.len().saturating_sub(self.n_experts);
-                self.prefetch_top(0, &scores[last..], false);
-            }
-            if let Err(e) = self.observe_forward() {
-                self.fail(e);
-            }
-        }
-        if self.decoding {
-            self.predictor_layer_forecast(m);
-        }
-    }
-
-    /// The lens reads the last MoE layer's router input; a lookahead predictor with
-    /// hidden features every layer's.
-    fn wants_router_inputs(&self, layer: usize) -> bool {
-        let last = self.moe_index.get(&layer) == Some(&(self.n_moe() - 1));
-        self.decoding
-            && self.prefetching()
-            && (self.lens.is_some() && last
-                || self.cfg.layer_forecasts
-                    && self
-                        .predictor
-                        .as_ref()
-                        .is_some_and(|p| p.predictor().card.config.features.hidden()))
-    }
-
-    fn on_router_inputs(
-        &mut self,
-        _layer: usize,
-        _first_pos: usize,
-        inputs: &[f32],
-        _hidden: usize,
-    ) {
-        self.router_input = Some(inputs.to_vec());
-    }
-
-    fn wants_pre_attention_logits(&self) -> bool {
-        self.decoding && self.cfg.pre_attention && self.prefetching()
-    }
-
-    fn on_pre_attention_logits(
-        &mut self,
-        layer: usize,
-        _first_pos: usize,
-        logits: &[f32],
-        e: usize,
-    ) {
-        let Some(&m) = self.moe_index.get(&layer) else {
-            return;
-        };
-        self.drain();
-        self.prefetch_top(m, &logits[..e], false);
-    }
-
-    fn policy(&mut self) -> Option<&mut dyn RoutingPolicy> {
-        Some(self)
-    }
-
-    fn expert_source(&mut self) -> Option<&mut dyn ExpertSource> {
-        Some(self)
-    }
-
-    fn on_forward_done(&mut self) -> Result<()> {
-        if let Some(e) = self.error.take() {
-            return Err(e);
-        }
-        let elapsed = self.started.elapsed().as_secs_f64();
-        if self.decoding {
-            self.report.decode_tokens += 1;
-            self.report.decode_s += elapsed;
-            if let Some(g) = &mut self.guard {
-                g.step_done(elapsed);
-                self.report.prefetch_off_tokens = g.steps_off;
-            }
-        } else {
-            self.report.prompt_tokens += self.tokens.len() as u64;
-            self.report.prefill_s += elapsed;
-        }
-        if !self.observed {
-            self.observe_forward()?;
-        }
-        self.blend_observe();
-        Ok(())
     }
 }

@@ -8,18 +8,22 @@ use crate::planner::{
     lookups_until, Candidate, LinkState, PlannerSettings, PrefetchPlanner, Verdict,
 };
 
-use super::OffloadEngine;
+use super::{LinkUse, OffloadEngine};
 
 /// Weight of the newest measurement in the running timings.
 const RATE: f64 = 0.1;
+/// Reads per measurement of the link's time per read.
+const LINK_WINDOW: f64 = 8.0;
 
 /// The planner and the clocks it plans with.
 pub(super) struct EnginePlanner {
     pub(super) planner: PrefetchPlanner,
     clock: Instant,
-    /// Running means, microseconds: one expert read, one layer (lookup to lookup), and
-    /// a token's start to its first lookup.
+    /// Running means, microseconds: the link's time per expert read, one layer (lookup
+    /// to lookup), and a token's start to its first lookup.
     read_us: Option<f64>,
+    /// The link's use at the last measurement.
+    link_seen: LinkUse,
     period_us: Option<f64>,
     first_lookup_us: Option<f64>,
     token_start: f64,
@@ -27,7 +31,6 @@ pub(super) struct EnginePlanner {
     /// The next MoE layer to route, and the token count (cancellation).
     pub(super) next_layer: usize,
     pub(super) token: u64,
-    threads: f64,
     /// The share of a read a demand read can wait for (one chunk of a prefetch).
     chunk_share: f64,
 }
@@ -42,7 +45,6 @@ impl EnginePlanner {
         n_experts: usize,
         n_moe: usize,
         capacity: usize,
-        threads: usize,
         chunk_share: f64,
     ) -> Self {
         EnginePlanner {
@@ -57,13 +59,13 @@ impl EnginePlanner {
             }),
             clock: Instant::now(),
             read_us: None,
+            link_seen: LinkUse::default(),
             period_us: None,
             first_lookup_us: None,
             token_start: 0.0,
             last_lookup: None,
             next_layer: 0,
             token: 0,
-            threads: threads.max(1) as f64,
             chunk_share: chunk_share.clamp(0.0, 1.0),
         }
     }
@@ -91,23 +93,37 @@ impl EnginePlanner {
         self.next_layer = m + 1;
     }
 
-    /// A read took `seconds`. Demand reads measure the device; a prefetch's time includes
-    /// its pauses for demand reads, so it only stands in until a demand read is timed.
-    pub(super) fn read_done(&mut self, seconds: f64, demand: bool) {
-        if demand || self.read_us.is_none() {
-            self.read_us = ema(self.read_us, seconds * 1e6);
+    /// A read finished after `seconds`; the loader has used the link as `link` says.
+    /// The planner's read time is the link's wall time per read over the last
+    /// [`LINK_WINDOW`] reads or more (reads that overlap share it; a prefetch's pauses
+    /// for demand reads are a demand read's time), not one read's latency; the first
+    /// read's latency stands in until then.
+    pub(super) fn read_done(&mut self, seconds: f64, link: LinkUse) {
+        let done = |u: &LinkUse| u.reads as f64 + 0.5 * u.active as f64;
+        let reads = done(&link) - done(&self.link_seen);
+        if reads >= LINK_WINDOW {
+            let busy = link.busy.saturating_sub(self.link_seen.busy).as_secs_f64();
+            let per_read = busy * 1e6 / reads;
+            // The first measurement replaces the stand-in.
+            self.read_us = if self.link_seen.reads == 0 {
+                Some(per_read)
+            } else {
+                ema(self.read_us, per_read)
+            };
+            self.link_seen = link;
+        } else if self.read_us.is_none() {
+            self.read_us = Some(seconds * 1e6);
         }
     }
 
-    /// How much one more queued prefetch moves the end of the loader's queue: a read's
-    /// time over the threads that read prefetches (all but the one kept for demand).
+    /// How much one more queued read moves the end of the loader's queue.
     fn queued_read_us(&self) -> f64 {
-        self.read_us.unwrap_or(0.0) / (self.threads - 1.0).max(1.0)
+        self.read_us.unwrap_or(0.0)
     }
 
-    /// The link as measured, with `queued` reads ahead on the loader's threads; the
-    /// planner's timings are brought up to date.
-    fn link(&mut self, queued: usize) -> LinkState {
+    /// The clock and the next lookup, with the link free now (the caller adds the reads
+    /// queued ahead); the planner's timings are brought up to date.
+    fn link(&mut self) -> LinkState {
         let now = self.now();
         let read = self.read_us.unwrap_or(0.0);
         let period = self.period_us.unwrap_or(0.0);
@@ -128,7 +144,7 @@ impl EnginePlanner {
         .max(now);
         LinkState {
             now,
-            link_free: now + queued as f64 * self.queued_read_us(),
+            link_free: now,
             next_lookup,
         }
     }
@@ -161,7 +177,7 @@ impl OffloadEngine {
         // their layer is ahead (as in the simulator).
         plan.planner
             .merge_deferred(&mut offered, plan.token, plan.next_layer);
-        let mut link = plan.link(self.in_flight.len());
+        let now = plan.link();
         for (_, c) in offered {
             let id = c.id as usize;
             if self.cache.contains(id) {
@@ -178,6 +194,10 @@ impl OffloadEngine {
             };
             // The decode step whose routing reads it (this one or the next).
             let target = plan.token + ((c.layers_ahead + plan.next_layer) / n) as u64;
+            let link = LinkState {
+                link_free: now.now + self.reads_before(id) as f64 * plan.queued_read_us(),
+                ..now
+            };
             let verdict = plan.planner.judge(&c, &link, victim);
             if verdict == Verdict::NotWorth {
                 plan.planner.defer(c, target);
@@ -185,13 +205,27 @@ impl OffloadEngine {
             if verdict == Verdict::Issue {
                 self.admit(id, false);
                 self.planned_for.insert(id, target);
-                link.link_free += plan.queued_read_us();
                 if let Some(v) = background {
                     plan.planner.note_evicted(v);
                 }
             }
         }
         self.planner = Some(plan);
+    }
+
+    /// Reads the loader runs before a prefetch of `id` queued now: demand reads, the
+    /// prefetches with a deadline no later than its own (earliest deadline first), and
+    /// one later prefetch that may be reading already.
+    fn reads_before(&self, id: usize) -> usize {
+        let deadline = self.deadline(id / self.n_experts);
+        let (before, after) = self.in_flight.values().fold((0, 0), |(b, a), r| {
+            if r.demand || r.deadline <= deadline {
+                (b + 1, a)
+            } else {
+                (b, a + 1)
+            }
+        });
+        before + after.min(1)
     }
 
     /// MoE layer `m` routed to `needed` with `misses` demand reads: the planner learns,
@@ -211,7 +245,7 @@ impl OffloadEngine {
             .collect();
         for id in losers {
             self.planned_for.remove(&id);
-            if self.in_flight.get(&id) == Some(&false) && self.loader.cancel(id) {
+            if self.in_flight.get(&id).is_some_and(|r| !r.demand) && self.loader.cancel(id) {
                 self.in_flight.remove(&id);
                 self.cache.remove(id);
                 self.unused_prefetch.remove(&id);

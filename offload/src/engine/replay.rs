@@ -1,7 +1,10 @@
 //! Trace-driven runs: the model computes every token of a recorded sequence for real
 //! (attention, routers, experts through the engine's cache and disk reads) while each
 //! MoE layer's choice is forced to the recorded experts, so the engine is measured with
-//! a real model's routing at whatever shape the checkpoint has.
+//! a real model's routing at whatever shape the checkpoint has. Where the trace recorded
+//! each layer's router input, the observer is given the recorded one, not the
+//! checkpoint's own: a predictor reading hidden states sees the recorded model's, as it
+//! would in that model.
 
 use std::collections::HashMap;
 
@@ -18,6 +21,8 @@ pub struct ForcedRouting<'a> {
     n_experts: usize,
     /// Per MoE layer, the experts the current token must route to (`None`: its own).
     pub forced: Vec<Option<Vec<u16>>>,
+    /// Per MoE layer, the current token's recorded router input (`None`: the model's).
+    pub recorded_inputs: Vec<Option<Vec<f32>>>,
     /// Routings that differ from the forced set (a forced id beyond the router's
     /// range, or a group limit that excludes it).
     pub mismatches: u64,
@@ -31,6 +36,7 @@ impl<'a> ForcedRouting<'a> {
             moe_index: shape.moe_index(),
             n_experts: shape.n_experts,
             forced: vec![None; shape.moe_layers.len()],
+            recorded_inputs: vec![None; shape.moe_layers.len()],
             mismatches: 0,
         }
     }
@@ -62,8 +68,17 @@ impl RoutingObserver for ForcedRouting<'_> {
     }
 
     fn on_router_inputs(&mut self, layer: usize, first_pos: usize, inputs: &[f32], hidden: usize) {
-        self.inner
-            .on_router_inputs(layer, first_pos, inputs, hidden);
+        let recorded = self
+            .moe_index
+            .get(&layer)
+            .and_then(|&m| self.recorded_inputs.get(m))
+            .and_then(Option::as_deref);
+        match recorded {
+            Some(x) => self.inner.on_router_inputs(layer, first_pos, x, x.len()),
+            None => self
+                .inner
+                .on_router_inputs(layer, first_pos, inputs, hidden),
+        }
     }
 
     fn wants_router_logits(&self) -> bool {
@@ -122,17 +137,24 @@ impl RoutingPolicy for ForcedRouting<'_> {
 
 /// Runs `tokens` (one sequence) through `model` one token per forward, from an empty KV
 /// cache, with token `t`'s routing forced to `experts[t]` (per MoE layer; `None`: the
-/// router's own choice). Returns the routings that could not be forced.
+/// router's own choice) and, where `router_inputs[t]` holds one (empty: none recorded),
+/// the observer given that router input instead of the model's. Returns the routings
+/// that could not be forced.
 pub fn replay_sequence(
     model: &MoeModel,
     tokens: &[u32],
     experts: &[Vec<Option<Vec<u16>>>],
+    router_inputs: &[Vec<Option<Vec<f32>>>],
     observer: &mut dyn RoutingObserver,
 ) -> Result<u64> {
     let mut cache = model.new_cache();
     let mut forced = ForcedRouting::new(model, observer);
-    for (&tok, want) in tokens.iter().zip(experts) {
+    for (t, (&tok, want)) in tokens.iter().zip(experts).enumerate() {
         forced.forced.clone_from(want);
+        match router_inputs.get(t) {
+            Some(x) => forced.recorded_inputs.clone_from(x),
+            None => forced.recorded_inputs.iter_mut().for_each(|x| *x = None),
+        }
         model.forward(&[tok], &mut cache, &mut forced)?;
     }
     Ok(forced.mismatches)

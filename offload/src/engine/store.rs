@@ -1,7 +1,8 @@
 //! Expert weights on disk: each routed expert's three projections are read from the
 //! checkpoint's safetensors file with positioned reads (never memory-mapped), on a pool
-//! of background loader threads. Demand reads go ahead of queued prefetches, and a
-//! prefetch already reading pauses between chunks of [`READ_CHUNK`] bytes while a demand
+//! of background loader threads. Demand reads go ahead of queued prefetches (which go
+//! earliest deadline first, as the simulator's link sends them), and a prefetch already
+//! reading pauses between chunks of [`READ_CHUNK`] bytes while a demand
 //! read is in flight, so a demand read shares the device with at most one chunk of
 //! prefetch (the simulator's link model). Every load is a real read from the device, as
 //! an expert that does not fit in memory would be: on Linux the files are read with
@@ -331,13 +332,30 @@ pub struct Loaded {
 #[derive(Default)]
 struct Queue {
     demand: VecDeque<usize>,
-    prefetch: VecDeque<usize>,
+    /// Queued prefetches with their deadlines, in the order queued.
+    prefetch: Vec<(u64, usize)>,
     closed: bool,
     /// Threads reading a prefetch now, and how many may.
     prefetching: usize,
     prefetch_threads: usize,
     /// Demand reads in flight (prefetches pause between chunks while there are any).
     demand_reading: usize,
+    /// Reads running now, since when at least one has, and the finished reads and wall
+    /// time with at least one running before that: the link's throughput.
+    active: usize,
+    busy_since: Option<Instant>,
+    link: LinkUse,
+}
+
+/// The loader's use of the link so far: reads finished, and the wall time during which
+/// at least one read ran (so `busy / reads` is the link's time per read, whatever
+/// the reads' overlap).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LinkUse {
+    pub reads: u64,
+    pub busy: Duration,
+    /// Reads running now (part of `busy` is theirs).
+    pub active: usize,
 }
 
 /// Background threads that read experts from an [`ExpertStore`].
@@ -383,14 +401,16 @@ impl ExpertLoader {
         }
     }
 
-    /// Queues a read of expert `id`: demand reads go before every queued prefetch.
-    pub fn request(&self, id: usize, demand: bool) {
+    /// Queues a read of expert `id`: demand reads go before every queued prefetch, in
+    /// the order queued; prefetches earliest `deadline` first (the order of the lookups
+    /// that need them), queued order among equal deadlines.
+    pub fn request(&self, id: usize, demand: bool, deadline: u64) {
         let (lock, cv) = &*self.queue;
         let mut q = lock.lock().expect("loader queue");
         if demand {
             q.demand.push_back(id);
         } else {
-            q.prefetch.push_back(id);
+            q.prefetch.push((deadline, id));
         }
         // A waiting thread may be the one kept for demand reads.
         cv.notify_all();
@@ -401,7 +421,7 @@ impl ExpertLoader {
         let (lock, _) = &*self.queue;
         let mut q = lock.lock().expect("loader queue");
         let before = q.prefetch.len();
-        q.prefetch.retain(|&x| x != id);
+        q.prefetch.retain(|&(_, x)| x != id);
         if q.prefetch.len() != before {
             q.demand.push_back(id);
             self.queue.1.notify_all();
@@ -413,7 +433,7 @@ impl ExpertLoader {
         let (lock, _) = &*self.queue;
         let mut q = lock.lock().expect("loader queue");
         let before = q.prefetch.len();
-        q.prefetch.retain(|&x| x != id);
+        q.prefetch.retain(|&(_, x)| x != id);
         q.prefetch.len() != before
     }
 
@@ -425,6 +445,18 @@ impl ExpertLoader {
     /// A finished load if one is ready.
     pub fn poll(&self) -> Option<Loaded> {
         self.results.try_recv().ok()
+    }
+
+    /// The link's use so far (reads finished, wall time with a read running).
+    pub fn link_use(&self) -> LinkUse {
+        let (lock, _) = &*self.queue;
+        let q = lock.lock().expect("loader queue");
+        let mut u = q.link;
+        if let Some(t) = q.busy_since {
+            u.busy += t.elapsed();
+        }
+        u.active = q.active;
+        u
     }
 }
 
@@ -441,6 +473,35 @@ impl Drop for ExpertLoader {
     }
 }
 
+impl Queue {
+    /// The queued prefetch with the earliest deadline (the first queued among equals).
+    fn pop_prefetch(&mut self) -> Option<usize> {
+        let (i, _) = self
+            .prefetch
+            .iter()
+            .enumerate()
+            .min_by_key(|&(i, &(deadline, _))| (deadline, i))?;
+        Some(self.prefetch.remove(i).1)
+    }
+
+    fn read_started(&mut self) {
+        if self.active == 0 {
+            self.busy_since = Some(Instant::now());
+        }
+        self.active += 1;
+    }
+
+    fn read_done(&mut self) {
+        self.active -= 1;
+        self.link.reads += 1;
+        if self.active == 0 {
+            if let Some(t) = self.busy_since.take() {
+                self.link.busy += t.elapsed();
+            }
+        }
+    }
+}
+
 fn worker(queue: &(Mutex<Queue>, Condvar), store: &ExpertStore, tx: &Sender<Loaded>) {
     let mut buf = Vec::new();
     loop {
@@ -453,11 +514,13 @@ fn worker(queue: &(Mutex<Queue>, Condvar), store: &ExpertStore, tx: &Sender<Load
                 }
                 if let Some(id) = q.demand.pop_front() {
                     q.demand_reading += 1;
+                    q.read_started();
                     break (id, true);
                 }
                 if q.prefetching < q.prefetch_threads {
-                    if let Some(id) = q.prefetch.pop_front() {
+                    if let Some(id) = q.pop_prefetch() {
                         q.prefetching += 1;
+                        q.read_started();
                         break (id, false);
                     }
                 }
@@ -483,6 +546,7 @@ fn worker(queue: &(Mutex<Queue>, Condvar), store: &ExpertStore, tx: &Sender<Load
             } else {
                 q.prefetching -= 1;
             }
+            q.read_done();
         }
         cv.notify_all();
         let loaded = Loaded {
@@ -501,6 +565,49 @@ fn worker(queue: &(Mutex<Queue>, Condvar), store: &ExpertStore, tx: &Sender<Load
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Queued prefetches leave earliest deadline first, queued order among equals.
+    #[test]
+    fn prefetches_go_earliest_deadline_first() {
+        let mut q = Queue::default();
+        for (deadline, id) in [(5, 1), (2, 2), (2, 3), (9, 4), (0, 5)] {
+            q.prefetch.push((deadline, id));
+        }
+        let order: Vec<usize> = std::iter::from_fn(|| q.pop_prefetch()).collect();
+        assert_eq!(order, vec![5, 2, 3, 1, 4]);
+    }
+
+    /// The link counts as busy while any read runs, once however many overlap, and not
+    /// while none does.
+    #[test]
+    fn the_link_is_busy_while_any_read_runs() {
+        let ms = |n| std::thread::sleep(Duration::from_millis(n));
+        let t0 = Instant::now();
+        let mut q = Queue::default();
+        q.read_started();
+        ms(10);
+        q.read_started();
+        ms(10);
+        q.read_done();
+        ms(10);
+        q.read_done();
+        ms(20);
+        q.read_started();
+        ms(5);
+        q.read_done();
+        let total = t0.elapsed();
+        assert_eq!((q.link.reads, q.active), (3, 0));
+        assert!(
+            q.link.busy >= Duration::from_millis(35),
+            "{:?}",
+            q.link.busy
+        );
+        assert!(
+            q.link.busy <= total - Duration::from_millis(20),
+            "{:?} of {total:?}",
+            q.link.busy
+        );
+    }
 
     /// Direct and buffered reads return the same bytes for ranges that start and end off
     /// the alignment, span chunks, and run to the file's unaligned end.
