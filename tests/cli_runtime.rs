@@ -107,20 +107,9 @@ fn simulate_policies_and_prefetchers() {
 fn run_offloads_experts_with_learned_prefetch() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let model = root.join("checkpoints/tiny-moe").display().to_string();
-    let prompts = root.join("prompts/demo.txt").display().to_string();
     let dir = tempfile::tempdir().unwrap();
     let trace = tmp(&dir, "t.mctrace");
-    ok(&[
-        "collect",
-        "--model",
-        &model,
-        "--prompts",
-        &prompts,
-        "--max-new-tokens",
-        "24",
-        "-o",
-        &trace,
-    ]);
+    collect_tiny("demo.txt", "24", &trace, &[]);
     let pred = tmp(&dir, "pred");
     ok(&[
         "train",
@@ -225,32 +214,10 @@ fn run_offloads_experts_with_learned_prefetch() {
 fn router_inputs_feed_the_cross_layer_gate_in_eval_and_simulate() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let model = root.join("checkpoints/tiny-moe").display().to_string();
-    let prompts = root.join("prompts/heldout.txt").display().to_string();
     let dir = tempfile::tempdir().unwrap();
     let (trace, plain) = (tmp(&dir, "h.mctrace"), tmp(&dir, "p.mctrace"));
-    ok(&[
-        "collect",
-        "--model",
-        &model,
-        "--prompts",
-        &prompts,
-        "--max-new-tokens",
-        "24",
-        "--hidden-states",
-        "-o",
-        &trace,
-    ]);
-    ok(&[
-        "collect",
-        "--model",
-        &model,
-        "--prompts",
-        &prompts,
-        "--max-new-tokens",
-        "4",
-        "-o",
-        &plain,
-    ]);
+    collect_tiny("heldout.txt", "24", &trace, &["--hidden-states"]);
+    collect_tiny("heldout.txt", "4", &plain, &[]);
     let json = tmp(&dir, "sim.json");
     let simulate = |prefetch: &str, timing: &[&str]| {
         let mut args = vec![
@@ -528,24 +495,7 @@ fn router_inputs_feed_the_cross_layer_gate_in_eval_and_simulate() {
 fn run_replays_a_trace_on_a_synthetic_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = tmp(&dir, "ckpt");
-    let made = ok(&[
-        "checkpoint",
-        "synth",
-        "--layers",
-        "4",
-        "--experts",
-        "16",
-        "--top-k",
-        "2",
-        "--vocab",
-        "256",
-        "--hidden",
-        "64",
-        "--moe-intermediate",
-        "32",
-        "-o",
-        &ckpt,
-    ]);
+    let made = synth_checkpoint(&ckpt, "4", "256");
     assert!(made.contains("experts of 12288 bytes"), "{made}");
     let trace = tmp(&dir, "t.mctrace");
     ok(&[
@@ -619,23 +569,9 @@ fn run_replays_a_trace_on_a_synthetic_checkpoint() {
 /// the checkpoint's own gate, is refused by name.
 #[test]
 fn run_replay_feeds_the_recorded_router_inputs() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let model = root.join("checkpoints/tiny-moe").display().to_string();
-    let prompts = root.join("prompts/heldout.txt").display().to_string();
     let dir = tempfile::tempdir().unwrap();
     let trace = tmp(&dir, "h.mctrace");
-    ok(&[
-        "collect",
-        "--model",
-        &model,
-        "--prompts",
-        &prompts,
-        "--max-new-tokens",
-        "16",
-        "--hidden-states",
-        "-o",
-        &trace,
-    ]);
+    collect_tiny("heldout.txt", "16", &trace, &["--hidden-states"]);
     let pred = tmp(&dir, "pred");
     train_tiny(
         &trace,
@@ -650,24 +586,7 @@ fn run_replay_feeds_the_recorded_router_inputs() {
         ],
     );
     let ckpt = tmp(&dir, "ckpt");
-    ok(&[
-        "checkpoint",
-        "synth",
-        "--layers",
-        "6",
-        "--experts",
-        "16",
-        "--top-k",
-        "2",
-        "--vocab",
-        "512",
-        "--hidden",
-        "64",
-        "--moe-intermediate",
-        "32",
-        "-o",
-        &ckpt,
-    ]);
+    synth_checkpoint(&ckpt, "6", "512");
     let json = tmp(&dir, "run.json");
     let (out, notes) = ok_with_notes(&[
         "run",
@@ -710,4 +629,27 @@ fn run_replay_feeds_the_recorded_router_inputs() {
             && err.contains("width 128"),
         "{err}"
     );
+}
+
+/// Writes a synthetic checkpoint of `layers` MoE layers x 16 experts (top-2), hidden 64,
+/// experts of 32, a `vocab`-token vocabulary, to `out`; returns what it said.
+fn synth_checkpoint(out: &str, layers: &str, vocab: &str) -> String {
+    ok(&[
+        "checkpoint",
+        "synth",
+        "--layers",
+        layers,
+        "--experts",
+        "16",
+        "--top-k",
+        "2",
+        "--vocab",
+        vocab,
+        "--hidden",
+        "64",
+        "--moe-intermediate",
+        "32",
+        "-o",
+        out,
+    ])
 }

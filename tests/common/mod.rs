@@ -72,3 +72,31 @@ pub fn sim_hit_rate(json: &str, prefetch: &str) -> f64 {
 pub fn tmp(dir: &tempfile::TempDir, name: &str) -> String {
     dir.path().join(name).display().to_string()
 }
+
+/// Collects the shipped tiny model's routing over `prompts` (a file under `prompts/`),
+/// `max_new_tokens` per prompt, into `trace`; `extra` adds flags (`--hidden-states`).
+pub fn collect_tiny(prompts: &str, max_new_tokens: &str, trace: &str, extra: &[&str]) {
+    let model = fixture_path("checkpoints/tiny-moe");
+    let prompts = fixture_path(&format!("prompts/{prompts}"));
+    let mut args = vec![
+        "collect",
+        "--model",
+        &model,
+        "--prompts",
+        &prompts,
+        "--max-new-tokens",
+        max_new_tokens,
+        "-o",
+        trace,
+    ];
+    args.extend_from_slice(extra);
+    ok(&args);
+}
+
+/// A path in the repository.
+fn fixture_path(rel: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(rel)
+        .display()
+        .to_string()
+}
