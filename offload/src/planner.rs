@@ -136,7 +136,8 @@ pub struct PlannerCounts {
     pub issued: u64,
     pub late: u64,
     pub not_worth: u64,
-    /// Queued reads cancelled because their layer routed elsewhere.
+    /// Queued reads cancelled: their layer routed elsewhere, or (in the engine) a newer
+    /// forecast of it ranked them out.
     pub cancelled: u64,
 }
 

@@ -327,7 +327,7 @@ impl OffloadRun {
         );
         if let Some(c) = &r.planner {
             out += &format!(
-                "planner: {} candidates offered, {} read, {} would land too late, {} not worth their read, {} cancelled (their layer routed elsewhere)\n",
+                "planner: {} candidates offered, {} read, {} would land too late, {} not worth their read, {} cancelled (their layer routed elsewhere, or a newer forecast ranked them out)\n",
                 c.offered, c.issued, c.late, c.not_worth, c.cancelled
             );
         }

@@ -169,8 +169,9 @@ pub struct OffloadEngine {
     planner: Option<planned::EnginePlanner>,
     /// Whether this decode step prefetches (planned, with the guard).
     guard: Option<PrefetchGuard>,
-    /// Planned prefetches and the decode step they were read for.
-    planned_for: HashMap<usize, u64>,
+    /// Planned prefetches: the decode step they were read for, and the planner's moment
+    /// (forward start or layer routing) they were issued at.
+    planned_for: HashMap<usize, (u64, u64)>,
     /// With `oracle_lead`: the replayed sequence's routing, this decode step's position
     /// in it, and the first layer position (`token * n_moe + layer`) not yet read.
     future: Vec<Vec<Option<Vec<u16>>>>,

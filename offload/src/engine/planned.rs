@@ -28,9 +28,11 @@ pub(super) struct EnginePlanner {
     first_lookup_us: Option<f64>,
     token_start: f64,
     last_lookup: Option<f64>,
-    /// The next MoE layer to route, and the token count (cancellation).
+    /// The next MoE layer to route, the token count (cancellation), and the moments
+    /// (token starts and layer routings) so far.
     pub(super) next_layer: usize,
     pub(super) token: u64,
+    pub(super) moment: u64,
     /// The share of a read a demand read can wait for (one chunk of a prefetch).
     chunk_share: f64,
 }
@@ -66,6 +68,7 @@ impl EnginePlanner {
             last_lookup: None,
             next_layer: 0,
             token: 0,
+            moment: 0,
             chunk_share: chunk_share.clamp(0.0, 1.0),
         }
     }
@@ -80,6 +83,7 @@ impl EnginePlanner {
         self.last_lookup = None;
         self.next_layer = 0;
         self.token += 1;
+        self.moment += 1;
     }
 
     /// MoE layer `m` routed now.
@@ -91,6 +95,7 @@ impl EnginePlanner {
         }
         self.last_lookup = Some(now);
         self.next_layer = m + 1;
+        self.moment += 1;
     }
 
     /// A read finished after `seconds`; the loader has used the link as `link` says.
@@ -204,13 +209,49 @@ impl OffloadEngine {
             }
             if verdict == Verdict::Issue {
                 self.admit(id, false);
-                self.planned_for.insert(id, target);
+                self.planned_for.insert(id, (target, plan.moment));
                 if let Some(v) = background {
                     plan.planner.note_evicted(v);
                 }
             }
         }
+        // A newer forecast of layer `m`: what earlier moments queued for it and this
+        // forecast ranks out goes.
+        if !ranking.is_empty() {
+            let target = plan.token + ((ahead + plan.next_layer) / n) as u64;
+            let kept: Vec<usize> = ranking.iter().map(|&x| m * e + x as usize).collect();
+            self.cancel_planned(&mut plan, m, target, &kept);
+        }
         self.planner = Some(plan);
+    }
+
+    /// Cancels the queued (not started) reads planned at an earlier moment for decode
+    /// step `token`'s MoE layer `m` that are not in `kept` (ids): the layer routed
+    /// elsewhere, or a newer forecast of it ranks them out.
+    fn cancel_planned(&mut self, plan: &mut EnginePlanner, m: usize, token: u64, kept: &[usize]) {
+        let e = self.n_experts;
+        let losers: Vec<usize> = self
+            .planned_for
+            .iter()
+            .filter(|&(&id, &(tok, at))| {
+                tok == token && at < plan.moment && id / e == m && !kept.contains(&id)
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for id in losers {
+            if self.in_flight.get(&id).is_some_and(|r| !r.demand) && self.loader.cancel(id) {
+                self.planned_for.remove(&id);
+                self.in_flight.remove(&id);
+                self.cache.remove(id);
+                self.unused_prefetch.remove(&id);
+                self.report.prefetches -= 1;
+                plan.planner.counts.cancelled += 1;
+            } else if !self.in_flight.contains_key(&id)
+                || token == plan.token && m < plan.next_layer
+            {
+                self.planned_for.remove(&id);
+            }
+        }
     }
 
     /// Reads the loader runs before a prefetch of `id` queued now: demand reads, the
@@ -236,24 +277,9 @@ impl OffloadEngine {
         };
         plan.routed(m);
         plan.planner.observe_layer(m, needed, misses);
-        let e = self.n_experts;
-        let losers: Vec<usize> = self
-            .planned_for
-            .iter()
-            .filter(|&(&id, &tok)| tok == plan.token && id / e == m && !needed.contains(&id))
-            .map(|(&id, _)| id)
-            .collect();
-        for id in losers {
-            self.planned_for.remove(&id);
-            if self.in_flight.get(&id).is_some_and(|r| !r.demand) && self.loader.cancel(id) {
-                self.in_flight.remove(&id);
-                self.cache.remove(id);
-                self.unused_prefetch.remove(&id);
-                self.report.prefetches -= 1;
-                plan.planner.counts.cancelled += 1;
-            }
-        }
-        self.planned_for.retain(|_, &mut tok| tok >= plan.token);
+        let token = plan.token;
+        self.cancel_planned(&mut plan, m, token, needed);
+        self.planned_for.retain(|_, &mut (tok, _)| tok >= token);
         self.report.planner = Some(plan.planner.counts);
         self.planner = Some(plan);
     }
