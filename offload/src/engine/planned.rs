@@ -28,10 +28,7 @@ pub(super) struct EnginePlanner {
     first_lookup_us: Option<f64>,
     token_start: f64,
     last_lookup: Option<f64>,
-    /// The next MoE layer to route, the token count (cancellation), and the moments
-    /// (token starts and layer routings) so far.
-    pub(super) next_layer: usize,
-    pub(super) token: u64,
+    /// The moments (token starts and layer routings) so far.
     pub(super) moment: u64,
     /// The share of a read a demand read can wait for (one chunk of a prefetch).
     chunk_share: f64,
@@ -66,8 +63,6 @@ impl EnginePlanner {
             first_lookup_us: None,
             token_start: 0.0,
             last_lookup: None,
-            next_layer: 0,
-            token: 0,
             moment: 0,
             chunk_share: chunk_share.clamp(0.0, 1.0),
         }
@@ -81,20 +76,17 @@ impl EnginePlanner {
     pub(super) fn token_started(&mut self) {
         self.token_start = self.now();
         self.last_lookup = None;
-        self.next_layer = 0;
-        self.token += 1;
         self.moment += 1;
     }
 
-    /// MoE layer `m` routed now.
-    pub(super) fn routed(&mut self, m: usize) {
+    /// A MoE layer routed now.
+    pub(super) fn routed(&mut self) {
         let now = self.now();
         match self.last_lookup {
             Some(t) => self.period_us = ema(self.period_us, now - t),
             None => self.first_lookup_us = ema(self.first_lookup_us, now - self.token_start),
         }
         self.last_lookup = Some(now);
-        self.next_layer = m + 1;
         self.moment += 1;
     }
 
@@ -163,7 +155,7 @@ impl OffloadEngine {
             return;
         };
         let (n, e) = (self.n_moe(), self.n_experts);
-        let (ahead, _) = lookups_until(m, plan.next_layer, n);
+        let (ahead, _) = lookups_until(m, self.next_layer, n);
         let mut offered: Vec<(f64, Candidate)> = ranking
             .iter()
             .enumerate()
@@ -181,7 +173,7 @@ impl OffloadEngine {
         // Candidates not worth a read at an earlier moment are judged again now, while
         // their layer is ahead (as in the simulator).
         plan.planner
-            .merge_deferred(&mut offered, plan.token, plan.next_layer);
+            .merge_deferred(&mut offered, self.step, self.next_layer);
         let now = plan.link();
         for (_, c) in offered {
             let id = c.id as usize;
@@ -198,7 +190,7 @@ impl OffloadEngine {
                 }
             };
             // The decode step whose routing reads it (this one or the next).
-            let target = plan.token + ((c.layers_ahead + plan.next_layer) / n) as u64;
+            let target = self.deadline(id / e) / n as u64;
             let link = LinkState {
                 link_free: now.now + self.reads_before(id) as f64 * plan.queued_read_us(),
                 ..now
@@ -218,7 +210,7 @@ impl OffloadEngine {
         // A newer forecast of layer `m`: what earlier moments queued for it and this
         // forecast ranks out goes.
         if !ranking.is_empty() {
-            let target = plan.token + ((ahead + plan.next_layer) / n) as u64;
+            let target = self.deadline(m) / n as u64;
             let kept: Vec<usize> = ranking.iter().map(|&x| m * e + x as usize).collect();
             self.cancel_planned(&mut plan, m, target, &kept);
         }
@@ -246,8 +238,7 @@ impl OffloadEngine {
                 self.unused_prefetch.remove(&id);
                 self.report.prefetches -= 1;
                 plan.planner.counts.cancelled += 1;
-            } else if !self.in_flight.contains_key(&id)
-                || token == plan.token && m < plan.next_layer
+            } else if !self.in_flight.contains_key(&id) || token == self.step && m < self.next_layer
             {
                 self.planned_for.remove(&id);
             }
@@ -275,9 +266,9 @@ impl OffloadEngine {
         let Some(mut plan) = self.planner.take() else {
             return;
         };
-        plan.routed(m);
+        plan.routed();
         plan.planner.observe_layer(m, needed, misses);
-        let token = plan.token;
+        let token = self.step;
         self.cancel_planned(&mut plan, m, token, needed);
         self.planned_for.retain(|_, &mut (tok, _)| tok >= token);
         self.report.planner = Some(plan.planner.counts);

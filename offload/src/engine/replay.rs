@@ -41,11 +41,16 @@ impl<'a> ForcedRouting<'a> {
         }
     }
 
-    fn forced_at(&self, layer: usize) -> Option<&Vec<u16>> {
+    /// Model layer `layer`'s entry of `per_moe_layer` (indexed by MoE layer), if any.
+    fn at_layer<'v, T>(&self, per_moe_layer: &'v [Option<T>], layer: usize) -> Option<&'v T> {
         self.moe_index
             .get(&layer)
-            .and_then(|&m| self.forced.get(m))
+            .and_then(|&m| per_moe_layer.get(m))
             .and_then(Option::as_ref)
+    }
+
+    fn forced_at(&self, layer: usize) -> Option<&Vec<u16>> {
+        self.at_layer(&self.forced, layer)
     }
 }
 
@@ -68,12 +73,7 @@ impl RoutingObserver for ForcedRouting<'_> {
     }
 
     fn on_router_inputs(&mut self, layer: usize, first_pos: usize, inputs: &[f32], hidden: usize) {
-        let recorded = self
-            .moe_index
-            .get(&layer)
-            .and_then(|&m| self.recorded_inputs.get(m))
-            .and_then(Option::as_deref);
-        match recorded {
+        match self.at_layer(&self.recorded_inputs, layer) {
             Some(x) => self.inner.on_router_inputs(layer, first_pos, x, x.len()),
             None => self
                 .inner
