@@ -7,6 +7,9 @@
 //! - its **calibrated probability** `p` of being used at its layer: the forecaster's own
 //!   probability (or, when it gives none, its rank) mapped through a reliability
 //!   histogram the planner keeps online from every layer's routing once it is known;
+//!   a probability's bin is also kept per forecast horizon (a forecast made further
+//!   ahead is less sure), shrunk towards the bin of all horizons while it has seen
+//!   little;
 //! - its **deadline**: the estimated lookup time of its layer, `layers_ahead` layer
 //!   periods (attention + expert compute) after the next lookup. The read is queued
 //!   behind the link's work that goes before it and behind the demand reads expected at
@@ -103,6 +106,10 @@ pub struct Candidate {
     pub id: u32,
     /// Lookups between the next one and the one that uses it (0: the next lookup).
     pub layers_ahead: usize,
+    /// `layers_ahead` when the forecast was made: the planner calibrates the
+    /// probabilities of each horizon (up to [`HORIZONS`]) apart as well, as a forecast
+    /// further ahead is less sure.
+    pub horizon: usize,
     /// The forecaster's probability (NaN when it ranks only).
     pub prob: f32,
     /// Position in its layer's list, best first.
@@ -143,6 +150,10 @@ pub struct PlannerCounts {
 
 const PROB_BINS: usize = 20;
 const RANK_BINS: usize = 32;
+/// Forecast horizons calibrated apart (further ones share the last).
+pub const HORIZONS: usize = 8;
+/// Pseudo-observations of the all-horizon estimate behind each horizon's bin.
+const HORIZON_PRIOR_WEIGHT: f64 = 16.0;
 /// Pseudo-observations behind each bin's prior (the forecaster's own probability, or
 /// 1/2 for a rank).
 const PRIOR_WEIGHT: f64 = 4.0;
@@ -153,10 +164,12 @@ const RATE: f64 = 0.02;
 #[derive(Debug, Clone)]
 pub struct PrefetchPlanner {
     settings: PlannerSettings,
-    /// Per bin: (used, offered) counts, probability bins then rank bins.
+    /// Per bin: (used, offered) counts, probability bins then rank bins; and the
+    /// probability bins of each horizon (observed counts only).
     bins: Vec<(f64, f64)>,
-    /// Candidates offered since their layer last routed: id -> bin.
-    pending: HashMap<u32, usize>,
+    horizon_bins: Vec<(f64, f64)>,
+    /// Candidates offered since their layer last routed: id -> bin, horizon bin.
+    pending: HashMap<u32, (usize, Option<usize>)>,
     /// Running mean of demand reads per lookup, and share of lookups with one.
     misses_per_lookup: f64,
     miss_share: f64,
@@ -192,6 +205,7 @@ impl PrefetchPlanner {
         PrefetchPlanner {
             settings,
             bins,
+            horizon_bins: vec![(0.0, 0.0); HORIZONS * PROB_BINS],
             pending: HashMap::new(),
             misses_per_lookup: 0.25,
             miss_share: 0.25,
@@ -218,26 +232,40 @@ impl PrefetchPlanner {
         self.settings = settings;
     }
 
-    fn bin(c: &Candidate) -> usize {
+    /// `c`'s bin, and its probability bin at its horizon (`None` for a rank).
+    fn bin(c: &Candidate) -> (usize, Option<usize>) {
         if c.prob.is_finite() {
-            ((c.prob.clamp(0.0, 1.0) as f64 * PROB_BINS as f64) as usize).min(PROB_BINS - 1)
+            let b =
+                ((c.prob.clamp(0.0, 1.0) as f64 * PROB_BINS as f64) as usize).min(PROB_BINS - 1);
+            (b, Some(c.horizon.min(HORIZONS - 1) * PROB_BINS + b))
         } else {
-            PROB_BINS + c.rank.min(RANK_BINS - 1)
+            (PROB_BINS + c.rank.min(RANK_BINS - 1), None)
+        }
+    }
+
+    /// The estimate of bins `(b, h)`: the horizon's counts over the all-horizon
+    /// estimate's [`HORIZON_PRIOR_WEIGHT`] pseudo-observations.
+    fn estimate(&self, (b, h): (usize, Option<usize>)) -> f64 {
+        let (used, offered) = self.bins[b];
+        let pooled = used / offered;
+        match h {
+            Some(h) => {
+                let (u, o) = self.horizon_bins[h];
+                (u + HORIZON_PRIOR_WEIGHT * pooled) / (o + HORIZON_PRIOR_WEIGHT)
+            }
+            None => pooled,
         }
     }
 
     /// The calibrated probability that `c` is used at its layer.
     pub fn calibrated(&self, c: &Candidate) -> f64 {
-        let (used, offered) = self.bins[Self::bin(c)];
-        used / offered
+        self.estimate(Self::bin(c))
     }
 
     /// The calibrated probability of an expert offered since its layer last routed
     /// (`None` when it was not).
     pub fn offered_probability(&self, id: u32) -> Option<f64> {
-        self.pending
-            .get(&id)
-            .map(|&b| self.bins[b].0 / self.bins[b].1)
+        self.pending.get(&id).map(|&b| self.estimate(b))
     }
 
     /// Lookups an expert the cache evicts now would have stayed anyway: about one
@@ -394,13 +422,18 @@ impl PrefetchPlanner {
     /// learns from every candidate offered for it, the link statistics from the misses.
     pub fn observe_layer(&mut self, layer: usize, used: &[usize], demand_reads: usize) {
         let e = self.settings.n_experts;
-        let bins = &mut self.bins;
-        self.pending.retain(|&id, &mut b| {
+        let (bins, horizon_bins) = (&mut self.bins, &mut self.horizon_bins);
+        self.pending.retain(|&id, &mut (b, h)| {
             if id as usize / e != layer {
                 return true;
             }
-            bins[b].0 += f64::from(u8::from(used.contains(&(id as usize))));
+            let hit = f64::from(u8::from(used.contains(&(id as usize))));
+            bins[b].0 += hit;
             bins[b].1 += 1.0;
+            if let Some(h) = h {
+                horizon_bins[h].0 += hit;
+                horizon_bins[h].1 += 1.0;
+            }
             false
         });
         self.lookups += 1;

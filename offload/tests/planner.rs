@@ -244,6 +244,7 @@ fn the_planner_learns_calibration_from_routing() {
     let c = Candidate {
         id: 16 + 3,
         layers_ahead: 0,
+        horizon: 0,
         prob: 0.9,
         rank: 0,
     };
@@ -263,6 +264,20 @@ fn the_planner_learns_calibration_from_routing() {
         before > 0.8 && (after - 0.1).abs() < 0.03,
         "{before} -> {after}"
     );
+    // The same probability forecast three lookups ahead, right nine times in ten, is
+    // calibrated apart.
+    let far = Candidate { horizon: 3, ..c };
+    for i in 0..400 {
+        p.note_offered(&far);
+        let used: Vec<usize> = if i % 10 == 0 {
+            vec![20, 21]
+        } else {
+            vec![19, 20]
+        };
+        p.observe_layer(1, &used, 0);
+    }
+    let (near, far) = (p.calibrated(&c), p.calibrated(&far));
+    assert!(near < 0.2 && far > 0.8, "{near} / {far}");
     // A ranking forecaster (no probabilities) is calibrated by rank.
     let ranked = Candidate {
         prob: f32::NAN,
@@ -281,6 +296,7 @@ fn the_planner_reads_when_it_pays_and_not_when_it_lands_too_late() {
     let sure = Candidate {
         id: 5,
         layers_ahead: 0,
+        horizon: 0,
         prob: 0.97,
         rank: 0,
     };

@@ -2,6 +2,7 @@
 //! engine's measured timings (read time per expert, time between lookups), the loader's
 //! queue and each layer's routing.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use crate::planner::{
@@ -163,6 +164,7 @@ impl OffloadEngine {
                 let c = Candidate {
                     id: (m * e + x as usize) as u32,
                     layers_ahead: ahead,
+                    horizon: ahead,
                     prob: probs.map_or(f32::NAN, |p| p[x as usize]),
                     rank,
                 };
@@ -221,15 +223,14 @@ impl OffloadEngine {
     /// step `token`'s MoE layer `m` that are not in `kept` (ids): the layer routed
     /// elsewhere, or a newer forecast of it ranks them out.
     fn cancel_planned(&mut self, plan: &mut EnginePlanner, m: usize, token: u64, kept: &[usize]) {
-        let e = self.n_experts;
-        let losers: Vec<usize> = self
-            .planned_for
-            .iter()
-            .filter(|&(&id, &(tok, at))| {
-                tok == token && at < plan.moment && id / e == m && !kept.contains(&id)
-            })
-            .map(|(&id, _)| id)
-            .collect();
+        let losers = planned_losers(
+            &self.planned_for,
+            self.n_experts,
+            m,
+            token,
+            plan.moment,
+            kept,
+        );
         for id in losers {
             if self.in_flight.get(&id).is_some_and(|r| !r.demand) && self.loader.cancel(id) {
                 self.planned_for.remove(&id);
@@ -273,5 +274,60 @@ impl OffloadEngine {
         self.planned_for.retain(|_, &mut (tok, _)| tok >= token);
         self.report.planner = Some(plan.planner.counts);
         self.planner = Some(plan);
+    }
+}
+
+/// The reads in `planned_for` (id -> decode step and moment it was planned for) that a
+/// forecast or routing of decode step `token`'s MoE layer `m` at moment `moment` ranks
+/// out: planned earlier for that layer and step, and not in `kept` (ids).
+fn planned_losers(
+    planned_for: &HashMap<usize, (u64, u64)>,
+    n_experts: usize,
+    m: usize,
+    token: u64,
+    moment: u64,
+    kept: &[usize],
+) -> Vec<usize> {
+    let mut losers: Vec<usize> = planned_for
+        .iter()
+        .filter(|&(&id, &(tok, at))| {
+            tok == token && at < moment && id / n_experts == m && !kept.contains(&id)
+        })
+        .map(|(&id, _)| id)
+        .collect();
+    losers.sort_unstable();
+    losers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A newer forecast of a layer ranks out only the reads planned earlier for that
+    /// layer of that decode step; what it keeps, other layers, other steps and reads
+    /// planned at this same moment stay.
+    #[test]
+    fn a_newer_forecast_ranks_out_only_earlier_plans_for_its_layer_and_step() {
+        let e = 16;
+        let planned: HashMap<usize, (u64, u64)> = [
+            (2 * e + 1, (7, 3)),  // layer 2, step 7, moment 3: ranked out
+            (2 * e + 4, (7, 3)),  // kept by the newer forecast
+            (2 * e + 9, (7, 5)),  // planned at this moment
+            (2 * e + 11, (8, 3)), // the next step's layer 2
+            (3 * e + 1, (7, 3)),  // another layer
+            (2 * e + 12, (7, 1)), // ranked out
+        ]
+        .into_iter()
+        .collect();
+        let kept = [2 * e + 4, 2 * e + 6];
+        assert_eq!(
+            planned_losers(&planned, e, 2, 7, 5, &kept),
+            vec![2 * e + 1, 2 * e + 12]
+        );
+        // The layer's routing keeps what it used: here nothing planned earlier.
+        assert_eq!(
+            planned_losers(&planned, e, 3, 7, 5, &[3 * e + 1]),
+            Vec::<usize>::new()
+        );
     }
 }

@@ -577,6 +577,27 @@ mod tests {
         assert_eq!(order, vec![5, 2, 3, 1, 4]);
     }
 
+    /// A cancelled prefetch leaves the queue; one not queued (started, or never asked
+    /// for) is not cancelled.
+    #[test]
+    fn cancelling_removes_only_a_queued_prefetch() {
+        let loader = ExpertLoader {
+            queue: Arc::new((Mutex::new(Queue::default()), Condvar::new())),
+            results: channel().1,
+            threads: Vec::new(),
+        };
+        loader.request(3, false, 1);
+        loader.request(4, false, 2);
+        loader.request(5, true, 0);
+        assert!(loader.cancel(3));
+        assert!(!loader.cancel(3), "already gone");
+        assert!(!loader.cancel(5), "a demand read is never cancelled");
+        let mut q = loader.queue.0.lock().unwrap();
+        assert_eq!(q.pop_prefetch(), Some(4));
+        assert_eq!(q.pop_prefetch(), None);
+        assert_eq!(q.demand, VecDeque::from([5]));
+    }
+
     /// The link counts as busy while any read runs, once however many overlap, and not
     /// while none does.
     #[test]

@@ -338,6 +338,7 @@ impl Sim {
             let c = Candidate {
                 id,
                 layers_ahead: self.target(id as usize).0,
+                horizon: self.target(id as usize).0,
                 prob: probs.and_then(|p| p.get(j)).copied().unwrap_or(f32::NAN),
                 rank: rank[l],
             };
