@@ -12,7 +12,8 @@
 # experts resident. The modes run interleaved, REPEATS
 # rounds, so a drifting disk speed touches them alike; the summary gives each mode's
 # mean decode tokens/s, its ratio to next-use demand paging, and the share of the gap
-# between the better demand paging and the faster oracle it closes.
+# between the better demand paging and the faster oracle it closes, with its slowest and
+# fastest round (the disk's speed varies by more than most modes differ).
 # Usage: tools/replay_bench.sh [BIN] [TOKENS] [REPEATS]
 set -e
 BIN=${1:-target/release/moecast}
@@ -51,8 +52,10 @@ while [ $round -le $REPEATS ]; do
   done
   round=$((round + 1))
 done
-echo "mean decode tokens/s over $REPEATS rounds (ratio to next-use demand paging; gap closed between the better demand paging and the faster oracle):"
-awk '{ s[$1" "$2] += $3; n[$1" "$2]++ } END {
+echo "mean decode tokens/s over $REPEATS rounds (ratio to next-use demand paging; gap closed between the better demand paging and the faster oracle; the slowest and fastest round: the disk's noise):"
+awk '{ k = $1" "$2; s[k] += $3; n[k]++
+  if (!(k in lo) || $3 < lo[k]) lo[k] = $3
+  if (!(k in hi) || $3 > hi[k]) hi[k] = $3 } END {
   for (k in s) {
     split(k, p, " "); m[k] = s[k] / n[k]
     if (p[2] == "next-use") base[p[1]] = m[k]
@@ -62,6 +65,6 @@ awk '{ s[$1" "$2] += $3; n[$1" "$2]++ } END {
   for (k in s) {
     split(k, p, " "); gap = oracle[p[1]] - demand[p[1]]
     closed = (gap > 0 && p[2] !~ /^oracle/) ? sprintf("%5.0f%%", 100 * (m[k] - demand[p[1]]) / gap) : "     -"
-    printf "%-4s %-13s %6.2f  %.2fx  %s\n", p[1], p[2], m[k], m[k] / base[p[1]], closed
+    printf "%-4s %-13s %6.2f  %.2fx  %s  (%.1f-%.1f)\n", p[1], p[2], m[k], m[k] / base[p[1]], closed, lo[k], hi[k]
   }
 }' $results | sort

@@ -238,6 +238,19 @@ fn settings() -> PlannerSettings {
     }
 }
 
+/// Offers `c` (expert 19 of layer 1) 400 times; layer 1 uses it `used_in_ten` times in ten.
+fn offer_and_route(p: &mut PrefetchPlanner, c: &Candidate, used_in_ten: usize) {
+    for i in 0..400 {
+        p.note_offered(c);
+        let used: Vec<usize> = if i % 10 < used_in_ten {
+            vec![19, 20]
+        } else {
+            vec![20, 21]
+        };
+        p.observe_layer(1, &used, 0);
+    }
+}
+
 #[test]
 fn the_planner_learns_calibration_from_routing() {
     let mut p = PrefetchPlanner::new(settings());
@@ -250,15 +263,7 @@ fn the_planner_learns_calibration_from_routing() {
     };
     let before = p.calibrated(&c);
     // The forecaster says 0.9; its experts are used one time in ten.
-    for i in 0..400 {
-        p.note_offered(&c);
-        let used: Vec<usize> = if i % 10 == 0 {
-            vec![19, 20]
-        } else {
-            vec![20, 21]
-        };
-        p.observe_layer(1, &used, 0);
-    }
+    offer_and_route(&mut p, &c, 1);
     let after = p.calibrated(&c);
     assert!(
         before > 0.8 && (after - 0.1).abs() < 0.03,
@@ -267,15 +272,7 @@ fn the_planner_learns_calibration_from_routing() {
     // The same probability forecast three lookups ahead, right nine times in ten, is
     // calibrated apart.
     let far = Candidate { horizon: 3, ..c };
-    for i in 0..400 {
-        p.note_offered(&far);
-        let used: Vec<usize> = if i % 10 == 0 {
-            vec![20, 21]
-        } else {
-            vec![19, 20]
-        };
-        p.observe_layer(1, &used, 0);
-    }
+    offer_and_route(&mut p, &far, 9);
     let (near, far) = (p.calibrated(&c), p.calibrated(&far));
     assert!(near < 0.2 && far > 0.8, "{near} / {far}");
     // A ranking forecaster (no probabilities) is calibrated by rank.
