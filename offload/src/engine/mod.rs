@@ -36,6 +36,7 @@
 
 mod forecast;
 mod guard;
+pub mod loader;
 mod observer;
 mod planned;
 pub mod quality;
@@ -60,8 +61,9 @@ use inference::error::{ModelError, Result};
 use inference::layers::SwiGlu;
 use inference::models::MoeModel;
 use inference::routing::RouteDecision;
+pub use loader::{ExpertLoader, LinkUse, Loaded};
 pub use report::EngineReport;
-pub use store::{ExpertLoader, ExpertStore, LinkUse, Loaded, READ_CHUNK};
+pub use store::{ExpertStore, READ_CHUNK};
 
 /// Decode steps per window of the prefetch guard, and how often it measures the setting
 /// it does not use (every this many windows).
@@ -391,11 +393,20 @@ impl OffloadEngine {
     }
 
     fn arrive(&mut self, l: Loaded) {
-        let demand = self.in_flight.remove(&l.id).is_none_or(|r| r.demand);
         self.report.read_s += l.read_time.as_secs_f64();
         if let Some(p) = &mut self.planner {
             p.read_done(l.read_time.as_secs_f64(), self.loader.link_use());
         }
+        if l.stopped {
+            // A prefetch its layer routed without, stopped between chunks; a read of it
+            // asked for since is another.
+            if self.in_flight.get(&l.id).is_some_and(|r| r.stopping) {
+                self.in_flight.remove(&l.id);
+            }
+            self.report.bytes_prefetch += l.bytes;
+            return;
+        }
+        let demand = self.in_flight.remove(&l.id).is_none_or(|r| r.demand);
         if demand {
             self.report.demand_reads += 1;
             self.report.bytes_demand += l.bytes;
@@ -454,13 +465,20 @@ impl OffloadEngine {
         }
         self.pinned.push(id);
         match self.in_flight.get(&id) {
-            Some(_) if demand => self.loader.promote(id),
-            Some(_) => {}
-            None if self.resident.contains_key(&id) => {}
-            None => {
+            Some(r) if !r.stopping && demand => self.loader.promote(id),
+            Some(r) if !r.stopping => {}
+            _ if self.resident.contains_key(&id) => {}
+            _ => {
                 let deadline = self.deadline(id / self.n_experts);
                 self.loader.request(id, demand, deadline);
-                self.in_flight.insert(id, InFlight { demand, deadline });
+                self.in_flight.insert(
+                    id,
+                    InFlight {
+                        demand,
+                        deadline,
+                        stopping: false,
+                    },
+                );
             }
         }
     }
@@ -470,6 +488,11 @@ impl OffloadEngine {
     fn deadline(&self, m: usize) -> u64 {
         let step = self.step + u64::from(m < self.next_layer);
         step * self.n_moe() as u64 + m as u64
+    }
+
+    /// Whether a read of `id` is queued or running (and not being stopped).
+    fn arriving(&self, id: usize) -> bool {
+        self.in_flight.get(&id).is_some_and(|r| !r.stopping)
     }
 
     fn fail(&mut self, e: impl Into<ModelError>) {
@@ -483,6 +506,8 @@ impl OffloadEngine {
 struct InFlight {
     demand: bool,
     deadline: u64,
+    /// A started prefetch told to stop ([`ExpertLoader::stop`]).
+    stopping: bool,
 }
 
 /// Where the routing `of` forecasts or counts is not `model`'s: "L MoE layers x E

@@ -78,7 +78,7 @@ impl RoutingObserver for OffloadEngine {
                 self.report.accesses += 1;
                 if self.resident.contains_key(&id) {
                     self.report.hits += 1;
-                } else if self.in_flight.contains_key(&id) {
+                } else if self.arriving(id) {
                     self.report.late += 1;
                 } else {
                     self.report.misses += 1;

@@ -97,13 +97,13 @@ impl EnginePlanner {
     /// for demand reads are a demand read's time), not one read's latency; the first
     /// read's latency stands in until then.
     pub(super) fn read_done(&mut self, seconds: f64, link: LinkUse) {
-        let done = |u: &LinkUse| u.reads as f64 + 0.5 * u.active as f64;
+        let done = |u: &LinkUse| u.reads + 0.5 * u.active as f64;
         let reads = done(&link) - done(&self.link_seen);
         if reads >= LINK_WINDOW {
             let busy = link.busy.saturating_sub(self.link_seen.busy).as_secs_f64();
             let per_read = busy * 1e6 / reads;
             // The first measurement replaces the stand-in.
-            self.read_us = if self.link_seen.reads == 0 {
+            self.read_us = if self.link_seen.reads == 0.0 {
                 Some(per_read)
             } else {
                 ema(self.read_us, per_read)
@@ -214,15 +214,23 @@ impl OffloadEngine {
         if !ranking.is_empty() {
             let target = self.deadline(m) / n as u64;
             let kept: Vec<usize> = ranking.iter().map(|&x| m * e + x as usize).collect();
-            self.cancel_planned(&mut plan, m, target, &kept);
+            self.cancel_planned(&mut plan, m, target, &kept, false);
         }
         self.planner = Some(plan);
     }
 
-    /// Cancels the queued (not started) reads planned at an earlier moment for decode
-    /// step `token`'s MoE layer `m` that are not in `kept` (ids): the layer routed
-    /// elsewhere, or a newer forecast of it ranks them out.
-    fn cancel_planned(&mut self, plan: &mut EnginePlanner, m: usize, token: u64, kept: &[usize]) {
+    /// Cancels the queued reads planned at an earlier moment for decode step `token`'s
+    /// MoE layer `m` that are not in `kept` (ids): the layer routed elsewhere, or a
+    /// newer forecast of it ranks them out; with `stop_started` (the layer routed, as
+    /// in the simulator) the one being read stops at its next chunk.
+    fn cancel_planned(
+        &mut self,
+        plan: &mut EnginePlanner,
+        m: usize,
+        token: u64,
+        kept: &[usize],
+        stop_started: bool,
+    ) {
         let losers = planned_losers(
             &self.planned_for,
             self.n_experts,
@@ -232,12 +240,24 @@ impl OffloadEngine {
             kept,
         );
         for id in losers {
-            if self.in_flight.get(&id).is_some_and(|r| !r.demand) && self.loader.cancel(id) {
+            let prefetch = self
+                .in_flight
+                .get(&id)
+                .is_some_and(|r| !r.demand && !r.stopping);
+            if prefetch && self.loader.cancel(id) {
                 self.planned_for.remove(&id);
                 self.in_flight.remove(&id);
                 self.cache.remove(id);
                 self.unused_prefetch.remove(&id);
                 self.report.prefetches -= 1;
+                plan.planner.counts.cancelled += 1;
+            } else if prefetch && stop_started && self.loader.stop(id) {
+                self.planned_for.remove(&id);
+                if let Some(r) = self.in_flight.get_mut(&id) {
+                    r.stopping = true;
+                }
+                self.cache.remove(id);
+                self.unused_prefetch.remove(&id);
                 plan.planner.counts.cancelled += 1;
             } else if !self.in_flight.contains_key(&id) || token == self.step && m < self.next_layer
             {
@@ -246,12 +266,14 @@ impl OffloadEngine {
         }
     }
 
-    /// Reads the loader runs before a prefetch of `id` queued now: demand reads, the
+    /// Reads the loader runs before a prefetch of `id` queued now (reads being stopped
+    /// aside): demand reads, the
     /// prefetches with a deadline no later than its own (earliest deadline first), and
     /// one later prefetch that may be reading already.
     fn reads_before(&self, id: usize) -> usize {
         let deadline = self.deadline(id / self.n_experts);
-        let (before, after) = self.in_flight.values().fold((0, 0), |(b, a), r| {
+        let reads = self.in_flight.values().filter(|r| !r.stopping);
+        let (before, after) = reads.fold((0, 0), |(b, a), r| {
             if r.demand || r.deadline <= deadline {
                 (b + 1, a)
             } else {
@@ -270,7 +292,7 @@ impl OffloadEngine {
         plan.routed();
         plan.planner.observe_layer(m, needed, misses);
         let token = self.step;
-        self.cancel_planned(&mut plan, m, token, needed);
+        self.cancel_planned(&mut plan, m, token, needed, true);
         self.planned_for.retain(|_, &mut (tok, _)| tok >= token);
         self.report.planner = Some(plan.planner.counts);
         self.planner = Some(plan);

@@ -72,7 +72,7 @@ impl ExpertSource for OffloadEngine {
             }
             // Not in flight, or in flight but evicted meanwhile (a read past those the
             // layer read ahead): admitting it keeps a read already running.
-            if !self.in_flight.contains_key(&id) || !self.cache.contains(id) {
+            if !self.arriving(id) || !self.cache.contains(id) {
                 self.admit(id, true);
             }
             match self.loader.wait() {

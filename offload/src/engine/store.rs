@@ -1,26 +1,18 @@
 //! Expert weights on disk: each routed expert's three projections are read from the
-//! checkpoint's safetensors file with positioned reads (never memory-mapped), on a pool
-//! of background loader threads. Demand reads go ahead of queued prefetches (which go
-//! earliest deadline first, as the simulator's link sends them), and a prefetch already
-//! reading pauses between chunks of [`READ_CHUNK`] bytes while a demand
-//! read is in flight, so a demand read shares the device with at most one chunk of
-//! prefetch (the simulator's link model). Every load is a real read from the device, as
+//! checkpoint's safetensors file with positioned reads (never memory-mapped), in chunks
+//! of [`READ_CHUNK`] bytes (where the loader's prefetches pause for demand reads, or
+//! stop; see [`super::loader`]). Every load is a real read from the device, as
 //! an expert that does not fit in memory would be: on Linux the files are read with
 //! direct I/O (`O_DIRECT`: no page cache, no kernel copy; aligned reads into an aligned
 //! buffer), and where the file system refuses it, with buffered reads whose range is
 //! dropped from the page cache after each read (`posix_fadvise DONTNEED`). A checkpoint
 //! on tmpfs is in memory either way.
 
-use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
 
 use burn::tensor::Device;
 
@@ -152,16 +144,17 @@ impl ExpertStore {
 
     /// Reads expert `id` from disk into `buf` (reused) and builds its projections.
     pub fn read(&self, id: usize, buf: &mut Vec<u8>) -> Result<SwiGlu> {
-        self.read_chunked(id, buf, &|| {})
+        self.read_chunked(id, buf, &|| true)
     }
 
     /// [`ExpertStore::read`], calling `before_chunk` before each [`READ_CHUNK`] bytes
-    /// (where a prefetch waits for demand reads in flight).
-    fn read_chunked(
+    /// (where a prefetch waits for demand reads in flight); the read stops with an error
+    /// where it returns false.
+    pub(super) fn read_chunked(
         &self,
         id: usize,
         buf: &mut Vec<u8>,
-        before_chunk: &dyn Fn(),
+        before_chunk: &dyn Fn() -> bool,
     ) -> Result<SwiGlu> {
         let mut dense = Vec::with_capacity(3);
         for part in &self.experts[id] {
@@ -187,7 +180,7 @@ impl ExpertStore {
         file: usize,
         r: &TensorRef,
         buf: &mut Vec<u8>,
-        before_chunk: &dyn Fn(),
+        before_chunk: &dyn Fn() -> bool,
     ) -> Result<Vec<f32>> {
         let path = &self.paths[file];
         let f = &self.files[file];
@@ -230,7 +223,7 @@ fn read_buffered(
     offset: usize,
     len: usize,
     buf: &mut Vec<u8>,
-    before_chunk: &dyn Fn(),
+    before_chunk: &dyn Fn() -> bool,
 ) -> io::Result<()> {
     buf.resize(len, 0);
     read_chunks(f, buf, offset, len, before_chunk)?;
@@ -246,7 +239,7 @@ fn read_direct(
     offset: usize,
     len: usize,
     buf: &mut Vec<u8>,
-    before_chunk: &dyn Fn(),
+    before_chunk: &dyn Fn() -> bool,
 ) -> io::Result<usize> {
     let start = offset / DIRECT_ALIGN * DIRECT_ALIGN;
     let end = (offset + len).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
@@ -266,17 +259,20 @@ fn read_direct(
 
 /// Reads at least `need` bytes of `window` from file offset `at` in chunks of up to
 /// [`READ_CHUNK`] bytes (each up to the window's end, so an aligned window keeps direct
-/// reads aligned), calling `before_chunk` before each; interrupted reads are retried.
+/// reads aligned), calling `before_chunk` before each (false: stop, with an error);
+/// interrupted reads are retried.
 fn read_chunks(
     f: &File,
     window: &mut [u8],
     at: usize,
     need: usize,
-    before_chunk: &dyn Fn(),
+    before_chunk: &dyn Fn() -> bool,
 ) -> io::Result<()> {
     let mut done = 0;
     while done < need {
-        before_chunk();
+        if !before_chunk() {
+            return Err(io::Error::other("read stopped"));
+        }
         let n = (window.len() - done).min(READ_CHUNK);
         match f.read_at(&mut window[done..done + n], (at + done) as u64) {
             Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
@@ -318,316 +314,29 @@ fn drop_cached(f: &File, offset: i64, len: i64) {
 #[cfg(not(target_os = "linux"))]
 fn drop_cached(_: &File, _: i64, _: i64) {}
 
-/// One finished load.
-pub struct Loaded {
-    pub id: usize,
-    pub expert: Result<SwiGlu>,
-    pub bytes: u64,
-    /// From the read's start to its end (a prefetch's includes its pauses).
-    pub read_time: Duration,
-    /// Read as a demand read (never paused).
-    pub demand: bool,
-}
-
-#[derive(Default)]
-struct Queue {
-    demand: VecDeque<usize>,
-    /// Queued prefetches with their deadlines, in the order queued.
-    prefetch: Vec<(u64, usize)>,
-    closed: bool,
-    /// Threads reading a prefetch now, and how many may.
-    prefetching: usize,
-    prefetch_threads: usize,
-    /// Demand reads in flight (prefetches pause between chunks while there are any).
-    demand_reading: usize,
-    /// Reads running now, since when at least one has, and the finished reads and wall
-    /// time with at least one running before that: the link's throughput.
-    active: usize,
-    busy_since: Option<Instant>,
-    link: LinkUse,
-}
-
-/// The loader's use of the link so far: reads finished, and the wall time during which
-/// at least one read ran (so `busy / reads` is the link's time per read, whatever
-/// the reads' overlap).
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct LinkUse {
-    pub reads: u64,
-    pub busy: Duration,
-    /// Reads running now (part of `busy` is theirs).
-    pub active: usize,
-}
-
-/// Background threads that read experts from an [`ExpertStore`].
-pub struct ExpertLoader {
-    queue: Arc<(Mutex<Queue>, Condvar)>,
-    results: Receiver<Loaded>,
-    threads: Vec<JoinHandle<()>>,
-}
-
-impl ExpertLoader {
-    /// Starts `threads` loader threads over `store`. With `reserve_for_demand` (and two
-    /// threads or more) one thread never reads a prefetch, so a demand read never waits
-    /// for one to finish.
-    pub fn start(
-        store: Arc<ExpertStore>,
-        threads: usize,
-        reserve_for_demand: bool,
-    ) -> ExpertLoader {
-        let threads = threads.max(1);
-        let queue = Arc::new((
-            Mutex::new(Queue {
-                prefetch_threads: if reserve_for_demand && threads > 1 {
-                    threads - 1
-                } else {
-                    threads
-                },
-                ..Queue::default()
-            }),
-            Condvar::new(),
-        ));
-        let (tx, results) = channel();
-        let threads = (0..threads)
-            .map(|_| {
-                let (queue, store, tx): (_, _, Sender<Loaded>) =
-                    (queue.clone(), store.clone(), tx.clone());
-                std::thread::spawn(move || worker(&queue, &store, &tx))
-            })
-            .collect();
-        ExpertLoader {
-            queue,
-            results,
-            threads,
-        }
-    }
-
-    /// Queues a read of expert `id`: demand reads go before every queued prefetch, in
-    /// the order queued; prefetches earliest `deadline` first (the order of the lookups
-    /// that need them), queued order among equal deadlines.
-    pub fn request(&self, id: usize, demand: bool, deadline: u64) {
-        let (lock, cv) = &*self.queue;
-        let mut q = lock.lock().expect("loader queue");
-        if demand {
-            q.demand.push_back(id);
-        } else {
-            q.prefetch.push((deadline, id));
-        }
-        // A waiting thread may be the one kept for demand reads.
-        cv.notify_all();
-    }
-
-    /// Moves a queued prefetch of `id` to the demand queue (no-op once its read started).
-    pub fn promote(&self, id: usize) {
-        let (lock, _) = &*self.queue;
-        let mut q = lock.lock().expect("loader queue");
-        let before = q.prefetch.len();
-        q.prefetch.retain(|&(_, x)| x != id);
-        if q.prefetch.len() != before {
-            q.demand.push_back(id);
-            self.queue.1.notify_all();
-        }
-    }
-
-    /// Removes a queued prefetch of `id` that has not started; whether it was queued.
-    pub fn cancel(&self, id: usize) -> bool {
-        let (lock, _) = &*self.queue;
-        let mut q = lock.lock().expect("loader queue");
-        let before = q.prefetch.len();
-        q.prefetch.retain(|&(_, x)| x != id);
-        q.prefetch.len() != before
-    }
-
-    /// The next finished load, waiting for one.
-    pub fn wait(&self) -> Option<Loaded> {
-        self.results.recv().ok()
-    }
-
-    /// A finished load if one is ready.
-    pub fn poll(&self) -> Option<Loaded> {
-        self.results.try_recv().ok()
-    }
-
-    /// The link's use so far (reads finished, wall time with a read running).
-    pub fn link_use(&self) -> LinkUse {
-        let (lock, _) = &*self.queue;
-        let q = lock.lock().expect("loader queue");
-        let mut u = q.link;
-        if let Some(t) = q.busy_since {
-            u.busy += t.elapsed();
-        }
-        u.active = q.active;
-        u
-    }
-}
-
-impl Drop for ExpertLoader {
-    fn drop(&mut self) {
-        let (lock, cv) = &*self.queue;
-        if let Ok(mut q) = lock.lock() {
-            q.closed = true;
-        }
-        cv.notify_all();
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Queue {
-    /// The queued prefetch with the earliest deadline (the first queued among equals).
-    fn pop_prefetch(&mut self) -> Option<usize> {
-        let (i, _) = self
-            .prefetch
-            .iter()
-            .enumerate()
-            .min_by_key(|&(i, &(deadline, _))| (deadline, i))?;
-        Some(self.prefetch.remove(i).1)
-    }
-
-    fn read_started(&mut self) {
-        if self.active == 0 {
-            self.busy_since = Some(Instant::now());
-        }
-        self.active += 1;
-    }
-
-    fn read_done(&mut self) {
-        self.active -= 1;
-        self.link.reads += 1;
-        if self.active == 0 {
-            if let Some(t) = self.busy_since.take() {
-                self.link.busy += t.elapsed();
-            }
-        }
-    }
-}
-
-fn worker(queue: &(Mutex<Queue>, Condvar), store: &ExpertStore, tx: &Sender<Loaded>) {
-    let mut buf = Vec::new();
-    loop {
-        let (id, demand) = {
-            let (lock, cv) = queue;
-            let mut q = lock.lock().expect("loader queue");
-            loop {
-                if q.closed {
-                    return;
-                }
-                if let Some(id) = q.demand.pop_front() {
-                    q.demand_reading += 1;
-                    q.read_started();
-                    break (id, true);
-                }
-                if q.prefetching < q.prefetch_threads {
-                    if let Some(id) = q.pop_prefetch() {
-                        q.prefetching += 1;
-                        q.read_started();
-                        break (id, false);
-                    }
-                }
-                q = cv.wait(q).expect("loader queue");
-            }
-        };
-        let t0 = Instant::now();
-        let (lock, cv) = queue;
-        let expert = if demand {
-            store.read(id, &mut buf)
-        } else {
-            store.read_chunked(id, &mut buf, &|| {
-                let mut q = lock.lock().expect("loader queue");
-                while q.demand_reading > 0 && !q.closed {
-                    q = cv.wait(q).expect("loader queue");
-                }
-            })
-        };
-        {
-            let mut q = lock.lock().expect("loader queue");
-            if demand {
-                q.demand_reading -= 1;
-            } else {
-                q.prefetching -= 1;
-            }
-            q.read_done();
-        }
-        cv.notify_all();
-        let loaded = Loaded {
-            id,
-            expert,
-            bytes: store.expert_bytes(id),
-            read_time: t0.elapsed(),
-            demand,
-        };
-        if tx.send(loaded).is_err() {
-            return;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Queued prefetches leave earliest deadline first, queued order among equals.
+    /// A read stops before the chunk `before_chunk` refuses, having read the chunks
+    /// before it.
     #[test]
-    fn prefetches_go_earliest_deadline_first() {
-        let mut q = Queue::default();
-        for (deadline, id) in [(5, 1), (2, 2), (2, 3), (9, 4), (0, 5)] {
-            q.prefetch.push((deadline, id));
-        }
-        let order: Vec<usize> = std::iter::from_fn(|| q.pop_prefetch()).collect();
-        assert_eq!(order, vec![5, 2, 3, 1, 4]);
-    }
-
-    /// A cancelled prefetch leaves the queue; one not queued (started, or never asked
-    /// for) is not cancelled.
-    #[test]
-    fn cancelling_removes_only_a_queued_prefetch() {
-        let loader = ExpertLoader {
-            queue: Arc::new((Mutex::new(Queue::default()), Condvar::new())),
-            results: channel().1,
-            threads: Vec::new(),
+    fn a_read_stops_before_the_chunk_it_is_told_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bytes.bin");
+        std::fs::write(&path, vec![1u8; 3 * READ_CHUNK]).unwrap();
+        let f = File::open(&path).unwrap();
+        let mut window = vec![0u8; 3 * READ_CHUNK];
+        let chunks = std::cell::Cell::new(0);
+        let two = || {
+            chunks.set(chunks.get() + 1);
+            chunks.get() <= 2
         };
-        loader.request(3, false, 1);
-        loader.request(4, false, 2);
-        loader.request(5, true, 0);
-        assert!(loader.cancel(3));
-        assert!(!loader.cancel(3), "already gone");
-        assert!(!loader.cancel(5), "a demand read is never cancelled");
-        let mut q = loader.queue.0.lock().unwrap();
-        assert_eq!(q.pop_prefetch(), Some(4));
-        assert_eq!(q.pop_prefetch(), None);
-        assert_eq!(q.demand, VecDeque::from([5]));
-    }
-
-    /// The link counts as busy while any read runs, once however many overlap, and not
-    /// while none does.
-    #[test]
-    fn the_link_is_busy_while_any_read_runs() {
-        let ms = |n| std::thread::sleep(Duration::from_millis(n));
-        let t0 = Instant::now();
-        let mut q = Queue::default();
-        q.read_started();
-        ms(10);
-        q.read_started();
-        ms(10);
-        q.read_done();
-        ms(10);
-        q.read_done();
-        ms(20);
-        q.read_started();
-        ms(5);
-        q.read_done();
-        let total = t0.elapsed();
-        assert_eq!((q.link.reads, q.active), (3, 0));
-        assert!(
-            q.link.busy >= Duration::from_millis(35),
-            "{:?}",
-            q.link.busy
-        );
-        assert!(
-            q.link.busy <= total - Duration::from_millis(20),
-            "{:?} of {total:?}",
-            q.link.busy
-        );
+        let e = read_chunks(&f, &mut window, 0, 3 * READ_CHUNK, &two).unwrap_err();
+        assert_eq!(e.to_string(), "read stopped");
+        assert_eq!(chunks.get(), 3);
+        assert!(window[..2 * READ_CHUNK].iter().all(|&b| b == 1));
+        assert!(window[2 * READ_CHUNK..].iter().all(|&b| b == 0));
     }
 
     /// Direct and buffered reads return the same bytes for ranges that start and end off
@@ -650,7 +359,10 @@ mod tests {
         }
         let mut buf = Vec::new();
         let chunks = std::cell::Cell::new(0);
-        let count = || chunks.set(chunks.get() + 1);
+        let count = || {
+            chunks.set(chunks.get() + 1);
+            true
+        };
         for (offset, len) in [
             (0, 10),
             (1, DIRECT_ALIGN),

@@ -1,0 +1,395 @@
+//! The loader: background threads that read experts from an [`ExpertStore`]. Demand
+//! reads go ahead of queued prefetches (which go earliest deadline first, as the
+//! simulator's link sends them); a prefetch already reading pauses between chunks of
+//! [`READ_CHUNK`] bytes while a demand read is in flight, so a demand read shares the
+//! device with at most one chunk of prefetch (the simulator's link model), and a
+//! prefetch told to stop (its layer routed without it) stops at its next chunk, as the
+//! simulator's link does.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use inference::error::Result;
+use inference::layers::SwiGlu;
+
+use super::store::{ExpertStore, READ_CHUNK};
+
+/// One finished load.
+pub struct Loaded {
+    pub id: usize,
+    pub expert: Result<SwiGlu>,
+    pub bytes: u64,
+    /// From the read's start to its end (a prefetch's includes its pauses).
+    pub read_time: Duration,
+    /// Read as a demand read (never paused).
+    pub demand: bool,
+    /// Stopped between chunks ([`ExpertLoader::stop`]): `expert` is an error and `bytes`
+    /// what was read.
+    pub stopped: bool,
+}
+
+#[derive(Default)]
+struct Queue {
+    demand: VecDeque<usize>,
+    /// Queued prefetches with their deadlines, in the order queued.
+    prefetch: Vec<(u64, usize)>,
+    closed: bool,
+    /// Threads reading a prefetch now, and how many may.
+    prefetching: usize,
+    prefetch_threads: usize,
+    /// Demand reads in flight (prefetches pause between chunks while there are any).
+    demand_reading: usize,
+    /// Prefetches being read (serial, id), the serial of the next, and those to stop
+    /// at their next chunk.
+    reading: Vec<(u64, usize)>,
+    serial: u64,
+    stop: HashSet<u64>,
+    /// Reads running now, since when at least one has, and the finished reads and wall
+    /// time with at least one running before that: the link's throughput.
+    active: usize,
+    busy_since: Option<Instant>,
+    link: LinkUse,
+}
+
+/// The loader's use of the link so far: reads finished (a stopped one counts its share
+/// read), and the wall time during which at least one read ran (so `busy / reads` is
+/// the link's time per read, whatever the reads' overlap).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LinkUse {
+    pub reads: f64,
+    pub busy: Duration,
+    /// Reads running now (part of `busy` is theirs).
+    pub active: usize,
+}
+
+/// Background threads that read experts from an [`ExpertStore`].
+pub struct ExpertLoader {
+    queue: Arc<(Mutex<Queue>, Condvar)>,
+    results: Receiver<Loaded>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl ExpertLoader {
+    /// Starts `threads` loader threads over `store`. With `reserve_for_demand` (and two
+    /// threads or more) one thread never reads a prefetch, so a demand read never waits
+    /// for one to finish.
+    pub fn start(
+        store: Arc<ExpertStore>,
+        threads: usize,
+        reserve_for_demand: bool,
+    ) -> ExpertLoader {
+        let threads = threads.max(1);
+        let queue = Arc::new((
+            Mutex::new(Queue {
+                prefetch_threads: if reserve_for_demand && threads > 1 {
+                    threads - 1
+                } else {
+                    threads
+                },
+                ..Queue::default()
+            }),
+            Condvar::new(),
+        ));
+        let (tx, results) = channel();
+        let threads = (0..threads)
+            .map(|_| {
+                let (queue, store, tx): (_, _, Sender<Loaded>) =
+                    (queue.clone(), store.clone(), tx.clone());
+                std::thread::spawn(move || worker(&queue, &store, &tx))
+            })
+            .collect();
+        ExpertLoader {
+            queue,
+            results,
+            threads,
+        }
+    }
+
+    /// Queues a read of expert `id`: demand reads go before every queued prefetch, in
+    /// the order queued; prefetches earliest `deadline` first (the order of the lookups
+    /// that need them), queued order among equal deadlines.
+    pub fn request(&self, id: usize, demand: bool, deadline: u64) {
+        let (lock, cv) = &*self.queue;
+        let mut q = lock.lock().expect("loader queue");
+        if demand {
+            q.demand.push_back(id);
+        } else {
+            q.prefetch.push((deadline, id));
+        }
+        // A waiting thread may be the one kept for demand reads.
+        cv.notify_all();
+    }
+
+    /// Moves a queued prefetch of `id` to the demand queue (no-op once its read started).
+    pub fn promote(&self, id: usize) {
+        let (lock, _) = &*self.queue;
+        let mut q = lock.lock().expect("loader queue");
+        let before = q.prefetch.len();
+        q.prefetch.retain(|&(_, x)| x != id);
+        if q.prefetch.len() != before {
+            q.demand.push_back(id);
+            self.queue.1.notify_all();
+        }
+    }
+
+    /// Stops a prefetch of `id` that is being read at its next chunk (it arrives
+    /// [`Loaded::stopped`], unless it finishes first); whether one was being read.
+    pub fn stop(&self, id: usize) -> bool {
+        let (lock, cv) = &*self.queue;
+        let mut q = lock.lock().expect("loader queue");
+        let serials: Vec<u64> = q
+            .reading
+            .iter()
+            .filter(|&&(_, x)| x == id)
+            .map(|&(s, _)| s)
+            .collect();
+        q.stop.extend(&serials);
+        // A prefetch paused for demand reads wakes to stop.
+        cv.notify_all();
+        !serials.is_empty()
+    }
+
+    /// Removes a queued prefetch of `id` that has not started; whether it was queued.
+    pub fn cancel(&self, id: usize) -> bool {
+        let (lock, _) = &*self.queue;
+        let mut q = lock.lock().expect("loader queue");
+        let before = q.prefetch.len();
+        q.prefetch.retain(|&(_, x)| x != id);
+        q.prefetch.len() != before
+    }
+
+    /// The next finished load, waiting for one.
+    pub fn wait(&self) -> Option<Loaded> {
+        self.results.recv().ok()
+    }
+
+    /// A finished load if one is ready.
+    pub fn poll(&self) -> Option<Loaded> {
+        self.results.try_recv().ok()
+    }
+
+    /// The link's use so far (reads finished, wall time with a read running).
+    pub fn link_use(&self) -> LinkUse {
+        let (lock, _) = &*self.queue;
+        let q = lock.lock().expect("loader queue");
+        let mut u = q.link;
+        if let Some(t) = q.busy_since {
+            u.busy += t.elapsed();
+        }
+        u.active = q.active;
+        u
+    }
+}
+
+impl Drop for ExpertLoader {
+    fn drop(&mut self) {
+        let (lock, cv) = &*self.queue;
+        if let Ok(mut q) = lock.lock() {
+            q.closed = true;
+        }
+        cv.notify_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Queue {
+    /// The queued prefetch with the earliest deadline (the first queued among equals).
+    fn pop_prefetch(&mut self) -> Option<usize> {
+        let (i, _) = self
+            .prefetch
+            .iter()
+            .enumerate()
+            .min_by_key(|&(i, &(deadline, _))| (deadline, i))?;
+        Some(self.prefetch.remove(i).1)
+    }
+
+    fn read_started(&mut self) {
+        if self.active == 0 {
+            self.busy_since = Some(Instant::now());
+        }
+        self.active += 1;
+    }
+
+    /// A read ended, `share` of it read.
+    fn read_done(&mut self, share: f64) {
+        self.active -= 1;
+        self.link.reads += share;
+        if self.active == 0 {
+            if let Some(t) = self.busy_since.take() {
+                self.link.busy += t.elapsed();
+            }
+        }
+    }
+}
+
+fn worker(queue: &(Mutex<Queue>, Condvar), store: &ExpertStore, tx: &Sender<Loaded>) {
+    let mut buf = Vec::new();
+    loop {
+        let (id, demand, serial) = {
+            let (lock, cv) = queue;
+            let mut q = lock.lock().expect("loader queue");
+            loop {
+                if q.closed {
+                    return;
+                }
+                if let Some(id) = q.demand.pop_front() {
+                    q.demand_reading += 1;
+                    q.read_started();
+                    break (id, true, 0);
+                }
+                if q.prefetching < q.prefetch_threads {
+                    if let Some(id) = q.pop_prefetch() {
+                        q.prefetching += 1;
+                        q.read_started();
+                        let serial = q.serial;
+                        q.serial += 1;
+                        q.reading.push((serial, id));
+                        break (id, false, serial);
+                    }
+                }
+                q = cv.wait(q).expect("loader queue");
+            }
+        };
+        let t0 = Instant::now();
+        let (lock, cv) = queue;
+        let chunks = std::cell::Cell::new(0usize);
+        let stopped = std::cell::Cell::new(false);
+        let expert = if demand {
+            store.read(id, &mut buf)
+        } else {
+            store.read_chunked(id, &mut buf, &|| {
+                let mut q = lock.lock().expect("loader queue");
+                loop {
+                    if q.stop.remove(&serial) {
+                        stopped.set(true);
+                        return false;
+                    }
+                    if q.demand_reading == 0 || q.closed {
+                        chunks.set(chunks.get() + 1);
+                        return true;
+                    }
+                    q = cv.wait(q).expect("loader queue");
+                }
+            })
+        };
+        let total = store.expert_bytes(id);
+        let bytes = if stopped.get() {
+            (chunks.get() * READ_CHUNK).min(total as usize) as u64
+        } else {
+            total
+        };
+        {
+            let mut q = lock.lock().expect("loader queue");
+            if demand {
+                q.demand_reading -= 1;
+            } else {
+                q.prefetching -= 1;
+                q.reading.retain(|&(s, _)| s != serial);
+                q.stop.remove(&serial);
+            }
+            q.read_done(bytes as f64 / total.max(1) as f64);
+        }
+        cv.notify_all();
+        let loaded = Loaded {
+            id,
+            expert,
+            bytes,
+            read_time: t0.elapsed(),
+            demand,
+            stopped: stopped.get(),
+        };
+        if tx.send(loaded).is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Queued prefetches leave earliest deadline first, queued order among equals.
+    #[test]
+    fn prefetches_go_earliest_deadline_first() {
+        let mut q = Queue::default();
+        for (deadline, id) in [(5, 1), (2, 2), (2, 3), (9, 4), (0, 5)] {
+            q.prefetch.push((deadline, id));
+        }
+        let order: Vec<usize> = std::iter::from_fn(|| q.pop_prefetch()).collect();
+        assert_eq!(order, vec![5, 2, 3, 1, 4]);
+    }
+
+    /// A loader without threads: its queue only.
+    fn idle_loader() -> ExpertLoader {
+        ExpertLoader {
+            queue: Arc::new((Mutex::new(Queue::default()), Condvar::new())),
+            results: channel().1,
+            threads: Vec::new(),
+        }
+    }
+
+    /// A cancelled prefetch leaves the queue; one not queued (started, or never asked
+    /// for) is not cancelled.
+    #[test]
+    fn cancelling_removes_only_a_queued_prefetch() {
+        let loader = idle_loader();
+        loader.request(3, false, 1);
+        loader.request(4, false, 2);
+        loader.request(5, true, 0);
+        assert!(loader.cancel(3));
+        assert!(!loader.cancel(3), "already gone");
+        assert!(!loader.cancel(5), "a demand read is never cancelled");
+        let mut q = loader.queue.0.lock().unwrap();
+        assert_eq!(q.pop_prefetch(), Some(4));
+        assert_eq!(q.pop_prefetch(), None);
+        assert_eq!(q.demand, VecDeque::from([5]));
+    }
+
+    /// Only a prefetch being read can be stopped (at its next chunk).
+    #[test]
+    fn only_a_started_prefetch_can_be_stopped() {
+        let loader = idle_loader();
+        loader.queue.0.lock().unwrap().reading.push((7, 3));
+        loader.request(4, false, 1);
+        assert!(loader.stop(3));
+        assert!(!loader.stop(4), "queued, not started: cancel it instead");
+        assert_eq!(loader.queue.0.lock().unwrap().stop, HashSet::from([7u64]));
+    }
+
+    /// The link counts as busy while any read runs, once however many overlap, and not
+    /// while none does.
+    #[test]
+    fn the_link_is_busy_while_any_read_runs() {
+        let ms = |n| std::thread::sleep(Duration::from_millis(n));
+        let t0 = Instant::now();
+        let mut q = Queue::default();
+        q.read_started();
+        ms(10);
+        q.read_started();
+        ms(10);
+        q.read_done(1.0);
+        ms(10);
+        q.read_done(1.0);
+        ms(20);
+        q.read_started();
+        ms(5);
+        q.read_done(0.5);
+        let total = t0.elapsed();
+        assert_eq!((q.link.reads, q.active), (2.5, 0));
+        assert!(
+            q.link.busy >= Duration::from_millis(35),
+            "{:?}",
+            q.link.busy
+        );
+        assert!(
+            q.link.busy <= total - Duration::from_millis(20),
+            "{:?} of {total:?}",
+            q.link.busy
+        );
+    }
+}
