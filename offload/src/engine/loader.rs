@@ -27,7 +27,7 @@ pub struct Loaded {
     /// Read as a demand read (never paused).
     pub demand: bool,
     /// Stopped between chunks ([`ExpertLoader::stop`]): `expert` is an error and `bytes`
-    /// what was read.
+    /// the whole chunks read (about what was read).
     pub stopped: bool,
 }
 

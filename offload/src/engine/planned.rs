@@ -244,22 +244,26 @@ impl OffloadEngine {
                 .in_flight
                 .get(&id)
                 .is_some_and(|r| !r.demand && !r.stopping);
-            if prefetch && self.loader.cancel(id) {
-                self.planned_for.remove(&id);
+            let gone = if prefetch && self.loader.cancel(id) {
                 self.in_flight.remove(&id);
-                self.cache.remove(id);
-                self.unused_prefetch.remove(&id);
                 self.report.prefetches -= 1;
-                plan.planner.counts.cancelled += 1;
+                true
             } else if prefetch && stop_started && self.loader.stop(id) {
-                self.planned_for.remove(&id);
                 if let Some(r) = self.in_flight.get_mut(&id) {
                     r.stopping = true;
                 }
+                true
+            } else {
+                false
+            };
+            if gone {
                 self.cache.remove(id);
                 self.unused_prefetch.remove(&id);
                 plan.planner.counts.cancelled += 1;
-            } else if !self.in_flight.contains_key(&id) || token == self.step && m < self.next_layer
+            }
+            if gone
+                || !self.in_flight.contains_key(&id)
+                || token == self.step && m < self.next_layer
             {
                 self.planned_for.remove(&id);
             }
@@ -267,9 +271,8 @@ impl OffloadEngine {
     }
 
     /// Reads the loader runs before a prefetch of `id` queued now (reads being stopped
-    /// aside): demand reads, the
-    /// prefetches with a deadline no later than its own (earliest deadline first), and
-    /// one later prefetch that may be reading already.
+    /// aside): demand reads, the prefetches with a deadline no later than its own
+    /// (earliest deadline first), and one later prefetch that may be reading already.
     fn reads_before(&self, id: usize) -> usize {
         let deadline = self.deadline(id / self.n_experts);
         let reads = self.in_flight.values().filter(|r| !r.stopping);
