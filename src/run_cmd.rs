@@ -98,8 +98,9 @@ pub(crate) struct RunArgs {
     /// Seed of the sampler.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Background threads reading experts from disk.
-    #[arg(long, default_value_t = 2)]
+    /// Background threads reading experts from disk (with planned prefetch one is kept
+    /// for demand reads; the others read prefetches side by side).
+    #[arg(long, default_value_t = offload::engine::DEFAULT_LOADER_THREADS)]
     loader_threads: usize,
     /// Skip the all-in-memory reference run (identity check and reference speed).
     #[arg(long)]

@@ -11,9 +11,10 @@
 # the oracle (the recorded experts read 1 or 3 layers ahead), at 10% and 25% of the
 # experts resident. The modes run interleaved, REPEATS
 # rounds, so a drifting disk speed touches them alike; the summary gives each mode's
-# mean decode tokens/s, its ratio to next-use demand paging, and the share of the gap
-# between the better demand paging and the faster oracle it closes, with its slowest and
-# fastest round (the disk's speed varies by more than most modes differ).
+# mean decode tokens/s, its ratio to next-use demand paging of the same round (paired:
+# the disk's speed drifts between rounds by more than most modes differ), with the
+# lowest and highest round's ratio, and the share of the gap between the better demand
+# paging and the faster oracle it closes.
 # Usage: tools/replay_bench.sh [BIN] [TOKENS] [REPEATS]
 set -e
 BIN=${1:-target/release/moecast}
@@ -47,24 +48,30 @@ while [ $round -le $REPEATS ]; do
       line=$($BIN run --model $OUT/ckpt --replay $DEMO/heldout.mctrace --replay-tokens $TOKENS \
         --expert-cache $cache $args 2>/dev/null | grep '^decode:')
       printf 'round %s %-4s %-13s %s\n' "$round" "$cache" "$mode" "$line"
-      echo "$cache $mode $(echo "$line" | awk '{print $2}')" >> $results
+      echo "$round $cache $mode $(echo "$line" | awk '{print $2}')" >> $results
     done
   done
   round=$((round + 1))
 done
-echo "mean decode tokens/s over $REPEATS rounds (ratio to next-use demand paging; gap closed between the better demand paging and the faster oracle; the slowest and fastest round: the disk's noise):"
-awk '{ k = $1" "$2; s[k] += $3; n[k]++
-  if (!(k in lo) || $3 < lo[k]) lo[k] = $3
-  if (!(k in hi) || $3 > hi[k]) hi[k] = $3 } END {
+echo "mean decode tokens/s over $REPEATS rounds; ratio to next-use demand paging of the same round (mean, and its lowest and highest round: rounds minutes apart see the disk at different speeds, the modes of a round alike); gap closed between the better demand paging and the faster oracle, from the means:"
+awk '{ k = $2" "$3; s[k] += $4; n[k]++; tps[$1" "k] = $4; rounds[$1] = 1 } END {
   for (k in s) {
     split(k, p, " "); m[k] = s[k] / n[k]
-    if (p[2] == "next-use") base[p[1]] = m[k]
     if ((p[2] == "lru" || p[2] == "next-use") && m[k] > demand[p[1]]) demand[p[1]] = m[k]
     if (p[2] ~ /^oracle/ && m[k] > oracle[p[1]]) oracle[p[1]] = m[k]
   }
   for (k in s) {
     split(k, p, " "); gap = oracle[p[1]] - demand[p[1]]
     closed = (gap > 0 && p[2] !~ /^oracle/) ? sprintf("%5.0f%%", 100 * (m[k] - demand[p[1]]) / gap) : "     -"
-    printf "%-4s %-13s %6.2f  %.2fx  %s  (%.1f-%.1f)\n", p[1], p[2], m[k], m[k] / base[p[1]], closed, lo[k], hi[k]
+    sum = 0; cnt = 0; lo = ""; hi = ""
+    for (r in rounds) {
+      b = tps[r" "p[1]" next-use"]
+      if ((r" "k) in tps && b > 0) {
+        x = tps[r" "k] / b; sum += x; cnt++
+        if (lo == "" || x < lo) lo = x
+        if (hi == "" || x > hi) hi = x
+      }
+    }
+    printf "%-4s %-13s %6.2f  %.2fx (%.2f-%.2f)  %s\n", p[1], p[2], m[k], sum / cnt, lo, hi, closed
   }
 }' $results | sort

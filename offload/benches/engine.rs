@@ -79,8 +79,9 @@ fn main() {
     let heldout = read_prompts(&root.join("prompts/heldout.txt")).expect("held-out prompts");
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into());
     println!(
-        "offloading engine: tiny-moe (96 experts of 98 KB, bf16 on disk), {} held-out prompts x 32 greedy tokens, 2 loader threads, CPU threads {threads}; median of {REPS}",
-        heldout.len()
+        "offloading engine: tiny-moe (96 experts of 98 KB, bf16 on disk), {} held-out prompts x 32 greedy tokens, {} loader threads, CPU threads {threads}; median of {REPS}",
+        heldout.len(),
+        offload::engine::DEFAULT_LOADER_THREADS
     );
     println!(
         "  {:<5} {:<44} {:>9} {:>6} {:>6} {:>11} {:>10}",
@@ -188,7 +189,7 @@ fn main() {
                     pre_attention: pre,
                     lens,
                     routing_margin: margin,
-                    loader_threads: 2,
+                    loader_threads: offload::engine::DEFAULT_LOADER_THREADS,
                     compare_in_memory: false,
                     quality: Vec::new(),
                     replay: None,
@@ -241,7 +242,7 @@ fn main() {
         pre_attention: false,
         lens: false,
         routing_margin: 0.0,
-        loader_threads: 2,
+        loader_threads: offload::engine::DEFAULT_LOADER_THREADS,
         compare_in_memory: true,
         quality: Vec::new(),
         replay: None,

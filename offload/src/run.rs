@@ -342,9 +342,9 @@ impl OffloadRun {
             r.tokens_per_s(), 100.0 * r.hit_rate(), r.hits, r.late, r.misses, r.accesses, r.stall_ms_per_token(), r.stall_s
         );
         out += &format!(
-            "reads from disk ({}): {} on demand ({:.1} MB), {} prefetched ({:.1} MB, {} used, {} evicted unused on arrival); loader busy {:.2} s\n",
+            "reads from disk ({}): {} on demand ({:.1} MB), {} prefetched ({:.1} MB with {} stopped part-read; {} used, {} evicted unused on arrival); loader busy {:.2} s\n",
             if r.direct_io { "direct I/O" } else { "page cache dropped" },
-            r.demand_reads, mb(r.bytes_demand), r.prefetch_reads, mb(r.bytes_prefetch), r.useful_prefetches, r.wasted_reads, r.read_s
+            r.demand_reads, mb(r.bytes_demand), r.prefetch_reads, mb(r.bytes_prefetch), r.stopped_reads, r.useful_prefetches, r.wasted_reads, r.read_s
         );
         if r.wasted_demand_reads > 0 {
             out += &format!(

@@ -108,6 +108,11 @@ impl ExpertLoader {
         }
     }
 
+    /// Threads that may read a prefetch at once.
+    pub fn prefetch_threads(&self) -> usize {
+        self.queue.0.lock().expect("loader queue").prefetch_threads
+    }
+
     /// Queues a read of expert `id`: demand reads go before every queued prefetch, in
     /// the order queued; prefetches earliest `deadline` first (the order of the lookups
     /// that need them), queued order among equal deadlines.

@@ -67,6 +67,10 @@ pub use store::{ExpertStore, READ_CHUNK};
 
 /// Decode steps per window of the prefetch guard, and how often it measures the setting
 /// it does not use (every this many windows).
+/// Loader threads by default: planned, one is kept for demand reads and two read
+/// prefetches side by side (an SSD serves two reads faster than one: on the bench's
+/// disk the oracle prefetcher went from 1.0x to 1.4x demand paging with the second).
+pub const DEFAULT_LOADER_THREADS: usize = 3;
 const GUARD_WINDOW: usize = 8;
 const GUARD_EXPLORE_EVERY: usize = 6;
 
@@ -114,7 +118,8 @@ pub struct EngineConfig {
 
 impl EngineConfig {
     /// Demand paging: `capacity` experts evicted by `policy`, no forecaster, no
-    /// cache-aware routing, two loader threads (set the other fields to add them).
+    /// cache-aware routing, [`DEFAULT_LOADER_THREADS`] loader threads (set the other
+    /// fields to add them).
     pub fn demand_paging(capacity: usize, policy: EvictionPolicy) -> EngineConfig {
         EngineConfig {
             capacity,
@@ -126,7 +131,7 @@ impl EngineConfig {
             pre_attention: false,
             lens: false,
             routing_margin: 0.0,
-            loader_threads: 2,
+            loader_threads: DEFAULT_LOADER_THREADS,
             token_table: None,
             blend: None,
             oracle_lead: None,
@@ -231,15 +236,17 @@ impl OffloadEngine {
             moe.offload_experts();
         }
         let capacity = cfg.capacity.min(m * e);
-        // A prefetch delays a demand read by at most the chunk it is reading.
+        // A prefetch delays a demand read by at most the chunk it is reading, on each
+        // prefetch thread.
         let mean_bytes = (0..m * e)
             .map(|id| store.expert_bytes(id) as f64)
             .sum::<f64>()
             / (m * e).max(1) as f64;
-        let chunk_share = (READ_CHUNK as f64 / mean_bytes.max(1.0)).min(1.0);
         let direct_io = store.direct_io();
         // Planned, one loader thread is kept for demand reads.
         let loader = ExpertLoader::start(store, cfg.loader_threads, cfg.planned);
+        let chunk_share =
+            (loader.prefetch_threads() as f64 * READ_CHUNK as f64 / mean_bytes.max(1.0)).min(1.0);
         let learned = match &predictor {
             Some(p) if cfg.layer_forecasts && p.predictor().card.config.task == Task::Lookahead => {
                 Some("learned (next token + layer lookahead)")
@@ -404,6 +411,7 @@ impl OffloadEngine {
                 self.in_flight.remove(&l.id);
             }
             self.report.bytes_prefetch += l.bytes;
+            self.report.stopped_reads += 1;
             return;
         }
         let demand = self.in_flight.remove(&l.id).is_none_or(|r| r.demand);

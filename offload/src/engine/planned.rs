@@ -127,7 +127,8 @@ impl EnginePlanner {
         let period = self.period_us.unwrap_or(0.0);
         // One loader thread is kept for demand reads (with two or more), so a demand
         // read never queues behind a prefetch, and a prefetch pauses between chunks
-        // while one runs: they share the disk for at most one chunk.
+        // while one runs: they share the disk for at most one chunk per prefetch
+        // thread.
         let s = PlannerSettings {
             read_us: read,
             chunk_us: read * self.chunk_share,
@@ -272,7 +273,8 @@ impl OffloadEngine {
 
     /// Reads the loader runs before a prefetch of `id` queued now (reads being stopped
     /// aside): demand reads, the prefetches with a deadline no later than its own
-    /// (earliest deadline first), and one later prefetch that may be reading already.
+    /// (earliest deadline first), and the later prefetches that may be reading already
+    /// (one per prefetch thread).
     fn reads_before(&self, id: usize) -> usize {
         let deadline = self.deadline(id / self.n_experts);
         let reads = self.in_flight.values().filter(|r| !r.stopping);
@@ -283,7 +285,7 @@ impl OffloadEngine {
                 (b, a + 1)
             }
         });
-        before + after.min(1)
+        before + after.min(self.loader.prefetch_threads())
     }
 
     /// MoE layer `m` routed to `needed` with `misses` demand reads: the planner learns,

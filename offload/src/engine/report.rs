@@ -38,6 +38,10 @@ pub struct EngineReport {
     /// the forward reached it).
     #[serde(default)]
     pub wasted_demand_reads: u64,
+    /// Prefetches stopped part-read when their layer routed without them (their bytes
+    /// are in `bytes_prefetch`; they are not in `prefetch_reads`).
+    #[serde(default)]
+    pub stopped_reads: u64,
     /// Seconds the loader threads spent reading (they overlap compute).
     pub read_s: f64,
     /// (token, layer) routings where cache-aware routing changed the expert set, of all.
