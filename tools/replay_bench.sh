@@ -15,7 +15,9 @@
 # the disk's speed drifts between rounds by more than most modes differ), with the
 # lowest and highest round's ratio, and the share of the gap between the better demand
 # paging and the faster oracle it closes.
-# Usage: tools/replay_bench.sh [BIN] [TOKENS] [REPEATS]
+# Usage: tools/replay_bench.sh [BIN] [TOKENS] [REPEATS]; MODES="next-use learned:auto ..."
+# in the environment runs only those modes (next-use, and an oracle for the gap, should
+# be among them).
 set -e
 BIN=${1:-target/release/moecast}
 TOKENS=${2:-300}
@@ -31,12 +33,13 @@ if [ ! -f $OUT/ckpt/config.json ]; then
   $BIN checkpoint synth --layers 6 --experts 16 --top-k 2 --vocab 4096 -o $OUT/ckpt
 fi
 echo "replaying $TOKENS tokens of $DEMO/heldout.mctrace at 9.4 MB per expert (read from disk, no page cache), $REPEATS interleaved rounds"
+MODES=${MODES:-lru next-use token:2 token:auto learned:2 learned:auto layers:2 layers:auto blend:auto oracle:1 oracle:3}
 results=$OUT/results.txt
 : > $results
 round=1
 while [ $round -le $REPEATS ]; do
   for cache in 10% 25%; do
-    for mode in lru next-use token:2 token:auto learned:2 learned:auto layers:2 layers:auto blend:auto oracle:1 oracle:3; do
+    for mode in $MODES; do
       case $mode in
         lru|next-use) args="--policy $mode" ;;
         token:*) args="--policy next-use --token-table $DEMO/predictor --prefetch-budget ${mode#token:}" ;;
