@@ -84,11 +84,7 @@ impl ExpertLoader {
         let threads = threads.max(1);
         let queue = Arc::new((
             Mutex::new(Queue {
-                prefetch_threads: if reserve_for_demand && threads > 1 {
-                    threads - 1
-                } else {
-                    threads
-                },
+                prefetch_threads: prefetch_threads(threads, reserve_for_demand),
                 ..Queue::default()
             }),
             Condvar::new(),
@@ -203,6 +199,27 @@ impl Drop for ExpertLoader {
 }
 
 impl Queue {
+    /// The next read a free thread starts, marked started: a demand read first, else
+    /// the earliest-deadline prefetch while fewer than `prefetch_threads` read one.
+    /// `(id, demand, serial)`; `None`: nothing this thread may read now.
+    fn take(&mut self) -> Option<(usize, bool, u64)> {
+        if let Some(id) = self.demand.pop_front() {
+            self.demand_reading += 1;
+            self.read_started();
+            return Some((id, true, 0));
+        }
+        if self.prefetching >= self.prefetch_threads {
+            return None;
+        }
+        let id = self.pop_prefetch()?;
+        self.prefetching += 1;
+        self.read_started();
+        let serial = self.serial;
+        self.serial += 1;
+        self.reading.push((serial, id));
+        Some((id, false, serial))
+    }
+
     /// The queued prefetch with the earliest deadline (the first queued among equals).
     fn pop_prefetch(&mut self) -> Option<usize> {
         let (i, _) = self
@@ -232,6 +249,17 @@ impl Queue {
     }
 }
 
+/// Threads of `threads` that may read a prefetch: all, or with `reserve_for_demand` (and
+/// two threads or more) all but one, which then never waits behind a prefetch.
+fn prefetch_threads(threads: usize, reserve_for_demand: bool) -> usize {
+    let threads = threads.max(1);
+    if reserve_for_demand && threads > 1 {
+        threads - 1
+    } else {
+        threads
+    }
+}
+
 fn worker(queue: &(Mutex<Queue>, Condvar), store: &ExpertStore, tx: &Sender<Loaded>) {
     let mut buf = Vec::new();
     loop {
@@ -242,20 +270,8 @@ fn worker(queue: &(Mutex<Queue>, Condvar), store: &ExpertStore, tx: &Sender<Load
                 if q.closed {
                     return;
                 }
-                if let Some(id) = q.demand.pop_front() {
-                    q.demand_reading += 1;
-                    q.read_started();
-                    break (id, true, 0);
-                }
-                if q.prefetching < q.prefetch_threads {
-                    if let Some(id) = q.pop_prefetch() {
-                        q.prefetching += 1;
-                        q.read_started();
-                        let serial = q.serial;
-                        q.serial += 1;
-                        q.reading.push((serial, id));
-                        break (id, false, serial);
-                    }
+                if let Some(read) = q.take() {
+                    break read;
                 }
                 q = cv.wait(q).expect("loader queue");
             }
@@ -327,6 +343,30 @@ mod tests {
         }
         let order: Vec<usize> = std::iter::from_fn(|| q.pop_prefetch()).collect();
         assert_eq!(order, vec![5, 2, 3, 1, 4]);
+    }
+
+    /// With a thread kept for demand reads, the default three threads read two
+    /// prefetches at once; a demand read still starts while they do.
+    #[test]
+    fn two_prefetches_read_side_by_side_and_a_demand_read_still_starts() {
+        assert_eq!(prefetch_threads(3, true), 2);
+        assert_eq!(prefetch_threads(3, false), 3);
+        assert_eq!(prefetch_threads(1, true), 1, "one thread reads everything");
+        assert_eq!(prefetch_threads(0, false), 1);
+        let mut q = Queue {
+            prefetch_threads: prefetch_threads(3, true),
+            ..Queue::default()
+        };
+        for (deadline, id) in [(3, 10), (1, 11), (2, 12)] {
+            q.prefetch.push((deadline, id));
+        }
+        assert_eq!(q.take(), Some((11, false, 0)));
+        assert_eq!(q.take(), Some((12, false, 1)));
+        assert_eq!(q.take(), None, "both prefetch threads are reading");
+        q.demand.push_back(20);
+        assert_eq!(q.take(), Some((20, true, 0)));
+        assert_eq!((q.prefetching, q.demand_reading, q.active), (2, 1, 3));
+        assert_eq!(q.reading, vec![(0, 11), (1, 12)]);
     }
 
     /// A loader without threads: its queue only.
