@@ -65,7 +65,7 @@ awk '{ k = $2" "$3; s[k] += $4; n[k]++; tps[$1" "k] = $4; rounds[$1] = 1 } END {
   }
   for (k in s) {
     split(k, p, " "); gap = oracle[p[1]] - demand[p[1]]
-    closed = (gap > 0 && p[2] !~ /^oracle/) ? sprintf("%5.0f%%", 100 * (m[k] - demand[p[1]]) / gap) : "     -"
+    closed = (gap > 0 && demand[p[1]] > 0 && p[2] !~ /^oracle/) ? sprintf("%5.0f%%", 100 * (m[k] - demand[p[1]]) / gap) : "     -"
     sum = 0; cnt = 0; lo = ""; hi = ""
     for (r in rounds) {
       b = tps[r" "p[1]" next-use"]
@@ -75,6 +75,7 @@ awk '{ k = $2" "$3; s[k] += $4; n[k]++; tps[$1" "k] = $4; rounds[$1] = 1 } END {
         if (hi == "" || x > hi) hi = x
       }
     }
-    printf "%-4s %-13s %6.2f  %.2fx (%.2f-%.2f)  %s\n", p[1], p[2], m[k], sum / cnt, lo, hi, closed
+    ratio = cnt > 0 ? sprintf("%.2fx (%.2f-%.2f)", sum / cnt, lo, hi) : "    - (no next-use)"
+    printf "%-4s %-13s %6.2f  %s  %s\n", p[1], p[2], m[k], ratio, closed
   }
 }' $results | sort

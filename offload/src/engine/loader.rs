@@ -70,6 +70,8 @@ pub struct ExpertLoader {
     queue: Arc<(Mutex<Queue>, Condvar)>,
     results: Receiver<Loaded>,
     threads: Vec<JoinHandle<()>>,
+    /// Threads that may read a prefetch at once (fixed at the start).
+    prefetch_threads: usize,
 }
 
 impl ExpertLoader {
@@ -82,9 +84,10 @@ impl ExpertLoader {
         reserve_for_demand: bool,
     ) -> ExpertLoader {
         let threads = threads.max(1);
+        let prefetch_threads = prefetch_threads(threads, reserve_for_demand);
         let queue = Arc::new((
             Mutex::new(Queue {
-                prefetch_threads: prefetch_threads(threads, reserve_for_demand),
+                prefetch_threads,
                 ..Queue::default()
             }),
             Condvar::new(),
@@ -101,12 +104,13 @@ impl ExpertLoader {
             queue,
             results,
             threads,
+            prefetch_threads,
         }
     }
 
     /// Threads that may read a prefetch at once.
     pub fn prefetch_threads(&self) -> usize {
-        self.queue.0.lock().expect("loader queue").prefetch_threads
+        self.prefetch_threads
     }
 
     /// Queues a read of expert `id`: demand reads go before every queued prefetch, in
@@ -375,6 +379,7 @@ mod tests {
             queue: Arc::new((Mutex::new(Queue::default()), Condvar::new())),
             results: channel().1,
             threads: Vec::new(),
+            prefetch_threads: 1,
         }
     }
 

@@ -65,12 +65,12 @@ pub use loader::{ExpertLoader, LinkUse, Loaded};
 pub use report::EngineReport;
 pub use store::{ExpertStore, READ_CHUNK};
 
-/// Decode steps per window of the prefetch guard, and how often it measures the setting
-/// it does not use (every this many windows).
 /// Loader threads by default: planned, one is kept for demand reads and two read
 /// prefetches side by side (an SSD serves two reads faster than one: on the bench's
 /// disk the oracle prefetcher went from 1.0x to 1.4x demand paging with the second).
 pub const DEFAULT_LOADER_THREADS: usize = 3;
+/// Decode steps per window of the prefetch guard, and how often it measures the setting
+/// it does not use (every this many windows).
 const GUARD_WINDOW: usize = 8;
 const GUARD_EXPLORE_EVERY: usize = 6;
 
