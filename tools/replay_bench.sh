@@ -34,6 +34,12 @@ if [ ! -f $OUT/ckpt/config.json ]; then
 fi
 echo "replaying $TOKENS tokens of $DEMO/heldout.mctrace at 9.4 MB per expert (read from disk, no page cache), $REPEATS interleaved rounds"
 MODES=${MODES:-lru next-use token:2 token:auto learned:2 learned:auto layers:2 layers:auto blend:auto oracle:1 oracle:3}
+for mode in $MODES; do
+  case $mode in
+    lru|next-use|token:*|learned:*|layers:*|blend:*|oracle:*) ;;
+    *) echo "MODES: unknown mode '$mode' (lru, next-use, token:B, learned:B, layers:B, blend:B, oracle:LEAD)"; exit 1 ;;
+  esac
+done
 results=$OUT/results.txt
 : > $results
 round=1
