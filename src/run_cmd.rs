@@ -102,6 +102,10 @@ pub(crate) struct RunArgs {
     /// for demand reads; the others read prefetches side by side).
     #[arg(long, default_value_t = offload::engine::DEFAULT_LOADER_THREADS)]
     loader_threads: usize,
+    /// Chunks of one demand read in flight at once (its queue depth; 1: one after
+    /// another). Prefetches read one chunk at a time.
+    #[arg(long, default_value_t = offload::engine::DEFAULT_READ_STREAMS)]
+    read_streams: usize,
     /// Skip the all-in-memory reference run (identity check and reference speed).
     #[arg(long)]
     no_compare: bool,
@@ -158,6 +162,7 @@ pub(crate) fn run(a: RunArgs) -> Result<()> {
         lens: a.lens,
         routing_margin: a.cache_aware_routing,
         loader_threads: a.loader_threads,
+        read_streams: a.read_streams,
         compare_in_memory: !a.no_compare,
         quality,
         replay: a.replay.clone(),

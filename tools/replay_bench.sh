@@ -17,7 +17,8 @@
 # paging and the faster oracle it closes.
 # Usage: tools/replay_bench.sh [BIN] [TOKENS] [REPEATS]; MODES="next-use learned:auto ..."
 # in the environment runs only those modes (next-use, and an oracle for the gap, should
-# be among them).
+# be among them); ARGS="--read-streams 1 ..." adds arguments to every run (an A/B of an
+# engine setting).
 set -e
 BIN=${1:-target/release/moecast}
 TOKENS=${2:-300}
@@ -55,7 +56,7 @@ while [ $round -le $REPEATS ]; do
         oracle:*) args="--policy next-use --oracle-prefetch ${mode#oracle:}" ;;
       esac
       line=$($BIN run --model $OUT/ckpt --replay $DEMO/heldout.mctrace --replay-tokens $TOKENS \
-        --expert-cache $cache $args 2>/dev/null | grep '^decode:')
+        --expert-cache $cache $args ${ARGS:-} 2>/dev/null | grep '^decode:')
       printf 'round %s %-4s %-13s %s\n' "$round" "$cache" "$mode" "$line"
       echo "$round $cache $mode $(echo "$line" | awk '{print $2}')" >> $results
     done

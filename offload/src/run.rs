@@ -54,6 +54,8 @@ pub struct OffloadRunConfig {
     /// Cache-aware routing margin; 0 = off.
     pub routing_margin: f32,
     pub loader_threads: usize,
+    /// Chunks of one demand read in flight at once.
+    pub read_streams: usize,
     /// Also run every prompt with all experts in memory (identity check, reference speed).
     pub compare_in_memory: bool,
     /// Held-out text prompts for the cache-aware routing quality check.
@@ -149,6 +151,7 @@ pub fn run_offloaded(cfg: &OffloadRunConfig) -> Result<OffloadRun, OffloadError>
         lens: cfg.lens,
         routing_margin: cfg.routing_margin,
         loader_threads: cfg.loader_threads,
+        read_streams: cfg.read_streams,
         token_table: match &cfg.token_table {
             Some(dir) => Some(token_table(dir)?),
             None => None,

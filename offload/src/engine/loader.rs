@@ -7,6 +7,7 @@
 //! simulator's link does.
 
 use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -40,8 +41,12 @@ struct Queue {
     /// Threads reading a prefetch now, and how many may.
     prefetching: usize,
     prefetch_threads: usize,
-    /// Demand reads in flight (prefetches pause between chunks while there are any).
+    /// Demand reads in flight, hurried prefetches among them (prefetches pause between
+    /// chunks while there are any).
     demand_reading: usize,
+    /// Prefetches being read that a lookup now waits for (serials): they read on as
+    /// demand reads do.
+    hurried: HashSet<u64>,
     /// Prefetches being read (serial, id), the serial of the next, and those to stop
     /// at their next chunk.
     reading: Vec<(u64, usize)>,
@@ -128,16 +133,14 @@ impl ExpertLoader {
         cv.notify_all();
     }
 
-    /// Moves a queued prefetch of `id` to the demand queue (no-op once its read started).
+    /// A lookup waits for `id`: a queued prefetch of it moves to the demand queue, and
+    /// one being read reads on as a demand read (it no longer pauses for demand reads,
+    /// and the other prefetches pause for it).
     pub fn promote(&self, id: usize) {
-        let (lock, _) = &*self.queue;
+        let (lock, cv) = &*self.queue;
         let mut q = lock.lock().expect("loader queue");
-        let before = q.prefetch.len();
-        q.prefetch.retain(|&(_, x)| x != id);
-        if q.prefetch.len() != before {
-            q.demand.push_back(id);
-            self.queue.1.notify_all();
-        }
+        q.promote(id);
+        cv.notify_all();
     }
 
     /// Stops a prefetch of `id` that is being read at its next chunk (it arrives
@@ -203,6 +206,32 @@ impl Drop for ExpertLoader {
 }
 
 impl Queue {
+    /// [`ExpertLoader::promote`].
+    fn promote(&mut self, id: usize) {
+        let before = self.prefetch.len();
+        self.prefetch.retain(|&(_, x)| x != id);
+        if self.prefetch.len() != before {
+            self.demand.push_back(id);
+        }
+        let started: Vec<u64> = self
+            .reading
+            .iter()
+            .filter(|&&(_, x)| x == id)
+            .map(|&(s, _)| s)
+            .collect();
+        for serial in started {
+            if self.hurried.insert(serial) {
+                self.demand_reading += 1;
+            }
+        }
+    }
+
+    /// Whether the prefetch `serial` reads its next chunk now (no demand read in flight,
+    /// or it is hurried).
+    fn prefetch_may_read(&self, serial: u64) -> bool {
+        self.closed || self.demand_reading == 0 || self.hurried.contains(&serial)
+    }
+
     /// The next read a free thread starts, marked started: a demand read first, else
     /// the earliest-deadline prefetch while fewer than `prefetch_threads` read one.
     /// `(id, demand, serial)`; `None`: nothing this thread may read now.
@@ -282,20 +311,21 @@ fn worker(queue: &(Mutex<Queue>, Condvar), store: &ExpertStore, tx: &Sender<Load
         };
         let t0 = Instant::now();
         let (lock, cv) = queue;
-        let chunks = std::cell::Cell::new(0usize);
-        let stopped = std::cell::Cell::new(false);
+        let chunks = AtomicUsize::new(0);
+        let stopped = AtomicBool::new(false);
         let expert = if demand {
             store.read(id, &mut buf)
         } else {
-            store.read_chunked(id, &mut buf, &|| {
+            store.read_chunked(id, &mut buf, 1, &|| {
                 let mut q = lock.lock().expect("loader queue");
                 loop {
-                    if q.stop.remove(&serial) {
-                        stopped.set(true);
+                    // The first stream to see the stop takes it; the others see `stopped`.
+                    if q.stop.remove(&serial) || stopped.load(Ordering::Relaxed) {
+                        stopped.store(true, Ordering::Relaxed);
                         return false;
                     }
-                    if q.demand_reading == 0 || q.closed {
-                        chunks.set(chunks.get() + 1);
+                    if q.prefetch_may_read(serial) {
+                        chunks.fetch_add(1, Ordering::Relaxed);
                         return true;
                     }
                     q = cv.wait(q).expect("loader queue");
@@ -303,8 +333,9 @@ fn worker(queue: &(Mutex<Queue>, Condvar), store: &ExpertStore, tx: &Sender<Load
             })
         };
         let total = store.expert_bytes(id);
-        let bytes = if stopped.get() {
-            (chunks.get() * READ_CHUNK).min(total as usize) as u64
+        let stopped = stopped.load(Ordering::Relaxed);
+        let bytes = if stopped {
+            (chunks.load(Ordering::Relaxed) * READ_CHUNK).min(total as usize) as u64
         } else {
             total
         };
@@ -316,6 +347,9 @@ fn worker(queue: &(Mutex<Queue>, Condvar), store: &ExpertStore, tx: &Sender<Load
                 q.prefetching -= 1;
                 q.reading.retain(|&(s, _)| s != serial);
                 q.stop.remove(&serial);
+                if q.hurried.remove(&serial) {
+                    q.demand_reading -= 1;
+                }
             }
             q.read_done(bytes as f64 / total.max(1) as f64);
         }
@@ -326,7 +360,7 @@ fn worker(queue: &(Mutex<Queue>, Condvar), store: &ExpertStore, tx: &Sender<Load
             bytes,
             read_time: t0.elapsed(),
             demand,
-            stopped: stopped.get(),
+            stopped,
         };
         if tx.send(loaded).is_err() {
             return;
@@ -371,6 +405,35 @@ mod tests {
         assert_eq!(q.take(), Some((20, true, 0)));
         assert_eq!((q.prefetching, q.demand_reading, q.active), (2, 1, 3));
         assert_eq!(q.reading, vec![(0, 11), (1, 12)]);
+    }
+
+    /// A lookup waiting for a prefetch being read hurries it: it reads on while a demand
+    /// read runs, and the other prefetch pauses for it; a queued one becomes a demand
+    /// read.
+    #[test]
+    fn a_prefetch_a_lookup_waits_for_reads_as_a_demand_read() {
+        let mut q = Queue {
+            prefetch_threads: 2,
+            ..Queue::default()
+        };
+        for (deadline, id) in [(1, 10), (2, 11), (3, 12)] {
+            q.prefetch.push((deadline, id));
+        }
+        assert_eq!(q.take(), Some((10, false, 0)));
+        assert_eq!(q.take(), Some((11, false, 1)));
+        assert!(q.prefetch_may_read(0) && q.prefetch_may_read(1));
+        q.demand.push_back(20);
+        assert_eq!(q.take(), Some((20, true, 0)));
+        assert!(!q.prefetch_may_read(0) && !q.prefetch_may_read(1));
+        q.promote(10);
+        assert!(q.prefetch_may_read(0), "the lookup waits for it");
+        assert!(!q.prefetch_may_read(1));
+        assert_eq!(q.demand_reading, 2);
+        q.promote(10);
+        assert_eq!(q.demand_reading, 2, "hurried once");
+        q.promote(12);
+        assert_eq!(q.demand, VecDeque::from([12]));
+        assert!(q.prefetch.is_empty());
     }
 
     /// A loader without threads: its queue only.

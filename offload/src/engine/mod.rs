@@ -63,7 +63,7 @@ use inference::models::MoeModel;
 use inference::routing::RouteDecision;
 pub use loader::{ExpertLoader, LinkUse, Loaded};
 pub use report::EngineReport;
-pub use store::{ExpertStore, READ_CHUNK};
+pub use store::{ExpertStore, DEFAULT_READ_STREAMS, READ_CHUNK};
 
 /// Loader threads by default: planned, one is kept for demand reads and two read
 /// prefetches side by side (an SSD serves two reads faster than one: on the bench's
@@ -103,6 +103,8 @@ pub struct EngineConfig {
     pub routing_margin: f32,
     /// Background reader threads.
     pub loader_threads: usize,
+    /// Chunks of one demand read in flight at once ([`DEFAULT_READ_STREAMS`]).
+    pub read_streams: usize,
     /// Counts with a token table: at each decode step's start, every layer's `budget`
     /// most frequent experts for the token's id are prefetched.
     pub token_table: Option<predictor::baselines::BaselineStats>,
@@ -132,6 +134,7 @@ impl EngineConfig {
             lens: false,
             routing_margin: 0.0,
             loader_threads: DEFAULT_LOADER_THREADS,
+            read_streams: DEFAULT_READ_STREAMS,
             token_table: None,
             blend: None,
             oracle_lead: None,
@@ -231,7 +234,8 @@ impl OffloadEngine {
             None
         };
         let mut layers = model.sparse_layers_mut();
-        let store = Arc::new(ExpertStore::open(ck, &layers, device)?);
+        let store =
+            Arc::new(ExpertStore::open(ck, &layers, device)?.with_read_streams(cfg.read_streams));
         for moe in layers.iter_mut() {
             moe.offload_experts();
         }

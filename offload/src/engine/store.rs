@@ -1,7 +1,10 @@
 //! Expert weights on disk: each routed expert's three projections are read from the
 //! checkpoint's safetensors file with positioned reads (never memory-mapped), in chunks
 //! of [`READ_CHUNK`] bytes (where the loader's prefetches pause for demand reads, or
-//! stop; see [`super::loader`]). Every load is a real read from the device, as
+//! stop; see [`super::loader`]) one after another, and demand reads up to
+//! [`DEFAULT_READ_STREAMS`] chunks at once (a lookup waits for them: they take what
+//! the device gives to several requests in flight). Every load is a real
+//! read from the device, as
 //! an expert that does not fit in memory would be: on Linux the files are read with
 //! direct I/O (`O_DIRECT`: no page cache, no kernel copy; aligned reads into an aligned
 //! buffer), and where the file system refuses it, with buffered reads whose range is
@@ -23,6 +26,10 @@ use inference::moe::SparseMoe;
 
 /// Bytes a prefetch reads between checks for demand reads in flight.
 pub const READ_CHUNK: usize = 1 << 20;
+
+/// Chunks of one demand read in flight at once by default (its queue depth). Prefetches
+/// read one chunk at a time: several would each hold a demand read up by a chunk.
+pub const DEFAULT_READ_STREAMS: usize = 4;
 
 /// Alignment of direct reads' offsets, lengths and buffers (a multiple of the logical
 /// block size of common devices, 512 or 4096 bytes).
@@ -57,6 +64,8 @@ pub struct ExpertStore {
     /// Bytes of each expert as stored.
     bytes: Vec<u64>,
     device: Device,
+    /// Chunks of one read in flight at once.
+    streams: usize,
 }
 
 impl ExpertStore {
@@ -134,7 +143,14 @@ impl ExpertStore {
             act,
             bytes,
             device: device.clone(),
+            streams: DEFAULT_READ_STREAMS,
         })
+    }
+
+    /// Reads each demand read `streams` chunks at a time (at least 1: one after another).
+    pub fn with_read_streams(mut self, streams: usize) -> ExpertStore {
+        self.streams = streams.max(1);
+        self
     }
 
     /// Bytes of expert `id` as stored.
@@ -142,25 +158,27 @@ impl ExpertStore {
         self.bytes[id]
     }
 
-    /// Reads expert `id` from disk into `buf` (reused) and builds its projections.
+    /// Reads expert `id` from disk into `buf` (reused) and builds its projections: a
+    /// demand read, the configured number of chunks at a time.
     pub fn read(&self, id: usize, buf: &mut Vec<u8>) -> Result<SwiGlu> {
-        self.read_chunked(id, buf, &|| true)
+        self.read_chunked(id, buf, self.streams, &|| true)
     }
 
-    /// [`ExpertStore::read`], calling `before_chunk` before each [`READ_CHUNK`] bytes
-    /// (where a prefetch waits for demand reads in flight); the read stops with an error
-    /// where it returns false.
+    /// [`ExpertStore::read`], `streams` chunks at a time, calling `before_chunk` before
+    /// each [`READ_CHUNK`] bytes (where a prefetch waits for demand reads in flight;
+    /// from each stream); the read stops with an error where it returns false.
     pub(super) fn read_chunked(
         &self,
         id: usize,
         buf: &mut Vec<u8>,
-        before_chunk: &dyn Fn() -> bool,
+        streams: usize,
+        before_chunk: &BeforeChunk<'_>,
     ) -> Result<SwiGlu> {
         let mut dense = Vec::with_capacity(3);
         for part in &self.experts[id] {
-            let w = self.read_tensor(part.file, &part.weight, buf, before_chunk)?;
+            let w = self.read_tensor(part.file, &part.weight, buf, streams, before_chunk)?;
             let b = match &part.bias {
-                Some(r) => Some(self.read_tensor(part.file, r, buf, before_chunk)?),
+                Some(r) => Some(self.read_tensor(part.file, r, buf, streams, before_chunk)?),
                 None => None,
             };
             let (out, inp) = (part.weight.shape[0], part.weight.shape[1]);
@@ -180,7 +198,8 @@ impl ExpertStore {
         file: usize,
         r: &TensorRef,
         buf: &mut Vec<u8>,
-        before_chunk: &dyn Fn() -> bool,
+        streams: usize,
+        before_chunk: &BeforeChunk<'_>,
     ) -> Result<Vec<f32>> {
         let path = &self.paths[file];
         let f = &self.files[file];
@@ -190,7 +209,7 @@ impl ExpertStore {
             .as_ref()
             .filter(|_| f.direct_ok.load(Ordering::Relaxed))
         {
-            match read_direct(d, r.offset, r.len, buf, before_chunk) {
+            match read_direct(d, r.offset, r.len, buf, streams, before_chunk) {
                 Ok(start) => at = Some(start),
                 // The file system took O_DIRECT at open but not its reads.
                 Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
@@ -201,7 +220,7 @@ impl ExpertStore {
         }
         let at = match at {
             Some(start) => start,
-            None => read_buffered(&f.buffered, r.offset, r.len, buf, before_chunk)
+            None => read_buffered(&f.buffered, r.offset, r.len, buf, streams, before_chunk)
                 .map(|()| 0)
                 .map_err(|e| ModelError::io(path, e))?,
         };
@@ -216,30 +235,35 @@ impl ExpertStore {
     }
 }
 
-/// Reads `len` bytes at `offset` into `buf` in [`READ_CHUNK`] chunks, then drops the
-/// range from the page cache.
+/// Called before each chunk of a read, from any of its streams: false stops the read.
+pub(super) type BeforeChunk<'a> = dyn Fn() -> bool + Sync + 'a;
+
+/// Reads `len` bytes at `offset` into `buf` in [`READ_CHUNK`] chunks, `streams` at a
+/// time, then drops the range from the page cache.
 fn read_buffered(
     f: &File,
     offset: usize,
     len: usize,
     buf: &mut Vec<u8>,
-    before_chunk: &dyn Fn() -> bool,
+    streams: usize,
+    before_chunk: &BeforeChunk<'_>,
 ) -> io::Result<()> {
     buf.resize(len, 0);
-    read_chunks(f, buf, offset, len, before_chunk)?;
+    read_chunks(f, buf, offset, len, streams, before_chunk)?;
     drop_cached(f, offset as i64, len as i64);
     Ok(())
 }
 
 /// Reads `len` bytes at `offset` of a file opened with `O_DIRECT` into `buf`: the
-/// aligned range around them, in [`READ_CHUNK`] chunks, into an aligned window of
-/// `buf`. Returns where the bytes start in `buf`.
+/// aligned range around them, in [`READ_CHUNK`] chunks `streams` at a time, into an
+/// aligned window of `buf`. Returns where the bytes start in `buf`.
 fn read_direct(
     f: &File,
     offset: usize,
     len: usize,
     buf: &mut Vec<u8>,
-    before_chunk: &dyn Fn() -> bool,
+    streams: usize,
+    before_chunk: &BeforeChunk<'_>,
 ) -> io::Result<usize> {
     let start = offset / DIRECT_ALIGN * DIRECT_ALIGN;
     let end = (offset + len).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
@@ -252,6 +276,7 @@ fn read_direct(
         &mut buf[pad..pad + end - start],
         start,
         offset + len - start,
+        streams,
         before_chunk,
     )?;
     Ok(pad + offset - start)
@@ -259,26 +284,78 @@ fn read_direct(
 
 /// Reads at least `need` bytes of `window` from file offset `at` in chunks of up to
 /// [`READ_CHUNK`] bytes (each up to the window's end, so an aligned window keeps direct
-/// reads aligned), calling `before_chunk` before each (false: stop, with an error);
-/// interrupted reads are retried.
+/// reads aligned), `streams` chunks at a time (chunk `i` on stream `i % streams`, so
+/// the front of the window comes first), calling `before_chunk` before each (false:
+/// stop, with an error); interrupted reads are retried. The first error any stream
+/// meets is returned, and the other streams stop at their next chunk.
 fn read_chunks(
     f: &File,
     window: &mut [u8],
     at: usize,
     need: usize,
-    before_chunk: &dyn Fn() -> bool,
+    streams: usize,
+    before_chunk: &BeforeChunk<'_>,
 ) -> io::Result<()> {
-    let mut done = 0;
-    while done < need {
-        if !before_chunk() {
-            return Err(io::Error::other("read stopped"));
+    let chunks: Vec<(usize, &mut [u8])> = window
+        .chunks_mut(READ_CHUNK)
+        .enumerate()
+        .map(|(i, c)| (i * READ_CHUNK, c))
+        .take_while(|&(start, _)| start < need)
+        .collect();
+    let streams = streams.clamp(1, chunks.len().max(1));
+    let failed = AtomicBool::new(false);
+    let mut lanes: Vec<Vec<(usize, &mut [u8])>> = (0..streams).map(|_| Vec::new()).collect();
+    for (i, c) in chunks.into_iter().enumerate() {
+        lanes[i % streams].push(c);
+    }
+    let mut lanes = lanes.into_iter();
+    let first = lanes.next().unwrap_or_default();
+    let read = |lane| read_lane(f, lane, at, need, before_chunk, &failed);
+    std::thread::scope(|s| {
+        let others: Vec<_> = lanes.map(|lane| s.spawn(|| read(lane))).collect();
+        let mut result = read(first);
+        for h in others {
+            let r = h
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("a read stream panicked")));
+            if result.is_ok() {
+                result = r;
+            }
         }
-        let n = (window.len() - done).min(READ_CHUNK);
-        match f.read_at(&mut window[done..done + n], (at + done) as u64) {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(got) => done += got,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+        result
+    })
+}
+
+/// Reads one stream's chunks (file offset `at` + their start) of a read of `need`
+/// bytes, in order; stops early, with no error of its own, once another stream failed.
+fn read_lane(
+    f: &File,
+    lane: Vec<(usize, &mut [u8])>,
+    at: usize,
+    need: usize,
+    before_chunk: &BeforeChunk<'_>,
+    failed: &AtomicBool,
+) -> io::Result<()> {
+    let fail = |e: io::Error| {
+        failed.store(true, Ordering::Relaxed);
+        Err(e)
+    };
+    for (start, chunk) in lane {
+        if failed.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        if !before_chunk() {
+            return fail(io::Error::other("read stopped"));
+        }
+        let want = (need - start).min(chunk.len());
+        let mut done = 0;
+        while done < want {
+            match f.read_at(&mut chunk[done..], (at + start + done) as u64) {
+                Ok(0) => return fail(io::ErrorKind::UnexpectedEof.into()),
+                Ok(got) => done += got,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return fail(e),
+            }
         }
     }
     Ok(())
@@ -319,24 +396,33 @@ mod tests {
     use super::*;
 
     /// A read stops before the chunk `before_chunk` refuses, having read the chunks
-    /// before it.
+    /// before it; read several chunks at a time, it reads exactly the chunks allowed.
     #[test]
     fn a_read_stops_before_the_chunk_it_is_told_to() {
+        use std::sync::atomic::AtomicUsize;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bytes.bin");
-        std::fs::write(&path, vec![1u8; 3 * READ_CHUNK]).unwrap();
+        std::fs::write(&path, vec![1u8; 6 * READ_CHUNK]).unwrap();
         let f = File::open(&path).unwrap();
-        let mut window = vec![0u8; 3 * READ_CHUNK];
-        let chunks = std::cell::Cell::new(0);
-        let two = || {
-            chunks.set(chunks.get() + 1);
-            chunks.get() <= 2
-        };
-        let e = read_chunks(&f, &mut window, 0, 3 * READ_CHUNK, &two).unwrap_err();
-        assert_eq!(e.to_string(), "read stopped");
-        assert_eq!(chunks.get(), 3);
-        assert!(window[..2 * READ_CHUNK].iter().all(|&b| b == 1));
-        assert!(window[2 * READ_CHUNK..].iter().all(|&b| b == 0));
+        for streams in [1, 3] {
+            let mut window = vec![0u8; 6 * READ_CHUNK];
+            let chunks = AtomicUsize::new(0);
+            let two = || chunks.fetch_add(1, Ordering::SeqCst) < 2;
+            let e = read_chunks(&f, &mut window, 0, 6 * READ_CHUNK, streams, &two).unwrap_err();
+            assert_eq!(e.to_string(), "read stopped");
+            let read: Vec<bool> = window
+                .chunks(READ_CHUNK)
+                .map(|c| c.iter().all(|&b| b == 1))
+                .collect();
+            assert_eq!(read.iter().filter(|&&r| r).count(), 2, "{streams} streams");
+            assert!(window
+                .chunks(READ_CHUNK)
+                .all(|c| c.iter().all(|&b| b == 1) || c.iter().all(|&b| b == 0)));
+            if streams == 1 {
+                assert_eq!(chunks.load(Ordering::SeqCst), 3);
+                assert_eq!(read[..3], [true, true, false]);
+            }
+        }
     }
 
     /// Direct and buffered reads return the same bytes for ranges that start and end off
@@ -358,34 +444,39 @@ mod tests {
             );
         }
         let mut buf = Vec::new();
-        let chunks = std::cell::Cell::new(0);
+        let chunks = std::sync::atomic::AtomicUsize::new(0);
         let count = || {
-            chunks.set(chunks.get() + 1);
+            chunks.fetch_add(1, Ordering::SeqCst);
             true
         };
-        for (offset, len) in [
-            (0, 10),
-            (1, DIRECT_ALIGN),
-            (4095, READ_CHUNK + 3),
-            (READ_CHUNK - 17, 2 * READ_CHUNK),
-            (size - 5000, 5000),
-            (0, size),
-        ] {
-            read_buffered(&buffered, offset, len, &mut buf, &count).unwrap();
-            assert_eq!(
-                &buf[..len],
-                &bytes[offset..offset + len],
-                "buffered {offset}+{len}"
-            );
-            if let Some(d) = &direct {
-                chunks.set(0);
-                let at = read_direct(d, offset, len, &mut buf, &count).unwrap();
+        for streams in [1, 3] {
+            for (offset, len) in [
+                (0, 10),
+                (1, DIRECT_ALIGN),
+                (4095, READ_CHUNK + 3),
+                (READ_CHUNK - 17, 2 * READ_CHUNK),
+                (size - 5000, 5000),
+                (0, size),
+            ] {
+                read_buffered(&buffered, offset, len, &mut buf, streams, &count).unwrap();
                 assert_eq!(
-                    &buf[at..at + len],
+                    &buf[..len],
                     &bytes[offset..offset + len],
-                    "direct {offset}+{len}"
+                    "buffered {offset}+{len}, {streams} streams"
                 );
-                assert!(chunks.get() >= len / READ_CHUNK, "a pause point per chunk");
+                if let Some(d) = &direct {
+                    chunks.store(0, Ordering::SeqCst);
+                    let at = read_direct(d, offset, len, &mut buf, streams, &count).unwrap();
+                    assert_eq!(
+                        &buf[at..at + len],
+                        &bytes[offset..offset + len],
+                        "direct {offset}+{len}, {streams} streams"
+                    );
+                    assert!(
+                        chunks.load(Ordering::SeqCst) >= len / READ_CHUNK,
+                        "a pause point per chunk"
+                    );
+                }
             }
         }
         std::fs::remove_dir_all(&dir).unwrap();
