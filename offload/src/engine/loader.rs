@@ -2,9 +2,10 @@
 //! reads go ahead of queued prefetches (which go earliest deadline first, as the
 //! simulator's link sends them); a prefetch already reading pauses between chunks of
 //! [`READ_CHUNK`] bytes while a demand read is in flight, so a demand read shares the
-//! device with at most one chunk of prefetch (the simulator's link model), and a
+//! device with at most one chunk per prefetch thread (the simulator's link model), and a
 //! prefetch told to stop (its layer routed without it) stops at its next chunk, as the
-//! simulator's link does.
+//! simulator's link does. A prefetch a lookup waits for ([`ExpertLoader::promote`])
+//! reads on as a demand read.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -148,12 +149,7 @@ impl ExpertLoader {
     pub fn stop(&self, id: usize) -> bool {
         let (lock, cv) = &*self.queue;
         let mut q = lock.lock().expect("loader queue");
-        let serials: Vec<u64> = q
-            .reading
-            .iter()
-            .filter(|&&(_, x)| x == id)
-            .map(|&(s, _)| s)
-            .collect();
+        let serials = q.reading_serials(id);
         q.stop.extend(&serials);
         // A prefetch paused for demand reads wakes to stop.
         cv.notify_all();
@@ -213,17 +209,20 @@ impl Queue {
         if self.prefetch.len() != before {
             self.demand.push_back(id);
         }
-        let started: Vec<u64> = self
-            .reading
-            .iter()
-            .filter(|&&(_, x)| x == id)
-            .map(|&(s, _)| s)
-            .collect();
-        for serial in started {
+        for serial in self.reading_serials(id) {
             if self.hurried.insert(serial) {
                 self.demand_reading += 1;
             }
         }
+    }
+
+    /// The serials of the prefetches of `id` being read.
+    fn reading_serials(&self, id: usize) -> Vec<u64> {
+        self.reading
+            .iter()
+            .filter(|&&(_, x)| x == id)
+            .map(|&(s, _)| s)
+            .collect()
     }
 
     /// Whether the prefetch `serial` reads its next chunk now (no demand read in flight,
