@@ -1,15 +1,14 @@
 //! Expert weights on disk: each routed expert's three projections are read from the
 //! checkpoint's safetensors file with positioned reads (never memory-mapped), in chunks
-//! of [`READ_CHUNK`] bytes (where the loader's prefetches pause for demand reads, or
-//! stop; see [`super::loader`]) one after another, and demand reads up to
-//! [`DEFAULT_READ_STREAMS`] chunks at once (a lookup waits for them: they take what
-//! the device gives to several requests in flight). Every load is a real
-//! read from the device, as
-//! an expert that does not fit in memory would be: on Linux the files are read with
-//! direct I/O (`O_DIRECT`: no page cache, no kernel copy; aligned reads into an aligned
-//! buffer), and where the file system refuses it, with buffered reads whose range is
-//! dropped from the page cache after each read (`posix_fadvise DONTNEED`). A checkpoint
-//! on tmpfs is in memory either way.
+//! of [`READ_CHUNK`] bytes: a prefetch's one after another (between them it pauses for
+//! demand reads, or stops; see [`super::loader`]), a demand read's up to
+//! [`DEFAULT_READ_STREAMS`] at once (a lookup waits for it: it takes what the device
+//! gives to several requests in flight). Every load is a real read from the
+//! device, as an expert that does not fit in memory would be: on Linux the files are
+//! read with direct I/O (`O_DIRECT`: no page cache, no kernel copy; aligned reads into
+//! an aligned buffer), and where the file system refuses it, with buffered reads whose
+//! range is dropped from the page cache after each read (`posix_fadvise DONTNEED`). A
+//! checkpoint on tmpfs is in memory either way.
 
 use std::fs::File;
 use std::io;
@@ -64,7 +63,7 @@ pub struct ExpertStore {
     /// Bytes of each expert as stored.
     bytes: Vec<u64>,
     device: Device,
-    /// Chunks of one read in flight at once.
+    /// Chunks of one demand read in flight at once.
     streams: usize,
 }
 
