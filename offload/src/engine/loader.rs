@@ -310,6 +310,8 @@ fn worker(queue: &(Mutex<Queue>, Condvar), store: &ExpertStore, tx: &Sender<Load
         };
         let t0 = Instant::now();
         let (lock, cv) = queue;
+        // Atomics: `before_chunk` must be `Sync` (a demand read's streams share it); a
+        // prefetch reads on one stream.
         let chunks = AtomicUsize::new(0);
         let stopped = AtomicBool::new(false);
         let expert = if demand {
@@ -318,8 +320,7 @@ fn worker(queue: &(Mutex<Queue>, Condvar), store: &ExpertStore, tx: &Sender<Load
             store.read_chunked(id, &mut buf, 1, &|| {
                 let mut q = lock.lock().expect("loader queue");
                 loop {
-                    // The first stream to see the stop takes it; the others see `stopped`.
-                    if q.stop.remove(&serial) || stopped.load(Ordering::Relaxed) {
+                    if q.stop.remove(&serial) {
                         stopped.store(true, Ordering::Relaxed);
                         return false;
                     }
