@@ -180,6 +180,7 @@ impl RoutingObserver for OffloadEngine {
             if let Some(g) = &mut self.guard {
                 g.step_done(elapsed);
                 self.report.prefetch_off_tokens = g.steps_off;
+                self.report.guard_windows.clone_from(&g.log);
             }
         } else {
             self.report.prompt_tokens += self.tokens.len() as u64;
