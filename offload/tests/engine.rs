@@ -95,6 +95,13 @@ fn offloaded_generation_is_identical_and_counters_add_up() {
             generates_as_in_memory(&reference, &model, &mut engine, 0..2, 12, name);
             let r = engine.report();
             assert_eq!(r.decode_tokens, 24, "{name}");
+            assert_eq!(r.step_ms.len(), 24, "{name}: one time per decode step");
+            let steps_s: f64 = r.step_ms.iter().map(|&ms| f64::from(ms) / 1e3).sum();
+            assert!(
+                (steps_s - r.decode_s).abs() < 1e-3,
+                "{name}: {steps_s} vs {}",
+                r.decode_s
+            );
             assert_eq!(
                 r.accesses,
                 24 * (m * k) as u64,

@@ -177,6 +177,7 @@ impl RoutingObserver for OffloadEngine {
         if self.decoding {
             self.report.decode_tokens += 1;
             self.report.decode_s += elapsed;
+            self.report.step_ms.push((elapsed * 1e3) as f32);
             if let Some(g) = &mut self.guard {
                 g.step_done(elapsed);
                 self.report.prefetch_off_tokens = g.steps_off;

@@ -51,6 +51,9 @@ pub struct EngineReport {
     /// pay, or was measuring that).
     #[serde(default)]
     pub prefetch_off_tokens: u64,
+    /// Every decode step's time, milliseconds, in order.
+    #[serde(default)]
+    pub step_ms: Vec<f32>,
     /// The prefetch guard's measured windows: prefetch on, mean decode step seconds.
     #[serde(default)]
     pub guard_windows: Vec<(bool, f64)>,
