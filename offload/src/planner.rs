@@ -148,6 +148,31 @@ pub struct PlannerCounts {
     pub cancelled: u64,
 }
 
+/// What the planner plans with at a moment: the timings it was given or measured, and
+/// the link and cache statistics it learned (a runtime's summary of `--budget auto`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PlannerState {
+    /// Link time per expert read, and per prefetch chunk (microseconds).
+    pub read_us: f64,
+    pub chunk_us: f64,
+    /// Time between two lookups (microseconds).
+    pub layer_period_us: f64,
+    /// Running mean of demand reads per lookup, and share of lookups with one.
+    pub misses_per_lookup: f64,
+    pub miss_share: f64,
+    /// Lookups a cache entry lives (capacity over insertions per lookup): reads for
+    /// layers further ahead are not issued.
+    pub entry_lifetime_lookups: f64,
+    /// The learned probability that an expert evicted for a prefetch is needed again
+    /// before the cache would have dropped it anyway.
+    pub background_probability: f64,
+    /// The calibrated probability of the forecasts offered so far against what the
+    /// forecasters said, over all offers with a probability (both in [0, 1]; `None`
+    /// without such offers).
+    pub offered_probability: Option<f64>,
+    pub calibrated_probability: Option<f64>,
+}
+
 const PROB_BINS: usize = 20;
 const RANK_BINS: usize = 32;
 /// Forecast horizons calibrated apart (further ones share the last).
@@ -225,6 +250,33 @@ impl PrefetchPlanner {
 
     pub fn settings(&self) -> &PlannerSettings {
         &self.settings
+    }
+
+    /// The timings and statistics it plans with now.
+    pub fn state(&self) -> PlannerState {
+        let s = &self.settings;
+        // Probability bins: what the forecasters said (the bins' centres, weighed by
+        // the observed offers) against what was used.
+        let (mut said, mut used, mut n) = (0.0, 0.0, 0.0);
+        for (b, &(u, o)) in self.bins[..PROB_BINS].iter().enumerate() {
+            let observed = o - PRIOR_WEIGHT;
+            let centre = (b as f64 + 0.5) / PROB_BINS as f64;
+            said += centre * observed;
+            used += u - centre * PRIOR_WEIGHT;
+            n += observed;
+        }
+        let mean = |x: f64| (n > 0.0).then(|| x / n);
+        PlannerState {
+            read_us: s.read_us,
+            chunk_us: s.chunk_us,
+            layer_period_us: s.layer_period_us,
+            misses_per_lookup: self.misses_per_lookup,
+            miss_share: self.miss_share,
+            entry_lifetime_lookups: s.capacity as f64 / self.insertions_per_lookup.max(1e-3),
+            background_probability: self.background_probability(),
+            offered_probability: mean(said),
+            calibrated_probability: mean(used),
+        }
     }
 
     /// New timings (a runtime that measures them as it goes).

@@ -334,6 +334,24 @@ impl OffloadRun {
                 c.offered, c.issued, c.late, c.not_worth, c.cancelled
             );
         }
+        if let Some(p) = &r.planner_state {
+            out += &format!(
+                "planner learned: {:.2} ms per expert read, {:.2} ms between lookups, {:.2} demand reads per lookup, entries live {:.1} lookups, {:.0}% of experts evicted for a prefetch needed again soon{}\n",
+                p.read_us / 1e3,
+                p.layer_period_us / 1e3,
+                p.misses_per_lookup,
+                p.entry_lifetime_lookups,
+                100.0 * p.background_probability,
+                match (p.offered_probability, p.calibrated_probability) {
+                    (Some(said), Some(used)) => format!(
+                        "; forecasts said {:.0}%, {:.0}% were used",
+                        100.0 * said,
+                        100.0 * used
+                    ),
+                    _ => String::new(),
+                }
+            );
+        }
         if r.prefetch_off_tokens > 0 {
             out += &format!(
                 "prefetch guard: {} of {} decode steps without prefetch (measured not to pay, or measuring that)\n",

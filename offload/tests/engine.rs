@@ -347,6 +347,13 @@ fn planned_prefetch_in_the_engine_changes_no_token_and_reports_its_decisions() {
         // Without a prefetcher there is no budget.
         assert_eq!(r.budget, if planned { "auto" } else { "-" });
         assert_eq!(r.planner.is_some(), planned, "{r:?}");
+        assert_eq!(r.planner_state.is_some(), planned, "{r:?}");
+        if let Some(s) = r.planner_state {
+            // It planned with what it measured.
+            assert!(s.read_us > 0.0 && s.layer_period_us > 0.0, "{s:?}");
+            assert!(s.entry_lifetime_lookups > 0.0, "{s:?}");
+            assert!((0.0..=1.0).contains(&s.background_probability), "{s:?}");
+        }
         if let Some(c) = r.planner {
             assert!(c.issued > 0 && c.issued < c.offered, "{c:?}");
             // Candidates already resident are offered but not judged.

@@ -262,6 +262,7 @@ fn the_planner_learns_calibration_from_routing() {
         rank: 0,
     };
     let before = p.calibrated(&c);
+    assert_eq!(p.state().offered_probability, None, "nothing offered yet");
     // The forecaster says 0.9; its experts are used one time in ten.
     offer_and_route(&mut p, &c, 1);
     let after = p.calibrated(&c);
@@ -269,6 +270,13 @@ fn the_planner_learns_calibration_from_routing() {
         before > 0.8 && (after - 0.1).abs() < 0.03,
         "{before} -> {after}"
     );
+    // The state a runtime prints says so, with the timings it plans with.
+    let state = p.state();
+    let (said, used) = (state.offered_probability, state.calibrated_probability);
+    // (What the forecaster said, to its histogram bin's centre: bins are 0.05 wide.)
+    assert!((said.unwrap() - 0.9).abs() <= 0.025 + 1e-9, "{state:?}");
+    assert!((used.unwrap() - 0.1).abs() < 1e-9, "{state:?}");
+    assert_eq!((state.read_us, state.layer_period_us), (10.0, 30.0));
     // The same probability forecast three lookups ahead, right nine times in ten, is
     // calibrated apart.
     let far = Candidate { horizon: 3, ..c };

@@ -300,6 +300,7 @@ impl OffloadEngine {
         self.cancel_planned(&mut plan, m, token, needed, true);
         self.planned_for.retain(|_, &mut (tok, _)| tok >= token);
         self.report.planner = Some(plan.planner.counts);
+        self.report.planner_state = Some(plan.planner.state());
         self.planner = Some(plan);
     }
 }

@@ -60,6 +60,10 @@ pub struct EngineReport {
     /// The planner's decisions (planned prefetch only).
     #[serde(default)]
     pub planner: Option<crate::planner::PlannerCounts>,
+    /// What the planner planned with at the run's end: measured timings, learned link
+    /// and cache statistics (planned prefetch only).
+    #[serde(default)]
+    pub planner_state: Option<crate::planner::PlannerState>,
     /// Experts were read with direct I/O (else buffered, dropped from the page cache).
     #[serde(default)]
     pub direct_io: bool,
