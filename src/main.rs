@@ -51,6 +51,9 @@ enum Command {
     /// Generate with experts offloaded to disk: bounded expert cache, learned prefetch,
     /// cache-aware routing; reports tokens/s, hit rate and stall time.
     Run(Box<run_cmd::RunArgs>),
+    /// Compare runs of `moecast run --json`: mean decode tokens/s per cache size and
+    /// mode, the ratio to demand paging and the gap to the oracle closed; --plot charts.
+    CompareRuns(run_cmd::CompareArgs),
     /// Train a tiny MoE language model and write it as a Hugging Face checkpoint.
     #[command(subcommand)]
     Tinymoe(TinymoeCommand),
@@ -99,6 +102,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::PredictorSize(a) => predict_cmd::size(a),
         Command::Simulate(a) => sim_cmd::simulate_cmd(*a),
         Command::Run(a) => run_cmd::run(*a),
+        Command::CompareRuns(a) => run_cmd::compare(a),
         Command::Checkpoint(CheckpointCommand::Synth(a)) => model_cmd::checkpoint_synth(a),
     }
 }

@@ -189,3 +189,22 @@ pub(crate) fn run(a: RunArgs) -> Result<()> {
     }
     Ok(())
 }
+
+/// `moecast compare-runs`: reports of `moecast run --json` side by side.
+#[derive(Args)]
+pub(crate) struct CompareArgs {
+    /// Reports written by `moecast run --json` (runs of one mode are averaged).
+    #[arg(required = true)]
+    reports: Vec<PathBuf>,
+    /// Also draw a bar chart per cache size into this directory (engine-cache-N.png).
+    #[arg(long)]
+    plot: Option<PathBuf>,
+}
+
+pub(crate) fn compare(a: CompareArgs) -> Result<()> {
+    print!(
+        "{}",
+        offload::engine::compare::compare_runs(&a.reports, a.plot.as_deref())?
+    );
+    Ok(())
+}

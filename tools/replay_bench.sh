@@ -18,7 +18,8 @@
 # Usage: tools/replay_bench.sh [BIN] [TOKENS] [REPEATS]; MODES="next-use learned:auto ..."
 # in the environment runs only those modes (next-use, and an oracle for the gap, should
 # be among them); ARGS="--read-streams 1 ..." adds arguments to every run (an A/B of an
-# engine setting).
+# engine setting). Each run's report goes to runs/bench/replay/runs/ and `moecast
+# compare-runs` charts the modes' means per cache size (runs/bench/replay/plots/).
 set -e
 BIN=${1:-target/release/moecast}
 TOKENS=${2:-300}
@@ -43,6 +44,7 @@ for mode in $MODES; do
 done
 results=$OUT/results.txt
 : > $results
+rm -rf $OUT/runs && mkdir -p $OUT/runs
 round=1
 while [ $round -le $REPEATS ]; do
   for cache in 10% 25%; do
@@ -56,7 +58,7 @@ while [ $round -le $REPEATS ]; do
         oracle:*) args="--policy next-use --oracle-prefetch ${mode#oracle:}" ;;
       esac
       line=$($BIN run --model $OUT/ckpt --replay $DEMO/heldout.mctrace --replay-tokens $TOKENS \
-        --expert-cache $cache $args ${ARGS:-} 2>/dev/null | grep '^decode:')
+        --expert-cache $cache $args ${ARGS:-} --json $OUT/runs/$round-${cache%\%}-$(echo $mode | tr : -).json 2>/dev/null | grep '^decode:')
       printf 'round %s %-4s %-13s %s\n' "$round" "$cache" "$mode" "$line"
       echo "$round $cache $mode $(echo "$line" | awk '{print $2}')" >> $results
     done
@@ -86,3 +88,5 @@ awk '{ k = $2" "$3; s[k] += $4; n[k]++; tps[$1" "k] = $4; rounds[$1] = 1 } END {
     printf "%-4s %-13s %6.2f  %s  %s\n", p[1], p[2], m[k], ratio, closed
   }
 }' $results | sort
+# The same runs charted (unpaired means per mode, one PNG per cache size).
+$BIN compare-runs $OUT/runs/*.json --plot $OUT/plots | grep 'plot:'

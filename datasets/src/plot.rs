@@ -127,34 +127,35 @@ pub fn bar_chart(
             .margin(12)
             .x_label_area_size(48)
             .y_label_area_size(56)
-            .build_cartesian_2d(0f64..n as f64, 0f64..(y1 * 1.08).max(1e-9))
+            // A segmented range over 0..m holds m + 1 segments.
+            .build_cartesian_2d((0..n - 1).into_segmented(), 0f64..(y1 * 1.08).max(1e-9))
             .map_err(|e| plot_err(path, e))?;
-        let labels: Vec<String> = bars.iter().map(|b| b.0.clone()).collect();
+        // One label under each bar's centre (every other one past 24 bars).
         chart
             .configure_mesh()
             .disable_x_mesh()
             .x_desc(x_label)
             .y_desc(y_label)
             .x_labels(n.min(24))
-            .x_label_formatter(&|x| {
-                let i = x.floor() as usize;
-                labels.get(i).cloned().unwrap_or_default()
+            .x_label_formatter(&|v| match v {
+                SegmentValue::CenterOf(i) => bars.get(*i).map(|b| b.0.clone()).unwrap_or_default(),
+                _ => String::new(),
             })
             .draw()
             .map_err(|e| plot_err(path, e))?;
         let color = Palette99::pick(0).to_rgba();
         chart
-            .draw_series(bars.iter().enumerate().map(|(i, b)| {
-                Rectangle::new(
-                    [(i as f64 + 0.1, 0.0), (i as f64 + 0.9, b.1)],
-                    color.filled(),
-                )
-            }))
+            .draw_series(
+                Histogram::vertical(&chart)
+                    .margin(8)
+                    .style(color.filled())
+                    .data(bars.iter().enumerate().map(|(i, b)| (i, b.1))),
+            )
             .map_err(|e| plot_err(path, e))?;
         if let Some((name, y)) = reference {
             chart
                 .draw_series(LineSeries::new(
-                    vec![(0.0, y), (n as f64, y)],
+                    vec![(SegmentValue::Exact(0), y), (SegmentValue::Last, y)],
                     BLACK.stroke_width(2),
                 ))
                 .map_err(|e| plot_err(path, e))?

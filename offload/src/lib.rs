@@ -26,4 +26,10 @@ pub enum OffloadError {
     Predictor(#[from] predictor::PredictorError),
     #[error(transparent)]
     Trace(#[from] datasets::TraceError),
+    /// A file given as a run's report is not one.
+    #[error("{}: not a `moecast run --json` report: {msg}", path.display())]
+    Report {
+        path: std::path::PathBuf,
+        msg: String,
+    },
 }

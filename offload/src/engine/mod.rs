@@ -34,6 +34,7 @@
 //!
 //! Hit rates and stall times count decode steps only; the prompt is run as one batch.
 
+pub mod compare;
 mod forecast;
 mod guard;
 pub mod loader;
@@ -258,6 +259,9 @@ impl OffloadEngine {
             Some(_) => Some("learned (next token)"),
             None => None,
         };
+        let oracle = cfg
+            .oracle_lead
+            .map(|lead| format!("oracle (recorded experts, {lead} ahead)"));
         let report = EngineReport {
             direct_io,
             policy: policy_name(cfg.policy),
@@ -268,7 +272,7 @@ impl OffloadEngine {
                     (cfg.blend.is_some(), "online blend"),
                     (cfg.pre_attention, "pre-attention gate"),
                     (cfg.lens, "logit lens"),
-                    (cfg.oracle_lead.is_some(), "oracle (recorded experts)"),
+                    (oracle.is_some(), oracle.as_deref().unwrap_or_default()),
                 ]
                 .into_iter()
                 .filter_map(|(on, name)| on.then_some(name))

@@ -1,0 +1,304 @@
+//! Comparing runs of the offloading engine (`moecast compare-runs`): `moecast run --json`
+//! reports grouped by cache size and mode, each mode's mean decode tokens/s against the
+//! best demand paging of its cache size and, where runs of the oracle prefetcher are
+//! among them, the share of the gap to the fastest oracle it closes; with a plot
+//! directory, one bar chart per cache size.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::path::{Path, PathBuf};
+
+use super::EngineReport;
+use crate::OffloadError;
+
+/// The runs of one mode at one cache size.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModeRuns {
+    /// Resident experts.
+    pub capacity: usize,
+    /// Policy, prefetcher and budget, as the report names them.
+    pub mode: String,
+    /// A short name for a chart's axis: the policy on demand, else the prefetcher and
+    /// its budget (`learned auto`, `oracle 3`).
+    pub short: String,
+    /// Decode tokens/s of each run.
+    pub tokens_per_s: Vec<f64>,
+    demand_paging: bool,
+    oracle: bool,
+}
+
+impl ModeRuns {
+    /// Mean decode tokens/s.
+    pub fn mean(&self) -> f64 {
+        self.tokens_per_s.iter().sum::<f64>() / self.tokens_per_s.len().max(1) as f64
+    }
+}
+
+/// Reads the reports `moecast run --json` wrote.
+pub fn load_reports(paths: &[PathBuf]) -> Result<Vec<EngineReport>, OffloadError> {
+    paths
+        .iter()
+        .map(|path| {
+            let text =
+                std::fs::read_to_string(path).map_err(|e| datasets::TraceError::io(path, e))?;
+            let bad = |msg: String| OffloadError::Report {
+                path: path.clone(),
+                msg,
+            };
+            let value: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+            let report = value
+                .get("report")
+                .ok_or_else(|| bad("no \"report\" field".into()))?;
+            let report: EngineReport =
+                serde_json::from_value(report.clone()).map_err(|e| bad(e.to_string()))?;
+            if report.decode_tokens == 0 || report.decode_s <= 0.0 {
+                return Err(bad("it decoded no tokens".into()));
+            }
+            Ok(report)
+        })
+        .collect()
+}
+
+/// `r`'s mode in a few words.
+fn short_name(r: &EngineReport) -> String {
+    if r.prefetch == "none" {
+        return r.policy.clone();
+    }
+    let name = r
+        .prefetch
+        .replace("learned (next token + layer lookahead)", "layers")
+        .replace("learned (next token)", "learned")
+        .replace("token table", "token")
+        .replace("online blend", "blend")
+        .replace("pre-attention gate", "gate")
+        .replace("logit lens", "lens")
+        .replace(" + ", "+");
+    match name.strip_prefix("oracle (recorded experts, ") {
+        Some(lead) => format!("oracle {}", lead.trim_end_matches(" ahead)")),
+        None if r.budget == "-" => name,
+        None => format!("{name} {}", r.budget),
+    }
+}
+
+/// Groups `reports` by cache size and mode.
+pub fn group_runs(reports: &[EngineReport]) -> Vec<ModeRuns> {
+    let mut groups: Vec<ModeRuns> = Vec::new();
+    for r in reports {
+        let mode = if r.prefetch == "none" {
+            format!("{}, on demand", r.policy)
+        } else if r.budget == "-" {
+            format!("{} + {}", r.policy, r.prefetch)
+        } else {
+            format!("{} + {}, budget {}", r.policy, r.prefetch, r.budget)
+        };
+        let tps = r.tokens_per_s();
+        match groups
+            .iter_mut()
+            .find(|g| g.capacity == r.capacity && g.mode == mode)
+        {
+            Some(g) => g.tokens_per_s.push(tps),
+            None => groups.push(ModeRuns {
+                capacity: r.capacity,
+                short: short_name(r),
+                demand_paging: r.prefetch == "none",
+                oracle: r.prefetch.starts_with("oracle"),
+                mode,
+                tokens_per_s: vec![tps],
+            }),
+        }
+    }
+    groups
+}
+
+/// The comparison table of `paths` (reports of `moecast run --json`); with `plot_dir`,
+/// a bar chart per cache size (`engine-cache-N.png`).
+pub fn compare_runs(paths: &[PathBuf], plot_dir: Option<&Path>) -> Result<String, OffloadError> {
+    let groups = group_runs(&load_reports(paths)?);
+    let mut by_cache: BTreeMap<usize, Vec<&ModeRuns>> = BTreeMap::new();
+    for g in &groups {
+        by_cache.entry(g.capacity).or_default().push(g);
+    }
+    // Demand paging first, the oracles last.
+    for modes in by_cache.values_mut() {
+        modes.sort_by_key(|g| (!g.demand_paging, g.oracle, g.mode.clone()));
+    }
+    let mut out = String::new();
+    for (capacity, modes) in &by_cache {
+        let best = |pick: fn(&ModeRuns) -> bool| {
+            modes
+                .iter()
+                .filter(|g| pick(g))
+                .map(|g| g.mean())
+                .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))))
+        };
+        let demand = best(|g| g.demand_paging);
+        let oracle = best(|g| g.oracle);
+        let _ = writeln!(
+            out,
+            "cache of {capacity} experts: mean decode tokens/s (runs), ratio to the best demand paging, gap to the fastest oracle closed"
+        );
+        for g in modes {
+            let ratio = demand.map_or("-".into(), |d| format!("{:.2}x", g.mean() / d));
+            let closed = match (demand, oracle) {
+                (Some(d), Some(o)) if o > d && !g.oracle => {
+                    format!("{:.0}%", 100.0 * (g.mean() - d) / (o - d))
+                }
+                _ => "-".into(),
+            };
+            let _ = writeln!(
+                out,
+                "  {:<60} {:>7.2} ({})  {:>6}  {:>5}",
+                g.mode,
+                g.mean(),
+                g.tokens_per_s.len(),
+                ratio,
+                closed
+            );
+        }
+        if let Some(dir) = plot_dir {
+            std::fs::create_dir_all(dir).map_err(|e| datasets::TraceError::io(dir, e))?;
+            let path = dir.join(format!("engine-cache-{capacity}.png"));
+            // Short names unless two modes would share one.
+            let shorts: Vec<&str> = modes.iter().map(|g| g.short.as_str()).collect();
+            let unique = (1..shorts.len()).all(|i| !shorts[..i].contains(&shorts[i]));
+            let bars: Vec<(String, f64)> = modes
+                .iter()
+                .map(|g| {
+                    let name = if unique { &g.short } else { &g.mode };
+                    (name.clone(), g.mean())
+                })
+                .collect();
+            datasets::plot::bar_chart(
+                &path,
+                &format!("Offloading engine, cache of {capacity} experts"),
+                "mode",
+                "decode tokens/s (mean of runs)",
+                &bars,
+                demand.map(|d| ("best demand paging", d)),
+            )?;
+            let _ = writeln!(out, "  plot: {}", path.display());
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(
+        capacity: usize,
+        policy: &str,
+        prefetch: &str,
+        budget: &str,
+        tps: f64,
+    ) -> EngineReport {
+        EngineReport {
+            capacity,
+            policy: policy.into(),
+            prefetch: prefetch.into(),
+            budget: budget.into(),
+            decode_tokens: 100,
+            decode_s: 100.0 / tps,
+            ..EngineReport::default()
+        }
+    }
+
+    fn write(dir: &Path, name: &str, r: &EngineReport) -> PathBuf {
+        let path = dir.join(name);
+        let json = serde_json::json!({ "report": r, "tokens_per_s": r.tokens_per_s() });
+        std::fs::write(&path, json.to_string()).unwrap();
+        path
+    }
+
+    #[test]
+    fn runs_are_averaged_per_mode_against_demand_paging_and_the_oracle() {
+        let dir = tempfile::tempdir().unwrap();
+        let oracle = "oracle (recorded experts, 3 ahead)";
+        let runs = [
+            ("a.json", report(10, "next-use", "none", "-", 10.0)),
+            ("b.json", report(10, "next-use", "none", "-", 12.0)),
+            ("c.json", report(10, "lru", "none", "-", 9.0)),
+            (
+                "d.json",
+                report(10, "next-use", "learned (next token)", "auto", 14.0),
+            ),
+            ("e.json", report(10, "next-use", oracle, "-", 15.0)),
+            ("f.json", report(10, "next-use", oracle, "-", 17.0)),
+            ("g.json", report(24, "next-use", "none", "-", 20.0)),
+        ];
+        let paths: Vec<PathBuf> = runs.iter().map(|(n, r)| write(dir.path(), n, r)).collect();
+        let plots = dir.path().join("plots");
+        let table = compare_runs(&paths, Some(&plots)).unwrap();
+        // Demand paging: next-use's mean 11 beats LRU's 9; the oracle's mean is 16, so
+        // learned prefetch at 14 closes 3 of the 5 tokens/s.
+        let line = |mode: &str| {
+            table
+                .lines()
+                .find(|l| l.contains(mode))
+                .unwrap()
+                .to_string()
+        };
+        let learned = line("learned (next token), budget auto");
+        assert!(
+            learned.contains("14.00 (1)") && learned.contains("1.27x") && learned.contains("60%"),
+            "{table}"
+        );
+        assert!(line("next-use, on demand").contains("11.00 (2)"), "{table}");
+        assert!(line("lru, on demand").contains("0.82x"), "{table}");
+        assert!(line("+ oracle").contains("16.00 (2)"), "{table}");
+        // Demand paging comes first, the oracle last; one chart per cache size.
+        let order: Vec<usize> = ["lru, on demand", "+ learned", "+ oracle"]
+            .iter()
+            .map(|m| table.find(m).unwrap())
+            .collect();
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "{table}");
+        for c in [10, 24] {
+            assert!(plots.join(format!("engine-cache-{c}.png")).is_file());
+        }
+        let groups = group_runs(&load_reports(&paths).unwrap());
+        let shorts: Vec<&str> = groups.iter().map(|g| g.short.as_str()).collect();
+        assert_eq!(
+            shorts,
+            ["next-use", "lru", "learned auto", "oracle 3", "next-use"]
+        );
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_run_report_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = write(
+            dir.path(),
+            "good.json",
+            &report(10, "lru", "none", "-", 5.0),
+        );
+        let bad = dir.path().join("bad.json");
+        std::fs::write(&bad, r#"{"tokens_per_s": 3}"#).unwrap();
+        let err = compare_runs(&[good.clone(), bad], None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("bad.json") && err.contains("no \"report\""),
+            "{err}"
+        );
+        let empty = write(
+            dir.path(),
+            "empty.json",
+            &report(10, "lru", "none", "-", 5.0),
+        );
+        let mut r = report(10, "lru", "none", "-", 5.0);
+        r.decode_tokens = 0;
+        let zero = write(dir.path(), "zero.json", &r);
+        let err = compare_runs(&[empty, zero], None).unwrap_err().to_string();
+        assert!(
+            err.contains("zero.json") && err.contains("no tokens"),
+            "{err}"
+        );
+        let missing = dir.path().join("missing.json");
+        let err = compare_runs(&[good, missing], None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing.json"), "{err}");
+    }
+}
