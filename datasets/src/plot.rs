@@ -144,10 +144,12 @@ pub fn bar_chart(
             .draw()
             .map_err(|e| plot_err(path, e))?;
         let color = Palette99::pick(0).to_rgba();
+        // A tenth of each bar's slot on either side, in pixels (slots narrow with many bars).
+        let slot_px = (SIZE.0 - 56 - 24) as f64 / n as f64;
         chart
             .draw_series(
                 Histogram::vertical(&chart)
-                    .margin(8)
+                    .margin((slot_px * 0.1).round() as u32)
                     .style(color.filled())
                     .data(bars.iter().enumerate().map(|(i, b)| (i, b.1))),
             )
