@@ -14,6 +14,9 @@ use crate::stats::TraceStats;
 static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
 static REGISTER: Once = Once::new();
 const SIZE: (u32, u32) = (900, 520);
+/// Pixels around a chart, and left of it for the y axis's labels.
+const MARGIN_PX: u32 = 12;
+const Y_LABELS_PX: u32 = 56;
 
 fn register_font() {
     REGISTER.call_once(|| {
@@ -63,9 +66,9 @@ pub fn line_chart(
         let (_, y1) = bounds(ys.chain(reference.map(|r| r.1)));
         let mut chart = ChartBuilder::on(&root)
             .caption(title, ("sans-serif", 22))
-            .margin(12)
+            .margin(MARGIN_PX)
             .x_label_area_size(40)
-            .y_label_area_size(56)
+            .y_label_area_size(Y_LABELS_PX)
             .build_cartesian_2d(x0..x1, 0f64..(y1 * 1.08).max(1e-9))
             .map_err(|e| plot_err(path, e))?;
         chart
@@ -124,9 +127,9 @@ pub fn bar_chart(
         let n = bars.len().max(1);
         let mut chart = ChartBuilder::on(&root)
             .caption(title, ("sans-serif", 22))
-            .margin(12)
+            .margin(MARGIN_PX)
             .x_label_area_size(48)
-            .y_label_area_size(56)
+            .y_label_area_size(Y_LABELS_PX)
             // A segmented range over 0..m holds m + 1 segments.
             .build_cartesian_2d((0..n - 1).into_segmented(), 0f64..(y1 * 1.08).max(1e-9))
             .map_err(|e| plot_err(path, e))?;
@@ -145,7 +148,7 @@ pub fn bar_chart(
             .map_err(|e| plot_err(path, e))?;
         let color = Palette99::pick(0).to_rgba();
         // A tenth of each bar's slot on either side, in pixels (slots narrow with many bars).
-        let slot_px = (SIZE.0 - 56 - 24) as f64 / n as f64;
+        let slot_px = (SIZE.0 - Y_LABELS_PX - 2 * MARGIN_PX) as f64 / n as f64;
         chart
             .draw_series(
                 Histogram::vertical(&chart)
@@ -189,7 +192,7 @@ pub fn heatmap(
         let max = values.iter().copied().fold(0.0, f64::max).max(1e-12);
         let mut chart = ChartBuilder::on(&root)
             .caption(title, ("sans-serif", 20))
-            .margin(12)
+            .margin(MARGIN_PX)
             .x_label_area_size(40)
             .y_label_area_size(48)
             .build_cartesian_2d(0..n, 0..n)

@@ -185,6 +185,12 @@ const PRIOR_WEIGHT: f64 = 4.0;
 /// Weight of the newest lookup in the running miss statistics.
 const RATE: f64 = 0.02;
 
+/// The probability at the centre of probability bin `b`: the forecaster's own, the
+/// bin's prior.
+fn bin_centre(b: usize) -> f64 {
+    (b as f64 + 0.5) / PROB_BINS as f64
+}
+
 /// The planner: settings, its reliability histogram and link statistics.
 #[derive(Debug, Clone)]
 pub struct PrefetchPlanner {
@@ -221,8 +227,7 @@ impl PrefetchPlanner {
     pub fn new(settings: PlannerSettings) -> Self {
         let mut bins = Vec::with_capacity(PROB_BINS + RANK_BINS);
         for b in 0..PROB_BINS {
-            let centre = (b as f64 + 0.5) / PROB_BINS as f64;
-            bins.push((centre * PRIOR_WEIGHT, PRIOR_WEIGHT));
+            bins.push((bin_centre(b) * PRIOR_WEIGHT, PRIOR_WEIGHT));
         }
         for _ in 0..RANK_BINS {
             bins.push((0.5 * PRIOR_WEIGHT, PRIOR_WEIGHT));
@@ -260,9 +265,8 @@ impl PrefetchPlanner {
         let (mut said, mut used, mut n) = (0.0, 0.0, 0.0);
         for (b, &(u, o)) in self.bins[..PROB_BINS].iter().enumerate() {
             let observed = o - PRIOR_WEIGHT;
-            let centre = (b as f64 + 0.5) / PROB_BINS as f64;
-            said += centre * observed;
-            used += u - centre * PRIOR_WEIGHT;
+            said += bin_centre(b) * observed;
+            used += u - bin_centre(b) * PRIOR_WEIGHT;
             n += observed;
         }
         let mean = |x: f64| (n > 0.0).then(|| x / n);

@@ -130,7 +130,7 @@ pub fn compare_runs(paths: &[PathBuf], plot_dir: Option<&Path>) -> Result<String
                 .iter()
                 .filter(|g| pick(g))
                 .map(|g| g.mean())
-                .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))))
+                .max_by(f64::total_cmp)
         };
         let demand = best(|g| g.demand_paging);
         let oracle = best(|g| g.oracle);

@@ -42,8 +42,6 @@ pub struct PrefetchGuard {
     warm: bool,
     /// Decode steps run with prefetch off.
     pub steps_off: u64,
-    /// Every measured window: whether prefetch ran, its mean step time (seconds).
-    pub log: Vec<(bool, f64)>,
 }
 
 /// Weight of the newest window in the mean of the setting in use.
@@ -84,7 +82,6 @@ impl PrefetchGuard {
             judging: None,
             warm: false,
             steps_off: 0,
-            log: Vec::new(),
         }
     }
 
@@ -93,28 +90,29 @@ impl PrefetchGuard {
         self.on != self.exploring
     }
 
-    /// A decode step took `seconds`.
-    pub fn step_done(&mut self, seconds: f64) {
+    /// A decode step took `seconds`; when it ends a measured window, that window:
+    /// whether prefetch ran, its mean step time (seconds).
+    pub fn step_done(&mut self, seconds: f64) -> Option<(bool, f64)> {
         let running = self.enabled();
         if !running {
             self.steps_off += 1;
         }
         if std::mem::take(&mut self.skip) {
-            return;
+            return None;
         }
         self.steps += 1;
         self.sum_s += seconds;
         if self.steps < self.window {
-            return;
+            return None;
         }
         let mean = self.sum_s / self.steps as f64;
         self.steps = 0;
         self.sum_s = 0.0;
         if !self.warm {
             self.warm = true;
-            return;
+            return None;
         }
-        self.log.push((running, mean));
+        let window = Some((running, mean));
         if self.exploring {
             // Back to the setting in use: the window after this one is the second
             // half of the comparison.
@@ -122,7 +120,7 @@ impl PrefetchGuard {
             self.skip = true;
             self.mean_s[running as usize] = Some(mean);
             self.judging = Some((self.last_s, mean));
-            return;
+            return window;
         }
         let arm = &mut self.mean_s[running as usize];
         *arm = Some(arm.map_or(mean, |m| m + RATE * (mean - m)));
@@ -144,7 +142,7 @@ impl PrefetchGuard {
             }
             self.since = 0;
             self.last_s = mean;
-            return;
+            return window;
         }
         self.last_s = mean;
         self.since += 1;
@@ -157,6 +155,7 @@ impl PrefetchGuard {
             self.exploring = true;
             self.skip = true;
         }
+        window
     }
 }
 
@@ -227,7 +226,7 @@ mod tests {
             (0.10 + 0.05 * t as f64 / 400.0) * if on { 0.85 } else { 1.0 }
         });
         // Off only in the windows that measure it (and their first steps).
-        assert!(on >= 400 - 9 * 8, "{on}, {:?}", g.log);
+        assert!(on >= 400 - 9 * 8, "{on}");
     }
 
     #[test]

@@ -179,9 +179,10 @@ impl RoutingObserver for OffloadEngine {
             self.report.decode_s += elapsed;
             self.report.step_ms.push((elapsed * 1e3) as f32);
             if let Some(g) = &mut self.guard {
-                g.step_done(elapsed);
+                if let Some(window) = g.step_done(elapsed) {
+                    self.report.guard_windows.push(window);
+                }
                 self.report.prefetch_off_tokens = g.steps_off;
-                self.report.guard_windows.clone_from(&g.log);
             }
         } else {
             self.report.prompt_tokens += self.tokens.len() as u64;
