@@ -67,6 +67,14 @@ pub(crate) struct RunArgs {
     /// time it loses again).
     #[arg(long)]
     no_prefetch_guard: bool,
+    /// Measure prefetch inside this run: run it on and off in alternate windows of N
+    /// decode steps (no guard; the first window warms the cache, the first step after
+    /// each switch is not measured) and print how much longer steps without it took, each
+    /// window without it against the windows with it on either side. Separate runs see
+    /// a disk's speed drift by more than prefetch's effect; this pairs them within
+    /// minutes. Tokens/s then mixes both settings. Any prefetcher, fixed or planned.
+    #[arg(long, value_name = "N")]
+    alternate_prefetch: Option<usize>,
     /// With a lookahead predictor, also forecast the next layers after each layer (more
     /// hits, one predictor query per layer on the decode thread).
     #[arg(long)]
@@ -157,6 +165,7 @@ pub(crate) fn run(a: RunArgs) -> Result<()> {
             .parse()
             .map_err(|e| anyhow::anyhow!("--prefetch-budget: {e}"))?,
         prefetch_guard: !a.no_prefetch_guard,
+        alternate_prefetch: a.alternate_prefetch,
         layer_forecasts: a.layer_forecasts,
         pre_attention: a.pre_attention,
         lens: a.lens,

@@ -15,8 +15,15 @@
 # the disk's speed drifts between rounds by more than most modes differ), with the
 # lowest and highest round's ratio, and the share of the gap between the better demand
 # paging and the faster oracle it closes.
+# Then each mode in ALTERNATE (default: the planned forecasters and the oracles) runs once
+# more per round with prefetch alternated on and off every 8 decode steps (`run
+# --alternate-prefetch 8`): what prefetch gains measured inside one run, each window
+# without it against the windows with it on either side, so the disk's drift between
+# runs, which moves separate runs by more than prefetch's effect, cancels; the gap
+# closed is then the share of the oracle's in-run gain a forecaster reaches.
 # Usage: tools/replay_bench.sh [BIN] [TOKENS] [REPEATS]; MODES="next-use learned:auto ..."
-# in the environment runs only those modes (next-use, and an oracle for the gap, should
+# and ALTERNATE="learned:auto oracle:3 ..." (empty: none) in the environment run only
+# those modes (next-use, and an oracle for the gap, should
 # be among them); ARGS="--read-streams 1 ..." adds arguments to every run (an A/B of an
 # engine setting). Each run's report goes to runs/bench/replay/runs/ and `moecast
 # compare-runs` charts the modes' means per cache size (runs/bench/replay/plots/).
@@ -36,31 +43,48 @@ if [ ! -f $OUT/ckpt/config.json ]; then
 fi
 echo "replaying $TOKENS tokens of $DEMO/heldout.mctrace at 9.4 MB per expert (read from disk, no page cache), $REPEATS interleaved rounds"
 MODES=${MODES:-lru next-use token:2 token:auto learned:2 learned:auto layers:2 layers:auto blend:auto oracle:1 oracle:3}
-for mode in $MODES; do
+ALTERNATE=${ALTERNATE-token:auto learned:auto layers:auto oracle:1 oracle:3}
+for mode in $MODES $ALTERNATE; do
   case $mode in
     lru|next-use|token:*|learned:*|layers:*|blend:*|oracle:*) ;;
     *) echo "MODES: unknown mode '$mode' (lru, next-use, token:B, learned:B, layers:B, blend:B, oracle:LEAD)"; exit 1 ;;
   esac
 done
+for mode in $ALTERNATE; do
+  case $mode in
+    lru|next-use) echo "ALTERNATE: '$mode' has no prefetch to alternate"; exit 1 ;;
+  esac
+done
 results=$OUT/results.txt
 : > $results
 rm -rf $OUT/runs && mkdir -p $OUT/runs
+# The run arguments of mode $1, in $args.
+args_of() {
+  case $1 in
+    lru|next-use) args="--policy $1" ;;
+    token:*) args="--policy next-use --token-table $DEMO/predictor --prefetch-budget ${1#token:}" ;;
+    learned:*) args="--policy next-use --predictor $DEMO/predictor --prefetch-budget ${1#learned:}" ;;
+    layers:*) args="--policy next-use --predictor $DEMO/predictor --layer-forecasts --prefetch-budget ${1#layers:}" ;;
+    blend:*) args="--policy next-use --blend $DEMO/predictor --prefetch-budget ${1#blend:}" ;;
+    oracle:*) args="--policy next-use --oracle-prefetch ${1#oracle:}" ;;
+  esac
+}
 round=1
 while [ $round -le $REPEATS ]; do
   for cache in 10% 25%; do
     for mode in $MODES; do
-      case $mode in
-        lru|next-use) args="--policy $mode" ;;
-        token:*) args="--policy next-use --token-table $DEMO/predictor --prefetch-budget ${mode#token:}" ;;
-        learned:*) args="--policy next-use --predictor $DEMO/predictor --prefetch-budget ${mode#learned:}" ;;
-        layers:*) args="--policy next-use --predictor $DEMO/predictor --layer-forecasts --prefetch-budget ${mode#layers:}" ;;
-        blend:*) args="--policy next-use --blend $DEMO/predictor --prefetch-budget ${mode#blend:}" ;;
-        oracle:*) args="--policy next-use --oracle-prefetch ${mode#oracle:}" ;;
-      esac
+      args_of $mode
       line=$($BIN run --model $OUT/ckpt --replay $DEMO/heldout.mctrace --replay-tokens $TOKENS \
         --expert-cache $cache $args ${ARGS:-} --json $OUT/runs/$round-${cache%\%}-$(echo $mode | tr : -).json 2>/dev/null | grep '^decode:')
       printf 'round %s %-4s %-13s %s\n' "$round" "$cache" "$mode" "$line"
       echo "$round $cache $mode $(echo "$line" | awk '{print $2}')" >> $results
+    done
+    for mode in $ALTERNATE; do
+      args_of $mode
+      line=$($BIN run --model $OUT/ckpt --replay $DEMO/heldout.mctrace --replay-tokens $TOKENS \
+        --expert-cache $cache $args --alternate-prefetch 8 ${ARGS:-} \
+        --json $OUT/runs/alternated-$round-${cache%\%}-$(echo $mode | tr : -).json 2>/dev/null | grep '^prefetch measured inside' || echo 'no window pair measured')
+      printf 'round %s %-4s %-13s alternated: %s\n' "$round" "$cache" "$mode" "$line"
     done
   done
   round=$((round + 1))
@@ -88,5 +112,6 @@ awk '{ k = $2" "$3; s[k] += $4; n[k]++; tps[$1" "k] = $4; rounds[$1] = 1 } END {
     printf "%-4s %-13s %6.2f  %s  %s\n", p[1], p[2], m[k], ratio, closed
   }
 }' $results | sort
-# The same runs charted (unpaired means per mode, one PNG per cache size).
-$BIN compare-runs $OUT/runs/*.json --plot $OUT/plots | grep 'plot:'
+# The same runs charted (unpaired means per mode, one PNG per cache size), and the
+# alternated runs' in-run table and charts.
+$BIN compare-runs $OUT/runs/*.json --plot $OUT/plots | awk '/alternated on and off/ { alt = 1 } alt || /plot:/'

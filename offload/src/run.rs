@@ -45,6 +45,9 @@ pub struct OffloadRunConfig {
     /// With `Auto`: measure decode steps with and without planned prefetch and keep the
     /// faster ([`crate::engine::PrefetchGuard`]).
     pub prefetch_guard: bool,
+    /// Measure prefetch inside the run: on and off in alternate windows of this many
+    /// decode steps (instead of the guard; tokens/s then mixes both settings).
+    pub alternate_prefetch: Option<usize>,
     /// With a lookahead predictor, also forecast the next layers after each layer.
     pub layer_forecasts: bool,
     /// Prefetch each layer's pre-attention-gate experts at the layer's start.
@@ -91,6 +94,18 @@ pub fn run_offloaded(cfg: &OffloadRunConfig) -> Result<OffloadRun, OffloadError>
     if cfg.oracle_lead.is_some() && cfg.replay.is_none() {
         return Err(ModelError::Input(
             "the oracle prefetcher reads a recorded trace's routing: it needs --replay".into(),
+        )
+        .into());
+    }
+    let prefetches = cfg.predictor.is_some()
+        || cfg.token_table.is_some()
+        || cfg.blend.is_some()
+        || cfg.pre_attention
+        || cfg.lens
+        || cfg.oracle_lead.is_some();
+    if cfg.alternate_prefetch.is_some() && !prefetches {
+        return Err(ModelError::Input(
+            "--alternate-prefetch measures a prefetcher against none inside one run: name one (--predictor, --token-table, --blend, --pre-attention, --lens or --oracle-prefetch)".into(),
         )
         .into());
     }
@@ -146,6 +161,7 @@ pub fn run_offloaded(cfg: &OffloadRunConfig) -> Result<OffloadRun, OffloadError>
         },
         planned: cfg.budget == PrefetchBudget::Auto,
         prefetch_guard: cfg.prefetch_guard,
+        alternate_prefetch: cfg.alternate_prefetch,
         layer_forecasts: cfg.layer_forecasts,
         pre_attention: cfg.pre_attention,
         lens: cfg.lens,
@@ -352,10 +368,21 @@ impl OffloadRun {
                 }
             );
         }
-        if r.prefetch_off_tokens > 0 {
+        if r.alternate_window > 0 {
+            out += &format!(
+                "prefetch alternated on and off every {} decode steps ({} of {} without it): tokens/s below mixes both\n",
+                r.alternate_window, r.prefetch_off_tokens, r.decode_tokens
+            );
+        } else if r.prefetch_off_tokens > 0 {
             out += &format!(
                 "prefetch guard: {} of {} decode steps without prefetch (measured not to pay, or measuring that)\n",
                 r.prefetch_off_tokens, r.decode_tokens
+            );
+        }
+        if let Some(p) = r.paired_prefetch() {
+            out += &format!(
+                "prefetch measured inside this run: steps without it took {:.2}x as long as with it ({:.2}-{:.2}; {} windows without it, each against the windows with it on either side)\n",
+                p.mean, p.lowest, p.highest, p.pairs
             );
         }
         out += &format!(

@@ -129,10 +129,11 @@ fn the_replay_oracle_reads_each_recorded_expert_ahead() {
     let mut rng = StdRng::seed_from_u64(2);
     let tokens: Vec<u32> = (0..16).map(|_| rng.random_range(0..64)).collect();
     let experts = recorded(&mut rng, tokens.len(), &c);
-    let run = |oracle_lead: Option<usize>| {
+    let run = |oracle_lead: Option<usize>, alternate_prefetch: Option<usize>| {
         let mut offloaded = MoeModel::load(&ck, &device).unwrap();
         let cfg = EngineConfig {
             oracle_lead,
+            alternate_prefetch,
             ..EngineConfig::demand_paging(12, EvictionPolicy::NextUse)
         };
         let mut engine = OffloadEngine::new(&ck, &mut offloaded, cfg, None, &device).unwrap();
@@ -141,10 +142,10 @@ fn the_replay_oracle_reads_each_recorded_expert_ahead() {
         replay_sequence(&offloaded, &tokens, &experts, &[], &mut engine).unwrap();
         engine.report().clone()
     };
-    let demand = run(None);
+    let demand = run(None, None);
     assert!(demand.misses > 0, "{demand:?}");
     for lead in [1, 2, 3] {
-        let r = run(Some(lead));
+        let r = run(Some(lead), None);
         assert_eq!(r.accesses, demand.accesses);
         assert_eq!(r.misses, 0, "lead {lead}: {r:?}");
         assert!(
@@ -153,6 +154,15 @@ fn the_replay_oracle_reads_each_recorded_expert_ahead() {
         );
         assert!(r.prefetch.contains("oracle"), "{}", r.prefetch);
     }
+    // Alternated in windows of 3 decode steps (15 here): a warm window and one measured
+    // with prefetch, then off, on, off. The steps without it miss; the windows pair.
+    let r = run(Some(1), Some(3));
+    assert_eq!(r.alternate_window, 3);
+    assert_eq!(r.prefetch_off_tokens, 6, "{r:?}");
+    let settings: Vec<bool> = r.prefetch_windows.iter().map(|w| w.0).collect();
+    assert_eq!(settings, [true, false, true, false], "{r:?}");
+    assert!(r.misses > 0 && r.misses < demand.misses, "{r:?}");
+    assert_eq!(r.paired_prefetch().map(|p| p.pairs), Some(1), "{r:?}");
 }
 
 /// Records the router inputs it is given, per layer, and wants them at every layer.

@@ -2,7 +2,11 @@
 //! reports grouped by cache size and mode, each mode's mean decode tokens/s against the
 //! best demand paging of its cache size and, where runs of the oracle prefetcher are
 //! among them, the share of the gap to the fastest oracle it closes; with a plot
-//! directory, one bar chart per cache size.
+//! directory, one bar chart per cache size. Runs that alternated prefetch on and off
+//! (`run --alternate-prefetch N`) are compared apart, by what they measured inside
+//! themselves: how much longer steps without prefetch took than steps with it, and the
+//! share of the oracle's in-run speedup a forecaster reaches (a disk's speed drifts
+//! between runs by more than prefetch's effect; inside one run it moves both alike).
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -23,14 +27,28 @@ pub struct ModeRuns {
     pub short: String,
     /// Decode tokens/s of each run.
     pub tokens_per_s: Vec<f64>,
+    /// Each run's speedup from prefetch measured inside it (steps without it against
+    /// the steps with it either side), where the run measured one.
+    pub in_run: Vec<f64>,
+    /// The runs alternated prefetch on and off (their tokens/s mixes both).
+    pub alternated: bool,
     demand_paging: bool,
     oracle: bool,
+}
+
+fn mean(xs: &[f64]) -> f64 {
+    xs.iter().sum::<f64>() / xs.len().max(1) as f64
 }
 
 impl ModeRuns {
     /// Mean decode tokens/s.
     pub fn mean(&self) -> f64 {
-        self.tokens_per_s.iter().sum::<f64>() / self.tokens_per_s.len().max(1) as f64
+        mean(&self.tokens_per_s)
+    }
+
+    /// Mean in-run speedup from prefetch, if any run measured one.
+    pub fn in_run_mean(&self) -> Option<f64> {
+        (!self.in_run.is_empty()).then(|| mean(&self.in_run))
     }
 }
 
@@ -93,11 +111,16 @@ pub fn group_runs(reports: &[EngineReport]) -> Vec<ModeRuns> {
             format!("{} + {}, budget {}", r.policy, r.prefetch, r.budget)
         };
         let tps = r.tokens_per_s();
+        let in_run = r.paired_prefetch().map(|p| p.mean);
+        let alternated = r.alternate_window > 0;
         match groups
             .iter_mut()
-            .find(|g| g.capacity == r.capacity && g.mode == mode)
+            .find(|g| g.capacity == r.capacity && g.mode == mode && g.alternated == alternated)
         {
-            Some(g) => g.tokens_per_s.push(tps),
+            Some(g) => {
+                g.tokens_per_s.push(tps);
+                g.in_run.extend(in_run);
+            }
             None => groups.push(ModeRuns {
                 capacity: r.capacity,
                 short: short_name(r),
@@ -105,6 +128,8 @@ pub fn group_runs(reports: &[EngineReport]) -> Vec<ModeRuns> {
                 oracle: r.prefetch.starts_with("oracle"),
                 mode,
                 tokens_per_s: vec![tps],
+                in_run: in_run.into_iter().collect(),
+                alternated,
             }),
         }
     }
@@ -116,7 +141,7 @@ pub fn group_runs(reports: &[EngineReport]) -> Vec<ModeRuns> {
 pub fn compare_runs(paths: &[PathBuf], plot_dir: Option<&Path>) -> Result<String, OffloadError> {
     let groups = group_runs(&load_reports(paths)?);
     let mut by_cache: BTreeMap<usize, Vec<&ModeRuns>> = BTreeMap::new();
-    for g in &groups {
+    for g in groups.iter().filter(|g| !g.alternated) {
         by_cache.entry(g.capacity).or_default().push(g);
     }
     // Demand paging first, the oracles last.
@@ -136,7 +161,7 @@ pub fn compare_runs(paths: &[PathBuf], plot_dir: Option<&Path>) -> Result<String
         let oracle = best(|g| g.oracle);
         let _ = writeln!(
             out,
-            "cache of {capacity} experts: mean decode tokens/s (runs), ratio to the best demand paging, gap to the fastest oracle closed"
+            "cache of {capacity} experts: mean decode tokens/s (runs), ratio to the best demand paging, gap to the fastest oracle closed; measured inside the runs (the guard's windows): steps without prefetch took Nx as long"
         );
         for g in modes {
             let ratio = demand.map_or("-".into(), |d| format!("{:.2}x", g.mean() / d));
@@ -146,14 +171,16 @@ pub fn compare_runs(paths: &[PathBuf], plot_dir: Option<&Path>) -> Result<String
                 }
                 _ => "-".into(),
             };
+            let in_run = g.in_run_mean().map_or("-".into(), |s| format!("{s:.2}x"));
             let _ = writeln!(
                 out,
-                "  {:<60} {:>7.2} ({})  {:>6}  {:>5}",
+                "  {:<60} {:>7.2} ({})  {:>6}  {:>5}  {:>6}",
                 g.mode,
                 g.mean(),
                 g.tokens_per_s.len(),
                 ratio,
-                closed
+                closed,
+                in_run
             );
         }
         if let Some(dir) = plot_dir {
@@ -176,6 +203,66 @@ pub fn compare_runs(paths: &[PathBuf], plot_dir: Option<&Path>) -> Result<String
                 "decode tokens/s (mean of runs)",
                 &bars,
                 demand.map(|d| ("best demand paging", d)),
+            )?;
+            let _ = writeln!(out, "  plot: {}", path.display());
+        }
+    }
+    let alternated: Vec<&ModeRuns> = groups.iter().filter(|g| g.alternated).collect();
+    out += &compare_in_run(&alternated, plot_dir)?;
+    Ok(out)
+}
+
+/// The table (and, with `plot_dir`, a chart per cache size) of runs that alternated
+/// prefetch on and off: each mode's in-run speedup and its share of the fastest
+/// oracle's.
+fn compare_in_run(groups: &[&ModeRuns], plot_dir: Option<&Path>) -> Result<String, OffloadError> {
+    let mut by_cache: BTreeMap<usize, Vec<&ModeRuns>> = BTreeMap::new();
+    for g in groups.iter().filter(|g| g.in_run_mean().is_some()) {
+        by_cache.entry(g.capacity).or_default().push(g);
+    }
+    let mut out = String::new();
+    for (capacity, modes) in &mut by_cache {
+        modes.sort_by_key(|g| (g.oracle, g.mode.clone()));
+        let oracle = modes
+            .iter()
+            .filter(|g| g.oracle)
+            .filter_map(|g| g.in_run_mean())
+            .max_by(f64::total_cmp);
+        let _ = writeln!(
+            out,
+            "cache of {capacity} experts, prefetch alternated on and off inside each run: steps without it took Nx as long as with it (mean of runs; lowest-highest run), share of the fastest oracle's speedup reached"
+        );
+        let mut bars = Vec::new();
+        for g in modes.iter() {
+            let s = g.in_run_mean().unwrap_or(1.0);
+            let lo = g.in_run.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = g.in_run.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let closed = match oracle {
+                Some(o) if o > 1.0 && !g.oracle => format!("{:.0}%", 100.0 * (s - 1.0) / (o - 1.0)),
+                _ => "-".into(),
+            };
+            let _ = writeln!(
+                out,
+                "  {:<60} {:>5.2}x ({:.2}-{:.2}, {} runs)  {:>5}",
+                g.mode,
+                s,
+                lo,
+                hi,
+                g.in_run.len(),
+                closed
+            );
+            bars.push((g.short.clone(), s));
+        }
+        if let Some(dir) = plot_dir {
+            std::fs::create_dir_all(dir).map_err(|e| datasets::TraceError::io(dir, e))?;
+            let path = dir.join(format!("engine-cache-{capacity}-in-run.png"));
+            datasets::plot::bar_chart(
+                &path,
+                &format!("Prefetch measured inside each run, cache of {capacity} experts"),
+                "mode",
+                "step time without prefetch / with it",
+                &bars,
+                Some(("no gain", 1.0)),
             )?;
             let _ = writeln!(out, "  plot: {}", path.display());
         }
@@ -263,6 +350,60 @@ mod tests {
             shorts,
             ["next-use", "lru", "learned auto", "oracle 3", "next-use"]
         );
+    }
+
+    #[test]
+    fn alternated_runs_are_compared_by_what_they_measured_inside_themselves() {
+        let dir = tempfile::tempdir().unwrap();
+        let oracle = "oracle (recorded experts, 3 ahead)";
+        // Steps without prefetch 15% (learned) and 30% (oracle) longer than with it,
+        // whatever the disk's speed in each run.
+        let alternated = |prefetch: &str, budget: &str, off: f64, slow: f64| {
+            let mut r = report(10, "next-use", prefetch, budget, 5.0 / slow);
+            r.alternate_window = 8;
+            r.prefetch_windows = vec![
+                (true, 0.1 * slow),
+                (false, off * slow),
+                (true, 0.1 * slow),
+                (false, off * slow),
+                (true, 0.1 * slow),
+            ];
+            r
+        };
+        let mut guarded = report(10, "next-use", "learned (next token)", "auto", 9.0);
+        guarded.prefetch_windows = vec![(true, 0.1), (false, 0.12), (true, 0.1)];
+        let runs = [
+            ("a.json", report(10, "next-use", "none", "-", 8.0)),
+            ("b.json", guarded),
+            (
+                "c.json",
+                alternated("learned (next token)", "auto", 0.115, 1.0),
+            ),
+            (
+                "d.json",
+                alternated("learned (next token)", "auto", 0.115, 2.0),
+            ),
+            ("e.json", alternated(oracle, "-", 0.13, 1.5)),
+        ];
+        let paths: Vec<PathBuf> = runs.iter().map(|(n, r)| write(dir.path(), n, r)).collect();
+        let plots = dir.path().join("plots");
+        let table = compare_runs(&paths, Some(&plots)).unwrap();
+        let (unpaired, in_run) = table.split_once("alternated on and off").unwrap();
+        // The guarded run stays in the first table with its windows' 1.20x; the
+        // alternated runs' tokens/s mix both settings and are not compared there.
+        let guarded = unpaired.lines().find(|l| l.contains("+ learned")).unwrap();
+        assert!(
+            guarded.contains("9.00 (1)") && guarded.trim_end().ends_with("1.20x"),
+            "{table}"
+        );
+        assert!(!unpaired.contains("+ oracle"), "{table}");
+        let learned = in_run.lines().find(|l| l.contains("+ learned")).unwrap();
+        assert!(
+            learned.contains("1.15x (1.15-1.15, 2 runs)") && learned.trim_end().ends_with("50%"),
+            "{table}"
+        );
+        assert!(in_run.contains("1.30x (1.30-1.30, 1 runs)"), "{table}");
+        assert!(plots.join("engine-cache-10-in-run.png").is_file());
     }
 
     #[test]

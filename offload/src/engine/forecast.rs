@@ -6,7 +6,7 @@ use inference::error::{ModelError, Result};
 use inference::routing::RouteDecision;
 use predictor::Task;
 
-use super::{OffloadEngine, PrefetchGuard};
+use super::{OffloadEngine, PrefetchSwitch};
 use crate::prefetch::OnlineBlend;
 
 impl OffloadEngine {
@@ -25,12 +25,12 @@ impl OffloadEngine {
     }
 
     /// Whether this decode step prefetches: always, unless the guard measured that it
-    /// does not pay. When it does not, no forecast is computed either (the predictor
+    /// does not pay (or the alternation runs a window without it). When it does not, no forecast is computed either (the predictor
     /// and the blend still observe each token, so their history stays whole). The
     /// forecasts of the next token's layer 0 made at a step's end follow this step's
     /// setting.
     pub(super) fn prefetching(&self) -> bool {
-        self.guard.as_ref().is_none_or(PrefetchGuard::enabled)
+        self.switch.as_ref().is_none_or(PrefetchSwitch::enabled)
     }
 
     pub(super) fn prefetch_ranked(&mut self, m: usize, ranking: &[u16], probs: Option<&[f32]>) {

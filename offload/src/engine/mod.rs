@@ -39,6 +39,7 @@ mod forecast;
 mod guard;
 pub mod loader;
 mod observer;
+pub mod paired;
 mod planned;
 pub mod quality;
 pub mod replay;
@@ -63,6 +64,7 @@ use inference::layers::SwiGlu;
 use inference::models::MoeModel;
 use inference::routing::RouteDecision;
 pub use loader::{ExpertLoader, LinkUse, Loaded};
+pub use paired::{AlternatingPrefetch, PairedEstimate, PrefetchSwitch};
 pub use report::EngineReport;
 pub use store::{ExpertStore, DEFAULT_READ_STREAMS, READ_CHUNK};
 
@@ -92,6 +94,9 @@ pub struct EngineConfig {
     /// Planned: run windows of decode steps with and without prefetch and keep the
     /// faster ([`PrefetchGuard`]).
     pub prefetch_guard: bool,
+    /// Measure prefetch inside the run: run it on and off in alternate windows of this
+    /// many decode steps ([`AlternatingPrefetch`]; instead of the guard).
+    pub alternate_prefetch: Option<usize>,
     /// With a lookahead predictor, also forecast layers `l+1..l+D` after each layer
     /// (one more predictor query per layer on the decode thread).
     pub layer_forecasts: bool,
@@ -130,6 +135,7 @@ impl EngineConfig {
             budget: 2,
             planned: false,
             prefetch_guard: false,
+            alternate_prefetch: None,
             layer_forecasts: false,
             pre_attention: false,
             lens: false,
@@ -178,8 +184,8 @@ pub struct OffloadEngine {
     error: Option<ModelError>,
     report: EngineReport,
     planner: Option<planned::EnginePlanner>,
-    /// Whether this decode step prefetches (planned, with the guard).
-    guard: Option<PrefetchGuard>,
+    /// Whether this decode step prefetches (planned, with the guard; or alternated).
+    switch: Option<PrefetchSwitch>,
     /// Planned prefetches: the decode step they were read for, and the planner's moment
     /// (forward start or layer routing) they were issued at.
     planned_for: HashMap<usize, (u64, u64)>,
@@ -298,12 +304,17 @@ impl OffloadEngine {
             capacity,
             total_experts: m * e,
             routing_margin: cfg.routing_margin,
+            alternate_window: cfg.alternate_prefetch.map_or(0, |w| w.max(2)),
             ..EngineReport::default()
         };
         let planner = (cfg.planned && report.budget == "auto")
             .then(|| planned::EnginePlanner::new(shape.top_k, e, m, capacity, chunk_share));
-        let guard = (cfg.prefetch_guard && planner.is_some())
-            .then(|| PrefetchGuard::new(GUARD_WINDOW, GUARD_EXPLORE_EVERY));
+        let switch = match cfg.alternate_prefetch {
+            Some(window) => Some(PrefetchSwitch::Alternate(AlternatingPrefetch::new(window))),
+            None => (cfg.prefetch_guard && planner.is_some()).then(|| {
+                PrefetchSwitch::Guard(PrefetchGuard::new(GUARD_WINDOW, GUARD_EXPLORE_EVERY))
+            }),
+        };
         let blend = cfg
             .blend
             .take()
@@ -331,7 +342,7 @@ impl OffloadEngine {
             observed: false,
             error: None,
             report,
-            guard,
+            switch,
             planner,
             planned_for: HashMap::new(),
             future: Vec::new(),

@@ -178,11 +178,11 @@ impl RoutingObserver for OffloadEngine {
             self.report.decode_tokens += 1;
             self.report.decode_s += elapsed;
             self.report.step_ms.push((elapsed * 1e3) as f32);
-            if let Some(g) = &mut self.guard {
-                if let Some(window) = g.step_done(elapsed) {
-                    self.report.guard_windows.push(window);
+            if let Some(s) = &mut self.switch {
+                if let Some(window) = s.step_done(elapsed) {
+                    self.report.prefetch_windows.push(window);
                 }
-                self.report.prefetch_off_tokens = g.steps_off;
+                self.report.prefetch_off_tokens = s.steps_off();
             }
         } else {
             self.report.prompt_tokens += self.tokens.len() as u64;

@@ -48,15 +48,20 @@ pub struct EngineReport {
     pub rerouted: u64,
     pub routings: u64,
     /// Decode steps the prefetch guard ran without prefetch (it measured prefetch not to
-    /// pay, or was measuring that).
+    /// pay, or was measuring that), or the alternation ran without it.
     #[serde(default)]
     pub prefetch_off_tokens: u64,
     /// Every decode step's time, milliseconds, in order.
     #[serde(default)]
     pub step_ms: Vec<f32>,
-    /// The prefetch guard's measured windows: prefetch on, mean decode step seconds.
+    /// The measured windows of the prefetch guard or the alternation, in order: prefetch
+    /// on, mean decode step seconds.
+    #[serde(default, alias = "guard_windows")]
+    pub prefetch_windows: Vec<(bool, f64)>,
+    /// Prefetch ran on and off in alternate windows of this many decode steps (0: not
+    /// alternated; tokens/s then mixes both settings).
     #[serde(default)]
-    pub guard_windows: Vec<(bool, f64)>,
+    pub alternate_window: usize,
     /// The planner's decisions (planned prefetch only).
     #[serde(default)]
     pub planner: Option<crate::planner::PlannerCounts>,
@@ -78,6 +83,12 @@ impl EngineReport {
     /// Decode throughput.
     pub fn tokens_per_s(&self) -> f64 {
         self.decode_tokens as f64 / self.decode_s.max(1e-12)
+    }
+
+    /// How much longer decode steps without prefetch took than those with it, in this
+    /// run (from the guard's windows or the alternation's).
+    pub fn paired_prefetch(&self) -> Option<super::PairedEstimate> {
+        super::PairedEstimate::from_windows(&self.prefetch_windows)
     }
 
     /// Mean decode stall per token, milliseconds.
