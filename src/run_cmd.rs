@@ -32,6 +32,11 @@ pub(crate) struct RunArgs {
     /// against (as `simulate --prefetch oracle`).
     #[arg(long, value_name = "LEAD", requires = "replay")]
     oracle_prefetch: Option<usize>,
+    /// With --oracle-prefetch: offer the oracle's reads to the planner as certain
+    /// forecasts (probability 1) instead of reading them in full: a forecaster that is
+    /// never wrong, so what it gains short of the oracle is the planner's loss.
+    #[arg(long, requires = "oracle_prefetch")]
+    plan_oracle: bool,
     /// Resident experts: N, or P% of all routed experts.
     #[arg(long, default_value = "25%")]
     expert_cache: String,
@@ -177,6 +182,7 @@ pub(crate) fn run(a: RunArgs) -> Result<()> {
         replay: a.replay.clone(),
         replay_tokens: a.replay_tokens,
         oracle_lead: a.oracle_prefetch,
+        oracle_planned: a.plan_oracle,
     };
     let out = offload::run_offloaded(&cfg)?;
     if a.show_text {

@@ -15,6 +15,8 @@
 # the disk's speed drifts between rounds by more than most modes differ), with the
 # lowest and highest round's ratio, and the share of the gap between the better demand
 # paging and the faster oracle it closes.
+# `plan-oracle:LEAD` is the oracle's reads offered to the planner as certain forecasts
+# (what the planner loses with perfect forecasts).
 # Then each mode in ALTERNATE (default: the planned forecasters and the oracles) runs once
 # more per round with prefetch alternated on and off every 8 decode steps (`run
 # --alternate-prefetch 8`): what prefetch gains measured inside one run, each window
@@ -43,11 +45,11 @@ if [ ! -f $OUT/ckpt/config.json ]; then
 fi
 echo "replaying $TOKENS tokens of $DEMO/heldout.mctrace at 9.4 MB per expert (read from disk, no page cache), $REPEATS interleaved rounds"
 MODES=${MODES:-lru next-use token:2 token:auto learned:2 learned:auto layers:2 layers:auto blend:auto oracle:1 oracle:3}
-ALTERNATE=${ALTERNATE-token:auto learned:auto layers:auto oracle:1 oracle:3}
+ALTERNATE=${ALTERNATE-token:auto learned:auto layers:auto plan-oracle:1 oracle:1 oracle:3}
 for mode in $MODES $ALTERNATE; do
   case $mode in
-    lru|next-use|token:*|learned:*|layers:*|blend:*|oracle:*) ;;
-    *) echo "MODES: unknown mode '$mode' (lru, next-use, token:B, learned:B, layers:B, blend:B, oracle:LEAD)"; exit 1 ;;
+    lru|next-use|token:*|learned:*|layers:*|blend:*|oracle:*|plan-oracle:*) ;;
+    *) echo "MODES: unknown mode '$mode' (lru, next-use, token:B, learned:B, layers:B, blend:B, oracle:LEAD, plan-oracle:LEAD)"; exit 1 ;;
   esac
 done
 for mode in $ALTERNATE; do
@@ -67,6 +69,7 @@ args_of() {
     layers:*) args="--policy next-use --predictor $DEMO/predictor --layer-forecasts --prefetch-budget ${1#layers:}" ;;
     blend:*) args="--policy next-use --blend $DEMO/predictor --prefetch-budget ${1#blend:}" ;;
     oracle:*) args="--policy next-use --oracle-prefetch ${1#oracle:}" ;;
+    plan-oracle:*) args="--policy next-use --oracle-prefetch ${1#plan-oracle:} --plan-oracle" ;;
   esac
 }
 round=1

@@ -71,6 +71,9 @@ pub struct OffloadRunConfig {
     /// With `replay`: the oracle prefetcher, reading the recorded experts this many
     /// layers ahead (the bound on what any forecaster can gain).
     pub oracle_lead: Option<usize>,
+    /// With `oracle_lead` and `Auto`: the oracle's reads go to the planner as certain
+    /// forecasts (what the planner loses with perfect forecasts).
+    pub oracle_planned: bool,
 }
 
 /// What a run produced and measured.
@@ -91,6 +94,12 @@ pub struct OffloadRun {
 
 /// Loads the model, offloads its experts and generates every prompt through the engine.
 pub fn run_offloaded(cfg: &OffloadRunConfig) -> Result<OffloadRun, OffloadError> {
+    if cfg.oracle_planned && (cfg.oracle_lead.is_none() || cfg.budget != PrefetchBudget::Auto) {
+        return Err(ModelError::Input(
+            "--plan-oracle offers the oracle's reads to the planner: it needs --oracle-prefetch LEAD and --prefetch-budget auto".into(),
+        )
+        .into());
+    }
     if cfg.oracle_lead.is_some() && cfg.replay.is_none() {
         return Err(ModelError::Input(
             "the oracle prefetcher reads a recorded trace's routing: it needs --replay".into(),
@@ -177,6 +186,7 @@ pub fn run_offloaded(cfg: &OffloadRunConfig) -> Result<OffloadRun, OffloadError>
             None => None,
         },
         oracle_lead: cfg.oracle_lead,
+        oracle_planned: cfg.oracle_planned,
     };
     let mut engine = OffloadEngine::new(&ck, &mut offloaded, engine_cfg, online, &device)?;
     if let Some(path) = &cfg.replay {

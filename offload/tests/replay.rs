@@ -129,18 +129,20 @@ fn the_replay_oracle_reads_each_recorded_expert_ahead() {
     let mut rng = StdRng::seed_from_u64(2);
     let tokens: Vec<u32> = (0..16).map(|_| rng.random_range(0..64)).collect();
     let experts = recorded(&mut rng, tokens.len(), &c);
-    let run = |oracle_lead: Option<usize>, alternate_prefetch: Option<usize>| {
+    let run_with = |cfg: EngineConfig| {
         let mut offloaded = MoeModel::load(&ck, &device).unwrap();
-        let cfg = EngineConfig {
-            oracle_lead,
-            alternate_prefetch,
-            ..EngineConfig::demand_paging(12, EvictionPolicy::NextUse)
-        };
         let mut engine = OffloadEngine::new(&ck, &mut offloaded, cfg, None, &device).unwrap();
         engine.new_request();
         engine.replay_routing(&experts);
         replay_sequence(&offloaded, &tokens, &experts, &[], &mut engine).unwrap();
         engine.report().clone()
+    };
+    let run = |oracle_lead: Option<usize>, alternate_prefetch: Option<usize>| {
+        run_with(EngineConfig {
+            oracle_lead,
+            alternate_prefetch,
+            ..EngineConfig::demand_paging(12, EvictionPolicy::NextUse)
+        })
     };
     let demand = run(None, None);
     assert!(demand.misses > 0, "{demand:?}");
@@ -163,6 +165,17 @@ fn the_replay_oracle_reads_each_recorded_expert_ahead() {
     assert_eq!(settings, [true, false, true, false], "{r:?}");
     assert!(r.misses > 0 && r.misses < demand.misses, "{r:?}");
     assert_eq!(r.paired_prefetch().map(|p| p.pairs), Some(1), "{r:?}");
+    // Planned, the oracle's reads are offered to the planner as certain forecasts.
+    let r = run_with(EngineConfig {
+        oracle_lead: Some(2),
+        planned: true,
+        oracle_planned: true,
+        ..EngineConfig::demand_paging(12, EvictionPolicy::NextUse)
+    });
+    let counts = r.planner.expect("the planner ran");
+    assert_eq!(r.budget, "auto");
+    assert!(counts.offered > 0 && counts.issued > 0, "{counts:?}");
+    assert!(r.prefetches > 0 && r.misses < demand.misses, "{r:?}");
 }
 
 /// Records the router inputs it is given, per layer, and wants them at every layer.

@@ -93,7 +93,14 @@ fn short_name(r: &EngineReport) -> String {
         .replace("logit lens", "lens")
         .replace(" + ", "+");
     match name.strip_prefix("oracle (recorded experts, ") {
-        Some(lead) => format!("oracle {}", lead.trim_end_matches(" ahead)")),
+        Some(lead) => {
+            let lead = lead.trim_end_matches(" ahead)");
+            if r.budget == "auto" {
+                format!("oracle {lead} planned")
+            } else {
+                format!("oracle {lead}")
+            }
+        }
         None if r.budget == "-" => name,
         None => format!("{name} {}", r.budget),
     }

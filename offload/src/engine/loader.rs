@@ -165,6 +165,18 @@ impl ExpertLoader {
         q.prefetch.len() != before
     }
 
+    /// The experts whose reads are queued and not started (demand reads and
+    /// prefetches).
+    pub fn queued(&self) -> HashSet<usize> {
+        let (lock, _) = &*self.queue;
+        let q = lock.lock().expect("loader queue");
+        q.demand
+            .iter()
+            .copied()
+            .chain(q.prefetch.iter().map(|&(_, id)| id))
+            .collect()
+    }
+
     /// The next finished load, waiting for one.
     pub fn wait(&self) -> Option<Loaded> {
         self.results.recv().ok()

@@ -122,6 +122,10 @@ pub struct EngineConfig {
     /// many layers ahead (counting on into the next token; at most one token), the
     /// bound the forecasters are measured against ([`OffloadEngine::replay_routing`]).
     pub oracle_lead: Option<usize>,
+    /// With `oracle_lead` and `planned`: the oracle's reads are offered to the planner
+    /// as certain forecasts (probability 1) instead of read in full, so a run measures
+    /// what the planner itself leaves on the table.
+    pub oracle_planned: bool,
 }
 
 impl EngineConfig {
@@ -145,6 +149,7 @@ impl EngineConfig {
             token_table: None,
             blend: None,
             oracle_lead: None,
+            oracle_planned: false,
         }
     }
 }
@@ -291,6 +296,7 @@ impl OffloadEngine {
             },
             budget: match (
                 learned.is_some()
+                    || (cfg.oracle_lead.is_some() && cfg.oracle_planned)
                     || cfg.token_table.is_some()
                     || cfg.blend.is_some()
                     || cfg.pre_attention
@@ -387,7 +393,8 @@ impl OffloadEngine {
     /// The oracle reads every recorded layer up to position `until` (`token * n_moe +
     /// layer`, at most one token past this decode step's current position) it has not
     /// read yet: after layer `l` routes, the one `lead` layers on; at a sequence's first
-    /// decode step, its first `lead` layers.
+    /// decode step, its first `lead` layers. With `oracle_planned`, the planner judges
+    /// each read.
     fn oracle_prefetch(&mut self, layer_done: Option<usize>) {
         let Some(lead) = self.cfg.oracle_lead else {
             return;
@@ -399,6 +406,17 @@ impl OffloadEngine {
         let from = self.oracle_next.max(self.position * n);
         let future = std::mem::take(&mut self.future);
         for p in from..until {
+            if self.cfg.oracle_planned && self.planner.is_some() {
+                // Certain forecasts for the planner: what it leaves unread with them
+                // is the planner's loss, not a forecaster's.
+                let ids: Vec<u16> = future[p / n][p % n].iter().flatten().copied().collect();
+                let mut probs = vec![0.0f32; self.n_experts];
+                for &x in &ids {
+                    probs[x as usize] = 1.0;
+                }
+                self.prefetch_ranked(p % n, &ids, Some(&probs));
+                continue;
+            }
             for &x in future[p / n][p % n].iter().flatten() {
                 self.admit((p % n) * self.n_experts + x as usize, false);
             }

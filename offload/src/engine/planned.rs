@@ -2,7 +2,7 @@
 //! engine's measured timings (read time per expert, time between lookups), the loader's
 //! queue and each layer's routing.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 use crate::planner::{
@@ -26,6 +26,10 @@ pub(super) struct EnginePlanner {
     /// The link's use at the last measurement.
     link_seen: LinkUse,
     period_us: Option<f64>,
+    /// Running mean of a layer's time without its stalls (lookup to lookup), and the
+    /// stall since the last lookup.
+    compute_us: Option<f64>,
+    stall_us: f64,
     first_lookup_us: Option<f64>,
     token_start: f64,
     last_lookup: Option<f64>,
@@ -61,6 +65,8 @@ impl EnginePlanner {
             read_us: None,
             link_seen: LinkUse::default(),
             period_us: None,
+            compute_us: None,
+            stall_us: 0.0,
             first_lookup_us: None,
             token_start: 0.0,
             last_lookup: None,
@@ -77,6 +83,7 @@ impl EnginePlanner {
     pub(super) fn token_started(&mut self) {
         self.token_start = self.now();
         self.last_lookup = None;
+        self.stall_us = 0.0;
         self.moment += 1;
     }
 
@@ -84,11 +91,20 @@ impl EnginePlanner {
     pub(super) fn routed(&mut self) {
         let now = self.now();
         match self.last_lookup {
-            Some(t) => self.period_us = ema(self.period_us, now - t),
+            Some(t) => {
+                self.period_us = ema(self.period_us, now - t);
+                self.compute_us = ema(self.compute_us, (now - t - self.stall_us).max(0.0));
+            }
             None => self.first_lookup_us = ema(self.first_lookup_us, now - self.token_start),
         }
         self.last_lookup = Some(now);
+        self.stall_us = 0.0;
         self.moment += 1;
+    }
+
+    /// The decode thread waited `seconds` for a read.
+    pub(super) fn stalled(&mut self, seconds: f64) {
+        self.stall_us += seconds * 1e6;
     }
 
     /// A read finished after `seconds`; the loader has used the link as `link` says.
@@ -121,7 +137,7 @@ impl EnginePlanner {
 
     /// The clock and the next lookup, with the link free now (the caller adds the reads
     /// queued ahead); the planner's timings are brought up to date.
-    fn link(&mut self) -> LinkState {
+    fn link(&mut self, demand_reads: f64) -> LinkState {
         let now = self.now();
         let read = self.read_us.unwrap_or(0.0);
         let period = self.period_us.unwrap_or(0.0);
@@ -136,8 +152,14 @@ impl EnginePlanner {
             ..*self.planner.settings()
         };
         self.planner.set_settings(s);
+        // The next lookup comes a period after the last on average; when this layer's
+        // demand reads are still running it comes no earlier than their end and a
+        // layer's compute after it (a layer with misses takes longer than the mean).
         let next_lookup = match self.last_lookup {
-            Some(t) => t + period,
+            Some(t) => {
+                let known = now + demand_reads * read + self.compute_us.unwrap_or(0.0);
+                (t + period).max(known)
+            }
             None => self.token_start + self.first_lookup_us.unwrap_or(0.0),
         }
         .max(now);
@@ -177,7 +199,17 @@ impl OffloadEngine {
         // their layer is ahead (as in the simulator).
         plan.planner
             .merge_deferred(&mut offered, self.step, self.next_layer);
-        let now = plan.link();
+        // Reads the layer just routed still waits for: its demand reads and the
+        // prefetches of its experts in flight.
+        let queued = self.loader.queued();
+        let demand = match self.next_layer {
+            0 => 0.0,
+            l => {
+                let routed = self.step * n as u64 + l as u64 - 1;
+                reads_ahead(self.reads_in_flight(&queued), routed, false)
+            }
+        };
+        let now = plan.link(demand);
         for (_, c) in offered {
             let id = c.id as usize;
             if self.cache.contains(id) {
@@ -195,7 +227,7 @@ impl OffloadEngine {
             // The decode step whose routing reads it (this one or the next).
             let target = self.deadline(id / e) / n as u64;
             let link = LinkState {
-                link_free: now.now + self.reads_before(id) as f64 * plan.queued_read_us(),
+                link_free: now.now + self.reads_before(id, &queued) * plan.queued_read_us(),
                 ..now
             };
             let verdict = plan.planner.judge(&c, &link, victim);
@@ -272,20 +304,22 @@ impl OffloadEngine {
     }
 
     /// Reads the loader runs before a prefetch of `id` queued now (reads being stopped
-    /// aside): demand reads, the prefetches with a deadline no later than its own
-    /// (earliest deadline first), and the later prefetches that may be reading already
-    /// (one per prefetch thread).
-    fn reads_before(&self, id: usize) -> usize {
+    /// aside), in reads: see [`reads_ahead`].
+    fn reads_before(&self, id: usize, queued: &HashSet<usize>) -> f64 {
         let deadline = self.deadline(id / self.n_experts);
-        let reads = self.in_flight.values().filter(|r| !r.stopping);
-        let (before, after) = reads.fold((0, 0), |(b, a), r| {
-            if r.demand || r.deadline <= deadline {
-                (b + 1, a)
-            } else {
-                (b, a + 1)
-            }
-        });
-        before + after.min(self.loader.prefetch_threads())
+        reads_ahead(self.reads_in_flight(queued), deadline, true)
+    }
+
+    /// The reads in flight and not being stopped: demand, deadline, started (not in
+    /// `queued`).
+    fn reads_in_flight<'a>(
+        &'a self,
+        queued: &'a HashSet<usize>,
+    ) -> impl Iterator<Item = (bool, u64, bool)> + 'a {
+        self.in_flight
+            .iter()
+            .filter(|(_, r)| !r.stopping)
+            .map(|(x, r)| (r.demand, r.deadline, !queued.contains(x)))
     }
 
     /// MoE layer `m` routed to `needed` with `misses` demand reads: the planner learns,
@@ -327,9 +361,49 @@ fn planned_losers(
     losers
 }
 
+/// Reads in flight (demand, deadline, started) that go before a read due at
+/// `deadline`, in reads: demand reads and reads due no later (earliest deadline first),
+/// and with `later_started` the later prefetches already reading; a started read counts
+/// half, the mean of what is left of it (counted whole, a layer's reads in flight made
+/// the next layer's reads look late).
+fn reads_ahead(
+    reads: impl Iterator<Item = (bool, u64, bool)>,
+    deadline: u64,
+    later_started: bool,
+) -> f64 {
+    reads
+        .map(|(demand, due, started)| {
+            let before = demand || due <= deadline;
+            match (before, started) {
+                (true, false) => 1.0,
+                (true, true) => 0.5,
+                (false, true) if later_started => 0.5,
+                _ => 0.0,
+            }
+        })
+        .sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_ahead_count_started_reads_half_and_later_queued_ones_not() {
+        // (demand, deadline, started)
+        let reads = [
+            (true, 0, false),  // queued demand read: 1
+            (true, 9, true),   // started demand read: 0.5
+            (false, 4, false), // queued, due earlier: 1
+            (false, 5, true),  // started, due as early: 0.5
+            (false, 6, false), // queued, due later: goes after it
+            (false, 7, true),  // started, due later: reading already, 0.5
+        ];
+        assert_eq!(reads_ahead(reads.into_iter(), 5, true), 3.5);
+        // A layer's own reads: the later prefetch reading is not the layer's.
+        assert_eq!(reads_ahead(reads.into_iter(), 5, false), 3.0);
+        assert_eq!(reads_ahead(std::iter::empty(), 5, true), 0.0);
+    }
 
     /// A newer forecast of a layer ranks out only the reads planned earlier for that
     /// layer of that decode step; what it keeps, other layers, other steps and reads

@@ -63,7 +63,11 @@ impl ExpertSource for OffloadEngine {
                     self.report.useful_prefetches += 1;
                 }
                 if self.decoding {
-                    self.report.stall_s += waited.elapsed().as_secs_f64();
+                    let stall = waited.elapsed().as_secs_f64();
+                    self.report.stall_s += stall;
+                    if let Some(p) = &mut self.planner {
+                        p.stalled(stall);
+                    }
                 }
                 return Ok(expert);
             }
