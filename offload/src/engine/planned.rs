@@ -136,7 +136,8 @@ impl EnginePlanner {
     }
 
     /// The clock and the next lookup, with the link free now (the caller adds the reads
-    /// queued ahead); the planner's timings are brought up to date.
+    /// queued ahead); the planner's timings are brought up to date. `demand_reads`: the
+    /// reads the layer just routed still waits for, in reads.
     fn link(&mut self, demand_reads: f64) -> LinkState {
         let now = self.now();
         let read = self.read_us.unwrap_or(0.0);
