@@ -391,8 +391,15 @@ impl OffloadRun {
         }
         if let Some(p) = r.paired_prefetch() {
             out += &format!(
-                "prefetch measured inside this run: steps without it took {:.2}x as long as with it ({:.2}-{:.2}; {} windows without it, each against the windows with it on either side)\n",
-                p.mean, p.lowest, p.highest, p.pairs
+                "prefetch measured inside this run: steps without it took {:.2}x as long as with it ({:.2}-{:.2}; {} without it, each against the windows with it on either side)\n",
+                p.mean,
+                p.lowest,
+                p.highest,
+                if p.pairs == 1 {
+                    "1 window".to_string()
+                } else {
+                    format!("{} windows", p.pairs)
+                }
             );
         }
         out += &format!(

@@ -11,12 +11,12 @@
 //! `u += MLP(LN(u))`, logits of layer `j` = `LN(u) · W_out[j] + b[j]`.
 //! Next-token prediction is the query `κ = 0, D = n_moe`.
 
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::nn::{
     Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig,
     Linear, LinearConfig,
 };
-use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
+use burn::tensor::{Device, Distribution, Int, Shape, Tensor, TensorData};
 
 use datasets::examples::{RoutingShape, WindowBatch};
 
@@ -200,8 +200,9 @@ impl ExpertPredictor {
     pub fn new(config: &PredictorConfig, device: &Device, seed: u64) -> Self {
         seeded(device, seed, || {
             let model = Self::draw(config, device);
-            // Burn draws a parameter lazily, at its first use: draw them all now, in
-            // field order, while the generator is ours.
+            // Burn draws a parameter lazily, at its first use: draw them all now while
+            // the generator is ours, the query embeddings first, then in field order.
+            let _ = model.query_routing.base();
             model.visit(&mut DrawNow);
             model
         })
@@ -227,11 +228,26 @@ impl ExpertPredictor {
             final_norm: LayerNormConfig::new(d)
                 .with_epsilon(LAYER_NORM_EPS)
                 .init(device),
-            query_routing: Param::from_tensor(Tensor::random(
-                [r.n_moe, r.n_experts, d],
-                Distribution::Normal(0.0, scale),
-                device,
-            )),
+            // Drawn lazily like the others (`to_load` draws nothing: a draw outside
+            // `seeded` would take values from a predictor being built at once).
+            query_routing: Param::uninitialized(
+                ParamId::new(),
+                move |device, require_grad| {
+                    let t = Tensor::random(
+                        [r.n_moe, r.n_experts, d],
+                        Distribution::Normal(0.0, scale),
+                        device,
+                    );
+                    if require_grad {
+                        t.require_grad()
+                    } else {
+                        t
+                    }
+                },
+                device.clone(),
+                true,
+                Shape::new([r.n_moe, r.n_experts, d]),
+            ),
             query_layer: EmbeddingConfig::new(r.n_moe, d).init(device),
             head_norm: LayerNormConfig::new(d)
                 .with_epsilon(LAYER_NORM_EPS)
