@@ -106,18 +106,6 @@ pub fn run_offloaded(cfg: &OffloadRunConfig) -> Result<OffloadRun, OffloadError>
         )
         .into());
     }
-    let prefetches = cfg.predictor.is_some()
-        || cfg.token_table.is_some()
-        || cfg.blend.is_some()
-        || cfg.pre_attention
-        || cfg.lens
-        || cfg.oracle_lead.is_some();
-    if cfg.alternate_prefetch.is_some() && !prefetches {
-        return Err(ModelError::Input(
-            "--alternate-prefetch measures a prefetcher against none inside one run: name one (--predictor, --token-table, --blend, --pre-attention, --lens or --oracle-prefetch)".into(),
-        )
-        .into());
-    }
     let device = cfg.backend.device();
     let mut ck = Checkpoint::open(&cfg.model_dir)?;
     // The all-in-memory model is loaded only when something compares against it;

@@ -165,6 +165,17 @@ fn the_replay_oracle_reads_each_recorded_expert_ahead() {
     assert_eq!(settings, [true, false, true, false], "{r:?}");
     assert!(r.misses > 0 && r.misses < demand.misses, "{r:?}");
     assert_eq!(r.paired_prefetch().map(|p| p.pairs), Some(1), "{r:?}");
+    // Alternating with no prefetcher is refused.
+    let mut offloaded = MoeModel::load(&ck, &device).unwrap();
+    let cfg = EngineConfig {
+        alternate_prefetch: Some(3),
+        ..EngineConfig::demand_paging(12, EvictionPolicy::NextUse)
+    };
+    let err = OffloadEngine::new(&ck, &mut offloaded, cfg, None, &device)
+        .err()
+        .expect("no prefetcher to alternate")
+        .to_string();
+    assert!(err.contains("--alternate-prefetch"), "{err}");
     // Planned, the oracle's reads are offered to the planner as certain forecasts.
     let r = run_with(EngineConfig {
         oracle_lead: Some(2),

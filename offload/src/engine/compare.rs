@@ -143,14 +143,48 @@ pub fn group_runs(reports: &[EngineReport]) -> Vec<ModeRuns> {
     groups
 }
 
+/// `groups` by cache size (resident experts), in the order given.
+fn by_capacity<'a>(
+    groups: impl Iterator<Item = &'a ModeRuns>,
+) -> BTreeMap<usize, Vec<&'a ModeRuns>> {
+    let mut by_cache: BTreeMap<usize, Vec<&ModeRuns>> = BTreeMap::new();
+    for g in groups {
+        by_cache.entry(g.capacity).or_default().push(g);
+    }
+    by_cache
+}
+
+/// A bar chart at `path` of `value` per mode, labelled by short names unless two modes
+/// would share one (then by their full names); its directory is created.
+fn chart(
+    path: &Path,
+    title: &str,
+    y_label: &str,
+    modes: &[&ModeRuns],
+    value: impl Fn(&ModeRuns) -> f64,
+    reference: Option<(&str, f64)>,
+) -> Result<PathBuf, OffloadError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| datasets::TraceError::io(dir, e))?;
+    }
+    let shorts: Vec<&str> = modes.iter().map(|g| g.short.as_str()).collect();
+    let unique = (1..shorts.len()).all(|i| !shorts[..i].contains(&shorts[i]));
+    let bars: Vec<(String, f64)> = modes
+        .iter()
+        .map(|g| {
+            let name = if unique { &g.short } else { &g.mode };
+            (name.clone(), value(g))
+        })
+        .collect();
+    datasets::plot::bar_chart(path, title, "mode", y_label, &bars, reference)?;
+    Ok(path.to_path_buf())
+}
+
 /// The comparison table of `paths` (reports of `moecast run --json`); with `plot_dir`,
 /// a bar chart per cache size (`engine-cache-N.png`).
 pub fn compare_runs(paths: &[PathBuf], plot_dir: Option<&Path>) -> Result<String, OffloadError> {
     let groups = group_runs(&load_reports(paths)?);
-    let mut by_cache: BTreeMap<usize, Vec<&ModeRuns>> = BTreeMap::new();
-    for g in groups.iter().filter(|g| !g.alternated) {
-        by_cache.entry(g.capacity).or_default().push(g);
-    }
+    let mut by_cache = by_capacity(groups.iter().filter(|g| !g.alternated));
     // Demand paging first, the oracles last.
     for modes in by_cache.values_mut() {
         modes.sort_by_key(|g| (!g.demand_paging, g.oracle, g.mode.clone()));
@@ -191,42 +225,30 @@ pub fn compare_runs(paths: &[PathBuf], plot_dir: Option<&Path>) -> Result<String
             );
         }
         if let Some(dir) = plot_dir {
-            std::fs::create_dir_all(dir).map_err(|e| datasets::TraceError::io(dir, e))?;
-            let path = dir.join(format!("engine-cache-{capacity}.png"));
-            // Short names unless two modes would share one.
-            let shorts: Vec<&str> = modes.iter().map(|g| g.short.as_str()).collect();
-            let unique = (1..shorts.len()).all(|i| !shorts[..i].contains(&shorts[i]));
-            let bars: Vec<(String, f64)> = modes
-                .iter()
-                .map(|g| {
-                    let name = if unique { &g.short } else { &g.mode };
-                    (name.clone(), g.mean())
-                })
-                .collect();
-            datasets::plot::bar_chart(
-                &path,
+            let path = chart(
+                &dir.join(format!("engine-cache-{capacity}.png")),
                 &format!("Offloading engine, cache of {capacity} experts"),
-                "mode",
                 "decode tokens/s (mean of runs)",
-                &bars,
+                modes,
+                ModeRuns::mean,
                 demand.map(|d| ("best demand paging", d)),
             )?;
             let _ = writeln!(out, "  plot: {}", path.display());
         }
     }
-    let alternated: Vec<&ModeRuns> = groups.iter().filter(|g| g.alternated).collect();
-    out += &compare_in_run(&alternated, plot_dir)?;
+    out += &compare_in_run(&groups, plot_dir)?;
     Ok(out)
 }
 
-/// The table (and, with `plot_dir`, a chart per cache size) of runs that alternated
-/// prefetch on and off: each mode's in-run speedup and its share of the fastest
-/// oracle's.
-fn compare_in_run(groups: &[&ModeRuns], plot_dir: Option<&Path>) -> Result<String, OffloadError> {
-    let mut by_cache: BTreeMap<usize, Vec<&ModeRuns>> = BTreeMap::new();
-    for g in groups.iter().filter(|g| g.in_run_mean().is_some()) {
-        by_cache.entry(g.capacity).or_default().push(g);
-    }
+/// The table (and, with `plot_dir`, a chart per cache size) of the `groups` whose runs
+/// alternated prefetch on and off: each mode's in-run speedup and its share of the
+/// fastest oracle's.
+fn compare_in_run(groups: &[ModeRuns], plot_dir: Option<&Path>) -> Result<String, OffloadError> {
+    let mut by_cache = by_capacity(
+        groups
+            .iter()
+            .filter(|g| g.alternated && !g.in_run.is_empty()),
+    );
     let mut out = String::new();
     for (capacity, modes) in &mut by_cache {
         modes.sort_by_key(|g| (g.oracle, g.mode.clone()));
@@ -239,7 +261,6 @@ fn compare_in_run(groups: &[&ModeRuns], plot_dir: Option<&Path>) -> Result<Strin
             out,
             "cache of {capacity} experts, prefetch alternated on and off inside each run: steps without it took Nx as long as with it (mean of runs; lowest-highest run), share of the fastest oracle's speedup reached"
         );
-        let mut bars = Vec::new();
         for g in modes.iter() {
             let s = g.in_run_mean().unwrap_or(1.0);
             let lo = g.in_run.iter().copied().fold(f64::INFINITY, f64::min);
@@ -258,17 +279,14 @@ fn compare_in_run(groups: &[&ModeRuns], plot_dir: Option<&Path>) -> Result<Strin
                 g.in_run.len(),
                 closed
             );
-            bars.push((g.short.clone(), s));
         }
         if let Some(dir) = plot_dir {
-            std::fs::create_dir_all(dir).map_err(|e| datasets::TraceError::io(dir, e))?;
-            let path = dir.join(format!("engine-cache-{capacity}-in-run.png"));
-            datasets::plot::bar_chart(
-                &path,
+            let path = chart(
+                &dir.join(format!("engine-cache-{capacity}-in-run.png")),
                 &format!("Prefetch measured inside each run, cache of {capacity} experts"),
-                "mode",
                 "step time without prefetch / with it",
-                &bars,
+                modes,
+                |g| g.in_run_mean().unwrap_or(1.0),
                 Some(("no gain", 1.0)),
             )?;
             let _ = writeln!(out, "  plot: {}", path.display());

@@ -25,10 +25,10 @@ impl OffloadEngine {
     }
 
     /// Whether this decode step prefetches: always, unless the guard measured that it
-    /// does not pay (or the alternation runs a window without it). When it does not, no forecast is computed either (the predictor
-    /// and the blend still observe each token, so their history stays whole). The
-    /// forecasts of the next token's layer 0 made at a step's end follow this step's
-    /// setting.
+    /// does not pay (or the alternation runs a window without it). When it does not, no
+    /// forecast is computed either (the predictor and the blend still observe each
+    /// token, so their history stays whole). The forecasts of the next token's layer 0
+    /// made at a step's end follow this step's setting.
     pub(super) fn prefetching(&self) -> bool {
         self.switch.as_ref().is_none_or(PrefetchSwitch::enabled)
     }

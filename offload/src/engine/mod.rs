@@ -313,6 +313,11 @@ impl OffloadEngine {
             alternate_window: cfg.alternate_prefetch.map_or(0, |w| w.max(2)),
             ..EngineReport::default()
         };
+        if cfg.alternate_prefetch.is_some() && report.prefetch == "none" {
+            return Err(ModelError::Input(
+                "alternating prefetch (--alternate-prefetch) measures a prefetcher against none inside one run, and this run has none (--predictor, --token-table, --blend, --pre-attention, --lens or --oracle-prefetch)".into(),
+            ));
+        }
         let planner = (cfg.planned && report.budget == "auto")
             .then(|| planned::EnginePlanner::new(shape.top_k, e, m, capacity, chunk_share));
         let switch = match cfg.alternate_prefetch {
