@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use crate::cache::EvictionPolicy;
 use crate::engine::quality::{compare_routing, RoutingQuality};
-use crate::engine::{EngineConfig, EngineReport, OffloadEngine};
+use crate::engine::{EngineConfig, EngineReport, OffloadEngine, PairedEstimate};
 use crate::planner::PrefetchBudget;
 use indicatif::{ProgressBar, ProgressStyle};
 use inference::generate::{generate, Sampling};
@@ -377,18 +377,22 @@ impl OffloadRun {
                 r.prefetch_off_tokens, r.decode_tokens
             );
         }
-        if let Some(p) = r.paired_prefetch() {
-            out += &format!(
-                "prefetch measured inside this run: steps without it took {:.2}x as long as with it ({:.2}-{:.2}; {} without it, each against the windows with it on either side)\n",
-                p.mean,
-                p.lowest,
-                p.highest,
-                if p.pairs == 1 {
-                    "1 window".to_string()
-                } else {
-                    format!("{} windows", p.pairs)
-                }
-            );
+        match r.paired_prefetch() {
+            Some(p) if p.conclusive() => {
+                out += &format!(
+                    "prefetch measured inside this run: steps without it took {:.2}x as long as with it ({:.2}-{:.2}; {} windows without it, each against the windows with it on either side)\n",
+                    p.mean, p.lowest, p.highest, p.pairs
+                );
+            }
+            Some(p) => {
+                out += &format!(
+                    "prefetch measured inside this run: too few windows without it to tell ({} of the {} needed; {:.2}x from what it has)\n",
+                    p.pairs,
+                    PairedEstimate::CONCLUSIVE_PAIRS,
+                    p.mean
+                );
+            }
+            None => {}
         }
         out += &format!(
             "decode: {:.1} tokens/s, hit rate {:.1}% ({} hits, {} late, {} misses of {} lookups), stall {:.2} ms/token ({:.2} s)\n",

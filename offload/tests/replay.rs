@@ -176,6 +176,18 @@ fn the_replay_oracle_reads_each_recorded_expert_ahead() {
         .expect("no prefetcher to alternate")
         .to_string();
     assert!(err.contains("--alternate-prefetch"), "{err}");
+    // So is a window too short to measure.
+    let mut offloaded = MoeModel::load(&ck, &device).unwrap();
+    let cfg = EngineConfig {
+        oracle_lead: Some(1),
+        alternate_prefetch: Some(1),
+        ..EngineConfig::demand_paging(12, EvictionPolicy::NextUse)
+    };
+    let err = OffloadEngine::new(&ck, &mut offloaded, cfg, None, &device)
+        .err()
+        .expect("a 1-step window")
+        .to_string();
+    assert!(err.contains("every 1 decode steps"), "{err}");
     // Planned, the oracle's reads are offered to the planner as certain forecasts.
     let r = run_with(EngineConfig {
         oracle_lead: Some(2),

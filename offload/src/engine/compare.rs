@@ -7,6 +7,8 @@
 //! themselves: how much longer steps without prefetch took than steps with it, and the
 //! share of the oracle's in-run speedup a forecaster reaches (a disk's speed drifts
 //! between runs by more than prefetch's effect; inside one run it moves both alike).
+//! An in-run figure needs [`super::PairedEstimate::CONCLUSIVE_PAIRS`] windows without
+//! prefetch.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -118,7 +120,10 @@ pub fn group_runs(reports: &[EngineReport]) -> Vec<ModeRuns> {
             format!("{} + {}, budget {}", r.policy, r.prefetch, r.budget)
         };
         let tps = r.tokens_per_s();
-        let in_run = r.paired_prefetch().map(|p| p.mean);
+        let in_run = r
+            .paired_prefetch()
+            .filter(|p| p.conclusive())
+            .map(|p| p.mean);
         let alternated = r.alternate_window > 0;
         match groups
             .iter_mut()
@@ -386,20 +391,26 @@ mod tests {
         let alternated = |prefetch: &str, budget: &str, off: f64, slow: f64| {
             let mut r = report(10, "next-use", prefetch, budget, 5.0 / slow);
             r.alternate_window = 8;
-            r.prefetch_windows = vec![
-                (true, 0.1 * slow),
-                (false, off * slow),
-                (true, 0.1 * slow),
-                (false, off * slow),
-                (true, 0.1 * slow),
-            ];
+            r.prefetch_windows = [(true, 0.1 * slow), (false, off * slow)]
+                .repeat(3)
+                .into_iter()
+                .chain([(true, 0.1 * slow)])
+                .collect();
             r
         };
         let mut guarded = report(10, "next-use", "learned (next token)", "auto", 9.0);
-        guarded.prefetch_windows = vec![(true, 0.1), (false, 0.12), (true, 0.1)];
+        guarded.prefetch_windows = [(true, 0.1), (false, 0.12)]
+            .repeat(3)
+            .into_iter()
+            .chain([(true, 0.1)])
+            .collect();
+        // One window without prefetch is too few for a figure.
+        let mut one_window = report(10, "next-use", "token table", "auto", 9.0);
+        one_window.prefetch_windows = vec![(true, 0.1), (false, 0.12), (true, 0.1)];
         let runs = [
             ("a.json", report(10, "next-use", "none", "-", 8.0)),
             ("b.json", guarded),
+            ("f.json", one_window),
             (
                 "c.json",
                 alternated("learned (next token)", "auto", 0.115, 1.0),
@@ -414,13 +425,15 @@ mod tests {
         let plots = dir.path().join("plots");
         let table = compare_runs(&paths, Some(&plots)).unwrap();
         let (unpaired, in_run) = table.split_once("alternated on and off").unwrap();
-        // The guarded run stays in the first table with its windows' 1.20x; the
+        // The guarded run stays in the first table with its 3 windows' 1.20x; the
         // alternated runs' tokens/s mix both settings and are not compared there.
         let guarded = unpaired.lines().find(|l| l.contains("+ learned")).unwrap();
         assert!(
             guarded.contains("9.00 (1)") && guarded.trim_end().ends_with("1.20x"),
             "{table}"
         );
+        let token = unpaired.lines().find(|l| l.contains("+ token")).unwrap();
+        assert!(token.trim_end().ends_with('-'), "{table}");
         assert!(!unpaired.contains("+ oracle"), "{table}");
         let learned = in_run.lines().find(|l| l.contains("+ learned")).unwrap();
         assert!(

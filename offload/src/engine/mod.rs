@@ -310,9 +310,14 @@ impl OffloadEngine {
             capacity,
             total_experts: m * e,
             routing_margin: cfg.routing_margin,
-            alternate_window: cfg.alternate_prefetch.map_or(0, |w| w.max(2)),
+            alternate_window: cfg.alternate_prefetch.unwrap_or(0),
             ..EngineReport::default()
         };
+        if let Some(w @ 0..=1) = cfg.alternate_prefetch {
+            return Err(ModelError::Input(format!(
+                "alternating prefetch (--alternate-prefetch) every {w} decode steps: a window needs 2 steps or more (its first step after a switch is not measured)"
+            )));
+        }
         if cfg.alternate_prefetch.is_some() && report.prefetch == "none" {
             return Err(ModelError::Input(
                 "alternating prefetch (--alternate-prefetch) measures a prefetcher against none inside one run, and this run has none (--predictor, --token-table, --blend, --pre-attention, --lens or --oracle-prefetch)".into(),

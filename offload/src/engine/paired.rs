@@ -125,6 +125,15 @@ pub struct PairedEstimate {
 }
 
 impl PairedEstimate {
+    /// Windows without prefetch an estimate needs before it is printed or tabled as a
+    /// figure: one window's ratio moves by 20-40% with the disk.
+    pub const CONCLUSIVE_PAIRS: usize = 3;
+
+    /// Whether it rests on [`Self::CONCLUSIVE_PAIRS`] windows or more.
+    pub fn conclusive(&self) -> bool {
+        self.pairs >= Self::CONCLUSIVE_PAIRS
+    }
+
     /// From consecutive measured windows (prefetch on, mean step time); `None` without
     /// a window off between two on.
     pub fn from_windows(windows: &[(bool, f64)]) -> Option<PairedEstimate> {
