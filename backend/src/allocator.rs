@@ -227,13 +227,19 @@ mod tests {
         let mut dropped = [None; MAX_DROPPED];
         assert!(!kept.keep(block(101, LARGE_CACHE_BYTES + 1), &mut dropped));
         let big = LARGE_CACHE_BYTES - 10 * LARGE_BLOCK;
-        assert!(!kept.keep(block(102, big), &mut dropped), "needs 54 dropped");
+        assert!(
+            !kept.keep(block(102, big), &mut dropped),
+            "needs 54 dropped"
+        );
         assert!(dropped.iter().all(Option::is_none));
         assert_eq!(kept.len, LARGE_CACHE_BLOCKS);
         let bytes = kept.bytes;
         let l = Layout::from_size_align(LARGE_BLOCK, 8).unwrap();
         assert_eq!(kept.take(l), Some((4096 * 101) as *mut u8), "newest first");
         assert_eq!(kept.bytes, bytes - LARGE_BLOCK);
-        assert_eq!(kept.take(Layout::from_size_align(LARGE_BLOCK, 16).unwrap()), None);
+        assert_eq!(
+            kept.take(Layout::from_size_align(LARGE_BLOCK, 16).unwrap()),
+            None
+        );
     }
 }
