@@ -46,6 +46,18 @@ struct LargeBlocks {
 }
 
 impl LargeBlocks {
+    const fn new() -> LargeBlocks {
+        LargeBlocks {
+            blocks: [Block {
+                ptr: 0,
+                size: 0,
+                align: 0,
+            }; LARGE_CACHE_BLOCKS],
+            len: 0,
+            bytes: 0,
+        }
+    }
+
     /// Takes a kept block of `layout`'s size and alignment.
     fn take(&mut self, layout: Layout) -> Option<*mut u8> {
         let i = self.blocks[..self.len]
@@ -87,15 +99,7 @@ impl LargeBlocks {
     }
 }
 
-static KEPT: Mutex<LargeBlocks> = Mutex::new(LargeBlocks {
-    blocks: [Block {
-        ptr: 0,
-        size: 0,
-        align: 0,
-    }; LARGE_CACHE_BLOCKS],
-    len: 0,
-    bytes: 0,
-});
+static KEPT: Mutex<LargeBlocks> = Mutex::new(LargeBlocks::new());
 
 /// mimalloc, handing freed large blocks to the next allocation of their size (see the
 /// module's documentation).
@@ -202,15 +206,7 @@ mod tests {
     /// first; a block too large to keep is refused.
     #[test]
     fn kept_blocks_stay_within_their_bounds_oldest_dropped_first() {
-        let mut kept = LargeBlocks {
-            blocks: [Block {
-                ptr: 0,
-                size: 0,
-                align: 0,
-            }; LARGE_CACHE_BLOCKS],
-            len: 0,
-            bytes: 0,
-        };
+        let mut kept = LargeBlocks::new();
         let block = |i: usize, size: usize| Block {
             ptr: 4096 * (i + 1),
             size,

@@ -165,29 +165,27 @@ fn the_replay_oracle_reads_each_recorded_expert_ahead() {
     assert_eq!(settings, [true, false, true, false], "{r:?}");
     assert!(r.misses > 0 && r.misses < demand.misses, "{r:?}");
     assert_eq!(r.paired_prefetch().map(|p| p.pairs), Some(1), "{r:?}");
-    // Alternating with no prefetcher is refused.
-    let mut offloaded = MoeModel::load(&ck, &device).unwrap();
-    let cfg = EngineConfig {
-        alternate_prefetch: Some(3),
-        ..EngineConfig::demand_paging(12, EvictionPolicy::NextUse)
-    };
-    let err = OffloadEngine::new(&ck, &mut offloaded, cfg, None, &device)
-        .err()
-        .expect("no prefetcher to alternate")
-        .to_string();
-    assert!(err.contains("--alternate-prefetch"), "{err}");
-    // So is a window too short to measure.
-    let mut offloaded = MoeModel::load(&ck, &device).unwrap();
-    let cfg = EngineConfig {
-        oracle_lead: Some(1),
-        alternate_prefetch: Some(1),
-        ..EngineConfig::demand_paging(12, EvictionPolicy::NextUse)
-    };
-    let err = OffloadEngine::new(&ck, &mut offloaded, cfg, None, &device)
-        .err()
-        .expect("a 1-step window")
-        .to_string();
-    assert!(err.contains("every 1 decode steps"), "{err}");
+    // Alternating with no prefetcher is refused, and so is a window too short to
+    // measure.
+    for (oracle_lead, window, refusal) in [
+        (None, 3, "none (--predictor"),
+        (Some(1), 1, "every 1 decode steps"),
+    ] {
+        let mut offloaded = MoeModel::load(&ck, &device).unwrap();
+        let cfg = EngineConfig {
+            oracle_lead,
+            alternate_prefetch: Some(window),
+            ..EngineConfig::demand_paging(12, EvictionPolicy::NextUse)
+        };
+        let err = OffloadEngine::new(&ck, &mut offloaded, cfg, None, &device)
+            .err()
+            .expect(refusal)
+            .to_string();
+        assert!(
+            err.contains("--alternate-prefetch") && err.contains(refusal),
+            "{err}"
+        );
+    }
     // Planned, the oracle's reads are offered to the planner as certain forecasts.
     let r = run_with(EngineConfig {
         oracle_lead: Some(2),
