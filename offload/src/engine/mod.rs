@@ -313,9 +313,13 @@ impl OffloadEngine {
             alternate_window: cfg.alternate_prefetch.unwrap_or(0),
             ..EngineReport::default()
         };
-        if let Some(w @ 0..=1) = cfg.alternate_prefetch {
+        if let Some(w) = cfg
+            .alternate_prefetch
+            .filter(|&w| w < AlternatingPrefetch::MIN_WINDOW)
+        {
             return Err(ModelError::Input(format!(
-                "alternating prefetch (--alternate-prefetch) every {w} decode steps: a window needs 2 steps or more (its first step after a switch is not measured)"
+                "alternating prefetch (--alternate-prefetch) every {w} decode steps: a window needs {} steps or more (its first step after a switch is not measured)",
+                AlternatingPrefetch::MIN_WINDOW
             )));
         }
         if cfg.alternate_prefetch.is_some() && report.prefetch == "none" {

@@ -26,10 +26,13 @@ pub struct AlternatingPrefetch {
 }
 
 impl AlternatingPrefetch {
-    /// Windows of `window` decode steps (at least 2: one is not measured).
+    /// The shortest window: its first step after a switch is not measured.
+    pub const MIN_WINDOW: usize = 2;
+
+    /// Windows of `window` decode steps (at least [`Self::MIN_WINDOW`]).
     pub fn new(window: usize) -> AlternatingPrefetch {
         AlternatingPrefetch {
-            window: window.max(2),
+            window: window.max(Self::MIN_WINDOW),
             on: true,
             steps: 0,
             sum_s: 0.0,
