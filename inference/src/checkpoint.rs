@@ -9,7 +9,8 @@ use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
-use safetensors::tensor::{Dtype, Metadata, SafeTensorError, SafeTensors};
+pub use safetensors::tensor::Dtype;
+use safetensors::tensor::{Metadata, SafeTensorError, SafeTensors};
 use serde::Deserialize;
 
 use crate::error::{ModelError, Result};
@@ -332,34 +333,52 @@ fn vector_fills() -> (Option<VectorFill>, Option<VectorFill>) {
     (None, None)
 }
 
-/// Decodes 16-bit values to f32 with `vector` where given (its CPU feature present),
-/// else `scalar`, into a new `Vec`'s spare capacity (a zeroed one would bypass the
-/// allocator's kept blocks).
-fn decode_16(bytes: &[u8], scalar: Fill, vector: Option<VectorFill>) -> Vec<f32> {
-    let n = bytes.len() / 2;
-    let mut out = Vec::with_capacity(n);
-    let spare = &mut out.spare_capacity_mut()[..n];
-    match vector {
-        // SAFETY: `vector_fills` gives a loop only where the CPU has its feature.
-        Some(fill) => unsafe { fill(spare, bytes) },
-        None => scalar(spare, bytes),
+/// Bytes per value of the dtypes the runtime decodes (f32, f16, bf16).
+pub fn value_size(dtype: Dtype) -> std::result::Result<usize, String> {
+    match dtype {
+        Dtype::F32 => Ok(4),
+        Dtype::F16 | Dtype::BF16 => Ok(2),
+        other => Err(format!("dtype {other:?} is not supported (f32, f16, bf16)")),
     }
-    // SAFETY: both loops wrote all `n` values.
-    unsafe { out.set_len(n) };
-    out
 }
 
-/// Decodes little-endian f32 / f16 / bf16 bytes to f32.
-pub fn decode_f32(bytes: &[u8], dtype: Dtype) -> std::result::Result<Vec<f32>, String> {
-    let out = match dtype {
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Dtype::F16 => decode_16(bytes, f16_fill, vector_fills().1),
-        Dtype::BF16 => decode_16(bytes, bf16_fill, vector_fills().0),
-        other => return Err(format!("dtype {other:?} is not supported (f32, f16, bf16)")),
+/// Decodes little-endian f32 / f16 / bf16 `bytes` into `out`, one value per
+/// [`value_size`] bytes (as many as both hold), with the CPU's widest vectors where it
+/// has them (detected at run time).
+pub fn decode_into(
+    bytes: &[u8],
+    dtype: Dtype,
+    out: &mut [MaybeUninit<f32>],
+) -> std::result::Result<(), String> {
+    let (bf16, f16) = vector_fills();
+    let (scalar, vector): (Fill, Option<VectorFill>) = match dtype {
+        Dtype::F32 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                o.write(f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+            }
+            return Ok(());
+        }
+        Dtype::F16 => (f16_fill, f16),
+        Dtype::BF16 => (bf16_fill, bf16),
+        // Not decoded here: `value_size` names the dtype.
+        _ => return value_size(dtype).map(drop),
     };
+    match vector {
+        // SAFETY: `vector_fills` gives a loop only where the CPU has its feature.
+        Some(fill) => unsafe { fill(out, bytes) },
+        None => scalar(out, bytes),
+    }
+    Ok(())
+}
+
+/// Decodes little-endian f32 / f16 / bf16 bytes to f32, into a new `Vec`'s spare
+/// capacity (a zeroed one would bypass the allocator's kept blocks).
+pub fn decode_f32(bytes: &[u8], dtype: Dtype) -> std::result::Result<Vec<f32>, String> {
+    let n = bytes.len() / value_size(dtype)?;
+    let mut out = Vec::with_capacity(n);
+    decode_into(bytes, dtype, &mut out.spare_capacity_mut()[..n])?;
+    // SAFETY: `decode_into` wrote all `n` values (`bytes` holds `n`).
+    unsafe { out.set_len(n) };
     Ok(out)
 }
 

@@ -34,6 +34,7 @@
 //!
 //! Hit rates and stall times count decode steps only; the prompt is run as one batch.
 
+mod chunked;
 pub mod compare;
 mod forecast;
 mod guard;

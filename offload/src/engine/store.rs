@@ -8,31 +8,28 @@
 //! read with direct I/O (`O_DIRECT`: no page cache, no kernel copy; aligned reads into
 //! an aligned buffer), and where the file system refuses it, with buffered reads whose
 //! range is dropped from the page cache after each read (`posix_fadvise DONTNEED`). A
-//! checkpoint on tmpfs is in memory either way.
+//! checkpoint on tmpfs is in memory either way. The reads, and the decode of each chunk
+//! by the stream that read it, are [`super::chunked`]'s.
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use burn::tensor::Device;
 
-use inference::checkpoint::{decode_f32, Checkpoint, TensorRef};
+use inference::checkpoint::{decode_f32, value_size, Checkpoint, TensorRef};
 use inference::error::{ModelError, Result};
 use inference::layers::{Dense, GluActivation, SwiGlu};
 use inference::moe::SparseMoe;
 
-/// Bytes a prefetch reads between checks for demand reads in flight.
-pub const READ_CHUNK: usize = 1 << 20;
+pub(super) use super::chunked::BeforeChunk;
+pub use super::chunked::READ_CHUNK;
+use super::chunked::{drop_cached, open_direct, read_buffered, read_direct, ValueSink};
 
 /// Chunks of one demand read in flight at once by default (its queue depth). Prefetches
 /// read one chunk at a time: several would each hold a demand read up by a chunk.
 pub const DEFAULT_READ_STREAMS: usize = 4;
-
-/// Alignment of direct reads' offsets, lengths and buffers (a multiple of the logical
-/// block size of common devices, 512 or 4096 bytes).
-const DIRECT_ALIGN: usize = 4096;
 
 /// A checkpoint file, open for buffered reads and, where the file system allows it, for
 /// direct reads.
@@ -192,6 +189,9 @@ impl ExpertStore {
         })
     }
 
+    /// Reads tensor `r` and decodes it to f32: each chunk as its stream reads it, where
+    /// the tensor's values do not straddle chunks (its offset a multiple of its value
+    /// size, as in files that align their tensors), else after the read.
     fn read_tensor(
         &self,
         file: usize,
@@ -202,13 +202,18 @@ impl ExpertStore {
     ) -> Result<Vec<f32>> {
         let path = &self.paths[file];
         let f = &self.files[file];
+        let size = value_size(r.dtype).map_err(|m| ModelError::file(path, m))?;
+        let n = r.len / size;
+        let mut values: Vec<f32> = Vec::with_capacity(n);
+        let chunked = r.offset.is_multiple_of(size);
         let mut at = None;
         if let Some(d) = f
             .direct
             .as_ref()
             .filter(|_| f.direct_ok.load(Ordering::Relaxed))
         {
-            match read_direct(d, r.offset, r.len, buf, streams, before_chunk) {
+            let sink = chunked.then(|| ValueSink::new(&mut values, n, r.dtype, size));
+            match read_direct(d, r.offset, r.len, buf, streams, before_chunk, sink) {
                 Ok(start) => at = Some(start),
                 // The file system took O_DIRECT at open but not its reads.
                 Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
@@ -219,11 +224,29 @@ impl ExpertStore {
         }
         let at = match at {
             Some(start) => start,
-            None => read_buffered(&f.buffered, r.offset, r.len, buf, streams, before_chunk)
+            None => {
+                let sink = chunked.then(|| ValueSink::new(&mut values, n, r.dtype, size));
+                read_buffered(
+                    &f.buffered,
+                    r.offset,
+                    r.len,
+                    buf,
+                    streams,
+                    before_chunk,
+                    sink,
+                )
                 .map(|()| 0)
-                .map_err(|e| ModelError::io(path, e))?,
+                .map_err(|e| ModelError::io(path, e))?
+            }
         };
-        decode_f32(&buf[at..at + r.len], r.dtype).map_err(|m| ModelError::file(path, m))
+        if !chunked {
+            return decode_f32(&buf[at..at + r.len], r.dtype)
+                .map_err(|m| ModelError::file(path, m));
+        }
+        // SAFETY: the read succeeded, so every chunk was read and decoded: the chunks'
+        // values cover all `n` (`read_chunks` checks that they add up).
+        unsafe { values.set_len(n) };
+        Ok(values)
     }
 
     /// Whether every checkpoint file is read with direct I/O (so far).
@@ -231,253 +254,5 @@ impl ExpertStore {
         self.files
             .iter()
             .all(|f| f.direct_ok.load(Ordering::Relaxed))
-    }
-}
-
-/// Called before each chunk of a read, from any of its streams: false stops the read.
-pub(super) type BeforeChunk<'a> = dyn Fn() -> bool + Sync + 'a;
-
-/// Reads `len` bytes at `offset` into `buf` in [`READ_CHUNK`] chunks, `streams` at a
-/// time, then drops the range from the page cache.
-fn read_buffered(
-    f: &File,
-    offset: usize,
-    len: usize,
-    buf: &mut Vec<u8>,
-    streams: usize,
-    before_chunk: &BeforeChunk<'_>,
-) -> io::Result<()> {
-    buf.resize(len, 0);
-    read_chunks(f, buf, offset, len, streams, before_chunk)?;
-    drop_cached(f, offset as i64, len as i64);
-    Ok(())
-}
-
-/// Reads `len` bytes at `offset` of a file opened with `O_DIRECT` into `buf`: the
-/// aligned range around them, in [`READ_CHUNK`] chunks `streams` at a time, into an
-/// aligned window of `buf`. Returns where the bytes start in `buf`.
-fn read_direct(
-    f: &File,
-    offset: usize,
-    len: usize,
-    buf: &mut Vec<u8>,
-    streams: usize,
-    before_chunk: &BeforeChunk<'_>,
-) -> io::Result<usize> {
-    let start = offset / DIRECT_ALIGN * DIRECT_ALIGN;
-    let end = (offset + len).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
-    buf.resize(end - start + DIRECT_ALIGN, 0);
-    let pad = buf.as_ptr().align_offset(DIRECT_ALIGN);
-    // A short direct read happens only at the end of the file; a read after one would
-    // be misaligned, which the kernel refuses (InvalidInput: read buffered instead).
-    read_chunks(
-        f,
-        &mut buf[pad..pad + end - start],
-        start,
-        offset + len - start,
-        streams,
-        before_chunk,
-    )?;
-    Ok(pad + offset - start)
-}
-
-/// Reads at least `need` bytes of `window` from file offset `at` in chunks of up to
-/// [`READ_CHUNK`] bytes (each up to the window's end, so an aligned window keeps direct
-/// reads aligned), `streams` chunks at a time (chunk `i` on stream `i % streams`, so
-/// the front of the window comes first), calling `before_chunk` before each (false:
-/// stop, with an error); interrupted reads are retried. The first error any stream
-/// meets is returned, and the other streams stop at their next chunk.
-fn read_chunks(
-    f: &File,
-    window: &mut [u8],
-    at: usize,
-    need: usize,
-    streams: usize,
-    before_chunk: &BeforeChunk<'_>,
-) -> io::Result<()> {
-    let chunks: Vec<(usize, &mut [u8])> = window
-        .chunks_mut(READ_CHUNK)
-        .enumerate()
-        .map(|(i, c)| (i * READ_CHUNK, c))
-        .take_while(|&(start, _)| start < need)
-        .collect();
-    let streams = streams.clamp(1, chunks.len().max(1));
-    let failed = AtomicBool::new(false);
-    let mut lanes: Vec<Vec<(usize, &mut [u8])>> = (0..streams).map(|_| Vec::new()).collect();
-    for (i, c) in chunks.into_iter().enumerate() {
-        lanes[i % streams].push(c);
-    }
-    let mut lanes = lanes.into_iter();
-    let first = lanes.next().unwrap_or_default();
-    let read = |lane| read_lane(f, lane, at, need, before_chunk, &failed);
-    std::thread::scope(|s| {
-        let others: Vec<_> = lanes.map(|lane| s.spawn(|| read(lane))).collect();
-        let mut result = read(first);
-        for h in others {
-            let r = h
-                .join()
-                .unwrap_or_else(|_| Err(io::Error::other("a read stream panicked")));
-            if result.is_ok() {
-                result = r;
-            }
-        }
-        result
-    })
-}
-
-/// Reads one stream's chunks (file offset `at` + their start) of a read of `need`
-/// bytes, in order; stops early, with no error of its own, once another stream failed.
-fn read_lane(
-    f: &File,
-    lane: Vec<(usize, &mut [u8])>,
-    at: usize,
-    need: usize,
-    before_chunk: &BeforeChunk<'_>,
-    failed: &AtomicBool,
-) -> io::Result<()> {
-    let fail = |e: io::Error| {
-        failed.store(true, Ordering::Relaxed);
-        Err(e)
-    };
-    for (start, chunk) in lane {
-        if failed.load(Ordering::Relaxed) {
-            return Ok(());
-        }
-        if !before_chunk() {
-            return fail(io::Error::other("read stopped"));
-        }
-        let want = (need - start).min(chunk.len());
-        let mut done = 0;
-        while done < want {
-            match f.read_at(&mut chunk[done..], (at + start + done) as u64) {
-                Ok(0) => return fail(io::ErrorKind::UnexpectedEof.into()),
-                Ok(got) => done += got,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return fail(e),
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Opens `p` for direct reads, or `None` where the file system refuses `O_DIRECT`.
-#[cfg(target_os = "linux")]
-fn open_direct(p: &Path) -> Option<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(p)
-        .ok()
-}
-
-#[cfg(not(target_os = "linux"))]
-fn open_direct(_: &Path) -> Option<File> {
-    None
-}
-
-/// Drops a file range (`len` 0: to the end) from the page cache so the next read of it
-/// goes to the device.
-#[cfg(target_os = "linux")]
-fn drop_cached(f: &File, offset: i64, len: i64) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: a valid open descriptor; the call only advises the kernel.
-    unsafe {
-        libc::posix_fadvise(f.as_raw_fd(), offset, len, libc::POSIX_FADV_DONTNEED);
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn drop_cached(_: &File, _: i64, _: i64) {}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A read stops before the chunk `before_chunk` refuses, having read the chunks
-    /// before it; read several chunks at a time, it reads exactly the chunks allowed.
-    #[test]
-    fn a_read_stops_before_the_chunk_it_is_told_to() {
-        use std::sync::atomic::AtomicUsize;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("bytes.bin");
-        std::fs::write(&path, vec![1u8; 6 * READ_CHUNK]).unwrap();
-        let f = File::open(&path).unwrap();
-        for streams in [1, 3] {
-            let mut window = vec![0u8; 6 * READ_CHUNK];
-            let chunks = AtomicUsize::new(0);
-            let two = || chunks.fetch_add(1, Ordering::SeqCst) < 2;
-            let e = read_chunks(&f, &mut window, 0, 6 * READ_CHUNK, streams, &two).unwrap_err();
-            assert_eq!(e.to_string(), "read stopped");
-            let read: Vec<bool> = window
-                .chunks(READ_CHUNK)
-                .map(|c| c.iter().all(|&b| b == 1))
-                .collect();
-            assert_eq!(read.iter().filter(|&&r| r).count(), 2, "{streams} streams");
-            assert!(window
-                .chunks(READ_CHUNK)
-                .all(|c| c.iter().all(|&b| b == 1) || c.iter().all(|&b| b == 0)));
-            if streams == 1 {
-                assert_eq!(chunks.load(Ordering::SeqCst), 3);
-                assert_eq!(read[..3], [true, true, false]);
-            }
-        }
-    }
-
-    /// Direct and buffered reads return the same bytes for ranges that start and end off
-    /// the alignment, span chunks, and run to the file's unaligned end.
-    #[test]
-    fn direct_reads_match_buffered_reads_at_any_offset() {
-        let dir = std::env::temp_dir().join(format!("moecast-direct-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("bytes.bin");
-        let size = 3 * READ_CHUNK + 12_345;
-        let bytes: Vec<u8> = (0..size).map(|i| (i * 7 + i / 4093) as u8).collect();
-        std::fs::write(&path, &bytes).unwrap();
-        let buffered = File::open(&path).unwrap();
-        let direct = open_direct(&path);
-        if direct.is_none() {
-            eprintln!(
-                "{}: O_DIRECT refused here; only buffered reads checked",
-                dir.display()
-            );
-        }
-        let mut buf = Vec::new();
-        let chunks = std::sync::atomic::AtomicUsize::new(0);
-        let count = || {
-            chunks.fetch_add(1, Ordering::SeqCst);
-            true
-        };
-        for streams in [1, 3] {
-            for (offset, len) in [
-                (0, 10),
-                (1, DIRECT_ALIGN),
-                (4095, READ_CHUNK + 3),
-                (READ_CHUNK - 17, 2 * READ_CHUNK),
-                (size - 5000, 5000),
-                (0, size),
-            ] {
-                read_buffered(&buffered, offset, len, &mut buf, streams, &count).unwrap();
-                assert_eq!(
-                    &buf[..len],
-                    &bytes[offset..offset + len],
-                    "buffered {offset}+{len}, {streams} streams"
-                );
-                if let Some(d) = &direct {
-                    chunks.store(0, Ordering::SeqCst);
-                    let at = read_direct(d, offset, len, &mut buf, streams, &count).unwrap();
-                    assert_eq!(
-                        &buf[at..at + len],
-                        &bytes[offset..offset + len],
-                        "direct {offset}+{len}, {streams} streams"
-                    );
-                    assert!(
-                        chunks.load(Ordering::SeqCst) >= len / READ_CHUNK,
-                        "a pause point per chunk"
-                    );
-                }
-            }
-        }
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
