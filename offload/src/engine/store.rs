@@ -189,9 +189,11 @@ impl ExpertStore {
         })
     }
 
-    /// Reads tensor `r` and decodes it to f32: each chunk as its stream reads it, where
-    /// the tensor's values do not straddle chunks (its offset a multiple of its value
-    /// size, as in files that align their tensors), else after the read.
+    /// Reads tensor `r` and decodes it to f32. Read by several streams, each decodes the
+    /// chunks it reads, beside the others' reads, where the tensor's values do not
+    /// straddle chunks (its offset a multiple of its value size, as in files that align
+    /// their tensors); else (one stream: a prefetch, which may be stopped part-read, when
+    /// decoding what it read would be wasted) the tensor is decoded after the read.
     fn read_tensor(
         &self,
         file: usize,
@@ -205,7 +207,7 @@ impl ExpertStore {
         let size = value_size(r.dtype).map_err(|m| ModelError::file(path, m))?;
         let n = r.len / size;
         let mut values: Vec<f32> = Vec::with_capacity(n);
-        let chunked = r.offset.is_multiple_of(size);
+        let chunked = streams > 1 && r.offset.is_multiple_of(size);
         let mut at = None;
         if let Some(d) = f
             .direct
