@@ -47,37 +47,32 @@ impl<'a> ValueSink<'a> {
 /// of the tensor decode to (with a sink).
 type Chunk<'a, 'b> = (usize, &'a mut [u8], Option<&'b mut [MaybeUninit<f32>]>);
 
-/// Reads `len` bytes at `offset` into `buf` in [`READ_CHUNK`] chunks, `streams` at a
-/// time (decoding them into `sink` as they arrive), then drops the range from the page
-/// cache.
-pub(super) fn read_buffered(
-    f: &File,
-    offset: usize,
-    len: usize,
-    buf: &mut Vec<u8>,
-    streams: usize,
-    before_chunk: &BeforeChunk<'_>,
-    sink: Option<ValueSink<'_>>,
-) -> io::Result<()> {
-    buf.resize(len, 0);
-    read_chunks(f, buf, offset, 0, len, streams, before_chunk, sink)?;
-    drop_cached(f, offset as i64, len as i64);
-    Ok(())
+/// How a read goes: its chunks `streams` at a time, `before_chunk` called before each,
+/// and its values decoded into `sink` as they arrive (with one).
+pub(super) struct ChunkedRead<'a, 'v> {
+    pub streams: usize,
+    pub before_chunk: &'a BeforeChunk<'a>,
+    pub sink: Option<ValueSink<'v>>,
 }
 
-/// Reads `len` bytes at `offset` of a file opened with `O_DIRECT` into `buf`: the
-/// aligned range around them, in [`READ_CHUNK`] chunks `streams` at a time, into an
-/// aligned window of `buf` (decoding them into `sink` as they arrive). Returns where
-/// the bytes start in `buf`.
-pub(super) fn read_direct(
+/// Reads `len` bytes at `offset` of `f` into `buf` in [`READ_CHUNK`] chunks as `how`
+/// says. With `direct` (`f` opened with `O_DIRECT`), the aligned range around them into
+/// an aligned window of `buf`; else buffered, the range then dropped from the page
+/// cache. Returns where the bytes start in `buf`.
+pub(super) fn read_range(
     f: &File,
+    direct: bool,
     offset: usize,
     len: usize,
     buf: &mut Vec<u8>,
-    streams: usize,
-    before_chunk: &BeforeChunk<'_>,
-    sink: Option<ValueSink<'_>>,
+    how: ChunkedRead<'_, '_>,
 ) -> io::Result<usize> {
+    if !direct {
+        buf.resize(len, 0);
+        read_chunks(f, buf, offset, 0, len, how)?;
+        drop_cached(f, offset as i64, len as i64);
+        return Ok(0);
+    }
     let start = offset / DIRECT_ALIGN * DIRECT_ALIGN;
     let end = (offset + len).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
     buf.resize(end - start + DIRECT_ALIGN, 0);
@@ -90,9 +85,7 @@ pub(super) fn read_direct(
         start,
         offset - start,
         offset + len - start,
-        streams,
-        before_chunk,
-        sink,
+        how,
     )?;
     Ok(pad + offset - start)
 }
@@ -106,17 +99,19 @@ pub(super) fn read_direct(
 /// at a value) into the sink's values, so the decode runs beside the other streams'
 /// reads. The first error any stream meets is returned, and the other streams stop at
 /// their next chunk.
-#[allow(clippy::too_many_arguments)]
 fn read_chunks(
     f: &File,
     window: &mut [u8],
     at: usize,
     first: usize,
     need: usize,
-    streams: usize,
-    before_chunk: &BeforeChunk<'_>,
-    sink: Option<ValueSink<'_>>,
+    how: ChunkedRead<'_, '_>,
 ) -> io::Result<()> {
+    let ChunkedRead {
+        streams,
+        before_chunk,
+        sink,
+    } = how;
     let (dtype, size) = sink.as_ref().map_or((Dtype::U8, 1), |s| (s.dtype, s.size));
     let mut values = sink.map(|s| s.out);
     let chunks: Vec<Chunk> = window
@@ -266,8 +261,12 @@ mod tests {
             let mut window = vec![0u8; 6 * READ_CHUNK];
             let chunks = AtomicUsize::new(0);
             let two = || chunks.fetch_add(1, Ordering::SeqCst) < 2;
-            let e = read_chunks(&f, &mut window, 0, 0, 6 * READ_CHUNK, streams, &two, None)
-                .unwrap_err();
+            let how = ChunkedRead {
+                streams,
+                before_chunk: &two,
+                sink: None,
+            };
+            let e = read_chunks(&f, &mut window, 0, 0, 6 * READ_CHUNK, how).unwrap_err();
             assert_eq!(e.to_string(), "read stopped");
             let read: Vec<bool> = window
                 .chunks(READ_CHUNK)
@@ -308,6 +307,11 @@ mod tests {
             chunks.fetch_add(1, Ordering::SeqCst);
             true
         };
+        let how = |streams, sink| ChunkedRead {
+            streams,
+            before_chunk: &count,
+            sink,
+        };
         for streams in [1, 3] {
             for (offset, len) in [
                 (0, 10),
@@ -317,7 +321,7 @@ mod tests {
                 (size - 5000, 5000),
                 (0, size),
             ] {
-                read_buffered(&buffered, offset, len, &mut buf, streams, &count, None).unwrap();
+                read_range(&buffered, false, offset, len, &mut buf, how(streams, None)).unwrap();
                 assert_eq!(
                     &buf[..len],
                     &bytes[offset..offset + len],
@@ -325,7 +329,8 @@ mod tests {
                 );
                 if let Some(d) = &direct {
                     chunks.store(0, Ordering::SeqCst);
-                    let at = read_direct(d, offset, len, &mut buf, streams, &count, None).unwrap();
+                    let at =
+                        read_range(d, true, offset, len, &mut buf, how(streams, None)).unwrap();
                     assert_eq!(
                         &buf[at..at + len],
                         &bytes[offset..offset + len],
@@ -352,7 +357,7 @@ mod tests {
         let bytes: Vec<u8> = (0..size).map(|i| (i * 31 + i / 977) as u8).collect();
         std::fs::write(&path, &bytes).unwrap();
         let buffered = File::open(&path).unwrap();
-        let direct = open_direct(&path);
+        let direct_file = open_direct(&path);
         let mut buf = Vec::new();
         let yes = || true;
         for (dtype, value) in [(Dtype::BF16, 2), (Dtype::F32, 4)] {
@@ -361,27 +366,25 @@ mod tests {
                     let want = decode_f32(&bytes[offset..offset + len], dtype).unwrap();
                     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                     let n = len / value;
-                    let mut values = Vec::with_capacity(n);
-                    let sink = ValueSink::new(&mut values, n, dtype, value);
-                    read_buffered(&buffered, offset, len, &mut buf, streams, &yes, Some(sink))
-                        .unwrap();
-                    // SAFETY: the read succeeded, so its chunks decoded all `n`.
-                    unsafe { values.set_len(n) };
-                    assert_eq!(
-                        bits(&values),
-                        bits(&want),
-                        "buffered {dtype:?} {offset}+{len}, {streams}"
-                    );
-                    if let Some(d) = &direct {
+                    for direct in [false, true] {
+                        if direct && direct_file.is_none() {
+                            continue;
+                        }
                         let mut values = Vec::with_capacity(n);
-                        let sink = ValueSink::new(&mut values, n, dtype, value);
-                        read_direct(d, offset, len, &mut buf, streams, &yes, Some(sink)).unwrap();
-                        // SAFETY: as above.
+                        let how = ChunkedRead {
+                            streams,
+                            before_chunk: &yes,
+                            sink: Some(ValueSink::new(&mut values, n, dtype, value)),
+                        };
+                        let f = direct_file.as_ref().filter(|_| direct).unwrap_or(&buffered);
+                        let at = read_range(f, direct, offset, len, &mut buf, how).unwrap();
+                        assert_eq!(&buf[at..at + len], &bytes[offset..offset + len]);
+                        // SAFETY: the read succeeded, so its chunks decoded all `n`.
                         unsafe { values.set_len(n) };
                         assert_eq!(
                             bits(&values),
                             bits(&want),
-                            "direct {dtype:?} {offset}+{len}, {streams}"
+                            "direct {direct}, {dtype:?} {offset}+{len}, {streams} streams"
                         );
                     }
                 }

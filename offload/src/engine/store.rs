@@ -25,7 +25,7 @@ use inference::moe::SparseMoe;
 
 pub(super) use super::chunked::BeforeChunk;
 pub use super::chunked::READ_CHUNK;
-use super::chunked::{drop_cached, open_direct, read_buffered, read_direct, ValueSink};
+use super::chunked::{drop_cached, open_direct, read_range, ChunkedRead, ValueSink};
 
 /// Chunks of one demand read in flight at once by default (its queue depth). Prefetches
 /// read one chunk at a time: several would each hold a demand read up by a chunk.
@@ -214,8 +214,12 @@ impl ExpertStore {
             .as_ref()
             .filter(|_| f.direct_ok.load(Ordering::Relaxed))
         {
-            let sink = chunked.then(|| ValueSink::new(&mut values, n, r.dtype, size));
-            match read_direct(d, r.offset, r.len, buf, streams, before_chunk, sink) {
+            let how = ChunkedRead {
+                streams,
+                before_chunk,
+                sink: chunked.then(|| ValueSink::new(&mut values, n, r.dtype, size)),
+            };
+            match read_range(d, true, r.offset, r.len, buf, how) {
                 Ok(start) => at = Some(start),
                 // The file system took O_DIRECT at open but not its reads.
                 Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
@@ -227,18 +231,13 @@ impl ExpertStore {
         let at = match at {
             Some(start) => start,
             None => {
-                let sink = chunked.then(|| ValueSink::new(&mut values, n, r.dtype, size));
-                read_buffered(
-                    &f.buffered,
-                    r.offset,
-                    r.len,
-                    buf,
+                let how = ChunkedRead {
                     streams,
                     before_chunk,
-                    sink,
-                )
-                .map(|()| 0)
-                .map_err(|e| ModelError::io(path, e))?
+                    sink: chunked.then(|| ValueSink::new(&mut values, n, r.dtype, size)),
+                };
+                read_range(&f.buffered, false, r.offset, r.len, buf, how)
+                    .map_err(|e| ModelError::io(path, e))?
             }
         };
         if !chunked {
