@@ -129,11 +129,11 @@ fn read_chunks(
             (start, c, piece)
         })
         .collect();
-    // Every value has its chunk (the pieces add up to the sink's values).
-    assert!(
-        values.is_none_or(|v| v.is_empty()),
-        "a tensor's values past its chunks"
-    );
+    // Every value has its chunk (the pieces add up to the sink's values), or the
+    // values could not all be written.
+    if values.is_some_and(|v| !v.is_empty()) {
+        return Err(io::Error::other("a tensor's values reach past its bytes"));
+    }
     let streams = streams.clamp(1, chunks.len().max(1));
     let failed = AtomicBool::new(false);
     let mut lanes: Vec<Vec<Chunk>> = (0..streams).map(|_| Vec::new()).collect();
@@ -163,6 +163,7 @@ fn read_chunks(
         result
     })
 }
+
 /// Where a read's chunks lie: the window's file offset, the tensor's bytes in the
 /// window (`first..need`), and its dtype.
 #[derive(Clone, Copy)]
