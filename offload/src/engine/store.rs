@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use burn::tensor::Device;
 
-use inference::checkpoint::{decode_f32, value_size, Checkpoint, TensorRef};
+use inference::checkpoint::{decode_into, value_size, Checkpoint, TensorRef};
 use inference::error::{ModelError, Result};
 use inference::layers::{Dense, GluActivation, SwiGlu};
 use inference::moe::SparseMoe;
@@ -208,18 +208,21 @@ impl ExpertStore {
         let n = r.len / size;
         let mut values: Vec<f32> = Vec::with_capacity(n);
         let chunked = streams > 1 && r.offset.is_multiple_of(size);
+        let mut read = |file: &File, direct: bool| {
+            let how = ChunkedRead {
+                streams,
+                before_chunk,
+                sink: chunked.then(|| ValueSink::new(&mut values, n, r.dtype, size)),
+            };
+            read_range(file, direct, r.offset, r.len, buf, how)
+        };
         let mut at = None;
         if let Some(d) = f
             .direct
             .as_ref()
             .filter(|_| f.direct_ok.load(Ordering::Relaxed))
         {
-            let how = ChunkedRead {
-                streams,
-                before_chunk,
-                sink: chunked.then(|| ValueSink::new(&mut values, n, r.dtype, size)),
-            };
-            match read_range(d, true, r.offset, r.len, buf, how) {
+            match read(d, true) {
                 Ok(start) => at = Some(start),
                 // The file system took O_DIRECT at open but not its reads.
                 Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
@@ -230,22 +233,19 @@ impl ExpertStore {
         }
         let at = match at {
             Some(start) => start,
-            None => {
-                let how = ChunkedRead {
-                    streams,
-                    before_chunk,
-                    sink: chunked.then(|| ValueSink::new(&mut values, n, r.dtype, size)),
-                };
-                read_range(&f.buffered, false, r.offset, r.len, buf, how)
-                    .map_err(|e| ModelError::io(path, e))?
-            }
+            None => read(&f.buffered, false).map_err(|e| ModelError::io(path, e))?,
         };
         if !chunked {
-            return decode_f32(&buf[at..at + r.len], r.dtype)
-                .map_err(|m| ModelError::file(path, m));
+            decode_into(
+                &buf[at..at + r.len],
+                r.dtype,
+                &mut values.spare_capacity_mut()[..n],
+            )
+            .map_err(|m| ModelError::file(path, m))?;
         }
-        // SAFETY: the read succeeded, so every chunk was read and decoded: the chunks'
-        // values cover all `n` (`read_chunks` checks that they add up).
+        // SAFETY: every value was written: by the chunks' decodes (`read_chunks` checks
+        // that their values add up to `n`), or by the decode after the read (the read
+        // holds `n` values).
         unsafe { values.set_len(n) };
         Ok(values)
     }
