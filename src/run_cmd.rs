@@ -75,9 +75,9 @@ pub(crate) struct RunArgs {
     /// Measure prefetch inside this run: run it on and off in alternate windows of N
     /// decode steps, 2 or more (no guard; the first window warms the cache, the first
     /// step after each switch is not measured) and print how much longer steps without
-    /// it took, each window without it against the windows with it on either side. Separate runs see
-    /// a disk's speed drift by more than prefetch's effect; this pairs them within
-    /// minutes. Tokens/s then mixes both settings. Any prefetcher, fixed or planned.
+    /// it took, each window without it against the windows with it on either side.
+    /// Separate runs see a disk's speed drift by more than prefetch's effect; this pairs
+    /// them within minutes. Tokens/s then mixes both settings. Any prefetcher, fixed or planned.
     #[arg(long, value_name = "N")]
     alternate_prefetch: Option<usize>,
     /// With a lookahead predictor, also forecast the next layers after each layer (more
