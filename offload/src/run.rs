@@ -175,6 +175,7 @@ pub fn run_offloaded(cfg: &OffloadRunConfig) -> Result<OffloadRun, OffloadError>
         },
         oracle_lead: cfg.oracle_lead,
         oracle_planned: cfg.oracle_planned,
+        plan_timings: None,
     };
     let mut engine = OffloadEngine::new(&ck, &mut offloaded, engine_cfg, online, &device)?;
     if let Some(path) = &cfg.replay {

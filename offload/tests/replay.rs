@@ -6,7 +6,7 @@ use inference::routing::{RouteDecision, RoutingObserver};
 use inference::{Checkpoint, MoeModel};
 use offload::cache::EvictionPolicy;
 use offload::engine::replay::replay_sequence;
-use offload::engine::{EngineConfig, OffloadEngine};
+use offload::engine::{EngineConfig, OffloadEngine, PlanTimings};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tinymoe::synth::{expert_bytes, write_synthetic_checkpoint};
@@ -186,17 +186,33 @@ fn the_replay_oracle_reads_each_recorded_expert_ahead() {
             "{err}"
         );
     }
-    // Planned, the oracle's reads are offered to the planner as certain forecasts.
-    let r = run_with(EngineConfig {
-        oracle_lead: Some(2),
-        planned: true,
-        oracle_planned: true,
-        ..EngineConfig::demand_paging(12, EvictionPolicy::NextUse)
-    });
+    // Planned, the oracle's reads are offered to the planner as certain forecasts. It
+    // plans with stated timings, so a loaded machine does not move its decisions: with
+    // reads a tenth of a layer's time it reads them ahead; with reads a hundred layers
+    // long none would save what it costs the demand reads it delays.
+    let planned = |read_us: f64| {
+        run_with(EngineConfig {
+            oracle_lead: Some(2),
+            planned: true,
+            oracle_planned: true,
+            plan_timings: Some(PlanTimings {
+                read_us,
+                layer_us: 1000.0,
+            }),
+            ..EngineConfig::demand_paging(12, EvictionPolicy::NextUse)
+        })
+    };
+    let r = planned(100.0);
     let counts = r.planner.expect("the planner ran");
     assert_eq!(r.budget, "auto");
     assert!(counts.offered > 0 && counts.issued > 0, "{counts:?}");
     assert!(r.prefetches > 0 && r.misses < demand.misses, "{r:?}");
+    let state = r.planner_state.expect("the planner's state");
+    assert_eq!((state.read_us, state.layer_period_us), (100.0, 1000.0));
+    let r = planned(100_000.0);
+    let counts = r.planner.expect("the planner ran");
+    assert!(counts.offered > 0 && counts.issued == 0, "{counts:?}");
+    assert_eq!((r.prefetches, r.misses), (0, demand.misses), "{r:?}");
 }
 
 /// Records the router inputs it is given, per layer, and wants them at every layer.

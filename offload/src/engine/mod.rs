@@ -66,6 +66,7 @@ use inference::models::MoeModel;
 use inference::routing::RouteDecision;
 pub use loader::{ExpertLoader, LinkUse, Loaded};
 pub use paired::{AlternatingPrefetch, PairedEstimate, PrefetchSwitch};
+pub use planned::PlanTimings;
 pub use report::EngineReport;
 pub use store::{ExpertStore, DEFAULT_READ_STREAMS, READ_CHUNK};
 
@@ -127,6 +128,9 @@ pub struct EngineConfig {
     /// as certain forecasts (probability 1) instead of read in full, so a run measures
     /// what the planner itself leaves on the table.
     pub oracle_planned: bool,
+    /// Planned: plan with these timings instead of the measured ones (decisions that do
+    /// not depend on the machine's load: tests, or a simulator's setting reproduced).
+    pub plan_timings: Option<PlanTimings>,
 }
 
 impl EngineConfig {
@@ -151,6 +155,7 @@ impl EngineConfig {
             blend: None,
             oracle_lead: None,
             oracle_planned: false,
+            plan_timings: None,
         }
     }
 }
@@ -328,8 +333,9 @@ impl OffloadEngine {
                 "alternating prefetch (--alternate-prefetch) measures a prefetcher against none inside one run, and this run has none (--predictor, --token-table, --blend, --pre-attention, --lens or --oracle-prefetch)".into(),
             ));
         }
-        let planner = (cfg.planned && report.budget == "auto")
-            .then(|| planned::EnginePlanner::new(shape.top_k, e, m, capacity, chunk_share));
+        let planner = (cfg.planned && report.budget == "auto").then(|| {
+            planned::EnginePlanner::new(shape.top_k, e, m, capacity, chunk_share, cfg.plan_timings)
+        });
         let switch = match cfg.alternate_prefetch {
             Some(window) => Some(PrefetchSwitch::Alternate(AlternatingPrefetch::new(window))),
             None => (cfg.prefetch_guard && planner.is_some()).then(|| {

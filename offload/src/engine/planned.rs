@@ -16,10 +16,25 @@ const RATE: f64 = 0.1;
 /// Reads per measurement of the link's time per read.
 const LINK_WINDOW: f64 = 8.0;
 
+/// Timings the planner plans with in place of the ones it measures: its clock moves
+/// `layer_us` per moment (a token's start, a layer's routing) and each read takes
+/// `read_us`, as in the simulator, so its decisions do not depend on how busy the
+/// machine is (tests; a run reproducing a simulator's setting).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PlanTimings {
+    /// Link time per expert read, microseconds.
+    pub read_us: f64,
+    /// Time from one lookup to the next (and from a token's start to its first),
+    /// microseconds.
+    pub layer_us: f64,
+}
+
 /// The planner and the clocks it plans with.
 pub(super) struct EnginePlanner {
     pub(super) planner: PrefetchPlanner,
     clock: Instant,
+    /// Stated timings instead of measured ones.
+    stated: Option<PlanTimings>,
     /// Running means, microseconds: the link's time per expert read, one layer (lookup
     /// to lookup), and a token's start to its first lookup.
     read_us: Option<f64>,
@@ -50,7 +65,10 @@ impl EnginePlanner {
         n_moe: usize,
         capacity: usize,
         chunk_share: f64,
+        stated: Option<PlanTimings>,
     ) -> Self {
+        let read_us = stated.map(|t| t.read_us);
+        let layer_us = stated.map(|t| t.layer_us);
         EnginePlanner {
             planner: PrefetchPlanner::new(PlannerSettings {
                 read_us: 0.0,
@@ -62,12 +80,13 @@ impl EnginePlanner {
                 capacity,
             }),
             clock: Instant::now(),
-            read_us: None,
+            stated,
+            read_us,
             link_seen: LinkUse::default(),
-            period_us: None,
-            compute_us: None,
+            period_us: layer_us,
+            compute_us: layer_us,
             stall_us: 0.0,
-            first_lookup_us: None,
+            first_lookup_us: layer_us,
             token_start: 0.0,
             last_lookup: None,
             moment: 0,
@@ -75,22 +94,29 @@ impl EnginePlanner {
         }
     }
 
+    /// Microseconds since the planner started; with stated timings, the latest
+    /// moment's time.
     fn now(&self) -> f64 {
-        self.clock.elapsed().as_secs_f64() * 1e6
+        match self.stated {
+            Some(t) => self.moment as f64 * t.layer_us,
+            None => self.clock.elapsed().as_secs_f64() * 1e6,
+        }
     }
 
     /// A decode step starts.
     pub(super) fn token_started(&mut self) {
+        self.moment += 1;
         self.token_start = self.now();
         self.last_lookup = None;
         self.stall_us = 0.0;
-        self.moment += 1;
     }
 
     /// A MoE layer routed now.
     pub(super) fn routed(&mut self) {
+        self.moment += 1;
         let now = self.now();
         match self.last_lookup {
+            _ if self.stated.is_some() => {}
             Some(t) => {
                 self.period_us = ema(self.period_us, now - t);
                 self.compute_us = ema(self.compute_us, (now - t - self.stall_us).max(0.0));
@@ -99,7 +125,6 @@ impl EnginePlanner {
         }
         self.last_lookup = Some(now);
         self.stall_us = 0.0;
-        self.moment += 1;
     }
 
     /// The decode thread waited `seconds` for a read.
@@ -113,6 +138,9 @@ impl EnginePlanner {
     /// for demand reads are a demand read's time), not one read's latency; the first
     /// read's latency stands in until then.
     pub(super) fn read_done(&mut self, seconds: f64, link: LinkUse) {
+        if self.stated.is_some() {
+            return;
+        }
         let done = |u: &LinkUse| u.reads + 0.5 * u.active as f64;
         let reads = done(&link) - done(&self.link_seen);
         if reads >= LINK_WINDOW {
