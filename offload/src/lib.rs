@@ -7,7 +7,7 @@
 pub mod cache;
 pub mod engine;
 pub mod gate;
-pub mod planner;
+pub use planner;
 pub mod prefetch;
 pub mod replay;
 pub mod run;

@@ -57,6 +57,7 @@ use predictor::{OnlinePredictor, Task};
 
 use crate::cache::{CacheScope, EvictionPolicy, ExpertCache, Insertion};
 use crate::gate::NextTokenGate;
+pub use crate::planner::PlanTimings;
 use crate::prefetch::OnlineBlend;
 pub use guard::PrefetchGuard;
 use inference::checkpoint::Checkpoint;
@@ -66,7 +67,6 @@ use inference::models::MoeModel;
 use inference::routing::RouteDecision;
 pub use loader::{ExpertLoader, LinkUse, Loaded};
 pub use paired::{AlternatingPrefetch, PairedEstimate, PrefetchSwitch};
-pub use planned::PlanTimings;
 pub use report::EngineReport;
 pub use store::{ExpertStore, DEFAULT_READ_STREAMS, READ_CHUNK};
 

@@ -26,7 +26,7 @@ impl RoutingObserver for OffloadEngine {
             return;
         }
         if let Some(p) = &mut self.planner {
-            p.token_started();
+            p.clock.token_started();
         }
         if !self.prefetching() {
             return;

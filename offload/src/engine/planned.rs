@@ -3,59 +3,25 @@
 //! queue and each layer's routing.
 
 use std::collections::{HashMap, HashSet};
-use std::time::Instant;
 
 use crate::planner::{
-    lookups_until, Candidate, LinkState, PlannerSettings, PrefetchPlanner, Verdict,
+    lookups_until, Candidate, LinkState, PlanClock, PlanTimings, PlannerSettings, PrefetchPlanner,
+    Verdict,
 };
 
 use super::{LinkUse, OffloadEngine};
 
-/// Weight of the newest measurement in the running timings.
-const RATE: f64 = 0.1;
 /// Reads per measurement of the link's time per read.
 const LINK_WINDOW: f64 = 8.0;
 
-/// Timings the planner plans with in place of the ones it measures: its clock moves
-/// `layer_us` per moment (a token's start, a layer's routing) and each read takes
-/// `read_us`, as in the simulator, so its decisions do not depend on how busy the
-/// machine is (tests; a run reproducing a simulator's setting).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct PlanTimings {
-    /// Link time per expert read, microseconds.
-    pub read_us: f64,
-    /// Time from one lookup to the next (and from a token's start to its first),
-    /// microseconds.
-    pub layer_us: f64,
-}
-
-/// The planner and the clocks it plans with.
+/// The planner and the clock it plans with.
 pub(super) struct EnginePlanner {
     pub(super) planner: PrefetchPlanner,
-    clock: Instant,
-    /// Stated timings instead of measured ones.
-    stated: Option<PlanTimings>,
-    /// Running means, microseconds: the link's time per expert read, one layer (lookup
-    /// to lookup), and a token's start to its first lookup.
-    read_us: Option<f64>,
+    pub(super) clock: PlanClock,
     /// The link's use at the last measurement.
     link_seen: LinkUse,
-    period_us: Option<f64>,
-    /// Running mean of a layer's time without its stalls (lookup to lookup), and the
-    /// stall since the last lookup.
-    compute_us: Option<f64>,
-    stall_us: f64,
-    first_lookup_us: Option<f64>,
-    token_start: f64,
-    last_lookup: Option<f64>,
-    /// The moments (token starts and layer routings) so far.
-    pub(super) moment: u64,
     /// The share of a read a demand read can wait for (one chunk of a prefetch).
     chunk_share: f64,
-}
-
-fn ema(old: Option<f64>, x: f64) -> Option<f64> {
-    Some(old.map_or(x, |o| o + RATE * (x - o)))
 }
 
 impl EnginePlanner {
@@ -67,8 +33,6 @@ impl EnginePlanner {
         chunk_share: f64,
         stated: Option<PlanTimings>,
     ) -> Self {
-        let read_us = stated.map(|t| t.read_us);
-        let layer_us = stated.map(|t| t.layer_us);
         EnginePlanner {
             planner: PrefetchPlanner::new(PlannerSettings {
                 read_us: 0.0,
@@ -79,57 +43,10 @@ impl EnginePlanner {
                 n_moe,
                 capacity,
             }),
-            clock: Instant::now(),
-            stated,
-            read_us,
+            clock: PlanClock::new(stated),
             link_seen: LinkUse::default(),
-            period_us: layer_us,
-            compute_us: layer_us,
-            stall_us: 0.0,
-            first_lookup_us: layer_us,
-            token_start: 0.0,
-            last_lookup: None,
-            moment: 0,
-            chunk_share: chunk_share.clamp(0.0, 1.0),
+            chunk_share,
         }
-    }
-
-    /// Microseconds since the planner started; with stated timings, the latest
-    /// moment's time.
-    fn now(&self) -> f64 {
-        match self.stated {
-            Some(t) => self.moment as f64 * t.layer_us,
-            None => self.clock.elapsed().as_secs_f64() * 1e6,
-        }
-    }
-
-    /// A decode step starts.
-    pub(super) fn token_started(&mut self) {
-        self.moment += 1;
-        self.token_start = self.now();
-        self.last_lookup = None;
-        self.stall_us = 0.0;
-    }
-
-    /// A MoE layer routed now.
-    pub(super) fn routed(&mut self) {
-        self.moment += 1;
-        let now = self.now();
-        match self.last_lookup {
-            _ if self.stated.is_some() => {}
-            Some(t) => {
-                self.period_us = ema(self.period_us, now - t);
-                self.compute_us = ema(self.compute_us, (now - t - self.stall_us).max(0.0));
-            }
-            None => self.first_lookup_us = ema(self.first_lookup_us, now - self.token_start),
-        }
-        self.last_lookup = Some(now);
-        self.stall_us = 0.0;
-    }
-
-    /// The decode thread waited `seconds` for a read.
-    pub(super) fn stalled(&mut self, seconds: f64) {
-        self.stall_us += seconds * 1e6;
     }
 
     /// A read finished after `seconds`; the loader has used the link as `link` says.
@@ -138,65 +55,37 @@ impl EnginePlanner {
     /// for demand reads are a demand read's time), not one read's latency; the first
     /// read's latency stands in until then.
     pub(super) fn read_done(&mut self, seconds: f64, link: LinkUse) {
-        if self.stated.is_some() {
-            return;
-        }
         let done = |u: &LinkUse| u.reads + 0.5 * u.active as f64;
         let reads = done(&link) - done(&self.link_seen);
         if reads >= LINK_WINDOW {
             let busy = link.busy.saturating_sub(self.link_seen.busy).as_secs_f64();
-            let per_read = busy * 1e6 / reads;
             // The first measurement replaces the stand-in.
-            self.read_us = if self.link_seen.reads == 0.0 {
-                Some(per_read)
-            } else {
-                ema(self.read_us, per_read)
-            };
+            let first = self.link_seen.reads == 0.0;
+            self.clock.read_measured(busy * 1e6 / reads, first);
             self.link_seen = link;
-        } else if self.read_us.is_none() {
-            self.read_us = Some(seconds * 1e6);
+        } else {
+            self.clock.read_stand_in(seconds * 1e6);
         }
     }
 
     /// How much one more queued read moves the end of the loader's queue.
     fn queued_read_us(&self) -> f64 {
-        self.read_us.unwrap_or(0.0)
+        self.clock.read_us().unwrap_or(0.0)
     }
 
     /// The clock and the next lookup, with the link free now (the caller adds the reads
     /// queued ahead); the planner's timings are brought up to date. `demand_reads`: the
     /// reads the layer just routed still waits for, in reads.
     fn link(&mut self, demand_reads: f64) -> LinkState {
-        let now = self.now();
-        let read = self.read_us.unwrap_or(0.0);
-        let period = self.period_us.unwrap_or(0.0);
         // One loader thread is kept for demand reads (with two or more), so a demand
         // read never queues behind a prefetch, and a prefetch pauses between chunks
         // while one runs: they share the disk for at most one chunk per prefetch
         // thread.
-        let s = PlannerSettings {
-            read_us: read,
-            chunk_us: read * self.chunk_share,
-            layer_period_us: period,
-            ..*self.planner.settings()
-        };
+        let s = self
+            .clock
+            .settings(*self.planner.settings(), self.chunk_share);
         self.planner.set_settings(s);
-        // The next lookup comes a period after the last on average; when this layer's
-        // demand reads are still running it comes no earlier than their end and a
-        // layer's compute after it (a layer with misses takes longer than the mean).
-        let next_lookup = match self.last_lookup {
-            Some(t) => {
-                let known = now + demand_reads * read + self.compute_us.unwrap_or(0.0);
-                (t + period).max(known)
-            }
-            None => self.token_start + self.first_lookup_us.unwrap_or(0.0),
-        }
-        .max(now);
-        LinkState {
-            now,
-            link_free: now,
-            next_lookup,
-        }
+        self.clock.link(demand_reads)
     }
 }
 
@@ -265,7 +154,7 @@ impl OffloadEngine {
             }
             if verdict == Verdict::Issue {
                 self.admit(id, false);
-                self.planned_for.insert(id, (target, plan.moment));
+                self.planned_for.insert(id, (target, plan.clock.moment()));
                 if let Some(v) = background {
                     plan.planner.note_evicted(v);
                 }
@@ -298,7 +187,7 @@ impl OffloadEngine {
             self.n_experts,
             m,
             token,
-            plan.moment,
+            plan.clock.moment(),
             kept,
         );
         for id in losers {
@@ -357,7 +246,7 @@ impl OffloadEngine {
         let Some(mut plan) = self.planner.take() else {
             return;
         };
-        plan.routed();
+        plan.clock.routed();
         plan.planner.observe_layer(m, needed, misses);
         let token = self.step;
         self.cancel_planned(&mut plan, m, token, needed, true);

@@ -66,7 +66,7 @@ impl ExpertSource for OffloadEngine {
                     let stall = waited.elapsed().as_secs_f64();
                     self.report.stall_s += stall;
                     if let Some(p) = &mut self.planner {
-                        p.stalled(stall);
+                        p.clock.stalled(stall);
                     }
                 }
                 return Ok(expert);

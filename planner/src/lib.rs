@@ -38,6 +38,11 @@
 
 use std::collections::HashMap;
 
+mod clock;
+mod staging;
+pub use clock::{PlanClock, PlanTimings};
+pub use staging::{LinkQueue, StagingError, StagingPlanner};
+
 /// How many of a forecaster's experts are read: the best `n` of every forecast layer at
 /// every moment, or what the planner judges worth a read (`auto`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

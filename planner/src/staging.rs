@@ -1,0 +1,238 @@
+//! Planned prefetch for a runtime that owns its cache and its reads (llama.cpp, a Python
+//! engine; through the C ABI): the runtime says when each token starts and each MoE
+//! layer routes, how long its reads take, and offers each forecast; the planner answers
+//! which forecast experts to stage now.
+
+use std::collections::HashSet;
+
+use crate::{
+    lookups_until, Candidate, PlanClock, PlanTimings, PlannerCounts, PlannerSettings, PlannerState,
+    PrefetchPlanner, Verdict,
+};
+
+/// A forecast or a routing that does not fit the model's shape.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StagingError {
+    #[error("MoE layer {layer} is outside 0..{n_moe}")]
+    Layer { layer: usize, n_moe: usize },
+    #[error("expert {expert} is outside 0..{n_experts}")]
+    Expert { expert: u16, n_experts: usize },
+    #[error("{what} holds {got} values for a forecast of {want} experts")]
+    Length {
+        what: &'static str,
+        got: usize,
+        want: usize,
+    },
+}
+
+/// What a runtime's link and cache hold when it offers a forecast.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkQueue {
+    /// Reads queued or running now, demand and staged: a read staged now goes behind
+    /// them.
+    pub queued_reads: usize,
+    /// Cache slots free now: a read into one evicts nothing.
+    pub free_slots: usize,
+}
+
+/// The planner of a runtime that stages experts itself. Staged reads are assumed to go
+/// one after another behind the reads already queued, each taking the link's measured
+/// time per read, and a demand read to wait for a staged read on the link in full.
+#[derive(Debug, Clone)]
+pub struct StagingPlanner {
+    planner: PrefetchPlanner,
+    clock: PlanClock,
+    /// The decode step and the MoE layer whose lookup comes next (`n_moe`: the next
+    /// token's first).
+    token: u64,
+    next_layer: usize,
+    started: bool,
+    /// Experts staged for lookups still ahead (`layer * n_experts + expert`).
+    staged: HashSet<u32>,
+}
+
+impl StagingPlanner {
+    /// A planner for `n_moe` MoE layers of `n_experts` experts, `top_k` routed per
+    /// token, and a cache of `capacity` experts; it measures its timings, or plans with
+    /// `stated` ones.
+    pub fn new(
+        n_moe: usize,
+        n_experts: usize,
+        top_k: usize,
+        capacity: usize,
+        stated: Option<PlanTimings>,
+    ) -> Self {
+        let settings = PlannerSettings {
+            read_us: 0.0,
+            chunk_us: 0.0,
+            layer_period_us: 0.0,
+            top_k,
+            n_experts,
+            n_moe,
+            capacity,
+        };
+        StagingPlanner {
+            planner: PrefetchPlanner::new(settings),
+            clock: PlanClock::new(stated),
+            token: 0,
+            next_layer: 0,
+            started: false,
+            staged: HashSet::new(),
+        }
+    }
+
+    fn dims(&self) -> (usize, usize) {
+        let s = self.planner.settings();
+        (s.n_moe, s.n_experts)
+    }
+
+    fn check_layer(&self, layer: usize) -> Result<(), StagingError> {
+        let (n_moe, _) = self.dims();
+        if layer < n_moe {
+            Ok(())
+        } else {
+            Err(StagingError::Layer { layer, n_moe })
+        }
+    }
+
+    fn check_experts(&self, experts: &[u16]) -> Result<(), StagingError> {
+        let (_, n_experts) = self.dims();
+        match experts.iter().find(|&&x| x as usize >= n_experts) {
+            Some(&expert) => Err(StagingError::Expert { expert, n_experts }),
+            None => Ok(()),
+        }
+    }
+
+    /// A decode step starts (before its first MoE layer routes).
+    pub fn token_started(&mut self) {
+        if self.started {
+            self.token += 1;
+        }
+        self.started = true;
+        self.next_layer = 0;
+        self.clock.token_started();
+    }
+
+    /// MoE layer `layer` of the current token routed to `experts`, of which
+    /// `demand_reads` were read on demand: the planner learns how sure the forecasts
+    /// of this layer were and how often a lookup misses.
+    pub fn layer_routed(
+        &mut self,
+        layer: usize,
+        experts: &[u16],
+        demand_reads: usize,
+    ) -> Result<(), StagingError> {
+        self.check_layer(layer)?;
+        self.check_experts(experts)?;
+        let (_, e) = self.dims();
+        let used: Vec<usize> = experts.iter().map(|&x| layer * e + x as usize).collect();
+        self.clock.routed();
+        self.planner.observe_layer(layer, &used, demand_reads);
+        self.next_layer = layer + 1;
+        self.staged.retain(|&id| id as usize / e != layer);
+        Ok(())
+    }
+
+    /// A read (demand or staged) took `seconds` of the link.
+    pub fn read_done(&mut self, seconds: f64) {
+        self.clock.read_measured(seconds * 1e6, false);
+    }
+
+    /// The decode thread waited `seconds` for a read.
+    pub fn stalled(&mut self, seconds: f64) {
+        self.clock.stalled(seconds);
+    }
+
+    /// MoE layer `layer`'s forecast, best first, for its next lookup (this token's if
+    /// it has not routed yet, else the next token's). `probs`: the forecaster's
+    /// probability of each (`None`: it ranks only; the planner calibrates ranks).
+    /// `resident[i]`: `ranking[i]` is resident or being read already (offered, so the
+    /// planner learns how sure the forecast is, but not read again). Returns the experts
+    /// to stage now, in order, as `layer * n_experts + expert`: from this forecast and
+    /// from earlier ones not worth a read when offered, judged again; at most `room`.
+    pub fn plan(
+        &mut self,
+        layer: usize,
+        ranking: &[u16],
+        probs: Option<&[f32]>,
+        resident: Option<&[bool]>,
+        queue: LinkQueue,
+        room: usize,
+    ) -> Result<Vec<u32>, StagingError> {
+        self.check_layer(layer)?;
+        self.check_experts(ranking)?;
+        let want = ranking.len();
+        for (what, got) in [
+            ("probs", probs.map(<[f32]>::len)),
+            ("resident", resident.map(<[bool]>::len)),
+        ] {
+            if let Some(got) = got.filter(|&g| g != want) {
+                return Err(StagingError::Length { what, got, want });
+            }
+        }
+        let (n, e) = self.dims();
+        let (ahead, _) = lookups_until(layer, self.next_layer, n);
+        let mut offered = Vec::with_capacity(want);
+        for (rank, &x) in ranking.iter().enumerate() {
+            let c = Candidate {
+                id: (layer * e + x as usize) as u32,
+                layers_ahead: ahead,
+                horizon: ahead,
+                prob: probs.map_or(f32::NAN, |p| p[rank]),
+                rank,
+            };
+            self.planner.note_offered(&c);
+            if !resident.is_some_and(|r| r[rank]) {
+                offered.push((self.planner.calibrated(&c), c));
+            }
+        }
+        self.planner
+            .merge_deferred(&mut offered, self.token, self.next_layer);
+        let s = self.clock.settings(*self.planner.settings(), 1.0);
+        self.planner.set_settings(s);
+        let now = self.clock.link(0.0);
+        let mut issued = Vec::new();
+        for (_, c) in offered {
+            if issued.len() == room || self.staged.contains(&c.id) {
+                continue;
+            }
+            let reads_before = (queue.queued_reads + issued.len()) as f64;
+            let link = crate::LinkState {
+                link_free: now.now + reads_before * s.read_us,
+                ..now
+            };
+            let victim = if issued.len() < queue.free_slots {
+                0.0
+            } else {
+                self.planner.background_probability()
+            };
+            // The decode step whose lookup of its layer comes next.
+            let (_, next_token) = lookups_until(c.id as usize / e, self.next_layer, n);
+            match self.planner.judge(&c, &link, victim) {
+                Verdict::Issue => {
+                    self.staged.insert(c.id);
+                    issued.push(c.id);
+                }
+                Verdict::NotWorth => self.planner.defer(c, self.token + u64::from(next_token)),
+                Verdict::Late => {}
+            }
+        }
+        Ok(issued)
+    }
+
+    /// What it decided so far.
+    pub fn counts(&self) -> PlannerCounts {
+        self.planner.counts
+    }
+
+    /// The timings and statistics it plans with now.
+    pub fn state(&self) -> PlannerState {
+        let s = self.clock.settings(*self.planner.settings(), 1.0);
+        PlannerState {
+            read_us: s.read_us,
+            chunk_us: s.chunk_us,
+            layer_period_us: s.layer_period_us,
+            ..self.planner.state()
+        }
+    }
+}

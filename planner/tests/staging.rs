@@ -1,0 +1,139 @@
+//! A runtime's planner: what it stages follows the link's timings and how often the
+//! forecasts it is offered come true.
+
+use planner::{LinkQueue, PlanTimings, StagingError, StagingPlanner};
+
+const LAYERS: usize = 4;
+const EXPERTS: usize = 16;
+
+fn planner(read_us: f64) -> StagingPlanner {
+    StagingPlanner::new(
+        LAYERS,
+        EXPERTS,
+        2,
+        16,
+        Some(PlanTimings {
+            read_us,
+            layer_us: 1000.0,
+        }),
+    )
+}
+
+fn id(layer: usize, expert: u16) -> u32 {
+    (layer * EXPERTS) as u32 + expert as u32
+}
+
+const FULL: LinkQueue = LinkQueue {
+    queued_reads: 0,
+    free_slots: 0,
+};
+
+/// Certain forecasts are staged when a read takes a tenth of a layer; with reads a
+/// hundred layers long none would save what it delays the demand reads.
+#[test]
+fn certain_forecasts_are_staged_only_when_the_link_can_bring_them_in_time() {
+    let mut fast = planner(100.0);
+    fast.token_started();
+    let staged = fast
+        .plan(1, &[3, 5], Some(&[1.0, 1.0]), None, FULL, 8)
+        .unwrap();
+    assert_eq!(staged, [id(1, 3), id(1, 5)]);
+    assert_eq!(fast.counts().issued, 2);
+    let s = fast.state();
+    assert_eq!((s.read_us, s.layer_period_us), (100.0, 1000.0));
+
+    let mut slow = planner(100_000.0);
+    slow.token_started();
+    let staged = slow
+        .plan(1, &[3, 5], Some(&[1.0, 1.0]), None, FULL, 8)
+        .unwrap();
+    assert!(staged.is_empty(), "{staged:?}");
+    assert_eq!(slow.counts().offered, 2);
+}
+
+/// What is resident or staged already is not read again, and `room` bounds the answer.
+#[test]
+fn resident_and_already_staged_experts_are_not_read_again() {
+    let mut p = planner(100.0);
+    p.token_started();
+    let probs = [1.0, 1.0, 1.0];
+    let staged = p
+        .plan(
+            2,
+            &[1, 2, 3],
+            Some(&probs),
+            Some(&[false, true, false]),
+            FULL,
+            1,
+        )
+        .unwrap();
+    assert_eq!(staged, [id(2, 1)]);
+    let staged = p.plan(2, &[1, 2, 3], Some(&probs), None, FULL, 8).unwrap();
+    assert_eq!(staged, [id(2, 2), id(2, 3)]);
+    // Once the layer has routed, its next lookup is the next token's.
+    p.layer_routed(0, &[0, 1], 0).unwrap();
+    p.layer_routed(1, &[0, 1], 0).unwrap();
+    p.layer_routed(2, &[1, 2], 0).unwrap();
+    let staged = p.plan(2, &[1], Some(&[1.0]), None, FULL, 8).unwrap();
+    assert_eq!(staged, [id(2, 1)]);
+}
+
+/// A forecaster whose sure-looking forecasts never come true is learned from: after a
+/// few tokens of routing elsewhere its forecasts are no longer staged, while those of a
+/// forecaster that is right go on being staged.
+#[test]
+fn forecasts_that_never_come_true_stop_being_staged() {
+    let run = |right: bool| {
+        let mut p = planner(400.0);
+        let mut staged_per_token = Vec::new();
+        for _ in 0..60 {
+            p.token_started();
+            let mut staged = 0;
+            for layer in 0..LAYERS {
+                if layer + 1 < LAYERS {
+                    staged += p
+                        .plan(layer + 1, &[7, 9], Some(&[0.9, 0.9]), None, FULL, 8)
+                        .unwrap()
+                        .len();
+                }
+                let routed: [u16; 2] = if right { [7, 9] } else { [0, 1] };
+                p.layer_routed(layer, &routed, usize::from(!right)).unwrap();
+            }
+            staged_per_token.push(staged);
+        }
+        staged_per_token
+    };
+    let wrong = run(false);
+    assert!(wrong[0] > 0, "{wrong:?}");
+    assert!(wrong[40..].iter().all(|&s| s == 0), "{wrong:?}");
+    let right = run(true);
+    assert!(right[40..].iter().all(|&s| s == 6), "{right:?}");
+}
+
+/// A forecast or routing that does not fit the shape is an error naming what is wrong.
+#[test]
+fn bad_layers_experts_and_lengths_are_errors() {
+    let mut p = planner(100.0);
+    p.token_started();
+    assert_eq!(
+        p.plan(LAYERS, &[1], None, None, FULL, 4),
+        Err(StagingError::Layer {
+            layer: LAYERS,
+            n_moe: LAYERS
+        })
+    );
+    assert_eq!(
+        p.plan(0, &[16], None, None, FULL, 4),
+        Err(StagingError::Expert {
+            expert: 16,
+            n_experts: EXPERTS
+        })
+    );
+    let err = p.plan(0, &[1, 2], Some(&[0.5]), None, FULL, 4).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "probs holds 1 values for a forecast of 2 experts"
+    );
+    assert!(p.layer_routed(0, &[99], 0).is_err());
+    assert_eq!(p.counts().offered, 0);
+}
