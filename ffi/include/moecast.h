@@ -11,6 +11,11 @@
  * Without a trained predictor: mc_blend_open on a predictor directory or a trace, then
  * per token mc_blend_forecast after each routed layer and mc_blend_observe with the
  * token's full routing (one thread at a time per blend).
+ *
+ * Which forecast experts to read: mc_planner_new, then mc_planner_token_started at each
+ * decode step, mc_planner_plan with each forecast (it returns the experts worth a read
+ * now), mc_planner_layer_routed after each MoE layer routes, mc_planner_read_done after
+ * each read (one thread at a time per planner).
  */
 
 #ifndef MOECAST_H
@@ -64,6 +69,11 @@
 typedef struct mc_blend mc_blend;
 
 /**
+ * A prefetch planner (one per stream of requests; one thread at a time).
+ */
+typedef struct mc_planner mc_planner;
+
+/**
  * A loaded predictor checkpoint (immutable; shareable across threads).
  */
 typedef struct mc_predictor mc_predictor;
@@ -72,6 +82,29 @@ typedef struct mc_predictor mc_predictor;
  * One sequence's incremental state (one thread at a time).
  */
 typedef struct mc_session mc_session;
+
+/**
+ * What a planner decided so far and the timings it plans with.
+ */
+typedef struct mc_plan_report {
+  /**
+   * Forecast experts offered, staged, judged too late, judged not worth a read.
+   */
+  uint64_t offered;
+  uint64_t staged;
+  uint64_t late;
+  uint64_t not_worth;
+  /**
+   * The link's time per read and the time between two lookups (microseconds).
+   */
+  double read_us;
+  double layer_us;
+  /**
+   * The mean calibrated probability of the forecasts offered with a probability
+   * (-1 before any).
+   */
+  double calibrated_probability;
+} mc_plan_report;
 
 #ifdef __cplusplus
 extern "C" {
@@ -279,6 +312,105 @@ int mc_blend_forecast(struct mc_blend *b,
  * `b` is a live blend; `experts` holds `n_moe_layers * top_k` values.
  */
 int mc_blend_observe(struct mc_blend *b, uint32_t token, const uint16_t *experts);
+
+/**
+ * A planner into `*out` for a model of `n_moe_layers` MoE layers of `n_experts`
+ * experts (`top_k` routed per token) and a cache of `capacity` experts. With
+ * `read_us` and `layer_us` both above 0 it plans with those timings (microseconds
+ * per expert read and per layer); with both 0 it measures them from
+ * `mc_planner_read_done` and the time between `mc_planner_layer_routed` calls.
+ *
+ * # Safety
+ * `out` points to writable storage for a pointer.
+ */
+int mc_planner_new(uint32_t n_moe_layers,
+                   uint32_t n_experts,
+                   uint32_t top_k,
+                   uint32_t capacity,
+                   double read_us,
+                   double layer_us,
+                   struct mc_planner **out);
+
+/**
+ * Frees a planner (null is ignored).
+ *
+ * # Safety
+ * `p` comes from `mc_planner_new` and is not used afterwards.
+ */
+void mc_planner_free(struct mc_planner *p);
+
+/**
+ * A decode step starts (before its first MoE layer routes).
+ *
+ * # Safety
+ * `p` is a live planner.
+ */
+int mc_planner_token_started(struct mc_planner *p);
+
+/**
+ * MoE layer `layer` of the current token routed to `experts[n]`, of which
+ * `demand_reads` were read on demand (not resident, not staged in time).
+ *
+ * # Safety
+ * `p` is a live planner; `experts` holds `n` values.
+ */
+int mc_planner_layer_routed(struct mc_planner *p,
+                            uint32_t layer,
+                            const uint16_t *experts,
+                            uint32_t n,
+                            uint32_t demand_reads);
+
+/**
+ * A read (on demand or staged) took `seconds` of the link; with several reads at
+ * once, the link's time per read.
+ *
+ * # Safety
+ * `p` is a live planner.
+ */
+int mc_planner_read_done(struct mc_planner *p, double seconds);
+
+/**
+ * The decode thread waited `seconds` for a read (the layer's own time excludes it).
+ *
+ * # Safety
+ * `p` is a live planner.
+ */
+int mc_planner_stalled(struct mc_planner *p, double seconds);
+
+/**
+ * Offers MoE layer `layer`'s forecast `ranking[n]` (best first; `probs[n]`: the
+ * forecaster's probabilities, or null to plan with ranks; `resident[n]`: nonzero
+ * where the expert is resident or being read already, or null) for the layer's next
+ * lookup (this token's if it has not routed yet, else the next token's).
+ * `queued_reads`: reads queued or running on the link now; `free_slots`: cache slots
+ * free now. Writes to `out[room]` the experts to stage now, in order, as
+ * `layer * n_experts + expert` (forecasts of other layers judged not worth a read
+ * earlier may come back), and their count to `*n_out`. Read them one after another;
+ * a staged read whose layer has routed without it can be dropped.
+ *
+ * # Safety
+ * `p` is a live planner; `ranking` (and `probs`, `resident` unless null) hold `n`
+ * values; `out` has room for `room` values; `n_out` is valid.
+ */
+int mc_planner_plan(struct mc_planner *p,
+                    uint32_t layer,
+                    const uint16_t *ranking,
+                    const float *probs,
+                    const uint8_t *resident,
+                    uint32_t n,
+                    uint32_t queued_reads,
+                    uint32_t free_slots,
+                    uint32_t *out,
+                    uint32_t room,
+                    uint32_t *n_out);
+
+/**
+ * What the planner decided so far and the timings it plans with, into `*out`.
+ *
+ * # Safety
+ * `p` is a live planner; `out` is valid.
+ */
+int mc_planner_report(const struct mc_planner *p, struct mc_plan_report *out);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -14,6 +14,12 @@
 //! directory or a trace) forecasts the next layers after each routed layer
 //! (`mc_blend_forecast`) and learns from each token's routing (`mc_blend_observe`).
 //!
+//! To decide which forecast experts are worth a read, a planner (`mc_planner_new`) is
+//! told when each token starts and each layer routes and how long reads take, and
+//! answers each forecast offered to it (`mc_planner_plan`) with the experts to stage
+//! now: a read that cannot arrive in time or would delay demand reads more than it
+//! saves is not staged.
+//!
 //! Every function returns [`MC_OK`] (0) or a negative `MC_ERR_*` code; the message of
 //! the last error on the calling thread is `mc_last_error()`. Null pointers, sizes that
 //! do not fit and expert ids out of range are errors, never undefined behaviour, and a
@@ -21,12 +27,14 @@
 //!
 //! Threads: an `mc_predictor` is immutable once open and may be shared by any number of
 //! threads (each making its own sessions); an `mc_session` belongs to one thread at a
-//! time; an `mc_blend` too.
+//! time; an `mc_blend` and an `mc_planner` too.
 
 #![allow(non_camel_case_types)]
 
 mod blend;
+mod staging;
 pub use blend::*;
+pub use staging::*;
 
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, CStr, CString};

@@ -12,6 +12,7 @@ use datasets::examples::{RoutingShape, SplitConfig};
 use datasets::synth::{token_routed_trace, SynthConfig};
 use datasets::{save_trace, TraceFormat};
 use moecast::*;
+use planner::{LinkQueue, PlanTimings, StagingPlanner};
 use predictor::device::BackendKind;
 use predictor::{LoadedPredictor, OnlinePredictor, PredictorConfig, Task, TrainOptions};
 
@@ -42,8 +43,8 @@ fn committed_header_is_what_cbindgen_generates() {
     );
 }
 
-/// A small lookahead predictor trained on a synthetic trace, and the trace.
-fn trained(dir: &Path) -> (PathBuf, datasets::RoutingTrace) {
+/// A synthetic trace (4 MoE layers x 8 experts, top-2), saved as `dir/t.mctrace`.
+fn synthetic_trace(dir: &Path) -> (PathBuf, datasets::RoutingTrace) {
     let trace = token_routed_trace(
         &SynthConfig {
             n_layers: 4,
@@ -58,6 +59,12 @@ fn trained(dir: &Path) -> (PathBuf, datasets::RoutingTrace) {
     );
     let path = dir.join("t.mctrace");
     save_trace(&trace, &path, Some(TraceFormat::Binary)).unwrap();
+    (path, trace)
+}
+
+/// A small lookahead predictor trained on a synthetic trace, and the trace.
+fn trained(dir: &Path) -> (PathBuf, datasets::RoutingTrace) {
+    let (path, trace) = synthetic_trace(dir);
     let shape = RoutingShape::of(&trace.meta);
     let out = dir.join("predictor");
     let mut opts = TrainOptions {
@@ -91,19 +98,12 @@ fn replay_in_rust(dir: &Path, trace: &datasets::RoutingTrace) -> (String, String
     let loaded = LoadedPredictor::load(dir, &BackendKind::Flex.device()).unwrap();
     let horizon = loaded.card.config.horizon.min(m - 1);
     let mut online = OnlinePredictor::new(loaded);
-    let (mut input, mut want) = (String::new(), String::new());
+    let mut want = String::new();
     for seq in view.sequence_ranges() {
-        input += "S\n";
         online.reset();
         for t in seq {
             let token = view.token[t];
             let layers: Vec<&[u16]> = (0..m).map(|l| view.layer(t, l).unwrap()).collect();
-            let ids: Vec<String> = layers
-                .iter()
-                .flat_map(|l| l.iter())
-                .map(|x| x.to_string())
-                .collect();
-            writeln!(input, "T {token} {}", ids.join(" ")).unwrap();
             let f = online.predict_next(token).unwrap();
             let top: Vec<u16> = (0..m).flat_map(|l| f.top(l, BUDGET)).collect();
             line(&mut want, "N", token, &top);
@@ -119,7 +119,26 @@ fn replay_in_rust(dir: &Path, trace: &datasets::RoutingTrace) -> (String, String
             online.observe(token, &routing).unwrap();
         }
     }
-    (input, want)
+    (routing_input(trace), want)
+}
+
+/// The C programs' input for `trace`: "S" starts a sequence, "T token ids..." is one
+/// token with its routing, layer-major.
+fn routing_input(trace: &datasets::RoutingTrace) -> String {
+    let view = trace.view();
+    let m = view.meta.n_moe();
+    let mut input = String::new();
+    for seq in view.sequence_ranges() {
+        input += "S\n";
+        for t in seq {
+            let ids: Vec<String> = (0..m)
+                .flat_map(|l| view.layer(t, l).unwrap().iter())
+                .map(|x| x.to_string())
+                .collect();
+            writeln!(input, "T {} {}", view.token[t], ids.join(" ")).unwrap();
+        }
+    }
+    input
 }
 
 fn line(out: &mut String, tag: &str, n: u32, ids: &[u16]) {
@@ -142,20 +161,15 @@ fn library_dir() -> PathBuf {
         .expect("libmoecast.so built beside the tests")
 }
 
-#[test]
-fn a_c_program_replays_a_trace_as_the_rust_serving_path_does() {
-    let dir = tempfile::tempdir().unwrap();
-    let (predictor_dir, trace) = trained(dir.path());
-    let (input, want) = replay_in_rust(&predictor_dir, &trace);
-    let input_file = dir.path().join("routing.txt");
-    std::fs::write(&input_file, input).unwrap();
-    let exe = dir.path().join("replay");
+/// Builds the C program `tests/<name>.c` against libmoecast into `dir`.
+fn build_c(dir: &Path, name: &str) -> PathBuf {
+    let exe = dir.join(name);
     let lib = library_dir();
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let built = Command::new(&cc)
         .args(["-std=c99", "-Wall", "-Werror", "-I"])
         .arg(manifest().join("include"))
-        .arg(manifest().join("tests/replay.c"))
+        .arg(manifest().join(format!("tests/{name}.c")))
         .arg("-L")
         .arg(&lib)
         .arg(format!("-Wl,-rpath,{}", lib.display()))
@@ -168,6 +182,17 @@ fn a_c_program_replays_a_trace_as_the_rust_serving_path_does() {
         "{}",
         String::from_utf8_lossy(&built.stderr)
     );
+    exe
+}
+
+#[test]
+fn a_c_program_replays_a_trace_as_the_rust_serving_path_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let (predictor_dir, trace) = trained(dir.path());
+    let (input, want) = replay_in_rust(&predictor_dir, &trace);
+    let input_file = dir.path().join("routing.txt");
+    std::fs::write(&input_file, input).unwrap();
+    let exe = build_c(dir.path(), "replay");
     let ran = Command::new(&exe)
         .arg(&predictor_dir)
         .arg(&input_file)
@@ -367,5 +392,154 @@ fn the_blend_through_the_c_abi_forecasts_as_online_blend_does() {
         assert_eq!(mc_blend_open(missing.as_ptr(), &mut other), MC_ERR_OPEN);
         assert!(last_error().contains("nope.mctrace"), "{}", last_error());
         mc_blend_free(b);
+    }
+}
+
+/// What `tests/staging.c` prints for `trace`, made with `OnlineBlend` and
+/// `StagingPlanner` the way a Rust runtime would call them.
+fn stage_in_rust(counts: &Path, trace: &datasets::RoutingTrace, timings: PlanTimings) -> String {
+    use predictor::blend::{load_counts, OnlineBlend};
+    let view = trace.view();
+    let (m, e, k) = (view.meta.n_moe(), 8, view.meta.top_k as usize);
+    let mut blend = OnlineBlend::new(load_counts(counts, m).unwrap(), OnlineBlend::HORIZON);
+    let h = blend.horizon();
+    let mut plan = StagingPlanner::new(m, e, k, 8, Some(timings)).unwrap();
+    let (mut ids, mut probs) = (vec![0u16; h * BUDGET], vec![0f32; h * BUDGET]);
+    let mut staged = vec![false; m * e];
+    let mut want = String::new();
+    for seq in view.sequence_ranges() {
+        blend.start_request();
+        for t in seq {
+            let layers: Vec<&[u16]> = (0..m).map(|l| view.layer(t, l).unwrap()).collect();
+            plan.token_started();
+            for l in 0..m {
+                let demand = layers[l].iter().filter(|&&x| !staged[l * e + x as usize]);
+                let demand = demand.count();
+                staged[l * e..(l + 1) * e].fill(false);
+                plan.layer_routed(l, layers[l], demand).unwrap();
+                let earlier = l.checked_sub(1).map(|p| layers[p]);
+                blend.forecast_top(l, layers[l], earlier, BUDGET, &mut ids, Some(&mut probs));
+                write!(want, "P {l}:").unwrap();
+                for i in 0..h {
+                    let row = i * BUDGET..(i + 1) * BUDGET;
+                    let queue = LinkQueue::default();
+                    let out = plan
+                        .plan(
+                            (l + 1 + i) % m,
+                            &ids[row.clone()],
+                            Some(&probs[row]),
+                            None,
+                            queue,
+                            m * e,
+                        )
+                        .unwrap();
+                    for id in out {
+                        staged[id as usize] = true;
+                        write!(want, " {id}").unwrap();
+                    }
+                }
+                want.push('\n');
+            }
+            let routed: Vec<Option<&[u16]>> = layers.iter().map(|l| Some(*l)).collect();
+            blend.token_routed(view.token[t], &routed);
+        }
+    }
+    let c = plan.counts();
+    writeln!(
+        want,
+        "R {} {} {} {}",
+        c.offered, c.issued, c.late, c.not_worth
+    )
+    .unwrap();
+    want
+}
+
+/// The planner through the C ABI, driven by a C program with the blend's forecasts,
+/// stages exactly what `StagingPlanner` stages: reads when they are a third of a layer,
+/// none when they are a hundred layers long. Bad arguments are error codes.
+#[test]
+fn a_c_program_plans_prefetch_as_the_rust_planner_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, trace) = synthetic_trace(dir.path());
+    let input = dir.path().join("routing.txt");
+    std::fs::write(&input, routing_input(&trace)).unwrap();
+    let exe = build_c(dir.path(), "staging");
+    for (read_us, any_staged) in [(300.0, true), (100_000.0, false)] {
+        let timings = PlanTimings {
+            read_us,
+            layer_us: 1000.0,
+        };
+        let want = stage_in_rust(&path, &trace, timings);
+        let ran = Command::new(&exe)
+            .arg(&path)
+            .arg(&input)
+            .arg(BUDGET.to_string())
+            .args([read_us.to_string(), "1000".into(), "8".into()])
+            .output()
+            .unwrap();
+        assert!(
+            ran.status.success(),
+            "{}",
+            String::from_utf8_lossy(&ran.stderr)
+        );
+        let got = String::from_utf8(ran.stdout).unwrap();
+        assert!(
+            got == want,
+            "the C planner differs from StagingPlanner:\n{got}\n{want}"
+        );
+        let report: Vec<u64> = got
+            .lines()
+            .last()
+            .and_then(|l| l.strip_prefix("R "))
+            .unwrap()
+            .split(' ')
+            .map(|x| x.parse().unwrap())
+            .collect();
+        assert!(report[0] > 100, "{report:?}");
+        assert_eq!(report[1] > 0, any_staged, "read {read_us} us: {report:?}");
+    }
+    // SAFETY: every pointer below is either null on purpose or valid.
+    unsafe {
+        let mut p = std::ptr::null_mut();
+        assert_eq!(mc_planner_new(4, 8, 9, 8, 0.0, 0.0, &mut p), MC_ERR_ARG);
+        assert!(last_error().contains("top-9"), "{}", last_error());
+        assert_eq!(mc_planner_new(4, 8, 2, 8, 100.0, 0.0, &mut p), MC_ERR_ARG);
+        assert!(last_error().contains("layer_us 0"), "{}", last_error());
+        assert_eq!(
+            mc_planner_new(4, 8, 2, 8, 0.0, 0.0, std::ptr::null_mut()),
+            MC_ERR_NULL
+        );
+        assert_eq!(mc_planner_new(4, 8, 2, 8, 0.0, 0.0, &mut p), MC_OK);
+        assert_eq!(mc_planner_token_started(p), MC_OK);
+        let (ids, mut out, mut n) = ([1u16, 2], [0u32; 4], 0u32);
+        let plan = |layer, ids: &[u16], out: &mut [u32], n: *mut u32| {
+            let (o, room) = (out.as_mut_ptr(), out.len() as u32);
+            let (r, pr, res) = (ids.as_ptr(), std::ptr::null(), std::ptr::null());
+            mc_planner_plan(p, layer, r, pr, res, ids.len() as u32, 0, 1, o, room, n)
+        };
+        assert_eq!(plan(4, &ids, &mut out, &mut n), MC_ERR_ARG);
+        assert!(last_error().contains("layer 4"), "{}", last_error());
+        assert_eq!(plan(1, &[1, 8], &mut out, &mut n), MC_ERR_ARG);
+        assert!(last_error().contains("expert 8"), "{}", last_error());
+        assert_eq!(plan(1, &ids, &mut out, std::ptr::null_mut()), MC_ERR_NULL);
+        // Untimed until a read is measured: ranks judged by their calibration alone.
+        assert_eq!(plan(1, &ids, &mut out, &mut n), MC_OK);
+        assert!(
+            n <= 2 && out[..n as usize].iter().all(|&x| x / 8 == 1),
+            "{out:?}"
+        );
+        assert_eq!(mc_planner_read_done(p, -1.0), MC_ERR_ARG);
+        assert_eq!(mc_planner_read_done(p, 0.002), MC_OK);
+        assert_eq!(
+            mc_planner_layer_routed(p, 0, [9u16, 1].as_ptr(), 2, 2),
+            MC_ERR_ARG
+        );
+        assert_eq!(mc_planner_layer_routed(p, 0, ids.as_ptr(), 2, 2), MC_OK);
+        let mut r = mc_plan_report::default();
+        assert_eq!(mc_planner_report(p, &mut r), MC_OK);
+        assert_eq!((r.offered, r.read_us), (2, 2000.0));
+        assert_eq!(mc_planner_report(p, std::ptr::null_mut()), MC_ERR_NULL);
+        mc_planner_free(p);
+        mc_planner_free(std::ptr::null_mut());
     }
 }

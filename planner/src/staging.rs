@@ -11,8 +11,18 @@ use crate::{
 };
 
 /// A forecast or a routing that does not fit the model's shape.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum StagingError {
+    #[error("a shape of {n_moe} MoE layers x {n_experts} experts, top-{top_k}: each must be at least 1, top-k at most the experts (and experts at most 65535)")]
+    Shape {
+        n_moe: usize,
+        n_experts: usize,
+        top_k: usize,
+    },
+    #[error("timings read_us {read_us}, layer_us {layer_us}: both must be above 0")]
+    Timings { read_us: f64, layer_us: f64 },
+    #[error("{what} {seconds} s is not a duration")]
+    Duration { what: &'static str, seconds: f64 },
     #[error("MoE layer {layer} is outside 0..{n_moe}")]
     Layer { layer: usize, n_moe: usize },
     #[error("expert {expert} is outside 0..{n_experts}")]
@@ -23,6 +33,14 @@ pub enum StagingError {
         got: usize,
         want: usize,
     },
+}
+
+fn duration(what: &'static str, seconds: f64) -> Result<f64, StagingError> {
+    if seconds.is_finite() && seconds >= 0.0 {
+        Ok(seconds)
+    } else {
+        Err(StagingError::Duration { what, seconds })
+    }
 }
 
 /// What a runtime's link and cache hold when it offers a forecast.
@@ -61,7 +79,28 @@ impl StagingPlanner {
         top_k: usize,
         capacity: usize,
         stated: Option<PlanTimings>,
-    ) -> Self {
+    ) -> Result<Self, StagingError> {
+        if n_moe == 0
+            || n_experts == 0
+            || n_experts > usize::from(u16::MAX)
+            || top_k == 0
+            || top_k > n_experts
+        {
+            return Err(StagingError::Shape {
+                n_moe,
+                n_experts,
+                top_k,
+            });
+        }
+        if let Some(t) = stated {
+            let ok = |x: f64| x > 0.0 && x.is_finite();
+            if !(ok(t.read_us) && ok(t.layer_us)) {
+                return Err(StagingError::Timings {
+                    read_us: t.read_us,
+                    layer_us: t.layer_us,
+                });
+            }
+        }
         let settings = PlannerSettings {
             read_us: 0.0,
             chunk_us: 0.0,
@@ -71,14 +110,14 @@ impl StagingPlanner {
             n_moe,
             capacity,
         };
-        StagingPlanner {
+        Ok(StagingPlanner {
             planner: PrefetchPlanner::new(settings),
             clock: PlanClock::new(stated),
             token: 0,
             next_layer: 0,
             started: false,
             staged: HashSet::new(),
-        }
+        })
     }
 
     fn dims(&self) -> (usize, usize) {
@@ -134,13 +173,16 @@ impl StagingPlanner {
     }
 
     /// A read (demand or staged) took `seconds` of the link.
-    pub fn read_done(&mut self, seconds: f64) {
-        self.clock.read_measured(seconds * 1e6, false);
+    pub fn read_done(&mut self, seconds: f64) -> Result<(), StagingError> {
+        self.clock
+            .read_measured(duration("read time", seconds)? * 1e6, false);
+        Ok(())
     }
 
     /// The decode thread waited `seconds` for a read.
-    pub fn stalled(&mut self, seconds: f64) {
-        self.clock.stalled(seconds);
+    pub fn stalled(&mut self, seconds: f64) -> Result<(), StagingError> {
+        self.clock.stalled(duration("stall", seconds)?);
+        Ok(())
     }
 
     /// MoE layer `layer`'s forecast, best first, for its next lookup (this token's if

@@ -17,6 +17,7 @@ fn planner(read_us: f64) -> StagingPlanner {
             layer_us: 1000.0,
         }),
     )
+    .unwrap()
 }
 
 fn id(layer: usize, expert: u16) -> u32 {
@@ -136,4 +137,19 @@ fn bad_layers_experts_and_lengths_are_errors() {
     );
     assert!(p.layer_routed(0, &[99], 0).is_err());
     assert_eq!(p.counts().offered, 0);
+    let err = p.read_done(-1.0).unwrap_err();
+    assert_eq!(err.to_string(), "read time -1 s is not a duration");
+    assert!(p.stalled(f64::NAN).is_err());
+    assert!(matches!(
+        StagingPlanner::new(LAYERS, EXPERTS, 17, 8, None),
+        Err(StagingError::Shape { top_k: 17, .. })
+    ));
+    let zero = PlanTimings {
+        read_us: 100.0,
+        layer_us: 0.0,
+    };
+    assert!(matches!(
+        StagingPlanner::new(LAYERS, EXPERTS, 2, 8, Some(zero)),
+        Err(StagingError::Timings { .. })
+    ));
 }

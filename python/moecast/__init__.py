@@ -12,19 +12,26 @@
     ids, probs = b.forecast(layer, experts)       # trace or a predictor directory;
     b.observe(token, experts)                     # [horizon, budget] after each layer
 
+    pl = moecast.Planner(n_moe_layers, n_experts, top_k, capacity)
+    pl.token_started()                            # each decode step
+    stage = pl.plan(layer, ids, probs)            # experts worth a read now, as
+    pl.layer_routed(layer, experts, misses)       # layer * n_experts + expert
+    pl.read_done(seconds)                         # after each read
+
 `budget` (experts per layer) defaults to top_k. Rows past the last MoE layer are
 0xFFFF. Errors raise `moecast.MoecastError` with the library's message. A Predictor and
-its sessions, and a Blend, belong to the thread that made them.
+its sessions, a Blend and a Planner belong to the thread that made them.
 """
 
 import numpy as np
 
 from ._moecast import Blend as _Blend
 from ._moecast import MoecastError
+from ._moecast import Planner as _Planner
 from ._moecast import Predictor as _Predictor
 from ._moecast import read_trace_flat as _read_trace_flat
 
-__all__ = ["Blend", "MoecastError", "Predictor", "Session", "read_trace", "NOT_COMPUTED"]
+__all__ = ["Blend", "MoecastError", "Planner", "Predictor", "Session", "read_trace", "NOT_COMPUTED"]
 
 #: Expert id of a layer that was not computed (in traces) / a forecast row past the
 #: last layer.
@@ -133,6 +140,61 @@ class Blend:
         if not 0 <= token <= 0xFFFFFFFF:
             raise MoecastError(f"token {token} is outside 0..0xFFFFFFFF")
         self._b.observe(int(token), _ids(experts, self.n_moe_layers, self.top_k, "experts"))
+
+
+class Planner:
+    """Planned prefetch for a runtime that owns its cache and reads: which forecast
+    experts are worth a read now, from how sure the forecasts have proved (calibrated
+    as the model decodes), the link's time per read and the time between layers. A read
+    that cannot arrive before its layer needs it, or that would delay demand reads by
+    more than it saves, is not staged.
+
+    Tell it each decode step's start (`token_started`), each MoE layer's routing with its
+    demand reads (`layer_routed`) and each read's link time (`read_done`); offer it each
+    forecast (`plan`). With `read_us` and `layer_us` (microseconds) it plans with those
+    timings instead of measuring them."""
+
+    def __init__(self, n_moe_layers, n_experts, top_k, capacity, read_us=None, layer_us=None):
+        self._p = _Planner(int(n_moe_layers), int(n_experts), int(top_k), int(capacity),
+                           read_us, layer_us)
+        self.n_moe_layers, self.n_experts, self.top_k = n_moe_layers, n_experts, top_k
+
+    def token_started(self):
+        """A decode step starts (before its first MoE layer routes)."""
+        self._p.token_started()
+
+    def layer_routed(self, layer, experts, demand_reads):
+        """MoE layer `layer` routed to `experts`, `demand_reads` of them read on demand."""
+        self._p.layer_routed(int(layer), _ids(experts, 1, len(np.ravel(experts)), "experts"),
+                             int(demand_reads))
+
+    def read_done(self, seconds):
+        """A read (on demand or staged) took `seconds` of the link."""
+        self._p.read_done(float(seconds))
+
+    def stalled(self, seconds):
+        """The decode thread waited `seconds` for a read."""
+        self._p.stalled(float(seconds))
+
+    def plan(self, layer, ranking, probs=None, resident=None, queued_reads=0, free_slots=0,
+             room=None):
+        """Layer `layer`'s forecast `ranking` (best first; `probs` its probabilities, or
+        None to plan with ranks; `resident` True where the expert is resident or being
+        read) for its next lookup: uint32 ids `layer * n_experts + expert` to stage now,
+        in order (earlier forecasts judged again may come back). `queued_reads`: reads
+        on the link now; `free_slots`: free cache slots."""
+        ids = _ids(ranking, 1, len(np.ravel(ranking)), "ranking")
+        p = None if probs is None else np.ascontiguousarray(probs, dtype=np.float32).reshape(-1)
+        r = None if resident is None else np.ascontiguousarray(resident, dtype=bool).reshape(-1)
+        if queued_reads < 0 or free_slots < 0 or (room is not None and room < 0):
+            raise MoecastError("queued_reads, free_slots and room must not be negative")
+        return self._p.plan(int(layer), ids, p, r, int(queued_reads), int(free_slots),
+                            None if room is None else int(room))
+
+    def report(self):
+        """Offered, staged, late, not_worth counts; read_us, layer_us, and the mean
+        calibrated probability of the forecasts offered (None before any)."""
+        return dict(self._p.report())
 
 
 def read_trace(path):

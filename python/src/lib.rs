@@ -1,5 +1,5 @@
 //! Python bindings (PyO3) of the moecast predictor: `moecast.Predictor`, its sessions,
-//! the online blend `moecast.Blend`, and `moecast.read_trace`. The Python package (`python/moecast/__init__.py`) wraps
+//! the online blend `moecast.Blend`, the prefetch planner `moecast.Planner`, and `moecast.read_trace`. The Python package (`python/moecast/__init__.py`) wraps
 //! these with numpy conversions; errors raise `moecast.MoecastError` with the Rust
 //! message.
 
@@ -11,6 +11,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use datasets::examples::RoutingShape;
+use planner::{LinkQueue, PlanTimings, StagingPlanner};
 use predictor::blend::OnlineBlend;
 use predictor::device::BackendKind;
 use predictor::{LoadedPredictor, OnlinePredictor, Task};
@@ -300,6 +301,126 @@ impl Blend {
     }
 }
 
+/// Planned prefetch for a runtime that owns its cache and reads: told when each token
+/// starts, each layer routes and how long reads take, it answers each forecast with the
+/// experts worth a read now.
+#[pyclass(unsendable, module = "moecast._moecast")]
+struct Planner {
+    planner: StagingPlanner,
+}
+
+#[pymethods]
+impl Planner {
+    #[new]
+    #[pyo3(signature = (n_moe_layers, n_experts, top_k, capacity, read_us=None, layer_us=None))]
+    fn new(
+        n_moe_layers: usize,
+        n_experts: usize,
+        top_k: usize,
+        capacity: usize,
+        read_us: Option<f64>,
+        layer_us: Option<f64>,
+    ) -> PyResult<Self> {
+        let stated = match (read_us, layer_us) {
+            (None, None) => None,
+            (r, l) => Some(PlanTimings {
+                read_us: r.unwrap_or(0.0),
+                layer_us: l.unwrap_or(0.0),
+            }),
+        };
+        let planner = StagingPlanner::new(n_moe_layers, n_experts, top_k, capacity, stated);
+        Ok(Planner {
+            planner: planner.map_err(err)?,
+        })
+    }
+
+    /// A decode step starts.
+    fn token_started(&mut self) {
+        self.planner.token_started();
+    }
+
+    /// Layer `layer` routed to `experts`, `demand_reads` of them read on demand.
+    fn layer_routed(
+        &mut self,
+        layer: usize,
+        experts: PyReadonlyArray1<'_, u16>,
+        demand_reads: usize,
+    ) -> PyResult<()> {
+        let experts = experts.as_slice().map_err(err)?;
+        self.planner
+            .layer_routed(layer, experts, demand_reads)
+            .map_err(err)
+    }
+
+    /// A read took `seconds` of the link.
+    fn read_done(&mut self, seconds: f64) -> PyResult<()> {
+        self.planner.read_done(seconds).map_err(err)
+    }
+
+    /// The decode thread waited `seconds` for a read.
+    fn stalled(&mut self, seconds: f64) -> PyResult<()> {
+        self.planner.stalled(seconds).map_err(err)
+    }
+
+    /// Layer `layer`'s forecast (best first, with probabilities or ranks only): the
+    /// experts to stage now as `layer * n_experts + expert`.
+    #[pyo3(signature = (layer, ranking, probs=None, resident=None, queued_reads=0, free_slots=0, room=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn plan<'py>(
+        &mut self,
+        py: Python<'py>,
+        layer: usize,
+        ranking: PyReadonlyArray1<'py, u16>,
+        probs: Option<PyReadonlyArray1<'py, f32>>,
+        resident: Option<PyReadonlyArray1<'py, bool>>,
+        queued_reads: usize,
+        free_slots: usize,
+        room: Option<usize>,
+    ) -> PyResult<Bound<'py, PyArray1<u32>>> {
+        let ranking = ranking.as_slice().map_err(err)?;
+        let probs = probs
+            .as_ref()
+            .map(|p| p.as_slice())
+            .transpose()
+            .map_err(err)?;
+        let resident = resident
+            .as_ref()
+            .map(|r| r.as_slice())
+            .transpose()
+            .map_err(err)?;
+        let queue = LinkQueue {
+            queued_reads,
+            free_slots,
+        };
+        let staged = self
+            .planner
+            .plan(
+                layer,
+                ranking,
+                probs,
+                resident,
+                queue,
+                room.unwrap_or(usize::MAX),
+            )
+            .map_err(err)?;
+        Ok(PyArray1::from_vec(py, staged))
+    }
+
+    /// What it decided and the timings it plans with.
+    fn report<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let (c, s) = (self.planner.counts(), self.planner.state());
+        let d = PyDict::new(py);
+        d.set_item("offered", c.offered)?;
+        d.set_item("staged", c.issued)?;
+        d.set_item("late", c.late)?;
+        d.set_item("not_worth", c.not_worth)?;
+        d.set_item("read_us", s.read_us)?;
+        d.set_item("layer_us", s.layer_period_us)?;
+        d.set_item("calibrated_probability", s.calibrated_probability)?;
+        Ok(d)
+    }
+}
+
 /// A trace file (`.mctrace`, `.parquet`, `.jsonl`, a dataset folder's part) as flat
 /// arrays plus its shape; `moecast.read_trace` reshapes them.
 #[pyfunction]
@@ -338,6 +459,7 @@ fn _moecast(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Predictor>()?;
     m.add_class::<Session>()?;
     m.add_class::<Blend>()?;
+    m.add_class::<Planner>()?;
     m.add_function(wrap_pyfunction!(read_trace_flat, m)?)?;
     m.add("MoecastError", m.py().get_type::<MoecastError>())?;
     Ok(())

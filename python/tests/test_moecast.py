@@ -176,3 +176,58 @@ def test_blend_learns_the_routing_better_than_layer_frequency(trained):
         b.observe(-3, experts[0])
     with pytest.raises(moecast.MoecastError, match="nope"):
         moecast.Blend(out / "nope.mctrace")
+
+
+def test_planner_stages_the_blends_forecasts_when_the_link_is_fast(trained):
+    """moecast.Planner offered the blend's forecasts over the trace: with reads a third
+    of a layer's time it stages experts the routing then uses, so fewer are read on
+    demand than with reads a hundred layers long, when it stages none; bad input raises
+    MoecastError."""
+    trace, _, _ = trained
+    t = moecast.read_trace(trace)
+
+    def replay(read_us):
+        b = moecast.Blend(trace)
+        m, e, k = b.n_moe_layers, b.n_experts, b.top_k
+        pl = moecast.Planner(m, e, k, m * e // 4, read_us=read_us, layer_us=1000.0)
+        staged, demand, used = set(), 0, 0
+        for s in range(len(t["seq_names"])):
+            b.reset()
+            for i in np.flatnonzero(t["seq"] == s):
+                routing = t["experts"][i]
+                pl.token_started()
+                for layer in range(m):
+                    ids = {layer * e + int(x) for x in routing[layer]}
+                    demand += len(ids - staged)
+                    used += len(ids & staged)
+                    pl.layer_routed(layer, routing[layer], len(ids - staged))
+                    staged = {x for x in staged if x // e != layer}
+                    earlier = routing[layer - 1] if layer else None
+                    forecast, probs = b.forecast(layer, routing[layer], earlier)
+                    for row in range(b.horizon):
+                        out = pl.plan((layer + 1 + row) % m, forecast[row], probs[row])
+                        assert out.dtype == np.uint32 and (out < m * e).all()
+                        staged |= {int(x) for x in out}
+                b.observe(t["token"][i], routing)
+        return demand, used, pl.report()
+
+    fast, slow = replay(300.0), replay(100_000.0)
+    assert fast[2]["staged"] > 0 and fast[1] > 0, fast
+    assert (fast[2]["read_us"], fast[2]["layer_us"]) == (300.0, 1000.0)
+    assert 0 < fast[2]["calibrated_probability"] < 1, fast
+    assert slow[2]["staged"] == 0 and slow[1] == 0, slow
+    assert fast[0] < slow[0], (fast, slow)
+    with pytest.raises(moecast.MoecastError, match="top-9"):
+        moecast.Planner(4, 8, 9, 8)
+    with pytest.raises(moecast.MoecastError, match="timings"):
+        moecast.Planner(4, 8, 2, 8, read_us=100.0)
+    pl = moecast.Planner(4, 8, 2, 8)
+    pl.token_started()
+    with pytest.raises(moecast.MoecastError, match="layer 4"):
+        pl.plan(4, [1, 2])
+    with pytest.raises(moecast.MoecastError, match="probs holds 1"):
+        pl.plan(1, [1, 2], [0.5])
+    with pytest.raises(moecast.MoecastError, match="expert 9"):
+        pl.layer_routed(0, [9, 1], 2)
+    with pytest.raises(moecast.MoecastError, match="not a duration"):
+        pl.read_done(-1)
