@@ -185,6 +185,17 @@ fn build_c(dir: &Path, name: &str) -> PathBuf {
     exe
 }
 
+/// Runs the C program `exe` with `args`; its output, once it has succeeded.
+fn run_c(exe: &Path, args: &[&Path]) -> String {
+    let ran = Command::new(exe).args(args).output().unwrap();
+    assert!(
+        ran.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ran.stderr)
+    );
+    String::from_utf8(ran.stdout).unwrap()
+}
+
 #[test]
 fn a_c_program_replays_a_trace_as_the_rust_serving_path_does() {
     let dir = tempfile::tempdir().unwrap();
@@ -193,18 +204,10 @@ fn a_c_program_replays_a_trace_as_the_rust_serving_path_does() {
     let input_file = dir.path().join("routing.txt");
     std::fs::write(&input_file, input).unwrap();
     let exe = build_c(dir.path(), "replay");
-    let ran = Command::new(&exe)
-        .arg(&predictor_dir)
-        .arg(&input_file)
-        .arg(BUDGET.to_string())
-        .output()
-        .unwrap();
-    assert!(
-        ran.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ran.stderr)
+    let got = run_c(
+        &exe,
+        &[&predictor_dir, &input_file, Path::new(&BUDGET.to_string())],
     );
-    let got = String::from_utf8(ran.stdout).unwrap();
     assert_eq!(got.lines().count(), want.lines().count());
     assert!(got == want, "the C replay differs from OnlinePredictor");
 }
@@ -470,19 +473,15 @@ fn a_c_program_plans_prefetch_as_the_rust_planner_does() {
             layer_us: 1000.0,
         };
         let want = stage_in_rust(&path, &trace, timings);
-        let ran = Command::new(&exe)
-            .arg(&path)
-            .arg(&input)
-            .arg(BUDGET.to_string())
-            .args([read_us.to_string(), "1000".into(), "8".into()])
-            .output()
-            .unwrap();
-        assert!(
-            ran.status.success(),
-            "{}",
-            String::from_utf8_lossy(&ran.stderr)
-        );
-        let got = String::from_utf8(ran.stdout).unwrap();
+        let numbers = [
+            BUDGET.to_string(),
+            read_us.to_string(),
+            "1000".into(),
+            "8".into(),
+        ];
+        let mut args = vec![path.as_path(), input.as_path()];
+        args.extend(numbers.iter().map(Path::new));
+        let got = run_c(&exe, &args);
         assert!(
             got == want,
             "the C planner differs from StagingPlanner:\n{got}\n{want}"

@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "programs.h"
 #include "moecast.h"
 
 static void print_ids(const char *tag, unsigned n, const uint16_t *ids, size_t len) {
@@ -18,15 +19,6 @@ static void print_ids(const char *tag, unsigned n, const uint16_t *ids, size_t l
     for (size_t i = 0; i < len; i++) printf(" %u", (unsigned)ids[i]);
     printf("\n");
 }
-
-#define CHECK(call)                                                              \
-    do {                                                                         \
-        int rc_ = (call);                                                        \
-        if (rc_ != MC_OK) {                                                      \
-            fprintf(stderr, "%s failed (%d): %s\n", #call, rc_, mc_last_error()); \
-            return 1;                                                            \
-        }                                                                        \
-    } while (0)
 
 int main(int argc, char **argv) {
     if (argc != 4) {
@@ -49,18 +41,12 @@ int main(int argc, char **argv) {
     uint16_t *routing = calloc(width, sizeof(uint16_t));
     uint16_t *next = calloc((size_t)layers * budget, sizeof(uint16_t));
     uint16_t *ahead = calloc((size_t)(horizon ? horizon : 1) * budget, sizeof(uint16_t));
-    char kind[2];
-    while (fscanf(in, "%1s", kind) == 1) {
-        if (kind[0] == 'S') {
+    unsigned token;
+    int record;
+    while ((record = next_record(in, width, &token, routing)) > 0) {
+        if (record == 'S') {
             CHECK(mc_session_reset(s));
             continue;
-        }
-        unsigned token;
-        if (fscanf(in, "%u", &token) != 1) return 3;
-        for (size_t i = 0; i < width; i++) {
-            unsigned x;
-            if (fscanf(in, "%u", &x) != 1) return 3;
-            routing[i] = (uint16_t)x;
         }
         CHECK(mc_session_predict_next(s, token, budget, next));
         print_ids("N", token, next, (size_t)layers * budget);
@@ -69,6 +55,10 @@ int main(int argc, char **argv) {
             print_ids("L", known, ahead, (size_t)horizon * budget);
         }
         CHECK(mc_session_observe(s, token, routing));
+    }
+    if (record < 0) {
+        fprintf(stderr, "%s: bad input\n", argv[2]);
+        return 3;
     }
     fclose(in);
     free(routing);

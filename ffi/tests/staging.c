@@ -13,16 +13,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "programs.h"
 #include "moecast.h"
-
-#define CHECK(call)                                                              \
-    do {                                                                         \
-        int rc_ = (call);                                                        \
-        if (rc_ != MC_OK) {                                                      \
-            fprintf(stderr, "%s failed (%d): %s\n", #call, rc_, mc_last_error()); \
-            return 1;                                                            \
-        }                                                                        \
-    } while (0)
 
 int main(int argc, char **argv) {
     if (argc != 7) {
@@ -49,18 +41,12 @@ int main(int argc, char **argv) {
     unsigned char *staged = calloc((size_t)layers * experts, 1);
     uint32_t room = layers * experts, n_out = 0;
     uint32_t *out = calloc(room, sizeof(uint32_t));
-    char kind[2];
-    while (fscanf(in, "%1s", kind) == 1) {
-        if (kind[0] == 'S') {
+    unsigned token;
+    int record;
+    while ((record = next_record(in, width, &token, routing)) > 0) {
+        if (record == 'S') {
             CHECK(mc_blend_reset(b));
             continue;
-        }
-        unsigned token;
-        if (fscanf(in, "%u", &token) != 1) return 3;
-        for (size_t i = 0; i < width; i++) {
-            unsigned x;
-            if (fscanf(in, "%u", &x) != 1) return 3;
-            routing[i] = (uint16_t)x;
         }
         CHECK(mc_planner_token_started(p));
         for (uint32_t l = 0; l < layers; l++) {
@@ -89,6 +75,10 @@ int main(int argc, char **argv) {
     printf("R %llu %llu %llu %llu\n", (unsigned long long)r.offered,
            (unsigned long long)r.staged, (unsigned long long)r.late,
            (unsigned long long)r.not_worth);
+    if (record < 0) {
+        fprintf(stderr, "%s: bad input\n", argv[2]);
+        return 3;
+    }
     fclose(in);
     free(routing);
     free(ahead);

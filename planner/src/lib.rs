@@ -104,6 +104,22 @@ pub struct PlannerSettings {
     pub capacity: usize,
 }
 
+impl PlannerSettings {
+    /// A model's shape and a cache's size, with no timings yet (a runtime measures or
+    /// states them as it goes).
+    pub fn untimed(top_k: usize, n_experts: usize, n_moe: usize, capacity: usize) -> Self {
+        PlannerSettings {
+            read_us: 0.0,
+            chunk_us: 0.0,
+            layer_period_us: 0.0,
+            top_k,
+            n_experts,
+            n_moe,
+            capacity,
+        }
+    }
+}
+
 /// One forecast expert offered to the planner.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Candidate {

@@ -101,15 +101,7 @@ impl StagingPlanner {
                 });
             }
         }
-        let settings = PlannerSettings {
-            read_us: 0.0,
-            chunk_us: 0.0,
-            layer_period_us: 0.0,
-            top_k,
-            n_experts,
-            n_moe,
-            capacity,
-        };
+        let settings = PlannerSettings::untimed(top_k, n_experts, n_moe, capacity);
         Ok(StagingPlanner {
             planner: PrefetchPlanner::new(settings),
             clock: PlanClock::new(stated),

@@ -34,15 +34,9 @@ impl EnginePlanner {
         stated: Option<PlanTimings>,
     ) -> Self {
         EnginePlanner {
-            planner: PrefetchPlanner::new(PlannerSettings {
-                read_us: 0.0,
-                chunk_us: 0.0,
-                layer_period_us: 0.0,
-                top_k,
-                n_experts,
-                n_moe,
-                capacity,
-            }),
+            planner: PrefetchPlanner::new(PlannerSettings::untimed(
+                top_k, n_experts, n_moe, capacity,
+            )),
             clock: PlanClock::new(stated),
             link_seen: LinkUse::default(),
             chunk_share,
