@@ -361,6 +361,16 @@ int mc_planner_layer_routed(struct mc_planner *p,
                             uint32_t demand_reads);
 
 /**
+ * A staged read evicted expert `id` (`layer * n_experts + expert`): the planner learns
+ * what a staged read's eviction costs from whether it is needed again soon. Let a
+ * staged expert its layer routed without be the first your cache evicts.
+ *
+ * # Safety
+ * `p` is a live planner.
+ */
+int mc_planner_evicted(struct mc_planner *p, uint32_t id);
+
+/**
  * A read (on demand or staged) took `seconds` of the link; with several reads at
  * once, the link's time per read.
  *

@@ -118,6 +118,20 @@ pub unsafe extern "C" fn mc_planner_layer_routed(
     })
 }
 
+/// A staged read evicted expert `id` (`layer * n_experts + expert`): the planner learns
+/// what a staged read's eviction costs from whether it is needed again soon. Let a
+/// staged expert its layer routed without be the first your cache evicts.
+///
+/// # Safety
+/// `p` is a live planner.
+#[no_mangle]
+pub unsafe extern "C" fn mc_planner_evicted(p: *mut mc_planner, id: u32) -> c_int {
+    guard(|| {
+        let p = non_null_mut(p, "p")?;
+        p.planner.evicted(id).map_err(planner_error)
+    })
+}
+
 /// A read (on demand or staged) took `seconds` of the link; with several reads at
 /// once, the link's time per read.
 ///

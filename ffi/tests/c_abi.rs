@@ -527,6 +527,9 @@ fn a_c_program_plans_prefetch_as_the_rust_planner_does() {
             n <= 2 && out[..n as usize].iter().all(|&x| x / 8 == 1),
             "{out:?}"
         );
+        assert_eq!(mc_planner_evicted(p, 32), MC_ERR_ARG);
+        assert!(last_error().contains("expert id 32"), "{}", last_error());
+        assert_eq!(mc_planner_evicted(p, 31), MC_OK);
         assert_eq!(mc_planner_read_done(p, -1.0), MC_ERR_ARG);
         assert_eq!(mc_planner_read_done(p, 0.002), MC_OK);
         assert_eq!(

@@ -27,6 +27,8 @@ pub enum StagingError {
     Layer { layer: usize, n_moe: usize },
     #[error("expert {expert} is outside 0..{n_experts}")]
     Expert { expert: u16, n_experts: usize },
+    #[error("expert id {id} is outside 0..{ids} (layer * n_experts + expert)")]
+    Id { id: u32, ids: usize },
     #[error("{what} holds {got} values for a forecast of {want} experts")]
     Length {
         what: &'static str,
@@ -55,7 +57,10 @@ pub struct LinkQueue {
 
 /// The planner of a runtime that stages experts itself. Staged reads are assumed to go
 /// one after another behind the reads already queued, each taking the link's measured
-/// time per read, and a demand read to wait for a staged read on the link in full.
+/// time per read, and a demand read to wait for a staged read on the link in full. The
+/// runtime should tell it what staged reads evict ([`Self::evicted`]) and let a staged
+/// expert its layer routed without be the first to go (`planner/tests/runtime.rs`
+/// measures such a runtime).
 #[derive(Debug, Clone)]
 pub struct StagingPlanner {
     planner: PrefetchPlanner,
@@ -65,8 +70,10 @@ pub struct StagingPlanner {
     token: u64,
     next_layer: usize,
     started: bool,
-    /// Experts staged for lookups still ahead (`layer * n_experts + expert`).
+    /// Experts staged for lookups still ahead (`layer * n_experts + expert`), and how
+    /// many since the last lookup.
     staged: HashSet<u32>,
+    staged_since_lookup: usize,
 }
 
 impl StagingPlanner {
@@ -109,6 +116,7 @@ impl StagingPlanner {
             next_layer: 0,
             started: false,
             staged: HashSet::new(),
+            staged_since_lookup: 0,
         })
     }
 
@@ -161,6 +169,23 @@ impl StagingPlanner {
         self.planner.observe_layer(layer, &used, demand_reads);
         self.next_layer = layer + 1;
         self.staged.retain(|&id| id as usize / e != layer);
+        self.staged_since_lookup = 0;
+        Ok(())
+    }
+
+    /// A staged read evicted `id` (`layer * n_experts + expert`): the planner watches
+    /// whether it is needed again before the cache would have dropped it anyway, and
+    /// so learns what a staged read's eviction costs (until told, it assumes the share
+    /// of a layer's experts a token uses).
+    pub fn evicted(&mut self, id: u32) -> Result<(), StagingError> {
+        let (n_moe, n_experts) = self.dims();
+        if id as usize >= n_moe * n_experts {
+            return Err(StagingError::Id {
+                id,
+                ids: n_moe * n_experts,
+            });
+        }
+        self.planner.note_evicted(id);
         Ok(())
     }
 
@@ -225,9 +250,13 @@ impl StagingPlanner {
         let s = self.clock.settings(*self.planner.settings(), 1.0);
         self.planner.set_settings(s);
         let now = self.clock.link(0.0);
+        let limit = self.staging_limit();
         let mut issued = Vec::new();
         for (_, c) in offered {
-            if issued.len() == room || self.staged.contains(&c.id) {
+            if issued.len() == room
+                || self.staged_since_lookup + issued.len() >= limit
+                || self.staged.contains(&c.id)
+            {
                 continue;
             }
             let reads_before = (queue.queued_reads + issued.len()) as f64;
@@ -251,7 +280,22 @@ impl StagingPlanner {
                 Verdict::Late => {}
             }
         }
+        self.staged_since_lookup += issued.len();
         Ok(issued)
+    }
+
+    /// Reads staged per lookup at most: where demand paging alone lets a cache entry
+    /// live a token's lookups (so an expert the next token reuses is still resident),
+    /// staging may not shorten that below a token.
+    fn staging_limit(&self) -> usize {
+        let s = self.planner.settings();
+        let per_lookup = s.capacity as f64 / s.n_moe as f64;
+        let misses = self.planner.state().misses_per_lookup;
+        if misses < per_lookup {
+            (per_lookup - misses).ceil() as usize
+        } else {
+            usize::MAX
+        }
     }
 
     /// What it decided so far.

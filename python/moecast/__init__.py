@@ -17,6 +17,7 @@
     stage = pl.plan(layer, ids, probs)            # experts worth a read now, as
     pl.layer_routed(layer, experts, misses)       # layer * n_experts + expert
     pl.read_done(seconds)                         # after each read
+    pl.evicted(expert_id)                         # what a staged read evicted
 
 `budget` (experts per layer) defaults to top_k. Rows past the last MoE layer are
 0xFFFF. Errors raise `moecast.MoecastError` with the library's message. A Predictor and
@@ -167,6 +168,13 @@ class Planner:
         """MoE layer `layer` routed to `experts`, `demand_reads` of them read on demand."""
         self._p.layer_routed(int(layer), _ids(experts, 1, len(np.ravel(experts)), "experts"),
                              int(demand_reads))
+
+    def evicted(self, expert_id):
+        """A staged read evicted `expert_id` (layer * n_experts + expert); let staged
+        experts their layer routed without be the first to go."""
+        if not 0 <= expert_id <= 0xFFFFFFFF:
+            raise MoecastError(f"expert id {expert_id} is negative or too large")
+        self._p.evicted(int(expert_id))
 
     def read_done(self, seconds):
         """A read (on demand or staged) took `seconds` of the link."""

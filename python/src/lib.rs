@@ -352,6 +352,11 @@ impl Planner {
             .map_err(err)
     }
 
+    /// A staged read evicted `id` (`layer * n_experts + expert`).
+    fn evicted(&mut self, id: u32) -> PyResult<()> {
+        self.planner.evicted(id).map_err(err)
+    }
+
     /// A read took `seconds` of the link.
     fn read_done(&mut self, seconds: f64) -> PyResult<()> {
         self.planner.read_done(seconds).map_err(err)
