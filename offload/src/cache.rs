@@ -288,6 +288,16 @@ impl ExpertCache {
         });
     }
 
+    /// Records the first use of `id`, prefetched (inserted before any use): under LFU
+    /// the insertion does not count as a use as well, so a prefetch leaves an expert no
+    /// more frequent than reading it on demand would; otherwise as [`Self::touch`].
+    pub fn first_use(&mut self, id: usize, next_use: u64) {
+        if matches!(self.policy, EvictionPolicy::Lfu { .. }) {
+            self.key[id].0 = f64::NEG_INFINITY;
+        }
+        self.touch(id, next_use);
+    }
+
     /// Records a use of `id` (resident or just inserted). `next_use` is the time of its
     /// next use (Belady only; `u64::MAX` when never).
     pub fn touch(&mut self, id: usize, next_use: u64) {

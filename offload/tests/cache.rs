@@ -120,6 +120,43 @@ fn lfu_keeps_the_frequent_and_decay_forgets() {
     assert!("mru".parse::<EvictionPolicy>().is_err());
 }
 
+/// A prefetched expert's first use is its first use: under LFU the prefetch's insertion
+/// does not count as a use too, so a prefetch never makes an expert more frequent (and
+/// so stickier) than reading it on demand would.
+#[test]
+fn under_lfu_a_prefetch_and_its_first_use_count_once() {
+    let (a, b, c) = (0usize, 1, 2);
+    let mut cache = ExpertCache::new(
+        EvictionPolicy::Lfu { decay: 0.0 },
+        CacheScope::Global,
+        2,
+        1,
+        3,
+    );
+    // a: two uses; b: prefetched, then used once.
+    assert!(matches!(
+        cache.insert(a, 0, &[]),
+        Insertion::Done { evicted: None }
+    ));
+    cache.touch(a, 0);
+    assert!(matches!(
+        cache.insert(b, 0, &[]),
+        Insertion::Done { evicted: None }
+    ));
+    cache.first_use(b, 0);
+    // b is the less frequent: it goes for c, although a was used longer ago.
+    assert_eq!(cache.victim(c, &[]), Some(Some(b)));
+    // A second use counts: b is then as frequent as a, and the older a goes.
+    cache.touch(b, 0);
+    assert_eq!(cache.victim(c, &[]), Some(Some(a)));
+    // Other policies: the first use is a use.
+    let mut lru = ExpertCache::new(EvictionPolicy::Lru, CacheScope::Global, 2, 1, 3);
+    lru.insert(b, 0, &[]);
+    lru.insert(a, 0, &[]);
+    lru.first_use(b, 0);
+    assert_eq!(lru.victim(c, &[]), Some(Some(a)));
+}
+
 #[test]
 fn next_use_forecast_is_the_mean_residual_life_of_the_reuse_gaps() {
     // One layer of 4 experts: expert 0 used at visits 0, 1, 3 (gaps 1 and 2), expert 1

@@ -147,7 +147,8 @@ impl Sim {
             self.pinned.push(id);
             let next = self.future.as_mut().map_or(0, |f| f.advance(id));
             if self.cache.contains(id) {
-                if self.unused_prefetch[id] {
+                let prefetched = self.unused_prefetch[id];
+                if prefetched {
                     self.unused_prefetch[id] = false;
                     self.r.useful_prefetches += 1;
                 }
@@ -159,7 +160,11 @@ impl Sim {
                     self.r.per_layer[l].late += 1;
                     self.promote(id);
                 }
-                self.cache.touch(id, next);
+                if prefetched {
+                    self.cache.first_use(id, next);
+                } else {
+                    self.cache.touch(id, next);
+                }
                 continue;
             }
             self.r.misses += 1;
