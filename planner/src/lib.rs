@@ -34,7 +34,8 @@
 //! is offered again at the next moment while its layer is still ahead: a read that would
 //! sit in the way of this layer's demand reads may pay once they are done. The
 //! simulator and the engine share this type; each tells it the link's state and each
-//! layer's routing.
+//! layer's routing. Runtimes outside them (through the C ABI and Python) use it through
+//! [`StagingPlanner`], which keeps the link's state and the clock itself.
 
 use std::collections::HashMap;
 
@@ -365,6 +366,11 @@ impl PrefetchPlanner {
             Some(p) => (p, false),
             _ => (self.background_probability(), true),
         }
+    }
+
+    /// Running mean of demand reads per lookup.
+    pub fn misses_per_lookup(&self) -> f64 {
+        self.misses_per_lookup
     }
 
     /// The probability that a resident expert in no current forecast is needed before

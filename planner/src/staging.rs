@@ -253,10 +253,10 @@ impl StagingPlanner {
         let limit = self.staging_limit();
         let mut issued = Vec::new();
         for (_, c) in offered {
-            if issued.len() == room
-                || self.staged_since_lookup + issued.len() >= limit
-                || self.staged.contains(&c.id)
-            {
+            if issued.len() == room || self.staged_since_lookup + issued.len() >= limit {
+                break;
+            }
+            if self.staged.contains(&c.id) {
                 continue;
             }
             let reads_before = (queue.queued_reads + issued.len()) as f64;
@@ -290,7 +290,7 @@ impl StagingPlanner {
     fn staging_limit(&self) -> usize {
         let s = self.planner.settings();
         let per_lookup = s.capacity as f64 / s.n_moe as f64;
-        let misses = self.planner.state().misses_per_lookup;
+        let misses = self.planner.misses_per_lookup();
         if misses < per_lookup {
             (per_lookup - misses).ceil() as usize
         } else {
