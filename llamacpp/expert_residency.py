@@ -1,12 +1,16 @@
 """Expert residency inside llama.cpp: which experts' byte ranges of the memory-mapped GGUF
 are in the page cache, a bounded resident set (least recently used out), and greedy
-decoding that stages the experts a moecast predictor forecasts. See moecast_llamacpp.py.
+decoding that stages the experts a moecast predictor forecasts: a fixed budget per layer
+in staging slots of their own, or what moecast's planner judges worth a read
+(``PlannedResidency``). See moecast_llamacpp.py.
 """
 
 import ctypes
 import ctypes.util
 import mmap
 import os
+import queue
+import threading
 import time
 from collections import OrderedDict
 
@@ -35,7 +39,7 @@ class _Libc:
         vec = (ctypes.c_ubyte * n)()
         if self.c.mincore(addr, length, vec) != 0:
             raise LlamaCppError(f"mincore failed: {os.strerror(ctypes.get_errno())}")
-        return sum(v & 1 for v in vec), n
+        return int(np.count_nonzero(np.frombuffer(vec, dtype=np.uint8) & 1)), n
 
 
 class FileMapping:
@@ -68,9 +72,11 @@ class ExpertResidency:
     experts kept, of which `staging_slots` hold staged experts not used yet (oldest
     dropped when a newer one is staged: a forecast can never push out more than those
     slots of what demand paging keeps) and the rest the experts used (least recently used
-    dropped); counts of what was resident when used, staged and wasted. Reads and drops
-    are issued from the calling thread (an I/O thread was slower here: it contends with
-    llama.cpp's eval callback for Python's GIL)."""
+    dropped); counts of what was resident when used, staged and wasted. Demand reads and
+    drops are issued from the calling thread (the eval callback), staged reads from an
+    I/O thread of their own: `posix_fadvise(WILLNEED)` returns only once its requests
+    are queued on the device, which at production expert sizes blocked the callback for
+    milliseconds per staged read."""
 
     def __init__(self, experts, capacity, staging_slots=0):
         if not 0 <= staging_slots < capacity:
@@ -90,6 +96,7 @@ class ExpertResidency:
         self.uses = self.resident_uses = 0
         self.bytes_staged = self.bytes_wasted = self.bytes_demand = 0
         self.staged = self.staged_used = self.late = 0
+        self.stall_s = 0.0
         # A fault reads only its own page: without both, this kernel's read-around (up to a
         # 2 MB folio per fault, seen on Linux 6.18 / ext4) loads a dozen neighbouring
         # experts with every miss, and no expert-sized residency could be kept.
@@ -100,7 +107,33 @@ class ExpertResidency:
             except LlamaCppError:
                 pass
 
+        self._io_queue = queue.SimpleQueue()
+        self._io_lock = threading.Lock()  # held while a staged read is being queued
+        self._io_wanted = set()  # staged reads queued, not issued yet
+        self._io = threading.Thread(target=self._io_main, name="moecast-staging", daemon=True)
+        self._io.start()
+
+    def _io_main(self):
+        while (key := self._io_queue.get()) is not None:
+            with self._io_lock:
+                if key in self._io_wanted:
+                    self._io_wanted.discard(key)
+                    self._read(key)
+
+    def _stage_read(self, key):
+        """Queues a staged read on the I/O thread."""
+        self._io_wanted.add(key)
+        self._io_queue.put(key)
+
+    def _cancel_read(self, key):
+        """A staged read not issued yet is not issued; one being issued is waited for
+        (so an expert is never dropped before its read is queued)."""
+        with self._io_lock:
+            self._io_wanted.discard(key)
+
     def close(self):
+        self._io_queue.put(None)
+        self._io.join()
         os.close(self.fd)
 
     def _ranges(self, key):
@@ -138,6 +171,15 @@ class ExpertResidency:
         for off, n in self._ranges(key):
             os.posix_fadvise(self.fd, off, n, os.POSIX_FADV_WILLNEED)
 
+    def _wait(self, key):
+        """Blocks until the expert's pages are in memory (each page touched through the
+        mapping: a page still being read is waited for, as llama.cpp's own access would)."""
+        for off, n in self._ranges(key):
+            start = off // _PAGE * _PAGE
+            length = off + n - start
+            view = (ctypes.c_ubyte * length).from_address(self.mapping.addrs(start, length)[0])
+            np.frombuffer(view, dtype=np.uint8)[::_PAGE].max()
+
     def is_resident(self, key):
         have = total = 0
         for off, n in self._ranges(key):
@@ -146,15 +188,30 @@ class ExpertResidency:
             have, total = have + h, total + t
         return have == total
 
-    def use(self, i, experts, count=True):
-        """Layer i is about to run `experts`: counts residency, reads the missing ones
-        whole (one request per slice, as an offloading runtime loads an expert on a miss,
-        instead of a fault per page), marks them used."""
+    def _fetch(self, keys):
+        """Reads the experts of `keys` not in memory whole (one request per slice, as an
+        offloading runtime loads an expert on a miss, instead of a fault per page) and
+        waits for them; returns (which were resident, the experts read on demand,
+        seconds waited)."""
+        resident = [self.is_resident(k) for k in keys]
+        missing = [k for k, r in zip(keys, resident) if not r]
+        t0 = time.perf_counter()  # the request blocks while the device's queue is full
+        for key in missing:  # a late staged read's pages are not read twice
+            self._read(key)
+        for key in missing:
+            self._wait(key)
+        waited = time.perf_counter() - t0 if missing else 0.0
+        return resident, [k for k in missing if k not in self.staging], waited
+
+    def use(self, i, experts, count=True, observe=True):
+        """Layer i is about to run `experts`: counts residency (with `count`), reads the
+        missing ones and waits for them, marks them used. (`observe`: a decode step's
+        routing, not a prompt's; see PlannedResidency.)"""
         keys = [(i, int(e)) for e in experts]
-        for key in keys:
-            resident = self.is_resident(key)
-            if not resident:
-                self._read(key)
+        resident_now, _, waited = self._fetch(keys)
+        if count:
+            self.stall_s += waited
+        for key, resident in zip(keys, resident_now):
             staged = self.staging.pop(key, None) is not None
             if staged:
                 self.staged_used += 1
@@ -176,13 +233,14 @@ class ExpertResidency:
             key = (i, int(e))
             if key in self.lru or key in self.staging:
                 continue
-            self._read(key)
+            self._stage_read(key)
             self.staging[key] = True
             self.staged += 1
             self.bytes_staged += self._bytes(key)
             while len(self.staging) > self.slots:
                 old, _ = self.staging.popitem(last=False)
                 self.bytes_wasted += self._bytes(old)
+                self._cancel_read(old)
                 self._drop(old)
 
     def _evict(self, keep):
@@ -208,11 +266,144 @@ class ExpertResidency:
             "bytes_wasted": self.bytes_wasted,
             "staged_experts": self.staged,
             "staged_used": self.staged_used / max(self.staged, 1),
+            "stall_s": self.stall_s,
         }
 
 
+class PlannedResidency(ExpertResidency):
+    """The resident set when moecast's planner (`moecast.Planner`) picks what to stage:
+    staged experts share the `capacity` with the used ones, in no slots of their own; a
+    staged expert its layer routed without is the first to go, then the least recently
+    used (the planner is told when a staged read evicts one). The planner is told each
+    decode step, each layer's routing with its demand reads, and the link's time per
+    read, timed on demand reads issued while no staged read is on the link (staged reads
+    go through the kernel's readahead, which reports no completion time)."""
+
+    def __init__(self, experts, capacity, planner, top_k, measured=False):
+        super().__init__(experts, capacity, 0)
+        self.planner = planner
+        self.top_k = top_k
+        self.stale = OrderedDict()  # staged, their layer routed without them; oldest first
+        self.landed = set()  # staged experts whose read is known to have landed
+        self.current = set()  # the layer about to run: never evicted for a staged read
+        self.measured = measured  # stated timings, or a read timed
+
+    def drop_all(self):
+        self.stale.clear()
+        self.landed.clear()
+        super().drop_all()
+
+    def _id(self, key):
+        return key[0] * self.ex.n_experts + key[1]
+
+    def _in_flight(self):
+        """Staged reads not landed yet."""
+        n = 0
+        for key in self.staging:
+            if key in self.landed:
+                continue
+            if self.is_resident(key):
+                self.landed.add(key)
+            else:
+                n += 1
+        return n
+
+    def use(self, i, experts, count=True, observe=True):
+        keys = [(i, int(e)) for e in experts]
+        busy = self._in_flight()
+        resident_now, demand, waited = self._fetch(keys)
+        late = any(not r and k in self.staging for k, r in zip(keys, resident_now))
+        if observe:
+            if demand and not busy and not late:  # the link held these reads alone
+                for _ in demand:
+                    self.planner.read_done(waited / len(demand))
+                self.measured = True
+            if waited > 0:
+                self.planner.stalled(waited)
+        if count:
+            self.stall_s += waited
+        for key, resident in zip(keys, resident_now):
+            staged = self.staging.pop(key, None) is not None or self.stale.pop(key, None) is not None
+            self.landed.discard(key)
+            if staged:
+                self.staged_used += 1
+            self.lru.pop(key, None)
+            self.lru[key] = True
+            if count:
+                self.uses += 1
+                if resident:
+                    self.resident_uses += 1
+                elif staged:
+                    self.late += 1
+                else:
+                    self.bytes_demand += self._bytes(key)
+        for key in [k for k in self.staging if k[0] == i]:  # its layer routed without it
+            del self.staging[key]
+            self.landed.discard(key)
+            self.stale[key] = True
+        if observe:
+            self.planner.layer_routed(i, np.asarray(experts), len(demand))
+        self.current = set(keys)
+        self._evict(self.current, told=False)
+
+    def offer(self, layer, ranking):
+        """Offers MoE layer `layer`'s forecast (best first) for its next lookup to the
+        planner and stages what it picks (nothing before a read has been timed)."""
+        if not self.measured:
+            return
+        ranking = np.asarray(ranking)
+        ranking = ranking[ranking != 0xFFFF]
+        keys = [(layer, int(e)) for e in ranking]
+        held = np.array([k in self.lru or k in self.staging or k in self.stale for k in keys], dtype=bool)
+        pending = len(self.staging)
+        free = max(self.capacity - len(self.lru) - pending - len(self.stale), 0)
+        room = max(self.capacity - self.top_k - pending, 0)
+        for i in self.planner.plan(layer, ranking, None, held, self._in_flight(), free, room):
+            key = divmod(int(i), self.ex.n_experts)
+            if key in self.lru or key in self.staging:
+                continue  # an earlier forecast judged again, resident by now
+            if self.stale.pop(key, None) is not None:  # still in memory: staged again, not read
+                self.staging[key] = True
+                continue
+            self._stage_read(key)
+            self.staging[key] = True
+            self.staged += 1
+            self.bytes_staged += self._bytes(key)
+            self._evict(self.current | {key}, told=True)
+
+    def _evict(self, keep, told=False):
+        while len(self.lru) + len(self.staging) + len(self.stale) > self.capacity:
+            if self.stale:
+                key, _ = self.stale.popitem(last=False)
+                self.bytes_wasted += self._bytes(key)
+                self._cancel_read(key)
+            elif (key := next((k for k in self.lru if k not in keep), None)) is not None:
+                del self.lru[key]
+                if told:
+                    self.planner.evicted(self._id(key))
+            elif (key := next((k for k in self.staging if k not in keep), None)) is not None:
+                del self.staging[key]
+                self.landed.discard(key)
+                self.bytes_wasted += self._bytes(key)
+                self._cancel_read(key)
+            else:
+                return
+            self._drop(key)
+
+    def finish(self):
+        self.bytes_wasted += sum(self._bytes(k) for k in self.stale)
+        self.stale.clear()
+        super().finish()
+
+    def report(self):
+        out = super().report()
+        out.update({f"planner_{k}": v for k, v in self.planner.report().items() if v is not None})
+        return out
+
+
 def decode_with_residency(model, prompts, capacity, max_new_tokens, predictor=None, budget=None,
-                          temperature=0.0, seed=0, replay=None, replay_tokens=None, horizon=None):
+                          temperature=0.0, seed=0, replay=None, replay_tokens=None, horizon=None,
+                          plan_timings=None, guard=True):
     """Decoding with at most `capacity` experts resident: each prompt runs as one batch
     (it only warms the resident set), then up to `max_new_tokens` are decoded one at a
     time (greedy, or seeded sampling: sequence i draws with seed + i, so every mode decodes
@@ -221,49 +412,82 @@ def decode_with_residency(model, prompts, capacity, max_new_tokens, predictor=No
     instead, each layer's routing forced to the recorded experts (up to `replay_tokens`
     tokens in all). With a moecast `predictor`, each token's layers are forecast from its
     id before it runs and the layers ahead after each layer routes, and their experts
-    staged. Residency and time are counted over the decode steps."""
+    staged: the best `budget` of each forecast layer (up to `horizon` layers ahead), or
+    with `budget="auto"` what moecast's planner judges worth a read (every layer's
+    forecast offered, its best top-k; it measures the read and layer times,
+    or plans with `plan_timings`, (read, layer) in microseconds; with `guard`, moecast's
+    prefetch guard turns forecasting and staging off in the windows of decode steps where
+    they measure slower than without). Residency and time are counted over
+    the decode steps."""
     m = len(model.experts.moe_layers)
-    session = predictor.session() if predictor is not None else None
-    horizon = min(horizon or predictor.horizon, predictor.horizon) if predictor is not None else 0
-    budget = budget or (predictor.top_k if predictor is not None else 0)
     top_k = model.experts.top_k
+    session = predictor.session() if predictor is not None else None
+    planned = session is not None and budget == "auto"
+    horizon = min(horizon or predictor.horizon, predictor.horizon) if predictor is not None else 0
+    if planned:
+        horizon = predictor.horizon
+        budget = top_k
+    budget = budget or (predictor.top_k if predictor is not None else 0)
     if capacity < top_k:
         raise LlamaCppError(f"a resident set of {capacity} experts cannot hold one layer's top-{top_k}")
-    # the forecast for the layers ahead, and as many again still to be used; what demand
-    # paging keeps never shrinks below one layer's experts
-    slots = min(2 * budget * max(horizon, 1), capacity - top_k) if session else 0
-    if session is not None and slots < 1:
-        raise LlamaCppError(f"a resident set of {capacity} experts leaves no room to stage beside a layer's top-{top_k}")
-    res = ExpertResidency(model.experts, capacity, slots)
+    if planned:
+        import moecast
+
+        if capacity <= top_k:
+            raise LlamaCppError(f"a resident set of {capacity} experts leaves no room to stage beside a layer's "
+                                f"top-{top_k}")
+        read_us, layer_us = plan_timings or (None, None)
+        res = PlannedResidency(model.experts, capacity,
+                               moecast.Planner(m, model.experts.n_experts, top_k, capacity, read_us, layer_us),
+                               top_k, measured=plan_timings is not None)
+        stage = res.offer
+        guard = moecast.PrefetchGuard() if guard else None
+        if capacity >= m * model.experts.n_experts:  # every expert stays: nothing to forecast
+            session = guard = None
+    else:
+        # the forecast for the layers ahead, and as many again still to be used; what
+        # demand paging keeps never shrinks below one layer's experts
+        slots = min(2 * budget * max(horizon, 1), capacity - top_k) if session else 0
+        if session is not None and slots < 1:
+            raise LlamaCppError(f"a resident set of {capacity} experts leaves no room to stage beside a layer's "
+                                f"top-{top_k}")
+        res = ExpertResidency(model.experts, capacity, slots)
+        stage = res.stage
+        guard = None
     reads_inputs = bool(predictor is not None and predictor.router_input_dim)
     if reads_inputs and not model.router_inputs:
         raise LlamaCppError("this predictor reads router inputs: load the model with router_inputs=True")
-    state = {"token": None, "so_far": [], "count": False, "forced": None, "prefill": False}
+    state = {"token": None, "so_far": [], "count": False, "forced": None, "prefill": False, "on": True}
 
     def routed(i, ids):
         if state["prefill"]:  # the prompt's batch: every row's experts ran
-            res.use(i, np.unique(ids), count=False)
+            res.use(i, np.unique(ids), count=False, observe=False)
             return
         res.use(i, ids[0], count=state["count"])
         state["so_far"].append(ids[0].astype(np.uint16))
-        if session is not None and i + 1 < m and horizon > 0:
+        if session is not None and state["on"] and i + 1 < m and horizon > 0:
             x = model.rows["inputs"][i][-1][0] if reads_inputs else None
             ahead = session.predict_lookahead(state["token"], np.stack(state["so_far"]), budget, x)
             for h in range(min(horizon, m - i - 1)):
-                res.stage(i + 1 + h, ahead[h][ahead[h] != 0xFFFF])
+                stage(i + 1 + h, ahead[h][ahead[h] != 0xFFFF])
 
     def step(token, pos, count=True):
         """One decode step; returns its seconds."""
-        state.update(token=token, so_far=[], count=count)
+        state.update(token=token, so_far=[], count=count, on=guard is None or guard.enabled)
         t0 = time.perf_counter()
-        if session is not None:
+        if planned:
+            res.planner.token_started()
+        if session is not None and state["on"]:
             first = session.predict_next(token, budget)
-            for h in range(min(max(horizon, 1), m)):
-                res.stage(h, first[h])
+            for h in range(m if planned else min(max(horizon, 1), m)):
+                stage(h, first[h])
         model.decode([token], pos, all_logits=False)
         if session is not None:
             session.observe(token, np.stack(state["so_far"]))
-        return time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        if guard is not None:
+            guard.step_done(dt)
+        return dt
 
     res.drop_all()
     model.on_routed = routed
@@ -309,6 +533,8 @@ def decode_with_residency(model, prompts, capacity, max_new_tokens, predictor=No
         res.close()
     out = res.report()
     out.update(decode_steps=steps, tokens_per_s=steps / decode_s if decode_s > 0 else 0.0)
+    if guard is not None:
+        out["steps_without_prefetch"] = guard.steps_off
     return out
 
 

@@ -508,6 +508,22 @@ def cmd_collect(args):
     model.close()
 
 
+def _budgets(text):
+    """`--budget`: comma-separated, each `auto` (the planner) or experts per forecast layer."""
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if part == "auto":
+            out.append(part)
+        elif part.isdigit() and int(part) >= 1:
+            out.append(int(part))
+        else:
+            raise LlamaCppError(f"--budget: '{part}' is neither auto nor a number of experts of at least 1")
+    if len(set(out)) != len(out):
+        raise LlamaCppError(f"--budget {text} names a budget twice")
+    return out
+
+
 def cmd_prefetch(args):
     from expert_residency import decode_with_residency
 
@@ -544,20 +560,31 @@ def cmd_prefetch(args):
                 f"experts, top-{predictor.top_k}, does not match {args.model} ({len(ex.moe_layers)} x "
                 f"{ex.n_experts}, top-{ex.top_k})"
             )
-    for flag, value in (("--rounds", args.rounds), ("--budget", args.budget), ("--horizon", args.horizon)):
+    for flag, value in (("--rounds", args.rounds), ("--horizon", args.horizon)):
         if value < 1:
             raise LlamaCppError(f"{flag} must be at least 1")
+    budgets = _budgets(args.budget)
+    if (args.read_us is None) != (args.layer_us is None):
+        raise LlamaCppError("--read-us and --layer-us go together (or neither: the planner measures them)")
+    timings = None
+    if args.read_us is not None:
+        if not (args.read_us > 0 and args.layer_us > 0):
+            raise LlamaCppError("--read-us and --layer-us must be above 0")
+        timings = (args.read_us, args.layer_us)
     if args.max_new_tokens < 1 and replay is None:
         raise LlamaCppError("--max-new-tokens must be at least 1")
     if predictor is not None and predictor.router_input_dim and predictor.router_input_dim != model.n_embd:
         raise LlamaCppError(f"{args.predictor}: reads router inputs of width {predictor.router_input_dim}, "
                             f"{args.model}'s are {model.n_embd}")
-    modes = [("on-demand", None)] + ([("predictor", predictor)] if predictor else [])
-    runs = {name: [] for name, _ in modes}
+    modes = [("on-demand", None, None)]
+    if predictor:
+        modes += [("planned" if b == "auto" else f"budget-{b}", predictor, b) for b in budgets]
+    runs = {name: [] for name, _, _ in modes}
     for r in range(args.rounds):
-        for name, p in modes:
-            out = decode_with_residency(model, prompts, capacity, args.max_new_tokens, p, args.budget,
-                                        args.temperature, args.seed, replay, args.replay_tokens, args.horizon)
+        for name, p, budget in modes:
+            out = decode_with_residency(model, prompts, capacity, args.max_new_tokens, p, budget,
+                                        args.temperature, args.seed, replay, args.replay_tokens, args.horizon,
+                                        timings, not args.no_guard)
             runs[name].append(out)
             print(f"round {r + 1}/{args.rounds} {name}: {out['tokens_per_s']:.1f} tokens/s, "
                   f"{100 * out['resident_when_used']:.1f}% resident when used", file=sys.stderr, flush=True)
@@ -573,15 +600,27 @@ def cmd_prefetch(args):
              f"{'greedy' if args.temperature <= 0 else f'temperature {args.temperature} seed {args.seed}'}, "
              f"up to {args.max_new_tokens} new tokens per prompt"))
     print(f"{'mode':<10} {'resident when used':>18} {'demand MB':>10} {'staged MB':>10} {'wasted MB':>10} "
-          f"{'staged used':>11} {'tokens/s':>9}")
+          f"{'staged used':>11} {'stall s':>8} {'tokens/s':>9} {'vs on-demand':>12}")
+    base = summary["on-demand"]["tokens_per_s"]
     for name, s in summary.items():
         print(f"{name:<10} {100 * s['resident_when_used']:>17.1f}% {mb(s['bytes_demand']):>10.2f} "
               f"{mb(s['bytes_staged']):>10.2f} {mb(s['bytes_wasted']):>10.2f} "
-              f"{100 * s['staged_used']:>10.1f}% {s['tokens_per_s']:>9.1f}")
+              f"{100 * s['staged_used']:>10.1f}% {s['stall_s']:>8.2f} {s['tokens_per_s']:>9.1f} "
+              f"{s['tokens_per_s'] / base if base > 0 else 0.0:>11.2f}x")
+    if "planned" in summary:
+        s = summary["planned"]
+        print(f"planned: {s['planner_staged']:.0f} of {s['planner_offered']:.0f} forecast experts offered were "
+              f"worth a read ({s['planner_late']:.0f} too late, {s['planner_not_worth']:.0f} not worth it), "
+              f"with reads measured at {s['planner_read_us'] / 1e3:.2f} ms and layers at "
+              f"{s['planner_layer_us'] / 1e3:.2f} ms (means over rounds)"
+              + ("" if "steps_without_prefetch" not in s else f"; prefetch guard: {s['steps_without_prefetch']:.0f} of "
+                 f"{s['decode_steps']:.0f} decode steps without prefetch (measured not to pay, or measuring that)"))
     if args.json:
         out = {"model": args.model, "resident": args.resident, "capacity": capacity, "experts": total,
                "expert_bytes": ex.expert_bytes[0], "max_new_tokens": args.max_new_tokens,
-               "rounds": args.rounds, "replay": args.replay, "replay_tokens": args.replay_tokens, "temperature": args.temperature, "seed": args.seed, "predictor": args.predictor, "modes": summary}
+               "rounds": args.rounds, "replay": args.replay, "replay_tokens": args.replay_tokens, "temperature": args.temperature, "seed": args.seed, "predictor": args.predictor,
+               "budget": args.budget, "horizon": args.horizon, "guard": not args.no_guard, "read_us": args.read_us, "layer_us": args.layer_us,
+               "modes": summary}
         tmp = args.json + ".partial"
         with open(tmp, "w") as f:
             json.dump(out, f, indent=2)
@@ -615,8 +654,18 @@ def main(argv=None):
     f = sub.choices["prefetch"]
     f.add_argument("--predictor", help="moecast predictor directory (without: on-demand only)")
     f.add_argument("--resident", default="25%", help="experts kept resident: a count or a percentage")
-    f.add_argument("--budget", type=int, default=1, help="experts staged per forecast layer")
-    f.add_argument("--horizon", type=int, default=1, help="layers ahead to stage (at most the predictor's)")
+    f.add_argument("--budget", default="auto,1",
+                   help="comma-separated modes: auto (moecast's planner stages what is worth a read, from the "
+                        "read and layer times it measures) and/or a fixed number of experts staged per "
+                        "forecast layer")
+    f.add_argument("--horizon", type=int, default=1,
+                   help="fixed budgets: layers ahead to stage (at most the predictor's; the planner uses all)")
+    f.add_argument("--read-us", type=float, help="the planner plans with this read time (microseconds per "
+                   "expert) instead of measuring it; with --layer-us")
+    f.add_argument("--layer-us", type=float, help="the planner plans with this time between two MoE layers "
+                   "(microseconds) instead of measuring it; with --read-us")
+    f.add_argument("--no-guard", action="store_true", help="planned prefetch in every decode step (by default "
+                   "moecast's prefetch guard turns it off in windows of steps where it measures slower)")
     f.add_argument("--rounds", type=int, default=1, help="alternate the modes this many times")
     f.add_argument("--replay", help="decode a trace's recorded sequences with their routing forced (instead of --prompts)")
     f.add_argument("--replay-tokens", type=int, help="with --replay: stop after this many decode steps")

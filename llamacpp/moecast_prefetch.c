@@ -1,7 +1,7 @@
 /* moecast's predictor inside llama.cpp, in C: the prefetch harness of
  * moecast_llamacpp.py (see docs/guide.md#llamacpp) without Python in the eval callback.
  *
- *   moecast_prefetch MODEL.gguf PROMPTS.txt [PREDICTOR_DIR] [resident%=25] [new_tokens=32] [rounds=3]
+ *   moecast_prefetch MODEL.gguf PROMPTS.txt [PREDICTOR_DIR] [resident%=25] [new_tokens=32] [rounds=3] [wait=0]
  *
  * Greedy decoding of every prompt (one per line), on demand and, with a predictor (an
  * ids-only moecast predictor, through libmoecast's C ABI), with the forecast experts
@@ -11,7 +11,9 @@
  * `resident%` of the experts is kept (least recently used out), staged experts wait in
  * slots of their own (2 x 1 per layer, one layer ahead), residency is read with mincore
  * when a layer routes (before its experts run), missing experts are read whole. Prints
- * one line per mode: resident when used, MB read on demand, MB staged, tokens/s.
+ * one line per mode: resident when used, MB read on demand, MB staged, tokens/s. With
+ * wait=1 the callback waits for each forecast instead (none dropped or late, whatever
+ * the machine's speed: what is staged depends on the predictor alone; tests). 
  * Linux only. Build: make llamacpp-c (links the wheel's libllama and libmoecast). */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -294,6 +296,15 @@ static void flush(Prefetcher *w) {
     pthread_mutex_unlock(&w->mu);
 }
 
+/* wait=1: every forecast is waited for where it is posted. */
+static int wait_forecasts;
+
+static void forecast(Prefetcher *w, int type, uint32_t token, int known, const uint16_t *routed, int n) {
+    if (wait_forecasts) flush(w);
+    post(w, type, token, known, routed, n);
+    if (wait_forecasts) flush(w);
+}
+
 /* ---- the eval callback ---- */
 typedef struct {
     Residency *res;
@@ -337,7 +348,7 @@ static bool callback(struct ggml_tensor *t, bool ask, void *user) {
         pthread_mutex_unlock(&h->res_mu);
         h->known = layer + 1;
         if (h->session && layer + 1 < ex->n_moe)
-            post(h->session, JOB_AHEAD, h->token, layer + 1, h->routed, (layer + 1) * k);
+            forecast(h->session, JOB_AHEAD, h->token, layer + 1, h->routed, (layer + 1) * k);
     }
     if (h->prefill) {
         pthread_mutex_lock(&h->res_mu);
@@ -360,13 +371,14 @@ static double now(void) {
 
 int main(int argc, char **argv) {
     if (argc < 3) {
-        fprintf(stderr, "usage: %s MODEL.gguf PROMPTS.txt [PREDICTOR_DIR|-] [resident%%=25] [new_tokens=32] [rounds=3]\n", argv[0]);
+        fprintf(stderr, "usage: %s MODEL.gguf PROMPTS.txt [PREDICTOR_DIR|-] [resident%%=25] [new_tokens=32] [rounds=3] [wait=0]\n", argv[0]);
         return 2;
     }
     const char *model_path = argv[1], *prompts_path = argv[2];
     const char *pred_dir = argc > 3 && strcmp(argv[3], "-") ? argv[3] : NULL;
     double resident_pct = argc > 4 ? atof(argv[4]) : 25;
     int new_tokens = argc > 5 ? atoi(argv[5]) : 32, rounds = argc > 6 ? atoi(argv[6]) : 3;
+    wait_forecasts = argc > 7 && !strcmp(argv[7], "1");
     if (!(resident_pct > 0 && resident_pct <= 100) || new_tokens < 1 || rounds < 1) die("arguments", "resident% in (0, 100], new_tokens and rounds >= 1");
     static Experts ex;
     read_experts(model_path, &ex);
@@ -470,7 +482,7 @@ int main(int argc, char **argv) {
                     if (llama_vocab_is_eog(vocab, next)) break;
                     double t0 = now();
                     h.token = (uint32_t)next, h.count = 1, h.known = 0;
-                    if (h.session) post(h.session, JOB_NEXT, h.token, 0, NULL, 0);
+                    if (h.session) forecast(h.session, JOB_NEXT, h.token, 0, NULL, 0);
                     batch.n_tokens = 1;
                     batch.token[0] = next, batch.pos[0] = pos++, batch.n_seq_id[0] = 1, batch.seq_id[0][0] = 0, batch.logits[0] = 1;
                     if (llama_decode(ctx, batch) || h.error) die(model_path, "decode or eval callback failed");

@@ -69,6 +69,11 @@
 typedef struct mc_blend mc_blend;
 
 /**
+ * A prefetch guard (one per decoding stream; one thread at a time).
+ */
+typedef struct mc_guard mc_guard;
+
+/**
  * A prefetch planner (one per stream of requests; one thread at a time).
  */
 typedef struct mc_planner mc_planner;
@@ -82,6 +87,24 @@ typedef struct mc_predictor mc_predictor;
  * One sequence's incremental state (one thread at a time).
  */
 typedef struct mc_session mc_session;
+
+/**
+ * A window of decode steps the guard measured.
+ */
+typedef struct mc_guard_window {
+  /**
+   * 1 when the step just told ended a measured window (the fields below are set).
+   */
+  uint8_t ended;
+  /**
+   * 1 when prefetch ran in that window.
+   */
+  uint8_t prefetch;
+  /**
+   * The window's mean step time, seconds.
+   */
+  double mean_s;
+} mc_guard_window;
 
 /**
  * What a planner decided so far and the timings it plans with.
@@ -312,6 +335,49 @@ int mc_blend_forecast(struct mc_blend *b,
  * `b` is a live blend; `experts` holds `n_moe_layers * top_k` values.
  */
 int mc_blend_observe(struct mc_blend *b, uint32_t token, const uint16_t *experts);
+
+/**
+ * A guard into `*out`: decode steps in windows of `window` (8 in `moecast run`),
+ * prefetch on or off per window; the setting not in use is measured again after
+ * `explore_every` windows (6) at first, less often each time it loses again.
+ *
+ * # Safety
+ * `out` points to writable storage for a pointer.
+ */
+int mc_guard_new(uint32_t window, uint32_t explore_every, struct mc_guard **out);
+
+/**
+ * Frees a guard (null is ignored).
+ *
+ * # Safety
+ * `g` comes from `mc_guard_new` and is not used afterwards.
+ */
+void mc_guard_free(struct mc_guard *g);
+
+/**
+ * `*out` = 1 when the next decode step should forecast and stage, else 0.
+ *
+ * # Safety
+ * `g` is a live guard; `out` is writable.
+ */
+int mc_guard_enabled(const struct mc_guard *g, uint8_t *out);
+
+/**
+ * A decode step took `seconds` (its whole time, forecasts included). When `window` is
+ * not null it says whether the step ended a measured window, and that window.
+ *
+ * # Safety
+ * `g` is a live guard; `window` is null or writable.
+ */
+int mc_guard_step_done(struct mc_guard *g, double seconds, struct mc_guard_window *window);
+
+/**
+ * `*out` = the decode steps run without prefetch so far.
+ *
+ * # Safety
+ * `g` is a live guard; `out` is writable.
+ */
+int mc_guard_steps_off(const struct mc_guard *g, uint64_t *out);
 
 /**
  * A planner into `*out` for a model of `n_moe_layers` MoE layers of `n_experts`

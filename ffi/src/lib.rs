@@ -18,7 +18,9 @@
 //! told when each token starts and each layer routes and how long reads take, and
 //! answers each forecast offered to it (`mc_planner_plan`) with the experts to stage
 //! now: a read that cannot arrive in time or would delay demand reads more than it
-//! saves is not staged.
+//! saves is not staged. A guard (`mc_guard_new`) told each decode step's time
+//! (`mc_guard_step_done`) says whether the next step should prefetch at all
+//! (`mc_guard_enabled`): prefetch runs in the windows of steps where it measures faster.
 //!
 //! Every function returns [`MC_OK`] (0) or a negative `MC_ERR_*` code; the message of
 //! the last error on the calling thread is `mc_last_error()`. Null pointers, sizes that
@@ -27,13 +29,15 @@
 //!
 //! Threads: an `mc_predictor` is immutable once open and may be shared by any number of
 //! threads (each making its own sessions); an `mc_session` belongs to one thread at a
-//! time; an `mc_blend` and an `mc_planner` too.
+//! time; an `mc_blend`, an `mc_planner` and an `mc_guard` too.
 
 #![allow(non_camel_case_types)]
 
 mod blend;
+mod prefetch_guard;
 mod staging;
 pub use blend::*;
+pub use prefetch_guard::*;
 pub use staging::*;
 
 use std::cell::RefCell;

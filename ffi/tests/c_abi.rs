@@ -545,3 +545,43 @@ fn a_c_program_plans_prefetch_as_the_rust_planner_does() {
         mc_planner_free(std::ptr::null_mut());
     }
 }
+
+#[test]
+fn the_guard_through_the_c_abi_decides_as_prefetch_guard_does() {
+    let mut g = std::ptr::null_mut();
+    // SAFETY: each pointer below is either live or null on purpose.
+    unsafe {
+        assert_eq!(mc_guard_new(0, 6, &mut g), MC_ERR_ARG);
+        assert!(last_error().contains("at least 1"), "{}", last_error());
+        assert_eq!(mc_guard_new(8, 6, std::ptr::null_mut()), MC_ERR_NULL);
+        assert_eq!(mc_guard_new(8, 6, &mut g), MC_OK);
+        let mut rust = planner::PrefetchGuard::new(8, 6);
+        let (mut on, mut windows) = (0u8, 0);
+        for step in 0..400 {
+            assert_eq!(mc_guard_enabled(g, &mut on), MC_OK);
+            assert_eq!(on == 1, rust.enabled(), "step {step}");
+            // Prefetch makes steps slower for the first 200 steps, faster after.
+            let seconds = match (on == 1, step < 200) {
+                (true, true) | (false, false) => 0.12,
+                _ => 0.10,
+            };
+            let mut w = mc_guard_window::default();
+            assert_eq!(mc_guard_step_done(g, seconds, &mut w), MC_OK);
+            let want = rust.step_done(seconds);
+            assert_eq!(w.ended == 1, want.is_some(), "step {step}");
+            if let Some((prefetch, mean_s)) = want {
+                windows += 1;
+                assert_eq!((w.prefetch == 1, w.mean_s), (prefetch, mean_s));
+            }
+        }
+        let mut off = 0u64;
+        assert_eq!(mc_guard_steps_off(g, &mut off), MC_OK);
+        assert_eq!(off, rust.steps_off);
+        assert!(windows > 40 && off > 100 && off < 300, "{windows} windows, {off} steps off");
+        assert_eq!(mc_guard_step_done(g, f64::NAN, std::ptr::null_mut()), MC_ERR_ARG);
+        assert!(last_error().contains("not a duration"), "{}", last_error());
+        assert_eq!(mc_guard_enabled(std::ptr::null(), &mut on), MC_ERR_NULL);
+        mc_guard_free(g);
+        mc_guard_free(std::ptr::null_mut());
+    }
+}

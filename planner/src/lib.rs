@@ -36,12 +36,18 @@
 //! simulator and the engine share this type; each tells it the link's state and each
 //! layer's routing. Runtimes outside them (through the C ABI and Python) use it through
 //! [`StagingPlanner`], which keeps the link's state and the clock itself.
+//!
+//! What the model of the link leaves out (a read's CPU time, taken from the compute on a
+//! small machine; the predictor's own calls) is measured by [`PrefetchGuard`]: decode
+//! steps in windows with prefetch on or off, the faster setting kept.
 
 use std::collections::HashMap;
 
 mod clock;
+mod guard;
 mod staging;
 pub use clock::{PlanClock, PlanTimings};
+pub use guard::PrefetchGuard;
 pub use staging::{LinkQueue, StagingError, StagingPlanner};
 
 /// How many of a forecaster's experts are read: the best `n` of every forecast layer at
@@ -349,9 +355,6 @@ impl PrefetchPlanner {
     /// Lookups an expert the cache evicts now would have stayed anyway: about one
     /// demand insertion, at the running miss rate (at least 1, at most a token).
     pub fn survival_lookups(&self) -> usize {
-        if std::env::var_os("WIN").is_some() {
-            return self.n_moe;
-        }
         (1.0 / self.misses_per_lookup.max(1e-3))
             .ceil()
             .clamp(1.0, self.n_moe as f64) as usize

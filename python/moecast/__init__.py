@@ -19,20 +19,25 @@
     pl.read_done(seconds)                         # after each read
     pl.evicted(expert_id)                         # what a staged read evicted
 
+    g = moecast.PrefetchGuard()                   # does prefetch pay here? measured:
+    if g.enabled: ...                             # forecast and stage this step
+    g.step_done(seconds)                          # each decode step's time
+
 `budget` (experts per layer) defaults to top_k. Rows past the last MoE layer are
 0xFFFF. Errors raise `moecast.MoecastError` with the library's message. A Predictor and
-its sessions, a Blend and a Planner belong to the thread that made them.
+its sessions, a Blend, a Planner and a PrefetchGuard belong to the thread that made them.
 """
 
 import numpy as np
 
 from ._moecast import Blend as _Blend
+from ._moecast import Guard as _Guard
 from ._moecast import MoecastError
 from ._moecast import Planner as _Planner
 from ._moecast import Predictor as _Predictor
 from ._moecast import read_trace_flat as _read_trace_flat
 
-__all__ = ["Blend", "MoecastError", "Planner", "Predictor", "Session", "read_trace", "NOT_COMPUTED"]
+__all__ = ["Blend", "MoecastError", "Planner", "PrefetchGuard", "Predictor", "Session", "read_trace", "NOT_COMPUTED"]
 
 #: Expert id of a layer that was not computed (in traces) / a forecast row past the
 #: last layer.
@@ -203,6 +208,36 @@ class Planner:
         """Offered, staged, late, not_worth counts; read_us, layer_us, and the mean
         calibrated probability of the forecasts offered (None before any)."""
         return dict(self._p.report())
+
+
+class PrefetchGuard:
+    """Whether prefetch pays on this machine, measured: decode steps run in windows of
+    `window` with prefetch on or off; one setting is in use (prefetch at first), and now
+    and then a window measures the other (after `explore_every` windows at first, less
+    often each time it loses again), compared with the windows in use on either side of
+    it; prefetch stays on unless steps without it are more than 2% faster. It catches
+    what the planner's model of the link leaves out: a read's CPU time, the forecasts'
+    own cost. The rules of `moecast run`'s prefetch guard (docs/guide.md)."""
+
+    def __init__(self, window=8, explore_every=6):
+        if window < 1 or explore_every < 1:
+            raise MoecastError("window and explore_every must be at least 1")
+        self._g = _Guard(int(window), int(explore_every))
+
+    @property
+    def enabled(self):
+        """Whether the next decode step prefetches."""
+        return self._g.enabled()
+
+    def step_done(self, seconds):
+        """A decode step took `seconds`; returns (prefetch on, mean step seconds) when
+        it ended a measured window, else None."""
+        return self._g.step_done(float(seconds))
+
+    @property
+    def steps_off(self):
+        """Decode steps run without prefetch so far."""
+        return self._g.steps_off()
 
 
 def read_trace(path):

@@ -11,7 +11,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use datasets::examples::RoutingShape;
-use planner::{LinkQueue, PlanTimings, StagingPlanner};
+use planner::{LinkQueue, PlanTimings, PrefetchGuard, StagingPlanner};
 use predictor::blend::OnlineBlend;
 use predictor::device::BackendKind;
 use predictor::{LoadedPredictor, OnlinePredictor, Task};
@@ -426,6 +426,49 @@ impl Planner {
     }
 }
 
+/// Decode steps in windows with prefetch on or off, the faster setting kept
+/// (`planner::PrefetchGuard`, as in `moecast run`).
+#[pyclass(unsendable, module = "moecast._moecast")]
+struct Guard {
+    guard: PrefetchGuard,
+}
+
+#[pymethods]
+impl Guard {
+    #[new]
+    fn new(window: usize, explore_every: usize) -> PyResult<Self> {
+        if window == 0 || explore_every == 0 {
+            return Err(MoecastError::new_err(
+                "window and explore_every must be at least 1",
+            ));
+        }
+        Ok(Guard {
+            guard: PrefetchGuard::new(window, explore_every),
+        })
+    }
+
+    /// Whether the next decode step prefetches.
+    fn enabled(&self) -> bool {
+        self.guard.enabled()
+    }
+
+    /// A decode step took `seconds`: when it ends a measured window, (whether
+    /// prefetch ran, the window's mean step seconds).
+    fn step_done(&mut self, seconds: f64) -> PyResult<Option<(bool, f64)>> {
+        if !(seconds.is_finite() && seconds >= 0.0) {
+            return Err(MoecastError::new_err(format!(
+                "step time {seconds} s is not a duration"
+            )));
+        }
+        Ok(self.guard.step_done(seconds))
+    }
+
+    /// Decode steps run without prefetch so far.
+    fn steps_off(&self) -> u64 {
+        self.guard.steps_off
+    }
+}
+
 /// A trace file (`.mctrace`, `.parquet`, `.jsonl`, a dataset folder's part) as flat
 /// arrays plus its shape; `moecast.read_trace` reshapes them.
 #[pyfunction]
@@ -465,6 +508,7 @@ fn _moecast(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Session>()?;
     m.add_class::<Blend>()?;
     m.add_class::<Planner>()?;
+    m.add_class::<Guard>()?;
     m.add_function(wrap_pyfunction!(read_trace_flat, m)?)?;
     m.add("MoecastError", m.py().get_type::<MoecastError>())?;
     Ok(())

@@ -234,3 +234,31 @@ def test_planner_stages_the_blends_forecasts_when_the_link_is_fast(trained):
     with pytest.raises(moecast.MoecastError, match="expert id 32"):
         pl.evicted(32)
     pl.evicted(31)
+
+
+def test_prefetch_guard_keeps_the_faster_setting():
+    """The guard measures decode steps in windows: prefetch that makes steps slower is
+    turned off (and still measured now and then), prefetch that makes them faster stays."""
+
+    def run(on_s, off_s, steps=480):
+        g = moecast.PrefetchGuard(window=8, explore_every=6)
+        on = 0
+        windows = []
+        for _ in range(steps):
+            enabled = g.enabled
+            on += enabled
+            w = g.step_done(on_s if enabled else off_s)
+            if w is not None:
+                windows.append(w)
+        return on, g.steps_off, windows
+
+    on, off, windows = run(0.12, 0.10)
+    assert on + off == 480 and on < 120, (on, off)
+    assert {w[0] for w in windows} == {True, False}, "both settings are measured"
+    assert all(abs(s - (0.12 if p else 0.10)) < 1e-12 for p, s in windows)
+    on, off, _ = run(0.08, 0.10)
+    assert on > 360, on
+    with pytest.raises(moecast.MoecastError, match="at least 1"):
+        moecast.PrefetchGuard(window=0)
+    with pytest.raises(moecast.MoecastError, match="not a duration"):
+        moecast.PrefetchGuard().step_done(float("nan"))

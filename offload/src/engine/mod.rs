@@ -37,7 +37,6 @@
 mod chunked;
 pub mod compare;
 mod forecast;
-mod guard;
 pub mod loader;
 mod observer;
 pub mod paired;
@@ -59,7 +58,7 @@ use crate::cache::{CacheScope, EvictionPolicy, ExpertCache, Insertion};
 use crate::gate::NextTokenGate;
 pub use crate::planner::PlanTimings;
 use crate::prefetch::OnlineBlend;
-pub use guard::PrefetchGuard;
+pub use planner::PrefetchGuard;
 use inference::checkpoint::Checkpoint;
 use inference::error::{ModelError, Result};
 use inference::layers::SwiGlu;

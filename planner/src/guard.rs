@@ -1,7 +1,8 @@
 //! [`PrefetchGuard`]: planned prefetch must pay on the machine it runs on. The planner's
 //! model of the link leaves out costs it cannot see (loading an expert also takes CPU
-//! time from the compute on a small machine, reads share the device's queue), so the
-//! engine measures: decode steps run in windows, planned prefetch on or off per window.
+//! time from the compute on a small machine, reads share the device's queue, a runtime
+//! spends time forecasting), so the runtime measures (the engine; the llama.cpp harness
+//! through Python): decode steps run in windows, planned prefetch on or off per window.
 //! One setting is in use; now and then one window measures the other — after
 //! `explore_every` windows, twice as long each time it loses again (up to
 //! [`MAX_EXPLORE_INTERVAL`]), and at once when the setting in use measures slower than
