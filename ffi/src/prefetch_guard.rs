@@ -37,7 +37,11 @@ pub struct mc_guard_window {
 /// # Safety
 /// `out` points to writable storage for a pointer.
 #[no_mangle]
-pub unsafe extern "C" fn mc_guard_new(window: u32, explore_every: u32, out: *mut *mut mc_guard) -> c_int {
+pub unsafe extern "C" fn mc_guard_new(
+    window: u32,
+    explore_every: u32,
+    out: *mut *mut mc_guard,
+) -> c_int {
     guard(|| {
         let out = non_null_mut(out, "out")?;
         if window == 0 || explore_every == 0 {
@@ -89,7 +93,10 @@ pub unsafe extern "C" fn mc_guard_step_done(
     guard(|| {
         let g = non_null_mut(g, "g")?;
         if !(seconds.is_finite() && seconds >= 0.0) {
-            return Err(Failure(MC_ERR_ARG, format!("step time {seconds} s is not a duration")));
+            return Err(Failure(
+                MC_ERR_ARG,
+                format!("step time {seconds} s is not a duration"),
+            ));
         }
         let ended = g.guard.step_done(seconds);
         if !window.is_null() {

@@ -577,8 +577,14 @@ fn the_guard_through_the_c_abi_decides_as_prefetch_guard_does() {
         let mut off = 0u64;
         assert_eq!(mc_guard_steps_off(g, &mut off), MC_OK);
         assert_eq!(off, rust.steps_off);
-        assert!(windows > 40 && off > 100 && off < 300, "{windows} windows, {off} steps off");
-        assert_eq!(mc_guard_step_done(g, f64::NAN, std::ptr::null_mut()), MC_ERR_ARG);
+        assert!(
+            windows > 40 && off > 100 && off < 300,
+            "{windows} windows, {off} steps off"
+        );
+        assert_eq!(
+            mc_guard_step_done(g, f64::NAN, std::ptr::null_mut()),
+            MC_ERR_ARG
+        );
         assert!(last_error().contains("not a duration"), "{}", last_error());
         assert_eq!(mc_guard_enabled(std::ptr::null(), &mut on), MC_ERR_NULL);
         mc_guard_free(g);

@@ -58,7 +58,6 @@ use crate::cache::{CacheScope, EvictionPolicy, ExpertCache, Insertion};
 use crate::gate::NextTokenGate;
 pub use crate::planner::PlanTimings;
 use crate::prefetch::OnlineBlend;
-pub use planner::PrefetchGuard;
 use inference::checkpoint::Checkpoint;
 use inference::error::{ModelError, Result};
 use inference::layers::SwiGlu;
@@ -66,6 +65,7 @@ use inference::models::MoeModel;
 use inference::routing::RouteDecision;
 pub use loader::{ExpertLoader, LinkUse, Loaded};
 pub use paired::{AlternatingPrefetch, PairedEstimate, PrefetchSwitch};
+pub use planner::PrefetchGuard;
 pub use report::EngineReport;
 pub use store::{ExpertStore, DEFAULT_READ_STREAMS, READ_CHUNK};
 
