@@ -212,20 +212,28 @@ class ExpertResidency:
         if count:
             self.stall_s += waited
         for key, resident in zip(keys, resident_now):
-            staged = self.staging.pop(key, None) is not None
-            if staged:
-                self.staged_used += 1
-            self.lru.pop(key, None)
-            self.lru[key] = True
-            if count:
-                self.uses += 1
-                if resident:
-                    self.resident_uses += 1
-                elif staged:  # its read was issued early but has not landed: not read twice
-                    self.late += 1
-                else:
-                    self.bytes_demand += self._bytes(key)
+            self._mark_used(key, resident, count)
         self._evict(set(keys))
+
+    def _take_staged(self, key):
+        """Whether `key` was staged and not used yet (it is no longer)."""
+        return self.staging.pop(key, None) is not None
+
+    def _mark_used(self, key, resident, count):
+        """`key` runs now (most recently used); with `count`, counts how it was found."""
+        staged = self._take_staged(key)
+        if staged:
+            self.staged_used += 1
+        self.lru.pop(key, None)
+        self.lru[key] = True
+        if count:
+            self.uses += 1
+            if resident:
+                self.resident_uses += 1
+            elif staged:  # its read was issued early but has not landed: not read twice
+                self.late += 1
+            else:
+                self.bytes_demand += self._bytes(key)
 
     def stage(self, i, experts):
         """Asks the kernel to read these experts of layer i (not already held)."""
@@ -308,6 +316,10 @@ class PlannedResidency(ExpertResidency):
                 n += 1
         return n
 
+    def _take_staged(self, key):
+        self.landed.discard(key)
+        return self.staging.pop(key, None) is not None or self.stale.pop(key, None) is not None
+
     def use(self, i, experts, count=True, observe=True):
         keys = [(i, int(e)) for e in experts]
         busy = self._in_flight()
@@ -323,20 +335,7 @@ class PlannedResidency(ExpertResidency):
         if count:
             self.stall_s += waited
         for key, resident in zip(keys, resident_now):
-            staged = self.staging.pop(key, None) is not None or self.stale.pop(key, None) is not None
-            self.landed.discard(key)
-            if staged:
-                self.staged_used += 1
-            self.lru.pop(key, None)
-            self.lru[key] = True
-            if count:
-                self.uses += 1
-                if resident:
-                    self.resident_uses += 1
-                elif staged:
-                    self.late += 1
-                else:
-                    self.bytes_demand += self._bytes(key)
+            self._mark_used(key, resident, count)
         for key in [k for k in self.staging if k[0] == i]:  # its layer routed without it
             del self.staging[key]
             self.landed.discard(key)

@@ -474,21 +474,6 @@ def _round(rows):
 # -- command line ---------------------------------------------------------------------------
 
 
-def _capacity(text, total):
-    try:
-        if text.endswith("%"):
-            frac = float(text[:-1]) / 100
-            if not 0 < frac <= 1:
-                raise ValueError
-            return max(1, round(frac * total))
-        n = int(text)
-        if n < 1:
-            raise ValueError
-        return n
-    except ValueError:
-        raise LlamaCppError(f"--resident {text!r}: give a count of experts or a percentage in (0, 100]") from None
-
-
 def cmd_collect(args):
     model = LlamaCppModel(args.model, n_ctx=args.ctx, threads=args.threads, router_logits=args.router_logits,
                           router_inputs=args.router_inputs)
@@ -505,126 +490,6 @@ def cmd_collect(args):
                 args.seed, args.stop_at_eos, progress if not args.quiet else None)
     dt = time.perf_counter() - t0
     print(f"collected {total} sequences ({n} routed tokens) in {dt:.2f}s from llama.cpp -> {args.output}")
-    model.close()
-
-
-def _budgets(text):
-    """`--budget`: comma-separated, each `auto` (the planner) or experts per forecast layer."""
-    out = []
-    for part in text.split(","):
-        part = part.strip()
-        if part == "auto":
-            out.append(part)
-        elif part.isdigit() and int(part) >= 1:
-            out.append(int(part))
-        else:
-            raise LlamaCppError(f"--budget: '{part}' is neither auto nor a number of experts of at least 1")
-    if len(set(out)) != len(out):
-        raise LlamaCppError(f"--budget {text} names a budget twice")
-    return out
-
-
-def cmd_prefetch(args):
-    from expert_residency import decode_with_residency
-
-    predictor = None
-    if args.predictor:
-        import moecast
-
-        try:
-            predictor = moecast.Predictor(args.predictor)
-        except moecast.MoecastError as e:
-            raise LlamaCppError(str(e)) from None
-    model = LlamaCppModel(args.model, n_ctx=args.ctx, threads=args.threads,
-                          router_inputs=bool(predictor and predictor.router_input_dim))
-    ex = model.experts
-    total = len(ex.moe_layers) * ex.n_experts
-    capacity = _capacity(args.resident, total)
-    prompts, replay = None, None
-    if args.replay:
-        import moecast
-
-        try:
-            replay = moecast.read_trace(args.replay)
-        except moecast.MoecastError as e:  # its message names the file
-            raise LlamaCppError(str(e)) from None
-    elif args.prompts:
-        prompts = read_prompts(args.prompts, model, args.add_special_tokens)
-    else:
-        raise LlamaCppError("prefetch needs --prompts or --replay")
-    if predictor is not None:
-        if (predictor.n_moe_layers, predictor.n_experts, predictor.top_k) != (len(ex.moe_layers), ex.n_experts,
-                                                                              ex.top_k):
-            raise LlamaCppError(
-                f"{args.predictor}: predictor shape {predictor.n_moe_layers} layers x {predictor.n_experts} "
-                f"experts, top-{predictor.top_k}, does not match {args.model} ({len(ex.moe_layers)} x "
-                f"{ex.n_experts}, top-{ex.top_k})"
-            )
-    for flag, value in (("--rounds", args.rounds), ("--horizon", args.horizon)):
-        if value < 1:
-            raise LlamaCppError(f"{flag} must be at least 1")
-    budgets = _budgets(args.budget)
-    if (args.read_us is None) != (args.layer_us is None):
-        raise LlamaCppError("--read-us and --layer-us go together (or neither: the planner measures them)")
-    timings = None
-    if args.read_us is not None:
-        if not (args.read_us > 0 and args.layer_us > 0):
-            raise LlamaCppError("--read-us and --layer-us must be above 0")
-        timings = (args.read_us, args.layer_us)
-    if args.max_new_tokens < 1 and replay is None:
-        raise LlamaCppError("--max-new-tokens must be at least 1")
-    if predictor is not None and predictor.router_input_dim and predictor.router_input_dim != model.n_embd:
-        raise LlamaCppError(f"{args.predictor}: reads router inputs of width {predictor.router_input_dim}, "
-                            f"{args.model}'s are {model.n_embd}")
-    modes = [("on-demand", None, None)]
-    if predictor:
-        modes += [("planned" if b == "auto" else f"budget-{b}", predictor, b) for b in budgets]
-    runs = {name: [] for name, _, _ in modes}
-    for r in range(args.rounds):
-        for name, p, budget in modes:
-            out = decode_with_residency(model, prompts, capacity, args.max_new_tokens, p, budget,
-                                        args.temperature, args.seed, replay, args.replay_tokens, args.horizon,
-                                        timings, not args.no_guard)
-            runs[name].append(out)
-            print(f"round {r + 1}/{args.rounds} {name}: {out['tokens_per_s']:.1f} tokens/s, "
-                  f"{100 * out['resident_when_used']:.1f}% resident when used", file=sys.stderr, flush=True)
-    summary = {}
-    for name, outs in runs.items():
-        s = {k: float(np.mean([o[k] for o in outs])) for k in outs[0]}
-        s["tokens_per_s_rounds"] = [o["tokens_per_s"] for o in outs]
-        summary[name] = s
-    mb = lambda x: x / 1e6
-    print(f"{args.model}: {capacity} of {total} experts resident ({args.resident}), "
-          f"{ex.expert_bytes[0]:,} bytes per expert, {args.rounds} round(s), "
-          + (f"routing replayed from {args.replay}" if replay is not None else
-             f"{'greedy' if args.temperature <= 0 else f'temperature {args.temperature} seed {args.seed}'}, "
-             f"up to {args.max_new_tokens} new tokens per prompt"))
-    print(f"{'mode':<10} {'resident when used':>18} {'demand MB':>10} {'staged MB':>10} {'wasted MB':>10} "
-          f"{'staged used':>11} {'stall s':>8} {'tokens/s':>9} {'vs on-demand':>12}")
-    base = summary["on-demand"]["tokens_per_s"]
-    for name, s in summary.items():
-        print(f"{name:<10} {100 * s['resident_when_used']:>17.1f}% {mb(s['bytes_demand']):>10.2f} "
-              f"{mb(s['bytes_staged']):>10.2f} {mb(s['bytes_wasted']):>10.2f} "
-              f"{100 * s['staged_used']:>10.1f}% {s['stall_s']:>8.2f} {s['tokens_per_s']:>9.1f} "
-              f"{s['tokens_per_s'] / base if base > 0 else 0.0:>11.2f}x")
-    if "planned" in summary:
-        s = summary["planned"]
-        print(f"planned: {s['planner_staged']:.0f} of {s['planner_offered']:.0f} forecast experts offered were "
-              f"worth a read ({s['planner_late']:.0f} too late, {s['planner_not_worth']:.0f} not worth it), "
-              f"with reads measured at {s['planner_read_us'] / 1e3:.2f} ms and layers at "
-              f"{s['planner_layer_us'] / 1e3:.2f} ms (means over rounds)"
-              + ("" if "steps_without_prefetch" not in s else f"; prefetch guard: {s['steps_without_prefetch']:.0f} of "
-                 f"{s['decode_steps']:.0f} decode steps without prefetch (measured not to pay, or measuring that)"))
-    if args.json:
-        out = {"model": args.model, "resident": args.resident, "capacity": capacity, "experts": total,
-               "expert_bytes": ex.expert_bytes[0], "max_new_tokens": args.max_new_tokens,
-               "rounds": args.rounds, "replay": args.replay, "replay_tokens": args.replay_tokens, "temperature": args.temperature, "seed": args.seed, "predictor": args.predictor,
-               "budget": args.budget, "horizon": args.horizon, "guard": not args.no_guard, "read_us": args.read_us, "layer_us": args.layer_us,
-               "modes": summary}
-        tmp = args.json + ".partial"
-        with open(tmp, "w") as f:
-            json.dump(out, f, indent=2)
-        os.replace(tmp, args.json)
     model.close()
 
 
@@ -672,7 +537,12 @@ def main(argv=None):
     f.add_argument("--json", help="write the figures here")
     args = ap.parse_args(argv)
     try:
-        (cmd_collect if args.cmd == "collect" else cmd_prefetch)(args)
+        if args.cmd == "collect":
+            cmd_collect(args)
+        else:
+            from prefetch_cmd import cmd_prefetch
+
+            cmd_prefetch(args)
     except LlamaCppError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
