@@ -13,7 +13,7 @@
  * when a layer routes (before its experts run), missing experts are read whole. Prints
  * one line per mode: resident when used, MB read on demand, MB staged, tokens/s. With
  * wait=1 the callback waits for each forecast instead (none dropped or late, whatever
- * the machine's speed: what is staged depends on the predictor alone; tests). 
+ * the machine's speed: what is staged depends on the predictor alone; tests).
  * Linux only. Build: make llamacpp-c (links the wheel's libllama and libmoecast). */
 #define _GNU_SOURCE
 #include <fcntl.h>
