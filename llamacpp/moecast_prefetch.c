@@ -1,220 +1,42 @@
 /* moecast's predictor inside llama.cpp, in C: the prefetch harness of
  * moecast_llamacpp.py (see docs/guide.md#llamacpp) without Python in the eval callback.
  *
- *   moecast_prefetch MODEL.gguf PROMPTS.txt [PREDICTOR_DIR] [resident%=25] [new_tokens=32] [rounds=3] [wait=0]
+ *   moecast_prefetch [-r resident%=25] [-n new_tokens=32] [-R rounds=3] [-b MODES=auto,1]
+ *                    [-t READ_US,LAYER_US] [-G] [-w] MODEL.gguf PROMPTS.txt [PREDICTOR_DIR]
  *
  * Greedy decoding of every prompt (one per line), on demand and, with a predictor (an
- * ids-only moecast predictor, through libmoecast's C ABI), with the forecast experts
- * staged. The predictor runs on a thread of its own that owns the session: the eval
- * callback only queues "layers 0..l routed" and returns, so forecasts overlap
- * llama.cpp's compute on the second core (a forecast is dropped when two wait). llama.cpp memory-maps the GGUF; the page cache is the fast memory, a set of
- * `resident%` of the experts is kept (least recently used out), staged experts wait in
- * slots of their own (2 x 1 per layer, one layer ahead), residency is read with mincore
- * when a layer routes (before its experts run), missing experts are read whole. Prints
- * one line per mode: resident when used, MB read on demand, MB staged, tokens/s. With
- * wait=1 the callback waits for each forecast instead (none dropped or late, whatever
- * the machine's speed: what is staged depends on the predictor alone; tests).
- * Linux only. Build: make llamacpp-c (links the wheel's libllama and libmoecast). */
+ * ids-only moecast predictor, through libmoecast's C ABI), with forecast experts staged,
+ * the rounds of each mode alternating. MODES is a comma list: `auto` stages what
+ * moecast's planner judges worth a read (mc_planner_*: every forecast layer's top-k
+ * offered; it times the reads and layers, or plans with -t's stated microseconds) in the
+ * resident set itself, and moecast's prefetch guard (mc_guard_*; -G: off) turns
+ * forecasting off in windows of steps where it measures slower; a count N stages the best
+ * N of the next layer in staging slots of their own (2 x N). The predictor runs on a
+ * thread of its own that owns the session: the eval callback only queues "layers 0..l
+ * routed" and returns, so forecasts overlap llama.cpp's compute on the second core (a
+ * forecast is dropped when two wait); staged reads are issued outside the resident set's
+ * lock. llama.cpp memory-maps the GGUF; the page cache is the fast memory, `resident%` of
+ * the experts are kept, residency is read with mincore when a layer routes (before its
+ * experts run), missing experts are read whole and waited for (the stall). Prints one
+ * line per mode. With -w the callback waits for each forecast instead (none dropped or
+ * late, whatever the machine's speed: what is staged depends on the predictor; tests).
+ * Linux only. Build: make target/moecast_prefetch (links the wheel's libllama and
+ * libmoecast). */
 #define _GNU_SOURCE
-#include <fcntl.h>
+#include <getopt.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <time.h>
-#include <unistd.h>
 
+#include "expert_residency.h"
 #include "ggml-backend.h"
 #include "ggml.h"
-#include "gguf.h"
 #include "llama.h"
 #include "moecast.h"
 
-#define MAX_LAYERS 256
-#define MAX_K 64
-#define PAGE 4096
-
-static void die(const char *what, const char *why) {
-    fprintf(stderr, "error: %s: %s\n", what, why);
-    exit(1);
-}
-
-/* ---- the GGUF's experts: byte ranges of each expert's three slices ---- */
-typedef struct {
-    int n_moe, n_experts, top_k;
-    size_t off[MAX_LAYERS][3], size[MAX_LAYERS][3]; /* per layer: slice of expert 0, bytes per expert */
-    char path[4096];
-} Experts;
-
-static void read_experts(const char *path, Experts *ex) {
-    struct gguf_init_params p = {.no_alloc = true, .ctx = NULL};
-    struct gguf_context *g = gguf_init_from_file(path, p);
-    if (!g) die(path, "not a readable GGUF file");
-    int64_t a = gguf_find_key(g, "general.architecture");
-    if (a < 0) die(path, "no general.architecture");
-    const char *arch = gguf_get_val_str(g, a);
-    char key[256];
-    snprintf(key, sizeof key, "%s.expert_count", arch);
-    int64_t ke = gguf_find_key(g, key);
-    snprintf(key, sizeof key, "%s.expert_used_count", arch);
-    int64_t kk = gguf_find_key(g, key);
-    if (ke < 0 || kk < 0) die(path, "not an MoE model (no expert_count / expert_used_count)");
-    ex->n_experts = (int)gguf_get_val_u32(g, ke);
-    ex->top_k = (int)gguf_get_val_u32(g, kk);
-    if (ex->top_k > MAX_K) die(path, "top-k too large");
-    const char *parts[3] = {"gate", "up", "down"};
-    ex->n_moe = 0;
-    for (int l = 0; l < MAX_LAYERS; l++) {
-        char name[128];
-        snprintf(name, sizeof name, "blk.%d.ffn_gate_exps.weight", l);
-        if (gguf_find_tensor(g, name) < 0) break;
-        for (int j = 0; j < 3; j++) {
-            snprintf(name, sizeof name, "blk.%d.ffn_%s_exps.weight", l, parts[j]);
-            int64_t t = gguf_find_tensor(g, name);
-            if (t < 0) die(path, "an expert tensor is missing");
-            size_t per = gguf_get_tensor_size(g, t) / ex->n_experts;
-            size_t off = gguf_get_data_offset(g) + gguf_get_tensor_offset(g, t);
-            if (off % PAGE || per % PAGE) die(path, "expert slices are not page-aligned (export with llamacpp/export_gguf.py)");
-            ex->off[l][j] = off;
-            ex->size[l][j] = per;
-        }
-        ex->n_moe++;
-    }
-    gguf_free(g);
-    if (!realpath(path, ex->path)) die(path, "cannot resolve the path");
-}
-
-/* ---- residency: llama.cpp's mapping of the file, LRU of used experts, staging slots ---- */
-typedef struct {
-    Experts *ex;
-    int fd, capacity, slots;
-    uintptr_t map_lo;
-    size_t map_off, map_len;
-    /* ages: 0 = not held; else last use (used set) or staging time (staging slots) */
-    uint64_t *used_age, *staged_age, clock;
-    int n_used, n_staged;
-    long uses, resident_uses, late;
-    double bytes_demand, bytes_staged;
-} Residency;
-
-static size_t expert_bytes(Residency *r, int l) { return r->ex->size[l][0] + r->ex->size[l][1] + r->ex->size[l][2]; }
-
-static int is_resident(Residency *r, int l, int e) {
-    for (int j = 0; j < 3; j++) {
-        size_t off = r->ex->off[l][j] + (size_t)e * r->ex->size[l][j], n = r->ex->size[l][j];
-        unsigned char vec[4096];
-        size_t pages = n / PAGE;
-        for (size_t done = 0; done < pages; done += sizeof vec) {
-            size_t chunk = pages - done < sizeof vec ? pages - done : sizeof vec;
-            if (mincore((void *)(r->map_lo + off - r->map_off + done * PAGE), chunk * PAGE, vec)) die("mincore", "failed");
-            for (size_t i = 0; i < chunk; i++)
-                if (!(vec[i] & 1)) return 0;
-        }
-    }
-    return 1;
-}
-
-static void read_expert(Residency *r, int l, int e) {
-    for (int j = 0; j < 3; j++)
-        posix_fadvise(r->fd, (off_t)(r->ex->off[l][j] + (size_t)e * r->ex->size[l][j]), (off_t)r->ex->size[l][j],
-                      POSIX_FADV_WILLNEED);
-}
-
-static void drop_expert(Residency *r, int l, int e) {
-    for (int j = 0; j < 3; j++) {
-        size_t off = r->ex->off[l][j] + (size_t)e * r->ex->size[l][j], n = r->ex->size[l][j];
-        madvise((void *)(r->map_lo + off - r->map_off), n, MADV_DONTNEED);
-        posix_fadvise(r->fd, (off_t)off, (off_t)n, POSIX_FADV_DONTNEED);
-    }
-}
-
-/* The held expert (used or staged) with the smallest age, skipping layer `keep_l`'s `keep`. */
-static int oldest(Residency *r, uint64_t *age, int keep_l, const int *keep, int nk) {
-    int best = -1;
-    for (int i = 0; i < r->ex->n_moe * r->ex->n_experts; i++) {
-        if (!age[i]) continue;
-        int skip = 0;
-        for (int j = 0; j < nk; j++) skip |= i == keep_l * r->ex->n_experts + keep[j];
-        if (!skip && (best < 0 || age[i] < age[best])) best = i;
-    }
-    return best;
-}
-
-static void use_experts(Residency *r, int l, const int *ids, int k, int count) {
-    for (int j = 0; j < k; j++) {
-        int i = l * r->ex->n_experts + ids[j];
-        int resident = is_resident(r, l, ids[j]);
-        if (!resident) read_expert(r, l, ids[j]);
-        int staged = r->staged_age[i] != 0;
-        if (staged) { r->staged_age[i] = 0; r->n_staged--; }
-        if (!r->used_age[i]) r->n_used++;
-        r->used_age[i] = ++r->clock;
-        if (count) {
-            r->uses++;
-            if (resident) r->resident_uses++;
-            else if (staged) r->late++;
-            else r->bytes_demand += expert_bytes(r, l);
-        }
-    }
-    while (r->n_used > r->capacity - r->slots) {
-        int v = oldest(r, r->used_age, l, ids, k);
-        if (v < 0) break;
-        r->used_age[v] = 0;
-        r->n_used--;
-        drop_expert(r, v / r->ex->n_experts, v % r->ex->n_experts);
-    }
-}
-
-static void stage_expert(Residency *r, int l, int e) {
-    int i = l * r->ex->n_experts + e;
-    if (r->used_age[i] || r->staged_age[i]) return;
-    read_expert(r, l, e);
-    r->staged_age[i] = ++r->clock;
-    r->n_staged++;
-    r->bytes_staged += expert_bytes(r, l);
-    while (r->n_staged > r->slots) {
-        int v = oldest(r, r->staged_age, -1, NULL, 0);
-        r->staged_age[v] = 0;
-        r->n_staged--;
-        drop_expert(r, v / r->ex->n_experts, v % r->ex->n_experts);
-    }
-}
-
-static void residency_init(Residency *r, Experts *ex, int capacity, int slots) {
-    memset(r, 0, sizeof *r);
-    r->ex = ex;
-    r->capacity = capacity;
-    r->slots = slots;
-    r->fd = open(ex->path, O_RDONLY);
-    if (r->fd < 0) die(ex->path, "cannot open");
-    FILE *maps = fopen("/proc/self/maps", "r");
-    char line[8192];
-    while (maps && fgets(line, sizeof line, maps)) {
-        unsigned long lo, hi, off;
-        char perms[8], dev[16], file[4096] = "";
-        unsigned long inode;
-        if (sscanf(line, "%lx-%lx %7s %lx %15s %lu %4095s", &lo, &hi, perms, &off, dev, &inode, file) == 7 &&
-            !strcmp(file, ex->path)) {
-            r->map_lo = lo, r->map_off = off, r->map_len = hi - lo;
-            break;
-        }
-    }
-    if (maps) fclose(maps);
-    if (!r->map_lo) die(ex->path, "llama.cpp has not memory-mapped the file");
-    /* a fault reads only its own page (see docs/guide.md#llamacpp) */
-    madvise((void *)r->map_lo, r->map_len, MADV_RANDOM);
-    madvise((void *)r->map_lo, r->map_len, MADV_NOHUGEPAGE);
-    madvise((void *)r->map_lo, r->map_len, MADV_DONTNEED);
-    posix_fadvise(r->fd, 0, 0, POSIX_FADV_DONTNEED);
-    size_t n = (size_t)ex->n_moe * ex->n_experts;
-    r->used_age = calloc(n, sizeof(uint64_t));
-    r->staged_age = calloc(n, sizeof(uint64_t));
-    for (int l = 0; l < ex->n_moe; l++)
-        for (int e = 0; e < ex->n_experts; e++)
-            if (is_resident(r, l, e)) die(ex->path, "experts stay in memory after the drop (a tmpfs?)");
-}
+#define MAX_MODES 8
 
 /* ---- the prefetcher: a thread that owns the predictor session, so its forecasts run on
  * the second core while llama.cpp computes, and stages what they name ---- */
@@ -233,28 +55,41 @@ typedef struct {
     int head, count, busy, stop, error;
     char message[512]; /* mc_last_error() is per thread: the worker's, kept for main */
     struct mc_session *session;
+    int budget, horizon; /* budget 0: planned (every forecast layer's top-k offered) */
     Residency *res;
-    pthread_mutex_t *res_mu;
+    uint16_t ahead[MAX_LAYERS * MAX_K];
+    uint32_t *reads;
 } Prefetcher;
 
 static void run_job(Prefetcher *w, const Job *j) {
-    uint16_t ahead[MAX_LAYERS];
-    int n_moe = w->res->ex->n_moe, rc = 0, layer = -1;
+    Experts *ex = w->res->ex;
+    int k = ex->top_k, per = w->budget ? w->budget : k, rc = 0, first = -1, layers = 0, n_reads = 0;
     switch (j->type) {
     case JOB_RESET: rc = mc_session_reset(w->session); break;
     case JOB_OBSERVE: rc = mc_session_observe(w->session, j->token, j->routed); break;
-    case JOB_NEXT: rc = mc_session_predict_next(w->session, j->token, 1, ahead), layer = 0; break;
-    case JOB_AHEAD: rc = mc_session_predict_lookahead(w->session, j->token, (uint32_t)j->known, j->routed, 1, ahead), layer = j->known; break;
+    case JOB_NEXT:
+        rc = mc_session_predict_next(w->session, j->token, (uint32_t)per, w->ahead);
+        first = 0, layers = w->budget ? 1 : ex->n_moe;
+        break;
+    case JOB_AHEAD:
+        rc = mc_session_predict_lookahead(w->session, j->token, (uint32_t)j->known, j->routed, (uint32_t)per, w->ahead);
+        first = j->known, layers = w->budget ? 1 : w->horizon;
+        break;
     }
-    if (rc) {
-        if (!w->error) snprintf(w->message, sizeof w->message, "%s", mc_last_error());
+    if (!layers) goto done;
+    pthread_mutex_lock(&w->res->mu);
+    for (int h = 0; !rc && h < layers && first + h < ex->n_moe; h++) {
+        const uint16_t *f = w->ahead + (size_t)h * per;
+        if (!w->budget) rc = offer_forecast(w->res, first + h, f, per, w->reads, &n_reads);
+        else
+            for (int b = 0; b < per && f[b] != 0xFFFF; b++) stage_expert(w->res, first + h, f[b], w->reads, &n_reads);
+    }
+    pthread_mutex_unlock(&w->res->mu);
+    issue_reads(w->res, w->reads, n_reads);
+done:
+    if (rc && !w->error) {
+        snprintf(w->message, sizeof w->message, "%s", mc_last_error());
         w->error = 1;
-        return;
-    }
-    if (layer >= 0 && layer < n_moe && ahead[0] != 0xFFFF) {
-        pthread_mutex_lock(w->res_mu);
-        stage_expert(w->res, layer, ahead[0]);
-        pthread_mutex_unlock(w->res_mu);
     }
 }
 
@@ -296,7 +131,7 @@ static void flush(Prefetcher *w) {
     pthread_mutex_unlock(&w->mu);
 }
 
-/* wait=1: every forecast is waited for where it is posted. */
+/* -w: every forecast is waited for where it is posted. */
 static int wait_forecasts;
 
 static void forecast(Prefetcher *w, int type, uint32_t token, int known, const uint16_t *routed, int n) {
@@ -309,9 +144,8 @@ static void forecast(Prefetcher *w, int type, uint32_t token, int known, const u
 typedef struct {
     Residency *res;
     Prefetcher *session; /* NULL: on demand */
-    pthread_mutex_t res_mu;
     uint32_t token;
-    int prefill, count, known;
+    int prefill, count, known, forecasting;
     uint16_t routed[MAX_LAYERS * MAX_K];
     uint16_t *prefill_ids; /* [row][layer][k] of the prompt's batch, for the session */
     int prefill_rows;
@@ -343,18 +177,14 @@ static bool callback(struct ggml_tensor *t, bool ask, void *user) {
         }
         int use[MAX_K];
         for (int j = 0; j < k; j++) use[j] = ids[j], h->routed[layer * k + j] = (uint16_t)ids[j];
-        pthread_mutex_lock(&h->res_mu);
-        use_experts(h->res, layer, use, k, h->count);
-        pthread_mutex_unlock(&h->res_mu);
         h->known = layer + 1;
-        if (h->session && layer + 1 < ex->n_moe)
+        /* the routing is all the next layers' forecast needs: it runs while this layer's
+         * missing experts are read */
+        if (h->session && h->forecasting && layer + 1 < ex->n_moe)
             forecast(h->session, JOB_AHEAD, h->token, layer + 1, h->routed, (layer + 1) * k);
+        use_experts(h->res, layer, use, k, h->count);
     }
-    if (h->prefill) {
-        pthread_mutex_lock(&h->res_mu);
-        use_experts(h->res, layer, seen, n_seen, 0);
-        pthread_mutex_unlock(&h->res_mu);
-    }
+    if (h->prefill) use_experts(h->res, layer, seen, n_seen, 0);
     return true;
 }
 
@@ -363,33 +193,69 @@ static void quiet(enum ggml_log_level level, const char *text, void *user) {
     if (level == GGML_LOG_LEVEL_ERROR) fputs(text, stderr);
 }
 
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
+/* What one mode counted over its rounds. */
+typedef struct {
+    int budget; /* -1: on demand; 0: planned; N: a fixed budget */
+    double tps, resident, demand, staged, wasted, stall;
+    uint64_t steps, steps_off;
+    struct mc_plan_report plan;
+} ModeTotals;
+
+static void usage(const char *argv0) {
+    fprintf(stderr, "usage: %s [-r resident%%=25] [-n new_tokens=32] [-R rounds=3] [-b MODES=auto,1] "
+            "[-t READ_US,LAYER_US] [-G] [-w] MODEL.gguf PROMPTS.txt [PREDICTOR_DIR]\n", argv0);
+    exit(2);
 }
 
 int main(int argc, char **argv) {
-    if (argc < 3) {
-        fprintf(stderr, "usage: %s MODEL.gguf PROMPTS.txt [PREDICTOR_DIR|-] [resident%%=25] [new_tokens=32] [rounds=3] [wait=0]\n", argv[0]);
-        return 2;
+    double resident_pct = 25, read_us = 0, layer_us = 0;
+    int new_tokens = 32, rounds = 3, use_guard = 1, opt;
+    const char *modes_arg = "auto,1";
+    while ((opt = getopt(argc, argv, "r:n:R:b:t:Gw")) != -1) {
+        switch (opt) {
+        case 'r': resident_pct = atof(optarg); break;
+        case 'n': new_tokens = atoi(optarg); break;
+        case 'R': rounds = atoi(optarg); break;
+        case 'b': modes_arg = optarg; break;
+        case 't':
+            if (sscanf(optarg, "%lf,%lf", &read_us, &layer_us) != 2 || !(read_us > 0 && layer_us > 0))
+                die("-t", "takes READ_US,LAYER_US, both above 0");
+            break;
+        case 'G': use_guard = 0; break;
+        case 'w': wait_forecasts = 1; break;
+        default: usage(argv[0]);
+        }
     }
-    const char *model_path = argv[1], *prompts_path = argv[2];
-    const char *pred_dir = argc > 3 && strcmp(argv[3], "-") ? argv[3] : NULL;
-    double resident_pct = argc > 4 ? atof(argv[4]) : 25;
-    int new_tokens = argc > 5 ? atoi(argv[5]) : 32, rounds = argc > 6 ? atoi(argv[6]) : 3;
-    wait_forecasts = argc > 7 && !strcmp(argv[7], "1");
-    if (!(resident_pct > 0 && resident_pct <= 100) || new_tokens < 1 || rounds < 1) die("arguments", "resident% in (0, 100], new_tokens and rounds >= 1");
+    if (argc - optind < 2 || argc - optind > 3) usage(argv[0]);
+    const char *model_path = argv[optind], *prompts_path = argv[optind + 1];
+    const char *pred_dir = argc - optind == 3 ? argv[optind + 2] : NULL;
+    if (!(resident_pct > 0 && resident_pct <= 100) || new_tokens < 1 || rounds < 1)
+        die("arguments", "-r in (0, 100], -n and -R at least 1");
+    static ModeTotals modes[MAX_MODES];
+    int n_modes = 1;
+    modes[0].budget = -1;
+    for (const char *m = modes_arg; pred_dir && *m; m += strcspn(m, ",") + (m[strcspn(m, ",")] == ',')) {
+        char item[32];
+        snprintf(item, sizeof item, "%.*s", (int)strcspn(m, ","), m);
+        char *end;
+        long b = !strcmp(item, "auto") ? 0 : strtol(item, &end, 10);
+        if ((strcmp(item, "auto") && (end == item || *end || b < 1 || b > MAX_K)) || n_modes == MAX_MODES)
+            die("-b", "takes a comma list of `auto` and expert counts");
+        modes[n_modes++].budget = (int)b;
+    }
+
     static Experts ex;
     read_experts(model_path, &ex);
     int total = ex.n_moe * ex.n_experts, capacity = (int)(resident_pct / 100 * total + 0.5);
-    if (capacity < ex.top_k + 1) die("resident", "too small for a layer's top-k and a staging slot");
-    int slots = 2 < capacity - ex.top_k ? 2 : capacity - ex.top_k;
+    if (capacity < ex.top_k + 1) die("-r", "too small for a layer's top-k and one staged expert");
+    for (int mode = 1; mode < n_modes; mode++)
+        if (modes[mode].budget > ex.n_experts) die("-b", "a budget exceeds the model's experts per layer");
 
     struct mc_predictor *pred = NULL;
+    uint32_t horizon = 0;
     if (pred_dir) {
-        uint32_t m, e, k, hz, dim = 0;
-        if (mc_predictor_open(pred_dir, &pred) || mc_predictor_shape(pred, &m, &e, &k, &hz)) die(pred_dir, mc_last_error());
+        uint32_t m, e, k, dim = 0;
+        if (mc_predictor_open(pred_dir, &pred) || mc_predictor_shape(pred, &m, &e, &k, &horizon)) die(pred_dir, mc_last_error());
         mc_predictor_router_input_dim(pred, &dim);
         if ((int)m != ex.n_moe || (int)e != ex.n_experts || (int)k != ex.top_k) die(pred_dir, "predictor shape does not match the model");
         if (dim) die(pred_dir, "this harness takes ids-only predictors (trained without --features hidden)");
@@ -417,13 +283,14 @@ int main(int argc, char **argv) {
         if (!line[0]) continue;
         int n = llama_tokenize(vocab, line, (int)strlen(line), prompts[n_prompts], 512, false, true);
         snprintf(where, sizeof where, "%s:%d", prompts_path, lineno);
-        if (n <= 0 || n + new_tokens > n_ctx) die(where, "the prompt has no tokens or, with new_tokens, exceeds the context (512 tokens at most)");
+        if (n <= 0 || n + new_tokens > n_ctx) die(where, "the prompt has no tokens or, with -n, exceeds the context (512 tokens at most)");
         lens[n_prompts++] = n;
     }
     fclose(pf);
 
     static Harness h;
     uint16_t *prefill_ids = calloc((size_t)512 * ex.n_moe * ex.top_k, sizeof(uint16_t));
+    uint32_t *reads = calloc((size_t)total, sizeof(uint32_t));
     struct llama_context_params cp = llama_context_default_params();
     cp.n_ctx = cp.n_batch = cp.n_ubatch = (uint32_t)n_ctx;
     cp.n_threads = cp.n_threads_batch = 1;
@@ -434,29 +301,38 @@ int main(int argc, char **argv) {
     struct llama_batch batch = llama_batch_init(n_ctx, 0, 1);
     int n_vocab = llama_vocab_n_tokens(vocab);
 
-    printf("%s: %d of %d experts resident (%.0f%%), %zu bytes per expert, %d round(s), greedy, up to %d new tokens per prompt\n",
-           model_path, capacity, total, resident_pct, ex.size[0][0] * 3, rounds, new_tokens);
-    printf("%-10s %18s %10s %10s %9s\n", "mode", "resident when used", "demand MB", "staged MB", "tokens/s");
-    for (int mode = 0; mode < (pred ? 2 : 1); mode++) {
-        double tps_sum = 0, res_sum = 0, demand = 0, staged = 0;
-        for (int round = 0; round < rounds; round++) {
+    printf("%s: %d of %d experts resident (%.0f%%), %zu bytes per expert, %d alternating round(s), greedy, up to %d new "
+           "tokens per prompt\n", model_path, capacity, total, resident_pct, ex.size[0][0] * 3, rounds, new_tokens);
+    for (int round = 0; round < rounds; round++)
+        for (int mode = 0; mode < n_modes; mode++) {
+            ModeTotals *mt = &modes[mode];
+            int b = mt->budget;
+            struct mc_planner *planner = NULL;
+            struct mc_guard *guard = NULL;
+            if (b == 0 && (mc_planner_new((uint32_t)ex.n_moe, (uint32_t)ex.n_experts, (uint32_t)ex.top_k, (uint32_t)capacity,
+                                          read_us, layer_us, &planner) ||
+                           (use_guard && mc_guard_new(8, 6, &guard))))
+                die("planner", mc_last_error());
+            int slots = b > 0 ? (2 * b < capacity - ex.top_k ? 2 * b : capacity - ex.top_k) : 0;
             static Residency res;
-            residency_init(&res, &ex, capacity, mode ? slots : 0);
+            residency_init(&res, &ex, capacity, slots, planner, read_us > 0);
             memset(&h, 0, sizeof h);
             h.res = &res;
             h.prefill_ids = prefill_ids;
-            pthread_mutex_init(&h.res_mu, NULL);
             static Prefetcher w;
-            if (mode) {
+            if (b >= 0) {
                 memset(&w, 0, sizeof w);
                 if (mc_session_new(pred, &w.session)) die(pred_dir, mc_last_error());
-                w.res = &res, w.res_mu = &h.res_mu;
+                w.res = &res, w.reads = reads;
+                w.budget = b, w.horizon = (int)horizon;
                 pthread_mutex_init(&w.mu, NULL);
                 pthread_cond_init(&w.work, NULL);
                 pthread_cond_init(&w.idle, NULL);
                 if (pthread_create(&w.thread, NULL, worker_main, &w)) die("prefetcher", "cannot start its thread");
                 h.session = &w;
             }
+            /* with every expert resident there is nothing to forecast */
+            int forecasting = h.session && capacity < total;
             double decode_s = 0;
             long steps = 0;
             for (int p = 0; p < n_prompts; p++) {
@@ -480,15 +356,24 @@ int main(int argc, char **argv) {
                     for (int v = 1; v < n_vocab; v++)
                         if (logits[v] > logits[next]) next = v;
                     if (llama_vocab_is_eog(vocab, next)) break;
-                    double t0 = now();
-                    h.token = (uint32_t)next, h.count = 1, h.known = 0;
-                    if (h.session) forecast(h.session, JOB_NEXT, h.token, 0, NULL, 0);
+                    double t0 = now_s();
+                    uint8_t on = 1;
+                    if (guard) mc_guard_enabled(guard, &on);
+                    h.token = (uint32_t)next, h.count = 1, h.known = 0, h.forecasting = forecasting && on;
+                    if (planner) {
+                        pthread_mutex_lock(&res.mu);
+                        mc_planner_token_started(planner);
+                        pthread_mutex_unlock(&res.mu);
+                    }
+                    if (h.forecasting) forecast(h.session, JOB_NEXT, h.token, 0, NULL, 0);
                     batch.n_tokens = 1;
                     batch.token[0] = next, batch.pos[0] = pos++, batch.n_seq_id[0] = 1, batch.seq_id[0][0] = 0, batch.logits[0] = 1;
                     if (llama_decode(ctx, batch) || h.error) die(model_path, "decode or eval callback failed");
                     if (h.session && h.known == ex.n_moe)
                         post(h.session, JOB_OBSERVE, h.token, 0, h.routed, ex.n_moe * ex.top_k);
-                    decode_s += now() - t0;
+                    double dt = now_s() - t0;
+                    if (guard) mc_guard_step_done(guard, dt, NULL);
+                    decode_s += dt;
                     steps++;
                 }
             }
@@ -502,20 +387,46 @@ int main(int argc, char **argv) {
                 if (w.error) die(pred_dir, w.message);
                 mc_session_free(w.session);
             }
-            close(res.fd);
-            free(res.used_age);
-            free(res.staged_age);
-            tps_sum += steps / decode_s;
-            res_sum += (double)res.resident_uses / (res.uses ? res.uses : 1);
-            demand += res.bytes_demand, staged += res.bytes_staged;
+            residency_finish(&res);
+            mt->tps += steps / decode_s, mt->steps += (uint64_t)steps;
+            mt->resident += (double)res.resident_uses / (res.uses ? res.uses : 1);
+            mt->demand += res.bytes_demand, mt->staged += res.bytes_staged, mt->wasted += res.bytes_wasted;
+            mt->stall += res.stall_s;
+            if (planner) mc_planner_report(planner, &mt->plan);
+            uint64_t off = 0;
+            if (guard) mc_guard_steps_off(guard, &off);
+            mt->steps_off += off;
+            residency_free(&res);
+            mc_planner_free(planner);
+            mc_guard_free(guard);
         }
-        printf("%-10s %17.1f%% %10.2f %10.2f %9.1f\n", mode ? "predictor" : "on-demand", 100 * res_sum / rounds,
-               demand / rounds / 1e6, staged / rounds / 1e6, tps_sum / rounds);
+
+    printf("%-10s %18s %10s %10s %10s %8s %9s %13s\n", "mode", "resident when used", "demand MB", "staged MB", "wasted MB",
+           "stall s", "tokens/s", "vs on-demand");
+    for (int mode = 0; mode < n_modes; mode++) {
+        ModeTotals *mt = &modes[mode];
+        char name[24];
+        if (mt->budget < 0) snprintf(name, sizeof name, "on-demand");
+        else if (mt->budget == 0) snprintf(name, sizeof name, "planned");
+        else snprintf(name, sizeof name, "budget-%d", mt->budget);
+        printf("%-10s %17.1f%% %10.2f %10.2f %10.2f %8.3f %9.1f %12.2fx\n", name, 100 * mt->resident / rounds,
+               mt->demand / rounds / 1e6, mt->staged / rounds / 1e6, mt->wasted / rounds / 1e6, mt->stall / rounds,
+               mt->tps / rounds, mt->tps / modes[0].tps);
     }
+    for (int mode = 0; mode < n_modes; mode++)
+        if (modes[mode].budget == 0) {
+            struct mc_plan_report *p = &modes[mode].plan;
+            printf("planner (planned mode, last round): offered %llu, staged %llu, too late %llu, not worth a read %llu; read %.0f us, "
+                   "layer %.0f us; %llu of %llu steps without prefetch (all rounds)\n",
+                   (unsigned long long)p->offered, (unsigned long long)p->staged, (unsigned long long)p->late,
+                   (unsigned long long)p->not_worth, p->read_us, p->layer_us, (unsigned long long)modes[mode].steps_off,
+                   (unsigned long long)modes[mode].steps);
+        }
     llama_batch_free(batch);
     llama_free(ctx);
     llama_model_free(model);
     if (pred) mc_predictor_free(pred);
     free(prefill_ids);
+    free(reads);
     return 0;
 }

@@ -11,6 +11,8 @@ use crate::{free_box, guard, non_null, non_null_mut, slice, slice_mut, Failure, 
 /// A prefetch planner (one per stream of requests; one thread at a time).
 pub struct mc_planner {
     planner: StagingPlanner,
+    /// `mc_planner_plan`'s `resident` as booleans, kept between calls.
+    resident: Vec<bool>,
 }
 
 const _: () = {
@@ -69,7 +71,10 @@ pub unsafe extern "C" fn mc_planner_new(
             stated,
         )
         .map_err(planner_error)?;
-        *out = Box::into_raw(Box::new(mc_planner { planner }));
+        *out = Box::into_raw(Box::new(mc_planner {
+            planner,
+            resident: Vec::new(),
+        }));
         Ok(())
     })
 }
@@ -193,9 +198,14 @@ pub unsafe extern "C" fn mc_planner_plan(
         let probs = (!probs.is_null())
             .then(|| slice(probs, n, "probs"))
             .transpose()?;
-        let resident: Option<Vec<bool>> = (!resident.is_null())
-            .then(|| slice(resident, n, "resident").map(|r| r.iter().map(|&x| x != 0).collect()))
-            .transpose()?;
+        let resident = if resident.is_null() {
+            None
+        } else {
+            let given = slice(resident, n, "resident")?;
+            p.resident.clear();
+            p.resident.extend(given.iter().map(|&x| x != 0));
+            Some(std::mem::take(&mut p.resident))
+        };
         let out = slice_mut(out, room as usize, "out")?;
         let queue = LinkQueue {
             queued_reads: queued_reads as usize,
@@ -212,6 +222,9 @@ pub unsafe extern "C" fn mc_planner_plan(
                 out.len(),
             )
             .map_err(planner_error)?;
+        if let Some(r) = resident {
+            p.resident = r;
+        }
         out[..staged.len()].copy_from_slice(&staged);
         *n_out = staged.len() as u32;
         Ok(())

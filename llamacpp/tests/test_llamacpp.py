@@ -239,20 +239,48 @@ def test_forced_routing_is_what_llama_cpp_computes(work):
     assert not np.allclose(free_logits, forced_logits, atol=1e-3)
 
 
+def _c_harness(work, *flags):
+    """Runs the C harness on the tiny model's held-out prompts at 10% resident, 24 tokens,
+    one round, the callback waiting for each forecast; {mode: {column: value}}."""
+    out = subprocess.run([os.environ["MOECAST_PREFETCH_C"], "-r", "10", "-n", "24", "-R", "1", "-w", *flags,
+                          str(work / "tiny.f32.gguf"), str(HELDOUT), str(work / "predictor")],
+                         check=True, capture_output=True, text=True).stdout
+    print("\n" + out)
+    cols = ["resident", "demand", "staged", "wasted", "stall", "tokens_per_s"]
+    return {l.split()[0]: dict(zip(cols, (float(x.rstrip("%")) for x in l.split()[1:7])))
+            for l in out.splitlines() if l.startswith(("on-demand", "budget-", "planned "))}
+
+
 @pytest.mark.skipif(not os.environ.get("MOECAST_PREFETCH_C"), reason="make test-llamacpp builds the C harness")
 def test_c_harness_stages_from_the_c_abi(work):
     """llamacpp/moecast_prefetch.c: llama.cpp and libmoecast from C, no Python in the
-    callback; the predictor (trained by the test above) must raise residency there too.
-    The callback waits for each forecast (the harness's last argument): on a machine where
-    llama.cpp decodes faster than the prefetcher thread forecasts, the harness drops the
-    forecasts that would land late, and this test is about what the C ABI stages."""
+    callback; the predictor (trained by the test above) must raise residency there too,
+    with a fixed budget and with the C ABI's planner. The callback waits for each forecast
+    (-w): on a machine where llama.cpp decodes faster than the prefetcher thread
+    forecasts, the harness drops the forecasts that would land late, and this test is
+    about what the C ABI stages. The planner plans with stated timings and no guard, so
+    what it stages does not depend on the machine's speed either."""
     if not (work / "predictor").exists():
         pytest.skip("needs the predictor trained by test_predictor_from_llama_cpp_routing_stages_experts")
-    out = subprocess.run([os.environ["MOECAST_PREFETCH_C"], str(work / "tiny.f32.gguf"), str(HELDOUT),
-                          str(work / "predictor"), "10", "24", "1", "1"], check=True, capture_output=True,
-                         text=True).stdout
-    print("\n" + out)
-    rows = {l.split()[0]: l.split() for l in out.splitlines() if l.startswith(("on-demand", "predictor"))}
-    resident = {m: float(r[1].rstrip("%")) for m, r in rows.items()}
-    demand = {m: float(r[2]) for m, r in rows.items()}
-    assert resident["predictor"] > resident["on-demand"] and demand["predictor"] < 0.9 * demand["on-demand"]
+    modes = _c_harness(work, "-b", "1")
+    base, budget = modes["on-demand"], modes["budget-1"]
+    assert budget["resident"] > base["resident"] and budget["demand"] < 0.9 * base["demand"]
+    # reads of a second land after their layer: the planner stages nothing, and planned
+    # decoding reads what demand paging reads; reads of 10 us pay, and it stages
+    slow = _c_harness(work, "-b", "auto", "-t", "1000000,1000", "-G")
+    assert slow["planned"]["staged"] == 0 and slow["planned"]["demand"] == slow["on-demand"]["demand"]
+    fast = _c_harness(work, "-b", "auto", "-t", "10,1000", "-G")
+    base, planned = fast["on-demand"], fast["planned"]
+    assert planned["staged"] > 0 and planned["resident"] > base["resident"] + 10
+    assert planned["demand"] < base["demand"]
+
+
+def test_c_harness_refuses_bad_arguments():
+    """Bad options are refused by name before anything is loaded."""
+    if not os.environ.get("MOECAST_PREFETCH_C"):
+        pytest.skip("make test-llamacpp builds the C harness")
+    for flags, message in ((["-t", "10"], "-t: takes READ_US,LAYER_US"), (["-b", "auto,x"], "-b: takes a comma list"),
+                           (["-r", "0"], "-r in (0, 100]")):
+        run = subprocess.run([os.environ["MOECAST_PREFETCH_C"], *flags, "missing.gguf", str(HELDOUT), "pred"],
+                             capture_output=True, text=True)
+        assert run.returncode != 0 and message in run.stderr, (flags, run.stderr)

@@ -280,7 +280,7 @@ impl OffloadEngine {
             .map(|lead| format!("oracle (recorded experts, {lead} ahead)"));
         let report = EngineReport {
             direct_io,
-            policy: policy_name(cfg.policy),
+            policy: report::policy_name(cfg.policy),
             prefetch: {
                 let parts: Vec<&str> = [
                     (learned.is_some(), learned.unwrap_or_default()),
@@ -592,14 +592,4 @@ pub(crate) fn routing_mismatch(
             of.n_moe, of.n_experts, of.top_k
         )
     })
-}
-
-fn policy_name(p: EvictionPolicy) -> String {
-    match p {
-        EvictionPolicy::Lru => "lru".into(),
-        EvictionPolicy::Lfu { decay: 0.0 } => "lfu".into(),
-        EvictionPolicy::Lfu { decay } => format!("lfu:{decay}"),
-        EvictionPolicy::Belady => "belady".into(),
-        EvictionPolicy::NextUse => "next-use".into(),
-    }
 }

@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::cache::EvictionPolicy;
+
 /// What a run measured.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct EngineReport {
@@ -94,5 +96,16 @@ impl EngineReport {
     /// Mean decode stall per token, milliseconds.
     pub fn stall_ms_per_token(&self) -> f64 {
         self.stall_s * 1e3 / self.decode_tokens.max(1) as f64
+    }
+}
+
+/// The policy as `--policy` spells it.
+pub(super) fn policy_name(p: EvictionPolicy) -> String {
+    match p {
+        EvictionPolicy::Lru => "lru".into(),
+        EvictionPolicy::Lfu { decay: 0.0 } => "lfu".into(),
+        EvictionPolicy::Lfu { decay } => format!("lfu:{decay}"),
+        EvictionPolicy::Belady => "belady".into(),
+        EvictionPolicy::NextUse => "next-use".into(),
     }
 }

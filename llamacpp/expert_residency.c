@@ -1,0 +1,349 @@
+/* Expert residency inside llama.cpp, in C: see expert_residency.h. */
+#define _GNU_SOURCE
+#include "expert_residency.h"
+
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "gguf.h"
+
+#define PAGE 4096
+
+void die(const char *what, const char *why) {
+    fprintf(stderr, "error: %s: %s\n", what, why);
+    exit(1);
+}
+
+double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+void read_experts(const char *path, Experts *ex) {
+    struct gguf_init_params p = {.no_alloc = true, .ctx = NULL};
+    struct gguf_context *g = gguf_init_from_file(path, p);
+    if (!g) die(path, "not a readable GGUF file");
+    int64_t a = gguf_find_key(g, "general.architecture");
+    if (a < 0) die(path, "no general.architecture");
+    const char *arch = gguf_get_val_str(g, a);
+    char key[256];
+    snprintf(key, sizeof key, "%s.expert_count", arch);
+    int64_t ke = gguf_find_key(g, key);
+    snprintf(key, sizeof key, "%s.expert_used_count", arch);
+    int64_t kk = gguf_find_key(g, key);
+    if (ke < 0 || kk < 0) die(path, "not an MoE model (no expert_count / expert_used_count)");
+    ex->n_experts = (int)gguf_get_val_u32(g, ke);
+    ex->top_k = (int)gguf_get_val_u32(g, kk);
+    if (ex->top_k > MAX_K) die(path, "top-k too large");
+    const char *parts[3] = {"gate", "up", "down"};
+    ex->n_moe = 0;
+    for (int l = 0; l < MAX_LAYERS; l++) {
+        char name[128];
+        snprintf(name, sizeof name, "blk.%d.ffn_gate_exps.weight", l);
+        if (gguf_find_tensor(g, name) < 0) break;
+        for (int j = 0; j < 3; j++) {
+            snprintf(name, sizeof name, "blk.%d.ffn_%s_exps.weight", l, parts[j]);
+            int64_t t = gguf_find_tensor(g, name);
+            if (t < 0) die(path, "an expert tensor is missing");
+            size_t per = gguf_get_tensor_size(g, t) / ex->n_experts;
+            size_t off = gguf_get_data_offset(g) + gguf_get_tensor_offset(g, t);
+            if (off % PAGE || per % PAGE) die(path, "expert slices are not page-aligned (export with llamacpp/export_gguf.py)");
+            ex->off[l][j] = off;
+            ex->size[l][j] = per;
+        }
+        ex->n_moe++;
+    }
+    gguf_free(g);
+    if (!realpath(path, ex->path)) die(path, "cannot resolve the path");
+}
+
+static size_t expert_bytes(Residency *r, int i) {
+    int l = i / r->ex->n_experts;
+    return r->ex->size[l][0] + r->ex->size[l][1] + r->ex->size[l][2];
+}
+
+/* Slice j of expert i: its offset in the file, its address in llama.cpp's mapping, and
+ * its length. */
+static size_t slice(Residency *r, int i, int j, unsigned char **at, size_t *n) {
+    int l = i / r->ex->n_experts, e = i % r->ex->n_experts;
+    size_t off = r->ex->off[l][j] + (size_t)e * r->ex->size[l][j];
+    *n = r->ex->size[l][j];
+    *at = (unsigned char *)(r->map_lo + off - r->map_off);
+    return off;
+}
+
+static int is_resident(Residency *r, int i) {
+    for (int j = 0; j < 3; j++) {
+        size_t n;
+        unsigned char *at, vec[4096];
+        slice(r, i, j, &at, &n);
+        size_t pages = n / PAGE;
+        for (size_t done = 0; done < pages; done += sizeof vec) {
+            size_t chunk = pages - done < sizeof vec ? pages - done : sizeof vec;
+            if (mincore(at + done * PAGE, chunk * PAGE, vec)) die("mincore", "failed");
+            for (size_t c = 0; c < chunk; c++)
+                if (!(vec[c] & 1)) return 0;
+        }
+    }
+    return 1;
+}
+
+static void read_expert(Residency *r, int i) {
+    for (int j = 0; j < 3; j++) {
+        size_t n;
+        unsigned char *at;
+        off_t off = (off_t)slice(r, i, j, &at, &n);
+        posix_fadvise(r->fd, off, (off_t)n, POSIX_FADV_WILLNEED);
+    }
+}
+
+/* Blocks until the expert's pages are in memory: each page touched through the mapping
+ * (a page still being read is waited for, as llama.cpp's own access would). */
+static void wait_expert(Residency *r, int i) {
+    for (int j = 0; j < 3; j++) {
+        size_t n;
+        unsigned char *at;
+        slice(r, i, j, &at, &n);
+        for (size_t off = 0; off < n; off += PAGE) (void)((volatile unsigned char *)at)[off];
+    }
+}
+
+/* Out of the page cache; a staged read not issued yet never will be, one being issued is
+ * waited for (so an expert is never dropped before its read is queued). */
+static void drop_expert(Residency *r, int i) {
+    pthread_mutex_lock(&r->io_mu);
+    __atomic_store_n(&r->want[i], 0, __ATOMIC_RELAXED);
+    pthread_mutex_unlock(&r->io_mu);
+    for (int j = 0; j < 3; j++) {
+        size_t n;
+        unsigned char *at;
+        off_t off = (off_t)slice(r, i, j, &at, &n);
+        madvise(at, n, MADV_DONTNEED);
+        posix_fadvise(r->fd, off, (off_t)n, POSIX_FADV_DONTNEED);
+    }
+}
+
+void issue_reads(Residency *r, const uint32_t *reads, int n) {
+    pthread_mutex_lock(&r->io_mu);
+    for (int j = 0; j < n; j++)
+        if (__atomic_exchange_n(&r->want[reads[j]], 0, __ATOMIC_RELAXED)) read_expert(r, (int)reads[j]);
+    pthread_mutex_unlock(&r->io_mu);
+}
+
+/* The held expert with the smallest age, skipping those marked in `skip` (or none). */
+static int oldest(Residency *r, const uint64_t *age, const uint8_t *skip) {
+    int best = -1;
+    for (int i = 0; i < r->n_ids; i++)
+        if (age[i] && !(skip && skip[i]) && (best < 0 || age[i] < age[best])) best = i;
+    return best;
+}
+
+/* Evicts down to the capacity (see Residency); `told`: the planner hears of a used
+ * expert a staged read evicts. */
+static void evict(Residency *r, int told) {
+    for (;;) {
+        int v;
+        if (!r->planner) {
+            if (r->n_used <= r->capacity - r->slots || (v = oldest(r, r->used_age, r->keep)) < 0) return;
+            r->used_age[v] = 0, r->n_used--;
+        } else if (r->n_used + r->n_staged + r->n_stale <= r->capacity) {
+            return;
+        } else if ((v = oldest(r, r->stale_age, NULL)) >= 0) {
+            r->stale_age[v] = 0, r->n_stale--;
+            r->bytes_wasted += expert_bytes(r, v);
+        } else if ((v = oldest(r, r->used_age, r->keep)) >= 0) {
+            r->used_age[v] = 0, r->n_used--;
+            if (told) mc_planner_evicted(r->planner, (uint32_t)v);
+        } else if ((v = oldest(r, r->staged_age, r->keep)) >= 0) {
+            r->staged_age[v] = 0, r->n_staged--, r->landed[v] = 0;
+            r->bytes_wasted += expert_bytes(r, v);
+        } else {
+            return;
+        }
+        drop_expert(r, v);
+    }
+}
+
+/* Staged reads not landed yet. */
+static int in_flight(Residency *r) {
+    int n = 0;
+    for (int i = 0; i < r->n_ids; i++)
+        if (r->staged_age[i] && !r->landed[i]) {
+            if (is_resident(r, i)) r->landed[i] = 1;
+            else n++;
+        }
+    return n;
+}
+
+void use_experts(Residency *r, int l, const int *ids, int k, int count) {
+    int resident[MAX_K * 64];
+    uint16_t routed[MAX_K];
+    int base = l * r->ex->n_experts, missing = 0, demand = 0, late = 0;
+    pthread_mutex_lock(&r->mu);
+    int busy = r->planner && count ? in_flight(r) : 0;
+    memset(r->keep, 0, (size_t)r->n_ids); /* the layer about to run is not evicted meanwhile */
+    for (int j = 0; j < k; j++) missing += !(resident[j] = is_resident(r, base + ids[j])), r->keep[base + ids[j]] = 1;
+    pthread_mutex_unlock(&r->mu);
+    /* the wait for the reads lets the prefetcher plan the layers ahead meanwhile */
+    double t0 = now_s(); /* the request blocks while the device's queue is full */
+    for (int j = 0; j < k; j++)
+        if (!resident[j]) read_expert(r, base + ids[j]);
+    for (int j = 0; j < k; j++)
+        if (!resident[j]) wait_expert(r, base + ids[j]);
+    double waited = missing ? now_s() - t0 : 0;
+    pthread_mutex_lock(&r->mu);
+    for (int j = 0; j < k; j++)
+        if (!resident[j]) {
+            if (r->staged_age[base + ids[j]]) late = 1;
+            else demand++;
+        }
+    if (count && r->planner) {
+        if (demand && !busy && !late) { /* the link held these reads alone */
+            for (int j = 0; j < demand; j++) mc_planner_read_done(r->planner, waited / demand);
+            r->measured = 1;
+        }
+        if (waited > 0) mc_planner_stalled(r->planner, waited);
+    }
+    if (count) r->stall_s += waited;
+    for (int j = 0; j < k; j++) {
+        int i = base + ids[j], staged = r->staged_age[i] || r->stale_age[i];
+        if (r->staged_age[i]) r->staged_age[i] = 0, r->n_staged--;
+        if (r->stale_age[i]) r->stale_age[i] = 0, r->n_stale--;
+        r->landed[i] = 0;
+        if (!r->used_age[i]) r->n_used++;
+        r->used_age[i] = ++r->clock;
+        if (count) {
+            r->uses++;
+            if (resident[j]) r->resident_uses++;
+            else if (staged) r->late++;
+            else r->bytes_demand += expert_bytes(r, i);
+        }
+    }
+    if (r->planner) {
+        for (int e = 0; e < r->ex->n_experts; e++) /* its layer routed without it */
+            if (r->staged_age[base + e]) {
+                r->stale_age[base + e] = r->staged_age[base + e], r->n_stale++;
+                r->staged_age[base + e] = 0, r->n_staged--, r->landed[base + e] = 0;
+            }
+        if (count) {
+            for (int j = 0; j < k && j < MAX_K; j++) routed[j] = (uint16_t)ids[j];
+            mc_planner_layer_routed(r->planner, (uint32_t)l, routed, (uint32_t)k, (uint32_t)demand);
+        }
+    }
+    evict(r, 0);
+    pthread_mutex_unlock(&r->mu);
+}
+
+/* Marks expert i staged and its read to be issued. */
+static void mark_staged(Residency *r, int i, uint32_t *reads, int *n_reads) {
+    __atomic_store_n(&r->want[i], 1, __ATOMIC_RELAXED);
+    reads[(*n_reads)++] = (uint32_t)i;
+    r->staged_age[i] = ++r->clock, r->n_staged++, r->landed[i] = 0;
+    r->staged++;
+    r->bytes_staged += expert_bytes(r, i);
+}
+
+void stage_expert(Residency *r, int l, int e, uint32_t *reads, int *n_reads) {
+    int i = l * r->ex->n_experts + e;
+    if (r->used_age[i] || r->staged_age[i]) return;
+    mark_staged(r, i, reads, n_reads);
+    while (r->n_staged > r->slots) {
+        int v = oldest(r, r->staged_age, NULL);
+        r->staged_age[v] = 0, r->n_staged--;
+        r->bytes_wasted += expert_bytes(r, v);
+        drop_expert(r, v);
+    }
+}
+
+int offer_forecast(Residency *r, int l, const uint16_t *ranking, int n, uint32_t *reads, int *n_reads) {
+    uint16_t rank[MAX_K];
+    uint8_t held[MAX_K];
+    int m = 0, base = l * r->ex->n_experts;
+    if (!r->measured) return MC_OK;
+    for (int j = 0; j < n && m < MAX_K; j++)
+        if (ranking[j] != 0xFFFF) {
+            int i = base + ranking[j];
+            rank[m] = ranking[j], held[m++] = r->used_age[i] || r->staged_age[i] || r->stale_age[i];
+        }
+    int pending = r->n_staged, free = r->capacity - r->n_used - pending - r->n_stale, room = r->capacity - r->ex->top_k - pending;
+    uint32_t n_out = 0;
+    int rc = mc_planner_plan(r->planner, (uint32_t)l, rank, NULL, held, (uint32_t)m, (uint32_t)in_flight(r),
+                             (uint32_t)(free > 0 ? free : 0), r->plan_out, (uint32_t)(room > 0 ? room : 0), &n_out);
+    if (rc) return rc;
+    for (uint32_t j = 0; j < n_out; j++) {
+        int i = (int)r->plan_out[j];
+        if (r->used_age[i] || r->staged_age[i]) continue; /* an earlier forecast, resident by now */
+        if (r->stale_age[i]) { /* still in memory: staged again, not read */
+            r->staged_age[i] = r->stale_age[i], r->stale_age[i] = 0, r->n_stale--, r->n_staged++;
+            continue;
+        }
+        mark_staged(r, i, reads, n_reads);
+        int kept = r->keep[i];
+        r->keep[i] = 1;
+        evict(r, 1);
+        r->keep[i] = (uint8_t)kept;
+    }
+    return MC_OK;
+}
+
+void residency_finish(Residency *r) {
+    for (int i = 0; i < r->n_ids; i++)
+        if (r->staged_age[i] || r->stale_age[i]) r->bytes_wasted += expert_bytes(r, i);
+}
+
+void residency_init(Residency *r, Experts *ex, int capacity, int slots, struct mc_planner *planner, int measured) {
+    memset(r, 0, sizeof *r);
+    r->ex = ex;
+    r->capacity = capacity;
+    r->slots = slots;
+    r->planner = planner;
+    r->measured = measured;
+    pthread_mutex_init(&r->mu, NULL);
+    pthread_mutex_init(&r->io_mu, NULL);
+    r->fd = open(ex->path, O_RDONLY);
+    if (r->fd < 0) die(ex->path, "cannot open");
+    FILE *maps = fopen("/proc/self/maps", "r");
+    char line[8192];
+    while (maps && fgets(line, sizeof line, maps)) {
+        unsigned long lo, hi, off;
+        char perms[8], dev[16], file[4096] = "";
+        unsigned long inode;
+        if (sscanf(line, "%lx-%lx %7s %lx %15s %lu %4095s", &lo, &hi, perms, &off, dev, &inode, file) == 7 &&
+            !strcmp(file, ex->path)) {
+            r->map_lo = lo, r->map_off = off, r->map_len = hi - lo;
+            break;
+        }
+    }
+    if (maps) fclose(maps);
+    if (!r->map_lo) die(ex->path, "llama.cpp has not memory-mapped the file");
+    /* a fault reads only its own page (see docs/guide.md#llamacpp) */
+    madvise((void *)r->map_lo, r->map_len, MADV_RANDOM);
+    madvise((void *)r->map_lo, r->map_len, MADV_NOHUGEPAGE);
+    madvise((void *)r->map_lo, r->map_len, MADV_DONTNEED);
+    posix_fadvise(r->fd, 0, 0, POSIX_FADV_DONTNEED);
+    r->n_ids = ex->n_moe * ex->n_experts;
+    size_t n = (size_t)r->n_ids;
+    r->used_age = calloc(n, sizeof(uint64_t));
+    r->staged_age = calloc(n, sizeof(uint64_t));
+    r->stale_age = calloc(n, sizeof(uint64_t));
+    r->landed = calloc(n, 1), r->keep = calloc(n, 1), r->want = calloc(n, 1);
+    r->plan_out = calloc(n, sizeof(uint32_t));
+    if (!r->used_age || !r->staged_age || !r->stale_age || !r->landed || !r->keep || !r->want || !r->plan_out)
+        die("residency", "out of memory");
+    for (int i = 0; i < r->n_ids; i++)
+        if (is_resident(r, i)) die(ex->path, "experts stay in memory after the drop (a tmpfs?)");
+}
+
+void residency_free(Residency *r) {
+    close(r->fd);
+    free(r->used_age), free(r->staged_age), free(r->stale_age);
+    free(r->landed), free(r->keep), free(r->want), free(r->plan_out);
+    pthread_mutex_destroy(&r->mu);
+    pthread_mutex_destroy(&r->io_mu);
+}

@@ -1,0 +1,85 @@
+/* Expert residency inside llama.cpp, in C (moecast_prefetch.c; expert_residency.py is the
+ * Python harness's): which experts' byte ranges of the memory-mapped GGUF are in the page
+ * cache, a bounded resident set, and staging, by a fixed budget in slots of its own or by
+ * moecast's planner (mc_planner_*) in the resident set itself. Linux only. */
+#ifndef MOECAST_EXPERT_RESIDENCY_H
+#define MOECAST_EXPERT_RESIDENCY_H
+
+#include <pthread.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "moecast.h"
+
+#define MAX_LAYERS 256
+#define MAX_K 64
+
+/* Prints "error: what: why" and exits. */
+void die(const char *what, const char *why);
+
+/* Monotonic seconds. */
+double now_s(void);
+
+/* The GGUF's experts: byte ranges of each expert's three slices. */
+typedef struct {
+    int n_moe, n_experts, top_k;
+    size_t off[MAX_LAYERS][3], size[MAX_LAYERS][3]; /* per layer: slice of expert 0, bytes per expert */
+    char path[4096];
+} Experts;
+
+/* Reads the expert layout of a GGUF written by llamacpp/export_gguf.py (page-aligned). */
+void read_experts(const char *path, Experts *ex);
+
+/* The resident set: at most `capacity` experts in the page cache. Without a planner,
+ * `slots` of them hold staged experts not used yet (oldest dropped when a newer one is
+ * staged) and the rest the used ones (least recently used dropped). With a planner,
+ * staged experts share the whole set; a staged expert its layer routed without (stale)
+ * goes first, then the least recently used (the planner is told). Experts are indexed
+ * `layer * n_experts + expert`. `mu` guards it: `use_experts` takes it itself (and lets
+ * it go while waiting for reads); the other calls but `issue_reads` need it held. */
+typedef struct {
+    Experts *ex;
+    int fd, capacity, slots, n_ids;
+    uintptr_t map_lo;
+    size_t map_off, map_len;
+    /* ages: 0 = not held; else last use (used), staging time (staged, stale) */
+    uint64_t *used_age, *staged_age, *stale_age, clock;
+    uint8_t *landed;   /* staged experts whose read is known to have landed */
+    uint8_t *keep;     /* the layer about to run: never evicted for a staged read */
+    uint8_t *want;     /* staged reads decided, not issued yet (atomic) */
+    uint32_t *plan_out;
+    int n_used, n_staged, n_stale;
+    struct mc_planner *planner; /* NULL: a fixed budget in staging slots */
+    int measured;               /* the planner has a read time (timed or stated) */
+    pthread_mutex_t mu;         /* see above */
+    pthread_mutex_t io_mu;      /* held while staged reads are issued */
+    long uses, resident_uses, late, staged;
+    double bytes_demand, bytes_staged, bytes_wasted, stall_s;
+} Residency;
+
+/* A resident set over llama.cpp's mapping of ex->path, everything dropped from the page
+ * cache. `planner` (owned by the caller) plans the staging; `measured`: it was given
+ * timings and may plan before a read is timed. */
+void residency_init(Residency *r, Experts *ex, int capacity, int slots, struct mc_planner *planner, int measured);
+void residency_free(Residency *r);
+
+/* Layer l is about to run `ids[k]`: reads the missing ones whole and waits for them,
+ * marks them used; with `count` (a decode step, not a prompt) counts residency and tells
+ * the planner the layer's routing, its demand reads and their time. */
+void use_experts(Residency *r, int l, const int *ids, int k, int count);
+
+/* Fixed budget: stages expert e of layer l unless held. Planned: offers layer l's
+ * forecast `ranking[n]` (best first) to the planner and stages what it picks (nothing
+ * before a read is timed). Both append the reads to issue to `reads` (`*n_reads`). Returns
+ * MC_OK or the planner's error. */
+void stage_expert(Residency *r, int l, int e, uint32_t *reads, int *n_reads);
+int offer_forecast(Residency *r, int l, const uint16_t *ranking, int n, uint32_t *reads, int *n_reads);
+
+/* Issues the staged reads decided (those not dropped since); called without `mu`, so a
+ * decode step never waits while they are queued on the device. */
+void issue_reads(Residency *r, const uint32_t *reads, int n);
+
+/* Staged experts never used count as wasted. */
+void residency_finish(Residency *r);
+
+#endif
