@@ -543,6 +543,21 @@ fn a_c_program_plans_prefetch_as_the_rust_planner_does() {
         assert_eq!(mc_planner_report(p, std::ptr::null_mut()), MC_ERR_NULL);
         mc_planner_free(p);
         mc_planner_free(std::ptr::null_mut());
+        // With reads of 10 us and layers of 1 ms both forecasts of a layer ahead are worth
+        // a read, but one marked resident is never returned, call after call.
+        assert_eq!(mc_planner_new(4, 8, 2, 32, 10.0, 1000.0, &mut p), MC_OK);
+        assert_eq!(mc_planner_token_started(p), MC_OK);
+        for (layer, held) in [(2u32, [1u8, 0]), (3, [0, 1]), (1, [0, 0])] {
+            let (r, res, o) = (ids.as_ptr(), held.as_ptr(), out.as_mut_ptr());
+            let status = mc_planner_plan(p, layer, r, std::ptr::null(), res, 2, 0, 8, o, 4, &mut n);
+            assert_eq!(status, MC_OK);
+            let staged = &out[..n as usize];
+            for (&e, &h) in ids.iter().zip(&held) {
+                let id = layer * 8 + u32::from(e);
+                assert_eq!(staged.contains(&id), h == 0, "layer {layer}: {staged:?}");
+            }
+        }
+        mc_planner_free(p);
     }
 }
 
