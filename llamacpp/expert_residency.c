@@ -132,7 +132,10 @@ static void drop_expert(Residency *r, int i) {
 void issue_reads(Residency *r, const uint32_t *reads, int n) {
     pthread_mutex_lock(&r->io_mu);
     for (int j = 0; j < n; j++)
-        if (__atomic_exchange_n(&r->want[reads[j]], 0, __ATOMIC_RELAXED)) read_expert(r, (int)reads[j]);
+        if (__atomic_exchange_n(&r->want[reads[j]], 0, __ATOMIC_RELAXED)) {
+            read_expert(r, (int)reads[j]);
+            __atomic_add_fetch(&r->reads_issued, 1, __ATOMIC_RELAXED);
+        }
     pthread_mutex_unlock(&r->io_mu);
 }
 
@@ -185,37 +188,20 @@ void use_experts(Residency *r, int l, const int *ids, int k, int count) {
     int resident[MAX_K * 64];
     uint16_t routed[MAX_K];
     int base = l * r->ex->n_experts, missing = 0, demand = 0, late = 0;
+    /* what the routing decides, at once: the prefetcher plans the next layers meanwhile */
     pthread_mutex_lock(&r->mu);
     int busy = r->planner && count ? in_flight(r) : 0;
-    memset(r->keep, 0, (size_t)r->n_ids); /* the layer about to run is not evicted meanwhile */
-    for (int j = 0; j < k; j++) missing += !(resident[j] = is_resident(r, base + ids[j])), r->keep[base + ids[j]] = 1;
-    pthread_mutex_unlock(&r->mu);
-    /* the wait for the reads lets the prefetcher plan the layers ahead meanwhile */
-    double t0 = now_s(); /* the request blocks while the device's queue is full */
-    for (int j = 0; j < k; j++)
-        if (!resident[j]) read_expert(r, base + ids[j]);
-    for (int j = 0; j < k; j++)
-        if (!resident[j]) wait_expert(r, base + ids[j]);
-    double waited = missing ? now_s() - t0 : 0;
-    pthread_mutex_lock(&r->mu);
-    for (int j = 0; j < k; j++)
-        if (!resident[j]) {
-            if (r->staged_age[base + ids[j]]) late = 1;
-            else demand++;
-        }
-    if (count && r->planner) {
-        if (demand && !busy && !late) { /* the link held these reads alone */
-            for (int j = 0; j < demand; j++) mc_planner_read_done(r->planner, waited / demand);
-            r->measured = 1;
-        }
-        if (waited > 0) mc_planner_stalled(r->planner, waited);
-    }
-    if (count) r->stall_s += waited;
+    uint64_t issued = __atomic_load_n(&r->reads_issued, __ATOMIC_RELAXED);
+    memset(r->keep, 0, (size_t)r->n_ids);
     for (int j = 0; j < k; j++) {
         int i = base + ids[j], staged = r->staged_age[i] || r->stale_age[i];
+        resident[j] = is_resident(r, i);
+        missing += !resident[j];
+        late |= !resident[j] && staged;
+        demand += !resident[j] && !staged;
         if (r->staged_age[i]) r->staged_age[i] = 0, r->n_staged--;
         if (r->stale_age[i]) r->stale_age[i] = 0, r->n_stale--;
-        r->landed[i] = 0;
+        r->landed[i] = 0, r->keep[i] = 1;
         if (!r->used_age[i]) r->n_used++;
         r->used_age[i] = ++r->clock;
         if (count) {
@@ -237,6 +223,26 @@ void use_experts(Residency *r, int l, const int *ids, int k, int count) {
         }
     }
     evict(r, 0);
+    r->demand_reading = missing;
+    pthread_mutex_unlock(&r->mu);
+    /* the missing experts, read whole and waited for without the lock */
+    double t0 = now_s(); /* the request blocks while the device's queue is full */
+    for (int j = 0; j < k; j++)
+        if (!resident[j]) read_expert(r, base + ids[j]);
+    for (int j = 0; j < k; j++)
+        if (!resident[j]) wait_expert(r, base + ids[j]);
+    double waited = missing ? now_s() - t0 : 0;
+    pthread_mutex_lock(&r->mu);
+    r->demand_reading = 0;
+    if (count) r->stall_s += waited;
+    if (count && r->planner) {
+        /* the link held these reads alone: no staged read in flight or issued meanwhile */
+        if (demand && !busy && !late && __atomic_load_n(&r->reads_issued, __ATOMIC_RELAXED) == issued) {
+            for (int j = 0; j < demand; j++) mc_planner_read_done(r->planner, waited / demand);
+            r->measured = 1;
+        }
+        if (waited > 0) mc_planner_stalled(r->planner, waited);
+    }
     pthread_mutex_unlock(&r->mu);
 }
 
@@ -273,7 +279,8 @@ int offer_forecast(Residency *r, int l, const uint16_t *ranking, int n, uint32_t
         }
     int pending = r->n_staged, free = r->capacity - r->n_used - pending - r->n_stale, room = r->capacity - r->ex->top_k - pending;
     uint32_t n_out = 0;
-    int rc = mc_planner_plan(r->planner, (uint32_t)l, rank, NULL, held, (uint32_t)m, (uint32_t)in_flight(r),
+    int queued = in_flight(r) + r->demand_reading; /* reads on the link now */
+    int rc = mc_planner_plan(r->planner, (uint32_t)l, rank, NULL, held, (uint32_t)m, (uint32_t)queued,
                              (uint32_t)(free > 0 ? free : 0), r->plan_out, (uint32_t)(room > 0 ? room : 0), &n_out);
     if (rc) return rc;
     for (uint32_t j = 0; j < n_out; j++) {

@@ -47,8 +47,10 @@ typedef struct {
     uint8_t *landed;   /* staged experts whose read is known to have landed */
     uint8_t *keep;     /* the layer about to run: never evicted for a staged read */
     uint8_t *want;     /* staged reads decided, not issued yet (atomic) */
+    uint64_t reads_issued; /* staged reads issued so far (atomic) */
     uint32_t *plan_out;
     int n_used, n_staged, n_stale;
+    int demand_reading; /* demand reads being waited for now */
     struct mc_planner *planner; /* NULL: a fixed budget in staging slots */
     int measured;               /* the planner has a read time (timed or stated) */
     pthread_mutex_t mu;         /* see above */
@@ -63,9 +65,10 @@ typedef struct {
 void residency_init(Residency *r, Experts *ex, int capacity, int slots, struct mc_planner *planner, int measured);
 void residency_free(Residency *r);
 
-/* Layer l is about to run `ids[k]`: reads the missing ones whole and waits for them,
- * marks them used; with `count` (a decode step, not a prompt) counts residency and tells
- * the planner the layer's routing, its demand reads and their time. */
+/* Layer l is about to run `ids[k]`: marks them used and, with `count` (a decode step, not
+ * a prompt), counts residency and tells the planner the layer's routing and its demand
+ * reads; then, without `mu` (the prefetcher plans meanwhile), reads the missing ones
+ * whole and waits for them, and tells the planner the stall and the reads' time. */
 void use_experts(Residency *r, int l, const int *ids, int k, int count);
 
 /* Fixed budget: stages expert e of layer l unless held. Planned: offers layer l's
