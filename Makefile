@@ -165,7 +165,8 @@ test-python:
 # held-out prompts as moecast does and routes their token ids as `moecast collect` does
 # (>= 99% of top-k sets at f32; router inputs too), and that a predictor trained on
 # llama.cpp's own routing, staging experts inside llama.cpp's eval callback, raises the
-# share of experts resident when used.
+# share of experts resident when used: from Python and from C (the C harness below), by
+# a fixed budget and by the planner.
 LLAMA_PIP := llama-cpp-python==0.3.36 gguf==0.19.0 pytest
 test-llamacpp:
 	$(CARGO) test --workspace --no-run
