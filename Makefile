@@ -92,8 +92,10 @@ llamacpp:
 # The same decoding at a production expert size (after `make llamacpp`): a Qwen3-MoE with
 # Qwen3-30B-A3B's 2048 x 768 experts (9.4 MB each at f16) but the demo's 6 layers x 16
 # experts and random weights, its routing forced to llama.cpp's held-out trace of the demo
-# model (so the ids-only predictor's forecasts apply), experts read from the GGUF file.
-llamacpp-bench:
+# model (so the ids-only predictor's forecasts apply), experts read from the GGUF file;
+# then the same replay through the C harness (llamacpp/moecast_prefetch.c -p: libmoecast's
+# C ABI reads the trace, plans and guards; no Python), its tables in bench-c-R.txt.
+llamacpp-bench: $(TARGET)/moecast_prefetch
 	@test -f $(LLAMA)/heldout.mctrace || { echo "run make llamacpp first"; exit 1; }
 	$(DBG) checkpoint synth --layers 6 --experts 16 --top-k 2 --vocab 4096 -o $(LLAMA)/synth
 	python3 llamacpp/export_gguf.py --model $(LLAMA)/synth --tokenizer $(MODEL) --dtype f16 -o $(LLAMA)/synth.f16.gguf
@@ -101,6 +103,8 @@ llamacpp-bench:
 	for r in 10 25 100; do $(LLAMA_PY) prefetch --model $(LLAMA)/synth.f16.gguf --replay $(LLAMA)/heldout.mctrace \
 	  --replay-tokens 200 --predictor $(LLAMA)/predictor-ids --resident $$r% --threads 2 --rounds 3 \
 	  --json $(LLAMA)/bench-$$r.json || exit 1; done
+	for r in 10 25 100; do $(TARGET)/moecast_prefetch -p $(LLAMA)/heldout.mctrace -N 200 -j 2 -r $$r -R 3 \
+	  $(LLAMA)/synth.f16.gguf $(LLAMA)/predictor-ids > $(LLAMA)/bench-c-$$r.txt || exit 1; cat $(LLAMA)/bench-c-$$r.txt; done
 
 # Activation-aware prediction on the demo model, all feature sets (`make demo` trains only
 # the hidden-state one): the demo's collection with twice the samples per prompt (12:

@@ -149,6 +149,7 @@ typedef struct {
     uint16_t routed[MAX_LAYERS * MAX_K];
     uint16_t *prefill_ids; /* [row][layer][k] of the prompt's batch, for the session */
     int prefill_rows;
+    const uint16_t *forced; /* replay: the token's recorded experts [layer][k], routed instead */
     int error;
 } Harness;
 
@@ -175,6 +176,10 @@ static bool callback(struct ggml_tensor *t, bool ask, void *user) {
                 for (int j = 0; j < k; j++) h->prefill_ids[((size_t)row * ex->n_moe + layer) * k + j] = (uint16_t)ids[j];
             continue;
         }
+        if (h->forced) { /* the recorded experts run; llama.cpp weights them by the router */
+            for (int j = 0; j < k; j++) ids[j] = h->forced[layer * k + j];
+            ggml_backend_tensor_set(t, ids, (size_t)row * t->nb[1], (size_t)k * sizeof(int32_t));
+        }
         int use[MAX_K];
         for (int j = 0; j < k; j++) use[j] = ids[j], h->routed[layer * k + j] = (uint16_t)ids[j];
         h->known = layer + 1;
@@ -193,6 +198,41 @@ static void quiet(enum ggml_log_level level, const char *text, void *user) {
     if (level == GGML_LOG_LEVEL_ERROR) fputs(text, stderr);
 }
 
+/* One mode's round: llama.cpp's context and batch, and what decides its prefetch. */
+typedef struct {
+    struct llama_context *ctx;
+    struct llama_batch batch;
+    Harness *h;
+    struct mc_planner *planner;
+    struct mc_guard *guard;
+    int forecasting, n_moe, top_k;
+    const char *model_path;
+} Decoder;
+
+/* Decodes `token` at `pos` as one step: the guard asked, the planner told, the token's
+ * layers forecast, llama.cpp run, the routing observed. Returns its seconds. */
+static double decode_step(Decoder *d, llama_token token, int pos, int count) {
+    Harness *h = d->h;
+    double t0 = now_s();
+    uint8_t on = 1;
+    if (d->guard) mc_guard_enabled(d->guard, &on);
+    h->token = (uint32_t)token, h->count = count, h->known = 0, h->forecasting = d->forecasting && on;
+    if (d->planner) {
+        pthread_mutex_lock(&h->res->mu);
+        mc_planner_token_started(d->planner);
+        pthread_mutex_unlock(&h->res->mu);
+    }
+    if (h->forecasting) forecast(h->session, JOB_NEXT, h->token, 0, NULL, 0);
+    d->batch.n_tokens = 1;
+    d->batch.token[0] = token, d->batch.pos[0] = pos, d->batch.n_seq_id[0] = 1, d->batch.seq_id[0][0] = 0;
+    d->batch.logits[0] = 1;
+    if (llama_decode(d->ctx, d->batch) || h->error) die(d->model_path, "decode or eval callback failed");
+    if (h->session && h->known == d->n_moe) post(h->session, JOB_OBSERVE, h->token, 0, h->routed, d->n_moe * d->top_k);
+    double dt = now_s() - t0;
+    if (d->guard) mc_guard_step_done(d->guard, dt, NULL);
+    return dt;
+}
+
 /* What one mode counted over its rounds. */
 typedef struct {
     int budget; /* -1: on demand; 0: planned; N: a fixed budget */
@@ -203,16 +243,21 @@ typedef struct {
 
 static void usage(const char *argv0) {
     fprintf(stderr, "usage: %s [-r resident%%=25] [-n new_tokens=32] [-R rounds=3] [-b MODES=auto,1] "
-            "[-t READ_US,LAYER_US] [-G] [-w] MODEL.gguf PROMPTS.txt [PREDICTOR_DIR]\n", argv0);
+            "[-t READ_US,LAYER_US] [-G] [-w] [-j threads=1] MODEL.gguf PROMPTS.txt [PREDICTOR_DIR]\n"
+            "       %s -p TRACE [-N steps] [options] MODEL.gguf [PREDICTOR_DIR]\n", argv0, argv0);
     exit(2);
 }
 
 int main(int argc, char **argv) {
     double resident_pct = 25, read_us = 0, layer_us = 0;
-    int new_tokens = 32, rounds = 3, use_guard = 1, opt;
-    const char *modes_arg = "auto,1";
-    while ((opt = getopt(argc, argv, "r:n:R:b:t:Gw")) != -1) {
+    int new_tokens = 32, rounds = 3, use_guard = 1, threads = 1, opt;
+    long max_steps = 0;
+    const char *modes_arg = "auto,1", *trace_path = NULL;
+    while ((opt = getopt(argc, argv, "r:n:R:b:t:Gwj:p:N:")) != -1) {
         switch (opt) {
+        case 'j': threads = atoi(optarg); break;
+        case 'p': trace_path = optarg; break;
+        case 'N': max_steps = atol(optarg); break;
         case 'r': resident_pct = atof(optarg); break;
         case 'n': new_tokens = atoi(optarg); break;
         case 'R': rounds = atoi(optarg); break;
@@ -226,11 +271,12 @@ int main(int argc, char **argv) {
         default: usage(argv[0]);
         }
     }
-    if (argc - optind < 2 || argc - optind > 3) usage(argv[0]);
-    const char *model_path = argv[optind], *prompts_path = argv[optind + 1];
-    const char *pred_dir = argc - optind == 3 ? argv[optind + 2] : NULL;
-    if (!(resident_pct > 0 && resident_pct <= 100) || new_tokens < 1 || rounds < 1)
-        die("arguments", "-r in (0, 100], -n and -R at least 1");
+    int positional = trace_path ? 1 : 2; /* MODEL [PROMPTS] before the optional predictor */
+    if (argc - optind < positional || argc - optind > positional + 1) usage(argv[0]);
+    const char *model_path = argv[optind], *prompts_path = trace_path ? NULL : argv[optind + 1];
+    const char *pred_dir = argc - optind == positional + 1 ? argv[optind + positional] : NULL;
+    if (!(resident_pct > 0 && resident_pct <= 100) || new_tokens < 1 || rounds < 1 || threads < 1 || max_steps < 0)
+        die("arguments", "-r in (0, 100], -n, -R and -j at least 1, -N at least 0");
     static ModeTotals modes[MAX_MODES];
     int n_modes = 1;
     modes[0].budget = -1;
@@ -260,6 +306,14 @@ int main(int argc, char **argv) {
         if ((int)m != ex.n_moe || (int)e != ex.n_experts || (int)k != ex.top_k) die(pred_dir, "predictor shape does not match the model");
         if (dim) die(pred_dir, "this harness takes ids-only predictors (trained without --features hidden)");
     }
+    struct mc_trace *trace = NULL;
+    uint32_t n_seqs = 0;
+    if (trace_path) {
+        uint32_t m, e, k;
+        if (mc_trace_open(trace_path, &trace) || mc_trace_shape(trace, &m, &e, &k, &n_seqs)) die(trace_path, mc_last_error());
+        if ((int)m != ex.n_moe || (int)e != ex.n_experts || (int)k != ex.top_k)
+            die(trace_path, "the trace's MoE layers, experts or top-k differ from the model's");
+    }
 
     llama_log_set(quiet, NULL);
     llama_backend_init();
@@ -273,12 +327,12 @@ int main(int argc, char **argv) {
     int n_ctx = llama_model_n_ctx_train(model) < 4096 ? llama_model_n_ctx_train(model) : 4096;
 
     /* prompts, tokenized by llama.cpp */
-    FILE *pf = fopen(prompts_path, "r");
-    if (!pf) die(prompts_path, "cannot open");
+    FILE *pf = prompts_path ? fopen(prompts_path, "r") : NULL;
+    if (prompts_path && !pf) die(prompts_path, "cannot open");
     static llama_token prompts[1024][512];
     int lens[1024], n_prompts = 0;
     char line[65536], where[4200];
-    for (int lineno = 1; n_prompts < 1024 && fgets(line, sizeof line, pf); lineno++) {
+    for (int lineno = 1; pf && n_prompts < 1024 && fgets(line, sizeof line, pf); lineno++) {
         line[strcspn(line, "\n")] = 0;
         if (!line[0]) continue;
         int n = llama_tokenize(vocab, line, (int)strlen(line), prompts[n_prompts], 512, false, true);
@@ -286,14 +340,14 @@ int main(int argc, char **argv) {
         if (n <= 0 || n + new_tokens > n_ctx) die(where, "the prompt has no tokens or, with -n, exceeds the context (512 tokens at most)");
         lens[n_prompts++] = n;
     }
-    fclose(pf);
+    if (pf) fclose(pf);
 
     static Harness h;
     uint16_t *prefill_ids = calloc((size_t)512 * ex.n_moe * ex.top_k, sizeof(uint16_t));
     uint32_t *reads = calloc((size_t)total, sizeof(uint32_t));
     struct llama_context_params cp = llama_context_default_params();
     cp.n_ctx = cp.n_batch = cp.n_ubatch = (uint32_t)n_ctx;
-    cp.n_threads = cp.n_threads_batch = 1;
+    cp.n_threads = cp.n_threads_batch = threads;
     cp.cb_eval = callback;
     cp.cb_eval_user_data = &h;
     struct llama_context *ctx = llama_init_from_model(model, cp);
@@ -301,8 +355,11 @@ int main(int argc, char **argv) {
     struct llama_batch batch = llama_batch_init(n_ctx, 0, 1);
     int n_vocab = llama_vocab_n_tokens(vocab);
 
-    printf("%s: %d of %d experts resident (%.0f%%), %zu bytes per expert, %d alternating round(s), greedy, up to %d new "
-           "tokens per prompt\n", model_path, capacity, total, resident_pct, ex.size[0][0] * 3, rounds, new_tokens);
+    printf("%s: %d of %d experts resident (%.0f%%), %zu bytes per expert, %d alternating round(s), ", model_path, capacity,
+           total, resident_pct, ex.size[0][0] * 3, rounds);
+    if (trace && max_steps) printf("%u sequences of %s replayed (their experts forced), up to %ld decode steps\n", n_seqs, trace_path, max_steps);
+    else if (trace) printf("%u sequences of %s replayed (their experts forced)\n", n_seqs, trace_path);
+    else printf("greedy, up to %d new tokens per prompt\n", new_tokens);
     for (int round = 0; round < rounds; round++)
         for (int mode = 0; mode < n_modes; mode++) {
             ModeTotals *mt = &modes[mode];
@@ -311,7 +368,7 @@ int main(int argc, char **argv) {
             struct mc_guard *guard = NULL;
             if (b == 0 && (mc_planner_new((uint32_t)ex.n_moe, (uint32_t)ex.n_experts, (uint32_t)ex.top_k, (uint32_t)capacity,
                                           read_us, layer_us, &planner) ||
-                           (use_guard && mc_guard_new(8, 6, &guard))))
+                           (use_guard && capacity < total && mc_guard_new(8, 6, &guard))))
                 die("planner", mc_last_error());
             int slots = b > 0 ? (2 * b < capacity - ex.top_k ? 2 * b : capacity - ex.top_k) : 0;
             static Residency res;
@@ -332,9 +389,26 @@ int main(int argc, char **argv) {
                 h.session = &w;
             }
             /* with every expert resident there is nothing to forecast */
-            int forecasting = h.session && capacity < total;
+            Decoder d = {.ctx = ctx, .batch = batch, .h = &h, .planner = planner, .guard = guard,
+                         .forecasting = h.session && capacity < total, .n_moe = ex.n_moe, .top_k = ex.top_k,
+                         .model_path = model_path};
             double decode_s = 0;
             long steps = 0;
+            for (uint32_t s = 0; s < n_seqs && (!max_steps || steps < max_steps); s++) { /* replay */
+                uint32_t len;
+                const uint32_t *tokens;
+                const uint16_t *experts;
+                if (mc_trace_sequence(trace, s, &len, &tokens, &experts)) die(trace_path, mc_last_error());
+                llama_memory_clear(llama_get_memory(ctx), true);
+                if (h.session) post(h.session, JOB_RESET, 0, 0, NULL, 0);
+                for (uint32_t pos = 0; pos < len && (int)pos < n_ctx && (int)tokens[pos] < n_vocab; pos++) {
+                    if (max_steps && steps >= max_steps) break;
+                    h.forced = experts + (size_t)pos * ex.n_moe * ex.top_k;
+                    double dt = decode_step(&d, (llama_token)tokens[pos], (int)pos, pos > 0);
+                    if (pos > 0) decode_s += dt, steps++;
+                }
+                h.forced = NULL;
+            }
             for (int p = 0; p < n_prompts; p++) {
                 llama_memory_clear(llama_get_memory(ctx), true);
                 if (h.session) post(h.session, JOB_RESET, 0, 0, NULL, 0);
@@ -356,24 +430,7 @@ int main(int argc, char **argv) {
                     for (int v = 1; v < n_vocab; v++)
                         if (logits[v] > logits[next]) next = v;
                     if (llama_vocab_is_eog(vocab, next)) break;
-                    double t0 = now_s();
-                    uint8_t on = 1;
-                    if (guard) mc_guard_enabled(guard, &on);
-                    h.token = (uint32_t)next, h.count = 1, h.known = 0, h.forecasting = forecasting && on;
-                    if (planner) {
-                        pthread_mutex_lock(&res.mu);
-                        mc_planner_token_started(planner);
-                        pthread_mutex_unlock(&res.mu);
-                    }
-                    if (h.forecasting) forecast(h.session, JOB_NEXT, h.token, 0, NULL, 0);
-                    batch.n_tokens = 1;
-                    batch.token[0] = next, batch.pos[0] = pos++, batch.n_seq_id[0] = 1, batch.seq_id[0][0] = 0, batch.logits[0] = 1;
-                    if (llama_decode(ctx, batch) || h.error) die(model_path, "decode or eval callback failed");
-                    if (h.session && h.known == ex.n_moe)
-                        post(h.session, JOB_OBSERVE, h.token, 0, h.routed, ex.n_moe * ex.top_k);
-                    double dt = now_s() - t0;
-                    if (guard) mc_guard_step_done(guard, dt, NULL);
-                    decode_s += dt;
+                    decode_s += decode_step(&d, next, pos++, 1);
                     steps++;
                 }
             }
@@ -426,6 +483,7 @@ int main(int argc, char **argv) {
     llama_free(ctx);
     llama_model_free(model);
     if (pred) mc_predictor_free(pred);
+    mc_trace_free(trace);
     free(prefill_ids);
     free(reads);
     return 0;

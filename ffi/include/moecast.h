@@ -15,7 +15,11 @@
  * Which forecast experts to read: mc_planner_new, then mc_planner_token_started at each
  * decode step, mc_planner_plan with each forecast (it returns the experts worth a read
  * now), mc_planner_layer_routed after each MoE layer routes, mc_planner_read_done after
- * each read (one thread at a time per planner).
+ * each read (one thread at a time per planner); mc_guard_new and mc_guard_step_done after
+ * each decode step to turn prefetch off where it measures slower.
+ *
+ * Recorded routing to replay (forcing each layer's experts): mc_trace_open, then
+ * mc_trace_sequence for each sequence's token ids and experts.
  */
 
 #ifndef MOECAST_H
@@ -87,6 +91,11 @@ typedef struct mc_predictor mc_predictor;
  * One sequence's incremental state (one thread at a time).
  */
 typedef struct mc_session mc_session;
+
+/**
+ * A trace's sequences in position order (immutable; shareable across threads).
+ */
+typedef struct mc_trace mc_trace;
 
 /**
  * A window of decode steps the guard measured.
@@ -487,6 +496,50 @@ int mc_planner_plan(struct mc_planner *p,
  * `p` is a live planner; `out` is valid.
  */
 int mc_planner_report(const struct mc_planner *p, struct mc_plan_report *out);
+
+/**
+ * Reads the trace at `path` (any format `moecast trace` reads) into `*out`: its
+ * sequences in position order, each cut at its first token without an id or without
+ * every layer's routing.
+ *
+ * # Safety
+ * `path` is a NUL-terminated path; `out` points to writable storage for a pointer.
+ */
+int mc_trace_open(const char *path, struct mc_trace **out);
+
+/**
+ * Frees a trace (null is ignored).
+ *
+ * # Safety
+ * `t` comes from `mc_trace_open` and is not used afterwards.
+ */
+void mc_trace_free(struct mc_trace *t);
+
+/**
+ * The trace's MoE layers, experts per layer, top-k and sequences.
+ *
+ * # Safety
+ * `t` is a live trace; the out pointers are writable.
+ */
+int mc_trace_shape(const struct mc_trace *t,
+                   uint32_t *n_moe_layers,
+                   uint32_t *n_experts,
+                   uint32_t *top_k,
+                   uint32_t *n_sequences);
+
+/**
+ * Sequence `s`: `*n_tokens` tokens, their ids at `*tokens` and their experts at
+ * `*experts` (`n_tokens x n_moe_layers x top_k`), both owned by the trace (valid until
+ * `mc_trace_free`).
+ *
+ * # Safety
+ * `t` is a live trace; the out pointers are writable.
+ */
+int mc_trace_sequence(const struct mc_trace *t,
+                      uint32_t s,
+                      uint32_t *n_tokens,
+                      const uint32_t **tokens,
+                      const uint16_t **experts);
 
 #ifdef __cplusplus
 }  // extern "C"

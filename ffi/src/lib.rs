@@ -36,9 +36,11 @@
 mod blend;
 mod prefetch_guard;
 mod staging;
+mod trace;
 pub use blend::*;
 pub use prefetch_guard::*;
 pub use staging::*;
+pub use trace::*;
 
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, CStr, CString};

@@ -606,3 +606,61 @@ fn the_guard_through_the_c_abi_decides_as_prefetch_guard_does() {
         mc_guard_free(std::ptr::null_mut());
     }
 }
+
+#[test]
+fn a_trace_through_the_c_abi_is_its_recorded_routing_in_position_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, trace) = synthetic_trace(dir.path());
+    let view = trace.view();
+    let width = 4 * 2;
+    let c_path = CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: each pointer below is either live or null on purpose; the sequences' arrays
+    // hold the lengths the library reports while the trace lives.
+    unsafe {
+        let mut t = std::ptr::null_mut();
+        assert_eq!(mc_trace_open(c_path.as_ptr(), &mut t), MC_OK);
+        let (mut m, mut e, mut k, mut n) = (0, 0, 0, 0);
+        assert_eq!(mc_trace_shape(t, &mut m, &mut e, &mut k, &mut n), MC_OK);
+        assert_eq!((m, e, k, n), (4, 8, 2, 12));
+        let mut seen = 0;
+        for s in 0..n {
+            let (mut len, mut tokens, mut experts) = (0u32, std::ptr::null(), std::ptr::null());
+            assert_eq!(
+                mc_trace_sequence(t, s, &mut len, &mut tokens, &mut experts),
+                MC_OK
+            );
+            let tokens = std::slice::from_raw_parts(tokens, len as usize);
+            let experts = std::slice::from_raw_parts(experts, len as usize * width);
+            let mut rows: Vec<usize> = (0..view.n_tokens()).filter(|&r| view.seq[r] == s).collect();
+            rows.sort_by_key(|&r| view.pos[r]);
+            assert_eq!(rows.len(), len as usize, "sequence {s}");
+            for (i, &r) in rows.iter().enumerate() {
+                assert_eq!(tokens[i], view.token[r], "sequence {s}, token {i}");
+                let recorded = &view.experts[r * width..(r + 1) * width];
+                assert_eq!(&experts[i * width..(i + 1) * width], recorded);
+            }
+            seen += len as usize;
+        }
+        assert_eq!(seen, view.n_tokens());
+        let (mut len, mut tokens, mut experts) = (0u32, std::ptr::null(), std::ptr::null());
+        assert_eq!(
+            mc_trace_sequence(t, n, &mut len, &mut tokens, &mut experts),
+            MC_ERR_ARG
+        );
+        assert!(
+            last_error().contains("sequence 12 is outside 0..12"),
+            "{}",
+            last_error()
+        );
+        assert_eq!(
+            mc_trace_sequence(t, 0, &mut len, std::ptr::null_mut(), &mut experts),
+            MC_ERR_NULL
+        );
+        mc_trace_free(t);
+        mc_trace_free(std::ptr::null_mut());
+        let missing = CString::new(dir.path().join("none.mctrace").to_str().unwrap()).unwrap();
+        assert_eq!(mc_trace_open(missing.as_ptr(), &mut t), MC_ERR_OPEN);
+        assert!(last_error().contains("none.mctrace"), "{}", last_error());
+        assert_eq!(mc_trace_open(std::ptr::null(), &mut t), MC_ERR_NULL);
+    }
+}

@@ -284,3 +284,32 @@ def test_c_harness_refuses_bad_arguments():
         run = subprocess.run([os.environ["MOECAST_PREFETCH_C"], *flags, "missing.gguf", str(HELDOUT), "pred"],
                              capture_output=True, text=True)
         assert run.returncode != 0 and message in run.stderr, (flags, run.stderr)
+
+
+@pytest.mark.skipif(not os.environ.get("MOECAST_PREFETCH_C"), reason="make test-llamacpp builds the C harness")
+def test_c_harness_replays_a_trace_with_its_experts_forced(work, tmp_path):
+    """-p TRACE decodes the trace's sequences token by token with every layer's experts
+    forced to the recorded ones: a trace that routes every token to experts 0 and 1 of
+    each layer needs 12 experts, which a 25% resident set (24) keeps, so after each
+    sequence's first token (not counted) every routed expert is resident when used and
+    nothing is read on demand; the model's own routing would read far more."""
+    trace = tmp_path / "two-experts.jsonl"
+    meta = {"model": "tiny-moe", "architecture": "qwen3moe", "n_layers": 6, "moe_layers": list(range(6)),
+            "n_experts": 16, "top_k": 2, "n_shared_experts": 0, "source": "test", "ranked": True}
+    rows = [{"seq": f"s{s}", "pos": p, "phase": "decode", "token": 100 + 7 * p + s, "experts": [[0, 1]] * 6}
+            for s in range(2) for p in range(12)]
+    trace.write_text("\n".join(json.dumps(r) for r in [{"meta": meta}, *rows]) + "\n")
+    out = subprocess.run([os.environ["MOECAST_PREFETCH_C"], "-p", str(trace), "-r", "25", "-R", "1",
+                          str(work / "tiny.f32.gguf")], check=True, capture_output=True, text=True).stdout
+    print("\n" + out)
+    row = next(l.split() for l in out.splitlines() if l.startswith("on-demand"))
+    assert "2 sequences" in out and row[1] == "100.0%" and float(row[2]) == 0.0
+    free = subprocess.run([os.environ["MOECAST_PREFETCH_C"], "-r", "25", "-R", "1", "-n", "12",
+                           str(work / "tiny.f32.gguf"), str(HELDOUT)], check=True, capture_output=True, text=True).stdout
+    assert float(next(l.split() for l in free.splitlines() if l.startswith("on-demand"))[2]) > 10
+    bad = tmp_path / "other-shape.jsonl"
+    bad.write_text("\n".join(json.dumps(r) for r in [{"meta": {**meta, "n_experts": 8}},
+                                                    {**rows[0], "experts": [[0, 1]] * 6}]) + "\n")
+    run = subprocess.run([os.environ["MOECAST_PREFETCH_C"], "-p", str(bad), str(work / "tiny.f32.gguf")],
+                         capture_output=True, text=True)
+    assert run.returncode != 0 and "other-shape.jsonl" in run.stderr and "differ from the model's" in run.stderr
