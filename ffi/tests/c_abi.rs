@@ -658,6 +658,42 @@ fn a_trace_through_the_c_abi_is_its_recorded_routing_in_position_order() {
         );
         mc_trace_free(t);
         mc_trace_free(std::ptr::null_mut());
+        // A token without its second layer's routing: the sequence is cut before it.
+        let jsonl = dir.path().join("cut.jsonl");
+        let meta = r#"{"meta": {"model": "m", "n_layers": 2, "moe_layers": [0, 1], "n_experts": 8, "top_k": 2}}"#;
+        let line = |pos: u32, second: &str| {
+            let e = format!("[[{pos}, 7], {second}]");
+            format!(
+                r#"{{"seq": "a", "pos": {pos}, "phase": "decode", "token": {}, "experts": {e}}}"#,
+                10 + pos
+            )
+        };
+        let lines = [
+            line(0, "[1, 2]"),
+            line(1, "[3, 4]"),
+            line(2, "[1, 2]"),
+            line(3, "null"),
+            line(4, "[1, 2]"),
+        ];
+        std::fs::write(&jsonl, format!("{meta}\n{}\n", lines.join("\n"))).unwrap();
+        let c_jsonl = CString::new(jsonl.to_str().unwrap()).unwrap();
+        assert_eq!(
+            mc_trace_open(c_jsonl.as_ptr(), &mut t),
+            MC_OK,
+            "{}",
+            last_error()
+        );
+        assert_eq!(
+            mc_trace_sequence(t, 0, &mut len, &mut tokens, &mut experts),
+            MC_OK
+        );
+        assert_eq!(
+            std::slice::from_raw_parts(tokens, len as usize),
+            [10, 11, 12]
+        );
+        let routed = std::slice::from_raw_parts(experts, len as usize * 4);
+        assert_eq!(routed, [0, 7, 1, 2, 1, 7, 3, 4, 2, 7, 1, 2]);
+        mc_trace_free(t);
         let missing = CString::new(dir.path().join("none.mctrace").to_str().unwrap()).unwrap();
         assert_eq!(mc_trace_open(missing.as_ptr(), &mut t), MC_ERR_OPEN);
         assert!(last_error().contains("none.mctrace"), "{}", last_error());
