@@ -218,12 +218,12 @@ void use_experts(Residency *r, int l, const int *ids, int k, int count) {
                 r->staged_age[base + e] = 0, r->n_staged--, r->landed[base + e] = 0;
             }
         if (count) {
+            r->next_layer = l + 1;
             for (int j = 0; j < k && j < MAX_K; j++) routed[j] = (uint16_t)ids[j];
             mc_planner_layer_routed(r->planner, (uint32_t)l, routed, (uint32_t)k, (uint32_t)demand);
         }
     }
     evict(r, 0);
-    r->demand_reading = missing;
     pthread_mutex_unlock(&r->mu);
     /* the missing experts, read whole and waited for without the lock */
     double t0 = now_s(); /* the request blocks while the device's queue is full */
@@ -233,7 +233,6 @@ void use_experts(Residency *r, int l, const int *ids, int k, int count) {
         if (!resident[j]) wait_expert(r, base + ids[j]);
     double waited = missing ? now_s() - t0 : 0;
     pthread_mutex_lock(&r->mu);
-    r->demand_reading = 0;
     if (count) r->stall_s += waited;
     if (count && r->planner) {
         /* the link held these reads alone: no staged read in flight or issued meanwhile */
@@ -279,7 +278,9 @@ int offer_forecast(Residency *r, int l, const uint16_t *ranking, int n, uint32_t
         }
     int pending = r->n_staged, free = r->capacity - r->n_used - pending - r->n_stale, room = r->capacity - r->ex->top_k - pending;
     uint32_t n_out = 0;
-    int queued = in_flight(r) + r->demand_reading; /* reads on the link now */
+    /* the staged reads on the link; the layer's own demand reads are in the planner's
+     * estimate of the next lookup already (its period includes their stall) */
+    int queued = in_flight(r);
     int rc = mc_planner_plan(r->planner, (uint32_t)l, rank, NULL, held, (uint32_t)m, (uint32_t)queued,
                              (uint32_t)(free > 0 ? free : 0), r->plan_out, (uint32_t)(room > 0 ? room : 0), &n_out);
     if (rc) return rc;

@@ -50,7 +50,8 @@ typedef struct {
     uint64_t reads_issued; /* staged reads issued so far (atomic) */
     uint32_t *plan_out;
     int n_used, n_staged, n_stale;
-    int demand_reading; /* demand reads being waited for now */
+    uint64_t step;      /* decode steps started (a forecast made in an earlier one is stale) */
+    int next_layer;     /* the layers of the current step routed so far */
     struct mc_planner *planner; /* NULL: a fixed budget in staging slots */
     int measured;               /* the planner has a read time (timed or stated) */
     pthread_mutex_t mu;         /* see above */

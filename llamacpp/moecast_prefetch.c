@@ -43,6 +43,7 @@
 enum { JOB_RESET, JOB_OBSERVE, JOB_NEXT, JOB_AHEAD };
 typedef struct {
     int type, known;
+    uint64_t step; /* the decode step it was posted in */
     uint32_t token;
     uint16_t routed[MAX_LAYERS * MAX_K];
 } Job;
@@ -78,7 +79,10 @@ static void run_job(Prefetcher *w, const Job *j) {
     }
     if (!layers) goto done;
     pthread_mutex_lock(&w->res->mu);
-    for (int h = 0; !rc && h < layers && first + h < ex->n_moe; h++) {
+    /* a forecast of a layer that has routed since (or of an earlier step) is for a lookup
+     * gone by: offered, the planner would take it for the next token's */
+    for (int h = 0; !rc && h < layers && first + h < ex->n_moe && j->step == w->res->step; h++) {
+        if (first + h < w->res->next_layer) continue;
         const uint16_t *f = w->ahead + (size_t)h * per;
         if (!w->budget) rc = offer_forecast(w->res, first + h, f, per, w->reads, &n_reads);
         else
@@ -118,7 +122,7 @@ static void post(Prefetcher *w, int type, uint32_t token, int known, const uint1
     if ((type == JOB_NEXT || type == JOB_AHEAD) && w->count >= 2) { pthread_mutex_unlock(&w->mu); return; }
     while (w->count == RING) pthread_cond_wait(&w->idle, &w->mu);
     Job *j = &w->ring[(w->head + w->count) % RING];
-    j->type = type, j->token = token, j->known = known;
+    j->type = type, j->token = token, j->known = known, j->step = w->res->step;
     if (n) memcpy(j->routed, routed, (size_t)n * sizeof(uint16_t));
     w->count++;
     pthread_cond_signal(&w->work);
@@ -217,11 +221,10 @@ static double decode_step(Decoder *d, llama_token token, int pos, int count) {
     uint8_t on = 1;
     if (d->guard) mc_guard_enabled(d->guard, &on);
     h->token = (uint32_t)token, h->count = count, h->known = 0, h->forecasting = d->forecasting && on;
-    if (d->planner) {
-        pthread_mutex_lock(&h->res->mu);
-        mc_planner_token_started(d->planner);
-        pthread_mutex_unlock(&h->res->mu);
-    }
+    pthread_mutex_lock(&h->res->mu);
+    h->res->step++, h->res->next_layer = 0;
+    if (d->planner) mc_planner_token_started(d->planner);
+    pthread_mutex_unlock(&h->res->mu);
     if (h->forecasting) forecast(h->session, JOB_NEXT, h->token, 0, NULL, 0);
     d->batch.n_tokens = 1;
     d->batch.token[0] = token, d->batch.pos[0] = pos, d->batch.n_seq_id[0] = 1, d->batch.seq_id[0][0] = 0;
