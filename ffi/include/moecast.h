@@ -93,7 +93,7 @@ typedef struct mc_predictor mc_predictor;
 typedef struct mc_session mc_session;
 
 /**
- * A trace's sequences in position order (immutable; shareable across threads).
+ * A trace's sequences, in trace order (immutable; shareable across threads).
  */
 typedef struct mc_trace mc_trace;
 
@@ -499,8 +499,8 @@ int mc_planner_report(const struct mc_planner *p, struct mc_plan_report *out);
 
 /**
  * Reads the trace at `path` (any format `moecast trace` reads) into `*out`: its
- * sequences in position order, each cut at its first token without an id or without
- * every layer's routing.
+ * sequences in trace order, each in position order (as traces store them) and cut at
+ * its first token without an id or without every layer's routing.
  *
  * # Safety
  * `path` is a NUL-terminated path; `out` points to writable storage for a pointer.

@@ -11,7 +11,7 @@ use crate::{
     c_str, fail, free_box, guard, non_null, non_null_mut, write_shape, MC_ERR_ARG, MC_ERR_OPEN,
 };
 
-/// A trace's sequences in position order (immutable; shareable across threads).
+/// A trace's sequences, in trace order (immutable; shareable across threads).
 pub struct mc_trace {
     n_moe: usize,
     n_experts: usize,
@@ -26,8 +26,8 @@ const _: () = {
 };
 
 /// Reads the trace at `path` (any format `moecast trace` reads) into `*out`: its
-/// sequences in position order, each cut at its first token without an id or without
-/// every layer's routing.
+/// sequences in trace order, each in position order (as traces store them) and cut at
+/// its first token without an id or without every layer's routing.
 ///
 /// # Safety
 /// `path` is a NUL-terminated path; `out` points to writable storage for a pointer.
@@ -41,24 +41,19 @@ pub unsafe extern "C" fn mc_trace_open(path: *const c_char, out: *mut *mut mc_tr
         let v = opened.view();
         let (n_moe, top_k) = (v.meta.n_moe(), v.meta.top_k as usize);
         let width = n_moe * top_k;
-        let mut rows: Vec<Vec<usize>> = vec![Vec::new(); v.seq_names.len()];
-        for (t, &s) in v.seq.iter().enumerate() {
-            rows[s as usize].push(t);
-        }
-        let sequences = rows
+        let whole = |t: &usize| {
+            let routed = &v.experts[t * width..(t + 1) * width];
+            v.token[*t] != UNKNOWN_TOKEN && !routed.contains(&NOT_COMPUTED)
+        };
+        let sequences = v
+            .sequence_ranges()
             .into_iter()
-            .map(|mut rows| {
-                rows.sort_by_key(|&t| v.pos[t]);
-                let whole = |&&t: &&usize| {
-                    let routed = &v.experts[t * width..(t + 1) * width];
-                    v.token[t] != UNKNOWN_TOKEN && !routed.contains(&NOT_COMPUTED)
-                };
-                let rows: Vec<usize> = rows.iter().take_while(whole).copied().collect();
-                let experts = rows
-                    .iter()
-                    .flat_map(|&t| v.experts[t * width..(t + 1) * width].iter().copied())
-                    .collect();
-                (rows.iter().map(|&t| v.token[t]).collect(), experts)
+            .map(|r| {
+                let end = r.clone().find(|t| !whole(t)).unwrap_or(r.end);
+                (
+                    v.token[r.start..end].to_vec(),
+                    v.experts[r.start * width..end * width].to_vec(),
+                )
             })
             .collect();
         *out = Box::into_raw(Box::new(mc_trace {
