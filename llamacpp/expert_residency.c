@@ -147,12 +147,17 @@ static int oldest(Residency *r, const uint64_t *age, const uint8_t *skip) {
     return best;
 }
 
-/* Evicts down to the capacity (see Residency); `told`: the planner hears of a used
- * expert a staged read evicts. */
+/* Evicts down to the capacity (see Residency): without a planner, staged experts beyond
+ * their slots and used ones beyond the rest; `told`: the planner hears of a used expert a
+ * staged read evicts. */
 static void evict(Residency *r, int told) {
     for (;;) {
         int v;
-        if (!r->planner) {
+        if (!r->planner && r->n_staged > r->slots) { /* the oldest staged out of its slots */
+            v = oldest(r, r->staged_age, NULL);
+            r->staged_age[v] = 0, r->n_staged--;
+            r->bytes_wasted += expert_bytes(r, v);
+        } else if (!r->planner) {
             if (r->n_used <= r->capacity - r->slots || (v = oldest(r, r->used_age, r->keep)) < 0) return;
             r->used_age[v] = 0, r->n_used--;
         } else if (r->n_used + r->n_staged + r->n_stale <= r->capacity) {
@@ -258,12 +263,7 @@ void stage_expert(Residency *r, int l, int e, uint32_t *reads, int *n_reads) {
     int i = l * r->ex->n_experts + e;
     if (r->used_age[i] || r->staged_age[i]) return;
     mark_staged(r, i, reads, n_reads);
-    while (r->n_staged > r->slots) {
-        int v = oldest(r, r->staged_age, NULL);
-        r->staged_age[v] = 0, r->n_staged--;
-        r->bytes_wasted += expert_bytes(r, v);
-        drop_expert(r, v);
-    }
+    evict(r, 0);
 }
 
 int offer_forecast(Residency *r, int l, const uint16_t *ranking, int n, uint32_t *reads, int *n_reads) {

@@ -2,7 +2,8 @@
  * moecast_llamacpp.py (see docs/guide.md#llamacpp) without Python in the eval callback.
  *
  *   moecast_prefetch [-r resident%=25] [-n new_tokens=32] [-R rounds=3] [-b MODES=auto,1]
- *                    [-t READ_US,LAYER_US] [-G] [-w] MODEL.gguf PROMPTS.txt [PREDICTOR_DIR]
+ *                    [-t READ_US,LAYER_US] [-G] [-w] [-j threads=1] MODEL.gguf PROMPTS.txt [PREDICTOR_DIR]
+ *   moecast_prefetch -p TRACE [-N steps] [options] MODEL.gguf [PREDICTOR_DIR]
  *
  * Greedy decoding of every prompt (one per line), on demand and, with a predictor (an
  * ids-only moecast predictor, through libmoecast's C ABI), with forecast experts staged,
@@ -20,6 +21,8 @@
  * experts run), missing experts are read whole and waited for (the stall). Prints one
  * line per mode. With -w the callback waits for each forecast instead (none dropped or
  * late, whatever the machine's speed: what is staged depends on the predictor; tests).
+ * With -p the trace's sequences are decoded from their own ids instead of the prompts,
+ * every layer's experts forced to the recorded ones (up to -N decode steps in all).
  * Linux only. Build: make target/moecast_prefetch (links the wheel's libllama and
  * libmoecast). */
 #define _GNU_SOURCE
