@@ -105,8 +105,8 @@ llamacpp-bench: $(TARGET)/moecast_prefetch
 	  --replay-tokens 200 --predictor $(LLAMA)/predictor-ids --resident $$r% --threads 2 --rounds 3 \
 	  --json $(LLAMA)/bench-$$r.json || exit 1; done
 	for r in 10 25 100; do for j in 2 1; do $(TARGET)/moecast_prefetch -p $(LLAMA)/heldout.mctrace -N 200 -j $$j -r $$r \
-	  -R 3 $(LLAMA)/synth.f16.gguf $(LLAMA)/predictor-ids > $(LLAMA)/bench-c-$$r-j$$j.txt || exit 1; \
-	  echo "llama.cpp threads: $$j"; cat $(LLAMA)/bench-c-$$r-j$$j.txt; done; done
+	  -R 3 $(LLAMA)/synth.f16.gguf $(LLAMA)/predictor-ids > $(LLAMA)/bench-c.tmp || { rm -f $(LLAMA)/bench-c.tmp; exit 1; }; \
+	  mv $(LLAMA)/bench-c.tmp $(LLAMA)/bench-c-$$r-j$$j.txt; echo "llama.cpp threads: $$j"; cat $(LLAMA)/bench-c-$$r-j$$j.txt; done; done
 
 # Activation-aware prediction on the demo model, all feature sets (`make demo` trains only
 # the hidden-state one): the demo's collection with twice the samples per prompt (12:
