@@ -316,7 +316,7 @@ int main(int argc, char **argv) {
     uint32_t n_seqs = 0;
     if (trace_path) {
         uint32_t m, e, k;
-        if (mc_trace_open(trace_path, &trace) || mc_trace_shape(trace, &m, &e, &k, &n_seqs)) die(trace_path, mc_last_error());
+        if (mc_trace_open(trace_path, &trace) || mc_trace_shape(trace, &m, &e, &k, &n_seqs)) die("-p", mc_last_error()); /* names the file */
         if ((int)m != ex.n_moe || (int)e != ex.n_experts || (int)k != ex.top_k)
             die(trace_path, "the trace's MoE layers, experts or top-k differ from the model's");
     }
