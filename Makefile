@@ -94,8 +94,9 @@ llamacpp:
 # experts and random weights, its routing forced to llama.cpp's held-out trace of the demo
 # model (so the ids-only predictor's forecasts apply), experts read from the GGUF file;
 # then the same replay through the C harness (llamacpp/moecast_prefetch.c -p: libmoecast's
-# C ABI reads the trace, plans and guards; no Python) with 2 llama.cpp threads and with 1
-# (the second core left to the forecasts and reads), its tables in bench-c-R-jJ.txt.
+# C ABI reads the trace, plans and guards; no Python) with its default threads (-j 2,1:
+# 2 llama.cpp threads, 1 in steps that forecast, the second core left to the forecasts and
+# reads), then with 2 and with 1 in every step, its tables in bench-c-R-jJ.txt.
 llamacpp-bench: $(TARGET)/moecast_prefetch
 	@test -f $(LLAMA)/heldout.mctrace || { echo "run make llamacpp first"; exit 1; }
 	$(DBG) checkpoint synth --layers 6 --experts 16 --top-k 2 --vocab 4096 -o $(LLAMA)/synth
@@ -104,9 +105,9 @@ llamacpp-bench: $(TARGET)/moecast_prefetch
 	for r in 10 25 100; do $(LLAMA_PY) prefetch --model $(LLAMA)/synth.f16.gguf --replay $(LLAMA)/heldout.mctrace \
 	  --replay-tokens 200 --predictor $(LLAMA)/predictor-ids --resident $$r% --threads 2 --rounds 3 \
 	  --json $(LLAMA)/bench-$$r.json || exit 1; done
-	for r in 10 25 100; do for j in 2 1; do $(TARGET)/moecast_prefetch -p $(LLAMA)/heldout.mctrace -N 200 -j $$j -r $$r \
+	for r in 10 25 100; do for j in 2,1 2 1; do $(TARGET)/moecast_prefetch -p $(LLAMA)/heldout.mctrace -N 200 -j $$j -r $$r \
 	  -R 3 $(LLAMA)/synth.f16.gguf $(LLAMA)/predictor-ids > $(LLAMA)/bench-c.tmp || { rm -f $(LLAMA)/bench-c.tmp; exit 1; }; \
-	  mv $(LLAMA)/bench-c.tmp $(LLAMA)/bench-c-$$r-j$$j.txt; echo "llama.cpp threads: $$j"; cat $(LLAMA)/bench-c-$$r-j$$j.txt; done; done
+	  out=$(LLAMA)/bench-c-$$r-j$$(echo $$j | tr , -).txt; mv $(LLAMA)/bench-c.tmp $$out; cat $$out; done; done
 
 # Activation-aware prediction on the demo model, all feature sets (`make demo` trains only
 # the hidden-state one): the demo's collection with twice the samples per prompt (12:

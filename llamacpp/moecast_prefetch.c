@@ -2,7 +2,7 @@
  * moecast_llamacpp.py (see docs/guide.md#llamacpp) without Python in the eval callback.
  *
  *   moecast_prefetch [-r resident%=25] [-n new_tokens=32] [-R rounds=3] [-b MODES=auto,1]
- *                    [-t READ_US,LAYER_US] [-G] [-w] [-j threads=1] MODEL.gguf PROMPTS.txt [PREDICTOR_DIR]
+ *                    [-t READ_US,LAYER_US] [-G] [-w] [-j THREADS[,WHILE_FORECASTING]] MODEL.gguf PROMPTS.txt [PREDICTOR_DIR]
  *   moecast_prefetch -p TRACE [-N steps] [options] MODEL.gguf [PREDICTOR_DIR]
  *
  * Greedy decoding of every prompt (one per line), on demand and, with a predictor (an
@@ -23,6 +23,10 @@
  * late, whatever the machine's speed: what is staged depends on the predictor; tests).
  * With -p the trace's sequences are decoded from their own ids instead of the prompts,
  * every layer's experts forced to the recorded ones (up to -N decode steps in all).
+ * -j sets llama.cpp's threads, and those of steps that forecast (default: the cores
+ * online, one fewer while forecasting: llama.cpp's threads wait for each other at every
+ * operation, so a forecast or a staged read that takes one's core stalls them all; the
+ * guard, switching forecasts off where they measure slower, switches back to all cores).
  * Linux only. Build: make target/moecast_prefetch (links the wheel's libllama and
  * libmoecast). */
 #define _GNU_SOURCE
@@ -32,6 +36,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "expert_residency.h"
 #include "ggml-backend.h"
@@ -213,6 +218,8 @@ typedef struct {
     struct mc_planner *planner;
     struct mc_guard *guard;
     int forecasting, n_moe, top_k;
+    int threads[2], threads_now; /* llama.cpp's threads without and with forecasts; in use */
+    uint64_t steps_fewer;        /* counted steps run with threads[1] < threads[0] */
     const char *model_path;
 } Decoder;
 
@@ -224,6 +231,11 @@ static double decode_step(Decoder *d, llama_token token, int pos, int count) {
     uint8_t on = 1;
     if (d->guard) mc_guard_enabled(d->guard, &on);
     h->token = (uint32_t)token, h->count = count, h->known = 0, h->forecasting = d->forecasting && on;
+    if (d->threads[h->forecasting] != d->threads_now) {
+        d->threads_now = d->threads[h->forecasting];
+        llama_set_n_threads(d->ctx, d->threads_now, d->threads_now);
+    }
+    d->steps_fewer += count && llama_n_threads(d->ctx) < d->threads[0];
     pthread_mutex_lock(&h->res->mu);
     h->res->step++, h->res->next_layer = 0;
     if (d->planner) mc_planner_token_started(d->planner);
@@ -243,25 +255,40 @@ static double decode_step(Decoder *d, llama_token token, int pos, int count) {
 typedef struct {
     int budget; /* -1: on demand; 0: planned; N: a fixed budget */
     double tps, resident, demand, staged, wasted, stall;
-    uint64_t steps, steps_off;
+    uint64_t steps, steps_off, steps_fewer;
     struct mc_plan_report plan;
 } ModeTotals;
 
+static void mode_name(int budget, char *name, size_t size) {
+    if (budget < 0) snprintf(name, size, "on-demand");
+    else if (budget == 0) snprintf(name, size, "planned");
+    else snprintf(name, size, "budget-%d", budget);
+}
+
 static void usage(const char *argv0) {
     fprintf(stderr, "usage: %s [-r resident%%=25] [-n new_tokens=32] [-R rounds=3] [-b MODES=auto,1] "
-            "[-t READ_US,LAYER_US] [-G] [-w] [-j threads=1] MODEL.gguf PROMPTS.txt [PREDICTOR_DIR]\n"
+            "[-t READ_US,LAYER_US] [-G] [-w] [-j THREADS[,WHILE_FORECASTING]] MODEL.gguf PROMPTS.txt [PREDICTOR_DIR]\n"
             "       %s -p TRACE [-N steps] [options] MODEL.gguf [PREDICTOR_DIR]\n", argv0, argv0);
     exit(2);
 }
 
 int main(int argc, char **argv) {
     double resident_pct = 25, read_us = 0, layer_us = 0;
-    int new_tokens = 32, rounds = 3, use_guard = 1, threads = 1, opt;
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    int new_tokens = 32, rounds = 3, use_guard = 1, opt;
+    int threads[2] = {cores > 1 ? (int)cores : 1, cores > 1 ? (int)cores - 1 : 1}; /* on demand, forecasting */
     long max_steps = 0;
     const char *modes_arg = "auto,1", *trace_path = NULL;
     while ((opt = getopt(argc, argv, "r:n:R:b:t:Gwj:p:N:")) != -1) {
         switch (opt) {
-        case 'j': threads = atoi(optarg); break;
+        case 'j': {
+            char *end;
+            threads[0] = threads[1] = (int)strtol(optarg, &end, 10);
+            if (*end == ',') threads[1] = (int)strtol(end + 1, &end, 10);
+            if (*end || threads[1] < 1 || threads[1] > threads[0])
+            die("-j", "takes THREADS or THREADS,WHILE_FORECASTING: at least 1, the second not above the first");
+            break;
+        }
         case 'p': trace_path = optarg; break;
         case 'N': max_steps = atol(optarg); break;
         case 'r': resident_pct = atof(optarg); break;
@@ -281,8 +308,8 @@ int main(int argc, char **argv) {
     if (argc - optind < positional || argc - optind > positional + 1) usage(argv[0]);
     const char *model_path = argv[optind], *prompts_path = trace_path ? NULL : argv[optind + 1];
     const char *pred_dir = argc - optind == positional + 1 ? argv[optind + positional] : NULL;
-    if (!(resident_pct > 0 && resident_pct <= 100) || new_tokens < 1 || rounds < 1 || threads < 1 || max_steps < 0)
-        die("arguments", "-r in (0, 100], -n, -R and -j at least 1, -N at least 0");
+    if (!(resident_pct > 0 && resident_pct <= 100) || new_tokens < 1 || rounds < 1 || max_steps < 0)
+        die("arguments", "-r in (0, 100], -n and -R at least 1, -N at least 0");
     static ModeTotals modes[MAX_MODES];
     int n_modes = 1;
     modes[0].budget = -1;
@@ -353,7 +380,7 @@ int main(int argc, char **argv) {
     uint32_t *reads = calloc((size_t)total, sizeof(uint32_t));
     struct llama_context_params cp = llama_context_default_params();
     cp.n_ctx = cp.n_batch = cp.n_ubatch = (uint32_t)n_ctx;
-    cp.n_threads = cp.n_threads_batch = threads;
+    cp.n_threads = cp.n_threads_batch = threads[0];
     cp.cb_eval = callback;
     cp.cb_eval_user_data = &h;
     struct llama_context *ctx = llama_init_from_model(model, cp);
@@ -361,8 +388,8 @@ int main(int argc, char **argv) {
     struct llama_batch batch = llama_batch_init(n_ctx, 0, 1);
     int n_vocab = llama_vocab_n_tokens(vocab);
 
-    printf("%s: %d of %d experts resident (%.0f%%), %zu bytes per expert, %d alternating round(s), ", model_path, capacity,
-           total, resident_pct, ex.size[0][0] * 3, rounds);
+    printf("%s: %d of %d experts resident (%.0f%%), %zu bytes per expert, llama.cpp threads %d (%d while forecasting), "
+           "%d alternating round(s), ", model_path, capacity, total, resident_pct, ex.size[0][0] * 3, threads[0], threads[1], rounds);
     if (trace && max_steps) printf("%u sequences of %s replayed (their experts forced), up to %ld decode steps\n", n_seqs, trace_path, max_steps);
     else if (trace) printf("%u sequences of %s replayed (their experts forced)\n", n_seqs, trace_path);
     else printf("greedy, up to %d new tokens per prompt\n", new_tokens);
@@ -397,7 +424,7 @@ int main(int argc, char **argv) {
             /* with every expert resident there is nothing to forecast */
             Decoder d = {.ctx = ctx, .batch = batch, .h = &h, .planner = planner, .guard = guard,
                          .forecasting = h.session && capacity < total, .n_moe = ex.n_moe, .top_k = ex.top_k,
-                         .model_path = model_path};
+                         .threads = {threads[0], threads[1]}, .threads_now = llama_n_threads(ctx), .model_path = model_path};
             double decode_s = 0;
             long steps = 0;
             for (uint32_t s = 0; s < n_seqs && (!max_steps || steps < max_steps); s++) { /* replay */
@@ -458,7 +485,7 @@ int main(int argc, char **argv) {
             if (planner) mc_planner_report(planner, &mt->plan);
             uint64_t off = 0;
             if (guard) mc_guard_steps_off(guard, &off);
-            mt->steps_off += off;
+            mt->steps_off += off, mt->steps_fewer += d.steps_fewer;
             residency_free(&res);
             mc_planner_free(planner);
             mc_guard_free(guard);
@@ -469,9 +496,7 @@ int main(int argc, char **argv) {
     for (int mode = 0; mode < n_modes; mode++) {
         ModeTotals *mt = &modes[mode];
         char name[24];
-        if (mt->budget < 0) snprintf(name, sizeof name, "on-demand");
-        else if (mt->budget == 0) snprintf(name, sizeof name, "planned");
-        else snprintf(name, sizeof name, "budget-%d", mt->budget);
+        mode_name(mt->budget, name, sizeof name);
         printf("%-10s %17.1f%% %10.2f %10.2f %10.2f %8.3f %9.1f %12.2fx\n", name, 100 * mt->resident / rounds,
                mt->demand / rounds / 1e6, mt->staged / rounds / 1e6, mt->wasted / rounds / 1e6, mt->stall / rounds,
                mt->tps / rounds, mt->tps / modes[0].tps);
@@ -485,6 +510,16 @@ int main(int argc, char **argv) {
                    (unsigned long long)p->not_worth, p->read_us, p->layer_us, (unsigned long long)modes[mode].steps_off,
                    (unsigned long long)modes[mode].steps);
         }
+    if (threads[1] < threads[0]) {
+        printf("steps with %d llama.cpp thread(s) (forecasting), of all:", threads[1]);
+        for (int mode = 0; mode < n_modes; mode++) {
+            char name[24];
+            mode_name(modes[mode].budget, name, sizeof name);
+            printf("%s %s %llu of %llu", mode ? "," : "", name, (unsigned long long)modes[mode].steps_fewer,
+                   (unsigned long long)modes[mode].steps);
+        }
+        printf("\n");
+    }
     llama_batch_free(batch);
     llama_free(ctx);
     llama_model_free(model);

@@ -9,6 +9,7 @@ Needs llama-cpp-python, gguf, numpy, moecast's Python package and the `moecast` 
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -275,12 +276,40 @@ def test_c_harness_stages_from_the_c_abi(work):
     assert planned["demand"] < base["demand"]
 
 
+@pytest.mark.skipif(not os.environ.get("MOECAST_PREFETCH_C"), reason="make test-llamacpp builds the C harness")
+def test_c_harness_forecasts_on_fewer_threads(work):
+    """-j 2,1: llama.cpp decodes on 2 threads, and on 1 in the steps that forecast (its
+    threads wait for each other at every operation, so a forecast or a staged read taking
+    one of 2 cores stalls both). Without the guard every step of planned and of the fixed
+    budget forecasts, and none on demand; with it, exactly the steps it runs without
+    prefetch get both threads back."""
+    if not (work / "predictor").exists():
+        pytest.skip("needs the predictor trained by test_predictor_from_llama_cpp_routing_stages_experts")
+
+    def threads_per_mode(*flags):
+        out = subprocess.run([os.environ["MOECAST_PREFETCH_C"], "-r", "10", "-n", "24", "-R", "1", "-j", "2,1", *flags,
+                              str(work / "tiny.f32.gguf"), str(HELDOUT), str(work / "predictor")],
+                             check=True, capture_output=True, text=True).stdout
+        print("\n" + out)
+        assert "llama.cpp threads 2 (1 while forecasting)" in out
+        line = next(l for l in out.splitlines() if l.startswith("steps with 1 llama.cpp thread"))
+        counts = {m: (int(a), int(b)) for m, a, b in re.findall(r"(\S+) (\d+) of (\d+)", line.split(":", 1)[1])}
+        off = re.search(r"(\d+) of (\d+) steps without prefetch", out)
+        return counts, int(off.group(1))
+
+    counts, _ = threads_per_mode("-b", "auto,1", "-t", "10,1000", "-G")
+    assert counts["on-demand"][0] == 0 and counts["on-demand"][1] > 50
+    assert counts["planned"][0] == counts["planned"][1] and counts["budget-1"][0] == counts["budget-1"][1]
+    counts, off = threads_per_mode("-b", "auto")
+    assert counts["planned"][0] + off == counts["planned"][1]
+
+
 def test_c_harness_refuses_bad_arguments():
     """Bad options are refused by name before anything is loaded."""
     if not os.environ.get("MOECAST_PREFETCH_C"):
         pytest.skip("make test-llamacpp builds the C harness")
     for flags, message in ((["-t", "10"], "-t: takes READ_US,LAYER_US"), (["-b", "auto,x"], "-b: takes a comma list"),
-                           (["-r", "0"], "-r in (0, 100]")):
+                           (["-r", "0"], "-r in (0, 100]"), (["-j", "1,2"], "-j: takes THREADS")):
         run = subprocess.run([os.environ["MOECAST_PREFETCH_C"], *flags, "missing.gguf", str(HELDOUT), "pred"],
                              capture_output=True, text=True)
         assert run.returncode != 0 and message in run.stderr, (flags, run.stderr)
