@@ -402,7 +402,7 @@ class PlannedResidency(ExpertResidency):
 
 def decode_with_residency(model, prompts, capacity, max_new_tokens, predictor=None, budget=None,
                           temperature=0.0, seed=0, replay=None, replay_tokens=None, horizon=None,
-                          plan_timings=None, guard=True):
+                          plan_timings=None, guard=True, threads=None):
     """Decoding with at most `capacity` experts resident: each prompt runs as one batch
     (it only warms the resident set), then up to `max_new_tokens` are decoded one at a
     time (greedy, or seeded sampling: sequence i draws with seed + i, so every mode decodes
@@ -416,7 +416,8 @@ def decode_with_residency(model, prompts, capacity, max_new_tokens, predictor=No
     forecast offered, its best top-k; it measures the read and layer times,
     or plans with `plan_timings`, (read, layer) in microseconds; with `guard`, moecast's
     prefetch guard turns forecasting and staging off in the windows of decode steps where
-    they measure slower than without). Residency and time are counted over
+    they measure slower than without). `threads`, (N, M): llama.cpp runs on M threads in the
+    decode steps that forecast, on N in the others. Residency and time are counted over
     the decode steps."""
     m = len(model.experts.moe_layers)
     top_k = model.experts.top_k
@@ -473,6 +474,9 @@ def decode_with_residency(model, prompts, capacity, max_new_tokens, predictor=No
     def step(token, pos, count=True):
         """One decode step; returns its seconds."""
         state.update(token=token, so_far=[], count=count, on=guard is None or guard.enabled)
+        if threads is not None:
+            model.set_threads(threads[session is not None and state["on"]])
+            fewer[0] += count and model.threads < threads[0]
         t0 = time.perf_counter()
         if planned:
             res.planner.token_started()
@@ -488,6 +492,7 @@ def decode_with_residency(model, prompts, capacity, max_new_tokens, predictor=No
             guard.step_done(dt)
         return dt
 
+    fewer = [0]
     res.drop_all()
     model.on_routed = routed
     decode_s, steps = 0.0, 0
@@ -531,7 +536,7 @@ def decode_with_residency(model, prompts, capacity, max_new_tokens, predictor=No
         res.finish()
         res.close()
     out = res.report()
-    out.update(decode_steps=steps, tokens_per_s=steps / decode_s if decode_s > 0 else 0.0)
+    out.update(decode_steps=steps, tokens_per_s=steps / decode_s if decode_s > 0 else 0.0, steps_fewer_threads=fewer[0])
     if guard is not None:
         out["steps_without_prefetch"] = guard.steps_off
     return out

@@ -181,6 +181,16 @@ class LlamaCppModel:
             raise LlamaCppError(f"{path}: llama.cpp could not create a context")
         self.batch = llama_cpp.llama_batch_init(self.n_ctx, 0, 1)
 
+    @property
+    def threads(self):
+        """llama.cpp's threads for the next decode."""
+        return self.lc.llama_n_threads(self.ctx)
+
+    def set_threads(self, n):
+        """Runs the next decodes on `n` threads."""
+        if n != self.threads:
+            self.lc.llama_set_n_threads(self.ctx, n, n)
+
     def close(self):
         lc = self.lc
         lc.llama_batch_free(self.batch)
@@ -503,7 +513,11 @@ def main(argv=None):
         p.add_argument("--prompts", required=name == "collect",
                        help=".txt (one per line) or .jsonl (text/prompt/token_ids)")
         p.add_argument("--max-new-tokens", type=int, default=32)
-        p.add_argument("--threads", type=int, default=1)
+        if name == "collect":
+            p.add_argument("--threads", type=int, default=1)
+        else:
+            p.add_argument("--threads", help="N or N,M: llama.cpp's threads, and in the decode steps that forecast "
+                           "(default: 1)")
         p.add_argument("--ctx", type=int, default=0, help="context length (default: the model's, at most 4096)")
         p.add_argument("--add-special-tokens", action="store_true", help="let the tokenizer add BOS")
         p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

@@ -27,6 +27,26 @@ def _capacity(text, total):
         raise LlamaCppError(f"--resident {text!r}: give a count of experts or a percentage in (0, 100]") from None
 
 
+def _threads(text):
+    """`--threads N[,M]`: llama.cpp's threads, and in the decode steps that forecast (M <=
+    N; default 1). llama.cpp's threads wait for each other at every operation, so the
+    staged reads' work taking one's core stalls them all; this harness forecasts on the
+    decode thread itself, so M < N leaves a core only to its I/O thread (measured:
+    docs/results.md#llamacpp)."""
+    if text is None:
+        return (1, 1)
+    try:
+        n = [int(x) for x in text.split(",")]
+        if len(n) == 1:
+            n *= 2
+        if len(n) != 2 or n[1] < 1 or n[1] > n[0]:
+            raise ValueError
+        return tuple(n)
+    except ValueError:
+        raise LlamaCppError(f"--threads {text!r}: give N or N,M (threads while forecasting), at least 1, M "
+                            "not above N") from None
+
+
 def _budgets(text):
     """`--budget`: comma-separated, each `auto` (the planner) or experts per forecast layer."""
     out = []
@@ -52,7 +72,8 @@ def cmd_prefetch(args):
             predictor = moecast.Predictor(args.predictor)
         except moecast.MoecastError as e:
             raise LlamaCppError(str(e)) from None
-    model = LlamaCppModel(args.model, n_ctx=args.ctx, threads=args.threads,
+    threads = _threads(args.threads)
+    model = LlamaCppModel(args.model, n_ctx=args.ctx, threads=threads[0],
                           router_inputs=bool(predictor and predictor.router_input_dim))
     ex = model.experts
     total = len(ex.moe_layers) * ex.n_experts
@@ -101,7 +122,7 @@ def cmd_prefetch(args):
         for name, p, budget in modes:
             out = decode_with_residency(model, prompts, capacity, args.max_new_tokens, p, budget,
                                         args.temperature, args.seed, replay, args.replay_tokens, args.horizon,
-                                        timings, not args.no_guard)
+                                        timings, not args.no_guard, threads)
             runs[name].append(out)
             print(f"round {r + 1}/{args.rounds} {name}: {out['tokens_per_s']:.1f} tokens/s, "
                   f"{100 * out['resident_when_used']:.1f}% resident when used", file=sys.stderr, flush=True)
@@ -112,7 +133,8 @@ def cmd_prefetch(args):
         summary[name] = s
     mb = lambda x: x / 1e6
     print(f"{args.model}: {capacity} of {total} experts resident ({args.resident}), "
-          f"{ex.expert_bytes[0]:,} bytes per expert, {args.rounds} round(s), "
+          f"{ex.expert_bytes[0]:,} bytes per expert, llama.cpp threads {threads[0]} ({threads[1]} while forecasting), "
+          f"{args.rounds} round(s), "
           + (f"routing replayed from {args.replay}" if replay is not None else
              f"{'greedy' if args.temperature <= 0 else f'temperature {args.temperature} seed {args.seed}'}, "
              f"up to {args.max_new_tokens} new tokens per prompt"))
@@ -132,11 +154,15 @@ def cmd_prefetch(args):
               f"{s['planner_layer_us'] / 1e3:.2f} ms (means over rounds)"
               + ("" if "steps_without_prefetch" not in s else f"; prefetch guard: {s['steps_without_prefetch']:.0f} of "
                  f"{s['decode_steps']:.0f} decode steps without prefetch (measured not to pay, or measuring that)"))
+    if threads[1] < threads[0]:
+        print(f"steps with {threads[1]} llama.cpp thread(s) (forecasting), of all: " + ", ".join(
+            f"{name} {s['steps_fewer_threads']:.0f} of {s['decode_steps']:.0f}" for name, s in summary.items())
+              + " (means over rounds)")
     if args.json:
         out = {"model": args.model, "resident": args.resident, "capacity": capacity, "experts": total,
                "expert_bytes": ex.expert_bytes[0], "max_new_tokens": args.max_new_tokens,
                "rounds": args.rounds, "replay": args.replay, "replay_tokens": args.replay_tokens, "temperature": args.temperature, "seed": args.seed, "predictor": args.predictor,
-               "budget": args.budget, "horizon": args.horizon, "guard": not args.no_guard, "read_us": args.read_us, "layer_us": args.layer_us,
+               "threads": list(threads), "budget": args.budget, "horizon": args.horizon, "guard": not args.no_guard, "read_us": args.read_us, "layer_us": args.layer_us,
                "modes": summary}
         tmp = args.json + ".partial"
         with open(tmp, "w") as f:

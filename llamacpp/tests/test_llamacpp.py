@@ -133,6 +133,7 @@ def test_prefetch_refuses_bad_settings(work, tmp_path):
         (["--budget", "2,2"], "names a budget twice"),
         (["--read-us", "100"], "--read-us and --layer-us go together"),
         (["--read-us", "100", "--layer-us", "-1"], "must be above 0"),
+        (["--threads", "1,2"], "--threads '1,2': give N or N,M"),
     ):
         p = subprocess.run([sys.executable, str(ROOT / "llamacpp" / "moecast_llamacpp.py"), "prefetch",
                             "--model", str(work / "tiny.f32.gguf"), "--prompts", str(one), *args],
@@ -178,14 +179,16 @@ def test_predictor_from_llama_cpp_routing_stages_experts(work):
     assert planned["planner_offered"] >= planned["planner_staged"] + planned["planner_late"] > 0
     # planned with stated timings: reads that take a second land after their layer and
     # are never staged, so decoding reads what demand paging reads; reads of 10 us
-    # under layers of 1 ms pay, and staging raises residency as the fixed budget does
+    # under layers of 1 ms pay, and staging raises residency as the fixed budget does;
+    # with --threads 2,1 every planned step (no guard) runs on 1 llama.cpp thread
     for read_us, staged in (("1000000", False), ("10", True)):
         tool("moecast_llamacpp.py", "prefetch", "--model", work / "tiny.f32.gguf", "--prompts", HELDOUT,
              "--predictor", work / "predictor", "--resident", "25%", "--max-new-tokens", "24", "--budget", "auto",
-             "--read-us", read_us, "--layer-us", "1000", "--no-guard", "--json", report)
+             "--read-us", read_us, "--layer-us", "1000", "--no-guard", "--threads", "2,1", "--json", report)
         modes = json.loads(report.read_text())["modes"]
         base, planned = modes["on-demand"], modes["planned"]
         assert planned["planner_read_us"] == float(read_us) and planned["planner_layer_us"] == 1000
+        assert base["steps_fewer_threads"] == 0 and planned["steps_fewer_threads"] == planned["decode_steps"] > 0
         if staged:
             assert planned["bytes_staged"] > 0 and planned["planner_staged"] > 0
             assert planned["resident_when_used"] > base["resident_when_used"] + 0.10
