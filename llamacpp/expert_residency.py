@@ -477,6 +477,7 @@ def decode_with_residency(model, prompts, capacity, max_new_tokens, predictor=No
         if threads is not None:
             model.set_threads(threads[session is not None and state["on"]])
             fewer[0] += count and model.threads < threads[0]
+        off[0] += count and not state["on"]
         t0 = time.perf_counter()
         if planned:
             res.planner.token_started()
@@ -492,7 +493,7 @@ def decode_with_residency(model, prompts, capacity, max_new_tokens, predictor=No
             guard.step_done(dt)
         return dt
 
-    fewer = [0]
+    fewer, off = [0], [0]  # counted steps on fewer threads; without prefetch
     res.drop_all()
     model.on_routed = routed
     decode_s, steps = 0.0, 0
@@ -538,7 +539,7 @@ def decode_with_residency(model, prompts, capacity, max_new_tokens, predictor=No
     out = res.report()
     out.update(decode_steps=steps, tokens_per_s=steps / decode_s if decode_s > 0 else 0.0, steps_fewer_threads=fewer[0])
     if guard is not None:
-        out["steps_without_prefetch"] = guard.steps_off
+        out["steps_without_prefetch"] = off[0]
     return out
 
 

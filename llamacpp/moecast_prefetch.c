@@ -219,7 +219,7 @@ typedef struct {
     struct mc_guard *guard;
     int forecasting, n_moe, top_k;
     int threads[2], threads_now; /* llama.cpp's threads without and with forecasts; in use */
-    uint64_t steps_fewer;        /* counted steps run with threads[1] < threads[0] */
+    uint64_t steps_fewer, steps_off; /* counted steps run on fewer threads; without prefetch (guard) */
     const char *model_path;
 } Decoder;
 
@@ -236,6 +236,7 @@ static double decode_step(Decoder *d, llama_token token, int pos, int count) {
         llama_set_n_threads(d->ctx, d->threads_now, d->threads_now);
     }
     d->steps_fewer += count && llama_n_threads(d->ctx) < d->threads[0];
+    d->steps_off += count && !on;
     pthread_mutex_lock(&h->res->mu);
     h->res->step++, h->res->next_layer = 0;
     if (d->planner) mc_planner_token_started(d->planner);
@@ -483,9 +484,7 @@ int main(int argc, char **argv) {
             mt->demand += res.bytes_demand, mt->staged += res.bytes_staged, mt->wasted += res.bytes_wasted;
             mt->stall += res.stall_s;
             if (planner) mc_planner_report(planner, &mt->plan);
-            uint64_t off = 0;
-            if (guard) mc_guard_steps_off(guard, &off);
-            mt->steps_off += off, mt->steps_fewer += d.steps_fewer;
+            mt->steps_off += d.steps_off, mt->steps_fewer += d.steps_fewer;
             residency_free(&res);
             mc_planner_free(planner);
             mc_guard_free(guard);
