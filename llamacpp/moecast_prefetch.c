@@ -287,7 +287,7 @@ int main(int argc, char **argv) {
             threads[0] = threads[1] = (int)strtol(optarg, &end, 10);
             if (*end == ',') threads[1] = (int)strtol(end + 1, &end, 10);
             if (*end || threads[1] < 1 || threads[1] > threads[0])
-            die("-j", "takes THREADS or THREADS,WHILE_FORECASTING: at least 1, the second not above the first");
+                die("-j", "takes THREADS or THREADS,WHILE_FORECASTING: at least 1, the second not above the first");
             break;
         }
         case 'p': trace_path = optarg; break;
