@@ -80,31 +80,23 @@ pub fn load_reports(paths: &[PathBuf]) -> Result<Vec<EngineReport>, OffloadError
         .collect()
 }
 
-/// `r`'s mode in a few words.
+/// `r`'s mode in a few words: the policy on demand, else the prefetchers' words (their
+/// names in reports written before the words) and the budget; the oracle's lead is its
+/// budget, `planned` where the planner schedules it.
 fn short_name(r: &EngineReport) -> String {
     if r.prefetch == "none" {
         return r.policy.clone();
     }
-    let name = r
-        .prefetch
-        .replace("learned (next token + layer lookahead)", "layers")
-        .replace("learned (next token)", "learned")
-        .replace("token table", "token")
-        .replace("online blend", "blend")
-        .replace("pre-attention gate", "gate")
-        .replace("logit lens", "lens")
-        .replace(" + ", "+");
-    match name.strip_prefix("oracle (recorded experts, ") {
-        Some(lead) => {
-            let lead = lead.trim_end_matches(" ahead)");
-            if r.budget == "auto" {
-                format!("oracle {lead} planned")
-            } else {
-                format!("oracle {lead}")
-            }
-        }
-        None if r.budget == "-" => name,
-        None => format!("{name} {}", r.budget),
+    let name = if r.prefetch_short.is_empty() {
+        &r.prefetch
+    } else {
+        &r.prefetch_short
+    };
+    match r.budget.as_str() {
+        "-" => name.clone(),
+        "auto" if r.prefetch.starts_with("oracle") => format!("{name} planned"),
+        _ if r.prefetch.starts_with("oracle") => name.clone(),
+        budget => format!("{name} {budget}"),
     }
 }
 
@@ -311,10 +303,19 @@ mod tests {
         budget: &str,
         tps: f64,
     ) -> EngineReport {
+        // the prefetchers' words as the engine writes them (report::prefetch_names)
+        let short = match prefetch {
+            "none" => "",
+            "learned (next token)" => "learned",
+            "token table" => "token",
+            p if p.starts_with("oracle") => "oracle 3",
+            p => p,
+        };
         EngineReport {
             capacity,
             policy: policy.into(),
             prefetch: prefetch.into(),
+            prefetch_short: short.into(),
             budget: budget.into(),
             decode_tokens: 100,
             decode_s: 100.0 / tps,
@@ -344,6 +345,13 @@ mod tests {
             ("e.json", report(10, "next-use", oracle, "-", 15.0)),
             ("f.json", report(10, "next-use", oracle, "-", 17.0)),
             ("g.json", report(24, "next-use", "none", "-", 20.0)),
+            (
+                "h.json",
+                EngineReport {
+                    prefetch_short: String::new(), // written before the short names
+                    ..report(24, "next-use", "token table", "2", 21.0)
+                },
+            ),
         ];
         let paths: Vec<PathBuf> = runs.iter().map(|(n, r)| write(dir.path(), n, r)).collect();
         let plots = dir.path().join("plots");
@@ -378,7 +386,14 @@ mod tests {
         let shorts: Vec<&str> = groups.iter().map(|g| g.short.as_str()).collect();
         assert_eq!(
             shorts,
-            ["next-use", "lru", "learned auto", "oracle 3", "next-use"]
+            [
+                "next-use",
+                "lru",
+                "learned auto",
+                "oracle 3",
+                "next-use",
+                "token table 2"
+            ]
         );
     }
 

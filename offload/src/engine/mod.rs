@@ -270,35 +270,38 @@ impl OffloadEngine {
             (loader.prefetch_threads() as f64 * READ_CHUNK as f64 / mean_bytes.max(1.0)).min(1.0);
         let learned = match &predictor {
             Some(p) if cfg.layer_forecasts && p.predictor().card.config.task == Task::Lookahead => {
-                Some("learned (next token + layer lookahead)")
+                Some(("learned (next token + layer lookahead)", "layers"))
             }
-            Some(_) => Some("learned (next token)"),
+            Some(_) => Some(("learned (next token)", "learned")),
             None => None,
         };
-        let oracle = cfg
-            .oracle_lead
-            .map(|lead| format!("oracle (recorded experts, {lead} ahead)"));
+        let oracle = cfg.oracle_lead.map(|lead| {
+            (
+                format!("oracle (recorded experts, {lead} ahead)"),
+                format!("oracle {lead}"),
+            )
+        });
+        let (prefetch, prefetch_short) = report::prefetch_names(&[
+            (
+                learned.is_some(),
+                learned.map_or("", |l| l.0),
+                learned.map_or("", |l| l.1),
+            ),
+            (cfg.token_table.is_some(), "token table", "token"),
+            (cfg.blend.is_some(), "online blend", "blend"),
+            (cfg.pre_attention, "pre-attention gate", "gate"),
+            (cfg.lens, "logit lens", "lens"),
+            (
+                oracle.is_some(),
+                oracle.as_ref().map_or("", |o| o.0.as_str()),
+                oracle.as_ref().map_or("", |o| o.1.as_str()),
+            ),
+        ]);
         let report = EngineReport {
             direct_io,
             policy: report::policy_name(cfg.policy),
-            prefetch: {
-                let parts: Vec<&str> = [
-                    (learned.is_some(), learned.unwrap_or_default()),
-                    (cfg.token_table.is_some(), "token table"),
-                    (cfg.blend.is_some(), "online blend"),
-                    (cfg.pre_attention, "pre-attention gate"),
-                    (cfg.lens, "logit lens"),
-                    (oracle.is_some(), oracle.as_deref().unwrap_or_default()),
-                ]
-                .into_iter()
-                .filter_map(|(on, name)| on.then_some(name))
-                .collect();
-                if parts.is_empty() {
-                    "none".into()
-                } else {
-                    parts.join(" + ")
-                }
-            },
+            prefetch,
+            prefetch_short,
             budget: match (
                 learned.is_some()
                     || (cfg.oracle_lead.is_some() && cfg.oracle_planned)

@@ -9,6 +9,10 @@ use crate::cache::EvictionPolicy;
 pub struct EngineReport {
     pub policy: String,
     pub prefetch: String,
+    /// The prefetchers in a word each, for charts (`learned+lens`, `oracle 3`); empty
+    /// without prefetch and in reports written before it.
+    #[serde(default)]
+    pub prefetch_short: String,
     /// Experts per forecast layer, or `auto` (the planner).
     #[serde(default)]
     pub budget: String,
@@ -99,6 +103,18 @@ impl EngineReport {
     }
 }
 
+/// The prefetchers a run combines, from (in use, as the report names it, in a word):
+/// their names joined (`none` without any), and their words joined.
+pub(super) fn prefetch_names(parts: &[(bool, &str, &str)]) -> (String, String) {
+    let on: Vec<_> = parts.iter().filter(|p| p.0).collect();
+    if on.is_empty() {
+        return ("none".into(), String::new());
+    }
+    let names: Vec<&str> = on.iter().map(|p| p.1).collect();
+    let words: Vec<&str> = on.iter().map(|p| p.2).collect();
+    (names.join(" + "), words.join("+"))
+}
+
 /// The policy as `--policy` spells it.
 pub(super) fn policy_name(p: EvictionPolicy) -> String {
     match p {
@@ -107,5 +123,36 @@ pub(super) fn policy_name(p: EvictionPolicy) -> String {
         EvictionPolicy::Lfu { decay } => format!("lfu:{decay}"),
         EvictionPolicy::Belady => "belady".into(),
         EvictionPolicy::NextUse => "next-use".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefetch_names;
+
+    #[test]
+    fn prefetchers_are_named_in_full_and_in_a_word_each() {
+        let parts = |lens| {
+            [
+                (true, "learned (next token)", "learned"),
+                (false, "token table", "token"),
+                (lens, "logit lens", "lens"),
+            ]
+        };
+        assert_eq!(
+            prefetch_names(&parts(true)),
+            (
+                "learned (next token) + logit lens".to_string(),
+                "learned+lens".to_string()
+            )
+        );
+        assert_eq!(
+            prefetch_names(&parts(false)),
+            ("learned (next token)".to_string(), "learned".to_string())
+        );
+        assert_eq!(
+            prefetch_names(&[(false, "token table", "token")]),
+            ("none".to_string(), String::new())
+        );
     }
 }
