@@ -477,7 +477,6 @@ def decode_with_residency(model, prompts, capacity, max_new_tokens, predictor=No
         if threads is not None:
             model.set_threads(threads[session is not None and state["on"]])
             fewer[0] += count and model.threads < threads[0]
-        off[0] += count and not state["on"]
         t0 = time.perf_counter()
         if planned:
             res.planner.token_started()
@@ -489,11 +488,11 @@ def decode_with_residency(model, prompts, capacity, max_new_tokens, predictor=No
         if session is not None:
             session.observe(token, np.stack(state["so_far"]))
         dt = time.perf_counter() - t0
-        if guard is not None:
+        if guard is not None and count:  # the steps the table times
             guard.step_done(dt)
         return dt
 
-    fewer, off = [0], [0]  # counted steps on fewer threads; without prefetch
+    fewer = [0]  # counted steps on fewer threads
     res.drop_all()
     model.on_routed = routed
     decode_s, steps = 0.0, 0
@@ -539,7 +538,7 @@ def decode_with_residency(model, prompts, capacity, max_new_tokens, predictor=No
     out = res.report()
     out.update(decode_steps=steps, tokens_per_s=steps / decode_s if decode_s > 0 else 0.0, steps_fewer_threads=fewer[0])
     if guard is not None:
-        out["steps_without_prefetch"] = off[0]
+        out["steps_without_prefetch"] = guard.steps_off
     return out
 
 

@@ -218,8 +218,8 @@ typedef struct {
     struct mc_planner *planner;
     struct mc_guard *guard;
     int forecasting, n_moe, top_k;
-    int threads[2], threads_now; /* llama.cpp's threads without and with forecasts; in use */
-    uint64_t steps_fewer, steps_off; /* counted steps run on fewer threads; without prefetch (guard) */
+    int threads[2];       /* llama.cpp's threads without and with forecasts */
+    uint64_t steps_fewer; /* counted steps run on fewer threads */
     const char *model_path;
 } Decoder;
 
@@ -231,12 +231,9 @@ static double decode_step(Decoder *d, llama_token token, int pos, int count) {
     uint8_t on = 1;
     if (d->guard) mc_guard_enabled(d->guard, &on);
     h->token = (uint32_t)token, h->count = count, h->known = 0, h->forecasting = d->forecasting && on;
-    if (d->threads[h->forecasting] != d->threads_now) {
-        d->threads_now = d->threads[h->forecasting];
-        llama_set_n_threads(d->ctx, d->threads_now, d->threads_now);
-    }
+    int threads = d->threads[h->forecasting];
+    if (llama_n_threads(d->ctx) != threads) llama_set_n_threads(d->ctx, threads, threads);
     d->steps_fewer += count && llama_n_threads(d->ctx) < d->threads[0];
-    d->steps_off += count && !on;
     pthread_mutex_lock(&h->res->mu);
     h->res->step++, h->res->next_layer = 0;
     if (d->planner) mc_planner_token_started(d->planner);
@@ -248,7 +245,7 @@ static double decode_step(Decoder *d, llama_token token, int pos, int count) {
     if (llama_decode(d->ctx, d->batch) || h->error) die(d->model_path, "decode or eval callback failed");
     if (h->session && h->known == d->n_moe) post(h->session, JOB_OBSERVE, h->token, 0, h->routed, d->n_moe * d->top_k);
     double dt = now_s() - t0;
-    if (d->guard) mc_guard_step_done(d->guard, dt, NULL);
+    if (d->guard && count) mc_guard_step_done(d->guard, dt, NULL); /* the steps the table times */
     return dt;
 }
 
@@ -425,7 +422,7 @@ int main(int argc, char **argv) {
             /* with every expert resident there is nothing to forecast */
             Decoder d = {.ctx = ctx, .batch = batch, .h = &h, .planner = planner, .guard = guard,
                          .forecasting = h.session && capacity < total, .n_moe = ex.n_moe, .top_k = ex.top_k,
-                         .threads = {threads[0], threads[1]}, .threads_now = llama_n_threads(ctx), .model_path = model_path};
+                         .threads = {threads[0], threads[1]}, .model_path = model_path};
             double decode_s = 0;
             long steps = 0;
             for (uint32_t s = 0; s < n_seqs && (!max_steps || steps < max_steps); s++) { /* replay */
@@ -484,7 +481,9 @@ int main(int argc, char **argv) {
             mt->demand += res.bytes_demand, mt->staged += res.bytes_staged, mt->wasted += res.bytes_wasted;
             mt->stall += res.stall_s;
             if (planner) mc_planner_report(planner, &mt->plan);
-            mt->steps_off += d.steps_off, mt->steps_fewer += d.steps_fewer;
+            uint64_t off = 0;
+            if (guard) mc_guard_steps_off(guard, &off);
+            mt->steps_off += off, mt->steps_fewer += d.steps_fewer;
             residency_free(&res);
             mc_planner_free(planner);
             mc_guard_free(guard);
