@@ -92,11 +92,11 @@ fn short_name(r: &EngineReport) -> String {
     } else {
         &r.prefetch_short
     };
-    match r.budget.as_str() {
-        "-" => name.clone(),
-        "auto" if r.prefetch.starts_with("oracle") => format!("{name} planned"),
-        _ if r.prefetch.starts_with("oracle") => name.clone(),
-        budget => format!("{name} {budget}"),
+    match (r.budget.as_str(), r.prefetch.starts_with("oracle")) {
+        ("-", _) => name.clone(),
+        ("auto", true) => format!("{name} planned"),
+        (_, true) => name.clone(),
+        (budget, false) => format!("{name} {budget}"),
     }
 }
 
