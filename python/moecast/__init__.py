@@ -24,8 +24,13 @@
     g.step_done(seconds)                          # each decode step's time
 
 `budget` (experts per layer) defaults to top_k. Rows past the last MoE layer are
-0xFFFF. Errors raise `moecast.MoecastError` with the library's message. A Predictor and
-its sessions, a Blend, a Planner and a PrefetchGuard belong to the thread that made them.
+0xFFFF. Errors raise `moecast.MoecastError` with the library's message.
+
+Threads: every object may be handed to another thread, and forecasts and observations
+release the GIL while the predictor runs, so a runtime can forecast on a thread of its
+own while its decode thread runs Python. One object is used by one thread at a time
+(a second thread's call while one runs raises RuntimeError); a Predictor's sessions are
+independent, one per thread if need be.
 """
 
 import numpy as np

@@ -2,6 +2,12 @@
 //! the online blend `moecast.Blend`, the prefetch planner `moecast.Planner`, and `moecast.read_trace`. The Python package (`python/moecast/__init__.py`) wraps
 //! these with numpy conversions; errors raise `moecast.MoecastError` with the Rust
 //! message.
+//!
+//! Every object may move between Python threads, and the forecasts and observations
+//! run with the GIL released, so a runtime can forecast on a thread of its own while
+//! its decode thread runs Python. One object is used by one thread at a time: PyO3's
+//! borrow check raises `RuntimeError` for a second thread's call while one is running.
+//! Inputs are copied out of their numpy arrays before the GIL is released.
 
 use std::path::PathBuf;
 
@@ -23,7 +29,7 @@ fn err(e: impl std::fmt::Display) -> PyErr {
 }
 
 /// A predictor loaded from a directory written by `moecast train`.
-#[pyclass(unsendable, module = "moecast._moecast")]
+#[pyclass(module = "moecast._moecast")]
 struct Predictor {
     /// Boxed: burn's types ask for 64-byte alignment, more than Python's allocator
     /// gives an object.
@@ -33,8 +39,10 @@ struct Predictor {
 #[pymethods]
 impl Predictor {
     #[new]
-    fn new(dir: PathBuf) -> PyResult<Self> {
-        let loaded = LoadedPredictor::load(&dir, &BackendKind::Flex.device()).map_err(err)?;
+    fn new(py: Python<'_>, dir: PathBuf) -> PyResult<Self> {
+        let loaded = py
+            .detach(|| LoadedPredictor::load(&dir, &BackendKind::Flex.device()))
+            .map_err(err)?;
         Ok(Predictor {
             loaded: Box::new(loaded),
         })
@@ -81,7 +89,7 @@ impl Predictor {
 }
 
 /// One sequence's incremental state.
-#[pyclass(unsendable, module = "moecast._moecast")]
+#[pyclass(module = "moecast._moecast")]
 struct Session {
     /// Boxed for the same reason as [`Predictor::loaded`].
     online: Box<OnlinePredictor>,
@@ -142,8 +150,9 @@ impl Session {
     ) -> PyResult<Bound<'py, PyArray1<u16>>> {
         let b = self.budget(budget)?;
         let m = self.online.predictor().card.config.routing.n_moe;
-        let f = self.online.predict_next(token).map_err(err)?;
-        Ok(PyArray1::from_vec(py, f.top_rows(b, m)))
+        let online = &mut self.online;
+        let top = py.detach(|| online.predict_next(token).map(|f| f.top_rows(b, m)));
+        Ok(PyArray1::from_vec(py, top.map_err(err)?))
     }
 
     /// Flat forecast of every layer of the next token before its id is sampled.
@@ -155,8 +164,9 @@ impl Session {
     ) -> PyResult<Bound<'py, PyArray1<u16>>> {
         let b = self.budget(budget)?;
         let m = self.online.predictor().card.config.routing.n_moe;
-        let f = self.online.predict_next_unknown().map_err(err)?;
-        Ok(PyArray1::from_vec(py, f.top_rows(b, m)))
+        let online = &mut self.online;
+        let top = py.detach(|| online.predict_next_unknown().map(|f| f.top_rows(b, m)));
+        Ok(PyArray1::from_vec(py, top.map_err(err)?))
     }
 
     /// Flat `[horizon * budget]` forecast of the layers after the `known` routed ones
@@ -182,33 +192,42 @@ impl Session {
         if known == 0 || known >= m {
             return Err(err(format!("known {known} is outside 1..{m}")));
         }
-        let experts = experts.as_slice().map_err(err)?;
-        let given = self.layers(experts, known)?;
+        let experts = experts.as_slice().map_err(err)?.to_vec();
+        let given = self.layers(&experts, known)?;
         let x = match &router_input {
-            Some(x) => Some(x.as_slice().map_err(err)?),
+            Some(x) => Some(x.as_slice().map_err(err)?.to_vec()),
             None => None,
         };
         let horizon = c.lookahead_horizon();
-        let f = self
-            .online
-            .predict_lookahead_with_input(token, &given, x)
-            .map_err(err)?;
-        Ok(PyArray1::from_vec(py, f.top_rows(b, horizon)))
+        let online = &mut self.online;
+        let top = py.detach(|| {
+            online
+                .predict_lookahead_with_input(token, &given, x.as_deref())
+                .map(|f| f.top_rows(b, horizon))
+        });
+        Ok(PyArray1::from_vec(py, top.map_err(err)?))
     }
 
     /// The token's full routing (`n_moe_layers * top_k` ids); advances the session.
-    fn observe(&mut self, token: u32, experts: PyReadonlyArray1<'_, u16>) -> PyResult<()> {
+    fn observe(
+        &mut self,
+        py: Python<'_>,
+        token: u32,
+        experts: PyReadonlyArray1<'_, u16>,
+    ) -> PyResult<()> {
         let m = self.online.predictor().card.config.routing.n_moe;
-        let experts = experts.as_slice().map_err(err)?;
-        let layers: Vec<Option<&[u16]>> = self.layers(experts, m)?.into_iter().map(Some).collect();
-        self.online.observe(token, &layers).map_err(err)
+        let experts = experts.as_slice().map_err(err)?.to_vec();
+        let layers: Vec<Option<&[u16]>> =
+            self.layers(&experts, m)?.into_iter().map(Some).collect();
+        let online = &mut self.online;
+        py.detach(|| online.observe(token, &layers)).map_err(err)
     }
 }
 
 /// The online blend: forecasts of the next layers from counts (a predictor directory's
 /// or a trace's) and the request's recent routing, weighed by a logistic model that
 /// learns while the model decodes.
-#[pyclass(unsendable, module = "moecast._moecast")]
+#[pyclass(module = "moecast._moecast")]
 struct Blend {
     blend: Box<OnlineBlend>,
     shape: RoutingShape,
@@ -274,29 +293,38 @@ impl Blend {
             return Err(err(format!("layer {layer} is outside 0..{m}")));
         }
         let given = checked_experts(experts.as_slice().map_err(err)?, 1, self.shape, "experts")?;
+        let given = given.to_vec();
         let earlier = match (&earlier, layer) {
-            (Some(x), 1..) => Some(checked_experts(
-                x.as_slice().map_err(err)?,
-                1,
-                self.shape,
-                "earlier",
-            )?),
+            (Some(x), 1..) => {
+                let x = x.as_slice().map_err(err)?;
+                Some(checked_experts(x, 1, self.shape, "earlier")?.to_vec())
+            }
             _ => None,
         };
         let h = self.blend.horizon();
         let (mut ids, mut probs) = (vec![u16::MAX; h * b], vec![0f32; h * b]);
-        self.blend
-            .forecast_top(layer, given, earlier, b, &mut ids, Some(&mut probs));
+        let blend = &mut self.blend;
+        py.detach(|| {
+            let earlier = earlier.as_deref();
+            blend.forecast_top(layer, &given, earlier, b, &mut ids, Some(&mut probs))
+        });
         Ok((PyArray1::from_vec(py, ids), PyArray1::from_vec(py, probs)))
     }
 
     /// The token's full routing (`n_moe_layers * top_k` ids): the blend learns from
     /// its forecasts of this token and counts it.
-    fn observe(&mut self, token: u32, experts: PyReadonlyArray1<'_, u16>) -> PyResult<()> {
+    fn observe(
+        &mut self,
+        py: Python<'_>,
+        token: u32,
+        experts: PyReadonlyArray1<'_, u16>,
+    ) -> PyResult<()> {
         let (m, k) = (self.shape.n_moe, self.shape.top_k);
         let experts = checked_experts(experts.as_slice().map_err(err)?, m, self.shape, "experts")?;
+        let experts = experts.to_vec();
         let layers: Vec<Option<&[u16]>> = experts.chunks(k).map(Some).collect();
-        self.blend.token_routed(token, &layers);
+        let blend = &mut self.blend;
+        py.detach(|| blend.token_routed(token, &layers));
         Ok(())
     }
 }
@@ -304,7 +332,7 @@ impl Blend {
 /// Planned prefetch for a runtime that owns its cache and reads: told when each token
 /// starts, each layer routes and how long reads take, it answers each forecast with the
 /// experts worth a read now.
-#[pyclass(unsendable, module = "moecast._moecast")]
+#[pyclass(module = "moecast._moecast")]
 struct Planner {
     planner: StagingPlanner,
 }
@@ -428,7 +456,7 @@ impl Planner {
 
 /// Decode steps in windows with prefetch on or off, the faster setting kept
 /// (`planner::PrefetchGuard`, as in `moecast run`).
-#[pyclass(unsendable, module = "moecast._moecast")]
+#[pyclass(module = "moecast._moecast")]
 struct Guard {
     guard: PrefetchGuard,
 }

@@ -262,3 +262,61 @@ def test_prefetch_guard_keeps_the_faster_setting():
         moecast.PrefetchGuard(window=0)
     with pytest.raises(moecast.MoecastError, match="not a duration"):
         moecast.PrefetchGuard().step_done(float("nan"))
+
+
+def test_forecasts_run_on_another_thread_with_the_gil_released(trained):
+    """A session made on the main thread forecasts on a worker thread, giving what it
+    gives on the main thread, and while it forecasts the main thread runs Python: with a
+    switch interval far longer than the test, the main thread gets the GIL back only if
+    a forecast releases it, so it stops the worker after a few forecasts; holding the
+    GIL, the worker would run all of its forecasts first."""
+    import sys
+    import threading
+    import time
+
+    trace, out, _ = trained
+    t = moecast.read_trace(trace)
+    p = moecast.Predictor(out)
+    tokens, routing = t["token"][:24], t["experts"][:24]
+
+    def forecasts(s):
+        s.reset()
+        rows = []
+        for tok, experts in zip(tokens, routing):
+            rows.append(s.predict_next(tok))
+            rows.append(s.predict_lookahead(tok, experts[:1]))
+            s.observe(tok, experts)
+        return rows
+
+    here = forecasts(p.session())
+    there, errors = [], []
+    s = p.session()
+    worker = threading.Thread(target=lambda: there.extend(forecasts(s)))
+    worker.start()
+    worker.join()
+    assert len(there) == len(here) and all((a == b).all() for a, b in zip(here, there))
+
+    bound, stop, calls = 400, threading.Event(), [0]
+
+    def spin():
+        try:
+            s.reset()
+            while calls[0] < bound and not stop.is_set():
+                s.predict_next(int(tokens[calls[0] % len(tokens)]))
+                calls[0] += 1
+        except BaseException as e:
+            errors.append(e)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1000.0)
+    try:
+        worker = threading.Thread(target=spin)
+        worker.start()
+        while calls[0] == 0 and worker.is_alive():
+            time.sleep(0.001)  # lets go of the GIL; taken back once the worker lets go
+        stop.set()
+        worker.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert not errors, errors
+    assert 1 <= calls[0] < bound, f"the main thread ran only after {calls[0]} forecasts"
