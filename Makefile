@@ -94,9 +94,11 @@ llamacpp:
 # experts and random weights, its routing forced to llama.cpp's held-out trace of the demo
 # model (so the ids-only predictor's forecasts apply), experts read from the GGUF file;
 # then the same replay through the C harness (llamacpp/moecast_prefetch.c -p: libmoecast's
-# C ABI reads the trace, plans and guards; no Python) with its default threads (-j 2,1:
-# 2 llama.cpp threads, 1 in steps that forecast, the second core left to the forecasts and
-# reads), then with 2 and with 1 in every step, its tables in bench-c-R-jJ.txt.
+# C ABI reads the trace, plans and guards; no Python): by default forecasting in the eval
+# callback while each layer's missing experts are read, llama.cpp on every core
+# (bench-c-R.txt); with -a on a prefetcher thread of their own, llama.cpp on one thread
+# fewer while forecasting (bench-c-R-a.txt); and by default on one llama.cpp thread
+# (bench-c-R-j1.txt).
 llamacpp-bench: $(TARGET)/moecast_prefetch
 	@test -f $(LLAMA)/heldout.mctrace || { echo "run make llamacpp first"; exit 1; }
 	$(DBG) checkpoint synth --layers 6 --experts 16 --top-k 2 --vocab 4096 -o $(LLAMA)/synth
@@ -105,9 +107,9 @@ llamacpp-bench: $(TARGET)/moecast_prefetch
 	for r in 10 25 100; do $(LLAMA_PY) prefetch --model $(LLAMA)/synth.f16.gguf --replay $(LLAMA)/heldout.mctrace \
 	  --replay-tokens 200 --predictor $(LLAMA)/predictor-ids --resident $$r% --threads 2 --rounds 3 \
 	  --json $(LLAMA)/bench-$$r.json || exit 1; done
-	for r in 10 25 100; do for j in 2,1 2 1; do $(TARGET)/moecast_prefetch -p $(LLAMA)/heldout.mctrace -N 200 -j $$j -r $$r \
+	for r in 10 25 100; do for f in "" "-a" "-j 1"; do $(TARGET)/moecast_prefetch -p $(LLAMA)/heldout.mctrace -N 200 $$f -r $$r \
 	  -R 3 $(LLAMA)/synth.f16.gguf $(LLAMA)/predictor-ids > $(LLAMA)/bench-c.tmp || { rm -f $(LLAMA)/bench-c.tmp; exit 1; }; \
-	  out=$(LLAMA)/bench-c-$$r-j$$(echo $$j | tr , -).txt; mv $(LLAMA)/bench-c.tmp $$out; cat $$out; done; done
+	  out=$(LLAMA)/bench-c-$$r$$(echo "$$f" | tr -d ' ').txt; mv $(LLAMA)/bench-c.tmp $$out; cat $$out; done; done
 
 # Activation-aware prediction on the demo model, all feature sets (`make demo` trains only
 # the hidden-state one): the demo's collection with twice the samples per prompt (12:

@@ -189,7 +189,7 @@ static int in_flight(Residency *r) {
     return n;
 }
 
-void use_experts(Residency *r, int l, const int *ids, int k, int count) {
+void use_experts(Residency *r, int l, const int *ids, int k, int count, void (*meanwhile)(void *), void *arg) {
     int resident[MAX_K * 64];
     uint16_t routed[MAX_K];
     int base = l * r->ex->n_experts, missing = 0, demand = 0, late = 0;
@@ -234,6 +234,7 @@ void use_experts(Residency *r, int l, const int *ids, int k, int count) {
     double t0 = now_s(); /* the request blocks while the device's queue is full */
     for (int j = 0; j < k; j++)
         if (!resident[j]) read_expert(r, base + ids[j]);
+    if (missing && meanwhile) meanwhile(arg);
     for (int j = 0; j < k; j++)
         if (!resident[j]) wait_expert(r, base + ids[j]);
     double waited = missing ? now_s() - t0 : 0;

@@ -69,8 +69,9 @@ void residency_free(Residency *r);
 /* Layer l is about to run `ids[k]`: marks them used and, with `count` (a decode step, not
  * a prompt), counts residency and tells the planner the layer's routing and its demand
  * reads; then, without `mu` (the prefetcher plans meanwhile), reads the missing ones
- * whole and waits for them, and tells the planner the stall and the reads' time. */
-void use_experts(Residency *r, int l, const int *ids, int k, int count);
+ * whole, calls `meanwhile(arg)` if there are any (work for the wait: a forecast), waits
+ * for them, and tells the planner the stall and the reads' time. */
+void use_experts(Residency *r, int l, const int *ids, int k, int count, void (*meanwhile)(void *), void *arg);
 
 /* Fixed budget: stages expert e of layer l unless held. Planned: offers layer l's
  * forecast `ranking[n]` (best first) to the planner and stages what it picks (nothing

@@ -188,32 +188,39 @@ class ExpertResidency:
             have, total = have + h, total + t
         return have == total
 
-    def _fetch(self, keys):
+    def _issue(self, keys):
         """Reads the experts of `keys` not in memory whole (one request per slice, as an
-        offloading runtime loads an expert on a miss, instead of a fault per page) and
-        waits for them; returns (which were resident, the experts read on demand,
-        seconds waited)."""
+        offloading runtime loads an expert on a miss, instead of a fault per page);
+        returns (which were resident, the missing ones, the ones read on demand: missing
+        and not staged, the time the reads were issued)."""
         resident = [self.is_resident(k) for k in keys]
         missing = [k for k, r in zip(keys, resident) if not r]
         t0 = time.perf_counter()  # the request blocks while the device's queue is full
         for key in missing:  # a late staged read's pages are not read twice
             self._read(key)
+        return resident, missing, [k for k in missing if k not in self.staging], t0
+
+    def _wait_for(self, missing, t0):
+        """Waits for the `missing` experts read since `t0`; returns the seconds waited."""
         for key in missing:
             self._wait(key)
-        waited = time.perf_counter() - t0 if missing else 0.0
-        return resident, [k for k in missing if k not in self.staging], waited
+        return time.perf_counter() - t0 if missing else 0.0
 
-    def use(self, i, experts, count=True, observe=True):
+    def use(self, i, experts, count=True, observe=True, meanwhile=None):
         """Layer i is about to run `experts`: counts residency (with `count`), reads the
-        missing ones and waits for them, marks them used. (`observe`: a decode step's
-        routing, not a prompt's; see PlannedResidency.)"""
+        missing ones, marks them used, calls `meanwhile()` if any are missing (the layers
+        ahead forecast while the reads are on the disk) and waits for them. (`observe`: a
+        decode step's routing, not a prompt's; see PlannedResidency.)"""
         keys = [(i, int(e)) for e in experts]
-        resident_now, _, waited = self._fetch(keys)
-        if count:
-            self.stall_s += waited
+        resident_now, missing, _, t0 = self._issue(keys)
         for key, resident in zip(keys, resident_now):
             self._mark_used(key, resident, count)
         self._evict(set(keys))
+        if missing and meanwhile is not None:
+            meanwhile()
+        waited = self._wait_for(missing, t0)
+        if count:
+            self.stall_s += waited
 
     def _take_staged(self, key):
         """Whether `key` was staged and not used yet (it is no longer)."""
@@ -320,20 +327,11 @@ class PlannedResidency(ExpertResidency):
         self.landed.discard(key)
         return self.staging.pop(key, None) is not None or self.stale.pop(key, None) is not None
 
-    def use(self, i, experts, count=True, observe=True):
+    def use(self, i, experts, count=True, observe=True, meanwhile=None):
         keys = [(i, int(e)) for e in experts]
         busy = self._in_flight()
-        resident_now, demand, waited = self._fetch(keys)
+        resident_now, missing, demand, t0 = self._issue(keys)
         late = any(not r and k in self.staging for k, r in zip(keys, resident_now))
-        if observe:
-            if demand and not busy and not late:  # the link held these reads alone
-                for _ in demand:
-                    self.planner.read_done(waited / len(demand))
-                self.measured = True
-            if waited > 0:
-                self.planner.stalled(waited)
-        if count:
-            self.stall_s += waited
         for key, resident in zip(keys, resident_now):
             self._mark_used(key, resident, count)
         for key in [k for k in self.staging if k[0] == i]:  # its layer routed without it
@@ -344,6 +342,20 @@ class PlannedResidency(ExpertResidency):
             self.planner.layer_routed(i, np.asarray(experts), len(demand))
         self.current = set(keys)
         self._evict(self.current, told=False)
+        staged = self.staged
+        if missing and meanwhile is not None:
+            meanwhile()
+        waited = self._wait_for(missing, t0)
+        if observe:
+            # the link held these reads alone: no staged read in flight or issued meanwhile
+            if demand and not busy and not late and self.staged == staged:
+                for _ in demand:
+                    self.planner.read_done(waited / len(demand))
+                self.measured = True
+            if waited > 0:
+                self.planner.stalled(waited)
+        if count:
+            self.stall_s += waited
 
     def offer(self, layer, ranking):
         """Offers MoE layer `layer`'s forecast (best first) for its next lookup to the
@@ -416,9 +428,12 @@ def decode_with_residency(model, prompts, capacity, max_new_tokens, predictor=No
     forecast offered, its best top-k; it measures the read and layer times,
     or plans with `plan_timings`, (read, layer) in microseconds; with `guard`, moecast's
     prefetch guard turns forecasting and staging off in the windows of decode steps where
-    they measure slower than without). `threads`, (N, M): llama.cpp runs on M threads in the
-    decode steps that forecast, on N in the others. Residency and time are counted over
-    the decode steps."""
+    they measure slower than without; a moecast.PrefetchGuard given as `guard` is kept,
+    so calls that share one measure once, as a runtime's requests would). The layers
+    ahead are forecast while a layer's missing experts are read (a layer with none
+    forecasts nothing, as in the C harness). `threads`, (N, M): llama.cpp runs on M
+    threads in the decode steps that forecast, on N in the others. Residency and time are
+    counted over the decode steps."""
     m = len(model.experts.moe_layers)
     top_k = model.experts.top_k
     session = predictor.session() if predictor is not None else None
@@ -441,7 +456,9 @@ def decode_with_residency(model, prompts, capacity, max_new_tokens, predictor=No
                                moecast.Planner(m, model.experts.n_experts, top_k, capacity, read_us, layer_us),
                                top_k, measured=plan_timings is not None)
         stage = res.offer
-        guard = moecast.PrefetchGuard() if guard else None
+        if guard is True:
+            guard = moecast.PrefetchGuard()
+        guard = guard or None
         if capacity >= m * model.experts.n_experts:  # every expert stays: nothing to forecast
             session = guard = None
     else:
@@ -463,13 +480,16 @@ def decode_with_residency(model, prompts, capacity, max_new_tokens, predictor=No
         if state["prefill"]:  # the prompt's batch: every row's experts ran
             res.use(i, np.unique(ids), count=False, observe=False)
             return
-        res.use(i, ids[0], count=state["count"])
         state["so_far"].append(ids[0].astype(np.uint16))
-        if session is not None and state["on"] and i + 1 < m and horizon > 0:
+
+        def forecast_ahead():  # while this layer's missing experts are read
             x = model.rows["inputs"][i][-1][0] if reads_inputs else None
             ahead = session.predict_lookahead(state["token"], np.stack(state["so_far"]), budget, x)
             for h in range(min(horizon, m - i - 1)):
                 stage(i + 1 + h, ahead[h][ahead[h] != 0xFFFF])
+
+        forecasts = session is not None and state["on"] and i + 1 < m and horizon > 0
+        res.use(i, ids[0], count=state["count"], meanwhile=forecast_ahead if forecasts else None)
 
     def step(token, pos, count=True):
         """One decode step; returns its seconds."""
@@ -493,6 +513,7 @@ def decode_with_residency(model, prompts, capacity, max_new_tokens, predictor=No
         return dt
 
     fewer = [0]  # counted steps on fewer threads
+    off_before = guard.steps_off if guard is not None else 0
     res.drop_all()
     model.on_routed = routed
     decode_s, steps = 0.0, 0
@@ -538,7 +559,7 @@ def decode_with_residency(model, prompts, capacity, max_new_tokens, predictor=No
     out = res.report()
     out.update(decode_steps=steps, tokens_per_s=steps / decode_s if decode_s > 0 else 0.0, steps_fewer_threads=fewer[0])
     if guard is not None:
-        out["steps_without_prefetch"] = guard.steps_off
+        out["steps_without_prefetch"] = guard.steps_off - off_before
     return out
 
 

@@ -2,7 +2,7 @@
  * moecast_llamacpp.py (see docs/guide.md#llamacpp) without Python in the eval callback.
  *
  *   moecast_prefetch [-r resident%=25] [-n new_tokens=32] [-R rounds=3] [-b MODES=auto,1]
- *                    [-t READ_US,LAYER_US] [-G] [-w] [-j THREADS[,WHILE_FORECASTING]] MODEL.gguf PROMPTS.txt [PREDICTOR_DIR]
+ *                    [-t READ_US,LAYER_US] [-G] [-a [-w]] [-j THREADS[,WHILE_FORECASTING]] MODEL.gguf PROMPTS.txt [PREDICTOR_DIR]
  *   moecast_prefetch -p TRACE [-N steps] [options] MODEL.gguf [PREDICTOR_DIR]
  *
  * Greedy decoding of every prompt (one per line), on demand and, with a predictor (an
@@ -11,21 +11,27 @@
  * moecast's planner judges worth a read (mc_planner_*: every forecast layer's top-k
  * offered; it times the reads and layers, or plans with -t's stated microseconds) in the
  * resident set itself, and moecast's prefetch guard (mc_guard_*; -G: off) turns
- * forecasting off in windows of steps where it measures slower; a count N stages the best
- * N of the next layer in staging slots of their own (2 x N). The predictor runs on a
- * thread of its own that owns the session: the eval callback only queues "layers 0..l
- * routed" and returns, so forecasts overlap llama.cpp's compute on the second core (a
- * forecast is dropped when two wait); staged reads are issued outside the resident set's
- * lock. llama.cpp memory-maps the GGUF; the page cache is the fast memory, `resident%` of
- * the experts are kept, residency is read with mincore when a layer routes (before its
- * experts run), missing experts are read whole and waited for (the stall). Prints one
- * line per mode. With -w the callback waits for each forecast instead (none dropped or
- * late, whatever the machine's speed: what is staged depends on the predictor; tests).
+ * forecasting off in windows of steps where it measures slower (one guard over all rounds,
+ * as a runtime keeps one over its requests: it measures once); a count N stages the best
+ * N of the next layer in staging slots of their own (2 x N). The forecasts run on the
+ * decode thread: the token's own at its start, and the layers ahead in the eval callback
+ * while the routed layer's missing experts are read, which hides them (a layer with none
+ * forecasts nothing). llama.cpp's CPU threads wait for each other at every operation, spinning, so
+ * a forecast on another thread, taking one's core, stalls them all: measured 5-6% of
+ * decode time on 2 cores, against 1% for forecasts during the reads. With -a the
+ * predictor runs on a thread of its own that owns the session instead: the eval callback
+ * only queues "layers 0..l routed" and returns (a forecast is dropped when two wait).
+ * Staged reads are issued outside the resident set's lock. llama.cpp memory-maps the
+ * GGUF; the page cache is the fast memory, `resident%` of the experts are kept,
+ * residency is read with mincore when a layer routes (before its experts run), missing
+ * experts are read whole and waited for (the stall). Prints one
+ * line per mode. With -a -w the callback waits for each of the thread's forecasts (none
+ * dropped or late, whatever the machine's speed, as with forecasts in the callback: what
+ * is staged depends on the predictor; tests).
  * With -p the trace's sequences are decoded from their own ids instead of the prompts,
  * every layer's experts forced to the recorded ones (up to -N decode steps in all).
  * -j sets llama.cpp's threads, and those of steps that forecast (default: the cores
- * online, one fewer while forecasting: llama.cpp's threads wait for each other at every
- * operation, so a forecast or a staged read that takes one's core stalls them all; the
+ * online; with -a one fewer while forecasting, leaving the prefetcher thread a core; the
  * guard, switching forecasts off where they measure slower, switches back to all cores).
  * Linux only. Build: make target/moecast_prefetch (links the wheel's libllama and
  * libmoecast). */
@@ -62,6 +68,7 @@ typedef struct {
     pthread_cond_t work, idle;
     Job ring[RING];
     int head, count, busy, stop, error;
+    int inline_jobs; /* no -a: no thread; every job runs where it is posted */
     char message[512]; /* mc_last_error() is per thread: the worker's, kept for main */
     struct mc_session *session;
     int budget, horizon; /* budget 0: planned (every forecast layer's top-k offered) */
@@ -124,8 +131,16 @@ static void *worker_main(void *arg) {
     return NULL;
 }
 
-/* Queues a job; a forecast is dropped when two jobs already wait (it would land late). */
+/* Queues a job (runs it, with -i); a forecast is dropped when two jobs already wait (it
+ * would land late). */
 static void post(Prefetcher *w, int type, uint32_t token, int known, const uint16_t *routed, int n) {
+    if (w->inline_jobs) {
+        static Job j;
+        j.type = type, j.token = token, j.known = known, j.step = w->res->step;
+        if (n) memcpy(j.routed, routed, (size_t)n * sizeof(uint16_t));
+        run_job(w, &j);
+        return;
+    }
     pthread_mutex_lock(&w->mu);
     if ((type == JOB_NEXT || type == JOB_AHEAD) && w->count >= 2) { pthread_mutex_unlock(&w->mu); return; }
     while (w->count == RING) pthread_cond_wait(&w->idle, &w->mu);
@@ -150,6 +165,21 @@ static void forecast(Prefetcher *w, int type, uint32_t token, int known, const u
     if (wait_forecasts) flush(w);
     post(w, type, token, known, routed, n);
     if (wait_forecasts) flush(w);
+}
+
+/* By default (no -a) the layers ahead are forecast on the decode thread while a layer's
+ * missing experts are read (use_experts' `meanwhile`); a layer without any forecasts
+ * nothing. */
+typedef struct {
+    Prefetcher *w;
+    uint32_t token;
+    int known;
+    const uint16_t *routed;
+} Lookahead;
+
+static void forecast_meanwhile(void *arg) {
+    Lookahead *a = arg;
+    post(a->w, JOB_AHEAD, a->token, a->known, a->routed, a->known * a->w->res->ex->top_k);
 }
 
 /* ---- the eval callback ---- */
@@ -196,12 +226,14 @@ static bool callback(struct ggml_tensor *t, bool ask, void *user) {
         for (int j = 0; j < k; j++) use[j] = ids[j], h->routed[layer * k + j] = (uint16_t)ids[j];
         h->known = layer + 1;
         /* the routing is all the next layers' forecast needs: it runs while this layer's
-         * missing experts are read */
-        if (h->session && h->forecasting && layer + 1 < ex->n_moe)
+         * missing experts are read (on this thread, or with -a on the prefetcher's) */
+        int ahead = h->session && h->forecasting && layer + 1 < ex->n_moe;
+        Lookahead a = {.w = h->session, .token = h->token, .known = layer + 1, .routed = h->routed};
+        if (ahead && !h->session->inline_jobs)
             forecast(h->session, JOB_AHEAD, h->token, layer + 1, h->routed, (layer + 1) * k);
-        use_experts(h->res, layer, use, k, h->count);
+        use_experts(h->res, layer, use, k, h->count, ahead && h->session->inline_jobs ? forecast_meanwhile : NULL, &a);
     }
-    if (h->prefill) use_experts(h->res, layer, seen, n_seen, 0);
+    if (h->prefill) use_experts(h->res, layer, seen, n_seen, 0, NULL, NULL);
     return true;
 }
 
@@ -255,6 +287,7 @@ typedef struct {
     double tps, resident, demand, staged, wasted, stall;
     uint64_t steps, steps_off, steps_fewer;
     struct mc_plan_report plan;
+    struct mc_guard *guard; /* planned: kept over the rounds, as a runtime keeps it over requests */
 } ModeTotals;
 
 static void mode_name(int budget, char *name, size_t size) {
@@ -265,7 +298,7 @@ static void mode_name(int budget, char *name, size_t size) {
 
 static void usage(const char *argv0) {
     fprintf(stderr, "usage: %s [-r resident%%=25] [-n new_tokens=32] [-R rounds=3] [-b MODES=auto,1] "
-            "[-t READ_US,LAYER_US] [-G] [-w] [-j THREADS[,WHILE_FORECASTING]] MODEL.gguf PROMPTS.txt [PREDICTOR_DIR]\n"
+            "[-t READ_US,LAYER_US] [-G] [-a [-w]] [-j THREADS[,WHILE_FORECASTING]] MODEL.gguf PROMPTS.txt [PREDICTOR_DIR]\n"
             "       %s -p TRACE [-N steps] [options] MODEL.gguf [PREDICTOR_DIR]\n", argv0, argv0);
     exit(2);
 }
@@ -273,14 +306,15 @@ static void usage(const char *argv0) {
 int main(int argc, char **argv) {
     double resident_pct = 25, read_us = 0, layer_us = 0;
     long cores = sysconf(_SC_NPROCESSORS_ONLN);
-    int new_tokens = 32, rounds = 3, use_guard = 1, opt;
+    int new_tokens = 32, rounds = 3, use_guard = 1, inline_forecasts = 1, threads_given = 0, opt;
     int threads[2] = {cores > 1 ? (int)cores : 1, cores > 1 ? (int)cores - 1 : 1}; /* on demand, forecasting */
     long max_steps = 0;
     const char *modes_arg = "auto,1", *trace_path = NULL;
-    while ((opt = getopt(argc, argv, "r:n:R:b:t:Gwj:p:N:")) != -1) {
+    while ((opt = getopt(argc, argv, "r:n:R:b:t:Gwaj:p:N:")) != -1) {
         switch (opt) {
         case 'j': {
             char *end;
+            threads_given = 1;
             threads[0] = threads[1] = (int)strtol(optarg, &end, 10);
             if (*end == ',') threads[1] = (int)strtol(end + 1, &end, 10);
             if (*end || threads[1] < 1 || threads[1] > threads[0])
@@ -299,9 +333,12 @@ int main(int argc, char **argv) {
             break;
         case 'G': use_guard = 0; break;
         case 'w': wait_forecasts = 1; break;
+        case 'a': inline_forecasts = 0; break;
         default: usage(argv[0]);
         }
     }
+    if (inline_forecasts && wait_forecasts) die("-w", "waits for the prefetcher thread's forecasts: give -a too");
+    if (inline_forecasts && !threads_given) threads[1] = threads[0]; /* no forecasting thread to leave a core to */
     int positional = trace_path ? 1 : 2; /* MODEL [PROMPTS] before the optional predictor */
     if (argc - optind < positional || argc - optind > positional + 1) usage(argv[0]);
     const char *model_path = argv[optind], *prompts_path = trace_path ? NULL : argv[optind + 1];
@@ -387,7 +424,8 @@ int main(int argc, char **argv) {
     int n_vocab = llama_vocab_n_tokens(vocab);
 
     printf("%s: %d of %d experts resident (%.0f%%), %zu bytes per expert, llama.cpp threads %d (%d while forecasting), "
-           "%d alternating round(s), ", model_path, capacity, total, resident_pct, ex.size[0][0] * 3, threads[0], threads[1], rounds);
+           "forecasts %s, %d alternating round(s), ", model_path, capacity, total, resident_pct, ex.size[0][0] * 3,
+           threads[0], threads[1], inline_forecasts ? "on the decode thread during reads" : "on a thread of their own", rounds);
     if (trace && max_steps) printf("%u sequences of %s replayed (their experts forced), up to %ld decode steps\n", n_seqs, trace_path, max_steps);
     else if (trace) printf("%u sequences of %s replayed (their experts forced)\n", n_seqs, trace_path);
     else printf("greedy, up to %d new tokens per prompt\n", new_tokens);
@@ -396,11 +434,12 @@ int main(int argc, char **argv) {
             ModeTotals *mt = &modes[mode];
             int b = mt->budget;
             struct mc_planner *planner = NULL;
-            struct mc_guard *guard = NULL;
-            if (b == 0 && (mc_planner_new((uint32_t)ex.n_moe, (uint32_t)ex.n_experts, (uint32_t)ex.top_k, (uint32_t)capacity,
-                                          read_us, layer_us, &planner) ||
-                           (use_guard && capacity < total && mc_guard_new(8, 6, &guard))))
+            if (b == 0 && mc_planner_new((uint32_t)ex.n_moe, (uint32_t)ex.n_experts, (uint32_t)ex.top_k, (uint32_t)capacity,
+                                         read_us, layer_us, &planner))
                 die("planner", mc_last_error());
+            if (b == 0 && use_guard && capacity < total && !mt->guard && mc_guard_new(8, 6, &mt->guard))
+                die("prefetch guard", mc_last_error());
+            struct mc_guard *guard = mt->guard;
             int slots = b > 0 ? (2 * b < capacity - ex.top_k ? 2 * b : capacity - ex.top_k) : 0;
             static Residency res;
             residency_init(&res, &ex, capacity, slots, planner, read_us > 0);
@@ -412,11 +451,12 @@ int main(int argc, char **argv) {
                 memset(&w, 0, sizeof w);
                 if (mc_session_new(pred, &w.session)) die(pred_dir, mc_last_error());
                 w.res = &res, w.reads = reads;
-                w.budget = b, w.horizon = (int)horizon;
+                w.budget = b, w.horizon = (int)horizon, w.inline_jobs = inline_forecasts;
                 pthread_mutex_init(&w.mu, NULL);
                 pthread_cond_init(&w.work, NULL);
                 pthread_cond_init(&w.idle, NULL);
-                if (pthread_create(&w.thread, NULL, worker_main, &w)) die("prefetcher", "cannot start its thread");
+                if (!inline_forecasts && pthread_create(&w.thread, NULL, worker_main, &w))
+                    die("prefetcher", "cannot start its thread");
                 h.session = &w;
             }
             /* with every expert resident there is nothing to forecast */
@@ -471,22 +511,26 @@ int main(int argc, char **argv) {
                 w.stop = 1;
                 pthread_cond_signal(&w.work);
                 pthread_mutex_unlock(&w.mu);
-                pthread_join(w.thread, NULL);
+                if (!inline_forecasts) pthread_join(w.thread, NULL);
                 if (w.error) die(pred_dir, w.message);
                 mc_session_free(w.session);
             }
             residency_finish(&res);
             mt->tps += steps / decode_s, mt->steps += (uint64_t)steps;
+            char name[24];
+            mode_name(b, name, sizeof name);
+            uint64_t off = mt->steps_off;
+            if (guard) mc_guard_steps_off(guard, &mt->steps_off);
+            fprintf(stderr, "round %d/%d %s: %.1f tokens/s", round + 1, rounds, name, steps / decode_s);
+            if (guard) fprintf(stderr, ", %llu of %ld steps without prefetch", (unsigned long long)(mt->steps_off - off), steps);
+            fprintf(stderr, "\n");
             mt->resident += (double)res.resident_uses / (res.uses ? res.uses : 1);
             mt->demand += res.bytes_demand, mt->staged += res.bytes_staged, mt->wasted += res.bytes_wasted;
             mt->stall += res.stall_s;
             if (planner) mc_planner_report(planner, &mt->plan);
-            uint64_t off = 0;
-            if (guard) mc_guard_steps_off(guard, &off);
-            mt->steps_off += off, mt->steps_fewer += d.steps_fewer;
+            mt->steps_fewer += d.steps_fewer;
             residency_free(&res);
             mc_planner_free(planner);
-            mc_guard_free(guard);
         }
 
     printf("%-10s %18s %10s %10s %10s %8s %9s %13s\n", "mode", "resident when used", "demand MB", "staged MB", "wasted MB",
@@ -503,10 +547,11 @@ int main(int argc, char **argv) {
         if (modes[mode].budget == 0) {
             struct mc_plan_report *p = &modes[mode].plan;
             printf("planner (planned mode, last round): offered %llu, staged %llu, too late %llu, not worth a read %llu; read %.0f us, "
-                   "layer %.0f us; %llu of %llu steps without prefetch (all rounds)\n",
+                   "layer %.0f us; %llu of %llu steps without prefetch (all rounds, one guard)\n",
                    (unsigned long long)p->offered, (unsigned long long)p->staged, (unsigned long long)p->late,
                    (unsigned long long)p->not_worth, p->read_us, p->layer_us, (unsigned long long)modes[mode].steps_off,
                    (unsigned long long)modes[mode].steps);
+            mc_guard_free(modes[mode].guard);
         }
     if (threads[1] < threads[0]) {
         printf("steps with %d llama.cpp thread(s) (forecasting), of all:", threads[1]);

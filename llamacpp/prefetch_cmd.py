@@ -118,11 +118,16 @@ def cmd_prefetch(args):
     if predictor:
         modes += [("planned" if b == "auto" else f"budget-{b}", predictor, b) for b in budgets]
     runs = {name: [] for name, _, _ in modes}
+    guard = None  # planned prefetch's, kept over the rounds as a runtime keeps it over requests
+    if "auto" in budgets and not args.no_guard:
+        import moecast
+
+        guard = moecast.PrefetchGuard()
     for r in range(args.rounds):
         for name, p, budget in modes:
             out = decode_with_residency(model, prompts, capacity, args.max_new_tokens, p, budget,
                                         args.temperature, args.seed, replay, args.replay_tokens, args.horizon,
-                                        timings, not args.no_guard, threads)
+                                        timings, guard if budget == "auto" else False, threads)
             runs[name].append(out)
             print(f"round {r + 1}/{args.rounds} {name}: {out['tokens_per_s']:.1f} tokens/s, "
                   f"{100 * out['resident_when_used']:.1f}% resident when used", file=sys.stderr, flush=True)

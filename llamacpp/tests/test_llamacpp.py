@@ -215,6 +215,28 @@ def test_predictor_from_llama_cpp_routing_stages_experts(work):
     assert p.returncode == 1 and "no room to stage" in p.stderr, p.stderr
 
 
+def test_one_guard_measures_over_calls(work):
+    """A prefetch guard handed to decode_with_residency is the one that decides: kept over
+    calls (the harness's rounds, a runtime's requests), it counts every call's steps
+    without prefetch, and each call reports its own."""
+    if not (work / "predictor").exists():
+        pytest.skip("needs the predictor trained by test_predictor_from_llama_cpp_routing_stages_experts")
+    import moecast
+    from expert_residency import decode_with_residency
+
+    model = mcl.LlamaCppModel(str(work / "tiny.f32.gguf"))
+    predictor, guard = moecast.Predictor(work / "predictor"), moecast.PrefetchGuard(window=2, explore_every=1)
+    try:
+        prompts = mcl.read_prompts(str(HELDOUT), model)
+        total = len(model.experts.moe_layers) * model.experts.n_experts
+        outs = [decode_with_residency(model, prompts, total // 4, 24, predictor, "auto", guard=guard)
+                for _ in range(2)]
+    finally:
+        model.close()
+    assert all(o["steps_without_prefetch"] > 0 for o in outs), outs
+    assert guard.steps_off == sum(o["steps_without_prefetch"] for o in outs)
+
+
 def test_forced_routing_is_what_llama_cpp_computes(work):
     """Replay forces each layer's top-k through the eval callback: llama.cpp's weights are
     the router's renormalised probabilities of the forced experts, and the output moves."""
@@ -245,8 +267,8 @@ def test_forced_routing_is_what_llama_cpp_computes(work):
 
 def _c_harness(work, *flags):
     """Runs the C harness on the tiny model's held-out prompts at 10% resident, 24 tokens,
-    one round, the callback waiting for each forecast; {mode: {column: value}}."""
-    out = subprocess.run([os.environ["MOECAST_PREFETCH_C"], "-r", "10", "-n", "24", "-R", "1", "-w", *flags,
+    one round; {mode: {column: value}}."""
+    out = subprocess.run([os.environ["MOECAST_PREFETCH_C"], "-r", "10", "-n", "24", "-R", "1", *flags,
                           str(work / "tiny.f32.gguf"), str(HELDOUT), str(work / "predictor")],
                          check=True, capture_output=True, text=True).stdout
     print("\n" + out)
@@ -259,16 +281,18 @@ def _c_harness(work, *flags):
 def test_c_harness_stages_from_the_c_abi(work):
     """llamacpp/moecast_prefetch.c: llama.cpp and libmoecast from C, no Python in the
     callback; the predictor (trained by the test above) must raise residency there too,
-    with a fixed budget and with the C ABI's planner. The callback waits for each forecast
-    (-w): on a machine where llama.cpp decodes faster than the prefetcher thread
-    forecasts, the harness drops the forecasts that would land late, and this test is
-    about what the C ABI stages. The planner plans with stated timings and no guard, so
-    what it stages does not depend on the machine's speed either."""
+    with a fixed budget and with the C ABI's planner, forecasting in the callback (the
+    default) and on a prefetcher thread (-a). There the callback waits for each forecast
+    (-w): on a machine where llama.cpp decodes faster than the thread forecasts, the
+    harness drops the forecasts that would land late, and this test is about what the C
+    ABI stages. The planner plans with stated timings and no guard, so what it stages does
+    not depend on the machine's speed either."""
     if not (work / "predictor").exists():
         pytest.skip("needs the predictor trained by test_predictor_from_llama_cpp_routing_stages_experts")
-    modes = _c_harness(work, "-b", "1")
-    base, budget = modes["on-demand"], modes["budget-1"]
-    assert budget["resident"] > base["resident"] and budget["demand"] < 0.9 * base["demand"]
+    for flags in ((), ("-a", "-w")):
+        modes = _c_harness(work, "-b", "1", *flags)
+        base, budget = modes["on-demand"], modes["budget-1"]
+        assert budget["resident"] > base["resident"] and budget["demand"] < 0.9 * base["demand"], flags
     # reads of a second land after their layer: the planner stages nothing, and planned
     # decoding reads what demand paging reads; reads of 10 us pay, and it stages
     slow = _c_harness(work, "-b", "auto", "-t", "1000000,1000", "-G")
@@ -281,16 +305,18 @@ def test_c_harness_stages_from_the_c_abi(work):
 
 @pytest.mark.skipif(not os.environ.get("MOECAST_PREFETCH_C"), reason="make test-llamacpp builds the C harness")
 def test_c_harness_forecasts_on_fewer_threads(work):
-    """-j 2,1: llama.cpp decodes on 2 threads, and on 1 in the steps that forecast (its
-    threads wait for each other at every operation, so a forecast or a staged read taking
-    one of 2 cores stalls both). Without the guard every step of planned and of the fixed
-    budget forecasts, and none on demand; with it, exactly the steps it runs without
-    prefetch get both threads back."""
+    """-a -j 2,1: forecasts on a prefetcher thread, llama.cpp on 2 threads and on 1 in
+    the steps that forecast (its threads wait for each other at every operation, so a
+    forecast or a staged read taking one of 2 cores stalls both). Without the guard every
+    step of planned and of the fixed budget forecasts, and none on demand; with it,
+    exactly the steps it runs without prefetch get both threads back, counted by one
+    guard over both rounds. Forecasting in the callback (no -a), llama.cpp keeps every
+    core by default."""
     if not (work / "predictor").exists():
         pytest.skip("needs the predictor trained by test_predictor_from_llama_cpp_routing_stages_experts")
 
     def threads_per_mode(*flags):
-        out = subprocess.run([os.environ["MOECAST_PREFETCH_C"], "-r", "10", "-n", "24", "-R", "1", "-j", "2,1", *flags,
+        out = subprocess.run([os.environ["MOECAST_PREFETCH_C"], "-r", "10", "-n", "24", "-R", "1", *flags,
                               str(work / "tiny.f32.gguf"), str(HELDOUT), str(work / "predictor")],
                              check=True, capture_output=True, text=True).stdout
         print("\n" + out)
@@ -300,11 +326,17 @@ def test_c_harness_forecasts_on_fewer_threads(work):
         off = re.search(r"(\d+) of (\d+) steps without prefetch", out)
         return counts, int(off.group(1))
 
-    counts, _ = threads_per_mode("-b", "auto,1", "-t", "10,1000", "-G")
+    counts, _ = threads_per_mode("-a", "-j", "2,1", "-b", "auto,1", "-t", "10,1000", "-G")
     assert counts["on-demand"][0] == 0 and counts["on-demand"][1] > 50
     assert counts["planned"][0] == counts["planned"][1] and counts["budget-1"][0] == counts["budget-1"][1]
-    counts, off = threads_per_mode("-b", "auto")
-    assert counts["planned"][0] + off == counts["planned"][1]
+    counts, off = threads_per_mode("-a", "-j", "2,1", "-b", "auto", "-R", "2")
+    assert counts["planned"][0] + off == counts["planned"][1] > 100
+    out = subprocess.run([os.environ["MOECAST_PREFETCH_C"], "-r", "10", "-n", "24", "-R", "1", "-b", "auto", "-G",
+                          str(work / "tiny.f32.gguf"), str(HELDOUT), str(work / "predictor")],
+                         check=True, capture_output=True, text=True).stdout
+    n = os.cpu_count()
+    assert f"llama.cpp threads {n} ({n} while forecasting), forecasts on the decode thread during reads" in out
+    assert "steps with 1 llama.cpp thread" not in out
 
 
 def test_c_harness_refuses_bad_arguments():
@@ -312,7 +344,8 @@ def test_c_harness_refuses_bad_arguments():
     if not os.environ.get("MOECAST_PREFETCH_C"):
         pytest.skip("make test-llamacpp builds the C harness")
     for flags, message in ((["-t", "10"], "-t: takes READ_US,LAYER_US"), (["-b", "auto,x"], "-b: takes a comma list"),
-                           (["-r", "0"], "-r in (0, 100]"), (["-j", "1,2"], "-j: takes THREADS")):
+                           (["-r", "0"], "-r in (0, 100]"), (["-j", "1,2"], "-j: takes THREADS"),
+                           (["-w"], "-w: waits for the prefetcher thread's forecasts")):
         run = subprocess.run([os.environ["MOECAST_PREFETCH_C"], *flags, "missing.gguf", str(HELDOUT), "pred"],
                              capture_output=True, text=True)
         assert run.returncode != 0 and message in run.stderr, (flags, run.stderr)
