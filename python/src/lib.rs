@@ -217,8 +217,7 @@ impl Session {
     ) -> PyResult<()> {
         let m = self.online.predictor().card.config.routing.n_moe;
         let experts = experts.as_slice().map_err(err)?.to_vec();
-        let layers: Vec<Option<&[u16]>> =
-            self.layers(&experts, m)?.into_iter().map(Some).collect();
+        let layers: Vec<Option<&[u16]>> = self.layers(&experts, m)?.into_iter().map(Some).collect();
         let online = &mut self.online;
         py.detach(|| online.observe(token, &layers)).map_err(err)
     }
