@@ -234,16 +234,24 @@ void use_experts(Residency *r, int l, const int *ids, int k, int count, void (*m
     double t0 = now_s(); /* the request blocks while the device's queue is full */
     for (int j = 0; j < k; j++)
         if (!resident[j]) read_expert(r, base + ids[j]);
-    if (missing && meanwhile) meanwhile(arg);
+    /* the forecast's time is work, not a stall; reads that all landed during it took an
+     * unknown part of it, so they are not timed */
+    double t1 = t0;
+    int timed = 1;
+    if (missing && meanwhile) {
+        meanwhile(arg);
+        t1 = now_s(), timed = 0;
+        for (int j = 0; j < k; j++) timed |= !resident[j] && !is_resident(r, base + ids[j]);
+    }
     for (int j = 0; j < k; j++)
         if (!resident[j]) wait_expert(r, base + ids[j]);
-    double waited = missing ? now_s() - t0 : 0;
+    double done = now_s(), read_s = missing ? done - t0 : 0, waited = missing ? done - t1 : 0;
     pthread_mutex_lock(&r->mu);
     if (count) r->stall_s += waited;
     if (count && r->planner) {
         /* the link held these reads alone: no staged read in flight or issued meanwhile */
-        if (demand && !busy && !late && __atomic_load_n(&r->reads_issued, __ATOMIC_RELAXED) == issued) {
-            for (int j = 0; j < demand; j++) mc_planner_read_done(r->planner, waited / demand);
+        if (demand && timed && !busy && !late && __atomic_load_n(&r->reads_issued, __ATOMIC_RELAXED) == issued) {
+            for (int j = 0; j < demand; j++) mc_planner_read_done(r->planner, read_s / demand);
             r->measured = 1;
         }
         if (waited > 0) mc_planner_stalled(r->planner, waited);

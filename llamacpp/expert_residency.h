@@ -70,7 +70,8 @@ void residency_free(Residency *r);
  * a prompt), counts residency and tells the planner the layer's routing and its demand
  * reads; then, without `mu` (the prefetcher plans meanwhile), reads the missing ones
  * whole, calls `meanwhile(arg)` if there are any (work for the wait: a forecast), waits
- * for them, and tells the planner the stall and the reads' time. */
+ * for them, and tells the planner the stall (the wait after `meanwhile`) and the reads'
+ * time (not when they all landed during `meanwhile`). */
 void use_experts(Residency *r, int l, const int *ids, int k, int count, void (*meanwhile)(void *), void *arg);
 
 /* Fixed budget: stages expert e of layer l unless held. Planned: offers layer l's

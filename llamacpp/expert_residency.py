@@ -200,25 +200,34 @@ class ExpertResidency:
             self._read(key)
         return resident, missing, [k for k in missing if k not in self.staging], t0
 
-    def _wait_for(self, missing, t0):
-        """Waits for the `missing` experts read since `t0`; returns the seconds waited."""
+    def _wait_for(self, missing, t0, meanwhile):
+        """Calls `meanwhile()` if any experts are `missing`, then waits for them (read since
+        `t0`); returns (the seconds waited after `meanwhile`, the reads' seconds: None
+        when they all landed during `meanwhile`, which took an unknown part of it)."""
+        t1, timed = t0, True
+        if missing and meanwhile is not None:
+            meanwhile()
+            t1 = time.perf_counter()
+            timed = not all(self.is_resident(k) for k in missing)
         for key in missing:
             self._wait(key)
-        return time.perf_counter() - t0 if missing else 0.0
+        done = time.perf_counter()
+        if not missing:
+            return 0.0, 0.0
+        return done - t1, done - t0 if timed else None
 
     def use(self, i, experts, count=True, observe=True, meanwhile=None):
         """Layer i is about to run `experts`: counts residency (with `count`), reads the
         missing ones, marks them used, calls `meanwhile()` if any are missing (the layers
-        ahead forecast while the reads are on the disk) and waits for them. (`observe`: a
-        decode step's routing, not a prompt's; see PlannedResidency.)"""
+        ahead forecast while the reads are on the disk) and waits for them; the stall is
+        the wait after `meanwhile`. (`observe`: a decode step's routing, not a prompt's;
+        see PlannedResidency.)"""
         keys = [(i, int(e)) for e in experts]
         resident_now, missing, _, t0 = self._issue(keys)
         for key, resident in zip(keys, resident_now):
             self._mark_used(key, resident, count)
         self._evict(set(keys))
-        if missing and meanwhile is not None:
-            meanwhile()
-        waited = self._wait_for(missing, t0)
+        waited, _ = self._wait_for(missing, t0, meanwhile)
         if count:
             self.stall_s += waited
 
@@ -343,14 +352,12 @@ class PlannedResidency(ExpertResidency):
         self.current = set(keys)
         self._evict(self.current, told=False)
         staged = self.staged
-        if missing and meanwhile is not None:
-            meanwhile()
-        waited = self._wait_for(missing, t0)
+        waited, read_s = self._wait_for(missing, t0, meanwhile)
         if observe:
             # the link held these reads alone: no staged read in flight or issued meanwhile
-            if demand and not busy and not late and self.staged == staged:
+            if demand and read_s is not None and not busy and not late and self.staged == staged:
                 for _ in demand:
-                    self.planner.read_done(waited / len(demand))
+                    self.planner.read_done(read_s / len(demand))
                 self.measured = True
             if waited > 0:
                 self.planner.stalled(waited)

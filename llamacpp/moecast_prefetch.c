@@ -26,8 +26,7 @@
  * residency is read with mincore when a layer routes (before its experts run), missing
  * experts are read whole and waited for (the stall). Prints one
  * line per mode. With -a -w the callback waits for each of the thread's forecasts (none
- * dropped or late, whatever the machine's speed, as with forecasts in the callback: what
- * is staged depends on the predictor; tests).
+ * dropped or late, whatever the machine's speed; tests).
  * With -p the trace's sequences are decoded from their own ids instead of the prompts,
  * every layer's experts forced to the recorded ones (up to -N decode steps in all).
  * -j sets llama.cpp's threads, and those of steps that forecast (default: the cores
@@ -131,8 +130,8 @@ static void *worker_main(void *arg) {
     return NULL;
 }
 
-/* Queues a job (runs it, with -i); a forecast is dropped when two jobs already wait (it
- * would land late). */
+/* Queues a job (runs it, without -a: only the decode thread posts, and run_job posts
+ * nothing); a forecast is dropped when two jobs already wait (it would land late). */
 static void post(Prefetcher *w, int type, uint32_t token, int known, const uint16_t *routed, int n) {
     if (w->inline_jobs) {
         static Job j;

@@ -308,10 +308,9 @@ def test_c_harness_forecasts_on_fewer_threads(work):
     """-a -j 2,1: forecasts on a prefetcher thread, llama.cpp on 2 threads and on 1 in
     the steps that forecast (its threads wait for each other at every operation, so a
     forecast or a staged read taking one of 2 cores stalls both). Without the guard every
-    step of planned and of the fixed budget forecasts, and none on demand; with it,
-    exactly the steps it runs without prefetch get both threads back, counted by one
-    guard over both rounds. Forecasting in the callback (no -a), llama.cpp keeps every
-    core by default."""
+    step of planned and of the fixed budget forecasts, and none on demand; with it (over
+    two rounds), exactly the steps it runs without prefetch get both threads back.
+    Forecasting in the callback (no -a), llama.cpp keeps every core by default."""
     if not (work / "predictor").exists():
         pytest.skip("needs the predictor trained by test_predictor_from_llama_cpp_routing_stages_experts")
 
@@ -334,9 +333,8 @@ def test_c_harness_forecasts_on_fewer_threads(work):
     out = subprocess.run([os.environ["MOECAST_PREFETCH_C"], "-r", "10", "-n", "24", "-R", "1", "-b", "auto", "-G",
                           str(work / "tiny.f32.gguf"), str(HELDOUT), str(work / "predictor")],
                          check=True, capture_output=True, text=True).stdout
-    n = os.cpu_count()
+    n = os.sysconf("SC_NPROCESSORS_ONLN")
     assert f"llama.cpp threads {n} ({n} while forecasting), forecasts on the decode thread during reads" in out
-    assert "steps with 1 llama.cpp thread" not in out
 
 
 def test_c_harness_refuses_bad_arguments():

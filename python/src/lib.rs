@@ -235,8 +235,10 @@ struct Blend {
 #[pymethods]
 impl Blend {
     #[new]
-    fn new(path: PathBuf) -> PyResult<Self> {
-        let counts = predictor::blend::load_counts(&path, usize::MAX).map_err(err)?;
+    fn new(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        let counts = py
+            .detach(|| predictor::blend::load_counts(&path, usize::MAX))
+            .map_err(err)?;
         let shape = counts.shape;
         Ok(Blend {
             blend: Box::new(OnlineBlend::new(counts, OnlineBlend::HORIZON)),

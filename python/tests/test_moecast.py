@@ -296,7 +296,7 @@ def test_forecasts_run_on_another_thread_with_the_gil_released(trained):
     worker.join()
     assert len(there) == len(here) and all((a == b).all() for a, b in zip(here, there))
 
-    bound, stop, calls = 400, threading.Event(), [0]
+    bound, stop, calls = 20_000, threading.Event(), [0]
 
     def spin():
         try:
