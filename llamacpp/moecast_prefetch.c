@@ -16,17 +16,17 @@
  * N of the next layer in staging slots of their own (2 x N). The forecasts run on the
  * decode thread: the token's own at its start, and the layers ahead in the eval callback
  * while the routed layer's missing experts are read, which hides them (a layer with none
- * forecasts nothing). llama.cpp's CPU threads wait for each other at every operation, spinning, so
- * a forecast on another thread, taking one's core, stalls them all: measured 5-6% of
- * decode time on 2 cores, against 1% for forecasts during the reads. With -a the
- * predictor runs on a thread of its own that owns the session instead: the eval callback
- * only queues "layers 0..l routed" and returns (a forecast is dropped when two wait).
- * Staged reads are issued outside the resident set's lock. llama.cpp memory-maps the
- * GGUF; the page cache is the fast memory, `resident%` of the experts are kept,
- * residency is read with mincore when a layer routes (before its experts run), missing
- * experts are read whole and waited for (the stall). Prints one
- * line per mode. With -a -w the callback waits for each of the thread's forecasts (none
- * dropped or late, whatever the machine's speed; tests).
+ * forecasts nothing). llama.cpp's CPU threads wait for each other at every operation,
+ * spinning, so a forecast on another thread, taking one's core, stalls them all:
+ * measured 5-6% of decode time on 2 cores, against 1% for forecasts during the reads.
+ * With -a the predictor runs on a thread of its own that owns the session instead: the
+ * eval callback only queues "layers 0..l routed" and returns (a forecast is dropped when
+ * two wait). Staged reads are issued outside the resident set's lock. llama.cpp
+ * memory-maps the GGUF; the page cache is the fast memory, `resident%` of the experts
+ * are kept, residency is read with mincore when a layer routes (before its experts run),
+ * missing experts are read whole and waited for (the stall). Prints one line per mode.
+ * With -a -w the callback waits for each of the thread's forecasts (none dropped or
+ * late, whatever the machine's speed; tests).
  * With -p the trace's sequences are decoded from their own ids instead of the prompts,
  * every layer's experts forced to the recorded ones (up to -N decode steps in all).
  * -j sets llama.cpp's threads, and those of steps that forecast (default: the cores
@@ -166,21 +166,6 @@ static void forecast(Prefetcher *w, int type, uint32_t token, int known, const u
     if (wait_forecasts) flush(w);
 }
 
-/* By default (no -a) the layers ahead are forecast on the decode thread while a layer's
- * missing experts are read (use_experts' `meanwhile`); a layer without any forecasts
- * nothing. */
-typedef struct {
-    Prefetcher *w;
-    uint32_t token;
-    int known;
-    const uint16_t *routed;
-} Lookahead;
-
-static void forecast_meanwhile(void *arg) {
-    Lookahead *a = arg;
-    post(a->w, JOB_AHEAD, a->token, a->known, a->routed, a->known * a->w->res->ex->top_k);
-}
-
 /* ---- the eval callback ---- */
 typedef struct {
     Residency *res;
@@ -193,6 +178,14 @@ typedef struct {
     const uint16_t *forced; /* replay: the token's recorded experts [layer][k], routed instead */
     int error;
 } Harness;
+
+/* The layers after the `h->known` routed ones, forecast from their routing: by default
+ * (no -a) on the decode thread while a layer's missing experts are read (use_experts'
+ * `meanwhile`; a layer without any forecasts nothing), with -a queued at once. */
+static void forecast_ahead(void *arg) {
+    Harness *h = arg;
+    forecast(h->session, JOB_AHEAD, h->token, h->known, h->routed, h->known * h->res->ex->top_k);
+}
 
 static bool callback(struct ggml_tensor *t, bool ask, void *user) {
     Harness *h = user;
@@ -227,10 +220,8 @@ static bool callback(struct ggml_tensor *t, bool ask, void *user) {
         /* the routing is all the next layers' forecast needs: it runs while this layer's
          * missing experts are read (on this thread, or with -a on the prefetcher's) */
         int ahead = h->session && h->forecasting && layer + 1 < ex->n_moe;
-        Lookahead a = {.w = h->session, .token = h->token, .known = layer + 1, .routed = h->routed};
-        if (ahead && !h->session->inline_jobs)
-            forecast(h->session, JOB_AHEAD, h->token, layer + 1, h->routed, (layer + 1) * k);
-        use_experts(h->res, layer, use, k, h->count, ahead && h->session->inline_jobs ? forecast_meanwhile : NULL, &a);
+        if (ahead && !h->session->inline_jobs) forecast_ahead(h);
+        use_experts(h->res, layer, use, k, h->count, ahead && h->session->inline_jobs ? forecast_ahead : NULL, h);
     }
     if (h->prefill) use_experts(h->res, layer, seen, n_seen, 0, NULL, NULL);
     return true;
