@@ -98,7 +98,8 @@ llamacpp:
 # callback while each layer's missing experts are read, llama.cpp on every core
 # (bench-c-R.txt); with -a on a prefetcher thread of their own, llama.cpp on one thread
 # fewer while forecasting (bench-c-R-a.txt); and by default on one llama.cpp thread
-# (bench-c-R-j1.txt).
+# (bench-c-R-j1.txt). The default run adds the oracle (planned from the trace's own
+# experts) and prints each mode's share of its gain over on demand.
 llamacpp-bench: $(TARGET)/moecast_prefetch
 	@test -f $(LLAMA)/heldout.mctrace || { echo "run make llamacpp first"; exit 1; }
 	$(DBG) checkpoint synth --layers 6 --experts 16 --top-k 2 --vocab 4096 -o $(LLAMA)/synth
@@ -107,7 +108,8 @@ llamacpp-bench: $(TARGET)/moecast_prefetch
 	for r in 10 25 100; do $(LLAMA_PY) prefetch --model $(LLAMA)/synth.f16.gguf --replay $(LLAMA)/heldout.mctrace \
 	  --replay-tokens 200 --predictor $(LLAMA)/predictor-ids --resident $$r% --threads 2 --rounds 3 \
 	  --json $(LLAMA)/bench-$$r.json || exit 1; done
-	for r in 10 25 100; do for f in "" "-a" "-j 1"; do $(TARGET)/moecast_prefetch -p $(LLAMA)/heldout.mctrace -N 200 $$f -r $$r \
+	for r in 10 25 100; do for f in "" "-a" "-j 1"; do b=auto,1; test -n "$$f" || b=auto,1,oracle; \
+	  $(TARGET)/moecast_prefetch -p $(LLAMA)/heldout.mctrace -N 200 -b $$b $$f -r $$r \
 	  -R 3 $(LLAMA)/synth.f16.gguf $(LLAMA)/predictor-ids > $(LLAMA)/bench-c.tmp || { rm -f $(LLAMA)/bench-c.tmp; exit 1; }; \
 	  out=$(LLAMA)/bench-c-$$r$$(echo "$$f" | tr -d ' ').txt; mv $(LLAMA)/bench-c.tmp $$out; cat $$out; done; done
 

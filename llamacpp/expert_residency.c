@@ -130,13 +130,23 @@ static void drop_expert(Residency *r, int i) {
 }
 
 void issue_reads(Residency *r, const uint32_t *reads, int n) {
+    int issued = 0;
     pthread_mutex_lock(&r->io_mu);
+    double t0 = now_s();
     for (int j = 0; j < n; j++)
         if (__atomic_exchange_n(&r->want[reads[j]], 0, __ATOMIC_RELAXED)) {
             read_expert(r, (int)reads[j]);
             __atomic_add_fetch(&r->reads_issued, 1, __ATOMIC_RELAXED);
+            issued++;
         }
+    double took = now_s() - t0;
+    r->issue_s += took;
     pthread_mutex_unlock(&r->io_mu);
+    if (issued && r->planner && !r->stated) { /* the thread time a staged read takes, for the planner */
+        pthread_mutex_lock(&r->mu);
+        mc_planner_read_issued(r->planner, took / issued);
+        pthread_mutex_unlock(&r->mu);
+    }
 }
 
 /* The held expert with the smallest age, skipping those marked in `skip` (or none). */
@@ -320,7 +330,7 @@ void residency_init(Residency *r, Experts *ex, int capacity, int slots, struct m
     r->capacity = capacity;
     r->slots = slots;
     r->planner = planner;
-    r->measured = measured;
+    r->measured = r->stated = measured;
     pthread_mutex_init(&r->mu, NULL);
     pthread_mutex_init(&r->io_mu, NULL);
     r->fd = open(ex->path, O_RDONLY);

@@ -54,10 +54,12 @@ typedef struct {
     int next_layer;     /* the layers of the current step routed so far */
     struct mc_planner *planner; /* NULL: a fixed budget in staging slots */
     int measured;               /* the planner has a read time (timed or stated) */
+    int stated;                 /* it plans with stated timings only (not told issuing times) */
     pthread_mutex_t mu;         /* see above */
     pthread_mutex_t io_mu;      /* held while staged reads are issued */
     long uses, resident_uses, late, staged;
     double bytes_demand, bytes_staged, bytes_wasted, stall_s;
+    double issue_s; /* spent issuing staged reads (under io_mu; the planner is told each read's share) */
 } Residency;
 
 /* A resident set over llama.cpp's mapping of ex->path, everything dropped from the page
@@ -82,7 +84,8 @@ void stage_expert(Residency *r, int l, int e, uint32_t *reads, int *n_reads);
 int offer_forecast(Residency *r, int l, const uint16_t *ranking, int n, uint32_t *reads, int *n_reads);
 
 /* Issues the staged reads decided (those not dropped since); called without `mu`, so a
- * decode step never waits while they are queued on the device. */
+ * decode step never waits while they are queued on the device. Then tells a planner
+ * without stated timings (taking `mu`) the time each took the calling thread. */
 void issue_reads(Residency *r, const uint32_t *reads, int n);
 
 /* Staged experts never used count as wasted. */

@@ -7,26 +7,28 @@
  *
  * Greedy decoding of every prompt (one per line), on demand and, with a predictor (an
  * ids-only moecast predictor, through libmoecast's C ABI), with forecast experts staged,
- * the rounds of each mode alternating. MODES is a comma list: `auto` stages what
- * moecast's planner judges worth a read (mc_planner_*: every forecast layer's top-k
- * offered; it times the reads and layers, or plans with -t's stated microseconds) in the
- * resident set itself, and moecast's prefetch guard (mc_guard_*; -G: off) turns
- * forecasting off in windows of steps where it measures slower (one guard over all rounds,
- * as a runtime keeps one over its requests: it measures once); a count N stages the best
- * N of the next layer in staging slots of their own (2 x N). The forecasts run on the
- * decode thread: the token's own at its start, and the layers ahead in the eval callback
- * while the routed layer's missing experts are read, which hides them (a layer with none
- * forecasts nothing). llama.cpp's CPU threads wait for each other at every operation,
- * spinning, so a forecast on another thread, taking one's core, stalls them all:
- * measured 5-6% of decode time on 2 cores, against 1% for forecasts during the reads.
- * With -a the predictor runs on a thread of its own that owns the session instead: the
- * eval callback only queues "layers 0..l routed" and returns (a forecast is dropped when
- * two wait). Staged reads are issued outside the resident set's lock. llama.cpp
- * memory-maps the GGUF; the page cache is the fast memory, `resident%` of the experts
- * are kept, residency is read with mincore when a layer routes (before its experts run),
- * missing experts are read whole and waited for (the stall). Prints one line per mode.
- * With -a -w the callback waits for each of the thread's forecasts (none dropped or
- * late, whatever the machine's speed; tests).
+ * the rounds of each mode alternating (odd rounds in reverse order; each mode's lowest
+ * and highest round over on demand's is printed beside the ratio of the means). MODES is
+ * a comma list: `auto` stages what moecast's planner judges worth a read (mc_planner_*:
+ * every forecast layer's top-k offered; it times the reads, their issuing and the layers,
+ * or plans with -t's stated microseconds) in the resident set itself, and moecast's
+ * prefetch guard (mc_guard_*; -G: off) turns forecasting off in windows of steps where it
+ * measures slower (one guard over all rounds, as a runtime keeps one); a count N stages
+ * the best N of the next layer in staging slots of their own (2 x N); with -p, `oracle`
+ * plans as `auto` from the trace's own experts, as far ahead as the predictor (3 layers
+ * without one): the ceiling, and each mode's share of its gain is printed. Forecasts run
+ * on the decode thread: the token's own at its start (its first layer only), the layers
+ * ahead in the eval callback while the routed layer's missing experts are read, which
+ * hides them and their reads' issuing (a layer with none forecasts nothing). llama.cpp's
+ * CPU threads wait for each other at every operation, spinning, so a forecast on another
+ * thread, taking one's core, stalls them all: 5-6% of decode time on 2 cores, against 1%
+ * during the reads. With -a the predictor runs on a thread of its own that owns the
+ * session: the callback only queues "layers 0..l routed" (a forecast is dropped when two
+ * wait); -a -w waits for each (none dropped or late, whatever the machine's speed;
+ * tests). Staged reads are issued outside the resident set's lock. llama.cpp memory-maps
+ * the GGUF; the page cache is the fast memory, `resident%` of the experts are kept,
+ * residency is read with mincore when a layer routes (before its experts run), missing
+ * experts are read whole and waited for (the stall). Prints one line per mode.
  * With -p the trace's sequences are decoded from their own ids instead of the prompts,
  * every layer's experts forced to the recorded ones (up to -N decode steps in all).
  * -j sets llama.cpp's threads, and those of steps that forecast (default: the cores
@@ -58,6 +60,7 @@ typedef struct {
     int type, known;
     uint64_t step; /* the decode step it was posted in */
     uint32_t token;
+    const uint16_t *truth; /* the oracle's: the replayed token's recorded experts [layer][k] */
     uint16_t routed[MAX_LAYERS * MAX_K];
 } Job;
 #define RING 256
@@ -71,6 +74,8 @@ typedef struct {
     char message[512]; /* mc_last_error() is per thread: the worker's, kept for main */
     struct mc_session *session;
     int budget, horizon; /* budget 0: planned (every forecast layer's top-k offered) */
+    int oracle;          /* planned from the replayed trace's own experts, no session */
+    const uint16_t *truth; /* the oracle's: the token being decoded's recorded experts */
     Residency *res;
     uint16_t ahead[MAX_LAYERS * MAX_K];
     uint32_t *reads;
@@ -80,18 +85,21 @@ static void run_job(Prefetcher *w, const Job *j) {
     Experts *ex = w->res->ex;
     int k = ex->top_k, per = w->budget ? w->budget : k, rc = 0, first = -1, layers = 0, n_reads = 0;
     switch (j->type) {
-    case JOB_RESET: rc = mc_session_reset(w->session); break;
-    case JOB_OBSERVE: rc = mc_session_observe(w->session, j->token, j->routed); break;
-    case JOB_NEXT:
-        rc = mc_session_predict_next(w->session, j->token, (uint32_t)per, w->ahead);
-        first = 0, layers = w->budget ? 1 : ex->n_moe;
+    case JOB_RESET: rc = w->oracle ? MC_OK : mc_session_reset(w->session); break;
+    case JOB_OBSERVE: rc = w->oracle ? MC_OK : mc_session_observe(w->session, j->token, j->routed); break;
+    case JOB_NEXT: /* its first layer: the later ones are forecast better once layers route */
+        if (!w->oracle) rc = mc_session_predict_next(w->session, j->token, (uint32_t)per, w->ahead);
+        first = 0, layers = 1;
         break;
     case JOB_AHEAD:
-        rc = mc_session_predict_lookahead(w->session, j->token, (uint32_t)j->known, j->routed, (uint32_t)per, w->ahead);
+        if (!w->oracle)
+            rc = mc_session_predict_lookahead(w->session, j->token, (uint32_t)j->known, j->routed, (uint32_t)per, w->ahead);
         first = j->known, layers = w->budget ? 1 : w->horizon;
         break;
     }
     if (!layers) goto done;
+    for (int h = 0; w->oracle && h < layers && first + h < ex->n_moe; h++) /* the forecast the trace knows */
+        memcpy(w->ahead + (size_t)h * per, j->truth + (size_t)(first + h) * k, (size_t)k * sizeof(uint16_t));
     pthread_mutex_lock(&w->res->mu);
     /* a forecast of a layer that has routed since (or of an earlier step) is for a lookup
      * gone by: offered, the planner would take it for the next token's */
@@ -135,7 +143,7 @@ static void *worker_main(void *arg) {
 static void post(Prefetcher *w, int type, uint32_t token, int known, const uint16_t *routed, int n) {
     if (w->inline_jobs) {
         static Job j;
-        j.type = type, j.token = token, j.known = known, j.step = w->res->step;
+        j.type = type, j.token = token, j.known = known, j.step = w->res->step, j.truth = w->truth;
         if (n) memcpy(j.routed, routed, (size_t)n * sizeof(uint16_t));
         run_job(w, &j);
         return;
@@ -144,7 +152,7 @@ static void post(Prefetcher *w, int type, uint32_t token, int known, const uint1
     if ((type == JOB_NEXT || type == JOB_AHEAD) && w->count >= 2) { pthread_mutex_unlock(&w->mu); return; }
     while (w->count == RING) pthread_cond_wait(&w->idle, &w->mu);
     Job *j = &w->ring[(w->head + w->count) % RING];
-    j->type = type, j->token = token, j->known = known, j->step = w->res->step;
+    j->type = type, j->token = token, j->known = known, j->step = w->res->step, j->truth = w->truth;
     if (n) memcpy(j->routed, routed, (size_t)n * sizeof(uint16_t));
     w->count++;
     pthread_cond_signal(&w->work);
@@ -260,6 +268,7 @@ static double decode_step(Decoder *d, llama_token token, int pos, int count) {
     h->res->step++, h->res->next_layer = 0;
     if (d->planner) mc_planner_token_started(d->planner);
     pthread_mutex_unlock(&h->res->mu);
+    if (h->session) h->session->truth = h->forced;
     if (h->forecasting) forecast(h->session, JOB_NEXT, h->token, 0, NULL, 0);
     d->batch.n_tokens = 1;
     d->batch.token[0] = token, d->batch.pos[0] = pos, d->batch.n_seq_id[0] = 1, d->batch.seq_id[0][0] = 0;
@@ -274,16 +283,19 @@ static double decode_step(Decoder *d, llama_token token, int pos, int count) {
 /* What one mode counted over its rounds. */
 typedef struct {
     int budget; /* -1: on demand; 0: planned; N: a fixed budget */
-    double tps, resident, demand, staged, wasted, stall;
+    int oracle; /* planned, from the replayed trace's own experts */
+    double tps, resident, demand, staged, wasted, stall, issue;
+    double round_tps, ratio_min, ratio_max; /* the last round's tokens/s; each round's over on demand's */
     uint64_t steps, steps_off, steps_fewer;
     struct mc_plan_report plan;
     struct mc_guard *guard; /* planned: kept over the rounds, as a runtime keeps it over requests */
 } ModeTotals;
 
-static void mode_name(int budget, char *name, size_t size) {
-    if (budget < 0) snprintf(name, size, "on-demand");
-    else if (budget == 0) snprintf(name, size, "planned");
-    else snprintf(name, size, "budget-%d", budget);
+static void mode_name(const ModeTotals *mt, char *name, size_t size) {
+    if (mt->oracle) snprintf(name, size, "oracle");
+    else if (mt->budget < 0) snprintf(name, size, "on-demand");
+    else if (mt->budget == 0) snprintf(name, size, "planned");
+    else snprintf(name, size, "budget-%d", mt->budget);
 }
 
 static void usage(const char *argv0) {
@@ -338,13 +350,17 @@ int main(int argc, char **argv) {
     static ModeTotals modes[MAX_MODES];
     int n_modes = 1;
     modes[0].budget = -1;
-    for (const char *m = modes_arg; pred_dir && *m; m += strcspn(m, ",") + (m[strcspn(m, ",")] == ',')) {
+    for (const char *m = modes_arg; *m; m += strcspn(m, ",") + (m[strcspn(m, ",")] == ',')) {
         char item[32];
         snprintf(item, sizeof item, "%.*s", (int)strcspn(m, ","), m);
         char *end;
-        long b = !strcmp(item, "auto") ? 0 : strtol(item, &end, 10);
-        if ((strcmp(item, "auto") && (end == item || *end || b < 1 || b > MAX_K)) || n_modes == MAX_MODES)
-            die("-b", "takes a comma list of `auto` and expert counts");
+        int oracle = !strcmp(item, "oracle");
+        long b = oracle || !strcmp(item, "auto") ? 0 : strtol(item, &end, 10);
+        if ((strcmp(item, "auto") && !oracle && (end == item || *end || b < 1 || b > MAX_K)) || n_modes == MAX_MODES)
+            die("-b", "takes a comma list of `auto`, `oracle` and expert counts");
+        if (oracle && !trace_path) die("-b", "`oracle` forecasts from a replayed trace: give -p TRACE");
+        if (!oracle && !pred_dir) continue; /* forecasts need a predictor */
+        modes[n_modes].oracle = oracle;
         modes[n_modes++].budget = (int)b;
     }
 
@@ -419,9 +435,11 @@ int main(int argc, char **argv) {
     if (trace && max_steps) printf("%u sequences of %s replayed (their experts forced), up to %ld decode steps\n", n_seqs, trace_path, max_steps);
     else if (trace) printf("%u sequences of %s replayed (their experts forced)\n", n_seqs, trace_path);
     else printf("greedy, up to %d new tokens per prompt\n", new_tokens);
-    for (int round = 0; round < rounds; round++)
-        for (int mode = 0; mode < n_modes; mode++) {
-            ModeTotals *mt = &modes[mode];
+    for (int round = 0; round < rounds; round++) {
+        for (int turn = 0; turn < n_modes; turn++) {
+            /* odd rounds run the modes in reverse, so a drift in the machine's speed over
+             * a round does not favour the modes that run first */
+            ModeTotals *mt = &modes[round % 2 ? n_modes - 1 - turn : turn];
             int b = mt->budget;
             struct mc_planner *planner = NULL;
             if (b == 0 && mc_planner_new((uint32_t)ex.n_moe, (uint32_t)ex.n_experts, (uint32_t)ex.top_k, (uint32_t)capacity,
@@ -439,9 +457,10 @@ int main(int argc, char **argv) {
             static Prefetcher w;
             if (b >= 0) {
                 memset(&w, 0, sizeof w);
-                if (mc_session_new(pred, &w.session)) die(pred_dir, mc_last_error());
-                w.res = &res, w.reads = reads;
-                w.budget = b, w.horizon = (int)horizon, w.inline_jobs = inline_forecasts;
+                if (!mt->oracle && mc_session_new(pred, &w.session)) die(pred_dir, mc_last_error());
+                w.res = &res, w.reads = reads, w.oracle = mt->oracle;
+                /* the oracle reads as far ahead as the predictor (3 layers without one) */
+                w.budget = b, w.horizon = horizon ? (int)horizon : 3, w.inline_jobs = inline_forecasts;
                 pthread_mutex_init(&w.mu, NULL);
                 pthread_cond_init(&w.work, NULL);
                 pthread_cond_init(&w.idle, NULL);
@@ -503,12 +522,12 @@ int main(int argc, char **argv) {
                 pthread_mutex_unlock(&w.mu);
                 if (!inline_forecasts) pthread_join(w.thread, NULL);
                 if (w.error) die(pred_dir, w.message);
-                mc_session_free(w.session);
+                if (w.session) mc_session_free(w.session);
             }
             residency_finish(&res);
-            mt->tps += steps / decode_s, mt->steps += (uint64_t)steps;
+            mt->round_tps = steps / decode_s, mt->tps += mt->round_tps, mt->steps += (uint64_t)steps;
             char name[24];
-            mode_name(b, name, sizeof name);
+            mode_name(mt, name, sizeof name);
             uint64_t off = mt->steps_off;
             if (guard) mc_guard_steps_off(guard, &mt->steps_off);
             fprintf(stderr, "round %d/%d %s: %.1f tokens/s", round + 1, rounds, name, steps / decode_s);
@@ -516,38 +535,57 @@ int main(int argc, char **argv) {
             fprintf(stderr, "\n");
             mt->resident += (double)res.resident_uses / (res.uses ? res.uses : 1);
             mt->demand += res.bytes_demand, mt->staged += res.bytes_staged, mt->wasted += res.bytes_wasted;
-            mt->stall += res.stall_s;
+            mt->stall += res.stall_s, mt->issue += res.issue_s;
             if (planner) mc_planner_report(planner, &mt->plan);
             mt->steps_fewer += d.steps_fewer;
             residency_free(&res);
             mc_planner_free(planner);
         }
+        for (int mode = 0; mode < n_modes; mode++) {
+            ModeTotals *mt = &modes[mode];
+            double ratio = mt->round_tps / modes[0].round_tps;
+            if (!round || ratio < mt->ratio_min) mt->ratio_min = ratio;
+            if (!round || ratio > mt->ratio_max) mt->ratio_max = ratio;
+        }
+    }
 
-    printf("%-10s %18s %10s %10s %10s %8s %9s %13s\n", "mode", "resident when used", "demand MB", "staged MB", "wasted MB",
-           "stall s", "tokens/s", "vs on-demand");
+    printf("%-10s %18s %10s %10s %10s %8s %9s %13s %15s %10s\n", "mode", "resident when used", "demand MB", "staged MB", "wasted MB",
+           "stall s", "tokens/s", "vs on-demand", "rounds min-max", "issuing s");
+    int oracle = -1;
     for (int mode = 0; mode < n_modes; mode++) {
         ModeTotals *mt = &modes[mode];
         char name[24];
-        mode_name(mt->budget, name, sizeof name);
-        printf("%-10s %17.1f%% %10.2f %10.2f %10.2f %8.3f %9.1f %12.2fx\n", name, 100 * mt->resident / rounds,
+        mode_name(mt, name, sizeof name);
+        if (mt->oracle) oracle = mode;
+        printf("%-10s %17.1f%% %10.2f %10.2f %10.2f %8.3f %9.1f %12.2fx %9.2f-%.2fx %10.3f\n", name, 100 * mt->resident / rounds,
                mt->demand / rounds / 1e6, mt->staged / rounds / 1e6, mt->wasted / rounds / 1e6, mt->stall / rounds,
-               mt->tps / rounds, mt->tps / modes[0].tps);
+               mt->tps / rounds, mt->tps / modes[0].tps, mt->ratio_min, mt->ratio_max, mt->issue / rounds);
     }
     for (int mode = 0; mode < n_modes; mode++)
         if (modes[mode].budget == 0) {
             struct mc_plan_report *p = &modes[mode].plan;
-            printf("planner (planned mode, last round): offered %llu, staged %llu, too late %llu, not worth a read %llu; read %.0f us, "
-                   "layer %.0f us; %llu of %llu steps without prefetch (all rounds, one guard)\n",
+            char name[24];
+            mode_name(&modes[mode], name, sizeof name);
+            printf("planner (%s, last round): offered %llu, staged %llu, too late %llu, not worth a read %llu; read %.0f us, "
+                   "layer %.0f us; %llu of %llu steps without prefetch (all rounds, one guard)\n", name,
                    (unsigned long long)p->offered, (unsigned long long)p->staged, (unsigned long long)p->late,
                    (unsigned long long)p->not_worth, p->read_us, p->layer_us, (unsigned long long)modes[mode].steps_off,
                    (unsigned long long)modes[mode].steps);
             mc_guard_free(modes[mode].guard);
         }
+    /* the share of the oracle's gain over on demand that each forecasting mode reaches */
+    for (int mode = 1; oracle > 0 && mode < n_modes; mode++) {
+        char name[24];
+        double gain = modes[oracle].tps - modes[0].tps;
+        mode_name(&modes[mode], name, sizeof name);
+        if (mode != oracle) printf("%s: %.0f%% of the oracle's gain over on demand (%.2fx)\n", name,
+                                   100 * (modes[mode].tps - modes[0].tps) / gain, modes[oracle].tps / modes[0].tps);
+    }
     if (threads[1] < threads[0]) {
         printf("steps with %d llama.cpp thread(s) (forecasting), of all:", threads[1]);
         for (int mode = 0; mode < n_modes; mode++) {
             char name[24];
-            mode_name(modes[mode].budget, name, sizeof name);
+            mode_name(&modes[mode], name, sizeof name);
             printf("%s %s %llu of %llu", mode ? "," : "", name, (unsigned long long)modes[mode].steps_fewer,
                    (unsigned long long)modes[mode].steps);
         }

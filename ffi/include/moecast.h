@@ -455,6 +455,15 @@ int mc_planner_evicted(struct mc_planner *p, uint32_t id);
 int mc_planner_read_done(struct mc_planner *p, double seconds);
 
 /**
+ * Issuing one staged read took `seconds` of the decoding thread (where reads take the
+ * runtime's own CPU, as the page cache's do): every staged read is charged that much.
+ *
+ * # Safety
+ * `p` is a live planner.
+ */
+int mc_planner_read_issued(struct mc_planner *p, double seconds);
+
+/**
  * The decode thread waited `seconds` for a read (the layer's own time excludes it).
  *
  * # Safety

@@ -150,6 +150,19 @@ pub unsafe extern "C" fn mc_planner_read_done(p: *mut mc_planner, seconds: f64) 
     })
 }
 
+/// Issuing one staged read took `seconds` of the decoding thread (where reads take the
+/// runtime's own CPU, as the page cache's do): every staged read is charged that much.
+///
+/// # Safety
+/// `p` is a live planner.
+#[no_mangle]
+pub unsafe extern "C" fn mc_planner_read_issued(p: *mut mc_planner, seconds: f64) -> c_int {
+    guard(|| {
+        let p = non_null_mut(p, "p")?;
+        p.planner.read_issued(seconds).map_err(planner_error)
+    })
+}
+
 /// The decode thread waited `seconds` for a read (the layer's own time excludes it).
 ///
 /// # Safety

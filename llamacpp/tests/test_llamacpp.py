@@ -274,7 +274,7 @@ def _c_harness(work, *flags):
     print("\n" + out)
     cols = ["resident", "demand", "staged", "wasted", "stall", "tokens_per_s"]
     return {l.split()[0]: dict(zip(cols, (float(x.rstrip("%")) for x in l.split()[1:7])))
-            for l in out.splitlines() if l.startswith(("on-demand", "budget-", "planned "))}
+            for l in out.splitlines() if l.startswith(("on-demand", "budget-", "planned ", "oracle "))}
 
 
 @pytest.mark.skipif(not os.environ.get("MOECAST_PREFETCH_C"), reason="make test-llamacpp builds the C harness")
@@ -343,7 +343,8 @@ def test_c_harness_refuses_bad_arguments():
         pytest.skip("make test-llamacpp builds the C harness")
     for flags, message in ((["-t", "10"], "-t: takes READ_US,LAYER_US"), (["-b", "auto,x"], "-b: takes a comma list"),
                            (["-r", "0"], "-r in (0, 100]"), (["-j", "1,2"], "-j: takes THREADS"),
-                           (["-w"], "-w: waits for the prefetcher thread's forecasts")):
+                           (["-w"], "-w: waits for the prefetcher thread's forecasts"),
+                           (["-b", "auto,oracle"], "-b: `oracle` forecasts from a replayed trace: give -p TRACE")):
         run = subprocess.run([os.environ["MOECAST_PREFETCH_C"], *flags, "missing.gguf", str(HELDOUT), "pred"],
                              capture_output=True, text=True)
         assert run.returncode != 0 and message in run.stderr, (flags, run.stderr)
@@ -376,3 +377,37 @@ def test_c_harness_replays_a_trace_with_its_experts_forced(work, tmp_path):
     run = subprocess.run([os.environ["MOECAST_PREFETCH_C"], "-p", str(bad), str(work / "tiny.f32.gguf")],
                          capture_output=True, text=True)
     assert run.returncode != 0 and "other-shape.jsonl" in run.stderr and "differ from the model's" in run.stderr
+
+
+@pytest.mark.skipif(not os.environ.get("MOECAST_PREFETCH_C"), reason="make test-llamacpp builds the C harness")
+def test_c_harness_oracle_stages_the_replayed_experts(work):
+    """-b oracle (with -p) plans as `auto` does from the replayed trace's own experts, no
+    predictor needed: with reads stated fast (10 us against 1 ms layers) and no guard it
+    stages most routed experts ahead of use, where on demand a 10% resident set (10
+    experts, fewer than a token's 12) holds none of them. The planner's staging limit
+    (keeping an entry alive a token where demand paging would) must not take the misses
+    that staging saved as demand paging's own: it held a sure forecast to one read a
+    lookup, and half of on demand's reads stayed (now 20-32%, layer 0's among them: the
+    token's forecast at its start offers only its first layer, the next lookup). Stated
+    slow (1 s) no read pays and it reads what on demand reads. Each mode's
+    tokens/s over on demand's in the same round brackets the ratio of the means (the
+    rounds alternate, odd ones in reverse)."""
+    def modes(*flags):
+        out = subprocess.run([os.environ["MOECAST_PREFETCH_C"], "-p", str(work / "ref.jsonl"), "-N", "120", "-r", "10",
+                              "-b", "auto,oracle", "-G", *flags, str(work / "tiny.f32.gguf")],
+                             check=True, capture_output=True, text=True).stdout
+        print("\n" + out)
+        rows = {l.split()[0]: l.split() for l in out.splitlines() if l.startswith(("on-demand", "oracle "))}
+        assert set(rows) == {"on-demand", "oracle"}, "auto needs a predictor: without one only the oracle forecasts"
+        return {m: {"resident": float(r[1].rstrip("%")), "demand": float(r[2]), "staged": float(r[3]),
+                    "ratio": float(r[7].rstrip("x")), "rounds": tuple(map(float, r[8].rstrip("x").split("-")))}
+                for m, r in rows.items()}
+
+    fast = modes("-t", "10,1000", "-R", "2")
+    base, oracle = fast["on-demand"], fast["oracle"]
+    assert base["resident"] < 10 and oracle["resident"] > base["resident"] + 30
+    assert oracle["demand"] < 0.4 * base["demand"] and oracle["staged"] > 0.6 * base["demand"]
+    low, high = oracle["rounds"]
+    assert low <= oracle["ratio"] <= high and base["rounds"] == (1.0, 1.0)
+    slow = modes("-t", "1000000,1000", "-R", "1")
+    assert slow["oracle"]["staged"] == 0 and slow["oracle"]["demand"] == slow["on-demand"]["demand"]

@@ -235,6 +235,7 @@ fn settings() -> PlannerSettings {
         n_experts: 16,
         n_moe: 4,
         capacity: 16,
+        issue_us: 0.0,
     }
 }
 

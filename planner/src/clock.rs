@@ -21,7 +21,7 @@ pub struct PlanTimings {
     pub layer_us: f64,
 }
 
-fn ema(old: Option<f64>, x: f64) -> Option<f64> {
+pub(crate) fn ema(old: Option<f64>, x: f64) -> Option<f64> {
     Some(old.map_or(x, |o| o + RATE * (x - o)))
 }
 

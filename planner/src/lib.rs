@@ -109,6 +109,10 @@ pub struct PlannerSettings {
     /// Experts the cache holds (a read for a layer further ahead than an entry lives is
     /// evicted before its use).
     pub capacity: usize,
+    /// Time the decoding thread spends issuing one staged read (a runtime whose reads
+    /// take its own CPU, as the page cache's do on a small machine; 0 where loader
+    /// threads issue them): every staged read costs it, used or not.
+    pub issue_us: f64,
 }
 
 impl PlannerSettings {
@@ -123,6 +127,7 @@ impl PlannerSettings {
             n_experts,
             n_moe,
             capacity,
+            issue_us: 0.0,
         }
     }
 }
@@ -486,7 +491,7 @@ impl PrefetchPlanner {
             let delay = spans as f64 * self.miss_share * s.chunk_us.min(s.read_us);
             // Untimed (reads take no time), only the probabilities count.
             let (gain, cost) = if s.read_us > 0.0 {
-                (p * saving, victim * s.read_us + delay)
+                (p * saving, victim * s.read_us + delay + s.issue_us)
             } else {
                 (p, victim)
             };

@@ -74,6 +74,12 @@ pub struct StagingPlanner {
     /// many since the last lookup.
     staged: HashSet<u32>,
     staged_since_lookup: usize,
+    /// Running mean of staged experts used per lookup: each is a read demand paging
+    /// would have made at that lookup.
+    staged_used_per_lookup: f64,
+    /// Running mean of the time the runtime's thread takes to issue a staged read
+    /// (microseconds; none told: 0).
+    issue_us: Option<f64>,
 }
 
 impl StagingPlanner {
@@ -117,6 +123,8 @@ impl StagingPlanner {
             started: false,
             staged: HashSet::new(),
             staged_since_lookup: 0,
+            staged_used_per_lookup: 0.0,
+            issue_us: None,
         })
     }
 
@@ -167,6 +175,12 @@ impl StagingPlanner {
         let used: Vec<usize> = experts.iter().map(|&x| layer * e + x as usize).collect();
         self.clock.routed();
         self.planner.observe_layer(layer, &used, demand_reads);
+        let staged_used = used
+            .iter()
+            .filter(|&&id| self.staged.contains(&(id as u32)))
+            .count();
+        self.staged_used_per_lookup +=
+            crate::RATE * (staged_used as f64 - self.staged_used_per_lookup);
         self.next_layer = layer + 1;
         self.staged.retain(|&id| id as usize / e != layer);
         self.staged_since_lookup = 0;
@@ -193,6 +207,13 @@ impl StagingPlanner {
     pub fn read_done(&mut self, seconds: f64) -> Result<(), StagingError> {
         self.clock
             .read_measured(duration("read time", seconds)? * 1e6, false);
+        Ok(())
+    }
+
+    /// Issuing a staged read took `seconds` of the thread that decodes (the runtime's
+    /// reads take its CPU): the planner charges every staged read that much.
+    pub fn read_issued(&mut self, seconds: f64) -> Result<(), StagingError> {
+        self.issue_us = crate::clock::ema(self.issue_us, duration("issue time", seconds)? * 1e6);
         Ok(())
     }
 
@@ -247,7 +268,10 @@ impl StagingPlanner {
         }
         self.planner
             .merge_deferred(&mut offered, self.token, self.next_layer);
-        let s = self.clock.settings(*self.planner.settings(), 1.0);
+        let s = crate::PlannerSettings {
+            issue_us: self.issue_us.unwrap_or(0.0),
+            ..self.clock.settings(*self.planner.settings(), 1.0)
+        };
         self.planner.set_settings(s);
         let now = self.clock.link(0.0);
         let limit = self.staging_limit();
@@ -286,12 +310,16 @@ impl StagingPlanner {
 
     /// Reads staged per lookup at most: where demand paging alone lets a cache entry
     /// live a token's lookups (so an expert the next token reuses is still resident),
-    /// staging may not shorten that below a token.
+    /// staging may not shorten that below a token: the misses and the staged reads
+    /// together insert no more than the cache holds per lookup. Demand paging alone
+    /// would read the misses and the staged experts used (each replaced a demand read);
+    /// judged by the misses alone, fewer the more staging pays, a cache smaller than a
+    /// token's experts held a sure forecast to about half of them.
     fn staging_limit(&self) -> usize {
         let s = self.planner.settings();
         let per_lookup = s.capacity as f64 / s.n_moe as f64;
         let misses = self.planner.misses_per_lookup();
-        if misses < per_lookup {
+        if misses + self.staged_used_per_lookup < per_lookup {
             (per_lookup - misses).ceil() as usize
         } else {
             usize::MAX

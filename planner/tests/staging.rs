@@ -52,6 +52,30 @@ fn certain_forecasts_are_staged_only_when_the_link_can_bring_them_in_time() {
     assert_eq!(slow.counts().offered, 2);
 }
 
+/// A staged read that takes the decoding thread's time is charged it: an even chance of
+/// saving a 100 us read pays for a read issued in 10 us, not for one that takes the
+/// thread 80 us to issue; a sure forecast still pays for that. Free slots: no victim.
+#[test]
+fn the_time_a_staged_read_takes_to_issue_is_charged() {
+    let free = LinkQueue {
+        queued_reads: 0,
+        free_slots: 8,
+    };
+    for (issue_s, claimed, staged) in [(10e-6, 0.5, true), (80e-6, 0.5, false), (80e-6, 1.0, true)]
+    {
+        let mut p = planner(100.0);
+        p.token_started();
+        p.read_issued(issue_s).unwrap();
+        let out = p.plan(2, &[3], Some(&[claimed]), None, free, 8).unwrap();
+        assert_eq!(
+            out.len(),
+            usize::from(staged),
+            "issue {issue_s} s, p {claimed}: {out:?}"
+        );
+    }
+    assert!(planner(100.0).read_issued(f64::NAN).is_err());
+}
+
 /// What is resident or staged already is not read again, and `room` bounds the answer.
 #[test]
 fn resident_and_already_staged_experts_are_not_read_again() {

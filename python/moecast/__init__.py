@@ -17,6 +17,7 @@
     stage = pl.plan(layer, ids, probs)            # experts worth a read now, as
     pl.layer_routed(layer, experts, misses)       # layer * n_experts + expert
     pl.read_done(seconds)                         # after each read
+    pl.read_issued(seconds)                       # a staged read's issuing, if on the decode thread
     pl.evicted(expert_id)                         # what a staged read evicted
 
     g = moecast.PrefetchGuard()                   # does prefetch pay here? measured:
@@ -189,6 +190,11 @@ class Planner:
     def read_done(self, seconds):
         """A read (on demand or staged) took `seconds` of the link."""
         self._p.read_done(float(seconds))
+
+    def read_issued(self, seconds):
+        """Issuing a staged read took `seconds` of the decoding thread (where reads take
+        the runtime's own CPU): every staged read is charged that much."""
+        self._p.read_issued(float(seconds))
 
     def stalled(self, seconds):
         """The decode thread waited `seconds` for a read."""

@@ -391,6 +391,11 @@ impl Planner {
         self.planner.read_done(seconds).map_err(err)
     }
 
+    /// Issuing a staged read took `seconds` of the decoding thread.
+    fn read_issued(&mut self, seconds: f64) -> PyResult<()> {
+        self.planner.read_issued(seconds).map_err(err)
+    }
+
     /// The decode thread waited `seconds` for a read.
     fn stalled(&mut self, seconds: f64) -> PyResult<()> {
         self.planner.stalled(seconds).map_err(err)

@@ -231,6 +231,8 @@ def test_planner_stages_the_blends_forecasts_when_the_link_is_fast(trained):
         pl.layer_routed(0, [9, 1], 2)
     with pytest.raises(moecast.MoecastError, match="not a duration"):
         pl.read_done(-1)
+    with pytest.raises(moecast.MoecastError, match="issue time"):
+        pl.read_issued(float("nan"))
     with pytest.raises(moecast.MoecastError, match="expert id 32"):
         pl.evicted(32)
     pl.evicted(31)

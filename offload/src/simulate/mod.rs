@@ -508,6 +508,8 @@ pub fn simulate(
             n_experts: e,
             n_moe: m,
             capacity: cache.capacity(),
+            // the simulated link's reads take none of the decoding's time
+            issue_us: 0.0,
         })
     });
     let r = SimReport {
