@@ -108,7 +108,7 @@ llamacpp-bench: $(TARGET)/moecast_prefetch
 	for r in 10 25 100; do $(LLAMA_PY) prefetch --model $(LLAMA)/synth.f16.gguf --replay $(LLAMA)/heldout.mctrace \
 	  --replay-tokens 200 --predictor $(LLAMA)/predictor-ids --resident $$r% --threads 2 --rounds 3 \
 	  --json $(LLAMA)/bench-$$r.json || exit 1; done
-	for r in 10 25 100; do for f in "" "-a" "-j 1"; do b=auto,1; test -n "$$f" || b=auto,1,oracle; \
+	for r in 10 25 100; do for f in "" "-a" "-j 1"; do b=auto,1; test -n "$$f" -o $$r = 100 || b=auto,1,oracle; \
 	  $(TARGET)/moecast_prefetch -p $(LLAMA)/heldout.mctrace -N 200 -b $$b $$f -r $$r \
 	  -R 3 $(LLAMA)/synth.f16.gguf $(LLAMA)/predictor-ids > $(LLAMA)/bench-c.tmp || { rm -f $(LLAMA)/bench-c.tmp; exit 1; }; \
 	  out=$(LLAMA)/bench-c-$$r$$(echo "$$f" | tr -d ' ').txt; mv $(LLAMA)/bench-c.tmp $$out; cat $$out; done; done

@@ -142,7 +142,7 @@ void issue_reads(Residency *r, const uint32_t *reads, int n) {
     double took = now_s() - t0;
     r->issue_s += took;
     pthread_mutex_unlock(&r->io_mu);
-    if (issued && r->planner && !r->stated) { /* the thread time a staged read takes, for the planner */
+    if (issued && r->planner && r->tell_issue) { /* the decode thread's time a staged read takes */
         pthread_mutex_lock(&r->mu);
         mc_planner_read_issued(r->planner, took / issued);
         pthread_mutex_unlock(&r->mu);
@@ -330,7 +330,7 @@ void residency_init(Residency *r, Experts *ex, int capacity, int slots, struct m
     r->capacity = capacity;
     r->slots = slots;
     r->planner = planner;
-    r->measured = r->stated = measured;
+    r->measured = measured;
     pthread_mutex_init(&r->mu, NULL);
     pthread_mutex_init(&r->io_mu, NULL);
     r->fd = open(ex->path, O_RDONLY);

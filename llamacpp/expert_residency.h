@@ -54,7 +54,7 @@ typedef struct {
     int next_layer;     /* the layers of the current step routed so far */
     struct mc_planner *planner; /* NULL: a fixed budget in staging slots */
     int measured;               /* the planner has a read time (timed or stated) */
-    int stated;                 /* it plans with stated timings only (not told issuing times) */
+    int tell_issue;             /* tell the planner the time issuing takes (the caller sets it) */
     pthread_mutex_t mu;         /* see above */
     pthread_mutex_t io_mu;      /* held while staged reads are issued */
     long uses, resident_uses, late, staged;
@@ -84,8 +84,9 @@ void stage_expert(Residency *r, int l, int e, uint32_t *reads, int *n_reads);
 int offer_forecast(Residency *r, int l, const uint16_t *ranking, int n, uint32_t *reads, int *n_reads);
 
 /* Issues the staged reads decided (those not dropped since); called without `mu`, so a
- * decode step never waits while they are queued on the device. Then tells a planner
- * without stated timings (taking `mu`) the time each took the calling thread. */
+ * decode step never waits while they are queued on the device. With `tell_issue` it then
+ * tells the planner (taking `mu`) the wall time each took the calling thread: page
+ * allocation and queueing, and the wait while the device's queue is full. */
 void issue_reads(Residency *r, const uint32_t *reads, int n);
 
 /* Staged experts never used count as wasted. */

@@ -451,6 +451,7 @@ int main(int argc, char **argv) {
             int slots = b > 0 ? (2 * b < capacity - ex.top_k ? 2 * b : capacity - ex.top_k) : 0;
             static Residency res;
             residency_init(&res, &ex, capacity, slots, planner, read_us > 0);
+            res.tell_issue = inline_forecasts && read_us == 0; /* staged reads issued on the decode thread */
             memset(&h, 0, sizeof h);
             h.res = &res;
             h.prefill_ids = prefill_ids;
@@ -521,7 +522,7 @@ int main(int argc, char **argv) {
                 pthread_cond_signal(&w.work);
                 pthread_mutex_unlock(&w.mu);
                 if (!inline_forecasts) pthread_join(w.thread, NULL);
-                if (w.error) die(pred_dir, w.message);
+                if (w.error) die(pred_dir ? pred_dir : "forecasts", w.message);
                 if (w.session) mc_session_free(w.session);
             }
             residency_finish(&res);
@@ -573,13 +574,19 @@ int main(int argc, char **argv) {
                    (unsigned long long)modes[mode].steps);
             mc_guard_free(modes[mode].guard);
         }
-    /* the share of the oracle's gain over on demand that each forecasting mode reaches */
-    for (int mode = 1; oracle > 0 && mode < n_modes; mode++) {
-        char name[24];
+    /* the share of the oracle's gain over on demand that each forecasting mode reaches,
+     * where that gain is more than 2% */
+    if (oracle > 0) {
         double gain = modes[oracle].tps - modes[0].tps;
-        mode_name(&modes[mode], name, sizeof name);
-        if (mode != oracle) printf("%s: %.0f%% of the oracle's gain over on demand (%.2fx)\n", name,
-                                   100 * (modes[mode].tps - modes[0].tps) / gain, modes[oracle].tps / modes[0].tps);
+        printf("oracle's gain over on demand %.2fx; share of it:", modes[oracle].tps / modes[0].tps);
+        for (int mode = 1; mode < n_modes; mode++) {
+            char name[24];
+            mode_name(&modes[mode], name, sizeof name);
+            if (mode == oracle) continue;
+            if (gain > 0.02 * modes[0].tps) printf(" %s %.0f%%", name, 100 * (modes[mode].tps - modes[0].tps) / gain);
+            else printf(" %s n/a", name);
+        }
+        printf("\n");
     }
     if (threads[1] < threads[0]) {
         printf("steps with %d llama.cpp thread(s) (forecasting), of all:", threads[1]);

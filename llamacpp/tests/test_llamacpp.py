@@ -389,9 +389,7 @@ def test_c_harness_oracle_stages_the_replayed_experts(work):
     that staging saved as demand paging's own: it held a sure forecast to one read a
     lookup, and half of on demand's reads stayed (now 20-32%, layer 0's among them: the
     token's forecast at its start offers only its first layer, the next lookup). Stated
-    slow (1 s) no read pays and it reads what on demand reads. Each mode's
-    tokens/s over on demand's in the same round brackets the ratio of the means (the
-    rounds alternate, odd ones in reverse)."""
+    slow (1 s) no read pays and it reads what on demand reads."""
     def modes(*flags):
         out = subprocess.run([os.environ["MOECAST_PREFETCH_C"], "-p", str(work / "ref.jsonl"), "-N", "120", "-r", "10",
                               "-b", "auto,oracle", "-G", *flags, str(work / "tiny.f32.gguf")],
@@ -399,15 +397,13 @@ def test_c_harness_oracle_stages_the_replayed_experts(work):
         print("\n" + out)
         rows = {l.split()[0]: l.split() for l in out.splitlines() if l.startswith(("on-demand", "oracle "))}
         assert set(rows) == {"on-demand", "oracle"}, "auto needs a predictor: without one only the oracle forecasts"
-        return {m: {"resident": float(r[1].rstrip("%")), "demand": float(r[2]), "staged": float(r[3]),
-                    "ratio": float(r[7].rstrip("x")), "rounds": tuple(map(float, r[8].rstrip("x").split("-")))}
+        assert "oracle's gain over on demand" in out
+        return {m: {"resident": float(r[1].rstrip("%")), "demand": float(r[2]), "staged": float(r[3])}
                 for m, r in rows.items()}
 
     fast = modes("-t", "10,1000", "-R", "2")
     base, oracle = fast["on-demand"], fast["oracle"]
     assert base["resident"] < 10 and oracle["resident"] > base["resident"] + 30
     assert oracle["demand"] < 0.4 * base["demand"] and oracle["staged"] > 0.6 * base["demand"]
-    low, high = oracle["rounds"]
-    assert low <= oracle["ratio"] <= high and base["rounds"] == (1.0, 1.0)
     slow = modes("-t", "1000000,1000", "-R", "1")
     assert slow["oracle"]["staged"] == 0 and slow["oracle"]["demand"] == slow["on-demand"]["demand"]

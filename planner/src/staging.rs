@@ -200,6 +200,7 @@ impl StagingPlanner {
             });
         }
         self.planner.note_evicted(id);
+        self.staged.remove(&id); // a staged expert evicted before its use is not a staged one used
         Ok(())
     }
 
