@@ -292,7 +292,9 @@ typedef struct {
 } ModeTotals;
 
 static void mode_name(const ModeTotals *mt, char *name, size_t size) {
-    if (mt->oracle || mt->budget <= 0) snprintf(name, size, mt->oracle ? "oracle" : mt->budget ? "on-demand" : "planned");
+    if (mt->oracle) snprintf(name, size, "oracle");
+    else if (mt->budget < 0) snprintf(name, size, "on-demand");
+    else if (mt->budget == 0) snprintf(name, size, "planned");
     else snprintf(name, size, "budget-%d", mt->budget);
 }
 
@@ -574,15 +576,18 @@ int main(int argc, char **argv) {
         }
     /* the share of the oracle's gain over on demand that each forecasting mode reaches,
      * where that gain is more than 2% */
-    double gain = oracle > 0 ? modes[oracle].tps - modes[0].tps : 0;
-    if (oracle > 0) printf("oracle's gain over on demand %.2fx; share of it:", modes[oracle].tps / modes[0].tps);
-    for (int mode = 1; oracle > 0 && mode < n_modes; mode++) {
-        char name[24];
-        mode_name(&modes[mode], name, sizeof name);
-        if (mode != oracle && gain > 0.02 * modes[0].tps) printf(" %s %.0f%%", name, 100 * (modes[mode].tps - modes[0].tps) / gain);
-        else if (mode != oracle) printf(" %s n/a", name);
+    if (oracle > 0) {
+        double gain = modes[oracle].tps - modes[0].tps;
+        printf("oracle's gain over on demand %.2fx; share of it:", modes[oracle].tps / modes[0].tps);
+        for (int mode = 1; mode < n_modes; mode++) {
+            char name[24];
+            if (mode == oracle) continue;
+            mode_name(&modes[mode], name, sizeof name);
+            if (gain > 0.02 * modes[0].tps) printf(" %s %.0f%%", name, 100 * (modes[mode].tps - modes[0].tps) / gain);
+            else printf(" %s n/a", name);
+        }
+        printf("\n");
     }
-    if (oracle > 0) printf("\n");
     if (threads[1] < threads[0]) {
         printf("steps with %d llama.cpp thread(s) (forecasting), of all:", threads[1]);
         for (int mode = 0; mode < n_modes; mode++) {

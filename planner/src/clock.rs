@@ -21,7 +21,7 @@ pub struct PlanTimings {
     pub layer_us: f64,
 }
 
-pub(crate) fn ema(old: Option<f64>, x: f64) -> Option<f64> {
+fn ema(old: Option<f64>, x: f64) -> Option<f64> {
     Some(old.map_or(x, |o| o + RATE * (x - o)))
 }
 
@@ -39,6 +39,9 @@ pub struct PlanClock {
     period_us: Option<f64>,
     compute_us: Option<f64>,
     first_lookup_us: Option<f64>,
+    /// Running mean of the time the decoding thread takes to issue a staged read,
+    /// microseconds (told by the runtime, stated timings or not; none told: 0).
+    issue_us: Option<f64>,
     /// The stall since the last lookup.
     stall_us: f64,
     token_start: f64,
@@ -58,6 +61,7 @@ impl PlanClock {
             period_us: layer_us,
             compute_us: layer_us,
             first_lookup_us: layer_us,
+            issue_us: None,
             stall_us: 0.0,
             token_start: 0.0,
             last_lookup: None,
@@ -126,6 +130,11 @@ impl PlanClock {
         }
     }
 
+    /// Issuing a staged read took the decoding thread `us` microseconds.
+    pub fn issue_measured(&mut self, us: f64) {
+        self.issue_us = ema(self.issue_us, us);
+    }
+
     /// One read's latency, microseconds, standing in for the link's time per read until
     /// that is measured.
     pub fn read_stand_in(&mut self, us: f64) {
@@ -141,6 +150,7 @@ impl PlanClock {
             read_us: read,
             chunk_us: read * chunk_share.clamp(0.0, 1.0),
             layer_period_us: self.period_us.unwrap_or(0.0),
+            issue_us: self.issue_us.unwrap_or(0.0),
             ..base
         }
     }

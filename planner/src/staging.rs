@@ -77,9 +77,6 @@ pub struct StagingPlanner {
     /// Running mean of staged experts used per lookup: each is a read demand paging
     /// would have made at that lookup.
     staged_used_per_lookup: f64,
-    /// Running mean of the time the runtime's thread takes to issue a staged read
-    /// (microseconds; none told: 0).
-    issue_us: Option<f64>,
 }
 
 impl StagingPlanner {
@@ -124,7 +121,6 @@ impl StagingPlanner {
             staged: HashSet::new(),
             staged_since_lookup: 0,
             staged_used_per_lookup: 0.0,
-            issue_us: None,
         })
     }
 
@@ -214,7 +210,8 @@ impl StagingPlanner {
     /// Issuing a staged read took `seconds` of the thread that decodes (the runtime's
     /// reads take its CPU): the planner charges every staged read that much.
     pub fn read_issued(&mut self, seconds: f64) -> Result<(), StagingError> {
-        self.issue_us = crate::clock::ema(self.issue_us, duration("issue time", seconds)? * 1e6);
+        self.clock
+            .issue_measured(duration("issue time", seconds)? * 1e6);
         Ok(())
     }
 
@@ -269,10 +266,7 @@ impl StagingPlanner {
         }
         self.planner
             .merge_deferred(&mut offered, self.token, self.next_layer);
-        let s = crate::PlannerSettings {
-            issue_us: self.issue_us.unwrap_or(0.0),
-            ..self.clock.settings(*self.planner.settings(), 1.0)
-        };
+        let s = self.clock.settings(*self.planner.settings(), 1.0);
         self.planner.set_settings(s);
         let now = self.clock.link(0.0);
         let limit = self.staging_limit();
