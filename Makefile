@@ -64,7 +64,8 @@ demo:
 # The shipped model in llama.cpp, end to end (runs/llamacpp/, about 3 minutes after the
 # builds): export to GGUF (f32, f16), routing parity against `moecast collect` on the same
 # token ids, routing collected from llama.cpp (with router inputs) over the demo and
-# held-out prompts as `make demo` collects them, a predictor trained and evaluated on it,
+# held-out prompts as `make demo` collects them, a predictor trained and evaluated on it
+# (and an ids-only one beside it, predictor-ids, to compare in the C harness),
 # then decoding inside llama.cpp with 10% and 25% of the experts resident in the page
 # cache, without and with the predictor staging experts (3 alternating rounds each).
 LLAMA    := runs/llamacpp
@@ -92,7 +93,8 @@ llamacpp:
 # The same decoding at a production expert size (after `make llamacpp`): a Qwen3-MoE with
 # Qwen3-30B-A3B's 2048 x 768 experts (9.4 MB each at f16) but the demo's 6 layers x 16
 # experts and random weights, its routing forced to llama.cpp's held-out trace of the demo
-# model (so the ids-only predictor's forecasts apply), experts read from the GGUF file;
+# model (so the predictor's forecasts apply: it reads the trace's recorded router inputs,
+# which the random model's own would not match), experts read from the GGUF file;
 # then the same replay through the C harness (llamacpp/moecast_prefetch.c -p: libmoecast's
 # C ABI reads the trace, plans and guards; no Python): by default forecasting in the eval
 # callback while each layer's missing experts are read, llama.cpp on every core
@@ -106,11 +108,11 @@ llamacpp-bench: $(TARGET)/moecast_prefetch
 	python3 llamacpp/export_gguf.py --model $(LLAMA)/synth --tokenizer $(MODEL) --dtype f16 -o $(LLAMA)/synth.f16.gguf
 	rm -rf $(LLAMA)/synth
 	for r in 10 25 100; do $(LLAMA_PY) prefetch --model $(LLAMA)/synth.f16.gguf --replay $(LLAMA)/heldout.mctrace \
-	  --replay-tokens 200 --predictor $(LLAMA)/predictor-ids --resident $$r% --threads 2 --rounds 3 \
+	  --replay-tokens 200 --predictor $(LLAMA)/predictor --resident $$r% --threads 2 --rounds 3 \
 	  --json $(LLAMA)/bench-$$r.json || exit 1; done
 	for r in 10 25 100; do for f in "" "-a" "-j 1"; do b=auto,1; test -n "$$f" -o $$r = 100 || b=auto,1,oracle; \
 	  $(TARGET)/moecast_prefetch -p $(LLAMA)/heldout.mctrace -N 200 -b $$b $$f -r $$r \
-	  -R 3 $(LLAMA)/synth.f16.gguf $(LLAMA)/predictor-ids > $(LLAMA)/bench-c.tmp || { rm -f $(LLAMA)/bench-c.tmp; exit 1; }; \
+	  -R 3 $(LLAMA)/synth.f16.gguf $(LLAMA)/predictor > $(LLAMA)/bench-c.tmp || { rm -f $(LLAMA)/bench-c.tmp; exit 1; }; \
 	  out=$(LLAMA)/bench-c-$$r$$(echo "$$f" | tr -d ' ').txt; mv $(LLAMA)/bench-c.tmp $$out; cat $$out; done; done
 
 # Activation-aware prediction on the demo model, all feature sets (`make demo` trains only
@@ -189,9 +191,9 @@ test-llamacpp:
 # (its libllama and headers), the predictor through libmoecast's C ABI; no Python in the
 # eval callback.
 LLAMA_SP = $(shell python3 -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-$(TARGET)/moecast_prefetch: llamacpp/moecast_prefetch.c llamacpp/expert_residency.c llamacpp/expert_residency.h ffi/include/moecast.h
+$(TARGET)/moecast_prefetch: llamacpp/moecast_prefetch.c llamacpp/expert_residency.c llamacpp/expert_residency.h llamacpp/prefetcher.c llamacpp/prefetcher.h ffi/include/moecast.h
 	$(CARGO) build --workspace
-	cc -O2 -Wall -o $@ llamacpp/moecast_prefetch.c llamacpp/expert_residency.c -I$(LLAMA_SP)/include -Iffi/include -L$(LLAMA_SP)/llama_cpp/lib -L$(TARGET)/debug \
+	cc -O2 -Wall -o $@ llamacpp/moecast_prefetch.c llamacpp/expert_residency.c llamacpp/prefetcher.c -I$(LLAMA_SP)/include -Iffi/include -L$(LLAMA_SP)/llama_cpp/lib -L$(TARGET)/debug \
 	  -lllama -lggml -lggml-base -lmoecast -lpthread -Wl,-rpath,$(LLAMA_SP)/llama_cpp/lib -Wl,-rpath,$(abspath $(TARGET))/debug
 
 header:

@@ -479,9 +479,13 @@ def decode_with_residency(model, prompts, capacity, max_new_tokens, predictor=No
         stage = res.stage
         guard = None
     reads_inputs = bool(predictor is not None and predictor.router_input_dim)
-    if reads_inputs and not model.router_inputs:
+    if reads_inputs and replay is not None and "router_inputs" not in replay:
+        raise LlamaCppError("this predictor reads router inputs: the replayed trace records none")
+    if reads_inputs and replay is None and not model.router_inputs:
         raise LlamaCppError("this predictor reads router inputs: load the model with router_inputs=True")
-    state = {"token": None, "so_far": [], "count": False, "forced": None, "prefill": False, "on": True}
+    # replayed, the forced token's recorded router inputs [layer, width] (the model's own
+    # would not match the forced routing)
+    state = {"token": None, "so_far": [], "count": False, "forced": None, "inputs": None, "prefill": False, "on": True}
 
     def routed(i, ids):
         if state["prefill"]:  # the prompt's batch: every row's experts ran
@@ -490,7 +494,12 @@ def decode_with_residency(model, prompts, capacity, max_new_tokens, predictor=No
         state["so_far"].append(ids[0].astype(np.uint16))
 
         def forecast_ahead():  # while this layer's missing experts are read
-            x = model.rows["inputs"][i][-1][0] if reads_inputs else None
+            if not reads_inputs:
+                x = None
+            elif state["inputs"] is not None:
+                x = state["inputs"][i]
+            else:
+                x = model.rows["inputs"][i][-1][0]
             ahead = session.predict_lookahead(state["token"], np.stack(state["so_far"]), budget, x)
             for h in range(min(horizon, m - i - 1)):
                 stage(i + 1 + h, ahead[h][ahead[h] != 0xFFFF])
@@ -546,7 +555,7 @@ def decode_with_residency(model, prompts, capacity, max_new_tokens, predictor=No
                     steps += 1
         else:
             model.force = lambda i, n: state["forced"][i][None, :]
-            for tokens, experts in replay_sequences(replay, model, m):
+            for tokens, experts, inputs in replay_sequences(replay, model, m):
                 model.clear()
                 if session is not None:
                     session.reset()
@@ -554,6 +563,7 @@ def decode_with_residency(model, prompts, capacity, max_new_tokens, predictor=No
                     if replay_tokens is not None and steps >= replay_tokens:
                         break
                     state["forced"] = experts[pos]
+                    state["inputs"] = inputs[pos] if reads_inputs else None
                     dt = step(tok, pos, count=pos > 0)
                     if pos > 0:
                         decode_s += dt
@@ -571,8 +581,9 @@ def decode_with_residency(model, prompts, capacity, max_new_tokens, predictor=No
 
 
 def replay_sequences(trace, model, m):
-    """[(token ids, experts [tokens, m, k])] of every sequence of a trace whose tokens all
-    carry an id and routing; the trace must have the model's MoE shape."""
+    """[(token ids, experts [tokens, m, k], router inputs [tokens, m, width] or None)] of
+    every sequence of a trace whose tokens all carry an id and routing; the trace must have
+    the model's MoE shape."""
     ex = model.experts
     shape = (trace["n_moe_layers"], trace["n_experts"], trace["top_k"])
     if shape != (m, ex.n_experts, ex.top_k):
@@ -583,10 +594,12 @@ def replay_sequences(trace, model, m):
         rows = np.flatnonzero(trace["seq"] == s)
         rows = rows[np.argsort(trace["pos"][rows], kind="stable")]
         tokens, experts = trace["token"][rows], trace["experts"][rows]
+        inputs = trace["router_inputs"][rows] if "router_inputs" in trace else None
         ok = (tokens >= 0) & (tokens < model.n_vocab) & (experts < ex.n_experts).all(axis=(1, 2))
         if not ok.all():  # cut at the first token without an id or routing
             cut = int(np.argmin(ok))
             tokens, experts = tokens[:cut], experts[:cut]
+            inputs = inputs[:cut] if inputs is not None else None
         if len(tokens) > 1:
-            out.append(([int(t) for t in tokens], experts.astype(np.int32)))
+            out.append(([int(t) for t in tokens], experts.astype(np.int32), inputs))
     return out

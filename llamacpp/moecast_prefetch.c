@@ -6,7 +6,7 @@
  *   moecast_prefetch -p TRACE [-N steps] [options] MODEL.gguf [PREDICTOR_DIR]
  *
  * Greedy decoding of every prompt (one per line), on demand and, with a predictor (an
- * ids-only moecast predictor, through libmoecast's C ABI), with forecast experts staged,
+ * moecast predictor, through libmoecast's C ABI), with forecast experts staged,
  * the rounds of each mode alternating (odd rounds in reverse order; each mode's lowest
  * and highest round over on demand's is printed beside the ratio of the means). MODES is
  * a comma list: `auto` stages what moecast's planner judges worth a read (mc_planner_*:
@@ -19,7 +19,10 @@
  * without one): the ceiling, and each mode's share of its gain is printed. Forecasts run
  * on the decode thread: the token's own at its start (its first layer only), the layers
  * ahead in the eval callback while the routed layer's missing experts are read, which
- * hides them and their reads' issuing (a layer with none forecasts nothing). llama.cpp's
+ * hides them and their reads' issuing (a layer with none forecasts nothing). A predictor
+ * trained with --features hidden also reads the routed layer's router input: llama.cpp's
+ * ffn_norm-L or, with -p, the trace's record (the replayed model's own would not match
+ * the forced routing); the model's (or the trace's) width must be the predictor's. llama.cpp's
  * CPU threads wait for each other at every operation, spinning, so a forecast on another
  * thread, taking one's core, stalls them all: 5-6% of decode time on 2 cores, against 1%
  * during the reads. With -a the predictor runs on a thread of its own that owns the
@@ -39,6 +42,7 @@
 #define _GNU_SOURCE
 #include <getopt.h>
 #include <pthread.h>
+#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -50,129 +54,9 @@
 #include "ggml.h"
 #include "llama.h"
 #include "moecast.h"
+#include "prefetcher.h"
 
 #define MAX_MODES 8
-
-/* ---- the prefetcher: a thread that owns the predictor session, so its forecasts run on
- * the second core while llama.cpp computes, and stages what they name ---- */
-enum { JOB_RESET, JOB_OBSERVE, JOB_NEXT, JOB_AHEAD };
-typedef struct {
-    int type, known;
-    uint64_t step; /* the decode step it was posted in */
-    uint32_t token;
-    const uint16_t *truth; /* the oracle's: the replayed token's recorded experts [layer][k] */
-    uint16_t routed[MAX_LAYERS * MAX_K];
-} Job;
-#define RING 256
-typedef struct {
-    pthread_t thread;
-    pthread_mutex_t mu;
-    pthread_cond_t work, idle;
-    Job ring[RING];
-    int head, count, busy, stop, error;
-    int inline_jobs; /* no -a: no thread; every job runs where it is posted */
-    char message[512]; /* mc_last_error() is per thread: the worker's, kept for main */
-    struct mc_session *session;
-    int budget, horizon; /* budget 0: planned (every forecast layer's top-k offered) */
-    int oracle;          /* planned from the replayed trace's own experts, no session */
-    const uint16_t *truth; /* the oracle's: the token being decoded's recorded experts */
-    Residency *res;
-    uint16_t ahead[MAX_LAYERS * MAX_K];
-    uint32_t *reads;
-} Prefetcher;
-
-static void run_job(Prefetcher *w, const Job *j) {
-    Experts *ex = w->res->ex;
-    int k = ex->top_k, per = w->budget ? w->budget : k, rc = 0, first = -1, layers = 0, n_reads = 0;
-    switch (j->type) {
-    case JOB_RESET: rc = w->oracle ? MC_OK : mc_session_reset(w->session); break;
-    case JOB_OBSERVE: rc = w->oracle ? MC_OK : mc_session_observe(w->session, j->token, j->routed); break;
-    case JOB_NEXT: /* its first layer: the later ones are forecast better once layers route */
-        if (!w->oracle) rc = mc_session_predict_next(w->session, j->token, (uint32_t)per, w->ahead);
-        first = 0, layers = 1;
-        break;
-    case JOB_AHEAD:
-        if (!w->oracle)
-            rc = mc_session_predict_lookahead(w->session, j->token, (uint32_t)j->known, j->routed, (uint32_t)per, w->ahead);
-        first = j->known, layers = w->budget ? 1 : w->horizon;
-        break;
-    }
-    if (!layers) goto done;
-    for (int h = 0; w->oracle && h < layers && first + h < ex->n_moe; h++) /* the forecast the trace knows */
-        memcpy(w->ahead + (size_t)h * per, j->truth + (size_t)(first + h) * k, (size_t)k * sizeof(uint16_t));
-    pthread_mutex_lock(&w->res->mu);
-    /* a forecast of a layer that has routed since (or of an earlier step) is for a lookup
-     * gone by: offered, the planner would take it for the next token's */
-    for (int h = 0; !rc && h < layers && first + h < ex->n_moe && j->step == w->res->step; h++) {
-        if (first + h < w->res->next_layer) continue;
-        const uint16_t *f = w->ahead + (size_t)h * per;
-        if (!w->budget) rc = offer_forecast(w->res, first + h, f, per, w->reads, &n_reads);
-        else
-            for (int b = 0; b < per && f[b] != 0xFFFF; b++) stage_expert(w->res, first + h, f[b], w->reads, &n_reads);
-    }
-    pthread_mutex_unlock(&w->res->mu);
-    issue_reads(w->res, w->reads, n_reads);
-done:
-    if (rc && !w->error) {
-        snprintf(w->message, sizeof w->message, "%s", mc_last_error());
-        w->error = 1;
-    }
-}
-
-static void *worker_main(void *arg) {
-    Prefetcher *w = arg;
-    static Job job;
-    pthread_mutex_lock(&w->mu);
-    for (;;) {
-        while (!w->count && !w->stop) pthread_cond_wait(&w->work, &w->mu);
-        if (!w->count) break;
-        job = w->ring[w->head];
-        w->head = (w->head + 1) % RING, w->count--, w->busy = 1;
-        pthread_mutex_unlock(&w->mu);
-        run_job(w, &job);
-        pthread_mutex_lock(&w->mu);
-        w->busy = 0;
-        pthread_cond_broadcast(&w->idle);
-    }
-    pthread_mutex_unlock(&w->mu);
-    return NULL;
-}
-
-/* Queues a job (runs it, without -a: only the decode thread posts, and run_job posts
- * nothing); a forecast is dropped when two jobs already wait (it would land late). */
-static void post(Prefetcher *w, int type, uint32_t token, int known, const uint16_t *routed, int n) {
-    if (w->inline_jobs) {
-        static Job j;
-        j.type = type, j.token = token, j.known = known, j.step = w->res->step, j.truth = w->truth;
-        if (n) memcpy(j.routed, routed, (size_t)n * sizeof(uint16_t));
-        run_job(w, &j);
-        return;
-    }
-    pthread_mutex_lock(&w->mu);
-    if ((type == JOB_NEXT || type == JOB_AHEAD) && w->count >= 2) { pthread_mutex_unlock(&w->mu); return; }
-    while (w->count == RING) pthread_cond_wait(&w->idle, &w->mu);
-    Job *j = &w->ring[(w->head + w->count) % RING];
-    j->type = type, j->token = token, j->known = known, j->step = w->res->step, j->truth = w->truth;
-    if (n) memcpy(j->routed, routed, (size_t)n * sizeof(uint16_t));
-    w->count++;
-    pthread_cond_signal(&w->work);
-    pthread_mutex_unlock(&w->mu);
-}
-
-static void flush(Prefetcher *w) {
-    pthread_mutex_lock(&w->mu);
-    while (w->count || w->busy) pthread_cond_wait(&w->idle, &w->mu);
-    pthread_mutex_unlock(&w->mu);
-}
-
-/* -w: every forecast is waited for where it is posted. */
-static int wait_forecasts;
-
-static void forecast(Prefetcher *w, int type, uint32_t token, int known, const uint16_t *routed, int n) {
-    if (wait_forecasts) flush(w);
-    post(w, type, token, known, routed, n);
-    if (wait_forecasts) flush(w);
-}
 
 /* ---- the eval callback ---- */
 typedef struct {
@@ -184,26 +68,55 @@ typedef struct {
     uint16_t *prefill_ids; /* [row][layer][k] of the prompt's batch, for the session */
     int prefill_rows;
     const uint16_t *forced; /* replay: the token's recorded experts [layer][k], routed instead */
+    /* a predictor that reads router inputs: the last routed layer's (`input_dim` wide),
+     * llama.cpp's ffn_norm-L or, replayed, the trace's record of token `pos` of `seq` */
+    float *input;
+    size_t input_dim;
+    const struct mc_trace *trace;
+    uint32_t seq, pos;
+    int input_layer; /* the layer whose ffn_norm the step copied last (-1: none yet) */
     int error;
+    char message[320]; /* the first error's */
 } Harness;
+
+/* Records the callback's first error (llama_decode then fails; main dies with it). */
+static bool callback_error(Harness *h, const char *fmt, ...) {
+    if (!h->error) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(h->message, sizeof h->message, fmt, ap);
+        va_end(ap);
+    }
+    h->error = 1;
+    return true;
+}
 
 /* The layers after the `h->known` routed ones, forecast from their routing: by default
  * (no -a) on the decode thread while a layer's missing experts are read (use_experts'
  * `meanwhile`; a layer without any forecasts nothing), with -a queued at once. */
 static void forecast_ahead(void *arg) {
     Harness *h = arg;
-    forecast(h->session, JOB_AHEAD, h->token, h->known, h->routed, h->known * h->res->ex->top_k);
+    prefetcher_forecast(h->session, JOB_AHEAD, h->token, h->known, h->routed, h->known * h->res->ex->top_k, h->input);
 }
 
 static bool callback(struct ggml_tensor *t, bool ask, void *user) {
     Harness *h = user;
     const char *name = ggml_get_name(t);
     int layer;
+    if (h->input && !h->trace && !strncmp(name, "ffn_norm-", 9) && sscanf(name + 9, "%d", &layer) == 1) {
+        if (ask) return h->forecasting && !h->prefill; /* the router's input: its last row is the decoded token's */
+        if (t->type != GGML_TYPE_F32 || (size_t)t->ne[0] != h->input_dim)
+            return callback_error(h, "%s is not f32 x %zu (the predictor's router input)", name, h->input_dim);
+        ggml_backend_tensor_get(t, h->input, (size_t)(t->ne[1] - 1) * t->nb[1], h->input_dim * sizeof(float));
+        h->input_layer = layer;
+        return true;
+    }
     if (strncmp(name, "ffn_moe_topk-", 13) || sscanf(name + 13, "%d", &layer) != 1) return !ask;
     if (ask) return true;
     Experts *ex = h->res->ex;
     int k = (int)t->ne[0], n = (int)t->ne[1];
-    if (t->type != GGML_TYPE_I32 || k != ex->top_k || layer >= ex->n_moe) { h->error = 1; return true; }
+    if (t->type != GGML_TYPE_I32 || k != ex->top_k || layer >= ex->n_moe)
+        return callback_error(h, "%s is not i32 x top-%d of an MoE layer", name, ex->top_k);
     int32_t ids[MAX_K];
     int seen[MAX_K * 64], n_seen = 0;
     for (int row = 0; row < n; row++) {
@@ -228,6 +141,11 @@ static bool callback(struct ggml_tensor *t, bool ask, void *user) {
         /* the routing is all the next layers' forecast needs: it runs while this layer's
          * missing experts are read (on this thread, or with -a on the prefetcher's) */
         int ahead = h->session && h->forecasting && layer + 1 < ex->n_moe;
+        if (ahead && h->input && h->trace &&
+            mc_trace_router_input(h->trace, h->seq, h->pos, (uint32_t)layer, h->input, h->input_dim))
+            return callback_error(h, "%s", mc_last_error());
+        if (ahead && h->input && !h->trace && h->input_layer != layer)
+            return callback_error(h, "llama.cpp's graph gave no ffn_norm-%d (the router's input the predictor reads)", layer);
         if (ahead && !h->session->inline_jobs) forecast_ahead(h);
         use_experts(h->res, layer, use, k, h->count, ahead && h->session->inline_jobs ? forecast_ahead : NULL, h);
     }
@@ -260,7 +178,7 @@ static double decode_step(Decoder *d, llama_token token, int pos, int count) {
     double t0 = now_s();
     uint8_t on = 1;
     if (d->guard) mc_guard_enabled(d->guard, &on);
-    h->token = (uint32_t)token, h->count = count, h->known = 0, h->forecasting = d->forecasting && on;
+    h->token = (uint32_t)token, h->count = count, h->known = 0, h->forecasting = d->forecasting && on, h->input_layer = -1;
     int threads = d->threads[h->forecasting];
     if (llama_n_threads(d->ctx) != threads) llama_set_n_threads(d->ctx, threads, threads);
     d->steps_fewer += count && llama_n_threads(d->ctx) < d->threads[0];
@@ -269,12 +187,12 @@ static double decode_step(Decoder *d, llama_token token, int pos, int count) {
     if (d->planner) mc_planner_token_started(d->planner);
     pthread_mutex_unlock(&h->res->mu);
     if (h->session) h->session->truth = h->forced;
-    if (h->forecasting) forecast(h->session, JOB_NEXT, h->token, 0, NULL, 0);
+    if (h->forecasting) prefetcher_forecast(h->session, JOB_NEXT, h->token, 0, NULL, 0, NULL);
     d->batch.n_tokens = 1;
     d->batch.token[0] = token, d->batch.pos[0] = pos, d->batch.n_seq_id[0] = 1, d->batch.seq_id[0][0] = 0;
     d->batch.logits[0] = 1;
-    if (llama_decode(d->ctx, d->batch) || h->error) die(d->model_path, "decode or eval callback failed");
-    if (h->session && h->known == d->n_moe) post(h->session, JOB_OBSERVE, h->token, 0, h->routed, d->n_moe * d->top_k);
+    if (llama_decode(d->ctx, d->batch) || h->error) die(d->model_path, h->error ? h->message : "llama_decode failed");
+    if (h->session && h->known == d->n_moe) prefetcher_post(h->session, JOB_OBSERVE, h->token, 0, h->routed, d->n_moe * d->top_k, NULL);
     double dt = now_s() - t0;
     if (d->guard && count) mc_guard_step_done(d->guard, dt, NULL); /* the steps the table times */
     return dt;
@@ -308,7 +226,7 @@ static void usage(const char *argv0) {
 int main(int argc, char **argv) {
     double resident_pct = 25, read_us = 0, layer_us = 0;
     long cores = sysconf(_SC_NPROCESSORS_ONLN);
-    int new_tokens = 32, rounds = 3, use_guard = 1, inline_forecasts = 1, threads_given = 0, opt;
+    int new_tokens = 32, rounds = 3, use_guard = 1, inline_forecasts = 1, wait_forecasts = 0, threads_given = 0, opt;
     int threads[2] = {cores > 1 ? (int)cores : 1, cores > 1 ? (int)cores - 1 : 1}; /* on demand, forecasting */
     long max_steps = 0;
     const char *modes_arg = "auto,1", *trace_path = NULL;
@@ -347,6 +265,7 @@ int main(int argc, char **argv) {
     const char *pred_dir = argc - optind == positional + 1 ? argv[optind + positional] : NULL;
     if (!(resident_pct > 0 && resident_pct <= 100) || new_tokens < 1 || rounds < 1 || max_steps < 0)
         die("arguments", "-r in (0, 100], -n and -R at least 1, -N at least 0");
+    char line[65536], where[4200];
     static ModeTotals modes[MAX_MODES];
     int n_modes = 1;
     modes[0].budget = -1;
@@ -372,13 +291,12 @@ int main(int argc, char **argv) {
         if (modes[mode].budget > ex.n_experts) die("-b", "a budget exceeds the model's experts per layer");
 
     struct mc_predictor *pred = NULL;
-    uint32_t horizon = 0;
+    uint32_t horizon = 0, input_dim = 0; /* the predictor's router-input width (0: ids only) */
     if (pred_dir) {
-        uint32_t m, e, k, dim = 0;
+        uint32_t m, e, k;
         if (mc_predictor_open(pred_dir, &pred) || mc_predictor_shape(pred, &m, &e, &k, &horizon)) die(pred_dir, mc_last_error());
-        mc_predictor_router_input_dim(pred, &dim);
+        mc_predictor_router_input_dim(pred, &input_dim);
         if ((int)m != ex.n_moe || (int)e != ex.n_experts || (int)k != ex.top_k) die(pred_dir, "predictor shape does not match the model");
-        if (dim) die(pred_dir, "this harness takes ids-only predictors (trained without --features hidden)");
     }
     struct mc_trace *trace = NULL;
     uint32_t n_seqs = 0;
@@ -387,6 +305,15 @@ int main(int argc, char **argv) {
         if (mc_trace_open(trace_path, &trace) || mc_trace_shape(trace, &m, &e, &k, &n_seqs)) die("-p", mc_last_error()); /* names the file */
         if ((int)m != ex.n_moe || (int)e != ex.n_experts || (int)k != ex.top_k)
             die(trace_path, "the trace's MoE layers, experts or top-k differ from the model's");
+        uint32_t dim = 0;
+        int learned = 0; /* a mode that forecasts with the predictor (the oracle reads no inputs) */
+        for (int mode = 1; mode < n_modes; mode++) learned |= !modes[mode].oracle;
+        mc_trace_router_input_dim(trace, &dim);
+        char recorded[32] = "none";
+        if (dim) snprintf(recorded, sizeof recorded, "them %u wide", dim);
+        snprintf(where, sizeof where, "%s reads router inputs %u wide; replayed, they come from the trace, which records %s",
+                 pred_dir ? pred_dir : "", input_dim, recorded);
+        if (learned && input_dim && dim != input_dim) die(trace_path, where);
     }
 
     llama_log_set(quiet, NULL);
@@ -398,6 +325,11 @@ int main(int argc, char **argv) {
     struct llama_model *model = llama_model_load_from_file(model_path, mp);
     if (!model) die(model_path, "llama.cpp could not load the model");
     const struct llama_vocab *vocab = llama_model_get_vocab(model);
+    if (input_dim && !trace && llama_model_n_embd(model) != (int32_t)input_dim) {
+        snprintf(where, sizeof where, "reads router inputs %u wide; %s's are %d (a predictor of another model?)", input_dim,
+                 model_path, llama_model_n_embd(model));
+        die(pred_dir, where);
+    }
     int n_ctx = llama_model_n_ctx_train(model) < 4096 ? llama_model_n_ctx_train(model) : 4096;
 
     /* prompts, tokenized by llama.cpp */
@@ -405,7 +337,6 @@ int main(int argc, char **argv) {
     if (prompts_path && !pf) die(prompts_path, "cannot open");
     static llama_token prompts[1024][512];
     int lens[1024], n_prompts = 0;
-    char line[65536], where[4200];
     for (int lineno = 1; pf && n_prompts < 1024 && fgets(line, sizeof line, pf); lineno++) {
         line[strcspn(line, "\n")] = 0;
         if (!line[0]) continue;
@@ -419,6 +350,7 @@ int main(int argc, char **argv) {
     static Harness h;
     uint16_t *prefill_ids = calloc((size_t)512 * ex.n_moe * ex.top_k, sizeof(uint16_t));
     uint32_t *reads = calloc((size_t)total, sizeof(uint32_t));
+    float *input = input_dim ? calloc(input_dim, sizeof(float)) : NULL;
     struct llama_context_params cp = llama_context_default_params();
     cp.n_ctx = cp.n_batch = cp.n_ubatch = (uint32_t)n_ctx;
     cp.n_threads = cp.n_threads_batch = threads[0];
@@ -430,8 +362,10 @@ int main(int argc, char **argv) {
     int n_vocab = llama_vocab_n_tokens(vocab);
 
     printf("%s: %d of %d experts resident (%.0f%%), %zu bytes per expert, llama.cpp threads %d (%d while forecasting), "
-           "forecasts %s, %d alternating round(s), ", model_path, capacity, total, resident_pct, ex.size[0][0] * 3,
-           threads[0], threads[1], inline_forecasts ? "on the decode thread during reads" : "on a thread of their own", rounds);
+           "forecasts %s, ", model_path, capacity, total, resident_pct, ex.size[0][0] * 3, threads[0], threads[1],
+           inline_forecasts ? "on the decode thread during reads" : "on a thread of their own");
+    if (input_dim) printf("reading router inputs (%u wide) from %s, ", input_dim, trace ? "the trace" : "llama.cpp's ffn_norm");
+    printf("%d alternating round(s), ", rounds);
     if (trace && max_steps) printf("%u sequences of %s replayed (their experts forced), up to %ld decode steps\n", n_seqs, trace_path, max_steps);
     else if (trace) printf("%u sequences of %s replayed (their experts forced)\n", n_seqs, trace_path);
     else printf("greedy, up to %d new tokens per prompt\n", new_tokens);
@@ -455,6 +389,7 @@ int main(int argc, char **argv) {
             memset(&h, 0, sizeof h);
             h.res = &res;
             h.prefill_ids = prefill_ids;
+            h.input_dim = input_dim, h.trace = trace;
             static Prefetcher w;
             if (b >= 0) {
                 memset(&w, 0, sizeof w);
@@ -462,12 +397,9 @@ int main(int argc, char **argv) {
                 w.res = &res, w.reads = reads, w.oracle = mt->oracle;
                 /* the oracle reads as far ahead as the predictor (3 layers without one) */
                 w.budget = b, w.horizon = horizon ? (int)horizon : 3, w.inline_jobs = inline_forecasts;
-                pthread_mutex_init(&w.mu, NULL);
-                pthread_cond_init(&w.work, NULL);
-                pthread_cond_init(&w.idle, NULL);
-                if (!inline_forecasts && pthread_create(&w.thread, NULL, worker_main, &w))
-                    die("prefetcher", "cannot start its thread");
-                h.session = &w;
+                w.wait = wait_forecasts, w.input_dim = mt->oracle ? 0 : input_dim;
+                prefetcher_start(&w);
+                h.session = &w, h.input = w.input_dim ? input : NULL;
             }
             /* with every expert resident there is nothing to forecast */
             Decoder d = {.ctx = ctx, .batch = batch, .h = &h, .planner = planner, .guard = guard,
@@ -481,10 +413,11 @@ int main(int argc, char **argv) {
                 const uint16_t *experts;
                 if (mc_trace_sequence(trace, s, &len, &tokens, &experts)) die(trace_path, mc_last_error());
                 llama_memory_clear(llama_get_memory(ctx), true);
-                if (h.session) post(h.session, JOB_RESET, 0, 0, NULL, 0);
+                if (h.session) prefetcher_post(h.session, JOB_RESET, 0, 0, NULL, 0, NULL);
+                h.seq = s;
                 for (uint32_t pos = 0; pos < len && (int)pos < n_ctx && (int)tokens[pos] < n_vocab; pos++) {
                     if (max_steps && steps >= max_steps) break;
-                    h.forced = experts + (size_t)pos * ex.n_moe * ex.top_k;
+                    h.forced = experts + (size_t)pos * ex.n_moe * ex.top_k, h.pos = pos;
                     double dt = decode_step(&d, (llama_token)tokens[pos], (int)pos, pos > 0);
                     if (pos > 0) decode_s += dt, steps++;
                 }
@@ -492,7 +425,7 @@ int main(int argc, char **argv) {
             }
             for (int p = 0; p < n_prompts; p++) {
                 llama_memory_clear(llama_get_memory(ctx), true);
-                if (h.session) post(h.session, JOB_RESET, 0, 0, NULL, 0);
+                if (h.session) prefetcher_post(h.session, JOB_RESET, 0, 0, NULL, 0, NULL);
                 batch.n_tokens = lens[p];
                 for (int i = 0; i < lens[p]; i++) {
                     batch.token[i] = prompts[p][i], batch.pos[i] = i, batch.n_seq_id[i] = 1;
@@ -502,8 +435,8 @@ int main(int argc, char **argv) {
                 if (llama_decode(ctx, batch)) die(model_path, "llama_decode failed");
                 h.prefill = 0;
                 for (int i = 0; h.session && i < lens[p]; i++)
-                    post(h.session, JOB_OBSERVE, (uint32_t)prompts[p][i], 0, h.prefill_ids + (size_t)i * ex.n_moe * ex.top_k,
-                         ex.n_moe * ex.top_k);
+                    prefetcher_post(h.session, JOB_OBSERVE, (uint32_t)prompts[p][i], 0, h.prefill_ids + (size_t)i * ex.n_moe * ex.top_k,
+                         ex.n_moe * ex.top_k, NULL);
                 int pos = lens[p];
                 for (int step = 0; step < new_tokens - 1 && pos < n_ctx; step++) {
                     const float *logits = llama_get_logits_ith(ctx, -1);
@@ -516,13 +449,7 @@ int main(int argc, char **argv) {
                 }
             }
             if (h.session) {
-                flush(&w);
-                pthread_mutex_lock(&w.mu);
-                w.stop = 1;
-                pthread_cond_signal(&w.work);
-                pthread_mutex_unlock(&w.mu);
-                if (!inline_forecasts) pthread_join(w.thread, NULL);
-                if (w.error) die(pred_dir ? pred_dir : "forecasts", w.message);
+                if (prefetcher_stop(&w)) die(pred_dir ? pred_dir : "forecasts", w.message);
                 if (w.session) mc_session_free(w.session);
             }
             residency_finish(&res);
@@ -605,5 +532,6 @@ int main(int argc, char **argv) {
     mc_trace_free(trace);
     free(prefill_ids);
     free(reads);
+    free(input);
     return 0;
 }

@@ -73,8 +73,9 @@ def cmd_prefetch(args):
         except moecast.MoecastError as e:
             raise LlamaCppError(str(e)) from None
     threads = _threads(args.threads)
+    # replayed, a predictor that reads router inputs gets the trace's (see below)
     model = LlamaCppModel(args.model, n_ctx=args.ctx, threads=threads[0],
-                          router_inputs=bool(predictor and predictor.router_input_dim))
+                          router_inputs=bool(predictor and predictor.router_input_dim and not args.replay))
     ex = model.experts
     total = len(ex.moe_layers) * ex.n_experts
     capacity = _capacity(args.resident, total)
@@ -111,9 +112,15 @@ def cmd_prefetch(args):
         timings = (args.read_us, args.layer_us)
     if args.max_new_tokens < 1 and replay is None:
         raise LlamaCppError("--max-new-tokens must be at least 1")
-    if predictor is not None and predictor.router_input_dim and predictor.router_input_dim != model.n_embd:
-        raise LlamaCppError(f"{args.predictor}: reads router inputs of width {predictor.router_input_dim}, "
-                            f"{args.model}'s are {model.n_embd}")
+    if predictor is not None and predictor.router_input_dim:
+        if replay is None and predictor.router_input_dim != model.n_embd:
+            raise LlamaCppError(f"{args.predictor}: reads router inputs of width {predictor.router_input_dim}, "
+                                f"{args.model}'s are {model.n_embd}")
+        recorded = replay.get("channels", {}).get("router_inputs", 0) if replay is not None else None
+        if replay is not None and recorded != predictor.router_input_dim:
+            raise LlamaCppError(f"{args.predictor} reads router inputs {predictor.router_input_dim} wide; replayed, "
+                                f"they come from {args.replay}, which records "
+                                + (f"them {recorded} wide" if recorded else "none"))
     modes = [("on-demand", None, None)]
     if predictor:
         modes += [("planned" if b == "auto" else f"budget-{b}", predictor, b) for b in budgets]
@@ -142,7 +149,10 @@ def cmd_prefetch(args):
           f"{args.rounds} round(s), "
           + (f"routing replayed from {args.replay}" if replay is not None else
              f"{'greedy' if args.temperature <= 0 else f'temperature {args.temperature} seed {args.seed}'}, "
-             f"up to {args.max_new_tokens} new tokens per prompt"))
+             f"up to {args.max_new_tokens} new tokens per prompt")
+          + (f", router inputs ({predictor.router_input_dim} wide) from "
+             + ("the trace" if replay is not None else "llama.cpp's ffn_norm")
+             if predictor is not None and predictor.router_input_dim else ""))
     print(f"{'mode':<10} {'resident when used':>18} {'demand MB':>10} {'staged MB':>10} {'wasted MB':>10} "
           f"{'staged used':>11} {'stall s':>8} {'tokens/s':>9} {'vs on-demand':>12}")
     base = summary["on-demand"]["tokens_per_s"]

@@ -550,6 +550,29 @@ int mc_trace_sequence(const struct mc_trace *t,
                       const uint32_t **tokens,
                       const uint16_t **experts);
 
+/**
+ * The width of the router inputs the trace records (0 when it records none).
+ *
+ * # Safety
+ * `t` is a live trace; `dim` is writable.
+ */
+int mc_trace_router_input_dim(const struct mc_trace *t, uint32_t *dim);
+
+/**
+ * The router input that MoE layer `layer` read at token `pos` of sequence `s`, as
+ * recorded, written to `out[len]` (`len` = `mc_trace_router_input_dim`): what a
+ * predictor that reads router inputs is given when the trace is replayed.
+ *
+ * # Safety
+ * `t` is a live trace; `out` has room for `len` values.
+ */
+int mc_trace_router_input(const struct mc_trace *t,
+                          uint32_t s,
+                          uint32_t pos,
+                          uint32_t layer,
+                          float *out,
+                          size_t len);
+
 #ifdef __cplusplus
 }  // extern "C"
 #endif  // __cplusplus

@@ -8,7 +8,8 @@ use std::path::Path;
 use datasets::{NOT_COMPUTED, UNKNOWN_TOKEN};
 
 use crate::{
-    c_str, fail, free_box, guard, non_null, non_null_mut, write_shape, MC_ERR_ARG, MC_ERR_OPEN,
+    c_str, fail, free_box, guard, non_null, non_null_mut, slice_mut, write_shape, MC_ERR_ARG,
+    MC_ERR_OPEN,
 };
 
 /// A trace's sequences, in trace order (immutable; shareable across threads).
@@ -18,6 +19,13 @@ pub struct mc_trace {
     top_k: usize,
     /// Per sequence: token ids, and `tokens x n_moe x top_k` experts.
     sequences: Vec<(Vec<u32>, Vec<u16>)>,
+    /// The router inputs' width (0: the trace records none).
+    input_dim: usize,
+    /// Per sequence, its first token's row in the trace.
+    starts: Vec<usize>,
+    /// The trace itself, kept where it records router inputs (read a vector at a time:
+    /// a mapped trace's stay on disk until asked for).
+    opened: Option<datasets::OpenedTrace>,
 }
 
 const _: () = {
@@ -45,22 +53,28 @@ pub unsafe extern "C" fn mc_trace_open(path: *const c_char, out: *mut *mut mc_tr
             let routed = &v.experts[t * width..(t + 1) * width];
             v.token[*t] != UNKNOWN_TOKEN && !routed.contains(&NOT_COMPUTED)
         };
-        let sequences = v
-            .sequence_ranges()
-            .into_iter()
-            .map(|r| {
-                let end = r.clone().find(|t| !whole(t)).unwrap_or(r.end);
-                (
-                    v.token[r.start..end].to_vec(),
-                    v.experts[r.start * width..end * width].to_vec(),
-                )
-            })
-            .collect();
+        let input_dim = match v.router_inputs() {
+            Some(_) => v.meta.router_input_dim().unwrap_or(0) as usize,
+            None => 0,
+        };
+        let (mut sequences, mut starts) = (Vec::new(), Vec::new());
+        for r in v.sequence_ranges() {
+            let end = r.clone().find(|t| !whole(t)).unwrap_or(r.end);
+            sequences.push((
+                v.token[r.start..end].to_vec(),
+                v.experts[r.start * width..end * width].to_vec(),
+            ));
+            starts.push(r.start);
+        }
+        let n_experts = v.meta.n_experts as usize;
         *out = Box::into_raw(Box::new(mc_trace {
             n_moe,
-            n_experts: v.meta.n_experts as usize,
+            n_experts,
             top_k,
             sequences,
+            input_dim,
+            starts,
+            opened: (input_dim > 0).then_some(opened),
         }));
         Ok(())
     })
@@ -124,6 +138,83 @@ pub unsafe extern "C" fn mc_trace_sequence(
         *non_null_mut(n_tokens, "n_tokens")? = ids.len() as u32;
         *non_null_mut(tokens, "tokens")? = ids.as_ptr();
         *non_null_mut(experts, "experts")? = routed.as_ptr();
+        Ok(())
+    })
+}
+
+/// The width of the router inputs the trace records (0 when it records none).
+///
+/// # Safety
+/// `t` is a live trace; `dim` is writable.
+#[no_mangle]
+pub unsafe extern "C" fn mc_trace_router_input_dim(t: *const mc_trace, dim: *mut u32) -> c_int {
+    guard(|| {
+        let t = non_null(t, "t")?;
+        *non_null_mut(dim, "dim")? = t.input_dim as u32;
+        Ok(())
+    })
+}
+
+/// The router input that MoE layer `layer` read at token `pos` of sequence `s`, as
+/// recorded, written to `out[len]` (`len` = `mc_trace_router_input_dim`): what a
+/// predictor that reads router inputs is given when the trace is replayed.
+///
+/// # Safety
+/// `t` is a live trace; `out` has room for `len` values.
+#[no_mangle]
+pub unsafe extern "C" fn mc_trace_router_input(
+    t: *const mc_trace,
+    s: u32,
+    pos: u32,
+    layer: u32,
+    out: *mut f32,
+    len: usize,
+) -> c_int {
+    guard(|| {
+        let t = non_null(t, "t")?;
+        if t.input_dim == 0 {
+            return fail(MC_ERR_ARG, "the trace records no router inputs");
+        }
+        if len != t.input_dim {
+            return fail(
+                MC_ERR_ARG,
+                format!(
+                    "len is {len}; the trace's router inputs are {} wide",
+                    t.input_dim
+                ),
+            );
+        }
+        let Some((ids, _)) = t.sequences.get(s as usize) else {
+            return fail(
+                MC_ERR_ARG,
+                format!("sequence {s} is outside 0..{}", t.sequences.len()),
+            );
+        };
+        if pos as usize >= ids.len() || layer as usize >= t.n_moe {
+            return fail(
+                MC_ERR_ARG,
+                format!(
+                    "token {pos}, MoE layer {layer} is outside sequence {s}'s {} tokens x {} layers",
+                    ids.len(),
+                    t.n_moe
+                ),
+            );
+        }
+        let out = slice_mut(out, len, "out")?;
+        let row = t.starts[s as usize] + pos as usize;
+        let x = t
+            .opened
+            .as_ref()
+            .and_then(|o| o.view().router_input(row, layer as usize));
+        let Some(x) = x else {
+            return fail(
+                MC_ERR_ARG,
+                format!("token {pos} of sequence {s} has no router input at MoE layer {layer}"),
+            );
+        };
+        for (o, &bits) in out.iter_mut().zip(x) {
+            *o = half::f16::from_bits(bits).to_f32();
+        }
         Ok(())
     })
 }

@@ -608,6 +608,112 @@ fn the_guard_through_the_c_abi_decides_as_prefetch_guard_does() {
 }
 
 #[test]
+fn a_traces_router_inputs_reach_c_per_sequence_token_and_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let jsonl = dir.path().join("inputs.jsonl");
+    let meta = r#"{"meta": {"model": "m", "n_layers": 2, "moe_layers": [0, 1], "n_experts": 8, "top_k": 2, "channels": [{"name": "router_inputs", "dtype": "f16", "width": 3}]}}"#;
+    // Token `pos` of sequence `s` at layer `l` reads [s, pos, l + 0.5] (exact in f16);
+    // sequence "s1" is stored first.
+    let line = |s: u32, pos: u32| {
+        let x = |l: u32| format!("[{s}, {pos}, {}]", l as f32 + 0.5);
+        format!(
+            r#"{{"seq": "s{s}", "pos": {pos}, "phase": "decode", "token": {pos}, "experts": [[1, 2], [3, 4]], "router_inputs": [{}, {}]}}"#,
+            x(0),
+            x(1)
+        )
+    };
+    let lines = [line(1, 0), line(1, 1), line(0, 0), line(0, 1), line(0, 2)];
+    std::fs::write(&jsonl, format!("{meta}\n{}\n", lines.join("\n"))).unwrap();
+    let c_jsonl = CString::new(jsonl.to_str().unwrap()).unwrap();
+    // SAFETY: each pointer below is either live or null on purpose; `out` holds the
+    // lengths passed.
+    unsafe {
+        let mut t = std::ptr::null_mut();
+        assert_eq!(
+            mc_trace_open(c_jsonl.as_ptr(), &mut t),
+            MC_OK,
+            "{}",
+            last_error()
+        );
+        let mut dim = 0u32;
+        assert_eq!(mc_trace_router_input_dim(t, &mut dim), MC_OK);
+        assert_eq!(dim, 3);
+        let mut out = [0f32; 3];
+        for s in 0..2u32 {
+            let (mut len, mut tokens, mut experts) = (0u32, std::ptr::null(), std::ptr::null());
+            assert_eq!(
+                mc_trace_sequence(t, s, &mut len, &mut tokens, &mut experts),
+                MC_OK
+            );
+            let tokens = std::slice::from_raw_parts(tokens, len as usize);
+            for (pos, &token) in tokens.iter().enumerate() {
+                for l in 0..2u32 {
+                    assert_eq!(
+                        mc_trace_router_input(t, s, pos as u32, l, out.as_mut_ptr(), 3),
+                        MC_OK
+                    );
+                    // the trace's first sequence is "s1" (trace order); token ids are positions
+                    let name = if s == 0 { 1.0 } else { 0.0 };
+                    assert_eq!(
+                        out,
+                        [name, token as f32, l as f32 + 0.5],
+                        "sequence {s}, token {pos}, layer {l}"
+                    );
+                }
+            }
+        }
+        assert_eq!(
+            mc_trace_router_input(t, 1, 3, 0, out.as_mut_ptr(), 3),
+            MC_ERR_ARG
+        );
+        assert!(
+            last_error()
+                .contains("token 3, MoE layer 0 is outside sequence 1's 3 tokens x 2 layers"),
+            "{}",
+            last_error()
+        );
+        assert_eq!(
+            mc_trace_router_input(t, 0, 0, 2, out.as_mut_ptr(), 3),
+            MC_ERR_ARG
+        );
+        assert_eq!(
+            mc_trace_router_input(t, 2, 0, 0, out.as_mut_ptr(), 3),
+            MC_ERR_ARG
+        );
+        assert!(
+            last_error().contains("sequence 2 is outside 0..2"),
+            "{}",
+            last_error()
+        );
+        assert_eq!(
+            mc_trace_router_input(t, 0, 0, 0, out.as_mut_ptr(), 2),
+            MC_ERR_ARG
+        );
+        assert!(last_error().contains("3 wide"), "{}", last_error());
+        assert_eq!(
+            mc_trace_router_input(t, 0, 0, 0, std::ptr::null_mut(), 3),
+            MC_ERR_NULL
+        );
+        mc_trace_free(t);
+        let (path, _) = synthetic_trace(dir.path());
+        let c_path = CString::new(path.to_str().unwrap()).unwrap();
+        assert_eq!(mc_trace_open(c_path.as_ptr(), &mut t), MC_OK);
+        assert_eq!(mc_trace_router_input_dim(t, &mut dim), MC_OK);
+        assert_eq!(dim, 0);
+        assert_eq!(
+            mc_trace_router_input(t, 0, 0, 0, out.as_mut_ptr(), 0),
+            MC_ERR_ARG
+        );
+        assert!(
+            last_error().contains("records no router inputs"),
+            "{}",
+            last_error()
+        );
+        mc_trace_free(t);
+    }
+}
+
+#[test]
 fn a_trace_through_the_c_abi_is_its_recorded_routing_in_position_order() {
     let dir = tempfile::tempdir().unwrap();
     let (path, trace) = synthetic_trace(dir.path());

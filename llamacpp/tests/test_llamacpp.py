@@ -407,3 +407,69 @@ def test_c_harness_oracle_stages_the_replayed_experts(work):
     assert oracle["demand"] < 0.4 * base["demand"] and oracle["staged"] > 0.6 * base["demand"]
     slow = modes("-t", "1000000,1000", "-R", "1")
     assert slow["oracle"]["staged"] == 0 and slow["oracle"]["demand"] == slow["on-demand"]["demand"]
+
+
+@pytest.mark.skipif(not os.environ.get("MOECAST_PREFETCH_C"), reason="make test-llamacpp builds the C harness")
+def test_a_hidden_state_predictor_gets_the_router_inputs(work, tmp_path):
+    """A predictor trained with --features hidden reads the routed layer's router input
+    beside its routing. Decoding prompts, the C harness copies llama.cpp's ffn_norm-L (the
+    router's input) for it; replaying (-p, and the Python harness's --replay), the trace's
+    recorded one, since the replayed model's own would not match the forced routing.
+    Forecasting on a prefetcher thread and waiting for each (-a -w), a fixed budget stages
+    the same experts run after run, so the bytes read on demand and wasted tell forecasts
+    apart: the trace's inputs replaced by zeros must change them. A trace that records no router
+    inputs is refused by name, by both harnesses."""
+    pred = work / "predictor-hidden"
+    run("trace", "convert", work / "ref.jsonl", "-o", tmp_path / "ref.mctrace")
+    run("train", "--shards", "2", "--trace", tmp_path / "ref.mctrace", "--task", "lookahead", "--features", "hidden",
+        "--horizon", "2", "--epochs", "2", "--batch-size", "4", "--test-fraction", "0", "--quiet", "-o", pred)
+    dim = len(next(json.loads(l) for l in (work / "ref.jsonl").read_text().splitlines()[1:])["router_inputs"][0])
+
+    def c_harness(*args):
+        out = subprocess.run([os.environ["MOECAST_PREFETCH_C"], "-r", "10", "-R", "1", "-b", "1", "-a", "-w", *args],
+                             check=True, capture_output=True, text=True).stdout
+        print("\n" + out)
+        rows = {l.split()[0]: l.split() for l in out.splitlines() if l.startswith(("on-demand", "budget-1"))}
+        return out, {m: {"resident": float(r[1].rstrip("%")), "demand": float(r[2]), "staged": float(r[3]),
+                         "wasted": float(r[4])} for m, r in rows.items()}
+
+    out, modes = c_harness("-n", "24", str(work / "tiny.f32.gguf"), str(HELDOUT), str(pred))
+    assert f"reading router inputs ({dim} wide) from llama.cpp's ffn_norm" in out
+    base, budget = modes["on-demand"], modes["budget-1"]
+    assert budget["resident"] > base["resident"] and budget["demand"] < 0.9 * base["demand"]
+
+    def replayed(trace):
+        return c_harness("-p", str(trace), "-N", "120", str(work / "tiny.f32.gguf"), str(pred))
+
+    out, first = replayed(work / "ref.jsonl")
+    assert f"reading router inputs ({dim} wide) from the trace" in out
+    assert first["budget-1"]["resident"] > first["on-demand"]["resident"]
+    _, again = replayed(work / "ref.jsonl")
+    what = ("demand", "staged", "wasted")
+    assert [again["budget-1"][c] for c in what] == [first["budget-1"][c] for c in what]
+    lines = (work / "ref.jsonl").read_text().splitlines()
+    zeroed = tmp_path / "zeroed.jsonl"
+    rows = [json.loads(l) for l in lines[1:]]
+    for r in rows:
+        r["router_inputs"] = [[0.0] * dim for _ in r["router_inputs"]]
+    zeroed.write_text("\n".join([lines[0], *map(json.dumps, rows)]) + "\n")
+    _, blind = replayed(zeroed)
+    assert [blind["budget-1"][c] for c in what] != [first["budget-1"][c] for c in what]
+
+    bare = tmp_path / "no-inputs.jsonl"
+    meta = json.loads(lines[0])
+    meta["meta"]["channels"] = []
+    bare.write_text("\n".join([json.dumps(meta), *(json.dumps({k: v for k, v in r.items() if k != "router_inputs"})
+                                                    for r in rows)]) + "\n")
+    c = subprocess.run([os.environ["MOECAST_PREFETCH_C"], "-p", str(bare), str(work / "tiny.f32.gguf"), str(pred)],
+                       capture_output=True, text=True)
+    assert c.returncode != 0 and f"reads router inputs {dim} wide" in c.stderr and "records none" in c.stderr, c.stderr
+    py = subprocess.run([sys.executable, str(ROOT / "llamacpp" / "moecast_llamacpp.py"), "prefetch", "--model",
+                         str(work / "tiny.f32.gguf"), "--replay", str(bare), "--predictor", str(pred)],
+                        capture_output=True, text=True)
+    assert py.returncode == 1 and "records none" in py.stderr, py.stderr
+    report = tmp_path / "replay.json"
+    tool("moecast_llamacpp.py", "prefetch", "--model", work / "tiny.f32.gguf", "--replay", work / "ref.jsonl",
+         "--replay-tokens", "120", "--predictor", pred, "--resident", "10%", "--rounds", "1", "--json", report)
+    modes = json.loads(report.read_text())["modes"]
+    assert modes["budget-1"]["resident_when_used"] > modes["on-demand"]["resident_when_used"]
