@@ -2,7 +2,7 @@
  * moecast_llamacpp.py (see docs/guide.md#llamacpp) without Python in the eval callback.
  *
  *   moecast_prefetch [-r resident%=25] [-n new_tokens=32] [-R rounds=3] [-b MODES=auto,1]
- *                    [-t READ_US,LAYER_US] [-G] [-a [-w]] [-j THREADS[,WHILE_FORECASTING]] MODEL.gguf PROMPTS.txt [PREDICTOR_DIR]
+ *                    [-t READ_US,LAYER_US] [-G] [-a [-w | -d MS]] [-j THREADS[,WHILE_FORECASTING]] MODEL.gguf PROMPTS.txt [PREDICTOR_DIR]
  *   moecast_prefetch -p TRACE [-N steps] [options] MODEL.gguf [PREDICTOR_DIR]
  *
  * Greedy decoding of every prompt (one per line), on demand and, with a predictor (an
@@ -28,7 +28,8 @@
  * during the reads. With -a the predictor runs on a thread of its own that owns the
  * session: the callback only queues "layers 0..l routed" (a forecast is dropped when two
  * wait); -a -w waits for each (none dropped or late, whatever the machine's speed;
- * tests). Staged reads are issued outside the resident set's lock. llama.cpp memory-maps
+ * tests); -a -d MS holds each forecast MS milliseconds before it is offered (all land
+ * late: tests of the rule that drops them). Staged reads are issued outside the resident set's lock. llama.cpp memory-maps
  * the GGUF; the page cache is the fast memory, `resident%` of the experts are kept,
  * residency is read with mincore when a layer routes (before its experts run), missing
  * experts are read whole and waited for (the stall). Prints one line per mode.
@@ -218,7 +219,7 @@ static void mode_name(const ModeTotals *mt, char *name, size_t size) {
 
 static void usage(const char *argv0) {
     fprintf(stderr, "usage: %s [-r resident%%=25] [-n new_tokens=32] [-R rounds=3] [-b MODES=auto,1] "
-            "[-t READ_US,LAYER_US] [-G] [-a [-w]] [-j THREADS[,WHILE_FORECASTING]] MODEL.gguf PROMPTS.txt [PREDICTOR_DIR]\n"
+            "[-t READ_US,LAYER_US] [-G] [-a [-w | -d MS]] [-j THREADS[,WHILE_FORECASTING]] MODEL.gguf PROMPTS.txt [PREDICTOR_DIR]\n"
             "       %s -p TRACE [-N steps] [options] MODEL.gguf [PREDICTOR_DIR]\n", argv0, argv0);
     exit(2);
 }
@@ -230,7 +231,8 @@ int main(int argc, char **argv) {
     int threads[2] = {cores > 1 ? (int)cores : 1, cores > 1 ? (int)cores - 1 : 1}; /* on demand, forecasting */
     long max_steps = 0;
     const char *modes_arg = "auto,1", *trace_path = NULL;
-    while ((opt = getopt(argc, argv, "r:n:R:b:t:Gwaj:p:N:")) != -1) {
+    int delay_ms = 0;
+    while ((opt = getopt(argc, argv, "r:n:R:b:t:Gwaj:p:N:d:")) != -1) {
         switch (opt) {
         case 'j': {
             char *end;
@@ -254,10 +256,13 @@ int main(int argc, char **argv) {
         case 'G': use_guard = 0; break;
         case 'w': wait_forecasts = 1; break;
         case 'a': inline_forecasts = 0; break;
+        case 'd': delay_ms = atoi(optarg); break;
         default: usage(argv[0]);
         }
     }
     if (inline_forecasts && wait_forecasts) die("-w", "waits for the prefetcher thread's forecasts: give -a too");
+    if (delay_ms && (inline_forecasts || wait_forecasts || delay_ms < 0))
+        die("-d", "delays the prefetcher thread's forecasts (milliseconds, above 0): give -a, without -w");
     if (inline_forecasts && !threads_given) threads[1] = threads[0]; /* no forecasting thread to leave a core to */
     int positional = trace_path ? 1 : 2; /* MODEL [PROMPTS] before the optional predictor */
     if (argc - optind < positional || argc - optind > positional + 1) usage(argv[0]);
@@ -397,7 +402,7 @@ int main(int argc, char **argv) {
                 w.res = &res, w.reads = reads, w.oracle = mt->oracle;
                 /* the oracle reads as far ahead as the predictor (3 layers without one) */
                 w.budget = b, w.horizon = horizon ? (int)horizon : 3, w.inline_jobs = inline_forecasts;
-                w.wait = wait_forecasts, w.input_dim = mt->oracle ? 0 : input_dim;
+                w.wait = wait_forecasts, w.delay_ms = delay_ms, w.input_dim = mt->oracle ? 0 : input_dim;
                 prefetcher_start(&w);
                 h.session = &w, h.input = w.input_dim ? input : NULL;
             }

@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 static void run_job(Prefetcher *w, const Job *j) {
     Experts *ex = w->res->ex;
@@ -23,6 +24,7 @@ static void run_job(Prefetcher *w, const Job *j) {
         break;
     }
     if (!layers) goto done;
+    if (w->delay_ms) nanosleep(&(struct timespec){w->delay_ms / 1000, (long)(w->delay_ms % 1000) * 1000000L}, NULL);
     for (int h = 0; w->oracle && h < layers && first + h < ex->n_moe; h++) /* the forecast the trace knows */
         memcpy(w->ahead + (size_t)h * per, j->truth + (size_t)(first + h) * k, (size_t)k * sizeof(uint16_t));
     pthread_mutex_lock(&w->res->mu);

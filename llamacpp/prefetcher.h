@@ -32,6 +32,7 @@ typedef struct {
     int head, count, busy, stop, error;
     int inline_jobs; /* no thread: every job runs where it is posted */
     int wait;        /* with a thread: every forecast is waited for where it is posted (tests) */
+    int delay_ms;    /* with a thread: each forecast waits this long before it is offered, so it lands late (tests) */
     char message[512]; /* mc_last_error() is per thread: the worker's, kept for main */
     struct mc_session *session;
     int budget, horizon; /* budget 0: planned (every forecast layer's top-k offered) */

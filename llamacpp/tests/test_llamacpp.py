@@ -304,6 +304,30 @@ def test_c_harness_stages_from_the_c_abi(work):
 
 
 @pytest.mark.skipif(not os.environ.get("MOECAST_PREFETCH_C"), reason="make test-llamacpp builds the C harness")
+def test_c_harness_offers_no_forecast_that_lands_late(work):
+    """With -a a forecast runs on the prefetcher thread and may land after its step or its
+    layer has moved on; offered then, the planner would take it for the next token's
+    lookup. Held 200 ms before it is offered (-d 200; a step of the tiny model takes a few
+    ms), every forecast lands late and none is offered, where the same run without the
+    hold offers thousands (about 3,000 here; the test asks for more than 300)."""
+    if not (work / "predictor").exists():
+        pytest.skip("needs the predictor trained by test_predictor_from_llama_cpp_routing_stages_experts")
+
+    def offered(*flags):
+        out = subprocess.run([os.environ["MOECAST_PREFETCH_C"], "-r", "10", "-n", "24", "-R", "1", "-b", "auto", "-t",
+                              "10,1000", "-G", "-a", *flags, str(work / "tiny.f32.gguf"), str(HELDOUT),
+                              str(work / "predictor")], check=True, capture_output=True, text=True).stdout
+        print("\n" + out)
+        return int(re.search(r"offered (\d+),", out).group(1))
+
+    assert offered() > 300
+    assert offered("-d", "200") == 0
+    run = subprocess.run([os.environ["MOECAST_PREFETCH_C"], "-d", "200", "missing.gguf", str(HELDOUT)],
+                         capture_output=True, text=True)
+    assert run.returncode != 0 and "-d: delays the prefetcher thread's forecasts" in run.stderr, run.stderr
+
+
+@pytest.mark.skipif(not os.environ.get("MOECAST_PREFETCH_C"), reason="make test-llamacpp builds the C harness")
 def test_c_harness_forecasts_on_fewer_threads(work):
     """-a -j 2,1: forecasts on a prefetcher thread, llama.cpp on 2 threads and on 1 in
     the steps that forecast (its threads wait for each other at every operation, so a
