@@ -22,17 +22,18 @@
  * hides them and their reads' issuing (a layer with none forecasts nothing). A predictor
  * trained with --features hidden also reads the routed layer's router input: llama.cpp's
  * ffn_norm-L or, with -p, the trace's record (the replayed model's own would not match
- * the forced routing); the model's (or the trace's) width must be the predictor's. llama.cpp's
- * CPU threads wait for each other at every operation, spinning, so a forecast on another
- * thread, taking one's core, stalls them all: 5-6% of decode time on 2 cores, against 1%
- * during the reads. With -a the predictor runs on a thread of its own that owns the
- * session: the callback only queues "layers 0..l routed" (a forecast is dropped when two
- * wait); -a -w waits for each (none dropped or late, whatever the machine's speed;
- * tests); -a -d MS holds each forecast MS milliseconds before it is offered (all land
- * late: tests of the rule that drops them). Staged reads are issued outside the resident set's lock. llama.cpp memory-maps
- * the GGUF; the page cache is the fast memory, `resident%` of the experts are kept,
- * residency is read with mincore when a layer routes (before its experts run), missing
- * experts are read whole and waited for (the stall). Prints one line per mode.
+ * the forced routing); the model's (or the trace's) width must be the predictor's.
+ * llama.cpp's CPU threads wait for each other at every operation, spinning, so a
+ * forecast on another thread, taking one's core, stalls them all: 5-6% of decode time on
+ * 2 cores, against 1% during the reads. With -a the predictor runs on a thread of its own
+ * that owns the session: the callback only queues "layers 0..l routed" (a forecast is
+ * dropped when two wait); -a -w waits for each (none dropped or late, whatever the
+ * machine's speed; tests); -a -d MS holds each forecast MS milliseconds before it is
+ * offered (all land late: tests of the rule that drops them). Staged reads are issued
+ * outside the resident set's lock. llama.cpp memory-maps the GGUF; the page cache is the
+ * fast memory, `resident%` of the experts are kept, residency is read with mincore when a
+ * layer routes (before its experts run), missing experts are read whole and waited for
+ * (the stall). Prints one line per mode.
  * With -p the trace's sequences are decoded from their own ids instead of the prompts,
  * every layer's experts forced to the recorded ones (up to -N decode steps in all).
  * -j sets llama.cpp's threads, and those of steps that forecast (default: the cores
@@ -69,10 +70,10 @@ typedef struct {
     uint16_t *prefill_ids; /* [row][layer][k] of the prompt's batch, for the session */
     int prefill_rows;
     const uint16_t *forced; /* replay: the token's recorded experts [layer][k], routed instead */
-    /* a predictor that reads router inputs: the last routed layer's (`input_dim` wide),
-     * llama.cpp's ffn_norm-L or, replayed, the trace's record of token `pos` of `seq` */
+    /* a predictor that reads router inputs: the last routed layer's (the session's
+     * `input_dim` wide), llama.cpp's ffn_norm-L or, replayed, the trace's record of
+     * token `pos` of `seq` */
     float *input;
-    size_t input_dim;
     const struct mc_trace *trace;
     uint32_t seq, pos;
     int input_layer; /* the layer whose ffn_norm the step copied last (-1: none yet) */
@@ -106,9 +107,9 @@ static bool callback(struct ggml_tensor *t, bool ask, void *user) {
     int layer;
     if (h->input && !h->trace && !strncmp(name, "ffn_norm-", 9) && sscanf(name + 9, "%d", &layer) == 1) {
         if (ask) return h->forecasting && !h->prefill; /* the router's input: its last row is the decoded token's */
-        if (t->type != GGML_TYPE_F32 || (size_t)t->ne[0] != h->input_dim)
-            return callback_error(h, "%s is not f32 x %zu (the predictor's router input)", name, h->input_dim);
-        ggml_backend_tensor_get(t, h->input, (size_t)(t->ne[1] - 1) * t->nb[1], h->input_dim * sizeof(float));
+        if (t->type != GGML_TYPE_F32 || (size_t)t->ne[0] != h->session->input_dim)
+            return callback_error(h, "%s is not f32 x %zu (the predictor's router input)", name, h->session->input_dim);
+        ggml_backend_tensor_get(t, h->input, (size_t)(t->ne[1] - 1) * t->nb[1], h->session->input_dim * sizeof(float));
         h->input_layer = layer;
         return true;
     }
@@ -143,7 +144,7 @@ static bool callback(struct ggml_tensor *t, bool ask, void *user) {
          * missing experts are read (on this thread, or with -a on the prefetcher's) */
         int ahead = h->session && h->forecasting && layer + 1 < ex->n_moe;
         if (ahead && h->input && h->trace &&
-            mc_trace_router_input(h->trace, h->seq, h->pos, (uint32_t)layer, h->input, h->input_dim))
+            mc_trace_router_input(h->trace, h->seq, h->pos, (uint32_t)layer, h->input, h->session->input_dim))
             return callback_error(h, "%s", mc_last_error());
         if (ahead && h->input && !h->trace && h->input_layer != layer)
             return callback_error(h, "llama.cpp's graph gave no ffn_norm-%d (the router's input the predictor reads)", layer);
@@ -394,7 +395,7 @@ int main(int argc, char **argv) {
             memset(&h, 0, sizeof h);
             h.res = &res;
             h.prefill_ids = prefill_ids;
-            h.input_dim = input_dim, h.trace = trace;
+            h.trace = trace;
             static Prefetcher w;
             if (b >= 0) {
                 memset(&w, 0, sizeof w);

@@ -113,11 +113,11 @@ def cmd_prefetch(args):
     if args.max_new_tokens < 1 and replay is None:
         raise LlamaCppError("--max-new-tokens must be at least 1")
     if predictor is not None and predictor.router_input_dim:
-        if replay is None and predictor.router_input_dim != model.n_embd:
-            raise LlamaCppError(f"{args.predictor}: reads router inputs of width {predictor.router_input_dim}, "
-                                f"{args.model}'s are {model.n_embd}")
-        recorded = replay.get("channels", {}).get("router_inputs", 0) if replay is not None else None
-        if replay is not None and recorded != predictor.router_input_dim:
+        if replay is None:
+            if predictor.router_input_dim != model.n_embd:
+                raise LlamaCppError(f"{args.predictor}: reads router inputs of width {predictor.router_input_dim}, "
+                                    f"{args.model}'s are {model.n_embd}")
+        elif (recorded := replay["channels"].get("router_inputs", 0)) != predictor.router_input_dim:
             raise LlamaCppError(f"{args.predictor} reads router inputs {predictor.router_input_dim} wide; replayed, "
                                 f"they come from {args.replay}, which records "
                                 + (f"them {recorded} wide" if recorded else "none"))

@@ -8,8 +8,8 @@ use std::path::Path;
 use datasets::{NOT_COMPUTED, UNKNOWN_TOKEN};
 
 use crate::{
-    c_str, fail, free_box, guard, non_null, non_null_mut, slice_mut, write_shape, MC_ERR_ARG,
-    MC_ERR_OPEN,
+    c_str, fail, free_box, guard, non_null, non_null_mut, slice_mut, write_shape, Failure,
+    MC_ERR_ARG, MC_ERR_OPEN,
 };
 
 /// A trace's sequences, in trace order (immutable; shareable across threads).
@@ -19,13 +19,33 @@ pub struct mc_trace {
     top_k: usize,
     /// Per sequence: token ids, and `tokens x n_moe x top_k` experts.
     sequences: Vec<(Vec<u32>, Vec<u16>)>,
-    /// The router inputs' width (0: the trace records none).
-    input_dim: usize,
     /// Per sequence, its first token's row in the trace.
     starts: Vec<usize>,
     /// The trace itself, kept where it records router inputs (read a vector at a time:
     /// a mapped trace's stay on disk until asked for).
     opened: Option<datasets::OpenedTrace>,
+}
+
+impl mc_trace {
+    /// Sequence `s`: its token ids and `tokens x n_moe x top_k` experts.
+    fn sequence(&self, s: u32) -> Result<&(Vec<u32>, Vec<u16>), Failure> {
+        match self.sequences.get(s as usize) {
+            Some(seq) => Ok(seq),
+            None => fail(
+                MC_ERR_ARG,
+                format!("sequence {s} is outside 0..{}", self.sequences.len()),
+            ),
+        }
+    }
+
+    /// The router inputs' width (0: the trace records none).
+    fn input_dim(&self) -> usize {
+        let dim = self
+            .opened
+            .as_ref()
+            .and_then(|o| o.view().meta.router_input_dim());
+        dim.unwrap_or(0) as usize
+    }
 }
 
 const _: () = {
@@ -53,10 +73,8 @@ pub unsafe extern "C" fn mc_trace_open(path: *const c_char, out: *mut *mut mc_tr
             let routed = &v.experts[t * width..(t + 1) * width];
             v.token[*t] != UNKNOWN_TOKEN && !routed.contains(&NOT_COMPUTED)
         };
-        let input_dim = match v.router_inputs() {
-            Some(_) => v.meta.router_input_dim().unwrap_or(0) as usize,
-            None => 0,
-        };
+        let inputs =
+            v.router_inputs().is_some() && v.meta.router_input_dim().is_some_and(|d| d > 0);
         let (mut sequences, mut starts) = (Vec::new(), Vec::new());
         for r in v.sequence_ranges() {
             let end = r.clone().find(|t| !whole(t)).unwrap_or(r.end);
@@ -72,9 +90,8 @@ pub unsafe extern "C" fn mc_trace_open(path: *const c_char, out: *mut *mut mc_tr
             n_experts,
             top_k,
             sequences,
-            input_dim,
             starts,
-            opened: (input_dim > 0).then_some(opened),
+            opened: inputs.then_some(opened),
         }));
         Ok(())
     })
@@ -129,12 +146,7 @@ pub unsafe extern "C" fn mc_trace_sequence(
 ) -> c_int {
     guard(|| {
         let t = non_null(t, "t")?;
-        let Some((ids, routed)) = t.sequences.get(s as usize) else {
-            return fail(
-                MC_ERR_ARG,
-                format!("sequence {s} is outside 0..{}", t.sequences.len()),
-            );
-        };
+        let (ids, routed) = t.sequence(s)?;
         *non_null_mut(n_tokens, "n_tokens")? = ids.len() as u32;
         *non_null_mut(tokens, "tokens")? = ids.as_ptr();
         *non_null_mut(experts, "experts")? = routed.as_ptr();
@@ -150,7 +162,7 @@ pub unsafe extern "C" fn mc_trace_sequence(
 pub unsafe extern "C" fn mc_trace_router_input_dim(t: *const mc_trace, dim: *mut u32) -> c_int {
     guard(|| {
         let t = non_null(t, "t")?;
-        *non_null_mut(dim, "dim")? = t.input_dim as u32;
+        *non_null_mut(dim, "dim")? = t.input_dim() as u32;
         Ok(())
     })
 }
@@ -172,24 +184,17 @@ pub unsafe extern "C" fn mc_trace_router_input(
 ) -> c_int {
     guard(|| {
         let t = non_null(t, "t")?;
-        if t.input_dim == 0 {
+        let dim = t.input_dim();
+        if dim == 0 {
             return fail(MC_ERR_ARG, "the trace records no router inputs");
         }
-        if len != t.input_dim {
+        if len != dim {
             return fail(
                 MC_ERR_ARG,
-                format!(
-                    "len is {len}; the trace's router inputs are {} wide",
-                    t.input_dim
-                ),
+                format!("len is {len}; the trace's router inputs are {dim} wide"),
             );
         }
-        let Some((ids, _)) = t.sequences.get(s as usize) else {
-            return fail(
-                MC_ERR_ARG,
-                format!("sequence {s} is outside 0..{}", t.sequences.len()),
-            );
-        };
+        let (ids, _) = t.sequence(s)?;
         if pos as usize >= ids.len() || layer as usize >= t.n_moe {
             return fail(
                 MC_ERR_ARG,

@@ -3,7 +3,7 @@
 //! the library and prints exactly the forecasts `OnlinePredictor` makes; bad arguments
 //! are error codes with a message, never undefined behaviour.
 
-use std::ffi::{CStr, CString};
+use std::ffi::{c_int, CStr, CString};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -217,6 +217,32 @@ fn last_error() -> String {
     unsafe { CStr::from_ptr(mc_last_error()) }
         .to_string_lossy()
         .into_owned()
+}
+
+/// A call's result `code` is the error `want`, and the error message holds `message`.
+fn assert_refused(code: c_int, want: c_int, message: &str) {
+    assert_eq!(code, want, "{}", last_error());
+    assert!(last_error().contains(message), "{}", last_error());
+}
+
+/// Sequence `s` of trace `t` through `mc_trace_sequence`: its token ids and its experts
+/// (`width` a token).
+///
+/// # Safety
+/// `t` is a live trace; the slices are valid while it lives.
+unsafe fn trace_sequence<'a>(t: *const mc_trace, s: u32, width: usize) -> (&'a [u32], &'a [u16]) {
+    let (mut len, mut tokens, mut experts) = (0u32, std::ptr::null(), std::ptr::null());
+    // SAFETY: `t` is live (the caller's promise); the out pointers are locals.
+    let code = unsafe { mc_trace_sequence(t, s, &mut len, &mut tokens, &mut experts) };
+    assert_eq!(code, MC_OK, "{}", last_error());
+    let n = len as usize;
+    // SAFETY: the trace owns `n` ids and `n * width` experts while it lives.
+    unsafe {
+        (
+            std::slice::from_raw_parts(tokens, n),
+            std::slice::from_raw_parts(experts, n * width),
+        )
+    }
 }
 
 #[test]
@@ -640,12 +666,7 @@ fn a_traces_router_inputs_reach_c_per_sequence_token_and_layer() {
         assert_eq!(dim, 3);
         let mut out = [0f32; 3];
         for s in 0..2u32 {
-            let (mut len, mut tokens, mut experts) = (0u32, std::ptr::null(), std::ptr::null());
-            assert_eq!(
-                mc_trace_sequence(t, s, &mut len, &mut tokens, &mut experts),
-                MC_OK
-            );
-            let tokens = std::slice::from_raw_parts(tokens, len as usize);
+            let (tokens, _) = trace_sequence(t, s, 4);
             for (pos, &token) in tokens.iter().enumerate() {
                 for l in 0..2u32 {
                     assert_eq!(
@@ -662,34 +683,25 @@ fn a_traces_router_inputs_reach_c_per_sequence_token_and_layer() {
                 }
             }
         }
-        assert_eq!(
+        assert_refused(
             mc_trace_router_input(t, 1, 3, 0, out.as_mut_ptr(), 3),
-            MC_ERR_ARG
-        );
-        assert!(
-            last_error()
-                .contains("token 3, MoE layer 0 is outside sequence 1's 3 tokens x 2 layers"),
-            "{}",
-            last_error()
+            MC_ERR_ARG,
+            "token 3, MoE layer 0 is outside sequence 1's 3 tokens x 2 layers",
         );
         assert_eq!(
             mc_trace_router_input(t, 0, 0, 2, out.as_mut_ptr(), 3),
             MC_ERR_ARG
         );
-        assert_eq!(
+        assert_refused(
             mc_trace_router_input(t, 2, 0, 0, out.as_mut_ptr(), 3),
-            MC_ERR_ARG
+            MC_ERR_ARG,
+            "sequence 2 is outside 0..2",
         );
-        assert!(
-            last_error().contains("sequence 2 is outside 0..2"),
-            "{}",
-            last_error()
-        );
-        assert_eq!(
+        assert_refused(
             mc_trace_router_input(t, 0, 0, 0, out.as_mut_ptr(), 2),
-            MC_ERR_ARG
+            MC_ERR_ARG,
+            "3 wide",
         );
-        assert!(last_error().contains("3 wide"), "{}", last_error());
         assert_eq!(
             mc_trace_router_input(t, 0, 0, 0, std::ptr::null_mut(), 3),
             MC_ERR_NULL
@@ -700,14 +712,10 @@ fn a_traces_router_inputs_reach_c_per_sequence_token_and_layer() {
         assert_eq!(mc_trace_open(c_path.as_ptr(), &mut t), MC_OK);
         assert_eq!(mc_trace_router_input_dim(t, &mut dim), MC_OK);
         assert_eq!(dim, 0);
-        assert_eq!(
+        assert_refused(
             mc_trace_router_input(t, 0, 0, 0, out.as_mut_ptr(), 0),
-            MC_ERR_ARG
-        );
-        assert!(
-            last_error().contains("records no router inputs"),
-            "{}",
-            last_error()
+            MC_ERR_ARG,
+            "records no router inputs",
         );
         mc_trace_free(t);
     }
@@ -730,33 +738,24 @@ fn a_trace_through_the_c_abi_is_its_recorded_routing_in_position_order() {
         assert_eq!((m, e, k, n), (4, 8, 2, 12));
         let mut seen = 0;
         for s in 0..n {
-            let (mut len, mut tokens, mut experts) = (0u32, std::ptr::null(), std::ptr::null());
-            assert_eq!(
-                mc_trace_sequence(t, s, &mut len, &mut tokens, &mut experts),
-                MC_OK
-            );
-            let tokens = std::slice::from_raw_parts(tokens, len as usize);
-            let experts = std::slice::from_raw_parts(experts, len as usize * width);
+            let (tokens, experts) = trace_sequence(t, s, width);
+            let len = tokens.len();
             let mut rows: Vec<usize> = (0..view.n_tokens()).filter(|&r| view.seq[r] == s).collect();
             rows.sort_by_key(|&r| view.pos[r]);
-            assert_eq!(rows.len(), len as usize, "sequence {s}");
+            assert_eq!(rows.len(), len, "sequence {s}");
             for (i, &r) in rows.iter().enumerate() {
                 assert_eq!(tokens[i], view.token[r], "sequence {s}, token {i}");
                 let recorded = &view.experts[r * width..(r + 1) * width];
                 assert_eq!(&experts[i * width..(i + 1) * width], recorded);
             }
-            seen += len as usize;
+            seen += len;
         }
         assert_eq!(seen, view.n_tokens());
         let (mut len, mut tokens, mut experts) = (0u32, std::ptr::null(), std::ptr::null());
-        assert_eq!(
+        assert_refused(
             mc_trace_sequence(t, n, &mut len, &mut tokens, &mut experts),
-            MC_ERR_ARG
-        );
-        assert!(
-            last_error().contains("sequence 12 is outside 0..12"),
-            "{}",
-            last_error()
+            MC_ERR_ARG,
+            "sequence 12 is outside 0..12",
         );
         assert_eq!(
             mc_trace_sequence(t, 0, &mut len, std::ptr::null_mut(), &mut experts),
@@ -801,8 +800,11 @@ fn a_trace_through_the_c_abi_is_its_recorded_routing_in_position_order() {
         assert_eq!(routed, [0, 7, 1, 2, 1, 7, 3, 4, 2, 7, 1, 2]);
         mc_trace_free(t);
         let missing = CString::new(dir.path().join("none.mctrace").to_str().unwrap()).unwrap();
-        assert_eq!(mc_trace_open(missing.as_ptr(), &mut t), MC_ERR_OPEN);
-        assert!(last_error().contains("none.mctrace"), "{}", last_error());
+        assert_refused(
+            mc_trace_open(missing.as_ptr(), &mut t),
+            MC_ERR_OPEN,
+            "none.mctrace",
+        );
         assert_eq!(mc_trace_open(std::ptr::null(), &mut t), MC_ERR_NULL);
     }
 }
