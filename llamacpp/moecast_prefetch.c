@@ -2,7 +2,8 @@
  * moecast_llamacpp.py (see docs/guide.md#llamacpp) without Python in the eval callback.
  *
  *   moecast_prefetch [-r resident%=25] [-n new_tokens=32] [-R rounds=3] [-b MODES=auto,1]
- *                    [-t READ_US,LAYER_US] [-G] [-a [-w | -d MS]] [-j THREADS[,WHILE_FORECASTING]] MODEL.gguf PROMPTS.txt [PREDICTOR_DIR]
+ *                    [-t READ_US,LAYER_US] [-G] [-a [-w | -d MS]] [-j THREADS[,WHILE_FORECASTING]] [-s STEPS.csv]
+ *                    MODEL.gguf PROMPTS.txt [PREDICTOR_DIR]
  *   moecast_prefetch -p TRACE [-N steps] [options] MODEL.gguf [PREDICTOR_DIR]
  *
  * Greedy decoding of every prompt (one per line), on demand and, with a predictor (an
@@ -39,7 +40,9 @@
  * -j sets llama.cpp's threads, and those of steps that forecast (default: the cores
  * online; with -a one fewer while forecasting, leaving the prefetcher thread a core; the
  * guard, switching forecasts off where they measure slower, switches back to all cores).
- * Linux only. Build: make target/moecast_prefetch (links the wheel's libllama and
+ * -s writes every timed decode step to a CSV (mode, round, whether it forecast, seconds,
+ * staged reads issued, demand reads, stall and issuing seconds): llamacpp/step_costs.py
+ * fits what a staged and a demand read add to a step on this machine. Linux only. Build: make target/moecast_prefetch (links the wheel's libllama and
  * libmoecast). */
 #define _GNU_SOURCE
 #include <getopt.h>
@@ -171,7 +174,30 @@ typedef struct {
     int threads[2];       /* llama.cpp's threads without and with forecasts */
     uint64_t steps_fewer; /* counted steps run on fewer threads */
     const char *model_path;
+    FILE *steps_csv; /* -s: one row per timed step, and the counters at the last */
+    const char *mode;
+    int round;
+    uint64_t last_issued;
+    long last_demand;
+    double last_stall, last_issue;
 } Decoder;
+
+/* -s: the step's row; the residency's counters since the last timed step. */
+static void log_step(Decoder *d, double dt) {
+    Residency *r = d->h->res;
+    uint64_t issued = __atomic_load_n(&r->reads_issued, __ATOMIC_RELAXED);
+    pthread_mutex_lock(&r->mu);
+    long demand = r->uses - r->resident_uses - r->late;
+    double stall = r->stall_s;
+    pthread_mutex_unlock(&r->mu);
+    pthread_mutex_lock(&r->io_mu);
+    double issue = r->issue_s;
+    pthread_mutex_unlock(&r->io_mu);
+    fprintf(d->steps_csv, "%s,%d,%d,%.6f,%llu,%ld,%.6f,%.6f\n", d->mode, d->round, d->h->forecasting, dt,
+            (unsigned long long)(issued - d->last_issued), demand - d->last_demand, stall - d->last_stall,
+            issue - d->last_issue);
+    d->last_issued = issued, d->last_demand = demand, d->last_stall = stall, d->last_issue = issue;
+}
 
 /* Decodes `token` at `pos` as one step: the guard asked, the planner told, the token's
  * layers forecast, llama.cpp run, the routing observed. Returns its seconds. */
@@ -197,6 +223,7 @@ static double decode_step(Decoder *d, llama_token token, int pos, int count) {
     if (h->session && h->known == d->n_moe) prefetcher_post(h->session, JOB_OBSERVE, h->token, 0, h->routed, d->n_moe * d->top_k, NULL);
     double dt = now_s() - t0;
     if (d->guard && count) mc_guard_step_done(d->guard, dt, NULL); /* the steps the table times */
+    if (d->steps_csv && count) log_step(d, dt);
     return dt;
 }
 
@@ -220,7 +247,7 @@ static void mode_name(const ModeTotals *mt, char *name, size_t size) {
 
 static void usage(const char *argv0) {
     fprintf(stderr, "usage: %s [-r resident%%=25] [-n new_tokens=32] [-R rounds=3] [-b MODES=auto,1] "
-            "[-t READ_US,LAYER_US] [-G] [-a [-w | -d MS]] [-j THREADS[,WHILE_FORECASTING]] MODEL.gguf PROMPTS.txt [PREDICTOR_DIR]\n"
+            "[-t READ_US,LAYER_US] [-G] [-a [-w | -d MS]] [-j THREADS[,WHILE_FORECASTING]] [-s STEPS.csv] MODEL.gguf PROMPTS.txt [PREDICTOR_DIR]\n"
             "       %s -p TRACE [-N steps] [options] MODEL.gguf [PREDICTOR_DIR]\n", argv0, argv0);
     exit(2);
 }
@@ -233,7 +260,10 @@ int main(int argc, char **argv) {
     long max_steps = 0;
     const char *modes_arg = "auto,1", *trace_path = NULL;
     int delay_ms = 0;
-    while ((opt = getopt(argc, argv, "r:n:R:b:t:Gwaj:p:N:d:")) != -1) {
+    FILE *steps_csv = NULL;
+    const char *steps_path = NULL;
+    char steps_part[4096];
+    while ((opt = getopt(argc, argv, "r:n:R:b:t:Gwaj:p:N:d:s:")) != -1) {
         switch (opt) {
         case 'j': {
             char *end;
@@ -258,6 +288,12 @@ int main(int argc, char **argv) {
         case 'w': wait_forecasts = 1; break;
         case 'a': inline_forecasts = 0; break;
         case 'd': delay_ms = atoi(optarg); break;
+        case 's': /* written beside it and renamed at the end: no half-written file */
+            steps_path = optarg;
+            snprintf(steps_part, sizeof steps_part, "%s.part", optarg);
+            if (!(steps_csv = fopen(steps_part, "w"))) die(steps_part, "cannot write");
+            fputs("mode,round,forecast,seconds,staged_reads,demand_reads,stall_s,issue_s\n", steps_csv);
+            break;
         default: usage(argv[0]);
         }
     }
@@ -381,6 +417,8 @@ int main(int argc, char **argv) {
              * a round does not favour the modes that run first */
             ModeTotals *mt = &modes[round % 2 ? n_modes - 1 - turn : turn];
             int b = mt->budget;
+            char name[24];
+            mode_name(mt, name, sizeof name);
             struct mc_planner *planner = NULL;
             if (b == 0 && mc_planner_new((uint32_t)ex.n_moe, (uint32_t)ex.n_experts, (uint32_t)ex.top_k, (uint32_t)capacity,
                                          read_us, layer_us, &planner))
@@ -410,7 +448,8 @@ int main(int argc, char **argv) {
             /* with every expert resident there is nothing to forecast */
             Decoder d = {.ctx = ctx, .batch = batch, .h = &h, .planner = planner, .guard = guard,
                          .forecasting = h.session && capacity < total, .n_moe = ex.n_moe, .top_k = ex.top_k,
-                         .threads = {threads[0], threads[1]}, .model_path = model_path};
+                         .threads = {threads[0], threads[1]}, .model_path = model_path,
+                         .steps_csv = steps_csv, .mode = name, .round = round + 1};
             double decode_s = 0;
             long steps = 0;
             for (uint32_t s = 0; s < n_seqs && (!max_steps || steps < max_steps); s++) { /* replay */
@@ -460,8 +499,6 @@ int main(int argc, char **argv) {
             }
             residency_finish(&res);
             mt->round_tps = steps / decode_s, mt->tps += mt->round_tps, mt->steps += (uint64_t)steps;
-            char name[24];
-            mode_name(mt, name, sizeof name);
             uint64_t off = mt->steps_off;
             if (guard) mc_guard_steps_off(guard, &mt->steps_off);
             fprintf(stderr, "round %d/%d %s: %.1f tokens/s", round + 1, rounds, name, steps / decode_s);
@@ -539,5 +576,6 @@ int main(int argc, char **argv) {
     free(prefill_ids);
     free(reads);
     free(input);
+    if (steps_csv && (fclose(steps_csv) || rename(steps_part, steps_path))) die(steps_path, "cannot write");
     return 0;
 }

@@ -261,6 +261,7 @@ fn the_planner_learns_calibration_from_routing() {
         horizon: 0,
         prob: 0.9,
         rank: 0,
+        held: false,
     };
     let before = p.calibrated(&c);
     assert_eq!(p.state().offered_probability, None, "nothing offered yet");
@@ -294,6 +295,26 @@ fn the_planner_learns_calibration_from_routing() {
         p.observe_layer(1, &[19, 20], 0);
     }
     assert!(p.calibrated(&ranked) > 0.9);
+    // Forecasts of experts already held are calibrated apart: here every one of them
+    // comes true, and the same rank of an expert not held one time in five.
+    let held = Candidate {
+        held: true,
+        rank: 1,
+        ..ranked
+    };
+    let not_held = Candidate {
+        id: 16 + 4,
+        held: false,
+        ..held
+    };
+    for i in 0..400 {
+        p.note_offered(&held);
+        p.note_offered(&not_held);
+        let used: &[usize] = if i % 5 == 0 { &[19, 20] } else { &[19, 21] };
+        p.observe_layer(1, used, 0);
+    }
+    let (h, n) = (p.calibrated(&held), p.calibrated(&not_held));
+    assert!(h > 0.95 && (n - 0.2).abs() < 0.05, "held {h}, not held {n}");
 }
 
 #[test]
@@ -305,6 +326,7 @@ fn the_planner_reads_when_it_pays_and_not_when_it_lands_too_late() {
         horizon: 0,
         prob: 0.97,
         rank: 0,
+        held: false,
     };
     let idle = LinkState {
         now: 0.0,

@@ -4,14 +4,19 @@
 //! spends time forecasting), so the runtime measures (the engine; the llama.cpp harness
 //! through Python): decode steps run in windows, planned prefetch on or off per window.
 //! One setting is in use; now and then one window measures the other — after
-//! `explore_every` windows, twice as long each time it loses again (up to
+//! `explore_every` windows, twice as long each time the setting in use holds (up to
 //! [`MAX_EXPLORE_INTERVAL`]), and at once when the setting in use measures slower than
-//! the other did when last measured. Only such a measuring window switches the setting,
-//! compared with the windows of the setting in use just before it (the disk's speed
-//! drifts, so measurements far apart do not compare). The first step after a switch is
-//! not measured: it still reaps (or misses) the reads of the setting before it.
-//! (ExpertFlow's lesson: prefetch adds no bandwidth, so it stops where it does not
+//! the other did when last measured. Each such window is compared with the windows of
+//! the setting in use just before and after it (the disk's speed drifts, so measurements
+//! far apart do not compare), and the setting follows the mean of the last
+//! [`COMPARISONS`] comparisons, not the last one alone: on a noisy machine a window's mean
+//! step varies by more than prefetch gains, and single comparisons turned prefetch that
+//! pays off too often (`cargo run -p planner --example guard_noise`). The first step after
+//! a switch is not measured: it still reaps (or misses) the reads of the setting before
+//! it. (ExpertFlow's lesson: prefetch adds no bandwidth, so it stops where it does not
 //! shorten the steps.)
+
+use std::collections::VecDeque;
 
 /// Chooses, window by window, whether planned prefetch runs.
 #[derive(Debug, Clone)]
@@ -35,9 +40,11 @@ pub struct PrefetchGuard {
     mean_s: [Option<f64>; 2],
     /// The last window of the setting in use, and after a window measuring the other
     /// (the setting in use's window before it, the measured one): the next window
-    /// decides.
+    /// completes the comparison.
     last_s: f64,
     judging: Option<(f64, f64)>,
+    /// The last paired comparisons, newest last: ln(step time with prefetch / without).
+    comparisons: VecDeque<f64>,
     /// Whether the first window, which warms the cache (its steps miss whatever the
     /// setting) and is not measured, is done.
     warm: bool,
@@ -49,6 +56,8 @@ pub struct PrefetchGuard {
 const RATE: f64 = 0.5;
 /// Longest wait, in windows, before the setting not in use is measured again.
 pub const MAX_EXPLORE_INTERVAL: usize = 32;
+/// Paired comparisons the setting follows (older ones are dropped: the machine changes).
+pub const COMPARISONS: usize = 8;
 /// Prefetch (the configured setting) stays on unless steps without it are faster by
 /// more than this share: step times of a few milliseconds differ by that much between
 /// windows on their own.
@@ -65,12 +74,11 @@ impl PrefetchGuard {
     /// warms the cache (counted, it made prefetch look slow: the next window, without
     /// prefetch, found the experts it had read); two measured windows with prefetch
     /// follow (the first of them still slower while the planner learns the link), then
-    /// one without, then one with prefetch again, and the faster setting runs.
+    /// one without, then one with prefetch again, which completes the first comparison.
     pub fn new(window: usize, explore_every: usize) -> PrefetchGuard {
-        let explore_every = explore_every.max(2);
         PrefetchGuard {
             window: window.max(1),
-            explore_every,
+            explore_every: explore_every.max(2),
             interval: 2,
             since: 0,
             on: true,
@@ -81,6 +89,7 @@ impl PrefetchGuard {
             mean_s: [None, None],
             last_s: 0.0,
             judging: None,
+            comparisons: VecDeque::with_capacity(COMPARISONS),
             warm: false,
             steps_off: 0,
         }
@@ -125,27 +134,11 @@ impl PrefetchGuard {
         }
         let arm = &mut self.mean_s[running as usize];
         *arm = Some(arm.map_or(mean, |m| m + RATE * (mean - m)));
+        self.last_s = mean;
         if let Some((before, explored)) = self.judging.take() {
-            // The measured setting against the windows in use on either side of it: a
-            // drift (the disk, the planner's warm-up) moves both sides alike.
-            let used = (before + mean) / 2.0;
-            let (on_s, off_s) = if self.on {
-                (used, explored)
-            } else {
-                (explored, used)
-            };
-            if prefetch_wins(on_s, off_s) != self.on {
-                self.on = !self.on;
-                self.skip = true;
-                self.interval = self.explore_every;
-            } else {
-                self.interval = (2 * self.interval).clamp(self.explore_every, MAX_EXPLORE_INTERVAL);
-            }
-            self.since = 0;
-            self.last_s = mean;
+            self.compared(before, explored, mean);
             return window;
         }
-        self.last_s = mean;
         self.since += 1;
         // The other setting, as last measured, now looks faster: measure it again.
         let other_looks_faster = match self.mean_s {
@@ -157,6 +150,34 @@ impl PrefetchGuard {
             self.skip = true;
         }
         window
+    }
+
+    /// A window of the setting not in use (`explored`) measured between windows of the
+    /// setting in use (`before`, `after`): a drift (the disk, the planner's warm-up)
+    /// moves both sides alike. The setting follows the recent comparisons' mean (of the
+    /// log ratios: a window twice as slow and one half as slow cancel).
+    fn compared(&mut self, before: f64, explored: f64, after: f64) {
+        let used = (before + after) / 2.0;
+        let (on_s, off_s) = if self.on {
+            (used, explored)
+        } else {
+            (explored, used)
+        };
+        if self.comparisons.len() == COMPARISONS {
+            self.comparisons.pop_front();
+        }
+        self.comparisons.push_back((on_s / off_s).ln());
+        let mean = self.comparisons.iter().sum::<f64>() / self.comparisons.len() as f64;
+        // The mean of ln(on / off) against the margin, as `prefetch_wins` compares.
+        let prefetch_better = mean < (1.0 + MARGIN).ln();
+        if prefetch_better != self.on {
+            self.on = prefetch_better;
+            self.skip = true;
+            self.interval = self.explore_every;
+        } else {
+            self.interval = (2 * self.interval).clamp(self.explore_every, MAX_EXPLORE_INTERVAL);
+        }
+        self.since = 0;
     }
 }
 
@@ -246,6 +267,35 @@ mod tests {
             let on = run_with(&mut g, 200, |t, on| times[t] * if on { 0.085 } else { 0.1 });
             assert!(on >= 150, "seed {seed}: {on} of 200 steps with prefetch");
         }
+    }
+
+    #[test]
+    fn comparisons_are_accumulated_so_noise_rarely_flips_the_setting() {
+        // Steps vary by +-40%, so an 8-step window's mean by about 8%: more than prefetch
+        // gains or costs (6%). Deciding on each comparison alone ran prefetch that pays in
+        // 506 of 600 steps and prefetch that costs in 189 (means over 40 seeds).
+        let mean_on = |ratio: f64| {
+            let mut on = 0;
+            for seed in 1..=40u64 {
+                let mut g = PrefetchGuard::new(8, 6);
+                let mut x = seed;
+                on += run_with(&mut g, 600, |_, on| {
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let noise = 0.6 + 0.8 * (x >> 11) as f64 / (1u64 << 53) as f64;
+                    0.1 * noise * if on { ratio } else { 1.0 }
+                });
+            }
+            on / 40
+        };
+        let pays = mean_on(0.94);
+        let costs = mean_on(1.06);
+        assert!(pays >= 520, "prefetch that pays ran in {pays} of 600 steps");
+        assert!(
+            costs <= 170,
+            "prefetch that costs ran in {costs} of 600 steps"
+        );
     }
 
     #[test]

@@ -7,9 +7,10 @@
 //! - its **calibrated probability** `p` of being used at its layer: the forecaster's own
 //!   probability (or, when it gives none, its rank) mapped through a reliability
 //!   histogram the planner keeps online from every layer's routing once it is known;
-//!   a probability's bin is also kept per forecast horizon (a forecast made further
-//!   ahead is less sure), shrunk towards the bin of all horizons while it has seen
-//!   little;
+//!   a probability's (or rank's) bin is also kept per forecast horizon (a forecast
+//!   made further ahead is less sure), shrunk towards the bin of all horizons while it
+//!   has seen little; and apart for experts already resident or being read, which come
+//!   true more often than the forecasts a read is decided on;
 //! - its **deadline**: the estimated lookup time of its layer, `layers_ahead` layer
 //!   periods (attention + expert compute) after the next lookup. The read is queued
 //!   behind the link's work that goes before it and behind the demand reads expected at
@@ -140,13 +141,19 @@ pub struct Candidate {
     /// Lookups between the next one and the one that uses it (0: the next lookup).
     pub layers_ahead: usize,
     /// `layers_ahead` when the forecast was made: the planner calibrates the
-    /// probabilities of each horizon (up to [`HORIZONS`]) apart as well, as a forecast
-    /// further ahead is less sure.
+    /// probabilities (or ranks) of each horizon (up to [`HORIZONS`]) apart as well, as a
+    /// forecast further ahead is less sure.
     pub horizon: usize,
     /// The forecaster's probability (NaN when it ranks only).
     pub prob: f32,
     /// Position in its layer's list, best first.
     pub rank: usize,
+    /// The expert is resident or being read already: such forecasts are calibrated
+    /// apart. The experts a token reuses are both resident and easy to forecast, so a
+    /// forecast of a held expert comes true more often than one of an expert a read is
+    /// decided on; calibrated together, the rank a read was judged by promised more
+    /// than the reads it staged delivered.
+    pub held: bool,
 }
 
 /// The link and clock as the caller sees them when it offers candidates.
@@ -208,6 +215,8 @@ pub struct PlannerState {
 
 const PROB_BINS: usize = 20;
 const RANK_BINS: usize = 32;
+/// Bins of one population (candidates held or not): probability bins, then rank bins.
+const BINS: usize = PROB_BINS + RANK_BINS;
 /// Forecast horizons calibrated apart (further ones share the last).
 pub const HORIZONS: usize = 8;
 /// Pseudo-observations of the all-horizon estimate behind each horizon's bin.
@@ -228,12 +237,13 @@ fn bin_centre(b: usize) -> f64 {
 #[derive(Debug, Clone)]
 pub struct PrefetchPlanner {
     settings: PlannerSettings,
-    /// Per bin: (used, offered) counts, probability bins then rank bins; and the
-    /// probability bins of each horizon (observed counts only).
+    /// Per bin: (used, offered) counts, probability bins then rank bins, of candidates
+    /// not held then of held ones; and the same bins of each horizon (observed counts
+    /// only).
     bins: Vec<(f64, f64)>,
     horizon_bins: Vec<(f64, f64)>,
     /// Candidates offered since their layer last routed: id -> bin, horizon bin.
-    pending: HashMap<u32, (usize, Option<usize>)>,
+    pending: HashMap<u32, (usize, usize)>,
     /// Running mean of demand reads per lookup, and share of lookups with one.
     misses_per_lookup: f64,
     miss_share: f64,
@@ -258,17 +268,19 @@ impl PrefetchPlanner {
     /// A planner with prior beliefs: the forecaster is calibrated, a quarter of lookups
     /// miss once.
     pub fn new(settings: PlannerSettings) -> Self {
-        let mut bins = Vec::with_capacity(PROB_BINS + RANK_BINS);
-        for b in 0..PROB_BINS {
-            bins.push((bin_centre(b) * PRIOR_WEIGHT, PRIOR_WEIGHT));
-        }
-        for _ in 0..RANK_BINS {
-            bins.push((0.5 * PRIOR_WEIGHT, PRIOR_WEIGHT));
+        let mut bins = Vec::with_capacity(2 * BINS);
+        for _held in 0..2 {
+            for b in 0..PROB_BINS {
+                bins.push((bin_centre(b) * PRIOR_WEIGHT, PRIOR_WEIGHT));
+            }
+            for _ in 0..RANK_BINS {
+                bins.push((0.5 * PRIOR_WEIGHT, PRIOR_WEIGHT));
+            }
         }
         PrefetchPlanner {
             settings,
             bins,
-            horizon_bins: vec![(0.0, 0.0); HORIZONS * PROB_BINS],
+            horizon_bins: vec![(0.0, 0.0); 2 * HORIZONS * BINS],
             pending: HashMap::new(),
             misses_per_lookup: 0.25,
             miss_share: 0.25,
@@ -293,14 +305,16 @@ impl PrefetchPlanner {
     /// The timings and statistics it plans with now.
     pub fn state(&self) -> PlannerState {
         let s = &self.settings;
-        // Probability bins: what the forecasters said (the bins' centres, weighed by
-        // the observed offers) against what was used.
+        // Probability bins, held or not: what the forecasters said (the bins' centres,
+        // weighed by the observed offers) against what was used.
         let (mut said, mut used, mut n) = (0.0, 0.0, 0.0);
-        for (b, &(u, o)) in self.bins[..PROB_BINS].iter().enumerate() {
-            let observed = o - PRIOR_WEIGHT;
-            said += bin_centre(b) * observed;
-            used += u - bin_centre(b) * PRIOR_WEIGHT;
-            n += observed;
+        for held in [0, BINS] {
+            for (b, &(u, o)) in self.bins[held..held + PROB_BINS].iter().enumerate() {
+                let observed = o - PRIOR_WEIGHT;
+                said += bin_centre(b) * observed;
+                used += u - bin_centre(b) * PRIOR_WEIGHT;
+                n += observed;
+            }
         }
         let mean = |x: f64| (n > 0.0).then(|| x / n);
         PlannerState {
@@ -321,29 +335,25 @@ impl PrefetchPlanner {
         self.settings = settings;
     }
 
-    /// `c`'s bin, and its probability bin at its horizon (`None` for a rank).
-    fn bin(c: &Candidate) -> (usize, Option<usize>) {
-        if c.prob.is_finite() {
-            let b =
-                ((c.prob.clamp(0.0, 1.0) as f64 * PROB_BINS as f64) as usize).min(PROB_BINS - 1);
-            (b, Some(c.horizon.min(HORIZONS - 1) * PROB_BINS + b))
+    /// `c`'s bin (its probability's, or its rank's when it has none) in the bins of its
+    /// population (held or not), and that bin at its horizon.
+    fn bin(c: &Candidate) -> (usize, usize) {
+        let b = if c.prob.is_finite() {
+            ((c.prob.clamp(0.0, 1.0) as f64 * PROB_BINS as f64) as usize).min(PROB_BINS - 1)
         } else {
-            (PROB_BINS + c.rank.min(RANK_BINS - 1), None)
-        }
+            PROB_BINS + c.rank.min(RANK_BINS - 1)
+        };
+        let held = usize::from(c.held);
+        let horizon = held * HORIZONS + c.horizon.min(HORIZONS - 1);
+        (held * BINS + b, horizon * BINS + b)
     }
 
     /// The estimate of bins `(b, h)`: the horizon's counts over the all-horizon
     /// estimate's [`HORIZON_PRIOR_WEIGHT`] pseudo-observations.
-    fn estimate(&self, (b, h): (usize, Option<usize>)) -> f64 {
+    fn estimate(&self, (b, h): (usize, usize)) -> f64 {
         let (used, offered) = self.bins[b];
-        let pooled = used / offered;
-        match h {
-            Some(h) => {
-                let (u, o) = self.horizon_bins[h];
-                (u + HORIZON_PRIOR_WEIGHT * pooled) / (o + HORIZON_PRIOR_WEIGHT)
-            }
-            None => pooled,
-        }
+        let (u, o) = self.horizon_bins[h];
+        (u + HORIZON_PRIOR_WEIGHT * used / offered) / (o + HORIZON_PRIOR_WEIGHT)
     }
 
     /// The calibrated probability that `c` is used at its layer.
@@ -524,10 +534,8 @@ impl PrefetchPlanner {
             let hit = f64::from(u8::from(used.contains(&(id as usize))));
             bins[b].0 += hit;
             bins[b].1 += 1.0;
-            if let Some(h) = h {
-                horizon_bins[h].0 += hit;
-                horizon_bins[h].1 += 1.0;
-            }
+            horizon_bins[h].0 += hit;
+            horizon_bins[h].1 += 1.0;
             false
         });
         self.lookups += 1;

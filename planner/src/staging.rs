@@ -258,9 +258,10 @@ impl StagingPlanner {
                 horizon: ahead,
                 prob: probs.map_or(f32::NAN, |p| p[rank]),
                 rank,
+                held: resident.is_some_and(|r| r[rank]),
             };
             self.planner.note_offered(&c);
-            if !resident.is_some_and(|r| r[rank]) {
+            if !c.held {
                 offered.push((self.planner.calibrated(&c), c));
             }
         }

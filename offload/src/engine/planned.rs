@@ -96,12 +96,14 @@ impl OffloadEngine {
             .iter()
             .enumerate()
             .map(|(rank, &x)| {
+                let id = m * e + x as usize;
                 let c = Candidate {
-                    id: (m * e + x as usize) as u32,
+                    id: id as u32,
                     layers_ahead: ahead,
                     horizon: ahead,
                     prob: probs.map_or(f32::NAN, |p| p[x as usize]),
                     rank,
+                    held: self.cache.contains(id),
                 };
                 plan.planner.note_offered(&c);
                 (plan.planner.calibrated(&c), c)
