@@ -2,7 +2,8 @@
  * moecast_llamacpp.py (see docs/guide.md#llamacpp) without Python in the eval callback.
  *
  *   moecast_prefetch [-r resident%=25] [-n new_tokens=32] [-R rounds=3] [-b MODES=auto,1]
- *                    [-t READ_US,LAYER_US] [-G] [-a [-w | -d MS]] [-j THREADS[,WHILE_FORECASTING]] [-s STEPS.csv]
+ *                    [-t READ_US,LAYER_US] [-G] [-a [-w | -d MS]]
+ *                    [-j THREADS[,WHILE_FORECASTING]] [-s STEPS.csv]
  *                    MODEL.gguf PROMPTS.txt [PREDICTOR_DIR]
  *   moecast_prefetch -p TRACE [-N steps] [options] MODEL.gguf [PREDICTOR_DIR]
  *
@@ -42,9 +43,10 @@
  * guard, switching forecasts off where they measure slower, switches back to all cores).
  * -s writes every timed decode step to a CSV (mode, round, whether it forecast, seconds,
  * staged reads issued, demand reads, stall and issuing seconds): llamacpp/step_costs.py
- * fits what a staged and a demand read add to a step on this machine. Linux only. Build: make target/moecast_prefetch (links the wheel's libllama and
- * libmoecast). */
+ * fits what a staged and a demand read add to a step on this machine. Linux only.
+ * Build: make target/moecast_prefetch (links the wheel's libllama and libmoecast). */
 #define _GNU_SOURCE
+#include <errno.h>
 #include <getopt.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -182,21 +184,29 @@ typedef struct {
     double last_stall, last_issue;
 } Decoder;
 
-/* -s: the step's row; the residency's counters since the last timed step. */
-static void log_step(Decoder *d, double dt) {
+/* -s: the residency's counters since the last step; the step's row when it is timed. */
+static void log_step(Decoder *d, double dt, int timed) {
     Residency *r = d->h->res;
-    uint64_t issued = __atomic_load_n(&r->reads_issued, __ATOMIC_RELAXED);
     pthread_mutex_lock(&r->mu);
     long demand = r->uses - r->resident_uses - r->late;
     double stall = r->stall_s;
     pthread_mutex_unlock(&r->mu);
     pthread_mutex_lock(&r->io_mu);
+    uint64_t issued = __atomic_load_n(&r->reads_issued, __ATOMIC_RELAXED);
     double issue = r->issue_s;
     pthread_mutex_unlock(&r->io_mu);
-    fprintf(d->steps_csv, "%s,%d,%d,%.6f,%llu,%ld,%.6f,%.6f\n", d->mode, d->round, d->h->forecasting, dt,
-            (unsigned long long)(issued - d->last_issued), demand - d->last_demand, stall - d->last_stall,
-            issue - d->last_issue);
+    if (timed)
+        fprintf(d->steps_csv, "%s,%d,%d,%.6f,%llu,%ld,%.6f,%.6f\n", d->mode, d->round, d->h->forecasting, dt,
+                (unsigned long long)(issued - d->last_issued), demand - d->last_demand, stall - d->last_stall,
+                issue - d->last_issue);
     d->last_issued = issued, d->last_demand = demand, d->last_stall = stall, d->last_issue = issue;
+}
+
+/* -s: the log is written beside its path and renamed when the run ends; a run that
+ * stops early leaves neither. */
+static char steps_part[4096];
+static void remove_steps_part(void) {
+    if (steps_part[0]) remove(steps_part);
 }
 
 /* Decodes `token` at `pos` as one step: the guard asked, the planner told, the token's
@@ -223,7 +233,7 @@ static double decode_step(Decoder *d, llama_token token, int pos, int count) {
     if (h->session && h->known == d->n_moe) prefetcher_post(h->session, JOB_OBSERVE, h->token, 0, h->routed, d->n_moe * d->top_k, NULL);
     double dt = now_s() - t0;
     if (d->guard && count) mc_guard_step_done(d->guard, dt, NULL); /* the steps the table times */
-    if (d->steps_csv && count) log_step(d, dt);
+    if (d->steps_csv) log_step(d, dt, count);
     return dt;
 }
 
@@ -262,7 +272,6 @@ int main(int argc, char **argv) {
     int delay_ms = 0;
     FILE *steps_csv = NULL;
     const char *steps_path = NULL;
-    char steps_part[4096];
     while ((opt = getopt(argc, argv, "r:n:R:b:t:Gwaj:p:N:d:s:")) != -1) {
         switch (opt) {
         case 'j': {
@@ -288,12 +297,7 @@ int main(int argc, char **argv) {
         case 'w': wait_forecasts = 1; break;
         case 'a': inline_forecasts = 0; break;
         case 'd': delay_ms = atoi(optarg); break;
-        case 's': /* written beside it and renamed at the end: no half-written file */
-            steps_path = optarg;
-            snprintf(steps_part, sizeof steps_part, "%s.part", optarg);
-            if (!(steps_csv = fopen(steps_part, "w"))) die(steps_part, "cannot write");
-            fputs("mode,round,forecast,seconds,staged_reads,demand_reads,stall_s,issue_s\n", steps_csv);
-            break;
+        case 's': steps_path = optarg; break;
         default: usage(argv[0]);
         }
     }
@@ -411,6 +415,12 @@ int main(int argc, char **argv) {
     if (trace && max_steps) printf("%u sequences of %s replayed (their experts forced), up to %ld decode steps\n", n_seqs, trace_path, max_steps);
     else if (trace) printf("%u sequences of %s replayed (their experts forced)\n", n_seqs, trace_path);
     else printf("greedy, up to %d new tokens per prompt\n", new_tokens);
+    if (steps_path) {
+        snprintf(steps_part, sizeof steps_part, "%s.part", steps_path);
+        if (!(steps_csv = fopen(steps_part, "w"))) die(steps_part, strerror(errno));
+        atexit(remove_steps_part);
+        fputs("mode,round,forecast,seconds,staged_reads,demand_reads,stall_s,issue_s\n", steps_csv);
+    }
     for (int round = 0; round < rounds; round++) {
         for (int turn = 0; turn < n_modes; turn++) {
             /* odd rounds run the modes in reverse, so a drift in the machine's speed over
@@ -576,6 +586,10 @@ int main(int argc, char **argv) {
     free(prefill_ids);
     free(reads);
     free(input);
-    if (steps_csv && (fclose(steps_csv) || rename(steps_part, steps_path))) die(steps_path, "cannot write");
+    if (steps_csv) {
+        int failed = ferror(steps_csv) | fclose(steps_csv);
+        if (failed || rename(steps_part, steps_path)) die(steps_part, failed ? "cannot write" : strerror(errno));
+        steps_part[0] = 0;
+    }
     return 0;
 }

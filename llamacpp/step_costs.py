@@ -27,28 +27,40 @@ class StepLogError(Exception):
     pass
 
 
+def parse_row(row):
+    """(round, forecast, ms, staged, demand) of one row; ValueError naming the column."""
+    if len(row) != len(COLUMNS):
+        raise ValueError(f"{len(row)} fields, expected {len(COLUMNS)}")
+    values = []
+    for col, kind in ((1, int), (2, int), (3, float), (4, int), (5, int)):
+        try:
+            values.append(kind(row[col]))
+        except ValueError:
+            raise ValueError(f"{COLUMNS[col]} is {row[col]!r}, not a number") from None
+    if values[1] not in (0, 1):
+        raise ValueError(f"forecast is {values[1]}, not 0 or 1")
+    if min(values[2:]) < 0:
+        raise ValueError("a negative time or count")
+    values[2] *= 1e3
+    return tuple(values)
+
+
 def read_steps(path):
     """The log's rows by mode, in file order: (round, forecast, ms, staged, demand)."""
+    modes = {}
+    n = 1
     try:
-        f = open(path, newline="")
+        with open(path, newline="") as f:
+            rows = csv.reader(f)
+            header = next(rows, None)
+            if header != COLUMNS:
+                raise StepLogError(f"{path}: line 1 is not moecast_prefetch -s's header ({','.join(COLUMNS)})")
+            for n, row in enumerate(rows, start=2):
+                modes.setdefault(row[0] if row else "", []).append(parse_row(row))
     except OSError as e:
         raise StepLogError(f"{path}: cannot read: {e.strerror}") from e
-    with f:
-        rows = csv.reader(f)
-        header = next(rows, None)
-        if header != COLUMNS:
-            raise StepLogError(f"{path}: line 1 is not moecast_prefetch -s's header ({','.join(COLUMNS)})")
-        modes = {}
-        for n, row in enumerate(rows, start=2):
-            if len(row) != len(COLUMNS):
-                raise StepLogError(f"{path}: line {n}: {len(row)} fields, expected {len(COLUMNS)}")
-            try:
-                values = (int(row[1]), int(row[2]), 1e3 * float(row[3]), int(row[4]), int(row[5]))
-            except ValueError as e:
-                raise StepLogError(f"{path}: line {n}: {e}") from e
-            if values[2] < 0 or values[3] < 0 or values[4] < 0:
-                raise StepLogError(f"{path}: line {n}: a negative time or count")
-            modes.setdefault(row[0], []).append(values)
+    except (csv.Error, UnicodeDecodeError, ValueError) as e:
+        raise StepLogError(f"{path}: line {n}: {e}") from e
     if not modes:
         raise StepLogError(f"{path}: no steps")
     return modes
@@ -71,7 +83,7 @@ def fit(steps):
     beta, _, rank, _ = np.linalg.lstsq(X, ms, rcond=None)
     dof = len(ms) - X.shape[1]
     if rank < X.shape[1] or dof < 1:
-        return {}, len(ms)
+        return None, len(ms)
     resid = ms - X @ beta
     cov = np.linalg.inv(X.T @ X) * (resid @ resid) / dof
     se = np.sqrt(np.diag(cov))
@@ -84,6 +96,10 @@ def report(path):
         costs, n = fit(steps)
         a = np.array(steps, dtype=float)
         line = f"{mode:<10} {n:5d} steps, {a[:, 3].mean():.2f} staged and {a[:, 4].mean():.2f} demand reads a step"
+        if costs is None:
+            print(line + "; too few steps (or too little variation) to fit")
+            out[mode] = {"steps": n}
+            continue
         for name, what in (("staged", "a staged read"), ("demand", "a demand read"), ("forecast", "forecasting")):
             if name in costs:
                 c, s = costs[name]
@@ -107,9 +123,12 @@ def main():
     except StepLogError as e:
         sys.exit(f"error: {e}")
     if args.json:
-        with open(args.json + ".part", "w") as f:
-            json.dump(out, f, indent=2)
-        os.replace(args.json + ".part", args.json)
+        try:
+            with open(args.json + ".part", "w") as f:
+                json.dump(out, f, indent=2)
+            os.replace(args.json + ".part", args.json)
+        except OSError as e:
+            sys.exit(f"error: {args.json}: cannot write: {e.strerror}")
 
 
 if __name__ == "__main__":

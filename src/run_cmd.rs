@@ -69,7 +69,8 @@ pub(crate) struct RunArgs {
     /// planned prefetch (the guard keeps prefetch on unless steps without it are more
     /// than 2% faster, in windows of 8 steps after a first one that fills the cache;
     /// the setting not in use is measured again after 6 windows, the wait doubling each
-    /// time it loses again).
+    /// time the setting in use holds, and the setting follows the mean of the last 8
+    /// such comparisons).
     #[arg(long)]
     no_prefetch_guard: bool,
     /// Measure prefetch inside this run: run it on and off in alternate windows of N

@@ -348,7 +348,8 @@ int mc_blend_observe(struct mc_blend *b, uint32_t token, const uint16_t *experts
 /**
  * A guard into `*out`: decode steps in windows of `window` (8 in `moecast run`),
  * prefetch on or off per window; the setting not in use is measured again after
- * `explore_every` windows (6) at first, less often each time it loses again.
+ * `explore_every` windows (6) at first, less often each time the setting in use
+ * holds; the setting follows the mean of the last 8 such comparisons.
  *
  * # Safety
  * `out` points to writable storage for a pointer.

@@ -501,31 +501,42 @@ def test_a_hidden_state_predictor_gets_the_router_inputs(work, tmp_path):
 
 @pytest.mark.skipif(not os.environ.get("MOECAST_PREFETCH_C"), reason="make test-llamacpp builds the C harness")
 def test_c_harness_logs_each_step_for_the_read_cost_fit(work, tmp_path):
-    """-s STEPS.csv: one row per timed decode step of every mode and round, whose demand
-    reads add up to the table's demand MB (on demand stages nothing, the oracle stages);
-    llamacpp/step_costs.py fits what a staged and a demand read add to a step from it, and
-    refuses a log it cannot read, naming the line."""
+    """-s STEPS.csv: one row per timed decode step of every mode and round, whose seconds
+    make up each round's tokens/s and whose demand reads add up to the table's demand MB
+    (on demand stages and forecasts nothing, the oracle and planned stage); the file
+    appears only when the run ends. llamacpp/step_costs.py fits what a staged and a
+    demand read add to a step from it (at 10% resident every routed expert is staged or
+    read on demand, 12 a step, and the two cannot be told apart; at 25% some are
+    resident), and refuses a log it cannot read, naming the line."""
     steps = tmp_path / "steps.csv"
-    out = subprocess.run([os.environ["MOECAST_PREFETCH_C"], "-p", str(work / "ref.jsonl"), "-N", "120", "-r", "10",
+    predictor = [str(work / "predictor")] if (work / "predictor").exists() else []
+    modes = ["on-demand", "oracle"] + (["planned"] if predictor else [])
+    run = subprocess.run([os.environ["MOECAST_PREFETCH_C"], "-p", str(work / "ref.jsonl"), "-N", "120", "-r", "25",
                           "-b", "auto,oracle", "-G", "-t", "10,1000", "-R", "2", "-s", str(steps),
-                          str(work / "tiny.f32.gguf")], check=True, capture_output=True, text=True).stdout
+                          str(work / "tiny.f32.gguf"), *predictor], check=True, capture_output=True, text=True)
+    out = run.stdout
     print("\n" + out)
     expert_bytes = int(re.search(r"(\d+) bytes per expert", out).group(1))
     rows = [l.split(",") for l in steps.read_text().splitlines()[1:]]
     assert not (tmp_path / "steps.csv.part").exists()
-    for mode in ("on-demand", "oracle"):
+    assert {r[0] for r in rows} == set(modes)
+    for mode in modes:
         mine = [r for r in rows if r[0] == mode]
-        assert [sum(r[1] == str(k) for r in mine) for k in (1, 2)] == [120, 120], mode
+        for k in (1, 2):
+            timed = [float(r[3]) for r in mine if r[1] == str(k)]
+            tps = float(re.search(rf"round {k}/2 {mode}: ([\d.]+) tokens/s", run.stderr).group(1))
+            assert len(timed) == 120 and abs(120 / sum(timed) - tps) <= 0.05 + 0.001 * tps, (mode, k, tps)
         table = next(l.split() for l in out.splitlines() if l.startswith(mode + " "))
         demand_mb = sum(int(r[5]) for r in mine) / 2 * expert_bytes / 1e6
         assert abs(demand_mb - float(table[2])) < 0.01, (mode, demand_mb, table)
         staged = sum(int(r[4]) for r in mine)
         assert staged == 0 if mode == "on-demand" else staged > 100, (mode, staged)
     assert all(r[2] == "0" for r in rows if r[0] == "on-demand")
+    assert all(r[2] == "1" for r in rows if r[0] != "on-demand")
     fit = tool("step_costs.py", steps, "--json", tmp_path / "fit.json")
     print(fit)
-    assert re.search(r"^oracle .* a staged read -?[\d.]+ ms \(\+-[\d.]+\); a demand read", fit, re.M), fit
-    assert set(json.loads((tmp_path / "fit.json").read_text())) == {"on-demand", "oracle"}
+    assert re.search(r"^oracle .* a staged read -?\d+\.\d\d ms \(\+-\d+\.\d\d\); a demand read", fit, re.M), fit
+    assert set(json.loads((tmp_path / "fit.json").read_text())) == set(modes)
     bad = tmp_path / "bad.csv"
     bad.write_text(steps.read_text().splitlines()[0] + "\n" + "oracle,1,1,0.01,2\n")
     run = subprocess.run([sys.executable, str(ROOT / "llamacpp" / "step_costs.py"), str(bad)], capture_output=True,

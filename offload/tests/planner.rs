@@ -315,6 +315,51 @@ fn the_planner_learns_calibration_from_routing() {
     }
     let (h, n) = (p.calibrated(&held), p.calibrated(&not_held));
     assert!(h > 0.95 && (n - 0.2).abs() < 0.05, "held {h}, not held {n}");
+    // An expert offered not held, read, and offered again held before its layer routes
+    // counts where its read was judged: here every such read is wasted.
+    let judged = Candidate {
+        rank: 2,
+        ..not_held
+    };
+    let again = Candidate {
+        held: true,
+        ..judged
+    };
+    let held_before = p.calibrated(&again);
+    for _ in 0..200 {
+        p.note_offered(&judged);
+        p.note_offered(&again);
+        p.observe_layer(1, &[19, 21], 0);
+    }
+    let (n, h) = (p.calibrated(&judged), p.calibrated(&again));
+    assert!(
+        n < 0.05 && h == held_before,
+        "judged {n}, held {h} (before {held_before})"
+    );
+    // Ranks are calibrated per forecast horizon too: rank 3 comes true at the next
+    // lookup and never three lookups ahead.
+    let (near, far) = (
+        Candidate {
+            rank: 3,
+            ..not_held
+        },
+        Candidate {
+            rank: 3,
+            horizon: 3,
+            ..not_held
+        },
+    );
+    for i in 0..400 {
+        let (c, used): (&Candidate, &[usize]) = if i % 2 == 0 {
+            (&near, &[20, 21])
+        } else {
+            (&far, &[19, 21])
+        };
+        p.note_offered(c);
+        p.observe_layer(1, used, 0);
+    }
+    let (n, f) = (p.calibrated(&near), p.calibrated(&far));
+    assert!(n > 0.85 && f < 0.15, "next lookup {n}, three ahead {f}");
 }
 
 #[test]

@@ -6,7 +6,7 @@
 //! One setting is in use; now and then one window measures the other — after
 //! `explore_every` windows, twice as long each time the setting in use holds (up to
 //! [`MAX_EXPLORE_INTERVAL`]), and at once when the setting in use measures slower than
-//! the other did when last measured. Each such window is compared with the windows of
+//! the other did when last measured (which also follows a machine that changes). Each such window is compared with the windows of
 //! the setting in use just before and after it (the disk's speed drifts, so measurements
 //! far apart do not compare), and the setting follows the mean of the last
 //! [`COMPARISONS`] comparisons, not the last one alone: on a noisy machine a window's mean
@@ -163,11 +163,16 @@ impl PrefetchGuard {
         } else {
             (explored, used)
         };
-        if self.comparisons.len() == COMPARISONS {
-            self.comparisons.pop_front();
+        let ratio = (on_s / off_s).ln();
+        // A window of steps timed at 0 s compares nothing.
+        if ratio.is_finite() {
+            if self.comparisons.len() == COMPARISONS {
+                self.comparisons.pop_front();
+            }
+            self.comparisons.push_back(ratio);
         }
-        self.comparisons.push_back((on_s / off_s).ln());
-        let mean = self.comparisons.iter().sum::<f64>() / self.comparisons.len() as f64;
+        let n = self.comparisons.len() as f64;
+        let mean = self.comparisons.iter().sum::<f64>() / n.max(1.0);
         // The mean of ln(on / off) against the margin, as `prefetch_wins` compares.
         let prefetch_better = mean < (1.0 + MARGIN).ln();
         if prefetch_better != self.on {
@@ -270,7 +275,7 @@ mod tests {
     }
 
     #[test]
-    fn comparisons_are_accumulated_so_noise_rarely_flips_the_setting() {
+    fn noisy_comparisons_keep_prefetch_that_pays_on_and_that_costs_off() {
         // Steps vary by +-40%, so an 8-step window's mean by about 8%: more than prefetch
         // gains or costs (6%). Deciding on each comparison alone ran prefetch that pays in
         // 506 of 600 steps and prefetch that costs in 189 (means over 40 seeds).
@@ -296,6 +301,25 @@ mod tests {
             costs <= 170,
             "prefetch that costs ran in {costs} of 600 steps"
         );
+    }
+
+    #[test]
+    fn steps_timed_at_zero_compare_nothing() {
+        // A runtime whose clock reads 0 for every step with prefetch: no comparison is
+        // made of it, and prefetch stays on.
+        let mut g = PrefetchGuard::new(8, 6);
+        let on = run(&mut g, 400, 0.0, 0.1);
+        assert!(g.comparisons.is_empty() && on >= 400 - 9 * 8, "{on}");
+    }
+
+    #[test]
+    fn prefetch_turned_off_comes_back_when_it_starts_to_pay() {
+        let mut g = PrefetchGuard::new(8, 6);
+        let on = run(&mut g, 480, 0.12, 0.10);
+        assert!(on < 100, "{on}");
+        // The disk slows (on demand's steps take longer), prefetch now hides it.
+        let later = run(&mut g, 480, 0.12, 0.20);
+        assert!(later >= 480 - 8 * 3 - 480 / 6 - 8, "{later}");
     }
 
     #[test]

@@ -148,11 +148,8 @@ pub struct Candidate {
     pub prob: f32,
     /// Position in its layer's list, best first.
     pub rank: usize,
-    /// The expert is resident or being read already: such forecasts are calibrated
-    /// apart. The experts a token reuses are both resident and easy to forecast, so a
-    /// forecast of a held expert comes true more often than one of an expert a read is
-    /// decided on; calibrated together, the rank a read was judged by promised more
-    /// than the reads it staged delivered.
+    /// The expert is resident or being read already: calibrated apart, as such
+    /// forecasts come true more often than those a read is decided on.
     pub held: bool,
 }
 
@@ -407,9 +404,15 @@ impl PrefetchPlanner {
     }
 
     /// Records that `c` was offered (its layer's routing will update the histogram).
+    /// An expert offered not held and then again held (its read was issued meanwhile)
+    /// keeps the bin it was judged in: the read's outcome belongs to the forecasts
+    /// reads are decided on.
     pub fn note_offered(&mut self, c: &Candidate) {
         self.counts.offered += 1;
-        self.pending.insert(c.id, Self::bin(c));
+        let judged = self.pending.get(&c.id).is_some_and(|&(b, _)| b < BINS);
+        if !(c.held && judged) {
+            self.pending.insert(c.id, Self::bin(c));
+        }
     }
 
     /// Keeps `c` (for decode step `token`), judged not worth a read now, to be offered

@@ -225,8 +225,9 @@ class PrefetchGuard:
     """Whether prefetch pays on this machine, measured: decode steps run in windows of
     `window` with prefetch on or off; one setting is in use (prefetch at first), and now
     and then a window measures the other (after `explore_every` windows at first, less
-    often each time it loses again), compared with the windows in use on either side of
-    it; prefetch stays on unless steps without it are more than 2% faster. It catches
+    often each time the setting in use holds), compared with the windows in use on
+    either side of it; the setting follows the mean of the last 8 such comparisons, and
+    prefetch stays on unless steps without it are more than 2% faster. It catches
     what the planner's model of the link leaves out: a read's CPU time, the forecasts'
     own cost. The rules of `moecast run`'s prefetch guard (docs/guide.md)."""
 
