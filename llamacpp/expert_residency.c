@@ -199,7 +199,8 @@ static int in_flight(Residency *r) {
     return n;
 }
 
-void use_experts(Residency *r, int l, const int *ids, int k, int count, void (*meanwhile)(void *), void *arg) {
+void use_experts(Residency *r, int l, const int *ids, int k, int decode, int count, void (*meanwhile)(void *),
+                 void *arg) {
     int resident[MAX_K * 64];
     uint16_t routed[MAX_K];
     int base = l * r->ex->n_experts, missing = 0, demand = 0, late = 0;
@@ -232,7 +233,7 @@ void use_experts(Residency *r, int l, const int *ids, int k, int count, void (*m
                 r->stale_age[base + e] = r->staged_age[base + e], r->n_stale++;
                 r->staged_age[base + e] = 0, r->n_staged--, r->landed[base + e] = 0;
             }
-        if (count) {
+        if (decode) { /* a replay's first step is not timed, but its routing is known */
             r->next_layer = l + 1;
             for (int j = 0; j < k && j < MAX_K; j++) routed[j] = (uint16_t)ids[j];
             mc_planner_layer_routed(r->planner, (uint32_t)l, routed, (uint32_t)k, (uint32_t)demand);

@@ -68,13 +68,14 @@ typedef struct {
 void residency_init(Residency *r, Experts *ex, int capacity, int slots, struct mc_planner *planner, int measured);
 void residency_free(Residency *r);
 
-/* Layer l is about to run `ids[k]`: marks them used and, with `count` (a decode step, not
- * a prompt), counts residency and tells the planner the layer's routing and its demand
- * reads; then, without `mu` (the prefetcher plans meanwhile), reads the missing ones
+/* Layer l is about to run `ids[k]`: marks them used; with `decode` (a decode step, not a
+ * prompt) tells the planner the layer's routing and its demand reads, and with `count`
+ * (a timed decode step) counts residency; then, without `mu` (the prefetcher plans meanwhile), reads the missing ones
  * whole, calls `meanwhile(arg)` if there are any (work for the wait: a forecast), waits
  * for them, and tells the planner the stall (the wait after `meanwhile`) and the reads'
  * time (not when they all landed during `meanwhile`). */
-void use_experts(Residency *r, int l, const int *ids, int k, int count, void (*meanwhile)(void *), void *arg);
+void use_experts(Residency *r, int l, const int *ids, int k, int decode, int count, void (*meanwhile)(void *),
+                 void *arg);
 
 /* Fixed budget: stages expert e of layer l unless held. Planned: offers layer l's
  * forecast `ranking[n]` (best first) to the planner and stages what it picks (nothing

@@ -154,9 +154,9 @@ static bool callback(struct ggml_tensor *t, bool ask, void *user) {
         if (ahead && h->input && !h->trace && h->input_layer != layer)
             return callback_error(h, "llama.cpp's graph gave no ffn_norm-%d (the router's input the predictor reads)", layer);
         if (ahead && !h->session->inline_jobs) forecast_ahead(h);
-        use_experts(h->res, layer, use, k, h->count, ahead && h->session->inline_jobs ? forecast_ahead : NULL, h);
+        use_experts(h->res, layer, use, k, 1, h->count, ahead && h->session->inline_jobs ? forecast_ahead : NULL, h);
     }
-    if (h->prefill) use_experts(h->res, layer, seen, n_seen, 0, NULL, NULL);
+    if (h->prefill) use_experts(h->res, layer, seen, n_seen, 0, 0, NULL, NULL);
     return true;
 }
 
@@ -587,8 +587,10 @@ int main(int argc, char **argv) {
     free(reads);
     free(input);
     if (steps_csv) {
-        int failed = ferror(steps_csv) | fclose(steps_csv);
-        if (failed || rename(steps_part, steps_path)) die(steps_part, failed ? "cannot write" : strerror(errno));
+        int failed = ferror(steps_csv);
+        failed |= fclose(steps_csv) != 0;
+        if (failed) die(steps_part, "cannot write");
+        if (rename(steps_part, steps_path)) die(steps_path, strerror(errno));
         steps_part[0] = 0;
     }
     return 0;

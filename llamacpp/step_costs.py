@@ -15,6 +15,7 @@ small VM), a staged read costs nearly what a demand read does and that precision
 import argparse
 import csv
 import json
+import math
 import os
 import sys
 
@@ -39,8 +40,8 @@ def parse_row(row):
             raise ValueError(f"{COLUMNS[col]} is {row[col]!r}, not a number") from None
     if values[1] not in (0, 1):
         raise ValueError(f"forecast is {values[1]}, not 0 or 1")
-    if min(values[2:]) < 0:
-        raise ValueError("a negative time or count")
+    if not all(math.isfinite(v) and v >= 0 for v in values[2:]):
+        raise ValueError("a negative or non-finite time or count")
     values[2] *= 1e3
     return tuple(values)
 
@@ -48,19 +49,21 @@ def parse_row(row):
 def read_steps(path):
     """The log's rows by mode, in file order: (round, forecast, ms, staged, demand)."""
     modes = {}
-    n = 1
+    read = 0  # lines read whole
     try:
         with open(path, newline="") as f:
             rows = csv.reader(f)
             header = next(rows, None)
             if header != COLUMNS:
                 raise StepLogError(f"{path}: line 1 is not moecast_prefetch -s's header ({','.join(COLUMNS)})")
-            for n, row in enumerate(rows, start=2):
+            read = 1
+            for row in rows:
                 modes.setdefault(row[0] if row else "", []).append(parse_row(row))
+                read = rows.line_num
     except OSError as e:
         raise StepLogError(f"{path}: cannot read: {e.strerror}") from e
     except (csv.Error, UnicodeDecodeError, ValueError) as e:
-        raise StepLogError(f"{path}: line {n}: {e}") from e
+        raise StepLogError(f"{path}: line {read + 1}: {e}") from e
     if not modes:
         raise StepLogError(f"{path}: no steps")
     return modes
