@@ -96,14 +96,16 @@ impl OffloadEngine {
             .iter()
             .enumerate()
             .map(|(rank, &x)| {
-                let id = m * e + x as usize;
                 let c = Candidate {
-                    id: id as u32,
+                    id: (m * e + x as usize) as u32,
                     layers_ahead: ahead,
                     horizon: ahead,
                     prob: probs.map_or(f32::NAN, |p| p[x as usize]),
                     rank,
-                    held: self.cache.contains(id),
+                    // Pooled with the forecasts of experts held: calibrated apart, the
+                    // engine's layer forecasts gained less at 10% resident (in-run
+                    // 1.10-1.13x against 1.17-1.19x, paired runs; docs/results.md).
+                    held: false,
                 };
                 plan.planner.note_offered(&c);
                 (plan.planner.calibrated(&c), c)
