@@ -70,10 +70,10 @@ void residency_free(Residency *r);
 
 /* Layer l is about to run `ids[k]`: marks them used; with `decode` (a decode step, not a
  * prompt) tells the planner the layer's routing and its demand reads, and with `count`
- * (a timed decode step) counts residency; then, without `mu` (the prefetcher plans meanwhile), reads the missing ones
- * whole, calls `meanwhile(arg)` if there are any (work for the wait: a forecast), waits
- * for them, and tells the planner the stall (the wait after `meanwhile`) and the reads'
- * time (not when they all landed during `meanwhile`). */
+ * (a timed decode step) counts residency; then, without `mu` (the prefetcher plans
+ * meanwhile), reads the missing ones whole, calls `meanwhile(arg)` if there are any (work
+ * for the wait: a forecast), waits for them, and tells the planner the stall (the wait
+ * after `meanwhile`) and the reads' time (not when they all landed during `meanwhile`). */
 void use_experts(Residency *r, int l, const int *ids, int k, int decode, int count, void (*meanwhile)(void *),
                  void *arg);
 

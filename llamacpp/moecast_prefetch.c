@@ -416,7 +416,7 @@ int main(int argc, char **argv) {
     else if (trace) printf("%u sequences of %s replayed (their experts forced)\n", n_seqs, trace_path);
     else printf("greedy, up to %d new tokens per prompt\n", new_tokens);
     if (steps_path) {
-        snprintf(steps_part, sizeof steps_part, "%s.part", steps_path);
+        snprintf(steps_part, sizeof steps_part, "%s.partial", steps_path);
         if (!(steps_csv = fopen(steps_part, "w"))) die(steps_part, strerror(errno));
         atexit(remove_steps_part);
         fputs("mode,round,forecast,seconds,staged_reads,demand_reads,stall_s,issue_s\n", steps_csv);

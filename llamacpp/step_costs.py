@@ -69,10 +69,10 @@ def read_steps(path):
     return modes
 
 
-def fit(steps):
-    """Least squares of a step's milliseconds: {name: (cost, standard error)} for the
-    regressors that vary (staged reads, demand reads, forecasting), and the step count."""
-    a = np.array(steps, dtype=float)
+def fit(a):
+    """Least squares of a step's milliseconds over the steps `a` (rows of read_steps):
+    {name: (cost, standard error)} for the regressors that vary (staged reads, demand
+    reads, forecasting), or None when they cannot be told apart."""
     rounds, forecast, ms, staged, demand = a.T
     columns, names = [], []
     for r in np.unique(rounds):
@@ -86,18 +86,18 @@ def fit(steps):
     beta, _, rank, _ = np.linalg.lstsq(X, ms, rcond=None)
     dof = len(ms) - X.shape[1]
     if rank < X.shape[1] or dof < 1:
-        return None, len(ms)
+        return None
     resid = ms - X @ beta
     cov = np.linalg.inv(X.T @ X) * (resid @ resid) / dof
     se = np.sqrt(np.diag(cov))
-    return {n: (beta[i], se[i]) for i, n in enumerate(names) if n}, len(ms)
+    return {n: (beta[i], se[i]) for i, n in enumerate(names) if n}
 
 
 def report(path):
     out = {}
     for mode, steps in read_steps(path).items():
-        costs, n = fit(steps)
         a = np.array(steps, dtype=float)
+        costs, n = fit(a), len(a)
         line = f"{mode:<10} {n:5d} steps, {a[:, 3].mean():.2f} staged and {a[:, 4].mean():.2f} demand reads a step"
         if costs is None:
             print(line + "; too few steps (or too little variation) to fit")
@@ -127,9 +127,9 @@ def main():
         sys.exit(f"error: {e}")
     if args.json:
         try:
-            with open(args.json + ".part", "w") as f:
+            with open(args.json + ".partial", "w") as f:
                 json.dump(out, f, indent=2)
-            os.replace(args.json + ".part", args.json)
+            os.replace(args.json + ".partial", args.json)
         except OSError as e:
             sys.exit(f"error: {args.json}: cannot write: {e.strerror}")
 

@@ -518,7 +518,7 @@ def test_c_harness_logs_each_step_for_the_read_cost_fit(work, tmp_path):
     print("\n" + out)
     expert_bytes = int(re.search(r"(\d+) bytes per expert", out).group(1))
     rows = [l.split(",") for l in steps.read_text().splitlines()[1:]]
-    assert not (tmp_path / "steps.csv.part").exists()
+    assert not (tmp_path / "steps.csv.partial").exists()
     assert {r[0] for r in rows} == set(modes)
     for mode in modes:
         mine = [r for r in rows if r[0] == mode]

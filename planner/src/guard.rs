@@ -6,15 +6,15 @@
 //! One setting is in use; now and then one window measures the other — after
 //! `explore_every` windows, twice as long each time the setting in use holds (up to
 //! [`MAX_EXPLORE_INTERVAL`]), and at once when the setting in use measures slower than
-//! the other did when last measured (which also follows a machine that changes). Each such window is compared with the windows of
-//! the setting in use just before and after it (the disk's speed drifts, so measurements
-//! far apart do not compare), and the setting follows the mean of the last
-//! [`COMPARISONS`] comparisons, not the last one alone: on a noisy machine a window's mean
-//! step varies by more than prefetch gains, and single comparisons turned prefetch that
-//! pays off too often (`cargo run -p planner --example guard_noise`). The first step after
-//! a switch is not measured: it still reaps (or misses) the reads of the setting before
-//! it. (ExpertFlow's lesson: prefetch adds no bandwidth, so it stops where it does not
-//! shorten the steps.)
+//! the other did when last measured (which also follows a machine that changes). Each
+//! such window is compared with the windows of the setting in use just before and after
+//! it (the disk's speed drifts, so measurements far apart do not compare), and the
+//! setting follows the mean of the last [`COMPARISONS`] comparisons, not the last one
+//! alone: on a noisy machine a window's mean step varies by more than prefetch gains,
+//! and single comparisons turned prefetch that pays off too often (`cargo run -p planner
+//! --example guard_noise`). The first step after a switch is not measured: it still
+//! reaps (or misses) the reads of the setting before it. (ExpertFlow's lesson: prefetch
+//! adds no bandwidth, so it stops where it does not shorten the steps.)
 
 use std::collections::VecDeque;
 
@@ -173,8 +173,8 @@ impl PrefetchGuard {
         }
         let n = self.comparisons.len() as f64;
         let mean = self.comparisons.iter().sum::<f64>() / n.max(1.0);
-        // The mean of ln(on / off) against the margin, as `prefetch_wins` compares.
-        let prefetch_better = mean < (1.0 + MARGIN).ln();
+        // The mean log ratio is the geometric mean of on / off.
+        let prefetch_better = prefetch_wins(mean.exp(), 1.0);
         if prefetch_better != self.on {
             self.on = prefetch_better;
             self.skip = true;
@@ -256,18 +256,22 @@ mod tests {
         assert!(on >= 400 - 9 * 8, "{on}");
     }
 
+    /// A step-time factor in `1 +- spread`, from seed `x`'s linear congruential sequence.
+    fn noisy(mut x: u64, spread: f64) -> impl FnMut() -> f64 {
+        move || {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            1.0 - spread + 2.0 * spread * (x >> 11) as f64 / (1u64 << 53) as f64
+        }
+    }
+
     #[test]
     fn noisy_steps_keep_prefetch_that_pays_on_most_of_the_time() {
         // Steps vary by +-25% (a seeded generator), prefetch is 15% faster on average.
         for seed in 1..=20u64 {
             let mut g = PrefetchGuard::new(8, 6);
-            let mut x = seed;
-            let mut noise = move || {
-                x = x
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                0.75 + 0.5 * (x >> 11) as f64 / (1u64 << 53) as f64
-            };
+            let mut noise = noisy(seed, 0.25);
             let times: Vec<f64> = (0..200).map(|_| noise()).collect();
             let on = run_with(&mut g, 200, |t, on| times[t] * if on { 0.085 } else { 0.1 });
             assert!(on >= 150, "seed {seed}: {on} of 200 steps with prefetch");
@@ -283,13 +287,9 @@ mod tests {
             let mut on = 0;
             for seed in 1..=40u64 {
                 let mut g = PrefetchGuard::new(8, 6);
-                let mut x = seed;
+                let mut noise = noisy(seed, 0.4);
                 on += run_with(&mut g, 600, |_, on| {
-                    x = x
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    let noise = 0.6 + 0.8 * (x >> 11) as f64 / (1u64 << 53) as f64;
-                    0.1 * noise * if on { ratio } else { 1.0 }
+                    0.1 * noise() * if on { ratio } else { 1.0 }
                 });
             }
             on / 40
