@@ -191,9 +191,9 @@ test-llamacpp:
 # (its libllama and headers), the predictor through libmoecast's C ABI; no Python in the
 # eval callback.
 LLAMA_SP = $(shell python3 -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-$(TARGET)/moecast_prefetch: llamacpp/moecast_prefetch.c llamacpp/expert_residency.c llamacpp/expert_residency.h llamacpp/prefetcher.c llamacpp/prefetcher.h ffi/include/moecast.h
+$(TARGET)/moecast_prefetch: llamacpp/moecast_prefetch.c llamacpp/expert_residency.c llamacpp/expert_residency.h llamacpp/prefetcher.c llamacpp/prefetcher.h llamacpp/step_log.c llamacpp/step_log.h ffi/include/moecast.h
 	$(CARGO) build --workspace
-	cc -O2 -Wall -o $@ llamacpp/moecast_prefetch.c llamacpp/expert_residency.c llamacpp/prefetcher.c -I$(LLAMA_SP)/include -Iffi/include -L$(LLAMA_SP)/llama_cpp/lib -L$(TARGET)/debug \
+	cc -O2 -Wall -o $@ llamacpp/moecast_prefetch.c llamacpp/expert_residency.c llamacpp/prefetcher.c llamacpp/step_log.c -I$(LLAMA_SP)/include -Iffi/include -L$(LLAMA_SP)/llama_cpp/lib -L$(TARGET)/debug \
 	  -lllama -lggml -lggml-base -lmoecast -lpthread -Wl,-rpath,$(LLAMA_SP)/llama_cpp/lib -Wl,-rpath,$(abspath $(TARGET))/debug
 
 header:

@@ -43,10 +43,9 @@
  * guard, switching forecasts off where they measure slower, switches back to all cores).
  * -s writes every timed decode step to a CSV (mode, round, whether it forecast, seconds,
  * staged reads issued, demand reads, stall and issuing seconds): llamacpp/step_costs.py
- * fits what a staged and a demand read add to a step on this machine. Linux only.
- * Build: make target/moecast_prefetch (links the wheel's libllama and libmoecast). */
+ * fits what a staged and a demand read add to a step on this machine (step_log.c).
+ * Linux only. Build: make target/moecast_prefetch (links the wheel's libllama and libmoecast). */
 #define _GNU_SOURCE
-#include <errno.h>
 #include <getopt.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -62,6 +61,7 @@
 #include "llama.h"
 #include "moecast.h"
 #include "prefetcher.h"
+#include "step_log.h"
 
 #define MAX_MODES 8
 
@@ -176,38 +176,11 @@ typedef struct {
     int threads[2];       /* llama.cpp's threads without and with forecasts */
     uint64_t steps_fewer; /* counted steps run on fewer threads */
     const char *model_path;
-    FILE *steps_csv; /* -s: one row per timed step, and the counters at the last */
+    FILE *steps_csv;   /* -s: one row per timed step */
+    StepCounters last; /* the residency's counters at the last step */
     const char *mode;
     int round;
-    uint64_t last_issued;
-    long last_demand;
-    double last_stall, last_issue;
 } Decoder;
-
-/* -s: the residency's counters since the last step; the step's row when it is timed. */
-static void log_step(Decoder *d, double dt, int timed) {
-    Residency *r = d->h->res;
-    pthread_mutex_lock(&r->mu);
-    long demand = r->uses - r->resident_uses - r->late;
-    double stall = r->stall_s;
-    pthread_mutex_unlock(&r->mu);
-    pthread_mutex_lock(&r->io_mu);
-    uint64_t issued = __atomic_load_n(&r->reads_issued, __ATOMIC_RELAXED);
-    double issue = r->issue_s;
-    pthread_mutex_unlock(&r->io_mu);
-    if (timed)
-        fprintf(d->steps_csv, "%s,%d,%d,%.6f,%llu,%ld,%.6f,%.6f\n", d->mode, d->round, d->h->forecasting, dt,
-                (unsigned long long)(issued - d->last_issued), demand - d->last_demand, stall - d->last_stall,
-                issue - d->last_issue);
-    d->last_issued = issued, d->last_demand = demand, d->last_stall = stall, d->last_issue = issue;
-}
-
-/* -s: the log is written beside its path and renamed when the run ends; a run that
- * stops early leaves neither. */
-static char steps_part[4096];
-static void remove_steps_part(void) {
-    if (steps_part[0]) remove(steps_part);
-}
 
 /* Decodes `token` at `pos` as one step: the guard asked, the planner told, the token's
  * layers forecast, llama.cpp run, the routing observed. Returns its seconds. */
@@ -233,7 +206,7 @@ static double decode_step(Decoder *d, llama_token token, int pos, int count) {
     if (h->session && h->known == d->n_moe) prefetcher_post(h->session, JOB_OBSERVE, h->token, 0, h->routed, d->n_moe * d->top_k, NULL);
     double dt = now_s() - t0;
     if (d->guard && count) mc_guard_step_done(d->guard, dt, NULL); /* the steps the table times */
-    if (d->steps_csv) log_step(d, dt, count);
+    if (d->steps_csv) step_log_step(d->steps_csv, &d->last, h->res, d->mode, d->round, h->forecasting, dt, count);
     return dt;
 }
 
@@ -415,12 +388,7 @@ int main(int argc, char **argv) {
     if (trace && max_steps) printf("%u sequences of %s replayed (their experts forced), up to %ld decode steps\n", n_seqs, trace_path, max_steps);
     else if (trace) printf("%u sequences of %s replayed (their experts forced)\n", n_seqs, trace_path);
     else printf("greedy, up to %d new tokens per prompt\n", new_tokens);
-    if (steps_path) {
-        snprintf(steps_part, sizeof steps_part, "%s.partial", steps_path);
-        if (!(steps_csv = fopen(steps_part, "w"))) die(steps_part, strerror(errno));
-        atexit(remove_steps_part);
-        fputs("mode,round,forecast,seconds,staged_reads,demand_reads,stall_s,issue_s\n", steps_csv);
-    }
+    if (steps_path) steps_csv = step_log_open(steps_path);
     for (int round = 0; round < rounds; round++) {
         for (int turn = 0; turn < n_modes; turn++) {
             /* odd rounds run the modes in reverse, so a drift in the machine's speed over
@@ -586,12 +554,6 @@ int main(int argc, char **argv) {
     free(prefill_ids);
     free(reads);
     free(input);
-    if (steps_csv) {
-        int failed = ferror(steps_csv);
-        failed |= fclose(steps_csv) != 0;
-        if (failed) die(steps_part, "cannot write");
-        if (rename(steps_part, steps_path)) die(steps_path, strerror(errno));
-        steps_part[0] = 0;
-    }
+    if (steps_csv) step_log_close(steps_csv);
     return 0;
 }
