@@ -9,8 +9,7 @@
 //!   histogram the planner keeps online from every layer's routing once it is known;
 //!   a probability's (or rank's) bin is also kept per forecast horizon (a forecast
 //!   made further ahead is less sure), shrunk towards the bin of all horizons while it
-//!   has seen little; and apart for experts already resident or being read, which come
-//!   true more often than the forecasts a read is decided on;
+//!   has seen little;
 //! - its **deadline**: the estimated lookup time of its layer, `layers_ahead` layer
 //!   periods (attention + expert compute) after the next lookup. The read is queued
 //!   behind the link's work that goes before it and behind the demand reads expected at
@@ -148,9 +147,6 @@ pub struct Candidate {
     pub prob: f32,
     /// Position in its layer's list, best first.
     pub rank: usize,
-    /// The expert is resident or being read already: calibrated apart, as such
-    /// forecasts come true more often than those a read is decided on.
-    pub held: bool,
 }
 
 /// The link and clock as the caller sees them when it offers candidates.
@@ -212,7 +208,7 @@ pub struct PlannerState {
 
 const PROB_BINS: usize = 20;
 const RANK_BINS: usize = 32;
-/// Bins of one population (candidates held or not): probability bins, then rank bins.
+/// Probability bins, then rank bins.
 const BINS: usize = PROB_BINS + RANK_BINS;
 /// Forecast horizons calibrated apart (further ones share the last).
 pub const HORIZONS: usize = 8;
@@ -234,9 +230,8 @@ fn bin_centre(b: usize) -> f64 {
 #[derive(Debug, Clone)]
 pub struct PrefetchPlanner {
     settings: PlannerSettings,
-    /// Per bin: (used, offered) counts, probability bins then rank bins, of candidates
-    /// not held then of held ones; and the same bins of each horizon (observed counts
-    /// only).
+    /// Per bin: (used, offered) counts, probability bins then rank bins; and the same
+    /// bins of each horizon (observed counts only).
     bins: Vec<(f64, f64)>,
     horizon_bins: Vec<(f64, f64)>,
     /// Candidates offered since their layer last routed: id -> bin, horizon bin.
@@ -265,19 +260,17 @@ impl PrefetchPlanner {
     /// A planner with prior beliefs: the forecaster is calibrated, a quarter of lookups
     /// miss once.
     pub fn new(settings: PlannerSettings) -> Self {
-        let mut bins = Vec::with_capacity(2 * BINS);
-        for _held in 0..2 {
-            for b in 0..PROB_BINS {
-                bins.push((bin_centre(b) * PRIOR_WEIGHT, PRIOR_WEIGHT));
-            }
-            for _ in 0..RANK_BINS {
-                bins.push((0.5 * PRIOR_WEIGHT, PRIOR_WEIGHT));
-            }
+        let mut bins = Vec::with_capacity(BINS);
+        for b in 0..PROB_BINS {
+            bins.push((bin_centre(b) * PRIOR_WEIGHT, PRIOR_WEIGHT));
+        }
+        for _ in 0..RANK_BINS {
+            bins.push((0.5 * PRIOR_WEIGHT, PRIOR_WEIGHT));
         }
         PrefetchPlanner {
             settings,
             bins,
-            horizon_bins: vec![(0.0, 0.0); 2 * HORIZONS * BINS],
+            horizon_bins: vec![(0.0, 0.0); HORIZONS * BINS],
             pending: HashMap::new(),
             misses_per_lookup: 0.25,
             miss_share: 0.25,
@@ -302,16 +295,14 @@ impl PrefetchPlanner {
     /// The timings and statistics it plans with now.
     pub fn state(&self) -> PlannerState {
         let s = &self.settings;
-        // Probability bins, held or not: what the forecasters said (the bins' centres,
-        // weighed by the observed offers) against what was used.
+        // Probability bins: what the forecasters said (the bins' centres, weighed by
+        // the observed offers) against what was used.
         let (mut said, mut used, mut n) = (0.0, 0.0, 0.0);
-        for held in [0, BINS] {
-            for (b, &(u, o)) in self.bins[held..held + PROB_BINS].iter().enumerate() {
-                let observed = o - PRIOR_WEIGHT;
-                said += bin_centre(b) * observed;
-                used += u - bin_centre(b) * PRIOR_WEIGHT;
-                n += observed;
-            }
+        for (b, &(u, o)) in self.bins[..PROB_BINS].iter().enumerate() {
+            let observed = o - PRIOR_WEIGHT;
+            said += bin_centre(b) * observed;
+            used += u - bin_centre(b) * PRIOR_WEIGHT;
+            n += observed;
         }
         let mean = |x: f64| (n > 0.0).then(|| x / n);
         PlannerState {
@@ -332,17 +323,15 @@ impl PrefetchPlanner {
         self.settings = settings;
     }
 
-    /// `c`'s bin (its probability's, or its rank's when it has none) in the bins of its
-    /// population (held or not), and that bin at its horizon.
+    /// `c`'s bin (its probability's, or its rank's when it has none), and that bin at
+    /// its horizon.
     fn bin(c: &Candidate) -> (usize, usize) {
         let b = if c.prob.is_finite() {
             ((c.prob.clamp(0.0, 1.0) as f64 * PROB_BINS as f64) as usize).min(PROB_BINS - 1)
         } else {
             PROB_BINS + c.rank.min(RANK_BINS - 1)
         };
-        let held = usize::from(c.held);
-        let horizon = held * HORIZONS + c.horizon.min(HORIZONS - 1);
-        (held * BINS + b, horizon * BINS + b)
+        (b, c.horizon.min(HORIZONS - 1) * BINS + b)
     }
 
     /// The estimate of bins `(b, h)`: the horizon's counts over the all-horizon
@@ -404,15 +393,9 @@ impl PrefetchPlanner {
     }
 
     /// Records that `c` was offered (its layer's routing will update the histogram).
-    /// An expert offered not held and then again held (its read was issued meanwhile)
-    /// keeps the bin it was judged in: the read's outcome belongs to the forecasts
-    /// reads are decided on.
     pub fn note_offered(&mut self, c: &Candidate) {
         self.counts.offered += 1;
-        let judged = self.pending.get(&c.id).is_some_and(|&(b, _)| b < BINS);
-        if !(c.held && judged) {
-            self.pending.insert(c.id, Self::bin(c));
-        }
+        self.pending.insert(c.id, Self::bin(c));
     }
 
     /// Keeps `c` (for decode step `token`), judged not worth a read now, to be offered

@@ -252,17 +252,15 @@ impl StagingPlanner {
         let (ahead, _) = lookups_until(layer, self.next_layer, n);
         let mut offered = Vec::with_capacity(want);
         for (rank, &x) in ranking.iter().enumerate() {
-            let id = (layer * e + x as usize) as u32;
             let c = Candidate {
-                id,
+                id: (layer * e + x as usize) as u32,
                 layers_ahead: ahead,
                 horizon: ahead,
                 prob: probs.map_or(f32::NAN, |p| p[rank]),
                 rank,
-                held: resident.is_some_and(|r| r[rank]) || self.staged.contains(&id),
             };
             self.planner.note_offered(&c);
-            if !c.held {
+            if !resident.is_some_and(|r| r[rank]) {
                 offered.push((self.planner.calibrated(&c), c));
             }
         }

@@ -102,10 +102,6 @@ impl OffloadEngine {
                     horizon: ahead,
                     prob: probs.map_or(f32::NAN, |p| p[x as usize]),
                     rank,
-                    // Pooled with the forecasts of experts held: calibrated apart, the
-                    // engine's layer forecasts gained less at 10% resident (in-run
-                    // 1.10-1.13x against 1.17-1.19x, paired runs; docs/results.md).
-                    held: false,
                 };
                 plan.planner.note_offered(&c);
                 (plan.planner.calibrated(&c), c)

@@ -346,7 +346,6 @@ impl Sim {
                 horizon: self.target(id as usize).0,
                 prob: probs.and_then(|p| p.get(j)).copied().unwrap_or(f32::NAN),
                 rank: rank[l],
-                held: self.cache.contains(id as usize),
             };
             rank[l] += 1;
             planner.note_offered(&c);
