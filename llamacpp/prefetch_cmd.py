@@ -1,6 +1,9 @@
 """`moecast_llamacpp.py prefetch`: decodes with a bounded set of resident experts, on
-demand and with each prefetch mode of `--budget`, alternating `--rounds` times, and
-prints (and with `--json` writes) the table. See expert_residency.py."""
+demand and with each prefetch mode of `--budget`, alternating `--rounds` times (odd
+rounds in reverse order, so a drift in the machine's speed over a round does not favour
+the modes that run first, as in the C harness), and prints (and with `--json` writes)
+the table, each mode's lowest and highest round over on demand's beside the ratio of
+the means. See expert_residency.py."""
 
 import json
 import os
@@ -131,7 +134,7 @@ def cmd_prefetch(args):
 
         guard = moecast.PrefetchGuard()
     for r in range(args.rounds):
-        for name, p, budget in modes:
+        for name, p, budget in modes[::-1] if r % 2 else modes:
             out = decode_with_residency(model, prompts, capacity, args.max_new_tokens, p, budget,
                                         args.temperature, args.seed, replay, args.replay_tokens, args.horizon,
                                         timings, guard if budget == "auto" else False, threads)
@@ -154,13 +157,16 @@ def cmd_prefetch(args):
              + ("the trace" if replay is not None else "llama.cpp's ffn_norm")
              if predictor is not None and predictor.router_input_dim else ""))
     print(f"{'mode':<10} {'resident when used':>18} {'demand MB':>10} {'staged MB':>10} {'wasted MB':>10} "
-          f"{'staged used':>11} {'stall s':>8} {'tokens/s':>9} {'vs on-demand':>12}")
-    base = summary["on-demand"]["tokens_per_s"]
+          f"{'staged used':>11} {'stall s':>8} {'tokens/s':>9} {'vs on-demand':>12} {'rounds min-max':>15}")
+    base = summary["on-demand"]
     for name, s in summary.items():
+        ratios = [t / b if b > 0 else 0.0 for t, b in zip(s["tokens_per_s_rounds"], base["tokens_per_s_rounds"])]
+        s["vs_on_demand_rounds"] = ratios
         print(f"{name:<10} {100 * s['resident_when_used']:>17.1f}% {mb(s['bytes_demand']):>10.2f} "
               f"{mb(s['bytes_staged']):>10.2f} {mb(s['bytes_wasted']):>10.2f} "
               f"{100 * s['staged_used']:>10.1f}% {s['stall_s']:>8.2f} {s['tokens_per_s']:>9.1f} "
-              f"{s['tokens_per_s'] / base if base > 0 else 0.0:>11.2f}x")
+              f"{s['tokens_per_s'] / base['tokens_per_s'] if base['tokens_per_s'] > 0 else 0.0:>11.2f}x "
+              f"{min(ratios):>9.2f}-{max(ratios):.2f}x")
     if "planned" in summary:
         s = summary["planned"]
         print(f"planned: {s['planner_staged']:.0f} of {s['planner_offered']:.0f} forecast experts offered were "

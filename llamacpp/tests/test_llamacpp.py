@@ -197,12 +197,23 @@ def test_predictor_from_llama_cpp_routing_stages_experts(work):
             assert planned["bytes_staged"] == 0 and planned["planner_staged"] == 0
             assert planned["planner_late"] > 0
             assert planned["bytes_demand"] == base["bytes_demand"]
-    # the same through a replayed trace: llama.cpp's own routing forced back onto it
-    tool("moecast_llamacpp.py", "prefetch", "--model", work / "tiny.f32.gguf", "--replay", work / "train.mctrace",
-         "--replay-tokens", "150", "--predictor", work / "predictor", "--resident", "25%", "--json", report)
+    # the same through a replayed trace: llama.cpp's own routing forced back onto it;
+    # in two rounds, the second running the modes in reverse, each round's ratio kept
+    p = subprocess.run([sys.executable, str(ROOT / "llamacpp" / "moecast_llamacpp.py"), "prefetch", "--model",
+                        str(work / "tiny.f32.gguf"), "--replay", str(work / "train.mctrace"), "--replay-tokens", "150",
+                        "--predictor", str(work / "predictor"), "--resident", "25%", "--rounds", "2", "--json",
+                        str(report)], check=True, capture_output=True, text=True)
+    order = [l.split()[2].rstrip(":") for l in p.stderr.splitlines() if l.startswith("round ")]
+    assert order == ["on-demand", "planned", "budget-1", "budget-1", "planned", "on-demand"], p.stderr
     modes = json.loads(report.read_text())["modes"]
     assert modes["on-demand"]["decode_steps"] == modes["budget-1"]["decode_steps"] == 150
     assert modes["budget-1"]["resident_when_used"] > modes["on-demand"]["resident_when_used"]
+    ratios = modes["budget-1"]["vs_on_demand_rounds"]
+    assert modes["on-demand"]["vs_on_demand_rounds"] == [1.0, 1.0] and len(ratios) == 2
+    assert ratios == [t / b for t, b in zip(modes["budget-1"]["tokens_per_s_rounds"],
+                                            modes["on-demand"]["tokens_per_s_rounds"])]
+    row = next(l.split() for l in p.stdout.splitlines() if l.startswith("budget-1 "))
+    assert row[-1] == f"{min(ratios):.2f}-{max(ratios):.2f}x", p.stdout
     # a one-token prompt is a prompt (its batch has one row), not a decode step
     one = work / "one.jsonl"
     one.write_text('{"token_ids": [5]}\n')
