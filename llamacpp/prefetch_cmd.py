@@ -1,7 +1,8 @@
 """`moecast_llamacpp.py prefetch`: decodes with a bounded set of resident experts, on
-demand and with each prefetch mode of `--budget`, alternating `--rounds` times (odd
-rounds in reverse order, so a drift in the machine's speed over a round does not favour
-the modes that run first, as in the C harness), and prints (and with `--json` writes)
+demand and with each prefetch mode of `--budget`, alternating `--rounds` times (every
+second round in reverse order, as in the C harness, so a steady drift in the machine's
+speed cancels over an even number of rounds instead of favouring the modes that run
+first), and prints (and with `--json` writes)
 the table, each mode's lowest and highest round over on demand's beside the ratio of
 the means. See expert_residency.py."""
 
