@@ -9,7 +9,7 @@
  *
  * Greedy decoding of every prompt (one per line), on demand and, with a predictor (an
  * moecast predictor, through libmoecast's C ABI), with forecast experts staged,
- * the rounds of each mode alternating (odd rounds in reverse order; each mode's lowest
+ * the rounds of each mode alternating (every second in reverse order; each mode's lowest
  * and highest round over on demand's is printed beside the ratio of the means). MODES is
  * a comma list: `auto` stages what moecast's planner judges worth a read (mc_planner_*:
  * every forecast layer's top-k offered; it times the reads, their issuing and the layers,
@@ -391,8 +391,8 @@ int main(int argc, char **argv) {
     if (steps_path) steps_csv = step_log_open(steps_path);
     for (int round = 0; round < rounds; round++) {
         for (int turn = 0; turn < n_modes; turn++) {
-            /* odd rounds run the modes in reverse, so a drift in the machine's speed over
-             * a round does not favour the modes that run first */
+            /* every second round runs the modes in reverse, so a steady drift in the
+             * machine's speed cancels over an even number of rounds */
             ModeTotals *mt = &modes[round % 2 ? n_modes - 1 - turn : turn];
             int b = mt->budget;
             char name[24];
