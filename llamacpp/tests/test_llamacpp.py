@@ -185,7 +185,8 @@ def test_predictor_from_llama_cpp_routing_stages_experts(work):
         tool("moecast_llamacpp.py", "prefetch", "--model", work / "tiny.f32.gguf", "--prompts", HELDOUT,
              "--predictor", work / "predictor", "--resident", "25%", "--max-new-tokens", "24", "--budget", "auto",
              "--read-us", read_us, "--layer-us", "1000", "--no-guard", "--threads", "2,1", "--json", report)
-        modes = json.loads(report.read_text())["modes"]
+        figures = json.loads(report.read_text())
+        modes = figures["modes"]
         base, planned = modes["on-demand"], modes["planned"]
         assert planned["planner_read_us"] == float(read_us) and planned["planner_layer_us"] == 1000
         assert base["steps_fewer_threads"] == 0 and planned["steps_fewer_threads"] == planned["decode_steps"] > 0
@@ -196,7 +197,9 @@ def test_predictor_from_llama_cpp_routing_stages_experts(work):
         else:
             assert planned["bytes_staged"] == 0 and planned["planner_staged"] == 0
             assert planned["planner_late"] > 0
-            assert planned["bytes_demand"] == base["bytes_demand"]
+            # the same reads, but residency is the page cache's word, which the harness does
+            # not control: one clean-clone run counted one expert fewer read on demand
+            assert abs(planned["bytes_demand"] - base["bytes_demand"]) <= figures["expert_bytes"]
     # the same through a replayed trace: llama.cpp's own routing forced back onto it;
     # in two rounds, the second running the modes in reverse, each round's ratio kept
     p = subprocess.run([sys.executable, str(ROOT / "llamacpp" / "moecast_llamacpp.py"), "prefetch", "--model",
