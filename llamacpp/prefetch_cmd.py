@@ -2,9 +2,8 @@
 demand and with each prefetch mode of `--budget`, alternating `--rounds` times (every
 second round in reverse order, as in the C harness, so a steady drift in the machine's
 speed cancels over an even number of rounds instead of favouring the modes that run
-first), and prints (and with `--json` writes)
-the table, each mode's lowest and highest round over on demand's beside the ratio of
-the means. See expert_residency.py."""
+first), and prints (and with `--json` writes) the table, each mode's lowest and highest
+round over on demand's beside the ratio of the means. See expert_residency.py."""
 
 import json
 import os
@@ -147,6 +146,10 @@ def cmd_prefetch(args):
         s = {k: float(np.mean([o[k] for o in outs])) for k in outs[0]}
         s["tokens_per_s_rounds"] = [o["tokens_per_s"] for o in outs]
         summary[name] = s
+    base = summary["on-demand"]
+    for s in summary.values():
+        s["vs_on_demand_rounds"] = [t / b if b > 0 else 0.0
+                                    for t, b in zip(s["tokens_per_s_rounds"], base["tokens_per_s_rounds"])]
     mb = lambda x: x / 1e6
     print(f"{args.model}: {capacity} of {total} experts resident ({args.resident}), "
           f"{ex.expert_bytes[0]:,} bytes per expert, llama.cpp threads {threads[0]} ({threads[1]} while forecasting), "
@@ -159,10 +162,8 @@ def cmd_prefetch(args):
              if predictor is not None and predictor.router_input_dim else ""))
     print(f"{'mode':<10} {'resident when used':>18} {'demand MB':>10} {'staged MB':>10} {'wasted MB':>10} "
           f"{'staged used':>11} {'stall s':>8} {'tokens/s':>9} {'vs on-demand':>12} {'rounds min-max':>15}")
-    base = summary["on-demand"]
     for name, s in summary.items():
-        ratios = [t / b if b > 0 else 0.0 for t, b in zip(s["tokens_per_s_rounds"], base["tokens_per_s_rounds"])]
-        s["vs_on_demand_rounds"] = ratios
+        ratios = s["vs_on_demand_rounds"]
         print(f"{name:<10} {100 * s['resident_when_used']:>17.1f}% {mb(s['bytes_demand']):>10.2f} "
               f"{mb(s['bytes_staged']):>10.2f} {mb(s['bytes_wasted']):>10.2f} "
               f"{100 * s['staged_used']:>10.1f}% {s['stall_s']:>8.2f} {s['tokens_per_s']:>9.1f} "
