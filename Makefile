@@ -101,18 +101,21 @@ llamacpp:
 # (bench-c-R.txt); with -a on a prefetcher thread of their own, llama.cpp on one thread
 # fewer while forecasting (bench-c-R-a.txt); and by default on one llama.cpp thread
 # (bench-c-R-j1.txt). The default run adds the oracle (planned from the trace's own
-# experts) and prints each mode's share of its gain over on demand.
+# experts) and prints each mode's share of its gain over on demand. The C runs have the
+# modes take turns every 8 steps over the same tokens (-W 8: the machine's drift falls on
+# every mode alike) and print 90% intervals over those windows; the Python runs
+# alternate whole rounds, an even number of them, so a steady drift cancels.
 llamacpp-bench: $(TARGET)/moecast_prefetch
 	@test -f $(LLAMA)/heldout.mctrace || { echo "run make llamacpp first"; exit 1; }
 	$(DBG) checkpoint synth --layers 6 --experts 16 --top-k 2 --vocab 4096 -o $(LLAMA)/synth
 	python3 llamacpp/export_gguf.py --model $(LLAMA)/synth --tokenizer $(MODEL) --dtype f16 -o $(LLAMA)/synth.f16.gguf
 	rm -rf $(LLAMA)/synth
 	for r in 10 25 100; do $(LLAMA_PY) prefetch --model $(LLAMA)/synth.f16.gguf --replay $(LLAMA)/heldout.mctrace \
-	  --replay-tokens 200 --predictor $(LLAMA)/predictor --resident $$r% --threads 2 --rounds 3 \
+	  --replay-tokens 200 --predictor $(LLAMA)/predictor --resident $$r% --threads 2 --rounds 4 \
 	  --json $(LLAMA)/bench-$$r.json || exit 1; done
 	for r in 10 25 100; do for f in "" "-a" "-j 1"; do b=auto,1; test -n "$$f" -o $$r = 100 || b=auto,1,oracle; \
 	  $(TARGET)/moecast_prefetch -p $(LLAMA)/heldout.mctrace -N 200 -b $$b $$f -r $$r \
-	  -R 3 $(LLAMA)/synth.f16.gguf $(LLAMA)/predictor > $(LLAMA)/bench-c.tmp || { rm -f $(LLAMA)/bench-c.tmp; exit 1; }; \
+	  -R 2 -W 8 $(LLAMA)/synth.f16.gguf $(LLAMA)/predictor > $(LLAMA)/bench-c.tmp || { rm -f $(LLAMA)/bench-c.tmp; exit 1; }; \
 	  out=$(LLAMA)/bench-c-$$r$$(echo "$$f" | tr -d ' ').txt; mv $(LLAMA)/bench-c.tmp $$out; cat $$out; done; done
 
 # Activation-aware prediction on the demo model, all feature sets (`make demo` trains only
@@ -191,9 +194,10 @@ test-llamacpp:
 # (its libllama and headers), the predictor through libmoecast's C ABI; no Python in the
 # eval callback.
 LLAMA_SP = $(shell python3 -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-$(TARGET)/moecast_prefetch: llamacpp/moecast_prefetch.c llamacpp/expert_residency.c llamacpp/expert_residency.h llamacpp/prefetcher.c llamacpp/prefetcher.h llamacpp/step_log.c llamacpp/step_log.h ffi/include/moecast.h
+LLAMA_C = llamacpp/moecast_prefetch.c llamacpp/mode_round.c llamacpp/decoder.c llamacpp/expert_residency.c llamacpp/prefetcher.c llamacpp/step_log.c
+$(TARGET)/moecast_prefetch: $(LLAMA_C) $(wildcard llamacpp/*.h) ffi/include/moecast.h
 	$(CARGO) build --workspace
-	cc -O2 -Wall -o $@ llamacpp/moecast_prefetch.c llamacpp/expert_residency.c llamacpp/prefetcher.c llamacpp/step_log.c -I$(LLAMA_SP)/include -Iffi/include -L$(LLAMA_SP)/llama_cpp/lib -L$(TARGET)/debug \
+	cc -O2 -Wall -o $@ $(LLAMA_C) -I$(LLAMA_SP)/include -Iffi/include -L$(LLAMA_SP)/llama_cpp/lib -L$(TARGET)/debug \
 	  -lllama -lggml -lggml-base -lmoecast -lpthread -Wl,-rpath,$(LLAMA_SP)/llama_cpp/lib -Wl,-rpath,$(abspath $(TARGET))/debug
 
 header:

@@ -78,7 +78,8 @@ static size_t slice(Residency *r, int i, int j, unsigned char **at, size_t *n) {
     return off;
 }
 
-static int is_resident(Residency *r, int i) {
+/* Whether all of expert i's pages are in the page cache (`all`) or any of them. */
+static int pages_resident(Residency *r, int i, int all) {
     for (int j = 0; j < 3; j++) {
         size_t n;
         unsigned char *at, vec[4096];
@@ -88,11 +89,13 @@ static int is_resident(Residency *r, int i) {
             size_t chunk = pages - done < sizeof vec ? pages - done : sizeof vec;
             if (mincore(at + done * PAGE, chunk * PAGE, vec)) die("mincore", "failed");
             for (size_t c = 0; c < chunk; c++)
-                if (!(vec[c] & 1)) return 0;
+                if ((vec[c] & 1) != all) return vec[c] & 1; /* one page decides */
         }
     }
-    return 1;
+    return all;
 }
+
+static int is_resident(Residency *r, int i) { return pages_resident(r, i, 1); }
 
 static void read_expert(Residency *r, int i) {
     for (int j = 0; j < 3; j++) {
@@ -318,6 +321,26 @@ int offer_forecast(Residency *r, int l, const uint16_t *ranking, int n, uint32_t
         r->keep[i] = (uint8_t)kept;
     }
     return MC_OK;
+}
+
+static int held(Residency *r, int i) { return r->used_age[i] || r->staged_age[i] || r->stale_age[i]; }
+
+void residency_settle(Residency *r) {
+    pthread_mutex_lock(&r->mu);
+    for (int i = 0; i < r->n_ids; i++)
+        if (held(r, i)) wait_expert(r, i);
+    pthread_mutex_unlock(&r->mu);
+}
+
+void residency_restore(Residency *r) {
+    pthread_mutex_lock(&r->mu);
+    for (int i = 0; i < r->n_ids; i++) {
+        if (!held(r, i) && pages_resident(r, i, 0)) drop_expert(r, i);
+        else if (held(r, i) && !is_resident(r, i)) read_expert(r, i);
+    }
+    for (int i = 0; i < r->n_ids; i++)
+        if (held(r, i)) wait_expert(r, i);
+    pthread_mutex_unlock(&r->mu);
 }
 
 void residency_finish(Residency *r) {

@@ -90,6 +90,15 @@ int offer_forecast(Residency *r, int l, const uint16_t *ranking, int n, uint32_t
  * allocation and queueing, and the wait while the device's queue is full. */
 void issue_reads(Residency *r, const uint32_t *reads, int n);
 
+/* Waits until every expert the set holds is in the page cache (its staged reads landed):
+ * another resident set may then take the page cache over (residency_restore). */
+void residency_settle(Residency *r);
+
+/* Makes the page cache hold what this set holds, untimed: experts it does not hold
+ * dropped, those it holds read and waited for. Resident sets take turns over one
+ * mapping this way (moecast_prefetch -W); the one before was settled. */
+void residency_restore(Residency *r);
+
 /* Staged experts never used count as wasted. */
 void residency_finish(Residency *r);
 

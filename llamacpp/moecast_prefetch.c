@@ -5,7 +5,7 @@
  *                    [-t READ_US,LAYER_US] [-G] [-a [-w | -d MS]]
  *                    [-j THREADS[,WHILE_FORECASTING]] [-s STEPS.csv]
  *                    MODEL.gguf PROMPTS.txt [PREDICTOR_DIR]
- *   moecast_prefetch -p TRACE [-N steps] [options] MODEL.gguf [PREDICTOR_DIR]
+ *   moecast_prefetch -p TRACE [-N steps] [-W STEPS] [options] MODEL.gguf [PREDICTOR_DIR]
  *
  * Greedy decoding of every prompt (one per line), on demand and, with a predictor (an
  * moecast predictor, through libmoecast's C ABI), with forecast experts staged,
@@ -38,6 +38,14 @@
  * (the stall). Prints one line per mode.
  * With -p the trace's sequences are decoded from their own ids instead of the prompts,
  * every layer's experts forced to the recorded ones (up to -N decode steps in all).
+ * -W STEPS (with -p) has the modes take turns every STEPS steps of a round instead of
+ * decoding it one after the other: each decodes the same window of the trace (llama.cpp's
+ * memory cut back to its start), its own resident set put back in the page cache first
+ * (untimed; the mode before's staged reads waited for), every second window in reverse
+ * order. The machine's drift, which moves the same reads' step time by tens of percent
+ * between minutes, then falls on every mode alike; a 90% interval of each mode's ratio
+ * over on demand and of its share of the oracle's gain is printed (a bootstrap over the
+ * windows, paired).
  * -j sets llama.cpp's threads, and those of steps that forecast (default: the cores
  * online; with -a one fewer while forecasting, leaving the prefetcher thread a core; the
  * guard, switching forecasts off where they measure slower, switches back to all cores).
@@ -55,7 +63,9 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "decoder.h"
 #include "expert_residency.h"
+#include "mode_round.h"
 #include "ggml-backend.h"
 #include "ggml.h"
 #include "llama.h"
@@ -63,175 +73,72 @@
 #include "prefetcher.h"
 #include "step_log.h"
 
-#define MAX_MODES 8
-
-/* ---- the eval callback ---- */
-typedef struct {
-    Residency *res;
-    Prefetcher *session; /* NULL: on demand */
-    uint32_t token;
-    int prefill, count, known, forecasting;
-    uint16_t routed[MAX_LAYERS * MAX_K];
-    uint16_t *prefill_ids; /* [row][layer][k] of the prompt's batch, for the session */
-    int prefill_rows;
-    const uint16_t *forced; /* replay: the token's recorded experts [layer][k], routed instead */
-    /* a predictor that reads router inputs: the last routed layer's (the session's
-     * `input_dim` wide), llama.cpp's ffn_norm-L or, replayed, the trace's record of
-     * token `pos` of `seq` */
-    float *input;
-    const struct mc_trace *trace;
-    uint32_t seq, pos;
-    int input_layer; /* the layer whose ffn_norm the step copied last (-1: none yet) */
-    int error;
-    char message[320]; /* the first error's */
-} Harness;
-
-/* Records the callback's first error (llama_decode then fails; main dies with it). */
-static bool callback_error(Harness *h, const char *fmt, ...) {
-    if (!h->error) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(h->message, sizeof h->message, fmt, ap);
-        va_end(ap);
-    }
-    h->error = 1;
-    return true;
-}
-
-/* The layers after the `h->known` routed ones, forecast from their routing: by default
- * (no -a) on the decode thread while a layer's missing experts are read (use_experts'
- * `meanwhile`; a layer without any forecasts nothing), with -a queued at once. */
-static void forecast_ahead(void *arg) {
-    Harness *h = arg;
-    prefetcher_forecast(h->session, JOB_AHEAD, h->token, h->known, h->routed, h->known * h->res->ex->top_k, h->input);
-}
-
-static bool callback(struct ggml_tensor *t, bool ask, void *user) {
-    Harness *h = user;
-    const char *name = ggml_get_name(t);
-    int layer;
-    if (h->input && !h->trace && !strncmp(name, "ffn_norm-", 9) && sscanf(name + 9, "%d", &layer) == 1) {
-        if (ask) return h->forecasting && !h->prefill; /* the router's input: its last row is the decoded token's */
-        if (t->type != GGML_TYPE_F32 || (size_t)t->ne[0] != h->session->input_dim)
-            return callback_error(h, "%s is not f32 x %zu (the predictor's router input)", name, h->session->input_dim);
-        ggml_backend_tensor_get(t, h->input, (size_t)(t->ne[1] - 1) * t->nb[1], h->session->input_dim * sizeof(float));
-        h->input_layer = layer;
-        return true;
-    }
-    if (strncmp(name, "ffn_moe_topk-", 13) || sscanf(name + 13, "%d", &layer) != 1) return !ask;
-    if (ask) return true;
-    Experts *ex = h->res->ex;
-    int k = (int)t->ne[0], n = (int)t->ne[1];
-    if (t->type != GGML_TYPE_I32 || k != ex->top_k || layer >= ex->n_moe)
-        return callback_error(h, "%s is not i32 x top-%d of an MoE layer", name, ex->top_k);
-    int32_t ids[MAX_K];
-    int seen[MAX_K * 64], n_seen = 0;
-    for (int row = 0; row < n; row++) {
-        ggml_backend_tensor_get(t, ids, (size_t)row * t->nb[1], (size_t)k * sizeof(int32_t));
-        if (h->prefill) { /* the prompt's batch: every row's experts ran */
-            for (int j = 0; j < k && n_seen < MAX_K * 64; j++) {
-                int dup = 0;
-                for (int s = 0; s < n_seen; s++) dup |= seen[s] == ids[j];
-                if (!dup) seen[n_seen++] = ids[j];
-            }
-            if (h->session && row < h->prefill_rows)
-                for (int j = 0; j < k; j++) h->prefill_ids[((size_t)row * ex->n_moe + layer) * k + j] = (uint16_t)ids[j];
-            continue;
-        }
-        if (h->forced) { /* the recorded experts run; llama.cpp weights them by the router */
-            for (int j = 0; j < k; j++) ids[j] = h->forced[layer * k + j];
-            ggml_backend_tensor_set(t, ids, (size_t)row * t->nb[1], (size_t)k * sizeof(int32_t));
-        }
-        int use[MAX_K];
-        for (int j = 0; j < k; j++) use[j] = ids[j], h->routed[layer * k + j] = (uint16_t)ids[j];
-        h->known = layer + 1;
-        /* the routing is all the next layers' forecast needs: it runs while this layer's
-         * missing experts are read (on this thread, or with -a on the prefetcher's) */
-        int ahead = h->session && h->forecasting && layer + 1 < ex->n_moe;
-        if (ahead && h->input && h->trace &&
-            mc_trace_router_input(h->trace, h->seq, h->pos, (uint32_t)layer, h->input, h->session->input_dim))
-            return callback_error(h, "%s", mc_last_error());
-        if (ahead && h->input && !h->trace && h->input_layer != layer)
-            return callback_error(h, "llama.cpp's graph gave no ffn_norm-%d (the router's input the predictor reads)", layer);
-        if (ahead && !h->session->inline_jobs) forecast_ahead(h);
-        use_experts(h->res, layer, use, k, 1, h->count, ahead && h->session->inline_jobs ? forecast_ahead : NULL, h);
-    }
-    if (h->prefill) use_experts(h->res, layer, seen, n_seen, 0, 0, NULL, NULL);
-    return true;
-}
-
 static void quiet(enum ggml_log_level level, const char *text, void *user) {
     (void)user;
     if (level == GGML_LOG_LEVEL_ERROR) fputs(text, stderr);
 }
 
-/* One mode's round: llama.cpp's context and batch, and what decides its prefetch. */
+/* -W: each window's decode seconds, per mode (the modes decode the same steps in it). */
 typedef struct {
-    struct llama_context *ctx;
-    struct llama_batch batch;
-    Harness *h;
-    struct mc_planner *planner;
-    struct mc_guard *guard;
-    int forecasting, n_moe, top_k;
-    int threads[2];       /* llama.cpp's threads without and with forecasts */
-    uint64_t steps_fewer; /* counted steps run on fewer threads */
-    const char *model_path;
-    FILE *steps_csv;   /* -s: one row per timed step */
-    StepCounters last; /* the residency's counters at the last step */
-    const char *mode;
-    int round;
-} Decoder;
+    int n, cap;
+    double *seconds[MAX_MODES];
+} WindowLog;
 
-/* Decodes `token` at `pos` as one step: the guard asked, the planner told, the token's
- * layers forecast, llama.cpp run, the routing observed. Returns its seconds. */
-static double decode_step(Decoder *d, llama_token token, int pos, int count) {
-    Harness *h = d->h;
-    double t0 = now_s();
-    uint8_t on = 1;
-    if (d->guard) mc_guard_enabled(d->guard, &on);
-    h->token = (uint32_t)token, h->count = count, h->known = 0, h->forecasting = d->forecasting && on, h->input_layer = -1;
-    int threads = d->threads[h->forecasting];
-    if (llama_n_threads(d->ctx) != threads) llama_set_n_threads(d->ctx, threads, threads);
-    d->steps_fewer += count && llama_n_threads(d->ctx) < d->threads[0];
-    pthread_mutex_lock(&h->res->mu);
-    h->res->step++, h->res->next_layer = 0;
-    if (d->planner) mc_planner_token_started(d->planner);
-    pthread_mutex_unlock(&h->res->mu);
-    if (h->session) h->session->truth = h->forced;
-    if (h->forecasting) prefetcher_forecast(h->session, JOB_NEXT, h->token, 0, NULL, 0, NULL);
-    d->batch.n_tokens = 1;
-    d->batch.token[0] = token, d->batch.pos[0] = pos, d->batch.n_seq_id[0] = 1, d->batch.seq_id[0][0] = 0;
-    d->batch.logits[0] = 1;
-    if (llama_decode(d->ctx, d->batch) || h->error) die(d->model_path, h->error ? h->message : "llama_decode failed");
-    if (h->session && h->known == d->n_moe) prefetcher_post(h->session, JOB_OBSERVE, h->token, 0, h->routed, d->n_moe * d->top_k, NULL);
-    double dt = now_s() - t0;
-    if (d->guard && count) mc_guard_step_done(d->guard, dt, NULL); /* the steps the table times */
-    if (d->steps_csv) step_log_step(d->steps_csv, &d->last, h->res, d->mode, d->round, h->forecasting, dt, count);
-    return dt;
+/* Room for one more window. */
+static void window_log_grow(WindowLog *log) {
+    if (log->n < log->cap) return;
+    log->cap = log->cap ? 2 * log->cap : 64;
+    for (int m = 0; m < MAX_MODES; m++)
+        if (!(log->seconds[m] = realloc(log->seconds[m], (size_t)log->cap * sizeof(double)))) die("-W", "out of memory");
 }
 
-/* What one mode counted over its rounds. */
-typedef struct {
-    int budget; /* -1: on demand; 0: planned; N: a fixed budget */
-    int oracle; /* planned, from the replayed trace's own experts */
-    double tps, resident, demand, staged, wasted, stall, issue;
-    double round_tps, ratio_min, ratio_max; /* the last round's tokens/s; each round's over on demand's */
-    uint64_t steps, steps_off, steps_fewer;
-    struct mc_plan_report plan;
-    struct mc_guard *guard; /* planned: kept over the rounds, as a runtime keeps it over requests */
-} ModeTotals;
+static int by_value(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
 
-static void mode_name(const ModeTotals *mt, char *name, size_t size) {
-    if (mt->oracle) snprintf(name, size, "oracle");
-    else if (mt->budget < 0) snprintf(name, size, "on-demand");
-    else if (mt->budget == 0) snprintf(name, size, "planned");
-    else snprintf(name, size, "budget-%d", mt->budget);
+/* Prints a 90% interval, over resamplings of the windows (a fixed seed), of each mode's
+ * tokens/s over on demand's and, with an oracle (`oracle` >= 0) gaining more than 2%,
+ * of each mode's share of that gain. */
+static void window_intervals(const WindowLog *log, const ModeTotals *modes, int n_modes, int oracle) {
+    enum { DRAWS = 2000 };
+    static double ratio[MAX_MODES][DRAWS], share[MAX_MODES][DRAWS];
+    uint64_t rng = 0x2545F4914F6CDD1DULL;
+    for (int d = 0; d < DRAWS; d++) {
+        double sum[MAX_MODES] = {0};
+        for (int i = 0; i < log->n; i++) {
+            rng ^= rng >> 12, rng ^= rng << 25, rng ^= rng >> 27; /* xorshift64* */
+            int w = (int)((rng * 0x2545F4914F6CDD1DULL >> 11) % (uint64_t)log->n);
+            for (int m = 0; m < n_modes; m++) sum[m] += log->seconds[m][w];
+        }
+        for (int m = 0; m < n_modes; m++) { /* the same steps in every mode: tokens/s goes as 1 / seconds */
+            ratio[m][d] = sum[0] / sum[m];
+            share[m][d] = oracle >= 0 ? (1 / sum[m] - 1 / sum[0]) / (1 / sum[oracle] - 1 / sum[0]) : 0;
+        }
+    }
+    double total[MAX_MODES] = {0};
+    for (int i = 0; i < log->n; i++)
+        for (int m = 0; m < n_modes; m++) total[m] += log->seconds[m][i];
+    int shares = oracle >= 0 && n_modes > 2 && total[0] / total[oracle] > 1.02;
+    for (int pass = 0; pass < 1 + shares; pass++) {
+        printf(pass ? "; share of the oracle's gain:" : "paired windows (%d): 90%% interval over on demand:", log->n);
+        for (int m = 1; m < n_modes; m++) {
+            char name[24];
+            if (pass && m == oracle) continue;
+            double *x = pass ? share[m] : ratio[m];
+            qsort(x, DRAWS, sizeof *x, by_value);
+            mode_name(&modes[m], name, sizeof name);
+            if (pass) printf(" %s %.0f-%.0f%%", name, 100 * x[DRAWS / 20], 100 * x[DRAWS - 1 - DRAWS / 20]);
+            else printf(" %s %.2f-%.2fx", name, x[DRAWS / 20], x[DRAWS - 1 - DRAWS / 20]);
+        }
+    }
+    printf("\n");
 }
 
 static void usage(const char *argv0) {
     fprintf(stderr, "usage: %s [-r resident%%=25] [-n new_tokens=32] [-R rounds=3] [-b MODES=auto,1] "
             "[-t READ_US,LAYER_US] [-G] [-a [-w | -d MS]] [-j THREADS[,WHILE_FORECASTING]] [-s STEPS.csv] MODEL.gguf PROMPTS.txt [PREDICTOR_DIR]\n"
-            "       %s -p TRACE [-N steps] [options] MODEL.gguf [PREDICTOR_DIR]\n", argv0, argv0);
+            "       %s -p TRACE [-N steps] [-W STEPS] [options] MODEL.gguf [PREDICTOR_DIR]\n", argv0, argv0);
     exit(2);
 }
 
@@ -243,9 +150,9 @@ int main(int argc, char **argv) {
     long max_steps = 0;
     const char *modes_arg = "auto,1", *trace_path = NULL;
     int delay_ms = 0;
-    FILE *steps_csv = NULL;
+    int window = 0;
     const char *steps_path = NULL;
-    while ((opt = getopt(argc, argv, "r:n:R:b:t:Gwaj:p:N:d:s:")) != -1) {
+    while ((opt = getopt(argc, argv, "r:n:R:b:t:Gwaj:p:N:d:s:W:")) != -1) {
         switch (opt) {
         case 'j': {
             char *end;
@@ -271,12 +178,15 @@ int main(int argc, char **argv) {
         case 'a': inline_forecasts = 0; break;
         case 'd': delay_ms = atoi(optarg); break;
         case 's': steps_path = optarg; break;
+        case 'W': window = atoi(optarg); break;
         default: usage(argv[0]);
         }
     }
     if (inline_forecasts && wait_forecasts) die("-w", "waits for the prefetcher thread's forecasts: give -a too");
     if (delay_ms && (inline_forecasts || wait_forecasts || delay_ms < 0))
         die("-d", "delays the prefetcher thread's forecasts (milliseconds, above 0): give -a, without -w");
+    if (window < 0 || (window && !trace_path))
+        die("-W", "takes the steps (at least 1) the modes take turns over, in a replayed trace: give -p TRACE");
     if (inline_forecasts && !threads_given) threads[1] = threads[0]; /* no forecasting thread to leave a core to */
     int positional = trace_path ? 1 : 2; /* MODEL [PROMPTS] before the optional predictor */
     if (argc - optind < positional || argc - optind > positional + 1) usage(argv[0]);
@@ -366,129 +276,76 @@ int main(int argc, char **argv) {
     }
     if (pf) fclose(pf);
 
-    static Harness h;
     uint16_t *prefill_ids = calloc((size_t)512 * ex.n_moe * ex.top_k, sizeof(uint16_t));
     uint32_t *reads = calloc((size_t)total, sizeof(uint32_t));
     float *input = input_dim ? calloc(input_dim, sizeof(float)) : NULL;
+    static Bench bench;
     struct llama_context_params cp = llama_context_default_params();
     cp.n_ctx = cp.n_batch = cp.n_ubatch = (uint32_t)n_ctx;
     cp.n_threads = cp.n_threads_batch = threads[0];
-    cp.cb_eval = callback;
-    cp.cb_eval_user_data = &h;
+    cp.cb_eval = harness_callback;
+    cp.cb_eval_user_data = &bench.active;
     struct llama_context *ctx = llama_init_from_model(model, cp);
     if (!ctx) die(model_path, "llama.cpp could not create a context");
     struct llama_batch batch = llama_batch_init(n_ctx, 0, 1);
-    int n_vocab = llama_vocab_n_tokens(vocab);
+    bench = (Bench){.ex = &ex, .capacity = capacity, .total = total, .use_guard = use_guard,
+                    .inline_forecasts = inline_forecasts, .wait_forecasts = wait_forecasts, .delay_ms = delay_ms,
+                    .n_ctx = n_ctx, .threads = {threads[0], threads[1]}, .read_us = read_us, .layer_us = layer_us,
+                    .pred = pred, .pred_dir = pred_dir, .model_path = model_path, .trace_path = trace_path,
+                    .horizon = horizon, .input_dim = input_dim, .prefill_ids = prefill_ids, .reads = reads,
+                    .input = input, .trace = trace, .ctx = ctx, .batch = batch};
 
     printf("%s: %d of %d experts resident (%.0f%%), %zu bytes per expert, llama.cpp threads %d (%d while forecasting), "
            "forecasts %s, ", model_path, capacity, total, resident_pct, ex.size[0][0] * 3, threads[0], threads[1],
            inline_forecasts ? "on the decode thread during reads" : "on a thread of their own");
     if (input_dim) printf("reading router inputs (%u wide) from %s, ", input_dim, trace ? "the trace" : "llama.cpp's ffn_norm");
-    printf("%d alternating round(s), ", rounds);
+    if (window) printf("%d round(s), the modes taking turns every %d steps, ", rounds, window);
+    else printf("%d alternating round(s), ", rounds);
     if (trace && max_steps) printf("%u sequences of %s replayed (their experts forced), up to %ld decode steps\n", n_seqs, trace_path, max_steps);
     else if (trace) printf("%u sequences of %s replayed (their experts forced)\n", n_seqs, trace_path);
     else printf("greedy, up to %d new tokens per prompt\n", new_tokens);
-    if (steps_path) steps_csv = step_log_open(steps_path);
+    if (steps_path) bench.steps_csv = step_log_open(steps_path);
+    static ModeRound runs[MAX_MODES];
+    WindowLog windows = {0};
     for (int round = 0; round < rounds; round++) {
-        for (int turn = 0; turn < n_modes; turn++) {
-            /* every second round runs the modes in reverse, so a steady drift in the
-             * machine's speed cancels over an even number of rounds */
-            ModeTotals *mt = &modes[round % 2 ? n_modes - 1 - turn : turn];
-            int b = mt->budget;
-            char name[24];
-            mode_name(mt, name, sizeof name);
-            struct mc_planner *planner = NULL;
-            if (b == 0 && mc_planner_new((uint32_t)ex.n_moe, (uint32_t)ex.n_experts, (uint32_t)ex.top_k, (uint32_t)capacity,
-                                         read_us, layer_us, &planner))
-                die("planner", mc_last_error());
-            if (b == 0 && use_guard && capacity < total && !mt->guard && mc_guard_new(8, 6, &mt->guard))
-                die("prefetch guard", mc_last_error());
-            struct mc_guard *guard = mt->guard;
-            int slots = b > 0 ? (2 * b < capacity - ex.top_k ? 2 * b : capacity - ex.top_k) : 0;
-            static Residency res;
-            residency_init(&res, &ex, capacity, slots, planner, read_us > 0);
-            res.tell_issue = inline_forecasts && read_us == 0; /* staged reads issued on the decode thread */
-            memset(&h, 0, sizeof h);
-            h.res = &res;
-            h.prefill_ids = prefill_ids;
-            h.trace = trace;
-            static Prefetcher w;
-            if (b >= 0) {
-                memset(&w, 0, sizeof w);
-                if (!mt->oracle && mc_session_new(pred, &w.session)) die(pred_dir, mc_last_error());
-                w.res = &res, w.reads = reads, w.oracle = mt->oracle;
-                /* the oracle reads as far ahead as the predictor (3 layers without one) */
-                w.budget = b, w.horizon = horizon ? (int)horizon : 3, w.inline_jobs = inline_forecasts;
-                w.wait = wait_forecasts, w.delay_ms = delay_ms, w.input_dim = mt->oracle ? 0 : input_dim;
-                prefetcher_start(&w);
-                h.session = &w, h.input = w.input_dim ? input : NULL;
+        /* every second round (with -W, window) runs the modes in reverse, so a steady
+         * drift in the machine's speed cancels over an even number of them */
+        if (!window)
+            for (int turn = 0; turn < n_modes; turn++) {
+                int mode = round % 2 ? n_modes - 1 - turn : turn;
+                mode_round_start(&runs[mode], &modes[mode], &bench, round);
+                for (uint32_t s = 0; s < n_seqs && (!max_steps || runs[mode].steps < max_steps); s++) {
+                    const uint32_t *tokens;
+                    const uint16_t *experts;
+                    uint32_t len = replay_length(&bench, s, &tokens, &experts);
+                    replay_steps(&runs[mode], &bench, s, tokens, experts, 0, len, max_steps);
+                }
+                decode_prompts(&runs[mode], &bench, prompts, lens, n_prompts, new_tokens);
+                mode_round_finish(&runs[mode], &modes[mode], &bench, round, rounds);
             }
-            /* with every expert resident there is nothing to forecast */
-            Decoder d = {.ctx = ctx, .batch = batch, .h = &h, .planner = planner, .guard = guard,
-                         .forecasting = h.session && capacity < total, .n_moe = ex.n_moe, .top_k = ex.top_k,
-                         .threads = {threads[0], threads[1]}, .model_path = model_path,
-                         .steps_csv = steps_csv, .mode = name, .round = round + 1};
-            double decode_s = 0;
-            long steps = 0;
-            for (uint32_t s = 0; s < n_seqs && (!max_steps || steps < max_steps); s++) { /* replay */
-                uint32_t len;
+        else {
+            for (int mode = 0; mode < n_modes; mode++) mode_round_start(&runs[mode], &modes[mode], &bench, round);
+            ModeRound *held = NULL; /* the mode whose resident set the page cache holds */
+            for (uint32_t s = 0; s < n_seqs && (!max_steps || runs[0].steps < max_steps); s++) {
                 const uint32_t *tokens;
                 const uint16_t *experts;
-                if (mc_trace_sequence(trace, s, &len, &tokens, &experts)) die(trace_path, mc_last_error());
-                llama_memory_clear(llama_get_memory(ctx), true);
-                if (h.session) prefetcher_post(h.session, JOB_RESET, 0, 0, NULL, 0, NULL);
-                h.seq = s;
-                for (uint32_t pos = 0; pos < len && (int)pos < n_ctx && (int)tokens[pos] < n_vocab; pos++) {
-                    if (max_steps && steps >= max_steps) break;
-                    h.forced = experts + (size_t)pos * ex.n_moe * ex.top_k, h.pos = pos;
-                    double dt = decode_step(&d, (llama_token)tokens[pos], (int)pos, pos > 0);
-                    if (pos > 0) decode_s += dt, steps++;
-                }
-                h.forced = NULL;
-            }
-            for (int p = 0; p < n_prompts; p++) {
-                llama_memory_clear(llama_get_memory(ctx), true);
-                if (h.session) prefetcher_post(h.session, JOB_RESET, 0, 0, NULL, 0, NULL);
-                batch.n_tokens = lens[p];
-                for (int i = 0; i < lens[p]; i++) {
-                    batch.token[i] = prompts[p][i], batch.pos[i] = i, batch.n_seq_id[i] = 1;
-                    batch.seq_id[i][0] = 0, batch.logits[i] = 1; /* every row: the last layer routes them all */
-                }
-                h.prefill = 1, h.count = 0, h.prefill_rows = lens[p];
-                if (llama_decode(ctx, batch)) die(model_path, "llama_decode failed");
-                h.prefill = 0;
-                for (int i = 0; h.session && i < lens[p]; i++)
-                    prefetcher_post(h.session, JOB_OBSERVE, (uint32_t)prompts[p][i], 0, h.prefill_ids + (size_t)i * ex.n_moe * ex.top_k,
-                         ex.n_moe * ex.top_k, NULL);
-                int pos = lens[p];
-                for (int step = 0; step < new_tokens - 1 && pos < n_ctx; step++) {
-                    const float *logits = llama_get_logits_ith(ctx, -1);
-                    llama_token next = 0;
-                    for (int v = 1; v < n_vocab; v++)
-                        if (logits[v] > logits[next]) next = v;
-                    if (llama_vocab_is_eog(vocab, next)) break;
-                    decode_s += decode_step(&d, next, pos++, 1);
-                    steps++;
+                uint32_t len = replay_length(&bench, s, &tokens, &experts);
+                for (uint32_t p0 = 0; p0 < len && (!max_steps || runs[0].steps < max_steps); p0 += (uint32_t)window) {
+                    uint32_t p1 = p0 + (uint32_t)window < len ? p0 + (uint32_t)window : len;
+                    window_log_grow(&windows);
+                    for (int turn = 0; turn < n_modes; turn++) {
+                        int mode = windows.n % 2 ? n_modes - 1 - turn : turn;
+                        double before = runs[mode].decode_s;
+                        hand_over(held, &runs[mode]);
+                        held = &runs[mode];
+                        replay_steps(held, &bench, s, tokens, experts, p0, p1, max_steps);
+                        windows.seconds[mode][windows.n] = held->decode_s - before;
+                    }
+                    windows.n++;
                 }
             }
-            if (h.session) {
-                if (prefetcher_stop(&w)) die(pred_dir ? pred_dir : "forecasts", w.message);
-                if (w.session) mc_session_free(w.session);
-            }
-            residency_finish(&res);
-            mt->round_tps = steps / decode_s, mt->tps += mt->round_tps, mt->steps += (uint64_t)steps;
-            uint64_t off = mt->steps_off;
-            if (guard) mc_guard_steps_off(guard, &mt->steps_off);
-            fprintf(stderr, "round %d/%d %s: %.1f tokens/s", round + 1, rounds, name, steps / decode_s);
-            if (guard) fprintf(stderr, ", %llu of %ld steps without prefetch", (unsigned long long)(mt->steps_off - off), steps);
-            fprintf(stderr, "\n");
-            mt->resident += (double)res.resident_uses / (res.uses ? res.uses : 1);
-            mt->demand += res.bytes_demand, mt->staged += res.bytes_staged, mt->wasted += res.bytes_wasted;
-            mt->stall += res.stall_s, mt->issue += res.issue_s;
-            if (planner) mc_planner_report(planner, &mt->plan);
-            mt->steps_fewer += d.steps_fewer;
-            residency_free(&res);
-            mc_planner_free(planner);
+            hand_over(held, NULL); /* no staged read lands after the next round's drop */
+            for (int mode = 0; mode < n_modes; mode++) mode_round_finish(&runs[mode], &modes[mode], &bench, round, rounds);
         }
         for (int mode = 0; mode < n_modes; mode++) {
             ModeTotals *mt = &modes[mode];
@@ -536,6 +393,7 @@ int main(int argc, char **argv) {
         }
         printf("\n");
     }
+    if (window) window_intervals(&windows, modes, n_modes, oracle > 0 ? oracle : -1);
     if (threads[1] < threads[0]) {
         printf("steps with %d llama.cpp thread(s) (forecasting), of all:", threads[1]);
         for (int mode = 0; mode < n_modes; mode++) {
@@ -554,6 +412,7 @@ int main(int argc, char **argv) {
     free(prefill_ids);
     free(reads);
     free(input);
-    if (steps_csv) step_log_close(steps_csv);
+    if (bench.steps_csv) step_log_close(bench.steps_csv);
+    for (int m = 0; m < MAX_MODES; m++) free(windows.seconds[m]);
     return 0;
 }

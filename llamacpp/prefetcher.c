@@ -79,14 +79,14 @@ void prefetcher_start(Prefetcher *w) {
     if (!w->inline_jobs && pthread_create(&w->thread, NULL, worker_main, w)) die("prefetcher", "cannot start its thread");
 }
 
-static void flush(Prefetcher *w) {
+void prefetcher_drain(Prefetcher *w) {
     pthread_mutex_lock(&w->mu);
     while (w->count || w->busy) pthread_cond_wait(&w->idle, &w->mu);
     pthread_mutex_unlock(&w->mu);
 }
 
 int prefetcher_stop(Prefetcher *w) {
-    flush(w);
+    prefetcher_drain(w);
     pthread_mutex_lock(&w->mu);
     w->stop = 1;
     pthread_cond_signal(&w->work);
@@ -127,7 +127,7 @@ void prefetcher_post(Prefetcher *w, int type, uint32_t token, int known, const u
 }
 
 void prefetcher_forecast(Prefetcher *w, int type, uint32_t token, int known, const uint16_t *routed, int n, const float *input) {
-    if (w->wait) flush(w);
+    if (w->wait) prefetcher_drain(w);
     prefetcher_post(w, type, token, known, routed, n, input);
-    if (w->wait) flush(w);
+    if (w->wait) prefetcher_drain(w);
 }

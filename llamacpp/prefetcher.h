@@ -49,6 +49,9 @@ typedef struct {
  * are set. Dies when the thread cannot start. */
 void prefetcher_start(Prefetcher *w);
 
+/* Waits until no job is queued or running (their staged reads issued). */
+void prefetcher_drain(Prefetcher *w);
+
 /* Waits for the queued jobs, stops the thread and frees the inputs' storage; returns 1
  * when a job failed (the message in `w->message`). */
 int prefetcher_stop(Prefetcher *w);

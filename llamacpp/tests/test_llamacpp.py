@@ -170,11 +170,17 @@ def test_predictor_from_llama_cpp_routing_stages_experts(work):
     print("\n" + out)
     modes = json.loads(report.read_text())["modes"]
     base, pred, planned = modes["on-demand"], modes["budget-1"], modes["planned"]
+
+    def covered(mode):  # the share of uses whose expert was resident or its read issued ahead
+        return mode["resident_when_used"] + mode["late_staged"]
+
     assert base["decode_steps"] == pred["decode_steps"] == planned["decode_steps"] > 0
     assert base["bytes_staged"] == 0 and pred["bytes_staged"] > 0
-    # staged reads land in time or not by the machine's speed: 8-14 points more in three
-    # clean-clone runs (8 in one where on demand ran at half its usual tokens/s)
-    assert pred["resident_when_used"] > base["resident_when_used"] + 0.05
+    # whether a staged read lands before its use is the machine's speed (resident when
+    # used rose 8-14 points in clean-clone runs, 8 where on demand ran at half its usual
+    # tokens/s); that it was staged at all is the forecast's: uses found resident or
+    # staged (landed or late) are what the harness decides
+    assert covered(pred) > covered(base) + 0.10 and pred["resident_when_used"] >= base["resident_when_used"]
     assert pred["bytes_demand"] < base["bytes_demand"]
     # the planner measured the reads and the layers and judged every forecast offered
     assert planned["planner_read_us"] > 0 and planned["planner_layer_us"] > 0
@@ -194,7 +200,7 @@ def test_predictor_from_llama_cpp_routing_stages_experts(work):
         assert base["steps_fewer_threads"] == 0 and planned["steps_fewer_threads"] == planned["decode_steps"] > 0
         if staged:
             assert planned["bytes_staged"] > 0 and planned["planner_staged"] > 0
-            assert planned["resident_when_used"] > base["resident_when_used"] + 0.10
+            assert covered(planned) > covered(base) + 0.10
             assert planned["bytes_demand"] < base["bytes_demand"]
         else:
             assert planned["bytes_staged"] == 0 and planned["planner_staged"] == 0
@@ -387,7 +393,8 @@ def test_c_harness_refuses_bad_arguments():
     for flags, message in ((["-t", "10"], "-t: takes READ_US,LAYER_US"), (["-b", "auto,x"], "-b: takes a comma list"),
                            (["-r", "0"], "-r in (0, 100]"), (["-j", "1,2"], "-j: takes THREADS"),
                            (["-w"], "-w: waits for the prefetcher thread's forecasts"),
-                           (["-b", "auto,oracle"], "-b: `oracle` forecasts from a replayed trace: give -p TRACE")):
+                           (["-b", "auto,oracle"], "-b: `oracle` forecasts from a replayed trace: give -p TRACE"),
+                           (["-W", "8"], "-W: takes the steps")):
         run = subprocess.run([os.environ["MOECAST_PREFETCH_C"], *flags, "missing.gguf", str(HELDOUT), "pred"],
                              capture_output=True, text=True)
         assert run.returncode != 0 and message in run.stderr, (flags, run.stderr)
@@ -450,6 +457,36 @@ def test_c_harness_oracle_stages_the_replayed_experts(work):
     assert oracle["demand"] < 0.4 * base["demand"] and oracle["staged"] > 0.6 * base["demand"]
     slow = modes("-t", "1000000,1000", "-R", "1")
     assert slow["oracle"]["staged"] == 0 and slow["oracle"]["demand"] == slow["on-demand"]["demand"]
+
+
+@pytest.mark.skipif(not os.environ.get("MOECAST_PREFETCH_C"), reason="make test-llamacpp builds the C harness")
+def test_c_harness_modes_take_turns_over_the_same_steps(work):
+    """-W: the modes decode each window of the replayed trace in turn, each with its own
+    resident set put back in the page cache first. On demand then reads exactly what it
+    reads decoding the round alone: had the oracle's staged experts stayed in the page
+    cache, on demand would find them resident and read less. The oracle still stages
+    what it stages alone, and each mode's interval over on demand, a bootstrap over the
+    windows, holds the ratio of the whole round."""
+    def modes(*flags):
+        out = subprocess.run([os.environ["MOECAST_PREFETCH_C"], "-p", str(work / "ref.jsonl"), "-N", "96", "-r", "10",
+                              "-b", "oracle", "-G", "-t", "10,1000", "-R", "1", *flags, str(work / "tiny.f32.gguf")],
+                             check=True, capture_output=True, text=True).stdout
+        print("\n" + out)
+        rows = {l.split()[0]: l.split() for l in out.splitlines() if l.startswith(("on-demand", "oracle "))}
+        return out, {m: {"resident": float(r[1].rstrip("%")), "demand": float(r[2]), "ratio": float(r[7].rstrip("x"))}
+                     for m, r in rows.items()}
+
+    _, alone = modes()
+    out, turns = modes("-W", "5")
+    assert "taking turns every 5 steps" in out
+    expert_mb = 3 * 128 * 128 * 4 / 1e6  # one f32 expert of the tiny model (gate, up, down: 128 x 128)
+    assert abs(turns["on-demand"]["demand"] - alone["on-demand"]["demand"]) <= expert_mb + 0.005
+    assert abs(turns["on-demand"]["resident"] - alone["on-demand"]["resident"]) < 1
+    assert turns["oracle"]["resident"] > turns["on-demand"]["resident"] + 30
+    assert abs(turns["oracle"]["resident"] - alone["oracle"]["resident"]) < 10
+    line = next(l for l in out.splitlines() if l.startswith("paired windows"))
+    windows, lo, hi = re.search(r"paired windows \((\d+)\):.* oracle ([\d.]+)-([\d.]+)x", line).groups()
+    assert int(windows) >= 96 // 5 and float(lo) <= turns["oracle"]["ratio"] + 0.01 and turns["oracle"]["ratio"] <= float(hi) + 0.01
 
 
 @pytest.mark.skipif(not os.environ.get("MOECAST_PREFETCH_C"), reason="make test-llamacpp builds the C harness")
