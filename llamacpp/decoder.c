@@ -30,6 +30,7 @@ static void forecast_ahead(void *arg) {
 
 bool harness_callback(struct ggml_tensor *t, bool ask, void *user) {
     Harness *h = *(Harness **)user;
+    if (!h) return !ask;
     const char *name = ggml_get_name(t);
     int layer;
     if (h->input && !h->trace && !strncmp(name, "ffn_norm-", 9) && sscanf(name + 9, "%d", &layer) == 1) {

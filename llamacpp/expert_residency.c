@@ -139,6 +139,7 @@ void issue_reads(Residency *r, const uint32_t *reads, int n) {
     for (int j = 0; j < n; j++)
         if (__atomic_exchange_n(&r->want[reads[j]], 0, __ATOMIC_RELAXED)) {
             read_expert(r, (int)reads[j]);
+            r->issued[reads[j]] = 1;
             __atomic_add_fetch(&r->reads_issued, 1, __ATOMIC_RELAXED);
             issued++;
         }
@@ -327,8 +328,17 @@ static int held(Residency *r, int i) { return r->used_age[i] || r->staged_age[i]
 
 void residency_settle(Residency *r) {
     pthread_mutex_lock(&r->mu);
-    for (int i = 0; i < r->n_ids; i++)
+    for (int i = 0; i < r->n_ids; i++) {
+        pthread_mutex_lock(&r->io_mu);
+        int issued = r->issued[i];
+        r->issued[i] = 0;
+        pthread_mutex_unlock(&r->io_mu);
+        if (issued && !held(r, i) && pages_resident(r, i, 0)) { /* landed, or still being read */
+            wait_expert(r, i);
+            drop_expert(r, i);
+        }
         if (held(r, i)) wait_expert(r, i);
+    }
     pthread_mutex_unlock(&r->mu);
 }
 
@@ -383,9 +393,9 @@ void residency_init(Residency *r, Experts *ex, int capacity, int slots, struct m
     r->used_age = calloc(n, sizeof(uint64_t));
     r->staged_age = calloc(n, sizeof(uint64_t));
     r->stale_age = calloc(n, sizeof(uint64_t));
-    r->landed = calloc(n, 1), r->keep = calloc(n, 1), r->want = calloc(n, 1);
+    r->landed = calloc(n, 1), r->keep = calloc(n, 1), r->want = calloc(n, 1), r->issued = calloc(n, 1);
     r->plan_out = calloc(n, sizeof(uint32_t));
-    if (!r->used_age || !r->staged_age || !r->stale_age || !r->landed || !r->keep || !r->want || !r->plan_out)
+    if (!r->used_age || !r->staged_age || !r->stale_age || !r->landed || !r->keep || !r->want || !r->issued || !r->plan_out)
         die("residency", "out of memory");
     for (int i = 0; i < r->n_ids; i++)
         if (is_resident(r, i)) die(ex->path, "experts stay in memory after the drop (a tmpfs?)");
@@ -394,7 +404,7 @@ void residency_init(Residency *r, Experts *ex, int capacity, int slots, struct m
 void residency_free(Residency *r) {
     close(r->fd);
     free(r->used_age), free(r->staged_age), free(r->stale_age);
-    free(r->landed), free(r->keep), free(r->want), free(r->plan_out);
+    free(r->landed), free(r->keep), free(r->want), free(r->issued), free(r->plan_out);
     pthread_mutex_destroy(&r->mu);
     pthread_mutex_destroy(&r->io_mu);
 }

@@ -47,6 +47,7 @@ typedef struct {
     uint8_t *landed;   /* staged experts whose read is known to have landed */
     uint8_t *keep;     /* the layer about to run: never evicted for a staged read */
     uint8_t *want;     /* staged reads decided, not issued yet (atomic) */
+    uint8_t *issued;   /* staged reads issued since the last settle (under io_mu) */
     uint64_t reads_issued; /* staged reads issued so far (atomic) */
     uint32_t *plan_out;
     int n_used, n_staged, n_stale;
@@ -90,8 +91,11 @@ int offer_forecast(Residency *r, int l, const uint16_t *ranking, int n, uint32_t
  * allocation and queueing, and the wait while the device's queue is full. */
 void issue_reads(Residency *r, const uint32_t *reads, int n);
 
-/* Waits until every expert the set holds is in the page cache (its staged reads landed):
- * another resident set may then take the page cache over (residency_restore). */
+/* Waits for every staged read issued since the last settle to land, held or not (a
+ * drop does not take on pages still being read: an evicted expert's read lands after
+ * it), drops those the set no longer holds, and waits until every expert it holds is in
+ * the page cache: no read of this set lands later, and another resident set may take
+ * the page cache over (residency_restore) or start (residency_init). */
 void residency_settle(Residency *r);
 
 /* Makes the page cache hold what this set holds, untimed: experts it does not hold

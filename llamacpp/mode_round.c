@@ -31,7 +31,8 @@ void mode_round_start(ModeRound *mr, ModeTotals *mt, Bench *b, int round) {
         Prefetcher *w = &mr->w;
         memset(w, 0, sizeof *w);
         if (!mt->oracle && mc_session_new(b->pred, &w->session)) die(b->pred_dir, mc_last_error());
-        w->res = &mr->res, w->reads = b->reads, w->oracle = mt->oracle;
+        if (!(w->reads = calloc((size_t)b->total, sizeof(uint32_t)))) die("prefetcher", "out of memory");
+        w->res = &mr->res, w->oracle = mt->oracle;
         /* the oracle reads as far ahead as the predictor (3 layers without one) */
         w->budget = budget, w->horizon = b->horizon ? (int)b->horizon : 3, w->inline_jobs = b->inline_forecasts;
         w->wait = b->wait_forecasts, w->delay_ms = b->delay_ms, w->input_dim = mt->oracle ? 0 : b->input_dim;
@@ -50,8 +51,10 @@ void mode_round_finish(ModeRound *mr, ModeTotals *mt, Bench *b, int round, int r
     if (mr->h.session) {
         if (prefetcher_stop(&mr->w)) die(b->pred_dir ? b->pred_dir : "forecasts", mr->w.message);
         if (mr->w.session) mc_session_free(mr->w.session);
+        free(mr->w.reads);
     }
     Residency *res = &mr->res;
+    residency_settle(res); /* none of its reads lands after the next round's drop */
     residency_finish(res);
     mt->round_tps = mr->steps / mr->decode_s, mt->tps += mt->round_tps, mt->steps += (uint64_t)mr->steps;
     uint64_t off = mt->steps_off;
@@ -75,7 +78,8 @@ void replay_steps(ModeRound *mr, Bench *b, uint32_t seq, const uint32_t *tokens,
                   uint32_t p0, uint32_t p1, long max_steps) {
     Harness *h = &mr->h;
     b->active = h;
-    llama_memory_seq_rm(llama_get_memory(b->ctx), 0, (llama_pos)p0, -1);
+    if (!llama_memory_seq_rm(llama_get_memory(b->ctx), 0, (llama_pos)p0, -1))
+        die(b->model_path, "llama.cpp cannot cut its memory back to a position (the modes' turns, -W, need it)");
     if (p0 == 0 && h->session) prefetcher_post(h->session, JOB_RESET, 0, 0, NULL, 0, NULL);
     h->seq = seq;
     for (uint32_t pos = p0; pos < p1 && (!max_steps || mr->steps < max_steps); pos++) {
@@ -136,11 +140,10 @@ void decode_prompts(ModeRound *mr, Bench *b, llama_token (*prompts)[512], const 
  * forecasts and staged reads settled, the page cache made next's resident set (next
  * NULL: prev's reads settled only). */
 void hand_over(ModeRound *prev, ModeRound *next) {
-    if (prev == next) return;
     if (prev) {
         if (prev->h.session) prefetcher_drain(&prev->w);
         residency_settle(&prev->res);
     }
-    if (next) residency_restore(&next->res);
+    residency_restore(&next->res);
 }
 

@@ -37,7 +37,6 @@ typedef struct {
     const char *pred_dir, *model_path, *trace_path;
     uint32_t horizon, input_dim;
     uint16_t *prefill_ids;
-    uint32_t *reads;
     float *input;
     const struct mc_trace *trace;
     struct llama_context *ctx;
@@ -64,7 +63,8 @@ void mode_name(const ModeTotals *mt, char *name, size_t size);
 /* Starts mode `mt`'s round `round` (0-based): everything dropped from the page cache. */
 void mode_round_start(ModeRound *mr, ModeTotals *mt, Bench *b, int round);
 
-/* Ends the round: its prefetcher stopped, its counts added to the mode's totals. */
+/* Ends the round: its prefetcher stopped, its reads settled (residency_settle), its
+ * counts added to the mode's totals. */
 void mode_round_finish(ModeRound *mr, ModeTotals *mt, Bench *b, int round, int rounds);
 
 /* Decodes positions [p0, p1) of replayed sequence `seq` (its experts forced) with mode
@@ -81,9 +81,9 @@ uint32_t replay_length(Bench *b, uint32_t seq, const uint32_t **tokens, const ui
 void decode_prompts(ModeRound *mr, Bench *b, llama_token (*prompts)[512], const int *lens, int n_prompts,
                     int new_tokens);
 
-/* Mode round `next` takes llama.cpp over from `prev` (NULL: none yet): prev's
- * forecasts and staged reads settled, the page cache made next's resident set (next
- * NULL: prev's reads settled only). */
+/* Mode round `next` takes llama.cpp over from `prev` (NULL: none yet; or `next`
+ * itself, so that every window starts alike): prev's forecasts drained and its staged
+ * reads settled, the page cache made next's resident set. */
 void hand_over(ModeRound *prev, ModeRound *next);
 
 #endif

@@ -40,23 +40,24 @@
  * every layer's experts forced to the recorded ones (up to -N decode steps in all).
  * -W STEPS (with -p) has the modes take turns every STEPS steps of a round instead of
  * decoding it one after the other: each decodes the same window of the trace (llama.cpp's
- * memory cut back to its start), its own resident set put back in the page cache first
- * (untimed; the mode before's staged reads waited for), every second window in reverse
- * order. The machine's drift, which moves the same reads' step time by tens of percent
- * between minutes, then falls on every mode alike; a 90% interval of each mode's ratio
- * over on demand and of its share of the oracle's gain is printed (a bootstrap over the
- * windows, paired).
+ * memory cut back to its start), every window's turn starting alike, untimed: the mode
+ * before's forecasts drained and its staged reads waited for, then the mode's own
+ * resident set put back in the page cache; every second window in reverse order. The
+ * machine's drift, which moves the same reads' step time by up to 20% between minutes,
+ * then falls on every mode alike; each mode's ratio over on demand and share of the
+ * oracle's gain over all windows is printed with a 90% interval (a bootstrap over the
+ * windows, paired). A staged read still in flight at a window's end lands before the
+ * next window, untimed (a read for a layer that has run: a wasted one).
  * -j sets llama.cpp's threads, and those of steps that forecast (default: the cores
  * online; with -a one fewer while forecasting, leaving the prefetcher thread a core; the
  * guard, switching forecasts off where they measure slower, switches back to all cores).
  * -s writes every timed decode step to a CSV (mode, round, whether it forecast, seconds,
  * staged reads issued, demand reads, stall and issuing seconds): llamacpp/step_costs.py
  * fits what a staged and a demand read add to a step on this machine (step_log.c).
+ * decoder.c holds the eval callback and one decode step, mode_round.c a mode's round.
  * Linux only. Build: make target/moecast_prefetch (links the wheel's libllama and libmoecast). */
 #define _GNU_SOURCE
 #include <getopt.h>
-#include <pthread.h>
-#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -97,11 +98,12 @@ static int by_value(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
-/* Prints a 90% interval, over resamplings of the windows (a fixed seed), of each mode's
- * tokens/s over on demand's and, with an oracle (`oracle` >= 0) gaining more than 2%,
- * of each mode's share of that gain. */
+/* Prints each mode's tokens/s over on demand's, every window's seconds pooled, and,
+ * with an oracle (`oracle` >= 0) gaining more than 2%, each mode's share of that gain,
+ * each with a 90% interval over resamplings of the windows (a fixed seed). */
 static void window_intervals(const WindowLog *log, const ModeTotals *modes, int n_modes, int oracle) {
     enum { DRAWS = 2000 };
+    if (!log->n) return;
     static double ratio[MAX_MODES][DRAWS], share[MAX_MODES][DRAWS];
     uint64_t rng = 0x2545F4914F6CDD1DULL;
     for (int d = 0; d < DRAWS; d++) {
@@ -121,15 +123,16 @@ static void window_intervals(const WindowLog *log, const ModeTotals *modes, int 
         for (int m = 0; m < n_modes; m++) total[m] += log->seconds[m][i];
     int shares = oracle >= 0 && n_modes > 2 && total[0] / total[oracle] > 1.02;
     for (int pass = 0; pass < 1 + shares; pass++) {
-        printf(pass ? "; share of the oracle's gain:" : "paired windows (%d): 90%% interval over on demand:", log->n);
+        printf(pass ? "; share of the oracle's gain:" : "paired windows (%d), over on demand (90%% interval):", log->n);
         for (int m = 1; m < n_modes; m++) {
             char name[24];
             if (pass && m == oracle) continue;
             double *x = pass ? share[m] : ratio[m];
             qsort(x, DRAWS, sizeof *x, by_value);
             mode_name(&modes[m], name, sizeof name);
-            if (pass) printf(" %s %.0f-%.0f%%", name, 100 * x[DRAWS / 20], 100 * x[DRAWS - 1 - DRAWS / 20]);
-            else printf(" %s %.2f-%.2fx", name, x[DRAWS / 20], x[DRAWS - 1 - DRAWS / 20]);
+            double point = pass ? (1 / total[m] - 1 / total[0]) / (1 / total[oracle] - 1 / total[0]) : total[0] / total[m];
+            if (pass) printf(" %s %.0f%% (%.0f-%.0f%%)", name, 100 * point, 100 * x[DRAWS / 20], 100 * x[DRAWS - 1 - DRAWS / 20]);
+            else printf(" %s %.2fx (%.2f-%.2fx)", name, point, x[DRAWS / 20], x[DRAWS - 1 - DRAWS / 20]);
         }
     }
     printf("\n");
@@ -178,7 +181,12 @@ int main(int argc, char **argv) {
         case 'a': inline_forecasts = 0; break;
         case 'd': delay_ms = atoi(optarg); break;
         case 's': steps_path = optarg; break;
-        case 'W': window = atoi(optarg); break;
+        case 'W': {
+            char *end;
+            window = (int)strtol(optarg, &end, 10);
+            if (*end || window < 1) window = -1;
+            break;
+        }
         default: usage(argv[0]);
         }
     }
@@ -277,7 +285,6 @@ int main(int argc, char **argv) {
     if (pf) fclose(pf);
 
     uint16_t *prefill_ids = calloc((size_t)512 * ex.n_moe * ex.top_k, sizeof(uint16_t));
-    uint32_t *reads = calloc((size_t)total, sizeof(uint32_t));
     float *input = input_dim ? calloc(input_dim, sizeof(float)) : NULL;
     static Bench bench;
     struct llama_context_params cp = llama_context_default_params();
@@ -292,7 +299,7 @@ int main(int argc, char **argv) {
                     .inline_forecasts = inline_forecasts, .wait_forecasts = wait_forecasts, .delay_ms = delay_ms,
                     .n_ctx = n_ctx, .threads = {threads[0], threads[1]}, .read_us = read_us, .layer_us = layer_us,
                     .pred = pred, .pred_dir = pred_dir, .model_path = model_path, .trace_path = trace_path,
-                    .horizon = horizon, .input_dim = input_dim, .prefill_ids = prefill_ids, .reads = reads,
+                    .horizon = horizon, .input_dim = input_dim, .prefill_ids = prefill_ids,
                     .input = input, .trace = trace, .ctx = ctx, .batch = batch};
 
     printf("%s: %d of %d experts resident (%.0f%%), %zu bytes per expert, llama.cpp threads %d (%d while forecasting), "
@@ -344,7 +351,6 @@ int main(int argc, char **argv) {
                     windows.n++;
                 }
             }
-            hand_over(held, NULL); /* no staged read lands after the next round's drop */
             for (int mode = 0; mode < n_modes; mode++) mode_round_finish(&runs[mode], &modes[mode], &bench, round, rounds);
         }
         for (int mode = 0; mode < n_modes; mode++) {
@@ -410,7 +416,6 @@ int main(int argc, char **argv) {
     if (pred) mc_predictor_free(pred);
     mc_trace_free(trace);
     free(prefill_ids);
-    free(reads);
     free(input);
     if (bench.steps_csv) step_log_close(bench.steps_csv);
     for (int m = 0; m < MAX_MODES; m++) free(windows.seconds[m]);

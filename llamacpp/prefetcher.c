@@ -48,20 +48,20 @@ done:
 
 static void *worker_main(void *arg) {
     Prefetcher *w = arg;
-    static Job job;
+    Job *job = &w->current;
     float *input = w->inputs ? w->inputs + (size_t)(RING + 1) * w->input_dim : NULL; /* the running job's */
     pthread_mutex_lock(&w->mu);
     for (;;) {
         while (!w->count && !w->stop) pthread_cond_wait(&w->work, &w->mu);
         if (!w->count) break;
-        job = w->ring[w->head];
-        if (job.input) { /* its slot is free for the next post once the lock is let go */
-            memcpy(input, job.input, w->input_dim * sizeof(float));
-            job.input = input;
+        *job = w->ring[w->head];
+        if (job->input) { /* its slot is free for the next post once the lock is let go */
+            memcpy(input, job->input, w->input_dim * sizeof(float));
+            job->input = input;
         }
         w->head = (w->head + 1) % RING, w->count--, w->busy = 1;
         pthread_mutex_unlock(&w->mu);
-        run_job(w, &job);
+        run_job(w, job);
         pthread_mutex_lock(&w->mu);
         w->busy = 0;
         pthread_cond_broadcast(&w->idle);
@@ -111,9 +111,8 @@ static void fill(Prefetcher *w, Job *j, int slot, int type, uint32_t token, int 
 
 void prefetcher_post(Prefetcher *w, int type, uint32_t token, int known, const uint16_t *routed, int n, const float *input) {
     if (w->inline_jobs) {
-        static Job j;
-        fill(w, &j, RING, type, token, known, routed, n, input);
-        run_job(w, &j);
+        fill(w, &w->current, RING, type, token, known, routed, n, input);
+        run_job(w, &w->current);
         return;
     }
     pthread_mutex_lock(&w->mu);

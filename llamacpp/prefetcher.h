@@ -29,6 +29,7 @@ typedef struct {
     pthread_mutex_t mu;
     pthread_cond_t work, idle;
     Job ring[RING];
+    Job current; /* the job running (on the thread: a copy, its ring slot free once taken) */
     int head, count, busy, stop, error;
     int inline_jobs; /* no thread: every job runs where it is posted */
     int wait;        /* with a thread: every forecast is waited for where it is posted (tests) */
