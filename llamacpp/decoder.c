@@ -83,8 +83,6 @@ bool harness_callback(struct ggml_tensor *t, bool ask, void *user) {
     return true;
 }
 
-/* Decodes `token` at `pos` as one step: the guard asked, the planner told, the token's
- * layers forecast, llama.cpp run, the routing observed. Returns its seconds. */
 double decode_step(Decoder *d, llama_token token, int pos, int count) {
     Harness *h = d->h;
     double t0 = now_s();

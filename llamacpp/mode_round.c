@@ -11,7 +11,6 @@ void mode_name(const ModeTotals *mt, char *name, size_t size) {
     else snprintf(name, size, "budget-%d", mt->budget);
 }
 
-/* Starts mode `mt`'s round `round` (0-based): everything dropped from the page cache. */
 void mode_round_start(ModeRound *mr, ModeTotals *mt, Bench *b, int round) {
     int budget = mt->budget;
     Experts *ex = b->ex;
@@ -46,7 +45,6 @@ void mode_round_start(ModeRound *mr, ModeTotals *mt, Bench *b, int round) {
                       .steps_csv = b->steps_csv, .mode = mr->name, .round = round + 1};
 }
 
-/* Ends the round: its prefetcher stopped, its counts added to the mode's totals. */
 void mode_round_finish(ModeRound *mr, ModeTotals *mt, Bench *b, int round, int rounds) {
     if (mr->h.session) {
         if (prefetcher_stop(&mr->w)) die(b->pred_dir ? b->pred_dir : "forecasts", mr->w.message);
@@ -71,9 +69,6 @@ void mode_round_finish(ModeRound *mr, ModeTotals *mt, Bench *b, int round, int r
     mc_planner_free(mr->planner);
 }
 
-/* Decodes positions [p0, p1) of replayed sequence `seq` (its experts forced) with mode
- * round `mr`, up to `max_steps` timed steps (0: no limit); llama.cpp's memory is cut back
- * to p0 first, so modes taking turns decode the same tokens. */
 void replay_steps(ModeRound *mr, Bench *b, uint32_t seq, const uint32_t *tokens, const uint16_t *experts,
                   uint32_t p0, uint32_t p1, long max_steps) {
     Harness *h = &mr->h;
@@ -90,8 +85,6 @@ void replay_steps(ModeRound *mr, Bench *b, uint32_t seq, const uint32_t *tokens,
     h->forced = NULL;
 }
 
-/* How far sequence `seq` of the trace replays: up to its end, the context, and the first
- * token id outside the vocabulary. */
 uint32_t replay_length(Bench *b, uint32_t seq, const uint32_t **tokens, const uint16_t **experts) {
     uint32_t len, n = 0;
     if (mc_trace_sequence(b->trace, seq, &len, tokens, experts)) die(b->trace_path, mc_last_error());
@@ -100,7 +93,6 @@ uint32_t replay_length(Bench *b, uint32_t seq, const uint32_t **tokens, const ui
     return n;
 }
 
-/* Greedy decoding of the prompts with mode round `mr`, up to `new_tokens` each. */
 void decode_prompts(ModeRound *mr, Bench *b, llama_token (*prompts)[512], const int *lens, int n_prompts,
                     int new_tokens) {
     Harness *h = &mr->h;
@@ -136,9 +128,6 @@ void decode_prompts(ModeRound *mr, Bench *b, llama_token (*prompts)[512], const 
     }
 }
 
-/* Mode round `next` takes llama.cpp over from `prev` (NULL: none yet): prev's
- * forecasts and staged reads settled, the page cache made next's resident set (next
- * NULL: prev's reads settled only). */
 void hand_over(ModeRound *prev, ModeRound *next) {
     if (prev) {
         if (prev->h.session) prefetcher_drain(&prev->w);
