@@ -290,6 +290,9 @@ void stage_expert(Residency *r, int l, int e, uint32_t *reads, int *n_reads) {
     evict(r, 0);
 }
 
+/* Whether the set holds expert i: used, staged or stale. */
+static int holds(Residency *r, int i) { return r->used_age[i] || r->staged_age[i] || r->stale_age[i]; }
+
 int offer_forecast(Residency *r, int l, const uint16_t *ranking, int n, uint32_t *reads, int *n_reads) {
     uint16_t rank[MAX_K];
     uint8_t held[MAX_K];
@@ -298,7 +301,7 @@ int offer_forecast(Residency *r, int l, const uint16_t *ranking, int n, uint32_t
     for (int j = 0; j < n && m < MAX_K; j++)
         if (ranking[j] != 0xFFFF) {
             int i = base + ranking[j];
-            rank[m] = ranking[j], held[m++] = r->used_age[i] || r->staged_age[i] || r->stale_age[i];
+            rank[m] = ranking[j], held[m++] = holds(r, i);
         }
     int pending = r->n_staged, free = r->capacity - r->n_used - pending - r->n_stale, room = r->capacity - r->ex->top_k - pending;
     uint32_t n_out = 0;
@@ -324,8 +327,6 @@ int offer_forecast(Residency *r, int l, const uint16_t *ranking, int n, uint32_t
     return MC_OK;
 }
 
-static int held(Residency *r, int i) { return r->used_age[i] || r->staged_age[i] || r->stale_age[i]; }
-
 void residency_settle(Residency *r) {
     pthread_mutex_lock(&r->mu);
     for (int i = 0; i < r->n_ids; i++) {
@@ -333,11 +334,11 @@ void residency_settle(Residency *r) {
         int issued = r->issued[i];
         r->issued[i] = 0;
         pthread_mutex_unlock(&r->io_mu);
-        if (issued && !held(r, i) && pages_resident(r, i, 0)) { /* landed, or still being read */
+        if (issued && !holds(r, i) && pages_resident(r, i, 0)) { /* landed, or still being read */
             wait_expert(r, i);
             drop_expert(r, i);
         }
-        if (held(r, i)) wait_expert(r, i);
+        if (holds(r, i)) wait_expert(r, i);
     }
     pthread_mutex_unlock(&r->mu);
 }
@@ -345,11 +346,11 @@ void residency_settle(Residency *r) {
 void residency_restore(Residency *r) {
     pthread_mutex_lock(&r->mu);
     for (int i = 0; i < r->n_ids; i++) {
-        if (!held(r, i) && pages_resident(r, i, 0)) drop_expert(r, i);
-        else if (held(r, i) && !is_resident(r, i)) read_expert(r, i);
+        if (!holds(r, i) && pages_resident(r, i, 0)) drop_expert(r, i);
+        else if (holds(r, i) && !is_resident(r, i)) read_expert(r, i);
     }
     for (int i = 0; i < r->n_ids; i++)
-        if (held(r, i)) wait_expert(r, i);
+        if (holds(r, i)) wait_expert(r, i);
     pthread_mutex_unlock(&r->mu);
 }
 
