@@ -192,6 +192,9 @@ static void evict(Residency *r, int told) {
     }
 }
 
+/* Whether the set holds expert i: used, staged or stale. */
+static int holds(Residency *r, int i) { return r->used_age[i] || r->staged_age[i] || r->stale_age[i]; }
+
 /* Staged reads not landed yet. */
 static int in_flight(Residency *r) {
     int n = 0;
@@ -207,7 +210,7 @@ void use_experts(Residency *r, int l, const int *ids, int k, int decode, int cou
                  void *arg) {
     int resident[MAX_K * 64];
     uint16_t routed[MAX_K];
-    int base = l * r->ex->n_experts, missing = 0, demand = 0, late = 0;
+    int base = l * r->ex->n_experts, missing = 0, demand = 0, late = 0, lingering = 0;
     /* what the routing decides, at once: the prefetcher plans the next layers meanwhile */
     pthread_mutex_lock(&r->mu);
     int busy = r->planner && count ? in_flight(r) : 0;
@@ -215,7 +218,12 @@ void use_experts(Residency *r, int l, const int *ids, int k, int decode, int cou
     memset(r->keep, 0, (size_t)r->n_ids);
     for (int j = 0; j < k; j++) {
         int i = base + ids[j], staged = r->staged_age[i] || r->stale_age[i];
-        resident[j] = is_resident(r, i);
+        /* an expert the set does not hold is not resident, whatever the page cache says:
+         * a staged read evicted while in flight can land after its drop (which does not
+         * take pages still being read); so the counts are the set's, and such a read is
+         * not timed */
+        resident[j] = holds(r, i) && is_resident(r, i);
+        lingering |= !holds(r, i) && pages_resident(r, i, 0);
         missing += !resident[j];
         late |= !resident[j] && staged;
         demand += !resident[j] && !staged;
@@ -265,7 +273,7 @@ void use_experts(Residency *r, int l, const int *ids, int k, int decode, int cou
     if (count) r->stall_s += waited;
     if (count && r->planner) {
         /* the link held these reads alone: no staged read in flight or issued meanwhile */
-        if (demand && timed && !busy && !late && __atomic_load_n(&r->reads_issued, __ATOMIC_RELAXED) == issued) {
+        if (demand && timed && !busy && !late && !lingering && __atomic_load_n(&r->reads_issued, __ATOMIC_RELAXED) == issued) {
             for (int j = 0; j < demand; j++) mc_planner_read_done(r->planner, read_s / demand);
             r->measured = 1;
         }
@@ -289,9 +297,6 @@ void stage_expert(Residency *r, int l, int e, uint32_t *reads, int *n_reads) {
     mark_staged(r, i, reads, n_reads);
     evict(r, 0);
 }
-
-/* Whether the set holds expert i: used, staged or stale. */
-static int holds(Residency *r, int i) { return r->used_age[i] || r->staged_age[i] || r->stale_age[i]; }
 
 int offer_forecast(Residency *r, int l, const uint16_t *ranking, int n, uint32_t *reads, int *n_reads) {
     uint16_t rank[MAX_K];

@@ -192,8 +192,10 @@ class ExpertResidency:
         """Reads the experts of `keys` not in memory whole (one request per slice, as an
         offloading runtime loads an expert on a miss, instead of a fault per page);
         returns (which were resident, the missing ones, the ones read on demand: missing
-        and not staged, the time the reads were issued)."""
-        resident = [self.is_resident(k) for k in keys]
+        and not staged, the time the reads were issued). An expert the set does not hold
+        is not resident, whatever the page cache says: a staged read dropped while in
+        flight can land after its drop (which does not take pages still being read)."""
+        resident = [self.holds(k) and self.is_resident(k) for k in keys]
         missing = [k for k, r in zip(keys, resident) if not r]
         t0 = time.perf_counter()  # the request blocks while the device's queue is full
         for key in missing:  # a late staged read's pages are not read twice
@@ -215,6 +217,10 @@ class ExpertResidency:
         if not missing:
             return 0.0, 0.0
         return done - t1, done - t0 if timed else None
+
+    def holds(self, key):
+        """Whether the set holds `key`: used or staged."""
+        return key in self.lru or key in self.staging
 
     def use(self, i, experts, count=True, observe=True, meanwhile=None):
         """Layer i is about to run `experts`: counts residency (with `count`), reads the
@@ -255,7 +261,7 @@ class ExpertResidency:
         """Asks the kernel to read these experts of layer i (not already held)."""
         for e in experts:
             key = (i, int(e))
-            if key in self.lru or key in self.staging:
+            if self.holds(key):
                 continue
             self._stage_read(key)
             self.staging[key] = True
@@ -332,6 +338,9 @@ class PlannedResidency(ExpertResidency):
                 n += 1
         return n
 
+    def holds(self, key):
+        return super().holds(key) or key in self.stale
+
     def _take_staged(self, key):
         self.landed.discard(key)
         return self.staging.pop(key, None) is not None or self.stale.pop(key, None) is not None
@@ -339,6 +348,7 @@ class PlannedResidency(ExpertResidency):
     def use(self, i, experts, count=True, observe=True, meanwhile=None):
         keys = [(i, int(e)) for e in experts]
         busy = self._in_flight()
+        lingering = any(not self.holds(k) and self.is_resident(k) for k in keys)  # its read is not timed
         resident_now, missing, demand, t0 = self._issue(keys)
         late = any(not r and k in self.staging for k, r in zip(keys, resident_now))
         for key, resident in zip(keys, resident_now):
@@ -355,7 +365,7 @@ class PlannedResidency(ExpertResidency):
         waited, read_s = self._wait_for(missing, t0, meanwhile)
         if observe:
             # the link held these reads alone: no staged read in flight or issued meanwhile
-            if demand and read_s is not None and not busy and not late and self.staged == staged:
+            if demand and read_s is not None and not busy and not late and not lingering and self.staged == staged:
                 for _ in demand:
                     self.planner.read_done(read_s / len(demand))
                 self.measured = True
@@ -372,7 +382,7 @@ class PlannedResidency(ExpertResidency):
         ranking = np.asarray(ranking)
         ranking = ranking[ranking != 0xFFFF]
         keys = [(layer, int(e)) for e in ranking]
-        held = np.array([k in self.lru or k in self.staging or k in self.stale for k in keys], dtype=bool)
+        held = np.array([self.holds(k) for k in keys], dtype=bool)
         pending = len(self.staging)
         free = max(self.capacity - len(self.lru) - pending - len(self.stale), 0)
         room = max(self.capacity - self.top_k - pending, 0)

@@ -221,7 +221,8 @@ def test_predictor_from_llama_cpp_routing_stages_experts(work):
     for r in runs:  # each round's figure is kept at its round, whatever order it ran in
         assert abs(modes[r[2].rstrip(":")]["tokens_per_s_rounds"][int(r[1].split("/")[0]) - 1] - float(r[3])) <= 0.051
     assert modes["on-demand"]["decode_steps"] == modes["budget-1"]["decode_steps"] == 150
-    assert modes["budget-1"]["resident_when_used"] > modes["on-demand"]["resident_when_used"]
+    print("replayed, covered:", covered(modes["budget-1"]), covered(modes["on-demand"]))
+    assert covered(modes["budget-1"]) > covered(modes["on-demand"]) + 0.10
     ratios = modes["budget-1"]["vs_on_demand_rounds"]
     assert modes["on-demand"]["vs_on_demand_rounds"] == [1.0, 1.0] and len(ratios) == 2
     assert ratios == [t / b for t, b in zip(modes["budget-1"]["tokens_per_s_rounds"],
@@ -310,8 +311,10 @@ def test_c_harness_stages_from_the_c_abi(work):
     default) and on a prefetcher thread (-a). There the callback waits for each forecast
     (-w): on a machine where llama.cpp decodes faster than the thread forecasts, the
     harness drops the forecasts that would land late, and this test is about what the C
-    ABI stages. The planner plans with stated timings and no guard, so what it stages does
-    not depend on the machine's speed either."""
+    ABI stages. The planner plans with stated timings and no guard, forecasting on the
+    prefetcher's thread and waiting for each (-a -w), so what it stages does not depend on
+    the machine's speed either: in a read's shadow (the default) a layer forecasts only
+    when it misses, which follows the landing times."""
     if not (work / "predictor").exists():
         pytest.skip("needs the predictor trained by test_predictor_from_llama_cpp_routing_stages_experts")
     for flags in ((), ("-a", "-w")):
@@ -320,9 +323,12 @@ def test_c_harness_stages_from_the_c_abi(work):
         assert budget["resident"] > base["resident"] and budget["demand"] < 0.9 * base["demand"], flags
     # reads of a second land after their layer: the planner stages nothing, and planned
     # decoding reads what demand paging reads; reads of 10 us pay, and it stages
-    slow = _c_harness(work, "-b", "auto", "-t", "1000000,1000", "-G")
-    assert slow["planned"]["staged"] == 0 and slow["planned"]["demand"] == slow["on-demand"]["demand"]
-    fast = _c_harness(work, "-b", "auto", "-t", "10,1000", "-G")
+    expert_mb = 3 * 128 * 128 * 4 / 1e6  # one f32 expert of the tiny model (gate, up, down: 128 x 128)
+    slow = _c_harness(work, "-b", "auto", "-t", "1000000,1000", "-G", "-a", "-w")
+    assert slow["planned"]["staged"] == 0
+    # the same reads; residency is the page cache's word (one expert's bytes of leeway)
+    assert abs(slow["planned"]["demand"] - slow["on-demand"]["demand"]) <= expert_mb + 0.005
+    fast = _c_harness(work, "-b", "auto", "-t", "10,1000", "-G", "-a", "-w")
     base, planned = fast["on-demand"], fast["planned"]
     assert planned["staged"] > 0 and planned["resident"] > base["resident"] + 10
     assert planned["demand"] < base["demand"]
@@ -332,8 +338,8 @@ def test_c_harness_stages_from_the_c_abi(work):
 def test_c_harness_offers_no_forecast_that_lands_late(work):
     """With -a a forecast runs on the prefetcher thread and may land after its step or its
     layer has moved on; offered then, the planner would take it for the next token's
-    lookup. Held 200 ms before it is offered (-d 200; a step of the tiny model takes a few
-    ms), every forecast lands late and none is offered, where the same run without the
+    lookup. Held 2 s before it is offered (-d 2000; a step of the tiny model takes a few
+    ms, and no more than two forecasts wait), every forecast lands late and none is offered, where the same run without the
     hold offers thousands (about 3,000 here; the test asks for more than 300)."""
     if not (work / "predictor").exists():
         pytest.skip("needs the predictor trained by test_predictor_from_llama_cpp_routing_stages_experts")
@@ -346,7 +352,7 @@ def test_c_harness_offers_no_forecast_that_lands_late(work):
         return int(re.search(r"offered (\d+),", out).group(1))
 
     assert offered() > 300
-    assert offered("-d", "200") == 0
+    assert offered("-d", "2000") == 0
     run = subprocess.run([os.environ["MOECAST_PREFETCH_C"], "-d", "200", "missing.gguf", str(HELDOUT)],
                          capture_output=True, text=True)
     assert run.returncode != 0 and "-d: delays the prefetcher thread's forecasts" in run.stderr, run.stderr
@@ -437,9 +443,11 @@ def test_c_harness_oracle_stages_the_replayed_experts(work):
     experts, fewer than a token's 12) holds none of them. The planner's staging limit
     (keeping an entry alive a token where demand paging would) must not take the misses
     that staging saved as demand paging's own: it held a sure forecast to one read a
-    lookup, and half of on demand's reads stayed (now 20-32%, layer 0's among them: the
-    token's forecast at its start offers only its first layer, the next lookup). Stated
-    slow (1 s) no read pays and it reads what on demand reads."""
+    lookup, and half of on demand's reads stayed (now 2%). Forecasts run on the
+    prefetcher's thread and each is waited for (-a -w): in a read's shadow (the default) a
+    layer forecasts only when it misses, so what is staged would follow the landing times
+    (12% of on demand's reads stayed there, run to run apart). Stated slow (1 s) no read
+    pays and it reads what on demand reads."""
     def modes(*flags):
         out = subprocess.run([os.environ["MOECAST_PREFETCH_C"], "-p", str(work / "ref.jsonl"), "-N", "120", "-r", "10",
                               "-b", "auto,oracle", "-G", *flags, str(work / "tiny.f32.gguf")],
@@ -451,7 +459,7 @@ def test_c_harness_oracle_stages_the_replayed_experts(work):
         return {m: {"resident": float(r[1].rstrip("%")), "demand": float(r[2]), "staged": float(r[3])}
                 for m, r in rows.items()}
 
-    fast = modes("-t", "10,1000", "-R", "2")
+    fast = modes("-t", "10,1000", "-R", "2", "-a", "-w")
     base, oracle = fast["on-demand"], fast["oracle"]
     assert base["resident"] < 10 and oracle["resident"] > base["resident"] + 30
     assert oracle["demand"] < 0.4 * base["demand"] and oracle["staged"] > 0.6 * base["demand"]
@@ -561,7 +569,10 @@ def test_a_hidden_state_predictor_gets_the_router_inputs(work, tmp_path):
     tool("moecast_llamacpp.py", "prefetch", "--model", work / "tiny.f32.gguf", "--replay", work / "ref.jsonl",
          "--replay-tokens", "120", "--predictor", pred, "--resident", "10%", "--rounds", "1", "--json", report)
     modes = json.loads(report.read_text())["modes"]
-    assert modes["budget-1"]["resident_when_used"] > modes["on-demand"]["resident_when_used"]
+    # staged (landed or late) rather than landed: when reads land is the machine's speed
+    covered = {m: modes[m]["resident_when_used"] + modes[m]["late_staged"] for m in ("budget-1", "on-demand")}
+    print("replayed, covered:", covered)
+    assert covered["budget-1"] > covered["on-demand"] + 0.10
 
 
 @pytest.mark.skipif(not os.environ.get("MOECAST_PREFETCH_C"), reason="make test-llamacpp builds the C harness")
