@@ -210,7 +210,7 @@ void use_experts(Residency *r, int l, const int *ids, int k, int decode, int cou
                  void *arg) {
     int resident[MAX_K * 64];
     uint16_t routed[MAX_K];
-    int base = l * r->ex->n_experts, missing = 0, demand = 0, late = 0, lingering = 0;
+    int base = l * r->ex->n_experts, missing = 0, demand = 0, late = 0, stray = 0;
     /* what the routing decides, at once: the prefetcher plans the next layers meanwhile */
     pthread_mutex_lock(&r->mu);
     int busy = r->planner && count ? in_flight(r) : 0;
@@ -220,10 +220,14 @@ void use_experts(Residency *r, int l, const int *ids, int k, int decode, int cou
         int i = base + ids[j], staged = r->staged_age[i] || r->stale_age[i];
         /* an expert the set does not hold is not resident, whatever the page cache says:
          * a staged read evicted while in flight can land after its drop (which does not
-         * take pages still being read); so the counts are the set's, and such a read is
-         * not timed */
+         * take pages still being read); such a stray is dropped again and read on demand
+         * (counted in stray_uses, its read not timed) */
+        if (!holds(r, i) && pages_resident(r, i, 0)) {
+            drop_expert(r, i);
+            stray = 1;
+            if (count) r->stray_uses++;
+        }
         resident[j] = holds(r, i) && is_resident(r, i);
-        lingering |= !holds(r, i) && pages_resident(r, i, 0);
         missing += !resident[j];
         late |= !resident[j] && staged;
         demand += !resident[j] && !staged;
@@ -273,7 +277,7 @@ void use_experts(Residency *r, int l, const int *ids, int k, int decode, int cou
     if (count) r->stall_s += waited;
     if (count && r->planner) {
         /* the link held these reads alone: no staged read in flight or issued meanwhile */
-        if (demand && timed && !busy && !late && !lingering && __atomic_load_n(&r->reads_issued, __ATOMIC_RELAXED) == issued) {
+        if (demand && timed && !busy && !late && !stray && __atomic_load_n(&r->reads_issued, __ATOMIC_RELAXED) == issued) {
             for (int j = 0; j < demand; j++) mc_planner_read_done(r->planner, read_s / demand);
             r->measured = 1;
         }

@@ -59,6 +59,7 @@ typedef struct {
     pthread_mutex_t mu;         /* see above */
     pthread_mutex_t io_mu;      /* held while staged reads are issued */
     long uses, resident_uses, late, staged;
+    long stray_uses; /* uses of an expert not held whose pages were in memory (dropped, read again) */
     double bytes_demand, bytes_staged, bytes_wasted, stall_s;
     double issue_s; /* spent issuing staged reads (under io_mu; the planner is told each read's share) */
 } Residency;

@@ -62,7 +62,7 @@ void mode_round_finish(ModeRound *mr, ModeTotals *mt, Bench *b, int round, int r
     fprintf(stderr, "\n");
     mt->resident += (double)res->resident_uses / (res->uses ? res->uses : 1);
     mt->demand += res->bytes_demand, mt->staged += res->bytes_staged, mt->wasted += res->bytes_wasted;
-    mt->stall += res->stall_s, mt->issue += res->issue_s;
+    mt->stall += res->stall_s, mt->issue += res->issue_s, mt->stray_uses += res->stray_uses;
     if (mr->planner) mc_planner_report(mr->planner, &mt->plan);
     mt->steps_fewer += mr->d.steps_fewer;
     residency_free(res);

@@ -21,6 +21,7 @@ typedef struct {
     int budget; /* -1: on demand; 0: planned; N: a fixed budget */
     int oracle; /* planned, from the replayed trace's own experts */
     double tps, resident, demand, staged, wasted, stall, issue;
+    long stray_uses; /* see Residency */
     double round_tps, ratio_min, ratio_max; /* the last round's tokens/s; each round's over on demand's */
     uint64_t steps, steps_off, steps_fewer;
     struct mc_plan_report plan;

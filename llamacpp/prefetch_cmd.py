@@ -3,7 +3,7 @@ demand and with each prefetch mode of `--budget`, alternating `--rounds` times (
 second round in reverse order, as in the C harness, so a steady drift in the machine's
 speed cancels over an even number of rounds instead of favouring the modes that run
 first), and prints (and with `--json` writes) the table, each mode's lowest and highest
-round over on demand's beside the ratio of the means. See expert_residency.py."""
+round over on demand's beside the ratio of the means. See residency_decode.py."""
 
 import json
 import os
@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 
-from expert_residency import decode_with_residency
+from residency_decode import decode_with_residency
 from moecast_llamacpp import LlamaCppError, LlamaCppModel, read_prompts
 
 
