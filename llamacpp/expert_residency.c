@@ -122,7 +122,9 @@ static void wait_expert(Residency *r, int i) {
 static void drop_expert(Residency *r, int i) {
     pthread_mutex_lock(&r->io_mu);
     __atomic_store_n(&r->want[i], 0, __ATOMIC_RELAXED);
+    int issued = r->issued[i];
     pthread_mutex_unlock(&r->io_mu);
+    if (issued && !is_resident(r, i)) r->dropped[i] = 1; /* the read may land after the drop */
     for (int j = 0; j < 3; j++) {
         size_t n;
         unsigned char *at;
@@ -222,11 +224,12 @@ void use_experts(Residency *r, int l, const int *ids, int k, int decode, int cou
          * a staged read evicted while in flight can land after its drop (which does not
          * take pages still being read); such a stray is dropped again and read on demand
          * (counted in stray_uses, its read not timed) */
-        if (!holds(r, i) && pages_resident(r, i, 0)) {
+        if (!holds(r, i) && (r->dropped[i] || pages_resident(r, i, 0))) {
             drop_expert(r, i);
             stray = 1;
             if (count) r->stray_uses++;
         }
+        r->dropped[i] = 0;
         resident[j] = holds(r, i) && is_resident(r, i);
         missing += !resident[j];
         late |= !resident[j] && staged;
@@ -343,10 +346,11 @@ void residency_settle(Residency *r) {
         int issued = r->issued[i];
         r->issued[i] = 0;
         pthread_mutex_unlock(&r->io_mu);
-        if (issued && !holds(r, i) && pages_resident(r, i, 0)) { /* landed, or still being read */
+        if (issued && !holds(r, i)) { /* landed, or still being read */
             wait_expert(r, i);
             drop_expert(r, i);
         }
+        r->dropped[i] = 0;
         if (holds(r, i)) wait_expert(r, i);
     }
     pthread_mutex_unlock(&r->mu);
@@ -404,8 +408,10 @@ void residency_init(Residency *r, Experts *ex, int capacity, int slots, struct m
     r->staged_age = calloc(n, sizeof(uint64_t));
     r->stale_age = calloc(n, sizeof(uint64_t));
     r->landed = calloc(n, 1), r->keep = calloc(n, 1), r->want = calloc(n, 1), r->issued = calloc(n, 1);
+    r->dropped = calloc(n, 1);
     r->plan_out = calloc(n, sizeof(uint32_t));
-    if (!r->used_age || !r->staged_age || !r->stale_age || !r->landed || !r->keep || !r->want || !r->issued || !r->plan_out)
+    if (!r->used_age || !r->staged_age || !r->stale_age || !r->landed || !r->keep || !r->want || !r->issued || !r->dropped ||
+        !r->plan_out)
         die("residency", "out of memory");
     for (int i = 0; i < r->n_ids; i++)
         if (is_resident(r, i)) die(ex->path, "experts stay in memory after the drop (a tmpfs?)");
@@ -414,7 +420,7 @@ void residency_init(Residency *r, Experts *ex, int capacity, int slots, struct m
 void residency_free(Residency *r) {
     close(r->fd);
     free(r->used_age), free(r->staged_age), free(r->stale_age);
-    free(r->landed), free(r->keep), free(r->want), free(r->issued), free(r->plan_out);
+    free(r->landed), free(r->keep), free(r->want), free(r->issued), free(r->dropped), free(r->plan_out);
     pthread_mutex_destroy(&r->mu);
     pthread_mutex_destroy(&r->io_mu);
 }

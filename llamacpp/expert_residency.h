@@ -48,6 +48,7 @@ typedef struct {
     uint8_t *keep;     /* the layer about to run: never evicted for a staged read */
     uint8_t *want;     /* staged reads decided, not issued yet (atomic) */
     uint8_t *issued;   /* staged reads issued since the last settle (under io_mu) */
+    uint8_t *dropped;  /* dropped with its staged read issued and not landed: its pages may still come */
     uint64_t reads_issued; /* staged reads issued so far (atomic) */
     uint32_t *plan_out;
     int n_used, n_staged, n_stale;

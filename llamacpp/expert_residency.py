@@ -111,6 +111,8 @@ class ExpertResidency:
         self._io_queue = queue.SimpleQueue()
         self._io_lock = threading.Lock()  # held while a staged read is being queued
         self._io_wanted = set()  # staged reads queued, not issued yet
+        self._io_issued = set()  # staged reads issued (this round)
+        self.dropped = set()  # dropped with a staged read issued and not landed: its pages may still come
         self._io = threading.Thread(target=self._io_main, name="moecast-staging", daemon=True)
         self._io.start()
 
@@ -119,6 +121,7 @@ class ExpertResidency:
             with self._io_lock:
                 if key in self._io_wanted:
                     self._io_wanted.discard(key)
+                    self._io_issued.add(key)
                     self._read(key)
 
     def _stage_read(self, key):
@@ -154,6 +157,9 @@ class ExpertResidency:
         os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
         self.lru.clear()
         self.staging.clear()
+        self.dropped.clear()
+        with self._io_lock:
+            self._io_issued.clear()
         held = sum(self.is_resident((i, e)) for i in range(len(self.ex.moe_layers)) for e in range(self.ex.n_experts))
         if held:
             raise LlamaCppError(
@@ -161,6 +167,13 @@ class ExpertResidency:
                 "(a tmpfs such as /dev/shm keeps them): put the GGUF on a disk-backed file system")
 
     def _drop(self, key):
+        """Out of the page cache; a staged read not issued yet never will be, and one
+        issued and not landed may still land (the expert is remembered in `dropped`)."""
+        with self._io_lock:
+            self._io_wanted.discard(key)
+            issued = key in self._io_issued
+        if issued and not self.is_resident(key):
+            self.dropped.add(key)
         for off, n in self._ranges(key):
             start = off // _PAGE * _PAGE
             length = off + n - start
@@ -203,9 +216,10 @@ class ExpertResidency:
         dropped while in flight can land after its drop (which does not take pages still
         being read); such a stray is dropped again and read on demand (counted with
         `count`)."""
-        stray = [k for k in keys if not self.holds(k) and self._pages(k)[0] > 0]
+        stray = [k for k in keys if not self.holds(k) and (k in self.dropped or self._pages(k)[0] > 0)]
         for key in stray:
             self._drop(key)
+        self.dropped.difference_update(keys)
         if count:
             self.stray_uses += len(stray)
         resident = [self.holds(k) and self.is_resident(k) for k in keys]

@@ -373,7 +373,7 @@ int main(int argc, char **argv) {
                mt->demand / rounds / 1e6, mt->staged / rounds / 1e6, mt->wasted / rounds / 1e6, mt->stall / rounds,
                mt->tps / rounds, mt->tps / modes[0].tps, mt->ratio_min, mt->ratio_max, mt->issue / rounds);
     }
-    printf("uses of experts not held but found in memory (dropped and read on demand):");
+    printf("uses of experts not held but in memory or being read (dropped and read on demand; all rounds):");
     for (int mode = 0; mode < n_modes; mode++) {
         char name[24];
         mode_name(&modes[mode], name, sizeof name);

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from conftest import HELDOUT, MODEL, ROOT, covered, run, tool
-import export_gguf  # noqa: E402
-import moecast_llamacpp as mcl  # noqa: E402
-import parity  # noqa: E402
+import export_gguf
+import moecast_llamacpp as mcl
+import parity
 
 
 @pytest.mark.parametrize("field,value", [

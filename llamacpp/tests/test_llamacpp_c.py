@@ -219,7 +219,7 @@ def test_c_harness_modes_take_turns_over_the_same_steps(work):
     _, alone = modes()
     out, turns = modes("-W", "5")
     assert "taking turns every 5 steps" in out
-    assert re.search(r"^uses of experts not held but found in memory.*: on-demand 0,", out, re.M), out
+    assert re.search(r"^uses of experts not held but in memory.*: on-demand 0,", out, re.M), out
     expert_mb = 3 * 128 * 128 * 4 / 1e6  # one f32 expert of the tiny model (gate, up, down: 128 x 128)
     assert abs(turns["on-demand"]["demand"] - alone["on-demand"]["demand"]) <= expert_mb + 0.005
     assert abs(turns["on-demand"]["resident"] - alone["on-demand"]["resident"]) < 1
