@@ -346,7 +346,7 @@ void residency_settle(Residency *r) {
         int issued = r->issued[i];
         r->issued[i] = 0;
         pthread_mutex_unlock(&r->io_mu);
-        if (issued && !holds(r, i)) { /* landed, or still being read */
+        if (issued && !holds(r, i) && (r->dropped[i] || pages_resident(r, i, 0))) { /* landed, or still being read */
             wait_expert(r, i);
             drop_expert(r, i);
         }
@@ -414,7 +414,7 @@ void residency_init(Residency *r, Experts *ex, int capacity, int slots, struct m
         !r->plan_out)
         die("residency", "out of memory");
     for (int i = 0; i < r->n_ids; i++)
-        if (is_resident(r, i)) die(ex->path, "experts stay in memory after the drop (a tmpfs?)");
+        if (is_resident(r, i)) die(ex->path, "experts stay in memory after the drop (a tmpfs, or another process using the file?)");
 }
 
 void residency_free(Residency *r) {

@@ -164,7 +164,8 @@ class ExpertResidency:
         if held:
             raise LlamaCppError(
                 f"{self.ex.path}: {held} experts stayed in memory after the file was dropped from the page cache "
-                "(a tmpfs such as /dev/shm keeps them): put the GGUF on a disk-backed file system")
+                "(a tmpfs such as /dev/shm keeps them, or another process is using the file): put the GGUF on a "
+                "disk-backed file system")
 
     def _drop(self, key):
         """Out of the page cache; a staged read not issued yet never will be, and one
