@@ -129,12 +129,6 @@ class ExpertResidency:
         self._io_wanted.add(key)
         self._io_queue.put(key)
 
-    def _cancel_read(self, key):
-        """A staged read not issued yet is not issued; one being issued is waited for
-        (so an expert is never dropped before its read is queued)."""
-        with self._io_lock:
-            self._io_wanted.discard(key)
-
     def close(self):
         self._io_queue.put(None)
         self._io.join()
@@ -168,8 +162,10 @@ class ExpertResidency:
                 "disk-backed file system")
 
     def _drop(self, key):
-        """Out of the page cache; a staged read not issued yet never will be, and one
-        issued and not landed may still land (the expert is remembered in `dropped`)."""
+        """Out of the page cache; a staged read not issued yet never will be, one being
+        issued is waited for (so an expert is never dropped before its read is queued),
+        and one issued and not landed may still land (the expert is remembered in
+        `dropped`)."""
         with self._io_lock:
             self._io_wanted.discard(key)
             issued = key in self._io_issued
@@ -302,7 +298,6 @@ class ExpertResidency:
             while len(self.staging) > self.slots:
                 old, _ = self.staging.popitem(last=False)
                 self.bytes_wasted += self._bytes(old)
-                self._cancel_read(old)
                 self._drop(old)
 
     def _evict(self, keep):
@@ -439,7 +434,6 @@ class PlannedResidency(ExpertResidency):
             if self.stale:
                 key, _ = self.stale.popitem(last=False)
                 self.bytes_wasted += self._bytes(key)
-                self._cancel_read(key)
             elif (key := next((k for k in self.lru if k not in keep), None)) is not None:
                 del self.lru[key]
                 if told:
@@ -448,7 +442,6 @@ class PlannedResidency(ExpertResidency):
                 del self.staging[key]
                 self.landed.discard(key)
                 self.bytes_wasted += self._bytes(key)
-                self._cancel_read(key)
             else:
                 return
             self._drop(key)
