@@ -243,7 +243,8 @@ void use_experts(Residency *r, int l, const int *ids, int k, int decode, int cou
             r->uses++;
             if (resident[j]) r->resident_uses++;
             else if (staged) r->late++;
-            else r->bytes_demand += expert_bytes(r, i);
+            else r->bytes_demand += expert_bytes(r, i), r->layer_demand[l]++;
+            if (staged) r->layer_staged_used[l]++;
         }
     }
     if (r->planner) {
@@ -284,7 +285,7 @@ void use_experts(Residency *r, int l, const int *ids, int k, int decode, int cou
             for (int j = 0; j < demand; j++) mc_planner_read_done(r->planner, read_s / demand);
             r->measured = 1;
         }
-        if (waited > 0) mc_planner_stalled(r->planner, waited);
+        if (read_s > 0) mc_planner_stalled(r->planner, read_s); /* the forecast meanwhile included */
     }
     pthread_mutex_unlock(&r->mu);
 }
@@ -295,6 +296,7 @@ static void mark_staged(Residency *r, int i, uint32_t *reads, int *n_reads) {
     reads[(*n_reads)++] = (uint32_t)i;
     r->staged_age[i] = ++r->clock, r->n_staged++, r->landed[i] = 0;
     r->staged++;
+    r->layer_staged[i / r->ex->n_experts]++;
     r->bytes_staged += expert_bytes(r, i);
 }
 

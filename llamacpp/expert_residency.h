@@ -61,6 +61,9 @@ typedef struct {
     pthread_mutex_t io_mu;      /* held while staged reads are issued */
     long uses, resident_uses, late, staged;
     long stray_uses; /* uses of an expert not held whose pages were in memory (dropped, read again) */
+    /* per MoE layer: experts staged for it, its uses that found them staged (landed or
+     * late), and its uses read on demand (timed steps) */
+    long layer_staged[MAX_LAYERS], layer_staged_used[MAX_LAYERS], layer_demand[MAX_LAYERS];
     double bytes_demand, bytes_staged, bytes_wasted, stall_s;
     double issue_s; /* spent issuing staged reads (under io_mu; the planner is told each read's share) */
 } Residency;
@@ -75,8 +78,9 @@ void residency_free(Residency *r);
  * prompt) tells the planner the layer's routing and its demand reads, and with `count`
  * (a timed decode step) counts residency; then, without `mu` (the prefetcher plans
  * meanwhile), reads the missing ones whole, calls `meanwhile(arg)` if there are any (work
- * for the wait: a forecast), waits for them, and tells the planner the stall (the wait
- * after `meanwhile`) and the reads' time (not when they all landed during `meanwhile`). */
+ * for the wait: a forecast), waits for them, and tells the planner the time they held
+ * the layer up (`meanwhile` included: the rest of a layer is its compute) and the reads'
+ * time (not when they all landed during `meanwhile`). */
 void use_experts(Residency *r, int l, const int *ids, int k, int decode, int count, void (*meanwhile)(void *),
                  void *arg);
 

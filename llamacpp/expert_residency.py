@@ -228,8 +228,9 @@ class ExpertResidency:
 
     def _wait_for(self, missing, t0, meanwhile):
         """Calls `meanwhile()` if any experts are `missing`, then waits for them (read since
-        `t0`); returns (the seconds waited after `meanwhile`, the reads' seconds: None
-        when they all landed during `meanwhile`, which took an unknown part of it)."""
+        `t0`); returns (the seconds waited after `meanwhile`, the seconds they held the
+        layer up, `meanwhile` included, and the reads' seconds: None when they all landed
+        during `meanwhile`, which took an unknown part of it)."""
         t1, timed = t0, True
         if missing and meanwhile is not None:
             meanwhile()
@@ -239,8 +240,8 @@ class ExpertResidency:
             self._wait(key)
         done = time.perf_counter()
         if not missing:
-            return 0.0, 0.0
-        return done - t1, done - t0 if timed else None
+            return 0.0, 0.0, 0.0
+        return done - t1, done - t0, done - t0 if timed else None
 
     def holds(self, key):
         """Whether the set holds `key`: used or staged."""
@@ -261,7 +262,7 @@ class ExpertResidency:
         for key, resident in zip(keys, resident_now):
             self._mark_used(key, resident, count)
         self._evict(set(keys))
-        waited, _ = self._wait_for(missing, t0, meanwhile)
+        waited, _, _ = self._wait_for(missing, t0, meanwhile)
         if count:
             self.stall_s += waited
 
@@ -392,15 +393,15 @@ class PlannedResidency(ExpertResidency):
         self.current = set(keys)
         self._evict(self.current, told=False)
         staged = self.staged
-        waited, read_s = self._wait_for(missing, t0, meanwhile)
+        waited, held, read_s = self._wait_for(missing, t0, meanwhile)
         if observe:
             # the link held these reads alone: no staged read in flight or issued meanwhile
             if demand and read_s is not None and not busy and not late and not stray and self.staged == staged:
                 for _ in demand:
                     self.planner.read_done(read_s / len(demand))
                 self.measured = True
-            if waited > 0:
-                self.planner.stalled(waited)
+            if held > 0:  # the forecast meanwhile included: the rest of a layer is its compute
+                self.planner.stalled(held)
         if count:
             self.stall_s += waited
 

@@ -11,6 +11,27 @@ void mode_name(const ModeTotals *mt, char *name, size_t size) {
     else snprintf(name, size, "budget-%d", mt->budget);
 }
 
+void print_layer_counts(const ModeTotals *modes, int n_modes, int n_moe, int rounds) {
+    printf("per MoE layer, a round's experts staged for it (of them used there) / read on demand there:\nlayer");
+    for (int mode = 0; mode < n_modes; mode++) {
+        char name[24];
+        mode_name(&modes[mode], name, sizeof name);
+        printf(" %22s", name);
+    }
+    printf("\n");
+    for (int l = 0; l < n_moe; l++) {
+        printf("%5d", l);
+        for (int mode = 0; mode < n_modes; mode++) {
+            char cell[64];
+            const ModeTotals *mt = &modes[mode];
+            snprintf(cell, sizeof cell, "%.0f (%.0f) / %.0f", (double)mt->layer_staged[l] / rounds,
+                     (double)mt->layer_staged_used[l] / rounds, (double)mt->layer_demand[l] / rounds);
+            printf(" %22s", cell);
+        }
+        printf("\n");
+    }
+}
+
 void mode_round_start(ModeRound *mr, ModeTotals *mt, Bench *b, int round) {
     int budget = mt->budget;
     Experts *ex = b->ex;
@@ -63,6 +84,10 @@ void mode_round_finish(ModeRound *mr, ModeTotals *mt, Bench *b, int round, int r
     mt->resident += (double)res->resident_uses / (res->uses ? res->uses : 1);
     mt->demand += res->bytes_demand, mt->staged += res->bytes_staged, mt->wasted += res->bytes_wasted;
     mt->stall += res->stall_s, mt->issue += res->issue_s, mt->stray_uses += res->stray_uses;
+    for (int l = 0; l < b->ex->n_moe; l++) {
+        mt->layer_staged[l] += res->layer_staged[l], mt->layer_staged_used[l] += res->layer_staged_used[l];
+        mt->layer_demand[l] += res->layer_demand[l];
+    }
     if (mr->planner) mc_planner_report(mr->planner, &mt->plan);
     mt->steps_fewer += mr->d.steps_fewer;
     residency_free(res);

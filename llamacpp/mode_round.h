@@ -22,6 +22,7 @@ typedef struct {
     int oracle; /* planned, from the replayed trace's own experts */
     double tps, resident, demand, staged, wasted, stall, issue;
     long stray_uses; /* see Residency */
+    long layer_staged[MAX_LAYERS], layer_staged_used[MAX_LAYERS], layer_demand[MAX_LAYERS]; /* see Residency */
     double round_tps, ratio_min, ratio_max; /* the last round's tokens/s; each round's over on demand's */
     uint64_t steps, steps_off, steps_fewer;
     struct mc_plan_report plan;
@@ -60,6 +61,10 @@ typedef struct {
 
 /* The mode's name in the table: on-demand, planned, budget-N or oracle. */
 void mode_name(const ModeTotals *mt, char *name, size_t size);
+
+/* Prints, per MoE layer, each mode's experts staged for it (of them used there) / read
+ * on demand there, a round's mean (moecast_prefetch -L). */
+void print_layer_counts(const ModeTotals *modes, int n_modes, int n_moe, int rounds);
 
 /* Starts mode `mt`'s round `round` (0-based): everything dropped from the page cache. */
 void mode_round_start(ModeRound *mr, ModeTotals *mt, Bench *b, int round);

@@ -3,7 +3,7 @@
  *
  *   moecast_prefetch [-r resident%=25] [-n new_tokens=32] [-R rounds=3] [-b MODES=auto,1]
  *                    [-t READ_US,LAYER_US] [-G] [-a [-w | -d MS]]
- *                    [-j THREADS[,WHILE_FORECASTING]] [-s STEPS.csv]
+ *                    [-j THREADS[,WHILE_FORECASTING]] [-s STEPS.csv] [-L]
  *                    MODEL.gguf PROMPTS.txt [PREDICTOR_DIR]
  *   moecast_prefetch -p TRACE [-N steps] [-W STEPS] [options] MODEL.gguf [PREDICTOR_DIR]
  *
@@ -54,6 +54,8 @@
  * -s writes every timed decode step to a CSV (mode, round, whether it forecast, seconds,
  * staged reads issued, demand reads, stall and issuing seconds): llamacpp/step_costs.py
  * fits what a staged and a demand read add to a step on this machine (step_log.c).
+ * -L prints, per MoE layer, each mode's experts staged for it (of them used there) and
+ * read on demand there, a round's mean: where a mode's reads go and which layer it loses.
  * decoder.c holds the eval callback and one decode step, mode_round.c a mode's round.
  * Linux only. Build: make target/moecast_prefetch (links the wheel's libllama and libmoecast). */
 #define _GNU_SOURCE
@@ -140,7 +142,7 @@ static void window_intervals(const WindowLog *log, const ModeTotals *modes, int 
 
 static void usage(const char *argv0) {
     fprintf(stderr, "usage: %s [-r resident%%=25] [-n new_tokens=32] [-R rounds=3] [-b MODES=auto,1] "
-            "[-t READ_US,LAYER_US] [-G] [-a [-w | -d MS]] [-j THREADS[,WHILE_FORECASTING]] [-s STEPS.csv] MODEL.gguf PROMPTS.txt [PREDICTOR_DIR]\n"
+            "[-t READ_US,LAYER_US] [-G] [-a [-w | -d MS]] [-j THREADS[,WHILE_FORECASTING]] [-s STEPS.csv] [-L] MODEL.gguf PROMPTS.txt [PREDICTOR_DIR]\n"
             "       %s -p TRACE [-N steps] [-W STEPS] [options] MODEL.gguf [PREDICTOR_DIR]\n", argv0, argv0);
     exit(2);
 }
@@ -153,9 +155,9 @@ int main(int argc, char **argv) {
     long max_steps = 0;
     const char *modes_arg = "auto,1", *trace_path = NULL;
     int delay_ms = 0;
-    int window = 0;
+    int window = 0, by_layer = 0;
     const char *steps_path = NULL;
-    while ((opt = getopt(argc, argv, "r:n:R:b:t:Gwaj:p:N:d:s:W:")) != -1) {
+    while ((opt = getopt(argc, argv, "r:n:R:b:t:Gwaj:p:N:d:s:W:L")) != -1) {
         switch (opt) {
         case 'j': {
             char *end;
@@ -181,6 +183,7 @@ int main(int argc, char **argv) {
         case 'a': inline_forecasts = 0; break;
         case 'd': delay_ms = atoi(optarg); break;
         case 's': steps_path = optarg; break;
+        case 'L': by_layer = 1; break;
         case 'W': {
             char *end;
             window = (int)strtol(optarg, &end, 10);
@@ -380,15 +383,19 @@ int main(int argc, char **argv) {
         printf("%s %s %ld", mode ? "," : "", name, modes[mode].stray_uses);
     }
     printf("\n");
+    if (by_layer) print_layer_counts(modes, n_modes, ex.n_moe, rounds);
     for (int mode = 0; mode < n_modes; mode++)
         if (modes[mode].budget == 0) {
             struct mc_plan_report *p = &modes[mode].plan;
             char name[24];
             mode_name(&modes[mode], name, sizeof name);
+            char rule[64] = "the link model judges";
+            if (p->break_even_precision >= 0)
+                snprintf(rule, sizeof rule, "link-bound: next lookup, precision > %.2f", p->break_even_precision);
             printf("planner (%s, last round): offered %llu, staged %llu, too late %llu, not worth a read %llu; read %.0f us, "
-                   "layer %.0f us; %llu of %llu steps without prefetch (all rounds, one guard)\n", name,
+                   "layer %.0f us, %s; %llu of %llu steps without prefetch (all rounds, one guard)\n", name,
                    (unsigned long long)p->offered, (unsigned long long)p->staged, (unsigned long long)p->late,
-                   (unsigned long long)p->not_worth, p->read_us, p->layer_us, (unsigned long long)modes[mode].steps_off,
+                   (unsigned long long)p->not_worth, p->read_us, p->layer_us, rule, (unsigned long long)modes[mode].steps_off,
                    (unsigned long long)modes[mode].steps);
             mc_guard_free(modes[mode].guard);
         }

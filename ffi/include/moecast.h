@@ -136,6 +136,12 @@ typedef struct mc_plan_report {
    * (-1 before any).
    */
   double calibrated_probability;
+  /**
+   * Where the link is bound (a layer's compute shorter than a read), the precision
+   * above which a read for the next lookup is staged (-1 where the link model
+   * judges).
+   */
+  double break_even_precision;
 } mc_plan_report;
 
 #ifdef __cplusplus
@@ -465,7 +471,8 @@ int mc_planner_read_done(struct mc_planner *p, double seconds);
 int mc_planner_read_issued(struct mc_planner *p, double seconds);
 
 /**
- * The decode thread waited `seconds` for a read (the layer's own time excludes it).
+ * A layer's demand reads held the decode thread `seconds` (waiting for them, or
+ * working meanwhile, as on a forecast): the layer's own compute excludes it.
  *
  * # Safety
  * `p` is a live planner.

@@ -35,6 +35,10 @@ pub struct mc_plan_report {
     /// The mean calibrated probability of the forecasts offered with a probability
     /// (-1 before any).
     pub calibrated_probability: f64,
+    /// Where the link is bound (a layer's compute shorter than a read), the precision
+    /// above which a read for the next lookup is staged (-1 where the link model
+    /// judges).
+    pub break_even_precision: f64,
 }
 
 fn planner_error(e: planner::StagingError) -> Failure {
@@ -163,7 +167,8 @@ pub unsafe extern "C" fn mc_planner_read_issued(p: *mut mc_planner, seconds: f64
     })
 }
 
-/// The decode thread waited `seconds` for a read (the layer's own time excludes it).
+/// A layer's demand reads held the decode thread `seconds` (waiting for them, or
+/// working meanwhile, as on a forecast): the layer's own compute excludes it.
 ///
 /// # Safety
 /// `p` is a live planner.
@@ -265,6 +270,7 @@ pub unsafe extern "C" fn mc_planner_report(
             read_us: s.read_us,
             layer_us: s.layer_period_us,
             calibrated_probability: s.calibrated_probability.unwrap_or(-1.0),
+            break_even_precision: s.break_even_precision.unwrap_or(-1.0),
         };
         Ok(())
     })

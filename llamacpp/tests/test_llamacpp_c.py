@@ -307,12 +307,14 @@ def test_c_harness_logs_each_step_for_the_read_cost_fit(work, tmp_path):
     appears only when the run ends. llamacpp/step_costs.py fits what a staged and a
     demand read add to a step from it (at 10% resident every routed expert is staged or
     read on demand, 12 a step, and the two cannot be told apart; at 25% some are
-    resident), and refuses a log it cannot read, naming the line."""
+    resident), and refuses a log it cannot read, naming the line. -L breaks the table's
+    staged and demand reads down by MoE layer: they add up to its columns, and no layer
+    uses more staged experts than were staged for it."""
     steps = tmp_path / "steps.csv"
     predictor = [str(work / "predictor")] if (work / "predictor").exists() else []
     modes = ["on-demand", "oracle"] + (["planned"] if predictor else [])
     run = subprocess.run([os.environ["MOECAST_PREFETCH_C"], "-p", str(work / "ref.jsonl"), "-N", "120", "-r", "25",
-                          "-b", "auto,oracle", "-G", "-t", "10,1000", "-R", "2", "-s", str(steps),
+                          "-b", "auto,oracle", "-G", "-t", "10,1000", "-R", "2", "-s", str(steps), "-L",
                           str(work / "tiny.f32.gguf"), *predictor], check=True, capture_output=True, text=True)
     out = run.stdout
     print("\n" + out)
@@ -331,6 +333,22 @@ def test_c_harness_logs_each_step_for_the_read_cost_fit(work, tmp_path):
         assert abs(demand_mb - float(table[2])) < 0.01, (mode, demand_mb, table)
         staged = sum(int(r[4]) for r in mine)
         assert staged == 0 if mode == "on-demand" else staged > 100, (mode, staged)
+    header = out.splitlines().index(next(l for l in out.splitlines() if l.startswith("per MoE layer"))) + 1
+    names = out.splitlines()[header].split()[1:]
+    assert sorted(names) == sorted(modes), names
+    lines = out.splitlines()[header + 1:]
+    lines = lines[:next((i for i, l in enumerate(lines) if not l[:5].strip().isdigit()), len(lines))]
+    assert [int(l.split()[0]) for l in lines] == list(range(len(lines))) and lines, out
+    layers = [re.findall(r"(\d+) \((\d+)\) / (\d+)", l) for l in lines]
+    assert all(len(cells) == len(names) for cells in layers), layers
+    for m, mode in enumerate(names):
+        table = next(l.split() for l in out.splitlines() if l.startswith(mode + " "))
+        staged, used, demand = (sum(int(cells[m][i]) for cells in layers) for i in range(3))
+        leeway = len(layers) * expert_bytes / 1e6  # a round's mean, each layer's rounded
+        assert abs(demand * expert_bytes / 1e6 - float(table[2])) <= leeway, (mode, demand, table)
+        assert abs(staged * expert_bytes / 1e6 - float(table[3])) <= leeway, (mode, staged, table)
+        assert all(int(c[m][1]) <= int(c[m][0]) for c in layers), (mode, layers)
+        assert (staged == 0) == (mode == "on-demand"), (mode, staged)
     assert all(r[2] == "0" for r in rows if r[0] == "on-demand")
     assert all(r[2] == "1" for r in rows if r[0] != "on-demand")
     fit = tool("step_costs.py", steps, "--json", tmp_path / "fit.json")

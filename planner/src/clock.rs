@@ -88,6 +88,12 @@ impl PlanClock {
         self.read_us
     }
 
+    /// A layer's time without its stalls, lookup to lookup (`None` before two lookups
+    /// of a token).
+    pub fn compute_us(&self) -> Option<f64> {
+        self.compute_us
+    }
+
     /// A decode step starts.
     pub fn token_started(&mut self) {
         self.moment += 1;
@@ -112,7 +118,8 @@ impl PlanClock {
         self.stall_us = 0.0;
     }
 
-    /// The decode thread waited `seconds` for a read.
+    /// A layer's demand reads held the decode thread `seconds` (waiting for them, or
+    /// working meanwhile, as on a forecast): the layer's own compute excludes it.
     pub fn stalled(&mut self, seconds: f64) {
         self.stall_us += seconds * 1e6;
     }

@@ -37,6 +37,11 @@
 //! layer's routing. Runtimes outside them (through the C ABI and Python) use it through
 //! [`StagingPlanner`], which keeps the link's state and the clock itself.
 //!
+//! A runtime whose link cannot hide one read in a layer's compute (link-bound, as a
+//! page cache read from an SSD on a small machine is) plans otherwise: see
+//! [`StagingPlanner`]; the planner then issues a candidate when `p` exceeds a
+//! break-even precision ([`PrefetchPlanner::set_break_even`]).
+//!
 //! What the model of the link leaves out (a read's CPU time, taken from the compute on a
 //! small machine; the predictor's own calls) is measured by [`PrefetchGuard`]: decode
 //! steps in windows with prefetch on or off, the faster setting kept.
@@ -204,6 +209,10 @@ pub struct PlannerState {
     /// without such offers).
     pub offered_probability: Option<f64>,
     pub calibrated_probability: Option<f64>,
+    /// The precision above which a read is issued, where a runtime's link is bound
+    /// ([`StagingPlanner`]; `None`: the link model judges).
+    #[serde(default)]
+    pub break_even_precision: Option<f64>,
 }
 
 const PROB_BINS: usize = 20;
@@ -253,6 +262,9 @@ pub struct PrefetchPlanner {
     /// prefetches issued since the last lookup.
     insertions_per_lookup: f64,
     issued_since: u64,
+    /// Issue a candidate when its calibrated probability exceeds this (a link-bound
+    /// runtime's), instead of weighing its saving against its costs.
+    break_even: Option<f64>,
     pub counts: PlannerCounts,
 }
 
@@ -284,6 +296,7 @@ impl PrefetchPlanner {
             deferred: Vec::new(),
             insertions_per_lookup: 1.0,
             issued_since: 0,
+            break_even: None,
             counts: PlannerCounts::default(),
         }
     }
@@ -315,12 +328,27 @@ impl PrefetchPlanner {
             background_probability: self.background_probability(),
             offered_probability: mean(said),
             calibrated_probability: mean(used),
+            break_even_precision: self.break_even,
         }
     }
 
     /// New timings (a runtime that measures them as it goes).
     pub fn set_settings(&mut self, settings: PlannerSettings) {
         self.settings = settings;
+    }
+
+    /// Judge timed candidates by precision alone: issue one (not late, not outliving
+    /// its cache entry) when its calibrated probability exceeds `precision` (`None`:
+    /// weigh its saving against its costs).
+    pub fn set_break_even(&mut self, precision: Option<f64>) {
+        self.break_even = precision;
+    }
+
+    /// Keeps `c` for decode step `token` without judging it now (a runtime that reads
+    /// only for its next lookup holds the further ones): counted not worth a read now.
+    pub fn hold(&mut self, c: Candidate, token: u64) {
+        self.counts.not_worth += 1;
+        self.defer(c, token);
     }
 
     /// `c`'s bin (its probability's, or its rank's when it has none), and that bin at
@@ -491,7 +519,11 @@ impl PrefetchPlanner {
             } else {
                 (p, victim)
             };
-            if gain > cost {
+            let issue = match self.break_even {
+                Some(precision) if s.read_us > 0.0 => p > precision,
+                _ => gain > cost,
+            };
+            if issue {
                 Verdict::Issue
             } else {
                 Verdict::NotWorth

@@ -57,7 +57,13 @@ pub struct LinkQueue {
 
 /// The planner of a runtime that stages experts itself. Staged reads are assumed to go
 /// one after another behind the reads already queued, each taking the link's measured
-/// time per read, and a demand read to wait for a staged read on the link in full. The
+/// time per read, and a demand read to wait for a staged read on the link in full.
+///
+/// Where a layer's compute is shorter than a read, the link cannot hide even one read a
+/// layer: it is bound, and reads only pay for the next lookup, judged by precision
+/// ([`Self::break_even_precision`]); a forecast for a later lookup is held until its
+/// layer's lookup is the next (a read for it now would take the link time that the
+/// next lookup's own, surer forecast needs). Otherwise the link model judges. The
 /// runtime should tell it what staged reads evict ([`Self::evicted`]) and let a staged
 /// expert its layer routed without be the first to go (`planner/tests/runtime.rs`
 /// measures such a runtime).
@@ -215,7 +221,8 @@ impl StagingPlanner {
         Ok(())
     }
 
-    /// The decode thread waited `seconds` for a read.
+    /// A layer's demand reads held the decode thread `seconds` (waiting for them, or
+    /// working meanwhile, as on a forecast): the layer's own compute excludes it.
     pub fn stalled(&mut self, seconds: f64) -> Result<(), StagingError> {
         self.clock.stalled(duration("stall", seconds)?);
         Ok(())
@@ -268,6 +275,8 @@ impl StagingPlanner {
             .merge_deferred(&mut offered, self.token, self.next_layer);
         let s = self.clock.settings(*self.planner.settings(), 1.0);
         self.planner.set_settings(s);
+        let bound = self.break_even_precision();
+        self.planner.set_break_even(bound);
         let now = self.clock.link(0.0);
         let limit = self.staging_limit();
         let mut issued = Vec::new();
@@ -276,6 +285,13 @@ impl StagingPlanner {
                 break;
             }
             if self.staged.contains(&c.id) {
+                continue;
+            }
+            // The decode step whose lookup of its layer comes next.
+            let (_, next_token) = lookups_until(c.id as usize / e, self.next_layer, n);
+            let token = self.token + u64::from(next_token);
+            if bound.is_some() && c.layers_ahead > 0 {
+                self.planner.hold(c, token);
                 continue;
             }
             let reads_before = (queue.queued_reads + issued.len()) as f64;
@@ -288,19 +304,30 @@ impl StagingPlanner {
             } else {
                 self.planner.background_probability()
             };
-            // The decode step whose lookup of its layer comes next.
-            let (_, next_token) = lookups_until(c.id as usize / e, self.next_layer, n);
             match self.planner.judge(&c, &link, victim) {
                 Verdict::Issue => {
                     self.staged.insert(c.id);
                     issued.push(c.id);
                 }
-                Verdict::NotWorth => self.planner.defer(c, self.token + u64::from(next_token)),
+                Verdict::NotWorth => self.planner.defer(c, token),
                 Verdict::Late => {}
             }
         }
         self.staged_since_lookup += issued.len();
         Ok(issued)
+    }
+
+    /// Where the link is bound (a layer's compute `C` shorter than a read `R`), the
+    /// precision above which a read for the next lookup pays: a right one hides at most
+    /// the compute before that lookup, and a wrong one holds the link a whole read
+    /// ahead of the demand reads that follow, and took `I` of the decoding thread to
+    /// issue; so it pays where `p * C > (1 - p) * R + I`, above `(R + I) / (C + R)`.
+    /// `None` where the link can hide a read a layer, or before it is timed.
+    pub fn break_even_precision(&self) -> Option<f64> {
+        let s = self.clock.settings(*self.planner.settings(), 1.0);
+        let compute = self.clock.compute_us()?;
+        (s.read_us > 0.0 && compute < s.read_us)
+            .then(|| ((s.read_us + s.issue_us) / (compute + s.read_us)).min(1.0))
     }
 
     /// Reads staged per lookup at most: where demand paging alone lets a cache entry
@@ -333,6 +360,7 @@ impl StagingPlanner {
             read_us: s.read_us,
             chunk_us: s.chunk_us,
             layer_period_us: s.layer_period_us,
+            break_even_precision: self.break_even_precision(),
             ..self.planner.state()
         }
     }

@@ -42,6 +42,10 @@ fn certain_forecasts_are_staged_only_when_the_link_can_bring_them_in_time() {
     assert_eq!(fast.counts().issued, 2);
     let s = fast.state();
     assert_eq!((s.read_us, s.layer_period_us), (100.0, 1000.0));
+    assert_eq!(
+        s.break_even_precision, None,
+        "the link hides a read a layer"
+    );
 
     let mut slow = planner(100_000.0);
     slow.token_started();
@@ -50,6 +54,37 @@ fn certain_forecasts_are_staged_only_when_the_link_can_bring_them_in_time() {
         .unwrap();
     assert!(staged.is_empty(), "{staged:?}");
     assert_eq!(slow.counts().offered, 2);
+}
+
+/// Reads twice a layer long: the link cannot hide one a layer, so only the next
+/// lookup's forecasts are read, those above (R + I) / (C + R) = 2000 / 3000; a forecast
+/// for a later lookup is held until its lookup is the next, then read if sure enough.
+#[test]
+fn a_bound_link_reads_only_for_the_next_lookup_above_the_break_even_precision() {
+    let mut p = planner(2000.0);
+    let precision = p.state().break_even_precision.expect("link-bound");
+    assert!((precision - 2.0 / 3.0).abs() < 1e-9, "{precision}");
+    p.token_started();
+    let staged = p.plan(1, &[3], Some(&[0.99]), None, FULL, 8).unwrap();
+    assert!(
+        staged.is_empty(),
+        "layer 1 is not the next lookup: {staged:?}"
+    );
+    assert_eq!(p.counts().not_worth, 1);
+    p.layer_routed(0, &[0, 1], 2).unwrap();
+    let staged = p.plan(2, &[4], Some(&[0.99]), None, FULL, 8).unwrap();
+    assert_eq!(
+        staged,
+        [id(1, 3)],
+        "held, then read once its lookup is the next"
+    );
+    p.layer_routed(1, &[3, 9], 1).unwrap();
+    let staged = p.plan(2, &[7], Some(&[0.3]), None, FULL, 8).unwrap();
+    assert_eq!(
+        staged,
+        [id(2, 4)],
+        "a 0.3 forecast stays below the break-even precision"
+    );
 }
 
 /// A staged read that takes the decoding thread's time is charged it: an even chance of

@@ -197,7 +197,8 @@ class Planner:
         self._p.read_issued(float(seconds))
 
     def stalled(self, seconds):
-        """The decode thread waited `seconds` for a read."""
+        """A layer's demand reads held the decode thread `seconds` (waiting for them, or
+        working meanwhile, as on a forecast): the layer's own compute excludes it."""
         self._p.stalled(float(seconds))
 
     def plan(self, layer, ranking, probs=None, resident=None, queued_reads=0, free_slots=0,

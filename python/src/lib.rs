@@ -396,7 +396,8 @@ impl Planner {
         self.planner.read_issued(seconds).map_err(err)
     }
 
-    /// The decode thread waited `seconds` for a read.
+    /// A layer's demand reads held the decode thread `seconds` (waiting for them, or
+    /// working meanwhile, as on a forecast): the layer's own compute excludes it.
     fn stalled(&mut self, seconds: f64) -> PyResult<()> {
         self.planner.stalled(seconds).map_err(err)
     }
@@ -456,6 +457,7 @@ impl Planner {
         d.set_item("read_us", s.read_us)?;
         d.set_item("layer_us", s.layer_period_us)?;
         d.set_item("calibrated_probability", s.calibrated_probability)?;
+        d.set_item("break_even_precision", s.break_even_precision)?;
         Ok(d)
     }
 }
