@@ -265,8 +265,9 @@ void use_experts(Residency *r, int l, const int *ids, int k, int decode, int cou
     double t0 = now_s(); /* the request blocks while the device's queue is full */
     for (int j = 0; j < k; j++)
         if (!resident[j]) read_expert(r, base + ids[j]);
-    /* the forecast's time is work, not a stall; reads that all landed during it took an
-     * unknown part of it, so they are not timed */
+    /* the forecast's time is work, not a stall (the table's stall column), but not the
+     * layer's compute either (the planner is told it with the reads); reads that all
+     * landed during it took an unknown part of it, so they are not timed */
     double t1 = t0;
     int timed = 1;
     if (missing && meanwhile) {

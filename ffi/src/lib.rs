@@ -18,7 +18,8 @@
 //! told when each token starts and each layer routes and how long reads take, and
 //! answers each forecast offered to it (`mc_planner_plan`) with the experts to stage
 //! now: a read that cannot arrive in time or would delay demand reads more than it
-//! saves is not staged. A guard (`mc_guard_new`) told each decode step's time
+//! saves is not staged (where a layer computes for less than a read takes, only reads
+//! for the next lookup above a break-even precision are). A guard (`mc_guard_new`) told each decode step's time
 //! (`mc_guard_step_done`) says whether the next step should prefetch at all
 //! (`mc_guard_enabled`): prefetch runs in the windows of steps where it measures faster.
 //!

@@ -88,8 +88,8 @@ impl PlanClock {
         self.read_us
     }
 
-    /// A layer's time without its stalls, lookup to lookup (`None` before two lookups
-    /// of a token).
+    /// A layer's time without its stalls, lookup to lookup (the stated layer time; else
+    /// `None` before two lookups of a token).
     pub fn compute_us(&self) -> Option<f64> {
         self.compute_us
     }

@@ -337,18 +337,11 @@ impl PrefetchPlanner {
         self.settings = settings;
     }
 
-    /// Judge timed candidates by precision alone: issue one (not late, not outliving
-    /// its cache entry) when its calibrated probability exceeds `precision` (`None`:
-    /// weigh its saving against its costs).
+    /// Judge timed candidates by precision: issue one (not late, not outliving its
+    /// cache entry) when its calibrated probability exceeds `precision` plus its
+    /// victim's (`None`: weigh its saving against its costs).
     pub fn set_break_even(&mut self, precision: Option<f64>) {
         self.break_even = precision;
-    }
-
-    /// Keeps `c` for decode step `token` without judging it now (a runtime that reads
-    /// only for its next lookup holds the further ones): counted not worth a read now.
-    pub fn hold(&mut self, c: Candidate, token: u64) {
-        self.counts.not_worth += 1;
-        self.defer(c, token);
     }
 
     /// `c`'s bin (its probability's, or its rank's when it has none), and that bin at
@@ -426,8 +419,8 @@ impl PrefetchPlanner {
         self.pending.insert(c.id, Self::bin(c));
     }
 
-    /// Keeps `c` (for decode step `token`), judged not worth a read now, to be offered
-    /// again at the next moment.
+    /// Keeps `c` (for decode step `token`), judged not worth a read now (or not judged
+    /// yet), to be offered again at the next moment.
     pub fn defer(&mut self, c: Candidate, token: u64) {
         if !self.deferred.iter().any(|(d, _)| d.id == c.id) {
             self.deferred.push((c, token));
@@ -520,7 +513,7 @@ impl PrefetchPlanner {
                 (p, victim)
             };
             let issue = match self.break_even {
-                Some(precision) if s.read_us > 0.0 => p > precision,
+                Some(precision) if s.read_us > 0.0 => p > precision + victim,
                 _ => gain > cost,
             };
             if issue {

@@ -61,7 +61,8 @@ pub struct LinkQueue {
 ///
 /// Where a layer's compute is shorter than a read, the link cannot hide even one read a
 /// layer: it is bound, and reads only pay for the next lookup, judged by precision
-/// ([`Self::break_even_precision`]); a forecast for a later lookup is held until its
+/// ([`Self::break_even_precision`], plus the probability that the expert a read evicts
+/// is needed); a forecast for a later lookup is held until its
 /// layer's lookup is the next (a read for it now would take the link time that the
 /// next lookup's own, surer forecast needs). Otherwise the link model judges. The
 /// runtime should tell it what staged reads evict ([`Self::evicted`]) and let a staged
@@ -281,17 +282,18 @@ impl StagingPlanner {
         let limit = self.staging_limit();
         let mut issued = Vec::new();
         for (_, c) in offered {
+            // The decode step whose lookup of its layer comes next.
+            let (_, next_token) = lookups_until(c.id as usize / e, self.next_layer, n);
+            let token = self.token + u64::from(next_token);
             if issued.len() == room || self.staged_since_lookup + issued.len() >= limit {
-                break;
+                self.planner.defer(c, token); // offered again at the next moment
+                continue;
             }
             if self.staged.contains(&c.id) {
                 continue;
             }
-            // The decode step whose lookup of its layer comes next.
-            let (_, next_token) = lookups_until(c.id as usize / e, self.next_layer, n);
-            let token = self.token + u64::from(next_token);
             if bound.is_some() && c.layers_ahead > 0 {
-                self.planner.hold(c, token);
+                self.planner.defer(c, token); // judged once its lookup is the next
                 continue;
             }
             let reads_before = (queue.queued_reads + issued.len()) as f64;
@@ -318,16 +320,17 @@ impl StagingPlanner {
     }
 
     /// Where the link is bound (a layer's compute `C` shorter than a read `R`), the
-    /// precision above which a read for the next lookup pays: a right one hides at most
-    /// the compute before that lookup, and a wrong one holds the link a whole read
-    /// ahead of the demand reads that follow, and took `I` of the decoding thread to
-    /// issue; so it pays where `p * C > (1 - p) * R + I`, above `(R + I) / (C + R)`.
-    /// `None` where the link can hide a read a layer, or before it is timed.
+    /// precision above which a read for the next lookup pays. Issued now, beside the
+    /// compute before that lookup, a right one saves `C` of the stall there; a wrong
+    /// one holds the link `R - C` past the lookup, ahead of its demand reads, and took
+    /// `I` of the decoding thread to issue. So it pays where
+    /// `p * C > (1 - p) * (R - C) + I`, above `(R - C + I) / R`. `None` where the link
+    /// can hide a read a layer, or before it is timed.
     pub fn break_even_precision(&self) -> Option<f64> {
         let s = self.clock.settings(*self.planner.settings(), 1.0);
         let compute = self.clock.compute_us()?;
         (s.read_us > 0.0 && compute < s.read_us)
-            .then(|| ((s.read_us + s.issue_us) / (compute + s.read_us)).min(1.0))
+            .then(|| ((s.read_us - compute + s.issue_us) / s.read_us).min(1.0))
     }
 
     /// Reads staged per lookup at most: where demand paging alone lets a cache entry

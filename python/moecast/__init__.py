@@ -159,7 +159,9 @@ class Planner:
     experts are worth a read now, from how sure the forecasts have proved (calibrated
     as the model decodes), the link's time per read and the time between layers. A read
     that cannot arrive before its layer needs it, or that would delay demand reads by
-    more than it saves, is not staged.
+    more than it saves, is not staged. Where a layer computes for less than a read takes
+    (the link is bound), it reads only for the next lookup, forecasts above a
+    break-even precision (docs/guide.md).
 
     Tell it each decode step's start (`token_started`), each MoE layer's routing with its
     demand reads (`layer_routed`) and each read's link time (`read_done`); offer it each
@@ -217,8 +219,9 @@ class Planner:
                             None if room is None else int(room))
 
     def report(self):
-        """Offered, staged, late, not_worth counts; read_us, layer_us, and the mean
-        calibrated probability of the forecasts offered (None before any)."""
+        """Offered, staged, late, not_worth counts; read_us, layer_us, the mean
+        calibrated probability of the forecasts offered (None before any), and the
+        break-even precision where the link is bound (else None)."""
         return dict(self._p.report())
 
 
