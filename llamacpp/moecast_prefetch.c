@@ -391,7 +391,7 @@ int main(int argc, char **argv) {
             mode_name(&modes[mode], name, sizeof name);
             char rule[64] = "the link model judges";
             if (p->break_even_precision >= 0)
-                snprintf(rule, sizeof rule, "link-bound: next lookup, precision > %.2f", p->break_even_precision);
+                snprintf(rule, sizeof rule, "link-bound: next lookup, precision > %.2f + evicted", p->break_even_precision);
             printf("planner (%s, last round): offered %llu, staged %llu, too late %llu, not worth a read %llu; read %.0f us, "
                    "layer %.0f us, %s; %llu of %llu steps without prefetch (all rounds, one guard)\n", name,
                    (unsigned long long)p->offered, (unsigned long long)p->staged, (unsigned long long)p->late,

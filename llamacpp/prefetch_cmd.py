@@ -143,7 +143,10 @@ def cmd_prefetch(args):
                   f"{100 * out['resident_when_used']:.1f}% resident when used", file=sys.stderr, flush=True)
     summary = {}
     for name, outs in runs.items():
-        s = {k: float(np.mean([o[k] for o in outs])) for k in outs[0]}
+        # a figure some rounds lack (the planner's break-even precision, where its link
+        # measured bound in some rounds only) is the mean of those that have it
+        keys = dict.fromkeys(k for o in outs for k in o)
+        s = {k: float(np.mean([o[k] for o in outs if k in o])) for k in keys}
         s["tokens_per_s_rounds"] = [o["tokens_per_s"] for o in outs]
         summary[name] = s
     base = summary["on-demand"]

@@ -138,8 +138,8 @@ typedef struct mc_plan_report {
   double calibrated_probability;
   /**
    * Where the link is bound (a layer's compute shorter than a read), the precision
-   * above which a read for the next lookup is staged (-1 where the link model
-   * judges).
+   * above which a read for the next lookup is staged, less the probability that the
+   * expert it evicts is needed (-1 where the link model judges).
    */
   double break_even_precision;
 } mc_plan_report;

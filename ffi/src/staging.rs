@@ -36,8 +36,8 @@ pub struct mc_plan_report {
     /// (-1 before any).
     pub calibrated_probability: f64,
     /// Where the link is bound (a layer's compute shorter than a read), the precision
-    /// above which a read for the next lookup is staged (-1 where the link model
-    /// judges).
+    /// above which a read for the next lookup is staged, less the probability that the
+    /// expert it evicts is needed (-1 where the link model judges).
     pub break_even_precision: f64,
 }
 

@@ -40,7 +40,7 @@
 //! A runtime whose link cannot hide one read in a layer's compute (link-bound, as a
 //! page cache read from an SSD on a small machine is) plans otherwise: see
 //! [`StagingPlanner`]; the planner then issues a candidate when `p` exceeds a
-//! break-even precision ([`PrefetchPlanner::set_break_even`]).
+//! break-even precision plus `p_victim` ([`PrefetchPlanner::set_break_even`]).
 //!
 //! What the model of the link leaves out (a read's CPU time, taken from the compute on a
 //! small machine; the predictor's own calls) is measured by [`PrefetchGuard`]: decode

@@ -32,7 +32,8 @@ const FULL: LinkQueue = LinkQueue {
 /// Certain forecasts are staged when a read takes a tenth of a layer; with reads a
 /// hundred layers long the link is bound, a read for a later lookup is not made, and
 /// one for the next saves a layer of a hundred: only a forecast surer than 0.99 would
-/// pay, and a claimed 1.0 is calibrated below that until it has come true often.
+/// pay (into a free slot), and a claimed 1.0 is calibrated below that (0.975) until it
+/// has come true often.
 #[test]
 fn certain_forecasts_are_staged_only_when_the_link_can_bring_them_in_time() {
     let mut fast = planner(100.0);
@@ -49,15 +50,22 @@ fn certain_forecasts_are_staged_only_when_the_link_can_bring_them_in_time() {
         "the link hides a read a layer"
     );
 
+    let free = LinkQueue {
+        queued_reads: 0,
+        free_slots: 8,
+    };
     let mut slow = planner(100_000.0);
+    let precision = slow.state().break_even_precision.expect("link-bound");
+    assert!((precision - 0.99).abs() < 1e-9, "{precision}");
     slow.token_started();
     for layer in [1, 0] {
         let staged = slow
-            .plan(layer, &[3, 5], Some(&[1.0, 1.0]), None, FULL, 8)
+            .plan(layer, &[3, 5], Some(&[1.0, 1.0]), None, free, 8)
             .unwrap();
         assert!(staged.is_empty(), "layer {layer}: {staged:?}");
     }
-    assert_eq!(slow.counts().offered, 4);
+    let c = slow.counts();
+    assert_eq!((c.offered, c.issued, c.late, c.not_worth), (4, 0, 0, 2));
 }
 
 /// Reads twice a layer long: the link cannot hide one a layer, so only the next
@@ -96,6 +104,16 @@ fn a_bound_link_reads_only_for_the_next_lookup_above_the_break_even_precision() 
     assert_eq!((c.issued, c.late, c.not_worth), (1, 0, 1), "0.4 declined");
     let staged = p.plan(1, &[7], Some(&[0.6]), None, free, 8).unwrap();
     assert_eq!(staged, [id(1, 7)]);
+    // no free slot: the evicted expert's prior probability, 2 / 16, joins the bar
+    // (0.625): a calibrated 0.675 passes (the link model declined it: 675 us saved
+    // against 250 us of eviction and 530 of delay), a 0.575 does not
+    let staged = p.plan(1, &[8], Some(&[0.68]), None, FULL, 8).unwrap();
+    assert_eq!(staged, [id(1, 8)]);
+    assert!(p
+        .plan(1, &[10], Some(&[0.55]), None, FULL, 8)
+        .unwrap()
+        .is_empty());
+    assert_eq!(p.counts().late, 1, "only the re-offered 0.4 behind a read");
 }
 
 /// A staged read that takes the decoding thread's time is charged it: an even chance of
