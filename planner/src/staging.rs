@@ -276,7 +276,7 @@ impl StagingPlanner {
             .merge_deferred(&mut offered, self.token, self.next_layer);
         let s = self.clock.settings(*self.planner.settings(), 1.0);
         self.planner.set_settings(s);
-        let bound = self.break_even_precision();
+        let bound = self.precision_at(&s);
         self.planner.set_break_even(bound);
         let now = self.clock.link(0.0);
         let limit = self.staging_limit();
@@ -327,7 +327,11 @@ impl StagingPlanner {
     /// `p * C > (1 - p) * (R - C) + I`, above `(R - C + I) / R`. `None` where the link
     /// can hide a read a layer, or before it is timed.
     pub fn break_even_precision(&self) -> Option<f64> {
-        let s = self.clock.settings(*self.planner.settings(), 1.0);
+        self.precision_at(&self.clock.settings(*self.planner.settings(), 1.0))
+    }
+
+    /// [`Self::break_even_precision`] with the timings `s` now.
+    fn precision_at(&self, s: &PlannerSettings) -> Option<f64> {
         let compute = self.clock.compute_us()?;
         (s.read_us > 0.0 && compute < s.read_us)
             .then(|| ((s.read_us - compute + s.issue_us) / s.read_us).min(1.0))
@@ -363,7 +367,7 @@ impl StagingPlanner {
             read_us: s.read_us,
             chunk_us: s.chunk_us,
             layer_period_us: s.layer_period_us,
-            break_even_precision: self.break_even_precision(),
+            break_even_precision: self.precision_at(&s),
             ..self.planner.state()
         }
     }

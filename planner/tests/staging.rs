@@ -24,6 +24,12 @@ fn id(layer: usize, expert: u16) -> u32 {
     (layer * EXPERTS) as u32 + expert as u32
 }
 
+/// Room for every read: no victim.
+const FREE: LinkQueue = LinkQueue {
+    queued_reads: 0,
+    free_slots: 8,
+};
+
 const FULL: LinkQueue = LinkQueue {
     queued_reads: 0,
     free_slots: 0,
@@ -50,17 +56,13 @@ fn certain_forecasts_are_staged_only_when_the_link_can_bring_them_in_time() {
         "the link hides a read a layer"
     );
 
-    let free = LinkQueue {
-        queued_reads: 0,
-        free_slots: 8,
-    };
     let mut slow = planner(100_000.0);
     let precision = slow.state().break_even_precision.expect("link-bound");
     assert!((precision - 0.99).abs() < 1e-9, "{precision}");
     slow.token_started();
     for layer in [1, 0] {
         let staged = slow
-            .plan(layer, &[3, 5], Some(&[1.0, 1.0]), None, free, 8)
+            .plan(layer, &[3, 5], Some(&[1.0, 1.0]), None, FREE, 8)
             .unwrap();
         assert!(staged.is_empty(), "layer {layer}: {staged:?}");
     }
@@ -75,21 +77,17 @@ fn certain_forecasts_are_staged_only_when_the_link_can_bring_them_in_time() {
 /// precision declined it), a 0.63 passes.
 #[test]
 fn a_bound_link_reads_only_for_the_next_lookup_above_the_break_even_precision() {
-    let free = LinkQueue {
-        queued_reads: 0,
-        free_slots: 8,
-    };
     let mut p = planner(2000.0);
     let precision = p.state().break_even_precision.expect("link-bound");
     assert!((precision - 0.5).abs() < 1e-9, "{precision}");
     p.token_started();
-    let held = p.plan(1, &[3], Some(&[0.99]), None, free, 8).unwrap();
+    let held = p.plan(1, &[3], Some(&[0.99]), None, FREE, 8).unwrap();
     assert!(held.is_empty(), "layer 1 is not the next lookup: {held:?}");
     assert_eq!((p.counts().offered, p.counts().not_worth), (1, 0));
     p.layer_routed(0, &[0, 1], 2).unwrap();
     // another forecast of layer 1, of a resident expert: the held one is judged now
     let staged = p
-        .plan(1, &[9], Some(&[0.99]), Some(&[true]), free, 8)
+        .plan(1, &[9], Some(&[0.99]), Some(&[true]), FREE, 8)
         .unwrap();
     assert_eq!(
         staged,
@@ -97,12 +95,12 @@ fn a_bound_link_reads_only_for_the_next_lookup_above_the_break_even_precision() 
         "held, then read once its lookup is next"
     );
     assert!(p
-        .plan(1, &[6], Some(&[0.4]), None, free, 8)
+        .plan(1, &[6], Some(&[0.4]), None, FREE, 8)
         .unwrap()
         .is_empty());
     let c = p.counts();
     assert_eq!((c.issued, c.late, c.not_worth), (1, 0, 1), "0.4 declined");
-    let staged = p.plan(1, &[7], Some(&[0.6]), None, free, 8).unwrap();
+    let staged = p.plan(1, &[7], Some(&[0.6]), None, FREE, 8).unwrap();
     assert_eq!(staged, [id(1, 7)]);
     // no free slot: the evicted expert's prior probability, 2 / 16, joins the bar
     // (0.625): a calibrated 0.675 passes (the link model declined it: 675 us saved
@@ -121,16 +119,12 @@ fn a_bound_link_reads_only_for_the_next_lookup_above_the_break_even_precision() 
 /// thread 80 us to issue; a sure forecast still pays for that. Free slots: no victim.
 #[test]
 fn the_time_a_staged_read_takes_to_issue_is_charged() {
-    let free = LinkQueue {
-        queued_reads: 0,
-        free_slots: 8,
-    };
     for (issue_s, claimed, staged) in [(10e-6, 0.5, true), (80e-6, 0.5, false), (80e-6, 1.0, true)]
     {
         let mut p = planner(100.0);
         p.token_started();
         p.read_issued(issue_s).unwrap();
-        let out = p.plan(2, &[3], Some(&[claimed]), None, free, 8).unwrap();
+        let out = p.plan(2, &[3], Some(&[claimed]), None, FREE, 8).unwrap();
         assert_eq!(
             out.len(),
             usize::from(staged),
