@@ -101,7 +101,9 @@ llamacpp:
 # (bench-c-R.txt); with -a on a prefetcher thread of their own, llama.cpp on one thread
 # fewer while forecasting (bench-c-R-a.txt); and by default on one llama.cpp thread
 # (bench-c-R-j1.txt). The default run adds the oracle (planned from the trace's own
-# experts) and prints each mode's share of its gain over on demand. The C runs have the
+# experts) and prints each mode's share of its gain over on demand, and on demand with
+# the least recently used expert dropped (on-demand-lru) beside the default, the least
+# frequently used (both harnesses' resident sets). The C runs have the
 # modes take turns every 8 steps over the same tokens (-W 8: the machine's drift falls on
 # every mode alike) and print 90% intervals over those windows; the Python runs
 # alternate whole rounds, an even number of them, so a steady drift cancels.
@@ -113,7 +115,7 @@ llamacpp-bench: $(TARGET)/moecast_prefetch
 	for r in 10 25 100; do $(LLAMA_PY) prefetch --model $(LLAMA)/synth.f16.gguf --replay $(LLAMA)/heldout.mctrace \
 	  --replay-tokens 200 --predictor $(LLAMA)/predictor --resident $$r% --threads 2 --rounds 4 \
 	  --json $(LLAMA)/bench-$$r.json || exit 1; done
-	for r in 10 25 100; do for f in "" "-a" "-j 1"; do b=auto,1; test -n "$$f" -o $$r = 100 || b=auto,1,oracle; \
+	for r in 10 25 100; do for f in "" "-a" "-j 1"; do b=auto,1; test -n "$$f" -o $$r = 100 || b=lru,auto,1,oracle; \
 	  $(TARGET)/moecast_prefetch -p $(LLAMA)/heldout.mctrace -N 200 -b $$b $$f -r $$r \
 	  -R 2 -W 8 $(LLAMA)/synth.f16.gguf $(LLAMA)/predictor > $(LLAMA)/bench-c.tmp || { rm -f $(LLAMA)/bench-c.tmp; exit 1; }; \
 	  out=$(LLAMA)/bench-c-$$r$$(echo "$$f" | tr -d ' ').txt; mv $(LLAMA)/bench-c.tmp $$out; cat $$out; done; done
@@ -198,7 +200,7 @@ LLAMA_C = llamacpp/moecast_prefetch.c llamacpp/mode_round.c llamacpp/decoder.c l
 $(TARGET)/moecast_prefetch: $(LLAMA_C) $(wildcard llamacpp/*.h) ffi/include/moecast.h
 	$(CARGO) build --workspace
 	cc -O2 -Wall -o $@ $(LLAMA_C) -I$(LLAMA_SP)/include -Iffi/include -L$(LLAMA_SP)/llama_cpp/lib -L$(TARGET)/debug \
-	  -lllama -lggml -lggml-base -lmoecast -lpthread -Wl,-rpath,$(LLAMA_SP)/llama_cpp/lib -Wl,-rpath,$(abspath $(TARGET))/debug
+	  -lllama -lggml -lggml-base -lmoecast -lpthread -lm -Wl,-rpath,$(LLAMA_SP)/llama_cpp/lib -Wl,-rpath,$(abspath $(TARGET))/debug
 
 header:
 	MOECAST_WRITE_HEADER=1 $(CARGO) test --workspace --test c_abi committed_header

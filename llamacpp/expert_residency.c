@@ -3,6 +3,7 @@
 #include "expert_residency.h"
 
 #include <fcntl.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -163,6 +164,24 @@ static int oldest(Residency *r, const uint64_t *age, const uint8_t *skip) {
     return best;
 }
 
+/* Expert i's decayed uses now (LFU). */
+static double use_weight(const Residency *r, int i) {
+    return r->use_weight[i] * exp(-r->decay * (double)(r->clock - r->use_tick[i]));
+}
+
+/* The used expert `r->eviction` drops first, skipping those marked in `skip`. */
+static int least_valuable(Residency *r, const uint8_t *skip) {
+    if (r->eviction == EVICT_LRU) return oldest(r, r->used_age, skip);
+    int best = -1;
+    double least = 0;
+    for (int i = 0; i < r->n_ids; i++) {
+        if (!r->used_age[i] || skip[i]) continue;
+        double w = use_weight(r, i);
+        if (best < 0 || w < least || (w == least && r->used_age[i] < r->used_age[best])) best = i, least = w;
+    }
+    return best;
+}
+
 /* Evicts down to the capacity (see Residency): without a planner, staged experts beyond
  * their slots and used ones beyond the rest; `told`: the planner hears of a used expert a
  * staged read evicts. */
@@ -174,14 +193,14 @@ static void evict(Residency *r, int told) {
             r->staged_age[v] = 0, r->n_staged--;
             r->bytes_wasted += expert_bytes(r, v);
         } else if (!r->planner) {
-            if (r->n_used <= r->capacity - r->slots || (v = oldest(r, r->used_age, r->keep)) < 0) return;
+            if (r->n_used <= r->capacity - r->slots || (v = least_valuable(r, r->keep)) < 0) return;
             r->used_age[v] = 0, r->n_used--;
         } else if (r->n_used + r->n_staged + r->n_stale <= r->capacity) {
             return;
         } else if ((v = oldest(r, r->stale_age, NULL)) >= 0) {
             r->stale_age[v] = 0, r->n_stale--;
             r->bytes_wasted += expert_bytes(r, v);
-        } else if ((v = oldest(r, r->used_age, r->keep)) >= 0) {
+        } else if ((v = least_valuable(r, r->keep)) >= 0) {
             r->used_age[v] = 0, r->n_used--;
             if (told) mc_planner_evicted(r->planner, (uint32_t)v);
         } else if ((v = oldest(r, r->staged_age, r->keep)) >= 0) {
@@ -239,6 +258,7 @@ void use_experts(Residency *r, int l, const int *ids, int k, int decode, int cou
         r->landed[i] = 0, r->keep[i] = 1;
         if (!r->used_age[i]) r->n_used++;
         r->used_age[i] = ++r->clock;
+        r->use_weight[i] = use_weight(r, i) + 1, r->use_tick[i] = r->clock;
         if (count) {
             r->uses++;
             if (resident[j]) r->resident_uses++;
@@ -375,8 +395,11 @@ void residency_finish(Residency *r) {
         if (r->staged_age[i] || r->stale_age[i]) r->bytes_wasted += expert_bytes(r, i);
 }
 
-void residency_init(Residency *r, Experts *ex, int capacity, int slots, struct mc_planner *planner, int measured) {
+void residency_init(Residency *r, Experts *ex, int capacity, int slots, Eviction eviction, struct mc_planner *planner,
+                    int measured) {
     memset(r, 0, sizeof *r);
+    r->eviction = eviction;
+    r->decay = log(2.0) / (LFU_HALF_LIFE * (double)ex->n_moe * ex->top_k);
     r->ex = ex;
     r->capacity = capacity;
     r->slots = slots;
@@ -410,10 +433,12 @@ void residency_init(Residency *r, Experts *ex, int capacity, int slots, struct m
     r->used_age = calloc(n, sizeof(uint64_t));
     r->staged_age = calloc(n, sizeof(uint64_t));
     r->stale_age = calloc(n, sizeof(uint64_t));
+    r->use_weight = calloc(n, sizeof(double));
+    r->use_tick = calloc(n, sizeof(uint64_t));
     r->landed = calloc(n, 1), r->keep = calloc(n, 1), r->want = calloc(n, 1), r->issued = calloc(n, 1);
     r->dropped = calloc(n, 1);
     r->plan_out = calloc(n, sizeof(uint32_t));
-    if (!r->used_age || !r->staged_age || !r->stale_age || !r->landed || !r->keep || !r->want || !r->issued || !r->dropped ||
+    if (!r->used_age || !r->staged_age || !r->stale_age || !r->use_weight || !r->use_tick || !r->landed || !r->keep || !r->want || !r->issued || !r->dropped ||
         !r->plan_out)
         die("residency", "out of memory");
     for (int i = 0; i < r->n_ids; i++)
@@ -422,7 +447,7 @@ void residency_init(Residency *r, Experts *ex, int capacity, int slots, struct m
 
 void residency_free(Residency *r) {
     close(r->fd);
-    free(r->used_age), free(r->staged_age), free(r->stale_age);
+    free(r->used_age), free(r->staged_age), free(r->stale_age), free(r->use_weight), free(r->use_tick);
     free(r->landed), free(r->keep), free(r->want), free(r->issued), free(r->dropped), free(r->plan_out);
     pthread_mutex_destroy(&r->mu);
     pthread_mutex_destroy(&r->io_mu);

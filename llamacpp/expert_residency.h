@@ -30,11 +30,17 @@ typedef struct {
 /* Reads the expert layout of a GGUF written by llamacpp/export_gguf.py (page-aligned). */
 void read_experts(const char *path, Experts *ex);
 
+/* Which used expert the resident set drops first: the least recently used, or the
+ * least frequently used, each use's weight halving every LFU_HALF_LIFE tokens' worth of
+ * uses (n_moe x top_k each; the least recent of equals). */
+typedef enum { EVICT_LRU, EVICT_LFU } Eviction;
+#define LFU_HALF_LIFE 64
+
 /* The resident set: at most `capacity` experts in the page cache. Without a planner,
  * `slots` of them hold staged experts not used yet (oldest dropped when a newer one is
- * staged) and the rest the used ones (least recently used dropped). With a planner,
- * staged experts share the whole set; a staged expert its layer routed without (stale)
- * goes first, then the least recently used (the planner is told). Experts are indexed
+ * staged) and the rest the used ones (dropped by `eviction`). With a planner, staged
+ * experts share the whole set; a staged expert its layer routed without (stale) goes
+ * first, then a used one by `eviction` (the planner is told). Experts are indexed
  * `layer * n_experts + expert`. `mu` guards it: `use_experts` takes it itself (and lets
  * it go while waiting for reads); the other calls but `issue_reads` need it held. */
 typedef struct {
@@ -44,6 +50,10 @@ typedef struct {
     size_t map_off, map_len;
     /* ages: 0 = not held; else last use (used), staging time (staged, stale) */
     uint64_t *used_age, *staged_age, *stale_age, clock;
+    double *use_weight;  /* each expert's uses, decayed to its last use (LFU) */
+    uint64_t *use_tick;  /* the clock at its last use */
+    double decay;        /* LFU's decay per clock tick */
+    Eviction eviction;
     uint8_t *landed;   /* staged experts whose read is known to have landed */
     uint8_t *keep;     /* the layer about to run: never evicted for a staged read */
     uint8_t *want;     /* staged reads decided, not issued yet (atomic) */
@@ -71,7 +81,8 @@ typedef struct {
 /* A resident set over llama.cpp's mapping of ex->path, everything dropped from the page
  * cache. `planner` (owned by the caller) plans the staging; `measured`: it was given
  * timings and may plan before a read is timed. */
-void residency_init(Residency *r, Experts *ex, int capacity, int slots, struct mc_planner *planner, int measured);
+void residency_init(Residency *r, Experts *ex, int capacity, int slots, Eviction eviction, struct mc_planner *planner,
+                    int measured);
 void residency_free(Residency *r);
 
 /* Layer l is about to run `ids[k]`: marks them used; with `decode` (a decode step, not a

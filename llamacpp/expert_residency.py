@@ -7,6 +7,7 @@ residency_decode.py decodes with it. See moecast_llamacpp.py.
 
 import ctypes
 import ctypes.util
+import math
 import mmap
 import os
 import queue
@@ -67,20 +68,36 @@ class FileMapping:
         return out
 
 
+# LFU's half-life: a use's weight halves every this many tokens' worth of uses (MoE
+# layers x top-k each): plain LFU keeps the experts of prompts long gone (on the shipped
+# model at 25% it found fewer resident than LRU), LRU thrashes below a token's experts.
+LFU_HALF_LIFE = 64
+
+
 class ExpertResidency:
     """Which experts' byte ranges of the GGUF are in the page cache: at most `capacity`
     experts kept, of which `staging_slots` hold staged experts not used yet (oldest
     dropped when a newer one is staged: a forecast can never push out more than those
-    slots of what demand paging keeps) and the rest the experts used (least recently used
-    dropped); counts of what was resident when used, staged and wasted. Demand reads and
+    slots of what demand paging keeps) and the rest the experts used, dropped by
+    `eviction`: "lfu" the least frequently used (each use's weight halving every
+    LFU_HALF_LIFE tokens' worth of uses, the least recent of equals), "lru" the least
+    recently used. A token visits every layer once, so
+    under LRU a set smaller than a token's experts drops each layer's experts just before
+    the layer comes round again. Counts what was resident when used, staged and wasted. Demand reads and
     drops are issued from the calling thread (the eval callback), staged reads from an
     I/O thread of their own: `posix_fadvise(WILLNEED)` returns only once its requests
     are queued on the device, which at production expert sizes blocked the callback for
     milliseconds per staged read."""
 
-    def __init__(self, experts, capacity, staging_slots=0):
+    def __init__(self, experts, capacity, staging_slots=0, eviction="lfu"):
         if not 0 <= staging_slots < capacity:
             raise LlamaCppError(f"{staging_slots} staging slots do not fit a resident set of {capacity} experts")
+        if eviction not in ("lfu", "lru"):
+            raise LlamaCppError(f"unknown eviction '{eviction}' (lfu or lru)")
+        self.eviction = eviction
+        # LFU: each expert's uses decayed to its last use, and that use's tick
+        self.decay = math.log(2) / (LFU_HALF_LIFE * len(experts.moe_layers) * experts.top_k)
+        self.use_weight, self.use_tick, self.tick = {}, {}, 0
         self.ex = experts
         self.capacity = capacity
         self.slots = staging_slots
@@ -150,6 +167,8 @@ class ExpertResidency:
             self.libc.madvise(lo, n, _MADV_DONTNEED)
         os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
         self.lru.clear()
+        self.use_weight.clear()
+        self.use_tick.clear()
         self.staging.clear()
         self.dropped.clear()
         with self._io_lock:
@@ -277,6 +296,9 @@ class ExpertResidency:
             self.staged_used += 1
         self.lru.pop(key, None)
         self.lru[key] = True
+        self.tick += 1
+        self.use_weight[key] = self._weight(key) + 1
+        self.use_tick[key] = self.tick
         if count:
             self.uses += 1
             if resident:
@@ -301,9 +323,20 @@ class ExpertResidency:
                 self.bytes_wasted += self._bytes(old)
                 self._drop(old)
 
+    def _weight(self, key):
+        """`key`'s decayed uses now (LFU)."""
+        return self.use_weight.get(key, 0.0) * math.exp(-self.decay * (self.tick - self.use_tick.get(key, 0)))
+
+    def _victim(self, keep):
+        """The used expert not in `keep` that `eviction` drops first (None: none)."""
+        order = (k for k in self.lru if k not in keep)  # least recent first
+        if self.eviction == "lru":
+            return next(order, None)
+        return min(order, key=self._weight, default=None)  # min keeps the first of equals
+
     def _evict(self, keep):
         while len(self.lru) > self.capacity - self.slots:
-            key = next((k for k in self.lru if k not in keep), None)
+            key = self._victim(keep)
             if key is None:
                 return
             del self.lru[key]
@@ -332,14 +365,14 @@ class ExpertResidency:
 class PlannedResidency(ExpertResidency):
     """The resident set when moecast's planner (`moecast.Planner`) picks what to stage:
     staged experts share the `capacity` with the used ones, in no slots of their own; a
-    staged expert its layer routed without is the first to go, then the least recently
-    used (the planner is told when a staged read evicts one). The planner is told each
+    staged expert its layer routed without is the first to go, then a used one by
+    `eviction` (the planner is told when a staged read evicts one). The planner is told each
     decode step, each layer's routing with its demand reads, and the link's time per
     read, timed on demand reads issued while no staged read is on the link (staged reads
     go through the kernel's readahead, which reports no completion time)."""
 
-    def __init__(self, experts, capacity, planner, top_k, measured=False):
-        super().__init__(experts, capacity, 0)
+    def __init__(self, experts, capacity, planner, top_k, measured=False, eviction="lfu"):
+        super().__init__(experts, capacity, 0, eviction)
         self.planner = planner
         self.top_k = top_k
         self.stale = OrderedDict()  # staged, their layer routed without them; oldest first
@@ -435,7 +468,7 @@ class PlannedResidency(ExpertResidency):
             if self.stale:
                 key, _ = self.stale.popitem(last=False)
                 self.bytes_wasted += self._bytes(key)
-            elif (key := next((k for k in self.lru if k not in keep), None)) is not None:
+            elif (key := self._victim(keep)) is not None:
                 del self.lru[key]
                 if told:
                     self.planner.evicted(self._id(key))

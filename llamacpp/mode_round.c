@@ -6,6 +6,7 @@
 
 void mode_name(const ModeTotals *mt, char *name, size_t size) {
     if (mt->oracle) snprintf(name, size, "oracle");
+    else if (mt->budget < 0 && mt->own_eviction) snprintf(name, size, "on-demand-%s", mt->eviction == EVICT_LFU ? "lfu" : "lru");
     else if (mt->budget < 0) snprintf(name, size, "on-demand");
     else if (mt->budget == 0) snprintf(name, size, "planned");
     else snprintf(name, size, "budget-%d", mt->budget);
@@ -43,7 +44,7 @@ void mode_round_start(ModeRound *mr, ModeTotals *mt, Bench *b, int round) {
     if (budget == 0 && b->use_guard && b->capacity < b->total && !mt->guard && mc_guard_new(8, 6, &mt->guard))
         die("prefetch guard", mc_last_error());
     int slots = budget > 0 ? (2 * budget < b->capacity - ex->top_k ? 2 * budget : b->capacity - ex->top_k) : 0;
-    residency_init(&mr->res, ex, b->capacity, slots, mr->planner, b->read_us > 0);
+    residency_init(&mr->res, ex, b->capacity, slots, mt->eviction, mr->planner, b->read_us > 0);
     mr->res.tell_issue = b->inline_forecasts && b->read_us == 0; /* staged reads issued on the decode thread */
     memset(&mr->h, 0, sizeof mr->h);
     mr->h.res = &mr->res, mr->h.prefill_ids = b->prefill_ids, mr->h.trace = b->trace;

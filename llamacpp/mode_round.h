@@ -20,6 +20,8 @@
 typedef struct {
     int budget; /* -1: on demand; 0: planned; N: a fixed budget */
     int oracle; /* planned, from the replayed trace's own experts */
+    Eviction eviction; /* its resident set's (-e, or an on-demand mode's own: -b lru, lfu) */
+    int own_eviction;  /* an on-demand mode beside the first, named by its eviction */
     double tps, resident, demand, staged, wasted, stall, issue;
     long stray_uses; /* see Residency */
     long layer_staged[MAX_LAYERS], layer_staged_used[MAX_LAYERS], layer_demand[MAX_LAYERS]; /* see Residency */
@@ -59,7 +61,7 @@ typedef struct {
     char name[24];
 } ModeRound;
 
-/* The mode's name in the table: on-demand, planned, budget-N or oracle. */
+/* The mode's name in the table: on-demand (on-demand-lru, -lfu), planned, budget-N or oracle. */
 void mode_name(const ModeTotals *mt, char *name, size_t size);
 
 /* Prints, per MoE layer, each mode's experts staged for it (of them used there) / read

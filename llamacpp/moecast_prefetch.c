@@ -3,7 +3,7 @@
  *
  *   moecast_prefetch [-r resident%=25] [-n new_tokens=32] [-R rounds=3] [-b MODES=auto,1]
  *                    [-t READ_US,LAYER_US] [-G] [-a [-w | -d MS]]
- *                    [-j THREADS[,WHILE_FORECASTING]] [-s STEPS.csv] [-L]
+ *                    [-j THREADS[,WHILE_FORECASTING]] [-s STEPS.csv] [-L] [-e lru|lfu]
  *                    MODEL.gguf PROMPTS.txt [PREDICTOR_DIR]
  *   moecast_prefetch -p TRACE [-N steps] [-W STEPS] [options] MODEL.gguf [PREDICTOR_DIR]
  *
@@ -56,6 +56,14 @@
  * fits what a staged and a demand read add to a step on this machine (step_log.c).
  * -L prints, per MoE layer, each mode's experts staged for it (of them used there) and
  * read on demand there, a round's mean: where a mode's reads go and which layer it loses.
+ * -e sets which used expert every mode's resident set drops first: the least frequently
+ * used (default; each use's weight halving every 64 tokens' worth of uses, the least
+ * recent of equals) or the least recently used. A token visits every layer once, so
+ * under LRU a set smaller than a token's experts drops each layer's experts just before
+ * that layer comes round again and on demand finds none resident; LFU keeps the
+ * often-used ones, and the decay lets those of earlier prompts go. In MODES, `lru` and
+ * `lfu` add an on-demand mode with that eviction (on-demand-lru, -lfu) beside the first,
+ * which every ratio is over: the two evictions measured over the same windows.
  * decoder.c holds the eval callback and one decode step, mode_round.c a mode's round.
  * Linux only. Build: make target/moecast_prefetch (links the wheel's libllama and libmoecast). */
 #define _GNU_SOURCE
@@ -142,7 +150,8 @@ static void window_intervals(const WindowLog *log, const ModeTotals *modes, int 
 
 static void usage(const char *argv0) {
     fprintf(stderr, "usage: %s [-r resident%%=25] [-n new_tokens=32] [-R rounds=3] [-b MODES=auto,1] "
-            "[-t READ_US,LAYER_US] [-G] [-a [-w | -d MS]] [-j THREADS[,WHILE_FORECASTING]] [-s STEPS.csv] [-L] MODEL.gguf PROMPTS.txt [PREDICTOR_DIR]\n"
+            "[-t READ_US,LAYER_US] [-G] [-a [-w | -d MS]] [-j THREADS[,WHILE_FORECASTING]] [-s STEPS.csv] [-L] [-e lru|lfu] "
+            "MODEL.gguf PROMPTS.txt [PREDICTOR_DIR]\n"
             "       %s -p TRACE [-N steps] [-W STEPS] [options] MODEL.gguf [PREDICTOR_DIR]\n", argv0, argv0);
     exit(2);
 }
@@ -157,7 +166,8 @@ int main(int argc, char **argv) {
     int delay_ms = 0;
     int window = 0, by_layer = 0;
     const char *steps_path = NULL;
-    while ((opt = getopt(argc, argv, "r:n:R:b:t:Gwaj:p:N:d:s:W:L")) != -1) {
+    Eviction eviction = EVICT_LFU;
+    while ((opt = getopt(argc, argv, "r:n:R:b:t:Gwaj:p:N:d:s:W:Le:")) != -1) {
         switch (opt) {
         case 'j': {
             char *end;
@@ -184,6 +194,11 @@ int main(int argc, char **argv) {
         case 'd': delay_ms = atoi(optarg); break;
         case 's': steps_path = optarg; break;
         case 'L': by_layer = 1; break;
+        case 'e':
+            if (!strcmp(optarg, "lru")) eviction = EVICT_LRU;
+            else if (!strcmp(optarg, "lfu")) eviction = EVICT_LFU;
+            else die("-e", "takes lru or lfu (which used expert the resident set drops first)");
+            break;
         case 'W': {
             char *end;
             window = (int)strtol(optarg, &end, 10);
@@ -208,18 +223,20 @@ int main(int argc, char **argv) {
     char line[65536], where[4200];
     static ModeTotals modes[MAX_MODES];
     int n_modes = 1;
-    modes[0].budget = -1;
+    modes[0].budget = -1, modes[0].eviction = eviction;
     for (const char *m = modes_arg; *m; m += strcspn(m, ",") + (m[strcspn(m, ",")] == ',')) {
         char item[32];
         snprintf(item, sizeof item, "%.*s", (int)strcspn(m, ","), m);
         char *end;
-        int oracle = !strcmp(item, "oracle");
-        long b = oracle || !strcmp(item, "auto") ? 0 : strtol(item, &end, 10);
-        if ((strcmp(item, "auto") && !oracle && (end == item || *end || b < 1 || b > MAX_K)) || n_modes == MAX_MODES)
-            die("-b", "takes a comma list of `auto`, `oracle` and expert counts");
+        int oracle = !strcmp(item, "oracle"), lru = !strcmp(item, "lru"), lfu = !strcmp(item, "lfu");
+        long b = lru || lfu ? -1 : oracle || !strcmp(item, "auto") ? 0 : strtol(item, &end, 10);
+        if ((b >= 0 && strcmp(item, "auto") && !oracle && (end == item || *end || b < 1 || b > MAX_K)) || n_modes == MAX_MODES)
+            die("-b", "takes a comma list of `auto`, `oracle`, expert counts and on-demand evictions (`lru`, `lfu`)");
         if (oracle && !trace_path) die("-b", "`oracle` forecasts from a replayed trace: give -p TRACE");
-        if (!oracle && !pred_dir) continue; /* forecasts need a predictor */
+        if (b >= 0 && !oracle && !pred_dir) continue; /* forecasts need a predictor */
         modes[n_modes].oracle = oracle;
+        modes[n_modes].eviction = lfu ? EVICT_LFU : lru ? EVICT_LRU : eviction;
+        modes[n_modes].own_eviction = lru || lfu;
         modes[n_modes++].budget = (int)b;
     }
 
@@ -306,8 +323,8 @@ int main(int argc, char **argv) {
                     .input = input, .trace = trace, .ctx = ctx, .batch = batch};
 
     printf("%s: %d of %d experts resident (%.0f%%), %zu bytes per expert, llama.cpp threads %d (%d while forecasting), "
-           "forecasts %s, ", model_path, capacity, total, resident_pct, ex.size[0][0] * 3, threads[0], threads[1],
-           inline_forecasts ? "on the decode thread during reads" : "on a thread of their own");
+           "forecasts %s, %s eviction, ", model_path, capacity, total, resident_pct, ex.size[0][0] * 3, threads[0], threads[1],
+           inline_forecasts ? "on the decode thread during reads" : "on a thread of their own", eviction == EVICT_LFU ? "LFU" : "LRU");
     if (input_dim) printf("reading router inputs (%u wide) from %s, ", input_dim, trace ? "the trace" : "llama.cpp's ffn_norm");
     if (window) printf("%d round(s), the modes taking turns every %d steps, ", rounds, window);
     else printf("%d alternating round(s), ", rounds);
@@ -364,7 +381,7 @@ int main(int argc, char **argv) {
         }
     }
 
-    printf("%-10s %18s %10s %10s %10s %8s %9s %13s %15s %10s\n", "mode", "resident when used", "demand MB", "staged MB", "wasted MB",
+    printf("%-13s %18s %10s %10s %10s %8s %9s %13s %15s %10s\n", "mode", "resident when used", "demand MB", "staged MB", "wasted MB",
            "stall s", "tokens/s", "vs on-demand", "rounds min-max", "issuing s");
     int oracle = -1;
     for (int mode = 0; mode < n_modes; mode++) {
@@ -372,7 +389,7 @@ int main(int argc, char **argv) {
         char name[24];
         mode_name(mt, name, sizeof name);
         if (mt->oracle) oracle = mode;
-        printf("%-10s %17.1f%% %10.2f %10.2f %10.2f %8.3f %9.1f %12.2fx %9.2f-%.2fx %10.3f\n", name, 100 * mt->resident / rounds,
+        printf("%-13s %17.1f%% %10.2f %10.2f %10.2f %8.3f %9.1f %12.2fx %9.2f-%.2fx %10.3f\n", name, 100 * mt->resident / rounds,
                mt->demand / rounds / 1e6, mt->staged / rounds / 1e6, mt->wasted / rounds / 1e6, mt->stall / rounds,
                mt->tps / rounds, mt->tps / modes[0].tps, mt->ratio_min, mt->ratio_max, mt->issue / rounds);
     }

@@ -137,7 +137,7 @@ def cmd_prefetch(args):
         for name, p, budget in modes[::-1] if r % 2 else modes:
             out = decode_with_residency(model, prompts, capacity, args.max_new_tokens, p, budget,
                                         args.temperature, args.seed, replay, args.replay_tokens, args.horizon,
-                                        timings, guard if budget == "auto" else False, threads)
+                                        timings, guard if budget == "auto" else False, threads, args.eviction)
             runs[name].append(out)
             print(f"round {r + 1}/{args.rounds} {name}: {out['tokens_per_s']:.1f} tokens/s, "
                   f"{100 * out['resident_when_used']:.1f}% resident when used", file=sys.stderr, flush=True)
@@ -156,7 +156,7 @@ def cmd_prefetch(args):
     mb = lambda x: x / 1e6
     print(f"{args.model}: {capacity} of {total} experts resident ({args.resident}), "
           f"{ex.expert_bytes[0]:,} bytes per expert, llama.cpp threads {threads[0]} ({threads[1]} while forecasting), "
-          f"{args.rounds} round(s), "
+          f"{args.eviction.upper()} eviction, {args.rounds} round(s), "
           + (f"routing replayed from {args.replay}" if replay is not None else
              f"{'greedy' if args.temperature <= 0 else f'temperature {args.temperature} seed {args.seed}'}, "
              f"up to {args.max_new_tokens} new tokens per prompt")
@@ -188,7 +188,7 @@ def cmd_prefetch(args):
         out = {"model": args.model, "resident": args.resident, "capacity": capacity, "experts": total,
                "expert_bytes": ex.expert_bytes[0], "max_new_tokens": args.max_new_tokens,
                "rounds": args.rounds, "replay": args.replay, "replay_tokens": args.replay_tokens, "temperature": args.temperature, "seed": args.seed, "predictor": args.predictor,
-               "threads": list(threads), "budget": args.budget, "horizon": args.horizon, "guard": not args.no_guard, "read_us": args.read_us, "layer_us": args.layer_us,
+               "threads": list(threads), "eviction": args.eviction, "budget": args.budget, "horizon": args.horizon, "guard": not args.no_guard, "read_us": args.read_us, "layer_us": args.layer_us,
                "modes": summary}
         tmp = args.json + ".partial"
         with open(tmp, "w") as f:

@@ -13,7 +13,7 @@ from moecast_llamacpp import LlamaCppError, sample
 
 def decode_with_residency(model, prompts, capacity, max_new_tokens, predictor=None, budget=None,
                           temperature=0.0, seed=0, replay=None, replay_tokens=None, horizon=None,
-                          plan_timings=None, guard=True, threads=None):
+                          plan_timings=None, guard=True, threads=None, eviction="lfu"):
     """Decoding with at most `capacity` experts resident: each prompt runs as one batch
     (it only warms the resident set), then up to `max_new_tokens` are decoded one at a
     time (greedy, or seeded sampling: sequence i draws with seed + i, so every mode decodes
@@ -31,8 +31,9 @@ def decode_with_residency(model, prompts, capacity, max_new_tokens, predictor=No
     so calls that share one measure once, as a runtime's requests would). The layers
     ahead are forecast while a layer's missing experts are read (a layer with none
     forecasts nothing, as in the C harness). `threads`, (N, M): llama.cpp runs on M
-    threads in the decode steps that forecast, on N in the others. Residency and time are
-    counted over the decode steps."""
+    threads in the decode steps that forecast, on N in the others. `eviction` ("lfu" or
+    "lru"): which used expert the resident set drops first (ExpertResidency). Residency
+    and time are counted over the decode steps."""
     m = len(model.experts.moe_layers)
     top_k = model.experts.top_k
     session = predictor.session() if predictor is not None else None
@@ -53,7 +54,7 @@ def decode_with_residency(model, prompts, capacity, max_new_tokens, predictor=No
         read_us, layer_us = plan_timings or (None, None)
         res = PlannedResidency(model.experts, capacity,
                                moecast.Planner(m, model.experts.n_experts, top_k, capacity, read_us, layer_us),
-                               top_k, measured=plan_timings is not None)
+                               top_k, measured=plan_timings is not None, eviction=eviction)
         stage = res.offer
         if guard is True:
             guard = moecast.PrefetchGuard()
@@ -67,7 +68,7 @@ def decode_with_residency(model, prompts, capacity, max_new_tokens, predictor=No
         if session is not None and slots < 1:
             raise LlamaCppError(f"a resident set of {capacity} experts leaves no room to stage beside a layer's "
                                 f"top-{top_k}")
-        res = ExpertResidency(model.experts, capacity, slots)
+        res = ExpertResidency(model.experts, capacity, slots, eviction)
         stage = res.stage
         guard = None
     reads_inputs = bool(predictor is not None and predictor.router_input_dim)

@@ -250,3 +250,25 @@ def test_forced_routing_is_what_llama_cpp_computes(work):
         np.testing.assert_allclose(out["weights"][i], chosen / chosen.sum(axis=1, keepdims=True), rtol=1e-4)
     assert not (free["topk"][5] == forced[5]).all()
     assert not np.allclose(free_logits, forced_logits, atol=1e-3)
+
+
+def test_resident_set_drops_the_least_frequently_used(work):
+    """The Python harness's resident set drops the least frequently used expert by default
+    (--eviction lfu), the least recently used with --eviction lru: replaying the reference
+    trace on demand at 10% resident (10 experts, fewer than a token's 12), LRU drops each
+    layer's experts just before the layer comes round again and finds none resident, LFU
+    keeps the ones tokens reuse (the C harness's -e; the routing is forced, so the counts
+    are the trace's)."""
+    report = work / "eviction.json"
+    found = {}
+    for eviction in ("lru", "lfu"):
+        out = tool("moecast_llamacpp.py", "prefetch", "--model", work / "tiny.f32.gguf", "--replay",
+                   work / "ref.jsonl", "--replay-tokens", "120", "--resident", "10%", "--eviction", eviction,
+                   "--json", report)
+        assert f"{eviction.upper()} eviction" in out
+        figures = json.loads(report.read_text())
+        assert figures["eviction"] == eviction
+        found[eviction] = figures["modes"]["on-demand"]
+    assert found["lru"]["resident_when_used"] < 0.02
+    assert found["lfu"]["resident_when_used"] > found["lru"]["resident_when_used"] + 0.08
+    assert found["lfu"]["bytes_demand"] < 0.92 * found["lru"]["bytes_demand"]

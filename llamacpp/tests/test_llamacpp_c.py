@@ -125,7 +125,8 @@ def test_c_harness_refuses_bad_arguments():
                            (["-r", "0"], "-r in (0, 100]"), (["-j", "1,2"], "-j: takes THREADS"),
                            (["-w"], "-w: waits for the prefetcher thread's forecasts"),
                            (["-b", "auto,oracle"], "-b: `oracle` forecasts from a replayed trace: give -p TRACE"),
-                           (["-W", "8"], "-W: takes the steps"), (["-p", "t.mctrace", "-W", "0"], "-W: takes the steps")):
+                           (["-W", "8"], "-W: takes the steps"), (["-p", "t.mctrace", "-W", "0"], "-W: takes the steps"),
+                           (["-e", "mru"], "-e: takes lru or lfu")):
         run = subprocess.run([os.environ["MOECAST_PREFETCH_C"], *flags, "missing.gguf", str(HELDOUT), "pred"],
                              capture_output=True, text=True)
         assert run.returncode != 0 and message in run.stderr, (flags, run.stderr)
@@ -161,11 +162,38 @@ def test_c_harness_replays_a_trace_with_its_experts_forced(work, tmp_path):
 
 
 @pytest.mark.skipif(not os.environ.get("MOECAST_PREFETCH_C"), reason="make test-llamacpp builds the C harness")
+def test_c_harness_lfu_keeps_the_often_used_experts(work):
+    """The resident set drops the least frequently used expert (-e lfu, the default); -b
+    lru adds an on-demand mode that drops the least recently used. A 10% resident set (10
+    experts) is smaller than a token's 12, so under LRU each layer's experts are dropped
+    just before the layer comes round again and on demand finds none resident; LFU keeps
+    the experts tokens reuse, finds some and reads fewer. The replay forces the routing,
+    so both counts are the trace's whatever the machine's speed; -e lru swaps the two."""
+    def on_demand(*flags):
+        out = subprocess.run([os.environ["MOECAST_PREFETCH_C"], "-p", str(work / "ref.jsonl"), "-N", "120", "-r", "10",
+                              "-R", "1", *flags, str(work / "tiny.f32.gguf")],
+                             check=True, capture_output=True, text=True).stdout
+        print("\n" + out)
+        rows = {l.split()[0]: l.split() for l in out.splitlines() if l.startswith("on-demand")}
+        return out, {m: (float(r[1].rstrip("%")), float(r[2])) for m, r in rows.items()}
+
+    out, modes = on_demand("-b", "lru")
+    assert "LFU eviction" in out and set(modes) == {"on-demand", "on-demand-lru"}
+    (lfu_resident, lfu_demand), (lru_resident, lru_demand) = modes["on-demand"], modes["on-demand-lru"]
+    assert lru_resident < 2 and lfu_resident > lru_resident + 8
+    assert lfu_demand < 0.92 * lru_demand
+    out, swapped = on_demand("-e", "lru", "-b", "lfu")
+    assert "LRU eviction" in out and set(swapped) == {"on-demand", "on-demand-lfu"}
+    assert swapped["on-demand"] == modes["on-demand-lru"] and swapped["on-demand-lfu"] == modes["on-demand"]
+
+
+@pytest.mark.skipif(not os.environ.get("MOECAST_PREFETCH_C"), reason="make test-llamacpp builds the C harness")
 def test_c_harness_oracle_stages_the_replayed_experts(work):
     """-b oracle (with -p) plans as `auto` does from the replayed trace's own experts, no
     predictor needed: with reads stated fast (10 us against 1 ms layers) and no guard it
     stages most routed experts ahead of use, where on demand a 10% resident set (10
-    experts, fewer than a token's 12) holds none of them. The planner's staging limit
+    experts, fewer than a token's 12) dropping the least recently used (-e lru) holds
+    none of them. The planner's staging limit
     (keeping an entry alive a token where demand paging would) must not take the misses
     that staging saved as demand paging's own: it held a sure forecast to one read a
     lookup, and half of on demand's reads stayed (now 2%). Forecasts run on the
@@ -176,7 +204,7 @@ def test_c_harness_oracle_stages_the_replayed_experts(work):
     pays and it reads what on demand reads."""
     def modes(*flags):
         out = subprocess.run([os.environ["MOECAST_PREFETCH_C"], "-p", str(work / "ref.jsonl"), "-N", "120", "-r", "10",
-                              "-b", "auto,oracle", "-G", *flags, str(work / "tiny.f32.gguf")],
+                              "-b", "auto,oracle", "-G", "-e", "lru", *flags, str(work / "tiny.f32.gguf")],
                              check=True, capture_output=True, text=True).stdout
         print("\n" + out)
         rows = {l.split()[0]: l.split() for l in out.splitlines() if l.startswith(("on-demand", "oracle "))}
