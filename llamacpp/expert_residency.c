@@ -164,20 +164,22 @@ static int oldest(Residency *r, const uint64_t *age, const uint8_t *skip) {
     return best;
 }
 
-/* Expert i's decayed uses now (LFU). */
-static double use_weight(const Residency *r, int i) {
-    return r->use_weight[i] * exp(-r->decay * (double)(r->clock - r->use_tick[i]));
+/* Expert i is used (LFU): its weight, decayed to this use, plus one. The key is the log
+ * of the weight undecayed to use 0, so keys compare as the weights do at any moment. */
+static void count_use(Residency *r, int i) {
+    double t = r->decay * (double)++r->uses_so_far;
+    r->use_key[i] = log(exp(r->use_key[i] - t) + 1) + t;
 }
 
-/* The used expert `r->eviction` drops first, skipping those marked in `skip`. */
+/* The used expert `r->eviction` drops first, skipping those marked in `skip` (or none). */
 static int least_valuable(Residency *r, const uint8_t *skip) {
     if (r->eviction == EVICT_LRU) return oldest(r, r->used_age, skip);
     int best = -1;
-    double least = 0;
     for (int i = 0; i < r->n_ids; i++) {
-        if (!r->used_age[i] || skip[i]) continue;
-        double w = use_weight(r, i);
-        if (best < 0 || w < least || (w == least && r->used_age[i] < r->used_age[best])) best = i, least = w;
+        if (!r->used_age[i] || (skip && skip[i])) continue;
+        if (best < 0 || r->use_key[i] < r->use_key[best] ||
+            (r->use_key[i] == r->use_key[best] && r->used_age[i] < r->used_age[best]))
+            best = i;
     }
     return best;
 }
@@ -258,7 +260,7 @@ void use_experts(Residency *r, int l, const int *ids, int k, int decode, int cou
         r->landed[i] = 0, r->keep[i] = 1;
         if (!r->used_age[i]) r->n_used++;
         r->used_age[i] = ++r->clock;
-        r->use_weight[i] = use_weight(r, i) + 1, r->use_tick[i] = r->clock;
+        count_use(r, i);
         if (count) {
             r->uses++;
             if (resident[j]) r->resident_uses++;
@@ -433,21 +435,21 @@ void residency_init(Residency *r, Experts *ex, int capacity, int slots, Eviction
     r->used_age = calloc(n, sizeof(uint64_t));
     r->staged_age = calloc(n, sizeof(uint64_t));
     r->stale_age = calloc(n, sizeof(uint64_t));
-    r->use_weight = calloc(n, sizeof(double));
-    r->use_tick = calloc(n, sizeof(uint64_t));
+    r->use_key = malloc(n * sizeof(double));
     r->landed = calloc(n, 1), r->keep = calloc(n, 1), r->want = calloc(n, 1), r->issued = calloc(n, 1);
     r->dropped = calloc(n, 1);
     r->plan_out = calloc(n, sizeof(uint32_t));
-    if (!r->used_age || !r->staged_age || !r->stale_age || !r->use_weight || !r->use_tick || !r->landed || !r->keep || !r->want || !r->issued || !r->dropped ||
+    if (!r->used_age || !r->staged_age || !r->stale_age || !r->use_key || !r->landed || !r->keep || !r->want || !r->issued || !r->dropped ||
         !r->plan_out)
         die("residency", "out of memory");
+    for (int i = 0; i < r->n_ids; i++) r->use_key[i] = -INFINITY; /* never used: weight 0 */
     for (int i = 0; i < r->n_ids; i++)
         if (is_resident(r, i)) die(ex->path, "experts stay in memory after the drop (a tmpfs, or another process using the file?)");
 }
 
 void residency_free(Residency *r) {
     close(r->fd);
-    free(r->used_age), free(r->staged_age), free(r->stale_age), free(r->use_weight), free(r->use_tick);
+    free(r->used_age), free(r->staged_age), free(r->stale_age), free(r->use_key);
     free(r->landed), free(r->keep), free(r->want), free(r->issued), free(r->dropped), free(r->plan_out);
     pthread_mutex_destroy(&r->mu);
     pthread_mutex_destroy(&r->io_mu);

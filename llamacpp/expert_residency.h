@@ -32,7 +32,8 @@ void read_experts(const char *path, Experts *ex);
 
 /* Which used expert the resident set drops first: the least recently used, or the
  * least frequently used, each use's weight halving every LFU_HALF_LIFE tokens' worth of
- * uses (n_moe x top_k each; the least recent of equals). */
+ * uses (n_moe x top_k each; the least recent of equals). An expert's uses are kept when
+ * it is dropped (unlike the simulator's LFU, which counts from its insertion). */
 typedef enum { EVICT_LRU, EVICT_LFU } Eviction;
 #define LFU_HALF_LIFE 64
 
@@ -50,9 +51,9 @@ typedef struct {
     size_t map_off, map_len;
     /* ages: 0 = not held; else last use (used), staging time (staged, stale) */
     uint64_t *used_age, *staged_age, *stale_age, clock;
-    double *use_weight;  /* each expert's uses, decayed to its last use (LFU) */
-    uint64_t *use_tick;  /* the clock at its last use */
-    double decay;        /* LFU's decay per clock tick */
+    double *use_key;     /* LFU: log of each expert's decayed uses, undecayed to use 0 */
+    uint64_t uses_so_far; /* uses counted (LFU's clock) */
+    double decay;        /* LFU's decay per use */
     Eviction eviction;
     uint8_t *landed;   /* staged experts whose read is known to have landed */
     uint8_t *keep;     /* the layer about to run: never evicted for a staged read */

@@ -1,5 +1,5 @@
 """Expert residency inside llama.cpp: which experts' byte ranges of the memory-mapped GGUF
-are in the page cache, and a bounded resident set (least recently used out) that stages
+are in the page cache, and a bounded resident set (least frequently used out) that stages
 the experts a moecast predictor forecasts: a fixed budget per layer in staging slots of
 their own, or what moecast's planner judges worth a read (``PlannedResidency``).
 residency_decode.py decodes with it. See moecast_llamacpp.py.
@@ -80,8 +80,8 @@ class ExpertResidency:
     dropped when a newer one is staged: a forecast can never push out more than those
     slots of what demand paging keeps) and the rest the experts used, dropped by
     `eviction`: "lfu" the least frequently used (each use's weight halving every
-    LFU_HALF_LIFE tokens' worth of uses, the least recent of equals), "lru" the least
-    recently used. A token visits every layer once, so
+    LFU_HALF_LIFE tokens' worth of uses, the least recent of equals; an expert's uses are
+    kept when it is dropped), "lru" the least recently used. A token visits every layer once, so
     under LRU a set smaller than a token's experts drops each layer's experts just before
     the layer comes round again. Counts what was resident when used, staged and wasted. Demand reads and
     drops are issued from the calling thread (the eval callback), staged reads from an

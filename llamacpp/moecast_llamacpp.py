@@ -18,7 +18,7 @@ and reads them when they are computed, before the layer's experts run. For prefe
 experts' byte ranges of the GGUF (each expert's slice of ``ffn_{gate,up,down}_exps``) are
 staged with ``posix_fadvise(WILLNEED)``; residency is read with ``mincore`` on llama.cpp's
 own mapping of the file (found in ``/proc/self/maps``) just before the experts are used.
-A resident set of ``--resident`` experts is kept (least recently used out, dropped with
+A resident set of ``--resident`` experts is kept (least frequently used out, ``--eviction``; dropped with
 ``madvise(DONTNEED)`` on the mapping and ``posix_fadvise(DONTNEED)`` on the file), so the
 page cache plays the role of fast memory and the GGUF file the role of the SSD.
 

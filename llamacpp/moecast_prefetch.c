@@ -131,12 +131,14 @@ static void window_intervals(const WindowLog *log, const ModeTotals *modes, int 
     double total[MAX_MODES] = {0};
     for (int i = 0; i < log->n; i++)
         for (int m = 0; m < n_modes; m++) total[m] += log->seconds[m][i];
-    int shares = oracle >= 0 && n_modes > 2 && total[0] / total[oracle] > 1.02;
+    int forecasting = 0; /* modes besides the oracle that stage */
+    for (int m = 1; m < n_modes; m++) forecasting += m != oracle && modes[m].budget >= 0;
+    int shares = oracle >= 0 && forecasting && total[0] / total[oracle] > 1.02;
     for (int pass = 0; pass < 1 + shares; pass++) {
         printf(pass ? "; share of the oracle's gain:" : "paired windows (%d), over on demand (90%% interval):", log->n);
         for (int m = 1; m < n_modes; m++) {
             char name[24];
-            if (pass && m == oracle) continue;
+            if (pass && (m == oracle || modes[m].budget < 0)) continue;
             double *x = pass ? share[m] : ratio[m];
             qsort(x, DRAWS, sizeof *x, by_value);
             mode_name(&modes[m], name, sizeof name);
@@ -230,10 +232,11 @@ int main(int argc, char **argv) {
         char *end;
         int oracle = !strcmp(item, "oracle"), lru = !strcmp(item, "lru"), lfu = !strcmp(item, "lfu");
         long b = lru || lfu ? -1 : oracle || !strcmp(item, "auto") ? 0 : strtol(item, &end, 10);
-        if ((b >= 0 && strcmp(item, "auto") && !oracle && (end == item || *end || b < 1 || b > MAX_K)) || n_modes == MAX_MODES)
+        if (!(lru || lfu) && strcmp(item, "auto") && !oracle && (end == item || *end || b < 1 || b > MAX_K))
             die("-b", "takes a comma list of `auto`, `oracle`, expert counts and on-demand evictions (`lru`, `lfu`)");
+        if (n_modes == MAX_MODES) die("-b", "names more modes than the harness runs at once");
         if (oracle && !trace_path) die("-b", "`oracle` forecasts from a replayed trace: give -p TRACE");
-        if (b >= 0 && !oracle && !pred_dir) continue; /* forecasts need a predictor */
+        if (!(lru || lfu) && !oracle && !pred_dir) continue; /* forecasts need a predictor */
         modes[n_modes].oracle = oracle;
         modes[n_modes].eviction = lfu ? EVICT_LFU : lru ? EVICT_LRU : eviction;
         modes[n_modes].own_eviction = lru || lfu;
@@ -264,7 +267,7 @@ int main(int argc, char **argv) {
             die(trace_path, "the trace's MoE layers, experts or top-k differ from the model's");
         uint32_t dim = 0;
         int learned = 0; /* a mode that forecasts with the predictor (the oracle reads no inputs) */
-        for (int mode = 1; mode < n_modes; mode++) learned |= !modes[mode].oracle;
+        for (int mode = 1; mode < n_modes; mode++) learned |= modes[mode].budget >= 0 && !modes[mode].oracle;
         mc_trace_router_input_dim(trace, &dim);
         char recorded[32] = "none";
         if (dim) snprintf(recorded, sizeof recorded, "them %u wide", dim);
@@ -423,7 +426,7 @@ int main(int argc, char **argv) {
         printf("oracle's gain over on demand %.2fx; share of it:", modes[oracle].tps / modes[0].tps);
         for (int mode = 1; mode < n_modes; mode++) {
             char name[24];
-            if (mode == oracle) continue;
+            if (mode == oracle || modes[mode].budget < 0) continue;
             mode_name(&modes[mode], name, sizeof name);
             if (gain > 0.02 * modes[0].tps) printf(" %s %.0f%%", name, 100 * (modes[mode].tps - modes[0].tps) / gain);
             else printf(" %s n/a", name);

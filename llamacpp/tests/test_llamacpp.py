@@ -261,10 +261,9 @@ def test_resident_set_drops_the_least_frequently_used(work):
     are the trace's)."""
     report = work / "eviction.json"
     found = {}
-    for eviction in ("lru", "lfu"):
+    for eviction, flags in (("lru", ["--eviction", "lru"]), ("lfu", [])):
         out = tool("moecast_llamacpp.py", "prefetch", "--model", work / "tiny.f32.gguf", "--replay",
-                   work / "ref.jsonl", "--replay-tokens", "120", "--resident", "10%", "--eviction", eviction,
-                   "--json", report)
+                   work / "ref.jsonl", "--replay-tokens", "120", "--resident", "10%", *flags, "--json", report)
         assert f"{eviction.upper()} eviction" in out
         figures = json.loads(report.read_text())
         assert figures["eviction"] == eviction

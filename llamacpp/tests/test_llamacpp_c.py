@@ -126,7 +126,7 @@ def test_c_harness_refuses_bad_arguments():
                            (["-w"], "-w: waits for the prefetcher thread's forecasts"),
                            (["-b", "auto,oracle"], "-b: `oracle` forecasts from a replayed trace: give -p TRACE"),
                            (["-W", "8"], "-W: takes the steps"), (["-p", "t.mctrace", "-W", "0"], "-W: takes the steps"),
-                           (["-e", "mru"], "-e: takes lru or lfu")):
+                           (["-e", "mru"], "-e: takes lru or lfu"), (["-b", "-1"], "-b: takes a comma list")):
         run = subprocess.run([os.environ["MOECAST_PREFETCH_C"], *flags, "missing.gguf", str(HELDOUT), "pred"],
                              capture_output=True, text=True)
         assert run.returncode != 0 and message in run.stderr, (flags, run.stderr)
@@ -184,7 +184,9 @@ def test_c_harness_lfu_keeps_the_often_used_experts(work):
     assert lfu_demand < 0.92 * lru_demand
     out, swapped = on_demand("-e", "lru", "-b", "lfu")
     assert "LRU eviction" in out and set(swapped) == {"on-demand", "on-demand-lfu"}
-    assert swapped["on-demand"] == modes["on-demand-lru"] and swapped["on-demand-lfu"] == modes["on-demand"]
+    # the same evictions: the same counts, up to one expert the kernel may reclaim (0.2 MB)
+    for a, b in ((swapped["on-demand"], modes["on-demand-lru"]), (swapped["on-demand-lfu"], modes["on-demand"])):
+        assert abs(a[0] - b[0]) < 1 and abs(a[1] - b[1]) <= 0.2
 
 
 @pytest.mark.skipif(not os.environ.get("MOECAST_PREFETCH_C"), reason="make test-llamacpp builds the C harness")
@@ -333,9 +335,9 @@ def test_c_harness_logs_each_step_for_the_read_cost_fit(work, tmp_path):
     make up each round's tokens/s and whose demand reads add up to the table's demand MB
     (on demand stages and forecasts nothing, the oracle and planned stage); the file
     appears only when the run ends. llamacpp/step_costs.py fits what a staged and a
-    demand read add to a step from it (at 10% resident every routed expert is staged or
-    read on demand, 12 a step, and the two cannot be told apart; at 25% some are
-    resident), and refuses a log it cannot read, naming the line. -L breaks the table's
+    demand read add to a step from it (at 10% resident under LRU every routed expert is
+    staged or read on demand, 12 a step, and the two cannot be told apart; at 25% some
+    are resident), and refuses a log it cannot read, naming the line. -L breaks the table's
     staged and demand reads down by MoE layer: they add up to its columns, and no layer
     uses more staged experts than were staged for it."""
     steps = tmp_path / "steps.csv"
