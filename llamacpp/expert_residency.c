@@ -164,6 +164,14 @@ static int oldest(Residency *r, const uint64_t *age, const uint8_t *skip) {
     return best;
 }
 
+const char *eviction_name(Eviction e) { return e == EVICT_LFU ? "lfu" : "lru"; }
+
+int eviction_parse(const char *name, Eviction *out) {
+    for (Eviction e = EVICT_LRU; e <= EVICT_LFU; e++)
+        if (!strcmp(name, eviction_name(e))) return *out = e, 1;
+    return 0;
+}
+
 /* Expert i is used (LFU): its weight, decayed to this use, plus one. The key is the log
  * of the weight undecayed to use 0, so keys compare as the weights do at any moment. */
 static void count_use(Residency *r, int i) {

@@ -37,6 +37,12 @@ void read_experts(const char *path, Experts *ex);
 typedef enum { EVICT_LRU, EVICT_LFU } Eviction;
 #define LFU_HALF_LIFE 64
 
+/* Its name, "lru" or "lfu". */
+const char *eviction_name(Eviction e);
+
+/* The eviction `name` names into *out: 1, or 0 where it names none. */
+int eviction_parse(const char *name, Eviction *out);
+
 /* The resident set: at most `capacity` experts in the page cache. Without a planner,
  * `slots` of them hold staged experts not used yet (oldest dropped when a newer one is
  * staged) and the rest the used ones (dropped by `eviction`). With a planner, staged

@@ -95,9 +95,10 @@ class ExpertResidency:
         if eviction not in ("lfu", "lru"):
             raise LlamaCppError(f"unknown eviction '{eviction}' (lfu or lru)")
         self.eviction = eviction
-        # LFU: each expert's uses decayed to its last use, and that use's tick
+        # LFU: the log of each expert's decayed uses, undecayed to use 0 (keys compare as
+        # the weights do at any moment), and the uses so far
         self.decay = math.log(2) / (LFU_HALF_LIFE * len(experts.moe_layers) * experts.top_k)
-        self.use_weight, self.use_tick, self.tick = {}, {}, 0
+        self.use_key, self.tick = {}, 0
         self.ex = experts
         self.capacity = capacity
         self.slots = staging_slots
@@ -167,8 +168,7 @@ class ExpertResidency:
             self.libc.madvise(lo, n, _MADV_DONTNEED)
         os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
         self.lru.clear()
-        self.use_weight.clear()
-        self.use_tick.clear()
+        self.use_key.clear()
         self.staging.clear()
         self.dropped.clear()
         with self._io_lock:
@@ -297,8 +297,8 @@ class ExpertResidency:
         self.lru.pop(key, None)
         self.lru[key] = True
         self.tick += 1
-        self.use_weight[key] = self._weight(key) + 1
-        self.use_tick[key] = self.tick
+        t = self.decay * self.tick  # its weight, decayed to this use, plus one
+        self.use_key[key] = math.log(math.exp(self.use_key.get(key, -math.inf) - t) + 1) + t
         if count:
             self.uses += 1
             if resident:
@@ -323,16 +323,12 @@ class ExpertResidency:
                 self.bytes_wasted += self._bytes(old)
                 self._drop(old)
 
-    def _weight(self, key):
-        """`key`'s decayed uses now (LFU)."""
-        return self.use_weight.get(key, 0.0) * math.exp(-self.decay * (self.tick - self.use_tick.get(key, 0)))
-
     def _victim(self, keep):
         """The used expert not in `keep` that `eviction` drops first (None: none)."""
         order = (k for k in self.lru if k not in keep)  # least recent first
         if self.eviction == "lru":
             return next(order, None)
-        return min(order, key=self._weight, default=None)  # min keeps the first of equals
+        return min(order, key=self.use_key.__getitem__, default=None)  # min keeps the first of equals
 
     def _evict(self, keep):
         while len(self.lru) > self.capacity - self.slots:

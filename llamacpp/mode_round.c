@@ -6,7 +6,7 @@
 
 void mode_name(const ModeTotals *mt, char *name, size_t size) {
     if (mt->oracle) snprintf(name, size, "oracle");
-    else if (mt->budget < 0 && mt->own_eviction) snprintf(name, size, "on-demand-%s", mt->eviction == EVICT_LFU ? "lfu" : "lru");
+    else if (mt->budget < 0 && mt->own_eviction) snprintf(name, size, "on-demand-%s", eviction_name(mt->eviction));
     else if (mt->budget < 0) snprintf(name, size, "on-demand");
     else if (mt->budget == 0) snprintf(name, size, "planned");
     else snprintf(name, size, "budget-%d", mt->budget);

@@ -197,9 +197,8 @@ int main(int argc, char **argv) {
         case 's': steps_path = optarg; break;
         case 'L': by_layer = 1; break;
         case 'e':
-            if (!strcmp(optarg, "lru")) eviction = EVICT_LRU;
-            else if (!strcmp(optarg, "lfu")) eviction = EVICT_LFU;
-            else die("-e", "takes lru or lfu (which used expert the resident set drops first)");
+            if (!eviction_parse(optarg, &eviction))
+                die("-e", "takes lru or lfu (which used expert the resident set drops first)");
             break;
         case 'W': {
             char *end;
@@ -230,16 +229,17 @@ int main(int argc, char **argv) {
         char item[32];
         snprintf(item, sizeof item, "%.*s", (int)strcspn(m, ","), m);
         char *end;
-        int oracle = !strcmp(item, "oracle"), lru = !strcmp(item, "lru"), lfu = !strcmp(item, "lfu");
-        long b = lru || lfu ? -1 : oracle || !strcmp(item, "auto") ? 0 : strtol(item, &end, 10);
-        if (!(lru || lfu) && strcmp(item, "auto") && !oracle && (end == item || *end || b < 1 || b > MAX_K))
+        Eviction own = eviction;
+        int oracle = !strcmp(item, "oracle"), on_demand = eviction_parse(item, &own);
+        long b = on_demand ? -1 : oracle || !strcmp(item, "auto") ? 0 : strtol(item, &end, 10);
+        if (!on_demand && strcmp(item, "auto") && !oracle && (end == item || *end || b < 1 || b > MAX_K))
             die("-b", "takes a comma list of `auto`, `oracle`, expert counts and on-demand evictions (`lru`, `lfu`)");
         if (n_modes == MAX_MODES) die("-b", "names more modes than the harness runs at once");
         if (oracle && !trace_path) die("-b", "`oracle` forecasts from a replayed trace: give -p TRACE");
-        if (!(lru || lfu) && !oracle && !pred_dir) continue; /* forecasts need a predictor */
+        if (!on_demand && !oracle && !pred_dir) continue; /* forecasts need a predictor */
         modes[n_modes].oracle = oracle;
-        modes[n_modes].eviction = lfu ? EVICT_LFU : lru ? EVICT_LRU : eviction;
-        modes[n_modes].own_eviction = lru || lfu;
+        modes[n_modes].eviction = own;
+        modes[n_modes].own_eviction = on_demand;
         modes[n_modes++].budget = (int)b;
     }
 
