@@ -57,8 +57,8 @@ demo:
 	  "$(DBG) run --model $(MODEL) --prompts prompts/heldout.txt --max-new-tokens 32 --expert-cache 25% --policy next-use --predictor $(DEMO)/predictor --lens --json $(DEMO)/run.json" \
 	  "$(DBG) eval --predictor $(DEMO)/predictor --trace $(DEMO)/heldout.mctrace --model $(MODEL) --json $(DEMO)/eval.json --plot $(DEMO)/plots"
 	tools/side_by_side.sh $(DEMO)/sweep.log \
-	  "$(DBG) simulate --trace $(DEMO)/heldout.mctrace --predictor $(DEMO)/predictor $(SIM) --sweep --policy lru,belady --prefetch none,learned,oracle --plot $(DEMO)/plots > $(DEMO)/sweep.txt && $(DBG) simulate --trace $(DEMO)/heldout.mctrace --predictor $(DEMO)/predictor $(PROD) --cache 10%,25% --policy lru,next-use --prefetch none,token,blend,learned,oracle --budget auto,2,4 --json $(DEMO)/simulate-production.json" \
-	  "$(DBG) simulate --trace $(DEMO)/heldout.mctrace --predictor $(DEMO)/predictor --model $(MODEL) $(SIM) --cache 10%,25% --policy lru,lfu,next-use,belady --prefetch none,previous,token,coactivation,blend,activation,gate,lens,learned,lens+learned,oracle --budget auto,2 --json $(DEMO)/simulate.json"
+	  "$(DBG) simulate --trace $(DEMO)/heldout.mctrace --predictor $(DEMO)/predictor $(SIM) --sweep --policy lru,belady --prefetch none,learned,oracle --plot $(DEMO)/plots > $(DEMO)/sweep.txt && $(DBG) simulate --trace $(DEMO)/heldout.mctrace --predictor $(DEMO)/predictor $(PROD) --cache 10%,25% --policy lru,lfu-kept,next-use --prefetch none,token,blend,learned,oracle --budget auto,2,4 --json $(DEMO)/simulate-production.json" \
+	  "$(DBG) simulate --trace $(DEMO)/heldout.mctrace --predictor $(DEMO)/predictor --model $(MODEL) $(SIM) --cache 10%,25% --policy lru,lfu,lfu-kept,next-use,belady --prefetch none,previous,token,coactivation,blend,activation,gate,lens,learned,lens+learned,oracle --budget auto,2 --json $(DEMO)/simulate.json"
 	@echo "demo outputs in $(DEMO)/: traces (.mctrace, .parquet), stats.json, predictor/, eval.json, simulate.json, simulate-production.json, sweep.txt, run.json, plots/"
 
 # The shipped model in llama.cpp, end to end (runs/llamacpp/, about 3 minutes after the

@@ -40,7 +40,7 @@ pub(crate) struct RunArgs {
     /// Resident experts: N, or P% of all routed experts.
     #[arg(long, default_value = "25%")]
     expert_cache: String,
-    /// Eviction policy: lru, lfu, lfu:DECAY or next-use (next use estimated from the layer cycle and reuse gaps).
+    /// Eviction policy: lru, lfu, lfu:DECAY, lfu-kept, lfu-kept:TOKENS or next-use (next use estimated from the layer cycle and reuse gaps).
     #[arg(long, default_value = "lru")]
     policy: String,
     /// Trained predictor directory (`moecast train -o DIR`): learned prefetch.

@@ -24,7 +24,7 @@ pub(crate) struct SimulateArgs {
     /// Sweep cache sizes 5%, 10%, ..., 50% (overrides --cache) and plot hit rate vs size.
     #[arg(long)]
     sweep: bool,
-    /// Eviction policies: lru, lfu, lfu:DECAY, next-use, belady; comma-separated.
+    /// Eviction policies: lru, lfu, lfu:DECAY, lfu-kept, lfu-kept:TOKENS, next-use, belady; comma-separated.
     #[arg(long, default_value = "lru", value_delimiter = ',')]
     policy: Vec<String>,
     /// Prefetchers: none, previous, token, coactivation, blend, activation, gate, pre-attention, lens, learned, oracle; comma-separated (a+b: both).

@@ -4,7 +4,7 @@
 # offloading engine on a synthetic checkpoint with Qwen3-30B-A3B's experts (2048 x 768,
 # bf16: 9.4 MB each; random weights, the published layout), experts read from disk with
 # direct I/O (or, where the file system refuses it, with the page cache dropped).
-# Demand paging (LRU, next-use), the token table and `make demo`'s predictor at a fixed
+# Demand paging (LRU, the kept LFU, next-use), the token table and `make demo`'s predictor at a fixed
 # budget (top-2) and planned (auto), the predictor also forecasting the next layers after
 # each layer (`layers`: it reads the trace's recorded router inputs, as the replay gives
 # them), the online blend (started from the predictor's training counts) planned, and
@@ -13,7 +13,7 @@
 # rounds, so a drifting disk speed touches them alike; the summary gives each mode's
 # mean decode tokens/s, its ratio to next-use demand paging of the same round (paired:
 # the disk's speed drifts between rounds by more than most modes differ), with the
-# lowest and highest round's ratio, and the share of the gap between the better demand
+# lowest and highest round's ratio, and the share of the gap between the best demand
 # paging and the faster oracle it closes.
 # `plan-oracle:LEAD` is the oracle's reads offered to the planner as certain forecasts
 # (what the planner loses with perfect forecasts).
@@ -44,17 +44,17 @@ if [ ! -f $OUT/ckpt/config.json ]; then
   $BIN checkpoint synth --layers 6 --experts 16 --top-k 2 --vocab 4096 -o $OUT/ckpt
 fi
 echo "replaying $TOKENS tokens of $DEMO/heldout.mctrace at 9.4 MB per expert (read from disk, no page cache), $REPEATS interleaved rounds"
-MODES=${MODES:-lru next-use token:2 token:auto learned:2 learned:auto layers:2 layers:auto blend:auto oracle:1 oracle:3}
+MODES=${MODES:-lru lfu-kept next-use token:2 token:auto learned:2 learned:auto layers:2 layers:auto blend:auto oracle:1 oracle:3}
 ALTERNATE=${ALTERNATE-token:auto learned:auto layers:auto plan-oracle:1 oracle:1 oracle:3}
 for mode in $MODES $ALTERNATE; do
   case $mode in
-    lru|next-use|token:*|learned:*|layers:*|blend:*|oracle:*|plan-oracle:*) ;;
-    *) echo "MODES: unknown mode '$mode' (lru, next-use, token:B, learned:B, layers:B, blend:B, oracle:LEAD, plan-oracle:LEAD)"; exit 1 ;;
+    lru|lfu-kept|next-use|token:*|learned:*|layers:*|blend:*|oracle:*|plan-oracle:*) ;;
+    *) echo "MODES: unknown mode '$mode' (lru, lfu-kept, next-use, token:B, learned:B, layers:B, blend:B, oracle:LEAD, plan-oracle:LEAD)"; exit 1 ;;
   esac
 done
 for mode in $ALTERNATE; do
   case $mode in
-    lru|next-use) echo "ALTERNATE: '$mode' has no prefetch to alternate"; exit 1 ;;
+    lru|lfu-kept|next-use) echo "ALTERNATE: '$mode' has no prefetch to alternate"; exit 1 ;;
   esac
 done
 results=$OUT/results.txt
@@ -63,7 +63,7 @@ rm -rf $OUT/runs && mkdir -p $OUT/runs
 # The run arguments of mode $1, in $args.
 args_of() {
   case $1 in
-    lru|next-use) args="--policy $1" ;;
+    lru|lfu-kept|next-use) args="--policy $1" ;;
     token:*) args="--policy next-use --token-table $DEMO/predictor --prefetch-budget ${1#token:}" ;;
     learned:*) args="--policy next-use --predictor $DEMO/predictor --prefetch-budget ${1#learned:}" ;;
     layers:*) args="--policy next-use --predictor $DEMO/predictor --layer-forecasts --prefetch-budget ${1#layers:}" ;;
@@ -92,11 +92,11 @@ while [ $round -le $REPEATS ]; do
   done
   round=$((round + 1))
 done
-echo "mean decode tokens/s over $REPEATS rounds; ratio to next-use demand paging of the same round (mean, and its lowest and highest round: rounds minutes apart see the disk at different speeds, the modes of a round alike); gap closed between the better demand paging and the faster oracle, from the means:"
+echo "mean decode tokens/s over $REPEATS rounds; ratio to next-use demand paging of the same round (mean, and its lowest and highest round: rounds minutes apart see the disk at different speeds, the modes of a round alike); gap closed between the best demand paging and the faster oracle, from the means:"
 awk '{ k = $2" "$3; s[k] += $4; n[k]++; tps[$1" "k] = $4; rounds[$1] = 1 } END {
   for (k in s) {
     split(k, p, " "); m[k] = s[k] / n[k]
-    if ((p[2] == "lru" || p[2] == "next-use") && m[k] > demand[p[1]]) demand[p[1]] = m[k]
+    if ((p[2] == "lru" || p[2] == "lfu-kept" || p[2] == "next-use") && m[k] > demand[p[1]]) demand[p[1]] = m[k]
     if (p[2] ~ /^oracle/ && m[k] > oracle[p[1]]) oracle[p[1]] = m[k]
   }
   for (k in s) {

@@ -10,7 +10,10 @@
 //! - **LFU**: key = exponentially decayed use count, `log Σ_i exp(λ t_i)` over the use
 //!   times `t_i` (all counts decay at the same rate, so the order is time-independent
 //!   and a key only changes when its expert is used; `λ = 0` is plain LFU), ties broken
-//!   by recency;
+//!   by recency; an expert's count starts anew each time it is read in;
+//! - **kept LFU** (`lfu-kept`): the same key over every use since the start, kept while
+//!   the expert is out of the cache, each use's weight halving every `half_life` tokens
+//!   (layer visits over layers), as the llama.cpp harnesses drop experts;
 //! - **Belady / OPT**: key = minus the time of the next use (the expert needed furthest
 //!   in the future goes first); the caller supplies next-use times from the known
 //!   future, which makes it the bound of any demand-paging policy.
@@ -22,6 +25,9 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+
+mod next_use;
+pub use next_use::NextUseForecast;
 
 /// Resident experts: a count, or a share of all routed experts.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -66,6 +72,11 @@ pub enum EvictionPolicy {
     Lfu {
         decay: f64,
     },
+    /// LFU over all uses, kept across evictions; a use's weight halves every
+    /// `half_life` tokens.
+    LfuKept {
+        half_life: f64,
+    },
     Belady,
     /// Belady with the next use estimated from the layer cycle and past reuse gaps.
     NextUse,
@@ -80,6 +91,17 @@ impl std::str::FromStr for EvictionPolicy {
             "lfu" => Ok(EvictionPolicy::Lfu { decay: 0.0 }),
             "belady" | "opt" => Ok(EvictionPolicy::Belady),
             "next-use" => Ok(EvictionPolicy::NextUse),
+            "lfu-kept" => Ok(EvictionPolicy::LfuKept {
+                half_life: Self::HALF_LIFE,
+            }),
+            _ if s.starts_with("lfu-kept:") => s["lfu-kept:".len()..]
+                .parse::<f64>()
+                .ok()
+                .filter(|t| *t > 0.0 && t.is_finite())
+                .map(|half_life| EvictionPolicy::LfuKept { half_life })
+                .ok_or_else(|| {
+                    format!("bad half-life in '{s}' (lfu-kept:TOKENS, TOKENS > 0)")
+                }),
             _ => match s.strip_prefix("lfu:") {
                 Some(d) => d
                     .parse::<f64>()
@@ -88,10 +110,22 @@ impl std::str::FromStr for EvictionPolicy {
                     .map(|decay| EvictionPolicy::Lfu { decay })
                     .ok_or_else(|| format!("bad LFU decay in '{s}' (lfu:RATE, RATE >= 0)")),
                 None => Err(format!(
-                    "unknown eviction policy '{s}' (lru, lfu, lfu:DECAY, belady, next-use)"
+                    "unknown eviction policy '{s}' (lru, lfu, lfu:DECAY, lfu-kept, lfu-kept:TOKENS, belady, next-use)"
                 )),
             },
         }
+    }
+}
+
+impl EvictionPolicy {
+    /// The kept LFU's default half-life in tokens (the llama.cpp harnesses' too).
+    pub const HALF_LIFE: f64 = 64.0;
+
+    fn counts_uses(self) -> bool {
+        matches!(
+            self,
+            EvictionPolicy::Lfu { .. } | EvictionPolicy::LfuKept { .. }
+        )
     }
 }
 
@@ -202,7 +236,14 @@ pub struct ExpertCache {
     /// Current key and its version per expert.
     key: Vec<Key>,
     version: Vec<u32>,
+    /// LFU: the key before the expert was last read in, and whether it was staged
+    /// (read for a coming use) and not used since.
+    prior: Vec<f64>,
+    staged: Vec<bool>,
     tick: u64,
+    /// Layer visits so far (the kept LFU's clock).
+    visits: u64,
+    n_layers: usize,
     /// Next-use estimates (next-use policy only).
     forecast: Option<NextUseForecast>,
 }
@@ -246,7 +287,11 @@ impl ExpertCache {
             resident: vec![false; total],
             key: vec![Key(f64::NEG_INFINITY, 0); total],
             version: vec![0; total],
+            prior: vec![f64::NEG_INFINITY; total],
+            staged: vec![false; total],
             tick: 0,
+            visits: 0,
+            n_layers: n_layers.max(1),
             forecast: (policy == EvictionPolicy::NextUse)
                 .then(|| NextUseForecast::new(n_layers, n_experts)),
         }
@@ -288,19 +333,14 @@ impl ExpertCache {
         });
     }
 
-    /// Records the first use of `id`, prefetched (inserted before any use): under LFU
-    /// the insertion does not count as a use as well, so a prefetch leaves an expert no
-    /// more frequent than reading it on demand would; otherwise as [`Self::touch`].
-    pub fn first_use(&mut self, id: usize, next_use: u64) {
-        if matches!(self.policy, EvictionPolicy::Lfu { .. }) {
-            self.key[id].0 = f64::NEG_INFINITY;
-        }
-        self.touch(id, next_use);
-    }
-
     /// Records a use of `id` (resident or just inserted). `next_use` is the time of its
-    /// next use (Belady only; `u64::MAX` when never).
+    /// next use (Belady only; `u64::MAX` when never). The first use of a staged expert
+    /// replaces its staging's provisional use, so under LFU a prefetch leaves an expert
+    /// no more frequent than reading it on demand would.
     pub fn touch(&mut self, id: usize, next_use: u64) {
+        if std::mem::take(&mut self.staged[id]) {
+            self.key[id].0 = self.prior[id];
+        }
         let next_use = self.forecast.as_ref().map_or(next_use, |f| f.next_use(id));
         self.rekey(id, next_use);
     }
@@ -309,27 +349,34 @@ impl ExpertCache {
         self.tick += 1;
         let key = match self.policy {
             EvictionPolicy::Lru => Key(self.tick as f64, self.tick),
-            EvictionPolicy::Lfu { decay } => {
-                let add = decay * self.tick as f64;
-                let old = self.key[id].0;
-                let k = if old == f64::NEG_INFINITY {
-                    add
-                } else {
-                    let m = old.max(add);
-                    m + ((old - m).exp() + (add - m).exp()).ln()
-                };
-                Key(k, self.tick)
+            EvictionPolicy::Lfu { decay } => self.lfu_key(id, decay * self.tick as f64),
+            EvictionPolicy::LfuKept { half_life } => {
+                let tokens = self.visits as f64 / self.n_layers as f64;
+                self.lfu_key(id, std::f64::consts::LN_2 * tokens / half_life)
             }
             EvictionPolicy::Belady | EvictionPolicy::NextUse => Key(-(next_use as f64), self.tick),
         };
         self.set_key(id, key);
     }
 
-    /// Reports that MoE layer `layer` routed to `used` (call before their lookups). Only
-    /// the next-use policy listens: it learns the reuse gaps; the layer's resident experts
-    /// in `used` are needed now (their lookups then re-key them), the others are expected
-    /// at a later visit.
+    /// `id`'s LFU key with one more use of log-weight `add`: `log(exp(key) + exp(add))`.
+    fn lfu_key(&self, id: usize, add: f64) -> Key {
+        let old = self.key[id].0;
+        let k = if old == f64::NEG_INFINITY {
+            add
+        } else {
+            let m = old.max(add);
+            m + ((old - m).exp() + (add - m).exp()).ln()
+        };
+        Key(k, self.tick)
+    }
+
+    /// Reports that MoE layer `layer` routed to `used` (call before their lookups). The
+    /// kept LFU's clock counts the visits; the next-use policy learns the reuse gaps: the
+    /// layer's resident experts in `used` are needed now (their lookups then re-key them),
+    /// the others are expected at a later visit.
     pub fn visit(&mut self, layer: usize, used: &[usize]) {
+        self.visits += 1;
         let Some(f) = self.forecast.as_mut() else {
             return;
         };
@@ -363,6 +410,17 @@ impl ExpertCache {
     /// go (see [`Insertion`]).
     /// The inserted expert counts as used now (`next_use` as in [`Self::touch`]).
     pub fn insert(&mut self, id: usize, next_use: u64, pinned: &[usize]) -> Insertion {
+        self.read_in(id, next_use, pinned, false)
+    }
+
+    /// Inserts `id` for a coming use (a prefetch), as [`Self::insert`]; under LFU the
+    /// read counts as a provisional use, replaced by its first use ([`Self::touch`]) and
+    /// dropped if the expert leaves unused.
+    pub fn stage(&mut self, id: usize, next_use: u64, pinned: &[usize]) -> Insertion {
+        self.read_in(id, next_use, pinned, true)
+    }
+
+    fn read_in(&mut self, id: usize, next_use: u64, pinned: &[usize], staged: bool) -> Insertion {
         debug_assert!(!self.resident[id]);
         let p = self.pool_of(id);
         let mut evicted = None;
@@ -382,8 +440,7 @@ impl ExpertCache {
                     skipped.push(entry);
                     continue;
                 }
-                self.resident[vi] = false;
-                self.pools[p].len -= 1;
+                self.drop_resident(vi);
                 evicted = Some(vi);
                 break;
             }
@@ -391,10 +448,16 @@ impl ExpertCache {
         }
         self.resident[id] = true;
         self.pools[p].len += 1;
-        if matches!(self.policy, EvictionPolicy::Lfu { .. }) {
-            self.key[id] = Key(f64::NEG_INFINITY, 0);
+        if self.policy.counts_uses() {
+            self.prior[id] = match self.policy {
+                EvictionPolicy::LfuKept { .. } => self.key[id].0,
+                _ => f64::NEG_INFINITY,
+            };
+            self.key[id].0 = self.prior[id];
         }
+        self.staged[id] = false;
         self.touch(id, next_use);
+        self.staged[id] = staged && self.policy.counts_uses();
         Insertion::Done { evicted }
     }
 
@@ -426,10 +489,18 @@ impl ExpertCache {
     /// Drops resident `id` (a cancelled prefetch).
     pub fn remove(&mut self, id: usize) {
         if self.resident[id] {
-            self.resident[id] = false;
             self.version[id] = self.version[id].wrapping_add(1);
-            let p = self.pool_of(id);
-            self.pools[p].len -= 1;
+            self.drop_resident(id);
+        }
+    }
+
+    /// Marks `id` gone; a staged expert that was never used keeps only its earlier uses.
+    fn drop_resident(&mut self, id: usize) {
+        self.resident[id] = false;
+        let p = self.pool_of(id);
+        self.pools[p].len -= 1;
+        if std::mem::take(&mut self.staged[id]) {
+            self.key[id].0 = self.prior[id];
         }
     }
 
@@ -438,101 +509,5 @@ impl ExpertCache {
         (0..self.resident.len())
             .filter(|&i| self.resident[i])
             .collect()
-    }
-}
-
-/// Estimated next use of every expert, for [`EvictionPolicy::NextUse`], in units of
-/// 1/1000 layer step (a step is one layer visit: one MoE layer of one token; a layer
-/// comes round every `n_layers` steps). Per layer it counts the gaps, in visits of the
-/// layer, between an expert's consecutive uses; an expert idle for `a` visits (never
-/// used: since the start) is expected back after the mean of the gaps longer than `a`,
-/// minus `a` (the mean residual life); when no gap that long was seen, after another
-/// `a` visits or one mean gap, whichever is longer (none seen at all: `n_experts`
-/// visits). A prefetched expert is expected at the coming visit of its layer.
-#[derive(Debug, Clone)]
-pub struct NextUseForecast {
-    n_layers: usize,
-    n_experts: usize,
-    /// Layer visits so far, and the layer of the latest.
-    step: u64,
-    layer: usize,
-    /// Per expert: the layer visit of its last use (`None`: never used).
-    last_use: Vec<Option<u32>>,
-    visits: Vec<u32>,
-    /// Per layer and `a`: the count and the sum of the gaps seen longer than `a`
-    /// (gaps longer than MAX_GAP count as MAX_GAP).
-    longer: Vec<Vec<(u64, u64)>>,
-}
-
-impl NextUseForecast {
-    const UNIT: f64 = 1000.0;
-    const MAX_GAP: usize = 256;
-
-    /// For `n_layers x n_experts` experts.
-    pub fn new(n_layers: usize, n_experts: usize) -> Self {
-        NextUseForecast {
-            n_layers,
-            n_experts,
-            step: 0,
-            layer: n_layers.saturating_sub(1),
-            last_use: vec![None; n_layers * n_experts],
-            visits: vec![0; n_layers],
-            longer: vec![vec![(0, 0); Self::MAX_GAP + 1]; n_layers],
-        }
-    }
-
-    /// Records a visit of `layer` that used the experts `used`.
-    pub fn visit(&mut self, layer: usize, used: &[usize]) {
-        let v = self.visits[layer];
-        for &id in used {
-            if let Some(last) = self.last_use[id] {
-                if last < v {
-                    let gap = ((v - last) as usize).min(Self::MAX_GAP);
-                    for longer in &mut self.longer[layer][..gap] {
-                        longer.0 += 1;
-                        longer.1 += gap as u64;
-                    }
-                }
-            }
-            self.last_use[id] = Some(v);
-        }
-        self.visits[layer] += 1;
-        self.step += 1;
-        self.layer = layer;
-    }
-
-    /// Estimated next use of `id`, as of its layer's latest visit.
-    pub fn next_use(&self, id: usize) -> u64 {
-        let l = id / self.n_experts;
-        let v = self.visits[l];
-        let idle = match self.last_use[id] {
-            Some(last) => v.saturating_sub(last + 1),
-            None => v,
-        } as usize;
-        let all = self.longer[l][0];
-        let visits = match self.longer[l].get(idle) {
-            Some(&(n, sum)) if n > 0 => sum as f64 / n as f64 - idle as f64,
-            _ if all.0 > 0 => (all.1 as f64 / all.0 as f64).max(idle as f64),
-            _ => self.n_experts as f64,
-        };
-        // The layer's latest visit was this many steps ago.
-        let since = (self.layer + self.n_layers - l) % self.n_layers;
-        self.at(visits * self.n_layers as f64 - since as f64)
-    }
-
-    /// The current step: the next use of an expert needed now.
-    pub fn now(&self) -> u64 {
-        self.at(0.0)
-    }
-
-    /// The next use of `id` prefetched now: the coming visit of its layer.
-    pub fn prefetched(&self, id: usize) -> u64 {
-        let l = id / self.n_experts;
-        let ahead = (l + self.n_layers - self.layer - 1) % self.n_layers + 1;
-        self.at(ahead as f64)
-    }
-
-    fn at(&self, steps_ahead: f64) -> u64 {
-        ((self.step as f64 + steps_ahead.max(0.0)) * Self::UNIT) as u64
     }
 }

@@ -78,7 +78,7 @@ fn config(rng: &mut StdRng, total: usize) -> SimConfig {
     SimConfig {
         capacity: ((total as f64 * rng.random_range(0.08..0.5)) as usize).max(1),
         per_layer: rng.random_bool(0.2),
-        policy: ["lru", "lfu", "next-use"][rng.random_range(0..3)].into(),
+        policy: ["lru", "lfu", "lfu-kept", "next-use"][rng.random_range(0..4)].into(),
         bandwidth_gbps: bandwidth,
         expert_bytes,
         compute_us_per_layer: compute,

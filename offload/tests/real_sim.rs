@@ -59,8 +59,8 @@ fn real_traces_lru_matches_statistics_and_policies_sweep() {
         ("Switch", "switch-base-8/router-trace.v2.json"),
     ];
     println!(
-        "{:<14} {:>6} {:>8} {:>8} {:>9} {:>8} {:>10} {:>10}",
-        "trace", "cache", "LRU", "LFU", "next-use", "Belady", "LRU+prev", "LRU+activ"
+        "{:<14} {:>6} {:>8} {:>8} {:>9} {:>9} {:>8} {:>10} {:>10}",
+        "trace", "cache", "LRU", "LFU", "kept LFU", "next-use", "Belady", "LRU+prev", "LRU+activ"
     );
     for (name, file) in cases {
         let t = import(&[traces.join(file)], None, &ImportOptions::default())
@@ -107,16 +107,17 @@ fn real_traces_lru_matches_statistics_and_policies_sweep() {
                     .hit_rate()
             };
             let (lru, lfu, opt) = (hit(&none, "lru"), hit(&none, "lfu"), hit(&none, "belady"));
-            let next_use = hit(&none, "next-use");
+            let (kept, next_use) = (hit(&none, "lfu-kept"), hit(&none, "next-use"));
             assert!(
-                [lru, lfu, next_use].iter().all(|&h| opt + 1e-12 >= h),
+                [lru, lfu, kept, next_use].iter().all(|&h| opt + 1e-12 >= h),
                 "{name}: OPT bounds demand paging"
             );
             println!(
-                "{name:<14} {:>5.0}% {:>7.1}% {:>7.1}% {:>8.1}% {:>7.1}% {:>9.1}% {:>9.1}%",
+                "{name:<14} {:>5.0}% {:>7.1}% {:>7.1}% {:>8.1}% {:>8.1}% {:>7.1}% {:>9.1}% {:>9.1}%",
                 share * 100.0,
                 100.0 * lru,
                 100.0 * lfu,
+                100.0 * kept,
                 100.0 * next_use,
                 100.0 * opt,
                 100.0 * hit(&prev, "lru"),
@@ -355,7 +356,7 @@ fn planned_prefetch_table(
             };
             simulate(view, seqs, plan, &c).unwrap().tokens_per_s()
         };
-        let best_demand = ["lru", "lfu", "next-use"]
+        let best_demand = ["lru", "lfu", "lfu-kept", "next-use"]
             .iter()
             .map(|p| run(&none, p, false))
             .fold(0.0, f64::max);
@@ -370,10 +371,10 @@ fn planned_prefetch_table(
                 share * 100.0
             );
         };
-        // Per prefetcher, the better of the two policies (fixed, planned).
+        // Per prefetcher, the best of the three policies (fixed, planned).
         let mut best = vec![(0.0f64, 0.0f64); plans.len()];
         let mut best_oracle = 0.0f64;
-        for policy in ["lru", "next-use"] {
+        for policy in ["lru", "lfu-kept", "next-use"] {
             let demand = run(&none, policy, false);
             let oracle_tps = oracles
                 .iter()

@@ -510,17 +510,17 @@ impl OffloadEngine {
         if self.cache.contains(id) {
             // A use; a prefetch of a resident expert keeps it (pinned) for now and tells
             // the policy when it is expected.
-            if !demand {
-                self.cache.expect(id);
-            } else if self.unused_prefetch.contains(&id)
-                || self.in_flight.get(&id).is_some_and(|r| !r.demand)
-            {
-                self.cache.first_use(id, 0);
-            } else {
+            if demand {
                 self.cache.touch(id, 0);
+            } else {
+                self.cache.expect(id);
             }
         } else {
-            let mut ins = self.cache.insert(id, 0, &self.pinned);
+            let mut ins = if demand {
+                self.cache.insert(id, 0, &self.pinned)
+            } else {
+                self.cache.stage(id, 0, &self.pinned)
+            };
             if ins == Insertion::AllPinned {
                 if !demand {
                     return;

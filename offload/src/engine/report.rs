@@ -121,6 +121,10 @@ pub(super) fn policy_name(p: EvictionPolicy) -> String {
         EvictionPolicy::Lru => "lru".into(),
         EvictionPolicy::Lfu { decay: 0.0 } => "lfu".into(),
         EvictionPolicy::Lfu { decay } => format!("lfu:{decay}"),
+        EvictionPolicy::LfuKept { half_life } if half_life == EvictionPolicy::HALF_LIFE => {
+            "lfu-kept".into()
+        }
+        EvictionPolicy::LfuKept { half_life } => format!("lfu-kept:{half_life}"),
         EvictionPolicy::Belady => "belady".into(),
         EvictionPolicy::NextUse => "next-use".into(),
     }

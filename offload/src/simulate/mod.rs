@@ -51,7 +51,7 @@ pub struct SimConfig {
     /// Resident experts in all layers together.
     pub capacity: usize,
     pub per_layer: bool,
-    /// `lru`, `lfu`, `lfu:DECAY`, `next-use` or `belady`.
+    /// `lru`, `lfu`, `lfu:DECAY`, `lfu-kept`, `lfu-kept:TOKENS`, `next-use` or `belady`.
     pub policy: String,
     /// Link bandwidth, GB/s.
     pub bandwidth_gbps: f64,
@@ -160,11 +160,7 @@ impl Sim {
                     self.r.per_layer[l].late += 1;
                     self.promote(id);
                 }
-                if prefetched {
-                    self.cache.first_use(id, next);
-                } else {
-                    self.cache.touch(id, next);
-                }
+                self.cache.touch(id, next);
                 continue;
             }
             self.r.misses += 1;
@@ -418,7 +414,7 @@ impl Sim {
             return;
         }
         let next = self.future.as_ref().map_or(0, |f| f.next(id));
-        match self.cache.insert(id, next, &self.pinned) {
+        match self.cache.stage(id, next, &self.pinned) {
             Insertion::Done { evicted: Some(v) } => self.unused_prefetch[v] = false,
             Insertion::Done { evicted: None } => {}
             Insertion::AllPinned => return,
