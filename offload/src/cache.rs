@@ -94,13 +94,13 @@ impl std::str::FromStr for EvictionPolicy {
             "lfu-kept" => Ok(EvictionPolicy::LfuKept {
                 half_life: Self::HALF_LIFE,
             }),
-            _ if s.starts_with("lfu-kept:") => s["lfu-kept:".len()..]
-                .parse::<f64>()
-                .ok()
-                .filter(|t| *t > 0.0 && t.is_finite())
+            _ if s.starts_with("lfu-kept:") => s
+                .strip_prefix("lfu-kept:")
+                .and_then(|t| t.parse::<f64>().ok())
+                .filter(|t| *t >= 1e-3 && t.is_finite())
                 .map(|half_life| EvictionPolicy::LfuKept { half_life })
                 .ok_or_else(|| {
-                    format!("bad half-life in '{s}' (lfu-kept:TOKENS, TOKENS > 0)")
+                    format!("bad half-life in '{s}' (lfu-kept:TOKENS, TOKENS >= 0.001)")
                 }),
             _ => match s.strip_prefix("lfu:") {
                 Some(d) => d
@@ -118,7 +118,8 @@ impl std::str::FromStr for EvictionPolicy {
 }
 
 impl EvictionPolicy {
-    /// The kept LFU's default half-life in tokens (the llama.cpp harnesses' too).
+    /// The kept LFU's default half-life in tokens (the llama.cpp harnesses' too). In the
+    /// engine the clock moves on decode steps only.
     pub const HALF_LIFE: f64 = 64.0;
 
     fn counts_uses(self) -> bool {
@@ -236,8 +237,9 @@ pub struct ExpertCache {
     /// Current key and its version per expert.
     key: Vec<Key>,
     version: Vec<u32>,
-    /// LFU: the key before the expert was last read in, and whether it was staged
-    /// (read for a coming use) and not used since.
+    /// LFU: the key an expert's count resumes from when read in (its kept count under
+    /// the kept LFU, none under plain LFU), and whether it was staged (read for a coming
+    /// use) and not used since.
     prior: Vec<f64>,
     staged: Vec<bool>,
     tick: u64,

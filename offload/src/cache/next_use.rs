@@ -1,16 +1,15 @@
 //! [`NextUseForecast`]: when each expert is expected next, for the next-use policy.
 
-use super::EvictionPolicy;
-
-/// Estimated next use of every expert, for [`EvictionPolicy::NextUse`], in units of
-/// 1/1000 layer step (a step is one layer visit: one MoE layer of one token; a layer
-/// comes round every `n_layers` steps). Per layer it counts the gaps, in visits of the
+/// Estimated next use of every expert, for
+/// [`EvictionPolicy::NextUse`](super::EvictionPolicy::NextUse), in units of 1/1000 layer
+/// step (a step is one layer visit: one MoE layer of one token; a layer comes round
+/// every `n_layers` steps). Per layer it counts the gaps, in visits of the
 /// layer, between an expert's consecutive uses; an expert idle for `a` visits (never
 /// used: since the start) is expected back after the mean of the gaps longer than `a`,
 /// minus `a` (the mean residual life); when no gap that long was seen, after another
 /// `a` visits or one mean gap, whichever is longer (none seen at all: `n_experts`
 /// visits). That residual life is the layer's; an expert used `r` times as often as the
-/// layer's average expert lately (uses decayed with [`EvictionPolicy::HALF_LIFE`], `r`
+/// layer's average expert lately (uses decayed with [`NextUseForecast::HALF_LIFE`], `r`
 /// shrunk towards 1 by [`Self::PRIOR_VISITS`] visits) is expected back in `1 / r` of it
 /// (proportional hazards). A prefetched expert is expected at the coming visit of its
 /// layer.
@@ -32,7 +31,7 @@ pub struct NextUseForecast {
     layer_uses: Vec<DecayedCount>,
 }
 
-/// A count whose every addition halves in weight each [`EvictionPolicy::HALF_LIFE`]
+/// A count whose every addition halves in weight each [`NextUseForecast::HALF_LIFE`]
 /// visits of its layer.
 #[derive(Debug, Clone, Copy, Default)]
 struct DecayedCount {
@@ -43,7 +42,7 @@ struct DecayedCount {
 
 impl DecayedCount {
     fn at(self, visit: u32) -> f64 {
-        self.value * (-f64::from(visit - self.at) / EvictionPolicy::HALF_LIFE).exp2()
+        self.value * (-f64::from(visit.saturating_sub(self.at)) / NextUseForecast::HALF_LIFE).exp2()
     }
 
     fn add(&mut self, visit: u32) {
@@ -59,6 +58,9 @@ impl NextUseForecast {
     const MAX_GAP: usize = 256;
     /// Visits of pseudo-evidence that an expert is used as often as its layer's average.
     pub const PRIOR_VISITS: f64 = 4.0;
+    /// Visits of its layer over which a use's weight in the use rate halves (as the
+    /// kept LFU's default, in tokens).
+    pub const HALF_LIFE: f64 = 64.0;
 
     /// For `n_layers x n_experts` experts.
     pub fn new(n_layers: usize, n_experts: usize) -> Self {
@@ -115,7 +117,7 @@ impl NextUseForecast {
         if v == 0 || uses <= 0.0 {
             return 1.0;
         }
-        let h = EvictionPolicy::HALF_LIFE;
+        let h = NextUseForecast::HALF_LIFE;
         // The decayed number of visits so far.
         let seen = (1.0 - (-f64::from(v) / h).exp2()) / (1.0 - (-1.0 / h).exp2());
         let mean = uses / (seen * self.n_experts as f64);
