@@ -156,32 +156,31 @@ fn kept_lfu_remembers_uses_across_evictions_and_forgets_with_its_half_life() {
         Insertion::Done { evicted: Some(a) }
     );
     assert_eq!(cache.victim(d, &[]), Some(Some(b)), "b: 1 use, c: 2");
-    // b, with 2 earlier uses, staged and used: 3 uses, above c's 2.
-    let mut cache = new(kept(1e9));
-    cache.insert(b, 0, &[]);
-    cache.touch(b, 0);
-    cache.insert(c, 0, &[b]);
-    cache.touch(c, 0);
-    assert_eq!(
-        cache.insert(a, 0, &[c]),
-        Insertion::Done { evicted: Some(b) }
-    );
-    assert_eq!(
-        cache.stage(b, 0, &[c]),
-        Insertion::Done { evicted: Some(a) }
-    );
+    // b used twice, then pushed out (c, used twice, pinned) and staged again.
+    let b_staged_again = || {
+        let mut cache = new(kept(1e9));
+        cache.insert(b, 0, &[]);
+        cache.touch(b, 0);
+        cache.insert(c, 0, &[b]);
+        cache.touch(c, 0);
+        assert_eq!(
+            cache.insert(a, 0, &[c]),
+            Insertion::Done { evicted: Some(b) }
+        );
+        assert_eq!(
+            cache.stage(b, 0, &[c]),
+            Insertion::Done { evicted: Some(a) }
+        );
+        cache
+    };
+    // Used: its 2 earlier uses and this one, above c's 2.
+    let mut cache = b_staged_again();
     cache.touch(b, 0);
     assert_eq!(cache.victim(d, &[]), Some(Some(c)), "b: 2 kept + 1, c: 2");
-    // A staged expert removed unused (a cancelled prefetch) keeps its 2 uses, not 3:
-    // read in again it has 3 against c's 4 and goes first, though used more recently
-    // (counting the staging, 4 against 4, the older c would go).
-    let mut cache = new(kept(1e9));
-    cache.insert(b, 0, &[]);
-    cache.touch(b, 0);
-    cache.insert(c, 0, &[b]);
-    cache.touch(c, 0);
-    cache.insert(a, 0, &[c]);
-    cache.stage(b, 0, &[c]);
+    // Removed unused (a cancelled prefetch): it keeps its 2 uses, not 3, so read in
+    // again it has 3 against c's 4 and goes first, though used more recently (counting
+    // the staging, 4 against 4, the older c would go).
+    let mut cache = b_staged_again();
     cache.remove(b);
     cache.touch(c, 0);
     cache.touch(c, 0);
