@@ -423,7 +423,8 @@ impl ExpertCache {
     }
 
     fn read_in(&mut self, id: usize, next_use: u64, pinned: &[usize], staged: bool) -> Insertion {
-        debug_assert!(!self.resident[id]);
+        // Not resident, so not staged either (dropping an expert clears its mark).
+        debug_assert!(!self.resident[id] && !self.staged[id]);
         let p = self.pool_of(id);
         let mut evicted = None;
         if self.pools[p].len >= self.pools[p].capacity {
@@ -457,7 +458,6 @@ impl ExpertCache {
             };
             self.key[id].0 = self.prior[id];
         }
-        self.staged[id] = false;
         self.touch(id, next_use);
         self.staged[id] = staged && self.policy.counts_uses();
         Insertion::Done { evicted }
