@@ -102,8 +102,9 @@ llamacpp:
 # fewer while forecasting (bench-c-R-a.txt); and by default on one llama.cpp thread
 # (bench-c-R-j1.txt). The default run adds the oracle (planned from the trace's own
 # experts) and prints each mode's share of its gain over on demand, and on demand with
-# the least recently used expert dropped (on-demand-lru) beside the default, the least
-# frequently used (both harnesses' resident sets). The C runs have the
+# the least recently used expert dropped (on-demand-lru) and with the one expected latest
+# (on-demand-next-use, moecast's estimate through mc_next_use_*) beside the default, the
+# least frequently used (both harnesses' resident sets). The C runs have the
 # modes take turns every 8 steps over the same tokens (-W 8: the machine's drift falls on
 # every mode alike) and print 90% intervals over those windows; the Python runs
 # alternate whole rounds, an even number of them, so a steady drift cancels.
@@ -115,7 +116,7 @@ llamacpp-bench: $(TARGET)/moecast_prefetch
 	for r in 10 25 100; do $(LLAMA_PY) prefetch --model $(LLAMA)/synth.f16.gguf --replay $(LLAMA)/heldout.mctrace \
 	  --replay-tokens 200 --predictor $(LLAMA)/predictor --resident $$r% --threads 2 --rounds 4 \
 	  --json $(LLAMA)/bench-$$r.json || exit 1; done
-	for r in 10 25 100; do for f in "" "-a" "-j 1"; do b=auto,1; test -n "$$f" -o $$r = 100 || b=lru,auto,1,oracle; \
+	for r in 10 25 100; do for f in "" "-a" "-j 1"; do b=auto,1; test -n "$$f" -o $$r = 100 || b=lru,next-use,auto,1,oracle; \
 	  $(TARGET)/moecast_prefetch -p $(LLAMA)/heldout.mctrace -N 200 -b $$b $$f -r $$r \
 	  -R 2 -W 8 $(LLAMA)/synth.f16.gguf $(LLAMA)/predictor > $(LLAMA)/bench-c.tmp || { rm -f $(LLAMA)/bench-c.tmp; exit 1; }; \
 	  out=$(LLAMA)/bench-c-$$r$$(echo "$$f" | tr -d ' ').txt; mv $(LLAMA)/bench-c.tmp $$out; cat $$out; done; done
@@ -165,9 +166,10 @@ test:
 # The C ABI (ffi/, libmoecast + ffi/include/moecast.h): the committed header is
 # cbindgen's output of the source, a C program built with the system cc replays a trace
 # through the library and must print what the Rust serving path forecasts, and bad
-# arguments are error codes. `make header` rewrites the header after an API change.
+# arguments are error codes; the next-use eviction estimates through it are the Rust
+# ones. `make header` rewrites the header after an API change.
 test-ffi:
-	$(CARGO) test --workspace --test c_abi
+	$(CARGO) test --workspace --test c_abi --test next_use
 
 # The Python package (python/, PyO3 + maturin): pip installs it from this clone (a dev
 # build sharing target/ with `make test`), then pytest replays a trace of the shipped

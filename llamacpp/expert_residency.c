@@ -164,10 +164,10 @@ static int oldest(Residency *r, const uint64_t *age, const uint8_t *skip) {
     return best;
 }
 
-const char *eviction_name(Eviction e) { return e == EVICT_LFU ? "lfu" : "lru"; }
+const char *eviction_name(Eviction e) { return e == EVICT_NEXT_USE ? "next-use" : e == EVICT_LFU ? "lfu" : "lru"; }
 
 int eviction_parse(const char *name, Eviction *out) {
-    for (Eviction e = EVICT_LRU; e <= EVICT_LFU; e++)
+    for (Eviction e = EVICT_LRU; e <= EVICT_NEXT_USE; e++)
         if (!strcmp(name, eviction_name(e))) return *out = e, 1;
     return 0;
 }
@@ -177,6 +177,21 @@ int eviction_parse(const char *name, Eviction *out) {
 static void count_use(Residency *r, int i) {
     double t = r->decay * (double)++r->uses_so_far;
     r->use_key[i] = log(exp(r->use_key[i] - t) + 1) + t;
+}
+
+/* Layer l routed to `ids[k]` (next-use): with `decode` the forecaster learns it (a
+ * prompt's batch is not one visit, as in `moecast run`), and the layer's held experts
+ * are keyed by their expected next use, as `moecast run`'s cache re-keys a layer's
+ * residents at each of its visits. */
+static void next_use_routed(Residency *r, int l, const int *ids, int k, int decode) {
+    uint16_t routed[MAX_K * 64];
+    int n = r->ex->n_experts, base = l * n;
+    for (int j = 0; j < k; j++) routed[j] = (uint16_t)ids[j];
+    if ((decode && mc_next_use_layer_routed(r->next_use, (uint32_t)l, routed, (uint32_t)k)) ||
+        mc_next_use_layer(r->next_use, (uint32_t)l, r->due, (uint32_t)n))
+        die("next-use eviction", mc_last_error());
+    for (int e = 0; e < n; e++)
+        if (r->used_age[base + e]) r->use_key[base + e] = -r->due[e];
 }
 
 /* The used expert `r->eviction` drops first, skipping those marked in `skip` (or none). */
@@ -268,7 +283,7 @@ void use_experts(Residency *r, int l, const int *ids, int k, int decode, int cou
         r->landed[i] = 0, r->keep[i] = 1;
         if (!r->used_age[i]) r->n_used++;
         r->used_age[i] = ++r->clock;
-        count_use(r, i);
+        if (r->eviction == EVICT_LFU) count_use(r, i);
         if (count) {
             r->uses++;
             if (resident[j]) r->resident_uses++;
@@ -277,6 +292,7 @@ void use_experts(Residency *r, int l, const int *ids, int k, int decode, int cou
             if (staged) r->layer_staged_used[l]++;
         }
     }
+    if (r->next_use) next_use_routed(r, l, ids, k, decode);
     if (r->planner) {
         for (int e = 0; e < r->ex->n_experts; e++) /* its layer routed without it */
             if (r->staged_age[base + e]) {
@@ -451,13 +467,20 @@ void residency_init(Residency *r, Experts *ex, int capacity, int slots, Eviction
         !r->plan_out)
         die("residency", "out of memory");
     for (int i = 0; i < r->n_ids; i++) r->use_key[i] = -INFINITY; /* never used: weight 0 */
+    if (eviction == EVICT_NEXT_USE) {
+        r->due = malloc((size_t)ex->n_experts * sizeof(double));
+        if (!r->due) die("residency", "out of memory");
+        if (mc_next_use_new((uint32_t)ex->n_moe, (uint32_t)ex->n_experts, &r->next_use))
+            die("next-use eviction", mc_last_error());
+    }
     for (int i = 0; i < r->n_ids; i++)
         if (is_resident(r, i)) die(ex->path, "experts stay in memory after the drop (a tmpfs, or another process using the file?)");
 }
 
 void residency_free(Residency *r) {
     close(r->fd);
-    free(r->used_age), free(r->staged_age), free(r->stale_age), free(r->use_key);
+    free(r->used_age), free(r->staged_age), free(r->stale_age), free(r->use_key), free(r->due);
+    mc_next_use_free(r->next_use);
     free(r->landed), free(r->keep), free(r->want), free(r->issued), free(r->dropped), free(r->plan_out);
     pthread_mutex_destroy(&r->mu);
     pthread_mutex_destroy(&r->io_mu);

@@ -30,14 +30,16 @@ typedef struct {
 /* Reads the expert layout of a GGUF written by llamacpp/export_gguf.py (page-aligned). */
 void read_experts(const char *path, Experts *ex);
 
-/* Which used expert the resident set drops first: the least recently used, or the
- * least frequently used, each use's weight halving every LFU_HALF_LIFE tokens' worth of
- * uses (n_moe x top_k each; the least recent of equals). An expert's uses are kept when
- * it is dropped (unlike the simulator's LFU, which counts from its insertion). */
-typedef enum { EVICT_LRU, EVICT_LFU } Eviction;
+/* Which used expert the resident set drops first: the least recently used; the least
+ * frequently used, each use's weight halving every LFU_HALF_LIFE tokens' worth of uses
+ * (n_moe x top_k each; the least recent of equals; an expert's uses are kept when it is
+ * dropped, unlike the simulator's LFU, which counts from its insertion); or the one
+ * expected latest (moecast's next-use estimate through mc_next_use_*: its layer's gaps
+ * between an expert's uses, its own use rate; `moecast run --policy next-use`). */
+typedef enum { EVICT_LRU, EVICT_LFU, EVICT_NEXT_USE } Eviction;
 #define LFU_HALF_LIFE 64
 
-/* Its name, "lru" or "lfu". */
+/* Its name: "lru", "lfu" or "next-use". */
 const char *eviction_name(Eviction e);
 
 /* The eviction `name` names into *out: 1, or 0 where it names none. */
@@ -57,7 +59,10 @@ typedef struct {
     size_t map_off, map_len;
     /* ages: 0 = not held; else last use (used), staging time (staged, stale) */
     uint64_t *used_age, *staged_age, *stale_age, clock;
-    double *use_key;     /* LFU: log of each expert's decayed uses, undecayed to use 0 */
+    double *use_key;     /* LFU: log of each expert's decayed uses, undecayed to use 0;
+                          * next-use: minus its expected next use (lowest drops first) */
+    struct mc_next_use *next_use; /* next-use's estimates (NULL under LRU and LFU) */
+    double *due;                  /* a layer's expected next uses (next-use) */
     uint64_t uses_so_far; /* uses counted (LFU's clock) */
     double decay;        /* LFU's decay per use */
     Eviction eviction;

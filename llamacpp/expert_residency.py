@@ -72,6 +72,8 @@ class FileMapping:
 # layers x top-k each): plain LFU keeps the experts of prompts long gone (on the shipped
 # model at 25% it found fewer resident than LRU), LRU thrashes below a token's experts.
 LFU_HALF_LIFE = 64
+# The resident sets' evictions (ExpertResidency).
+EVICTIONS = ("lfu", "lru", "next-use")
 
 
 class ExpertResidency:
@@ -81,7 +83,9 @@ class ExpertResidency:
     slots of what demand paging keeps) and the rest the experts used, dropped by
     `eviction`: "lfu" the least frequently used (each use's weight halving every
     LFU_HALF_LIFE tokens' worth of uses, the least recent of equals; an expert's uses are
-    kept when it is dropped), "lru" the least recently used. A token visits every layer once, so
+    kept when it is dropped), "lru" the least recently used, "next-use" the one expected
+    latest (`moecast.NextUse`: its layer's gaps between an expert's uses and the expert's
+    own use rate, as `moecast run --policy next-use`). A token visits every layer once, so
     under LRU a set smaller than a token's experts drops each layer's experts just before
     the layer comes round again. Counts what was resident when used, staged and wasted. Demand reads and
     drops are issued from the calling thread (the eval callback), staged reads from an
@@ -92,9 +96,16 @@ class ExpertResidency:
     def __init__(self, experts, capacity, staging_slots=0, eviction="lfu"):
         if not 0 <= staging_slots < capacity:
             raise LlamaCppError(f"{staging_slots} staging slots do not fit a resident set of {capacity} experts")
-        if eviction not in ("lfu", "lru"):
-            raise LlamaCppError(f"unknown eviction '{eviction}' (lfu or lru)")
+        if eviction not in EVICTIONS:
+            raise LlamaCppError(f"unknown eviction '{eviction}' ({', '.join(EVICTIONS)})")
         self.eviction = eviction
+        # next-use: the expected next uses, a layer's held experts keyed by them (minus)
+        # at each of its visits, as `moecast run`'s cache re-keys them
+        self.next_use = None
+        if eviction == "next-use":
+            import moecast
+
+            self.next_use = moecast.NextUse(len(experts.moe_layers), experts.n_experts)
         # LFU: the log of each expert's decayed uses, undecayed to use 0 (keys compare as
         # the weights do at any moment), and the uses so far
         self.decay = math.log(2) / (LFU_HALF_LIFE * len(experts.moe_layers) * experts.top_k)
@@ -280,6 +291,7 @@ class ExpertResidency:
         resident_now, missing, _, t0, _ = self._issue(keys, count)
         for key, resident in zip(keys, resident_now):
             self._mark_used(key, resident, count)
+        self._routed(i, experts, observe)
         self._evict(set(keys))
         waited, _, _ = self._wait_for(missing, t0, meanwhile)
         if count:
@@ -296,9 +308,10 @@ class ExpertResidency:
             self.staged_used += 1
         self.lru.pop(key, None)
         self.lru[key] = True
-        self.tick += 1
-        t = self.decay * self.tick  # its weight, decayed to this use, plus one
-        self.use_key[key] = math.log(math.exp(self.use_key.get(key, -math.inf) - t) + 1) + t
+        if self.eviction == "lfu":
+            self.tick += 1
+            t = self.decay * self.tick  # its weight, decayed to this use, plus one
+            self.use_key[key] = math.log(math.exp(self.use_key.get(key, -math.inf) - t) + 1) + t
         if count:
             self.uses += 1
             if resident:
@@ -307,6 +320,19 @@ class ExpertResidency:
                 self.late += 1
             else:
                 self.bytes_demand += self._bytes(key)
+
+    def _routed(self, i, experts, observe):
+        """Layer i routed to `experts` (next-use): with `observe` (a decode step; a
+        prompt's batch is not one visit, as in `moecast run`) the estimate learns it, and
+        the layer's held experts are keyed by their expected next use."""
+        if self.next_use is None:
+            return
+        if observe:
+            self.next_use.layer_routed(i, np.asarray(experts))
+        due = self.next_use.layer(i)
+        for key in self.lru:
+            if key[0] == i:
+                self.use_key[key] = -due[key[1]]
 
     def stage(self, i, experts):
         """Asks the kernel to read these experts of layer i (not already held)."""
@@ -413,6 +439,7 @@ class PlannedResidency(ExpertResidency):
         late = any(not r and self._awaited(k) for k, r in zip(keys, resident_now))
         for key, resident in zip(keys, resident_now):
             self._mark_used(key, resident, count)
+        self._routed(i, experts, observe)
         for key in [k for k in self.staging if k[0] == i]:  # its layer routed without it
             del self.staging[key]
             self.landed.discard(key)

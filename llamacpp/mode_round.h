@@ -20,7 +20,7 @@
 typedef struct {
     int budget; /* -1: on demand; 0: planned; N: a fixed budget */
     int oracle; /* planned, from the replayed trace's own experts */
-    Eviction eviction; /* its resident set's (-e, or an on-demand mode's own: -b lru, lfu) */
+    Eviction eviction; /* its resident set's (-e, or an on-demand mode's own: -b lru, lfu, next-use) */
     int own_eviction;  /* an on-demand mode beside the first, named by its eviction */
     double tps, resident, demand, staged, wasted, stall, issue;
     long stray_uses; /* see Residency */

@@ -546,9 +546,10 @@ def main(argv=None):
     f.add_argument("--no-guard", action="store_true", help="planned prefetch in every decode step (by default "
                    "moecast's prefetch guard turns it off in windows of steps where it measures slower)")
     f.add_argument("--rounds", type=int, default=1, help="alternate the modes this many times")
-    f.add_argument("--eviction", choices=["lfu", "lru"], default="lfu",
+    f.add_argument("--eviction", choices=["lfu", "lru", "next-use"], default="lfu",
                    help="which used expert every mode's resident set drops first: the least frequently used "
-                        "(default) or the least recently used")
+                        "(default), the least recently used, or the one expected latest (moecast's next-use "
+                        "estimate)")
     f.add_argument("--replay", help="decode a trace's recorded sequences with their routing forced (instead of --prompts)")
     f.add_argument("--replay-tokens", type=int, help="with --replay: stop after this many decode steps")
     f.add_argument("--json", help="write the figures here")

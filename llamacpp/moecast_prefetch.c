@@ -3,8 +3,8 @@
  *
  *   moecast_prefetch [-r resident%=25] [-n new_tokens=32] [-R rounds=3] [-b MODES=auto,1]
  *                    [-t READ_US,LAYER_US] [-G] [-a [-w | -d MS]]
- *                    [-j THREADS[,WHILE_FORECASTING]] [-s STEPS.csv] [-L] [-e lru|lfu]
- *                    MODEL.gguf PROMPTS.txt [PREDICTOR_DIR]
+ *                    [-j THREADS[,WHILE_FORECASTING]] [-s STEPS.csv] [-L]
+ *                    [-e lru|lfu|next-use] MODEL.gguf PROMPTS.txt [PREDICTOR_DIR]
  *   moecast_prefetch -p TRACE [-N steps] [-W STEPS] [options] MODEL.gguf [PREDICTOR_DIR]
  *
  * Greedy decoding of every prompt (one per line), on demand and, with a predictor (an
@@ -58,12 +58,15 @@
  * read on demand there, a round's mean: where a mode's reads go and which layer it loses.
  * -e sets which used expert every mode's resident set drops first: the least frequently
  * used (default; each use's weight halving every 64 tokens' worth of uses, the least
- * recent of equals) or the least recently used. A token visits every layer once, so
- * under LRU a set smaller than a token's experts drops each layer's experts just before
- * that layer comes round again and on demand finds none resident; LFU keeps the
- * often-used ones, and the decay lets those of earlier prompts go. In MODES, `lru` and
- * `lfu` add an on-demand mode with that eviction (on-demand-lru, -lfu) beside the first,
- * which every ratio is over: the two evictions measured over the same windows.
+ * recent of equals), the least recently used, or the one expected latest (next-use:
+ * moecast's estimate through mc_next_use_*, from its layer's gaps between an expert's
+ * uses and the expert's own use rate, as `moecast run --policy next-use`). A token
+ * visits every layer once, so under LRU a set smaller than a token's experts drops each
+ * layer's experts just before that layer comes round again and on demand finds none
+ * resident; LFU keeps the often-used ones, and the decay lets those of earlier prompts
+ * go. In MODES, `lru`, `lfu` and `next-use` add an on-demand mode with that eviction
+ * (on-demand-lru, -lfu, -next-use) beside the first, which every ratio is over: the
+ * evictions measured over the same windows.
  * decoder.c holds the eval callback and one decode step, mode_round.c a mode's round.
  * Linux only. Build: make target/moecast_prefetch (links the wheel's libllama and libmoecast). */
 #define _GNU_SOURCE
@@ -152,7 +155,7 @@ static void window_intervals(const WindowLog *log, const ModeTotals *modes, int 
 
 static void usage(const char *argv0) {
     fprintf(stderr, "usage: %s [-r resident%%=25] [-n new_tokens=32] [-R rounds=3] [-b MODES=auto,1] "
-            "[-t READ_US,LAYER_US] [-G] [-a [-w | -d MS]] [-j THREADS[,WHILE_FORECASTING]] [-s STEPS.csv] [-L] [-e lru|lfu] "
+            "[-t READ_US,LAYER_US] [-G] [-a [-w | -d MS]] [-j THREADS[,WHILE_FORECASTING]] [-s STEPS.csv] [-L] [-e lru|lfu|next-use] "
             "MODEL.gguf PROMPTS.txt [PREDICTOR_DIR]\n"
             "       %s -p TRACE [-N steps] [-W STEPS] [options] MODEL.gguf [PREDICTOR_DIR]\n", argv0, argv0);
     exit(2);
@@ -198,7 +201,7 @@ int main(int argc, char **argv) {
         case 'L': by_layer = 1; break;
         case 'e':
             if (!eviction_parse(optarg, &eviction))
-                die("-e", "takes lru or lfu (which used expert the resident set drops first)");
+                die("-e", "takes lru, lfu or next-use (which used expert the resident set drops first)");
             break;
         case 'W': {
             char *end;
@@ -233,7 +236,7 @@ int main(int argc, char **argv) {
         int oracle = !strcmp(item, "oracle"), on_demand = eviction_parse(item, &own);
         long b = on_demand ? -1 : oracle || !strcmp(item, "auto") ? 0 : strtol(item, &end, 10);
         if (!on_demand && strcmp(item, "auto") && !oracle && (end == item || *end || b < 1 || b > MAX_K))
-            die("-b", "takes a comma list of `auto`, `oracle`, expert counts and on-demand evictions (`lru`, `lfu`)");
+            die("-b", "takes a comma list of `auto`, `oracle`, expert counts and on-demand evictions (`lru`, `lfu`, `next-use`)");
         if (n_modes == MAX_MODES) die("-b", "names more modes than the harness runs at once");
         if (oracle && !trace_path) die("-b", "`oracle` forecasts from a replayed trace: give -p TRACE");
         if (!on_demand && !oracle && !pred_dir) continue; /* forecasts need a predictor */
@@ -327,7 +330,7 @@ int main(int argc, char **argv) {
 
     printf("%s: %d of %d experts resident (%.0f%%), %zu bytes per expert, llama.cpp threads %d (%d while forecasting), "
            "forecasts %s, %s eviction, ", model_path, capacity, total, resident_pct, ex.size[0][0] * 3, threads[0], threads[1],
-           inline_forecasts ? "on the decode thread during reads" : "on a thread of their own", eviction == EVICT_LFU ? "LFU" : "LRU");
+           inline_forecasts ? "on the decode thread during reads" : "on a thread of their own", eviction_name(eviction));
     if (input_dim) printf("reading router inputs (%u wide) from %s, ", input_dim, trace ? "the trace" : "llama.cpp's ffn_norm");
     if (window) printf("%d round(s), the modes taking turns every %d steps, ", rounds, window);
     else printf("%d alternating round(s), ", rounds);
@@ -384,7 +387,7 @@ int main(int argc, char **argv) {
         }
     }
 
-    printf("%-13s %18s %10s %10s %10s %8s %9s %13s %15s %10s\n", "mode", "resident when used", "demand MB", "staged MB", "wasted MB",
+    printf("%-18s %18s %10s %10s %10s %8s %9s %13s %15s %10s\n", "mode", "resident when used", "demand MB", "staged MB", "wasted MB",
            "stall s", "tokens/s", "vs on-demand", "rounds min-max", "issuing s");
     int oracle = -1;
     for (int mode = 0; mode < n_modes; mode++) {
@@ -392,7 +395,7 @@ int main(int argc, char **argv) {
         char name[24];
         mode_name(mt, name, sizeof name);
         if (mt->oracle) oracle = mode;
-        printf("%-13s %17.1f%% %10.2f %10.2f %10.2f %8.3f %9.1f %12.2fx %9.2f-%.2fx %10.3f\n", name, 100 * mt->resident / rounds,
+        printf("%-18s %17.1f%% %10.2f %10.2f %10.2f %8.3f %9.1f %12.2fx %9.2f-%.2fx %10.3f\n", name, 100 * mt->resident / rounds,
                mt->demand / rounds / 1e6, mt->staged / rounds / 1e6, mt->wasted / rounds / 1e6, mt->stall / rounds,
                mt->tps / rounds, mt->tps / modes[0].tps, mt->ratio_min, mt->ratio_max, mt->issue / rounds);
     }

@@ -156,7 +156,7 @@ def cmd_prefetch(args):
     mb = lambda x: x / 1e6
     print(f"{args.model}: {capacity} of {total} experts resident ({args.resident}), "
           f"{ex.expert_bytes[0]:,} bytes per expert, llama.cpp threads {threads[0]} ({threads[1]} while forecasting), "
-          f"{args.eviction.upper()} eviction, {args.rounds} round(s), "
+          f"{args.eviction} eviction, {args.rounds} round(s), "
           + (f"routing replayed from {args.replay}" if replay is not None else
              f"{'greedy' if args.temperature <= 0 else f'temperature {args.temperature} seed {args.seed}'}, "
              f"up to {args.max_new_tokens} new tokens per prompt")

@@ -31,8 +31,8 @@ def decode_with_residency(model, prompts, capacity, max_new_tokens, predictor=No
     so calls that share one measure once, as a runtime's requests would). The layers
     ahead are forecast while a layer's missing experts are read (a layer with none
     forecasts nothing, as in the C harness). `threads`, (N, M): llama.cpp runs on M
-    threads in the decode steps that forecast, on N in the others. `eviction` ("lfu" or
-    "lru"): which used expert the resident set drops first (ExpertResidency). Residency
+    threads in the decode steps that forecast, on N in the others. `eviction` ("lfu", "lru"
+    or "next-use"): which used expert the resident set drops first (ExpertResidency). Residency
     and time are counted over the decode steps."""
     m = len(model.experts.moe_layers)
     top_k = model.experts.top_k

@@ -78,6 +78,11 @@ typedef struct mc_blend mc_blend;
 typedef struct mc_guard mc_guard;
 
 /**
+ * Next-use estimates of every expert of a model (one cache; one thread at a time).
+ */
+typedef struct mc_next_use mc_next_use;
+
+/**
  * A prefetch planner (one per stream of requests; one thread at a time).
  */
 typedef struct mc_planner mc_planner;
@@ -350,6 +355,51 @@ int mc_blend_forecast(struct mc_blend *b,
  * `b` is a live blend; `experts` holds `n_moe_layers * top_k` values.
  */
 int mc_blend_observe(struct mc_blend *b, uint32_t token, const uint16_t *experts);
+
+/**
+ * A forecaster into `*out` for a model of `n_moe_layers` MoE layers of `n_experts`
+ * experts (each at least 1, experts at most 65535, 2^24 in all), before any routing.
+ *
+ * # Safety
+ * `out` points to writable storage for a pointer.
+ */
+int mc_next_use_new(uint32_t n_moe_layers, uint32_t n_experts, struct mc_next_use **out);
+
+/**
+ * Frees a forecaster (null is ignored).
+ *
+ * # Safety
+ * `f` comes from `mc_next_use_new` and is not used afterwards.
+ */
+void mc_next_use_free(struct mc_next_use *f);
+
+/**
+ * MoE layer `layer` of a decode step routed to the `n` experts at `experts` (indices
+ * within the layer; repeats count once). Call it for every decode step's routed layer,
+ * in order, before asking for that layer's estimates. A prompt's batch is not one
+ * visit: `moecast run` does not tell it, and keys the batch's experts with the
+ * estimates as they stand (`mc_next_use_layer`).
+ *
+ * # Safety
+ * `f` is a live forecaster; `experts` holds `n` values.
+ */
+int mc_next_use_layer_routed(struct mc_next_use *f,
+                             uint32_t layer,
+                             const uint16_t *experts,
+                             uint32_t n);
+
+/**
+ * The expected next use of each of MoE layer `layer`'s experts into `out[n]` (`n` is
+ * the model's expert count), as of the latest routed layer: in layer steps since the
+ * first routed layer (each routed layer is one step; a token's MoE layers are
+ * `n_moe_layers` steps). The resident expert with the largest value is the one to drop.
+ * Estimates follow each expert's idle time and use rate, so an expert's value changes
+ * as its layer is routed: ask again after each `mc_next_use_layer_routed` of the layer.
+ *
+ * # Safety
+ * `f` is a live forecaster; `out` has room for `n` values.
+ */
+int mc_next_use_layer(const struct mc_next_use *f, uint32_t layer, double *out, uint32_t n);
 
 /**
  * A guard into `*out`: decode steps in windows of `window` (8 in `moecast run`),

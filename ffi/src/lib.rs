@@ -19,9 +19,13 @@
 //! answers each forecast offered to it (`mc_planner_plan`) with the experts to stage
 //! now: a read that cannot arrive in time or would delay demand reads more than it
 //! saves is not staged (where a layer computes for less than a read takes, only reads
-//! for the next lookup above a break-even precision are). A guard (`mc_guard_new`) told each decode step's time
-//! (`mc_guard_step_done`) says whether the next step should prefetch at all
-//! (`mc_guard_enabled`): prefetch runs in the windows of steps where it measures faster.
+//! for the next lookup above a break-even precision are). A guard (`mc_guard_new`) told
+//! each decode step's time (`mc_guard_step_done`) says whether the next step should
+//! prefetch at all (`mc_guard_enabled`): prefetch runs in the windows of steps where it
+//! measures faster.
+//! A runtime that evicts by estimated next use (`mc_next_use_new`) tells it each decode
+//! step's layer routing (`mc_next_use_layer_routed`) and drops the resident expert
+//! expected latest (`mc_next_use_layer`).
 //!
 //! Every function returns [`MC_OK`] (0) or a negative `MC_ERR_*` code; the message of
 //! the last error on the calling thread is `mc_last_error()`. Null pointers, sizes that
@@ -30,16 +34,19 @@
 //!
 //! Threads: an `mc_predictor` is immutable once open and may be shared by any number of
 //! threads (each making its own sessions); an `mc_session` belongs to one thread at a
-//! time; an `mc_blend`, an `mc_planner` and an `mc_guard` too.
+//! time; an `mc_blend`, an `mc_planner`, an `mc_guard` and an `mc_next_use` too.
 
 #![allow(non_camel_case_types)]
 
 mod blend;
+mod next_use;
 mod prefetch_guard;
 mod staging;
 mod trace;
 pub use blend::*;
+pub use next_use::*;
 pub use prefetch_guard::*;
+use staging::planner_error;
 pub use staging::*;
 pub use trace::*;
 

@@ -41,7 +41,8 @@ pub struct mc_plan_report {
     pub break_even_precision: f64,
 }
 
-fn planner_error(e: planner::StagingError) -> Failure {
+/// A planner input error as the C ABI's argument error.
+pub(crate) fn planner_error(e: planner::StagingError) -> Failure {
     Failure(MC_ERR_ARG, e.to_string())
 }
 

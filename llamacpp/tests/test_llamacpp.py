@@ -254,20 +254,23 @@ def test_forced_routing_is_what_llama_cpp_computes(work):
 
 def test_resident_set_drops_the_least_frequently_used(work):
     """The Python harness's resident set drops the least frequently used expert by default
-    (--eviction lfu), the least recently used with --eviction lru: replaying the reference
+    (--eviction lfu), the least recently used with --eviction lru, the one moecast.NextUse
+    expects latest with --eviction next-use: replaying the reference
     trace on demand at 10% resident (10 experts, fewer than a token's 12), LRU drops each
     layer's experts just before the layer comes round again and finds none resident, LFU
-    keeps the ones tokens reuse (the C harness's -e; the routing is forced, so the counts
-    are the trace's)."""
+    and next-use keep the ones tokens reuse (the C harness's -e; the routing is forced, so
+    the counts are the trace's)."""
     report = work / "eviction.json"
     found = {}
-    for eviction, flags in (("lru", ["--eviction", "lru"]), ("lfu", [])):
+    for eviction, flags in (("lru", ["--eviction", "lru"]), ("lfu", []), ("next-use", ["--eviction", "next-use"])):
         out = tool("moecast_llamacpp.py", "prefetch", "--model", work / "tiny.f32.gguf", "--replay",
                    work / "ref.jsonl", "--replay-tokens", "120", "--resident", "10%", *flags, "--json", report)
-        assert f"{eviction.upper()} eviction" in out
+        assert f"{eviction} eviction" in out
         figures = json.loads(report.read_text())
         assert figures["eviction"] == eviction
         found[eviction] = figures["modes"]["on-demand"]
     assert found["lru"]["resident_when_used"] < 0.02
     assert found["lfu"]["resident_when_used"] > found["lru"]["resident_when_used"] + 0.08
     assert found["lfu"]["bytes_demand"] < 0.92 * found["lru"]["bytes_demand"]
+    assert found["next-use"]["resident_when_used"] > found["lru"]["resident_when_used"] + 0.08
+    assert found["next-use"]["bytes_demand"] < 0.92 * found["lru"]["bytes_demand"]

@@ -126,7 +126,7 @@ def test_c_harness_refuses_bad_arguments():
                            (["-w"], "-w: waits for the prefetcher thread's forecasts"),
                            (["-b", "auto,oracle"], "-b: `oracle` forecasts from a replayed trace: give -p TRACE"),
                            (["-W", "8"], "-W: takes the steps"), (["-p", "t.mctrace", "-W", "0"], "-W: takes the steps"),
-                           (["-e", "mru"], "-e: takes lru or lfu"), (["-b", "-1"], "-b: takes a comma list")):
+                           (["-e", "mru"], "-e: takes lru, lfu or next-use"), (["-b", "-1"], "-b: takes a comma list")):
         run = subprocess.run([os.environ["MOECAST_PREFETCH_C"], *flags, "missing.gguf", str(HELDOUT), "pred"],
                              capture_output=True, text=True)
         assert run.returncode != 0 and message in run.stderr, (flags, run.stderr)
@@ -164,11 +164,13 @@ def test_c_harness_replays_a_trace_with_its_experts_forced(work, tmp_path):
 @pytest.mark.skipif(not os.environ.get("MOECAST_PREFETCH_C"), reason="make test-llamacpp builds the C harness")
 def test_c_harness_lfu_keeps_the_often_used_experts(work):
     """The resident set drops the least frequently used expert (-e lfu, the default); -b
-    lru adds an on-demand mode that drops the least recently used. A 10% resident set (10
-    experts) is smaller than a token's 12, so under LRU each layer's experts are dropped
-    just before the layer comes round again and on demand finds none resident; LFU keeps
-    the experts tokens reuse, finds some and reads fewer. The replay forces the routing,
-    so both counts are the trace's whatever the machine's speed; -e lru swaps the two."""
+    lru adds an on-demand mode that drops the least recently used, -b next-use one that
+    drops the expert moecast's next-use estimate (mc_next_use_*) expects latest. A 10%
+    resident set (10 experts) is smaller than a token's 12, so under LRU each layer's
+    experts are dropped just before the layer comes round again and on demand finds none
+    resident; LFU and next-use keep the experts tokens reuse, find some and read fewer.
+    The replay forces the routing, so the counts are the trace's whatever the machine's
+    speed; -e lru swaps LRU and LFU."""
     def on_demand(*flags):
         out = subprocess.run([os.environ["MOECAST_PREFETCH_C"], "-p", str(work / "ref.jsonl"), "-N", "120", "-r", "10",
                               "-R", "1", *flags, str(work / "tiny.f32.gguf")],
@@ -177,13 +179,16 @@ def test_c_harness_lfu_keeps_the_often_used_experts(work):
         rows = {l.split()[0]: l.split() for l in out.splitlines() if l.startswith("on-demand")}
         return out, {m: (float(r[1].rstrip("%")), float(r[2])) for m, r in rows.items()}
 
-    out, modes = on_demand("-b", "lru")
-    assert "LFU eviction" in out and set(modes) == {"on-demand", "on-demand-lru"}
+    out, modes = on_demand("-b", "lru,next-use")
+    assert "lfu eviction" in out and set(modes) == {"on-demand", "on-demand-lru", "on-demand-next-use"}
     (lfu_resident, lfu_demand), (lru_resident, lru_demand) = modes["on-demand"], modes["on-demand-lru"]
     assert lru_resident < 2 and lfu_resident > lru_resident + 8
     assert lfu_demand < 0.92 * lru_demand
+    next_use_resident, next_use_demand = modes["on-demand-next-use"]
+    assert next_use_resident > lru_resident + 8 and next_use_demand < 0.92 * lru_demand
+    del modes["on-demand-next-use"]
     out, swapped = on_demand("-e", "lru", "-b", "lfu")
-    assert "LRU eviction" in out and set(swapped) == {"on-demand", "on-demand-lfu"}
+    assert "lru eviction" in out and set(swapped) == {"on-demand", "on-demand-lfu"}
     # the same evictions: the same counts, up to one expert the kernel may reclaim (0.2 MB)
     for a, b in ((swapped["on-demand"], modes["on-demand-lru"]), (swapped["on-demand-lfu"], modes["on-demand"])):
         assert abs(a[0] - b[0]) < 1 and abs(a[1] - b[1]) <= 0.2

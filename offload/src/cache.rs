@@ -26,8 +26,7 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
-mod next_use;
-pub use next_use::NextUseForecast;
+pub use planner::NextUseForecast;
 
 /// Resident experts: a count, or a share of all routed experts.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -119,7 +118,8 @@ impl std::str::FromStr for EvictionPolicy {
 
 impl EvictionPolicy {
     /// The kept LFU's default half-life in tokens (the llama.cpp harnesses' too). In the
-    /// engine the clock moves on decode steps only.
+    /// engine a prompt's batch moves the clock by its tokens
+    /// ([`ExpertCache::batch_passed`]).
     pub const HALF_LIFE: f64 = 64.0;
 
     fn counts_uses(self) -> bool {
@@ -396,6 +396,13 @@ impl ExpertCache {
                 self.touch(id, 0);
             }
         }
+    }
+
+    /// Reports that a batch of `tokens` tokens (a prompt's) passed an MoE layer: the kept
+    /// LFU's clock moves as that many visits would. The next-use policy learns no reuse
+    /// gaps from a batch, which is not one visit.
+    pub fn batch_passed(&mut self, tokens: usize) {
+        self.visits += tokens as u64;
     }
 
     /// Reports that resident `id` was prefetched for the coming visit of its layer. Only

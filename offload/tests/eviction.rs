@@ -125,21 +125,26 @@ fn kept_lfu_remembers_uses_across_evictions_and_forgets_with_its_half_life() {
         Some(Some(a)),
         "plain LFU starts a's count anew"
     );
-    // Half-life: a's 3 uses against b's 2, the second five visits (tokens) later.
-    for (half_life, victim) in [(1e9, b), (0.5, a)] {
+    // Half-life: a's 3 uses against b's 2, the second five visits (tokens) later, or a
+    // prompt's batch of five tokens later.
+    for (half_life, victim, batch) in [(1e9, b, false), (0.5, a, false), (0.5, a, true)] {
         let mut cache = new(kept(half_life));
         cache.insert(a, 0, &[]);
         cache.touch(a, 0);
         cache.touch(a, 0);
         cache.insert(b, 0, &[]);
-        for _ in 0..5 {
-            cache.visit(0, &[]);
+        if batch {
+            cache.batch_passed(5);
+        } else {
+            for _ in 0..5 {
+                cache.visit(0, &[]);
+            }
         }
         cache.touch(b, 0);
         assert_eq!(
             cache.victim(c, &[]),
             Some(Some(victim)),
-            "half-life {half_life}"
+            "half-life {half_life}, batch {batch}"
         );
     }
     // b staged, dropped unused, read in again: one use, not two.

@@ -45,14 +45,20 @@
 //! What the model of the link leaves out (a read's CPU time, taken from the compute on a
 //! small machine; the predictor's own calls) is measured by [`PrefetchGuard`]: decode
 //! steps in windows with prefetch on or off, the faster setting kept.
+//!
+//! Which resident expert to drop is the cache's: [`NextUseForecast`] estimates when each
+//! expert is used next from its layer's reuse gaps and the expert's own frequency, for
+//! the next-use eviction of the simulator, the engine and runtimes (C ABI, Python).
 
 use std::collections::HashMap;
 
 mod clock;
 mod guard;
+mod next_use;
 mod staging;
 pub use clock::{PlanClock, PlanTimings};
 pub use guard::PrefetchGuard;
+pub use next_use::NextUseForecast;
 pub use staging::{LinkQueue, StagingError, StagingPlanner};
 
 /// How many of a forecaster's experts are read: the best `n` of every forecast layer at
@@ -505,16 +511,15 @@ impl PrefetchPlanner {
             Verdict::NotWorth
         } else {
             let p = self.calibrated(c);
-            let delay = spans as f64 * self.miss_share * s.chunk_us.min(s.read_us);
-            // Untimed (reads take no time), only the probabilities count.
-            let (gain, cost) = if s.read_us > 0.0 {
-                (p * saving, victim * s.read_us + delay + s.issue_us)
-            } else {
-                (p, victim)
-            };
             let issue = match self.break_even {
+                // Link-bound: a break-even precision, not the link model.
                 Some(precision) if s.read_us > 0.0 => p > precision + victim,
-                _ => gain > cost,
+                _ if s.read_us > 0.0 => {
+                    let delay = spans as f64 * self.miss_share * s.chunk_us.min(s.read_us);
+                    p * saving > victim * s.read_us + delay + s.issue_us
+                }
+                // Untimed (reads take no time), only the probabilities count.
+                _ => p > victim,
             };
             if issue {
                 Verdict::Issue

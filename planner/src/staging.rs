@@ -35,6 +35,14 @@ pub enum StagingError {
         got: usize,
         want: usize,
     },
+    #[error("{what} holds {got} values for a layer of {want} experts")]
+    LayerWidth {
+        what: &'static str,
+        got: usize,
+        want: usize,
+    },
+    #[error("a model of {n_moe} MoE layers x {n_experts} experts: each must be at least 1, experts at most 65535 and {max} in all", max = crate::NextUseForecast::MAX_EXPERTS)]
+    ModelShape { n_moe: usize, n_experts: usize },
 }
 
 fn duration(what: &'static str, seconds: f64) -> Result<f64, StagingError> {

@@ -24,6 +24,11 @@
     if g.enabled: ...                             # forecast and stage this step
     g.step_done(seconds)                          # each decode step's time
 
+    nu = moecast.NextUse(n_moe_layers, n_experts) # evict by estimated next use:
+    nu.layer_routed(layer, experts)               # each decode step's layer, then
+    due = nu.layer(layer)                         # float64 [n_experts]; drop the
+                                                  # resident expert due latest
+
 `budget` (experts per layer) defaults to top_k. Rows past the last MoE layer are
 0xFFFF. Errors raise `moecast.MoecastError` with the library's message.
 
@@ -39,11 +44,12 @@ import numpy as np
 from ._moecast import Blend as _Blend
 from ._moecast import Guard as _Guard
 from ._moecast import MoecastError
+from ._moecast import NextUse as _NextUse
 from ._moecast import Planner as _Planner
 from ._moecast import Predictor as _Predictor
 from ._moecast import read_trace_flat as _read_trace_flat
 
-__all__ = ["Blend", "MoecastError", "Planner", "PrefetchGuard", "Predictor", "Session", "read_trace", "NOT_COMPUTED"]
+__all__ = ["Blend", "MoecastError", "NextUse", "Planner", "PrefetchGuard", "Predictor", "Session", "read_trace", "NOT_COMPUTED"]
 
 #: Expert id of a layer that was not computed (in traces) / a forecast row past the
 #: last layer.
@@ -254,6 +260,33 @@ class PrefetchGuard:
     def steps_off(self):
         """Decode steps run without prefetch so far."""
         return self._g.steps_off()
+
+
+class NextUse:
+    """Next-use eviction for a runtime that owns its expert cache: when each expert is
+    expected next, from its layer's gaps between an expert's uses (the mean residual
+    life at the expert's idle time) and the expert's own use rate against its layer's
+    average (decayed, half-life 64 visits). `moecast run --policy next-use` evicts so.
+
+    Tell it every decode step's routed MoE layer in order (`layer_routed`; a prompt's
+    batch is not one visit: key its experts with `layer` as the estimates stand);
+    `layer(l)` gives layer l's expected next uses in layer steps since the first routed
+    layer (each routed layer is one step): drop the resident expert due latest."""
+
+    def __init__(self, n_moe_layers, n_experts):
+        if n_moe_layers < 1 or n_experts < 1:
+            raise MoecastError(f"{n_moe_layers} MoE layers x {n_experts} experts: each must be at least 1")
+        self._f = _NextUse(int(n_moe_layers), int(n_experts))
+        self.n_moe_layers, self.n_experts = n_moe_layers, n_experts
+
+    def layer_routed(self, layer, experts):
+        """MoE layer `layer` of a decode step routed to `experts` (indices within the
+        layer)."""
+        self._f.layer_routed(int(layer), _ids(experts, 1, len(np.ravel(experts)), "experts"))
+
+    def layer(self, layer):
+        """Layer `layer`'s experts' expected next uses (float64 [n_experts])."""
+        return self._f.layer(int(layer))
 
 
 def read_trace(path):

@@ -1,5 +1,7 @@
 //! Python bindings (PyO3) of the moecast predictor: `moecast.Predictor`, its sessions,
-//! the online blend `moecast.Blend`, the prefetch planner `moecast.Planner`, and `moecast.read_trace`. The Python package (`python/moecast/__init__.py`) wraps
+//! the online blend `moecast.Blend`, the prefetch planner `moecast.Planner`, the
+//! prefetch guard, next-use eviction estimates (`moecast.NextUse`), and
+//! `moecast.read_trace`. The Python package (`python/moecast/__init__.py`) wraps
 //! these with numpy conversions; errors raise `moecast.MoecastError` with the Rust
 //! message.
 //!
@@ -21,6 +23,8 @@ use planner::{LinkQueue, PlanTimings, PrefetchGuard, StagingPlanner};
 use predictor::blend::OnlineBlend;
 use predictor::device::BackendKind;
 use predictor::{LoadedPredictor, OnlinePredictor, Task};
+
+mod next_use;
 
 pyo3::create_exception!(_moecast, MoecastError, PyException);
 
@@ -545,6 +549,7 @@ fn _moecast(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Blend>()?;
     m.add_class::<Planner>()?;
     m.add_class::<Guard>()?;
+    m.add_class::<next_use::NextUse>()?;
     m.add_function(wrap_pyfunction!(read_trace_flat, m)?)?;
     m.add("MoecastError", m.py().get_type::<MoecastError>())?;
     Ok(())

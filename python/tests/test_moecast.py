@@ -322,3 +322,54 @@ def test_forecasts_run_on_another_thread_with_the_gil_released(trained):
         sys.setswitchinterval(old)
     assert not errors, errors
     assert 1 <= calls[0] < bound, f"the main thread ran only after {calls[0]} forecasts"
+
+
+def test_next_use_eviction_hits_as_moecast_simulate_and_beyond_lru(trained, tmp_path):
+    """A cache of 10% of the shipped model's experts, replaying its trace on demand and
+    evicting the resident expert moecast.NextUse expects latest (re-keying a layer's
+    experts at each of its visits, as `moecast simulate`'s cache does), hits as often as
+    `moecast simulate --policy next-use` on the same trace (within 0.2 points: ties may
+    break otherwise), and far more often than LRU, which a cache smaller than a token's
+    experts leaves with almost nothing."""
+    trace, _, _ = trained
+    t = moecast.read_trace(trace)
+    m, e = t["n_moe_layers"], t["n_experts"]
+    capacity = m * e // 10
+
+    def replay(policy):
+        nu = moecast.NextUse(m, e)
+        key, clock, hits, uses = {}, 0, 0, 0
+        for row in t["experts"]:
+            for layer, experts in enumerate(row):
+                used = [(layer, int(x)) for x in experts if x != 0xFFFF]
+                if not used:  # a layer not computed
+                    continue
+                nu.layer_routed(layer, np.array([x for _, x in used], dtype=np.uint16))
+                due = nu.layer(layer)
+                for k in key:
+                    if k[0] == layer and policy == "next-use":
+                        key[k] = -due[k[1]]
+                for k in used:
+                    uses += 1
+                    hits += k in key
+                    clock += 1
+                    key[k] = -due[k[1]] if policy == "next-use" else clock
+                    while len(key) > capacity:
+                        victim = min((x for x in key if x not in used), key=key.__getitem__)
+                        del key[victim]
+        return hits / uses
+
+    report = tmp_path / "sim.json"
+    run("simulate", "--trace", trace, "--cache", capacity, "--policy", "next-use", "--prefetch", "none",
+        "--json", report)
+    simulated = json.loads(report.read_text())[0]["hit_rate"]
+    next_use, lru = replay("next-use"), replay("lru")
+    print(f"hit rates: next-use {next_use:.4f} (moecast simulate {simulated:.4f}), lru {lru:.4f}")
+    assert abs(next_use - simulated) < 0.002, (next_use, simulated)
+    assert next_use > lru + 0.1, (next_use, lru)
+    with pytest.raises(moecast.MoecastError, match=f"expert {e} is outside 0..{e}"):
+        moecast.NextUse(m, e).layer_routed(0, [e])
+    with pytest.raises(moecast.MoecastError, match=f"MoE layer {m} is outside"):
+        moecast.NextUse(m, e).layer(m)
+    with pytest.raises(moecast.MoecastError, match="at least 1"):
+        moecast.NextUse(0, e)

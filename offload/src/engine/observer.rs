@@ -63,9 +63,12 @@ impl RoutingObserver for OffloadEngine {
             .collect();
         needed.sort_unstable();
         needed.dedup();
-        // The prompt's batch is not one visit: only decode steps feed the reuse gaps.
+        // The prompt's batch is not one visit: only decode steps feed the reuse gaps; the
+        // kept LFU's clock moves by its tokens.
         if self.decoding {
             self.cache.visit(m, &needed);
+        } else {
+            self.cache.batch_passed(decisions.len());
         }
         // A layer may need more experts than the cache holds (a prompt's batch, a small
         // cache): only the first the forward runs (in ascending id order) are read now;

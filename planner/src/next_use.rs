@@ -1,9 +1,12 @@
-//! [`NextUseForecast`]: when each expert is expected next, for the next-use policy.
+//! [`NextUseForecast`]: when each expert is expected next, for the next-use eviction
+//! policy (the simulator's and the engine's, and runtimes' through the C ABI and Python).
 
-/// Estimated next use of every expert, for
-/// [`EvictionPolicy::NextUse`](super::EvictionPolicy::NextUse), in units of 1/1000 layer
-/// step (a step is one layer visit: one MoE layer of one token; a layer comes round
-/// every `n_layers` steps). Per layer it counts the gaps, in visits of the
+use crate::StagingError;
+
+/// Estimated next use of every expert, for the next-use eviction policy (the resident
+/// expert expected latest goes first), in units of 1/[`Self::UNIT`] layer step (a step is
+/// one layer visit: one MoE layer of one token; a layer comes round every `n_layers`
+/// steps). Per layer it counts the gaps, in visits of the
 /// layer, between an expert's consecutive uses; an expert idle for `a` visits (never
 /// used: since the start) is expected back after the mean of the gaps longer than `a`,
 /// minus `a` (the mean residual life); when no gap that long was seen, after another
@@ -54,13 +57,31 @@ impl DecayedCount {
 }
 
 impl NextUseForecast {
-    const UNIT: f64 = 1000.0;
+    /// Units of [`Self::next_use`] per layer step.
+    pub const UNIT: f64 = 1000.0;
     const MAX_GAP: usize = 256;
     /// Visits of pseudo-evidence that an expert is used as often as its layer's average.
     pub const PRIOR_VISITS: f64 = 4.0;
     /// Visits of its layer over which a use's weight in the use rate halves (as the
     /// kept LFU's default, in tokens).
     pub const HALF_LIFE: f64 = 64.0;
+
+    /// The most experts in all [`Self::checked`] takes (a runtime's model).
+    pub const MAX_EXPERTS: usize = 1 << 24;
+
+    /// For `n_layers x n_experts` experts, a runtime's shape checked: each at least 1,
+    /// experts at most 65535 per layer (their ids are 16-bit) and
+    /// [`Self::MAX_EXPERTS`] in all.
+    pub fn checked(n_layers: usize, n_experts: usize) -> Result<Self, StagingError> {
+        let ids = n_layers.saturating_mul(n_experts);
+        if n_layers == 0 || n_experts == 0 || n_experts > 65535 || ids > Self::MAX_EXPERTS {
+            return Err(StagingError::ModelShape {
+                n_moe: n_layers,
+                n_experts,
+            });
+        }
+        Ok(Self::new(n_layers, n_experts))
+    }
 
     /// For `n_layers x n_experts` experts.
     pub fn new(n_layers: usize, n_experts: usize) -> Self {
@@ -97,6 +118,56 @@ impl NextUseForecast {
         self.visits[layer] += 1;
         self.step += 1;
         self.layer = layer;
+    }
+
+    /// Records a visit of MoE layer `layer` that routed to `experts` (indices within the
+    /// layer, as a runtime gives them; repeats count once), checked.
+    pub fn layer_routed(&mut self, layer: usize, experts: &[u16]) -> Result<(), StagingError> {
+        self.check_layer(layer)?;
+        let mut used = Vec::with_capacity(experts.len());
+        for &expert in experts {
+            if usize::from(expert) >= self.n_experts {
+                return Err(StagingError::Expert {
+                    expert,
+                    n_experts: self.n_experts,
+                });
+            }
+            let id = layer * self.n_experts + usize::from(expert);
+            if !used.contains(&id) {
+                used.push(id);
+            }
+        }
+        self.visit(layer, &used);
+        Ok(())
+    }
+
+    /// The estimated next use of each of layer `layer`'s experts into `out` (one per
+    /// expert), in layer steps since the first visit: the resident expert with the
+    /// largest goes first.
+    pub fn layer_due(&self, layer: usize, out: &mut [f64]) -> Result<(), StagingError> {
+        self.check_layer(layer)?;
+        if out.len() != self.n_experts {
+            return Err(StagingError::LayerWidth {
+                what: "out",
+                got: out.len(),
+                want: self.n_experts,
+            });
+        }
+        let base = layer * self.n_experts;
+        for (e, due) in out.iter_mut().enumerate() {
+            *due = self.next_use(base + e) as f64 / Self::UNIT;
+        }
+        Ok(())
+    }
+
+    fn check_layer(&self, layer: usize) -> Result<(), StagingError> {
+        if layer >= self.n_layers {
+            return Err(StagingError::Layer {
+                layer,
+                n_moe: self.n_layers,
+            });
+        }
+        Ok(())
     }
 
     /// Estimated next use of `id`, as of its layer's latest visit.
