@@ -358,7 +358,7 @@ int mc_blend_observe(struct mc_blend *b, uint32_t token, const uint16_t *experts
 
 /**
  * A forecaster into `*out` for a model of `n_moe_layers` MoE layers of `n_experts`
- * experts (each at least 1, experts at most 65535, 2^24 in all), before any routing.
+ * experts (each from 1 to 65535, 2^24 experts in all), before any routing.
  *
  * # Safety
  * `out` points to writable storage for a pointer.

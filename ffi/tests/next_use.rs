@@ -24,9 +24,10 @@ fn next_use_through_the_c_abi_estimates_as_next_use_forecast_does() {
     // SAFETY: each pointer below is either live or null on purpose.
     unsafe {
         assert_eq!(mc_next_use_new(0, 8, &mut f), MC_ERR_ARG);
-        assert!(last_error().contains("at least 1"), "{}", last_error());
+        assert!(last_error().contains("from 1 to 65535"), "{}", last_error());
         assert_eq!(mc_next_use_new(1, 65_536, &mut f), MC_ERR_ARG);
-        assert!(last_error().contains("at most 65535"), "{}", last_error());
+        assert!(last_error().contains("from 1 to 65535"), "{}", last_error());
+        assert_eq!(mc_next_use_new(65_536, 1, &mut f), MC_ERR_ARG);
         assert_eq!(mc_next_use_new(300, 65_535, &mut f), MC_ERR_ARG);
         assert_eq!(mc_next_use_new(3, 8, std::ptr::null_mut()), MC_ERR_NULL);
         assert_eq!(mc_next_use_new(layers, experts, &mut f), MC_OK);

@@ -69,12 +69,12 @@ impl NextUseForecast {
     /// The most experts in all [`Self::checked`] takes (a runtime's model).
     pub const MAX_EXPERTS: usize = 1 << 24;
 
-    /// For `n_layers x n_experts` experts, a runtime's shape checked: each at least 1,
-    /// experts at most 65535 per layer (their ids are 16-bit) and
-    /// [`Self::MAX_EXPERTS`] in all.
+    /// For `n_layers x n_experts` experts, a runtime's shape checked: each from 1 to
+    /// 65535 (expert ids within a layer are 16-bit) and [`Self::MAX_EXPERTS`] in all.
     pub fn checked(n_layers: usize, n_experts: usize) -> Result<Self, StagingError> {
+        let each = 1..=65535;
         let ids = n_layers.saturating_mul(n_experts);
-        if n_layers == 0 || n_experts == 0 || n_experts > 65535 || ids > Self::MAX_EXPERTS {
+        if !each.contains(&n_layers) || !each.contains(&n_experts) || ids > Self::MAX_EXPERTS {
             return Err(StagingError::ModelShape {
                 n_moe: n_layers,
                 n_experts,

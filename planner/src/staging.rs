@@ -41,7 +41,7 @@ pub enum StagingError {
         got: usize,
         want: usize,
     },
-    #[error("a model of {n_moe} MoE layers x {n_experts} experts: each must be at least 1, experts at most 65535 and {max} in all", max = crate::NextUseForecast::MAX_EXPERTS)]
+    #[error("a model of {n_moe} MoE layers x {n_experts} experts: each must be from 1 to 65535, and {max} experts in all", max = crate::NextUseForecast::MAX_EXPERTS)]
     ModelShape { n_moe: usize, n_experts: usize },
 }
 
