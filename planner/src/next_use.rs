@@ -1,6 +1,7 @@
 //! [`NextUseForecast`]: when each expert is expected next, for the next-use eviction
 //! policy (the simulator's and the engine's, and runtimes' through the C ABI and Python).
 
+use crate::staging::{check_experts, check_layer};
 use crate::StagingError;
 
 /// Estimated next use of every expert, for the next-use eviction policy (the resident
@@ -72,7 +73,7 @@ impl NextUseForecast {
     /// For `n_layers x n_experts` experts, a runtime's shape checked: each from 1 to
     /// 65535 (expert ids within a layer are 16-bit) and [`Self::MAX_EXPERTS`] in all.
     pub fn checked(n_layers: usize, n_experts: usize) -> Result<Self, StagingError> {
-        let each = 1..=65535;
+        let each = 1..=usize::from(u16::MAX);
         let ids = n_layers.saturating_mul(n_experts);
         if !each.contains(&n_layers) || !each.contains(&n_experts) || ids > Self::MAX_EXPERTS {
             return Err(StagingError::ModelShape {
@@ -123,15 +124,10 @@ impl NextUseForecast {
     /// Records a visit of MoE layer `layer` that routed to `experts` (indices within the
     /// layer, as a runtime gives them; repeats count once), checked.
     pub fn layer_routed(&mut self, layer: usize, experts: &[u16]) -> Result<(), StagingError> {
-        self.check_layer(layer)?;
+        check_layer(layer, self.n_layers)?;
+        check_experts(experts, self.n_experts)?;
         let mut used = Vec::with_capacity(experts.len());
         for &expert in experts {
-            if usize::from(expert) >= self.n_experts {
-                return Err(StagingError::Expert {
-                    expert,
-                    n_experts: self.n_experts,
-                });
-            }
             let id = layer * self.n_experts + usize::from(expert);
             if !used.contains(&id) {
                 used.push(id);
@@ -145,7 +141,7 @@ impl NextUseForecast {
     /// expert), in layer steps since the first visit: the resident expert with the
     /// largest goes first.
     pub fn layer_due(&self, layer: usize, out: &mut [f64]) -> Result<(), StagingError> {
-        self.check_layer(layer)?;
+        check_layer(layer, self.n_layers)?;
         if out.len() != self.n_experts {
             return Err(StagingError::LayerWidth {
                 what: "out",
@@ -160,14 +156,9 @@ impl NextUseForecast {
         Ok(())
     }
 
-    fn check_layer(&self, layer: usize) -> Result<(), StagingError> {
-        if layer >= self.n_layers {
-            return Err(StagingError::Layer {
-                layer,
-                n_moe: self.n_layers,
-            });
-        }
-        Ok(())
+    /// Experts per layer.
+    pub fn n_experts(&self) -> usize {
+        self.n_experts
     }
 
     /// Estimated next use of `id`, as of its layer's latest visit.

@@ -45,6 +45,23 @@ pub enum StagingError {
     ModelShape { n_moe: usize, n_experts: usize },
 }
 
+/// `layer` of a model of `n_moe` MoE layers, or the error naming it.
+pub(crate) fn check_layer(layer: usize, n_moe: usize) -> Result<(), StagingError> {
+    if layer < n_moe {
+        Ok(())
+    } else {
+        Err(StagingError::Layer { layer, n_moe })
+    }
+}
+
+/// Experts of a layer of `n_experts`, or the error naming the first out of range.
+pub(crate) fn check_experts(experts: &[u16], n_experts: usize) -> Result<(), StagingError> {
+    match experts.iter().find(|&&x| x as usize >= n_experts) {
+        Some(&expert) => Err(StagingError::Expert { expert, n_experts }),
+        None => Ok(()),
+    }
+}
+
 fn duration(what: &'static str, seconds: f64) -> Result<f64, StagingError> {
     if seconds.is_finite() && seconds >= 0.0 {
         Ok(seconds)
@@ -145,20 +162,11 @@ impl StagingPlanner {
     }
 
     fn check_layer(&self, layer: usize) -> Result<(), StagingError> {
-        let (n_moe, _) = self.dims();
-        if layer < n_moe {
-            Ok(())
-        } else {
-            Err(StagingError::Layer { layer, n_moe })
-        }
+        check_layer(layer, self.dims().0)
     }
 
     fn check_experts(&self, experts: &[u16]) -> Result<(), StagingError> {
-        let (_, n_experts) = self.dims();
-        match experts.iter().find(|&&x| x as usize >= n_experts) {
-            Some(&expert) => Err(StagingError::Expert { expert, n_experts }),
-            None => Ok(()),
-        }
+        check_experts(experts, self.dims().1)
     }
 
     /// A decode step starts (before its first MoE layer routes).

@@ -12,7 +12,6 @@ use crate::err;
 #[pyclass(module = "moecast._moecast")]
 pub(crate) struct NextUse {
     forecast: NextUseForecast,
-    n_experts: usize,
 }
 
 #[pymethods]
@@ -20,10 +19,7 @@ impl NextUse {
     #[new]
     fn new(n_moe_layers: usize, n_experts: usize) -> PyResult<Self> {
         let forecast = NextUseForecast::checked(n_moe_layers, n_experts).map_err(err)?;
-        Ok(NextUse {
-            forecast,
-            n_experts,
-        })
+        Ok(NextUse { forecast })
     }
 
     /// MoE layer `layer` of a decode step routed to `experts` (indices within the layer;
@@ -36,7 +32,7 @@ impl NextUse {
     /// The expected next use of each of layer `layer`'s experts, in layer steps since
     /// the first routed layer.
     fn layer<'py>(&self, py: Python<'py>, layer: usize) -> PyResult<Bound<'py, PyArray1<f64>>> {
-        let mut out = vec![0.0; self.n_experts];
+        let mut out = vec![0.0; self.forecast.n_experts()];
         self.forecast.layer_due(layer, &mut out).map_err(err)?;
         Ok(PyArray1::from_vec(py, out))
     }
