@@ -166,10 +166,11 @@ test:
 # The C ABI (ffi/, libmoecast + ffi/include/moecast.h): the committed header is
 # cbindgen's output of the source, a C program built with the system cc replays a trace
 # through the library and must print what the Rust serving path forecasts, and bad
-# arguments are error codes; the next-use eviction estimates through it are the Rust
-# ones. `make header` rewrites the header after an API change.
+# arguments are error codes (ffi/tests/c_abi.rs); the blend, the planner and the guard
+# through it decide as their Rust types (planning.rs); the next-use eviction estimates
+# through it are the Rust ones (next_use.rs). `make header` rewrites the header after an API change.
 test-ffi:
-	$(CARGO) test --workspace --test c_abi --test next_use
+	$(CARGO) test --workspace --test c_abi --test planning --test next_use
 
 # The Python package (python/, PyO3 + maturin): pip installs it from this clone (a dev
 # build sharing target/ with `make test`), then pytest replays a trace of the shipped

@@ -26,9 +26,10 @@
 # Usage: tools/replay_bench.sh [BIN] [TOKENS] [REPEATS]; MODES="next-use learned:auto ..."
 # and ALTERNATE="learned:auto oracle:3 ..." (empty: none) in the environment run only
 # those modes (next-use, and an oracle for the gap, should
-# be among them); ARGS="--read-streams 1 ..." adds arguments to every run (an A/B of an
-# engine setting). Each run's report goes to runs/bench/replay/runs/ and `moecast
-# compare-runs` charts the modes' means per cache size (runs/bench/replay/plots/).
+# be among them); CACHES="25%" runs only those cache sizes (default "10% 25%");
+# ARGS="--read-streams 1 ..." adds arguments to every run (an A/B of an engine setting).
+# Each run's report goes to runs/bench/replay/runs/ and `moecast compare-runs` charts the
+# modes' means per cache size (runs/bench/replay/plots/).
 set -e
 BIN=${1:-target/release/moecast}
 TOKENS=${2:-300}
@@ -74,7 +75,7 @@ args_of() {
 }
 round=1
 while [ $round -le $REPEATS ]; do
-  for cache in 10% 25%; do
+  for cache in ${CACHES:-10% 25%}; do
     for mode in $MODES; do
       args_of $mode
       line=$($BIN run --model $OUT/ckpt --replay $DEMO/heldout.mctrace --replay-tokens $TOKENS \

@@ -1,16 +1,10 @@
 //! Next-use eviction through the C ABI against `planner::NextUseForecast`: the same
 //! estimates layer by layer; bad arguments are error codes with a message.
 
-use std::ffi::CStr;
+mod common;
 
+use common::last_error;
 use moecast::*;
-
-fn last_error() -> String {
-    // SAFETY: the library returns a NUL-terminated string valid until the next call.
-    unsafe { CStr::from_ptr(mc_last_error()) }
-        .to_string_lossy()
-        .into_owned()
-}
 
 /// The next-use forecaster through the C ABI estimates as `NextUseForecast` does, layer
 /// by layer over a skewed routing (repeats in a layer's routing count once); an expert

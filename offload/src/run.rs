@@ -351,12 +351,16 @@ impl OffloadRun {
         }
         if let Some(p) = &r.planner_state {
             out += &format!(
-                "planner learned: {:.2} ms per expert read, {:.2} ms between lookups, {:.2} demand reads per lookup, entries live {:.1} lookups, {:.0}% of experts evicted for a prefetch needed again soon{}\n",
+                "planner learned: {:.2} ms per expert read, {:.2} ms between lookups, {:.2} demand reads per lookup, entries live {:.1} lookups, {:.0}% of experts evicted for a prefetch needed again soon{}{}\n",
                 p.read_us / 1e3,
                 p.layer_period_us / 1e3,
                 p.misses_per_lookup,
                 p.entry_lifetime_lookups,
                 100.0 * p.background_probability,
+                match p.wrong_read_load {
+                    Some(load) => format!(", a wrong read charged at a link load of {load:.2}"),
+                    None => String::new(),
+                },
                 match (p.offered_probability, p.calibrated_probability) {
                     (Some(said), Some(used)) => format!(
                         "; forecasts said {:.0}%, {:.0}% were used",

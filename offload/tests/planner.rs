@@ -236,6 +236,7 @@ fn settings() -> PlannerSettings {
         n_moe: 4,
         capacity: 16,
         issue_us: 0.0,
+        wrong_reads_delay: false,
     }
 }
 
@@ -354,4 +355,57 @@ fn the_planner_reads_when_it_pays_and_not_when_it_lands_too_late() {
     // Not for an expert that would evict one more likely to be needed.
     let unsure = Candidate { prob: 0.12, ..sure };
     assert_eq!(p.judge(&unsure, &idle, 0.5), Verdict::NotWorth);
+}
+
+/// A runtime whose wrong reads hold up the reads after it charges a candidate its
+/// wrong read's link time at the link's load: an unsure read that pays on an idle link
+/// does not on a loaded one, a sure one still does; a runtime that does not charge it
+/// (the simulator's) reads the unsure one either way.
+#[test]
+fn a_wrong_reads_link_time_is_charged_at_the_links_load_where_the_runtime_says_so() {
+    let unsure = Candidate {
+        id: 5,
+        layers_ahead: 0,
+        horizon: 0,
+        prob: 0.4,
+        rank: 0,
+    };
+    let sure = Candidate {
+        prob: 0.97,
+        ..unsure
+    };
+    let idle = LinkState {
+        now: 0.0,
+        link_free: 0.0,
+        next_lookup: 30.0,
+    };
+    // Lookups that each insert `reads` experts (demand reads; nothing staged).
+    let planner = |charged: bool, reads: usize| {
+        let mut p = PrefetchPlanner::new(PlannerSettings {
+            wrong_reads_delay: charged,
+            ..settings()
+        });
+        for _ in 0..400 {
+            p.observe_layer(1, &[20, 21], reads);
+        }
+        p
+    };
+    // Four 10 us reads per 30 us lookup: more than the link carries, a load of 1.
+    let mut loaded = planner(true, 4);
+    assert!(
+        (loaded.link_load() - 1.0).abs() < 1e-6,
+        "{}",
+        loaded.link_load()
+    );
+    assert_eq!(loaded.state().wrong_read_load, Some(loaded.link_load()));
+    assert_eq!(loaded.judge(&unsure, &idle, 0.0), Verdict::NotWorth);
+    assert_eq!(loaded.judge(&sure, &idle, 0.0), Verdict::Issue);
+    // No reads: a wrong read holds nothing up.
+    let mut light = planner(true, 0);
+    assert!(light.link_load() < 0.01, "{}", light.link_load());
+    assert_eq!(light.judge(&unsure, &idle, 0.0), Verdict::Issue);
+    // Not charged: the loaded link's unsure read is issued.
+    let mut uncharged = planner(false, 4);
+    assert_eq!(uncharged.state().wrong_read_load, None);
+    assert_eq!(uncharged.judge(&unsure, &idle, 0.0), Verdict::Issue);
 }

@@ -26,16 +26,20 @@
 //!   needed again before the cache would have dropped them anyway (about one demand
 //!   insertion later), learned as it goes.
 //!
-//! A candidate is issued when `p * saving > p_victim * read + delay`, best first; every
-//! admitted read moves the link's end, so the budget per layer follows from the
-//! bandwidth, the compute time and the forecast's confidence. A read for a layer further
-//! ahead than a cache entry lives (capacity over the running insertions per lookup)
-//! would be evicted before its use and is not issued. A candidate not worth a read now
-//! is offered again at the next moment while its layer is still ahead: a read that would
-//! sit in the way of this layer's demand reads may pay once they are done. The
-//! simulator and the engine share this type; each tells it the link's state and each
-//! layer's routing. Runtimes outside them (through the C ABI and Python) use it through
-//! [`StagingPlanner`], which keeps the link's state and the clock itself.
+//! A runtime whose wrong reads delay the reads after it (the engine's prefetch threads)
+//! also charges a candidate `(1 - p) * read` times the link's load (reads per lookup
+//! times a read's time, over the time between lookups, at most 1): `wasted`.
+//!
+//! A candidate is issued when `p * saving > p_victim * read + delay + wasted`, best
+//! first; every admitted read moves the link's end, so the budget per layer follows
+//! from the bandwidth, the compute time and the forecast's confidence. A read for a
+//! layer further ahead than a cache entry lives (capacity over the running insertions
+//! per lookup) would be evicted before its use and is not issued. A candidate not worth
+//! a read now is offered again at the next moment while its layer is still ahead: a
+//! read that would sit in the way of this layer's demand reads may pay once they are
+//! done. The simulator and the engine share this type; each tells it the link's state
+//! and each layer's routing. Runtimes outside them (through the C ABI and Python) use
+//! it through [`StagingPlanner`], which keeps the link's state and the clock itself.
 //!
 //! A runtime whose link cannot hide one read in a layer's compute (link-bound, as a
 //! page cache read from an SSD on a small machine is) plans otherwise: see
@@ -124,6 +128,12 @@ pub struct PlannerSettings {
     /// take its own CPU, as the page cache's do on a small machine; 0 where loader
     /// threads issue them): every staged read costs it, used or not.
     pub issue_us: f64,
+    /// Whether a wrong read's link time delays the reads after it (the engine: its
+    /// prefetch threads read one after another, each read also takes loader CPU beside
+    /// the compute), charged `(1 - p) * read` times [`PrefetchPlanner::link_load`]; off,
+    /// a wrong read costs only the demand reads it delays (the simulator's link gives
+    /// prefetches the time its demand reads leave).
+    pub wrong_reads_delay: bool,
 }
 
 impl PlannerSettings {
@@ -139,6 +149,7 @@ impl PlannerSettings {
             n_moe,
             capacity,
             issue_us: 0.0,
+            wrong_reads_delay: false,
         }
     }
 }
@@ -219,6 +230,10 @@ pub struct PlannerState {
     /// ([`StagingPlanner`]; `None`: the link model judges).
     #[serde(default)]
     pub break_even_precision: Option<f64>,
+    /// The link's load a wrong read's time is charged at ([`PrefetchPlanner::link_load`];
+    /// `None` where the runtime charges none).
+    #[serde(default)]
+    pub wrong_read_load: Option<f64>,
 }
 
 const PROB_BINS: usize = 20;
@@ -335,6 +350,7 @@ impl PrefetchPlanner {
             offered_probability: mean(said),
             calibrated_probability: mean(used),
             break_even_precision: self.break_even,
+            wrong_read_load: s.wrong_reads_delay.then(|| self.link_load()),
         }
     }
 
@@ -516,7 +532,12 @@ impl PrefetchPlanner {
                 Some(precision) if s.read_us > 0.0 => p > precision + victim,
                 _ if s.read_us > 0.0 => {
                     let delay = spans as f64 * self.miss_share * s.chunk_us.min(s.read_us);
-                    p * saving > victim * s.read_us + delay + s.issue_us
+                    let wasted = if s.wrong_reads_delay {
+                        (1.0 - p) * self.link_load() * s.read_us
+                    } else {
+                        0.0
+                    };
+                    p * saving > victim * s.read_us + delay + wasted + s.issue_us
                 }
                 // Untimed (reads take no time), only the probabilities count.
                 _ => p > victim,
@@ -536,6 +557,16 @@ impl PrefetchPlanner {
             Verdict::NotWorth => self.counts.not_worth += 1,
         }
         verdict
+    }
+
+    /// The share of the link's time its reads take: reads per lookup (demand and
+    /// staged) times a read's link time, over the time between lookups (at most 1).
+    pub fn link_load(&self) -> f64 {
+        let s = &self.settings;
+        if s.layer_period_us <= 0.0 {
+            return 0.0;
+        }
+        (self.insertions_per_lookup * s.read_us / s.layer_period_us).clamp(0.0, 1.0)
     }
 
     /// Layer `layer` routed to `used` (ids) with `demand_reads` misses: the histogram

@@ -20,8 +20,9 @@ use burn::optim::AdamWConfig;
 use datasets::examples::{ExampleSet, Split, SplitConfig};
 use datasets::synth::{synthetic_trace, SynthConfig};
 use datasets::{save_trace, TraceFormat};
+use predictor::batch::BatchTensors;
 use predictor::device::BackendKind;
-use predictor::model::{BatchTensors, ExpertPredictor};
+use predictor::model::ExpertPredictor;
 use predictor::step::{loss_and_gradients, query_denominators, resolve_shards};
 use predictor::{
     LoadedPredictor, OnlinePredictor, PredictorConfig, Task, TrainOptions, TrainSettings,

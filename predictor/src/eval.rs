@@ -9,10 +9,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
 use crate::baselines::BaselineStats;
+use crate::batch::BatchTensors;
 use crate::config::{Query, Task};
 use crate::error::{PredictorError, Result};
 use crate::metrics::{rank_top, Calibration, CalibrationCounts, LayerCounts, SetMetrics};
-use crate::model::{BatchTensors, ExpertPredictor};
+use crate::model::ExpertPredictor;
 pub use crate::report::{plot_f1, render_table};
 
 /// A method's figures for one forecast group.

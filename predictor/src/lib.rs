@@ -13,6 +13,7 @@
 //!   learns its weights while the model decodes.
 
 pub mod baselines;
+pub mod batch;
 pub mod blend;
 pub mod card;
 pub mod config;

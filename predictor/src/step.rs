@@ -14,9 +14,10 @@ use burn::optim::{GradientsAccumulator, GradientsParams};
 use datasets::examples::{RoutingShape, WindowBatch};
 use rayon::prelude::*;
 
+use crate::batch::BatchTensors;
 use crate::config::Query;
 use crate::device::BackendKind;
-use crate::model::{BatchTensors, ExpertPredictor};
+use crate::model::ExpertPredictor;
 
 /// Shards of a step on `kind`: `requested`, or with 0 one per thread of the CPU pool
 /// (rayon's, `RAYON_NUM_THREADS`) on the CPU backends and 1 on a GPU; never more than

@@ -11,8 +11,8 @@ use common::eval_test_split;
 use burn::tensor::activation::sigmoid;
 use datasets::examples::{ExampleSet, RoutingShape, Split, SplitConfig};
 use datasets::{save_trace, Phase, TokenRecord, TraceBuilder, TraceFormat, TraceMeta};
+use predictor::batch::BatchTensors;
 use predictor::device::BackendKind;
-use predictor::model::BatchTensors;
 use predictor::{
     ExpertForecast, Features, LoadedPredictor, OnlinePredictor, PredictorConfig, Query, Task,
     TrainOptions, TrainSettings,

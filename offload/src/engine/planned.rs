@@ -34,9 +34,13 @@ impl EnginePlanner {
         stated: Option<PlanTimings>,
     ) -> Self {
         EnginePlanner {
-            planner: PrefetchPlanner::new(PlannerSettings::untimed(
-                top_k, n_experts, n_moe, capacity,
-            )),
+            // A wrong read holds a prefetch thread (and loader CPU beside the compute)
+            // that the reads after it wait for: measured to pay to charge (the docs'
+            // results, "a wrong read's link time").
+            planner: PrefetchPlanner::new(PlannerSettings {
+                wrong_reads_delay: true,
+                ..PlannerSettings::untimed(top_k, n_experts, n_moe, capacity)
+            }),
             clock: PlanClock::new(stated),
             link_seen: LinkUse::default(),
             chunk_share,

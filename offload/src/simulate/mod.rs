@@ -506,6 +506,7 @@ pub fn simulate(
             capacity: cache.capacity(),
             // the simulated link's reads take none of the decoding's time
             issue_us: 0.0,
+            wrong_reads_delay: false,
         })
     });
     let r = SimReport {
