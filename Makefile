@@ -168,7 +168,8 @@ test:
 # through the library and must print what the Rust serving path forecasts, and bad
 # arguments are error codes (ffi/tests/c_abi.rs); the blend, the planner and the guard
 # through it decide as their Rust types (planning.rs); the next-use eviction estimates
-# through it are the Rust ones (next_use.rs). `make header` rewrites the header after an API change.
+# through it are the Rust ones (next_use.rs). `make header` rewrites the header after an
+# API change.
 test-ffi:
 	$(CARGO) test --workspace --test c_abi --test planning --test next_use
 

@@ -353,6 +353,9 @@ fn planned_prefetch_in_the_engine_changes_no_token_and_reports_its_decisions() {
             assert!(s.read_us > 0.0 && s.layer_period_us > 0.0, "{s:?}");
             assert!(s.entry_lifetime_lookups > 0.0, "{s:?}");
             assert!((0.0..=1.0).contains(&s.background_probability), "{s:?}");
+            // The engine charges a wrong read's link time, at a load it measured.
+            let load = s.wrong_read_load.expect("the engine charges wrong reads");
+            assert!(load > 0.0 && load <= 1.0, "{s:?}");
         }
         if let Some(c) = r.planner {
             assert!(c.issued > 0 && c.issued < c.offered, "{c:?}");

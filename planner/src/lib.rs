@@ -560,7 +560,7 @@ impl PrefetchPlanner {
     }
 
     /// The share of the link's time its reads take: reads per lookup (demand and
-    /// staged) times a read's link time, over the time between lookups (at most 1).
+    /// prefetch) times a read's link time, over the time between lookups (at most 1).
     pub fn link_load(&self) -> f64 {
         let s = &self.settings;
         if s.layer_period_us <= 0.0 {

@@ -55,6 +55,8 @@ fn certain_forecasts_are_staged_only_when_the_link_can_bring_them_in_time() {
         s.break_even_precision, None,
         "the link hides a read a layer"
     );
+    // A runtime staging its own reads is not charged the engine's wrong-read link time.
+    assert_eq!(s.wrong_read_load, None);
 
     let mut slow = planner(100_000.0);
     let precision = slow.state().break_even_precision.expect("link-bound");
