@@ -56,47 +56,16 @@
 
 use std::collections::HashMap;
 
+mod budget;
 mod clock;
 mod guard;
 mod next_use;
 mod staging;
+pub use budget::PrefetchBudget;
 pub use clock::{PlanClock, PlanTimings};
 pub use guard::PrefetchGuard;
 pub use next_use::NextUseForecast;
 pub use staging::{LinkQueue, StagingError, StagingPlanner};
-
-/// How many of a forecaster's experts are read: the best `n` of every forecast layer at
-/// every moment, or what the planner judges worth a read (`auto`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PrefetchBudget {
-    Auto,
-    PerLayer(usize),
-}
-
-impl std::str::FromStr for PrefetchBudget {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(PrefetchBudget::Auto),
-            n => n
-                .parse::<usize>()
-                .ok()
-                .filter(|&n| n > 0)
-                .map(PrefetchBudget::PerLayer)
-                .ok_or_else(|| format!("bad prefetch budget '{s}' (auto or a positive number)")),
-        }
-    }
-}
-
-impl std::fmt::Display for PrefetchBudget {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            PrefetchBudget::Auto => f.write_str("auto"),
-            PrefetchBudget::PerLayer(n) => write!(f, "{n}"),
-        }
-    }
-}
 
 /// Lookups between the next one (layer `next_layer` of the current token) and MoE layer
 /// `layer`'s, and whether that lookup is the next token's (`layer` was passed).
