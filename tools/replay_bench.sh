@@ -25,8 +25,8 @@
 # closed is then the share of the oracle's in-run gain a forecaster reaches.
 # Usage: tools/replay_bench.sh [BIN] [TOKENS] [REPEATS]; MODES="next-use learned:auto ..."
 # and ALTERNATE="learned:auto oracle:3 ..." (empty: none) in the environment run only
-# those modes (next-use, and an oracle for the gap, should
-# be among them); CACHES="25%" runs only those cache sizes (default "10% 25%");
+# those modes (next-use, and an oracle for the gap, should be among them);
+# CACHES="25%" runs only those cache sizes (default "10% 25%");
 # ARGS="--read-streams 1 ..." adds arguments to every run (an A/B of an engine setting).
 # Each run's report goes to runs/bench/replay/runs/ and `moecast compare-runs` charts the
 # modes' means per cache size (runs/bench/replay/plots/).

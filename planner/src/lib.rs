@@ -319,7 +319,7 @@ impl PrefetchPlanner {
             offered_probability: mean(said),
             calibrated_probability: mean(used),
             break_even_precision: self.break_even,
-            wrong_read_load: s.wrong_reads_delay.then(|| self.link_load()),
+            wrong_read_load: self.wrong_read_load(),
         }
     }
 
@@ -501,11 +501,9 @@ impl PrefetchPlanner {
                 Some(precision) if s.read_us > 0.0 => p > precision + victim,
                 _ if s.read_us > 0.0 => {
                     let delay = spans as f64 * self.miss_share * s.chunk_us.min(s.read_us);
-                    let wasted = if s.wrong_reads_delay {
-                        (1.0 - p) * self.link_load() * s.read_us
-                    } else {
-                        0.0
-                    };
+                    let wasted = self
+                        .wrong_read_load()
+                        .map_or(0.0, |load| (1.0 - p) * load * s.read_us);
                     p * saving > victim * s.read_us + delay + wasted + s.issue_us
                 }
                 // Untimed (reads take no time), only the probabilities count.
@@ -536,6 +534,12 @@ impl PrefetchPlanner {
             return 0.0;
         }
         (self.insertions_per_lookup * s.read_us / s.layer_period_us).clamp(0.0, 1.0)
+    }
+
+    /// The link load a wrong read's time is charged at, where the runtime charges it
+    /// ([`PlannerSettings::wrong_reads_delay`]).
+    fn wrong_read_load(&self) -> Option<f64> {
+        self.settings.wrong_reads_delay.then(|| self.link_load())
     }
 
     /// Layer `layer` routed to `used` (ids) with `demand_reads` misses: the histogram

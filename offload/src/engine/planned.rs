@@ -35,8 +35,8 @@ impl EnginePlanner {
     ) -> Self {
         EnginePlanner {
             // A wrong read holds a prefetch thread (and loader CPU beside the compute)
-            // that the reads after it wait for: measured to pay to charge (the docs'
-            // results, "a wrong read's link time").
+            // that the reads after it wait for; charging it measured faster here
+            // (docs/results.md, "a wrong read's link time").
             planner: PrefetchPlanner::new(PlannerSettings {
                 wrong_reads_delay: true,
                 ..PlannerSettings::untimed(top_k, n_experts, n_moe, capacity)
