@@ -1,13 +1,16 @@
-//! The decoder layer every architecture here shares: pre-norm attention, then a pre-norm
-//! feed-forward (a dense SwiGLU or a sparse MoE block), each added to the residual
-//! stream. Only the attention differs between families, so each model file defines its
+//! What every architecture here shares: the decoder layer (pre-norm attention, then a
+//! pre-norm feed-forward, a dense SwiGLU or a sparse MoE block, each added to the
+//! residual stream) and the stack around the layers (token embedding, final norm, LM
+//! head). Only the attention differs between families, so each model file defines its
 //! attention and passes it in.
 
-use burn::tensor::Tensor;
+use burn::tensor::{Device, Tensor, TensorData};
 
+use crate::checkpoint::Checkpoint;
 use crate::error::Result;
-use crate::layers::RmsNorm;
-use crate::moe::FeedForward;
+use crate::layers::{embed_tokens, Dense, RmsNorm};
+use crate::models::LensParts;
+use crate::moe::{FeedForward, SparseMoe};
 use crate::routing::RoutingObserver;
 
 /// `x + attention(input_norm(x))`, then `h + ffn(post_norm(h))`.
@@ -43,5 +46,106 @@ impl<A> DecoderLayer<A> {
             .ffn
             .forward(self.post_norm.forward(h.clone()), first_pos, observer)?;
         Ok(h + f)
+    }
+}
+
+/// The `config.json` sizes the stack's own tensors are read with.
+#[derive(Debug, Clone, Copy)]
+pub struct StackConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub rms_norm_eps: f64,
+    pub tie_word_embeddings: bool,
+}
+
+/// A family's model around its attention: `model.embed_tokens`, the decoder layers
+/// `model.layers.{l}`, `model.norm` and the LM head.
+#[derive(Debug, Clone)]
+pub struct DecoderStack<A> {
+    pub embed: Tensor<2>,
+    pub layers: Vec<DecoderLayer<A>>,
+    pub norm: RmsNorm,
+    pub lm_head: Dense,
+}
+
+impl<A> DecoderStack<A> {
+    /// Loads the stack from `ck` onto `device`; `layer(l, prefix)` loads layer `l`'s
+    /// attention and feed-forward (`prefix`: `model.layers.{l}`), the stack its norms.
+    pub fn load(
+        ck: &Checkpoint,
+        c: StackConfig,
+        device: &Device,
+        mut layer: impl FnMut(usize, &str) -> Result<(A, FeedForward)>,
+    ) -> Result<Self> {
+        let (h, eps) = (c.hidden_size, c.rms_norm_eps);
+        let emb = ck.tensor_f32("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let embed = Tensor::<2>::from_data(TensorData::new(emb, [c.vocab_size, h]), device);
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for l in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let (attention, ffn) = layer(l, &p)?;
+            let norm = |name: &str| RmsNorm::load(ck, &format!("{p}.{name}"), h, eps, device);
+            layers.push(DecoderLayer {
+                input_norm: norm("input_layernorm")?,
+                attention,
+                post_norm: norm("post_attention_layernorm")?,
+                ffn,
+            });
+        }
+        let lm_head = Dense::load_lm_head(ck, &embed, c.tie_word_embeddings, device)?;
+        Ok(DecoderStack {
+            norm: RmsNorm::load(ck, "model.norm", h, eps, device)?,
+            embed,
+            layers,
+            lm_head,
+        })
+    }
+
+    /// Embeds `tokens` (at positions `first_pos..`), runs every layer with `attend(l,
+    /// attention, normalised input)` as layer `l`'s attention, and returns the logits
+    /// `[T, vocab]`.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        first_pos: usize,
+        observer: &mut dyn RoutingObserver,
+        mut attend: impl FnMut(usize, &A, Tensor<2>) -> Tensor<2>,
+    ) -> Result<Tensor<2>> {
+        let mut x = embed_tokens(&self.embed, tokens);
+        for (l, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(x, first_pos, observer, |a, n| attend(l, a, n))?;
+        }
+        Ok(self.lm_head.forward(self.norm.forward(x)))
+    }
+
+    /// The device the weights are on.
+    pub fn device(&self) -> Device {
+        self.embed.device()
+    }
+
+    /// Model layer indices that have sparse MoE blocks.
+    pub fn moe_layers(&self) -> Vec<usize> {
+        (0..self.layers.len())
+            .filter(|&l| self.layers[l].ffn.sparse().is_some())
+            .collect()
+    }
+
+    /// The sparse MoE blocks, in layer order.
+    pub fn sparse_layers_mut(&mut self) -> Vec<&mut SparseMoe> {
+        self.layers
+            .iter_mut()
+            .filter_map(|l| l.ffn.sparse_mut())
+            .collect()
+    }
+
+    /// The weights the logit lens reads.
+    pub fn lens_parts(&self) -> LensParts<'_> {
+        LensParts::new(
+            &self.embed,
+            &self.norm,
+            &self.lm_head,
+            self.layers.iter().map(|l| (&l.post_norm, l.ffn.sparse())),
+        )
     }
 }

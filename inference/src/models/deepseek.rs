@@ -18,15 +18,13 @@
 //! scaled by `routed_scaling_factor`; V3 sigmoid + `e_score_correction_bias`, groups
 //! scored by their two best, weights renormalised (`norm_topk_prob`) and scaled.
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 use serde::Deserialize;
 
 use crate::checkpoint::Checkpoint;
-use crate::decoder::DecoderLayer;
+use crate::decoder::{DecoderStack, StackConfig};
 use crate::error::{ModelError, Result};
-use crate::layers::{
-    apply_rope, attention, causal_mask, embed_tokens, Dense, KvCache, RmsNorm, SwiGlu,
-};
+use crate::layers::{apply_rope, attention, causal_mask, Dense, KvCache, RmsNorm, SwiGlu};
 use crate::moe::{FeedForward, SharedExpert, SparseMoe};
 use crate::rope::{deinterleave, yarn_mscale, RopeParameters, RotaryEmbedding};
 use crate::routing::{RouterScoring, RoutingObserver};
@@ -199,7 +197,7 @@ impl Config {
 /// Multi-head latent attention (MLA): keys and values from a compressed latent, which
 /// is what the KV cache holds, plus a decoupled RoPE key shared by all heads.
 #[derive(Debug, Clone)]
-struct Attention {
+pub(super) struct Attention {
     /// `q_a_proj` + `q_a_layernorm` when `q_lora_rank` is set.
     q_a: Option<(Dense, RmsNorm)>,
     /// `q_proj`, or `q_b_proj` after `q_a`.
@@ -210,17 +208,12 @@ struct Attention {
     o: Dense,
 }
 
-type Layer = DecoderLayer<Attention>;
-
 /// A loaded DeepSeek-V2 / V3 model.
 #[derive(Debug, Clone)]
 pub struct Model {
     pub config: Config,
     pub variant: Variant,
-    embed: Tensor<2>,
-    layers: Vec<Layer>,
-    norm: RmsNorm,
-    lm_head: Dense,
+    pub(super) stack: DecoderStack<Attention>,
     rope: RotaryEmbedding,
 }
 
@@ -239,24 +232,6 @@ fn mlp(ck: &Checkpoint, p: &str, h: usize, inter: usize, device: &Device) -> Res
 }
 
 impl Model {
-    /// The sparse MoE blocks, in layer order.
-    pub fn sparse_layers_mut(&mut self) -> Vec<&mut SparseMoe> {
-        self.layers
-            .iter_mut()
-            .filter_map(|l| l.ffn.sparse_mut())
-            .collect()
-    }
-
-    /// The weights the logit lens reads.
-    pub fn lens_parts(&self) -> super::LensParts<'_> {
-        super::LensParts::new(
-            &self.embed,
-            &self.norm,
-            &self.lm_head,
-            self.layers.iter().map(|l| (&l.post_norm, l.ffn.sparse())),
-        )
-    }
-
     /// Loads the weights of `ck` (whose config is `config`) onto `device`.
     pub fn load(ck: &Checkpoint, config: Config, device: &Device) -> Result<Model> {
         let bad = |msg: String| ModelError::file(&ck.config_path(), msg);
@@ -278,11 +253,14 @@ impl Model {
             c.max_position_embeddings,
         )
         .map_err(bad)?;
-        let emb = ck.tensor_f32("model.embed_tokens.weight", &[c.vocab_size, h])?;
-        let embed = Tensor::<2>::from_data(TensorData::new(emb, [c.vocab_size, h]), device);
-        let mut layers = Vec::with_capacity(c.num_hidden_layers);
-        for l in 0..c.num_hidden_layers {
-            let p = format!("model.layers.{l}");
+        let stack = StackConfig {
+            vocab_size: c.vocab_size,
+            hidden_size: h,
+            num_hidden_layers: c.num_hidden_layers,
+            rms_norm_eps: eps,
+            tie_word_embeddings: c.tie_word_embeddings,
+        };
+        let stack = DecoderStack::load(ck, stack, device, |l, p| {
             let attn = format!("{p}.self_attn");
             let (q_a, q) = match c.q_lora_rank {
                 None => (
@@ -308,61 +286,34 @@ impl Model {
                     device,
                 )?))
             };
-            layers.push(Layer {
-                input_norm: RmsNorm::load(ck, &format!("{p}.input_layernorm"), h, eps, device)?,
-                post_norm: RmsNorm::load(
+            let attention = Attention {
+                q_a,
+                q,
+                kv_a: Dense::load(
                     ck,
-                    &format!("{p}.post_attention_layernorm"),
+                    &format!("{attn}.kv_a_proj_with_mqa"),
+                    rank + c.qk_rope_head_dim,
                     h,
-                    eps,
                     device,
                 )?,
-                attention: Attention {
-                    q_a,
-                    q,
-                    kv_a: Dense::load(
-                        ck,
-                        &format!("{attn}.kv_a_proj_with_mqa"),
-                        rank + c.qk_rope_head_dim,
-                        h,
-                        device,
-                    )?,
-                    kv_norm: RmsNorm::load(
-                        ck,
-                        &format!("{attn}.kv_a_layernorm"),
-                        rank,
-                        eps,
-                        device,
-                    )?,
-                    kv_b: Dense::load(
-                        ck,
-                        &format!("{attn}.kv_b_proj"),
-                        nh * (c.qk_nope_head_dim + c.v_head_dim),
-                        rank,
-                        device,
-                    )?,
-                    o: Dense::load(ck, &format!("{attn}.o_proj"), h, nh * c.v_head_dim, device)?,
-                },
-                ffn,
-            });
-        }
-        let lm_head = Dense::load_lm_head(ck, &embed, c.tie_word_embeddings, device)?;
+                kv_norm: RmsNorm::load(ck, &format!("{attn}.kv_a_layernorm"), rank, eps, device)?,
+                kv_b: Dense::load(
+                    ck,
+                    &format!("{attn}.kv_b_proj"),
+                    nh * (c.qk_nope_head_dim + c.v_head_dim),
+                    rank,
+                    device,
+                )?,
+                o: Dense::load(ck, &format!("{attn}.o_proj"), h, nh * c.v_head_dim, device)?,
+            };
+            Ok((attention, ffn))
+        })?;
         Ok(Model {
-            norm: RmsNorm::load(ck, "model.norm", h, eps, device)?,
             rope,
             variant,
-            embed,
-            layers,
-            lm_head,
+            stack,
             config,
         })
-    }
-
-    /// Model layer indices that have sparse MoE blocks.
-    pub fn moe_layers(&self) -> Vec<usize> {
-        (0..self.layers.len())
-            .filter(|&l| self.config.is_moe_layer(l))
-            .collect()
     }
 
     /// Whether the rope dimensions come as interleaved pairs.
@@ -380,7 +331,7 @@ impl Model {
         cache: &mut KvCache,
         observer: &mut dyn RoutingObserver,
     ) -> Result<Tensor<2>> {
-        let device = self.embed.device();
+        let device = self.stack.device();
         let t = tokens.len();
         let past = cache.len();
         let c = &self.config;
@@ -391,7 +342,6 @@ impl Model {
             c.v_head_dim,
         );
         let (qk, rank) = (nope + rd, c.kv_lora_rank);
-        let mut x = embed_tokens(&self.embed, tokens);
         let (cos, sin) = self.rope.tables(past, t, &device);
         let mask = causal_mask(t, past, None, &device);
         let scale = c.softmax_scale();
@@ -403,36 +353,33 @@ impl Model {
             };
             apply_rope(x, &cos, &sin)
         };
-        for (l, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(x, past, observer, |layer, n| {
-                let q = match &layer.q_a {
-                    None => layer.q.forward(n.clone()),
-                    Some((a, norm)) => layer.q.forward(norm.forward(a.forward(n.clone()))),
-                };
-                let q = q.reshape([t, nh, qk]).swap_dims(0, 1);
-                let q_nope = q.clone().slice([0..nh, 0..t, 0..nope]);
-                let q_pe = rot(q.slice([0..nh, 0..t, nope..qk]));
-                let ckv = layer.kv_a.forward(n);
-                let latent = layer
-                    .kv_norm
-                    .forward(ckv.clone().slice([0..t, 0..rank]))
-                    .unsqueeze_dim::<3>(0);
-                let k_pe = rot(ckv.slice([0..t, rank..rank + rd]).unsqueeze_dim::<3>(0));
-                let (latent, k_pe) = cache.append(l, latent, k_pe);
-                let s = latent.dims()[1];
-                let kv = layer
-                    .kv_b
-                    .forward(latent.reshape([s, rank]))
-                    .reshape([s, nh, nope + vd])
-                    .swap_dims(0, 1);
-                let k_nope = kv.clone().slice([0..nh, 0..s, 0..nope]);
-                let v = kv.slice([0..nh, 0..s, nope..nope + vd]);
-                let k = Tensor::cat(vec![k_nope, k_pe.repeat_dim(0, nh)], 2);
-                let q = Tensor::cat(vec![q_nope, q_pe], 2);
-                layer.o.forward(attention(q, k, v, mask.clone(), scale))
-            })?;
-        }
-        Ok(self.lm_head.forward(self.norm.forward(x)))
+        self.stack.forward(tokens, past, observer, |l, layer, n| {
+            let q = match &layer.q_a {
+                None => layer.q.forward(n.clone()),
+                Some((a, norm)) => layer.q.forward(norm.forward(a.forward(n.clone()))),
+            };
+            let q = q.reshape([t, nh, qk]).swap_dims(0, 1);
+            let q_nope = q.clone().slice([0..nh, 0..t, 0..nope]);
+            let q_pe = rot(q.slice([0..nh, 0..t, nope..qk]));
+            let ckv = layer.kv_a.forward(n);
+            let latent = layer
+                .kv_norm
+                .forward(ckv.clone().slice([0..t, 0..rank]))
+                .unsqueeze_dim::<3>(0);
+            let k_pe = rot(ckv.slice([0..t, rank..rank + rd]).unsqueeze_dim::<3>(0));
+            let (latent, k_pe) = cache.append(l, latent, k_pe);
+            let s = latent.dims()[1];
+            let kv = layer
+                .kv_b
+                .forward(latent.reshape([s, rank]))
+                .reshape([s, nh, nope + vd])
+                .swap_dims(0, 1);
+            let k_nope = kv.clone().slice([0..nh, 0..s, 0..nope]);
+            let v = kv.slice([0..nh, 0..s, nope..nope + vd]);
+            let k = Tensor::cat(vec![k_nope, k_pe.repeat_dim(0, nh)], 2);
+            let q = Tensor::cat(vec![q_nope, q_pe], 2);
+            layer.o.forward(attention(q, k, v, mask.clone(), scale))
+        })
     }
 }
 

@@ -20,11 +20,11 @@ use burn::tensor::{Device, Tensor, TensorData};
 use serde::Deserialize;
 
 use crate::checkpoint::Checkpoint;
-use crate::decoder::DecoderLayer;
+use crate::decoder::{DecoderStack, StackConfig};
 use crate::error::{ModelError, Result};
 use crate::layers::{
-    apply_rope, attention_with_sinks, causal_mask, embed_tokens, load_vector, Dense, GluActivation,
-    KvCache, RmsNorm, SwiGlu,
+    apply_rope, attention_with_sinks, causal_mask, load_vector, Dense, GluActivation, KvCache,
+    SwiGlu,
 };
 use crate::moe::{FeedForward, SparseMoe};
 use crate::rope::{RopeParameters, RotaryEmbedding};
@@ -160,7 +160,7 @@ impl Config {
 /// Grouped-query attention with a learned sink logit per head, over a sliding window on
 /// the layers that have one.
 #[derive(Debug, Clone)]
-struct Attention {
+pub(super) struct Attention {
     q: Dense,
     k: Dense,
     v: Dense,
@@ -169,16 +169,11 @@ struct Attention {
     window: Option<usize>,
 }
 
-type Layer = DecoderLayer<Attention>;
-
 /// A loaded GPT-OSS model.
 #[derive(Debug, Clone)]
 pub struct Model {
     pub config: Config,
-    embed: Tensor<2>,
-    layers: Vec<Layer>,
-    norm: RmsNorm,
-    lm_head: Dense,
+    pub(super) stack: DecoderStack<Attention>,
     rope: RotaryEmbedding,
 }
 
@@ -226,24 +221,6 @@ pub fn load_expert(
 }
 
 impl Model {
-    /// The sparse MoE blocks, in layer order.
-    pub fn sparse_layers_mut(&mut self) -> Vec<&mut SparseMoe> {
-        self.layers
-            .iter_mut()
-            .filter_map(|l| l.ffn.sparse_mut())
-            .collect()
-    }
-
-    /// The weights the logit lens reads.
-    pub fn lens_parts(&self) -> super::LensParts<'_> {
-        super::LensParts::new(
-            &self.embed,
-            &self.norm,
-            &self.lm_head,
-            self.layers.iter().map(|l| (&l.post_norm, l.ffn.sparse())),
-        )
-    }
-
     /// Loads the weights of `ck` (whose config is `config`) onto `device`.
     pub fn load(ck: &Checkpoint, config: Config, device: &Device) -> Result<Model> {
         let bad = |msg: String| ModelError::file(&ck.config_path(), msg);
@@ -264,11 +241,14 @@ impl Model {
             c.rms_norm_eps,
         );
         let e = c.num_local_experts;
-        let emb = ck.tensor_f32("model.embed_tokens.weight", &[c.vocab_size, h])?;
-        let embed = tensor2(emb, [c.vocab_size, h], device);
-        let mut layers = Vec::with_capacity(c.num_hidden_layers);
-        for l in 0..c.num_hidden_layers {
-            let p = format!("model.layers.{l}");
+        let stack = StackConfig {
+            vocab_size: c.vocab_size,
+            hidden_size: h,
+            num_hidden_layers: c.num_hidden_layers,
+            rms_norm_eps: eps,
+            tie_word_embeddings: c.tie_word_embeddings,
+        };
+        let stack = DecoderStack::load(ck, stack, device, |l, p| {
             let attn = format!("{p}.self_attn");
             let experts = (0..e)
                 .map(|i| load_expert(ck, c, l, i, device))
@@ -282,40 +262,21 @@ impl Model {
                 expert_tensors: Vec::new(),
                 shared: None,
             };
-            layers.push(Layer {
-                input_norm: RmsNorm::load(ck, &format!("{p}.input_layernorm"), h, eps, device)?,
-                post_norm: RmsNorm::load(
-                    ck,
-                    &format!("{p}.post_attention_layernorm"),
-                    h,
-                    eps,
-                    device,
-                )?,
-                attention: Attention {
-                    q: Dense::load(ck, &format!("{attn}.q_proj"), nh * hd, h, device)?,
-                    k: Dense::load(ck, &format!("{attn}.k_proj"), nkv * hd, h, device)?,
-                    v: Dense::load(ck, &format!("{attn}.v_proj"), nkv * hd, h, device)?,
-                    o: Dense::load(ck, &format!("{attn}.o_proj"), h, nh * hd, device)?,
-                    sinks: load_vector(ck, &format!("{attn}.sinks"), nh, device)?,
-                    window: c.window(l),
-                },
-                ffn: FeedForward::Sparse(Box::new(moe)),
-            });
-        }
-        let lm_head = Dense::load_lm_head(ck, &embed, c.tie_word_embeddings, device)?;
+            let attention = Attention {
+                q: Dense::load(ck, &format!("{attn}.q_proj"), nh * hd, h, device)?,
+                k: Dense::load(ck, &format!("{attn}.k_proj"), nkv * hd, h, device)?,
+                v: Dense::load(ck, &format!("{attn}.v_proj"), nkv * hd, h, device)?,
+                o: Dense::load(ck, &format!("{attn}.o_proj"), h, nh * hd, device)?,
+                sinks: load_vector(ck, &format!("{attn}.sinks"), nh, device)?,
+                window: c.window(l),
+            };
+            Ok((attention, FeedForward::Sparse(Box::new(moe))))
+        })?;
         Ok(Model {
-            norm: RmsNorm::load(ck, "model.norm", h, eps, device)?,
             rope,
-            embed,
-            layers,
-            lm_head,
+            stack,
             config,
         })
-    }
-
-    /// Model layer indices that have sparse MoE blocks (all of them).
-    pub fn moe_layers(&self) -> Vec<usize> {
-        (0..self.layers.len()).collect()
     }
 
     /// Runs `tokens` after the positions already in `cache`; returns logits `[T, vocab]`.
@@ -325,37 +286,33 @@ impl Model {
         cache: &mut KvCache,
         observer: &mut dyn RoutingObserver,
     ) -> Result<Tensor<2>> {
-        let device = self.embed.device();
+        let device = self.stack.device();
         let t = tokens.len();
         let past = cache.len();
         let c = &self.config;
         let (nh, nkv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
-        let mut x = embed_tokens(&self.embed, tokens);
         let (cos, sin) = self.rope.tables(past, t, &device);
         let full_mask = causal_mask(t, past, None, &device);
         let sliding_mask = causal_mask(t, past, c.sliding_window, &device);
         let scale = 1.0 / (hd as f64).sqrt();
-        for (l, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(x, past, observer, |layer, n| {
-                let heads = |x: Tensor<2>, n: usize| x.reshape([t, n, hd]).swap_dims(0, 1);
-                let q = apply_rope(heads(layer.q.forward(n.clone()), nh), &cos, &sin);
-                let k = apply_rope(heads(layer.k.forward(n.clone()), nkv), &cos, &sin);
-                let v = heads(layer.v.forward(n), nkv);
-                let (k, v) = cache.append(l, k, v);
-                let mask = match layer.window {
-                    Some(_) => sliding_mask.clone(),
-                    None => full_mask.clone(),
-                };
-                layer.o.forward(attention_with_sinks(
-                    q,
-                    k,
-                    v,
-                    mask,
-                    scale,
-                    Some(&layer.sinks),
-                ))
-            })?;
-        }
-        Ok(self.lm_head.forward(self.norm.forward(x)))
+        self.stack.forward(tokens, past, observer, |l, layer, n| {
+            let heads = |x: Tensor<2>, n: usize| x.reshape([t, n, hd]).swap_dims(0, 1);
+            let q = apply_rope(heads(layer.q.forward(n.clone()), nh), &cos, &sin);
+            let k = apply_rope(heads(layer.k.forward(n.clone()), nkv), &cos, &sin);
+            let v = heads(layer.v.forward(n), nkv);
+            let (k, v) = cache.append(l, k, v);
+            let mask = match layer.window {
+                Some(_) => sliding_mask.clone(),
+                None => full_mask.clone(),
+            };
+            layer.o.forward(attention_with_sinks(
+                q,
+                k,
+                v,
+                mask,
+                scale,
+                Some(&layer.sinks),
+            ))
+        })
     }
 }

@@ -14,15 +14,13 @@
 //! `decoder_sparse_step`); OLMoE normalises q and k over the whole projection and may
 //! clip q/k/v (`clip_qkv`).
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 use serde::Deserialize;
 
 use crate::checkpoint::Checkpoint;
-use crate::decoder::DecoderLayer;
+use crate::decoder::{DecoderStack, StackConfig};
 use crate::error::{ModelError, Result};
-use crate::layers::{
-    apply_rope, attention, causal_mask, embed_tokens, Dense, KvCache, RmsNorm, SwiGlu,
-};
+use crate::layers::{apply_rope, attention, causal_mask, Dense, KvCache, RmsNorm, SwiGlu};
 use crate::moe::{FeedForward, SharedExpert, SparseMoe};
 use crate::rope::{RopeParameters, RotaryEmbedding};
 use crate::routing::{RouterScoring, RoutingObserver};
@@ -156,7 +154,7 @@ enum QkNorm {
 
 /// Grouped-query attention with optional q/k norms and q/k/v clipping.
 #[derive(Debug, Clone)]
-struct Attention {
+pub(super) struct Attention {
     q: Dense,
     k: Dense,
     v: Dense,
@@ -164,39 +162,16 @@ struct Attention {
     qk_norm: QkNorm,
 }
 
-type Layer = DecoderLayer<Attention>;
-
 /// A loaded model of this family.
 #[derive(Debug, Clone)]
 pub struct Model {
     pub config: Config,
     pub variant: Variant,
-    embed: Tensor<2>,
-    layers: Vec<Layer>,
-    norm: RmsNorm,
-    lm_head: Dense,
+    pub(super) stack: DecoderStack<Attention>,
     rope: RotaryEmbedding,
 }
 
 impl Model {
-    /// The sparse MoE blocks, in layer order.
-    pub fn sparse_layers_mut(&mut self) -> Vec<&mut SparseMoe> {
-        self.layers
-            .iter_mut()
-            .filter_map(|l| l.ffn.sparse_mut())
-            .collect()
-    }
-
-    /// The weights the logit lens reads.
-    pub fn lens_parts(&self) -> super::LensParts<'_> {
-        super::LensParts::new(
-            &self.embed,
-            &self.norm,
-            &self.lm_head,
-            self.layers.iter().map(|l| (&l.post_norm, l.ffn.sparse())),
-        )
-    }
-
     /// Loads the weights of `ck` (whose config is `config`) onto `device`.
     pub fn load(ck: &Checkpoint, config: Config, device: &Device) -> Result<Model> {
         let variant = config.variant().ok_or_else(|| {
@@ -222,11 +197,14 @@ impl Model {
             c.kv_heads(),
             c.rms_norm_eps,
         );
-        let emb = ck.tensor_f32("model.embed_tokens.weight", &[c.vocab_size, h])?;
-        let embed = Tensor::<2>::from_data(TensorData::new(emb, [c.vocab_size, h]), device);
-        let mut layers = Vec::with_capacity(c.num_hidden_layers);
-        for l in 0..c.num_hidden_layers {
-            let p = format!("model.layers.{l}");
+        let stack = StackConfig {
+            vocab_size: c.vocab_size,
+            hidden_size: h,
+            num_hidden_layers: c.num_hidden_layers,
+            rms_norm_eps: eps,
+            tie_word_embeddings: c.tie_word_embeddings,
+        };
+        let stack = DecoderStack::load(ck, stack, device, |l, p| {
             let attn = format!("{p}.self_attn");
             let qk_norm = match variant {
                 Variant::Qwen3Moe => QkNorm::PerHead(
@@ -238,6 +216,13 @@ impl Model {
                     RmsNorm::load(ck, &format!("{attn}.k_norm"), nkv * hd, eps, device)?,
                 ),
                 _ => QkNorm::None,
+            };
+            let attention = Attention {
+                q: Dense::load(ck, &format!("{attn}.q_proj"), nh * hd, h, device)?,
+                k: Dense::load(ck, &format!("{attn}.k_proj"), nkv * hd, h, device)?,
+                v: Dense::load(ck, &format!("{attn}.v_proj"), nkv * hd, h, device)?,
+                o: Dense::load(ck, &format!("{attn}.o_proj"), h, nh * hd, device)?,
+                qk_norm,
             };
             let ffn = if c.is_moe_layer(l) {
                 FeedForward::Sparse(Box::new(load_moe(ck, c, variant, l, device)?))
@@ -255,42 +240,14 @@ impl Model {
                     device,
                 )?))
             };
-            layers.push(Layer {
-                input_norm: RmsNorm::load(ck, &format!("{p}.input_layernorm"), h, eps, device)?,
-                post_norm: RmsNorm::load(
-                    ck,
-                    &format!("{p}.post_attention_layernorm"),
-                    h,
-                    eps,
-                    device,
-                )?,
-                attention: Attention {
-                    q: Dense::load(ck, &format!("{attn}.q_proj"), nh * hd, h, device)?,
-                    k: Dense::load(ck, &format!("{attn}.k_proj"), nkv * hd, h, device)?,
-                    v: Dense::load(ck, &format!("{attn}.v_proj"), nkv * hd, h, device)?,
-                    o: Dense::load(ck, &format!("{attn}.o_proj"), h, nh * hd, device)?,
-                    qk_norm,
-                },
-                ffn,
-            });
-        }
-        let lm_head = Dense::load_lm_head(ck, &embed, c.tie_word_embeddings, device)?;
+            Ok((attention, ffn))
+        })?;
         Ok(Model {
-            norm: RmsNorm::load(ck, "model.norm", h, eps, device)?,
             rope,
             variant,
-            embed,
-            layers,
-            lm_head,
+            stack,
             config,
         })
-    }
-
-    /// Model layer indices that have sparse MoE blocks.
-    pub fn moe_layers(&self) -> Vec<usize> {
-        (0..self.layers.len())
-            .filter(|&l| self.config.is_moe_layer(l))
-            .collect()
     }
 
     /// Runs `tokens` after the positions already in `cache`; returns logits `[T, vocab]`.
@@ -300,44 +257,40 @@ impl Model {
         cache: &mut KvCache,
         observer: &mut dyn RoutingObserver,
     ) -> Result<Tensor<2>> {
-        let device = self.embed.device();
+        let device = self.stack.device();
         let t = tokens.len();
         let past = cache.len();
         let c = &self.config;
         let (nh, nkv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
-        let mut x = embed_tokens(&self.embed, tokens);
         let (cos, sin) = self.rope.tables(past, t, &device);
         let mask = causal_mask(t, past, None, &device);
         let scale = 1.0 / (hd as f64).sqrt();
-        for (l, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(x, past, observer, |layer, n| {
-                let (mut q, mut k, mut v) = (
-                    layer.q.forward(n.clone()),
-                    layer.k.forward(n.clone()),
-                    layer.v.forward(n),
-                );
-                if let QkNorm::Full(qn, kn) = &layer.qk_norm {
-                    q = qn.forward(q);
-                    k = kn.forward(k);
-                }
-                if let Some(clip) = c.clip_qkv {
-                    q = q.clamp(-clip, clip);
-                    k = k.clamp(-clip, clip);
-                    v = v.clamp(-clip, clip);
-                }
-                let heads = |x: Tensor<2>, n: usize| x.reshape([t, n, hd]).swap_dims(0, 1);
-                let (mut q, mut k, v) = (heads(q, nh), heads(k, nkv), heads(v, nkv));
-                if let QkNorm::PerHead(qn, kn) = &layer.qk_norm {
-                    q = qn.forward(q);
-                    k = kn.forward(k);
-                }
-                let q = apply_rope(q, &cos, &sin);
-                let k = apply_rope(k, &cos, &sin);
-                let (k, v) = cache.append(l, k, v);
-                layer.o.forward(attention(q, k, v, mask.clone(), scale))
-            })?;
-        }
-        Ok(self.lm_head.forward(self.norm.forward(x)))
+        self.stack.forward(tokens, past, observer, |l, layer, n| {
+            let (mut q, mut k, mut v) = (
+                layer.q.forward(n.clone()),
+                layer.k.forward(n.clone()),
+                layer.v.forward(n),
+            );
+            if let QkNorm::Full(qn, kn) = &layer.qk_norm {
+                q = qn.forward(q);
+                k = kn.forward(k);
+            }
+            if let Some(clip) = c.clip_qkv {
+                q = q.clamp(-clip, clip);
+                k = k.clamp(-clip, clip);
+                v = v.clamp(-clip, clip);
+            }
+            let heads = |x: Tensor<2>, n: usize| x.reshape([t, n, hd]).swap_dims(0, 1);
+            let (mut q, mut k, v) = (heads(q, nh), heads(k, nkv), heads(v, nkv));
+            if let QkNorm::PerHead(qn, kn) = &layer.qk_norm {
+                q = qn.forward(q);
+                k = kn.forward(k);
+            }
+            let q = apply_rope(q, &cos, &sin);
+            let k = apply_rope(k, &cos, &sin);
+            let (k, v) = cache.append(l, k, v);
+            layer.o.forward(attention(q, k, v, mask.clone(), scale))
+        })
     }
 }
 

@@ -159,7 +159,7 @@ impl MoeModel {
             MoeModel::LlamaMoe(m) => ModelShape {
                 model_type: m.config.model_type.clone(),
                 n_layers: m.config.num_hidden_layers,
-                moe_layers: m.moe_layers(),
+                moe_layers: m.stack.moe_layers(),
                 n_experts: m.config.n_experts(),
                 top_k: m.config.num_experts_per_tok,
                 n_shared_experts: usize::from(
@@ -173,7 +173,7 @@ impl MoeModel {
             MoeModel::Deepseek(m) => ModelShape {
                 model_type: m.config.model_type.clone(),
                 n_layers: m.config.num_hidden_layers,
-                moe_layers: m.moe_layers(),
+                moe_layers: m.stack.moe_layers(),
                 n_experts: m.config.n_routed_experts,
                 top_k: m.config.num_experts_per_tok,
                 n_shared_experts: m.config.shared_experts(m.variant),
@@ -183,7 +183,7 @@ impl MoeModel {
             MoeModel::GptOss(m) => ModelShape {
                 model_type: m.config.model_type.clone(),
                 n_layers: m.config.num_hidden_layers,
-                moe_layers: m.moe_layers(),
+                moe_layers: m.stack.moe_layers(),
                 n_experts: m.config.num_local_experts,
                 top_k: m.config.num_experts_per_tok,
                 n_shared_experts: 0,
@@ -225,18 +225,18 @@ impl MoeModel {
     /// The sparse MoE blocks, in layer order (an offloading runtime drops their experts).
     pub fn sparse_layers_mut(&mut self) -> Vec<&mut crate::moe::SparseMoe> {
         match self {
-            MoeModel::LlamaMoe(m) => m.sparse_layers_mut(),
-            MoeModel::Deepseek(m) => m.sparse_layers_mut(),
-            MoeModel::GptOss(m) => m.sparse_layers_mut(),
+            MoeModel::LlamaMoe(m) => m.stack.sparse_layers_mut(),
+            MoeModel::Deepseek(m) => m.stack.sparse_layers_mut(),
+            MoeModel::GptOss(m) => m.stack.sparse_layers_mut(),
         }
     }
 
     /// The embedding, final norm, LM head and router norms.
     pub fn lens_parts(&self) -> LensParts<'_> {
         match self {
-            MoeModel::LlamaMoe(m) => m.lens_parts(),
-            MoeModel::Deepseek(m) => m.lens_parts(),
-            MoeModel::GptOss(m) => m.lens_parts(),
+            MoeModel::LlamaMoe(m) => m.stack.lens_parts(),
+            MoeModel::Deepseek(m) => m.stack.lens_parts(),
+            MoeModel::GptOss(m) => m.stack.lens_parts(),
         }
     }
 
