@@ -1,121 +1,18 @@
 //! Evaluation of a predictor and the baselines on the same (token, layer) targets.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use burn::tensor::Device;
 use datasets::examples::{ExampleSet, Split, Window};
 use indicatif::{ProgressBar, ProgressStyle};
-use serde::{Deserialize, Serialize};
 
 use crate::baselines::BaselineStats;
 use crate::batch::BatchTensors;
 use crate::config::{Query, Task};
 use crate::error::{PredictorError, Result};
-use crate::metrics::{rank_top, Calibration, CalibrationCounts, LayerCounts, SetMetrics};
+use crate::metrics::{rank_top, CalibrationCounts, LayerCounts};
 use crate::model::ExpertPredictor;
-pub use crate::report::{plot_f1, render_table};
-
-/// A method's figures for one forecast group.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct GroupReport {
-    /// Overall figures (micro over tokens x target layers).
-    pub overall: SetMetrics,
-    /// Reliability of the predicted probabilities (the predictor only; baselines rank).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub calibration: Option<Calibration>,
-    /// Per target MoE layer (`None` where the group has no target at that layer).
-    pub per_layer: Vec<Option<SetMetrics>>,
-}
-
-/// One method (the predictor or a baseline) over all groups.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct MethodReport {
-    pub method: String,
-    /// Parallel to [`EvalReport::groups`].
-    pub groups: Vec<GroupReport>,
-}
-
-/// Everything `moecast eval` reports.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EvalReport {
-    pub task: Task,
-    /// Forecast groups: `next token`, or `+1`, `+2`, ... layers ahead.
-    pub groups: Vec<String>,
-    /// Prefetch budget `B` of `recall_at_budget`, experts per layer.
-    pub budget: usize,
-    pub top_k: usize,
-    pub n_experts: usize,
-    /// Traces and split evaluated.
-    pub traces: Vec<PathBuf>,
-    pub split: Split,
-    pub sequences: usize,
-    pub tokens: usize,
-    pub methods: Vec<MethodReport>,
-}
-
-impl EvalReport {
-    /// The report of `method`, if present.
-    pub fn method(&self, method: &str) -> Option<&MethodReport> {
-        self.methods.iter().find(|m| m.method == method)
-    }
-
-    /// The forecast groups where `baseline` scores a higher F1 than the predictor (the
-    /// first method): `(group, baseline F1, predictor F1)`, groups it was scored on only.
-    /// The predictor's F1 is taken over the layers the baseline was scored on (a
-    /// first-layer forecast is compared with the predictor's first layer); with sets of
-    /// `k` on both sides that is the set-weighted mean of the per-layer F1.
-    pub fn groups_lost_to(&self, baseline: &str) -> Vec<(String, f64, f64)> {
-        let (Some(pred), Some(base)) = (self.methods.first(), self.method(baseline)) else {
-            return Vec::new();
-        };
-        self.groups
-            .iter()
-            .zip(pred.groups.iter().zip(&base.groups))
-            .filter(|(_, (_, b))| b.overall.sets > 0)
-            .map(|(g, (p, b))| (g.clone(), b.overall.f1, f1_on_layers_of(p, b)))
-            .filter(|(_, theirs, ours)| theirs > ours)
-            .collect()
-    }
-}
-
-impl EvalReport {
-    /// Every (baseline, group) where a baseline scores a higher F1 than the predictor:
-    /// `(baseline, group, baseline F1, predictor F1)`.
-    pub fn baseline_wins(&self) -> Vec<(String, String, f64, f64)> {
-        self.methods
-            .iter()
-            .skip(1)
-            .flat_map(|m| {
-                self.groups_lost_to(&m.method)
-                    .into_iter()
-                    .map(|(g, b, p)| (m.method.clone(), g, b, p))
-            })
-            .collect()
-    }
-}
-
-/// The F1 of `ours` over the layers `theirs` was scored on (all of `ours` when the
-/// coverage is the same).
-fn f1_on_layers_of(ours: &GroupReport, theirs: &GroupReport) -> f64 {
-    let covered =
-        |g: &GroupReport| -> Vec<bool> { g.per_layer.iter().map(|x| x.is_some()).collect() };
-    if covered(ours) == covered(theirs) {
-        return ours.overall.f1;
-    }
-    let (mut num, mut den) = (0.0, 0.0);
-    for (o, t) in ours.per_layer.iter().zip(&theirs.per_layer) {
-        if let (Some(o), Some(_)) = (o, t) {
-            num += o.f1 * o.sets as f64;
-            den += o.sets as f64;
-        }
-    }
-    if den == 0.0 {
-        ours.overall.f1
-    } else {
-        num / den
-    }
-}
+pub use crate::report::{plot_f1, render_table, EvalReport, GroupReport, MethodReport};
 
 /// Selection scores of MoE layer `target`'s experts given a router input.
 pub type GateScores = dyn Fn(usize, &[f32]) -> Vec<f32> + Send + Sync;
@@ -542,61 +439,4 @@ fn progress_bar(show: bool, len: usize) -> ProgressBar {
         .progress_chars("=> "),
     );
     b
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn group(sets: u64, f1: f64) -> GroupReport {
-        let m = SetMetrics {
-            sets,
-            precision: f1,
-            recall: f1,
-            f1,
-            exact_set_accuracy: 0.0,
-            recall_at_budget: f1,
-            elementwise_accuracy: 0.0,
-            macro_f1: 0.0,
-        };
-        GroupReport {
-            calibration: None,
-            overall: m,
-            per_layer: vec![Some(m)],
-        }
-    }
-
-    #[test]
-    fn a_baseline_wins_only_the_groups_it_scores_higher_on() {
-        let method = |name: &str, groups: Vec<GroupReport>| MethodReport {
-            method: name.into(),
-            groups,
-        };
-        let report = EvalReport {
-            task: Task::Lookahead,
-            groups: vec!["next token".into(), "+1 layer".into(), "+2 layers".into()],
-            budget: 4,
-            top_k: 2,
-            n_experts: 16,
-            traces: Vec::new(),
-            split: Split::Test,
-            sequences: 1,
-            tokens: 10,
-            methods: vec![
-                method(
-                    "predictor",
-                    vec![group(10, 0.5), group(10, 0.8), group(10, 0.7)],
-                ),
-                method(
-                    "cross-layer gate",
-                    vec![group(0, 0.9), group(10, 0.8), group(10, 0.75)],
-                ),
-            ],
-        };
-        assert_eq!(
-            report.groups_lost_to("cross-layer gate"),
-            vec![("+2 layers".to_string(), 0.75, 0.7)]
-        );
-        assert!(report.groups_lost_to("pre-attention gate").is_empty());
-    }
 }

@@ -1,126 +1,22 @@
 //! The predictor end to end on traces with a known rule: it must learn what the rule
-//! makes predictable (and the baselines cannot), resume exactly, serve incrementally
-//! what it computes in batch, and refuse inputs that do not fit.
+//! makes predictable (and the baselines cannot), serve incrementally what it computes in
+//! batch, and refuse inputs that do not fit. `training.rs` checks that training repeats.
 
 mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::eval_test_split;
-
-use burn::tensor::activation::sigmoid;
-use datasets::examples::{ExampleSet, RoutingShape, Split, SplitConfig};
-use datasets::{save_trace, Phase, TokenRecord, TraceBuilder, TraceFormat, TraceMeta};
-use predictor::batch::BatchTensors;
-use predictor::device::BackendKind;
-use predictor::{
-    ExpertForecast, Features, LoadedPredictor, OnlinePredictor, PredictorConfig, Query, Task,
-    TrainOptions, TrainSettings,
+use common::{
+    assert_online_matches_batched, assert_unknown_id_matches_batched, eval_test_split, f1_of,
+    options, rule_meta, rule_trace, E, LAYERS,
 };
+
+use datasets::examples::{ExampleSet, Split};
+use datasets::{save_trace, Phase, TokenRecord, TraceBuilder, TraceFormat};
+use predictor::device::BackendKind;
+use predictor::{Features, LoadedPredictor, OnlinePredictor, Query, Task};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-
-const E: u32 = 8;
-const LAYERS: u32 = 4;
-
-/// Trace metadata of the rule traces: `LAYERS` MoE layers of `E` experts, top-2.
-fn rule_meta(model: &str, router_input_dim: Option<u32>) -> TraceMeta {
-    TraceMeta {
-        channels: router_input_dim
-            .map(datasets::Channel::router_inputs)
-            .into_iter()
-            .collect(),
-        model: model.into(),
-        architecture: None,
-        n_layers: LAYERS,
-        moe_layers: (0..LAYERS).collect(),
-        n_experts: E,
-        top_k: 2,
-        n_shared_experts: 0,
-        source: None,
-        tokenizer: None,
-        ranked: false,
-        expert_bytes: None,
-    }
-}
-
-/// Next-token rule: token `x` uses experts `{x, x+3} mod E` at layer `m`, shifted by
-/// `m`. Lookahead rule: layer 0 is random; layer `m+1` is layer `m` shifted by `m+1`.
-fn rule_trace(path: &Path, rule: Task, seqs: usize, len: usize, seed: u64) -> PathBuf {
-    let mut b = TraceBuilder::new(rule_meta("rule", None), false).unwrap();
-    let mut rng = StdRng::seed_from_u64(seed);
-    for s in 0..seqs {
-        for pos in 0..len {
-            let token: u32 = rng.random_range(0..40);
-            let mut layers = Vec::new();
-            let first = rng.random_range(0..E);
-            for m in 0..LAYERS {
-                let base = match rule {
-                    Task::NextToken => token + m,
-                    Task::Lookahead => first + m * (m + 1) / 2,
-                };
-                let mut set = vec![base % E, (base + 3) % E];
-                set.sort();
-                layers.push(Some(set));
-            }
-            b.push(&TokenRecord {
-                channels: Default::default(),
-                seq: format!("s{s}"),
-                pos: pos as u32,
-                phase: Phase::Decode,
-                token: Some(token),
-                experts: layers,
-                weights: None,
-            })
-            .unwrap();
-        }
-    }
-    save_trace(&b.finish().unwrap(), path, Some(TraceFormat::Binary)).unwrap();
-    path.to_path_buf()
-}
-
-fn options(trace: PathBuf, task: Task, out: PathBuf, epochs: usize) -> TrainOptions {
-    let shape = RoutingShape {
-        n_moe: LAYERS as usize,
-        n_experts: E as usize,
-        top_k: 2,
-    };
-    TrainOptions {
-        traces: vec![trace],
-        config: PredictorConfig::new(shape, task)
-            .with_d_model(32)
-            .with_n_layers(1)
-            .with_n_heads(2)
-            .with_context(16)
-            .with_token_buckets(64)
-            .with_dropout(0.0),
-        split: SplitConfig {
-            validation: 0.15,
-            test: 0.15,
-            seed: 1,
-        },
-        settings: TrainSettings {
-            batch_size: 8,
-            lr: 1e-2,
-            warmup_steps: 10,
-            max_epochs: epochs,
-            patience: epochs,
-            checkpoint_every: 7,
-            // Pinned: the default (one shard per thread) would make the trained
-            // weights, and the thresholds on them, depend on the machine's cores.
-            shards: 2,
-            ..TrainSettings::default()
-        },
-        backend: BackendKind::from_test_env(),
-        out,
-        progress: false,
-        run_steps: None,
-    }
-}
-
-fn f1_of(r: &predictor::EvalReport, method: &str, group: usize) -> f64 {
-    r.method(method).unwrap().groups[group].overall.f1
-}
 
 #[test]
 fn learns_token_rule_the_baselines_miss() {
@@ -192,160 +88,6 @@ fn lookahead_learns_the_layer_chain() {
 }
 
 #[test]
-fn resumed_training_matches_an_uninterrupted_run() {
-    let dir = tempfile::tempdir().unwrap();
-    let trace = rule_trace(&dir.path().join("t.mctrace"), Task::NextToken, 20, 24, 2);
-    let full = options(trace.clone(), Task::NextToken, dir.path().join("full"), 3);
-    let a = predictor::train(&full).unwrap();
-    let mut part = options(trace, Task::NextToken, dir.path().join("part"), 3);
-    part.run_steps = Some(5);
-    let first = predictor::train(&part).unwrap();
-    assert!(!first.finished && first.end_step == 5);
-    part.run_steps = None;
-    let b = predictor::train(&part).unwrap();
-    assert!(b.finished && b.start_step == 5 && b.end_step == a.end_step);
-    let f1 = |s: &predictor::TrainSummary| s.history.iter().map(|h| h.val_f1).collect::<Vec<_>>();
-    assert_eq!(f1(&a), f1(&b));
-    // A different run into the same folder is refused.
-    let mut other = part.clone();
-    other.settings.lr = 0.5;
-    let err = predictor::train(&other).err().unwrap().to_string();
-    assert!(err.contains("different run"), "{err}");
-    // So is another shard count, while leaving it to the default resumes with the
-    // checkpoint's.
-    let mut other = part.clone();
-    other.settings.shards = 5;
-    let err = predictor::train(&other).err().unwrap().to_string();
-    assert!(err.contains("different run"), "{err}");
-}
-
-/// Dropout masks come from seeds per step and shard, not from the device's generator
-/// the shards' threads share: two runs with dropout and 3 shards are identical.
-#[test]
-fn training_with_dropout_repeats_exactly_over_shards() {
-    let dir = tempfile::tempdir().unwrap();
-    let trace = rule_trace(&dir.path().join("t.mctrace"), Task::NextToken, 20, 24, 5);
-    let run = |name: &str| {
-        let mut o = options(trace.clone(), Task::NextToken, dir.path().join(name), 2);
-        o.config = o.config.with_dropout(0.3);
-        o.settings.shards = 3;
-        let summary = predictor::train(&o).unwrap();
-        let epochs = summary.history.iter();
-        epochs.map(|h| (h.train_loss, h.val_f1)).collect::<Vec<_>>()
-    };
-    let first = run("a");
-    assert_eq!(first.len(), 2);
-    assert_eq!(first, run("b"));
-}
-
-/// Burn's CPU generator is one per process: predictors built on several threads at once
-/// (training runs or tests side by side) still get the weights of their own seed.
-#[test]
-fn predictors_built_at_once_get_the_weights_of_their_seed() {
-    use predictor::model::ExpertPredictor;
-    let shape = RoutingShape {
-        n_moe: 4,
-        n_experts: 16,
-        top_k: 2,
-    };
-    let cfg = PredictorConfig::new(shape, Task::Lookahead).with_d_model(32);
-    let device = burn::tensor::Device::flex();
-    let weights = |seed: u64| {
-        let m = ExpertPredictor::new(&cfg, &device, seed);
-        let last = m
-            .head_out
-            .weight
-            .val()
-            .into_data()
-            .try_to_vec::<f32>()
-            .unwrap();
-        (
-            m.query_routing
-                .val()
-                .into_data()
-                .try_to_vec::<f32>()
-                .unwrap(),
-            last,
-        )
-    };
-    let alone = [weights(1), weights(2)];
-    assert_ne!(alone[0], alone[1]);
-    std::thread::scope(|s| {
-        let builds: Vec<_> = (0..8u64)
-            .map(|i| (i, s.spawn(move || weights(1 + i % 2))))
-            .collect();
-        for (i, b) in builds {
-            assert!(b.join().unwrap() == alone[(i % 2) as usize], "build {i}");
-        }
-    });
-}
-
-/// A data-parallel step over shards of a batch gives the loss and gradients of the whole
-/// batch in one piece (within float rounding), for every shard count.
-#[test]
-fn sharded_steps_equal_the_whole_batch() {
-    use burn::tensor::Tensor;
-    use predictor::model::ExpertPredictor;
-    use predictor::step::{loss_and_gradients, query_denominators};
-    let dir = tempfile::tempdir().unwrap();
-    let trace = rule_trace(&dir.path().join("t.mctrace"), Task::Lookahead, 20, 24, 4);
-    let opts = options(trace.clone(), Task::Lookahead, dir.path().join("p"), 1);
-    let set = ExampleSet::open(&[trace], &opts.split).unwrap();
-    // Without the count prior the output layer starts random, so every weight has a
-    // gradient from the first step.
-    let cfg = opts.config.with_token_prior(false);
-    let ad = opts.backend.device().autodiff();
-    let model = ExpertPredictor::new(&cfg, &ad, 3);
-    let windows = set.windows(Split::Train, cfg.context);
-    assert!(windows.len() >= 7, "{} windows", windows.len());
-    let batch = set.batch(&windows[..7], cfg.token_buckets);
-    let queries = cfg.training_queries();
-    let denominators = query_denominators(&batch, &queries, cfg.routing);
-    let step = |shards: usize| {
-        let parts = batch.split(shards);
-        assert_eq!(parts.len(), shards);
-        assert_eq!(parts.iter().map(|p| p.batch).sum::<usize>(), 7);
-        let bts: Vec<BatchTensors> = parts
-            .iter()
-            .map(|p| BatchTensors::new(p, cfg.routing, &ad))
-            .collect();
-        loss_and_gradients(&model, &bts, &queries, 1.5, &denominators)
-    };
-    let (loss, grads) = step(1);
-    let params = [
-        ("qkv", model.blocks[0].qkv.weight.id),
-        ("ffn_in", model.blocks[0].ffn_in.weight.id),
-        ("output", model.output.weight.id),
-        ("context_routing", model.context_routing.weight.id),
-        ("token_embed", model.token_embed.weight.id),
-    ];
-    let values = |g: &burn::optim::GradientsParams, id| -> Vec<f32> {
-        let t: Tensor<2> = g.get(id).expect("a gradient");
-        t.into_data().try_to_vec().unwrap()
-    };
-    for shards in [2, 3, 7] {
-        let (l, g) = step(shards);
-        assert!(
-            (l - loss).abs() < 1e-5 * loss.abs(),
-            "{shards} shards: loss {l} vs {loss}"
-        );
-        for (name, id) in params {
-            let (a, b) = (values(&grads, id), values(&g, id));
-            let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
-            assert!(scale > 0.0, "{name}: no gradient");
-            let diff = a
-                .iter()
-                .zip(&b)
-                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-            assert!(
-                diff <= 1e-4 * scale,
-                "{shards} shards, {name}: differs by {diff} (scale {scale})"
-            );
-        }
-    }
-}
-
-#[test]
 fn online_predictions_equal_the_batched_forward() {
     let dir = tempfile::tempdir().unwrap();
     let trace = rule_trace(&dir.path().join("t.mctrace"), Task::Lookahead, 20, 12, 3);
@@ -405,67 +147,6 @@ fn lazy_observation_equals_encoding_every_token_past_the_window() {
             every.observe(token, &layers).unwrap();
             lazy.observe(token, &layers).unwrap();
         }
-    }
-}
-
-/// Checks that the forecasts `forecast` makes online (token by token, observing each
-/// token's routing after it) equal the batched forward over the first test window of
-/// `trace` for every query trained (next token first), to 1e-4 (`input_dim`: batch the
-/// router inputs too), at the tokens `forecast_at` names (the others are only observed).
-fn assert_online_matches_batched(
-    dir: &Path,
-    trace: &Path,
-    input_dim: Option<usize>,
-    forecast_at: &dyn Fn(usize) -> bool,
-    mut forecast: impl FnMut(
-        &mut OnlinePredictor,
-        &datasets::TraceView<'_>,
-        usize,
-        u32,
-        &[&[u16]],
-        Query,
-    ) -> ExpertForecast,
-) {
-    let dev = BackendKind::from_test_env().device();
-    let loaded = LoadedPredictor::load(dir, &dev).unwrap();
-    let set = ExampleSet::open_for_test(&[trace.to_path_buf()], None).unwrap();
-    let w = set.windows(Split::Test, 16)[0];
-    assert_eq!((w.start, w.first_target), (0, 0));
-    let batch = set.batch_with(&[w], loaded.card.config.token_buckets, input_dim);
-    let queries = loaded.card.config.training_queries();
-    let bt = BatchTensors::new(&batch, loaded.card.config.routing, &dev)
-        .with_priors(
-            &loaded.model,
-            loaded.baselines.as_ref(),
-            &set,
-            &batch,
-            &queries,
-            false,
-        )
-        .unwrap();
-    let batched: Vec<Vec<f32>> = loaded
-        .model
-        .forward_queries(&bt, &queries)
-        .into_iter()
-        .map(|z| sigmoid(z).try_into_vec_as::<f32>().unwrap())
-        .collect();
-    let view = set.view(0);
-    let mut online = OnlinePredictor::new(loaded);
-    for t in 0..w.len {
-        let token = view.token[t];
-        let layers: Vec<&[u16]> = (0..LAYERS as usize)
-            .map(|m| view.layer(t, m).unwrap())
-            .collect();
-        for (qi, q) in queries.iter().enumerate().filter(|_| forecast_at(t)) {
-            let f = forecast(&mut online, &view, t, token, &layers, *q);
-            let width = q.horizon * E as usize;
-            let want = &batched[qi][t * width..(t + 1) * width];
-            for (a, b) in f.probs.iter().zip(want) {
-                assert!((a - b).abs() < 1e-4, "token {t} query {q:?}: {a} vs {b}");
-            }
-        }
-        let routing: Vec<Option<&[u16]>> = layers.iter().map(|l| Some(*l)).collect();
-        online.observe(token, &routing).unwrap();
     }
 }
 
@@ -737,49 +418,4 @@ fn token_dropout_forecasts_the_next_token_before_its_id() {
     let f1 = f1_of(&report, "predictor", g);
     assert!((f1 - recall).abs() < 1e-9, "eval {f1} vs by hand {recall}");
     assert!(f1_of(&report, "previous-token", g) < 0.5);
-}
-
-/// Checks [`OnlinePredictor::predict_next_unknown`] at every position of the first test
-/// window of `trace` against the batched forward with that position's id hidden.
-fn assert_unknown_id_matches_batched(dir: &Path, trace: &Path) {
-    let dev = BackendKind::from_test_env().device();
-    let loaded = LoadedPredictor::load(dir, &dev).unwrap();
-    let c = loaded.card.config.clone();
-    let set = ExampleSet::open_for_test(&[trace.to_path_buf()], None).unwrap();
-    let w = set.windows(Split::Test, 16)[0];
-    let view = set.view(0);
-    let q = Query {
-        known: 0,
-        horizon: LAYERS as usize,
-    };
-    let batched: Vec<Vec<f32>> = (0..w.len)
-        .map(|t| {
-            let mut batch = set.batch_with(&[w], c.token_buckets, Some(c.router_input_dim));
-            batch.tokens[t] = c.token_buckets as i64;
-            let bt = BatchTensors::new(&batch, c.routing, &dev)
-                .with_priors(
-                    &loaded.model,
-                    loaded.baselines.as_ref(),
-                    &set,
-                    &batch,
-                    &[q],
-                    false,
-                )
-                .unwrap();
-            let z = loaded.model.forward_queries(&bt, &[q]).remove(0);
-            let width = LAYERS as usize * E as usize;
-            sigmoid(z.narrow(0, t, 1).reshape([width]))
-                .try_into_vec_as::<f32>()
-                .unwrap()
-        })
-        .collect();
-    let mut online = OnlinePredictor::new(loaded);
-    for (t, want) in batched.iter().enumerate() {
-        let f = online.predict_next_unknown().unwrap();
-        for (a, b) in f.probs.iter().zip(want) {
-            assert!((a - b).abs() < 1e-4, "token {t} before its id: {a} vs {b}");
-        }
-        let layers: Vec<Option<&[u16]>> = (0..LAYERS as usize).map(|m| view.layer(t, m)).collect();
-        online.observe(view.token[t], &layers).unwrap();
-    }
 }
