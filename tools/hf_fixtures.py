@@ -3,8 +3,9 @@
 
 Usage:  python3 tools/hf_fixtures.py [--out inference/tests/fixtures/hf]
 
-For every architecture below this writes ``<out>/<arch>/`` containing
-``config.json`` / ``generation_config.json`` (as ``save_pretrained`` writes them),
+For every architecture of ``hf_archs.py`` (ARCHS, and the RoPE variants) this writes
+``<out>/<arch>/`` containing ``config.json`` / ``generation_config.json`` (as
+``save_pretrained`` writes them),
 ``model.safetensors`` (f32, published on-disk tensor layout), ``tokenizer.json`` +
 ``tokenizer_config.json`` (tiny byte-level BPE trained on CORPUS below) and
 ``expected.json`` (token ids, per-token routing, logits, greedy decode).
@@ -24,8 +25,8 @@ MoE layer; the module returns ``(router_logits, weights, indices)`` and ``weight
 exactly what multiplies each expert's output in ``<Arch>Experts.forward``.  We store
 ids/weights re-sorted by weight, descending (stable), so ``topk_ids[r]`` has the r-th
 largest weight.  Each hook output is also re-derived from router_logits by an
-independent reference (``_reference_route``) and must match; that reference gives the
-score gaps behind ``min_topk_gap``.
+independent reference (``hf_reference.py``'s ``_reference_route``) and must match; that
+reference gives the score gaps behind ``min_topk_gap``.
 
 * mixtral     -- ``model.layers.{l}.mlp.gate`` (MixtralTopKRouter; on disk
   ``block_sparse_moe.gate``). p = softmax(x W^T) in f32; ids = top-k of p; weights =
@@ -219,8 +220,6 @@ def check_generate(model, input_ids, generated):
         model.generation_config.eos_token_id = saved
     got = out[0, len(input_ids):].tolist()
     assert got == generated, ("generate mismatch", got, generated)
-
-
 
 
 # ----------------------------------------------------------------------------- layout checks

@@ -63,9 +63,13 @@ pub struct StackConfig {
 /// `model.layers.{l}`, `model.norm` and the LM head.
 #[derive(Debug, Clone)]
 pub struct DecoderStack<A> {
+    /// `model.embed_tokens`, `[vocab, hidden]`.
     pub embed: Tensor<2>,
+    /// `model.layers.{l}`, in order.
     pub layers: Vec<DecoderLayer<A>>,
+    /// `model.norm`, before the LM head.
     pub norm: RmsNorm,
+    /// `lm_head`, or the embedding where `tie_word_embeddings` says so.
     pub lm_head: Dense,
 }
 

@@ -220,7 +220,7 @@ fn gpt_oss_matches_transformers() {
 }
 
 /// The Llama family with `rope_parameters` scaled as users scale them for long context
-/// (linear interpolation and YaRN, factor 4; `tools/hf_fixtures.py`'s VARIANTS).
+/// (linear interpolation and YaRN, factor 4; `tools/hf_archs.py`'s VARIANTS).
 #[test]
 fn llama_family_with_scaled_rope_matches_transformers() {
     for arch in ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"] {

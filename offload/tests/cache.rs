@@ -4,6 +4,7 @@
 use offload::cache::{CacheScope, EvictionPolicy, ExpertCache, Insertion};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
 /// Hits of a textbook LRU (a recency-ordered vector).
 fn naive_lru(accesses: &[usize], capacity: usize) -> u64 {
     let mut order: Vec<usize> = Vec::new();

@@ -71,9 +71,7 @@ impl EvalReport {
             .filter(|(_, theirs, ours)| theirs > ours)
             .collect()
     }
-}
 
-impl EvalReport {
     /// Every (baseline, group) where a baseline scores a higher F1 than the predictor:
     /// `(baseline, group, baseline F1, predictor F1)`.
     pub fn baseline_wins(&self) -> Vec<(String, String, f64, f64)> {
