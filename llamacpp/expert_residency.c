@@ -166,6 +166,17 @@ static int oldest(Residency *r, const uint64_t *age, const uint8_t *skip) {
 
 const char *eviction_name(Eviction e) { return e == EVICT_NEXT_USE ? "next-use" : e == EVICT_LFU ? "lfu" : "lru"; }
 
+const char *eviction_names(void) {
+    static char list[64];
+    if (!list[0])
+        for (Eviction e = EVICT_LRU; e <= EVICT_NEXT_USE; e++) {
+            size_t n = strlen(list);
+            const char *sep = e == EVICT_LRU ? "" : e == EVICT_NEXT_USE ? " or " : ", ";
+            snprintf(list + n, sizeof list - n, "%s%s", sep, eviction_name(e));
+        }
+    return list;
+}
+
 int eviction_parse(const char *name, Eviction *out) {
     for (Eviction e = EVICT_LRU; e <= EVICT_NEXT_USE; e++)
         if (!strcmp(name, eviction_name(e))) return *out = e, 1;

@@ -42,6 +42,9 @@ typedef enum { EVICT_LRU, EVICT_LFU, EVICT_NEXT_USE } Eviction;
 /* Its name: "lru", "lfu" or "next-use". */
 const char *eviction_name(Eviction e);
 
+/* Every eviction's name, for messages: "lru, lfu or next-use". */
+const char *eviction_names(void);
+
 /* The eviction `name` names into *out: 1, or 0 where it names none. */
 int eviction_parse(const char *name, Eviction *out);
 

@@ -163,6 +163,7 @@ static void usage(const char *argv0) {
 
 int main(int argc, char **argv) {
     double resident_pct = 25, read_us = 0, layer_us = 0;
+    char why[160]; /* a message naming the evictions */
     long cores = sysconf(_SC_NPROCESSORS_ONLN);
     int new_tokens = 32, rounds = 3, use_guard = 1, inline_forecasts = 1, wait_forecasts = 0, threads_given = 0, opt;
     int threads[2] = {cores > 1 ? (int)cores : 1, cores > 1 ? (int)cores - 1 : 1}; /* on demand, forecasting */
@@ -200,8 +201,10 @@ int main(int argc, char **argv) {
         case 's': steps_path = optarg; break;
         case 'L': by_layer = 1; break;
         case 'e':
-            if (!eviction_parse(optarg, &eviction))
-                die("-e", "takes lru, lfu or next-use (which used expert the resident set drops first)");
+            if (!eviction_parse(optarg, &eviction)) {
+                snprintf(why, sizeof why, "takes %s (which used expert the resident set drops first)", eviction_names());
+                die("-e", why);
+            }
             break;
         case 'W': {
             char *end;
@@ -235,8 +238,11 @@ int main(int argc, char **argv) {
         Eviction own = eviction;
         int oracle = !strcmp(item, "oracle"), on_demand = eviction_parse(item, &own);
         long b = on_demand ? -1 : oracle || !strcmp(item, "auto") ? 0 : strtol(item, &end, 10);
-        if (!on_demand && strcmp(item, "auto") && !oracle && (end == item || *end || b < 1 || b > MAX_K))
-            die("-b", "takes a comma list of `auto`, `oracle`, expert counts and on-demand evictions (`lru`, `lfu`, `next-use`)");
+        if (!on_demand && strcmp(item, "auto") && !oracle && (end == item || *end || b < 1 || b > MAX_K)) {
+            snprintf(why, sizeof why, "takes a comma list of auto, oracle, expert counts and on-demand evictions (%s)",
+                     eviction_names());
+            die("-b", why);
+        }
         if (n_modes == MAX_MODES) die("-b", "names more modes than the harness runs at once");
         if (oracle && !trace_path) die("-b", "`oracle` forecasts from a replayed trace: give -p TRACE");
         if (!on_demand && !oracle && !pred_dir) continue; /* forecasts need a predictor */
