@@ -160,9 +160,21 @@ VARIANTS = {
 }
 
 
-def make_config(arch, rope=None):
+# Sliding-window variants of the Llama-family architectures that have one: the window
+# (5 positions) is shorter than the fixtures' prompts, so it masks keys in prefill and
+# decode. Mixtral and Qwen3-MoE slide on every layer; Qwen2-MoE on the layers its
+# ``layer_types`` rule picks (even layers below ``max_window_layers``: layer 0 here).
+SLIDING = {
+    "mixtral_sliding": ("mixtral", {"sliding_window": 5}),
+    "qwen2_moe_sliding": ("qwen2_moe", {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 2}),
+    "qwen3_moe_sliding": ("qwen3_moe", {"use_sliding_window": True, "sliding_window": 5}),
+}
+
+
+def make_config(arch, rope=None, overrides=None):
     kw = dict(COMMON)
     kw.update(ARCHS[arch]["config"])
+    kw.update(overrides or {})
     cfg = AutoConfig.for_model(arch, **kw)
     if rope is not None:
         params = dict(cfg.rope_parameters)
@@ -206,8 +218,8 @@ LOAD_KW = dict(attn_implementation="eager", experts_implementation="eager")
 
 
 @torch.no_grad()
-def build_model(arch, seed, rope=None):
-    cfg = make_config(arch, rope)
+def build_model(arch, seed, rope=None, overrides=None):
+    cfg = make_config(arch, rope, overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, **LOAD_KW)
     # _init_weights leaves norms at 1 and biases / sinks / correction biases at 0;

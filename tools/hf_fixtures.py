@@ -15,6 +15,8 @@ checkpoint and running it upcast to f32 (``.float()``).
 ``<arch>_rope_linear/`` and ``<arch>_rope_yarn/`` (mixtral, qwen2_moe, qwen3_moe, olmoe)
 are the same shapes with ``rope_parameters`` scaled (linear x4; YaRN x4 over an original
 context of 16 positions), each with its own seed and expected outputs.
+``mixtral_sliding/``, ``qwen2_moe_sliding/`` and ``qwen3_moe_sliding/`` attend over a
+sliding window of 5 positions (``hf_archs.py``'s SLIDING), shorter than the prompts.
 
 Everything is computed on CPU, f32, eager attention, eager experts, 1 thread,
 deterministic algorithms; seeds are searched deterministically, so reruns are
@@ -116,7 +118,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoModelForCausalLM
 
 from hf_archs import (
-    ARCHS, BOS_ID, EOS_ID, LOAD_KW, MODEL_CLASS, PAD_ID, ROUTER_DOC, SPECIALS, VARIANTS, VOCAB, build_model
+    ARCHS, BOS_ID, EOS_ID, LOAD_KW, MODEL_CLASS, PAD_ID, ROUTER_DOC, SLIDING, SPECIALS, VARIANTS, VOCAB, build_model
 )
 from hf_reference import DECODE_STEPS, LOGITS_TOPN, logits_of, r7, run_all
 
@@ -357,19 +359,23 @@ def header(arch, cfg, seed, moe_layers, gap, margin, dtype_desc, stats, extra=No
 
 
 def build_arch(name, out_root):
-    """Builds fixture ``name``: an architecture of ARCHS or a RoPE-scaled VARIANTS entry."""
+    """Builds fixture ``name``: an architecture of ARCHS, a RoPE-scaled VARIANTS entry or
+    a SLIDING one."""
     arch, rope = VARIANTS.get(name, (name, None))
+    arch, overrides = SLIDING.get(name, (arch, None))
     add_bos = ARCHS[arch]["add_bos"]
     tok = build_tokenizer(add_bos)
     cases = prompts_for(tok, add_bos)
     assert all(max(c["input_ids"]) < VOCAB for c in cases)
 
-    if rope is None:
+    if overrides is not None:
+        base = 200_000 + 1000 * list(SLIDING).index(name)
+    elif rope is None:
         base = 1000 * (list(ARCHS).index(arch) + 1)
     else:
         base = 100_000 + 1000 * list(VARIANTS).index(name)
     for seed in range(base, base + MAX_SEEDS):
-        model = build_model(arch, seed, rope)
+        model = build_model(arch, seed, rope, overrides)
         results, moe_layers, gap, margin, stats = run_all(arch, model, cases)
         if gap > GAP_MIN and margin > GAP_MIN:
             break
@@ -405,7 +411,12 @@ def build_arch(name, out_root):
 
     if arch == "gpt_oss":
         stats.update(gpt_oss_checks(model, cases))
-    extra = None if rope is None else {"variant": name, "rope_parameters": cfg.rope_parameters}
+    if overrides is not None:
+        extra = {"variant": name, "sliding_window": cfg.sliding_window}
+    elif rope is not None:
+        extra = {"variant": name, "rope_parameters": cfg.rope_parameters}
+    else:
+        extra = None
     exp = header(arch, cfg, seed, moe_layers, gap, margin, "float32", stats, extra)
     exp["prompts"] = results
     dump_json(os.path.join(d, "expected.json"), exp)
@@ -467,7 +478,7 @@ def main():
     setup_torch()
     transformers.logging.set_verbosity_error()
     os.makedirs(args.out, exist_ok=True)
-    for name in args.arch or list(ARCHS) + list(VARIANTS):
+    for name in args.arch or list(ARCHS) + list(VARIANTS) + list(SLIDING):
         build_arch(name, args.out)
     total = 0
     for root, _, fs in sorted(os.walk(args.out)):

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """`make test-hook`: collector/python/moecast_hook.py on the fixture checkpoints (every
-architecture) must record the routing `moecast collect` records on the same token ids:
+architecture, and those with a sliding window) must record the routing `moecast collect` records on the same token ids:
 the same expert ids in the same order at every (position, MoE layer), weights to 1e-4,
 and (one architecture) the same router inputs to f16 precision.
 
@@ -21,7 +21,8 @@ sys.path.insert(0, os.path.join(ROOT, "collector", "python"))
 from moecast_hook import RoutingRecorder  # noqa: E402
 
 FIXTURES = os.path.join(ROOT, "inference", "tests", "fixtures", "hf")
-ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss"]
+ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss",
+         "mixtral_sliding", "qwen2_moe_sliding", "qwen3_moe_sliding"]
 NEW = 8
 
 

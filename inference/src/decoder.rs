@@ -1,8 +1,9 @@
 //! What every architecture here shares: the decoder layer (pre-norm attention, then a
 //! pre-norm feed-forward, a dense SwiGLU or a sparse MoE block, each added to the
 //! residual stream) and the stack around the layers (token embedding, final norm, LM
-//! head). Only the attention differs between families, so each model file defines its
-//! attention and passes it in.
+//! head). Only the attention differs between families, so each model file passes its
+//! attention in: [`crate::attention::GroupedQueryAttention`] for the Llama-style
+//! families and GPT-OSS, DeepSeek's latent attention its own.
 
 use burn::tensor::{Device, Tensor, TensorData};
 

@@ -5,6 +5,7 @@
 //! stack (crate `offload`) drives it with a bounded expert cache.
 
 pub use backend as device;
+pub mod attention;
 pub mod checkpoint;
 pub mod decoder;
 pub mod error;

@@ -226,3 +226,68 @@ fn offloaded_experts_without_a_source_are_an_error() {
         "{msg}"
     );
 }
+
+/// A sliding window that transformers would apply is honoured (the logits change), and
+/// settings it cannot run are refused naming the field.
+#[test]
+fn sliding_window_is_honoured_or_refused_by_name() {
+    for arch in ["mixtral", "qwen3_moe"] {
+        let (_t, dir) = copy_fixture(arch);
+        let full = logits(&dir);
+        edit_config(&dir, |v| {
+            v["sliding_window"] = serde_json::json!(8);
+            v["use_sliding_window"] = serde_json::json!(true);
+        });
+        assert_ne!(logits(&dir), full, "{arch}: sliding_window ignored");
+        edit_config(&dir, |v| v["sliding_window"] = serde_json::json!(0));
+        let e = load_err(&dir);
+        assert!(
+            e.contains("config.json") && e.contains("sliding_window 0"),
+            "{e}"
+        );
+    }
+    // Qwen: the window is the config's only with use_sliding_window.
+    let (_t, dir) = copy_fixture("qwen3_moe");
+    let full = logits(&dir);
+    edit_config(&dir, |v| v["sliding_window"] = serde_json::json!(8));
+    assert_eq!(
+        logits(&dir),
+        full,
+        "qwen3_moe: window without use_sliding_window"
+    );
+    edit_config(&dir, |v| {
+        v["use_sliding_window"] = serde_json::json!(true);
+        v["sliding_window"] = serde_json::Value::Null;
+    });
+    let e = load_err(&dir);
+    assert!(
+        e.contains("use_sliding_window") && e.contains("sliding_window is not set"),
+        "{e}"
+    );
+    // Qwen2-MoE's layer_types: one entry a layer, known types, sliding only with a window.
+    let (_t, dir) = copy_fixture("qwen2_moe_sliding");
+    edit_config(&dir, |v| {
+        v["layer_types"] = serde_json::json!(["sliding_attention"])
+    });
+    let e = load_err(&dir);
+    assert!(e.contains("layer_types has 1 entries for 3 layers"), "{e}");
+    edit_config(&dir, |v| {
+        v["layer_types"] =
+            serde_json::json!(["chunked_attention", "full_attention", "full_attention"])
+    });
+    let e = load_err(&dir);
+    assert!(
+        e.contains("unknown attention type 'chunked_attention'"),
+        "{e}"
+    );
+    edit_config(&dir, |v| {
+        v["layer_types"] =
+            serde_json::json!(["sliding_attention", "full_attention", "full_attention"]);
+        v["use_sliding_window"] = serde_json::json!(false);
+    });
+    let e = load_err(&dir);
+    assert!(
+        e.contains("layer 0 sliding_attention but use_sliding_window is false"),
+        "{e}"
+    );
+}

@@ -230,6 +230,51 @@ fn llama_family_with_scaled_rope_matches_transformers() {
     }
 }
 
+/// The Llama-family members with a sliding window (5 positions, shorter than the
+/// prompts; `tools/hf_archs.py`'s SLIDING): Mixtral and Qwen3-MoE on every layer,
+/// Qwen2-MoE on the layers its `layer_types` marks.
+#[test]
+fn llama_family_with_sliding_window_matches_transformers() {
+    for arch in ["mixtral", "qwen2_moe", "qwen3_moe"] {
+        check_arch(&format!("{arch}_sliding"));
+    }
+}
+
+/// Greedy decodes and prefill routings of fixture `name` that differ from its expected
+/// ones once `edit` has changed its `config.json` (in a copy).
+fn differences_with_config(name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> usize {
+    let src = fixture(name);
+    let tmp = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(&src).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, tmp.path().join(f.file_name().unwrap())).unwrap();
+    }
+    let cfg_path = tmp.path().join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+
+    let expected: Expected =
+        serde_json::from_str(&std::fs::read_to_string(src.join("expected.json")).unwrap()).unwrap();
+    let model = MoeModel::load(
+        &Checkpoint::open(tmp.path()).unwrap(),
+        &test_backend().device(),
+    )
+    .unwrap();
+    let mut differing = 0;
+    for case in &expected.prompts {
+        let (gen, rec) = greedy(&model, case);
+        differing += usize::from(gen.generated != case.generated_ids);
+        for (t, ids) in case.prefill.topk_ids.iter().enumerate() {
+            for (m, &layer) in expected.moe_layers.iter().enumerate() {
+                differing += usize::from(rec.seen[&(t, layer)].ids != ids[m]);
+            }
+        }
+    }
+    differing
+}
+
 /// The scaled fixtures exercise their scaling: the same checkpoint read with plain RoPE
 /// (its `rope_parameters` reset to the default type) routes differently somewhere.
 #[test]
@@ -237,42 +282,35 @@ fn scaled_rope_fixtures_differ_from_plain_rope() {
     for arch in ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"] {
         for kind in ["linear", "yarn"] {
             let name = format!("{arch}_rope_{kind}");
-            let src = fixture(&name);
-            let tmp = tempfile::tempdir().unwrap();
-            for f in std::fs::read_dir(&src).unwrap() {
-                let f = f.unwrap().path();
-                std::fs::copy(&f, tmp.path().join(f.file_name().unwrap())).unwrap();
-            }
-            let cfg_path = tmp.path().join("config.json");
-            let mut cfg: serde_json::Value =
-                serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
-            let theta = cfg["rope_parameters"]["rope_theta"].clone();
-            cfg["rope_parameters"] =
-                serde_json::json!({"rope_type": "default", "rope_theta": theta});
-            std::fs::write(&cfg_path, cfg.to_string()).unwrap();
-
-            let expected: Expected =
-                serde_json::from_str(&std::fs::read_to_string(src.join("expected.json")).unwrap())
-                    .unwrap();
-            let model = MoeModel::load(
-                &Checkpoint::open(tmp.path()).unwrap(),
-                &test_backend().device(),
-            )
-            .unwrap();
-            let mut differing = 0;
-            for case in &expected.prompts {
-                let (gen, rec) = greedy(&model, case);
-                differing += usize::from(gen.generated != case.generated_ids);
-                for (t, ids) in case.prefill.topk_ids.iter().enumerate() {
-                    for (m, &layer) in expected.moe_layers.iter().enumerate() {
-                        differing += usize::from(rec.seen[&(t, layer)].ids != ids[m]);
-                    }
-                }
-            }
+            let differing = differences_with_config(&name, |cfg| {
+                let theta = cfg["rope_parameters"]["rope_theta"].clone();
+                cfg["rope_parameters"] =
+                    serde_json::json!({"rope_type": "default", "rope_theta": theta});
+            });
             assert!(
                 differing > 0,
                 "{name}: plain RoPE routes exactly like {kind} scaling"
             );
         }
+    }
+}
+
+/// The sliding fixtures exercise their window: read with full attention on every layer,
+/// the same checkpoint routes or decodes differently somewhere.
+#[test]
+fn sliding_window_fixtures_differ_from_full_attention() {
+    for arch in ["mixtral", "qwen2_moe", "qwen3_moe"] {
+        let name = format!("{arch}_sliding");
+        let differing = differences_with_config(&name, |cfg| {
+            cfg["sliding_window"] = serde_json::Value::Null;
+            cfg["use_sliding_window"] = serde_json::Value::Bool(false);
+            if let Some(types) = cfg["layer_types"].as_array_mut() {
+                types.fill(serde_json::json!("full_attention"));
+            }
+        });
+        assert!(
+            differing > 0,
+            "{name}: full attention routes exactly like the window"
+        );
     }
 }

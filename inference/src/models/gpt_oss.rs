@@ -19,13 +19,13 @@
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::Deserialize;
 
+use crate::attention::{
+    AttentionInputs, AttentionOptions, AttentionShape, GroupedQueryAttention, QkNormKind,
+};
 use crate::checkpoint::Checkpoint;
 use crate::decoder::{DecoderStack, StackConfig};
 use crate::error::{ModelError, Result};
-use crate::layers::{
-    apply_rope, attention_with_sinks, causal_mask, load_vector, Dense, GluActivation, KvCache,
-    SwiGlu,
-};
+use crate::layers::{Dense, GluActivation, KvCache, SwiGlu};
 use crate::moe::{FeedForward, SparseMoe};
 use crate::rope::{RopeParameters, RotaryEmbedding};
 use crate::routing::{RouterScoring, RoutingObserver};
@@ -157,23 +157,11 @@ impl Config {
     }
 }
 
-/// Grouped-query attention with a learned sink logit per head, over a sliding window on
-/// the layers that have one.
-#[derive(Debug, Clone)]
-pub(super) struct Attention {
-    q: Dense,
-    k: Dense,
-    v: Dense,
-    o: Dense,
-    sinks: Tensor<1>,
-    window: Option<usize>,
-}
-
 /// A loaded GPT-OSS model.
 #[derive(Debug, Clone)]
 pub struct Model {
     pub config: Config,
-    pub(super) stack: DecoderStack<Attention>,
+    pub(super) stack: DecoderStack<GroupedQueryAttention>,
     rope: RotaryEmbedding,
 }
 
@@ -233,13 +221,13 @@ impl Model {
         config.validate().map_err(bad)?;
         let rope = config.rope().map_err(bad)?;
         let c = &config;
-        let (h, hd, nh, nkv, eps) = (
-            c.hidden_size,
-            c.head_dim(),
-            c.num_attention_heads,
-            c.kv_heads(),
-            c.rms_norm_eps,
-        );
+        let (h, eps) = (c.hidden_size, c.rms_norm_eps);
+        let shape = AttentionShape {
+            hidden: h,
+            heads: c.num_attention_heads,
+            kv_heads: c.kv_heads(),
+            head_dim: c.head_dim(),
+        };
         let e = c.num_local_experts;
         let stack = StackConfig {
             vocab_size: c.vocab_size,
@@ -262,14 +250,14 @@ impl Model {
                 expert_tensors: Vec::new(),
                 shared: None,
             };
-            let attention = Attention {
-                q: Dense::load(ck, &format!("{attn}.q_proj"), nh * hd, h, device)?,
-                k: Dense::load(ck, &format!("{attn}.k_proj"), nkv * hd, h, device)?,
-                v: Dense::load(ck, &format!("{attn}.v_proj"), nkv * hd, h, device)?,
-                o: Dense::load(ck, &format!("{attn}.o_proj"), h, nh * hd, device)?,
-                sinks: load_vector(ck, &format!("{attn}.sinks"), nh, device)?,
-                window: c.window(l),
+            let options = AttentionOptions {
+                qk_norm: QkNormKind::None,
+                rms_norm_eps: eps,
+                clip_qkv: None,
+                sinks: true,
+                sliding: c.window(l).is_some(),
             };
+            let attention = GroupedQueryAttention::load(ck, &attn, shape, options, device)?;
             Ok((attention, FeedForward::Sparse(Box::new(moe))))
         })?;
         Ok(Model {
@@ -286,33 +274,20 @@ impl Model {
         cache: &mut KvCache,
         observer: &mut dyn RoutingObserver,
     ) -> Result<Tensor<2>> {
-        let device = self.stack.device();
-        let t = tokens.len();
         let past = cache.len();
         let c = &self.config;
-        let (nh, nkv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
-        let (cos, sin) = self.rope.tables(past, t, &device);
-        let full_mask = causal_mask(t, past, None, &device);
-        let sliding_mask = causal_mask(t, past, c.sliding_window, &device);
-        let scale = 1.0 / (hd as f64).sqrt();
-        self.stack.forward(tokens, past, observer, |l, layer, n| {
-            let heads = |x: Tensor<2>, n: usize| x.reshape([t, n, hd]).swap_dims(0, 1);
-            let q = apply_rope(heads(layer.q.forward(n.clone()), nh), &cos, &sin);
-            let k = apply_rope(heads(layer.k.forward(n.clone()), nkv), &cos, &sin);
-            let v = heads(layer.v.forward(n), nkv);
-            let (k, v) = cache.append(l, k, v);
-            let mask = match layer.window {
-                Some(_) => sliding_mask.clone(),
-                None => full_mask.clone(),
-            };
-            layer.o.forward(attention_with_sinks(
-                q,
-                k,
-                v,
-                mask,
-                scale,
-                Some(&layer.sinks),
-            ))
-        })
+        let device = self.stack.device();
+        let inputs = AttentionInputs::new(
+            &self.rope,
+            past,
+            tokens.len(),
+            c.head_dim(),
+            c.sliding_window,
+            &device,
+        );
+        self.stack
+            .forward(tokens, past, observer, |l, attention, n| {
+                attention.forward(l, n, &inputs, cache)
+            })
     }
 }

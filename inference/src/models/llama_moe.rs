@@ -12,15 +12,19 @@
 //! and has q/k/v biases; Qwen3-MoE normalises q and k per head (`q_norm`, `k_norm` of
 //! size head_dim) and may keep some layers dense (`mlp_only_layers`,
 //! `decoder_sparse_step`); OLMoE normalises q and k over the whole projection and may
-//! clip q/k/v (`clip_qkv`).
+//! clip q/k/v (`clip_qkv`). Mixtral attends over `sliding_window` when it is set, Qwen
+//! with `use_sliding_window` (Qwen2-MoE on the layers of `layer_types`).
 
 use burn::tensor::{Device, Tensor};
 use serde::Deserialize;
 
+use crate::attention::{
+    AttentionInputs, AttentionOptions, AttentionShape, GroupedQueryAttention, QkNormKind,
+};
 use crate::checkpoint::Checkpoint;
 use crate::decoder::{DecoderStack, StackConfig};
 use crate::error::{ModelError, Result};
-use crate::layers::{apply_rope, attention, causal_mask, Dense, KvCache, RmsNorm, SwiGlu};
+use crate::layers::{Dense, KvCache, SwiGlu};
 use crate::moe::{FeedForward, SharedExpert, SparseMoe};
 use crate::rope::{RopeParameters, RotaryEmbedding};
 use crate::routing::{RouterScoring, RoutingObserver};
@@ -81,6 +85,17 @@ pub struct Config {
     pub decoder_sparse_step: Option<usize>,
     #[serde(default)]
     pub clip_qkv: Option<f64>,
+    /// Mixtral's attention window (every layer), or Qwen's with `use_sliding_window`.
+    #[serde(default)]
+    sliding_window: Option<usize>,
+    #[serde(default)]
+    use_sliding_window: bool,
+    /// Qwen2-MoE: which layers slide (`sliding_attention` / `full_attention`), by default
+    /// the even layers below `max_window_layers`.
+    #[serde(default)]
+    layer_types: Option<Vec<String>>,
+    #[serde(default = "default_max_window_layers")]
+    max_window_layers: usize,
 }
 
 fn default_eps() -> f64 {
@@ -89,6 +104,10 @@ fn default_eps() -> f64 {
 
 fn default_max_positions() -> usize {
     4096
+}
+
+fn default_max_window_layers() -> usize {
+    28
 }
 
 impl Config {
@@ -134,6 +153,56 @@ impl Config {
         self.n_experts() > 0 && !self.mlp_only_layers.contains(&l) && (l + 1).is_multiple_of(step)
     }
 
+    /// The attention window and, per layer, whether it attends over it, as transformers
+    /// reads them: Mixtral's `sliding_window` on every layer; Qwen3-MoE's on every layer
+    /// with `use_sliding_window`; Qwen2-MoE's with `use_sliding_window`, on the layers
+    /// `layer_types` marks `sliding_attention` (by default the even layers below
+    /// `max_window_layers`); OLMoE never.
+    pub fn sliding_layers(
+        &self,
+        v: Variant,
+    ) -> std::result::Result<(Option<usize>, Vec<bool>), String> {
+        let n = self.num_hidden_layers;
+        let window = match v {
+            Variant::Mixtral => self.sliding_window,
+            Variant::Qwen2Moe | Variant::Qwen3Moe if self.use_sliding_window => Some(
+                self.sliding_window
+                    .ok_or("use_sliding_window is true but sliding_window is not set")?,
+            ),
+            _ => None,
+        };
+        let sliding = match (v, &self.layer_types) {
+            (Variant::Qwen2Moe, Some(types)) => {
+                if types.len() != n {
+                    return Err(format!(
+                        "layer_types has {} entries for {n} layers",
+                        types.len()
+                    ));
+                }
+                types
+                    .iter()
+                    .enumerate()
+                    .map(|(l, t)| match t.as_str() {
+                        "sliding_attention" if window.is_some() => Ok(true),
+                        "sliding_attention" => Err(format!(
+                            "layer_types marks layer {l} sliding_attention but use_sliding_window is false"
+                        )),
+                        "full_attention" => Ok(false),
+                        other => Err(format!("layer_types: unknown attention type '{other}' (layer {l})")),
+                    })
+                    .collect::<std::result::Result<Vec<_>, _>>()?
+            }
+            (Variant::Qwen2Moe, None) => (0..n)
+                .map(|l| window.is_some() && l % 2 == 0 && l < self.max_window_layers)
+                .collect(),
+            _ => vec![window.is_some(); n],
+        };
+        if window == Some(0) && sliding.contains(&true) {
+            return Err("sliding_window 0 would mask every key".into());
+        }
+        Ok((window, sliding))
+    }
+
     fn norm_topk(&self, v: Variant) -> bool {
         match v {
             Variant::Mixtral => true,
@@ -142,33 +211,15 @@ impl Config {
     }
 }
 
-/// How q and k are normalised before RoPE.
-#[derive(Debug, Clone)]
-enum QkNorm {
-    None,
-    /// Qwen3: per head, over head_dim.
-    PerHead(RmsNorm, RmsNorm),
-    /// OLMoE: over the whole projection.
-    Full(RmsNorm, RmsNorm),
-}
-
-/// Grouped-query attention with optional q/k norms and q/k/v clipping.
-#[derive(Debug, Clone)]
-pub(super) struct Attention {
-    q: Dense,
-    k: Dense,
-    v: Dense,
-    o: Dense,
-    qk_norm: QkNorm,
-}
-
 /// A loaded model of this family.
 #[derive(Debug, Clone)]
 pub struct Model {
     pub config: Config,
     pub variant: Variant,
-    pub(super) stack: DecoderStack<Attention>,
+    pub(super) stack: DecoderStack<GroupedQueryAttention>,
     rope: RotaryEmbedding,
+    /// The window of the layers that slide (`None`: none does).
+    window: Option<usize>,
 }
 
 impl Model {
@@ -190,13 +241,10 @@ impl Model {
                 format!("rope_parameters / rope_scaling: {e}"),
             )
         })?;
-        let (h, hd, nh, nkv, eps) = (
-            c.hidden_size,
-            c.head_dim(),
-            c.num_attention_heads,
-            c.kv_heads(),
-            c.rms_norm_eps,
-        );
+        let (window, sliding) = c
+            .sliding_layers(variant)
+            .map_err(|e| ModelError::file(&ck.config_path(), e))?;
+        let (h, eps) = (c.hidden_size, c.rms_norm_eps);
         let stack = StackConfig {
             vocab_size: c.vocab_size,
             hidden_size: h,
@@ -204,26 +252,30 @@ impl Model {
             rms_norm_eps: eps,
             tie_word_embeddings: c.tie_word_embeddings,
         };
+        let shape = AttentionShape {
+            hidden: h,
+            heads: c.num_attention_heads,
+            kv_heads: c.kv_heads(),
+            head_dim: c.head_dim(),
+        };
+        let options = AttentionOptions {
+            qk_norm: match variant {
+                Variant::Qwen3Moe => QkNormKind::PerHead,
+                Variant::Olmoe => QkNormKind::Full,
+                _ => QkNormKind::None,
+            },
+            rms_norm_eps: eps,
+            clip_qkv: c.clip_qkv,
+            sinks: false,
+            sliding: false,
+        };
         let stack = DecoderStack::load(ck, stack, device, |l, p| {
-            let attn = format!("{p}.self_attn");
-            let qk_norm = match variant {
-                Variant::Qwen3Moe => QkNorm::PerHead(
-                    RmsNorm::load(ck, &format!("{attn}.q_norm"), hd, eps, device)?,
-                    RmsNorm::load(ck, &format!("{attn}.k_norm"), hd, eps, device)?,
-                ),
-                Variant::Olmoe => QkNorm::Full(
-                    RmsNorm::load(ck, &format!("{attn}.q_norm"), nh * hd, eps, device)?,
-                    RmsNorm::load(ck, &format!("{attn}.k_norm"), nkv * hd, eps, device)?,
-                ),
-                _ => QkNorm::None,
+            let options = AttentionOptions {
+                sliding: sliding[l],
+                ..options
             };
-            let attention = Attention {
-                q: Dense::load(ck, &format!("{attn}.q_proj"), nh * hd, h, device)?,
-                k: Dense::load(ck, &format!("{attn}.k_proj"), nkv * hd, h, device)?,
-                v: Dense::load(ck, &format!("{attn}.v_proj"), nkv * hd, h, device)?,
-                o: Dense::load(ck, &format!("{attn}.o_proj"), h, nh * hd, device)?,
-                qk_norm,
-            };
+            let attention =
+                GroupedQueryAttention::load(ck, &format!("{p}.self_attn"), shape, options, device)?;
             let ffn = if c.is_moe_layer(l) {
                 FeedForward::Sparse(Box::new(load_moe(ck, c, variant, l, device)?))
             } else {
@@ -246,6 +298,7 @@ impl Model {
             rope,
             variant,
             stack,
+            window,
             config,
         })
     }
@@ -257,40 +310,21 @@ impl Model {
         cache: &mut KvCache,
         observer: &mut dyn RoutingObserver,
     ) -> Result<Tensor<2>> {
-        let device = self.stack.device();
-        let t = tokens.len();
         let past = cache.len();
-        let c = &self.config;
-        let (nh, nkv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
-        let (cos, sin) = self.rope.tables(past, t, &device);
-        let mask = causal_mask(t, past, None, &device);
-        let scale = 1.0 / (hd as f64).sqrt();
-        self.stack.forward(tokens, past, observer, |l, layer, n| {
-            let (mut q, mut k, mut v) = (
-                layer.q.forward(n.clone()),
-                layer.k.forward(n.clone()),
-                layer.v.forward(n),
-            );
-            if let QkNorm::Full(qn, kn) = &layer.qk_norm {
-                q = qn.forward(q);
-                k = kn.forward(k);
-            }
-            if let Some(clip) = c.clip_qkv {
-                q = q.clamp(-clip, clip);
-                k = k.clamp(-clip, clip);
-                v = v.clamp(-clip, clip);
-            }
-            let heads = |x: Tensor<2>, n: usize| x.reshape([t, n, hd]).swap_dims(0, 1);
-            let (mut q, mut k, v) = (heads(q, nh), heads(k, nkv), heads(v, nkv));
-            if let QkNorm::PerHead(qn, kn) = &layer.qk_norm {
-                q = qn.forward(q);
-                k = kn.forward(k);
-            }
-            let q = apply_rope(q, &cos, &sin);
-            let k = apply_rope(k, &cos, &sin);
-            let (k, v) = cache.append(l, k, v);
-            layer.o.forward(attention(q, k, v, mask.clone(), scale))
-        })
+        let head_dim = self.config.head_dim();
+        let device = self.stack.device();
+        let inputs = AttentionInputs::new(
+            &self.rope,
+            past,
+            tokens.len(),
+            head_dim,
+            self.window,
+            &device,
+        );
+        self.stack
+            .forward(tokens, past, observer, |l, attention, n| {
+                attention.forward(l, n, &inputs, cache)
+            })
     }
 }
 
