@@ -158,12 +158,55 @@ impl GroupedQueryAttention {
         let q = apply_rope(q, &inputs.cos, &inputs.sin);
         let k = apply_rope(k, &inputs.cos, &inputs.sin);
         let (k, v) = cache.append(l, k, v);
+        debug_assert!(
+            !self.sliding || inputs.sliding_mask.is_some(),
+            "a sliding layer run without a window"
+        );
         let mask = match (&inputs.sliding_mask, self.sliding) {
             (Some(m), true) => m.clone(),
             _ => inputs.full_mask.clone(),
         };
         let out = attention_with_sinks(q, k, v, mask, inputs.scale, self.sinks.as_ref());
         self.o.forward(out)
+    }
+}
+
+/// Which of `n_layers` layers attend over `window`: as `layer_types` marks them
+/// (`sliding_attention` / `full_attention`, one a layer) where the family reads it, else
+/// as `default` says. Refused, as transformers cannot run them either: another type or
+/// length, a sliding layer without a window, and a window of 0 (every key masked).
+pub fn sliding_layers(
+    window: Option<usize>,
+    layer_types: Option<&[String]>,
+    n_layers: usize,
+    default: impl Fn(usize) -> bool,
+) -> std::result::Result<Vec<bool>, String> {
+    let sliding = match layer_types {
+        Some(types) if types.len() != n_layers => {
+            return Err(format!(
+                "layer_types has {} entries for {n_layers} layers",
+                types.len()
+            ));
+        }
+        Some(types) => types
+            .iter()
+            .enumerate()
+            .map(|(l, t)| match t.as_str() {
+                "sliding_attention" => Ok(true),
+                "full_attention" => Ok(false),
+                other => Err(format!(
+                    "layer_types: unknown attention type '{other}' (layer {l})"
+                )),
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?,
+        None => (0..n_layers).map(default).collect(),
+    };
+    match (window, sliding.iter().position(|&s| s)) {
+        (None, Some(l)) => Err(format!(
+            "layer {l} attends over a sliding window but there is none (sliding_window null, or use_sliding_window false)"
+        )),
+        (Some(0), Some(_)) => Err("sliding_window 0 would mask every key".into()),
+        _ => Ok(sliding),
     }
 }
 

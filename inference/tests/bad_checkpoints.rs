@@ -246,7 +246,8 @@ fn sliding_window_is_honoured_or_refused_by_name() {
             "{e}"
         );
     }
-    // Qwen: the window is the config's only with use_sliding_window.
+    // Qwen: the window is the config's only with use_sliding_window; then an absent
+    // window is 4096 (longer than the prompt) and Qwen3-MoE's `null` is none.
     let (_t, dir) = copy_fixture("qwen3_moe");
     let full = logits(&dir);
     edit_config(&dir, |v| v["sliding_window"] = serde_json::json!(8));
@@ -259,13 +260,21 @@ fn sliding_window_is_honoured_or_refused_by_name() {
         v["use_sliding_window"] = serde_json::json!(true);
         v["sliding_window"] = serde_json::Value::Null;
     });
-    let e = load_err(&dir);
-    assert!(
-        e.contains("use_sliding_window") && e.contains("sliding_window is not set"),
-        "{e}"
-    );
-    // Qwen2-MoE's layer_types: one entry a layer, known types, sliding only with a window.
+    assert_eq!(logits(&dir), full, "qwen3_moe: sliding_window null");
+    edit_config(&dir, |v| {
+        v.as_object_mut().unwrap().remove("sliding_window");
+    });
+    assert_eq!(logits(&dir), full, "qwen3_moe: the default window, 4096");
+    // Qwen2-MoE's layer_types: by default the even layers below max_window_layers; one
+    // entry a layer, known types, sliding only with a window.
     let (_t, dir) = copy_fixture("qwen2_moe_sliding");
+    let marked = logits(&dir);
+    edit_config(&dir, |v| {
+        v.as_object_mut().unwrap().remove("layer_types");
+    });
+    assert_eq!(logits(&dir), marked, "qwen2_moe: the default layer rule");
+    edit_config(&dir, |v| v["max_window_layers"] = serde_json::json!(3));
+    assert_ne!(logits(&dir), marked, "qwen2_moe: max_window_layers ignored");
     edit_config(&dir, |v| {
         v["layer_types"] = serde_json::json!(["sliding_attention"])
     });
@@ -280,14 +289,106 @@ fn sliding_window_is_honoured_or_refused_by_name() {
         e.contains("unknown attention type 'chunked_attention'"),
         "{e}"
     );
+    for (field, value) in [
+        ("use_sliding_window", serde_json::json!(false)),
+        ("sliding_window", serde_json::Value::Null),
+    ] {
+        edit_config(&dir, |v| {
+            v["layer_types"] =
+                serde_json::json!(["sliding_attention", "full_attention", "full_attention"]);
+            v["use_sliding_window"] = serde_json::json!(true);
+            v["sliding_window"] = serde_json::json!(5);
+            v[field] = value;
+        });
+        let e = load_err(&dir);
+        assert!(
+            e.contains("layer 0 attends over a sliding window but there is none"),
+            "{field}: {e}"
+        );
+    }
+    // GPT-OSS: an absent window is 128; the same refusals.
+    let (_t, dir) = copy_fixture("gpt_oss");
+    let window_6 = logits(&dir);
     edit_config(&dir, |v| {
-        v["layer_types"] =
-            serde_json::json!(["sliding_attention", "full_attention", "full_attention"]);
-        v["use_sliding_window"] = serde_json::json!(false);
+        v.as_object_mut().unwrap().remove("sliding_window");
+    });
+    let absent = logits(&dir);
+    edit_config(&dir, |v| v["sliding_window"] = serde_json::json!(128));
+    assert_eq!(logits(&dir), absent, "gpt_oss: the default window");
+    assert_ne!(absent, window_6, "gpt_oss: sliding_window ignored");
+    for (value, expected) in [
+        (serde_json::json!(0), "sliding_window 0"),
+        (
+            serde_json::Value::Null,
+            "attends over a sliding window but there is none",
+        ),
+    ] {
+        edit_config(&dir, |v| v["sliding_window"] = value);
+        let e = load_err(&dir);
+        assert!(e.contains(expected), "{e}");
+    }
+    edit_config(&dir, |v| {
+        v["sliding_window"] = serde_json::json!(6);
+        v["layer_types"][1] = serde_json::json!("local_attention");
     });
     let e = load_err(&dir);
     assert!(
-        e.contains("layer 0 sliding_attention but use_sliding_window is false"),
+        e.contains("unknown attention type 'local_attention' (layer 1)"),
         "{e}"
     );
+}
+
+/// Fields a config may leave out take transformers' defaults for the family: the
+/// fixtures, which `save_pretrained` wrote with those defaults spelled out, compute the
+/// same logits without them.
+#[test]
+fn absent_fields_take_transformers_defaults() {
+    for arch in ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"] {
+        let (_t, dir) = copy_fixture(arch);
+        let spelled_out = logits(&dir);
+        edit_config(&dir, |v| {
+            let o = v.as_object_mut().unwrap();
+            for field in ["rms_norm_eps", "rope_parameters", "rope_theta"] {
+                o.remove(field);
+            }
+        });
+        assert_eq!(logits(&dir), spelled_out, "{arch}");
+    }
+    // Qwen2-MoE's shared expert is 5632 wide by default: a config without the field
+    // reads a shared expert of that width, not none.
+    let (_t, dir) = copy_fixture("qwen2_moe");
+    edit_config(&dir, |v| {
+        v.as_object_mut()
+            .unwrap()
+            .remove("shared_expert_intermediate_size");
+    });
+    let e = load_err(&dir);
+    assert!(
+        e.contains("shared_expert.gate_proj") && e.contains("5632"),
+        "{e}"
+    );
+}
+
+/// What no family here computes is refused by the field's name.
+#[test]
+fn quantised_checkpoints_other_activations_and_unknown_top_k_methods_are_refused() {
+    let (_t, dir) = copy_fixture("deepseek_v3");
+    edit_config(&dir, |v| {
+        v["quantization_config"] = serde_json::json!({"quant_method": "fp8", "fmt": "e4m3"})
+    });
+    let e = load_err(&dir);
+    assert!(
+        e.contains("config.json") && e.contains("quantization_config (quant_method fp8)"),
+        "{e}"
+    );
+    for arch in ["mixtral", "olmoe", "deepseek_v2"] {
+        let (_t, dir) = copy_fixture(arch);
+        edit_config(&dir, |v| v["hidden_act"] = serde_json::json!("gelu"));
+        let e = load_err(&dir);
+        assert!(e.contains("hidden_act 'gelu'"), "{arch}: {e}");
+    }
+    let (_t, dir) = copy_fixture("deepseek_v2");
+    edit_config(&dir, |v| v["topk_method"] = serde_json::json!("noaux_tc"));
+    let e = load_err(&dir);
+    assert!(e.contains("topk_method 'noaux_tc'"), "{e}");
 }

@@ -78,8 +78,9 @@ pub struct Config {
     rope_scaling: Option<RopeParameters>,
     #[serde(default)]
     pub rope_interleave: Option<bool>,
-    #[serde(default = "default_max_pos")]
-    pub max_position_embeddings: usize,
+    /// Absent: transformers' default (V2 2048, V3 4096).
+    #[serde(default)]
+    max_position_embeddings: Option<usize>,
     #[serde(default)]
     pub tie_word_embeddings: bool,
 }
@@ -88,9 +89,9 @@ fn default_eps() -> f64 {
     1e-6
 }
 
-fn default_max_pos() -> usize {
-    4096
-}
+/// The epsilon of `q_a_layernorm` and `kv_a_layernorm`: transformers builds them with
+/// its RMSNorm's default, not `rms_norm_eps`.
+const LATENT_NORM_EPS: f64 = 1e-6;
 
 impl Config {
     /// The family member named by `model_type`.
@@ -100,6 +101,15 @@ impl Config {
             "deepseek_v3" => Some(Variant::V3),
             _ => None,
         }
+    }
+
+    /// `max_position_embeddings`, or transformers' default for the variant.
+    pub fn max_position_embeddings(&self) -> usize {
+        self.max_position_embeddings
+            .unwrap_or(match self.variant() {
+                Some(Variant::V2) => 2048,
+                _ => 4096,
+            })
     }
 
     /// Whether model layer `l` has a sparse MoE block.
@@ -166,6 +176,13 @@ impl Config {
     fn validate(&self, v: Variant) -> std::result::Result<(), String> {
         let e = self.n_routed_experts;
         let k = self.num_experts_per_tok;
+        if let (Variant::V2, Some(m)) = (v, self.topk_method.as_deref()) {
+            if m != "greedy" && m != "group_limited_greedy" {
+                return Err(format!(
+                    "topk_method '{m}' is not supported (DeepSeek-V2: greedy, group_limited_greedy)"
+                ));
+            }
+        }
         if k == 0 || k > e {
             return Err(format!("num_experts_per_tok {k} must be in 1..={e}"));
         }
@@ -250,7 +267,7 @@ impl Model {
             c.rope_theta,
             10_000.0,
             c.qk_rope_head_dim,
-            c.max_position_embeddings,
+            c.max_position_embeddings(),
         )
         .map_err(bad)?;
         let stack = StackConfig {
@@ -270,7 +287,13 @@ impl Model {
                 Some(r) => (
                     Some((
                         Dense::load(ck, &format!("{attn}.q_a_proj"), r, h, device)?,
-                        RmsNorm::load(ck, &format!("{attn}.q_a_layernorm"), r, eps, device)?,
+                        RmsNorm::load(
+                            ck,
+                            &format!("{attn}.q_a_layernorm"),
+                            r,
+                            LATENT_NORM_EPS,
+                            device,
+                        )?,
                     )),
                     Dense::load(ck, &format!("{attn}.q_b_proj"), nh * qk, r, device)?,
                 ),
@@ -296,7 +319,13 @@ impl Model {
                     h,
                     device,
                 )?,
-                kv_norm: RmsNorm::load(ck, &format!("{attn}.kv_a_layernorm"), rank, eps, device)?,
+                kv_norm: RmsNorm::load(
+                    ck,
+                    &format!("{attn}.kv_a_layernorm"),
+                    rank,
+                    LATENT_NORM_EPS,
+                    device,
+                )?,
                 kv_b: Dense::load(
                     ck,
                     &format!("{attn}.kv_b_proj"),

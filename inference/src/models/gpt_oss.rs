@@ -20,7 +20,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use serde::Deserialize;
 
 use crate::attention::{
-    AttentionInputs, AttentionOptions, AttentionShape, GroupedQueryAttention, QkNormKind,
+    self, AttentionInputs, AttentionOptions, AttentionShape, GroupedQueryAttention, QkNormKind,
 };
 use crate::checkpoint::Checkpoint;
 use crate::decoder::{DecoderStack, StackConfig};
@@ -45,7 +45,9 @@ pub struct Config {
     pub head_dim: Option<usize>,
     pub num_local_experts: usize,
     pub num_experts_per_tok: usize,
-    #[serde(default)]
+    /// Absent: transformers' default, 128 (an explicit `null`: no window, refused where a
+    /// layer slides).
+    #[serde(default = "default_sliding_window")]
     pub sliding_window: Option<usize>,
     #[serde(default)]
     pub layer_types: Option<Vec<String>>,
@@ -75,6 +77,10 @@ fn default_max_pos() -> usize {
     131_072
 }
 
+fn default_sliding_window() -> Option<usize> {
+    Some(128)
+}
+
 fn default_alpha() -> f64 {
     1.702
 }
@@ -95,18 +101,15 @@ impl Config {
             .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
 
-    /// The attention window of layer `l` (`None`: full attention). Without
-    /// `layer_types`, even layers slide, as transformers' default.
-    pub fn window(&self, l: usize) -> Option<usize> {
-        let sliding = match &self.layer_types {
-            Some(t) => t.get(l).is_some_and(|s| s == "sliding_attention"),
-            None => l.is_multiple_of(2),
-        };
-        if sliding {
-            self.sliding_window
-        } else {
-            None
-        }
+    /// Per layer, whether it attends over `sliding_window`: as `layer_types` marks it,
+    /// else the even layers (transformers' default).
+    pub fn sliding_layers(&self) -> std::result::Result<Vec<bool>, String> {
+        attention::sliding_layers(
+            self.sliding_window,
+            self.layer_types.as_deref(),
+            self.num_hidden_layers,
+            |l| l.is_multiple_of(2),
+        )
     }
 
     fn rope(&self) -> std::result::Result<RotaryEmbedding, String> {
@@ -144,16 +147,7 @@ impl Config {
         if k == 0 || k > e {
             return Err(format!("num_experts_per_tok {k} must be in 1..={e}"));
         }
-        if let Some(t) = &self.layer_types {
-            if t.len() != self.num_hidden_layers {
-                return Err(format!(
-                    "layer_types has {} entries for {} layers",
-                    t.len(),
-                    self.num_hidden_layers
-                ));
-            }
-        }
-        Ok(())
+        self.sliding_layers().map(|_| ())
     }
 }
 
@@ -220,6 +214,7 @@ impl Model {
         }
         config.validate().map_err(bad)?;
         let rope = config.rope().map_err(bad)?;
+        let sliding = config.sliding_layers().map_err(bad)?;
         let c = &config;
         let (h, eps) = (c.hidden_size, c.rms_norm_eps);
         let shape = AttentionShape {
@@ -255,7 +250,7 @@ impl Model {
                 rms_norm_eps: eps,
                 clip_qkv: None,
                 sinks: true,
-                sliding: c.window(l).is_some(),
+                sliding: sliding[l],
             };
             let attention = GroupedQueryAttention::load(ck, &attn, shape, options, device)?;
             Ok((attention, FeedForward::Sparse(Box::new(moe))))

@@ -19,7 +19,7 @@ use burn::tensor::{Device, Tensor};
 use serde::Deserialize;
 
 use crate::attention::{
-    AttentionInputs, AttentionOptions, AttentionShape, GroupedQueryAttention, QkNormKind,
+    self, AttentionInputs, AttentionOptions, AttentionShape, GroupedQueryAttention, QkNormKind,
 };
 use crate::checkpoint::Checkpoint;
 use crate::decoder::{DecoderStack, StackConfig};
@@ -52,8 +52,9 @@ pub struct Config {
     pub num_key_value_heads: Option<usize>,
     #[serde(default)]
     pub head_dim: Option<usize>,
-    #[serde(default = "default_eps")]
-    pub rms_norm_eps: f64,
+    /// Absent: transformers' default for the member ([`Config::rms_norm_eps`]).
+    #[serde(default)]
+    rms_norm_eps: Option<f64>,
     #[serde(default)]
     rope_theta: Option<f64>,
     /// transformers 5 spelling: theta, type and scaling together.
@@ -62,8 +63,8 @@ pub struct Config {
     /// Older spelling of the scaling (`rope_theta` beside it).
     #[serde(default)]
     rope_scaling: Option<RopeParameters>,
-    #[serde(default = "default_max_positions")]
-    pub max_position_embeddings: usize,
+    #[serde(default)]
+    max_position_embeddings: Option<usize>,
     #[serde(default)]
     pub tie_word_embeddings: bool,
     /// Mixtral's expert count.
@@ -78,16 +79,17 @@ pub struct Config {
     #[serde(default)]
     pub moe_intermediate_size: Option<usize>,
     #[serde(default)]
-    pub shared_expert_intermediate_size: Option<usize>,
+    shared_expert_intermediate_size: Option<usize>,
     #[serde(default)]
     pub mlp_only_layers: Vec<usize>,
     #[serde(default)]
     pub decoder_sparse_step: Option<usize>,
     #[serde(default)]
     pub clip_qkv: Option<f64>,
-    /// Mixtral's attention window (every layer), or Qwen's with `use_sliding_window`.
-    #[serde(default)]
-    sliding_window: Option<usize>,
+    /// Mixtral's attention window (every layer), or Qwen's with `use_sliding_window`:
+    /// absent (`None`) and `null` (`Some(None)`) differ for Qwen.
+    #[serde(default, deserialize_with = "present")]
+    sliding_window: Option<Option<usize>>,
     #[serde(default)]
     use_sliding_window: bool,
     /// Qwen2-MoE: which layers slide (`sliding_attention` / `full_attention`), by default
@@ -98,16 +100,18 @@ pub struct Config {
     max_window_layers: usize,
 }
 
-fn default_eps() -> f64 {
-    1e-6
-}
-
-fn default_max_positions() -> usize {
-    4096
-}
-
 fn default_max_window_layers() -> usize {
     28
+}
+
+/// A field that is present, `null` or not: `Some(value)`; absent, `#[serde(default)]`
+/// gives `None`.
+fn present<'de, D, T>(d: D) -> std::result::Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
 }
 
 impl Config {
@@ -134,16 +138,49 @@ impl Config {
             .unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 
+    /// `rms_norm_eps`, or transformers' default (Mixtral and OLMoE 1e-5, Qwen 1e-6).
+    pub fn rms_norm_eps(&self) -> f64 {
+        self.rms_norm_eps.unwrap_or(match self.variant() {
+            Some(Variant::Mixtral | Variant::Olmoe) => 1e-5,
+            _ => 1e-6,
+        })
+    }
+
+    /// `max_position_embeddings`, or transformers' default (Mixtral 131072, Qwen 32768,
+    /// OLMoE 4096).
+    pub fn max_position_embeddings(&self) -> usize {
+        self.max_position_embeddings
+            .unwrap_or(match self.variant() {
+                Some(Variant::Mixtral) => 131_072,
+                Some(Variant::Olmoe) => 4096,
+                _ => 32_768,
+            })
+    }
+
+    /// The shared expert's width (Qwen2-MoE; transformers' default 5632 when absent).
+    pub fn shared_expert_size(&self) -> Option<usize> {
+        match self.variant() {
+            Some(Variant::Qwen2Moe) => Some(self.shared_expert_intermediate_size.unwrap_or(5632)),
+            _ => None,
+        }
+        .filter(|&s| s > 0)
+    }
+
     /// The rotary embedding `rope_parameters` / `rope_scaling` describe (every type
-    /// transformers gives these architectures but `longrope`, refused by name).
+    /// transformers gives these architectures but `longrope`, refused by name); without a
+    /// `rope_theta`, transformers' default (Mixtral 1e6, the others 1e4).
     pub fn rope(&self) -> std::result::Result<RotaryEmbedding, String> {
         let params = self.rope_parameters.as_ref().or(self.rope_scaling.as_ref());
+        let default_theta = match self.variant() {
+            Some(Variant::Mixtral) => 1e6,
+            _ => 10_000.0,
+        };
         RotaryEmbedding::from_config(
             params,
             self.rope_theta,
-            10_000.0,
+            default_theta,
             self.head_dim(),
-            self.max_position_embeddings,
+            self.max_position_embeddings(),
         )
     }
 
@@ -154,52 +191,30 @@ impl Config {
     }
 
     /// The attention window and, per layer, whether it attends over it, as transformers
-    /// reads them: Mixtral's `sliding_window` on every layer; Qwen3-MoE's on every layer
-    /// with `use_sliding_window`; Qwen2-MoE's with `use_sliding_window`, on the layers
+    /// reads them: Mixtral's `sliding_window` on every layer; with `use_sliding_window`,
+    /// Qwen3-MoE's on every layer (an explicit `null`: none) and Qwen2-MoE's on the layers
     /// `layer_types` marks `sliding_attention` (by default the even layers below
-    /// `max_window_layers`); OLMoE never.
+    /// `max_window_layers`); an absent `sliding_window` is Qwen's default, 4096. OLMoE
+    /// never slides.
     pub fn sliding_layers(
         &self,
         v: Variant,
     ) -> std::result::Result<(Option<usize>, Vec<bool>), String> {
         let n = self.num_hidden_layers;
-        let window = match v {
-            Variant::Mixtral => self.sliding_window,
-            Variant::Qwen2Moe | Variant::Qwen3Moe if self.use_sliding_window => Some(
-                self.sliding_window
-                    .ok_or("use_sliding_window is true but sliding_window is not set")?,
+        let qwen_window = self.sliding_window.unwrap_or(Some(4096));
+        let (window, types) = match v {
+            Variant::Mixtral => (self.sliding_window.flatten(), None),
+            Variant::Qwen3Moe if self.use_sliding_window => (qwen_window, None),
+            Variant::Qwen2Moe => (
+                qwen_window.filter(|_| self.use_sliding_window),
+                self.layer_types.as_deref(),
             ),
-            _ => None,
+            _ => (None, None),
         };
-        let sliding = match (v, &self.layer_types) {
-            (Variant::Qwen2Moe, Some(types)) => {
-                if types.len() != n {
-                    return Err(format!(
-                        "layer_types has {} entries for {n} layers",
-                        types.len()
-                    ));
-                }
-                types
-                    .iter()
-                    .enumerate()
-                    .map(|(l, t)| match t.as_str() {
-                        "sliding_attention" if window.is_some() => Ok(true),
-                        "sliding_attention" => Err(format!(
-                            "layer_types marks layer {l} sliding_attention but use_sliding_window is false"
-                        )),
-                        "full_attention" => Ok(false),
-                        other => Err(format!("layer_types: unknown attention type '{other}' (layer {l})")),
-                    })
-                    .collect::<std::result::Result<Vec<_>, _>>()?
-            }
-            (Variant::Qwen2Moe, None) => (0..n)
-                .map(|l| window.is_some() && l % 2 == 0 && l < self.max_window_layers)
-                .collect(),
-            _ => vec![window.is_some(); n],
-        };
-        if window == Some(0) && sliding.contains(&true) {
-            return Err("sliding_window 0 would mask every key".into());
-        }
+        let sliding = attention::sliding_layers(window, types, n, |l| {
+            window.is_some()
+                && (v != Variant::Qwen2Moe || (l % 2 == 0 && l < self.max_window_layers))
+        })?;
         Ok((window, sliding))
     }
 
@@ -244,7 +259,7 @@ impl Model {
         let (window, sliding) = c
             .sliding_layers(variant)
             .map_err(|e| ModelError::file(&ck.config_path(), e))?;
-        let (h, eps) = (c.hidden_size, c.rms_norm_eps);
+        let (h, eps) = (c.hidden_size, c.rms_norm_eps());
         let stack = StackConfig {
             vocab_size: c.vocab_size,
             hidden_size: h,
@@ -265,7 +280,7 @@ impl Model {
                 _ => QkNormKind::None,
             },
             rms_norm_eps: eps,
-            clip_qkv: c.clip_qkv,
+            clip_qkv: c.clip_qkv.filter(|_| variant == Variant::Olmoe),
             sinks: false,
             sliding: false,
         };
@@ -359,8 +374,8 @@ fn load_moe(
         .filter(|_| ck.loads_routed_experts())
         .map(|[g, u, d]| SwiGlu::load(ck, [g, u, d], h, inter, device))
         .collect::<Result<Vec<_>>>()?;
-    let shared = match (variant, c.shared_expert_intermediate_size) {
-        (Variant::Qwen2Moe, Some(si)) if si > 0 => {
+    let shared = match (variant, c.shared_expert_size()) {
+        (Variant::Qwen2Moe, Some(si)) => {
             let p = format!("{block}.shared_expert");
             Some(SharedExpert {
                 mlp: SwiGlu::load(

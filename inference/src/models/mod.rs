@@ -19,6 +19,32 @@ struct Probe {
     model_type: Option<String>,
     #[serde(default)]
     architectures: Vec<String>,
+    /// Quantised checkpoints (FP8, MXFP4, GPTQ, ...) are refused by this field's name.
+    #[serde(default)]
+    quantization_config: Option<serde_json::Value>,
+    /// The MLPs' activation: every architecture here but GPT-OSS (whose activation is
+    /// its own) reads it, and runs SiLU only.
+    #[serde(default)]
+    hidden_act: Option<String>,
+}
+
+impl Probe {
+    /// Fields every family reads the same way that the runtime cannot honour.
+    fn refusal(&self, model_type: &str) -> Option<String> {
+        if let Some(q) = &self.quantization_config {
+            let method = q["quant_method"].as_str().unwrap_or("unknown");
+            return Some(format!(
+                "quantization_config (quant_method {method}) is not supported: moecast runs f32, f16 and bf16 checkpoints"
+            ));
+        }
+        match self.hidden_act.as_deref() {
+            // transformers' ACT2FN maps "swish" to SiLU too.
+            Some(act) if act != "silu" && act != "swish" && model_type != "gpt_oss" => Some(
+                format!("hidden_act '{act}' is not supported (the MLPs run silu)"),
+            ),
+            _ => None,
+        }
+    }
 }
 
 /// Architectures the runtime loads, as (`model_type`, `architectures[0]`).
@@ -112,6 +138,7 @@ impl MoeModel {
         let probe: Probe = ck.config()?;
         let model_type = probe
             .model_type
+            .clone()
             .or_else(|| {
                 probe.architectures.first().and_then(|a| {
                     SUPPORTED
@@ -126,6 +153,9 @@ impl MoeModel {
                     "config has neither model_type nor a known architectures entry",
                 )
             })?;
+        if let Some(msg) = probe.refusal(&model_type) {
+            return Err(ModelError::file(&ck.config_path(), msg));
+        }
         match model_type.as_str() {
             "mixtral" | "qwen2_moe" | "qwen3_moe" | "olmoe" => Ok(MoeModel::LlamaMoe(
                 llama_moe::Model::load(ck, ck.config()?, device)?,
@@ -162,11 +192,7 @@ impl MoeModel {
                 moe_layers: m.stack.moe_layers(),
                 n_experts: m.config.n_experts(),
                 top_k: m.config.num_experts_per_tok,
-                n_shared_experts: usize::from(
-                    m.config
-                        .shared_expert_intermediate_size
-                        .is_some_and(|s| s > 0),
-                ),
+                n_shared_experts: usize::from(m.config.shared_expert_size().is_some()),
                 vocab_size: m.config.vocab_size,
                 hidden_size: m.config.hidden_size,
             },
